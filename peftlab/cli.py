@@ -1,0 +1,170 @@
+"""`peftlab` command line: train | eval | merge | validate | env.
+
+User mistakes (PeftlabError) print one clear message and exit 2; `--debug` shows the traceback too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+from .errors import PeftlabError
+
+log = logging.getLogger("peftlab")
+QUICKSTART = files("peftlab") / "recipes" / "quickstart.yaml"
+FULL_SIZE = "recipes/minilm/sst2-lora.yaml"
+
+
+def _split_recipe_args(items: list[str]) -> tuple[str | None, list[str]]:
+    """`RECIPE.yaml key=value ...` -> (recipe or None, overrides)."""
+    if items and "=" not in items[0]:
+        return items[0], items[1:]
+    return None, items
+
+
+def _keys_epilog() -> str:
+    from .config import describe_fields
+
+    rows = [f"  {k:<30} {h} (default {d})" for k, d, h in describe_fields()]
+    return "recipe keys (YAML sections, or KEY=VALUE overrides):\n" + "\n".join(rows)
+
+
+def cmd_train(args) -> int:
+    from .config import load_recipe
+    from .run import run
+
+    recipe_path, overrides = _split_recipe_args(args.items)
+    if recipe_path is None:
+        log.info("no recipe given: running the built-in quickstart (%s). Full-size recipe: %s", QUICKSTART, FULL_SIZE)
+        recipe_path = str(QUICKSTART)
+    recipe = load_recipe(recipe_path, overrides)
+    summary = run(recipe, resume=args.resume, overwrite=args.overwrite)
+    print_summary(summary)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .run import evaluate
+
+    metrics = evaluate(args.out, split=args.split, overrides=args.overrides)
+    print(json.dumps({"split": args.split, **metrics}, indent=2))
+    return 0
+
+
+def cmd_merge(args) -> int:
+    from .export import merge
+
+    target = merge(Path(args.out), force=args.force)
+    print(f"merged model: {target}")
+    return 0
+
+
+def cmd_validate(args) -> int:
+    from .config import load_recipe
+    from .errors import ConfigError
+
+    failed = 0
+    for path in args.recipes:
+        try:
+            load_recipe(path, args.overrides, validate_files=not args.no_files)
+            print(f"ok      {path}")
+        except ConfigError as e:
+            failed += 1
+            print(f"INVALID {path}: {e}")
+    return 2 if failed else 0
+
+
+def cmd_env(args) -> int:
+    import torch
+
+    from .export import hardware, versions
+    from .model import PACKAGED_MODELS
+    from .train import resolve_precision
+
+    env = {"versions": versions(), "hardware": hardware(), "cuda": torch.cuda.is_available(),
+           "precision_auto": resolve_precision("auto"), "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE", "0"),
+           "packaged_models": {}, "shared_data": str(Path("../shared/data").resolve()) if Path("../shared/data").is_dir() else None}
+    for name in PACKAGED_MODELS:
+        try:
+            from .model import resolve_model_path
+
+            env["packaged_models"][name] = resolve_model_path(name)
+        except PeftlabError as e:
+            env["packaged_models"][name] = f"missing: {e}"
+    print(json.dumps(env, indent=2))
+    return 0
+
+
+def print_summary(s: dict) -> None:
+    """The run's closing lines: what was learned, at what cost, and where the artifacts are."""
+    lines = [f"\n== {s['name']}: {s['method']} on {s['base_model']}"
+             + (f" (base {s['quantization']})" if s["quantization"] != "none" else "")]
+    for split, m in s["metrics"].items():
+        lines.append(f"   {split:<5} accuracy {m['accuracy']:.4f}   macro-F1 {m['f1']:.4f}   loss {m['loss']:.4f}")
+    lines.append(f"   trainable params {s['trainable_params']:,} of {s['total_params']:,} ({s['trainable_percent']:.3f}%)")
+    lines.append(f"   train wall time {s['train_wall_s']:.1f}s, {s['steps']} steps, {s['examples_per_s']:.1f} examples/s, "
+                 f"precision {s['precision']}, {s['processes']} process(es)")
+    lines.append(f"   artifacts: {s['output_dir']}" + (f"   merged: {s['merged_dir']}" if s.get("merged_dir") else ""))
+    print("\n".join(lines))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning from YAML recipes.")
+    p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    t = sub.add_parser("train", help="train a recipe, evaluate, export (and merge)", epilog=_keys_epilog(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("items", nargs="*", metavar="RECIPE.yaml [KEY=VALUE ...]",
+                   help="recipe file (omit for the built-in quickstart) and dotted overrides, e.g. train.lr=1e-4")
+    t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output directory")
+    t.add_argument("--overwrite", action="store_true", help="replace a previous run in the output directory")
+    t.set_defaults(fn=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a finished run (adapter, full model or merged folder)")
+    e.add_argument("out", help="output directory of a run, e.g. runs/sst2-lora or runs/sst2-lora/merged")
+    e.add_argument("--split", default="eval", choices=("eval", "test"))
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.eval.path=other.tsv")
+    e.set_defaults(fn=cmd_eval)
+
+    m = sub.add_parser("merge", help="fold a LoRA adapter into its base -> OUT/merged (standalone transformers model)")
+    m.add_argument("out")
+    m.add_argument("--force", action="store_true", help="merge again even if OUT/merged matches the adapter")
+    m.set_defaults(fn=cmd_merge)
+
+    v = sub.add_parser("validate", help="check recipes without training; reports every problem")
+    v.add_argument("recipes", nargs="+")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument("--no-files", action="store_true", help="do not check that data files exist")
+    v.set_defaults(fn=cmd_validate)
+
+    env = sub.add_parser("env", help="versions, hardware and what peftlab can reach here")
+    env.set_defaults(fn=cmd_env)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        return args.fn(args)
+    except PeftlabError as e:
+        if args.debug:
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,376 @@
+"""The recipe: one typed source of truth.
+
+Nested dataclasses mirror the YAML layout one to one; every field carries its help text (the CLI's
+`peftlab train --help` and the README's key reference are derived from it). `load_recipe` reads YAML plus
+dotted overrides (`train.lr=1e-4`), rejects unknown keys with a did-you-mean, checks types, and
+`validate` reports every remaining problem at once, each naming the field, the value and the fix.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from .errors import ConfigError
+
+
+def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
+    """A dataclass field with help text (and allowed values), read by the loader, validator and CLI."""
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    if dataclasses.is_dataclass(default):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class ModelConfig:
+    name: str = opt("minilm", "Base model: a local directory, a hub id (e.g. roberta-base), or a packaged name ('minilm').")
+    revision: str | None = opt(None, "Hub revision (branch, tag or commit) of the base model.")
+    trust_remote_code: bool = opt(False, "Run model code shipped with a hub repo. Off by default: only enable for repos you trust.")
+    dtype: str = opt("float32", "Dtype the (non-quantized) base weights are loaded in.", ("float32", "bfloat16", "float16"))
+
+
+@dataclass
+class QuantConfig:
+    mode: str = opt("none", "bitsandbytes quantization of the base: none, 4bit (QLoRA) or 8bit.", ("none", "4bit", "8bit"))
+    quant_type: str = opt("nf4", "4-bit data type.", ("nf4", "fp4"))
+    double_quant: bool = opt(True, "Quantize the 4-bit quantization constants too (saves ~0.4 bit/param).")
+    compute_dtype: str = opt("auto", "Dtype of 4-bit matmuls; auto follows train.precision.", ("auto", "float32", "bfloat16", "float16"))
+
+
+@dataclass
+class AdapterConfig:
+    method: str = opt("lora", "lora (peft adapter), full (full fine-tuning) or frozen (backbone frozen, head trained).", ("lora", "full", "frozen"))
+    r: int = opt(8, "LoRA rank.")
+    alpha: float = opt(16, "LoRA scaling numerator (scale = alpha/r, or alpha/sqrt(r) with use_rslora).")
+    dropout: float = opt(0.1, "Dropout on the LoRA input, in [0, 1).")
+    target_modules: list[str] | None = opt(None, "Module names to adapt; null = the architecture's default (peft's table), 'all-linear' = every linear layer.")
+    use_rslora: bool = opt(False, "Rank-stabilised LoRA scaling alpha/sqrt(r).")
+    use_dora: bool = opt(False, "DoRA: weight-decomposed LoRA (magnitude + direction).")
+    options: dict = opt({}, "Extra keyword arguments passed straight to peft's LoraConfig (e.g. {init_lora_weights: pissa}).")
+
+
+@dataclass
+class SplitConfig:
+    path: str | None = opt(None, "Local data file (.csv, .tsv, .jsonl/.json, .parquet), relative to the working directory.")
+    split: str | None = opt(None, "Hub split name (with data.dataset), e.g. validation.")
+    format: str = opt("auto", "File format; auto = from the extension.", ("auto", "csv", "tsv", "json", "parquet"))
+    column_names: list[str] | None = opt(None, "Names for the columns of a headerless csv/tsv file, in order.")
+    text_columns: list[str] | None = opt(None, "Override data.text_columns for this split.")
+    label_column: str | None = opt(None, "Override data.label_column for this split.")
+    label_map: dict | None = opt(None, "Map raw label values to label names or indices, e.g. {1: World, 2: Sports}.")
+    max_samples: int | None = opt(None, "Use a seeded random subset of this many rows.")
+
+
+@dataclass
+class DataConfig:
+    dataset: str | None = opt(None, "Hub dataset id (e.g. glue) for splits that name `split:` instead of `path:`.")
+    subset: str | None = opt(None, "Hub dataset configuration (e.g. sst2).")
+    train: SplitConfig = opt(SplitConfig(path="../shared/data/sst2/train.tsv"), "Training split (a path string is shorthand for {path: ...}).")
+    eval: SplitConfig | None = opt(SplitConfig(path="../shared/data/sst2/dev.tsv"), "Evaluation split used during training and by `peftlab eval`.")
+    test: SplitConfig | None = opt(None, "Optional held-out test split, evaluated once at the end.")
+    eval_holdout: float = opt(0.0, "With no eval split: hold out this fraction of train (seeded) for evaluation.")
+    text_columns: list[str] = opt(["sentence"], "Column(s) holding the input text; several are joined with a space.")
+    label_column: str = opt("label", "Column holding the label (an index or a name).")
+    label_names: list[str] | None = opt(None, "Ordered label names; null = the sorted distinct labels of the train split.")
+    max_length: int = opt(128, "Truncate inputs to this many tokens (batches are padded dynamically to their longest row).")
+
+
+@dataclass
+class TaskConfig:
+    type: str = opt("classification", "Task family (sentiment is a classification).", ("classification",))
+
+
+@dataclass
+class TrainConfig:
+    epochs: float = opt(1.0, "Passes over the train split (fractions allowed); ignored when max_steps is set.")
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps.")
+    batch_size: int = opt(32, "Examples per device per micro-batch.")
+    grad_accum: int = opt(1, "Micro-batches per optimizer step (effective batch = batch_size x grad_accum x processes).")
+    lr: float = opt(5e-4, "Peak learning rate of AdamW.")
+    weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and norms).")
+    scheduler: str = opt("linear", "Learning-rate schedule after warmup.", ("linear", "cosine", "constant"))
+    warmup_fraction: float = opt(0.06, "Fraction of the optimizer steps spent warming up linearly, in [0, 1).")
+    max_grad_norm: float | None = opt(1.0, "Clip the gradient norm to this value; null = no clipping.")
+    precision: str = opt("auto", "Matmul precision: auto = bf16 where the hardware runs it fast, else fp32.", ("auto", "fp32", "bf16", "fp16"))
+    gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, ~30% slower).")
+    eval_every: int | None = opt(None, "Evaluate every N optimizer steps (and at the end); null = only at the end.")
+    keep_best: bool = opt(True, "Export the weights of the best evaluation, not the last step.")
+    best_metric: str = opt("accuracy", "Metric that decides `keep_best` (higher is better).")
+    log_every: int = opt(20, "Log loss, learning rate and throughput every N optimizer steps.")
+    save_every: int | None = opt(None, "Write a resumable checkpoint every N optimizer steps; null = none.")
+    keep_checkpoints: int = opt(2, "How many checkpoints to keep (oldest are deleted).")
+    seed: int = opt(42, "Seed for initialisation, shuffling and dropout.")
+
+
+@dataclass
+class EvalConfig:
+    batch_size: int = opt(128, "Examples per evaluation batch (no gradients, so larger than training).")
+
+
+@dataclass
+class ExportConfig:
+    merge: bool = opt(False, "After training, also write OUT/merged: a standalone model with the adapter folded in.")
+
+
+@dataclass
+class Recipe:
+    name: str = opt("run", "Run name, used in the default output directory and the model card.")
+    output_dir: str | None = opt(None, "Where artifacts go; null = runs/<name>.")
+    model: ModelConfig = opt(ModelConfig(), "Base model.")
+    quant: QuantConfig = opt(QuantConfig(), "Quantization of the base.")
+    adapter: AdapterConfig = opt(AdapterConfig(), "Adaptation method.")
+    data: DataConfig = opt(DataConfig(), "Dataset, columns and splits.")
+    task: TaskConfig = opt(TaskConfig(), "Task family.")
+    train: TrainConfig = opt(TrainConfig(), "Optimisation.")
+    eval: EvalConfig = opt(EvalConfig(), "Evaluation.")
+    export: ExportConfig = opt(ExportConfig(), "Export and merge.")
+
+    @property
+    def out(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+def _hints(cls) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _unwrap_optional(tp) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return rest[0], True
+    return tp, False
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp)).replace("typing.", "")
+
+
+def _coerce(value: Any, tp, where: str, problems: list[str]) -> Any:
+    """Check `value` against annotation `tp`; return the converted value (or the raw one after noting a problem)."""
+    inner, optional = _unwrap_optional(tp)
+    if value is None:
+        if not optional:
+            problems.append(f"{where}: null is not allowed; give a {_type_name(inner)}.")
+        return value
+    if dataclasses.is_dataclass(inner):
+        if isinstance(value, str):  # shorthand: `train: data.tsv` means {path: data.tsv}
+            value = {"path": value}
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping of {inner.__name__} fields, got {value!r}.")
+            return value
+        return _build(inner, value, where, problems)
+    origin = typing.get_origin(inner)
+    if origin is list:
+        if isinstance(value, str):
+            value = [value]  # one name is shorthand for a one-element list
+        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+            problems.append(f"{where}: expected a list of strings, got {value!r}.")
+        return value
+    if inner is dict:
+        if not isinstance(value, dict):
+            problems.append(f"{where}: expected a mapping, got {value!r}.")
+        return value
+    if inner is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if inner is float and isinstance(value, str):  # YAML reads 1e-4 as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if inner in (int, float, bool, str) and not (isinstance(value, inner) and not (inner is int and isinstance(value, bool))):
+        problems.append(f"{where}: expected {_type_name(inner)}, got {type(value).__name__} {value!r}.")
+    return value
+
+
+def _build(cls, data: dict, prefix: str, problems: list[str]):
+    hints = _hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        where = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(names)}."
+            problems.append(f"{where}: unknown key.{hint}")
+            continue
+        kwargs[key] = _coerce(value, hints[key], where, problems)
+    try:
+        return cls(**kwargs)
+    except TypeError as e:  # only reachable with wrong shapes already reported above
+        problems.append(f"{prefix or 'recipe'}: {e}")
+        return cls()
+
+
+def _set_dotted(tree: dict, dotted: str, value: Any, problems: list[str]) -> None:
+    keys = dotted.split(".")
+    node = tree
+    for k in keys[:-1]:
+        nxt = node.get(k)
+        if nxt is None or isinstance(nxt, str):  # absent section, or a split given as a path shorthand
+            nxt = {} if nxt is None else {"path": nxt}
+            node[k] = nxt
+        if not isinstance(nxt, dict):
+            problems.append(f"override {dotted}: '{k}' is not a section.")
+            return
+        node = nxt
+    node[keys[-1]] = value
+
+
+def parse_overrides(overrides: list[str], problems: list[str]) -> list[tuple[str, Any]]:
+    out = []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            problems.append(f"override '{item}': expected KEY=VALUE, e.g. train.lr=1e-4.")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw != "" else None
+        except yaml.YAMLError:
+            value = raw
+        out.append((key.strip(), value))
+    return out
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple = (), *, validate_files: bool = True) -> Recipe:
+    """Read a YAML recipe (None = the built-in default), apply dotted overrides, type-check and validate.
+
+    Raises ConfigError listing every problem found.
+    """
+    problems: list[str] = []
+    source = str(path) if path else "the default recipe"
+    tree: dict = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError([f"recipe file '{path}' does not exist. List the shipped ones with `ls recipes/*/`."])
+        try:
+            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            loc = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError([f"malformed YAML{loc}: {getattr(e, 'problem', e)}. Check indentation and quoting."], source) from None
+        except UnicodeDecodeError:
+            raise ConfigError([f"'{path}' is not UTF-8 text. Save the recipe as UTF-8."], source) from None
+        if not isinstance(tree, dict):
+            raise ConfigError([f"the top level must be a mapping of sections (model:, data:, ...), got {type(tree).__name__}."], source)
+    for key, value in parse_overrides(list(overrides), problems):
+        _set_dotted(tree, key, value, problems)
+    recipe = _build(Recipe, tree, "", problems)
+    if problems:
+        raise ConfigError(problems, source)
+    validate(recipe, check_files=validate_files, source=source)
+    return recipe
+
+
+# ---------------------------------------------------------------------------------------------- validation
+
+def _walk(obj, prefix=""):
+    """Yield (dotted_name, value, field) for every leaf field."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value):
+            yield from _walk(value, name + ".")
+        else:
+            yield name, value, f
+
+
+def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = None) -> None:
+    """Raise ConfigError listing every problem in `recipe` (field, value, fix); return None if it is sound."""
+    p: list[str] = []
+    for name, value, f in _walk(recipe):
+        choices = f.metadata.get("choices")
+        if choices and value not in choices:
+            close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else ""
+            p.append(f"{name}={value!r}: must be one of {', '.join(map(str, choices))}.{hint}")
+
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            p.append(msg)
+
+    a, t, d, q = recipe.adapter, recipe.train, recipe.data, recipe.quant
+    need(a.r >= 1, f"adapter.r={a.r}: the LoRA rank must be >= 1 (typical: 4-64).")
+    need(a.alpha > 0, f"adapter.alpha={a.alpha}: must be > 0 (typical: 2 x r).")
+    need(0 <= a.dropout < 1, f"adapter.dropout={a.dropout}: must be in [0, 1).")
+    need(t.lr > 0, f"train.lr={t.lr}: must be > 0 (LoRA: ~1e-4 to 1e-3; full fine-tuning: ~2e-5).")
+    need(t.epochs > 0, f"train.epochs={t.epochs}: must be > 0.")
+    need(t.max_steps is None or t.max_steps >= 1, f"train.max_steps={t.max_steps}: must be >= 1 or null.")
+    need(t.batch_size >= 1, f"train.batch_size={t.batch_size}: must be >= 1.")
+    need(t.grad_accum >= 1, f"train.grad_accum={t.grad_accum}: must be >= 1.")
+    need(t.weight_decay >= 0, f"train.weight_decay={t.weight_decay}: must be >= 0.")
+    need(0 <= t.warmup_fraction < 1, f"train.warmup_fraction={t.warmup_fraction}: must be in [0, 1).")
+    need(t.max_grad_norm is None or t.max_grad_norm > 0, f"train.max_grad_norm={t.max_grad_norm}: must be > 0 or null.")
+    need(t.log_every >= 1, f"train.log_every={t.log_every}: must be >= 1.")
+    need(t.eval_every is None or t.eval_every >= 1, f"train.eval_every={t.eval_every}: must be >= 1 or null.")
+    need(t.save_every is None or t.save_every >= 1, f"train.save_every={t.save_every}: must be >= 1 or null.")
+    need(t.keep_checkpoints >= 1, f"train.keep_checkpoints={t.keep_checkpoints}: must be >= 1.")
+    need(recipe.eval.batch_size >= 1, f"eval.batch_size={recipe.eval.batch_size}: must be >= 1.")
+    need(d.max_length >= 8, f"data.max_length={d.max_length}: must be >= 8 tokens.")
+    need(0 <= d.eval_holdout < 1, f"data.eval_holdout={d.eval_holdout}: must be in [0, 1).")
+    need(bool(d.text_columns), "data.text_columns is empty: name the column(s) holding the text, e.g. [sentence].")
+    need(d.label_names is None or len(d.label_names) >= 2, f"data.label_names={d.label_names}: a classifier needs >= 2 labels.")
+    need(d.label_names is None or len(set(d.label_names)) == len(d.label_names), f"data.label_names={d.label_names}: names must be distinct.")
+    if q.mode != "none" and a.method == "full":
+        p.append(f"quant.mode={q.mode} with adapter.method=full: quantized weights cannot be trained. "
+                 "Use adapter.method=lora (QLoRA) or quant.mode=none.")
+    if a.method != "lora" and (a.use_dora or a.use_rslora):
+        p.append(f"adapter.use_dora/use_rslora apply to LoRA only, but adapter.method={a.method}. Remove them or use method=lora.")
+    if a.use_dora and q.mode == "8bit":
+        p.append("adapter.use_dora with quant.mode=8bit: peft's DoRA does not support 8-bit bases. Use quant.mode=4bit or none.")
+    if isinstance(a.target_modules, list) and not a.target_modules:
+        p.append("adapter.target_modules is an empty list: use null for the architecture's defaults.")
+    name = recipe.name
+    need(bool(name) and "/" not in name and "\\" not in name and name not in (".", ".."),
+         f"name={name!r}: use a plain name (letters, digits, - _ .), it becomes a directory.")
+
+    for split_name in ("train", "eval", "test"):
+        s = getattr(d, split_name)
+        where = f"data.{split_name}"
+        if s is None:
+            continue
+        if (s.path is None) == (s.split is None):
+            p.append(f"{where}: give exactly one of `path:` (a local file) or `split:` (a hub split with data.dataset).")
+        if s.split is not None and d.dataset is None:
+            p.append(f"{where}.split={s.split!r} needs data.dataset (a hub dataset id), or use `path:` for a local file.")
+        if s.max_samples is not None and s.max_samples < 1:
+            p.append(f"{where}.max_samples={s.max_samples}: must be >= 1 or null.")
+        if check_files and s.path is not None and not Path(s.path).is_file():
+            hint = " (the shared data lives in ../shared/data; run from the repository root)" if "shared" in s.path else ""
+            p.append(f"{where}.path={s.path!r}: file not found{hint}. Fix the path or override it: {where}.path=FILE.")
+    if p:
+        raise ConfigError(p, source)
+
+
+def describe_fields(cls=Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, help) for every leaf field: the CLI help and README reference come from this."""
+    rows = []
+    for f in dataclasses.fields(cls):
+        hint = _unwrap_optional(_hints(cls)[f.name])[0]
+        name = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(hint):
+            rows.extend(describe_fields(hint, name + "."))
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+            rows.append((name, repr(default), f.metadata.get("help", "")))
+    return rows

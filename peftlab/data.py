@@ -1,0 +1,180 @@
+"""Load splits (hub or local csv/tsv/jsonl/parquet) through `datasets`, map columns and labels, tokenize.
+
+Every split becomes rows of {text, label}; then the task tokenizes them (cached by `datasets` on disk, so a
+second run skips tokenization) and batches are padded dynamically by the collator.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+from .config import DataConfig, Recipe, SplitConfig
+from .errors import DataError, DataFileNotFound
+
+log = logging.getLogger(__name__)
+
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+@dataclass
+class TaskData:
+    """Tokenized splits, label names and the collator that pads a batch."""
+
+    train: Any
+    eval: Any
+    test: Any
+    label_names: list[str]
+    collate: Callable
+
+
+def _format(spec: SplitConfig) -> str:
+    if spec.format != "auto":
+        return spec.format
+    fmt = FORMATS.get(Path(spec.path).suffix.lower())
+    if fmt is None:
+        raise DataError(f"cannot tell the format of '{spec.path}' from its extension. "
+                        f"Set format: one of csv, tsv, json, parquet for this split.")
+    return fmt
+
+
+def read_split(spec: SplitConfig, data: DataConfig, where: str):
+    """Load one split as a `datasets.Dataset`, raw columns untouched."""
+    import datasets
+
+    if spec.split is not None:
+        try:
+            return datasets.load_dataset(data.dataset, data.subset, split=spec.split)
+        except Exception as e:
+            raise DataError(f"{where}: cannot load hub dataset {data.dataset!r} ({data.subset}) split {spec.split!r}: "
+                            f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Offline? Point {where}.path "
+                            "at a local file instead.") from None
+    path = Path(spec.path)
+    if not path.is_file():
+        raise DataFileNotFound(f"{where}.path: '{spec.path}' not found. Fix the path (relative to the working directory "
+                               f"{Path.cwd()}) or override it: {where}.path=FILE.")
+    if path.stat().st_size == 0:
+        raise DataError(f"{where}.path: '{spec.path}' is empty. Point it at a file with rows.")
+    fmt = _format(spec)
+    kwargs: dict[str, Any] = {}
+    if fmt in ("csv", "tsv"):
+        kwargs["delimiter"] = "\t" if fmt == "tsv" else ","
+        if fmt == "tsv":
+            kwargs["quoting"] = csv.QUOTE_NONE  # GLUE-style TSVs contain bare quote characters
+        if spec.column_names:
+            kwargs["column_names"] = spec.column_names
+            kwargs["header"] = None
+    builder = {"tsv": "csv"}.get(fmt, fmt)
+    try:
+        ds = datasets.load_dataset(builder, data_files={"data": str(path)}, split="data", **kwargs)
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}.path: '{spec.path}' is not UTF-8 ({e.reason} at byte {e.start}). "
+                        "Re-encode it, e.g. `iconv -f latin1 -t utf-8 IN > OUT`.") from None
+    except Exception as e:  # datasets wraps parser errors in its own types
+        cause = e.__cause__ or e
+        raise DataError(f"{where}.path: cannot parse '{spec.path}' as {fmt}: {type(cause).__name__}: "
+                        f"{str(cause).splitlines()[0] if str(cause) else ''}. Check format/delimiter/column_names.") from None
+    if len(ds) == 0:
+        raise DataError(f"{where}.path: '{spec.path}' has no rows. Point it at a file with data.")
+    return ds
+
+
+def _check_columns(ds, needed: list[str], where: str, spec: SplitConfig) -> None:
+    missing = [c for c in needed if c not in ds.column_names]
+    if not missing:
+        return
+    hint = ""
+    if len(ds.column_names) == 1 and spec.path:
+        hint = " Only one column was found: is the delimiter right (.tsv is tab-separated, .csv comma-separated)?"
+    elif spec.path and spec.path.endswith((".csv", ".tsv")) and not spec.column_names:
+        hint = " If the file has no header row, name its columns with column_names: [...]."
+    raise DataError(f"{where}: column(s) {missing} not found; the data has {ds.column_names}.{hint} "
+                    "Set data.text_columns / data.label_column (or per split) to the right names.")
+
+
+def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, label_names: list[str] | None, seed: int):
+    """-> (Dataset with exactly {text, label} where label is a raw value after label_map, raw label values)."""
+    text_cols = spec.text_columns or data.text_columns
+    label_col = spec.label_column or data.label_column
+    _check_columns(ds, [*text_cols, label_col], where, spec)
+    if spec.max_samples is not None and spec.max_samples < len(ds):
+        ds = ds.shuffle(seed=seed).select(range(spec.max_samples))
+    label_map = {str(k): v for k, v in (spec.label_map or {}).items()}
+
+    def to_rows(batch):
+        n = len(batch[label_col])
+        texts = [" ".join(str(batch[c][i] or "") for c in text_cols).strip() for i in range(n)]
+        labels = [label_map.get(str(v), v) if label_map else v for v in batch[label_col]]
+        return {"text": texts, "label": labels}
+
+    ds = ds.map(to_rows, batched=True, remove_columns=ds.column_names, desc=f"{where}: columns")
+    return ds
+
+
+def encode_labels(ds, label_names: list[str], where: str):
+    """Turn raw label values (indices or names, ints or strings) into class indices; error on values outside the set."""
+    index = {name: i for i, name in enumerate(label_names)}
+
+    def to_index(v):
+        if isinstance(v, bool):
+            return None
+        if isinstance(v, int):
+            return v if 0 <= v < len(label_names) else None
+        s = str(v).strip()
+        if s in index:
+            return index[s]
+        if s.lstrip("-").isdigit():
+            i = int(s)
+            return i if 0 <= i < len(label_names) else None
+        return None
+
+    raw = ds["label"]
+    encoded = [to_index(v) for v in raw]
+    bad = sorted({str(v) for v, e in zip(raw, encoded) if e is None})
+    if bad:
+        raise DataError(f"{where}: {sum(e is None for e in encoded)} row(s) have labels outside the label set "
+                        f"{label_names}: {bad[:10]}. Fix data.label_names, or map raw values with {where}.label_map.")
+    return ds.remove_columns("label").add_column("label", encoded)
+
+
+def infer_label_names(ds) -> list[str]:
+    values = set(ds["label"])
+    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return [str(i) for i in range(max(values) + 1)]
+    return sorted(str(v) for v in values)
+
+
+def load_splits(recipe: Recipe):
+    """-> ({split: Dataset of {text, label:int}}, label_names). Splits absent from the recipe are None."""
+    d, seed = recipe.data, recipe.train.seed
+    raw = {}
+    for name in ("train", "eval", "test"):
+        spec = getattr(d, name)
+        if spec is not None:
+            raw[name] = normalize_split(read_split(spec, d, f"data.{name}"), spec, d, f"data.{name}", d.label_names, seed)
+    if "train" in raw and "eval" not in raw and d.eval_holdout > 0:
+        parts = raw["train"].train_test_split(test_size=d.eval_holdout, seed=seed)
+        raw["train"], raw["eval"] = parts["train"], parts["test"]
+    label_names = list(d.label_names) if d.label_names else infer_label_names(raw.get("train") or next(iter(raw.values())))
+    out = {name: encode_labels(ds, label_names, f"data.{name}") for name, ds in raw.items()}
+    for name in ("train", "eval", "test"):
+        out.setdefault(name, None)
+    return out, label_names
+
+
+def build_data(recipe: Recipe, tokenizer, *, splits=None, label_names=None) -> TaskData:
+    """Recipe + tokenizer -> TaskData (tokenized, with a dynamic-padding collator)."""
+    from .tasks import get_task
+
+    if splits is None:
+        splits, label_names = load_splits(recipe)
+    task = get_task(recipe.task.type)
+    tokenized = {name: task.tokenize(ds, tokenizer, recipe) if ds is not None else None for name, ds in splits.items()}
+    for name, ds in tokenized.items():
+        if ds is not None:
+            log.info("data.%s: %s rows", name, f"{len(ds):,}")
+    return TaskData(train=tokenized["train"], eval=tokenized["eval"], test=tokenized["test"], label_names=label_names,
+                    collate=task.collator(tokenizer))

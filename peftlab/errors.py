@@ -1,0 +1,37 @@
+"""Errors a user can act on. Each subclasses the built-in it refines, so callers may catch either."""
+
+from __future__ import annotations
+
+
+class PeftlabError(Exception):
+    """Base class: a user-facing problem with a message that says what to do next."""
+
+
+class ConfigError(PeftlabError, ValueError):
+    """The recipe is malformed or has invalid values. `problems` lists every one found."""
+
+    def __init__(self, problems: list[str], source: str | None = None):
+        self.problems = list(problems)
+        where = f" in {source}" if source else ""
+        head = f"{len(self.problems)} problem(s){where}:" if len(self.problems) > 1 else f"invalid recipe{where}:"
+        super().__init__(head + "".join(f"\n  - {p}" for p in self.problems))
+
+
+class DataError(PeftlabError, ValueError):
+    """A dataset is missing, empty, or does not have the columns/labels the recipe names."""
+
+
+class DataFileNotFound(DataError, FileNotFoundError):
+    """A data file named by the recipe does not exist."""
+
+
+class ModelError(PeftlabError, ValueError):
+    """The base model cannot be resolved or the adapter cannot be applied to it."""
+
+
+class ModelNotFound(ModelError, FileNotFoundError):
+    """The base model is neither a local directory, a packaged model, nor reachable on the hub."""
+
+
+class ArtifactError(PeftlabError, FileNotFoundError):
+    """An output directory is missing, incomplete, or belongs to another run."""

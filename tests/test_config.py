@@ -1,0 +1,110 @@
+"""Recipes: YAML + overrides -> typed config; every problem reported at once, with field, value and fix."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from peftlab.config import Recipe, describe_fields, load_recipe
+from peftlab.errors import ConfigError
+
+from .conftest import REPO, SHARED
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "r.yaml"
+    p.write_text(text, encoding="utf-8")
+    return p
+
+
+def test_defaults_are_a_full_size_sst2_lora_recipe():
+    r = load_recipe(None, validate_files=False)
+    assert isinstance(r, Recipe)
+    assert (r.model.name, r.adapter.method, r.task.type) == ("minilm", "lora", "classification")
+    assert r.data.train.path.endswith("sst2/train.tsv")
+    assert r.out == Path("runs/run")
+
+
+def test_dotted_overrides_are_typed(tmp_path):
+    r = load_recipe(None, ["train.lr=1e-4", "adapter.r=16", "adapter.target_modules=[query,key]",
+                           "data.train=x.tsv", "name=abc"], validate_files=False)
+    assert r.train.lr == 1e-4 and isinstance(r.train.lr, float)
+    assert r.adapter.r == 16
+    assert r.adapter.target_modules == ["query", "key"]
+    assert r.data.train.path == "x.tsv"  # a string is shorthand for {path: ...}
+    assert r.out == Path("runs/abc")
+
+
+def test_unknown_keys_get_did_you_mean(tmp_path):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(write(tmp_path, "adaptor: {r: 4}\ntrain: {lr: 1e-4, epoch: 2}\n"), validate_files=False)
+    msg = str(e.value)
+    assert "adaptor: unknown key. Did you mean 'adapter'?" in msg
+    assert "train.epoch: unknown key. Did you mean 'epochs'?" in msg
+    assert len(e.value.problems) == 2
+
+
+def test_every_problem_is_reported_at_once(tmp_path):
+    text = "adapter: {r: 0, dropout: 1.5, method: lorra}\ntrain: {lr: -1, batch_size: two}\nquant: {mode: 4bit}\n"
+    with pytest.raises(ConfigError) as e:
+        load_recipe(write(tmp_path, text), validate_files=False)
+    probs = e.value.problems
+    assert any(p.startswith("train.batch_size: expected int") for p in probs), probs
+    # type errors are reported first; the range checks run once the types are right
+    with pytest.raises(ConfigError) as e:
+        load_recipe(write(tmp_path, text.replace("two", "8")), validate_files=False)
+    msg = str(e.value)
+    for needle in ("adapter.r=0", "adapter.dropout=1.5", "adapter.method='lorra'", "Did you mean 'lora'?", "train.lr=-1"):
+        assert needle in msg, msg
+    assert len(e.value.problems) == 4
+
+
+def test_quantized_full_finetuning_is_refused(tmp_path):
+    with pytest.raises(ConfigError, match="quantized weights cannot be trained"):
+        load_recipe(None, ["quant.mode=4bit", "adapter.method=full"], validate_files=False)
+
+
+def test_malformed_yaml_names_the_line(tmp_path):
+    with pytest.raises(ConfigError, match=r"malformed YAML at line 3, column 1"):
+        load_recipe(write(tmp_path, "train:\n  lr: [1e-4\n"))
+
+
+def test_missing_recipe_and_bad_override():
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_recipe("nope.yaml")
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        load_recipe(None, ["train.lr"], validate_files=False)
+
+
+def test_missing_data_file_is_a_validation_problem(tmp_path):
+    with pytest.raises(ConfigError, match=r"data.train.path='missing.tsv': file not found"):
+        load_recipe(None, ["data.train=missing.tsv"])
+
+
+def test_config_error_is_a_value_error():
+    with pytest.raises(ValueError):
+        load_recipe(None, ["adapter.r=-3"], validate_files=False)
+
+
+def test_describe_fields_documents_every_key():
+    rows = describe_fields()
+    keys = {k for k, _, _ in rows}
+    assert {"adapter.r", "train.lr", "data.train.path", "quant.mode", "export.merge"} <= keys
+    assert all(h for _, _, h in rows), [k for k, _, h in rows if not h]
+
+
+RECIPES = sorted((REPO / "recipes").glob("*/*.yaml")) + [REPO / "peftlab/recipes/quickstart.yaml"]
+
+
+@pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(REPO)))
+def test_every_shipped_recipe_validates(path, monkeypatch):
+    monkeypatch.chdir(REPO)  # recipes name data relative to the repository root
+    load_recipe(path, validate_files=SHARED.is_dir())
+    header = path.read_text().splitlines()[:3]
+    assert any("peftlab train" in line for line in header), f"{path}: the header comment must give the command"
+
+
+def test_recipes_exist_for_the_issue():
+    names = {str(p.relative_to(REPO / "recipes")) for p in RECIPES if "recipes/" in str(p) and "peftlab" not in str(p.parent)}
+    assert {"minilm/sst2-lora.yaml", "minilm/sst2-qlora.yaml", "minilm/agnews-lora.yaml", "roberta-base/sst2-lora.yaml"} <= names
