@@ -157,10 +157,11 @@ def read_run(out: Path) -> tuple[Recipe, dict]:
     return recipe, json.loads((out / "run.json").read_text())
 
 
-def load_trained(out: Path, *, quantized: bool = True):
+def load_trained(out: Path, *, dequantize: bool = False):
     """Rebuild the trained model from an output directory -> (model in eval mode, tokenizer, recipe, run.json).
 
-    `quantized=False` loads a LoRA run's base without bitsandbytes (used by merge, which dequantizes instead)."""
+    `dequantize=True` swaps a quantized base's layers for float copies of their dequantized weights before the
+    adapter is attached (what merge needs: peft then builds plain LoRA layers that merge exactly)."""
     from peft import PeftModel
 
     from .model import load_base, load_tokenizer, resolve_model_path
@@ -174,7 +175,11 @@ def load_trained(out: Path, *, quantized: bool = True):
     if (out / "adapter_config.json").is_file():
         base_path = resolve_model_path(recipe.model.name, recipe.model.revision)
         base, _ = load_base(recipe, base_path, num_labels=len(labels), label_names=labels, precision=run["precision"],
-                            auto_cls=task.auto_model_class, quantize=quantized)
+                            auto_cls=task.auto_model_class)
+        if dequantize and recipe.quant.mode != "none":
+            n = dequantize_(base)
+            log.info("base was quantized (%s): merging into a dequantized float32 copy of its %d quantized layers",
+                     recipe.quant.mode, n)
         base.config.pad_token_id = tokenizer.pad_token_id
         model = PeftModel.from_pretrained(base, str(out))
     else:
@@ -223,11 +228,7 @@ def merge(out: Path, *, force: bool = False) -> Path:
     if not force and stamp.is_file() and json.loads(stamp.read_text()).get("adapter_sha256") == adapter_sha:
         log.info("%s is already merged from this adapter; nothing to do.", target)
         return target
-    model, tokenizer, _, _ = load_trained(out)
-    n = dequantize_(model) if recipe.quant.mode != "none" else 0
-    if n:
-        log.info("base was quantized (%s): merged into a dequantized float32 copy of its %d quantized layers",
-                 recipe.quant.mode, n)
+    model, tokenizer, _, _ = load_trained(out, dequantize=True)
     merged = model.merge_and_unload()
     merged.config.quantization_config = None
     if hasattr(merged, "hf_quantizer"):
@@ -240,8 +241,9 @@ def merge(out: Path, *, force: bool = False) -> Path:
         for f in ("recipe.yaml", "run.json", "metrics.json"):
             if (out / f).is_file():
                 shutil.copy2(out / f, tmp / f)
-        (tmp / "merge.json").write_text(json.dumps({"adapter_sha256": adapter_sha, "dequantized_layers": n,
-                                                    "base_quantization": recipe.quant.mode}, indent=2))
+        (tmp / "merge.json").write_text(json.dumps({"adapter_sha256": adapter_sha, "base_quantization": recipe.quant.mode,
+                                                    "merged_into": "dequantized float32 copy" if recipe.quant.mode != "none"
+                                                    else "base weights"}, indent=2))
 
     write_atomic_dir(target, fill)
     log.info("merged model written to %s", target)

@@ -176,12 +176,11 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[str], precision: str, auto_cls,
-              quantize: bool = True):
+def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[str], precision: str, auto_cls):
     """Load the pretrained base with a fresh task head; return (model, names of the newly initialised head modules)."""
     # Names of heads transformers creates for sequence classification across architectures; kept out of quantization.
     head_guess = ["classifier", "score", "qa_outputs"]
-    quant = quantization_config(recipe, precision, head_guess) if quantize else None
+    quant = quantization_config(recipe, precision, head_guess)
     kwargs = dict(revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code, use_safetensors=True,
                   dtype=DTYPES[recipe.model.dtype], quantization_config=quant)
     if num_labels:

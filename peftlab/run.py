@@ -12,6 +12,8 @@ import sys
 import time
 from pathlib import Path
 
+from accelerate.utils import set_seed
+
 from .config import Recipe, load_recipe
 from .data import build_data, load_splits
 from .errors import ArtifactError
@@ -78,6 +80,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> dic
                 p = out / stale
                 p.unlink() if p.is_file() else shutil.rmtree(p, ignore_errors=True)
 
+    set_seed(recipe.train.seed)  # before the model: LoRA and head initialisation are seeded too
     splits, label_names = load_splits(recipe)
     model, tokenizer, info = build_model(recipe, num_labels=len(label_names), label_names=label_names, precision=precision)
     data = build_data(recipe, tokenizer, splits=splits, label_names=label_names)

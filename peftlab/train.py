@@ -57,6 +57,7 @@ class RunLog:
         self.path = out / "log.jsonl" if main else None
         self.tb = _NullWriter()
         if main:
+            out.mkdir(parents=True, exist_ok=True)
             try:
                 from torch.utils.tensorboard import SummaryWriter
 

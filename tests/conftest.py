@@ -34,14 +34,15 @@ def minilm_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
-    """A 2-layer random BERT (hidden 32) with MiniLM's real tokenizer, saved as a local model folder."""
+    """A 2-layer random BERT (hidden 32, no dropout) with MiniLM's real tokenizer, saved as a local model folder."""
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(0)
     d = tmp_path_factory.mktemp("tiny-bert")
     tok = minilm_tokenizer()
     cfg = BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
-                     intermediate_size=64, max_position_embeddings=128)
+                     intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                     attention_probs_dropout_prob=0.0)  # no dropout: invariance tests (accumulation, resume) are exact
     BertModel(cfg).save_pretrained(d)
     tok.save_pretrained(d)
     return d
