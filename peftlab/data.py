@@ -74,6 +74,8 @@ def read_split(spec: SplitConfig, data: DataConfig, where: str):
         raise DataError(f"{where}.path: '{spec.path}' is not UTF-8 ({e.reason} at byte {e.start}). "
                         "Re-encode it, e.g. `iconv -f latin1 -t utf-8 IN > OUT`.") from None
     except Exception as e:  # datasets wraps parser errors in its own types
+        if "corresponds to no data" in str(e):
+            raise DataError(f"{where}.path: '{spec.path}' has no rows (a header only?). Point it at a file with data.") from None
         cause = e.__cause__ or e
         raise DataError(f"{where}.path: cannot parse '{spec.path}' as {fmt}: {type(cause).__name__}: "
                         f"{str(cause).splitlines()[0] if str(cause) else ''}. Check format/delimiter/column_names.") from None

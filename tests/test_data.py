@@ -1,0 +1,78 @@
+"""Data: local formats, headerless files, column mapping, label names/maps, subsets, and clear errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peftlab import load_recipe, load_splits
+from peftlab.errors import DataError
+
+
+def splits_of(tmp_path, train, extra=(), **files):
+    overrides = [f"data.train.path={train}", "data.eval=null", *extra]
+    return load_splits(load_recipe(None, overrides, validate_files=False))
+
+
+def test_tsv_with_quotes_csv_jsonl_parquet(tmp_path):
+    import pandas as pd
+
+    rows = [{"sentence": 'a "quoted" word', "label": 1}, {"sentence": "it's bad", "label": 0}]
+    (tmp_path / "d.tsv").write_text("sentence\tlabel\n" + "".join(f"{r['sentence']}\t{r['label']}\n" for r in rows))
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    for ext in ("tsv", "csv", "jsonl", "parquet"):
+        splits, names = splits_of(tmp_path, tmp_path / f"d.{ext}", ["data.label_names=[neg,pos]"])
+        assert splits["train"]["text"] == [r["sentence"] for r in rows], ext
+        assert splits["train"]["label"] == [1, 0] and names == ["neg", "pos"]
+        assert splits["eval"] is None
+
+
+def test_headerless_csv_with_several_text_columns_and_label_map(tmp_path):
+    (tmp_path / "t.csv").write_text('"3","Stocks up","Markets rally"\n"1","Peace talks","Leaders meet"\n')
+    splits, names = splits_of(tmp_path, tmp_path / "t.csv", [
+        "data.train.column_names=[class,title,description]", "data.text_columns=[title,description]",
+        "data.label_column=class", "data.train.label_map={1: World, 3: Business}",
+        "data.label_names=[World,Sports,Business]"])
+    assert splits["train"]["text"] == ["Stocks up Markets rally", "Peace talks Leaders meet"]
+    assert splits["train"]["label"] == [2, 0]
+
+
+def test_string_labels_are_inferred_sorted(tmp_path):
+    (tmp_path / "s.csv").write_text("text,y\nx,pos\ny,neg\nz,pos\n")
+    splits, names = splits_of(tmp_path, tmp_path / "s.csv", ["data.text_columns=[text]", "data.label_column=y"])
+    assert names == ["neg", "pos"] and splits["train"]["label"] == [1, 0, 1]
+
+
+def test_max_samples_is_a_seeded_subset_and_holdout_splits_train(tmp_path):
+    (tmp_path / "big.tsv").write_text("sentence\tlabel\n" + "".join(f"s{i}\t{i % 2}\n" for i in range(100)))
+    a, _ = splits_of(tmp_path, tmp_path / "big.tsv", ["data.train.max_samples=10"])
+    b, _ = splits_of(tmp_path, tmp_path / "big.tsv", ["data.train.max_samples=10"])
+    assert len(a["train"]) == 10 and a["train"]["text"] == b["train"]["text"]
+    h, _ = splits_of(tmp_path, tmp_path / "big.tsv", ["data.eval_holdout=0.2"])
+    assert (len(h["train"]), len(h["eval"])) == (80, 20)
+    assert not set(h["train"]["text"]) & set(h["eval"]["text"])
+
+
+@pytest.mark.parametrize("content, overrides, needle", [
+    ("sentence\tlabel\nok\t7\n", ["data.label_names=[neg,pos]"], "labels outside the label set"),
+    ("text\tlabel\nok\t1\n", [], "column(s) ['sentence'] not found; the data has ['text', 'label']"),
+    ("sentence,label\nok,1\n", [], "Only one column was found: is the delimiter right"),
+    ("", [], "is empty"),
+    ("sentence\tlabel\n", [], "has no rows"),
+])
+def test_bad_data_gets_a_clear_error(tmp_path, content, overrides, needle):
+    (tmp_path / "bad.tsv").write_text(content)
+    with pytest.raises(DataError) as e:
+        splits_of(tmp_path, tmp_path / "bad.tsv", overrides)
+    assert needle in str(e.value)
+
+
+def test_non_utf8_and_missing_file(tmp_path):
+    (tmp_path / "latin.tsv").write_bytes("sentence\tlabel\ncaf\xe9\t1\n".encode("latin-1"))
+    with pytest.raises(DataError, match="not UTF-8|cannot parse"):
+        splits_of(tmp_path, tmp_path / "latin.tsv")
+    with pytest.raises(FileNotFoundError, match="not found"):
+        splits_of(tmp_path, tmp_path / "missing.tsv")

@@ -1,0 +1,88 @@
+"""Artifacts: self-describing output dirs, save -> reload equality, merge equality, idempotent merge, CLI eval."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from peftlab import load_trained, merge, run
+from peftlab.export import read_run
+from peftlab.run import evaluate
+
+from .conftest import minilm_tokenizer
+
+
+def logits(model, texts=("the movie was good", "a bad and boring plot", "really quite lovely")):
+    tok = minilm_tokenizer()
+    batch = tok(list(texts), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model.eval()(**batch).logits.float()
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_bert, sentiment_files):
+    """One LoRA run shared by the tests of this module (they only read it, or copy it)."""
+    from peftlab import load_recipe
+
+    out = tmp_path_factory.mktemp("run") / "out"
+    recipe = load_recipe(None, [f"model.name={tiny_bert}", f"data.train.path={sentiment_files['train']}",
+                                f"data.eval.path={sentiment_files['dev']}", "data.label_names=[negative,positive]",
+                                "adapter.r=4", "train.epochs=1", "train.lr=1e-2", f"output_dir={out}"])
+    return recipe, run(recipe), out
+
+
+def test_output_dir_describes_itself(trained):
+    recipe, summary, out = trained
+    for f in ("adapter_model.safetensors", "adapter_config.json", "tokenizer.json", "recipe.yaml", "run.json",
+              "metrics.json", "eval_report.json", "log.jsonl"):
+        assert (out / f).is_file(), f
+    assert not list(out.glob(".staging*")) and not list(out.glob(".tmp-*"))
+    r, run_json = read_run(out)
+    assert r.to_dict() == recipe.to_dict()
+    assert run_json["versions"]["peft"] and run_json["versions"]["torch"] and run_json["label_names"] == ["negative", "positive"]
+    assert run_json["trainable_params"] == summary["trainable_params"]
+    assert json.loads((out / "metrics.json").read_text()) == summary["metrics"]
+    report = json.loads((out / "eval_report.json").read_text())
+    assert set(report["per_class"]) == {"negative", "positive"} and report["n"] == 64
+
+
+def test_reload_gives_the_same_logits_and_metrics(trained):
+    recipe, summary, out = trained
+    model, *_ = load_trained(out)
+    assert evaluate(out)["accuracy"] == pytest.approx(summary["metrics"]["eval"]["accuracy"])
+    again, *_ = load_trained(out)
+    torch.testing.assert_close(logits(model), logits(again), atol=0, rtol=0)
+
+
+def test_merge_equals_adapter_and_is_idempotent(trained):
+    recipe, summary, out = trained
+    adapter_model, *_ = load_trained(out)
+    target = merge(out)
+    assert target == out / "merged"
+    merged_model, *_ = load_trained(target)
+    assert not any("lora" in k for k, _ in merged_model.named_parameters())
+    diff = (logits(adapter_model) - logits(merged_model)).abs().max().item()
+    assert diff <= 1e-4, diff
+    stamp = (target / "model.safetensors").stat().st_mtime_ns
+    assert merge(out) == target  # idempotent: the same adapter is not merged twice
+    assert (target / "model.safetensors").stat().st_mtime_ns == stamp
+    assert evaluate(target)["accuracy"] == pytest.approx(summary["metrics"]["eval"]["accuracy"])
+
+
+def test_full_finetuning_exports_a_standalone_model(make_recipe):
+    recipe = make_recipe({"adapter.method": "full", "train.max_steps": 3})
+    run(recipe)
+    assert (recipe.out / "model.safetensors").is_file() and not (recipe.out / "adapter_config.json").exists()
+    assert merge(recipe.out) == recipe.out  # nothing to merge
+
+
+def test_eval_on_a_run_that_is_not_there(tmp_path):
+    from peftlab.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="does not exist"):
+        evaluate(tmp_path / "nope")
+    (tmp_path / "half").mkdir()
+    with pytest.raises(ArtifactError, match="not a finished peftlab run"):
+        merge(tmp_path / "half")

@@ -1,0 +1,78 @@
+"""bitsandbytes on CPU: QLoRA really trains (also after an evaluation pass), the head stays full precision,
+and merging a quantized run goes through a dequantized copy whose logits equal the adapter model's."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftlab import build_data, build_model, load_splits, load_trained, merge, run
+
+from .test_export import logits
+
+bnb = pytest.importorskip("bitsandbytes")
+
+
+def lora_grads(model) -> list[float]:
+    return [p.grad.abs().sum().item() if p.grad is not None else 0.0 for n, p in model.named_parameters() if "lora_" in n]
+
+
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_qlora_trains_after_an_eval_pass(make_recipe, mode):
+    recipe = make_recipe({"quant.mode": mode})
+    splits, names = load_splits(recipe)
+    model, tok, info = build_model(recipe, num_labels=2, label_names=names)
+    layer = bnb.nn.Linear4bit if mode == "4bit" else bnb.nn.Linear8bitLt
+    quantized = [m for m in model.modules() if isinstance(m, layer)]
+    assert quantized, "no quantized layers"
+    if mode == "4bit":
+        assert all(m.support_avx512bf16_for_cpu is False for m in quantized)  # GUIDE.md trap (b)
+    assert not isinstance(model.base_model.model.classifier.modules_to_save["default"], layer)  # trap (a): new head
+
+    data = build_data(recipe, tok, splits=splits, label_names=names)
+    batch = data.collate([data.train[i] for i in range(32)])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+
+    def steps(k):
+        model.train()
+        out = []
+        for _ in range(k):
+            loss = model(**batch).loss
+            loss.backward()
+            grads = lora_grads(model)
+            opt.step()
+            opt.zero_grad()
+            out.append(loss.item())
+        return out, grads
+
+    first, _ = steps(10)
+    model.eval()
+    with torch.no_grad():  # the pass that, on avx512_bf16 CPUs, used to repack 4-bit weights and stop training
+        model(**batch)
+    second, grads = steps(10)
+    assert all(g > 0 for g in grads), "LoRA grads vanished after the eval pass"
+    assert second[-1] < first[0] - 0.01, (first, second)  # the loss keeps moving down on a fixed batch
+    assert len(set(round(x, 6) for x in second)) > 5
+
+
+def test_qlora_run_merges_into_a_dequantized_copy(make_recipe):
+    recipe = make_recipe({"quant.mode": "4bit", "train.epochs": 1, "train.lr": 1e-2})
+    summary = run(recipe)
+    assert summary["quantization"] == "4bit"
+    adapter_model, *_ = load_trained(recipe.out)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in adapter_model.modules())
+    target = merge(recipe.out)
+    merged, *_ = load_trained(target)
+    assert not any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in merged.modules())
+    assert merged.config.to_dict().get("quantization_config") is None
+    diff = (logits(adapter_model) - logits(merged)).abs().max().item()
+    assert diff <= 1e-4, diff
+
+
+def test_8bit_merge_matches(make_recipe):
+    recipe = make_recipe({"quant.mode": "8bit", "train.epochs": 1, "train.lr": 1e-2})
+    run(recipe)
+    adapter_model, *_ = load_trained(recipe.out)
+    merged, *_ = load_trained(merge(recipe.out))
+    diff = (logits(adapter_model) - logits(merged)).abs().max().item()
+    assert diff <= 1e-3, diff
