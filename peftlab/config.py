@@ -213,7 +213,11 @@ def _build(cls, data: dict, prefix: str, problems: list[str]):
             hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(names)}."
             problems.append(f"{where}: unknown key.{hint}")
             continue
-        kwargs[key] = _coerce(value, hints[key], where, problems)
+        before = len(problems)
+        coerced = _coerce(value, hints[key], where, problems)
+        if len(problems) == before or dataclasses.is_dataclass(coerced):  # a rejected leaf keeps its default, so
+            # validate() can still check the rest (a section is kept: its own bad leaves were already dropped)
+            kwargs[key] = coerced
     try:
         return cls(**kwargs)
     except TypeError as e:  # only reachable with wrong shapes already reported above
@@ -276,9 +280,12 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple = (
     for key, value in parse_overrides(list(overrides), problems):
         _set_dotted(tree, key, value, problems)
     recipe = _build(Recipe, tree, "", problems)
+    try:
+        validate(recipe, check_files=validate_files, source=source)
+    except ConfigError as e:
+        problems.extend(e.problems)
     if problems:
         raise ConfigError(problems, source)
-    validate(recipe, check_files=validate_files, source=source)
     return recipe
 
 

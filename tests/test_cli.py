@@ -1,0 +1,68 @@
+"""The `peftlab` command line: the journeys of the README, and one clear message (exit 2) for user mistakes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from peftlab.cli import main
+
+from .conftest import REPO
+
+
+def test_train_eval_merge_journey(make_recipe, tmp_path, capsys):
+    recipe = make_recipe({"train.epochs": 1})
+    path = tmp_path / "recipe.yaml"
+    out = tmp_path / "cli-out"
+    assert main(["train", str(path), f"output_dir={out}", "export.merge=true"]) == 0
+    text = capsys.readouterr().out
+    assert "accuracy" in text and "macro-F1" in text and "trainable params" in text and str(out) in text
+    assert (out / "merged" / "model.safetensors").is_file()
+    assert main(["eval", str(out)]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["accuracy"] == pytest.approx(json.loads((out / "metrics.json").read_text())["eval"]["accuracy"])
+    assert (out / "eval-eval.json").is_file()
+    assert main(["merge", str(out)]) == 0
+    assert "merged model" in capsys.readouterr().out
+    assert recipe.out != out  # the override really moved the output
+
+
+def test_validate_reports_each_recipe(tmp_path, capsys):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"adapter": {"r": 0}, "trian": {}}))
+    good = REPO / "recipes" / "minilm" / "sst2-lora.yaml"
+    assert main(["validate", str(good), "--no-files"]) == 0
+    assert main(["validate", str(good), str(bad), "--no-files"]) == 2
+    out = capsys.readouterr().out
+    assert "ok" in out and "INVALID" in out and "Did you mean 'train'?" in out and "adapter.r=0" in out
+
+
+def test_user_mistakes_print_one_message_without_traceback(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: {lr: -1}\n")
+    proc = subprocess.run([sys.executable, "-m", "peftlab.cli", "train", str(bad), "data.train.path=nope.tsv"],
+                          capture_output=True, text=True, cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    assert "train.lr=-1" in proc.stderr and "data.train.path='nope.tsv': file not found" in proc.stderr
+
+
+def test_unknown_model_is_a_clear_error(make_recipe, capsys, tmp_path):
+    make_recipe()
+    assert main(["train", str(tmp_path / "recipe.yaml"), "model.name=./no/such/model"]) == 2
+    assert "no such model directory" in capsys.readouterr().err
+    assert main(["train", str(tmp_path / "recipe.yaml"), "model.name=someone/unknown-model"]) == 2
+    assert "could not be fetched from the hub" in capsys.readouterr().err
+
+
+def test_env_and_help_list_the_recipe_keys(capsys):
+    assert main(["env"]) == 0
+    env = json.loads(capsys.readouterr().out)
+    assert env["versions"]["peft"] and env["packaged_models"]["minilm"]
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    assert "adapter.r" in capsys.readouterr().out
