@@ -149,11 +149,27 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _quiet_libraries() -> None:
+    """Library chatter (per-split progress bars, the 'classifier newly initialised' load report) hides our own
+    log; peftlab reports what matters itself (the new head is logged with the parameter counts)."""
+    import warnings
+
+    import datasets
+    import transformers
+
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated")  # raised inside peft
+    warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")  # every 8-bit forward on CPU
+    datasets.disable_progress_bars()
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    _quiet_libraries()
     try:
         return args.fn(args)
     except PeftlabError as e:

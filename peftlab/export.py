@@ -177,41 +177,15 @@ def load_trained(out: Path, *, dequantize: bool = False):
         base, _ = load_base(recipe, base_path, num_labels=len(labels), label_names=labels, precision=run["precision"],
                             auto_cls=task.auto_model_class)
         if dequantize and recipe.quant.mode != "none":
-            n = dequantize_(base)
-            log.info("base was quantized (%s): merging into a dequantized float32 copy of its %d quantized layers",
-                     recipe.quant.mode, n)
+            # Merging LoRA into 4-bit weights re-quantizes the sum and rounds the update away (max logit error 0.17 on
+            # MiniLM); merged into the dequantized weights it reproduces the adapter model's logits (1e-7).
+            base = base.dequantize()
+            log.info("base was quantized (%s): merging into a dequantized copy of it", recipe.quant.mode)
         base.config.pad_token_id = tokenizer.pad_token_id
         model = PeftModel.from_pretrained(base, str(out))
     else:
         model = task.auto_model_class.from_pretrained(str(out), use_safetensors=True)
     return model.eval(), tokenizer, recipe, run
-
-
-def dequantize_(model) -> int:
-    """Replace every bitsandbytes layer by a plain nn.Linear holding its dequantized weight (in place).
-
-    Merging LoRA into 4-bit weights would re-quantize the sum and lose the adapter's update; merging into the
-    dequantized weights reproduces exactly what the adapter model computed."""
-    import bitsandbytes as bnb
-    from torch import nn
-
-    n = 0
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, bnb.nn.Linear4bit):
-                w = bnb.functional.dequantize_4bit(child.weight.data, child.weight.quant_state)
-            elif isinstance(child, bnb.nn.Linear8bitLt):
-                cb, scb = child.weight.data, child.weight.SCB
-                w = cb.float() * scb.float().unsqueeze(1) / 127.0
-            else:
-                continue
-            lin = nn.Linear(child.in_features, child.out_features, bias=child.bias is not None)
-            lin.weight.data = w.float().reshape(child.out_features, child.in_features)
-            if child.bias is not None:
-                lin.bias.data = child.bias.data.float()
-            setattr(module, child_name, lin)
-            n += 1
-    return n
 
 
 def merge(out: Path, *, force: bool = False) -> Path:

@@ -205,6 +205,14 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
     return model, head
 
 
+def enable_activation_checkpointing(model: nn.Module) -> None:
+    """transformers 5 renamed gradient checkpointing to activation checkpointing; use whichever this version has."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
 def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], precision: str = "fp32"):
     """Recipe -> (model ready to train, tokenizer, ModelInfo)."""
     from .tasks import get_task
@@ -214,8 +222,8 @@ def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], prec
     tokenizer = load_tokenizer(path, recipe)
     model, head = load_base(recipe, path, num_labels=num_labels, label_names=label_names, precision=precision,
                             auto_cls=task.auto_model_class)
-    if recipe.train.gradient_checkpointing and recipe.quant.mode == "none":
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if recipe.train.gradient_checkpointing and recipe.quant.mode == "none":  # (kbit prep already enabled it)
+        enable_activation_checkpointing(model)
     if recipe.adapter.method == "lora" and recipe.train.gradient_checkpointing:
         model.enable_input_require_grads()
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -223,6 +231,7 @@ def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], prec
     trainable, total = count_params(model)
     info = ModelInfo(path=path, method=recipe.adapter.method, trainable_params=trainable, total_params=total,
                      head_modules=head, quantized=recipe.quant.mode)
-    log.info("model %s: %s, %s trainable of %s params (%.3f%%)%s", path, info.method, f"{trainable:,}", f"{total:,}",
-             info.trainable_percent, f", base quantized {info.quantized}" if info.quantized != "none" else "")
+    log.info("model %s: %s, %s trainable of %s params (%.3f%%), new head %s%s", path, info.method, f"{trainable:,}",
+             f"{total:,}", info.trainable_percent, "+".join(head) or "none",
+             f", base quantized {info.quantized}" if info.quantized != "none" else "")
     return model, tokenizer, info

@@ -138,3 +138,13 @@ def test_llama_classification_with_default_targets(make_recipe, tiny_llama):
     cfg = json.loads((Path(s["output_dir"]) / "adapter_config.json").read_text())
     assert set(cfg["target_modules"]) == {"q_proj", "v_proj"}
     assert 0 <= s["metrics"]["eval"]["accuracy"] <= 1
+
+
+def test_activation_checkpointing_gives_the_same_losses(make_recipe, tmp_path):
+    plain = run(make_recipe({"train.max_steps": 8, "output_dir": tmp_path / "plain"}))
+    ckpt = run(make_recipe({"train.max_steps": 8, "train.gradient_checkpointing": True, "output_dir": tmp_path / "ckpt"}))
+    assert losses(tmp_path / "ckpt") == pytest.approx(losses(tmp_path / "plain"), abs=1e-5)
+    assert ckpt["metrics"]["eval"]["loss"] == pytest.approx(plain["metrics"]["eval"]["loss"], abs=1e-5)
+    recipe = make_recipe({"train.gradient_checkpointing": True})
+    model, _, _ = build_model(recipe, num_labels=2, label_names=["negative", "positive"])
+    assert model.get_base_model().is_activation_checkpointing

@@ -1,0 +1,138 @@
+"""Classification benchmark: LoRA vs QLoRA vs full fine-tuning vs frozen backbone on SST-2 and AG News (MiniLM).
+
+Each configuration runs as its own `peftlab train` process (so peak RSS is that run's own), one after another,
+with the same budget. Results are resumable: finished runs are read back, not repeated.
+
+    python benchmarks/classification.py                       # the table in benchmarks/README.md
+    python benchmarks/classification.py --sst2-train 67349 --epochs 2   # the full-size SST-2 runs
+    python benchmarks/classification.py --quick               # a minutes-long smoke of the same pipeline
+
+Writes benchmarks/results/classification.json, classification.md and classification.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+METHODS = {  # recipe overrides that turn the LoRA recipe into each method, same data and budget
+    "lora": [],
+    "qlora": ["quant.mode=4bit", "quant.quant_type=nf4", "quant.double_quant=true", "quant.compute_dtype=float32"],
+    "full": ["adapter.method=full", "adapter.target_modules=null", "train.lr=5e-5"],
+    "frozen": ["adapter.method=frozen", "adapter.target_modules=null", "train.lr=5e-3"],
+}
+TASKS = {
+    "sst2": ("recipes/minilm/sst2-lora.yaml", "eval"),
+    "agnews": ("recipes/minilm/agnews-lora.yaml", "test"),
+}
+
+
+def run_one(task: str, method: str, args) -> dict:
+    recipe, split = TASKS[task]
+    out = RESULTS / "runs" / f"{task}-{method}"
+    overrides = [*METHODS[method], f"output_dir={out}", f"name={task}-{method}", f"train.epochs={args.epochs}",
+                 "train.save_every=null", "train.eval_every=null", "export.merge=false", "train.log_every=50"]
+    if task == "sst2":
+        overrides.append(f"data.train.max_samples={args.sst2_train}")
+    if task == "agnews":
+        overrides.append(f"data.max_length={args.agnews_max_length}")
+    if args.quick:
+        overrides += ["data.train.max_samples=300", f"data.{split}.max_samples=200", "train.epochs=1"]
+    cmd = [sys.executable, "-m", "peftlab.cli", "-q", "train", recipe, *overrides, "--overwrite"]
+    print(f"[{task}/{method}] {' '.join(cmd[3:])}", flush=True)
+    start = time.perf_counter()
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL if not args.verbose else None)
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise SystemExit(f"[{task}/{method}] failed with status {status}; rerun with --verbose")
+    run = json.loads((out / "run.json").read_text())
+    m = run["metrics"][split]
+    epochs = args.epochs if not args.quick else 1
+    return {"task": task, "method": method, "split": split, "accuracy": m["accuracy"], "macro_f1": m["f1"],
+            "trainable_params": run["trainable_params"], "total_params": run["total_params"],
+            "trainable_percent": run["trainable_percent"], "train_examples": run["train_examples"],
+            "train_wall_s": run["train_wall_s"], "wall_per_epoch_s": run["train_wall_s"] / epochs,
+            "examples_per_s": run["examples_per_s"], "tokens_per_s": run["tokens_per_s"],
+            "peak_rss_mib": usage.ru_maxrss / 1024, "process_wall_s": wall, "precision": run["precision"],
+            "hardware": run["hardware"], "versions": {k: run["versions"][k] for k in ("torch", "transformers", "peft")}}
+
+
+def table(rows: list[dict]) -> str:
+    head = ("| task | method | split | accuracy | macro-F1 | trainable params | % | train examples | wall/epoch (s) "
+            "| examples/s | peak RSS (MiB) |\n|---|---|---|---|---|---|---|---|---|---|---|")
+    lines = [head]
+    for r in rows:
+        lines.append(f"| {r['task']} | {r['method']} | {r['split']} | {100 * r['accuracy']:.2f} | {100 * r['macro_f1']:.2f} "
+                     f"| {r['trainable_params']:,} | {r['trainable_percent']:.3f} | {r['train_examples']:,} "
+                     f"| {r['wall_per_epoch_s']:.0f} | {r['examples_per_s']:.1f} | {r['peak_rss_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = sorted({r["task"] for r in rows})
+    fig, axes = plt.subplots(1, 3, figsize=(14, 4))
+    for ax, (key, label) in zip(axes, [("accuracy", "accuracy (%)"), ("examples_per_s", "train examples/s"),
+                                       ("peak_rss_mib", "peak RSS (MiB)")]):
+        width = 0.8 / max(len(tasks), 1)
+        methods = list(METHODS)
+        for i, task in enumerate(tasks):
+            vals = [next((r[key] * (100 if key == "accuracy" else 1) for r in rows if r["task"] == task and r["method"] == m), 0)
+                    for m in methods]
+            bars = ax.bar([j + i * width for j in range(len(methods))], vals, width, label=task)
+            ax.bar_label(bars, fmt="%.1f" if key == "accuracy" else "%.0f", fontsize=7)
+        ax.set_xticks([j + width * (len(tasks) - 1) / 2 for j in range(len(methods))], methods)
+        ax.set_title(label)
+        if key == "accuracy":
+            ax.set_ylim(40, 100)
+        ax.legend(fontsize=8)
+    fig.suptitle("MiniLM (all-MiniLM-L6-v2): LoRA vs QLoRA vs full fine-tuning vs frozen backbone, same budget")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--tasks", default="sst2,agnews")
+    p.add_argument("--methods", default=",".join(METHODS))
+    p.add_argument("--sst2-train", type=int, default=10000, help="SST-2 train rows (seeded subset; 67349 = all)")
+    p.add_argument("--agnews-max-length", type=int, default=64, help="AG News truncation (the recipe uses 128)")
+    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--quick", action="store_true", help="tiny subsets: checks the pipeline in minutes")
+    p.add_argument("--fresh", action="store_true", help="ignore finished runs and measure again")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    name = "classification-quick" if args.quick else "classification"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    store = RESULTS / f"{name}.json"
+    rows = [] if args.fresh or not store.is_file() else json.loads(store.read_text())["rows"]
+    config = {"sst2_train": args.sst2_train, "agnews_max_length": args.agnews_max_length, "epochs": args.epochs,
+              "quick": args.quick}
+    for task in args.tasks.split(","):
+        for method in args.methods.split(","):
+            if any(r["task"] == task and r["method"] == method and r.get("config") == config for r in rows):
+                continue  # resumable: a finished run is not repeated
+            rows = [r for r in rows if not (r["task"] == task and r["method"] == method)]
+            rows.append({**run_one(task, method, args), "config": config})
+            store.write_text(json.dumps({"rows": rows}, indent=2))
+    md = table(rows)
+    (RESULTS / f"{name}.md").write_text(md + "\n")
+    plot(rows, RESULTS / f"{name}.png")
+    print(md)
+
+
+if __name__ == "__main__":
+    main()
