@@ -13,7 +13,7 @@ import sys
 from importlib.resources import files
 from pathlib import Path
 
-from .errors import PeftlabError
+from .errors import PeftlabError, TrainingInterrupted
 
 log = logging.getLogger("peftlab")
 QUICKSTART = files("peftlab") / "recipes" / "quickstart.yaml"
@@ -43,8 +43,16 @@ def cmd_train(args) -> int:
         log.info("no recipe given: running the built-in quickstart (%s). Full-size recipe: %s", QUICKSTART, FULL_SIZE)
         recipe_path = str(QUICKSTART)
     recipe = load_recipe(recipe_path, overrides)
+    if args.launch or args.num_processes is not None:  # validated once here; now the same run on N processes (peftlab/launch.py)
+        from .launch import launch
+
+        return launch(args.launch, recipe_path, overrides, num_processes=args.num_processes, resume=args.resume,
+                      overwrite=args.overwrite, out=recipe.out)
     summary = run(recipe, resume=args.resume, overwrite=args.overwrite)
-    print_summary(summary)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under `accelerate launch` every rank gets here
+        print_summary(summary)
     return 0
 
 
@@ -125,6 +133,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recipe file (omit for the built-in quickstart) and dotted overrides, e.g. train.lr=1e-4")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output directory")
     t.add_argument("--overwrite", action="store_true", help="replace a previous run in the output directory")
+    t.add_argument("--launch", metavar="PRESET", help="run on several processes through Accelerate's launcher: multi_gpu, "
+                   "fsdp, deepspeed-zero2, deepspeed-zero3 or cpu-ddp (presets in peftlab/launch_presets/)")
+    t.add_argument("--num-processes", type=int, metavar="N", help="processes for --launch (default: every GPU; cpu-ddp: 2)")
     t.set_defaults(fn=cmd_train)
 
     e = sub.add_parser("eval", help="evaluate a finished run (adapter, full model or merged folder)")
@@ -172,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_libraries()
     try:
         return args.fn(args)
+    except TrainingInterrupted as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        return 130
     except PeftlabError as e:
         if args.debug:
             raise

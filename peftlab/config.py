@@ -37,6 +37,7 @@ class ModelConfig:
     name: str = opt("minilm", "Base model: a local directory, a hub id (e.g. roberta-base), or a packaged name ('minilm').")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of the base model.")
     trust_remote_code: bool = opt(False, "Run model code shipped with a hub repo. Off by default: only enable for repos you trust.")
+    allow_pickle: bool = opt(False, "Also load pickle weights (.bin/.pt), which can run arbitrary code. Off: safetensors only.")
     dtype: str = opt("float32", "Dtype the (non-quantized) base weights are loaded in.", ("float32", "bfloat16", "float16"))
 
 

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import csv
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from .config import DataConfig, Recipe, SplitConfig
 from .errors import DataError, DataFileNotFound
@@ -97,7 +98,7 @@ def _check_columns(ds, needed: list[str], where: str, spec: SplitConfig) -> None
                     "Set data.text_columns / data.label_column (or per split) to the right names.")
 
 
-def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, label_names: list[str] | None, seed: int):
+def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: int):
     """-> (Dataset with exactly {text, label} where label is a raw value after label_map, raw label values)."""
     text_cols = spec.text_columns or data.text_columns
     label_col = spec.label_column or data.label_column
@@ -156,7 +157,7 @@ def load_splits(recipe: Recipe):
     for name in ("train", "eval", "test"):
         spec = getattr(d, name)
         if spec is not None:
-            raw[name] = normalize_split(read_split(spec, d, f"data.{name}"), spec, d, f"data.{name}", d.label_names, seed)
+            raw[name] = normalize_split(read_split(spec, d, f"data.{name}"), spec, d, f"data.{name}", seed)
     if "train" in raw and "eval" not in raw and d.eval_holdout > 0:
         parts = raw["train"].train_test_split(test_size=d.eval_holdout, seed=seed)
         raw["train"], raw["eval"] = parts["train"], parts["test"]
@@ -165,6 +166,17 @@ def load_splits(recipe: Recipe):
     for name in ("train", "eval", "test"):
         out.setdefault(name, None)
     return out, label_names
+
+
+def report_truncation(ds, where: str, max_length: int) -> None:
+    """Say how many rows were cut to max_length; refuse a split where every row was (the setting is surely wrong)."""
+    cut = sum(ds["truncated"])
+    if cut == len(ds):
+        raise DataError(f"{where}: all {len(ds):,} rows are longer than data.max_length={max_length} tokens, so every input "
+                        f"was truncated. Raise it (e.g. data.max_length={max_length * 4}) or check data.text_columns.")
+    level = logging.WARNING if cut > 0.1 * len(ds) else logging.INFO
+    log.log(level, "%s: %s rows, %s (%.1f%%) truncated to data.max_length=%d", where, f"{len(ds):,}", f"{cut:,}",
+            100 * cut / len(ds), max_length)
 
 
 def build_data(recipe: Recipe, tokenizer, *, splits=None, label_names=None) -> TaskData:
@@ -177,6 +189,6 @@ def build_data(recipe: Recipe, tokenizer, *, splits=None, label_names=None) -> T
     tokenized = {name: task.tokenize(ds, tokenizer, recipe) if ds is not None else None for name, ds in splits.items()}
     for name, ds in tokenized.items():
         if ds is not None:
-            log.info("data.%s: %s rows", name, f"{len(ds):,}")
+            report_truncation(ds, f"data.{name}", recipe.data.max_length)
     return TaskData(train=tokenized["train"], eval=tokenized["eval"], test=tokenized["test"], label_names=label_names,
                     collate=task.collator(tokenizer))

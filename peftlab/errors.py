@@ -35,3 +35,7 @@ class ModelNotFound(ModelError, FileNotFoundError):
 
 class ArtifactError(PeftlabError, FileNotFoundError):
     """An output directory is missing, incomplete, or belongs to another run."""
+
+
+class TrainingInterrupted(PeftlabError):
+    """Training was stopped by the user (Ctrl-C / SIGINT) after saving a checkpoint."""

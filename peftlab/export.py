@@ -10,6 +10,7 @@ half-written artifact where a complete one is expected.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -17,8 +18,9 @@ import os
 import platform
 import shutil
 import tempfile
+from collections.abc import Callable
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -38,6 +40,20 @@ def _fsync_tree(path: Path) -> None:
         if p.is_file():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
+
+
+@contextmanager
+def disk_errors(what: str, target: Path):
+    """Turn 'disk full' / 'permission denied' while writing into an error that says nothing was replaced."""
+    try:
+        yield
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise ArtifactError(f"disk full while writing the {what} to {target}. Nothing was replaced: what was there "
+                                f"before is intact. Free space (`df -h {target.parent}`) and run the command again.") from None
+        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise ArtifactError(f"cannot write the {what} to {target}: {e.strerror}. Choose a writable output_dir.") from None
+        raise
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -62,7 +78,8 @@ def write_atomic_dir(final: Path, fill: Callable[[Path], None], *, main: bool = 
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     try:
-        fill(tmp)
+        with disk_errors(final.name, final):
+            fill(tmp)
     except BaseException:
         if main:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -122,23 +139,26 @@ def weights_file(out: Path) -> Path:
                         f"Train one with `peftlab train RECIPE`.")
 
 
-def export(out: Path, model, tokenizer, recipe: Recipe, run_info: dict, metrics: dict, report: dict | None = None) -> Path:
-    """Write the trained weights and their description into `out` (main process only)."""
+def export(out: Path, model, tokenizer, recipe: Recipe, run_info: dict, metrics: dict, report: dict | None = None,
+           state_dict: dict | None = None) -> Path:
+    """Write the trained weights and their description into `out` (main process only). `state_dict`: the full
+    weights gathered from a sharded (FSDP / ZeRO-3) model; None = the model's own."""
     out.mkdir(parents=True, exist_ok=True)
     staging = out / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        model.save_pretrained(str(staging), safe_serialization=True)
-        tokenizer.save_pretrained(str(staging))
-        (staging / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-        run = {"peftlab_run": 1, **run_info, "versions": versions(), "hardware": hardware(),
-               "weights_sha256": sha256(weights_file(staging))}
-        (staging / "run.json").write_text(json.dumps(run, indent=2, default=str), encoding="utf-8")
-        (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-        if report is not None:
-            (staging / "eval_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-        move_into(staging, out)
+        with disk_errors("trained weights", out):
+            model.save_pretrained(str(staging), safe_serialization=True, state_dict=state_dict)
+            tokenizer.save_pretrained(str(staging))
+            (staging / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+            run = {"peftlab_run": 1, **run_info, "versions": versions(), "hardware": hardware(),
+                   "weights_sha256": sha256(weights_file(staging))}
+            (staging / "run.json").write_text(json.dumps(run, indent=2, default=str), encoding="utf-8")
+            (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+            if report is not None:
+                (staging / "eval_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+            move_into(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out

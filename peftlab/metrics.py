@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 
 MODULES = Path(__file__).parent / "metric_modules"
 
 
-@lru_cache(maxsize=None)
+@cache
 def load_metric(name: str):
     import evaluate
 

@@ -72,6 +72,9 @@ def resolve_model_path(name: str, revision: str | None = None) -> str:
 def load_tokenizer(path: str, recipe: Recipe):
     from transformers import AutoTokenizer
 
+    if recipe.model.trust_remote_code:
+        log.warning("model.trust_remote_code=true: code shipped with %s will run on this machine. Only do this for "
+                    "repositories you trust.", path)
     tok = AutoTokenizer.from_pretrained(path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
     if tok.pad_token is None:  # decoder-only models (Llama, GPT-2) ship without a pad token
         tok.pad_token = tok.eos_token or tok.unk_token
@@ -150,7 +153,7 @@ def apply_adapter(model: nn.Module, recipe: Recipe, head_modules: list[str], tas
         targets = "all-linear"
     try:
         cfg = LoraConfig(task_type=task_type, r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=targets,
-                         use_rslora=a.use_rslora, use_dora=a.use_dora, modules_to_save=head_modules or None, **a.options)
+                         use_rslora=a.use_rslora, use_dora=a.use_dora, modules_to_save=list(head_modules) or None, **a.options)
     except TypeError as e:
         raise ModelError(f"adapter.options: {e}. The keys must be LoraConfig arguments (see peft's LoraConfig docs).") from None
     try:
@@ -181,8 +184,9 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
     # Names of heads transformers creates for sequence classification across architectures; kept out of quantization.
     head_guess = ["classifier", "score", "qa_outputs"]
     quant = quantization_config(recipe, precision, head_guess)
-    kwargs = dict(revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code, use_safetensors=True,
-                  dtype=DTYPES[recipe.model.dtype], quantization_config=quant)
+    kwargs = dict(revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code,
+                  use_safetensors=None if recipe.model.allow_pickle else True, dtype=DTYPES[recipe.model.dtype],
+                  quantization_config=quant)
     if num_labels:
         kwargs.update(num_labels=num_labels, id2label=dict(enumerate(label_names)),
                       label2id={n: i for i, n in enumerate(label_names)})
@@ -190,9 +194,10 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
         model, info = auto_cls.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
         msg = str(e).splitlines()[0]
-        if "safetensors" in msg.lower():
-            raise ModelError(f"{path}: no safetensors weights. peftlab loads only safetensors (pickle files can run code). "
-                             "Convert the checkpoint with `transformers` save_pretrained(safe_serialization=True).") from None
+        if "safetensors" in msg.lower() and not recipe.model.allow_pickle:
+            raise ModelError(f"{path}: no safetensors weights, only pickle files (.bin/.pt), which can run arbitrary code when "
+                             "loaded. Convert the checkpoint to safetensors (save_pretrained(dir) in a trusted environment), "
+                             "or, if you trust its source, set model.allow_pickle=true.") from None
         raise ModelError(f"cannot load {path} as {auto_cls.__name__}: {msg}") from None
     head = sorted({k.split(".")[0] for k in info.get("missing_keys", [])})
     if quant is not None:

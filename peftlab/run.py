@@ -7,16 +7,17 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import sys
 import time
 from pathlib import Path
 
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from .config import Recipe, load_recipe
 from .data import build_data, load_splits
-from .errors import ArtifactError
+from .errors import ArtifactError, ConfigError
 from .export import atomic_write_text, export, load_trained, merge, read_run
 from .model import build_model
 from .tasks import get_task
@@ -49,7 +50,7 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     accelerator = make_accelerator(recipe, run["precision"])
     ds = getattr(data, split)
     loader = accelerator.prepare(eval_loader(ds, recipe.eval.batch_size, data.collate))
-    model = accelerator.prepare(model)
+    model = accelerator.prepare_model(model, evaluation_mode=True)  # no DDP wrapper: it refuses a model with nothing to train
     metrics, report = get_task(recipe.task.type).evaluate(model, loader, accelerator, data.label_names)
     if accelerator.is_main_process:
         atomic_write_text(out / f"eval-{split}.json", json.dumps({"metrics": metrics, "report": report}, indent=2))
@@ -67,12 +68,23 @@ def load_splits_for(recipe: Recipe, split: str, label_names: list[str]):
     return load_splits(recipe)
 
 
+def shards_weights(accelerator) -> bool:
+    """FSDP and DeepSpeed ZeRO-3 keep only a slice of each weight on every rank."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    return accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+
+
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> dict:
     """Train, evaluate and export one recipe; return the summary (also in OUT/run.json and OUT/metrics.json)."""
     out = recipe.out
     check_output_dir(out, resume=resume, overwrite=overwrite)
     precision = resolve_precision(recipe.train.precision)
     accelerator = make_accelerator(recipe, precision)
+    if shards_weights(accelerator) and recipe.train.keep_best and recipe.train.eval_every:
+        raise ConfigError([f"train.keep_best=true with train.eval_every={recipe.train.eval_every}: keeping the best evaluation's "
+                           "weights is not supported yet when FSDP or ZeRO-3 shard the weights. Set train.keep_best=false (the "
+                           "last step is exported), or use --launch multi_gpu / deepspeed-zero2."])
     if accelerator.is_main_process:
         out.mkdir(parents=True, exist_ok=True)
         if overwrite and not resume:
@@ -81,9 +93,11 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> dic
                 p.unlink() if p.is_file() else shutil.rmtree(p, ignore_errors=True)
 
     set_seed(recipe.train.seed)  # before the model: LoRA and head initialisation are seeded too
-    splits, label_names = load_splits(recipe)
+    with accelerator.main_process_first():  # rank 0 fills the datasets cache, the other ranks then read it
+        splits, label_names = load_splits(recipe)
     model, tokenizer, info = build_model(recipe, num_labels=len(label_names), label_names=label_names, precision=precision)
-    data = build_data(recipe, tokenizer, splits=splits, label_names=label_names)
+    with accelerator.main_process_first():
+        data = build_data(recipe, tokenizer, splits=splits, label_names=label_names)
 
     start = time.perf_counter()
     model, state = train(recipe, model, data, accelerator, out, resume=resume)
@@ -107,8 +121,10 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> dic
         "tokens_per_s": state.tokens / max(state.train_seconds, 1e-9),
         "processes": accelerator.num_processes, "history": state.history, "metrics": metrics,
     }
+    # gather the full weights of a sharded model to save them (a collective: every rank takes part)
+    state_dict = accelerator.get_state_dict(model) if shards_weights(accelerator) else None
     if accelerator.is_main_process:
-        export(out, accelerator.unwrap_model(model), tokenizer, recipe, summary, metrics, report)
+        export(out, accelerator.unwrap_model(model), tokenizer, recipe, summary, metrics, report, state_dict=state_dict)
         if recipe.export.merge:
             summary["merged_dir"] = str(merge(out))
     accelerator.wait_for_everyone()
@@ -116,10 +132,15 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> dic
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m peftlab.run RECIPE [key=value ...] [--resume] [--overwrite]` (what `accelerate launch -m` runs)."""
+    """`python -m peftlab.run RECIPE [key=value ...] [--resume] [--overwrite] [--debug] [-q]` (what `accelerate launch -m`
+    runs). Ranks other than 0 only log warnings: one copy of the progress log, not one per process."""
     from .cli import main as cli_main
 
-    return cli_main(["train", *(sys.argv[1:] if argv is None else argv)])
+    args = list(sys.argv[1:] if argv is None else argv)
+    front = [a for a in args if a in ("--debug", "-q", "--quiet")]  # `peftlab` options go before the subcommand
+    if int(os.environ.get("RANK", "0")) != 0:
+        front.append("--quiet")
+    return cli_main([*front, "train", *(a for a in args if a not in front)])
 
 
 if __name__ == "__main__":

@@ -6,7 +6,10 @@ import json
 import logging
 import math
 import shutil
+import signal
+import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -14,9 +17,10 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .export import write_atomic_dir
 from .config import Recipe
 from .data import TaskData
+from .errors import ConfigError, TrainingInterrupted
+from .export import write_atomic_dir
 from .tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -24,11 +28,17 @@ log = logging.getLogger(__name__)
 
 def resolve_precision(precision: str) -> str:
     """auto -> bf16 on GPUs that support it and on CPUs with native bf16 matmuls (AMX/avx512_bf16), else fp32."""
-    if precision != "auto":
-        return precision
-    if torch.cuda.is_available():
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    cpu_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if precision == "auto":
+        if torch.cuda.is_available():
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if cpu_bf16 else "fp32"
+    if precision == "fp16" and not torch.cuda.is_available():
+        raise ConfigError(["train.precision=fp16 needs a CUDA GPU; on CPU use fp32 (or auto)."])
+    if precision == "bf16" and not torch.cuda.is_available() and not cpu_bf16:
+        log.warning("train.precision=bf16 on a CPU without native bf16 (no AMX/avx512_bf16): matmuls are emulated and "
+                    "~20-50x slower than fp32 here. Use train.precision=auto.")
+    return precision
 
 
 def make_accelerator(recipe: Recipe, precision: str):
@@ -122,10 +132,13 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, best: dict | None
     final = root / f"step-{state.step}"
 
     def fill(tmp: Path) -> None:
+        accelerator.wait_for_everyone()  # the main process made tmp; every rank writes its own RNG state into it
         accelerator.save_state(str(tmp), safe_serialization=True)
-        if best is not None:
-            save_file(best, str(tmp / "best_trainable.safetensors"))
-        (tmp / "trainer_state.json").write_text(json.dumps({k: v for k, v in state.__dict__.items()}))
+        if accelerator.is_main_process:
+            if best is not None:
+                save_file(best, str(tmp / "best_trainable.safetensors"))
+            (tmp / "trainer_state.json").write_text(json.dumps({k: v for k, v in state.__dict__.items()}))
+        accelerator.wait_for_everyone()  # all ranks' files are in tmp before the main process renames it
 
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
@@ -135,6 +148,34 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, best: dict | None
         old = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]
         for p in old:
             shutil.rmtree(p, ignore_errors=True)
+
+
+@contextmanager
+def stop_on_sigint():
+    """The first Ctrl-C asks the loop to stop after the current optimizer step (it then saves a checkpoint);
+    a second one interrupts at once."""
+    flag = threading.Event()
+    if threading.current_thread() is not threading.main_thread():
+        yield flag
+        return
+
+    def handler(signum, frame):
+        flag.set()
+        signal.signal(signal.SIGINT, previous)
+        log.warning("interrupt: saving a checkpoint after this step (press Ctrl-C again to abort without saving)")
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield flag
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def stop_requested(flag: threading.Event, accelerator) -> bool:
+    """Did any rank get a Ctrl-C? (All ranks must agree, since saving a checkpoint is collective.)"""
+    if accelerator.num_processes == 1:
+        return flag.is_set()
+    return bool(accelerator.reduce(torch.tensor(float(flag.is_set()), device=accelerator.device), "sum").item())
 
 
 def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resume: bool = False):
@@ -181,60 +222,67 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resu
         return metrics
 
     model.train()
-    while state.step < total:
-        train_dl.set_epoch(state.epoch)
-        batches_done = (state.step - state.epoch * steps_per_epoch) * t.grad_accum if resume else 0
-        loader = accelerator.skip_first_batches(train_dl, batches_done) if batches_done else train_dl
-        resume = False
-        for batch in loader:
-            with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and t.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-            loss_sum += loss.detach()
-            tokens += batch["attention_mask"].sum()
-            micro += 1
-            window_examples += len(batch["labels"])
-            if not accelerator.sync_gradients:
-                continue
-            scheduler.step()
-            state.step += 1
-            bar.update(1)
-            if state.step % t.log_every == 0 or state.step == total:  # the only host sync of the step
-                elapsed = time.perf_counter() - window_start
-                n_tok = accelerator.reduce(tokens, "sum").item()
-                record = {"loss": accelerator.reduce(loss_sum, "mean").item() / micro, "lr": scheduler.get_last_lr()[0],
-                          "examples_per_s": window_examples * accelerator.num_processes / elapsed,
-                          "tokens_per_s": n_tok / elapsed, "epoch": state.epoch}
-                state.examples += window_examples * accelerator.num_processes
-                state.tokens += n_tok
-                state.train_seconds += elapsed
-                runlog.write(state.step, "train", record)
-                bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.0f}")
-                loss_sum.zero_(), tokens.zero_()
-                micro, window_examples = 0, 0
-                window_start = time.perf_counter()
-            evaluate_now = eval_dl is not None and (state.step == total or (t.eval_every and state.step % t.eval_every == 0))
-            if evaluate_now:
-                t0 = time.perf_counter()
-                metrics = run_eval()
-                score = metrics.get(t.best_metric)
-                if score is None:
-                    raise ValueError(f"train.best_metric={t.best_metric!r} is not a metric of this task: {sorted(metrics)}")
-                if state.best_metric is None or score > state.best_metric:
-                    state.best_metric, state.best_step = score, state.step
-                    best = trainable_state(accelerator.unwrap_model(model)) if t.keep_best else None
-                bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                window_start += time.perf_counter() - t0  # eval time is not training throughput
-            if t.save_every and state.step % t.save_every == 0:
-                save_checkpoint(accelerator, out, state, best, t.keep_checkpoints)
-            if state.step >= total:
-                break
-        else:
-            state.epoch += 1
+    with stop_on_sigint() as stop:
+        while state.step < total:
+            train_dl.set_epoch(state.epoch)
+            batches_done = (state.step - state.epoch * steps_per_epoch) * t.grad_accum if resume else 0
+            loader = accelerator.skip_first_batches(train_dl, batches_done) if batches_done else train_dl
+            resume = False
+            for batch in loader:
+                with accelerator.accumulate(model):
+                    loss = model(**batch).loss
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and t.max_grad_norm:
+                        accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
+                    optimizer.step()
+                    optimizer.zero_grad(set_to_none=True)
+                loss_sum += loss.detach()
+                tokens += batch["attention_mask"].sum()
+                micro += 1
+                window_examples += len(batch["labels"])
+                if not accelerator.sync_gradients:
+                    continue
+                scheduler.step()
+                state.step += 1
+                bar.update(1)
+                if state.step % t.log_every == 0 or state.step == total:  # the only host sync of the step
+                    elapsed = time.perf_counter() - window_start
+                    n_tok = accelerator.reduce(tokens, "sum").item()
+                    record = {"loss": accelerator.reduce(loss_sum, "mean").item() / micro, "lr": scheduler.get_last_lr()[0],
+                              "examples_per_s": window_examples * accelerator.num_processes / elapsed,
+                              "tokens_per_s": n_tok / elapsed, "epoch": state.epoch}
+                    state.examples += window_examples * accelerator.num_processes
+                    state.tokens += n_tok
+                    state.train_seconds += elapsed
+                    runlog.write(state.step, "train", record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.0f}")
+                    loss_sum.zero_(), tokens.zero_()
+                    micro, window_examples = 0, 0
+                    window_start = time.perf_counter()
+                evaluate_now = eval_dl is not None and (state.step == total or (t.eval_every and state.step % t.eval_every == 0))
+                if evaluate_now:
+                    t0 = time.perf_counter()
+                    metrics = run_eval()
+                    score = metrics.get(t.best_metric)
+                    if score is None:
+                        raise ValueError(f"train.best_metric={t.best_metric!r} is not a metric of this task: {sorted(metrics)}")
+                    if state.best_metric is None or score > state.best_metric:
+                        state.best_metric, state.best_step = score, state.step
+                        best = trainable_state(accelerator.unwrap_model(model)) if t.keep_best else None
+                    if accelerator.is_main_process:  # tqdm.write prints even where the bar is disabled
+                        bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+                    window_start += time.perf_counter() - t0  # eval time is not training throughput
+                if t.save_every and state.step % t.save_every == 0:
+                    save_checkpoint(accelerator, out, state, best, t.keep_checkpoints)
+                if stop_requested(stop, accelerator):
+                    save_checkpoint(accelerator, out, state, best, t.keep_checkpoints)
+                    bar.close()
+                    raise TrainingInterrupted(f"interrupted at step {state.step} of {total}: checkpoint saved to "
+                                              f"{out}/checkpoints/step-{state.step}. Continue with the same command plus --resume.")
+                if state.step >= total:
+                    break
+            else:
+                state.epoch += 1
     bar.close()
     runlog.close()
     if best is not None and state.best_step != state.step:

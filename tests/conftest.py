@@ -105,7 +105,7 @@ def make_recipe(tmp_path, tiny_bert, sentiment_files):
         }
         path = tmp_path / "recipe.yaml"
         path.write_text(yaml.safe_dump(tree))
-        return load_recipe(path, [f"{k}={v}" for k, v in (overrides or {}).items()])
+        return load_recipe(path, [f"{k}={'null' if v is None else v}" for k, v in (overrides or {}).items()])
 
     return make
 

@@ -12,12 +12,20 @@ peft_task_type = "SEQ_CLS"
 
 
 def tokenize(ds, tokenizer, recipe):
-    """Tokenize without padding (the collator pads each batch to its longest row) and keep a length column."""
+    """Tokenize without padding (the collator pads each batch to its longest row); keep `length` and `truncated`."""
     max_length = recipe.data.max_length
+    special = set(tokenizer.all_special_ids)
 
     def enc(batch):
-        out = tokenizer(batch["text"], truncation=True, max_length=max_length)
+        # one token more than allowed tells which rows were cut, without tokenizing twice
+        out = tokenizer(batch["text"], truncation=True, max_length=max_length + 1)
+        cut = [len(ids) > max_length for ids in out["input_ids"]]
+        keep_last = [ids[-1] in special for ids in out["input_ids"]]  # a closing [SEP] / </s> stays in place
+        for key in list(out.keys()):
+            out[key] = [(v[: max_length - 1] + v[-1:] if k else v[:max_length]) if c else v
+                        for v, c, k in zip(out[key], cut, keep_last)]
         out["length"] = [len(ids) for ids in out["input_ids"]]
+        out["truncated"] = cut
         return out
 
     return ds.map(enc, batched=True, remove_columns=["text"], desc="tokenize").rename_column("label", "labels")
@@ -27,7 +35,7 @@ def collator(tokenizer):
     pad = DataCollatorWithPadding(tokenizer, pad_to_multiple_of=8)
 
     def collate(rows):
-        return pad([{k: v for k, v in r.items() if k != "length"} for r in rows])
+        return pad([{k: v for k, v in r.items() if k not in ("length", "truncated")} for r in rows])
 
     return collate
 
@@ -39,8 +47,9 @@ def evaluate(model, loader, accelerator, label_names):
     preds, refs, loss_sum, n = [], [], 0.0, 0
     for batch in loader:
         out = model(**batch)
-        p, r = accelerator.gather_for_metrics((out.logits.argmax(-1), batch["labels"]))
-        loss = accelerator.gather_for_metrics(out.loss.detach().repeat(len(batch["labels"])))
+        # per-row losses: a rank's last batch may be topped up with repeated rows, which its batch mean would count
+        rows = torch.nn.functional.cross_entropy(out.logits.float(), batch["labels"], reduction="none")
+        p, r, loss = accelerator.gather_for_metrics((out.logits.argmax(-1), batch["labels"], rows))
         preds.append(p.cpu())
         refs.append(r.cpu())
         loss_sum += loss.float().sum().item()

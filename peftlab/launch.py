@@ -1,0 +1,93 @@
+"""`peftlab train RECIPE --launch PRESET`: the same run on several processes, through Accelerate's launcher.
+
+A preset is an Accelerate config file shipped in `peftlab/launch_presets/`. The command built here is the one you
+could type yourself (it is logged before it runs):
+
+    python -m accelerate.commands.launch --config_file PRESET.yaml --num_processes N -m peftlab.run RECIPE [KEY=VALUE ...]
+
+Inside, every rank runs `peftlab.run` (the `peftlab train` entrypoint); only the main one logs and writes artifacts.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib.util
+import logging
+import os
+import shlex
+import subprocess
+import sys
+from importlib.resources import files
+from pathlib import Path
+
+from .errors import PeftlabError
+
+log = logging.getLogger(__name__)
+PRESETS_DIR = Path(str(files("peftlab") / "launch_presets"))
+CPU_PRESET = "cpu-ddp"
+
+
+class LaunchError(PeftlabError, ValueError):
+    """A launch preset cannot run here: unknown name, missing library, not enough devices."""
+
+
+def presets() -> list[str]:
+    return sorted(p.stem for p in PRESETS_DIR.glob("*.yaml"))
+
+
+def preset_path(name: str) -> Path:
+    path = PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        close = difflib.get_close_matches(name, presets(), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise LaunchError(f"unknown launch preset {name!r}. Valid presets: {', '.join(presets())}.{hint}")
+    return path
+
+
+def resolve_num_processes(name: str, num_processes: int | None) -> int:
+    """Check that the preset can run here and return the number of processes (default: 2 on CPU, every GPU else)."""
+    if num_processes is not None and num_processes < 1:
+        raise LaunchError(f"--num-processes {num_processes}: must be >= 1.")
+    if name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise LaunchError(f"--launch {name} needs DeepSpeed, which is not installed. Install it with `pip install deepspeed` "
+                          "(it builds against your CUDA toolkit), or use --launch fsdp, which needs only PyTorch.")
+    if name == CPU_PRESET:
+        return num_processes or 2
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0:
+        raise LaunchError(f"--launch {name} needs CUDA GPUs and none is visible here. On CPU use "
+                          f"--launch {CPU_PRESET} --num-processes N.")
+    if num_processes is not None and num_processes > gpus:
+        raise LaunchError(f"--num-processes {num_processes} with --launch {name}: only {gpus} GPU(s) are visible (one "
+                          f"process per GPU). For several machines use `accelerate launch` directly (see the README).")
+    return num_processes or gpus
+
+
+def launch_command(name: str, recipe: str, overrides: list[str] | tuple = (), *, num_processes: int | None = None,
+                   resume: bool = False, overwrite: bool = False) -> tuple[list[str], dict[str, str]]:
+    """-> (argv, environment) that run `peftlab.run RECIPE OVERRIDES` on the preset's processes."""
+    config = preset_path(name)
+    n = resolve_num_processes(name, num_processes)
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", str(n),
+           "-m", "peftlab.run", recipe, *overrides]
+    cmd += [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite)) if on]
+    env = dict(os.environ)
+    if name == CPU_PRESET:
+        env["ACCELERATE_USE_CPU"] = "1"  # N gloo ranks on CPU even where GPUs are visible
+    return cmd, env
+
+
+def launch(name: str | None, recipe: str, overrides: list[str] | tuple = (), *, num_processes: int | None = None,
+           resume: bool = False, overwrite: bool = False, out: Path | None = None) -> int:
+    """Run the recipe on the preset's processes and wait; return the launcher's exit status."""
+    if name is None:
+        raise LaunchError(f"--num-processes needs --launch PRESET (one of {', '.join(presets())}).")
+    if out is not None:  # one clear message here rather than one per rank
+        from .run import check_output_dir
+
+        check_output_dir(out, resume=resume, overwrite=overwrite)
+    cmd, env = launch_command(name, recipe, overrides, num_processes=num_processes, resume=resume, overwrite=overwrite)
+    log.info("launching: %s%s", "ACCELERATE_USE_CPU=1 " if name == CPU_PRESET else "", shlex.join(cmd))
+    return subprocess.run(cmd, env=env).returncode

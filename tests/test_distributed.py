@@ -1,0 +1,198 @@
+"""Training across processes through Accelerate: real 2-rank runs on CPU (gloo), the `--launch` CLI, the presets.
+
+Invariant: 2 processes x batch B = 1 process x batch 2B. Accelerate's seedable sampler draws the same permutation on
+every rank (seed = train.seed + epoch) and deals batch i to rank i % 2, so one optimizer step of 2 ranks sees exactly
+the 2B rows of the one-process step; DDP averages the two gradients into the gradient of the 2B mean.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from peftlab import run
+from peftlab.cli import main
+from peftlab.launch import LaunchError, launch_command, preset_path, presets
+
+from .conftest import REPO, synthetic_rows, write_tsv
+
+PRESETS = ["cpu-ddp", "deepspeed-zero2", "deepspeed-zero3", "fsdp", "multi_gpu"]
+LAUNCH_2_CPU = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0"]
+
+
+def env() -> dict[str, str]:
+    """What the launched ranks need: one thread each (2 cores), offline, gloo on CPU, this checkout importable."""
+    e = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    e.update(OMP_NUM_THREADS="1", ACCELERATE_USE_CPU="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+             TOKENIZERS_PARALLELISM="false", PYTHONPATH=os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")])))
+    return e
+
+
+def sh(cmd: list[str], cwd) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+    return proc
+
+
+def train_log(out) -> list[dict]:
+    return [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+@pytest.fixture
+def odd_eval(make_recipe, tmp_path):
+    """The tiny-BERT recipe with a 63-row eval split: in batches of 8 on 2 ranks, rank 1's last batch is topped up."""
+    dev = write_tsv(tmp_path / "dev63.tsv", synthetic_rows(63, 2))
+    ov = {"data.eval.path": dev, "eval.batch_size": 8, "train.precision": "fp32", "train.seed": 3, "train.epochs": 2}
+    return tmp_path / "recipe.yaml", ov, lambda **more: make_recipe({**ov, **more})
+
+
+def test_two_processes_match_one_process_with_twice_the_batch(odd_eval, tmp_path):
+    """(a) a real 2-rank run, (b) its loss curve and adapter equal the 1-rank run's, checkpoints hold both ranks' state,
+    and its evaluation counts each of the 63 rows once."""
+    recipe_file, ov, make = odd_eval
+    one = run(make(**{"train.batch_size": 32, "output_dir": tmp_path / "one"}))
+    args = [f"{k}={v}" for k, v in {**ov, "train.batch_size": 16, "output_dir": tmp_path / "two", "train.save_every": 8}.items()]
+    proc = sh([*LAUNCH_2_CPU, "-m", "peftlab.run", str(recipe_file), *args], cwd=tmp_path)
+
+    two = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert two["processes"] == 2 and two["steps"] == one["steps"] == 16
+    assert proc.stdout.count("== t: lora") == 1, "the summary is printed by the main process only"
+    l1, l2 = train_log(tmp_path / "one"), train_log(tmp_path / "two")
+    assert [r["step"] for r in l2] == [r["step"] for r in l1]
+    assert [r["loss"] for r in l2] == pytest.approx([r["loss"] for r in l1], abs=1e-6)
+    w1, w2 = load_file(tmp_path / "one" / "adapter_model.safetensors"), load_file(tmp_path / "two" / "adapter_model.safetensors")
+    assert w1.keys() == w2.keys() and any("lora_B" in k for k in w1)
+    for k in w1:
+        torch.testing.assert_close(w2[k], w1[k], atol=1e-6, rtol=1e-5)
+
+    assert json.loads((tmp_path / "two" / "eval_report.json").read_text())["n"] == 63
+    assert json.loads((tmp_path / "two" / "metrics.json").read_text())["eval"] == pytest.approx(one["metrics"]["eval"], abs=1e-5)
+    ckpt = tmp_path / "two" / "checkpoints"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["step-16", "step-8"], "no staging folder left behind"
+    assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= {p.name for p in (ckpt / "step-8").iterdir()}
+
+
+def test_two_process_eval_equals_one_process_eval(odd_eval, tmp_path):
+    """(c) `peftlab eval` of one finished run on 2 ranks = on 1 rank, on 63 rows (rank 1's padded tail dropped)."""
+    _, _, make = odd_eval
+    out = tmp_path / "one"
+    one = run(make(**{"train.max_steps": 4, "output_dir": out}))
+    sh([*LAUNCH_2_CPU, "-m", "peftlab.cli", "eval", str(out)], cwd=tmp_path)
+    two = json.loads((out / "eval-eval.json").read_text())
+    assert two["report"]["n"] == 63 == json.loads((out / "eval_report.json").read_text())["n"]
+    assert two["report"]["confusion"] == json.loads((out / "eval_report.json").read_text())["confusion"]
+    assert two["metrics"]["accuracy"] == one["metrics"]["eval"]["accuracy"]
+    assert two["metrics"]["loss"] == pytest.approx(one["metrics"]["eval"]["loss"], abs=1e-6)
+
+
+def test_cli_launch_cpu_ddp_runs_two_ranks(make_recipe, tmp_path):
+    """(d) `peftlab train RECIPE --launch cpu-ddp --num-processes 2` relaunches the run on 2 gloo ranks."""
+    make_recipe()
+    out = tmp_path / "launched"
+    proc = sh([sys.executable, "-m", "peftlab.cli", "train", str(tmp_path / "recipe.yaml"), f"output_dir={out}", "train.max_steps=2",
+               "--launch", "cpu-ddp", "--num-processes", "2"], cwd=tmp_path)
+    assert json.loads((out / "run.json").read_text())["processes"] == 2
+    assert (out / "adapter_model.safetensors").is_file()
+    assert "launching: ACCELERATE_USE_CPU=1" in proc.stderr and "cpu-ddp.yaml --num_processes 2 -m peftlab.run" in proc.stderr
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_presets_pass_accelerates_own_config_loader(name):
+    """(e) each preset goes through accelerate's loader and launch-argument checks (as `accelerate launch` would read
+    it), every key is one accelerate knows, and the plugin built from the resulting environment is what we meant."""
+    from unittest import mock
+
+    from accelerate.commands.config.config_args import ClusterConfig, load_config_from_file
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils import DeepSpeedPlugin, DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils.launch import prepare_deepspeed_cmd_env, prepare_multi_gpu_env
+
+    path = str(preset_path(name))
+    cfg = load_config_from_file(path)
+    assert isinstance(cfg, ClusterConfig)
+    parser = launch_command_parser()
+    known = {a.dest for a in parser._actions}
+    for key in [*cfg.fsdp_config, *cfg.deepspeed_config]:  # accelerate copies unknown keys silently: catch typos here
+        assert key in known, f"{name}: {key} is not an accelerate launch option"
+    args, defaults, _ = _validate_launch_command(parser.parse_args(["--config_file", path, "--num_processes", "2", "-m", "peftlab.run", "r.yaml"]))
+    assert args.num_processes == 2 and args.mixed_precision == "no"
+
+    if name in ("cpu-ddp", "multi_gpu"):
+        assert cfg.distributed_type == DistributedType.MULTI_GPU and args.multi_gpu  # torchrun starts N ranks
+        assert cfg.use_cpu == (name == "cpu-ddp")
+    elif name == "fsdp":
+        assert args.use_fsdp
+        fsdp_env = {k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith(("FSDP_", "ACCELERATE_USE_FSDP"))}
+        with mock.patch.dict(os.environ, fsdp_env):
+            plugin = FullyShardedDataParallelPlugin()
+        assert plugin.fsdp_version == 2 and plugin.state_dict_type.name == "FULL_STATE_DICT" and plugin.auto_wrap_policy is not None
+    else:
+        assert args.use_deepspeed
+        args.deepspeed_fields_from_accelerate_config = ",".join(defaults.deepspeed_config)
+        _, ds_env = prepare_deepspeed_cmd_env(args)
+        with mock.patch.dict(os.environ, {k: v for k, v in ds_env.items() if k.startswith("ACCELERATE_")}):
+            plugin = DeepSpeedPlugin()
+        stage = 3 if name.endswith("zero3") else 2
+        zero = plugin.deepspeed_config["zero_optimization"]
+        assert plugin.zero_stage == zero["stage"] == stage
+        assert zero["stage3_gather_16bit_weights_on_model_save"] == (stage == 3)  # what get_state_dict needs to export
+        assert plugin.deepspeed_config["gradient_accumulation_steps"] == "auto"  # filled from train.grad_accum
+        del plugin
+
+
+def test_launch_errors_are_clear(make_recipe, tmp_path, capsys):
+    assert presets() == PRESETS
+    with pytest.raises(LaunchError, match="Valid presets: cpu-ddp, deepspeed-zero2.*Did you mean 'fsdp'"):
+        preset_path("fsdb")
+    if importlib.util.find_spec("deepspeed") is None:
+        with pytest.raises(LaunchError, match="pip install deepspeed"):
+            launch_command("deepspeed-zero3", "r.yaml")
+    if not torch.cuda.is_available():
+        with pytest.raises(LaunchError, match="needs CUDA GPUs.*--launch cpu-ddp"):
+            launch_command("multi_gpu", "r.yaml")
+    cmd, launch_env = launch_command("cpu-ddp", "r.yaml", ["train.lr=1e-3"], resume=True)
+    assert cmd[1:] == ["-m", "accelerate.commands.launch", "--config_file", str(preset_path("cpu-ddp")), "--num_processes", "2",
+                       "-m", "peftlab.run", "r.yaml", "train.lr=1e-3", "--resume"]
+    assert launch_env["ACCELERATE_USE_CPU"] == "1"
+
+    make_recipe()
+    recipe = str(tmp_path / "recipe.yaml")
+    assert main(["train", recipe, "--launch", "nope"]) == 2
+    assert "unknown launch preset 'nope'" in capsys.readouterr().err
+    assert main(["train", recipe, "--num-processes", "2"]) == 2
+    assert "--num-processes needs --launch" in capsys.readouterr().err
+
+
+def test_sharded_runs_export_the_gathered_state_dict(make_recipe, tmp_path):
+    """Under FSDP / ZeRO-3 the export writes the state dict gathered by accelerator.get_state_dict (FSDP and DeepSpeed
+    need GPUs, so this checks the seam on CPU: the given full state dict is what lands in the adapter file)."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from peftlab import build_model
+    from peftlab.export import export
+    from peftlab.run import shards_weights
+
+    assert shards_weights(SimpleNamespace(distributed_type=DistributedType.FSDP))
+    assert not shards_weights(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))
+    zero = lambda stage: SimpleNamespace(distributed_type=DistributedType.DEEPSPEED,  # noqa: E731
+                                         state=SimpleNamespace(deepspeed_plugin=SimpleNamespace(zero_stage=stage)))
+    assert shards_weights(zero(3)) and not shards_weights(zero(2))
+
+    recipe = make_recipe()
+    model, tok, _ = build_model(recipe, num_labels=2, label_names=["negative", "positive"])
+    gathered = {k: torch.full_like(v, 0.5) if "lora_B" in k else v for k, v in model.state_dict().items()}
+    export(tmp_path / "x", model, tok, recipe, {"label_names": ["negative", "positive"]}, {}, state_dict=gathered)
+    saved = load_file(tmp_path / "x" / "adapter_model.safetensors")
+    lora_b = [k for k in saved if "lora_B" in k]
+    assert lora_b and all(torch.all(saved[k] == 0.5) for k in lora_b)
+    assert all(torch.all(p == 0) for k, p in model.named_parameters() if "lora_B" in k)  # the model itself was not used

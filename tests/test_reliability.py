@@ -1,0 +1,195 @@
+"""Reliability and security: real kills lose nothing, Ctrl-C saves, a full disk replaces nothing, pickle weights are
+refused, and fuzzed recipes / column mappings either load or raise peftlab's own error."""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from peftlab import load_recipe, load_splits, run
+from peftlab.errors import ArtifactError, ConfigError, DataError, ModelError, PeftlabError
+
+from .conftest import REPO, write_tsv
+from .test_train import losses
+
+SLOW_RUN = {"train.epochs": 12, "train.save_every": 4, "train.log_every": 4, "train.keep_checkpoints": 3}
+
+
+def cli(recipe_path: Path, overrides: dict) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    args = [f"{k}={'null' if v is None else v}" for k, v in overrides.items()]
+    return subprocess.Popen([sys.executable, "-m", "peftlab.cli", "-q", "train", str(recipe_path), *args],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+
+
+def wait_for(predicate, proc, timeout=120.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"training ended before the test could interrupt it: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("timed out waiting for the run to make progress")
+
+
+def test_sigkill_leaves_a_loadable_checkpoint_and_resume_matches(make_recipe, tmp_path):
+    """Kill -9 a real training process mid-run; --resume must finish with the same losses as a run never stopped."""
+    reference = run(make_recipe({**SLOW_RUN, "output_dir": tmp_path / "ref"}))
+    killed_dir = tmp_path / "killed"
+    make_recipe()  # writes tmp_path/recipe.yaml
+    proc = cli(tmp_path / "recipe.yaml", {**SLOW_RUN, "output_dir": killed_dir})
+    wait_for(lambda: len(list((killed_dir / "checkpoints").glob("step-*"))) >= 2, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (killed_dir / "run.json").exists()  # it really died before finishing
+    resumed = run(make_recipe({**SLOW_RUN, "output_dir": killed_dir}), resume=True)
+    assert resumed["steps"] == reference["steps"]
+    ref_losses = {i: x for i, x in enumerate(losses(tmp_path / "ref"))}
+    after = losses(killed_dir)[-len(ref_losses) :]  # the log holds the killed run's lines, then the resumed ones
+    tail = [ref_losses[i] for i in range(len(ref_losses) - len(after), len(ref_losses))]
+    assert after[-3:] == pytest.approx(tail[-3:], abs=1e-6)
+    assert resumed["metrics"]["eval"] == pytest.approx(reference["metrics"]["eval"], abs=1e-6)
+
+
+def test_sigint_saves_a_checkpoint_and_exits_cleanly(make_recipe, tmp_path):
+    out = tmp_path / "int"
+    make_recipe()
+    proc = cli(tmp_path / "recipe.yaml", {**SLOW_RUN, "train.save_every": None, "output_dir": out})
+    wait_for(lambda: (out / "log.jsonl").is_file() and (out / "log.jsonl").stat().st_size > 0, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "checkpoint saved" in err and "--resume" in err and "Traceback" not in err
+    ckpts = list((out / "checkpoints").glob("step-*"))
+    assert len(ckpts) == 1
+    resumed = run(make_recipe({**SLOW_RUN, "train.save_every": None, "output_dir": out}), resume=True)
+    assert resumed["steps"] == 192
+
+
+def test_disk_full_while_saving_replaces_nothing(make_recipe, monkeypatch):
+    import peft
+
+    recipe = make_recipe({"train.max_steps": 2})
+    run(recipe)
+    before = {p.name: p.read_bytes() for p in recipe.out.iterdir() if p.is_file() and p.name != "log.jsonl"}
+
+    def full_disk(self, path, *a, **k):
+        Path(path, "adapter_model.safetensors").write_bytes(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(peft.PeftModel, "save_pretrained", full_disk)
+    with pytest.raises(ArtifactError, match="disk full while writing the trained weights.*intact"):
+        run(make_recipe({"train.max_steps": 3}), overwrite=True)
+    after = {p.name: p.read_bytes() for p in recipe.out.iterdir() if p.is_file() and p.name != "log.jsonl"}
+    assert after == before
+    assert not list(recipe.out.glob(".staging*"))
+
+
+def test_pickle_weights_are_refused_unless_allowed(make_recipe, tmp_path, tiny_bert):
+    import torch
+    from transformers import AutoConfig, AutoTokenizer, BertModel
+
+    pickled = tmp_path / "pickled"
+    model = BertModel(AutoConfig.from_pretrained(tiny_bert))
+    model.config.save_pretrained(pickled)
+    torch.save(model.state_dict(), pickled / "pytorch_model.bin")
+    AutoTokenizer.from_pretrained(tiny_bert).save_pretrained(pickled)
+    recipe = make_recipe(model=pickled)
+    _, names = load_splits(recipe)
+    from peftlab import build_model
+
+    with pytest.raises(ModelError, match="pickle files.*model.allow_pickle=true"):
+        build_model(recipe, num_labels=2, label_names=names)
+    allowed = make_recipe({"model.allow_pickle": True}, model=pickled)
+    build_model(allowed, num_labels=2, label_names=names)
+
+
+def test_trust_remote_code_warns(make_recipe, caplog):
+    from peftlab.model import load_tokenizer
+
+    recipe = make_recipe({"model.trust_remote_code": True})
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        load_tokenizer(recipe.model.name, recipe)
+    assert "trust_remote_code=true" in caplog.text
+
+
+def test_every_row_truncated_is_an_error(make_recipe, tmp_path):
+    long = write_tsv(tmp_path / "long.tsv", [("the movie was very good and the plot was fine too", i % 2) for i in range(20)])
+    with pytest.raises(DataError, match="all 20 rows are longer than data.max_length=8"):
+        run(make_recipe({"data.max_length": 8, "data.train.path": long}))
+
+
+def test_fp16_on_cpu_is_refused():
+    import torch
+
+    from peftlab.train import resolve_precision
+
+    if torch.cuda.is_available():
+        pytest.skip("has a GPU")
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16")
+
+
+# ------------------------------------------------------------------------------------------------------- fuzzing
+
+KEYS = ["name", "model", "name", "r", "lr", "train", "adapter", "data", "quant", "mode", "eval", "text_columns",
+        "label_names", "epochs", "batch_size", "dropout", "max_length", "path", "method", "xyz", "options", "split"]
+LEAF = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True, allow_infinity=True),
+                 st.text(max_size=8), st.lists(st.text(max_size=4), max_size=3))
+TREE = st.recursive(LEAF, lambda inner: st.dictionaries(st.sampled_from(KEYS), inner, max_size=4), max_leaves=12)
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(tree=TREE)
+def test_fuzzed_recipes_load_or_raise_config_error(tree, tmp_path_factory):
+    path = tmp_path_factory.mktemp("fuzz") / "r.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    try:
+        load_recipe(path, validate_files=False)
+    except ConfigError:
+        pass
+
+
+@settings(max_examples=150, deadline=None)
+@given(overrides=st.lists(st.tuples(st.sampled_from(["train.lr", "adapter.r", "data.train", "data.text_columns", "quant",
+                                                     "adapter.options", "data.label_names", "train.max_steps", "x.y"]),
+                                    st.text(max_size=10)), max_size=4))
+def test_fuzzed_overrides_load_or_raise_config_error(overrides):
+    try:
+        load_recipe(None, [f"{k}={v}" for k, v in overrides], validate_files=False)
+    except ConfigError:
+        pass
+
+
+CELL = st.one_of(st.integers(-3, 5), st.text(alphabet="ab ,\t\"'x\n", max_size=6))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(CELL, CELL), max_size=5), header=st.sampled_from(["sentence,label", "text,y", ""]),
+       text_col=st.sampled_from(["sentence", "text", "missing"]), label_names=st.sampled_from([None, ["neg", "pos"]]))
+def test_fuzzed_column_mapping_loads_or_raises_data_error(tmp_path, rows, header, text_col, label_names):
+    path = tmp_path / "f.csv"
+    body = "".join(f"{json.dumps(str(a))},{json.dumps(str(b)) if isinstance(b, str) else b}\n" for a, b in rows)
+    path.write_text((header + "\n" if header else "") + body)
+    overrides = [f"data.train.path={path}", "data.eval=null", f"data.text_columns=[{text_col}]", "data.label_column=label"]
+    if label_names:
+        overrides.append("data.label_names=[neg,pos]")
+    try:
+        splits, names = load_splits(load_recipe(None, overrides, validate_files=False))
+        assert all(0 <= y < len(names) for y in splits["train"]["label"])
+    except PeftlabError:
+        pass
