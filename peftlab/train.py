@@ -100,6 +100,45 @@ class TrainState:
     train_seconds: float = 0.0
 
 
+class Window:
+    """Loss, tokens and examples since the last log line. They stay on the device until `flush`: no host sync per step."""
+
+    def __init__(self, accelerator):
+        self.acc = accelerator
+        self.loss = torch.zeros((), device=accelerator.device)
+        self.tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
+        self.micro = self.examples = 0
+        self.start = time.perf_counter()
+
+    def add(self, loss: torch.Tensor, batch: dict) -> None:
+        self.loss += loss.detach()
+        self.tokens += batch["attention_mask"].sum()
+        self.micro += 1
+        self.examples += len(batch["labels"])
+
+    @contextmanager
+    def paused(self):
+        t0 = time.perf_counter()
+        yield
+        self.start += time.perf_counter() - t0
+
+    def flush(self, state: TrainState) -> dict:
+        """-> this window's loss and throughput (all ranks); adds its totals to `state` and starts a new window."""
+        elapsed = time.perf_counter() - self.start
+        tokens = self.acc.reduce(self.tokens, "sum").item()
+        examples = self.examples * self.acc.num_processes
+        record = {"loss": self.acc.reduce(self.loss, "mean").item() / max(self.micro, 1), "examples_per_s": examples / elapsed,
+                  "tokens_per_s": tokens / elapsed, "epoch": state.epoch}
+        state.examples += examples
+        state.tokens += tokens
+        state.train_seconds += elapsed
+        self.loss.zero_()
+        self.tokens.zero_()
+        self.micro = self.examples = 0
+        self.start = time.perf_counter()
+        return record
+
+
 def trainable_state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu", copy=True) for k, v in model.named_parameters() if v.requires_grad}
 
@@ -211,15 +250,22 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resu
     runlog = RunLog(out, accelerator.is_main_process)
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
-    loss_sum = torch.zeros((), device=accelerator.device)
-    tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
-    micro, window_examples, window_start = 0, 0, time.perf_counter()
+    window = Window(accelerator)
 
-    def run_eval() -> dict:
+    def evaluate_and_keep_best() -> None:
+        nonlocal best
         metrics, _ = task.evaluate(model, eval_dl, accelerator, data.label_names)
         runlog.write(state.step, "eval", metrics)
         state.history.append({"step": state.step, **metrics})
-        return metrics
+        if t.best_metric not in metrics:
+            raise ConfigError([f"train.best_metric={t.best_metric!r} is not a metric of this task: {sorted(metrics)}."])
+        score = metrics[t.best_metric]
+        lower_is_better = t.best_metric.endswith("loss")
+        if state.best_metric is None or (score < state.best_metric if lower_is_better else score > state.best_metric):
+            state.best_metric, state.best_step = score, state.step
+            best = trainable_state(accelerator.unwrap_model(model)) if t.keep_best else None
+        if accelerator.is_main_process:  # tqdm.write prints even where the bar is disabled
+            bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     model.train()
     with stop_on_sigint() as stop:
@@ -236,42 +282,19 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resu
                         accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
-                loss_sum += loss.detach()
-                tokens += batch["attention_mask"].sum()
-                micro += 1
-                window_examples += len(batch["labels"])
+                window.add(loss, batch)
                 if not accelerator.sync_gradients:
                     continue
                 scheduler.step()
                 state.step += 1
                 bar.update(1)
                 if state.step % t.log_every == 0 or state.step == total:  # the only host sync of the step
-                    elapsed = time.perf_counter() - window_start
-                    n_tok = accelerator.reduce(tokens, "sum").item()
-                    record = {"loss": accelerator.reduce(loss_sum, "mean").item() / micro, "lr": scheduler.get_last_lr()[0],
-                              "examples_per_s": window_examples * accelerator.num_processes / elapsed,
-                              "tokens_per_s": n_tok / elapsed, "epoch": state.epoch}
-                    state.examples += window_examples * accelerator.num_processes
-                    state.tokens += n_tok
-                    state.train_seconds += elapsed
+                    record = {**window.flush(state), "lr": scheduler.get_last_lr()[0]}
                     runlog.write(state.step, "train", record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.0f}")
-                    loss_sum.zero_(), tokens.zero_()
-                    micro, window_examples = 0, 0
-                    window_start = time.perf_counter()
-                evaluate_now = eval_dl is not None and (state.step == total or (t.eval_every and state.step % t.eval_every == 0))
-                if evaluate_now:
-                    t0 = time.perf_counter()
-                    metrics = run_eval()
-                    score = metrics.get(t.best_metric)
-                    if score is None:
-                        raise ValueError(f"train.best_metric={t.best_metric!r} is not a metric of this task: {sorted(metrics)}")
-                    if state.best_metric is None or score > state.best_metric:
-                        state.best_metric, state.best_step = score, state.step
-                        best = trainable_state(accelerator.unwrap_model(model)) if t.keep_best else None
-                    if accelerator.is_main_process:  # tqdm.write prints even where the bar is disabled
-                        bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
-                    window_start += time.perf_counter() - t0  # eval time is not training throughput
+                if eval_dl is not None and (state.step == total or (t.eval_every and state.step % t.eval_every == 0)):
+                    with window.paused():  # eval time is not training throughput
+                        evaluate_and_keep_best()
                 if t.save_every and state.step % t.save_every == 0:
                     save_checkpoint(accelerator, out, state, best, t.keep_checkpoints)
                 if stop_requested(stop, accelerator):
