@@ -170,6 +170,7 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated")  # raised inside peft
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")  # every 8-bit forward on CPU
+    warnings.filterwarnings("ignore", message="Specifying null_placement")  # pyarrow, inside datasets' sort
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
