@@ -61,7 +61,7 @@ def run_one(task: str, method: str, args) -> dict:
             "trainable_percent": run["trainable_percent"], "train_examples": run["train_examples"],
             "train_wall_s": run["train_wall_s"], "wall_per_epoch_s": run["train_wall_s"] / epochs,
             "examples_per_s": run["examples_per_s"], "tokens_per_s": run["tokens_per_s"],
-            "peak_rss_mib": usage.ru_maxrss / 1024, "process_wall_s": wall, "precision": run["precision"],
+            "peak_rss_mib": usage.ru_maxrss / 1024, "base_weights_mib": run.get("base_weights_mib"), "process_wall_s": wall, "precision": run["precision"],
             "hardware": run["hardware"], "versions": {k: run["versions"][k] for k in ("torch", "transformers", "peft")}}
 
 

@@ -34,6 +34,7 @@ class ModelInfo:
     total_params: int
     head_modules: list[str]
     quantized: str
+    base_weights_mib: float  # memory of the base model's weights as loaded (4-bit/8-bit when quantized)
 
     @property
     def trainable_percent(self) -> float:
@@ -227,6 +228,7 @@ def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], prec
     tokenizer = load_tokenizer(path, recipe)
     model, head = load_base(recipe, path, num_labels=num_labels, label_names=label_names, precision=precision,
                             auto_cls=task.auto_model_class)
+    base_weights_mib = model.get_memory_footprint() / 2**20
     if recipe.train.gradient_checkpointing and recipe.quant.mode == "none":  # (kbit prep already enabled it)
         enable_activation_checkpointing(model)
     if recipe.adapter.method == "lora" and recipe.train.gradient_checkpointing:
@@ -235,7 +237,7 @@ def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], prec
     model = apply_adapter(model, recipe, head, task.peft_task_type)
     trainable, total = count_params(model)
     info = ModelInfo(path=path, method=recipe.adapter.method, trainable_params=trainable, total_params=total,
-                     head_modules=head, quantized=recipe.quant.mode)
+                     head_modules=head, quantized=recipe.quant.mode, base_weights_mib=base_weights_mib)
     log.info("model %s: %s, %s trainable of %s params (%.3f%%), new head %s%s", path, info.method, f"{trainable:,}",
              f"{total:,}", info.trainable_percent, "+".join(head) or "none",
              f", base quantized {info.quantized}" if info.quantized != "none" else "")

@@ -115,7 +115,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> dic
         "name": recipe.name, "output_dir": str(out), "method": info.method, "base_model": recipe.model.name,
         "base_path": info.path, "quantization": info.quantized, "precision": precision, "label_names": label_names,
         "trainable_params": info.trainable_params, "total_params": info.total_params,
-        "trainable_percent": info.trainable_percent, "steps": state.step, "best_step": state.best_step,
+        "trainable_percent": info.trainable_percent, "base_weights_mib": info.base_weights_mib, "steps": state.step, "best_step": state.best_step,
         "train_wall_s": wall, "train_examples": state.examples, "train_tokens": state.tokens,
         "examples_per_s": state.examples / max(state.train_seconds, 1e-9),
         "tokens_per_s": state.tokens / max(state.train_seconds, 1e-9),
