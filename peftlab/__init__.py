@@ -13,10 +13,11 @@ from .config import Recipe, load_recipe, validate
 from .data import build_data, load_splits
 from .errors import ArtifactError, ConfigError, DataError, ModelError, PeftlabError
 from .export import export, load_trained, merge
+from .hub import compose, load_adapter, publish
 from .model import build_model
 from .run import evaluate, run
 from .train import train
 
 __version__ = "0.1.0"
 __all__ = ["Recipe", "load_recipe", "validate", "build_model", "build_data", "load_splits", "train", "run", "evaluate",
-           "export", "merge", "load_trained", "PeftlabError", "ConfigError", "DataError", "ModelError", "ArtifactError"]
+           "export", "merge", "load_trained", "publish", "load_adapter", "compose", "PeftlabError", "ConfigError", "DataError", "ModelError", "ArtifactError"]

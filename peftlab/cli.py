@@ -108,12 +108,41 @@ def cmd_env(args) -> int:
     return 0
 
 
+def cmd_publish(args) -> int:
+    from .hub import publish
+
+    result = publish(args.out, args.repo_id, private=args.private, revision=args.revision, endpoint=args.endpoint,
+                     exist_ok=args.exist_ok, dry_run=args.dry_run or False, to=args.to, git_remote=args.git_remote,
+                     base_model=args.base_model, license=args.license)
+    if not result["uploaded"]:
+        print(f"{'dry run: ' if args.dry_run else ''}wrote {len(result['files'])} files to {result['destination']}"
+              + (" (nothing uploaded)" if args.dry_run else ""))
+    else:
+        print(f"published {args.out} ({len(result['files'])} files) to {result['destination']}"
+              + (f" branch {result['branch']}" if result.get("branch") else f" ({args.revision})" if args.revision else "")
+              + (f", commit {result['commit'][:12]}" if result.get("commit") else "")
+              + (" (already up to date)" if result.get("unchanged") else ""))
+    return 0
+
+
+def cmd_compose(args) -> int:
+    from .hub import compose
+
+    target = compose(args.runs, args.weights, args.out, method=args.method, density=args.density, seed=args.seed)
+    print(f"composed adapter: {target}  (evaluate it: peftlab eval {target})")
+    return 0
+
+
 def print_summary(s: dict) -> None:
     """The run's closing lines: what was learned, at what cost, and where the artifacts are."""
     lines = [f"\n== {s['name']}: {s['method']} on {s['base_model']}"
              + (f" (base {s['quantization']})" if s["quantization"] != "none" else "")]
     for split, m in s["metrics"].items():
-        lines.append(f"   {split:<5} accuracy {m['accuracy']:.4f}   macro-F1 {m['f1']:.4f}   loss {m['loss']:.4f}")
+        if "accuracy" in m:
+            lines.append(f"   {split:<5} accuracy {m['accuracy']:.4f}   macro-F1 {m['f1']:.4f}   loss {m['loss']:.4f}")
+        else:  # summarization: ROUGE F-measures (x100, as papers report them) and the loss
+            lines.append(f"   {split:<5} " + "   ".join(f"{k} {100 * m[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL", "rougeLsum") if k in m)
+                         + f"   loss {m['loss']:.4f}")
     lines.append(f"   trainable params {s['trainable_params']:,} of {s['total_params']:,} ({s['trainable_percent']:.3f}%)")
     lines.append(f"   train wall time {s['train_wall_s']:.1f}s, {s['steps']} steps, {s['examples_per_s']:.1f} examples/s, "
                  f"precision {s['precision']}, {s['processes']} process(es)")
@@ -157,6 +186,30 @@ def build_parser() -> argparse.ArgumentParser:
 
     env = sub.add_parser("env", help="versions, hardware and what peftlab can reach here")
     env.set_defaults(fn=cmd_env)
+
+    pub = sub.add_parser("publish", help="publish a finished run: Hub repo (model card included), a directory or a git remote")
+    pub.add_argument("out", help="output directory of a run, e.g. runs/sst2-quickstart")
+    pub.add_argument("--repo-id", metavar="NAMESPACE/NAME", help="Hub repo to create/update, e.g. alice/minilm-sst2-lora")
+    pub.add_argument("--private", action="store_true", help="create the Hub repo private")
+    pub.add_argument("--revision", metavar="BRANCH", help="branch to commit to (created if missing; default main)")
+    pub.add_argument("--exist-ok", action="store_true", help="add a commit to a repo that already exists")
+    pub.add_argument("--endpoint", metavar="URL", help="Hub endpoint (default: HF_ENDPOINT or https://huggingface.co)")
+    pub.add_argument("--dry-run", nargs="?", const=True, metavar="DIR",
+                     help="only write the folder that would be uploaded, to OUT/publish (or DIR)")
+    pub.add_argument("--to", metavar="DIR", help="publish to a local directory instead of the Hub")
+    pub.add_argument("--git-remote", metavar="URL", help="commit the folder to this git remote (branch --revision) and push")
+    pub.add_argument("--base-model", metavar="HUB_ID", help="hub id of the base for the card when model.name is a local folder")
+    pub.add_argument("--license", help="licence id for the card (default: the base's when known, else 'unknown')")
+    pub.set_defaults(fn=cmd_publish)
+
+    comp = sub.add_parser("compose", help="combine LoRA adapters of one base (peft add_weighted_adapter) into a new adapter")
+    comp.add_argument("runs", nargs="+", metavar="OUT", help="output directories of two or more LoRA runs on the same base")
+    comp.add_argument("--weights", nargs="+", type=float, required=True, help="one weight per run, e.g. --weights 0.7 0.3")
+    comp.add_argument("--method", default="linear", choices=("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat"))
+    comp.add_argument("--density", type=float, help="fraction of weights kept by ties/dare/magnitude_prune (default 0.5)")
+    comp.add_argument("--seed", type=int, default=0, help="seed of dare's random pruning")
+    comp.add_argument("--out", required=True, metavar="DIR", help="where the composed adapter is written")
+    comp.set_defaults(fn=cmd_compose)
     return p
 
 

@@ -39,6 +39,9 @@ class ModelConfig:
     trust_remote_code: bool = opt(False, "Run model code shipped with a hub repo. Off by default: only enable for repos you trust.")
     allow_pickle: bool = opt(False, "Also load pickle weights (.bin/.pt), which can run arbitrary code. Off: safetensors only.")
     dtype: str = opt("float32", "Dtype the (non-quantized) base weights are loaded in.", ("float32", "bfloat16", "float16"))
+    decoder: str | None = opt(None, "Summarization: warm-start an encoder-decoder (BERT2BERT) with model.name as the encoder and this "
+                              "model (packaged name, directory or hub id, same vocabulary) as the decoder; its new cross-attention "
+                              "is trained in full, LoRA adapts the pretrained parts. null = model.name alone.")
 
 
 @dataclass
@@ -84,12 +87,17 @@ class DataConfig:
     text_columns: list[str] = opt(["sentence"], "Column(s) holding the input text; several are joined with a space.")
     label_column: str = opt("label", "Column holding the label (an index or a name).")
     label_names: list[str] | None = opt(None, "Ordered label names; null = the sorted distinct labels of the train split.")
+    target_column: str | None = opt(None, "Summarization: column holding the target text (e.g. summary); the source is data.text_columns.")
     max_length: int = opt(128, "Truncate inputs to this many tokens (batches are padded dynamically to their longest row).")
+    max_target_length: int = opt(128, "Summarization: truncate target texts to this many tokens (end-of-sequence included).")
 
 
 @dataclass
 class TaskConfig:
-    type: str = opt("classification", "Task family (sentiment is a classification).", ("classification",))
+    type: str = opt("classification", "Task family (sentiment is a classification).", ("classification", "summarization"))
+    prompt: str | None = opt(None, "Summarization: model input with {source} where the text goes; null = '{source}' for encoder-decoder "
+                             "models, 'Summarize this dialogue:\\n{source}\\nSummary: ' for decoder-only ones.")
+    chat_template: bool = opt(False, "Summarization, decoder-only: wrap the prompt in the tokenizer's chat template (when it has one).")
 
 
 @dataclass
@@ -107,7 +115,8 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, ~30% slower).")
     eval_every: int | None = opt(None, "Evaluate every N optimizer steps (and at the end); null = only at the end.")
     keep_best: bool = opt(True, "Export the weights of the best evaluation, not the last step.")
-    best_metric: str = opt("accuracy", "Metric that decides `keep_best` (higher is better).")
+    best_metric: str | None = opt(None, "Metric that decides `keep_best` (higher is better, except names ending in 'loss'); null = "
+                                  "the task's default (classification: accuracy, summarization: loss).")
     log_every: int = opt(20, "Log loss, learning rate and throughput every N optimizer steps.")
     save_every: int | None = opt(None, "Write a resumable checkpoint every N optimizer steps; null = none.")
     keep_checkpoints: int = opt(2, "How many checkpoints to keep (oldest are deleted).")
@@ -117,6 +126,11 @@ class TrainConfig:
 @dataclass
 class EvalConfig:
     batch_size: int = opt(128, "Examples per evaluation batch (no gradients, so larger than training).")
+    num_beams: int = opt(1, "Summarization: beams of the beam search that generates (1 = greedy).")
+    max_new_tokens: int = opt(64, "Summarization: most tokens generated per summary.")
+    length_penalty: float = opt(1.0, "Summarization, beam search: exponent on the length a beam's score is divided by (>1 favours longer).")
+    no_repeat_ngram_size: int = opt(0, "Summarization: never generate an n-gram of this size twice (0 = off).")
+    log_examples: int = opt(3, "Summarization: log this many (source, prediction, reference) examples after generating.")
 
 
 @dataclass
@@ -137,6 +151,10 @@ class Recipe:
     eval: EvalConfig = opt(EvalConfig(), "Evaluation.")
     export: ExportConfig = opt(ExportConfig(), "Export and merge.")
 
+    def __post_init__(self):
+        if self.train.best_metric is None:  # resolved here, so the written recipe.yaml names the metric used
+            self.train.best_metric = BEST_METRIC.get(self.task.type, "accuracy")
+
     @property
     def out(self) -> Path:
         return Path(self.output_dir or f"runs/{self.name}")
@@ -146,6 +164,9 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+BEST_METRIC = {"classification": "accuracy", "summarization": "loss"}
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -317,7 +338,7 @@ def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = N
         if not cond:
             p.append(msg)
 
-    a, t, d, q = recipe.adapter, recipe.train, recipe.data, recipe.quant
+    a, t, d, q, m = recipe.adapter, recipe.train, recipe.data, recipe.quant, recipe.model
     need(a.r >= 1, f"adapter.r={a.r}: the LoRA rank must be >= 1 (typical: 4-64).")
     need(a.alpha > 0, f"adapter.alpha={a.alpha}: must be > 0 (typical: 2 x r).")
     need(0 <= a.dropout < 1, f"adapter.dropout={a.dropout}: must be in [0, 1).")
@@ -339,6 +360,25 @@ def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = N
     need(bool(d.text_columns), "data.text_columns is empty: name the column(s) holding the text, e.g. [sentence].")
     need(d.label_names is None or len(d.label_names) >= 2, f"data.label_names={d.label_names}: a classifier needs >= 2 labels.")
     need(d.label_names is None or len(set(d.label_names)) == len(d.label_names), f"data.label_names={d.label_names}: names must be distinct.")
+    ev, task = recipe.eval, recipe.task
+    need(ev.num_beams >= 1, f"eval.num_beams={ev.num_beams}: must be >= 1 (1 = greedy decoding).")
+    need(ev.max_new_tokens >= 1, f"eval.max_new_tokens={ev.max_new_tokens}: must be >= 1.")
+    need(ev.no_repeat_ngram_size >= 0, f"eval.no_repeat_ngram_size={ev.no_repeat_ngram_size}: must be >= 0 (0 = off).")
+    need(ev.log_examples >= 0, f"eval.log_examples={ev.log_examples}: must be >= 0.")
+    need(d.max_target_length >= 2, f"data.max_target_length={d.max_target_length}: must be >= 2 tokens.")
+    if task.type == "summarization":
+        need(bool(d.target_column), "data.target_column is not set: summarization needs the column holding the target text, "
+                                    "e.g. data.target_column=summary.")
+        need(task.prompt is None or task.prompt.count("{source}") == 1,
+             f"task.prompt={task.prompt!r}: must contain {{source}} exactly once (where the source text goes).")
+        # the loop evaluates the loss during training; ROUGE needs generation and is computed once, at the end
+        need(t.best_metric == "loss", f"train.best_metric={t.best_metric!r}: during training summarization evaluates the loss only "
+                                      "(ROUGE is generated once, at the end). Use train.best_metric=loss.")
+    else:
+        need(m.decoder is None, f"model.decoder={m.decoder!r}: an encoder-decoder warm start is for summarization. "
+                                "Set task.type=summarization or model.decoder=null.")
+    if m.decoder is not None and q.mode != "none":
+        p.append(f"model.decoder with quant.mode={q.mode}: quantizing a warm-started encoder-decoder is not supported. Use quant.mode=none.")
     if q.mode != "none" and a.method == "full":
         p.append(f"quant.mode={q.mode} with adapter.method=full: quantized weights cannot be trained. "
                  "Use adapter.method=lora (QLoRA) or quant.mode=none.")

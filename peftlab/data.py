@@ -30,6 +30,7 @@ class TaskData:
     test: Any
     label_names: list[str]
     collate: Callable
+    eval_collate: Callable | None = None  # for the final evaluation, when the task needs more than model inputs (e.g. reference texts)
 
 
 def _format(spec: SplitConfig) -> str:
@@ -95,13 +96,14 @@ def _check_columns(ds, needed: list[str], where: str, spec: SplitConfig) -> None
     elif spec.path and spec.path.endswith((".csv", ".tsv")) and not spec.column_names:
         hint = " If the file has no header row, name its columns with column_names: [...]."
     raise DataError(f"{where}: column(s) {missing} not found; the data has {ds.column_names}.{hint} "
-                    "Set data.text_columns / data.label_column (or per split) to the right names.")
+                    "Set data.text_columns / data.label_column / data.target_column (or per split) to the right names.")
 
 
-def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: int):
-    """-> (Dataset with exactly {text, label} where label is a raw value after label_map, raw label values)."""
+def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: int, target_column: str | None = None):
+    """-> Dataset with exactly {text, label} where label is a raw value after label_map; with `target_column` (a text
+    target: summarization) {text, target} instead, rows with an empty source or target dropped."""
     text_cols = spec.text_columns or data.text_columns
-    label_col = spec.label_column or data.label_column
+    label_col = target_column or spec.label_column or data.label_column
     _check_columns(ds, [*text_cols, label_col], where, spec)
     if spec.max_samples is not None and spec.max_samples < len(ds):
         ds = ds.shuffle(seed=seed).select(range(spec.max_samples))
@@ -110,10 +112,19 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     def to_rows(batch):
         n = len(batch[label_col])
         texts = [" ".join(str(batch[c][i] or "") for c in text_cols).strip() for i in range(n)]
+        if target_column:
+            return {"text": texts, "target": [str(v or "").strip() for v in batch[label_col]]}
         labels = [label_map.get(str(v), v) if label_map else v for v in batch[label_col]]
         return {"text": texts, "label": labels}
 
     ds = ds.map(to_rows, batched=True, remove_columns=ds.column_names, desc=f"{where}: columns")
+    if target_column:
+        n = len(ds)
+        ds = ds.filter(lambda r: bool(r["text"]) and bool(r["target"]), desc=f"{where}: empty rows")
+        if len(ds) < n:
+            log.warning("%s: dropped %d row(s) with an empty source or %s", where, n - len(ds), target_column)
+        if len(ds) == 0:
+            raise DataError(f"{where}: no row has both a source ({text_cols}) and a target ({target_column}). Check the column names.")
     return ds
 
 
@@ -151,18 +162,25 @@ def infer_label_names(ds) -> list[str]:
 
 
 def load_splits(recipe: Recipe):
-    """-> ({split: Dataset of {text, label:int}}, label_names). Splits absent from the recipe are None."""
+    """-> ({split: Dataset of {text, label:int}}, label_names). Splits absent from the recipe are None.
+    Tasks with a text target (summarization) get {text, target} rows and no label names."""
+    from .tasks import get_task
+
     d, seed = recipe.data, recipe.train.seed
+    target = d.target_column if get_task(recipe.task.type).target_kind == "text" else None
     raw = {}
     for name in ("train", "eval", "test"):
         spec = getattr(d, name)
         if spec is not None:
-            raw[name] = normalize_split(read_split(spec, d, f"data.{name}"), spec, d, f"data.{name}", seed)
+            raw[name] = normalize_split(read_split(spec, d, f"data.{name}"), spec, d, f"data.{name}", seed, target)
     if "train" in raw and "eval" not in raw and d.eval_holdout > 0:
         parts = raw["train"].train_test_split(test_size=d.eval_holdout, seed=seed)
         raw["train"], raw["eval"] = parts["train"], parts["test"]
-    label_names = list(d.label_names) if d.label_names else infer_label_names(raw.get("train") or next(iter(raw.values())))
-    out = {name: encode_labels(ds, label_names, f"data.{name}") for name, ds in raw.items()}
+    if target:
+        label_names, out = [], dict(raw)
+    else:
+        label_names = list(d.label_names) if d.label_names else infer_label_names(raw.get("train") or next(iter(raw.values())))
+        out = {name: encode_labels(ds, label_names, f"data.{name}") for name, ds in raw.items()}
     for name in ("train", "eval", "test"):
         out.setdefault(name, None)
     return out, label_names
@@ -190,5 +208,6 @@ def build_data(recipe: Recipe, tokenizer, *, splits=None, label_names=None) -> T
     for name, ds in tokenized.items():
         if ds is not None:
             report_truncation(ds, f"data.{name}", recipe.data.max_length)
+    eval_collator = getattr(task, "eval_collator", None)  # optional part of the Task protocol
     return TaskData(train=tokenized["train"], eval=tokenized["eval"], test=tokenized["test"], label_names=label_names,
-                    collate=task.collator(tokenizer))
+                    collate=task.collator(tokenizer), eval_collate=eval_collator(tokenizer) if eval_collator else None)

@@ -39,3 +39,7 @@ class ArtifactError(PeftlabError, FileNotFoundError):
 
 class TrainingInterrupted(PeftlabError):
     """Training was stopped by the user (Ctrl-C / SIGINT) after saving a checkpoint."""
+
+
+class PublishError(PeftlabError, RuntimeError):
+    """Publishing a run (Hub, directory, git remote) failed; the message says what was and was not done."""

@@ -3,7 +3,7 @@
 Layout of an output directory OUT:
     adapter_config.json, adapter_model.safetensors   (lora)   | config.json, model.safetensors (full, frozen)
     tokenizer files, recipe.yaml (resolved), run.json (versions, hardware, params, timings), metrics.json,
-    eval_report.json (per-class), log.jsonl, checkpoints/step-N/, merged/ (after `peftlab merge`)
+    eval_report.json (per-class), predictions-SPLIT.jsonl (generative tasks), log.jsonl, checkpoints/step-N/, merged/
 Every file is written to a staging folder and moved into place with os.replace, so a crash never leaves a
 half-written artifact where a complete one is expected.
 """
@@ -139,10 +139,15 @@ def weights_file(out: Path) -> Path:
                         f"Train one with `peftlab train RECIPE`.")
 
 
+def predictions_jsonl(rows: list[dict]) -> str:
+    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+
+
 def export(out: Path, model, tokenizer, recipe: Recipe, run_info: dict, metrics: dict, report: dict | None = None,
-           state_dict: dict | None = None) -> Path:
+           state_dict: dict | None = None, predictions: dict[str, list[dict]] | None = None) -> Path:
     """Write the trained weights and their description into `out` (main process only). `state_dict`: the full
-    weights gathered from a sharded (FSDP / ZeRO-3) model; None = the model's own."""
+    weights gathered from a sharded (FSDP / ZeRO-3) model; None = the model's own. `predictions`: {split: rows} of a
+    generative task, written as predictions-SPLIT.jsonl (prediction next to reference)."""
     out.mkdir(parents=True, exist_ok=True)
     staging = out / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
@@ -150,6 +155,7 @@ def export(out: Path, model, tokenizer, recipe: Recipe, run_info: dict, metrics:
     try:
         with disk_errors("trained weights", out):
             model.save_pretrained(str(staging), safe_serialization=True, state_dict=state_dict)
+            (staging / "README.md").unlink(missing_ok=True)  # peft's placeholder card; `peftlab publish` writes the real one
             tokenizer.save_pretrained(str(staging))
             (staging / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
             run = {"peftlab_run": 1, **run_info, "versions": versions(), "hardware": hardware(),
@@ -158,6 +164,8 @@ def export(out: Path, model, tokenizer, recipe: Recipe, run_info: dict, metrics:
             (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
             if report is not None:
                 (staging / "eval_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+            for split, rows in (predictions or {}).items():
+                (staging / f"predictions-{split}.jsonl").write_text(predictions_jsonl(rows), encoding="utf-8")
             move_into(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

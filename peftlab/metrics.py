@@ -29,3 +29,8 @@ def classification_metrics(preds: list[int], refs: list[int], label_names: list[
     per_class = {name: {m: detail[m][i] for m in ("precision", "recall", "f1", "support")} for i, name in enumerate(label_names)}
     report = {"per_class": per_class, "confusion": detail["confusion"], "labels": label_names, "n": len(refs)}
     return {"accuracy": accuracy, "f1": macro}, report
+
+
+def rouge_metrics(predictions: list[str], references: list[str]) -> dict:
+    """-> mean ROUGE-1/2/L/Lsum F-measures (0-1), Porter-stemmed, Lsum over one sentence per line."""
+    return load_metric("rouge").compute(predictions=predictions, references=references)

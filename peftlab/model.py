@@ -133,7 +133,9 @@ def default_target_modules(model: nn.Module) -> list[str] | str:
     """peft's per-architecture defaults (e.g. BERT: query, value; Llama: q_proj, v_proj), else every linear layer."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as TABLE
 
-    return TABLE.get(getattr(model.config, "model_type", None), "all-linear")
+    config = model.config
+    config = getattr(config, "encoder", config) if config.model_type not in TABLE else config  # BERT2BERT: the BERT entry
+    return TABLE.get(getattr(config, "model_type", None), "all-linear")
 
 
 def apply_adapter(model: nn.Module, recipe: Recipe, head_modules: list[str], task_type: str) -> nn.Module:
@@ -145,7 +147,7 @@ def apply_adapter(model: nn.Module, recipe: Recipe, head_modules: list[str], tas
         return model
     if a.method == "frozen":
         for name, p in model.named_parameters():
-            p.requires_grad_(name.split(".")[0] in head_modules)
+            p.requires_grad_(any(name.startswith(h + ".") for h in head_modules))
         return model
     from peft import LoraConfig, get_peft_model
 
@@ -154,7 +156,9 @@ def apply_adapter(model: nn.Module, recipe: Recipe, head_modules: list[str], tas
         targets = "all-linear"
     try:
         cfg = LoraConfig(task_type=task_type, r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=targets,
-                         use_rslora=a.use_rslora, use_dora=a.use_dora, modules_to_save=list(head_modules) or None, **a.options)
+                         use_rslora=a.use_rslora, use_dora=a.use_dora, **a.options,
+                         # peft adds its own task defaults (SEQ_CLS: classifier, score): name only the other new modules
+                         modules_to_save=[h for h in head_modules if h not in ("classifier", "score")] or None)
     except TypeError as e:
         raise ModelError(f"adapter.options: {e}. The keys must be LoraConfig arguments (see peft's LoraConfig docs).") from None
     try:
@@ -180,8 +184,61 @@ def count_params(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def new_modules(model: nn.Module, missing: set[str]) -> list[str]:
+    """The largest modules all of whose parameters are newly initialised (`missing` from the checkpoint)."""
+    found = []
+
+    def visit(prefix: str, module: nn.Module) -> None:
+        names = [prefix + n for n, _ in module.named_parameters()]
+        if names and all(n in missing for n in names):
+            found.append(prefix.rstrip("."))
+            return
+        for child, sub in module.named_children():
+            visit(f"{prefix}{child}.", sub)
+
+    visit("", model)
+    return found
+
+
+def load_encoder_decoder(recipe: Recipe, path: str, dtype: torch.dtype):
+    """BERT2BERT-style warm start (Rothe et al. 2020): model.name as the encoder, model.decoder as a decoder with new
+    cross-attention (and, from an encoder-only checkpoint, a new LM-head transform; the output layer is tied to the
+    decoder's word embeddings). -> (EncoderDecoderModel, full names of the new modules: peft trains them in full)."""
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, EncoderDecoderModel
+
+    m = recipe.model
+    dec_path = resolve_model_path(m.decoder)
+    common = dict(trust_remote_code=m.trust_remote_code, use_safetensors=None if m.allow_pickle else True, dtype=dtype)
+    try:
+        encoder = AutoModel.from_pretrained(path, revision=m.revision, **common)
+        config = AutoConfig.from_pretrained(dec_path, trust_remote_code=m.trust_remote_code)
+        config.is_decoder, config.add_cross_attention = True, True
+        decoder, info = AutoModelForCausalLM.from_pretrained(dec_path, config=config, output_loading_info=True, **common)
+    except (OSError, ValueError) as e:
+        raise ModelError(f"cannot build an encoder-decoder from {path} (encoder) and {dec_path} (model.decoder): "
+                         f"{str(e).splitlines()[0]}") from None
+    model = EncoderDecoderModel.from_encoder_decoder_pretrained(encoder_model=encoder, decoder_model=decoder)
+    tok = load_tokenizer(path, recipe)  # the run's tokenizer: it writes the targets, so the decoder must share its vocabulary
+    if decoder.config.vocab_size < len(tok):
+        raise ModelError(f"model.decoder={m.decoder!r} has {decoder.config.vocab_size} tokens but the tokenizer of model.name="
+                         f"{m.name!r} has {len(tok)}: encoder and decoder must share a vocabulary.")
+    start = tok.cls_token_id if tok.cls_token_id is not None else tok.bos_token_id
+    eos = tok.sep_token_id if tok.sep_token_id is not None else tok.eos_token_id
+    for cfg in (model.config, model.generation_config):
+        cfg.decoder_start_token_id, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = start, start, eos, tok.pad_token_id
+    model.config.vocab_size = decoder.config.vocab_size
+    new = new_modules(model, {f"decoder.{k}" for k in info["missing_keys"]})
+    if hasattr(model, "enc_to_dec_proj"):  # encoder and decoder widths differ: a new projection between them
+        new.append("enc_to_dec_proj")
+    log.info("encoder-decoder warm start: encoder %s, decoder %s; new modules trained in full: %d (%s ...)", path, dec_path,
+             len(new), new[0] if new else "none")
+    return model, new
+
+
 def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[str], precision: str, auto_cls):
     """Load the pretrained base with a fresh task head; return (model, names of the newly initialised head modules)."""
+    if recipe.model.decoder:  # an encoder-decoder warm-started from two checkpoints (summarization)
+        return load_encoder_decoder(recipe, path, DTYPES[recipe.model.dtype])
     # Names of heads transformers creates for sequence classification across architectures; kept out of quantization.
     head_guess = ["classifier", "score", "qa_outputs"]
     quant = quantization_config(recipe, precision, head_guess)
@@ -221,7 +278,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], precision: str = "fp32"):
     """Recipe -> (model ready to train, tokenizer, ModelInfo)."""
-    from .tasks import get_task
+    from .tasks import get_task, peft_task_type
 
     task = get_task(recipe.task.type)
     path = resolve_model_path(recipe.model.name, recipe.model.revision)
@@ -234,7 +291,7 @@ def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], prec
     if recipe.adapter.method == "lora" and recipe.train.gradient_checkpointing:
         model.enable_input_require_grads()
     model.config.pad_token_id = tokenizer.pad_token_id
-    model = apply_adapter(model, recipe, head, task.peft_task_type)
+    model = apply_adapter(model, recipe, head, peft_task_type(task, model))
     trainable, total = count_params(model)
     info = ModelInfo(path=path, method=recipe.adapter.method, trainable_params=trainable, total_params=total,
                      head_modules=head, quantized=recipe.quant.mode, base_weights_mib=base_weights_mib)

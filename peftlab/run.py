@@ -18,7 +18,7 @@ from accelerate.utils import DistributedType, set_seed
 from .config import Recipe, load_recipe
 from .data import build_data, load_splits
 from .errors import ArtifactError, ConfigError
-from .export import atomic_write_text, export, load_trained, merge, read_run
+from .export import atomic_write_text, export, load_trained, merge, predictions_jsonl, read_run
 from .model import build_model
 from .tasks import get_task
 from .train import eval_loader, latest_checkpoint, make_accelerator, resolve_precision, train
@@ -49,10 +49,13 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     data = build_data(recipe, tokenizer, splits=splits, label_names=run["label_names"])
     accelerator = make_accelerator(recipe, run["precision"])
     ds = getattr(data, split)
-    loader = accelerator.prepare(eval_loader(ds, recipe.eval.batch_size, data.collate))
+    loader = accelerator.prepare(eval_loader(ds, recipe.eval.batch_size, data.eval_collate or data.collate))
     model = accelerator.prepare_model(model, evaluation_mode=True)  # no DDP wrapper: it refuses a model with nothing to train
-    metrics, report = get_task(recipe.task.type).evaluate(model, loader, accelerator, data.label_names)
+    metrics, report = get_task(recipe.task.type).evaluate(model, loader, accelerator, data.label_names, tokenizer=tokenizer, recipe=recipe)
+    rows = report.pop("predictions", None)  # generative tasks: one JSON line per row, beside the report
     if accelerator.is_main_process:
+        if rows is not None:
+            atomic_write_text(out / f"predictions-{split}.jsonl", predictions_jsonl(rows))
         atomic_write_text(out / f"eval-{split}.json", json.dumps({"metrics": metrics, "report": report}, indent=2))
     return metrics
 
@@ -103,12 +106,14 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> dic
     model, state = train(recipe, model, data, accelerator, out, resume=resume)
     wall = time.perf_counter() - start
 
-    task, metrics, report = get_task(recipe.task.type), {}, None
+    task, metrics, report, predictions = get_task(recipe.task.type), {}, None, {}
     for split in ("eval", "test"):
         ds = getattr(data, split)
         if ds is not None:
-            loader = accelerator.prepare(eval_loader(ds, recipe.eval.batch_size, data.collate))
-            metrics[split], split_report = task.evaluate(model, loader, accelerator, label_names)
+            loader = accelerator.prepare(eval_loader(ds, recipe.eval.batch_size, data.eval_collate or data.collate))
+            metrics[split], split_report = task.evaluate(model, loader, accelerator, label_names, tokenizer=tokenizer, recipe=recipe)
+            if (rows := split_report.pop("predictions", None)) is not None:  # generative tasks: written as JSONL
+                predictions[split] = rows
             report = report or split_report
 
     summary = {
@@ -124,7 +129,8 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> dic
     # gather the full weights of a sharded model to save them (a collective: every rank takes part)
     state_dict = accelerator.get_state_dict(model) if shards_weights(accelerator) else None
     if accelerator.is_main_process:
-        export(out, accelerator.unwrap_model(model), tokenizer, recipe, summary, metrics, report, state_dict=state_dict)
+        export(out, accelerator.unwrap_model(model), tokenizer, recipe, summary, metrics, report, state_dict=state_dict,
+               predictions=predictions)
         if recipe.export.merge:
             summary["merged_dir"] = str(merge(out))
     accelerator.wait_for_everyone()

@@ -9,6 +9,7 @@ from ..metrics import classification_metrics
 
 auto_model_class = AutoModelForSequenceClassification
 peft_task_type = "SEQ_CLS"
+target_kind = "label"
 
 
 def tokenize(ds, tokenizer, recipe):
@@ -41,8 +42,9 @@ def collator(tokenizer):
 
 
 @torch.no_grad()
-def evaluate(model, loader, accelerator, label_names):
-    """-> (headline metrics, detailed report). Gathers across processes without duplicating the padded tail."""
+def evaluate(model, loader, accelerator, label_names, **context):
+    """-> (headline metrics, detailed report). Gathers across processes without duplicating the padded tail.
+    `context` (tokenizer, recipe) is for tasks that generate; a classifier needs none."""
     model.eval()
     preds, refs, loss_sum, n = [], [], 0.0, 0
     for batch in loader:

@@ -1,0 +1,244 @@
+"""Summarization: text -> text, with an encoder-decoder or a decoder-only model; loss while training, ROUGE at the end.
+
+The family comes from the base model's config (`is_encoder_decoder`), or is an encoder-decoder when `model.decoder`
+asks for a BERT2BERT warm start (see model.load_encoder_decoder):
+- encoder-decoder (T5, BART, BERT2BERT): the prompt (`task.prompt`, default '{source}') feeds the encoder, the target
+  is the labels (the model shifts them right into decoder inputs).
+- decoder-only (Llama, Qwen, GPT-2): one sequence prompt + target + EOS, where the prompt's labels are -100 so the loss
+  covers only the summary; evaluation generates from the prompt alone, left-padded.
+During training the loop evaluates the loss (the default `train.best_metric`, lower is better); the final
+evaluation (run.py, with context tokenizer= and recipe=) also generates with `recipe.eval`'s settings and scores
+ROUGE-1/2/L/Lsum against the references.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from functools import cache
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+
+from ..errors import DataError
+from ..metrics import rouge_metrics
+
+log = logging.getLogger(__name__)
+# EncoderDecoderModel (BERT2BERT) warns on every forward with labels about a loss change made in transformers 4.12
+warnings.filterwarnings("ignore", message="Version v4.12.0 introduces a better way", category=FutureWarning)
+
+DEFAULT_PROMPT = {"seq2seq": "{source}", "causal": "Summarize this dialogue:\n{source}\nSummary: "}
+EXTRAS = ("text", "target", "row", "gen_input_ids", "gen_attention_mask")  # eval-collator keys that are not model inputs
+
+
+def is_encoder_decoder(config) -> bool:
+    return bool(getattr(config, "is_encoder_decoder", False))
+
+
+class AutoModelForSummarization:
+    """AutoModelForSeq2SeqLM for encoder-decoder bases (T5, BART, a saved BERT2BERT), AutoModelForCausalLM otherwise."""
+
+    @classmethod
+    def from_pretrained(cls, path, *args, **kwargs):
+        config = kwargs.get("config") or AutoConfig.from_pretrained(path, revision=kwargs.get("revision"),
+                                                                    trust_remote_code=kwargs.get("trust_remote_code", False))
+        auto = AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM
+        return auto.from_pretrained(path, *args, **kwargs)
+
+
+auto_model_class = AutoModelForSummarization
+target_kind = "text"
+
+
+def peft_task_type(model) -> str:
+    return "SEQ_2_SEQ_LM" if is_encoder_decoder(model.config) else "CAUSAL_LM"
+
+
+@cache
+def _is_encoder_decoder_dir(path: str, revision: str | None, trust_remote_code: bool) -> bool:
+    return is_encoder_decoder(AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code))
+
+
+def family(recipe, tokenizer) -> str:
+    """'seq2seq' or 'causal', from the base model's config; where the base is out of reach, a merged or fully trained
+    run's own config.json (saved beside its tokenizer) tells the same."""
+    from ..errors import ModelNotFound
+    from ..model import resolve_model_path
+
+    if recipe.model.decoder:
+        return "seq2seq"
+    try:
+        path, revision = resolve_model_path(recipe.model.name, recipe.model.revision), recipe.model.revision
+    except ModelNotFound:
+        own = Path(getattr(tokenizer, "name_or_path", "") or "")
+        if not (own / "config.json").is_file():
+            raise
+        path, revision = str(own), None
+    return "seq2seq" if _is_encoder_decoder_dir(path, revision, recipe.model.trust_remote_code) else "causal"
+
+
+def eos_id(tokenizer) -> int:
+    """The token that ends a summary: EOS, or [SEP] for BERT-style tokenizers that have no EOS."""
+    eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id
+    if eos is None:
+        raise DataError(f"the tokenizer {type(tokenizer).__name__} has neither an EOS nor a SEP token, so a summary cannot end. "
+                        "Use a model whose tokenizer defines eos_token.")
+    return eos
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a")["input_ids"][:1] == [bos]
+
+
+def truncate_sources(tokenizer, texts: list[str], max_length: int) -> tuple[list[str], list[bool]]:
+    """Cut each source to `max_length` tokens (the prompt template and special tokens come on top), so a template
+    that follows the source is never cut off. Rows that fit are left as they are."""
+    ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length + 1)["input_ids"]
+    cut = [len(i) > max_length for i in ids]
+    return [tokenizer.decode(i[:max_length]) if c else t for t, i, c in zip(texts, ids, cut)], cut
+
+
+def tokenize(ds, tokenizer, recipe):
+    """{text, target} rows -> input_ids, attention_mask, labels (+ prompt_length for decoder-only models), keeping
+    `length`, `truncated` (source cut to data.max_length), `row` (its index) and the texts for the final evaluation."""
+    fam = family(recipe, tokenizer)
+    template = recipe.task.prompt or DEFAULT_PROMPT[fam]
+    max_length, max_target = recipe.data.max_length, recipe.data.max_target_length
+    eos = eos_id(tokenizer)
+    chat = fam == "causal" and recipe.task.chat_template and bool(getattr(tokenizer, "chat_template", None))
+    if recipe.task.chat_template and not chat:
+        log.warning("task.chat_template=true, but %s: using the plain prompt", "the model is an encoder-decoder" if fam == "seq2seq"
+                    else "the tokenizer has no chat template")
+    bos = [tokenizer.bos_token_id] if fam == "causal" and not chat and _adds_bos(tokenizer) else []
+    # BERT2BERT: [CLS] is the decoder start token the model puts in front of the labels, so it is not a target itself
+    start = tokenizer.cls_token_id if recipe.model.decoder else None
+
+    def enc(batch, rows):
+        sources, cut = truncate_sources(tokenizer, batch["text"], max_length)
+        prompts = [template.replace("{source}", s) for s in sources]
+        out = {"truncated": cut, "row": rows}
+        if fam == "seq2seq":
+            src = tokenizer(prompts)
+            labels = tokenizer(text_target=batch["target"], truncation=True, max_length=max_target + (start is not None))["input_ids"]
+            labels = [y[1:] if start is not None and y[:1] == [start] else y for y in labels]
+            out.update(input_ids=src["input_ids"], attention_mask=src["attention_mask"],
+                       labels=[y if y[-1:] == [eos] else y[: max_target - 1] + [eos] for y in labels])
+        else:
+            if chat:
+                prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                           for p in prompts]
+            prompt_ids = [bos + p for p in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+            targets = tokenizer(batch["target"], add_special_tokens=False, truncation=True, max_length=max_target - 1)["input_ids"]
+            out.update(input_ids=[p + y + [eos] for p, y in zip(prompt_ids, targets)],
+                       labels=[[-100] * len(p) + y + [eos] for p, y in zip(prompt_ids, targets)],
+                       prompt_length=[len(p) for p in prompt_ids])
+            out["attention_mask"] = [[1] * len(i) for i in out["input_ids"]]
+        out["length"] = [len(i) for i in out["input_ids"]]
+        return out
+
+    return ds.map(enc, batched=True, with_indices=True, desc="tokenize")
+
+
+def _pad(seqs: list[list[int]], value: int, left: bool = False, multiple: int = 8) -> torch.Tensor:
+    n = -(-max(len(s) for s in seqs) // multiple) * multiple
+    return torch.tensor([[value] * (n - len(s)) + s if left else s + [value] * (n - len(s)) for s in seqs])
+
+
+def collator(tokenizer):
+    """Model inputs only, right-padded (labels with -100): what the training loop and the loss evaluation feed."""
+    pad = tokenizer.pad_token_id
+
+    def collate(rows):
+        return {"input_ids": _pad([r["input_ids"] for r in rows], pad),
+                "attention_mask": _pad([r["attention_mask"] for r in rows], 0),
+                "labels": _pad([r["labels"] for r in rows], -100)}
+
+    return collate
+
+
+def eval_collator(tokenizer):
+    """Model inputs + source/reference texts and row indices; for decoder-only models also the prompts alone,
+    left-padded, which is what generation continues from."""
+    base, pad = collator(tokenizer), tokenizer.pad_token_id
+
+    def collate(rows):
+        batch = base(rows)
+        batch.update(text=[r["text"] for r in rows], target=[r["target"] for r in rows], row=[r["row"] for r in rows])
+        if "prompt_length" in rows[0]:
+            prompts = [r["input_ids"][: r["prompt_length"]] for r in rows]
+            batch["gen_input_ids"] = _pad(prompts, pad, left=True)
+            batch["gen_attention_mask"] = _pad([[1] * len(p) for p in prompts], 0, left=True)
+        return batch
+
+    return collate
+
+
+def row_losses(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sums of token cross-entropy and counts of scored tokens (one row at a time: a float copy of a whole
+    batch of logits over a 150k vocabulary would not fit)."""
+    if shift:  # decoder-only: position t predicts token t+1
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    sums = torch.stack([torch.nn.functional.cross_entropy(lg.float(), y, ignore_index=-100, reduction="sum")
+                        for lg, y in zip(logits, labels)])
+    return sums, (labels != -100).sum(1)
+
+
+def generate(model, tokenizer, batch: dict, extras: dict, cfg, accelerator) -> list[str]:
+    """Decode summaries for one batch with the recipe's eval settings (beam search, lengths, n-gram blocking)."""
+    causal = "gen_input_ids" in extras
+    ids = extras["gen_input_ids"] if causal else batch["input_ids"]
+    mask = extras["gen_attention_mask"] if causal else batch["attention_mask"]
+    kwargs = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, do_sample=False,
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_id(tokenizer))
+    if cfg.num_beams > 1:
+        kwargs.update(length_penalty=cfg.length_penalty, early_stopping=True)
+    if cfg.no_repeat_ngram_size:
+        kwargs["no_repeat_ngram_size"] = cfg.no_repeat_ngram_size
+    with accelerator.autocast():
+        out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
+    if causal:  # the prompt comes back in front of the continuation
+        out = out[:, ids.shape[1]:]
+    return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=None):
+    """-> (metrics, report). Always the mean token-level loss (what keep_best compares during training); with
+    `tokenizer` and `recipe` (the final evaluation, on a loader from eval_collator) also generated summaries scored
+    with ROUGE; the report then holds every (row, source, prediction, reference) in data order."""
+    generating = tokenizer is not None and recipe is not None
+    unwrapped = accelerator.unwrap_model(model)
+    shift = not is_encoder_decoder(unwrapped.config)
+    model.eval()
+    loss_sum, n_tokens, rows = 0.0, 0, []
+    for batch in loader:
+        extras = {k: batch.pop(k) for k in EXTRAS if k in batch}
+        if generating and "target" not in extras:
+            raise ValueError("summarization: generating needs the loader built with the task's eval_collator (reference texts)")
+        out = model(**batch)
+        sums, counts = accelerator.gather_for_metrics(row_losses(out.logits, batch["labels"], shift))
+        loss_sum += sums.sum().item()
+        n_tokens += int(counts.sum().item())
+        if generating:
+            preds = generate(unwrapped, tokenizer, batch, extras, recipe.eval, accelerator)
+            mine = [{"row": r, "source": s, "prediction": p, "reference": t}
+                    for r, s, p, t in zip(extras["row"], extras["text"], preds, extras["target"])]
+            rows += accelerator.gather_for_metrics(mine, use_gather_object=True)
+    model.train()
+    loss = loss_sum / max(n_tokens, 1)
+    metrics = {"loss": loss}
+    if not generating:
+        return metrics, {"n_tokens": n_tokens}
+    rows.sort(key=lambda r: r["row"])
+    preds, refs = [r["prediction"] for r in rows], [r["reference"] for r in rows]
+    metrics.update(rouge_metrics(preds, refs))
+    metrics["gen_words"] = sum(len(p.split()) for p in preds) / max(len(preds), 1)
+    for r in rows[: recipe.eval.log_examples]:
+        log.info("example row %d\n  source:     %s\n  prediction: %s\n  reference:  %s", r["row"],
+                 " | ".join(r["source"][:300].splitlines()), r["prediction"], r["reference"])
+    e = recipe.eval
+    report = {"n": len(rows), "n_tokens": n_tokens, "generation": {"num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens,
+              "length_penalty": e.length_penalty, "no_repeat_ngram_size": e.no_repeat_ngram_size}, "predictions": rows}
+    return metrics, report

@@ -1,0 +1,448 @@
+"""Publishing and reusing adapters: the model card, publish to a local stand-in of the Hub (tests/hub_server.py, the
+real huggingface_hub client on 127.0.0.1), to a directory and to a git remote; load back by id; compose adapters."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+from peftlab import load_trained
+from peftlab.cli import main
+from peftlab.errors import ArtifactError, PeftlabError, PublishError
+from peftlab.hub import card_text, check_card, compose, load_adapter, publish
+
+from .conftest import minilm_tokenizer
+from .hub_server import HubStandIn
+
+SECRET = "hf_" + "Sx9" * 11  # a token-shaped secret: it must never show up in output, logs, cards or uploads
+PUBLISHED = {"README.md", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
+             "recipe.yaml", "run.json", "metrics.json", "eval_report.json"}
+
+
+def logits(model, texts=("the movie was good", "a bad and boring plot", "really quite lovely")):
+    tok = minilm_tokenizer()
+    batch = tok(list(texts), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model.eval()(**batch).logits.float()
+
+
+def digest(folder: Path) -> dict[str, str]:
+    """Every path under `folder` with the sha256 of its content: 'untouched' means this is unchanged."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_bert, sentiment_files):
+    """Two LoRA runs on the tiny BERT that differ by seed (module-shared: tests copy them before writing into them)."""
+    from peftlab import load_recipe, run
+
+    outs = []
+    for seed in (42, 7):
+        out = tmp_path_factory.mktemp("run") / f"out-{seed}"
+        recipe = load_recipe(None, [f"model.name={tiny_bert}", f"data.train.path={sentiment_files['train']}",
+                                    f"data.eval.path={sentiment_files['dev']}", "data.label_names=[negative,positive]",
+                                    "adapter.r=4", "adapter.dropout=0.0", "train.epochs=2", "train.lr=1e-2", f"train.seed={seed}",
+                                    f"output_dir={out}"])
+        run(recipe)
+        outs.append(out)
+    return outs
+
+
+@pytest.fixture
+def run_copy(runs, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(runs[0], out)
+    return out
+
+
+@pytest.fixture
+def hub_env(monkeypatch, tmp_path):
+    """The real client, pointed at nothing but 127.0.0.1: a token in HF_TOKEN, no stored login, an empty cache,
+    offline mode off for huggingface_hub only, and instant retry back-off (the waits are recorded). Any name
+    lookup other than 127.0.0.1/localhost is refused and fails the test."""
+    import socket
+
+    import huggingface_hub.utils._detect_agent as agent
+    import huggingface_hub.utils._http as hf_http
+    from huggingface_hub import constants
+
+    foreign: list[str] = []
+    lookup = socket.getaddrinfo
+
+    def local_only(host, *args, **kwargs):
+        if host not in ("127.0.0.1", "localhost"):
+            foreign.append(host)
+            raise socket.gaierror(socket.EAI_NONAME, f"test: {host} is not 127.0.0.1")
+        return lookup(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", local_only)
+    # huggingface_hub 2.4 fetches an "agent harnesses" list from huggingface.co (not from --endpoint) for its
+    # user-agent header on the first request of a process: give it the empty list it falls back to offline
+    monkeypatch.setattr(agent, "_registry", {"standardEnvVars": [], "harnesses": {}})
+    monkeypatch.setenv("HF_TOKEN", SECRET)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
+    monkeypatch.setattr(constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no-stored-tokens"))
+    sleeps: list[float] = []
+    monkeypatch.setattr(hf_http, "time", SimpleNamespace(sleep=sleeps.append))
+    yield sleeps
+    assert not foreign, f"the test tried to reach {foreign}"
+
+
+@pytest.fixture
+def hub(hub_env):
+    with HubStandIn(SECRET, lifetime=120) as server:
+        yield server
+
+
+def cli(capsys, *args) -> tuple[int, str, str]:
+    rc = main([*map(str, args)])
+    printed = capsys.readouterr()
+    return rc, printed.out, printed.err
+
+
+def assert_no_secret(*texts: str, folder: Path | None = None, stored: dict | None = None) -> None:
+    for text in texts:
+        assert SECRET not in text
+    for p in (folder.rglob("*") if folder else []):
+        if p.is_file():
+            assert SECRET.encode() not in p.read_bytes(), p
+    for name, data in (stored or {}).items():
+        assert SECRET.encode() not in data, name
+
+
+# ---------------------------------------------------------------------------------------------- model card
+
+def test_model_card_fields(run_copy):
+    """A run on the packaged MiniLM and SST-2: the card names the public base and dataset and parses as Hub metadata."""
+    from huggingface_hub import ModelCard
+
+    recipe = yaml.safe_load((run_copy / "recipe.yaml").read_text())
+    recipe["model"]["name"] = "minilm"
+    recipe["data"]["train"]["path"], recipe["data"]["eval"]["path"] = "../shared/data/sst2/train.tsv", "../shared/data/sst2/dev.tsv"
+    (run_copy / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    run = json.loads((run_copy / "run.json").read_text())
+    metrics = json.loads((run_copy / "metrics.json").read_text())["eval"]
+
+    text = card_text(run_copy, "alice/minilm-sst2-lora")
+    meta = check_card(text)
+    card = ModelCard(text, ignore_metadata_errors=False)
+    assert meta == card.data.to_dict()
+    assert meta["library_name"] == "peft"
+    assert meta["base_model"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert meta["datasets"] == ["stanfordnlp/sst2"]
+    assert meta["license"] == "apache-2.0"
+    assert meta["pipeline_tag"] == "text-classification"
+    assert {"peft", "lora", "text-classification", "base_model:adapter:sentence-transformers/all-MiniLM-L6-v2"} <= set(meta["tags"])
+    (entry,) = meta["model-index"]
+    assert entry["name"] == "minilm-sst2-lora"
+    (result,) = entry["results"]
+    assert result["task"] == {"type": "text-classification", "name": "Text Classification"}
+    assert result["dataset"] == {"name": "SST-2", "type": "stanfordnlp/sst2", "split": "validation"}
+    by_type = {m["type"]: m for m in result["metrics"]}
+    assert set(by_type) == {"accuracy", "f1"}
+    assert by_type["accuracy"]["value"] == pytest.approx(metrics["accuracy"], abs=1e-6)
+    assert by_type["f1"]["value"] == pytest.approx(metrics["f1"], abs=1e-6)
+    assert by_type["f1"]["args"] == {"average": "macro"}
+    assert [(r.metric_type, r.dataset_split) for r in card.data.eval_results] == [("accuracy", "validation"), ("f1", "validation")]
+
+    body = card.text
+    for section in ("## Results", "## Training recipe", "## Method and parameters", "## Hardware and wall time", "## How to use",
+                    "## Limitations"):
+        assert section in body, section
+    assert (run_copy / "recipe.yaml").read_text().strip() in body  # the recipe, verbatim
+    assert f"{run['trainable_params']:,} of {run['total_params']:,}" in body
+    assert f"trained in {run['train_wall_s']:.1f} s on CPU" in body and f"peft {run['versions']['peft']}" in body
+    assert "PeftModel.from_pretrained(base, repo)" in body and "load_adapter('alice/minilm-sst2-lora')" in body
+    assert "base_model = 'sentence-transformers/all-MiniLM-L6-v2'" in body
+
+
+def test_card_of_a_local_base_names_no_fake_hub_id(runs, tmp_path):
+    meta = check_card(card_text(runs[0], "alice/tiny"))
+    assert "base_model" not in meta and meta["license"] == "unknown" and "datasets" not in meta
+    meta = check_card(card_text(runs[0], "alice/tiny", base_model="org/tiny-bert", license="mit"))
+    assert meta["base_model"] == "org/tiny-bert" and meta["license"] == "mit" and "base_model:adapter:org/tiny-bert" in meta["tags"]
+    publish(runs[0], "alice/tiny", to=tmp_path / "p", base_model="org/tiny-bert")
+    assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny-bert"
+
+
+def test_broken_card_metadata_is_refused():
+    with pytest.raises(PublishError, match="not valid Hub metadata"):
+        check_card("---\nmodel-index:\n- name: x\n  results:\n  - metrics: [{type: accuracy, value: 1}]\n---\n# x\n")
+
+
+def test_card_snippet_loads_the_adapter(runs, tmp_path, capsys):
+    """The peft snippet of the card, pointed at the published folder, rebuilds the trained model exactly."""
+    folder = tmp_path / "published"
+    publish(runs[0], "alice/tiny-lora", to=folder)
+    code = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
+    assert "repo = 'alice/tiny-lora'" in code
+    namespace: dict = {}
+    exec(code.replace("repo = 'alice/tiny-lora'", f"repo = {str(folder)!r}"), namespace)
+    assert capsys.readouterr().out.strip() in ("negative", "positive")
+    torch.testing.assert_close(logits(namespace["model"]), logits(load_trained(runs[0])[0]), atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------ folders, dry run, --to
+
+def test_dry_run_writes_exactly_what_is_uploaded(run_copy, hub, capsys):
+    for junk in ("checkpoints/step-4/model.safetensors", "merged/model.safetensors", ".staging/x", "notes/secret.env"):
+        (run_copy / junk).parent.mkdir(parents=True, exist_ok=True)
+        (run_copy / junk).write_text("not for publishing")
+    rc, out, err = cli(capsys, "publish", run_copy, "--repo-id", "alice/tiny-lora", "--dry-run", "--endpoint", hub.url)
+    assert rc == 0, err
+    assert "dry run" in out and "nothing uploaded" in out and not hub.requests
+    folder = run_copy / "publish"
+    assert {p.name for p in folder.iterdir()} == PUBLISHED
+    assert (folder / "adapter_model.safetensors").read_bytes() == (run_copy / "adapter_model.safetensors").read_bytes()
+    assert not list(run_copy.glob(".tmp-*"))
+
+    rc, out, err = cli(capsys, "publish", run_copy, "--repo-id", "alice/tiny-lora", "--endpoint", hub.url)
+    assert rc == 0, err
+    stored = hub.files("alice/tiny-lora")
+    assert set(stored) == PUBLISHED | {".gitattributes"}
+    assert all(stored[name] == (folder / name).read_bytes() for name in PUBLISHED)  # byte for byte what the dry run showed
+    assert not hub.unhandled
+    assert_no_secret(out, err, folder=folder, stored=stored)
+
+
+def test_publish_to_a_directory(runs, tmp_path):
+    target = tmp_path / "shelf" / "tiny-lora"
+    result = publish(runs[0], to=target)
+    assert set(result["files"]) == PUBLISHED and not result["uploaded"]
+    assert "PATH/TO/THIS/FOLDER" in (target / "README.md").read_text()  # no repo id: the snippet says where to point
+    publish(runs[0], "alice/tiny-lora", to=target)  # a previous publish folder is replaced
+    assert "alice/tiny-lora" in (target / "README.md").read_text()
+    with pytest.raises(PublishError, match="replace the run itself"):
+        publish(runs[0], to=runs[0])
+    with pytest.raises(PublishError, match="replace the run itself"):
+        publish(runs[0], to=runs[0].parent)
+    with pytest.raises(PublishError, match="give one destination"):
+        publish(runs[0], to=tmp_path / "a", git_remote=str(tmp_path / "remote.git"))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "thesis.tex").write_text("mine")
+    with pytest.raises(PublishError, match="not a published adapter folder"):
+        publish(runs[0], to=tmp_path / "taken")
+    assert (tmp_path / "taken" / "thesis.tex").read_text() == "mine"
+
+
+@pytest.mark.parametrize("repo_id", ["alice", "alice/", "/etc", "../alice/x", "alice/../x", "alice/x/y", "alice/my repo", "alice/x.git",
+                                     "alice/-x", "alice/x--y", "alice/ünï", "alice\\x", "a" * 97 + "/x"])
+def test_repo_ids_are_validated_before_anything_happens(runs, hub, capsys, repo_id):
+    rc, out, err = cli(capsys, "publish", runs[0], "--repo-id", repo_id, "--endpoint", hub.url)
+    assert rc == 2 and "NAMESPACE/NAME" in err and not hub.requests
+
+
+def test_hub_publish_needs_a_repo_id(runs, capsys):
+    rc, out, err = cli(capsys, "publish", runs[0])
+    assert rc == 2 and "--repo-id" in err
+
+
+# --------------------------------------------------------------------------------------------------- Hub
+
+@pytest.mark.parametrize("path", ["upload-pipeline", "create-commit+lfs"])
+def test_publish_download_load_gives_the_same_logits(runs, hub_env, tmp_path, tiny_bert, monkeypatch, capsys, caplog, path):
+    """publish -> download into a fresh dir -> load (peftlab and plain peft) -> the logits of the original run.
+    Both upload paths of huggingface_hub: the streamed pipeline (hf_xet installed; every file inline in the commit) and,
+    as without hf_xet, create_commit with the weights through the legacy LFS batch protocol."""
+    import huggingface_hub._commit_api as commit_api
+    import huggingface_hub._upload_pipeline as pipeline
+    import huggingface_hub.hf_api as hf_api
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    calls = []
+    real = pipeline.pipelined_upload
+    monkeypatch.setattr(pipeline, "pipelined_upload", lambda *a, **k: calls.append(1) or real(*a, **k))
+    lfs = path != "upload-pipeline"
+    if lfs:
+        monkeypatch.setattr(hf_api, "is_xet_available", lambda: False)
+        monkeypatch.setattr(commit_api, "is_xet_available", lambda: False)
+    caplog.set_level(logging.DEBUG)
+    out = runs[0]
+    before = digest(out)
+    weights = (out / "adapter_model.safetensors").read_bytes()
+
+    with HubStandIn(SECRET, lifetime=120, lfs=lfs) as hub:
+        rc, printed, err = cli(capsys, "publish", out, "--repo-id", "alice/tiny-lora", "--endpoint", hub.url)
+        assert rc == 0, err
+        assert f"to {hub.url}/alice/tiny-lora" in printed and "commit" in printed
+        assert len(calls) == (not lfs)
+        assert list(hub.lfs_store.values()) == ([weights] if lfs else [])
+        stored = hub.files("alice/tiny-lora")
+        assert set(stored) == PUBLISHED | {".gitattributes"} and stored["adapter_model.safetensors"] == weights
+        assert digest(out) == before
+
+        local = load_adapter("alice/tiny-lora", endpoint=hub.url, local_dir=tmp_path / "download")
+        assert not hub.unhandled
+    assert local == tmp_path / "download" and PUBLISHED <= {p.name for p in local.iterdir()}
+    original = logits(load_trained(out)[0])
+    torch.testing.assert_close(logits(load_trained(local)[0]), original, atol=0, rtol=0)
+    base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    torch.testing.assert_close(logits(PeftModel.from_pretrained(base, str(local))), original, atol=1e-6, rtol=0)
+    assert_no_secret(printed, err, caplog.text, folder=local, stored=stored)
+
+
+def test_private_repo_on_a_branch(runs, hub, monkeypatch, tmp_path, capsys):
+    rc, out, err = cli(capsys, "publish", runs[0], "--repo-id", "alice/tiny-lora", "--private", "--revision", "exp/r4",
+                       "--endpoint", hub.url)
+    assert rc == 0, err
+    repo = hub.repos["alice/tiny-lora"]
+    assert repo.private and set(hub.files("alice/tiny-lora", "exp/r4")) == PUBLISHED | {".gitattributes"}
+    assert set(hub.files("alice/tiny-lora", "main")) == {".gitattributes"}
+    local = load_adapter("alice/tiny-lora", endpoint=hub.url, revision="exp/r4", local_dir=tmp_path / "dl")
+    assert (local / "adapter_model.safetensors").read_bytes() == (runs[0] / "adapter_model.safetensors").read_bytes()
+    monkeypatch.delenv("HF_TOKEN")
+    with pytest.raises(ArtifactError, match="private and you are not logged in"):
+        load_adapter("alice/tiny-lora", endpoint=hub.url, revision="exp/r4", local_dir=tmp_path / "anon")
+
+
+def test_existing_repo_needs_exist_ok(runs, hub, capsys):
+    assert cli(capsys, "publish", runs[0], "--repo-id", "alice/tiny-lora", "--endpoint", hub.url)[0] == 0
+    commits = len(hub.repos["alice/tiny-lora"].commits)
+    rc, out, err = cli(capsys, "publish", runs[0], "--repo-id", "alice/tiny-lora", "--endpoint", hub.url)
+    assert rc == 2 and "already exists" in err and "--exist-ok" in err and "published" not in out
+    rc, out, err = cli(capsys, "publish", runs[1], "--repo-id", "alice/tiny-lora", "--endpoint", hub.url, "--exist-ok")
+    assert rc == 0, err
+    assert len(hub.repos["alice/tiny-lora"].commits) == commits + 1
+    assert hub.files("alice/tiny-lora")["adapter_model.safetensors"] == (runs[1] / "adapter_model.safetensors").read_bytes()
+    assert cli(capsys, "publish", runs[1], "--repo-id", "alice/tiny-lora", "--endpoint", hub.url, "--exist-ok")[0] == 0
+    assert len(hub.repos["alice/tiny-lora"].commits) == commits + 1  # unchanged files: no new commit
+
+
+def test_refused_token_says_how_to_log_in(runs, hub, monkeypatch, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
+    wrong = "hf_" + "Wr0ng" * 7
+    monkeypatch.setenv("HF_TOKEN", wrong)
+    rc, out, err = cli(capsys, "publish", runs[0], "--repo-id", "alice/tiny-lora", "--endpoint", hub.url)
+    assert rc == 2 and "401" in err and "hf auth login" in err and "HF_TOKEN" in err and "Nothing was published" in err
+    assert "published" not in out and not hub.repos
+    assert wrong not in out + err + caplog.text
+
+    monkeypatch.delenv("HF_TOKEN")
+    hub.requests.clear()
+    rc, out, err = cli(capsys, "publish", runs[0], "--repo-id", "alice/tiny-lora", "--endpoint", hub.url)
+    assert rc == 2 and "no Hugging Face token" in err and "hf auth login" in err and not hub.requests
+
+
+def test_connection_dropped_during_the_commit(runs, hub_env, capsys, caplog):
+    caplog.set_level(logging.DEBUG)
+    out = runs[0]
+    before = digest(out)
+    with HubStandIn(SECRET, lifetime=120, drop_commit=True) as hub:
+        rc, printed, err = cli(capsys, "publish", out, "--repo-id", "alice/tiny-lora", "--endpoint", hub.url)
+        assert rc == 2 and "network error" in err and "did not complete" in err and "--exist-ok" in err
+        assert "published" not in printed
+        assert hub.commit_attempts == 1 + len(hub_env) and hub_env  # the client retried (with back-off), then gave up
+        assert set(hub.files("alice/tiny-lora")) == {".gitattributes"}
+    assert digest(out) == before  # the run directory is untouched: no publish folder, no staging left behind
+    assert_no_secret(printed, err, caplog.text)
+
+
+def test_card_refused_by_the_hub_uploads_nothing(runs, hub_env, capsys):
+    with HubStandIn(SECRET, lifetime=120, reject_card='"base_model" is not a valid model id') as hub:
+        rc, out, err = cli(capsys, "publish", runs[0], "--repo-id", "alice/tiny-lora", "--endpoint", hub.url)
+        assert rc == 2 and "refused the model card" in err and "base_model" in err and "Nothing was published" in err
+        assert set(hub.files("alice/tiny-lora")) == {".gitattributes"} and hub.commit_attempts == 0
+        assert not [p for _, p in hub.requests if "preupload" in p]
+
+
+def test_offline_mode_is_explained(runs, hub_env, monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(PublishError, match="HF_HUB_OFFLINE=1"):
+        publish(runs[0], "alice/tiny-lora", endpoint="http://127.0.0.1:9")
+
+
+def test_load_adapter_errors(runs, hub, tmp_path):
+    assert load_adapter(runs[0]) == runs[0]
+    with pytest.raises(ArtifactError, match="there is no repo alice/missing on the Hub"):
+        load_adapter("alice/missing", endpoint=hub.url, local_dir=tmp_path / "x")
+    with pytest.raises(ArtifactError, match="neither a folder nor a Hub repo id"):
+        load_adapter(str(tmp_path / "nope" / "deeper" / "run"))
+    (tmp_path / "half").mkdir()
+    with pytest.raises(ArtifactError, match="not a finished peftlab run"):
+        load_adapter(tmp_path / "half")
+
+
+# ----------------------------------------------------------------------------------------------- git remote
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git")
+def test_publish_to_a_git_remote(runs, tmp_path, capsys):
+    remote = tmp_path / "remote.git"
+    subprocess.run(["git", "init", "--quiet", "--bare", str(remote)], check=True)
+    rc, out, err = cli(capsys, "publish", runs[0], "--repo-id", "alice/tiny-lora", "--git-remote", remote)
+    assert rc == 0, err
+    assert "branch main" in out
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "--quiet", "--branch", "main", str(remote), str(clone)], check=True)
+    assert {p.name for p in clone.iterdir() if p.name != ".git"} == PUBLISHED
+    assert (clone / "adapter_model.safetensors").read_bytes() == (runs[0] / "adapter_model.safetensors").read_bytes()
+    log = subprocess.run(["git", "log", "--format=%s"], cwd=clone, capture_output=True, text=True, check=True).stdout
+    assert log.startswith("peftlab: ")
+
+    again = publish(runs[0], "alice/tiny-lora", git_remote=str(remote))
+    assert again["unchanged"]
+    branch = publish(runs[1], "alice/tiny-lora", git_remote=str(remote), revision="exp")
+    assert not branch["unchanged"] and branch["branch"] == "exp"
+    heads = subprocess.run(["git", "ls-remote", "--heads", str(remote)], capture_output=True, text=True, check=True).stdout
+    assert "refs/heads/main" in heads and "refs/heads/exp" in heads
+
+    with pytest.raises(PublishError, match="git clone failed") as e:
+        publish(runs[0], "alice/tiny-lora", git_remote=f"http://alice:{SECRET}@127.0.0.1:9/x.git")
+    assert SECRET not in str(e.value)
+
+
+# --------------------------------------------------------------------------------------------------- compose
+
+def test_compose_linear_1_0_is_the_first_adapter(runs, tmp_path, capsys):
+    first, second = (logits(load_trained(o)[0]) for o in runs)
+    assert (first - second).abs().max() > 1e-3  # two different adapters
+    rc, out, err = cli(capsys, "compose", runs[0], runs[1], "--weights", 1, 0, "--method", "linear", "--out", tmp_path / "c10")
+    assert rc == 0, err
+    torch.testing.assert_close(logits(load_trained(tmp_path / "c10")[0]), first, atol=1e-6, rtol=0)
+    compose(runs, [0, 1], tmp_path / "c01")
+    torch.testing.assert_close(logits(load_trained(tmp_path / "c01")[0]), second, atol=1e-6, rtol=0)
+    half = logits(load_trained(compose(runs, [0.5, 0.5], tmp_path / "half"))[0])
+    assert (half - first).abs().max() > 1e-5 and (half - second).abs().max() > 1e-5
+
+    run = json.loads((tmp_path / "c10" / "run.json").read_text())
+    assert run["composition"]["method"] == "linear" and run["composition"]["weights"] == [1.0, 0.0]
+    assert [s["path"] for s in run["composition"]["sources"]] == [str(o) for o in runs] and run["metrics"] == {}
+    assert (tmp_path / "c10" / "recipe.yaml").read_text() == (runs[0] / "recipe.yaml").read_text()
+    meta = check_card(card_text(tmp_path / "c10", "alice/composed"))
+    assert "model-index" not in meta  # nothing measured yet, nothing claimed
+
+
+@pytest.mark.parametrize("method", ["ties", "dare_linear"])
+def test_compose_other_methods_export_a_loadable_adapter(runs, tmp_path, method):
+    target = compose(runs, [0.6, 0.4], tmp_path / method, method=method, density=0.5)
+    assert torch.isfinite(logits(load_trained(target)[0])).all()
+    assert json.loads((target / "run.json").read_text())["composition"]["density"] == 0.5
+
+
+def test_compose_refuses_mismatched_runs(runs, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(runs[1], other)
+    run = json.loads((other / "run.json").read_text())
+    run["label_names"] = ["a", "b"]
+    (other / "run.json").write_text(json.dumps(run))
+    with pytest.raises(PeftlabError, match="same base model and labels"):
+        compose([runs[0], other], [0.5, 0.5], tmp_path / "c")
+    with pytest.raises(PeftlabError, match="one weight per run"):
+        compose(runs, [1.0], tmp_path / "c")
+    with pytest.raises(PeftlabError, match="one of the inputs"):
+        compose(runs, [1, 0], runs[1])

@@ -1,0 +1,298 @@
+"""Summarization: loss masking on the token level, seq2seq (T5, BART, BERT2BERT) and causal (Llama) LoRA, generation
+-> ROUGE -> predictions JSONL, the ROUGE module against rouge_score, save/reload and merge equality, a real-model smoke."""
+
+from __future__ import annotations
+
+import csv
+import json
+import random
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from peftlab import build_data, build_model, export, load_recipe, load_splits, load_trained, merge, run
+from peftlab.errors import ConfigError
+
+from .conftest import REPO, minilm_tokenizer, shared_or_skip
+
+NAMES = ["Anna", "Tom", "Mia", "Leo", "Eva", "Sam", "Ben", "Zoe"]
+ITEMS = ["cake", "keys", "book", "car", "tickets", "laptop", "guitar", "map"]
+DAYS = ["today", "tomorrow", "on Monday", "at noon", "tonight"]
+
+
+def dialogue_rows(n: int, seed: int) -> list[dict]:
+    """Short dialogues whose summary copies a name, an object and a time from them: learnable from few examples."""
+    rng = random.Random(seed)
+    rows = []
+    for i in range(n):
+        a, b = rng.sample(NAMES, 2)
+        item, day = rng.choice(ITEMS), rng.choice(DAYS)
+        rows.append({"id": i, "dialogue": f"{a}: Can you bring the {item} {day}?\n{b}: Sure, I will bring the {item}.\n{a}: Thanks!",
+                     "summary": f"{b} will bring the {item} {day} for {a}."})
+    return rows
+
+
+def write_csv(path: Path, rows: list[dict]) -> Path:
+    with path.open("w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=["id", "dialogue", "summary"])
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+@pytest.fixture(scope="module")
+def dialogues(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("samsum-like")
+    long_row = {"id": 999, "dialogue": "Anna: " + " ".join(["blah"] * 200), "summary": "Anna talks a lot."}
+    return {"train": write_csv(d / "train.csv", dialogue_rows(48, 1)), "eval": write_csv(d / "eval.csv", dialogue_rows(6, 2) + [long_row])}
+
+
+def _save(model, tok, d: Path) -> Path:
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def tiny_t5(tmp_path_factory) -> Path:
+    from transformers import T5Config, T5ForConditionalGeneration
+
+    torch.manual_seed(0)
+    tok = minilm_tokenizer()
+    cfg = T5Config(vocab_size=tok.vocab_size, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_heads=4, dropout_rate=0.0,
+                   pad_token_id=tok.pad_token_id, eos_token_id=tok.sep_token_id, decoder_start_token_id=tok.pad_token_id)
+    return _save(T5ForConditionalGeneration(cfg), tok, tmp_path_factory.mktemp("tiny-t5"))
+
+
+@pytest.fixture(scope="module")
+def tiny_bart(tmp_path_factory) -> Path:
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    torch.manual_seed(0)
+    tok = minilm_tokenizer()
+    cfg = BartConfig(vocab_size=tok.vocab_size, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
+                     decoder_attention_heads=4, encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=256, dropout=0.0,
+                     attention_dropout=0.0, activation_dropout=0.0, pad_token_id=tok.pad_token_id, bos_token_id=tok.cls_token_id,
+                     eos_token_id=tok.sep_token_id, decoder_start_token_id=tok.sep_token_id, forced_eos_token_id=None)
+    return _save(BartForConditionalGeneration(cfg), tok, tmp_path_factory.mktemp("tiny-bart"))
+
+
+@pytest.fixture
+def make_sum_recipe(tmp_path, dialogues):
+    def make(model: Path, overrides: dict | None = None, name: str = "out"):
+        tree = {
+            "name": "s", "output_dir": str(tmp_path / name), "model": {"name": str(model)},
+            "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "data": {"train": str(dialogues["train"]), "eval": str(dialogues["eval"]), "text_columns": ["dialogue"],
+                     "target_column": "summary", "max_length": 48, "max_target_length": 24},
+            "task": {"type": "summarization"},
+            "train": {"max_steps": 3, "batch_size": 8, "lr": 1e-2, "log_every": 1, "warmup_fraction": 0.0},
+            "eval": {"batch_size": 4, "max_new_tokens": 8},
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        return load_recipe(path, [f"{k}={'null' if v is None else v}" for k, v in (overrides or {}).items()])
+
+    return make
+
+
+def built(recipe):
+    splits, names = load_splits(recipe)
+    model, tok, info = build_model(recipe, num_labels=len(names), label_names=names)
+    return model, tok, info, build_data(recipe, tok, splits=splits, label_names=names)
+
+
+def logits(model, data, n: int = 4) -> torch.Tensor:
+    batch = data.collate([data.eval[i] for i in range(n)])
+    with torch.no_grad():
+        return model.eval()(**batch).logits.float()
+
+
+# ------------------------------------------------------------------------------------------------ config, data
+
+def test_recipe_defaults_and_validation(make_sum_recipe, tiny_llama):
+    r = make_sum_recipe(tiny_llama)
+    assert r.train.best_metric == "loss"  # the task's default, resolved into the written recipe
+    with pytest.raises(ConfigError) as e:
+        make_sum_recipe(tiny_llama, {"data.target_column": None, "task.prompt": "no slot", "train.best_metric": "rougeL",
+                                     "eval.num_beams": 0})
+    msg = str(e.value)
+    for needle in ("data.target_column is not set", "must contain {source}", "train.best_metric='rougeL'", "eval.num_beams=0"):
+        assert needle in msg, msg
+    with pytest.raises(ConfigError, match="encoder-decoder warm start is for summarization"):
+        load_recipe(None, ["model.decoder=minilm"], validate_files=False)
+
+
+def test_causal_loss_is_masked_to_the_summary_tokens(make_sum_recipe, tiny_llama):
+    recipe = make_sum_recipe(tiny_llama)
+    splits, _ = load_splits(recipe)
+    assert set(splits["train"].column_names) == {"text", "target"}  # no label encoding for a text target
+    tok = minilm_tokenizer()
+    data = build_data(recipe, tok, splits=splits, label_names=[])
+    row = data.train[0]
+    prompt = tok("Summarize this dialogue:\n" + row["text"] + "\nSummary: ", add_special_tokens=False)["input_ids"]
+    summary = tok(row["target"], add_special_tokens=False)["input_ids"]
+    eos = tok.sep_token_id  # MiniLM's tokenizer has no EOS: [SEP] ends the summary
+    assert row["prompt_length"] == len(prompt)
+    assert row["input_ids"] == prompt + summary + [eos]
+    assert row["labels"] == [-100] * len(prompt) + summary + [eos]  # prompt masked; summary and EOS scored
+
+    batch = data.collate([data.train[i] for i in range(4)])
+    pad = batch["attention_mask"] == 0
+    assert pad.any() and (batch["labels"][pad] == -100).all() and (batch["input_ids"][pad] == tok.pad_token_id).all()
+    scored = (batch["labels"] != -100).sum(1).tolist()
+    assert scored == [len(data.train[i]["labels"]) - data.train[i]["prompt_length"] for i in range(4)]
+
+    gen = data.eval_collate([data.eval[i] for i in range(3)])  # prompts alone, left-padded, for generation
+    for i in range(3):
+        n = data.eval[i]["prompt_length"]
+        assert gen["gen_input_ids"][i, -n:].tolist() == data.eval[i]["input_ids"][:n]
+        assert gen["gen_attention_mask"][i].tolist() == [0] * (gen["gen_input_ids"].shape[1] - n) + [1] * n
+    assert gen["target"][0] == data.eval[0]["target"] and "text" in gen and "row" in gen
+
+    # with task.chat_template the prompt is the tokenizer's chat rendering of the user turn (and still masked)
+    tok.chat_template = ("{% for m in messages %}<|user|> {{ m['content'] }} {% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+    chat = build_data(make_sum_recipe(tiny_llama, {"task.chat_template": True}, name="chat"), tok).train[0]
+    rendered = tok.apply_chat_template([{"role": "user", "content": "Summarize this dialogue:\n" + row["text"] + "\nSummary: "}],
+                                       tokenize=False, add_generation_prompt=True)
+    assert rendered.startswith("<|user|>") and chat["prompt_length"] == len(tok(rendered, add_special_tokens=False)["input_ids"])
+    assert chat["labels"] == [-100] * chat["prompt_length"] + summary + [eos]
+
+    # the model's loss covers exactly the scored tokens
+    model, *_ = build_model(recipe, num_labels=0, label_names=[])
+    from peftlab.tasks.summarization import row_losses
+
+    with torch.no_grad():
+        out = model(**batch)
+    sums, counts = row_losses(out.logits, batch["labels"], shift=True)
+    torch.testing.assert_close(out.loss, sums.sum() / counts.sum(), rtol=1e-5, atol=1e-6)
+    assert counts.tolist() == scored
+
+
+def test_seq2seq_labels_and_truncation(make_sum_recipe, tiny_t5, tiny_bert):
+    tok = minilm_tokenizer()
+    recipe = make_sum_recipe(tiny_t5, {"task.prompt": "'summarize: {source}'"})
+    data = build_data(recipe, tok)
+    row = data.train[0]
+    assert row["input_ids"] == tok("summarize: " + row["text"])["input_ids"]
+    assert row["labels"] == tok(row["target"])["input_ids"] and row["labels"][-1] == tok.sep_token_id
+    long = [r for r in data.eval if r["row"] == 6][0]  # the 200-word dialogue
+    assert long["truncated"] and sum(data.eval["truncated"]) == 1
+    template = len(tok("summarize:", add_special_tokens=False)["input_ids"]) + 2  # + [CLS] and [SEP]
+    assert len(tok(long["text"], add_special_tokens=False)["input_ids"]) > 48 and len(long["input_ids"]) == 48 + template
+    # BERT2BERT: [CLS] is the decoder start token, so the labels begin with the first summary token
+    b2b = build_data(make_sum_recipe(tiny_bert, {"model.decoder": str(tiny_bert)}, name="b2b"), tok)
+    assert b2b.train[0]["labels"] == tok(b2b.train[0]["target"])["input_ids"][1:]
+
+
+# ------------------------------------------------------------------------------------------------------- ROUGE
+
+def test_rouge_module_matches_rouge_score():
+    from rouge_score import rouge_scorer
+
+    from peftlab.metrics import rouge_metrics
+
+    preds = ["Anna will bring the cake tomorrow. Tom is happy!", "the keys are lost", "", "Running dogs ran home."]
+    refs = ["Tom will bring the cake tomorrow for Anna.", "Leo lost his keys. He is sad.", "Mia is late.", "The dog runs home."]
+    got = rouge_metrics(preds, refs)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL", "rougeLsum"], use_stemmer=True)
+    lines = lambda t: "\n".join(s for s in re.split(r"(?<=[.!?])\s+", t) if s)  # one sentence per line, for Lsum
+    want = [scorer.score(lines(r), lines(p)) for p, r in zip(preds, refs)]
+    for k in ("rouge1", "rouge2", "rougeL", "rougeLsum"):
+        assert got[k] == pytest.approx(sum(w[k].fmeasure for w in want) / len(want), abs=1e-12), k
+    assert got["rougeLsum"] != got["rougeL"]  # sentences matter for Lsum
+    assert rouge_metrics(["same words here"], ["same words here"])["rouge2"] == pytest.approx(1.0)
+    assert rouge_metrics(["running"], ["runs"])["rouge1"] == pytest.approx(1.0)  # Porter stemming
+
+
+# ----------------------------------------------------------------------------------------- train -> generate -> ROUGE
+
+@pytest.mark.parametrize("family", ["t5", "bart", "llama"])
+def test_generate_rouge_predictions_and_merge(family, make_sum_recipe, request):
+    from peftlab.metrics import rouge_metrics
+    from peftlab.run import evaluate
+
+    base = request.getfixturevalue({"t5": "tiny_t5", "bart": "tiny_bart", "llama": "tiny_llama"}[family])
+    recipe = make_sum_recipe(base, {"eval.num_beams": 2, "eval.no_repeat_ngram_size": 2}, name=family)
+    summary = run(recipe)
+    m = summary["metrics"]["eval"]
+    assert {"loss", "rouge1", "rouge2", "rougeL", "rougeLsum", "gen_words"} <= set(m)
+    out = recipe.out
+    rows = [json.loads(line) for line in (out / "predictions-eval.jsonl").read_text().splitlines()]
+    with open(recipe.data.eval.path, encoding="utf-8") as f:
+        expected = [r["summary"] for r in csv.DictReader(f)]
+    assert [r["row"] for r in rows] == list(range(7)) and [r["reference"] for r in rows] == expected  # data order
+    assert all(isinstance(r["prediction"], str) and r["source"] for r in rows)
+    assert rouge_metrics([r["prediction"] for r in rows], expected)["rougeL"] == pytest.approx(m["rougeL"])
+    history = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [h for h in history if h["kind"] == "eval"] and "rougeL" not in history[-1]  # training evals: loss only
+
+    adapter_model, tok, *_ = load_trained(out)
+    data = build_data(load_recipe(out / "recipe.yaml", validate_files=False), tok)
+    target = merge(out)
+    merged_model, *_ = load_trained(target)
+    assert not any("lora" in k for k, _ in merged_model.named_parameters())
+    diff = (logits(adapter_model, data) - logits(merged_model, data)).abs().max().item()
+    assert diff <= 1e-4, diff
+    assert evaluate(target)["loss"] == pytest.approx(m["loss"], rel=1e-4)  # `peftlab eval` on the merged folder
+    assert (target / "predictions-eval.jsonl").is_file()
+
+
+def test_bert2bert_trains_new_cross_attention_and_reloads_exactly(make_sum_recipe, tiny_bert):
+    from accelerate import Accelerator
+
+    from peftlab.train import train
+
+    recipe = make_sum_recipe(tiny_bert, {"model.decoder": str(tiny_bert), "adapter.target_modules": "[query,value]"}, name="b2b")
+    model, tok, info, data = built(recipe)
+    from transformers import EncoderDecoderModel
+
+    base = model.get_base_model()
+    assert isinstance(base, EncoderDecoderModel) and model.peft_config["default"].task_type == "SEQ_2_SEQ_LM"
+    assert base.config.decoder_start_token_id == tok.cls_token_id and base.generation_config.eos_token_id == tok.sep_token_id
+    assert len([h for h in info.head_modules if h.endswith("crossattention")]) == 2  # one per decoder layer
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    trainable = {k for k, v in model.named_parameters() if v.requires_grad}
+    assert all("lora_" in k or ("modules_to_save" in k and ("crossattention" in k or "transform" in k)) for k in trainable), trainable
+    assert not any("crossattention" in k and "lora_" in k for k in trainable)  # new layers are trained in full, not adapted
+
+    model, _ = train(recipe, model, data, Accelerator(cpu=True), recipe.out)
+    after = dict(model.named_parameters())
+    changed = {k for k in before if not torch.equal(before[k], after[k].detach())}
+    assert changed <= trainable and any("crossattention" in k for k in changed) and any("lora_B" in k for k in changed)
+    want = logits(model, data)
+    export(recipe.out, model, tok, recipe, {"label_names": [], "precision": "fp32"}, {})
+    again, *_ = load_trained(recipe.out)
+    torch.testing.assert_close(logits(again, data), want, atol=1e-5, rtol=0)
+    merged, *_ = load_trained(merge(recipe.out))
+    assert type(merged).__name__ == "EncoderDecoderModel"
+    assert (logits(merged, data) - want).abs().max().item() <= 1e-4
+
+    from peftlab.tasks.summarization import generate
+
+    batch = data.eval_collate([data.eval[i] for i in range(2)])
+    extras = {k: batch.pop(k) for k in ("text", "target", "row")}
+    texts = generate(merged, tok, batch, extras, recipe.eval, Accelerator(cpu=True))
+    assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+# ---------------------------------------------------------------------------------------------- real model, real data
+
+def test_stories260k_samsum_end_to_end(tmp_path, monkeypatch):
+    shared_or_skip("models", "stories260k", "config.json")
+    shared_or_skip("data", "samsum", "train.csv")
+    monkeypatch.chdir(REPO)
+    recipe = load_recipe(REPO / "recipes" / "stories260k" / "samsum-lora.yaml", [
+        "data.train.max_samples=32", "data.eval.max_samples=4", "data.max_length=96", "train.max_steps=3", "train.batch_size=8",
+        "train.log_every=1", "eval.max_new_tokens=8", "export.merge=false", f"output_dir={tmp_path / 'out'}"])
+    summary = run(recipe)
+    m = summary["metrics"]["eval"]
+    assert 0 < m["loss"] < 10 and 0 <= m["rougeL"] <= 1
+    losses = [json.loads(x)["loss"] for x in (recipe.out / "log.jsonl").read_text().splitlines() if '"kind": "train"' in x]
+    assert len(losses) == 3 and all(0 < x < 10 for x in losses)
+    rows = (recipe.out / "predictions-eval.jsonl").read_text().splitlines()
+    assert len(rows) == 4 and all(json.loads(r)["reference"] for r in rows)
