@@ -57,9 +57,18 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from .hub import load_adapter
     from .run import evaluate
 
-    metrics = evaluate(args.out, split=args.split, overrides=args.overrides)
+    if args.out and "=" in args.out:  # `eval --adapter ID KEY=VALUE`: the first override lands in `out`
+        args.overrides, args.out = [args.out, *args.overrides], None
+    target = args.adapter or args.out
+    if not target:
+        raise PeftlabError("eval needs a run folder (peftlab eval runs/NAME) or an adapter (--adapter NAMESPACE/NAME or a folder).")
+    folder = load_adapter(target, endpoint=args.endpoint, revision=args.revision)
+    local = Path(target).expanduser().is_dir()
+    results = None if local else Path("runs") / "eval" / target.replace("/", "__")  # never write into the download cache
+    metrics = evaluate(folder, split=args.split, overrides=args.overrides, results_dir=results)
     print(json.dumps({"split": args.split, **metrics}, indent=2))
     return 0
 
@@ -167,8 +176,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-processes", type=int, metavar="N", help="processes for --launch (default: every GPU; cpu-ddp: 2)")
     t.set_defaults(fn=cmd_train)
 
-    e = sub.add_parser("eval", help="evaluate a finished run (adapter, full model or merged folder)")
-    e.add_argument("out", help="output directory of a run, e.g. runs/sst2-lora or runs/sst2-lora/merged")
+    e = sub.add_parser("eval", help="evaluate a finished run (adapter, full model or merged folder) or a published adapter")
+    e.add_argument("out", nargs="?", help="output directory of a run (runs/sst2-lora, runs/sst2-lora/merged) or a hub id")
+    e.add_argument("--adapter", help="a published adapter: hub id NAMESPACE/NAME (downloaded) or a folder; the base model comes "
+                   "from its recipe unless you override model.name=...")
+    e.add_argument("--endpoint", help="hub endpoint (default: huggingface.co or HF_ENDPOINT)")
+    e.add_argument("--revision", help="hub revision of --adapter")
     e.add_argument("--split", default="eval", choices=("eval", "test"))
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.eval.path=other.tsv")
     e.set_defaults(fn=cmd_eval)

@@ -185,10 +185,11 @@ def read_run(out: Path) -> tuple[Recipe, dict]:
     return recipe, json.loads((out / "run.json").read_text())
 
 
-def load_trained(out: Path, *, dequantize: bool = False):
+def load_trained(out: Path, *, dequantize: bool = False, recipe: Recipe | None = None):
     """Rebuild the trained model from an output directory -> (model in eval mode, tokenizer, recipe, run.json).
 
-    `dequantize=True` swaps a quantized base's layers for float copies of their dequantized weights before the
+    `recipe` overrides the run's own (e.g. another model.name for the base); `dequantize=True` swaps a quantized base's
+    layers for float copies of their dequantized weights before the
     adapter is attached (what merge needs: peft then builds plain LoRA layers that merge exactly)."""
     from peft import PeftModel
 
@@ -196,7 +197,8 @@ def load_trained(out: Path, *, dequantize: bool = False):
     from .tasks import get_task
 
     out = Path(out)
-    recipe, run = read_run(out)
+    saved, run = read_run(out)
+    recipe = recipe or saved
     task = get_task(recipe.task.type)
     tokenizer = load_tokenizer(str(out), recipe)
     labels = run["label_names"]

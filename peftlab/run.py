@@ -37,14 +37,17 @@ def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
                             f"--overwrite, or choose another one: output_dir=DIR (or name=NEW_NAME).")
 
 
-def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple = ()) -> dict:
-    """Evaluate a finished run (adapter, full model or merged folder) on a split of its recipe's data -> metrics."""
+def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple = (), results_dir: str | Path | None = None) -> dict:
+    """Evaluate a finished run (adapter, full model or merged folder) on a split of its recipe's data -> metrics.
 
+    `overrides` change the run's recipe (other data, another base via model.name); eval-SPLIT.json (and predictions)
+    are written to `results_dir`, by default the run folder itself."""
     out = Path(out)
     recipe, run = read_run(out)
     if overrides:
         recipe = load_recipe(out / "recipe.yaml", list(overrides))
-    model, tokenizer, _, _ = load_trained(out)
+    results = Path(results_dir) if results_dir else out
+    model, tokenizer, _, _ = load_trained(out, recipe=recipe)
     splits, _ = load_splits_for(recipe, split, run["label_names"])
     data = build_data(recipe, tokenizer, splits=splits, label_names=run["label_names"])
     accelerator = make_accelerator(recipe, run["precision"])
@@ -55,8 +58,8 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     rows = report.pop("predictions", None)  # generative tasks: one JSON line per row, beside the report
     if accelerator.is_main_process:
         if rows is not None:
-            atomic_write_text(out / f"predictions-{split}.jsonl", predictions_jsonl(rows))
-        atomic_write_text(out / f"eval-{split}.json", json.dumps({"metrics": metrics, "report": report}, indent=2))
+            atomic_write_text(results / f"predictions-{split}.jsonl", predictions_jsonl(rows))
+        atomic_write_text(results / f"eval-{split}.json", json.dumps({"metrics": metrics, "report": report}, indent=2))
     return metrics
 
 

@@ -446,3 +446,19 @@ def test_compose_refuses_mismatched_runs(runs, tmp_path):
         compose(runs, [1.0], tmp_path / "c")
     with pytest.raises(PeftlabError, match="one of the inputs"):
         compose(runs, [1, 0], runs[1])
+
+
+def test_eval_a_published_adapter_by_id(runs, hub, monkeypatch, tmp_path, capsys, tiny_bert):
+    """`peftlab eval --adapter NAMESPACE/NAME`: download, rebuild on the base named by its recipe, same metrics;
+    results go to runs/eval/..., never into the download cache. model.name=... overrides the base."""
+    rc, _, err = cli(capsys, "publish", runs[0], "--repo-id", "alice/tiny-lora", "--endpoint", hub.url)
+    assert rc == 0, err
+    monkeypatch.chdir(tmp_path)
+    rc, printed, err = cli(capsys, "eval", "--adapter", "alice/tiny-lora", "--endpoint", hub.url, f"model.name={tiny_bert}")
+    assert rc == 0, err
+    metrics = json.loads(printed)
+    expected = json.loads((runs[0] / "metrics.json").read_text())["eval"]
+    assert metrics["accuracy"] == pytest.approx(expected["accuracy"]) and metrics["loss"] == pytest.approx(expected["loss"], abs=1e-5)
+    assert (tmp_path / "runs" / "eval" / "alice__tiny-lora" / "eval-eval.json").is_file()
+    rc, _, err = cli(capsys, "eval", "--adapter", "alice/missing", "--endpoint", hub.url)
+    assert rc == 2 and "no repo alice/missing" in err
