@@ -102,7 +102,16 @@ def quantization_config(recipe: Recipe, precision: str, skip_modules: list[str])
         bnb_4bit_use_double_quant=q.double_quant,
         bnb_4bit_compute_dtype=compute_dtype(recipe, precision),
         llm_int8_skip_modules=skip_modules,  # new heads are not in the checkpoint: keep them full precision
+        # FSDP flattens only float tensors of one dtype: under it, pack the 4-bit weights in the other weights' dtype
+        bnb_4bit_quant_storage=DTYPES[recipe.model.dtype] if under_fsdp() else torch.uint8,
     )
+
+
+def under_fsdp() -> bool:
+    """Set by `accelerate launch` with an FSDP config (the model is built before the Accelerator wraps it)."""
+    import os
+
+    return os.environ.get("ACCELERATE_USE_FSDP", "").lower() in ("1", "true")
 
 
 def disable_cpu_bf16_repack(model: nn.Module) -> int:

@@ -76,3 +76,14 @@ def test_8bit_merge_matches(make_recipe):
     merged, *_ = load_trained(merge(recipe.out))
     diff = (logits(adapter_model) - logits(merged)).abs().max().item()
     assert diff <= 1e-3, diff
+
+
+def test_fsdp_packs_4bit_weights_in_the_model_dtype(monkeypatch):
+    """FSDP flattens float tensors of one dtype only: under it, 4-bit storage follows model.dtype (uint8 otherwise)."""
+    from peftlab import load_recipe
+    from peftlab.model import quantization_config
+
+    recipe = load_recipe(None, ["quant.mode=4bit", "model.dtype=bfloat16"], validate_files=False)
+    assert quantization_config(recipe, "bf16", ["classifier"]).bnb_4bit_quant_storage == torch.uint8
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert quantization_config(recipe, "bf16", ["classifier"]).bnb_4bit_quant_storage == torch.bfloat16
