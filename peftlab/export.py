@@ -185,7 +185,7 @@ def read_run(out: Path) -> tuple[Recipe, dict]:
     return recipe, json.loads((out / "run.json").read_text())
 
 
-def load_trained(out: Path, *, dequantize: bool = False, recipe: Recipe | None = None):
+def load_trained(out: Path, *, dequantize: bool = False, recipe: Recipe | None = None, adapter_name: str = "default"):
     """Rebuild the trained model from an output directory -> (model in eval mode, tokenizer, recipe, run.json).
 
     `recipe` overrides the run's own (e.g. another model.name for the base); `dequantize=True` swaps a quantized base's
@@ -212,7 +212,7 @@ def load_trained(out: Path, *, dequantize: bool = False, recipe: Recipe | None =
             base = base.dequantize()
             log.info("base was quantized (%s): merging into a dequantized copy of it", recipe.quant.mode)
         base.config.pad_token_id = tokenizer.pad_token_id
-        model = PeftModel.from_pretrained(base, str(out))
+        model = PeftModel.from_pretrained(base, str(out), adapter_name=adapter_name)
     else:
         model = task.auto_model_class.from_pretrained(str(out), use_safetensors=True)
     return model.eval(), tokenizer, recipe, run

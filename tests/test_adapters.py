@@ -1,0 +1,38 @@
+"""Several adapters on one base: switching reproduces each adapter alone; a mixed batch gives each row its adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from peftlab import load_trained
+from peftlab.adapters import load_adapters
+from peftlab.errors import ArtifactError
+
+from .test_export import logits
+from .test_hub import runs  # noqa: F401  (two LoRA runs of the tiny BERT that differ by seed)
+
+TEXTS = ("the movie was good", "a bad and boring plot", "really quite lovely")
+
+
+def test_switch_and_mixed_batch_match_each_adapter_alone(runs):  # noqa: F811
+    alone = [logits(load_trained(out)[0], TEXTS) for out in runs]
+    assert not torch.allclose(alone[0], alone[1])  # the two adapters really differ
+    model, tokenizer = load_adapters({"a": runs[0], "b": runs[1]})
+    assert set(model.peft_config) == {"a", "b"} and model.active_adapter == "a"
+    torch.testing.assert_close(logits(model, TEXTS), alone[0], atol=1e-6, rtol=0)
+    model.set_adapter("b")
+    torch.testing.assert_close(logits(model, TEXTS), alone[1], atol=1e-6, rtol=0)
+    batch = tokenizer(list(TEXTS), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        mixed = model(**batch, adapter_names=["a", "b", "a"]).logits
+    expected = torch.stack([alone[0][0], alone[1][1], alone[0][2]])
+    torch.testing.assert_close(mixed, expected, atol=1e-6, rtol=0)
+
+
+def test_adapters_of_different_label_counts_are_refused(runs, make_recipe, tmp_path):  # noqa: F811
+    from peftlab import run
+
+    four = run(make_recipe({"data.label_names": "[a,b,c,d]", "train.max_steps": 1, "output_dir": tmp_path / "four"}))
+    with pytest.raises(ArtifactError, match="share the base and the number of labels"):
+        load_adapters({"two": runs[0], "four": four["output_dir"]})
