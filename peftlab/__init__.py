@@ -9,6 +9,7 @@
 The building blocks are public too: build_model, build_data, train, export.
 """
 
+from .adapters import load_adapters
 from .config import Recipe, load_recipe, validate
 from .data import build_data, load_splits
 from .errors import ArtifactError, ConfigError, DataError, ModelError, PeftlabError
@@ -20,4 +21,5 @@ from .train import train
 
 __version__ = "0.1.0"
 __all__ = ["Recipe", "load_recipe", "validate", "build_model", "build_data", "load_splits", "train", "run", "evaluate",
-           "export", "merge", "load_trained", "publish", "load_adapter", "compose", "PeftlabError", "ConfigError", "DataError", "ModelError", "ArtifactError"]
+           "export", "merge", "load_trained", "publish", "load_adapter", "load_adapters", "compose",
+           "PeftlabError", "ConfigError", "DataError", "ModelError", "ArtifactError"]
