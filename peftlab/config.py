@@ -52,16 +52,23 @@ class QuantConfig:
     compute_dtype: str = opt("auto", "Dtype of 4-bit matmuls; auto follows train.precision.", ("auto", "float32", "bfloat16", "float16"))
 
 
+PEFT_METHODS = ("lora", "ia3", "loha", "lokr", "vera", "oft", "prompt_tuning", "prefix_tuning", "p_tuning")
+PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")  # virtual tokens: nothing to merge into the weights
+ADAPTER_METHODS = (*PEFT_METHODS, "full", "frozen")
+
+
 @dataclass
 class AdapterConfig:
-    method: str = opt("lora", "lora (peft adapter), full (full fine-tuning) or frozen (backbone frozen, head trained).", ("lora", "full", "frozen"))
+    method: str = opt("lora", "A peft method (lora, ia3, loha, lokr, vera, oft, prompt_tuning, prefix_tuning, p_tuning) or a "
+                      "baseline: full (every weight trained), frozen (backbone frozen, head trained).", ADAPTER_METHODS)
     r: int = opt(8, "LoRA rank.")
     alpha: float = opt(16, "LoRA scaling numerator (scale = alpha/r, or alpha/sqrt(r) with use_rslora).")
     dropout: float = opt(0.1, "Dropout on the LoRA input, in [0, 1).")
     target_modules: list[str] | None = opt(None, "Module names to adapt; null = the architecture's default (peft's table), 'all-linear' = every linear layer.")
     use_rslora: bool = opt(False, "Rank-stabilised LoRA scaling alpha/sqrt(r).")
     use_dora: bool = opt(False, "DoRA: weight-decomposed LoRA (magnitude + direction).")
-    options: dict = opt({}, "Extra keyword arguments passed straight to peft's LoraConfig (e.g. {init_lora_weights: pissa}).")
+    num_virtual_tokens: int = opt(20, "Virtual tokens of prompt_tuning, prefix_tuning and p_tuning.")
+    options: dict = opt({}, "Extra keyword arguments passed straight to the method's peft config, e.g. {init_lora_weights: pissa}.")
 
 
 @dataclass
@@ -340,6 +347,7 @@ def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = N
 
     a, t, d, q, m = recipe.adapter, recipe.train, recipe.data, recipe.quant, recipe.model
     need(a.r >= 1, f"adapter.r={a.r}: the LoRA rank must be >= 1 (typical: 4-64).")
+    need(a.num_virtual_tokens >= 1, f"adapter.num_virtual_tokens={a.num_virtual_tokens}: must be >= 1 (typical: 10-50).")
     need(a.alpha > 0, f"adapter.alpha={a.alpha}: must be > 0 (typical: 2 x r).")
     need(0 <= a.dropout < 1, f"adapter.dropout={a.dropout}: must be in [0, 1).")
     need(t.lr > 0, f"train.lr={t.lr}: must be > 0 (LoRA: ~1e-4 to 1e-3; full fine-tuning: ~2e-5).")

@@ -226,6 +226,11 @@ def merge(out: Path, *, force: bool = False) -> Path:
     if not (out / "adapter_config.json").is_file():
         log.info("%s holds a standalone model (method %s): nothing to merge, load it directly.", out, run.get("method"))
         return out
+    peft_type = json.loads((out / "adapter_config.json").read_text()).get("peft_type", "")
+    if peft_type in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"):
+        raise ArtifactError(f"{out} holds a {peft_type.lower()} adapter: it adds virtual tokens to the input, so there is "
+                            "nothing to fold into the weights. Load it as it is: PeftModel.from_pretrained(base, OUT), or "
+                            "`peftlab eval OUT`.")
     target = out / "merged"
     adapter_sha = sha256(out / "adapter_model.safetensors")
     stamp = target / "merge.json"

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import Recipe
+from .config import PROMPT_METHODS, Recipe
 from .errors import ModelError, ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -147,6 +147,21 @@ def default_target_modules(model: nn.Module) -> list[str] | str:
     return TABLE.get(getattr(config, "model_type", None), "all-linear")
 
 
+# method -> (peft config class, the recipe fields it takes); adapter.options are passed through on top
+PEFT_CONFIGS = {
+    "lora": ("LoraConfig", lambda a: dict(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, use_rslora=a.use_rslora,
+                                          use_dora=a.use_dora)),
+    "ia3": ("IA3Config", lambda a: {}),
+    "loha": ("LoHaConfig", lambda a: dict(r=a.r, alpha=a.alpha, rank_dropout=a.dropout)),
+    "lokr": ("LoKrConfig", lambda a: dict(r=a.r, alpha=a.alpha, rank_dropout=a.dropout)),
+    "vera": ("VeraConfig", lambda a: dict(r=a.r, vera_dropout=a.dropout)),
+    "oft": ("OFTConfig", lambda a: dict(r=a.r, oft_block_size=0, module_dropout=a.dropout)),
+    "prompt_tuning": ("PromptTuningConfig", lambda a: dict(num_virtual_tokens=a.num_virtual_tokens)),
+    "prefix_tuning": ("PrefixTuningConfig", lambda a: dict(num_virtual_tokens=a.num_virtual_tokens)),
+    "p_tuning": ("PromptEncoderConfig", lambda a: dict(num_virtual_tokens=a.num_virtual_tokens)),
+}
+
+
 def apply_adapter(model: nn.Module, recipe: Recipe, head_modules: list[str], task_type: str) -> nn.Module:
     """Wrap `model` for the recipe's method: a peft adapter, full fine-tuning or a frozen backbone."""
     a = recipe.adapter
@@ -158,20 +173,29 @@ def apply_adapter(model: nn.Module, recipe: Recipe, head_modules: list[str], tas
         for name, p in model.named_parameters():
             p.requires_grad_(any(name.startswith(h + ".") for h in head_modules))
         return model
-    from peft import LoraConfig, get_peft_model
+    import peft
 
-    targets = a.target_modules if a.target_modules is not None else default_target_modules(model)
-    if targets == ["all-linear"]:
-        targets = "all-linear"
+    if a.method == "prefix_tuning" and task_type == "SEQ_CLS":
+        # peft's sequence-classification wrapper passes past_key_values to the backbone, whose forward (transformers 5)
+        # no longer names it: the first training step would fail with "Model does not support past key values".
+        raise ModelError("adapter.method=prefix_tuning does not work for classification with this transformers/peft "
+                         "(the backbone's forward no longer takes past_key_values). Use prompt_tuning or p_tuning.")
+    cls_name, fields = PEFT_CONFIGS[a.method]
+    kwargs = {**fields(a), **a.options}
+    if a.method not in PROMPT_METHODS:
+        targets = a.target_modules
+        if a.method == "lora" and targets is None:
+            targets = default_target_modules(model)
+        kwargs["target_modules"] = "all-linear" if targets == ["all-linear"] else targets  # None: peft's per-method default
+        # peft adds its own task defaults (SEQ_CLS: classifier, score): name only the other new modules
+        kwargs.setdefault("modules_to_save", [h for h in head_modules if h not in ("classifier", "score")] or None)
+    targets = kwargs.get("target_modules")
     try:
-        cfg = LoraConfig(task_type=task_type, r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, target_modules=targets,
-                         use_rslora=a.use_rslora, use_dora=a.use_dora, **a.options,
-                         # peft adds its own task defaults (SEQ_CLS: classifier, score): name only the other new modules
-                         modules_to_save=[h for h in head_modules if h not in ("classifier", "score")] or None)
-    except TypeError as e:
-        raise ModelError(f"adapter.options: {e}. The keys must be LoraConfig arguments (see peft's LoraConfig docs).") from None
+        cfg = getattr(peft, cls_name)(task_type=task_type, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"adapter (method {a.method}): {e}. adapter.options must be {cls_name} arguments (see peft's docs).") from None
     try:
-        return get_peft_model(model, cfg)
+        return peft.get_peft_model(model, cfg)
     except ValueError as e:
         if "not found in the base model" in str(e) or "No modules were targeted" in str(e) or "Target modules" in str(e):
             raise ModelError(
