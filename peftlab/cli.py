@@ -100,7 +100,7 @@ def cmd_env(args) -> int:
     import torch
 
     from .export import hardware, versions
-    from .model import PACKAGED_MODELS
+    from .model import PACKAGED_MODELS, resolve_model_path
     from .train import resolve_precision
 
     env = {"versions": versions(), "hardware": hardware(), "cuda": torch.cuda.is_available(),
@@ -108,8 +108,6 @@ def cmd_env(args) -> int:
            "packaged_models": {}, "shared_data": str(Path("../shared/data").resolve()) if Path("../shared/data").is_dir() else None}
     for name in PACKAGED_MODELS:
         try:
-            from .model import resolve_model_path
-
             env["packaged_models"][name] = resolve_model_path(name)
         except PeftlabError as e:
             env["packaged_models"][name] = f"missing: {e}"

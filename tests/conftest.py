@@ -110,6 +110,14 @@ def make_recipe(tmp_path, tiny_bert, sentiment_files):
     return make
 
 
+def logits(model, texts=("the movie was good", "a bad and boring plot", "really quite lovely")) -> torch.Tensor:
+    """Logits of a classifier on a few fixed sentences (MiniLM's tokenizer, as used by the tiny models)."""
+    tok = minilm_tokenizer()
+    batch = tok(list(texts), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        return model.eval()(**batch).logits.float()
+
+
 def shared_or_skip(*parts: str) -> Path:
     p = SHARED.joinpath(*parts)
     if not p.exists():

@@ -9,7 +9,7 @@ from peftlab import load_trained
 from peftlab.adapters import load_adapters
 from peftlab.errors import ArtifactError
 
-from .test_export import logits
+from .conftest import logits
 from .test_hub import runs  # noqa: F401  (two LoRA runs of the tiny BERT that differ by seed)
 
 TEXTS = ("the movie was good", "a bad and boring plot", "really quite lovely")

@@ -11,14 +11,7 @@ from peftlab import load_trained, merge, run
 from peftlab.export import read_run
 from peftlab.run import evaluate
 
-from .conftest import minilm_tokenizer
-
-
-def logits(model, texts=("the movie was good", "a bad and boring plot", "really quite lovely")):
-    tok = minilm_tokenizer()
-    batch = tok(list(texts), return_tensors="pt", padding=True)
-    with torch.no_grad():
-        return model.eval()(**batch).logits.float()
+from .conftest import logits
 
 
 @pytest.fixture(scope="module")

@@ -21,19 +21,12 @@ from peftlab.cli import main
 from peftlab.errors import ArtifactError, PeftlabError, PublishError
 from peftlab.hub import card_text, check_card, compose, load_adapter, publish
 
-from .conftest import minilm_tokenizer
+from .conftest import logits
 from .hub_server import HubStandIn
 
 SECRET = "hf_" + "Sx9" * 11  # a token-shaped secret: it must never show up in output, logs, cards or uploads
 PUBLISHED = {"README.md", "adapter_config.json", "adapter_model.safetensors", "tokenizer.json", "tokenizer_config.json",
              "recipe.yaml", "run.json", "metrics.json", "eval_report.json"}
-
-
-def logits(model, texts=("the movie was good", "a bad and boring plot", "really quite lovely")):
-    tok = minilm_tokenizer()
-    batch = tok(list(texts), return_tensors="pt", padding=True)
-    with torch.no_grad():
-        return model.eval()(**batch).logits.float()
 
 
 def digest(folder: Path) -> dict[str, str]:

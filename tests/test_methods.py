@@ -12,7 +12,7 @@ from peftlab import load_trained, merge, run
 from peftlab.config import PEFT_METHODS, PROMPT_METHODS
 from peftlab.errors import ArtifactError
 
-from .test_export import logits
+from .conftest import logits
 
 
 @pytest.mark.parametrize("method", [m for m in PEFT_METHODS if m not in ("lora", "prefix_tuning")])  # prefix: see below

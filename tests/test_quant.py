@@ -8,7 +8,7 @@ import torch
 
 from peftlab import build_data, build_model, load_splits, load_trained, merge, run
 
-from .test_export import logits
+from .conftest import logits
 
 bnb = pytest.importorskip("bitsandbytes")
 
