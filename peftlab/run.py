@@ -52,15 +52,22 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     data = build_data(recipe, tokenizer, splits=splits, label_names=run["label_names"])
     accelerator = make_accelerator(recipe, run["precision"])
     ds = getattr(data, split)
-    loader = accelerator.prepare(eval_loader(ds, recipe.eval.batch_size, data.eval_collate or data.collate))
     model = accelerator.prepare_model(model, evaluation_mode=True)  # no DDP wrapper: it refuses a model with nothing to train
-    metrics, report = get_task(recipe.task.type).evaluate(model, loader, accelerator, data.label_names, tokenizer=tokenizer, recipe=recipe)
-    rows = report.pop("predictions", None)  # generative tasks: one JSON line per row, beside the report
+    metrics, report, rows = evaluate_split(model, ds, data, accelerator, recipe, tokenizer)
     if accelerator.is_main_process:
         if rows is not None:
             atomic_write_text(results / f"predictions-{split}.jsonl", predictions_jsonl(rows))
         atomic_write_text(results / f"eval-{split}.json", json.dumps({"metrics": metrics, "report": report}, indent=2))
     return metrics
+
+
+def evaluate_split(model, ds, data, accelerator, recipe: Recipe, tokenizer):
+    """One split through the task's evaluation -> (metrics, report, prediction rows or None).
+    Generative tasks return one row per example; they are written as JSONL beside the report, not inside it."""
+    loader = accelerator.prepare(eval_loader(ds, recipe.eval.batch_size, data.eval_collate or data.collate))
+    metrics, report = get_task(recipe.task.type).evaluate(model, loader, accelerator, data.label_names, tokenizer=tokenizer,
+                                                          recipe=recipe)
+    return metrics, report, report.pop("predictions", None)
 
 
 def load_splits_for(recipe: Recipe, split: str, label_names: list[str]):
@@ -109,13 +116,12 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> dic
     model, state = train(recipe, model, data, accelerator, out, resume=resume)
     wall = time.perf_counter() - start
 
-    task, metrics, report, predictions = get_task(recipe.task.type), {}, None, {}
+    metrics, report, predictions = {}, None, {}
     for split in ("eval", "test"):
         ds = getattr(data, split)
         if ds is not None:
-            loader = accelerator.prepare(eval_loader(ds, recipe.eval.batch_size, data.eval_collate or data.collate))
-            metrics[split], split_report = task.evaluate(model, loader, accelerator, label_names, tokenizer=tokenizer, recipe=recipe)
-            if (rows := split_report.pop("predictions", None)) is not None:  # generative tasks: written as JSONL
+            metrics[split], split_report, rows = evaluate_split(model, ds, data, accelerator, recipe, tokenizer)
+            if rows is not None:
                 predictions[split] = rows
             report = report or split_report
 
