@@ -112,6 +112,8 @@ class TrainConfig:
     epochs: float = opt(1.0, "Passes over the train split (fractions allowed); ignored when max_steps is set.")
     max_steps: int | None = opt(None, "Stop after this many optimizer steps.")
     batch_size: int = opt(32, "Examples per device per micro-batch.")
+    group_by_length: bool = opt(True, "Batch rows of similar length together (shuffled megabatches), so dynamic padding "
+                                "wastes little: ~2.5x fewer padded tokens on SST-2. false = plain shuffling.")
     grad_accum: int = opt(1, "Micro-batches per optimizer step (effective batch = batch_size x grad_accum x processes).")
     lr: float = opt(5e-4, "Peak learning rate of AdamW.")
     weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and norms).")

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .config import Recipe
-from .data import TaskData
+from .data import LengthGroupedSampler, TaskData
 from .errors import ConfigError, TrainingInterrupted
 from .export import write_atomic_dir
 from .tasks import get_task
@@ -153,6 +153,17 @@ def optimizer_for(model, recipe: Recipe) -> torch.optim.Optimizer:
     return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.train.lr, foreach=True)
 
 
+def train_loader(data: TaskData, t, processes: int) -> DataLoader:
+    """Shuffled each epoch (seed + epoch, the same on every rank); grouped by length unless train.group_by_length=false.
+    Groups are cut at the rows of one optimizer step (Accelerate deals consecutive batches to the ranks), so a step of
+    N ranks x batch B x accumulation A sees the same rows as 1 rank x batch N*B*A."""
+    if t.group_by_length:
+        sampler = LengthGroupedSampler(data.train["length"], t.batch_size * processes * t.grad_accum, t.seed)
+        return DataLoader(data.train, batch_size=t.batch_size, sampler=sampler, collate_fn=data.collate)
+    g = torch.Generator().manual_seed(t.seed)
+    return DataLoader(data.train, batch_size=t.batch_size, shuffle=True, collate_fn=data.collate, generator=g)
+
+
 def eval_loader(ds, batch_size: int, collate) -> DataLoader:
     """Evaluation sorted by length: batches of similar lengths waste little padding. Metrics do not depend on order."""
     return DataLoader(ds.sort("length", reverse=True), batch_size=batch_size, collate_fn=collate)
@@ -224,8 +235,7 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resu
 
     t, task = recipe.train, get_task(recipe.task.type)
     set_seed(t.seed)
-    g = torch.Generator().manual_seed(t.seed)
-    train_dl = DataLoader(data.train, batch_size=t.batch_size, shuffle=True, collate_fn=data.collate, generator=g)
+    train_dl = train_loader(data, t, accelerator.num_processes)
     eval_dl = eval_loader(data.eval, recipe.eval.batch_size, data.collate) if data.eval is not None else None
     optimizer = optimizer_for(model, recipe)
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)

@@ -76,3 +76,26 @@ def test_non_utf8_and_missing_file(tmp_path):
         splits_of(tmp_path, tmp_path / "latin.tsv")
     with pytest.raises(FileNotFoundError, match="not found"):
         splits_of(tmp_path, tmp_path / "missing.tsv")
+
+
+def test_length_grouped_sampler_is_a_seeded_permutation_with_little_padding():
+    import random
+
+    from peftlab.data import LengthGroupedSampler
+
+    rng = random.Random(0)
+    lengths = [rng.choice([4, 8, 16, 64]) + rng.randrange(4) for _ in range(1000)]
+    s = LengthGroupedSampler(lengths, batch_size=8, seed=1, mega=10)
+    first = list(s)
+    assert sorted(first) == list(range(1000)), "every row exactly once per epoch"
+    assert list(s) == first, "same seed and epoch, same order"
+    s.set_epoch(1)
+    assert sorted(list(s)) == list(range(1000)) and list(s) != first, "a new order each epoch"
+    assert max(lengths[i] for i in first[:8]) == max(lengths[i] for i in first[:80]), "each megabatch opens with its longest batch"
+
+    def padded(order):
+        return sum(max(lengths[i] for i in order[k:k + 8]) * len(order[k:k + 8]) for k in range(0, len(order), 8))
+
+    plain = list(range(1000))
+    rng.shuffle(plain)
+    assert padded(first) < 0.5 * padded(plain), (padded(first), padded(plain), sum(lengths))
