@@ -4,7 +4,7 @@ Each configuration runs as its own `peftlab train` process (so peak RSS is that 
 with the same budget. Results are resumable: finished runs are read back, not repeated.
 
     python benchmarks/classification.py                       # the table in benchmarks/README.md
-    python benchmarks/classification.py --sst2-train 67349 --epochs 2   # the full-size SST-2 runs
+    python benchmarks/classification.py --tasks sst2 --sst2-train 67349 --name sst2-full   # the full SST-2 train split
     python benchmarks/classification.py --quick               # a minutes-long smoke of the same pipeline
 
 Writes benchmarks/results/classification.json, classification.md and classification.png.
@@ -36,7 +36,7 @@ TASKS = {
 
 def run_one(task: str, method: str, args) -> dict:
     recipe, split = TASKS[task]
-    out = RESULTS / "runs" / f"{task}-{method}"
+    out = RESULTS / "runs" / (args.name or "") / f"{task}-{method}"
     overrides = [*METHODS[method], f"output_dir={out}", f"name={task}-{method}", f"train.epochs={args.epochs}",
                  "train.save_every=null", "train.eval_every=null", "export.merge=false", "train.log_every=50"]
     if task == "sst2":
@@ -112,10 +112,11 @@ def main() -> None:
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--quick", action="store_true", help="tiny subsets: checks the pipeline in minutes")
     p.add_argument("--fresh", action="store_true", help="ignore finished runs and measure again")
+    p.add_argument("--name", default=None, help="results file stem (default: classification, or classification-quick)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    name = "classification-quick" if args.quick else "classification"
+    name = args.name or ("classification-quick" if args.quick else "classification")
     RESULTS.mkdir(parents=True, exist_ok=True)
     store = RESULTS / f"{name}.json"
     rows = [] if args.fresh or not store.is_file() else json.loads(store.read_text())["rows"]

@@ -121,6 +121,10 @@ class TrainConfig:
     warmup_fraction: float = opt(0.06, "Fraction of the optimizer steps spent warming up linearly, in [0, 1).")
     max_grad_norm: float | None = opt(1.0, "Clip the gradient norm to this value; null = no clipping.")
     precision: str = opt("auto", "Matmul precision: auto = bf16 where the hardware runs it fast, else fp32.", ("auto", "fp32", "bf16", "fp16"))
+    optimizer_impl: str = opt("foreach", "AdamW kernel: foreach (batched tensor ops), fused (one kernel per step) or loop "
+                              "(one parameter at a time, the slowest).", ("foreach", "fused", "loop"))
+    compile: bool = opt(False, "torch.compile the model (dynamic shapes). Pays on long runs with a GPU or a C++ compiler; "
+                        "the first steps are slow while it compiles.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, ~30% slower).")
     eval_every: int | None = opt(None, "Evaluate every N optimizer steps (and at the end); null = only at the end.")
     keep_best: bool = opt(True, "Export the weights of the best evaluation, not the last step.")

@@ -150,7 +150,8 @@ def optimizer_for(model, recipe: Recipe) -> torch.optim.Optimizer:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": recipe.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.train.lr, foreach=True)
+    impl = recipe.train.optimizer_impl
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.train.lr, foreach=impl == "foreach", fused=impl == "fused" or None)
 
 
 def train_loader(data: TaskData, t, processes: int) -> DataLoader:
@@ -238,6 +239,8 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resu
     train_dl = train_loader(data, t, accelerator.num_processes)
     eval_dl = eval_loader(data.eval, recipe.eval.batch_size, data.collate) if data.eval is not None else None
     optimizer = optimizer_for(model, recipe)
+    if t.compile:
+        model.compile(dynamic=True)  # in place: the module, its class and its state-dict keys stay as they are
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)
     if eval_dl is not None:
         eval_dl = accelerator.prepare(eval_dl)

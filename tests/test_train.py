@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from peftlab import build_data, build_model, load_splits, run
 from peftlab.errors import ArtifactError, ModelError
@@ -148,3 +149,17 @@ def test_activation_checkpointing_gives_the_same_losses(make_recipe, tmp_path):
     recipe = make_recipe({"train.gradient_checkpointing": True})
     model, _, _ = build_model(recipe, num_labels=2, label_names=["negative", "positive"])
     assert model.get_base_model().is_activation_checkpointing
+
+
+@pytest.mark.parametrize("options", [{"train.optimizer_impl": "fused"}, {"train.optimizer_impl": "loop"}, {"train.compile": True}],
+                         ids=["fused", "loop", "compile"])
+def test_speed_options_give_the_same_losses(make_recipe, tmp_path, options):
+    """The throughput switches change how, not what: the same losses and exported weights as the defaults."""
+    plain = run(make_recipe({"train.max_steps": 6, "output_dir": tmp_path / "plain"}))
+    fast = run(make_recipe({"train.max_steps": 6, **options, "output_dir": tmp_path / "fast"}))
+    assert losses(tmp_path / "fast") == pytest.approx(losses(tmp_path / "plain"), abs=1e-4)
+    assert fast["metrics"]["eval"]["accuracy"] == plain["metrics"]["eval"]["accuracy"]
+    a, b = load_file(tmp_path / "plain" / "adapter_model.safetensors"), load_file(tmp_path / "fast" / "adapter_model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-3)
