@@ -52,21 +52,35 @@ class QuantConfig:
     compute_dtype: str = opt("auto", "Dtype of 4-bit matmuls; auto follows train.precision.", ("auto", "float32", "bfloat16", "float16"))
 
 
-PEFT_METHODS = ("lora", "ia3", "loha", "lokr", "vera", "oft", "prompt_tuning", "prefix_tuning", "p_tuning")
+PEFT_METHODS = ("lora", "adalora", "ia3", "loha", "lokr", "vera", "oft", "prompt_tuning", "prefix_tuning", "p_tuning")
 PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")  # virtual tokens: nothing to merge into the weights
-ADAPTER_METHODS = (*PEFT_METHODS, "full", "frozen")
+BASELINES = ("full", "frozen", "scratch")  # no adapter: every weight, the head only, every weight from a random init
+ADAPTER_METHODS = (*PEFT_METHODS, *BASELINES)
+LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
+MUTATING_INITS = ("pissa", "olora")  # they move the top of the base weights into the adapter (the base is changed)
 
 
 @dataclass
 class AdapterConfig:
-    method: str = opt("lora", "A peft method (lora, ia3, loha, lokr, vera, oft, prompt_tuning, prefix_tuning, p_tuning) or a "
-                      "baseline: full (every weight trained), frozen (backbone frozen, head trained).", ADAPTER_METHODS)
-    r: int = opt(8, "LoRA rank.")
+    method: str = opt("lora", "A peft method (lora, adalora, ia3, loha, lokr, vera, oft, prompt_tuning, prefix_tuning, p_tuning) or a "
+                      "baseline: full (every weight trained), frozen (backbone frozen, head trained), scratch (same architecture, "
+                      "random init, every weight trained).", ADAPTER_METHODS)
+    r: int = opt(8, "LoRA rank (adalora: the average rank the budget ends at, its target_r).")
     alpha: float = opt(16, "LoRA scaling numerator (scale = alpha/r, or alpha/sqrt(r) with use_rslora).")
     dropout: float = opt(0.1, "Dropout on the LoRA input, in [0, 1).")
     target_modules: list[str] | None = opt(None, "Module names to adapt; null = the architecture's default (peft's table), 'all-linear' = every linear layer.")
     use_rslora: bool = opt(False, "Rank-stabilised LoRA scaling alpha/sqrt(r).")
     use_dora: bool = opt(False, "DoRA: weight-decomposed LoRA (magnitude + direction).")
+    init: str = opt("default", "LoRA initialisation (peft's init_lora_weights): default (A random, B zero), gaussian, pissa (A, B "
+                    "from the top singular vectors of W, which keeps the residual; exported converted to plain LoRA on the "
+                    "original base), olora (QR of W, same export), loftq (4-bit NF4 base: A, B fitted to the quantization error; "
+                    "needs a CUDA GPU).", LORA_INITS)
+    loraplus_lr_ratio: float | None = opt(None, "LoRA+: lora_B learns this many times faster than lora_A (train.lr), e.g. 16; "
+                                          "null = off. LoRA only.")
+    adalora_init_r: int = opt(12, "AdaLoRA: rank every layer starts with; the budget then shrinks to an average of adapter.r.")
+    adalora_warmup_fraction: float = opt(0.1, "AdaLoRA: fraction of the optimizer steps trained at adalora_init_r before pruning (tinit).")
+    adalora_final_fraction: float = opt(0.2, "AdaLoRA: fraction of the optimizer steps trained at the final budget, ranks fixed (tfinal).")
+    adalora_interval: int = opt(1, "AdaLoRA: reallocate ranks every N optimizer steps while the budget shrinks (deltaT).")
     num_virtual_tokens: int = opt(20, "Virtual tokens of prompt_tuning, prefix_tuning and p_tuning.")
     options: dict = opt({}, "Extra keyword arguments passed straight to the method's peft config, e.g. {init_lora_weights: pissa}.")
 
@@ -385,17 +399,52 @@ def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = N
                                     "e.g. data.target_column=summary.")
         need(task.prompt is None or task.prompt.count("{source}") == 1,
              f"task.prompt={task.prompt!r}: must contain {{source}} exactly once (where the source text goes).")
-        # the loop evaluates the loss during training; ROUGE needs generation and is computed once, at the end
-        need(t.best_metric == "loss", f"train.best_metric={t.best_metric!r}: during training summarization evaluates the loss only "
-                                      "(ROUGE is generated once, at the end). Use train.best_metric=loss.")
+        kept = ("loss", "rouge1", "rouge2", "rougeL", "rougeLsum")
+        need(t.best_metric in kept, f"train.best_metric={t.best_metric!r}: summarization keeps the best of {', '.join(kept)} "
+                                    "(a ROUGE metric makes every evaluation during training generate summaries: slower, but it "
+                                    "selects on what is reported).")
     else:
         need(m.decoder is None, f"model.decoder={m.decoder!r}: an encoder-decoder warm start is for summarization. "
                                 "Set task.type=summarization or model.decoder=null.")
     if m.decoder is not None and q.mode != "none":
         p.append(f"model.decoder with quant.mode={q.mode}: quantizing a warm-started encoder-decoder is not supported. Use quant.mode=none.")
-    if q.mode != "none" and a.method == "full":
-        p.append(f"quant.mode={q.mode} with adapter.method=full: quantized weights cannot be trained. "
-                 "Use adapter.method=lora (QLoRA) or quant.mode=none.")
+    if m.decoder is not None and a.method == "scratch":
+        p.append("model.decoder with adapter.method=scratch: the warm start reads pretrained weights, scratch reads none. "
+                 "Set model.decoder=null (scratch builds model.name's architecture at random) or use another method.")
+    if q.mode != "none" and a.method in ("full", "scratch"):
+        p.append(f"quant.mode={q.mode} with adapter.method={a.method}: it trains every weight, and quantized weights cannot be "
+                 "trained (they are integers). Use adapter.method=lora (QLoRA) or quant.mode=none.")
+    if q.mode == "4bit" and a.method in ("loha", "lokr"):
+        p.append(f"quant.mode=4bit with adapter.method={a.method}: peft's {a.method} sizes its update from the base layer's weight, "
+                 "which in a 4-bit layer is the packed storage (half the elements, one column), so the forward pass fails. "
+                 "Use quant.mode=8bit or none, or a method with 4-bit support (lora, adalora, ia3, vera, oft).")
+    if a.method == "adalora":
+        need(a.adalora_init_r >= a.r, f"adapter.adalora_init_r={a.adalora_init_r} with adapter.r={a.r}: AdaLoRA starts at "
+                                      "adalora_init_r and prunes down to an average of r, so adalora_init_r must be >= r (typical: 1.5 x r).")
+        need(0 <= a.adalora_warmup_fraction and 0 <= a.adalora_final_fraction
+             and a.adalora_warmup_fraction + a.adalora_final_fraction < 1,
+             f"adapter.adalora_warmup_fraction={a.adalora_warmup_fraction}, adapter.adalora_final_fraction={a.adalora_final_fraction}: "
+             "both must be >= 0 and sum to < 1, or no steps are left for the budget to shrink (typical: 0.1 and 0.2).")
+        need(a.adalora_interval >= 1, f"adapter.adalora_interval={a.adalora_interval}: must be >= 1 (optimizer steps between reallocations).")
+    if a.loraplus_lr_ratio is not None:
+        need(a.method == "lora", f"adapter.loraplus_lr_ratio={a.loraplus_lr_ratio} with adapter.method={a.method}: LoRA+ sets the "
+                                 "learning rate of LoRA's B matrices; use adapter.method=lora or adapter.loraplus_lr_ratio=null.")
+        need(a.loraplus_lr_ratio >= 1, f"adapter.loraplus_lr_ratio={a.loraplus_lr_ratio}: lr(B)/lr(A) must be >= 1 (typical: 4-16).")
+    if a.init != "default":
+        if a.method != "lora":
+            p.append(f"adapter.init={a.init} with adapter.method={a.method}: initialisations are for LoRA. Use adapter.method=lora "
+                     "or adapter.init=default.")
+        if a.init in MUTATING_INITS and q.mode != "none":
+            p.append(f"adapter.init={a.init} with quant.mode={q.mode}: {a.init} moves the top of each weight into the adapter and "
+                     "keeps the residual in the base; a quantized base would be re-quantized (peft refuses for pissa; for olora the "
+                     "rounding makes the exported adapter miss the trained model). Use quant.mode=none, or adapter.init=loftq "
+                     "for a 4-bit base.")
+        if a.init in MUTATING_INITS and a.use_dora:
+            p.append(f"adapter.init={a.init} with adapter.use_dora: the {a.init} adapter is exported as plain LoRA on the original "
+                     "base, which DoRA's magnitude vector does not survive. Use one or the other.")
+        if a.init == "loftq" and (q.mode != "4bit" or q.quant_type != "nf4"):
+            p.append(f"adapter.init=loftq with quant.mode={q.mode}, quant.quant_type={q.quant_type}: LoftQ fits LoRA to the error of "
+                     "4-bit NF4 quantization. Set quant.mode=4bit quant.quant_type=nf4, or use another adapter.init.")
     if a.method != "lora" and (a.use_dora or a.use_rslora):
         p.append(f"adapter.use_dora/use_rslora apply to LoRA only, but adapter.method={a.method}. Remove them or use method=lora.")
     if a.use_dora and q.mode == "8bit":

@@ -143,6 +143,31 @@ def predictions_jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
+def save_weights(model, folder: Path, state_dict: dict | None = None) -> None:
+    """model.save_pretrained; a PiSSA/OLoRA adapter (trained on a base whose weights it changed) is converted on the way
+    to plain LoRA on the original base: B A - B0 A0 as rank 2r (peft's path_initial_model_for_weight_conversion), so it
+    reloads, merges and publishes like any LoRA adapter."""
+    initial = getattr(model, "peftlab_initial_adapter", None)
+    if initial is None:
+        model.save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict)
+        return
+    from peft import get_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    config, weights = initial
+    with tempfile.TemporaryDirectory() as tmp:
+        init_dir = Path(tmp) / "initial"
+        config.save_pretrained(str(init_dir))
+        save_file(weights, str(init_dir / "adapter_model.safetensors"))
+        model.save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict,
+                              path_initial_model_for_weight_conversion=str(init_dir))
+    # peft's conversion writes the lora_A/lora_B tensors only: add back the rest (the trained head, modules_to_save)
+    path = folder / "adapter_model.safetensors"
+    converted = load_file(str(path))
+    rest = {k: v for k, v in get_peft_model_state_dict(model, state_dict=state_dict).items() if "lora_" not in k and k not in converted}
+    save_file({**converted, **{k: v.contiguous() for k, v in rest.items()}}, str(path), metadata={"format": "pt"})
+
+
 def export(out: Path, model, tokenizer, recipe: Recipe, run_info: dict, metrics: dict, report: dict | None = None,
            state_dict: dict | None = None, predictions: dict[str, list[dict]] | None = None) -> Path:
     """Write the trained weights and their description into `out` (main process only). `state_dict`: the full
@@ -154,7 +179,7 @@ def export(out: Path, model, tokenizer, recipe: Recipe, run_info: dict, metrics:
     staging.mkdir()
     try:
         with disk_errors("trained weights", out):
-            model.save_pretrained(str(staging), safe_serialization=True, state_dict=state_dict)
+            save_weights(model, staging, state_dict)
             (staging / "README.md").unlink(missing_ok=True)  # peft's placeholder card; `peftlab publish` writes the real one
             tokenizer.save_pretrained(str(staging))
             (staging / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
@@ -213,6 +238,8 @@ def load_trained(out: Path, *, dequantize: bool = False, recipe: Recipe | None =
             log.info("base was quantized (%s): merging into a dequantized copy of it", recipe.quant.mode)
         base.config.pad_token_id = tokenizer.pad_token_id
         model = PeftModel.from_pretrained(base, str(out), adapter_name=adapter_name)
+        if model.peft_type == "ADALORA":  # its forward adds the orthogonality penalty to any loss and reads this attribute,
+            model.base_model.trainable_adapter_name = adapter_name  # set only for trainable adapters (AttributeError in eval)
     else:
         model = task.auto_model_class.from_pretrained(str(out), use_safetensors=True)
     return model.eval(), tokenizer, recipe, run

@@ -194,7 +194,9 @@ def card_text(out: Path, repo_id: str | None = None, base_model: str | None = No
     a, t = recipe.adapter, recipe.train
     base_link = f"[{base}](https://huggingface.co/{base})" if data.base_model else f"`{base}` (a local model folder)"
     what = {"lora": f"A LoRA adapter (r={a.r}, alpha={a.alpha:g})", "full": "A fully fine-tuned model",
-            "frozen": "A classifier head trained on a frozen backbone"}.get(run.get("method", a.method), "A model")
+            "frozen": "A classifier head trained on a frozen backbone", "adalora": f"An AdaLoRA adapter (average rank {a.r})",
+            "scratch": "A model trained from scratch (random init: only the architecture comes from the base)"}.get(
+                run.get("method", a.method), "A model")
     lines = [f"# {data.model_name}", "",
              f"{what} for **{data.pipeline_tag}** on top of {base_link}, trained with "
              "peftlab from the recipe below."

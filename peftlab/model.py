@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import PROMPT_METHODS, Recipe
+from .config import MUTATING_INITS, PROMPT_METHODS, Recipe
 from .errors import ModelError, ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -147,10 +147,16 @@ def default_target_modules(model: nn.Module) -> list[str] | str:
     return TABLE.get(getattr(config, "model_type", None), "all-linear")
 
 
+# adapter.init -> peft's init_lora_weights (loftq: default init here, then fitted to the quantized base, see apply_adapter)
+INIT_LORA_WEIGHTS = {"default": True, "gaussian": "gaussian", "pissa": "pissa", "olora": "olora", "loftq": True}
+
 # method -> (peft config class, the recipe fields it takes); adapter.options are passed through on top
 PEFT_CONFIGS = {
     "lora": ("LoraConfig", lambda a: dict(r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout, use_rslora=a.use_rslora,
-                                          use_dora=a.use_dora)),
+                                          use_dora=a.use_dora, init_lora_weights=INIT_LORA_WEIGHTS[a.init])),
+    # total_step/tinit/tfinal depend on the run's length: `RankBudget` sets them from the loop's total steps
+    "adalora": ("AdaLoraConfig", lambda a: dict(target_r=a.r, init_r=a.adalora_init_r, lora_alpha=a.alpha, lora_dropout=a.dropout,
+                                                 deltaT=a.adalora_interval, total_step=1, tinit=0, tfinal=0)),
     "ia3": ("IA3Config", lambda a: {}),
     "loha": ("LoHaConfig", lambda a: dict(r=a.r, alpha=a.alpha, rank_dropout=a.dropout)),
     "lokr": ("LoKrConfig", lambda a: dict(r=a.r, alpha=a.alpha, rank_dropout=a.dropout)),
@@ -165,7 +171,7 @@ PEFT_CONFIGS = {
 def apply_adapter(model: nn.Module, recipe: Recipe, head_modules: list[str], task_type: str) -> nn.Module:
     """Wrap `model` for the recipe's method: a peft adapter, full fine-tuning or a frozen backbone."""
     a = recipe.adapter
-    if a.method == "full":
+    if a.method in ("full", "scratch"):
         for p in model.parameters():
             p.requires_grad_(True)
         return model
@@ -180,6 +186,9 @@ def apply_adapter(model: nn.Module, recipe: Recipe, head_modules: list[str], tas
         # no longer names it: the first training step would fail with "Model does not support past key values".
         raise ModelError("adapter.method=prefix_tuning does not work for classification with this transformers/peft "
                          "(the backbone's forward no longer takes past_key_values). Use prompt_tuning or p_tuning.")
+    if a.init == "loftq" and not torch.cuda.is_available():
+        raise ModelError("adapter.init=loftq needs a CUDA GPU: peft computes LoftQ's quantization on 'cuda' (or 'xpu') only "
+                         "(peft/utils/loftq_utils.py). On this machine use adapter.init=default, or pissa/olora on an unquantized base.")
     cls_name, fields = PEFT_CONFIGS[a.method]
     kwargs = {**fields(a), **a.options}
     if a.method not in PROMPT_METHODS:
@@ -195,7 +204,7 @@ def apply_adapter(model: nn.Module, recipe: Recipe, head_modules: list[str], tas
     except (TypeError, ValueError) as e:
         raise ModelError(f"adapter (method {a.method}): {e}. adapter.options must be {cls_name} arguments (see peft's docs).") from None
     try:
-        return peft.get_peft_model(model, cfg)
+        model = peft.get_peft_model(model, cfg)
     except ValueError as e:
         if "not found in the base model" in str(e) or "No modules were targeted" in str(e) or "Target modules" in str(e):
             raise ModelError(
@@ -203,6 +212,73 @@ def apply_adapter(model: nn.Module, recipe: Recipe, head_modules: list[str], tas
                 f"Linear layers it has: {', '.join(linear_module_names(model))}. "
                 f"Set adapter.target_modules to some of these, or 'all-linear'.") from None
         raise
+    if a.method == "lora" and a.init == "loftq":  # A, B fitted to W - NF4(W) of every adapted 4-bit layer (the base stays as loaded)
+        peft.replace_lora_weights_loftq(model)
+    if str(getattr(cfg, "init_lora_weights", "")).startswith(MUTATING_INITS):
+        keep_initial_adapter(model)
+    return model
+
+
+def keep_initial_adapter(model) -> None:
+    """PiSSA/OLoRA subtract their initial B0 A0 from the base weights. Keep B0, A0 (and the config, marked as a plain
+    LoRA init) so that export can write the trained adapter as B A - B0 A0 on the *original* base (peft's
+    path_initial_model_for_weight_conversion): the exported adapter then loads and merges like any LoRA."""
+    import copy
+
+    from peft import get_peft_model_state_dict
+
+    config = copy.deepcopy(model.peft_config["default"])
+    config.init_lora_weights = True
+    weights = {k: v.detach().to("cpu", copy=True) for k, v in get_peft_model_state_dict(model).items()}
+    model.peftlab_initial_adapter = (config, weights)
+
+
+class RankBudget:
+    """AdaLoRA's rank-budget schedule, driven by the loop: the total steps (and tinit/tfinal, from the recipe's fractions)
+    are set to this run's; `step(n)` runs peft's update_and_allocate after backward and before zero_grad of optimizer
+    step n (1-based: the last step, with tfinal=0, fixes the final ranks); `finish()` re-applies the final rank mask
+    (after `keep_best` restored earlier weights), so the model evaluated is the one saved (peft saves only kept ranks)."""
+
+    def __init__(self, model, recipe: Recipe, total: int, register):
+        a = recipe.adapter
+        self.tuner = model.base_model
+        self.config = model.peft_config[self.tuner.trainable_adapter_name]
+        self.config.total_step = total
+        self.config.tinit = int(a.adalora_warmup_fraction * total)
+        self.config.tfinal = int(a.adalora_final_fraction * total)
+        log.info("AdaLoRA: rank %d -> average %d over %d steps (%d at the initial rank, %d at the final budget, reallocating "
+                 "every %d)", a.adalora_init_r, a.r, total, self.config.tinit, self.config.tfinal, a.adalora_interval)
+        register(self)  # checkpoints carry the importance estimates and the rank pattern, so --resume continues the schedule
+
+    def state_dict(self) -> dict:
+        alloc = self.tuner.rankallocator
+        return {"rank_pattern": self.config.rank_pattern, "ipt": alloc.ipt, "exp_avg_ipt": alloc.exp_avg_ipt,
+                "exp_avg_unc": alloc.exp_avg_unc}
+
+    def load_state_dict(self, state: dict) -> None:
+        alloc = self.tuner.rankallocator
+        self.config.rank_pattern = state["rank_pattern"]
+        alloc.ipt, alloc.exp_avg_ipt, alloc.exp_avg_unc = state["ipt"], state["exp_avg_ipt"], state["exp_avg_unc"]
+
+    def step(self, step: int) -> None:
+        self.tuner.update_and_allocate(step)
+
+    def finish(self) -> None:
+        if self.config.rank_pattern:
+            self.tuner.rankallocator.mask_using_rank_pattern(self.tuner.model, self.config.rank_pattern)
+
+
+class NoSchedule:
+    """The other methods: nothing to do per step."""
+
+    def step(self, step: int) -> None: ...
+    def finish(self) -> None: ...
+
+
+def adapter_schedule(model, recipe: Recipe, total: int, register) -> RankBudget | NoSchedule:
+    """What the method needs from the loop at each optimizer step (`model` unwrapped from DDP/compile wrappers;
+    `register`: the accelerator's register_for_checkpointing, for state that a resumed run needs)."""
+    return RankBudget(model, recipe, total, register) if recipe.adapter.method == "adalora" else NoSchedule()
 
 
 def count_params(model: nn.Module) -> tuple[int, int]:
@@ -268,6 +344,20 @@ def load_encoder_decoder(recipe: Recipe, path: str, dtype: torch.dtype):
     return model, new
 
 
+def load_scratch(recipe: Recipe, path: str, auto_cls, kwargs: dict):
+    """The `scratch` baseline: the base's architecture (its config), randomly initialised (seeded); no pretrained weight
+    is read. -> (model, every top-level module: all of them are new)."""
+    from transformers import AutoConfig
+
+    config_keys = ("num_labels", "id2label", "label2id")
+    config = AutoConfig.from_pretrained(path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code,
+                                        **{k: kwargs[k] for k in config_keys if k in kwargs})
+    model = auto_cls.from_config(config, dtype=kwargs["dtype"], trust_remote_code=recipe.model.trust_remote_code)
+    if getattr(model.config, "pad_token_id", None) is None:
+        model.config.pad_token_id = getattr(model.config, "eos_token_id", None) or 0
+    return model, [name for name, _ in model.named_children()]
+
+
 def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[str], precision: str, auto_cls):
     """Load the pretrained base with a fresh task head; return (model, names of the newly initialised head modules)."""
     if recipe.model.decoder:  # an encoder-decoder warm-started from two checkpoints (summarization)
@@ -281,6 +371,8 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
     if num_labels:
         kwargs.update(num_labels=num_labels, id2label=dict(enumerate(label_names)),
                       label2id={n: i for i, n in enumerate(label_names)})
+    if recipe.adapter.method == "scratch":
+        return load_scratch(recipe, path, auto_cls, kwargs)
     try:
         model, info = auto_cls.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:

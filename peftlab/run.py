@@ -113,7 +113,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> dic
         data = build_data(recipe, tokenizer, splits=splits, label_names=label_names)
 
     start = time.perf_counter()
-    model, state = train(recipe, model, data, accelerator, out, resume=resume)
+    model, state = train(recipe, model, data, accelerator, out, resume=resume, tokenizer=tokenizer)
     wall = time.perf_counter() - start
 
     metrics, report, predictions = {}, None, {}
@@ -130,7 +130,8 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> dic
         "base_path": info.path, "quantization": info.quantized, "precision": precision, "label_names": label_names,
         "trainable_params": info.trainable_params, "total_params": info.total_params,
         "trainable_percent": info.trainable_percent, "base_weights_mib": info.base_weights_mib, "steps": state.step, "best_step": state.best_step,
-        "train_wall_s": wall, "train_examples": state.examples, "train_tokens": state.tokens,
+        "train_wall_s": wall, "train_seconds": state.train_seconds, "train_examples": state.examples, "train_tokens": state.tokens,
+        "train_padded_tokens": state.padded_tokens,
         "examples_per_s": state.examples / max(state.train_seconds, 1e-9),
         "tokens_per_s": state.tokens / max(state.train_seconds, 1e-9),
         "processes": accelerator.num_processes, "history": state.history, "metrics": metrics,

@@ -97,6 +97,7 @@ class TrainState:
     history: list = field(default_factory=list)
     examples: int = 0
     tokens: int = 0
+    padded_tokens: int = 0
     train_seconds: float = 0.0
 
 
@@ -107,7 +108,7 @@ class Window:
         self.acc = accelerator
         self.loss = torch.zeros((), device=accelerator.device)
         self.tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
-        self.micro = self.examples = 0
+        self.micro = self.examples = self.padded = 0
         self.start = time.perf_counter()
 
     def add(self, loss: torch.Tensor, batch: dict) -> None:
@@ -115,6 +116,10 @@ class Window:
         self.tokens += batch["attention_mask"].sum()
         self.micro += 1
         self.examples += len(batch["labels"])
+        self.padded += batch["attention_mask"].numel()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
     @contextmanager
     def paused(self):
@@ -124,17 +129,20 @@ class Window:
 
     def flush(self, state: TrainState) -> dict:
         """-> this window's loss and throughput (all ranks); adds its totals to `state` and starts a new window."""
-        elapsed = time.perf_counter() - self.start
+        elapsed = self.elapsed()
         tokens = self.acc.reduce(self.tokens, "sum").item()
         examples = self.examples * self.acc.num_processes
+        padded = self.acc.reduce(torch.tensor(self.padded, device=self.acc.device), "sum").item()
         record = {"loss": self.acc.reduce(self.loss, "mean").item() / max(self.micro, 1), "examples_per_s": examples / elapsed,
                   "tokens_per_s": tokens / elapsed, "epoch": state.epoch}
         state.examples += examples
         state.tokens += tokens
+        state.padded_tokens += padded
         state.train_seconds += elapsed
+        record["train_s"] = state.train_seconds
         self.loss.zero_()
         self.tokens.zero_()
-        self.micro = self.examples = 0
+        self.micro = self.examples = self.padded = 0
         self.start = time.perf_counter()
         return record
 
@@ -144,14 +152,17 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def optimizer_for(model, recipe: Recipe) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D tensors)."""
-    decay, no_decay = [], []
-    for p in model.parameters():
+    """AdamW; no weight decay on biases and norm weights (1-D tensors). LoRA+ (adapter.loraplus_lr_ratio): LoRA's B
+    matrices get groups of their own at lr x ratio (peft's create_loraplus_optimizer would also speed up every 1-D tensor)."""
+    lr, wd, ratio = recipe.train.lr, recipe.train.weight_decay, recipe.adapter.loraplus_lr_ratio
+    groups = {(decay, fast): {"params": [], "weight_decay": wd if decay else 0.0, "lr": lr * (ratio or 1) if fast else lr}
+              for fast in (False, True) for decay in (True, False)}
+    for name, p in model.named_parameters():
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": recipe.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            fast = ratio is not None and not {"lora_B", "lora_embedding_B"}.isdisjoint(name.split("."))
+            groups[p.ndim >= 2, fast]["params"].append(p)
     impl = recipe.train.optimizer_impl
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=recipe.train.lr, foreach=impl == "foreach", fused=impl == "fused" or None)
+    return torch.optim.AdamW([g for g in groups.values() if g["params"]], lr=lr, foreach=impl == "foreach", fused=impl == "fused" or None)
 
 
 def train_loader(data: TaskData, t, processes: int) -> DataLoader:
@@ -229,15 +240,21 @@ def stop_requested(flag: threading.Event, accelerator) -> bool:
     return bool(accelerator.reduce(torch.tensor(float(flag.is_set()), device=accelerator.device), "sum").item())
 
 
-def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resume: bool = False):
-    """Run the optimisation; return (model with the kept weights loaded, TrainState)."""
+def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resume: bool = False, tokenizer=None):
+    """Run the optimisation; return (model with the kept weights loaded, TrainState). `tokenizer` lets evaluations
+    generate when the kept metric needs it (summarization with train.best_metric=rougeL, ...)."""
     from accelerate.utils import set_seed
     from transformers import get_scheduler
+
+    from .model import adapter_schedule
 
     t, task = recipe.train, get_task(recipe.task.type)
     set_seed(t.seed)
     train_dl = train_loader(data, t, accelerator.num_processes)
-    eval_dl = eval_loader(data.eval, recipe.eval.batch_size, data.collate) if data.eval is not None else None
+    generating = t.best_metric in getattr(task, "GENERATED_METRICS", ()) and tokenizer is not None
+    context = {"tokenizer": tokenizer, "recipe": recipe} if generating else {}
+    eval_collate = data.eval_collate if generating else data.collate
+    eval_dl = eval_loader(data.eval, recipe.eval.batch_size, eval_collate) if data.eval is not None else None
     optimizer = optimizer_for(model, recipe)
     if t.compile:
         model.compile(dynamic=True)  # in place: the module, its class and its state-dict keys stay as they are
@@ -250,6 +267,7 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resu
     scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer,
                               num_warmup_steps=int(t.warmup_fraction * total), num_training_steps=total)
     accelerator.register_for_checkpointing(scheduler)
+    schedule = adapter_schedule(accelerator.unwrap_model(model), recipe, total, accelerator.register_for_checkpointing)  # AdaLoRA
     state, best = TrainState(), None
     if resume and (ckpt := latest_checkpoint(out)) is not None:
         accelerator.load_state(str(ckpt))
@@ -267,8 +285,9 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resu
 
     def evaluate_and_keep_best() -> None:
         nonlocal best
-        metrics, _ = task.evaluate(model, eval_dl, accelerator, data.label_names)
-        runlog.write(state.step, "eval", metrics)
+        train_s = state.train_seconds + window.elapsed()  # training time so far, evaluations excluded
+        metrics, _ = task.evaluate(model, eval_dl, accelerator, data.label_names, **context)
+        runlog.write(state.step, "eval", {**metrics, "train_s": train_s})
         state.history.append({"step": state.step, **metrics})
         if t.best_metric not in metrics:
             raise ConfigError([f"train.best_metric={t.best_metric!r} is not a metric of this task: {sorted(metrics)}."])
@@ -294,6 +313,8 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resu
                     if accelerator.sync_gradients and t.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                     optimizer.step()
+                    if accelerator.sync_gradients:
+                        schedule.step(state.step + 1)  # reads this step's gradients: before zero_grad
                     optimizer.zero_grad(set_to_none=True)
                 window.add(loss, batch)
                 if not accelerator.sync_gradients:
@@ -325,5 +346,6 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resu
         log.info("keeping the best evaluation (step %d, %s %.4f), not the last step", state.best_step, t.best_metric,
                  state.best_metric)
         accelerator.unwrap_model(model).load_state_dict(best, strict=False)
+    schedule.finish()
     return model, state
 

@@ -44,3 +44,145 @@ def test_prefix_tuning_for_classification_says_what_to_use(make_recipe, request,
     recipe = make_recipe({"adapter.method": "prefix_tuning"}, model=request.getfixturevalue(model))
     with pytest.raises(ModelError, match="prefix_tuning does not work for classification.*prompt_tuning or p_tuning"):
         build_model(recipe, num_labels=2, label_names=["negative", "positive"])
+
+
+def test_adalora_rank_budget_is_driven_by_the_loop(make_recipe):
+    """AdaLoRA starts at adalora_init_r everywhere; the loop's update_and_allocate calls shrink the budget to an
+    average of adapter.r, and the saved adapter holds only the kept ranks (it reloads to the same logits)."""
+    from safetensors.torch import load_file
+
+    from peftlab import evaluate
+
+    recipe = make_recipe({"adapter.method": "adalora", "adapter.r": 2, "adapter.adalora_init_r": 6, "train.max_steps": 8})
+    summary = run(recipe)
+    config = json.loads((recipe.out / "adapter_config.json").read_text())
+    assert (config["total_step"], config["tinit"], config["tfinal"]) == (8, 0, 1)  # from the loop's total steps and the fractions
+    pattern = config["rank_pattern"]
+    assert pattern, "no rank pattern: update_and_allocate never ran"
+    kept = [sum(mask) for mask in pattern.values()]
+    assert all(len(mask) == 6 for mask in pattern.values())
+    assert sum(kept) == 2 * len(pattern) < 6 * len(pattern)  # the final budget: an average of r=2 of the initial 6
+    assert len(set(kept)) > 1 or min(kept) < 6  # ranks were pruned (unevenly where importance differs)
+    weights = load_file(str(recipe.out / "adapter_model.safetensors"))
+    saved = sorted(v.shape[0] for k, v in weights.items() if "lora_E" in k)
+    assert saved == sorted(kept)  # only the kept ranks are written
+    assert evaluate(recipe.out)["loss"] == pytest.approx(summary["metrics"]["eval"]["loss"], abs=1e-5)  # reload = trained
+
+
+def test_adalora_schedule_survives_resume(make_recipe, tmp_path):
+    """The rank allocator's state travels with the checkpoints: resumed mid-budget, a run ends with the same ranks."""
+    import shutil
+
+    base = {"adapter.method": "adalora", "adapter.r": 2, "adapter.adalora_init_r": 6, "train.max_steps": 8, "train.save_every": 4}
+    whole = make_recipe({**base, "output_dir": str(tmp_path / "whole")})
+    run(whole)
+    assert (whole.out / "checkpoints" / "step-4" / "custom_checkpoint_1.pkl").is_file()  # [scheduler, rank budget]
+    part = make_recipe({**base, "output_dir": str(tmp_path / "part")})
+    shutil.copytree(whole.out / "checkpoints" / "step-4", part.out / "checkpoints" / "step-4")
+    run(part, resume=True)
+    pattern = [json.loads((r.out / "adapter_config.json").read_text())["rank_pattern"] for r in (whole, part)]
+    assert pattern[0] == pattern[1]
+
+
+@pytest.mark.parametrize("init", ["gaussian", "pissa", "olora"])
+def test_lora_initialisations_train_save_reload_and_merge(make_recipe, init):
+    """pissa/olora change the base weights they train on; the export converts the adapter to plain LoRA (rank 2r) on
+    the original base, so reloading and merging reproduce the trained model."""
+    from peftlab import evaluate
+
+    recipe = make_recipe({"adapter.init": init, "train.max_steps": 6})
+    summary = run(recipe)
+    config = json.loads((recipe.out / "adapter_config.json").read_text())
+    assert config["init_lora_weights"] == (init if init == "gaussian" else True)
+    assert config["r"] == (4 if init == "gaussian" else 8)
+    reloaded = evaluate(recipe.out)
+    assert reloaded["loss"] == pytest.approx(summary["metrics"]["eval"]["loss"], abs=1e-5)
+    model, *_ = load_trained(recipe.out)
+    merged, *_ = load_trained(merge(recipe.out))
+    assert (logits(model) - logits(merged)).abs().max().item() <= 1e-4
+
+
+def test_pissa_starts_from_the_principal_components(make_recipe):
+    from peftlab import build_model, load_splits
+
+    recipe = make_recipe({"adapter.init": "pissa"})
+    _, names = load_splits(recipe)
+    plain, *_ = build_model(make_recipe(), num_labels=2, label_names=names)
+    pissa, *_ = build_model(recipe, num_labels=2, label_names=names)
+    layer = pissa.base_model.model.bert.encoder.layer[0].attention.self.query
+    original = plain.base_model.model.bert.encoder.layer[0].attention.self.query.base_layer.weight
+    delta = layer.scaling["default"] * layer.lora_B["default"].weight @ layer.lora_A["default"].weight
+    torch.testing.assert_close(layer.base_layer.weight + delta, original, atol=1e-5, rtol=0)  # W = W_res + B0 A0
+    top = torch.linalg.svdvals(original)[:4]
+    torch.testing.assert_close(torch.linalg.svdvals(delta)[:4], top, atol=1e-4, rtol=1e-4)  # B0 A0: the top-4 components
+    assert hasattr(pissa, "peftlab_initial_adapter")
+
+
+def test_loraplus_gives_lora_b_its_own_learning_rate(make_recipe):
+    from peftlab import build_model, load_splits
+    from peftlab.train import optimizer_for
+
+    recipe = make_recipe({"adapter.loraplus_lr_ratio": 16, "train.lr": 1e-3})
+    _, names = load_splits(recipe)
+    model, *_ = build_model(recipe, num_labels=2, label_names=names)
+    opt = optimizer_for(model, recipe)
+    lr_of = {id(p): (g["lr"], g["weight_decay"]) for g in opt.param_groups for p in g["params"]}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        want_lr = 16e-3 if ".lora_B." in name else 1e-3
+        want_wd = recipe.train.weight_decay if p.ndim >= 2 else 0.0
+        assert lr_of[id(p)] == pytest.approx((want_lr, want_wd)), name
+    assert sum(".lora_B." in n for n, p in model.named_parameters() if p.requires_grad) == 4
+    plain = make_recipe()
+    assert {g["lr"] for g in optimizer_for(model, plain).param_groups} == {plain.train.lr}  # off: one learning rate
+
+
+def test_loraplus_and_inits_are_refused_where_they_cannot_work(make_recipe):
+    from peftlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="loraplus_lr_ratio=16.0 with adapter.method=ia3"):
+        make_recipe({"adapter.method": "ia3", "adapter.loraplus_lr_ratio": 16})
+    with pytest.raises(ConfigError, match="adapter.init=pissa with quant.mode=4bit") as e:
+        make_recipe({"adapter.init": "pissa", "quant.mode": "4bit", "adapter.loraplus_lr_ratio": 0.5})
+    assert "must be >= 1" in str(e.value)  # every problem at once
+    with pytest.raises(ConfigError, match="adapter.init=loftq with quant.mode=none"):
+        make_recipe({"adapter.init": "loftq"})
+    with pytest.raises(ConfigError, match="adapter.init=olora with adapter.method=loha"):
+        make_recipe({"adapter.init": "olora", "adapter.method": "loha"})
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the refusal is for machines without CUDA")
+def test_loftq_without_a_gpu_says_why(make_recipe):
+    from peftlab import build_model
+    from peftlab.errors import ModelError
+
+    pytest.importorskip("bitsandbytes")
+    recipe = make_recipe({"adapter.init": "loftq", "quant.mode": "4bit"})
+    with pytest.raises(ModelError, match="loftq needs a CUDA GPU"):
+        build_model(recipe, num_labels=2, label_names=["negative", "positive"])
+
+
+def test_scratch_is_the_same_architecture_randomly_initialised(make_recipe, tiny_bert):
+    from transformers import AutoModelForSequenceClassification
+
+    from peftlab import build_model, load_splits
+
+    recipe = make_recipe({"adapter.method": "scratch", "train.max_steps": 4})
+    _, names = load_splits(recipe)
+    model, _, info = build_model(recipe, num_labels=2, label_names=names)
+    pretrained = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
+    ours, theirs = dict(model.named_parameters()), dict(pretrained.named_parameters())
+    assert ours.keys() == theirs.keys() and all(ours[k].shape == theirs[k].shape for k in ours)  # same architecture
+    body = [k for k in ours if not k.startswith("classifier")]
+    matrices = [k for k in body if ours[k].ndim == 2]  # (biases and norms start at 0 and 1 either way)
+    assert matrices and all(not torch.equal(ours[k], theirs[k]) for k in matrices)  # none of the pretrained weights
+    assert all(p.requires_grad for p in ours.values()) and info.trainable_percent == pytest.approx(100.0)
+    summary = run(recipe)
+    assert (recipe.out / "model.safetensors").is_file() and not (recipe.out / "adapter_config.json").exists()
+    reloaded, *_ = load_trained(recipe.out)
+    from peftlab import evaluate
+
+    assert evaluate(recipe.out)["loss"] == pytest.approx(summary["metrics"]["eval"]["loss"], abs=1e-6)
+    assert not torch.equal(dict(reloaded.named_parameters())["bert.encoder.layer.0.attention.self.query.weight"],
+                           ours["bert.encoder.layer.0.attention.self.query.weight"])  # it trained

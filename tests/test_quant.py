@@ -87,3 +87,63 @@ def test_fsdp_packs_4bit_weights_in_the_model_dtype(monkeypatch):
     assert quantization_config(recipe, "bf16", ["classifier"]).bnb_4bit_quant_storage == torch.uint8
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
     assert quantization_config(recipe, "bf16", ["classifier"]).bnb_4bit_quant_storage == torch.bfloat16
+
+
+QUANT = {  # id -> recipe overrides
+    "8bit": {"quant.mode": "8bit"},
+    "nf4-dq": {"quant.mode": "4bit", "quant.quant_type": "nf4", "quant.double_quant": True},
+    "nf4": {"quant.mode": "4bit", "quant.quant_type": "nf4", "quant.double_quant": False},
+    "fp4-dq": {"quant.mode": "4bit", "quant.quant_type": "fp4", "quant.double_quant": True},
+    "fp4": {"quant.mode": "4bit", "quant.quant_type": "fp4", "quant.double_quant": False},
+}
+METHODS = {
+    "lora": {}, "dora": {"adapter.use_dora": True}, "adalora": {"adapter.method": "adalora"}, "ia3": {"adapter.method": "ia3"},
+    "loha": {"adapter.method": "loha"}, "lokr": {"adapter.method": "lokr"}, "vera": {"adapter.method": "vera"},
+    "oft": {"adapter.method": "oft"}, "prompt_tuning": {"adapter.method": "prompt_tuning", "adapter.num_virtual_tokens": 4},
+    "frozen": {"adapter.method": "frozen"}, "full": {"adapter.method": "full"}, "scratch": {"adapter.method": "scratch"},
+}
+# what validation refuses up front, and the words of its reason
+REFUSED = {
+    ("full", "*"): "quantized weights cannot be trained", ("scratch", "*"): "quantized weights cannot be trained",
+    ("loha", "4bit"): "packed storage", ("lokr", "4bit"): "packed storage", ("dora", "8bit"): "does not support 8-bit",
+}
+
+
+@pytest.mark.parametrize("quant", list(QUANT))
+@pytest.mark.parametrize("method", list(METHODS))
+def test_every_method_with_every_quantization_trains_or_says_why(make_recipe, method, quant):
+    """Each (method, quantization) either trains a few steps on a fixed batch (the loss goes down, every trainable
+    tensor moves, the quantized layers stay frozen) or is refused by validation with the reason."""
+    from peftlab.errors import ConfigError
+
+    overrides = {**METHODS[method], **QUANT[quant]}
+    reason = REFUSED.get((method, "*")) or REFUSED.get((method, overrides["quant.mode"]))
+    if reason:
+        with pytest.raises(ConfigError, match=reason):
+            make_recipe(overrides)
+        return
+    recipe = make_recipe(overrides)
+    splits, names = load_splits(recipe)
+    model, tok, info = build_model(recipe, num_labels=2, label_names=names)
+    layer = bnb.nn.Linear4bit if quant != "8bit" else bnb.nn.Linear8bitLt
+    quantized = [m for m in model.modules() if isinstance(m, layer)]
+    assert quantized and all(not p.requires_grad for m in quantized for p in m.parameters(recurse=False))
+    if quant != "8bit":
+        assert {m.weight.quant_type for m in quantized} == {recipe.quant.quant_type}
+        assert all((m.weight.quant_state.nested is True) == recipe.quant.double_quant for m in quantized)
+    data = build_data(recipe, tok, splits=splits, label_names=names)
+    batch = data.collate([data.train[i] for i in range(16)])
+    trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(3):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0], losses
+    after = dict(model.named_parameters())
+    frozen_in_place = [n for n, before in trainable.items() if torch.equal(before, after[n].detach())]
+    assert not frozen_in_place, f"{method}/{quant}: these trainable tensors did not move: {frozen_in_place}"

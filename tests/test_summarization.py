@@ -117,10 +117,10 @@ def test_recipe_defaults_and_validation(make_sum_recipe, tiny_llama):
     r = make_sum_recipe(tiny_llama)
     assert r.train.best_metric == "loss"  # the task's default, resolved into the written recipe
     with pytest.raises(ConfigError) as e:
-        make_sum_recipe(tiny_llama, {"data.target_column": None, "task.prompt": "no slot", "train.best_metric": "rougeL",
+        make_sum_recipe(tiny_llama, {"data.target_column": None, "task.prompt": "no slot", "train.best_metric": "bleu",
                                      "eval.num_beams": 0})
     msg = str(e.value)
-    for needle in ("data.target_column is not set", "must contain {source}", "train.best_metric='rougeL'", "eval.num_beams=0"):
+    for needle in ("data.target_column is not set", "must contain {source}", "train.best_metric='bleu'", "eval.num_beams=0"):
         assert needle in msg, msg
     with pytest.raises(ConfigError, match="encoder-decoder warm start is for summarization"):
         load_recipe(None, ["model.decoder=minilm"], validate_files=False)
@@ -242,6 +242,17 @@ def test_generate_rouge_predictions_and_merge(family, make_sum_recipe, request):
     assert (target / "predictions-eval.jsonl").is_file()
 
 
+def test_rouge_keep_best_generates_at_each_evaluation_and_keeps_the_best(make_sum_recipe, tiny_t5):
+    recipe = make_sum_recipe(tiny_t5, {"train.best_metric": "rougeL", "train.eval_every": 1, "train.max_steps": 4}, name="rouge-best")
+    summary = run(recipe)
+    evals = [json.loads(line) for line in (recipe.out / "log.jsonl").read_text().splitlines()]
+    evals = [e for e in evals if e["kind"] == "eval"]
+    assert [e["step"] for e in evals] == [1, 2, 3, 4] and all("rougeL" in e and "loss" in e for e in evals)
+    best = max(evals, key=lambda e: e["rougeL"])  # first of the ties, as the loop keeps on strict improvement only
+    assert summary["best_step"] == best["step"]
+    assert summary["metrics"]["eval"]["rougeL"] == pytest.approx(best["rougeL"]), "the exported weights are the kept step's"
+
+
 def test_bert2bert_trains_new_cross_attention_and_reloads_exactly(make_sum_recipe, tiny_bert):
     from accelerate import Accelerator
 
@@ -296,3 +307,19 @@ def test_stories260k_samsum_end_to_end(tmp_path, monkeypatch):
     assert len(losses) == 3 and all(0 < x < 10 for x in losses)
     rows = (recipe.out / "predictions-eval.jsonl").read_text().splitlines()
     assert len(rows) == 4 and all(json.loads(r)["reference"] for r in rows)
+
+
+def test_two_process_generation_equals_one_process(make_sum_recipe, tiny_t5):
+    """`peftlab eval` on 2 ranks: each rank generates for its share of the 7 rows (rank 1's padded tail is dropped) and
+    the gathered predictions, in data order, equal the 1-process final evaluation's."""
+    from .test_distributed import LAUNCH_2_CPU, sh
+
+    recipe = make_sum_recipe(tiny_t5, {"eval.batch_size": 2}, name="gen2")
+    one = run(recipe)["metrics"]["eval"]
+    first = (recipe.out / "predictions-eval.jsonl").read_text()
+    sh([*LAUNCH_2_CPU, "-m", "peftlab.cli", "eval", str(recipe.out)], cwd=recipe.out.parent)
+    two = json.loads((recipe.out / "eval-eval.json").read_text())
+    assert two["report"]["n"] == 7
+    assert (recipe.out / "predictions-eval.jsonl").read_text() == first
+    assert {k: two["metrics"][k] for k in ("rouge1", "rougeL")} == {k: one[k] for k in ("rouge1", "rougeL")}
+    assert two["metrics"]["loss"] == pytest.approx(one["loss"], rel=1e-5)

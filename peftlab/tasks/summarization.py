@@ -141,6 +141,9 @@ def tokenize(ds, tokenizer, recipe):
     return ds.map(enc, batched=True, with_indices=True, desc="tokenize")
 
 
+GENERATED_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")  # need generation: train.best_metric one of them -> evals generate
+
+
 def _pad(seqs: list[list[int]], value: int, left: bool = False, multiple: int = 8) -> torch.Tensor:
     n = -(-max(len(s) for s in seqs) // multiple) * multiple
     return torch.tensor([[value] * (n - len(s)) + s if left else s + [value] * (n - len(s)) for s in seqs])

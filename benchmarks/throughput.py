@@ -1,0 +1,435 @@
+"""Throughput: peftlab vs the hand-written `transformers.Trainer` + `peft.get_peft_model` recipe, on the same work.
+
+Same model (packaged MiniLM), same rows (a seeded SST-2 subset, read once by peftlab for both sides), same
+hyperparameters (batch 32, AdamW lr 1e-3, 6% warmup then linear decay, weight decay 0.01, LoRA r=8 alpha=16 dropout 0.1
+on query/key/value/attention.output.dense), same number of optimizer steps, same evaluation schedule on the SST-2 dev
+split. The baseline keeps every Trainer default a user would keep (random sampler, fused AdamW, dynamic padding with
+DataCollatorWithPadding, logging every 500 steps). Each run is its own process (so peak RSS is its own); the two sides
+alternate (peftlab, Trainer, peftlab, Trainer, ...) so slow phases of a shared machine hit both.
+
+Also in the same invocation:
+- a GEMM micro-benchmark (fp32 torch.mm at the same thread count) -> the machine's matmul peak, and from the model's
+  shape the training FLOPs per real token -> model-FLOPs utilisation (MFU) of each run;
+- ablations: each speed option of peftlab switched off (or on) alone, same steps: length-grouped batching,
+  host sync every step, the AdamW kernel, bf16 autocast, torch.compile; plus tokenization cold vs cached and the
+  evaluation (sorted by length, batch 128, no grad vs unsorted batch 32).
+
+    python benchmarks/throughput.py                    # ~35 min on one core: writes results/throughput.{json,md,png}
+    python benchmarks/throughput.py --quick            # a few minutes: checks the pipeline
+    OMP_NUM_THREADS=2 python benchmarks/throughput.py  # threads per run (default: OMP_NUM_THREADS, else 1)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # this checkout's peftlab, installed or not
+RESULTS = REPO / "benchmarks" / "results"
+RECIPE = REPO / "recipes" / "minilm" / "sst2-lora.yaml"
+QLORA = ["quant.mode=4bit", "quant.quant_type=nf4", "quant.double_quant=true", "quant.compute_dtype=float32"]
+ABLATIONS = {  # name -> (peftlab overrides, what it switches)
+    "no length grouping": (["train.group_by_length=false"], "plain shuffled batches (more padding)"),
+    "host sync every step": (["train.log_every=1"], "loss read back to the host each step"),
+    "AdamW loop": (["train.optimizer_impl=loop"], "one parameter at a time"),
+    "AdamW fused": (["train.optimizer_impl=fused"], "one fused kernel"),
+    "bf16 autocast": (["train.precision=bf16"], "emulated on CPUs without avx512_bf16/AMX"),
+    "torch.compile": (["train.compile=true"], "inductor, dynamic shapes, compile time included"),
+}
+
+
+# ----------------------------------------------------------------------------------------------- workers (one per process)
+
+
+def common_overrides(args) -> list[str]:
+    return [f"data.train.max_samples={args.rows}", f"data.eval.max_samples={args.eval_rows or 'null'}", f"train.max_steps={args.steps}",
+            f"train.eval_every={args.eval_every}", f"train.log_every={args.eval_every}",
+            "train.save_every=null", "train.keep_best=false", "export.merge=false"]
+
+
+def worker_peftlab(args, extra: list[str]) -> dict:
+    from peftlab import load_recipe, run
+
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = load_recipe(RECIPE, [*common_overrides(args), *extra, f"output_dir={tmp}/out"])
+        summary = run(recipe, overwrite=True)
+        log = [json.loads(line) for line in (Path(tmp) / "out" / "log.jsonl").read_text().splitlines()]
+    evals = [{"step": r["step"], "accuracy": r["accuracy"], "train_s": r["train_s"]} for r in log if r["kind"] == "eval"]
+    return {"examples": summary["train_examples"], "train_s": summary["train_seconds"], "tokens": summary["train_tokens"],
+            "evals": evals, "accuracy": summary["metrics"]["eval"]["accuracy"], "padded_tokens": summary["train_padded_tokens"]}
+
+
+def worker_trainer(args, extra: list[str]) -> dict:
+    """The recipe users write by hand: Trainer + get_peft_model, defaults kept where a user would keep them."""
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        BitsAndBytesConfig,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from peftlab import load_recipe, load_splits
+    from peftlab.model import resolve_model_path
+
+    recipe = load_recipe(RECIPE, common_overrides(args))
+    splits, _ = load_splits(recipe)  # the very rows peftlab trains on
+    path = resolve_model_path("minilm")
+    tok = AutoTokenizer.from_pretrained(path)
+    quant = {}
+    if "qlora" in extra:
+        quant["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                                          bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier"])
+    torch.manual_seed(42)
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, **quant)
+    if quant:
+        model = prepare_model_for_kbit_training(model)
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=8, lora_alpha=16, lora_dropout=0.1,
+                                             target_modules=["query", "key", "value", "attention.output.dense"]))
+
+    def encode(batch):
+        return tok(batch["text"], truncation=True, max_length=recipe.data.max_length)
+
+    train_ds = splits["train"].map(encode, batched=True, remove_columns=["text"])
+    eval_ds = splits["eval"].map(encode, batched=True, remove_columns=["text"])
+
+    real_tokens = torch.zeros((), dtype=torch.long)
+    padded_tokens = torch.zeros((), dtype=torch.long)
+
+    def count(module, a, kw):  # tokens of training batches only; stays a tensor (no host sync)
+        if module.training:
+            real_tokens.add_(kw["attention_mask"].sum())
+            padded_tokens.add_(kw["attention_mask"].numel())
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+
+    class Clock(TrainerCallback):
+        """Training time up to each evaluation, evaluations excluded (as peftlab's log reports it)."""
+
+        def __init__(self):
+            self.evals, self.eval_s, self.t0, self.last = [], 0.0, 0.0, 0.0
+
+        def on_train_begin(self, a, state, control, **kw):
+            self.t0 = self.last = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            self.last = time.perf_counter()
+
+        def on_evaluate(self, a, state, control, metrics=None, **kw):
+            now = time.perf_counter()
+            self.evals.append({"step": state.global_step, "accuracy": metrics["eval_accuracy"], "train_s": self.last - self.t0 - self.eval_s})
+            self.eval_s += now - self.last
+            self.last = now
+
+    def accuracy(pred):
+        return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
+
+    t = recipe.train
+    targs = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=recipe.eval.batch_size,
+                              learning_rate=t.lr, weight_decay=t.weight_decay, warmup_steps=int(t.warmup_fraction * t.max_steps),
+                              lr_scheduler_type="linear", max_steps=t.max_steps, eval_strategy="steps", eval_steps=t.eval_every,
+                              save_strategy="no", report_to="none", seed=t.seed, use_cpu=True, disable_tqdm=True)
+    clock = Clock()
+    trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=DataCollatorWithPadding(tok),
+                      compute_metrics=accuracy, callbacks=[clock])
+    trainer.train()
+    train_s = clock.last - clock.t0 - clock.eval_s
+    return {"examples": t.max_steps * t.batch_size, "train_s": train_s, "tokens": int(real_tokens), "padded_tokens": int(padded_tokens),
+            "evals": clock.evals, "accuracy": clock.evals[-1]["accuracy"]}
+
+
+def worker_tokenize(args) -> dict:
+    """Tokenization of the train subset: cold (empty datasets cache) vs a second run (cached on disk)."""
+    import datasets
+
+    from peftlab import build_data, load_recipe, load_splits
+    from peftlab.model import load_tokenizer, resolve_model_path
+
+    with tempfile.TemporaryDirectory() as cache:
+        datasets.config.HF_DATASETS_CACHE = Path(cache)
+        recipe = load_recipe(RECIPE, common_overrides(args))
+        out = {}
+        for name in ("cold", "cached"):
+            splits, labels = load_splits(recipe)
+            tok = load_tokenizer(resolve_model_path("minilm"), recipe)
+            t0 = time.perf_counter()
+            build_data(recipe, tok, splits=splits, label_names=labels)
+            out[f"{name}_s"] = time.perf_counter() - t0
+    return out
+
+
+def worker_eval(args) -> dict:
+    """One model, the dev split, evaluated two ways: peftlab's (sorted by length, batch 128) and a plain loader (batch 32)."""
+    from torch.utils.data import DataLoader
+
+    from peftlab import build_data, build_model, load_recipe, load_splits
+    from peftlab.tasks import get_task
+    from peftlab.train import eval_loader, make_accelerator
+
+    recipe = load_recipe(RECIPE, [o for o in common_overrides(args) if not o.startswith("data.eval.max_samples")])
+    splits, labels = load_splits(recipe)
+    model, tok, _ = build_model(recipe, num_labels=2, label_names=labels)
+    data = build_data(recipe, tok, splits=splits, label_names=labels)
+    acc = make_accelerator(recipe, "fp32")
+    model = acc.prepare_model(model, evaluation_mode=True)
+    task, out = get_task("classification"), {}
+    for name, loader in [("sorted_b128", eval_loader(data.eval, 128, data.collate)),
+                         ("unsorted_b32", DataLoader(data.eval, batch_size=32, collate_fn=data.collate))]:
+        task.evaluate(model, loader, acc, labels)  # warm-up
+        t0 = time.perf_counter()
+        metrics, _ = task.evaluate(model, loader, acc, labels)
+        out[f"{name}_s"], out[f"{name}_accuracy"] = time.perf_counter() - t0, metrics["accuracy"]
+    out["rows"] = len(data.eval)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ measurements in the parent
+
+
+def gemm_peak(threads: int) -> dict:
+    """fp32 matmul GFLOP/s at this thread count: a large square GEMM (the peak) and MiniLM's FFN shape at batch 32 x 16 tokens."""
+    import torch
+
+    torch.set_num_threads(threads)
+    out = {}
+    for name, (m, k, n) in {"square_2048": (2048, 2048, 2048), "ffn_512x384x1536": (512, 384, 1536)}.items():
+        a, b = torch.randn(m, k), torch.randn(k, n)
+        for _ in range(3):
+            a @ b
+        reps, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < 2.0:
+            a @ b
+            reps += 1
+        out[name] = 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
+    out["peak_gflops"] = max(out.values())
+    return out
+
+
+def flops_per_token(length: float, trainable_base: bool) -> float:
+    """Training FLOPs per token of MiniLM-L6-H384 at sequence length `length` (LoRA: no weight gradients for the frozen
+    matmuls, so 4x the weight FLOPs instead of 6x; attention scores and mixing: 4*L*d per layer forward, 3x with backward)."""
+    from transformers import AutoConfig
+
+    from peftlab.model import resolve_model_path
+
+    c = AutoConfig.from_pretrained(resolve_model_path("minilm"))
+    d, ff, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
+    weights = layers * (4 * d * d + 2 * d * ff)  # q, k, v, o, and the two FFN matmuls
+    return (6 if trainable_base else 4) * weights + 3 * layers * 4 * length * d
+
+
+def spawn(args, kind: str, extra: list[str]) -> dict:
+    """Run one worker in its own process; -> its result plus peak RSS (MiB) and process wall time."""
+    with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
+        result_file = f.name
+    cmd = [sys.executable, __file__, "--worker", kind, "--result", result_file, *argv_of(args), "--", *extra]
+    env = {**os.environ, "OMP_NUM_THREADS": str(args.threads), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
+           "TOKENIZERS_PARALLELISM": "false", "TRANSFORMERS_VERBOSITY": "error"}
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=None if args.verbose else subprocess.DEVNULL,
+                          stderr=None if args.verbose else subprocess.PIPE, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{kind} {extra} failed (exit {proc.returncode}):\n{(proc.stderr or '')[-3000:]}")
+    result = json.loads(Path(result_file).read_text())
+    os.unlink(result_file)
+    return {**result, "process_s": time.perf_counter() - start}
+
+
+def argv_of(args) -> list[str]:
+    return [f"--rows={args.rows}", f"--eval-rows={args.eval_rows or 0}", f"--steps={args.steps}", f"--eval-every={args.eval_every}"]
+
+
+def derive(r: dict, target: float, length_of_tokens: float, trainable_base: bool, peak: float) -> dict:
+    """examples/s, real tokens/s, time to the target accuracy, MFU (real tokens) and hardware-FLOPs utilisation (padded)."""
+    tokens_per_s = r["tokens"] / r["train_s"]
+    reached = next((e for e in r["evals"] if e["accuracy"] >= target), None)
+    flops = flops_per_token(length_of_tokens, trainable_base)
+    out = {"examples_per_s": r["examples"] / r["train_s"], "tokens_per_s": tokens_per_s,
+           "time_to_target_s": reached["train_s"] if reached else None, "mfu": tokens_per_s * flops / (peak * 1e9)}
+    if r.get("padded_tokens"):
+        out["hfu"] = r["padded_tokens"] / r["train_s"] * flops / (peak * 1e9)
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=8000, help="SST-2 train rows (seeded subset)")
+    p.add_argument("--eval-rows", type=int, default=0, help="dev rows (0 = all 872)")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--target", type=float, default=0.80, help="dev accuracy for the time-to-target column")
+    p.add_argument("--repeats", type=int, default=1, help="alternating peftlab/Trainer pairs per case")
+    p.add_argument("--cases", default="lora,qlora")
+    p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--ablation-steps", type=int, default=None, help="steps of each ablation run (default: --steps; bf16 runs 1/10th)")
+    p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline in a few minutes")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--result", help=argparse.SUPPRESS)
+    p.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.quick:
+        args.rows, args.eval_rows, args.steps, args.eval_every = 640, 200, 20, 10
+
+    if args.worker:  # child process
+        import resource
+
+        fn = {"peftlab": lambda: worker_peftlab(args, args.extra), "trainer": lambda: worker_trainer(args, args.extra),
+              "tokenize": lambda: worker_tokenize(args), "eval": lambda: worker_eval(args)}[args.worker]
+        result = fn()
+        result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        Path(args.result).write_text(json.dumps(result))
+        return
+
+    name = "throughput-quick" if args.quick else "throughput"
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    print(f"GEMM peak at {args.threads} thread(s)...", flush=True)
+    gemm = gemm_peak(args.threads)
+    print(json.dumps(gemm), flush=True)
+    length = mean_length(args)
+    rows = []
+
+    def record(case: str, side: str, extra: list[str], trainable_base: bool = False, steps: int | None = None) -> dict:
+        run_args = argparse.Namespace(**{**vars(args), "steps": steps or args.steps})
+        print(f"[{case} / {side}] {' '.join(extra)}", flush=True)
+        r = spawn(run_args, "trainer" if side == "Trainer+peft" else "peftlab", extra)
+        r = {"case": case, "side": side, "overrides": extra, "steps": run_args.steps, **r,
+             **derive(r, args.target, length, trainable_base, gemm["peak_gflops"])}
+        print(f"    {r['examples_per_s']:.1f} ex/s, {r['tokens_per_s']:.0f} real tok/s, acc {r['accuracy']:.4f}, "
+              f"RSS {r['peak_rss_mib']:.0f} MiB, MFU {100 * r['mfu']:.1f}%", flush=True)
+        rows.append(r)
+        save(name, args, gemm, length, rows, extras)
+        return r
+
+    extras: dict = {}
+    for case in args.cases.split(","):
+        for _ in range(args.repeats):
+            record(case, "peftlab", QLORA if case == "qlora" else [])
+            record(case, "Trainer+peft", ["qlora"] if case == "qlora" else [])
+    if not args.no_ablations:
+        for label, (overrides, _) in ABLATIONS.items():
+            steps = args.ablation_steps or (max(args.steps // 10, 5) if "bf16" in label else args.steps)
+            record(f"ablation: {label}", "peftlab", overrides, steps=steps)
+        print("[tokenization cold vs cached]", flush=True)
+        extras["tokenize"] = spawn(args, "tokenize", [])
+        print("[evaluation sorted/b128 vs unsorted/b32]", flush=True)
+        extras["eval"] = spawn(args, "eval", [])
+    save(name, args, gemm, length, rows, extras)
+    print((RESULTS / f"{name}.md").read_text())
+
+
+def mean_length(args) -> float:
+    """Mean real tokens per training row of the subset (for the attention term of the FLOP count)."""
+    from peftlab import build_data, load_recipe, load_splits
+    from peftlab.model import load_tokenizer, resolve_model_path
+
+    recipe = load_recipe(RECIPE, common_overrides(args))
+    splits, labels = load_splits(recipe)
+    data = build_data(recipe, load_tokenizer(resolve_model_path("minilm"), recipe), splits=splits, label_names=labels)
+    lengths = data.train["length"]
+    return sum(lengths) / len(lengths)
+
+
+def save(name: str, args, gemm: dict, length: float, rows: list[dict], extras: dict) -> None:
+    config = {k: getattr(args, k) for k in ("rows", "eval_rows", "steps", "eval_every", "target", "threads", "quick")}
+    (RESULTS / f"{name}.json").write_text(json.dumps({"config": config, "gemm": gemm, "mean_tokens_per_row": length,
+                                                      "rows": rows, **extras}, indent=2))
+    (RESULTS / f"{name}.md").write_text(table(args, gemm, rows, extras) + "\n")
+    if rows:
+        plot(rows, RESULTS / f"{name}.png", args)
+
+
+def mean(xs):
+    xs = [x for x in xs if x is not None]
+    return sum(xs) / len(xs) if xs else None
+
+
+def table(args, gemm: dict, rows: list[dict], extras: dict) -> str:
+    cases = [c for c in dict.fromkeys(r["case"] for r in rows) if not c.startswith("ablation")]
+    lines = [f"Machine: fp32 GEMM peak {gemm['peak_gflops']:.1f} GFLOP/s at {args.threads} thread(s) "
+             f"(MiniLM FFN shape: {gemm['ffn_512x384x1536']:.1f}). {args.steps} steps x batch 32, "
+             f"{args.rows} SST-2 train rows, dev accuracy target {args.target:.2f}.", "",
+             "| case | side | examples/s | real tokens/s | time to target (s) | final dev acc | peak RSS (MiB) | MFU | HFU (padded) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def fmt(v, f):
+        return "-" if v is None else format(v, f)
+
+    summary = {}
+    for case in cases:
+        for side in ("peftlab", "Trainer+peft"):
+            rs = [r for r in rows if r["case"] == case and r["side"] == side]
+            if not rs:
+                continue
+            s = {k: mean([r.get(k) for r in rs]) for k in ("examples_per_s", "tokens_per_s", "time_to_target_s", "accuracy",
+                                                             "peak_rss_mib", "mfu", "hfu")}
+            summary[(case, side)] = s
+            lines.append(f"| {case} | {side} | {s['examples_per_s']:.1f} | {s['tokens_per_s']:.0f} | {fmt(s['time_to_target_s'], '.0f')} "
+                         f"| {100 * s['accuracy']:.2f} | {s['peak_rss_mib']:.0f} | {fmt(100 * s['mfu'], '.1f')}% "
+                         f"| {fmt(s['hfu'] and 100 * s['hfu'], '.1f')}% |")
+    lines += ["", "| case | tokens/s ratio (peftlab / Trainer) | time-to-target ratio | accuracy difference (points) | RSS ratio |",
+              "|---|---|---|---|---|"]
+    for case in cases:
+        a, b = summary.get((case, "peftlab")), summary.get((case, "Trainer+peft"))
+        if a and b:
+            ttt = a["time_to_target_s"] / b["time_to_target_s"] if a["time_to_target_s"] and b["time_to_target_s"] else None
+            lines.append(f"| {case} | {a['tokens_per_s'] / b['tokens_per_s']:.2f}x | {fmt(ttt, '.2f')} "
+                         f"| {100 * (a['accuracy'] - b['accuracy']):+.2f} | {a['peak_rss_mib'] / b['peak_rss_mib']:.2f} |")
+    if ("qlora", "peftlab") in summary and ("lora", "peftlab") in summary:
+        lines.append(f"\nQLoRA / LoRA peak RSS (peftlab): {summary[('qlora', 'peftlab')]['peak_rss_mib'] / summary[('lora', 'peftlab')]['peak_rss_mib']:.2f}")
+    base = summary.get(("lora", "peftlab"))
+    ablations = [r for r in rows if r["case"].startswith("ablation")]
+    if ablations and base:
+        lines += ["", "| ablation (one switch vs the peftlab defaults) | steps | real tokens/s | vs default | final dev acc |", "|---|---|---|---|---|"]
+        for r in ablations:
+            label = r["case"].removeprefix("ablation: ")
+            lines.append(f"| {label} ({ABLATIONS[label][1]}) | {r['steps']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x "
+                         f"| {100 * r['accuracy']:.2f} |")
+    if "tokenize" in extras:
+        t = extras["tokenize"]
+        lines.append(f"\nTokenization of {args.rows} rows: cold {t['cold_s']:.2f} s, cached {t['cached_s']:.2f} s ({t['cold_s'] / t['cached_s']:.1f}x).")
+    if "eval" in extras:
+        e = extras["eval"]
+        lines.append(f"Evaluation of {e['rows']} dev rows: sorted by length, batch 128: {e['sorted_b128_s']:.2f} s; unsorted, batch 32: "
+                     f"{e['unsorted_b32_s']:.2f} s ({e['unsorted_b32_s'] / e['sorted_b128_s']:.1f}x); accuracies {e['sorted_b128_accuracy']:.4f} "
+                     f"/ {e['unsorted_b32_accuracy']:.4f}.")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path, args) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups: dict[str, list[float]] = {}
+    for r in rows:
+        label = r["case"].removeprefix("ablation: ") if r["case"].startswith("ablation") else f"{r['case']}\n{r['side']}"
+        groups.setdefault(label, []).append(r["tokens_per_s"])
+    labels = list(groups)
+    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(labels)), 4.5))
+    colors = ["tab:blue" if "peftlab" in k else "tab:gray" if "Trainer" in k else "tab:orange" for k in labels]
+    bars = ax.bar(range(len(labels)), [mean(v) for v in groups.values()], color=colors)
+    ax.bar_label(bars, fmt="%.0f", fontsize=8)
+    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right")
+    ax.set_ylabel("training: real (non-pad) tokens/s")
+    ax.set_title(f"MiniLM on SST-2, {args.steps} steps x 32, {args.threads} CPU thread(s): peftlab (blue) vs Trainer+peft (gray), ablations (orange)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()
