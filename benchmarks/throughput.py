@@ -35,6 +35,11 @@ sys.path.insert(0, str(REPO))  # this checkout's peftlab, installed or not
 RESULTS = REPO / "benchmarks" / "results"
 RECIPE = REPO / "recipes" / "minilm" / "sst2-lora.yaml"
 QLORA = ["quant.mode=4bit", "quant.quant_type=nf4", "quant.double_quant=true", "quant.compute_dtype=float32"]
+CASES = {  # case -> (peftlab overrides, Trainer-side flags)
+    "lora": ([], []),
+    "qlora": (QLORA, ["qlora"]),  # the baseline's prepare_model_for_kbit_training recomputes activations (its default)
+    "qlora-ckpt": ([*QLORA, "train.gradient_checkpointing=true"], ["qlora"]),  # both recompute: like-for-like memory
+}
 ABLATIONS = {  # name -> (peftlab overrides, what it switches)
     "no length grouping": (["train.group_by_length=false"], "plain shuffled batches (more padding)"),
     "host sync every step": (["train.log_every=1"], "loss read back to the host each step"),
@@ -271,7 +276,8 @@ def main() -> None:
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--target", type=float, default=0.80, help="dev accuracy for the time-to-target column")
     p.add_argument("--repeats", type=int, default=1, help="alternating peftlab/Trainer pairs per case")
-    p.add_argument("--cases", default="lora,qlora")
+    p.add_argument("--cases", default="lora,qlora,qlora-ckpt", help=f"comma list of {', '.join(CASES)}")
+    p.add_argument("--add", action="store_true", help="add to the stored results (same sizes) instead of starting afresh")
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--ablation-steps", type=int, default=None, help="steps of each ablation run (default: --steps; bf16 runs 1/10th)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -298,27 +304,31 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     print(f"GEMM peak at {args.threads} thread(s)...", flush=True)
     gemm = gemm_peak(args.threads)
+    peak = gemm["peak_gflops"]
     print(json.dumps(gemm), flush=True)
     length = mean_length(args)
-    rows = []
+    rows, extras, store = [], {}, RESULTS / f"{name}.json"
+    if args.add and store.is_file():  # each row keeps the MFU computed against its own invocation's GEMM peak
+        old = json.loads(store.read_text())
+        rows, extras = old["rows"], {k: old[k] for k in ("tokenize", "eval") if k in old}
+        gemm = old["gemm"]
 
     def record(case: str, side: str, extra: list[str], trainable_base: bool = False, steps: int | None = None) -> dict:
         run_args = argparse.Namespace(**{**vars(args), "steps": steps or args.steps})
         print(f"[{case} / {side}] {' '.join(extra)}", flush=True)
         r = spawn(run_args, "trainer" if side == "Trainer+peft" else "peftlab", extra)
-        r = {"case": case, "side": side, "overrides": extra, "steps": run_args.steps, **r,
-             **derive(r, args.target, length, trainable_base, gemm["peak_gflops"])}
+        r = {"case": case, "side": side, "overrides": extra, "steps": run_args.steps, "gemm_peak_gflops": peak, **r,
+             **derive(r, args.target, length, trainable_base, peak)}
         print(f"    {r['examples_per_s']:.1f} ex/s, {r['tokens_per_s']:.0f} real tok/s, acc {r['accuracy']:.4f}, "
               f"RSS {r['peak_rss_mib']:.0f} MiB, MFU {100 * r['mfu']:.1f}%", flush=True)
         rows.append(r)
         save(name, args, gemm, length, rows, extras)
         return r
 
-    extras: dict = {}
     for case in args.cases.split(","):
         for _ in range(args.repeats):
-            record(case, "peftlab", QLORA if case == "qlora" else [])
-            record(case, "Trainer+peft", ["qlora"] if case == "qlora" else [])
+            record(case, "peftlab", CASES[case][0])
+            record(case, "Trainer+peft", CASES[case][1])
     if not args.no_ablations:
         for label, (overrides, _) in ABLATIONS.items():
             steps = args.ablation_steps or (max(args.steps // 10, 5) if "bf16" in label else args.steps)
@@ -388,8 +398,9 @@ def table(args, gemm: dict, rows: list[dict], extras: dict) -> str:
             ttt = a["time_to_target_s"] / b["time_to_target_s"] if a["time_to_target_s"] and b["time_to_target_s"] else None
             lines.append(f"| {case} | {a['tokens_per_s'] / b['tokens_per_s']:.2f}x | {fmt(ttt, '.2f')} "
                          f"| {100 * (a['accuracy'] - b['accuracy']):+.2f} | {a['peak_rss_mib'] / b['peak_rss_mib']:.2f} |")
-    if ("qlora", "peftlab") in summary and ("lora", "peftlab") in summary:
-        lines.append(f"\nQLoRA / LoRA peak RSS (peftlab): {summary[('qlora', 'peftlab')]['peak_rss_mib'] / summary[('lora', 'peftlab')]['peak_rss_mib']:.2f}")
+    for q in ("qlora", "qlora-ckpt"):
+        if (q, "peftlab") in summary and ("lora", "peftlab") in summary:
+            lines.append(f"\n{q} / lora peak RSS (peftlab): {summary[(q, 'peftlab')]['peak_rss_mib'] / summary[('lora', 'peftlab')]['peak_rss_mib']:.2f}")
     base = summary.get(("lora", "peftlab"))
     ablations = [r for r in rows if r["case"].startswith("ablation")]
     if ablations and base:
