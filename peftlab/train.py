@@ -108,6 +108,11 @@ class Window:
         self.acc = accelerator
         self.loss = torch.zeros((), device=accelerator.device)
         self.tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
+        self.reset()
+
+    def reset(self) -> None:
+        self.loss.zero_()
+        self.tokens.zero_()
         self.micro = self.examples = self.padded = 0
         self.start = time.perf_counter()
 
@@ -130,9 +135,9 @@ class Window:
     def flush(self, state: TrainState) -> dict:
         """-> this window's loss and throughput (all ranks); adds its totals to `state` and starts a new window."""
         elapsed = self.elapsed()
-        tokens = self.acc.reduce(self.tokens, "sum").item()
+        counts = torch.stack([self.tokens, torch.tensor(self.padded, dtype=torch.long, device=self.acc.device)])
+        tokens, padded = self.acc.reduce(counts, "sum").tolist()  # real and padded tokens of all ranks: one collective
         examples = self.examples * self.acc.num_processes
-        padded = self.acc.reduce(torch.tensor(self.padded, device=self.acc.device), "sum").item()
         record = {"loss": self.acc.reduce(self.loss, "mean").item() / max(self.micro, 1), "examples_per_s": examples / elapsed,
                   "tokens_per_s": tokens / elapsed, "epoch": state.epoch}
         state.examples += examples
@@ -140,10 +145,7 @@ class Window:
         state.padded_tokens += padded
         state.train_seconds += elapsed
         record["train_s"] = state.train_seconds
-        self.loss.zero_()
-        self.tokens.zero_()
-        self.micro = self.examples = self.padded = 0
-        self.start = time.perf_counter()
+        self.reset()
         return record
 
 
