@@ -15,19 +15,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-METHODS = {  # recipe overrides that turn the LoRA recipe into each method, same data and budget
-    "lora": [],
-    "qlora": ["quant.mode=4bit", "quant.quant_type=nf4", "quant.double_quant=true", "quant.compute_dtype=float32"],
-    "full": ["adapter.method=full", "adapter.target_modules=null", "train.lr=5e-5"],
-    "frozen": ["adapter.method=frozen", "adapter.target_modules=null", "train.lr=5e-3"],
-}
+sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab
+from benchmarks.common import METHODS as ALL_METHODS  # noqa: E402
+from benchmarks.common import RESULTS, train_process  # noqa: E402
+
+METHODS = {m: ALL_METHODS[m] for m in ("lora", "qlora", "full", "frozen")}  # same data and budget for each
 TASKS = {
     "sst2": ("recipes/minilm/sst2-lora.yaml", "eval"),
     "agnews": ("recipes/minilm/agnews-lora.yaml", "test"),
@@ -37,7 +33,7 @@ TASKS = {
 def run_one(task: str, method: str, args) -> dict:
     recipe, split = TASKS[task]
     out = RESULTS / "runs" / (args.name or "") / f"{task}-{method}"
-    overrides = [*METHODS[method], f"output_dir={out}", f"name={task}-{method}", f"train.epochs={args.epochs}",
+    overrides = [*METHODS[method], f"name={task}-{method}", f"train.epochs={args.epochs}",
                  "train.save_every=null", "train.eval_every=null", "export.merge=false", "train.log_every=50"]
     if task == "sst2":
         overrides.append(f"data.train.max_samples={args.sst2_train}")
@@ -45,15 +41,8 @@ def run_one(task: str, method: str, args) -> dict:
         overrides.append(f"data.max_length={args.agnews_max_length}")
     if args.quick:
         overrides += ["data.train.max_samples=300", f"data.{split}.max_samples=200", "train.epochs=1"]
-    cmd = [sys.executable, "-m", "peftlab.cli", "-q", "train", recipe, *overrides, "--overwrite"]
-    print(f"[{task}/{method}] {' '.join(cmd[3:])}", flush=True)
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL if not args.verbose else None)
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"[{task}/{method}] failed with status {status}; rerun with --verbose")
-    run = json.loads((out / "run.json").read_text())
+    print(f"[{task}/{method}] {' '.join(overrides)}", flush=True)
+    run, peak_rss, wall = train_process(f"{task}/{method}", recipe, overrides, out, verbose=args.verbose)
     m = run["metrics"][split]
     epochs = args.epochs if not args.quick else 1
     return {"task": task, "method": method, "split": split, "accuracy": m["accuracy"], "macro_f1": m["f1"],
@@ -61,7 +50,7 @@ def run_one(task: str, method: str, args) -> dict:
             "trainable_percent": run["trainable_percent"], "train_examples": run["train_examples"],
             "train_wall_s": run["train_wall_s"], "wall_per_epoch_s": run["train_wall_s"] / epochs,
             "examples_per_s": run["examples_per_s"], "tokens_per_s": run["tokens_per_s"],
-            "peak_rss_mib": usage.ru_maxrss / 1024, "base_weights_mib": run.get("base_weights_mib"), "process_wall_s": wall, "precision": run["precision"],
+            "peak_rss_mib": peak_rss, "base_weights_mib": run.get("base_weights_mib"), "process_wall_s": wall, "precision": run["precision"],
             "hardware": run["hardware"], "versions": {k: run["versions"][k] for k in ("torch", "transformers", "peft")}}
 
 

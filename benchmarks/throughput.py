@@ -31,10 +31,11 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))  # this checkout's peftlab, installed or not
-RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab, installed or not
+from benchmarks.common import METHODS, RESULTS  # noqa: E402
+
 RECIPE = REPO / "recipes" / "minilm" / "sst2-lora.yaml"
-QLORA = ["quant.mode=4bit", "quant.quant_type=nf4", "quant.double_quant=true", "quant.compute_dtype=float32"]
+QLORA = METHODS["qlora"]
 CASES = {  # case -> (peftlab overrides, Trainer-side flags)
     "lora": ([], []),
     "qlora": (QLORA, ["qlora"]),  # the baseline's prepare_model_for_kbit_training recomputes activations (its default)

@@ -24,24 +24,13 @@ import math
 import os
 import shutil
 import statistics
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
-METHODS = {  # recipe overrides that turn each task's LoRA recipe into the method (learning rates: usual per-method values)
-    "scratch": ["adapter.method=scratch", "adapter.target_modules=null", "train.lr=1e-4"],
-    "frozen": ["adapter.method=frozen", "adapter.target_modules=null", "train.lr=5e-3"],
-    "lora": [],
-    "qlora": ["quant.mode=4bit", "quant.quant_type=nf4", "quant.double_quant=true", "quant.compute_dtype=float32"],
-    "dora": ["adapter.use_dora=true"],
-    "ia3": ["adapter.method=ia3", "adapter.target_modules=null", "train.lr=5e-3"],
-    "full": ["adapter.method=full", "adapter.target_modules=null", "train.lr=5e-5"],
-    "vera": ["adapter.method=vera", "adapter.target_modules=[query,value]", "adapter.r=256", "train.lr=5e-3"],
-}
+sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab
+from benchmarks.common import METHODS, RESULTS, train_process  # noqa: E402
+
 DEFAULT_METHODS = "scratch,frozen,lora,qlora,dora,ia3,full"
 TASKS = {  # recipe, split scored, train rows, overrides (AG News: no held-out eval, the test split scores each run)
     "sst2": ("recipes/minilm/sst2-lora.yaml", "eval", 67349, []),
@@ -67,29 +56,19 @@ def run_one(task: str, method: str, fraction: float, seed: int, args) -> dict:
     steps = steps_for(rows, args)
     name = f"{task}-{method}-f{fraction:g}-s{seed}"
     out = args.results / "runs" / args.name / name
-    overrides = [*task_overrides, *METHODS[method], f"output_dir={out}", f"name={name}", f"train.seed={seed}",
+    overrides = [*task_overrides, *METHODS[method], f"name={name}", f"train.seed={seed}",
                  f"data.train.max_samples={rows}", f"train.max_steps={steps}", f"train.batch_size={args.batch_size}",
                  "train.eval_every=null", "train.save_every=null", "train.keep_best=false", "export.merge=false",
                  "train.log_every=50", *args.set]
     if args.eval_rows:
         overrides.append(f"data.{split}.max_samples={args.eval_rows}")
-    cmd = [sys.executable, "-m", "peftlab.cli", "-q", "train", recipe, *overrides, "--overwrite"]
     print(f"[{name}] {rows} rows, {steps} steps", flush=True)
-    start = time.perf_counter()
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=None if args.verbose else subprocess.DEVNULL, stderr=None if args.verbose else err)
-        _, status, usage = os.wait4(proc.pid, 0)  # this process's own peak RSS
-        err.seek(0)
-        tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
-    wall = time.perf_counter() - start
-    if status != 0:
-        raise RuntimeError(f"[{name}] failed (exit {os.waitstatus_to_exitcode(status)}): " + " | ".join(tail))
-    run = json.loads((out / "run.json").read_text())
+    run, peak_rss, wall = train_process(name, recipe, overrides, out, verbose=args.verbose)
     m = run["metrics"][split]
     row = {"task": task, "method": method, "fraction": fraction, "seed": seed, "train_rows": rows, "steps": run["steps"],
            "split": split, "accuracy": m["accuracy"], "macro_f1": m["f1"], "trainable_params": run["trainable_params"],
            "total_params": run["total_params"], "weights_mib": weights_mib(out), "train_wall_s": run["train_wall_s"],
-           "process_wall_s": wall, "peak_rss_mib": usage.ru_maxrss / 1024, "precision": run["precision"],
+           "process_wall_s": wall, "peak_rss_mib": peak_rss, "precision": run["precision"],
            "torch_threads": run["hardware"]["torch_threads"]}
     if not args.keep_runs:
         shutil.rmtree(out, ignore_errors=True)  # full/scratch weights are 87 MiB a run: the row keeps what was measured

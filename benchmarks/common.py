@@ -1,0 +1,40 @@
+"""What the benchmark scripts share: the recipe overrides that make each method, and one `peftlab train` process."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+RESULTS = REPO / "benchmarks" / "results"
+METHODS = {  # recipe overrides that turn a shipped LoRA recipe into each method (learning rates: usual per-method values)
+    "scratch": ["adapter.method=scratch", "adapter.target_modules=null", "train.lr=1e-4"],
+    "frozen": ["adapter.method=frozen", "adapter.target_modules=null", "train.lr=5e-3"],
+    "lora": [],
+    "qlora": ["quant.mode=4bit", "quant.quant_type=nf4", "quant.double_quant=true", "quant.compute_dtype=float32"],
+    "dora": ["adapter.use_dora=true"],
+    "ia3": ["adapter.method=ia3", "adapter.target_modules=null", "train.lr=5e-3"],
+    "full": ["adapter.method=full", "adapter.target_modules=null", "train.lr=5e-5"],
+    "vera": ["adapter.method=vera", "adapter.target_modules=[query,value]", "adapter.r=256", "train.lr=5e-3"],
+}
+
+
+def train_process(name: str, recipe: str, overrides: list[str], out: Path, *, verbose: bool = False) -> tuple[dict, float, float]:
+    """`peftlab train RECIPE OVERRIDES --overwrite` in its own process -> (its run.json, its peak RSS in MiB from wait4,
+    process wall seconds). A failure raises with the last lines of its stderr."""
+    cmd = [sys.executable, "-m", "peftlab.cli", "-q", "train", recipe, *overrides, f"output_dir={out}", "--overwrite"]
+    start = time.perf_counter()
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=None if verbose else subprocess.DEVNULL, stderr=None if verbose else err)
+        _, status, usage = os.wait4(proc.pid, 0)  # this process's own peak RSS
+        err.seek(0)
+        tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
+    wall = time.perf_counter() - start
+    if status != 0:
+        raise RuntimeError(f"[{name}] failed (exit {os.waitstatus_to_exitcode(status)}): " + " | ".join(tail))
+    return json.loads((out / "run.json").read_text()), usage.ru_maxrss / 1024, wall
