@@ -14,6 +14,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from .errors import PeftlabError, TrainingInterrupted
+from .metrics import ROUGE_KEYS
 
 log = logging.getLogger("peftlab")
 QUICKSTART = files("peftlab") / "recipes" / "quickstart.yaml"
@@ -148,7 +149,7 @@ def print_summary(s: dict) -> None:
         if "accuracy" in m:
             lines.append(f"   {split:<5} accuracy {m['accuracy']:.4f}   macro-F1 {m['f1']:.4f}   loss {m['loss']:.4f}")
         else:  # summarization: ROUGE F-measures (x100, as papers report them) and the loss
-            lines.append(f"   {split:<5} " + "   ".join(f"{k} {100 * m[k]:.2f}" for k in ("rouge1", "rouge2", "rougeL", "rougeLsum") if k in m)
+            lines.append(f"   {split:<5} " + "   ".join(f"{k} {100 * m[k]:.2f}" for k in ROUGE_KEYS if k in m)
                          + f"   loss {m['loss']:.4f}")
     lines.append(f"   trainable params {s['trainable_params']:,} of {s['total_params']:,} ({s['trainable_percent']:.3f}%)")
     lines.append(f"   train wall time {s['train_wall_s']:.1f}s, {s['steps']} steps, {s['examples_per_s']:.1f} examples/s, "

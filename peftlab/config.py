@@ -20,6 +20,7 @@ from typing import Any, Union
 import yaml
 
 from .errors import ConfigError
+from .metrics import ROUGE_KEYS
 
 
 def opt(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -399,7 +400,7 @@ def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = N
                                     "e.g. data.target_column=summary.")
         need(task.prompt is None or task.prompt.count("{source}") == 1,
              f"task.prompt={task.prompt!r}: must contain {{source}} exactly once (where the source text goes).")
-        kept = ("loss", "rouge1", "rouge2", "rougeL", "rougeLsum")
+        kept = ("loss", *ROUGE_KEYS)
         need(t.best_metric in kept, f"train.best_metric={t.best_metric!r}: summarization keeps the best of {', '.join(kept)} "
                                     "(a ROUGE metric makes every evaluation during training generate summaries: slower, but it "
                                     "selects on what is reported).")

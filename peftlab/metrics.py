@@ -6,6 +6,7 @@ from functools import cache
 from pathlib import Path
 
 MODULES = Path(__file__).parent / "metric_modules"
+ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")  # what rouge_metrics reports (F-measures)
 
 
 @cache

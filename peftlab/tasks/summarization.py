@@ -22,7 +22,7 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from ..errors import DataError
-from ..metrics import rouge_metrics
+from ..metrics import ROUGE_KEYS, rouge_metrics
 
 log = logging.getLogger(__name__)
 # EncoderDecoderModel (BERT2BERT) warns on every forward with labels about a loss change made in transformers 4.12
@@ -141,7 +141,7 @@ def tokenize(ds, tokenizer, recipe):
     return ds.map(enc, batched=True, with_indices=True, desc="tokenize")
 
 
-GENERATED_METRICS = ("rouge1", "rouge2", "rougeL", "rougeLsum")  # need generation: train.best_metric one of them -> evals generate
+GENERATED_METRICS = ROUGE_KEYS  # need generation: train.best_metric one of them -> evals generate
 
 
 def _pad(seqs: list[list[int]], value: int, left: bool = False, multiple: int = 8) -> torch.Tensor:
