@@ -39,6 +39,7 @@ def run_one(task: str, method: str, args) -> dict:
         overrides.append(f"data.train.max_samples={args.sst2_train}")
     if task == "agnews":
         overrides.append(f"data.max_length={args.agnews_max_length}")
+    overrides += args.set.get(method, [])
     if args.quick:
         overrides += ["data.train.max_samples=300", f"data.{split}.max_samples=200", "train.epochs=1"]
     print(f"[{task}/{method}] {' '.join(overrides)}", flush=True)
@@ -99,11 +100,20 @@ def main() -> None:
     p.add_argument("--sst2-train", type=int, default=10000, help="SST-2 train rows (seeded subset; 67349 = all)")
     p.add_argument("--agnews-max-length", type=int, default=64, help="AG News truncation (the recipe uses 128)")
     p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
+                   help="an extra recipe override for one method, e.g. lora:adapter.r=16 (repeatable)")
     p.add_argument("--quick", action="store_true", help="tiny subsets: checks the pipeline in minutes")
     p.add_argument("--fresh", action="store_true", help="ignore finished runs and measure again")
     p.add_argument("--name", default=None, help="results file stem (default: classification, or classification-quick)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
+    sets: dict[str, list[str]] = {}
+    for item in args.set:
+        method, sep, override = item.partition(":")
+        if not sep or method not in METHODS or "=" not in override:
+            p.error(f"--set {item!r}: expected METHOD:KEY=VALUE with METHOD one of {', '.join(METHODS)}")
+        sets.setdefault(method, []).append(override)
+    args.set = sets
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     name = args.name or ("classification-quick" if args.quick else "classification")
     RESULTS.mkdir(parents=True, exist_ok=True)
@@ -113,12 +123,14 @@ def main() -> None:
               "quick": args.quick}
     for task in args.tasks.split(","):
         for method in args.methods.split(","):
-            if any(r["task"] == task and r["method"] == method and r.get("config") == config for r in rows):
+            cfg = {**config, **({"set": args.set[method]} if method in args.set else {})}
+            if any(r["task"] == task and r["method"] == method and r.get("config") == cfg for r in rows):
                 continue  # resumable: a finished run is not repeated
             rows = [r for r in rows if not (r["task"] == task and r["method"] == method)]
-            rows.append({**run_one(task, method, args), "config": config})
+            rows.append({**run_one(task, method, args), "config": cfg})
             store.write_text(json.dumps({"rows": rows}, indent=2))
-    md = table(rows)
+    md = table(rows) + "".join(f"\n\n{r['task']}/{r['method']} with {' '.join(r['config']['set'])}"
+                               for r in rows if r["config"].get("set"))
     (RESULTS / f"{name}.md").write_text(md + "\n")
     plot(rows, RESULTS / f"{name}.png")
     print(md)

@@ -41,6 +41,7 @@ CASES = {  # case -> (peftlab overrides, Trainer-side flags)
     "qlora": (QLORA, ["qlora"]),  # the baseline's prepare_model_for_kbit_training recomputes activations (its default)
     "qlora-ckpt": ([*QLORA, "train.gradient_checkpointing=true"], ["qlora"]),  # both recompute: like-for-like memory
 }
+S2S_CASE = "samsum"  # MiniLM BERT2BERT LoRA on SAMSum: training, then beam-search generation on test rows
 ABLATIONS = {  # name -> (peftlab overrides, what it switches)
     "no length grouping": (["train.group_by_length=false"], "plain shuffled batches (more padding)"),
     "host sync every step": (["train.log_every=1"], "loss read back to the host each step"),
@@ -57,7 +58,30 @@ ABLATIONS = {  # name -> (peftlab overrides, what it switches)
 def common_overrides(args) -> list[str]:
     return [f"data.train.max_samples={args.rows}", f"data.eval.max_samples={args.eval_rows or 'null'}", f"train.max_steps={args.steps}",
             f"train.eval_every={args.eval_every}", f"train.log_every={args.eval_every}",
-            "train.save_every=null", "train.keep_best=false", "export.merge=false"]
+            "train.save_every=null", "train.keep_best=false", "export.merge=false", f"train.seed={args.seed}"]
+
+
+def trainer_clock():
+    """A Trainer callback timing training up to each evaluation, evaluations excluded (as peftlab's log reports it)."""
+    from transformers import TrainerCallback
+
+    class Clock(TrainerCallback):
+        def __init__(self):
+            self.evals, self.eval_s, self.t0, self.last = [], 0.0, 0.0, 0.0
+
+        def on_train_begin(self, a, state, control, **kw):
+            self.t0 = self.last = time.perf_counter()
+
+        def on_step_end(self, a, state, control, **kw):
+            self.last = time.perf_counter()
+
+        def on_evaluate(self, a, state, control, metrics=None, **kw):
+            now = time.perf_counter()
+            self.evals.append({"step": state.global_step, "accuracy": metrics["eval_accuracy"], "train_s": self.last - self.t0 - self.eval_s})
+            self.eval_s += now - self.last
+            self.last = now
+
+    return Clock()
 
 
 def worker_peftlab(args, extra: list[str]) -> dict:
@@ -83,7 +107,6 @@ def worker_trainer(args, extra: list[str]) -> dict:
         BitsAndBytesConfig,
         DataCollatorWithPadding,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
     )
 
@@ -98,7 +121,7 @@ def worker_trainer(args, extra: list[str]) -> dict:
     if "qlora" in extra:
         quant["quantization_config"] = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                                           bnb_4bit_compute_dtype=torch.float32, llm_int8_skip_modules=["classifier"])
-    torch.manual_seed(42)
+    torch.manual_seed(recipe.train.seed)
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2, **quant)
     if quant:
         model = prepare_model_for_kbit_training(model)
@@ -121,24 +144,6 @@ def worker_trainer(args, extra: list[str]) -> dict:
 
     model.register_forward_pre_hook(count, with_kwargs=True)
 
-    class Clock(TrainerCallback):
-        """Training time up to each evaluation, evaluations excluded (as peftlab's log reports it)."""
-
-        def __init__(self):
-            self.evals, self.eval_s, self.t0, self.last = [], 0.0, 0.0, 0.0
-
-        def on_train_begin(self, a, state, control, **kw):
-            self.t0 = self.last = time.perf_counter()
-
-        def on_step_end(self, a, state, control, **kw):
-            self.last = time.perf_counter()
-
-        def on_evaluate(self, a, state, control, metrics=None, **kw):
-            now = time.perf_counter()
-            self.evals.append({"step": state.global_step, "accuracy": metrics["eval_accuracy"], "train_s": self.last - self.t0 - self.eval_s})
-            self.eval_s += now - self.last
-            self.last = now
-
     def accuracy(pred):
         return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
 
@@ -147,13 +152,109 @@ def worker_trainer(args, extra: list[str]) -> dict:
                               learning_rate=t.lr, weight_decay=t.weight_decay, warmup_steps=int(t.warmup_fraction * t.max_steps),
                               lr_scheduler_type="linear", max_steps=t.max_steps, eval_strategy="steps", eval_steps=t.eval_every,
                               save_strategy="no", report_to="none", seed=t.seed, use_cpu=True, disable_tqdm=True)
-    clock = Clock()
+    clock = trainer_clock()
     trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=DataCollatorWithPadding(tok),
                       compute_metrics=accuracy, callbacks=[clock])
     trainer.train()
     train_s = clock.last - clock.t0 - clock.eval_s
     return {"examples": t.max_steps * t.batch_size, "train_s": train_s, "tokens": int(real_tokens), "padded_tokens": int(padded_tokens),
             "evals": clock.evals, "accuracy": clock.evals[-1]["accuracy"]}
+
+
+S2S_RECIPE = REPO / "recipes" / "minilm" / "samsum-lora.yaml"
+
+
+def s2s_overrides(args) -> list[str]:
+    return [f"data.train.max_samples={args.s2s_rows}", "data.eval=null", f"data.test.max_samples={args.s2s_test}",
+            f"train.max_steps={args.s2s_steps}", "train.eval_every=null", "train.log_every=10", "train.save_every=null",
+            "train.keep_best=false", "export.merge=false", f"train.seed={args.seed}"]
+
+
+def worker_peftlab_s2s(args) -> dict:
+    """BERT2BERT LoRA on SAMSum through peftlab's own blocks (as `run` calls them), with the test generation timed apart."""
+    from accelerate.utils import set_seed
+
+    from peftlab import build_data, build_model, load_recipe, load_splits, train
+    from peftlab.run import evaluate_split
+    from peftlab.train import make_accelerator
+
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = load_recipe(S2S_RECIPE, [*s2s_overrides(args), f"output_dir={tmp}"])
+        accelerator = make_accelerator(recipe, "fp32")
+        set_seed(recipe.train.seed)
+        splits, labels = load_splits(recipe)
+        model, tok, info = build_model(recipe, num_labels=len(labels), label_names=labels)
+        data = build_data(recipe, tok, splits=splits, label_names=labels)
+        model, state = train(recipe, model, data, accelerator, Path(tmp), tokenizer=tok)
+        t0 = time.perf_counter()
+        metrics, _, rows = evaluate_split(model, data.test, data, accelerator, recipe, tok)
+        generate_s = time.perf_counter() - t0
+    return {"examples": state.examples, "train_s": state.train_seconds, "tokens": state.tokens, "padded_tokens": state.padded_tokens,
+            "trainable_params": info.trainable_params, "generate_s": generate_s, "generated": len(rows), "rouge1": metrics["rouge1"],
+            "rougeL": metrics["rougeL"], "words": metrics["gen_words"], "evals": []}
+
+
+def worker_trainer_s2s(args) -> dict:
+    """The BERT2BERT recipe of the transformers docs, by hand: EncoderDecoderModel.from_encoder_decoder_pretrained +
+    get_peft_model (the same LoRA, the same new modules trained in full) + Seq2SeqTrainer(predict_with_generate)."""
+    import numpy as np
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoTokenizer, DataCollatorForSeq2Seq, EncoderDecoderModel, Seq2SeqTrainer, Seq2SeqTrainingArguments
+
+    from peftlab import load_recipe, load_splits
+    from peftlab.metrics import rouge_metrics
+    from peftlab.model import resolve_model_path
+
+    recipe = load_recipe(S2S_RECIPE, s2s_overrides(args))
+    splits, _ = load_splits(recipe)  # the very rows peftlab trains and generates on
+    path = resolve_model_path("minilm")
+    tok = AutoTokenizer.from_pretrained(path)
+    torch.manual_seed(recipe.train.seed)
+    model = EncoderDecoderModel.from_encoder_decoder_pretrained(path, path)
+    for cfg in (model.config, model.generation_config):
+        cfg.decoder_start_token_id, cfg.bos_token_id = tok.cls_token_id, tok.cls_token_id
+        cfg.eos_token_id, cfg.pad_token_id = tok.sep_token_id, tok.pad_token_id
+    a = recipe.adapter
+    model = get_peft_model(model, LoraConfig(task_type="SEQ_2_SEQ_LM", r=a.r, lora_alpha=a.alpha, lora_dropout=a.dropout,
+                                             target_modules=a.target_modules, modules_to_save=["crossattention", "predictions.transform"]))
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+    def encode(batch):
+        x = tok(batch["text"], truncation=True, max_length=recipe.data.max_length)
+        x["labels"] = tok(text_target=batch["target"], truncation=True, max_length=recipe.data.max_target_length)["input_ids"]
+        return x
+
+    train_ds = splits["train"].map(encode, batched=True, remove_columns=splits["train"].column_names)
+    test_ds = splits["test"].map(encode, batched=True, remove_columns=splits["test"].column_names)
+    real_tokens, padded_tokens = torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long)
+
+    def count(module, _, kw):  # source tokens of training batches (what peftlab counts); no host sync
+        if module.training:
+            real_tokens.add_(kw["attention_mask"].sum())
+            padded_tokens.add_(kw["attention_mask"].numel())
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    t = recipe.train
+    targs = Seq2SeqTrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=t.batch_size,
+                                     per_device_eval_batch_size=recipe.eval.batch_size, learning_rate=t.lr, weight_decay=t.weight_decay,
+                                     warmup_steps=int(t.warmup_fraction * t.max_steps), lr_scheduler_type="linear", max_steps=t.max_steps,
+                                     eval_strategy="no", save_strategy="no", report_to="none", seed=t.seed, use_cpu=True,
+                                     disable_tqdm=True, predict_with_generate=True)
+    clock = trainer_clock()
+    trainer = Seq2SeqTrainer(model=model, args=targs, train_dataset=train_ds, data_collator=DataCollatorForSeq2Seq(tok), callbacks=[clock])
+    trainer.train()
+    train_s = clock.last - clock.t0
+    e = recipe.eval
+    t0 = time.perf_counter()
+    out = trainer.predict(test_ds, max_new_tokens=e.max_new_tokens, num_beams=e.num_beams, length_penalty=e.length_penalty,
+                          no_repeat_ngram_size=e.no_repeat_ngram_size, early_stopping=True)
+    generate_s = time.perf_counter() - t0
+    preds = [x.strip() for x in tok.batch_decode(np.where(out.predictions < 0, tok.pad_token_id, out.predictions), skip_special_tokens=True)]
+    m = rouge_metrics(preds, list(splits["test"]["target"]))
+    return {"examples": t.max_steps * t.batch_size, "train_s": train_s, "tokens": int(real_tokens), "padded_tokens": int(padded_tokens),
+            "trainable_params": trainable, "generate_s": generate_s, "generated": len(preds), "rouge1": m["rouge1"],
+            "rougeL": m["rougeL"], "words": sum(len(x.split()) for x in preds) / len(preds), "evals": []}
 
 
 def worker_tokenize(args) -> dict:
@@ -254,7 +355,8 @@ def spawn(args, kind: str, extra: list[str]) -> dict:
 
 
 def argv_of(args) -> list[str]:
-    return [f"--rows={args.rows}", f"--eval-rows={args.eval_rows or 0}", f"--steps={args.steps}", f"--eval-every={args.eval_every}"]
+    return [f"--rows={args.rows}", f"--eval-rows={args.eval_rows or 0}", f"--steps={args.steps}", f"--eval-every={args.eval_every}",
+            f"--seed={args.seed}", f"--s2s-rows={args.s2s_rows}", f"--s2s-steps={args.s2s_steps}", f"--s2s-test={args.s2s_test}"]
 
 
 def derive(r: dict, target: float, length_of_tokens: float, trainable_base: bool, peak: float) -> dict:
@@ -269,6 +371,12 @@ def derive(r: dict, target: float, length_of_tokens: float, trainable_base: bool
     return out
 
 
+def derive_s2s(r: dict) -> dict:
+    """samsum case: training examples/s and source tokens/s, generated summaries/s."""
+    return {"examples_per_s": r["examples"] / r["train_s"], "tokens_per_s": r["tokens"] / r["train_s"],
+            "generated_per_s": r["generated"] / r["generate_s"]}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--rows", type=int, default=8000, help="SST-2 train rows (seeded subset)")
@@ -276,8 +384,13 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=200)
     p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--target", type=float, default=0.80, help="dev accuracy for the time-to-target column")
-    p.add_argument("--repeats", type=int, default=1, help="alternating peftlab/Trainer pairs per case")
-    p.add_argument("--cases", default="lora,qlora,qlora-ckpt", help=f"comma list of {', '.join(CASES)}")
+    p.add_argument("--repeats", type=int, default=1, help="alternating peftlab/Trainer pairs per case; pair i uses seed --seed + i")
+    p.add_argument("--seed", type=int, default=42, help="training seed of the first pair (both sides)")
+    p.add_argument("--name", default=None, help="results file stem (default: throughput, or throughput-quick)")
+    p.add_argument("--cases", default="lora,qlora,qlora-ckpt,samsum", help=f"comma list of {', '.join(CASES)}, samsum")
+    p.add_argument("--s2s-rows", type=int, default=960, help="samsum case: SAMSum train rows")
+    p.add_argument("--s2s-steps", type=int, default=60, help="samsum case: optimizer steps (batch 16)")
+    p.add_argument("--s2s-test", type=int, default=64, help="samsum case: test rows summarised (beam search) after training")
     p.add_argument("--add", action="store_true", help="add to the stored results (same sizes) instead of starting afresh")
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--ablation-steps", type=int, default=None, help="steps of each ablation run (default: --steps; bf16 runs 1/10th)")
@@ -290,18 +403,20 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.rows, args.eval_rows, args.steps, args.eval_every = 640, 200, 20, 10
+        args.s2s_rows, args.s2s_steps, args.s2s_test = 64, 4, 8
 
     if args.worker:  # child process
         import resource
 
         fn = {"peftlab": lambda: worker_peftlab(args, args.extra), "trainer": lambda: worker_trainer(args, args.extra),
+              "peftlab-s2s": lambda: worker_peftlab_s2s(args), "trainer-s2s": lambda: worker_trainer_s2s(args),
               "tokenize": lambda: worker_tokenize(args), "eval": lambda: worker_eval(args)}[args.worker]
         result = fn()
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         Path(args.result).write_text(json.dumps(result))
         return
 
-    name = "throughput-quick" if args.quick else "throughput"
+    name = args.name or ("throughput-quick" if args.quick else "throughput")
     RESULTS.mkdir(parents=True, exist_ok=True)
     print(f"GEMM peak at {args.threads} thread(s)...", flush=True)
     gemm = gemm_peak(args.threads)
@@ -314,22 +429,28 @@ def main() -> None:
         rows, extras = old["rows"], {k: old[k] for k in ("tokenize", "eval") if k in old}
         gemm = old["gemm"]
 
-    def record(case: str, side: str, extra: list[str], trainable_base: bool = False, steps: int | None = None) -> dict:
-        run_args = argparse.Namespace(**{**vars(args), "steps": steps or args.steps})
-        print(f"[{case} / {side}] {' '.join(extra)}", flush=True)
-        r = spawn(run_args, "trainer" if side == "Trainer+peft" else "peftlab", extra)
-        r = {"case": case, "side": side, "overrides": extra, "steps": run_args.steps, "gemm_peak_gflops": peak, **r,
-             **derive(r, args.target, length, trainable_base, peak)}
-        print(f"    {r['examples_per_s']:.1f} ex/s, {r['tokens_per_s']:.0f} real tok/s, acc {r['accuracy']:.4f}, "
-              f"RSS {r['peak_rss_mib']:.0f} MiB, MFU {100 * r['mfu']:.1f}%", flush=True)
+    def record(case: str, side: str, extra: list[str], trainable_base: bool = False, steps: int | None = None, seed: int | None = None) -> dict:
+        run_args = argparse.Namespace(**{**vars(args), "steps": steps or args.steps, "seed": args.seed if seed is None else seed})
+        print(f"[{case} / {side}, seed {run_args.seed}] {' '.join(extra)}", flush=True)
+        s2s = case == S2S_CASE
+        r = spawn(run_args, ("trainer" if side == "Trainer+peft" else "peftlab") + ("-s2s" if s2s else ""), extra)
+        r = {"case": case, "side": side, "overrides": extra, "steps": args.s2s_steps if s2s else run_args.steps, "seed": run_args.seed,
+             "gemm_peak_gflops": peak, **r, **(derive_s2s(r) if s2s else derive(r, args.target, length, trainable_base, peak))}
+        if s2s:
+            print(f"    {r['examples_per_s']:.2f} ex/s, {r['tokens_per_s']:.0f} source tok/s, generation {r['generated_per_s']:.2f} rows/s, "
+                  f"ROUGE-1 {100 * r['rouge1']:.2f}, RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+        else:
+            print(f"    {r['examples_per_s']:.1f} ex/s, {r['tokens_per_s']:.0f} real tok/s, acc {r['accuracy']:.4f}, "
+                  f"RSS {r['peak_rss_mib']:.0f} MiB, MFU {100 * r['mfu']:.1f}%", flush=True)
         rows.append(r)
         save(name, args, gemm, length, rows, extras)
         return r
 
     for case in args.cases.split(","):
-        for _ in range(args.repeats):
-            record(case, "peftlab", CASES[case][0])
-            record(case, "Trainer+peft", CASES[case][1])
+        for i in range(args.repeats):
+            peftlab_side, trainer_side = CASES.get(case, ([], []))
+            record(case, "peftlab", peftlab_side, seed=args.seed + i)
+            record(case, "Trainer+peft", trainer_side, seed=args.seed + i)
     if not args.no_ablations:
         for label, (overrides, _) in ABLATIONS.items():
             steps = args.ablation_steps or (max(args.steps // 10, 5) if "bf16" in label else args.steps)
@@ -355,7 +476,8 @@ def mean_length(args) -> float:
 
 
 def save(name: str, args, gemm: dict, length: float, rows: list[dict], extras: dict) -> None:
-    config = {k: getattr(args, k) for k in ("rows", "eval_rows", "steps", "eval_every", "target", "threads", "quick")}
+    config = {k: getattr(args, k) for k in ("rows", "eval_rows", "steps", "eval_every", "target", "threads", "quick", "s2s_rows",
+                                            "s2s_steps", "s2s_test")}
     (RESULTS / f"{name}.json").write_text(json.dumps({"config": config, "gemm": gemm, "mean_tokens_per_row": length,
                                                       "rows": rows, **extras}, indent=2))
     (RESULTS / f"{name}.md").write_text(table(args, gemm, rows, extras) + "\n")
@@ -368,8 +490,44 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def accuracy_difference(rows: list[dict], case: str) -> str:
+    """peftlab - Trainer final accuracy in points, paired by seed: the mean, and with several seeds its standard error."""
+    acc = {(r["side"], r.get("seed", 42)): r["accuracy"] for r in rows if r["case"] == case}
+    diffs = [100 * (acc[("peftlab", s)] - acc[("Trainer+peft", s)]) for side, s in acc if side == "peftlab" and ("Trainer+peft", s) in acc]
+    if len(diffs) < 2:
+        return f"{diffs[0]:+.2f}" if diffs else "-"
+    m = sum(diffs) / len(diffs)
+    se = (sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
+    return f"{m:+.2f} ± {se:.2f} ({len(diffs)} seeds: {', '.join(f'{d:+.2f}' for d in diffs)})"
+
+
+def s2s_table(args, rows: list[dict]) -> list[str]:
+    """The samsum case: training speed, then generation speed and ROUGE of the trained model, per side and as ratios."""
+    if not rows:
+        return []
+    lines = ["", f"SAMSum, MiniLM BERT2BERT + LoRA: {args.s2s_steps} steps x batch 16 from {args.s2s_rows} train rows, then "
+                 f"{args.s2s_test} test rows summarised (beam search as in recipes/minilm/samsum-lora.yaml).", "",
+             "| side | train examples/s | source tokens/s | padded / real source tokens | summaries/s | words / summary | test ROUGE-1 "
+             "| trainable params | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
+    sides = {}
+    for side in ("peftlab", "Trainer+peft"):
+        rs = [r for r in rows if r["side"] == side]
+        if rs:
+            s = sides[side] = {k: mean([r[k] for r in rs]) for k in ("examples_per_s", "tokens_per_s", "generated_per_s", "rouge1",
+                                                                      "peak_rss_mib", "trainable_params", "words")}
+            pad = mean([r["padded_tokens"] / r["tokens"] for r in rs])
+            lines.append(f"| {side} | {s['examples_per_s']:.2f} | {s['tokens_per_s']:.0f} | {pad:.2f} | {s['generated_per_s']:.2f} "
+                         f"| {s['words']:.1f} | {100 * s['rouge1']:.2f} | {s['trainable_params']:,.0f} | {s['peak_rss_mib']:.0f} |")
+    if len(sides) == 2:
+        a, b = sides["peftlab"], sides["Trainer+peft"]
+        lines.append(f"\nsamsum ratios (peftlab / Trainer): training tokens/s {a['tokens_per_s'] / b['tokens_per_s']:.2f}x, generation "
+                     f"{a['generated_per_s'] / b['generated_per_s']:.2f}x, peak RSS {a['peak_rss_mib'] / b['peak_rss_mib']:.2f}; "
+                     f"ROUGE-1 difference {100 * (a['rouge1'] - b['rouge1']):+.2f} points.")
+    return lines
+
+
 def table(args, gemm: dict, rows: list[dict], extras: dict) -> str:
-    cases = [c for c in dict.fromkeys(r["case"] for r in rows) if not c.startswith("ablation")]
+    cases = [c for c in dict.fromkeys(r["case"] for r in rows) if not c.startswith("ablation") and c != S2S_CASE]
     lines = [f"Machine: fp32 GEMM peak {gemm['peak_gflops']:.1f} GFLOP/s at {args.threads} thread(s) "
              f"(MiniLM FFN shape: {gemm['ffn_512x384x1536']:.1f}). {args.steps} steps x batch 32, "
              f"{args.rows} SST-2 train rows, dev accuracy target {args.target:.2f}.", "",
@@ -391,14 +549,14 @@ def table(args, gemm: dict, rows: list[dict], extras: dict) -> str:
             lines.append(f"| {case} | {side} | {s['examples_per_s']:.1f} | {s['tokens_per_s']:.0f} | {fmt(s['time_to_target_s'], '.0f')} "
                          f"| {100 * s['accuracy']:.2f} | {s['peak_rss_mib']:.0f} | {fmt(100 * s['mfu'], '.1f')}% "
                          f"| {fmt(s['hfu'] and 100 * s['hfu'], '.1f')}% |")
-    lines += ["", "| case | tokens/s ratio (peftlab / Trainer) | time-to-target ratio | accuracy difference (points) | RSS ratio |",
+    lines += ["", "| case | tokens/s ratio (peftlab / Trainer) | time-to-target ratio | accuracy difference (points, paired by seed) | RSS ratio |",
               "|---|---|---|---|---|"]
     for case in cases:
         a, b = summary.get((case, "peftlab")), summary.get((case, "Trainer+peft"))
         if a and b:
             ttt = a["time_to_target_s"] / b["time_to_target_s"] if a["time_to_target_s"] and b["time_to_target_s"] else None
             lines.append(f"| {case} | {a['tokens_per_s'] / b['tokens_per_s']:.2f}x | {fmt(ttt, '.2f')} "
-                         f"| {100 * (a['accuracy'] - b['accuracy']):+.2f} | {a['peak_rss_mib'] / b['peak_rss_mib']:.2f} |")
+                         f"| {accuracy_difference(rows, case)} | {a['peak_rss_mib'] / b['peak_rss_mib']:.2f} |")
     for q in ("qlora", "qlora-ckpt"):
         if (q, "peftlab") in summary and ("lora", "peftlab") in summary:
             lines.append(f"\n{q} / lora peak RSS (peftlab): {summary[(q, 'peftlab')]['peak_rss_mib'] / summary[('lora', 'peftlab')]['peak_rss_mib']:.2f}")
@@ -410,6 +568,7 @@ def table(args, gemm: dict, rows: list[dict], extras: dict) -> str:
             label = r["case"].removeprefix("ablation: ")
             lines.append(f"| {label} ({ABLATIONS[label][1]}) | {r['steps']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x "
                          f"| {100 * r['accuracy']:.2f} |")
+    lines += s2s_table(args, [r for r in rows if r["case"] == S2S_CASE])
     if "tokenize" in extras:
         t = extras["tokenize"]
         lines.append(f"\nTokenization of {args.rows} rows: cold {t['cold_s']:.2f} s, cached {t['cached_s']:.2f} s ({t['cold_s'] / t['cached_s']:.1f}x).")
@@ -429,16 +588,33 @@ def plot(rows: list[dict], path: Path, args) -> None:
 
     groups: dict[str, list[float]] = {}
     for r in rows:
-        label = r["case"].removeprefix("ablation: ") if r["case"].startswith("ablation") else f"{r['case']}\n{r['side']}"
-        groups.setdefault(label, []).append(r["tokens_per_s"])
+        if r["case"] != S2S_CASE:
+            label = r["case"].removeprefix("ablation: ") if r["case"].startswith("ablation") else f"{r['case']}\n{r['side']}"
+            groups.setdefault(label, []).append(r["tokens_per_s"])
+    s2s = [r for r in rows if r["case"] == S2S_CASE]
     labels = list(groups)
-    fig, ax = plt.subplots(figsize=(max(8, 1.1 * len(labels)), 4.5))
+    fig, axes = plt.subplots(1, 2 if s2s else 1, figsize=(max(8, 1.1 * len(labels)) + (5 if s2s else 0), 4.5), squeeze=False,
+                             gridspec_kw={"width_ratios": [max(len(labels), 1), 3] if s2s else [1]})
+    ax = axes[0][0]
     colors = ["tab:blue" if "peftlab" in k else "tab:gray" if "Trainer" in k else "tab:orange" for k in labels]
     bars = ax.bar(range(len(labels)), [mean(v) for v in groups.values()], color=colors)
     ax.bar_label(bars, fmt="%.0f", fontsize=8)
     ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right")
     ax.set_ylabel("training: real (non-pad) tokens/s")
-    ax.set_title(f"MiniLM on SST-2, {args.steps} steps x 32, {args.threads} CPU thread(s): peftlab (blue) vs Trainer+peft (gray), ablations (orange)")
+    ax.set_title(f"MiniLM on SST-2, {args.steps} steps x 32, {args.threads} CPU thread(s): peftlab (blue) vs Trainer+peft (gray), "
+                 "ablations (orange)", fontsize=9)
+    if s2s:  # SAMSum: training and generation speed of each side, relative to the Trainer's
+        ax = axes[0][1]
+        sides = [side for side in ("peftlab", "Trainer+peft") if any(r["side"] == side for r in s2s)]
+        for i, side in enumerate(sides):
+            vals = [mean([r[k] for r in s2s if r["side"] == side]) / mean([r[k] for r in s2s if r["side"] == sides[-1]])
+                    for k in ("tokens_per_s", "generated_per_s")]
+            bars = ax.bar([j + 0.4 * i for j in range(2)], vals, 0.4, label=side, color="tab:blue" if side == "peftlab" else "tab:gray")
+            ax.bar_label(bars, fmt="%.2fx", fontsize=8)
+        ax.set_xticks([0.2, 1.2], ["training\n(source tokens/s)", "generation\n(summaries/s)"], fontsize=8)
+        ax.set_ylabel("speed relative to Trainer+peft")
+        ax.set_title("SAMSum, BERT2BERT + LoRA", fontsize=9)
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -45,3 +45,27 @@ def test_table_reports_ratios_per_case(tp):
             {"case": "lora", "side": "Trainer+peft", "examples_per_s": 20.0, "tokens_per_s": 300.0, **row, "time_to_target_s": 25.0}]
     md = tp.table(args, gemm, rows, {})
     assert "| lora | 2.00x | 0.40 | +0.00 | 1.00 |" in md, md
+
+
+def test_accuracy_difference_is_paired_by_seed(tp):
+    def run(side, seed, acc):
+        return {"case": "lora", "side": side, "seed": seed, "accuracy": acc}
+
+    rows = [run("peftlab", 1, 0.80), run("Trainer+peft", 1, 0.81), run("peftlab", 2, 0.83), run("Trainer+peft", 2, 0.82),
+            run("peftlab", 3, 0.815)]  # seed 3 has no Trainer run: left out
+    assert tp.accuracy_difference(rows, "lora").startswith("+0.00 ± 1.00 (2 seeds: -1.00, +1.00)")
+    assert tp.accuracy_difference(rows[:2], "lora") == "-1.00"
+
+
+def test_samsum_case_has_its_own_table(tp):
+    args = argparse.Namespace(threads=1, steps=20, rows=640, target=0.8, s2s_steps=4, s2s_rows=64, s2s_test=8)
+    gemm = {"peak_gflops": 50.0, "ffn_512x384x1536": 40.0}
+    s2s = dict(case="samsum", examples=64, tokens=1000, padded_tokens=1200, rouge1=0.2, peak_rss_mib=2000.0, trainable_params=10, words=12.0)
+    rows = [{**s2s, "side": "peftlab", "examples_per_s": 2.0, "tokens_per_s": 300.0, "generated_per_s": 3.0},
+            {**s2s, "side": "Trainer+peft", "examples_per_s": 1.0, "tokens_per_s": 150.0, "generated_per_s": 2.0, "rouge1": 0.25}]
+    md = tp.table(args, gemm, rows, {})
+    assert "| samsum |" not in md  # not in the classification tables
+    assert "| peftlab | 2.00 | 300 | 1.20 | 3.00 | 12.0 | 20.00 | 10 | 2000 |" in md, md
+    assert "training tokens/s 2.00x, generation 1.50x, peak RSS 1.00; ROUGE-1 difference -5.00 points" in md, md
+    assert tp.derive_s2s({"examples": 64, "train_s": 32.0, "tokens": 640, "generated": 8, "generate_s": 4.0}) == {
+        "examples_per_s": 2.0, "tokens_per_s": 20.0, "generated_per_s": 2.0}
