@@ -15,20 +15,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-RESULTS = REPO / "benchmarks" / "results"
+sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab
+from benchmarks.common import RESULTS, train_process  # noqa: E402
+from peftlab.metrics import ROUGE_KEYS  # noqa: E402
+
 RECIPE = "recipes/minilm/samsum-lora.yaml"
-KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")
 PUBLISHED = "SAMSum paper (Gliwa et al. 2019), full test split: Lead-3 31.4 / 10.0 / 29.9 (ROUGE-1/2/L)"
 
 
 def train_model(args, out: Path) -> dict:
-    overrides = [f"output_dir={out}", "name=samsum-b2b-lora", "export.merge=false", "train.save_every=null", "train.eval_every=null"]
+    overrides = ["name=samsum-b2b-lora", "export.merge=false", "train.save_every=null", "train.eval_every=null"]
     if args.quick:
         args.train, args.test, args.epochs = 32, 16, 1
         overrides += ["data.eval.max_samples=8", "train.log_every=1", "eval.max_new_tokens=24"]
@@ -37,12 +37,10 @@ def train_model(args, out: Path) -> dict:
         overrides.append(f"data.train.max_samples={args.train}")
     if args.epochs is not None:
         overrides.append(f"train.epochs={args.epochs}")
-    cmd = [sys.executable, "-m", "peftlab.cli", "-q", "train", RECIPE, *overrides, "--overwrite"]
-    print(" ".join(cmd[3:]), flush=True)
-    start = time.perf_counter()
-    subprocess.run(cmd, cwd=REPO, check=True, stdout=None if args.verbose else subprocess.DEVNULL)
-    run = json.loads((out / "run.json").read_text())
-    return {**run, "process_wall_s": time.perf_counter() - start}
+    overrides += args.set
+    print(" ".join(overrides), flush=True)
+    run, peak_rss, wall = train_process("samsum", RECIPE, overrides, out, verbose=args.verbose)
+    return {**run, "process_wall_s": wall, "peak_rss_mib": peak_rss}
 
 
 def lead3(dialogue: str) -> str:
@@ -54,14 +52,14 @@ def score(name: str, preds: list[str], refs: list[str]) -> dict:
     from peftlab.metrics import rouge_metrics
 
     m = rouge_metrics(preds, refs)
-    return {"system": name, "rows": len(refs), **{k: m[k] for k in KEYS},
+    return {"system": name, "rows": len(refs), **{k: m[k] for k in ROUGE_KEYS},
             "words": sum(len(p.split()) for p in preds) / max(len(preds), 1)}
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| system | test rows | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | words / summary |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['system']} | {r['rows']} | " + " | ".join(f"{100 * r[k]:.2f}" for k in KEYS) + f" | {r['words']:.1f} |")
+        lines.append(f"| {r['system']} | {r['rows']} | " + " | ".join(f"{100 * r[k]:.2f}" for k in ROUGE_KEYS) + f" | {r['words']:.1f} |")
     return "\n".join(lines)
 
 
@@ -70,12 +68,13 @@ def main() -> None:
     p.add_argument("--train", type=int, default=None, help="train rows (seeded subset); default: the recipe's")
     p.add_argument("--epochs", type=float, default=None, help="default: the recipe's")
     p.add_argument("--test", type=int, default=200, help="SAMSum test rows (seeded subset; 819 = all)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra recipe override (repeatable)")
+    p.add_argument("--name", default=None, help="results file stem (default: summarization, or summarization-quick)")
     p.add_argument("--quick", action="store_true", help="tiny subsets: checks the pipeline in minutes")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    sys.path.insert(0, str(REPO))
-    name = "summarization-quick" if args.quick else "summarization"
+    name = args.name or ("summarization-quick" if args.quick else "summarization")
     out = RESULTS / "runs" / name
     run = train_model(args, out)
     rows = [json.loads(line) for line in (out / "predictions-test.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -84,14 +83,16 @@ def main() -> None:
     assert abs(model["rougeL"] - run["metrics"]["test"]["rougeL"]) < 1e-9, "rescored predictions differ from the run's metrics"
     results = [model, score("Lead-3 (first 3 turns)", [lead3(r["source"]) for r in rows], refs)]
     meta = {"recipe": RECIPE, "quick": args.quick, "train_examples": run["train_examples"], "steps": run["steps"],
-            "train_wall_s": run["train_wall_s"], "process_wall_s": run["process_wall_s"], "precision": run["precision"],
+            "train_wall_s": run["train_wall_s"], "process_wall_s": run["process_wall_s"], "peak_rss_mib": run["peak_rss_mib"],
+            "examples_per_s": run["examples_per_s"], "overrides": args.set, "precision": run["precision"],
             "trainable_params": run["trainable_params"], "trainable_percent": run["trainable_percent"],
             "eval_loss": run["metrics"]["test"]["loss"], "hardware": run["hardware"],
             "versions": {k: run["versions"][k] for k in ("torch", "transformers", "peft")}, "published_reference": PUBLISHED}
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps({"rows": results, "meta": meta}, indent=2))
     md = (table(results) + f"\n\nModel: {RECIPE}, {meta['train_examples']:,} train examples ({meta['steps']} steps, "
-          f"{meta['train_wall_s']:.0f} s, {meta['precision']}), {meta['trainable_percent']:.2f}% trainable. "
+          f"{meta['train_wall_s']:.0f} s, {meta['examples_per_s']:.2f} examples/s, {meta['precision']}), "
+          f"{meta['trainable_percent']:.2f}% trainable{' (' + ' '.join(args.set) + ')' if args.set else ''}. "
           f"Same rows, same scorer for both systems. For orientation: {PUBLISHED}.")
     (RESULTS / f"{name}.md").write_text(md + "\n")
     print(md)

@@ -5,7 +5,14 @@ hyperparameters (batch 32, AdamW lr 1e-3, 6% warmup then linear decay, weight de
 on query/key/value/attention.output.dense), same number of optimizer steps, same evaluation schedule on the SST-2 dev
 split. The baseline keeps every Trainer default a user would keep (random sampler, fused AdamW, dynamic padding with
 DataCollatorWithPadding, logging every 500 steps). Each run is its own process (so peak RSS is its own); the two sides
-alternate (peftlab, Trainer, peftlab, Trainer, ...) so slow phases of a shared machine hit both.
+alternate (peftlab, Trainer, peftlab, Trainer, ...) so slow phases of a shared machine hit both; with --repeats N,
+pair i trains with seed 42 + i on both sides and the accuracy difference is reported paired by seed.
+
+Cases: lora, qlora (NF4 + double quant; the baseline's prepare_model_for_kbit_training recomputes activations),
+qlora-ckpt (both recompute); samsum: the MiniLM BERT2BERT LoRA summarizer (recipes/minilm/samsum-lora.yaml) against
+EncoderDecoderModel + get_peft_model + Seq2SeqTrainer, training steps then beam-search generation on test rows;
+memory-0.7b: peftlab LoRA vs QLoRA peak RSS on a 0.73B-parameter BERT built from a config, where the weights (2.9 GB
+in fp32) and not the Python runtime fill the memory.
 
 Also in the same invocation:
 - a GEMM micro-benchmark (fp32 torch.mm at the same thread count) -> the machine's matmul peak, and from the model's
@@ -14,7 +21,7 @@ Also in the same invocation:
   host sync every step, the AdamW kernel, bf16 autocast, torch.compile; plus tokenization cold vs cached and the
   evaluation (sorted by length, batch 128, no grad vs unsorted batch 32).
 
-    python benchmarks/throughput.py                    # ~35 min on one core: writes results/throughput.{json,md,png}
+    python benchmarks/throughput.py                    # ~60 min on one core: writes results/throughput.{json,md,png}
     python benchmarks/throughput.py --quick            # a few minutes: checks the pipeline
     OMP_NUM_THREADS=2 python benchmarks/throughput.py  # threads per run (default: OMP_NUM_THREADS, else 1)
 """
@@ -42,6 +49,8 @@ CASES = {  # case -> (peftlab overrides, Trainer-side flags)
     "qlora-ckpt": ([*QLORA, "train.gradient_checkpointing=true"], ["qlora"]),  # both recompute: like-for-like memory
 }
 S2S_CASE = "samsum"  # MiniLM BERT2BERT LoRA on SAMSum: training, then beam-search generation on test rows
+MEMORY_CASE = "memory-0.7b"  # peftlab LoRA vs QLoRA on a ~0.73B BERT built from a config: peak RSS when weights dominate
+MEMORY_OVERRIDES = ["train.batch_size=16", "data.eval.max_samples=64", "train.eval_every=1000", "train.log_every=1000"]
 ABLATIONS = {  # name -> (peftlab overrides, what it switches)
     "no length grouping": (["train.group_by_length=false"], "plain shuffled batches (more padding)"),
     "host sync every step": (["train.log_every=1"], "loss read back to the host each step"),
@@ -277,6 +286,24 @@ def worker_tokenize(args) -> dict:
     return out
 
 
+LARGE = dict(hidden_size=1536, num_hidden_layers=24, num_attention_heads=24, intermediate_size=6144)  # ~0.73B parameters
+
+
+def worker_build_large(args, extra: list[str]) -> dict:
+    """A BERT encoder of LARGE's shape (random init, seeded) with MiniLM's vocabulary, saved to extra[0] as safetensors."""
+    import torch
+    from transformers import AutoTokenizer, BertConfig, BertModel
+
+    from peftlab.model import resolve_model_path
+
+    path = resolve_model_path("minilm")
+    torch.manual_seed(0)
+    model = BertModel(BertConfig(vocab_size=AutoTokenizer.from_pretrained(path).vocab_size, **LARGE))
+    model.save_pretrained(extra[0])
+    AutoTokenizer.from_pretrained(path).save_pretrained(extra[0])
+    return {"params": sum(p.numel() for p in model.parameters())}
+
+
 def worker_eval(args) -> dict:
     """One model, the dev split, evaluated two ways: peftlab's (sorted by length, batch 128) and a plain loader (batch 32)."""
     from torch.utils.data import DataLoader
@@ -387,7 +414,9 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=1, help="alternating peftlab/Trainer pairs per case; pair i uses seed --seed + i")
     p.add_argument("--seed", type=int, default=42, help="training seed of the first pair (both sides)")
     p.add_argument("--name", default=None, help="results file stem (default: throughput, or throughput-quick)")
-    p.add_argument("--cases", default="lora,qlora,qlora-ckpt,samsum", help=f"comma list of {', '.join(CASES)}, samsum")
+    p.add_argument("--cases", default=f"lora,qlora,qlora-ckpt,{S2S_CASE},{MEMORY_CASE}",
+                   help=f"comma list of {', '.join([*CASES, S2S_CASE, MEMORY_CASE])}")
+    p.add_argument("--memory-steps", type=int, default=3, help=f"{MEMORY_CASE} case: optimizer steps of each run")
     p.add_argument("--s2s-rows", type=int, default=960, help="samsum case: SAMSum train rows")
     p.add_argument("--s2s-steps", type=int, default=60, help="samsum case: optimizer steps (batch 16)")
     p.add_argument("--s2s-test", type=int, default=64, help="samsum case: test rows summarised (beam search) after training")
@@ -410,6 +439,7 @@ def main() -> None:
 
         fn = {"peftlab": lambda: worker_peftlab(args, args.extra), "trainer": lambda: worker_trainer(args, args.extra),
               "peftlab-s2s": lambda: worker_peftlab_s2s(args), "trainer-s2s": lambda: worker_trainer_s2s(args),
+              "build-large": lambda: worker_build_large(args, args.extra),
               "tokenize": lambda: worker_tokenize(args), "eval": lambda: worker_eval(args)}[args.worker]
         result = fn()
         result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
@@ -432,8 +462,14 @@ def main() -> None:
     def record(case: str, side: str, extra: list[str], trainable_base: bool = False, steps: int | None = None, seed: int | None = None) -> dict:
         run_args = argparse.Namespace(**{**vars(args), "steps": steps or args.steps, "seed": args.seed if seed is None else seed})
         print(f"[{case} / {side}, seed {run_args.seed}] {' '.join(extra)}", flush=True)
-        s2s = case == S2S_CASE
+        s2s, memory = case == S2S_CASE, case == MEMORY_CASE
         r = spawn(run_args, ("trainer" if side == "Trainer+peft" else "peftlab") + ("-s2s" if s2s else ""), extra)
+        if memory:  # speed of a random-init model is not the point; its MFU would need its own FLOP count
+            r = {"case": case, "side": side, "overrides": extra, "steps": run_args.steps, **r}
+            print(f"    peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+            rows.append(r)
+            save(name, args, gemm, length, rows, extras)
+            return r
         r = {"case": case, "side": side, "overrides": extra, "steps": args.s2s_steps if s2s else run_args.steps, "seed": run_args.seed,
              "gemm_peak_gflops": peak, **r, **(derive_s2s(r) if s2s else derive(r, args.target, length, trainable_base, peak))}
         if s2s:
@@ -446,11 +482,18 @@ def main() -> None:
         save(name, args, gemm, length, rows, extras)
         return r
 
-    for case in args.cases.split(","):
+    for case in (c for c in args.cases.split(",") if c != MEMORY_CASE):
         for i in range(args.repeats):
             peftlab_side, trainer_side = CASES.get(case, ([], []))
             record(case, "peftlab", peftlab_side, seed=args.seed + i)
             record(case, "Trainer+peft", trainer_side, seed=args.seed + i)
+    if MEMORY_CASE in args.cases.split(","):  # LoRA vs QLoRA peak RSS where the weights, not the runtime, fill memory
+        with tempfile.TemporaryDirectory() as tmp:
+            print(f"[{MEMORY_CASE}] building a {LARGE} BERT from its config...", flush=True)
+            params = spawn(args, "build-large", [tmp])["params"]
+            for method, overrides in (("lora", []), ("qlora", QLORA)):
+                record(MEMORY_CASE, f"peftlab {method}", [*overrides, f"model.name={tmp}", *MEMORY_OVERRIDES], steps=args.memory_steps)
+                rows[-1]["params"] = params
     if not args.no_ablations:
         for label, (overrides, _) in ABLATIONS.items():
             steps = args.ablation_steps or (max(args.steps // 10, 5) if "bf16" in label else args.steps)
@@ -527,7 +570,7 @@ def s2s_table(args, rows: list[dict]) -> list[str]:
 
 
 def table(args, gemm: dict, rows: list[dict], extras: dict) -> str:
-    cases = [c for c in dict.fromkeys(r["case"] for r in rows) if not c.startswith("ablation") and c != S2S_CASE]
+    cases = [c for c in dict.fromkeys(r["case"] for r in rows) if not c.startswith("ablation") and c not in (S2S_CASE, MEMORY_CASE)]
     lines = [f"Machine: fp32 GEMM peak {gemm['peak_gflops']:.1f} GFLOP/s at {args.threads} thread(s) "
              f"(MiniLM FFN shape: {gemm['ffn_512x384x1536']:.1f}). {args.steps} steps x batch 32, "
              f"{args.rows} SST-2 train rows, dev accuracy target {args.target:.2f}.", "",
@@ -569,6 +612,12 @@ def table(args, gemm: dict, rows: list[dict], extras: dict) -> str:
             lines.append(f"| {label} ({ABLATIONS[label][1]}) | {r['steps']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x "
                          f"| {100 * r['accuracy']:.2f} |")
     lines += s2s_table(args, [r for r in rows if r["case"] == S2S_CASE])
+    memory = {r["side"].removeprefix("peftlab "): r for r in rows if r["case"] == MEMORY_CASE}
+    if {"lora", "qlora"} <= set(memory):
+        lora, qlora = memory["lora"], memory["qlora"]
+        lines.append(f"\n{MEMORY_CASE}: a {lora['params'] / 1e9:.2f}B-parameter BERT built from a config ({LARGE}), {lora['steps']} steps x "
+                     f"batch 16 each: peak RSS LoRA {lora['peak_rss_mib']:.0f} MiB, QLoRA (NF4, double quant) {qlora['peak_rss_mib']:.0f} MiB: "
+                     f"QLoRA / LoRA {qlora['peak_rss_mib'] / lora['peak_rss_mib']:.2f}.")
     if "tokenize" in extras:
         t = extras["tokenize"]
         lines.append(f"\nTokenization of {args.rows} rows: cold {t['cold_s']:.2f} s, cached {t['cached_s']:.2f} s ({t['cold_s'] / t['cached_s']:.1f}x).")
@@ -588,7 +637,7 @@ def plot(rows: list[dict], path: Path, args) -> None:
 
     groups: dict[str, list[float]] = {}
     for r in rows:
-        if r["case"] != S2S_CASE:
+        if r["case"] not in (S2S_CASE, MEMORY_CASE):
             label = r["case"].removeprefix("ablation: ") if r["case"].startswith("ablation") else f"{r['case']}\n{r['side']}"
             groups.setdefault(label, []).append(r["tokens_per_s"])
     s2s = [r for r in rows if r["case"] == S2S_CASE]

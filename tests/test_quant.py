@@ -3,6 +3,9 @@ and merging a quantized run goes through a dequantized copy whose logits equal t
 
 from __future__ import annotations
 
+import gc
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -53,6 +56,34 @@ def test_qlora_trains_after_an_eval_pass(make_recipe, mode):
     assert all(g > 0 for g in grads), "LoRA grads vanished after the eval pass"
     assert second[-1] < first[0] - 0.01, (first, second)  # the loss keeps moving down on a fixed batch
     assert len(set(round(x, 6) for x in second)) > 5
+
+
+def checkpoint_ranges(path) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory maps of the file `path` (Linux /proc/self/maps)."""
+    ranges = []
+    for line in open("/proc/self/maps"):
+        fields = line.split()
+        if len(fields) >= 6 and fields[5] == str(path):
+            start, end = (int(x, 16) for x in fields[0].split("-"))
+            ranges.append((start, end))
+    return ranges
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux /proc/self/maps")
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_quantized_base_keeps_no_view_of_the_checkpoint_file(make_recipe, tiny_bert, mode):
+    """The weights left unquantized are copied out of the safetensors memory map, so the map (every page of which
+    quantization read) is released; a quantized base used to hold the whole fp32 file in the process's memory."""
+    recipe = make_recipe({"quant.mode": mode})
+    model, _, _ = build_model(recipe, num_labels=2, label_names=["negative", "positive"])
+    gc.collect()
+    ranges = checkpoint_ranges((tiny_bert / "model.safetensors").resolve())
+    inside = [n for n, t in [*model.named_parameters(), *model.named_buffers()]
+              if any(lo <= t.untyped_storage().data_ptr() < hi for lo, hi in ranges)]
+    assert not inside, f"still views of the checkpoint's memory map: {inside[:5]}"
+    unquantized = build_model(make_recipe({}), num_labels=2, label_names=["negative", "positive"])[0]
+    ranges = checkpoint_ranges((tiny_bert / "model.safetensors").resolve())  # the check can fail: an fp32 base is a view
+    assert any(lo <= p.untyped_storage().data_ptr() < hi for p in unquantized.parameters() for lo, hi in ranges)
 
 
 def test_qlora_run_merges_into_a_dequantized_copy(make_recipe):
