@@ -401,7 +401,7 @@ def release_checkpoint_mapping(model: nn.Module) -> None:
     of it, so while one view lives the whole file (2.7 GB for a 0.7B fp32 base) counts in the process's memory: a
     quantized model then used more RAM than the unquantized one. The copies are small; the map is then closed."""
     for module in model.modules():
-        for name, t in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+        for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]:
             if not type(t).__module__.startswith("bitsandbytes"):
                 t.data = t.data.clone()
 
