@@ -70,6 +70,22 @@ def common_overrides(args) -> list[str]:
             "train.save_every=null", "train.keep_best=false", "export.merge=false", f"train.seed={args.seed}"]
 
 
+def count_tokens(model):
+    """Real and padded input tokens of the training batches a Trainer feeds `model` (a forward pre-hook on its
+    attention mask; the counts stay tensors: no host sync) -> (real, padded), read after training."""
+    import torch
+
+    real, padded = torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long)
+
+    def count(module, _, kw):
+        if module.training:
+            real.add_(kw["attention_mask"].sum())
+            padded.add_(kw["attention_mask"].numel())
+
+    model.register_forward_pre_hook(count, with_kwargs=True)
+    return real, padded
+
+
 def trainer_clock():
     """A Trainer callback timing training up to each evaluation, evaluations excluded (as peftlab's log reports it)."""
     from transformers import TrainerCallback
@@ -143,15 +159,7 @@ def worker_trainer(args, extra: list[str]) -> dict:
     train_ds = splits["train"].map(encode, batched=True, remove_columns=["text"])
     eval_ds = splits["eval"].map(encode, batched=True, remove_columns=["text"])
 
-    real_tokens = torch.zeros((), dtype=torch.long)
-    padded_tokens = torch.zeros((), dtype=torch.long)
-
-    def count(module, a, kw):  # tokens of training batches only; stays a tensor (no host sync)
-        if module.training:
-            real_tokens.add_(kw["attention_mask"].sum())
-            padded_tokens.add_(kw["attention_mask"].numel())
-
-    model.register_forward_pre_hook(count, with_kwargs=True)
+    real_tokens, padded_tokens = count_tokens(model)
 
     def accuracy(pred):
         return {"accuracy": float((np.argmax(pred.predictions, -1) == pred.label_ids).mean())}
@@ -236,14 +244,7 @@ def worker_trainer_s2s(args) -> dict:
 
     train_ds = splits["train"].map(encode, batched=True, remove_columns=splits["train"].column_names)
     test_ds = splits["test"].map(encode, batched=True, remove_columns=splits["test"].column_names)
-    real_tokens, padded_tokens = torch.zeros((), dtype=torch.long), torch.zeros((), dtype=torch.long)
-
-    def count(module, _, kw):  # source tokens of training batches (what peftlab counts); no host sync
-        if module.training:
-            real_tokens.add_(kw["attention_mask"].sum())
-            padded_tokens.add_(kw["attention_mask"].numel())
-
-    model.register_forward_pre_hook(count, with_kwargs=True)
+    real_tokens, padded_tokens = count_tokens(model)  # of the source (encoder input), as peftlab counts them
     t = recipe.train
     targs = Seq2SeqTrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=t.batch_size,
                                      per_device_eval_batch_size=recipe.eval.batch_size, learning_rate=t.lr, weight_decay=t.weight_decay,
