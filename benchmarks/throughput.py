@@ -188,27 +188,17 @@ def s2s_overrides(args) -> list[str]:
 
 
 def worker_peftlab_s2s(args) -> dict:
-    """BERT2BERT LoRA on SAMSum through peftlab's own blocks (as `run` calls them), with the test generation timed apart."""
-    from accelerate.utils import set_seed
-
-    from peftlab import build_data, build_model, load_recipe, load_splits, train
-    from peftlab.run import evaluate_split
-    from peftlab.train import make_accelerator
+    """BERT2BERT LoRA on SAMSum through `peftlab.run`; generation speed from its timed test evaluation."""
+    from peftlab import load_recipe, run
 
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = load_recipe(S2S_RECIPE, [*s2s_overrides(args), f"output_dir={tmp}"])
-        accelerator = make_accelerator(recipe, "fp32")
-        set_seed(recipe.train.seed)
-        splits, labels = load_splits(recipe)
-        model, tok, info = build_model(recipe, num_labels=len(labels), label_names=labels)
-        data = build_data(recipe, tok, splits=splits, label_names=labels)
-        model, state = train(recipe, model, data, accelerator, Path(tmp), tokenizer=tok)
-        t0 = time.perf_counter()
-        metrics, _, rows = evaluate_split(model, data.test, data, accelerator, recipe, tok)
-        generate_s = time.perf_counter() - t0
-    return {"examples": state.examples, "train_s": state.train_seconds, "tokens": state.tokens, "padded_tokens": state.padded_tokens,
-            "trainable_params": info.trainable_params, "generate_s": generate_s, "generated": len(rows), "rouge1": metrics["rouge1"],
-            "rougeL": metrics["rougeL"], "words": metrics["gen_words"], "evals": []}
+        summary = run(load_recipe(S2S_RECIPE, [*s2s_overrides(args), f"output_dir={tmp}/out"]), overwrite=True)
+        generated = len((Path(tmp) / "out" / "predictions-test.jsonl").read_text(encoding="utf-8").splitlines())
+    m = summary["metrics"]["test"]
+    return {"examples": summary["train_examples"], "train_s": summary["train_seconds"], "tokens": summary["train_tokens"],
+            "padded_tokens": summary["train_padded_tokens"], "trainable_params": summary["trainable_params"],
+            "generate_s": summary["eval_seconds"]["test"], "generated": generated, "rouge1": m["rouge1"], "rougeL": m["rougeL"],
+            "words": m["gen_words"], "evals": []}
 
 
 def worker_trainer_s2s(args) -> dict:
@@ -297,11 +287,11 @@ def worker_build_large(args, extra: list[str]) -> dict:
 
     from peftlab.model import resolve_model_path
 
-    path = resolve_model_path("minilm")
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=AutoTokenizer.from_pretrained(path).vocab_size, **LARGE))
+    model = BertModel(BertConfig(vocab_size=tok.vocab_size, **LARGE))
     model.save_pretrained(extra[0])
-    AutoTokenizer.from_pretrained(path).save_pretrained(extra[0])
+    tok.save_pretrained(extra[0])
     return {"params": sum(p.numel() for p in model.parameters())}
 
 
@@ -465,18 +455,16 @@ def main() -> None:
         print(f"[{case} / {side}, seed {run_args.seed}] {' '.join(extra)}", flush=True)
         s2s, memory = case == S2S_CASE, case == MEMORY_CASE
         r = spawn(run_args, ("trainer" if side == "Trainer+peft" else "peftlab") + ("-s2s" if s2s else ""), extra)
-        if memory:  # speed of a random-init model is not the point; its MFU would need its own FLOP count
-            r = {"case": case, "side": side, "overrides": extra, "steps": run_args.steps, **r}
-            print(f"    peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
-            rows.append(r)
-            save(name, args, gemm, length, rows, extras)
-            return r
         r = {"case": case, "side": side, "overrides": extra, "steps": args.s2s_steps if s2s else run_args.steps, "seed": run_args.seed,
-             "gemm_peak_gflops": peak, **r, **(derive_s2s(r) if s2s else derive(r, args.target, length, trainable_base, peak))}
-        if s2s:
+             "gemm_peak_gflops": peak, **r}
+        if memory:  # speed of a random-init model is not the point; its MFU would need its own FLOP count
+            print(f"    peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
+        elif s2s:
+            r.update(derive_s2s(r))
             print(f"    {r['examples_per_s']:.2f} ex/s, {r['tokens_per_s']:.0f} source tok/s, generation {r['generated_per_s']:.2f} rows/s, "
                   f"ROUGE-1 {100 * r['rouge1']:.2f}, RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
         else:
+            r.update(derive(r, args.target, length, trainable_base, peak))
             print(f"    {r['examples_per_s']:.1f} ex/s, {r['tokens_per_s']:.0f} real tok/s, acc {r['accuracy']:.4f}, "
                   f"RSS {r['peak_rss_mib']:.0f} MiB, MFU {100 * r['mfu']:.1f}%", flush=True)
         rows.append(r)
@@ -493,8 +481,7 @@ def main() -> None:
             print(f"[{MEMORY_CASE}] building a {LARGE} BERT from its config...", flush=True)
             params = spawn(args, "build-large", [tmp])["params"]
             for method, overrides in (("lora", []), ("qlora", QLORA)):
-                record(MEMORY_CASE, f"peftlab {method}", [*overrides, f"model.name={tmp}", *MEMORY_OVERRIDES], steps=args.memory_steps)
-                rows[-1]["params"] = params
+                record(MEMORY_CASE, f"peftlab {method}", [*overrides, f"model.name={tmp}", *MEMORY_OVERRIDES], steps=args.memory_steps)["params"] = params
     if not args.no_ablations:
         for label, (overrides, _) in ABLATIONS.items():
             steps = args.ablation_steps or (max(args.steps // 10, 5) if "bf16" in label else args.steps)

@@ -116,11 +116,13 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> dic
     model, state = train(recipe, model, data, accelerator, out, resume=resume, tokenizer=tokenizer)
     wall = time.perf_counter() - start
 
-    metrics, report, predictions = {}, None, {}
+    metrics, report, predictions, eval_seconds = {}, None, {}, {}
     for split in ("eval", "test"):
         ds = getattr(data, split)
         if ds is not None:
+            t0 = time.perf_counter()
             metrics[split], split_report, rows = evaluate_split(model, ds, data, accelerator, recipe, tokenizer)
+            eval_seconds[split] = time.perf_counter() - t0
             if rows is not None:
                 predictions[split] = rows
             report = report or split_report
@@ -131,7 +133,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> dic
         "trainable_params": info.trainable_params, "total_params": info.total_params,
         "trainable_percent": info.trainable_percent, "base_weights_mib": info.base_weights_mib, "steps": state.step, "best_step": state.best_step,
         "train_wall_s": wall, "train_seconds": state.train_seconds, "train_examples": state.examples, "train_tokens": state.tokens,
-        "train_padded_tokens": state.padded_tokens,
+        "train_padded_tokens": state.padded_tokens, "eval_seconds": eval_seconds,
         "examples_per_s": state.examples / max(state.train_seconds, 1e-9),
         "tokens_per_s": state.tokens / max(state.train_seconds, 1e-9),
         "processes": accelerator.num_processes, "history": state.history, "metrics": metrics,
