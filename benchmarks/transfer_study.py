@@ -128,11 +128,12 @@ def plot(summary: list[dict], stem: Path) -> list[Path]:
     colors = {m: plt.cm.tab10(i) for i, m in enumerate(METHODS)}
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)
     for ax, task in zip(axes[0], tasks):
-        for m in methods:
+        for i, m in enumerate(methods):
             pts = sorted((s["fraction"], *s["accuracy"]) for s in summary if s["task"] == task and s["method"] == m)
             if pts:
                 x, y, e = zip(*pts)
-                ax.errorbar([100 * v for v in x], y, yerr=e, marker="o", capsize=3, label=m, color=colors[m])
+                dodge = 1.04 ** (i - (len(methods) - 1) / 2)  # side by side around each fraction, so error bars do not overlap
+                ax.errorbar([100 * v * dodge for v in x], y, yerr=e, marker="o", capsize=3, label=m, color=colors[m])
         ax.axhline(MAJORITY[task], color="grey", linestyle="--", linewidth=1, label="majority class")
         ax.set_xscale("log")
         ticks = sorted({100 * s["fraction"] for s in summary if s["task"] == task})
@@ -142,7 +143,7 @@ def plot(summary: list[dict], stem: Path) -> list[Path]:
         ax.set_ylabel("accuracy (%), mean ± std over seeds")
         ax.set_title(f"{task}: learning curves")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))
     fig.suptitle("MiniLM transfer study: accuracy vs amount of labelled data")
     fig.tight_layout()
     curves = stem.with_name(stem.name + "-curves.png")
@@ -153,15 +154,15 @@ def plot(summary: list[dict], stem: Path) -> list[Path]:
     for ax, task in zip(axes[0], tasks):
         done = [s for s in summary if s["task"] == task]
         top = max(s["fraction"] for s in done)
-        for s in (s for s in done if s["fraction"] == top):
+        for s in sorted((s for s in done if s["fraction"] == top), key=lambda s: s["trainable_params"]):
             ax.errorbar(s["trainable_params"], s["accuracy"][0], yerr=s["accuracy"][1], marker="o", capsize=3,
                         color=colors[s["method"]], label=s["method"])
-            ax.annotate(s["method"], (s["trainable_params"], s["accuracy"][0]), textcoords="offset points", xytext=(5, 4), fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("trainable parameters (log scale)")
         ax.set_ylabel("accuracy (%)")
         ax.set_title(f"{task}: accuracy vs trainable params at {100 * top:g}% of the train data")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # colours as in the learning curves
     fig.tight_layout()
     params = stem.with_name(stem.name + "-params.png")
     fig.savefig(params, dpi=110)
