@@ -53,13 +53,16 @@ def score(name: str, preds: list[str], refs: list[str]) -> dict:
 
     m = rouge_metrics(preds, refs)
     return {"system": name, "rows": len(refs), **{k: m[k] for k in ROUGE_KEYS},
-            "words": sum(len(p.split()) for p in preds) / max(len(preds), 1)}
+            "words": sum(len(p.split()) for p in preds) / max(len(preds), 1),
+            "distinct": len(set(preds)) / max(len(preds), 1)}  # a model that ignores its input writes one summary for all
 
 
 def table(rows: list[dict]) -> str:
-    lines = ["| system | test rows | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | words / summary |", "|---|---|---|---|---|---|---|"]
+    lines = ["| system | test rows | ROUGE-1 | ROUGE-2 | ROUGE-L | ROUGE-Lsum | words / summary | distinct summaries |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['system']} | {r['rows']} | " + " | ".join(f"{100 * r[k]:.2f}" for k in ROUGE_KEYS) + f" | {r['words']:.1f} |")
+        lines.append(f"| {r['system']} | {r['rows']} | " + " | ".join(f"{100 * r[k]:.2f}" for k in ROUGE_KEYS)
+                     + f" | {r['words']:.1f} | {100 * r['distinct']:.0f}% |")
     return "\n".join(lines)
 
 
@@ -79,7 +82,8 @@ def main() -> None:
     run = train_model(args, out)
     rows = [json.loads(line) for line in (out / "predictions-test.jsonl").read_text(encoding="utf-8").splitlines()]
     refs = [r["reference"] for r in rows]
-    model = score("MiniLM BERT2BERT + LoRA (peftlab)", [r["prediction"] for r in rows], refs)
+    method = {"lora": "LoRA", "full": "full fine-tuning"}.get(run["method"], run["method"])
+    model = score(f"MiniLM BERT2BERT + {method} (peftlab)", [r["prediction"] for r in rows], refs)
     assert abs(model["rougeL"] - run["metrics"]["test"]["rougeL"]) < 1e-9, "rescored predictions differ from the run's metrics"
     results = [model, score("Lead-3 (first 3 turns)", [lead3(r["source"]) for r in rows], refs)]
     meta = {"recipe": RECIPE, "quick": args.quick, "train_examples": run["train_examples"], "steps": run["steps"],

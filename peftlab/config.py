@@ -43,6 +43,8 @@ class ModelConfig:
     decoder: str | None = opt(None, "Summarization: warm-start an encoder-decoder (BERT2BERT) with model.name as the encoder and this "
                               "model (packaged name, directory or hub id, same vocabulary) as the decoder; its new cross-attention "
                               "is trained in full, LoRA adapts the pretrained parts. null = model.name alone.")
+    cross_attention_init: str = opt("random", "Encoder-decoder warm start: the decoder's new cross-attention starts random, or as a "
+                                    "copy of the same layer's pretrained self-attention (self).", ("random", "self"))
 
 
 @dataclass
@@ -407,6 +409,9 @@ def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = N
     else:
         need(m.decoder is None, f"model.decoder={m.decoder!r}: an encoder-decoder warm start is for summarization. "
                                 "Set task.type=summarization or model.decoder=null.")
+    need(m.decoder is not None or m.cross_attention_init == "random",
+         f"model.cross_attention_init={m.cross_attention_init!r} applies to an encoder-decoder warm start only. "
+         "Set model.decoder (e.g. minilm) or leave model.cross_attention_init=random.")
     if m.decoder is not None and q.mode != "none":
         p.append(f"model.decoder with quant.mode={q.mode}: quantizing a warm-started encoder-decoder is not supported. Use quant.mode=none.")
     if m.decoder is not None and a.method == "scratch":

@@ -309,6 +309,18 @@ def new_modules(model: nn.Module, missing: set[str]) -> list[str]:
     return found
 
 
+def copy_self_attention(decoder: nn.Module) -> int:
+    """Start each decoder layer's cross-attention as a copy of its pretrained self-attention (same structure: query, key,
+    value, output projection and norm), so that it attends by the pretrained similarity from the first step. -> layers."""
+    n = 0
+    for layer in decoder.modules():
+        cross, self_attn = getattr(layer, "crossattention", None), getattr(layer, "attention", None)
+        if isinstance(cross, nn.Module) and isinstance(self_attn, nn.Module):
+            cross.load_state_dict(self_attn.state_dict())
+            n += 1
+    return n
+
+
 def load_encoder_decoder(recipe: Recipe, path: str, dtype: torch.dtype):
     """BERT2BERT-style warm start (Rothe et al. 2020): model.name as the encoder, model.decoder as a decoder with new
     cross-attention (and, from an encoder-only checkpoint, a new LM-head transform; the output layer is tied to the
@@ -337,6 +349,8 @@ def load_encoder_decoder(recipe: Recipe, path: str, dtype: torch.dtype):
         cfg.decoder_start_token_id, cfg.bos_token_id, cfg.eos_token_id, cfg.pad_token_id = start, start, eos, tok.pad_token_id
     model.config.vocab_size = decoder.config.vocab_size
     new = new_modules(model, {f"decoder.{k}" for k in info["missing_keys"]})
+    if m.cross_attention_init == "self":
+        log.info("cross-attention initialised from self-attention in %d decoder layers", copy_self_attention(decoder))
     if hasattr(model, "enc_to_dec_proj"):  # encoder and decoder widths differ: a new projection between them
         new.append("enc_to_dec_proj")
     log.info("encoder-decoder warm start: encoder %s, decoder %s; new modules trained in full: %d (%s ...)", path, dec_path,

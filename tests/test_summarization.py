@@ -124,6 +124,8 @@ def test_recipe_defaults_and_validation(make_sum_recipe, tiny_llama):
         assert needle in msg, msg
     with pytest.raises(ConfigError, match="encoder-decoder warm start is for summarization"):
         load_recipe(None, ["model.decoder=minilm"], validate_files=False)
+    with pytest.raises(ConfigError, match="cross_attention_init='self' applies to an encoder-decoder warm start only"):
+        load_recipe(None, ["model.cross_attention_init=self"], validate_files=False)
 
 
 def test_causal_loss_is_masked_to_the_summary_tokens(make_sum_recipe, tiny_llama):
@@ -289,6 +291,24 @@ def test_bert2bert_trains_new_cross_attention_and_reloads_exactly(make_sum_recip
     extras = {k: batch.pop(k) for k in ("text", "target", "row")}
     texts = generate(merged, tok, batch, extras, recipe.eval, Accelerator(cpu=True))
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
+
+
+
+@pytest.mark.parametrize("init", ["random", "self"])
+def test_bert2bert_cross_attention_init(make_sum_recipe, tiny_bert, init):
+    recipe = make_sum_recipe(tiny_bert, {"model.decoder": str(tiny_bert), "model.cross_attention_init": init}, name=f"b2b-{init}")
+    model, *_ = built(recipe)
+    layers = model.get_base_model().decoder.bert.encoder.layer
+
+    def weights(module):  # the pretrained weights under any LoRA wrapper, and the trained copy of a module peft saves in full
+        return {k.replace("base_layer.", "").replace("modules_to_save.default.", ""): v for k, v in module.state_dict().items()
+                if "lora_" not in k and "original_module" not in k}
+
+    for layer in layers:
+        own, cross = weights(layer.attention), weights(layer.crossattention)
+        assert own.keys() == cross.keys() and own
+        same = all(torch.equal(own[k], cross[k]) for k in own)
+        assert same == (init == "self"), (init, [k for k in own if not torch.equal(own[k], cross[k])])
 
 
 # ---------------------------------------------------------------------------------------------- real model, real data
