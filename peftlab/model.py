@@ -350,7 +350,10 @@ def load_encoder_decoder(recipe: Recipe, path: str, dtype: torch.dtype):
     model.config.vocab_size = decoder.config.vocab_size
     new = new_modules(model, {f"decoder.{k}" for k in info["missing_keys"]})
     if m.cross_attention_init == "self":
-        log.info("cross-attention initialised from self-attention in %d decoder layers", copy_self_attention(decoder))
+        if not (n := copy_self_attention(decoder)):
+            raise ModelError(f"model.cross_attention_init=self: the layers of {type(decoder).__name__} have no `attention` and "
+                             "`crossattention` of the same structure to copy (BERT-like decoders do). Use model.cross_attention_init=random.")
+        log.info("cross-attention initialised from self-attention in %d decoder layers", n)
     if hasattr(model, "enc_to_dec_proj"):  # encoder and decoder widths differ: a new projection between them
         new.append("enc_to_dec_proj")
     log.info("encoder-decoder warm start: encoder %s, decoder %s; new modules trained in full: %d (%s ...)", path, dec_path,

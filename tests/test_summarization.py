@@ -311,6 +311,19 @@ def test_bert2bert_cross_attention_init(make_sum_recipe, tiny_bert, init):
         assert same == (init == "self"), (init, [k for k in own if not torch.equal(own[k], cross[k])])
 
 
+
+def test_cross_attention_init_self_refuses_a_decoder_it_cannot_copy(make_sum_recipe, tiny_bert, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from peftlab.errors import ModelError
+
+    gpt2 = tmp_path / "tiny-gpt2"  # GPT-2 blocks call their self-attention `attn`: nothing of the same name to copy
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(minilm_tokenizer()), n_embd=32, n_layer=1, n_head=4, n_positions=128)).save_pretrained(gpt2)
+    recipe = make_sum_recipe(tiny_bert, {"model.decoder": str(gpt2), "model.cross_attention_init": "self"}, name="b2gpt2")
+    with pytest.raises(ModelError, match="cross_attention_init=self: the layers of GPT2LMHeadModel have no"):
+        built(recipe)
+
+
 # ---------------------------------------------------------------------------------------------- real model, real data
 
 def test_stories260k_samsum_end_to_end(tmp_path, monkeypatch):
