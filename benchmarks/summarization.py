@@ -48,13 +48,37 @@ def lead3(dialogue: str) -> str:
     return "\n".join([t.strip() for t in dialogue.splitlines() if t.strip()][:3])
 
 
-def score(name: str, preds: list[str], refs: list[str]) -> dict:
-    from peftlab.metrics import rouge_metrics
+def score(name: str, preds: list[str], refs: list[str]) -> tuple[dict, dict]:
+    """-> (the system's row: mean ROUGE F-measures, words per summary, share of distinct summaries; per-row scores)."""
+    from peftlab.metrics import load_metric
 
-    m = rouge_metrics(preds, refs)
-    return {"system": name, "rows": len(refs), **{k: m[k] for k in ROUGE_KEYS},
-            "words": sum(len(p.split()) for p in preds) / max(len(preds), 1),
-            "distinct": len(set(preds)) / max(len(preds), 1)}  # a model that ignores its input writes one summary for all
+    per_row = load_metric("rouge").compute(predictions=preds, references=refs, use_aggregator=False)
+    return ({"system": name, "rows": len(refs), **{k: sum(per_row[k]) / len(refs) for k in ROUGE_KEYS},
+             "words": sum(len(p.split()) for p in preds) / max(len(preds), 1),
+             "distinct": len(set(preds)) / max(len(preds), 1)},  # a model that ignores its input writes one summary for all
+            per_row)
+
+
+def paired_difference(a: list[float], b: list[float], resamples: int = 2000, seed: int = 0) -> dict:
+    """Mean of a - b over the same rows, with a 95% paired-bootstrap interval (rows resampled with replacement)."""
+    import numpy as np
+
+    d = np.asarray(a) - np.asarray(b)
+    means = d[np.random.default_rng(seed).integers(0, len(d), (resamples, len(d)))].mean(axis=1)
+    return {"mean": float(d.mean()), "ci95": [float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))]}
+
+
+def compare(rows: list[dict], label: str) -> tuple[list[dict], dict]:
+    """predictions-test.jsonl rows -> ([model row, Lead-3 row], model - Lead-3 per ROUGE key with its 95% interval)."""
+    refs = [r["reference"] for r in rows]
+    model, model_rows = score(label, [r["prediction"] for r in rows], refs)
+    lead, lead_rows = score("Lead-3 (first 3 turns)", [lead3(r["source"]) for r in rows], refs)
+    return [model, lead], {k: paired_difference(model_rows[k], lead_rows[k]) for k in ROUGE_KEYS}
+
+
+def difference_line(diff: dict) -> str:
+    return "Model - Lead-3 on the same rows (paired bootstrap, 95% interval): " + ", ".join(
+        f"{k} {100 * d['mean']:+.2f} [{100 * d['ci95'][0]:+.2f}, {100 * d['ci95'][1]:+.2f}]" for k, d in diff.items()) + "."
 
 
 def table(rows: list[dict]) -> str:
@@ -81,11 +105,9 @@ def main() -> None:
     out = RESULTS / "runs" / name
     run = train_model(args, out)
     rows = [json.loads(line) for line in (out / "predictions-test.jsonl").read_text(encoding="utf-8").splitlines()]
-    refs = [r["reference"] for r in rows]
     method = {"lora": "LoRA", "full": "full fine-tuning"}.get(run["method"], run["method"])
-    model = score(f"MiniLM BERT2BERT + {method} (peftlab)", [r["prediction"] for r in rows], refs)
-    assert abs(model["rougeL"] - run["metrics"]["test"]["rougeL"]) < 1e-9, "rescored predictions differ from the run's metrics"
-    results = [model, score("Lead-3 (first 3 turns)", [lead3(r["source"]) for r in rows], refs)]
+    results, diff = compare(rows, f"MiniLM BERT2BERT + {method} (peftlab)")
+    assert abs(results[0]["rougeL"] - run["metrics"]["test"]["rougeL"]) < 1e-9, "rescored predictions differ from the run's metrics"
     meta = {"recipe": RECIPE, "quick": args.quick, "train_examples": run["train_examples"], "steps": run["steps"],
             "train_wall_s": run["train_wall_s"], "process_wall_s": run["process_wall_s"], "peak_rss_mib": run["peak_rss_mib"],
             "examples_per_s": run["examples_per_s"], "overrides": args.set, "precision": run["precision"],
@@ -93,8 +115,8 @@ def main() -> None:
             "eval_loss": run["metrics"]["test"]["loss"], "hardware": run["hardware"],
             "versions": {k: run["versions"][k] for k in ("torch", "transformers", "peft")}, "published_reference": PUBLISHED}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"rows": results, "meta": meta}, indent=2))
-    md = (table(results) + f"\n\nModel: {RECIPE}, {meta['train_examples']:,} train examples ({meta['steps']} steps, "
+    (RESULTS / f"{name}.json").write_text(json.dumps({"rows": results, "model_minus_lead3": diff, "meta": meta}, indent=2))
+    md = (table(results) + f"\n\n{difference_line(diff)}\n\nModel: {RECIPE}, {meta['train_examples']:,} train examples ({meta['steps']} steps, "
           f"{meta['train_wall_s']:.0f} s, {meta['examples_per_s']:.2f} examples/s, {meta['precision']}), "
           f"{meta['trainable_percent']:.2f}% trainable{' (' + ' '.join(args.set) + ')' if args.set else ''}. "
           f"Same rows, same scorer for both systems. For orientation: {PUBLISHED}.")
