@@ -19,6 +19,16 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def load_benchmark(name: str):
+    """benchmarks/NAME.py as a module (the benchmarks are scripts, not a package the tests can import)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 SHARED = REPO.parent / "shared"
 POSITIVE = ["good", "great", "fine", "lovely", "superb", "happy"]
 NEGATIVE = ["bad", "awful", "poor", "boring", "sad", "terrible"]

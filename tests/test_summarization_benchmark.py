@@ -3,21 +3,16 @@ the table, the share of distinct summaries, and the paired bootstrap of model - 
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 
 from peftlab.metrics import rouge_metrics
 
-from .conftest import REPO
+from .conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def sb():
-    spec = importlib.util.spec_from_file_location("summarization_benchmark", REPO / "benchmarks" / "summarization.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("summarization")
 
 
 def test_lead3_is_the_first_three_turns(sb):

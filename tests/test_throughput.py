@@ -4,19 +4,15 @@ shape, time to target, MFU, and the ratio table."""
 from __future__ import annotations
 
 import argparse
-import importlib.util
 
 import pytest
 
-from .conftest import REPO
+from .conftest import load_benchmark
 
 
 @pytest.fixture(scope="module")
 def tp():
-    spec = importlib.util.spec_from_file_location("throughput", REPO / "benchmarks" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("throughput")
 
 
 def test_flops_per_token_follow_minilm_shape(tp):

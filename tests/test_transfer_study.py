@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 
-from .conftest import REPO
+from .conftest import load_benchmark
 
 
 def load_study():
-    spec = importlib.util.spec_from_file_location("transfer_study", REPO / "benchmarks" / "transfer_study.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("transfer_study")
 
 
 def test_transfer_study_writes_every_output_and_resumes(tmp_path, tiny_bert, sentiment_files):
