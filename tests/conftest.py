@@ -19,6 +19,10 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+POSITIVE = ["good", "great", "fine", "lovely", "superb", "happy"]
+NEGATIVE = ["bad", "awful", "poor", "boring", "sad", "terrible"]
+FILLER = ["the", "movie", "film", "plot", "actor", "was", "very", "a", "and", "story", "really", "quite"]
 
 
 def load_benchmark(name: str):
@@ -29,10 +33,6 @@ def load_benchmark(name: str):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-SHARED = REPO.parent / "shared"
-POSITIVE = ["good", "great", "fine", "lovely", "superb", "happy"]
-NEGATIVE = ["bad", "awful", "poor", "boring", "sad", "terrible"]
-FILLER = ["the", "movie", "film", "plot", "actor", "was", "very", "a", "and", "story", "really", "quite"]
 
 
 def minilm_tokenizer():

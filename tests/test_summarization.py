@@ -293,7 +293,6 @@ def test_bert2bert_trains_new_cross_attention_and_reloads_exactly(make_sum_recip
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
-
 @pytest.mark.parametrize("init", ["random", "self"])
 def test_bert2bert_cross_attention_init(make_sum_recipe, tiny_bert, init):
     recipe = make_sum_recipe(tiny_bert, {"model.decoder": str(tiny_bert), "model.cross_attention_init": init}, name=f"b2b-{init}")
@@ -309,7 +308,6 @@ def test_bert2bert_cross_attention_init(make_sum_recipe, tiny_bert, init):
         assert own.keys() == cross.keys() and own
         same = all(torch.equal(own[k], cross[k]) for k in own)
         assert same == (init == "self"), (init, [k for k in own if not torch.equal(own[k], cross[k])])
-
 
 
 def test_cross_attention_init_self_refuses_a_decoder_it_cannot_copy(make_sum_recipe, tiny_bert, tmp_path):

@@ -8,12 +8,8 @@ import json
 from .conftest import load_benchmark
 
 
-def load_study():
-    return load_benchmark("transfer_study")
-
-
 def test_transfer_study_writes_every_output_and_resumes(tmp_path, tiny_bert, sentiment_files):
-    study = load_study()
+    study = load_benchmark("transfer_study")
     common = ["--tasks", "sst2", "--fractions", "0.003", "--seeds", "1", "--min-steps", "2", "--max-steps", "2",
               "--results", str(tmp_path), "--name", "t", "--set", f"model.name={tiny_bert}",
               "--set", f"data.train.path={sentiment_files['train']}", "--set", f"data.eval.path={sentiment_files['dev']}",
