@@ -117,6 +117,38 @@ def table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def headlines(summary: list[dict]) -> list[str]:
+    """The study's three questions, answered from the table (means over seeds), one bullet each per task."""
+    lines = []
+    for task in sorted({s["task"] for s in summary}):
+        rows = [s for s in summary if s["task"] == task]
+        acc = {(s["method"], s["fraction"]): s["accuracy"][0] for s in rows}
+        params = {s["method"]: s["trainable_params"] for s in rows}
+        fractions = sorted({s["fraction"] for s in rows})
+        top = fractions[-1]
+        if ("scratch", top) in acc and any(m == "lora" for m, _ in acc):
+            target = acc["scratch", top]
+            reach = [f for f in fractions if acc.get(("lora", f), -1.0) >= target]
+            if not reach:
+                lines.append(f"{task}: LoRA stays below scratch on {100 * top:g}% of the data ({target:.1f}) at every "
+                             "fraction measured")
+            else:
+                least = " (the smallest fraction measured: an upper bound)" if reach[0] == fractions[0] else ""
+                lines.append(f"{task}: LoRA reaches what scratch gets from {100 * top:g}% of the data ({target:.1f}) with "
+                             f"{100 * reach[0]:g}% of it ({acc['lora', reach[0]]:.1f}){least}")
+        for method in ("lora", "qlora", "dora"):
+            gaps = [f"{acc[method, f] - acc['full', f]:+.1f} at {100 * f:g}%" for f in fractions
+                    if (method, f) in acc and ("full", f) in acc]
+            if gaps:
+                lines.append(f"{task}: {method} minus full fine-tuning, accuracy points: {', '.join(gaps)}")
+        for method in ("ia3", "vera"):
+            if all((m, top) in acc for m in (method, "lora", "full")):
+                lines.append(f"{task}: {method} trains {params[method]:,} parameters ({params['full'] / params[method]:,.0f}x "
+                             f"fewer than full, {params['lora'] / params[method]:.0f}x fewer than LoRA): {acc[method, top]:.1f} "
+                             f"at {100 * top:g}% vs LoRA {acc['lora', top]:.1f} and full {acc['full', top]:.1f}")
+    return lines
+
+
 def plot(summary: list[dict], stem: Path) -> list[Path]:
     import matplotlib
 
@@ -231,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         writer = csv.DictWriter(f, fieldnames=list(current[0]))
         writer.writeheader()
         writer.writerows(current)
-    md = table(summary)
+    md = "\n".join([table(summary), "", *(f"- {line}" for line in headlines(summary))]).rstrip()
     (args.results / f"{args.name}.md").write_text(md + "\n")
     plot(summary, args.results / args.name)
     print(md)
