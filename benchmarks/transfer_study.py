@@ -166,7 +166,7 @@ def plot(summary: list[dict], stem: Path) -> list[Path]:
                 x, y, e = zip(*pts)
                 dodge = 1.04 ** (i - (len(methods) - 1) / 2)  # side by side around each fraction, so error bars do not overlap
                 ax.errorbar([100 * v * dodge for v in x], y, yerr=e, marker="o", capsize=3, label=m, color=colors[m])
-        ax.axhline(MAJORITY[task], color="grey", linestyle="--", linewidth=1, label="majority class")
+        ax.axhline(MAJORITY[task], color="black", linestyle=":", linewidth=1, label="majority class")
         ax.set_xscale("log")
         ticks = sorted({100 * s["fraction"] for s in summary if s["task"] == task})
         ax.set_xticks(ticks, [f"{t:g}%" for t in ticks])
