@@ -126,7 +126,7 @@ def headlines(summary: list[dict]) -> list[str]:
         params = {s["method"]: s["trainable_params"] for s in rows}
         fractions = sorted({s["fraction"] for s in rows})
         top = fractions[-1]
-        if ("scratch", top) in acc and any(m == "lora" for m, _ in acc):
+        if ("scratch", top) in acc and "lora" in params:
             target = acc["scratch", top]
             reach = [f for f in fractions if acc.get(("lora", f), -1.0) >= target]
             if not reach:
