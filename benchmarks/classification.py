@@ -35,8 +35,8 @@ def run_one(task: str, method: str, args) -> dict:
     out = RESULTS / "runs" / (args.name or "") / f"{task}-{method}"
     overrides = [*METHODS[method], f"name={task}-{method}", f"train.epochs={args.epochs}",
                  "train.save_every=null", "train.eval_every=null", "export.merge=false", "train.log_every=50"]
-    if task == "sst2":
-        overrides.append(f"data.train.max_samples={args.sst2_train}")
+    if task == "sst2":  # no selection here (eval_every=null): score SST-2 dev once as the eval split, as measured so far
+        overrides += [f"data.train.max_samples={args.sst2_train}", "data.eval=../shared/data/sst2/dev.tsv", "data.test=null"]
     if task == "agnews":
         overrides.append(f"data.max_length={args.agnews_max_length}")
     overrides += args.set.get(method, [])

@@ -33,7 +33,7 @@ from benchmarks.common import METHODS, RESULTS, train_process  # noqa: E402
 
 DEFAULT_METHODS = "scratch,frozen,lora,qlora,dora,ia3,full"
 TASKS = {  # recipe, split scored, train rows, overrides (AG News: no held-out eval, the test split scores each run)
-    "sst2": ("recipes/minilm/sst2-lora.yaml", "eval", 67349, []),
+    "sst2": ("recipes/minilm/sst2-lora.yaml", "eval", 67349, ["data.eval=../shared/data/sst2/dev.tsv", "data.test=null"]),
     "agnews": ("recipes/minilm/agnews-lora.yaml", "test", 5000, ["data.eval_holdout=0", "data.max_length=64"]),
 }
 MAJORITY = {"sst2": 50.9, "agnews": 25.0}  # accuracy (%) of always answering the most frequent class of the scored split

@@ -6,6 +6,7 @@ User mistakes (PeftlabError) print one clear message and exit 2; `--debug` shows
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import logging
 import os
@@ -66,12 +67,31 @@ def cmd_eval(args) -> int:
     target = args.adapter or args.out
     if not target:
         raise PeftlabError("eval needs a run folder (peftlab eval runs/NAME) or an adapter (--adapter NAMESPACE/NAME or a folder).")
+    check_local_target(target)
     folder = load_adapter(target, endpoint=args.endpoint, revision=args.revision)
     local = Path(target).expanduser().is_dir()
     results = None if local else Path("runs") / "eval" / target.replace("/", "__")  # never write into the download cache
     metrics = evaluate(folder, split=args.split, overrides=args.overrides, results_dir=results)
     print(json.dumps({"split": args.split, **metrics}, indent=2))
     return 0
+
+
+def check_local_target(target: str) -> None:
+    """A target that reads as a path (runs/typo, ./x, a name without NAMESPACE/) and does not exist is a missing folder,
+    not a Hub id to download: say so, with the folders beside it."""
+    from .errors import ArtifactError
+
+    path = Path(target).expanduser()
+    first = target.split("/")[0]
+    looks_local = target.startswith((".", "/", "~")) or target.count("/") != 1 or Path(first).is_dir() or first == "runs"
+    if path.exists() or not looks_local:
+        return
+    parent = path.parent if path.parent.is_dir() and path.parent != Path(".") else None
+    siblings = sorted(p.name for p in parent.iterdir() if p.is_dir()) if parent else []
+    close = difflib.get_close_matches(path.name, siblings, n=1)
+    hint = f" Did you mean {parent / close[0]}?" if close else f" {parent}/ holds: {', '.join(siblings[:10])}." if siblings else ""
+    raise ArtifactError(f"run folder '{target}' does not exist.{hint} Pass the output directory of a training run "
+                        "(peftlab eval runs/NAME), or a Hub adapter as NAMESPACE/NAME.")
 
 
 def cmd_merge(args) -> int:
@@ -86,10 +106,13 @@ def cmd_validate(args) -> int:
     from .config import load_recipe
     from .errors import ConfigError
 
+    # KEY=VALUE overrides may come positionally, as with `train` (a file whose name holds '=' stays a recipe)
+    overrides = [a for a in args.recipes if "=" in a and not Path(a).is_file()] + args.overrides
+    recipes = [a for a in args.recipes if a not in overrides] or [str(QUICKSTART)]
     failed = 0
-    for path in args.recipes:
+    for path in recipes:
         try:
-            load_recipe(path, args.overrides, validate_files=not args.no_files)
+            load_recipe(path, overrides, validate_files=not args.no_files)
             print(f"ok      {path}")
         except ConfigError as e:
             failed += 1
@@ -143,14 +166,19 @@ def cmd_compose(args) -> int:
 
 def print_summary(s: dict) -> None:
     """The run's closing lines: what was learned, at what cost, and where the artifacts are."""
+    from .hub import split_label
+
     lines = [f"\n== {s['name']}: {s['method']} on {s['base_model']}"
              + (f" (base {s['quantization']})" if s["quantization"] != "none" else "")]
     for split, m in s["metrics"].items():
         if "accuracy" in m:
-            lines.append(f"   {split:<5} accuracy {m['accuracy']:.4f}   macro-F1 {m['f1']:.4f}   loss {m['loss']:.4f}")
+            line = f"   {split:<5} accuracy {m['accuracy']:.4f}   macro-F1 {m['f1']:.4f}   loss {m['loss']:.4f}"
         else:  # summarization: ROUGE F-measures (x100, as papers report them) and the loss
-            lines.append(f"   {split:<5} " + "   ".join(f"{k} {100 * m[k]:.2f}" for k in ROUGE_KEYS if k in m)
-                         + f"   loss {m['loss']:.4f}")
+            line = f"   {split:<5} " + "   ".join(f"{k} {100 * m[k]:.2f}" for k in ROUGE_KEYS if k in m) + f"   loss {m['loss']:.4f}"
+        label = split_label(split, s)  # keep_best chose the weights on one split: its figure is not a held-out one
+        lines.append(line + (f"   <- {label[len(split) + 2:-1]}" if label != split else ""))
+    if s.get("selected_on") in s["metrics"] and len(s["metrics"]) == 1:
+        lines.append(f"   ({s['selected_on']} chose the exported step, so its figure is optimistic: add data.test for a held-out one)")
     lines.append(f"   trainable params {s['trainable_params']:,} of {s['total_params']:,} ({s['trainable_percent']:.3f}%)")
     lines.append(f"   train wall time {s['train_wall_s']:.1f}s, {s['steps']} steps, {s['examples_per_s']:.1f} examples/s, "
                  f"precision {s['precision']}, {s['processes']} process(es)")
@@ -158,8 +186,26 @@ def print_summary(s: dict) -> None:
     print("\n".join(lines))
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse reads a command's positionals in one run, so `train R --overwrite train.lr=1e-3` leaves the override
+    unrecognised: KEY=VALUE arguments left over after the flags join the command's list named by `late_overrides`."""
+
+    def parse_args(self, args=None, namespace=None):
+        ns, extra = self.parse_known_args(args, namespace)
+        late = [a for a in extra if "=" in a and not a.startswith("-")]
+        rest = [a for a in extra if a not in late]
+        dest = getattr(ns, "late_overrides", None)
+        if late and dest:
+            setattr(ns, dest, [*(getattr(ns, dest) or []), *late])
+        elif late:
+            rest = extra
+        if rest:
+            self.error(f"unrecognized arguments: {' '.join(rest)}")
+        return ns
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="peftlab", description="Parameter-efficient fine-tuning from YAML recipes.")
+    p = Parser(prog="peftlab", description="Parameter-efficient fine-tuning from YAML recipes.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
     sub = p.add_subparsers(dest="command", required=True)
@@ -173,7 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--launch", metavar="PRESET", help="run on several processes through Accelerate's launcher: multi_gpu, "
                    "fsdp, deepspeed-zero2, deepspeed-zero3 or cpu-ddp (presets in peftlab/launch_presets/)")
     t.add_argument("--num-processes", type=int, metavar="N", help="processes for --launch (default: every GPU; cpu-ddp: 2)")
-    t.set_defaults(fn=cmd_train)
+    t.set_defaults(fn=cmd_train, late_overrides="items")
 
     e = sub.add_parser("eval", help="evaluate a finished run (adapter, full model or merged folder) or a published adapter")
     e.add_argument("out", nargs="?", help="output directory of a run (runs/sst2-lora, runs/sst2-lora/merged) or a hub id")
@@ -183,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--revision", help="hub revision of --adapter")
     e.add_argument("--split", default="eval", choices=("eval", "test"))
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.eval.path=other.tsv")
-    e.set_defaults(fn=cmd_eval)
+    e.set_defaults(fn=cmd_eval, late_overrides="overrides")
 
     m = sub.add_parser("merge", help="fold a LoRA adapter into its base -> OUT/merged (standalone transformers model)")
     m.add_argument("out")
@@ -191,10 +237,11 @@ def build_parser() -> argparse.ArgumentParser:
     m.set_defaults(fn=cmd_merge)
 
     v = sub.add_parser("validate", help="check recipes without training; reports every problem")
-    v.add_argument("recipes", nargs="+")
+    v.add_argument("recipes", nargs="*", metavar="RECIPE.yaml [KEY=VALUE ...]",
+                   help="recipe files (none: the built-in quickstart) and dotted overrides applied to each")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    v.add_argument("--no-files", action="store_true", help="do not check that data files exist")
-    v.set_defaults(fn=cmd_validate)
+    v.add_argument("--no-files", action="store_true", help="do not check the data: that data.train is given and the files exist")
+    v.set_defaults(fn=cmd_validate, late_overrides="recipes")
 
     env = sub.add_parser("env", help="versions, hardware and what peftlab can reach here")
     env.set_defaults(fn=cmd_env)

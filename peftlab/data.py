@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,11 +114,33 @@ def read_split(spec: SplitConfig, data: DataConfig, where: str):
         if "corresponds to no data" in str(e):
             raise DataError(f"{where}.path: '{spec.path}' has no rows (a header only?). Point it at a file with data.") from None
         cause = e.__cause__ or e
+        hint = f" {TSV_UNQUOTED.format(where=where)}" if fmt == "tsv" and "Expected" in str(cause) else ""
         raise DataError(f"{where}.path: cannot parse '{spec.path}' as {fmt}: {type(cause).__name__}: "
-                        f"{str(cause).splitlines()[0] if str(cause) else ''}. Check format/delimiter/column_names.") from None
+                        f"{str(cause).splitlines()[0] if str(cause) else ''}. Check format/delimiter/column_names.{hint}") from None
     if len(ds) == 0:
         raise DataError(f"{where}.path: '{spec.path}' has no rows. Point it at a file with data.")
+    if fmt in ("csv", "tsv") and PHANTOM_INDEX in ds.column_names:
+        raise DataError(_shifted_columns_message(ds, spec, fmt, where))
     return ds
+
+
+PHANTOM_INDEX = "__index_level_0__"  # pandas makes the extra leading fields of a too-long first row an index; arrow keeps it
+TSV_UNQUOTED = ("TSV files are read unquoted (GLUE-style: quote characters are text), so a tab inside a quoted field splits it. "
+                "Save the file as CSV, where quoted fields may hold any character ({where}.format=csv), or remove the tabs inside fields.")
+
+
+def _shifted_columns_message(ds, spec: SplitConfig, fmt: str, where: str) -> str:
+    """A row with more fields than the header shifted every column: say why, for the case at hand."""
+    header = [c for c in ds.column_names if c != PHANTOM_INDEX]
+    msg = (f"{where}.path: '{spec.path}' has rows with more {fmt.upper()} fields than its header {header}, so the columns "
+           f"would be shifted (pandas took the extra leading field as an index, {PHANTOM_INDEX}).")
+    if fmt == "tsv" and any("," in c for c in header):
+        return msg + (f" The header holds commas: the file looks comma-separated. Read it as CSV: {where}.format=csv "
+                      "(or give it a .csv extension).")
+    if fmt == "tsv":
+        return msg + " " + TSV_UNQUOTED.format(where=where)
+    return msg + (" Quote the fields that contain commas (\"a, b\"), or, if the file is tab-separated, set "
+                  f"{where}.format=tsv.")
 
 
 def _check_columns(ds, needed: list[str], where: str, spec: SplitConfig) -> None:
@@ -127,6 +150,10 @@ def _check_columns(ds, needed: list[str], where: str, spec: SplitConfig) -> None
     hint = ""
     if len(ds.column_names) == 1 and spec.path:
         hint = " Only one column was found: is the delimiter right (.tsv is tab-separated, .csv comma-separated)?"
+        other = {",": "csv", "\t": "tsv"}
+        for sep, fmt in other.items():
+            if sep in ds.column_names[0]:
+                hint += f" Its name holds {sep!r}: the file looks {fmt.upper()}; set {where}.format={fmt}."
     elif spec.path and spec.path.endswith((".csv", ".tsv")) and not spec.column_names:
         hint = " If the file has no header row, name its columns with column_names: [...]."
     raise DataError(f"{where}: column(s) {missing} not found; the data has {ds.column_names}.{hint} "
@@ -139,6 +166,9 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     text_cols = spec.text_columns or data.text_columns
     label_col = target_column or spec.label_column or data.label_column
     _check_columns(ds, [*text_cols, label_col], where, spec)
+    _check_not_empty(ds, text_cols, where)
+    if not target_column:
+        _check_label_cells(ds, label_col, spec, where)
     if spec.max_samples is not None and spec.max_samples < len(ds):
         ds = ds.shuffle(seed=seed).select(range(spec.max_samples))
     label_map = {str(k): v for k, v in (spec.label_map or {}).items()}
@@ -148,10 +178,17 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
         texts = [" ".join(str(batch[c][i] or "") for c in text_cols).strip() for i in range(n)]
         if target_column:
             return {"text": texts, "target": [str(v or "").strip() for v in batch[label_col]]}
-        labels = [label_map.get(str(v), v) if label_map else v for v in batch[label_col]]
+        # an empty cell makes pandas read the column as floats (0.0, 1.0, nan): the rest are class indices again
+        raw = [int(v) if isinstance(v, float) and v.is_integer() else v for v in batch[label_col]]
+        labels = [label_map.get(str(v), v) if label_map else v for v in raw]
         return {"text": texts, "label": labels}
 
     ds = ds.map(to_rows, batched=True, remove_columns=ds.column_names, desc=f"{where}: columns")
+    if not target_column and getattr(ds.features["label"], "dtype", "").startswith("float"):  # map kept the input's type
+        if all(v.is_integer() for v in ds["label"]):
+            from datasets import Value
+
+            ds = ds.cast_column("label", Value("int64"))
     if target_column:
         n = len(ds)
         ds = ds.filter(lambda r: bool(r["text"]) and bool(r["target"]), desc=f"{where}: empty rows")
@@ -160,6 +197,32 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
         if len(ds) == 0:
             raise DataError(f"{where}: no row has both a source ({text_cols}) and a target ({target_column}). Check the column names.")
     return ds
+
+
+def _blank(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v)) or (isinstance(v, str) and not v.strip())
+
+
+def _check_not_empty(ds, text_cols: list[str], where: str) -> None:
+    """A text column with nothing in it trains a model on empty inputs: refuse, naming the column."""
+    for c in text_cols:
+        if all(_blank(v) for v in ds[c]):
+            raise DataError(f"{where}: text column {c!r} is empty in all {len(ds):,} rows. Point data.text_columns (or "
+                            f"{where}.text_columns) at the column holding the text; the data has {ds.column_names}.")
+
+
+def _check_label_cells(ds, label_col: str, spec: SplitConfig, where: str) -> None:
+    """Empty label cells would become a class of their own ('nan'): name the rows (and their file lines)."""
+    empty = [i for i, v in enumerate(ds[label_col]) if _blank(v)]
+    if not empty:
+        return
+    rows = ", ".join(str(i + 1) for i in empty[:10]) + (" ..." if len(empty) > 10 else "")
+    first_line = None  # the file line of data row 1, where lines are rows
+    if spec.path and Path(spec.path).suffix.lower() in (".csv", ".tsv", ".jsonl"):
+        first_line = 2 if Path(spec.path).suffix.lower() != ".jsonl" and not spec.column_names else 1
+    lines = f" (line {', '.join(str(i + first_line) for i in empty[:10])} of '{spec.path}')" if first_line else ""
+    raise DataError(f"{where}: {len(empty)} row(s) have an empty {label_col!r} cell: data row {rows}{lines}. "
+                    "Fill in their labels or delete those rows.")
 
 
 def encode_labels(ds, label_names: list[str], where: str):
@@ -188,19 +251,39 @@ def encode_labels(ds, label_names: list[str], where: str):
     return ds.remove_columns("label").add_column("label", encoded)
 
 
-def infer_label_names(ds) -> list[str]:
+def infer_label_names(ds, where: str = "data.train") -> list[str]:
+    """The sorted distinct labels, or 0..K-1 for class indices; refused where that would be a wrong classifier."""
     values = set(ds["label"])
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        return [str(i) for i in range(max(values) + 1)]
-    return sorted(str(v) for v in values)
+    if len(values) < 2:
+        raise DataError(f"{where}: every row has the label {next(iter(values), None)!r}. A classifier needs >= 2 classes (one "
+                        "would build a 1-output head and report accuracy 1.0). Use training data with every class, or name "
+                        "all the classes: data.label_names=[...].")
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        return sorted(str(v) for v in values)
+    absent = sorted(set(range(max(values) + 1)) - values)
+    if absent or min(values) < 0:
+        shown = sorted(values)
+        example = ", ".join(f"{v}: name{i}" for i, v in enumerate(shown[:3]))
+        raise DataError(f"{where}: the integer labels {shown[:10]} are not the class indices 0..{len(values) - 1}: read as "
+                        f"indices they make {max(max(values) + 1, len(values))} classes, {len(absent)} of which ({absent[:10]}) "
+                        "never occur. If those classes exist but are absent from train, name all of them in order: "
+                        f"data.label_names=[...] ({max(values) + 1} names). Otherwise map the values to names, e.g. "
+                        f"{where}.label_map={{{example}}} (the same on data.eval/data.test), or set data.label_names.")
+    return [str(i) for i in range(max(values) + 1)]
 
 
-def load_splits(recipe: Recipe):
+def load_splits(recipe: Recipe, *, need_train: bool = True):
     """-> ({split: Dataset of {text, label:int}}, label_names). Splits absent from the recipe are None.
-    Tasks with a text target (summarization) get {text, target} rows and no label names."""
+    Tasks with a text target (summarization) get {text, target} rows and no label names. `need_train=False`: an
+    evaluation, which reads only the split it scores."""
     from .tasks import get_task
 
     d, seed = recipe.data, recipe.train.seed
+    if need_train and d.train is None:
+        raise DataError("data.train is not set: name the training file, e.g. data.train.path=train.csv. No split has a default.")
+    if need_train and d.eval is not None and d.eval_holdout > 0:
+        log.warning("data.eval_holdout=%s is ignored: data.eval is set, and evaluation uses it. Set data.eval=null to evaluate "
+                    "on the held-out part of train.", d.eval_holdout)
     target = d.target_column if get_task(recipe.task.type).target_kind == "text" else None
     raw = {}
     for name in ("train", "eval", "test"):
@@ -213,7 +296,7 @@ def load_splits(recipe: Recipe):
     if target:
         label_names, out = [], dict(raw)
     else:
-        label_names = list(d.label_names) if d.label_names else infer_label_names(raw.get("train") or next(iter(raw.values())))
+        label_names = list(d.label_names) if d.label_names else infer_label_names(*next((ds, f"data.{n}") for n, ds in raw.items()))
         out = {name: encode_labels(ds, label_names, f"data.{name}") for name, ds in raw.items()}
     for name in ("train", "eval", "test"):
         out.setdefault(name, None)

@@ -41,5 +41,9 @@ class TrainingInterrupted(PeftlabError):
     """Training was stopped by the user (Ctrl-C / SIGINT) after saving a checkpoint."""
 
 
+class TrainingDiverged(PeftlabError, ArithmeticError):
+    """The loss (or a trained weight) became inf or nan: the run stopped and exported nothing."""
+
+
 class PublishError(PeftlabError, RuntimeError):
     """Publishing a run (Hub, directory, git remote) failed; the message says what was and was not done."""

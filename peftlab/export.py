@@ -5,13 +5,13 @@ Layout of an output directory OUT:
     tokenizer files, recipe.yaml (resolved), run.json (versions, hardware, params, timings), metrics.json,
     eval_report.json (per-class), predictions-SPLIT.jsonl (generative tasks), log.jsonl, checkpoints/step-N/, merged/
 Every file is written to a staging folder and moved into place with os.replace, so a crash never leaves a
-half-written artifact where a complete one is expected.
+half-written artifact where a complete one is expected. The folder itself (lock, --overwrite staging, checkpoints,
+checksums) belongs to peftlab/rundir.py.
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import os
@@ -26,6 +26,7 @@ import torch
 
 from .config import Recipe, load_recipe
 from .errors import ArtifactError
+from .rundir import record_weights, sha256, verify_weights
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +37,12 @@ LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "dat
 # ------------------------------------------------------------------------------------------- atomic writing
 
 def _fsync_tree(path: Path) -> None:
+    """fsync every file, and give it the usual permissions: safetensors (0.8) and mkstemp create files 0600."""
+    mode = 0o666 & ~umask()
     for p in [path, *path.rglob("*")] if path.is_dir() else [path]:
-        if p.is_file():
+        if p.is_file() and not p.is_symlink():
             with open(p, "rb") as f:
+                os.fchmod(f.fileno(), mode)
                 os.fsync(f.fileno())
 
 
@@ -56,10 +60,24 @@ def disk_errors(what: str, target: Path):
         raise
 
 
+def umask() -> int:
+    """The process umask (read without changing it where Linux allows: os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600 files; an output file gets the usual permissions
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -123,14 +141,6 @@ def hardware() -> dict:
     return info
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def weights_file(out: Path) -> Path:
     for name in ("adapter_model.safetensors", "model.safetensors"):
         if (out / name).is_file():
@@ -184,7 +194,7 @@ def export(out: Path, model, tokenizer, recipe: Recipe, run_info: dict, metrics:
             tokenizer.save_pretrained(str(staging))
             (staging / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
             run = {"peftlab_run": 1, **run_info, "versions": versions(), "hardware": hardware(),
-                   "weights_sha256": sha256(weights_file(staging))}
+                   **record_weights(staging, weights_file(staging).name)}
             (staging / "run.json").write_text(json.dumps(run, indent=2, default=str), encoding="utf-8")
             (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
             if report is not None:
@@ -207,7 +217,9 @@ def read_run(out: Path) -> tuple[Recipe, dict]:
         raise ArtifactError(f"'{out}' is not a finished peftlab run (missing {', '.join(missing)}). "
                             "If training was interrupted, continue it with `peftlab train RECIPE --resume`.")
     recipe = load_recipe(out / "recipe.yaml", validate_files=False)
-    return recipe, json.loads((out / "run.json").read_text())
+    run = json.loads((out / "run.json").read_text())
+    verify_weights(out, run)  # a truncated or altered weights file: say which, rather than a SafetensorError
+    return recipe, run
 
 
 def load_trained(out: Path, *, dequantize: bool = False, recipe: Recipe | None = None, adapter_name: str = "default"):
@@ -274,9 +286,11 @@ def merge(out: Path, *, force: bool = False) -> Path:
     def fill(tmp: Path) -> None:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        for f in ("recipe.yaml", "run.json", "metrics.json"):
+        for f in ("recipe.yaml", "metrics.json"):
             if (out / f).is_file():
                 shutil.copy2(out / f, tmp / f)
+        merged_run = {**run, **record_weights(tmp, weights_file(tmp).name)}  # the merged folder checks its own weights
+        (tmp / "run.json").write_text(json.dumps(merged_run, indent=2, default=str), encoding="utf-8")
         (tmp / "merge.json").write_text(json.dumps({"adapter_sha256": adapter_sha, "base_quantization": recipe.quant.mode,
                                                     "merged_into": "dequantized float32 copy" if recipe.quant.mode != "none"
                                                     else "base weights"}, indent=2))

@@ -12,6 +12,8 @@ LoRA adapters of one base with peft's `add_weighted_adapter` and exports the res
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import json
 import logging
 import os
@@ -37,6 +39,7 @@ KNOWN_DATASETS = {"sst2": ("stanfordnlp/sst2", "SST-2"), "ag_news": ("fancyzhx/a
 SPLIT_NAMES = {"dev": "validation", "validation": "validation", "valid": "validation", "test": "test", "train": "train"}
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json", "generation_config.json")
 RECORD_FILES = ("recipe.yaml", "run.json", "metrics.json", "eval_report.json")
+CONFIG_FILES = ("adapter_config.json", "config.json", "generation_config.json")  # rewritten without local paths
 TOKENIZER_GLOBS = ("tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
                    "merges.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.j*")
 CARD_METRICS = {"accuracy": "Accuracy", "f1": "Macro F1", "rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L",
@@ -85,9 +88,109 @@ def base_model_id(recipe, override: str | None = None) -> str | None:
     name = recipe.model.name
     if name in KNOWN_BASES:
         return KNOWN_BASES[name][0]
-    if Path(name).expanduser().exists() or name.startswith((".", "/", "~")):
+    if is_local_model(name):
         return None  # a folder on the publisher's machine: no public id to link
     return name
+
+
+# ------------------------------------------------------------------------------- nothing local goes out
+
+def is_local_path(value) -> bool:
+    """An absolute or home-relative path: it means nothing on another machine and names the publisher's folders."""
+    return isinstance(value, str) and (value.startswith(("/", "~")) or re.match(r"[A-Za-z]:[\\/]", value) is not None)
+
+
+def is_local_model(name: str | None) -> bool:
+    return bool(name) and name not in KNOWN_BASES and (Path(name).expanduser().exists() or name.startswith((".", "/", "~")))
+
+
+def public_path(value: str) -> str:
+    """A local file's published name: the file name, under its folder when that is a known dataset (sst2/dev.tsv)."""
+    p = Path(value.rstrip("/\\"))
+    return f"{p.parent.name}/{p.name}" if p.parent.name in KNOWN_DATASETS else p.name
+
+
+def _scrub(value, where: str, changed: list[str]):
+    """`value` with every absolute path string (at any depth) replaced by its public name; `where` of each goes to `changed`."""
+    if isinstance(value, dict):
+        return {k: _scrub(v, f"{where}.{k}" if where else str(k), changed) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_scrub(v, f"{where}[{i}]", changed) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            setattr(value, f.name, _scrub(getattr(value, f.name), f"{where}.{f.name}" if where else f.name, changed))
+        return value
+    if is_local_path(value):
+        changed.append(where)
+        return public_path(value)
+    return value
+
+
+def public_record(out: Path, base_model: str | None = None):
+    """(recipe, run.json) of run OUT as they are published: no path of the training machine. A local base folder is
+    named by --base-model or its folder name, data files by their file names, output_dir is dropped. The run folder
+    itself is not changed; run.json's `published` entry lists what was rewritten."""
+    saved, run = read_run(out)
+    recipe, run, rewritten = copy.deepcopy(saved), copy.deepcopy(run), {"recipe.yaml": [], "run.json": []}
+    for key, override in (("name", base_model), ("decoder", None)):
+        if is_local_model(getattr(saved.model, key)):
+            setattr(recipe.model, key, override or public_path(getattr(saved.model, key)))
+            rewritten["recipe.yaml"].append(f"model.{key}")
+    if is_local_path(recipe.output_dir):
+        recipe.output_dir = None  # null = runs/<name> wherever the recipe is run again
+        rewritten["recipe.yaml"].append("output_dir")
+    _scrub(recipe, "", rewritten["recipe.yaml"])
+    public_base = base_model_id(saved, base_model) or recipe.model.name
+    for key, value in (("output_dir", None), ("base_model", recipe.model.name), ("base_path", public_base)):
+        if key in run and run[key] != value:
+            run[key] = value
+            rewritten["run.json"].append(key)
+    run = _scrub(run, "", rewritten["run.json"])
+    run.setdefault("selected_on", selection_split(saved, run))
+    if any(rewritten.values()):
+        run["published"] = {"rewritten": {k: sorted(set(v)) for k, v in rewritten.items() if v},
+                            "note": "paths of the training machine were replaced by public names (hub ids, folder or file "
+                                    "names) in this published copy"}
+    return recipe, run
+
+
+def local_roots(out: Path) -> list[str]:
+    """Folders of the training machine that must not appear in a published file: the run's, the base's, the data's."""
+    recipe, _ = read_run(out)
+    paths = [Path(out), *(Path(p) for p in (recipe.model.name, recipe.model.decoder) if is_local_model(p))]
+    paths += [Path(s.path).parent for s in (recipe.data.train, recipe.data.eval, recipe.data.test) if s is not None and s.path]
+    roots = {str(p.expanduser().resolve()) for p in paths} | {str(p.expanduser().absolute()) for p in paths}
+    return sorted(r for r in roots if len(Path(r).parts) > 2)  # '/' or '/tmp' alone would match anything
+
+
+def check_nothing_local(folder: Path, roots: list[str]) -> None:
+    """The guard after the rewrites: a publish folder that still names a local folder is refused, not sent."""
+    for f in sorted(f for f in folder.iterdir() if f.suffix != ".safetensors"):  # weights: tensors and {"format": "pt"}
+        data = f.read_bytes()
+        found = [r for r in roots if r.encode() in data]
+        if found:
+            raise PublishError(f"the published {f.name} would contain the local path {found[0]}. Nothing was published. "
+                               "Pass --base-model HUB_ID for a local base, and report this as a peftlab bug if it persists.")
+
+
+# ------------------------------------------------------------------------------ which split chose the weights
+
+def selection_split(recipe, run: dict) -> str | None:
+    """The split the exported weights were chosen on: keep_best over more than one evaluation picks the step by its
+    score there, so that split's figure is optimistic. None when the last (or only) evaluated step was exported."""
+    if "selected_on" in run:
+        return run["selected_on"]
+    return "eval" if recipe.train.keep_best and len(run.get("history") or []) > 1 else None
+
+
+def split_label(split: str, run: dict) -> str:
+    """How a split's figure is labelled in the summary and the card: the selection split says so, the others are held out."""
+    selected = run.get("selected_on")
+    if not selected:
+        return split
+    if split == selected:
+        return f"{split} (selection split: step {run.get('best_step')} of {run.get('steps')} chosen on it)"
+    return f"{split} (held out)"
 
 
 def dataset_of(recipe, split: str) -> tuple[str | None, str, str | None]:
@@ -121,9 +224,10 @@ def card_data(out: Path, repo_id: str | None = None, base_model: str | None = No
     """The card's YAML metadata as huggingface_hub's ModelCardData (its model-index built by huggingface_hub)."""
     from huggingface_hub import EvalResult, ModelCardData
 
-    recipe, run = read_run(out)
+    recipe, run = public_record(out, base_model)
     metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else run.get("metrics", {})
-    base = base_model_id(recipe, base_model)
+    base = base_model_id(read_run(out)[0], base_model)
+    evaluations = len(run.get("history") or [])
     pipeline_tag, _ = _task_of(out, recipe)
     is_adapter = (out / "adapter_config.json").is_file()
     name = repo_id.split("/")[-1] if repo_id else recipe.name
@@ -135,7 +239,9 @@ def card_data(out: Path, repo_id: str | None = None, base_model: str | None = No
                 results.append(EvalResult(
                     task_type=pipeline_tag, task_name=TASK_NAMES[pipeline_tag], dataset_type=ds_id or ds_name, dataset_name=ds_name,
                     dataset_config=recipe.data.subset if ds_id == recipe.data.dataset else None, dataset_split=ds_split,
-                    metric_type=key, metric_name=CARD_METRICS[key], metric_value=round(float(value), 6),
+                    metric_type=key, metric_value=round(float(value), 6),
+                    metric_name=CARD_METRICS[key] + (f" (selection split: best of {evaluations} evaluations)"
+                                                     if split == run.get("selected_on") else ""),
                     metric_args={"average": "macro"} if key == "f1" else None))
     train_ds = dataset_of(recipe, "train")[0]
     method = run.get("method", recipe.adapter.method)
@@ -153,7 +259,7 @@ def card_data(out: Path, repo_id: str | None = None, base_model: str | None = No
                          metrics=sorted({r.metric_type for r in results}) or None, model_name=name, eval_results=results or None)
 
 
-def _usage(out: Path, recipe, run: dict, repo: str, base: str) -> str:
+def _usage(out: Path, recipe, run: dict, repo: str, base: str, local_base: bool = False) -> str:
     _, auto_cls = _task_of(out, recipe)
     labels = run.get("label_names") or []
     if not (out / "adapter_config.json").is_file():
@@ -168,13 +274,14 @@ def _usage(out: Path, recipe, run: dict, repo: str, base: str) -> str:
     quant = ""
     if recipe.quant.mode != "none":
         quant = f"  # trained on a {recipe.quant.mode} base: add quantization_config=BitsAndBytesConfig(...) to match it exactly"
+    where = "  # a local folder when it was trained: point this at your copy of it" if local_base else ""
     example = ""
     if auto_cls == "AutoModelForSequenceClassification":
         example = ("with torch.no_grad():\n    logits = model(**tokenizer([\"a gripping, beautifully shot film\"], return_tensors=\"pt\")).logits\n"
                    "print(labels[logits.argmax(-1).item()])\n")
     return ("```python\nimport torch\nfrom peft import PeftModel\n"
             f"from transformers import {auto_cls}, AutoTokenizer\n\n"
-            f"repo = {repo!r}\nbase_model = {base!r}\n{head}"
+            f"repo = {repo!r}\nbase_model = {base!r}{where}\n{head}"
             f"base = {auto_cls}.from_pretrained(base_model{args}){quant}\n"
             "tokenizer = AutoTokenizer.from_pretrained(repo)\n"
             "base.config.pad_token_id = tokenizer.pad_token_id\n"
@@ -182,17 +289,34 @@ def _usage(out: Path, recipe, run: dict, repo: str, base: str) -> str:
             f"{example}```")
 
 
+def _selection_note(run: dict, metrics: dict, best_metric: str) -> list[str]:
+    """Say which figure chose the exported weights (keep_best), so it is not read as a held-out result."""
+    selected = run.get("selected_on")
+    if not selected or selected not in metrics:
+        return []
+    held_out = [s for s in metrics if s != selected]
+    n = len(run.get("history") or [])
+    note = (f"The exported weights are those of the best of {n} evaluations on the {selected} split (`train.keep_best`, "
+            f"`train.best_metric: {best_metric}`), so its figure was used for selection and is optimistic. ")
+    note += (f"The held-out figure is {', '.join(held_out)}: it played no part in choosing the weights." if held_out else
+             "No held-out split was scored: add `data.test` (or select on `data.eval_holdout` of train) for an unbiased figure.")
+    return ["", note]
+
+
 def card_text(out: Path, repo_id: str | None = None, base_model: str | None = None, license: str | None = None) -> str:
     """README.md of the published folder: metadata + recipe, method, costs, how to load it, limitations."""
     out = Path(out)
-    recipe, run = read_run(out)
+    recipe, run = public_record(out, base_model)
     data = card_data(out, repo_id, base_model, license)
     base = data.base_model or recipe.model.name
+    local_base = "model.name" in (run.get("published") or {}).get("rewritten", {}).get("recipe.yaml", [])
     repo = repo_id or "PATH/TO/THIS/FOLDER"
     metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
     report = json.loads((out / "eval_report.json").read_text()) if (out / "eval_report.json").is_file() else {}
     a, t = recipe.adapter, recipe.train
-    base_link = f"[{base}](https://huggingface.co/{base})" if data.base_model else f"`{base}` (a local model folder)"
+    base_link = f"[{base}](https://huggingface.co/{base})" if data.base_model else f"`{base}`" + (
+        " (a local model folder on the training machine, named here by its folder name: give your copy of it with "
+        "`model.name=FOLDER`, or publish with `--base-model HUB_ID`)" if local_base else "")
     what = {"lora": f"A LoRA adapter (r={a.r}, alpha={a.alpha:g})", "full": "A fully fine-tuned model",
             "frozen": "A classifier head trained on a frozen backbone", "adalora": f"An AdaLoRA adapter (average rank {a.r})",
             "scratch": "A model trained from scratch (random init: only the architecture comes from the base)"}.get(
@@ -213,7 +337,8 @@ def card_text(out: Path, repo_id: str | None = None, base_model: str | None = No
         for split, m in metrics.items():
             _, ds_name, ds_split = dataset_of(recipe, split)
             cells = [f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "-" for k in keys]
-            lines.append(f"| {split} | {ds_name} ({ds_split}) | " + " | ".join(cells) + " |")
+            lines.append(f"| {split_label(split, run)} | {ds_name} ({ds_split}) | " + " | ".join(cells) + " |")
+        lines += _selection_note(run, metrics, recipe.train.best_metric)
         if report.get("n"):
             lines += ["", f"Measured by peftlab at the end of training on {report['n']:,} rows (per-class scores and the confusion "
                           "matrix are in `eval_report.json`)."]
@@ -221,7 +346,7 @@ def card_text(out: Path, repo_id: str | None = None, base_model: str | None = No
         lines.append("Not evaluated yet: run `peftlab eval` on this folder.")
     targets = ", ".join(a.target_modules) if isinstance(a.target_modules, list) else a.target_modules or "the architecture's default modules"
     lines += ["", "## Training recipe", "", "The resolved recipe (`recipe.yaml`); rerun it with `peftlab train recipe.yaml`.", "",
-              "```yaml", (out / "recipe.yaml").read_text().rstrip(), "```", "", "## Method and parameters", ""]
+              "```yaml", recipe.to_yaml().rstrip(), "```", "", "## Method and parameters", ""]
     if run.get("method", a.method) == "lora":
         lines.append(f"- LoRA r={a.r}, alpha={a.alpha:g}, dropout={a.dropout:g}, rsLoRA {'on' if a.use_rslora else 'off'}, "
                      f"DoRA {'on' if a.use_dora else 'off'}, on {targets}")
@@ -231,7 +356,8 @@ def card_text(out: Path, repo_id: str | None = None, base_model: str | None = No
     if run.get("trainable_params"):
         lines.append(f"- trainable parameters: {run['trainable_params']:,} of {run['total_params']:,} "
                      f"({run.get('trainable_percent', 0):.3f}%)")
-    lines += [f"- {run.get('steps', '?')} optimizer steps (exported: step {run.get('best_step', run.get('steps', '?'))}), "
+    exported = run.get("best_step") if run.get("selected_on") else run.get("steps", "?")  # keep_best off: the last step
+    lines += [f"- {run.get('steps', '?')} optimizer steps (exported: step {exported}), "
               f"batch {t.batch_size} x accumulation {t.grad_accum} x {run.get('processes', 1)} process(es), lr {t.lr:g}, "
               f"{t.scheduler} schedule, seed {t.seed}", "", "## Hardware and wall time", ""]
     hw = run.get("hardware", {})
@@ -240,10 +366,15 @@ def card_text(out: Path, repo_id: str | None = None, base_model: str | None = No
         lines.append(f"- trained in {run['train_wall_s']:.1f} s on {device}, {run.get('examples_per_s', 0):.1f} examples/s, "
                      f"precision {run.get('precision', '?')}")
     lines.append(f"- Python {hw.get('python', '?')}, " + ", ".join(f"{k} {v}" for k, v in (run.get("versions") or {}).items() if v))
-    lines += ["", "## How to use", "", "With peft and transformers:", "", _usage(out, recipe, run, repo, base), "",
+    lines += ["", "## How to use", "", "With peft and transformers:", "", _usage(out, recipe, run, repo, base, local_base), "",
               "With peftlab (downloads the folder, rebuilds the base from `recipe.yaml`):", "", "```python",
               "from peftlab import load_trained\nfrom peftlab.hub import load_adapter\n",
-              f"model, tokenizer, recipe, run = load_trained(load_adapter({repo!r}))", "```", "", "## Limitations", "",
+              f"model, tokenizer, recipe, run = load_trained(load_adapter({repo!r}))", "```", ""]
+    if local_base:
+        lines += [f"`recipe.yaml` names the base by its folder name (`{recipe.model.name}`): point peftlab at your copy with "
+                  f"`peftlab eval --adapter {repo} model.name=FOLDER` (in Python: `load_trained(folder, recipe=load_recipe("
+                  "folder / 'recipe.yaml', ['model.name=FOLDER']))`).", ""]
+    lines += ["## Limitations", "",
               "- Evaluated only on the split(s) listed above; quality on other data, domains or languages is unknown.",
               f"- Inherits the limitations and biases of the base model ({base}) and of the training data "
               f"({dataset_of(recipe, 'train')[1]}); it was not audited for fairness or harmful outputs.",
@@ -289,20 +420,32 @@ def publish_files(out: Path) -> list[Path]:
 
 
 def fill_folder(out: Path, dest: Path, repo_id: str | None = None, base_model: str | None = None, license: str | None = None) -> list[str]:
-    """Write the publish folder of run OUT into the existing empty directory `dest`; -> its file names."""
+    """Write the publish folder of run OUT into the existing empty directory `dest`; -> its file names. recipe.yaml,
+    run.json and the configs are the public copies (`public_record`): no path of the training machine goes out."""
     out = Path(out)
-    recipe, _ = read_run(out)
     text = card_text(out, repo_id, base_model, license)
     check_card(text)
-    base = base_model_id(recipe, base_model)
+    recipe, run = public_record(out, base_model)
+    base = base_model_id(read_run(out)[0], base_model) or recipe.model.name
     for src in publish_files(out):
-        if src.name == "adapter_config.json" and base:  # the public id, so AutoPeftModel.from_pretrained(repo) finds the base
-            cfg = json.loads(src.read_text())
-            cfg["base_model_name_or_path"] = base
-            (dest / src.name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        if src.name == "recipe.yaml":
+            (dest / src.name).write_text(recipe.to_yaml(), encoding="utf-8")
+        elif src.name == "run.json":
+            (dest / src.name).write_text(json.dumps(run, indent=2, default=str), encoding="utf-8")
+        elif src.name in CONFIG_FILES:
+            cfg, changed = json.loads(src.read_text()), []
+            cfg = _scrub(cfg, "", changed)
+            if src.name == "adapter_config.json":  # the public id, so AutoPeftModel.from_pretrained(repo) finds the base
+                changed.append(cfg.get("base_model_name_or_path"))
+                cfg["base_model_name_or_path"] = base
+            if changed:
+                (dest / src.name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+            else:
+                shutil.copy2(src, dest / src.name)
         else:
             shutil.copy2(src, dest / src.name)
     (dest / "README.md").write_text(text, encoding="utf-8")
+    check_nothing_local(dest, local_roots(out))
     return sorted(p.name for p in dest.iterdir())
 
 
@@ -312,6 +455,11 @@ def write_folder(out: Path, target: Path, **card_kw) -> list[str]:
     o, t = out.resolve(), target.resolve()
     if t == o or t in o.parents:
         raise PublishError(f"{target} would replace the run itself ({out}). Choose a separate directory.")
+    from .rundir import holds_run
+
+    if holds_run(target):
+        raise PublishError(f"{target} holds a peftlab run: publishing there would replace it. Choose a new or empty directory "
+                           "(--to DIR), or delete that run first if you mean to replace it.")
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / "run.json").is_file())):
         raise PublishError(f"{target} exists and is not a published adapter folder. Choose a new or empty directory.")
     names: list[str] = []
@@ -444,8 +592,11 @@ def publish(out: str | Path, repo_id: str | None = None, *, private: bool = Fals
                            "or write the folder with --dry-run, --to DIR or --git-remote URL.")
     check_branch(revision)
     card_kw = {"repo_id": repo_id, "base_model": base_model, "license": license}
-    acc = (run.get("metrics") or {}).get("eval", {}).get("accuracy")
-    message = f"peftlab: {recipe.name} ({run.get('method', recipe.adapter.method)}" + (f", eval accuracy {acc:.4f})" if acc is not None else ")")
+    scored = run.get("metrics") or {}
+    split = "test" if "accuracy" in scored.get("test", {}) else "eval"  # the held-out figure when there is one
+    acc = scored.get(split, {}).get("accuracy")
+    label = split_label(split, {**run, "selected_on": selection_split(recipe, run)})
+    message = f"peftlab: {recipe.name} ({run.get('method', recipe.adapter.method)}" + (f", {label} accuracy {acc:.4f})" if acc is not None else ")")
     if dry_run or to:
         target = (out / "publish" if dry_run is True else Path(dry_run)) if dry_run else Path(to)
         files = write_folder(out, target, **card_kw)
@@ -525,6 +676,7 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
         density = 0.5
     if out.resolve() in [o.resolve() for o in outs]:
         raise PeftlabError(f"--out {out} is one of the inputs; choose a new directory.")
+    check_compose_target(out)
     runs = [read_run(o) for o in outs]
     first_recipe, first_run = runs[0]
     for o, (r, info) in zip(outs, runs):
@@ -577,6 +729,24 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
     write_atomic_dir(out, fill)
     log.info("composed %s (%s, weights %s) -> %s", ", ".join(map(str, outs)), method, weights, out)
     return out
+
+
+def check_compose_target(out: Path) -> None:
+    """--out may be new, empty, or an earlier composition (replaced); never a trained run or someone's folder."""
+    from .rundir import holds_run
+
+    if out.exists() and not out.is_dir():
+        raise PeftlabError(f"--out {out} is a file. Choose a new directory: --out DIR.")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        earlier = "composition" in json.loads((out / "run.json").read_text()) and not (out / "log.jsonl").exists()
+    except (OSError, ValueError):
+        earlier = False
+    if not earlier:
+        what = "a peftlab run" if holds_run(out) else "files that are not a composed adapter"
+        raise PeftlabError(f"--out {out} holds {what}: compose would replace it. Choose a new directory (--out DIR), or "
+                           "delete it first if you mean to replace it.")
 
 
 def _head_state(state: dict) -> dict:

@@ -21,6 +21,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from .errors import PeftlabError
+from .rundir import LOCK_ENV, RunDir
 
 log = logging.getLogger(__name__)
 PRESETS_DIR = Path(str(files("peftlab") / "launch_presets"))
@@ -84,10 +85,14 @@ def launch(name: str | None, recipe: str, overrides: list[str] | tuple = (), *, 
     """Run the recipe on the preset's processes and wait; return the launcher's exit status."""
     if name is None:
         raise LaunchError(f"--num-processes needs --launch PRESET (one of {', '.join(presets())}).")
-    if out is not None:  # one clear message here rather than one per rank
-        from .run import check_output_dir
-
-        check_output_dir(out, resume=resume, overwrite=overwrite)
     cmd, env = launch_command(name, recipe, overrides, num_processes=num_processes, resume=resume, overwrite=overwrite)
-    log.info("launching: %s%s", "ACCELERATE_USE_CPU=1 " if name == CPU_PRESET else "", shlex.join(cmd))
-    return subprocess.run(cmd, env=env).returncode
+    if out is None:
+        log.info("launching: %s%s", "ACCELERATE_USE_CPU=1 " if name == CPU_PRESET else "", shlex.join(cmd))
+        return subprocess.run(cmd, env=env).returncode
+    folder = RunDir(out)
+    with folder.lock():  # held here for the ranks, which skip it (LOCK_ENV): a second writer is refused at once
+        folder.recover()
+        folder.plan(resume=resume, overwrite=overwrite)  # one clear message here rather than one per rank
+        env[LOCK_ENV] = str(folder.out.absolute())
+        log.info("launching: %s%s", "ACCELERATE_USE_CPU=1 " if name == CPU_PRESET else "", shlex.join(cmd))
+        return subprocess.run(cmd, env=env).returncode

@@ -7,6 +7,7 @@ from pathlib import Path
 
 MODULES = Path(__file__).parent / "metric_modules"
 ROUGE_KEYS = ("rouge1", "rouge2", "rougeL", "rougeLsum")  # what rouge_metrics reports (F-measures)
+CLASSIFICATION_KEYS = ("accuracy", "f1")  # what classification_metrics reports (f1: macro)
 
 
 @cache

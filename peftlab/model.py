@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .config import MUTATING_INITS, PROMPT_METHODS, Recipe
+from .config import MUTATING_INITS, PEFT_METHODS, PROMPT_METHODS, Recipe
 from .errors import ModelError, ModelNotFound
 
 log = logging.getLogger(__name__)
@@ -138,6 +138,70 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return sorted(names)
 
 
+def check_target_modules(model: nn.Module, targets) -> None:
+    """Every name in a target list must match a module, as peft matches them (the full name, or its dotted suffix):
+    peft itself only refuses a list none of whose names match, so a typo beside a good name would be dropped silently."""
+    if not isinstance(targets, (list, tuple, set)):
+        return  # None (peft's default), "all-linear" or a regular expression
+    names = [n for n, _ in model.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        raise ModelError(f"adapter.target_modules: {', '.join(map(repr, unmatched))} match{'es' if len(unmatched) == 1 else ''} "
+                         f"no module of {type(model).__name__}. Linear layers it has: {', '.join(linear_module_names(model))}. "
+                         "Set adapter.target_modules to some of these, or 'all-linear'.")
+
+
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
+# models whose learned position table starts after the padding index (RoBERTa family): pad_token_id + 1 rows unusable
+OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "roberta-prelayernorm", "xmod")
+
+
+def position_limit(config) -> int | None:
+    """The longest input the model's position embeddings allow, from its config; None when it has no fixed limit."""
+    limit = next((getattr(config, k) for k in POSITION_KEYS if isinstance(getattr(config, k, None), int)), None)
+    if limit is not None and getattr(config, "model_type", None) in OFFSET_POSITIONS:
+        limit -= (getattr(config, "pad_token_id", None) or 0) + 1
+    return limit
+
+
+def check_input_lengths(config, recipe: Recipe) -> None:
+    """data.max_length (and, for a decoder that reads the prompt and the summary, their sum) must fit the position
+    table, or the first long batch fails deep in the forward pass."""
+    d = recipe.data
+    encoder, decoder = getattr(config, "encoder", None), getattr(config, "decoder", None)
+    if recipe.task.type != "summarization":
+        checks = [(config, d.max_length, f"data.max_length={d.max_length}")]
+    elif encoder is not None and decoder is not None:  # a warm-started encoder-decoder: each half has its own table
+        checks = [(encoder, d.max_length, f"data.max_length={d.max_length}"),
+                  (decoder, d.max_target_length, f"data.max_target_length={d.max_target_length}")]
+    elif getattr(config, "is_encoder_decoder", False):
+        checks = [(config, max(d.max_length, d.max_target_length), f"data.max_length={d.max_length} / data.max_target_length="
+                                                                      f"{d.max_target_length}")]
+    else:  # decoder-only: prompt + source + summary in one sequence
+        checks = [(config, d.max_length + d.max_target_length, f"data.max_length + data.max_target_length = "
+                                                              f"{d.max_length} + {d.max_target_length}")]
+    for cfg, length, what in checks:
+        limit = position_limit(cfg)
+        if limit is not None and length > limit:
+            raise ModelError(f"{what} exceeds the {limit} positions of {recipe.model.name} ({type(cfg).__name__}): longer "
+                             f"inputs cannot be encoded. Set data.max_length (and data.max_target_length) so that it is <= {limit}.")
+
+
+EFFICIENT_SHARE = 0.5  # above this share of trainable parameters a peft method has lost its point
+
+
+def warn_if_not_efficient(recipe: Recipe, trainable: int, total: int) -> None:
+    """A peft adapter that trains most of the model costs more than full fine-tuning (optimizer state included)."""
+    a = recipe.adapter
+    share = trainable / max(total, 1)
+    if a.method in PEFT_METHODS and share > EFFICIENT_SHARE:
+        hint = f"Use a smaller adapter.r (now {a.r}; typical: 4-64)" if a.method not in PROMPT_METHODS else \
+            f"Use fewer adapter.num_virtual_tokens (now {a.num_virtual_tokens})"
+        log.warning("adapter.method=%s trains %.1f%% of the parameters (%s of %s): it is no longer parameter-efficient and "
+                    "needs more memory than full fine-tuning. %s, or adapter.method=full if training every weight is the intent.",
+                    a.method, 100 * share, f"{trainable:,}", f"{total:,}", hint)
+
+
 def default_target_modules(model: nn.Module) -> list[str] | str:
     """peft's per-architecture defaults (e.g. BERT: query, value; Llama: q_proj, v_proj), else every linear layer."""
     from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as TABLE
@@ -199,6 +263,7 @@ def apply_adapter(model: nn.Module, recipe: Recipe, head_modules: list[str], tas
         # peft adds its own task defaults (SEQ_CLS: classifier, score): name only the other new modules
         kwargs.setdefault("modules_to_save", [h for h in head_modules if h not in ("classifier", "score")] or None)
     targets = kwargs.get("target_modules")
+    check_target_modules(model, targets)
     try:
         cfg = getattr(peft, cls_name)(task_type=task_type, **kwargs)
     except (TypeError, ValueError) as e:
@@ -233,6 +298,25 @@ def keep_initial_adapter(model) -> None:
     model.peftlab_initial_adapter = (config, weights)
 
 
+def rank_schedule_fits(recipe: Recipe, total: int) -> bool:
+    """peft's AdaLoRA needs a step that scores importance before the budget is fixed at step total - tfinal (else a
+    KeyError inside peft), and tinit below that step (a budget phase at all)."""
+    a = recipe.adapter
+    tinit, tfinal = int(a.adalora_warmup_fraction * total), int(a.adalora_final_fraction * total)
+    return total - tfinal > max(tinit, 1)
+
+
+def check_rank_schedule(recipe: Recipe, total: int) -> None:
+    a = recipe.adapter
+    if rank_schedule_fits(recipe, total):
+        return
+    needed = next((n for n in range(total + 1, total + 10**6) if rank_schedule_fits(recipe, n)), None)  # the fractions sum to < 1
+    raise ModelError(f"adapter.method=adalora: this run has {total} optimizer step(s), but AdaLoRA's rank schedule needs at least "
+                     f"{needed} (adapter.adalora_warmup_fraction={a.adalora_warmup_fraction} of them at the initial rank, "
+                     f"adapter.adalora_final_fraction={a.adalora_final_fraction} at the final budget, and steps between to "
+                     "shrink it). Train longer (train.max_steps or train.epochs, or more data), or lower the two fractions.")
+
+
 class RankBudget:
     """AdaLoRA's rank-budget schedule, driven by the loop: the total steps (and tinit/tfinal, from the recipe's fractions)
     are set to this run's; `step(n)` runs peft's update_and_allocate after backward and before zero_grad of optimizer
@@ -246,6 +330,7 @@ class RankBudget:
         self.config.total_step = total
         self.config.tinit = int(a.adalora_warmup_fraction * total)
         self.config.tfinal = int(a.adalora_final_fraction * total)
+        check_rank_schedule(recipe, total)
         log.info("AdaLoRA: rank %d -> average %d over %d steps (%d at the initial rank, %d at the final budget, reallocating "
                  "every %d)", a.adalora_init_r, a.r, total, self.config.tinit, self.config.tfinal, a.adalora_interval)
         register(self)  # checkpoints carry the importance estimates and the rank pattern, so --resume continues the schedule
@@ -440,6 +525,7 @@ def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], prec
     tokenizer = load_tokenizer(path, recipe)
     model, head = load_base(recipe, path, num_labels=num_labels, label_names=label_names, precision=precision,
                             auto_cls=task.auto_model_class)
+    check_input_lengths(model.config, recipe)
     base_weights_mib = model.get_memory_footprint() / 2**20
     if recipe.train.gradient_checkpointing and recipe.quant.mode == "none":  # (kbit prep already enabled it)
         enable_activation_checkpointing(model)
@@ -448,6 +534,7 @@ def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], prec
     model.config.pad_token_id = tokenizer.pad_token_id
     model = apply_adapter(model, recipe, head, peft_task_type(task, model))
     trainable, total = count_params(model)
+    warn_if_not_efficient(recipe, trainable, total)
     info = ModelInfo(path=path, method=recipe.adapter.method, trainable_params=trainable, total_params=total,
                      head_modules=head, quantized=recipe.quant.mode, base_weights_mib=base_weights_mib)
     log.info("model %s: %s, %s trainable of %s params (%.3f%%), new head %s%s", path, info.method, f"{trainable:,}",

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import sys
 import time
 from pathlib import Path
@@ -20,21 +19,11 @@ from .data import build_data, load_splits
 from .errors import ArtifactError, ConfigError
 from .export import atomic_write_text, export, load_trained, merge, predictions_jsonl, read_run
 from .model import build_model
+from .rundir import RunDir
 from .tasks import get_task
-from .train import eval_loader, latest_checkpoint, make_accelerator, resolve_precision, train
+from .train import eval_loader, make_accelerator, resolve_precision, train
 
 log = logging.getLogger(__name__)
-
-
-def check_output_dir(out: Path, *, resume: bool, overwrite: bool) -> None:
-    """Refuse to mix two runs in one directory: a finished or started run is only replaced or continued on request."""
-    taken = out.is_dir() and any((out / f).exists() for f in ("run.json", "checkpoints", "log.jsonl"))
-    if resume and latest_checkpoint(out) is None:
-        raise ArtifactError(f"--resume: no checkpoint in {out}/checkpoints. Set train.save_every=N to write checkpoints, "
-                            "or start a fresh run without --resume.")
-    if taken and not (resume or overwrite):
-        raise ArtifactError(f"output directory {out} already holds a run. Continue it with --resume, replace it with "
-                            f"--overwrite, or choose another one: output_dir=DIR (or name=NEW_NAME).")
 
 
 def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple = (), results_dir: str | Path | None = None) -> dict:
@@ -45,7 +34,8 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     out = Path(out)
     recipe, run = read_run(out)
     if overrides:
-        recipe = load_recipe(out / "recipe.yaml", list(overrides))
+        # only the evaluated split's file must exist (load_splits checks it): a published recipe names the others by file name
+        recipe = load_recipe(out / "recipe.yaml", list(overrides), validate_files=False)
     results = Path(results_dir) if results_dir else out
     model, tokenizer, _, _ = load_trained(out, recipe=recipe)
     splits, _ = load_splits_for(recipe, split, run["label_names"])
@@ -78,7 +68,7 @@ def load_splits_for(recipe: Recipe, split: str, label_names: list[str]):
         if other != split:
             setattr(recipe.data, other, None)
     recipe.data.label_names = label_names
-    return load_splits(recipe)
+    return load_splits(recipe, need_train=False)
 
 
 def shards_weights(accelerator) -> bool:
@@ -89,63 +79,65 @@ def shards_weights(accelerator) -> bool:
 
 
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> dict:
-    """Train, evaluate and export one recipe; return the summary (also in OUT/run.json and OUT/metrics.json)."""
-    out = recipe.out
-    check_output_dir(out, resume=resume, overwrite=overwrite)
+    """Train, evaluate and export one recipe; return the summary (also in OUT/run.json and OUT/metrics.json).
+
+    The output folder is locked while the run writes it; an --overwrite is built beside it and replaces the old run
+    only once it finished (peftlab/rundir.py), so a failed run never costs the previous one."""
+    folder = RunDir(recipe.out)
     precision = resolve_precision(recipe.train.precision)
     accelerator = make_accelerator(recipe, precision)
     if shards_weights(accelerator) and recipe.train.keep_best and recipe.train.eval_every:
         raise ConfigError([f"train.keep_best=true with train.eval_every={recipe.train.eval_every}: keeping the best evaluation's "
                            "weights is not supported yet when FSDP or ZeRO-3 shard the weights. Set train.keep_best=false (the "
                            "last step is exported), or use --launch multi_gpu / deepspeed-zero2."])
-    if accelerator.is_main_process:
-        out.mkdir(parents=True, exist_ok=True)
-        if overwrite and not resume:
-            for stale in ("log.jsonl", "checkpoints", "merged"):
-                p = out / stale
-                p.unlink() if p.is_file() else shutil.rmtree(p, ignore_errors=True)
+    out = recipe.out
+    with folder.writing(resume=resume, overwrite=overwrite, recipe_yaml=recipe.to_yaml(),
+                        main=accelerator.is_main_process) as job:  # locked; job.work: the run folder or an --overwrite's staging
+        set_seed(recipe.train.seed)  # before the model: LoRA and head initialisation are seeded too
+        with accelerator.main_process_first():  # rank 0 fills the datasets cache, the other ranks then read it
+            splits, label_names = load_splits(recipe)
+        model, tokenizer, info = build_model(recipe, num_labels=len(label_names), label_names=label_names, precision=precision)
+        with accelerator.main_process_first():
+            data = build_data(recipe, tokenizer, splits=splits, label_names=label_names)
 
-    set_seed(recipe.train.seed)  # before the model: LoRA and head initialisation are seeded too
-    with accelerator.main_process_first():  # rank 0 fills the datasets cache, the other ranks then read it
-        splits, label_names = load_splits(recipe)
-    model, tokenizer, info = build_model(recipe, num_labels=len(label_names), label_names=label_names, precision=precision)
-    with accelerator.main_process_first():
-        data = build_data(recipe, tokenizer, splits=splits, label_names=label_names)
+        start = time.perf_counter()
+        model, state = train(recipe, model, data, accelerator, job.work, resume_from=job.checkpoint, tokenizer=tokenizer)
+        wall = time.perf_counter() - start
 
-    start = time.perf_counter()
-    model, state = train(recipe, model, data, accelerator, out, resume=resume, tokenizer=tokenizer)
-    wall = time.perf_counter() - start
+        metrics, report, predictions, eval_seconds = {}, None, {}, {}
+        for split in ("eval", "test"):
+            ds = getattr(data, split)
+            if ds is not None:
+                t0 = time.perf_counter()
+                metrics[split], split_report, rows = evaluate_split(model, ds, data, accelerator, recipe, tokenizer)
+                eval_seconds[split] = time.perf_counter() - t0
+                if rows is not None:
+                    predictions[split] = rows
+                report = report or split_report
 
-    metrics, report, predictions, eval_seconds = {}, None, {}, {}
-    for split in ("eval", "test"):
-        ds = getattr(data, split)
-        if ds is not None:
-            t0 = time.perf_counter()
-            metrics[split], split_report, rows = evaluate_split(model, ds, data, accelerator, recipe, tokenizer)
-            eval_seconds[split] = time.perf_counter() - t0
-            if rows is not None:
-                predictions[split] = rows
-            report = report or split_report
-
-    summary = {
-        "name": recipe.name, "output_dir": str(out), "method": info.method, "base_model": recipe.model.name,
-        "base_path": info.path, "quantization": info.quantized, "precision": precision, "label_names": label_names,
-        "trainable_params": info.trainable_params, "total_params": info.total_params,
-        "trainable_percent": info.trainable_percent, "base_weights_mib": info.base_weights_mib, "steps": state.step, "best_step": state.best_step,
-        "train_wall_s": wall, "train_seconds": state.train_seconds, "train_examples": state.examples, "train_tokens": state.tokens,
-        "train_padded_tokens": state.padded_tokens, "eval_seconds": eval_seconds,
-        "examples_per_s": state.examples / max(state.train_seconds, 1e-9),
-        "tokens_per_s": state.tokens / max(state.train_seconds, 1e-9),
-        "processes": accelerator.num_processes, "history": state.history, "metrics": metrics,
-    }
-    # gather the full weights of a sharded model to save them (a collective: every rank takes part)
-    state_dict = accelerator.get_state_dict(model) if shards_weights(accelerator) else None
-    if accelerator.is_main_process:
-        export(out, accelerator.unwrap_model(model), tokenizer, recipe, summary, metrics, report, state_dict=state_dict,
-               predictions=predictions)
-        if recipe.export.merge:
-            summary["merged_dir"] = str(merge(out))
-    accelerator.wait_for_everyone()
+        summary = {
+            "name": recipe.name, "output_dir": str(out), "method": info.method, "base_model": recipe.model.name,
+            "base_path": info.path, "quantization": info.quantized, "precision": precision, "label_names": label_names,
+            "trainable_params": info.trainable_params, "total_params": info.total_params,
+            "trainable_percent": info.trainable_percent, "base_weights_mib": info.base_weights_mib, "steps": state.step, "best_step": state.best_step,
+            # keep_best over several evaluations chose the exported step on data.eval: reports must not call it held out
+            "selected_on": "eval" if recipe.train.keep_best and len(state.history) > 1 else None,
+            "train_wall_s": wall, "train_seconds": state.train_seconds, "train_examples": state.examples, "train_tokens": state.tokens,
+            "train_padded_tokens": state.padded_tokens, "eval_seconds": eval_seconds,
+            "examples_per_s": state.examples / max(state.train_seconds, 1e-9),
+            "tokens_per_s": state.tokens / max(state.train_seconds, 1e-9),
+            "processes": accelerator.num_processes, "history": state.history, "metrics": metrics,
+        }
+        # gather the full weights of a sharded model to save them (a collective: every rank takes part)
+        state_dict = accelerator.get_state_dict(model) if shards_weights(accelerator) else None
+        if accelerator.is_main_process:
+            export(job.work, accelerator.unwrap_model(model), tokenizer, recipe, summary, metrics, report, state_dict=state_dict,
+                   predictions=predictions)
+            if recipe.export.merge:
+                merge(job.work)
+                summary["merged_dir"] = str(out / "merged")
+            job.commit()  # an --overwrite's new run replaces the old one only now, complete
+        accelerator.wait_for_everyone()
     return summary
 
 

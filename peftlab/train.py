@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import shutil
 import signal
 import threading
@@ -19,17 +20,31 @@ from tqdm.auto import tqdm
 
 from .config import Recipe
 from .data import LengthGroupedSampler, TaskData
-from .errors import ConfigError, TrainingInterrupted
+from .errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from .export import write_atomic_dir
+from .rundir import checkpoints, seal_checkpoint
 from .tasks import get_task
 
 log = logging.getLogger(__name__)
 
 
+AUTO_PRECISION_ENV = "PEFTLAB_AUTO_PRECISION"
+
+
 def resolve_precision(precision: str) -> str:
-    """auto -> bf16 on GPUs that support it and on CPUs with native bf16 matmuls (AMX/avx512_bf16), else fp32."""
+    """auto -> bf16 on GPUs that support it and on CPUs with native bf16 matmuls (AMX/avx512_bf16), else fp32.
+
+    The environment variable PEFTLAB_AUTO_PRECISION=bf16|fp32 makes `auto` resolve to that value on any machine: it
+    simulates the other machine kind, so CI on one kind of CPU also runs the precision-sensitive tests the way the other
+    kind resolves them. Explicit precisions are not affected."""
     cpu_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     if precision == "auto":
+        forced = os.environ.get(AUTO_PRECISION_ENV, "").strip().lower()
+        if forced:
+            if forced not in ("bf16", "fp32"):
+                raise ConfigError([f"{AUTO_PRECISION_ENV}={forced!r}: it makes train.precision=auto resolve to bf16 or fp32; "
+                                   f"set it to one of those, or unset it to let the machine decide."])
+            return forced
         if torch.cuda.is_available():
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
         return "bf16" if cpu_bf16 else "fp32"
@@ -43,11 +58,21 @@ def resolve_precision(precision: str) -> str:
 
 def make_accelerator(recipe: Recipe, precision: str):
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DataLoaderConfiguration, DistributedType
 
+    mixed_precision = {"fp32": "no"}.get(precision, precision)
+    # Accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another mixed_precision,
+    # but a notebook (or a test session) runs several recipes in one process. Forget the previous run's state; keep the
+    # PartialState: under `accelerate launch` it holds the process group, which must outlive the runs. Every rank runs
+    # the same recipes, so every rank resets alike. DeepSpeed takes its precision from its own config (never refused).
+    state = AcceleratorState._shared_state
+    if state and state.get("_mixed_precision") != mixed_precision and state.get("distributed_type") != DistributedType.DEEPSPEED:
+        log.debug("Accelerate state had mixed_precision=%s; resetting it for %s", state.get("_mixed_precision"), mixed_precision)
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(
         gradient_accumulation_steps=recipe.train.grad_accum,
-        mixed_precision={"fp32": "no"}.get(precision, precision),
+        mixed_precision=mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # same order per (seed, epoch) on every rank
         cpu=not torch.cuda.is_available(),
     )
@@ -183,13 +208,9 @@ def eval_loader(ds, batch_size: int, collate) -> DataLoader:
     return DataLoader(ds.sort("length", reverse=True), batch_size=batch_size, collate_fn=collate)
 
 
-def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted((out / "checkpoints").glob("step-*"), key=lambda p: int(p.name.split("-")[1]))
-    return ckpts[-1] if ckpts else None
-
-
-def save_checkpoint(accelerator, out: Path, state: TrainState, best: dict | None, keep: int) -> None:
-    """Write checkpoints/step-N atomically (staged, then renamed), then prune old ones."""
+def save_checkpoint(accelerator, out: Path, state: TrainState, best: dict | None, keep: int, recipe: Recipe | None = None) -> None:
+    """Write checkpoints/step-N atomically (staged, then renamed), sealed with its recipe and the sha256 of its files
+    (rundir.seal_checkpoint: --resume checks both), then prune old ones."""
     from safetensors.torch import save_file
 
     root = out / "checkpoints"
@@ -202,6 +223,7 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, best: dict | None
             if best is not None:
                 save_file(best, str(tmp / "best_trainable.safetensors"))
             (tmp / "trainer_state.json").write_text(json.dumps({k: v for k, v in state.__dict__.items()}))
+            seal_checkpoint(tmp, recipe.to_yaml() if recipe is not None else None)
         accelerator.wait_for_everyone()  # all ranks' files are in tmp before the main process renames it
 
     if accelerator.is_main_process:
@@ -209,8 +231,7 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, best: dict | None
     accelerator.wait_for_everyone()
     write_atomic_dir(final, fill, main=accelerator.is_main_process)
     if accelerator.is_main_process:
-        old = sorted(root.glob("step-*"), key=lambda p: int(p.name.split("-")[1]))[:-keep]
-        for p in old:
+        for p in checkpoints(out)[:-keep]:
             shutil.rmtree(p, ignore_errors=True)
 
 
@@ -242,9 +263,44 @@ def stop_requested(flag: threading.Event, accelerator) -> bool:
     return bool(accelerator.reduce(torch.tensor(float(flag.is_set()), device=accelerator.device), "sum").item())
 
 
-def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resume: bool = False, tokenizer=None):
-    """Run the optimisation; return (model with the kept weights loaded, TrainState). `tokenizer` lets evaluations
-    generate when the kept metric needs it (summarization with train.best_metric=rougeL, ...)."""
+def load_checkpoint(accelerator, ckpt: Path) -> tuple[TrainState, dict | None]:
+    """Restore model, optimizer, schedules and RNGs from a checkpoint (already verified: rundir.good_checkpoint)."""
+    accelerator.load_state(str(ckpt))
+    state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
+    best = None
+    if (ckpt / "best_trainable.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        best = load_file(str(ckpt / "best_trainable.safetensors"))
+    log.info("resumed from %s (step %d)", ckpt, state.step)
+    return state, best
+
+
+def diverged(step: int, loss: float, t) -> TrainingDiverged:
+    return TrainingDiverged(f"training diverged: the loss is {loss} at step {step}, so nothing was exported. Try a lower "
+                            f"learning rate (train.lr={t.lr:g} now; e.g. train.lr={t.lr / 10:g}), gradient clipping "
+                            f"(train.max_grad_norm=1.0; now {t.max_grad_norm}) or train.precision=fp32, then train again "
+                            "with --overwrite.")
+
+
+def check_window_finite(window: Window, accelerator, step: int, t) -> None:
+    """Before a checkpoint is written: the steps since the last log line (one host sync, at save steps only)."""
+    loss = accelerator.reduce(window.loss.detach().clone(), "sum").item()
+    if not math.isfinite(loss):
+        raise diverged(step, loss, t)
+
+
+def check_weights_finite(model, accelerator, step: int, t) -> None:
+    """Before export: every trained weight is finite (a loss can stay finite while a weight overflows)."""
+    bad = sum(int(not torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
+    if accelerator.reduce(torch.tensor(float(bad), device=accelerator.device), "sum").item():
+        raise diverged(step, "finite but some trained weights are inf or nan", t)
+
+
+def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resume_from: Path | None = None, tokenizer=None):
+    """Run the optimisation; return (model with the kept weights loaded, TrainState). `resume_from`: a checkpoint to
+    continue. `tokenizer` lets evaluations generate when the kept metric needs it (summarization with rougeL, ...).
+    A loss that turns inf/nan stops the run (TrainingDiverged): checked at log and save steps, not every step."""
     from accelerate.utils import set_seed
     from transformers import get_scheduler
 
@@ -270,15 +326,8 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resu
                               num_warmup_steps=int(t.warmup_fraction * total), num_training_steps=total)
     accelerator.register_for_checkpointing(scheduler)
     schedule = adapter_schedule(accelerator.unwrap_model(model), recipe, total, accelerator.register_for_checkpointing)  # AdaLoRA
-    state, best = TrainState(), None
-    if resume and (ckpt := latest_checkpoint(out)) is not None:
-        accelerator.load_state(str(ckpt))
-        state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
-        if (ckpt / "best_trainable.safetensors").is_file():
-            from safetensors.torch import load_file
-
-            best = load_file(str(ckpt / "best_trainable.safetensors"))
-        log.info("resumed from %s (step %d)", ckpt, state.step)
+    state, best = load_checkpoint(accelerator, resume_from) if resume_from is not None else (TrainState(), None)
+    resume = resume_from is not None
 
     runlog = RunLog(out, accelerator.is_main_process)
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process,
@@ -327,17 +376,21 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resu
                 if state.step % t.log_every == 0 or state.step == total:  # the only host sync of the step
                     record = {**window.flush(state), "lr": scheduler.get_last_lr()[0]}
                     runlog.write(state.step, "train", record)
+                    if not math.isfinite(record["loss"]):
+                        raise diverged(state.step, record["loss"], t)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.0f}")
                 if eval_dl is not None and (state.step == total or (t.eval_every and state.step % t.eval_every == 0)):
                     with window.paused():  # eval time is not training throughput
                         evaluate_and_keep_best()
                 if t.save_every and state.step % t.save_every == 0:
-                    save_checkpoint(accelerator, out, state, best, t.keep_checkpoints)
+                    check_window_finite(window, accelerator, state.step, t)  # never checkpoint a diverged run
+                    save_checkpoint(accelerator, out, state, best, t.keep_checkpoints, recipe)
                 if stop_requested(stop, accelerator):
-                    save_checkpoint(accelerator, out, state, best, t.keep_checkpoints)
+                    save_checkpoint(accelerator, out, state, best, t.keep_checkpoints, recipe)
                     bar.close()
                     raise TrainingInterrupted(f"interrupted at step {state.step} of {total}: checkpoint saved to "
-                                              f"{out}/checkpoints/step-{state.step}. Continue with the same command plus --resume.")
+                                              f"{out}/checkpoints/step-{state.step}. Continue with the same command plus "
+                                              "--resume (in place of --overwrite, if you gave it).")
                 if state.step >= total:
                     break
             else:
@@ -348,6 +401,7 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resu
         log.info("keeping the best evaluation (step %d, %s %.4f), not the last step", state.best_step, t.best_metric,
                  state.best_metric)
         accelerator.unwrap_model(model).load_state_dict(best, strict=False)
+    check_weights_finite(model, accelerator, state.step, t)
     schedule.finish()
     return model, state
 

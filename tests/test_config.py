@@ -18,11 +18,11 @@ def write(tmp_path: Path, text: str) -> Path:
     return p
 
 
-def test_defaults_are_a_full_size_sst2_lora_recipe():
+def test_defaults_are_a_minilm_lora_recipe_without_data():
     r = load_recipe(None, validate_files=False)
     assert isinstance(r, Recipe)
     assert (r.model.name, r.adapter.method, r.task.type) == ("minilm", "lora", "classification")
-    assert r.data.train.path.endswith("sst2/train.tsv")
+    assert (r.data.train, r.data.eval, r.data.test) == (None, None, None)  # no data path comes from a default (issue 16)
     assert r.out == Path("runs/run")
 
 
@@ -102,5 +102,6 @@ def test_every_shipped_recipe_validates(path, monkeypatch):
 
 
 def test_recipes_exist_for_the_issue():
-    names = {str(p.relative_to(REPO / "recipes")) for p in RECIPES if "recipes/" in str(p) and "peftlab" not in str(p.parent)}
+    # relative to the repository root: the checkout's own folder name (often `peftlab`) must not matter
+    names = {p.relative_to(REPO / "recipes").as_posix() for p in RECIPES if p.relative_to(REPO).parts[0] == "recipes"}
     assert {"minilm/sst2-lora.yaml", "minilm/sst2-qlora.yaml", "minilm/agnews-lora.yaml", "roberta-base/sst2-lora.yaml"} <= names

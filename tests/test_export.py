@@ -41,6 +41,7 @@ def test_output_dir_describes_itself(trained):
     assert set(report["per_class"]) == {"negative", "positive"} and report["n"] == 64
 
 
+@pytest.mark.precision
 def test_reload_gives_the_same_logits_and_metrics(trained):
     recipe, summary, out = trained
     model, *_ = load_trained(out)
@@ -49,6 +50,7 @@ def test_reload_gives_the_same_logits_and_metrics(trained):
     torch.testing.assert_close(logits(model), logits(again), atol=0, rtol=0)
 
 
+@pytest.mark.precision
 def test_merge_equals_adapter_and_is_idempotent(trained):
     recipe, summary, out = trained
     adapter_model, *_ = load_trained(out)

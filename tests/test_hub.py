@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from peftlab import load_trained
+from peftlab import load_recipe, load_trained
 from peftlab.cli import main
 from peftlab.errors import ArtifactError, PeftlabError, PublishError
 from peftlab.hub import card_text, check_card, compose, load_adapter, publish
@@ -155,7 +155,8 @@ def test_model_card_fields(run_copy):
     for section in ("## Results", "## Training recipe", "## Method and parameters", "## Hardware and wall time", "## How to use",
                     "## Limitations"):
         assert section in body, section
-    assert (run_copy / "recipe.yaml").read_text().strip() in body  # the recipe, verbatim
+    shown = yaml.safe_load(re.search(r"```yaml\n(.*?)```", body, re.S).group(1))
+    assert shown == {**yaml.safe_load((run_copy / "recipe.yaml").read_text()), "output_dir": None}  # the recipe, minus its local output_dir
     assert f"{run['trainable_params']:,} of {run['total_params']:,}" in body
     assert f"trained in {run['train_wall_s']:.1f} s on CPU" in body and f"peft {run['versions']['peft']}" in body
     assert "PeftModel.from_pretrained(base, repo)" in body and "load_adapter('alice/minilm-sst2-lora')" in body
@@ -176,13 +177,15 @@ def test_broken_card_metadata_is_refused():
         check_card("---\nmodel-index:\n- name: x\n  results:\n  - metrics: [{type: accuracy, value: 1}]\n---\n# x\n")
 
 
-def test_card_snippet_loads_the_adapter(runs, tmp_path, capsys):
+def test_card_snippet_loads_the_adapter(runs, tmp_path, capsys, tiny_bert):
     """The peft snippet of the card, pointed at the published folder, rebuilds the trained model exactly."""
     folder = tmp_path / "published"
     publish(runs[0], "alice/tiny-lora", to=folder)
     code = re.search(r"```python\n(.*?)```", (folder / "README.md").read_text(), re.S).group(1)
     assert "repo = 'alice/tiny-lora'" in code
     namespace: dict = {}
+    assert f"base_model = {tiny_bert.name!r}" in code and str(tiny_bert) not in code  # a local base: by its folder name only
+    code = code.replace(f"base_model = {tiny_bert.name!r}", f"base_model = {str(tiny_bert)!r}")  # the reader's copy of it
     exec(code.replace("repo = 'alice/tiny-lora'", f"repo = {str(folder)!r}"), namespace)
     assert capsys.readouterr().out.strip() in ("negative", "positive")
     torch.testing.assert_close(logits(namespace["model"]), logits(load_trained(runs[0])[0]), atol=1e-6, rtol=0)
@@ -282,7 +285,8 @@ def test_publish_download_load_gives_the_same_logits(runs, hub_env, tmp_path, ti
         assert not hub.unhandled
     assert local == tmp_path / "download" and PUBLISHED <= {p.name for p in local.iterdir()}
     original = logits(load_trained(out)[0])
-    torch.testing.assert_close(logits(load_trained(local)[0]), original, atol=0, rtol=0)
+    published = load_recipe(local / "recipe.yaml", [f"model.name={tiny_bert}"], validate_files=False)  # a local base: name the copy
+    torch.testing.assert_close(logits(load_trained(local, recipe=published)[0]), original, atol=0, rtol=0)
     base = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2)
     torch.testing.assert_close(logits(PeftModel.from_pretrained(base, str(local))), original, atol=1e-6, rtol=0)
     assert_no_secret(printed, err, caplog.text, folder=local, stored=stored)
@@ -441,13 +445,16 @@ def test_compose_refuses_mismatched_runs(runs, tmp_path):
         compose(runs, [1, 0], runs[1])
 
 
-def test_eval_a_published_adapter_by_id(runs, hub, monkeypatch, tmp_path, capsys, tiny_bert):
+def test_eval_a_published_adapter_by_id(runs, hub, monkeypatch, tmp_path, capsys, tiny_bert, sentiment_files):
     """`peftlab eval --adapter NAMESPACE/NAME`: download, rebuild on the base named by its recipe, same metrics;
     results go to runs/eval/..., never into the download cache. model.name=... overrides the base."""
     rc, _, err = cli(capsys, "publish", runs[0], "--repo-id", "alice/tiny-lora", "--endpoint", hub.url)
     assert rc == 0, err
     monkeypatch.chdir(tmp_path)
     rc, printed, err = cli(capsys, "eval", "--adapter", "alice/tiny-lora", "--endpoint", hub.url, f"model.name={tiny_bert}")
+    assert rc == 2 and "data.eval.path: 'dev.tsv' not found" in err  # the published recipe names its data by file name only
+    rc, printed, err = cli(capsys, "eval", "--adapter", "alice/tiny-lora", "--endpoint", hub.url, f"model.name={tiny_bert}",
+                           f"data.eval.path={sentiment_files['dev']}")
     assert rc == 0, err
     metrics = json.loads(printed)
     expected = json.loads((runs[0] / "metrics.json").read_text())["eval"]

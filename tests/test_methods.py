@@ -15,14 +15,33 @@ from peftlab.errors import ArtifactError
 from .conftest import logits
 
 
-@pytest.mark.parametrize("method", [m for m in PEFT_METHODS if m not in ("lora", "prefix_tuning")])  # prefix: see below
-def test_method_trains_saves_reloads_and_merges(make_recipe, method):
-    recipe = make_recipe({"adapter.method": method, "train.max_steps": 6, "adapter.num_virtual_tokens": 4})
+def trained_logits(monkeypatch) -> dict:
+    """Spy on the run's export: the logits of the trained model exactly as it is handed over to be written."""
+    import importlib
+
+    module = importlib.import_module("peftlab.run")  # the module: `peftlab.run` is also the name of the function
+    seen, real = {}, module.export
+
+    def spy(out, model, *args, **kwargs):
+        seen["logits"] = logits(model)
+        return real(out, model, *args, **kwargs)
+
+    monkeypatch.setattr(module, "export", spy)
+    return seen
+
+
+@pytest.mark.parametrize("method", [m for m in PEFT_METHODS if m not in ("prefix_tuning",)])  # prefix: see below
+def test_method_trains_saves_reloads_and_merges(make_recipe, method, monkeypatch):
+    """The reloaded adapter gives the trained model's logits, for every method (lora included)."""
+    # fp32: under bf16 the trained model computes in autocast (Accelerate wraps its forward), the reloaded one does not
+    recipe = make_recipe({"adapter.method": method, "train.max_steps": 6, "adapter.num_virtual_tokens": 4, "train.precision": "fp32"})
+    trained = trained_logits(monkeypatch)
     summary = run(recipe)
     assert 0 < summary["trainable_percent"] < 100
     config = json.loads((recipe.out / "adapter_config.json").read_text())
     assert config["peft_type"].lower().replace("_", "") == {"p_tuning": "ptuning"}.get(method, method.replace("_", ""))
     model, *_ = load_trained(recipe.out)
+    torch.testing.assert_close(logits(model), trained["logits"], atol=1e-6, rtol=0)  # trained = reloaded
     again, *_ = load_trained(recipe.out)
     torch.testing.assert_close(logits(model), logits(again), atol=0, rtol=0)
     assert summary["metrics"]["eval"]["loss"] == pytest.approx(
@@ -46,6 +65,7 @@ def test_prefix_tuning_for_classification_says_what_to_use(make_recipe, request,
         build_model(recipe, num_labels=2, label_names=["negative", "positive"])
 
 
+@pytest.mark.precision
 def test_adalora_rank_budget_is_driven_by_the_loop(make_recipe):
     """AdaLoRA starts at adalora_init_r everywhere; the loop's update_and_allocate calls shrink the budget to an
     average of adapter.r, and the saved adapter holds only the kept ranks (it reloads to the same logits)."""
@@ -85,12 +105,13 @@ def test_adalora_schedule_survives_resume(make_recipe, tmp_path):
 
 
 @pytest.mark.parametrize("init", ["gaussian", "pissa", "olora"])
-def test_lora_initialisations_train_save_reload_and_merge(make_recipe, init):
+def test_lora_initialisations_train_save_reload_and_merge(make_recipe, init, monkeypatch):
     """pissa/olora change the base weights they train on; the export converts the adapter to plain LoRA (rank 2r) on
     the original base, so reloading and merging reproduce the trained model."""
     from peftlab import evaluate
 
-    recipe = make_recipe({"adapter.init": init, "train.max_steps": 6})
+    recipe = make_recipe({"adapter.init": init, "train.max_steps": 6, "train.precision": "fp32"})  # fp32: see above
+    trained = trained_logits(monkeypatch)
     summary = run(recipe)
     config = json.loads((recipe.out / "adapter_config.json").read_text())
     assert config["init_lora_weights"] == (init if init == "gaussian" else True)
@@ -98,6 +119,7 @@ def test_lora_initialisations_train_save_reload_and_merge(make_recipe, init):
     reloaded = evaluate(recipe.out)
     assert reloaded["loss"] == pytest.approx(summary["metrics"]["eval"]["loss"], abs=1e-5)
     model, *_ = load_trained(recipe.out)
+    assert (logits(model) - trained["logits"]).abs().max().item() <= 1e-4  # the converted adapter = the trained model
     merged, *_ = load_trained(merge(recipe.out))
     assert (logits(model) - logits(merged)).abs().max().item() <= 1e-4
 

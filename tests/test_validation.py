@@ -1,0 +1,332 @@
+"""Issue 16, sections 3 and 5: no silent wrong answer from a default, a non-finite number, a target typo, odd labels or
+lengths; and one clear message (exit 2, naming the field, the value and the fix) where there was a traceback."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from peftlab import load_recipe, load_splits
+from peftlab.cli import main
+from peftlab.config import Recipe, _walk, validate
+from peftlab.errors import ConfigError, DataError, ModelError
+
+from .conftest import REPO, SHARED, synthetic_rows, write_tsv
+
+
+def write_recipe(tmp_path, tree: dict, name: str = "r.yaml"):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(tree), encoding="utf-8")
+    return path
+
+
+def splits(tmp_path, train, *overrides):
+    return load_splits(load_recipe(None, [f"data.train.path={train}", *overrides], validate_files=False))
+
+
+# ----------------------------------------------------------------------------------------- 3. no data path from a default
+
+def test_no_split_has_a_default_path():
+    d = Recipe().data
+    assert (d.train, d.eval, d.test) == (None, None, None)
+    with pytest.raises(ConfigError, match=r"data.train is not set: name the training file, e.g. data.train.path="):
+        validate(Recipe())
+
+
+def test_a_recipe_without_data_train_is_refused_by_validate_and_train(tmp_path, capsys):
+    path = write_recipe(tmp_path, {"name": "x", "data": {"eval": str(tmp_path / "dev.tsv")}})
+    write_tsv(tmp_path / "dev.tsv", synthetic_rows(8, 0))
+    assert main(["validate", str(path)]) == 2
+    assert "data.train is not set" in capsys.readouterr().out
+    assert main(["train", str(path), f"output_dir={tmp_path / 'out'}"]) == 2
+    assert "data.train is not set" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+    recipe = load_recipe(path, validate_files=False)  # the Python API, past validation: the loader refuses too
+    with pytest.raises(DataError, match="data.train is not set"):
+        load_splits(recipe)
+
+
+def test_own_train_file_with_eval_holdout_evaluates_on_the_holdout(tmp_path):
+    train = write_tsv(tmp_path / "mine.tsv", [(f"row {i} good", i % 2) for i in range(40)])
+    path = write_recipe(tmp_path, {"data": {"train": str(train), "eval_holdout": 0.25}})
+    out, _ = load_splits(load_recipe(path))  # data files checked: only the user's own file is named
+    assert (len(out["train"]), len(out["eval"])) == (30, 10)  # not SST-2 dev (872 rows), as the old default gave
+    assert set(out["eval"]["text"]) <= {f"row {i} good" for i in range(40)}
+    assert not set(out["train"]["text"]) & set(out["eval"]["text"])
+
+
+def test_eval_holdout_beside_an_eval_split_is_announced(tmp_path, caplog):
+    train = write_tsv(tmp_path / "t.tsv", synthetic_rows(20, 0))
+    with caplog.at_level(logging.WARNING, logger="peftlab.data"):
+        out, _ = splits(tmp_path, train, f"data.eval.path={train}", "data.eval_holdout=0.25")
+    assert len(out["eval"]) == 20
+    assert "data.eval_holdout=0.25 is ignored: data.eval is set" in caplog.text
+
+
+def test_every_shipped_recipe_validates_from_the_cli():
+    recipes = sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").glob("*/*.yaml")) + ["peftlab/recipes/quickstart.yaml"]
+    files = [] if SHARED.is_dir() else ["--no-files"]
+    proc = subprocess.run([sys.executable, "-m", "peftlab.cli", "validate", *recipes, *files], capture_output=True, text=True,
+                          cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert proc.stdout.count("ok ") == len(recipes)
+
+
+# --------------------------------------------------------------------------------------------- 3. non-finite numbers
+
+def float_fields() -> list[str]:
+    return [name for name, _, f, _ in _walk(Recipe()) if f.type in ("float", "float | None")]
+
+
+def test_float_fields_are_found():
+    assert {"train.lr", "train.epochs", "adapter.alpha", "data.eval_holdout", "eval.length_penalty"} <= set(float_fields())
+
+
+@pytest.mark.parametrize("value", ["inf", ".inf", "-.inf", "nan", "1e400"])
+@pytest.mark.parametrize("field", ["train.lr", "train.epochs", "train.max_grad_norm", "adapter.alpha", "eval.length_penalty",
+                                   "adapter.loraplus_lr_ratio"])
+def test_non_finite_numbers_are_refused_up_front(field, value):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(None, [f"{field}={value}"], validate_files=False)
+    assert f"{field}=" in str(e.value) and "must be a finite number" in str(e.value)
+    assert len(e.value.problems) == 1  # one message per field, not "must be > 0" beside it
+
+
+def test_every_float_field_refuses_inf():
+    for field in float_fields():
+        with pytest.raises(ConfigError, match=rf"{field}=inf: must be a finite number"):
+            load_recipe(None, [f"{field}=inf"], validate_files=False)
+
+
+def test_non_finite_numbers_from_the_cli(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, {"data": {"train": "t.tsv"}})
+    assert main(["train", str(recipe), "--overwrite", "train.lr=inf", "train.epochs=.inf"]) == 2  # overrides after a flag
+    err = capsys.readouterr().err
+    assert "train.lr=inf: must be a finite number" in err and "train.epochs=inf: must be a finite number" in err
+
+
+def test_ranges_are_field_metadata_checked_generically():
+    fields = {f.name: f for f in dataclasses.fields(Recipe().train)}
+    assert (fields["lr"].metadata["gt"], fields["warmup_fraction"].metadata["lt"]) == (0, 1)
+    with pytest.raises(ConfigError) as e:
+        load_recipe(None, ["train.lr=0", "train.warmup_fraction=1", "train.max_steps=0", "data.max_length=4",
+                           "eval.num_beams=0", "adapter.r=0"], validate_files=False)
+    msg = str(e.value)
+    for needle in ("train.lr=0.0: must be > 0 (LoRA: ~1e-4 to 1e-3; full fine-tuning: ~2e-5).",
+                   "train.warmup_fraction=1.0: must be in [0, 1).", "train.max_steps=0: must be >= 1 or null.",
+                   "data.max_length=4: must be >= 8", "eval.num_beams=0: must be >= 1 (1 = greedy decoding).",
+                   "adapter.r=0: must be >= 1 (the LoRA rank; typical: 4-64)."):
+        assert needle in msg, msg
+    assert math.isfinite(Recipe().train.lr)
+
+
+# --------------------------------------------------------------------------------------------------- 3. target modules
+
+def test_every_target_module_must_match(make_recipe):
+    from peftlab.model import build_model
+
+    recipe = make_recipe({"adapter.target_modules": "[query, nonexistent_proj]"})
+    with pytest.raises(ModelError) as e:
+        build_model(recipe, num_labels=2, label_names=["negative", "positive"])
+    msg = str(e.value)
+    assert "'nonexistent_proj' matches no module" in msg and "'query'" not in msg.split("matches")[0]
+    assert "Linear layers it has: " in msg and "query" in msg.split("Linear layers it has: ")[1]
+    good = make_recipe({"adapter.target_modules": "[query, attention.output.dense]"})
+    model, _, _ = build_model(good, num_labels=2, label_names=["negative", "positive"])
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in model.named_parameters() if ".lora_A." in n}
+    assert any(n.endswith("attention.output.dense") for n in adapted) and any(n.endswith("query") for n in adapted)
+
+
+# ------------------------------------------------------------------------------------------------------------ 3. labels
+
+def test_one_distinct_label_is_refused(tmp_path):
+    train = write_tsv(tmp_path / "one.tsv", [("a fine film", 1)])
+    with pytest.raises(DataError, match=r"data.train: every row has the label 1\. A classifier needs >= 2 classes") as e:
+        splits(tmp_path, train)
+    assert "data.label_names=[...]" in str(e.value)
+    out, names = splits(tmp_path, train, "data.label_names=[neg,pos]")  # named classes: a one-row train is fine
+    assert names == ["neg", "pos"] and out["train"]["label"] == [1]
+
+
+def test_integer_labels_with_gaps_are_refused_with_the_fix(tmp_path):
+    train = write_tsv(tmp_path / "gap.tsv", [("bad", 0), ("good", 5), ("ok", 5)])
+    with pytest.raises(DataError) as e:
+        splits(tmp_path, train)
+    msg = str(e.value)
+    assert "integer labels [0, 5] are not the class indices 0..1" in msg and "4 of which ([1, 2, 3, 4]) never occur" in msg
+    assert "data.train.label_map={0: name0, 5: name1}" in msg and "data.label_names" in msg
+    out, names = splits(tmp_path, train, "data.train.label_map={0: neg, 5: pos}", "data.label_names=[neg,pos]")
+    assert out["train"]["label"] == [0, 1, 1]
+
+
+def test_an_all_empty_text_column_is_refused(tmp_path):
+    (tmp_path / "e.csv").write_text("sentence,label,review\n,0,bad\n,1,good\n")
+    with pytest.raises(DataError, match=r"data.train: text column 'sentence' is empty in all 2 rows") as e:
+        splits(tmp_path, tmp_path / "e.csv")
+    assert "['sentence', 'label', 'review']" in str(e.value)
+    out, _ = splits(tmp_path, tmp_path / "e.csv", "data.text_columns=[review]")
+    assert out["train"]["text"] == ["bad", "good"]
+
+
+@pytest.mark.parametrize("ext, sep", [("csv", ","), ("tsv", "\t")])
+def test_an_empty_label_cell_names_the_row(tmp_path, ext, sep):
+    path = tmp_path / f"e.{ext}"
+    path.write_text(f"sentence{sep}label\nok{sep}1\nfine{sep}\nbad{sep}0\n")
+    with pytest.raises(DataError) as e:
+        splits(tmp_path, path)
+    assert "data.train: 1 row(s) have an empty 'label' cell: data row 2 (line 3 of" in str(e.value)
+    assert "Fill in their labels or delete those rows" in str(e.value)
+
+
+def test_float_read_labels_are_class_indices_again(tmp_path):
+    (tmp_path / "f.csv").write_text("sentence,label\nok,1.0\nbad,0.0\n")
+    out, names = splits(tmp_path, tmp_path / "f.csv")
+    assert names == ["0", "1"] and out["train"]["label"] == [1, 0]
+
+
+# ----------------------------------------------------------------------------------------------------------- 3. lengths
+
+def test_max_length_beyond_the_position_table_is_refused_before_training(make_recipe):
+    from peftlab.model import build_model
+
+    recipe = make_recipe({"data.max_length": 256})  # the tiny BERT has 128 positions
+    with pytest.raises(ModelError, match=r"data.max_length=256 exceeds the 128 positions of .*Set data.max_length"):
+        build_model(recipe, num_labels=2, label_names=["negative", "positive"])
+
+
+def test_position_limits_from_configs():
+    from transformers import BertConfig, GPT2Config, RobertaConfig, T5Config
+
+    from peftlab.model import position_limit
+
+    assert position_limit(BertConfig()) == 512
+    assert position_limit(RobertaConfig(max_position_embeddings=514, pad_token_id=1)) == 512  # offset past the padding index
+    assert position_limit(GPT2Config()) == 1024
+    assert position_limit(T5Config()) is None  # relative positions: no table to run out of
+
+
+def test_a_decoder_only_summarizer_counts_prompt_and_target():
+    from types import SimpleNamespace
+
+    from transformers import LlamaConfig
+
+    from peftlab.model import check_input_lengths
+
+    recipe = SimpleNamespace(data=SimpleNamespace(max_length=100, max_target_length=64), task=SimpleNamespace(type="summarization"),
+                             model=SimpleNamespace(name="tiny"))
+    with pytest.raises(ModelError, match=r"data.max_length \+ data.max_target_length = 100 \+ 64 exceeds the 128 positions"):
+        check_input_lengths(LlamaConfig(max_position_embeddings=128), recipe)
+    recipe.data.max_target_length = 28
+    check_input_lengths(LlamaConfig(max_position_embeddings=128), recipe)
+
+
+# -------------------------------------------------------------------------------------------------- 3. efficiency
+
+def test_an_adapter_that_trains_most_weights_is_warned_about(make_recipe, caplog):
+    from peftlab.model import build_model
+
+    names = ["negative", "positive"]
+    with caplog.at_level(logging.WARNING, logger="peftlab.model"):
+        build_model(make_recipe(), num_labels=2, label_names=names)
+    assert "parameter-efficient" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="peftlab.model"):
+        _, _, info = build_model(make_recipe({"adapter.r": 10000}), num_labels=2, label_names=names)
+    assert info.trainable_percent > 50
+    assert f"adapter.method=lora trains {info.trainable_percent:.1f}% of the parameters" in caplog.text
+    assert "no longer parameter-efficient" in caplog.text and "Use a smaller adapter.r (now 10000" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------- 5. clear messages
+
+def test_a_recipe_path_that_is_a_directory(tmp_path, capsys):
+    (tmp_path / "a.yaml").write_text("name: a\n")
+    assert main(["validate", str(tmp_path)]) == 2
+    out = capsys.readouterr().out
+    assert f"recipe path '{tmp_path}' is a directory, not a recipe file" in out and "a.yaml" in out
+    assert "does not exist" not in out
+
+
+def test_validate_takes_overrides_positionally_and_with_set(tmp_path, capsys):
+    good = str(REPO / "recipes" / "minilm" / "sst2-lora.yaml")
+    assert main(["validate", good, "train.lr=-1", "--no-files"]) == 2
+    out = capsys.readouterr().out
+    assert "train.lr=-1.0: must be > 0" in out and "does not exist" not in out
+    assert main(["validate", "--no-files", good, "--set", "adapter.r=0", "train.lr=1e-3"]) == 2
+    out = capsys.readouterr().out
+    assert "adapter.r=0" in out and "train.lr" not in out
+    assert main(["validate", good, "--no-files", "train.lr=1e-3"]) == 0
+
+
+def test_overrides_after_flags_reach_the_command(tmp_path, capsys):
+    recipe = write_recipe(tmp_path, {"data": {"train": "t.tsv"}})
+    assert main(["train", str(recipe), "--resume", "train.lr=inf"]) == 2  # was: argparse "unrecognized arguments"
+    assert "train.lr=inf" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["train", str(recipe), "--overwrite", "not-an-override"])
+    assert "unrecognized arguments: not-an-override" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("target", ["runs/typo", "./nothing/here", "typo"])
+def test_eval_of_a_missing_folder_says_so(tmp_path, monkeypatch, capsys, target):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "typ0").mkdir(parents=True)
+    assert main(["eval", target]) == 2
+    err = capsys.readouterr().err
+    assert f"run folder '{target}' does not exist" in err and "Hub" not in err.split("does not exist")[0]
+    if target == "runs/typo":
+        assert "Did you mean runs/typ0?" in err
+
+
+def test_best_metric_is_checked_against_the_task(capsys):
+    good = str(REPO / "recipes" / "minilm" / "sst2-lora.yaml")
+    assert main(["validate", good, "--no-files", "train.best_metric=acc"]) == 2
+    out = capsys.readouterr().out
+    assert "train.best_metric='acc': classification keeps the best of accuracy, f1, loss. Did you mean 'accuracy'?" in out
+    for ok in ("accuracy", "f1", "loss"):
+        assert main(["validate", good, "--no-files", f"train.best_metric={ok}"]) == 0
+    with pytest.raises(ConfigError, match="summarization keeps the best of loss, rouge1"):
+        load_recipe(None, ["task.type=summarization", "data.target_column=summary", "train.best_metric=accuracy"],
+                    validate_files=False)
+
+
+def test_adalora_with_too_few_steps_for_its_schedule(make_recipe):
+    from peftlab import run
+    from peftlab.model import rank_schedule_fits
+
+    recipe = make_recipe({"adapter.method": "adalora", "train.max_steps": 1})
+    with pytest.raises(ModelError) as e:
+        run(recipe)
+    msg = str(e.value)
+    assert "this run has 1 optimizer step(s), but AdaLoRA's rank schedule needs at least 2" in msg
+    assert "train.max_steps" in msg and "adalora_warmup_fraction" in msg
+    assert rank_schedule_fits(recipe, 2) and not rank_schedule_fits(recipe, 1)
+
+
+def test_a_tsv_with_quoted_tabs(tmp_path):
+    path = tmp_path / "q.tsv"
+    path.write_text('sentence\tlabel\n"a\tb"\t1\nok\t0\n')  # the first row: 3 fields, so pandas shifts every column
+    with pytest.raises(DataError) as e:
+        splits(tmp_path, path)
+    msg = str(e.value)
+    assert "more TSV fields than its header" in msg and "TSV files are read unquoted" in msg and "data.train.format=csv" in msg
+    path.write_text('sentence\tlabel\nok\t0\n"a\tb"\t1\n')  # a later row: pandas' parser error, with the same hint
+    with pytest.raises(DataError, match="TSV files are read unquoted"):
+        splits(tmp_path, path)
+
+
+def test_a_csv_read_as_tsv(tmp_path):
+    path = tmp_path / "c.tsv"
+    path.write_text("sentence,label\nhello\tthere,1\nok,0\n")  # a tab in a text: a phantom __index_level_0__ column
+    with pytest.raises(DataError) as e:
+        splits(tmp_path, path)
+    msg = str(e.value)
+    assert "__index_level_0__" in msg and "the file looks comma-separated" in msg and "data.train.format=csv" in msg
+    path.write_text("sentence,label\nhello there,1\nok,0\n")  # no tab: one column
+    with pytest.raises(DataError, match=r"Only one column was found.*the file looks CSV; set data.train.format=csv"):
+        splits(tmp_path, path)
