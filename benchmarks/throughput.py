@@ -136,7 +136,7 @@ def worker_trainer(args, extra: list[str]) -> dict:
     )
 
     from peftlab import load_recipe, load_splits
-    from peftlab.model import resolve_model_path
+    from peftlab.bases import resolve_model_path
 
     recipe = load_recipe(RECIPE, common_overrides(args))
     splits, _ = load_splits(recipe)  # the very rows peftlab trains on
@@ -210,8 +210,8 @@ def worker_trainer_s2s(args) -> dict:
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, EncoderDecoderModel, Seq2SeqTrainer, Seq2SeqTrainingArguments
 
     from peftlab import load_recipe, load_splits
+    from peftlab.bases import resolve_model_path
     from peftlab.metrics import rouge_metrics
-    from peftlab.model import resolve_model_path
 
     recipe = load_recipe(S2S_RECIPE, s2s_overrides(args))
     splits, _ = load_splits(recipe)  # the very rows peftlab trains and generates on
@@ -262,7 +262,7 @@ def worker_tokenize(args) -> dict:
     import datasets
 
     from peftlab import build_data, load_recipe, load_splits
-    from peftlab.model import load_tokenizer, resolve_model_path
+    from peftlab.bases import load_tokenizer, resolve_model_path
 
     with tempfile.TemporaryDirectory() as cache:
         datasets.config.HF_DATASETS_CACHE = Path(cache)
@@ -285,7 +285,7 @@ def worker_build_large(args, extra: list[str]) -> dict:
     import torch
     from transformers import AutoTokenizer, BertConfig, BertModel
 
-    from peftlab.model import resolve_model_path
+    from peftlab.bases import resolve_model_path
 
     tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
     torch.manual_seed(0)
@@ -300,8 +300,9 @@ def worker_eval(args) -> dict:
     from torch.utils.data import DataLoader
 
     from peftlab import build_data, build_model, load_recipe, load_splits
+    from peftlab.accel import make_accelerator
     from peftlab.tasks import get_task
-    from peftlab.train import eval_loader, make_accelerator
+    from peftlab.train import eval_loader
 
     recipe = load_recipe(RECIPE, [o for o in common_overrides(args) if not o.startswith("data.eval.max_samples")])
     splits, labels = load_splits(recipe)
@@ -347,7 +348,7 @@ def flops_per_token(length: float, trainable_base: bool) -> float:
     matmuls, so 4x the weight FLOPs instead of 6x; attention scores and mixing: 4*L*d per layer forward, 3x with backward)."""
     from transformers import AutoConfig
 
-    from peftlab.model import resolve_model_path
+    from peftlab.bases import resolve_model_path
 
     c = AutoConfig.from_pretrained(resolve_model_path("minilm"))
     d, ff, layers = c.hidden_size, c.intermediate_size, c.num_hidden_layers
@@ -497,7 +498,7 @@ def main() -> None:
 def mean_length(args) -> float:
     """Mean real tokens per training row of the subset (for the attention term of the FLOP count)."""
     from peftlab import build_data, load_recipe, load_splits
-    from peftlab.model import load_tokenizer, resolve_model_path
+    from peftlab.bases import load_tokenizer, resolve_model_path
 
     recipe = load_recipe(RECIPE, common_overrides(args))
     splits, labels = load_splits(recipe)

@@ -1,5 +1,7 @@
-"""`peftlab` command line: train | eval | merge | validate | env.
+"""`peftlab` command line: train | eval | merge | publish | compose | validate | env.
 
+The one way in: the `peftlab` console script, `python -m peftlab` (peftlab/__main__.py) and the ranks that
+`accelerate launch -m peftlab train ...` starts all enter `main` here, which calls down into run/export/publish.
 User mistakes (PeftlabError) print one clear message and exit 2; `--debug` shows the traceback too.
 """
 
@@ -13,9 +15,12 @@ import os
 import sys
 from importlib.resources import files
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import PeftlabError, TrainingInterrupted
-from .metrics import ROUGE_KEYS
+
+if TYPE_CHECKING:
+    from .rundir import RunRecord
 
 log = logging.getLogger("peftlab")
 QUICKSTART = files("peftlab") / "recipes" / "quickstart.yaml"
@@ -59,7 +64,7 @@ def cmd_train(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from .hub import load_adapter
+    from .publish import load_adapter
     from .run import evaluate
 
     if args.out and "=" in args.out:  # `eval --adapter ID KEY=VALUE`: the first override lands in `out`
@@ -123,9 +128,9 @@ def cmd_validate(args) -> int:
 def cmd_env(args) -> int:
     import torch
 
+    from .accel import resolve_precision
+    from .bases import PACKAGED_MODELS, resolve_model_path
     from .export import hardware, versions
-    from .model import PACKAGED_MODELS, resolve_model_path
-    from .train import resolve_precision
 
     env = {"versions": versions(), "hardware": hardware(), "cuda": torch.cuda.is_available(),
            "precision_auto": resolve_precision("auto"), "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE", "0"),
@@ -140,7 +145,7 @@ def cmd_env(args) -> int:
 
 
 def cmd_publish(args) -> int:
-    from .hub import publish
+    from .publish import publish
 
     result = publish(args.out, args.repo_id, private=args.private, revision=args.revision, endpoint=args.endpoint,
                      exist_ok=args.exist_ok, dry_run=args.dry_run or False, to=args.to, git_remote=args.git_remote,
@@ -157,32 +162,29 @@ def cmd_publish(args) -> int:
 
 
 def cmd_compose(args) -> int:
-    from .hub import compose
+    from .compose import compose
 
     target = compose(args.runs, args.weights, args.out, method=args.method, density=args.density, seed=args.seed)
     print(f"composed adapter: {target}  (evaluate it: peftlab eval {target})")
     return 0
 
 
-def print_summary(s: dict) -> None:
+def print_summary(s: RunRecord) -> None:
     """The run's closing lines: what was learned, at what cost, and where the artifacts are."""
-    from .hub import split_label
+    from .tasks import get_task
 
-    lines = [f"\n== {s['name']}: {s['method']} on {s['base_model']}"
-             + (f" (base {s['quantization']})" if s["quantization"] != "none" else "")]
-    for split, m in s["metrics"].items():
-        if "accuracy" in m:
-            line = f"   {split:<5} accuracy {m['accuracy']:.4f}   macro-F1 {m['f1']:.4f}   loss {m['loss']:.4f}"
-        else:  # summarization: ROUGE F-measures (x100, as papers report them) and the loss
-            line = f"   {split:<5} " + "   ".join(f"{k} {100 * m[k]:.2f}" for k in ROUGE_KEYS if k in m) + f"   loss {m['loss']:.4f}"
-        label = split_label(split, s)  # keep_best chose the weights on one split: its figure is not a held-out one
+    lines = [f"\n== {s.name}: {s.method} on {s.base_model}"
+             + (f" (base {s.quantization})" if s.quantization != "none" else "")]
+    for split, m in s.metrics.items():
+        line = get_task(s.task).summary_line(split, m)
+        label = s.split_label(split)  # keep_best chose the weights on one split: its figure is not a held-out one
         lines.append(line + (f"   <- {label[len(split) + 2:-1]}" if label != split else ""))
-    if s.get("selected_on") in s["metrics"] and len(s["metrics"]) == 1:
-        lines.append(f"   ({s['selected_on']} chose the exported step, so its figure is optimistic: add data.test for a held-out one)")
-    lines.append(f"   trainable params {s['trainable_params']:,} of {s['total_params']:,} ({s['trainable_percent']:.3f}%)")
-    lines.append(f"   train wall time {s['train_wall_s']:.1f}s, {s['steps']} steps, {s['examples_per_s']:.1f} examples/s, "
-                 f"precision {s['precision']}, {s['processes']} process(es)")
-    lines.append(f"   artifacts: {s['output_dir']}" + (f"   merged: {s['merged_dir']}" if s.get("merged_dir") else ""))
+    if s.selected_on in s.metrics and len(s.metrics) == 1:
+        lines.append(f"   ({s.selected_on} chose the exported step, so its figure is optimistic: add data.test for a held-out one)")
+    lines.append(f"   trainable params {s.trainable_params:,} of {s.total_params:,} ({s.trainable_percent:.3f}%)")
+    lines.append(f"   train wall time {s.train_wall_s:.1f}s, {s.steps} steps, {s.examples_per_s:.1f} examples/s, "
+                 f"precision {s.precision}, {s.processes} process(es)")
+    lines.append(f"   artifacts: {s.output_dir}" + (f"   merged: {s.merged_dir}" if s.merged_dir else ""))
     print("\n".join(lines))
 
 
@@ -290,7 +292,9 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    # under `accelerate launch` every rank runs this: ranks other than 0 only log warnings (one copy of the progress log)
+    quiet = args.quiet or int(os.environ.get("RANK", "0")) != 0
+    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "datasets", "filelock"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _quiet_libraries()

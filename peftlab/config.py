@@ -21,7 +21,10 @@ from typing import Any, Union
 import yaml
 
 from .errors import ConfigError
-from .metrics import CLASSIFICATION_KEYS, ROUGE_KEYS
+from .methods import get_method, method_names
+from .methods.lora import LORA_INITS
+from .tasks import check_recipe as task_problems
+from .tasks import default_best_metric, task_names
 
 
 def opt(default: Any, help: str, choices: tuple | None = None, *, ge: float | None = None, gt: float | None = None,
@@ -58,19 +61,11 @@ class QuantConfig:
     compute_dtype: str = opt("auto", "Dtype of 4-bit matmuls; auto follows train.precision.", ("auto", "float32", "bfloat16", "float16"))
 
 
-PEFT_METHODS = ("lora", "adalora", "ia3", "loha", "lokr", "vera", "oft", "prompt_tuning", "prefix_tuning", "p_tuning")
-PROMPT_METHODS = ("prompt_tuning", "prefix_tuning", "p_tuning")  # virtual tokens: nothing to merge into the weights
-BASELINES = ("full", "frozen", "scratch")  # no adapter: every weight, the head only, every weight from a random init
-ADAPTER_METHODS = (*PEFT_METHODS, *BASELINES)
-LORA_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
-MUTATING_INITS = ("pissa", "olora")  # they move the top of the base weights into the adapter (the base is changed)
-
-
 @dataclass
 class AdapterConfig:
     method: str = opt("lora", "A peft method (lora, adalora, ia3, loha, lokr, vera, oft, prompt_tuning, prefix_tuning, p_tuning) or a "
                       "baseline: full (every weight trained), frozen (backbone frozen, head trained), scratch (same architecture, "
-                      "random init, every weight trained).", ADAPTER_METHODS)
+                      "random init, every weight trained).", method_names)  # the registry, read when validating
     r: int = opt(8, "LoRA rank (adalora: the average rank the budget ends at, its target_r).", ge=1, hint="the LoRA rank; typical: 4-64")
     alpha: float = opt(16, "LoRA scaling numerator (scale = alpha/r, or alpha/sqrt(r) with use_rslora).", gt=0, hint="typical: 2 x r")
     dropout: float = opt(0.1, "Dropout on the LoRA input, in [0, 1).", ge=0, lt=1)
@@ -126,7 +121,7 @@ class DataConfig:
 
 @dataclass
 class TaskConfig:
-    type: str = opt("classification", "Task family (sentiment is a classification).", ("classification", "summarization"))
+    type: str = opt("classification", "Task family (sentiment is a classification).", task_names)  # the registered tasks
     prompt: str | None = opt(None, "Summarization: model input with {source} where the text goes; null = '{source}' for encoder-decoder "
                              "models, 'Summarize this dialogue:\\n{source}\\nSummary: ' for decoder-only ones.")
     chat_template: bool = opt(False, "Summarization, decoder-only: wrap the prompt in the tokenizer's chat template (when it has one).")
@@ -191,7 +186,7 @@ class Recipe:
 
     def __post_init__(self):
         if self.train.best_metric is None:  # resolved here, so the written recipe.yaml names the metric used
-            self.train.best_metric = BEST_METRIC.get(self.task.type, "accuracy")
+            self.train.best_metric = default_best_metric(self.task.type)
 
     @property
     def out(self) -> Path:
@@ -202,22 +197,6 @@ class Recipe:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-BEST_METRIC = {"classification": "accuracy", "summarization": "loss"}
-TASK_METRICS = {"classification": (*CLASSIFICATION_KEYS, "loss"), "summarization": ("loss", *ROUGE_KEYS)}  # what evaluations report
-WHY_METRIC = {"summarization": " (a ROUGE metric makes every evaluation during training generate summaries: slower, but it "
-                               "selects on what is reported)"}
-
-
-def _best_metric_problems(metric: str, task: str) -> list[str]:
-    """train.best_metric must be a metric the task's evaluation reports, or keep-best fails after the first evaluation."""
-    kept = TASK_METRICS.get(task, ())
-    if not kept or metric in kept:
-        return []
-    close = difflib.get_close_matches(str(metric), kept, n=1, cutoff=0.3)
-    hint = f" Did you mean '{close[0]}'?" if close else ""
-    return [f"train.best_metric={metric!r}: {task} keeps the best of {', '.join(kept)}{WHY_METRIC.get(task, '')}.{hint}"]
 
 
 # ----------------------------------------------------------------------------------------------- loading
@@ -394,6 +373,8 @@ def check_field(name: str, value: Any, f: dataclasses.Field, optional: bool) -> 
     """The problem with one leaf value by its field metadata (choices, finiteness, range), or None."""
     meta = f.metadata
     choices = meta.get("choices")
+    if callable(choices):  # a registry's names (task.type, adapter.method), read when checked: one registered later is allowed
+        choices = choices()
     if choices and value not in choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -420,64 +401,13 @@ def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = N
         if not cond:
             p.append(msg)
 
-    a, t, d, q, m = recipe.adapter, recipe.train, recipe.data, recipe.quant, recipe.model
+    a, d = recipe.adapter, recipe.data
     need(bool(d.text_columns), "data.text_columns is empty: name the column(s) holding the text, e.g. [sentence].")
     need(d.label_names is None or len(d.label_names) >= 2, f"data.label_names={d.label_names}: a classifier needs >= 2 labels.")
     need(d.label_names is None or len(set(d.label_names)) == len(d.label_names), f"data.label_names={d.label_names}: names must be distinct.")
-    task = recipe.task
-    p.extend(_best_metric_problems(t.best_metric, task.type))
-    if task.type == "summarization":
-        need(bool(d.target_column), "data.target_column is not set: summarization needs the column holding the target text, "
-                                    "e.g. data.target_column=summary.")
-        need(task.prompt is None or task.prompt.count("{source}") == 1,
-             f"task.prompt={task.prompt!r}: must contain {{source}} exactly once (where the source text goes).")
-    else:
-        need(m.decoder is None, f"model.decoder={m.decoder!r}: an encoder-decoder warm start is for summarization. "
-                                "Set task.type=summarization or model.decoder=null.")
-    need(m.decoder is not None or m.cross_attention_init == "random",
-         f"model.cross_attention_init={m.cross_attention_init!r} applies to an encoder-decoder warm start only. "
-         "Set model.decoder (e.g. minilm) or leave model.cross_attention_init=random.")
-    if m.decoder is not None and q.mode != "none":
-        p.append(f"model.decoder with quant.mode={q.mode}: quantizing a warm-started encoder-decoder is not supported. Use quant.mode=none.")
-    if m.decoder is not None and a.method == "scratch":
-        p.append("model.decoder with adapter.method=scratch: the warm start reads pretrained weights, scratch reads none. "
-                 "Set model.decoder=null (scratch builds model.name's architecture at random) or use another method.")
-    if q.mode != "none" and a.method in ("full", "scratch"):
-        p.append(f"quant.mode={q.mode} with adapter.method={a.method}: it trains every weight, and quantized weights cannot be "
-                 "trained (they are integers). Use adapter.method=lora (QLoRA) or quant.mode=none.")
-    if q.mode == "4bit" and a.method in ("loha", "lokr"):
-        p.append(f"quant.mode=4bit with adapter.method={a.method}: peft's {a.method} sizes its update from the base layer's weight, "
-                 "which in a 4-bit layer is the packed storage (half the elements, one column), so the forward pass fails. "
-                 "Use quant.mode=8bit or none, or a method with 4-bit support (lora, adalora, ia3, vera, oft).")
-    if a.method == "adalora":
-        need(a.adalora_init_r >= a.r, f"adapter.adalora_init_r={a.adalora_init_r} with adapter.r={a.r}: AdaLoRA starts at "
-                                      "adalora_init_r and prunes down to an average of r, so adalora_init_r must be >= r (typical: 1.5 x r).")
-        need(0 <= a.adalora_warmup_fraction and 0 <= a.adalora_final_fraction
-             and a.adalora_warmup_fraction + a.adalora_final_fraction < 1,
-             f"adapter.adalora_warmup_fraction={a.adalora_warmup_fraction}, adapter.adalora_final_fraction={a.adalora_final_fraction}: "
-             "both must be >= 0 and sum to < 1, or no steps are left for the budget to shrink (typical: 0.1 and 0.2).")
-    if a.loraplus_lr_ratio is not None:
-        need(a.method == "lora", f"adapter.loraplus_lr_ratio={a.loraplus_lr_ratio} with adapter.method={a.method}: LoRA+ sets the "
-                                 "learning rate of LoRA's B matrices; use adapter.method=lora or adapter.loraplus_lr_ratio=null.")
-    if a.init != "default":
-        if a.method != "lora":
-            p.append(f"adapter.init={a.init} with adapter.method={a.method}: initialisations are for LoRA. Use adapter.method=lora "
-                     "or adapter.init=default.")
-        if a.init in MUTATING_INITS and q.mode != "none":
-            p.append(f"adapter.init={a.init} with quant.mode={q.mode}: {a.init} moves the top of each weight into the adapter and "
-                     "keeps the residual in the base; a quantized base would be re-quantized (peft refuses for pissa; for olora the "
-                     "rounding makes the exported adapter miss the trained model). Use quant.mode=none, or adapter.init=loftq "
-                     "for a 4-bit base.")
-        if a.init in MUTATING_INITS and a.use_dora:
-            p.append(f"adapter.init={a.init} with adapter.use_dora: the {a.init} adapter is exported as plain LoRA on the original "
-                     "base, which DoRA's magnitude vector does not survive. Use one or the other.")
-        if a.init == "loftq" and (q.mode != "4bit" or q.quant_type != "nf4"):
-            p.append(f"adapter.init=loftq with quant.mode={q.mode}, quant.quant_type={q.quant_type}: LoftQ fits LoRA to the error of "
-                     "4-bit NF4 quantization. Set quant.mode=4bit quant.quant_type=nf4, or use another adapter.init.")
-    if a.method != "lora" and (a.use_dora or a.use_rslora):
-        p.append(f"adapter.use_dora/use_rslora apply to LoRA only, but adapter.method={a.method}. Remove them or use method=lora.")
-    if a.use_dora and q.mode == "8bit":
-        p.append("adapter.use_dora with quant.mode=8bit: peft's DoRA does not support 8-bit bases. Use quant.mode=4bit or none.")
+    p.extend(task_problems(recipe))  # best metric, the task's own rules, the encoder-decoder warm start (tasks/)
+    if a.method in method_names():  # (an unknown one is reported by its field's choices)
+        p.extend(get_method(a.method).check(recipe))  # quantization support, options it does not read, its own rules (methods/)
     if isinstance(a.target_modules, list) and not a.target_modules:
         p.append("adapter.target_modules is an empty list: use null for the architecture's defaults.")
     name = recipe.name

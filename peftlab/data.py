@@ -16,6 +16,7 @@ from typing import Any
 
 from .config import DataConfig, Recipe, SplitConfig
 from .errors import DataError, DataFileNotFound
+from .tasks import get_task
 
 log = logging.getLogger(__name__)
 
@@ -276,8 +277,6 @@ def load_splits(recipe: Recipe, *, need_train: bool = True):
     """-> ({split: Dataset of {text, label:int}}, label_names). Splits absent from the recipe are None.
     Tasks with a text target (summarization) get {text, target} rows and no label names. `need_train=False`: an
     evaluation, which reads only the split it scores."""
-    from .tasks import get_task
-
     d, seed = recipe.data, recipe.train.seed
     if need_train and d.train is None:
         raise DataError("data.train is not set: name the training file, e.g. data.train.path=train.csv. No split has a default.")
@@ -316,8 +315,6 @@ def report_truncation(ds, where: str, max_length: int) -> None:
 
 def build_data(recipe: Recipe, tokenizer, *, splits=None, label_names=None) -> TaskData:
     """Recipe + tokenizer -> TaskData (tokenized, with a dynamic-padding collator)."""
-    from .tasks import get_task
-
     if splits is None:
         splits, label_names = load_splits(recipe)
     task = get_task(recipe.task.type)

@@ -20,17 +20,21 @@ import shutil
 import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import torch
 
-from .config import Recipe, load_recipe
+from .bases import load_tokenizer, resolve_model_path
+from .config import Recipe
 from .errors import ArtifactError
-from .rundir import record_weights, sha256, verify_weights
+from .methods import get_method
+from .model import load_base
+from .rundir import RunRecord, read_run, record_weights, sha256
+from .tasks import get_task
 
 log = logging.getLogger(__name__)
 
-RUN_FILES = ("recipe.yaml", "run.json")
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes", "datasets", "evaluate", "safetensors", "peftlab")
 
 
@@ -153,34 +157,11 @@ def predictions_jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def save_weights(model, folder: Path, state_dict: dict | None = None) -> None:
-    """model.save_pretrained; a PiSSA/OLoRA adapter (trained on a base whose weights it changed) is converted on the way
-    to plain LoRA on the original base: B A - B0 A0 as rank 2r (peft's path_initial_model_for_weight_conversion), so it
-    reloads, merges and publishes like any LoRA adapter."""
-    initial = getattr(model, "peftlab_initial_adapter", None)
-    if initial is None:
-        model.save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict)
-        return
-    from peft import get_peft_model_state_dict
-    from safetensors.torch import load_file, save_file
-
-    config, weights = initial
-    with tempfile.TemporaryDirectory() as tmp:
-        init_dir = Path(tmp) / "initial"
-        config.save_pretrained(str(init_dir))
-        save_file(weights, str(init_dir / "adapter_model.safetensors"))
-        model.save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict,
-                              path_initial_model_for_weight_conversion=str(init_dir))
-    # peft's conversion writes the lora_A/lora_B tensors only: add back the rest (the trained head, modules_to_save)
-    path = folder / "adapter_model.safetensors"
-    converted = load_file(str(path))
-    rest = {k: v for k, v in get_peft_model_state_dict(model, state_dict=state_dict).items() if "lora_" not in k and k not in converted}
-    save_file({**converted, **{k: v.contiguous() for k, v in rest.items()}}, str(path), metadata={"format": "pt"})
-
-
-def export(out: Path, model, tokenizer, recipe: Recipe, run_info: dict, metrics: dict, report: dict | None = None,
+def export(out: Path, model, tokenizer, recipe: Recipe, record: RunRecord | dict, metrics: dict, report: dict | None = None,
            state_dict: dict | None = None, predictions: dict[str, list[dict]] | None = None) -> Path:
-    """Write the trained weights and their description into `out` (main process only). `state_dict`: the full
+    """Write the trained weights and their description into `out` (main process only); run.json is `record` plus the
+    library versions, the hardware and the weights' checksum (a dict of run.json entries is read as a RunRecord, for
+    callers of the building blocks). `state_dict`: the full
     weights gathered from a sharded (FSDP / ZeRO-3) model; None = the model's own. `predictions`: {split: rows} of a
     generative task, written as predictions-SPLIT.jsonl (prediction next to reference)."""
     out.mkdir(parents=True, exist_ok=True)
@@ -189,13 +170,13 @@ def export(out: Path, model, tokenizer, recipe: Recipe, run_info: dict, metrics:
     staging.mkdir()
     try:
         with disk_errors("trained weights", out):
-            save_weights(model, staging, state_dict)
+            get_method(recipe.adapter.method).save(model, staging, state_dict)  # (PiSSA/OLoRA: converted to plain LoRA)
             (staging / "README.md").unlink(missing_ok=True)  # peft's placeholder card; `peftlab publish` writes the real one
             tokenizer.save_pretrained(str(staging))
             (staging / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
-            run = {"peftlab_run": 1, **run_info, "versions": versions(), "hardware": hardware(),
-                   **record_weights(staging, weights_file(staging).name)}
-            (staging / "run.json").write_text(json.dumps(run, indent=2, default=str), encoding="utf-8")
+            record = record if isinstance(record, RunRecord) else RunRecord.from_dict(record)
+            run = replace(record, versions=versions(), hardware=hardware(), **record_weights(staging, weights_file(staging).name))
+            (staging / "run.json").write_text(run.to_json(), encoding="utf-8")
             (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
             if report is not None:
                 (staging / "eval_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -207,41 +188,29 @@ def export(out: Path, model, tokenizer, recipe: Recipe, run_info: dict, metrics:
     return out
 
 
-def read_run(out: Path) -> tuple[Recipe, dict]:
-    """-> (recipe, run.json) of a finished run; clear error if `out` is not one."""
-    out = Path(out)
-    if not out.is_dir():
-        raise ArtifactError(f"'{out}' does not exist. Pass the output directory of a training run (runs/NAME).")
-    missing = [f for f in RUN_FILES if not (out / f).is_file()]
-    if missing:
-        raise ArtifactError(f"'{out}' is not a finished peftlab run (missing {', '.join(missing)}). "
-                            "If training was interrupted, continue it with `peftlab train RECIPE --resume`.")
-    recipe = load_recipe(out / "recipe.yaml", validate_files=False)
-    run = json.loads((out / "run.json").read_text())
-    verify_weights(out, run)  # a truncated or altered weights file: say which, rather than a SafetensorError
-    return recipe, run
-
-
 def load_trained(out: Path, *, dequantize: bool = False, recipe: Recipe | None = None, adapter_name: str = "default"):
-    """Rebuild the trained model from an output directory -> (model in eval mode, tokenizer, recipe, run.json).
+    """Rebuild the trained model from an output directory -> (model in eval mode, tokenizer, recipe, RunRecord).
 
     `recipe` overrides the run's own (e.g. another model.name for the base); `dequantize=True` swaps a quantized base's
     layers for float copies of their dequantized weights before the
     adapter is attached (what merge needs: peft then builds plain LoRA layers that merge exactly)."""
-    from peft import PeftModel
-
-    from .model import load_base, load_tokenizer, resolve_model_path
-    from .tasks import get_task
-
-    out = Path(out)
     saved, run = read_run(out)
     recipe = recipe or saved
+    model, tokenizer = rebuild(out, recipe, run, dequantize=dequantize, adapter_name=adapter_name)
+    return model, tokenizer, recipe, run
+
+
+def rebuild(out: Path, recipe: Recipe, run: RunRecord, *, dequantize: bool = False, adapter_name: str = "default"):
+    """The model (eval mode) and tokenizer of run `out`, whose record `read_run` already gave -> (model, tokenizer)."""
+    from peft import PeftModel
+
+    out = Path(out)
     task = get_task(recipe.task.type)
     tokenizer = load_tokenizer(str(out), recipe)
-    labels = run["label_names"]
+    labels = run.label_names
     if (out / "adapter_config.json").is_file():
         base_path = resolve_model_path(recipe.model.name, recipe.model.revision)
-        base, _ = load_base(recipe, base_path, num_labels=len(labels), label_names=labels, precision=run["precision"],
+        base, _ = load_base(recipe, base_path, num_labels=len(labels), label_names=labels, precision=run.precision,
                             auto_cls=task.auto_model_class)
         if dequantize and recipe.quant.mode != "none":
             # Merging LoRA into 4-bit weights re-quantizes the sum and rounds the update away (max logit error 0.17 on
@@ -250,11 +219,10 @@ def load_trained(out: Path, *, dequantize: bool = False, recipe: Recipe | None =
             log.info("base was quantized (%s): merging into a dequantized copy of it", recipe.quant.mode)
         base.config.pad_token_id = tokenizer.pad_token_id
         model = PeftModel.from_pretrained(base, str(out), adapter_name=adapter_name)
-        if model.peft_type == "ADALORA":  # its forward adds the orthogonality penalty to any loss and reads this attribute,
-            model.base_model.trainable_adapter_name = adapter_name  # set only for trainable adapters (AttributeError in eval)
+        get_method(run.method or recipe.adapter.method).loaded(model, adapter_name)  # e.g. AdaLoRA's eval-time attribute
     else:
         model = task.auto_model_class.from_pretrained(str(out), use_safetensors=True)
-    return model.eval(), tokenizer, recipe, run
+    return model.eval(), tokenizer
 
 
 def merge(out: Path, *, force: bool = False) -> Path:
@@ -263,20 +231,19 @@ def merge(out: Path, *, force: bool = False) -> Path:
     out = Path(out)
     recipe, run = read_run(out)
     if not (out / "adapter_config.json").is_file():
-        log.info("%s holds a standalone model (method %s): nothing to merge, load it directly.", out, run.get("method"))
+        log.info("%s holds a standalone model (method %s): nothing to merge, load it directly.", out, run.method)
         return out
-    peft_type = json.loads((out / "adapter_config.json").read_text()).get("peft_type", "")
-    if peft_type in ("PROMPT_TUNING", "PREFIX_TUNING", "P_TUNING"):
-        raise ArtifactError(f"{out} holds a {peft_type.lower()} adapter: it adds virtual tokens to the input, so there is "
-                            "nothing to fold into the weights. Load it as it is: PeftModel.from_pretrained(base, OUT), or "
-                            "`peftlab eval OUT`.")
+    method = get_method(recipe.adapter.method)
+    if not method.mergeable:
+        raise ArtifactError(f"{out} holds a {method.name} adapter: {method.merge_refusal} Load it as it is: "
+                            "PeftModel.from_pretrained(base, OUT), or `peftlab eval OUT`.")
     target = out / "merged"
     adapter_sha = sha256(out / "adapter_model.safetensors")
     stamp = target / "merge.json"
     if not force and stamp.is_file() and json.loads(stamp.read_text()).get("adapter_sha256") == adapter_sha:
         log.info("%s is already merged from this adapter; nothing to do.", target)
         return target
-    model, tokenizer, _, _ = load_trained(out, dequantize=True)
+    model, tokenizer = rebuild(out, recipe, run, dequantize=True)
     merged = model.merge_and_unload()
     merged.config.quantization_config = None
     if hasattr(merged, "hf_quantizer"):
@@ -289,8 +256,8 @@ def merge(out: Path, *, force: bool = False) -> Path:
         for f in ("recipe.yaml", "metrics.json"):
             if (out / f).is_file():
                 shutil.copy2(out / f, tmp / f)
-        merged_run = {**run, **record_weights(tmp, weights_file(tmp).name)}  # the merged folder checks its own weights
-        (tmp / "run.json").write_text(json.dumps(merged_run, indent=2, default=str), encoding="utf-8")
+        merged_run = replace(run, **record_weights(tmp, weights_file(tmp).name))  # the merged folder checks its own weights
+        (tmp / "run.json").write_text(merged_run.to_json(), encoding="utf-8")
         (tmp / "merge.json").write_text(json.dumps({"adapter_sha256": adapter_sha, "base_quantization": recipe.quant.mode,
                                                     "merged_into": "dequantized float32 copy" if recipe.quant.mode != "none"
                                                     else "base weights"}, indent=2))

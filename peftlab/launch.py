@@ -3,9 +3,10 @@
 A preset is an Accelerate config file shipped in `peftlab/launch_presets/`. The command built here is the one you
 could type yourself (it is logged before it runs):
 
-    python -m accelerate.commands.launch --config_file PRESET.yaml --num_processes N -m peftlab.run RECIPE [KEY=VALUE ...]
+    python -m accelerate.commands.launch --config_file PRESET.yaml --num_processes N -m peftlab train RECIPE [KEY=VALUE ...]
 
-Inside, every rank runs `peftlab.run` (the `peftlab train` entrypoint); only the main one logs and writes artifacts.
+Inside, every rank runs `python -m peftlab train` (peftlab/__main__.py -> cli.main, the same way in as the `peftlab`
+command); only the main one logs and writes artifacts.
 """
 
 from __future__ import annotations
@@ -68,11 +69,11 @@ def resolve_num_processes(name: str, num_processes: int | None) -> int:
 
 def launch_command(name: str, recipe: str, overrides: list[str] | tuple = (), *, num_processes: int | None = None,
                    resume: bool = False, overwrite: bool = False) -> tuple[list[str], dict[str, str]]:
-    """-> (argv, environment) that run `peftlab.run RECIPE OVERRIDES` on the preset's processes."""
+    """-> (argv, environment) that run `peftlab train RECIPE OVERRIDES` on the preset's processes."""
     config = preset_path(name)
     n = resolve_num_processes(name, num_processes)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", str(n),
-           "-m", "peftlab.run", recipe, *overrides]
+           "-m", "peftlab", "train", recipe, *overrides]
     cmd += [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite)) if on]
     env = dict(os.environ)
     if name == CPU_PRESET:

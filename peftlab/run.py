@@ -1,27 +1,29 @@
 """The training entrypoint, top to bottom: recipe -> model -> data -> loop -> eval -> export -> merge.
 
-Also runnable under Accelerate's launcher: `accelerate launch -m peftlab.run RECIPE.yaml [key=value ...]`.
+Commands enter through peftlab/cli.py (`peftlab train`, and `accelerate launch -m peftlab train ...`), which calls down
+into `run`; nothing here calls back up. `python -m peftlab.run RECIPE ...` is kept as an alias of
+`python -m peftlab train RECIPE ...` for launch commands written before (the block at the end of this file).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 
+from .accel import make_accelerator, resolve_precision, shards_weights
 from .config import Recipe, load_recipe
 from .data import build_data, load_splits
 from .errors import ArtifactError, ConfigError
-from .export import atomic_write_text, export, load_trained, merge, predictions_jsonl, read_run
+from .export import atomic_write_text, export, merge, predictions_jsonl, rebuild
 from .model import build_model
-from .rundir import RunDir
+from .rundir import RunDir, RunRecord, read_run
 from .tasks import get_task
-from .train import eval_loader, make_accelerator, resolve_precision, train
+from .train import eval_loader, train
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +39,10 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
         # only the evaluated split's file must exist (load_splits checks it): a published recipe names the others by file name
         recipe = load_recipe(out / "recipe.yaml", list(overrides), validate_files=False)
     results = Path(results_dir) if results_dir else out
-    model, tokenizer, _, _ = load_trained(out, recipe=recipe)
-    splits, _ = load_splits_for(recipe, split, run["label_names"])
-    data = build_data(recipe, tokenizer, splits=splits, label_names=run["label_names"])
-    accelerator = make_accelerator(recipe, run["precision"])
+    model, tokenizer = rebuild(out, recipe, run)
+    splits, _ = load_splits_for(recipe, split, run.label_names)
+    data = build_data(recipe, tokenizer, splits=splits, label_names=run.label_names)
+    accelerator = make_accelerator(recipe, run.precision)
     ds = getattr(data, split)
     model = accelerator.prepare_model(model, evaluation_mode=True)  # no DDP wrapper: it refuses a model with nothing to train
     metrics, report, rows = evaluate_split(model, ds, data, accelerator, recipe, tokenizer)
@@ -71,15 +73,8 @@ def load_splits_for(recipe: Recipe, split: str, label_names: list[str]):
     return load_splits(recipe, need_train=False)
 
 
-def shards_weights(accelerator) -> bool:
-    """FSDP and DeepSpeed ZeRO-3 keep only a slice of each weight on every rank."""
-    if accelerator.distributed_type == DistributedType.FSDP:
-        return True
-    return accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
-
-
-def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> dict:
-    """Train, evaluate and export one recipe; return the summary (also in OUT/run.json and OUT/metrics.json).
+def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> RunRecord:
+    """Train, evaluate and export one recipe; return its record (also in OUT/run.json, metrics in OUT/metrics.json).
 
     The output folder is locked while the run writes it; an --overwrite is built beside it and replaces the old run
     only once it finished (peftlab/rundir.py), so a failed run never costs the previous one."""
@@ -115,43 +110,35 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> dic
                     predictions[split] = rows
                 report = report or split_report
 
-        summary = {
-            "name": recipe.name, "output_dir": str(out), "method": info.method, "base_model": recipe.model.name,
-            "base_path": info.path, "quantization": info.quantized, "precision": precision, "label_names": label_names,
-            "trainable_params": info.trainable_params, "total_params": info.total_params,
-            "trainable_percent": info.trainable_percent, "base_weights_mib": info.base_weights_mib, "steps": state.step, "best_step": state.best_step,
+        record = RunRecord(
+            name=recipe.name, output_dir=str(out), method=info.method, task=recipe.task.type, base_model=recipe.model.name,
+            base_path=info.path, quantization=info.quantized, precision=precision, label_names=label_names,
+            trainable_params=info.trainable_params, total_params=info.total_params,
+            trainable_percent=info.trainable_percent, base_weights_mib=info.base_weights_mib, steps=state.step, best_step=state.best_step,
             # keep_best over several evaluations chose the exported step on data.eval: reports must not call it held out
-            "selected_on": "eval" if recipe.train.keep_best and len(state.history) > 1 else None,
-            "train_wall_s": wall, "train_seconds": state.train_seconds, "train_examples": state.examples, "train_tokens": state.tokens,
-            "train_padded_tokens": state.padded_tokens, "eval_seconds": eval_seconds,
-            "examples_per_s": state.examples / max(state.train_seconds, 1e-9),
-            "tokens_per_s": state.tokens / max(state.train_seconds, 1e-9),
-            "processes": accelerator.num_processes, "history": state.history, "metrics": metrics,
-        }
+            selected_on="eval" if recipe.train.keep_best and len(state.history) > 1 else None,
+            train_wall_s=wall, train_seconds=state.train_seconds, train_examples=state.examples, train_tokens=state.tokens,
+            train_padded_tokens=state.padded_tokens, eval_seconds=eval_seconds,
+            examples_per_s=state.examples / max(state.train_seconds, 1e-9),
+            tokens_per_s=state.tokens / max(state.train_seconds, 1e-9),
+            processes=accelerator.num_processes, history=state.history, metrics=metrics,
+        )
         # gather the full weights of a sharded model to save them (a collective: every rank takes part)
         state_dict = accelerator.get_state_dict(model) if shards_weights(accelerator) else None
         if accelerator.is_main_process:
-            export(job.work, accelerator.unwrap_model(model), tokenizer, recipe, summary, metrics, report, state_dict=state_dict,
+            export(job.work, accelerator.unwrap_model(model), tokenizer, recipe, record, metrics, report, state_dict=state_dict,
                    predictions=predictions)
             if recipe.export.merge:
                 merge(job.work)
-                summary["merged_dir"] = str(out / "merged")
+                record.merged_dir = str(out / "merged")
             job.commit()  # an --overwrite's new run replaces the old one only now, complete
         accelerator.wait_for_everyone()
-    return summary
+    return record
 
 
-def main(argv: list[str] | None = None) -> int:
-    """`python -m peftlab.run RECIPE [key=value ...] [--resume] [--overwrite] [--debug] [-q]` (what `accelerate launch -m`
-    runs). Ranks other than 0 only log warnings: one copy of the progress log, not one per process."""
-    from .cli import main as cli_main
+if __name__ == "__main__":  # `python -m peftlab.run RECIPE ...`: an alias of `python -m peftlab train RECIPE ...`
+    from .cli import main
 
-    args = list(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:]
     front = [a for a in args if a in ("--debug", "-q", "--quiet")]  # `peftlab` options go before the subcommand
-    if int(os.environ.get("RANK", "0")) != 0:
-        front.append("--quiet")
-    return cli_main([*front, "train", *(a for a in args if a not in front)])
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main([*front, "train", *(a for a in args if a not in front)]))

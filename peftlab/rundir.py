@@ -9,10 +9,13 @@
 
 An --overwrite that fails leaves runs/NAME as it was. Its staging folder is deleted, unless it holds checkpoints: then
 `--resume` continues it (and still swaps it in only at the end), and a new `--overwrite` starts it over.
+
+What the folder holds is described by run.json, read and written as a `RunRecord` (`read_run`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -21,17 +24,20 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
+from .config import Recipe, load_recipe
 from .errors import ArtifactError
 
 log = logging.getLogger(__name__)
 
 LOCK_ENV = "PEFTLAB_OUTPUT_LOCK"  # set by `peftlab train --launch` for its ranks: the launcher process holds the lock
 CHECKSUMS = "checksums.json"
+RUN_FILES = ("recipe.yaml", "run.json")  # what makes a folder a finished run
 STARTED = ("run.json", "checkpoints", "log.jsonl")
 # Recipe keys a --resume may change: they steer logging, evaluation, saving and the length of the run, not the shapes or
 # the numbers of the steps already taken. Any other difference from the checkpoint's recipe is refused.
@@ -69,9 +75,9 @@ def record_weights(folder: Path, name: str) -> dict:
     return {"weights_file": name, "weights_sha256": sha256(folder / name)}
 
 
-def verify_weights(folder: Path, run: dict) -> None:
+def verify_weights(folder: Path, run: RunRecord) -> None:
     """Check the weights against run.json's record. Runs written before the record named its file are not checked."""
-    name, recorded = run.get("weights_file"), run.get("weights_sha256")
+    name, recorded = run.weights_file, run.weights_sha256
     if not name or not recorded:
         return
     path = Path(folder) / name
@@ -102,6 +108,116 @@ def checkpoint_problem(ckpt: Path) -> str | None:
         if sha256(path) != recorded:
             return f"{path} is damaged (sha256 differs from {CHECKSUMS}; size {path.stat().st_size} bytes)"
     return None
+
+
+# ------------------------------------------------------------------------------------------- the run record
+
+@dataclass
+class RunRecord:
+    """run.json: what the run is (method, base, labels, sizes), what it cost and scored, and how to check its weights.
+
+    Fields missing from an older run.json take the defaults below; keys this version does not know are kept in `extra`
+    and written back as they were. `record["metrics"]` reads a field too: `run()` returns the record, and
+    `summary["metrics"]["eval"]` is how the README reads it."""
+
+    peftlab_run: int = 1
+    name: str | None = None
+    output_dir: str | None = None
+    method: str | None = None
+    task: str | None = None  # task.type: how its metrics read (an older run.json: filled in from its recipe)
+    base_model: str | None = None
+    base_path: str | None = None
+    quantization: str = "none"
+    precision: str | None = None
+    label_names: list[str] = field(default_factory=list)
+    trainable_params: int | None = None
+    total_params: int | None = None
+    trainable_percent: float | None = None
+    base_weights_mib: float | None = None
+    steps: int | None = None
+    best_step: int | None = None
+    selected_on: str | None = None  # the split keep_best chose the exported step on (its figure is not held out)
+    train_wall_s: float | None = None
+    train_seconds: float | None = None
+    train_examples: int | None = None
+    train_tokens: int | None = None
+    train_padded_tokens: int | None = None
+    eval_seconds: dict = field(default_factory=dict)
+    examples_per_s: float | None = None
+    tokens_per_s: float | None = None
+    processes: int = 1
+    history: list = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    merged_dir: str | None = None  # set on the summary of a run whose recipe merged it (not stored in run.json)
+    versions: dict = field(default_factory=dict)
+    hardware: dict = field(default_factory=dict)
+    weights_file: str | None = None
+    weights_sha256: str | None = None
+    composition: dict | None = None  # a composed adapter: how, from which runs
+    published: dict | None = None  # a published copy: which entries were rewritten to hide local paths
+    extra: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RunRecord:
+        known = {f.name for f in dataclasses.fields(cls)} - {"extra"}
+        return cls(**{k: v for k, v in data.items() if k in known}, extra={k: v for k, v in data.items() if k not in known})
+
+    def to_dict(self) -> dict:
+        """run.json's content, in its usual order; absent optional entries stay absent."""
+        out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "extra"}
+        out = {k: v for k, v in out.items() if v is not None or k not in _OMITTED_WHEN_NONE}
+        return {**out, **self.extra}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, default=str)
+
+    def __getitem__(self, key: str) -> Any:
+        if key in self.extra:
+            return self.extra[key]
+        if key == "extra" or key not in _FIELD_NAMES:
+            raise KeyError(key)
+        return getattr(self, key)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self.to_dict()
+
+    def split_label(self, split: str) -> str:
+        """How a split's figure is labelled in the summary and the card: the selection split says so, the others are
+        held out."""
+        if not self.selected_on:
+            return split
+        if split == self.selected_on:
+            return f"{split} (selection split: step {self.best_step} of {self.steps} chosen on it)"
+        return f"{split} (held out)"
+
+
+_OMITTED_WHEN_NONE = ("merged_dir", "composition", "published")
+_FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(RunRecord))
+
+
+def selection_split(recipe: Recipe, data: dict) -> str | None:
+    """The split the exported weights were chosen on: keep_best over more than one evaluation picks the step by its
+    score there, so that split's figure is optimistic. None when the last (or only) evaluated step was exported.
+    Runs written before run.json said so are judged from their recipe and history."""
+    if "selected_on" in data:
+        return data["selected_on"]
+    return "eval" if recipe.train.keep_best and len(data.get("history") or []) > 1 else None
+
+
+def read_run(out: str | Path) -> tuple[Recipe, RunRecord]:
+    """-> (recipe, run record) of a finished run, its weights checked against the record; clear error if `out` is not one."""
+    out = Path(out)
+    if not out.is_dir():
+        raise ArtifactError(f"'{out}' does not exist. Pass the output directory of a training run (runs/NAME).")
+    missing = [f for f in RUN_FILES if not (out / f).is_file()]
+    if missing:
+        raise ArtifactError(f"'{out}' is not a finished peftlab run (missing {', '.join(missing)}). "
+                            "If training was interrupted, continue it with `peftlab train RECIPE --resume`.")
+    recipe = load_recipe(out / "recipe.yaml", validate_files=False)
+    data = json.loads((out / "run.json").read_text())
+    run = RunRecord.from_dict({**data, "task": data.get("task") or recipe.task.type, "selected_on": selection_split(recipe, data)})
+    verify_weights(out, run)  # a truncated or altered weights file: say which, rather than a SafetensorError
+    return recipe, run
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints

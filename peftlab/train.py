@@ -1,11 +1,14 @@
-"""The training loop on Accelerate: short and bare. Everything configurable comes from `recipe.train`."""
+"""The training loop on Accelerate: short and bare. Everything configurable comes from `recipe.train`.
+
+`train` = `setup` (loaders, optimizer, schedules, accelerator.prepare) -> `load_checkpoint` (--resume) -> `loop`, with
+`KeepBest` holding the best evaluation's weights. Precision and the Accelerator itself: accel.py.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import threading
@@ -13,6 +16,7 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.utils.data import DataLoader
@@ -22,60 +26,11 @@ from .config import Recipe
 from .data import LengthGroupedSampler, TaskData
 from .errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from .export import write_atomic_dir
+from .methods import get_method
 from .rundir import checkpoints, seal_checkpoint
-from .tasks import get_task
+from .tasks import get_task, lower_is_better
 
 log = logging.getLogger(__name__)
-
-
-AUTO_PRECISION_ENV = "PEFTLAB_AUTO_PRECISION"
-
-
-def resolve_precision(precision: str) -> str:
-    """auto -> bf16 on GPUs that support it and on CPUs with native bf16 matmuls (AMX/avx512_bf16), else fp32.
-
-    The environment variable PEFTLAB_AUTO_PRECISION=bf16|fp32 makes `auto` resolve to that value on any machine: it
-    simulates the other machine kind, so CI on one kind of CPU also runs the precision-sensitive tests the way the other
-    kind resolves them. Explicit precisions are not affected."""
-    cpu_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-    if precision == "auto":
-        forced = os.environ.get(AUTO_PRECISION_ENV, "").strip().lower()
-        if forced:
-            if forced not in ("bf16", "fp32"):
-                raise ConfigError([f"{AUTO_PRECISION_ENV}={forced!r}: it makes train.precision=auto resolve to bf16 or fp32; "
-                                   f"set it to one of those, or unset it to let the machine decide."])
-            return forced
-        if torch.cuda.is_available():
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-        return "bf16" if cpu_bf16 else "fp32"
-    if precision == "fp16" and not torch.cuda.is_available():
-        raise ConfigError(["train.precision=fp16 needs a CUDA GPU; on CPU use fp32 (or auto)."])
-    if precision == "bf16" and not torch.cuda.is_available() and not cpu_bf16:
-        log.warning("train.precision=bf16 on a CPU without native bf16 (no AMX/avx512_bf16): matmuls are emulated and "
-                    "~20-50x slower than fp32 here. Use train.precision=auto.")
-    return precision
-
-
-def make_accelerator(recipe: Recipe, precision: str):
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState
-    from accelerate.utils import DataLoaderConfiguration, DistributedType
-
-    mixed_precision = {"fp32": "no"}.get(precision, precision)
-    # Accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another mixed_precision,
-    # but a notebook (or a test session) runs several recipes in one process. Forget the previous run's state; keep the
-    # PartialState: under `accelerate launch` it holds the process group, which must outlive the runs. Every rank runs
-    # the same recipes, so every rank resets alike. DeepSpeed takes its precision from its own config (never refused).
-    state = AcceleratorState._shared_state
-    if state and state.get("_mixed_precision") != mixed_precision and state.get("distributed_type") != DistributedType.DEEPSPEED:
-        log.debug("Accelerate state had mixed_precision=%s; resetting it for %s", state.get("_mixed_precision"), mixed_precision)
-        AcceleratorState._reset_state(reset_partial_state=False)
-    return Accelerator(
-        gradient_accumulation_steps=recipe.train.grad_accum,
-        mixed_precision=mixed_precision,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # same order per (seed, epoch) on every rank
-        cpu=not torch.cuda.is_available(),
-    )
 
 
 class _NullWriter:
@@ -179,17 +134,11 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 
 
 def optimizer_for(model, recipe: Recipe) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases and norm weights (1-D tensors). LoRA+ (adapter.loraplus_lr_ratio): LoRA's B
-    matrices get groups of their own at lr x ratio (peft's create_loraplus_optimizer would also speed up every 1-D tensor)."""
-    lr, wd, ratio = recipe.train.lr, recipe.train.weight_decay, recipe.adapter.loraplus_lr_ratio
-    groups = {(decay, fast): {"params": [], "weight_decay": wd if decay else 0.0, "lr": lr * (ratio or 1) if fast else lr}
-              for fast in (False, True) for decay in (True, False)}
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            fast = ratio is not None and not {"lora_B", "lora_embedding_B"}.isdisjoint(name.split("."))
-            groups[p.ndim >= 2, fast]["params"].append(p)
+    """AdamW over the method's parameter groups (default: no weight decay on biases and norm weights; LoRA+: LoRA's B
+    matrices at lr x adapter.loraplus_lr_ratio)."""
     impl = recipe.train.optimizer_impl
-    return torch.optim.AdamW([g for g in groups.values() if g["params"]], lr=lr, foreach=impl == "foreach", fused=impl == "fused" or None)
+    return torch.optim.AdamW(get_method(recipe.adapter.method).param_groups(model, recipe), lr=recipe.train.lr,
+                             foreach=impl == "foreach", fused=impl == "fused" or None)
 
 
 def train_loader(data: TaskData, t, processes: int) -> DataLoader:
@@ -297,14 +246,26 @@ def check_weights_finite(model, accelerator, step: int, t) -> None:
         raise diverged(step, "finite but some trained weights are inf or nan", t)
 
 
-def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resume_from: Path | None = None, tokenizer=None):
-    """Run the optimisation; return (model with the kept weights loaded, TrainState). `resume_from`: a checkpoint to
-    continue. `tokenizer` lets evaluations generate when the kept metric needs it (summarization with rougeL, ...).
-    A loss that turns inf/nan stops the run (TrainingDiverged): checked at log and save steps, not every step."""
+@dataclass
+class Parts:
+    """What `setup` builds for the loop: the prepared model, optimizer and loaders, the schedules, the run's length."""
+
+    model: Any
+    optimizer: torch.optim.Optimizer
+    train_dl: Any
+    eval_dl: Any  # None: no data.eval, nothing evaluated during training
+    scheduler: Any
+    schedule: Any  # the method's own (AdaLoRA's rank budget; for the others it does nothing)
+    total: int
+    steps_per_epoch: int
+    eval_context: dict  # tokenizer and recipe when the kept metric is generated (summarization with rougeL, ...)
+
+
+def setup(recipe: Recipe, model, data: TaskData, accelerator, tokenizer=None) -> Parts:
+    """Loaders, optimizer, compile, accelerator.prepare, LR schedule and the method's schedule, registered for
+    checkpointing (before a checkpoint is loaded into them)."""
     from accelerate.utils import set_seed
     from transformers import get_scheduler
-
-    from .model import adapter_schedule
 
     t, task = recipe.train, get_task(recipe.task.type)
     set_seed(t.seed)
@@ -325,28 +286,65 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resu
     scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer,
                               num_warmup_steps=int(t.warmup_fraction * total), num_training_steps=total)
     accelerator.register_for_checkpointing(scheduler)
-    schedule = adapter_schedule(accelerator.unwrap_model(model), recipe, total, accelerator.register_for_checkpointing)  # AdaLoRA
-    state, best = load_checkpoint(accelerator, resume_from) if resume_from is not None else (TrainState(), None)
-    resume = resume_from is not None
+    schedule = get_method(recipe.adapter.method).schedule(accelerator.unwrap_model(model), recipe, total,  # AdaLoRA's rank budget
+                                                          accelerator.register_for_checkpointing)
+    return Parts(model, optimizer, train_dl, eval_dl, scheduler, schedule, total, steps_per_epoch, context)
 
+
+class KeepBest:
+    """The best evaluation so far by train.best_metric (lower is better for a loss). Its step and score are kept in
+    TrainState, which every checkpoint saves; with train.keep_best its trainable weights are held here (checkpoints save
+    them too) and put back at the end when a later step was worse."""
+
+    def __init__(self, t, weights: dict | None = None):
+        self.metric, self.keep, self.weights = t.best_metric, t.keep_best, weights
+
+    def consider(self, state: TrainState, metrics: dict, model) -> None:
+        if self.metric not in metrics:
+            raise ConfigError([f"train.best_metric={self.metric!r} is not a metric of this task: {sorted(metrics)}."])
+        score = metrics[self.metric]
+        if state.best_metric is None or (score < state.best_metric if lower_is_better(self.metric) else score > state.best_metric):
+            state.best_metric, state.best_step = score, state.step
+            self.weights = trainable_state(model) if self.keep else None
+
+    def restore(self, model, state: TrainState) -> None:
+        if self.weights is not None and state.best_step != state.step:
+            log.info("keeping the best evaluation (step %d, %s %.4f), not the last step", state.best_step, self.metric,
+                     state.best_metric)
+            model.load_state_dict(self.weights, strict=False)
+
+
+def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resume_from: Path | None = None, tokenizer=None):
+    """Run the optimisation; return (model with the kept weights loaded, TrainState). `resume_from`: a checkpoint to
+    continue. `tokenizer` lets evaluations generate when the kept metric needs it (summarization with rougeL, ...).
+    A loss that turns inf/nan stops the run (TrainingDiverged): checked at log and save steps, not every step."""
+    parts = setup(recipe, model, data, accelerator, tokenizer)
+    state, weights = load_checkpoint(accelerator, resume_from) if resume_from is not None else (TrainState(), None)
+    best = KeepBest(recipe.train, weights)
+    loop(recipe, parts, data, accelerator, out, state, best, resumed=resume_from is not None)
+    best.restore(accelerator.unwrap_model(parts.model), state)
+    check_weights_finite(parts.model, accelerator, state.step, recipe.train)
+    parts.schedule.finish()
+    return parts.model, state
+
+
+def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, state: TrainState, best: KeepBest, *,
+         resumed: bool = False) -> None:
+    """The steps from state.step to the end: forward, backward, clip, step; log, evaluate, checkpoint on schedule."""
+    t, task = recipe.train, get_task(recipe.task.type)
+    model, optimizer, train_dl, eval_dl, scheduler = parts.model, parts.optimizer, parts.train_dl, parts.eval_dl, parts.scheduler
+    total, steps_per_epoch, resume = parts.total, parts.steps_per_epoch, resumed
     runlog = RunLog(out, accelerator.is_main_process)
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
     window = Window(accelerator)
 
-    def evaluate_and_keep_best() -> None:
-        nonlocal best
+    def evaluate() -> None:
         train_s = state.train_seconds + window.elapsed()  # training time so far, evaluations excluded
-        metrics, _ = task.evaluate(model, eval_dl, accelerator, data.label_names, **context)
+        metrics, _ = task.evaluate(model, eval_dl, accelerator, data.label_names, **parts.eval_context)
         runlog.write(state.step, "eval", {**metrics, "train_s": train_s})
         state.history.append({"step": state.step, **metrics})
-        if t.best_metric not in metrics:
-            raise ConfigError([f"train.best_metric={t.best_metric!r} is not a metric of this task: {sorted(metrics)}."])
-        score = metrics[t.best_metric]
-        lower_is_better = t.best_metric.endswith("loss")
-        if state.best_metric is None or (score < state.best_metric if lower_is_better else score > state.best_metric):
-            state.best_metric, state.best_step = score, state.step
-            best = trainable_state(accelerator.unwrap_model(model)) if t.keep_best else None
+        best.consider(state, metrics, accelerator.unwrap_model(model))
         if accelerator.is_main_process:  # tqdm.write prints even where the bar is disabled
             bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
@@ -365,7 +363,7 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resu
                         accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                     optimizer.step()
                     if accelerator.sync_gradients:
-                        schedule.step(state.step + 1)  # reads this step's gradients: before zero_grad
+                        parts.schedule.step(state.step + 1)  # reads this step's gradients: before zero_grad
                     optimizer.zero_grad(set_to_none=True)
                 window.add(loss, batch)
                 if not accelerator.sync_gradients:
@@ -381,12 +379,12 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resu
                     bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.0f}")
                 if eval_dl is not None and (state.step == total or (t.eval_every and state.step % t.eval_every == 0)):
                     with window.paused():  # eval time is not training throughput
-                        evaluate_and_keep_best()
+                        evaluate()
                 if t.save_every and state.step % t.save_every == 0:
                     check_window_finite(window, accelerator, state.step, t)  # never checkpoint a diverged run
-                    save_checkpoint(accelerator, out, state, best, t.keep_checkpoints, recipe)
+                    save_checkpoint(accelerator, out, state, best.weights, t.keep_checkpoints, recipe)
                 if stop_requested(stop, accelerator):
-                    save_checkpoint(accelerator, out, state, best, t.keep_checkpoints, recipe)
+                    save_checkpoint(accelerator, out, state, best.weights, t.keep_checkpoints, recipe)
                     bar.close()
                     raise TrainingInterrupted(f"interrupted at step {state.step} of {total}: checkpoint saved to "
                                               f"{out}/checkpoints/step-{state.step}. Continue with the same command plus "
@@ -397,11 +395,3 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resu
                 state.epoch += 1
     bar.close()
     runlog.close()
-    if best is not None and state.best_step != state.step:
-        log.info("keeping the best evaluation (step %d, %s %.4f), not the last step", state.best_step, t.best_metric,
-                 state.best_metric)
-        accelerator.unwrap_model(model).load_state_dict(best, strict=False)
-    check_weights_finite(model, accelerator, state.step, t)
-    schedule.finish()
-    return model, state
-

@@ -60,7 +60,7 @@ def test_two_processes_match_one_process_with_twice_the_batch(odd_eval, tmp_path
     recipe_file, ov, make = odd_eval
     one = run(make(**{"train.batch_size": 32, "output_dir": tmp_path / "one"}))
     args = [f"{k}={v}" for k, v in {**ov, "train.batch_size": 16, "output_dir": tmp_path / "two", "train.save_every": 8}.items()]
-    proc = sh([*LAUNCH_2_CPU, "-m", "peftlab.run", str(recipe_file), *args], cwd=tmp_path)
+    proc = sh([*LAUNCH_2_CPU, "-m", "peftlab", "train", str(recipe_file), *args], cwd=tmp_path)
 
     two = json.loads((tmp_path / "two" / "run.json").read_text())
     assert two["processes"] == 2 and two["steps"] == one["steps"] == 16
@@ -101,7 +101,7 @@ def test_cli_launch_cpu_ddp_runs_two_ranks(make_recipe, tmp_path):
                "--launch", "cpu-ddp", "--num-processes", "2"], cwd=tmp_path)
     assert json.loads((out / "run.json").read_text())["processes"] == 2
     assert (out / "adapter_model.safetensors").is_file()
-    assert "launching: ACCELERATE_USE_CPU=1" in proc.stderr and "cpu-ddp.yaml --num_processes 2 -m peftlab.run" in proc.stderr
+    assert "launching: ACCELERATE_USE_CPU=1" in proc.stderr and "cpu-ddp.yaml --num_processes 2 -m peftlab train" in proc.stderr
 
 
 @pytest.mark.parametrize("name", PRESETS)
@@ -122,7 +122,7 @@ def test_presets_pass_accelerates_own_config_loader(name):
     known = {a.dest for a in parser._actions}
     for key in [*cfg.fsdp_config, *cfg.deepspeed_config]:  # accelerate copies unknown keys silently: catch typos here
         assert key in known, f"{name}: {key} is not an accelerate launch option"
-    args, defaults, _ = _validate_launch_command(parser.parse_args(["--config_file", path, "--num_processes", "2", "-m", "peftlab.run", "r.yaml"]))
+    args, defaults, _ = _validate_launch_command(parser.parse_args(["--config_file", path, "--num_processes", "2", "-m", "peftlab", "train", "r.yaml"]))
     assert args.num_processes == 2 and args.mixed_precision == "no"
 
     if name in ("cpu-ddp", "multi_gpu"):
@@ -160,7 +160,7 @@ def test_launch_errors_are_clear(make_recipe, tmp_path, capsys):
             launch_command("multi_gpu", "r.yaml")
     cmd, launch_env = launch_command("cpu-ddp", "r.yaml", ["train.lr=1e-3"], resume=True)
     assert cmd[1:] == ["-m", "accelerate.commands.launch", "--config_file", str(preset_path("cpu-ddp")), "--num_processes", "2",
-                       "-m", "peftlab.run", "r.yaml", "train.lr=1e-3", "--resume"]
+                       "-m", "peftlab", "train", "r.yaml", "train.lr=1e-3", "--resume"]
     assert launch_env["ACCELERATE_USE_CPU"] == "1"
 
     make_recipe()
@@ -179,8 +179,8 @@ def test_sharded_runs_export_the_gathered_state_dict(make_recipe, tmp_path):
     from accelerate.utils import DistributedType
 
     from peftlab import build_model
+    from peftlab.accel import shards_weights
     from peftlab.export import export
-    from peftlab.run import shards_weights
 
     assert shards_weights(SimpleNamespace(distributed_type=DistributedType.FSDP))
     assert not shards_weights(SimpleNamespace(distributed_type=DistributedType.MULTI_GPU))

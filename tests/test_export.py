@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from peftlab import load_trained, merge, run
-from peftlab.export import read_run
 from peftlab.run import evaluate
+from peftlab.rundir import read_run
 
 from .conftest import logits
 

@@ -18,8 +18,9 @@ import yaml
 
 from peftlab import load_recipe, load_trained
 from peftlab.cli import main
+from peftlab.compose import compose
 from peftlab.errors import ArtifactError, PeftlabError, PublishError
-from peftlab.hub import card_text, check_card, compose, load_adapter, publish
+from peftlab.publish import card_text, check_card, load_adapter, publish
 
 from .conftest import logits
 from .hub_server import HubStandIn

@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from peftlab import load_trained, merge, run
-from peftlab.config import PEFT_METHODS, PROMPT_METHODS
 from peftlab.errors import ArtifactError
+from peftlab.methods import get_method, method_names
 
 from .conftest import logits
+
+PEFT_METHODS = [m for m in method_names() if get_method(m).is_adapter]  # the registered peft methods (no baselines)
+PROMPT_METHODS = [m for m in PEFT_METHODS if not get_method(m).mergeable]  # virtual tokens: nothing to merge
 
 
 def trained_logits(monkeypatch) -> dict:

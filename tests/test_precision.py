@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from peftlab import build_data, build_model, evaluate, load_splits, load_trained, run
+from peftlab.accel import AUTO_PRECISION_ENV, make_accelerator, resolve_precision
 from peftlab.errors import ConfigError
-from peftlab.train import AUTO_PRECISION_ENV, make_accelerator, resolve_precision
 
 from .conftest import logits
 

@@ -17,7 +17,8 @@ import yaml
 
 from peftlab import load_recipe, load_trained, run
 from peftlab.cli import print_summary
-from peftlab.hub import card_text, check_card, publish
+from peftlab.publish import card_text, check_card, publish
+from peftlab.rundir import RunRecord
 
 from .conftest import REPO, logits
 from .test_hub import SECRET, cli, digest, hub, hub_env  # noqa: F401  (fixtures: the Hub stand-in, HF_TOKEN=SECRET)
@@ -162,7 +163,7 @@ def test_summary_and_card_name_the_selection_split(local_run, capsys):
     record = json.loads((local_run / "run.json").read_text())
     assert record["selected_on"] == "eval" and len(record["history"]) == 3
     best, steps = record["best_step"], record["steps"]
-    print_summary(record)
+    print_summary(RunRecord.from_dict(record))  # run.json as read back: the record `run` returns
     lines = capsys.readouterr().out.splitlines()
     (eval_line,) = [x for x in lines if x.strip().startswith("eval ")]
     (test_line,) = [x for x in lines if x.strip().startswith("test ")]

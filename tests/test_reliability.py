@@ -119,7 +119,7 @@ def test_pickle_weights_are_refused_unless_allowed(make_recipe, tmp_path, tiny_b
 
 
 def test_trust_remote_code_warns(make_recipe, caplog):
-    from peftlab.model import load_tokenizer
+    from peftlab.bases import load_tokenizer
 
     recipe = make_recipe({"model.trust_remote_code": True})
     with caplog.at_level(logging.WARNING, logger="peftlab"):
@@ -136,7 +136,7 @@ def test_every_row_truncated_is_an_error(make_recipe, tmp_path):
 def test_fp16_on_cpu_is_refused():
     import torch
 
-    from peftlab.train import resolve_precision
+    from peftlab.accel import resolve_precision
 
     if torch.cuda.is_available():
         pytest.skip("has a GPU")

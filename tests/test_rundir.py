@@ -111,7 +111,8 @@ def test_overwrite_with_another_method_leaves_exactly_the_new_runs_files(old_run
 
 
 def test_publish_to_and_compose_out_refuse_to_replace_a_run(make_recipe, tmp_path):
-    from peftlab.hub import compose, publish
+    from peftlab.compose import compose
+    from peftlab.publish import publish
 
     a = make_recipe({"train.max_steps": 2, "output_dir": tmp_path / "a"})
     b = make_recipe({"train.max_steps": 2, "output_dir": tmp_path / "b", "train.seed": 7})
@@ -135,7 +136,8 @@ def test_publish_to_and_compose_out_refuse_to_replace_a_run(make_recipe, tmp_pat
 
 def test_a_second_writer_is_refused_and_kill_9_frees_the_folder(make_recipe, tmp_path):
     recipe = make_recipe()
-    first = peftlab("train", tmp_path / "recipe.yaml", *overrides(SLOW), wait=False)
+    # long enough that the two refused writers below start (a few seconds each) while it still holds the folder: it is killed
+    first = peftlab("train", tmp_path / "recipe.yaml", *overrides({**SLOW, "train.epochs": 2000}), wait=False)
     wait_until(lambda: (recipe.out / "log.jsonl").is_file(), first)
     for flags in ((), ("--overwrite",)):
         rc, _, err = peftlab("train", tmp_path / "recipe.yaml", "train.max_steps=2", *flags)
@@ -155,7 +157,7 @@ def test_truncated_weights_are_named_on_load(make_recipe, tmp_path):
     weights = recipe.out / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     from peftlab import load_trained, merge
-    from peftlab.hub import publish
+    from peftlab.publish import publish
 
     for load in (lambda: load_trained(recipe.out), lambda: merge(recipe.out), lambda: publish(recipe.out, to=tmp_path / "p")):
         with pytest.raises(ArtifactError, match="adapter_model.safetensors is damaged"):

@@ -258,7 +258,8 @@ def test_rouge_keep_best_generates_at_each_evaluation_and_keeps_the_best(make_su
 
 
 def test_bert2bert_trains_new_cross_attention_and_reloads_exactly(make_sum_recipe, tiny_bert):
-    from peftlab.train import make_accelerator, train
+    from peftlab.accel import make_accelerator
+    from peftlab.train import train
 
     # fp32 (the recipe and the accelerator): "exactly" holds when the trained and the reloaded model compute alike
     recipe = make_sum_recipe(tiny_bert, {"model.decoder": str(tiny_bert), "adapter.target_modules": "[query,value]",

@@ -28,7 +28,8 @@ def test_lora_trains_adapter_and_head_only_base_frozen(make_recipe):
     assert info.trainable_params == sum(before[k].numel() for k in trainable)
     assert info.trainable_percent < 1.0
 
-    from peftlab.train import make_accelerator, train
+    from peftlab.accel import make_accelerator
+    from peftlab.train import train
 
     data = build_data(recipe, tok, splits=splits, label_names=names)
     model, state = train(recipe, model, data, make_accelerator(recipe, "fp32"), recipe.out)

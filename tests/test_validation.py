@@ -297,7 +297,7 @@ def test_best_metric_is_checked_against_the_task(capsys):
 
 def test_adalora_with_too_few_steps_for_its_schedule(make_recipe):
     from peftlab import run
-    from peftlab.model import rank_schedule_fits
+    from peftlab.methods.adalora import rank_schedule_fits
 
     recipe = make_recipe({"adapter.method": "adalora", "train.max_steps": 1})
     with pytest.raises(ModelError) as e:

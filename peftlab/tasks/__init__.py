@@ -1,30 +1,138 @@
-"""One module per task family. Each exposes the same small surface (see `Task`)."""
+"""Tasks: one module per task family behind one `Task` interface, chosen by `task.type` through a registry.
+
+A task owns every decision that depends on "which task": the model head (auto_model_class, peft_task_type), what rows
+are learned against, tokenize/collate/evaluate, its default `train.best_metric` and the metrics it reports, its own
+recipe checks, how the model card and the closing summary present it, and (optionally) how its base is built.
+Adding a task = one module satisfying `Task` + one `register_task(name, module)`; nothing else changes.
+"""
 
 from __future__ import annotations
 
+import difflib
 import importlib
 from collections.abc import Callable
+from types import ModuleType
 from typing import Any, Protocol
+
+from ..errors import ConfigError
+from . import encoder_decoder
 
 
 class Task(Protocol):
     auto_model_class: Any  # transformers Auto* class that adds the task head (or one that picks it from the base's config)
     peft_task_type: str | Callable  # peft TaskType name, or a function of the loaded base model that returns it
     target_kind: str  # what rows are learned against: "label" (a class, data.label_column) or "text" (data.target_column)
+    best_metric: str  # the default train.best_metric
+    metrics: tuple[str, ...]  # what its evaluation reports: the allowed train.best_metric (lower is better for "*loss")
+    pipeline_tag: str | Callable  # the Hub's pipeline tag, or a function of the adapter's peft task type (None: a full model)
+    task_name: str | Callable  # the card's pretty task name, the same way
+    usage_class: str | Callable  # the transformers Auto class the card's usage snippet loads, the same way
+    card_metrics: dict[str, str]  # metric key -> the card's pretty name, for the metrics worth a card line
 
+    def check(self, recipe) -> list[str]: ...  # its own recipe rules, each naming the field, the value and the fix
+    def summary_line(self, split: str, metrics: dict) -> str: ...  # the closing summary's line for one split
     def tokenize(self, ds, tokenizer, recipe) -> Any: ...
     def collator(self, tokenizer) -> Callable: ...
     def evaluate(self, model, loader, accelerator, label_names: list[str], **context) -> tuple[dict, dict]: ...
-    # Optional: eval_collator(tokenizer) -> Callable, the collator of the final evaluation's loaders (run.py passes
-    # context tokenizer= and recipe= to evaluate there), for tasks that need more than the model inputs, e.g. to generate.
+    # Optional:
+    # - eval_collator(tokenizer) -> Callable, the collator of the final evaluation's loaders (run.py passes context
+    #   tokenizer= and recipe= to evaluate there), for tasks that need more than the model inputs, e.g. to generate.
+    # - GENERATED_METRICS: the metrics that need generation (a train.best_metric among them makes evaluations generate).
+    # - best_metric_note: said after the metrics when train.best_metric is not one of them.
+    # - warm_start = True: the task accepts model.decoder (an encoder-decoder warm-started from two checkpoints).
+    # - load_model(recipe, path, dtype) -> (model, new module names) or None: a task-specific base (None: the usual load).
+    # - input_lengths(config, recipe) -> [(config, tokens, what)]: the lengths the position tables must hold
+    #   (default: data.max_length against the model's table).
 
 
-TASKS = {"classification": "peftlab.tasks.classification", "summarization": "peftlab.tasks.summarization"}
+_REGISTRY: dict[str, Task | str] = {}
+
+
+def register_task(name: str, task: Task | ModuleType | str) -> Task | ModuleType | str:
+    """Make `task` available as `task.type: name`. `task` is a module or object with the `Task` attributes, or a module's
+    dotted name, imported on first use (so reading a recipe does not import every task's dependencies)."""
+    _REGISTRY[name] = task
+    return task
+
+
+def task_names() -> tuple[str, ...]:
+    """The registered task names: the choices of `task.type`."""
+    return tuple(_REGISTRY)
 
 
 def get_task(name: str) -> Task:
-    return importlib.import_module(TASKS[name])  # the module itself satisfies the protocol
+    try:
+        task = _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError([f"task.type={name!r}: no such task; registered: {', '.join(_REGISTRY)}.{hint} A new task is "
+                           "registered with peftlab.tasks.register_task(name, module)."]) from None
+    if isinstance(task, str):
+        task = _REGISTRY[name] = importlib.import_module(task)  # a module satisfies the protocol
+    return task
+
+
+def _value(attr, *args):
+    return attr(*args) if callable(attr) else attr
 
 
 def peft_task_type(task: Task, model) -> str:
-    return task.peft_task_type(model) if callable(task.peft_task_type) else task.peft_task_type
+    return _value(task.peft_task_type, model)
+
+
+def pipeline_tag(task: Task, peft_type: str | None = None) -> str:
+    """The Hub pipeline tag of a run of `task` whose adapter has peft task type `peft_type` (None: a full model)."""
+    return _value(task.pipeline_tag, peft_type)
+
+
+def task_name(task: Task, peft_type: str | None = None) -> str:
+    return _value(task.task_name, peft_type)
+
+
+def usage_class(task: Task, peft_type: str | None = None) -> str:
+    return _value(task.usage_class, peft_type)
+
+
+def lower_is_better(metric: str) -> bool:
+    """The direction of every task's metrics: losses fall, the rest (accuracy, F1, ROUGE, ...) rise."""
+    return metric.endswith("loss")
+
+
+def default_best_metric(name: str) -> str | None:
+    """The task's default train.best_metric; None for an unknown task (validation reports task.type)."""
+    return get_task(name).best_metric if name in _REGISTRY else None
+
+
+def best_metric_problems(name: str, task: Task, metric: str | None) -> list[str]:
+    """train.best_metric must be a metric the task's evaluation reports, or keep-best fails after the first evaluation."""
+    kept = tuple(task.metrics)
+    if not kept or metric in kept:
+        return []
+    close = difflib.get_close_matches(str(metric), kept, n=1, cutoff=0.3)
+    hint = f" Did you mean '{close[0]}'?" if close else ""
+    return [f"train.best_metric={metric!r}: {name} keeps the best of {', '.join(kept)}{getattr(task, 'best_metric_note', '')}.{hint}"]
+
+
+def check_recipe(recipe) -> list[str]:
+    """Every rule that depends on the task: its best metric, the task's own checks, the encoder-decoder warm start."""
+    name = recipe.task.type
+    if name not in _REGISTRY:
+        return []  # the choices check of task.type already names it
+    task = get_task(name)
+    warm = getattr(task, "warm_start", False)
+    offering = [] if warm or recipe.model.decoder is None else [n for n in task_names() if getattr(get_task(n), "warm_start", False)]
+    return [*best_metric_problems(name, task, recipe.train.best_metric), *task.check(recipe),
+            *encoder_decoder.check(recipe, warm, offering)]
+
+
+def input_lengths(task: Task, config, recipe) -> list[tuple[Any, int, str]]:
+    """(config, tokens, what) pairs: the lengths a model's position tables must hold for this task's inputs."""
+    if hasattr(task, "input_lengths"):
+        return task.input_lengths(config, recipe)
+    d = recipe.data
+    return [(config, d.max_length, f"data.max_length={d.max_length}")]
+
+
+register_task("classification", "peftlab.tasks.classification")
+register_task("summarization", "peftlab.tasks.summarization")

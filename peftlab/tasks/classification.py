@@ -5,11 +5,25 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
-from ..metrics import classification_metrics
+from ..metrics import CLASSIFICATION_KEYS, classification_metrics
 
 auto_model_class = AutoModelForSequenceClassification
 peft_task_type = "SEQ_CLS"
 target_kind = "label"
+best_metric = "accuracy"
+metrics = (*CLASSIFICATION_KEYS, "loss")
+pipeline_tag = "text-classification"
+task_name = "Text Classification"
+usage_class = "AutoModelForSequenceClassification"
+card_metrics = {"accuracy": "Accuracy", "f1": "Macro F1"}
+
+
+def check(recipe) -> list[str]:
+    return []  # the label rules (data.label_names) are checked with the data section: any task may name labels
+
+
+def summary_line(split: str, m: dict) -> str:
+    return f"   {split:<5} accuracy {m['accuracy']:.4f}   macro-F1 {m['f1']:.4f}   loss {m['loss']:.4f}"
 
 
 def tokenize(ds, tokenizer, recipe):

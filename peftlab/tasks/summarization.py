@@ -1,7 +1,7 @@
 """Summarization: text -> text, with an encoder-decoder or a decoder-only model; loss while training, ROUGE at the end.
 
 The family comes from the base model's config (`is_encoder_decoder`), or is an encoder-decoder when `model.decoder`
-asks for a BERT2BERT warm start (see model.load_encoder_decoder):
+asks for a BERT2BERT warm start (see tasks/encoder_decoder.py, built through `load_model`):
 - encoder-decoder (T5, BART, BERT2BERT): the prompt (`task.prompt`, default '{source}') feeds the encoder, the target
   is the labels (the model shifts them right into decoder inputs).
 - decoder-only (Llama, Qwen, GPT-2): one sequence prompt + target + EOS, where the prompt's labels are -100 so the loss
@@ -21,8 +21,10 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from ..errors import DataError
+from ..bases import resolve_model_path
+from ..errors import DataError, ModelNotFound
 from ..metrics import ROUGE_KEYS, rouge_metrics
+from . import encoder_decoder
 
 log = logging.getLogger(__name__)
 # EncoderDecoderModel (BERT2BERT) warns on every forward with labels about a loss change made in transformers 4.12
@@ -49,10 +51,68 @@ class AutoModelForSummarization:
 
 auto_model_class = AutoModelForSummarization
 target_kind = "text"
+best_metric = "loss"  # evaluations during training need no generation; the final one reports ROUGE too
+metrics = ("loss", *ROUGE_KEYS)
+best_metric_note = (" (a ROUGE metric makes every evaluation during training generate summaries: slower, but it "
+                    "selects on what is reported)")
+warm_start = True  # model.decoder builds an encoder-decoder from two checkpoints (load_model)
+card_metrics = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
+# adapter's peft task type -> (pipeline tag, card task name, Auto class of the usage snippet); a full model (no adapter
+# config) is presented as an encoder-decoder
+HUB = {"SEQ_2_SEQ_LM": ("summarization", "Summarization", "AutoModelForSeq2SeqLM"),
+       "CAUSAL_LM": ("text-generation", "Text Generation", "AutoModelForCausalLM")}
+
+
+def pipeline_tag(peft_type: str | None = None) -> str:
+    return HUB.get(peft_type, HUB["SEQ_2_SEQ_LM"])[0]
+
+
+def task_name(peft_type: str | None = None) -> str:
+    return HUB.get(peft_type, HUB["SEQ_2_SEQ_LM"])[1]
+
+
+def usage_class(peft_type: str | None = None) -> str:
+    return HUB.get(peft_type, HUB["SEQ_2_SEQ_LM"])[2]
 
 
 def peft_task_type(model) -> str:
     return "SEQ_2_SEQ_LM" if is_encoder_decoder(model.config) else "CAUSAL_LM"
+
+
+def check(recipe) -> list[str]:
+    d, prompt = recipe.data, recipe.task.prompt
+    p = []
+    if not d.target_column:
+        p.append("data.target_column is not set: summarization needs the column holding the target text, "
+                 "e.g. data.target_column=summary.")
+    if prompt is not None and prompt.count("{source}") != 1:
+        p.append(f"task.prompt={prompt!r}: must contain {{source}} exactly once (where the source text goes).")
+    return p
+
+
+def summary_line(split: str, m: dict) -> str:
+    """ROUGE F-measures (x100, as papers report them) and the loss."""
+    return f"   {split:<5} " + "   ".join(f"{k} {100 * m[k]:.2f}" for k in ROUGE_KEYS if k in m) + f"   loss {m['loss']:.4f}"
+
+
+def load_model(recipe, path: str, dtype: torch.dtype):
+    """A base of the task's own: the encoder-decoder warm start when model.decoder is set; None = the usual load."""
+    return encoder_decoder.load_encoder_decoder(recipe, path, dtype) if recipe.model.decoder else None
+
+
+def input_lengths(config, recipe) -> list[tuple]:
+    """(config, tokens, what): an encoder-decoder reads the source and writes the summary, a decoder-only model holds
+    prompt + source + summary in one sequence."""
+    d = recipe.data
+    encoder, decoder = getattr(config, "encoder", None), getattr(config, "decoder", None)
+    if encoder is not None and decoder is not None:  # a warm-started encoder-decoder: each half has its own table
+        return [(encoder, d.max_length, f"data.max_length={d.max_length}"),
+                (decoder, d.max_target_length, f"data.max_target_length={d.max_target_length}")]
+    if getattr(config, "is_encoder_decoder", False):
+        return [(config, max(d.max_length, d.max_target_length), f"data.max_length={d.max_length} / data.max_target_length="
+                                                                   f"{d.max_target_length}")]
+    return [(config, d.max_length + d.max_target_length, f"data.max_length + data.max_target_length = "
+                                                         f"{d.max_length} + {d.max_target_length}")]
 
 
 @cache
@@ -63,9 +123,6 @@ def _is_encoder_decoder_dir(path: str, revision: str | None, trust_remote_code: 
 def family(recipe, tokenizer) -> str:
     """'seq2seq' or 'causal', from the base model's config; where the base is out of reach, a merged or fully trained
     run's own config.json (saved beside its tokenizer) tells the same."""
-    from ..errors import ModelNotFound
-    from ..model import resolve_model_path
-
     if recipe.model.decoder:
         return "seq2seq"
     try:

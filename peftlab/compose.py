@@ -1,0 +1,119 @@
+"""Adapter arithmetic: LoRA adapters of one base combined into one (peft's add_weighted_adapter), exported like a run.
+
+A peer of `export.merge`: both turn finished runs into a new model folder; neither trains.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from .errors import PeftlabError
+from .export import rebuild, write_atomic_dir
+from .rundir import holds_run, read_run, sha256
+
+log = logging.getLogger(__name__)
+
+COMBINATIONS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat")
+
+
+def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, method: str = "linear", density: float | None = None,
+            seed: int = 0) -> Path:
+    """Combine LoRA adapters trained on one base into one adapter (peft's add_weighted_adapter), exported like a run.
+
+    peft combines the LoRA matrices but refuses adapters that each save a task head (modules_to_save), so the
+    adapters are loaded without their heads and the heads are summed with the same weights: for weights (1, 0, ...)
+    and method linear the result is the first adapter exactly."""
+    import torch
+    from peft import PeftConfig, get_peft_model
+    from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+    from safetensors.torch import load_file, save_file
+
+    outs, out = [Path(o) for o in outs], Path(out)
+    if len(outs) < 2 or len(weights) != len(outs):
+        raise PeftlabError(f"compose needs two or more runs and one weight per run (got {len(outs)} run(s), {len(weights)} weight(s)).")
+    if method not in COMBINATIONS:
+        raise PeftlabError(f"--method {method!r}: use one of {', '.join(COMBINATIONS)}.")
+    if method not in ("linear", "cat") and density is None:
+        density = 0.5
+    if out.resolve() in [o.resolve() for o in outs]:
+        raise PeftlabError(f"--out {out} is one of the inputs; choose a new directory.")
+    check_compose_target(out)
+    runs = [read_run(o) for o in outs]
+    first_recipe, first_run = runs[0]
+    for o, (r, info) in zip(outs, runs):
+        if not (o / "adapter_config.json").is_file():
+            raise PeftlabError(f"{o} holds a {info.method} model, not a LoRA adapter: only adapters compose.")
+        if (r.model.name, r.task.type, info.label_names) != (first_recipe.model.name, first_recipe.task.type, first_run.label_names):
+            raise PeftlabError(f"{o} was trained on another base, task or label set than {outs[0]}: adapters compose only "
+                               "on the same base model and labels.")
+    trained, tokenizer = rebuild(outs[0], first_recipe, first_run)
+    base = trained.unload()  # the plain base (its head is replaced below)
+    states = [load_file(str(o / "adapter_model.safetensors")) for o in outs]
+    heads = [_head_state(sd) for sd in states]
+    if any(h.keys() != heads[0].keys() or any(h[k].shape != heads[0][k].shape for k in h) for h in heads):
+        raise PeftlabError("the adapters' task heads differ in shape or names: they cannot be combined.")
+    model, names = None, [f"a{i}" for i in range(len(outs))]
+    for name, o, sd, head in zip(names, outs, states, heads):
+        cfg = PeftConfig.from_pretrained(str(o))
+        cfg.modules_to_save, cfg.task_type = None, None  # LoRA matrices only: heads are combined below
+        if model is None:
+            model = get_peft_model(base, cfg, adapter_name=name)
+        else:
+            model.add_adapter(name, cfg)
+        set_peft_model_state_dict(model, {k: v for k, v in sd.items() if k not in head}, adapter_name=name)
+    torch.manual_seed(seed)  # dare_* prune at random
+    try:
+        model.add_weighted_adapter(names, [float(w) for w in weights], "composed", combination_type=method, density=density)
+    except ValueError as e:
+        raise PeftlabError(f"peft cannot combine these adapters with {method}: {e}") from None
+    lora = get_peft_model_state_dict(model, adapter_name="composed")
+    head = {k: sum(float(w) * h[k].float() for w, h in zip(weights, heads)).to(heads[0][k].dtype).contiguous() for k in heads[0]}
+    composed_cfg = model.peft_config["composed"]
+    config = PeftConfig.from_pretrained(str(outs[0]))  # task type and saved head of the originals
+    config.r, config.lora_alpha, config.target_modules = composed_cfg.r, composed_cfg.lora_alpha, composed_cfg.target_modules
+    config.rank_pattern, config.alpha_pattern = {}, {}
+    sources = [{"name": r.name, "path": str(o), "weights_sha256": sha256(o / "adapter_model.safetensors")} for o, (r, _) in zip(outs, runs)]
+
+    def fill(tmp: Path) -> None:
+        save_file({k: v.contiguous() for k, v in {**lora, **head}.items()}, str(tmp / "adapter_model.safetensors"),
+                  metadata={"format": "pt"})
+        config.save_pretrained(str(tmp))
+        tokenizer.save_pretrained(str(tmp))
+        shutil.copy2(outs[0] / "recipe.yaml", tmp / "recipe.yaml")
+        info = replace(first_run, metrics={}, history=[], weights_sha256=sha256(tmp / "adapter_model.safetensors"),
+                       composition={"method": method, "weights": [float(w) for w in weights], "density": density, "seed": seed,
+                                    "sources": sources, "note": "recipe.yaml and the training record are the first source's; "
+                                    "task heads summed with the same weights; not evaluated yet: run `peftlab eval` on this folder"})
+        (tmp / "run.json").write_text(info.to_json(), encoding="utf-8")
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic_dir(out, fill)
+    log.info("composed %s (%s, weights %s) -> %s", ", ".join(map(str, outs)), method, weights, out)
+    return out
+
+
+def check_compose_target(out: Path) -> None:
+    """--out may be new, empty, or an earlier composition (replaced); never a trained run or someone's folder."""
+    if out.exists() and not out.is_dir():
+        raise PeftlabError(f"--out {out} is a file. Choose a new directory: --out DIR.")
+    if not out.is_dir() or not any(out.iterdir()):
+        return
+    try:
+        earlier = "composition" in json.loads((out / "run.json").read_text()) and not (out / "log.jsonl").exists()
+    except (OSError, ValueError):
+        earlier = False
+    if not earlier:
+        what = "a peftlab run" if holds_run(out) else "files that are not a composed adapter"
+        raise PeftlabError(f"--out {out} holds {what}: compose would replace it. Choose a new directory (--out DIR), or "
+                           "delete it first if you mean to replace it.")
+
+
+def _head_state(state: dict) -> dict:
+    """The saved tensors of the fully trained task head (peft's modules_to_save): every tensor that is not LoRA's."""
+    lora = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\b")
+    return {k: v for k, v in state.items() if not lora.search(k)}

@@ -1,0 +1,145 @@
+"""The Method record and the registry: what `adapter.method` means, decided in one place.
+
+A method is a frozen record of plain fields and functions. The rest of peftlab asks it, and never tests a method's
+name: config (its checks, its quantization support), model (`apply`), train (`param_groups`, `schedule`), export
+(`save`, `mergeable`), the model card (`describe`, `card_lines`, `tags`). Adding a method = one record, registered once.
+
+This module sits below config and model (it imports neither at run time), so both may import it.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from ..errors import ConfigError
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..config import AdapterConfig, Recipe
+
+QUANT_MODES = ("none", "4bit", "8bit")
+
+
+# ------------------------------------------------------------------------------------------ default hooks
+
+def no_problems(recipe: Recipe) -> list[str]:
+    return []
+
+
+class NoSchedule:
+    """A method with nothing to do per optimizer step."""
+
+    def step(self, step: int) -> None: ...
+    def finish(self) -> None: ...
+
+
+def no_schedule(model, recipe: Recipe, total: int, register) -> NoSchedule:
+    return NoSchedule()
+
+
+def adamw_groups(model: nn.Module, recipe: Recipe, fast: Callable[[str], bool] | None = None, ratio: float = 1.0) -> list[dict]:
+    """AdamW groups: no weight decay on biases and norm weights (1-D tensors); parameters named `fast` get lr x ratio."""
+    lr, wd = recipe.train.lr, recipe.train.weight_decay
+    groups = {(decay, quick): {"params": [], "weight_decay": wd if decay else 0.0, "lr": lr * ratio if quick else lr}
+              for quick in (False, True) for decay in (True, False)}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            groups[p.ndim >= 2, fast is not None and fast(name)]["params"].append(p)
+    return [g for g in groups.values() if g["params"]]
+
+
+def save_pretrained(model, folder: Path, state_dict: dict | None = None) -> None:
+    model.save_pretrained(str(folder), safe_serialization=True, state_dict=state_dict)
+
+
+def plain_tags(recipe: Recipe) -> list[str]:
+    return [recipe.adapter.method]
+
+
+def peft_tags(recipe: Recipe) -> list[str]:
+    return ["peft", recipe.adapter.method]
+
+
+def rank_hint(recipe: Recipe) -> str:
+    return f"Use a smaller adapter.r (now {recipe.adapter.r}; typical: 4-64)"
+
+
+# ------------------------------------------------------------------------------------------------- record
+
+# Adapter options that only the methods declaring them (Method.options) read: (fields, is it set?, the problem when a
+# method that ignores them is chosen). One rule each, for every method, registered later ones included.
+SPECIFIC_OPTIONS: tuple[tuple[tuple[str, ...], Callable[[AdapterConfig], bool], str], ...] = (
+    (("loraplus_lr_ratio",), lambda a: a.loraplus_lr_ratio is not None,
+     "adapter.loraplus_lr_ratio={a.loraplus_lr_ratio} with adapter.method={a.method}: LoRA+ sets the learning rate of LoRA's B "
+     "matrices; use adapter.method=lora or adapter.loraplus_lr_ratio=null."),
+    (("init",), lambda a: a.init != "default",
+     "adapter.init={a.init} with adapter.method={a.method}: initialisations are for LoRA. Use adapter.method=lora or adapter.init=default."),
+    (("use_dora", "use_rslora"), lambda a: a.use_dora or a.use_rslora,
+     "adapter.use_dora/use_rslora apply to LoRA only, but adapter.method={a.method}. Remove them or use method=lora."),
+)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One value of `adapter.method`: a peft adapter or a baseline."""
+
+    name: str
+    apply: Callable[..., Any]  # (model, recipe, head_modules, peft task type) -> the model to train (peft-wrapped, or grads set)
+    is_adapter: bool = True  # exports an adapter on the base (adapter_config.json), not a standalone model
+    mergeable: bool = True  # the adapter folds into the base weights (`peftlab merge`)
+    merge_refusal: str = ""  # why not, when not mergeable
+    pretrained: bool = True  # starts from the base's pretrained weights (scratch: from its config only)
+    quant_modes: tuple[str, ...] = QUANT_MODES  # quant.mode values it trains on
+    quant_refusal: str = "this method does not support it."  # why not, for the other modes ({name} = the method)
+    options: tuple[str, ...] = ()  # method-specific adapter options it reads (of SPECIFIC_OPTIONS)
+    rules: Callable[[Recipe], list[str]] = no_problems  # its own cross-field checks
+    schedule: Callable[..., Any] = no_schedule  # (model, recipe, total steps, register) -> object with step(n) / finish()
+    param_groups: Callable[..., list[dict]] = adamw_groups  # (model, recipe) -> AdamW parameter groups
+    save: Callable[..., None] = save_pretrained  # (model, folder, state_dict) export hook
+    loaded: Callable[[Any, str], None] = lambda model, adapter_name: None  # after PeftModel.from_pretrained (reload, merge)
+    size_hint: Callable[[Recipe], str] | None = rank_hint  # how to shrink an adapter that trains most weights; None: no warning
+    describe: Callable[[Recipe], str] = lambda recipe: "A model"  # the card's "what"
+    card_lines: Callable[[Recipe], list[str]] = lambda recipe: []  # the card's "Method and parameters" bullets
+    tags: Callable[[Recipe], list[str]] = peft_tags  # the card's method tags
+
+    def check(self, recipe: Recipe) -> list[str]:
+        """Every problem of `recipe` that concerns this method: quantization support, options it does not read, its rules."""
+        a, mode = recipe.adapter, recipe.quant.mode
+        problems = []
+        if mode not in self.quant_modes:
+            problems.append(f"quant.mode={mode} with adapter.method={self.name}: {self.quant_refusal.format(name=self.name)}")
+        for fields, is_set, message in SPECIFIC_OPTIONS:
+            if is_set(a) and not set(fields) <= set(self.options):
+                problems.append(message.format(a=a))
+        return problems + self.rules(recipe)
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+_REGISTRY: dict[str, Method] = {}
+
+
+def register(method: Method) -> Method:
+    """Make `method` a value of adapter.method (recipes naming it validate, train, export and reload)."""
+    if method.name in _REGISTRY and _REGISTRY[method.name] is not method:
+        raise ValueError(f"adapter method {method.name!r} is already registered; give the new one another name.")
+    _REGISTRY[method.name] = method
+    return method
+
+
+def method_names() -> tuple[str, ...]:
+    return tuple(_REGISTRY)
+
+
+def get_method(name: str) -> Method:
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        close = difflib.get_close_matches(str(name), list(_REGISTRY), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise ConfigError([f"adapter.method={name!r}: must be one of {', '.join(_REGISTRY)}.{hint}"]) from None

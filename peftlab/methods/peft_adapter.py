@@ -1,0 +1,78 @@
+"""Wrapping a model with a peft adapter: the config builder every peft method shares, and its target-module checks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from torch import nn
+
+from ..errors import ModelError
+
+if TYPE_CHECKING:
+    from ..config import AdapterConfig, Recipe
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct leaf names of linear layers: the candidates for `adapter.target_modules`."""
+    names = set()
+    for full, m in model.named_modules():
+        if isinstance(m, nn.Linear) or type(m).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D"):
+            names.add(full.rsplit(".", 1)[-1])
+    return sorted(names)
+
+
+def check_target_modules(model: nn.Module, targets) -> None:
+    """Every name in a target list must match a module, as peft matches them (the full name, or its dotted suffix):
+    peft itself only refuses a list none of whose names match, so a typo beside a good name would be dropped silently."""
+    if not isinstance(targets, (list, tuple, set)):
+        return  # None (peft's default), "all-linear" or a regular expression
+    names = [n for n, _ in model.named_modules()]
+    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if unmatched:
+        raise ModelError(f"adapter.target_modules: {', '.join(map(repr, unmatched))} match{'es' if len(unmatched) == 1 else ''} "
+                         f"no module of {type(model).__name__}. Linear layers it has: {', '.join(linear_module_names(model))}. "
+                         "Set adapter.target_modules to some of these, or 'all-linear'.")
+
+
+def default_target_modules(model: nn.Module) -> list[str] | str:
+    """peft's per-architecture defaults (e.g. BERT: query, value; Llama: q_proj, v_proj), else every linear layer."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as TABLE
+
+    config = model.config
+    config = getattr(config, "encoder", config) if config.model_type not in TABLE else config  # BERT2BERT: the BERT entry
+    return TABLE.get(getattr(config, "model_type", None), "all-linear")
+
+
+def apply_peft(config_class: str, fields: Callable[[AdapterConfig], dict], model: nn.Module, recipe: Recipe,
+               head_modules: list[str], task_type: str, *, layers: bool = True, lora_targets: bool = False) -> nn.Module:
+    """Wrap `model` in peft's `config_class` built from the recipe's `fields` with adapter.options passed straight through
+    on top. `layers`: the method adapts layers (target_modules, modules_to_save; prompt methods do not); `lora_targets`:
+    no target_modules means the architecture's LoRA defaults (peft's table) rather than the method's own default.
+    Methods bind the first two arguments (functools.partial) and use it as their `apply`."""
+    import peft
+
+    a = recipe.adapter
+    kwargs = {**fields(a), **a.options}
+    if layers:
+        targets = a.target_modules
+        if lora_targets and targets is None:
+            targets = default_target_modules(model)
+        kwargs["target_modules"] = "all-linear" if targets == ["all-linear"] else targets  # None: peft's per-method default
+        # peft adds its own task defaults (SEQ_CLS: classifier, score): name only the other new modules
+        kwargs.setdefault("modules_to_save", [h for h in head_modules if h not in ("classifier", "score")] or None)
+    targets = kwargs.get("target_modules")
+    check_target_modules(model, targets)
+    try:
+        cfg = getattr(peft, config_class)(task_type=task_type, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise ModelError(f"adapter (method {a.method}): {e}. adapter.options must be {config_class} arguments (see peft's docs).") from None
+    try:
+        return peft.get_peft_model(model, cfg)
+    except ValueError as e:
+        if "not found in the base model" in str(e) or "No modules were targeted" in str(e) or "Target modules" in str(e):
+            raise ModelError(
+                f"adapter.target_modules={targets!r} matches no module of {type(model).__name__}. "
+                f"Linear layers it has: {', '.join(linear_module_names(model))}. "
+                f"Set adapter.target_modules to some of these, or 'all-linear'.") from None
+        raise

@@ -1,0 +1,45 @@
+"""Prompt methods: virtual tokens before the input (prompt_tuning, p_tuning) or in every layer's keys and values
+(prefix_tuning). No layer is adapted, so there is nothing to merge into the weights."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING
+
+from ..errors import ModelError
+from .base import Method, register
+from .peft_adapter import apply_peft
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from ..config import Recipe
+
+NOT_MERGEABLE = "it adds virtual tokens to the input, so there is nothing to fold into the weights."
+
+
+def virtual_tokens(a) -> dict:
+    return dict(num_virtual_tokens=a.num_virtual_tokens)
+
+
+def tokens_hint(recipe: Recipe) -> str:
+    return f"Use fewer adapter.num_virtual_tokens (now {recipe.adapter.num_virtual_tokens})"
+
+
+def prompt_method(name: str, config_class: str, apply=None) -> Method:
+    return Method(name, apply or partial(apply_peft, config_class, virtual_tokens, layers=False), mergeable=False,
+                  merge_refusal=NOT_MERGEABLE, size_hint=tokens_hint)
+
+
+def apply_prefix(model: nn.Module, recipe: Recipe, head_modules: list[str], task_type: str) -> nn.Module:
+    if task_type == "SEQ_CLS":
+        # peft's sequence-classification wrapper passes past_key_values to the backbone, whose forward (transformers 5)
+        # no longer names it: the first training step would fail with "Model does not support past key values".
+        raise ModelError("adapter.method=prefix_tuning does not work for classification with this transformers/peft "
+                         "(the backbone's forward no longer takes past_key_values). Use prompt_tuning or p_tuning.")
+    return apply_peft("PrefixTuningConfig", virtual_tokens, model, recipe, head_modules, task_type, layers=False)
+
+
+PROMPT_TUNING = register(prompt_method("prompt_tuning", "PromptTuningConfig"))
+PREFIX_TUNING = register(prompt_method("prefix_tuning", "PrefixTuningConfig", apply_prefix))
+P_TUNING = register(prompt_method("p_tuning", "PromptEncoderConfig"))

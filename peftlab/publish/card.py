@@ -1,0 +1,376 @@
+"""The model card and the public copy of a run's record: what a published folder says, with no local path in it.
+
+`read_public(OUT)` reads a finished run once (rundir.read_run) and makes its public copies: the recipe and run.json
+as published (a local base folder named by --base-model or its folder name, data files by their file names,
+output_dir dropped). `card_text` writes the README.md model card from them; `check_card` parses it the way the Hub
+client does.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from ..config import Recipe
+from ..errors import PublishError
+from ..methods import get_method
+from ..rundir import RunRecord, read_run
+from ..tasks import Task, get_task, pipeline_tag, task_name, usage_class
+
+# packaged model -> (hub id, licence): the card names what a reader can download, not a site-packages path
+KNOWN_BASES = {"minilm": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0")}
+# folder of a local data file (../shared/data/<name>/...) -> (hub dataset id, pretty name)
+KNOWN_DATASETS = {"sst2": ("stanfordnlp/sst2", "SST-2"), "ag_news": ("fancyzhx/ag_news", "AG News"),
+                  "samsum": ("Samsung/samsum", "SAMSum")}
+SPLIT_NAMES = {"dev": "validation", "validation": "validation", "valid": "validation", "test": "test", "train": "train"}
+REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+
+
+def check_repo_id(repo_id: str) -> str:
+    """`namespace/name` with the Hub's characters, no path tricks; clear error otherwise."""
+    ok = isinstance(repo_id, str) and REPO_ID.fullmatch(repo_id) and ".." not in repo_id and "--" not in repo_id \
+        and not repo_id.endswith((".", "-", ".git"))
+    if not ok:
+        raise PublishError(f"repo id {repo_id!r} is not a valid Hub repo id. Use NAMESPACE/NAME (your user or organisation, "
+                           "then the repo name): letters, digits, '-', '_', '.', at most 96 characters each, no '..' or '--', "
+                           "not ending in '.', '-' or '.git'. Example: --repo-id alice/minilm-sst2-lora")
+    return repo_id
+
+
+# ------------------------------------------------------------------------------------------- model card
+
+def base_model_id(recipe, override: str | None = None) -> str | None:
+    """The hub id of the base: --base-model, a packaged model's public id, or model.name when it is a hub id."""
+    if override:
+        return check_repo_id(override) if "/" in override else override
+    name = recipe.model.name
+    if name in KNOWN_BASES:
+        return KNOWN_BASES[name][0]
+    if is_local_model(name):
+        return None  # a folder on the publisher's machine: no public id to link
+    return name
+
+
+# ------------------------------------------------------------------------------- nothing local goes out
+
+def is_local_path(value) -> bool:
+    """An absolute or home-relative path: it means nothing on another machine and names the publisher's folders."""
+    return isinstance(value, str) and (value.startswith(("/", "~")) or re.match(r"[A-Za-z]:[\\/]", value) is not None)
+
+
+def is_local_model(name: str | None) -> bool:
+    return bool(name) and name not in KNOWN_BASES and (Path(name).expanduser().exists() or name.startswith((".", "/", "~")))
+
+
+def public_path(value: str) -> str:
+    """A local file's published name: the file name, under its folder when that is a known dataset (sst2/dev.tsv)."""
+    p = Path(value.rstrip("/\\"))
+    return f"{p.parent.name}/{p.name}" if p.parent.name in KNOWN_DATASETS else p.name
+
+
+def scrub(value, where: str, changed: list[str]):
+    """`value` with every absolute path string (at any depth) replaced by its public name; `where` of each goes to `changed`."""
+    if isinstance(value, dict):
+        return {k: scrub(v, f"{where}.{k}" if where else str(k), changed) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v, f"{where}[{i}]", changed) for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(value):
+        for f in dataclasses.fields(value):
+            setattr(value, f.name, scrub(getattr(value, f.name), f"{where}.{f.name}" if where else f.name, changed))
+        return value
+    if is_local_path(value):
+        changed.append(where)
+        return public_path(value)
+    return value
+
+
+@dataclass(frozen=True)
+class PublicRun:
+    """A finished run read once for publishing: its own recipe and record, and their public copies (`public_record`)."""
+
+    out: Path
+    recipe: Recipe  # as trained: local paths included
+    run: RunRecord
+    public_recipe: Recipe  # as published
+    public_run: RunRecord
+    base_model: str | None = None  # --base-model: the hub id of a local base
+
+    @property
+    def base_id(self) -> str | None:
+        return base_model_id(self.recipe, self.base_model)
+
+
+def read_public(out: str | Path, base_model: str | None = None) -> PublicRun:
+    """Read run OUT (once) and make its public copies."""
+    out = Path(out)
+    recipe, run = read_run(out)
+    return PublicRun(out, recipe, run, *public_record(recipe, run, base_model), base_model=base_model)
+
+
+def public_record(saved: Recipe, saved_run: RunRecord, base_model: str | None = None) -> tuple[Recipe, RunRecord]:
+    """(recipe, run record) of a run as they are published: no path of the training machine. A local base folder is
+    named by --base-model or its folder name, data files by their file names, output_dir is dropped. The run folder
+    itself is not changed; run.json's `published` entry lists what was rewritten."""
+    recipe, rewritten = copy.deepcopy(saved), {"recipe.yaml": [], "run.json": []}
+    run = copy.deepcopy(saved_run.to_dict())
+    for key, override in (("name", base_model), ("decoder", None)):
+        if is_local_model(getattr(saved.model, key)):
+            setattr(recipe.model, key, override or public_path(getattr(saved.model, key)))
+            rewritten["recipe.yaml"].append(f"model.{key}")
+    if is_local_path(recipe.output_dir):
+        recipe.output_dir = None  # null = runs/<name> wherever the recipe is run again
+        rewritten["recipe.yaml"].append("output_dir")
+    scrub(recipe, "", rewritten["recipe.yaml"])
+    public_base = base_model_id(saved, base_model) or recipe.model.name
+    for key, value in (("output_dir", None), ("base_model", recipe.model.name), ("base_path", public_base)):
+        if run.get(key) is not None and run[key] != value:  # an older run.json without the entry: nothing to rewrite
+            run[key] = value
+            rewritten["run.json"].append(key)
+    run = scrub(run, "", rewritten["run.json"])
+    if any(rewritten.values()):
+        run["published"] = {"rewritten": {k: sorted(set(v)) for k, v in rewritten.items() if v},
+                            "note": "paths of the training machine were replaced by public names (hub ids, folder or file "
+                                    "names) in this published copy"}
+    return recipe, RunRecord.from_dict(run)
+
+
+def local_roots(pub: PublicRun) -> list[str]:
+    """Folders of the training machine that must not appear in a published file: the run's, the base's, the data's."""
+    recipe = pub.recipe
+    paths = [Path(pub.out), *(Path(p) for p in (recipe.model.name, recipe.model.decoder) if is_local_model(p))]
+    paths += [Path(s.path).parent for s in (recipe.data.train, recipe.data.eval, recipe.data.test) if s is not None and s.path]
+    roots = {str(p.expanduser().resolve()) for p in paths} | {str(p.expanduser().absolute()) for p in paths}
+    return sorted(r for r in roots if len(Path(r).parts) > 2)  # '/' or '/tmp' alone would match anything
+
+
+def check_nothing_local(folder: Path, roots: list[str]) -> None:
+    """The guard after the rewrites: a publish folder that still names a local folder is refused, not sent."""
+    for f in sorted(f for f in folder.iterdir() if f.suffix != ".safetensors"):  # weights: tensors and {"format": "pt"}
+        data = f.read_bytes()
+        found = [r for r in roots if r.encode() in data]
+        if found:
+            raise PublishError(f"the published {f.name} would contain the local path {found[0]}. Nothing was published. "
+                               "Pass --base-model HUB_ID for a local base, and report this as a peftlab bug if it persists.")
+
+
+def dataset_of(recipe, split: str) -> tuple[str | None, str, str | None]:
+    """(hub dataset id or None, pretty name, split name) of a data split of the recipe."""
+    d = recipe.data
+    spec = getattr(d, split)
+    if spec is None:
+        return None, split, None
+    if spec.split is not None and d.dataset:
+        pretty = d.dataset + (f" ({d.subset})" if d.subset else "")
+        return d.dataset, pretty, spec.split
+    path = Path(spec.path or "")
+    folder = path.parent.name
+    hub_id, pretty = KNOWN_DATASETS.get(folder, (None, folder or path.stem))
+    return hub_id, pretty, SPLIT_NAMES.get(path.stem, path.stem)
+
+
+def _task_of(out: Path, recipe) -> tuple[Task, str | None]:
+    """(the run's task, its adapter's peft task type or None for a full model): the task presents itself on the card."""
+    cfg = out / "adapter_config.json"
+    return get_task(recipe.task.type), json.loads(cfg.read_text()).get("task_type") if cfg.is_file() else None
+
+
+def _public(source: str | Path | PublicRun, base_model: str | None) -> PublicRun:
+    return source if isinstance(source, PublicRun) else read_public(source, base_model)
+
+
+def card_data(source: str | Path | PublicRun, repo_id: str | None = None, base_model: str | None = None,
+              license: str | None = None):
+    """The card's YAML metadata as huggingface_hub's ModelCardData (its model-index built by huggingface_hub).
+    `source`: a run folder, or the run already read (`read_public`)."""
+    from huggingface_hub import EvalResult, ModelCardData
+
+    pub = _public(source, base_model)
+    out, recipe, run = pub.out, pub.public_recipe, pub.public_run
+    metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else run.metrics
+    base = pub.base_id
+    evaluations = len(run.history or [])
+    task, peft_type = _task_of(out, recipe)
+    tag = pipeline_tag(task, peft_type)
+    is_adapter = (out / "adapter_config.json").is_file()
+    name = repo_id.split("/")[-1] if repo_id else recipe.name
+    results = []
+    for split, values in metrics.items():
+        ds_id, ds_name, ds_split = dataset_of(recipe, split)
+        for key, value in values.items():
+            if key in task.card_metrics and isinstance(value, (int, float)):
+                results.append(EvalResult(
+                    task_type=tag, task_name=task_name(task, peft_type), dataset_type=ds_id or ds_name, dataset_name=ds_name,
+                    dataset_config=recipe.data.subset if ds_id == recipe.data.dataset else None, dataset_split=ds_split,
+                    metric_type=key, metric_value=round(float(value), 6),
+                    metric_name=task.card_metrics[key] + (f" (selection split: best of {evaluations} evaluations)"
+                                                     if split == run.selected_on else ""),
+                    metric_args={"average": "macro"} if key == "f1" else None))
+    train_ds = dataset_of(recipe, "train")[0]
+    method = get_method(run.method or recipe.adapter.method)
+    tags = method.tags(recipe) if is_adapter else [method.name]  # a merged folder holds a plain transformers model
+    if recipe.quant.mode != "none":
+        tags += ["qlora" if recipe.quant.mode == "4bit" else "8-bit", "bitsandbytes"]
+    tags += [tag, recipe.task.type, "peftlab"]
+    if base and is_adapter:
+        tags.append(f"base_model:adapter:{base}")  # how the Hub links an adapter to its base
+    licence = license or KNOWN_BASES.get(recipe.model.name, (None, None))[1] or "unknown"
+    return ModelCardData(library_name="peft" if is_adapter else "transformers", base_model=base,
+                         datasets=[train_ds] if train_ds else None, tags=tags, pipeline_tag=tag, license=licence,
+                         metrics=sorted({r.metric_type for r in results}) or None, model_name=name, eval_results=results or None)
+
+
+def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: bool = False) -> str:
+    auto_cls = usage_class(*_task_of(out, recipe))
+    labels = run.label_names or []
+    if not (out / "adapter_config.json").is_file():
+        return (f"```python\nfrom transformers import {auto_cls}, AutoTokenizer\n\nrepo = {repo!r}\n"
+                f"model = {auto_cls}.from_pretrained(repo).eval()\ntokenizer = AutoTokenizer.from_pretrained(repo)\n```")
+    head = ""
+    if auto_cls == "AutoModelForSequenceClassification":
+        head = f"labels = {labels!r}\n"
+        args = ", num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}"
+    else:
+        args = ""
+    quant = ""
+    if recipe.quant.mode != "none":
+        quant = f"  # trained on a {recipe.quant.mode} base: add quantization_config=BitsAndBytesConfig(...) to match it exactly"
+    where = "  # a local folder when it was trained: point this at your copy of it" if local_base else ""
+    example = ""
+    if auto_cls == "AutoModelForSequenceClassification":
+        example = ("with torch.no_grad():\n    logits = model(**tokenizer([\"a gripping, beautifully shot film\"], return_tensors=\"pt\")).logits\n"
+                   "print(labels[logits.argmax(-1).item()])\n")
+    return ("```python\nimport torch\nfrom peft import PeftModel\n"
+            f"from transformers import {auto_cls}, AutoTokenizer\n\n"
+            f"repo = {repo!r}\nbase_model = {base!r}{where}\n{head}"
+            f"base = {auto_cls}.from_pretrained(base_model{args}){quant}\n"
+            "tokenizer = AutoTokenizer.from_pretrained(repo)\n"
+            "base.config.pad_token_id = tokenizer.pad_token_id\n"
+            "model = PeftModel.from_pretrained(base, repo).eval()\n"
+            f"{example}```")
+
+
+def _selection_note(run: RunRecord, metrics: dict, best_metric: str) -> list[str]:
+    """Say which figure chose the exported weights (keep_best), so it is not read as a held-out result."""
+    selected = run.selected_on
+    if not selected or selected not in metrics:
+        return []
+    held_out = [s for s in metrics if s != selected]
+    n = len(run.history or [])
+    note = (f"The exported weights are those of the best of {n} evaluations on the {selected} split (`train.keep_best`, "
+            f"`train.best_metric: {best_metric}`), so its figure was used for selection and is optimistic. ")
+    note += (f"The held-out figure is {', '.join(held_out)}: it played no part in choosing the weights." if held_out else
+             "No held-out split was scored: add `data.test` (or select on `data.eval_holdout` of train) for an unbiased figure.")
+    return ["", note]
+
+
+def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_model: str | None = None,
+              license: str | None = None) -> str:
+    """README.md of the published folder: metadata + recipe, method, costs, how to load it, limitations.
+    `source`: a run folder, or the run already read (`read_public`)."""
+    pub = _public(source, base_model)
+    out, recipe, run = pub.out, pub.public_recipe, pub.public_run
+    data = card_data(pub, repo_id, license=license)
+    base = data.base_model or recipe.model.name
+    local_base = "model.name" in (run.published or {}).get("rewritten", {}).get("recipe.yaml", [])
+    repo = repo_id or "PATH/TO/THIS/FOLDER"
+    metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
+    report = json.loads((out / "eval_report.json").read_text()) if (out / "eval_report.json").is_file() else {}
+    a, t = recipe.adapter, recipe.train
+    base_link = f"[{base}](https://huggingface.co/{base})" if data.base_model else f"`{base}`" + (
+        " (a local model folder on the training machine, named here by its folder name: give your copy of it with "
+        "`model.name=FOLDER`, or publish with `--base-model HUB_ID`)" if local_base else "")
+    method = get_method(run.method or a.method)
+    what = method.describe(recipe)
+    lines = [f"# {data.model_name}", "",
+             f"{what} for **{data.pipeline_tag}** on top of {base_link}, trained with "
+             "peftlab from the recipe below."
+             + (f" Labels: {', '.join(run.label_names)}." if run.label_names else ""), ""]
+    if run.composition:
+        c = run.composition
+        lines += [f"Composed with peft's `add_weighted_adapter` ({c['method']}, weights {c['weights']}) from "
+                  f"{', '.join(s['name'] for s in c['sources'])}; the recipe and record below are those of the first.", ""]
+    lines += ["## Results", ""]
+    if metrics:
+        names = get_task(recipe.task.type).card_metrics
+        keys = [k for k in names if any(k in m for m in metrics.values())] + ["loss"]
+        lines += ["| split | dataset | " + " | ".join(names.get(k, k) for k in keys) + " |",
+                  "| --- | --- |" + " --- |" * len(keys)]
+        for split, m in metrics.items():
+            _, ds_name, ds_split = dataset_of(recipe, split)
+            cells = [f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "-" for k in keys]
+            lines.append(f"| {run.split_label(split)} | {ds_name} ({ds_split}) | " + " | ".join(cells) + " |")
+        lines += _selection_note(run, metrics, recipe.train.best_metric)
+        if report.get("n"):
+            lines += ["", f"Measured by peftlab at the end of training on {report['n']:,} rows (per-class scores and the confusion "
+                          "matrix are in `eval_report.json`)."]
+    else:
+        lines.append("Not evaluated yet: run `peftlab eval` on this folder.")
+    lines += ["", "## Training recipe", "", "The resolved recipe (`recipe.yaml`); rerun it with `peftlab train recipe.yaml`.", "",
+              "```yaml", recipe.to_yaml().rstrip(), "```", "", "## Method and parameters", ""]
+    lines += method.card_lines(recipe)
+    if recipe.quant.mode != "none":
+        lines.append(f"- base quantized with bitsandbytes: {recipe.quant.mode} ({recipe.quant.quant_type}, double quant "
+                     f"{recipe.quant.double_quant})")
+    if run.trainable_params:
+        lines.append(f"- trainable parameters: {run.trainable_params:,} of {run.total_params:,} "
+                     f"({run.trainable_percent or 0:.3f}%)")
+    steps = "?" if run.steps is None else run.steps  # an older run.json may lack it
+    exported = run.best_step if run.selected_on else steps  # keep_best off: the last step
+    lines += [f"- {steps} optimizer steps (exported: step {exported}), "
+              f"batch {t.batch_size} x accumulation {t.grad_accum} x {run.processes} process(es), lr {t.lr:g}, "
+              f"{t.scheduler} schedule, seed {t.seed}", "", "## Hardware and wall time", ""]
+    hw = run.hardware or {}
+    device = hw.get("gpu") or f"CPU ({hw.get('cpu_count', '?')} cores, {hw.get('torch_threads', '?')} torch threads)"
+    if run.train_wall_s is not None:
+        lines.append(f"- trained in {run.train_wall_s:.1f} s on {device}, {run.examples_per_s or 0:.1f} examples/s, "
+                     f"precision {run.precision or '?'}")
+    lines.append(f"- Python {hw.get('python', '?')}, " + ", ".join(f"{k} {v}" for k, v in (run.versions or {}).items() if v))
+    lines += ["", "## How to use", "", "With peft and transformers:", "", _usage(out, recipe, run, repo, base, local_base), "",
+              "With peftlab (downloads the folder, rebuilds the base from `recipe.yaml`):", "", "```python",
+              "from peftlab import load_trained\nfrom peftlab.publish import load_adapter\n",
+              f"model, tokenizer, recipe, run = load_trained(load_adapter({repo!r}))", "```", ""]
+    if local_base:
+        lines += [f"`recipe.yaml` names the base by its folder name (`{recipe.model.name}`): point peftlab at your copy with "
+                  f"`peftlab eval --adapter {repo} model.name=FOLDER` (in Python: `load_trained(folder, recipe=load_recipe("
+                  "folder / 'recipe.yaml', ['model.name=FOLDER']))`).", ""]
+    lines += ["## Limitations", "",
+              "- Evaluated only on the split(s) listed above; quality on other data, domains or languages is unknown.",
+              f"- Inherits the limitations and biases of the base model ({base}) and of the training data "
+              f"({dataset_of(recipe, 'train')[1]}); it was not audited for fairness or harmful outputs.",
+              "- An adapter only works on the exact base it was trained on (same weights and tokenizer)."]
+    if recipe.quant.mode != "none":
+        lines.append("- Trained on a quantized base: outputs on a float base differ slightly; `peftlab merge` merges into a "
+                     "dequantized copy.")
+    lines.append("- Not for high-stakes decisions without an evaluation on your own data.")
+    return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
+
+
+def check_card(text: str) -> dict:
+    """Parse the card the way the Hub client does and round-trip its metadata; -> the metadata dict.
+
+    huggingface_hub's ModelCard.validate asks the Hub's /api/validate-yaml (network); offline we check what
+    huggingface_hub itself can: the YAML block parses, ModelCardData accepts it without ignoring errors, and the
+    model-index survives model_index_to_eval_results -> eval_results_to_model_index unchanged."""
+    from huggingface_hub import ModelCard, ModelCardData
+    from huggingface_hub.repocard_data import eval_results_to_model_index, model_index_to_eval_results
+
+    try:
+        card = ModelCard(text, ignore_metadata_errors=False)
+        meta = card.data.to_dict()
+        if ModelCardData(**meta).to_dict() != meta:
+            raise ValueError("metadata does not round-trip through ModelCardData")
+        if "model-index" in meta:
+            name, results = model_index_to_eval_results(meta["model-index"])
+            if eval_results_to_model_index(name, results) != meta["model-index"]:
+                raise ValueError("model-index does not round-trip")
+    except (ValueError, KeyError, TypeError, yaml.YAMLError) as e:
+        raise PublishError(f"the generated model card is not valid Hub metadata: {e}") from None
+    return meta
+
+

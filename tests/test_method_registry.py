@@ -1,0 +1,94 @@
+"""A method is one record, registered once (peftlab/methods): a toy method defined here validates, trains, exports and
+reloads through the public entry points with nothing else changed; every registered method's own checks run in validate."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from peftlab import evaluate, load_recipe, load_trained, merge, run
+from peftlab.errors import ConfigError
+from peftlab.methods import Method, base, get_method, method_names, register
+
+
+@pytest.fixture
+def registry(monkeypatch):
+    """What a test registers is forgotten after it (the registry is process-wide)."""
+    monkeypatch.setattr(base, "_REGISTRY", dict(base._REGISTRY))
+
+
+def train_biases(model, recipe, head_modules, task_type):
+    """BitFit (Ben Zaken et al. 2021): only the bias terms, and the new task head, are trained."""
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.endswith(".bias") or any(name.startswith(h + ".") for h in head_modules))
+    return model
+
+
+BIAS_ONLY = Method("bias_only", train_biases, is_adapter=False, mergeable=False, quant_modes=("none",),
+                   quant_refusal="bias_only saves a standalone float model.", size_hint=None,
+                   describe=lambda recipe: "A model whose bias terms and head were trained", tags=lambda recipe: ["bitfit"])
+
+
+def test_a_toy_method_validates_trains_exports_and_reloads(make_recipe, registry, tiny_bert):
+    from transformers import AutoModel
+
+    with pytest.raises(ConfigError, match="adapter.method='bias_only': must be one of lora"):
+        make_recipe({"adapter.method": "bias_only"})
+    register(BIAS_ONLY)  # the one line that adds a method
+    assert method_names()[-1] == "bias_only"
+    recipe = make_recipe({"adapter.method": "bias_only", "train.max_steps": 6, "train.lr": 1e-2, "train.precision": "fp32"})
+    summary = run(recipe)
+    assert 0 < summary["trainable_percent"] < 5  # biases and the head only
+    assert (recipe.out / "model.safetensors").is_file() and not (recipe.out / "adapter_config.json").exists()
+    assert evaluate(recipe.out)["loss"] == pytest.approx(summary["metrics"]["eval"]["loss"], abs=1e-5)  # reloaded = trained
+    model, _, saved, _ = load_trained(recipe.out)
+    assert saved.adapter.method == "bias_only"  # its recipe.yaml validates on the way back
+    before = AutoModel.from_pretrained(tiny_bert).state_dict()
+    after = model.bert.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.endswith(".bias") for k in moved), moved  # the backbone's weights are untouched
+    assert merge(recipe.out) == recipe.out  # a standalone model: nothing to merge
+
+
+def test_a_toy_method_gets_the_generic_checks(make_recipe, registry):
+    register(BIAS_ONLY)
+    with pytest.raises(ConfigError) as e:
+        make_recipe({"adapter.method": "bias_only", "quant.mode": "8bit", "adapter.loraplus_lr_ratio": 4, "adapter.use_dora": True})
+    text = str(e.value)
+    assert "quant.mode=8bit with adapter.method=bias_only: bias_only saves a standalone float model." in text
+    assert "adapter.loraplus_lr_ratio=4.0 with adapter.method=bias_only: LoRA+ sets the learning rate" in text
+    assert "adapter.use_dora/use_rslora apply to LoRA only, but adapter.method=bias_only" in text
+    with pytest.raises(ValueError, match="already registered"):
+        register(dataclasses.replace(BIAS_ONLY))
+
+
+def test_every_registered_method_is_checked_by_validate(registry):
+    seen = []
+    for name in method_names():
+        base._REGISTRY[name] = dataclasses.replace(get_method(name), rules=lambda recipe: seen.append(recipe.adapter.method) or [])
+        load_recipe(None, [f"adapter.method={name}"], validate_files=False)
+    assert seen == list(method_names())
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["adapter.method=loha", "quant.mode=4bit"], "quant.mode=4bit with adapter.method=loha: peft's loha sizes its update from the "
+                                                  "base layer's weight, which in a 4-bit layer is the packed storage"),
+    (["adapter.method=lokr", "quant.mode=4bit"], "a method with 4-bit support (lora, adalora, ia3, vera, oft)"),
+    (["adapter.method=scratch", "quant.mode=8bit"], "quant.mode=8bit with adapter.method=scratch: it trains every weight, and "
+                                                     "quantized weights cannot be trained (they are integers)"),
+    (["adapter.use_dora=true", "quant.mode=8bit"], "adapter.use_dora with quant.mode=8bit: peft's DoRA does not support 8-bit bases"),
+    (["adapter.method=adalora", "adapter.adalora_init_r=4"], "adapter.adalora_init_r=4 with adapter.r=8: AdaLoRA starts at"),
+    (["adapter.init=pissa", "adapter.use_dora=true"], "adapter.init=pissa with adapter.use_dora: the pissa adapter is exported"),
+    (["adapter.method=vera", "adapter.init=gaussian"], "adapter.init=gaussian with adapter.method=vera: initialisations are for LoRA"),
+])
+def test_method_rules_keep_their_messages(overrides, message):
+    with pytest.raises(ConfigError) as e:
+        load_recipe(None, overrides, validate_files=False)
+    assert message in str(e.value)
+
+
+def test_an_unknown_method_names_the_closest():
+    with pytest.raises(ConfigError, match="Did you mean 'lora'"):
+        get_method("lorra")
