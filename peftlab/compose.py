@@ -8,13 +8,12 @@ from __future__ import annotations
 import json
 import logging
 import re
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
 from .errors import PeftlabError
 from .export import rebuild, write_atomic_dir
-from .rundir import holds_run, read_run, sha256
+from .rundir import LOG_FILE, RECIPE_FILE, RECORD_FILE, holds_run, read_run, sha256, write_record
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +83,11 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
                   metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        shutil.copy2(outs[0] / "recipe.yaml", tmp / "recipe.yaml")
         info = replace(first_run, metrics={}, history=[], weights_sha256=sha256(tmp / "adapter_model.safetensors"),
                        composition={"method": method, "weights": [float(w) for w in weights], "density": density, "seed": seed,
                                     "sources": sources, "note": "recipe.yaml and the training record are the first source's; "
                                     "task heads summed with the same weights; not evaluated yet: run `peftlab eval` on this folder"})
-        (tmp / "run.json").write_text(info.to_json(), encoding="utf-8")
+        write_record(tmp, (outs[0] / RECIPE_FILE).read_text(encoding="utf-8"), info)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     write_atomic_dir(out, fill)
@@ -104,7 +102,7 @@ def check_compose_target(out: Path) -> None:
     if not out.is_dir() or not any(out.iterdir()):
         return
     try:
-        earlier = "composition" in json.loads((out / "run.json").read_text()) and not (out / "log.jsonl").exists()
+        earlier = "composition" in json.loads((out / RECORD_FILE).read_text()) and not (out / LOG_FILE).exists()
     except (OSError, ValueError):
         earlier = False
     if not earlier:

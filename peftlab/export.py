@@ -30,7 +30,7 @@ from .config import Recipe
 from .errors import ArtifactError
 from .methods import get_method
 from .model import load_base
-from .rundir import RunRecord, read_run, record_weights, sha256
+from .rundir import RECIPE_FILE, RunRecord, read_run, record_weights, sha256, write_record
 from .tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -173,10 +173,9 @@ def export(out: Path, model, tokenizer, recipe: Recipe, record: RunRecord | dict
             get_method(recipe.adapter.method).save(model, staging, state_dict)  # (PiSSA/OLoRA: converted to plain LoRA)
             (staging / "README.md").unlink(missing_ok=True)  # peft's placeholder card; `peftlab publish` writes the real one
             tokenizer.save_pretrained(str(staging))
-            (staging / "recipe.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
             record = record if isinstance(record, RunRecord) else RunRecord.from_dict(record)
             run = replace(record, versions=versions(), hardware=hardware(), **record_weights(staging, weights_file(staging).name))
-            (staging / "run.json").write_text(run.to_json(), encoding="utf-8")
+            write_record(staging, recipe.to_yaml(), run)
             (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
             if report is not None:
                 (staging / "eval_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
@@ -253,15 +252,14 @@ def merge(out: Path, *, force: bool = False) -> Path:
     def fill(tmp: Path) -> None:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        for f in ("recipe.yaml", "metrics.json"):
-            if (out / f).is_file():
-                shutil.copy2(out / f, tmp / f)
+        if (out / "metrics.json").is_file():
+            shutil.copy2(out / "metrics.json", tmp / "metrics.json")
         merged_run = replace(run, **record_weights(tmp, weights_file(tmp).name))  # the merged folder checks its own weights
-        (tmp / "run.json").write_text(merged_run.to_json(), encoding="utf-8")
+        write_record(tmp, (out / RECIPE_FILE).read_text(encoding="utf-8"), merged_run)
         (tmp / "merge.json").write_text(json.dumps({"adapter_sha256": adapter_sha, "base_quantization": recipe.quant.mode,
                                                     "merged_into": "dequantized float32 copy" if recipe.quant.mode != "none"
                                                     else "base weights"}, indent=2))
 
     write_atomic_dir(target, fill)
-    log.info("merged model written to %s", target)
+    log.debug("merged model written to %s", target)  # the callers say where (cli, the run summary)
     return target

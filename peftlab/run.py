@@ -21,7 +21,7 @@ from .data import build_data, load_splits
 from .errors import ArtifactError, ConfigError
 from .export import atomic_write_text, export, merge, predictions_jsonl, rebuild
 from .model import build_model
-from .rundir import RunDir, RunRecord, read_run
+from .rundir import RECIPE_FILE, RunDir, RunRecord, read_run
 from .tasks import get_task
 from .train import eval_loader, train
 
@@ -37,7 +37,7 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     recipe, run = read_run(out)
     if overrides:
         # only the evaluated split's file must exist (load_splits checks it): a published recipe names the others by file name
-        recipe = load_recipe(out / "recipe.yaml", list(overrides), validate_files=False)
+        recipe = load_recipe(out / RECIPE_FILE, list(overrides), validate_files=False)
     results = Path(results_dir) if results_dir else out
     model, tokenizer = rebuild(out, recipe, run)
     splits, _ = load_splits_for(recipe, split, run.label_names)

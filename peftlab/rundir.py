@@ -36,9 +36,9 @@ from .errors import ArtifactError
 log = logging.getLogger(__name__)
 
 LOCK_ENV = "PEFTLAB_OUTPUT_LOCK"  # set by `peftlab train --launch` for its ranks: the launcher process holds the lock
-CHECKSUMS = "checksums.json"
-RUN_FILES = ("recipe.yaml", "run.json")  # what makes a folder a finished run
-STARTED = ("run.json", "checkpoints", "log.jsonl")
+RECIPE_FILE, RECORD_FILE, LOG_FILE, CHECKPOINTS, CHECKSUMS = "recipe.yaml", "run.json", "log.jsonl", "checkpoints", "checksums.json"
+RUN_FILES = (RECIPE_FILE, RECORD_FILE)  # what makes a folder a finished run (written last: write_record)
+STARTED = (RECORD_FILE, CHECKPOINTS, LOG_FILE)
 # Recipe keys a --resume may change: they steer logging, evaluation, saving and the length of the run, not the shapes or
 # the numbers of the steps already taken. Any other difference from the checkpoint's recipe is refused.
 RESUME_MAY_CHANGE = ("name", "output_dir", "train.epochs", "train.max_steps", "train.log_every", "train.eval_every",
@@ -90,7 +90,7 @@ def verify_weights(folder: Path, run: RunRecord) -> None:
 def seal_checkpoint(folder: Path, recipe_yaml: str | None) -> None:
     """Store the resolved recipe and the sha256 of every file of a checkpoint (checked before --resume loads it)."""
     if recipe_yaml is not None:
-        (folder / "recipe.yaml").write_text(recipe_yaml, encoding="utf-8")
+        (folder / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
     files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != CHECKSUMS)
     sums = {str(p.relative_to(folder)): sha256(p) for p in files}
     (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1), encoding="utf-8")
@@ -213,8 +213,8 @@ def read_run(out: str | Path) -> tuple[Recipe, RunRecord]:
     if missing:
         raise ArtifactError(f"'{out}' is not a finished peftlab run (missing {', '.join(missing)}). "
                             "If training was interrupted, continue it with `peftlab train RECIPE --resume`.")
-    recipe = load_recipe(out / "recipe.yaml", validate_files=False)
-    data = json.loads((out / "run.json").read_text())
+    recipe = load_recipe(out / RECIPE_FILE, validate_files=False)
+    data = json.loads((out / RECORD_FILE).read_text())
     run = RunRecord.from_dict({**data, "task": data.get("task") or recipe.task.type, "selected_on": selection_split(recipe, data)})
     verify_weights(out, run)  # a truncated or altered weights file: say which, rather than a SafetensorError
     return recipe, run
@@ -222,9 +222,24 @@ def read_run(out: str | Path) -> tuple[Recipe, RunRecord]:
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 
+def write_record(folder: Path, recipe_yaml: str, record: RunRecord) -> None:
+    """The resolved recipe and run.json: what makes `folder` a finished run (export, merge and compose write them last,
+    inside a staging folder that is then swapped in)."""
+    (folder / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
+    (folder / RECORD_FILE).write_text(record.to_json(), encoding="utf-8")
+
+
+def log_path(folder: Path) -> Path:
+    return Path(folder) / LOG_FILE
+
+
+def checkpoint_path(folder: Path, step: int) -> Path:
+    return Path(folder) / CHECKPOINTS / f"step-{step}"
+
+
 def checkpoints(folder: Path) -> list[Path]:
     """folder/checkpoints/step-N, oldest first."""
-    found = [p for p in (Path(folder) / "checkpoints").glob("step-*") if p.name.split("-")[1].isdigit()]
+    found = [p for p in (Path(folder) / CHECKPOINTS).glob("step-*") if p.name.split("-")[1].isdigit()]
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
@@ -259,9 +274,9 @@ def _flat(tree: dict, prefix: str = "") -> dict:
 
 def recipe_changes(ckpt: Path, recipe_yaml: str) -> list[str]:
     """-> 'key: old -> new' for every key that differs from the checkpoint's recipe and that a resume may not change."""
-    if not (ckpt / "recipe.yaml").is_file():
+    if not (ckpt / RECIPE_FILE).is_file():
         return []
-    old, new = (_flat(yaml.safe_load(t) or {}) for t in ((ckpt / "recipe.yaml").read_text(), recipe_yaml))
+    old, new = (_flat(yaml.safe_load(t) or {}) for t in ((ckpt / RECIPE_FILE).read_text(), recipe_yaml))
     keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys
             if not any(k == m or (m.endswith(".") and k.startswith(m)) for m in RESUME_MAY_CHANGE)]
@@ -277,9 +292,9 @@ def holds_run(folder: Path) -> bool:
     """A training run (finished or started) or a composed adapter: what publish --to and compose --out must never
     replace. A publish folder (README.md beside run.json, no log) is not one."""
     folder = Path(folder)
-    if any((folder / f).exists() for f in ("log.jsonl", "checkpoints")):
+    if any((folder / f).exists() for f in (LOG_FILE, CHECKPOINTS)):
         return True
-    return (folder / "run.json").is_file() and not (folder / "README.md").is_file()
+    return (folder / RECORD_FILE).is_file() and not (folder / "README.md").is_file()
 
 
 def unwritable(out: Path, e: OSError) -> ArtifactError:
@@ -359,7 +374,7 @@ class RunDir:
 
     @property
     def finished(self) -> bool:
-        return (self.out / "run.json").is_file()
+        return (self.out / RECORD_FILE).is_file()
 
     @contextmanager
     def lock(self) -> Iterator[None]:
@@ -398,7 +413,7 @@ class RunDir:
         if not self.retired.exists():
             return
         if not self.out.exists():
-            source = self.staging if (self.staging / "run.json").is_file() else self.retired
+            source = self.staging if (self.staging / RECORD_FILE).is_file() else self.retired
             os.replace(source, self.out)
             log.warning("completed an interrupted replacement of %s (from %s)", self.out, source.name)
         shutil.rmtree(self.retired, ignore_errors=True)
@@ -441,7 +456,7 @@ class RunDir:
         changes = recipe_changes(ckpt, recipe_yaml) if recipe_yaml is not None else []
         if changes:
             raise ArtifactError(f"--resume: the recipe differs from the one checkpoint {ckpt} was written with:\n  - "
-                                + "\n  - ".join(changes) + "\nResume with the checkpoint's recipe (" + str(ckpt / "recipe.yaml")
+                                + "\n  - ".join(changes) + "\nResume with the checkpoint's recipe (" + str(ckpt / RECIPE_FILE)
                                 + "), or start again with --overwrite. A resume may change only: " + ", ".join(RESUME_MAY_CHANGE))
         if work == self.staging:
             log.info("--resume: continuing the interrupted --overwrite in %s; %s stays as it is until it finishes",

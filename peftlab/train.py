@@ -27,7 +27,7 @@ from .data import LengthGroupedSampler, TaskData
 from .errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from .export import write_atomic_dir
 from .methods import get_method
-from .rundir import checkpoints, seal_checkpoint
+from .rundir import checkpoint_path, checkpoints, log_path, seal_checkpoint
 from .tasks import get_task, lower_is_better
 
 log = logging.getLogger(__name__)
@@ -44,7 +44,7 @@ class RunLog:
     """Metrics as JSONL (always) and TensorBoard (when installed), written by the main process only."""
 
     def __init__(self, out: Path, main: bool):
-        self.path = out / "log.jsonl" if main else None
+        self.path = log_path(out) if main else None
         self.tb = _NullWriter()
         if main:
             out.mkdir(parents=True, exist_ok=True)
@@ -162,8 +162,8 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, best: dict | None
     (rundir.seal_checkpoint: --resume checks both), then prune old ones."""
     from safetensors.torch import save_file
 
-    root = out / "checkpoints"
-    final = root / f"step-{state.step}"
+    final = checkpoint_path(out, state.step)
+    root = final.parent
 
     def fill(tmp: Path) -> None:
         accelerator.wait_for_everyone()  # the main process made tmp; every rank writes its own RNG state into it
@@ -387,7 +387,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                     save_checkpoint(accelerator, out, state, best.weights, t.keep_checkpoints, recipe)
                     bar.close()
                     raise TrainingInterrupted(f"interrupted at step {state.step} of {total}: checkpoint saved to "
-                                              f"{out}/checkpoints/step-{state.step}. Continue with the same command plus "
+                                              f"{checkpoint_path(out, state.step)}. Continue with the same command plus "
                                               "--resume (in place of --overwrite, if you gave it).")
                 if state.step >= total:
                     break

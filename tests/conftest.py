@@ -133,3 +133,18 @@ def shared_or_skip(*parts: str) -> Path:
     if not p.exists():
         pytest.skip(f"{p} is absent (real-data tests need ../shared beside the repository)")
     return p
+
+
+def wait_for(predicate, proc, timeout: float = 180.0) -> None:
+    """Poll until `predicate()` holds while the training process `proc` runs; fail if it ends or times out first."""
+    import time
+
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return
+        if proc.poll() is not None:
+            pytest.fail(f"the run ended before the test could act: {proc.stderr.read()[-2000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    pytest.fail("timed out waiting for the run to make progress")

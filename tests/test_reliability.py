@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from hypothesis import strategies as st
 from peftlab import load_recipe, load_splits, run
 from peftlab.errors import ArtifactError, ConfigError, DataError, ModelError, PeftlabError
 
-from .conftest import REPO, write_tsv
+from .conftest import REPO, wait_for, write_tsv
 from .test_train import losses
 
 SLOW_RUN = {"train.epochs": 12, "train.save_every": 4, "train.log_every": 4, "train.keep_checkpoints": 3}
@@ -32,18 +31,6 @@ def cli(recipe_path: Path, overrides: dict) -> subprocess.Popen:
     args = [f"{k}={'null' if v is None else v}" for k, v in overrides.items()]
     return subprocess.Popen([sys.executable, "-m", "peftlab.cli", "-q", "train", str(recipe_path), *args],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
-
-
-def wait_for(predicate, proc, timeout=120.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"training ended before the test could interrupt it: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail("timed out waiting for the run to make progress")
 
 
 def test_sigkill_leaves_a_loadable_checkpoint_and_resume_matches(make_recipe, tmp_path):

@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ from peftlab import run
 from peftlab.errors import ArtifactError, PeftlabError
 from peftlab.rundir import RunDir
 
-from .conftest import REPO
+from .conftest import REPO, wait_for
 
 SLOW = {"train.epochs": 40, "train.save_every": 4, "train.log_every": 4, "train.keep_checkpoints": 2}
 
@@ -43,18 +42,6 @@ def peftlab(*args, wait: bool = True):
 
 def overrides(d: dict) -> list[str]:
     return [f"{k}={'null' if v is None else v}" for k, v in d.items()]
-
-
-def wait_until(predicate, proc, timeout=180.0):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return
-        if proc.poll() is not None:
-            pytest.fail(f"the run ended before the test could act: {proc.stderr.read()[-2000:]}")
-        time.sleep(0.05)
-    proc.kill()
-    pytest.fail("timed out waiting for the run")
 
 
 @pytest.fixture
@@ -85,7 +72,7 @@ def test_overwrite_killed_mid_training_keeps_the_old_run_and_resume_finishes_it(
     staging = RunDir(out).staging
     ov = {**SLOW, "train.epochs": 3, "train.max_steps": None}
     proc = peftlab("train", tmp_path / "recipe.yaml", *overrides(ov), "--overwrite", wait=False)
-    wait_until(lambda: len(list((staging / "checkpoints").glob("step-*"))) >= 1, proc)
+    wait_for(lambda: len(list((staging / "checkpoints").glob("step-*"))) >= 1, proc)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert tree(out) == before
@@ -138,7 +125,7 @@ def test_a_second_writer_is_refused_and_kill_9_frees_the_folder(make_recipe, tmp
     recipe = make_recipe()
     # long enough that the two refused writers below start (a few seconds each) while it still holds the folder: it is killed
     first = peftlab("train", tmp_path / "recipe.yaml", *overrides({**SLOW, "train.epochs": 2000}), wait=False)
-    wait_until(lambda: (recipe.out / "log.jsonl").is_file(), first)
+    wait_for(lambda: (recipe.out / "log.jsonl").is_file(), first)
     for flags in ((), ("--overwrite",)):
         rc, _, err = peftlab("train", tmp_path / "recipe.yaml", "train.max_steps=2", *flags)
         assert rc == 2 and "in use by another peftlab run" in err and f"process {first.pid}" in err, err

@@ -20,7 +20,7 @@ import yaml
 from ..config import Recipe
 from ..errors import PublishError
 from ..methods import get_method
-from ..rundir import RunRecord, read_run
+from ..rundir import RECIPE_FILE, RECORD_FILE, RunRecord, read_run
 from ..tasks import Task, get_task, pipeline_tag, task_name, usage_class
 
 # packaged model -> (hub id, licence): the card names what a reader can download, not a site-packages path
@@ -117,22 +117,22 @@ def public_record(saved: Recipe, saved_run: RunRecord, base_model: str | None = 
     """(recipe, run record) of a run as they are published: no path of the training machine. A local base folder is
     named by --base-model or its folder name, data files by their file names, output_dir is dropped. The run folder
     itself is not changed; run.json's `published` entry lists what was rewritten."""
-    recipe, rewritten = copy.deepcopy(saved), {"recipe.yaml": [], "run.json": []}
+    recipe, rewritten = copy.deepcopy(saved), {RECIPE_FILE: [], RECORD_FILE: []}
     run = copy.deepcopy(saved_run.to_dict())
     for key, override in (("name", base_model), ("decoder", None)):
         if is_local_model(getattr(saved.model, key)):
             setattr(recipe.model, key, override or public_path(getattr(saved.model, key)))
-            rewritten["recipe.yaml"].append(f"model.{key}")
+            rewritten[RECIPE_FILE].append(f"model.{key}")
     if is_local_path(recipe.output_dir):
         recipe.output_dir = None  # null = runs/<name> wherever the recipe is run again
-        rewritten["recipe.yaml"].append("output_dir")
-    scrub(recipe, "", rewritten["recipe.yaml"])
+        rewritten[RECIPE_FILE].append("output_dir")
+    scrub(recipe, "", rewritten[RECIPE_FILE])
     public_base = base_model_id(saved, base_model) or recipe.model.name
     for key, value in (("output_dir", None), ("base_model", recipe.model.name), ("base_path", public_base)):
         if run.get(key) is not None and run[key] != value:  # an older run.json without the entry: nothing to rewrite
             run[key] = value
-            rewritten["run.json"].append(key)
-    run = scrub(run, "", rewritten["run.json"])
+            rewritten[RECORD_FILE].append(key)
+    run = scrub(run, "", rewritten[RECORD_FILE])
     if any(rewritten.values()):
         run["published"] = {"rewritten": {k: sorted(set(v)) for k, v in rewritten.items() if v},
                             "note": "paths of the training machine were replaced by public names (hub ids, folder or file "
@@ -277,7 +277,7 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
     out, recipe, run = pub.out, pub.public_recipe, pub.public_run
     data = card_data(pub, repo_id, license=license)
     base = data.base_model or recipe.model.name
-    local_base = "model.name" in (run.published or {}).get("rewritten", {}).get("recipe.yaml", [])
+    local_base = "model.name" in (run.published or {}).get("rewritten", {}).get(RECIPE_FILE, [])
     repo = repo_id or "PATH/TO/THIS/FOLDER"
     metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
     report = json.loads((out / "eval_report.json").read_text()) if (out / "eval_report.json").is_file() else {}

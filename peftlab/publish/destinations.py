@@ -17,11 +17,11 @@ from pathlib import Path
 
 from ..errors import PublishError
 from ..export import weights_file, write_atomic_dir
-from ..rundir import holds_run
+from ..rundir import RECIPE_FILE, RECORD_FILE, holds_run
 from .card import PublicRun, card_text, check_card, check_nothing_local, local_roots, scrub
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json", "generation_config.json")
-RECORD_FILES = ("recipe.yaml", "run.json", "metrics.json", "eval_report.json")
+RECORD_FILES = (RECIPE_FILE, RECORD_FILE, "metrics.json", "eval_report.json")
 CONFIG_FILES = ("adapter_config.json", "config.json", "generation_config.json")  # rewritten without local paths
 TOKENIZER_GLOBS = ("tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
                    "merges.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.j*")
@@ -62,9 +62,9 @@ def fill_folder(pub: PublicRun, dest: Path, repo_id: str | None = None, license:
     recipe, run = pub.public_recipe, pub.public_run
     base = pub.base_id or recipe.model.name
     for src in publish_files(pub.out):
-        if src.name == "recipe.yaml":
+        if src.name == RECIPE_FILE:
             (dest / src.name).write_text(recipe.to_yaml(), encoding="utf-8")
-        elif src.name == "run.json":
+        elif src.name == RECORD_FILE:
             (dest / src.name).write_text(run.to_json(), encoding="utf-8")
         elif src.name in CONFIG_FILES:
             cfg, changed = json.loads(src.read_text()), []
@@ -92,7 +92,7 @@ def write_folder(pub: PublicRun, target: Path, **card_kw) -> list[str]:
     if holds_run(target):
         raise PublishError(f"{target} holds a peftlab run: publishing there would replace it. Choose a new or empty directory "
                            "(--to DIR), or delete that run first if you mean to replace it.")
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / "run.json").is_file())):
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / RECORD_FILE).is_file())):
         raise PublishError(f"{target} exists and is not a published adapter folder. Choose a new or empty directory.")
     names: list[str] = []
     target.parent.mkdir(parents=True, exist_ok=True)

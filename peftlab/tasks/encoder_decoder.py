@@ -11,6 +11,7 @@ from torch import nn
 
 from ..bases import load_tokenizer, resolve_model_path
 from ..errors import ModelError
+from ..methods import get_method, method_names
 
 log = logging.getLogger(__name__)
 
@@ -27,9 +28,9 @@ def check(recipe, offered: bool, offering: list[str]) -> list[str]:
                  "Set model.decoder (e.g. minilm) or leave model.cross_attention_init=random.")
     if m.decoder is not None and q.mode != "none":
         p.append(f"model.decoder with quant.mode={q.mode}: quantizing a warm-started encoder-decoder is not supported. Use quant.mode=none.")
-    if m.decoder is not None and a.method == "scratch":
-        p.append("model.decoder with adapter.method=scratch: the warm start reads pretrained weights, scratch reads none. "
-                 "Set model.decoder=null (scratch builds model.name's architecture at random) or use another method.")
+    if m.decoder is not None and a.method in method_names() and not get_method(a.method).pretrained:
+        p.append(f"model.decoder with adapter.method={a.method}: the warm start reads pretrained weights, {a.method} reads none. "
+                 f"Set model.decoder=null ({a.method} builds model.name's architecture at random) or use another method.")
     return p
 
 
