@@ -1,12 +1,15 @@
 """Where a base model comes from: `model.name` -> a loadable path, its tokenizer, the dtype names of the recipe.
 
-Resolution order for `model.name`: a packaged model ('minilm'), a local directory, then a hub id. This module sits
+Resolution order for `model.name`: a packaged model ('minilm'), a GGUF file (or a folder holding exactly one and no
+transformers weights), a local directory, then a hub id. A GGUF base is dequantized through transformers once and
+cached as a plain transformers folder (`converted_folder`), which every later load (train, eval, merge) reads. This module sits
 below both `model` (which builds and adapts the network) and `tasks` (which need the base's family, or load a base of
 their own, e.g. the BERT2BERT warm start), so neither has to import the other.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -35,6 +38,8 @@ def resolve_model_path(name: str, revision: str | None = None) -> str:
         except ImportError:
             raise ModelNotFound(f"model.name={name!r} is {what}, which is not installed. Run: pip install {module.replace('_', '-')}") from None
         return str(pkg.get_model_path())
+    if (source := gguf_source(name)) is not None:
+        return str(converted_folder(source))
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
@@ -65,3 +70,215 @@ def load_tokenizer(path: str, recipe: Recipe):
     if tok.pad_token is None:  # decoder-only models (Llama, GPT-2) ship without a pad token
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
+
+
+# --- GGUF bases -------------------------------------------------------------------------------------------------------
+_ANNOUNCED: set[str] = set()  # converted folders already named in this process's log
+GGUF_FORMAT = 1  # bump when the converted folder's layout changes: older caches are then converted again
+
+
+def gguf_source(name: str) -> Path | None:
+    """The GGUF file `model.name` designates: a `.gguf` file, or a folder holding exactly one `.gguf` and no
+    transformers weights (a folder with both is read as a transformers folder). None when it is not a GGUF base."""
+    path = Path(name).expanduser()
+    if path.suffix.lower() == ".gguf":
+        if not path.is_file():
+            raise ModelNotFound(f"model.name={name!r}: no such GGUF file. Fix the path (a .gguf file, or a folder holding one).")
+        return path
+    if not path.is_dir():
+        return None
+    found = sorted(path.glob("*.gguf"))
+    if not found or any(path.glob("*.safetensors")) or any(path.glob("*.bin")):
+        return None
+    if len(found) > 1:
+        raise ModelNotFound(f"model.name={name!r} holds {len(found)} GGUF files ({', '.join(f.name for f in found)}): "
+                            f"name one of them, e.g. model.name={path / found[0].name}")
+    return found[0]
+
+
+def cache_root() -> Path:
+    """Where converted GGUF bases live: $PEFTLAB_CACHE/gguf, else ~/.cache/peftlab/gguf (XDG_CACHE_HOME honoured)."""
+    import os
+
+    if os.environ.get("PEFTLAB_CACHE"):
+        return Path(os.environ["PEFTLAB_CACHE"]).expanduser() / "gguf"
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "peftlab" / "gguf"
+
+
+def file_sha256(path: Path) -> str:
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def sidecar_tokenizer(source: Path) -> Path | None:
+    """A `tokenizer.json` beside the GGUF is the model's own fast tokenizer: preferred to the one rebuilt from the GGUF's
+    metadata, which can miss pre-tokenizer steps (SmolLM2's digit splitting)."""
+    side = source.parent / "tokenizer.json"
+    return side if side.is_file() else None
+
+
+def cache_key(source: Path, sidecar: Path | None) -> str:
+    """sha256 of the GGUF (and of the tokenizer.json used with it): the same file converts once wherever it lies."""
+    key = _sha256_of(*_identity(source))[:16]
+    return f"{key}-tok{_sha256_of(*_identity(sidecar))[:8]}" if sidecar else key
+
+
+def _identity(path: Path) -> tuple[str, int, int]:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    """Hashing a multi-GB GGUF takes seconds: once per process and file version (a run resolves its base several times)."""
+    return file_sha256(Path(path))
+
+
+def converted_folder(source: Path) -> Path:
+    """The plain transformers folder (safetensors weights, config without quantization, tokenizer with its chat template)
+    converted from the GGUF `source`, converting it on first use. The conversion is written to a staging folder and
+    renamed into place, under a lock: a killed conversion leaves no half folder, concurrent ranks convert once."""
+    import time
+
+    sidecar = sidecar_tokenizer(source)
+    root = cache_root()
+    target = root / cache_key(source, sidecar)
+    if _complete(target):
+        (log.info if str(target) not in _ANNOUNCED else log.debug)(
+            "GGUF base %s: using its converted folder %s (delete it to convert again)", source, target)
+        _ANNOUNCED.add(str(target))
+        return target
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ModelNotFound(f"cannot create the GGUF cache {root} ({e.strerror}): set PEFTLAB_CACHE to a writable folder.") from None
+    with _lock(root / f"{target.name}.lock"):
+        if _complete(target):  # another process converted it while we waited
+            return target
+        _remove_stale_staging(root, target.name)
+        log.info("GGUF base %s: converting it once to a transformers folder (dequantized, float32) ...", source)
+        start = time.perf_counter()
+        staging = root / f".staging-{target.name}-{__import__('os').getpid()}"
+        _rmtree(staging)
+        staging.mkdir()
+        try:
+            _convert(source, sidecar, staging)
+            _rmtree(target)  # a folder without gguf.json is not ours to keep (an older layout or a hand-made copy)
+            staging.rename(target)
+        finally:
+            _rmtree(staging)
+    size = sum(f.stat().st_size for f in target.iterdir()) / 2**20
+    log.info("GGUF base %s: converted in %.1f s to %s (%.0f MiB); later loads read that folder", source,
+             time.perf_counter() - start, target, size)
+    return target
+
+
+def _complete(target: Path) -> bool:
+    """A finished conversion of the current layout (gguf.json is written last, inside the staging folder)."""
+    import json
+
+    try:
+        return json.loads((target / "gguf.json").read_text(encoding="utf-8")).get("format") == GGUF_FORMAT
+    except (OSError, ValueError):
+        return False
+
+
+def _convert(source: Path, sidecar: Path | None, staging: Path) -> None:
+    """Load the GGUF dequantized through transformers and save it as a plain folder into `staging`."""
+    import json
+    import os
+
+    import transformers
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    # transformers reads config.json / tokenizer.json beside a GGUF instead of the GGUF's own metadata: load it from a
+    # folder that holds only (a link to) the file
+    link = staging / "source.gguf"
+    try:
+        os.symlink(source.resolve(), link)
+        where, name = staging, link.name
+    except OSError:  # no symlinks here (some file systems): read it where it lies
+        where, name = source.parent, source.name
+    try:
+        tokenizer = _gguf_tokenizer(AutoTokenizer.from_pretrained(str(where), gguf_file=name), sidecar)
+        model = AutoModelForCausalLM.from_pretrained(str(where), gguf_file=name, dtype=torch.float32)
+    except ImportError as e:
+        raise ModelNotFound(f"model.name={source}: reading a GGUF file needs the gguf package ({e}). Run: pip install gguf") from None
+    except (OSError, ValueError, KeyError, RuntimeError) as e:
+        raise ModelNotFound(f"model.name={source}: transformers {transformers.__version__} cannot load this GGUF file "
+                            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Convert it with llama.cpp's "
+                            "tools to a transformers folder, or use a GGUF of an architecture transformers supports.") from None
+    finally:
+        link.unlink(missing_ok=True)
+    # save_pretrained refuses a GGUF-loaded model ("not serializable"): once dequantized it is a plain model
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config.name_or_path = str(source)
+    model.save_pretrained(str(staging), safe_serialization=True)
+    tokenizer.save_pretrained(str(staging))
+    (staging / "gguf.json").write_text(json.dumps({
+        "source": str(source.resolve()), "sha256": _sha256_of(*_identity(source)), "format": GGUF_FORMAT,
+        "tokenizer": str(sidecar) if sidecar else "from the GGUF metadata", "transformers": transformers.__version__,
+    }, indent=2), encoding="utf-8")
+
+
+def _gguf_tokenizer(tokenizer, sidecar: Path | None):
+    """The tokenizer to keep: the sidecar tokenizer.json's pipeline with the GGUF's special tokens and chat template
+    (tokenizer.json holds neither the chat template nor which token is eos/pad), or the GGUF's own."""
+    if sidecar is None:
+        return tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    special = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token") if getattr(tokenizer, k)}
+    side = PreTrainedTokenizerFast(tokenizer_file=str(sidecar), **special)
+    if side.get_vocab() != tokenizer.get_vocab():
+        log.warning("%s does not have the GGUF's vocabulary: ignoring it, using the tokenizer stored in the GGUF", sidecar)
+        return tokenizer
+    side.chat_template = tokenizer.chat_template
+    return side
+
+
+class _lock:
+    """An exclusive file lock (fcntl; a no-op where it does not exist)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __enter__(self):
+        self.file = open(self.path, "a")
+        try:
+            import fcntl
+
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        except ImportError:
+            pass
+        return self
+
+    def __exit__(self, *exc):
+        self.file.close()  # closing releases the lock
+
+
+def _remove_stale_staging(root: Path, key: str) -> None:
+    """Staging folders of conversions that were killed (their process is gone)."""
+    import os
+
+    for d in root.glob(f".staging-{key}-*"):
+        try:
+            os.kill(int(d.name.rsplit("-", 1)[1]), 0)
+        except (ProcessLookupError, ValueError):
+            _rmtree(d)
+        except PermissionError:
+            pass
+
+
+def _rmtree(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)

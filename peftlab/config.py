@@ -41,7 +41,8 @@ def opt(default: Any, help: str, choices: tuple | None = None, *, ge: float | No
 
 @dataclass
 class ModelConfig:
-    name: str = opt("minilm", "Base model: a local directory, a hub id (e.g. roberta-base), or a packaged name ('minilm').")
+    name: str = opt("minilm", "Base model: a local directory, a .gguf file (or a folder holding one: converted once into a cached "
+                    "transformers folder), a hub id (e.g. roberta-base), or a packaged name ('minilm').")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of the base model.")
     trust_remote_code: bool = opt(False, "Run model code shipped with a hub repo. Off by default: only enable for repos you trust.")
     allow_pickle: bool = opt(False, "Also load pickle weights (.bin/.pt), which can run arbitrary code. Off: safetensors only.")
@@ -112,25 +113,44 @@ class DataConfig:
     text_columns: list[str] = opt(["sentence"], "Column(s) holding the input text; several are joined with a space.")
     label_column: str = opt("label", "Column holding the label (an index or a name).")
     label_names: list[str] | None = opt(None, "Ordered label names; null = the sorted distinct labels of the train split.")
+    label_words: list[str] | None = opt(None, "Verbalizer: the word the model writes for each class, in data.label_names order, "
+                                        "verbatim (mind the leading space after a plain prompt); null = derived from "
+                                        "data.label_names: ' negative' after a plain prompt, 'negative' after a chat template.")
     target_column: str | None = opt(None, "Summarization: column holding the target text (e.g. summary); the source is data.text_columns.")
     max_length: int = opt(128, "Truncate inputs to this many tokens (batches are padded dynamically to their longest row).", ge=8,
                           hint="tokens; at most the base model's position limit")
     max_target_length: int = opt(128, "Summarization: truncate target texts to this many tokens (end-of-sequence included).", ge=2,
                                  hint="tokens")
+    sft_format: str = opt("auto", "SFT: how rows hold a conversation: messages (data.messages_column, a list of {role, content}), "
+                          "instruction (instruction/input/output columns), prompt_completion (data.text_columns -> "
+                          "data.target_column when target_column is set, else prompt/completion columns); auto = from the "
+                          "columns found, in that order.", ("auto", "messages", "instruction", "prompt_completion"))
+    messages_column: str = opt("messages", "SFT: column holding the conversation, a list of {role, content} (roles system, user, assistant).")
+    packing: bool = opt(False, "SFT: pack short training examples into rows of up to data.max_length tokens (position ids restart "
+                        "per example and attention stays within it), so little compute goes to padding.")
 
 
 @dataclass
 class TaskConfig:
     type: str = opt("classification", "Task family (sentiment is a classification).", task_names)  # the registered tasks
     prompt: str | None = opt(None, "Summarization: model input with {source} where the text goes; null = '{source}' for encoder-decoder "
-                             "models, 'Summarize this dialogue:\\n{source}\\nSummary: ' for decoder-only ones.")
-    chat_template: bool = opt(False, "Summarization, decoder-only: wrap the prompt in the tokenizer's chat template (when it has one).")
+                             "models, 'Summarize this dialogue:\\n{source}\\nSummary: ' for decoder-only ones. Verbalizer: the "
+                             "prompt with {text} where the input goes, the label word follows it; null = 'Text: {text}\\nLabel:'.")
+    chat_template: bool = opt(False, "Summarization, decoder-only: wrap the prompt in the tokenizer's chat template (when it has one). "
+                              "Verbalizer: the prompt is the user turn and the label word the assistant's answer (a tokenizer "
+                              "without a chat template is an error).")
+    chat_format: str | None = opt(None, "SFT: chat template to use instead of the tokenizer's own (needed when it has none): a named "
+                                  "one (chatml) or a Jinja string.")
+    system_prompt: str | None = opt(None, "SFT: system message put in front of conversations that have none; null = none.")
+    label_eos: bool = opt(False, "Verbalizer: each label word is followed by EOS, trained and scored (needed when one word's "
+                          "tokens begin another's).")
 
 
 @dataclass
 class TrainConfig:
     epochs: float = opt(1.0, "Passes over the train split (fractions allowed); ignored when max_steps is set.", gt=0)
-    max_steps: int | None = opt(None, "Stop after this many optimizer steps.", ge=1)
+    max_steps: int | None = opt(None, "Stop after this many optimizer steps; 0 = train nothing: the base is evaluated (zero-shot) "
+                                "and exported as it is.", ge=0)
     batch_size: int = opt(32, "Examples per device per micro-batch.", ge=1)
     group_by_length: bool = opt(True, "Batch rows of similar length together (shuffled megabatches), so dynamic padding "
                                 "wastes little: ~2.5x fewer padded tokens on SST-2. false = plain shuffling.")
@@ -164,6 +184,8 @@ class EvalConfig:
     length_penalty: float = opt(1.0, "Summarization, beam search: exponent on the length a beam's score is divided by (>1 favours longer).")
     no_repeat_ngram_size: int = opt(0, "Summarization: never generate an n-gram of this size twice (0 = off).", ge=0, hint="0 = off")
     log_examples: int = opt(3, "Summarization: log this many (source, prediction, reference) examples after generating.", ge=0)
+    metric_fn: str | None = opt(None, "SFT: a function 'module:function' taking (predictions, references) -> {metric: value}, "
+                                "scored on the generated answers besides exact_match and ROUGE (its metrics may be train.best_metric).")
 
 
 @dataclass

@@ -283,16 +283,19 @@ def load_splits(recipe: Recipe, *, need_train: bool = True):
     if need_train and d.eval is not None and d.eval_holdout > 0:
         log.warning("data.eval_holdout=%s is ignored: data.eval is set, and evaluation uses it. Set data.eval=null to evaluate "
                     "on the held-out part of train.", d.eval_holdout)
-    target = d.target_column if get_task(recipe.task.type).target_kind == "text" else None
+    task = get_task(recipe.task.type)
+    target = d.target_column if task.target_kind == "text" else None
+    own = getattr(task, "normalize_split", None)  # a task that reads its rows itself (sft: conversations)
     raw = {}
     for name in ("train", "eval", "test"):
         spec = getattr(d, name)
         if spec is not None:
-            raw[name] = normalize_split(read_split(spec, d, f"data.{name}"), spec, d, f"data.{name}", seed, target)
+            ds = read_split(spec, d, f"data.{name}")
+            raw[name] = own(ds, spec, recipe, f"data.{name}") if own else normalize_split(ds, spec, d, f"data.{name}", seed, target)
     if "train" in raw and "eval" not in raw and d.eval_holdout > 0:
         parts = raw["train"].train_test_split(test_size=d.eval_holdout, seed=seed)
         raw["train"], raw["eval"] = parts["train"], parts["test"]
-    if target:
+    if target or own:
         label_names, out = [], dict(raw)
     else:
         label_names = list(d.label_names) if d.label_names else infer_label_names(*next((ds, f"data.{n}") for n, ds in raw.items()))
@@ -322,6 +325,8 @@ def build_data(recipe: Recipe, tokenizer, *, splits=None, label_names=None) -> T
     for name, ds in tokenized.items():
         if ds is not None:
             report_truncation(ds, f"data.{name}", recipe.data.max_length)
+    if tokenized["train"] is not None and hasattr(task, "pack"):  # sft with data.packing: train rows packed, eval rows not
+        tokenized["train"] = task.pack(tokenized["train"], recipe)
     eval_collator = getattr(task, "eval_collator", None)  # optional part of the Task protocol
     return TaskData(train=tokenized["train"], eval=tokenized["eval"], test=tokenized["test"], label_names=label_names,
                     collate=task.collator(tokenizer), eval_collate=eval_collator(tokenizer) if eval_collator else None)

@@ -63,6 +63,28 @@ def quantization_config(recipe: Recipe, precision: str, skip_modules: list[str])
     )
 
 
+def default_skip_modules(recipe: Recipe, path: str, auto_cls, num_labels: int) -> list[str]:
+    """The modules transformers keeps out of quantization by default (the LM head and the embeddings tied to it, the
+    last module), asked of the model class itself, built on the meta device (no weights read, no memory)."""
+    from transformers import AutoConfig
+
+    try:
+        from transformers.quantizers.base import get_keys_to_not_convert
+    except ImportError:  # an older transformers: its list, as it documented it
+        get_keys_to_not_convert = None
+    config = AutoConfig.from_pretrained(path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code,
+                                        **({"num_labels": num_labels} if num_labels else {}))
+    if get_keys_to_not_convert is not None:
+        try:
+            with torch.device("meta"):
+                skeleton = auto_cls.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
+            return sorted(get_keys_to_not_convert(skeleton))
+        except Exception as e:  # an architecture that cannot be built on meta: fall back on the config
+            log.debug("default skip modules from the meta model failed (%s); using the config", e)
+    tied = getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False)
+    return ["lm_head"] + (["model.embed_tokens"] if tied else [])
+
+
 def under_fsdp() -> bool:
     """Set by `accelerate launch` with an FSDP config (the model is built before the Accelerator wraps it)."""
     import os
@@ -154,7 +176,9 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
         return loaded
     # Names of heads transformers creates for sequence classification across architectures; kept out of quantization.
     head_guess = ["classifier", "score", "qa_outputs"]
-    quant = quantization_config(recipe, precision, head_guess)
+    quant = None
+    if recipe.quant.mode != "none":  # a skip list REPLACES transformers' own (tied/output embeddings): pass both
+        quant = quantization_config(recipe, precision, head_guess + default_skip_modules(recipe, path, auto_cls, num_labels))
     kwargs = dict(revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code,
                   use_safetensors=None if recipe.model.allow_pickle else True, dtype=DTYPES[recipe.model.dtype],
                   quantization_config=quant)

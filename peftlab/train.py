@@ -98,10 +98,11 @@ class Window:
 
     def add(self, loss: torch.Tensor, batch: dict) -> None:
         self.loss += loss.detach()
-        self.tokens += batch["attention_mask"].sum()
+        mask = batch.get("attention_mask")  # packed rows (sft, data.packing) have none: position ids separate the examples
+        self.tokens += mask.sum() if mask is not None else batch["input_ids"].numel()
         self.micro += 1
         self.examples += len(batch["labels"])
-        self.padded += batch["attention_mask"].numel()
+        self.padded += batch["input_ids"].numel()
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
@@ -282,7 +283,7 @@ def setup(recipe: Recipe, model, data: TaskData, accelerator, tokenizer=None) ->
         eval_dl = accelerator.prepare(eval_dl)
 
     steps_per_epoch = max(1, math.ceil(len(train_dl) / t.grad_accum))
-    total = t.max_steps or max(1, math.ceil(t.epochs * steps_per_epoch))
+    total = t.max_steps if t.max_steps is not None else max(1, math.ceil(t.epochs * steps_per_epoch))  # 0: evaluate the base as is
     scheduler = get_scheduler(t.scheduler if t.scheduler != "constant" else "constant_with_warmup", optimizer,
                               num_warmup_steps=int(t.warmup_fraction * total), num_training_steps=total)
     accelerator.register_for_checkpointing(scheduler)

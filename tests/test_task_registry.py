@@ -61,7 +61,7 @@ def test_an_unregistered_task_is_refused_with_a_suggestion():
     assert "entropy-sentiment" not in task_names()
     with pytest.raises(ConfigError, match=r"task.type='entropy-sentimen': must be one of classification, summarization"):
         load_recipe(None, ["task.type=entropy-sentimen"], validate_files=False)
-    with pytest.raises(ConfigError, match="no such task; registered: classification, summarization. Did you mean 'summarization'"):
+    with pytest.raises(ConfigError, match="no such task; registered: classification, summarization.* Did you mean 'summarization'"):
         get_task("sumarization")
 
 
@@ -121,7 +121,7 @@ def test_hub_presentation_is_todays():
 
 
 def test_defaults_and_metrics_are_the_tasks():
-    assert task_names() == ("classification", "summarization")
+    assert {"classification", "summarization", "verbalizer"} <= set(task_names())
     assert (get_task("classification").best_metric, get_task("summarization").best_metric) == ("accuracy", "loss")
     assert get_task("classification").metrics == ("accuracy", "f1", "loss")
     assert get_task("summarization").metrics == ("loss", "rouge1", "rouge2", "rougeL", "rougeLsum")

@@ -115,11 +115,11 @@ def test_ranges_are_field_metadata_checked_generically():
     fields = {f.name: f for f in dataclasses.fields(Recipe().train)}
     assert (fields["lr"].metadata["gt"], fields["warmup_fraction"].metadata["lt"]) == (0, 1)
     with pytest.raises(ConfigError) as e:
-        load_recipe(None, ["train.lr=0", "train.warmup_fraction=1", "train.max_steps=0", "data.max_length=4",
+        load_recipe(None, ["train.lr=0", "train.warmup_fraction=1", "train.max_steps=-1", "data.max_length=4",
                            "eval.num_beams=0", "adapter.r=0"], validate_files=False)
     msg = str(e.value)
     for needle in ("train.lr=0.0: must be > 0 (LoRA: ~1e-4 to 1e-3; full fine-tuning: ~2e-5).",
-                   "train.warmup_fraction=1.0: must be in [0, 1).", "train.max_steps=0: must be >= 1 or null.",
+                   "train.warmup_fraction=1.0: must be in [0, 1).", "train.max_steps=-1: must be >= 0 or null.",
                    "data.max_length=4: must be >= 8", "eval.num_beams=0: must be >= 1 (1 = greedy decoding).",
                    "adapter.r=0: must be >= 1 (the LoRA rank; typical: 4-64)."):
         assert needle in msg, msg

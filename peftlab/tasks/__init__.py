@@ -136,3 +136,5 @@ def input_lengths(task: Task, config, recipe) -> list[tuple[Any, int, str]]:
 
 register_task("classification", "peftlab.tasks.classification")
 register_task("summarization", "peftlab.tasks.summarization")
+register_task("verbalizer", "peftlab.tasks.verbalizer")
+register_task("sft", "peftlab.tasks.sft")

@@ -1,0 +1,428 @@
+"""Chat / instruction fine-tuning (SFT) of a decoder-only LLM: the loss covers the assistant's tokens only.
+
+Rows (data.py hands them over raw: `normalize_split` below) become conversations, a list of {role, content}:
+- messages: data.messages_column holds the list itself (JSONL files load it as a list of objects);
+- instruction: instruction (+ input) is the user turn, output the assistant's;
+- prompt_completion: data.text_columns (through task.prompt's {source}) -> data.target_column, or prompt/completion columns.
+The tokenizer's chat template (or task.chat_format) renders each conversation. Which tokens are the assistant's comes
+from rendering it prefix by prefix (messages[:i] with the generation prompt, then messages[:i+1]): the characters
+added by assistant turn i, up to and including its end-of-turn token (EOS / <|im_end|>), are labelled; every other
+token is -100. Labels come from these spans, never from `input_ids != pad`, so the EOS that ends each turn is trained
+even where pad == eos. A split whose template leaves no assistant token trainable is refused.
+With data.packing the training rows are packed into rows of up to data.max_length tokens: position ids restart at
+each example and no attention mask is passed, so transformers' masking_utils (find_packed_sequence_indices) builds a
+block-diagonal causal mask: no token attends across examples (the KV cache is off for these batches, as the mask
+needs). Evaluation: the loss during training; at the end (or when train.best_metric needs it) greedy generation of the
+last assistant turn from the chat template's generation prompt, scored by exact match, ROUGE and eval.metric_fn.
+"""
+
+from __future__ import annotations
+
+import bisect
+import importlib
+import json
+import logging
+import re
+import sys
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from ..errors import ConfigError, DataError
+from ..metrics import ROUGE_KEYS, rouge_metrics
+
+log = logging.getLogger(__name__)
+
+NAMED_TEMPLATES = {
+    "chatml": ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+               "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+}
+END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")  # tried after the tokenizer's EOS
+ROLES = ("system", "user", "assistant", "tool")
+BUILTIN_METRICS = ("loss", "exact_match", *ROUGE_KEYS)
+EXTRAS = ("row", "source", "reference", "gen_input_ids", "gen_attention_mask")
+
+
+class _Generated:
+    """Every metric but the loss needs generation (the user's eval.metric_fn ones too)."""
+
+    def __contains__(self, metric) -> bool:
+        return metric != "loss"
+
+    def __iter__(self):
+        return iter(BUILTIN_METRICS[1:])
+
+
+auto_model_class = AutoModelForCausalLM
+peft_task_type = "CAUSAL_LM"
+target_kind = "messages"  # conversations: normalize_split reads the rows itself
+best_metric = "loss"
+metrics = ()  # the best metric is checked in `check`: eval.metric_fn adds metrics of its own
+GENERATED_METRICS = _Generated()
+pipeline_tag = "text-generation"
+task_name = "Text Generation"
+usage_class = "AutoModelForCausalLM"
+card_metrics = {"exact_match": "Exact match", "rouge1": "ROUGE-1", "rougeL": "ROUGE-L"}
+
+
+def check(recipe) -> list[str]:
+    t, e, p = recipe.task, recipe.eval, []
+    metric = recipe.train.best_metric
+    if metric not in BUILTIN_METRICS and not e.metric_fn:
+        p.append(f"train.best_metric={metric!r}: sft keeps the best of {', '.join(BUILTIN_METRICS)}, or of a metric that "
+                 "eval.metric_fn returns (set eval.metric_fn=module:function).")
+    if e.metric_fn is not None and not re.fullmatch(r"[\w.]+:\w+", e.metric_fn):
+        p.append(f"eval.metric_fn={e.metric_fn!r}: give 'module:function', e.g. mymetrics:score (a function taking "
+                 "(predictions, references) and returning {metric: value}).")
+    if t.chat_format is not None and t.chat_format not in NAMED_TEMPLATES and "{%" not in t.chat_format and "{{" not in t.chat_format:
+        p.append(f"task.chat_format={t.chat_format!r}: neither a named template ({', '.join(NAMED_TEMPLATES)}) nor a Jinja "
+                 "string (with {% ... %} / {{ ... }}).")
+    if t.prompt is not None and t.prompt.count("{source}") != 1:
+        p.append(f"task.prompt={t.prompt!r}: must contain {{source}} exactly once (where the prompt column's text goes).")
+    if recipe.model.decoder:
+        p.append("model.decoder is set: sft fine-tunes a decoder-only LLM. Remove model.decoder.")
+    return p
+
+
+def summary_line(split: str, m: dict) -> str:
+    shown = [f"exact_match {100 * m['exact_match']:.2f}"] if "exact_match" in m else []
+    shown += [f"{k} {100 * m[k]:.2f}" for k in ("rouge1", "rougeL") if k in m]
+    shown += [f"{k} {v:.4f}" for k, v in m.items() if k not in (*BUILTIN_METRICS, "gen_words") and isinstance(v, (int, float))]
+    return f"   {split:<5} " + "   ".join([*shown, f"loss {m['loss']:.4f}"])
+
+
+def input_lengths(config, recipe) -> list[tuple]:
+    d, e = recipe.data, recipe.eval
+    return [(config, d.max_length + e.max_new_tokens, f"data.max_length + eval.max_new_tokens = {d.max_length} + {e.max_new_tokens}")]
+
+
+# ------------------------------------------------------------------------------------------------ rows -> conversations
+
+def detect_format(columns: list[str], d, where: str) -> tuple[str, list[str], str | None]:
+    """-> (format, prompt columns, completion column) from data.sft_format and the columns found."""
+    cols, fmt = set(columns), d.sft_format
+    pc = (list(d.text_columns), d.target_column) if d.target_column else (["prompt"], "completion")
+    if fmt == "auto":
+        if d.messages_column in cols:
+            fmt = "messages"
+        elif {"instruction", "output"} <= cols:
+            fmt = "instruction"
+        elif set(pc[0]) | {pc[1]} <= cols:
+            fmt = "prompt_completion"
+        else:
+            raise DataError(f"{where}: cannot tell how the rows hold conversations; the data has columns {columns}. sft reads a "
+                            f"'{d.messages_column}' column (a list of {{role, content}}; data.messages_column names another), "
+                            "instruction/input/output columns, or a prompt and a completion (data.text_columns and "
+                            "data.target_column, or columns named prompt/completion). Set data.sft_format and the columns.")
+    needed = {"messages": [d.messages_column], "instruction": ["instruction", "output"], "prompt_completion": [*pc[0], pc[1]]}[fmt]
+    missing = [c for c in needed if c not in cols]
+    if missing:
+        raise DataError(f"{where}: data.sft_format={fmt} needs column(s) {missing}; the data has {columns}. "
+                        + ("Set data.messages_column." if fmt == "messages" else "Set data.text_columns / data.target_column."
+                           if fmt == "prompt_completion" else "Rename the columns to instruction/input/output."))
+    return fmt, pc[0], pc[1]
+
+
+def _check_messages(value, row: int, where: str, column: str) -> list[dict]:
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            value = None
+    ok = isinstance(value, list) and all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
+                                         for m in value)
+    if not ok:
+        raise DataError(f"{where}: row {row + 1}: {column!r} must be a list of {{role, content}} with role one of "
+                        f"{', '.join(ROLES)} and text content; got {str(value)[:200]}.")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def normalize_split(ds, spec, recipe, where: str):
+    """Raw rows -> {conversation: JSON list of {role, content}}; rows without an assistant answer are dropped."""
+    d, t = recipe.data, recipe.task
+    fmt, prompt_cols, completion_col = detect_format(ds.column_names, d, where)
+    if spec.max_samples is not None and spec.max_samples < len(ds):
+        ds = ds.shuffle(seed=recipe.train.seed).select(range(spec.max_samples))
+
+    def text(v) -> str:
+        return "" if v is None else str(v).strip()
+
+    def to_rows(batch, rows):
+        out = []
+        for j, i in enumerate(rows):
+            if fmt == "messages":
+                msgs = _check_messages(batch[d.messages_column][j], i, where, d.messages_column)
+            elif fmt == "instruction":
+                user = text(batch["instruction"][j])
+                extra = text(batch["input"][j]) if "input" in batch else ""
+                msgs = [{"role": "user", "content": f"{user}\n\n{extra}" if extra else user},
+                        {"role": "assistant", "content": text(batch["output"][j])}]
+            else:
+                source = " ".join(text(batch[c][j]) for c in prompt_cols).strip()
+                msgs = [{"role": "user", "content": t.prompt.replace("{source}", source) if t.prompt else source},
+                        {"role": "assistant", "content": text(batch[completion_col][j])}]
+            if t.system_prompt and (not msgs or msgs[0]["role"] != "system"):
+                msgs = [{"role": "system", "content": t.system_prompt}, *msgs]
+            out.append(json.dumps(msgs, ensure_ascii=False))
+        return {"conversation": out}
+
+    ds = ds.map(to_rows, batched=True, with_indices=True, remove_columns=ds.column_names, desc=f"{where}: conversations")
+    n = len(ds)
+    ds = ds.filter(lambda r: any(m["role"] == "assistant" and m["content"].strip() for m in json.loads(r["conversation"])),
+                   desc=f"{where}: rows with an answer")
+    if len(ds) < n:
+        log.warning("%s: dropped %d row(s) without a non-empty assistant turn", where, n - len(ds))
+    if len(ds) == 0:
+        raise DataError(f"{where}: no row has a non-empty assistant turn (format {fmt}): nothing to learn. Check the columns.")
+    return ds
+
+
+# ------------------------------------------------------------------------------------------------ template and labels
+
+def ensure_chat_template(tokenizer, recipe) -> None:
+    """task.chat_format replaces the tokenizer's template (saved with the run); without either, refuse with the fix."""
+    fmt = recipe.task.chat_format
+    if fmt is not None:
+        tokenizer.chat_template = NAMED_TEMPLATES.get(fmt, fmt)
+    if not getattr(tokenizer, "chat_template", None):
+        raise ConfigError([f"task.type=sft: the tokenizer of {recipe.model.name} has no chat template, so conversations cannot "
+                           "be rendered. Set task.chat_format=chatml (or a Jinja chat template string), or use an "
+                           "instruction-tuned model whose tokenizer has one."])
+    for marker in END_OF_TURN[:1]:  # ChatML through a tokenizer that lacks its tokens: the model cannot learn to stop
+        if marker in tokenizer.chat_template and tokenizer.convert_tokens_to_ids(marker) in (None, tokenizer.unk_token_id):
+            log.warning("the chat template uses %s, which is not a token of this tokenizer: generation stops at EOS (%s) only",
+                        marker, tokenizer.eos_token)
+
+
+def render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """-> (the rendered conversation, the character spans of each assistant turn's tokens, end-of-turn included)."""
+    full = render(tokenizer, messages)
+    markers = [m for m in (tokenizer.eos_token, *END_OF_TURN) if m]
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, after = render(tokenizer, messages[:i], True), render(tokenizer, messages[:i + 1])
+        if not after.startswith(before) or not full.startswith(after):
+            raise DataError("the chat template does not render conversations prefix by prefix (messages[:i] + the generation "
+                            "prompt is not the start of messages[:i+1]), so the assistant's tokens cannot be found. Use a "
+                            "template that does (task.chat_format=chatml).")
+        start, stop = len(before), len(after)
+        for marker in markers:  # train up to and including the turn's end token, not the newline the template adds after it
+            k = full.rfind(marker, start, stop)
+            if k >= 0:
+                stop = k + len(marker)
+                break
+        spans.append((start, stop))
+    return full, spans
+
+
+def stop_ids(tokenizer) -> list[int]:
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    for marker in END_OF_TURN:
+        i = tokenizer.convert_tokens_to_ids(marker)
+        if isinstance(i, int) and i != tokenizer.unk_token_id and i not in ids:
+            ids.append(i)
+    return ids
+
+
+def encode(tokenizer, messages: list[dict], max_length: int) -> dict:
+    """One conversation -> input_ids, labels (assistant tokens only), the generation prompt of its last answer."""
+    full, spans = assistant_spans(tokenizer, messages)
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    ids = enc["input_ids"]
+    labels = [t if any(s <= a < e for s, e in spans) and b > a else -100 for t, (a, b) in zip(ids, enc["offset_mapping"])]
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    prompt = tokenizer(render(tokenizer, messages[:last], True), add_special_tokens=False)["input_ids"]
+    user = next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")
+    return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": len(ids) > max_length,
+            "gen_ids": prompt[-max_length:], "source": user, "reference": messages[last]["content"]}
+
+
+def tokenize(ds, tokenizer, recipe):
+    """{conversation} rows -> input_ids, attention_mask, labels (assistant tokens), length, truncated, row, and the
+    generation prompt + reference of the last answer; rows left with no trainable token are dropped, a split with none
+    at all is refused."""
+    ensure_chat_template(tokenizer, recipe)
+    if recipe.eval.metric_fn:
+        load_metric_fn(recipe.eval.metric_fn)  # fail before training, not after it
+    max_length = recipe.data.max_length
+
+    def enc(batch, rows):
+        out = [encode(tokenizer, json.loads(c), max_length) for c in batch["conversation"]]
+        cols = {k: [o[k] for o in out] for k in out[0]}
+        cols.update(attention_mask=[[1] * len(i) for i in cols["input_ids"]], length=[len(i) for i in cols["input_ids"]],
+                    n_labels=[sum(y != -100 for y in o["labels"]) for o in out], row=rows)
+        return cols
+
+    ds = ds.map(enc, batched=True, with_indices=True, remove_columns=["conversation"], desc="tokenize")
+    if sum(ds["n_labels"]) == 0:
+        raise DataError("no assistant token is trainable: the chat template renders no assistant tokens within data.max_length="
+                        f"{max_length} in any of {len(ds):,} rows, so training would learn nothing. Check that rows have "
+                        "assistant turns, that the chat template renders their content (task.chat_format), and data.max_length.")
+    n = len(ds)
+    ds = ds.filter(lambda r: r["n_labels"] > 0, desc="rows with an answer within max_length")
+    if len(ds) < n:
+        log.warning("%d row(s) have no assistant token within data.max_length=%d (the answer starts after the cut): dropped. "
+                    "Raise data.max_length to keep them.", n - len(ds), max_length)
+    return ds
+
+
+# ------------------------------------------------------------------------------------------------ packing and batches
+
+def pack(ds, recipe):
+    """data.packing: examples (whole, never split) best-fit into rows of at most data.max_length tokens; each row keeps
+    the position ids of its examples, restarting at 0, which is what keeps attention within an example."""
+    if not recipe.data.packing:
+        return ds
+    import datasets
+
+    cap, lengths = recipe.data.max_length, ds["length"]
+    order = sorted(range(len(ds)), key=lambda i: -lengths[i])
+    free: list[tuple[int, int]] = []  # (room left, bin), sorted
+    bins: list[list[int]] = []
+    for i in order:
+        k = bisect.bisect_left(free, (lengths[i], -1))
+        if k < len(free):
+            room, b = free.pop(k)
+        else:
+            room, b = cap, len(bins)
+            bins.append([])
+        bins[b].append(i)
+        if room - lengths[i] > 0:
+            bisect.insort(free, (room - lengths[i], b))
+    ids, labels = ds["input_ids"], ds["labels"]
+    rows = {"input_ids": [], "labels": [], "position_ids": [], "length": [], "truncated": [], "n_examples": []}
+    trunc = ds["truncated"]
+    for b in bins:
+        rows["input_ids"].append([t for i in b for t in ids[i]])
+        rows["labels"].append([t for i in b for t in labels[i]])
+        rows["position_ids"].append([p for i in b for p in range(lengths[i])])
+        rows["length"].append(sum(lengths[i] for i in b))
+        rows["truncated"].append(any(trunc[i] for i in b))
+        rows["n_examples"].append(len(b))
+    log.info("packing: %s examples into %s rows of <= %d tokens (%.0f%% full)", f"{len(ds):,}", f"{len(bins):,}", cap,
+             100 * sum(lengths) / max(len(bins) * cap, 1))
+    return datasets.Dataset.from_dict(rows)
+
+
+def _pad(seqs: list[list[int]], value, left: bool = False, multiple: int = 8) -> torch.Tensor:
+    n = -(-max(len(s) for s in seqs) // multiple) * multiple
+    return torch.tensor([([value] * (n - len(s)) + s) if left else (s + [value] * (n - len(s))) for s in seqs])
+
+
+def collator(tokenizer):
+    """Right-padded rows (labels -100 on padding). Packed rows carry position ids and no attention mask: masking_utils
+    then makes attention block-diagonal; their padding is a segment of its own (positions from 0), never a label."""
+    pad = tokenizer.pad_token_id
+
+    def collate(rows):
+        batch = {"input_ids": _pad([r["input_ids"] for r in rows], pad), "labels": _pad([r["labels"] for r in rows], -100)}
+        if "position_ids" in rows[0]:
+            n = batch["input_ids"].shape[1]
+            batch["position_ids"] = torch.tensor([r["position_ids"] + list(range(n - len(r["position_ids"]))) for r in rows])
+            batch["use_cache"] = False  # an (empty) cache turns off the packed-sequence mask in masking_utils
+        else:
+            batch["attention_mask"] = _pad([r["attention_mask"] for r in rows], 0)
+        return batch
+
+    return collate
+
+
+def eval_collator(tokenizer):
+    """Model inputs + the last answer's generation prompt (left-padded), its reference and source, the row index."""
+    base, pad = collator(tokenizer), tokenizer.pad_token_id
+
+    def collate(rows):
+        batch = base(rows)
+        batch.update(row=[r["row"] for r in rows], source=[r["source"] for r in rows], reference=[r["reference"] for r in rows],
+                     gen_input_ids=_pad([r["gen_ids"] for r in rows], pad, left=True),
+                     gen_attention_mask=_pad([[1] * len(r["gen_ids"]) for r in rows], 0, left=True))
+        return batch
+
+    return collate
+
+
+# ------------------------------------------------------------------------------------------------ evaluation
+
+def load_metric_fn(spec: str):
+    """'module:function' -> the function; the working directory is importable (a metrics.py beside the recipe)."""
+    module, _, name = spec.partition(":")
+    cwd = str(Path.cwd())
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError([f"eval.metric_fn={spec!r}: cannot load it ({type(e).__name__}: {e}). Give 'module:function' of a "
+                           "module importable from the working directory."]) from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    return fn
+
+
+def _norm(s: str) -> str:
+    return " ".join(s.split())
+
+
+def score(preds: list[str], refs: list[str], metric_fn: str | None) -> dict:
+    out = {"exact_match": sum(_norm(p) == _norm(r) for p, r in zip(preds, refs)) / max(len(refs), 1)}
+    out.update(rouge_metrics(preds, refs))
+    if metric_fn:
+        extra = load_metric_fn(metric_fn)(preds, refs)
+        if not isinstance(extra, dict):
+            raise DataError(f"eval.metric_fn={metric_fn!r} returned {type(extra).__name__}; it must return {{metric: number}}.")
+        out.update({k: float(v) for k, v in extra.items()})
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=None):
+    """-> (metrics, report): the mean loss over assistant tokens; with tokenizer and recipe (a loader from
+    eval_collator) also the last answer of every row generated greedily and scored, the report holding the predictions."""
+    from .summarization import row_losses
+
+    generating = tokenizer is not None and recipe is not None
+    unwrapped = accelerator.unwrap_model(model)
+    model.eval()
+    loss_sum, n_tokens, rows = 0.0, 0, []
+    for batch in loader:
+        extras = {k: batch.pop(k) for k in EXTRAS if k in batch}
+        if generating and "reference" not in extras:
+            raise ValueError("sft: generating needs the loader built with the task's eval_collator")
+        out = model(**batch)
+        sums, counts = accelerator.gather_for_metrics(row_losses(out.logits, batch["labels"], True))
+        loss_sum += sums.sum().item()
+        n_tokens += int(counts.sum().item())
+        if generating:
+            ids = extras["gen_input_ids"].to(batch["input_ids"].device)
+            mask = extras["gen_attention_mask"].to(ids.device)
+            with accelerator.autocast():
+                gen = unwrapped.generate(input_ids=ids, attention_mask=mask, max_new_tokens=recipe.eval.max_new_tokens,
+                                         do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id,
+                                         eos_token_id=stop_ids(tokenizer))
+            preds = [p.strip() for p in tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)]
+            mine = [{"row": r, "source": s, "prediction": p, "reference": t}
+                    for r, s, p, t in zip(extras["row"], extras["source"], preds, extras["reference"])]
+            rows += accelerator.gather_for_metrics(mine, use_gather_object=True)
+    model.train()
+    metrics = {"loss": loss_sum / max(n_tokens, 1)}
+    if not generating:
+        return metrics, {"n_tokens": n_tokens}
+    rows.sort(key=lambda r: r["row"])
+    preds, refs = [r["prediction"] for r in rows], [r["reference"] for r in rows]
+    metrics.update(score(preds, refs, recipe.eval.metric_fn))
+    metrics["gen_words"] = sum(len(p.split()) for p in preds) / max(len(preds), 1)
+    for r in rows[: recipe.eval.log_examples]:
+        log.info("example row %d\n  prompt:     %s\n  prediction: %s\n  reference:  %s", r["row"],
+                 " | ".join(r["source"][:300].splitlines()), r["prediction"], r["reference"])
+    report = {"n": len(rows), "n_tokens": n_tokens, "generation": {"greedy": True, "max_new_tokens": recipe.eval.max_new_tokens},
+              "predictions": rows}
+    return metrics, report

@@ -1,0 +1,238 @@
+"""Verbalizer classification: a causal LM (Llama, Qwen, SmolLM2) classifies by writing the label word.
+
+Each row becomes one sequence `prompt + label word` (`task.prompt` with {text} where the joined data.text_columns go,
+optionally rendered through the tokenizer's chat template: task.chat_template), whose labels are -100 over the prompt,
+so the loss covers only the label word's tokens (+ EOS with task.label_eos). Evaluation does not generate freely: it
+scores each class's label word by its log-likelihood given the prompt (the sum over its tokens) and predicts the best
+one, so every prediction is a class; it reports accuracy, macro-F1, the per-class report and confusion matrix, as
+the classification task does, and the loss (mean over the gold label words' tokens, as in training).
+
+The words: data.label_words (in data.label_names order, written verbatim), or derived from data.label_names:
+' negative' after a plain prompt (a word follows a space), 'negative' as the assistant's answer of a chat template.
+Zero-shot (the base model, nothing trained): the same recipe with train.max_steps=0 evaluates and exports the
+untouched base (a LoRA adapter starts as the identity).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from ..errors import DataError
+from ..metrics import CLASSIFICATION_KEYS, classification_metrics
+from .summarization import _adds_bos, _pad, eos_id, truncate_sources
+
+log = logging.getLogger(__name__)
+
+auto_model_class = AutoModelForCausalLM
+peft_task_type = "CAUSAL_LM"
+target_kind = "label"
+best_metric = "accuracy"
+metrics = (*CLASSIFICATION_KEYS, "loss")
+# scoring the label words needs the prompts (the eval collator) and the tokenizer: a kept accuracy makes evaluations score
+GENERATED_METRICS = CLASSIFICATION_KEYS
+pipeline_tag = "text-generation"
+task_name = "Text Classification (label word)"
+usage_class = "AutoModelForCausalLM"
+card_metrics = {"accuracy": "Accuracy", "f1": "Macro F1"}
+
+DEFAULT_PROMPT = "Text: {text}\nLabel:"
+PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+EXTRAS = ("prompt_length", "class_label")  # eval-collator keys that are not model inputs
+
+
+def check(recipe) -> list[str]:
+    d, prompt = recipe.data, recipe.task.prompt
+    p = []
+    if prompt is not None:
+        unknown = sorted({m for m in PLACEHOLDER.findall(prompt) if m != "text"})
+        if unknown:
+            p.append(f"task.prompt={prompt!r}: unknown placeholder(s) {', '.join('{' + u + '}' for u in unknown)}; the verbalizer "
+                     "fills only {text} (the joined data.text_columns). Write the other parts literally.")
+        if prompt.count("{text}") != 1:
+            p.append(f"task.prompt={prompt!r}: must contain {{text}} exactly once (where the input text goes), e.g. "
+                     "'Review: {text}\\nSentiment:'.")
+    if not d.label_words and not d.label_names:
+        p.append("task.type=verbalizer needs the word written for each class: set data.label_names (the words are derived "
+                 "from them, e.g. [negative, positive]) or data.label_words (written verbatim, in class order).")
+    if d.label_words:
+        dup = sorted({w for w in d.label_words if d.label_words.count(w) > 1})
+        if dup:
+            p.append(f"data.label_words={d.label_words}: {dup} given more than once; each class needs its own word.")
+        if any(not w.strip() for w in d.label_words):
+            p.append(f"data.label_words={d.label_words}: an empty word cannot be scored; give every class a word.")
+        if d.label_names and len(d.label_names) != len(d.label_words):
+            p.append(f"data.label_words has {len(d.label_words)} words for the {len(d.label_names)} data.label_names "
+                     f"{d.label_names}: give one word per class, in the same order.")
+    return p
+
+
+def summary_line(split: str, m: dict) -> str:
+    return f"   {split:<5} accuracy {m['accuracy']:.4f}   macro-F1 {m['f1']:.4f}   loss {m['loss']:.4f}"
+
+
+def uses_chat(tokenizer, recipe) -> bool:
+    """task.chat_template=true needs a tokenizer that has one (an error with the fix otherwise, never a silent plain prompt)."""
+    if not recipe.task.chat_template:
+        return False
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"task.chat_template=true, but the tokenizer of {recipe.model.name} has no chat template. Set "
+                        "task.chat_template=false (the plain task.prompt), or use an instruction-tuned model that ships one.")
+    return True
+
+
+def label_words(recipe, label_names: list[str], chat: bool) -> list[str]:
+    words = recipe.data.label_words or [n if chat else " " + n for n in label_names]
+    if len(words) != len(label_names):
+        raise DataError(f"data.label_words has {len(words)} words for {len(label_names)} classes {label_names}: give one word "
+                        "per class, in class order.")
+    return list(words)
+
+
+def label_token_ids(tokenizer, recipe, label_names: list[str] | None = None) -> list[list[int]]:
+    """Each class's label-word tokens (+ EOS with task.label_eos). Two words with the same tokens, or one whose tokens
+    begin another's without an EOS after them (the longer could then never score higher), are refused."""
+    names = list(label_names or recipe.data.label_names or [])
+    words = label_words(recipe, names, uses_chat(tokenizer, recipe))
+    ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+    for w, i in zip(words, ids):
+        if not i:
+            raise DataError(f"data.label_words: {w!r} tokenizes to nothing; give a word the tokenizer can write.")
+    if recipe.task.label_eos:
+        ids = [i + [eos_id(tokenizer)] for i in ids]
+    for a in range(len(ids)):
+        for b in range(len(ids)):
+            if a == b:
+                continue
+            if ids[a] == ids[b]:
+                raise DataError(f"label words {words[a]!r} and {words[b]!r} tokenize to the same tokens {ids[a]}, so the model "
+                                "cannot tell the classes apart. Set data.label_words to words that tokenize differently.")
+            if ids[b][: len(ids[a])] == ids[a]:
+                raise DataError(f"label word {words[a]!r} ({ids[a]}) is a prefix of {words[b]!r} ({ids[b]}): scored by "
+                                f"likelihood, {words[b]!r} could never win. Set task.label_eos=true (each word is followed by "
+                                "EOS, trained and scored), or data.label_words with words that differ in their first token.")
+    return ids
+
+
+def prompt_ids(tokenizer, recipe, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
+    """The token ids of each row's prompt (its text cut to data.max_length tokens first) and which rows were cut."""
+    chat = uses_chat(tokenizer, recipe)
+    template = recipe.task.prompt or DEFAULT_PROMPT
+    texts, cut = truncate_sources(tokenizer, texts, recipe.data.max_length)
+    prompts = [template.replace("{text}", t) for t in texts]
+    if chat:
+        prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                   for p in prompts]
+    bos = [tokenizer.bos_token_id] if not chat and _adds_bos(tokenizer) else []
+    return [bos + i for i in tokenizer(prompts, add_special_tokens=False)["input_ids"]], cut
+
+
+def tokenize(ds, tokenizer, recipe):
+    """{text, label} rows -> input_ids = prompt + label word, labels = -100 over the prompt then the word's tokens;
+    keeps prompt_length, class_label (the class index), length and truncated."""
+    words = label_token_ids(tokenizer, recipe)
+
+    def enc(batch):
+        prompts, cut = prompt_ids(tokenizer, recipe, batch["text"])
+        targets = [words[y] for y in batch["label"]]
+        ids = [p + y for p, y in zip(prompts, targets)]
+        return {"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids],
+                "labels": [[-100] * len(p) + y for p, y in zip(prompts, targets)],
+                "prompt_length": [len(p) for p in prompts], "class_label": batch["label"],
+                "length": [len(i) for i in ids], "truncated": cut}
+
+    return ds.map(enc, batched=True, remove_columns=["text", "label"], desc="tokenize")
+
+
+def collator(tokenizer):
+    """Model inputs only, right-padded (labels -100 on the padding): what training and the loss evaluation feed."""
+    pad = tokenizer.pad_token_id
+
+    def collate(rows):
+        return {"input_ids": _pad([r["input_ids"] for r in rows], pad), "attention_mask": _pad([r["attention_mask"] for r in rows], 0),
+                "labels": _pad([r["labels"] for r in rows], -100)}
+
+    return collate
+
+
+def eval_collator(tokenizer):
+    """The model inputs + each row's prompt length and class index: what scoring the label words needs."""
+    base = collator(tokenizer)
+
+    def collate(rows):
+        batch = base(rows)
+        batch["prompt_length"] = torch.tensor([r["prompt_length"] for r in rows])
+        batch["class_label"] = torch.tensor([r["class_label"] for r in rows])
+        return batch
+
+    return collate
+
+
+def score_words(model, prompts: list[list[int]], words: list[list[int]], pad: int) -> torch.Tensor:
+    """-> (rows, classes) log-likelihood of each word's tokens after each prompt. The sequences are left-padded, so
+    every word's tokens sit at the same final positions and only those positions' logits are computed (a batch's
+    logits over a 50k-token vocabulary would not fit otherwise); position ids follow the padding. When every word is
+    one token, one forward pass over the prompts scores them all."""
+    device = next(model.parameters()).device
+
+    def last_logprobs(seqs: list[list[int]], n: int) -> torch.Tensor:
+        """log-softmax of the last n positions' next-token logits, (rows, n, vocab)."""
+        ids = _pad(seqs, pad, left=True, multiple=1).to(device)
+        mask = _pad([[1] * len(s) for s in seqs], 0, left=True, multiple=1).to(device)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=n)
+        return out.logits[:, -n:].float().log_softmax(-1)
+
+    if all(len(w) == 1 for w in words):
+        return last_logprobs(prompts, 1)[:, -1, [w[0] for w in words]]
+    scores = []
+    for w in words:
+        lp = last_logprobs([p + w for p in prompts], len(w) + 1)[:, :-1]  # position t predicts token t+1
+        target = torch.tensor(w, device=lp.device).expand(len(prompts), -1)
+        scores.append(lp.gather(-1, target[..., None])[..., 0].sum(-1))
+    return torch.stack(scores, 1)
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=None):
+    """-> (metrics, report). Without tokenizer/recipe (evaluations during training that keep the loss): the loss over
+    the label-word tokens only. With them (the final evaluation, or a kept accuracy; loader from eval_collator): each
+    class's word scored, the argmax predicted; accuracy, macro-F1, per-class report and confusion matrix, and the loss."""
+    scoring = tokenizer is not None and recipe is not None
+    words = label_token_ids(tokenizer, recipe, label_names) if scoring else None
+    model.eval()
+    preds, refs, nll_sum, n_tokens = [], [], 0.0, 0
+    for batch in loader:
+        extras = {k: batch.pop(k) for k in EXTRAS if k in batch}
+        if not scoring:
+            out = model(**batch)
+            logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
+            sums = torch.stack([torch.nn.functional.cross_entropy(lg.float(), y, ignore_index=-100, reduction="sum")
+                                for lg, y in zip(logits, labels)])
+            sums, counts = accelerator.gather_for_metrics((sums, (labels != -100).sum(1)))
+            nll_sum += sums.sum().item()
+            n_tokens += int(counts.sum().item())
+            continue
+        if "class_label" not in extras:
+            raise ValueError("verbalizer: scoring needs the loader built with the task's eval_collator (prompt lengths, classes)")
+        prompts = [ids[:n].tolist() for ids, n in zip(batch["input_ids"], extras["prompt_length"].tolist())]
+        with accelerator.autocast():
+            scores = score_words(model, prompts, words, tokenizer.pad_token_id)
+        gold = extras["class_label"].to(scores.device)
+        nll = -scores.gather(1, gold[:, None])[:, 0]
+        count = torch.tensor([len(words[y]) for y in gold.tolist()], device=scores.device)
+        p, r, nll, count = accelerator.gather_for_metrics((scores.argmax(-1), gold, nll, count))
+        preds.append(p.cpu())
+        refs.append(r.cpu())
+        nll_sum += nll.sum().item()
+        n_tokens += int(count.sum().item())
+    model.train()
+    loss = nll_sum / max(n_tokens, 1)
+    if not scoring:
+        return {"loss": loss}, {"n_tokens": n_tokens}
+    metrics, report = classification_metrics(torch.cat(preds).tolist(), torch.cat(refs).tolist(), label_names)
+    metrics["loss"] = loss
+    report["label_words"] = [tokenizer.decode(w) for w in words]
+    return metrics, report

@@ -1,0 +1,240 @@
+"""task.type=sft: conversations from three row formats, assistant-only labels (EOS trained where pad == eos), the
+no-trainable-token refusal, packing without cross-example attention (per-example losses equal to unpacked rows),
+generation metrics (exact match, ROUGE, a user function), an end-to-end run that learns, exports and reloads."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from peftlab import build_data, load_recipe, load_splits, load_trained, run
+from peftlab.errors import ConfigError, DataError
+from peftlab.tasks import sft
+
+from .conftest import REPO, minilm_tokenizer, shared_or_skip
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+QA = [("what is the capital of france", "paris"), ("what color is the sky", "blue"), ("how many legs has a cat", "four"),
+      ("what do bees make", "honey"), ("what is frozen water", "ice"), ("which animal barks", "a dog")]
+
+
+def chat_tokenizer():
+    """MiniLM's tokenizer + ChatML special tokens and template; pad == eos == <|im_end|>, as in SmolLM2."""
+    tok = minilm_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
+    tok.eos_token = IM_END
+    tok.pad_token = IM_END
+    tok.chat_template = sft.NAMED_TEMPLATES["chatml"]
+    return tok
+
+
+@pytest.fixture(scope="module")
+def chat_llama(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = chat_tokenizer()
+    d = tmp_path_factory.mktemp("tiny-chat-llama")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=None)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def messages_rows(n: int = len(QA)) -> list[dict]:
+    return [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": a}]} for q, a in QA[:n]]
+
+
+def recipe_for(tmp_path, model, train, overrides=(), eval_path=None):
+    tree = {"name": "sft", "output_dir": str(tmp_path / "out"), "model": {"name": str(model)}, "task": {"type": "sft"},
+            "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0, "target_modules": "all-linear"},
+            "data": {"train": str(train), "eval": str(eval_path or train), "max_length": 64},
+            "train": {"max_steps": 40, "batch_size": 6, "lr": 1e-2, "warmup_fraction": 0.0, "log_every": 10, "precision": "fp32"},
+            "eval": {"batch_size": 8, "max_new_tokens": 8}}
+    p = tmp_path / "recipe.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    return load_recipe(p, list(overrides))
+
+
+# ------------------------------------------------------------------------------------------------ labels
+
+
+def test_two_turn_mask_is_exactly_the_assistant_turns_with_their_end_token():
+    tok = chat_tokenizer()
+    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi there"},
+            {"role": "assistant", "content": "hello"}, {"role": "user", "content": "bye now"},
+            {"role": "assistant", "content": "good bye"}]
+    row = sft.encode(tok, msgs, 256)
+    trained = [t for t, y in zip(row["input_ids"], row["labels"]) if y != -100]
+    assert all(y in (-100, t) for t, y in zip(row["input_ids"], row["labels"]))
+    end = tok.convert_tokens_to_ids(IM_END)
+    expected = tok("hello", add_special_tokens=False)["input_ids"] + [end] + tok("good bye", add_special_tokens=False)["input_ids"] + [end]
+    assert trained == expected  # both answers and the end-of-turn token of each, although pad == eos == <|im_end|>
+    assert tok.pad_token_id == end
+    # nothing of the system/user turns or the template (<|im_start|>assistant) is trained
+    masked = [t for t, y in zip(row["input_ids"], row["labels"]) if y == -100]
+    assert tok.convert_tokens_to_ids(IM_START) in masked and masked.count(end) == 3  # system, user, user turn ends
+    assert row["reference"] == "good bye" and row["source"] == "bye now"
+    assert tok.decode(row["gen_ids"]).replace(" ", "").endswith("<|im_start|>assistant")
+
+
+def test_rows_in_three_formats_become_the_same_conversation(tmp_path, chat_llama):
+    files = {"messages": write_jsonl(tmp_path / "m.jsonl", messages_rows(2)),
+             "instruction": write_jsonl(tmp_path / "i.jsonl", [{"instruction": q, "input": "", "output": a} for q, a in QA[:2]]),
+             "prompt": write_jsonl(tmp_path / "p.jsonl", [{"prompt": q, "completion": a} for q, a in QA[:2]])}
+    convs = {}
+    for fmt, path in files.items():
+        splits, names = load_splits(recipe_for(tmp_path, chat_llama, path))
+        assert names == []
+        convs[fmt] = [json.loads(c) for c in splits["train"]["conversation"]]
+    assert convs["messages"] == convs["instruction"] == convs["prompt"] == [r["messages"] for r in messages_rows(2)]
+    # columns named by the recipe, through task.prompt, with a system prompt
+    other = write_jsonl(tmp_path / "d.jsonl", [{"dialogue": q, "summary": a} for q, a in QA[:2]])
+    r = recipe_for(tmp_path, chat_llama, other, ["data.text_columns=[dialogue]", "data.target_column=summary",
+                                                 "task.prompt='Q: {source}'", "task.system_prompt=be brief"])
+    conv = json.loads(load_splits(r)[0]["train"]["conversation"][0])
+    assert conv == [{"role": "system", "content": "be brief"}, {"role": "user", "content": f"Q: {QA[0][0]}"},
+                    {"role": "assistant", "content": QA[0][1]}]
+
+
+def test_unknown_columns_and_bad_messages_are_refused_clearly(tmp_path, chat_llama):
+    bad = write_jsonl(tmp_path / "x.jsonl", [{"question": "a", "answer": "b"}])
+    with pytest.raises(DataError, match=r"cannot tell how the rows hold conversations; the data has columns \['question', 'answer'\]"):
+        load_splits(recipe_for(tmp_path, chat_llama, bad))
+    broken = write_jsonl(tmp_path / "y.jsonl", [{"messages": [{"role": "robot", "content": "x"}]}])
+    with pytest.raises(DataError, match="row 1: 'messages' must be a list of"):
+        load_splits(recipe_for(tmp_path, chat_llama, broken))
+
+
+def test_a_template_that_trains_nothing_is_refused_and_a_missing_template_names_the_fix(tmp_path, chat_llama):
+    path = write_jsonl(tmp_path / "m.jsonl", messages_rows(3))
+    no_answers = ("{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}\n{% endif %}{% endfor %}"
+                  )  # renders prefix by prefix, but no assistant content
+    r = recipe_for(tmp_path, chat_llama, path, [f"task.chat_format={json.dumps(no_answers)}"])
+    splits, _ = load_splits(r)
+    with pytest.raises(DataError, match="no assistant token is trainable"):
+        build_data(r, chat_tokenizer(), splits=splits, label_names=[])
+    tok = chat_tokenizer()
+    tok.chat_template = None
+    r = recipe_for(tmp_path, chat_llama, path)
+    with pytest.raises(ConfigError, match="has no chat template.*task.chat_format=chatml"):
+        build_data(r, tok, splits=splits, label_names=[])
+    with pytest.raises(ConfigError, match="task.chat_format='mistral': neither a named template"):
+        recipe_for(tmp_path, chat_llama, path, ["task.chat_format=mistral"])
+    with pytest.raises(ConfigError, match="train.best_metric='accuracy': sft keeps the best of loss, exact_match"):
+        recipe_for(tmp_path, chat_llama, path, ["train.best_metric=accuracy"])
+
+
+# ------------------------------------------------------------------------------------------------ packing
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+def test_a_packed_batch_gives_each_example_the_loss_of_its_unpacked_row(tmp_path, chat_llama, attn):
+    from transformers import AutoModelForCausalLM
+
+    path = write_jsonl(tmp_path / "m.jsonl", messages_rows())
+    tok = chat_tokenizer()
+    plain = recipe_for(tmp_path, chat_llama, path, ["data.max_length=128"])
+    packed = recipe_for(tmp_path, chat_llama, path, ["data.max_length=128", "data.packing=true"])
+    splits, _ = load_splits(plain)
+    rows = build_data(plain, tok, splits=splits, label_names=[]).train
+    data = build_data(packed, tok, splits=splits, label_names=[])
+    assert len(data.train) < len(rows) and sum(data.train["n_examples"]) == len(rows)
+    assert max(data.train["length"]) <= 128
+    model = AutoModelForCausalLM.from_pretrained(chat_llama, attn_implementation=attn, dtype=torch.float32).eval()
+
+    def token_losses(batch):
+        with torch.no_grad():
+            logits = model(**batch).logits
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].transpose(1, 2), batch["labels"][:, 1:], reduction="none",
+                                               ignore_index=-100)
+        return ce
+
+    unpacked = {}
+    for r in rows:  # one row at a time, no padding
+        b = data.collate([r])
+        ce = token_losses(b)[0]
+        unpacked[tuple(r["input_ids"])] = ce[: len(r["input_ids"]) - 1].sum().item()
+    batch = data.collate(list(data.train))
+    assert "attention_mask" not in batch and batch["use_cache"] is False
+    ce = token_losses(batch)
+    found = 0
+    for i, r in enumerate(data.train):
+        starts = [j for j, p in enumerate(r["position_ids"]) if p == 0] + [len(r["position_ids"])]
+        for s, e in zip(starts, starts[1:]):
+            key = tuple(r["input_ids"][s:e])
+            assert ce[i, s:e - 1].sum().item() == pytest.approx(unpacked[key], abs=1e-5)  # (e-1: the next example's first token)
+            found += 1
+    assert found == len(rows)
+
+
+# ------------------------------------------------------------------------------------------------ evaluation, end to end
+
+
+def test_generation_metrics_and_a_user_metric_function(tmp_path, monkeypatch):
+    (tmp_path / "my_metrics.py").write_text("def score(preds, refs):\n    return {'chars': sum(map(len, preds)) / len(preds)}\n")
+    monkeypatch.chdir(tmp_path)
+    m = sft.score(["paris", "a  dog", "blue sky"], ["paris", "a dog", "blue"], "my_metrics:score")
+    assert m["exact_match"] == pytest.approx(2 / 3) and m["chars"] == pytest.approx(19 / 3) and 0 < m["rouge1"] < 1
+    with pytest.raises(ConfigError, match="eval.metric_fn='my_metrics:nope': cannot load it"):
+        sft.load_metric_fn("my_metrics:nope")
+    assert "anything" in sft.GENERATED_METRICS and "loss" not in sft.GENERATED_METRICS
+
+
+@pytest.mark.parametrize("packing", [False, True])
+def test_sft_end_to_end_learns_exports_and_reloads(tmp_path, chat_llama, packing):
+    path = write_jsonl(tmp_path / "m.jsonl", messages_rows())
+    r = recipe_for(tmp_path, chat_llama, path, [f"data.packing={str(packing).lower()}", "train.max_steps=60",
+                                                "train.eval_every=30", "train.best_metric=exact_match"])
+    record = run(r)
+    first = [json.loads(line) for line in (r.out / "log.jsonl").read_text().splitlines() if '"train"' in line]
+    m = record.metrics["eval"]
+    # a hidden size of 32 spreads probability over MiniLM's 30k-token vocabulary, so the loss falls slowly in nats, but the
+    # answers' argmax is learnt: most come back verbatim
+    assert first[-1]["loss"] < first[0]["loss"] - 0.2 and m["loss"] < record.history[0]["loss"], (first, record.history)
+    assert m["exact_match"] >= 0.5, m
+    preds = [json.loads(line) for line in (r.out / "predictions-eval.jsonl").read_text().splitlines()]
+    assert len(preds) == len(QA) and {"prediction", "reference", "source"} <= set(preds[0])
+    model, tok, _, _ = load_trained(r.out)
+    assert tok.chat_template and tok.pad_token == IM_END
+    row = sft.encode(tok, messages_rows(1)[0]["messages"], 64)
+    with torch.no_grad():
+        out = model.generate(input_ids=torch.tensor([row["gen_ids"]]), max_new_tokens=8, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=sft.stop_ids(tok))
+    assert tok.decode(out[0, len(row["gen_ids"]):], skip_special_tokens=True).strip() == preds[0]["prediction"]
+    assert record.task == "sft"
+
+
+def test_the_shipped_sft_recipe_validates():
+    recipe = REPO / "recipes" / "smollm2-135m" / "dialogsum-sft-lora.yaml"
+    assert recipe.read_text().startswith("#") and "peftlab train recipes/smollm2-135m/dialogsum-sft-lora.yaml" in recipe.read_text()
+    r = load_recipe(recipe, validate_files=False)
+    assert r.task.type == "sft" and r.data.packing
+
+
+@pytest.mark.slow
+def test_smollm2_chat_template_masks_exactly_the_answer():
+    """The real SmolLM2 tokenizer (its own ChatML template, default system prompt): the labels are the answer + <|im_end|>."""
+    d = shared_or_skip("models", "smollm2-135m-instruct")
+    from transformers import AutoTokenizer
+
+    from peftlab.bases import resolve_model_path
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path(str(d)))  # the GGUF folder, converted once (with its template)
+    msgs = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "2+2 = 4."}]
+    row = sft.encode(tok, msgs, 512)
+    trained = [t for t, y in zip(row["input_ids"], row["labels"]) if y != -100]
+    assert tok.decode(trained) == "2+2 = 4.<|im_end|>"
+    assert tok.pad_token is None or tok.pad_token == tok.eos_token

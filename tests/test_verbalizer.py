@@ -1,0 +1,209 @@
+"""LLM classifiers: the verbalizer task (a causal LM writes the label word) and the sequence-classification head on a
+decoder LLM. Fast tests use the tiny random Llama with MiniLM's tokenizer; the slow one scores real SmolLM2 zero-shot."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from peftlab import build_model, load_recipe
+from peftlab.data import build_data, load_splits
+from peftlab.errors import ConfigError, DataError
+from peftlab.run import run
+from peftlab.tasks import verbalizer
+from tests.conftest import minilm_tokenizer, shared_or_skip
+
+CHAT = ("{% for m in messages %}<|user|> {{ m['content'] }} {% endfor %}"
+        "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+
+
+@pytest.fixture
+def make_verb(tmp_path, tiny_llama, sentiment_files):
+    def make(overrides: dict | None = None, name: str = "verb"):
+        tree = {
+            "name": name, "output_dir": str(tmp_path / name), "model": {"name": str(tiny_llama)},
+            "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "data": {"train": str(sentiment_files["train"]), "eval": str(sentiment_files["dev"]),
+                     "label_names": ["negative", "positive"], "max_length": 32},
+            "task": {"type": "verbalizer", "prompt": "Review: {text}\nSentiment:"},
+            "train": {"epochs": 2, "batch_size": 16, "lr": 1e-2, "log_every": 8, "warmup_fraction": 0.0, "precision": "fp32",
+                      "seed": 0},
+            "eval": {"batch_size": 32},
+        }
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(tree))
+        return load_recipe(path, [f"{k}={'null' if v is None else v}" for k, v in (overrides or {}).items()])
+
+    return make
+
+
+def test_loss_mask_covers_only_the_label_word_tokens(make_verb):
+    recipe = make_verb()
+    tok = minilm_tokenizer()
+    data = build_data(recipe, tok)
+    words = [tok(w, add_special_tokens=False)["input_ids"] for w in (" negative", " positive")]  # derived from label_names
+    for i in range(4):
+        row, raw = data.train[i], load_splits(recipe)[0]["train"][i]
+        prompt = tok("Review: " + raw["text"] + "\nSentiment:", add_special_tokens=False)["input_ids"]
+        assert row["input_ids"] == prompt + words[raw["label"]]
+        assert row["labels"] == [-100] * len(prompt) + words[raw["label"]]
+        assert (row["prompt_length"], row["class_label"]) == (len(prompt), raw["label"])
+
+    # EOS after the word: trained too ([SEP] is MiniLM's end token); a chat template renders the prompt as the user turn
+    tok.chat_template = CHAT
+    row = build_data(make_verb({"task.label_eos": True, "task.chat_template": True}, "chat"), tok).train[0]
+    raw = load_splits(recipe)[0]["train"][0]
+    rendered = tok.apply_chat_template([{"role": "user", "content": "Review: " + raw["text"] + "\nSentiment:"}], tokenize=False,
+                                       add_generation_prompt=True)
+    word = tok("negative" if raw["label"] == 0 else "positive", add_special_tokens=False)["input_ids"] + [tok.sep_token_id]
+    assert row["input_ids"] == tok(rendered, add_special_tokens=False)["input_ids"] + word
+    assert row["labels"] == [-100] * row["prompt_length"] + word
+
+    # the model's loss is the mean NLL over exactly those tokens
+    model, *_ = build_model(recipe, num_labels=2, label_names=["negative", "positive"], precision="fp32")
+    batch = data.collate([data.train[i] for i in range(6)])
+    with torch.no_grad():
+        out = model(**batch)
+    lp = out.logits[:, :-1].float().log_softmax(-1)
+    labels = batch["labels"][:, 1:]
+    scored = labels != -100
+    assert scored.sum().item() == sum(len(data.train[i]["labels"]) - data.train[i]["prompt_length"] for i in range(6))
+    nll = -lp.gather(-1, labels.clamp(min=0)[..., None])[..., 0][scored].mean()
+    torch.testing.assert_close(out.loss, nll, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("words", [None, ["very bad", "quite good"]], ids=["one-token", "multi-token"])
+def test_scoring_is_each_words_likelihood_and_picks_the_max(make_verb, words):
+    """score_words (left-padded, position ids from the mask, only the word positions' logits) equals each word's
+    log-likelihood computed row by row without padding; the evaluation predicts the argmax."""
+    recipe = make_verb({"data.label_words": words} if words else {})
+    tok = minilm_tokenizer()
+    model, *_ = build_model(recipe, num_labels=2, label_names=["negative", "positive"], precision="fp32")
+    model.eval()
+    ids = verbalizer.label_token_ids(tok, recipe, ["negative", "positive"])
+    prompts, _ = verbalizer.prompt_ids(tok, recipe, ["the film was good", "a very very long and boring and bad plot really", "sad"])
+    with torch.no_grad():
+        scores = verbalizer.score_words(model, prompts, ids, tok.pad_token_id)
+        for r, p in enumerate(prompts):
+            for k, w in enumerate(ids):
+                lp = model(input_ids=torch.tensor([p + w])).logits[0, len(p) - 1:-1].log_softmax(-1)
+                assert scores[r, k].item() == pytest.approx(lp[torch.arange(len(w)), w].sum().item(), abs=1e-4)
+
+    # a constructed case: a model whose next-token distribution favours one word's tokens predicts that class
+    class Fixed(torch.nn.Module):
+        def __init__(self, favourite: list[int]):
+            super().__init__()
+            self.bias = torch.nn.Parameter(torch.zeros(tok.vocab_size))
+            self.bias.data[favourite] = 5.0
+
+        def forward(self, input_ids, attention_mask=None, position_ids=None, logits_to_keep=0, **kw):
+            from types import SimpleNamespace
+
+            n = logits_to_keep or input_ids.shape[1]
+            return SimpleNamespace(logits=self.bias.expand(input_ids.shape[0], n, -1).clone())
+
+    for k in range(2):
+        s = verbalizer.score_words(Fixed(ids[k]), prompts, ids, tok.pad_token_id)
+        assert s.argmax(-1).tolist() == [k] * len(prompts)
+
+
+def test_verbalizer_learns_the_synthetic_sentiment_and_zero_shot_is_max_steps_0(make_verb):
+    """Zero-shot (train.max_steps=0: the untouched base evaluated and exported) is at chance on the random model;
+    trained, the label word is right on the dev rows. Full fine-tuning here: a random 32-wide LM keeps its frozen
+    final norm and LM head under LoRA, which caps its logits near +-0.6, so LoRA cannot move its loss (measured:
+    flat at ~9.8 over 64 steps); LoRA learns on a real LLM (the slow test, recipes/smollm2-135m/)."""
+    zero = run(make_verb({"train.max_steps": 0}, "zero"))
+    assert zero.steps == 0 and zero.history == []
+    saved = load_file(str(Path(zero.output_dir) / "adapter_model.safetensors"))
+    assert all(not v.any() for k, v in saved.items() if "lora_B" in k)  # the exported adapter is the identity
+    assert zero.metrics["eval"]["accuracy"] < 0.7
+
+    trained = run(make_verb({"adapter.method": "full", "train.epochs": 3, "train.scheduler": "constant"}, "full"))
+    m = trained.metrics["eval"]
+    assert m["accuracy"] >= 0.9 and m["f1"] >= 0.9, m
+    assert m["loss"] < zero.metrics["eval"]["loss"] / 3
+    report = json.loads((Path(trained.output_dir) / "eval_report.json").read_text())
+    assert sum(map(sum, report["confusion"])) == 64 and report["label_words"] == ["negative", "positive"]
+    assert set(report["per_class"]) == {"negative", "positive"}
+
+
+def test_lora_verbalizer_exports_and_reloads_to_the_same_metrics(make_verb):
+    from peftlab import evaluate
+
+    recipe = make_verb({"train.max_steps": 4, "adapter.target_modules": "[q_proj,v_proj,o_proj]"}, "lora")
+    record = run(recipe)
+    assert json.loads((recipe.out / "adapter_config.json").read_text())["task_type"] == "CAUSAL_LM"
+    again = evaluate(recipe.out)
+    assert again["accuracy"] == record.metrics["eval"]["accuracy"]
+    assert again["loss"] == pytest.approx(record.metrics["eval"]["loss"], abs=1e-5)
+
+
+def test_invalid_verbalizer_recipes_are_refused_with_the_fix(make_verb):
+    with pytest.raises(ConfigError) as e:
+        make_verb({"task.prompt": "'Review: {sentence} Sentiment:'", "data.label_words": "[' yes', ' yes']"})
+    msg = str(e.value)
+    assert "unknown placeholder(s) {sentence}" in msg and "must contain {text} exactly once" in msg
+    assert "[' yes'] given more than once" in msg
+    with pytest.raises(ConfigError, match="3 words for the 2 data.label_names"):
+        make_verb({"data.label_words": "[a, b, c]"})
+    with pytest.raises(ConfigError, match="set data.label_names .* or data.label_words"):
+        make_verb({"data.label_names": None})
+
+    tok = minilm_tokenizer()
+    same = make_verb({"data.label_words": "[' Good', ' good']"})  # MiniLM's tokenizer is uncased
+    with pytest.raises(DataError, match="' Good' and ' good' tokenize to the same tokens"):
+        verbalizer.label_token_ids(tok, same)
+    prefix = make_verb({"data.label_words": "[' very', ' very good']"})
+    with pytest.raises(DataError, match="is a prefix of ' very good'.*task.label_eos=true"):
+        verbalizer.label_token_ids(tok, prefix)
+    eos = make_verb({"data.label_words": "[' very', ' very good']", "task.label_eos": True})
+    assert len(verbalizer.label_token_ids(tok, eos)) == 2  # with EOS the shorter word is no longer a prefix
+    with pytest.raises(DataError, match="has no chat template. Set task.chat_template=false"):
+        verbalizer.label_token_ids(tok, make_verb({"task.chat_template": True}))
+
+
+# ------------------------------------------------------------------------------------ the head on a decoder LLM
+
+def test_llama_head_pools_the_last_real_token_whatever_the_padding_side(make_recipe, tiny_llama):
+    """LlamaForSequenceClassification pools the last token that is not pad_token_id: right- and left-padded batches
+    give each row the logits it has alone; LoRA trains the new `score` head, saved as modules_to_save."""
+    recipe = make_recipe({"train.max_steps": 6, "train.precision": "fp32"}, model=tiny_llama)
+    model, tok, info = build_model(recipe, num_labels=2, label_names=["negative", "positive"], precision="fp32")
+    assert info.head_modules == ["score"] and model.config.pad_token_id == tok.pad_token_id
+    model.eval()
+    texts = ["good", "a bad and boring plot that goes on and on", "really quite lovely"]
+    alone = torch.cat([model(**tok([t], return_tensors="pt")).logits for t in texts])
+    for side in ("right", "left"):
+        tok.padding_side = side
+        batch = tok(texts, return_tensors="pt", padding=True)
+        torch.testing.assert_close(model(**batch).logits, alone, rtol=1e-4, atol=1e-5)
+
+    record = run(recipe)
+    saved = load_file(str(Path(record.output_dir) / "adapter_model.safetensors"))
+    head = {k: v for k, v in saved.items() if ".score." in k}
+    assert head and record.trainable_params == sum(v.numel() for v in saved.values())
+    initial = model.base_model.model.score.modules_to_save["default"].weight
+    assert not torch.equal(next(iter(head.values())), initial.detach())  # the head trained
+
+
+@pytest.mark.slow
+def test_smollm2_zero_shot_sst2_verbalizer(tmp_path):
+    """Real SmolLM2-135M-Instruct, no training: 64 SST-2 dev rows scored by ' negative' / ' positive' through the chat
+    template, above 60% (chance is ~50%)."""
+    model = shared_or_skip("models", "smollm2-135m-instruct")
+    dev = shared_or_skip("data", "sst2", "dev.tsv")
+    recipe = load_recipe(Path("recipes/smollm2-135m/sst2-verbalizer-lora.yaml"), [
+        f"model.name={model}", f"output_dir={tmp_path / 'zero'}", "train.max_steps=0", "train.precision=fp32",
+        f"data.train={dev}", "data.train.max_samples=64", "data.eval_holdout=0", f"data.test={dev}", "data.test.max_samples=64"])
+    try:
+        record = run(recipe)
+    except Exception as e:  # the GGUF base loads once bases.py reads .gguf folders (issue 18, item 1)
+        if "gguf" in str(e).lower() or "config.json" in str(e):
+            pytest.skip(f"the SmolLM2 GGUF folder is not loadable yet: {e}")
+        raise
+    assert record.metrics["test"]["accuracy"] > 0.6, record.metrics
