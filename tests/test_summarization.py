@@ -166,7 +166,7 @@ def test_causal_loss_is_masked_to_the_summary_tokens(make_sum_recipe, tiny_llama
 
     # the model's loss covers exactly the scored tokens
     model, *_ = build_model(recipe, num_labels=0, label_names=[])
-    from peftlab.tasks.summarization import row_losses
+    from peftlab.tasks.generative import row_losses
 
     with torch.no_grad():
         out = model(**batch)

@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM
 
 from ..errors import ConfigError, DataError
 from ..metrics import ROUGE_KEYS, rouge_metrics
+from .generative import log_examples, loss_and_predictions
 
 log = logging.getLogger(__name__)
 
@@ -383,46 +384,28 @@ def score(preds: list[str], refs: list[str], metric_fn: str | None) -> dict:
     return out
 
 
-@torch.no_grad()
 def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=None):
     """-> (metrics, report): the mean loss over assistant tokens; with tokenizer and recipe (a loader from
     eval_collator) also the last answer of every row generated greedily and scored, the report holding the predictions."""
-    from .summarization import row_losses
-
-    generating = tokenizer is not None and recipe is not None
-    unwrapped = accelerator.unwrap_model(model)
-    model.eval()
-    loss_sum, n_tokens, rows = 0.0, 0, []
-    for batch in loader:
-        extras = {k: batch.pop(k) for k in EXTRAS if k in batch}
-        if generating and "reference" not in extras:
-            raise ValueError("sft: generating needs the loader built with the task's eval_collator")
-        out = model(**batch)
-        sums, counts = accelerator.gather_for_metrics(row_losses(out.logits, batch["labels"], True))
-        loss_sum += sums.sum().item()
-        n_tokens += int(counts.sum().item())
-        if generating:
+    write = None
+    if tokenizer is not None and recipe is not None:
+        def write(unwrapped, batch, extras):
             ids = extras["gen_input_ids"].to(batch["input_ids"].device)
             mask = extras["gen_attention_mask"].to(ids.device)
             with accelerator.autocast():
                 gen = unwrapped.generate(input_ids=ids, attention_mask=mask, max_new_tokens=recipe.eval.max_new_tokens,
                                          do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id,
                                          eos_token_id=stop_ids(tokenizer))
-            preds = [p.strip() for p in tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)]
-            mine = [{"row": r, "source": s, "prediction": p, "reference": t}
-                    for r, s, p, t in zip(extras["row"], extras["source"], preds, extras["reference"])]
-            rows += accelerator.gather_for_metrics(mine, use_gather_object=True)
-    model.train()
-    metrics = {"loss": loss_sum / max(n_tokens, 1)}
-    if not generating:
+            return [p.strip() for p in tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)]
+    loss, n_tokens, rows = loss_and_predictions(model, loader, accelerator, shift=True, extras=EXTRAS, source="source",
+                                                reference="reference", generate=write, task="sft")
+    metrics = {"loss": loss}
+    if rows is None:
         return metrics, {"n_tokens": n_tokens}
-    rows.sort(key=lambda r: r["row"])
     preds, refs = [r["prediction"] for r in rows], [r["reference"] for r in rows]
     metrics.update(score(preds, refs, recipe.eval.metric_fn))
     metrics["gen_words"] = sum(len(p.split()) for p in preds) / max(len(preds), 1)
-    for r in rows[: recipe.eval.log_examples]:
-        log.info("example row %d\n  prompt:     %s\n  prediction: %s\n  reference:  %s", r["row"],
-                 " | ".join(r["source"][:300].splitlines()), r["prediction"], r["reference"])
+    log_examples(rows, recipe.eval.log_examples, "prompt")
     report = {"n": len(rows), "n_tokens": n_tokens, "generation": {"greedy": True, "max_new_tokens": recipe.eval.max_new_tokens},
               "predictions": rows}
     return metrics, report

@@ -25,6 +25,7 @@ from ..bases import resolve_model_path
 from ..errors import DataError, ModelNotFound
 from ..metrics import ROUGE_KEYS, rouge_metrics
 from . import encoder_decoder
+from .generative import log_examples, loss_and_predictions
 
 log = logging.getLogger(__name__)
 # EncoderDecoderModel (BERT2BERT) warns on every forward with labels about a loss change made in transformers 4.12
@@ -235,16 +236,6 @@ def eval_collator(tokenizer):
     return collate
 
 
-def row_losses(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row sums of token cross-entropy and counts of scored tokens (one row at a time: a float copy of a whole
-    batch of logits over a 150k vocabulary would not fit)."""
-    if shift:  # decoder-only: position t predicts token t+1
-        logits, labels = logits[:, :-1], labels[:, 1:]
-    sums = torch.stack([torch.nn.functional.cross_entropy(lg.float(), y, ignore_index=-100, reduction="sum")
-                        for lg, y in zip(logits, labels)])
-    return sums, (labels != -100).sum(1)
-
-
 def generate(model, tokenizer, batch: dict, extras: dict, cfg, accelerator) -> list[str]:
     """Decode summaries for one batch with the recipe's eval settings (beam search, lengths, n-gram blocking)."""
     causal = "gen_input_ids" in extras
@@ -263,41 +254,22 @@ def generate(model, tokenizer, batch: dict, extras: dict, cfg, accelerator) -> l
     return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
-@torch.no_grad()
 def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=None):
     """-> (metrics, report). Always the mean token-level loss (what keep_best compares during training); with
     `tokenizer` and `recipe` (the final evaluation, on a loader from eval_collator) also generated summaries scored
     with ROUGE; the report then holds every (row, source, prediction, reference) in data order."""
     generating = tokenizer is not None and recipe is not None
-    unwrapped = accelerator.unwrap_model(model)
-    shift = not is_encoder_decoder(unwrapped.config)
-    model.eval()
-    loss_sum, n_tokens, rows = 0.0, 0, []
-    for batch in loader:
-        extras = {k: batch.pop(k) for k in EXTRAS if k in batch}
-        if generating and "target" not in extras:
-            raise ValueError("summarization: generating needs the loader built with the task's eval_collator (reference texts)")
-        out = model(**batch)
-        sums, counts = accelerator.gather_for_metrics(row_losses(out.logits, batch["labels"], shift))
-        loss_sum += sums.sum().item()
-        n_tokens += int(counts.sum().item())
-        if generating:
-            preds = generate(unwrapped, tokenizer, batch, extras, recipe.eval, accelerator)
-            mine = [{"row": r, "source": s, "prediction": p, "reference": t}
-                    for r, s, p, t in zip(extras["row"], extras["text"], preds, extras["target"])]
-            rows += accelerator.gather_for_metrics(mine, use_gather_object=True)
-    model.train()
-    loss = loss_sum / max(n_tokens, 1)
+    shift = not is_encoder_decoder(accelerator.unwrap_model(model).config)
+    write = (lambda m, batch, extras: generate(m, tokenizer, batch, extras, recipe.eval, accelerator)) if generating else None
+    loss, n_tokens, rows = loss_and_predictions(model, loader, accelerator, shift=shift, extras=EXTRAS, source="text",
+                                                reference="target", generate=write, task="summarization")
     metrics = {"loss": loss}
-    if not generating:
+    if rows is None:
         return metrics, {"n_tokens": n_tokens}
-    rows.sort(key=lambda r: r["row"])
     preds, refs = [r["prediction"] for r in rows], [r["reference"] for r in rows]
     metrics.update(rouge_metrics(preds, refs))
     metrics["gen_words"] = sum(len(p.split()) for p in preds) / max(len(preds), 1)
-    for r in rows[: recipe.eval.log_examples]:
-        log.info("example row %d\n  source:     %s\n  prediction: %s\n  reference:  %s", r["row"],
-                 " | ".join(r["source"][:300].splitlines()), r["prediction"], r["reference"])
+    log_examples(rows, recipe.eval.log_examples)
     e = recipe.eval
     report = {"n": len(rows), "n_tokens": n_tokens, "generation": {"num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens,
               "length_penalty": e.length_penalty, "no_repeat_ngram_size": e.no_repeat_ngram_size}, "predictions": rows}
