@@ -295,7 +295,7 @@ def main(argv: list[str] | None = None) -> int:
     # under `accelerate launch` every rank runs this: ranks other than 0 only log warnings (one copy of the progress log)
     quiet = args.quiet or int(os.environ.get("RANK", "0")) != 0
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
-    for noisy in ("httpx", "urllib3", "datasets", "filelock"):
+    for noisy in ("httpx", "urllib3", "datasets", "filelock", "accelerate"):  # accelerate: a line per checkpoint file
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _quiet_libraries()
     try:
