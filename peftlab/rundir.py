@@ -243,11 +243,6 @@ def checkpoints(folder: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.split("-")[1]))
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    ckpts = checkpoints(folder)
-    return ckpts[-1] if ckpts else None
-
-
 def good_checkpoint(folder: Path) -> Path:
     """The newest checkpoint whose files match their checksums; a damaged newer one is skipped with a warning."""
     problems = []
