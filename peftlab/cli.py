@@ -104,6 +104,17 @@ def cmd_merge(args) -> int:
 
     target = merge(Path(args.out), force=args.force)
     print(f"merged model: {target}")
+    if args.gguf:
+        from .to_gguf import write_gguf
+
+        # beside the merged safetensors; a run holding a full model (nothing to merge) gets it in RUN/ itself. A merge
+        # that rewrites RUN/merged (new adapter, --force) swaps the whole folder: no GGUF of older weights survives it.
+        dest = target / f"model-{args.gguf}.gguf"
+        if dest.exists() and not args.force:
+            log.info("%s exists: left as it is (--force writes it again)", dest)
+        else:
+            write_gguf(target, dest, args.gguf, overwrite=True)
+        print(f"GGUF: {dest}")
     return 0
 
 
@@ -236,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     m = sub.add_parser("merge", help="fold a LoRA adapter into its base -> OUT/merged (standalone transformers model)")
     m.add_argument("out")
     m.add_argument("--force", action="store_true", help="merge again even if OUT/merged matches the adapter")
+    m.add_argument("--gguf", nargs="?", const="f16", choices=("f16", "f32"), metavar="{f16,f32}",
+                   help="also write OUT/merged/model-DTYPE.gguf for llama.cpp (Llama-architecture LLMs with a byte-level "
+                        "BPE tokenizer; default f16; kept if it exists, unless --force)")
     m.set_defaults(fn=cmd_merge)
 
     v = sub.add_parser("validate", help="check recipes without training; reports every problem")

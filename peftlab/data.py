@@ -325,8 +325,8 @@ def build_data(recipe: Recipe, tokenizer, *, splits=None, label_names=None) -> T
     for name, ds in tokenized.items():
         if ds is not None:
             report_truncation(ds, f"data.{name}", recipe.data.max_length)
-    if tokenized["train"] is not None and hasattr(task, "pack"):  # sft with data.packing: train rows packed, eval rows not
-        tokenized["train"] = task.pack(tokenized["train"], recipe)
+    if tokenized["train"] is not None and hasattr(task, "prepare_train"):  # sft: packing; eval and test rows stay whole
+        tokenized["train"] = task.prepare_train(tokenized["train"], recipe)
     eval_collator = getattr(task, "eval_collator", None)  # optional part of the Task protocol
     return TaskData(train=tokenized["train"], eval=tokenized["eval"], test=tokenized["test"], label_names=label_names,
                     collate=task.collator(tokenizer), eval_collate=eval_collator(tokenizer) if eval_collator else None)

@@ -37,3 +37,25 @@ def rouge_metrics(predictions: list[str], references: list[str], per_row: bool =
     """-> mean ROUGE-1/2/L/Lsum F-measures (0-1), Porter-stemmed, Lsum over one sentence per line (per_row: a list of
     each row's F-measure per key instead of the mean)."""
     return load_metric("rouge").compute(predictions=predictions, references=references, use_aggregator=not per_row)
+
+
+def final_answer(text: str) -> str | None:
+    """The final numeric answer of a worked solution: the number after the last '####' (GSM8K's convention), else the
+    last number in the text (the lenient reading for models that answer in prose); commas, '$' and a trailing '.' or
+    '.0' are dropped. None when the text holds no number."""
+    import re
+
+    tail = text.rsplit("####", 1)[1] if "####" in text else text
+    numbers = re.findall(r"-?\$?\d[\d,]*(?:\.\d+)?", tail)
+    if not numbers:
+        return None
+    n = numbers[0 if "####" in text else -1].replace(",", "").replace("$", "")
+    return n[:-2] if n.endswith(".0") else n.rstrip(".")
+
+
+def answer_accuracy(predictions: list[str], references: list[str]) -> dict:
+    """eval.metric_fn for GSM8K-style data (`peftlab.metrics:answer_accuracy`): the share of predictions whose
+    final_answer equals the reference's, and the share that wrote a '####' answer at all."""
+    hits = [final_answer(p) is not None and final_answer(p) == final_answer(r) for p, r in zip(predictions, references)]
+    return {"answer_accuracy": sum(hits) / max(len(hits), 1),
+            "answer_format": sum("####" in p for p in predictions) / max(len(predictions), 1)}

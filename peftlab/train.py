@@ -339,6 +339,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
     window = Window(accelerator)
+    task_loss = getattr(task, "loss", None)  # e.g. LM losses on the labelled positions only (tasks/generative.py)
 
     def evaluate() -> None:
         train_s = state.train_seconds + window.elapsed()  # training time so far, evaluations excluded
@@ -358,7 +359,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
             resume = False
             for batch in loader:
                 with accelerator.accumulate(model):
-                    loss = model(**batch).loss
+                    loss = task_loss(model, batch, accelerator) if task_loss else model(**batch).loss
                     accelerator.backward(loss)
                     if accelerator.sync_gradients and t.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)

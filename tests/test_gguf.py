@@ -9,14 +9,14 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
 
 from peftlab import build_data, build_model, load_recipe, load_splits, load_trained, merge, run
 from peftlab.bases import converted_folder, resolve_model_path
-from peftlab.errors import ModelNotFound
+from peftlab.errors import ArtifactError, ModelNotFound
+from peftlab.to_gguf import write_gguf
 
 from .conftest import shared_or_skip
 from .test_summarization import dialogues  # noqa: F401  (the module's fixture: short dialogues and summaries)
@@ -47,66 +47,65 @@ def tiny_llama_model(vocab_size: int, tied: bool = True, seed: int = 0):
     return LlamaForCausalLM(cfg).eval()
 
 
-def permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """llama.cpp's Q/K row order (convert_hf_to_gguf.py): transformers undoes it when it reads a llama GGUF."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+def byte_level_tokenizer():
+    """A fast byte-level BPE tokenizer over `byte_level_vocab()`, with SmolLM2's special tokens and a ChatML template."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens, merges = byte_level_vocab()
+    bpe = Tokenizer(models.BPE(vocab={t: i for i, t in enumerate(tokens)}, merges=[tuple(m.split(" ")) for m in merges]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens(SPECIALS + ["<tool_call>"])  # the first three are in the vocabulary (ids 0-2): marked special
+    bpe.add_tokens(["<think>"])  # an added token that is not special: matched whole all the same
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token="<|im_start|>", eos_token="<|im_end|>",
+                                  pad_token="<|im_end|>", unk_token="<|endoftext|>")
+    tok.chat_template = CHATML
+    return tok
 
 
-def write_gguf(path: Path, model, tokens: list[str], merges: list[str]) -> Path:
-    """`model` (a LlamaForCausalLM) as an F32 llama GGUF with a byte-level BPE tokenizer and a ChatML template."""
-    c = model.config
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_name("tiny-test-llama")
-    w.add_block_count(c.num_hidden_layers)
-    w.add_context_length(c.max_position_embeddings)
-    w.add_embedding_length(c.hidden_size)
-    w.add_feed_forward_length(c.intermediate_size)
-    w.add_head_count(c.num_attention_heads)
-    w.add_head_count_kv(c.num_key_value_heads)
-    w.add_rope_freq_base(10000.0)
-    w.add_layer_norm_rms_eps(c.rms_norm_eps)
-    w.add_vocab_size(c.vocab_size)
-    w.add_rope_dimension_count(c.hidden_size // c.num_attention_heads)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if t in SPECIALS else 1 for t in tokens])  # 3: control
-    w.add_token_merges(merges)
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    w.add_pad_token_id(2)
-    w.add_unk_token_id(0)
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHATML)
-    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"])
-    for i in range(c.num_hidden_layers):
-        p = f"model.layers.{i}."
-        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[p + "input_layernorm.weight"])
-        w.add_tensor(f"blk.{i}.attn_q.weight", permute(sd[p + "self_attn.q_proj.weight"], c.num_attention_heads))
-        w.add_tensor(f"blk.{i}.attn_k.weight", permute(sd[p + "self_attn.k_proj.weight"], c.num_key_value_heads))
-        w.add_tensor(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"])
-        w.add_tensor(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
-        w.add_tensor(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
-        w.add_tensor(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
-    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
-    if not c.tie_word_embeddings:
-        w.add_tensor("output.weight", sd["lm_head.weight"])
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path
+def tiny_llama_folder(d: Path, tied: bool = True, kind: str = "llama", merges_as_strings: bool = False):
+    """Save a tiny model and the byte-level tokenizer into `d` (a merged folder's layout) -> the model. tokenizer.json
+    stores merges as [a, b] pairs; `merges_as_strings` rewrites them the older way, as "a b"."""
+    tok = byte_level_tokenizer()
+    if kind == "llama":
+        model = tiny_llama_model(len(tok), tied=tied)
+    else:
+        from transformers import MistralConfig, MistralForCausalLM
+
+        torch.manual_seed(1)
+        model = MistralForCausalLM(MistralConfig(
+            vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=512, sliding_window=None, tie_word_embeddings=tied,
+            bos_token_id=1, eos_token_id=2, pad_token_id=2)).eval()
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    if merges_as_strings:
+        spec = json.loads((d / "tokenizer.json").read_text())
+        assert isinstance(spec["model"]["merges"][0], list)  # else this case tests nothing new
+        spec["model"]["merges"] = [" ".join(m) for m in spec["model"]["merges"]]
+        (d / "tokenizer.json").write_text(json.dumps(spec))
+    return model
+
+
+def load_gguf(path: Path, tmp_path: Path):
+    """(model, tokenizer) that transformers builds from the GGUF alone: read from a folder holding only a link to it
+    (beside a config.json or tokenizer.json, transformers would read those instead of the GGUF's metadata)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    d = tmp_path / f"gguf-only-{path.stem}"
+    d.mkdir()
+    (d / path.name).symlink_to(path)
+    tok = AutoTokenizer.from_pretrained(d, gguf_file=path.name)
+    return AutoModelForCausalLM.from_pretrained(d, gguf_file=path.name, dtype=torch.float32).eval(), tok
 
 
 @pytest.fixture(scope="module")
 def tiny_gguf(tmp_path_factory):
-    """(path of a tiny tied-embedding llama GGUF, the transformers model it was written from)."""
-    tokens, merges = byte_level_vocab()
-    model = tiny_llama_model(len(tokens))
-    return write_gguf(tmp_path_factory.mktemp("gguf") / "tiny.gguf", model, tokens, merges), model
+    """(path of a tiny tied-embedding llama GGUF, the transformers model it was written from) by peftlab's writer."""
+    folder = tmp_path_factory.mktemp("tiny-llama")
+    model = tiny_llama_folder(folder)
+    return write_gguf(folder, tmp_path_factory.mktemp("gguf") / "tiny.gguf", "f32"), model
 
 
 @pytest.fixture(autouse=True)
@@ -209,6 +208,117 @@ def test_bad_gguf_names_are_clear(tmp_path, tiny_gguf):
         resolve_model_path(str(bad))
 
 
+# ------------------------------------------------------------------------------------- writing a GGUF (to_gguf)
+
+@pytest.mark.parametrize("kind,tied,dtype", [("llama", True, "f32"), ("llama", False, "f32"), ("llama", False, "f16"),
+                                             ("mistral", False, "f32")])
+def test_write_gguf_round_trips_through_transformers(kind, tied, dtype, tmp_path):
+    from transformers import AutoTokenizer
+
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    original = tiny_llama_folder(folder, tied=tied, kind=kind, merges_as_strings=not tied)
+    path = write_gguf(folder, tmp_path / "out" / f"model-{dtype}.gguf", dtype)
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name]  # no temporary file left
+
+    reader = gguf.GGUFReader(path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert ("output.weight" in types) is not tied  # a tied head is the embedding: llama.cpp reads it from token_embd
+    assert types["blk.0.attn_norm.weight"] == types["output_norm.weight"] == "F32"  # norms stay f32
+    assert types["blk.1.ffn_down.weight"] == types["token_embd.weight"] == dtype.upper()
+    assert reader.fields["general.file_type"].contents() == (1 if dtype == "f16" else 0)
+    assert reader.fields["llama.rope.freq_base"].contents() == 10000.0 and reader.fields["llama.rope.dimension_count"].contents() == 8
+    assert reader.fields["general.name"].contents() == tmp_path.name  # RUN/merged is named after RUN
+
+    model, tok = load_gguf(path, tmp_path)
+    assert model.config.tie_word_embeddings is tied
+    with torch.no_grad():
+        diff = (model(ids()).logits - original(ids()).logits).abs().max().item()
+    # f32: exact. f16: 1.7e-4 here (logits up to 0.45); a K rows left unpermuted would be 1.9e-3
+    assert diff < (1e-5 if dtype == "f32" else 1e-3), diff
+
+    reference = AutoTokenizer.from_pretrained(folder)
+    text = "the heat is in the winter tent, <think><tool_call> and then<|im_end|>"
+    assert tok(text).input_ids == reference(text).input_ids  # merges read back ("a b" strings or [a, b] pairs)
+    kept = tok.decode(tok(text).input_ids, skip_special_tokens=True)
+    assert kept == reference.decode(reference(text).input_ids, skip_special_tokens=True) == text.replace("<tool_call>", "").replace("<|im_end|>", "")
+    assert len(reference(text).input_ids) < len(text.encode()) - 30  # the merges and added tokens were used
+    assert tok.chat_template == CHATML and (tok.bos_token, tok.eos_token, tok.pad_token) == ("<|im_start|>", "<|im_end|>", "<|im_end|>")
+    chat = [{"role": "user", "content": "hi there"}]
+    assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        reference.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+
+
+def test_write_gguf_refuses_what_it_cannot_write(tiny_bert, tied_llama, tmp_path):
+    dest = tmp_path / "model.gguf"
+    with pytest.raises(ArtifactError, match=r"model_type 'bert' cannot be written as GGUF.*llama.*convert_hf_to_gguf.py"):
+        write_gguf(tiny_bert, dest)
+    with pytest.raises(ArtifactError, match=r"GGUF dtype 'q4_0': write_gguf writes f16 or f32.*llama-quantize"):
+        write_gguf(tied_llama, dest, "q4_0")
+    with pytest.raises(ArtifactError, match=r"tokenizer is WordPiece.*byte-level BPE.*convert_hf_to_gguf.py"):
+        write_gguf(tied_llama, dest)  # a llama with MiniLM's WordPiece tokenizer
+    window = tmp_path / "windowed"
+    window.mkdir()
+    tiny_llama_folder(window, kind="mistral")
+    config = json.loads((window / "config.json").read_text())
+    (window / "config.json").write_text(json.dumps({**config, "sliding_window": 16}))
+    with pytest.raises(ArtifactError, match=r"sliding_window 16 < context length 512"):
+        write_gguf(window, dest)
+    assert not dest.exists() and list(tmp_path.glob(".*")) == []
+
+    dest.write_bytes(b"someone's file")
+    with pytest.raises(ArtifactError, match=r"model.gguf exists: left as it is"):
+        write_gguf(window, dest)
+    assert dest.read_bytes() == b"someone's file"
+
+    from peftlab.cli import build_parser
+
+    assert build_parser().parse_args(["merge", "runs/x", "--gguf"]).gguf == "f16"  # the default dtype
+    assert build_parser().parse_args(["merge", "runs/x"]).gguf is None
+
+
+def test_a_failed_gguf_write_leaves_the_old_file_and_no_partial_one(tmp_path, monkeypatch):
+    folder = tmp_path / "merged"
+    folder.mkdir()
+    tiny_llama_folder(folder)
+    dest = tmp_path / "out" / "model-f16.gguf"
+    dest.parent.mkdir()
+    dest.write_bytes(b"the previous export")
+    real, calls = gguf.GGUFWriter.write_tensor_data, []
+
+    def dies(self, tensor, *a, **k):
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt  # killed half way through the tensors
+        return real(self, tensor, *a, **k)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", dies)
+    with pytest.raises(KeyboardInterrupt):
+        write_gguf(folder, dest, overwrite=True)
+    assert dest.read_bytes() == b"the previous export" and [p.name for p in dest.parent.iterdir()] == [dest.name]
+    monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", real)
+    write_gguf(folder, dest, overwrite=True)
+    assert gguf.GGUFReader(dest).fields["general.architecture"].contents() == "llama"
+
+
+def test_merge_gguf_of_a_full_model_run_lands_in_the_run_folder(tiny_bert, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from peftlab.cli import main
+
+    run_dir = tmp_path / "full-run"  # a run that trained the whole model: `merge` has nothing to fold and returns RUN
+    run_dir.mkdir()
+    tiny_llama_folder(run_dir)
+    monkeypatch.setattr(sys.modules["peftlab.export"], "merge", lambda out, force=False: Path(out))  # (peftlab.export: the function)
+    assert main(["merge", str(run_dir), "--gguf"]) == 0
+    assert gguf.GGUFReader(run_dir / "model-f16.gguf").fields["general.file_type"].contents() == 1  # f16 by default
+    assert f"GGUF: {run_dir / 'model-f16.gguf'}" in capsys.readouterr().out
+    assert main(["merge", str(tiny_bert), "--gguf"]) == 2  # a model it cannot write: one clear error, no traceback
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "model_type 'bert'" in err and "Traceback" not in err
+    assert not list(Path(tiny_bert).glob("*.gguf")) and not list(Path(tiny_bert).glob(".*"))
+
+
 # -------------------------------------------------------------------------------- QLoRA on a tied LM head, merge
 
 def sum_recipe(tmp_path: Path, dialogues: dict, model: str, overrides: dict | None = None, name: str = "out"):  # noqa: F811
@@ -274,7 +384,7 @@ def test_qlora_keeps_a_tied_lm_head_out_of_quantization(mode, tied_llama, dialog
     assert diff < 1e-4, diff
 
 
-def test_gguf_run_merges_to_a_folder_plain_transformers_reloads(tiny_gguf, dialogues, tmp_path):  # noqa: F811
+def test_gguf_run_merges_to_a_folder_plain_transformers_reloads(tiny_gguf, dialogues, tmp_path, capsys, caplog):  # noqa: F811
     from transformers import AutoModelForCausalLM
 
     from peftlab.cli import main
@@ -293,6 +403,26 @@ def test_gguf_run_merges_to_a_folder_plain_transformers_reloads(tiny_gguf, dialo
         a, m = adapter(**x).logits, plain(**x).logits
     assert (a - m).abs().max().item() < 1e-4
     assert (a - AutoModelForCausalLM.from_pretrained(resolve_model_path(str(path))).eval()(**x).logits).abs().max() > 1e-3  # it trained
+
+    # `peftlab merge RUN --gguf f32`: the merged model as one GGUF, beside the merged safetensors
+    capsys.readouterr()
+    assert main(["merge", str(recipe.out), "--gguf", "f32"]) == 0
+    gguf_path = target / "model-f32.gguf"
+    assert f"GGUF: {gguf_path}" in capsys.readouterr().out
+    from_gguf, _ = load_gguf(gguf_path, tmp_path)
+    with torch.no_grad():
+        diff = (from_gguf(**x).logits - m).abs().max().item()
+    assert diff < 1e-5, diff
+    assert gguf.GGUFReader(gguf_path).fields["general.name"].contents() == recipe.out.name  # the run's name, not "merged"
+
+    before = gguf_path.stat()
+    with caplog.at_level(logging.INFO, logger="peftlab"):
+        assert main(["merge", str(recipe.out), "--gguf", "f32"]) == 0  # exists: left as it is
+    assert f"{gguf_path} exists" in caplog.text and gguf_path.stat().st_mtime_ns == before.st_mtime_ns
+    assert main(["merge", str(recipe.out), "--gguf", "f32", "--force"]) == 0  # --force: merged and written again
+    after = gguf_path.stat()
+    assert (after.st_ino, after.st_mtime_ns) != (before.st_ino, before.st_mtime_ns) and after.st_size == before.st_size
+    assert not [p.name for p in target.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
 # ----------------------------------------------------------------------------------------------- the real model
@@ -315,3 +445,18 @@ def test_smollm2_gguf_answers_through_its_chat_template(monkeypatch, tmp_path):
     answer = tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
     assert "Paris" in answer, answer
     logging.getLogger(__name__).info("SmolLM2 GGUF: converted, loaded and answered in %.1f s", time.perf_counter() - start)
+
+    # and back: the folder written as GGUF carries the tokenizer llama.cpp's own converter wrote, and still answers
+    source = shared_or_skip("models", "smollm2-135m-instruct", "SmolLM2-135M-Instruct.Q4_1.gguf")
+    ours, theirs = gguf.GGUFReader(write_gguf(Path(folder), tmp_path / "out" / "smollm2-f16.gguf")), gguf.GGUFReader(source)
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.pre",
+                "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id",
+                "tokenizer.ggml.unknown_token_id", "tokenizer.ggml.add_bos_token", "tokenizer.chat_template",
+                "llama.rope.freq_base", "llama.attention.head_count_kv", "llama.context_length"):
+        assert ours.fields[key].contents() == theirs.fields[key].contents(), key
+    assert {t.name: list(t.shape) for t in ours.tensors} == {t.name: list(t.shape) for t in theirs.tensors}
+    model, tok = load_gguf(tmp_path / "out" / "smollm2-f16.gguf", tmp_path)
+    with torch.no_grad():
+        out = model.generate(**prompt, max_new_tokens=10, do_sample=False)
+    answer = tok.decode(out[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert "Paris" in answer, answer

@@ -21,6 +21,30 @@ def lora_grads(model) -> list[float]:
 
 
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_qlora_on_a_llama_classifier_keeps_its_new_score_head_out_of_quantization(make_recipe, tiny_llama, mode):
+    """A decoder LLM with a sequence-classification head (issue 18): the base quantized, the new `score` head a plain
+    trainable Linear (a quantized random head could not train), and the loss falls."""
+    recipe = make_recipe({"quant.mode": mode, "train.lr": 1e-2}, model=tiny_llama)
+    splits, names = load_splits(recipe)
+    model, tok, info = build_model(recipe, num_labels=2, label_names=names)
+    layer = bnb.nn.Linear4bit if mode == "4bit" else bnb.nn.Linear8bitLt
+    assert sum(isinstance(m, layer) for m in model.modules()) >= 14  # 2 layers x 7 projections
+    head = model.base_model.model.score.modules_to_save["default"]
+    assert type(head) is torch.nn.Linear and head.weight.requires_grad and head.weight.dtype == torch.float32
+    data = build_data(recipe, tok, splits=splits, label_names=names)
+    batch = data.collate([data.train[i] for i in range(32)])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(15):
+        loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
 def test_qlora_trains_after_an_eval_pass(make_recipe, mode):
     recipe = make_recipe({"quant.mode": mode})
     splits, names = load_splits(recipe)

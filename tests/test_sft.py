@@ -180,6 +180,52 @@ def test_a_packed_batch_gives_each_example_the_loss_of_its_unpacked_row(tmp_path
     assert found == len(rows)
 
 
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
+@pytest.mark.parametrize("packing", [False, True])
+def test_the_loss_on_labelled_positions_only_equals_the_models_own_loss_and_gradients(tmp_path, chat_llama, monkeypatch,
+                                                                                    method, packing):
+    """generative.causal_lm_loss runs the LM head on the labelled tokens only (in checkpointed chunks): the same loss
+    and the same gradients as model(**batch).loss, for injected adapters and for prompt tuning's virtual tokens."""
+    from peft import LoraConfig, PromptTuningConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.accel import make_accelerator
+    from peftlab.tasks import generative
+
+    monkeypatch.setattr(generative, "CHUNK", 7)  # several chunks, the last one partial
+    path = write_jsonl(tmp_path / "m.jsonl", messages_rows())
+    recipe = recipe_for(tmp_path, chat_llama, path, ["data.max_length=128", f"data.packing={str(packing).lower()}"])
+    splits, _ = load_splits(recipe)
+    data = build_data(recipe, chat_tokenizer(), splits=splits, label_names=[])
+    batch = data.collate(list(data.train)[:4])
+    accelerator = make_accelerator(recipe, "fp32")
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_pretrained(chat_llama, dtype=torch.float32)
+    config = (LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False)
+              if method == "lora" else PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM"))
+    model = get_peft_model(base, config)
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+    if method == "prompt_tuning" and packing:  # peft prepends the virtual tokens' positions itself: not with position ids
+        batch.pop("position_ids")
+        batch.pop("use_cache")
+    want, want_grads = loss_and_grads(lambda: model(**batch).loss)
+    got, got_grads = loss_and_grads(lambda: generative.causal_lm_loss(model, batch, accelerator))
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    assert want_grads.keys() == got_grads.keys() and want_grads
+    for name in want_grads:
+        torch.testing.assert_close(got_grads[name], want_grads[name], rtol=1e-4, atol=1e-6)
+    with torch.no_grad():  # per-row sums for evaluation: the same tokens, row by row
+        sums, counts = generative.row_losses(model, batch, accelerator)
+    assert int(counts.sum()) == int((batch["labels"][:, 1:] != -100).sum())
+    assert (sums.sum() / counts.sum()).item() == pytest.approx(want.item(), rel=1e-5)
+
+
 # ------------------------------------------------------------------------------------------------ evaluation, end to end
 
 
@@ -217,11 +263,56 @@ def test_sft_end_to_end_learns_exports_and_reloads(tmp_path, chat_llama, packing
     assert record.task == "sft"
 
 
-def test_the_shipped_sft_recipe_validates():
-    recipe = REPO / "recipes" / "smollm2-135m" / "dialogsum-sft-lora.yaml"
-    assert recipe.read_text().startswith("#") and "peftlab train recipes/smollm2-135m/dialogsum-sft-lora.yaml" in recipe.read_text()
-    r = load_recipe(recipe, validate_files=False)
-    assert r.task.type == "sft" and r.data.packing
+SMOLLM2_RECIPES = sorted((REPO / "recipes" / "smollm2-135m").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SMOLLM2_RECIPES, ids=lambda p: p.stem)
+def test_the_shipped_smollm2_recipes_validate_and_each_qlora_differs_from_its_lora_only_in_quantization(path):
+    text = path.read_text()
+    assert text.startswith("#") and f"peftlab train recipes/smollm2-135m/{path.name}" in text  # says how to run it
+    r = load_recipe(path, validate_files=False)
+    assert r.model.name == "../shared/models/smollm2-135m-instruct" and r.name == f"smollm2-135m-{path.stem}"
+    if "qlora" in path.stem:
+        lora = yaml.safe_load(path.with_name(path.name.replace("qlora", "lora")).read_text())
+        mine = yaml.safe_load(text)
+        assert mine.pop("quant") == {"mode": "4bit", "quant_type": "nf4", "double_quant": True}
+        assert {**mine, "name": lora["name"]} == lora
+    if r.task.type == "sft":
+        assert r.data.packing and r.train.best_metric == "loss"  # selection needs no generation
+
+
+def test_sft_recipes_cover_the_issue():
+    names = {p.stem for p in SMOLLM2_RECIPES}
+    assert {"samsum-sft-lora", "samsum-sft-qlora", "gsm8k-sft-lora", "gsm8k-sft-qlora", "dialogsum-sft-lora",
+            "dialogsum-sft-qlora", "sst2-head-lora", "sst2-verbalizer-lora", "emotion-head-lora",
+            "emotion-verbalizer-lora"} <= names
+
+
+def test_gsm8k_answers_are_read_after_the_marker_or_else_from_the_last_number():
+    from peftlab.metrics import answer_accuracy, final_answer
+
+    assert final_answer("9 * 2 = $18 a day.\n#### 18") == "18"
+    assert final_answer("#### $1,000.0") == "1000" and final_answer("So she pays 3, then 1,234.") == "1234"
+    assert final_answer("no number here") is None and final_answer("#### eighteen") is None
+    refs = ["Janet sells 9 eggs.\n#### 18"] * 4
+    m = answer_accuracy(["#### 18", "She makes 18 dollars.", "#### 17", "I do not know"], refs)
+    assert m == {"answer_accuracy": 0.5, "answer_format": 0.5}
+    fn = sft.load_metric_fn("peftlab.metrics:answer_accuracy")  # what the GSM8K recipes name in eval.metric_fn
+    assert sft.score(["#### 18"], refs[:1], "peftlab.metrics:answer_accuracy")["answer_accuracy"] == 1.0 and fn is answer_accuracy
+
+
+def test_rows_whose_answer_is_cut_are_dropped_from_training_but_kept_for_evaluation(tmp_path, chat_llama, caplog):
+    rows = messages_rows() + [{"messages": [{"role": "user", "content": "tell me more " * 40}, {"role": "assistant", "content": "no"}]}]
+    path = write_jsonl(tmp_path / "m.jsonl", rows)
+    for packing in ("false", "true"):
+        recipe = recipe_for(tmp_path, chat_llama, path, ["data.max_length=48", f"data.packing={packing}"])
+        splits, _ = load_splits(recipe)
+        data = build_data(recipe, chat_tokenizer(), splits=splits, label_names=[])
+        trained = sum(data.train["n_examples"]) if packing == "true" else len(data.train)
+        assert trained == len(QA) and len(data.eval) == len(QA) + 1  # every eval row is scored
+        cut = [r for r in data.eval if sum(y != -100 for y in r["labels"]) == 0]
+        assert len(cut) == 1 and len(cut[0]["gen_ids"]) == 48 and cut[0]["reference"] == "no"
+    assert "training drops them; evaluation keeps them" in caplog.text
 
 
 @pytest.mark.slow

@@ -166,11 +166,12 @@ def test_causal_loss_is_masked_to_the_summary_tokens(make_sum_recipe, tiny_llama
 
     # the model's loss covers exactly the scored tokens
     model, *_ = build_model(recipe, num_labels=0, label_names=[])
+    from peftlab.accel import make_accelerator
     from peftlab.tasks.generative import row_losses
 
     with torch.no_grad():
         out = model(**batch)
-    sums, counts = row_losses(out.logits, batch["labels"], shift=True)
+        sums, counts = row_losses(model, batch, make_accelerator(recipe, "fp32"))
     torch.testing.assert_close(out.loss, sums.sum() / counts.sum(), rtol=1e-5, atol=1e-6)
     assert counts.tolist() == scored
 

@@ -37,6 +37,8 @@ class Task(Protocol):
     # Optional:
     # - eval_collator(tokenizer) -> Callable, the collator of the final evaluation's loaders (run.py passes context
     #   tokenizer= and recipe= to evaluate there), for tasks that need more than the model inputs, e.g. to generate.
+    # - loss(model, batch, accelerator) -> the training loss (default: model(**batch).loss), e.g. a decoder LM's loss
+    #   on its labelled positions only (tasks/generative.causal_lm_loss).
     # - GENERATED_METRICS: the metrics that need generation (a train.best_metric among them makes evaluations generate).
     # - best_metric_note: said after the metrics when train.best_metric is not one of them.
     # - warm_start = True: the task accepts model.decoder (an encoder-decoder warm-started from two checkpoints).

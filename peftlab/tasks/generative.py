@@ -1,5 +1,6 @@
-"""What the tasks with a text target share (summarization, sft): per-row token losses, and the evaluation pass that
-averages them and, at the final evaluation, generates one answer per row and gathers what it wrote."""
+"""What the tasks with a text target share (summarization, sft, verbalizer): the token losses of a decoder-only LM
+computed on the labelled positions only, and the evaluation pass that averages them and, at the final evaluation,
+generates one answer per row and gathers what it wrote."""
 
 from __future__ import annotations
 
@@ -7,15 +8,92 @@ import logging
 from collections.abc import Callable
 
 import torch
+from torch.utils.checkpoint import checkpoint
 
 log = logging.getLogger(__name__)
 
 
-def row_losses(logits: torch.Tensor, labels: torch.Tensor, shift: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-row sums of token cross-entropy and counts of scored tokens (one row at a time: a float copy of a whole
-    batch of logits over a 150k vocabulary would not fit)."""
-    if shift:  # decoder-only: position t predicts token t+1
-        logits, labels = logits[:, :-1], labels[:, 1:]
+SCALED_LOGITS = ("final_logit_softcapping", "logit_scale", "logits_scaling")  # configs whose logits are not head(h)
+CHUNK = 1024  # labelled tokens whose logits exist at once (1024 x a 49k vocabulary in fp32: 200 MB)
+
+
+def _output_head(model, accelerator):
+    """The LM head, when its logits can be computed outside the model's forward; None for FSDP / DeepSpeed (sharded
+    parameters), compiled models (a hook added per step would recompile), encoder-decoders and models that scale or
+    cap their logits (the model's own forward is used there)."""
+    if accelerator.distributed_type.name in ("FSDP", "DEEPSPEED", "MEGATRON_LM"):
+        return None
+    inner = accelerator.unwrap_model(model)
+    if getattr(inner, "_compiled_call_impl", None) is not None:  # train.compile: Module.compile() in place
+        return None
+    config = getattr(inner, "config", None)
+    if config is None or getattr(config, "is_encoder_decoder", False):
+        return None
+    if any(getattr(config, k, None) not in (None, 1, 1.0) for k in SCALED_LOGITS):
+        return None
+    get = getattr(inner, "get_output_embeddings", None)
+    return get() if get is not None else None
+
+
+def _token_ce(head, hidden, labels):
+    return torch.nn.functional.cross_entropy(head(hidden).float(), labels, reduction="none")
+
+
+def labelled_token_losses(model, batch: dict, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (cross-entropy of every labelled next-token prediction, flat fp32; the batch row of each). Only the labelled
+    positions go through the LM head: the model runs with its head fed an empty sequence (a pre-hook keeps the hidden
+    states it was given), then the head and the loss run on the labelled positions in chunks of CHUNK tokens, each
+    recomputed in the backward pass (activation checkpointing) so no more than one chunk of fp32 logits exists. The
+    result equals the model's own shifted cross-entropy; models where that cannot hold use their forward instead."""
+    labels = batch["labels"]
+    head = _output_head(model, accelerator)
+    if head is None:  # the model's own logits over every position
+        logits, y = model(**batch).logits[:, :-1], labels[:, 1:]
+        keep = y != -100
+        losses = torch.cat([torch.nn.functional.cross_entropy(lg[k].float(), t[k], reduction="none")
+                            for lg, t, k in zip(logits, y, keep)])
+        return losses, keep.nonzero()[:, 0]
+    seen = {}
+
+    def grab(module, args):
+        seen["hidden"] = args[0]
+        return (args[0][:, :0], *args[1:])
+
+    hook = head.register_forward_pre_hook(grab)
+    try:
+        model(**{k: v for k, v in batch.items() if k != "labels"})
+    finally:
+        hook.remove()
+    hidden = seen["hidden"][:, -labels.shape[1]:][:, :-1]  # prompt tuning prepends virtual tokens; t predicts t+1
+    y = labels[:, 1:]
+    keep = y != -100
+    hidden, y = hidden[keep], y[keep]
+    parts = []
+    with accelerator.autocast():
+        for i in range(0, len(y), CHUNK):
+            args = (head, hidden[i:i + CHUNK], y[i:i + CHUNK])
+            parts.append(checkpoint(_token_ce, *args, use_reentrant=False) if torch.is_grad_enabled() else _token_ce(*args))
+    losses = torch.cat(parts) if parts else hidden.float().sum(-1)  # none labelled: empty, still in the graph
+    return losses, keep.nonzero()[:, 0]
+
+
+def causal_lm_loss(model, batch: dict, accelerator) -> torch.Tensor:
+    """The training loss of a decoder-only LM: mean cross-entropy over the labelled tokens (as the model's own loss)."""
+    losses, _ = labelled_token_losses(model, batch, accelerator)
+    return losses.sum() / max(len(losses), 1)
+
+
+def row_losses(model, batch: dict, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> per-row sums of token cross-entropy, per-row counts of scored tokens."""
+    losses, rows = labelled_token_losses(model, batch, accelerator)
+    n = batch["labels"].shape[0]
+    sums = torch.zeros(n, device=losses.device).index_add_(0, rows, losses.float())
+    return sums, torch.bincount(rows, minlength=n)
+
+
+def seq2seq_row_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row sums of token cross-entropy and counts of scored tokens for an encoder-decoder's logits (one row at a
+    time: a float copy of a whole batch of logits over a large vocabulary would not fit)."""
     sums = torch.stack([torch.nn.functional.cross_entropy(lg.float(), y, ignore_index=-100, reduction="sum")
                         for lg, y in zip(logits, labels)])
     return sums, (labels != -100).sum(1)
@@ -34,8 +112,8 @@ def loss_and_predictions(model, loader, accelerator, *, shift: bool, extras: tup
         found = {k: batch.pop(k) for k in extras if k in batch}
         if generate is not None and reference not in found:
             raise ValueError(f"{task}: generating needs the loader built with the task's eval_collator (reference texts)")
-        out = model(**batch)
-        sums, counts = accelerator.gather_for_metrics(row_losses(out.logits, batch["labels"], shift))
+        losses = row_losses(model, batch, accelerator) if shift else seq2seq_row_losses(model(**batch).logits, batch["labels"])
+        sums, counts = accelerator.gather_for_metrics(losses)
         loss_sum += sums.sum().item()
         n_tokens += int(counts.sum().item())
         if generate is not None:

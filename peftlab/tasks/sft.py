@@ -31,7 +31,7 @@ from transformers import AutoModelForCausalLM
 
 from ..errors import ConfigError, DataError
 from ..metrics import ROUGE_KEYS, rouge_metrics
-from .generative import log_examples, loss_and_predictions
+from .generative import causal_lm_loss, log_examples, loss_and_predictions
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +57,7 @@ class _Generated:
 
 auto_model_class = AutoModelForCausalLM
 peft_task_type = "CAUSAL_LM"
+loss = causal_lm_loss  # the LM head runs on the assistant's tokens only
 target_kind = "messages"  # conversations: normalize_split reads the rows itself
 best_metric = "loss"
 metrics = ()  # the best metric is checked in `check`: eval.metric_fn adds metrics of its own
@@ -266,19 +267,21 @@ def tokenize(ds, tokenizer, recipe):
         raise DataError("no assistant token is trainable: the chat template renders no assistant tokens within data.max_length="
                         f"{max_length} in any of {len(ds):,} rows, so training would learn nothing. Check that rows have "
                         "assistant turns, that the chat template renders their content (task.chat_format), and data.max_length.")
-    n = len(ds)
-    ds = ds.filter(lambda r: r["n_labels"] > 0, desc="rows with an answer within max_length")
-    if len(ds) < n:
-        log.warning("%d row(s) have no assistant token within data.max_length=%d (the answer starts after the cut): dropped. "
-                    "Raise data.max_length to keep them.", n - len(ds), max_length)
+    unscored = sum(n == 0 for n in ds["n_labels"])
+    if unscored:
+        log.warning("%d row(s) have no assistant token within data.max_length=%d (the answer starts after the cut): training "
+                    "drops them; evaluation keeps them (generated from the end of their prompt, no loss). Raise "
+                    "data.max_length to keep them whole.", unscored, max_length)
     return ds
 
 
 # ------------------------------------------------------------------------------------------------ packing and batches
 
-def pack(ds, recipe):
-    """data.packing: examples (whole, never split) best-fit into rows of at most data.max_length tokens; each row keeps
-    the position ids of its examples, restarting at 0, which is what keeps attention within an example."""
+def prepare_train(ds, recipe):
+    """The training rows: those with a trainable token; with data.packing, examples (whole, never split) best-fit into
+    rows of at most data.max_length tokens, each keeping the position ids of its examples, restarting at 0, which is
+    what keeps attention within an example."""
+    ds = ds.filter(lambda r: r["n_labels"] > 0, desc="rows with an answer within max_length")
     if not recipe.data.packing:
         return ds
     import datasets

@@ -25,7 +25,7 @@ from ..bases import resolve_model_path
 from ..errors import DataError, ModelNotFound
 from ..metrics import ROUGE_KEYS, rouge_metrics
 from . import encoder_decoder
-from .generative import log_examples, loss_and_predictions
+from .generative import causal_lm_loss, log_examples, loss_and_predictions
 
 log = logging.getLogger(__name__)
 # EncoderDecoderModel (BERT2BERT) warns on every forward with labels about a loss change made in transformers 4.12
@@ -58,6 +58,15 @@ best_metric_note = (" (a ROUGE metric makes every evaluation during training gen
                     "selects on what is reported)")
 warm_start = True  # model.decoder builds an encoder-decoder from two checkpoints (load_model)
 card_metrics = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
+
+
+def loss(model, batch, accelerator):
+    """A decoder-only summarizer: the LM head on the summary's tokens only; an encoder-decoder: the model's own loss."""
+    if is_encoder_decoder(accelerator.unwrap_model(model).config):
+        return model(**batch).loss
+    return causal_lm_loss(model, batch, accelerator)
+
+
 # adapter's peft task type -> (pipeline tag, card task name, Auto class of the usage snippet); a full model (no adapter
 # config) is presented as an encoder-decoder
 HUB = {"SEQ_2_SEQ_LM": ("summarization", "Summarization", "AutoModelForSeq2SeqLM"),

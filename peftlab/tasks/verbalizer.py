@@ -23,12 +23,14 @@ from transformers import AutoModelForCausalLM
 
 from ..errors import DataError
 from ..metrics import CLASSIFICATION_KEYS, classification_metrics
+from .generative import causal_lm_loss, row_losses
 from .summarization import _adds_bos, _pad, eos_id, truncate_sources
 
 log = logging.getLogger(__name__)
 
 auto_model_class = AutoModelForCausalLM
 peft_task_type = "CAUSAL_LM"
+loss = causal_lm_loss  # the LM head runs on the label word's tokens only
 target_kind = "label"
 best_metric = "accuracy"
 metrics = (*CLASSIFICATION_KEYS, "loss")
@@ -207,11 +209,7 @@ def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=
     for batch in loader:
         extras = {k: batch.pop(k) for k in EXTRAS if k in batch}
         if not scoring:
-            out = model(**batch)
-            logits, labels = out.logits[:, :-1], batch["labels"][:, 1:]
-            sums = torch.stack([torch.nn.functional.cross_entropy(lg.float(), y, ignore_index=-100, reduction="sum")
-                                for lg, y in zip(logits, labels)])
-            sums, counts = accelerator.gather_for_metrics((sums, (labels != -100).sum(1)))
+            sums, counts = accelerator.gather_for_metrics(row_losses(model, batch, accelerator))
             nll_sum += sums.sum().item()
             n_tokens += int(counts.sum().item())
             continue

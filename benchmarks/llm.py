@@ -1,0 +1,201 @@
+"""SmolLM2-135M-Instruct through peftlab (issue 18): zero-shot vs LoRA vs QLoRA, head vs verbalizer, SFT, packing.
+
+    python benchmarks/llm.py --cases samsum-zero-shot,samsum-lora      # run some cases (finished ones are skipped)
+    python benchmarks/llm.py --list                                     # the cases and their overrides
+    python benchmarks/llm.py --report                                   # tables + plot from the finished cases
+
+Every case is one `peftlab train` process on a shipped recipe under recipes/smollm2-135m/ plus the overrides listed in
+CASES (nothing else differs), its peak RSS read from wait4. Each finished case is written to
+benchmarks/results/llm/<case>.json (its run.json + RSS + wall time) before the next starts, so an interrupted
+invocation loses at most the case that was running; `--fresh` measures a case again (the old file is replaced only
+when the new run has finished). The report adds Lead-3 on the same SAMSum test rows and the stored MiniLM BERT2BERT
+figures (benchmarks/results/summarization-full-selfinit.json, 200 test rows) next to SmolLM2 on those same 200 rows.
+Selection: every recipe keeps its best step on a validation split or a train holdout, never on the test split.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab
+from benchmarks.common import RESULTS, train_process  # noqa: E402
+
+OUT = RESULTS / "llm"
+R = "recipes/smollm2-135m/"
+ZERO = ["train.max_steps=0"]
+SHORT = ["train.max_steps=150", "train.eval_every=75", "train.save_every=75"]  # classification: 150 steps x 16 rows
+SPEED = ["data.train.max_samples=256", "train.max_steps=null", "train.epochs=1", "data.eval.max_samples=64", "data.test=null",
+         "train.eval_every=null", "train.save_every=null", "train.log_every=5"]  # the same 256 SAMSum dialogues, once
+CASES: dict[str, tuple[str, list[str]]] = {
+    # SAMSum summarization as chat SFT; test = all 819 rows, generated greedily
+    "samsum-zero-shot": (R + "samsum-sft-lora.yaml", [*ZERO, "data.eval=null"]),
+    "samsum-lora": (R + "samsum-sft-lora.yaml", []),
+    "samsum-qlora": (R + "samsum-sft-qlora.yaml", []),
+    # classification: zero-shot verbalizer, LoRA verbalizer, LoRA + sequence-classification head
+    "emotion-zero-shot": (R + "emotion-verbalizer-lora.yaml", ZERO),
+    "emotion-verbalizer": (R + "emotion-verbalizer-lora.yaml", SHORT),
+    "emotion-head": (R + "emotion-head-lora.yaml", SHORT),
+    "sst2-head": (R + "sst2-head-lora.yaml", SHORT),
+    # GSM8K: answer accuracy after '####' (a seeded 250-row subset of test: generation of 256 tokens is the cost)
+    "gsm8k-zero-shot": (R + "gsm8k-sft-lora.yaml", [*ZERO, "data.eval_holdout=0", "data.test.max_samples=250"]),
+    "gsm8k-sft": (R + "gsm8k-sft-lora.yaml", ["data.test.max_samples=250"]),
+    # speed and memory: the same 256 dialogues (same real tokens) with LoRA and QLoRA packed, and LoRA padded
+    "speed-lora-packed": (R + "samsum-sft-lora.yaml", SPEED),
+    "speed-qlora-packed": (R + "samsum-sft-qlora.yaml", SPEED),
+    "speed-lora-padded": (R + "samsum-sft-lora.yaml", [*SPEED, "data.packing=false", "train.batch_size=8"]),
+}
+SST2_FIRST = {"sst2-zero-shot": 74.54, "sst2-verbalizer": 88.65}  # benchmarks/README.md, first SmolLM2 figures
+
+
+def run_case(name: str, fresh: bool, verbose: bool) -> None:
+    dest = OUT / f"{name}.json"
+    if dest.exists() and not fresh:
+        print(f"[{name}] done before: {dest} (--fresh to measure again)", flush=True)
+        return
+    recipe, overrides = CASES[name]
+    print(f"[{name}] peftlab train {recipe} {' '.join(overrides)}", flush=True)
+    run, rss, wall = train_process(name, recipe, [*overrides, f"name=llm-{name}"], REPO / "runs" / f"llm-{name}",
+                                   verbose=verbose)
+    OUT.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"case": name, "recipe": recipe, "overrides": overrides, "peak_rss_mib": rss,
+                               "process_wall_s": wall, "run": run}, indent=2))
+    tmp.replace(dest)
+    print(f"[{name}] {json.dumps(run['metrics'].get('test', run['metrics']))[:300]}  peak RSS {rss:.0f} MiB, {wall:.0f} s",
+          flush=True)
+
+
+def load(name: str) -> dict | None:
+    f = OUT / f"{name}.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def pct(x) -> str:
+    return "" if x is None else f"{100 * x:.2f}"
+
+
+SAMSUM_TEST = REPO.parent / "shared/data/samsum/test.csv"
+SYSTEMS = (("samsum-zero-shot", "SmolLM2 zero-shot"), ("samsum-lora", "SmolLM2 + LoRA"), ("samsum-qlora", "SmolLM2 + QLoRA (4-bit NF4)"))
+
+
+def samsum_rows() -> list[str]:
+    """All test rows: SmolLM2 zero-shot / LoRA / QLoRA and Lead-3; then the 200 rows the stored MiniLM BERT2BERT run
+    was scored on (recipes/minilm/samsum-lora.yaml: test max_samples 200, seed 42), every system rescored on them."""
+    import datasets
+
+    from benchmarks.summarization import lead3, score
+
+    test = datasets.load_dataset("csv", data_files=str(SAMSUM_TEST))["train"]
+    dialogue = {s.strip(): d for d, s in zip(test["dialogue"], test["summary"])}
+    b2b_rows = {s.strip() for s in test.shuffle(seed=42).select(range(200))["summary"]}
+    head = ["| system | test rows | ROUGE-1 | ROUGE-2 | ROUGE-L | words | train | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|"]
+    full, subset = list(head), list(head)
+
+    def line(label, m, n, words, train="none", rss=""):
+        return f"| {label} | {n} | {pct(m['rouge1'])} | {pct(m['rouge2'])} | {pct(m['rougeL'])} | {words:.1f} | {train} | {rss} |"
+
+    refs = None
+    for case, label in SYSTEMS:
+        c = load(case)
+        if c is None:
+            continue
+        run = c["run"]
+        preds = [json.loads(x) for x in (REPO / "runs" / f"llm-{case}" / "predictions-test.jsonl").read_text().splitlines()]
+        refs = [p["reference"] for p in preds]
+        train = f"{run['steps']} steps, {run['train_wall_s'] / 60:.0f} min" if run["steps"] else "none"
+        m, _ = score(label, [p["prediction"] for p in preds], refs)
+        full.append(line(label, m, len(preds), m["words"], train, f"{c['peak_rss_mib']:.0f}"))
+        mine = [p for p in preds if p["reference"].strip() in b2b_rows]
+        m, _ = score(label, [p["prediction"] for p in mine], [p["reference"] for p in mine])
+        subset.append(line(label, m, len(mine), m["words"], train))
+    if refs:
+        lead, _ = score("Lead-3", [lead3(dialogue[r.strip()]) for r in refs], refs)
+        full.append(line("Lead-3 (first three turns)", lead, len(refs), lead["words"]))
+        b2b = json.loads((RESULTS / "summarization-full-selfinit.json").read_text())
+        for row in b2b["rows"]:
+            subset.append(line(f"{row['system']} (stored run)", row, row["rows"], row["words"],
+                               f"{b2b['meta']['steps']} steps, {b2b['meta']['train_wall_s'] / 60:.0f} min" if "MiniLM" in row["system"] else "none"))
+    return full + ["", "The 200 test rows of the stored MiniLM BERT2BERT run (benchmarks/results/summarization-full-selfinit.json):", ""] + subset
+
+
+def classification_rows() -> list[str]:
+    out = ["| task | setting | test accuracy | macro-F1 | selected on | train | peak RSS (MiB) |", "|---|---|---|---|---|---|---|"]
+    for case in ("emotion-zero-shot", "emotion-verbalizer", "emotion-head", "sst2-head"):
+        c = load(case)
+        if c is None:
+            continue
+        run, m = c["run"], c["run"]["metrics"]["test"]
+        train = f"{run['steps']} steps x {run['train_examples'] // max(run['steps'], 1)} rows, {run['train_wall_s'] / 60:.0f} min" \
+            if run["steps"] else "none"
+        out.append(f"| {case.split('-')[0]} | {case.split('-', 1)[1]} | {pct(m['accuracy'])} | {pct(m['f1'])} | "
+                   f"{'-' if not run['steps'] else run.get('selected_on') or '-'} (step {run.get('best_step')}) | {train} | "
+                   f"{c['peak_rss_mib']:.0f} |")
+    return out
+
+
+def gsm8k_rows() -> list[str]:
+    out = ["| setting | test rows | answer accuracy | wrote '####' | train | peak RSS (MiB) |", "|---|---|---|---|---|---|"]
+    for case in ("gsm8k-zero-shot", "gsm8k-sft"):
+        c = load(case)
+        if c is None:
+            continue
+        run, m = c["run"], c["run"]["metrics"]["test"]
+        train = f"{run['steps']} steps, {run['train_examples']:,} ex, {run['train_wall_s'] / 60:.0f} min" if run["steps"] else "none"
+        rows = len((REPO / "runs" / f"llm-{case}" / "predictions-test.jsonl").read_text().splitlines())
+        out.append(f"| {case.split('-', 1)[1]} | {rows} | {pct(m.get('answer_accuracy'))} | "
+                   f"{pct(m.get('answer_format'))} | {train} | {c['peak_rss_mib']:.0f} |")
+    return out
+
+
+def speed_rows() -> list[str]:
+    out = ["| case | steps | real tokens/s | padded tokens/s | dialogues/s | train s | eval loss after | peak RSS (MiB) | "
+           "speed-up (train s of LoRA packed / this) |", "|---|---|---|---|---|---|---|---|---|"]
+    base = load("speed-lora-packed")
+    for case in ("speed-lora-packed", "speed-qlora-packed", "speed-lora-padded"):
+        c = load(case)
+        if c is None:
+            continue
+        run = c["run"]
+        padded = run["train_padded_tokens"] / max(run["train_seconds"], 1e-9)
+        ratio = base["run"]["train_seconds"] / run["train_seconds"] if base else float("nan")  # same dialogues: same real tokens
+        out.append(f"| {case[6:]} | {run['steps']} | {run['tokens_per_s']:.0f} | {padded:.0f} | {256 / run['train_seconds']:.2f} | "
+                   f"{run['train_seconds']:.0f} | {run['metrics']['eval']['loss']:.4f} | {c['peak_rss_mib']:.0f} | {ratio:.2f}x |")
+    return out
+
+
+def report() -> None:
+    sections = [("SAMSum (all test rows, greedy)", samsum_rows()), ("Classification", classification_rows()),
+                ("GSM8K", gsm8k_rows()), ("Speed and memory (the same 256 SAMSum dialogues, one epoch)", speed_rows())]
+    text = "\n\n".join(f"### {title}\n\n" + "\n".join(rows) for title, rows in sections if len(rows) > 2)
+    (RESULTS / "llm.md").write_text(text + "\n")
+    print(text)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", default="", help="comma-separated case names (default: none; see --list)")
+    p.add_argument("--list", action="store_true")
+    p.add_argument("--report", action="store_true", help="write benchmarks/results/llm.md from the finished cases")
+    p.add_argument("--fresh", action="store_true", help="measure finished cases again")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args()
+    if args.list:
+        for name, (recipe, overrides) in CASES.items():
+            print(f"{name:<22} {recipe} {' '.join(overrides)}")
+        return
+    names = [c for c in args.cases.split(",") if c]
+    unknown = [c for c in names if c not in CASES]
+    if unknown:
+        p.error(f"unknown case(s) {unknown}; --list shows them")
+    for name in names:
+        run_case(name, args.fresh, args.verbose)
+    if args.report:
+        report()
+
+
+if __name__ == "__main__":
+    main()
