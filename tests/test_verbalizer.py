@@ -77,11 +77,16 @@ def test_loss_mask_covers_only_the_label_word_tokens(make_verb):
     torch.testing.assert_close(out.loss, nll, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
 @pytest.mark.parametrize("words", [None, ["very bad", "quite good"]], ids=["one-token", "multi-token"])
-def test_scoring_is_each_words_likelihood_and_picks_the_max(make_verb, words):
-    """score_words (left-padded, position ids from the mask, only the word positions' logits) equals each word's
-    log-likelihood computed row by row without padding; the evaluation predicts the argmax."""
-    recipe = make_verb({"data.label_words": words} if words else {})
+def test_scoring_is_each_words_likelihood_and_picks_the_max(make_verb, words, method):
+    """score_words (left-padded, position ids from the mask; the prompt run once and each word continued from its KV
+    cache, or prompt + word in full for prompt tuning) equals each word's log-likelihood computed row by row without
+    padding; the evaluation predicts the argmax."""
+    overrides = {"data.label_words": words} if words else {}
+    if method == "prompt_tuning":
+        overrides |= {"adapter.method": "prompt_tuning", "adapter.num_virtual_tokens": 4}
+    recipe = make_verb(overrides)
     tok = minilm_tokenizer()
     model, *_ = build_model(recipe, num_labels=2, label_names=["negative", "positive"], precision="fp32")
     model.eval()
@@ -91,7 +96,7 @@ def test_scoring_is_each_words_likelihood_and_picks_the_max(make_verb, words):
         scores = verbalizer.score_words(model, prompts, ids, tok.pad_token_id)
         for r, p in enumerate(prompts):
             for k, w in enumerate(ids):
-                lp = model(input_ids=torch.tensor([p + w])).logits[0, len(p) - 1:-1].log_softmax(-1)
+                lp = model(input_ids=torch.tensor([p + w])).logits[0, -len(w) - 1:-1].log_softmax(-1)  # (virtual tokens first)
                 assert scores[r, k].item() == pytest.approx(lp[torch.arange(len(w)), w].sum().item(), abs=1e-4)
 
     # a constructed case: a model whose next-token distribution favours one word's tokens predicts that class
@@ -105,7 +110,7 @@ def test_scoring_is_each_words_likelihood_and_picks_the_max(make_verb, words):
             from types import SimpleNamespace
 
             n = logits_to_keep or input_ids.shape[1]
-            return SimpleNamespace(logits=self.bias.expand(input_ids.shape[0], n, -1).clone())
+            return SimpleNamespace(logits=self.bias.expand(input_ids.shape[0], n, -1).clone(), past_key_values=[])
 
     for k in range(2):
         s = verbalizer.score_words(Fixed(ids[k]), prompts, ids, tok.pad_token_id)

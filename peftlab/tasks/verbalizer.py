@@ -15,6 +15,7 @@ untouched base (a LoRA adapter starts as the identity).
 
 from __future__ import annotations
 
+import copy
 import logging
 import re
 
@@ -174,27 +175,56 @@ def eval_collator(tokenizer):
 
 
 def score_words(model, prompts: list[list[int]], words: list[list[int]], pad: int) -> torch.Tensor:
-    """-> (rows, classes) log-likelihood of each word's tokens after each prompt. The sequences are left-padded, so
-    every word's tokens sit at the same final positions and only those positions' logits are computed (a batch's
-    logits over a 50k-token vocabulary would not fit otherwise); position ids follow the padding. When every word is
-    one token, one forward pass over the prompts scores them all."""
+    """-> (rows, classes) log-likelihood of each word's tokens after each prompt. The prompts are left-padded (position
+    ids follow the padding) and run once, keeping their KV cache and only the last position's logits; each word's
+    remaining tokens then run on a copy of that cache, so a batch costs one prompt pass however many classes and
+    word tokens there are. Prompt/prefix tuning (whose virtual tokens peft adds on every call) runs each prompt + word
+    in full instead."""
     device = next(model.parameters()).device
-
-    def last_logprobs(seqs: list[list[int]], n: int) -> torch.Tensor:
-        """log-softmax of the last n positions' next-token logits, (rows, n, vocab)."""
-        ids = _pad(seqs, pad, left=True, multiple=1).to(device)
-        mask = _pad([[1] * len(s) for s in seqs], 0, left=True, multiple=1).to(device)
-        out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), logits_to_keep=n)
-        return out.logits[:, -n:].float().log_softmax(-1)
-
-    if all(len(w) == 1 for w in words):
-        return last_logprobs(prompts, 1)[:, -1, [w[0] for w in words]]
-    scores = []
+    if _prompt_learning(model):
+        return _score_words_in_full(model, prompts, words, device)
+    ids = _pad(prompts, pad, left=True, multiple=1).to(device)
+    mask = _pad([[1] * len(s) for s in prompts], 0, left=True, multiple=1).to(device)
+    position = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
+    first = out.logits[:, -1].float().log_softmax(-1)
+    field = "cache" if getattr(out, "cache", None) is not None else "past_key_values"  # transformers 5 renamed it
+    cache = getattr(out, field, None)
+    if cache is None and any(len(w) > 1 for w in words):
+        raise ValueError("score_words: the model returned no KV cache; multi-token label words need one")
+    rows, scores = len(prompts), []
     for w in words:
-        lp = last_logprobs([p + w for p in prompts], len(w) + 1)[:, :-1]  # position t predicts token t+1
-        target = torch.tensor(w, device=lp.device).expand(len(prompts), -1)
-        scores.append(lp.gather(-1, target[..., None])[..., 0].sum(-1))
+        score = first[:, w[0]]
+        if len(w) > 1:
+            rest = torch.tensor(w[:-1], device=device).expand(rows, -1)  # position t predicts token t+1
+            lp = model(input_ids=rest, attention_mask=torch.cat([mask, mask.new_ones(rows, len(w) - 1)], 1),
+                       position_ids=position[:, -1:] + torch.arange(1, len(w), device=device),
+                       use_cache=True, **{field: copy.deepcopy(cache)}).logits.float().log_softmax(-1)
+            score = score + lp.gather(-1, torch.tensor(w[1:], device=device).expand(rows, -1)[..., None])[..., 0].sum(-1)
+        scores.append(score)
     return torch.stack(scores, 1)
+
+
+def _prompt_learning(model) -> bool:
+    config = getattr(model, "active_peft_config", None)
+    return bool(getattr(config, "is_prompt_learning", False))
+
+
+def _score_words_in_full(model, prompts, words, device) -> torch.Tensor:
+    """score_words for prompt/prefix tuning: each prompt + word run in full, rows of equal length together and
+    unpadded, since peft puts the virtual tokens before any padding and ignores position ids (a left-padded row
+    would see its virtual tokens at a distance that depends on the padding)."""
+    scores = torch.empty(len(prompts), len(words), device=device)
+    for k, w in enumerate(words):
+        by_length: dict[int, list[int]] = {}
+        for r, p in enumerate(prompts):
+            by_length.setdefault(len(p), []).append(r)
+        for rows in by_length.values():
+            ids = torch.tensor([prompts[r] + w for r in rows], device=device)
+            lp = model(input_ids=ids).logits[:, -len(w) - 1:-1].float().log_softmax(-1)
+            target = torch.tensor(w, device=device).expand(len(rows), -1)
+            scores[rows, k] = lp.gather(-1, target[..., None])[..., 0].sum(-1)
+    return scores
 
 
 @torch.no_grad()
