@@ -73,3 +73,4 @@ def shards_weights(accelerator) -> bool:
     if accelerator.distributed_type == DistributedType.FSDP:
         return True
     return accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
+

@@ -60,6 +60,20 @@ def resolve_model_path(name: str, revision: str | None = None) -> str:
     return name
 
 
+def base_path(recipe: Recipe) -> str:
+    """Where a recipe's base loads from: model.from_run's weights (the run's merged folder, or a fully trained run's
+    own folder), else model.name resolved (resolve_model_path)."""
+    m = recipe.model
+    if m.from_run is None:
+        return resolve_model_path(m.name, m.revision)
+    run = Path(m.from_run)
+    folder = run / "merged" if (run / "adapter_config.json").is_file() else run
+    if not (folder / "config.json").is_file():
+        raise ModelNotFound(f"model.from_run={m.from_run!r}: {folder} holds no model. Merge the run's adapter into its base "
+                            f"first: peftlab merge {m.from_run}")
+    return str(folder)
+
+
 def load_tokenizer(path: str, recipe: Recipe):
     from transformers import AutoTokenizer
 

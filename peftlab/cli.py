@@ -1,4 +1,4 @@
-"""`peftlab` command line: train | eval | merge | publish | compose | validate | env.
+"""`peftlab` command line: train | eval | merge | publish | compose | select | validate | env.
 
 The one way in: the `peftlab` console script, `python -m peftlab` (peftlab/__main__.py) and the ranks that
 `accelerate launch -m peftlab train ...` starts all enter `main` here, which calls down into run/export/publish.
@@ -180,6 +180,36 @@ def cmd_compose(args) -> int:
     return 0
 
 
+def cmd_select(args) -> int:
+    from .config import load_recipe
+    from .export import atomic_write_text
+    from .select import format_table, ranked_by, select, to_json
+
+    # `--candidates A B KEY=VALUE`: nargs="+" took the overrides that followed it (a file whose name holds '=' stays a base)
+    late = [c for c in args.candidates if "=" in c and not Path(c).exists()]
+    late_m = [m for m in args.methods or [] if "=" in m]
+    recipe_path, overrides = _split_recipe_args([*args.items, *late, *late_m])
+    if recipe_path is None:
+        raise PeftlabError("select needs a classification recipe: peftlab select RECIPE.yaml --candidates BASE [BASE ...]")
+    extra: dict[str, list[str]] = {}
+    for item in args.set:
+        head, sep, value = item.partition("=")
+        name, colon, key = head.rpartition(":")
+        if not sep or not colon or not name or not key:
+            raise PeftlabError(f"--set {item!r}: expected NAME:KEY=VALUE, NAME a candidate or a method, e.g. --set full:train.lr=5e-5")
+        extra.setdefault(name, []).append(f"{key}={value}")
+    methods = [m for m in args.methods if m not in late_m] if args.methods else None
+    rows = select(load_recipe(recipe_path, overrides), [c for c in args.candidates if c not in late], methods,
+                  proxies=args.proxies, rank_by=args.rank_by, max_rows=args.max_rows, folds=args.folds, steps=args.steps,
+                  overrides=extra)
+    rank_by = ranked_by(args.proxies, args.rank_by)
+    print(format_table(rows, rank_by, recipe_path))
+    if args.json:
+        atomic_write_text(Path(args.json), json.dumps(to_json(rows, rank_by, recipe_path), indent=2))
+        print(f"written: {args.json}")
+    return 0
+
+
 def print_summary(s: RunRecord) -> None:
     """The run's closing lines: what was learned, at what cost, and where the artifacts are."""
     from .tasks import get_task
@@ -285,6 +315,25 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--seed", type=int, default=0, help="seed of dare's random pruning")
     comp.add_argument("--out", required=True, metavar="DIR", help="where the composed adapter is written")
     comp.set_defaults(fn=cmd_compose)
+
+    sel = sub.add_parser("select", help="rank candidate bases (and methods) for a classification recipe from its train split, "
+                         "before fine-tuning: linear probe, LogME, a few training steps")
+    sel.add_argument("items", nargs="*", metavar="RECIPE.yaml [KEY=VALUE ...]", help="a classification recipe and dotted overrides")
+    sel.add_argument("--candidates", nargs="+", required=True, metavar="BASE",
+                     help="bases to rank: anything model.name accepts (minilm, a folder, a GGUF folder, a hub id)")
+    sel.add_argument("--methods", nargs="+", metavar="METHOD", help="also rank these adapter methods on each base "
+                     "(default: the recipe's); only the steps proxy tells methods apart")
+    sel.add_argument("--proxies", nargs="+", default=["probe", "logme"], metavar="PROXY",
+                     help="probe (k-fold linear probe on frozen features), logme (LogME evidence), steps (a short real run "
+                          "of the candidate's recipe scored on a held-out fold of train); default: probe logme")
+    sel.add_argument("--rank-by", metavar="PROXY", help="the proxy that orders the table (default: probe, else the first)")
+    sel.add_argument("--max-rows", type=int, default=1000, metavar="N", help="training rows sampled (seeded) for the estimates")
+    sel.add_argument("--folds", type=int, default=5, metavar="K", help="cross-validation folds (the steps proxy holds out one)")
+    sel.add_argument("--steps", type=int, default=30, metavar="N", help="optimizer steps of the steps proxy's run")
+    sel.add_argument("--set", action="append", default=[], metavar="NAME:KEY=VALUE",
+                     help="an override for one candidate or method, e.g. --set full:train.lr=5e-5 (repeatable)")
+    sel.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
+    sel.set_defaults(fn=cmd_select, late_overrides="items")
     return p
 
 

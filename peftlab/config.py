@@ -44,12 +44,20 @@ class ModelConfig:
     name: str = opt("minilm", "Base model: a local directory, a .gguf file (or a folder holding one: converted once into a cached "
                     "transformers folder), a hub id (e.g. roberta-base), or a packaged name ('minilm').")
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of the base model.")
+    from_run: str | None = opt(None, "Start from a finished run's weights (e.g. runs/dapt-kitchen, a task.type mlm/clm continued "
+                               "pretraining): its adapter merged into its base (RUN/merged, made when missing) is this recipe's "
+                               "base; model.name must be that run's base (or left at its default, then taken from the run). The "
+                               "run.json and model card record the chain (lineage).")
     trust_remote_code: bool = opt(False, "Run model code shipped with a hub repo. Off by default: only enable for repos you trust.")
     allow_pickle: bool = opt(False, "Also load pickle weights (.bin/.pt), which can run arbitrary code. Off: safetensors only.")
     dtype: str = opt("float32", "Dtype the (non-quantized) base weights are loaded in.", ("float32", "bfloat16", "float16"))
     decoder: str | None = opt(None, "Summarization: warm-start an encoder-decoder (BERT2BERT) with model.name as the encoder and this "
                               "model (packaged name, directory or hub id, same vocabulary) as the decoder; its new cross-attention "
                               "is trained in full, LoRA adapts the pretrained parts. null = model.name alone.")
+    num_layers: int | None = opt(None, "Keep this many of the base's transformer layers (null = all): evenly spaced, the first and "
+                                 "the last kept (DistilBERT's choice: 6 of 12 keeps 0, 2, 4, 7, 9, 11), applied right after "
+                                 "loading, so a reloaded or merged run has the same N layers. A smaller student for train.distill.",
+                                 ge=1, hint="layers kept; at most the base's number of layers")
     cross_attention_init: str = opt("random", "Encoder-decoder warm start: the decoder's new cross-attention starts random, or as a "
                                     "copy of the same layer's pretrained self-attention (self).", ("random", "self"))
 
@@ -147,6 +155,24 @@ class TaskConfig:
 
 
 @dataclass
+class DistillConfig:
+    teacher: str | None = opt(None, "The teacher: a finished run folder (runs/NAME) of task.type classification or verbalizer, with the "
+                              "student's label names; any base and tokenizer (its logits come from the raw text of each row).")
+    temperature: float = opt(2.0, "Softmax temperature T of the soft targets (teacher and student logits divided by T; the KL term "
+                             "is scaled by T^2).", gt=0, hint="typical: 1-4")
+    alpha: float = opt(0.5, "Weight of the label loss: loss = alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher || student); "
+                       "1 = labels only, 0 = soft targets only. In [0, 1].", ge=0, hint="in [0, 1]")
+    unlabelled: SplitConfig | None = opt(None, "Optional extra rows without labels (a file, read as data.train is: "
+                                         "data.text_columns or unlabelled.text_columns): they get the soft-target term only.")
+    batch_size: int = opt(64, "Rows per batch of the teacher's pass (once, before training).", ge=1)
+
+
+# Experiment trackers Accelerate drives (accelerate.tracking); accel.py says how each is installed and where it writes
+TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "swanlab", "trackio")
+REPORT_TO = ("auto", "all", "none", *TRACKERS)
+
+
+@dataclass
 class TrainConfig:
     epochs: float = opt(1.0, "Passes over the train split (fractions allowed); ignored when max_steps is set.", gt=0)
     max_steps: int | None = opt(None, "Stop after this many optimizer steps; 0 = train nothing: the base is evaluated (zero-shot) "
@@ -171,9 +197,17 @@ class TrainConfig:
     best_metric: str | None = opt(None, "Metric that decides `keep_best` (higher is better, except names ending in 'loss'); null = "
                                   "the task's default (classification: accuracy, summarization: loss).")
     log_every: int = opt(20, "Log loss, learning rate and throughput every N optimizer steps.", ge=1)
+    report_to: list[str] = opt(["auto"], "Experiment trackers that also get the resolved recipe and the metrics of OUT/log.jsonl "
+                               "(always written), at the same steps: auto = tensorboard when installed, none, all = every "
+                               "installed one, or names: " + ", ".join(TRACKERS) + ". They write inside the run folder "
+                               "(OUT/tb, OUT/wandb, OUT/mlruns, ...) unless their own environment says where (WANDB_DIR, "
+                               "MLFLOW_TRACKING_URI, ...).", REPORT_TO)
     save_every: int | None = opt(None, "Write a resumable checkpoint every N optimizer steps; null = none.", ge=1)
     keep_checkpoints: int = opt(2, "How many checkpoints to keep (oldest are deleted).", ge=1)
     seed: int = opt(42, "Seed for initialisation, shuffling and dropout.")
+    distill: DistillConfig | None = opt(None, "Knowledge distillation from a finished run (the teacher): {teacher: runs/X, "
+                                        "temperature: T, alpha: a}. Its logits are computed once before training and cached "
+                                        "with the rows; null = labels only.")
 
 
 @dataclass
@@ -397,6 +431,9 @@ def check_field(name: str, value: Any, f: dataclasses.Field, optional: bool) -> 
     choices = meta.get("choices")
     if callable(choices):  # a registry's names (task.type, adapter.method), read when checked: one registered later is allowed
         choices = choices()
+    if choices and isinstance(value, list):  # a list field with choices (train.report_to): each item is one of them
+        bad = next((v for v in value if v not in choices), None)
+        return None if bad is None else check_field(name, bad, f, optional)
     if choices and value not in choices:
         close = difflib.get_close_matches(str(value), [str(c) for c in choices], n=1)
         hint = f" Did you mean '{close[0]}'?" if close else ""
@@ -425,6 +462,9 @@ def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = N
 
     a, d = recipe.adapter, recipe.data
     need(bool(d.text_columns), "data.text_columns is empty: name the column(s) holding the text, e.g. [sentence].")
+    report_to = recipe.train.report_to
+    need(not isinstance(report_to, list) or len(report_to) <= 1 or not set(report_to) & {"auto", "all", "none"},
+         f"train.report_to={report_to}: auto, all and none stand alone; give one of them, or a list of tracker names.")
     need(d.label_names is None or len(d.label_names) >= 2, f"data.label_names={d.label_names}: a classifier needs >= 2 labels.")
     need(d.label_names is None or len(set(d.label_names)) == len(d.label_names), f"data.label_names={d.label_names}: names must be distinct.")
     p.extend(task_problems(recipe))  # best metric, the task's own rules, the encoder-decoder warm start (tasks/)
@@ -436,6 +476,11 @@ def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = N
     need(bool(name) and "/" not in name and "\\" not in name and name not in (".", ".."),
          f"name={name!r}: use a plain name (letters, digits, - _ .), it becomes a directory.")
 
+    if check_files and recipe.model.from_run is not None and not (Path(recipe.model.from_run) / "run.json").is_file():
+        p.append(f"model.from_run={recipe.model.from_run!r}: no finished run there (no run.json). Train it first "
+                 "(peftlab train RECIPE with output_dir there), or fix the path.")
+    if recipe.train.distill is not None:
+        p.extend(distill_problems(recipe, check_files))
     if check_files and d.train is None:
         p.append("data.train is not set: name the training file, e.g. data.train.path=train.csv (or data.train.split=train "
                  "with data.dataset). No split has a default.")
@@ -453,6 +498,32 @@ def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = N
             p.append(f"{where}.path={s.path!r}: file not found{hint}. Fix the path or override it: {where}.path=FILE.")
     if p:
         raise ConfigError(p, source)
+
+
+def distill_problems(recipe: Recipe, check_files: bool) -> list[str]:
+    """train.distill's own rules. The teacher itself (a finished run, its task and labels) is checked when training starts,
+    before the run folder is touched (distill.check): a shipped recipe names a teacher that is trained first."""
+    k, p = recipe.train.distill, []
+    if k.teacher is None:
+        p.append("train.distill.teacher is not set: name the teacher's finished run folder, e.g. train.distill.teacher=runs/sst2-teacher.")
+    if isinstance(k.alpha, (int, float)) and k.alpha > 1:
+        p.append(f"train.distill.alpha={k.alpha}: must be in [0, 1] (1 = labels only, 0 = the teacher's soft targets only).")
+    if recipe.task.type != "classification":
+        p.append(f"train.distill with task.type={recipe.task.type!r}: the student must be a classification (its logits are "
+                 "matched to the teacher's classes). Set task.type=classification, or remove train.distill.")
+    u = k.unlabelled
+    if u is not None:
+        if (u.path is None) == (u.split is None):
+            p.append("train.distill.unlabelled: give exactly one of `path:` (a local file) or `split:` (a hub split with data.dataset).")
+        if u.split is not None and recipe.data.dataset is None:
+            p.append(f"train.distill.unlabelled.split={u.split!r} needs data.dataset (a hub dataset id), or use `path:`.")
+        if check_files and u.path is not None and not Path(u.path).is_file():
+            p.append(f"train.distill.unlabelled.path={u.path!r}: file not found. Fix the path or override it: "
+                     "train.distill.unlabelled.path=FILE.")
+        if k.alpha == 1:
+            p.append("train.distill.unlabelled with train.distill.alpha=1: unlabelled rows get only the soft-target term, "
+                     "weighted 1 - alpha = 0, so they would change nothing. Lower alpha (e.g. 0.5) or drop unlabelled.")
+    return p
 
 
 def describe_fields(cls=Recipe, prefix: str = "") -> list[tuple[str, str, str]]:

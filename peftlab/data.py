@@ -161,22 +161,26 @@ def _check_columns(ds, needed: list[str], where: str, spec: SplitConfig) -> None
                     "Set data.text_columns / data.label_column / data.target_column (or per split) to the right names.")
 
 
-def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: int, target_column: str | None = None):
+def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: int, target_column: str | None = None,
+                    unlabelled: bool = False):
     """-> Dataset with exactly {text, label} where label is a raw value after label_map; with `target_column` (a text
-    target: summarization) {text, target} instead, rows with an empty source or target dropped."""
+    target: summarization) {text, target} instead, rows with an empty source or target dropped; `unlabelled` (continued
+    pretraining) {text} only."""
     text_cols = spec.text_columns or data.text_columns
     label_col = target_column or spec.label_column or data.label_column
-    _check_columns(ds, [*text_cols, label_col], where, spec)
+    _check_columns(ds, text_cols if unlabelled else [*text_cols, label_col], where, spec)
     _check_not_empty(ds, text_cols, where)
-    if not target_column:
+    if not target_column and not unlabelled:
         _check_label_cells(ds, label_col, spec, where)
     if spec.max_samples is not None and spec.max_samples < len(ds):
         ds = ds.shuffle(seed=seed).select(range(spec.max_samples))
+    if unlabelled:
+        return ds.map(lambda b: {"text": joined(b, text_cols)}, batched=True, remove_columns=ds.column_names,
+                      desc=f"{where}: columns")
     label_map = {str(k): v for k, v in (spec.label_map or {}).items()}
 
     def to_rows(batch):
-        n = len(batch[label_col])
-        texts = [" ".join(str(batch[c][i] or "") for c in text_cols).strip() for i in range(n)]
+        texts = joined(batch, text_cols)
         if target_column:
             return {"text": texts, "target": [str(v or "").strip() for v in batch[label_col]]}
         # an empty cell makes pandas read the column as floats (0.0, 1.0, nan): the rest are class indices again
@@ -198,6 +202,11 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
         if len(ds) == 0:
             raise DataError(f"{where}: no row has both a source ({text_cols}) and a target ({target_column}). Check the column names.")
     return ds
+
+
+def joined(batch: dict, columns: list[str]) -> list[str]:
+    """The text of each row of a batch: its columns joined with a space."""
+    return [" ".join(str(v or "") for v in cells).strip() for cells in zip(*(batch[c] for c in columns))]
 
 
 def _blank(v) -> bool:
@@ -285,17 +294,19 @@ def load_splits(recipe: Recipe, *, need_train: bool = True):
                     "on the held-out part of train.", d.eval_holdout)
     task = get_task(recipe.task.type)
     target = d.target_column if task.target_kind == "text" else None
+    unlabelled = task.target_kind == "none"  # continued pretraining: text only
     own = getattr(task, "normalize_split", None)  # a task that reads its rows itself (sft: conversations)
     raw = {}
     for name in ("train", "eval", "test"):
         spec = getattr(d, name)
         if spec is not None:
             ds = read_split(spec, d, f"data.{name}")
-            raw[name] = own(ds, spec, recipe, f"data.{name}") if own else normalize_split(ds, spec, d, f"data.{name}", seed, target)
+            raw[name] = own(ds, spec, recipe, f"data.{name}") if own else \
+                normalize_split(ds, spec, d, f"data.{name}", seed, target, unlabelled)
     if "train" in raw and "eval" not in raw and d.eval_holdout > 0:
         parts = raw["train"].train_test_split(test_size=d.eval_holdout, seed=seed)
         raw["train"], raw["eval"] = parts["train"], parts["test"]
-    if target or own:
+    if target or own or unlabelled:
         label_names, out = [], dict(raw)
     else:
         label_names = list(d.label_names) if d.label_names else infer_label_names(*next((ds, f"data.{n}") for n, ds in raw.items()))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from .bases import load_tokenizer, resolve_model_path
+from .bases import base_path, load_tokenizer
 from .config import Recipe
 from .errors import ArtifactError
 from .methods import get_method
@@ -208,8 +208,7 @@ def rebuild(out: Path, recipe: Recipe, run: RunRecord, *, dequantize: bool = Fal
     tokenizer = load_tokenizer(str(out), recipe)
     labels = run.label_names
     if (out / "adapter_config.json").is_file():
-        base_path = resolve_model_path(recipe.model.name, recipe.model.revision)
-        base, _ = load_base(recipe, base_path, num_labels=len(labels), label_names=labels, precision=run.precision,
+        base, _ = load_base(recipe, base_path(recipe), num_labels=len(labels), label_names=labels, precision=run.precision,
                             auto_cls=task.auto_model_class)
         if dequantize and recipe.quant.mode != "none":
             # Merging LoRA into 4-bit weights re-quantizes the sum and rounds the update away (max logit error 0.17 on

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .bases import DTYPES, load_tokenizer, resolve_model_path
+from .bases import DTYPES, base_path, load_tokenizer, resolve_model_path
 from .config import Recipe
 from .errors import ModelError
 from .methods import get_method
@@ -186,7 +186,9 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
         kwargs.update(num_labels=num_labels, id2label=dict(enumerate(label_names)),
                       label2id={n: i for i, n in enumerate(label_names)})
     if not get_method(recipe.adapter.method).pretrained:  # scratch: the architecture only
-        return load_scratch(recipe, path, auto_cls, kwargs)
+        model, head = load_scratch(recipe, path, auto_cls, kwargs)
+        keep_layers(model, recipe.model.num_layers)
+        return model, head
     try:
         model, info = auto_cls.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
@@ -196,7 +198,11 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
                              "loaded. Convert the checkpoint to safetensors (save_pretrained(dir) in a trusted environment), "
                              "or, if you trust its source, set model.allow_pickle=true.") from None
         raise ModelError(f"cannot load {path} as {auto_cls.__name__}: {msg}") from None
-    head = sorted({k.split(".")[0] for k in info.get("missing_keys", [])})
+    missing = set(info.get("missing_keys", []))
+    if recipe.model.from_run and missing and quant is None:
+        missing = fill_from_original_base(model, recipe, missing, auto_cls, kwargs)
+    head = new_modules(model, missing)
+    keep_layers(model, recipe.model.num_layers)  # here, so a run reloaded (export.rebuild) or merged has the same layers
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
@@ -206,6 +212,112 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = getattr(model.config, "eos_token_id", None) or 0
     return model, head
+
+
+def kept_layer_indices(total: int, n: int) -> list[int]:
+    """model.num_layers: which n of `total` layers stay: evenly spaced, the first and the last kept (rounded half up;
+    6 of 12 -> 0, 2, 4, 7, 9, 11, DistilBERT's choice; 1 -> the first)."""
+    if n >= total:
+        return list(range(total))
+    if n == 1:
+        return [0]
+    return [int(i * (total - 1) / (n - 1) + 0.5) for i in range(n)]
+
+
+def layer_stack(model: nn.Module) -> tuple[str, nn.ModuleList] | None:
+    """(dotted name, list) of the model's transformer layers: the outermost ModuleList as long as its config's
+    num_hidden_layers (BERT's encoder.layer, Llama's model.layers, GPT-2's transformer.h); None when there is none."""
+    total = getattr(model.config.get_text_config(), "num_hidden_layers", None)
+    return next(((name, m) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) == total), None)
+
+
+def keep_layers(model: nn.Module, n: int | None) -> list[int]:
+    """Keep `n` of the base's transformer layers (kept_layer_indices), renumbered 0..n-1 (layer_idx too: a decoder's
+    KV cache is indexed by it), the config updated (num_hidden_layers, and a per-layer layer_types list) -> the indices
+    kept, in the original numbering. n None: all layers, nothing changes."""
+    if n is None:
+        return []
+    found = layer_stack(model)
+    if found is None or getattr(model.config, "is_encoder_decoder", False):
+        raise ModelError(f"model.num_layers={n}: cannot find the transformer layers of {type(model).__name__} (an "
+                         "encoder-decoder, or layers not in one list). Set model.num_layers=null.")
+    name, layers = found
+    if n > len(layers):
+        raise ModelError(f"model.num_layers={n}: the base has only {len(layers)} layers. Give at most {len(layers)} (or null = all).")
+    keep = kept_layer_indices(len(layers), n)
+    parent, _, attr = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, attr, nn.ModuleList([layers[i] for i in keep]))
+    for new, old in enumerate(keep):
+        for module in layers[old].modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new
+    config = model.config.get_text_config()
+    if isinstance(getattr(config, "layer_types", None), list) and len(config.layer_types) == len(layers):
+        config.layer_types = [config.layer_types[i] for i in keep]
+    config.num_hidden_layers = n
+    if len(keep) < len(layers):
+        log.info("model.num_layers=%d: kept layers %s of %d", n, keep, len(layers))
+    return keep
+
+
+def num_layers_problems(recipe: Recipe) -> list[str]:
+    """model.num_layers against the base's config (read before any work; the weights are not loaded)."""
+    n = recipe.model.num_layers
+    if n is None:
+        return []
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(base_path(recipe), revision=recipe.model.revision,
+                                        trust_remote_code=recipe.model.trust_remote_code)
+    total = getattr(config.get_text_config(), "num_hidden_layers", None)
+    if getattr(config, "is_encoder_decoder", False) or recipe.model.decoder is not None or total is None:
+        return [f"model.num_layers={n}: not supported for {recipe.model.name} ({type(config).__name__}: an encoder-decoder, or "
+                "no num_hidden_layers in its config). Set model.num_layers=null."]
+    if n > total:
+        return [f"model.num_layers={n}: {recipe.model.name} has {total} layers. Give at most {total} (or null = all of them)."]
+    return []
+
+
+def fill_from_original_base(model: nn.Module, recipe: Recipe, missing: set[str], auto_cls, kwargs: dict) -> set[str]:
+    """model.from_run: weights the earlier run's model class did not keep (a masked-LM model has no pooler) are taken from
+    the original base, so they start as they would without from_run; what the original lacks too (the new task head)
+    stays new. -> the keys still missing."""
+    original, info = auto_cls.from_pretrained(resolve_model_path(recipe.model.name, recipe.model.revision),
+                                              output_loading_info=True, **kwargs)
+    still = set(info.get("missing_keys", []))
+    state = original.state_dict()
+    filled = sorted(k for k in missing - still if k in state)
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for k in filled:
+            (params[k] if k in params else model.get_buffer(k)).copy_(state[k])
+    if filled:
+        log.info("model.from_run: %s taken from the original base %s (the earlier run's model did not have them)",
+                 ", ".join(sorted({k.rsplit(".", 1)[0] for k in filled})), recipe.model.name)
+    return missing - set(filled)
+
+
+def new_modules(model: nn.Module, missing_keys) -> list[str]:
+    """The modules the checkpoint did not have (a new task head), to be trained with the adapter: the top-level module
+    of each missing weight, except that a module holding the input embeddings (an MLM head whose vocabulary projection
+    is tied to them) is split into its children that miss weights, so the embedding matrix is not trained in full."""
+    missing = list(missing_keys)
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    tied = {id(p) for p in embeddings.parameters()} if embeddings is not None else set()
+    found: list[str] = []
+
+    def visit(name: str, module: nn.Module) -> None:
+        if not any(k.startswith(name + ".") for k in missing):
+            return
+        if not any(id(p) in tied for p in module.parameters()):
+            found.append(name)
+            return
+        for child, sub in module.named_children():
+            visit(f"{name}.{child}", sub)
+
+    for name, module in model.named_children():
+        visit(name, module)
+    return sorted(found)
 
 
 def release_checkpoint_mapping(model: nn.Module) -> None:
@@ -231,7 +343,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], precision: str = "fp32"):
     """Recipe -> (model ready to train, tokenizer, ModelInfo)."""
     task = get_task(recipe.task.type)
-    path = resolve_model_path(recipe.model.name, recipe.model.revision)
+    path = base_path(recipe)
     tokenizer = load_tokenizer(path, recipe)
     model, head = load_base(recipe, path, num_labels=num_labels, label_names=label_names, precision=precision,
                             auto_cls=task.auto_model_class)

@@ -15,14 +15,16 @@ from pathlib import Path
 
 from accelerate.utils import set_seed
 
+from . import distill
 from .accel import make_accelerator, resolve_precision, shards_weights
-from .config import Recipe, load_recipe
+from .config import ModelConfig, Recipe, load_recipe
 from .data import build_data, load_splits
 from .errors import ArtifactError, ConfigError
 from .export import atomic_write_text, export, merge, predictions_jsonl, rebuild
-from .model import build_model
+from .model import build_model, num_layers_problems
 from .rundir import RECIPE_FILE, RunDir, RunRecord, read_run
 from .tasks import get_task
+from .trackers import resolve_trackers
 from .train import eval_loader, train
 
 log = logging.getLogger(__name__)
@@ -80,17 +82,26 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
     only once it finished (peftlab/rundir.py), so a failed run never costs the previous one."""
     folder = RunDir(recipe.out)
     precision = resolve_precision(recipe.train.precision)
+    resolve_trackers(recipe.train.report_to)  # a tracker named but not installed: its pip command now, before any work
     accelerator = make_accelerator(recipe, precision)
     if shards_weights(accelerator) and recipe.train.keep_best and recipe.train.eval_every:
         raise ConfigError([f"train.keep_best=true with train.eval_every={recipe.train.eval_every}: keeping the best evaluation's "
                            "weights is not supported yet when FSDP or ZeRO-3 shard the weights. Set train.keep_best=false (the "
                            "last step is exported), or use --launch multi_gpu / deepspeed-zero2."])
+    lineage = start_from_run(recipe, accelerator) if recipe.model.from_run else []
+    # model.num_layers against the base, the teacher against the student: every problem, before the run folder is touched
+    problems = num_layers_problems(recipe) + (distill.check(recipe) if recipe.train.distill else [])
+    if problems:
+        raise ConfigError(problems)
     out = recipe.out
     with folder.writing(resume=resume, overwrite=overwrite, recipe_yaml=recipe.to_yaml(),
                         main=accelerator.is_main_process) as job:  # locked; job.work: the run folder or an --overwrite's staging
         set_seed(recipe.train.seed)  # before the model: LoRA and head initialisation are seeded too
         with accelerator.main_process_first():  # rank 0 fills the datasets cache, the other ranks then read it
             splits, label_names = load_splits(recipe)
+        distillation = None
+        if recipe.train.distill:  # the teacher's logits on every training row, once; the teacher is freed before the student loads
+            splits, distillation = distill.add_soft_targets(recipe, splits, accelerator.device)
         model, tokenizer, info = build_model(recipe, num_labels=len(label_names), label_names=label_names, precision=precision)
         with accelerator.main_process_first():
             data = build_data(recipe, tokenizer, splits=splits, label_names=label_names)
@@ -121,7 +132,8 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
             train_padded_tokens=state.padded_tokens, eval_seconds=eval_seconds,
             examples_per_s=state.examples / max(state.train_seconds, 1e-9),
             tokens_per_s=state.tokens / max(state.train_seconds, 1e-9),
-            processes=accelerator.num_processes, history=state.history, metrics=metrics,
+            processes=accelerator.num_processes, history=state.history, metrics=metrics, lineage=lineage,
+            distillation=distillation,
         )
         # gather the full weights of a sharded model to save them (a collective: every rank takes part)
         state_dict = accelerator.get_state_dict(model) if shards_weights(accelerator) else None
@@ -134,6 +146,26 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
             job.commit()  # an --overwrite's new run replaces the old one only now, complete
         accelerator.wait_for_everyone()
     return record
+
+
+def start_from_run(recipe: Recipe, accelerator) -> list[dict]:
+    """model.from_run: the earlier run's adapter merged into its base (RUN/merged, made once; bases.base_path loads it),
+    model.name set to that run's base -> the lineage: that run, then the runs it started from."""
+    source = Path(recipe.model.from_run)
+    earlier, record = read_run(source)
+    if recipe.model.name not in (record.base_model, ModelConfig().name):
+        raise ConfigError([f"model.from_run={str(source)!r} was trained on {record.base_model!r}, but model.name="
+                           f"{recipe.model.name!r}. Set model.name={record.base_model} (or leave it out: it is taken from the run)."])
+    recipe.model.name = record.base_model
+    with accelerator.main_process_first():
+        if accelerator.is_main_process:
+            merge(source)  # idempotent: an existing merge of the same adapter is kept
+    data = earlier.data.train
+    step = {"run": str(source.resolve()), "name": record.name, "task": record.task, "method": record.method,
+            "base_model": record.base_model, "data": data and (data.path or f"{earlier.data.dataset}:{data.split}"),
+            "steps": record.steps, "metrics": record.metrics.get("eval") or {}}
+    log.info("starting from run %s (%s, %s on %s, %s steps)", source, record.task, record.method, record.base_model, record.steps)
+    return [step, *record.lineage]
 
 
 if __name__ == "__main__":  # `python -m peftlab.run RECIPE ...`: an alias of `python -m peftlab train RECIPE ...`

@@ -42,7 +42,8 @@ STARTED = (RECORD_FILE, CHECKPOINTS, LOG_FILE)
 # Recipe keys a --resume may change: they steer logging, evaluation, saving and the length of the run, not the shapes or
 # the numbers of the steps already taken. Any other difference from the checkpoint's recipe is refused.
 RESUME_MAY_CHANGE = ("name", "output_dir", "train.epochs", "train.max_steps", "train.log_every", "train.eval_every",
-                     "train.save_every", "train.keep_checkpoints", "train.compile", "train.optimizer_impl", "eval.", "export.")
+                     "train.save_every", "train.keep_checkpoints", "train.compile", "train.optimizer_impl", "train.report_to", "eval.",
+                     "export.")
 
 
 # ------------------------------------------------------------------------------------------------- checksums
@@ -154,6 +155,8 @@ class RunRecord:
     weights_file: str | None = None
     weights_sha256: str | None = None
     composition: dict | None = None  # a composed adapter: how, from which runs
+    lineage: list = field(default_factory=list)  # model.from_run: the runs whose weights this one started from, nearest first
+    distillation: dict | None = None  # train.distill: the teacher (run, name, base, method, eval metrics), T, alpha, rows
     published: dict | None = None  # a published copy: which entries were rewritten to hide local paths
     extra: dict = field(default_factory=dict)
 
@@ -191,7 +194,7 @@ class RunRecord:
         return f"{split} (held out)"
 
 
-_OMITTED_WHEN_NONE = ("merged_dir", "composition", "published")
+_OMITTED_WHEN_NONE = ("merged_dir", "composition", "published", "distillation")
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(RunRecord))
 
 

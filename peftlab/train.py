@@ -24,48 +24,47 @@ from tqdm.auto import tqdm
 
 from .config import Recipe
 from .data import LengthGroupedSampler, TaskData
+from .distill import loss_for
 from .errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from .export import write_atomic_dir
 from .methods import get_method
 from .rundir import checkpoint_path, checkpoints, log_path, seal_checkpoint
 from .tasks import get_task, lower_is_better
+from .trackers import close_trackers, open_trackers
 
 log = logging.getLogger(__name__)
 
 
-class _NullWriter:
-    """Stand-in for a TensorBoard writer when tensorboard is not installed (or on non-main ranks)."""
-
-    def add_scalar(self, *a, **k): ...
-    def close(self): ...
-
-
 class RunLog:
-    """Metrics as JSONL (always) and TensorBoard (when installed), written by the main process only."""
+    """Metrics as JSONL (always) and to the experiment trackers of train.report_to (trackers.open_trackers: the same numeric
+    values at the same steps, as `train/loss`, `eval/accuracy`, ...), written by the main process only; the other ranks
+    hold no file and no tracker. A context manager: the trackers are closed when the loop ends, however it ends, and
+    before an --overwrite's staging folder is swapped in."""
 
-    def __init__(self, out: Path, main: bool):
+    def __init__(self, out: Path, main: bool, recipe: Recipe):
         self.path = log_path(out) if main else None
-        self.tb = _NullWriter()
+        self.trackers: list = []
         if main:
             out.mkdir(parents=True, exist_ok=True)
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out / "tb"))
-            except ImportError:
-                pass
+            self.trackers = open_trackers(recipe, out)
 
     def write(self, step: int, kind: str, values: dict) -> None:
         if self.path is None:
             return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "kind": kind, **values, "time": time.time()}) + "\n")
-        for k, v in values.items():
-            if isinstance(v, (int, float)):
-                self.tb.add_scalar(f"{kind}/{k}", v, step)
+        scalars = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
+        for tracker in self.trackers:
+            tracker.log(scalars, step=step)
 
     def close(self) -> None:
-        self.tb.close()
+        close_trackers(self.trackers)
+
+    def __enter__(self) -> RunLog:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 @dataclass
@@ -335,11 +334,11 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
     t, task = recipe.train, get_task(recipe.task.type)
     model, optimizer, train_dl, eval_dl, scheduler = parts.model, parts.optimizer, parts.train_dl, parts.eval_dl, parts.scheduler
     total, steps_per_epoch, resume = parts.total, parts.steps_per_epoch, resumed
-    runlog = RunLog(out, accelerator.is_main_process)
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
     window = Window(accelerator)
-    task_loss = getattr(task, "loss", None)  # e.g. LM losses on the labelled positions only (tasks/generative.py)
+    # the task's own loss (e.g. LM losses on the labelled positions only: tasks/generative.py), or train.distill's (distill.py)
+    task_loss = loss_for(t.distill) if t.distill else getattr(task, "loss", None)
 
     def evaluate() -> None:
         train_s = state.train_seconds + window.elapsed()  # training time so far, evaluations excluded
@@ -351,7 +350,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
             bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     model.train()
-    with stop_on_sigint() as stop:
+    with RunLog(out, accelerator.is_main_process, recipe) as runlog, stop_on_sigint() as stop:
         while state.step < total:
             train_dl.set_epoch(state.epoch)
             batches_done = (state.step - state.epoch * steps_per_epoch) * t.grad_accum if resume else 0
@@ -396,4 +395,3 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
             else:
                 state.epoch += 1
     bar.close()
-    runlog.close()

@@ -90,7 +90,8 @@ def test_overwrite_with_another_method_leaves_exactly_the_new_runs_files(old_run
     run(fresh)
     rc, _, err = peftlab("train", tmp_path / "recipe.yaml", "train.max_steps=4", "adapter.method=full", "--overwrite")
     assert rc == 0, err
-    assert set(tree(out)) == set(tree(fresh.out))
+    # the same files, TensorBoard's aside (train.report_to: auto): its event files are named by their time and process
+    assert {f for f in tree(out) if not f.startswith("tb/")} == {f for f in tree(fresh.out) if not f.startswith("tb/")}
     assert not (out / "adapter_model.safetensors").exists() and (out / "model.safetensors").is_file()
     rc, printed, err = peftlab("eval", out)
     assert rc == 0, err

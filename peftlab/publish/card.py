@@ -295,6 +295,24 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
         c = run.composition
         lines += [f"Composed with peft's `add_weighted_adapter` ({c['method']}, weights {c['weights']}) from "
                   f"{', '.join(s['name'] for s in c['sources'])}; the recipe and record below are those of the first.", ""]
+    if run.lineage:
+        lines += ["## Lineage", "", "Trained on the weights of earlier peftlab runs (`model.from_run`), nearest first, not on the "
+                  "bare base: load this adapter on the first run's merged model (`peftlab merge` writes it), or merge this run "
+                  "(`peftlab merge`) for a standalone model.", ""]
+        for k, step in enumerate(run.lineage, 1):
+            scores = ", ".join(f"{m} {v:.4f}" for m, v in step.get("metrics", {}).items() if isinstance(v, (int, float)))
+            lines.append(f"{k}. `{step.get('name')}`: task {step.get('task')}, {step.get('method')} on `{step.get('base_model')}`, "
+                         f"data `{step.get('data')}`, {step.get('steps')} steps" + (f"; eval {scores}" if scores else ""))
+        lines.append("")
+    if run.distillation:
+        k = run.distillation
+        scores = ", ".join(f"{m} {v:.4f}" for m, v in (k.get("metrics") or {}).items() if isinstance(v, (int, float)))
+        unlabelled = f" ({k['unlabelled_rows']:,} of them unlabelled, from `{k['unlabelled']}`)" if k.get("unlabelled_rows") else ""
+        lines += ["## Distillation", "", f"Distilled from the peftlab run `{k.get('name')}` (task {k.get('task')}, {k.get('method')} on "
+                  f"`{k.get('base_model')}`" + (f"; its eval {scores}" if scores else "") + f"): loss = {k.get('alpha')} x "
+                  f"cross-entropy on the labels + {1 - k.get('alpha', 0):g} x T^2 x KL(teacher || student) at temperature "
+                  f"T = {k.get('temperature')}, the teacher's soft targets on {k.get('soft_target_rows', 0):,} training rows"
+                  f"{unlabelled}.", ""]
     lines += ["## Results", ""]
     if metrics:
         names = get_task(recipe.task.type).card_metrics

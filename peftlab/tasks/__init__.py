@@ -97,8 +97,8 @@ def usage_class(task: Task, peft_type: str | None = None) -> str:
 
 
 def lower_is_better(metric: str) -> bool:
-    """The direction of every task's metrics: losses fall, the rest (accuracy, F1, ROUGE, ...) rise."""
-    return metric.endswith("loss")
+    """The direction of every task's metrics: losses and perplexities fall, the rest (accuracy, F1, ROUGE, ...) rise."""
+    return metric.endswith("loss") or metric.endswith("perplexity")
 
 
 def default_best_metric(name: str) -> str | None:
@@ -140,3 +140,5 @@ register_task("classification", "peftlab.tasks.classification")
 register_task("summarization", "peftlab.tasks.summarization")
 register_task("verbalizer", "peftlab.tasks.verbalizer")
 register_task("sft", "peftlab.tasks.sft")
+register_task("mlm", "peftlab.tasks.mlm")
+register_task("clm", "peftlab.tasks.clm")

@@ -39,16 +39,18 @@ def _token_ce(head, hidden, labels):
     return torch.nn.functional.cross_entropy(head(hidden).float(), labels, reduction="none")
 
 
-def labelled_token_losses(model, batch: dict, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+def labelled_token_losses(model, batch: dict, accelerator, *, shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (cross-entropy of every labelled next-token prediction, flat fp32; the batch row of each). Only the labelled
     positions go through the LM head: the model runs with its head fed an empty sequence (a pre-hook keeps the hidden
     states it was given), then the head and the loss run on the labelled positions in chunks of CHUNK tokens, each
     recomputed in the backward pass (activation checkpointing) so no more than one chunk of fp32 logits exists. The
-    result equals the model's own shifted cross-entropy; models where that cannot hold use their forward instead."""
+    result equals the model's own shifted cross-entropy; models where that cannot hold use their forward instead.
+    shift=False: a label scores its own position (a masked LM), not the next one."""
     labels = batch["labels"]
     head = _output_head(model, accelerator)
     if head is None:  # the model's own logits over every position
-        logits, y = model(**batch).logits[:, :-1], labels[:, 1:]
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        logits, y = (model(**inputs).logits[:, :-1], labels[:, 1:]) if shift else (model(**inputs).logits, labels)
         keep = y != -100
         losses = torch.cat([torch.nn.functional.cross_entropy(lg[k].float(), t[k], reduction="none")
                             for lg, t, k in zip(logits, y, keep)])
@@ -64,8 +66,8 @@ def labelled_token_losses(model, batch: dict, accelerator) -> tuple[torch.Tensor
         model(**{k: v for k, v in batch.items() if k != "labels"})
     finally:
         hook.remove()
-    hidden = seen["hidden"][:, -labels.shape[1]:][:, :-1]  # prompt tuning prepends virtual tokens; t predicts t+1
-    y = labels[:, 1:]
+    hidden = seen["hidden"][:, -labels.shape[1]:]  # prompt tuning prepends virtual tokens
+    hidden, y = (hidden[:, :-1], labels[:, 1:]) if shift else (hidden, labels)  # shifted: t predicts t+1
     keep = y != -100
     hidden, y = hidden[keep], y[keep]
     parts = []
@@ -83,9 +85,9 @@ def causal_lm_loss(model, batch: dict, accelerator) -> torch.Tensor:
     return losses.sum() / max(len(losses), 1)
 
 
-def row_losses(model, batch: dict, accelerator) -> tuple[torch.Tensor, torch.Tensor]:
+def row_losses(model, batch: dict, accelerator, *, shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """-> per-row sums of token cross-entropy, per-row counts of scored tokens."""
-    losses, rows = labelled_token_losses(model, batch, accelerator)
+    losses, rows = labelled_token_losses(model, batch, accelerator, shift=shift)
     n = batch["labels"].shape[0]
     sums = torch.zeros(n, device=losses.device).index_add_(0, rows, losses.float())
     return sums, torch.bincount(rows, minlength=n)

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
-from ..bases import resolve_model_path
+from ..bases import base_path
 from ..errors import DataError, ModelNotFound
 from ..metrics import ROUGE_KEYS, rouge_metrics
 from . import encoder_decoder
@@ -136,7 +136,7 @@ def family(recipe, tokenizer) -> str:
     if recipe.model.decoder:
         return "seq2seq"
     try:
-        path, revision = resolve_model_path(recipe.model.name, recipe.model.revision), recipe.model.revision
+        path, revision = base_path(recipe), recipe.model.revision
     except ModelNotFound:
         own = Path(getattr(tokenizer, "name_or_path", "") or "")
         if not (own / "config.json").is_file():

@@ -1,0 +1,203 @@
+"""Knowledge distillation on SST-2: what does a smaller student keep of its teacher, and what does it gain in speed?
+
+  teacher            recipes/minilm/sst2-lora.yaml (6-layer MiniLM + LoRA), or any finished run given with --teacher
+  labels-F           the student of recipes/minilm/sst2-distill.yaml (3 of MiniLM's 6 layers, every weight trained) on a
+                     seeded F% of the SST-2 train rows, labels only (train.distill=null)
+  distill-F          the same student and rows, plus the teacher's soft targets (the recipe's T and alpha)
+  distill-F+unl      the same, the other (100-F)% of the train rows added as unlabelled text (soft targets only)
+Every run is one `peftlab train` process (benchmarks/common.py) under runs/distill-bench/, its result under
+benchmarks/results/distillation/; rerunning skips what is finished (--fresh to redo). Accuracy is on SST-2 dev (the
+recipe's test split, never used for selection). Speed (stage `speed`): each model merged (a standalone model), on SST-2
+dev, tokenization included: examples/s in batches of 64, and the median latency of one request (one sentence, batch 1).
+
+Stages, one at a time or together (`--stages teacher,students,speed,report`, the default):
+  python benchmarks/distillation.py --stages teacher        # 2 epochs of SST-2: ~15 min (bf16 CPU) to ~1 h (AVX2), 2 cores
+  python benchmarks/distillation.py --stages students      # 8 runs; those at 100% and the +unl ones see all 67k rows:
+                                                           # each about as long as the teacher (estimates, not measured)
+  python benchmarks/distillation.py --stages speed,report  # ~1 min
+  python benchmarks/distillation.py --smoke                # tiny end-to-end check: measured 2 min 47 s on 2 cores
+Results: benchmarks/results/distillation.md (+ one JSON per run in benchmarks/results/distillation/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import REPO, RESULTS, train_process  # noqa: E402
+
+SST2 = REPO.parent / "shared" / "data" / "sst2"
+TEACHER, STUDENT = "recipes/minilm/sst2-lora.yaml", "recipes/minilm/sst2-distill.yaml"
+RUNS, OUT = REPO / "runs" / "distill-bench", RESULTS / "distillation"
+STAGES = ("teacher", "students", "speed", "report")
+SMOKE = ["train.max_steps=4", "train.eval_every=2", "data.test.max_samples=32", "train.batch_size=8"]
+
+
+def case(name: str, recipe: str, overrides: list[str], args) -> dict:
+    """One training process, or its stored result."""
+    dest = OUT / f"{name}.json"
+    if dest.exists() and not args.fresh:
+        return json.loads(dest.read_text())
+    print(f"[{name}] peftlab train {recipe} {' '.join(overrides)}", flush=True)
+    run, rss, wall = train_process(name, recipe, [*overrides, f"name=distill-bench-{name}"], RUNS / name, verbose=args.verbose)
+    result = {"name": name, "recipe": recipe, "overrides": overrides, "run": run, "process_wall_s": wall, "peak_rss_mib": rss}
+    write_json(dest, result)
+    print(f"[{name}] test accuracy {accuracy(result):.4f}; {wall:.0f} s", flush=True)
+    return result
+
+
+def write_json(dest: Path, data: dict) -> None:
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=2))
+    tmp.replace(dest)
+
+
+def accuracy(result: dict) -> float:
+    m = result["run"]["metrics"]
+    return (m.get("test") or m.get("eval") or {}).get("accuracy", float("nan"))
+
+
+def split_train(fraction: float, rows: int | None, seed: int = 0) -> tuple[Path, Path]:
+    """A seeded `fraction` of SST-2 train as labelled rows, the rest as an unlabelled file (same columns; its labels
+    are never read) -> (labelled, unlabelled)."""
+    lines = (SST2 / "train.tsv").read_text(encoding="utf-8").splitlines()
+    header, body = lines[0], lines[1:]
+    random.Random(seed).shuffle(body)
+    body = body[:rows] if rows else body
+    k = max(16, round(fraction * len(body)))
+    folder = RUNS / "data"
+    folder.mkdir(parents=True, exist_ok=True)
+    tag = f"{fraction:g}-{len(body)}"
+    labelled, unlabelled = folder / f"train-{tag}.tsv", folder / f"unlabelled-{tag}.tsv"
+    labelled.write_text("\n".join([header, *body[:k]]) + "\n", encoding="utf-8")
+    unlabelled.write_text("\n".join([header, *body[k:]]) + "\n", encoding="utf-8")
+    return labelled, unlabelled
+
+
+def students(teacher: Path, args) -> None:
+    extra = SMOKE if args.smoke else []
+    for pct in args.fractions:
+        labelled, unlabelled = split_train(pct / 100, args.train_rows)
+        base = [f"data.train.path={labelled}", *extra, *args.student]
+        case(f"labels-{pct:g}", STUDENT, [*base, "train.distill=null"], args)
+        case(f"distill-{pct:g}", STUDENT, [*base, f"train.distill.teacher={teacher}"], args)
+        if pct < 100:
+            case(f"distill-{pct:g}+unl", STUDENT, [*base, f"train.distill.teacher={teacher}",
+                                                  f"train.distill.unlabelled.path={unlabelled}"], args)
+
+
+# --------------------------------------------------------------------------------------------------- speed
+
+def speed(name: str, run_dir: Path, args) -> dict:
+    """Examples/s (batches of 64) and p50 latency of one request, of the run's merged model on SST-2 dev."""
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from peftlab import merge
+
+    folder = merge(run_dir)  # a LoRA run: its merged model; a fully trained one: itself
+    model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    tok = AutoTokenizer.from_pretrained(folder)
+    texts = [line.split("\t")[0] for line in (SST2 / "dev.tsv").read_text(encoding="utf-8").splitlines()[1:]]
+    texts = texts[: args.speed_rows] if args.speed_rows else texts
+    with torch.inference_mode():
+        def forward(batch):
+            return model(**tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=66)).logits
+
+        forward(texts[:64])  # warm-up
+        start = time.perf_counter()
+        for i in range(0, len(texts), 64):
+            forward(texts[i:i + 64])
+        throughput = len(texts) / (time.perf_counter() - start)
+        times = []
+        for text in texts[: args.requests]:
+            t0 = time.perf_counter()
+            forward([text])
+            times.append(time.perf_counter() - t0)
+    params = sum(p.numel() for p in model.parameters())
+    result = {"name": name, "examples_per_s": throughput, "p50_ms": 1000 * statistics.median(times), "params": params,
+              "layers": model.config.num_hidden_layers, "threads": torch.get_num_threads(), "rows": len(texts)}
+    write_json(OUT / f"speed-{name}.json", result)
+    print(f"[speed {name}] {throughput:.0f} ex/s, p50 {result['p50_ms']:.1f} ms, {params / 1e6:.1f}M params", flush=True)
+    return result
+
+
+# -------------------------------------------------------------------------------------------------- report
+
+def stored(name: str) -> dict | None:
+    f = OUT / f"{name}.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def report(args) -> str:
+    lines = ["# Knowledge distillation on SST-2", "", f"Teacher: `{args.teacher_name}`; student: `{STUDENT}` (3 of MiniLM's 6 "
+             "layers, full fine-tuning). Accuracy on SST-2 dev (held out).", "",
+             "| labels | label-only | distilled | distilled + rest as unlabelled |", "| --- | --- | --- | --- |"]
+    cell = lambda r: f"{accuracy(r):.4f}" if r else "-"  # noqa: E731
+    for pct in args.fractions:
+        lines.append(f"| {pct:g}% | {cell(stored(f'labels-{pct:g}'))} | {cell(stored(f'distill-{pct:g}'))} | "
+                     f"{cell(stored(f'distill-{pct:g}+unl'))} |")
+    t = stored("teacher")
+    if t:
+        lines += ["", f"Teacher accuracy: {accuracy(t):.4f}."]
+    rows = [s for s in (stored(f"speed-{n}") for n in ("teacher", "student")) if s]
+    if rows:
+        lines += ["", "| model | layers | params | examples/s (batch 64) | p50 latency, 1 request |", "| --- | --- | --- | --- | --- |"]
+        lines += [f"| {s['name']} | {s['layers']} | {s['params'] / 1e6:.1f}M | {s['examples_per_s']:.0f} | {s['p50_ms']:.1f} ms |"
+                  for s in rows]
+        lines += ["", f"Speed on {rows[0]['rows']} dev sentences, {rows[0]['threads']} torch threads, tokenization included."]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--stages", default=",".join(STAGES), help=f"a subset of {','.join(STAGES)}")
+    p.add_argument("--teacher", help="a finished teacher run to use instead of training one (e.g. runs/minilm-sst2-lora)")
+    p.add_argument("--fractions", default="1,10,100", help="percent of the train rows with labels, comma-separated")
+    p.add_argument("--train-rows", type=int, help="use only this many train rows in all (a quick look)")
+    p.add_argument("--student", nargs="*", default=[], help="extra overrides of every student run")
+    p.add_argument("--teacher-overrides", nargs="*", default=[], help="extra overrides of the teacher run")
+    p.add_argument("--speed-rows", type=int, help="dev rows timed (default: all 872)")
+    p.add_argument("--requests", type=int, default=100, help="single requests timed for the p50 latency")
+    p.add_argument("--smoke", action="store_true", help="tiny: 400 train rows, 4 steps a run, apart (--tag smoke)")
+    p.add_argument("--tag", default="", help="keep these runs and results apart")
+    p.add_argument("--fresh", action="store_true")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args()
+    global RUNS, OUT
+    if args.smoke:
+        args.tag, args.train_rows, args.fractions = args.tag or "smoke", args.train_rows or 400, "10,100"
+        args.speed_rows, args.requests = args.speed_rows or 64, min(args.requests, 10)
+    if args.tag:
+        RUNS, OUT = RUNS.with_name(f"distill-bench-{args.tag}"), OUT.with_name(f"distillation-{args.tag}")
+    args.fractions = [float(f) for f in args.fractions.split(",")]
+    stages = args.stages.split(",")
+    if bad := [s for s in stages if s not in STAGES]:
+        p.error(f"unknown stage(s) {bad}: {STAGES}")
+    teacher = Path(args.teacher) if args.teacher else RUNS / "teacher"
+    args.teacher_name = args.teacher or TEACHER
+    if "teacher" in stages and not args.teacher:
+        rows = [f"data.train.path={split_train(1.0, args.train_rows)[0]}"] if args.train_rows else []
+        case("teacher", TEACHER, [*rows, *(SMOKE if args.smoke else []), *args.teacher_overrides], args)
+    if "students" in stages:
+        if not (teacher / "run.json").is_file():
+            p.error(f"no finished teacher at {teacher}: run --stages teacher first, or give --teacher RUN")
+        students(teacher, args)
+    if "speed" in stages:
+        speed("teacher", teacher, args)
+        biggest = max(args.fractions)
+        speed("student", RUNS / f"distill-{biggest:g}", args)
+    text = report(args)
+    OUT.with_suffix(".md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

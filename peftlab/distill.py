@@ -1,0 +1,182 @@
+"""Knowledge distillation (`train.distill`): a student learns from a finished run's soft targets.
+
+    loss = alpha * CE(student, labels) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+
+CE is the mean over the labelled rows of a batch, KL the mean over all of its rows; rows of `train.distill.unlabelled`
+carry the label -100, so they add to the KL term only. The teacher is any finished run of task.type classification
+(a head) or verbalizer (an LLM scoring each class's label word: those log-likelihoods are its class logits), on any
+base and tokenizer: its logits come from each row's raw text through its own tokenizer and task, computed once before
+training (`add_soft_targets`), kept with the rows as a `teacher_logits` column (rows x classes floats: 0.5 MB for all of
+SST-2, so they always fit and no on-the-fly path is needed), and the teacher is freed before the student is built.
+The student is a classification (any base and method; a smaller one with model.num_layers). run.json's `distillation`
+and the model card name the teacher.
+"""
+
+from __future__ import annotations
+
+import functools
+import gc
+import logging
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import DistillConfig, Recipe
+from .errors import PeftlabError
+from .rundir import read_run
+
+log = logging.getLogger(__name__)
+
+TEACHER_TASKS = ("classification", "verbalizer")
+NOT_MODEL_INPUTS = ("labels", "teacher_logits")
+
+
+# ------------------------------------------------------------------------------------------- before any work
+
+def check(recipe: Recipe) -> list[str]:
+    """The teacher against the student, before the run folder is touched -> every problem found. A student whose
+    data.label_names is null takes the teacher's (its soft targets are in the teacher's class order; recipe.yaml
+    records them)."""
+    k = recipe.train.distill
+    where = f"train.distill.teacher={k.teacher!r}"
+    if not (Path(k.teacher) / "run.json").is_file():
+        return [f"{where}: no finished run there (no run.json). Train the teacher first (peftlab train TEACHER_RECIPE, its "
+                "output_dir there), or fix the path."]
+    try:
+        _, teacher = read_run(k.teacher)
+    except PeftlabError as e:
+        return [f"{where}: {e}"]
+    problems = []
+    if teacher.task not in TEACHER_TASKS:
+        problems.append(f"{where} is a task.type {teacher.task} run: a teacher must be one of {', '.join(TEACHER_TASKS)} "
+                        "(its class logits are the soft targets). Distill from a classifier of the same classes.")
+    names = recipe.data.label_names
+    if names is not None and list(names) != list(teacher.label_names):
+        problems.append(f"{where} has the label names {teacher.label_names}, the student data.label_names={list(names)}: the "
+                        f"soft targets are the teacher's classes in its order. Set data.label_names={teacher.label_names} "
+                        "(map raw values with data.train.label_map), or distill from a teacher of these classes.")
+    if names is None and not problems:
+        recipe.data.label_names = list(teacher.label_names)
+    return problems
+
+
+# ------------------------------------------------------------------------------------------- the teacher pass
+
+def add_soft_targets(recipe: Recipe, splits: dict, device) -> tuple[dict, dict]:
+    """The train split + train.distill.unlabelled rows (label -100), each with the teacher's logits as a `teacher_logits`
+    column -> (splits, run.json's `distillation` entry). The teacher is loaded, run once and freed; the seed is set
+    again after it, so the student starts as it would without a teacher."""
+    from accelerate.utils import set_seed
+
+    k = recipe.train.distill
+    train = splits["train"]
+    labelled = len(train)
+    if k.unlabelled is not None:
+        train = with_unlabelled(train, recipe)
+    start = time.perf_counter()
+    logits = teacher_logits(Path(k.teacher), train["text"], device=device, batch_size=k.batch_size)
+    seconds = time.perf_counter() - start
+    set_seed(recipe.train.seed)
+    splits = {**splits, "train": train.add_column("teacher_logits", logits.tolist())}
+    _, teacher = read_run(k.teacher)
+    u = k.unlabelled
+    entry = {"teacher": str(Path(k.teacher).resolve()), "name": teacher.name, "task": teacher.task, "method": teacher.method,
+             "base_model": teacher.base_model, "metrics": teacher.metrics.get("eval") or {}, "temperature": k.temperature,
+             "alpha": k.alpha, "soft_target_rows": len(train), "labelled_rows": labelled, "unlabelled_rows": len(train) - labelled,
+             "unlabelled": u and (u.path or f"{recipe.data.dataset}:{u.split}"), "teacher_seconds": round(seconds, 2)}
+    log.info("teacher %s: soft targets for %s rows (%s unlabelled) in %.1fs", teacher.name, f"{len(train):,}",
+             f"{len(train) - labelled:,}", seconds)
+    return splits, entry
+
+
+def with_unlabelled(train, recipe: Recipe):
+    """train + the rows of train.distill.unlabelled (read as data.train is: columns, max_samples), labelled -100."""
+    from datasets import concatenate_datasets
+
+    from .data import normalize_split, read_split
+
+    spec, where = recipe.train.distill.unlabelled, "train.distill.unlabelled"
+    extra = normalize_split(read_split(spec, recipe.data, where), spec, recipe.data, where, recipe.train.seed, unlabelled=True)
+    extra = extra.add_column("label", [-100] * len(extra))
+    return concatenate_datasets([train, extra.cast(train.features)])  # csv reads large_string, json string: one type
+
+
+@torch.no_grad()
+def teacher_logits(teacher: Path, texts: list[str], *, device=None, batch_size: int = 64) -> torch.Tensor:
+    """(rows, classes) float32 logits of the finished run `teacher` on `texts`, in their order: each text through the
+    teacher's own tokenizer and task (a verbalizer's label-word log-likelihoods), at its own max_length and precision.
+    Rows run longest first (little padding); the teacher is freed afterwards."""
+    from .export import load_trained
+    from .tasks import get_task
+
+    model, tokenizer, recipe, run = load_trained(teacher)
+    device = torch.device(device or "cpu")
+    if device.type != "cpu" and run.quantization == "none":
+        model.to(device)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.precision or "")
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    out = torch.empty(len(texts), len(run.label_names))
+    bar = tqdm(total=len(texts), desc="teacher", unit="row", dynamic_ncols=True)
+    with autocast:
+        if run.task == "verbalizer":
+            from .tasks.verbalizer import label_token_ids, prompt_ids, score_words
+
+            words = label_token_ids(tokenizer, recipe, run.label_names)
+            prompts, _ = prompt_ids(tokenizer, recipe, list(texts))
+            order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i]))
+            for s in range(0, len(order), batch_size):
+                rows = order[s:s + batch_size]
+                out[rows] = score_words(model, [prompts[i] for i in rows], words, tokenizer.pad_token_id).float().cpu()
+                bar.update(len(rows))
+        else:
+            from datasets import Dataset
+            from torch.utils.data import DataLoader
+
+            task = get_task(run.task)
+            ds = Dataset.from_dict({"text": list(texts), "label": [0] * len(texts), "row": list(range(len(texts)))})
+            ds = task.tokenize(ds, tokenizer, recipe).sort("length", reverse=True)
+            for batch in DataLoader(ds, batch_size=batch_size, collate_fn=task.collator(tokenizer)):
+                rows = batch.pop("row")
+                inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
+                out[rows] = model(**inputs).logits.float().cpu()
+                bar.update(len(rows))
+    bar.close()
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- the loss
+
+def soft_target_loss(logits: torch.Tensor, labels: torch.Tensor, teacher: torch.Tensor, temperature: float,
+                     alpha: float) -> torch.Tensor:
+    """alpha * CE over the labelled rows (label != -100) + (1 - alpha) * T^2 * KL(teacher_T || student_T) over all
+    rows, both means over rows. No host sync: a batch without labelled rows has CE 0. alpha=1 is exactly the
+    cross-entropy a classifier computes itself."""
+    logits, loss = logits.float(), logits.new_zeros((), dtype=torch.float32)
+    if alpha > 0:
+        n = (labels != -100).sum().clamp(min=1)
+        loss = alpha * F.cross_entropy(logits.view(-1, logits.shape[-1]), labels.view(-1), reduction="sum") / n
+    if alpha < 1:
+        t = temperature
+        kl = F.kl_div(F.log_softmax(logits / t, -1), F.log_softmax(teacher.float() / t, -1), log_target=True,
+                      reduction="batchmean")
+        loss = loss + (1 - alpha) * t * t * kl
+    return loss
+
+
+def distillation_loss(model, batch: dict, accelerator=None, *, temperature: float, alpha: float) -> torch.Tensor:
+    """The training loss of a distilled student: the model runs on its inputs only (no label: no loss of its own)."""
+    logits = model(**{k: v for k, v in batch.items() if k not in NOT_MODEL_INPUTS}).logits
+    return soft_target_loss(logits, batch["labels"], batch["teacher_logits"], temperature, alpha)
+
+
+def loss_for(k: DistillConfig):
+    """train.distill -> the loop's loss function (model, batch, accelerator) -> loss."""
+    return functools.partial(distillation_loss, temperature=k.temperature, alpha=k.alpha)

@@ -1,0 +1,526 @@
+"""`peftlab select`: rank candidate bases (and methods) for a classification recipe before paying for fine-tuning.
+
+    rows = select(load_recipe("recipes/minilm/sst2-lora.yaml"), ["minilm", "../shared/models/smollm2-135m-instruct"])
+    print(format_table(rows, "probe"))
+
+Each candidate is the recipe with another `model.name` (and, with `methods`, another `adapter.method`); anything
+`model.name` accepts is a candidate (bases.py resolves it, model.py loads it). The estimates come from a seeded sample of
+at most `max_rows` rows of the recipe's training split (less its `data.eval_holdout`, as a run would train on), and
+nothing else: data.eval and data.test are never read. The proxies:
+
+- probe: the frozen base encodes the rows once (masked mean of the last hidden states for encoders; the last non-padding
+  token's for decoder-only LLMs, as their classification head reads it), then an L2-regularised softmax regression is
+  scored by stratified k-fold cross-validation (its L2 strength chosen inside each training fold). Estimate: mean fold
+  accuracy; uncertainty: the standard deviation over the folds.
+- logme: LogME (You et al. 2021) on the same features: the log marginal likelihood per row of a Bayesian linear model
+  from the features to each class's one-hot target, its prior and noise precisions set by evidence maximisation (the
+  fixed-point iteration on the SVD of the features), averaged over classes. Higher is better; comparable between bases
+  on one task only. Uncertainty: the grouped jackknife standard error over the k folds.
+- steps: the candidate's own recipe trained for `steps` optimizer steps (peftlab's `run`, in a temporary folder) on the
+  sample less one fold, scored on that fold. Uncertainty: the binomial standard error of that accuracy.
+
+probe and logme read the base only, so they rank bases, not methods (every method of one base gets the same figure; a
+`scratch` candidate is read with its random initialisation). Only `steps` tells methods apart. For a verbalizer recipe
+the features read each row's text as a classification head would (no prompt, no label word); `steps` runs the
+verbalizer itself.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import logging
+import math
+import tempfile
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import Recipe, SplitConfig, load_recipe, validate
+from .errors import ConfigError, ModelNotFound, PeftlabError
+
+log = logging.getLogger(__name__)
+
+PROXIES = ("probe", "logme", "steps")
+PROXY_TITLES = {"probe": "probe acc", "logme": "LogME", "steps": "steps acc"}
+UNCERTAINTY = {"probe": "std over folds", "logme": "jackknife s.e.", "steps": "binomial s.e."}
+L2_GRID = (1e-1, 1e-2, 1e-3, 1e-4)  # the probe's L2 strengths, tried in this order (on standardised features, loss = mean CE + l2 * |W|^2)
+TRAIN_ONLY = "estimated from the training split only: data.eval and data.test were not read"
+
+
+class SelectError(PeftlabError, ValueError):
+    """What to rank or how is wrong (candidates, methods, proxies, sizes, --set names); the message lists every problem."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("peftlab select: " + " ".join(self.problems))
+
+
+@dataclass
+class Estimate:
+    value: float
+    std: float  # the uncertainty: UNCERTAINTY[proxy] says which
+    seconds: float  # this proxy's own compute (the features are counted once per base, in SelectRow.features_seconds)
+
+
+@dataclass
+class SelectRow:
+    """One candidate (base x method) and its estimates; `rank` 1 is the best by the chosen proxy."""
+
+    rank: int
+    base: str  # model.name as given
+    method: str
+    pooling: str  # how the features read the base: "mean" (encoders) or "last-token" (decoder-only LLMs)
+    feature_dim: int
+    rows: int  # training rows the estimates used
+    features_seconds: float  # loading the base and encoding the rows (once per base, shared by its methods)
+    features_group: int = 0  # rows of one group share one encoding, and their probe and LogME figures (0: no features)
+    estimates: dict[str, Estimate] = field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return base_label(self.base)
+
+
+@dataclass
+class _Candidate:
+    base: str
+    method: str
+    recipe: Recipe  # what a run of this candidate would train: the steps proxy runs it; the features load its base
+
+    def features_key(self) -> str:
+        """What the features depend on: the base as loaded (quantization, dtype; pretrained or scratch's random
+        initialisation), how rows are tokenized and batched. Methods that share it share the features."""
+        from .methods import get_method
+
+        r = self.recipe
+        return repr((asdict(r.model), asdict(r.quant), r.data.max_length, r.eval.batch_size, r.train.precision, r.train.seed,
+                     get_method(r.adapter.method).pretrained))
+
+
+# ------------------------------------------------------------------------------------------------------ candidates
+
+def check_task(recipe: Recipe) -> None:
+    """Only tasks that learn a class per row (task.target_kind 'label') have what the proxies score."""
+    from .tasks import get_task, task_names
+
+    if get_task(recipe.task.type).target_kind != "label":
+        ok = [n for n in task_names() if _target_kind(n) == "label"]
+        raise ConfigError([f"peftlab select ranks bases for classification recipes (task.type {' or '.join(ok)}); this "
+                           f"recipe is task.type={recipe.task.type}, which has no class labels to probe. Use a classification "
+                           "recipe, e.g. recipes/minilm/sst2-lora.yaml."])
+
+
+def _target_kind(name: str) -> str | None:
+    from .tasks import get_task
+
+    try:
+        return get_task(name).target_kind
+    except Exception:  # a registered task whose module does not import here is not a choice to offer
+        return None
+
+
+def base_label(name: str) -> str:
+    """A short name for tables: a folder or file's own name, a packaged or hub name as it is."""
+    path = Path(name)
+    return path.name if (name.startswith((".", "/", "~")) or path.exists()) and path.name else name
+
+
+def candidate_overrides(recipe: Recipe, base: str, method: str, overrides: dict[str, list[str]] | None = None) -> list[str]:
+    """The recipe overrides that make one candidate: its base and method, the architecture's default adapter modules
+    when either differs from the recipe's (the recipe's names belong to its own base and method), then the extra
+    overrides given for the base, then those given for the method. benchmarks/model_selection.py trains the same ones."""
+    extra = overrides or {}
+    reset = base != recipe.model.name or method != recipe.adapter.method
+    return [f"model.name={base}", f"adapter.method={method}", *(["adapter.target_modules=null"] if reset else []),
+            *extra.get(base, []), *extra.get(method, [])]
+
+
+def derive(recipe: Recipe, overrides: list[str], where: str) -> Recipe:
+    """The recipe with dotted overrides applied, typed and validated as `peftlab train` would (through its YAML)."""
+    with tempfile.TemporaryDirectory(prefix="peftlab-select-") as d:
+        path = Path(d) / "recipe.yaml"
+        path.write_text(recipe.to_yaml(), encoding="utf-8")
+        try:
+            return load_recipe(path, overrides, validate_files=False)
+        except ConfigError as e:
+            raise ConfigError(e.problems, where) from None
+
+
+def build_candidates(recipe: Recipe, bases: list[str], methods: list[str] | None, overrides: dict[str, list[str]]) -> list[_Candidate]:
+    """Every base resolved and every candidate's recipe validated before any compute: a typo fails in a second."""
+    from .bases import resolve_model_path
+
+    if not bases:
+        raise SelectError(["no candidates: name at least one base, e.g. --candidates minilm ../shared/models/smollm2-135m-instruct"])
+    methods = list(dict.fromkeys(methods or [recipe.adapter.method]))
+    bases = list(dict.fromkeys(bases))
+    unknown = sorted(set(overrides) - set(bases) - set(methods))
+    if unknown:
+        raise SelectError([f"--set {k}:...: {k!r} is neither a candidate ({', '.join(bases)}) nor a method ({', '.join(methods)}); "
+                           "extra overrides are given per candidate or per method, as NAME:KEY=VALUE." for k in unknown])
+    for base in bases:
+        try:
+            resolve_model_path(base, recipe.model.revision)
+        except ModelNotFound as e:
+            raise ModelNotFound(f"candidate {base!r}: {e}") from None
+    out = []
+    for base in bases:
+        for method in methods:
+            where = f"candidate {base_label(base)} with adapter.method={method}"
+            out.append(_Candidate(base, method, derive(recipe, candidate_overrides(recipe, base, method, overrides), where)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------ the rows
+
+def train_sample(recipe: Recipe, max_rows: int):
+    """A seeded sample of at most `max_rows` rows {text, label} of the rows a run of `recipe` trains on (its train split
+    less the data.eval_holdout part when it has no data.eval), and the label names. data.eval and data.test are not read."""
+    from .data import load_splits
+
+    r = copy.deepcopy(recipe)
+    r.data.eval_holdout = r.data.eval_holdout if r.data.eval is None else 0.0
+    r.data.eval = r.data.test = None
+    splits, label_names = load_splits(r)
+    ds = splits["train"]
+    if len(ds) > max_rows:
+        ds = ds.shuffle(seed=recipe.train.seed).select(range(max_rows))
+    return ds, label_names
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Fold index (0..k-1) of each row: every class spread evenly over the folds, in a seeded order."""
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), dtype=np.int64)
+    offset = 0
+    for c in np.unique(labels):
+        idx = rng.permutation(np.flatnonzero(labels == c))
+        fold[idx] = (np.arange(len(idx)) + offset) % k
+        offset += len(idx)
+    return fold
+
+
+# ------------------------------------------------------------------------------------------------------ features
+
+def pooling_of(config) -> str:
+    """Decoder-only LLMs (a causal LM architecture with no masked-LM form) see a row only at its last token; encoders
+    are read by the masked mean over the tokens."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    kind = getattr(config, "model_type", None)
+    return "last-token" if kind in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and kind not in MODEL_FOR_MASKED_LM_MAPPING_NAMES else "mean"
+
+
+@torch.no_grad()
+def encode(recipe: Recipe, ds, label_names: list[str]) -> tuple[np.ndarray, str]:
+    """The frozen base's features of each row (float32, rows x hidden) and the pooling used. The base loads as a run of
+    `recipe` loads it (quantization, dtype; adapter.method=scratch: its random initialisation), no adapter applied; the
+    rows are tokenized as the classification task tokenizes them (data.max_length) and batched by length."""
+    from .accel import resolve_precision
+    from .bases import load_tokenizer, resolve_model_path
+    from .data import report_truncation
+    from .model import check_input_lengths, load_base
+    from .tasks import get_task
+
+    task = get_task("classification")
+    precision = resolve_precision(recipe.train.precision)
+    path = resolve_model_path(recipe.model.name, recipe.model.revision)
+    torch.manual_seed(recipe.train.seed)  # a scratch candidate's random initialisation
+    tokenizer = load_tokenizer(path, recipe)
+    model, _ = load_base(recipe, path, num_labels=len(label_names), label_names=label_names, precision=precision,
+                         auto_cls=task.auto_model_class)
+    check_input_lengths(model.config, recipe)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if recipe.quant.mode == "none":
+        model.to(device)
+    backbone, pooling = model.base_model.eval(), pooling_of(model.config)
+    tokens = task.tokenize(ds, tokenizer, recipe)
+    report_truncation(tokens, "select rows", recipe.data.max_length)
+    collate, order = task.collator(tokenizer), np.argsort(tokens["length"], kind="stable")
+    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    out = None
+    for start in range(0, len(order), recipe.eval.batch_size):
+        idx = order[start:start + recipe.eval.batch_size].tolist()
+        batch = {k: v.to(device) for k, v in collate([tokens[i] for i in idx]).items() if k != "labels"}
+        with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
+            hidden = backbone(**batch).last_hidden_state.float()
+        mask = batch["attention_mask"].to(hidden.dtype)
+        if pooling == "mean":
+            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+        else:  # the last position holding a token, with left or right padding alike
+            last = (mask * torch.arange(mask.shape[1], device=device)).argmax(1)
+            pooled = hidden[torch.arange(len(idx), device=device), last]
+        if out is None:
+            out = np.zeros((len(order), pooled.shape[1]), dtype=np.float32)
+        out[idx] = pooled.cpu().numpy()
+    del model, backbone
+    gc.collect()
+    return out, pooling
+
+
+def encode_timed(c: _Candidate, ds, label_names: list[str], folds: int, logme_runs: bool) -> tuple[np.ndarray, str, float]:
+    """`encode` for one candidate's base -> (features, pooling, seconds); warns when LogME would read too few rows."""
+    start = time.perf_counter()
+    feats, pooling = encode(c.recipe, ds, label_names)
+    seconds = time.perf_counter() - start
+    log.info("select: %s encoded (%s pooling, %d dims) in %.1f s", base_label(c.base), pooling, feats.shape[1], seconds)
+    fewest = len(ds) - -(-len(ds) // folds)  # the rows LogME sees without its largest fold (the jackknife)
+    if logme_runs and fewest <= feats.shape[1]:
+        log.warning("select: %s has %d feature dimensions for %d rows (%d without a fold): with no more rows than dimensions "
+                    "the features fit any labelling and LogME reads its limit, not evidence. Raise --max-rows above %d.",
+                    base_label(c.base), feats.shape[1], len(ds), fewest, (feats.shape[1] + 1) * folds // (folds - 1) + 1)
+    return feats, pooling, seconds
+
+
+# ------------------------------------------------------------------------------------------------------ the probe
+
+def fit_softmax(x: torch.Tensor, y: torch.Tensor, classes: int, l2: float, init=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Multinomial logistic regression by L-BFGS: minimises mean cross-entropy + l2 * |W|^2 (the bias is not penalised),
+    from zero or from `init` (W, b)."""
+    w = (init[0].clone() if init else torch.zeros(x.shape[1], classes, dtype=x.dtype)).requires_grad_(True)
+    b = (init[1].clone() if init else torch.zeros(classes, dtype=x.dtype)).requires_grad_(True)
+    opt = torch.optim.LBFGS([w, b], lr=1.0, max_iter=100, tolerance_grad=1e-5, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x @ w + b, y) + l2 * (w * w).sum()
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    return w.detach(), b.detach()
+
+
+def _standardise(train: torch.Tensor, *others: torch.Tensor) -> list[torch.Tensor]:
+    mean, std = train.mean(0), train.std(0).clamp(min=1e-6)  # from the training part only
+    return [(t - mean) / std for t in (train, *others)]
+
+
+def _accuracy(x: torch.Tensor, y: torch.Tensor, wb) -> float:
+    return ((x @ wb[0] + wb[1]).argmax(1) == y).double().mean().item()
+
+
+def probe_fold(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor, y_test: torch.Tensor, classes: int,
+               seed: int) -> float:
+    """Test accuracy of the probe fitted on one training fold, its L2 strength chosen on a seeded fifth of that fold
+    (the path from the strongest to the weakest, each fit starting from the previous one)."""
+    perm = torch.randperm(len(y_train), generator=torch.Generator().manual_seed(seed))
+    inner, check = perm[len(perm) // 5:], perm[:len(perm) // 5]
+    xi, xc = _standardise(x_train[inner], x_train[check])
+    scores, wb = [], None
+    for lam in L2_GRID:
+        wb = fit_softmax(xi, y_train[inner], classes, lam, wb)
+        scores.append((_accuracy(xc, y_train[check], wb), lam))
+    l2 = max(scores, key=lambda t: (t[0], t[1]))[1]  # ties: the stronger regularisation
+    xt, xs = _standardise(x_train, x_test)
+    return _accuracy(xs, y_test, fit_softmax(xt, y_train, classes, l2))
+
+
+def probe(features: np.ndarray, labels: np.ndarray, folds: np.ndarray, classes: int, seed: int = 0) -> tuple[float, float]:
+    """k-fold cross-validated accuracy of a linear probe -> (mean over the folds, standard deviation over the folds)."""
+    x, y = torch.from_numpy(features.astype(np.float32)), torch.from_numpy(labels.astype(np.int64))
+    accs = []
+    with one_thread():
+        for f in range(int(folds.max()) + 1):
+            test = torch.from_numpy(folds == f)
+            accs.append(probe_fold(x[~test], y[~test], x[test], y[test], classes, seed + f))
+    return float(np.mean(accs)), float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0
+
+
+@contextmanager
+def one_thread():
+    """The probe's hundreds of small L-BFGS steps and LogME's SVDs of a few hundred columns gain nothing from threads
+    and lose to their synchronisation: 5-15x slower with two threads on a busy 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+# ------------------------------------------------------------------------------------------------------ LogME
+
+def logme_evidence(s: np.ndarray, z: np.ndarray, y_norm2: float, n: int, d: int, max_iter: int = 100, tol: float = 1e-6):
+    """LogME for one target (You et al. 2021, Algorithm 1), on the thin SVD F = U diag(s) V^T of the n x d features:
+    `z` = U^T y, `y_norm2` = |y|^2. The prior w ~ N(0, I/alpha) and the noise N(0, 1/beta) are set by the fixed point
+    alpha = gamma / |m|^2, beta = (n - gamma) / |Fm - y|^2 with gamma = sum beta s^2 / (alpha + beta s^2) and m the
+    posterior mean. -> (log evidence log p(y | F, alpha, beta) / n at the fixed point, alpha, beta)."""
+    sigma = s * s  # the eigenvalues of F^T F (the d - len(s) others are 0)
+    outside = max(y_norm2 - float(z @ z), 0.0)  # the part of y outside the span of F
+    alpha, beta = 1.0, 1.0
+    for _ in range(max_iter):
+        shrink = alpha + beta * sigma
+        gamma = float((beta * sigma / shrink).sum())
+        m2 = float((beta**2 * sigma * z * z / shrink**2).sum())  # |m|^2, m = beta V diag(s / shrink) z
+        res2 = float(((alpha / shrink) ** 2 * z * z).sum()) + outside  # |F m - y|^2
+        new_alpha, new_beta = gamma / max(m2, 1e-300), (n - gamma) / max(res2, 1e-300)
+        done = abs(new_alpha / new_beta - alpha / beta) <= tol * (alpha / beta)
+        alpha, beta = new_alpha, new_beta
+        if done:
+            break
+    shrink = alpha + beta * sigma  # m and the residual at the final alpha, beta: the evidence is then exact for them
+    m2 = float((beta**2 * sigma * z * z / shrink**2).sum())
+    res2 = float(((alpha / shrink) ** 2 * z * z).sum()) + outside
+    log_det = float(np.log(shrink).sum()) + (d - len(s)) * math.log(alpha)  # log |alpha I + beta F^T F|
+    evidence = (n / 2 * math.log(beta) + d / 2 * math.log(alpha) - n / 2 * math.log(2 * math.pi)
+                - beta / 2 * res2 - alpha / 2 * m2 - log_det / 2)
+    return evidence / n, alpha, beta
+
+
+def logme(features: np.ndarray, labels: np.ndarray, classes: int) -> float:
+    """LogME of features for a classification: the mean over classes of the evidence of the one-hot target."""
+    n, d = features.shape
+    with one_thread():
+        u, s, _ = (t.numpy() for t in torch.linalg.svd(torch.from_numpy(features.astype(np.float64)), full_matrices=False))
+    scores = []
+    for c in range(classes):
+        y = (labels == c).astype(np.float64)
+        scores.append(logme_evidence(s, u.T @ y, float(y @ y), n, d)[0])
+    return float(np.mean(scores))
+
+
+def jackknifed(stat, features: np.ndarray, labels: np.ndarray, folds: np.ndarray) -> tuple[float, float]:
+    """stat on every row, and its grouped jackknife standard error: stat recomputed without each fold."""
+    k = int(folds.max()) + 1
+    full = stat(features, labels)
+    if k < 2:
+        return full, 0.0
+    parts = np.array([stat(features[folds != f], labels[folds != f]) for f in range(k)])
+    return full, float(math.sqrt((k - 1) / k * ((parts - parts.mean()) ** 2).sum()))
+
+
+# ------------------------------------------------------------------------------------------------------ a few steps
+
+def few_steps(c: _Candidate, ds, label_names: list[str], holdout: np.ndarray, steps: int, work: Path) -> Estimate:
+    """The candidate's recipe trained `steps` optimizer steps on the sample less the holdout rows, scored on them."""
+    from .run import run
+
+    work.mkdir(parents=True)
+    for name, rows in (("train", ds.select(np.flatnonzero(~holdout))), ("holdout", ds.select(np.flatnonzero(holdout)))):
+        rows.to_json(str(work / f"{name}.jsonl"), lines=True)
+    r = copy.deepcopy(c.recipe)
+    r.name, r.output_dir = "select", str(work / "run")
+    d = r.data
+    d.train, d.eval, d.test, d.eval_holdout = SplitConfig(path=str(work / "train.jsonl")), SplitConfig(path=str(work / "holdout.jsonl")), None, 0.0
+    d.text_columns, d.label_column, d.label_names = ["text"], "label", list(label_names)
+    t = r.train
+    t.max_steps, t.eval_every, t.save_every, t.keep_best = steps, None, None, False
+    r.export.merge = False
+    validate(r)
+    start = time.perf_counter()
+    record = run(r, overwrite=True)
+    acc, n = record.metrics["eval"]["accuracy"], int(holdout.sum())
+    return Estimate(acc, math.sqrt(acc * (1 - acc) / max(n, 1)), time.perf_counter() - start)
+
+
+# ------------------------------------------------------------------------------------------------------ select
+
+def ranked_by(proxies, rank_by: str | None = None) -> str | None:
+    """The proxy that orders the rows: the one asked for, else the probe when it runs, else the first proxy."""
+    return rank_by or ("probe" if "probe" in proxies else next(iter(proxies), None))
+
+
+def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = None, *, proxies=("probe", "logme"),
+           rank_by: str | None = None, max_rows: int = 1000, folds: int = 5, steps: int = 30,
+           overrides: dict[str, list[str]] | None = None) -> list[SelectRow]:
+    """Estimate how well each candidate base (x method) would do on the recipe's task, from its training split only;
+    -> rows ranked by `rank_by` (default: the probe when it runs, else the first proxy), best first.
+
+    `overrides` maps a candidate (as given) or a method to extra recipe overrides for it, e.g. {"full": ["train.lr=5e-5"]}
+    (the base's apply to the feature proxies too; the method's only to `steps`)."""
+    proxies = list(dict.fromkeys(proxies))
+    rank_by = ranked_by(proxies, rank_by)
+    problems = [f"proxy {p!r}: no such proxy; choose from {', '.join(PROXIES)}." for p in proxies if p not in PROXIES]
+    problems += [] if proxies else [f"no proxy chosen: choose from {', '.join(PROXIES)}."]
+    problems += [] if rank_by in proxies else [f"rank by {rank_by!r}: it must be one of the proxies that run ({', '.join(proxies)})."]
+    problems += [] if folds >= 2 else [f"folds={folds}: cross-validation needs at least 2 folds."]
+    problems += [] if max_rows >= 2 * folds else [f"max_rows={max_rows}: too few rows for {folds} folds; give at least {2 * folds}."]
+    problems += [] if steps >= 1 else [f"steps={steps}: the steps proxy needs at least 1 optimizer step."]
+    if problems:
+        raise SelectError(problems)
+    check_task(recipe)
+    cands = build_candidates(recipe, candidates, methods, overrides or {})
+    ds, label_names = train_sample(recipe, max_rows)
+    labels = np.asarray(ds["label"], dtype=np.int64)
+    if len(labels) < 2 * folds:
+        raise SelectError([f"the training split has {len(labels)} rows: too few for {folds} folds. Use fewer folds or more data."])
+    fold = stratified_folds(labels, folds, recipe.train.seed)
+    k = len(label_names)
+    log.info("select: %d candidate(s), %d training rows, %d classes, %d folds; proxies %s", len(cands), len(labels), k, folds,
+             ", ".join(proxies))
+    features: dict[str, tuple[np.ndarray, str, float, dict]] = {}  # per base as loaded: features, pooling, seconds, estimates
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="peftlab-select-") as work:
+        for i, c in enumerate(cands):
+            key = c.features_key()
+            if key not in features and {"probe", "logme"} & set(proxies):
+                features[key] = (*encode_timed(c, ds, label_names, folds, "logme" in proxies), {})
+            feats, pooling, feat_s, shared = features.get(key, (np.zeros((0, 0)), "-", 0.0, {}))
+            group = list(features).index(key) + 1 if key in features else 0
+            row = SelectRow(0, c.base, c.method, pooling, feats.shape[1], len(labels), feat_s, group)
+            for p in proxies:
+                if p in ("probe", "logme") and p not in shared:  # a base's figure, shared by its methods
+                    start = time.perf_counter()
+                    value, std = (probe(feats, labels, fold, k, recipe.train.seed) if p == "probe"
+                                  else jackknifed(lambda f, y: logme(f, y, k), feats, labels, fold))
+                    shared[p] = Estimate(value, std, time.perf_counter() - start)
+                if p == "steps":
+                    row.estimates[p] = few_steps(c, ds, label_names, fold == 0, steps, Path(work) / f"steps-{i}")
+                else:
+                    row.estimates[p] = shared[p]
+                log.info("select: %s %s %s %.4f +- %.4f (%.1f s)", base_label(c.base), c.method, p, row.estimates[p].value,
+                         row.estimates[p].std, row.estimates[p].seconds)
+            rows.append(row)
+    rows.sort(key=lambda r: -r.estimates[rank_by].value if math.isfinite(r.estimates[rank_by].value) else math.inf)
+    for i, r in enumerate(rows, 1):
+        r.rank = i
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------------ output
+
+def total_seconds(rows: list[SelectRow]) -> float:
+    """The compute the selection took: each base's features once, the shared feature proxies once, every steps run."""
+    shared: dict[tuple, float] = {}
+    total = 0.0
+    for r in rows:
+        for p, e in r.estimates.items():
+            if p == "steps":
+                total += e.seconds
+            else:
+                shared[(r.features_group, p)] = e.seconds
+        shared[(r.features_group, "features")] = r.features_seconds
+    return total + sum(shared.values())
+
+
+def format_table(rows: list[SelectRow], rank_by: str, source: str = "the recipe") -> str:
+    """The ranked table the CLI prints: each proxy's estimate +- its uncertainty and the seconds it took."""
+    proxies = list(rows[0].estimates) if rows else []
+    head = ["rank", "base", "method", "features", "feat s"] + [f"{PROXY_TITLES[p]} (± {UNCERTAINTY[p]})  s" for p in proxies]
+    body = []
+    for r in rows:
+        cells = [str(r.rank), r.label, r.method, f"{r.pooling} {r.feature_dim}" if r.feature_dim else "-", f"{r.features_seconds:.1f}"]
+        for p in proxies:
+            e = r.estimates[p]
+            digits = 2 if p == "logme" else 3
+            cells.append(f"{e.value:.{digits}f} ± {e.std:.{digits}f}  {e.seconds:.1f}")
+        body.append(cells)
+    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in [head, *body]]
+    n = rows[0].rows if rows else 0
+    notes = [f"{source}: {len(rows)} candidate(s) ranked by {rank_by}, {n:,} training rows; {TRAIN_ONLY}.",
+             "probe/LogME read the frozen base (features once per base, 'feat s'), so they rank bases, not methods; "
+             "LogME: log evidence per row, higher is better." if {"probe", "logme"} & set(proxies) else "",
+             f"total {total_seconds(rows):.1f} s"]
+    return "\n".join([notes[0], "", *lines, "", *[x for x in notes[1:] if x]])
+
+
+def to_json(rows: list[SelectRow], rank_by: str, source: str = "the recipe") -> dict:
+    return {"source": source, "ranked_by": rank_by, "uncertainty": {p: UNCERTAINTY[p] for p in (rows[0].estimates if rows else {})},
+            "data": TRAIN_ONLY, "total_seconds": total_seconds(rows), "rows": [{**asdict(r), "label": r.label} for r in rows]}

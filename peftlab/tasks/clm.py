@@ -1,0 +1,50 @@
+"""Causal-LM continued pretraining (task.type: clm): a decoder (SmolLM2, Llama, Qwen) keeps learning to predict the
+next token on unlabelled text of the target domain (DAPT) or task (TAPT), before it is fine-tuned on labels.
+
+Rows are the joined data.text_columns; they are packed into blocks of data.max_length tokens (tasks/corpus.py) with
+attention kept within each document. The loss covers every token (the LM head runs on the labelled positions only,
+tasks/generative.py); evaluation reports the mean token loss and the perplexity exp(loss) of a held-out split
+(data.eval, or data.eval_holdout of train). Start a task recipe from the finished run with model.from_run.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from . import corpus
+from .generative import causal_lm_loss, row_losses
+from .sft import collator  # right-padded rows; packed rows keep their position ids (block-diagonal attention)
+
+auto_model_class = AutoModelForCausalLM
+peft_task_type = "CAUSAL_LM"
+loss = causal_lm_loss
+target_kind = "none"  # unlabelled text: data.text_columns only
+best_metric = "loss"
+metrics = ("loss", "perplexity")
+pipeline_tag = "text-generation"
+task_name = "Text Generation"
+usage_class = "AutoModelForCausalLM"
+card_metrics = {"perplexity": "Perplexity"}
+check = corpus.check
+summary_line = corpus.summary_line
+
+__all__ = ["collator"]
+
+
+def tokenize(ds, tokenizer, recipe):
+    return corpus.blocks(ds, tokenizer, recipe, causal=True)
+
+
+@torch.no_grad()
+def evaluate(model, loader, accelerator, label_names, **context):
+    """-> ({loss, perplexity}, {tokens}): the mean next-token loss over every predicted token of the split."""
+    model.eval()
+    nll, tokens = 0.0, 0
+    for batch in loader:
+        sums, counts = accelerator.gather_for_metrics(row_losses(model, batch, accelerator))
+        nll += sums.sum().item()
+        tokens += int(counts.sum().item())
+    model.train()
+    loss_value = nll / max(tokens, 1)
+    return {"loss": loss_value, "perplexity": corpus.perplexity(loss_value)}, {"tokens": tokens}

@@ -1,0 +1,94 @@
+"""What the continued-pretraining tasks (mlm, clm) share: unlabelled text -> token blocks of data.max_length.
+
+Documents are tokenized, joined into one stream and cut into blocks of data.max_length tokens, so no token is padding
+and none is thrown away (only the last block of a split is short). A causal LM's block keeps the position ids of its
+documents (restarting at 0 where one starts, so attention stays within a document: block-diagonal); a masked LM's
+block is [CLS] + tokens + [SEP] with the documents separated by [SEP], as BERT/RoBERTa pretraining packs them.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from ..errors import DataError
+
+log = logging.getLogger(__name__)
+
+PERPLEXITY_CAP = 1e6  # exp(loss) of an untrained model overflows usefulness long before float range
+
+
+def perplexity(loss: float) -> float:
+    return float(min(torch.tensor(loss).exp().item(), PERPLEXITY_CAP))
+
+
+def summary_line(split: str, m: dict) -> str:
+    extra = f"   masked-token accuracy {m['accuracy']:.4f}" if "accuracy" in m else ""
+    return f"   {split:<5} loss {m['loss']:.4f}   perplexity {m['perplexity']:.2f}{extra}"
+
+
+def check(recipe) -> list[str]:
+    d = recipe.data
+    if d.label_names or d.label_words or d.target_column:
+        used = [f for f in ("label_names", "label_words", "target_column") if getattr(d, f)]
+        return [f"task.type={recipe.task.type} learns from unlabelled text (data.text_columns only), but the recipe sets "
+                f"data.{', data.'.join(used)}. Remove them, or use task.type=classification / summarization / sft."]
+    return []
+
+
+def blocks(ds, tokenizer, recipe, *, causal: bool):
+    """{text} rows -> blocks of at most data.max_length tokens: input_ids, length, truncated, n_docs; causal blocks also
+    labels (-100 where a document starts, so no token is predicted across a document boundary) and position_ids (a
+    masked LM's labels are drawn by its collator)."""
+    n, texts = recipe.data.max_length, [t for t in ds["text"] if t.strip()]
+    if not texts:
+        raise DataError("no text to learn from: every row of the split is empty. Check data.text_columns.")
+    if causal:
+        eos = tokenizer.eos_token_id
+        if eos is None:
+            raise DataError(f"the tokenizer of {recipe.model.name} has no end-of-sequence token, which separates the documents "
+                            "of a causal-LM block. Use a base whose tokenizer defines eos_token.")
+        docs = [ids if ids[-1:] == [eos] else ids + [eos] for ids in tokenizer(texts)["input_ids"]]
+        room = n
+    else:
+        if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None or tokenizer.mask_token_id is None:
+            raise DataError(f"task.type=mlm needs a tokenizer with [CLS], [SEP] and [MASK] tokens (BERT/RoBERTa style); "
+                            f"{recipe.model.name}'s has not. For a decoder LLM use task.type=clm.")
+        docs = [ids + [tokenizer.sep_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
+        room = n - 2  # [CLS] ... [SEP]
+    rows: dict[str, list] = {"input_ids": [], "length": [], "truncated": [], "n_docs": []}
+    if causal:
+        rows.update(labels=[], position_ids=[])
+    ids, pos, starts = [], [], []
+    for doc in docs:
+        while doc:  # a document longer than the room left continues in the next block
+            take, doc = doc[:room - len(ids)], doc[room - len(ids):]
+            starts.append(len(ids))
+            ids += take
+            pos += range(len(take))
+            if len(ids) == room:
+                _emit(rows, ids, pos, starts, tokenizer, causal)
+                ids, pos, starts = [], [], []
+    if ids:
+        _emit(rows, ids, pos, starts, tokenizer, causal)
+    import datasets
+
+    out = datasets.Dataset.from_dict(rows)
+    log.info("%s documents -> %s blocks of <= %d tokens (%s tokens)", f"{len(docs):,}", f"{len(out):,}", n, f"{sum(rows['length']):,}")
+    return out
+
+
+def _emit(rows, ids, pos, starts, tokenizer, causal: bool) -> None:
+    if causal:
+        labels = list(ids)
+        for s in starts[1:]:
+            labels[s] = -100  # the first token of a document is not predicted from the one before it
+        rows["labels"].append(labels)
+        rows["position_ids"].append(list(pos))
+    else:  # [CLS] + tokens + [SEP]; a block that ends on a document's [SEP] does not get a second one
+        ids = [tokenizer.cls_token_id, *(ids[:-1] if ids[-1] == tokenizer.sep_token_id else ids), tokenizer.sep_token_id]
+    rows["input_ids"].append(list(ids))
+    rows["length"].append(len(ids))
+    rows["truncated"].append(False)
+    rows["n_docs"].append(len(starts))

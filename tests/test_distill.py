@@ -1,0 +1,248 @@
+"""Knowledge distillation (train.distill) and smaller students (model.num_layers), on tiny models: the loss is the
+formula, alpha=1 is exactly label-only training, the cached soft targets are the teacher's own logits, a distilled
+student ends closer to its teacher, unlabelled rows count, N layers survive a reload and a merge, bad input fails
+before anything is written, and run.json and the card name the teacher."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+import yaml
+
+from peftlab import load_recipe, run
+from peftlab.distill import soft_target_loss, teacher_logits
+from peftlab.errors import ConfigError
+from peftlab.export import load_trained, merge
+from peftlab.model import keep_layers, kept_layer_indices
+
+from .conftest import logits, minilm_tokenizer, synthetic_rows
+from .test_train import losses
+
+DEV_TEXTS = [t for t, _ in synthetic_rows(48, 7)]
+
+
+def recipe_for(tmp: Path, model: Path, files: dict, name: str, overrides: dict | None = None):
+    tree = {
+        "name": name, "output_dir": str(tmp / name), "model": {"name": str(model)},
+        "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+        "data": {"train": str(files["train"]), "eval": str(files["dev"]), "label_names": ["negative", "positive"], "max_length": 32},
+        "train": {"epochs": 2, "batch_size": 16, "lr": 5e-3, "log_every": 2, "warmup_fraction": 0.0, "precision": "fp32",
+                  "report_to": "none"},
+        "eval": {"batch_size": 32},
+    }
+    path = tmp / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return load_recipe(path, [f"{k}={'null' if v is None else v}" for k, v in (overrides or {}).items()])
+
+
+@pytest.fixture(scope="module")
+def teacher(tmp_path_factory, tiny_bert, sentiment_files) -> Path:
+    """A well-trained teacher: the tiny BERT fully fine-tuned (every weight) for a few epochs."""
+    tmp = tmp_path_factory.mktemp("teacher")
+    run(recipe_for(tmp, tiny_bert, sentiment_files, "teacher", {"adapter.method": "full", "train.epochs": 6, "train.lr": 3e-3}))
+    return tmp / "teacher"
+
+
+def student(tmp_path, tiny_bert, sentiment_files, name, overrides=None):
+    return recipe_for(tmp_path, tiny_bert, sentiment_files, name, {"train.epochs": 1, **(overrides or {})})
+
+
+def distilled(teacher: Path, alpha=0.2, temperature=2.0, **more) -> dict:
+    return {"train.distill.teacher": str(teacher), "train.distill.alpha": alpha, "train.distill.temperature": temperature, **more}
+
+
+def kl_to_teacher(teacher: Path, out: Path, texts=DEV_TEXTS) -> float:
+    t = logits(load_trained(teacher)[0], texts)
+    s = logits(load_trained(out)[0], texts)
+    return F.kl_div(s.log_softmax(-1), t.log_softmax(-1), log_target=True, reduction="batchmean").item()
+
+
+# ------------------------------------------------------------------------------------------------- the loss
+
+def test_the_loss_is_the_formula():
+    torch.manual_seed(0)
+    student_logits, teacher_l = torch.randn(6, 3, requires_grad=True), torch.randn(6, 3)
+    labels = torch.tensor([0, 2, -100, 1, -100, 0])
+    T, a = 3.0, 0.3
+    ce = F.cross_entropy(student_logits[labels != -100], labels[labels != -100])
+    p_t = (teacher_l / T).softmax(-1)
+    kl = (p_t * (p_t.log() - (student_logits / T).log_softmax(-1))).sum(-1).mean()  # mean over all rows
+    assert soft_target_loss(student_logits, labels, teacher_l, T, a).item() == pytest.approx((a * ce + (1 - a) * T * T * kl).item(), rel=1e-6)
+    # alpha=1: exactly the classifier's own cross-entropy; alpha=0: the soft targets alone
+    labelled = torch.tensor([0, 2, 1, 1, 0, 0])
+    assert torch.equal(soft_target_loss(student_logits, labelled, teacher_l, T, 1.0), F.cross_entropy(student_logits, labelled))
+    assert soft_target_loss(student_logits, labels, teacher_l, T, 0.0).item() == pytest.approx((T * T * kl).item(), rel=1e-6)
+
+
+def test_unlabelled_rows_get_the_soft_target_term_only():
+    torch.manual_seed(1)
+    x, teacher_l = torch.randn(4, 2, requires_grad=True), torch.randn(4, 2)
+    loss = soft_target_loss(x, torch.full((4,), -100), teacher_l, 2.0, 0.5)  # a batch of unlabelled rows only: finite
+    loss.backward()
+    assert torch.isfinite(loss) and x.grad.abs().sum() > 0
+    x.grad = None
+    soft_target_loss(x, torch.tensor([1, -100, 0, -100]), teacher_l, 2.0, 1.0).backward()  # alpha=1: they are ignored
+    assert x.grad[1].abs().sum() == 0 and x.grad[3].abs().sum() == 0 and x.grad[0].abs().sum() > 0
+
+
+# ------------------------------------------------------------------------------------------- the soft targets
+
+def test_cached_soft_targets_are_the_teachers_own_logits(teacher):
+    cached = teacher_logits(teacher, DEV_TEXTS, batch_size=5)  # batches of mixed lengths, longest first, then put back in order
+    own = logits(load_trained(teacher)[0], DEV_TEXTS)
+    assert cached.shape == (len(DEV_TEXTS), 2)
+    assert torch.allclose(cached, own, atol=1e-5)
+
+
+def test_a_verbalizer_teacher_teaches_through_its_label_words(tmp_path, tiny_llama, tiny_bert, sentiment_files):
+    """An LLM that classifies by writing the label word: each class's word log-likelihood is its class logit."""
+    from peftlab.tasks.verbalizer import label_token_ids, prompt_ids, score_words
+
+    run(recipe_for(tmp_path, tiny_llama, sentiment_files, "verb", {"task.type": "verbalizer", "train.max_steps": 4,
+                                                                    "train.lr": 1e-2}))
+    texts = DEV_TEXTS[:12]
+    batched = teacher_logits(tmp_path / "verb", texts, batch_size=5)  # left-padded batches, longest first, put back in order
+    model, tok, recipe, record = load_trained(tmp_path / "verb")
+    words = label_token_ids(tok, recipe, record.label_names)
+    alone = torch.cat([score_words(model, prompt_ids(tok, recipe, [t])[0], words, tok.pad_token_id) for t in texts])
+    assert torch.allclose(batched, alone, atol=1e-4)
+    student_run = run(student(tmp_path, tiny_bert, sentiment_files, "from-verb", {**distilled(tmp_path / "verb"), "train.max_steps": 2}))
+    assert student_run["distillation"]["task"] == "verbalizer" and student_run["distillation"]["soft_target_rows"] == 256
+
+
+def test_alpha_one_is_exactly_label_only_training(tmp_path, tiny_bert, sentiment_files, teacher):
+    plain = run(student(tmp_path, tiny_bert, sentiment_files, "plain"))
+    same = run(student(tmp_path, tiny_bert, sentiment_files, "alpha1", distilled(teacher, alpha=1.0)))
+    assert losses(tmp_path / "alpha1") == losses(tmp_path / "plain")  # the same numbers, bit for bit
+    assert same["metrics"]["eval"] == plain["metrics"]["eval"]
+    assert torch.equal(logits(load_trained(tmp_path / "alpha1")[0]), logits(load_trained(tmp_path / "plain")[0]))
+
+
+def test_a_distilled_student_ends_closer_to_its_teacher(tmp_path, tiny_bert, sentiment_files, teacher):
+    # trained until both converge (the random tiny BERT sits on a plateau for ~60 steps): the same student, same seed
+    converge = {"adapter.method": "full", "train.epochs": 6, "train.lr": 3e-3, "train.scheduler": "constant"}
+    run(student(tmp_path, tiny_bert, sentiment_files, "labels-only", converge))
+    record = run(student(tmp_path, tiny_bert, sentiment_files, "distilled", {**converge, **distilled(teacher, alpha=0.2)}))
+    before, after = kl_to_teacher(teacher, tmp_path / "labels-only"), kl_to_teacher(teacher, tmp_path / "distilled")
+    assert after < 0.1 * before, (before, after)  # held-out rows: the student's distribution is the teacher's (measured 0.028 -> 6e-5)
+    assert record["metrics"]["eval"]["accuracy"] >= 0.95
+
+
+def test_unlabelled_rows_are_distilled_too(tmp_path, tiny_bert, sentiment_files, teacher):
+    extra = tmp_path / "unlabelled.jsonl"  # another format than train (json strings vs csv large_string): cast to one
+    extra.write_text("".join(json.dumps({"sentence": t}) + "\n" for t, _ in synthetic_rows(96, 11)))
+    over = distilled(teacher, alpha=0.5, **{"train.distill.unlabelled": str(extra)})
+    with_extra = run(student(tmp_path, tiny_bert, sentiment_files, "with-unlabelled", over))
+    without = run(student(tmp_path, tiny_bert, sentiment_files, "labelled-only", distilled(teacher, alpha=0.5)))
+    d = with_extra["distillation"]
+    assert (d["labelled_rows"], d["unlabelled_rows"], d["soft_target_rows"]) == (256, 96, 352)
+    assert with_extra["train_examples"] == 352 and without["train_examples"] == 256  # one epoch: every row trained on
+    assert not torch.equal(logits(load_trained(tmp_path / "with-unlabelled")[0]), logits(load_trained(tmp_path / "labelled-only")[0]))
+
+
+# ------------------------------------------------------------------------------------------- smaller students
+
+@pytest.fixture(scope="module")
+def bert4(tmp_path_factory) -> Path:
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("bert4")
+    tok = minilm_tokenizer()
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                         intermediate_size=64, max_position_embeddings=128, hidden_dropout_prob=0.0,
+                         attention_probs_dropout_prob=0.0)).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_kept_layers_are_evenly_spaced_first_and_last():
+    assert kept_layer_indices(12, 6) == [0, 2, 4, 7, 9, 11]  # DistilBERT's choice
+    assert kept_layer_indices(6, 3) == [0, 3, 5]
+    assert kept_layer_indices(4, 1) == [0] and kept_layer_indices(4, 4) == [0, 1, 2, 3]
+
+
+def test_num_layers_keeps_those_layers_of_the_base(bert4):
+    from transformers import AutoModelForSequenceClassification
+
+    full = AutoModelForSequenceClassification.from_pretrained(bert4, num_labels=2)
+    small = AutoModelForSequenceClassification.from_pretrained(bert4, num_labels=2)
+    assert keep_layers(small, 2) == [0, 3]
+    assert len(small.bert.encoder.layer) == 2 and small.config.num_hidden_layers == 2
+    for new, old in enumerate([0, 3]):
+        assert torch.equal(small.bert.encoder.layer[new].output.dense.weight, full.bert.encoder.layer[old].output.dense.weight)
+
+
+def test_num_layers_on_a_decoder_renumbers_its_cache(tiny_llama):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    keep_layers(model, 1)
+    assert len(model.model.layers) == 1 and model.model.layers[0].self_attn.layer_idx == 0
+    out = model(input_ids=torch.tensor([[5, 6, 7]]), use_cache=True)
+    assert out.logits.shape[:2] == (1, 3)
+
+
+def test_a_smaller_student_reloads_and_merges_with_its_layers(tmp_path, bert4, sentiment_files, teacher):
+    from transformers import AutoModelForSequenceClassification
+
+    from peftlab import evaluate
+
+    record = run(recipe_for(tmp_path, bert4, sentiment_files, "small", {"model.num_layers": 2, **distilled(teacher)}))
+    model, _, recipe, _ = load_trained(tmp_path / "small")
+    assert recipe.model.num_layers == 2 and len(model.base_model.model.bert.encoder.layer) == 2
+    assert evaluate(tmp_path / "small") == pytest.approx(record["metrics"]["eval"], abs=1e-6)  # the reloaded run scores the same
+    merged = AutoModelForSequenceClassification.from_pretrained(merge(tmp_path / "small"))
+    assert merged.config.num_hidden_layers == 2
+    assert torch.allclose(logits(merged), logits(model), atol=1e-5)
+
+
+# ------------------------------------------------------------------------------------------- bad input, records
+
+def test_bad_input_fails_before_anything_is_written(tmp_path, tiny_bert, sentiment_files, teacher):
+    with pytest.raises(ConfigError) as e:  # recipe-level rules: all of them at once
+        student(tmp_path, tiny_bert, sentiment_files, "bad", {"train.distill.alpha": 1.5, "task.type": "summarization",
+                                                               "data.target_column": "label"})
+    text = str(e.value)
+    assert "train.distill.alpha=1.5" in text and "train.distill.teacher is not set" in text and "classification" in text
+
+    cases = {
+        "no-teacher": ({**distilled(tmp_path / "nowhere")}, "no finished run there"),
+        "labels": ({**distilled(teacher), "data.label_names": "[pos, neg]"}, "['negative', 'positive']"),
+        "layers": ({**distilled(teacher), "model.num_layers": 3}, "has 2 layers"),
+    }
+    for name, (over, expected) in cases.items():
+        recipe = student(tmp_path, tiny_bert, sentiment_files, name, over)
+        with pytest.raises(ConfigError) as e:
+            run(recipe)
+        assert expected in str(e.value), str(e.value)
+        assert not recipe.out.exists() and not list(tmp_path.glob(f".{name}*"))  # no folder, no lock, no staging
+
+
+def test_label_names_mismatch_names_both_lists(tmp_path, tiny_bert, sentiment_files, teacher):
+    recipe = student(tmp_path, tiny_bert, sentiment_files, "mismatch", {**distilled(teacher), "data.label_names": "[pos, neg]"})
+    with pytest.raises(ConfigError) as e:
+        run(recipe)
+    assert "['negative', 'positive']" in str(e.value) and "['pos', 'neg']" in str(e.value)
+
+
+def test_run_json_and_card_name_the_teacher(tmp_path, tiny_bert, sentiment_files, teacher):
+    from peftlab.publish.card import card_text
+
+    recipe = student(tmp_path, tiny_bert, sentiment_files, "named", {**distilled(teacher, alpha=0.3), "data.label_names": None})
+    run(recipe)
+    saved = json.loads((recipe.out / "run.json").read_text())
+    d = saved["distillation"]
+    teacher_run = json.loads((teacher / "run.json").read_text())
+    assert d["teacher"] == str(teacher.resolve()) and d["name"] == "teacher" and d["method"] == "full"
+    assert d["metrics"] == teacher_run["metrics"]["eval"] and (d["temperature"], d["alpha"]) == (2.0, 0.3)
+    assert yaml.safe_load((recipe.out / "recipe.yaml").read_text())["data"]["label_names"] == ["negative", "positive"]  # the teacher's
+    card = card_text(recipe.out)
+    assert "## Distillation" in card and "Distilled from the peftlab run `teacher`" in card and "T = 2.0" in card
+    assert str(teacher.resolve()) not in card
+    plain = json.loads((teacher / "run.json").read_text())
+    assert "distillation" not in plain  # a run without a teacher keeps its run.json as it was

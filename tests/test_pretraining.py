@@ -1,0 +1,244 @@
+"""Continued pretraining on unlabelled text (task.type mlm / clm) and starting a recipe from a finished run
+(model.from_run): packing, masking, the losses, a two-stage run that reloads and continues, its lineage."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+
+from peftlab import load_recipe, run
+from peftlab.errors import ConfigError
+from peftlab.tasks import corpus, get_task, lower_is_better, mlm
+
+from .conftest import minilm_tokenizer
+
+SENTENCES = ["the cat sat on the mat and looked at the door", "a kettle boils water for the morning tea",
+             "this blender crushes ice in seconds", "the knife stayed sharp after a year of daily use"]
+
+
+@pytest.fixture(scope="module")
+def eos_llama(tmp_path_factory) -> Path:
+    """A 2-layer random Llama with MiniLM's tokenizer, [SEP] as its end-of-sequence token."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = minilm_tokenizer()
+    tok.eos_token = "[SEP]"
+    d = tmp_path_factory.mktemp("eos-llama")
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=None)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+@pytest.fixture(scope="module")
+def texts(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("unlabelled")
+    rows = [{"text": SENTENCES[i % len(SENTENCES)], "id": i} for i in range(96)]
+    (d / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (d / "eval.jsonl").write_text("".join(json.dumps({"text": s}) + "\n" for s in SENTENCES))
+    return {"train": d / "train.jsonl", "eval": d / "eval.jsonl"}
+
+
+def recipe_for(tmp_path, model, texts, task: str, overrides=(), name: str = "pre"):
+    tree = {"name": name, "output_dir": str(tmp_path / name), "model": {"name": str(model)}, "task": {"type": task},
+            "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.0},
+            "data": {"train": str(texts["train"]), "eval": str(texts["eval"]), "text_columns": ["text"], "max_length": 32},
+            "train": {"max_steps": 30, "batch_size": 8, "lr": 3e-3, "log_every": 10, "warmup_fraction": 0.0, "precision": "fp32"},
+            "eval": {"batch_size": 16}}
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    return load_recipe(path, list(overrides))
+
+
+# ------------------------------------------------------------------------------------------------ packing
+
+@pytest.mark.parametrize("causal", [True, False], ids=["clm", "mlm"])
+def test_blocks_hold_every_token_once_in_order_and_never_exceed_max_length(tmp_path, eos_llama, texts, causal):
+    from datasets import Dataset
+
+    tok = minilm_tokenizer()
+    tok.eos_token = "[SEP]"
+    recipe = recipe_for(tmp_path, eos_llama, texts, "clm" if causal else "mlm", ["data.max_length=24"])
+    docs = [SENTENCES[i % 4] + " " + "word " * (i % 7) for i in range(20)] + ["a much longer document " * 6]
+    out = corpus.blocks(Dataset.from_dict({"text": docs}), tok, recipe, causal=causal)
+    assert max(out["length"]) <= 24 and all(n == 24 for n in out["length"][:-1])  # only the last block is short
+    stream = [t for ids in out["input_ids"] for t in (ids if causal else ids[1:-1] + [tok.sep_token_id])]
+    own = [tok(d)["input_ids"] for d in docs]  # causal: the tokenizer's own specials (BOS where it adds one), EOS after each
+    expected = [t for ids in own for t in (ids if ids[-1] == tok.eos_token_id else ids + [tok.eos_token_id])] if causal else \
+        [t for d in docs for t in tok(d, add_special_tokens=False)["input_ids"] + [tok.sep_token_id]]
+    if causal:
+        assert stream == expected
+        for ids, labels, pos in zip(out["input_ids"], out["labels"], out["position_ids"]):
+            starts = [i for i, p in enumerate(pos) if p == 0]
+            assert starts[0] == 0 and all(ids[s - 1] == tok.eos_token_id for s in starts[1:])  # a document starts after EOS
+            assert all(labels[i] == -100 for i in starts[1:]) and all(labels[i] == ids[i] for i in range(len(ids)) if i not in starts)
+    else:  # [CLS] + stream + [SEP], documents separated by [SEP]; the closing [SEP] is a separator when one ends there
+        assert all(ids[0] == tok.cls_token_id and ids[-1] == tok.sep_token_id for ids in out["input_ids"])
+        assert [t for t in stream if t != tok.sep_token_id] == [t for t in expected if t != tok.sep_token_id]
+
+
+def test_unlabelled_tasks_refuse_label_settings_and_an_mlm_needs_a_mask_token(tmp_path, eos_llama, texts):
+    from types import SimpleNamespace
+
+    from datasets import Dataset
+
+    from peftlab.errors import DataError
+
+    with pytest.raises(ConfigError, match="learns from unlabelled text.*data.label_names"):
+        recipe_for(tmp_path, eos_llama, texts, "clm", ["data.label_names=[a,b]"])
+    recipe = recipe_for(tmp_path, eos_llama, texts, "mlm")
+    no_mask = SimpleNamespace(cls_token_id=None, sep_token_id=None, mask_token_id=None, eos_token_id=None)
+    with pytest.raises(DataError, match="task.type=mlm needs a tokenizer with .*MASK.*task.type=clm"):
+        corpus.blocks(Dataset.from_dict({"text": ["a b c"]}), no_mask, recipe, causal=False)
+    with pytest.raises(DataError, match="no end-of-sequence token"):
+        corpus.blocks(Dataset.from_dict({"text": ["a b c"]}), no_mask, recipe, causal=True)
+    with pytest.raises(DataError, match="every row of the split is empty"):
+        corpus.blocks(Dataset.from_dict({"text": ["  ", ""]}), no_mask, recipe, causal=True)
+    assert lower_is_better("perplexity") and lower_is_better("loss") and not lower_is_better("accuracy")
+
+
+# ------------------------------------------------------------------------------------------------ masking and losses
+
+def test_mlm_masks_bert_style_fixed_for_evaluation_fresh_for_training():
+    tok = minilm_tokenizer()
+    collate = mlm.collator(tok)
+    ids = [tok.cls_token_id, *tok(" ".join(SENTENCES * 6), add_special_tokens=False)["input_ids"][:200], tok.sep_token_id]
+    rows = [{"input_ids": ids}, {"input_ids": ids[:50] + [tok.sep_token_id]}]
+    a, b = collate(rows), collate(rows[::-1])
+    assert torch.equal(a["eval_labels"][0], b["eval_labels"][1][:a["eval_labels"].shape[1]])  # the same row, the same mask
+    assert torch.equal(a["eval_input_ids"][0], b["eval_input_ids"][1][:a["eval_input_ids"].shape[1]])
+    assert not torch.equal(a["labels"][0], b["labels"][1])  # training draws new masks
+    picked = a["eval_labels"][0][:len(ids)] != -100
+    assert 0.08 < picked.float().mean() < 0.25  # ~15% of the tokens predicted
+    assert not picked[0] and not picked[len(ids) - 1]  # never [CLS] / [SEP]
+    assert torch.equal(a["eval_labels"][0][:len(ids)][picked], torch.tensor(ids)[picked])  # labels: the original tokens
+    replaced = a["eval_input_ids"][0][:len(ids)][picked]
+    assert (replaced == tok.mask_token_id).float().mean() > 0.6  # mostly [MASK]
+
+
+def test_mlm_loss_on_masked_positions_only_equals_the_models_own(tmp_path, tiny_bert, texts):
+    from peftlab.accel import make_accelerator
+    from peftlab.data import build_data
+    from peftlab.model import build_model
+
+    recipe = recipe_for(tmp_path, tiny_bert, texts, "mlm")
+    model, tok, info = build_model(recipe, num_labels=0, label_names=[])
+    assert info.head_modules == ["cls.predictions.transform"]  # the new head, not the tied embedding matrix
+    data = build_data(recipe, tok)
+    batch = data.collate([data.train[i] for i in range(4)])
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
+    ours = mlm.loss(model, batch, make_accelerator(recipe, "fp32"))  # (a fresh state: fp32, whatever ran before)
+    torch.testing.assert_close(ours, model(**inputs).loss, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("task", ["clm", "mlm"])
+def test_continued_pretraining_lowers_the_held_out_loss_on_repeated_text(tmp_path, tiny_bert, eos_llama, texts, task):
+    """The eval split is the same sentences as train: a model that learns its text must lower its loss on it. Full
+    training on the tiny random models, whose frozen LM head / tied decoder caps what LoRA can do (see test_verbalizer);
+    LoRA on the real MiniLM below."""
+    model = eos_llama if task == "clm" else tiny_bert
+    before = run(recipe_for(tmp_path, model, texts, task, ["train.max_steps=0"], name=f"{task}0"))
+    after = run(recipe_for(tmp_path, model, texts, task, ["adapter.method=full", "train.lr=1e-2", "train.max_steps=20"],
+                           name=f"{task}1"))
+    b, a = before.metrics["eval"], after.metrics["eval"]
+    assert a["loss"] < 0.7 * b["loss"] and a["perplexity"] < b["perplexity"]
+    assert a["perplexity"] == pytest.approx(min(torch.tensor(a["loss"]).exp().item(), corpus.PERPLEXITY_CAP), rel=1e-6)
+    assert get_task(task).summary_line("eval", a).strip().startswith("eval  loss")
+
+
+def test_lora_mlm_on_minilm_learns_its_new_head_and_lowers_the_loss(tmp_path, texts):
+    """The packaged MiniLM has no MLM head: it is made (and named), trained with the LoRA adapter, and the loss falls."""
+    zero = run(recipe_for(tmp_path, "minilm", texts, "mlm", ["train.max_steps=0"], name="m0"))
+    trained = run(recipe_for(tmp_path, "minilm", texts, "mlm", ["train.max_steps=20", "train.lr=5e-3"], name="m1"))
+    assert trained.metrics["eval"]["loss"] < 0.7 * zero.metrics["eval"]["loss"]
+    saved = load_file(str(Path(trained.output_dir) / "adapter_model.safetensors"))
+    assert any("cls.predictions.transform" in k for k in saved) and not any("word_embeddings" in k for k in saved)
+
+
+# ------------------------------------------------------------------------------------------------ model.from_run
+
+def test_a_task_recipe_starts_from_a_pretraining_run_reloads_and_records_its_lineage(tmp_path, eos_llama, texts, sentiment_files):
+    """Stage 1: clm LoRA on the unlabelled text. Stage 2: a classifier with model.from_run. Stage 2's base is stage 1's
+    merged model (its weights, not the bare base's); run.json and the card name stage 1; eval and merge reload it."""
+    from peftlab import evaluate, load_trained, merge
+    from peftlab.publish.card import card_text
+
+    first = run(recipe_for(tmp_path, eos_llama, texts, "clm", ["train.max_steps=10", "adapter.target_modules=all-linear"],
+                           name="dapt"))
+    stage1 = Path(first.output_dir)
+    tree = {"name": "task", "output_dir": str(tmp_path / "task"), "model": {"from_run": str(stage1)},
+            "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
+            "data": {"train": str(sentiment_files["train"]), "eval": str(sentiment_files["dev"]),
+                     "label_names": ["negative", "positive"], "max_length": 32},
+            "train": {"max_steps": 4, "batch_size": 16, "lr": 5e-3, "precision": "fp32"}}
+    path = tmp_path / "task.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    second = run(load_recipe(path))
+    out = Path(second.output_dir)
+
+    merged = load_file(str(stage1 / "merged" / "model.safetensors"))
+    assert second.base_path == str(stage1 / "merged") and second.base_model == str(eos_llama)  # model.name from the run
+    bare = load_file(str(eos_llama / "model.safetensors"))
+    key = next(k for k in merged if "q_proj.weight" in k)
+    assert not torch.equal(merged[key], bare[key])  # stage 1 changed the weights stage 2 starts from
+    model, *_ = load_trained(out)
+    inner = dict(model.named_parameters())
+    loaded = next(v for k, v in inner.items() if k.replace(".base_layer", "").endswith(key.split("model.", 1)[1]))
+    torch.testing.assert_close(loaded.detach(), merged[key])  # reloaded on stage 1's weights
+
+    record = json.loads((out / "run.json").read_text())
+    assert [s["name"] for s in record["lineage"]] == ["dapt"] and record["lineage"][0]["task"] == "clm"
+    assert record["lineage"][0]["data"] == str(texts["train"]) and record["lineage"][0]["steps"] == 10
+    assert "## Lineage" in card_text(out) and "`dapt`: task clm" in card_text(out)
+    assert evaluate(out)["accuracy"] == pytest.approx(second.metrics["eval"]["accuracy"])
+    assert (merge(out) / "model.safetensors").is_file()
+
+    # a third stage chains the lineage, nearest first
+    tree.update(name="third", output_dir=str(tmp_path / "third"), model={"from_run": str(out)})
+    path.write_text(yaml.safe_dump(tree))
+    third = run(load_recipe(path))
+    assert [s["name"] for s in third.lineage] == ["task", "dapt"]
+
+
+def test_from_run_refuses_a_missing_run_and_a_different_base(tmp_path, eos_llama, tiny_bert, texts):
+    with pytest.raises(ConfigError, match="model.from_run=.*no finished run there.*Train it first"):
+        recipe_for(tmp_path, eos_llama, texts, "clm", [f"model.from_run={tmp_path / 'nothing'}"])
+    first = run(recipe_for(tmp_path, eos_llama, texts, "clm", ["train.max_steps=1"], name="one"))
+    other = recipe_for(tmp_path, tiny_bert, texts, "mlm", [f"model.from_run={first.output_dir}"], name="two")
+    with pytest.raises(ConfigError, match="was trained on .* but model.name=.*Set model.name="):
+        run(other)
+    assert not Path(tmp_path / "two").exists()  # refused before anything was written
+
+
+def test_a_classifier_from_an_mlm_run_keeps_the_original_pooler_and_trains_only_its_new_head(tmp_path, tiny_bert, texts,
+                                                                                            sentiment_files):
+    """A masked-LM model has no pooler, so the merged MLM run lacks one: the classifier built on it takes the original
+    base's pooler (as a classifier on the bare base would), and only the classifier is new."""
+    from transformers import AutoModelForSequenceClassification
+
+    from peftlab.accel import make_accelerator
+
+    from peftlab.model import build_model
+    from peftlab.run import start_from_run
+
+    first = run(recipe_for(tmp_path, tiny_bert, texts, "mlm", ["train.max_steps=3"], name="mlm-stage"))
+    tree = {"name": "cls", "output_dir": str(tmp_path / "cls"), "model": {"from_run": first.output_dir},
+            "data": {"train": str(sentiment_files["train"]), "label_names": ["negative", "positive"], "max_length": 32},
+            "train": {"max_steps": 2, "precision": "fp32"}}
+    path = tmp_path / "cls.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    recipe = load_recipe(path)
+    start_from_run(recipe, make_accelerator(recipe, "fp32"))
+    model, _, info = build_model(recipe, num_labels=2, label_names=["negative", "positive"])
+    assert info.head_modules == ["classifier"]
+    original = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
+    ours = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in model.named_parameters()}
+    torch.testing.assert_close(ours["bert.pooler.dense.weight"], original.bert.pooler.dense.weight)

@@ -1,0 +1,161 @@
+"""`peftlab select`: the proxies on constructed cases (LogME against its closed form, the probe), a ranking of tiny
+candidates end to end, the CLI's table and JSON, and clear errors; the recipe's eval and test splits are never read."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from peftlab.cli import main
+from peftlab.errors import ConfigError, ModelNotFound
+from peftlab.select import PROXIES, SelectError, logme, logme_evidence, probe, select, stratified_folds
+
+
+def direct_evidence(f: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
+    """log N(y; 0, I/beta + F F^T/alpha) / n, written out: the marginal likelihood LogME maximises."""
+    n = len(y)
+    cov = np.eye(n) / beta + f @ f.T / alpha
+    _, logdet = np.linalg.slogdet(cov)
+    return -0.5 * (y @ np.linalg.solve(cov, y) + logdet + n * math.log(2 * math.pi)) / n
+
+
+@pytest.mark.parametrize("n, d", [(4, 1), (6, 3), (3, 5)])  # more rows than dims, and fewer (a thin SVD of rank n)
+def test_logme_is_the_maximised_marginal_likelihood(n, d):
+    """With n <= d the features fit any target exactly: the evidence rises towards a finite limit as the noise
+    precision beta grows, so the iteration stops at a large beta (the identity still holds; the maximum is at infinity)."""
+    rng = np.random.default_rng(n * 10 + d)
+    f = rng.normal(size=(n, d))
+    y = (rng.random(n) < 0.5).astype(float)
+    y[0], y[1] = 1.0, 0.0
+    u, s, _ = np.linalg.svd(f, full_matrices=False)
+    evidence, alpha, beta = logme_evidence(s, u.T @ y, float(y @ y), n, d)
+    assert evidence == pytest.approx(direct_evidence(f, y, alpha, beta), rel=1e-7)  # n < d: beta is large, fewer digits agree
+    assert math.isfinite(evidence)
+    if n <= d:
+        assert beta > 1e6
+        return
+    for a, b in [(alpha * 1.2, beta), (alpha / 1.2, beta), (alpha, beta * 1.2), (alpha, beta / 1.2)]:
+        assert direct_evidence(f, y, a, b) < evidence + 1e-9  # the fixed point is a maximum of the evidence
+
+
+def test_logme_by_hand_one_feature():
+    # F = [1, 1, 0]^T, y = [1, 0, 0]: F^T F = sigma = 2, F^T y = 1, z^2 = 1/2, and |y|^2 - z^2 = 1/2 lies outside F's span.
+    # For one feature the fixed point alpha = gamma / m^2, beta = (n - gamma) / |Fm - y|^2 reduces to a quadratic in
+    # lambda = alpha / beta: (n - 1 - q) lambda^2 + (n - 1 - 2q) sigma lambda - q sigma^2 = 0, q = (|y|^2 - z^2) / z^2 = 1,
+    # so lambda = sigma = 2, alpha = (lambda + sigma) / z^2 = 8, beta = 4, m = beta F^T y / (alpha + beta sigma) = 1/4,
+    # |Fm - y|^2 = 5/8, and the evidence 3/2 ln 4 + 1/2 ln 8 - 3/2 ln 2pi - 4 * 5/16 - 8/32 - 1/2 ln 16, over n = 3 rows.
+    f, y = np.array([[1.0], [1.0], [0.0]]), np.array([1.0, 0.0, 0.0])
+    u, s, _ = np.linalg.svd(f, full_matrices=False)
+    evidence, alpha, beta = logme_evidence(s, u.T @ y, float(y @ y), 3, 1)
+    assert alpha == pytest.approx(8.0, rel=1e-5) and beta == pytest.approx(4.0, rel=1e-5)
+    assert evidence == pytest.approx((2.5 * math.log(2) - 1.5 * math.log(2 * math.pi) - 1.5) / 3, rel=1e-6)
+    assert evidence == pytest.approx(direct_evidence(f, y, alpha, beta), rel=1e-9)
+    # logme averages the classes' evidences: class 1 is the target y, class 0 its complement [0, 1, 1]
+    labels = np.array([1, 0, 0])
+    assert logme(f, labels, 2) == pytest.approx((evidence + logme_evidence(s, u.T @ (1 - y), 2.0, 3, 1)[0]) / 2)
+
+
+def test_logme_and_probe_prefer_features_that_separate_the_classes():
+    rng = np.random.default_rng(0)
+    labels = np.repeat([0, 1, 2], 60)
+    noise = rng.normal(size=(180, 16))
+    signal = noise.copy()
+    signal[:, :3] += 3.0 * np.eye(3)[labels]  # three dimensions carry the class
+    folds = stratified_folds(labels, 5, seed=0)
+    assert logme(signal, labels, 3) > logme(noise, labels, 3) + 0.1
+    good, good_std = probe(signal, labels, folds, 3)
+    chance, _ = probe(noise, labels, folds, 3)
+    assert good > 0.9 and good_std < 0.1
+    assert chance < 0.55  # a third is chance; noise features give no more than noise
+
+
+def test_stratified_folds_spread_every_class():
+    labels = np.array([0] * 10 + [1] * 20)
+    folds = stratified_folds(labels, 5, seed=1)
+    for f in range(5):
+        assert (labels[folds == f] == 0).sum() == 2 and (labels[folds == f] == 1).sum() == 4
+
+
+@pytest.fixture
+def untouched_splits(make_recipe, tmp_path):
+    """A recipe whose eval and test files are gone after loading: selection must not need them."""
+    recipe = make_recipe({"data.test": str(tmp_path / "recipe.yaml")})  # any existing file, to load
+    recipe.data.eval.path = str(tmp_path / "missing-eval.tsv")
+    recipe.data.test.path = str(tmp_path / "missing-test.tsv")
+    return recipe
+
+
+def test_select_ranks_tiny_candidates_from_train_only(untouched_splits, tiny_bert, tiny_llama):
+    rows = select(untouched_splits, [str(tiny_bert), str(tiny_llama)], ["lora", "frozen"], proxies=PROXIES, max_rows=96,
+                  folds=3, steps=2)
+    assert len(rows) == 4 and [r.rank for r in rows] == [1, 2, 3, 4]
+    values = [r.estimates["probe"].value for r in rows]
+    assert values == sorted(values, reverse=True)
+    by = {(r.label, r.method): r for r in rows}
+    assert by[(tiny_bert.name, "lora")].pooling == "mean" and by[(tiny_llama.name, "lora")].pooling == "last-token"
+    for r in rows:
+        assert r.rows == 96 and r.feature_dim == 32 and r.features_seconds > 0
+        for p in PROXIES:
+            e = r.estimates[p]
+            assert math.isfinite(e.value) and e.std >= 0 and e.seconds > 0
+        assert 0 <= r.estimates["probe"].value <= 1 and 0 <= r.estimates["steps"].value <= 1
+    # probe and LogME read the base: its methods share them; the steps proxy trains each method
+    for base in (tiny_bert.name, tiny_llama.name):
+        assert by[(base, "lora")].estimates["logme"] == by[(base, "frozen")].estimates["logme"]
+
+
+def test_cli_prints_the_table_and_writes_json(make_recipe, tmp_path, capsys, caplog, tiny_bert):
+    make_recipe()
+    out = tmp_path / "select.json"
+    assert main(["select", str(tmp_path / "recipe.yaml"), "--candidates", str(tiny_bert), "minilm", "--max-rows", "60",
+                 "--folds", "3", "--json", str(out), "data.max_length=24"]) == 0
+    text = capsys.readouterr().out
+    assert "probe acc" in text and "LogME" in text and "minilm" in text and tiny_bert.name in text
+    assert "data.eval and data.test were not read" in text
+    report = json.loads(out.read_text())
+    assert report["ranked_by"] == "probe" and [r["rank"] for r in report["rows"]] == [1, 2]
+    minilm, tiny = sorted(report["rows"], key=lambda r: r["base"] != "minilm")
+    assert minilm["feature_dim"] == 384 and tiny["feature_dim"] == 32 and set(minilm["estimates"]) == {"probe", "logme"}
+    # the pretrained MiniLM's features explain the sentiment labels better than a random tiny BERT's
+    assert minilm["estimates"]["logme"]["value"] > tiny["estimates"]["logme"]["value"] + 0.3
+    # 40 rows without a fold against MiniLM's 384 dimensions (the tiny BERT has 32): LogME is degenerate there, and says so
+    assert "minilm has 384 feature dimensions for 60 rows" in caplog.text and caplog.text.count("LogME reads its limit") == 1
+
+
+def test_bad_input_is_a_clear_error(make_recipe, tmp_path, capsys, tiny_bert):
+    recipe = make_recipe()
+    with pytest.raises(ModelNotFound, match="candidate './no/such/base'.*no such model directory"):
+        select(recipe, [str(tiny_bert), "./no/such/base"])
+    with pytest.raises(SelectError, match="proxy 'lgome': no such proxy"):
+        select(recipe, [str(tiny_bert)], proxies=["lgome"])
+    with pytest.raises(SelectError, match="'lroa' is neither a candidate"):
+        select(recipe, [str(tiny_bert)], overrides={"lroa": ["train.lr=1e-3"]})
+    with pytest.raises(ConfigError, match="adapter.method='nope'"):
+        select(recipe, [str(tiny_bert)], ["nope"])
+    recipe.task.type = "summarization"
+    with pytest.raises(ConfigError, match="classification recipes.*task.type=summarization"):
+        select(recipe, [str(tiny_bert)])
+    assert main(["select", str(tmp_path / "recipe.yaml"), "--candidates", "./no/such/base"]) == 2
+    assert "candidate './no/such/base'" in capsys.readouterr().err
+    assert main(["select", str(tmp_path / "recipe.yaml"), "--candidates", str(tiny_bert), "--set", "train.lr=1"]) == 2
+    assert "expected NAME:KEY=VALUE" in capsys.readouterr().err
+
+
+def test_benchmark_scores_rankings_with_ties(tmp_path):
+    from peftlab import load_recipe
+
+    from .conftest import load_benchmark
+
+    bench = load_benchmark("model_selection")
+    assert bench.kendall_tau_b([1, 2, 3], [10, 20, 30]) == pytest.approx(1.0)
+    assert bench.kendall_tau_b([1, 2, 3], [30, 20, 10]) == pytest.approx(-1.0)
+    assert bench.kendall_tau_b([1, 1, 2], [1, 2, 3]) == pytest.approx(2 / math.sqrt(6))  # tau-b, as scipy.stats.kendalltau
+    assert math.isnan(bench.kendall_tau_b([1, 1, 1], [1, 2, 3]))  # a proxy that ties everything orders nothing
+    # a proxy tied between a and b picks either: half a hit, and half the 10 points lost by taking b
+    assert bench.pick({"a": 1, "b": 1, "c": 0}, {"a": 0.9, "b": 0.8, "c": 0.7}) == pytest.approx((0.5, 5.0))
+    for setting in bench.SETTINGS:  # every setting's recipe is valid, and its truth is scored on rows the proxies never read
+        recipe = load_recipe(bench.write_recipe(tmp_path / setting, setting, bench.FULL), validate_files=False)
+        assert recipe.data.test is None and (recipe.data.eval is not None or recipe.data.eval_holdout > 0)
