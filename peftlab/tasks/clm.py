@@ -9,11 +9,10 @@ tasks/generative.py); evaluation reports the mean token loss and the perplexity 
 
 from __future__ import annotations
 
-import torch
 from transformers import AutoModelForCausalLM
 
 from . import corpus
-from .generative import causal_lm_loss, row_losses
+from .generative import causal_lm_loss
 from .sft import collator  # right-padded rows; packed rows keep their position ids (block-diagonal attention)
 
 auto_model_class = AutoModelForCausalLM
@@ -36,15 +35,7 @@ def tokenize(ds, tokenizer, recipe):
     return corpus.blocks(ds, tokenizer, recipe, causal=True)
 
 
-@torch.no_grad()
 def evaluate(model, loader, accelerator, label_names, **context):
     """-> ({loss, perplexity}, {tokens}): the mean next-token loss over every predicted token of the split."""
-    model.eval()
-    nll, tokens = 0.0, 0
-    for batch in loader:
-        sums, counts = accelerator.gather_for_metrics(row_losses(model, batch, accelerator))
-        nll += sums.sum().item()
-        tokens += int(counts.sum().item())
-    model.train()
-    loss_value = nll / max(tokens, 1)
-    return {"loss": loss_value, "perplexity": corpus.perplexity(loss_value)}, {"tokens": tokens}
+    metrics, tokens = corpus.evaluate_tokens(model, loader, accelerator, lambda batch: batch, shift=True)
+    return metrics, {"tokens": tokens}

@@ -23,6 +23,23 @@ def perplexity(loss: float) -> float:
     return float(min(torch.tensor(loss).exp().item(), PERPLEXITY_CAP))
 
 
+@torch.no_grad()
+def evaluate_tokens(model, loader, accelerator, inputs, *, shift: bool) -> tuple[dict, int]:
+    """The evaluation mlm and clm share -> ({loss, perplexity}, tokens scored): the mean token loss over the split,
+    `inputs(batch)` giving each batch's model inputs and labels, `shift` whether a label scores the next position."""
+    from .generative import row_losses
+
+    model.eval()
+    nll, tokens = 0.0, 0
+    for batch in loader:
+        sums, counts = accelerator.gather_for_metrics(row_losses(model, inputs(batch), accelerator, shift=shift))
+        nll += sums.sum().item()
+        tokens += int(counts.sum().item())
+    model.train()
+    loss = nll / max(tokens, 1)
+    return {"loss": loss, "perplexity": perplexity(loss)}, tokens
+
+
 def summary_line(split: str, m: dict) -> str:
     extra = f"   masked-token accuracy {m['accuracy']:.4f}" if "accuracy" in m else ""
     return f"   {split:<5} loss {m['loss']:.4f}   perplexity {m['perplexity']:.2f}{extra}"

@@ -17,7 +17,7 @@ import torch
 from transformers import AutoModelForMaskedLM
 
 from . import corpus
-from .generative import labelled_token_losses, row_losses
+from .generative import labelled_token_losses
 from .sft import _pad
 
 auto_model_class = AutoModelForMaskedLM
@@ -84,16 +84,10 @@ def loss(model, batch: dict, accelerator) -> torch.Tensor:
     return losses.sum() / max(len(losses), 1)
 
 
-@torch.no_grad()
 def evaluate(model, loader, accelerator, label_names, **context):
     """-> ({loss, perplexity}, {masked_tokens}) over the fixed masks of the split."""
-    model.eval()
-    nll, tokens = 0.0, 0
-    for batch in loader:
-        inputs = {"input_ids": batch["eval_input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["eval_labels"]}
-        sums, counts = accelerator.gather_for_metrics(row_losses(model, inputs, accelerator, shift=False))
-        nll += sums.sum().item()
-        tokens += int(counts.sum().item())
-    model.train()
-    loss_value = nll / max(tokens, 1)
-    return {"loss": loss_value, "perplexity": corpus.perplexity(loss_value)}, {"masked_tokens": tokens}
+    def fixed(batch):
+        return {"input_ids": batch["eval_input_ids"], "attention_mask": batch["attention_mask"], "labels": batch["eval_labels"]}
+
+    metrics, tokens = corpus.evaluate_tokens(model, loader, accelerator, fixed, shift=False)
+    return metrics, {"masked_tokens": tokens}
