@@ -199,7 +199,8 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
                              "or, if you trust its source, set model.allow_pickle=true.") from None
         raise ModelError(f"cannot load {path} as {auto_cls.__name__}: {msg}") from None
     missing = set(info.get("missing_keys", []))
-    if recipe.model.from_run and missing and quant is None:
+    # (only weights beyond a new task head: the original base would lack the head too, and loading it costs a second base)
+    if recipe.model.from_run and quant is None and any(k.split(".")[0] not in head_guess for k in missing):
         missing = fill_from_original_base(model, recipe, missing, auto_cls, kwargs)
     head = new_modules(model, missing)
     keep_layers(model, recipe.model.num_layers)  # here, so a run reloaded (export.rebuild) or merged has the same layers

@@ -225,7 +225,6 @@ def test_a_classifier_from_an_mlm_run_keeps_the_original_pooler_and_trains_only_
     from transformers import AutoModelForSequenceClassification
 
     from peftlab.accel import make_accelerator
-
     from peftlab.model import build_model
     from peftlab.run import start_from_run
 
