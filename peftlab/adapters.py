@@ -5,8 +5,9 @@
     model.set_adapter("products")                                  # switch
     model(**batch, adapter_names=["movies", "products", ...])      # one adapter per row (peft's mixed-batch inference)
 
-Every adapter must have been trained on the same base model and, for classification, with the same number of labels
-(each adapter keeps its own copy of the head, but the copies share one shape). Sources are run folders or Hub ids (see `publish.load_adapter`).
+Every adapter must have been trained on the same base model. Classification adapters may have different numbers of labels
+(each keeps its own head, sized to its labels: the tasks of a multi-task run, OUT/tasks/NAME, load side by side), but
+one batch with one adapter per row needs heads of one size. Sources are run folders or Hub ids (see `publish.load_adapter`).
 """
 
 from __future__ import annotations
@@ -30,10 +31,31 @@ def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None
         raise ArtifactError(f"{first[1]} holds a standalone model (method {run.method}), not an adapter.")
     for name, folder in rest:
         other_recipe, other_run = read_run(folder)
-        if other_recipe.model.name != recipe.model.name or len(other_run.label_names) != len(run.label_names):
-            raise ArtifactError(f"adapter {name!r} ({folder}) was trained on {other_recipe.model.name} with "
-                                f"{len(other_run.label_names)} labels, but {first[0]!r} on {recipe.model.name} with "
-                                f"{len(run.label_names)}: adapters on one base must share the base and the number of labels.")
-        model.load_adapter(str(folder), adapter_name=name)
+        if other_recipe.model.name != recipe.model.name:
+            raise ArtifactError(f"adapter {name!r} ({folder}) was trained on {other_recipe.model.name}, but {first[0]!r} on "
+                                f"{recipe.model.name}: adapters loaded side by side must share their base.")
+        if len(other_run.label_names) == len(run.label_names):
+            model.load_adapter(str(folder), adapter_name=name)
+        else:
+            load_with_own_head(model, Path(folder), name, len(run.label_names), len(other_run.label_names))
     model.set_adapter(first[0])
     return model.eval(), tokenizer
+
+
+def load_with_own_head(model, folder: Path, name: str, old: int, new: int) -> None:
+    """Add adapter `name` whose classification head has `new` outputs where the model's has `old`: peft copies the
+    model's head for a new adapter, so that copy is resized before the adapter's weights are loaded into it."""
+    from peft import PeftConfig, set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    from .model import head_wrapper, resized_head
+
+    config = PeftConfig.from_pretrained(str(folder))
+    config.inference_mode = True
+    model.add_adapter(name, config)
+    wrapper = head_wrapper(model)
+    wrapper.modules_to_save[name] = resized_head(wrapper.modules_to_save[name], old, new, init=lambda module: None)
+    result = set_peft_model_state_dict(model, load_file(str(folder / "adapter_model.safetensors")), adapter_name=name)
+    if result.unexpected_keys:
+        raise ArtifactError(f"adapter {name!r} ({folder}) does not fit {type(model.get_base_model()).__name__}: unexpected "
+                            f"weights {result.unexpected_keys[:3]}.")

@@ -46,8 +46,9 @@ class ModelConfig:
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of the base model.")
     from_run: str | None = opt(None, "Start from a finished run's weights (e.g. runs/dapt-kitchen, a task.type mlm/clm continued "
                                "pretraining): its adapter merged into its base (RUN/merged, made when missing) is this recipe's "
-                               "base; model.name must be that run's base (or left at its default, then taken from the run). The "
-                               "run.json and model card record the chain (lineage).")
+                               "base; model.name must be that run's base (or left at its default, then taken from the run). A task "
+                               "head of that run for other labels (one task of a multi-task run) is replaced by a fresh "
+                               "one. The run.json and model card record the chain (lineage).")
     trust_remote_code: bool = opt(False, "Run model code shipped with a hub repo. Off by default: only enable for repos you trust.")
     allow_pickle: bool = opt(False, "Also load pickle weights (.bin/.pt), which can run arbitrary code. Off: safetensors only.")
     dtype: str = opt("float32", "Dtype the (non-quantized) base weights are loaded in.", ("float32", "bfloat16", "float16"))
@@ -119,6 +120,8 @@ class DataConfig:
     test: SplitConfig | None = opt(None, "Optional held-out test split, evaluated once at the end.")
     eval_holdout: float = opt(0.0, "With no eval split: hold out this fraction of train (seeded) for evaluation.", ge=0, lt=1)
     text_columns: list[str] = opt(["sentence"], "Column(s) holding the input text; several are joined with a space.")
+    text_pair: bool = opt(False, "Classification: the two data.text_columns are a sentence pair (MRPC: [sentence1, sentence2]), "
+                          "encoded as one ([CLS] a [SEP] b [SEP], with segment ids), not joined into one string.")
     label_column: str = opt("label", "Column holding the label (an index or a name).")
     label_names: list[str] | None = opt(None, "Ordered label names; null = the sorted distinct labels of the train split.")
     label_words: list[str] | None = opt(None, "Verbalizer: the word the model writes for each class, in data.label_names order, "
@@ -165,6 +168,28 @@ class DistillConfig:
     unlabelled: SplitConfig | None = opt(None, "Optional extra rows without labels (a file, read as data.train is: "
                                          "data.text_columns or unlabelled.text_columns): they get the soft-target term only.")
     batch_size: int = opt(64, "Rows per batch of the teacher's pass (once, before training).", ge=1)
+
+
+@dataclass
+class SubTaskConfig:
+    data: DataConfig = opt(DataConfig(), "This task's data: splits, columns and labels, as the top-level data section (which "
+                           "gives the defaults: a key set there and not here is inherited, e.g. max_length).")
+    metric: str = opt("accuracy", "The metric of this task that enters the mean that keep-best selects on.", ("accuracy", "f1"))
+
+
+@dataclass
+class MultiTaskConfig:
+    tasks: dict[str, SubTaskConfig] = opt({}, "The tasks, by name (letters, digits, - _): each a classification with its own data, "
+                                          "labels and head, e.g. {sst2: {data: {train: ..., eval: ...}}, mrpc: {...}}. Each exports "
+                                          "to OUT/tasks/NAME, a run of its own (load_trained, load_adapters, peftlab eval). "
+                                          "multitask.tasks.NAME=null leaves a task out.")
+    adapters: str = opt("shared", "One adapter shared by every task (shared), or one per task (per_task); heads are always "
+                        "per task.", ("shared", "per_task"))
+    sampling: str = opt("temperature", "How each batch's task is drawn: proportional to the tasks' training rows, uniform, or "
+                        "temperature (rows^(1/T): between the two; T5 and mT5's choice). Every batch holds one task's rows.",
+                        ("proportional", "uniform", "temperature"))
+    temperature: float = opt(2.0, "Sampling temperature T (sampling: temperature): 1 = proportional, larger = closer to uniform.",
+                             ge=1, hint="typical: 2-5")
 
 
 # Experiment trackers Accelerate drives (accelerate.tracking); accel.py says how each is installed and where it writes
@@ -239,6 +264,8 @@ class Recipe:
     train: TrainConfig = opt(TrainConfig(), "Optimisation.")
     eval: EvalConfig = opt(EvalConfig(), "Evaluation.")
     export: ExportConfig = opt(ExportConfig(), "Export and merge.")
+    multitask: MultiTaskConfig | None = opt(None, "Several classification tasks in one model (task.type: multitask): one base, "
+                                            "a head per task, shared or per-task adapters; null = one task.")
 
     def __post_init__(self):
         if self.train.best_metric is None:  # resolved here, so the written recipe.yaml names the metric used
@@ -294,9 +321,14 @@ def _coerce(value: Any, tp, where: str, problems: list[str]) -> Any:
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
             problems.append(f"{where}: expected a list of strings, got {value!r}.")
         return value
-    if inner is dict:
+    if inner is dict or origin is dict:
         if not isinstance(value, dict):
             problems.append(f"{where}: expected a mapping, got {value!r}.")
+            return value
+        item = typing.get_args(inner)[1] if origin is dict else None
+        if item is not None and dataclasses.is_dataclass(item):  # a mapping of sections (multitask.tasks)
+            # a section set to null is left out (multitask.tasks.NAME=null drops a task of a shipped recipe)
+            return {k: _coerce(v, item, f"{where}.{k}", problems) for k, v in value.items() if v is not None}
         return value
     if inner is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -391,6 +423,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple = (
             raise ConfigError([f"the top level must be a mapping of sections (model:, data:, ...), got {type(tree).__name__}."], source)
     for key, value in parse_overrides(list(overrides), problems):
         _set_dotted(tree, key, value, problems)
+    inherit_task_data(tree)
     recipe = _build(Recipe, tree, "", problems)
     try:
         validate(recipe, check_files=validate_files, source=source)
@@ -399,6 +432,19 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple = (
     if problems:
         raise ConfigError(problems, source)
     return recipe
+
+
+def inherit_task_data(tree: dict) -> None:
+    """multitask.tasks.NAME.data starts from the top-level data section (its splits aside): max_length, text_columns, ...
+    set once for every task, each task overriding what it sets itself."""
+    tasks = (tree.get("multitask") or {}).get("tasks") if isinstance(tree.get("multitask"), dict) else None
+    top = tree.get("data")
+    if not isinstance(tasks, dict) or not isinstance(top, dict):
+        return
+    shared = {k: v for k, v in top.items() if k not in ("train", "eval", "test")}
+    for task in tasks.values():
+        if isinstance(task, dict) and isinstance(task.get("data", {}), dict):
+            task["data"] = {**copy.deepcopy(shared), **task.get("data", {})}
 
 
 # ---------------------------------------------------------------------------------------------- validation
@@ -411,6 +457,9 @@ def _walk(obj, prefix=""):
         name = f"{prefix}{f.name}"
         if dataclasses.is_dataclass(value):
             yield from _walk(value, name + ".")
+        elif isinstance(value, dict) and value and all(dataclasses.is_dataclass(v) for v in value.values()):
+            for key, section in value.items():  # multitask.tasks: each task's fields are checked like the top level's
+                yield from _walk(section, f"{name}.{key}.")
         else:
             yield name, value, f, _unwrap_optional(hints[f.name])[1]
 
@@ -481,12 +530,36 @@ def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = N
                  "(peftlab train RECIPE with output_dir there), or fix the path.")
     if recipe.train.distill is not None:
         p.extend(distill_problems(recipe, check_files))
+    multitask = recipe.multitask is not None
+    need(not multitask or recipe.task.type == "multitask",
+         f"multitask is set but task.type={recipe.task.type}: set task.type=multitask to train its tasks, or remove multitask.")
+    need(not d.text_pair or recipe.task.type == "classification",
+         f"data.text_pair=true with task.type={recipe.task.type}: sentence pairs are encoded for classification only. Join "
+         "the columns instead (data.text_pair=false) or set task.type=classification.")
+    need(not d.text_pair or recipe.train.distill is None,
+         "data.text_pair=true with train.distill: the teacher scores one text per row. Distil a single-text task, or drop "
+         "train.distill.")
+    if not multitask:
+        p.extend(data_problems(d, "data", check_files))
+    for key, sub in (recipe.multitask.tasks.items() if multitask else ()):
+        p.extend(data_problems(sub.data, f"multitask.tasks.{key}.data", check_files))
+    if p:
+        raise ConfigError(p, source)
+
+
+def data_problems(d: DataConfig, prefix: str, check_files: bool) -> list[str]:
+    """The rules of one data section (the recipe's, or one multitask task's): each split a file or a hub split, files
+    present; a sentence pair names two columns."""
+    p = []
+    if d.text_pair and len(d.text_columns) != 2:
+        p.append(f"{prefix}.text_pair=true with {prefix}.text_columns={d.text_columns}: a pair is two columns, e.g. "
+                 f"{prefix}.text_columns=[sentence1, sentence2].")
     if check_files and d.train is None:
-        p.append("data.train is not set: name the training file, e.g. data.train.path=train.csv (or data.train.split=train "
-                 "with data.dataset). No split has a default.")
+        p.append(f"{prefix}.train is not set: name the training file, e.g. {prefix}.train.path=train.csv (or "
+                 f"{prefix}.train.split=train with data.dataset). No split has a default.")
     for split_name in ("train", "eval", "test"):
         s = getattr(d, split_name)
-        where = f"data.{split_name}"
+        where = f"{prefix}.{split_name}"
         if s is None:
             continue
         if (s.path is None) == (s.split is None):
@@ -496,8 +569,7 @@ def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = N
         if check_files and s.path is not None and not Path(s.path).is_file():
             hint = " (the shared data lives in ../shared/data; run from the repository root)" if "shared" in s.path else ""
             p.append(f"{where}.path={s.path!r}: file not found{hint}. Fix the path or override it: {where}.path=FILE.")
-    if p:
-        raise ConfigError(p, source)
+    return p
 
 
 def distill_problems(recipe: Recipe, check_files: bool) -> list[str]:

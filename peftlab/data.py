@@ -33,6 +33,7 @@ class TaskData:
     label_names: list[str]
     collate: Callable
     eval_collate: Callable | None = None  # for the final evaluation, when the task needs more than model inputs (e.g. reference texts)
+    train_sampler: Callable | None = None  # train config -> the training rows' order, when the task has its own (multitask)
 
 
 class LengthGroupedSampler:
@@ -163,7 +164,8 @@ def _check_columns(ds, needed: list[str], where: str, spec: SplitConfig) -> None
 
 def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: int, target_column: str | None = None,
                     unlabelled: bool = False):
-    """-> Dataset with exactly {text, label} where label is a raw value after label_map; with `target_column` (a text
+    """-> Dataset with exactly {text, label} where label is a raw value after label_map ({text, text_pair, label} with
+    data.text_pair); with `target_column` (a text
     target: summarization) {text, target} instead, rows with an empty source or target dropped; `unlabelled` (continued
     pretraining) {text} only."""
     text_cols = spec.text_columns or data.text_columns
@@ -180,13 +182,14 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     label_map = {str(k): v for k, v in (spec.label_map or {}).items()}
 
     def to_rows(batch):
-        texts = joined(batch, text_cols)
+        texts = joined(batch, text_cols[:1] if data.text_pair else text_cols)
         if target_column:
             return {"text": texts, "target": [str(v or "").strip() for v in batch[label_col]]}
         # an empty cell makes pandas read the column as floats (0.0, 1.0, nan): the rest are class indices again
         raw = [int(v) if isinstance(v, float) and v.is_integer() else v for v in batch[label_col]]
         labels = [label_map.get(str(v), v) if label_map else v for v in raw]
-        return {"text": texts, "label": labels}
+        pair = {"text_pair": joined(batch, text_cols[1:])} if data.text_pair else {}  # data.text_pair: encoded as a pair
+        return {"text": texts, **pair, "label": labels}
 
     ds = ds.map(to_rows, batched=True, remove_columns=ds.column_names, desc=f"{where}: columns")
     if not target_column and getattr(ds.features["label"], "dtype", "").startswith("float"):  # map kept the input's type
@@ -287,12 +290,14 @@ def load_splits(recipe: Recipe, *, need_train: bool = True):
     Tasks with a text target (summarization) get {text, target} rows and no label names. `need_train=False`: an
     evaluation, which reads only the split it scores."""
     d, seed = recipe.data, recipe.train.seed
+    task = get_task(recipe.task.type)
+    if hasattr(task, "load_splits"):  # several tasks, each with its own data (tasks/multitask.py)
+        return task.load_splits(recipe, need_train=need_train)
     if need_train and d.train is None:
         raise DataError("data.train is not set: name the training file, e.g. data.train.path=train.csv. No split has a default.")
     if need_train and d.eval is not None and d.eval_holdout > 0:
         log.warning("data.eval_holdout=%s is ignored: data.eval is set, and evaluation uses it. Set data.eval=null to evaluate "
                     "on the held-out part of train.", d.eval_holdout)
-    task = get_task(recipe.task.type)
     target = d.target_column if task.target_kind == "text" else None
     unlabelled = task.target_kind == "none"  # continued pretraining: text only
     own = getattr(task, "normalize_split", None)  # a task that reads its rows itself (sft: conversations)
@@ -332,6 +337,8 @@ def build_data(recipe: Recipe, tokenizer, *, splits=None, label_names=None) -> T
     if splits is None:
         splits, label_names = load_splits(recipe)
     task = get_task(recipe.task.type)
+    if hasattr(task, "build_data"):  # several tasks in one dataset (tasks/multitask.py)
+        return task.build_data(recipe, tokenizer, splits, label_names)
     tokenized = {name: task.tokenize(ds, tokenizer, recipe) if ds is not None else None for name, ds in splits.items()}
     for name, ds in tokenized.items():
         if ds is not None:

@@ -205,6 +205,8 @@ def rebuild(out: Path, recipe: Recipe, run: RunRecord, *, dequantize: bool = Fal
 
     out = Path(out)
     task = get_task(recipe.task.type)
+    if hasattr(task, "refuse_loading"):  # a multi-task run: its models are its tasks' runs (OUT/tasks/NAME)
+        raise task.refuse_loading(out, run)
     tokenizer = load_tokenizer(str(out), recipe)
     labels = run.label_names
     if (out / "adapter_config.json").is_file():
@@ -228,6 +230,9 @@ def merge(out: Path, *, force: bool = False) -> Path:
     made from the same adapter weights is left as it is."""
     out = Path(out)
     recipe, run = read_run(out)
+    task = get_task(recipe.task.type)
+    if hasattr(task, "refuse_loading"):  # a multi-task run: merge its tasks' runs (OUT/tasks/NAME)
+        raise task.refuse_loading(out, run)
     if not (out / "adapter_config.json").is_file():
         log.info("%s holds a standalone model (method %s): nothing to merge, load it directly.", out, run.method)
         return out

@@ -6,6 +6,7 @@ summarization task's encoder-decoder warm start: its `load_model`). Weights load
 
 from __future__ import annotations
 
+import copy
 import logging
 from dataclasses import dataclass
 
@@ -189,6 +190,8 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
         model, head = load_scratch(recipe, path, auto_cls, kwargs)
         keep_layers(model, recipe.model.num_layers)
         return model, head
+    if recipe.model.from_run:  # an earlier run's head for other labels (a task of a multi-task run): a fresh one replaces it
+        kwargs["ignore_mismatched_sizes"] = True
     try:
         model, info = auto_cls.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
@@ -198,7 +201,7 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
                              "loaded. Convert the checkpoint to safetensors (save_pretrained(dir) in a trusted environment), "
                              "or, if you trust its source, set model.allow_pickle=true.") from None
         raise ModelError(f"cannot load {path} as {auto_cls.__name__}: {msg}") from None
-    missing = set(info.get("missing_keys", []))
+    missing = set(info.get("missing_keys", [])) | {m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", [])}
     # (only weights beyond a new task head: the original base would lack the head too, and loading it costs a second base)
     if recipe.model.from_run and quant is None and any(k.split(".")[0] not in head_guess for k in missing):
         missing = fill_from_original_base(model, recipe, missing, auto_cls, kwargs)
@@ -344,6 +347,8 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], precision: str = "fp32"):
     """Recipe -> (model ready to train, tokenizer, ModelInfo)."""
     task = get_task(recipe.task.type)
+    if hasattr(task, "build_model"):  # a model of several parts (tasks/multitask.py: a head per task)
+        return task.build_model(recipe, label_names=label_names, precision=precision)
     path = base_path(recipe)
     tokenizer = load_tokenizer(path, recipe)
     model, head = load_base(recipe, path, num_labels=num_labels, label_names=label_names, precision=precision,
@@ -362,3 +367,45 @@ def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], prec
              f"{total:,}", info.trainable_percent, "+".join(head) or "none",
              f", base quantized {info.quantized}" if info.quantized != "none" else "")
     return model, tokenizer, info
+
+
+# ------------------------------------------------------------ classification heads of several sizes (multitask, load_adapters)
+
+def head_wrapper(model):
+    """peft's wrapper of the classification head (modules_to_save: classifier or score) of a SEQ_CLS peft model."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    for name, module in model.named_modules():
+        if isinstance(module, ModulesToSaveWrapper) and name.rsplit(".", 1)[-1] in ("classifier", "score"):
+            return module
+    raise ModelError(f"{type(model).__name__} has no classification head wrapped by peft (classifier or score).")
+
+
+def resized_head(head: nn.Module, old: int, new: int, init) -> nn.Module:
+    """A fresh head like `head` for `new` classes: a copy whose output layer(s) (Linear with `old` outputs) have `new`
+    outputs, every Linear in it re-initialised by `init` (head_init; a no-op when weights are loaded into it next)."""
+    out = copy.deepcopy(head)
+    for name, module in list(out.named_modules()):
+        if isinstance(module, nn.Linear) and module.out_features == old and name:
+            layer = nn.Linear(module.in_features, new, bias=module.bias is not None, dtype=module.weight.dtype,
+                              device=module.weight.device)
+            out.set_submodule(name, layer)
+    if isinstance(out, nn.Linear) and out.out_features == old:
+        out = nn.Linear(out.in_features, new, bias=out.bias is not None, dtype=out.weight.dtype, device=out.weight.device)
+    for module in out.modules():
+        if isinstance(module, nn.Linear):
+            init(module)
+    return out
+
+
+def head_init(model):
+    """How transformers initialises a new head's Linear: weights N(0, the base's initializer_range), biases zero."""
+    base = model.get_base_model()
+    std = getattr(base.config, "initializer_range", 0.02)
+
+    def init(module: nn.Linear) -> None:
+        nn.init.normal_(module.weight, std=std)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    return init

@@ -138,11 +138,15 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
         # gather the full weights of a sharded model to save them (a collective: every rank takes part)
         state_dict = accelerator.get_state_dict(model) if shards_weights(accelerator) else None
         if accelerator.is_main_process:
-            export(job.work, accelerator.unwrap_model(model), tokenizer, recipe, record, metrics, report, state_dict=state_dict,
-                   predictions=predictions)
-            if recipe.export.merge:
-                merge(job.work)
-                record.merged_dir = str(out / "merged")
+            own_export = getattr(get_task(recipe.task.type), "export", None)  # multitask: a complete run per task, OUT/tasks/NAME
+            if own_export is not None:
+                own_export(job.work, accelerator.unwrap_model(model), tokenizer, recipe, record, metrics, report)
+            else:
+                export(job.work, accelerator.unwrap_model(model), tokenizer, recipe, record, metrics, report,
+                       state_dict=state_dict, predictions=predictions)
+                if recipe.export.merge:
+                    merge(job.work)
+                    record.merged_dir = str(out / "merged")
             job.commit()  # an --overwrite's new run replaces the old one only now, complete
         accelerator.wait_for_everyone()
     return record

@@ -157,6 +157,7 @@ class RunRecord:
     composition: dict | None = None  # a composed adapter: how, from which runs
     lineage: list = field(default_factory=list)  # model.from_run: the runs whose weights this one started from, nearest first
     distillation: dict | None = None  # train.distill: the teacher (run, name, base, method, eval metrics), T, alpha, rows
+    multitask: dict | None = None  # a multi-task run (or one task of it): the run, its tasks, adapters, sampling
     published: dict | None = None  # a published copy: which entries were rewritten to hide local paths
     extra: dict = field(default_factory=dict)
 
@@ -194,7 +195,7 @@ class RunRecord:
         return f"{split} (held out)"
 
 
-_OMITTED_WHEN_NONE = ("merged_dir", "composition", "published", "distillation")
+_OMITTED_WHEN_NONE = ("merged_dir", "composition", "published", "distillation", "multitask")
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(RunRecord))
 
 

@@ -145,6 +145,8 @@ def train_loader(data: TaskData, t, processes: int) -> DataLoader:
     """Shuffled each epoch (seed + epoch, the same on every rank); grouped by length unless train.group_by_length=false.
     Groups are cut at the rows of one optimizer step (Accelerate deals consecutive batches to the ranks), so a step of
     N ranks x batch B x accumulation A sees the same rows as 1 rank x batch N*B*A."""
+    if data.train_sampler is not None:  # the task's own order (multitask: blocks of one task's rows per batch)
+        return DataLoader(data.train, batch_size=t.batch_size, sampler=data.train_sampler(t), collate_fn=data.collate)
     if t.group_by_length:
         sampler = LengthGroupedSampler(data.train["length"], t.batch_size * processes * t.grad_accum, t.seed)
         return DataLoader(data.train, batch_size=t.batch_size, sampler=sampler, collate_fn=data.collate)

@@ -30,9 +30,21 @@ def test_switch_and_mixed_batch_match_each_adapter_alone(runs):  # noqa: F811
     torch.testing.assert_close(mixed, expected, atol=1e-6, rtol=0)
 
 
-def test_adapters_of_different_label_counts_are_refused(runs, make_recipe, tmp_path):  # noqa: F811
+def test_adapters_of_different_label_counts_load_side_by_side(runs, make_recipe, tmp_path):  # noqa: F811
+    """A 4-label adapter beside a 2-label one keeps its own 4-output head: switched to, it gives its logits alone."""
     from peftlab import run
 
-    four = run(make_recipe({"data.label_names": "[a,b,c,d]", "train.max_steps": 1, "output_dir": tmp_path / "four"}))
-    with pytest.raises(ArtifactError, match="share the base and the number of labels"):
-        load_adapters({"two": runs[0], "four": four["output_dir"]})
+    four = run(make_recipe({"data.label_names": "[a,b,c,d]", "train.max_steps": 2, "output_dir": tmp_path / "four"}))
+    alone = logits(load_trained(four["output_dir"])[0], TEXTS)
+    model, _ = load_adapters({"two": runs[0], "four": four["output_dir"]})
+    assert logits(model, TEXTS).shape[-1] == 2
+    model.set_adapter("four")
+    torch.testing.assert_close(logits(model, TEXTS), alone, atol=1e-6, rtol=0)
+
+
+def test_adapters_of_different_bases_are_refused(runs, make_recipe, tmp_path, tiny_llama):  # noqa: F811
+    from peftlab import run
+
+    other = run(make_recipe({"train.max_steps": 1, "output_dir": tmp_path / "llama"}, model=tiny_llama))
+    with pytest.raises(ArtifactError, match="must share their base"):
+        load_adapters({"bert": runs[0], "llama": other["output_dir"]})

@@ -201,10 +201,12 @@ def test_shipped_recipes_do_not_select_on_the_split_they_report(monkeypatch):
         if not (r.train.keep_best and r.train.eval_every):
             continue
         selecting.append(path.relative_to(REPO))
-        assert r.data.test is not None and r.data.test.path, f"{path}: selects on data.eval but has no held-out test split"
-        assert r.data.eval is None and r.data.eval_holdout > 0 or r.data.eval.path != r.data.test.path, path
-        if "sst2" in path.name:
-            assert r.data.eval is None and r.data.eval_holdout > 0 and r.data.test.path == "../shared/data/sst2/dev.tsv", path
+        sections = {f"{path}: {name}": t.data for name, t in r.multitask.tasks.items()} if r.multitask else {path: r.data}
+        for where, d in sections.items():  # a multi-task recipe: each task's data
+            assert d.test is not None and d.test.path, f"{where}: selects on data.eval but has no held-out test split"
+            assert d.eval is None and d.eval_holdout > 0 or d.eval.path != d.test.path, where
+            if "sst2" in str(where).rsplit("/", 1)[-1]:
+                assert d.eval is None and d.eval_holdout > 0 and d.test.path == "../shared/data/sst2/dev.tsv", where
     assert {"recipes/minilm/sst2-lora.yaml", "recipes/minilm/sst2-qlora.yaml", "recipes/minilm/sst2-full.yaml",
             "recipes/minilm/sst2-frozen.yaml", "recipes/roberta-base/sst2-lora.yaml"} <= {str(p) for p in selecting}
 

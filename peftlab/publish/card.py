@@ -313,6 +313,15 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
                   f"cross-entropy on the labels + {1 - k.get('alpha', 0):g} x T^2 x KL(teacher || student) at temperature "
                   f"T = {k.get('temperature')}, the teacher's soft targets on {k.get('soft_target_rows', 0):,} training rows"
                   f"{unlabelled}.", ""]
+    if run.multitask:
+        k = run.multitask
+        others = [t for t in k.get("tasks", []) if t != k.get("task")]
+        lines += ["## Multi-task training", "", f"Task `{k.get('task')}` of the multi-task peftlab run `{k.get('run')}`, trained "
+                  f"together with {', '.join(f'`{t}`' for t in others)}: one base, "
+                  + ("one LoRA adapter shared by every task" if k.get("adapters") == "shared" else "an adapter per task")
+                  + f", a head per task; batches drawn by task ({k.get('sampling')}"
+                  + (f", T = {k.get('temperature')}" if k.get("sampling") == "temperature" else "") + "). This adapter holds "
+                  "this task's head" + (" and the shared adapter." if k.get("adapters") == "shared" else " and its own adapter."), ""]
     lines += ["## Results", ""]
     if metrics:
         names = get_task(recipe.task.type).card_metrics

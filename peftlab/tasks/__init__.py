@@ -45,6 +45,9 @@ class Task(Protocol):
     # - load_model(recipe, path, dtype) -> (model, new module names) or None: a task-specific base (None: the usual load).
     # - input_lengths(config, recipe) -> [(config, tokens, what)]: the lengths the position tables must hold
     #   (default: data.max_length against the model's table).
+    # A task made of several tasks (multitask) also replaces the steps that assume one: load_splits(recipe, need_train),
+    # build_data(recipe, tokenizer, splits, label_names), build_model(recipe, label_names=, precision=),
+    # export(out, model, tokenizer, recipe, record, metrics, report), refuse_loading(out, run) -> the error a load of OUT raises.
 
 
 _REGISTRY: dict[str, Task | str] = {}
@@ -142,3 +145,4 @@ register_task("verbalizer", "peftlab.tasks.verbalizer")
 register_task("sft", "peftlab.tasks.sft")
 register_task("mlm", "peftlab.tasks.mlm")
 register_task("clm", "peftlab.tasks.clm")
+register_task("multitask", "peftlab.tasks.multitask")

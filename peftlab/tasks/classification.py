@@ -27,9 +27,13 @@ def summary_line(split: str, m: dict) -> str:
 
 
 def tokenize(ds, tokenizer, recipe):
-    """Tokenize without padding (the collator pads each batch to its longest row); keep `length` and `truncated`."""
+    """Tokenize without padding (the collator pads each batch to its longest row); keep `length` and `truncated`.
+    Sentence pairs (a `text_pair` column: data.text_pair) are encoded as pairs, the longer text cut first."""
     max_length = recipe.data.max_length
     special = set(tokenizer.all_special_ids)
+    if "text_pair" in ds.column_names:
+        return ds.map(lambda b: encode_pairs(b, tokenizer, max_length), batched=True, remove_columns=["text", "text_pair"],
+                      desc="tokenize pairs").rename_column("label", "labels")
 
     def enc(batch):
         # one token more than allowed tells which rows were cut, without tokenizing twice
@@ -44,6 +48,15 @@ def tokenize(ds, tokenizer, recipe):
         return out
 
     return ds.map(enc, batched=True, remove_columns=["text"], desc="tokenize").rename_column("label", "labels")
+
+
+def encode_pairs(batch, tokenizer, max_length: int) -> dict:
+    """[CLS] a [SEP] b [SEP] with segment ids; cut to max_length by the tokenizer (longest_first), `truncated` said so."""
+    full = tokenizer(batch["text"], batch["text_pair"])["input_ids"]
+    out = tokenizer(batch["text"], batch["text_pair"], truncation="longest_first", max_length=max_length)
+    out["length"] = [len(ids) for ids in out["input_ids"]]
+    out["truncated"] = [len(ids) > max_length for ids in full]
+    return out
 
 
 def collator(tokenizer):

@@ -1,0 +1,185 @@
+"""Multi-task learning (issue 20): one MiniLM for SST-2, AG News (5k), emotion and MRPC vs a model per task, and
+intermediate-task transfer to a low-data task.
+
+From recipes/minilm/multitask-lora.yaml (LoRA r16 on every linear layer, batch 32, temperature sampling T=2):
+  multi-shared      the four tasks, one shared adapter, a head each, --steps optimizer steps in all
+  multi-per_task    the same with an adapter per task (4x the adapter parameters)
+  single-TASK       each task alone (that task's data, labels and metric, the same adapter and batch) with the same
+                    --steps: equal total steps per run, so a single-task model sees ~1/p of its task's rows more
+Intermediate-task transfer (--transfer): the low-data task (--target, default emotion) with 1% and 10% of its training
+rows, from the packaged MiniLM (base) or from a multi-task run of the OTHER three tasks (its shared adapter merged
+into MiniLM: model.from_run), seeds --seeds. Selection: each task's validation data (a train hold-out where the data
+has none); every test split is scored once at the end.
+
+Every run is one `peftlab train` process (benchmarks/common.py), kept under runs/mt/ and its result under
+benchmarks/results/multitask/; rerunning skips what is finished (--fresh to redo).
+
+  python benchmarks/multitask.py --steps 600                        # multi vs single, one seed
+  python benchmarks/multitask.py --steps 600 --transfer --seeds 0,1,2
+  python benchmarks/multitask.py --report
+Results: benchmarks/results/multitask.md (+ one JSON per run in benchmarks/results/multitask/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from benchmarks.common import REPO, RESULTS, train_process  # noqa: E402
+
+RECIPE = "recipes/minilm/multitask-lora.yaml"
+TASKS = ("sst2", "agnews", "emotion", "mrpc")
+RUNS, OUT = REPO / "runs" / "mt", RESULTS / "multitask"
+FRACTIONS = (0.01, 0.10)
+
+
+def single_recipe(task: str) -> str:
+    """Task `task` of the multi-task recipe as a single-task recipe file (the same adapter, batch, lr and schedule)."""
+    import yaml
+
+    from peftlab import load_recipe
+    from peftlab.tasks.multitask import subrecipe
+
+    sub = subrecipe(load_recipe(REPO / RECIPE, validate_files=False), task)
+    sub.output_dir = None
+    tree = yaml.safe_load(sub.to_yaml())
+    tree.pop("multitask")
+    path = RUNS / "recipes" / f"single-{task}.yaml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return str(path)
+
+
+def case(name: str, recipe: str, overrides: list[str], fresh: bool, verbose: bool) -> dict:
+    """One training process, or its stored result."""
+    dest = OUT / f"{name}.json"
+    if dest.exists() and not fresh:
+        return json.loads(dest.read_text())
+    print(f"[{name}] peftlab train {recipe} {' '.join(overrides)}", flush=True)
+    run, rss, wall = train_process(name, recipe, [*overrides, f"name=mt-{name}"], RUNS / name, verbose=verbose)
+    result = {"name": name, "recipe": recipe, "overrides": overrides, "run": run, "process_wall_s": wall, "peak_rss_mib": rss}
+    OUT.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(dest)
+    test = run["metrics"].get("test", {})
+    print(f"[{name}] " + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float) and "loss" not in k)
+          + f"; {wall:.0f} s", flush=True)
+    return result
+
+
+def steps_overrides(steps: int) -> list[str]:
+    every = max(steps // 4, 1)
+    return [f"train.max_steps={steps}", f"train.eval_every={every}", f"train.save_every={every}"]
+
+
+def measure(args) -> None:
+    seeds = [int(s) for s in args.seeds.split(",")]
+    conditions = args.conditions.split(",")
+    steps = steps_overrides(args.steps)
+    for seed in seeds[:1] if not args.all_seeds else seeds:
+        if "multi-shared" in conditions:
+            case(f"multi-shared-{args.steps}-s{seed}", RECIPE, [*steps, f"train.seed={seed}"], args.fresh, args.verbose)
+        if "multi-per_task" in conditions:
+            case(f"multi-per_task-{args.steps}-s{seed}", RECIPE, [*steps, "multitask.adapters=per_task", f"train.seed={seed}"],
+                 args.fresh, args.verbose)
+        if "single" in conditions:
+            for task in TASKS:
+                case(f"single-{task}-{args.steps}-s{seed}", single_recipe(task), [*steps, f"train.seed={seed}"], args.fresh,
+                     args.verbose)
+    if args.transfer:
+        target = args.target
+        source = case(f"multi-shared-no-{target}-{args.steps}-s0", RECIPE,
+                      [*steps, f"multitask.tasks.{target}=null", "train.seed=0"], args.fresh, args.verbose)
+        start = RUNS / source["name"] / "tasks" / next(t for t in TASKS if t != target)
+        recipe = single_recipe(target)
+        rows = sum(1 for _ in open(REPO / single_train_path(target)))
+        for fraction in FRACTIONS:
+            n = max(int(rows * fraction), 32)
+            for seed in seeds:
+                low = [f"data.train.max_samples={n}", "train.max_steps=150", "train.batch_size=16", "train.eval_every=50",
+                       "train.save_every=null", "train.warmup_fraction=0.1", f"train.seed={seed}"]
+                for origin, extra in (("base", []), ("multi", [f"model.from_run={start}"])):
+                    case(f"transfer-{target}-{int(fraction * 100)}pct-{origin}-s{seed}", recipe, [*low, *extra], args.fresh,
+                         args.verbose)
+
+
+def single_train_path(task: str) -> str:
+    from peftlab import load_recipe
+
+    return load_recipe(REPO / RECIPE, validate_files=False).multitask.tasks[task].data.train.path
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+def stored(name: str) -> dict | None:
+    f = OUT / f"{name}.json"
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def task_score(result: dict, task: str, key: str = "accuracy") -> float | None:
+    m = result["run"]["metrics"].get("test", {})
+    return m.get(f"{task}/{key}", m.get(key) if result["run"]["task"] != "multitask" else None)
+
+
+def report(args) -> str:
+    lines = []
+    for steps in sorted({int(f.stem.split("-")[-2]) for f in OUT.glob("multi-shared-*-s*.json") if f.stem.split("-")[-2].isdigit()}):
+        multi = {c: stored(f"multi-{c}-{steps}-s0") for c in ("shared", "per_task")}
+        single = {t: stored(f"single-{t}-{steps}-s0") for t in TASKS}
+        lines += [f"### {steps} optimizer steps of 32 rows per run (seed 0; test splits)", "",
+                  "| task (metric) | single-task | multi-task, shared adapter | multi-task, adapter per task |",
+                  "|---|---|---|---|"]
+        for task in TASKS:
+            key = "f1" if task == "mrpc" else "accuracy"
+            cells = [task_score(single[task], task, key) if single[task] else None,
+                     *(task_score(multi[c], task, key) if multi[c] else None for c in ("shared", "per_task"))]
+            lines.append(f"| {task} ({key}) | " + " | ".join(f"{100 * v:.2f}" if v is not None else "-" for v in cells) + " |")
+        cost = [f"{r['run']['trainable_params']:,} trainable, {r['run']['train_wall_s'] / 60:.1f} min" if r else "-"
+                for r in (*single.values(), multi["shared"], multi["per_task"])]
+        lines += ["", f"Cost: single-task runs {', '.join(cost[:4])}; multi shared {cost[4]}; per task {cost[5]}.", ""]
+    target = args.target
+    transfer = ["| training rows | from the base | from the multi-task run (without the target) | gain | seeds |", "|---|---|---|---|---|"]
+    any_row = False
+    for fraction in FRACTIONS:
+        acc = {}
+        for origin in ("base", "multi"):
+            acc[origin] = [task_score(r, target) for s in args.seeds.split(",")
+                           if (r := stored(f"transfer-{target}-{int(fraction * 100)}pct-{origin}-s{s}"))]
+        if not acc["base"]:
+            continue
+        any_row = True
+        fmt = lambda v: f"{100 * statistics.mean(v):.2f}" + (f" ± {100 * statistics.stdev(v):.2f}" if len(v) > 1 else "")  # noqa: E731
+        gain = statistics.mean(acc["multi"]) - statistics.mean(acc["base"]) if acc["multi"] else None
+        transfer.append(f"| {int(fraction * 100)}% | {fmt(acc['base'])} | {fmt(acc['multi']) if acc['multi'] else '-'} | "
+                        f"{'-' if gain is None else f'{100 * gain:+.2f}'} | {len(acc['base'])} |")
+    if any_row:
+        lines += [f"### Intermediate-task transfer to {target} (test accuracy, mean ± sd over seeds)", "", *transfer]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--steps", type=int, default=3000, help="optimizer steps of every multi- and single-task run")
+    p.add_argument("--conditions", default="multi-shared,multi-per_task,single", help="which of the main comparison's runs")
+    p.add_argument("--transfer", action="store_true", help="also the intermediate-task transfer runs")
+    p.add_argument("--target", default="emotion", choices=TASKS, help="the low-data task of the transfer runs")
+    p.add_argument("--seeds", default="0", help="seeds of the transfer runs (the main comparison uses the first)")
+    p.add_argument("--all-seeds", action="store_true", help="run the main comparison with every seed too")
+    p.add_argument("--report", action="store_true", help="only write benchmarks/results/multitask.md from what is done")
+    p.add_argument("--fresh", action="store_true")
+    p.add_argument("--verbose", action="store_true")
+    args = p.parse_args()
+    if not args.report:
+        measure(args)
+    text = report(args)
+    OUT.with_suffix(".md").write_text(text + "\n")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

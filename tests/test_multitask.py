@@ -1,0 +1,267 @@
+"""Multi-task classification (task.type: multitask): the recipe, the task sampler, sentence pairs, and a run whose per-task
+exports reload (load_trained, peftlab eval, load_adapters) to the model that was trained."""
+
+from __future__ import annotations
+
+import json
+import random
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from peftlab import load_recipe, load_trained, run
+from peftlab.adapters import load_adapters
+from peftlab.errors import ArtifactError, ConfigError
+from peftlab.export import merge
+from peftlab.publish.card import card_text
+from peftlab.tasks.multitask import TaskBlockSampler, block_counts, task_probabilities
+
+from .conftest import logits, minilm_tokenizer, synthetic_rows, write_tsv
+
+TOPICS = ["sport", "money", "war"]
+
+
+@pytest.fixture(scope="module")
+def task_files(tmp_path_factory) -> dict[str, Path]:
+    """Three learnable tasks: sentiment (2 labels), topic (3 labels, named), a sentence pair (same animal or not)."""
+    d = tmp_path_factory.mktemp("multitask")
+    rng = random.Random(3)
+    topic = [(f"{rng.choice(['the', 'a', 'news'])} {t} {rng.choice(['today', 'now', 'again'])}", t)
+             for _ in range(40) for t in TOPICS]
+    rng.shuffle(topic)
+    pairs = [(f"the {a}\tthe {a if y else 'other'}", y) for a in ("cat", "dog", "bird") for _ in range(20) for y in (0, 1)]
+    rng.shuffle(pairs)
+    pair_file = lambda rows, name: (d / name).write_text(  # noqa: E731
+        "s1\ts2\tlabel\n" + "".join(f"{t}\t{y}\n" for t, y in rows), encoding="utf-8") and d / name
+    return {"senti_train": write_tsv(d / "senti_train.tsv", synthetic_rows(160, 1)),
+            "senti_dev": write_tsv(d / "senti_dev.tsv", synthetic_rows(40, 2)),
+            "topic_train": write_tsv(d / "topic_train.tsv", topic[:90]), "topic_dev": write_tsv(d / "topic_dev.tsv", topic[90:]),
+            "pair_train": pair_file(pairs[:90], "pair_train.tsv"), "pair_dev": pair_file(pairs[90:], "pair_dev.tsv")}
+
+
+def tree(files, out: Path, model: Path, **multitask) -> dict:
+    return {
+        "name": "mt", "output_dir": str(out), "model": {"name": str(model)},
+        "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0, "target_modules": "all-linear"},
+        "task": {"type": "multitask"}, "data": {"max_length": 32},
+        "multitask": {"sampling": "uniform", **multitask, "tasks": {
+            "senti": {"data": {"train": str(files["senti_train"]), "eval": str(files["senti_dev"]),
+                               "label_names": ["negative", "positive"]}},
+            "topic": {"data": {"train": str(files["topic_train"]), "eval": str(files["topic_dev"]), "label_names": TOPICS}},
+            "pair": {"data": {"train": str(files["pair_train"]), "eval": str(files["pair_dev"]), "text_columns": ["s1", "s2"],
+                              "text_pair": True, "label_names": ["different", "same"]}, "metric": "f1"}}},
+        "train": {"max_steps": 120, "batch_size": 8, "lr": 1e-2, "log_every": 10, "warmup_fraction": 0.0, "precision": "fp32",
+                  "report_to": "none"},
+        "eval": {"batch_size": 16},
+    }
+
+
+def recipe_of(tmp_path, t: dict, overrides=()):
+    path = tmp_path / f"recipe-{len(list(tmp_path.glob('recipe-*')))}.yaml"
+    path.write_text(yaml.safe_dump(t))
+    return load_recipe(path, list(overrides))
+
+
+# ------------------------------------------------------------------------------------------------- the recipe
+
+def test_tasks_inherit_the_shared_data_keys_and_take_dotted_overrides(task_files, tmp_path, tiny_bert):
+    r = recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert), ["multitask.tasks.topic.data.max_length=16",
+                                                                          "multitask.tasks.senti.data.train.max_samples=50"])
+    tasks = r.multitask.tasks
+    assert set(tasks) == {"senti", "topic", "pair"}
+    assert tasks["senti"].data.max_length == 32 and tasks["topic"].data.max_length == 16  # inherited / its own
+    assert tasks["senti"].data.train.max_samples == 50 and tasks["pair"].metric == "f1"
+    assert r.train.best_metric == "mean"
+    dropped = recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert), ["multitask.tasks.pair=null"])
+    assert set(dropped.multitask.tasks) == {"senti", "topic"}  # null leaves a task out
+    (tmp_path / "resolved.yaml").write_text(r.to_yaml())  # the resolved recipe a run writes reads back the same
+    assert load_recipe(tmp_path / "resolved.yaml").multitask == r.multitask
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t["multitask"]["tasks"].pop("topic") and t["multitask"]["tasks"].pop("pair"), "needs >= 2"),
+    (lambda t: t["multitask"]["tasks"].update({"a b": t["multitask"]["tasks"]["senti"]}), "a task name is letters"),
+    (lambda t: t["adapter"].update(method="full"), "not supported. Use adapter.method=lora"),
+    (lambda t: t["data"].update(train="x.tsv"), "are not read by a multi-task recipe"),
+    (lambda t: t["task"].update(type="classification"), "set task.type=multitask"),
+    (lambda t: t["train"].update(best_metric="senti/acc"), "NAME/accuracy"),
+    (lambda t: t["multitask"]["tasks"]["topic"]["data"].pop("eval"), "evaluate during training but topic"),
+    (lambda t: t["multitask"]["tasks"]["pair"]["data"].update(text_columns=["s1"]), "a pair is two columns"),
+    (lambda t: t["multitask"]["tasks"]["senti"]["data"].update(train="missing.tsv"), "multitask.tasks.senti.data.train.path"),
+    (lambda t: t["multitask"].update(temperature=0.5), "multitask.temperature=0.5"),
+])
+def test_a_bad_multitask_recipe_names_the_problem(task_files, tmp_path, tiny_bert, change, message):
+    t = tree(task_files, tmp_path / "o", tiny_bert)
+    change(t)
+    with pytest.raises(ConfigError, match=message):
+        recipe_of(tmp_path, t)
+
+
+# ---------------------------------------------------------------------------------------------------- sampling
+
+def test_task_probabilities():
+    assert task_probabilities([100, 300], "proportional", 2.0) == pytest.approx([0.25, 0.75])
+    assert task_probabilities([100, 300], "uniform", 2.0) == pytest.approx([0.5, 0.5])
+    assert task_probabilities([100, 400], "temperature", 2.0) == pytest.approx([10 / 30, 20 / 30])  # sqrt: 10 : 20
+    assert sum(block_counts([0.2, 0.3, 0.5], 7)) == 7 and block_counts([0.5, 0.5], 10) == [5, 5]
+
+
+@pytest.mark.parametrize("sampling", ["proportional", "uniform", "temperature"])
+def test_every_block_is_one_task_and_the_shares_hold(sampling):
+    sizes, block = [40, 200, 7], 8
+    tasks = [k for k, n in enumerate(sizes) for _ in range(n)]
+    random.Random(0).shuffle(tasks)
+    lengths = [random.Random(i).randint(3, 30) for i in range(len(tasks))]
+    probs = task_probabilities(sizes, sampling, 3.0)
+    sampler = TaskBlockSampler(tasks, lengths, probs, block, seed=5)
+    order = list(sampler)
+    assert len(order) == len(sampler) == sampler.blocks * block and sampler.blocks == 5 + 25 + 1
+    blocks = [order[i:i + block] for i in range(0, len(order), block)]
+    assert all(len({tasks[i] for i in b}) == 1 for b in blocks)  # one task per batch
+    per_task = Counter(tasks[b[0]] for b in blocks)
+    assert [per_task[k] for k in range(3)] == block_counts(probs, sampler.blocks)  # the shares, exactly
+    for k, n in enumerate(sizes):  # a task with at least one pass's blocks sees all its rows
+        seen = {i for b in blocks if tasks[b[0]] == k for i in b}
+        if per_task[k] * block >= n:
+            assert seen == {i for i, t in enumerate(tasks) if t == k}
+    assert list(TaskBlockSampler(tasks, lengths, probs, block, seed=5)) == order  # seeded
+    sampler.set_epoch(1)
+    assert list(sampler) != order
+
+
+# -------------------------------------------------------------------------------------------- sentence pairs
+
+def test_a_sentence_pair_is_encoded_as_a_pair_not_joined(task_files, tmp_path, tiny_bert):
+    from peftlab.data import build_data
+
+    r = recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert))
+    from peftlab.tasks.multitask import subrecipe
+
+    sub = subrecipe(r, "pair")
+    data = build_data(sub, minilm_tokenizer())
+    row = data.train[0]
+    tok = minilm_tokenizer()
+    sep = tok.sep_token_id
+    assert row["input_ids"].count(sep) == 2 and row["input_ids"][0] == tok.cls_token_id
+    second = row["input_ids"].index(sep) + 1
+    assert set(row["token_type_ids"][:second]) == {0} and set(row["token_type_ids"][second:]) == {1}
+    joined = tok("the cat the cat")["input_ids"]
+    assert row["input_ids"] != joined
+
+
+# ------------------------------------------------------------------------------------------------ a whole run
+
+@pytest.fixture(scope="module")
+def trained(task_files, tmp_path_factory, tiny_bert):
+    """One run per adapter layout: shared and per_task."""
+    out = {}
+    for mode in ("shared", "per_task"):
+        d = tmp_path_factory.mktemp(f"mt-{mode}")
+        out[mode] = run(recipe_of(d, tree(task_files, d / "run", tiny_bert, adapters=mode)))
+    return out
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_task"])
+def test_a_multitask_run_learns_and_exports_a_run_per_task(trained, mode):
+    record = trained[mode]
+    out = Path(record.output_dir)
+    m = record.metrics["eval"]
+    assert record.task == "multitask" and set(record.multitask["tasks"]) == {"senti", "topic", "pair"}
+    # untrained: losses ln 2, ln 3, ln 2 (mean 0.83); each task's head learned from its own rows
+    assert m["loss"] < 0.6 and m["topic/accuracy"] > 0.45 and m["pair/accuracy"] > 0.9, m
+    assert m["mean"] == pytest.approx((m["senti/accuracy"] + m["topic/accuracy"] + m["pair/f1"]) / 3)
+    for name, labels in (("senti", ["negative", "positive"]), ("topic", TOPICS), ("pair", ["different", "same"])):
+        folder = out / "tasks" / name
+        saved = json.loads((folder / "run.json").read_text())
+        assert saved["task"] == "classification" and saved["label_names"] == labels
+        assert saved["multitask"]["task"] == name and saved["metrics"]["eval"]["accuracy"] == m[f"{name}/accuracy"]
+    card = card_text(out / "tasks" / "topic")
+    assert "## Multi-task training" in card and "Task `topic` of the multi-task peftlab run `mt`" in card
+    assert ("one LoRA adapter shared by every task" in card) == (mode == "shared")
+
+
+@pytest.mark.parametrize("mode", ["shared", "per_task"])
+def test_each_task_reloads_to_the_model_that_was_trained(trained, mode):
+    """peftlab eval on OUT/tasks/NAME (the export rebuilt from its files) gives the figures the multi-task model measured."""
+    from peftlab.run import evaluate
+
+    out = Path(trained[mode].output_dir)
+    for name in ("senti", "topic", "pair"):
+        again = evaluate(out / "tasks" / name, "eval")
+        m = trained[mode].metrics["eval"]
+        assert again["accuracy"] == m[f"{name}/accuracy"]
+        assert again["loss"] == pytest.approx(m[f"{name}/loss"], abs=1e-5)
+
+
+def test_shared_tasks_share_one_adapter_and_per_task_ones_do_not(trained):
+    from safetensors.torch import load_file
+
+    def lora(mode, name):
+        state = load_file(str(Path(trained[mode].output_dir) / "tasks" / name / "adapter_model.safetensors"))
+        return {k: v for k, v in state.items() if "lora_" in k}
+
+    a, b = lora("shared", "senti"), lora("shared", "topic")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    a, b = lora("per_task", "senti"), lora("per_task", "topic")
+    assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_the_tasks_load_side_by_side_and_the_run_folder_says_where_they_are(trained):
+    out = Path(trained["per_task"].output_dir)
+    texts = ("the cat", "news war today", "a good movie")
+    alone = {name: logits(load_trained(out / "tasks" / name)[0], texts) for name in ("senti", "topic")}
+    model, _ = load_adapters({name: out / "tasks" / name for name in ("senti", "topic")})
+    for name, expected in alone.items():
+        model.set_adapter(name)
+        torch.testing.assert_close(logits(model, texts), expected, atol=1e-5, rtol=0)
+    with pytest.raises(ArtifactError, match="multi-task run .* Load one of them"):
+        load_trained(out)
+    with pytest.raises(ArtifactError, match="multi-task run"):
+        merge(out)
+    from transformers import AutoModelForSequenceClassification
+
+    merged = AutoModelForSequenceClassification.from_pretrained(merge(out / "tasks" / "topic"))  # a task merges on its own
+    torch.testing.assert_close(logits(merged, texts), alone["topic"], atol=1e-5, rtol=0)
+
+
+def test_resume_continues_a_multitask_run_to_the_same_result(task_files, tmp_path, tiny_bert):
+    t = tree(task_files, tmp_path / "whole", tiny_bert)
+    t["train"].update(max_steps=20, save_every=10, keep_best=False, scheduler="constant")  # steps 1-10 alike in both
+    whole = run(recipe_of(tmp_path, t))
+    t["output_dir"] = str(tmp_path / "parts")
+    run(recipe_of(tmp_path, t, ["train.max_steps=10"]))
+    import shutil
+
+    (tmp_path / "parts" / "run.json").unlink()  # as if the run had stopped after its step-10 checkpoint
+    shutil.rmtree(tmp_path / "parts" / "tasks")
+    resumed = run(recipe_of(tmp_path, t), resume=True)
+    assert resumed.steps == 20
+    for key, value in whole.metrics["eval"].items():
+        assert resumed.metrics["eval"][key] == pytest.approx(value, abs=1e-5), key
+
+
+def test_a_new_task_starts_from_a_multitask_run(trained, make_recipe, tmp_path):
+    """Intermediate-task transfer: model.from_run on one task of a multi-task run gives a new task (other labels) the
+    shared adapter merged into the base, and a fresh head of its own size."""
+    start = Path(trained["shared"].output_dir) / "tasks" / "topic"  # 3 labels; the new task has 2
+    record = run(make_recipe({"model.from_run": start, "train.max_steps": 2, "output_dir": tmp_path / "next"}))
+    assert record.lineage[0]["name"] == "mt-topic" and record.label_names == ["negative", "positive"]
+    model = load_trained(tmp_path / "next")[0]
+    assert logits(model).shape[-1] == 2
+
+
+def test_the_benchmark_derives_each_single_task_recipe_from_the_multitask_one(tmp_path, monkeypatch):
+    from .conftest import REPO, load_benchmark
+
+    bench = load_benchmark("multitask")
+    monkeypatch.setattr(bench, "RUNS", tmp_path)
+    monkeypatch.chdir(REPO)
+    multi = load_recipe(REPO / bench.RECIPE, validate_files=False)
+    for task in bench.TASKS:
+        single = load_recipe(bench.single_recipe(task), validate_files=False)
+        assert single.task.type == "classification" and single.multitask is None
+        assert single.data == multi.multitask.tasks[task].data and single.adapter == multi.adapter and single.train.lr == multi.train.lr
+    assert load_recipe(bench.single_recipe("mrpc"), validate_files=False).data.text_pair
