@@ -4,8 +4,10 @@ intermediate-task transfer to a low-data task.
 From recipes/minilm/multitask-lora.yaml (LoRA r16 on every linear layer, batch 32, temperature sampling T=2):
   multi-shared      the four tasks, one shared adapter, a head each, --steps optimizer steps in all
   multi-per_task    the same with an adapter per task (4x the adapter parameters)
-  single-TASK       each task alone (that task's data, labels and metric, the same adapter and batch) with the same
-                    --steps: equal total steps per run, so a single-task model sees ~1/p of its task's rows more
+  single-TASK       each task alone (that task's data, labels and metric, the same adapter and batch), with the share
+                    of the --steps that task gets in the multi-task run (--single share, the default: the four single-task
+                    runs together take the same total steps and see the same rows as the one multi-task run), or all of
+                    the --steps (--single full: each single-task run costs as much as the whole multi-task run)
 Intermediate-task transfer (--transfer): the low-data task (--target, default emotion) with 1% and 10% of its training
 rows, from the packaged MiniLM (base) or from a multi-task run of the OTHER three tasks (its shared adapter merged
 into MiniLM: model.from_run), seeds --seeds. Selection: each task's validation data (a train hold-out where the data
@@ -88,9 +90,10 @@ def measure(args) -> None:
             case(f"multi-per_task-{args.steps}-s{seed}", RECIPE, [*steps, "multitask.adapters=per_task", f"train.seed={seed}"],
                  args.fresh, args.verbose)
         if "single" in conditions:
+            budget = dict(zip(TASKS, [args.steps] * len(TASKS))) if args.single == "full" else step_shares(args.steps)
             for task in TASKS:
-                case(f"single-{task}-{args.steps}-s{seed}", single_recipe(task), [*steps, f"train.seed={seed}"], args.fresh,
-                     args.verbose)
+                case(f"single-{task}-{args.single}{args.steps}-s{seed}", single_recipe(task),
+                     [*steps_overrides(budget[task]), f"train.seed={seed}"], args.fresh, args.verbose)
     if args.transfer:
         target = args.target
         source = case(f"multi-shared-no-{target}-{args.steps}-s0", RECIPE,
@@ -106,6 +109,20 @@ def measure(args) -> None:
                 for origin, extra in (("base", []), ("multi", [f"model.from_run={start}"])):
                     case(f"transfer-{target}-{int(fraction * 100)}pct-{origin}-s{seed}", recipe, [*low, *extra], args.fresh,
                          args.verbose)
+
+
+def step_shares(steps: int) -> dict[str, int]:
+    """The optimizer steps each task gets in a multi-task run of `steps` (its sampling shares of the training rows,
+    read and split as the run reads them), rounded to add up to `steps`."""
+    from peftlab import load_recipe
+    from peftlab.data import load_splits
+    from peftlab.tasks.multitask import block_counts, task_probabilities
+
+    recipe = load_recipe(REPO / RECIPE)
+    splits, _ = load_splits(recipe)
+    sizes = [len(splits["train"][t]) for t in TASKS]
+    m = recipe.multitask
+    return dict(zip(TASKS, block_counts(task_probabilities(sizes, m.sampling, m.temperature), steps)))
 
 
 def single_train_path(task: str) -> str:
@@ -130,18 +147,21 @@ def report(args) -> str:
     lines = []
     for steps in sorted({int(f.stem.split("-")[-2]) for f in OUT.glob("multi-shared-*-s*.json") if f.stem.split("-")[-2].isdigit()}):
         multi = {c: stored(f"multi-{c}-{steps}-s0") for c in ("shared", "per_task")}
-        single = {t: stored(f"single-{t}-{steps}-s0") for t in TASKS}
-        lines += [f"### {steps} optimizer steps of 32 rows per run (seed 0; test splits)", "",
-                  "| task (metric) | single-task | multi-task, shared adapter | multi-task, adapter per task |",
-                  "|---|---|---|---|"]
+        single = {(t, kind): stored(f"single-{t}-{kind}{steps}-s0") for t in TASKS for kind in ("share", "full")}
+        lines += [f"### {steps} optimizer steps of 32 rows per multi-task run (seed 0; test splits)", "",
+                  "| task (metric) | single-task, its share of the steps | single-task, all the steps | multi-task, shared "
+                  "adapter | multi-task, adapter per task |", "|---|---|---|---|---|"]
         for task in TASKS:
             key = "f1" if task == "mrpc" else "accuracy"
-            cells = [task_score(single[task], task, key) if single[task] else None,
+            cells = [*(task_score(single[task, k], task, key) if single[task, k] else None for k in ("share", "full")),
                      *(task_score(multi[c], task, key) if multi[c] else None for c in ("shared", "per_task"))]
-            lines.append(f"| {task} ({key}) | " + " | ".join(f"{100 * v:.2f}" if v is not None else "-" for v in cells) + " |")
-        cost = [f"{r['run']['trainable_params']:,} trainable, {r['run']['train_wall_s'] / 60:.1f} min" if r else "-"
-                for r in (*single.values(), multi["shared"], multi["per_task"])]
-        lines += ["", f"Cost: single-task runs {', '.join(cost[:4])}; multi shared {cost[4]}; per task {cost[5]}.", ""]
+            shown = [f"{100 * v:.2f}" if v is not None else "-" for v in cells]
+            if single[task, "share"]:
+                shown[0] += f" ({single[task, 'share']['run']['steps']} steps)"
+            lines.append(f"| {task} ({key}) | " + " | ".join(shown) + " |")
+        cost = {name: f"{r['run']['trainable_params']:,} trainable, {r['run']['train_wall_s'] / 60:.1f} min train"
+                for name, r in [*((f"single {t} ({k})", single[t, k]) for t, k in single), *multi.items()] if r}
+        lines += ["", "Cost (wall time on the shared 2-core machine): " + "; ".join(f"{k}: {v}" for k, v in cost.items()) + ".", ""]
     target = args.target
     transfer = ["| training rows | from the base | from the multi-task run (without the target) | gain | seeds |", "|---|---|---|---|---|"]
     any_row = False
@@ -166,6 +186,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps of every multi- and single-task run")
     p.add_argument("--conditions", default="multi-shared,multi-per_task,single", help="which of the main comparison's runs")
+    p.add_argument("--single", default="share", choices=("share", "full"),
+                   help="single-task runs: the task's share of --steps (default) or all of them")
     p.add_argument("--transfer", action="store_true", help="also the intermediate-task transfer runs")
     p.add_argument("--target", default="emotion", choices=TASKS, help="the low-data task of the transfer runs")
     p.add_argument("--seeds", default="0", help="seeds of the transfer runs (the main comparison uses the first)")

@@ -128,7 +128,12 @@ def cmd_validate(args) -> int:
     failed = 0
     for path in recipes:
         try:
-            load_recipe(path, overrides, validate_files=not args.no_files)
+            recipe = load_recipe(path, overrides, validate_files=not args.no_files)
+            if not args.no_files:  # what training checks before any work: trackers, model.num_layers, the teacher
+                from .run import preflight
+
+                if problems := preflight(recipe, training=False):
+                    raise ConfigError(problems, path)
             print(f"ok      {path}")
         except ConfigError as e:
             failed += 1
@@ -286,7 +291,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("recipes", nargs="*", metavar="RECIPE.yaml [KEY=VALUE ...]",
                    help="recipe files (none: the built-in quickstart) and dotted overrides applied to each")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    v.add_argument("--no-files", action="store_true", help="do not check the data: that data.train is given and the files exist")
+    v.add_argument("--no-files", action="store_true", help="check the recipe alone: not the data (data.train given, files present), the base's layers, "
+                   "the trackers or the teacher run")
     v.set_defaults(fn=cmd_validate, late_overrides="recipes")
 
     env = sub.add_parser("env", help="versions, hardware and what peftlab can reach here")

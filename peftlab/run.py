@@ -82,15 +82,13 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
     only once it finished (peftlab/rundir.py), so a failed run never costs the previous one."""
     folder = RunDir(recipe.out)
     precision = resolve_precision(recipe.train.precision)
-    resolve_trackers(recipe.train.report_to)  # a tracker named but not installed: its pip command now, before any work
     accelerator = make_accelerator(recipe, precision)
     if shards_weights(accelerator) and recipe.train.keep_best and recipe.train.eval_every:
         raise ConfigError([f"train.keep_best=true with train.eval_every={recipe.train.eval_every}: keeping the best evaluation's "
                            "weights is not supported yet when FSDP or ZeRO-3 shard the weights. Set train.keep_best=false (the "
                            "last step is exported), or use --launch multi_gpu / deepspeed-zero2."])
     lineage = start_from_run(recipe, accelerator) if recipe.model.from_run else []
-    # model.num_layers against the base, the teacher against the student: every problem, before the run folder is touched
-    problems = num_layers_problems(recipe) + (distill.check(recipe) if recipe.train.distill else [])
+    problems = preflight(recipe)  # every problem beyond the recipe's own, before the run folder is touched
     if problems:
         raise ConfigError(problems)
     out = recipe.out
@@ -150,6 +148,23 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
             job.commit()  # an --overwrite's new run replaces the old one only now, complete
         accelerator.wait_for_everyone()
     return record
+
+
+def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
+    """The checks that read more than the recipe: the trackers of train.report_to installed (else their pip command),
+    model.num_layers against the base's config, the teacher of train.distill against the student. `run` makes them
+    before any work; `peftlab validate` without any work (`training=False`): a model.from_run not merged yet has its
+    layers checked when training merges it, and a teacher not trained yet is no problem yet."""
+    problems = []
+    try:
+        resolve_trackers(recipe.train.report_to)
+    except ConfigError as e:
+        problems += e.problems
+    from_run = recipe.model.from_run
+    if from_run is None or not (Path(from_run) / "adapter_config.json").is_file() or (Path(from_run) / "merged").is_dir():
+        problems += num_layers_problems(recipe)
+    teacher = recipe.train.distill and (training or (Path(recipe.train.distill.teacher) / "run.json").is_file())
+    return problems + (distill.check(recipe) if teacher else [])
 
 
 def start_from_run(recipe: Recipe, accelerator) -> list[dict]:

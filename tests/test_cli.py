@@ -41,6 +41,26 @@ def test_validate_reports_each_recipe(tmp_path, capsys):
     assert "ok" in out and "INVALID" in out and "Did you mean 'train'?" in out and "adapter.r=0" in out
 
 
+def test_validate_checks_what_training_would_check_first(make_recipe, capsys, tmp_path):
+    """Beyond the recipe: model.num_layers against the base's config, a tracker that is not installed, a teacher run
+    whose labels differ; a teacher not trained yet is no problem yet (a shipped student names one trained first)."""
+    make_recipe()
+    recipe = str(tmp_path / "recipe.yaml")
+    assert main(["validate", recipe, "model.num_layers=9"]) == 2
+    assert "model.num_layers=9" in capsys.readouterr().out and main(["validate", recipe, "model.num_layers=9", "--no-files"]) == 0
+    capsys.readouterr()
+    import importlib.util
+
+    if importlib.util.find_spec("aim") is None:  # a tracker this machine lacks
+        assert main(["validate", recipe, "train.report_to=[aim]"]) == 2 and "pip install" in capsys.readouterr().out
+    assert main(["validate", recipe, f"train.distill.teacher={tmp_path / 'not-yet'}"]) == 0
+    teacher = tmp_path / "teacher"
+    assert main(["train", recipe, "train.max_steps=1", "data.label_names=[a,b]", f"output_dir={teacher}"]) == 0
+    capsys.readouterr()
+    assert main(["validate", recipe, f"train.distill.teacher={teacher}"]) == 2
+    assert "has the label names ['a', 'b']" in capsys.readouterr().out
+
+
 def test_user_mistakes_print_one_message_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {lr: -1}\n")

@@ -178,6 +178,10 @@ def test_a_multitask_run_learns_and_exports_a_run_per_task(trained, mode):
         saved = json.loads((folder / "run.json").read_text())
         assert saved["task"] == "classification" and saved["label_names"] == labels
         assert saved["multitask"]["task"] == name and saved["metrics"]["eval"]["accuracy"] == m[f"{name}/accuracy"]
+        from safetensors.torch import load_file
+
+        exported = load_file(str(folder / "adapter_model.safetensors"))  # the task's adapter and head, nothing else
+        assert saved["trainable_params"] == sum(v.numel() for v in exported.values()) < record.trainable_params
     card = card_text(out / "tasks" / "topic")
     assert "## Multi-task training" in card and "Task `topic` of the multi-task peftlab run `mt`" in card
     assert ("one LoRA adapter shared by every task" in card) == (mode == "shared")

@@ -397,11 +397,12 @@ def export(out: Path, model, tokenizer, recipe, record, metrics: dict, report: d
     multi = model
     info = {"run": record.name, "tasks": multi.tasks, "adapters": recipe.multitask.adapters,
             "sampling": recipe.multitask.sampling, "temperature": recipe.multitask.temperature}
+    frozen = record.total_params - sum(p.numel() for p in multi.trainable)  # the base (and peft's copy of the first head)
     for name in multi.tasks:
         sub = subrecipe(recipe, name)
         view = multi.task_adapter(name)
         trainable = view.trainable_params()
-        total = record.total_params - sum(p.numel() for t, h in multi.heads.items() if t != name for p in h.parameters())
+        total = frozen + trainable  # what this task's model holds: the base, its adapter, its head
         own = {split: task_metrics(m, name) for split, m in metrics.items()}
         rec = replace(record, name=sub.name, output_dir=sub.output_dir, task="classification", label_names=multi.labels[name],
                       metrics=own, history=[{"step": h["step"], **task_metrics(h, name)} for h in record.history],
