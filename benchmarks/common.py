@@ -38,3 +38,23 @@ def train_process(name: str, recipe: str, overrides: list[str], out: Path, *, ve
     if status != 0:
         raise RuntimeError(f"[{name}] failed (exit {os.waitstatus_to_exitcode(status)}): " + " | ".join(tail))
     return json.loads((out / "run.json").read_text()), usage.ru_maxrss / 1024, wall
+
+
+def stored_case(name: str, recipe: str, overrides: list[str], *, runs: Path, results: Path, prefix: str, fresh: bool = False,
+                verbose: bool = False) -> dict:
+    """One `peftlab train` process kept as results/NAME.json (run.json, process wall time, peak RSS), its run folder
+    runs/NAME, the run named PREFIX-NAME; a stored result is returned as it is unless `fresh`."""
+    dest = results / f"{name}.json"
+    if dest.exists() and not fresh:
+        return json.loads(dest.read_text())
+    print(f"[{name}] peftlab train {recipe} {' '.join(overrides)}", flush=True)
+    run, rss, wall = train_process(name, recipe, [*overrides, f"name={prefix}-{name}"], runs / name, verbose=verbose)
+    result = {"name": name, "recipe": recipe, "overrides": overrides, "run": run, "process_wall_s": wall, "peak_rss_mib": rss}
+    results.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_suffix(".tmp")
+    tmp.write_text(json.dumps(result, indent=2))
+    tmp.replace(dest)
+    scores = run["metrics"].get("test", run["metrics"].get("eval", {}))
+    print(f"[{name}] " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float) and "loss" not in k)
+          + f"; {wall:.0f} s", flush=True)
+    return result

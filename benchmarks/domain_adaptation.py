@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import REPO, RESULTS, train_process  # noqa: E402
+from benchmarks.common import REPO, RESULTS, stored_case  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "amazon_mdsd"
 DOMAINS = ("books", "dvd", "electronics", "kitchen")
@@ -73,20 +73,8 @@ def folds(domain: str, k: int, fold: int) -> tuple[str, str]:
 
 
 def case(name: str, recipe: str, overrides: list[str], fresh: bool, verbose: bool) -> dict:
-    """One training process, or its stored result -> {run, wall}."""
-    dest = OUT / f"{name}.json"
-    if dest.exists() and not fresh:
-        return json.loads(dest.read_text())
-    print(f"[{name}] peftlab train {recipe} {' '.join(overrides)}", flush=True)
-    run, rss, wall = train_process(name, recipe, [*overrides, f"name=da-{name}"], RUNS / name, verbose=verbose)
-    result = {"name": name, "recipe": recipe, "overrides": overrides, "run": run, "process_wall_s": wall, "peak_rss_mib": rss}
-    OUT.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(dest)
-    acc = run["metrics"].get("test", run["metrics"].get("eval", {}))
-    print(f"[{name}] {', '.join(f'{k} {v:.4f}' for k, v in acc.items() if isinstance(v, float))}; {wall:.0f} s", flush=True)
-    return result
+    """One training process, or its stored result."""
+    return stored_case(name, recipe, overrides, runs=RUNS, results=OUT, prefix="da", fresh=fresh, verbose=verbose)
 
 
 def pretrain(kind: str, source: str, target: str, seed: int, args) -> Path:

@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import REPO, RESULTS, train_process  # noqa: E402
+from benchmarks.common import REPO, RESULTS, stored_case  # noqa: E402
 
 RECIPE = "recipes/minilm/multitask-lora.yaml"
 TASKS = ("sst2", "agnews", "emotion", "mrpc")
@@ -58,20 +58,7 @@ def single_recipe(task: str) -> str:
 
 def case(name: str, recipe: str, overrides: list[str], fresh: bool, verbose: bool) -> dict:
     """One training process, or its stored result."""
-    dest = OUT / f"{name}.json"
-    if dest.exists() and not fresh:
-        return json.loads(dest.read_text())
-    print(f"[{name}] peftlab train {recipe} {' '.join(overrides)}", flush=True)
-    run, rss, wall = train_process(name, recipe, [*overrides, f"name=mt-{name}"], RUNS / name, verbose=verbose)
-    result = {"name": name, "recipe": recipe, "overrides": overrides, "run": run, "process_wall_s": wall, "peak_rss_mib": rss}
-    OUT.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(dest)
-    test = run["metrics"].get("test", {})
-    print(f"[{name}] " + ", ".join(f"{k} {v:.4f}" for k, v in test.items() if isinstance(v, float) and "loss" not in k)
-          + f"; {wall:.0f} s", flush=True)
-    return result
+    return stored_case(name, recipe, overrides, runs=RUNS, results=OUT, prefix="mt", fresh=fresh, verbose=verbose)
 
 
 def steps_overrides(steps: int) -> list[str]:
