@@ -293,10 +293,10 @@ class MultiTaskModel(nn.Module):
         if task == self.active:
             return
         adapter = self.adapter_of[task]
-        if adapter != self.model.active_adapter:
+        if adapter != self.model.active_adapter:  # (per_task only: a shared adapter never changes)
             self.model.set_adapter(adapter)
-        for p in self.trainable:  # everything stays trainable: the optimizer holds it, inactive parts just get no gradient
-            p.requires_grad_(True)
+            for p in self.trainable:  # set_adapter froze the other tasks' parts: the optimizer holds them, they stay
+                p.requires_grad_(True)  # trainable and just get no gradient while inactive
         self.switch.current, self.active = task, task
 
     def forward(self, task: torch.Tensor, labels: torch.Tensor | None = None, **inputs) -> MultiTaskOutput:
