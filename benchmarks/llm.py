@@ -1,4 +1,5 @@
-"""SmolLM2-135M-Instruct through peftlab (issue 18): zero-shot vs LoRA vs QLoRA, head vs verbalizer, SFT, packing.
+"""SmolLM2-135M-Instruct through peftlab (issue 18): zero-shot vs LoRA vs QLoRA, head vs verbalizer, SFT, packing;
+peak memory with activation checkpointing and a bf16 base (issue 21: the memory-* cases).
 
     python benchmarks/llm.py --cases samsum-zero-shot,samsum-lora      # run some cases (finished ones are skipped)
     python benchmarks/llm.py --list                                     # the cases and their overrides
@@ -30,6 +31,11 @@ ZERO = ["train.max_steps=0"]
 SHORT = ["train.max_steps=150", "train.eval_every=75", "train.save_every=75"]  # classification: 150 steps x 16 rows
 SPEED = ["data.train.max_samples=256", "train.max_steps=null", "train.epochs=1", "data.eval.max_samples=64", "data.test=null",
          "train.eval_every=null", "train.save_every=null", "train.log_every=5"]  # the same 256 SAMSum dialogues, once
+# memory: 10 steps of 8 rows x <= 384 tokens (issue 21's shape), then the loss on 64 validation rows and 64 test rows
+# generated (batch 32): the whole process, evaluation included; LEAN = the frozen base in bf16 + activation checkpointing
+MEMORY = ["data.train.max_samples=200", "train.max_steps=10", "train.batch_size=8", "train.grad_accum=1", "data.max_length=384",
+          "data.eval.max_samples=64", "data.test.max_samples=64", "train.eval_every=null", "train.save_every=null", "train.log_every=5"]
+LEAN = ["model.dtype=auto", "train.gradient_checkpointing=true"]
 CASES: dict[str, tuple[str, list[str]]] = {
     # SAMSum summarization as chat SFT; test = all 819 rows, generated greedily
     "samsum-zero-shot": (R + "samsum-sft-lora.yaml", [*ZERO, "data.eval=null"]),
@@ -47,6 +53,12 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "speed-lora-packed": (R + "samsum-sft-lora.yaml", SPEED),
     "speed-qlora-packed": (R + "samsum-sft-qlora.yaml", SPEED),
     "speed-lora-padded": (R + "samsum-sft-lora.yaml", [*SPEED, "data.packing=false", "train.batch_size=8"]),
+    # peak RSS: as shipped (fp32 base), + activation checkpointing, + bf16 base (LEAN), and QLoRA the same way
+    "memory-lora": (R + "samsum-sft-lora.yaml", MEMORY),
+    "memory-lora-ckpt": (R + "samsum-sft-lora.yaml", [*MEMORY, "train.gradient_checkpointing=true"]),
+    "memory-lora-lean": (R + "samsum-sft-lora.yaml", [*MEMORY, *LEAN]),
+    "memory-qlora-lean": (R + "samsum-sft-qlora.yaml", [*MEMORY, *LEAN]),
+    "memory-lora-lean-eval8": (R + "samsum-sft-lora.yaml", [*MEMORY, *LEAN, "eval.batch_size=8"]),  # evaluation at batch 8
 }
 SST2_FIRST = [  # the first SmolLM2 runs (before this script; benchmarks/README.md gives their commands): SST-2 dev as test
     "| sst2 | zero-shot (earlier run) | 74.54 | 74.27 | - | none | not measured |",
@@ -171,9 +183,28 @@ def speed_rows() -> list[str]:
     return out
 
 
+def memory_rows() -> list[str]:
+    out = ["| case | base weights | activation checkpointing | eval batch | s per step | real tokens/s | loss after 10 steps (validation) | "
+           "peak RSS (MiB) | peak RSS / as shipped |", "|---|---|---|---|---|---|---|---|---|"]
+    base = load("memory-lora")
+    for case in ("memory-lora", "memory-lora-ckpt", "memory-lora-lean", "memory-qlora-lean", "memory-lora-lean-eval8"):
+        c = load(case)
+        if c is None:
+            continue
+        run, over = c["run"], c["overrides"]
+        weights = "4-bit NF4" if run["quantization"] != "none" else ("bf16" if "model.dtype=auto" in over else "fp32")
+        ckpt = "yes" if "train.gradient_checkpointing=true" in over else "no"
+        ratio = c["peak_rss_mib"] / base["peak_rss_mib"] if base else float("nan")
+        batch = 8 if "eval.batch_size=8" in over else 32
+        out.append(f"| {case[7:]} | {weights} | {ckpt} | {batch} | {run['train_seconds'] / run['steps']:.1f} | {run['tokens_per_s']:.0f} | "
+                   f"{run['metrics']['eval']['loss']:.4f} | {c['peak_rss_mib']:.0f} | {ratio:.2f}x |")
+    return out
+
+
 def report() -> None:
     sections = [("SAMSum (all test rows, greedy)", samsum_rows()), ("Classification", classification_rows()),
-                ("GSM8K", gsm8k_rows()), ("Speed and memory (the same 256 SAMSum dialogues, one epoch)", speed_rows())]
+                ("GSM8K", gsm8k_rows()), ("Speed and memory (the same 256 SAMSum dialogues, one epoch)", speed_rows()),
+                ("Peak memory of LoRA SFT at 8 rows x 384 tokens (10 steps, then 64 rows scored and 64 generated)", memory_rows())]
     text = "\n\n".join(f"### {title}\n\n" + "\n".join(rows) for title, rows in sections if len(rows) > 2)
     (RESULTS / "llm.md").write_text(text + "\n")
     print(text)

@@ -51,7 +51,10 @@ class ModelConfig:
                                "one. The run.json and model card record the chain (lineage).")
     trust_remote_code: bool = opt(False, "Run model code shipped with a hub repo. Off by default: only enable for repos you trust.")
     allow_pickle: bool = opt(False, "Also load pickle weights (.bin/.pt), which can run arbitrary code. Off: safetensors only.")
-    dtype: str = opt("float32", "Dtype the (non-quantized) base weights are loaded in.", ("float32", "bfloat16", "float16"))
+    dtype: str = opt("float32", "Dtype the (non-quantized) base weights are loaded in. auto: the training precision's (bf16, fp16) "
+                     "where the base stays frozen (adapters, frozen), its trained weights (adapter, head) in float32; float32 "
+                     "where every weight trains (full, scratch) or the precision is fp32. Halves the frozen base's memory and "
+                     "that of its activations.", ("float32", "bfloat16", "float16", "auto"))
     decoder: str | None = opt(None, "Summarization: warm-start an encoder-decoder (BERT2BERT) with model.name as the encoder and this "
                               "model (packaged name, directory or hub id, same vocabulary) as the decoder; its new cross-attention "
                               "is trained in full, LoRA adapts the pretrained parts. null = model.name alone.")

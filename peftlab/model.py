@@ -39,10 +39,30 @@ class ModelInfo:
         return 100.0 * self.trainable_params / max(self.total_params, 1)
 
 
+def precision_dtype(precision: str) -> torch.dtype:
+    """The dtype of a resolved train.precision's matmuls (bf16, fp16; fp32 -> float32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
 def compute_dtype(recipe: Recipe, precision: str) -> torch.dtype:
     if recipe.quant.compute_dtype != "auto":
         return DTYPES[recipe.quant.compute_dtype]
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return precision_dtype(precision)
+
+
+def base_dtype(recipe: Recipe, precision: str) -> torch.dtype:
+    """model.dtype; auto: the training precision's dtype where the base stays frozen, else float32 (model.dtype's help)."""
+    if recipe.model.dtype != "auto":
+        return DTYPES[recipe.model.dtype]
+    return torch.float32 if get_method(recipe.adapter.method).trains_base else precision_dtype(precision)
+
+
+def keep_trained_weights_fp32(model: nn.Module) -> None:
+    """Trainable parameters of a base loaded in 16 bits (a head copied by peft's modules_to_save) -> float32, so the
+    optimizer updates full-precision weights (peft keeps its adapter weights in float32 itself)."""
+    for p in model.parameters():
+        if p.requires_grad and p.is_floating_point() and p.dtype != torch.float32:
+            p.data = p.data.float()
 
 
 def quantization_config(recipe: Recipe, precision: str, skip_modules: list[str]):
@@ -60,7 +80,7 @@ def quantization_config(recipe: Recipe, precision: str, skip_modules: list[str])
         bnb_4bit_compute_dtype=compute_dtype(recipe, precision),
         llm_int8_skip_modules=skip_modules,  # new heads are not in the checkpoint: keep them full precision
         # FSDP flattens only float tensors of one dtype: under it, pack the 4-bit weights in the other weights' dtype
-        bnb_4bit_quant_storage=DTYPES[recipe.model.dtype] if under_fsdp() else torch.uint8,
+        bnb_4bit_quant_storage=base_dtype(recipe, precision) if under_fsdp() else torch.uint8,
     )
 
 
@@ -173,7 +193,8 @@ def load_scratch(recipe: Recipe, path: str, auto_cls, kwargs: dict):
 def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[str], precision: str, auto_cls):
     """Load the pretrained base with a fresh task head; return (model, names of the newly initialised head modules)."""
     task_load = getattr(get_task(recipe.task.type), "load_model", None)  # a task's own base (summarization: BERT2BERT)
-    if task_load is not None and (loaded := task_load(recipe, path, DTYPES[recipe.model.dtype])) is not None:
+    dtype = base_dtype(recipe, precision)
+    if task_load is not None and (loaded := task_load(recipe, path, dtype)) is not None:
         return loaded
     # Names of heads transformers creates for sequence classification across architectures; kept out of quantization.
     head_guess = ["classifier", "score", "qa_outputs"]
@@ -181,7 +202,7 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
     if recipe.quant.mode != "none":  # a skip list REPLACES transformers' own (tied/output embeddings): pass both
         quant = quantization_config(recipe, precision, head_guess + default_skip_modules(recipe, path, auto_cls, num_labels))
     kwargs = dict(revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code,
-                  use_safetensors=None if recipe.model.allow_pickle else True, dtype=DTYPES[recipe.model.dtype],
+                  use_safetensors=None if recipe.model.allow_pickle else True, dtype=dtype,
                   quantization_config=quant)
     if num_labels:
         kwargs.update(num_labels=num_labels, id2label=dict(enumerate(label_names)),
@@ -359,6 +380,8 @@ def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], prec
         enable_activation_checkpointing(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     model = get_method(recipe.adapter.method).apply(model, recipe, head, peft_task_type(task, model))  # peft adapter or grads set
+    if recipe.model.dtype == "auto":
+        keep_trained_weights_fp32(model)
     trainable, total = count_params(model)
     warn_if_not_efficient(recipe, trainable, total)
     info = ModelInfo(path=path, method=recipe.adapter.method, trainable_params=trainable, total_params=total,

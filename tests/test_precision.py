@@ -8,6 +8,7 @@ few of them, so logits of the same weights computed in fp32 and in bf16 autocast
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -108,3 +109,29 @@ def test_gradient_accumulation_matches_a_larger_batch_in_bf16(make_recipe, tmp_p
     for k in lora_b:
         assert m1[k].abs().max() > 1e-3  # trained: B starts at zero
         torch.testing.assert_close(m1[k], m2[k], atol=2e-3, rtol=5e-2)
+
+
+def test_model_dtype_auto_keeps_a_frozen_base_in_the_precision_and_what_trains_in_fp32(make_recipe, tmp_path):
+    """model.dtype=auto: under bf16 the frozen base loads in bf16 while the LoRA weights and the new head stay fp32 (the
+    optimizer updates full-precision weights); full fine-tuning and an fp32 run keep every weight in fp32. A bf16 run
+    of it trains, and its export reloads within bf16 rounding of its metrics."""
+    def dtypes(overrides, precision):
+        recipe = make_recipe({"model.dtype": "auto", **overrides})
+        model, *_ = build_model(recipe, num_labels=2, label_names=["negative", "positive"], precision=precision)
+        frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+        trained = {n: p.dtype for n, p in model.named_parameters() if p.requires_grad}
+        return frozen, trained
+
+    frozen, trained = dtypes({}, "bf16")
+    assert frozen == {torch.bfloat16}
+    assert set(trained.values()) == {torch.float32} and any("lora_" in n for n in trained) and any("classifier" in n for n in trained)
+    assert dtypes({}, "fp32")[0] == {torch.float32}
+    frozen, trained = dtypes({"adapter.method": "full"}, "bf16")
+    assert not frozen and set(trained.values()) == {torch.float32}
+
+    record = run(make_recipe({"model.dtype": "auto", "train.precision": "bf16", "train.max_steps": 6, "train.log_every": 2,
+                              "output_dir": tmp_path / "auto"}))
+    losses = train_losses(tmp_path / "auto")
+    assert len(losses) == 3 and all(map(math.isfinite, losses))
+    again = evaluate(tmp_path / "auto")
+    assert again["loss"] == pytest.approx(record["metrics"]["eval"]["loss"], abs=1e-3)

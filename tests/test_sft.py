@@ -253,6 +253,9 @@ def test_sft_end_to_end_learns_exports_and_reloads(tmp_path, chat_llama, packing
     assert m["exact_match"] >= 0.5, m
     preds = [json.loads(line) for line in (r.out / "predictions-eval.jsonl").read_text().splitlines()]
     assert len(preds) == len(QA) and {"prediction", "reference", "source"} <= set(preds[0])
+    gen = json.loads((r.out / "eval_report.json").read_text())["generation"]  # the final evaluation's generation speed
+    assert len(QA) <= gen["new_tokens"] <= len(QA) * r.eval.max_new_tokens and gen["seconds"] > 0
+    assert gen["tokens_per_s"] == pytest.approx(gen["new_tokens"] / gen["seconds"])
     model, tok, _, _ = load_trained(r.out)
     assert tok.chat_template and tok.pad_token == IM_END
     row = sft.encode(tok, messages_rows(1)[0]["messages"], 64)
@@ -261,6 +264,11 @@ def test_sft_end_to_end_learns_exports_and_reloads(tmp_path, chat_llama, packing
                              pad_token_id=tok.pad_token_id, eos_token_id=sft.stop_ids(tok))
     assert tok.decode(out[0, len(row["gen_ids"]):], skip_special_tokens=True).strip() == preds[0]["prediction"]
     assert record.task == "sft"
+
+
+def test_generated_tokens_are_counted_up_to_the_first_stop_token():
+    new = torch.tensor([[5, 6, 2, 2], [5, 6, 7, 8], [2, 2, 2, 2], [5, 3, 9, 2]])  # stop ids 2 and 3; 2 also pads
+    assert sft.new_token_counts(new, [2, 3]).tolist() == [3, 4, 1, 2]
 
 
 SMOLLM2_RECIPES = sorted((REPO / "recipes" / "smollm2-135m").glob("*.yaml"))

@@ -94,6 +94,7 @@ class Method:
     mergeable: bool = True  # the adapter folds into the base weights (`peftlab merge`)
     merge_refusal: str = ""  # why not, when not mergeable
     pretrained: bool = True  # starts from the base's pretrained weights (scratch: from its config only)
+    trains_base: bool = False  # every weight of the base trains (full, scratch): kept in float32 by model.dtype=auto
     quant_modes: tuple[str, ...] = QUANT_MODES  # quant.mode values it trains on
     quant_refusal: str = "this method does not support it."  # why not, for the other modes ({name} = the method)
     options: tuple[str, ...] = ()  # method-specific adapter options it reads (of SPECIFIC_OPTIONS)

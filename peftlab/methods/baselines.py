@@ -32,7 +32,9 @@ def baseline(name: str, apply, what: str, **kw) -> Method:
     return Method(name, apply, is_adapter=False, mergeable=False, size_hint=None, tags=plain_tags, describe=lambda r: what, **kw)
 
 
-FULL = register(baseline("full", train_everything, "A fully fine-tuned model", quant_modes=("none",), quant_refusal=TRAINS_EVERY_WEIGHT))
+FULL = register(baseline("full", train_everything, "A fully fine-tuned model", quant_modes=("none",), quant_refusal=TRAINS_EVERY_WEIGHT,
+                        trains_base=True))
 FROZEN = register(baseline("frozen", train_head, "A classifier head trained on a frozen backbone"))
 SCRATCH = register(baseline("scratch", train_everything, "A model trained from scratch (random init: only the architecture comes "
-                            "from the base)", pretrained=False, quant_modes=("none",), quant_refusal=TRAINS_EVERY_WEIGHT))
+                            "from the base)", pretrained=False, quant_modes=("none",), quant_refusal=TRAINS_EVERY_WEIGHT,
+                            trains_base=True))

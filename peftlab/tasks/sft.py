@@ -24,6 +24,7 @@ import json
 import logging
 import re
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -387,19 +388,31 @@ def score(preds: list[str], refs: list[str], metric_fn: str | None) -> dict:
     return out
 
 
+def new_token_counts(new: torch.Tensor, stops: list[int]) -> torch.Tensor:
+    """Per row of generated ids (prompt removed): the tokens it wrote, its first stop token included, the padding
+    after it (generate fills finished rows) not. The report's generation tokens/s counts these (this process's)."""
+    stopped = torch.isin(new, torch.tensor(stops, device=new.device))
+    return torch.where(stopped.any(1), stopped.int().argmax(1) + 1, new.shape[1])
+
+
 def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=None):
     """-> (metrics, report): the mean loss over assistant tokens; with tokenizer and recipe (a loader from
     eval_collator) also the last answer of every row generated greedily and scored, the report holding the predictions."""
-    write = None
+    write, timing = None, {"seconds": 0.0, "new_tokens": 0}
     if tokenizer is not None and recipe is not None:
+        stops = stop_ids(tokenizer)
+
         def write(unwrapped, batch, extras):
             ids = extras["gen_input_ids"].to(batch["input_ids"].device)
             mask = extras["gen_attention_mask"].to(ids.device)
+            start = time.perf_counter()
             with accelerator.autocast():
                 gen = unwrapped.generate(input_ids=ids, attention_mask=mask, max_new_tokens=recipe.eval.max_new_tokens,
-                                         do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id,
-                                         eos_token_id=stop_ids(tokenizer))
-            return [p.strip() for p in tokenizer.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)]
+                                         do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
+            timing["seconds"] += time.perf_counter() - start
+            new = gen[:, ids.shape[1]:]
+            timing["new_tokens"] += int(new_token_counts(new, stops).sum())
+            return [p.strip() for p in tokenizer.batch_decode(new, skip_special_tokens=True)]
     loss, n_tokens, rows = loss_and_predictions(model, loader, accelerator, shift=True, extras=EXTRAS, source="source",
                                                 reference="reference", generate=write, task="sft")
     metrics = {"loss": loss}
@@ -409,6 +422,7 @@ def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=
     metrics.update(score(preds, refs, recipe.eval.metric_fn))
     metrics["gen_words"] = sum(len(p.split()) for p in preds) / max(len(preds), 1)
     log_examples(rows, recipe.eval.log_examples, "prompt")
-    report = {"n": len(rows), "n_tokens": n_tokens, "generation": {"greedy": True, "max_new_tokens": recipe.eval.max_new_tokens},
-              "predictions": rows}
+    report = {"n": len(rows), "n_tokens": n_tokens, "predictions": rows,
+              "generation": {"greedy": True, "max_new_tokens": recipe.eval.max_new_tokens, "batch_size": recipe.eval.batch_size,
+                             **timing, "tokens_per_s": timing["new_tokens"] / max(timing["seconds"], 1e-9)}}
     return metrics, report

@@ -1,0 +1,238 @@
+"""LLM SFT throughput: peftlab vs TRL's SFTTrainer, on the same dialogues, model, adapter and schedule (issue 21, item 2).
+
+SmolLM2-135M-Instruct (the GGUF in ../shared, converted by peftlab once; every side loads that same folder in fp32 and
+trains under bf16 autocast where the CPU has it), chat SFT on SAMSum as `recipes/smollm2-135m/samsum-sft-lora.yaml`
+ships it: the user turn "Summarize this dialogue in one or two sentences.\\n\\n{dialogue}", the summary the answer, the
+loss on the answer only, LoRA r16 alpha 32 dropout 0.05 on every linear layer, AdamW lr 5e-4, 5% warmup then linear
+decay, <= 512 tokens, one epoch over the same N seeded training dialogues. Sides:
+
+- `peftlab`: `peftlab train` on that recipe (packing as shipped: 4 rows of <= 512 tokens x grad_accum 2 per step);
+- `trl`: SFTTrainer with its defaults (8 examples per batch, padded to the longest, no packing, and activation
+  checkpointing, which TRL turns on by default) x grad_accum 2;
+- `trl-packed`: SFTTrainer with `packing=True` (best-fit decreasing, padding-free: position ids restart per example)
+  and activation checkpointing off, 4 packed rows of 512 x grad_accum 2: the settings of the peftlab recipe.
+
+TRL is given the same work (model, rows, LoRA, lr, schedule, max_length 512, bf16, seed) and otherwise its defaults.
+Each side is its own process (its own peak RSS) and the sides alternate per seed. Real tokens/s = the tokens of the N
+conversations (prompt + answer, no padding; the same count for every side) / training seconds (no evaluation inside).
+After training, every side's adapter is scored by the same function on the same validation rows: the mean token loss
+of the answers (batch 1, so no padding enters), which is the "equal loss after equal tokens" check.
+
+    pip install -e .[bench]                                  # TRL lives in the bench extra
+    python benchmarks/sft_throughput.py --rows 256 --seeds 0   # ~25 min on 2 CPU cores
+    python benchmarks/sft_throughput.py --report               # results/sft_throughput.md from the stored runs
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.common import RESULTS, train_process  # noqa: E402
+
+RECIPE = REPO / "recipes/smollm2-135m/samsum-sft-lora.yaml"
+OUT = RESULTS / "sft_throughput"
+SIDES = ("peftlab", "trl", "trl-packed")
+LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
+MAX_LENGTH, LR, WARMUP, ACCUM = 512, 5e-4, 0.05, 2
+
+
+def recipe_parts():
+    from peftlab import load_recipe
+    from peftlab.bases import resolve_model_path
+
+    recipe = load_recipe(RECIPE, [], validate_files=False)
+    return recipe, resolve_model_path(recipe.model.name)
+
+
+def dialogues(split: str, n: int, seed: int) -> list[dict]:
+    """n seeded rows of SAMSum `split`: {dialogue, summary}."""
+    import datasets
+
+    ds = datasets.load_dataset("csv", data_files=str(REPO.parent / f"shared/data/samsum/{split}.csv"))["train"]
+    ds = ds.filter(lambda r: bool(r["dialogue"]) and bool(r["summary"])).shuffle(seed=seed).select(range(n))
+    return [{"dialogue": d, "summary": s} for d, s in zip(ds["dialogue"], ds["summary"])]
+
+
+def chat(row: dict, prompt: str) -> dict:
+    """A row as TRL's conversational prompt/completion: the recipe's user turn, the summary as the assistant's."""
+    return {"prompt": [{"role": "user", "content": prompt.format(source=row["dialogue"])}],
+            "completion": [{"role": "assistant", "content": row["summary"]}]}
+
+
+def real_tokens(rows: list[dict], tokenizer) -> int:
+    return sum(min(len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False)), MAX_LENGTH) for r in rows)
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    import csv
+
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["dialogue", "summary"])
+        w.writeheader()
+        w.writerows(rows)
+
+
+def worker_trl(args, rows_file: Path, out: Path, packed: bool, seed: int) -> dict:
+    import datasets
+    import torch
+    from peft import LoraConfig
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    from peftlab.accel import resolve_precision
+
+    recipe, path = recipe_parts()
+    rows = [chat(r, recipe.task.prompt) for r in json.loads(rows_file.read_text())]
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    bf16 = resolve_precision("auto") == "bf16"
+    batch = 4 if packed else 8  # TRL's default is 8 examples per device; packed: 4 rows of 512, as the peftlab recipe
+    config = SFTConfig(output_dir=str(out), per_device_train_batch_size=batch, gradient_accumulation_steps=ACCUM,
+                       learning_rate=LR, warmup_steps=WARMUP, lr_scheduler_type="linear", weight_decay=0.01, num_train_epochs=1,
+                       max_length=MAX_LENGTH, packing=packed, gradient_checkpointing=not packed, bf16=bf16, use_cpu=not torch.cuda.is_available(), seed=seed,
+                       logging_steps=5, save_strategy="no", eval_strategy="no", report_to="none", disable_tqdm=not args.verbose)
+    trainer = SFTTrainer(model=model, args=config, train_dataset=datasets.Dataset.from_list(rows), processing_class=tokenizer,
+                         peft_config=LoraConfig(task_type="CAUSAL_LM", **LORA))
+    start = time.perf_counter()
+    result = trainer.train()
+    seconds = time.perf_counter() - start
+    trainer.model.save_pretrained(str(out / "adapter"))
+    return {"train_seconds": seconds, "steps": result.global_step, "train_loss": result.training_loss}
+
+
+def answer_loss(adapter: Path, rows: list[dict]) -> float:
+    """Mean cross-entropy of the answer tokens (and the end-of-turn token after them) of `rows`, one row at a time under
+    the precision every side trained in: one function for every side's adapter."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from peftlab.accel import resolve_precision
+
+    _, path = recipe_parts()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), str(adapter)).eval()
+    total, count = 0.0, 0
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_precision("auto") == "bf16")
+    with torch.no_grad(), autocast:
+        for r in rows:
+            prompt = tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
+            full = tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False)[:MAX_LENGTH]
+            ids = torch.tensor([full])
+            labels = ids.clone()
+            labels[0, :len(prompt)] = -100
+            logits = model(input_ids=ids).logits[0, :-1].float()
+            losses = torch.nn.functional.cross_entropy(logits, labels[0, 1:], reduction="none", ignore_index=-100)
+            total, count = total + losses.sum().item(), count + int((labels[0, 1:] != -100).sum())
+    return total / max(count, 1)
+
+
+def spawn(args, side: str, seed: int, rows_file: Path, out: Path) -> tuple[dict, float]:
+    cmd = [sys.executable, __file__, "--worker", side, "--seed-of-run", str(seed), "--rows-file", str(rows_file), "--out", str(out)]
+    if args.verbose:
+        cmd.append("--verbose")
+    with tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(cmd, stderr=None if args.verbose else err, stdout=subprocess.DEVNULL)
+        _, status, usage = os.wait4(proc.pid, 0)
+        err.seek(0)
+        tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
+    if status != 0:
+        raise RuntimeError(f"[{side}] failed: " + " | ".join(tail))
+    return json.loads((out / "result.json").read_text()), usage.ru_maxrss / 1024
+
+
+def run_pair(args, seed: int) -> None:
+    from transformers import AutoTokenizer
+
+    recipe, path = recipe_parts()
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    train = dialogues("train", args.rows, seed)
+    valid = [chat(r, recipe.task.prompt) for r in dialogues("validation", args.eval_rows, 0)]
+    tokens = real_tokens([chat(r, recipe.task.prompt) for r in train], tokenizer)
+    runs = REPO / "runs" / "sft_throughput"
+    runs.mkdir(parents=True, exist_ok=True)
+    rows_file = runs / f"rows-{args.rows}-{seed}.json"
+    rows_file.write_text(json.dumps(train))
+    csv_file = runs / f"rows-{args.rows}-{seed}.csv"
+    write_csv(train, csv_file)
+    OUT.mkdir(parents=True, exist_ok=True)
+    for side in args.sides.split(","):
+        dest = OUT / f"{side}-{args.rows}-seed{seed}.json"
+        if dest.exists() and not args.fresh:
+            print(f"[{side} seed {seed}] stored: {dest}", flush=True)
+            continue
+        out = runs / f"{side}-{args.rows}-{seed}"
+        print(f"[{side} seed {seed}] training on {args.rows} dialogues ({tokens:,} real tokens)", flush=True)
+        if side == "peftlab":
+            run, rss, _ = train_process(side, str(RECIPE), [
+                f"data.train={csv_file}", "data.eval=null", "data.test=null", "train.max_steps=null", "train.epochs=1",
+                "train.eval_every=null", "train.save_every=null", "train.log_every=5", f"train.seed={seed}",
+                "train.report_to=[none]", "name=sft-throughput"], out, verbose=args.verbose)
+            result = {"train_seconds": run["train_seconds"], "steps": run["steps"], "adapter": str(out)}
+        else:
+            result, rss = spawn(args, side, seed, rows_file, out)
+            result["adapter"] = str(out / "adapter")
+        result.update(side=side, seed=seed, rows=args.rows, real_tokens=tokens, peak_rss_mib=rss,
+                      tokens_per_s=tokens / result["train_seconds"],
+                      eval_rows=len(valid), answer_loss=answer_loss(Path(result["adapter"]), valid))
+        tmp = dest.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(dest)
+        print(f"[{side} seed {seed}] {result['tokens_per_s']:.0f} real tokens/s, {result['steps']} steps, "
+              f"answer loss {result['answer_loss']:.4f}, peak RSS {rss:.0f} MiB", flush=True)
+
+
+def report() -> str:
+    rows = [json.loads(f.read_text()) for f in sorted(OUT.glob("*.json"))]
+    lines = ["| side | dialogues | seed | optimizer steps | real tokens/s | peftlab's speed-up | answer loss after (validation) | "
+             "peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|"]
+    by = {(r["side"], r["rows"], r["seed"]): r for r in rows}
+    for r in sorted(rows, key=lambda r: (r["rows"], r["seed"], SIDES.index(r["side"]))):
+        mine = by.get(("peftlab", r["rows"], r["seed"]))
+        ratio = f"{mine['tokens_per_s'] / r['tokens_per_s']:.2f}x" if mine else ""
+        lines.append(f"| {r['side']} | {r['rows']} | {r['seed']} | {r['steps']} | {r['tokens_per_s']:.0f} | {ratio} | "
+                     f"{r['answer_loss']:.4f} | {r['peak_rss_mib']:.0f} |")
+    text = "\n".join(lines)
+    (RESULTS / "sft_throughput.md").write_text(text + "\n")
+    return text
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rows", type=int, default=256, help="SAMSum training dialogues (seeded)")
+    p.add_argument("--eval-rows", type=int, default=64, help="validation dialogues whose answer loss is compared")
+    p.add_argument("--seeds", default="0", help="comma-separated; seed i picks the rows and seeds every side")
+    p.add_argument("--sides", default=",".join(SIDES))
+    p.add_argument("--fresh", action="store_true", help="measure stored sides again")
+    p.add_argument("--report", action="store_true")
+    p.add_argument("--verbose", action="store_true")
+    p.add_argument("--worker", choices=("trl", "trl-packed"), help=argparse.SUPPRESS)
+    p.add_argument("--seed-of-run", type=int, help=argparse.SUPPRESS)
+    p.add_argument("--rows-file", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.worker:
+        args.out.mkdir(parents=True, exist_ok=True)
+        result = worker_trl(args, args.rows_file, args.out, args.worker == "trl-packed", args.seed_of_run)
+        (args.out / "result.json").write_text(json.dumps(result))
+        return
+    unknown = set(args.sides.split(",")) - set(SIDES)
+    if unknown:
+        p.error(f"--sides: unknown {sorted(unknown)}; choose from {', '.join(SIDES)}")
+    if not args.report:
+        for seed in map(int, args.seeds.split(",")):
+            run_pair(args, seed)
+    print(report())
+
+
+if __name__ == "__main__":
+    main()

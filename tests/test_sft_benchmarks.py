@@ -1,0 +1,51 @@
+"""benchmarks/sft_throughput.py and generation.py: what makes their comparisons fair (the runs are the benchmark)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from peftlab.tasks import sft
+
+from .conftest import load_benchmark, shared_or_skip
+
+
+@pytest.mark.slow
+def test_trl_sees_the_conversation_peftlab_trains_on():
+    """TRL's side gets each row as conversational prompt/completion: rendered by the same chat template, it is the token
+    sequence peftlab's recipe trains on, and the answer tokens peftlab labels are TRL's completion."""
+    d = shared_or_skip("models", "smollm2-135m-instruct")
+    from transformers import AutoTokenizer
+
+    from peftlab.bases import resolve_model_path
+
+    bench = load_benchmark("sft_throughput")
+    recipe, path = bench.recipe_parts()
+    assert path == resolve_model_path(str(d))
+    tok = AutoTokenizer.from_pretrained(path)
+    row = {"dialogue": "Amy: hi\nBob: lunch at 1?\nAmy: sure", "summary": "Amy and Bob will have lunch at 1."}
+    conv = bench.chat(row, recipe.task.prompt)
+    mine = sft.encode(tok, conv["prompt"] + conv["completion"], bench.MAX_LENGTH)
+    full = tok.apply_chat_template(conv["prompt"] + conv["completion"], tokenize=True, return_dict=False)
+    prompt = tok.apply_chat_template(conv["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert full[:len(mine["input_ids"])] == mine["input_ids"] and len(full) - len(mine["input_ids"]) <= 1  # (a final newline)
+    assert mine["gen_ids"] == prompt
+    assert tok.decode([t for t, y in zip(mine["input_ids"], mine["labels"]) if y != -100]) == row["summary"] + "<|im_end|>"
+    assert bench.real_tokens([conv], tok) == len(full)
+
+
+def test_sft_throughput_report_pairs_each_side_with_peftlab_by_rows_and_seed(tmp_path, monkeypatch):
+    bench = load_benchmark("sft_throughput")
+    monkeypatch.setattr(bench, "OUT", tmp_path / "runs")
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    bench.OUT.mkdir()
+    for side, seed, tps in (("peftlab", 0, 300.0), ("trl", 0, 100.0), ("trl-packed", 0, 250.0), ("peftlab", 1, 200.0),
+                            ("trl", 1, 200.0)):
+        (bench.OUT / f"{side}-{seed}.json").write_text(json.dumps(
+            {"side": side, "seed": seed, "rows": 8, "steps": 2, "tokens_per_s": tps, "answer_loss": 2.0, "peak_rss_mib": 1.0}))
+    text = bench.report()
+    ratios = {(line.split(" | ")[0][2:], line.split(" | ")[2]): line.split(" | ")[5] for line in text.splitlines()[2:]}
+    assert ratios == {("peftlab", "0"): "1.00x", ("trl", "0"): "3.00x", ("trl-packed", "0"): "1.20x", ("peftlab", "1"): "1.00x",
+                      ("trl", "1"): "1.00x"}
+    assert (tmp_path / "sft_throughput.md").read_text().strip() == text
