@@ -29,32 +29,40 @@ sys.path.insert(0, str(REPO))
 from benchmarks.common import RESULTS  # noqa: E402
 
 
-def plain(run: Path, overrides: list[str], side: str) -> dict:
-    """The same test rows through model.generate in data order, batch as given; padding on the left or the
-    tokenizer's side -> seconds, tokens written, predictions by row."""
-    import torch
-
+def prepare(run: Path, overrides: list[str]) -> dict:
+    """The run's model, tokenizer and test rows as `peftlab.evaluate(run, "test", overrides)` reads them, loaded once
+    for both plain sides."""
     from peftlab import build_data, load_trained
     from peftlab.accel import make_accelerator
     from peftlab.config import load_recipe
     from peftlab.run import load_splits_for
     from peftlab.rundir import RECIPE_FILE
-    from peftlab.tasks import sft
 
-    model, tokenizer, _, record = load_trained(run)
-    recipe = load_recipe(run / RECIPE_FILE, overrides, validate_files=False)  # as peftlab.evaluate reads it
+    recipe = load_recipe(run / RECIPE_FILE, overrides, validate_files=False)
+    model, tokenizer, _, record = load_trained(run, recipe=recipe)
     splits, _ = load_splits_for(recipe, "test", record.label_names)
     ds = build_data(recipe, tokenizer, splits=splits, label_names=record.label_names).test
-    accelerator = make_accelerator(recipe, record.precision)
+    return {"model": model, "tokenizer": tokenizer, "recipe": recipe, "ds": ds,
+            "accelerator": make_accelerator(recipe, record.precision)}
+
+
+def plain(parts: dict, side: str) -> dict:
+    """The test rows through model.generate in data order, batch as given; padding on the left (plain-left) or on the
+    tokenizer's side (plain) -> seconds, tokens written, predictions by row."""
+    import torch
+
+    from peftlab.tasks import sft
+
+    model, tokenizer, recipe, ds = parts["model"], parts["tokenizer"], parts["recipe"], parts["ds"]
     stops, b = sft.stop_ids(tokenizer), recipe.eval.batch_size
-    left = side == "plain-left"
+    left = side == "plain-left" or tokenizer.padding_side == "left"
     seconds, written, preds = 0.0, 0, {}
     for i in range(0, len(ds), b):
         chunk = ds.select(range(i, min(i + b, len(ds))))
-        ids = sft._pad(chunk["gen_ids"], tokenizer.pad_token_id, left=left or tokenizer.padding_side == "left", multiple=1)
-        mask = sft._pad([[1] * len(g) for g in chunk["gen_ids"]], 0, left=left or tokenizer.padding_side == "left", multiple=1)
+        ids = sft._pad(chunk["gen_ids"], tokenizer.pad_token_id, left=left, multiple=1)
+        mask = sft._pad([[1] * len(g) for g in chunk["gen_ids"]], 0, left=left, multiple=1)
         start = time.perf_counter()
-        with torch.no_grad(), accelerator.autocast():
+        with torch.no_grad(), parts["accelerator"].autocast():
             gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=recipe.eval.max_new_tokens, do_sample=False,
                                  num_beams=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
         seconds += time.perf_counter() - start
@@ -85,8 +93,9 @@ def main() -> None:
     refs = {r["row"]: r["reference"] for r in rows}
     results.append({"side": "peftlab", "seconds": gen["seconds"], "new_tokens": gen["new_tokens"],
                     "rougeL": score([r["prediction"] for r in rows], [r["reference"] for r in rows], None)["rougeL"]})
+    parts = prepare(args.run, overrides)
     for side in ("plain-left", "plain"):
-        out = plain(args.run, overrides, side)
+        out = plain(parts, side)
         assert out["references"] == refs, "the plain side scored other rows than peftlab"
         order = sorted(refs)
         results.append({"side": side, "seconds": out["seconds"], "new_tokens": out["new_tokens"],
