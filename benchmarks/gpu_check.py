@@ -370,15 +370,15 @@ def judge(key: str, res: dict, n_lin: int, peak: float, errors: dict, note) -> N
 
 
 # --------------------------------------------------------------------------------------------------------- bare fallbacks
-def bare_loop(model, batches, steps: int, dev: str, seconds: float, lr: float) -> dict:
+def bare_loop(model, batches, steps: int, dev: str, seconds: float, lr: float, profile: Path | None = None) -> dict:
     """AdamW + bf16 autocast over `batches` (an endless iterator): tokens/s after 3 warm-up steps, stopped early at
-    `seconds`. The reference when peftlab's own path cannot run."""
+    `seconds`. The reference when peftlab's own path cannot run, and (with `profile`) where a step's time goes."""
     import torch
 
     model.to(dev).train()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
-    end, tokens, losses, t0, done = time.perf_counter() + seconds, 0, [], None, 0
-    for step in range(steps):
+
+    def step_once():
         batch = {k: v.to(dev) for k, v in next(batches).items()}
         with torch.autocast(dev, dtype=torch.bfloat16):
             loss = model(**batch).loss
@@ -386,6 +386,11 @@ def bare_loop(model, batches, steps: int, dev: str, seconds: float, lr: float) -
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return batch, loss
+
+    end, tokens, losses, t0, done = time.perf_counter() + seconds, 0, [], None, 0
+    for step in range(steps):
+        batch, loss = step_once()
         if step == 2:
             sync(dev)
             t0 = time.perf_counter()
@@ -399,11 +404,40 @@ def bare_loop(model, batches, steps: int, dev: str, seconds: float, lr: float) -
             break
     sync(dev)
     dt = time.perf_counter() - t0 if t0 else float("nan")
-    return {"ran": "bare transformers + peft loop", "steady_steps": done, "tokens_per_s": tokens / dt if done else None,
-            "steps_per_s": done / dt if done else None, "loss_first": losses[0], "loss_last": losses[-1]}
+    res = {"ran": "bare transformers + peft loop", "steady_steps": done, "tokens_per_s": tokens / dt if done else None,
+           "steps_per_s": done / dt if done else None, "loss_first": losses[0], "loss_last": losses[-1]}
+    if profile is not None:
+        res["profile"] = profile_steps(step_once, dev, profile)
+    return res
 
 
-def bare_cls(dev: str, s: dict, seconds: float) -> tuple[dict, int, int]:
+def profile_steps(step_once, dev: str, dst: Path, steps: int = 5) -> dict:
+    """`steps` training steps under torch.profiler: wall time per step against the time the device spent in kernels
+    (the rest is the host: Python, kernel launches, syncs), kernel launches per step; the top ops go to `dst`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if dev == "cuda" else [])
+    with profile(activities=acts) as prof:
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            step_once()
+        sync(dev)
+        wall = (time.perf_counter() - t0) / steps
+    from torch.autograd import DeviceType
+
+    events = prof.key_averages()
+    on_device = [e for e in events if e.device_type == DeviceType.CUDA]  # kernels, memcpys, memsets
+    kernel_us = sum(e.self_device_time_total for e in on_device) / steps
+    launches = sum(e.count for e in on_device) / steps
+    sort = "self_cuda_time_total" if dev == "cuda" else "self_cpu_time_total"
+    dst.write_text(events.table(sort_by=sort, row_limit=25, max_name_column_width=60), encoding="utf-8")
+    res = {"wall_ms_per_step": wall * 1e3, "device_busy_ms_per_step": kernel_us / 1e3,
+           "device_busy_share": kernel_us / 1e6 / wall if wall else None, "kernel_launches_per_step": launches}
+    log(f"profile -> {dst.name}: {json.dumps({k: round(v, 3) for k, v in res.items() if v is not None})}")
+    return res
+
+
+def bare_cls(dev: str, s: dict, seconds: float, profile: Path | None = None) -> tuple[dict, int, int]:
     import torch
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -426,11 +460,11 @@ def bare_cls(dev: str, s: dict, seconds: float) -> tuple[dict, int, int]:
                 enc = tok([r[0] for r in chunk], padding=True, truncation=True, max_length=66, return_tensors="pt")
                 yield {**enc, "labels": torch.tensor([int(r[1]) for r in chunk])}
 
-    res = bare_loop(model, batches(), s["cls_steps"], dev, seconds, 1e-3)
+    res = bare_loop(model, batches(), s["cls_steps"], dev, seconds, 1e-3, profile)
     return res, n_lin, sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def bare_sft(folder: Path, dev: str, s: dict, seconds: float):
+def bare_sft(folder: Path, dev: str, s: dict, seconds: float, profile: Path | None = None):
     """Packed rows of 512 tokens (position ids restart per example, no attention mask: transformers then masks block-
     diagonally, as in peftlab's packing); the loss here covers every token (peftlab's: the answers only)."""
     import torch
@@ -461,7 +495,7 @@ def bare_sft(folder: Path, dev: str, s: dict, seconds: float):
                 ids = torch.tensor([p[0] for p in packed[i:i + s["sft_batch"]]])
                 yield {"input_ids": ids, "position_ids": torch.tensor([p[1] for p in packed[i:i + s["sft_batch"]]]), "labels": ids}
 
-    res = bare_loop(model, batches(), s["sft_steps"], dev, seconds, 5e-4)
+    res = bare_loop(model, batches(), s["sft_steps"], dev, seconds, 5e-4, profile)
     return res, n_lin, sum(p.numel() for p in model.parameters() if p.requires_grad), model, tok
 
 
@@ -479,12 +513,14 @@ def report(r: dict) -> str:
              f"({sizes}); total wall {r['wall_s']:.0f} s", "",
              "| path | ran as | tokens/s | MFU (6N train, 2N infer) | MFU LoRA-aware | notes |", "|---|---|---|---|---|---|"]
     for key, what in (("cls", "classification LoRA, MiniLM, SST-2"), ("sft", "SFT LoRA + packing, SmolLM2-135M (random init)")):
-        p = r.get(key)
-        if not p:
-            continue
-        note = p.get("note", "")
-        lines.append(f"| {what} | {p.get('ran', '-')} | {fmt(p.get('tokens_per_s'))} | {fmt(p.get('mfu'), '.2%')} | "
-                     f"{fmt(p.get('mfu_lora_aware'), '.2%')} | {note} |")
+        bare = r.get(f"{key}_bare")
+        for p in filter(None, (r.get(key), r.get(f"{key}_alt"), bare if bare and r.get(key, {}).get("ran") != bare["ran"] else None)):
+            note = p.get("note", "")
+            if prof := p.get("profile"):
+                note += (f"; profiled: {prof['wall_ms_per_step']:.1f} ms/step, device busy {fmt(prof['device_busy_share'], '.0%')}, "
+                         f"{prof['kernel_launches_per_step']:.0f} device ops/step")
+            lines.append(f"| {what} | {p.get('ran', '-')} | {fmt(p.get('tokens_per_s'))} | {fmt(p.get('mfu'), '.2%')} | "
+                         f"{fmt(p.get('mfu_lora_aware'), '.2%')} | {note} |")
     if m := r.get("merge"):
         chk = m.get("check", {})
         lines.append(f"| merge (sft adapter) | {m.get('ran', '-')} | - | - | - | {fmt(m.get('seconds'), '.1f')} s; merged vs adapter "
@@ -514,6 +550,9 @@ def main() -> int:
     ap.add_argument("--budget", type=float, default=420, help="seconds for everything; phases are cut or skipped to fit")
     ap.add_argument("--only", default="cls,sft,merge,generate")
     ap.add_argument("--bare", action="store_true", help="also run the bare transformers + peft loops where peftlab's paths worked")
+    ap.add_argument("--sft-also", default="", metavar="K=V,...",
+                    help="run the sft phase again with these recipe overrides (e.g. model.dtype=auto): a second row")
+    ap.add_argument("--profile", action="store_true", help="with --bare: profile 5 bare steps (device-busy share, kernel launches)")
     a = ap.parse_args()
     if a.prepare:
         prepare()
@@ -553,9 +592,10 @@ def main() -> int:
         judge("cls", res, n_lin, peak, r["errors"], lambda run: (
             f"batch {s['cls_batch']}, {res['steady_steps']} steady steps, loss {res['loss_first']:.3f} -> {res['loss_last']:.3f}, "
             f"dev accuracy {run.get('metrics', {}).get('test', {}).get('accuracy', float('nan')):.4f}"))
-        if "ran" not in res or a.bare:
+        if "ran" not in res or a.bare or a.profile:
             try:
-                bare, n_lin, n_train = bare_cls(dev, s, budget.allow("cls", reserve=PHASE_S["sft"] + 60))
+                bare, n_lin, n_train = bare_cls(dev, s, budget.allow("cls", reserve=PHASE_S["sft"] + 60),
+                                          out / "profile-cls.txt" if a.profile else None)
                 bare.update(**mfus(bare["tokens_per_s"] or 0, n_lin, n_train, peak),
                             note=f"batch {s['cls_batch']}, loss {bare['loss_first']:.3f} -> {bare['loss_last']:.3f}")
                 res = res if "ran" in res else {**bare, "peftlab": res}
@@ -568,21 +608,24 @@ def main() -> int:
     n_lin = meta_linear_params(folder, AutoModelForCausalLM)
     adapter = merged = tok = None
     if "sft" in only:
-        res = peftlab_train("sft", "recipes/smollm2-135m/samsum-sft-lora.yaml", [
+        sft_overrides = [
             f"model.name={folder}", f"data.train.path={CARRY / 'data/samsum-train.csv'}",
             f"data.eval.path={CARRY / 'data/samsum-validation.csv'}", f"data.eval.max_samples={s['sft_eval']}",
             f"data.test.path={CARRY / 'data/samsum-test.csv'}", f"data.test.max_samples={s['sft_test']}",
             f"train.max_steps={s['sft_steps']}", f"train.batch_size={s['sft_batch']}", "train.grad_accum=1", "train.eval_every=null",
             f"train.log_every={s['sft_log']}", f"eval.batch_size={s['sft_test']}", f"eval.max_new_tokens={s['sft_new']}",
-            "eval.log_examples=0", *common], work, env, budget.allow("sft", reserve=PHASE_S["merge"] + PHASE_S["generate"]))
+            "eval.log_examples=0", *common]
+        res = peftlab_train("sft", "recipes/smollm2-135m/samsum-sft-lora.yaml", sft_overrides, work, env,
+                            budget.allow("sft", reserve=PHASE_S["merge"] + PHASE_S["generate"]))
         bare_model = None
         judge("sft", res, n_lin, peak, r["errors"], lambda run: (
             f"{s['sft_batch']} packed rows x 512, {res['steady_steps']} steady steps, loss {res['loss_first']:.3f} -> "
             f"{res['loss_last']:.3f}; peftlab's test generation ({s['sft_test']} rows x {s['sft_new']} new tokens, ROUGE scored) "
             f"{(run.get('eval_seconds') or {}).get('test', float('nan')):.1f} s"))
-        if "ran" not in res or a.bare:
+        if "ran" not in res or a.bare or a.profile:
             try:
-                bare, _, n_train, bare_model, tok = bare_sft(folder, dev, s, budget.allow("sft", reserve=PHASE_S["merge"] + PHASE_S["generate"]))
+                bare, _, n_train, bare_model, tok = bare_sft(folder, dev, s, budget.allow("sft", reserve=PHASE_S["merge"] + PHASE_S["generate"]),
+                                                           out / "profile-sft.txt" if a.profile else None)
                 bare.update(**mfus(bare["tokens_per_s"] or 0, n_lin, n_train, peak),
                             note=f"{s['sft_batch']} packed rows x 512, loss on every token, {bare['loss_first']:.3f} -> {bare['loss_last']:.3f}")
                 res = res if "ran" in res else {**bare, "peftlab": res}
@@ -590,6 +633,12 @@ def main() -> int:
             except Exception:  # noqa: BLE001
                 r["errors"]["sft (bare)"] = traceback.format_exc()
         r["sft"] = {**res, "n_linear": n_lin}
+        if a.sft_also:
+            alt = peftlab_train("sft-alt", "recipes/smollm2-135m/samsum-sft-lora.yaml", [*sft_overrides, *a.sft_also.split(",")],
+                                work, env, budget.allow("sft"))
+            judge(f"sft (+ {a.sft_also})", alt, n_lin, peak, r["errors"], lambda run: (
+                f"as above + {a.sft_also}; loss {alt['loss_first']:.3f} -> {alt['loss_last']:.3f}"))
+            r["sft_alt"] = {**alt, "ran": f"{alt.get('ran', '-')} + {a.sft_also}", "n_linear": n_lin}
 
         if "merge" in only and budget.left() > 20:
             try:

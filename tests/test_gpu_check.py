@@ -1,0 +1,38 @@
+"""benchmarks/gpu_check.py's own logic (its numbers come from a GPU machine; see benchmarks/README.md "GPU check")."""
+
+from __future__ import annotations
+
+import torch
+
+from .conftest import load_benchmark
+
+
+def test_profile_steps_times_the_steps_and_writes_the_top_ops(tmp_path):
+    bench = load_benchmark("gpu_check")
+    layer, calls = torch.nn.Linear(32, 32), []
+
+    def step():
+        calls.append(1)
+        layer(torch.randn(8, 32)).sum().backward()
+
+    res = bench.profile_steps(step, "cpu", tmp_path / "profile.txt", steps=3)
+    assert len(calls) == 3 and res["wall_ms_per_step"] > 0
+    assert res["device_busy_ms_per_step"] == 0 and res["kernel_launches_per_step"] == 0  # no device on the CPU
+    assert "aten::" in (tmp_path / "profile.txt").read_text()
+
+
+def test_report_shows_the_bare_loop_and_the_variant_beside_peftlab():
+    bench = load_benchmark("gpu_check")
+    prof = {"wall_ms_per_step": 63.0, "device_busy_ms_per_step": 4.9, "device_busy_share": 0.079, "kernel_launches_per_step": 859}
+    r = {"mode": "cuda", "env": {"gpu": "H200", "torch": "t", "transformers": "x", "peft": "p", "accelerate": "a"},
+         "gemm": {"peak_tflops": 700.0, "sizes": {"4096": {"tflops": 700.0}}}, "wall_s": 10.0, "errors": {},
+         "cls": {"ran": "peftlab train", "tokens_per_s": 100.0, "mfu": 0.01, "mfu_lora_aware": 0.005, "note": "n1"},
+         "cls_bare": {"ran": "bare transformers + peft loop", "tokens_per_s": 90.0, "mfu": 0.009, "note": "n2", "profile": prof},
+         "sft": {"ran": "bare transformers + peft loop", "tokens_per_s": 50.0, "note": "fell back"},
+         "sft_bare": {"ran": "bare transformers + peft loop", "tokens_per_s": 50.0, "note": "fell back"},
+         "sft_alt": {"ran": "peftlab train + model.dtype=auto", "tokens_per_s": 60.0, "note": "alt"}}
+    md = bench.report(r)
+    rows = [line for line in md.splitlines() if line.startswith("| ") and "tokens/s" not in line]
+    assert [row.split(" | ")[1] for row in rows] == ["peftlab train", "bare transformers + peft loop", "bare transformers + peft loop",
+                                                     "peftlab train + model.dtype=auto"]
+    assert "device busy 8%, 859 device ops/step" in rows[1]
