@@ -8,14 +8,18 @@ DataCollatorWithPadding, logging every 500 steps). Each run is its own process (
 alternate (peftlab, Trainer, peftlab, Trainer, ...) so slow phases of a shared machine hit both; with --repeats N,
 pair i trains with seed 42 + i on both sides and the accuracy difference is reported paired by seed.
 
-Cases: lora, qlora (NF4 + double quant; the baseline's prepare_model_for_kbit_training recomputes activations),
+Both sides train in --precision (default: what peftlab's `auto` picks on this machine, bf16 where the CPU has native
+bf16 matmuls); the GEMM peak behind MFU is measured in it.
+
+Cases: lora, lora-grouped (the Trainer tuned with train_sampling_strategy="group_by_length"), qlora (NF4 + double
+quant; the baseline's prepare_model_for_kbit_training recomputes activations),
 qlora-ckpt (both recompute); samsum: the MiniLM BERT2BERT LoRA summarizer (recipes/minilm/samsum-lora.yaml) against
 EncoderDecoderModel + get_peft_model + Seq2SeqTrainer, training steps then beam-search generation on test rows;
 memory-0.7b: peftlab LoRA vs QLoRA peak RSS on a 0.73B-parameter BERT built from a config, where the weights (2.9 GB
 in fp32) and not the Python runtime fill the memory.
 
 Also in the same invocation:
-- a GEMM micro-benchmark (fp32 torch.mm at the same thread count) -> the machine's matmul peak, and from the model's
+- a GEMM micro-benchmark (torch.mm in that precision at the same thread count) -> the machine's matmul peak, and from the model's
   shape the training FLOPs per real token -> model-FLOPs utilisation (MFU) of each run;
 - ablations: each speed option of peftlab switched off (or on) alone, same steps: length-grouped batching,
   host sync every step, the AdamW kernel, bf16 autocast, torch.compile; plus tokenization cold vs cached and the
@@ -47,6 +51,7 @@ CASES = {  # case -> (peftlab overrides, Trainer-side flags)
     "lora": ([], []),
     "qlora": (QLORA, ["qlora"]),  # the baseline's prepare_model_for_kbit_training recomputes activations (its default)
     "qlora-ckpt": ([*QLORA, "train.gradient_checkpointing=true"], ["qlora"]),  # both recompute: like-for-like memory
+    "lora-grouped": ([], ["grouped"]),  # the Trainer tuned: train_sampling_strategy="group_by_length"
 }
 S2S_CASE = "samsum"  # MiniLM BERT2BERT LoRA on SAMSum: training, then beam-search generation on test rows
 MEMORY_CASE = "memory-0.7b"  # peftlab LoRA vs QLoRA on a ~0.73B BERT built from a config: peak RSS when weights dominate
@@ -65,9 +70,13 @@ ABLATIONS = {  # name -> (peftlab overrides, what it switches)
 
 
 def common_overrides(args) -> list[str]:
-    return [f"data.train.max_samples={args.rows}", f"data.eval.max_samples={args.eval_rows or 'null'}", f"train.max_steps={args.steps}",
+    """The recipe's rows and hyperparameters, evaluated on SST-2 dev every --eval-every steps for the time-to-target
+    column (no selection: keep_best off, and nothing reported as a test score)."""
+    return [f"data.train.max_samples={args.rows}", f"data.eval={REPO.parent / 'shared/data/sst2/dev.tsv'}", "data.eval_holdout=0",
+            "data.test=null", f"data.eval.max_samples={args.eval_rows or 'null'}", f"train.max_steps={args.steps}",
             f"train.eval_every={args.eval_every}", f"train.log_every={args.eval_every}",
-            "train.save_every=null", "train.keep_best=false", "export.merge=false", f"train.seed={args.seed}"]
+            "train.save_every=null", "train.keep_best=false", "export.merge=false", f"train.seed={args.seed}",
+            f"train.precision={args.precision}"]
 
 
 def count_tokens(model):
@@ -168,7 +177,9 @@ def worker_trainer(args, extra: list[str]) -> dict:
     targs = TrainingArguments(output_dir=tempfile.mkdtemp(), per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=recipe.eval.batch_size,
                               learning_rate=t.lr, weight_decay=t.weight_decay, warmup_steps=int(t.warmup_fraction * t.max_steps),
                               lr_scheduler_type="linear", max_steps=t.max_steps, eval_strategy="steps", eval_steps=t.eval_every,
-                              save_strategy="no", report_to="none", seed=t.seed, use_cpu=True, disable_tqdm=True)
+                              save_strategy="no", report_to="none", seed=t.seed, use_cpu=True, disable_tqdm=True,
+                              bf16=args.precision == "bf16",
+                              train_sampling_strategy="group_by_length" if "grouped" in extra else "random")
     clock = trainer_clock()
     trainer = Trainer(model=model, args=targs, train_dataset=train_ds, eval_dataset=eval_ds, data_collator=DataCollatorWithPadding(tok),
                       compute_metrics=accuracy, callbacks=[clock])
@@ -184,7 +195,7 @@ S2S_RECIPE = REPO / "recipes" / "minilm" / "samsum-lora.yaml"
 def s2s_overrides(args) -> list[str]:
     return [f"data.train.max_samples={args.s2s_rows}", "data.eval=null", f"data.test.max_samples={args.s2s_test}",
             f"train.max_steps={args.s2s_steps}", "train.eval_every=null", "train.log_every=10", "train.save_every=null",
-            "train.keep_best=false", "export.merge=false", f"train.seed={args.seed}"]
+            "train.keep_best=false", "export.merge=false", f"train.seed={args.seed}", f"train.precision={args.precision}"]
 
 
 def worker_peftlab_s2s(args) -> dict:
@@ -240,7 +251,7 @@ def worker_trainer_s2s(args) -> dict:
                                      per_device_eval_batch_size=recipe.eval.batch_size, learning_rate=t.lr, weight_decay=t.weight_decay,
                                      warmup_steps=int(t.warmup_fraction * t.max_steps), lr_scheduler_type="linear", max_steps=t.max_steps,
                                      eval_strategy="no", save_strategy="no", report_to="none", seed=t.seed, use_cpu=True,
-                                     disable_tqdm=True, predict_with_generate=True)
+                                     disable_tqdm=True, predict_with_generate=True, bf16=args.precision == "bf16")
     clock = trainer_clock()
     trainer = Seq2SeqTrainer(model=model, args=targs, train_dataset=train_ds, data_collator=DataCollatorForSeq2Seq(tok), callbacks=[clock])
     trainer.train()
@@ -324,14 +335,15 @@ def worker_eval(args) -> dict:
 # ------------------------------------------------------------------------------------------------ measurements in the parent
 
 
-def gemm_peak(threads: int) -> dict:
-    """fp32 matmul GFLOP/s at this thread count: a large square GEMM (the peak) and MiniLM's FFN shape at batch 32 x 16 tokens."""
+def gemm_peak(threads: int, precision: str = "fp32") -> dict:
+    """Matmul GFLOP/s in the training precision at this thread count: a large square GEMM (the peak) and MiniLM's FFN
+    shape at batch 32 x 16 tokens."""
     import torch
 
     torch.set_num_threads(threads)
-    out = {}
+    dtype, out = torch.bfloat16 if precision == "bf16" else torch.float32, {"precision": precision}
     for name, (m, k, n) in {"square_2048": (2048, 2048, 2048), "ffn_512x384x1536": (512, 384, 1536)}.items():
-        a, b = torch.randn(m, k), torch.randn(k, n)
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
         for _ in range(3):
             a @ b
         reps, t0 = 0, time.perf_counter()
@@ -339,7 +351,7 @@ def gemm_peak(threads: int) -> dict:
             a @ b
             reps += 1
         out[name] = 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
-    out["peak_gflops"] = max(out.values())
+    out["peak_gflops"] = max(out["square_2048"], out["ffn_512x384x1536"])
     return out
 
 
@@ -375,7 +387,8 @@ def spawn(args, kind: str, extra: list[str]) -> dict:
 
 def argv_of(args) -> list[str]:
     return [f"--rows={args.rows}", f"--eval-rows={args.eval_rows or 0}", f"--steps={args.steps}", f"--eval-every={args.eval_every}",
-            f"--seed={args.seed}", f"--s2s-rows={args.s2s_rows}", f"--s2s-steps={args.s2s_steps}", f"--s2s-test={args.s2s_test}"]
+            f"--seed={args.seed}", f"--s2s-rows={args.s2s_rows}", f"--s2s-steps={args.s2s_steps}", f"--s2s-test={args.s2s_test}",
+            f"--precision={args.precision}"]
 
 
 def derive(r: dict, target: float, length_of_tokens: float, trainable_base: bool, peak: float) -> dict:
@@ -416,6 +429,8 @@ def main() -> None:
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--ablation-steps", type=int, default=None, help="steps of each ablation run (default: --steps; bf16 runs 1/10th)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="both sides train in it (auto: peftlab's choice for this machine: bf16 where matmuls are native)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline in a few minutes")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -426,6 +441,10 @@ def main() -> None:
         args.rows, args.eval_rows, args.steps, args.eval_every = 640, 200, 20, 10
         args.s2s_rows, args.s2s_steps, args.s2s_test = 64, 4, 8
 
+    if args.precision == "auto":
+        from peftlab.accel import resolve_precision
+
+        args.precision = resolve_precision("auto")
     if args.worker:  # child process
         import resource
 
@@ -441,7 +460,7 @@ def main() -> None:
     name = args.name or ("throughput-quick" if args.quick else "throughput")
     RESULTS.mkdir(parents=True, exist_ok=True)
     print(f"GEMM peak at {args.threads} thread(s)...", flush=True)
-    gemm = gemm_peak(args.threads)
+    gemm = gemm_peak(args.threads, args.precision)
     peak = gemm["peak_gflops"]
     print(json.dumps(gemm), flush=True)
     length = mean_length(args)
@@ -509,7 +528,7 @@ def mean_length(args) -> float:
 
 def save(name: str, args, gemm: dict, length: float, rows: list[dict], extras: dict) -> None:
     config = {k: getattr(args, k) for k in ("rows", "eval_rows", "steps", "eval_every", "target", "threads", "quick", "s2s_rows",
-                                            "s2s_steps", "s2s_test")}
+                                            "s2s_steps", "s2s_test", "precision")}
     (RESULTS / f"{name}.json").write_text(json.dumps({"config": config, "gemm": gemm, "mean_tokens_per_row": length,
                                                       "rows": rows, **extras}, indent=2))
     (RESULTS / f"{name}.md").write_text(table(args, gemm, rows, extras) + "\n")
@@ -560,7 +579,7 @@ def s2s_table(args, rows: list[dict]) -> list[str]:
 
 def table(args, gemm: dict, rows: list[dict], extras: dict) -> str:
     cases = [c for c in dict.fromkeys(r["case"] for r in rows) if not c.startswith("ablation") and c not in (S2S_CASE, MEMORY_CASE)]
-    lines = [f"Machine: fp32 GEMM peak {gemm['peak_gflops']:.1f} GFLOP/s at {args.threads} thread(s) "
+    lines = [f"Machine: {gemm.get('precision', 'fp32')} GEMM peak {gemm['peak_gflops']:.1f} GFLOP/s at {args.threads} thread(s) "
              f"(MiniLM FFN shape: {gemm['ffn_512x384x1536']:.1f}). {args.steps} steps x batch 32, "
              f"{args.rows} SST-2 train rows, dev accuracy target {args.target:.2f}.", "",
              "| case | side | examples/s | real tokens/s | time to target (s) | final dev acc | peak RSS (MiB) | MFU | HFU (padded) |",

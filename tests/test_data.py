@@ -99,3 +99,20 @@ def test_length_grouped_sampler_is_a_seeded_permutation_with_little_padding():
     plain = list(range(1000))
     rng.shuffle(plain)
     assert padded(first) < 0.5 * padded(plain), (padded(first), padded(plain), sum(lengths))
+
+
+def test_classification_batches_pad_to_their_longest_row_only():
+    """No padding beyond the longest row (a multiple of 8 made length-grouped SST-2 batches 1.30x their real tokens
+    instead of 1.05x), and a batch of equal-length rows carries no padding at all (attention then needs no mask)."""
+    from transformers import AutoTokenizer
+
+    from peftlab.bases import resolve_model_path
+    from peftlab.tasks.classification import collator
+
+    tok = AutoTokenizer.from_pretrained(resolve_model_path("minilm"))
+    rows = [dict(tok(text), label=0, length=0, truncated=False) for text in ("a fine film", "a dull one", "it is a very long one indeed")]
+    collate = collator(tok)
+    batch = collate(rows)
+    longest = max(len(r["input_ids"]) for r in rows)
+    assert batch["input_ids"].shape == (3, longest) and longest % 8 != 0
+    assert bool(collate(rows[:2])["attention_mask"].all())
