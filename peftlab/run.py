@@ -87,9 +87,11 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
         raise ConfigError([f"train.keep_best=true with train.eval_every={recipe.train.eval_every}: keeping the best evaluation's "
                            "weights is not supported yet when FSDP or ZeRO-3 shard the weights. Set train.keep_best=false (the "
                            "last step is exported), or use --launch multi_gpu / deepspeed-zero2."])
-    lineage = start_from_run(recipe, accelerator) if recipe.model.from_run else []
-    problems = preflight(recipe)  # every problem beyond the recipe's own, before the run folder is touched
+    problems = preflight(recipe)  # every problem beyond the recipe's own, before any work and before the run folder is touched
     if problems:
+        raise ConfigError(problems)
+    lineage = start_from_run(recipe, accelerator) if recipe.model.from_run else []
+    if lineage and (problems := num_layers_problems(recipe)):  # that run's model, merged if it was not yet
         raise ConfigError(problems)
     out = recipe.out
     with folder.writing(resume=resume, overwrite=overwrite, recipe_yaml=recipe.to_yaml(),
@@ -153,16 +155,16 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
 def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
     """The checks that read more than the recipe: the trackers of train.report_to installed (else their pip command),
     model.num_layers against the base's config, the teacher of train.distill against the student. `run` makes them
-    before any work; `peftlab validate` without any work (`training=False`): a model.from_run not merged yet has its
-    layers checked when training merges it, and a teacher not trained yet is no problem yet."""
+    before any work (the layers of a model.from_run once it has merged that run); `peftlab validate` without any work
+    (`training=False`): the layers of a model.from_run already merged, and a teacher not trained yet is no problem yet."""
     problems = []
     try:
         resolve_trackers(recipe.train.report_to)
     except ConfigError as e:
         problems += e.problems
     from_run = recipe.model.from_run
-    if from_run is None or not (Path(from_run) / "adapter_config.json").is_file() or (Path(from_run) / "merged").is_dir():
-        problems += num_layers_problems(recipe)
+    if from_run is None or not training and (not (Path(from_run) / "adapter_config.json").is_file() or (Path(from_run) / "merged").is_dir()):
+        problems += num_layers_problems(recipe)  # (training from a run: `run` checks once it has merged that run)
     teacher = recipe.train.distill and (training or (Path(recipe.train.distill.teacher) / "run.json").is_file())
     return problems + (distill.check(recipe) if teacher else [])
 

@@ -269,3 +269,14 @@ def test_the_benchmark_derives_each_single_task_recipe_from_the_multitask_one(tm
         assert single.task.type == "classification" and single.multitask is None
         assert single.data == multi.multitask.tasks[task].data and single.adapter == multi.adapter and single.train.lr == multi.train.lr
     assert load_recipe(bench.single_recipe("mrpc"), validate_files=False).data.text_pair
+
+
+def test_routing_by_task_reads_nothing_back_from_the_device(task_files, tmp_path, tiny_bert, monkeypatch):
+    """The collator hands the tasks present in a batch over as host ints, so neither training nor evaluation asks the
+    device which tasks a batch holds (on a GPU that read is a sync every step)."""
+    def device_read(*args, **kwargs):
+        raise AssertionError("the task ids were read back from the device")
+
+    monkeypatch.setattr(torch.Tensor, "unique", device_read)
+    record = run(recipe_of(tmp_path, tree(task_files, tmp_path / "run", tiny_bert, adapters="per_task"), ["train.max_steps=6"]))
+    assert record.steps == 6 and set(record.metrics["eval"]) >= {"senti/accuracy", "topic/accuracy", "pair/f1"}

@@ -218,6 +218,19 @@ def test_from_run_refuses_a_missing_run_and_a_different_base(tmp_path, eos_llama
     assert not Path(tmp_path / "two").exists()  # refused before anything was written
 
 
+def test_from_run_checks_come_first_and_the_layers_of_its_merged_model_before_training(tmp_path, eos_llama, texts):
+    """A tracker that is not installed is refused before the earlier run is merged (minutes on a real LLM); too many
+    model.num_layers for that run's model, once it is merged; neither writes the new run's folder."""
+    first = run(recipe_for(tmp_path, eos_llama, texts, "clm", ["train.max_steps=1"], name="one"))
+    start = Path(first.output_dir)
+    with pytest.raises(ConfigError, match="report_to"):
+        run(recipe_for(tmp_path, eos_llama, texts, "clm", [f"model.from_run={start}", "train.report_to=[comet_ml]"], name="two"))
+    assert not (start / "merged").exists() and not (tmp_path / "two").exists()
+    with pytest.raises(ConfigError, match="model.num_layers=9: .* has 2 layers"):
+        run(recipe_for(tmp_path, eos_llama, texts, "clm", [f"model.from_run={start}", "model.num_layers=9"], name="two"))
+    assert (start / "merged").is_dir() and not (tmp_path / "two").exists()
+
+
 def test_a_classifier_from_an_mlm_run_keeps_the_original_pooler_and_trains_only_its_new_head(tmp_path, tiny_bert, texts,
                                                                                             sentiment_files):
     """A masked-LM model has no pooler, so the merged MLM run lacks one: the classifier built on it takes the original

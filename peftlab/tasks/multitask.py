@@ -151,8 +151,13 @@ def build_data(recipe, tokenizer, splits, label_names):
     def sampler(t):
         return TaskBlockSampler(joined["train"]["task"], joined["train"]["length"], probs, t.batch_size, t.seed)
 
+    pad = classification.collator(tokenizer)
+
+    def collate(rows):  # + the tasks present, as host ints: the model routes by them without reading the device back
+        return {**pad(rows), "present": sorted({r["task"] for r in rows})}
+
     return TaskData(train=joined["train"], eval=joined["eval"], test=joined["test"], label_names=label_names,
-                    collate=classification.collator(tokenizer), train_sampler=sampler)
+                    collate=collate, train_sampler=sampler)
 
 
 def task_probabilities(sizes: list[int], sampling: str, temperature: float) -> list[float]:
@@ -299,8 +304,9 @@ class MultiTaskModel(nn.Module):
                 p.requires_grad_(True)  # trainable and just get no gradient while inactive
         self.switch.current, self.active = task, task
 
-    def forward(self, task: torch.Tensor, labels: torch.Tensor | None = None, **inputs) -> MultiTaskOutput:
-        present = task.unique().tolist()
+    def forward(self, task: torch.Tensor, labels: torch.Tensor | None = None, present: list[int] | None = None,
+                **inputs) -> MultiTaskOutput:
+        present = task.unique().tolist() if present is None else present  # (the collator's: no device sync)
         n = len(task)
         losses = torch.zeros(n, device=task.device)
         predictions = torch.zeros(n, dtype=torch.long, device=task.device)
