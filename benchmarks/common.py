@@ -24,10 +24,9 @@ METHODS = {  # recipe overrides that turn a shipped LoRA recipe into each method
 }
 
 
-def train_process(name: str, recipe: str, overrides: list[str], out: Path, *, verbose: bool = False) -> tuple[dict, float, float]:
-    """`peftlab train RECIPE OVERRIDES --overwrite` in its own process -> (its run.json, its peak RSS in MiB from wait4,
-    process wall seconds). A failure raises with the last lines of its stderr."""
-    cmd = [sys.executable, "-m", "peftlab.cli", "-q", "train", recipe, *overrides, f"output_dir={out}", "--overwrite"]
+def measured_process(name: str, cmd: list[str], *, verbose: bool = False) -> tuple[float, float]:
+    """`cmd` in its own process (from the repository root) -> (its peak RSS in MiB from wait4, wall seconds). A failure
+    raises with the last lines of its stderr."""
     start = time.perf_counter()
     with tempfile.TemporaryFile() as err:
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=None if verbose else subprocess.DEVNULL, stderr=None if verbose else err)
@@ -37,7 +36,15 @@ def train_process(name: str, recipe: str, overrides: list[str], out: Path, *, ve
     wall = time.perf_counter() - start
     if status != 0:
         raise RuntimeError(f"[{name}] failed (exit {os.waitstatus_to_exitcode(status)}): " + " | ".join(tail))
-    return json.loads((out / "run.json").read_text()), usage.ru_maxrss / 1024, wall
+    return usage.ru_maxrss / 1024, wall
+
+
+def train_process(name: str, recipe: str, overrides: list[str], out: Path, *, verbose: bool = False) -> tuple[dict, float, float]:
+    """`peftlab train RECIPE OVERRIDES --overwrite` in its own process -> (its run.json, its peak RSS in MiB, process
+    wall seconds)."""
+    cmd = [sys.executable, "-m", "peftlab.cli", "-q", "train", recipe, *overrides, f"output_dir={out}", "--overwrite"]
+    rss, wall = measured_process(name, cmd, verbose=verbose)
+    return json.loads((out / "run.json").read_text()), rss, wall
 
 
 def stored_case(name: str, recipe: str, overrides: list[str], *, runs: Path, results: Path, prefix: str, fresh: bool = False,

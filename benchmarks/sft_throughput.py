@@ -27,16 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import RESULTS, train_process  # noqa: E402
+from benchmarks.common import RESULTS, measured_process, train_process  # noqa: E402
 
 RECIPE = REPO / "recipes/smollm2-135m/samsum-sft-lora.yaml"
 OUT = RESULTS / "sft_throughput"
@@ -137,17 +134,10 @@ def answer_loss(adapter: Path, rows: list[dict]) -> float:
 
 
 def spawn(args, side: str, seed: int, rows_file: Path, out: Path) -> tuple[dict, float]:
+    """A TRL side in its own process -> (its result, its peak RSS in MiB)."""
     cmd = [sys.executable, __file__, "--worker", side, "--seed-of-run", str(seed), "--rows-file", str(rows_file), "--out", str(out)]
-    if args.verbose:
-        cmd.append("--verbose")
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, stderr=None if args.verbose else err, stdout=subprocess.DEVNULL)
-        _, status, usage = os.wait4(proc.pid, 0)
-        err.seek(0)
-        tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
-    if status != 0:
-        raise RuntimeError(f"[{side}] failed: " + " | ".join(tail))
-    return json.loads((out / "result.json").read_text()), usage.ru_maxrss / 1024
+    rss, _ = measured_process(side, cmd + (["--verbose"] if args.verbose else []), verbose=args.verbose)
+    return json.loads((out / "result.json").read_text()), rss
 
 
 def run_pair(args, seed: int) -> None:
