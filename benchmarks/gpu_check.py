@@ -379,24 +379,26 @@ def bare_loop(model, batches, steps: int, dev: str, seconds: float, lr: float, p
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
 
     def step_once():
-        batch = {k: v.to(dev) for k, v in next(batches).items()}
+        batch = dict(next(batches))
+        real = batch.pop("real_tokens", None)  # packed rows: their tokens before padding, as peftlab counts them
+        batch = {k: v.to(dev) for k, v in batch.items()}
         with torch.autocast(dev, dtype=torch.bfloat16):
             loss = model(**batch).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return batch, loss
+        return batch, loss, real
 
     end, tokens, losses, t0, done = time.perf_counter() + seconds, 0, [], None, 0
     for step in range(steps):
-        batch, loss = step_once()
+        batch, loss, real = step_once()
         if step == 2:
             sync(dev)
             t0 = time.perf_counter()
         elif step > 2:
             mask = batch.get("attention_mask")
-            tokens += int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            tokens += real if real is not None else int(mask.sum()) if mask is not None else batch["input_ids"].numel()
             done += 1
         if step in (0, steps - 1) or time.perf_counter() > end:
             losses.append(loss.item())
@@ -483,7 +485,7 @@ def bare_sft(folder: Path, dev: str, s: dict, seconds: float, profile: Path | No
     packed, row, pos = [], [], []
     for x in seqs:
         if len(row) + len(x) > 512:
-            packed.append((row + [tok.pad_token_id] * (512 - len(row)), pos + list(range(512 - len(pos)))))
+            packed.append((row + [tok.pad_token_id] * (512 - len(row)), pos + list(range(512 - len(pos))), len(row)))
             row, pos = [], []
         row, pos = row + x, pos + list(range(len(x)))
     rng = random.Random(0)
@@ -492,8 +494,10 @@ def bare_sft(folder: Path, dev: str, s: dict, seconds: float, profile: Path | No
         while True:
             rng.shuffle(packed)
             for i in range(0, len(packed) - s["sft_batch"] + 1, s["sft_batch"]):
-                ids = torch.tensor([p[0] for p in packed[i:i + s["sft_batch"]]])
-                yield {"input_ids": ids, "position_ids": torch.tensor([p[1] for p in packed[i:i + s["sft_batch"]]]), "labels": ids}
+                chunk = packed[i:i + s["sft_batch"]]
+                ids = torch.tensor([p[0] for p in chunk])
+                yield {"input_ids": ids, "position_ids": torch.tensor([p[1] for p in chunk]), "labels": ids,
+                       "real_tokens": sum(p[2] for p in chunk)}
 
     res = bare_loop(model, batches(), s["sft_steps"], dev, seconds, 5e-4, profile)
     return res, n_lin, sum(p.numel() for p in model.parameters() if p.requires_grad), model, tok

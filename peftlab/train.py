@@ -81,24 +81,23 @@ class TrainState:
 
 
 class Window:
-    """Loss, tokens and examples since the last log line. They stay on the device until `flush`: no host sync per step."""
+    """Loss, tokens and examples since the last log line. The loss stays on the device until `flush`: no host sync per
+    step. Real tokens are the rows' own before padding (host ints from the loader: `with_real_tokens`), so the tail
+    padding of a packed row, which has no attention mask to tell it apart, is not counted as real."""
 
     def __init__(self, accelerator):
         self.acc = accelerator
         self.loss = torch.zeros((), device=accelerator.device)
-        self.tokens = torch.zeros((), dtype=torch.long, device=accelerator.device)
         self.reset()
 
     def reset(self) -> None:
         self.loss.zero_()
-        self.tokens.zero_()
-        self.micro = self.examples = self.padded = 0
+        self.micro = self.examples = self.tokens = self.padded = 0
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, batch: dict) -> None:
+    def add(self, loss: torch.Tensor, batch: dict, real_tokens: int) -> None:
         self.loss += loss.detach()
-        mask = batch.get("attention_mask")  # packed rows (sft, data.packing) have none: position ids separate the examples
-        self.tokens += mask.sum() if mask is not None else batch["input_ids"].numel()
+        self.tokens += real_tokens
         self.micro += 1
         self.examples += len(batch["labels"])
         self.padded += batch["input_ids"].numel()
@@ -115,7 +114,7 @@ class Window:
     def flush(self, state: TrainState) -> dict:
         """-> this window's loss and throughput (all ranks); adds its totals to `state` and starts a new window."""
         elapsed = self.elapsed()
-        counts = torch.stack([self.tokens, torch.tensor(self.padded, dtype=torch.long, device=self.acc.device)])
+        counts = torch.tensor([self.tokens, self.padded], dtype=torch.long, device=self.acc.device)
         tokens, padded = self.acc.reduce(counts, "sum").tolist()  # real and padded tokens of all ranks: one collective
         examples = self.examples * self.acc.num_processes
         record = {"loss": self.acc.reduce(self.loss, "mean").item() / max(self.micro, 1), "examples_per_s": examples / elapsed,
@@ -145,13 +144,22 @@ def train_loader(data: TaskData, t, processes: int) -> DataLoader:
     """Shuffled each epoch (seed + epoch, the same on every rank); grouped by length unless train.group_by_length=false.
     Groups are cut at the rows of one optimizer step (Accelerate deals consecutive batches to the ranks), so a step of
     N ranks x batch B x accumulation A sees the same rows as 1 rank x batch N*B*A."""
+    collate = with_real_tokens(data.collate)
     if data.train_sampler is not None:  # the task's own order (multitask: blocks of one task's rows per batch)
-        return DataLoader(data.train, batch_size=t.batch_size, sampler=data.train_sampler(t), collate_fn=data.collate)
+        return DataLoader(data.train, batch_size=t.batch_size, sampler=data.train_sampler(t), collate_fn=collate)
     if t.group_by_length:
         sampler = LengthGroupedSampler(data.train["length"], t.batch_size * processes * t.grad_accum, t.seed)
-        return DataLoader(data.train, batch_size=t.batch_size, sampler=sampler, collate_fn=data.collate)
+        return DataLoader(data.train, batch_size=t.batch_size, sampler=sampler, collate_fn=collate)
     g = torch.Generator().manual_seed(t.seed)
-    return DataLoader(data.train, batch_size=t.batch_size, shuffle=True, collate_fn=data.collate, generator=g)
+    return DataLoader(data.train, batch_size=t.batch_size, shuffle=True, collate_fn=collate, generator=g)
+
+
+def with_real_tokens(collate):
+    """The task's collate + `real_tokens`: the batch's tokens before padding, a host int (popped before the forward)."""
+    def collate_counted(rows):
+        return {**collate(rows), "real_tokens": sum(len(r["input_ids"]) for r in rows)}
+
+    return collate_counted
 
 
 def eval_loader(ds, batch_size: int, collate) -> DataLoader:
@@ -359,6 +367,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
             loader = accelerator.skip_first_batches(train_dl, batches_done) if batches_done else train_dl
             resume = False
             for batch in loader:
+                real_tokens = batch.pop("real_tokens")
                 with accelerator.accumulate(model):
                     loss = task_loss(model, batch, accelerator) if task_loss else model(**batch).loss
                     accelerator.backward(loss)
@@ -368,7 +377,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                     if accelerator.sync_gradients:
                         parts.schedule.step(state.step + 1)  # reads this step's gradients: before zero_grad
                     optimizer.zero_grad(set_to_none=True)
-                window.add(loss, batch)
+                window.add(loss, batch, real_tokens)
                 if not accelerator.sync_gradients:
                     continue
                 scheduler.step()

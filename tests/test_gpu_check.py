@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from .conftest import load_benchmark
@@ -19,6 +20,24 @@ def test_profile_steps_times_the_steps_and_writes_the_top_ops(tmp_path):
     assert len(calls) == 3 and res["wall_ms_per_step"] > 0
     assert res["device_busy_ms_per_step"] == 0 and res["kernel_launches_per_step"] == 0  # no device on the CPU
     assert "aten::" in (tmp_path / "profile.txt").read_text()
+
+
+def test_the_bare_loop_counts_a_packed_batchs_own_tokens_not_its_padding():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    bench = load_benchmark("gpu_check")
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    ids = torch.randint(0, 64, (2, 16))
+
+    def batches():
+        while True:  # 2 rows of 16 positions, 11 + 9 of them real
+            yield {"input_ids": ids, "position_ids": torch.arange(16).repeat(2, 1), "labels": ids, "real_tokens": 20}
+
+    res = bench.bare_loop(model, batches(), steps=6, dev="cpu", seconds=600, lr=1e-3)
+    assert res["steady_steps"] == 3
+    assert res["tokens_per_s"] / res["steps_per_s"] == pytest.approx(20)
 
 
 def test_report_shows_the_bare_loop_and_the_variant_beside_peftlab():

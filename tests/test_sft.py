@@ -180,6 +180,23 @@ def test_a_packed_batch_gives_each_example_the_loss_of_its_unpacked_row(tmp_path
     assert found == len(rows)
 
 
+@pytest.mark.parametrize("packing", [False, True])
+def test_real_tokens_per_second_count_no_padding_of_packed_or_padded_rows(tmp_path, chat_llama, packing):
+    path = write_jsonl(tmp_path / "m.jsonl", messages_rows())
+    r = recipe_for(tmp_path, chat_llama, path, ["data.max_length=48", f"data.packing={str(packing).lower()}",
+                                                "train.max_steps=null", "train.epochs=1", "train.batch_size=2",
+                                                "train.log_every=1", "data.eval=null"])
+    splits, _ = load_splits(r)
+    rows = build_data(r, chat_tokenizer(), splits=splits, label_names=[]).train
+    record = run(r)
+    real = sum(rows["length"])  # one epoch: every (packed) row once
+    assert record.train_tokens == real, (record.train_tokens, real)
+    assert record.train_padded_tokens > real  # the rows were padded (to the longest in the batch, a multiple of 8)
+    logged = [json.loads(line) for line in (r.out / "log.jsonl").read_text().splitlines() if '"train"' in line]
+    assert sum(x["tokens_per_s"] * (x["train_s"] - y) for x, y in zip(logged, [0] + [x["train_s"] for x in logged])) \
+        == pytest.approx(real, rel=1e-6)
+
+
 @pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
 @pytest.mark.parametrize("packing", [False, True])
 def test_the_loss_on_labelled_positions_only_equals_the_models_own_loss_and_gradients(tmp_path, chat_llama, monkeypatch,
