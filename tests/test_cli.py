@@ -79,6 +79,23 @@ def test_unknown_model_is_a_clear_error(make_recipe, capsys, tmp_path):
     assert "could not be fetched from the hub" in capsys.readouterr().err
 
 
+def test_help_and_the_package_import_load_no_torch():
+    """`peftlab --help` answers at once: the package's API is imported on first use, and torch with it."""
+    code = ("import sys, peftlab, peftlab.config; from peftlab.cli import main\n"
+            "try:\n    main(['train', '--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "import peftlab.run, peftlab.train  # submodules named like the API's functions do not replace them\n"
+            "assert callable(peftlab.run) and callable(peftlab.train) and 'torch' in sys.modules\n"
+            "assert 'load_trained' in dir(peftlab) and peftlab.load_trained.__module__ == 'peftlab.export'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "adapter.r" in done.stdout
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        import peftlab
+
+        peftlab.nope  # noqa: B018
+
+
 def test_env_and_help_list_the_recipe_keys(capsys):
     assert main(["env"]) == 0
     env = json.loads(capsys.readouterr().out)

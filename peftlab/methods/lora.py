@@ -8,8 +8,6 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-import torch
-
 from ..errors import ModelError
 from .base import Method, adamw_groups, register, save_pretrained
 from .peft_adapter import apply_peft
@@ -53,6 +51,8 @@ def apply(model: nn.Module, recipe: Recipe, head_modules: list[str], task_type: 
     a = recipe.adapter
     if recipe.train.gradient_checkpointing:  # frozen embeddings: without it no gradient reaches the checkpointed layers
         model.enable_input_require_grads()
+    import torch
+
     if a.init == "loftq" and not torch.cuda.is_available():
         raise ModelError("adapter.init=loftq needs a CUDA GPU: peft computes LoftQ's quantization on 'cuda' (or 'xpu') only "
                          "(peft/utils/loftq_utils.py). On this machine use adapter.init=default, or pissa/olora on an unquantized base.")

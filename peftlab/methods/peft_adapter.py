@@ -5,16 +5,18 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
-from torch import nn
-
 from ..errors import ModelError
 
 if TYPE_CHECKING:
+    from torch import nn
+
     from ..config import AdapterConfig, Recipe
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
     """Distinct leaf names of linear layers: the candidates for `adapter.target_modules`."""
+    from torch import nn
+
     names = set()
     for full, m in model.named_modules():
         if isinstance(m, nn.Linear) or type(m).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D"):

@@ -5,13 +5,15 @@ Its recipe rules live here too, beside the code they protect."""
 from __future__ import annotations
 
 import logging
-
-import torch
-from torch import nn
+from typing import TYPE_CHECKING
 
 from ..bases import load_tokenizer, resolve_model_path
 from ..errors import ModelError
 from ..methods import get_method, method_names
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,8 @@ def new_modules(model: nn.Module, missing: set[str]) -> list[str]:
 def copy_self_attention(decoder: nn.Module) -> int:
     """Start each decoder layer's cross-attention as a copy of its pretrained self-attention (same structure: query, key,
     value, output projection and norm), so that it attends by the pretrained similarity from the first step. -> layers."""
+    from torch import nn
+
     n = 0
     for layer in decoder.modules():
         cross, self_attn = getattr(layer, "crossattention", None), getattr(layer, "attention", None)
