@@ -371,8 +371,9 @@ def judge(key: str, res: dict, n_lin: int, peak: float, errors: dict, note) -> N
 
 # --------------------------------------------------------------------------------------------------------- bare fallbacks
 def bare_loop(model, batches, steps: int, dev: str, seconds: float, lr: float, profile: Path | None = None) -> dict:
-    """AdamW + bf16 autocast over `batches` (an endless iterator): tokens/s after 3 warm-up steps, stopped early at
-    `seconds`. The reference when peftlab's own path cannot run, and (with `profile`) where a step's time goes."""
+    """AdamW + bf16 autocast over `batches` (an endless iterator of model inputs, each with `real_tokens`: its rows'
+    tokens before padding): tokens/s after 3 warm-up steps, stopped early at `seconds`. The reference when peftlab's
+    own path cannot run, and (with `profile`) where a step's time goes."""
     import torch
 
     model.to(dev).train()
@@ -380,7 +381,7 @@ def bare_loop(model, batches, steps: int, dev: str, seconds: float, lr: float, p
 
     def step_once():
         batch = dict(next(batches))
-        real = batch.pop("real_tokens", None)  # packed rows: their tokens before padding, as peftlab counts them
+        real = batch.pop("real_tokens")  # the rows' tokens before padding, counted on the host, as peftlab counts them
         batch = {k: v.to(dev) for k, v in batch.items()}
         with torch.autocast(dev, dtype=torch.bfloat16):
             loss = model(**batch).loss
@@ -388,17 +389,16 @@ def bare_loop(model, batches, steps: int, dev: str, seconds: float, lr: float, p
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        return batch, loss, real
+        return loss, real
 
     end, tokens, losses, t0, done = time.perf_counter() + seconds, 0, [], None, 0
     for step in range(steps):
-        batch, loss, real = step_once()
+        loss, real = step_once()
         if step == 2:
             sync(dev)
             t0 = time.perf_counter()
         elif step > 2:
-            mask = batch.get("attention_mask")
-            tokens += real if real is not None else int(mask.sum()) if mask is not None else batch["input_ids"].numel()
+            tokens += real
             done += 1
         if step in (0, steps - 1) or time.perf_counter() > end:
             losses.append(loss.item())
@@ -460,7 +460,7 @@ def bare_cls(dev: str, s: dict, seconds: float, profile: Path | None = None) -> 
             for i in range(0, len(pool), s["cls_batch"]):
                 chunk = pool[i:i + s["cls_batch"]]
                 enc = tok([r[0] for r in chunk], padding=True, truncation=True, max_length=66, return_tensors="pt")
-                yield {**enc, "labels": torch.tensor([int(r[1]) for r in chunk])}
+                yield {**enc, "labels": torch.tensor([int(r[1]) for r in chunk]), "real_tokens": int(enc["attention_mask"].sum())}
 
     res = bare_loop(model, batches(), s["cls_steps"], dev, seconds, 1e-3, profile)
     return res, n_lin, sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -539,7 +539,7 @@ def report(r: dict) -> str:
         lines.append(f"\n**{name} failed**: `{err.splitlines()[-1] if err else ''}`")
     lines += ["", "MFU: N = parameters of the Linear layers each token goes through (LoRA included); training 6N, inference 2N "
               "FLOPs per token, attention scores not counted; LoRA-aware: 4N frozen + 6N trainable. tokens/s: steady state "
-              "(the first log window left out), real tokens (padding excluded; packed rows count whole)."]
+              "(the first log window left out), real tokens (padding excluded, the tail padding of packed rows too)."]
     return "\n".join(lines) + "\n"
 
 
