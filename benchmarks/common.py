@@ -53,6 +53,7 @@ def stored_case(name: str, recipe: str, overrides: list[str], *, runs: Path, res
     runs/NAME, the run named PREFIX-NAME; a stored result is returned as it is unless `fresh`."""
     dest = results / f"{name}.json"
     if dest.exists() and not fresh:
+        print(f"[{name}] stored: {dest} (--fresh measures it again)", flush=True)
         return json.loads(dest.read_text())
     print(f"[{name}] peftlab train {recipe} {' '.join(overrides)}", flush=True)
     run, rss, wall = train_process(name, recipe, [*overrides, f"name={prefix}-{name}"], runs / name, verbose=verbose)

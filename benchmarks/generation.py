@@ -1,6 +1,6 @@
 """Generation speed: peftlab's evaluation vs `model.generate` called the plain way, on the same rows (issue 21, item 5).
 
-A finished SFT run (default: the SmolLM2 SAMSum LoRA run of `llm.py`, runs/llm-samsum-lora) generates greedy answers
+A finished SFT run (default: the SmolLM2 SAMSum LoRA run of `llm.py`, runs/llm/samsum-lora) generates greedy answers
 to the same N test rows, with the same model, batch size, max_new_tokens, stop tokens and precision, three ways:
 
 - `peftlab`: `peftlab.evaluate(run, "test")`: rows sorted by length, prompts left-padded, KV cache; its report gives
@@ -12,7 +12,7 @@ to the same N test rows, with the same model, batch size, max_new_tokens, stop t
 Written tokens are counted up to each row's first stop token (`sft.new_token_counts`); rows/s is the user's view
 (time to score the split); ROUGE-L shows what the padding side costs in quality.
 
-    python benchmarks/generation.py --run runs/llm-samsum-lora --rows 128     # ~10 min on 2 CPU cores
+    python benchmarks/generation.py --run runs/llm/samsum-lora --rows 128     # ~10 min on 2 CPU cores
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ def plain(parts: dict, side: str) -> dict:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", type=Path, default=REPO / "runs" / "llm-samsum-lora")
+    p.add_argument("--run", type=Path, default=REPO / "runs" / "llm" / "samsum-lora")
     p.add_argument("--rows", type=int, default=128, help="seeded test rows")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--name", default="generation")

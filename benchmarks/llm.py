@@ -6,10 +6,10 @@ peak memory with activation checkpointing and a bf16 base (issue 21: the memory-
     python benchmarks/llm.py --report                                   # tables + plot from the finished cases
 
 Every case is one `peftlab train` process on a shipped recipe under recipes/smollm2-135m/ plus the overrides listed in
-CASES (nothing else differs), its peak RSS read from wait4. Each finished case is written to
-benchmarks/results/llm/<case>.json (its run.json + RSS + wall time) before the next starts, so an interrupted
-invocation loses at most the case that was running; `--fresh` measures a case again (the old file is replaced only
-when the new run has finished). The report adds Lead-3 on the same SAMSum test rows and the stored MiniLM BERT2BERT
+CASES (nothing else differs), its peak RSS read from wait4, its run folder runs/llm/<case>. Each finished case is
+written to benchmarks/results/llm/<case>.json (its run.json + RSS + wall time) before the next starts, so an
+interrupted invocation loses at most the case that was running; `--fresh` measures a case again (the old file is
+replaced only when the new run has finished). The report adds Lead-3 on the same SAMSum test rows and the stored MiniLM BERT2BERT
 figures (benchmarks/results/summarization-full-selfinit.json, 200 test rows) next to SmolLM2 on those same 200 rows.
 Selection: every recipe keeps its best step on a validation split or a train holdout, never on the test split.
 """
@@ -23,9 +23,9 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab
-from benchmarks.common import RESULTS, train_process  # noqa: E402
+from benchmarks.common import REPO, RESULTS, stored_case  # noqa: E402
 
-OUT = RESULTS / "llm"
+RUNS, OUT = REPO / "runs" / "llm", RESULTS / "llm"
 R = "recipes/smollm2-135m/"
 ZERO = ["train.max_steps=0"]
 SHORT = ["train.max_steps=150", "train.eval_every=75", "train.save_every=75"]  # classification: 150 steps x 16 rows
@@ -69,24 +69,6 @@ SST2_FIRST = [  # the first SmolLM2 runs (before this script; benchmarks/README.
 ]
 
 
-def run_case(name: str, fresh: bool, verbose: bool) -> None:
-    dest = OUT / f"{name}.json"
-    if dest.exists() and not fresh:
-        print(f"[{name}] done before: {dest} (--fresh to measure again)", flush=True)
-        return
-    recipe, overrides = CASES[name]
-    print(f"[{name}] peftlab train {recipe} {' '.join(overrides)}", flush=True)
-    run, rss, wall = train_process(name, recipe, [*overrides, f"name=llm-{name}"], REPO / "runs" / f"llm-{name}",
-                                   verbose=verbose)
-    OUT.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"case": name, "recipe": recipe, "overrides": overrides, "peak_rss_mib": rss,
-                               "process_wall_s": wall, "run": run}, indent=2))
-    tmp.replace(dest)
-    print(f"[{name}] {json.dumps(run['metrics'].get('test', run['metrics']))[:300]}  peak RSS {rss:.0f} MiB, {wall:.0f} s",
-          flush=True)
-
-
 def load(name: str) -> dict | None:
     f = OUT / f"{name}.json"
     return json.loads(f.read_text()) if f.exists() else None
@@ -123,7 +105,7 @@ def samsum_rows() -> list[str]:
         if c is None:
             continue
         run = c["run"]
-        preds = [json.loads(x) for x in (REPO / "runs" / f"llm-{case}" / "predictions-test.jsonl").read_text().splitlines()]
+        preds = [json.loads(x) for x in (RUNS / case / "predictions-test.jsonl").read_text().splitlines()]
         refs = [p["reference"] for p in preds]
         train = f"{run['steps']} steps, {run['train_wall_s'] / 60:.0f} min" if run["steps"] else "none"
         m, _ = score(label, [p["prediction"] for p in preds], refs)
@@ -165,7 +147,7 @@ def gsm8k_rows() -> list[str]:
             continue
         run, m = c["run"], c["run"]["metrics"]["test"]
         train = f"{run['steps']} steps, {run['train_examples']:,} ex, {run['train_wall_s'] / 60:.0f} min" if run["steps"] else "none"
-        rows = len((REPO / "runs" / f"llm-{case}" / "predictions-test.jsonl").read_text().splitlines())
+        rows = len((RUNS / case / "predictions-test.jsonl").read_text().splitlines())
         out.append(f"| {case.split('-', 1)[1]} | {rows} | {pct(m.get('answer_accuracy'))} | "
                    f"{pct(m.get('answer_format'))} | {train} | {c['peak_rss_mib']:.0f} |")
     return out
@@ -231,7 +213,8 @@ def main() -> None:
     if unknown:
         p.error(f"unknown case(s) {unknown}; --list shows them")
     for name in names:
-        run_case(name, args.fresh, args.verbose)
+        recipe, overrides = CASES[name]
+        stored_case(name, recipe, overrides, runs=RUNS, results=OUT, prefix="llm", fresh=args.fresh, verbose=args.verbose)
     if args.report:
         report()
 

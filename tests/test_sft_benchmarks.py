@@ -49,3 +49,28 @@ def test_sft_throughput_report_pairs_each_side_with_peftlab_by_rows_and_seed(tmp
     assert ratios == {("peftlab", "0"): "1.00x", ("trl", "0"): "3.00x", ("trl-packed", "0"): "1.20x", ("peftlab", "1"): "1.00x",
                       ("trl", "1"): "1.00x"}
     assert (tmp_path / "sft_throughput.md").read_text().strip() == text
+
+
+def test_a_stored_benchmark_case_is_reused_and_a_failed_rerun_keeps_it(tmp_path, monkeypatch):
+    """benchmarks.common.stored_case (llm.py, multitask.py, domain_adaptation.py): a finished case is read back without
+    a process; `fresh` measures it again, and a rerun that fails leaves the stored result as it was."""
+    common = load_benchmark("common")
+    calls = []
+
+    def process(name, recipe, overrides, out, *, verbose=False):
+        calls.append((name, overrides, out))
+        if len(calls) == 3:
+            raise RuntimeError("the run failed")
+        return {"metrics": {"test": {"accuracy": 0.5 + len(calls) / 10}}}, 100.0, 2.0
+
+    monkeypatch.setattr(common, "train_process", process)
+    runs, results = tmp_path / "runs", tmp_path / "results"
+    case = lambda fresh: common.stored_case("a", "r.yaml", ["x=1"], runs=runs, results=results, prefix="llm", fresh=fresh)  # noqa: E731
+    first = case(False)
+    assert calls == [("a", ["x=1", "name=llm-a"], runs / "a")] and first["name"] == "a"
+    assert case(False) == first and len(calls) == 1  # stored: no second process
+    assert case(True)["run"]["metrics"]["test"]["accuracy"] == 0.7 and len(calls) == 2
+    stored = (results / "a.json").read_text()
+    with pytest.raises(RuntimeError, match="failed"):
+        case(True)
+    assert (results / "a.json").read_text() == stored and not list(results.glob("*.tmp"))
