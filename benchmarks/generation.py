@@ -1,10 +1,12 @@
 """Generation speed: peftlab's evaluation vs `model.generate` called the plain way, on the same rows (issue 21, item 5).
 
 A finished SFT run (default: the SmolLM2 SAMSum LoRA run of `llm.py`, runs/llm/samsum-lora) generates greedy answers
-to the same N test rows, with the same model, batch size, max_new_tokens, stop tokens and precision, three ways:
+to the same N test rows, with the same model, batch size, max_new_tokens, stop tokens and precision, four ways:
 
 - `peftlab`: `peftlab.evaluate(run, "test")`: rows sorted by length, prompts left-padded, KV cache; its report gives
   the seconds spent in generate and the tokens written (eval_report's `generation`);
+- `peftlab, adapter unfolded`: the same with `eval.merge_adapter=false` (the adapter's own pass in every layer, as
+  during training), which isolates what folding the adapter into the base gives;
 - `plain-left`: the rows in data order (the batch as given), left-padded, KV cache;
 - `plain`: the rows in data order, padded on the tokenizer's own side (right for SmolLM2), as a first try would do it:
   transformers warns that right padding is wrong for a decoder, and the padded rows' answers show it.
@@ -86,13 +88,14 @@ def main() -> None:
 
     overrides = [f"data.test.max_samples={args.rows}", f"eval.batch_size={args.batch}"]
     results = []
-    with tempfile.TemporaryDirectory() as tmp:
-        evaluate(args.run, "test", overrides, results_dir=tmp)
-        gen = json.loads((Path(tmp) / "eval-test.json").read_text())["report"]["generation"]
-        rows = [json.loads(x) for x in (Path(tmp) / "predictions-test.jsonl").read_text().splitlines()]
-    refs = {r["row"]: r["reference"] for r in rows}
-    results.append({"side": "peftlab", "seconds": gen["seconds"], "new_tokens": gen["new_tokens"],
-                    "rougeL": score([r["prediction"] for r in rows], [r["reference"] for r in rows], None)["rougeL"]})
+    for side, extra in (("peftlab", []), ("peftlab, adapter unfolded", ["eval.merge_adapter=false"])):
+        with tempfile.TemporaryDirectory() as tmp:
+            evaluate(args.run, "test", [*overrides, *extra], results_dir=tmp)
+            gen = json.loads((Path(tmp) / "eval-test.json").read_text())["report"]["generation"]
+            rows = [json.loads(x) for x in (Path(tmp) / "predictions-test.jsonl").read_text().splitlines()]
+        refs = {r["row"]: r["reference"] for r in rows}
+        results.append({"side": side, "seconds": gen["seconds"], "new_tokens": gen["new_tokens"],
+                        "rougeL": score([r["prediction"] for r in rows], [r["reference"] for r in rows], None)["rougeL"]})
     parts = prepare(args.run, overrides)
     for side in ("plain-left", "plain"):
         out = plain(parts, side)

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from accelerate.utils import set_seed
@@ -21,6 +22,7 @@ from .config import ModelConfig, Recipe, load_recipe
 from .data import build_data, load_splits
 from .errors import ArtifactError, ConfigError
 from .export import atomic_write_text, export, merge, predictions_jsonl, rebuild
+from .methods import get_method
 from .model import build_model, num_layers_problems
 from .rundir import RECIPE_FILE, RunDir, RunRecord, read_run
 from .tasks import get_task
@@ -56,12 +58,34 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
 
 
 def evaluate_split(model, ds, data, accelerator, recipe: Recipe, tokenizer):
-    """One split through the task's evaluation -> (metrics, report, prediction rows or None).
-    Generative tasks return one row per example; they are written as JSONL beside the report, not inside it."""
+    """One split through the task's evaluation -> (metrics, report, prediction rows or None), the adapter folded into
+    the base while it runs (`adapter_folded`). Generative tasks return one row per example; they are written as JSONL
+    beside the report, not inside it. (Evaluations during training call the task directly, unfolded.)"""
     loader = accelerator.prepare(eval_loader(ds, recipe.eval.batch_size, data.eval_collate or data.collate))
-    metrics, report = get_task(recipe.task.type).evaluate(model, loader, accelerator, data.label_names, tokenizer=tokenizer,
-                                                          recipe=recipe)
+    with adapter_folded(accelerator.unwrap_model(model), recipe, accelerator):
+        metrics, report = get_task(recipe.task.type).evaluate(model, loader, accelerator, data.label_names, tokenizer=tokenizer,
+                                                              recipe=recipe)
     return metrics, report, report.pop("predictions", None)
+
+
+@contextmanager
+def adapter_folded(model, recipe: Recipe, accelerator):
+    """eval.merge_adapter: a mergeable adapter (LoRA, DoRA, IA3, ...) added into its float base's weights for the final
+    evaluations, then subtracted again (peft's merge_adapter / unmerge_adapter): the same function, one matmul per layer
+    instead of the base's plus the adapter's own pass, so scoring and generation run faster. Left unfolded: quantized
+    bases (4/8-bit weights would round the update away), sharded weights, a model holding several adapters, methods
+    that do not merge (prompt tuning, full, frozen). Unfolding restores the base up to float rounding (what is exported
+    is the adapter, unchanged)."""
+    fold = (recipe.eval.merge_adapter and recipe.quant.mode == "none" and not shards_weights(accelerator)
+            and get_method(recipe.adapter.method).mergeable and len(getattr(model, "peft_config", {})) == 1)
+    if not fold:
+        yield
+        return
+    model.merge_adapter()
+    try:
+        yield
+    finally:
+        model.unmerge_adapter()
 
 
 def load_splits_for(recipe: Recipe, split: str, label_names: list[str]):

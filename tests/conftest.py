@@ -148,3 +148,33 @@ def wait_for(predicate, proc, timeout: float = 180.0) -> None:
         time.sleep(0.05)
     proc.kill()
     pytest.fail("timed out waiting for the run to make progress")
+
+
+IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+
+
+def chat_tokenizer():
+    """MiniLM's tokenizer + ChatML special tokens and template; pad == eos == <|im_end|>, as in SmolLM2."""
+    from peftlab.tasks.sft import NAMED_TEMPLATES
+
+    tok = minilm_tokenizer()
+    tok.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
+    tok.eos_token = IM_END
+    tok.pad_token = IM_END
+    tok.chat_template = NAMED_TEMPLATES["chatml"]
+    return tok
+
+
+@pytest.fixture(scope="module")
+def chat_llama(tmp_path_factory) -> Path:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    tok = chat_tokenizer()
+    d = tmp_path_factory.mktemp("tiny-chat-llama")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=None)
+    LlamaForCausalLM(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -15,37 +15,10 @@ from peftlab import build_data, load_recipe, load_splits, load_trained, run
 from peftlab.errors import ConfigError, DataError
 from peftlab.tasks import sft
 
-from .conftest import REPO, minilm_tokenizer, shared_or_skip
-
-IM_START, IM_END = "<|im_start|>", "<|im_end|>"
+from .conftest import IM_END, IM_START, REPO, chat_tokenizer, shared_or_skip
 
 QA = [("what is the capital of france", "paris"), ("what color is the sky", "blue"), ("how many legs has a cat", "four"),
       ("what do bees make", "honey"), ("what is frozen water", "ice"), ("which animal barks", "a dog")]
-
-
-def chat_tokenizer():
-    """MiniLM's tokenizer + ChatML special tokens and template; pad == eos == <|im_end|>, as in SmolLM2."""
-    tok = minilm_tokenizer()
-    tok.add_special_tokens({"additional_special_tokens": [IM_START, IM_END]})
-    tok.eos_token = IM_END
-    tok.pad_token = IM_END
-    tok.chat_template = sft.NAMED_TEMPLATES["chatml"]
-    return tok
-
-
-@pytest.fixture(scope="module")
-def chat_llama(tmp_path_factory) -> Path:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    tok = chat_tokenizer()
-    d = tmp_path_factory.mktemp("tiny-chat-llama")
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                      num_key_value_heads=2, max_position_embeddings=256, pad_token_id=tok.pad_token_id,
-                      eos_token_id=tok.eos_token_id, bos_token_id=None)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -281,6 +254,31 @@ def test_sft_end_to_end_learns_exports_and_reloads(tmp_path, chat_llama, packing
                              pad_token_id=tok.pad_token_id, eos_token_id=sft.stop_ids(tok))
     assert tok.decode(out[0, len(row["gen_ids"]):], skip_special_tokens=True).strip() == preds[0]["prediction"]
     assert record.task == "sft"
+
+
+@pytest.mark.parametrize("method,folds", [("lora", True), ("ia3", True), ("prompt_tuning", False)])
+def test_the_final_evaluation_folds_a_mergeable_adapter_and_scores_the_same(tmp_path, chat_llama, monkeypatch, method, folds):
+    """eval.merge_adapter (default): the final evaluations run with the adapter merged into the base, then unmerged;
+    the loss and every generated answer are those of the unfolded adapter. Prompt tuning has nothing to fold."""
+    from peft.tuners.tuners_utils import BaseTuner
+
+    calls = []
+    for name in ("merge_adapter", "unmerge_adapter"):
+        original = getattr(BaseTuner, name)
+        monkeypatch.setattr(BaseTuner, name, lambda self, *a, _f=original, _n=name, **k: (calls.append(_n), _f(self, *a, **k))[1])
+    path = write_jsonl(tmp_path / "m.jsonl", messages_rows())
+    adapter = {"lora": [], "ia3": ["adapter.method=ia3", "adapter.target_modules=null"],
+               "prompt_tuning": ["adapter.method=prompt_tuning", "adapter.target_modules=null"]}[method]
+    results = {}
+    for fold in (True, False):
+        calls.clear()
+        (tmp_path / str(fold)).mkdir()
+        r = recipe_for(tmp_path / str(fold), chat_llama, path, [*adapter, "train.max_steps=20", f"eval.merge_adapter={str(fold).lower()}"])
+        record = run(r)
+        assert calls == (["merge_adapter", "unmerge_adapter"] if fold and folds else []), calls  # one split: data.eval
+        results[fold] = (record.metrics["eval"], (r.out / "predictions-eval.jsonl").read_text())
+    (folded, folded_preds), (plain, plain_preds) = results[True], results[False]
+    assert folded["loss"] == pytest.approx(plain["loss"], rel=1e-5) and folded_preds == plain_preds
 
 
 def test_generated_tokens_are_counted_up_to_the_first_stop_token():

@@ -9,6 +9,7 @@ import pytest
 from peftlab.tasks import sft
 
 from .conftest import load_benchmark, shared_or_skip
+from .test_sft import messages_rows, recipe_for, write_jsonl
 
 
 @pytest.mark.slow
@@ -74,3 +75,22 @@ def test_a_stored_benchmark_case_is_reused_and_a_failed_rerun_keeps_it(tmp_path,
     with pytest.raises(RuntimeError, match="failed"):
         case(True)
     assert (results / "a.json").read_text() == stored and not list(results.glob("*.tmp"))
+
+
+def test_generation_benchmark_compares_the_same_rows_folded_unfolded_and_plain(tmp_path, monkeypatch, chat_llama):
+    """generation.py on a tiny finished SFT run: four sides on the same test rows; in fp32 the folded adapter
+    (`peftlab eval`'s default) writes exactly the answers of the unfolded one, and left padding those of peftlab."""
+    from peftlab import run
+
+    bench = load_benchmark("generation")
+    monkeypatch.setattr(bench, "RESULTS", tmp_path / "results")
+    path = write_jsonl(tmp_path / "m.jsonl", messages_rows())
+    recipe = recipe_for(tmp_path, chat_llama, path, ["train.max_steps=20", f"data.test={path}"])
+    run(recipe)
+    monkeypatch.setattr("sys.argv", ["generation.py", "--run", str(recipe.out), "--rows", "6", "--batch", "4", "--name", "g"])
+    bench.main()
+    results = {r["side"]: r for r in json.loads((tmp_path / "results" / "g.json").read_text())["results"]}
+    assert list(results) == ["peftlab", "peftlab, adapter unfolded", "plain-left", "plain"]
+    assert all(r["rows"] == 6 and r["seconds"] > 0 for r in results.values())
+    folded, unfolded, left = results["peftlab"], results["peftlab, adapter unfolded"], results["plain-left"]
+    assert folded["new_tokens"] == unfolded["new_tokens"] == left["new_tokens"] and folded["rougeL"] == unfolded["rougeL"]
