@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -85,7 +86,9 @@ def adapter_folded(model, recipe: Recipe, accelerator):
     try:
         yield
     finally:
-        model.unmerge_adapter()
+        with warnings.catch_warnings():  # IA3's unmerge divides by its scales: exact up to rounding, which it warns about
+            warnings.filterwarnings("ignore", message="Unmerge result can be inaccurate")
+            model.unmerge_adapter()
 
 
 def load_splits_for(recipe: Recipe, split: str, label_names: list[str]):

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from peftlab import load_trained, merge, run
+from peftlab import evaluate, load_trained, merge, run
 from peftlab.errors import ArtifactError
 from peftlab.methods import get_method, method_names
 
@@ -49,6 +49,9 @@ def test_method_trains_saves_reloads_and_merges(make_recipe, method, monkeypatch
     torch.testing.assert_close(logits(model), logits(again), atol=0, rtol=0)
     assert summary["metrics"]["eval"]["loss"] == pytest.approx(
         json.loads((recipe.out / "metrics.json").read_text())["eval"]["loss"])
+    # the run's final evaluation folded a mergeable adapter into the base (eval.merge_adapter): the same score unfolded
+    unfolded = evaluate(recipe.out, "eval", ["eval.merge_adapter=false"], results_dir=recipe.out.parent / "unfolded")
+    assert unfolded["loss"] == pytest.approx(summary["metrics"]["eval"]["loss"], rel=1e-5)
     if method in PROMPT_METHODS:
         with pytest.raises(ArtifactError, match="nothing to fold into the weights"):
             merge(recipe.out)
