@@ -81,6 +81,7 @@ def pct(x) -> str:
 SAMSUM_TEST = REPO.parent / "shared/data/samsum/test.csv"
 SYSTEMS = (("samsum-zero-shot", "SmolLM2 zero-shot"), ("samsum-lora", "SmolLM2 + LoRA"),
            ("samsum-lora-400", "SmolLM2 + LoRA, 400 steps"), ("samsum-qlora", "SmolLM2 + QLoRA (4-bit NF4)"))
+PAIRED = (("samsum-qlora", "samsum-lora"), ("samsum-lora-400", "samsum-lora"))  # QLoRA vs LoRA at 120 steps; 400 vs 120 steps
 
 
 def samsum_rows() -> list[str]:
@@ -88,7 +89,7 @@ def samsum_rows() -> list[str]:
     was scored on (recipes/minilm/samsum-lora.yaml: test max_samples 200, seed 42), every system rescored on them."""
     import datasets
 
-    from benchmarks.summarization import lead3, score
+    from benchmarks.summarization import lead3, paired_difference, score
 
     test = datasets.load_dataset("csv", data_files=str(SAMSUM_TEST))["train"]
     dialogue = {s.strip(): d for d, s in zip(test["dialogue"], test["summary"])}
@@ -99,7 +100,7 @@ def samsum_rows() -> list[str]:
     def line(label, m, n, words, train="none", rss=""):
         return f"| {label} | {n} | {pct(m['rouge1'])} | {pct(m['rouge2'])} | {pct(m['rougeL'])} | {words:.1f} | {train} | {rss} |"
 
-    refs = None
+    refs, per_row = None, {}
     for case, label in SYSTEMS:
         c = load(case)
         if c is None:
@@ -108,7 +109,8 @@ def samsum_rows() -> list[str]:
         preds = [json.loads(x) for x in (RUNS / case / "predictions-test.jsonl").read_text().splitlines()]
         refs = [p["reference"] for p in preds]
         train = f"{run['steps']} steps, {run['train_wall_s'] / 60:.0f} min" if run["steps"] else "none"
-        m, _ = score(label, [p["prediction"] for p in preds], refs)
+        m, rows = score(label, [p["prediction"] for p in preds], refs)
+        per_row[case] = {p["row"]: r1 for p, r1 in zip(preds, rows["rouge1"])}
         full.append(line(label, m, len(preds), m["words"], train, f"{c['peak_rss_mib']:.0f}"))
         mine = [p for p in preds if p["reference"].strip() in b2b_rows]
         m, _ = score(label, [p["prediction"] for p in mine], [p["reference"] for p in mine])
@@ -120,7 +122,15 @@ def samsum_rows() -> list[str]:
         for row in b2b["rows"]:
             subset.append(line(f"{row['system']} (stored run)", row, row["rows"], row["words"],
                                f"{b2b['meta']['steps']} steps, {b2b['meta']['train_wall_s'] / 60:.0f} min" if "MiniLM" in row["system"] else "none"))
-    return full + ["", "The 200 test rows of the stored MiniLM BERT2BERT run (benchmarks/results/summarization-full-selfinit.json):", ""] + subset
+    pairs = []
+    for a, b in PAIRED:  # the same test rows, per-row ROUGE-1 differences with a paired-bootstrap 95% interval
+        if a in per_row and b in per_row and per_row[a].keys() == per_row[b].keys():
+            rows = sorted(per_row[a])
+            d = paired_difference([per_row[a][r] for r in rows], [per_row[b][r] for r in rows])
+            pairs.append(f"- ROUGE-1, {a} - {b} on the same {len(rows)} rows: {100 * d['mean']:+.2f} "
+                         f"(95% paired bootstrap {100 * d['ci95'][0]:+.2f} to {100 * d['ci95'][1]:+.2f})")
+    return (full + [""] + pairs + ["", "The 200 test rows of the stored MiniLM BERT2BERT run "
+                                   "(benchmarks/results/summarization-full-selfinit.json):", ""] + subset)
 
 
 def classification_rows() -> list[str]:
