@@ -258,7 +258,7 @@ def test_sft_end_to_end_learns_exports_and_reloads(tmp_path, chat_llama, packing
 
 @pytest.mark.parametrize("method,folds", [("lora", True), ("ia3", True), ("prompt_tuning", False)])
 def test_the_final_evaluation_folds_a_mergeable_adapter_and_scores_the_same(tmp_path, chat_llama, monkeypatch, method, folds):
-    """eval.merge_adapter (default): the final evaluations run with the adapter merged into the base, then unmerged;
+    """eval.merge_adapter (default): the final evaluations run with the adapter merged into an fp32 base, then unmerged;
     the loss and every generated answer are those of the unfolded adapter. Prompt tuning has nothing to fold."""
     from peft.tuners.tuners_utils import BaseTuner
 
@@ -279,6 +279,20 @@ def test_the_final_evaluation_folds_a_mergeable_adapter_and_scores_the_same(tmp_
         results[fold] = (record.metrics["eval"], (r.out / "predictions-eval.jsonl").read_text())
     (folded, folded_preds), (plain, plain_preds) = results[True], results[False]
     assert folded["loss"] == pytest.approx(plain["loss"], rel=1e-5) and folded_preds == plain_preds
+
+
+def test_only_adapters_over_fp32_base_weights_are_folded(chat_llama):
+    """A bf16 (or 4/8-bit) base weight would round a folded update away: such bases are scored unfolded."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.run import adapted_weights_fp32
+
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(chat_llama), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert adapted_weights_fp32(model)
+    model.base_model.model.model.layers[1].self_attn.v_proj.base_layer.to(torch.bfloat16)
+    assert not adapted_weights_fp32(model)
+    assert not adapted_weights_fp32(AutoModelForCausalLM.from_pretrained(chat_llama))  # no adapter: nothing to fold
 
 
 def test_generated_tokens_are_counted_up_to_the_first_stop_token():
