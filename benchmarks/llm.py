@@ -62,6 +62,7 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "memory-lora-lean": (R + "samsum-sft-lora.yaml", [*MEMORY, *LEAN]),
     "memory-qlora-lean": (R + "samsum-sft-qlora.yaml", [*MEMORY, *LEAN]),
     "memory-lora-lean-eval8": (R + "samsum-sft-lora.yaml", [*MEMORY, *LEAN, "eval.batch_size=8"]),  # evaluation at batch 8
+    "memory-qlora-lean-eval8": (R + "samsum-sft-qlora.yaml", [*MEMORY, *LEAN, "eval.batch_size=8"]),
 }
 SST2_FIRST = [  # the first SmolLM2 runs (before this script; benchmarks/README.md gives their commands): SST-2 dev as test
     "| sst2 | zero-shot (earlier run) | 74.54 | 74.27 | - | none | not measured |",
@@ -183,7 +184,8 @@ def memory_rows() -> list[str]:
     out = ["| case | base weights | activation checkpointing | eval batch | s per step | real tokens/s | loss after 10 steps (validation) | "
            "peak RSS (MiB) | peak RSS / as shipped |", "|---|---|---|---|---|---|---|---|---|"]
     base = load("memory-lora")
-    for case in ("memory-lora", "memory-lora-ckpt", "memory-lora-lean", "memory-qlora-lean", "memory-lora-lean-eval8"):
+    for case in ("memory-lora", "memory-lora-ckpt", "memory-lora-lean", "memory-qlora-lean", "memory-lora-lean-eval8",
+                 "memory-qlora-lean-eval8"):
         c = load(case)
         if c is None:
             continue
