@@ -9,8 +9,9 @@ Every case is one `peftlab train` process on a shipped recipe under recipes/smol
 CASES (nothing else differs), its peak RSS read from wait4, its run folder runs/llm/<case>. Each finished case is
 written to benchmarks/results/llm/<case>.json (its run.json + RSS + wall time) before the next starts, so an
 interrupted invocation loses at most the case that was running; `--fresh` measures a case again (the old file is
-replaced only when the new run has finished). The report adds Lead-3 on the same SAMSum test rows and the stored MiniLM BERT2BERT
-figures (benchmarks/results/summarization-full-selfinit.json, 200 test rows) next to SmolLM2 on those same 200 rows.
+replaced only when the new run has finished). The report adds Lead-3 on the same SAMSum test rows and the stored
+MiniLM BERT2BERT figures (benchmarks/results/summarization-full-selfinit.json, 200 test rows) next to SmolLM2 on those
+same 200 rows.
 Selection: every recipe keeps its best step on a validation split or a train holdout, never on the test split.
 """
 
@@ -110,8 +111,8 @@ def samsum_rows() -> list[str]:
         preds = [json.loads(x) for x in (RUNS / case / "predictions-test.jsonl").read_text().splitlines()]
         refs = [p["reference"] for p in preds]
         train = f"{run['steps']} steps, {run['train_wall_s'] / 60:.0f} min" if run["steps"] else "none"
-        m, rows = score(label, [p["prediction"] for p in preds], refs)
-        per_row[case] = {p["row"]: r1 for p, r1 in zip(preds, rows["rouge1"])}
+        m, scores = score(label, [p["prediction"] for p in preds], refs)
+        per_row[case] = {p["row"]: r1 for p, r1 in zip(preds, scores["rouge1"])}
         full.append(line(label, m, len(preds), m["words"], train, f"{c['peak_rss_mib']:.0f}"))
         mine = [p for p in preds if p["reference"].strip() in b2b_rows]
         m, _ = score(label, [p["prediction"] for p in mine], [p["reference"] for p in mine])
@@ -126,9 +127,9 @@ def samsum_rows() -> list[str]:
     pairs = []
     for a, b in PAIRED:  # the same test rows, per-row ROUGE-1 differences with a paired-bootstrap 95% interval
         if a in per_row and b in per_row and per_row[a].keys() == per_row[b].keys():
-            rows = sorted(per_row[a])
-            d = paired_difference([per_row[a][r] for r in rows], [per_row[b][r] for r in rows])
-            pairs.append(f"- ROUGE-1, {a} - {b} on the same {len(rows)} rows: {100 * d['mean']:+.2f} "
+            ids = sorted(per_row[a])
+            d = paired_difference([per_row[a][r] for r in ids], [per_row[b][r] for r in ids])
+            pairs.append(f"- ROUGE-1, {a} - {b} on the same {len(ids)} rows: {100 * d['mean']:+.2f} "
                          f"(95% paired bootstrap {100 * d['ci95'][0]:+.2f} to {100 * d['ci95'][1]:+.2f})")
     return (full + [""] + pairs + ["", "The 200 test rows of the stored MiniLM BERT2BERT run "
                                    "(benchmarks/results/summarization-full-selfinit.json):", ""] + subset)
