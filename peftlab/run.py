@@ -40,14 +40,17 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     are written to `results_dir`, by default the run folder itself."""
     out = Path(out)
     recipe, run = read_run(out)
+    precision = run.precision  # the run's own, unless an override names another
     if overrides:
         # only the evaluated split's file must exist (load_splits checks it): a published recipe names the others by file name
-        recipe = load_recipe(out / RECIPE_FILE, list(overrides), validate_files=False)
+        trained, recipe = recipe, load_recipe(out / RECIPE_FILE, list(overrides), validate_files=False)
+        if recipe.train.precision != trained.train.precision:
+            precision = resolve_precision(recipe.train.precision)
     results = Path(results_dir) if results_dir else out
     model, tokenizer = rebuild(out, recipe, run)
     splits, _ = load_splits_for(recipe, split, run.label_names)
     data = build_data(recipe, tokenizer, splits=splits, label_names=run.label_names)
-    accelerator = make_accelerator(recipe, run.precision)
+    accelerator = make_accelerator(recipe, precision)
     ds = getattr(data, split)
     model = accelerator.prepare_model(model, evaluation_mode=True)  # no DDP wrapper: it refuses a model with nothing to train
     metrics, report, rows = evaluate_split(model, ds, data, accelerator, recipe, tokenizer)

@@ -58,6 +58,12 @@ def test_runs_of_different_precisions_share_one_process(make_recipe, tmp_path):
     assert evaluate(tmp_path / "a") == a["metrics"]["eval"]  # re-run in fp32 after the bf16 run: bit-identical
     assert AcceleratorState().mixed_precision == "no"
     assert evaluate(tmp_path / "b")["loss"] == pytest.approx(b["metrics"]["eval"]["loss"], abs=1e-3)
+    # `peftlab eval RUN train.precision=X` scores in X, not in the run's precision
+    a_bf16 = evaluate(tmp_path / "a", overrides=["train.precision=bf16"], results_dir=tmp_path / "a-bf16")
+    assert AcceleratorState().mixed_precision == "bf16"
+    assert a_bf16["loss"] != a["metrics"]["eval"]["loss"] and a_bf16["loss"] == pytest.approx(a["metrics"]["eval"]["loss"], abs=1e-2)
+    b_fp32 = evaluate(tmp_path / "b", overrides=["train.precision=fp32"], results_dir=tmp_path / "b-fp32")
+    assert AcceleratorState().mixed_precision == "no" and b_fp32["loss"] != evaluate(tmp_path / "b")["loss"]
     c = run(make_recipe({**ov, "train.precision": "fp32", "output_dir": tmp_path / "c"}))
     assert AcceleratorState().mixed_precision == "no"
     assert train_losses(tmp_path / "c") == train_losses(tmp_path / "a") and c["metrics"] == a["metrics"]
