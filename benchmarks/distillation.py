@@ -14,12 +14,13 @@ benchmarks/results/distillation/; rerunning skips what is finished (--fresh to r
 recipe's test split, never used for selection). Speed (stage `speed`): each model merged (a standalone model), on SST-2
 dev, tokenization included: examples/s in batches of 64, and the median latency of one request (one sentence, batch 1).
 
-Stages, one at a time or together (`--stages teacher,students,speed,report`, the default):
-  python benchmarks/distillation.py --stages teacher        # 2 epochs of SST-2: ~15 min (bf16 CPU) to ~1 h (AVX2), 2 cores
-  python benchmarks/distillation.py --stages students      # 8 runs; those at 100% and the +unl ones see all 67k rows:
-                                                           # each about as long as the teacher (estimates, not measured)
+Stages, one at a time or together (`--stages teacher,students,speed,report`, the default). Times measured on 2 cores
+with native bf16 (2026-12-01; expect ~2-3x longer on an AVX2-only CPU, where training runs in fp32):
+  python benchmarks/distillation.py --stages teacher        # 2 epochs of SST-2: 18 min
+  python benchmarks/distillation.py --stages students      # 11 runs: 10-14 min each at 100% and with unlabelled rows,
+                                                           # 1.5 min at 10%, 20 s at 1%: ~1 h 30 min in all
   python benchmarks/distillation.py --stages speed,report  # ~1 min
-  python benchmarks/distillation.py --smoke                # tiny end-to-end check: measured 2 min 47 s on 2 cores
+  python benchmarks/distillation.py --smoke                # tiny end-to-end check: ~2 min
 Results: benchmarks/results/distillation.md (+ one JSON per run in benchmarks/results/distillation/).
 """
 
@@ -191,7 +192,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--stages", default=",".join(STAGES), help=f"a subset of {','.join(STAGES)}")
     p.add_argument("--teacher", help="a finished teacher run to use instead of training one (e.g. runs/minilm-sst2-lora)")
-    p.add_argument("--fractions", default="1,10,100", help="percent of the train rows with labels, comma-separated")
+    p.add_argument("--fractions", default="100,10,1", help="percent of the train rows with labels, comma-separated")
     p.add_argument("--train-rows", type=int, help="use only this many train rows in all (a quick look)")
     p.add_argument("--student", nargs="*", default=[], help="extra overrides of every student run")
     p.add_argument("--teacher-overrides", nargs="*", default=STRONG_TEACHER,
