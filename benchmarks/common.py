@@ -58,10 +58,9 @@ def stored_case(name: str, recipe: str, overrides: list[str], *, runs: Path, res
     print(f"[{name}] peftlab train {recipe} {' '.join(overrides)}", flush=True)
     run, rss, wall = train_process(name, recipe, [*overrides, f"name={prefix}-{name}"], runs / name, verbose=verbose)
     result = {"name": name, "recipe": recipe, "overrides": overrides, "run": run, "process_wall_s": wall, "peak_rss_mib": rss}
-    results.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2))
-    tmp.replace(dest)
+    from peftlab.export import atomic_write_text
+
+    atomic_write_text(dest, json.dumps(result, indent=2))
     scores = run["metrics"].get("test", run["metrics"].get("eval", {}))
     print(f"[{name}] " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float) and "loss" not in k)
           + f"; {wall:.0f} s", flush=True)

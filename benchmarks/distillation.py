@@ -53,13 +53,6 @@ def case(name: str, recipe: str, overrides: list[str], args) -> dict:
                        verbose=args.verbose)
 
 
-def write_json(dest: Path, data: dict) -> None:
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    tmp.replace(dest)
-
-
 def accuracy(result: dict) -> float:
     m = result["run"]["metrics"]
     return (m.get("test") or m.get("eval") or {}).get("accuracy", float("nan"))
@@ -112,6 +105,7 @@ def speed(name: str, run_dir: Path, args) -> dict:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from peftlab import merge
+    from peftlab.export import atomic_write_text
 
     folder = merge(run_dir)  # a LoRA run: its merged model; a fully trained one: itself
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
@@ -135,7 +129,7 @@ def speed(name: str, run_dir: Path, args) -> dict:
     params = sum(p.numel() for p in model.parameters())
     result = {"name": name, "examples_per_s": throughput, "p50_ms": 1000 * statistics.median(times), "params": params,
               "layers": model.config.num_hidden_layers, "threads": torch.get_num_threads(), "rows": len(texts)}
-    write_json(OUT / f"speed-{name}.json", result)
+    atomic_write_text(OUT / f"speed-{name}.json", json.dumps(result, indent=2))
     print(f"[speed {name}] {throughput:.0f} ex/s, p50 {result['p50_ms']:.1f} ms, {params / 1e6:.1f}M params", flush=True)
     return result
 

@@ -52,10 +52,9 @@ def derived(name: str, rows: list[str]) -> str:
     """A data file made from the shared ones (a union or a fold), under runs/da/data; written once."""
     path = RUNS / "data" / f"{name}.jsonl"
     if not path.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text("".join(rows))
-        tmp.replace(path)
+        from peftlab.export import atomic_write_text
+
+        atomic_write_text(path, "".join(rows))
     return str(path)
 
 

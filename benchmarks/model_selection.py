@@ -103,9 +103,9 @@ def write_recipe(folder: Path, setting: str, b: dict) -> Path:
 
 
 def save(path: Path, data: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(data, indent=2))
-    os.replace(tmp, path)  # a crash never leaves half a file
+    from peftlab.export import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2))  # a crash never leaves half a file
 
 
 def truth(setting: str, folder: Path, recipe_path: Path, bases: list[str], args) -> None:

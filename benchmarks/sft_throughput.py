@@ -143,6 +143,8 @@ def spawn(args, side: str, seed: int, rows_file: Path, out: Path) -> tuple[dict,
 def run_pair(args, seed: int) -> None:
     from transformers import AutoTokenizer
 
+    from peftlab.export import atomic_write_text
+
     recipe, path = recipe_parts()
     tokenizer = AutoTokenizer.from_pretrained(path)
     train = dialogues("train", args.rows, seed)
@@ -174,9 +176,7 @@ def run_pair(args, seed: int) -> None:
         result.update(side=side, seed=seed, rows=args.rows, real_tokens=tokens, peak_rss_mib=rss,
                       tokens_per_s=tokens / result["train_seconds"],
                       eval_rows=len(valid), answer_loss=answer_loss(Path(result["adapter"]), valid))
-        tmp = dest.with_suffix(".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(dest)
+        atomic_write_text(dest, json.dumps(result, indent=2))
         print(f"[{side} seed {seed}] {result['tokens_per_s']:.0f} real tokens/s, {result['steps']} steps, "
               f"answer loss {result['answer_loss']:.4f}, peak RSS {rss:.0f} MiB", flush=True)
 
