@@ -19,7 +19,7 @@ from peftlab.errors import ConfigError
 from peftlab.export import load_trained, merge
 from peftlab.model import keep_layers, kept_layer_indices
 
-from .conftest import logits, minilm_tokenizer, synthetic_rows
+from .conftest import load_benchmark, logits, minilm_tokenizer, synthetic_rows
 from .test_train import losses
 
 DEV_TEXTS = [t for t, _ in synthetic_rows(48, 7)]
@@ -246,3 +246,26 @@ def test_run_json_and_card_name_the_teacher(tmp_path, tiny_bert, sentiment_files
     assert str(teacher.resolve()) not in card
     plain = json.loads((teacher / "run.json").read_text())
     assert "distillation" not in plain  # a run without a teacher keeps its run.json as it was
+
+
+@pytest.mark.parametrize("task", ["sst2", "emotion"])
+def test_distillation_benchmark_splits_every_row_once(tmp_path, monkeypatch, task):
+    """benchmarks/distillation.py: the labelled share and the unlabelled rest of a .tsv (header kept on both) or .jsonl
+    train file hold every row exactly once, and the speed stage reads the task's text column."""
+    import dataclasses
+
+    bench = load_benchmark("distillation")
+    rows = [{"sentence" if task == "sst2" else "text": f"row {i}", "label": i % 2} for i in range(100)]
+    if task == "sst2":
+        train = tmp_path / "train.tsv"
+        train.write_text("label\tsentence\n" + "".join(f"{r['label']}\t{r['sentence']}\n" for r in rows))
+    else:
+        train = tmp_path / "train.jsonl"
+        train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    monkeypatch.setattr(bench, "TASK", dataclasses.replace(bench.TASKS[task], train=train))
+    monkeypatch.setattr(bench, "RUNS", tmp_path / "runs")
+    labelled, unlabelled = bench.split_train(0.2, None)
+    assert labelled.suffix == unlabelled.suffix == train.suffix
+    texts = [bench.texts_of(f, bench.TASK.text) for f in (labelled, unlabelled)]
+    assert (len(texts[0]), len(texts[1])) == (20, 80)
+    assert sorted(texts[0] + texts[1]) == sorted(f"row {i}" for i in range(100))
