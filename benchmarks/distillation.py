@@ -24,8 +24,8 @@ median latency of one request (one text, batch 1).
 Stages, one at a time or together (`--stages teacher,students,speed,report`, the default). Times measured on 2 cores
 with native bf16 (2026-12-01; expect ~2-3x longer on an AVX2-only CPU, where training runs in fp32):
   python benchmarks/distillation.py --stages teacher        # 2 epochs of SST-2: 18 min
-  python benchmarks/distillation.py --stages students      # 11 runs: 10-14 min each at 100% and with unlabelled rows,
-                                                           # 1.5 min at 10%, 20 s at 1%: ~1 h 30 min in all
+  python benchmarks/distillation.py --stages students      # 15 runs: 10-14 min each at 100%, with unlabelled rows and
+                                                           # step-matched, 1.5 min at 10%, 20 s at 1%: ~2 h 15 min
   python benchmarks/distillation.py --stages speed,report  # ~1 min
   python benchmarks/distillation.py --stages precision,report  # the teacher at seed 1 and in fp32 (3 runs, ~55 min)
   python benchmarks/distillation.py --smoke                # tiny end-to-end check: ~2 min
@@ -45,6 +45,8 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import REPO, RESULTS, stored_case  # noqa: E402
@@ -135,8 +137,6 @@ def split_train(fraction: float, rows: int | None, seed: int = 0) -> tuple[Path,
 
 
 def student_epochs() -> float:
-    import yaml
-
     return float(yaml.safe_load((REPO / TASK.student).read_text())["train"]["epochs"])
 
 
@@ -172,7 +172,6 @@ def students(teacher: Path, args) -> None:
 def speed(name: str, run_dir: Path, args) -> dict:
     """Examples/s (batches of 64) and p50 latency of one request, of the run's merged model on the test split."""
     import torch
-    import yaml
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from peftlab import merge
