@@ -38,6 +38,7 @@ distillation-emotion.md and distillation-emotion/.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
 import statistics
@@ -45,8 +46,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.common import REPO, RESULTS, stored_case  # noqa: E402
@@ -71,10 +70,8 @@ class Task:
     teacher: str  # recipe of the teacher and of the small-adapter student
     student: str  # recipe of the layer-dropped student
     train: Path
-    test: Path
     test_name: str
     selection: str  # what picks each run's best step
-    text: str  # the text column
     teacher_overrides: tuple[str, ...]
     lora_overrides: tuple[str, ...]  # teacher recipe -> small-adapter student
     f1: bool  # report macro-F1 beside accuracy (imbalanced classes)
@@ -82,13 +79,12 @@ class Task:
 
 TASKS = {
     "sst2": Task("SST-2", teacher="recipes/minilm/sst2-lora.yaml", student="recipes/minilm/sst2-distill.yaml",
-                 train=DATA / "sst2" / "train.tsv", test=DATA / "sst2" / "dev.tsv", test_name="SST-2 dev",
-                 selection="a seeded 2% of its train rows", text="sentence", teacher_overrides=tuple(STRONG_TEACHER),
+                 train=DATA / "sst2" / "train.tsv", test_name="SST-2 dev",
+                 selection="a seeded 2% of its train rows", teacher_overrides=tuple(STRONG_TEACHER),
                  lora_overrides=(), f1=False),
     "emotion": Task("emotion (6 classes)", teacher="recipes/minilm/emotion-lora.yaml",
                     student="recipes/minilm/emotion-distill.yaml", train=DATA / "emotion" / "train.jsonl",
-                    test=DATA / "emotion" / "test.jsonl", test_name="emotion test",
-                    selection="500 rows of the validation split", text="text", teacher_overrides=(),
+                    test_name="emotion test", selection="500 rows of the validation split", teacher_overrides=(),
                     lora_overrides=tuple(SMALL_LORA), f1=True),
 }
 TASK = TASKS["sst2"]  # main() sets it from --task
@@ -112,14 +108,6 @@ def read_lines(path: Path) -> tuple[list[str], list[str]]:
     return (lines[:1], lines[1:]) if path.suffix == ".tsv" else ([], [line for line in lines if line.strip()])
 
 
-def texts_of(path: Path, column: str) -> list[str]:
-    head, body = read_lines(path)
-    if head:
-        i = head[0].split("\t").index(column)
-        return [line.split("\t")[i] for line in body]
-    return [json.loads(line)[column] for line in body]
-
-
 def split_train(fraction: float, rows: int | None, seed: int = 0) -> tuple[Path, Path]:
     """A seeded `fraction` of the task's train rows as labelled rows, the rest as an unlabelled file (same columns; its
     labels are never read) -> (labelled, unlabelled)."""
@@ -136,14 +124,13 @@ def split_train(fraction: float, rows: int | None, seed: int = 0) -> tuple[Path,
     return labelled, unlabelled
 
 
-def student_epochs() -> float:
-    return float(yaml.safe_load((REPO / TASK.student).read_text())["train"]["epochs"])
-
-
 def students(teacher: Path, args) -> None:
     """The 3-layer students at each label fraction, shallower students distilled on every row (--extra-layers), then the
     6-layer MiniLM with a small LoRA (0.65% trainable) on every row: label-only and distilled."""
+    from peftlab import load_recipe
+
     extra = SMOKE if args.smoke else []
+    epochs = load_recipe(REPO / TASK.student, validate_files=False).train.epochs  # the student's, at 100%
     for pct in args.fractions:
         labelled, unlabelled = split_train(pct / 100, args.train_rows)
         base = [f"data.train.path={labelled}", *extra, *args.student]
@@ -154,7 +141,7 @@ def students(teacher: Path, args) -> None:
                                                   f"train.distill.unlabelled.path={unlabelled}"], args)
             # step-matched: as many optimizer steps as with every label (more epochs over the fewer rows), so that
             # label-only vs distilled at F% is not decided by 2 epochs of a small file being too few steps
-            longer = [*base, f"train.epochs={student_epochs() * 100 / pct:g}"]
+            longer = [*base, f"train.epochs={epochs * 100 / pct:g}"]
             case(f"labels-{pct:g}-steps", TASK.student, [*longer, "train.distill=null"], args)
             case(f"distill-{pct:g}-steps", TASK.student, [*longer, f"train.distill.teacher={teacher}"], args)
     every_row = [f"data.train.path={split_train(1.0, args.train_rows)[0]}"] if args.train_rows else []
@@ -174,15 +161,19 @@ def speed(name: str, run_dir: Path, args) -> dict:
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    from peftlab import merge
+    from peftlab import load_recipe, merge
+    from peftlab.data import joined, read_split
     from peftlab.export import atomic_write_text
 
     folder = merge(run_dir)  # a LoRA run: its merged model; a fully trained one: itself
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()
     tok = AutoTokenizer.from_pretrained(folder)
-    texts = texts_of(TASK.test, TASK.text)
+    # the run's own test split, text columns and max length, read as training read them (paths relative to the repo)
+    recipe = load_recipe(run_dir / "recipe.yaml", validate_files=False)
+    spec, max_length = recipe.data.test, recipe.data.max_length
+    with contextlib.chdir(REPO):
+        texts = joined(read_split(spec, recipe.data, "data.test")[:], spec.text_columns or recipe.data.text_columns)
     texts = texts[: args.speed_rows] if args.speed_rows else texts
-    max_length = yaml.safe_load((run_dir / "recipe.yaml").read_text())["data"]["max_length"]  # as the run was trained
     with torch.inference_mode():
         def forward(batch):
             return model(**tok(batch, return_tensors="pt", padding=True, truncation=True, max_length=max_length)).logits
@@ -252,11 +243,14 @@ def report(args) -> str:
                   f"{t['process_wall_s'] / 60:.1f} min."]
     repeats = [(n, r) for n, r in (("teacher", t), *((n, stored(n)) for n in PRECISION_CHECK)) if r]
     if len(repeats) > 1:
+        from peftlab.config import Recipe
+
+        default_seed = Recipe().train.seed
         lines += ["", "The teacher's configuration repeated (stage `precision`): the same recipe and overrides, another "
                   "seed or precision; each keeps its best step on the hold-out, the test split scored once.", "",
                   "| run | precision | seed | best step | hold-out accuracy | test | train time |", "| --- | --- | --- | --- | --- | --- | --- |"]
         for name, r in repeats:
-            run, seed = r["run"], next((o.split("=")[1] for o in r["overrides"] if o.startswith("train.seed=")), "42")
+            run, seed = r["run"], next((o.split("=")[1] for o in r["overrides"] if o.startswith("train.seed=")), default_seed)
             lines.append(f"| {name} | {run['precision']} | {seed} | {run['best_step']} of {run['steps']} | "
                          f"{100 * run['metrics']['eval']['accuracy']:.2f} | {cell(r)} | {run['train_wall_s'] / 60:.1f} min |")
         by = {}
@@ -317,7 +311,8 @@ def main() -> None:
         p.error(f"unknown stage(s) {bad}: {STAGES}")
     teacher = Path(args.teacher) if args.teacher else RUNS / "teacher"
     args.teacher_name = args.teacher or TASK.teacher
-    rows = [f"data.train.path={split_train(1.0, args.train_rows)[0]}"] if args.train_rows else []
+    training_teacher = "precision" in stages or ("teacher" in stages and not args.teacher)
+    rows = [f"data.train.path={split_train(1.0, args.train_rows)[0]}"] if args.train_rows and training_teacher else []
     teacher_overrides = [*rows, *(SMOKE if args.smoke else []), *args.teacher_overrides]
     if "teacher" in stages and not args.teacher:
         case("teacher", TASK.teacher, teacher_overrides, args)

@@ -251,21 +251,23 @@ def test_run_json_and_card_name_the_teacher(tmp_path, tiny_bert, sentiment_files
 @pytest.mark.parametrize("task", ["sst2", "emotion"])
 def test_distillation_benchmark_splits_every_row_once(tmp_path, monkeypatch, task):
     """benchmarks/distillation.py: the labelled share and the unlabelled rest of a .tsv (header kept on both) or .jsonl
-    train file hold every row exactly once, and the speed stage reads the task's text column."""
+    train file hold every row exactly once, unchanged, in files of the train file's format."""
     import dataclasses
 
     bench = load_benchmark("distillation")
     rows = [{"sentence" if task == "sst2" else "text": f"row {i}", "label": i % 2} for i in range(100)]
     if task == "sst2":
         train = tmp_path / "train.tsv"
-        train.write_text("label\tsentence\n" + "".join(f"{r['label']}\t{r['sentence']}\n" for r in rows))
+        header, body = ["label\tsentence"], [f"{r['label']}\t{r['sentence']}" for r in rows]
     else:
         train = tmp_path / "train.jsonl"
-        train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        header, body = [], [json.dumps(r) for r in rows]
+    train.write_text("".join(line + "\n" for line in header + body))
     monkeypatch.setattr(bench, "TASK", dataclasses.replace(bench.TASKS[task], train=train))
     monkeypatch.setattr(bench, "RUNS", tmp_path / "runs")
     labelled, unlabelled = bench.split_train(0.2, None)
     assert labelled.suffix == unlabelled.suffix == train.suffix
-    texts = [bench.texts_of(f, bench.TASK.text) for f in (labelled, unlabelled)]
-    assert (len(texts[0]), len(texts[1])) == (20, 80)
-    assert sorted(texts[0] + texts[1]) == sorted(f"row {i}" for i in range(100))
+    (head_l, body_l), (head_u, body_u) = bench.read_lines(labelled), bench.read_lines(unlabelled)
+    assert head_l == head_u == header
+    assert (len(body_l), len(body_u)) == (20, 80)
+    assert sorted(body_l + body_u) == sorted(body)
