@@ -9,6 +9,8 @@ decay, <= 512 tokens, one epoch over the same N seeded training dialogues. Sides
 - `peftlab`: `peftlab train` on that recipe (packing as shipped: 4 rows of <= 512 tokens x grad_accum 2 per step);
 - `trl`: SFTTrainer with its defaults (8 examples per batch, padded to the longest, no packing, and activation
   checkpointing, which TRL turns on by default) x grad_accum 2;
+- `peftlab-torch-dropout` (only when `--sides` names it): peftlab with torch's own dropout masks
+  (`train.dropout_impl=torch`), what the default fast masks save;
 - `trl-packed`: SFTTrainer with `packing=True` (best-fit decreasing, padding-free: position ids restart per example)
   and activation checkpointing off, 4 packed rows of 512 x grad_accum 2: the settings of the peftlab recipe.
 
@@ -38,6 +40,7 @@ from benchmarks.common import RESULTS, measured_process, train_process  # noqa: 
 RECIPE = REPO / "recipes/smollm2-135m/samsum-sft-lora.yaml"
 OUT = RESULTS / "sft_throughput"
 SIDES = ("peftlab", "trl", "trl-packed")
+EXTRA_SIDES = {"peftlab-torch-dropout": ["train.dropout_impl=torch"]}  # peftlab ablations, run when --sides names them
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
 MAX_LENGTH, LR, WARMUP, ACCUM = 512, 5e-4, 0.05, 2
 
@@ -164,11 +167,11 @@ def run_pair(args, seed: int) -> None:
             continue
         out = runs / f"{side}-{args.rows}-{seed}"
         print(f"[{side} seed {seed}] training on {args.rows} dialogues ({tokens:,} real tokens)", flush=True)
-        if side == "peftlab":
+        if side == "peftlab" or side in EXTRA_SIDES:
             run, rss, _ = train_process(side, str(RECIPE), [
                 f"data.train={csv_file}", "data.eval=null", "data.test=null", "train.max_steps=null", "train.epochs=1",
                 "train.eval_every=null", "train.save_every=null", "train.log_every=5", f"train.seed={seed}",
-                "train.report_to=[none]", "name=sft-throughput"], out, verbose=args.verbose)
+                "train.report_to=[none]", "name=sft-throughput", *EXTRA_SIDES.get(side, [])], out, verbose=args.verbose)
             result = {"train_seconds": run["train_seconds"], "steps": run["steps"], "adapter": str(out)}
         else:
             result, rss = spawn(args, side, seed, rows_file, out)
@@ -186,7 +189,8 @@ def report() -> str:
     lines = ["| side | dialogues | seed | optimizer steps | real tokens/s | peftlab's speed-up | answer loss after (validation) | "
              "peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|"]
     by = {(r["side"], r["rows"], r["seed"]): r for r in rows}
-    for r in sorted(rows, key=lambda r: (r["rows"], r["seed"], SIDES.index(r["side"]))):
+    order = [*SIDES[:1], *EXTRA_SIDES, *SIDES[1:]]
+    for r in sorted(rows, key=lambda r: (r["rows"], r["seed"], order.index(r["side"]))):
         mine = by.get(("peftlab", r["rows"], r["seed"]))
         ratio = f"{mine['tokens_per_s'] / r['tokens_per_s']:.2f}x" if mine else ""
         lines.append(f"| {r['side']} | {r['rows']} | {r['seed']} | {r['steps']} | {r['tokens_per_s']:.0f} | {ratio} | "
@@ -201,7 +205,7 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=256, help="SAMSum training dialogues (seeded)")
     p.add_argument("--eval-rows", type=int, default=64, help="validation dialogues whose answer loss is compared")
     p.add_argument("--seeds", default="0", help="comma-separated; seed i picks the rows and seeds every side")
-    p.add_argument("--sides", default=",".join(SIDES))
+    p.add_argument("--sides", default=",".join(SIDES), help=f"comma list of {', '.join([*SIDES, *EXTRA_SIDES])}")
     p.add_argument("--fresh", action="store_true", help="measure stored sides again")
     p.add_argument("--report", action="store_true")
     p.add_argument("--verbose", action="store_true")
@@ -215,9 +219,9 @@ def main() -> None:
         result = worker_trl(args, args.rows_file, args.out, args.worker == "trl-packed", args.seed_of_run)
         (args.out / "result.json").write_text(json.dumps(result))
         return
-    unknown = set(args.sides.split(",")) - set(SIDES)
+    unknown = set(args.sides.split(",")) - {*SIDES, *EXTRA_SIDES}
     if unknown:
-        p.error(f"--sides: unknown {sorted(unknown)}; choose from {', '.join(SIDES)}")
+        p.error(f"--sides: unknown {sorted(unknown)}; choose from {', '.join([*SIDES, *EXTRA_SIDES])}")
     if not args.report:
         for seed in map(int, args.seeds.split(",")):
             run_pair(args, seed)

@@ -21,9 +21,10 @@ in fp32) and not the Python runtime fill the memory.
 Also in the same invocation:
 - a GEMM micro-benchmark (torch.mm in that precision at the same thread count) -> the machine's matmul peak, and from the model's
   shape the training FLOPs per real token -> model-FLOPs utilisation (MFU) of each run;
-- ablations: each speed option of peftlab switched off (or on) alone, same steps: length-grouped batching,
-  host sync every step, the AdamW kernel, bf16 autocast, torch.compile; plus tokenization cold vs cached and the
-  evaluation (sorted by length, batch 128, no grad vs unsorted batch 32).
+- ablations: each speed option of peftlab switched off (or on) alone, same steps, once per --repeats seed (or only
+  those --ablations names): length-grouped batching, torch's dropout masks, a bf16 frozen base, host sync every step,
+  the AdamW kernel, bf16 autocast, torch.compile; plus tokenization cold vs cached and the evaluation (sorted by
+  length, batch 128, no grad vs unsorted batch 32).
 
     python benchmarks/throughput.py                    # ~60 min on one core: writes results/throughput.{json,md,png}
     python benchmarks/throughput.py --quick            # a few minutes: checks the pipeline
@@ -59,6 +60,8 @@ MEMORY_OVERRIDES = ["train.batch_size=16", "data.eval.max_samples=64", "train.ev
 ABLATIONS = {  # name -> (peftlab overrides, what it switches)
     "no length grouping": (["train.group_by_length=false"], "plain shuffled batches (more padding)"),
     "host sync every step": (["train.log_every=1"], "loss read back to the host each step"),
+    "torch dropout": (["train.dropout_impl=torch"], "nn.Dropout's per-element bernoulli_ masks"),
+    "bf16 frozen base": (["model.dtype=auto"], "base weights stored in the training precision, no autocast copies"),
     "AdamW loop": (["train.optimizer_impl=loop"], "one parameter at a time"),
     "AdamW fused": (["train.optimizer_impl=fused"], "one fused kernel"),
     "bf16 autocast": (["train.precision=bf16"], "emulated on CPUs without avx512_bf16/AMX"),
@@ -427,6 +430,8 @@ def main() -> None:
     p.add_argument("--s2s-test", type=int, default=64, help="samsum case: test rows summarised (beam search) after training")
     p.add_argument("--add", action="store_true", help="add to the stored results (same sizes) instead of starting afresh")
     p.add_argument("--no-ablations", action="store_true")
+    p.add_argument("--ablations", default=",".join(ABLATIONS), help=f"comma list of {', '.join(ABLATIONS)} (default: all); "
+                   "each runs once per --repeats seed, after that seed's cases")
     p.add_argument("--ablation-steps", type=int, default=None, help="steps of each ablation run (default: --steps; bf16 runs 1/10th)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
@@ -491,11 +496,19 @@ def main() -> None:
         save(name, args, gemm, length, rows, extras)
         return r
 
-    for case in (c for c in args.cases.split(",") if c != MEMORY_CASE):
-        for i in range(args.repeats):
+    ablations = [] if args.no_ablations else [a.strip() for a in args.ablations.split(",") if a.strip()]
+    unknown = [a for a in ablations if a not in ABLATIONS]
+    if unknown:
+        raise SystemExit(f"unknown ablation(s) {unknown}: choose from {', '.join(ABLATIONS)}")
+    for i in range(args.repeats):  # seed + i: each case's peftlab/Trainer pair, then the ablations, so drift hits all alike
+        for case in (c for c in args.cases.split(",") if c != MEMORY_CASE):
             peftlab_side, trainer_side = CASES.get(case, ([], []))
             record(case, "peftlab", peftlab_side, seed=args.seed + i)
             record(case, "Trainer+peft", trainer_side, seed=args.seed + i)
+        for label in ablations:
+            overrides = ABLATIONS[label][0]
+            steps = args.ablation_steps or (max(args.steps // 10, 5) if "bf16 autocast" in label else args.steps)
+            record(f"ablation: {label}", "peftlab", overrides, steps=steps, seed=args.seed + i)
     if MEMORY_CASE in args.cases.split(","):  # LoRA vs QLoRA peak RSS where the weights, not the runtime, fill memory
         with tempfile.TemporaryDirectory() as tmp:
             print(f"[{MEMORY_CASE}] building a {LARGE} BERT from its config...", flush=True)
@@ -503,9 +516,6 @@ def main() -> None:
             for method, overrides in (("lora", []), ("qlora", QLORA)):
                 record(MEMORY_CASE, f"peftlab {method}", [*overrides, f"model.name={tmp}", *MEMORY_OVERRIDES], steps=args.memory_steps)["params"] = params
     if not args.no_ablations:
-        for label, (overrides, _) in ABLATIONS.items():
-            steps = args.ablation_steps or (max(args.steps // 10, 5) if "bf16" in label else args.steps)
-            record(f"ablation: {label}", "peftlab", overrides, steps=steps)
         print("[tokenization cold vs cached]", flush=True)
         extras["tokenize"] = spawn(args, "tokenize", [])
         print("[evaluation sorted/b128 vs unsorted/b32]", flush=True)
@@ -550,6 +560,25 @@ def accuracy_difference(rows: list[dict], case: str) -> str:
     m = sum(diffs) / len(diffs)
     se = (sum((d - m) ** 2 for d in diffs) / (len(diffs) - 1) / len(diffs)) ** 0.5
     return f"{m:+.2f} ± {se:.2f} ({len(diffs)} seeds: {', '.join(f'{d:+.2f}' for d in diffs)})"
+
+
+def ablation_table(rows: list[dict]) -> list[str]:
+    """Each ablation against peftlab's defaults (the peftlab side of the lora or lora-grouped case): tokens/s paired by
+    seed where the default ran at that seed, else against the defaults' mean."""
+    default = [r for r in rows if r["case"] in ("lora", "lora-grouped") and r["side"] == "peftlab"]
+    ablations = [r for r in rows if r["case"].startswith("ablation")]
+    if not (ablations and default):
+        return []
+    by_seed = {r.get("seed", 42): r["tokens_per_s"] for r in default}
+    fallback = mean(by_seed.values())
+    lines = ["", "| ablation (one switch vs the peftlab defaults) | steps | seeds | real tokens/s | vs default | final dev acc |",
+             "|---|---|---|---|---|---|"]
+    for label in dict.fromkeys(r["case"].removeprefix("ablation: ") for r in ablations):
+        rs = [r for r in ablations if r["case"] == f"ablation: {label}"]
+        ratio = mean([r["tokens_per_s"] / by_seed.get(r.get("seed", 42), fallback) for r in rs])
+        lines.append(f"| {label} ({ABLATIONS[label][1]}) | {rs[0]['steps']} | {len(rs)} | {mean([r['tokens_per_s'] for r in rs]):.0f} "
+                     f"| {ratio:.2f}x | {100 * mean([r['accuracy'] for r in rs]):.2f} |")
+    return lines
 
 
 def s2s_table(args, rows: list[dict]) -> list[str]:
@@ -611,14 +640,7 @@ def table(args, gemm: dict, rows: list[dict], extras: dict) -> str:
     for q in ("qlora", "qlora-ckpt"):
         if (q, "peftlab") in summary and ("lora", "peftlab") in summary:
             lines.append(f"\n{q} / lora peak RSS (peftlab): {summary[(q, 'peftlab')]['peak_rss_mib'] / summary[('lora', 'peftlab')]['peak_rss_mib']:.2f}")
-    base = summary.get(("lora", "peftlab"))
-    ablations = [r for r in rows if r["case"].startswith("ablation")]
-    if ablations and base:
-        lines += ["", "| ablation (one switch vs the peftlab defaults) | steps | real tokens/s | vs default | final dev acc |", "|---|---|---|---|---|"]
-        for r in ablations:
-            label = r["case"].removeprefix("ablation: ")
-            lines.append(f"| {label} ({ABLATIONS[label][1]}) | {r['steps']} | {r['tokens_per_s']:.0f} | {r['tokens_per_s'] / base['tokens_per_s']:.2f}x "
-                         f"| {100 * r['accuracy']:.2f} |")
+    lines += ablation_table(rows)
     lines += s2s_table(args, [r for r in rows if r["case"] == S2S_CASE])
     memory = {r["side"].removeprefix("peftlab "): r for r in rows if r["case"] == MEMORY_CASE}
     if {"lora", "qlora"} <= set(memory):

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 from .config import Recipe
 from .data import LengthGroupedSampler, TaskData
 from .distill import loss_for
+from .dropout import use_fast_dropout
 from .errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from .export import write_atomic_dir
 from .methods import get_method
@@ -145,12 +146,14 @@ def train_loader(data: TaskData, t, processes: int) -> DataLoader:
     Groups are cut at the rows of one optimizer step (Accelerate deals consecutive batches to the ranks), so a step of
     N ranks x batch B x accumulation A sees the same rows as 1 rank x batch N*B*A."""
     collate = with_real_tokens(data.collate)
+    # Every loader gets its own generator: without one, each iter() draws a seed from the global RNG, so a resumed run
+    # (a fresh iterator mid-epoch) or an extra evaluation would shift every later dropout mask.
+    g = torch.Generator().manual_seed(t.seed)
     if data.train_sampler is not None:  # the task's own order (multitask: blocks of one task's rows per batch)
-        return DataLoader(data.train, batch_size=t.batch_size, sampler=data.train_sampler(t), collate_fn=collate)
+        return DataLoader(data.train, batch_size=t.batch_size, sampler=data.train_sampler(t), collate_fn=collate, generator=g)
     if t.group_by_length:
         sampler = LengthGroupedSampler(data.train["length"], t.batch_size * processes * t.grad_accum, t.seed)
-        return DataLoader(data.train, batch_size=t.batch_size, sampler=sampler, collate_fn=collate)
-    g = torch.Generator().manual_seed(t.seed)
+        return DataLoader(data.train, batch_size=t.batch_size, sampler=sampler, collate_fn=collate, generator=g)
     return DataLoader(data.train, batch_size=t.batch_size, shuffle=True, collate_fn=collate, generator=g)
 
 
@@ -164,7 +167,8 @@ def with_real_tokens(collate):
 
 def eval_loader(ds, batch_size: int, collate) -> DataLoader:
     """Evaluation sorted by length: batches of similar lengths waste little padding. Metrics do not depend on order."""
-    return DataLoader(ds.sort("length", reverse=True), batch_size=batch_size, collate_fn=collate)
+    return DataLoader(ds.sort("length", reverse=True), batch_size=batch_size, collate_fn=collate,
+                      generator=torch.Generator())  # leaves the global RNG (training's dropout) alone: see train_loader
 
 
 def save_checkpoint(accelerator, out: Path, state: TrainState, best: dict | None, keep: int, recipe: Recipe | None = None) -> None:
@@ -285,6 +289,8 @@ def setup(recipe: Recipe, model, data: TaskData, accelerator, tokenizer=None) ->
     eval_collate = data.eval_collate if generating else data.collate
     eval_dl = eval_loader(data.eval, recipe.eval.batch_size, eval_collate) if data.eval is not None else None
     optimizer = optimizer_for(model, recipe)
+    if t.dropout_impl == "fast":
+        use_fast_dropout(model)  # in place, before compile; CPU only at run time
     if t.compile:
         model.compile(dynamic=True)  # in place: the module, its class and its state-dict keys stay as they are
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)

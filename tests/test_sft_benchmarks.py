@@ -42,13 +42,14 @@ def test_sft_throughput_report_pairs_each_side_with_peftlab_by_rows_and_seed(tmp
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
     bench.OUT.mkdir()
     for side, seed, tps in (("peftlab", 0, 300.0), ("trl", 0, 100.0), ("trl-packed", 0, 250.0), ("peftlab", 1, 200.0),
-                            ("trl", 1, 200.0)):
+                            ("trl", 1, 200.0), ("peftlab-torch-dropout", 1, 160.0)):
         (bench.OUT / f"{side}-{seed}.json").write_text(json.dumps(
             {"side": side, "seed": seed, "rows": 8, "steps": 2, "tokens_per_s": tps, "answer_loss": 2.0, "peak_rss_mib": 1.0}))
     text = bench.report()
     ratios = {(line.split(" | ")[0][2:], line.split(" | ")[2]): line.split(" | ")[5] for line in text.splitlines()[2:]}
     assert ratios == {("peftlab", "0"): "1.00x", ("trl", "0"): "3.00x", ("trl-packed", "0"): "1.20x", ("peftlab", "1"): "1.00x",
-                      ("trl", "1"): "1.00x"}
+                      ("trl", "1"): "1.00x", ("peftlab-torch-dropout", "1"): "1.25x"}
+    assert [line.split(" | ")[0][2:] for line in text.splitlines()[5:]] == ["peftlab", "peftlab-torch-dropout", "trl"]  # ablation beside peftlab
     assert (tmp_path / "sft_throughput.md").read_text().strip() == text
 
 

@@ -65,3 +65,16 @@ def test_samsum_case_has_its_own_table(tp):
     assert "training tokens/s 2.00x, generation 1.50x, peak RSS 1.00; ROUGE-1 difference -5.00 points" in md, md
     assert tp.derive_s2s({"examples": 64, "train_s": 32.0, "tokens": 640, "generated": 8, "generate_s": 4.0}) == {
         "examples_per_s": 2.0, "tokens_per_s": 20.0, "generated_per_s": 2.0}
+
+
+def test_ablations_are_paired_with_the_default_run_of_their_seed(tp):
+    def row(case, seed, tps):
+        return {"case": case, "side": "peftlab", "seed": seed, "tokens_per_s": tps, "accuracy": 0.8, "steps": 200}
+
+    rows = [row("lora-grouped", 1, 1000.0), {**row("lora-grouped", 1, 800.0), "side": "Trainer+peft"}, row("lora-grouped", 2, 2000.0),
+            row("ablation: torch dropout", 1, 900.0), row("ablation: torch dropout", 2, 1600.0),
+            row("ablation: AdamW loop", 3, 1500.0)]  # seed 3 has no default run: against the defaults' mean (1500)
+    md = "\n".join(tp.ablation_table(rows))
+    assert "| torch dropout (" in md and "| 200 | 2 | 1250 | 0.85x | 80.00 |" in md, md  # mean of 0.90x and 0.80x, not 1250/1500
+    assert "| AdamW loop (" in md and "| 200 | 1 | 1500 | 1.00x |" in md, md
+    assert tp.ablation_table(rows[3:]) == []  # no default run: no table
