@@ -5,6 +5,7 @@ Everything runs on CPU and offline. Real-data tests read ../shared and skip when
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import sys
@@ -120,6 +121,11 @@ def make_recipe(tmp_path, tiny_bert, sentiment_files):
         return load_recipe(path, [f"{k}={'null' if v is None else v}" for k, v in (overrides or {}).items()])
 
     return make
+
+
+def losses(out: Path) -> list[float]:
+    """The training losses a run logged in OUT/log.jsonl, in step order."""
+    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines() if '"kind": "train"' in line]
 
 
 def logits(model, texts=("the movie was good", "a bad and boring plot", "really quite lovely")) -> torch.Tensor:

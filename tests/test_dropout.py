@@ -3,7 +3,6 @@ runs with dropout are reproducible, resume to the same masks, and evaluating mor
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import pytest
@@ -13,9 +12,7 @@ from torch import nn
 from peftlab import build_model, run
 from peftlab.dropout import FastDropout, keep_mask, use_fast_dropout
 
-
-def losses(out) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines() if '"kind": "train"' in line]
+from .conftest import losses
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])

@@ -16,7 +16,7 @@ import yaml
 from peftlab import build_data, build_model, export, load_recipe, load_splits, load_trained, merge, run
 from peftlab.errors import ConfigError
 
-from .conftest import REPO, minilm_tokenizer, shared_or_skip
+from .conftest import REPO, losses, minilm_tokenizer, shared_or_skip
 
 NAMES = ["Anna", "Tom", "Mia", "Leo", "Eva", "Sam", "Ben", "Zoe"]
 ITEMS = ["cake", "keys", "book", "car", "tickets", "laptop", "guitar", "map"]
@@ -342,8 +342,8 @@ def test_stories260k_samsum_end_to_end(tmp_path, monkeypatch):
     summary = run(recipe)
     m = summary["metrics"]["eval"]
     assert 0 < m["loss"] < 10
-    losses = [json.loads(x)["loss"] for x in (recipe.out / "log.jsonl").read_text().splitlines() if '"kind": "train"' in x]
-    assert len(losses) == 3 and all(0 < x < 10 for x in losses)
+    train = losses(recipe.out)
+    assert len(train) == 3 and all(0 < x < 10 for x in train)
     rows = [json.loads(r) for r in (recipe.out / "predictions-eval.jsonl").read_text().splitlines()]
     assert len(rows) == 4 and all(r["reference"] for r in rows)
     from peftlab.metrics import rouge_metrics

@@ -13,9 +13,7 @@ from safetensors.torch import load_file
 from peftlab import build_data, build_model, load_splits, run
 from peftlab.errors import ArtifactError, ModelError
 
-
-def losses(out) -> list[float]:
-    return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines() if '"kind": "train"' in line]
+from .conftest import losses
 
 
 def test_lora_trains_adapter_and_head_only_base_frozen(make_recipe):
