@@ -14,6 +14,8 @@ MiniLM and SmolLM2-135M-Instruct x frozen / LoRA / full fine-tuning), each made 
 - Truth: each item is one short real fine-tuning run (`peftlab train` in its own process: TRAIN_ROWS seeded training
   rows, TRUTH_STEPS optimizer steps of 16 rows, no selection), scored on the setting's validation split (AG News: a
   seeded subset of its test split; Amazon: a seeded quarter of the domain's labelled rows, held out of training).
+  `--seeds 42,1` repeats each run with other training seeds over the same rows (`data.seed` stays 42): the truth is
+  then the mean over seeds, and the seeds' agreement with each other is the ceiling a proxy's agreement is read against.
 - Proxies: one `peftlab select` process (probe, LogME, a few training steps) on the same recipe. It reads the training
   rows only; the validation split that scores the truth is never read by it.
 
@@ -46,6 +48,7 @@ D = "../shared/data"
 SMOLLM2 = "../shared/models/smollm2-135m-instruct"
 BASES = {"minilm": "minilm", "smollm2": SMOLLM2}
 RANKED_METHODS = ("frozen", "lora", "full")
+SEED = 42  # the recipes' train.seed and data.seed: the rows of every run and of the proxies
 BASE_SETS = {SMOLLM2: ["adapter.target_modules=all-linear", "adapter.r=16", "adapter.alpha=32", "train.lr=3e-4"]}  # its recipes'
 METHOD_SETS = {m: METHODS[m] for m in ("frozen", "full")}  # usual learning rates (benchmarks/common.py); lora: the recipe's
 SENTIMENT = ["negative", "positive"]
@@ -76,12 +79,12 @@ def recipe_tree(setting: str, b: dict) -> dict:
             data[split] = {**({"path": spec} if isinstance(spec, str) else spec), "max_samples": rows}
     if data.get("eval") is None:  # Amazon: the held-out quarter of the labelled rows scores the truth
         data["train"]["max_samples"] = round(b["eval_rows"] / data["eval_holdout"])
-    data.update(test=None, max_length=b["max_length"])
+    data.update(test=None, max_length=b["max_length"], seed=SEED)
     return {
         "name": f"select-{setting}", "model": {"name": "minilm"},
         "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.1, "target_modules": ["query", "key", "value", "attention.output.dense"]},
         "data": data,
-        "train": {"max_steps": b["truth_steps"], "batch_size": 16, "lr": 1.0e-3, "warmup_fraction": 0.06, "eval_every": None,
+        "train": {"seed": SEED, "max_steps": b["truth_steps"], "batch_size": 16, "lr": 1.0e-3, "warmup_fraction": 0.06, "eval_every": None,
                   "save_every": None, "keep_best": False, "log_every": 25},
         "eval": {"batch_size": 64}, "export": {"merge": False},
     }
@@ -113,22 +116,25 @@ def truth(setting: str, folder: Path, recipe_path: Path, bases: list[str], args)
     from peftlab.select import candidate_overrides
 
     recipe = load_recipe(recipe_path)
-    for base, method in items(bases):
-        name = item_name(base, method)
-        dest = folder / f"truth-{name}.json"
-        if dest.exists() and not args.fresh:
-            continue
-        overrides = [*candidate_overrides(recipe, base, method, {**BASE_SETS, **METHOD_SETS}), f"name=select-{setting}-{name}"]
-        out = REPO / "runs" / "model-selection" / f"{setting}-{name}"
-        print(f"[{setting}/{name}] truth: peftlab train {recipe_path.relative_to(REPO)} {' '.join(overrides)}", flush=True)
-        run, rss, wall = train_process(f"{setting}/{name}", str(recipe_path), overrides, out, verbose=args.verbose)
-        shutil.rmtree(out, ignore_errors=True)  # full fine-tunes are 87-540 MiB: the row keeps what was measured
-        m = run["metrics"]["eval"]
-        save(dest, {"setting": setting, "base": base, "method": method, "accuracy": m["accuracy"], "f1": m["f1"],
-                    "steps": run["steps"], "train_examples": run["train_examples"],
-                    "train_wall_s": run["train_wall_s"], "process_wall_s": wall, "peak_rss_mib": rss, "precision": run["precision"],
-                    "overrides": overrides})
-        print(f"[{setting}/{name}] eval accuracy {100 * m['accuracy']:.2f}, {wall:.0f} s", flush=True)
+    for seed in args.seeds:  # seed by seed: a partial run still has whole rankings
+        for base, method in items(bases):
+            name = item_name(base, method)
+            tag = "" if seed == SEED else f"-seed{seed}"
+            dest = folder / f"truth-{name}{tag}.json"
+            if dest.exists() and not args.fresh:
+                continue
+            overrides = [*candidate_overrides(recipe, base, method, {**BASE_SETS, **METHOD_SETS}), f"name=select-{setting}-{name}{tag}",
+                         f"train.seed={seed}"]
+            out = REPO / "runs" / "model-selection" / f"{setting}-{name}{tag}"
+            print(f"[{setting}/{name}{tag}] truth: peftlab train {recipe_path.relative_to(REPO)} {' '.join(overrides)}", flush=True)
+            run, rss, wall = train_process(f"{setting}/{name}{tag}", str(recipe_path), overrides, out, verbose=args.verbose)
+            shutil.rmtree(out, ignore_errors=True)  # full fine-tunes are 87-540 MiB: the row keeps what was measured
+            m = run["metrics"]["eval"]
+            save(dest, {"setting": setting, "base": base, "method": method, "seed": seed, "accuracy": m["accuracy"], "f1": m["f1"],
+                        "steps": run["steps"], "train_examples": run["train_examples"],
+                        "train_wall_s": run["train_wall_s"], "process_wall_s": wall, "peak_rss_mib": rss,
+                        "precision": run["precision"], "overrides": overrides})
+            print(f"[{setting}/{name}{tag}] eval accuracy {100 * m['accuracy']:.2f}, {wall:.0f} s", flush=True)
 
 
 def proxies(setting: str, folder: Path, recipe_path: Path, bases: list[str], b: dict, args) -> None:
@@ -203,12 +209,33 @@ def evaluate_setting(sel: dict, truths: dict[tuple, dict]) -> dict:
 
 
 def load_setting(folder: Path) -> tuple[dict | None, dict]:
+    """-> (the select report or None, {(base, method): truth}), a truth averaged over the seeds it was run with:
+    accuracy and process_wall_s are means (the cost a proxy replaces is one run per item), `seeds` {seed: accuracy}."""
     sel = json.loads((folder / "select.json").read_text()) if (folder / "select.json").exists() else None
-    truths = {}
-    for f in folder.glob("truth-*.json"):
+    runs: dict[tuple, list[dict]] = {}
+    for f in sorted(folder.glob("truth-*.json")):
         t = json.loads(f.read_text())
-        truths[(t["base"], t["method"])] = t
+        runs.setdefault((t["base"], t["method"]), []).append(t)
+    truths = {k: {**v[0], "accuracy": statistics.fmean(t["accuracy"] for t in v),
+                  "process_wall_s": statistics.fmean(t["process_wall_s"] for t in v),
+                  "seeds": {t.get("seed", SEED): t["accuracy"] for t in v}} for k, v in runs.items()}
     return sel, truths
+
+
+def seed_agreement(truths: dict) -> tuple[float, float] | None:
+    """How well the truth predicts itself: over every pair of seeds that all items ran with, the mean Kendall tau-b of
+    the two seeds' rankings and the rate at which both seeds' best items are the same. None with fewer than 2 seeds."""
+    common = sorted(set.intersection(*(set(t["seeds"]) for t in truths.values()))) if truths else []
+    pairs = [(a, b) for i, a in enumerate(common) for b in common[i + 1:]]
+    if not pairs:
+        return None
+    keys = list(truths)
+    taus, tops = [], []
+    for a, b in pairs:
+        x, y = [truths[k]["seeds"][a] for k in keys], [truths[k]["seeds"][b] for k in keys]
+        taus.append(kendall_tau_b(x, y))
+        tops.append(pick(dict(zip(keys, x)), dict(zip(keys, y)))[0])
+    return statistics.fmean(taus), statistics.fmean(tops)
 
 
 def fmt(x: float, digits: int = 2) -> str:
@@ -236,7 +263,7 @@ def report(root: Path, name: str) -> str:
                "|---|---|---|---|---|---|---|---|---|---|---|"]
     per_proxy: dict[str, dict[str, list]] = {p: {"tau": [], "top1": [], "base_top1": [], "regret": [], "cost": []}
                                              for p in ("probe", "logme", "steps")}
-    frozen_pairs, chances, done, walls = [], [], [], []
+    frozen_pairs, chances, done, walls, itself = [], [], [], [], []
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         sel, truths = load_setting(folder)
         if sel is None or not truths:
@@ -245,12 +272,17 @@ def report(root: Path, name: str) -> str:
         for r in sel["rows"]:
             t = truths.get((r["base"], r["method"]))
             e = r["estimates"]
-            lines.append(f"| {setting} | {r['label']} {r['method']} | {fmt(100 * t['accuracy']) if t else '-'} | "
+            each = f" ({' / '.join(fmt(100 * a) for _, a in sorted(t['seeds'].items()))})" if t and len(t["seeds"]) > 1 else ""
+            lines.append(f"| {setting} | {r['label']} {r['method']} | {fmt(100 * t['accuracy']) + each if t else '-'} | "
                          f"{fmt(100 * e['probe']['value'])} ± {fmt(100 * e['probe']['std'])} | {fmt(e['logme']['value'], 3)} | "
                          f"{fmt(100 * e['steps']['value'])} ± {fmt(100 * e['steps']['std'])} | {fmt(t['process_wall_s'], 0) if t else '-'} |")
             if t and r["method"] == "frozen":
                 frozen_pairs.append((e["probe"]["value"], t["accuracy"]))
         ev = evaluate_setting(sel, truths)
+        agree = seed_agreement(truths)
+        if agree:
+            seeds = sorted(set.intersection(*(set(t["seeds"]) for t in truths.values())))
+            itself.append((f"| {setting} | {', '.join(map(str, seeds))} | {fmt(agree[0])} | {fmt(agree[1])} |", agree[0]))
         chances.append((1 / ev["items"], 1 / len({k[0] for k in truths})))
         done.append(setting)
         walls.append((ev["select_s"], ev["truth_s"]))
@@ -272,6 +304,13 @@ def report(root: Path, name: str) -> str:
                        f"{statistics.fmean(v['base_top1']):.0%} | {statistics.fmean(v['regret']):.1f} | {100 * statistics.fmean(v['cost']):.1f}% |")
     chance, base_chance = (statistics.fmean(c) for c in zip(*chances))
     notes = [verdict(p, v, chance, base_chance) for p, v in per_proxy.items()]
+    if itself:
+        taus = [tau for _, tau in itself if not math.isnan(tau)]
+        notes.append(f"the truth against itself (its training seeds, same rows): mean tau-b {fmt(statistics.fmean(taus)) if taus else 'n/a'} "
+                     f"over {len(itself)} settings; a proxy cannot be expected to agree with the truth better than that. The truth "
+                     "the proxies are scored against is the mean over the seeds.")
+    else:
+        notes.append("the truth ran with one training seed: how far it agrees with itself is not measured (--seeds 42,1 does it).")
     sel_s, truth_s = (sum(w) for w in zip(*walls))
     notes.append(f"the whole `peftlab select` process (all three proxies, model loads included) took {sel_s:.0f} s against "
                  f"{truth_s:.0f} s for the truth runs it replaces ({100 * sel_s / truth_s:.1f}%); probe and LogME alone: the 'cost' column.")
@@ -283,7 +322,10 @@ def report(root: Path, name: str) -> str:
         notes.append(f"probe vs the frozen-backbone truth run (the same model, trained by SGD): Pearson r {fmt(r)} over "
                      f"{len(frozen_pairs)} setting x base pairs.")
     text = "\n".join([f"## {name}: {len(done)} settings ({', '.join(done)})", "", "### Per proxy, over the settings", "", *overall, "",
-                      *(f"- {n}" for n in notes), "", "### Per setting", "", *summary, "", "### Every item", "", *lines]) + "\n"
+                      *(f"- {n}" for n in notes), "", "### Per setting", "", *summary, "",
+                      *(["### The truth against itself: two training seeds' rankings", "",
+                         "| setting | seeds | Kendall tau-b | top-1 agree |", "|---|---|---|---|", *(row for row, _ in itself), ""] if itself else []),
+                      "### Every item", "", *lines]) + "\n"
     return text
 
 
@@ -292,12 +334,15 @@ def main() -> int:
     p.add_argument("--cases", default="", help=f"comma-separated settings (default: none; all: {','.join(SETTINGS)})")
     p.add_argument("--bases", default=",".join(BASES), help="candidate bases (default: minilm,smollm2)")
     p.add_argument("--stage", default="all", choices=("truth", "select", "all"))
+    p.add_argument("--seeds", default=str(SEED), help=f"training seeds of the truth runs, over the same rows (default {SEED}; "
+                   f"e.g. {SEED},1: the truth is the mean, and the seeds' agreement is reported)")
     p.add_argument("--list", action="store_true")
     p.add_argument("--report", action="store_true", help="write RESULTS/model_selection.md from the finished settings")
     p.add_argument("--quick", action="store_true", help=f"tiny budgets ({QUICK}): checks the pipeline in minutes")
     p.add_argument("--fresh", action="store_true", help="measure finished runs again")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
+    args.seeds = [int(x) for x in args.seeds.split(",") if x]
     b, name = (QUICK, "model_selection-quick") if args.quick else (FULL, "model_selection")
     root = RESULTS / name
     bases = [x for x in args.bases.split(",") if x]

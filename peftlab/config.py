@@ -122,6 +122,8 @@ class DataConfig:
                                    "train, or none.")
     test: SplitConfig | None = opt(None, "Optional held-out test split, evaluated once at the end.")
     eval_holdout: float = opt(0.0, "With no eval split: hold out this fraction of train (seeded) for evaluation.", ge=0, lt=1)
+    seed: int | None = opt(None, "Seed of the data.*.max_samples subsets and the eval_holdout split; null = train.seed. Fix it to "
+                           "vary train.seed over the same rows (a seed study, or truth runs scored on one held-out split).")
     text_columns: list[str] = opt(["sentence"], "Column(s) holding the input text; several are joined with a space.")
     text_pair: bool = opt(False, "Classification: the two data.text_columns are a sentence pair (MRPC: [sentence1, sentence2]), "
                           "encoded as one ([CLS] a [SEP] b [SEP], with segment ids), not joined into one string.")
@@ -287,6 +289,11 @@ class Recipe:
     @property
     def out(self) -> Path:
         return Path(self.output_dir or f"runs/{self.name}")
+
+    @property
+    def data_seed(self) -> int:
+        """The seed that picks the rows (subsets, held-out splits): data.seed, else train.seed."""
+        return self.train.seed if self.data.seed is None else self.data.seed
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -289,7 +289,7 @@ def load_splits(recipe: Recipe, *, need_train: bool = True):
     """-> ({split: Dataset of {text, label:int}}, label_names). Splits absent from the recipe are None.
     Tasks with a text target (summarization) get {text, target} rows and no label names. `need_train=False`: an
     evaluation, which reads only the split it scores."""
-    d, seed = recipe.data, recipe.train.seed
+    d, seed = recipe.data, recipe.data_seed
     task = get_task(recipe.task.type)
     if hasattr(task, "load_splits"):  # several tasks, each with its own data (tasks/multitask.py)
         return task.load_splits(recipe, need_train=need_train)

@@ -100,7 +100,7 @@ def with_unlabelled(train, recipe: Recipe):
     from .data import normalize_split, read_split
 
     spec, where = recipe.train.distill.unlabelled, "train.distill.unlabelled"
-    extra = normalize_split(read_split(spec, recipe.data, where), spec, recipe.data, where, recipe.train.seed, unlabelled=True)
+    extra = normalize_split(read_split(spec, recipe.data, where), spec, recipe.data, where, recipe.data_seed, unlabelled=True)
     extra = extra.add_column("label", [-100] * len(extra))
     return concatenate_datasets([train, extra.cast(train.features)])  # csv reads large_string, json string: one type
 

@@ -189,7 +189,7 @@ def train_sample(recipe: Recipe, max_rows: int):
     splits, label_names = load_splits(r)
     ds = splits["train"]
     if len(ds) > max_rows:
-        ds = ds.shuffle(seed=recipe.train.seed).select(range(max_rows))
+        ds = ds.shuffle(seed=recipe.data_seed).select(range(max_rows))
     return ds, label_names
 
 

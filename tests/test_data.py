@@ -56,6 +56,19 @@ def test_max_samples_is_a_seeded_subset_and_holdout_splits_train(tmp_path):
     assert not set(h["train"]["text"]) & set(h["eval"]["text"])
 
 
+def test_data_seed_fixes_the_rows_while_train_seed_varies(tmp_path):
+    """data.seed picks the subsets and the held-out split; null follows train.seed (the rows then change with it)."""
+    (tmp_path / "big.tsv").write_text("sentence\tlabel\n" + "".join(f"s{i}\t{i % 2}\n" for i in range(100)))
+
+    def rows(*extra):
+        s, _ = splits_of(tmp_path, tmp_path / "big.tsv", ["data.train.max_samples=40", "data.eval_holdout=0.25", *extra])
+        return s["train"]["text"], s["eval"]["text"]
+
+    assert rows("train.seed=1") != rows("train.seed=2")  # the default: the rows follow the training seed
+    assert rows("train.seed=1", "data.seed=7") == rows("train.seed=2", "data.seed=7") == rows("train.seed=7")
+    assert rows("data.seed=7") != rows("data.seed=8")
+
+
 @pytest.mark.parametrize("content, overrides, needle", [
     ("sentence\tlabel\nok\t7\n", ["data.label_names=[neg,pos]"], "labels outside the label set"),
     ("text\tlabel\nok\t1\n", [], "column(s) ['sentence'] not found; the data has ['text', 'label']"),

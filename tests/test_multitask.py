@@ -69,11 +69,13 @@ def recipe_of(tmp_path, t: dict, overrides=()):
 
 def test_tasks_inherit_the_shared_data_keys_and_take_dotted_overrides(task_files, tmp_path, tiny_bert):
     r = recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert), ["multitask.tasks.topic.data.max_length=16",
-                                                                          "multitask.tasks.senti.data.train.max_samples=50"])
+                                                                          "multitask.tasks.senti.data.train.max_samples=50",
+                                                                          "data.seed=7", "multitask.tasks.pair.data.seed=8"])
     tasks = r.multitask.tasks
     assert set(tasks) == {"senti", "topic", "pair"}
     assert tasks["senti"].data.max_length == 32 and tasks["topic"].data.max_length == 16  # inherited / its own
     assert tasks["senti"].data.train.max_samples == 50 and tasks["pair"].metric == "f1"
+    assert (tasks["senti"].data.seed, tasks["pair"].data.seed) == (7, 8)  # the rows' seed too
     assert r.train.best_metric == "mean"
     dropped = recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert), ["multitask.tasks.pair=null"])
     assert set(dropped.multitask.tasks) == {"senti", "topic"}  # null leaves a task out

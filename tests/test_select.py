@@ -159,3 +159,40 @@ def test_benchmark_scores_rankings_with_ties(tmp_path):
     for setting in bench.SETTINGS:  # every setting's recipe is valid, and its truth is scored on rows the proxies never read
         recipe = load_recipe(bench.write_recipe(tmp_path / setting, setting, bench.FULL), validate_files=False)
         assert recipe.data.test is None and (recipe.data.eval is not None or recipe.data.eval_holdout > 0)
+
+
+def test_benchmark_averages_truth_seeds_and_reports_their_agreement(tmp_path):
+    """Truth runs of several training seeds: the truth is their mean, and the seeds' own agreement is the ceiling."""
+    from .conftest import load_benchmark
+
+    bench = load_benchmark("model_selection")
+    items = [("minilm", "frozen"), ("minilm", "lora"), ("big", "lora")]
+    truth = {"agree": {42: [0.6, 0.7, 0.9], 1: [0.62, 0.72, 0.88]},  # the same order under both seeds
+             "flip": {42: [0.6, 0.7, 0.8], 1: [0.8, 0.7, 0.6]}}     # the seeds order the items oppositely
+    for setting, seeds in truth.items():
+        folder = tmp_path / setting
+        folder.mkdir()
+        for seed, accs in seeds.items():
+            for (base, method), acc in zip(items, accs):
+                tag = "" if seed == bench.SEED else f"-seed{seed}"
+                (folder / f"truth-{base}-{method}{tag}.json").write_text(json.dumps(
+                    {"base": base, "method": method, "seed": seed, "accuracy": acc, "process_wall_s": 10.0 * seed}))
+        est = {p: {"value": v, "std": 0.0, "seconds": 1.0} for p, v in (("probe", 0.5), ("logme", -0.5), ("steps", 0.5))}
+        (folder / "select.json").write_text(json.dumps({"process_wall_s": 30.0, "rows": [
+            {"base": b, "method": m, "label": b, "features_group": b, "features_seconds": 1.0,
+             "estimates": {**est, "steps": {**est["steps"], "value": v}}} for (b, m), v in zip(items, (0.1, 0.2, 0.3))]}))
+    _, truths = bench.load_setting(tmp_path / "agree")
+    assert truths[("big", "lora")]["accuracy"] == pytest.approx(0.89) and truths[("big", "lora")]["seeds"] == {1: 0.88, 42: 0.9}
+    assert truths[("big", "lora")]["process_wall_s"] == pytest.approx(215.0)  # one run's cost, averaged
+    assert bench.seed_agreement(truths) == pytest.approx((1.0, 1.0))
+    assert bench.seed_agreement(bench.load_setting(tmp_path / "flip")[1]) == pytest.approx((-1.0, 0.0))
+    text = bench.report(tmp_path, "ms")
+    assert "| agree | 1, 42 | 1.00 | 1.00 |" in text and "| flip | 1, 42 | -1.00 | 0.00 |" in text
+    assert "the truth against itself (its training seeds, same rows): mean tau-b 0.00 over 2 settings" in text
+    assert "| agree | minilm lora | 71.00 (72.00 / 70.00) |" in text  # the mean, then each seed's accuracy in seed order
+    one = tmp_path / "one"
+    one.mkdir()
+    for f in (tmp_path / "agree").glob("*"):
+        if "seed1" not in f.name:
+            (one / f.name).write_text(f.read_text())
+    assert bench.seed_agreement(bench.load_setting(one)[1]) is None

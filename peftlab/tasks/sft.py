@@ -146,7 +146,7 @@ def normalize_split(ds, spec, recipe, where: str):
     d, t = recipe.data, recipe.task
     fmt, prompt_cols, completion_col = detect_format(ds.column_names, d, where)
     if spec.max_samples is not None and spec.max_samples < len(ds):
-        ds = ds.shuffle(seed=recipe.train.seed).select(range(spec.max_samples))
+        ds = ds.shuffle(seed=recipe.data_seed).select(range(spec.max_samples))
 
     def text(v) -> str:
         return "" if v is None else str(v).strip()
