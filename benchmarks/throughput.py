@@ -57,15 +57,15 @@ CASES = {  # case -> (peftlab overrides, Trainer-side flags)
 S2S_CASE = "samsum"  # MiniLM BERT2BERT LoRA on SAMSum: training, then beam-search generation on test rows
 MEMORY_CASE = "memory-0.7b"  # peftlab LoRA vs QLoRA on a ~0.73B BERT built from a config: peak RSS when weights dominate
 MEMORY_OVERRIDES = ["train.batch_size=16", "data.eval.max_samples=64", "train.eval_every=1000", "train.log_every=1000"]
-ABLATIONS = {  # name -> (peftlab overrides, what it switches)
-    "no length grouping": (["train.group_by_length=false"], "plain shuffled batches (more padding)"),
-    "host sync every step": (["train.log_every=1"], "loss read back to the host each step"),
-    "torch dropout": (["train.dropout_impl=torch"], "nn.Dropout's per-element bernoulli_ masks"),
-    "bf16 frozen base": (["model.dtype=auto"], "base weights stored in the training precision, no autocast copies"),
-    "AdamW loop": (["train.optimizer_impl=loop"], "one parameter at a time"),
-    "AdamW fused": (["train.optimizer_impl=fused"], "one fused kernel"),
-    "bf16 autocast": (["train.precision=bf16"], "emulated on CPUs without avx512_bf16/AMX"),
-    "torch.compile": (["train.compile=true"], "inductor, dynamic shapes, compile time included"),
+ABLATIONS = {  # name -> (peftlab overrides, what it switches, share of --steps it runs: slow ones run fewer)
+    "no length grouping": (["train.group_by_length=false"], "plain shuffled batches (more padding)", 1.0),
+    "host sync every step": (["train.log_every=1"], "loss read back to the host each step", 1.0),
+    "torch dropout": (["train.dropout_impl=torch"], "nn.Dropout's per-element bernoulli_ masks", 1.0),
+    "bf16 frozen base": (["model.dtype=auto"], "base weights stored in the training precision, no autocast copies", 1.0),
+    "AdamW loop": (["train.optimizer_impl=loop"], "one parameter at a time", 1.0),
+    "AdamW fused": (["train.optimizer_impl=fused"], "one fused kernel", 1.0),
+    "bf16 autocast": (["train.precision=bf16"], "emulated on CPUs without avx512_bf16/AMX", 0.1),
+    "torch.compile": (["train.compile=true"], "inductor, dynamic shapes, compile time included", 1.0),
 }
 
 
@@ -506,8 +506,8 @@ def main() -> None:
             record(case, "peftlab", peftlab_side, seed=args.seed + i)
             record(case, "Trainer+peft", trainer_side, seed=args.seed + i)
         for label in ablations:
-            overrides = ABLATIONS[label][0]
-            steps = args.ablation_steps or (max(args.steps // 10, 5) if "bf16 autocast" in label else args.steps)
+            overrides, _, share = ABLATIONS[label]
+            steps = args.ablation_steps or (args.steps if share == 1 else max(int(args.steps * share), 5))
             record(f"ablation: {label}", "peftlab", overrides, steps=steps, seed=args.seed + i)
     if MEMORY_CASE in args.cases.split(","):  # LoRA vs QLoRA peak RSS where the weights, not the runtime, fill memory
         with tempfile.TemporaryDirectory() as tmp:
