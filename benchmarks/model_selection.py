@@ -209,23 +209,31 @@ def evaluate_setting(sel: dict, truths: dict[tuple, dict]) -> dict:
 
 
 def load_setting(folder: Path) -> tuple[dict | None, dict]:
-    """-> (the select report or None, {(base, method): truth}), a truth averaged over the seeds it was run with:
-    accuracy and process_wall_s are means (the cost a proxy replaces is one run per item), `seeds` {seed: accuracy}."""
+    """-> (the select report or None, {(base, method): truth}), a truth averaged over the seeds every item ran with
+    (a seed that only some items have, from an unfinished run, is left out so that no item's truth has more seeds than
+    another's): `accuracy` that mean, `seeds` {seed: accuracy} of those seeds, `process_wall_s` the mean over all of its
+    runs (the cost a proxy replaces is one run per item)."""
     sel = json.loads((folder / "select.json").read_text()) if (folder / "select.json").exists() else None
-    runs: dict[tuple, list[dict]] = {}
+    runs: dict[tuple, dict[int, dict]] = {}
     for f in sorted(folder.glob("truth-*.json")):
         t = json.loads(f.read_text())
-        runs.setdefault((t["base"], t["method"]), []).append(t)
-    truths = {k: {**v[0], "accuracy": statistics.fmean(t["accuracy"] for t in v),
-                  "process_wall_s": statistics.fmean(t["process_wall_s"] for t in v),
-                  "seeds": {t.get("seed", SEED): t["accuracy"] for t in v}} for k, v in runs.items()}
+        runs.setdefault((t["base"], t["method"]), {})[t.get("seed", SEED)] = t
+    common = set.intersection(*(set(v) for v in runs.values())) if runs else set()
+    if runs and not common:
+        print(f"{folder.name}: no training seed that every truth item ran with; left out (rerun with --seeds {SEED})")
+        return sel, {}
+    truths = {}
+    for k, v in runs.items():
+        seeds = {s: v[s]["accuracy"] for s in sorted(common)}
+        truths[k] = {**v[min(common)], "accuracy": statistics.fmean(seeds.values()), "seeds": seeds,
+                     "process_wall_s": statistics.fmean(t["process_wall_s"] for t in v.values())}
     return sel, truths
 
 
 def seed_agreement(truths: dict) -> tuple[float, float] | None:
     """How well the truth predicts itself: over every pair of seeds that all items ran with, the mean Kendall tau-b of
     the two seeds' rankings and the rate at which both seeds' best items are the same. None with fewer than 2 seeds."""
-    common = sorted(set.intersection(*(set(t["seeds"]) for t in truths.values()))) if truths else []
+    common = sorted(next(iter(truths.values()))["seeds"]) if truths else []  # the same seeds for every item (load_setting)
     pairs = [(a, b) for i, a in enumerate(common) for b in common[i + 1:]]
     if not pairs:
         return None
@@ -281,7 +289,7 @@ def report(root: Path, name: str) -> str:
         ev = evaluate_setting(sel, truths)
         agree = seed_agreement(truths)
         if agree:
-            seeds = sorted(set.intersection(*(set(t["seeds"]) for t in truths.values())))
+            seeds = sorted(next(iter(truths.values()))["seeds"])
             itself.append((f"| {setting} | {', '.join(map(str, seeds))} | {fmt(agree[0])} | {fmt(agree[1])} |", agree[0]))
         chances.append((1 / ev["items"], 1 / len({k[0] for k in truths})))
         done.append(setting)

@@ -196,3 +196,6 @@ def test_benchmark_averages_truth_seeds_and_reports_their_agreement(tmp_path):
         if "seed1" not in f.name:
             (one / f.name).write_text(f.read_text())
     assert bench.seed_agreement(bench.load_setting(one)[1]) is None
+    (one / "truth-big-lora-seed1.json").write_text((tmp_path / "agree" / "truth-big-lora-seed1.json").read_text())
+    _, partial = bench.load_setting(one)  # a seed only one item has (an unfinished run) does not enter the mean
+    assert partial[("big", "lora")]["accuracy"] == pytest.approx(0.9) and partial[("big", "lora")]["seeds"] == {42: 0.9}
