@@ -211,8 +211,8 @@ def evaluate_setting(sel: dict, truths: dict[tuple, dict]) -> dict:
 def load_setting(folder: Path) -> tuple[dict | None, dict]:
     """-> (the select report or None, {(base, method): truth}), a truth averaged over the seeds every item ran with
     (a seed that only some items have, from an unfinished run, is left out so that no item's truth has more seeds than
-    another's): `accuracy` that mean, `seeds` {seed: accuracy} of those seeds, `process_wall_s` the mean over all of its
-    runs (the cost a proxy replaces is one run per item)."""
+    another's): `accuracy` that mean, `seeds` {seed: accuracy} of those seeds, `process_wall_s` the wall time of its run
+    at SEED, timed in the same pass as the select run (the cost a proxy replaces is one run per item)."""
     sel = json.loads((folder / "select.json").read_text()) if (folder / "select.json").exists() else None
     runs: dict[tuple, dict[int, dict]] = {}
     for f in sorted(folder.glob("truth-*.json")):
@@ -225,8 +225,8 @@ def load_setting(folder: Path) -> tuple[dict | None, dict]:
     truths = {}
     for k, v in runs.items():
         seeds = {s: v[s]["accuracy"] for s in sorted(common)}
-        truths[k] = {**v[min(common)], "accuracy": statistics.fmean(seeds.values()), "seeds": seeds,
-                     "process_wall_s": statistics.fmean(t["process_wall_s"] for t in v.values())}
+        timed = v.get(SEED, v[min(common)])
+        truths[k] = {**timed, "accuracy": statistics.fmean(seeds.values()), "seeds": seeds}
     return sel, truths
 
 

@@ -183,7 +183,7 @@ def test_benchmark_averages_truth_seeds_and_reports_their_agreement(tmp_path):
              "estimates": {**est, "steps": {**est["steps"], "value": v}}} for (b, m), v in zip(items, (0.1, 0.2, 0.3))]}))
     _, truths = bench.load_setting(tmp_path / "agree")
     assert truths[("big", "lora")]["accuracy"] == pytest.approx(0.89) and truths[("big", "lora")]["seeds"] == {1: 0.88, 42: 0.9}
-    assert truths[("big", "lora")]["process_wall_s"] == pytest.approx(215.0)  # one run's cost, averaged
+    assert truths[("big", "lora")]["process_wall_s"] == pytest.approx(420.0)  # the cost: its run at seed 42
     assert bench.seed_agreement(truths) == pytest.approx((1.0, 1.0))
     assert bench.seed_agreement(bench.load_setting(tmp_path / "flip")[1]) == pytest.approx((-1.0, 0.0))
     text = bench.report(tmp_path, "ms")
