@@ -48,15 +48,17 @@ from benchmarks.common import METHODS, RESULTS  # noqa: E402
 
 RECIPE = REPO / "recipes" / "minilm" / "sst2-lora.yaml"
 QLORA = METHODS["qlora"]
+CKPT = ["train.gradient_checkpointing=true"]
 CASES = {  # case -> (peftlab overrides, Trainer-side flags)
     "lora": ([], []),
     "qlora": (QLORA, ["qlora"]),  # the baseline's prepare_model_for_kbit_training recomputes activations (its default)
-    "qlora-ckpt": ([*QLORA, "train.gradient_checkpointing=true"], ["qlora"]),  # both recompute: like-for-like memory
+    "qlora-ckpt": ([*QLORA, *CKPT], ["qlora"]),  # both recompute: like-for-like memory
     "lora-grouped": ([], ["grouped"]),  # the Trainer tuned: train_sampling_strategy="group_by_length"
 }
 S2S_CASE = "samsum"  # MiniLM BERT2BERT LoRA on SAMSum: training, then beam-search generation on test rows
 MEMORY_CASE = "memory-0.7b"  # peftlab LoRA vs QLoRA on a ~0.73B BERT built from a config: peak RSS when weights dominate
 MEMORY_OVERRIDES = ["train.batch_size=16", "data.eval.max_samples=64", "train.eval_every=1000", "train.log_every=1000"]
+MEMORY_SIDES = {"lora": [], "qlora": QLORA, "lora-ckpt": CKPT, "qlora-ckpt": [*QLORA, *CKPT]}  # with activations kept / recomputed
 ABLATIONS = {  # name -> (peftlab overrides, what it switches, share of --steps it runs: slow ones run fewer)
     "no length grouping": (["train.group_by_length=false"], "plain shuffled batches (more padding)", 1.0),
     "host sync every step": (["train.log_every=1"], "loss read back to the host each step", 1.0),
@@ -475,13 +477,14 @@ def main() -> None:
         rows, extras = old["rows"], {k: old[k] for k in ("tokenize", "eval") if k in old}
         gemm = old["gemm"]
 
-    def record(case: str, side: str, extra: list[str], trainable_base: bool = False, steps: int | None = None, seed: int | None = None) -> dict:
+    def record(case: str, side: str, extra: list[str], trainable_base: bool = False, steps: int | None = None, seed: int | None = None,
+               info: dict | None = None) -> dict:
         run_args = argparse.Namespace(**{**vars(args), "steps": steps or args.steps, "seed": args.seed if seed is None else seed})
         print(f"[{case} / {side}, seed {run_args.seed}] {' '.join(extra)}", flush=True)
         s2s, memory = case == S2S_CASE, case == MEMORY_CASE
         r = spawn(run_args, ("trainer" if side == "Trainer+peft" else "peftlab") + ("-s2s" if s2s else ""), extra)
         r = {"case": case, "side": side, "overrides": extra, "steps": args.s2s_steps if s2s else run_args.steps, "seed": run_args.seed,
-             "gemm_peak_gflops": peak, **r}
+             "gemm_peak_gflops": peak, **(info or {}), **r}
         if memory:  # speed of a random-init model is not the point; its MFU would need its own FLOP count
             print(f"    peak RSS {r['peak_rss_mib']:.0f} MiB", flush=True)
         elif s2s:
@@ -513,8 +516,9 @@ def main() -> None:
         with tempfile.TemporaryDirectory() as tmp:
             print(f"[{MEMORY_CASE}] building a {LARGE} BERT from its config...", flush=True)
             params = spawn(args, "build-large", [tmp])["params"]
-            for method, overrides in (("lora", []), ("qlora", QLORA)):
-                record(MEMORY_CASE, f"peftlab {method}", [*overrides, f"model.name={tmp}", *MEMORY_OVERRIDES], steps=args.memory_steps)["params"] = params
+            for method, overrides in MEMORY_SIDES.items():
+                record(MEMORY_CASE, f"peftlab {method}", [*overrides, f"model.name={tmp}", *MEMORY_OVERRIDES], steps=args.memory_steps,
+                       info={"params": params})
     if not args.no_ablations:
         print("[tokenization cold vs cached]", flush=True)
         extras["tokenize"] = spawn(args, "tokenize", [])
@@ -610,9 +614,10 @@ def table(args, gemm: dict, rows: list[dict], extras: dict) -> str:
     cases = [c for c in dict.fromkeys(r["case"] for r in rows) if not c.startswith("ablation") and c not in (S2S_CASE, MEMORY_CASE)]
     lines = [f"Machine: {gemm.get('precision', 'fp32')} GEMM peak {gemm['peak_gflops']:.1f} GFLOP/s at {args.threads} thread(s) "
              f"(MiniLM FFN shape: {gemm['ffn_512x384x1536']:.1f}). {args.steps} steps x batch 32, "
-             f"{args.rows} SST-2 train rows, dev accuracy target {args.target:.2f}.", "",
-             "| case | side | examples/s | real tokens/s | time to target (s) | final dev acc | peak RSS (MiB) | MFU | HFU (padded) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             f"{args.rows} SST-2 train rows, dev accuracy target {args.target:.2f}."]
+    if cases:  # (a run of the memory case alone has none)
+        lines += ["", "| case | side | examples/s | real tokens/s | time to target (s) | final dev acc | peak RSS (MiB) | MFU | HFU (padded) |",
+                  "|---|---|---|---|---|---|---|---|---|"]
 
     def fmt(v, f):
         return "-" if v is None else format(v, f)
@@ -629,8 +634,9 @@ def table(args, gemm: dict, rows: list[dict], extras: dict) -> str:
             lines.append(f"| {case} | {side} | {s['examples_per_s']:.1f} | {s['tokens_per_s']:.0f} | {fmt(s['time_to_target_s'], '.0f')} "
                          f"| {100 * s['accuracy']:.2f} | {s['peak_rss_mib']:.0f} | {fmt(100 * s['mfu'], '.1f')}% "
                          f"| {fmt(s['hfu'] and 100 * s['hfu'], '.1f')}% |")
-    lines += ["", "| case | tokens/s ratio (peftlab / Trainer) | time-to-target ratio | accuracy difference (points, paired by seed) | RSS ratio |",
-              "|---|---|---|---|---|"]
+    if cases:
+        lines += ["", "| case | tokens/s ratio (peftlab / Trainer) | time-to-target ratio | accuracy difference (points, paired by seed) "
+                  "| RSS ratio |", "|---|---|---|---|---|"]
     for case in cases:
         a, b = summary.get((case, "peftlab")), summary.get((case, "Trainer+peft"))
         if a and b:
@@ -643,11 +649,13 @@ def table(args, gemm: dict, rows: list[dict], extras: dict) -> str:
     lines += ablation_table(rows)
     lines += s2s_table(args, [r for r in rows if r["case"] == S2S_CASE])
     memory = {r["side"].removeprefix("peftlab "): r for r in rows if r["case"] == MEMORY_CASE}
-    if {"lora", "qlora"} <= set(memory):
-        lora, qlora = memory["lora"], memory["qlora"]
-        lines.append(f"\n{MEMORY_CASE}: a {lora['params'] / 1e9:.2f}B-parameter BERT built from a config ({LARGE}), {lora['steps']} steps x "
-                     f"batch 16 each: peak RSS LoRA {lora['peak_rss_mib']:.0f} MiB, QLoRA (NF4, double quant) {qlora['peak_rss_mib']:.0f} MiB: "
-                     f"QLoRA / LoRA {qlora['peak_rss_mib'] / lora['peak_rss_mib']:.2f}.")
+    if "lora" in memory:
+        lines.append(f"\n{MEMORY_CASE}: a {memory['lora']['params'] / 1e9:.2f}B-parameter BERT built from a config ({LARGE}), "
+                     f"{memory['lora']['steps']} steps x batch 16 each (QLoRA: NF4, double quant; -ckpt: activation checkpointing):")
+        for lora, qlora in (("lora", "qlora"), ("lora-ckpt", "qlora-ckpt")):
+            if {lora, qlora} <= set(memory):
+                a, b = memory[lora]["peak_rss_mib"], memory[qlora]["peak_rss_mib"]
+                lines.append(f"- peak RSS {lora} {a:.0f} MiB, {qlora} {b:.0f} MiB: QLoRA / LoRA {b / a:.2f}")
     if "tokenize" in extras:
         t = extras["tokenize"]
         lines.append(f"\nTokenization of {args.rows} rows: cold {t['cold_s']:.2f} s, cached {t['cached_s']:.2f} s ({t['cold_s'] / t['cached_s']:.1f}x).")
@@ -660,6 +668,8 @@ def table(args, gemm: dict, rows: list[dict], extras: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path, args) -> None:
+    """One panel per kind of result present: training tokens/s (classification cases and ablations), SAMSum speed
+    relative to the Trainer, and the memory case's peak RSS."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -671,19 +681,22 @@ def plot(rows: list[dict], path: Path, args) -> None:
             label = r["case"].removeprefix("ablation: ") if r["case"].startswith("ablation") else f"{r['case']}\n{r['side']}"
             groups.setdefault(label, []).append(r["tokens_per_s"])
     s2s = [r for r in rows if r["case"] == S2S_CASE]
-    labels = list(groups)
-    fig, axes = plt.subplots(1, 2 if s2s else 1, figsize=(max(8, 1.1 * len(labels)) + (5 if s2s else 0), 4.5), squeeze=False,
-                             gridspec_kw={"width_ratios": [max(len(labels), 1), 3] if s2s else [1]})
-    ax = axes[0][0]
-    colors = ["tab:blue" if "peftlab" in k else "tab:gray" if "Trainer" in k else "tab:orange" for k in labels]
-    bars = ax.bar(range(len(labels)), [mean(v) for v in groups.values()], color=colors)
-    ax.bar_label(bars, fmt="%.0f", fontsize=8)
-    ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right")
-    ax.set_ylabel("training: real (non-pad) tokens/s")
-    ax.set_title(f"MiniLM on SST-2, {args.steps} steps x 32, {args.threads} CPU thread(s): peftlab (blue) vs Trainer+peft (gray), "
-                 "ablations (orange)", fontsize=9)
+    memory = {r["side"].removeprefix("peftlab "): r["peak_rss_mib"] for r in rows if r["case"] == MEMORY_CASE}
+    widths = [w for w, present in ((max(len(groups), 1), groups), (3, s2s), (3, memory)) if present] or [1]
+    fig, axes = plt.subplots(1, len(widths), figsize=(max(8, 1.1 * len(groups)) + 5 * (len(widths) - 1), 4.5), squeeze=False,
+                             gridspec_kw={"width_ratios": widths})
+    panels = iter(axes[0])
+    if groups:
+        ax, labels = next(panels), list(groups)
+        colors = ["tab:blue" if "peftlab" in k else "tab:gray" if "Trainer" in k else "tab:orange" for k in labels]
+        bars = ax.bar(range(len(labels)), [mean(v) for v in groups.values()], color=colors)
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        ax.set_xticks(range(len(labels)), labels, fontsize=7, rotation=30, ha="right")
+        ax.set_ylabel("training: real (non-pad) tokens/s")
+        ax.set_title(f"MiniLM on SST-2, {args.steps} steps x 32, {args.threads} CPU thread(s): peftlab (blue) vs Trainer+peft "
+                     "(gray), ablations (orange)", fontsize=9)
     if s2s:  # SAMSum: training and generation speed of each side, relative to the Trainer's
-        ax = axes[0][1]
+        ax = next(panels)
         sides = [side for side in ("peftlab", "Trainer+peft") if any(r["side"] == side for r in s2s)]
         for i, side in enumerate(sides):
             vals = [mean([r[k] for r in s2s if r["side"] == side]) / mean([r[k] for r in s2s if r["side"] == sides[-1]])
@@ -694,8 +707,16 @@ def plot(rows: list[dict], path: Path, args) -> None:
         ax.set_ylabel("speed relative to Trainer+peft")
         ax.set_title("SAMSum, BERT2BERT + LoRA", fontsize=9)
         ax.legend(fontsize=8)
+    if memory:  # the 0.73B base: LoRA vs QLoRA, with and without activation checkpointing
+        ax = next(panels)
+        bars = ax.bar(range(len(memory)), list(memory.values()), color=["tab:red" if "qlora" in k else "tab:blue" for k in memory])
+        ax.bar_label(bars, fmt="%.0f", fontsize=8)
+        ax.set_xticks(range(len(memory)), list(memory), fontsize=8)
+        ax.set_ylabel("peak RSS (MiB)")
+        ax.set_title(f"{MEMORY_CASE}: a 0.73B BERT, LoRA vs QLoRA", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -3,15 +3,17 @@ and merging a quantized run goes through a dequantized copy whose logits equal t
 
 from __future__ import annotations
 
+import contextlib
 import gc
 from pathlib import Path
 
 import pytest
 import torch
 
+import peftlab.model
 from peftlab import build_data, build_model, load_splits, load_trained, merge, run
 
-from .conftest import logits
+from .conftest import REPO, logits
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -203,3 +205,63 @@ def test_every_method_with_every_quantization_trains_or_says_why(make_recipe, me
     after = dict(model.named_parameters())
     frozen_in_place = [n for n, before in trainable.items() if torch.equal(before, after[n].detach())]
     assert not frozen_in_place, f"{method}/{quant}: these trainable tensors did not move: {frozen_in_place}"
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux /proc/self/maps")
+def test_a_base_quantized_on_load_is_read_without_mapping_its_checkpoint(make_recipe, tiny_bert, monkeypatch):
+    """Each weight is quantized from a buffer read for it (pread), with the checkpoint file never memory-mapped: through
+    mmap the whole file stays resident until loading ends. An unquantized base is still mapped (the check can fail)."""
+    file = (tiny_bert / "model.safetensors").resolve()
+    mapped_while_quantizing = []
+    quantize = bnb.functional.quantize_4bit
+
+    def spy(*args, **kwargs):
+        mapped_while_quantizing.append(bool(checkpoint_ranges(file)))
+        return quantize(*args, **kwargs)
+
+    monkeypatch.setattr(bnb.functional, "quantize_4bit", spy)
+    quantized = build_model(make_recipe({"quant.mode": "4bit"}), num_labels=2, label_names=["negative", "positive"])[0]
+    assert mapped_while_quantizing and not any(mapped_while_quantizing)
+    import transformers.modeling_utils
+
+    assert transformers.modeling_utils.safe_open.__name__ == "safe_open"  # restored after loading
+    plain = build_model(make_recipe({}), num_labels=2, label_names=["negative", "positive"])[0]
+    assert checkpoint_ranges(file)  # an unquantized base is still read through mmap (its weights are the file's pages)
+    del plain
+    mapped_while_quantizing.clear()
+    monkeypatch.setattr(peftlab.model, "checkpoint_read_by_pread", lambda active: contextlib.nullcontext())
+    mapped = build_model(make_recipe({"quant.mode": "4bit"}), num_labels=2, label_names=["negative", "positive"])[0]
+    assert mapped_while_quantizing and all(mapped_while_quantizing)  # through mmap the file is resident while quantizing
+    base = lambda m: {n: t for n, t in m.state_dict().items() if "lora_" not in n and "classifier" not in n}  # noqa: E731
+    assert base(quantized).keys() == base(mapped).keys()
+    for name, t in base(quantized).items():  # the checkpoint's weights, 4-bit ones and their quantization states alike
+        assert torch.equal(t, base(mapped)[name]), name
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads Linux /proc/self/statm")
+def test_freed_heap_memory_goes_back_to_the_system():
+    """return_freed_memory (called after quantizing on load): glibc's kept heap is returned. In a process of its own,
+    whose heap holds 800 MB of freed 8 MB buffers pinned by small live ones in between."""
+    import subprocess
+    import sys
+
+    script = (
+        "import ctypes\n"
+        "from peftlab.model import return_freed_memory\n"
+        "libc = ctypes.CDLL('libc.so.6')\n"
+        "libc.malloc.restype = ctypes.c_void_p\n"
+        "libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD: 8 MB blocks come from the heap, not from mmap\n"
+        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
+        "big = []\n"
+        "for _ in range(100):\n"
+        "    big.append(libc.malloc(8 << 20))\n"
+        "    libc.memset(ctypes.c_void_p(big[-1]), 1, 8 << 20)\n"
+        "    libc.malloc(1 << 20)  # kept: no freed block can join the heap's top\n"
+        "for b in big:\n"
+        "    libc.free(ctypes.c_void_p(b))\n"
+        "before = rss()\n"
+        "assert return_freed_memory()\n"
+        "print(before, rss())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO)
+    before, after = map(int, done.stdout.split())
+    assert before - after > 600, (before, after)

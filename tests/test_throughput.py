@@ -78,3 +78,15 @@ def test_ablations_are_paired_with_the_default_run_of_their_seed(tp):
     assert "| torch dropout (" in md and "| 200 | 2 | 1250 | 0.85x | 80.00 |" in md, md  # mean of 0.90x and 0.80x, not 1250/1500
     assert "| AdamW loop (" in md and "| 200 | 1 | 1500 | 1.00x |" in md, md
     assert tp.ablation_table(rows[3:]) == []  # no default run: no table
+
+
+def test_memory_case_compares_qlora_with_lora_with_and_without_checkpointing(tp):
+    args = argparse.Namespace(threads=1, steps=20, rows=640, target=0.8)
+    gemm = {"peak_gflops": 50.0, "ffn_512x384x1536": 40.0}
+    rows = [{"case": tp.MEMORY_CASE, "side": f"peftlab {side}", "steps": 3, "params": 730_000_000, "peak_rss_mib": rss}
+            for side, rss in (("lora", 8000.0), ("qlora", 6000.0), ("lora-ckpt", 4000.0), ("qlora-ckpt", 2000.0))]
+    md = tp.table(args, gemm, rows, {})
+    assert set(tp.MEMORY_SIDES) == {"lora", "qlora", "lora-ckpt", "qlora-ckpt"}
+    assert "- peak RSS lora 8000 MiB, qlora 6000 MiB: QLoRA / LoRA 0.75" in md, md
+    assert "- peak RSS lora-ckpt 4000 MiB, qlora-ckpt 2000 MiB: QLoRA / LoRA 0.50" in md, md
+    assert "| memory-0.7b |" not in md  # not in the classification tables
