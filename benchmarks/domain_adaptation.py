@@ -24,8 +24,11 @@ Results: benchmarks/results/domain_adaptation.md (+ one JSON per run in benchmar
 from __future__ import annotations
 
 import argparse
+import collections
+import functools
 import json
 import random
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -38,6 +41,7 @@ DOMAINS = ("books", "dvd", "electronics", "kitchen")
 PRETRAIN, FINETUNE = "recipes/minilm/amazon-dapt-mlm.yaml", "recipes/minilm/amazon-sentiment-lora.yaml"
 RUNS, OUT = REPO / "runs" / "da", RESULTS / "domain_adaptation"
 CONDITIONS = ("source", "dapt", "tapt", "indomain")
+LABELS = {"source": "(a) source only", "dapt": "(b) DAPT", "tapt": "(c) TAPT-style", "indomain": "(d) in-domain (CV)"}
 
 
 def labelled(domain: str) -> str:
@@ -128,47 +132,143 @@ def accuracy(source: str, target: str, condition: str, seed: int, k: int) -> flo
     return r["run"]["metrics"]["test"]["accuracy"] if r else None
 
 
-def cost(name: str) -> str:
-    r = stored(name)
-    return f"{r['run']['steps']} steps, {r['run']['train_wall_s'] / 60:.1f} min" if r else "-"
+STAGES = {  # stage -> which stored runs are its runs (by name), for the cost table
+    "DAPT: MLM on the target's unlabelled reviews": lambda n: n.startswith("mlm-") and "+" not in n,
+    "TAPT-style: MLM on source + target unlabelled": lambda n: n.startswith("mlm-") and "+" in n,
+    "fine-tuning (a), (b) or (c)": lambda n: n.split("-")[0] in ("source", "dapt", "tapt"),
+    "in-domain, one fold": lambda n: n.startswith("indomain-"),
+}
+
+
+def stage_costs() -> list[str]:
+    """Median train and process wall time of every stored run of a stage: medians, because some runs shared the cores."""
+    stored_runs = [json.loads(f.read_text()) for f in sorted(OUT.glob("*.json"))]
+    rows = ["| stage | runs | steps | train wall, median (range) | process wall, median |", "|---|---|---|---|---|"]
+    for label, belongs in STAGES.items():
+        found = [r for r in stored_runs if belongs(r["name"])]
+        if found:
+            train = [r["run"]["train_wall_s"] / 60 for r in found]
+            steps = sorted({r["run"]["steps"] for r in found})
+            rows.append(f"| {label} | {len(found)} | {steps[0]}{f'-{steps[-1]}' if len(steps) > 1 else ''} | "
+                        f"{statistics.median(train):.1f} min ({min(train):.1f}-{max(train):.1f}) | "
+                        f"{statistics.median(r['process_wall_s'] for r in found) / 60:.1f} min |")
+    return rows
+
+
+@functools.cache
+def top_words(domain: str, n: int = 10_000) -> frozenset[str]:
+    """The n most frequent word types (lowercased, stopwords kept) of a domain's unlabelled reviews."""
+    counts = collections.Counter()
+    for line in lines(unlabelled(domain)):
+        counts.update(re.findall(r"[a-z']+", json.loads(line)["text"].lower()))
+    return frozenset(w for w, _ in counts.most_common(n))
+
+
+def vocabulary_overlap(a: str, b: str) -> float:
+    """How close two domains are without any model: the share of their top-10k word types they have in common
+    (Gururangan et al. 2020, Fig. 2). A measure of the shift that no accuracy, hence no (a) run's noise, enters."""
+    x, y = top_words(a), top_words(b)
+    return len(x & y) / max(len(x), len(y))
+
+
+def pair_results(seeds: list[int], k: int) -> list[dict]:
+    """One dict per pair with a source-only result: accuracies by condition and seed, and the paired gains of (b), (c)."""
+    out = []
+    for s, t in [(s, t) for s in DOMAINS for t in DOMAINS if s != t]:
+        acc = {c: {seed: a for seed in seeds if (a := accuracy(s, t, c, seed, k)) is not None} for c in CONDITIONS}
+        if not acc["source"]:
+            continue
+        # a gain compares the same seeds: (b) seed 1 against (a) seed 1
+        paired = {c: [acc[c][x] - acc["source"][x] for x in acc[c] if x in acc["source"]] for c in ("dapt", "tapt")}
+        mean = {c: statistics.mean(v.values()) if v else None for c, v in acc.items()}
+        gap = mean["indomain"] - mean["source"] if mean["indomain"] is not None else None
+        out.append({"source": s, "target": t, "acc": acc, "mean": mean, "paired": paired, "gap": gap,
+                    "overlap": vocabulary_overlap(s, t),
+                    "gain": {c: statistics.mean(v) if v else None for c, v in paired.items()}})
+    return out
+
+
+def mean_se(values: list[float]) -> str:
+    m = 100 * statistics.mean(values)
+    return f"{m:+.2f}" + (f" (s.e. {100 * statistics.stdev(values) / len(values) ** 0.5:.2f})" if len(values) > 1 else "")
 
 
 def report(seeds: list[int], k: int) -> str:
-    pairs = [(s, t) for s in DOMAINS for t in DOMAINS if s != t]
-    rows = ["| source -> target | (a) source only | (b) DAPT | (c) TAPT-style | (d) in-domain (CV) | (b)-(a) | (c)-(a) | gap closed by (b) | seeds |",
-            "|---|---|---|---|---|---|---|---|---|"]
-    gains = {"dapt": [], "tapt": []}
-    closed = []
-    for s, t in pairs:
-        acc = {c: [a for seed in seeds if (a := accuracy(s, t, c, seed, k)) is not None] for c in CONDITIONS}
-        if not acc["source"]:
+    rows = ["| source -> target | " + " | ".join(LABELS[c] for c in CONDITIONS) + " | (b)-(a) | (c)-(a) | gap (d)-(a) | "
+            "closed by (b) | closed by (c) | vocabulary overlap | seeds (a) / (b) / (c) |", "|---" * 12 + "|"]
+    results = pair_results(seeds, k)
+
+    def cell(r, c):
+        v = list(r["acc"][c].values())
+        sd = f" ± {100 * statistics.stdev(v):.1f}" if len(v) > 1 else ""
+        return f"{100 * statistics.mean(v):.2f}{sd}" if v else "-"
+
+    def closed(r, c):  # a share of a gap under a point is noise over noise: not given
+        return f"{100 * r['gain'][c] / r['gap']:.0f}%" if r["gain"][c] is not None and r["gap"] is not None and r["gap"] >= 0.01 else "-"
+
+    for r in results:
+        gap = "-" if r["gap"] is None else f"{100 * r['gap']:.2f}"
+        rows.append(f"| {r['source']} -> {r['target']} | " + " | ".join(cell(r, c) for c in CONDITIONS) + " | "
+                    + " | ".join(f"{100 * g:+.2f}" if (g := r["gain"][c]) is not None else "-" for c in ("dapt", "tapt"))
+                    + f" | {gap} | {closed(r, 'dapt')} | {closed(r, 'tapt')} | {100 * r['overlap']:.0f}% | "
+                    + " / ".join(str(len(r["acc"][c])) for c in ("source", "dapt", "tapt")) + " |")
+    summary = []
+    for c in ("dapt", "tapt"):
+        label = LABELS[c]
+        gains = [r["gain"][c] for r in results if r["gain"][c] is not None]
+        if not gains:
             continue
-        mean = {c: statistics.mean(v) if v else None for c, v in acc.items()}
-        sd = {c: (f" ± {100 * statistics.stdev(v):.1f}" if len(v) > 1 else "") for c, v in acc.items()}
-        cell = {c: f"{100 * mean[c]:.2f}{sd[c]}" if mean[c] is not None else "-" for c in CONDITIONS}
-        diff = {c: (mean[c] - mean["source"]) if mean[c] is not None else None for c in ("dapt", "tapt")}
-        for c in gains:
-            if diff[c] is not None:
-                gains[c].append(diff[c])
-        gap = None
-        if diff["dapt"] is not None and mean["indomain"] is not None and mean["indomain"] > mean["source"]:
-            gap = diff["dapt"] / (mean["indomain"] - mean["source"])
-            closed.append(gap)
-        rows.append(f"| {s} -> {t} | {cell['source']} | {cell['dapt']} | {cell['tapt']} | {cell['indomain']} | "
-                    + " | ".join(f"{100 * diff[c]:+.2f}" if diff[c] is not None else "-" for c in ("dapt", "tapt"))
-                    + f" | {'-' if gap is None else f'{100 * gap:.0f}%'} | {len(acc['source'])} |")
-    summary = [f"- mean gain over (a), {len(v)} pair(s): {c.upper()} {100 * statistics.mean(v):+.2f} points"
-               for c, v in gains.items() if v]
-    if closed:
-        summary.append(f"- share of the in-domain gap closed by DAPT: median {100 * statistics.median(closed):.0f}% over "
-                       f"{len(closed)} pair(s)")
-    costs = ["| stage | example | cost |", "|---|---|---|"]
-    s0 = seeds[0]
-    for label, name in (("DAPT (MLM, target unlabelled)", f"mlm-kitchen-s{s0}"), ("TAPT-style (source + target unlabelled)",
-                        f"mlm-books+kitchen-s{s0}"), ("fine-tuning (a)", f"source-books-kitchen-s{s0}"),
-                        ("fine-tuning (b)", f"dapt-books-kitchen-s{s0}"), ("in-domain, one fold", f"indomain-kitchen-fold0of{k}-s{s0}")):
-        costs.append(f"| {label} | {name} | {cost(name)} |")
-    return "\n".join(rows + [""] + summary + ["", "Cost of each stage (wall time on this machine, shared CPU):", ""] + costs)
+        each = [g for r in results for g in r["paired"][c]]
+        summary.append(f"- {label} - (a): mean {mean_se(gains)} points over {len(gains)} pair(s) (s.e. over pairs); "
+                       f"{sum(g > 0 for g in gains)} of {len(gains)} pair means and {sum(g > 0 for g in each)} of "
+                       f"{len(each)} paired seeds positive")
+        by_target = {t: [r["gain"][c] for r in results if r["target"] == t and r["gain"][c] is not None] for t in DOMAINS}
+        summary.append("  - by target: " + ", ".join(f"into {t} {100 * statistics.mean(v):+.2f} ({len(v)})"
+                                                     for t, v in by_target.items() if v))
+        shares = [r["gain"][c] / r["gap"] for r in results if r["gain"][c] is not None and r["gap"] is not None and r["gap"] >= 0.01]
+        if shares:
+            summary.append(f"  - median share of the in-domain gap closed: {100 * statistics.median(shares):.0f}% over the "
+                           f"{len(shares)} pairs with a gap of a point or more")
+        near = [(r["overlap"], r["gain"][c]) for r in results if r["gain"][c] is not None]
+        if len(near) >= 3 and len({o for o, _ in near}) > 1 and len({g for _, g in near}) > 1:
+            summary.append(f"  - against the distance between the domains: Pearson r {statistics.correlation(*zip(*near)):+.2f} "
+                           f"between the gain and the vocabulary overlap over {len(near)} pairs (negative: larger gains "
+                           "for more distant domains)")
+    return "\n".join(rows + [""] + summary + ["", "Cost of each stage (medians over the stored runs; some shared the cores):", ""]
+                     + stage_costs())
+
+
+def plot(seeds: list[int], k: int, path: Path) -> None:
+    """Left: accuracy of (a)-(d) per pair. Right: each pair's gain from (b) and (c) against the domains' vocabulary
+    overlap (left on the axis = more distant)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = pair_results(seeds, k)
+    fig, (left, right) = plt.subplots(1, 2, figsize=(15, 4.5), gridspec_kw={"width_ratios": [2, 1]})
+    width = 0.2
+    for i, c in enumerate(CONDITIONS):
+        vals = [100 * r["mean"][c] if r["mean"][c] is not None else 0 for r in results]
+        left.bar([j + i * width for j in range(len(results))], vals, width, label=LABELS[c])
+    left.set_xticks([j + 1.5 * width for j in range(len(results))], [f"{r['source'][:4]}>{r['target'][:4]}" for r in results],
+                    fontsize=8)
+    left.set_ylim(70, 96)
+    left.set_ylabel("target test accuracy (%)")
+    left.legend(fontsize=8, ncol=4)
+    for c, marker in (("dapt", "o"), ("tapt", "x")):
+        pts = [(100 * r["overlap"], 100 * r["gain"][c]) for r in results if r["gain"][c] is not None]
+        if pts:
+            right.scatter(*zip(*pts), marker=marker, label=f"{LABELS[c]} - (a)")
+    right.axhline(0, color="grey", lw=0.8)
+    right.set_xlabel("vocabulary overlap of source and target (top-10k words, %)")
+    right.set_ylabel("gain over (a), points")
+    right.legend(fontsize=8)
+    fig.suptitle(f"Amazon domain shift, MiniLM + LoRA: seeds {','.join(map(str, seeds))} (means)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -197,6 +297,7 @@ def main() -> None:
         measure(pairs, seeds, args.conditions.split(","), args)
     text = report(seeds, args.folds)
     OUT.with_suffix(".md").write_text(text + "\n")
+    plot(seeds, args.folds, OUT.with_suffix(".png"))
     print(text)
 
 

@@ -254,3 +254,67 @@ def test_a_classifier_from_an_mlm_run_keeps_the_original_pooler_and_trains_only_
     original = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
     ours = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in model.named_parameters()}
     torch.testing.assert_close(ours["bert.pooler.dense.weight"], original.bert.pooler.dense.weight)
+
+
+def test_domain_adaptation_report_pairs_seeds_and_measures_the_shift_without_accuracies(tmp_path, monkeypatch):
+    """benchmarks/domain_adaptation.py --report on stored results: a gain pairs (b) with (a) of the same seed, a share
+    of the in-domain gap is given only for gaps of a point or more, the shift is the domains' vocabulary overlap, and
+    the cost table takes medians over the stored runs."""
+    from .conftest import load_benchmark
+
+    da = load_benchmark("domain_adaptation")
+    data, out = tmp_path / "amazon", tmp_path / "results" / "domain_adaptation"
+    words = {"books": "novel author chapter plot", "dvd": "novel plot actor scene", "electronics": "battery cable screen",
+             "kitchen": "blender knife pan"}
+    for domain, text in words.items():
+        for part, n in (("unlabelled", 3), ("labelled", 10)):
+            (data / part).mkdir(parents=True, exist_ok=True)
+            (data / part / f"{domain}.jsonl").write_text("".join(json.dumps({"text": text, "label": i % 2}) + "\n" for i in range(n)))
+    out.mkdir(parents=True)
+    monkeypatch.setattr(da, "DATA", data)
+    monkeypatch.setattr(da, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(da, "OUT", out)
+    da.top_words.cache_clear()
+
+    def result(name, accuracy, wall=60.0):
+        run = {"metrics": {"test": {"accuracy": accuracy}}, "steps": 10, "train_wall_s": wall}
+        (out / f"{name}.json").write_text(json.dumps({"name": name, "run": run, "process_wall_s": wall + 6}))
+
+    # books -> dvd: (a) at seeds 0, 1; (b) at seeds 0, 1, 2 (seed 2 has no (a) to pair with); (c) at seed 0
+    for seed, (a, b) in enumerate([(0.80, 0.82), (0.84, 0.85), (None, 0.99)]):
+        if a is not None:
+            result(f"source-books-dvd-s{seed}", a)
+        result(f"dapt-books-dvd-s{seed}", b)
+    result("tapt-books-dvd-s0", 0.79)
+    for fold, acc in enumerate([0.9, 0.86]):  # in-domain: 2 folds of 5 rows each -> 0.88
+        result(f"indomain-dvd-fold{fold}of2-s0", acc)
+    # kitchen -> electronics: a gap under a point gets no share
+    result("source-kitchen-electronics-s0", 0.900)
+    result("dapt-kitchen-electronics-s0", 0.895)
+    for fold in range(2):
+        result(f"indomain-electronics-fold{fold}of2-s0", 0.905)
+    result("source-dvd-books-s0", 0.85)  # no in-domain books: no gap
+    result("dapt-dvd-books-s0", 0.86)
+    result("electronics-kitchen-s0", 0.5)  # not a condition's run: left out of every row
+    result("mlm-dvd-s0", 0.0, wall=240.0)
+    result("mlm-books+dvd-s0", 0.0, wall=300.0)
+
+    text = da.report([0, 1, 2], 2)
+    rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[2:] if " -> " in line}
+    assert set(rows) == {"books -> dvd", "dvd -> books", "kitchen -> electronics"}
+    bd = rows["books -> dvd"]
+    assert bd[1] == "82.00 ± 2.8" and bd[2].startswith("88.67")  # (b)'s mean counts its unpaired seed ...
+    assert bd[5:8] == ["+1.50", "-1.00", "6.00"]  # ... but its gain pairs seeds 0 and 1 only; gap 88 - 82
+    assert bd[8:10] == ["25%", "-17%"] and bd[10] == "50%" and bd[11].strip(" |") == "2 / 3 / 1"  # 2 of 4 words shared
+    ke = rows["kitchen -> electronics"]
+    assert ke[5] == "-0.50" and ke[7] == "0.50" and ke[8] == "-" and ke[10] == "0%"
+    assert rows["dvd -> books"][7:9] == ["-", "-"]
+    assert "mean +0.67 (s.e. 0.60) points over 3 pair(s)" in text and "2 of 3 pair means and 3 of 4 paired seeds" in text
+    assert "median share of the in-domain gap closed: 25% over the 1 pairs" in text
+    assert "Pearson r +0.97 between the gain and the vocabulary overlap over 3 pairs" in text  # 50%, 50%, 0% shared
+    assert text.count("Pearson") == 1  # (c) ran on one pair: no correlation
+    costs = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[-4:]}
+    assert costs["DAPT: MLM on the target's unlabelled reviews"][1:4] == ["1", "10", "4.0 min (4.0-4.0)"]
+    assert costs["fine-tuning (a), (b) or (c)"][1] == "10" and costs["in-domain, one fold"][1] == "4"
+    da.plot([0, 1, 2], 2, tmp_path / "da.png")
+    assert (tmp_path / "da.png").stat().st_size > 0
