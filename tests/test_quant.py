@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import shutil
 from pathlib import Path
 
 import pytest
@@ -208,10 +209,12 @@ def test_every_method_with_every_quantization_trains_or_says_why(make_recipe, me
 
 
 @pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads Linux /proc/self/maps")
-def test_a_base_quantized_on_load_is_read_without_mapping_its_checkpoint(make_recipe, tiny_bert, monkeypatch):
+def test_a_base_quantized_on_load_is_read_without_mapping_its_checkpoint(make_recipe, tiny_bert, monkeypatch, tmp_path):
     """Each weight is quantized from a buffer read for it (pread), with the checkpoint file never memory-mapped: through
-    mmap the whole file stays resident until loading ends. An unquantized base is still mapped (the check can fail)."""
-    file = (tiny_bert / "model.safetensors").resolve()
+    mmap the whole file stays resident until loading ends. An unquantized base is still mapped (the check can fail).
+    A copy of the tiny base, so that no other test's model holds a map of the same file."""
+    base = shutil.copytree(tiny_bert, tmp_path / "base")
+    file = (base / "model.safetensors").resolve()
     mapped_while_quantizing = []
     quantize = bnb.functional.quantize_4bit
 
@@ -220,22 +223,22 @@ def test_a_base_quantized_on_load_is_read_without_mapping_its_checkpoint(make_re
         return quantize(*args, **kwargs)
 
     monkeypatch.setattr(bnb.functional, "quantize_4bit", spy)
-    quantized = build_model(make_recipe({"quant.mode": "4bit"}), num_labels=2, label_names=["negative", "positive"])[0]
+    quantized = build_model(make_recipe({"quant.mode": "4bit"}, model=base), num_labels=2, label_names=["negative", "positive"])[0]
     assert mapped_while_quantizing and not any(mapped_while_quantizing)
     import transformers.modeling_utils
 
     assert transformers.modeling_utils.safe_open.__name__ == "safe_open"  # restored after loading
-    plain = build_model(make_recipe({}), num_labels=2, label_names=["negative", "positive"])[0]
+    plain = build_model(make_recipe({}, model=base), num_labels=2, label_names=["negative", "positive"])[0]
     assert checkpoint_ranges(file)  # an unquantized base is still read through mmap (its weights are the file's pages)
     del plain
     mapped_while_quantizing.clear()
     monkeypatch.setattr(peftlab.model, "checkpoint_read_by_pread", lambda active: contextlib.nullcontext())
-    mapped = build_model(make_recipe({"quant.mode": "4bit"}), num_labels=2, label_names=["negative", "positive"])[0]
+    mapped = build_model(make_recipe({"quant.mode": "4bit"}, model=base), num_labels=2, label_names=["negative", "positive"])[0]
     assert mapped_while_quantizing and all(mapped_while_quantizing)  # through mmap the file is resident while quantizing
-    base = lambda m: {n: t for n, t in m.state_dict().items() if "lora_" not in n and "classifier" not in n}  # noqa: E731
-    assert base(quantized).keys() == base(mapped).keys()
-    for name, t in base(quantized).items():  # the checkpoint's weights, 4-bit ones and their quantization states alike
-        assert torch.equal(t, base(mapped)[name]), name
+    weights = lambda m: {n: t for n, t in m.state_dict().items() if "lora_" not in n and "classifier" not in n}  # noqa: E731
+    assert weights(quantized).keys() == weights(mapped).keys()
+    for name, t in weights(quantized).items():  # the checkpoint's weights, 4-bit ones and their quantization states alike
+        assert torch.equal(t, weights(mapped)[name]), name
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads Linux /proc/self/statm")
