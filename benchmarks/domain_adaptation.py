@@ -182,9 +182,11 @@ def pair_results(seeds: list[int], k: int) -> list[dict]:
         paired = {c: [acc[c][x] - acc["source"][x] for x in acc[c] if x in acc["source"]] for c in ("dapt", "tapt")}
         mean = {c: statistics.mean(v.values()) if v else None for c, v in acc.items()}
         gap = mean["indomain"] - mean["source"] if mean["indomain"] is not None else None
-        out.append({"source": s, "target": t, "acc": acc, "mean": mean, "paired": paired, "gap": gap,
-                    "overlap": vocabulary_overlap(s, t),
-                    "gain": {c: statistics.mean(v) if v else None for c, v in paired.items()}})
+        gain = {c: statistics.mean(v) if v else None for c, v in paired.items()}
+        # the share of the in-domain gap a gain closes; none for a gap under a point (noise over noise)
+        closed = {c: g / gap if g is not None and gap is not None and gap >= 0.01 else None for c, g in gain.items()}
+        out.append({"source": s, "target": t, "acc": acc, "mean": mean, "paired": paired, "gap": gap, "gain": gain,
+                    "closed": closed, "overlap": vocabulary_overlap(s, t)})
     return out
 
 
@@ -203,8 +205,8 @@ def report(seeds: list[int], k: int) -> str:
         sd = f" ± {100 * statistics.stdev(v):.1f}" if len(v) > 1 else ""
         return f"{100 * statistics.mean(v):.2f}{sd}" if v else "-"
 
-    def closed(r, c):  # a share of a gap under a point is noise over noise: not given
-        return f"{100 * r['gain'][c] / r['gap']:.0f}%" if r["gain"][c] is not None and r["gap"] is not None and r["gap"] >= 0.01 else "-"
+    def closed(r, c):
+        return "-" if r["closed"][c] is None else f"{100 * r['closed'][c]:.0f}%"
 
     for r in results:
         gap = "-" if r["gap"] is None else f"{100 * r['gap']:.2f}"
@@ -225,7 +227,7 @@ def report(seeds: list[int], k: int) -> str:
         by_target = {t: [r["gain"][c] for r in results if r["target"] == t and r["gain"][c] is not None] for t in DOMAINS}
         summary.append("  - by target: " + ", ".join(f"into {t} {100 * statistics.mean(v):+.2f} ({len(v)})"
                                                      for t, v in by_target.items() if v))
-        shares = [r["gain"][c] / r["gap"] for r in results if r["gain"][c] is not None and r["gap"] is not None and r["gap"] >= 0.01]
+        shares = [r["closed"][c] for r in results if r["closed"][c] is not None]
         if shares:
             summary.append(f"  - median share of the in-domain gap closed: {100 * statistics.median(shares):.0f}% over the "
                            f"{len(shares)} pairs with a gap of a point or more")

@@ -16,7 +16,7 @@ quant; the baseline's prepare_model_for_kbit_training recomputes activations),
 qlora-ckpt (both recompute); samsum: the MiniLM BERT2BERT LoRA summarizer (recipes/minilm/samsum-lora.yaml) against
 EncoderDecoderModel + get_peft_model + Seq2SeqTrainer, training steps then beam-search generation on test rows;
 memory-0.7b: peftlab LoRA vs QLoRA peak RSS on a 0.73B-parameter BERT built from a config, where the weights (2.9 GB
-in fp32) and not the Python runtime fill the memory.
+in fp32) and not the Python runtime fill the memory; each with and without activation checkpointing.
 
 Also in the same invocation:
 - a GEMM micro-benchmark (torch.mm in that precision at the same thread count) -> the machine's matmul peak, and from the model's
