@@ -195,15 +195,15 @@ def mean_se(values: list[float]) -> str:
     return f"{m:+.2f}" + (f" (s.e. {100 * statistics.stdev(values) / len(values) ** 0.5:.2f})" if len(values) > 1 else "")
 
 
-def report(seeds: list[int], k: int) -> str:
+def report(results: list[dict]) -> str:
+    """The tables and summary of results/domain_adaptation.md, from pair_results."""
     rows = ["| source -> target | " + " | ".join(LABELS[c] for c in CONDITIONS) + " | (b)-(a) | (c)-(a) | gap (d)-(a) | "
             "closed by (b) | closed by (c) | vocabulary overlap | seeds (a) / (b) / (c) |", "|---" * 12 + "|"]
-    results = pair_results(seeds, k)
 
     def cell(r, c):
         v = list(r["acc"][c].values())
         sd = f" ± {100 * statistics.stdev(v):.1f}" if len(v) > 1 else ""
-        return f"{100 * statistics.mean(v):.2f}{sd}" if v else "-"
+        return f"{100 * r['mean'][c]:.2f}{sd}" if v else "-"
 
     def closed(r, c):
         return "-" if r["closed"][c] is None else f"{100 * r['closed'][c]:.0f}%"
@@ -240,7 +240,7 @@ def report(seeds: list[int], k: int) -> str:
                      + stage_costs())
 
 
-def plot(seeds: list[int], k: int, path: Path) -> None:
+def plot(results: list[dict], seeds: list[int], path: Path) -> None:
     """Left: accuracy of (a)-(d) per pair. Right: each pair's gain from (b) and (c) against the domains' vocabulary
     overlap (left on the axis = more distant)."""
     import matplotlib
@@ -248,7 +248,6 @@ def plot(seeds: list[int], k: int, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    results = pair_results(seeds, k)
     fig, (left, right) = plt.subplots(1, 2, figsize=(15, 4.5), gridspec_kw={"width_ratios": [2, 1]})
     width = 0.2
     for i, c in enumerate(CONDITIONS):
@@ -297,9 +296,10 @@ def main() -> None:
         p.error(f"unknown domain(s)/condition(s) {bad}: domains {DOMAINS}, conditions {CONDITIONS}")
     if not args.report:
         measure(pairs, seeds, args.conditions.split(","), args)
-    text = report(seeds, args.folds)
+    results = pair_results(seeds, args.folds)  # every stored run read once, for the tables and the plot
+    text = report(results)
     OUT.with_suffix(".md").write_text(text + "\n")
-    plot(seeds, args.folds, OUT.with_suffix(".png"))
+    plot(results, seeds, OUT.with_suffix(".png"))
     print(text)
 
 

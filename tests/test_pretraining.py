@@ -299,7 +299,8 @@ def test_domain_adaptation_report_pairs_seeds_and_measures_the_shift_without_acc
     result("mlm-dvd-s0", 0.0, wall=240.0)
     result("mlm-books+dvd-s0", 0.0, wall=300.0)
 
-    text = da.report([0, 1, 2], 2)
+    results = da.pair_results([0, 1, 2], 2)
+    text = da.report(results)
     rows = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[2:] if " -> " in line}
     assert set(rows) == {"books -> dvd", "dvd -> books", "kitchen -> electronics"}
     bd = rows["books -> dvd"]
@@ -316,5 +317,5 @@ def test_domain_adaptation_report_pairs_seeds_and_measures_the_shift_without_acc
     costs = {line.split(" | ")[0][2:]: line.split(" | ") for line in text.splitlines()[-4:]}
     assert costs["DAPT: MLM on the target's unlabelled reviews"][1:4] == ["1", "10", "4.0 min (4.0-4.0)"]
     assert costs["fine-tuning (a), (b) or (c)"][1] == "10" and costs["in-domain, one fold"][1] == "4"
-    da.plot([0, 1, 2], 2, tmp_path / "da.png")
+    da.plot(results, [0, 1, 2], tmp_path / "da.png")
     assert (tmp_path / "da.png").stat().st_size > 0
