@@ -24,12 +24,13 @@ METHODS = {  # recipe overrides that turn a shipped LoRA recipe into each method
 }
 
 
-def measured_process(name: str, cmd: list[str], *, verbose: bool = False) -> tuple[float, float]:
-    """`cmd` in its own process (from the repository root) -> (its peak RSS in MiB from wait4, wall seconds). A failure
-    raises with the last lines of its stderr."""
+def measured_process(name: str, cmd: list[str], *, verbose: bool = False, env: dict | None = None) -> tuple[float, float]:
+    """`cmd` in its own process (from the repository root; `env`: variables added to this one's) -> (its peak RSS in
+    MiB from wait4, wall seconds). A failure raises with the last lines of its stderr."""
     start = time.perf_counter()
     with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=None if verbose else subprocess.DEVNULL, stderr=None if verbose else err)
+        proc = subprocess.Popen(cmd, cwd=REPO, stdout=None if verbose else subprocess.DEVNULL, stderr=None if verbose else err,
+                                env={**os.environ, **env} if env else None)
         _, status, usage = os.wait4(proc.pid, 0)  # this process's own peak RSS
         err.seek(0)
         tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
@@ -39,25 +40,29 @@ def measured_process(name: str, cmd: list[str], *, verbose: bool = False) -> tup
     return usage.ru_maxrss / 1024, wall
 
 
-def train_process(name: str, recipe: str, overrides: list[str], out: Path, *, verbose: bool = False) -> tuple[dict, float, float]:
+def train_process(name: str, recipe: str, overrides: list[str], out: Path, *, verbose: bool = False,
+                  env: dict | None = None) -> tuple[dict, float, float]:
     """`peftlab train RECIPE OVERRIDES --overwrite` in its own process -> (its run.json, its peak RSS in MiB, process
     wall seconds)."""
     cmd = [sys.executable, "-m", "peftlab.cli", "-q", "train", recipe, *overrides, f"output_dir={out}", "--overwrite"]
-    rss, wall = measured_process(name, cmd, verbose=verbose)
+    rss, wall = measured_process(name, cmd, verbose=verbose, env=env)
     return json.loads((out / "run.json").read_text()), rss, wall
 
 
 def stored_case(name: str, recipe: str, overrides: list[str], *, runs: Path, results: Path, prefix: str, fresh: bool = False,
-                verbose: bool = False) -> dict:
-    """One `peftlab train` process kept as results/NAME.json (run.json, process wall time, peak RSS), its run folder
-    runs/NAME, the run named PREFIX-NAME; a stored result is returned as it is unless `fresh`."""
+                verbose: bool = False, env: dict | None = None) -> dict:
+    """One `peftlab train` process kept as results/NAME.json (run.json, process wall time, peak RSS, the environment
+    variables `env` it was given), its run folder runs/NAME, the run named PREFIX-NAME; a stored result is returned as
+    it is unless `fresh`."""
     dest = results / f"{name}.json"
     if dest.exists() and not fresh:
         print(f"[{name}] stored: {dest} (--fresh measures it again)", flush=True)
         return json.loads(dest.read_text())
-    print(f"[{name}] peftlab train {recipe} {' '.join(overrides)}", flush=True)
-    run, rss, wall = train_process(name, recipe, [*overrides, f"name={prefix}-{name}"], runs / name, verbose=verbose)
-    result = {"name": name, "recipe": recipe, "overrides": overrides, "run": run, "process_wall_s": wall, "peak_rss_mib": rss}
+    print(f"[{name}] " + "".join(f"{k}={v} " for k, v in (env or {}).items()) + f"peftlab train {recipe} {' '.join(overrides)}",
+          flush=True)
+    run, rss, wall = train_process(name, recipe, [*overrides, f"name={prefix}-{name}"], runs / name, verbose=verbose, env=env)
+    result = {"name": name, "recipe": recipe, "overrides": overrides, "run": run, "process_wall_s": wall, "peak_rss_mib": rss,
+              **({"env": env} if env else {})}
     from peftlab.export import atomic_write_text
 
     atomic_write_text(dest, json.dumps(result, indent=2))

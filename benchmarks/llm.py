@@ -4,6 +4,7 @@ peak memory with activation checkpointing and a bf16 base (issue 21: the memory-
     python benchmarks/llm.py --cases samsum-zero-shot,samsum-lora      # run some cases (finished ones are skipped)
     python benchmarks/llm.py --list                                     # the cases and their overrides
     python benchmarks/llm.py --report                                   # tables + plot from the finished cases
+    python benchmarks/llm.py --cases memory-lora-lean-eval8 --allocator jemalloc   # the same case under jemalloc
 
 Every case is one `peftlab train` process on a shipped recipe under recipes/smollm2-135m/ plus the overrides listed in
 CASES (nothing else differs), its peak RSS read from wait4, its run folder runs/llm/<case>. Each finished case is
@@ -65,6 +66,24 @@ CASES: dict[str, tuple[str, list[str]]] = {
     "memory-lora-lean-eval8": (R + "samsum-sft-lora.yaml", [*MEMORY, *LEAN, "eval.batch_size=8"]),  # evaluation at batch 8
     "memory-qlora-lean-eval8": (R + "samsum-sft-qlora.yaml", [*MEMORY, *LEAN, "eval.batch_size=8"]),
 }
+# --allocator jemalloc: the case's process runs with jemalloc preloaded (stored as CASE-jemalloc). Decay off: freed
+# pages stay for reuse, as glibc keeps them, so no page is faulted in twice; what differs is fragmentation.
+JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
+LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
+
+
+def jemalloc_env(path: str | None) -> dict[str, str]:
+    """The environment that preloads jemalloc: `path`, else the first libjemalloc.so.2 in this Python's prefix (conda,
+    venv) or the system's library folders."""
+    found = [Path(path)] if path else [Path(d) / "libjemalloc.so.2" for d in (f"{sys.prefix}/lib", *LIB_DIRS)]
+    lib = next((f for f in found if f.is_file()), None)
+    if lib is None:
+        where = path or ", ".join(str(f.parent) for f in found)
+        raise SystemExit(f"--allocator jemalloc: no libjemalloc.so.2 at {where}. Install it (Debian/Ubuntu: apt install libjemalloc2; conda: conda install -c conda-forge jemalloc) "
+                         "or give its path with --jemalloc.")
+    return {"LD_PRELOAD": str(lib.resolve()), "MALLOC_CONF": JEMALLOC_CONF}
+
+
 SST2_FIRST = [  # the first SmolLM2 runs (before this script; benchmarks/README.md gives their commands): SST-2 dev as test
     "| sst2 | zero-shot (earlier run) | 74.54 | 74.27 | - | none | not measured |",
     "| sst2 | verbalizer (earlier run) | 88.65 | 88.65 | 2% train holdout (step 150) | 150 steps x 16 rows, 15 min | 7600 |",
@@ -182,11 +201,11 @@ def speed_rows() -> list[str]:
 
 
 def memory_rows() -> list[str]:
-    out = ["| case | base weights | activation checkpointing | eval batch | s per step | real tokens/s | loss after 10 steps (validation) | "
-           "peak RSS (MiB) | peak RSS / as shipped |", "|---|---|---|---|---|---|---|---|---|"]
+    out = ["| case | base weights | activation checkpointing | eval batch | allocator | s per step | real tokens/s | "
+           "loss after 10 steps (validation) | peak RSS (MiB) | peak RSS / as shipped |", "|---|---|---|---|---|---|---|---|---|---|"]
     base = load("memory-lora")
-    for case in ("memory-lora", "memory-lora-ckpt", "memory-lora-lean", "memory-qlora-lean", "memory-lora-lean-eval8",
-                 "memory-qlora-lean-eval8"):
+    for case in [f"{c}{a}" for c in ("memory-lora", "memory-lora-ckpt", "memory-lora-lean", "memory-qlora-lean",
+                                      "memory-lora-lean-eval8", "memory-qlora-lean-eval8") for a in ("", "-jemalloc")]:
         c = load(case)
         if c is None:
             continue
@@ -195,7 +214,8 @@ def memory_rows() -> list[str]:
         ckpt = "yes" if "train.gradient_checkpointing=true" in over else "no"
         ratio = c["peak_rss_mib"] / base["peak_rss_mib"] if base else float("nan")
         batch = 8 if "eval.batch_size=8" in over else 32
-        out.append(f"| {case[7:]} | {weights} | {ckpt} | {batch} | {run['train_seconds'] / run['steps']:.1f} | {run['tokens_per_s']:.0f} | "
+        allocator = "jemalloc" if "LD_PRELOAD" in c.get("env", {}) else "glibc"
+        out.append(f"| {case[7:]} | {weights} | {ckpt} | {batch} | {allocator} | {run['train_seconds'] / run['steps']:.1f} | {run['tokens_per_s']:.0f} | "
                    f"{run['metrics']['eval']['loss']:.4f} | {c['peak_rss_mib']:.0f} | {ratio:.2f}x |")
     return out
 
@@ -215,6 +235,9 @@ def main() -> None:
     p.add_argument("--list", action="store_true")
     p.add_argument("--report", action="store_true", help="write benchmarks/results/llm.md from the finished cases")
     p.add_argument("--fresh", action="store_true", help="measure finished cases again")
+    p.add_argument("--allocator", choices=("glibc", "jemalloc"), default="glibc",
+                   help="jemalloc: run the cases with it preloaded, stored as CASE-jemalloc (Linux)")
+    p.add_argument("--jemalloc", help="path of libjemalloc.so.2 (default: looked for in this Python's prefix and the system)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
     if args.list:
@@ -225,9 +248,11 @@ def main() -> None:
     unknown = [c for c in names if c not in CASES]
     if unknown:
         p.error(f"unknown case(s) {unknown}; --list shows them")
+    env, suffix = (jemalloc_env(args.jemalloc), "-jemalloc") if args.allocator == "jemalloc" else (None, "")
     for name in names:
         recipe, overrides = CASES[name]
-        stored_case(name, recipe, overrides, runs=RUNS, results=OUT, prefix="llm", fresh=args.fresh, verbose=args.verbose)
+        stored_case(name + suffix, recipe, overrides, runs=RUNS, results=OUT, prefix="llm", fresh=args.fresh,
+                    verbose=args.verbose, env=env)
     if args.report:
         report()
 

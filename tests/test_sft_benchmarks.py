@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -59,7 +60,7 @@ def test_a_stored_benchmark_case_is_reused_and_a_failed_rerun_keeps_it(tmp_path,
     common = load_benchmark("common")
     calls = []
 
-    def process(name, recipe, overrides, out, *, verbose=False):
+    def process(name, recipe, overrides, out, *, verbose=False, env=None):
         calls.append((name, overrides, out))
         if len(calls) == 3:
             raise RuntimeError("the run failed")
@@ -95,3 +96,50 @@ def test_generation_benchmark_compares_the_same_rows_folded_unfolded_and_plain(t
     assert all(r["rows"] == 6 and r["seconds"] > 0 for r in results.values())
     folded, unfolded, left = results["peftlab"], results["peftlab, adapter unfolded"], results["plain-left"]
     assert folded["new_tokens"] == unfolded["new_tokens"] == left["new_tokens"] and folded["rougeL"] == unfolded["rougeL"]
+
+
+def test_a_memory_case_runs_under_jemalloc_as_its_own_case_with_the_library_preloaded(tmp_path, monkeypatch):
+    """llm.py --allocator jemalloc: the case's process gets LD_PRELOAD + MALLOC_CONF, its result a name of its own (the
+    glibc one stays) that records them, and the memory table says which allocator ran; a missing library is one error
+    that says how to install it or where to point."""
+    import sys
+
+    common, llm = load_benchmark("common"), load_benchmark("llm")
+    with pytest.raises(SystemExit, match="apt install libjemalloc2.*--jemalloc"):
+        llm.jemalloc_env(str(tmp_path / "missing.so"))
+    lib = tmp_path / "libjemalloc.so.2"
+    lib.write_bytes(b"")  # never loaded: stored_case is replaced below
+    seen = []
+    monkeypatch.setattr(llm, "stored_case", lambda name, recipe, overrides, **kw: seen.append((name, kw["env"])))
+    monkeypatch.setattr(sys, "argv", ["llm.py", "--cases", "memory-lora-lean-eval8", "--allocator", "jemalloc", "--jemalloc", str(lib)])
+    llm.main()
+    assert seen == [("memory-lora-lean-eval8-jemalloc", {"LD_PRELOAD": str(lib.resolve()), "MALLOC_CONF": llm.JEMALLOC_CONF})]
+    # the variables reach the measured process, on top of this one's environment
+    check = "import os, sys; sys.exit(0 if os.environ.get('MALLOC_CONF') == 'x' and 'PATH' in os.environ else 3)"
+    common.measured_process("env", [sys.executable, "-c", check], env={"MALLOC_CONF": "x"})
+    with pytest.raises(RuntimeError, match="exit 3"):
+        common.measured_process("env", [sys.executable, "-c", check])
+    monkeypatch.setattr(llm, "OUT", tmp_path)
+    run = {"quantization": "none", "train_seconds": 20.0, "steps": 10, "tokens_per_s": 300.0, "metrics": {"eval": {"loss": 2.0}}}
+    over = ["model.dtype=auto", "train.gradient_checkpointing=true", "eval.batch_size=8"]
+    for name, rss, env in (("memory-lora-lean-eval8", 3000.0, None), ("memory-lora-lean-eval8-jemalloc", 2000.0, seen[0][1])):
+        (tmp_path / f"{name}.json").write_text(json.dumps({"run": run, "overrides": over, "peak_rss_mib": rss,
+                                                           **({"env": env} if env else {})}))
+    rows = [r.split(" | ") for r in llm.memory_rows()[2:]]
+    assert [(r[0][2:], r[4], r[8]) for r in rows] == [("lora-lean-eval8", "glibc", "3000"), ("lora-lean-eval8-jemalloc", "jemalloc", "2000")]
+
+
+def test_heap_probe_separates_what_a_run_uses_from_what_its_allocator_holds(tmp_path, chat_llama):
+    """benchmarks/heap_probe.py on a tiny SFT run: peaks per phase (load, the training loop, after it), RSS and in-use
+    memory at the end of every optimizer step, and under glibc what the allocator holds, which contains what is in use."""
+    probe = load_benchmark("heap_probe")
+    path = write_jsonl(tmp_path / "m.jsonl", messages_rows())
+    recipe_for(tmp_path, chat_llama, path)  # writes tmp_path/recipe.yaml
+    result = probe.main([str(tmp_path / "recipe.yaml"), "train.max_steps=3", "--out", str(tmp_path / "probe.json")])
+    assert result["exit"] == 0 and json.loads((tmp_path / "probe.json").read_text()) == result
+    assert set(result["peaks"]) == {"load", "train", "after"} and len(result["step_ends"]) == 3
+    assert result["hwm"] > 0 and all(p["rss"] > 0 for p in result["peaks"].values())
+    if probe.glibc_heap() is not None:
+        assert all(0 < p["in_use"] <= p["held"] for p in result["peaks"].values())
+        assert all(s["in_use"] > 0 for s in result["step_ends"])
+    assert importlib.import_module("peftlab.train").loop.__name__ == "loop"  # the probe's wrapper is gone
