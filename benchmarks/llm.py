@@ -79,8 +79,8 @@ def jemalloc_env(path: str | None) -> dict[str, str]:
     lib = next((f for f in found if f.is_file()), None)
     if lib is None:
         where = path or ", ".join(str(f.parent) for f in found)
-        raise SystemExit(f"--allocator jemalloc: no libjemalloc.so.2 at {where}. Install it (Debian/Ubuntu: apt install libjemalloc2; conda: conda install -c conda-forge jemalloc) "
-                         "or give its path with --jemalloc.")
+        raise SystemExit(f"--allocator jemalloc: no libjemalloc.so.2 at {where}. Install it (Debian/Ubuntu: apt install "
+                         "libjemalloc2; conda: conda install -c conda-forge jemalloc) or give its path with --jemalloc.")
     return {"LD_PRELOAD": str(lib.resolve()), "MALLOC_CONF": JEMALLOC_CONF}
 
 
