@@ -79,6 +79,7 @@ def main(argv: list[str]) -> dict:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from peftlab import cli
+    from peftlab.export import atomic_write_text
 
     if "--out" in argv:
         i = argv.index("--out")
@@ -117,7 +118,7 @@ def main(argv: list[str]) -> dict:
     line = json.dumps(result)
     print(line, flush=True)
     if out is not None:
-        out.write_text(line + "\n")
+        atomic_write_text(out, line + "\n")
     return result
 
 

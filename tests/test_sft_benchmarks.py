@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import sys
 
 import pytest
 
@@ -102,8 +103,6 @@ def test_a_memory_case_runs_under_jemalloc_as_its_own_case_with_the_library_prel
     """llm.py --allocator jemalloc: the case's process gets LD_PRELOAD + MALLOC_CONF, its result a name of its own (the
     glibc one stays) that records them, and the memory table says which allocator ran; a missing library is one error
     that says how to install it or where to point."""
-    import sys
-
     common, llm = load_benchmark("common"), load_benchmark("llm")
     with pytest.raises(SystemExit, match="apt install libjemalloc2.*--jemalloc"):
         llm.jemalloc_env(str(tmp_path / "missing.so"))
