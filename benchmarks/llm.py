@@ -10,7 +10,8 @@ Every case is one `peftlab train` process on a shipped recipe under recipes/smol
 CASES (nothing else differs), its peak RSS read from wait4, its run folder runs/llm/<case>. Each finished case is
 written to benchmarks/results/llm/<case>.json (its run.json + RSS + wall time) before the next starts, so an
 interrupted invocation loses at most the case that was running; `--fresh` measures a case again (the old file is
-replaced only when the new run has finished). The report adds Lead-3 on the same SAMSum test rows and the stored
+replaced only when the new run has finished). Its generated test rows are kept beside it (<case>.predictions-test.jsonl)
+for the report's per-row comparisons, since run folders are not kept. The report adds Lead-3 on the same SAMSum test rows and the stored
 MiniLM BERT2BERT figures (benchmarks/results/summarization-full-selfinit.json, 200 test rows) next to SmolLM2 on those
 same 200 rows.
 Selection: every recipe keeps its best step on a validation split or a train holdout, never on the test split.
@@ -95,6 +96,28 @@ def load(name: str) -> dict | None:
     return json.loads(f.read_text()) if f.exists() else None
 
 
+def keep_predictions(name: str) -> None:
+    """Copy a finished case's generated test rows next to its result (results/llm/NAME.predictions-test.jsonl), so the
+    report's per-row comparisons do not depend on the run folder, which is not kept."""
+    src, dest = RUNS / name / "predictions-test.jsonl", OUT / f"{name}.predictions-test.jsonl"
+    if src.exists() and (not dest.exists() or src.stat().st_mtime > dest.stat().st_mtime):
+        from peftlab.export import atomic_write_text
+
+        atomic_write_text(dest, src.read_text(encoding="utf-8"))
+
+
+def predictions(case: str) -> list[dict] | None:
+    """A case's generated test rows: the copy kept with its result, else its run folder; None when neither exists."""
+    for f in (OUT / f"{case}.predictions-test.jsonl", RUNS / case / "predictions-test.jsonl"):
+        if f.exists():
+            return [json.loads(x) for x in f.read_text(encoding="utf-8").splitlines()]
+    return None
+
+
+class NotStored(Exception):
+    """A report section needs per-row predictions that were kept neither with the result nor in a run folder."""
+
+
 def pct(x) -> str:
     return "" if x is None else f"{100 * x:.2f}"
 
@@ -126,8 +149,9 @@ def samsum_rows() -> list[str]:
         c = load(case)
         if c is None:
             continue
-        run = c["run"]
-        preds = [json.loads(x) for x in (RUNS / case / "predictions-test.jsonl").read_text().splitlines()]
+        run, preds = c["run"], predictions(case)
+        if preds is None:
+            raise NotStored(case)
         refs = [p["reference"] for p in preds]
         train = f"{run['steps']} steps, {run['train_wall_s'] / 60:.0f} min" if run["steps"] else "none"
         m, scores = score(label, [p["prediction"] for p in preds], refs)
@@ -178,7 +202,10 @@ def gsm8k_rows() -> list[str]:
             continue
         run, m = c["run"], c["run"]["metrics"]["test"]
         train = f"{run['steps']} steps, {run['train_examples']:,} ex, {run['train_wall_s'] / 60:.0f} min" if run["steps"] else "none"
-        rows = len((RUNS / case / "predictions-test.jsonl").read_text().splitlines())
+        preds = predictions(case)
+        if preds is None:
+            raise NotStored(case)
+        rows = len(preds)
         out.append(f"| {case.split('-', 1)[1]} | {rows} | {pct(m.get('answer_accuracy'))} | "
                    f"{pct(m.get('answer_format'))} | {train} | {c['peak_rss_mib']:.0f} |")
     return out
@@ -220,12 +247,33 @@ def memory_rows() -> list[str]:
     return out
 
 
+CARRIED = "(Carried over from the previous report: the per-row predictions of {case} are not stored, so this section " \
+          "cannot be recomputed; `python benchmarks/llm.py --cases {case} --fresh` measures it again and keeps them.)"
+
+
 def report() -> None:
-    sections = [("SAMSum (all test rows, greedy)", samsum_rows()), ("Classification", classification_rows()),
-                ("GSM8K", gsm8k_rows()), ("Speed and memory (the same 256 SAMSum dialogues, one epoch)", speed_rows()),
-                ("Peak memory of LoRA SFT at 8 rows x 384 tokens (10 steps, then 64 rows scored and 64 generated)", memory_rows())]
-    text = "\n\n".join(f"### {title}\n\n" + "\n".join(rows) for title, rows in sections if len(rows) > 2)
-    (RESULTS / "llm.md").write_text(text + "\n")
+    """benchmarks/results/llm.md from the stored cases. A section whose per-row predictions are gone (run folders from
+    before they were kept with the results) is carried over from the previous report, marked, never dropped."""
+    previous = (RESULTS / "llm.md").read_text() if (RESULTS / "llm.md").exists() else ""
+    old = {part.split("\n", 1)[0]: part.split("\n", 1)[1].strip() for part in previous.split("### ")[1:]}
+    sections = []
+    for title, rows in (("SAMSum (all test rows, greedy)", samsum_rows), ("Classification", classification_rows),
+                        ("GSM8K", gsm8k_rows), ("Speed and memory (the same 256 SAMSum dialogues, one epoch)", speed_rows),
+                        ("Peak memory of LoRA SFT at 8 rows x 384 tokens (10 steps, then 64 rows scored and 64 generated)",
+                         memory_rows)):
+        try:
+            lines = rows()
+            body = "\n".join(lines) if len(lines) > 2 else None
+        except NotStored as missing:
+            kept = old.get(title)
+            body = kept if kept is None or "Carried over" in kept else kept + "\n\n" + CARRIED.format(case=missing)
+            print(f"[report] {title}: {CARRIED.format(case=missing)}", file=sys.stderr)
+        if body:
+            sections.append(f"### {title}\n\n{body}")
+    text = "\n\n".join(sections)
+    from peftlab.export import atomic_write_text
+
+    atomic_write_text(RESULTS / "llm.md", text + "\n")
     print(text)
 
 
@@ -253,6 +301,7 @@ def main() -> None:
         recipe, overrides = CASES[name]
         stored_case(name + suffix, recipe, overrides, runs=RUNS, results=OUT, prefix="llm", fresh=args.fresh,
                     verbose=args.verbose, env=env)
+        keep_predictions(name + suffix)
     if args.report:
         report()
 

@@ -110,6 +110,8 @@ def test_a_memory_case_runs_under_jemalloc_as_its_own_case_with_the_library_prel
     lib.write_bytes(b"")  # never loaded: stored_case is replaced below
     seen = []
     monkeypatch.setattr(llm, "stored_case", lambda name, recipe, overrides, **kw: seen.append((name, kw["env"])))
+    monkeypatch.setattr(llm, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(llm, "OUT", tmp_path)
     monkeypatch.setattr(sys, "argv", ["llm.py", "--cases", "memory-lora-lean-eval8", "--allocator", "jemalloc", "--jemalloc", str(lib)])
     llm.main()
     assert seen == [("memory-lora-lean-eval8-jemalloc", {"LD_PRELOAD": str(lib.resolve()), "MALLOC_CONF": llm.JEMALLOC_CONF})]
@@ -118,7 +120,6 @@ def test_a_memory_case_runs_under_jemalloc_as_its_own_case_with_the_library_prel
     common.measured_process("env", [sys.executable, "-c", check], env={"MALLOC_CONF": "x"})
     with pytest.raises(RuntimeError, match="exit 3"):
         common.measured_process("env", [sys.executable, "-c", check])
-    monkeypatch.setattr(llm, "OUT", tmp_path)
     run = {"quantization": "none", "train_seconds": 20.0, "steps": 10, "tokens_per_s": 300.0, "metrics": {"eval": {"loss": 2.0}}}
     over = ["model.dtype=auto", "train.gradient_checkpointing=true", "eval.batch_size=8"]
     for name, rss, env in (("memory-lora-lean-eval8", 3000.0, None), ("memory-lora-lean-eval8-jemalloc", 2000.0, seen[0][1])):
@@ -142,3 +143,33 @@ def test_heap_probe_separates_what_a_run_uses_from_what_its_allocator_holds(tmp_
         assert all(0 < p["in_use"] <= p["held"] for p in result["peaks"].values())
         assert all(s["in_use"] > 0 for s in result["step_ends"])
     assert importlib.import_module("peftlab.train").loop.__name__ == "loop"  # the probe's wrapper is gone
+
+
+def test_llm_report_keeps_generated_rows_with_the_result_and_never_drops_a_section_it_cannot_recompute(tmp_path, monkeypatch):
+    """llm.py: a finished case's predictions-test.jsonl is copied next to its result (run folders are not kept), and the
+    report reads that copy; a section whose per-row predictions exist nowhere is carried over from the previous report,
+    marked once, instead of crashing or vanishing."""
+    llm = load_benchmark("llm")
+    monkeypatch.setattr(llm, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(llm, "OUT", tmp_path / "llm")
+    monkeypatch.setattr(llm, "RESULTS", tmp_path)
+    monkeypatch.setattr(llm, "samsum_rows", lambda: [])  # (needs the shared SAMSum test file; covered by the GSM8K rows)
+    llm.OUT.mkdir()
+    run = {"steps": 0, "train_examples": 0, "train_wall_s": 0.0, "metrics": {"test": {"answer_accuracy": 0.25, "answer_format": 0.5}}}
+    (llm.OUT / "gsm8k-zero-shot.json").write_text(json.dumps({"run": run, "peak_rss_mib": 100.0}))
+    (tmp_path / "llm.md").write_text("### GSM8K\n\n| setting | test rows |\n|---|---|\n| zero-shot | 250 |\n")
+    llm.report()
+    text = (tmp_path / "llm.md").read_text()
+    assert "| zero-shot | 250 |" in text and text.count("Carried over") == 1 and "--cases gsm8k-zero-shot --fresh" in text
+    llm.report()
+    assert (tmp_path / "llm.md").read_text() == text  # marked once, not again on every report
+    folder = llm.RUNS / "gsm8k-zero-shot"
+    folder.mkdir(parents=True)
+    (folder / "predictions-test.jsonl").write_text("".join(json.dumps({"row": i, "prediction": "4", "reference": "4"}) + "\n"
+                                                           for i in range(3)))
+    llm.keep_predictions("gsm8k-zero-shot")
+    (folder / "predictions-test.jsonl").unlink()  # the run folder goes; the copy with the result stays
+    assert len(llm.predictions("gsm8k-zero-shot")) == 3
+    llm.report()
+    text = (tmp_path / "llm.md").read_text()
+    assert "Carried over" not in text and "| zero-shot | 3 | 25.00 | 50.00 | none | 100 |" in text
