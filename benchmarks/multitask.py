@@ -149,24 +149,42 @@ def report(args) -> str:
         cost = {name: f"{r['run']['trainable_params']:,} trainable, {r['run']['train_wall_s'] / 60:.1f} min train"
                 for name, r in [*((f"single {t} ({k})", single[t, k]) for t, k in single), *multi.items()] if r}
         lines += ["", "Cost (wall time on the shared 2-core machine): " + "; ".join(f"{k}: {v}" for k, v in cost.items()) + ".", ""]
-    target = args.target
-    transfer = ["| training rows | from the base | from the multi-task run (without the target) | gain | seeds |", "|---|---|---|---|---|"]
-    any_row = False
-    for fraction in FRACTIONS:
-        acc = {}
-        for origin in ("base", "multi"):
-            acc[origin] = [task_score(r, target) for s in args.seeds.split(",")
-                           if (r := stored(f"transfer-{target}-{int(fraction * 100)}pct-{origin}-s{s}"))]
-        if not acc["base"]:
-            continue
-        any_row = True
-        fmt = lambda v: f"{100 * statistics.mean(v):.2f}" + (f" ± {100 * statistics.stdev(v):.2f}" if len(v) > 1 else "")  # noqa: E731
-        gain = statistics.mean(acc["multi"]) - statistics.mean(acc["base"]) if acc["multi"] else None
-        transfer.append(f"| {int(fraction * 100)}% | {fmt(acc['base'])} | {fmt(acc['multi']) if acc['multi'] else '-'} | "
-                        f"{'-' if gain is None else f'{100 * gain:+.2f}'} | {len(acc['base'])} |")
-    if any_row:
-        lines += [f"### Intermediate-task transfer to {target} (test accuracy, mean ± sd over seeds)", "", *transfer]
+    transfer = transfer_rows(args.target, args.seeds.split(","))
+    if transfer:
+        lines += [f"### Intermediate-task transfer to {args.target} (test split; mean ± sd over seeds, gains paired by seed)",
+                  "", *transfer]
     return "\n".join(lines)
+
+
+def transfer_rows(target: str, seeds: list[str]) -> list[str]:
+    """One row per fraction of the target's labels: accuracy and macro-F1 from the base and from the multi-task run,
+    and the gain paired by seed (mean ± its standard error over seeds, each seed's gain)."""
+    def mean_sd(v: list[float]) -> str:
+        return f"{100 * statistics.mean(v):.2f}" + (f" ± {100 * statistics.stdev(v):.2f}" if len(v) > 1 else "")
+
+    rows = []
+    for fraction in FRACTIONS:
+        runs = {origin: {s: r for s in seeds if (r := stored(f"transfer-{target}-{int(fraction * 100)}pct-{origin}-s{s}"))}
+                for origin in ("base", "multi")}
+        paired = [s for s in seeds if s in runs["base"] and s in runs["multi"]]
+        if not paired:
+            continue
+        cells = []
+        for key in ("accuracy", "f1"):
+            base, multi = ([task_score(runs[o][s], target, key) for s in paired] for o in ("base", "multi"))
+            gains = [m - b for m, b in zip(multi, base)]
+            se = f" ± {100 * statistics.stdev(gains) / len(gains) ** 0.5:.2f}" if len(gains) > 1 else ""
+            cells += [mean_sd(base), mean_sd(multi), f"**{100 * statistics.mean(gains):+.2f}**{se} ("
+                      + ", ".join(f"{100 * g:+.2f}" for g in gains) + ")"]
+        first = runs["base"][paired[0]]
+        n = next(o.split("=")[1] for o in first["overrides"] if o.startswith("data.train.max_samples="))
+        minutes = statistics.median(r["run"]["train_wall_s"] / 60 for o in runs.values() for r in o.values())
+        rows.append(f"| {int(fraction * 100)}% ({n} rows, {first['run']['steps']} steps) | " + " | ".join(cells)
+                    + f" | {len(paired)} | {minutes:.1f} min |")
+    if not rows:
+        return []
+    return ["| target's training rows | accuracy from the base | from the multi-task run | gain | macro-F1 from the base | "
+            "from the multi-task run | gain | seeds | train time (median) |", "|---|---|---|---|---|---|---|---|---|", *rows]
 
 
 def main() -> None:

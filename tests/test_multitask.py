@@ -282,3 +282,26 @@ def test_routing_by_task_reads_nothing_back_from_the_device(task_files, tmp_path
     monkeypatch.setattr(torch.Tensor, "unique", device_read)
     record = run(recipe_of(tmp_path, tree(task_files, tmp_path / "run", tiny_bert, adapters="per_task"), ["train.max_steps=6"]))
     assert record.steps == 6 and set(record.metrics["eval"]) >= {"senti/accuracy", "topic/accuracy", "pair/f1"}
+
+
+def test_the_transfer_report_pairs_the_gain_by_seed(tmp_path, monkeypatch):
+    """multitask.py --report: each fraction's row compares the same seeds from the base and from the multi-task run; a
+    seed that ran on one side only is left out of both."""
+    import json
+
+    from .conftest import load_benchmark
+
+    bench = load_benchmark("multitask")
+    monkeypatch.setattr(bench, "OUT", tmp_path)
+    scores = {("base", "0"): (0.50, 0.30), ("multi", "0"): (0.60, 0.35), ("base", "1"): (0.70, 0.50),
+              ("multi", "1"): (0.72, 0.40), ("base", "2"): (0.10, 0.10)}  # seed 2: no multi-task side
+    for (origin, seed), (acc, f1) in scores.items():
+        run = {"task": "classification", "steps": 150, "train_wall_s": 60.0, "metrics": {"test": {"accuracy": acc, "f1": f1}}}
+        (tmp_path / f"transfer-emotion-1pct-{origin}-s{seed}.json").write_text(
+            json.dumps({"run": run, "overrides": ["data.train.max_samples=160", f"train.seed={seed}"]}))
+    header, _, row = bench.transfer_rows("emotion", ["0", "1", "2"])
+    cells = row.split(" | ")
+    assert cells[0] == "| 1% (160 rows, 150 steps)" and cells[1] == "60.00 ± 14.14" and cells[2] == "66.00 ± 8.49"
+    assert cells[3] == "**+6.00** ± 4.00 (+10.00, +2.00)" and cells[6] == "**-2.50** ± 7.50 (+5.00, -10.00)"
+    assert cells[7] == "2" and "accuracy from the base" in header
+    assert bench.transfer_rows("sst2", ["0"]) == []
