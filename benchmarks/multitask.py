@@ -130,25 +130,44 @@ def task_score(result: dict, task: str, key: str = "accuracy") -> float | None:
     return m.get(f"{task}/{key}", m.get(key) if result["run"]["task"] != "multitask" else None)
 
 
+def by_seed(prefix: str) -> dict[int, dict]:
+    """The stored runs PREFIX-s0, -s1, ... by seed."""
+    return {int(f.stem.rsplit("-s", 1)[1]): json.loads(f.read_text()) for f in sorted(OUT.glob(f"{prefix}-s*.json"))
+            if f.stem.rsplit("-s", 1)[1].isdigit()}
+
+
+def over_seeds(values: dict[int, float], sign: str = "") -> str:
+    """'mean (each seed's value)' in points, or the one value; sign="+" for differences."""
+    if not values:
+        return "-"
+    shown = [f"{100 * v:{sign}.2f}" for _, v in sorted(values.items())]
+    return shown[0] if len(shown) == 1 else f"{100 * statistics.mean(values.values()):{sign}.2f} ({', '.join(shown)})"
+
+
 def report(args) -> str:
     lines = []
     for steps in sorted({int(f.stem.split("-")[-2]) for f in OUT.glob("multi-shared-*-s*.json") if f.stem.split("-")[-2].isdigit()}):
-        multi = {c: stored(f"multi-{c}-{steps}-s0") for c in ("shared", "per_task")}
-        single = {(t, kind): stored(f"single-{t}-{kind}{steps}-s0") for t in TASKS for kind in ("share", "full")}
-        lines += [f"### {steps} optimizer steps of 32 rows per multi-task run (seed 0; test splits)", "",
+        multi = {c: by_seed(f"multi-{c}-{steps}") for c in ("shared", "per_task")}
+        single = {(t, kind): by_seed(f"single-{t}-{kind}{steps}") for t in TASKS for kind in ("share", "full")}
+        seeds = sorted(set(multi["shared"]))
+        lines += [f"### {steps} optimizer steps of 32 rows per multi-task run (test splits; seeds {', '.join(map(str, seeds))}: "
+                  "the mean, then each seed)", "",
                   "| task (metric) | single-task, its share of the steps | single-task, all the steps | multi-task, shared "
-                  "adapter | multi-task, adapter per task |", "|---|---|---|---|---|"]
+                  "adapter | multi-task, adapter per task | shared - single (its share), paired by seed |", "|---|---|---|---|---|---|"]
         for task in TASKS:
             key = "f1" if task == "mrpc" else "accuracy"
-            cells = [*(task_score(single[task, k], task, key) if single[task, k] else None for k in ("share", "full")),
-                     *(task_score(multi[c], task, key) if multi[c] else None for c in ("shared", "per_task"))]
-            shown = [f"{100 * v:.2f}" if v is not None else "-" for v in cells]
+            scores = [{s: v for s, r in runs.items() if (v := task_score(r, task, key)) is not None}
+                      for runs in (single[task, "share"], single[task, "full"], multi["shared"], multi["per_task"])]
+            shown = [over_seeds(v) for v in scores]
             if single[task, "share"]:
-                shown[0] += f" ({single[task, 'share']['run']['steps']} steps)"
+                shown[0] += f" [{next(iter(single[task, 'share'].values()))['run']['steps']} steps]"
+            both = sorted(set(scores[0]) & set(scores[2]))
+            shown.append(over_seeds({s: scores[2][s] - scores[0][s] for s in both}, "+"))
             lines.append(f"| {task} ({key}) | " + " | ".join(shown) + " |")
-        cost = {name: f"{r['run']['trainable_params']:,} trainable, {r['run']['train_wall_s'] / 60:.1f} min train"
-                for name, r in [*((f"single {t} ({k})", single[t, k]) for t, k in single), *multi.items()] if r}
-        lines += ["", "Cost (wall time on the shared 2-core machine): " + "; ".join(f"{k}: {v}" for k, v in cost.items()) + ".", ""]
+        cost = {name: f"{r[0]['run']['trainable_params']:,} trainable, {r[0]['run']['train_wall_s'] / 60:.1f} min train"
+                for name, r in [*((f"single {t} ({k})", single[t, k]) for t, k in single), *multi.items()] if 0 in r}
+        lines += ["", "Cost at seed 0 (wall time; some runs shared the 2 cores): " + "; ".join(f"{k}: {v}" for k, v in cost.items())
+                  + ".", ""]
     transfer = transfer_rows(args.target, args.seeds.split(","))
     if transfer:
         lines += [f"### Intermediate-task transfer to {args.target} (test split; mean ± sd over seeds, gains paired by seed)",

@@ -305,3 +305,22 @@ def test_the_transfer_report_pairs_the_gain_by_seed(tmp_path, monkeypatch):
     assert cells[3] == "**+6.00** ± 4.00 (+10.00, +2.00)" and cells[6] == "**-2.50** ± 7.50 (+5.00, -10.00)"
     assert cells[7] == "2" and "accuracy from the base" in header
     assert bench.transfer_rows("sst2", ["0"]) == []
+
+
+def test_the_multitask_report_averages_seeds_and_pairs_shared_against_single(tmp_path, monkeypatch):
+    import argparse
+    import json
+
+    from .conftest import load_benchmark
+
+    bench = load_benchmark("multitask")
+    monkeypatch.setattr(bench, "OUT", tmp_path)
+    for seed, (multi, single) in enumerate(((0.80, 0.83), (0.84, 0.83))):
+        for name, task, score in ((f"multi-shared-600-s{seed}", "multitask", {"sst2/accuracy": multi}),
+                                  (f"single-sst2-share600-s{seed}", "classification", {"accuracy": single})):
+            run = {"task": task, "steps": 300, "trainable_params": 5, "train_wall_s": 60.0, "metrics": {"test": score}}
+            (tmp_path / f"{name}.json").write_text(json.dumps({"run": run}))
+    text = bench.report(argparse.Namespace(target="emotion", seeds="0"))
+    assert "seeds 0, 1" in text.splitlines()[0]
+    row = next(line for line in text.splitlines() if line.startswith("| sst2"))
+    assert row.split(" | ")[1:] == ["83.00 (83.00, 83.00) [300 steps]", "-", "82.00 (80.00, 84.00)", "-", "-1.00 (-3.00, +1.00) |"]
