@@ -164,10 +164,11 @@ def report(args) -> str:
             both = sorted(set(scores[0]) & set(scores[2]))
             shown.append(over_seeds({s: scores[2][s] - scores[0][s] for s in both}, "+"))
             lines.append(f"| {task} ({key}) | " + " | ".join(shown) + " |")
-        cost = {name: f"{r[0]['run']['trainable_params']:,} trainable, {r[0]['run']['train_wall_s'] / 60:.1f} min train"
-                for name, r in [*((f"single {t} ({k})", single[t, k]) for t, k in single), *multi.items()] if 0 in r}
-        lines += ["", "Cost at seed 0 (wall time; some runs shared the 2 cores): " + "; ".join(f"{k}: {v}" for k, v in cost.items())
-                  + ".", ""]
+        cost = {name: f"{next(iter(r.values()))['run']['trainable_params']:,} trainable, "
+                      f"{statistics.median(x['run']['train_wall_s'] for x in r.values()) / 60:.1f} min train"
+                for name, r in [*((f"single {t} ({k})", single[t, k]) for t, k in single), *multi.items()] if r}
+        lines += ["", "Cost (median train wall time over the seeds; some runs shared the 2 cores): "
+                  + "; ".join(f"{k}: {v}" for k, v in cost.items()) + ".", ""]
     transfer = transfer_rows(args.target, args.seeds.split(","))
     if transfer:
         lines += [f"### Intermediate-task transfer to {args.target} (test split; mean ± sd over seeds, gains paired by seed)",
