@@ -10,10 +10,10 @@ Every case is one `peftlab train` process on a shipped recipe under recipes/smol
 CASES (nothing else differs), its peak RSS read from wait4, its run folder runs/llm/<case>. Each finished case is
 written to benchmarks/results/llm/<case>.json (its run.json + RSS + wall time) before the next starts, so an
 interrupted invocation loses at most the case that was running; `--fresh` measures a case again (the old file is
-replaced only when the new run has finished). Its generated test rows are kept beside it (<case>.predictions-test.jsonl)
-for the report's per-row comparisons, since run folders are not kept. The report adds Lead-3 on the same SAMSum test rows and the stored
-MiniLM BERT2BERT figures (benchmarks/results/summarization-full-selfinit.json, 200 test rows) next to SmolLM2 on those
-same 200 rows.
+replaced only when the new run has finished). Its generated test rows are kept beside it
+(<case>.predictions-test.jsonl) for the report's per-row comparisons, since run folders are not kept. The report adds
+Lead-3 on the same SAMSum test rows and the stored MiniLM BERT2BERT figures
+(benchmarks/results/summarization-full-selfinit.json, 200 test rows) next to SmolLM2 on those same 200 rows.
 Selection: every recipe keeps its best step on a validation split or a train holdout, never on the test split.
 """
 
