@@ -3,7 +3,8 @@ gain in speed?
 
   teacher            SST-2: recipes/minilm/sst2-lora.yaml with LoRA r16 on every linear layer (--teacher-overrides;
                      6-layer MiniLM, 2.9% trainable); emotion: recipes/minilm/emotion-lora.yaml as shipped (the same
-                     adapter); or any finished run given with --teacher
+                     adapter); another recipe with --teacher-recipe (e.g. the SmolLM2-135M classifier,
+                     recipes/smollm2-135m/sst2-head-lora.yaml, with --tag smollm2); or any finished run given with --teacher
   labels-F           the student of recipes/minilm/{sst2,emotion}-distill.yaml (3 of MiniLM's 6 layers, every weight
                      trained) on a seeded F% of the train rows, labels only (train.distill=null)
   distill-F          the same student and rows, plus the teacher's soft targets (the recipe's T and alpha)
@@ -88,11 +89,28 @@ TASKS = {
                     lora_overrides=tuple(SMALL_LORA), f1=True),
 }
 TASK = TASKS["sst2"]  # main() sets it from --task
+BASE_OUT, REUSE_LABEL_ONLY = OUT, False  # main() sets them: the untagged results, --reuse-label-only
 SMOKE = ["train.max_steps=4", "train.eval_every=2", "data.test.max_samples=32", "train.batch_size=8"]
+
+
+def label_only(name: str) -> bool:
+    """A run that does not read the teacher (the same whatever teaches)."""
+    return name.startswith(("labels-", "lora-labels-"))
+
+
+def store(name: str) -> Path:
+    """Where a run's result is kept: under --reuse-label-only, a label-only run's is the untagged benchmark's."""
+    return BASE_OUT if REUSE_LABEL_ONLY and label_only(name) else OUT
 
 
 def case(name: str, recipe: str, overrides: list[str], args) -> dict:
     """One training process, or its stored result."""
+    if store(name) != OUT:
+        if not (found := stored(name)):
+            sys.exit(f"--reuse-label-only: no stored {name} in {BASE_OUT}; run the untagged benchmark's students first, "
+                     "or drop --reuse-label-only")
+        print(f"[{name}] label-only, reused from {BASE_OUT / name}.json (it does not read the teacher)", flush=True)
+        return found
     return stored_case(name, recipe, overrides, runs=RUNS, results=OUT, prefix="distill-bench", fresh=args.fresh,
                        verbose=args.verbose)
 
@@ -199,7 +217,7 @@ def speed(name: str, run_dir: Path, args) -> dict:
 # -------------------------------------------------------------------------------------------------- report
 
 def stored(name: str) -> dict | None:
-    f = OUT / f"{name}.json"
+    f = store(name) / f"{name}.json"
     return json.loads(f.read_text()) if f.exists() else None
 
 
@@ -277,6 +295,11 @@ def main() -> None:
     p.add_argument("--task", choices=sorted(TASKS), default="sst2", help="SST-2 (default) or emotion")
     p.add_argument("--stages", default=",".join(STAGES[:-1]), help=f"a subset of {','.join(STAGES)}")
     p.add_argument("--teacher", help="a finished teacher run to use instead of training one (e.g. runs/minilm-sst2-lora)")
+    p.add_argument("--teacher-recipe", help="the recipe of the teacher stage (default: the task's MiniLM recipe, with "
+                   "--teacher-overrides' default); e.g. recipes/smollm2-135m/sst2-head-lora.yaml, best with a --tag")
+    p.add_argument("--reuse-label-only", action="store_true",
+                   help="with --tag: take the label-only runs (which no teacher changes) from the untagged results "
+                        "instead of training them again")
     p.add_argument("--fractions", default="100,10,1", help="percent of the train rows with labels, comma-separated")
     p.add_argument("--train-rows", type=int, help="use only this many train rows in all (a quick look)")
     p.add_argument("--student", nargs="*", default=[], help="extra overrides of every student run")
@@ -293,15 +316,19 @@ def main() -> None:
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
-    global RUNS, OUT, TASK
+    global RUNS, OUT, TASK, BASE_OUT, REUSE_LABEL_ONLY
     TASK = TASKS[args.task]
+    teacher_recipe = args.teacher_recipe or TASK.teacher
     if args.teacher_overrides is None:
-        args.teacher_overrides = list(TASK.teacher_overrides)
+        args.teacher_overrides = list(TASK.teacher_overrides) if teacher_recipe == TASK.teacher else []
     if args.task != "sst2":
         RUNS, OUT = RUNS.with_name(f"distill-bench-{args.task}"), OUT.with_name(f"distillation-{args.task}")
     if args.smoke:
         args.tag, args.train_rows, args.fractions = args.tag or "smoke", args.train_rows or 400, "10,100"
         args.speed_rows, args.requests = args.speed_rows or 64, min(args.requests, 10)
+    BASE_OUT, REUSE_LABEL_ONLY = OUT, args.reuse_label_only
+    if args.reuse_label_only and not args.tag:
+        p.error("--reuse-label-only takes the label-only runs of the untagged benchmark: give this one a --tag")
     if args.tag:
         RUNS, OUT = RUNS.with_name(f"{RUNS.name}-{args.tag}"), OUT.with_name(f"{OUT.name}-{args.tag}")
     args.fractions = [float(f) for f in args.fractions.split(",")]
@@ -310,15 +337,15 @@ def main() -> None:
     if bad := [s for s in stages if s not in STAGES]:
         p.error(f"unknown stage(s) {bad}: {STAGES}")
     teacher = Path(args.teacher) if args.teacher else RUNS / "teacher"
-    args.teacher_name = args.teacher or TASK.teacher
+    args.teacher_name = args.teacher or teacher_recipe
     training_teacher = "precision" in stages or ("teacher" in stages and not args.teacher)
     rows = [f"data.train.path={split_train(1.0, args.train_rows)[0]}"] if args.train_rows and training_teacher else []
     teacher_overrides = [*rows, *(SMOKE if args.smoke else []), *args.teacher_overrides]
     if "teacher" in stages and not args.teacher:
-        case("teacher", TASK.teacher, teacher_overrides, args)
+        case("teacher", teacher_recipe, teacher_overrides, args)
     if "precision" in stages:
         for name, extra in PRECISION_CHECK.items():
-            case(name, TASK.teacher, [*teacher_overrides, *extra], args)
+            case(name, teacher_recipe, [*teacher_overrides, *extra], args)
     if "students" in stages:
         if not (teacher / "run.json").is_file():
             p.error(f"no finished teacher at {teacher}: run --stages teacher first, or give --teacher RUN")
