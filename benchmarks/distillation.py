@@ -99,18 +99,17 @@ def label_only(name: str) -> bool:
 
 
 def store(name: str) -> Path:
-    """Where a run's result is kept: under --reuse-label-only, a label-only run's is the untagged benchmark's."""
-    return BASE_OUT if REUSE_LABEL_ONLY and label_only(name) else OUT
+    """Where a run's result is kept: under --reuse-label-only, a label-only run the untagged benchmark has stored is
+    read from there; everything else is this benchmark's (tag's) own."""
+    reuse = REUSE_LABEL_ONLY and label_only(name) and (BASE_OUT / f"{name}.json").is_file()
+    return BASE_OUT if reuse else OUT
 
 
 def case(name: str, recipe: str, overrides: list[str], args) -> dict:
     """One training process, or its stored result."""
     if store(name) != OUT:
-        if not (found := stored(name)):
-            sys.exit(f"--reuse-label-only: no stored {name} in {BASE_OUT}; run the untagged benchmark's students first, "
-                     "or drop --reuse-label-only")
-        print(f"[{name}] label-only, reused from {BASE_OUT / name}.json (it does not read the teacher)", flush=True)
-        return found
+        print(f"[{name}] label-only, reused from {BASE_OUT / name}.json (no teacher changes it)", flush=True)
+        return stored(name)
     return stored_case(name, recipe, overrides, runs=RUNS, results=OUT, prefix="distill-bench", fresh=args.fresh,
                        verbose=args.verbose)
 
@@ -299,7 +298,7 @@ def main() -> None:
                    "--teacher-overrides' default); e.g. recipes/smollm2-135m/sst2-head-lora.yaml, best with a --tag")
     p.add_argument("--reuse-label-only", action="store_true",
                    help="with --tag: take the label-only runs (which no teacher changes) from the untagged results "
-                        "instead of training them again")
+                        "where they are stored, instead of training them again")
     p.add_argument("--fractions", default="100,10,1", help="percent of the train rows with labels, comma-separated")
     p.add_argument("--train-rows", type=int, help="use only this many train rows in all (a quick look)")
     p.add_argument("--student", nargs="*", default=[], help="extra overrides of every student run")

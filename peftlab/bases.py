@@ -107,13 +107,14 @@ def gguf_source(name: str) -> Path | None:
     return found[0]
 
 
-def cache_root() -> Path:
-    """Where converted GGUF bases live: $PEFTLAB_CACHE/gguf, else ~/.cache/peftlab/gguf (XDG_CACHE_HOME honoured)."""
+def cache_root(kind: str = "gguf") -> Path:
+    """Where peftlab keeps what it can make again: $PEFTLAB_CACHE/KIND, else ~/.cache/peftlab/KIND (XDG_CACHE_HOME
+    honoured). Kinds: gguf (converted GGUF bases), soft-targets (a teacher's logits, train.distill)."""
     import os
 
     if os.environ.get("PEFTLAB_CACHE"):
-        return Path(os.environ["PEFTLAB_CACHE"]).expanduser() / "gguf"
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "peftlab" / "gguf"
+        return Path(os.environ["PEFTLAB_CACHE"]).expanduser() / kind
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "peftlab" / kind
 
 
 def file_sha256(path: Path) -> str:

@@ -173,6 +173,9 @@ class DistillConfig:
     unlabelled: SplitConfig | None = opt(None, "Optional extra rows without labels (a file, read as data.train is: "
                                          "data.text_columns or unlabelled.text_columns): they get the soft-target term only.")
     batch_size: int = opt(64, "Rows per batch of the teacher's pass (once, before training).", ge=1)
+    cache: bool = opt(True, "Keep the teacher's logits by text in $PEFTLAB_CACHE/soft-targets (default ~/.cache/peftlab), one "
+                      "file per teacher run and device: a later student of the same teacher runs it only on rows it has "
+                      "not scored yet. false: always run it on every row.")
 
 
 @dataclass

@@ -6,7 +6,8 @@ CE is the mean over the labelled rows of a batch, KL the mean over all of its ro
 carry the label -100, so they add to the KL term only. The teacher is any finished run of task.type classification
 (a head) or verbalizer (an LLM scoring each class's label word: those log-likelihoods are its class logits), on any
 base and tokenizer: its logits come from each row's raw text through its own tokenizer and task, computed once before
-training (`add_soft_targets`), kept with the rows as a `teacher_logits` column (rows x classes floats: 0.5 MB for all of
+training (`add_soft_targets`; kept by text in $PEFTLAB_CACHE/soft-targets, so the next student of the same teacher
+skips the rows already scored: train.distill.cache), kept with the rows as a `teacher_logits` column (rows x classes floats: 0.5 MB for all of
 SST-2, so they always fit and no on-the-fly path is needed), and the teacher is freed before the student is built.
 The student is a classification (any base and method; a smaller one with model.num_layers). run.json's `distillation`
 and the model card name the teacher.
@@ -68,8 +69,8 @@ def check(recipe: Recipe) -> list[str]:
 
 def add_soft_targets(recipe: Recipe, splits: dict, device) -> tuple[dict, dict]:
     """The train split + train.distill.unlabelled rows (label -100), each with the teacher's logits as a `teacher_logits`
-    column -> (splits, run.json's `distillation` entry). The teacher is loaded, run once and freed; the seed is set
-    again after it, so the student starts as it would without a teacher."""
+    column -> (splits, run.json's `distillation` entry). The teacher is loaded (only for rows the soft-target cache
+    does not hold), run once and freed; the seed is set again after it, so the student starts as it would without a teacher."""
     from accelerate.utils import set_seed
 
     k = recipe.train.distill
@@ -78,7 +79,8 @@ def add_soft_targets(recipe: Recipe, splits: dict, device) -> tuple[dict, dict]:
     if k.unlabelled is not None:
         train = with_unlabelled(train, recipe)
     start = time.perf_counter()
-    logits = teacher_logits(Path(k.teacher), train["text"], device=device, batch_size=k.batch_size)
+    logits, from_cache = cached_teacher_logits(Path(k.teacher), train["text"], device=device,
+                                               batch_size=k.batch_size, cache=k.cache)
     seconds = time.perf_counter() - start
     set_seed(recipe.train.seed)
     splits = {**splits, "train": train.add_column("teacher_logits", logits.tolist())}
@@ -87,10 +89,72 @@ def add_soft_targets(recipe: Recipe, splits: dict, device) -> tuple[dict, dict]:
     entry = {"teacher": str(Path(k.teacher).resolve()), "name": teacher.name, "task": teacher.task, "method": teacher.method,
              "base_model": teacher.base_model, "metrics": teacher.metrics.get("eval") or {}, "temperature": k.temperature,
              "alpha": k.alpha, "soft_target_rows": len(train), "labelled_rows": labelled, "unlabelled_rows": len(train) - labelled,
-             "unlabelled": u and (u.path or f"{recipe.data.dataset}:{u.split}"), "teacher_seconds": round(seconds, 2)}
-    log.info("teacher %s: soft targets for %s rows (%s unlabelled) in %.1fs", teacher.name, f"{len(train):,}",
-             f"{len(train) - labelled:,}", seconds)
+             "unlabelled": u and (u.path or f"{recipe.data.dataset}:{u.split}"), "teacher_seconds": round(seconds, 2),
+             "soft_targets_from_cache": from_cache}
+    log.info("teacher %s: soft targets for %s rows (%s unlabelled; %s from the cache) in %.1fs", teacher.name,
+             f"{len(train):,}", f"{len(train) - labelled:,}", f"{from_cache:,}", seconds)
     return splits, entry
+
+
+def soft_target_file(teacher: Path, device) -> Path:
+    """The cache file of `teacher`'s logits: keyed by its run.json (which records its weights' checksum, so a teacher
+    trained again is another file) and the device type."""
+    import hashlib
+
+    from .bases import cache_root
+
+    h = hashlib.sha256((Path(teacher) / "run.json").read_bytes())
+    h.update(torch.device(device or "cpu").type.encode())
+    return cache_root("soft-targets") / f"{h.hexdigest()[:32]}.safetensors"
+
+
+def cached_teacher_logits(teacher: Path, texts: list[str], *, device=None, batch_size: int = 64,
+                          cache: bool = True) -> tuple[torch.Tensor, int]:
+    """teacher_logits, by text through the soft-target cache (train.distill.cache): rows whose text the cache holds
+    for this teacher are read, only the others go through the teacher (not loaded at all when none is missing), and
+    are added -> (logits in the order of `texts`, how many rows came from the cache). Any subset or order of rows
+    reuses it (another hold-out split, 10% of the rows, unlabelled rows added). A low-precision teacher's logits may
+    differ in the last bits from a fresh pass (other batch neighbours, other padding). The cache is a speed-up only: a
+    file that does not read is replaced, one that cannot be written is warned about."""
+    import hashlib
+
+    from safetensors.torch import load_file, save_file
+
+    keys = [hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest() for t in texts]
+    path = soft_target_file(teacher, device) if cache else None
+    known_keys, known = torch.empty(0, 16, dtype=torch.uint8), None
+    if path is not None and path.is_file():
+        try:
+            stored = load_file(path)
+            known_keys, known = stored["texts"], stored["logits"]
+        except Exception as e:
+            log.warning("soft-target cache %s does not read (%s): it is made again", path, e)
+    where = {bytes(k): i for i, k in enumerate(known_keys.numpy())}
+    hit = [where.get(k) for k in keys]
+    missing = [i for i, j in enumerate(hit) if j is None]
+    new = teacher_logits(teacher, [texts[i] for i in missing], device=device, batch_size=batch_size) if missing else None
+    classes = (new if new is not None else known).shape[1]
+    out = torch.empty(len(texts), classes)
+    rows = [i for i, j in enumerate(hit) if j is not None]
+    if rows:
+        out[rows] = known[[hit[i] for i in rows]]
+    if missing:
+        out[missing] = new
+    if path is not None and missing:
+        first = {keys[i]: i for i in missing}  # a text twice in the rows: kept once
+        add_keys = torch.frombuffer(bytearray(b"".join(first)), dtype=torch.uint8).view(-1, 16)
+        add = out[list(first.values())]
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            staged = path.with_name(f".{path.name}.partial")
+            save_file({"texts": torch.cat([known_keys, add_keys]),
+                       "logits": add if known is None else torch.cat([known, add])},
+                      staged, metadata={"teacher": str(Path(teacher).resolve())})
+            staged.replace(path)
+        except OSError as e:
+            log.warning("soft-target cache not written (%s): set PEFTLAB_CACHE to a writable folder, or "
+                        "train.distill.cache=false", e)
+    return out, len(rows)
 
 
 def with_unlabelled(train, recipe: Recipe):

@@ -14,7 +14,8 @@ import torch.nn.functional as F
 import yaml
 
 from peftlab import load_recipe, run
-from peftlab.distill import soft_target_loss, teacher_logits
+from peftlab import distill
+from peftlab.distill import cached_teacher_logits, soft_target_file, soft_target_loss, teacher_logits
 from peftlab.errors import ConfigError
 from peftlab.export import load_trained, merge
 from peftlab.model import keep_layers, kept_layer_indices
@@ -23,6 +24,12 @@ from .conftest import load_benchmark, logits, minilm_tokenizer, synthetic_rows
 from .test_train import losses
 
 DEV_TEXTS = [t for t, _ in synthetic_rows(48, 7)]
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """Each test keeps soft targets in its own cache ($PEFTLAB_CACHE), never the user's ~/.cache."""
+    monkeypatch.setenv("PEFTLAB_CACHE", str(tmp_path / "cache"))
 
 
 def recipe_for(tmp: Path, model: Path, files: dict, name: str, overrides: dict | None = None):
@@ -98,6 +105,52 @@ def test_cached_soft_targets_are_the_teachers_own_logits(teacher):
     assert torch.allclose(cached, own, atol=1e-5)
 
 
+def test_the_soft_target_cache_serves_any_rows_by_text_and_runs_the_teacher_only_on_new_ones(teacher, monkeypatch, caplog):
+    calls = []
+    real = distill.teacher_logits
+    monkeypatch.setattr(distill, "teacher_logits", lambda t, texts, **kw: calls.append(list(texts)) or real(t, texts, **kw))
+    own = logits(load_trained(teacher)[0], DEV_TEXTS)
+    first, hits = cached_teacher_logits(teacher, DEV_TEXTS[:30], batch_size=5)
+    assert hits == 0 and calls == [DEV_TEXTS[:30]] and torch.allclose(first, own[:30], atol=1e-5)
+    # another order, a subset of the cached rows and new ones: only the new rows go through the teacher
+    texts = DEV_TEXTS[40:] + DEV_TEXTS[:30][::-1]
+    again, hits = cached_teacher_logits(teacher, texts, batch_size=5)
+    assert hits == 30 and calls[1] == DEV_TEXTS[40:]
+    assert torch.allclose(again, torch.cat([own[40:], own[:30].flip(0)]), atol=1e-5)
+    calls.clear()
+    third, hits = cached_teacher_logits(teacher, texts, batch_size=5)  # every row known: the teacher is not even loaded
+    assert hits == len(texts) and calls == [] and torch.equal(third, again)
+    _, hits = cached_teacher_logits(teacher, texts, cache=False)  # cache off: every row through the teacher
+    assert hits == 0 and calls == [texts]
+    # a damaged file is made again, with a warning
+    path = soft_target_file(teacher, None)
+    path.write_bytes(b"not a safetensors file")
+    calls.clear()
+    fresh, hits = cached_teacher_logits(teacher, DEV_TEXTS[:4])
+    assert hits == 0 and calls == [DEV_TEXTS[:4]] and "does not read" in caplog.text
+    assert cached_teacher_logits(teacher, DEV_TEXTS[:4])[1] == 4 and torch.allclose(fresh, own[:4], atol=1e-5)
+
+
+def test_an_unwritable_cache_warns_and_distils_all_the_same(teacher, tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    monkeypatch.setenv("PEFTLAB_CACHE", str(blocker))  # the cache folder cannot be made under a file
+    out, hits = cached_teacher_logits(teacher, DEV_TEXTS[:6])
+    assert hits == 0 and out.shape == (6, 2) and "soft-target cache not written" in caplog.text
+
+
+def test_a_retrained_teacher_is_another_cache_file(teacher, tmp_path):
+    import shutil
+
+    copy = tmp_path / "teacher-copy"
+    shutil.copytree(teacher, copy)
+    assert soft_target_file(copy, None) == soft_target_file(teacher, None)  # the same run.json: the same weights
+    record = json.loads((copy / "run.json").read_text())
+    record["train_wall_s"] = record.get("train_wall_s", 0) + 1  # any change to the record (a new run writes a new one)
+    (copy / "run.json").write_text(json.dumps(record))
+    assert soft_target_file(copy, None) != soft_target_file(teacher, None)
+
+
 def test_a_verbalizer_teacher_teaches_through_its_label_words(tmp_path, tiny_llama, tiny_bert, sentiment_files):
     """An LLM that classifies by writing the label word: each class's word log-likelihood is its class logit."""
     from peftlab.tasks.verbalizer import label_token_ids, prompt_ids, score_words
@@ -141,6 +194,7 @@ def test_unlabelled_rows_are_distilled_too(tmp_path, tiny_bert, sentiment_files,
     d = with_extra["distillation"]
     assert (d["labelled_rows"], d["unlabelled_rows"], d["soft_target_rows"]) == (256, 96, 352)
     assert with_extra["train_examples"] == 352 and without["train_examples"] == 256  # one epoch: every row trained on
+    assert (d["soft_targets_from_cache"], without["distillation"]["soft_targets_from_cache"]) == (0, 256)  # the second: no teacher pass
     assert not torch.equal(logits(load_trained(tmp_path / "with-unlabelled")[0]), logits(load_trained(tmp_path / "labelled-only")[0]))
 
 
@@ -271,3 +325,24 @@ def test_distillation_benchmark_splits_every_row_once(tmp_path, monkeypatch, tas
     assert head_l == head_u == header
     assert (len(body_l), len(body_u)) == (20, 80)
     assert sorted(body_l + body_u) == sorted(body)
+
+
+def test_distillation_benchmark_reuses_only_label_only_runs_that_are_stored(tmp_path, monkeypatch):
+    """--reuse-label-only (another teacher under a --tag): a label-only run stored by the untagged benchmark is read from
+    there, never trained again; distilled runs and label-only runs it has not stored are the tag's own."""
+    bench = load_benchmark("distillation")
+    base, own = tmp_path / "distillation", tmp_path / "distillation-smollm2"
+    base.mkdir()
+    (base / "labels-100.json").write_text(json.dumps({"name": "labels-100", "run": {"metrics": {"test": {"accuracy": 0.87}}}}))
+    (base / "distill-100.json").write_text("{}")
+    monkeypatch.setattr(bench, "BASE_OUT", base)
+    monkeypatch.setattr(bench, "OUT", own)
+    monkeypatch.setattr(bench, "stored_case", lambda name, *a, **k: {"trained": name})
+    monkeypatch.setattr(bench, "REUSE_LABEL_ONLY", True)
+    assert [bench.store(n) for n in ("labels-100", "lora-labels-100", "distill-100")] == [base, own, own]
+    args = type("Args", (), {"fresh": False, "verbose": False})()
+    assert bench.case("labels-100", "r.yaml", [], args)["name"] == "labels-100"  # read, not trained
+    assert bench.case("distill-100", "r.yaml", [], args) == {"trained": "distill-100"}  # the teacher's run: never reused
+    assert bench.case("labels-10-steps", "r.yaml", [], args) == {"trained": "labels-10-steps"}  # not stored there: trained
+    monkeypatch.setattr(bench, "REUSE_LABEL_ONLY", False)
+    assert bench.store("labels-100") == own
