@@ -32,6 +32,11 @@ with native bf16 (2026-12-01; expect ~2-3x longer on an AVX2-only CPU, where tra
   python benchmarks/distillation.py --smoke                # tiny end-to-end check: ~2 min
   python benchmarks/distillation.py --task emotion          # the same on emotion (16,000 train rows, 6 classes):
                                                            # 15 runs, ~45 min
+  python benchmarks/distillation.py --tag smollm2 --teacher-recipe recipes/smollm2-135m/sst2-head-lora.yaml \
+      --teacher-overrides train.max_steps=2000 train.eval_every=500 train.save_every=500 \
+      --reuse-label-only --fractions 100 --extra-layers ''  # a SmolLM2-135M teacher (139M parameters, 2,000 steps:
+                                                           # ~35 min), its distilled students (the label-only runs
+                                                           # are the untagged ones)
 Results: benchmarks/results/distillation.md (+ one JSON per run in benchmarks/results/distillation/); emotion:
 distillation-emotion.md and distillation-emotion/.
 """
@@ -276,7 +281,8 @@ def report(args) -> str:
         lines += ["", "Mean test accuracy by precision: " + "; ".join(
             f"{k} {statistics.mean(v):.2f} over {len(v)} seed(s)" + (f" (spread {max(v) - min(v):.2f})" if len(v) > 1 else "")
             for k, v in sorted(by.items())) + "."]
-    rows = [s for s in (stored(f"speed-{n}") for n in ("teacher", "student", *(f"student-l{k}" for k in args.extra_layers))) if s]
+    rows = [s for s in (stored(f"speed-{n}") for n in ("teacher", "student", *(f"student-l{k}" for k in args.extra_layers),
+                                                       "student-lora")) if s]
     if rows:
         lines += ["", "| model | layers | params | examples/s (batch 64) | p50 latency, 1 request |", "| --- | --- | --- | --- | --- |"]
         lines += [f"| {s['name']} | {s['layers']} | {s['params'] / 1e6:.1f}M | {s['examples_per_s']:.0f} | {s['p50_ms']:.1f} ms |"
@@ -284,8 +290,8 @@ def report(args) -> str:
         lines += ["", *(f"{s['name']} / teacher: {s['examples_per_s'] / rows[0]['examples_per_s']:.2f}x the examples/s, "
                         f"{rows[0]['p50_ms'] / s['p50_ms']:.2f}x faster single requests." for s in rows[1:])]
         lines += ["", f"Speed on {rows[0]['rows']} texts of {TASK.test_name}, {rows[0]['threads']} torch threads, tokenization included; "
-                  "each model merged into a plain transformers model (the 6-layer LoRA students merge into the teacher's "
-                  "architecture, so they run at the teacher's speed)."]
+                  "each model merged into a plain transformers model (student-lora, the 6-layer LoRA student, merges into "
+                  "a plain 6-layer MiniLM: the MiniLM teacher's speed)."]
     return "\n".join(lines)
 
 
@@ -355,6 +361,8 @@ def main() -> None:
         speed("student", RUNS / f"distill-{biggest:g}", args)
         for layers in args.extra_layers:
             speed(f"student-l{layers}", RUNS / f"distill-100-l{layers}", args)
+        if (RUNS / "lora-distill-100" / "run.json").is_file():
+            speed("student-lora", RUNS / "lora-distill-100", args)  # the whole MiniLM: the teacher's speed if MiniLM teaches
     text = report(args)
     OUT.with_suffix(".md").write_text(text + "\n")
     print(text)
