@@ -11,7 +11,8 @@ gain in speed?
   distill-F+unl      the same, the other (100-F)% of the train rows added as unlabelled text (soft targets only)
   labels-F-steps     labels-F and distill-F with as many optimizer steps as at 100% (more epochs over the F% rows):
   distill-F-steps    the step-matched comparison of label-only and distilled on few labels
-  distill-100-lN     a student of N layers (--extra-layers, default 2), distilled on every labelled row
+  distill-100-lN     a student of N layers (--extra-layers, default 2), distilled on every labelled row; with
+  labels-100-lN      --layer-twins also on labels alone (6: the whole MiniLM, every weight trained)
   lora-labels-100    the whole 6-layer MiniLM with a small adapter (LoRA r8 on the attention, 0.65% trainable:
   lora-distill-100   recipes/minilm/sst2-lora.yaml as shipped) on all train rows, labels only / distilled
                      (--no-lora-student skips)
@@ -170,6 +171,8 @@ def students(teacher: Path, args) -> None:
     base = [*every_row, *extra, *args.student]
     for layers in args.extra_layers:
         case(f"distill-100-l{layers}", TASK.student, [*base, f"model.num_layers={layers}", f"train.distill.teacher={teacher}"], args)
+        if args.layer_twins:
+            case(f"labels-100-l{layers}", TASK.student, [*base, f"model.num_layers={layers}", "train.distill=null"], args)
     if args.lora_student:
         small = [*TASK.lora_overrides, *base]
         case("lora-distill-100", TASK.teacher, [*small, f"train.distill.teacher={teacher}"], args)
@@ -247,7 +250,7 @@ def report(args) -> str:
               for pct in args.fractions]
     groups += [("MiniLM 3 layers, full, the steps of 100%", f"{pct:g}", f"labels-{pct:g}-steps", f"distill-{pct:g}-steps", None)
                for pct in args.fractions if pct < 100]
-    groups += [(f"MiniLM {k} layers, full", "100", None, f"distill-100-l{k}", None) for k in args.extra_layers]
+    groups += [(f"MiniLM {k} layers, full", "100", f"labels-100-l{k}", f"distill-100-l{k}", None) for k in args.extra_layers]
     groups.append(("MiniLM 6 layers, LoRA r8 (q,k,v,o)", "100", "lora-labels-100", "lora-distill-100", None))
     for student, pct, labels, distill, unl in groups:
         runs = [stored(labels) if labels else None, stored(distill), stored(unl) if unl else None]
@@ -312,6 +315,9 @@ def main() -> None:
                    help="overrides of the teacher run (default: SST-2: LoRA r16 on every linear layer, "
                         f"{' '.join(STRONG_TEACHER)}; emotion: none, its recipe has that adapter)")
     p.add_argument("--extra-layers", default="2", help="also distil students of these depths (all labels; '' for none)")
+    p.add_argument("--layer-twins", action="store_true",
+                   help="also train each --extra-layers student on labels alone (labels-100-lN), e.g. --extra-layers 6: the "
+                        "whole MiniLM, every weight trained, a plain small model")
     p.add_argument("--no-lora-student", dest="lora_student", action="store_false",
                    help="skip the 6-layer MiniLM + LoRA r8 students (label-only and distilled, 100%% of the labels)")
     p.add_argument("--speed-rows", type=int, help="test rows timed (default: all; SST-2 dev has 872, emotion test 2,000)")
