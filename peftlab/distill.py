@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import gc
 import logging
+import os
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -132,7 +133,8 @@ def cached_teacher_logits(teacher: Path, texts: list[str], *, device=None, batch
     where = {bytes(k): i for i, k in enumerate(known_keys.numpy())}
     hit = [where.get(k) for k in keys]
     missing = [i for i, j in enumerate(hit) if j is None]
-    new = teacher_logits(teacher, [texts[i] for i in missing], device=device, batch_size=batch_size) if missing else None
+    run_teacher = missing or known is None  # (no rows and nothing cached: the teacher says how many classes)
+    new = teacher_logits(teacher, [texts[i] for i in missing], device=device, batch_size=batch_size) if run_teacher else None
     classes = (new if new is not None else known).shape[1]
     out = torch.empty(len(texts), classes)
     rows = [i for i, j in enumerate(hit) if j is not None]
@@ -146,7 +148,7 @@ def cached_teacher_logits(teacher: Path, texts: list[str], *, device=None, batch
         add = out[list(first.values())]
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            staged = path.with_name(f".{path.name}.partial")
+            staged = path.with_name(f".{path.name}.{os.getpid()}.partial")  # two students at once: the last one's file
             save_file({"texts": torch.cat([known_keys, add_keys]),
                        "logits": add if known is None else torch.cat([known, add])},
                       staged, metadata={"teacher": str(Path(teacher).resolve())})
