@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from peftlab import load_recipe, run
-from peftlab import distill
+from peftlab import distill, load_recipe, run
 from peftlab.distill import cached_teacher_logits, soft_target_file, soft_target_loss, teacher_logits
 from peftlab.errors import ConfigError
 from peftlab.export import load_trained, merge
