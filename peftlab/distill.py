@@ -7,8 +7,9 @@ carry the label -100, so they add to the KL term only. The teacher is any finish
 (a head) or verbalizer (an LLM scoring each class's label word: those log-likelihoods are its class logits), on any
 base and tokenizer: its logits come from each row's raw text through its own tokenizer and task, computed once before
 training (`add_soft_targets`; kept by text in $PEFTLAB_CACHE/soft-targets, so the next student of the same teacher
-skips the rows already scored: train.distill.cache), kept with the rows as a `teacher_logits` column (rows x classes floats: 0.5 MB for all of
-SST-2, so they always fit and no on-the-fly path is needed), and the teacher is freed before the student is built.
+skips the rows already scored: train.distill.cache), kept with the rows as a `teacher_logits` column (rows x classes
+floats: 0.5 MB for all of SST-2, so they always fit and no on-the-fly path is needed), and the teacher is freed before
+the student is built.
 The student is a classification (any base and method; a smaller one with model.num_layers). run.json's `distillation`
 and the model card name the teacher.
 """
@@ -71,7 +72,8 @@ def check(recipe: Recipe) -> list[str]:
 def add_soft_targets(recipe: Recipe, splits: dict, device) -> tuple[dict, dict]:
     """The train split + train.distill.unlabelled rows (label -100), each with the teacher's logits as a `teacher_logits`
     column -> (splits, run.json's `distillation` entry). The teacher is loaded (only for rows the soft-target cache
-    does not hold), run once and freed; the seed is set again after it, so the student starts as it would without a teacher."""
+    does not hold), run once and freed; the seed is set again after it, so the student starts as it would without a
+    teacher."""
     from accelerate.utils import set_seed
 
     k = recipe.train.distill
