@@ -35,9 +35,10 @@ with native bf16 (2026-12-01; expect ~2-3x longer on an AVX2-only CPU, where tra
                                                            # 15 runs, ~45 min
   python benchmarks/distillation.py --tag smollm2 --teacher-recipe recipes/smollm2-135m/sst2-head-lora.yaml \
       --teacher-overrides train.max_steps=2000 train.eval_every=500 train.save_every=500 \
-      --reuse-label-only --fractions 100 --extra-layers ''  # a SmolLM2-135M teacher (139M parameters, 2,000 steps:
-                                                           # ~35 min), its distilled students (the label-only runs
-                                                           # are the untagged ones)
+      --reuse-label-only --fractions 100,10 --extra-layers 6 --layer-twins
+                                                           # what ran at stop 37: a SmolLM2-135M teacher (139M
+                                                           # parameters, 2,000 steps: ~32 min) and its students
+                                                           # (~2 h; the label-only runs stored untagged are reused)
 Results: benchmarks/results/distillation.md (+ one JSON per run in benchmarks/results/distillation/); emotion:
 distillation-emotion.md and distillation-emotion/.
 """
