@@ -10,19 +10,31 @@ import torch
 from torch import nn
 
 from peftlab import build_model, run
-from peftlab.dropout import FastDropout, keep_mask, use_fast_dropout
+from peftlab.dropout import ATTENTION, FastDropout, fast_dropout_attention, keep_mask, use_fast_dropout
 
-from .conftest import losses
+from .conftest import logits, losses
 
 
 @pytest.mark.parametrize("p", [0.05, 0.1, 0.5, 0.9])
 def test_keep_mask_keeps_one_minus_p(p):
     torch.manual_seed(0)
     mask = keep_mask(torch.Size([1000, 1000]), p)
-    assert mask.dtype == torch.bool and mask.shape == (1000, 1000)
+    assert mask.dtype == torch.uint8 and mask.shape == (1000, 1000)
     assert mask.float().mean().item() == pytest.approx(1 - p, abs=0.003)  # 6 standard errors at most
     assert mask[:, :500].float().mean().item() == pytest.approx(mask[:, 500:].float().mean().item(), abs=0.006)  # no position bias
     assert keep_mask(torch.Size([7, 3]), 0.0).all()  # odd sizes: the 64-bit draw is cut to the element count
+
+
+@pytest.mark.parametrize("p", [0.001, 0.1, 0.999])
+def test_keep_mask_is_exactly_the_16_bit_comparison(p):
+    """The uint8 mask is computed without a compare (bool ops are slow on CPU): it must still be exactly `bits >=
+    threshold` over the whole int16 range, with no wrap-around at either end."""
+    torch.manual_seed(3)
+    mask = keep_mask(torch.Size([4001]), p)
+    torch.manual_seed(3)
+    bits = torch.empty(1001, dtype=torch.int64).random_(-(1 << 63), (1 << 63) - 1).view(torch.int16)[:4001]
+    assert set(mask.unique().tolist()) <= {0, 1}
+    assert torch.equal(mask.bool(), bits >= round(p * 65536) - 32768)
 
 
 def test_fast_dropout_behaves_like_nn_dropout():
@@ -45,7 +57,7 @@ def test_fast_dropout_behaves_like_nn_dropout():
 
 
 def test_fast_dropout_keeps_a_one_byte_mask_for_the_backward_pass():
-    """torch's CPU dropout saves a float mask of the input's dtype (4 bytes an element in fp32); FastDropout a bool."""
+    """torch's CPU dropout saves a float mask of the input's dtype (4 bytes an element in fp32); FastDropout a uint8 0/1 mask."""
     x = torch.randn(100, 10, requires_grad=True)
     def saved_dtypes(drop) -> list[torch.dtype]:
         saved = []
@@ -54,7 +66,7 @@ def test_fast_dropout_keeps_a_one_byte_mask_for_the_backward_pass():
         return saved
 
     assert saved_dtypes(nn.Dropout(0.1)) == [torch.float32]
-    assert saved_dtypes(FastDropout(0.1)) == [torch.bool]
+    assert saved_dtypes(FastDropout(0.1)) == [torch.uint8]
 
 
 def test_use_fast_dropout_replaces_the_base_and_adapter_dropouts(make_recipe):
@@ -95,3 +107,60 @@ def test_evaluations_do_not_change_the_training_masks(make_recipe, tmp_path):
     run(make_recipe({**ov, "output_dir": tmp_path / "end"}))
     run(make_recipe({**ov, "train.eval_every": 2, "output_dir": tmp_path / "often"}))
     assert losses(tmp_path / "often") == losses(tmp_path / "end")
+
+
+@pytest.mark.parametrize("keys", [5, 24])  # rows shorter than 16 take the exp / sum softmax, longer ones torch's
+def test_fast_dropout_attention_is_attention_with_a_keep_mask(keys):
+    """In training it is softmax(q k^T * scale + mask) * keep / (1 - p) @ v with keep_mask's mask, values and
+    gradients; in evaluation (and without dropout) it is transformers' sdpa function exactly."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(0)
+    module = nn.Module()
+    q, k, v = (torch.randn(2, 3, keys, 8, requires_grad=True) for _ in range(3))
+    attend = torch.ones(2, 1, keys, keys, dtype=torch.bool)
+    attend[1, :, :, -2:] = False  # the second row's last two keys are padding
+    torch.manual_seed(1)
+    out, _ = fast_dropout_attention(module, q, k, v, attend, dropout=0.25, scaling=0.3)
+    torch.manual_seed(1)
+    keep = keep_mask(torch.Size([2, 3, keys, keys]), 0.25)
+    scores = (q @ k.transpose(2, 3)) * 0.3 + torch.zeros(attend.shape).masked_fill(~attend, torch.finfo(torch.float32).min)
+    want = (torch.softmax(scores, -1) * keep / 0.75 @ v).transpose(1, 2)
+    torch.testing.assert_close(out, want)
+    assert (keep == 0).any() and out.shape == (2, keys, 3, 8)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g))
+
+    for mode, p in (("eval", 0.25), ("train", 0.0)):  # sdpa's own dropout (if any): the same seed, the same draws
+        getattr(module, mode)()
+        torch.manual_seed(2)
+        got, _ = fast_dropout_attention(module, q, k, v, attend, dropout=p, scaling=0.3)
+        torch.manual_seed(2)
+        ref, _ = sdpa_attention_forward(module, q, k, v, attend, dropout=p, scaling=0.3)
+        assert torch.equal(got, ref)
+
+
+def test_use_fast_dropout_switches_sdpa_attention_and_leaves_no_trace(tmp_path, tiny_bert):
+    """A base with attention dropout trains through fast_dropout_attention; in evaluation it gives sdpa's logits, and
+    neither the saved config nor a reloaded model names the peftlab function."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2, attention_probs_dropout_prob=0.3,
+                                                               attn_implementation="sdpa")
+    before = logits(model)
+    use_fast_dropout(model)
+    assert model.config._attn_implementation == ATTENTION
+    torch.testing.assert_close(logits(model), before, rtol=0, atol=0)
+    model.train()
+    batch = {"input_ids": torch.tensor([[101, 2204, 3185, 102, 0], [101, 2919, 102, 0, 0]]),
+             "attention_mask": torch.tensor([[1, 1, 1, 1, 0], [1, 1, 1, 0, 0]]), "labels": torch.tensor([1, 0])}
+    torch.manual_seed(0)
+    first = model(**batch).loss
+    first.backward()
+    torch.manual_seed(0)
+    assert model(**batch).loss.item() == first.item()  # seeded like every other dropout
+    assert model(**batch).loss.item() != first.item()  # and a new attention mask each step
+    model.save_pretrained(tmp_path / "saved")
+    assert ATTENTION not in (tmp_path / "saved" / "config.json").read_text()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved")
+    assert reloaded.config._attn_implementation == "sdpa"
