@@ -223,9 +223,10 @@ class TrainConfig:
     optimizer_impl: str = opt("foreach", "AdamW kernel: foreach (batched tensor ops), fused (one kernel per step) or loop "
                               "(one parameter at a time, the slowest).", ("foreach", "fused", "loop"))
     dropout_impl: str = opt("fast", "Dropout on CPU: fast = masks from 16 random bits per element, drawn 64 at a time from the "
-                            "seeded generator (~3x cheaper than torch's per-element bernoulli_, ~10% of a MiniLM LoRA step; "
-                            "keep probability exact to 1/65536), kept for the backward pass as 1 byte per element where "
-                            "torch's CPU dropout keeps a float32 copy; torch = nn.Dropout as is. GPUs use torch's kernel.",
+                            "seeded generator (~3x cheaper than torch's per-element bernoulli_; keep probability exact to "
+                            "1/65536), kept for the backward pass as 1 byte per element where torch's CPU dropout keeps a "
+                            "float32 copy, also for attention probabilities (sdpa attention has no fused CPU kernel with "
+                            "dropout); torch = nn.Dropout and sdpa as they are. GPUs use torch's kernels.",
                             ("fast", "torch"))
     compile: bool = opt(False, "torch.compile the model (dynamic shapes). Pays on long runs with a GPU or a C++ compiler; "
                         "the first steps are slow while it compiles.")
