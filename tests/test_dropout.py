@@ -109,7 +109,7 @@ def test_evaluations_do_not_change_the_training_masks(make_recipe, tmp_path):
     assert losses(tmp_path / "often") == losses(tmp_path / "end")
 
 
-@pytest.mark.parametrize("keys", [5, 24])  # rows shorter than 16 take the exp / sum softmax, longer ones torch's
+@pytest.mark.parametrize("keys", [5, 24])
 def test_fast_dropout_attention_is_attention_with_a_keep_mask(keys):
     """In training it is softmax(q k^T * scale + mask) * keep / (1 - p) @ v with keep_mask's mask, values and
     gradients; in evaluation (and without dropout) it is transformers' sdpa function exactly."""

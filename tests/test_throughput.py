@@ -90,3 +90,28 @@ def test_memory_case_compares_qlora_with_lora_with_and_without_checkpointing(tp)
     assert "- peak RSS lora 8000 MiB, qlora 6000 MiB: QLoRA / LoRA 0.75" in md, md
     assert "- peak RSS lora-ckpt 4000 MiB, qlora-ckpt 2000 MiB: QLoRA / LoRA 0.50" in md, md
     assert "| memory-0.7b |" not in md  # not in the classification tables
+
+
+def test_step_levers_alternatives_are_the_same_decisions_and_switch_back(tiny_bert):
+    """benchmarks/step_levers.py times each lever against its alternative on the same batches: the bool masks must be
+    the same keep decisions as the uint8 ones (only their representation is timed), and every switch must undo itself."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    import peftlab.dropout as D
+
+    sl = load_benchmark("step_levers")
+    torch.manual_seed(5)
+    fast = D.keep_mask(torch.Size([33, 7]), 0.2)
+    torch.manual_seed(5)
+    assert torch.equal(sl.bool_keep_mask(torch.Size([33, 7]), 0.2), fast.bool())
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2, attn_implementation="sdpa")
+    D.use_fast_dropout(model)
+    levers = sl.levers(model)
+    assert set(levers) == {"uint8 masks", "fast attention dropout"}
+    before = (D.keep_mask, model.config._attn_implementation)
+    for alternative, default in levers.values():
+        alternative()
+        assert (D.keep_mask, model.config._attn_implementation) != before
+        default()
+        assert (D.keep_mask, model.config._attn_implementation) == before

@@ -1,0 +1,135 @@
+"""What each CPU speed lever of peftlab's training step gives, measured in one process on the same batches.
+
+A lever's effect of a few percent is below the spread between two training processes on a shared machine (the
+ablations of throughput.py vary by ~5% per seed). Here one model is built from a recipe as `peftlab train` builds it
+(`peftlab.train.setup`: fast dropout, accelerate, bf16 autocast where the CPU has it), then every batch is stepped
+twice, once with the lever's alternative switched in and once with peftlab's default, in alternating order, so drift
+of the host hits both alike. The ratio is the default's speed over the alternative's, timed over the same batches
+(forward, backward, gradient clipping and the AdamW step; the first batches are warm-up).
+
+Levers (the alternative each is timed against):
+- `uint8 masks`: dropout masks built as bool tensors with a comparison (the stop-32 `keep_mask`); on CPU, ops that
+  make or read bool tensors are not vectorized;
+- `fast attention dropout`: transformers' `sdpa` attention (its CPU math fallback draws `bernoulli_` masks) instead
+  of `peftlab.dropout.fast_dropout_attention`.
+
+    OMP_NUM_THREADS=1 python benchmarks/step_levers.py                                   # SST-2 LoRA, ~3 min
+    OMP_NUM_THREADS=1 python benchmarks/step_levers.py --recipe recipes/minilm/samsum-lora.yaml --batches 30 \\
+        --overrides data.train.max_samples=600 --name samsum                             # BERT2BERT, ~8 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from benchmarks.common import RESULTS  # noqa: E402
+
+
+def bool_keep_mask(shape, p):
+    """The stop-32 mask: the same bits and keep decisions as `keep_mask`, as a bool tensor from a comparison."""
+    import torch
+
+    n = shape.numel()
+    words = torch.empty((n + 3) // 4, dtype=torch.int64).random_(-(1 << 63), (1 << 63) - 1)
+    return words.view(torch.int16)[:n].view(shape) >= round(p * 65536) - 32768
+
+
+def levers(model) -> dict:
+    """name -> (switch the alternative in, switch peftlab's default back)."""
+    import peftlab.dropout as D
+
+    configs = {id(m.config): m.config for m in model.modules() if getattr(getattr(m, "config", None), "_attn_implementation", None)}
+    fast_masks = D.keep_mask
+
+    def attention(name):
+        return lambda: [setattr(c, "_attn_implementation", name) for c in configs.values()]
+
+    return {
+        "uint8 masks": (lambda: setattr(D, "keep_mask", bool_keep_mask), lambda: setattr(D, "keep_mask", fast_masks)),
+        "fast attention dropout": (attention("sdpa"), attention(D.ATTENTION)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--recipe", default="recipes/minilm/sst2-lora.yaml")
+    ap.add_argument("--overrides", nargs="*", default=["data.train.max_samples=6000"])
+    ap.add_argument("--batches", type=int, default=120, help="training batches, each stepped once per side of every lever")
+    ap.add_argument("--warmup", type=int, default=6)
+    ap.add_argument("--levers", default=None, help="comma list (default: all)")
+    ap.add_argument("--name", default="sst2")
+    a = ap.parse_args()
+
+    import torch
+
+    from peftlab.accel import make_accelerator, resolve_precision
+    from peftlab.config import load_recipe
+    from peftlab.data import build_data, load_splits
+    from peftlab.model import build_model
+    from peftlab.train import setup
+
+    with __import__("tempfile").TemporaryDirectory() as tmp:
+        recipe = load_recipe(REPO / a.recipe, [*a.overrides, "data.eval=null", "data.eval_holdout=0", "data.test=null",
+                                               f"output_dir={tmp}/out"])
+    precision = resolve_precision(recipe.train.precision)
+    accelerator = make_accelerator(recipe, precision)
+    splits, names = load_splits(recipe)
+    model, tokenizer, _ = build_model(recipe, num_labels=len(names), label_names=names, precision=precision)
+    data = build_data(recipe, tokenizer, splits=splits, label_names=names)
+    parts = setup(recipe, model, data, accelerator, tokenizer)
+    model, optimizer = parts.model, parts.optimizer
+    batches = [b for _, b in zip(range(a.batches), parts.train_dl)]
+    model.train()
+
+    def step(batch) -> float:
+        batch = {k: v for k, v in batch.items() if k != "real_tokens"}
+        start = time.perf_counter()
+        with accelerator.accumulate(model):
+            accelerator.backward(model(**batch).loss)
+            if recipe.train.max_grad_norm:
+                accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    chosen = levers(model)
+    if a.levers:
+        chosen = {k: chosen[k] for k in a.levers.split(",")}
+    rows = []
+    for name, (alternative, default) in chosen.items():
+        seconds = {"alternative": 0.0, "default": 0.0}
+        for i, batch in enumerate(batches):
+            order = [("alternative", alternative), ("default", default)][:: 1 if i % 2 else -1]
+            for side, switch in order:
+                switch()
+                took = step(batch)
+                if i >= a.warmup:
+                    seconds[side] += took
+        default()
+        n = len(batches) - a.warmup
+        rows.append({"lever": name, "alternative_ms": 1000 * seconds["alternative"] / n, "default_ms": 1000 * seconds["default"] / n,
+                     "speedup": seconds["alternative"] / seconds["default"]})
+        print(f"{name}: {rows[-1]['alternative_ms']:.1f} -> {rows[-1]['default_ms']:.1f} ms a step ({rows[-1]['speedup']:.3f}x)", flush=True)
+
+    tokens = [int(b["attention_mask"].sum()) for b in batches[a.warmup:]]
+    out = {"recipe": a.recipe, "overrides": a.overrides, "precision": precision, "threads": torch.get_num_threads(),
+           "batches": len(tokens), "mean_real_tokens_per_batch": sum(tokens) / len(tokens),
+           "max_length_per_batch": max(b["input_ids"].shape[1] for b in batches), "rows": rows}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"step_levers-{a.name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    lines = [f"`{a.recipe}` {' '.join(a.overrides)}: {len(tokens)} batches (after {a.warmup} warm-up), "
+             f"{out['mean_real_tokens_per_batch']:.0f} real tokens a batch on average, {precision}, {out['threads']} thread(s).",
+             "", "| lever (vs the alternative) | alternative ms/step | peftlab ms/step | speed-up |", "|---|---|---|---|"]
+    lines += [f"| {r['lever']} | {r['alternative_ms']:.1f} | {r['default_ms']:.1f} | {r['speedup']:.3f}x |" for r in rows]
+    (RESULTS / f"step_levers-{a.name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
