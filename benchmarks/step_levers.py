@@ -5,7 +5,8 @@ ablations of throughput.py vary by ~5% per seed). Here one model is built from a
 (`peftlab.train.setup`: fast dropout, accelerate, bf16 autocast where the CPU has it), then every batch is stepped
 twice, once with the lever's alternative switched in and once with peftlab's default, in alternating order, so drift
 of the host hits both alike. The ratio is the default's speed over the alternative's, timed over the same batches
-(forward, backward, gradient clipping and the AdamW step; the first batches are warm-up).
+(forward with the task's own loss, backward, gradient clipping and the AdamW step, as `peftlab.train.loop` runs
+them; the first batches are warm-up).
 
 Levers (the alternative each is timed against):
 - `uint8 masks`: dropout masks built as bool tensors with a comparison (the stop-32 `keep_mask`); on CPU, ops that
@@ -72,6 +73,7 @@ def main() -> None:
     from peftlab.config import load_recipe
     from peftlab.data import build_data, load_splits
     from peftlab.model import build_model
+    from peftlab.tasks import get_task
     from peftlab.train import setup
 
     with __import__("tempfile").TemporaryDirectory() as tmp:
@@ -86,12 +88,13 @@ def main() -> None:
     model, optimizer = parts.model, parts.optimizer
     batches = [b for _, b in zip(range(a.batches), parts.train_dl)]
     model.train()
+    task_loss = getattr(get_task(recipe.task.type), "loss", None)  # as the training loop computes it (e.g. LM losses on labelled tokens)
 
     def step(batch) -> float:
         batch = {k: v for k, v in batch.items() if k != "real_tokens"}
         start = time.perf_counter()
         with accelerator.accumulate(model):
-            accelerator.backward(model(**batch).loss)
+            accelerator.backward(task_loss(model, batch, accelerator) if task_loss else model(**batch).loss)
             if recipe.train.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm)
             optimizer.step()
@@ -117,7 +120,7 @@ def main() -> None:
                      "speedup": seconds["alternative"] / seconds["default"]})
         print(f"{name}: {rows[-1]['alternative_ms']:.1f} -> {rows[-1]['default_ms']:.1f} ms a step ({rows[-1]['speedup']:.3f}x)", flush=True)
 
-    tokens = [int(b["attention_mask"].sum()) for b in batches[a.warmup:]]
+    tokens = [int(b["real_tokens"]) for b in batches[a.warmup:]]  # non-pad tokens, counted by the training loader
     out = {"recipe": a.recipe, "overrides": a.overrides, "precision": precision, "threads": torch.get_num_threads(),
            "batches": len(tokens), "mean_real_tokens_per_batch": sum(tokens) / len(tokens),
            "max_length_per_batch": max(b["input_ids"].shape[1] for b in batches), "rows": rows}
