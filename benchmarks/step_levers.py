@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -76,7 +77,7 @@ def main() -> None:
     from peftlab.tasks import get_task
     from peftlab.train import setup
 
-    with __import__("tempfile").TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp:
         recipe = load_recipe(REPO / a.recipe, [*a.overrides, "data.eval=null", "data.eval_holdout=0", "data.test=null",
                                                f"output_dir={tmp}/out"])
     precision = resolve_precision(recipe.train.precision)
@@ -103,6 +104,8 @@ def main() -> None:
 
     chosen = levers(model)
     if a.levers:
+        if unknown := set(a.levers.split(",")) - set(chosen):
+            ap.error(f"--levers: unknown {sorted(unknown)}; choose from {sorted(chosen)}")
         chosen = {k: chosen[k] for k in a.levers.split(",")}
     rows = []
     for name, (alternative, default) in chosen.items():
