@@ -12,9 +12,13 @@ Levers (the alternative each is timed against):
 - `uint8 masks`: dropout masks built as bool tensors with a comparison (the stop-32 `keep_mask`); on CPU, ops that
   make or read bool tensors are not vectorized;
 - `fast attention dropout`: transformers' `sdpa` attention (its CPU math fallback draws `bernoulli_` masks) instead
-  of `peftlab.dropout.fast_dropout_attention`.
+  of `peftlab.dropout.fast_dropout_attention`;
+- `fused AdamW`: torch's foreach AdamW (peftlab's default before stop 38) instead of the fused kernel
+  (`train.optimizer_impl: auto`).
 
-    OMP_NUM_THREADS=1 python benchmarks/step_levers.py                                   # SST-2 LoRA, ~3 min
+    OMP_NUM_THREADS=1 python benchmarks/step_levers.py                                   # SST-2 LoRA, ~4 min
+    OMP_NUM_THREADS=1 python benchmarks/step_levers.py --recipe recipes/minilm/sst2-full.yaml --levers "fused AdamW" \
+        --batches 40 --name sst2-full                                                    # full fine-tuning, ~3 min
     OMP_NUM_THREADS=1 python benchmarks/step_levers.py --recipe recipes/minilm/samsum-lora.yaml --batches 30 \\
         --overrides data.train.max_samples=600 --name samsum                             # BERT2BERT, ~8 min
 """
@@ -42,8 +46,9 @@ def bool_keep_mask(shape, p):
     return words.view(torch.int16)[:n].view(shape) >= round(p * 65536) - 32768
 
 
-def levers(model) -> dict:
-    """name -> (switch the alternative in, switch peftlab's default back)."""
+def levers(model, optimizers: dict | None = None) -> dict:
+    """name -> (switch the alternative in, switch peftlab's default back). `optimizers`: {"in use": the run's
+    optimizer, "foreach": the same AdamW with the foreach kernel}; the AdamW lever swaps "in use"."""
     import peftlab.dropout as D
 
     configs = {id(m.config): m.config for m in model.modules() if getattr(getattr(m, "config", None), "_attn_implementation", None)}
@@ -52,10 +57,15 @@ def levers(model) -> dict:
     def attention(name):
         return lambda: [setattr(c, "_attn_implementation", name) for c in configs.values()]
 
-    return {
+    chosen = {
         "uint8 masks": (lambda: setattr(D, "keep_mask", bool_keep_mask), lambda: setattr(D, "keep_mask", fast_masks)),
         "fast attention dropout": (attention("sdpa"), attention(D.ATTENTION)),
     }
+    if optimizers is not None:
+        fused = optimizers["in use"]
+        chosen["fused AdamW"] = (lambda: optimizers.update({"in use": optimizers["foreach"]}),
+                                 lambda: optimizers.update({"in use": fused}))
+    return chosen
 
 
 def main() -> None:
@@ -86,7 +96,10 @@ def main() -> None:
     model, tokenizer, _ = build_model(recipe, num_labels=len(names), label_names=names, precision=precision)
     data = build_data(recipe, tokenizer, splits=splits, label_names=names)
     parts = setup(recipe, model, data, accelerator, tokenizer)
-    model, optimizer = parts.model, parts.optimizer
+    model = parts.model
+    foreach = torch.optim.AdamW([{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in parts.optimizer.param_groups],
+                                foreach=True)
+    optimizers = {"in use": parts.optimizer, "foreach": accelerator.prepare(foreach)}
     batches = [b for _, b in zip(range(a.batches), parts.train_dl)]
     model.train()
     task_loss = getattr(get_task(recipe.task.type), "loss", None)  # as the training loop computes it (e.g. LM losses on labelled tokens)
@@ -98,11 +111,11 @@ def main() -> None:
             accelerator.backward(task_loss(model, batch, accelerator) if task_loss else model(**batch).loss)
             if recipe.train.max_grad_norm:
                 accelerator.clip_grad_norm_(model.parameters(), recipe.train.max_grad_norm)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizers["in use"].step()
+            optimizers["in use"].zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    chosen = levers(model)
+    chosen = levers(model, optimizers)
     if a.levers:
         if unknown := set(a.levers.split(",")) - set(chosen):
             ap.error(f"--levers: unknown {sorted(unknown)}; choose from {sorted(chosen)}")

@@ -65,7 +65,7 @@ ABLATIONS = {  # name -> (peftlab overrides, what it switches, share of --steps 
     "torch dropout": (["train.dropout_impl=torch"], "nn.Dropout's per-element bernoulli_ masks, sdpa's attention dropout", 1.0),
     "bf16 frozen base": (["model.dtype=auto"], "base weights stored in the training precision, no autocast copies", 1.0),
     "AdamW loop": (["train.optimizer_impl=loop"], "one parameter at a time", 1.0),
-    "AdamW fused": (["train.optimizer_impl=fused"], "one fused kernel", 1.0),
+    "AdamW foreach": (["train.optimizer_impl=foreach"], "batched tensor ops, not the fused kernel", 1.0),
     "bf16 autocast": (["train.precision=bf16"], "emulated on CPUs without avx512_bf16/AMX", 0.1),
     "torch.compile": (["train.compile=true"], "inductor, dynamic shapes, compile time included", 1.0),
 }

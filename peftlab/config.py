@@ -220,8 +220,10 @@ class TrainConfig:
     warmup_fraction: float = opt(0.06, "Fraction of the optimizer steps spent warming up linearly, in [0, 1).", ge=0, lt=1)
     max_grad_norm: float | None = opt(1.0, "Clip the gradient norm to this value; null = no clipping.", gt=0)
     precision: str = opt("auto", "Matmul precision: auto = bf16 where the hardware runs it fast, else fp32.", ("auto", "fp32", "bf16", "fp16"))
-    optimizer_impl: str = opt("foreach", "AdamW kernel: foreach (batched tensor ops), fused (one kernel per step) or loop "
-                              "(one parameter at a time, the slowest).", ("foreach", "fused", "loop"))
+    optimizer_impl: str = opt("auto", "AdamW kernel: auto = fused where torch has a fused AdamW for the parameters' device "
+                              "(CPU, CUDA, ...; on CPU 3-6x faster than foreach: 13 vs 72 ms a step for MiniLM's 22.7M "
+                              "weights), else foreach; foreach (batched tensor ops), fused (one kernel per step) or loop (one "
+                              "parameter at a time, the slowest).", ("auto", "foreach", "fused", "loop"))
     dropout_impl: str = opt("fast", "Dropout on CPU: fast = masks from 16 random bits per element, drawn 64 at a time from the "
                             "seeded generator (~3x cheaper than torch's per-element bernoulli_; keep probability exact to "
                             "1/65536), kept for the backward pass as 1 byte per element where torch's CPU dropout keeps a "

@@ -136,9 +136,13 @@ def trainable_state(model) -> dict[str, torch.Tensor]:
 def optimizer_for(model, recipe: Recipe) -> torch.optim.Optimizer:
     """AdamW over the method's parameter groups (default: no weight decay on biases and norm weights; LoRA+: LoRA's B
     matrices at lr x adapter.loraplus_lr_ratio)."""
-    impl = recipe.train.optimizer_impl
-    return torch.optim.AdamW(get_method(recipe.adapter.method).param_groups(model, recipe), lr=recipe.train.lr,
-                             foreach=impl == "foreach", fused=impl == "fused" or None)
+    impl, groups = recipe.train.optimizer_impl, get_method(recipe.adapter.method).param_groups(model, recipe)
+    if impl == "auto":
+        try:  # torch checks the parameters' devices and dtypes against its fused kernels
+            return torch.optim.AdamW(groups, lr=recipe.train.lr, fused=True)
+        except RuntimeError:
+            impl = "foreach"
+    return torch.optim.AdamW(groups, lr=recipe.train.lr, foreach=impl == "foreach", fused=impl == "fused" or None)
 
 
 def train_loader(data: TaskData, t, processes: int) -> DataLoader:

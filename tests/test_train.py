@@ -164,9 +164,9 @@ def test_activation_checkpointing_gives_the_same_losses(make_recipe, tmp_path):
     assert model.get_base_model().is_activation_checkpointing
 
 
-@pytest.mark.parametrize("options", [{"train.optimizer_impl": "fused"}, {"train.optimizer_impl": "loop"}, {"train.compile": True}],
-                         ids=["fused", "loop", "compile"])
-def test_speed_options_give_the_same_losses(make_recipe, tmp_path, options):
+@pytest.mark.parametrize("options", [{"train.optimizer_impl": "foreach"}, {"train.optimizer_impl": "loop"}, {"train.compile": True}],
+                         ids=["foreach", "loop", "compile"])
+def test_speed_options_give_the_same_losses(make_recipe, tmp_path, options):  # the default AdamW: fused (auto, on CPU)
     """The throughput switches change how, not what: the same losses and exported weights as the defaults."""
     plain = run(make_recipe({"train.max_steps": 6, "output_dir": tmp_path / "plain"}))
     fast = run(make_recipe({"train.max_steps": 6, **options, "output_dir": tmp_path / "fast"}))
@@ -176,3 +176,14 @@ def test_speed_options_give_the_same_losses(make_recipe, tmp_path, options):
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-4, rtol=1e-3)
+
+
+def test_auto_optimizer_is_fused_where_torch_has_the_kernel(make_recipe):
+    from peftlab.train import optimizer_for
+
+    recipe = make_recipe({})
+    assert recipe.train.optimizer_impl == "auto"
+    model, _, _ = build_model(recipe, num_labels=2, label_names=["negative", "positive"])
+    assert optimizer_for(model, recipe).defaults["fused"] is True  # CPU has a fused AdamW (torch >= 2.4)
+    foreach = make_recipe({"train.optimizer_impl": "foreach"})
+    assert optimizer_for(model, foreach).defaults["foreach"] is True and not optimizer_for(model, foreach).defaults["fused"]
