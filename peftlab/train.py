@@ -138,8 +138,8 @@ def optimizer_for(model, recipe: Recipe) -> torch.optim.Optimizer:
     matrices at lr x adapter.loraplus_lr_ratio)."""
     impl, groups = recipe.train.optimizer_impl, get_method(recipe.adapter.method).param_groups(model, recipe)
     if impl == "auto":
-        try:  # torch checks the parameters' devices and dtypes against its fused kernels
-            return torch.optim.AdamW(groups, lr=recipe.train.lr, fused=True)
+        try:  # torch checks the parameters' devices and dtypes against its fused kernels (on copies: it fills the groups in)
+            return torch.optim.AdamW([dict(g) for g in groups], lr=recipe.train.lr, fused=True)
         except RuntimeError:
             impl = "foreach"
     return torch.optim.AdamW(groups, lr=recipe.train.lr, foreach=impl == "foreach", fused=impl == "fused" or None)

@@ -187,3 +187,26 @@ def test_auto_optimizer_is_fused_where_torch_has_the_kernel(make_recipe):
     assert optimizer_for(model, recipe).defaults["fused"] is True  # CPU has a fused AdamW (torch >= 2.4)
     foreach = make_recipe({"train.optimizer_impl": "foreach"})
     assert optimizer_for(model, foreach).defaults["foreach"] is True and not optimizer_for(model, foreach).defaults["fused"]
+
+
+def test_auto_optimizer_falls_back_to_foreach_where_fused_is_refused(make_recipe, monkeypatch):
+    """Where torch refuses fused=True (a device or dtype without the kernel), auto builds a foreach AdamW from clean
+    parameter groups (the refused constructor has already filled its groups with fused=True)."""
+    from peftlab.train import optimizer_for
+
+    real = torch.optim.AdamW
+
+    def refuse_fused(params, *args, fused=None, **kw):
+        opt = real(params, *args, fused=fused, **kw)
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return opt
+
+    monkeypatch.setattr(torch.optim, "AdamW", refuse_fused)
+    recipe = make_recipe({})
+    model, _, _ = build_model(recipe, num_labels=2, label_names=["negative", "positive"])
+    opt = optimizer_for(model, recipe)
+    assert all(g["foreach"] is True and not g["fused"] for g in opt.param_groups)
+    loss = sum(p.sum() for p in model.parameters() if p.requires_grad)
+    loss.backward()
+    opt.step()  # a group left with fused=True would take the fused path here
