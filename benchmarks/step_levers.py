@@ -51,17 +51,17 @@ def levers(model, optimizers: dict | None = None) -> dict:
     optimizer, "foreach": the same AdamW with the foreach kernel}; the AdamW lever swaps "in use"."""
     import peftlab.dropout as D
 
-    configs = {id(m.config): m.config for m in model.modules() if getattr(getattr(m, "config", None), "_attn_implementation", None)}
+    switched = {id(m.config): m.config for m in model.modules()  # the configs use_fast_dropout moved off sdpa
+                if getattr(getattr(m, "config", None), "_attn_implementation", None) == D.ATTENTION}
     fast_masks = D.keep_mask
 
     def attention(name):
-        return lambda: [setattr(c, "_attn_implementation", name) for c in configs.values()]
+        return lambda: [setattr(c, "_attn_implementation", name) for c in switched.values()]
 
-    chosen = {
-        "uint8 masks": (lambda: setattr(D, "keep_mask", bool_keep_mask), lambda: setattr(D, "keep_mask", fast_masks)),
-        "fast attention dropout": (attention("sdpa"), attention(D.ATTENTION)),
-    }
-    if optimizers is not None:
+    chosen = {"uint8 masks": (lambda: setattr(D, "keep_mask", bool_keep_mask), lambda: setattr(D, "keep_mask", fast_masks))}
+    if switched:  # a base on eager (or another) attention has no sdpa fallback to compare with
+        chosen["fast attention dropout"] = (attention("sdpa"), attention(D.ATTENTION))
+    if optimizers is not None and optimizers["in use"].defaults.get("fused"):  # the recipe's AdamW is the fused one
         fused = optimizers["in use"]
         chosen["fused AdamW"] = (lambda: optimizers.update({"in use": optimizers["foreach"]}),
                                  lambda: optimizers.update({"in use": fused}))

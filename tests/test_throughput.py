@@ -115,3 +115,16 @@ def test_step_levers_alternatives_are_the_same_decisions_and_switch_back(tiny_be
         assert (D.keep_mask, model.config._attn_implementation) != before
         default()
         assert (D.keep_mask, model.config._attn_implementation) == before
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    fused, foreach = torch.optim.AdamW(params, fused=True), torch.optim.AdamW(params, foreach=True)
+    optimizers = {"in use": fused, "foreach": foreach}
+    alternative, default = sl.levers(model, optimizers)["fused AdamW"]
+    alternative()
+    assert optimizers["in use"] is foreach
+    default()
+    assert optimizers["in use"] is fused
+    assert "fused AdamW" not in sl.levers(model, {"in use": foreach, "foreach": foreach})  # nothing to compare with
+    eager = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2, attn_implementation="eager")
+    D.use_fast_dropout(eager)
+    assert set(sl.levers(eager)) == {"uint8 masks"}  # no sdpa fallback to time against

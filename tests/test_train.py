@@ -185,8 +185,8 @@ def test_auto_optimizer_is_fused_where_torch_has_the_kernel(make_recipe):
     assert recipe.train.optimizer_impl == "auto"
     model, _, _ = build_model(recipe, num_labels=2, label_names=["negative", "positive"])
     assert optimizer_for(model, recipe).defaults["fused"] is True  # CPU has a fused AdamW (torch >= 2.4)
-    foreach = make_recipe({"train.optimizer_impl": "foreach"})
-    assert optimizer_for(model, foreach).defaults["foreach"] is True and not optimizer_for(model, foreach).defaults["fused"]
+    foreach = optimizer_for(model, make_recipe({"train.optimizer_impl": "foreach"})).defaults
+    assert foreach["foreach"] is True and not foreach["fused"]
 
 
 def test_auto_optimizer_falls_back_to_foreach_where_fused_is_refused(make_recipe, monkeypatch):
