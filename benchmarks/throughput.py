@@ -16,7 +16,8 @@ quant; the baseline's prepare_model_for_kbit_training recomputes activations),
 qlora-ckpt (both recompute); samsum: the MiniLM BERT2BERT LoRA summarizer (recipes/minilm/samsum-lora.yaml) against
 EncoderDecoderModel + get_peft_model + Seq2SeqTrainer, training steps then beam-search generation on test rows;
 memory-0.7b: peftlab LoRA vs QLoRA peak RSS on a 0.73B-parameter BERT built from a config, where the weights (2.9 GB
-in fp32) and not the Python runtime fill the memory; each with and without activation checkpointing.
+in fp32) and not the Python runtime fill the memory; each with and without activation checkpointing, and QLoRA with
+glibc's heap as it is (`train.release_memory=never`), LoRA with QLoRA's allocator setting (`always`).
 
 Also in the same invocation:
 - a GEMM micro-benchmark (torch.mm in that precision at the same thread count) -> the machine's matmul peak, and from the model's
@@ -58,7 +59,9 @@ CASES = {  # case -> (peftlab overrides, Trainer-side flags)
 S2S_CASE = "samsum"  # MiniLM BERT2BERT LoRA on SAMSum: training, then beam-search generation on test rows
 MEMORY_CASE = "memory-0.7b"  # peftlab LoRA vs QLoRA on a ~0.73B BERT built from a config: peak RSS when weights dominate
 MEMORY_OVERRIDES = ["train.batch_size=16", "data.eval.max_samples=64", "train.eval_every=1000", "train.log_every=1000"]
-MEMORY_SIDES = {"lora": [], "qlora": QLORA, "lora-ckpt": CKPT, "qlora-ckpt": [*QLORA, *CKPT]}  # with activations kept / recomputed
+MEMORY_SIDES = {"lora": [], "qlora": QLORA, "lora-ckpt": CKPT, "qlora-ckpt": [*QLORA, *CKPT],  # with activations kept / recomputed
+                "qlora-keep": [*QLORA, "train.release_memory=never"],  # glibc's heap as it is (peftlab before stop 39)
+                "lora-release": ["train.release_memory=always"]}  # LoRA with QLoRA's allocator setting
 ABLATIONS = {  # name -> (peftlab overrides, what it switches, share of --steps it runs: slow ones run fewer)
     "no length grouping": (["train.group_by_length=false"], "plain shuffled batches (more padding)", 1.0),
     "host sync every step": (["train.log_every=1"], "loss read back to the host each step", 1.0),
@@ -652,10 +655,12 @@ def table(args, gemm: dict, rows: list[dict], extras: dict) -> str:
     if "lora" in memory:
         lines.append(f"\n{MEMORY_CASE}: a {memory['lora']['params'] / 1e9:.2f}B-parameter BERT built from a config ({LARGE}), "
                      f"{memory['lora']['steps']} steps x batch 16 each (QLoRA: NF4, double quant; -ckpt: activation checkpointing):")
-        for lora, qlora in (("lora", "qlora"), ("lora-ckpt", "qlora-ckpt")):
+        for lora, qlora in (("lora", "qlora"), ("lora-ckpt", "qlora-ckpt"), ("lora", "qlora-keep"), ("lora-release", "qlora")):
             if {lora, qlora} <= set(memory):
                 a, b = memory[lora]["peak_rss_mib"], memory[qlora]["peak_rss_mib"]
                 lines.append(f"- peak RSS {lora} {a:.0f} MiB, {qlora} {b:.0f} MiB: QLoRA / LoRA {b / a:.2f}")
+        lines.append("- training seconds per step (the first, cold step included): "
+                     + ", ".join(f"{k} {r['train_s'] / r['steps']:.2f}" for k, r in memory.items()))
     if "tokenize" in extras:
         t = extras["tokenize"]
         lines.append(f"\nTokenization of {args.rows} rows: cold {t['cold_s']:.2f} s, cached {t['cached_s']:.2f} s ({t['cold_s'] / t['cached_s']:.1f}x).")

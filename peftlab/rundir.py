@@ -42,8 +42,8 @@ STARTED = (RECORD_FILE, CHECKPOINTS, LOG_FILE)
 # Recipe keys a --resume may change: they steer logging, evaluation, saving and the length of the run, not the shapes or
 # the numbers of the steps already taken. Any other difference from the checkpoint's recipe is refused.
 RESUME_MAY_CHANGE = ("name", "output_dir", "train.epochs", "train.max_steps", "train.log_every", "train.eval_every",
-                     "train.save_every", "train.keep_checkpoints", "train.compile", "train.optimizer_impl", "train.report_to", "eval.",
-                     "export.")
+                     "train.save_every", "train.keep_checkpoints", "train.compile", "train.optimizer_impl", "train.release_memory",
+                     "train.report_to", "eval.", "export.")
 
 
 # ------------------------------------------------------------------------------------------------- checksums
