@@ -412,8 +412,9 @@ def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
 
     A quantized base on CPU dequantizes each weight for every matmul, forward and backward (bitsandbytes), and frees
     the copy; glibc keeps such blocks in its heap, where the activations allocated between them pin the holes, so the
-    heap grows by about one full-precision copy of the weights (0.73B base: RSS 4.3 GB, 1.75 GB of it live tensors).
-    Mapped blocks go back at once (3.4 GB) at the cost of page faults on each new one (~1.13x a step there)."""
+    heap grows by about one full-precision copy of the weights (0.73B base: peak RSS 4.3 GB, 1.75 GB of it live
+    tensors). Mapped blocks go back at once (3.3 GB) at the cost of page faults on each new one (1.13x a step there
+    with bf16 dequantization, 1.6x with float32: benchmarks/README.md)."""
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):  # macOS, musl: another allocator
