@@ -422,6 +422,17 @@ def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
     return mallopt(-3, threshold) == 1  # -3: M_MMAP_THRESHOLD; glibc returns 1 on success
 
 
+def largest_weight_copy(model: nn.Module) -> int:
+    """Bytes of the largest full-precision copy a quantized layer of `model` makes of its weight for a matmul
+    (bitsandbytes dequantizes to the layer's compute dtype on CPU, fp32 where it has none); 0: nothing quantized."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    return max((m.in_features * m.out_features * (getattr(m, "compute_dtype", None) or torch.float32).itemsize
+                for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))), default=0)
+
+
 def enable_activation_checkpointing(model: nn.Module) -> None:
     """transformers 5 renamed gradient checkpointing to activation checkpointing; use whichever this version has."""
     if hasattr(model, "activation_checkpointing_enable"):

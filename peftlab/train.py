@@ -29,7 +29,7 @@ from .dropout import use_fast_dropout
 from .errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from .export import write_atomic_dir
 from .methods import get_method
-from .model import map_large_allocations
+from .model import MMAP_THRESHOLD, largest_weight_copy, map_large_allocations
 from .rundir import checkpoint_path, checkpoints, log_path, seal_checkpoint
 from .tasks import get_task, lower_is_better
 from .trackers import close_trackers, open_trackers
@@ -296,8 +296,9 @@ def setup(recipe: Recipe, model, data: TaskData, accelerator, tokenizer=None) ->
     optimizer = optimizer_for(model, recipe)
     if t.dropout_impl == "fast":
         use_fast_dropout(model)  # in place, before compile; CPU only at run time
-    if accelerator.device.type == "cpu" and (t.release_memory == "always" or t.release_memory == "auto" and recipe.quant.mode != "none"):
-        map_large_allocations()  # freed weight copies and activations go back to the system, not into a fragmented heap
+    if accelerator.device.type == "cpu" and (t.release_memory == "always" or t.release_memory == "auto"
+                                             and largest_weight_copy(model) >= MMAP_THRESHOLD):
+        map_large_allocations()  # the per-matmul weight copies (and large activations) go back, not into a fragmented heap
     if t.compile:
         model.compile(dynamic=True)  # in place: the module, its class and its state-dict keys stay as they are
     model, optimizer, train_dl = accelerator.prepare(model, optimizer, train_dl)

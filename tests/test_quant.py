@@ -304,14 +304,30 @@ def test_large_allocations_go_back_to_the_system_when_freed():
     assert freed["release"] > 700 and freed["keep"] < 100, freed
 
 
-@pytest.mark.parametrize("mode,release,mapped", [("4bit", "auto", True), ("none", "auto", False), ("4bit", "never", False),
-                                                 ("none", "always", True)])
-def test_training_maps_large_allocations_for_a_quantized_base_on_cpu(make_recipe, tmp_path, monkeypatch, mode, release, mapped):
-    """train.release_memory: auto maps large allocations when the base is quantized (its per-matmul weight copies
-    fragment glibc's heap), always / never as they say. The real call is process-wide, so it is recorded here."""
+@pytest.mark.parametrize("mode,release,threshold,mapped", [
+    ("4bit", "auto", 1, True),  # weight copies at least as large as the threshold: mapped
+    ("4bit", "auto", None, False),  # the tiny model's copies are far below 4 MiB: mapping would catch only activations
+    ("none", "auto", 1, False), ("4bit", "never", 1, False), ("none", "always", None, True)])
+def test_training_maps_large_allocations_where_quantized_weight_copies_reach_the_threshold(make_recipe, tmp_path, monkeypatch,
+                                                                                           mode, release, threshold, mapped):
+    """train.release_memory: auto maps large allocations when a quantized layer's per-matmul weight copy reaches the
+    mapping threshold (such copies fragment glibc's heap), always / never as they say. The real call is process-wide,
+    so it is recorded here."""
     import importlib
 
+    train_module = importlib.import_module("peftlab.train")
     calls = []
-    monkeypatch.setattr(importlib.import_module("peftlab.train"), "map_large_allocations", lambda: calls.append(True) or True)
+    monkeypatch.setattr(train_module, "map_large_allocations", lambda: calls.append(True) or True)
+    if threshold is not None:
+        monkeypatch.setattr(train_module, "MMAP_THRESHOLD", threshold)
     run(make_recipe({"quant.mode": mode, "train.release_memory": release, "train.max_steps": 1, "output_dir": tmp_path / "run"}))
     assert bool(calls) is mapped
+
+
+def test_largest_weight_copy_is_that_of_the_biggest_quantized_layer(make_recipe):
+    recipe = make_recipe({"quant.mode": "4bit", "quant.compute_dtype": "bfloat16"})
+    model, _, _ = build_model(recipe, num_labels=2, label_names=["negative", "positive"])
+    layers = [m for m in model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert peftlab.model.largest_weight_copy(model) == max(m.in_features * m.out_features for m in layers) * 2  # bf16
+    plain, _, _ = build_model(make_recipe({}), num_labels=2, label_names=["negative", "positive"])
+    assert peftlab.model.largest_weight_copy(plain) == 0

@@ -164,8 +164,8 @@ def test_activation_checkpointing_gives_the_same_losses(make_recipe, tmp_path):
     assert model.get_base_model().is_activation_checkpointing
 
 
-@pytest.mark.parametrize("options", [{"train.optimizer_impl": "foreach"}, {"train.optimizer_impl": "loop"}, {"train.compile": True}],
-                         ids=["foreach", "loop", "compile"])
+@pytest.mark.parametrize("options", [{"train.optimizer_impl": "foreach"}, {"train.optimizer_impl": "loop"}, {"train.compile": True},
+                                     {"train.release_memory": "always"}], ids=["foreach", "loop", "compile", "release-memory"])
 def test_speed_options_give_the_same_losses(make_recipe, tmp_path, options):  # the default AdamW: fused (auto, on CPU)
     """The throughput switches change how, not what: the same losses and exported weights as the defaults."""
     plain = run(make_recipe({"train.max_steps": 6, "output_dir": tmp_path / "plain"}))
