@@ -296,8 +296,8 @@ def setup(recipe: Recipe, model, data: TaskData, accelerator, tokenizer=None) ->
     optimizer = optimizer_for(model, recipe)
     if t.dropout_impl == "fast":
         use_fast_dropout(model)  # in place, before compile; CPU only at run time
-    if accelerator.device.type == "cpu" and (t.release_memory == "always" or t.release_memory == "auto"
-                                             and largest_weight_copy(model) >= MMAP_THRESHOLD):
+    release = t.release_memory == "always" or t.release_memory == "auto" and largest_weight_copy(model) >= MMAP_THRESHOLD
+    if release and accelerator.device.type == "cpu":
         map_large_allocations()  # the per-matmul weight copies (and large activations) go back, not into a fragmented heap
     if t.compile:
         model.compile(dynamic=True)  # in place: the module, its class and its state-dict keys stay as they are

@@ -241,67 +241,50 @@ def test_a_base_quantized_on_load_is_read_without_mapping_its_checkpoint(make_re
         assert torch.equal(t, weights(mapped)[name]), name
 
 
-@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads Linux /proc/self/statm")
-def test_freed_heap_memory_goes_back_to_the_system():
-    """return_freed_memory (called after quantizing on load): glibc's kept heap is returned. In a process of its own,
-    whose heap holds 800 MB of freed 8 MB buffers pinned by small live ones in between."""
+HEAP_SCRIPT = """
+import ctypes
+from peftlab.model import map_large_allocations, return_freed_memory
+libc = ctypes.CDLL('libc.so.6')
+libc.malloc.restype = ctypes.c_void_p
+libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD where glibc's dynamic threshold climbs to: 8 MB blocks from the heap
+{setup}
+rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20
+big = []
+for _ in range(100):
+    big.append(libc.malloc(8 << 20))
+    libc.memset(ctypes.c_void_p(big[-1]), 1, 8 << 20)
+    libc.malloc(1 << 20)  # kept: no freed block can join the heap's top
+before = rss()
+for b in big:
+    libc.free(ctypes.c_void_p(b))
+{after_free}
+print(before - rss())
+"""
+
+
+def mib_given_back(setup: str = "", after_free: str = "") -> int:
+    """In a process of its own (glibc settings are process-wide): 800 MB of 8 MB blocks, each pinned by a small live
+    block after it, freed -> how many MiB of RSS went back to the system once they were freed and `after_free` ran."""
     import subprocess
     import sys
 
-    script = (
-        "import ctypes\n"
-        "from peftlab.model import return_freed_memory\n"
-        "libc = ctypes.CDLL('libc.so.6')\n"
-        "libc.malloc.restype = ctypes.c_void_p\n"
-        "libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD: 8 MB blocks come from the heap, not from mmap\n"
-        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
-        "big = []\n"
-        "for _ in range(100):\n"
-        "    big.append(libc.malloc(8 << 20))\n"
-        "    libc.memset(ctypes.c_void_p(big[-1]), 1, 8 << 20)\n"
-        "    libc.malloc(1 << 20)  # kept: no freed block can join the heap's top\n"
-        "for b in big:\n"
-        "    libc.free(ctypes.c_void_p(b))\n"
-        "before = rss()\n"
-        "assert return_freed_memory()\n"
-        "print(before, rss())\n")
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO)
-    before, after = map(int, done.stdout.split())
-    assert before - after > 600, (before, after)
+    script = HEAP_SCRIPT.format(setup=setup, after_free=after_free)
+    return int(subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO).stdout)
+
+
+@pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads Linux /proc/self/statm")
+def test_freed_heap_memory_goes_back_to_the_system():
+    """return_freed_memory (called after quantizing on load): the heap glibc keeps after frees is returned."""
+    assert mib_given_back(after_free="assert return_freed_memory()") > 600
+    assert mib_given_back() < 100  # without it glibc keeps the blocks
 
 
 @pytest.mark.skipif(not Path("/proc/self/statm").is_file(), reason="reads Linux /proc/self/statm")
 def test_large_allocations_go_back_to_the_system_when_freed():
     """map_large_allocations (train.release_memory): 8 MB blocks are mapped and unmapped when freed, even after glibc
-    had raised its threshold above them (as it does when large blocks are freed), so no trim is needed. In a process
-    of its own: the setting is process-wide. With the threshold left at 16 MB the same frees keep the memory."""
-    import subprocess
-    import sys
-
-    script = (
-        "import ctypes, sys\n"
-        "from peftlab.model import map_large_allocations\n"
-        "libc = ctypes.CDLL('libc.so.6')\n"
-        "libc.malloc.restype = ctypes.c_void_p\n"
-        "libc.mallopt(-3, 16 << 20)  # M_MMAP_THRESHOLD where glibc's dynamic threshold climbs: 8 MB blocks from the heap\n"
-        "if sys.argv[1] == 'release':\n"
-        "    assert map_large_allocations()\n"
-        "rss = lambda: int(open('/proc/self/statm').read().split()[1]) * 4096 >> 20\n"
-        "big = []\n"
-        "for _ in range(100):\n"
-        "    big.append(libc.malloc(8 << 20))\n"
-        "    libc.memset(ctypes.c_void_p(big[-1]), 1, 8 << 20)\n"
-        "    libc.malloc(1 << 20)  # kept: no freed block can join the heap's top\n"
-        "before = rss()\n"
-        "for b in big:\n"
-        "    libc.free(ctypes.c_void_p(b))\n"
-        "print(before, rss())\n")
-    freed = {}
-    for mode in ("release", "keep"):
-        done = subprocess.run([sys.executable, "-c", script, mode], capture_output=True, text=True, check=True, cwd=REPO)
-        before, after = map(int, done.stdout.split())
-        freed[mode] = before - after
-    assert freed["release"] > 700 and freed["keep"] < 100, freed
+    had raised its threshold above them (as it does when large blocks are freed), so no trim is needed."""
+    assert mib_given_back(setup="assert map_large_allocations()") > 700
+    assert mib_given_back() < 100  # with the threshold left at 16 MB the same frees keep the memory
 
 
 @pytest.mark.parametrize("mode,release,threshold,mapped", [

@@ -83,12 +83,18 @@ def test_ablations_are_paired_with_the_default_run_of_their_seed(tp):
 def test_memory_case_compares_qlora_with_lora_with_and_without_checkpointing(tp):
     args = argparse.Namespace(threads=1, steps=20, rows=640, target=0.8)
     gemm = {"peak_gflops": 50.0, "ffn_512x384x1536": 40.0}
-    rows = [{"case": tp.MEMORY_CASE, "side": f"peftlab {side}", "steps": 3, "params": 730_000_000, "peak_rss_mib": rss}
-            for side, rss in (("lora", 8000.0), ("qlora", 6000.0), ("lora-ckpt", 4000.0), ("qlora-ckpt", 2000.0))]
+    sides = (("lora", 8000.0), ("qlora", 6000.0), ("lora-ckpt", 4000.0), ("qlora-ckpt", 2000.0), ("qlora-keep", 7000.0),
+             ("lora-release", 7500.0))
+    rows = [{"case": tp.MEMORY_CASE, "side": f"peftlab {side}", "steps": 3, "params": 730_000_000, "peak_rss_mib": rss,
+             "train_s": 3 * i + 3.0} for i, (side, rss) in enumerate(sides)]
     md = tp.table(args, gemm, rows, {})
-    assert set(tp.MEMORY_SIDES) == {"lora", "qlora", "lora-ckpt", "qlora-ckpt"}
+    assert set(tp.MEMORY_SIDES) == {side for side, _ in sides}
+    assert "train.release_memory=never" in tp.MEMORY_SIDES["qlora-keep"] and "train.release_memory=always" in tp.MEMORY_SIDES["lora-release"]
     assert "- peak RSS lora 8000 MiB, qlora 6000 MiB: QLoRA / LoRA 0.75" in md, md
     assert "- peak RSS lora-ckpt 4000 MiB, qlora-ckpt 2000 MiB: QLoRA / LoRA 0.50" in md, md
+    assert "- peak RSS lora 8000 MiB, qlora-keep 7000 MiB: QLoRA / LoRA 0.88" in md, md  # glibc's heap as it was
+    assert "- peak RSS lora-release 7500 MiB, qlora 6000 MiB: QLoRA / LoRA 0.80" in md, md  # the same allocator setting
+    assert "lora 1.00, qlora 2.00, lora-ckpt 3.00, qlora-ckpt 4.00, qlora-keep 5.00, lora-release 6.00" in md, md
     assert "| memory-0.7b |" not in md  # not in the classification tables
 
 
