@@ -389,14 +389,21 @@ def release_checkpoint_mapping(model: nn.Module) -> None:
                 t.data = t.data.clone()
 
 
+def glibc_function(name: str):
+    """glibc's allocator function `name` (malloc_trim, mallopt), or None where the C library is another (macOS, musl)."""
+    try:
+        return getattr(ctypes.CDLL("libc.so.6"), name)
+    except (OSError, AttributeError):
+        return None
+
+
 def return_freed_memory() -> bool:
     """Give the heap memory glibc keeps after frees back to the system (malloc_trim); False where there is no glibc.
 
     Quantizing on load reads one full-precision buffer per weight and frees it; glibc keeps most of that for reuse,
     0.6 GB on a 0.73B base, which then counts in the process's memory for the whole run."""
-    try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
-    except (OSError, AttributeError):  # macOS, musl: another allocator
+    trim = glibc_function("malloc_trim")
+    if trim is None:
         return False
     trim(0)
     return True
@@ -415,11 +422,8 @@ def map_large_allocations(threshold: int = MMAP_THRESHOLD) -> bool:
     heap grows by about one full-precision copy of the weights (0.73B base: peak RSS 4.3 GB, 1.75 GB of it live
     tensors). Mapped blocks go back at once (3.3 GB) at the cost of page faults on each new one (1.13x a step there
     with bf16 dequantization, 1.6x with float32: benchmarks/README.md)."""
-    try:
-        mallopt = ctypes.CDLL("libc.so.6").mallopt
-    except (OSError, AttributeError):  # macOS, musl: another allocator
-        return False
-    return mallopt(-3, threshold) == 1  # -3: M_MMAP_THRESHOLD; glibc returns 1 on success
+    mallopt = glibc_function("mallopt")
+    return mallopt is not None and mallopt(-3, threshold) == 1  # -3: M_MMAP_THRESHOLD; glibc returns 1 on success
 
 
 def largest_weight_copy(model: nn.Module) -> int:
