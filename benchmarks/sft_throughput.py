@@ -17,6 +17,9 @@ decay, <= 512 tokens, one epoch over the same N seeded training dialogues. Sides
 TRL is given the same work (model, rows, LoRA, lr, schedule, max_length 512, bf16, seed) and otherwise its defaults.
 Each side is its own process (its own peak RSS) and the sides alternate per seed. Real tokens/s = the tokens of the N
 conversations (prompt + answer, no padding; the same count for every side) / training seconds (no evaluation inside).
+MFU = the model FLOPs of that training (`training_flops`: what LoRA training of these rows needs, the same for every
+side) / training seconds / the matmul peak measured at the start of the same invocation, in the sides' precision and
+thread count (`common.gemm_peak`: bf16 on CPUs with native bf16, fp32 on the others).
 After training, every side's adapter is scored by the same function on the same validation rows: the mean token loss
 of the answers (batch 1, so no padding enters), which is the "equal loss after equal tokens" check.
 
@@ -35,7 +38,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import RESULTS, measured_process, train_process  # noqa: E402
+from benchmarks.common import RESULTS, gemm_peak, measured_process, train_process  # noqa: E402
 
 RECIPE = REPO / "recipes/smollm2-135m/samsum-sft-lora.yaml"
 OUT = RESULTS / "sft_throughput"
@@ -68,8 +71,32 @@ def chat(row: dict, prompt: str) -> dict:
             "completion": [{"role": "assistant", "content": row["summary"]}]}
 
 
-def real_tokens(rows: list[dict], tokenizer) -> int:
-    return sum(min(len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False)), MAX_LENGTH) for r in rows)
+def token_counts(rows: list[dict], tokenizer) -> dict:
+    """Of `rows` (chat prompt/completion, cut at MAX_LENGTH): real tokens, answer tokens (the labelled ones, whose
+    logits the loss needs) and the sum over tokens of their causal attention context (n(n+1)/2 for a row of n: each
+    example attends to itself only, in peftlab's packed rows as in TRL's padding-free ones)."""
+    real = answer = context = 0
+    for r in rows:
+        n = min(len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False)), MAX_LENGTH)
+        prompt = len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False))
+        real, answer, context = real + n, answer + max(n - prompt, 0), context + n * (n + 1) // 2
+    return {"real": real, "answer": answer, "context": context}
+
+
+def training_flops(config, counts: dict, r: int = LORA["r"]) -> float:
+    """Model FLOPs of one pass of LoRA training over rows with `counts` (token_counts): the decoder's matmul weights
+    4x per token (forward and input gradient; frozen, so no weight gradient), the LoRA matrices on every linear layer
+    6x, the LM head (tied, frozen) 4x per answer token only (no other logits are needed), and attention scores and
+    mixing (2 x 2 x context x hidden per token and layer forward, 3x with backward). This is the work the training
+    needs, the same for every side; MFU = FLOPs / seconds / the GEMM peak."""
+    d, ff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
+    head = getattr(config, "head_dim", None) or d // config.num_attention_heads
+    q, kv = config.num_attention_heads * head, config.num_key_value_heads * head
+    shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, ff), (d, ff), (ff, d)]  # q, k, v, o, gate, up, down: (in, out)
+    weights = layers * sum(i * o for i, o in shapes)
+    lora = layers * sum(r * (i + o) for i, o in shapes)
+    return ((4 * weights + 6 * lora) * counts["real"] + 4 * d * config.vocab_size * counts["answer"]
+            + 3 * 4 * q * layers * counts["context"])
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -143,8 +170,9 @@ def spawn(args, side: str, seed: int, rows_file: Path, out: Path) -> tuple[dict,
     return json.loads((out / "result.json").read_text()), rss
 
 
-def run_pair(args, seed: int) -> None:
-    from transformers import AutoTokenizer
+def run_pair(args, seed: int, peak: dict) -> None:
+    """Every side of `args.sides` on the rows of `seed`; `peak`: gemm_peak of this invocation (the MFU denominator)."""
+    from transformers import AutoConfig, AutoTokenizer
 
     from peftlab.export import atomic_write_text
 
@@ -152,7 +180,8 @@ def run_pair(args, seed: int) -> None:
     tokenizer = AutoTokenizer.from_pretrained(path)
     train = dialogues("train", args.rows, seed)
     valid = [chat(r, recipe.task.prompt) for r in dialogues("validation", args.eval_rows, 0)]
-    tokens = real_tokens([chat(r, recipe.task.prompt) for r in train], tokenizer)
+    counts = token_counts([chat(r, recipe.task.prompt) for r in train], tokenizer)
+    tokens, flops = counts["real"], training_flops(AutoConfig.from_pretrained(path), counts)
     runs = REPO / "runs" / "sft_throughput"
     runs.mkdir(parents=True, exist_ok=True)
     rows_file = runs / f"rows-{args.rows}-{seed}.json"
@@ -177,23 +206,25 @@ def run_pair(args, seed: int) -> None:
             result, rss = spawn(args, side, seed, rows_file, out)
             result["adapter"] = str(out / "adapter")
         result.update(side=side, seed=seed, rows=args.rows, real_tokens=tokens, peak_rss_mib=rss,
-                      tokens_per_s=tokens / result["train_seconds"],
+                      tokens_per_s=tokens / result["train_seconds"], answer_tokens=counts["answer"], training_flops=flops,
+                      mfu=flops / result["train_seconds"] / (peak["peak_gflops"] * 1e9), gemm_peak=peak,
                       eval_rows=len(valid), answer_loss=answer_loss(Path(result["adapter"]), valid))
         atomic_write_text(dest, json.dumps(result, indent=2))
-        print(f"[{side} seed {seed}] {result['tokens_per_s']:.0f} real tokens/s, {result['steps']} steps, "
+        print(f"[{side} seed {seed}] {result['tokens_per_s']:.0f} real tokens/s (MFU {result['mfu']:.1%}), {result['steps']} steps, "
               f"answer loss {result['answer_loss']:.4f}, peak RSS {rss:.0f} MiB", flush=True)
 
 
 def report() -> str:
     rows = [json.loads(f.read_text()) for f in sorted(OUT.glob("*.json"))]
-    lines = ["| side | dialogues | seed | optimizer steps | real tokens/s | peftlab's speed-up | answer loss after (validation) | "
-             "peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| side | dialogues | seed | optimizer steps | real tokens/s | peftlab's speed-up | MFU (GEMM peak) | "
+             "answer loss after (validation) | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|"]
     by = {(r["side"], r["rows"], r["seed"]): r for r in rows}
     order = [*SIDES[:1], *EXTRA_SIDES, *SIDES[1:]]
     for r in sorted(rows, key=lambda r: (r["rows"], r["seed"], order.index(r["side"]))):
         mine = by.get(("peftlab", r["rows"], r["seed"]))
         ratio = f"{mine['tokens_per_s'] / r['tokens_per_s']:.2f}x" if mine else ""
-        lines.append(f"| {r['side']} | {r['rows']} | {r['seed']} | {r['steps']} | {r['tokens_per_s']:.0f} | {ratio} | "
+        mfu = f"{r['mfu']:.1%} ({r['gemm_peak']['peak_gflops']:.0f} {r['gemm_peak']['precision']})" if "mfu" in r else "-"
+        lines.append(f"| {r['side']} | {r['rows']} | {r['seed']} | {r['steps']} | {r['tokens_per_s']:.0f} | {ratio} | {mfu} | "
                      f"{r['answer_loss']:.4f} | {r['peak_rss_mib']:.0f} |")
     text = "\n".join(lines)
     (RESULTS / "sft_throughput.md").write_text(text + "\n")
@@ -223,8 +254,14 @@ def main() -> None:
     if unknown:
         p.error(f"--sides: unknown {sorted(unknown)}; choose from {', '.join([*SIDES, *EXTRA_SIDES])}")
     if not args.report:
+        import torch
+
+        from peftlab.accel import resolve_precision
+
+        peak = gemm_peak(torch.get_num_threads(), resolve_precision("auto"))  # the threads and precision the sides train with
+        print(f"GEMM peak: {peak['peak_gflops']:.0f} GFLOP/s ({peak['precision']}, {torch.get_num_threads()} threads)", flush=True)
         for seed in map(int, args.seeds.split(",")):
-            run_pair(args, seed)
+            run_pair(args, seed, peak)
     print(report())
 
 

@@ -45,7 +45,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab, installed or not
-from benchmarks.common import METHODS, RESULTS  # noqa: E402
+from benchmarks.common import METHODS, RESULTS, gemm_peak  # noqa: E402
 
 RECIPE = REPO / "recipes" / "minilm" / "sst2-lora.yaml"
 QLORA = METHODS["qlora"]
@@ -341,26 +341,6 @@ def worker_eval(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ measurements in the parent
-
-
-def gemm_peak(threads: int, precision: str = "fp32") -> dict:
-    """Matmul GFLOP/s in the training precision at this thread count: a large square GEMM (the peak) and MiniLM's FFN
-    shape at batch 32 x 16 tokens."""
-    import torch
-
-    torch.set_num_threads(threads)
-    dtype, out = torch.bfloat16 if precision == "bf16" else torch.float32, {"precision": precision}
-    for name, (m, k, n) in {"square_2048": (2048, 2048, 2048), "ffn_512x384x1536": (512, 384, 1536)}.items():
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        for _ in range(3):
-            a @ b
-        reps, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < 2.0:
-            a @ b
-            reps += 1
-        out[name] = 2 * m * k * n * reps / (time.perf_counter() - t0) / 1e9
-    out["peak_gflops"] = max(out["square_2048"], out["ffn_512x384x1536"])
-    return out
 
 
 def flops_per_token(length: float, trainable_base: bool) -> float:

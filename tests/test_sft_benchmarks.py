@@ -35,7 +35,22 @@ def test_trl_sees_the_conversation_peftlab_trains_on():
     assert full[:len(mine["input_ids"])] == mine["input_ids"] and len(full) - len(mine["input_ids"]) <= 1  # (a final newline)
     assert mine["gen_ids"] == prompt
     assert tok.decode([t for t, y in zip(mine["input_ids"], mine["labels"]) if y != -100]) == row["summary"] + "<|im_end|>"
-    assert bench.real_tokens([conv], tok) == len(full)
+    counts = bench.token_counts([conv], tok)
+    assert counts["real"] == len(full) and counts["context"] == len(full) * (len(full) + 1) // 2
+    assert counts["answer"] - sum(y != -100 for y in mine["labels"]) in (0, 1)  # the labelled tokens (and that newline)
+
+
+def test_sft_training_flops_count_each_matmul_once_per_token_and_the_lm_head_only_on_answers():
+    """A 2-layer, 2-head model with one key/value head (grouped-query), hidden 4, MLP 8, vocabulary 10, LoRA r 1, worked by
+    hand: per layer 144 matmul weights (q 16, k 8, v 8, o 16, gate 32, up 32, down 32) and 64 LoRA weights."""
+    from types import SimpleNamespace
+
+    bench = load_benchmark("sft_throughput")
+    config = SimpleNamespace(hidden_size=4, intermediate_size=8, num_hidden_layers=2, num_attention_heads=2,
+                             num_key_value_heads=1, vocab_size=10)
+    counts = {"real": 10, "answer": 3, "context": 20}
+    assert bench.training_flops(config, counts, r=1) == (4 * 288 + 6 * 128) * 10 + 4 * 4 * 10 * 3 + 3 * 4 * 4 * 2 * 20
+    assert bench.training_flops(config, {**counts, "answer": 0}, r=1) == (4 * 288 + 6 * 128) * 10 + 3 * 4 * 4 * 2 * 20
 
 
 def test_sft_throughput_report_pairs_each_side_with_peftlab_by_rows_and_seed(tmp_path, monkeypatch):
@@ -45,10 +60,13 @@ def test_sft_throughput_report_pairs_each_side_with_peftlab_by_rows_and_seed(tmp
     bench.OUT.mkdir()
     for side, seed, tps in (("peftlab", 0, 300.0), ("trl", 0, 100.0), ("trl-packed", 0, 250.0), ("peftlab", 1, 200.0),
                             ("trl", 1, 200.0), ("peftlab-torch-dropout", 1, 160.0)):
+        mfu = {"mfu": tps / 1000, "gemm_peak": {"peak_gflops": 100.0, "precision": "fp32"}} if seed else {}  # seed 0: older runs, no MFU
         (bench.OUT / f"{side}-{seed}.json").write_text(json.dumps(
-            {"side": side, "seed": seed, "rows": 8, "steps": 2, "tokens_per_s": tps, "answer_loss": 2.0, "peak_rss_mib": 1.0}))
+            {"side": side, "seed": seed, "rows": 8, "steps": 2, "tokens_per_s": tps, "answer_loss": 2.0, "peak_rss_mib": 1.0, **mfu}))
     text = bench.report()
     ratios = {(line.split(" | ")[0][2:], line.split(" | ")[2]): line.split(" | ")[5] for line in text.splitlines()[2:]}
+    mfus = {(line.split(" | ")[0][2:], line.split(" | ")[2]): line.split(" | ")[6] for line in text.splitlines()[2:]}
+    assert mfus[("peftlab", "0")] == "-" and mfus[("peftlab", "1")] == "20.0% (100 fp32)" and mfus[("trl", "1")] == "20.0% (100 fp32)"
     assert ratios == {("peftlab", "0"): "1.00x", ("trl", "0"): "3.00x", ("trl-packed", "0"): "1.20x", ("peftlab", "1"): "1.00x",
                       ("trl", "1"): "1.00x", ("peftlab-torch-dropout", "1"): "1.25x"}
     assert [line.split(" | ")[0][2:] for line in text.splitlines()[5:]] == ["peftlab", "peftlab-torch-dropout", "trl"]  # ablation beside peftlab
