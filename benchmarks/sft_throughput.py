@@ -87,7 +87,7 @@ def training_flops(config, counts: dict, r: int = LORA["r"]) -> float:
     """Model FLOPs of one pass of LoRA training over rows with `counts` (token_counts): the decoder's matmul weights
     4x per token (forward and input gradient; frozen, so no weight gradient), the LoRA matrices on every linear layer
     6x, the LM head (tied, frozen) 4x per answer token only (no other logits are needed), and attention scores and
-    mixing (2 x 2 x context x hidden per token and layer forward, 3x with backward). This is the work the training
+    mixing (2 x 2 x context x query width per token and layer forward, 3x with backward). This is the work the training
     needs, the same for every side; MFU = FLOPs / seconds / the GEMM peak."""
     d, ff, layers = config.hidden_size, config.intermediate_size, config.num_hidden_layers
     head = getattr(config, "head_dim", None) or d // config.num_attention_heads
