@@ -5,6 +5,7 @@ peak memory with activation checkpointing and a bf16 base (issue 21: the memory-
     python benchmarks/llm.py --list                                     # the cases and their overrides
     python benchmarks/llm.py --report                                   # tables + plot from the finished cases
     python benchmarks/llm.py --cases memory-lora-lean-eval8 --allocator jemalloc   # the same case under jemalloc
+    python benchmarks/llm.py --cases memory-lora-lean-eval8 --tag fp32-host-always --set train.release_memory=always
 
 Every case is one `peftlab train` process on a shipped recipe under recipes/smollm2-135m/ plus the overrides listed in
 CASES (nothing else differs), its peak RSS read from wait4, its run folder runs/llm/<case>. Each finished case is
@@ -286,6 +287,8 @@ def main() -> None:
     p.add_argument("--allocator", choices=("glibc", "jemalloc"), default="glibc",
                    help="jemalloc: run the cases with it preloaded, stored as CASE-jemalloc (Linux)")
     p.add_argument("--jemalloc", help="path of libjemalloc.so.2 (default: looked for in this Python's prefix and the system)")
+    p.add_argument("--tag", help="store the cases as CASE-TAG (after -jemalloc), e.g. the host they ran on, beside the untagged ones")
+    p.add_argument("--set", nargs="+", default=[], metavar="KEY=VALUE", help="recipe overrides added to each case's (name them in --tag)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
     if args.list:
@@ -297,9 +300,10 @@ def main() -> None:
     if unknown:
         p.error(f"unknown case(s) {unknown}; --list shows them")
     env, suffix = (jemalloc_env(args.jemalloc), "-jemalloc") if args.allocator == "jemalloc" else (None, "")
+    suffix += f"-{args.tag}" if args.tag else ""
     for name in names:
         recipe, overrides = CASES[name]
-        stored_case(name + suffix, recipe, overrides, runs=RUNS, results=OUT, prefix="llm", fresh=args.fresh,
+        stored_case(name + suffix, recipe, [*overrides, *args.set], runs=RUNS, results=OUT, prefix="llm", fresh=args.fresh,
                     verbose=args.verbose, env=env)
         keep_predictions(name + suffix)
     if args.report:

@@ -147,6 +147,27 @@ def test_a_memory_case_runs_under_jemalloc_as_its_own_case_with_the_library_prel
     assert [(r[0][2:], r[4], r[8]) for r in rows] == [("lora-lean-eval8", "glibc", "3000"), ("lora-lean-eval8-jemalloc", "jemalloc", "2000")]
 
 
+def test_a_tagged_case_is_stored_beside_the_untagged_one_with_the_extra_overrides(tmp_path, monkeypatch):
+    """llm.py --tag T --set K=V: the case runs with its own overrides plus K=V, stored as CASE-T (after -jemalloc), so
+    a run on another host or with another setting never replaces the stored case."""
+    llm = load_benchmark("llm")
+    seen = []
+    monkeypatch.setattr(llm, "stored_case", lambda name, recipe, overrides, **kw: seen.append((name, recipe, overrides)))
+    monkeypatch.setattr(llm, "RUNS", tmp_path / "runs")
+    monkeypatch.setattr(llm, "OUT", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["llm.py", "--cases", "memory-lora-lean-eval8", "--tag", "fp32-host-always",
+                                      "--set", "train.release_memory=always"])
+    llm.main()
+    recipe, overrides = llm.CASES["memory-lora-lean-eval8"]
+    assert seen == [("memory-lora-lean-eval8-fp32-host-always", recipe, [*overrides, "train.release_memory=always"])]
+    lib = tmp_path / "libjemalloc.so.2"
+    lib.write_bytes(b"")
+    monkeypatch.setattr(sys, "argv", ["llm.py", "--cases", "memory-qlora-lean-eval8", "--tag", "h", "--allocator", "jemalloc",
+                                      "--jemalloc", str(lib)])
+    llm.main()
+    assert seen[1][0] == "memory-qlora-lean-eval8-jemalloc-h" and seen[1][2] == llm.CASES["memory-qlora-lean-eval8"][1]
+
+
 def test_heap_probe_separates_what_a_run_uses_from_what_its_allocator_holds(tmp_path, chat_llama):
     """benchmarks/heap_probe.py on a tiny SFT run: peaks per phase (load, the training loop, after it), RSS and in-use
     memory at the end of every optimizer step, and under glibc what the allocator holds, which contains what is in use."""
