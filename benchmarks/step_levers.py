@@ -14,7 +14,9 @@ Levers (the alternative each is timed against):
 - `fast attention dropout`: transformers' `sdpa` attention (its CPU math fallback draws `bernoulli_` masks) instead
   of `peftlab.dropout.fast_dropout_attention`;
 - `fused AdamW`: torch's foreach AdamW (peftlab's default before stop 38) instead of the fused kernel
-  (`train.optimizer_impl: auto`).
+  (`train.optimizer_impl: auto`);
+- `skip unread positions`: the classifier's last layer computed at every position (`train.skip_unread: false`)
+  instead of at position 0 only, the one its head reads.
 
     OMP_NUM_THREADS=1 python benchmarks/step_levers.py                                   # SST-2 LoRA, ~4 min
     OMP_NUM_THREADS=1 python benchmarks/step_levers.py --recipe recipes/minilm/sst2-full.yaml --levers "fused AdamW" \
@@ -65,6 +67,10 @@ def levers(model, optimizers: dict | None = None) -> dict:
         fused = optimizers["in use"]
         chosen["fused AdamW"] = (lambda: optimizers.update({"in use": optimizers["foreach"]}),
                                  lambda: optimizers.update({"in use": fused}))
+    trimmed = [(m, f) for m in model.modules() if getattr(f := vars(m).get("forward"), "skips_unread", False)]
+    if trimmed:  # train.skip_unread changed these layers (peftlab.tasks.classification.trim)
+        chosen["skip unread positions"] = (lambda: [delattr(m, "forward") for m, _ in trimmed],
+                                           lambda: [setattr(m, "forward", f) for m, f in trimmed])
     return chosen
 
 

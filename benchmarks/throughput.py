@@ -23,9 +23,9 @@ Also in the same invocation:
 - a GEMM micro-benchmark (torch.mm in that precision at the same thread count) -> the machine's matmul peak, and from the model's
   shape the training FLOPs per real token -> model-FLOPs utilisation (MFU) of each run;
 - ablations: each speed option of peftlab switched off (or on) alone, same steps, once per --repeats seed (or only
-  those --ablations names): length-grouped batching, torch's dropout masks, a bf16 frozen base, host sync every step,
-  the AdamW kernel, bf16 autocast, torch.compile; plus tokenization cold vs cached and the evaluation (sorted by
-  length, batch 128, no grad vs unsorted batch 32).
+  those --ablations names): length-grouped batching, the last layer at every position, torch's dropout masks, a bf16
+  frozen base, host sync every step, the AdamW kernel, bf16 autocast, torch.compile; plus tokenization cold vs cached
+  and the evaluation (sorted by length, batch 128, no grad vs unsorted batch 32).
 
     python benchmarks/throughput.py                    # ~60 min on one core: writes results/throughput.{json,md,png}
     python benchmarks/throughput.py --quick            # a few minutes: checks the pipeline
@@ -65,6 +65,7 @@ MEMORY_SIDES = {"lora": [], "qlora": QLORA, "lora-ckpt": CKPT, "qlora-ckpt": [*Q
 ABLATIONS = {  # name -> (peftlab overrides, what it switches, share of --steps it runs: slow ones run fewer)
     "no length grouping": (["train.group_by_length=false"], "plain shuffled batches (more padding)", 1.0),
     "host sync every step": (["train.log_every=1"], "loss read back to the host each step", 1.0),
+    "all positions": (["train.skip_unread=false"], "the last layer computed at every position, not only the one the head reads", 1.0),
     "torch dropout": (["train.dropout_impl=torch"], "nn.Dropout's per-element bernoulli_ masks, sdpa's attention dropout", 1.0),
     "bf16 frozen base": (["model.dtype=auto"], "base weights stored in the training precision, no autocast copies", 1.0),
     "AdamW loop": (["train.optimizer_impl=loop"], "one parameter at a time", 1.0),

@@ -26,7 +26,7 @@ from .export import atomic_write_text, export, merge, predictions_jsonl, rebuild
 from .methods import get_method
 from .model import build_model, num_layers_problems
 from .rundir import RECIPE_FILE, RunDir, RunRecord, read_run
-from .tasks import get_task
+from .tasks import get_task, skip_unread
 from .trackers import resolve_trackers
 from .train import eval_loader, train
 
@@ -48,6 +48,7 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
             precision = resolve_precision(recipe.train.precision)
     results = Path(results_dir) if results_dir else out
     model, tokenizer = rebuild(out, recipe, run)
+    skip_unread(model, recipe)
     splits, _ = load_splits_for(recipe, split, run.label_names)
     data = build_data(recipe, tokenizer, splits=splits, label_names=run.label_names)
     accelerator = make_accelerator(recipe, precision)

@@ -31,7 +31,7 @@ from .export import write_atomic_dir
 from .methods import get_method
 from .model import MMAP_THRESHOLD, largest_weight_copy, map_large_allocations
 from .rundir import checkpoint_path, checkpoints, log_path, seal_checkpoint
-from .tasks import get_task, lower_is_better
+from .tasks import get_task, lower_is_better, skip_unread
 from .trackers import close_trackers, open_trackers
 
 log = logging.getLogger(__name__)
@@ -296,6 +296,8 @@ def setup(recipe: Recipe, model, data: TaskData, accelerator, tokenizer=None) ->
     optimizer = optimizer_for(model, recipe)
     if t.dropout_impl == "fast":
         use_fast_dropout(model)  # in place, before compile; CPU only at run time
+    if trimmed := skip_unread(model, recipe):
+        log.info("train.skip_unread: %d layer(s) compute only the positions the head reads", len(trimmed))
     release = t.release_memory == "always" or t.release_memory == "auto" and largest_weight_copy(model) >= MMAP_THRESHOLD
     if release and accelerator.device.type == "cpu":
         map_large_allocations()  # the per-matmul weight copies (and large activations) go back, not into a fragmented heap

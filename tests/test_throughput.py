@@ -134,3 +134,13 @@ def test_step_levers_alternatives_are_the_same_decisions_and_switch_back(tiny_be
     eager = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2, attn_implementation="eager")
     D.use_fast_dropout(eager)
     assert set(sl.levers(eager)) == {"uint8 masks"}  # no sdpa fallback to time against
+
+    from peftlab.tasks.classification import trim
+
+    (layer,) = trim(model)
+    trimmed = vars(layer)["forward"]
+    alternative, default = sl.levers(model)["skip unread positions"]
+    alternative()
+    assert "forward" not in vars(layer)  # the full layer
+    default()
+    assert vars(layer)["forward"] is trimmed

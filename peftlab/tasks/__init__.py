@@ -43,6 +43,8 @@ class Task(Protocol):
     # - best_metric_note: said after the metrics when train.best_metric is not one of them.
     # - warm_start = True: the task accepts model.decoder (an encoder-decoder warm-started from two checkpoints).
     # - load_model(recipe, path, dtype) -> (model, new module names) or None: a task-specific base (None: the usual load).
+    # - trim(model) -> the modules changed: skip work whose result the head never reads (train.skip_unread; e.g. the
+    #   last layer of a BERT-family classifier at every position but 0), same results; `del module.forward` undoes one.
     # - input_lengths(config, recipe) -> [(config, tokens, what)]: the lengths the position tables must hold
     #   (default: data.max_length against the model's table).
     # A task made of several tasks (multitask) also replaces the steps that assume one: load_splits(recipe, need_train),
@@ -63,6 +65,12 @@ def register_task(name: str, task: Task | ModuleType | str) -> Task | ModuleType
 def task_names() -> tuple[str, ...]:
     """The registered task names: the choices of `task.type`."""
     return tuple(_REGISTRY)
+
+
+def skip_unread(model, recipe) -> list:
+    """train.skip_unread: the task's `trim` (if it has one) on `model`, in place -> the modules it changed."""
+    trim = getattr(get_task(recipe.task.type), "trim", None)
+    return trim(model) if recipe.train.skip_unread and trim is not None else []
 
 
 def get_task(name: str) -> Task:
