@@ -69,7 +69,7 @@ def levers(model, optimizers: dict | None = None) -> dict:
                                  lambda: optimizers.update({"in use": fused}))
     trimmed = [(m, f) for m in model.modules() if getattr(f := vars(m).get("forward"), "skips_unread", False)]
     if trimmed:  # train.skip_unread changed these layers (peftlab.tasks.classification.trim)
-        chosen["skip unread positions"] = (lambda: [delattr(m, "forward") for m, _ in trimmed],
+        chosen["skip unread positions"] = (lambda: [vars(m).pop("forward", None) for m, _ in trimmed],
                                            lambda: [setattr(m, "forward", f) for m, f in trimmed])
     return chosen
 
