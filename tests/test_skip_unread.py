@@ -124,3 +124,22 @@ def test_runs_with_and_without_skip_unread_train_to_the_same_losses(make_recipe,
     assert len(trimmed_layers) == 2  # `peftlab evaluate` trims too, unless told not to
     assert trimmed["loss"] == pytest.approx(full["loss"], rel=1e-4) and trimmed["accuracy"] == full["accuracy"]
     assert trimmed["loss"] == pytest.approx(on["metrics"]["eval"]["loss"], rel=1e-4)
+
+
+def test_the_trimmed_layer_under_activation_checkpointing_gives_the_same_gradients():
+    from peftlab.model import enable_activation_checkpointing
+
+    model = tiny_classifier("bert")
+    enable_activation_checkpointing(model)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["query", "value"], task_type="SEQ_CLS"))
+    model.train()  # checkpointing only recomputes in training; the tiny config's dropout is 0.1, so switch it off
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+    inputs = batch()
+    full, full_grads = logits_and_grads(model, inputs)
+    assert trim(model)
+    got, grads = logits_and_grads(model, inputs)
+    torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-6)
+    for name in full_grads:
+        torch.testing.assert_close(grads[name], full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
