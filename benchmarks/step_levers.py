@@ -48,9 +48,10 @@ def bool_keep_mask(shape, p):
     return words.view(torch.int16)[:n].view(shape) >= round(p * 65536) - 32768
 
 
-def levers(model, optimizers: dict | None = None) -> dict:
+def levers(model, optimizers: dict | None = None, trimmed: list = ()) -> dict:
     """name -> (switch the alternative in, switch peftlab's default back). `optimizers`: {"in use": the run's
-    optimizer, "foreach": the same AdamW with the foreach kernel}; the AdamW lever swaps "in use"."""
+    optimizer, "foreach": the same AdamW with the foreach kernel}; the AdamW lever swaps "in use". `trimmed`: the
+    layers `peftlab.tasks.skip_unread` changed; their lever runs them in full."""
     import peftlab.dropout as D
 
     switched = {id(m.config): m.config for m in model.modules()  # the configs use_fast_dropout moved off sdpa
@@ -67,10 +68,10 @@ def levers(model, optimizers: dict | None = None) -> dict:
         fused = optimizers["in use"]
         chosen["fused AdamW"] = (lambda: optimizers.update({"in use": optimizers["foreach"]}),
                                  lambda: optimizers.update({"in use": fused}))
-    trimmed = [(m, f) for m in model.modules() if getattr(f := vars(m).get("forward"), "skips_unread", False)]
-    if trimmed:  # train.skip_unread changed these layers (peftlab.tasks.classification.trim)
-        chosen["skip unread positions"] = (lambda: [vars(m).pop("forward", None) for m, _ in trimmed],
-                                           lambda: [setattr(m, "forward", f) for m, f in trimmed])
+    if trimmed:  # the layers train.skip_unread changed (peftlab.tasks.skip_unread), with their trimmed forwards
+        forwards = [(m, vars(m)["forward"]) for m in trimmed]
+        chosen["skip unread positions"] = (lambda: [vars(m).pop("forward", None) for m, _ in forwards],
+                                           lambda: [setattr(m, "forward", f) for m, f in forwards])
     return chosen
 
 
@@ -90,7 +91,7 @@ def main() -> None:
     from peftlab.config import load_recipe
     from peftlab.data import build_data, load_splits
     from peftlab.model import build_model
-    from peftlab.tasks import get_task
+    from peftlab.tasks import get_task, skip_unread
     from peftlab.train import setup
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -121,7 +122,7 @@ def main() -> None:
             optimizers["in use"].zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    chosen = levers(model, optimizers)
+    chosen = levers(model, optimizers, skip_unread(model, recipe))  # trimmed again (setup did): the layers it changes
     if a.levers:
         if unknown := set(a.levers.split(",")) - set(chosen):
             ap.error(f"--levers: unknown {sorted(unknown)}; choose from {sorted(chosen)}")

@@ -60,7 +60,7 @@ def test_the_trimmed_last_layer_gives_the_full_layers_logits_and_gradients(model
     torch.testing.assert_close(logits_and_grads(model, inputs)[0], full)
 
 
-def test_in_training_the_trimmed_layer_draws_dropout_at_position_0_only():
+def test_in_training_the_trimmed_layer_runs_with_peftlab_dropout():
     """With peftlab's fast dropout (masks for attention probabilities too) in train mode the trimmed layer runs, gives
     one row per example to the head, and its dropout takes effect (two draws differ)."""
     model = tiny_classifier("bert", hidden_dropout_prob=0.3, attention_probs_dropout_prob=0.3)
