@@ -275,7 +275,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "from its recipe unless you override model.name=...")
     e.add_argument("--endpoint", help="hub endpoint (default: huggingface.co or HF_ENDPOINT)")
     e.add_argument("--revision", help="hub revision of --adapter")
-    e.add_argument("--split", default="eval", choices=("eval", "test"))
+    e.add_argument("--split", default="eval", choices=("eval", "test"),
+                   help="eval: the split the run selected on (data.eval, or the seeded data.eval_holdout part of train, "
+                        "rebuilt from the train file); test: data.test (default: eval)")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.eval.path=other.tsv")
     e.set_defaults(fn=cmd_eval, late_overrides="overrides")
 

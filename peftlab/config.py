@@ -1,7 +1,7 @@
 """The recipe: one typed source of truth.
 
 Nested dataclasses mirror the YAML layout one to one; every field carries its help text (the CLI's
-`peftlab train --help` and the README's key reference are derived from it). `load_recipe` reads YAML plus
+`peftlab train --help` is derived from it). `load_recipe` reads YAML plus
 dotted overrides (`train.lr=1e-4`), rejects unknown keys with a did-you-mean, checks types, and
 `validate` reports every remaining problem at once, each naming the field, the value and the fix.
 """
@@ -97,7 +97,7 @@ class AdapterConfig:
     adalora_interval: int = opt(1, "AdaLoRA: reallocate ranks every N optimizer steps while the budget shrinks (deltaT).", ge=1,
                                hint="optimizer steps between reallocations")
     num_virtual_tokens: int = opt(20, "Virtual tokens of prompt_tuning, prefix_tuning and p_tuning.", ge=1, hint="typical: 10-50")
-    options: dict = opt({}, "Extra keyword arguments passed straight to the method's peft config, e.g. {init_lora_weights: pissa}.")
+    options: dict = opt({}, "Extra keyword arguments passed straight to the method's peft config, e.g. {init_lora_weights: pissa_niter_4} with init: pissa.")
 
 
 @dataclass
@@ -212,7 +212,7 @@ class TrainConfig:
                                 "and exported as it is.", ge=0)
     batch_size: int = opt(32, "Examples per device per micro-batch.", ge=1)
     group_by_length: bool = opt(True, "Batch rows of similar length together (shuffled megabatches), so dynamic padding "
-                                "wastes little: ~2.5x fewer padded tokens on SST-2. false = plain shuffling.")
+                                "wastes little: on SST-2 at batch 32, padded tokens 1.05x the real ones instead of 3.3x. false = plain shuffling.")
     grad_accum: int = opt(1, "Micro-batches per optimizer step (effective batch = batch_size x grad_accum x processes).", ge=1)
     lr: float = opt(5e-4, "Peak learning rate of AdamW.", gt=0, hint="LoRA: ~1e-4 to 1e-3; full fine-tuning: ~2e-5")
     weight_decay: float = opt(0.01, "AdamW weight decay (not applied to biases and norms).", ge=0)

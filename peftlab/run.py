@@ -106,14 +106,18 @@ def adapted_weights_fp32(model) -> bool:
 
 
 def load_splits_for(recipe: Recipe, split: str, label_names: list[str]):
-    spec = getattr(recipe.data, split)
-    if spec is None:
+    """The one split an evaluation scores. A run that selected on a seeded part of train (`data.eval: null`,
+    `data.eval_holdout`) gets that part again for `eval`: train is read and split as training did, then dropped."""
+    d = recipe.data
+    holdout = split == "eval" and d.eval is None and d.eval_holdout > 0 and d.train is not None
+    if getattr(d, split) is None and not holdout:
         raise ArtifactError(f"the run's recipe has no data.{split} split. Give one: data.{split}.path=FILE.")
     for other in ("train", "eval", "test"):
-        if other != split:
-            setattr(recipe.data, other, None)
-    recipe.data.label_names = label_names
-    return load_splits(recipe, need_train=False)
+        if other != split and not (holdout and other == "train"):
+            setattr(d, other, None)
+    d.label_names = label_names
+    splits, names = load_splits(recipe, need_train=False)
+    return {**splits, "train": None}, names
 
 
 def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> RunRecord:

@@ -81,3 +81,20 @@ def test_eval_on_a_run_that_is_not_there(tmp_path):
     (tmp_path / "half").mkdir()
     with pytest.raises(ArtifactError, match="not a finished peftlab run"):
         merge(tmp_path / "half")
+
+
+
+@pytest.mark.precision
+def test_eval_of_a_run_that_selected_on_a_holdout_of_train(make_recipe, sentiment_files, tmp_path):
+    """`data.eval: null` + `data.eval_holdout`: `peftlab eval RUN` scores the same seeded part of train the run selected on."""
+    from peftlab.errors import DataError
+
+    train = tmp_path / "train.tsv"
+    train.write_bytes(sentiment_files["train"].read_bytes())
+    recipe = make_recipe({"data.train": str(train), "data.eval": None, "data.eval_holdout": 0.25, "train.max_steps": 4})
+    summary = run(recipe)
+    assert evaluate(recipe.out)["accuracy"] == pytest.approx(summary["metrics"]["eval"]["accuracy"])
+    assert json.loads((recipe.out / "eval-eval.json").read_text())["report"]["n"] == 64  # a quarter of the 256 train rows
+    train.unlink()  # the hold-out cannot be rebuilt: the error names the file
+    with pytest.raises(DataError, match="data.train"):
+        evaluate(recipe.out)

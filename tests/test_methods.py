@@ -64,9 +64,12 @@ def test_method_trains_saves_reloads_and_merges(make_recipe, method, monkeypatch
 @pytest.mark.parametrize("model", ["tiny_bert", "tiny_llama"])
 def test_prefix_tuning_for_classification_says_what_to_use(make_recipe, request, model):
     from peftlab import build_model
-    from peftlab.errors import ModelError
+    from peftlab.errors import ConfigError, ModelError
 
-    recipe = make_recipe({"adapter.method": "prefix_tuning"}, model=request.getfixturevalue(model))
+    with pytest.raises(ConfigError, match="prefix_tuning does not work for classification.*prompt_tuning or p_tuning"):
+        make_recipe({"adapter.method": "prefix_tuning"}, model=request.getfixturevalue(model))  # `peftlab validate` says it
+    recipe = make_recipe({"adapter.method": "prompt_tuning"}, model=request.getfixturevalue(model))
+    recipe.adapter.method = "prefix_tuning"  # past validation (the Python API): the model build refuses it too
     with pytest.raises(ModelError, match="prefix_tuning does not work for classification.*prompt_tuning or p_tuning"):
         build_model(recipe, num_labels=2, label_names=["negative", "positive"])
 

@@ -31,12 +31,16 @@ def prompt_method(name: str, config_class: str, apply=None) -> Method:
                   merge_refusal=NOT_MERGEABLE, size_hint=tokens_hint)
 
 
+# peft's sequence-classification wrapper passes past_key_values to the backbone, whose forward (transformers 5) no
+# longer names it: the first training step would fail with "Model does not support past key values". The
+# classification task refuses the recipe (tasks/classification.py: check); this is for a model built past validation.
+PREFIX_ON_CLASSIFICATION = ("adapter.method=prefix_tuning does not work for classification with this transformers/peft "
+                            "(the backbone's forward no longer takes past_key_values). Use prompt_tuning or p_tuning.")
+
+
 def apply_prefix(model: nn.Module, recipe: Recipe, head_modules: list[str], task_type: str) -> nn.Module:
     if task_type == "SEQ_CLS":
-        # peft's sequence-classification wrapper passes past_key_values to the backbone, whose forward (transformers 5)
-        # no longer names it: the first training step would fail with "Model does not support past key values".
-        raise ModelError("adapter.method=prefix_tuning does not work for classification with this transformers/peft "
-                         "(the backbone's forward no longer takes past_key_values). Use prompt_tuning or p_tuning.")
+        raise ModelError(PREFIX_ON_CLASSIFICATION)
     return apply_peft("PrefixTuningConfig", virtual_tokens, model, recipe, head_modules, task_type, layers=False)
 
 

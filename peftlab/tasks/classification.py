@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
 
+from ..methods.prompt import PREFIX_ON_CLASSIFICATION
 from ..metrics import CLASSIFICATION_KEYS, classification_metrics
 
 auto_model_class = AutoModelForSequenceClassification
@@ -19,7 +20,8 @@ card_metrics = {"accuracy": "Accuracy", "f1": "Macro F1"}
 
 
 def check(recipe) -> list[str]:
-    return []  # the label rules (data.label_names) are checked with the data section: any task may name labels
+    """The label rules (data.label_names) are checked with the data section: any task may name labels."""
+    return [PREFIX_ON_CLASSIFICATION] if recipe.adapter.method == "prefix_tuning" else []
 
 
 def summary_line(split: str, m: dict) -> str:
