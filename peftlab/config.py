@@ -427,6 +427,10 @@ def parse_overrides(overrides: list[str], problems: list[str]) -> list[tuple[str
         try:
             value = yaml.safe_load(raw) if raw != "" else None
         except yaml.YAMLError:
+            if raw.lstrip().startswith(("[", "{")):  # meant as a list or mapping: taken as a string it fails much later
+                problems.append(f"override '{item}': {raw!r} is not a valid YAML list or mapping. Write it whole, e.g. "
+                                f"{key.strip()}=[a,b] (quote it for the shell: '{key.strip()}=[a, b]').")
+                continue
             value = raw
         out.append((key.strip(), value))
     return out

@@ -212,13 +212,21 @@ def read_run(out: str | Path) -> tuple[Recipe, RunRecord]:
     """-> (recipe, run record) of a finished run, its weights checked against the record; clear error if `out` is not one."""
     out = Path(out)
     if not out.is_dir():
-        raise ArtifactError(f"'{out}' does not exist. Pass the output directory of a training run (runs/NAME).")
+        what = "is a file, not a folder" if out.exists() else "does not exist"
+        raise ArtifactError(f"'{out}' {what}. Pass the output directory of a training run (runs/NAME).")
     missing = [f for f in RUN_FILES if not (out / f).is_file()]
     if missing:
         raise ArtifactError(f"'{out}' is not a finished peftlab run (missing {', '.join(missing)}). "
                             "If training was interrupted, continue it with `peftlab train RECIPE --resume`.")
     recipe = load_recipe(out / RECIPE_FILE, validate_files=False)
-    data = json.loads((out / RECORD_FILE).read_text())
+    try:
+        data = json.loads((out / RECORD_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = e
+    if not isinstance(data, dict) or "method" not in data:
+        why = f"not JSON: {data}" if isinstance(data, Exception) else "not a run record"
+        raise ArtifactError(f"{out / RECORD_FILE} is damaged ({why}). Copy the whole run folder again, or train it again "
+                            "with --overwrite.")
     run = RunRecord.from_dict({**data, "task": data.get("task") or recipe.task.type, "selected_on": selection_split(recipe, data)})
     verify_weights(out, run)  # a truncated or altered weights file: say which, rather than a SafetensorError
     return recipe, run
@@ -325,6 +333,7 @@ class Job:
     work: Path
     checkpoint: Path | None = None
     committed: bool = False
+    created: bool = False  # prepare() made `work` (a fresh run into a folder that was not there)
 
     @property
     def staged(self) -> bool:
@@ -339,6 +348,7 @@ class Job:
             elif not self.staged and f.staging.exists():
                 log.warning("removing %s, the staging folder of an --overwrite of %s that never finished", f.staging, f.out)
                 shutil.rmtree(f.staging, ignore_errors=True)
+            self.created = not self.work.exists()
             self.work.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise unwritable(f.out, e) from None
@@ -350,8 +360,15 @@ class Job:
             self.folder.swap()
 
     def abandon(self) -> None:
-        """(main process) The run failed: the old run stays; staging is kept only if --resume can continue it."""
-        if self.committed or not self.staged:
+        """(main process) The run failed: the old run stays; staging is kept only if --resume can continue it. A fresh
+        run that stopped before training began (data, model) leaves no folder behind; one that trained keeps its log."""
+        if self.committed:
+            return
+        if not self.staged:
+            if self.created and not (self.work / LOG_FILE).exists():
+                shutil.rmtree(self.work, ignore_errors=True)
+            elif not checkpoints(self.work) and (self.work / LOG_FILE).exists():
+                log.warning("the failed run's log is kept in %s; train again with --overwrite.", self.work / LOG_FILE)
             return
         if checkpoints(self.work):
             log.warning("%s is unchanged. The new run's checkpoints are kept in %s: --resume continues it, --overwrite "

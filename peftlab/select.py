@@ -381,7 +381,14 @@ def logme(features: np.ndarray, labels: np.ndarray, classes: int) -> float:
     scores = []
     for c in range(classes):
         y = (labels == c).astype(np.float64)
-        scores.append(logme_evidence(s, u.T @ y, float(y @ y), n, d)[0])
+        try:
+            scores.append(logme_evidence(s, u.T @ y, float(y @ y), n, d)[0])
+        except (OverflowError, ZeroDivisionError, ValueError):  # n << d: the fixed point runs off to beta -> infinity
+            scores.append(math.nan)
+    if not all(map(math.isfinite, scores)):
+        raise SelectError([f"LogME on {n} rows of {d}-dimensional features did not converge (too few rows: with n < d the "
+                           "features fit any target exactly). Give it more rows (--max-rows, data.train.max_samples) or "
+                           "fewer folds, or rank with --proxies probe."])
     return float(np.mean(scores))
 
 

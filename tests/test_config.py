@@ -105,3 +105,23 @@ def test_recipes_exist_for_the_issue():
     # relative to the repository root: the checkout's own folder name (often `peftlab`) must not matter
     names = {p.relative_to(REPO / "recipes").as_posix() for p in RECIPES if p.relative_to(REPO).parts[0] == "recipes"}
     assert {"minilm/sst2-lora.yaml", "minilm/sst2-qlora.yaml", "minilm/agnews-lora.yaml", "roberta-base/sst2-lora.yaml"} <= names
+
+
+def test_an_unknown_quant_mode_is_one_problem_not_two(tmp_path):
+    """quant.mode=3bit: the field check names it; the method's quantization support does not add a false second one."""
+    from peftlab import load_recipe
+    from peftlab.errors import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        load_recipe(None, ["quant.mode=3bit", "data.train.path=x.tsv"], validate_files=False)
+    assert "quant.mode" in str(e.value) and "does not support it" not in str(e.value), str(e.value)
+
+
+def test_a_malformed_list_override_is_refused_not_taken_as_a_string():
+    from peftlab import load_recipe
+    from peftlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"override 'adapter.target_modules=\[query,': .* not a valid YAML list"):
+        load_recipe(None, ["adapter.target_modules=[query,", "data.train.path=x.tsv"], validate_files=False)
+    assert load_recipe(None, ["adapter.target_modules=[query, value]", "data.train.path=x.tsv"],
+                       validate_files=False).adapter.target_modules == ["query", "value"]

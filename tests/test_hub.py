@@ -444,6 +444,11 @@ def test_compose_refuses_mismatched_runs(runs, tmp_path):
         compose(runs, [1.0], tmp_path / "c")
     with pytest.raises(PeftlabError, match="one of the inputs"):
         compose(runs, [1, 0], runs[1])
+    with pytest.raises(PeftlabError, match=r"--density 1.5: .* in \(0, 1\]"):
+        compose(runs, [0.5, 0.5], tmp_path / "c", method="ties", density=1.5)
+    with pytest.raises(PeftlabError, match="--method linear does not prune"):
+        compose(runs, [0.5, 0.5], tmp_path / "c", method="linear", density=0.5)
+    assert not (tmp_path / "c").exists()
 
 
 def test_eval_a_published_adapter_by_id(runs, hub, monkeypatch, tmp_path, capsys, tiny_bert, sentiment_files):

@@ -247,3 +247,34 @@ def test_exported_files_respect_the_umask(make_recipe):
     modes = {str(p.relative_to(recipe.out)): oct(p.stat().st_mode & 0o777) for p in recipe.out.rglob("*") if p.is_file()}
     assert "eval-eval.json" in modes and "merged/model.safetensors" in modes
     assert set(modes.values()) == {"0o664"}, modes
+
+
+# ------------------------------------------------------------------------------------------------- failed fresh runs, damaged records
+
+def test_a_fresh_run_that_fails_before_training_leaves_no_folder(make_recipe, tmp_path):
+    """A missing column (found once the run folder is locked) leaves nothing that would make the fixed recipe need
+    --overwrite; a user's own folder that was there keeps its files."""
+    recipe = make_recipe()
+    rc, _, err = peftlab("train", tmp_path / "recipe.yaml", "data.text_columns=[sentense]", "name=bad")
+    assert rc == 2 and "sentense" in err and "Traceback" not in err, err
+    assert not (recipe.out.parent / "bad").exists()
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    rc, _, err = peftlab("train", tmp_path / "recipe.yaml", "data.text_columns=[sentense]", f"output_dir={mine}")
+    assert rc == 2 and [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+@pytest.mark.parametrize("content", ['{"name": "x", ', "[]", "{}"])
+def test_a_damaged_run_record_is_one_clear_error(make_recipe, tmp_path, content):
+    from peftlab.run import evaluate
+
+    recipe = make_recipe({"train.max_steps": 1})
+    run(recipe)
+    (recipe.out / "run.json").write_text(content)
+    with pytest.raises(ArtifactError, match="run.json is damaged"):
+        evaluate(recipe.out)
+    rc, _, err = peftlab("merge", recipe.out)
+    assert rc == 2 and "run.json is damaged" in err and "Traceback" not in err, err
+    rc, _, err = peftlab("merge", tmp_path / "recipe.yaml")
+    assert rc == 2 and "is a file, not a folder" in err, err

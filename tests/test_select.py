@@ -41,6 +41,19 @@ def test_logme_is_the_maximised_marginal_likelihood(n, d):
         assert direct_evidence(f, y, a, b) < evidence + 1e-9  # the fixed point is a maximum of the evidence
 
 
+def test_logme_on_far_too_few_rows_is_one_clear_error():
+    """2-8 rows of 384-d features (a tiny --max-rows with folds): the fixed point runs off to beta -> infinity, which
+    overflowed (or divided by zero) with a traceback; either it converges or select says what to change."""
+    for n in (2, 3, 5, 8):
+        for seed in range(10):
+            rng = np.random.default_rng(seed)
+            labels = (rng.random(n) < 0.5).astype(int)
+            try:
+                assert math.isfinite(logme(rng.normal(size=(n, 384)), labels, 2))
+            except SelectError as e:
+                assert "--proxies probe" in str(e)
+
+
 def test_logme_by_hand_one_feature():
     # F = [1, 1, 0]^T, y = [1, 0, 0]: F^T F = sigma = 2, F^T y = 1, z^2 = 1/2, and |y|^2 - z^2 = 1/2 lies outside F's span.
     # For one feature the fixed point alpha = gamma / m^2, beta = (n - gamma) / |Fm - y|^2 reduces to a quadratic in

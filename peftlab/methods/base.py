@@ -112,7 +112,7 @@ class Method:
         """Every problem of `recipe` that concerns this method: quantization support, options it does not read, its rules."""
         a, mode = recipe.adapter, recipe.quant.mode
         problems = []
-        if mode not in self.quant_modes:
+        if mode in QUANT_MODES and mode not in self.quant_modes:  # (an unknown mode is the field check's problem)
             problems.append(f"quant.mode={mode} with adapter.method={self.name}: {self.quant_refusal.format(name=self.name)}")
         for fields, is_set, message in SPECIFIC_OPTIONS:
             if is_set(a) and not set(fields) <= set(self.options):
