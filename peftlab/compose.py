@@ -37,12 +37,13 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
         raise PeftlabError(f"compose needs two or more runs and one weight per run (got {len(outs)} run(s), {len(weights)} weight(s)).")
     if method not in COMBINATIONS:
         raise PeftlabError(f"--method {method!r}: use one of {', '.join(COMBINATIONS)}.")
-    if method in ("linear", "cat") and density is not None:
+    prunes = method not in ("linear", "cat")  # ties / dare: --density is the share of each task vector kept
+    if not prunes and density is not None:
         raise PeftlabError(f"--density prunes the task vectors of ties/dare methods; --method {method} does not prune. "
                            "Drop --density, or use e.g. --method ties.")
     if density is not None and not 0 < density <= 1:
         raise PeftlabError(f"--density {density}: the share of each adapter's values kept, in (0, 1]; e.g. --density 0.5.")
-    if method not in ("linear", "cat") and density is None:
+    if prunes and density is None:
         density = 0.5
     if out.resolve() in [o.resolve() for o in outs]:
         raise PeftlabError(f"--out {out} is one of the inputs; choose a new directory.")

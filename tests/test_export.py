@@ -83,7 +83,6 @@ def test_eval_on_a_run_that_is_not_there(tmp_path):
         merge(tmp_path / "half")
 
 
-
 @pytest.mark.precision
 def test_eval_of_a_run_that_selected_on_a_holdout_of_train(make_recipe, sentiment_files, tmp_path):
     """`data.eval: null` + `data.eval_holdout`: `peftlab eval RUN` scores the same seeded part of train the run selected on."""
