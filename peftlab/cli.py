@@ -129,7 +129,7 @@ def cmd_validate(args) -> int:
     for path in recipes:
         try:
             recipe = load_recipe(path, overrides, validate_files=not args.no_files)
-            if not args.no_files:  # what training checks before any work: trackers, model.num_layers, the teacher
+            if not args.no_files:  # what training checks before any work: columns, the base, trackers, the teacher
                 from .run import preflight
 
                 if problems := preflight(recipe, training=False):
@@ -293,8 +293,8 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("recipes", nargs="*", metavar="RECIPE.yaml [KEY=VALUE ...]",
                    help="recipe files (none: the built-in quickstart) and dotted overrides applied to each")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    v.add_argument("--no-files", action="store_true", help="check the recipe alone: not the data (data.train given, files present), the base's layers, "
-                   "the trackers or the teacher run")
+    v.add_argument("--no-files", action="store_true", help="check the recipe alone: not the data (data.train given, files present, their "
+                   "columns), the base (found, its layers, target_modules), the trackers or the teacher run")
     v.set_defaults(fn=cmd_validate, late_overrides="recipes")
 
     env = sub.add_parser("env", help="versions, hardware and what peftlab can reach here")

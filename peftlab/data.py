@@ -145,21 +145,28 @@ def _shifted_columns_message(ds, spec: SplitConfig, fmt: str, where: str) -> str
                   f"{where}.format=tsv.")
 
 
-def _check_columns(ds, needed: list[str], where: str, spec: SplitConfig) -> None:
-    missing = [c for c in needed if c not in ds.column_names]
+def _check_columns(columns: list[str], needed: list[str], where: str, spec: SplitConfig) -> None:
+    missing = [c for c in needed if c not in columns]
     if not missing:
         return
     hint = ""
-    if len(ds.column_names) == 1 and spec.path:
+    if len(columns) == 1 and spec.path:
         hint = " Only one column was found: is the delimiter right (.tsv is tab-separated, .csv comma-separated)?"
         other = {",": "csv", "\t": "tsv"}
         for sep, fmt in other.items():
-            if sep in ds.column_names[0]:
+            if sep in columns[0]:
                 hint += f" Its name holds {sep!r}: the file looks {fmt.upper()}; set {where}.format={fmt}."
     elif spec.path and spec.path.endswith((".csv", ".tsv")) and not spec.column_names:
         hint = " If the file has no header row, name its columns with column_names: [...]."
-    raise DataError(f"{where}: column(s) {missing} not found; the data has {ds.column_names}.{hint} "
+    raise DataError(f"{where}: column(s) {missing} not found; the data has {columns}.{hint} "
                     "Set data.text_columns / data.label_column / data.target_column (or per split) to the right names.")
+
+
+def needed_columns(spec: SplitConfig, data: DataConfig, target_column: str | None = None, unlabelled: bool = False
+                   ) -> tuple[list[str], str | None]:
+    """-> (the text columns, the label or target column; None for unlabelled text) a split is read from."""
+    text_cols = spec.text_columns or data.text_columns
+    return text_cols, None if unlabelled else target_column or spec.label_column or data.label_column
 
 
 def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: int, target_column: str | None = None,
@@ -168,9 +175,8 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     data.text_pair); with `target_column` (a text
     target: summarization) {text, target} instead, rows with an empty source or target dropped; `unlabelled` (continued
     pretraining) {text} only."""
-    text_cols = spec.text_columns or data.text_columns
-    label_col = target_column or spec.label_column or data.label_column
-    _check_columns(ds, text_cols if unlabelled else [*text_cols, label_col], where, spec)
+    text_cols, label_col = needed_columns(spec, data, target_column, unlabelled)
+    _check_columns(ds.column_names, text_cols if unlabelled else [*text_cols, label_col], where, spec)
     _check_not_empty(ds, text_cols, where)
     if not target_column and not unlabelled:
         _check_label_cells(ds, label_col, spec, where)
@@ -205,6 +211,64 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
         if len(ds) == 0:
             raise DataError(f"{where}: no row has both a source ({text_cols}) and a target ({target_column}). Check the column names.")
     return ds
+
+
+def header(spec: SplitConfig, data: DataConfig, where: str) -> list[str]:
+    """The column names of a local split without reading its rows: the header line (csv/tsv; column_names when given),
+    the keys of the first records (JSON lines) or the schema (parquet). Where that is not enough (a JSON array) or the
+    quick read fails, the whole file goes through read_split, so a broken file gets training's own message."""
+    fmt = _format(spec)
+    if spec.column_names and fmt in ("csv", "tsv"):
+        return list(spec.column_names)
+    try:
+        if fmt in ("csv", "tsv"):
+            import pandas as pd
+
+            return [str(c) for c in pd.read_csv(spec.path, nrows=0, sep="\t" if fmt == "tsv" else ",",
+                                                 quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL).columns]
+        if fmt == "parquet":
+            import pyarrow.parquet as pq
+
+            return list(pq.read_schema(spec.path).names)
+        if fmt == "json":
+            import json
+            from itertools import islice
+
+            with open(spec.path, encoding="utf-8") as f:
+                records = [json.loads(line) for line in islice((ln for ln in f if ln.strip()), 100)]
+            if records and all(isinstance(r, dict) for r in records):
+                return list(dict.fromkeys(k for r in records for k in r))  # JSON lines: the keys of the first rows, in order
+    except Exception:  # (a JSON array, an encoding or parse error): read_split says what is wrong, as training would
+        pass
+    return read_split(spec, data, where).column_names
+
+
+def column_problems(recipe: Recipe, prefix: str = "data") -> list[str]:
+    """`peftlab validate`: each local split's columns (its header, not its rows) against the columns its task reads, with
+    training's own messages, each split named `prefix`.SPLIT. Hub splits (data.dataset) are read by `train`; a missing
+    file is the recipe check's problem."""
+    task = get_task(recipe.task.type)
+    if hasattr(task, "column_problems"):  # several tasks, each with its own data (tasks/multitask.py)
+        return task.column_problems(recipe)
+    d = recipe.data
+    target = d.target_column if task.target_kind == "text" else None
+    distill = recipe.train.distill
+    splits = [(f"{prefix}.{name}", getattr(d, name), task.target_kind == "none") for name in ("train", "eval", "test")]
+    splits += [("train.distill.unlabelled", distill.unlabelled, True)] if distill else []
+    problems = []
+    for where, spec, unlabelled in splits:
+        if spec is None or spec.path is None or not Path(spec.path).is_file():
+            continue
+        try:
+            columns = header(spec, d, where)
+            if hasattr(task, "check_columns"):  # a task that reads its rows itself (sft: conversations)
+                task.check_columns(columns, recipe, where)
+            else:
+                text_cols, label_col = needed_columns(spec, d, target, unlabelled)
+                _check_columns(columns, [*text_cols, *([label_col] if label_col else [])], where, spec)
+        except DataError as e:
+            problems.append(str(e))
+    return problems
 
 
 def joined(batch: dict, columns: list[str]) -> list[str]:

@@ -33,6 +33,10 @@ class ModelNotFound(ModelError, FileNotFoundError):
     """The base model is neither a local directory, a packaged model, nor reachable on the hub."""
 
 
+class HubModelUnreachable(ModelNotFound):
+    """The base model is a hub id that could not be fetched (offline, unknown, gated) and is not in the local cache."""
+
+
 class ArtifactError(PeftlabError, FileNotFoundError):
     """An output directory is missing, incomplete, or belongs to another run."""
 

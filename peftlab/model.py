@@ -310,6 +310,59 @@ def num_layers_problems(recipe: Recipe) -> list[str]:
     return []
 
 
+def model_problems(recipe: Recipe) -> list[str]:
+    """`peftlab validate`, without reading weights: the base can be found (a packaged name installed, a model folder, a
+    GGUF file, a hub id reachable), model.num_layers fits it, and each name of an adapter.target_modules list matches a
+    module of the task's model, built from the base's config on the meta device. Not checked (said in the log): a hub
+    id while the hub is offline and the id is not in its cache, a GGUF base not converted yet (the first `train`
+    converts it). Not built on meta: a model.from_run not merged yet (`train` merges it), a base that needs its own
+    code (model.trust_remote_code), a two-checkpoint warm start, a model of several parts (multitask)."""
+    import os
+
+    from huggingface_hub import constants
+
+    from .bases import converted_if_ready, gguf_source, packaged_near
+    from .errors import HubModelUnreachable, ModelNotFound
+    from .methods.peft_adapter import check_target_modules
+
+    m, task = recipe.model, get_task(recipe.task.type)
+    try:
+        source = gguf_source(m.name) if m.from_run is None else None
+        path = converted_if_ready(source) if source else base_path(recipe)  # (None: a GGUF not converted yet)
+    except HubModelUnreachable as e:
+        offline = constants.is_offline_mode() or os.environ.get("HF_HUB_OFFLINE", "").upper() in ("1", "ON", "YES", "TRUE")
+        if offline and not packaged_near(m.name):  # (a typo of a packaged name is a problem offline too)
+            log.warning("model.name=%r: not checked: the hub is offline (HF_HUB_OFFLINE) and this id is not in its cache. "
+                        "`train` will need it there.", m.name)
+            return []
+        return [str(e)]
+    except ModelNotFound as e:
+        return [] if m.from_run is not None else [str(e)]  # (from_run: merged by `train` first)
+    if path is None:
+        log.info("model.name=%r: a GGUF base not converted yet; model.num_layers and adapter.target_modules are checked "
+                 "when `train` converts it", m.name)
+        return []
+    problems = num_layers_problems(recipe)
+    targets = recipe.adapter.target_modules
+    if (not isinstance(targets, list) or targets == ["all-linear"] or not get_method(recipe.adapter.method).layers
+            or m.trust_remote_code or m.decoder is not None or hasattr(task, "build_model")):
+        return problems
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(path, revision=m.revision)
+        with torch.device("meta"):
+            skeleton = task.auto_model_class.from_config(config)
+    except Exception as e:  # an architecture that cannot be built this way: `train` checks on the loaded model
+        log.info("model.name=%r: target_modules not checked (%s: %s)", m.name, type(e).__name__, e)
+        return problems
+    try:
+        check_target_modules(skeleton, targets)
+    except ModelError as e:
+        problems.append(str(e))
+    return problems
+
+
 def fill_from_original_base(model: nn.Module, recipe: Recipe, missing: set[str], auto_cls, kwargs: dict) -> set[str]:
     """model.from_run: weights the earlier run's model class did not keep (a masked-LM model has no pooler) are taken from
     the original base, so they start as they would without from_run; what the original lacks too (the new task head)

@@ -20,11 +20,11 @@ from accelerate.utils import set_seed
 from . import distill
 from .accel import make_accelerator, resolve_precision, shards_weights
 from .config import ModelConfig, Recipe, load_recipe
-from .data import build_data, load_splits
+from .data import build_data, column_problems, load_splits
 from .errors import ArtifactError, ConfigError
 from .export import atomic_write_text, export, merge, predictions_jsonl, rebuild
 from .methods import get_method
-from .model import build_model, num_layers_problems
+from .model import build_model, model_problems, num_layers_problems
 from .rundir import RECIPE_FILE, RunDir, RunRecord, read_run
 from .tasks import get_task, skip_unread
 from .trackers import resolve_trackers
@@ -200,18 +200,22 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
 def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
     """The checks that read more than the recipe: the trackers of train.report_to installed (else their pip command),
     model.num_layers against the base's config, the teacher of train.distill against the student. `run` makes them
-    before any work (the layers of a model.from_run once it has merged that run); `peftlab validate` without any work
-    (`training=False`): the layers of a model.from_run already merged, and a teacher not trained yet is no problem yet."""
+    before any work (the layers of a model.from_run once it has merged that run). `peftlab validate` makes them without
+    any work (`training=False`), and also what `train` finds when it reads the data and loads the model: the columns
+    (data.column_problems), the base and its target modules (model.model_problems). A teacher not trained yet and a
+    model.from_run not merged yet are no problem there."""
     problems = []
     try:
         resolve_trackers(recipe.train.report_to)
     except ConfigError as e:
         problems += e.problems
-    from_run = recipe.model.from_run
-    if from_run is None or not training and (not (Path(from_run) / "adapter_config.json").is_file() or (Path(from_run) / "merged").is_dir()):
-        problems += num_layers_problems(recipe)  # (training from a run: `run` checks once it has merged that run)
+    if training and recipe.model.from_run is None:  # (training from a run: `run` checks once it has merged that run)
+        problems += num_layers_problems(recipe)
     teacher = recipe.train.distill and (training or (Path(recipe.train.distill.teacher) / "run.json").is_file())
-    return problems + (distill.check(recipe) if teacher else [])
+    problems += distill.check(recipe) if teacher else []
+    if not training:  # what `train` finds once it reads the data and loads the model, here from headers and configs
+        problems += column_problems(recipe) + model_problems(recipe)
+    return problems
 
 
 def start_from_run(recipe: Recipe, accelerator) -> list[dict]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -61,6 +62,40 @@ def test_validate_checks_what_training_would_check_first(make_recipe, capsys, tm
     assert "has the label names ['a', 'b']" in capsys.readouterr().out
 
 
+def test_validate_finds_what_train_finds_when_it_loads_the_data_and_the_model(make_recipe, capsys, caplog, tmp_path):
+    """Columns from the files' headers, the base from its config (no weights read), target_modules against the task's
+    model built on the meta device: the problems `train` stops on before its first step, with the same messages."""
+    make_recipe()
+    recipe = str(tmp_path / "recipe.yaml")
+    unlabelled = tmp_path / "extra.jsonl"
+    unlabelled.write_text('{"text": "more words"}\n')
+    cases = {
+        "data.text_columns=[text]": "data.train: column(s) ['text'] not found; the data has ['sentence', 'label']",
+        "data.eval.label_column=y": "data.eval: column(s) ['y'] not found",
+        "adapter.target_modules=[query,valu]": "'valu' matches no module of BertForSequenceClassification",
+        "model.name=./no/such/model": "no such model directory",
+    }
+    for override, needle in cases.items():
+        assert main(["validate", recipe, override]) == 2, override
+        assert needle in capsys.readouterr().out, override
+        assert main(["validate", recipe, override, "--no-files"]) == 0  # the recipe alone is sound
+        capsys.readouterr()
+        assert main(["train", recipe, override]) == 2, override  # training finds the same, in the same words
+        assert needle in capsys.readouterr().err, override
+    assert not (tmp_path / "out").exists()  # (and leaves no run folder)
+    distill = [f"train.distill.teacher={tmp_path / 'not-yet'}", f"train.distill.unlabelled.path={unlabelled}"]
+    assert main(["validate", recipe, *distill]) == 2
+    assert "train.distill.unlabelled: column(s) ['sentence'] not found" in capsys.readouterr().out
+    # a method that adapts no layers does not read target_modules; neither does training
+    assert main(["validate", recipe, "adapter.method=prompt_tuning", "adapter.target_modules=[nope]"]) == 0
+    # offline, a hub id that is not in the cache cannot be checked: said, not refused; a typo of a packaged name is refused
+    with caplog.at_level(logging.WARNING, logger="peftlab.model"):
+        assert main(["validate", recipe, "model.name=someone/unknown-model"]) == 0
+    assert "model.name='someone/unknown-model': not checked: the hub is offline" in caplog.text
+    assert main(["validate", recipe, "model.name=minlm"]) == 2
+    assert "Did you mean model.name=minilm?" in capsys.readouterr().out
+
+
 def test_user_mistakes_print_one_message_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {lr: -1}\n")
@@ -76,6 +111,9 @@ def test_unknown_model_is_a_clear_error(make_recipe, capsys, tmp_path):
     assert main(["train", str(tmp_path / "recipe.yaml"), "model.name=./no/such/model"]) == 2
     assert "no such model directory" in capsys.readouterr().err
     assert main(["train", str(tmp_path / "recipe.yaml"), "model.name=someone/unknown-model"]) == 2
+    assert "could not be fetched from the hub" in capsys.readouterr().err
+    # a hub id whose name holds dots is a hub id, not a file name
+    assert main(["train", str(tmp_path / "recipe.yaml"), "model.name=Qwen/Qwen2.5-0.5B-Instruct"]) == 2
     assert "could not be fetched from the hub" in capsys.readouterr().err
 
 

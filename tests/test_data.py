@@ -30,6 +30,34 @@ def test_tsv_with_quotes_csv_jsonl_parquet(tmp_path):
         assert splits["eval"] is None
 
 
+def test_header_reads_the_columns_of_every_format_without_its_rows(tmp_path):
+    """`validate` reads a split's columns from its header: what `train` would find after reading every row."""
+    import pandas as pd
+
+    from peftlab.config import DataConfig, SplitConfig
+    from peftlab.data import header, read_split
+
+    rows = [{"sentence": "good", "label": 1}, {"sentence": "bad", "label": 0, "note": "only here"}]
+    pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
+    pd.DataFrame(rows).to_csv(tmp_path / "d.tsv", index=False, sep="\t")
+    pd.DataFrame(rows).to_parquet(tmp_path / "d.parquet")
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))  # a key of the second row only
+    (tmp_path / "array.json").write_text(json.dumps(rows))  # a JSON array: read whole, as datasets reads it
+    (tmp_path / "noheader.csv").write_text("1,good\n0,bad\n")
+    data = DataConfig()
+    for name in ("d.csv", "d.tsv", "d.parquet", "d.jsonl", "array.json"):
+        spec = SplitConfig(path=str(tmp_path / name))
+        assert set(header(spec, data, "data.train")) == set(read_split(spec, data, "data.train").column_names), name
+        assert set(header(spec, data, "data.train")) == {"sentence", "label", "note"}, name
+    spec = SplitConfig(path=str(tmp_path / "noheader.csv"), column_names=["label", "sentence"])
+    assert header(spec, data, "data.train") == ["label", "sentence"]
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataError, match="is empty"):  # a broken file: read_split's own message
+        header(SplitConfig(path=str(tmp_path / "empty.csv")), data, "data.train")
+    with pytest.raises(DataError, match="cannot tell the format"):
+        header(SplitConfig(path=str(tmp_path / "d.txt")), data, "data.train")
+
+
 def test_headerless_csv_with_several_text_columns_and_label_map(tmp_path):
     (tmp_path / "t.csv").write_text('"3","Stocks up","Markets rally"\n"1","Peace talks","Leaders meet"\n')
     splits, names = splits_of(tmp_path, tmp_path / "t.csv", [

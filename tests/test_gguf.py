@@ -208,6 +208,24 @@ def test_bad_gguf_names_are_clear(tmp_path, tiny_gguf):
         resolve_model_path(str(bad))
 
 
+def test_validate_converts_no_gguf_and_checks_target_modules_once_converted(tiny_gguf, cache, tmp_path, caplog):
+    """`validate` does not convert a GGUF base (the first `train` does, once); after that it checks its modules."""
+    from peftlab.model import model_problems
+
+    path, _ = tiny_gguf
+    recipe = load_recipe(None, [f"model.name={path}", "task.type=clm", "adapter.target_modules=[q_proj,nope]"],
+                         validate_files=False)
+    with caplog.at_level(logging.INFO, logger="peftlab.model"):
+        assert model_problems(recipe) == []
+    assert "not converted yet" in caplog.text and not cache.exists()
+    converted_folder(path)
+    assert model_problems(recipe) == ["adapter.target_modules: 'nope' matches no module of LlamaForCausalLM. Linear layers "
+                                      "it has: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj. Set "
+                                      "adapter.target_modules to some of these, or 'all-linear'."]
+    recipe.adapter.target_modules = ["q_proj", "v_proj"]
+    assert model_problems(recipe) == []
+
+
 # ------------------------------------------------------------------------------------- writing a GGUF (to_gguf)
 
 @pytest.mark.parametrize("kind,tied,dtype", [("llama", True, "f32"), ("llama", False, "f32"), ("llama", False, "f16"),

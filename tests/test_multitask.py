@@ -102,6 +102,17 @@ def test_a_bad_multitask_recipe_names_the_problem(task_files, tmp_path, tiny_ber
         recipe_of(tmp_path, t)
 
 
+def test_validate_reads_each_tasks_columns_and_names_the_task(task_files, tmp_path, tiny_bert):
+    from peftlab.data import column_problems
+
+    r = recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert), ["multitask.tasks.pair.data.text_columns=[s1,s3]"])
+    assert column_problems(r) == [f"multitask.tasks.pair.data.{split}: column(s) ['s3'] not found; the data has ['s1', 's2', "
+                                  "'label']. If the file has no header row, name its columns with column_names: [...]. Set "
+                                  "data.text_columns / data.label_column / data.target_column (or per split) to the right "
+                                  "names." for split in ("train", "eval")]
+    assert column_problems(recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert))) == []
+
+
 # ---------------------------------------------------------------------------------------------------- sampling
 
 def test_task_probabilities():

@@ -86,6 +86,12 @@ def test_unknown_columns_and_bad_messages_are_refused_clearly(tmp_path, chat_lla
     bad = write_jsonl(tmp_path / "x.jsonl", [{"question": "a", "answer": "b"}])
     with pytest.raises(DataError, match=r"cannot tell how the rows hold conversations; the data has columns \['question', 'answer'\]"):
         load_splits(recipe_for(tmp_path, chat_llama, bad))
+    from peftlab.data import column_problems  # `validate` finds it from the header, in the same words
+
+    problems = column_problems(recipe_for(tmp_path, chat_llama, bad))
+    assert len(problems) == 2 and all("the data has columns ['question', 'answer']" in p for p in problems)  # train, eval
+    assert column_problems(recipe_for(tmp_path, chat_llama, bad, ["data.sft_format=prompt_completion", "data.text_columns=[question]",
+                                                                  "data.target_column=answer"])) == []
     broken = write_jsonl(tmp_path / "y.jsonl", [{"messages": [{"role": "robot", "content": "x"}]}])
     with pytest.raises(DataError, match="row 1: 'messages' must be a list of"):
         load_splits(recipe_for(tmp_path, chat_llama, broken))

@@ -98,6 +98,7 @@ class Method:
     quant_modes: tuple[str, ...] = QUANT_MODES  # quant.mode values it trains on
     quant_refusal: str = "this method does not support it."  # why not, for the other modes ({name} = the method)
     options: tuple[str, ...] = ()  # method-specific adapter options it reads (of SPECIFIC_OPTIONS)
+    layers: bool = True  # adapts layers named by adapter.target_modules (prompt methods and the baselines do not)
     rules: Callable[[Recipe], list[str]] = no_problems  # its own cross-field checks
     schedule: Callable[..., Any] = no_schedule  # (model, recipe, total steps, register) -> object with step(n) / finish()
     param_groups: Callable[..., list[dict]] = adamw_groups  # (model, recipe) -> AdamW parameter groups

@@ -29,7 +29,8 @@ def train_head(model: nn.Module, recipe: Recipe, head_modules: list[str], task_t
 
 
 def baseline(name: str, apply, what: str, **kw) -> Method:
-    return Method(name, apply, is_adapter=False, mergeable=False, size_hint=None, tags=plain_tags, describe=lambda r: what, **kw)
+    return Method(name, apply, is_adapter=False, mergeable=False, layers=False, size_hint=None, tags=plain_tags, describe=lambda r: what,
+                  **kw)
 
 
 FULL = register(baseline("full", train_everything, "A fully fine-tuned model", quant_modes=("none",), quant_refusal=TRAINS_EVERY_WEIGHT,

@@ -47,8 +47,10 @@ class Task(Protocol):
     #   last layer of a BERT-family classifier at every position but 0), same results; `del module.forward` undoes one.
     # - input_lengths(config, recipe) -> [(config, tokens, what)]: the lengths the position tables must hold
     #   (default: data.max_length against the model's table).
+    # - normalize_split(ds, spec, recipe, where) -> its rows, read from the raw columns by the task itself (sft:
+    #   conversations), with check_columns(columns, recipe, where), which refuses a header it cannot read (`validate`).
     # A task made of several tasks (multitask) also replaces the steps that assume one: load_splits(recipe, need_train),
-    # build_data(recipe, tokenizer, splits, label_names), build_model(recipe, label_names=, precision=),
+    # column_problems(recipe), build_data(recipe, tokenizer, splits, label_names), build_model(recipe, label_names=, precision=),
     # export(out, model, tokenizer, recipe, record, metrics, report), refuse_loading(out, run) -> the error a load of OUT raises.
 
 

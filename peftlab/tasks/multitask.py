@@ -125,6 +125,13 @@ def load_splits(recipe, *, need_train: bool = True):
     return {split: parts or None for split, parts in splits.items()}, labels
 
 
+def column_problems(recipe) -> list[str]:
+    """`peftlab validate`: each task's columns, read through its own recipe (data.column_problems)."""
+    from ..data import column_problems as one
+
+    return [p for name in recipe.multitask.tasks for p in one(subrecipe(recipe, name), f"multitask.tasks.{name}.data")]
+
+
 def build_data(recipe, tokenizer, splits, label_names):
     """Each task tokenized as its classification recipe says, then one dataset per split with a `task` column (the task's
     index in multitask.tasks), and the sampler that draws one task per batch."""

@@ -127,6 +127,11 @@ def detect_format(columns: list[str], d, where: str) -> tuple[str, list[str], st
     return fmt, pc[0], pc[1]
 
 
+def check_columns(columns: list[str], recipe, where: str) -> None:
+    """`peftlab validate`: a split's columns (its header) hold conversations in data.sft_format."""
+    detect_format(columns, recipe.data, where)
+
+
 def _check_messages(value, row: int, where: str, column: str) -> list[dict]:
     if isinstance(value, str):
         try:
