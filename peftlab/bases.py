@@ -9,6 +9,7 @@ their own, e.g. the BERT2BERT warm start), so neither has to import the other.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from pathlib import Path
@@ -46,7 +47,8 @@ def resolve_model_path(name: str, revision: str | None = None) -> str:
             raise ModelNotFound(f"model.name={name!r} is a directory without config.json: not a transformers model folder.")
         return str(path)
     # a path, not a hub id ("owner/name", where the name may hold dots: Qwen/Qwen2.5-0.5B-Instruct)
-    if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix.lower() in WEIGHT_FILES:
+    if (name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix.lower() in WEIGHT_FILES
+            or path.parent != Path(".") and path.parent.is_dir()):  # (models/my-bert.v2 where models/ is a folder here)
         raise ModelNotFound(f"model.name={name!r}: no such model directory. Fix the path, or use a packaged name: "
                             f"{', '.join(PACKAGED_MODELS)}.")
     from huggingface_hub import hf_hub_download
@@ -178,6 +180,8 @@ def converted_folder(source: Path) -> Path:
         (log.info if str(target) not in _ANNOUNCED else log.debug)(
             "GGUF base %s: using its converted folder %s (delete it to convert again)", source, target)
         _ANNOUNCED.add(str(target))
+        with contextlib.suppress(OSError, ValueError):  # (a read-only cache: `validate` will not find it, that is all)
+            _record_identity(target, source, sidecar)
         return target
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -205,9 +209,37 @@ def converted_folder(source: Path) -> Path:
 
 
 def converted_if_ready(source: Path) -> Path | None:
-    """The converted folder of the GGUF `source` if it was converted already (nothing is converted), else None."""
-    target = cache_root() / cache_key(source, sidecar_tokenizer(source))
-    return target if _complete(target) else None
+    """The converted folder of the GGUF `source` if it was converted already, else None; found by the files' path,
+    size and modification time as its gguf.json records them (nothing hashed, nothing converted)."""
+    import json
+
+    want = identities(source, sidecar_tokenizer(source))
+    for meta in cache_root().glob("*/gguf.json"):
+        try:
+            if json.loads(meta.read_text(encoding="utf-8")).get("identity") == want and _complete(meta.parent):
+                return meta.parent
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def identities(source: Path, sidecar: Path | None) -> list:
+    """The GGUF's and its tokenizer.json's (path, size, mtime_ns), as gguf.json stores them (JSON lists)."""
+    return [list(_identity(source)), list(_identity(sidecar)) if sidecar else None]
+
+
+def _record_identity(target: Path, source: Path, sidecar: Path | None) -> None:
+    """Store the files' identities in a converted folder's gguf.json (a folder converted before they were recorded, or
+    a GGUF copied or touched since): `converted_if_ready` finds it without hashing. Replaced atomically."""
+    import json
+    import os
+
+    meta = target / "gguf.json"
+    info = json.loads(meta.read_text(encoding="utf-8"))
+    if info.get("identity") != (want := identities(source, sidecar)):
+        tmp = meta.with_name(f".gguf.json.{os.getpid()}")
+        tmp.write_text(json.dumps({**info, "identity": want}, indent=2), encoding="utf-8")
+        os.replace(tmp, meta)
 
 
 def _complete(target: Path) -> bool:
@@ -257,6 +289,7 @@ def _convert(source: Path, sidecar: Path | None, staging: Path) -> None:
     tokenizer.save_pretrained(str(staging))
     (staging / "gguf.json").write_text(json.dumps({
         "source": str(source.resolve()), "sha256": _sha256_of(*_identity(source)), "format": GGUF_FORMAT,
+        "identity": identities(source, sidecar),
         "tokenizer": str(sidecar) if sidecar else "from the GGUF metadata", "transformers": transformers.__version__,
     }, indent=2), encoding="utf-8")
 

@@ -135,7 +135,7 @@ def cmd_validate(args) -> int:
                 if problems := preflight(recipe, training=False):
                     raise ConfigError(problems, path)
             print(f"ok      {path}")
-        except ConfigError as e:
+        except PeftlabError as e:  # (a ConfigError lists every problem; another project error is one)
             failed += 1
             print(f"INVALID {path}: {e}")
     return 2 if failed else 0

@@ -11,6 +11,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -213,34 +214,51 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     return ds
 
 
-def header(spec: SplitConfig, data: DataConfig, where: str) -> list[str]:
-    """The column names of a local split without reading its rows: the header line (csv/tsv; column_names when given),
-    the keys of the first records (JSON lines) or the schema (parquet). Where that is not enough (a JSON array) or the
-    quick read fails, the whole file goes through read_split, so a broken file gets training's own message."""
+def header(spec: SplitConfig, data: DataConfig, where: str) -> tuple[list[str], bool]:
+    """-> (the column names of a local split, complete), without reading its rows: the header line (csv/tsv;
+    column_names when given) or the schema (parquet), complete; the keys of the first records of a JSON file (JSON
+    lines or an array), not complete (a later record may add one). Where the quick read fails, the whole file goes
+    through read_split, so a broken file gets training's own message."""
     fmt = _format(spec)
     if spec.column_names and fmt in ("csv", "tsv"):
-        return list(spec.column_names)
+        return list(spec.column_names), True
     try:
         if fmt in ("csv", "tsv"):
             import pandas as pd
 
             return [str(c) for c in pd.read_csv(spec.path, nrows=0, sep="\t" if fmt == "tsv" else ",",
-                                                 quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL).columns]
+                                                 quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL).columns], True
         if fmt == "parquet":
             import pyarrow.parquet as pq
 
-            return list(pq.read_schema(spec.path).names)
-        if fmt == "json":
-            import json
-            from itertools import islice
-
-            with open(spec.path, encoding="utf-8") as f:
-                records = [json.loads(line) for line in islice((ln for ln in f if ln.strip()), 100)]
-            if records and all(isinstance(r, dict) for r in records):
-                return list(dict.fromkeys(k for r in records for k in r))  # JSON lines: the keys of the first rows, in order
-    except Exception:  # (a JSON array, an encoding or parse error): read_split says what is wrong, as training would
+            return list(pq.read_schema(spec.path).names), True
+        if fmt == "json" and (records := first_json_records(spec.path)) and all(isinstance(r, dict) for r in records):
+            return list(dict.fromkeys(k for r in records for k in r)), False
+    except Exception:  # (an encoding or parse error): read_split says what is wrong, as training would
         pass
-    return read_split(spec, data, where).column_names
+    return read_split(spec, data, where).column_names, True
+
+
+def first_json_records(path: str, n: int = 100, prefix: int = 1 << 20) -> list:
+    """The first `n` records of a JSON-lines file or a JSON array, decoded from its first `prefix` characters only."""
+    import json
+
+    with open(path, encoding="utf-8-sig") as f:
+        text = f.read(prefix)
+    decoder, records = json.JSONDecoder(), []
+    array = text.lstrip().startswith("[")
+    i = text.index("[") + 1 if array else 0
+    while len(records) < n:
+        while i < len(text) and text[i] in " \t\r\n" + ("," if array else ""):
+            i += 1
+        if i >= len(text) or array and text[i] == "]":
+            break
+        try:
+            record, i = decoder.raw_decode(text, i)
+        except ValueError:  # cut by the prefix, or not JSON: what was decoded so far
+            break
+        records.append(record)
+    return records
 
 
 def column_problems(recipe: Recipe, prefix: str = "data") -> list[str]:
@@ -259,13 +277,19 @@ def column_problems(recipe: Recipe, prefix: str = "data") -> list[str]:
     for where, spec, unlabelled in splits:
         if spec is None or spec.path is None or not Path(spec.path).is_file():
             continue
+        if hasattr(task, "check_columns"):  # a task that reads its rows itself (sft: conversations)
+            check = partial(task.check_columns, recipe=recipe, where=where)
+        else:
+            text_cols, label_col = needed_columns(spec, d, target, unlabelled)
+            check = partial(_check_columns, needed=[*text_cols, *([label_col] if label_col else [])], where=where, spec=spec)
         try:
-            columns = header(spec, d, where)
-            if hasattr(task, "check_columns"):  # a task that reads its rows itself (sft: conversations)
-                task.check_columns(columns, recipe, where)
-            else:
-                text_cols, label_col = needed_columns(spec, d, target, unlabelled)
-                _check_columns(columns, [*text_cols, *([label_col] if label_col else [])], where, spec)
+            columns, complete = header(spec, d, where)
+            try:
+                check(columns)
+            except DataError:
+                if complete:
+                    raise
+                check(read_split(spec, d, where).column_names)  # a column a later JSON record adds: read them all
         except DataError as e:
             problems.append(str(e))
     return problems

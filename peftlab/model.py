@@ -299,8 +299,12 @@ def num_layers_problems(recipe: Recipe) -> list[str]:
         return []
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(base_path(recipe), revision=recipe.model.revision,
-                                        trust_remote_code=recipe.model.trust_remote_code)
+    path = base_path(recipe)
+    try:
+        config = AutoConfig.from_pretrained(path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:  # an unknown model_type (a newer transformers wrote it), a broken config.json
+        return [f"model.name={recipe.model.name!r}: cannot read its config ({path}): {type(e).__name__}: "
+                f"{str(e).splitlines()[0] if str(e) else ''}. Fix the folder, or upgrade transformers if the model is newer."]
     total = getattr(config.get_text_config(), "num_hidden_layers", None)
     if getattr(config, "is_encoder_decoder", False) or recipe.model.decoder is not None or total is None:
         return [f"model.num_layers={n}: not supported for {recipe.model.name} ({type(config).__name__}: an encoder-decoder, or "
@@ -339,8 +343,8 @@ def model_problems(recipe: Recipe) -> list[str]:
     except ModelNotFound as e:
         return [] if m.from_run is not None else [str(e)]  # (from_run: merged by `train` first)
     if path is None:
-        log.info("model.name=%r: a GGUF base not converted yet; model.num_layers and adapter.target_modules are checked "
-                 "when `train` converts it", m.name)
+        log.info("model.name=%r: a GGUF base with no converted folder found; model.num_layers and adapter.target_modules "
+                 "are checked when `train` converts it (or finds its conversion)", m.name)
         return []
     problems = num_layers_problems(recipe)
     targets = recipe.adapter.target_modules

@@ -96,6 +96,30 @@ def test_validate_finds_what_train_finds_when_it_loads_the_data_and_the_model(ma
     assert "Did you mean model.name=minilm?" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("task", ["classification", "clm", "summarization"])
+def test_validate_checks_target_modules_on_each_tasks_model(task, tiny_llama):
+    from peftlab import load_recipe
+    from peftlab.model import model_problems
+
+    target = ["data.target_column=summary"] if task == "summarization" else []
+    recipe = load_recipe(None, [f"model.name={tiny_llama}", f"task.type={task}", "adapter.target_modules=[q_proj,bogus]", *target],
+                         validate_files=False)
+    assert len(problems := model_problems(recipe)) == 1 and "'bogus' matches no module of Llama" in problems[0]
+    recipe.adapter.target_modules = ["q_proj", "v_proj"]
+    assert model_problems(recipe) == []
+
+
+def test_validate_reports_a_base_it_cannot_read_and_goes_on_to_the_next_recipe(make_recipe, capsys, tmp_path):
+    make_recipe()
+    odd = tmp_path / "odd-model"
+    odd.mkdir()
+    (odd / "config.json").write_text('{"model_type": "no-such-architecture"}')
+    recipe = str(tmp_path / "recipe.yaml")
+    assert main(["validate", recipe, recipe, f"model.name={odd}", "model.num_layers=1"]) == 2
+    out = capsys.readouterr().out
+    assert out.count("INVALID") == 2 and "cannot read its config" in out and "Traceback" not in out
+
+
 def test_user_mistakes_print_one_message_without_traceback(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("train: {lr: -1}\n")
@@ -106,7 +130,7 @@ def test_user_mistakes_print_one_message_without_traceback(tmp_path):
     assert "train.lr=-1" in proc.stderr and "data.train.path='nope.tsv': file not found" in proc.stderr
 
 
-def test_unknown_model_is_a_clear_error(make_recipe, capsys, tmp_path):
+def test_unknown_model_is_a_clear_error(make_recipe, capsys, tmp_path, monkeypatch):
     make_recipe()
     assert main(["train", str(tmp_path / "recipe.yaml"), "model.name=./no/such/model"]) == 2
     assert "no such model directory" in capsys.readouterr().err
@@ -115,6 +139,11 @@ def test_unknown_model_is_a_clear_error(make_recipe, capsys, tmp_path):
     # a hub id whose name holds dots is a hub id, not a file name
     assert main(["train", str(tmp_path / "recipe.yaml"), "model.name=Qwen/Qwen2.5-0.5B-Instruct"]) == 2
     assert "could not be fetched from the hub" in capsys.readouterr().err
+    # ... unless the folder it would be in is here: then it is a missing folder
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models").mkdir()
+    assert main(["train", str(tmp_path / "recipe.yaml"), "model.name=models/my-bert.v2"]) == 2
+    assert "model.name='models/my-bert.v2': no such model directory" in capsys.readouterr().err
 
 
 def test_help_and_the_package_import_load_no_torch():

@@ -35,7 +35,7 @@ def test_header_reads_the_columns_of_every_format_without_its_rows(tmp_path):
     import pandas as pd
 
     from peftlab.config import DataConfig, SplitConfig
-    from peftlab.data import header, read_split
+    from peftlab.data import column_problems, first_json_records, header, read_split
 
     rows = [{"sentence": "good", "label": 1}, {"sentence": "bad", "label": 0, "note": "only here"}]
     pd.DataFrame(rows).to_csv(tmp_path / "d.csv", index=False)
@@ -47,10 +47,24 @@ def test_header_reads_the_columns_of_every_format_without_its_rows(tmp_path):
     data = DataConfig()
     for name in ("d.csv", "d.tsv", "d.parquet", "d.jsonl", "array.json"):
         spec = SplitConfig(path=str(tmp_path / name))
-        assert set(header(spec, data, "data.train")) == set(read_split(spec, data, "data.train").column_names), name
-        assert set(header(spec, data, "data.train")) == {"sentence", "label", "note"}, name
+        assert set(header(spec, data, "data.train")[0]) == set(read_split(spec, data, "data.train").column_names), name
+        assert set(header(spec, data, "data.train")[0]) == {"sentence", "label", "note"}, name
     spec = SplitConfig(path=str(tmp_path / "noheader.csv"), column_names=["label", "sentence"])
-    assert header(spec, data, "data.train") == ["label", "sentence"]
+    assert header(spec, data, "data.train") == (["label", "sentence"], True)
+    assert first_json_records(str(tmp_path / "array.json"), prefix=40) == rows[:1]  # what a cut prefix holds whole
+    # a JSON-lines key that first appears after the rows header() samples: found by reading every row, as training would
+    late = tmp_path / "late.jsonl"
+    late.write_text("".join(json.dumps({"sentence": "s", "label": i % 2, **({"title": "t"} if i >= 150 else {})}) + "\n"
+                            for i in range(200)))
+    assert "title" not in header(SplitConfig(path=str(late)), data, "data.train")[0]
+    recipe = load_recipe(None, [f"data.train.path={late}", "data.eval=null"], validate_files=False)
+    assert column_problems(recipe) == []
+    recipe.data.text_columns = ["sentence", "title"]
+    assert column_problems(recipe) == []
+    recipe.data.text_columns = ["sentence", "subtitle"]
+    assert column_problems(recipe) == ["data.train: column(s) ['subtitle'] not found; the data has ['sentence', 'label', "
+                                       "'title']. Set data.text_columns / data.label_column / data.target_column (or per "
+                                       "split) to the right names."]
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(DataError, match="is empty"):  # a broken file: read_split's own message
         header(SplitConfig(path=str(tmp_path / "empty.csv")), data, "data.train")

@@ -217,13 +217,22 @@ def test_validate_converts_no_gguf_and_checks_target_modules_once_converted(tiny
                          validate_files=False)
     with caplog.at_level(logging.INFO, logger="peftlab.model"):
         assert model_problems(recipe) == []
-    assert "not converted yet" in caplog.text and not cache.exists()
+    assert "no converted folder found" in caplog.text and not cache.exists()
     converted_folder(path)
     assert model_problems(recipe) == ["adapter.target_modules: 'nope' matches no module of LlamaForCausalLM. Linear layers "
                                       "it has: down_proj, gate_proj, k_proj, lm_head, o_proj, q_proj, up_proj, v_proj. Set "
                                       "adapter.target_modules to some of these, or 'all-linear'."]
     recipe.adapter.target_modules = ["q_proj", "v_proj"]
     assert model_problems(recipe) == []
+    # found by the file's identity, not by hashing it: a touched GGUF is found again once `train` has hashed it
+    import os
+
+    from peftlab.bases import converted_if_ready
+
+    folder = converted_if_ready(path)
+    os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
+    assert converted_if_ready(path) is None
+    assert converted_folder(path) == folder and converted_if_ready(path) == folder
 
 
 # ------------------------------------------------------------------------------------- writing a GGUF (to_gguf)

@@ -365,3 +365,11 @@ def test_two_process_generation_equals_one_process(make_sum_recipe, tiny_t5):
     assert (recipe.out / "predictions-eval.jsonl").read_text() == first
     assert {k: two["metrics"][k] for k in ("rouge1", "rougeL")} == {k: one[k] for k in ("rouge1", "rougeL")}
     assert two["metrics"]["loss"] == pytest.approx(one["loss"], rel=1e-5)
+
+
+def test_a_summarizer_trained_from_scratch_builds_its_decoder_from_the_config(tiny_llama):
+    """adapter.method=scratch asks the task's model class for `from_config` (it had only `from_pretrained`)."""
+    recipe = load_recipe(None, [f"model.name={tiny_llama}", "task.type=summarization", "data.target_column=summary",
+                                "adapter.method=scratch", "data.max_length=64", "data.max_target_length=32"], validate_files=False)
+    model, _, info = build_model(recipe, num_labels=0, label_names=[])
+    assert type(model).__name__ == "LlamaForCausalLM" and info.trainable_params == info.total_params

@@ -49,6 +49,10 @@ class AutoModelForSummarization:
         auto = AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM
         return auto.from_pretrained(path, *args, **kwargs)
 
+    @classmethod
+    def from_config(cls, config, **kwargs):  # (a scratch model; a skeleton on the meta device for `validate`)
+        return (AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM).from_config(config, **kwargs)
+
 
 auto_model_class = AutoModelForSummarization
 target_kind = "text"
