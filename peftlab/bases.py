@@ -47,15 +47,17 @@ def resolve_model_path(name: str, revision: str | None = None) -> str:
             raise ModelNotFound(f"model.name={name!r} is a directory without config.json: not a transformers model folder.")
         return str(path)
     # a path, not a hub id ("owner/name", where the name may hold dots: Qwen/Qwen2.5-0.5B-Instruct)
-    if (name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix.lower() in WEIGHT_FILES
-            or path.parent != Path(".") and path.parent.is_dir()):  # (models/my-bert.v2 where models/ is a folder here)
-        raise ModelNotFound(f"model.name={name!r}: no such model directory. Fix the path, or use a packaged name: "
-                            f"{', '.join(PACKAGED_MODELS)}.")
+    missing_folder = ModelNotFound(f"model.name={name!r}: no such model directory. Fix the path, or use a packaged name: "
+                                   f"{', '.join(PACKAGED_MODELS)}.")
+    if name.startswith((".", "/", "~")) or name.count("/") > 1 or path.suffix.lower() in WEIGHT_FILES:
+        raise missing_folder
     from huggingface_hub import hf_hub_download
 
     try:  # the config file alone (from the cache when offline): no code of the repository runs here
         hf_hub_download(name, "config.json", revision=revision)
     except Exception as e:  # offline, unknown repo, gated repo, no config.json: all end the same way for the user
+        if path.parent != Path(".") and path.parent.is_dir():  # models/my-bert.v2, where models/ is a folder here
+            raise ModelNotFound(f"{missing_folder} (Nor is it a model the hub has: {type(e).__name__}.)") from None
         near = packaged_near(name)
         raise HubModelUnreachable(
             f"model.name={name!r} is not a packaged model ({', '.join(PACKAGED_MODELS)}), not a local directory, and could "
@@ -213,33 +215,39 @@ def converted_if_ready(source: Path) -> Path | None:
     size and modification time as its gguf.json records them (nothing hashed, nothing converted)."""
     import json
 
-    want = identities(source, sidecar_tokenizer(source))
-    for meta in cache_root().glob("*/gguf.json"):
+    want = identity(source, sidecar_tokenizer(source))
+    for meta in cache_root().glob("[!.]*/gguf.json"):  # (not a .staging- folder)
         try:
-            if json.loads(meta.read_text(encoding="utf-8")).get("identity") == want and _complete(meta.parent):
+            if want in json.loads(meta.read_text(encoding="utf-8")).get("identities", []) and _complete(meta.parent):
                 return meta.parent
-        except (OSError, ValueError):
+        except (OSError, ValueError, TypeError):
             continue
     return None
 
 
-def identities(source: Path, sidecar: Path | None) -> list:
+def identity(source: Path, sidecar: Path | None) -> list:
     """The GGUF's and its tokenizer.json's (path, size, mtime_ns), as gguf.json stores them (JSON lists)."""
     return [list(_identity(source)), list(_identity(sidecar)) if sidecar else None]
 
 
 def _record_identity(target: Path, source: Path, sidecar: Path | None) -> None:
-    """Store the files' identities in a converted folder's gguf.json (a folder converted before they were recorded, or
-    a GGUF copied or touched since): `converted_if_ready` finds it without hashing. Replaced atomically."""
+    """Add the files' identity to a converted folder's gguf.json (a folder converted before identities were recorded,
+    another copy of the same GGUF, a GGUF touched since): `converted_if_ready` finds it without hashing. The last 8
+    are kept; the file is replaced atomically."""
     import json
     import os
+    import tempfile
 
     meta = target / "gguf.json"
     info = json.loads(meta.read_text(encoding="utf-8"))
-    if info.get("identity") != (want := identities(source, sidecar)):
-        tmp = meta.with_name(f".gguf.json.{os.getpid()}")
-        tmp.write_text(json.dumps({**info, "identity": want}, indent=2), encoding="utf-8")
-        os.replace(tmp, meta)
+    if (want := identity(source, sidecar)) not in (known := info.get("identities", [])):
+        fd, tmp = tempfile.mkstemp(dir=target, prefix=".gguf.json.")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump({**info, "identities": [*known, want][-8:]}, f, indent=2)
+            os.replace(tmp, meta)
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
 
 def _complete(target: Path) -> bool:
@@ -289,7 +297,7 @@ def _convert(source: Path, sidecar: Path | None, staging: Path) -> None:
     tokenizer.save_pretrained(str(staging))
     (staging / "gguf.json").write_text(json.dumps({
         "source": str(source.resolve()), "sha256": _sha256_of(*_identity(source)), "format": GGUF_FORMAT,
-        "identity": identities(source, sidecar),
+        "identities": [identity(source, sidecar)],
         "tokenizer": str(sidecar) if sidecar else "from the GGUF metadata", "transformers": transformers.__version__,
     }, indent=2), encoding="utf-8")
 

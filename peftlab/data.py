@@ -240,7 +240,8 @@ def header(spec: SplitConfig, data: DataConfig, where: str) -> tuple[list[str], 
 
 
 def first_json_records(path: str, n: int = 100, prefix: int = 1 << 20) -> list:
-    """The first `n` records of a JSON-lines file or a JSON array, decoded from its first `prefix` characters only."""
+    """The first `n` records of a JSON-lines file or a JSON array, decoded from its first `prefix` characters only;
+    ValueError where they are not JSON."""
     import json
 
     with open(path, encoding="utf-8-sig") as f:
@@ -255,8 +256,10 @@ def first_json_records(path: str, n: int = 100, prefix: int = 1 << 20) -> list:
             break
         try:
             record, i = decoder.raw_decode(text, i)
-        except ValueError:  # cut by the prefix, or not JSON: what was decoded so far
-            break
+        except ValueError:  # a record the prefix cuts: what was decoded so far; anything else is not JSON (read_split says so)
+            if len(text) == prefix and (array or "\n" not in text[i:]):
+                break
+            raise
         records.append(record)
     return records
 

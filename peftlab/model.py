@@ -292,17 +292,17 @@ def keep_layers(model: nn.Module, n: int | None) -> list[int]:
     return keep
 
 
-def num_layers_problems(recipe: Recipe) -> list[str]:
-    """model.num_layers against the base's config (read before any work; the weights are not loaded)."""
+def num_layers_problems(recipe: Recipe, path: str | None = None) -> list[str]:
+    """model.num_layers against the config of the base (at `path` when it is known; the weights are not loaded)."""
     n = recipe.model.num_layers
     if n is None:
         return []
     from transformers import AutoConfig
 
-    path = base_path(recipe)
+    path = path or base_path(recipe)
     try:
         config = AutoConfig.from_pretrained(path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
-    except (OSError, ValueError, KeyError) as e:  # an unknown model_type (a newer transformers wrote it), a broken config.json
+    except Exception as e:  # an unknown model_type (a newer transformers wrote it), a broken config.json, its code failing
         return [f"model.name={recipe.model.name!r}: cannot read its config ({path}): {type(e).__name__}: "
                 f"{str(e).splitlines()[0] if str(e) else ''}. Fix the folder, or upgrade transformers if the model is newer."]
     total = getattr(config.get_text_config(), "num_hidden_layers", None)
@@ -346,7 +346,7 @@ def model_problems(recipe: Recipe) -> list[str]:
         log.info("model.name=%r: a GGUF base with no converted folder found; model.num_layers and adapter.target_modules "
                  "are checked when `train` converts it (or finds its conversion)", m.name)
         return []
-    problems = num_layers_problems(recipe)
+    problems = num_layers_problems(recipe, str(path))
     targets = recipe.adapter.target_modules
     if (not isinstance(targets, list) or targets == ["all-linear"] or not get_method(recipe.adapter.method).layers
             or m.trust_remote_code or m.decoder is not None or hasattr(task, "build_model")):

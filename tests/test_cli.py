@@ -139,11 +139,25 @@ def test_unknown_model_is_a_clear_error(make_recipe, capsys, tmp_path, monkeypat
     # a hub id whose name holds dots is a hub id, not a file name
     assert main(["train", str(tmp_path / "recipe.yaml"), "model.name=Qwen/Qwen2.5-0.5B-Instruct"]) == 2
     assert "could not be fetched from the hub" in capsys.readouterr().err
-    # ... unless the folder it would be in is here: then it is a missing folder
+    # ... and when the folder it would be in is here, and the hub does not have it, it is a missing folder
     monkeypatch.chdir(tmp_path)
     (tmp_path / "models").mkdir()
     assert main(["train", str(tmp_path / "recipe.yaml"), "model.name=models/my-bert.v2"]) == 2
-    assert "model.name='models/my-bert.v2': no such model directory" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "model.name='models/my-bert.v2': no such model directory" in err and "Nor is it a model the hub has" in err
+    # a hub id in the local hub cache resolves, even beside a folder named like its owner
+    from huggingface_hub import constants
+
+    from peftlab.bases import resolve_model_path
+
+    snapshot = tmp_path / "hub" / "models--Qwen--Qwen2.5-0.5B-Instruct" / "snapshots" / ("0" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "config.json").write_text("{}")
+    (snapshot.parent.parent / "refs").mkdir()
+    (snapshot.parent.parent / "refs" / "main").write_text("0" * 40)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    (tmp_path / "Qwen").mkdir()
+    assert resolve_model_path("Qwen/Qwen2.5-0.5B-Instruct") == "Qwen/Qwen2.5-0.5B-Instruct"
 
 
 def test_help_and_the_package_import_load_no_torch():

@@ -65,6 +65,9 @@ def test_header_reads_the_columns_of_every_format_without_its_rows(tmp_path):
     assert column_problems(recipe) == ["data.train: column(s) ['subtitle'] not found; the data has ['sentence', 'label', "
                                        "'title']. Set data.text_columns / data.label_column / data.target_column (or per "
                                        "split) to the right names."]
+    (tmp_path / "bad.jsonl").write_text('{"sentence": "a", "label": 1}\n{"sentence": "b",, "label": 0}\n')
+    with pytest.raises(DataError, match="cannot parse"):  # a broken record among the first: read_split's own message
+        header(SplitConfig(path=str(tmp_path / "bad.jsonl")), data, "data.train")
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(DataError, match="is empty"):  # a broken file: read_split's own message
         header(SplitConfig(path=str(tmp_path / "empty.csv")), data, "data.train")

@@ -233,6 +233,20 @@ def test_validate_converts_no_gguf_and_checks_target_modules_once_converted(tiny
     os.utime(path, ns=(time.time_ns(), time.time_ns() + 10**9))
     assert converted_if_ready(path) is None
     assert converted_folder(path) == folder and converted_if_ready(path) == folder
+    copy = tmp_path / "copy" / "tiny.gguf"  # another copy of the same file: the same folder, both found
+    copy.parent.mkdir()
+    copy.write_bytes(path.read_bytes())
+    assert converted_folder(copy) == folder and converted_if_ready(copy) == folder == converted_if_ready(path)
+    assert [p.name for p in folder.iterdir() if p.name.startswith(".")] == []  # no temporary file left
+    recipe.model.num_layers = 1  # model.num_layers is read from the folder found: nothing hashed
+    import peftlab.bases as bases
+
+    bases._sha256_of.cache_clear()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(bases, "file_sha256", lambda p: pytest.fail(f"validate hashed {p}"))
+        assert model_problems(recipe) == []
+    staging = folder.rename(cache / ".staging-x")  # a conversion killed before its rename is not a converted folder
+    assert converted_if_ready(path) is None and (staging / "gguf.json").is_file()
 
 
 # ------------------------------------------------------------------------------------- writing a GGUF (to_gguf)
