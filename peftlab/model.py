@@ -70,6 +70,23 @@ def keep_trained_weights_fp32(model: nn.Module) -> None:
             p.data = p.data.float()
 
 
+def keep_dtypes(model: nn.Module, loaded: dict[str, torch.dtype]) -> int:
+    """Put each parameter back in the dtype it was loaded in (`loaded`: name -> dtype) -> how many moved.
+
+    peft's `prepare_model_for_kbit_training` casts every 16-bit weight it finds outside the quantized layers (the
+    embeddings, a tied LM head, the norms) to float32. A base loaded in bf16 (`model.dtype: auto` under bf16) then runs
+    its whole residual stream in float32: twice the activation memory of the same LoRA run, element-wise work at
+    float32 width, and a cast to bf16 before every matmul (SmolLM2-135M QLoRA SFT, 8 x 384 tokens: benchmarks/README.md).
+    model.dtype is what those weights are loaded in, so they stay in it, as in an unquantized run; a float32 load
+    (the default) is unchanged. What trains is made float32 later (`keep_trained_weights_fp32`)."""
+    moved = 0
+    for name, p in model.named_parameters():
+        if name in loaded and p.dtype != loaded[name]:
+            p.data = p.data.to(loaded[name])
+            moved += 1
+    return moved
+
+
 def quantization_config(recipe: Recipe, precision: str, skip_modules: list[str]):
     from transformers import BitsAndBytesConfig
 
@@ -239,8 +256,10 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
 
         disable_cpu_bf16_repack(model)
         release_checkpoint_mapping(model)
-        return_freed_memory()  # the buffer each weight was read into, quantized and freed
+        loaded = {name: p.dtype for name, p in model.named_parameters()}
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+        keep_dtypes(model, loaded)  # peft upcast every 16-bit weight it did not quantize to float32
+        return_freed_memory()  # the buffer each weight was read into, quantized and freed; the upcast copies
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = getattr(model.config, "eos_token_id", None) or 0
     return model, head

@@ -48,6 +48,40 @@ def test_qlora_on_a_llama_classifier_keeps_its_new_score_head_out_of_quantizatio
 
 
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_a_quantized_base_keeps_the_weights_it_did_not_quantize_in_model_dtype(make_recipe, tiny_llama, mode):
+    """model.dtype=auto under bf16: the weights left unquantized (embeddings, norms) stay bf16, as in an unquantized
+    run (peft's k-bit preparation casts them to float32, which doubles the residual stream's activations), what trains
+    is float32, and bf16 training lowers the loss. The default float32 load keeps them float32."""
+    def frozen_dtypes(recipe):
+        model, tok, _ = build_model(recipe, num_labels=2, label_names=["negative", "positive"], precision="bf16")
+        plain = {n: p.dtype for n, p in model.named_parameters()
+                 if not p.requires_grad and p.is_floating_point() and not isinstance(p, (bnb.nn.Params4bit, bnb.nn.Int8Params))}
+        return model, tok, plain
+
+    recipe = make_recipe({"quant.mode": mode, "model.dtype": "auto", "train.precision": "bf16", "train.lr": 1e-2}, model=tiny_llama)
+    model, tok, plain = frozen_dtypes(recipe)
+    assert any("embed_tokens" in n for n in plain) and any("norm" in n for n in plain)
+    assert set(plain.values()) == {torch.bfloat16}, plain
+    assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
+    splits, names = load_splits(recipe)
+    data = build_data(recipe, tok, splits=splits, label_names=names)
+    batch = data.collate([data.train[i] for i in range(32)])
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(15):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+
+    _, _, plain = frozen_dtypes(make_recipe({"quant.mode": mode}, model=tiny_llama))
+    assert set(plain.values()) == {torch.float32}, plain
+
+
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
 def test_qlora_trains_after_an_eval_pass(make_recipe, mode):
     recipe = make_recipe({"quant.mode": mode})
     splits, names = load_splits(recipe)

@@ -301,6 +301,38 @@ def test_only_adapters_over_fp32_base_weights_are_folded(chat_llama):
     assert not adapted_weights_fp32(AutoModelForCausalLM.from_pretrained(chat_llama))  # no adapter: nothing to fold
 
 
+def test_generation_hands_the_lm_head_a_contiguous_input_and_the_same_tokens(chat_llama):
+    """In generate's first step transformers gives the head `hidden[:, -1:, :]`, a strided view that torch's CPU bf16
+    matmul serves with a bmm copying the head's weight per row (generative.contiguous_head_input). Inside
+    `contiguous_head_input` the head sees contiguous inputs and greedy generation gives the same tokens; without it
+    the first step's input is the strided view (so the check can fail); afterwards no hook is left."""
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.tasks.generative import contiguous_head_input
+
+    model = AutoModelForCausalLM.from_pretrained(chat_llama).eval()
+    head = model.get_output_embeddings()
+    tok = chat_tokenizer()
+    tok.padding_side = "left"
+    ids = tok(["what is the capital of france", "which animal barks"], return_tensors="pt", padding=True,
+              return_token_type_ids=False)
+
+    def generate_seeing(inputs: list) -> torch.Tensor:
+        hook = head.register_forward_pre_hook(lambda m, args: inputs.append(args[0].is_contiguous()))
+        try:
+            return model.generate(**ids, max_new_tokens=4, do_sample=False, pad_token_id=tok.pad_token_id)
+        finally:
+            hook.remove()
+
+    fixed, plain = [], []
+    with contiguous_head_input(model):
+        tokens = generate_seeing(fixed)
+    assert fixed and all(fixed)
+    assert torch.equal(tokens, generate_seeing(plain))
+    assert plain[0] is False
+    assert not head._forward_pre_hooks
+
+
 def test_generated_tokens_are_counted_up_to_the_first_stop_token():
     new = torch.tensor([[5, 6, 2, 2], [5, 6, 7, 8], [2, 2, 2, 2], [5, 3, 9, 2]])  # stop ids 2 and 3; 2 also pads
     assert sft.new_token_counts(new, [2, 3]).tolist() == [3, 4, 1, 2]

@@ -32,7 +32,7 @@ from transformers import AutoModelForCausalLM
 
 from ..errors import ConfigError, DataError
 from ..metrics import ROUGE_KEYS, rouge_metrics
-from .generative import causal_lm_loss, log_examples, loss_and_predictions
+from .generative import causal_lm_loss, contiguous_head_input, log_examples, loss_and_predictions
 
 log = logging.getLogger(__name__)
 
@@ -411,7 +411,7 @@ def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=
             ids = extras["gen_input_ids"].to(batch["input_ids"].device)
             mask = extras["gen_attention_mask"].to(ids.device)
             start = time.perf_counter()
-            with accelerator.autocast():
+            with accelerator.autocast(), contiguous_head_input(unwrapped):
                 gen = unwrapped.generate(input_ids=ids, attention_mask=mask, max_new_tokens=recipe.eval.max_new_tokens,
                                          do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
             timing["seconds"] += time.perf_counter() - start

@@ -25,7 +25,7 @@ from ..bases import base_path
 from ..errors import DataError, ModelNotFound
 from ..metrics import ROUGE_KEYS, rouge_metrics
 from . import encoder_decoder
-from .generative import causal_lm_loss, log_examples, loss_and_predictions
+from .generative import causal_lm_loss, contiguous_head_input, log_examples, loss_and_predictions
 
 log = logging.getLogger(__name__)
 # EncoderDecoderModel (BERT2BERT) warns on every forward with labels about a loss change made in transformers 4.12
@@ -260,7 +260,7 @@ def generate(model, tokenizer, batch: dict, extras: dict, cfg, accelerator) -> l
         kwargs.update(length_penalty=cfg.length_penalty, early_stopping=True)
     if cfg.no_repeat_ngram_size:
         kwargs["no_repeat_ngram_size"] = cfg.no_repeat_ngram_size
-    with accelerator.autocast():
+    with accelerator.autocast(), contiguous_head_input(model):
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
     if causal:  # the prompt comes back in front of the continuation
         out = out[:, ids.shape[1]:]
