@@ -108,7 +108,7 @@ def _contiguous_input(module, args):
 
 @contextmanager
 def contiguous_head_input(model):
-    """Around `model.generate`: the LM head gets its input contiguous.
+    """Around `model.generate` (and a forward with `logits_to_keep=1`): the LM head gets its input contiguous.
 
     In a decoder's first generation step transformers hands the head `hidden[:, -1:, :]`, a view whose size-1 middle
     dimension keeps the sequence's stride. torch's matmul then does not fold it into one mm (pytorch/pytorch#186148)

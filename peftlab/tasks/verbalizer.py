@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from ..errors import DataError
 from ..metrics import CLASSIFICATION_KEYS, classification_metrics
-from .generative import causal_lm_loss, row_losses
+from .generative import causal_lm_loss, contiguous_head_input, row_losses
 from .summarization import _adds_bos, _pad, eos_id, truncate_sources
 
 log = logging.getLogger(__name__)
@@ -186,7 +186,8 @@ def score_words(model, prompts: list[list[int]], words: list[list[int]], pad: in
     ids = _pad(prompts, pad, left=True, multiple=1).to(device)
     mask = _pad([[1] * len(s) for s in prompts], 0, left=True, multiple=1).to(device)
     position = (mask.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
+    with contiguous_head_input(model):  # the head gets hidden[:, -1:], a strided view (contiguous_head_input)
+        out = model(input_ids=ids, attention_mask=mask, position_ids=position, use_cache=True, logits_to_keep=1)
     first = out.logits[:, -1].float().log_softmax(-1)
     field = "cache" if getattr(out, "cache", None) is not None else "past_key_values"  # transformers 5 renamed it
     cache = getattr(out, field, None)
