@@ -55,7 +55,8 @@ class ModelConfig:
                      "where the base stays frozen (adapters, frozen), its trained weights (adapter, head) in float32; float32 "
                      "where every weight trains (full, scratch) or the precision is fp32. Halves the frozen base's memory and "
                      "that of its activations. With quant.mode set, the weights left unquantized (embeddings, norms) stay in "
-                     "it too (peft's k-bit preparation would make them float32, and the activations with them).", ("float32", "bfloat16", "float16", "auto"))
+                     "it too (peft's k-bit preparation would make them float32, and the activations with them).",
+                     ("float32", "bfloat16", "float16", "auto"))
     decoder: str | None = opt(None, "Summarization: warm-start an encoder-decoder (BERT2BERT) with model.name as the encoder and this "
                               "model (packaged name, directory or hub id, same vocabulary) as the decoder; its new cross-attention "
                               "is trained in full, LoRA adapts the pretrained parts. null = model.name alone.")
