@@ -305,7 +305,8 @@ def test_generation_hands_the_lm_head_a_contiguous_input_and_the_same_tokens(cha
     """In generate's first step transformers gives the head `hidden[:, -1:, :]`, a strided view that torch's CPU bf16
     matmul serves with a bmm copying the head's weight per row (generative.contiguous_head_input). Inside
     `contiguous_head_input` the head sees contiguous inputs and greedy generation gives the same tokens; without it
-    the first step's input is the strided view (so the check can fail); afterwards no hook is left."""
+    the first step's input is the strided view (so the check can fail); afterwards no hook is left. A model wrapped
+    for several processes (.module) gets the hook on its inner head."""
     from transformers import AutoModelForCausalLM
 
     from peftlab.tasks.generative import contiguous_head_input
@@ -330,6 +331,15 @@ def test_generation_hands_the_lm_head_a_contiguous_input_and_the_same_tokens(cha
     assert fixed and all(fixed)
     assert torch.equal(tokens, generate_seeing(plain))
     assert plain[0] is False
+    assert not head._forward_pre_hooks
+
+    class Wrapped(torch.nn.Module):  # a model prepared for several processes (DDP) holds it as .module
+        def __init__(self):
+            super().__init__()
+            self.module = model
+
+    with contiguous_head_input(Wrapped()):
+        assert len(head._forward_pre_hooks) == 1
     assert not head._forward_pre_hooks
 
 

@@ -114,8 +114,8 @@ def contiguous_head_input(model):
     dimension keeps the sequence's stride. torch's matmul then does not fold it into one mm (pytorch/pytorch#186148)
     but runs bmm, which on CPU copies a head stored in bf16 (model.dtype=auto) once per row (pytorch/pytorch#151934):
     for SmolLM2 at batch 8, 432 MiB more peak memory and 0.6 s instead of 5 ms, per batch; x beams with beam search.
-    The copy made here is one hidden vector per row."""
-    get = getattr(model, "get_output_embeddings", None)
+    The copy made here is one hidden vector per row. `model` may be wrapped for distributed training (DDP: .module)."""
+    get = getattr(getattr(model, "module", model), "get_output_embeddings", None)
     head = get() if get is not None else None
     hook = head.register_forward_pre_hook(_contiguous_input) if head is not None else None
     try:
