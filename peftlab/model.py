@@ -70,8 +70,8 @@ def keep_trained_weights_fp32(model: nn.Module) -> None:
             p.data = p.data.float()
 
 
-def keep_dtypes(model: nn.Module, loaded: dict[str, torch.dtype]) -> int:
-    """Put each parameter back in the dtype it was loaded in (`loaded`: name -> dtype) -> how many moved.
+def keep_dtypes(model: nn.Module, loaded: dict[str, torch.dtype]) -> None:
+    """Put each parameter back in the dtype it was loaded in (`loaded`: name -> dtype).
 
     peft's `prepare_model_for_kbit_training` casts every 16-bit weight it finds outside the quantized layers (the
     embeddings, a tied LM head, the norms) to float32. A base loaded in bf16 (`model.dtype: auto` under bf16) then runs
@@ -79,12 +79,9 @@ def keep_dtypes(model: nn.Module, loaded: dict[str, torch.dtype]) -> int:
     float32 width, and a cast to bf16 before every matmul (SmolLM2-135M QLoRA SFT, 8 x 384 tokens: benchmarks/README.md).
     model.dtype is what those weights are loaded in, so they stay in it, as in an unquantized run; a float32 load
     (the default) is unchanged. What trains is made float32 later (`keep_trained_weights_fp32`)."""
-    moved = 0
     for name, p in model.named_parameters():
         if name in loaded and p.dtype != loaded[name]:
             p.data = p.data.to(loaded[name])
-            moved += 1
-    return moved
 
 
 def quantization_config(recipe: Recipe, precision: str, skip_modules: list[str]):

@@ -23,6 +23,21 @@ def lora_grads(model) -> list[float]:
     return [p.grad.abs().sum().item() if p.grad is not None else 0.0 for n, p in model.named_parameters() if "lora_" in n]
 
 
+def fixed_batch_losses(model, batch: dict, steps: int, bf16: bool = False) -> list[float]:
+    """AdamW (lr 1e-2) on the trainable parameters, `steps` steps on one batch (under bf16 autocast with `bf16`) -> the
+    loss of each step."""
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    losses = []
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(**batch).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])
 def test_qlora_on_a_llama_classifier_keeps_its_new_score_head_out_of_quantization(make_recipe, tiny_llama, mode):
     """A decoder LLM with a sequence-classification head (issue 18): the base quantized, the new `score` head a plain
@@ -35,15 +50,7 @@ def test_qlora_on_a_llama_classifier_keeps_its_new_score_head_out_of_quantizatio
     head = model.base_model.model.score.modules_to_save["default"]
     assert type(head) is torch.nn.Linear and head.weight.requires_grad and head.weight.dtype == torch.float32
     data = build_data(recipe, tok, splits=splits, label_names=names)
-    batch = data.collate([data.train[i] for i in range(32)])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(15):
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = fixed_batch_losses(model, data.collate([data.train[i] for i in range(32)]), 15)
     assert losses[-1] < losses[0] - 0.05, losses
 
 
@@ -65,16 +72,7 @@ def test_a_quantized_base_keeps_the_weights_it_did_not_quantize_in_model_dtype(m
     assert {p.dtype for p in model.parameters() if p.requires_grad} == {torch.float32}
     splits, names = load_splits(recipe)
     data = build_data(recipe, tok, splits=splits, label_names=names)
-    batch = data.collate([data.train[i] for i in range(32)])
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(15):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = fixed_batch_losses(model, data.collate([data.train[i] for i in range(32)]), 15, bf16=True)
     assert losses[-1] < losses[0] - 0.05, losses
 
     _, _, plain = frozen_dtypes(make_recipe({"quant.mode": mode}, model=tiny_llama))
@@ -227,15 +225,8 @@ def test_every_method_with_every_quantization_trains_or_says_why(make_recipe, me
     data = build_data(recipe, tok, splits=splits, label_names=names)
     batch = data.collate([data.train[i] for i in range(16)])
     trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     model.train()
-    losses = []
-    for _ in range(3):
-        loss = model(**batch).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-        losses.append(loss.item())
+    losses = fixed_batch_losses(model, batch, 3)
     assert losses[-1] < losses[0], losses
     after = dict(model.named_parameters())
     frozen_in_place = [n for n, before in trainable.items() if torch.equal(before, after[n].detach())]
