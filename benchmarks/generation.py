@@ -7,6 +7,8 @@ to the same N test rows, with the same model, batch size, max_new_tokens, stop t
   the seconds spent in generate and the tokens written (eval_report's `generation`);
 - `peftlab, adapter unfolded`: the same with `eval.merge_adapter=false` (the adapter's own pass in every layer, as
   during training), which isolates what folding the adapter into the base gives;
+- `peftlab, weights cast per call`: the same with `train.cast_frozen=false`: under bf16 autocast, an fp32 base's
+  weights are cast to bf16 at every forward, so once per generated token, instead of once for the evaluation;
 - `plain-left`: the rows in data order (the batch as given), left-padded, KV cache;
 - `plain`: the rows in data order, padded on the tokenizer's own side (right for SmolLM2), as a first try would do it:
   transformers warns that right padding is wrong for a decoder, and the padded rows' answers show it.
@@ -14,7 +16,8 @@ to the same N test rows, with the same model, batch size, max_new_tokens, stop t
 Written tokens are counted up to each row's first stop token (`sft.new_token_counts`); rows/s is the user's view
 (time to score the split); ROUGE-L shows what the padding side costs in quality.
 
-    python benchmarks/generation.py --run runs/llm/samsum-lora --rows 128     # ~10 min on 2 CPU cores
+    python benchmarks/generation.py --run runs/llm/samsum-lora --rows 128     # ~12 min on 2 CPU cores
+    python benchmarks/generation.py --run runs/llm/memory-lora-lean --overrides model.dtype=float32 --name generation-fp32-base
 """
 
 from __future__ import annotations
@@ -81,14 +84,16 @@ def main() -> None:
     p.add_argument("--run", type=Path, default=REPO / "runs" / "llm" / "samsum-lora")
     p.add_argument("--rows", type=int, default=128, help="seeded test rows")
     p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--overrides", nargs="*", default=[], help="recipe overrides for every side (e.g. model.dtype=float32)")
     p.add_argument("--name", default="generation")
     args = p.parse_args()
     from peftlab import evaluate
     from peftlab.tasks.sft import score
 
-    overrides = [f"data.test.max_samples={args.rows}", f"eval.batch_size={args.batch}"]
+    overrides = [f"data.test.max_samples={args.rows}", f"eval.batch_size={args.batch}", *args.overrides]
     results = []
-    for side, extra in (("peftlab", []), ("peftlab, adapter unfolded", ["eval.merge_adapter=false"])):
+    for side, extra in (("peftlab", []), ("peftlab, adapter unfolded", ["eval.merge_adapter=false"]),
+                        ("peftlab, weights cast per call", ["train.cast_frozen=false"])):
         with tempfile.TemporaryDirectory() as tmp:
             evaluate(args.run, "test", [*overrides, *extra], results_dir=tmp)
             gen = json.loads((Path(tmp) / "eval-test.json").read_text())["report"]["generation"]

@@ -16,7 +16,9 @@ Levers (the alternative each is timed against):
 - `fused AdamW`: torch's foreach AdamW (peftlab's default before stop 38) instead of the fused kernel
   (`train.optimizer_impl: auto`);
 - `skip unread positions`: the classifier's last layer computed at every position (`train.skip_unread: false`)
-  instead of at position 0 only, the one its head reads.
+  instead of at position 0 only, the one its head reads;
+- `cast frozen once`: autocast casting the frozen fp32 weights at every forward (`train.cast_frozen: false`) instead
+  of their bf16 copies made once (only under bf16 autocast).
 
     OMP_NUM_THREADS=1 python benchmarks/step_levers.py                                   # SST-2 LoRA, ~4 min
     OMP_NUM_THREADS=1 python benchmarks/step_levers.py --recipe recipes/minilm/sst2-full.yaml --levers "fused AdamW" \
@@ -48,10 +50,11 @@ def bool_keep_mask(shape, p):
     return words.view(torch.int16)[:n].view(shape) >= round(p * 65536) - 32768
 
 
-def levers(model, optimizers: dict | None = None, trimmed: list = ()) -> dict:
+def levers(model, optimizers: dict | None = None, trimmed: list = (), cast=None) -> dict:
     """name -> (switch the alternative in, switch peftlab's default back). `optimizers`: {"in use": the run's
     optimizer, "foreach": the same AdamW with the foreach kernel}; the AdamW lever swaps "in use". `trimmed`: the
-    layers `peftlab.tasks.skip_unread` changed; their lever runs them in full."""
+    layers `peftlab.tasks.skip_unread` changed; their lever runs them in full. `cast`: the run's FrozenWeightsCast,
+    entered; its lever shows autocast the fp32 weights again."""
     import peftlab.dropout as D
 
     switched = {id(m.config): m.config for m in model.modules()  # the configs use_fast_dropout moved off sdpa
@@ -72,6 +75,8 @@ def levers(model, optimizers: dict | None = None, trimmed: list = ()) -> dict:
         forwards = [(m, vars(m)["forward"]) for m in trimmed]
         chosen["skip unread positions"] = (lambda: [vars(m).pop("forward", None) for m, _ in forwards],
                                            lambda: [setattr(m, "forward", f) for m, f in forwards])
+    if cast is not None and cast.params:  # train.cast_frozen under autocast: the frozen weights cast once
+        chosen["cast frozen once"] = (lambda: cast.show(low=False), lambda: cast.show(low=True))
     return chosen
 
 
@@ -122,7 +127,7 @@ def main() -> None:
             optimizers["in use"].zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    chosen = levers(model, optimizers, skip_unread(model, recipe))  # trimmed again (setup did): the layers it changes
+    chosen = levers(model, optimizers, skip_unread(model, recipe), parts.cast.__enter__())  # trimmed again (setup did)
     if a.levers:
         if unknown := set(a.levers.split(",")) - set(chosen):
             ap.error(f"--levers: unknown {sorted(unknown)}; choose from {sorted(chosen)}")

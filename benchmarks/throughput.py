@@ -24,7 +24,7 @@ Also in the same invocation:
   shape the training FLOPs per real token -> model-FLOPs utilisation (MFU) of each run;
 - ablations: each speed option of peftlab switched off (or on) alone, same steps, once per --repeats seed (or only
   those --ablations names): length-grouped batching, the last layer at every position, torch's dropout masks, a bf16
-  frozen base, host sync every step, the AdamW kernel, bf16 autocast, torch.compile; plus tokenization cold vs cached
+  frozen base, the frozen weights cast per call, host sync every step, the AdamW kernel, bf16 autocast, torch.compile; plus tokenization cold vs cached
   and the evaluation (sorted by length, batch 128, no grad vs unsorted batch 32).
 
     python benchmarks/throughput.py                    # ~60 min on one core: writes results/throughput.{json,md,png}
@@ -68,6 +68,7 @@ ABLATIONS = {  # name -> (peftlab overrides, what it switches, share of --steps 
     "all positions": (["train.skip_unread=false"], "the last layer computed at every position, not only the one the head reads", 1.0),
     "torch dropout": (["train.dropout_impl=torch"], "nn.Dropout's per-element bernoulli_ masks, sdpa's attention dropout", 1.0),
     "bf16 frozen base": (["model.dtype=auto"], "base weights stored in the training precision, no autocast copies", 1.0),
+    "cast per call": (["train.cast_frozen=false"], "autocast casting the frozen fp32 weights at every forward, not once", 1.0),
     "AdamW loop": (["train.optimizer_impl=loop"], "one parameter at a time", 1.0),
     "AdamW foreach": (["train.optimizer_impl=foreach"], "batched tensor ops, not the fused kernel", 1.0),
     "bf16 autocast": (["train.precision=bf16"], "emulated on CPUs without avx512_bf16/AMX", 0.1),

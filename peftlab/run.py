@@ -18,7 +18,7 @@ from pathlib import Path
 from accelerate.utils import set_seed
 
 from . import distill
-from .accel import make_accelerator, resolve_precision, shards_weights
+from .accel import FrozenWeightsCast, autocast_dtype, make_accelerator, resolve_precision, shards_weights
 from .config import ModelConfig, Recipe, load_recipe
 from .data import build_data, column_problems, load_splits
 from .errors import ArtifactError, ConfigError
@@ -67,7 +67,9 @@ def evaluate_split(model, ds, data, accelerator, recipe: Recipe, tokenizer):
     the base while it runs (`adapter_folded`). Generative tasks return one row per example; they are written as JSONL
     beside the report, not inside it. (Evaluations during training call the task directly, unfolded.)"""
     loader = accelerator.prepare(eval_loader(ds, recipe.eval.batch_size, data.eval_collate or data.collate))
-    with adapter_folded(accelerator.unwrap_model(model), recipe, accelerator):
+    inner = accelerator.unwrap_model(model)
+    cast = FrozenWeightsCast(inner, autocast_dtype(accelerator) if recipe.train.cast_frozen else None)
+    with adapter_folded(inner, recipe, accelerator), cast:  # folded first: the cast copies hold the folded weights
         metrics, report = get_task(recipe.task.type).evaluate(model, loader, accelerator, data.label_names, tokenizer=tokenizer,
                                                               recipe=recipe)
     return metrics, report, report.pop("predictions", None)

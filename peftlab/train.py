@@ -22,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from .accel import FrozenWeightsCast, autocast_dtype
 from .config import Recipe
 from .data import LengthGroupedSampler, TaskData
 from .distill import loss_for
@@ -278,6 +279,7 @@ class Parts:
     total: int
     steps_per_epoch: int
     eval_context: dict  # tokenizer and recipe when the kept metric is generated (summarization with rougeL, ...)
+    cast: FrozenWeightsCast  # train.cast_frozen: the frozen weights in the autocast dtype while the loop runs
 
 
 def setup(recipe: Recipe, model, data: TaskData, accelerator, tokenizer=None) -> Parts:
@@ -314,7 +316,8 @@ def setup(recipe: Recipe, model, data: TaskData, accelerator, tokenizer=None) ->
     accelerator.register_for_checkpointing(scheduler)
     schedule = get_method(recipe.adapter.method).schedule(accelerator.unwrap_model(model), recipe, total,  # AdaLoRA's rank budget
                                                           accelerator.register_for_checkpointing)
-    return Parts(model, optimizer, train_dl, eval_dl, scheduler, schedule, total, steps_per_epoch, context)
+    cast = FrozenWeightsCast(model, autocast_dtype(accelerator) if t.cast_frozen else None)
+    return Parts(model, optimizer, train_dl, eval_dl, scheduler, schedule, total, steps_per_epoch, context, cast)
 
 
 class KeepBest:
@@ -375,8 +378,12 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
         if accelerator.is_main_process:  # tqdm.write prints even where the bar is disabled
             bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
+    def checkpoint() -> None:
+        with parts.cast.suspended():  # the fp32 weights go into the checkpoint, as they were loaded
+            save_checkpoint(accelerator, out, state, best.weights, t.keep_checkpoints, recipe)
+
     model.train()
-    with RunLog(out, accelerator.is_main_process, recipe) as runlog, stop_on_sigint() as stop:
+    with RunLog(out, accelerator.is_main_process, recipe) as runlog, stop_on_sigint() as stop, parts.cast:
         while state.step < total:
             train_dl.set_epoch(state.epoch)
             batches_done = (state.step - state.epoch * steps_per_epoch) * t.grad_accum if resume else 0
@@ -410,9 +417,9 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                         evaluate()
                 if t.save_every and state.step % t.save_every == 0:
                     check_window_finite(window, accelerator, state.step, t)  # never checkpoint a diverged run
-                    save_checkpoint(accelerator, out, state, best.weights, t.keep_checkpoints, recipe)
+                    checkpoint()
                 if stop_requested(stop, accelerator):
-                    save_checkpoint(accelerator, out, state, best.weights, t.keep_checkpoints, recipe)
+                    checkpoint()
                     bar.close()
                     raise TrainingInterrupted(f"interrupted at step {state.step} of {total}: checkpoint saved to "
                                               f"{checkpoint_path(out, state.step)}. Continue with the same command plus "

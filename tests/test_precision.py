@@ -141,3 +141,67 @@ def test_model_dtype_auto_keeps_a_frozen_base_in_the_precision_and_what_trains_i
     assert len(losses) == 3 and all(map(math.isfinite, losses))
     again = evaluate(tmp_path / "auto")
     assert again["loss"] == pytest.approx(record["metrics"]["eval"]["loss"], abs=1e-3)
+
+
+def tiny_llama_lora(**lora):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, tie_word_embeddings=True)
+    return get_peft_model(LlamaForCausalLM(config), LoraConfig(r=4, target_modules=["q_proj"], **lora))
+
+
+def test_cast_frozen_takes_the_frozen_linear_weights_only_their_forward_reads():
+    """train.cast_frozen: the frozen projections (and LoRA's base layers) are cast; not the LoRA weights, not the head
+    tied to the embedding, not DoRA's base (DoRA reads it for the weight norm). Inside, the logits under autocast are
+    those of autocast casting at every call; outside, the weights are their fp32 tensors again."""
+    from peftlab.accel import FrozenWeightsCast, castable_weights
+
+    model = tiny_llama_lora()
+    names = {id(p): n for n, p in model.named_parameters()}
+    picked = {names[id(p)] for p in castable_weights(model)}
+    projections = {n for n, p in model.named_parameters() if n.endswith(("proj.weight", "q_proj.base_layer.weight"))}
+    assert len(projections) == 14 and picked == projections  # 2 layers x 7 projections; no lm_head, no lora_A/B
+    dora = tiny_llama_lora(use_dora=True)
+    dora_names = {id(p): n for n, p in dora.named_parameters()}
+    assert {dora_names[id(p)] for p in castable_weights(dora)} == projections - {n for n in projections if "q_proj" in n}
+
+    ids = torch.randint(0, 64, (2, 7))
+    fp32 = {id(p): (p.data_ptr(), p.dtype) for p in model.parameters()}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        each_call = model(input_ids=ids).logits
+        with FrozenWeightsCast(model, torch.bfloat16) as cast:
+            assert len(cast.params) == 14 and {p.dtype for p in cast.params} == {torch.bfloat16}
+            once = model(input_ids=ids).logits
+            with cast.suspended():
+                assert {p.dtype for p in cast.params} == {torch.float32}
+            assert {p.dtype for p in cast.params} == {torch.bfloat16}
+    assert torch.equal(once, each_call)
+    assert {id(p): (p.data_ptr(), p.dtype) for p in model.parameters()} == fp32  # the same fp32 tensors back
+    assert FrozenWeightsCast(model, None).params == []  # no autocast: nothing to cast
+
+
+def test_cast_frozen_trains_evaluates_and_checkpoints_as_autocast_does(make_recipe, tmp_path, monkeypatch):
+    """The frozen base cast to bf16 once gives the losses, metrics and adapter of autocast casting it at every forward,
+    bit for bit, and a checkpoint written while training holds the base's fp32 weights."""
+    from safetensors.torch import load_file
+
+    from peftlab import accel
+
+    cast_sizes = []
+    enter = accel.FrozenWeightsCast.__enter__
+    monkeypatch.setattr(accel.FrozenWeightsCast, "__enter__", lambda self: cast_sizes.append(len(self.params)) or enter(self))
+    ov = {"train.precision": "bf16", "train.max_steps": 6, "train.log_every": 1, "train.eval_every": 3, "train.save_every": 3}
+    once = run(make_recipe({**ov, "output_dir": tmp_path / "once"}))
+    assert len(cast_sizes) == 2 and min(cast_sizes) >= 24  # training, then the eval split: 2 layers x 6 linears x (weight, bias)
+    each = run(make_recipe({**ov, "train.cast_frozen": False, "output_dir": tmp_path / "each"}))
+    assert cast_sizes[2:] == [0, 0]
+    assert train_losses(tmp_path / "once") == train_losses(tmp_path / "each")
+    assert once["metrics"] == each["metrics"] and once["history"] == each["history"]
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("once", "each"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    saved, base = (load_file(str(tmp_path / d / "checkpoints" / "step-6" / "model.safetensors")) for d in ("once", "each"))
+    frozen = [k for k in saved if k.endswith("base_layer.weight") or "intermediate.dense.weight" in k]
+    assert frozen and all(saved[k].dtype == torch.float32 and torch.equal(saved[k], base[k]) for k in frozen)
