@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from .accel import FrozenWeightsCast
 from .config import DistillConfig, Recipe
 from .errors import PeftlabError
 from .rundir import read_run
@@ -182,14 +183,16 @@ def teacher_logits(teacher: Path, texts: list[str], *, device=None, batch_size: 
     from .tasks import get_task
 
     model, tokenizer, recipe, run = load_trained(teacher)
+    model.requires_grad_(False)  # scored, never trained: a fully fine-tuned teacher's weights are frozen too (cast below)
     device = torch.device(device or "cpu")
     if device.type != "cpu" and run.quantization == "none":
         model.to(device)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.precision or "")
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
+    cast = FrozenWeightsCast(model, dtype if recipe.train.cast_frozen else None)  # its weights cast once, not per batch
     out = torch.empty(len(texts), len(run.label_names))
     bar = tqdm(total=len(texts), desc="teacher", unit="row", dynamic_ncols=True)
-    with autocast:
+    with autocast, cast:
         if run.task == "verbalizer":
             from .tasks.verbalizer import label_token_ids, prompt_ids, score_words
 

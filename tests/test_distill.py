@@ -104,6 +104,21 @@ def test_cached_soft_targets_are_the_teachers_own_logits(teacher):
     assert torch.allclose(cached, own, atol=1e-5)
 
 
+def test_a_bf16_teachers_weights_are_cast_once_and_give_the_same_soft_targets(tmp_path, tiny_bert, sentiment_files, monkeypatch):
+    """train.cast_frozen in the teacher's pass: its frozen weights cast to bf16 once, not at every batch, and the same
+    logits bit for bit."""
+    from contextlib import nullcontext
+
+    run(recipe_for(tmp_path, tiny_bert, sentiment_files, "bf16", {"adapter.method": "full", "train.max_steps": 3,
+                                                                   "train.precision": "bf16"}))
+    real, cast = distill.FrozenWeightsCast, []
+    monkeypatch.setattr(distill, "FrozenWeightsCast", lambda model, dtype: cast.append(real(model, dtype)) or cast[-1])
+    once = teacher_logits(tmp_path / "bf16", DEV_TEXTS, batch_size=5)
+    assert cast[0].dtype == torch.bfloat16 and len(cast[0].params) >= 24  # 2 layers x 6 linears x (weight, bias)
+    monkeypatch.setattr(distill, "FrozenWeightsCast", lambda model, dtype: nullcontext())
+    assert torch.equal(once, teacher_logits(tmp_path / "bf16", DEV_TEXTS, batch_size=5))
+
+
 def test_the_soft_target_cache_serves_any_rows_by_text_and_runs_the_teacher_only_on_new_ones(teacher, monkeypatch, caplog):
     calls = []
     real = distill.teacher_logits
