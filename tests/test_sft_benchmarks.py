@@ -99,8 +99,9 @@ def test_a_stored_benchmark_case_is_reused_and_a_failed_rerun_keeps_it(tmp_path,
 
 
 def test_generation_benchmark_compares_the_same_rows_folded_unfolded_and_plain(tmp_path, monkeypatch, chat_llama):
-    """generation.py on a tiny finished SFT run: four sides on the same test rows; in fp32 the folded adapter
-    (`peftlab eval`'s default) writes exactly the answers of the unfolded one, and left padding those of peftlab."""
+    """generation.py on a tiny finished SFT run: five sides on the same test rows; in fp32 the folded adapter
+    (`peftlab eval`'s default) writes exactly the answers of the unfolded one, and left padding those of peftlab; the
+    weights cast per call (train.cast_frozen=false) write peftlab's answers in any precision."""
     from peftlab import run
 
     bench = load_benchmark("generation")
@@ -111,10 +112,12 @@ def test_generation_benchmark_compares_the_same_rows_folded_unfolded_and_plain(t
     monkeypatch.setattr("sys.argv", ["generation.py", "--run", str(recipe.out), "--rows", "6", "--batch", "4", "--name", "g"])
     bench.main()
     results = {r["side"]: r for r in json.loads((tmp_path / "results" / "g.json").read_text())["results"]}
-    assert list(results) == ["peftlab", "peftlab, adapter unfolded", "plain-left", "plain"]
+    assert list(results) == ["peftlab", "peftlab, adapter unfolded", "peftlab, weights cast per call", "plain-left", "plain"]
     assert all(r["rows"] == 6 and r["seconds"] > 0 for r in results.values())
     folded, unfolded, left = results["peftlab"], results["peftlab, adapter unfolded"], results["plain-left"]
     assert folded["new_tokens"] == unfolded["new_tokens"] == left["new_tokens"] and folded["rougeL"] == unfolded["rougeL"]
+    per_call = results["peftlab, weights cast per call"]
+    assert (per_call["new_tokens"], per_call["rougeL"]) == (folded["new_tokens"], folded["rougeL"])
 
 
 def test_a_memory_case_runs_under_jemalloc_as_its_own_case_with_the_library_preloaded(tmp_path, monkeypatch):
