@@ -205,3 +205,18 @@ def test_cast_frozen_trains_evaluates_and_checkpoints_as_autocast_does(make_reci
     saved, base = (load_file(str(tmp_path / d / "checkpoints" / "step-6" / "model.safetensors")) for d in ("once", "each"))
     frozen = [k for k in saved if k.endswith("base_layer.weight") or "intermediate.dense.weight" in k]
     assert frozen and all(saved[k].dtype == torch.float32 and torch.equal(saved[k], base[k]) for k in frozen)
+
+
+def test_evaluating_a_stored_bf16_full_fine_tune_casts_its_weights_once_with_the_same_metrics(make_recipe, tmp_path, monkeypatch):
+    """`peftlab eval` of a finished run scores it frozen, so even a full fine-tune's weights are cast once, and the
+    metrics are those of autocast casting them at every forward."""
+    from peftlab import accel
+
+    run(make_recipe({"adapter.method": "full", "train.precision": "bf16", "train.max_steps": 3, "output_dir": tmp_path / "f"}))
+    sizes = []
+    enter = accel.FrozenWeightsCast.__enter__
+    monkeypatch.setattr(accel.FrozenWeightsCast, "__enter__", lambda self: sizes.append(len(self.params)) or enter(self))
+    once = evaluate(tmp_path / "f", "eval", results_dir=tmp_path / "once")
+    per_call = evaluate(tmp_path / "f", "eval", ["train.cast_frozen=false"], results_dir=tmp_path / "per-call")
+    assert sizes[0] >= 24 and sizes[1] == 0  # 2 layers x 6 linears x (weight, bias); none when switched off
+    assert once == per_call
