@@ -238,8 +238,9 @@ class TrainConfig:
                             "gradients, 1/8 less matmul work a step for all-MiniLM-L6-v2 (1.13x); other models are left as they are.")
     cast_frozen: bool = opt(True, "Under bf16/fp16 autocast, cast the frozen base's linear weights to that dtype once when "
                             "training starts (and back when it ends), not at every forward: autocast re-casts a weight that "
-                            "needs no gradient at each call. The same numbers; the cast copies are held beside the fp32 "
-                            "weights while training and evaluating (+50% of those weights' memory). On an AMX CPU: 1.06x "
+                            "needs no gradient at each call. Also in evaluations, `peftlab select`'s features and a "
+                            "distillation teacher's pass. The same numbers; the cast copies are held beside the fp32 "
+                            "weights meanwhile (+50% of those weights' memory). On an AMX CPU: 1.06x "
                             "a MiniLM LoRA step, 1.23x SmolLM2's generation on an fp32 base. Left alone: DoRA's bases (DoRA reads them itself), tied heads, "
                             "FSDP and DeepSpeed.")
     compile: bool = opt(False, "torch.compile the model (dynamic shapes). Pays on long runs with a GPU or a C++ compiler; "

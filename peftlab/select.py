@@ -40,6 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .accel import FrozenWeightsCast
 from .config import Recipe, SplitConfig, load_recipe, validate
 from .errors import ConfigError, ModelNotFound, PeftlabError
 
@@ -244,20 +245,22 @@ def encode(recipe: Recipe, ds, label_names: list[str]) -> tuple[np.ndarray, str]
     collate, order = task.collator(tokenizer), np.argsort(tokens["length"], kind="stable")
     half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
     out = None
-    for start in range(0, len(order), recipe.eval.batch_size):
-        idx = order[start:start + recipe.eval.batch_size].tolist()
-        batch = {k: v.to(device) for k, v in collate([tokens[i] for i in idx]).items() if k != "labels"}
-        with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
-            hidden = backbone(**batch).last_hidden_state.float()
-        mask = batch["attention_mask"].to(hidden.dtype)
-        if pooling == "mean":
-            pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
-        else:  # the last position holding a token, with left or right padding alike
-            last = (mask * torch.arange(mask.shape[1], device=device)).argmax(1)
-            pooled = hidden[torch.arange(len(idx), device=device), last]
-        if out is None:
-            out = np.zeros((len(order), pooled.shape[1]), dtype=np.float32)
-        out[idx] = pooled.cpu().numpy()
+    model.requires_grad_(False)  # only read: its linear weights are cast to `half` once (train.cast_frozen), not per batch
+    with FrozenWeightsCast(backbone, half if recipe.train.cast_frozen else None):
+        for start in range(0, len(order), recipe.eval.batch_size):
+            idx = order[start:start + recipe.eval.batch_size].tolist()
+            batch = {k: v.to(device) for k, v in collate([tokens[i] for i in idx]).items() if k != "labels"}
+            with torch.autocast(device.type, dtype=half or torch.float32, enabled=half is not None):
+                hidden = backbone(**batch).last_hidden_state.float()
+            mask = batch["attention_mask"].to(hidden.dtype)
+            if pooling == "mean":
+                pooled = (hidden * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+            else:  # the last position holding a token, with left or right padding alike
+                last = (mask * torch.arange(mask.shape[1], device=device)).argmax(1)
+                pooled = hidden[torch.arange(len(idx), device=device), last]
+            if out is None:
+                out = np.zeros((len(order), pooled.shape[1]), dtype=np.float32)
+            out[idx] = pooled.cpu().numpy()
     del model, backbone
     gc.collect()
     return out, pooling

@@ -8,6 +8,7 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
 from peftlab.cli import main
 from peftlab.errors import ConfigError, ModelNotFound
@@ -212,3 +213,20 @@ def test_benchmark_averages_truth_seeds_and_reports_their_agreement(tmp_path):
     (one / "truth-big-lora-seed1.json").write_text((tmp_path / "agree" / "truth-big-lora-seed1.json").read_text())
     _, partial = bench.load_setting(one)  # a seed only one item has (an unfinished run) does not enter the mean
     assert partial[("big", "lora")]["accuracy"] == pytest.approx(0.9) and partial[("big", "lora")]["seeds"] == {42: 0.9}
+
+
+def test_encoding_casts_the_frozen_base_once_with_the_same_features(make_recipe, monkeypatch):
+    """The base's features under bf16 autocast: its linear weights cast once for all batches (train.cast_frozen), the
+    same numbers as autocast casting them at every batch."""
+    from peftlab import load_splits
+    from peftlab import select as sel
+
+    recipe = make_recipe({"train.precision": "bf16", "eval.batch_size": 16})
+    splits, names = load_splits(recipe)
+    real, made = sel.FrozenWeightsCast, []
+    monkeypatch.setattr(sel, "FrozenWeightsCast", lambda model, dtype: made.append(real(model, dtype)) or made[-1])
+    once, _ = sel.encode(recipe, splits["train"], names)
+    per_call, _ = sel.encode(make_recipe({"train.precision": "bf16", "eval.batch_size": 16, "train.cast_frozen": False}),
+                             splits["train"], names)
+    assert made[0].dtype == torch.bfloat16 and len(made[0].params) >= 24 and made[1].params == []
+    assert np.array_equal(once, per_call)
