@@ -76,12 +76,23 @@ def shards_weights(accelerator) -> bool:
     return accelerator.distributed_type == DistributedType.DEEPSPEED and accelerator.state.deepspeed_plugin.zero_stage == 3
 
 
+def precision_dtype(precision: str) -> torch.dtype:
+    """The dtype of a resolved train.precision's matmuls (bf16, fp16; fp32 -> float32)."""
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def half_dtype(precision: str) -> torch.dtype | None:
+    """The autocast dtype of a resolved train.precision (or an Accelerator's mixed_precision); None: no autocast."""
+    dtype = precision_dtype(precision)
+    return None if dtype == torch.float32 else dtype
+
+
 def autocast_dtype(accelerator) -> torch.dtype | None:
     """The dtype the Accelerator's autocast computes matmuls in; None without mixed precision (and under DeepSpeed or
     FSDP, which hold the weights themselves)."""
     if accelerator.distributed_type.name in ("DEEPSPEED", "FSDP", "MEGATRON_LM"):
         return None
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(accelerator.mixed_precision)
+    return half_dtype(accelerator.mixed_precision)
 
 
 # adapters whose forward reads the base weight only through base_layer(x); DoRA and the other LoRA variants read it

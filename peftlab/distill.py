@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .accel import FrozenWeightsCast
+from .accel import FrozenWeightsCast, half_dtype
 from .config import DistillConfig, Recipe
 from .errors import PeftlabError
 from .rundir import read_run
@@ -187,7 +187,7 @@ def teacher_logits(teacher: Path, texts: list[str], *, device=None, batch_size: 
     device = torch.device(device or "cpu")
     if device.type != "cpu" and run.quantization == "none":
         model.to(device)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(run.precision or "")
+    dtype = half_dtype(run.precision or "")
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     cast = FrozenWeightsCast(model, dtype if recipe.train.cast_frozen else None)  # its weights cast once, not per batch
     out = torch.empty(len(texts), len(run.label_names))

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .accel import precision_dtype
 from .bases import base_path, load_tokenizer, resolve_model_path
 from .config import Recipe
 from .errors import ModelError
@@ -42,11 +43,6 @@ class ModelInfo:
 
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}  # model.dtype, quant.compute_dtype
-
-
-def precision_dtype(precision: str) -> torch.dtype:
-    """The dtype of a resolved train.precision's matmuls (bf16, fp16; fp32 -> float32)."""
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
 
 
 def compute_dtype(recipe: Recipe, precision: str) -> torch.dtype:

@@ -40,7 +40,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .accel import FrozenWeightsCast
+from .accel import FrozenWeightsCast, half_dtype
 from .config import Recipe, SplitConfig, load_recipe, validate
 from .errors import ConfigError, ModelNotFound, PeftlabError
 
@@ -243,7 +243,7 @@ def encode(recipe: Recipe, ds, label_names: list[str]) -> tuple[np.ndarray, str]
     tokens = task.tokenize(ds, tokenizer, recipe)
     report_truncation(tokens, "select rows", recipe.data.max_length)
     collate, order = task.collator(tokenizer), np.argsort(tokens["length"], kind="stable")
-    half = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    half = half_dtype(precision)
     out = None
     model.requires_grad_(False)  # only read: its linear weights are cast to `half` once (train.cast_frozen), not per batch
     with FrozenWeightsCast(backbone, half if recipe.train.cast_frozen else None):
