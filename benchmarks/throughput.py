@@ -24,8 +24,9 @@ Also in the same invocation:
   shape the training FLOPs per real token -> model-FLOPs utilisation (MFU) of each run;
 - ablations: each speed option of peftlab switched off (or on) alone, same steps, once per --repeats seed (or only
   those --ablations names): length-grouped batching, the last layer at every position, torch's dropout masks, a bf16
-  frozen base, the frozen weights cast per call, host sync every step, the AdamW kernel, bf16 autocast, torch.compile; plus tokenization cold vs cached
-  and the evaluation (sorted by length, batch 128, no grad vs unsorted batch 32).
+  frozen base, the frozen weights cast per call, host sync every step, the AdamW kernel, bf16 autocast,
+  torch.compile; plus tokenization cold vs cached and the evaluation (sorted by length, batch 128, no grad vs unsorted
+  batch 32).
 
     python benchmarks/throughput.py                    # ~60 min on one core: writes results/throughput.{json,md,png}
     python benchmarks/throughput.py --quick            # a few minutes: checks the pipeline

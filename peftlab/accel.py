@@ -130,9 +130,9 @@ class FrozenWeightsCast:
     """train.cast_frozen: under bf16/fp16 autocast, the frozen linear weights are cast once, on entering, and put back
     on leaving. Autocast caches the cast of a weight only while it requires a gradient, so a frozen base is cast anew
     at every forward (for all-MiniLM-L6-v2, 10.8M weights a step: 1.06x a step on an AMX CPU; for an LLM on an fp32
-    base, the whole model per generated token: 1.23x in generation). The copies hold the
-    numbers autocast would have made, so the results are the same; they sit beside the fp32 weights (+50% of those
-    weights' memory) while inside. `suspended()` shows the fp32 weights again (to write a checkpoint)."""
+    base, the whole model per generated token: 1.23x in generation). The copies hold the numbers autocast would have
+    made, so the results are the same; they sit beside the fp32 weights (+50% of those weights' memory) while inside.
+    `suspended()` shows the fp32 weights again (to write a checkpoint)."""
 
     def __init__(self, model, dtype: torch.dtype | None):
         self.params = castable_weights(model) if dtype is not None else []

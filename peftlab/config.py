@@ -240,9 +240,9 @@ class TrainConfig:
                             "training starts (and back when it ends), not at every forward: autocast re-casts a weight that "
                             "needs no gradient at each call. Also in evaluations, `peftlab select`'s features and a "
                             "distillation teacher's pass. The same numbers; the cast copies are held beside the fp32 "
-                            "weights meanwhile (+50% of those weights' memory). On an AMX CPU: 1.06x "
-                            "a MiniLM LoRA step, 1.23x SmolLM2's generation on an fp32 base. Left alone: DoRA's bases (DoRA reads them itself), tied heads, "
-                            "FSDP and DeepSpeed.")
+                            "weights meanwhile (+50% of those weights' memory). On an AMX CPU: 1.06x a MiniLM LoRA step, "
+                            "1.23x SmolLM2's generation on an fp32 base. Left alone: DoRA's bases (DoRA reads them "
+                            "itself), tied heads, FSDP and DeepSpeed.")
     compile: bool = opt(False, "torch.compile the model (dynamic shapes). Pays on long runs with a GPU or a C++ compiler; "
                         "the first steps are slow while it compiles.")
     gradient_checkpointing: bool = opt(False, "Recompute activations in the backward pass (less memory, ~30% slower).")
