@@ -11,8 +11,10 @@ them; the first batches are warm-up).
 Levers (the alternative each is timed against):
 - `uint8 masks`: dropout masks built as bool tensors with a comparison (the stop-32 `keep_mask`); on CPU, ops that
   make or read bool tensors are not vectorized;
-- `fast attention dropout`: transformers' `sdpa` attention (its CPU math fallback draws `bernoulli_` masks) instead
-  of `peftlab.dropout.fast_dropout_attention`;
+- `peftlab attention` (called `fast attention dropout` before stop 48): transformers' `sdpa` attention instead of
+  `peftlab.dropout.cpu_training_attention`, which draws attention-dropout masks with `keep_mask` (`sdpa`'s CPU math
+  fallback draws `bernoulli_` masks) and attends packed SFT rows per example (`sdpa` walks each row's whole
+  block-diagonal mask);
 - `fused AdamW`: torch's foreach AdamW (peftlab's default before stop 38) instead of the fused kernel
   (`train.optimizer_impl: auto`);
 - `skip unread positions`: the classifier's last layer computed at every position (`train.skip_unread: false`)
@@ -58,15 +60,15 @@ def levers(model, optimizers: dict | None = None, trimmed: list = (), cast=None)
     import peftlab.dropout as D
 
     switched = {id(m.config): m.config for m in model.modules()  # the configs use_fast_dropout moved off sdpa
-                if getattr(getattr(m, "config", None), "_attn_implementation", None) == D.ATTENTION}
+                if getattr(getattr(m, "config", None), "_attn_implementation", None) in (D.ATTENTION, D.ATTENTION_PER_EXAMPLE)}
     fast_masks = D.keep_mask
 
     def attention(name):
         return lambda: [setattr(c, "_attn_implementation", name) for c in switched.values()]
 
     chosen = {"uint8 masks": (lambda: setattr(D, "keep_mask", bool_keep_mask), lambda: setattr(D, "keep_mask", fast_masks))}
-    if switched:  # a base on eager (or another) attention has no sdpa fallback to compare with
-        chosen["fast attention dropout"] = (attention("sdpa"), attention(D.ATTENTION))
+    if switched:  # a base on eager (or another) attention has no sdpa to compare with
+        chosen["peftlab attention"] = (attention("sdpa"), attention(next(iter(switched.values()))._attn_implementation))
     if optimizers is not None and optimizers["in use"].defaults.get("fused"):  # the recipe's AdamW is the fused one
         fused = optimizers["in use"]
         chosen["fused AdamW"] = (lambda: optimizers.update({"in use": optimizers["foreach"]}),

@@ -297,7 +297,7 @@ def setup(recipe: Recipe, model, data: TaskData, accelerator, tokenizer=None) ->
     eval_dl = eval_loader(data.eval, recipe.eval.batch_size, eval_collate) if data.eval is not None else None
     optimizer = optimizer_for(model, recipe)
     if t.dropout_impl == "fast":
-        use_fast_dropout(model)  # in place, before compile; CPU only at run time
+        use_fast_dropout(model, per_example=t.packed_attention == "per_example")  # in place, before compile; CPU only at run time
     if trimmed := skip_unread(model, recipe):
         log.info("train.skip_unread: %d layer(s) compute only the positions the head reads", len(trimmed))
     release = t.release_memory == "always" or t.release_memory == "auto" and largest_weight_copy(model) >= MMAP_THRESHOLD

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from peftlab import build_model, run
-from peftlab.dropout import ATTENTION, FastDropout, fast_dropout_attention, keep_mask, use_fast_dropout
+from peftlab.dropout import ATTENTION, FastDropout, cpu_training_attention, keep_mask, use_fast_dropout
 
 from .conftest import logits, losses
 
@@ -110,7 +110,7 @@ def test_evaluations_do_not_change_the_training_masks(make_recipe, tmp_path):
 
 
 @pytest.mark.parametrize("keys", [5, 24])
-def test_fast_dropout_attention_is_attention_with_a_keep_mask(keys):
+def test_cpu_training_attention_is_attention_with_a_keep_mask(keys):
     """In training it is softmax(q k^T * scale + mask) * keep / (1 - p) @ v with keep_mask's mask, values and
     gradients; in evaluation (and without dropout) it is transformers' sdpa function exactly."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
@@ -121,7 +121,7 @@ def test_fast_dropout_attention_is_attention_with_a_keep_mask(keys):
     attend = torch.ones(2, 1, keys, keys, dtype=torch.bool)
     attend[1, :, :, -2:] = False  # the second row's last two keys are padding
     torch.manual_seed(1)
-    out, _ = fast_dropout_attention(module, q, k, v, attend, dropout=0.25, scaling=0.3)
+    out, _ = cpu_training_attention(module, q, k, v, attend, dropout=0.25, scaling=0.3)
     torch.manual_seed(1)
     keep = keep_mask(torch.Size([2, 3, keys, keys]), 0.25)
     scores = (q @ k.transpose(2, 3)) * 0.3 + torch.zeros(attend.shape).masked_fill(~attend, torch.finfo(torch.float32).min)
@@ -134,14 +134,14 @@ def test_fast_dropout_attention_is_attention_with_a_keep_mask(keys):
     for mode, p in (("eval", 0.25), ("train", 0.0)):  # sdpa's own dropout (if any): the same seed, the same draws
         getattr(module, mode)()
         torch.manual_seed(2)
-        got, _ = fast_dropout_attention(module, q, k, v, attend, dropout=p, scaling=0.3)
+        got, _ = cpu_training_attention(module, q, k, v, attend, dropout=p, scaling=0.3)
         torch.manual_seed(2)
         ref, _ = sdpa_attention_forward(module, q, k, v, attend, dropout=p, scaling=0.3)
         assert torch.equal(got, ref)
 
 
 def test_use_fast_dropout_switches_sdpa_attention_and_leaves_no_trace(tmp_path, tiny_bert):
-    """A base with attention dropout trains through fast_dropout_attention; in evaluation it gives sdpa's logits, and
+    """A base with attention dropout trains through cpu_training_attention; in evaluation it gives sdpa's logits, and
     neither the saved config nor a reloaded model names the peftlab function."""
     from transformers import AutoModelForSequenceClassification
 
@@ -164,3 +164,95 @@ def test_use_fast_dropout_switches_sdpa_attention_and_leaves_no_trace(tmp_path, 
     assert ATTENTION not in (tmp_path / "saved" / "config.json").read_text()
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "saved")
     assert reloaded.config._attn_implementation == "sdpa"
+
+
+def packed_rows(lengths_per_row: list[list[int]]):
+    """Position ids of packed rows (restarting at each example) and the block-diagonal causal mask masking_utils
+    gives sdpa for them."""
+    position_ids = torch.tensor([[p for n in row for p in range(n)] for row in lengths_per_row])
+    example = torch.tensor([[i for i, n in enumerate(row) for _ in range(n)] for row in lengths_per_row])
+    n = position_ids.shape[1]
+    mask = (example[:, :, None] == example[:, None, :]) & torch.ones(n, n, dtype=torch.bool).tril()
+    return position_ids, mask[:, None]
+
+
+def test_packed_examples_are_found_only_where_the_mask_is_exactly_per_example():
+    from peftlab.dropout import packed_examples
+
+    position_ids, mask = packed_rows([[3, 2, 4], [6, 3]])
+    assert packed_examples(position_ids, mask) == [[(0, 3), (3, 5), (5, 9)], [(0, 6), (6, 9)]]
+    assert packed_examples(position_ids, mask.clone()) == [[(0, 3), (3, 5), (5, 9)], [(0, 6), (6, 9)]]  # not cached by value
+    other = mask.clone()
+    other[1, 0, 7, 2] = True  # one key of another example visible: not packed attention
+    assert packed_examples(position_ids, other) is None
+    padded = torch.ones(2, 1, 9, 9, dtype=torch.bool).tril()
+    padded[1, :, :, -2:] = False  # a padded row's mask (no position restarts) is left to sdpa
+    assert packed_examples(torch.arange(9).expand(2, 9), padded) is None
+    assert packed_examples(position_ids, None) is None and packed_examples(None, mask) is None
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_packed_rows_are_attended_per_example_as_sdpa_attends_the_masked_row(kv_heads):
+    """In training on CPU with per_example, packed rows take the per-example path (without it, sdpa itself): the same output and gradients as sdpa over the
+    block-diagonal mask (fp32, grouped KV heads too); in evaluation it is sdpa itself."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    import peftlab.dropout as D
+
+    torch.manual_seed(0)
+    module = nn.Module()
+    module.num_key_value_groups = 4 // kv_heads
+    position_ids, mask = packed_rows([[5, 1, 6], [8, 4]])
+    q = torch.randn(2, 4, 12, 8, requires_grad=True)
+    k, v = (torch.randn(2, kv_heads, 12, 8, requires_grad=True) for _ in range(2))
+    calls = []
+    per_example = D._per_example_attention
+    D._per_example_attention = lambda *a: calls.append(1) or per_example(*a)
+    try:
+        assert torch.equal(cpu_training_attention(module, q, k, v, mask, scaling=0.3, position_ids=position_ids)[0],
+                           sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)[0]) and not calls  # masked: sdpa
+        out, _ = cpu_training_attention(module, q, k, v, mask, scaling=0.3, position_ids=position_ids, per_example=True)
+    finally:
+        D._per_example_attention = per_example
+    want, _ = sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)
+    assert calls and out.shape == want.shape == (2, 12, 4, 8)
+    torch.testing.assert_close(out, want)
+    g = torch.randn_like(out)
+    torch.testing.assert_close(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(want, (q, k, v), g))
+    module.eval()
+    assert torch.equal(cpu_training_attention(module, q, k, v, mask, scaling=0.3, position_ids=position_ids,
+                                              per_example=True)[0], want)
+
+
+def test_a_packed_llama_trains_per_example_with_sdpa_s_loss_and_gradients(tiny_llama):
+    """End to end: a causal LM on packed rows (position ids restarting, no attention mask, as the SFT collator makes
+    them) gets sdpa's loss and gradients through use_fast_dropout's attention with per_example, which takes the
+    per-example path in every layer."""
+    from transformers import AutoModelForCausalLM
+
+    import peftlab.dropout as D
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").train()
+    position_ids, _ = packed_rows([[7, 5, 4], [9, 7]])
+    batch = {"input_ids": torch.randint(5, 100, position_ids.shape), "position_ids": position_ids, "use_cache": False}
+    batch["labels"] = batch["input_ids"]
+
+    def loss_and_grads():
+        model.zero_grad(set_to_none=True)
+        loss = model(**batch).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    want_loss, want_grads = loss_and_grads()
+    use_fast_dropout(model, per_example=True)
+    assert model.config._attn_implementation == D.ATTENTION_PER_EXAMPLE
+    calls = []
+    per_example = D._per_example_attention
+    D._per_example_attention = lambda *a: calls.append(1) or per_example(*a)
+    try:
+        loss, grads = loss_and_grads()
+    finally:
+        D._per_example_attention = per_example
+    assert len(calls) == model.config.num_hidden_layers
+    assert loss == pytest.approx(want_loss, abs=1e-5)
+    torch.testing.assert_close(grads, want_grads, rtol=1e-4, atol=1e-6)

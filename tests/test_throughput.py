@@ -114,7 +114,7 @@ def test_step_levers_alternatives_are_the_same_decisions_and_switch_back(tiny_be
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2, attn_implementation="sdpa")
     D.use_fast_dropout(model)
     levers = sl.levers(model)
-    assert set(levers) == {"uint8 masks", "fast attention dropout"}
+    assert set(levers) == {"uint8 masks", "peftlab attention"}
     before = (D.keep_mask, model.config._attn_implementation)
     for alternative, default in levers.values():
         alternative()
