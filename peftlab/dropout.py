@@ -71,7 +71,12 @@ class FastDropout(nn.Dropout):
             return super().forward(x)
         if self.p == 1:
             return x * 0
-        return _MaskedScale.apply(x, keep_mask(x.shape, self.p), 1.0 / (1.0 - self.p))
+        return masked_dropout(x, self.p)
+
+
+def masked_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
+    """x with a `keep_mask` mask applied and the survivors scaled by 1 / (1 - p), for 0 < p < 1."""
+    return _MaskedScale.apply(x, keep_mask(x.shape, p), 1.0 / (1.0 - p))
 
 
 ATTENTION = "peftlab_cpu_training"  # the names registered with transformers' attention and mask interfaces
@@ -87,12 +92,12 @@ def cpu_training_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     scale = query.size(-1) ** -0.5 if scaling is None else scaling
-    if per_example and module.training and query.device.type == "cpu" and kwargs.get("softcap") is None and kwargs.get("position_bias") is None:
-        if (examples := packed_examples(kwargs.get("position_ids"), attention_mask)) is not None:
-            return _per_example_attention(query, key, value, examples, dropout, scale), None
+    cpu_training = (module.training and query.device.type == "cpu"
+                    and all(kwargs.get(k) is None for k in ("position_bias", "softcap")))
+    if per_example and cpu_training and (examples := packed_examples(kwargs.get("position_ids"), attention_mask)) is not None:
+        return _per_example_attention(query, key, value, examples, dropout, scale), None
     causal_unmasked = attention_mask is None and (is_causal if is_causal is not None else getattr(module, "is_causal", False))
-    if (not module.training or dropout == 0 or query.device.type != "cpu" or causal_unmasked
-            or getattr(module, "num_key_value_groups", 1) > 1 or any(kwargs.get(k) is not None for k in ("position_bias", "softcap"))):
+    if not cpu_training or dropout == 0 or causal_unmasked or getattr(module, "num_key_value_groups", 1) > 1:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
     scores = torch.matmul(query, key.transpose(2, 3)) * scale
@@ -101,7 +106,7 @@ def cpu_training_attention(module: nn.Module, query: torch.Tensor, key: torch.Te
             attention_mask = torch.zeros(attention_mask.shape, dtype=scores.dtype).masked_fill_(
                 ~attention_mask, torch.finfo(scores.dtype).min)
         scores = scores + attention_mask
-    probs = _MaskedScale.apply(torch.softmax(scores, dim=-1), keep_mask(scores.shape, dropout), 1.0 / (1.0 - dropout))
+    probs = masked_dropout(torch.softmax(scores, dim=-1), dropout)
     return torch.matmul(probs.to(value.dtype), value).transpose(1, 2).contiguous(), None
 
 
@@ -143,7 +148,7 @@ def _per_example_attention(query, key, value, examples, dropout: float, scale: f
             scores = scores + torch.full((n, n), float("-inf"), dtype=scores.dtype).triu_(1)
             probs = torch.softmax(scores, dim=-1)
             if dropout:
-                probs = _MaskedScale.apply(probs, keep_mask(probs.shape, dropout), 1.0 / (1.0 - dropout))
+                probs = masked_dropout(probs, dropout)
             parts.append(torch.matmul(probs.to(value.dtype), value[i, :, start:end].unsqueeze(1)).reshape(heads, n, dim))
         rows.append(torch.cat(parts, 1))
     return torch.stack(rows).transpose(1, 2).contiguous()
