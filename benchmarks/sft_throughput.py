@@ -11,6 +11,8 @@ decay, <= 512 tokens, one epoch over the same N seeded training dialogues. Sides
   checkpointing, which TRL turns on by default) x grad_accum 2;
 - `peftlab-torch-dropout` (only when `--sides` names it): peftlab with torch's own dropout masks
   (`train.dropout_impl=torch`), what the default fast masks save;
+- `peftlab-masked` (only when `--sides` names it): peftlab with `sdpa` over each packed row's block-diagonal mask
+  (`train.packed_attention=masked`), what attending each example alone saves;
 - `trl-packed`: SFTTrainer with `packing=True` (best-fit decreasing, padding-free: position ids restart per example)
   and activation checkpointing off, 4 packed rows of 512 x grad_accum 2: the settings of the peftlab recipe.
 
@@ -43,7 +45,8 @@ from benchmarks.common import RESULTS, gemm_peak, measured_process, train_proces
 RECIPE = REPO / "recipes/smollm2-135m/samsum-sft-lora.yaml"
 OUT = RESULTS / "sft_throughput"
 SIDES = ("peftlab", "trl", "trl-packed")
-EXTRA_SIDES = {"peftlab-torch-dropout": ["train.dropout_impl=torch"]}  # peftlab ablations, run when --sides names them
+EXTRA_SIDES = {"peftlab-torch-dropout": ["train.dropout_impl=torch"],  # peftlab ablations, run when --sides names them
+               "peftlab-masked": ["train.packed_attention=masked"]}
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
 MAX_LENGTH, LR, WARMUP, ACCUM = 512, 5e-4, 0.05, 2
 

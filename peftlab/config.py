@@ -232,11 +232,11 @@ class TrainConfig:
                             "float32 copy, also for attention probabilities (sdpa attention has no fused CPU kernel with "
                             "dropout); torch = nn.Dropout and sdpa as they are. GPUs use torch's kernels.",
                             ("fast", "torch"))
-    packed_attention: str = opt("masked", "Attention over packed SFT rows in CPU training (with dropout_impl: fast): masked = "
-                                "sdpa over each row's block-diagonal mask; per_example = each example attended alone, "
-                                "the cross-example blocks never computed: 1.20x a SmolLM2 SFT step, but it keeps each "
-                                "example's attention probabilities for the backward pass (+0.8 GB peak without activation "
-                                "checkpointing, +0.65 GB with it in the lean case: benchmarks/README.md, stop 48).",
+    packed_attention: str = opt("per_example", "Attention over packed SFT rows in CPU training (with dropout_impl: fast; "
+                                "attention dropout 0): per_example = each example attended alone, the cross-example "
+                                "blocks never computed, its probabilities kept (in the compute dtype) for the backward pass: 1.20x a "
+                                "SmolLM2 SFT step; masked = sdpa over each row's block-diagonal mask (benchmarks/README.md, "
+                                "stop 49).",
                                 ("masked", "per_example"))
     skip_unread: bool = opt(True, "Skip work whose result the task's head never reads: a BERT-family classifier's last layer "
                             "computes the query, attention output and feed-forward block at position 0 only (its head "
