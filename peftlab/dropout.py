@@ -35,18 +35,22 @@ _LEVELS = 1 << 16  # 16 random bits per element
 
 
 class _MaskedScale(torch.autograd.Function):
-    """x * keep * scale, saving the 0/1 uint8 mask (1 byte per element, as torch's native dropout does)."""
+    """x * scale * keep, saving the 0/1 uint8 mask (1 byte per element, as torch's native dropout does).
+
+    Scaled first, by the Python float: torch multiplies a bf16/fp16 tensor by a scalar in fp32 and rounds once, so
+    a bf16 x gives exactly its fp32 copy's result rounded to bf16 (scaling the mask in bf16 first would round 1 / (1 - p)
+    itself: 1/0.95 becomes 1.0547). The mask's 0/1 then multiplies exactly."""
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, keep: torch.Tensor, scale: float) -> torch.Tensor:
         ctx.save_for_backward(keep)
         ctx.scale = scale
-        return x * keep.to(x.dtype).mul_(scale)
+        return x.mul(scale).mul_(keep)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         (keep,) = ctx.saved_tensors
-        return grad * keep.to(grad.dtype).mul_(ctx.scale), None, None
+        return grad.mul(ctx.scale).mul_(keep), None, None
 
 
 def keep_mask(shape: torch.Size, p: float) -> torch.Tensor:
