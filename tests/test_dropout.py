@@ -197,6 +197,19 @@ def packed_rows(lengths_per_row: list[list[int]]):
     return position_ids, mask[:, None]
 
 
+def packed_attention_inputs(lengths_per_row: list[list[int]], kv_heads: int, dim: int, seed: int):
+    """An attention module with 4 query heads over `kv_heads` KV heads, packed rows' position ids and mask, and fp32
+    q, k, v (batch, heads, tokens, dim) that require gradients, drawn from `seed`."""
+    torch.manual_seed(seed)
+    module = nn.Module()
+    module.num_key_value_groups = 4 // kv_heads
+    position_ids, mask = packed_rows(lengths_per_row)
+    shape = (len(lengths_per_row), 4, position_ids.shape[1], dim)
+    q = torch.randn(*shape, requires_grad=True)
+    k, v = (torch.randn(shape[0], kv_heads, *shape[2:], requires_grad=True) for _ in range(2))
+    return module, position_ids, mask, q, k, v
+
+
 def test_packed_examples_are_found_only_where_the_mask_is_exactly_per_example():
     from peftlab.dropout import packed_examples
 
@@ -219,12 +232,7 @@ def test_packed_rows_are_attended_per_example_as_sdpa_attends_the_masked_row(kv_
     itself."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    torch.manual_seed(0)
-    module = nn.Module()
-    module.num_key_value_groups = 4 // kv_heads
-    position_ids, mask = packed_rows([[5, 1, 6], [8, 4]])
-    q = torch.randn(2, 4, 12, 8, requires_grad=True)
-    k, v = (torch.randn(2, kv_heads, 12, 8, requires_grad=True) for _ in range(2))
+    module, position_ids, mask, q, k, v = packed_attention_inputs([[5, 1, 6], [8, 4]], kv_heads, dim=8, seed=0)
     calls = count_per_example_calls(monkeypatch)
     assert torch.equal(cpu_training_attention(module, q, k, v, mask, scaling=0.3, position_ids=position_ids)[0],
                        sdpa_attention_forward(module, q, k, v, mask, scaling=0.3)[0]) and not calls  # masked: sdpa
@@ -256,12 +264,7 @@ def test_per_example_attention_in_bf16_is_as_close_to_fp32_as_sdpa_is(kv_heads, 
     q and k in fp32 and v in bf16 (a Llama on an fp32 base: its rotary positions are fp32), with sdpa's dtypes."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    torch.manual_seed(1)
-    module = nn.Module()
-    module.num_key_value_groups = 4 // kv_heads
-    position_ids, mask = packed_rows([[20, 9, 35], [40, 24]])
-    q32 = torch.randn(2, 4, 64, 16, requires_grad=True)
-    k32, v32 = (torch.randn(2, kv_heads, 64, 16, requires_grad=True) for _ in range(2))
+    module, position_ids, mask, q32, k32, v32 = packed_attention_inputs([[20, 9, 35], [40, 24]], kv_heads, dim=16, seed=1)
     g = torch.randn(2, 64, 4, 16)
     want, _ = sdpa_attention_forward(module, q32, k32, v32, mask, scaling=0.25)
     want = [want, *torch.autograd.grad(want, (q32, k32, v32), g)]
