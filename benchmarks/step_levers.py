@@ -11,6 +11,8 @@ them; the first batches are warm-up).
 Levers (the alternative each is timed against):
 - `uint8 masks`: dropout masks built as bool tensors with a comparison (the stop-32 `keep_mask`); on CPU, ops that
   make or read bool tensors are not vectorized;
+- `sparse dropout`: every dropout mask drawn as a `keep_mask` (16 random bits per element; peftlab before stop 51)
+  instead of only the dropped positions below p = 0.15 (`peftlab.dropout.dropped_positions`);
 - `peftlab attention` (called `fast attention dropout` before stop 48): transformers' `sdpa` attention instead of
   `peftlab.dropout.cpu_training_attention`, which draws attention-dropout masks with `keep_mask` (`sdpa`'s CPU math
   fallback draws `bernoulli_` masks) and attends packed SFT rows per example (`sdpa` walks each row's whole
@@ -66,7 +68,9 @@ def levers(model, optimizers: dict | None = None, trimmed: list = (), cast=None)
     def attention(name):
         return lambda: [setattr(c, "_attn_implementation", name) for c in switched.values()]
 
-    chosen = {"uint8 masks": (lambda: setattr(D, "keep_mask", bool_keep_mask), lambda: setattr(D, "keep_mask", fast_masks))}
+    sparse_below = D.SPARSE_BELOW
+    chosen = {"uint8 masks": (lambda: setattr(D, "keep_mask", bool_keep_mask), lambda: setattr(D, "keep_mask", fast_masks)),
+              "sparse dropout": (lambda: setattr(D, "SPARSE_BELOW", 0.0), lambda: setattr(D, "SPARSE_BELOW", sparse_below))}
     if switched:  # a base on eager (or another) attention has no sdpa to compare with
         chosen["peftlab attention"] = (attention("sdpa"), attention(next(iter(switched.values()))._attn_implementation))
     if optimizers is not None and optimizers["in use"].defaults.get("fused"):  # the recipe's AdamW is the fused one

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from peftlab import build_model, run
-from peftlab.dropout import ATTENTION, FastDropout, cpu_training_attention, keep_mask, use_fast_dropout
+from peftlab.dropout import ATTENTION, SPARSE_BELOW, FastDropout, cpu_training_attention, dropped_positions, keep_mask, masked_dropout, use_fast_dropout
 
 from .conftest import logits, losses
 
@@ -37,14 +37,50 @@ def test_keep_mask_is_exactly_the_16_bit_comparison(p):
     assert torch.equal(mask.bool(), bits >= round(p * 65536) - 32768)
 
 
-def test_fast_dropout_behaves_like_nn_dropout():
-    p, x = 0.25, torch.randn(64, 48, requires_grad=True)
+@pytest.mark.parametrize("p", [0.001, 0.05, 0.14])
+def test_dropped_positions_are_a_bernoulli_sequence(p):
+    """Each element dropped independently with probability p: the rate, no position bias (none at the end, where the
+    gaps are cut), and independence of neighbours (a drop is followed by a drop with probability p, by a gap of
+    exactly k with probability p (1 - p)^k)."""
+    n = 2_000_000
+    torch.manual_seed(0)
+    pos = dropped_positions(n, p)
+    assert pos.dtype == torch.int64 and pos.ndim == 1
+    assert pos[0] >= 0 and pos[-1] < n and bool((pos[1:] > pos[:-1]).all())  # sorted, distinct, in range
+    sd = (p * (1 - p) / n) ** 0.5
+    assert len(pos) / n == pytest.approx(p, abs=6 * sd)
+    for quarter in range(4):  # the same rate in every quarter, the last included
+        in_quarter = ((pos >= quarter * n // 4) & (pos < (quarter + 1) * n // 4)).sum().item()
+        assert in_quarter / (n // 4) == pytest.approx(p, abs=12 * sd)
+    gaps = pos[1:] - pos[:-1] - 1
+    for k in range(3):
+        want = p * (1 - p) ** k
+        assert (gaps == k).float().mean().item() == pytest.approx(want, abs=6 * (want / len(gaps)) ** 0.5 + 1e-9)
+
+
+def test_dropped_positions_do_not_depend_on_how_many_gaps_are_drawn_at_once():
+    """The gaps are drawn in chunks until they pass n: chunks of 3 (hundreds of rounds) read the generator's stream
+    in the same order as one large draw, so they give exactly the same positions; tiny inputs work too."""
+    torch.manual_seed(2)
+    once = dropped_positions(20_000, 0.05)
+    torch.manual_seed(2)
+    assert torch.equal(dropped_positions(20_000, 0.05, draw=3), once)
+    torch.manual_seed(2)
+    tiny = [dropped_positions(1, 0.1) for _ in range(2000)]
+    assert all(t.numel() in (0, 1) and (t.numel() == 0 or t.item() == 0) for t in tiny)
+    assert sum(t.numel() for t in tiny) / 2000 == pytest.approx(0.1, abs=0.04)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.25])  # below SPARSE_BELOW the dropped positions are drawn, from it a keep mask
+def test_fast_dropout_behaves_like_nn_dropout(p):
+    assert (p < SPARSE_BELOW) == (p == 0.05)
+    x = torch.randn(64, 48, requires_grad=True)
     drop = FastDropout(p)
     torch.manual_seed(1)
     y = drop(x)
     kept = y != 0
     torch.testing.assert_close(y[kept], x[kept] / (1 - p))  # survivors scaled by 1 / (1 - p), the rest zero
-    assert 0.6 < kept.float().mean().item() < 0.9
+    assert kept.float().mean().item() == pytest.approx(1 - p, abs=0.05)
     y.sum().backward()
     torch.testing.assert_close(x.grad, kept.float() / (1 - p))  # the same mask and scale in the backward pass
     torch.manual_seed(1)
@@ -56,12 +92,13 @@ def test_fast_dropout_behaves_like_nn_dropout():
     assert torch.equal(drop.eval()(x), x)  # evaluation: the identity
 
 
+@pytest.mark.parametrize("p", [0.05, 0.3])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_fast_dropout_in_half_precision_is_its_fp32_result_rounded(dtype):
+def test_fast_dropout_in_half_precision_is_its_fp32_result_rounded(dtype, p):
     """A bf16/fp16 input (and its gradient) gives exactly what its fp32 copy gives, rounded once: the scale 1 / (1 - p)
     is not itself rounded to the half dtype. Under bf16 autocast a base's dropouts get bf16 activations (MiniLM's after
     each dense layer); before stop 50 their survivors were scaled by 1/0.9 rounded to bf16 (1.109, -0.16%)."""
-    drop = FastDropout(0.05)
+    drop = FastDropout(p)
     x = torch.randn(8, 512).to(dtype)
     grad = torch.randn(8, 512).to(dtype)
     out, grads = {}, {}
@@ -74,20 +111,42 @@ def test_fast_dropout_in_half_precision_is_its_fp32_result_rounded(dtype):
     assert out[dtype].dtype == dtype and grads[dtype].dtype == dtype
     assert torch.equal(out[dtype], out[torch.float32].to(dtype))
     assert torch.equal(grads[dtype], grads[torch.float32].to(dtype))
-    assert (out[dtype] != 0).float().mean().item() == pytest.approx(0.95, abs=0.02)
+    assert (out[dtype] != 0).float().mean().item() == pytest.approx(1 - p, abs=0.03)
 
 
-def test_fast_dropout_keeps_a_one_byte_mask_for_the_backward_pass():
-    """torch's CPU dropout saves a float mask of the input's dtype (4 bytes an element in fp32); FastDropout a uint8 0/1 mask."""
+def test_fast_dropout_keeps_at_most_a_byte_an_element_for_the_backward_pass():
+    """torch's CPU dropout saves a float mask of the input's dtype (4 bytes an element in fp32); FastDropout a uint8 0/1
+    mask, or below SPARSE_BELOW the int32 positions of the dropped elements (4p bytes an element)."""
     x = torch.randn(100, 10, requires_grad=True)
-    def saved_dtypes(drop) -> list[torch.dtype]:
-        saved = []
-        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.dtype) or t, lambda t: t):
+    def saved(drop) -> list[torch.Tensor]:
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
             drop(x * 1.0)
-        return saved
+        return kept
 
-    assert saved_dtypes(nn.Dropout(0.1)) == [torch.float32]
-    assert saved_dtypes(FastDropout(0.1)) == [torch.uint8]
+    assert [t.dtype for t in saved(nn.Dropout(0.1))] == [torch.float32]
+    assert [(t.dtype, t.shape) for t in saved(FastDropout(0.3))] == [(torch.uint8, x.shape)]
+    torch.manual_seed(0)
+    (positions,) = saved(FastDropout(0.1))
+    assert positions.dtype == torch.int32 and 50 < positions.numel() < 150  # ~100 of the 1000 elements
+
+
+def test_dropout_from_positions_handles_non_contiguous_inputs_and_gradients():
+    """The positions count in row-major order: a transposed input and a transposed gradient must be dropped at the
+    same logical elements as their contiguous copies."""
+    x = torch.randn(40, 30)
+    grad = torch.randn(30, 40).t()  # non-contiguous, shape (40, 30)
+    results = []
+    for source in (x.t().contiguous().t(), x.clone()):  # a transposed view, then the contiguous tensor
+        source.requires_grad_(True)
+        torch.manual_seed(7)
+        out = masked_dropout(source, 0.1)
+        out.backward(grad)
+        results.append((out, source.grad))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    dropped = results[1][0] == 0
+    assert torch.equal(results[1][1] == 0, dropped) and dropped.any()
+    torch.testing.assert_close(results[1][1][~dropped], grad[~dropped] / 0.9)
 
 
 def test_use_fast_dropout_replaces_the_base_and_adapter_dropouts(make_recipe):
@@ -109,11 +168,11 @@ def test_fast_dropout_runs_are_reproducible_and_not_torchs_masks(make_recipe, tm
     assert losses(tmp_path / "torch") != losses(tmp_path / "fast")  # the option took effect
 
 
-@pytest.mark.parametrize("impl", ["fast", "torch"])
-def test_resume_draws_the_same_dropout_masks(make_recipe, tmp_path, impl):
+@pytest.mark.parametrize("impl, p", [("fast", 0.3), ("fast", 0.1), ("torch", 0.3)])  # fast at 0.1: dropped positions
+def test_resume_draws_the_same_dropout_masks(make_recipe, tmp_path, impl, p):
     """The loaders draw from their own generators: a resumed run's fresh loader iterator used to take a seed from the
     global RNG and shift every later dropout mask (losses off by ~3e-5 after the resume)."""
-    ov = {"adapter.dropout": 0.3, "train.dropout_impl": impl, "train.epochs": 1, "train.log_every": 1, "train.save_every": 4,
+    ov = {"adapter.dropout": p, "train.dropout_impl": impl, "train.epochs": 1, "train.log_every": 1, "train.save_every": 4,
           "train.keep_checkpoints": 4}
     full = run(make_recipe({**ov, "output_dir": tmp_path / "full"}))
     part = tmp_path / "part"

@@ -114,13 +114,13 @@ def test_step_levers_alternatives_are_the_same_decisions_and_switch_back(tiny_be
     model = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2, attn_implementation="sdpa")
     D.use_fast_dropout(model)
     levers = sl.levers(model)
-    assert set(levers) == {"uint8 masks", "peftlab attention"}
-    before = (D.keep_mask, model.config._attn_implementation)
+    assert set(levers) == {"uint8 masks", "sparse dropout", "peftlab attention"}
+    before = (D.keep_mask, D.SPARSE_BELOW, model.config._attn_implementation)
     for alternative, default in levers.values():
         alternative()
-        assert (D.keep_mask, model.config._attn_implementation) != before
+        assert (D.keep_mask, D.SPARSE_BELOW, model.config._attn_implementation) != before
         default()
-        assert (D.keep_mask, model.config._attn_implementation) == before
+        assert (D.keep_mask, D.SPARSE_BELOW, model.config._attn_implementation) == before
 
     params = [p for p in model.parameters() if p.requires_grad]
     fused, foreach = torch.optim.AdamW(params, fused=True), torch.optim.AdamW(params, foreach=True)
@@ -133,7 +133,7 @@ def test_step_levers_alternatives_are_the_same_decisions_and_switch_back(tiny_be
     assert "fused AdamW" not in sl.levers(model, {"in use": foreach, "foreach": foreach})  # nothing to compare with
     eager = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2, attn_implementation="eager")
     D.use_fast_dropout(eager)
-    assert set(sl.levers(eager)) == {"uint8 masks"}  # no sdpa fallback to time against
+    assert set(sl.levers(eager)) == {"uint8 masks", "sparse dropout"}  # no sdpa fallback to time against
 
     from peftlab.tasks.classification import trim
 
