@@ -215,3 +215,25 @@ def test_llm_report_keeps_generated_rows_with_the_result_and_never_drops_a_secti
     llm.report()
     text = (tmp_path / "llm.md").read_text()
     assert "Carried over" not in text and "| zero-shot | 3 | 25.00 | 50.00 | none | 100 |" in text
+
+
+def test_gemm_peak_is_the_best_window_not_a_dip(monkeypatch):
+    """The MFU denominator must not drop with a passing dip of a shared host: with the clock running 10x slower per
+    matmul in the first windows than in the last ones, the peak is the rate of a fast window."""
+    import torch
+
+    common = load_benchmark("common")
+    calls = {"n": 0, "t": 0.0}
+
+    def clock():  # each call advances the clock: 0.1 s per call for the first 10 calls (a dip), then 0.01 s
+        calls["n"] += 1
+        calls["t"] += 0.1 if calls["n"] <= 10 else 0.01
+        return calls["t"]
+
+    monkeypatch.setattr(common.time, "perf_counter", clock)
+    monkeypatch.setattr(torch, "randn", lambda *shape, dtype=None: torch.zeros(2, 2, dtype=dtype))  # no real GEMMs
+    peak = common.gemm_peak(1, "fp32")
+    flops = {"square_2048": 2 * 2048**3, "ffn_512x384x1536": 2 * 512 * 384 * 1536}
+    for name, f in flops.items():  # 49 matmuls in each fast window of 0.51 s
+        assert peak[name] == pytest.approx(f * 49 / 0.51 / 1e9, rel=0.01)
+    assert peak["peak_gflops"] == max(peak["square_2048"], peak["ffn_512x384x1536"])
