@@ -65,6 +65,8 @@ def test_dropped_positions_do_not_depend_on_how_many_gaps_are_drawn_at_once():
     once = dropped_positions(20_000, 0.05)
     torch.manual_seed(2)
     assert torch.equal(dropped_positions(20_000, 0.05, draw=3), once)
+    assert dropped_positions(0, 0.1).numel() == 0
+    assert masked_dropout(torch.randn(0, 5), 0.1).shape == (0, 5)  # an empty input
     torch.manual_seed(2)
     tiny = [dropped_positions(1, 0.1) for _ in range(2000)]
     assert all(t.numel() in (0, 1) and (t.numel() == 0 or t.item() == 0) for t in tiny)
