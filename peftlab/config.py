@@ -229,7 +229,7 @@ class TrainConfig:
     dropout_impl: str = opt("fast", "Dropout on CPU: fast = masks from 16 random bits per element, drawn 64 at a time from the "
                             "seeded generator (~3x cheaper than torch's per-element bernoulli_; keep probability exact to "
                             "1/65536), kept for the backward pass as 1 byte per element where torch's CPU dropout keeps a "
-                            "float32 copy; for p < 0.15 only the dropped positions are drawn (geometric gaps: 2-3x cheaper "
+                            "float32 copy; for p < 0.15 only the dropped positions are drawn (geometric gaps: 1.4-3x cheaper "
                             "again at p = 0.05, 4p bytes per element kept); also for attention probabilities (sdpa "
                             "attention has no fused CPU kernel with dropout); torch = nn.Dropout and sdpa as they are. GPUs "
                             "use torch's kernels.",
