@@ -212,10 +212,10 @@ def run_pair(args, seed: int, peak: dict) -> None:
             result["adapter"] = str(out / "adapter")
         after = gemm_peak(torch.get_num_threads(), peak["precision"])  # again right after: a dip at the start would flatter
         best = max(peak, after, key=lambda g: g["peak_gflops"])
-        result.update(gemm_peaks_measured=[peak["peak_gflops"], after["peak_gflops"]])
         result.update(side=side, seed=seed, rows=args.rows, real_tokens=tokens, peak_rss_mib=rss,
                       tokens_per_s=tokens / result["train_seconds"], answer_tokens=counts["answer"], training_flops=flops,
                       mfu=flops / result["train_seconds"] / (best["peak_gflops"] * 1e9), gemm_peak=best,
+                      gemm_peaks_measured=[peak["peak_gflops"], after["peak_gflops"]],
                       eval_rows=len(valid), answer_loss=answer_loss(Path(result["adapter"]), valid))
         atomic_write_text(dest, json.dumps(result, indent=2))
         print(f"[{side} seed {seed}] {result['tokens_per_s']:.0f} real tokens/s (MFU {result['mfu']:.1%}), {result['steps']} steps, "

@@ -31,6 +31,7 @@ compute the scores in the autocast dtype and the softmax in fp32, as transformer
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 from torch import nn
@@ -111,7 +112,7 @@ def dropped_positions(n: int, p: float, draw: int | None = None) -> torch.Tensor
     random floats instead of 16 bits for every element: 0.05 * n 32-bit draws at p = 0.05, where `keep_mask` takes
     0.5 * n. Gaps are drawn `draw` at a time (default: enough to pass n with probability ~1 - 1e-9) until they pass n;
     the generator's stream is read in order, so `draw` does not change the positions."""
-    per_gap = 1.0 / torch.log1p(torch.tensor(-p, dtype=torch.float64)).item()
+    per_gap = 1.0 / math.log1p(-p)
     draw = draw or int(n * p + 6 * (n * p * (1 - p)) ** 0.5) + 16
     parts, last = [], -1  # the last position drawn so far
     while last < n - 1:
@@ -130,7 +131,7 @@ SPARSE_BELOW = 0.15  # masked_dropout draws the dropped positions below this p, 
 
 def masked_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """x with a random p of its elements zeroed and the survivors scaled by 1 / (1 - p), for 0 < p < 1: below
-    SPARSE_BELOW from `dropped_positions` (~3x cheaper at p = 0.05, forward and backward), otherwise a `keep_mask`."""
+    SPARSE_BELOW from `dropped_positions` (1.4-3x cheaper at p = 0.05, forward and backward), otherwise a `keep_mask`."""
     if p < SPARSE_BELOW:
         return _DropPositions.apply(x, dropped_positions(x.numel(), p), 1.0 / (1.0 - p))
     return _MaskedScale.apply(x, keep_mask(x.shape, p), 1.0 / (1.0 - p))
