@@ -148,3 +148,12 @@ def test_step_levers_alternatives_are_the_same_decisions_and_switch_back(tiny_be
         default()
         default()
         assert vars(layer)["forward"] is trimmed
+
+
+def test_mfu_is_restated_against_the_highest_peak_measured(tp):
+    rows = [{"mfu": 0.5, "hfu": 0.6, "gemm_peak_gflops": 400.0}, {"gemm_peak_gflops": 400.0}]  # the second: no MFU (memory case)
+    assert tp.against_highest_peak(rows, [{"peak_gflops": 400.0}, {"peak_gflops": 500.0}]) == 500.0
+    assert rows[0] == {"mfu": pytest.approx(0.4), "hfu": pytest.approx(0.48), "gemm_peak_gflops": 500.0}
+    assert rows[1] == {"gemm_peak_gflops": 500.0}
+    assert tp.against_highest_peak(rows, [{"peak_gflops": 450.0}, {"peak_gflops": 500.0}]) == 500.0  # a lower reading changes nothing
+    assert rows[0]["mfu"] == pytest.approx(0.4)
