@@ -23,6 +23,8 @@ Levers (the alternative each is timed against):
   instead of at position 0 only, the one its head reads;
 - `cast frozen once`: autocast casting the frozen fp32 weights at every forward (`train.cast_frozen: false`) instead
   of their bf16 copies made once (only under bf16 autocast).
+- `fused LoRA`: peft's LoRA forward (`train.lora_impl: peft`) instead of `peftlab.fused_lora.FusedLoraLinear`
+  (base, dropout and adapter in one autograd function).
 
     OMP_NUM_THREADS=1 python benchmarks/step_levers.py                                   # SST-2 LoRA, ~4 min
     OMP_NUM_THREADS=1 python benchmarks/step_levers.py --recipe recipes/minilm/sst2-full.yaml --levers "fused AdamW" \
@@ -60,6 +62,7 @@ def levers(model, optimizers: dict | None = None, trimmed: list = (), cast=None)
     layers `peftlab.tasks.skip_unread` changed; their lever runs them in full. `cast`: the run's FrozenWeightsCast,
     entered; its lever shows autocast the fp32 weights again."""
     import peftlab.dropout as D
+    from peftlab.fused_lora import FusedLoraLinear, LoraLinear
 
     switched = {id(m.config): m.config for m in model.modules()  # the configs use_fast_dropout moved off sdpa
                 if getattr(getattr(m, "config", None), "_attn_implementation", None) in (D.ATTENTION, D.ATTENTION_PER_EXAMPLE)}
@@ -81,6 +84,10 @@ def levers(model, optimizers: dict | None = None, trimmed: list = (), cast=None)
         forwards = [(m, vars(m)["forward"]) for m in trimmed]
         chosen["skip unread positions"] = (lambda: [vars(m).pop("forward", None) for m, _ in forwards],
                                            lambda: [setattr(m, "forward", f) for m, f in forwards])
+    lora_layers = [m for m in model.modules() if isinstance(m, FusedLoraLinear)]
+    if lora_layers:  # train.lora_impl: fused
+        chosen["fused LoRA"] = (lambda: [setattr(m, "__class__", LoraLinear) for m in lora_layers],
+                                lambda: [setattr(m, "__class__", FusedLoraLinear) for m in lora_layers])
     if cast is not None and cast.params:  # train.cast_frozen under autocast: the frozen weights cast once
         chosen["cast frozen once"] = (lambda: cast.show(low=False), lambda: cast.show(low=True))
     return chosen

@@ -298,6 +298,10 @@ def setup(recipe: Recipe, model, data: TaskData, accelerator, tokenizer=None) ->
     optimizer = optimizer_for(model, recipe)
     if t.dropout_impl == "fast":
         use_fast_dropout(model, per_example=t.packed_attention == "per_example")  # in place, before compile; CPU only at run time
+    if t.lora_impl == "fused":
+        from .fused_lora import use_fused_lora  # imports peft
+
+        use_fused_lora(model)  # in place, after use_fast_dropout (it fuses FastDropout only); CPU training only at run time
     if trimmed := skip_unread(model, recipe):
         log.info("train.skip_unread: %d layer(s) compute only the positions the head reads", len(trimmed))
     release = t.release_memory == "always" or t.release_memory == "auto" and largest_weight_copy(model) >= MMAP_THRESHOLD

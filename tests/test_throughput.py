@@ -131,6 +131,19 @@ def test_step_levers_alternatives_are_the_same_decisions_and_switch_back(tiny_be
     default()
     assert optimizers["in use"] is fused
     assert "fused AdamW" not in sl.levers(model, {"in use": foreach, "foreach": foreach})  # nothing to compare with
+    assert "fused LoRA" not in sl.levers(model)  # no LoRA layers: nothing to compare with
+    import peft
+
+    from peftlab.fused_lora import FusedLoraLinear, use_fused_lora
+
+    lora = peft.get_peft_model(AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2),
+                               peft.LoraConfig(r=2, target_modules=["query", "value"]))
+    fused = use_fused_lora(lora)
+    alternative, default = sl.levers(lora)["fused LoRA"]
+    alternative()
+    assert fused > 0 and not any(isinstance(m, FusedLoraLinear) for m in lora.modules())
+    default()
+    assert sum(isinstance(m, FusedLoraLinear) for m in lora.modules()) == fused
     eager = AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2, attn_implementation="eager")
     D.use_fast_dropout(eager)
     assert set(sl.levers(eager)) == {"uint8 masks", "sparse dropout"}  # no sdpa fallback to time against

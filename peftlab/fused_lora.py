@@ -1,0 +1,125 @@
+"""LoRA linear layers as one autograd function in CPU training (`train.lora_impl: fused`).
+
+peft computes a LoRA layer as `base(x) + lora_B(lora_A(dropout(x))) * scaling`: under bf16 autocast on an fp32
+residual stream that is, forward, a dropout over the fp32 input, casts of x for the base and for lora_A, a full-size
+multiply by `scaling` and a full-size add; backward, the multiply again, a cast of the adapter's input gradient to
+fp32, the dropout's backward in fp32, the base's input gradient cast and one more full-size add. Each is a pass over
+a (tokens x features) tensor, and a SmolLM2 micro-batch has 210 LoRA layers.
+
+`FusedLoraLinear.forward` computes the same function with fewer passes:
+- forward: x cast once; the adapter's input is `x * 1/(1-p)` written straight into the compute dtype (torch does the
+  product in fp32 and rounds once, as peft's dropout-then-cast does) with the dropped elements zeroed, drawn exactly
+  as `peftlab.dropout.masked_dropout` draws them; `h = x_dropped @ A^T`; then `out.addmm_(h, B^T, alpha=scaling)`
+  adds the adapter into the base's output inside the GEMM (scaled and summed in fp32, rounded once);
+- backward: `dh = g @ B * scaling` ([tokens, r]), the weight gradients from `h` and the dropped input, and the input
+  gradient `g @ W` plus the adapter's `dh @ A` with its dropped elements zeroed, added with `alpha = 1/(1-p)` in one
+  pass, in x's dtype.
+It saves what autocast would (the cast weight, the adapter's dropped input, `h`) plus the dropout's record. On 2 AVX-512
+cores, one SmolLM2 layer's LoRA linears (4 x 512 tokens) take 0.60-0.87x peft's time; a whole SmolLM2 SFT step 1.09x
+(benchmarks/README.md, stop 52).
+
+Only the common case takes this path: training on CPU with gradients on, one active adapter, plain LoRA (no DoRA or
+other variant, no LoRA bias), unmerged, a frozen `nn.Linear` base, dropout from `peftlab.dropout.FastDropout` or none
+(`train.dropout_impl: torch` keeps peft's path, and its `nn.Dropout`), and either bf16/fp16 autocast or one dtype for
+x, the base and the adapter. Everything else (evaluation, generation, merging, GPUs, quantized bases, mixed-adapter
+batches) is peft's own forward, unchanged.
+"""
+
+from __future__ import annotations
+
+import torch
+from peft.tuners.lora.layer import Linear as LoraLinear
+from torch import nn
+
+from .dropout import SPARSE_BELOW, FastDropout, dropped_positions, keep_mask
+
+
+class _LoraLinear(torch.autograd.Function):
+    """base(x) + B @ A @ dropout(x) * scaling in `dtype` (module docstring). Inputs: x, the base's weight and bias
+    (frozen), lora_A's and lora_B's weights, scaling, p, dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, lora_a, lora_b, scaling: float, p: float, dtype: torch.dtype):
+        rows = x.reshape(-1, x.shape[-1])
+        with torch.autocast(x.device.type, enabled=False):
+            w, a, b, cast = weight.to(dtype), lora_a.to(dtype), lora_b.to(dtype), rows.to(dtype)
+            out = torch.nn.functional.linear(cast, w, None if bias is None else bias.to(dtype))
+            dropped, drop = cast, None
+            if p > 0:  # x / (1 - p) in fp32, rounded once into dtype, then the dropped elements zeroed
+                dropped = torch.mul(rows, 1.0 / (1.0 - p), out=torch.empty(rows.shape, dtype=dtype))
+                drop = dropped_positions(rows.numel(), p) if p < SPARSE_BELOW else keep_mask(rows.shape, p)
+                _drop(dropped, drop)
+            h = dropped @ a.t()
+            out.addmm_(h, b.t(), alpha=scaling)
+        if drop is not None and drop.dtype == torch.int64 and rows.numel() < 1 << 31:
+            drop = drop.to(torch.int32)  # 4p bytes an element
+        ctx.save_for_backward(w, dropped, h, a, b, drop)
+        ctx.scaling, ctx.p, ctx.x_dtype, ctx.x_shape, ctx.lora_dtype = scaling, p, x.dtype, x.shape, lora_a.dtype
+        return out.view(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad):
+        w, dropped, h, a, b, drop = ctx.saved_tensors
+        g = grad.reshape(-1, grad.shape[-1]).to(w.dtype)
+        dh = torch.mm(g, b).mul_(ctx.scaling)
+        grad_a = torch.mm(dh.t(), dropped).to(ctx.lora_dtype) if ctx.needs_input_grad[3] else None
+        grad_b = torch.mm(g.t(), h).to(ctx.lora_dtype).mul_(ctx.scaling) if ctx.needs_input_grad[4] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(g, w).to(ctx.x_dtype)
+            adapter = torch.mm(dh, a)
+            if drop is not None:
+                _drop(adapter, drop)
+            grad_x = grad_x.add_(adapter, alpha=1.0 / (1.0 - ctx.p)).view(ctx.x_shape)  # alpha 1 when p = 0
+        return grad_x, None, None, grad_a, grad_b, None, None, None
+
+
+def _drop(t: torch.Tensor, drop: torch.Tensor) -> None:
+    """Zero, in place, the elements of the contiguous `t` that `drop` drops: flat positions (int) or a uint8 keep mask."""
+    if drop.dtype == torch.uint8:
+        t.mul_(drop)
+    else:
+        t.view(-1).index_fill_(0, drop.long(), 0)
+
+
+class FusedLoraLinear(LoraLinear):
+    """peft's LoRA `Linear`, computed by `_LoraLinear` where it can be (module docstring), else by peft. `use_fused_lora`
+    puts layers in this class; their weights, state-dict keys and saved adapters are peft's."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        name = self._fusable(x, args, kwargs)
+        if name is None:
+            return super().forward(x, *args, **kwargs)
+        base, drop = self.base_layer, self.lora_dropout[name]
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                                 self.scaling[name], drop.p if isinstance(drop, FastDropout) else 0.0, dtype)
+
+    def _fusable(self, x: torch.Tensor, args: tuple, kwargs: dict) -> str | None:
+        """The active adapter's name when the fused path computes this call as peft would; else None."""
+        if (args or kwargs or not self.training or not torch.is_grad_enabled() or x.device.type != "cpu"
+                or self.disable_adapters or self.merged or len(self.active_adapters) != 1):
+            return None
+        name, base = self.active_adapters[0], self.base_layer
+        if name not in self.lora_A or name in self.lora_variant or self.lora_B[name].bias is not None:
+            return None
+        if type(base) is not nn.Linear or base.weight.requires_grad or (base.bias is not None and base.bias.requires_grad):
+            return None
+        drop = self.lora_dropout[name]
+        if not (isinstance(drop, FastDropout) and drop.p < 1 or type(drop) is nn.Identity):
+            return None
+        if not getattr(self, "cast_input_dtype_enabled", True) or getattr(self, "fan_in_fan_out", False):
+            return None
+        a = self.lora_A[name].weight
+        if torch.is_autocast_enabled("cpu"):
+            return name if torch.get_autocast_dtype("cpu") in (torch.bfloat16, torch.float16) else None
+        return name if x.dtype == base.weight.dtype == a.dtype == self.lora_B[name].weight.dtype else None
+
+
+def use_fused_lora(model: nn.Module) -> int:
+    """Put every peft LoRA `Linear` of `model` in `FusedLoraLinear`, in place -> how many. Call after
+    `peftlab.dropout.use_fast_dropout` (the fused path draws its dropout only where that made a `FastDropout`)."""
+    layers = [m for m in model.modules() if type(m) is LoraLinear]
+    for layer in layers:
+        layer.__class__ = FusedLoraLinear
+    return len(layers)
