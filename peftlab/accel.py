@@ -101,7 +101,8 @@ BASE_BY_FORWARD = ("lora", "adalora", "ia3", "loha", "lokr", "vera", "oft")
 
 
 def reads_base_by_forward(layer) -> bool:
-    package = type(layer).__module__.split(".") + [""]  # peft.tuners.lora.layer, peft.tuners.lora.bnb, ...
+    peft_class = next((c for c in type(layer).__mro__ if c.__module__.startswith("peft.")), type(layer))  # the
+    package = peft_class.__module__.split(".") + [""]  # peft class it is or extends (FusedLoraLinear: lora's Linear)
     known = package[:2] == ["peft", "tuners"] and package[2] in BASE_BY_FORWARD
     return known and not getattr(layer, "lora_variant", None)
 

@@ -95,6 +95,18 @@ def test_saved_for_backward_is_what_autocast_keeps_plus_the_dropped_positions():
     assert torch.all(dropped.view(-1)[drop.long()] == 0)
 
 
+def test_fused_layers_bases_are_cast_once_as_peft_layers_bases_are():
+    from peftlab.accel import castable_weights
+
+    model = lora_model(0.1)
+    before = {id(p) for p in castable_weights(model)}
+    use_fused_lora(model)
+    assert len(before) == 4 and {id(p) for p in castable_weights(model)} == before  # both bases' weight and bias
+    dora = lora_model(0.1, use_dora=True)
+    use_fused_lora(dora)
+    assert castable_weights(dora) == []  # DoRA reads its base weights itself
+
+
 def test_cases_the_fused_path_does_not_cover_use_peft_forward(monkeypatch):
     x = torch.randn(3, 24)
     calls = []
@@ -161,3 +173,25 @@ def test_train_setup_fuses_lora_by_default_and_not_with_lora_impl_peft(make_reci
 
     assert fused_layers() > 0
     assert fused_layers(**{"train.lora_impl": "peft"}) == 0
+
+
+@pytest.mark.parametrize("options", [{"train.lora_impl": "peft"}, {"train.gradient_checkpointing": True}],
+                         ids=["peft-forward", "activation-checkpointing"])
+def test_fused_training_gives_peft_losses_and_recomputes_the_same_dropout(make_recipe, tmp_path, options):
+    """A whole run with adapter dropout: peft's forward, or the fused one recomputed under activation checkpointing
+    (which must draw the same dropped positions again), gives the fused run's losses and adapter (fp32: exactly
+    the same draws, only the summation order differs)."""
+    from safetensors.torch import load_file
+
+    from peftlab import run as run_recipe
+
+    from .conftest import losses
+
+    common = {"train.max_steps": 6, "train.precision": "fp32", "adapter.dropout": 0.1}
+    run_recipe(make_recipe({**common, "output_dir": tmp_path / "fused"}))
+    run_recipe(make_recipe({**common, **options, "output_dir": tmp_path / "other"}))
+    assert losses(tmp_path / "other") == pytest.approx(losses(tmp_path / "fused"), abs=1e-5)
+    a, b = (load_file(tmp_path / side / "adapter_model.safetensors") for side in ("fused", "other"))
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
