@@ -242,7 +242,7 @@ class TrainConfig:
                                 ("masked", "per_example"))
     lora_impl: str = opt("fused", "LoRA linear layers in CPU training: fused = base, dropout and adapter in one autograd "
                          "function (the adapter added inside the base's GEMM, its scaling and dropout folded into passes "
-                         "the layer makes anyway: 1.09x a SmolLM2 SFT step, benchmarks/README.md stop 52); peft = peft's "
+                         "the layer makes anyway: 1.17x a SmolLM2 SFT step, benchmarks/README.md stop 52); peft = peft's "
                          "forward as it is. Only plain LoRA with one active adapter on a frozen nn.Linear base is fused; "
                          "evaluation, generation, GPUs, DoRA and quantized bases always use peft's.", ("fused", "peft"))
     skip_unread: bool = opt(True, "Skip work whose result the task's head never reads: a BERT-family classifier's last layer "

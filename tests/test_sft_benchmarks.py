@@ -61,16 +61,31 @@ def test_sft_throughput_report_pairs_each_side_with_peftlab_by_rows_and_seed(tmp
     for side, seed, tps in (("peftlab", 0, 300.0), ("trl", 0, 100.0), ("trl-packed", 0, 250.0), ("peftlab", 1, 200.0),
                             ("trl", 1, 200.0), ("peftlab-torch-dropout", 1, 160.0)):
         mfu = {"mfu": tps / 1000, "gemm_peak": {"peak_gflops": 100.0, "precision": "fp32"}} if seed else {}  # seed 0: older runs, no MFU
+        if side == "peftlab" and seed:
+            mfu["after_first_step"] = {"token_share": 0.9, "seconds": 1.0, "mfu": 0.25}
         (bench.OUT / f"{side}-{seed}.json").write_text(json.dumps(
             {"side": side, "seed": seed, "rows": 8, "steps": 2, "tokens_per_s": tps, "answer_loss": 2.0, "peak_rss_mib": 1.0, **mfu}))
     text = bench.report()
     ratios = {(line.split(" | ")[0][2:], line.split(" | ")[2]): line.split(" | ")[5] for line in text.splitlines()[2:]}
     mfus = {(line.split(" | ")[0][2:], line.split(" | ")[2]): line.split(" | ")[6] for line in text.splitlines()[2:]}
     assert mfus[("peftlab", "0")] == "-" and mfus[("peftlab", "1")] == "20.0% (100 fp32)" and mfus[("trl", "1")] == "20.0% (100 fp32)"
+    steady = {(line.split(" | ")[0][2:], line.split(" | ")[2]): line.split(" | ")[7] for line in text.splitlines()[2:]}
+    assert steady[("peftlab", "1")] == "25.0%" and steady[("peftlab", "0")] == steady[("trl", "1")] == "-"
     assert ratios == {("peftlab", "0"): "1.00x", ("trl", "0"): "3.00x", ("trl-packed", "0"): "1.20x", ("peftlab", "1"): "1.00x",
                       ("trl", "1"): "1.00x", ("peftlab-torch-dropout", "1"): "1.25x"}
     assert [line.split(" | ")[0][2:] for line in text.splitlines()[5:]] == ["peftlab", "peftlab-torch-dropout", "trl"]  # ablation beside peftlab
     assert (tmp_path / "sft_throughput.md").read_text().strip() == text
+
+
+def test_sft_throughput_counts_the_steps_after_the_first_from_the_run_log(tmp_path):
+    bench = load_benchmark("sft_throughput")
+    log = tmp_path / "log.jsonl"
+    steps = [{"step": 1, "train_s": 20.0, "tokens_per_s": 200.0}, {"step": 2, "train_s": 30.0, "tokens_per_s": 300.0},
+             {"step": 3, "train_s": 40.0, "tokens_per_s": 100.0}]  # 4000, 3000 and 1000 tokens
+    log.write_text("\n".join(json.dumps({"kind": "train", **r}) for r in [*steps[:2], {"step": 2, "kind": "eval"}, steps[2]]))
+    assert bench.after_first_step(log) == {"token_share": pytest.approx(0.5), "seconds": 20.0}
+    log.write_text("\n".join(json.dumps({"kind": "train", **r}) for r in steps[1:]))  # logged every other step: not per step
+    assert bench.after_first_step(log) is None
 
 
 def test_a_stored_benchmark_case_is_reused_and_a_failed_rerun_keeps_it(tmp_path, monkeypatch):
