@@ -13,6 +13,8 @@ decay, <= 512 tokens, one epoch over the same N seeded training dialogues. Sides
   (`train.dropout_impl=torch`), what the default fast masks save;
 - `peftlab-masked` (only when `--sides` names it): peftlab with `sdpa` over each packed row's block-diagonal mask
   (`train.packed_attention=masked`), what attending each example alone saves;
+- `peftlab-bf16-base` (only when `--sides` names it): peftlab with the frozen base stored in bf16 (`model.dtype=auto`):
+  the residual stream, norms' outputs and activations in bf16, nothing cast per step; other numerics than the recipe's;
 - `trl-packed`: SFTTrainer with `packing=True` (best-fit decreasing, padding-free: position ids restart per example)
   and activation checkpointing off, 4 packed rows of 512 x grad_accum 2: the settings of the peftlab recipe.
 
@@ -46,7 +48,8 @@ RECIPE = REPO / "recipes/smollm2-135m/samsum-sft-lora.yaml"
 OUT = RESULTS / "sft_throughput"
 SIDES = ("peftlab", "trl", "trl-packed")
 EXTRA_SIDES = {"peftlab-torch-dropout": ["train.dropout_impl=torch"],  # peftlab ablations, run when --sides names them
-               "peftlab-masked": ["train.packed_attention=masked"]}
+               "peftlab-masked": ["train.packed_attention=masked"],
+               "peftlab-bf16-base": ["model.dtype=auto"]}
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear")
 MAX_LENGTH, LR, WARMUP, ACCUM = 512, 5e-4, 0.05, 2
 

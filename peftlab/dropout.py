@@ -198,12 +198,12 @@ class _ExampleAttention(torch.autograd.Function):
     CPU training: 2 bytes a score, where autograd through softmax and matmul would keep the fp32 probabilities and
     their bf16 copy), and computes the backward pass from them with torch's fused softmax backward. A grouped KV
     head's query heads are stacked into one matrix (kv heads, heads per kv head x n, dim), so each product is one
-    batched GEMM over the KV heads: the GEMM sums the group's key and value gradients, and nothing is broadcast or
-    copied. The scale and the causal mask enter the scores' GEMM (`baddbmm` with an additive -inf bias, alpha = the
+    batched GEMM over the KV heads: the GEMM sums the group's key and value gradients, nothing is broadcast, and only
+    q is copied (stacked). The scale and the causal mask enter the scores' GEMM (`baddbmm` with an additive -inf bias, alpha = the
     scale; summed in fp32, rounded once), the softmax reads and writes v's dtype (torch computes it in fp32: the same
     bits as an fp32 softmax rounded), and the backward scales the (n x dim) gradients, not the (n x n) scores. One
     SmolLM2 layer (4 packed rows x 504 tokens, 9 heads, 3 KV heads, bf16, 2 threads), forward and backward: 1.2-1.3x
-    the stop-49 formulation, ~3.5x `sdpa`'s over the row's block-diagonal mask. Matmuls in v's dtype (under autocast
+    the stop-49 formulation, 3.5-3.8x `sdpa`'s over the row's block-diagonal mask. Matmuls in v's dtype (under autocast
     q and k can arrive in fp32, rotated by fp32 positions). (batch, heads, tokens, dim) inputs -> (batch, tokens,
     heads, dim)."""
 

@@ -30,7 +30,7 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from .dropout import SPARSE_BELOW, FastDropout, dropped_positions, keep_mask
+from .dropout import SPARSE_BELOW, FastDropout, _zero_at, dropped_positions, keep_mask
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -78,7 +78,7 @@ def _drop(t: torch.Tensor, drop: torch.Tensor) -> None:
     if drop.dtype == torch.uint8:
         t.mul_(drop)
     else:
-        t.view(-1).index_fill_(0, drop.long(), 0)
+        _zero_at(t, drop.long())
 
 
 class FusedLoraLinear(LoraLinear):
