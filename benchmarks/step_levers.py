@@ -25,6 +25,9 @@ Levers (the alternative each is timed against):
   of their bf16 copies made once (only under bf16 autocast).
 - `fused LoRA`: peft's LoRA forward (`train.lora_impl: peft`) instead of `peftlab.fused_lora.FusedLoraLinear`
   (base, dropout and adapter in one autograd function).
+- `head cross-entropy` (tasks whose loss is `causal_lm_loss`: sft, clm, verbalizer): the LM head's loss as before
+  stop 52 (autocast's checkpointed cross-entropy in chunks of 1024 labelled tokens) instead of
+  `generative._HeadCrossEntropy` in chunks of 128.
 
     OMP_NUM_THREADS=1 python benchmarks/step_levers.py                                   # SST-2 LoRA, ~4 min
     OMP_NUM_THREADS=1 python benchmarks/step_levers.py --recipe recipes/minilm/sst2-full.yaml --levers "fused AdamW" \
@@ -56,11 +59,11 @@ def bool_keep_mask(shape, p):
     return words.view(torch.int16)[:n].view(shape) >= round(p * 65536) - 32768
 
 
-def levers(model, optimizers: dict | None = None, trimmed: list = (), cast=None) -> dict:
+def levers(model, optimizers: dict | None = None, trimmed: list = (), cast=None, head_loss: bool = False) -> dict:
     """name -> (switch the alternative in, switch peftlab's default back). `optimizers`: {"in use": the run's
     optimizer, "foreach": the same AdamW with the foreach kernel}; the AdamW lever swaps "in use". `trimmed`: the
     layers `peftlab.tasks.skip_unread` changed; their lever runs them in full. `cast`: the run's FrozenWeightsCast,
-    entered; its lever shows autocast the fp32 weights again."""
+    entered; its lever shows autocast the fp32 weights again. `head_loss`: the task's loss is `causal_lm_loss`."""
     import peftlab.dropout as D
     from peftlab.fused_lora import FusedLoraLinear, LoraLinear
 
@@ -88,6 +91,12 @@ def levers(model, optimizers: dict | None = None, trimmed: list = (), cast=None)
     if lora_layers:  # train.lora_impl: fused
         chosen["fused LoRA"] = (lambda: [setattr(m, "__class__", LoraLinear) for m in lora_layers],
                                 lambda: [setattr(m, "__class__", FusedLoraLinear) for m in lora_layers])
+    if head_loss:
+        import peftlab.tasks.generative as G
+
+        fused_head, chunk = G._frozen_linear_head, G.CHUNK
+        chosen["head cross-entropy"] = (lambda: (setattr(G, "_frozen_linear_head", lambda *a: False), setattr(G, "CHUNK", 1024)),
+                                        lambda: (setattr(G, "_frozen_linear_head", fused_head), setattr(G, "CHUNK", chunk)))
     if cast is not None and cast.params:  # train.cast_frozen under autocast: the frozen weights cast once
         chosen["cast frozen once"] = (lambda: cast.show(low=False), lambda: cast.show(low=True))
     return chosen
@@ -140,7 +149,10 @@ def main() -> None:
             optimizers["in use"].zero_grad(set_to_none=True)
         return time.perf_counter() - start
 
-    chosen = levers(model, optimizers, skip_unread(model, recipe), parts.cast.__enter__())  # trimmed again (setup did)
+    from peftlab.tasks.generative import causal_lm_loss
+
+    chosen = levers(model, optimizers, skip_unread(model, recipe), parts.cast.__enter__(),  # trimmed again (setup did)
+                    head_loss=task_loss is causal_lm_loss)
     if a.levers:
         if unknown := set(a.levers.split(",")) - set(chosen):
             ap.error(f"--levers: unknown {sorted(unknown)}; choose from {sorted(chosen)}")

@@ -222,6 +222,68 @@ def test_the_loss_on_labelled_positions_only_equals_the_models_own_loss_and_grad
     assert (sums.sum() / counts.sum()).item() == pytest.approx(want.item(), rel=1e-5)
 
 
+@pytest.mark.parametrize("bias", [False, True])
+def test_head_cross_entropy_is_the_cross_entropy_of_the_heads_logits(bias):
+    """generative._HeadCrossEntropy keeps only the log-sum-exp and recomputes the logits in the backward pass: the same
+    per-token losses and hidden-state gradients as cross_entropy over head(hidden) (fp32), and in bf16 as close to fp32
+    as autocast's path (checkpointed `_token_ce`) is."""
+    from peftlab.tasks import generative
+
+    torch.manual_seed(0)
+    head = torch.nn.Linear(16, 50, bias=bias).requires_grad_(False)
+    hidden, labels, weights = torch.randn(9, 16, dtype=torch.float64), torch.randint(0, 50, (9,)), torch.rand(9)
+
+    def run(fn, h):
+        h = h.detach().clone().requires_grad_()
+        losses = fn(h)
+        (losses * weights.to(losses.dtype)).sum().backward()
+        return losses.detach().double(), h.grad.double()
+
+    def fused(h, dtype):
+        return generative._HeadCrossEntropy.apply(h, head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype), labels)
+
+    exact = run(lambda h: torch.nn.functional.cross_entropy(head.double()(h), labels, reduction="none"), hidden)
+    head.float()
+    got = run(lambda h: fused(h, torch.float32), hidden.float())
+    for a, b in zip(got, exact):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        half = run(lambda h: fused(h, torch.bfloat16), hidden.float())
+        autocast = run(lambda h: generative._token_ce(head, h, labels), hidden.float())
+    for a, b, want in zip(half, autocast, exact):
+        assert (a - want).norm() <= 1.5 * (b - want).norm() + 1e-6
+
+
+def test_a_trainable_head_keeps_the_checkpointed_loss_and_gets_its_gradient(tmp_path, chat_llama, monkeypatch):
+    """Only a frozen nn.Linear head on CPU takes _HeadCrossEntropy (which computes no weight gradient); a head that
+    trains goes through autocast's checkpointed path and gets its gradient."""
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.accel import make_accelerator
+    from peftlab.tasks import generative
+
+    path = write_jsonl(tmp_path / "m.jsonl", messages_rows())
+    recipe = recipe_for(tmp_path, chat_llama, path, ["data.max_length=128"])
+    splits, _ = load_splits(recipe)
+    data = build_data(recipe, chat_tokenizer(), splits=splits, label_names=[])
+    batch = data.collate(list(data.train)[:4])
+    accelerator = make_accelerator(recipe, "fp32")
+    model = AutoModelForCausalLM.from_pretrained(chat_llama, dtype=torch.float32)
+    calls = []
+    original = generative._HeadCrossEntropy.apply
+    monkeypatch.setattr(generative._HeadCrossEntropy, "apply", lambda *a: calls.append(1) or original(*a))
+    model.requires_grad_(False)
+    generative.causal_lm_loss(model, batch, accelerator)
+    assert calls  # the frozen head: fused
+    calls.clear()
+    head = model.get_output_embeddings()
+    head.weight.requires_grad_(True)
+    loss = generative.causal_lm_loss(model, batch, accelerator)
+    loss.backward()
+    assert not calls and head.weight.grad is not None and head.weight.grad.abs().sum() > 0
+    torch.testing.assert_close(loss, model(**batch).loss, rtol=1e-5, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------------------------ evaluation, end to end
 
 

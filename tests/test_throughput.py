@@ -132,6 +132,16 @@ def test_step_levers_alternatives_are_the_same_decisions_and_switch_back(tiny_be
     assert optimizers["in use"] is fused
     assert "fused AdamW" not in sl.levers(model, {"in use": foreach, "foreach": foreach})  # nothing to compare with
     assert "fused LoRA" not in sl.levers(model)  # no LoRA layers: nothing to compare with
+    import peftlab.tasks.generative as G
+
+    assert "head cross-entropy" not in sl.levers(model)  # no LM-head loss
+    alternative, default = sl.levers(model, head_loss=True)["head cross-entropy"]
+    before = (G._frozen_linear_head, G.CHUNK)
+    for _ in range(2):
+        alternative()
+        assert G.CHUNK == 1024 and not G._frozen_linear_head(torch.nn.Linear(2, 2).requires_grad_(False), torch.zeros(1))
+        default()
+        assert (G._frozen_linear_head, G.CHUNK) == before
     import peft
 
     from peftlab.fused_lora import FusedLoraLinear, use_fused_lora
