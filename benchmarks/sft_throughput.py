@@ -235,8 +235,8 @@ def run_pair(args, seed: int, peak: dict) -> None:
         if steady := result.get("after_first_step"):  # the same FLOPs per token assumed for every step
             steady["mfu"] = flops * steady["token_share"] / steady["seconds"] / (best["peak_gflops"] * 1e9)
         atomic_write_text(dest, json.dumps(result, indent=2))
-        steady = f", {result['after_first_step']['mfu']:.1%} after step 1" if result.get("after_first_step") else ""
-        print(f"[{side} seed {seed}] {result['tokens_per_s']:.0f} real tokens/s (MFU {result['mfu']:.1%}{steady}), {result['steps']} steps, "
+        after = f", {steady['mfu']:.1%} after step 1" if steady else ""
+        print(f"[{side} seed {seed}] {result['tokens_per_s']:.0f} real tokens/s (MFU {result['mfu']:.1%}{after}), {result['steps']} steps, "
               f"answer loss {result['answer_loss']:.4f}, peak RSS {rss:.0f} MiB", flush=True)
 
 

@@ -89,7 +89,7 @@ class _DropPositions(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, positions: torch.Tensor, scale: float) -> torch.Tensor:
-        ctx.save_for_backward(positions.to(torch.int32) if x.numel() < 1 << 31 else positions)
+        ctx.save_for_backward(compact(positions, x.numel()))
         ctx.scale = scale
         return _zero_at(x.mul(scale), positions)
 
@@ -103,6 +103,26 @@ def _zero_at(y: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     y = y.contiguous()  # a new tensor already; positions count in row-major order
     y.view(-1).index_fill_(0, positions, 0)
     return y
+
+
+def compact(drop: torch.Tensor, n: int) -> torch.Tensor:
+    """`draw_drop`'s record as kept for a backward pass: positions as int32 when they fit (4p bytes an element)."""
+    return drop.to(torch.int32) if drop.dtype == torch.int64 and n < 1 << 31 else drop
+
+
+def draw_drop(shape: torch.Size, p: float) -> torch.Tensor:
+    """What `masked_dropout` drops from a tensor of `shape`, drawn as it draws it: below SPARSE_BELOW the flat positions
+    of the dropped elements (`dropped_positions`, int64), otherwise the uint8 `keep_mask`. Read at call time, so
+    benchmarks/step_levers.py's levers reach every user (FastDropout, attention dropout, fused LoRA layers)."""
+    return dropped_positions(shape.numel(), p) if p < SPARSE_BELOW else keep_mask(shape, p)
+
+
+def zero_dropped(t: torch.Tensor, drop: torch.Tensor) -> None:
+    """Zero, in place, the elements of the contiguous `t` that `drop` (`draw_drop`'s record, or its `compact` form) drops."""
+    if drop.dtype == torch.uint8:
+        t.mul_(drop)
+    else:
+        _zero_at(t, drop.long())
 
 
 def dropped_positions(n: int, p: float, draw: int | None = None) -> torch.Tensor:
@@ -132,9 +152,8 @@ SPARSE_BELOW = 0.15  # masked_dropout draws the dropped positions below this p, 
 def masked_dropout(x: torch.Tensor, p: float) -> torch.Tensor:
     """x with a random p of its elements zeroed and the survivors scaled by 1 / (1 - p), for 0 < p < 1: below
     SPARSE_BELOW from `dropped_positions` (1.4-3x cheaper at p = 0.05, forward and backward), otherwise a `keep_mask`."""
-    if p < SPARSE_BELOW:
-        return _DropPositions.apply(x, dropped_positions(x.numel(), p), 1.0 / (1.0 - p))
-    return _MaskedScale.apply(x, keep_mask(x.shape, p), 1.0 / (1.0 - p))
+    drop = draw_drop(x.shape, p)
+    return (_MaskedScale if drop.dtype == torch.uint8 else _DropPositions).apply(x, drop, 1.0 / (1.0 - p))
 
 
 ATTENTION = "peftlab_cpu_training"  # the names registered with transformers' attention and mask interfaces

@@ -9,7 +9,7 @@ a (tokens x features) tensor, and a SmolLM2 micro-batch has 210 LoRA layers.
 `FusedLoraLinear.forward` computes the same function with fewer passes:
 - forward: x cast once; the adapter's input is `x * 1/(1-p)` written straight into the compute dtype (torch does the
   product in fp32 and rounds once, as peft's dropout-then-cast does) with the dropped elements zeroed, drawn exactly
-  as `peftlab.dropout.masked_dropout` draws them; `h = x_dropped @ A^T`; then `out.addmm_(h, B^T, alpha=scaling)`
+  as `peftlab.dropout.masked_dropout` draws them (`draw_drop`); `h = x_dropped @ A^T`; then `out.addmm_(h, B^T, alpha=scaling)`
   adds the adapter into the base's output inside the GEMM (scaled and summed in fp32, rounded once);
 - backward: `dh = g @ B * scaling` ([tokens, r]), the weight gradients from `h` and the dropped input, and the input
   gradient `g @ W` plus the adapter's `dh @ A` with its dropped elements zeroed, added with `alpha = 1/(1-p)` in one
@@ -30,7 +30,7 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
-from .dropout import SPARSE_BELOW, FastDropout, _zero_at, dropped_positions, keep_mask
+from .dropout import FastDropout, compact, draw_drop, zero_dropped
 
 
 class _LoraLinear(torch.autograd.Function):
@@ -46,13 +46,11 @@ class _LoraLinear(torch.autograd.Function):
             dropped, drop = cast, None
             if p > 0:  # x / (1 - p) in fp32, rounded once into dtype, then the dropped elements zeroed
                 dropped = torch.mul(rows, 1.0 / (1.0 - p), out=torch.empty(rows.shape, dtype=dtype))
-                drop = dropped_positions(rows.numel(), p) if p < SPARSE_BELOW else keep_mask(rows.shape, p)
-                _drop(dropped, drop)
+                drop = draw_drop(rows.shape, p)
+                zero_dropped(dropped, drop)
             h = dropped @ a.t()
             out.addmm_(h, b.t(), alpha=scaling)
-        if drop is not None and drop.dtype == torch.int64 and rows.numel() < 1 << 31:
-            drop = drop.to(torch.int32)  # 4p bytes an element
-        ctx.save_for_backward(w, dropped, h, a, b, drop)
+        ctx.save_for_backward(w, dropped, h, a, b, None if drop is None else compact(drop, rows.numel()))
         ctx.scaling, ctx.p, ctx.x_dtype, ctx.x_shape, ctx.lora_dtype = scaling, p, x.dtype, x.shape, lora_a.dtype
         return out.view(*x.shape[:-1], out.shape[-1])
 
@@ -68,17 +66,9 @@ class _LoraLinear(torch.autograd.Function):
             grad_x = torch.mm(g, w).to(ctx.x_dtype)
             adapter = torch.mm(dh, a)
             if drop is not None:
-                _drop(adapter, drop)
+                zero_dropped(adapter, drop)
             grad_x = grad_x.add_(adapter, alpha=1.0 / (1.0 - ctx.p)).view(ctx.x_shape)  # alpha 1 when p = 0
         return grad_x, None, None, grad_a, grad_b, None, None, None
-
-
-def _drop(t: torch.Tensor, drop: torch.Tensor) -> None:
-    """Zero, in place, the elements of the contiguous `t` that `drop` drops: flat positions (int) or a uint8 keep mask."""
-    if drop.dtype == torch.uint8:
-        t.mul_(drop)
-    else:
-        _zero_at(t, drop.long())
 
 
 class FusedLoraLinear(LoraLinear):

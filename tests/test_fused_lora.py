@@ -95,6 +95,22 @@ def test_saved_for_backward_is_what_autocast_keeps_plus_the_dropped_positions():
     assert torch.all(dropped.view(-1)[drop.long()] == 0)
 
 
+
+def test_the_fused_path_draws_through_the_dropout_module_s_switches(monkeypatch):
+    """peftlab.dropout's settings are read at call time (benchmarks/step_levers.py's levers switch them): with
+    SPARSE_BELOW at 0 the fused layer keeps a uint8 keep mask, as FastDropout does."""
+    import peftlab.dropout as D
+
+    layer = lora_model(0.05).base_model.model[0]
+    monkeypatch.setattr(D, "SPARSE_BELOW", 0.0)
+    x = torch.randn(64, 24, requires_grad=True)
+    y = _LoraLinear.apply(x, layer.base_layer.weight, layer.base_layer.bias, layer.lora_A["default"].weight,
+                          layer.lora_B["default"].weight, 2.0, 0.05, torch.float32)
+    *_, dropped, _, _, _, drop = y.grad_fn.saved_tensors
+    assert drop.dtype == torch.uint8 and drop.shape == (64, 24)
+    assert torch.all(dropped[drop == 0] == 0)
+
+
 def test_fused_layers_bases_are_cast_once_as_peft_layers_bases_are():
     from peftlab.accel import castable_weights
 
