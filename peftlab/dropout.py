@@ -213,33 +213,36 @@ def packed_examples(position_ids: torch.Tensor | None, attention_mask: torch.Ten
 
 
 class _ExampleAttention(torch.autograd.Function):
-    """Causal attention within each packed example. Saves each example's probabilities once, in v's dtype (bf16 in
-    CPU training: 2 bytes a score, where autograd through softmax and matmul would keep the fp32 probabilities and
+    """Causal attention within each packed example. Saves each example's probabilities once, in the compute dtype (bf16
+    in CPU training: 2 bytes a score, where autograd through softmax and matmul would keep the fp32 probabilities and
     their bf16 copy), and computes the backward pass from them with torch's fused softmax backward. A grouped KV
     head's query heads are stacked into one matrix (kv heads, heads per kv head x n, dim), so each product is one
     batched GEMM over the KV heads: the GEMM sums the group's key and value gradients, nothing is broadcast, and only
     q is copied (stacked). The scale and the causal mask enter the scores' GEMM (`baddbmm` with an additive -inf bias, alpha = the
-    scale; summed in fp32, rounded once), the softmax reads and writes v's dtype (torch computes it in fp32: the same
+    scale; summed in fp32, rounded once), the softmax reads and writes the compute dtype (torch computes it in fp32: the same
     bits as an fp32 softmax rounded), and the backward scales the (n x dim) gradients, not the (n x n) scores. One
     SmolLM2 layer (4 packed rows x 504 tokens, 9 heads, 3 KV heads, bf16, 2 threads), forward and backward: 1.2-1.3x
-    the stop-49 formulation, 3.5-3.8x `sdpa`'s over the row's block-diagonal mask. Matmuls in v's dtype (under autocast
-    q and k can arrive in fp32, rotated by fp32 positions). (batch, heads, tokens, dim) inputs -> (batch, tokens,
-    heads, dim)."""
+    the stop-49 formulation, 3.5-3.8x `sdpa`'s over the row's block-diagonal mask. Matmuls in sdpa's dtype: autocast's,
+    else v's (under autocast q and k can arrive in fp32, rotated by fp32 positions, and v too from a layer that
+    returns its input's dtype, as bitsandbytes' 4-bit layers do); gradients go back in each input's dtype.
+    (batch, heads, tokens, dim) inputs -> (batch, tokens, heads, dim)."""
 
     @staticmethod
     def forward(ctx, query, key, value, examples, scale):
-        ctx.dtypes = query.dtype, key.dtype
-        query, key = query.to(value.dtype), key.to(value.dtype)
+        ctx.dtypes = query.dtype, key.dtype, value.dtype
+        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else value.dtype  # as sdpa's
+        query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         out = value.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
         groups, longest = query.shape[1] // key.shape[1], max(end - start for row in examples for start, end in row)
         later = torch.ones(longest, longest, dtype=torch.bool).triu_(1)  # True = a later key, masked
-        causal = torch.zeros(longest, longest, dtype=value.dtype).masked_fill_(later, float("-inf"))
+        causal = torch.zeros(longest, longest, dtype=dtype).masked_fill_(later, float("-inf"))
         probs = []
-        for i, start, end, q, k, v in _blocks(query, key, value, examples):
-            n = end - start
-            scores = torch.baddbmm(causal[:n, :n].repeat(groups, 1), q, k.transpose(1, 2), alpha=scale)
-            probs.append(torch.softmax(scores, dim=-1))
-            out[i, start:end] = torch.bmm(probs[-1], v).view(query.shape[1], n, -1).transpose(0, 1)
+        with torch.autocast("cpu", enabled=False):  # everything in `dtype`, also what the backward pass reads
+            for i, start, end, q, k, v in _blocks(query, key, value, examples):
+                n = end - start
+                scores = torch.baddbmm(causal[:n, :n].repeat(groups, 1), q, k.transpose(1, 2), alpha=scale)
+                probs.append(torch.softmax(scores, dim=-1))
+                out[i, start:end] = torch.bmm(probs[-1], v).view(query.shape[1], n, -1).transpose(0, 1)
         ctx.save_for_backward(query, key, value, *probs)
         ctx.examples, ctx.scale = examples, scale
         return out
@@ -247,6 +250,7 @@ class _ExampleAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         query, key, value, *probs = ctx.saved_tensors
+        grad_out = grad_out.to(value.dtype)
         grads = [torch.empty_like(t) for t in (query, key, value)]
         for (i, start, end, q, k, v), p in zip(_blocks(query, key, value, ctx.examples), probs):
             rows = slice(start, end)
@@ -255,7 +259,7 @@ class _ExampleAttention(torch.autograd.Function):
             d_scores = torch._softmax_backward_data(torch.bmm(d_out, v.transpose(1, 2)), p, -1, p.dtype)
             grads[0][i, :, rows] = torch.bmm(d_scores, k).mul_(ctx.scale).view(query.shape[1], end - start, -1)
             grads[1][i, :, rows] = torch.bmm(d_scores.transpose(1, 2), q).mul_(ctx.scale)
-        return grads[0].to(ctx.dtypes[0]), grads[1].to(ctx.dtypes[1]), grads[2], None, None
+        return (*(g.to(d) for g, d in zip(grads, ctx.dtypes)), None, None)
 
 
 def _blocks(query, key, value, examples):

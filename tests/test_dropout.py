@@ -317,12 +317,13 @@ def count_per_example_calls(monkeypatch) -> list:
     return calls
 
 
-@pytest.mark.parametrize("kv_heads,autocast", [(4, False), (2, False), (2, True)])
+@pytest.mark.parametrize("kv_heads,autocast", [(4, False), (2, False), (2, True), (2, "fp32 v")])
 def test_per_example_attention_in_bf16_is_as_close_to_fp32_as_sdpa_is(kv_heads, autocast):
     """In bf16 (the CPU training dtype) the per-example output and gradients are within bf16 rounding of the fp32
     result, as sdpa's own bf16 result is: at most twice sdpa's error (the probabilities are rounded to bf16 before
     they multiply v, as in transformers' eager attention; 1.0-1.6x sdpa's error here). Also under bf16 autocast with
-    q and k in fp32 and v in bf16 (a Llama on an fp32 base: its rotary positions are fp32), with sdpa's dtypes."""
+    q and k in fp32 and v in bf16 (a Llama on an fp32 base: its rotary positions are fp32), and with v in fp32 too
+    (QLoRA on an fp32 base: bitsandbytes' 4-bit layers return their input's dtype), with sdpa's dtypes."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     module, position_ids, mask, q32, k32, v32 = packed_attention_inputs([[20, 9, 35], [40, 24]], kv_heads, dim=16, seed=1)
@@ -331,9 +332,9 @@ def test_per_example_attention_in_bf16_is_as_close_to_fp32_as_sdpa_is(kv_heads, 
     want = [want, *torch.autograd.grad(want, (q32, k32, v32), g)]
 
     def run(per_example):
-        q, k, v = (t.detach().to(torch.float32 if autocast and t is not v32 else torch.bfloat16).requires_grad_()
-                   for t in (q32, k32, v32))
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        q, k, v = (t.detach().to(torch.float32 if autocast and (t is not v32 or autocast == "fp32 v")
+                                 else torch.bfloat16).requires_grad_() for t in (q32, k32, v32))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bool(autocast)):
             out, _ = cpu_training_attention(module, q, k, v, mask, scaling=0.25, position_ids=position_ids,
                                             per_example=per_example)
         return [out, *torch.autograd.grad(out, (q, k, v), g.to(out.dtype))]

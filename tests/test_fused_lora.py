@@ -211,3 +211,89 @@ def test_fused_training_gives_peft_losses_and_recomputes_the_same_dropout(make_r
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], atol=1e-5, rtol=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ 4-bit bases (QLoRA)
+
+
+def qlora_classifier(make_recipe, compute_dtype: str = "float32"):
+    """The tiny BERT classifier with LoRA (dropout 0.1) on 4-bit NF4 layers, after `train.setup` (which fuses them)."""
+    pytest.importorskip("bitsandbytes")
+    from peftlab.accel import make_accelerator
+    from peftlab.data import build_data, load_splits
+    from peftlab.model import build_model
+    from peftlab.train import setup
+
+    recipe = make_recipe({"train.precision": "fp32", "adapter.dropout": 0.1, "quant.mode": "4bit",
+                          "quant.compute_dtype": compute_dtype})
+    splits, names = load_splits(recipe)
+    model, tok, _ = build_model(recipe, num_labels=len(names), label_names=names, precision="fp32")
+    data = build_data(recipe, tok, splits=splits, label_names=names)
+    parts = setup(recipe, model, data, make_accelerator(recipe, "fp32"), tok)
+    for name, p in parts.model.named_parameters():
+        if "lora_B" in name:  # peft starts B at zero; a non-zero B makes every gradient path count
+            nn.init.normal_(p, std=0.5)
+    batch = data.collate([data.train[i] for i in range(8)])
+    return parts.model.train(), batch
+
+
+def loss_and_lora_grads(model, batch, autocast: bool = False, seed: int = 3):
+    model.zero_grad(set_to_none=True)
+    torch.manual_seed(seed)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        loss = model(**batch).loss
+    loss.backward()
+    return loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None and "lora_" in n}
+
+
+@pytest.mark.parametrize("compute_dtype", ["float32", "bfloat16"])
+def test_fused_4bit_layers_give_peft_loss_and_gradients(make_recipe, monkeypatch, compute_dtype):
+    """QLoRA's LoRA layers take the fused path too (the packed weight dequantized as bitsandbytes does): in fp32 the
+    loss and every LoRA gradient are peft's (the same dropout draws); with bf16 compute under bf16 autocast they are
+    within bf16 rounding of peft's."""
+    from peftlab.fused_lora import _fused_4bit_class
+
+    model, batch = qlora_classifier(make_recipe, compute_dtype)
+    peft_class, fused_class = _fused_4bit_class()
+    layers = [m for m in model.modules() if isinstance(m, peft_class)]
+    assert layers and all(type(m) is fused_class for m in layers)  # train.setup fused them
+    calls = []
+    original = _LoraLinear.apply
+    monkeypatch.setattr(_LoraLinear, "apply", lambda *a: calls.append(1) or original(*a))
+    bf16 = compute_dtype == "bfloat16"
+    fused = loss_and_lora_grads(model, batch, autocast=bf16)
+    assert len(calls) == len(layers)
+    for m in layers:
+        m.__class__ = peft_class
+    reference = loss_and_lora_grads(model, batch, autocast=bf16)
+    assert len(calls) == len(layers)  # peft's forward did not call it
+    tolerance = dict(rtol=3e-2, atol=3e-3) if bf16 else dict(rtol=1e-4, atol=1e-6)
+    assert fused[0] == pytest.approx(reference[0], rel=tolerance["rtol"])
+    assert fused[1].keys() == reference[1].keys() and len(fused[1]) == 2 * len(layers)
+    for name in reference[1]:
+        torch.testing.assert_close(fused[1][name], reference[1][name], **tolerance)
+    assert loss_and_lora_grads(model, batch, autocast=bf16, seed=4)[0] != pytest.approx(reference[0], rel=1e-6)  # drawn
+
+
+def test_a_fused_4bit_layer_keeps_its_packed_weight_not_a_dequantized_copy(make_recipe):
+    model, batch = qlora_classifier(make_recipe)
+    from peftlab.fused_lora import _fused_4bit_class
+
+    layer = next(m for m in model.modules() if type(m) is _fused_4bit_class()[1])
+    x = torch.randn(2, 5, layer.in_features, requires_grad=True)
+    y = layer(x)
+    saved = y.grad_fn.saved_tensors
+    assert saved[0] is layer.base_layer.weight and not saved[0].is_floating_point()  # the 4-bit weight itself
+    assert all(t.numel() < layer.in_features * layer.out_features for t in saved[1:])
+    assert y.dtype == x.dtype  # as bitsandbytes' Linear4bit returns
+
+
+def test_a_4bit_base_computing_in_another_dtype_than_autocast_uses_peft_forward(make_recipe, monkeypatch):
+    """bitsandbytes computes in its compute dtype whatever autocast says: fp32 compute under bf16 autocast is peft's
+    (a bf16 adapter over an fp32 base product), which one dtype cannot reproduce."""
+    model, batch = qlora_classifier(make_recipe, "float32")
+    calls = []
+    original = _LoraLinear.apply
+    monkeypatch.setattr(_LoraLinear, "apply", lambda *a: calls.append(1) or original(*a))
+    loss_and_lora_grads(model, batch, autocast=True)
+    assert not calls

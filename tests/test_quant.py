@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import math
 import shutil
 from pathlib import Path
 
@@ -339,3 +340,25 @@ def test_largest_weight_copy_is_that_of_the_biggest_quantized_layer(make_recipe)
     assert peftlab.model.largest_weight_copy(model) == max(m.in_features * m.out_features for m in layers) * 2  # bf16
     plain, _, _ = build_model(make_recipe({}), num_labels=2, label_names=["negative", "positive"])
     assert peftlab.model.largest_weight_copy(plain) == 0
+
+
+@pytest.mark.parametrize("lora_impl", ["fused", "peft"])
+def test_qlora_sft_on_packed_rows_trains_under_bf16_autocast_on_an_fp32_base(tmp_path, chat_llama, lora_impl):
+    """The shipped SmolLM2 QLoRA recipe's shape: an fp32 base quantized to 4 bits, bf16 compute under bf16 autocast,
+    packed rows attended per example. bitsandbytes' 4-bit layers return their input's dtype, so v reaches the
+    attention in fp32 (stop 52's per-example attention then failed its backward pass on mixed dtypes). Both LoRA
+    forwards train, and to the same losses within bf16 rounding."""
+    from .conftest import losses
+    from .test_sft import messages_rows, recipe_for, write_jsonl
+
+    path = write_jsonl(tmp_path / "m.jsonl", messages_rows())
+    runs = {}
+    for impl in dict.fromkeys([lora_impl, "peft"]):
+        (tmp_path / impl).mkdir()
+        recipe = recipe_for(tmp_path / impl, chat_llama, path, [
+            "quant.mode=4bit", "train.precision=bf16", "data.packing=true", "data.max_length=128",
+            "adapter.dropout=0.05", "train.max_steps=4", "train.log_every=1", "data.eval=null", f"train.lora_impl={impl}"])
+        run(recipe)
+        runs[impl] = losses(recipe.out)
+    assert len(runs[lora_impl]) == 4 and all(math.isfinite(x) for x in runs[lora_impl])
+    assert runs[lora_impl] == pytest.approx(runs["peft"], rel=2e-2)
