@@ -243,8 +243,10 @@ class TrainConfig:
     lora_impl: str = opt("fused", "LoRA linear layers in CPU training: fused = base, dropout and adapter in one autograd "
                          "function (the adapter added inside the base's GEMM, its scaling and dropout folded into passes "
                          "the layer makes anyway: 1.17x a SmolLM2 SFT step, benchmarks/README.md stop 52); peft = peft's "
-                         "forward as it is. Only plain LoRA with one active adapter on a frozen nn.Linear base is fused; "
-                         "evaluation, generation, GPUs, DoRA and quantized bases always use peft's.", ("fused", "peft"))
+                         "forward as it is. Only plain LoRA with one active adapter on a frozen nn.Linear or bitsandbytes 4-bit "
+                         "base (QLoRA: the packed weight dequantized for each product, as bitsandbytes does; 1.10x its "
+                         "forward and backward passes) is fused; evaluation, generation, GPUs, DoRA and 8-bit bases always use peft's.",
+                         ("fused", "peft"))
     skip_unread: bool = opt(True, "Skip work whose result the task's head never reads: a BERT-family classifier's last layer "
                             "computes the query, attention output and feed-forward block at position 0 only (its head "
                             "reads nothing else; keys and values still come from every position). The same logits and "

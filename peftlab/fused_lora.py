@@ -18,10 +18,13 @@ It saves what autocast would (the cast weight, the adapter's dropped input, `h`)
 bf16 cores a SmolLM2 SFT step is 1.17x as fast as with peft's forward (benchmarks/README.md, stop 52).
 
 Only the common case takes this path: training on CPU with gradients on, one active adapter, plain LoRA (no DoRA or
-other variant, no LoRA bias), unmerged, a frozen `nn.Linear` base, dropout from `peftlab.dropout.FastDropout` or none
-(`train.dropout_impl: torch` keeps peft's path, and its `nn.Dropout`), and either bf16/fp16 autocast or one dtype for
-x, the base and the adapter. Everything else (evaluation, generation, merging, GPUs, quantized bases, mixed-adapter
-batches) is peft's own forward, unchanged.
+other variant, no LoRA bias), unmerged, a frozen `nn.Linear` base or a bitsandbytes `Linear4bit` one (QLoRA: its
+packed weight dequantized into the compute dtype for the forward product and again for the backward one, as
+bitsandbytes' own matmul does, and never kept; the result in x's dtype, as `Linear4bit` returns it), dropout from
+`peftlab.dropout.FastDropout` or none (`train.dropout_impl: torch` keeps peft's path, and its `nn.Dropout`), and either
+bf16/fp16 autocast (for a 4-bit base: computing in autocast's dtype) or one dtype for x, the base and the adapter.
+Everything else (evaluation, generation, merging, GPUs, 8-bit bases, mixed-adapter batches) is peft's own forward,
+unchanged.
 """
 
 from __future__ import annotations
