@@ -5,6 +5,7 @@ generation metrics (exact match, ROUGE, a user function), an end-to-end run that
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -426,6 +427,30 @@ def test_the_shipped_smollm2_recipes_validate_and_each_qlora_differs_from_its_lo
         assert {**mine, "name": lora["name"]} == lora
     if r.task.type == "sft":
         assert r.data.packing and r.train.best_metric == "loss"  # selection needs no generation
+
+
+@pytest.mark.parametrize("path", SMOLLM2_RECIPES, ids=lambda p: p.stem)
+def test_every_shipped_smollm2_recipe_trains_two_steps_on_a_tiny_llama_under_bf16_autocast(path, chat_llama, tmp_path,
+                                                                                           monkeypatch):
+    """Each shipped SmolLM2 recipe, as it is (its task, quantization, packing, adapter, dtypes and speed options) but
+    on the tiny chat Llama and a few rows of its real data, trains two steps under bf16 autocast, the precision `auto`
+    picks on CPUs with native bf16 (forced here, so every host runs the autocast paths). Stop 52 broke the shipped
+    QLoRA recipes there (mixed dtypes in the per-example attention's backward pass) and nothing short of training
+    one caught it."""
+    shared_or_skip("data")
+    if "qlora" in path.stem:
+        pytest.importorskip("bitsandbytes")
+    monkeypatch.chdir(REPO)  # the recipes name ../shared/data from the repository root
+    recipe = load_recipe(path, [f"model.name={chat_llama}", "data.train.max_samples=24", "data.eval=null",
+                                "data.test=null", "data.max_length=240", "eval.max_new_tokens=16", "train.max_steps=2", "train.batch_size=4",
+                                "train.grad_accum=1", "train.log_every=1", "train.precision=bf16",
+                                f"output_dir={tmp_path / 'out'}"])
+    record = run(recipe)
+    from .conftest import losses
+
+    assert record.steps == 2 and len(losses(recipe.out)) == 2
+    assert all(math.isfinite(x) for x in losses(recipe.out))
+    assert (recipe.out / "adapter_model.safetensors").is_file() or (recipe.out / "model.safetensors").is_file()
 
 
 def test_sft_recipes_cover_the_issue():
