@@ -250,7 +250,8 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
         disable_cpu_bf16_repack(model)
         release_checkpoint_mapping(model)
         loaded = {name: p.dtype for name, p in model.named_parameters()}
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing,
+                                                gradient_checkpointing_kwargs={"use_reentrant": False})  # as without quant
         keep_dtypes(model, loaded)  # peft upcast every 16-bit weight it did not quantize to float32
         return_freed_memory()  # the buffer each weight was read into, quantized and freed; the upcast copies
     if getattr(model.config, "pad_token_id", None) is None:
