@@ -143,9 +143,9 @@ class FusedLoraLinear(_FusedForward, LoraLinear):
 
 @functools.cache
 def _fused_4bit_class():
-    """peft's LoRA layer over a bitsandbytes `Linear4bit` (QLoRA), fused the same way: the packed weight is
-    dequantized for the forward product and again for the backward one, as bitsandbytes' own matmul does, and never
-    kept. None when bitsandbytes is not installed."""
+    """(peft's LoRA layer over a bitsandbytes `Linear4bit` (QLoRA), its fused twin), or None when bitsandbytes is not
+    installed. The twin reads the packed weight through `_LoraLinear`'s quant state: dequantized for the forward
+    product and again for the backward one, as bitsandbytes' own matmul does, and never kept."""
     from peft.import_utils import is_bnb_4bit_available
 
     if not is_bnb_4bit_available():
