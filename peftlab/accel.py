@@ -95,6 +95,12 @@ def autocast_dtype(accelerator) -> torch.dtype | None:
     return half_dtype(accelerator.mixed_precision)
 
 
+def cpu_compute_dtype(default: torch.dtype) -> torch.dtype:
+    """The dtype a CPU matmul computes in right now: autocast's while CPU autocast is on, else `default` (the
+    operands' own dtype), for code that does its matmuls with autocast off and must match what autocast would do."""
+    return torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else default
+
+
 # adapters whose forward reads the base weight only through base_layer(x); DoRA and the other LoRA variants read it
 # themselves (the weight norm), and a tuner not named here is left alone
 BASE_BY_FORWARD = ("lora", "adalora", "ia3", "loha", "lokr", "vera", "oft")

@@ -36,6 +36,8 @@ import math
 import torch
 from torch import nn
 
+from .accel import cpu_compute_dtype
+
 _LEVELS = 1 << 16  # 16 random bits per element
 
 
@@ -230,7 +232,7 @@ class _ExampleAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, query, key, value, examples, scale):
         ctx.dtypes = query.dtype, key.dtype, value.dtype
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else value.dtype  # as sdpa's
+        dtype = cpu_compute_dtype(value.dtype)  # as sdpa's
         query, key, value = query.to(dtype), key.to(dtype), value.to(dtype)
         out = value.new_empty(query.shape[0], query.shape[2], query.shape[1], query.shape[3])
         groups, longest = query.shape[1] // key.shape[1], max(end - start for row in examples for start, end in row)

@@ -35,6 +35,7 @@ import torch
 from peft.tuners.lora.layer import Linear as LoraLinear
 from torch import nn
 
+from .accel import cpu_compute_dtype
 from .dropout import FastDropout, compact, draw_drop, zero_dropped
 
 
@@ -99,7 +100,7 @@ class _FusedForward:
         if name is None:
             return super().forward(x, *args, **kwargs)
         base, drop = self.base_layer, self.lora_dropout[name]
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        dtype = cpu_compute_dtype(x.dtype)
         return _LoraLinear.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
                                  self.scaling[name], drop.p if isinstance(drop, FastDropout) else 0.0, dtype,
                                  self._quant_state())

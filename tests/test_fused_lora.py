@@ -173,18 +173,23 @@ def test_cases_the_fused_path_does_not_cover_use_peft_forward(monkeypatch):
     assert fused_calls(merged) == 1  # the merged layer is peft's; the other is still fused
 
 
-def test_train_setup_fuses_lora_by_default_and_not_with_lora_impl_peft(make_recipe):
+def set_up(make_recipe, overrides: dict):
+    """`train.setup` on the tiny BERT classifier (fp32, adapter dropout 0.1, `overrides`) -> (its parts, the data)."""
     from peftlab.accel import make_accelerator
     from peftlab.data import build_data, load_splits
     from peftlab.model import build_model
     from peftlab.train import setup
 
+    recipe = make_recipe({"train.precision": "fp32", "adapter.dropout": 0.1, **overrides})
+    splits, names = load_splits(recipe)
+    model, tok, _ = build_model(recipe, num_labels=len(names), label_names=names, precision="fp32")
+    data = build_data(recipe, tok, splits=splits, label_names=names)
+    return setup(recipe, model, data, make_accelerator(recipe, "fp32"), tok), data
+
+
+def test_train_setup_fuses_lora_by_default_and_not_with_lora_impl_peft(make_recipe):
     def fused_layers(**overrides) -> int:
-        recipe = make_recipe({"train.precision": "fp32", "adapter.dropout": 0.1, **overrides})
-        acc = make_accelerator(recipe, "fp32")
-        splits, names = load_splits(recipe)
-        model, tok, _ = build_model(recipe, num_labels=len(names), label_names=names, precision="fp32")
-        parts = setup(recipe, model, build_data(recipe, tok, splits=splits, label_names=names), acc, tok)
+        parts, _ = set_up(make_recipe, overrides)
         return sum(type(m) is FusedLoraLinear for m in parts.model.modules())
 
     assert fused_layers() > 0
@@ -219,17 +224,7 @@ def test_fused_training_gives_peft_losses_and_recomputes_the_same_dropout(make_r
 def qlora_classifier(make_recipe, compute_dtype: str = "float32"):
     """The tiny BERT classifier with LoRA (dropout 0.1) on 4-bit NF4 layers, after `train.setup` (which fuses them)."""
     pytest.importorskip("bitsandbytes")
-    from peftlab.accel import make_accelerator
-    from peftlab.data import build_data, load_splits
-    from peftlab.model import build_model
-    from peftlab.train import setup
-
-    recipe = make_recipe({"train.precision": "fp32", "adapter.dropout": 0.1, "quant.mode": "4bit",
-                          "quant.compute_dtype": compute_dtype})
-    splits, names = load_splits(recipe)
-    model, tok, _ = build_model(recipe, num_labels=len(names), label_names=names, precision="fp32")
-    data = build_data(recipe, tok, splits=splits, label_names=names)
-    parts = setup(recipe, model, data, make_accelerator(recipe, "fp32"), tok)
+    parts, data = set_up(make_recipe, {"quant.mode": "4bit", "quant.compute_dtype": compute_dtype})
     for name, p in parts.model.named_parameters():
         if "lora_B" in name:  # peft starts B at zero; a non-zero B makes every gradient path count
             nn.init.normal_(p, std=0.5)

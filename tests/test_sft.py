@@ -177,6 +177,16 @@ def test_real_tokens_per_second_count_no_padding_of_packed_or_padded_rows(tmp_pa
         == pytest.approx(real, rel=1e-6)
 
 
+def four_rows(tmp_path, model, overrides=()) -> tuple[dict, object]:
+    """A collated batch of 4 training rows of the QA conversations (max_length 128) and an fp32 Accelerator."""
+    from peftlab.accel import make_accelerator
+
+    recipe = recipe_for(tmp_path, model, write_jsonl(tmp_path / "m.jsonl", messages_rows()), ["data.max_length=128", *overrides])
+    splits, _ = load_splits(recipe)
+    data = build_data(recipe, chat_tokenizer(), splits=splits, label_names=[])
+    return data.collate(list(data.train)[:4]), make_accelerator(recipe, "fp32")
+
+
 @pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
 @pytest.mark.parametrize("packing", [False, True])
 def test_the_loss_on_labelled_positions_only_equals_the_models_own_loss_and_gradients(tmp_path, chat_llama, monkeypatch,
@@ -186,16 +196,10 @@ def test_the_loss_on_labelled_positions_only_equals_the_models_own_loss_and_grad
     from peft import LoraConfig, PromptTuningConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from peftlab.accel import make_accelerator
     from peftlab.tasks import generative
 
     monkeypatch.setattr(generative, "CHUNK", 7)  # several chunks, the last one partial
-    path = write_jsonl(tmp_path / "m.jsonl", messages_rows())
-    recipe = recipe_for(tmp_path, chat_llama, path, ["data.max_length=128", f"data.packing={str(packing).lower()}"])
-    splits, _ = load_splits(recipe)
-    data = build_data(recipe, chat_tokenizer(), splits=splits, label_names=[])
-    batch = data.collate(list(data.train)[:4])
-    accelerator = make_accelerator(recipe, "fp32")
+    batch, accelerator = four_rows(tmp_path, chat_llama, [f"data.packing={str(packing).lower()}"])
     torch.manual_seed(0)
     base = AutoModelForCausalLM.from_pretrained(chat_llama, dtype=torch.float32)
     config = (LoraConfig(r=4, target_modules="all-linear", task_type="CAUSAL_LM", init_lora_weights=False)
@@ -260,15 +264,9 @@ def test_a_trainable_head_keeps_the_checkpointed_loss_and_gets_its_gradient(tmp_
     trains goes through autocast's checkpointed path and gets its gradient."""
     from transformers import AutoModelForCausalLM
 
-    from peftlab.accel import make_accelerator
     from peftlab.tasks import generative
 
-    path = write_jsonl(tmp_path / "m.jsonl", messages_rows())
-    recipe = recipe_for(tmp_path, chat_llama, path, ["data.max_length=128"])
-    splits, _ = load_splits(recipe)
-    data = build_data(recipe, chat_tokenizer(), splits=splits, label_names=[])
-    batch = data.collate(list(data.train)[:4])
-    accelerator = make_accelerator(recipe, "fp32")
+    batch, accelerator = four_rows(tmp_path, chat_llama)
     model = AutoModelForCausalLM.from_pretrained(chat_llama, dtype=torch.float32)
     calls = []
     original = generative._HeadCrossEntropy.apply

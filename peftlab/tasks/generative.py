@@ -111,7 +111,9 @@ def labelled_token_losses(model, batch: dict, accelerator, *, shift: bool = True
     chunks = [(hidden[i:i + CHUNK], y[i:i + CHUNK]) for i in range(0, len(y), CHUNK)]
     with accelerator.autocast():
         if _frozen_linear_head(head, hidden):
-            dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else head.weight.dtype
+            from ..accel import cpu_compute_dtype  # here: accel -> config -> tasks imports this module
+
+            dtype = cpu_compute_dtype(head.weight.dtype)
             weight, bias = head.weight.to(dtype), None if head.bias is None else head.bias.to(dtype)
             parts = [_HeadCrossEntropy.apply(h, weight, bias, t) for h, t in chunks]
         else:
