@@ -74,8 +74,11 @@ def cmd_eval(args) -> int:
         raise PeftlabError("eval needs a run folder (peftlab eval runs/NAME) or an adapter (--adapter NAMESPACE/NAME or a folder).")
     check_local_target(target)
     folder = load_adapter(target, endpoint=args.endpoint, revision=args.revision)
-    local = Path(target).expanduser().is_dir()
-    results = None if local else Path("runs") / "eval" / target.replace("/", "__")  # never write into the download cache
+    from .rundir import holds_run
+
+    # never into the download cache, nor into a published folder (a later publish there would refuse the extra files)
+    local = Path(target).expanduser()
+    results = None if holds_run(local) else Path("runs") / "eval" / (local.resolve().name if local.is_dir() else target.replace("/", "__"))
     metrics = evaluate(folder, split=args.split, overrides=args.overrides, results_dir=results)
     print(json.dumps({"split": args.split, **metrics}, indent=2))
     return 0

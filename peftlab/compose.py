@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 from dataclasses import replace
 from pathlib import Path
@@ -35,6 +36,8 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
     outs, out = [Path(o) for o in outs], Path(out)
     if len(outs) < 2 or len(weights) != len(outs):
         raise PeftlabError(f"compose needs two or more runs and one weight per run (got {len(outs)} run(s), {len(weights)} weight(s)).")
+    if not all(math.isfinite(float(w)) for w in weights):
+        raise PeftlabError(f"--weights {' '.join(map(str, weights))}: every weight must be a finite number, e.g. --weights 0.5 0.5.")
     if method not in COMBINATIONS:
         raise PeftlabError(f"--method {method!r}: use one of {', '.join(COMBINATIONS)}.")
     prunes = method not in ("linear", "cat")  # ties / dare: --density is the share of each task vector kept
@@ -51,8 +54,9 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
     runs = [read_run(o) for o in outs]
     first_recipe, first_run = runs[0]
     for o, (r, info) in zip(outs, runs):
-        if not (o / "adapter_config.json").is_file():
-            raise PeftlabError(f"{o} holds a {info.method} model, not a LoRA adapter: only adapters compose.")
+        if _peft_type(o) != "LORA":
+            raise PeftlabError(f"{o} holds a {info.method} {'adapter' if _peft_type(o) else 'model'}, not a LoRA adapter: only "
+                               "LoRA adapters (lora, dora, rslora, ...) compose.")
         if (r.model.name, r.task.type, info.label_names) != (first_recipe.model.name, first_recipe.task.type, first_run.label_names):
             raise PeftlabError(f"{o} was trained on another base, task or label set than {outs[0]}: adapters compose only "
                                "on the same base model and labels.")
@@ -99,6 +103,14 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
     write_atomic_dir(out, fill)
     log.info("composed %s (%s, weights %s) -> %s", ", ".join(map(str, outs)), method, weights, out)
     return out
+
+
+def _peft_type(run: Path) -> str | None:
+    """adapter_config.json's peft_type (LORA, IA3, PROMPT_TUNING, ...); None for a full model or an unreadable config."""
+    try:
+        return json.loads((run / "adapter_config.json").read_text()).get("peft_type")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def check_compose_target(out: Path) -> None:

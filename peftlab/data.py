@@ -363,7 +363,9 @@ def infer_label_names(ds, where: str = "data.train") -> list[str]:
                         "would build a 1-output head and report accuracy 1.0). Use training data with every class, or name "
                         "all the classes: data.label_names=[...].")
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        return sorted(str(v) for v in values)
+        names = sorted(str(v) for v in values)
+        check_label_spellings(names, where)
+        return names
     absent = sorted(set(range(max(values) + 1)) - values)
     if absent or min(values) < 0:
         shown = sorted(values)
@@ -374,6 +376,25 @@ def infer_label_names(ds, where: str = "data.train") -> list[str]:
                         f"data.label_names=[...] ({max(values) + 1} names). Otherwise map the values to names, e.g. "
                         f"{where}.label_map={{{example}}} (the same on data.eval/data.test), or set data.label_names.")
     return [str(i) for i in range(max(values) + 1)]
+
+
+def check_label_spellings(names: list[str], where: str) -> None:
+    """Refuse inferred labels that spell one class twice: indices beside names (0/1 and negative/positive), or names
+    that differ only in case or spaces (positive / Positive). Each spelling would become a class of its own."""
+    numeric = [n for n in names if n.strip().lstrip("-").isdigit()]
+    if numeric and len(numeric) < len(names):
+        words = [n for n in names if n not in numeric]
+        raise DataError(f"{where}: the labels mix class indices {numeric[:5]} with names {words[:5]}: each spelling would "
+                        f"become a class of its own ({len(names)} classes). Map them onto one spelling, e.g. "
+                        f"{where}.label_map={{{numeric[0]}: {words[0]}}}, or name the classes: data.label_names=[...].")
+    spellings: dict[str, list[str]] = {}
+    for n in names:
+        spellings.setdefault(n.strip().casefold(), []).append(n)
+    twice = [v for v in spellings.values() if len(v) > 1]
+    if twice:
+        raise DataError(f"{where}: the labels {twice[0]} differ only in case or spaces: each spelling would become a class of "
+                        f"its own ({len(names)} classes). Fix the data, or map them: {where}.label_map="
+                        f"{{{twice[0][1].strip()}: {twice[0][0].strip()}}}.")
 
 
 def load_splits(recipe: Recipe, *, need_train: bool = True):

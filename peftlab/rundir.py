@@ -39,6 +39,7 @@ LOCK_ENV = "PEFTLAB_OUTPUT_LOCK"  # set by `peftlab train --launch` for its rank
 RECIPE_FILE, RECORD_FILE, LOG_FILE, CHECKPOINTS, CHECKSUMS = "recipe.yaml", "run.json", "log.jsonl", "checkpoints", "checksums.json"
 RUN_FILES = (RECIPE_FILE, RECORD_FILE)  # what makes a folder a finished run (written last: write_record)
 STARTED = (RECORD_FILE, CHECKPOINTS, LOG_FILE)
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Recipe keys a --resume may change: they steer logging, evaluation, saving and the length of the run, not the shapes or
 # the numbers of the steps already taken. Any other difference from the checkpoint's recipe is refused.
 RESUME_MAY_CHANGE = ("name", "output_dir", "train.epochs", "train.max_steps", "train.log_every", "train.eval_every",
@@ -86,6 +87,16 @@ def verify_weights(folder: Path, run: RunRecord) -> None:
         raise ArtifactError(f"{path} is missing: run.json records it as this run's weights. Copy the whole run folder again.")
     if sha256(path) != recorded:
         raise damaged(path, recorded, f"{Path(folder) / 'run.json'}")
+    if name == ADAPTER_WEIGHTS:  # the weights are an adapter: without its config they would load as nothing, or a traceback
+        config = Path(folder) / "adapter_config.json"
+        try:
+            json.loads(config.read_text())
+        except FileNotFoundError:
+            raise ArtifactError(f"{config} is missing: this run's weights are an adapter and need it. Copy the whole run folder "
+                                "again.") from None
+        except (OSError, ValueError) as e:
+            raise ArtifactError(f"{config} is damaged ({e}). Copy the whole run folder again, or train it again with "
+                                "--overwrite.") from None
 
 
 def seal_checkpoint(folder: Path, recipe_yaml: str | None) -> None:
@@ -102,7 +113,12 @@ def checkpoint_problem(ckpt: Path) -> str | None:
     (written by an older peftlab) are trusted."""
     if not (ckpt / CHECKSUMS).is_file():
         return None
-    for name, recorded in json.loads((ckpt / CHECKSUMS).read_text()).items():
+    try:
+        sums = json.loads((ckpt / CHECKSUMS).read_text())
+        assert isinstance(sums, dict)
+    except (OSError, ValueError, AssertionError):
+        return f"{ckpt / CHECKSUMS} is damaged"
+    for name, recorded in sums.items():
         path = ckpt / name
         if not path.is_file():
             return f"{path} is missing"
@@ -355,9 +371,9 @@ class Job:
 
     def commit(self) -> None:
         """(main process) The run finished: an --overwrite's staging folder replaces the old run."""
-        self.committed = True
         if self.staged:
             self.folder.swap()
+        self.committed = True
 
     def abandon(self) -> None:
         """(main process) The run failed: the old run stays; staging is kept only if --resume can continue it. A fresh
@@ -370,7 +386,10 @@ class Job:
             elif not checkpoints(self.work) and (self.work / LOG_FILE).exists():
                 log.warning("the failed run's log is kept in %s; train again with --overwrite.", self.work / LOG_FILE)
             return
-        if checkpoints(self.work):
+        if (self.work / RECORD_FILE).is_file():  # it finished, but the swap failed (a full disk, permissions)
+            log.warning("%s is unchanged: the new run finished but could not replace it. It is in %s: move it there yourself "
+                        "once the cause is fixed, or train again with --overwrite.", self.folder.out, self.work)
+        elif checkpoints(self.work):
             log.warning("%s is unchanged. The new run's checkpoints are kept in %s: --resume continues it, --overwrite "
                         "starts it again.", self.folder.out, self.work)
         else:
@@ -458,6 +477,12 @@ class RunDir:
                     if checkpoints(self.staging) else "")
             raise ArtifactError(f"output directory {self.out} already holds a run. Continue it with --resume, replace it with "
                                 f"--overwrite, or choose another one: output_dir=DIR (or name=NEW_NAME).{hint}")
+        if self.out.is_dir() and any(self.out.iterdir()):  # not a run: the run's files would mix with these, and a later
+            found = sorted(p.name for p in self.out.iterdir())  # --overwrite would delete them
+            listed = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+            raise ArtifactError(f"output directory {self.out} holds files that are not a peftlab run ({listed}): a run "
+                                "there would mix its files with them. Choose a new or empty folder: output_dir=DIR (or "
+                                "name=NEW_NAME).")
         return Job(self, self.out)
 
     def _resume_plan(self, recipe_yaml: str | None) -> Job:

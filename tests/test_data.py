@@ -91,6 +91,19 @@ def test_string_labels_are_inferred_sorted(tmp_path):
     assert names == ["neg", "pos"] and splits["train"]["label"] == [1, 0, 1]
 
 
+@pytest.mark.parametrize("labels, message", [
+    (["0", "1", "negative", "positive"], r"mix class indices \['0', '1'\] with names \['negative', 'positive'\]"),
+    (["negative", "positive", "Positive "], r"\['Positive ', 'positive'\] differ only in case or spaces")])
+def test_one_class_spelled_two_ways_is_refused_not_a_bigger_head(tmp_path, labels, message):
+    (tmp_path / "s.csv").write_text("text,y\n" + "".join(f"row {i},{y}\n" for i, y in enumerate(labels)))
+    base = ["data.text_columns=[text]", "data.label_column=y"]
+    with pytest.raises(DataError, match=message):
+        splits_of(tmp_path, tmp_path / "s.csv", base)
+    fix = "data.train.label_map={0: negative, 1: positive}" if "0" in labels else "data.train.label_map={'Positive ': positive}"
+    _, names = splits_of(tmp_path, tmp_path / "s.csv", [*base, fix])  # the mapping the message suggests
+    assert names == ["negative", "positive"]
+
+
 def test_max_samples_is_a_seeded_subset_and_holdout_splits_train(tmp_path):
     (tmp_path / "big.tsv").write_text("sentence\tlabel\n" + "".join(f"s{i}\t{i % 2}\n" for i in range(100)))
     a, _ = splits_of(tmp_path, tmp_path / "big.tsv", ["data.train.max_samples=10"])

@@ -233,6 +233,15 @@ def test_publish_to_a_directory(runs, tmp_path):
     with pytest.raises(PublishError, match="not a published adapter folder"):
         publish(runs[0], to=tmp_path / "taken")
     assert (tmp_path / "taken" / "thesis.tex").read_text() == "mine"
+    (target / "notes.md").write_text("mine")  # a file publishing did not write: never deleted by a republish
+    with pytest.raises(PublishError, match=r"files that publishing did not write \(notes.md\)"):
+        publish(runs[0], to=target)
+    (target / "notes.md").unlink()
+    record = json.loads((target / "run.json").read_text())
+    (target / "run.json").write_text(json.dumps({**record, "name": "someone-else"}))  # another run's publication
+    with pytest.raises(PublishError, match=r"published adapter of another run \(someone-else\)"):
+        publish(runs[0], to=target)
+    assert json.loads((target / "run.json").read_text())["name"] == "someone-else"
 
 
 @pytest.mark.parametrize("repo_id", ["alice", "alice/", "/etc", "../alice/x", "alice/../x", "alice/x/y", "alice/my repo", "alice/x.git",
@@ -448,6 +457,15 @@ def test_compose_refuses_mismatched_runs(runs, tmp_path):
         compose(runs, [0.5, 0.5], tmp_path / "c", method="ties", density=1.5)
     with pytest.raises(PeftlabError, match="--method linear does not prune"):
         compose(runs, [0.5, 0.5], tmp_path / "c", method="linear", density=0.5)
+    for bad in (float("nan"), float("inf")):
+        with pytest.raises(PeftlabError, match="must be a finite number"):
+            compose(runs, [bad, 0.5], tmp_path / "c")
+    ia3 = tmp_path / "ia3"  # another kind of adapter: refused by name before any model is built
+    shutil.copytree(runs[1], ia3)
+    cfg = json.loads((ia3 / "adapter_config.json").read_text())
+    (ia3 / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+    with pytest.raises(PeftlabError, match="not a LoRA adapter: only LoRA adapters"):
+        compose([runs[0], ia3], [0.5, 0.5], tmp_path / "c")
     assert not (tmp_path / "c").exists()
 
 

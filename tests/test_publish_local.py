@@ -111,6 +111,10 @@ def test_eval_of_a_published_folder_names_the_base_at_load_time(local_run, tmp_p
     expected = json.loads((local_run / "metrics.json").read_text())["eval"]
     got = json.loads(printed)
     assert got["accuracy"] == pytest.approx(expected["accuracy"]) and got["loss"] == pytest.approx(expected["loss"], abs=1e-5)
+    before = sorted(p.name for p in folder.iterdir())
+    assert list((tmp_path / "runs" / "eval" / "shelf").glob("eval-*.json"))  # beside, never into the published folder
+    publish(local_run, to=folder)  # so it can be published there again
+    assert sorted(p.name for p in folder.iterdir()) == before
 
 
 def test_packaged_and_named_bases_publish_their_hub_id(local_run, tmp_path, tiny_bert):

@@ -220,6 +220,42 @@ def test_output_dir_a_file_or_unwritable_is_one_clear_error(make_recipe, tmp_pat
     assert a_file.read_text() == "mine"
 
 
+def test_output_dir_holding_other_files_is_refused_even_with_overwrite(make_recipe, tmp_path):
+    """A folder of the user's own files is not a run: neither a run nor an --overwrite may write into it."""
+    make_recipe({"train.max_steps": 2})
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    for flag in ((), ("--overwrite",)):
+        rc, _, err = peftlab("train", tmp_path / "recipe.yaml", f"output_dir={mine}", *flag)
+        assert rc == 2 and "not a peftlab run (notes.txt)" in err and "Traceback" not in err, err
+    assert tree(mine) == {"notes.txt": hashlib.sha256(b"keep me").hexdigest()} and siblings(mine) == []
+    RunDir(tmp_path / "empty").plan(resume=False, overwrite=False)  # an empty folder is fine (nothing made yet)
+    (tmp_path / "empty").mkdir()
+    assert RunDir(tmp_path / "empty").plan(resume=False, overwrite=False).work == tmp_path / "empty"
+
+
+def test_a_failed_swap_keeps_the_old_run_and_says_where_the_new_one_is(old_run, caplog, monkeypatch):
+    out, before = old_run
+    folder = RunDir(out)
+    job = folder.plan(resume=False, overwrite=True)
+    job.prepare()
+    (job.work / "run.json").write_text("{}")  # a finished new run
+
+    def full_disk(*a):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(os, "replace", full_disk)
+    with pytest.raises(OSError), caplog.at_level(logging.WARNING):
+        try:
+            job.commit()
+        except OSError:
+            job.abandon()
+            raise
+    monkeypatch.undo()
+    assert not job.committed and tree(out) == before
+    assert "finished but could not replace it" in caplog.text and (folder.staging / "run.json").is_file()
+
+
 def test_unwritable_output_dir_is_one_clear_error(make_recipe, tmp_path):
     make_recipe()
     locked = tmp_path / "ro"
@@ -278,3 +314,31 @@ def test_a_damaged_run_record_is_one_clear_error(make_recipe, tmp_path, content)
     assert rc == 2 and "run.json is damaged" in err and "Traceback" not in err, err
     rc, _, err = peftlab("merge", tmp_path / "recipe.yaml")
     assert rc == 2 and "is a file, not a folder" in err, err
+
+
+@pytest.mark.parametrize("content", [None, '{"peft_type": "LORA", ', ""])
+def test_a_missing_or_damaged_adapter_config_is_one_clear_error(make_recipe, tmp_path, content):
+    """An adapter without its config is not "a standalone model, nothing to merge", nor a traceback: merge, eval and
+    publish name the file."""
+    recipe = make_recipe({"train.max_steps": 1})
+    run(recipe)
+    config = recipe.out / "adapter_config.json"
+    config.unlink() if content is None else config.write_text(content)
+    message = "adapter_config.json is missing" if content is None else "adapter_config.json is damaged"
+    for command in (("merge", recipe.out), ("eval", recipe.out), ("publish", recipe.out, "--to", tmp_path / "pub")):
+        rc, _, err = peftlab(*command)
+        assert rc == 2 and message in err and "Traceback" not in err, (command, err)
+    assert not (tmp_path / "pub").exists() and not (recipe.out / "merged").exists()
+
+
+@pytest.mark.parametrize("content", ['{"model.safetensors": ', "[1, 2]", "\xff"])
+def test_damaged_checksums_make_a_checkpoint_unusable_not_a_traceback(tmp_path, content):
+    from peftlab.rundir import checkpoint_problem, seal_checkpoint
+
+    ckpt = tmp_path / "step-4"
+    ckpt.mkdir()
+    (ckpt / "model.safetensors").write_bytes(b"weights")
+    seal_checkpoint(ckpt, None)
+    assert checkpoint_problem(ckpt) is None
+    (ckpt / "checksums.json").write_text(content)
+    assert checkpoint_problem(ckpt) == f"{ckpt / 'checksums.json'} is damaged"  # so --resume falls back to an older one

@@ -94,10 +94,29 @@ def write_folder(pub: PublicRun, target: Path, **card_kw) -> list[str]:
                            "(--to DIR), or delete that run first if you mean to replace it.")
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / RECORD_FILE).is_file())):
         raise PublishError(f"{target} exists and is not a published adapter folder. Choose a new or empty directory.")
+    if problem := _not_replaceable(target, pub.public_run.name):
+        raise PublishError(f"{target} {problem}: publishing there would delete it. Choose a new or empty directory (--to DIR), "
+                           "or move those files away first if you mean to replace them.")
     names: list[str] = []
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic_dir(target, lambda tmp: names.extend(fill_folder(pub, tmp, **card_kw)))
     return names
+
+
+def _not_replaceable(target: Path, name: str | None) -> str | None:
+    """Why an earlier publish folder at `target` may not be replaced: it publishes another run, or holds files that
+    publishing did not write (the user's own). None when it is this run's earlier publication, or no folder."""
+    if not (target / RECORD_FILE).is_file():
+        return None
+    try:
+        earlier = json.loads((target / RECORD_FILE).read_text()).get("name")
+    except (OSError, ValueError, AttributeError):
+        earlier = None
+    if earlier != name:
+        return f"holds the published adapter of another run ({earlier or 'unnamed'})"
+    ours = {*WEIGHT_FILES, *RECORD_FILES, "README.md"}
+    extra = sorted(p.name for p in target.iterdir() if p.name not in ours and not any(fnmatch(p.name, g) for g in TOKENIZER_GLOBS))
+    return f"holds files that publishing did not write ({', '.join(extra[:3])})" if extra else None
 
 
 # ------------------------------------------------------------------------------------------ Hub and git
