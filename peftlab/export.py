@@ -199,8 +199,10 @@ def load_trained(out: Path, *, dequantize: bool = False, recipe: Recipe | None =
     return model, tokenizer, recipe, run
 
 
-def rebuild(out: Path, recipe: Recipe, run: RunRecord, *, dequantize: bool = False, adapter_name: str = "default"):
-    """The model (eval mode) and tokenizer of run `out`, whose record `read_run` already gave -> (model, tokenizer)."""
+def rebuild(out: Path, recipe: Recipe, run: RunRecord, *, dequantize: bool = False, adapter_name: str = "default",
+            precision: str | None = None):
+    """The model (eval mode) and tokenizer of run `out`, whose record `read_run` already gave -> (model, tokenizer).
+    `precision`: the base's (its dtype, a quantized base's compute dtype); None = the run's own."""
     from peft import PeftModel
 
     out = Path(out)
@@ -210,7 +212,7 @@ def rebuild(out: Path, recipe: Recipe, run: RunRecord, *, dequantize: bool = Fal
     tokenizer = load_tokenizer(str(out), recipe)
     labels = run.label_names
     if (out / "adapter_config.json").is_file():
-        base, _ = load_base(recipe, base_path(recipe), num_labels=len(labels), label_names=labels, precision=run.precision,
+        base, _ = load_base(recipe, base_path(recipe), num_labels=len(labels), label_names=labels, precision=precision or run.precision,
                             auto_cls=task.auto_model_class)
         if dequantize and recipe.quant.mode != "none":
             # Merging LoRA into 4-bit weights re-quantizes the sum and rounds the update away (max logit error 0.17 on

@@ -47,7 +47,7 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
         if recipe.train.precision != trained.train.precision:
             precision = resolve_precision(recipe.train.precision)
     results = Path(results_dir) if results_dir else out
-    model, tokenizer = rebuild(out, recipe, run)
+    model, tokenizer = rebuild(out, recipe, run, precision=precision)
     model.requires_grad_(False)  # only scored: a full fine-tune's weights are frozen too (train.cast_frozen casts them once)
     skip_unread(model, recipe)
     splits, _ = load_splits_for(recipe, split, run.label_names)

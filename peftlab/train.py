@@ -114,19 +114,28 @@ class Window:
         yield
         self.start += time.perf_counter() - t0
 
-    def flush(self, state: TrainState) -> dict:
-        """-> this window's loss and throughput (all ranks); adds its totals to `state` and starts a new window."""
+    def settle(self, state: TrainState) -> tuple[int, int, float]:
+        """Add the examples, tokens and time counted so far to `state` (all ranks; before every checkpoint, so a resumed
+        run's totals are whole) and count again from zero; the loss keeps adding up until `flush`.
+        -> (examples, real tokens, seconds) added."""
         elapsed = self.elapsed()
         counts = torch.tensor([self.tokens, self.padded], dtype=torch.long, device=self.acc.device)
         tokens, padded = self.acc.reduce(counts, "sum").tolist()  # real and padded tokens of all ranks: one collective
         examples = self.examples * self.acc.num_processes
-        record = {"loss": self.acc.reduce(self.loss, "mean").item() / max(self.micro, 1), "examples_per_s": examples / elapsed,
-                  "tokens_per_s": tokens / elapsed, "epoch": state.epoch}
         state.examples += examples
         state.tokens += tokens
         state.padded_tokens += padded
         state.train_seconds += elapsed
-        record["train_s"] = state.train_seconds
+        self.examples = self.tokens = self.padded = 0
+        self.start = time.perf_counter()
+        return examples, tokens, elapsed
+
+    def flush(self, state: TrainState) -> dict:
+        """-> this window's loss and throughput (all ranks); adds its totals to `state` and starts a new window."""
+        examples, tokens, elapsed = self.settle(state)
+        elapsed = max(elapsed, 1e-9)
+        record = {"loss": self.acc.reduce(self.loss, "mean").item() / max(self.micro, 1), "examples_per_s": examples / elapsed,
+                  "tokens_per_s": tokens / elapsed, "epoch": state.epoch, "train_s": state.train_seconds}
         self.reset()
         return record
 
@@ -383,6 +392,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
             bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     def checkpoint() -> None:
+        window.settle(state)  # the steps since the last log line count in the saved totals
         with parts.cast.suspended():  # the fp32 weights go into the checkpoint, as they were loaded
             save_checkpoint(accelerator, out, state, best.weights, t.keep_checkpoints, recipe)
 

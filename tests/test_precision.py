@@ -220,3 +220,24 @@ def test_evaluating_a_stored_bf16_full_fine_tune_casts_its_weights_once_with_the
     per_call = evaluate(tmp_path / "f", "eval", ["train.cast_frozen=false"], results_dir=tmp_path / "per-call")
     assert sizes[0] >= 24 and sizes[1] == 0  # 2 layers x 6 linears x (weight, bias); none when switched off
     assert once == per_call
+
+
+def test_eval_with_another_precision_loads_the_base_in_it(make_recipe, monkeypatch):
+    """`peftlab eval RUN train.precision=fp32` of a bf16 run: the base is rebuilt in float32 (model.dtype auto follows the
+    precision; a 4-bit base's compute dtype too), not in the run's bf16."""
+    import sys
+
+    recipe = make_recipe({"train.precision": "bf16", "model.dtype": "auto", "train.max_steps": 2})
+    run(recipe)
+    seen = []
+    module = sys.modules["peftlab.export"]  # (peftlab.export is also the function of that name)
+    load_base = module.load_base
+
+    def spy(*a, **kw):
+        model, head = load_base(*a, **kw)
+        seen.append((kw["precision"], next(p for n, p in model.named_parameters() if "embeddings" in n).dtype))
+        return model, head
+    monkeypatch.setattr(module, "load_base", spy)
+    evaluate(recipe.out)
+    evaluate(recipe.out, overrides=["train.precision=fp32"])
+    assert seen == [("bf16", torch.bfloat16), ("fp32", torch.float32)]

@@ -111,6 +111,19 @@ def test_checkpoint_resume_matches_uninterrupted(make_recipe, tmp_path):
     assert resumed["metrics"]["eval"] == pytest.approx(full["metrics"]["eval"], abs=1e-6)
 
 
+def test_resumed_totals_count_the_steps_since_the_last_log_line(make_recipe, tmp_path):
+    """A checkpoint between two log lines (step 8; logs at 16 and 32) carries the examples and tokens of steps 1-8: a
+    resumed run's run.json totals are those of a run never stopped."""
+    ov = {"train.epochs": 2, "train.save_every": 8, "train.keep_checkpoints": 4, "train.log_every": 16}
+    full = run(make_recipe({**ov, "output_dir": tmp_path / "full"}))
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-8", part / "checkpoints" / "step-8")
+    resumed = run(make_recipe({**ov, "output_dir": part}), resume=True)
+    for key in ("train_examples", "train_tokens", "train_padded_tokens"):
+        assert resumed[key] == full[key] > 0, key
+    assert losses(part)[-1] == pytest.approx(losses(tmp_path / "full")[-1], abs=1e-6)  # steps 17-32 in both
+
+
 def test_resume_without_checkpoint_and_reused_output_dir_are_refused(make_recipe):
     recipe = make_recipe({"train.max_steps": 2})
     with pytest.raises(ArtifactError, match="no checkpoint"):

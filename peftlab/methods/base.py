@@ -115,6 +115,9 @@ class Method:
         problems = []
         if mode in QUANT_MODES and mode not in self.quant_modes:  # (an unknown mode is the field check's problem)
             problems.append(f"quant.mode={mode} with adapter.method={self.name}: {self.quant_refusal.format(name=self.name)}")
+        if recipe.export.merge and self.is_adapter and not self.mergeable:
+            problems.append(f"export.merge=true with adapter.method={self.name}: {self.merge_refusal} Set export.merge=false "
+                            "(the adapter is exported as it is), or use a mergeable method such as lora.")
         for fields, is_set, message in SPECIFIC_OPTIONS:
             if is_set(a) and not set(fields) <= set(self.options):
                 problems.append(message.format(a=a))
