@@ -27,7 +27,7 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
 
     peft combines the LoRA matrices but refuses adapters that each save a task head (modules_to_save), so the
     adapters are loaded without their heads and the heads are summed with the same weights: for weights (1, 0, ...)
-    and method linear the result is the first adapter exactly."""
+    and method linear the result computes the first adapter's function exactly (its tensors are rescaled)."""
     import torch
     from peft import PeftConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict

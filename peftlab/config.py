@@ -298,9 +298,10 @@ class EvalConfig:
                                 "scored on the generated answers besides exact_match and ROUGE (its metrics may be train.best_metric).")
     merge_adapter: bool = opt(True, "Final evaluations (after training, and `peftlab eval`): fold a mergeable adapter (LoRA, DoRA, "
                               "IA3, ...) into an fp32 base while scoring, then unfold it: the same model, faster (no separate "
-                              "adapter pass per layer); scores agree with unfolded ones up to rounding (under bf16 autocast, in "
-                              "the 4th digit). Evaluations during training, bf16 or quantized bases (they would round the update "
-                              "away) and sharded models are scored unfolded. false: score the adapter unfolded.")
+                              "adapter pass per layer); scores agree with unfolded ones up to rounding (under bf16 autocast: a "
+                              "loss in the 3rd-4th digit, an accuracy by the rows on a decision boundary). Evaluations during "
+                              "training, bf16 or quantized bases (they would round the update away) and sharded models are "
+                              "scored unfolded. false: score the adapter unfolded.")
 
 
 @dataclass
