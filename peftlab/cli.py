@@ -190,7 +190,7 @@ def cmd_compose(args) -> int:
 
 def cmd_select(args) -> int:
     from .config import load_recipe
-    from .export import atomic_write_text
+    from .export import atomic_write_text, check_destination
     from .select import format_table, ranked_by, select, to_json
 
     # `--candidates A B KEY=VALUE`: nargs="+" took the overrides that followed it (a file whose name holds '=' stays a base)
@@ -207,6 +207,8 @@ def cmd_select(args) -> int:
             raise PeftlabError(f"--set {item!r}: expected NAME:KEY=VALUE, NAME a candidate or a method, e.g. --set full:train.lr=5e-5")
         extra.setdefault(name, []).append(f"{key}={value}")
     methods = [m for m in args.methods if m not in late_m] if args.methods else None
+    if args.json:
+        check_destination(Path(args.json), "--json", folder=False)  # before the work, not after it
     rows = select(load_recipe(recipe_path, overrides), [c for c in args.candidates if c not in late], methods,
                   proxies=args.proxies, rank_by=args.rank_by, max_rows=args.max_rows, folds=args.folds, steps=args.steps,
                   overrides=extra)

@@ -125,7 +125,8 @@ class DataConfig:
     test: SplitConfig | None = opt(None, "Optional held-out test split, evaluated once at the end.")
     eval_holdout: float = opt(0.0, "With no eval split: hold out this fraction of train (seeded) for evaluation.", ge=0, lt=1)
     seed: int | None = opt(None, "Seed of the data.*.max_samples subsets and the eval_holdout split; null = train.seed. Fix it to "
-                           "vary train.seed over the same rows (a seed study, or truth runs scored on one held-out split).")
+                           "vary train.seed over the same rows (a seed study, or truth runs scored on one held-out split).",
+                           ge=0, lt=2**32, hint="the range numpy's and torch's seeds take")
     text_columns: list[str] = opt(["sentence"], "Column(s) holding the input text; several are joined with a space.")
     text_pair: bool = opt(False, "Classification: the two data.text_columns are a sentence pair (MRPC: [sentence1, sentence2]), "
                           "encoded as one ([CLS] a [SEP] b [SEP], with segment ids), not joined into one string.")
@@ -280,7 +281,7 @@ class TrainConfig:
                                "MLFLOW_TRACKING_URI, ...).", REPORT_TO)
     save_every: int | None = opt(None, "Write a resumable checkpoint every N optimizer steps; null = none.", ge=1)
     keep_checkpoints: int = opt(2, "How many checkpoints to keep (oldest are deleted).", ge=1)
-    seed: int = opt(42, "Seed for initialisation, shuffling and dropout.")
+    seed: int = opt(42, "Seed for initialisation, shuffling and dropout.", ge=0, lt=2**32, hint="the range numpy's and torch's seeds take")
     distill: DistillConfig | None = opt(None, "Knowledge distillation from a finished run (the teacher): {teacher: runs/X, "
                                         "temperature: T, alpha: a}. Its logits are computed once before training and cached "
                                         "with the rows; null = labels only.")

@@ -20,6 +20,7 @@ from .errors import DataError, DataFileNotFound
 from .tasks import get_task
 
 log = logging.getLogger(__name__)
+MIN_EVAL_ROWS = 20  # fewer held-out rows than this: warned about
 
 FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
@@ -421,6 +422,7 @@ def load_splits(recipe: Recipe, *, need_train: bool = True):
             raw[name] = own(ds, spec, recipe, f"data.{name}") if own else \
                 normalize_split(ds, spec, d, f"data.{name}", seed, target, unlabelled)
     if "train" in raw and "eval" not in raw and d.eval_holdout > 0:
+        check_holdout(len(raw["train"]), d.eval_holdout)
         parts = raw["train"].train_test_split(test_size=d.eval_holdout, seed=seed)
         raw["train"], raw["eval"] = parts["train"], parts["test"]
     if target or own or unlabelled:
@@ -431,6 +433,17 @@ def load_splits(recipe: Recipe, *, need_train: bool = True):
     for name in ("train", "eval", "test"):
         out.setdefault(name, None)
     return out, label_names
+
+
+def check_holdout(rows: int, fraction: float) -> None:
+    """Refuse a held-out split that leaves no training rows; warn about one too small to measure anything."""
+    held = math.ceil(rows * fraction)  # as datasets' train_test_split rounds
+    if rows - held < 1:
+        raise DataError(f"data.eval_holdout={fraction} holds out {held} of the {rows} training row(s), leaving none to train on. "
+                        "Lower it (e.g. data.eval_holdout=0.1), or give an evaluation split: data.eval.path=FILE.")
+    if held < MIN_EVAL_ROWS:
+        log.warning("data.eval_holdout=%s holds out only %d of %d rows: figures on so few rows are mostly noise. Raise it, "
+                    "or give an evaluation split: data.eval.path=FILE.", fraction, held, rows)
 
 
 def report_truncation(ds, where: str, max_length: int) -> None:

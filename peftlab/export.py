@@ -77,6 +77,19 @@ def umask() -> int:
     return mask
 
 
+def check_destination(path: Path, what: str, *, folder: bool) -> None:
+    """One clear error before any work when `path` (a file or a `folder` to write) cannot be made: it lies under a file,
+    or is a folder where a file goes. `what` names the flag, e.g. '--json'."""
+    path = Path(path)
+    if not folder and path.is_dir():
+        raise ArtifactError(f"{what} {path} is a folder: give a file name, e.g. {what} {path / 'result.json'}.")
+    probe = path.parent
+    while not probe.exists() and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ArtifactError(f"{what} {path} cannot be created: {probe} is a file. Choose another path.")
+
+
 def atomic_write_text(path: Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
@@ -220,7 +233,13 @@ def rebuild(out: Path, recipe: Recipe, run: RunRecord, *, dequantize: bool = Fal
             base = base.dequantize()
             log.info("base was quantized (%s): merging into a dequantized copy of it", recipe.quant.mode)
         base.config.pad_token_id = tokenizer.pad_token_id
-        model = PeftModel.from_pretrained(base, str(out), adapter_name=adapter_name)
+        try:
+            model = PeftModel.from_pretrained(base, str(out), adapter_name=adapter_name)
+        except (ValueError, RuntimeError, KeyError) as e:  # another base (model.name=...): no such layers, other shapes
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+            raise ArtifactError(f"the adapter in {out} does not fit the base {recipe.model.name} ({first}). It was trained on "
+                                f"{run.base_model or 'another base'}: load it on that base (drop the model.name override, or "
+                                "point model.name at a copy of it).") from None
         get_method(run.method or recipe.adapter.method).loaded(model, adapter_name)  # e.g. AdaLoRA's eval-time attribute
     else:
         model = task.auto_model_class.from_pretrained(str(out), use_safetensors=True)

@@ -360,14 +360,22 @@ def model_problems(recipe: Recipe) -> list[str]:
                  "are checked when `train` converts it (or finds its conversion)", m.name)
         return []
     problems = num_layers_problems(recipe, str(path))
-    targets = recipe.adapter.target_modules
-    if (not isinstance(targets, list) or targets == ["all-linear"] or not get_method(recipe.adapter.method).layers
-            or m.trust_remote_code or m.decoder is not None or hasattr(task, "build_model")):
+    if m.trust_remote_code or m.decoder is not None or hasattr(task, "build_model"):
         return problems
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path, revision=m.revision)
+        check_input_lengths(config, recipe)  # data.max_length against the position table
+    except ModelError as e:
+        problems.append(str(e))
+    except Exception as e:  # a config transformers cannot read here: `train` checks on the loaded model
+        log.info("model.name=%r: input lengths and target_modules not checked (%s: %s)", m.name, type(e).__name__, e)
+        return problems
+    targets = recipe.adapter.target_modules
+    if not isinstance(targets, list) or targets == ["all-linear"] or not get_method(recipe.adapter.method).layers:
+        return problems
+    try:
         with torch.device("meta"):
             skeleton = task.auto_model_class.from_config(config)
     except Exception as e:  # an architecture that cannot be built this way: `train` checks on the loaded model

@@ -114,6 +114,15 @@ def test_max_samples_is_a_seeded_subset_and_holdout_splits_train(tmp_path):
     assert not set(h["train"]["text"]) & set(h["eval"]["text"])
 
 
+def test_a_holdout_that_leaves_no_training_rows_is_refused_and_a_tiny_one_warned(tmp_path, caplog):
+    (tmp_path / "small.tsv").write_text("sentence\tlabel\n" + "".join(f"s{i}\t{i % 2}\n" for i in range(30)))
+    with pytest.raises(DataError, match=r"data.eval_holdout=0.99 holds out 30 of the 30 training row\(s\), leaving none"):
+        splits_of(tmp_path, tmp_path / "small.tsv", ["data.eval_holdout=0.99"])
+    with caplog.at_level("WARNING", logger="peftlab.data"):
+        h, _ = splits_of(tmp_path, tmp_path / "small.tsv", ["data.eval_holdout=0.01"])
+    assert len(h["eval"]) == 1 and "holds out only 1 of 30 rows" in caplog.text
+
+
 def test_data_seed_fixes_the_rows_while_train_seed_varies(tmp_path):
     """data.seed picks the subsets and the held-out split; null follows train.seed (the rows then change with it)."""
     (tmp_path / "big.tsv").write_text("sentence\tlabel\n" + "".join(f"s{i}\t{i % 2}\n" for i in range(100)))

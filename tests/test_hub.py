@@ -230,6 +230,8 @@ def test_publish_to_a_directory(runs, tmp_path):
         publish(runs[0], to=tmp_path / "a", git_remote=str(tmp_path / "remote.git"))
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "thesis.tex").write_text("mine")
+    with pytest.raises(PeftlabError, match="cannot be created: .*thesis.tex is a file"):
+        publish(runs[0], to=tmp_path / "taken" / "thesis.tex" / "pub")
     with pytest.raises(PublishError, match="not a published adapter folder"):
         publish(runs[0], to=tmp_path / "taken")
     assert (tmp_path / "taken" / "thesis.tex").read_text() == "mine"

@@ -85,6 +85,10 @@ def test_every_registered_method_is_checked_by_validate(registry):
     (["adapter.method=adalora", "adapter.adalora_init_r=4"], "adapter.adalora_init_r=4 with adapter.r=8: AdaLoRA starts at"),
     (["adapter.init=pissa", "adapter.use_dora=true"], "adapter.init=pissa with adapter.use_dora: the pissa adapter is exported"),
     (["adapter.method=vera", "adapter.init=gaussian"], "adapter.init=gaussian with adapter.method=vera: initialisations are for LoRA"),
+    (["adapter.options.lora_dropou=0.1"], "adapter.options.lora_dropou: not an argument of peft's LoraConfig. Did you mean "
+                                          "'lora_dropout'?"),
+    (["adapter.method=ia3", "adapter.options.bogus=1"], "adapter.options.bogus: not an argument of peft's IA3Config."),
+    (["adapter.method=full", "adapter.options.r=4"], "adapter.options with adapter.method=full: it builds no peft config"),
     (["adapter.method=prompt_tuning", "export.merge=true"], "export.merge=true with adapter.method=prompt_tuning: it adds virtual "
                                                              "tokens to the input, so there is nothing to fold into the weights."),
 ])

@@ -342,3 +342,11 @@ def test_damaged_checksums_make_a_checkpoint_unusable_not_a_traceback(tmp_path, 
     assert checkpoint_problem(ckpt) is None
     (ckpt / "checksums.json").write_text(content)
     assert checkpoint_problem(ckpt) == f"{ckpt / 'checksums.json'} is damaged"  # so --resume falls back to an older one
+
+
+def test_eval_on_a_base_the_adapter_does_not_fit_is_one_clear_error(make_recipe):
+    recipe = make_recipe({"train.max_steps": 1})
+    run(recipe)
+    rc, _, err = peftlab("eval", recipe.out, "model.name=minilm")  # another hidden size: LoRA's matrices do not fit
+    assert rc == 2 and "does not fit the base minilm" in err and "drop the model.name override" in err, err
+    assert "Traceback" not in err

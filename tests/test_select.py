@@ -133,6 +133,9 @@ def test_cli_prints_the_table_and_writes_json(make_recipe, tmp_path, capsys, cap
     assert report["ranked_by"] == "probe" and [r["rank"] for r in report["rows"]] == [1, 2]
     minilm, tiny = sorted(report["rows"], key=lambda r: r["base"] != "minilm")
     assert minilm["feature_dim"] == 384 and tiny["feature_dim"] == 32 and set(minilm["estimates"]) == {"probe", "logme"}
+    for bad, message in ((tmp_path, "is a folder: give a file name"), (out / "x.json", "select.json is a file")):
+        assert main(["select", str(tmp_path / "recipe.yaml"), "--candidates", str(tiny_bert), "--json", str(bad)]) == 2
+        assert message in capsys.readouterr().err  # refused before the work, not after it
     # the pretrained MiniLM's features explain the sentiment labels better than a random tiny BERT's
     assert minilm["estimates"]["logme"]["value"] > tiny["estimates"]["logme"]["value"] + 0.3
     # 40 rows without a fold against MiniLM's 384 dimensions (the tiny BERT has 32): LogME is degenerate there, and says so

@@ -116,12 +116,13 @@ def test_ranges_are_field_metadata_checked_generically():
     assert (fields["lr"].metadata["gt"], fields["warmup_fraction"].metadata["lt"]) == (0, 1)
     with pytest.raises(ConfigError) as e:
         load_recipe(None, ["train.lr=0", "train.warmup_fraction=1", "train.max_steps=-1", "data.max_length=4",
-                           "eval.num_beams=0", "adapter.r=0"], validate_files=False)
+                           "eval.num_beams=0", "adapter.r=0", "train.seed=-1", f"data.seed={2**32}"], validate_files=False)
     msg = str(e.value)
     for needle in ("train.lr=0.0: must be > 0 (LoRA: ~1e-4 to 1e-3; full fine-tuning: ~2e-5).",
                    "train.warmup_fraction=1.0: must be in [0, 1).", "train.max_steps=-1: must be >= 0 or null.",
                    "data.max_length=4: must be >= 8", "eval.num_beams=0: must be >= 1 (1 = greedy decoding).",
-                   "adapter.r=0: must be >= 1 (the LoRA rank; typical: 4-64)."):
+                   "adapter.r=0: must be >= 1 (the LoRA rank; typical: 4-64).", "train.seed=-1: must be in [0, 4294967296)",
+                   "data.seed=4294967296: must be in [0, 4294967296) or null"):
         assert needle in msg, msg
     assert math.isfinite(Recipe().train.lr)
 
@@ -198,6 +199,9 @@ def test_max_length_beyond_the_position_table_is_refused_before_training(make_re
     recipe = make_recipe({"data.max_length": 256})  # the tiny BERT has 128 positions
     with pytest.raises(ModelError, match=r"data.max_length=256 exceeds the 128 positions of .*Set data.max_length"):
         build_model(recipe, num_labels=2, label_names=["negative", "positive"])
+    from peftlab.run import preflight
+
+    assert any("data.max_length=256 exceeds the 128 positions" in p for p in preflight(recipe, training=False))  # validate
 
 
 def test_position_limits_from_configs():

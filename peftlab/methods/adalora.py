@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import logging
-from functools import partial
 from typing import TYPE_CHECKING
 
 from ..errors import ModelError
-from .base import Method, register
-from .peft_adapter import apply_peft
+from .base import register
+from .peft_adapter import peft_method
 
 if TYPE_CHECKING:
     from ..config import AdapterConfig, Recipe
@@ -96,5 +95,5 @@ def loaded(model, adapter_name: str) -> None:
     model.base_model.trainable_adapter_name = adapter_name
 
 
-ADALORA = register(Method("adalora", partial(apply_peft, "AdaLoraConfig", adalora_fields), rules=rules, schedule=RankBudget,
-                          loaded=loaded, describe=lambda r: f"An AdaLoRA adapter (average rank {r.adapter.r})"))
+ADALORA = register(peft_method("adalora", "AdaLoraConfig", adalora_fields, rules=rules, schedule=RankBudget, loaded=loaded,
+                               describe=lambda r: f"An AdaLoRA adapter (average rank {r.adapter.r})"))

@@ -9,6 +9,7 @@ This module sits below config and model (it imports neither at run time), so bot
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,6 +92,7 @@ class Method:
     name: str
     apply: Callable[..., Any]  # (model, recipe, head_modules, peft task type) -> the model to train (peft-wrapped, or grads set)
     is_adapter: bool = True  # exports an adapter on the base (adapter_config.json), not a standalone model
+    config_class: str | None = None  # peft's config class (LoraConfig, ...): adapter.options are its arguments
     mergeable: bool = True  # the adapter folds into the base weights (`peftlab merge`)
     merge_refusal: str = ""  # why not, when not mergeable
     pretrained: bool = True  # starts from the base's pretrained weights (scratch: from its config only)
@@ -115,6 +117,7 @@ class Method:
         problems = []
         if mode in QUANT_MODES and mode not in self.quant_modes:  # (an unknown mode is the field check's problem)
             problems.append(f"quant.mode={mode} with adapter.method={self.name}: {self.quant_refusal.format(name=self.name)}")
+        problems += self.option_problems(a.options)
         if recipe.export.merge and self.is_adapter and not self.mergeable:
             problems.append(f"export.merge=true with adapter.method={self.name}: {self.merge_refusal} Set export.merge=false "
                             "(the adapter is exported as it is), or use a mergeable method such as lora.")
@@ -122,6 +125,25 @@ class Method:
             if is_set(a) and not set(fields) <= set(self.options):
                 problems.append(message.format(a=a))
         return problems + self.rules(recipe)
+
+    def option_problems(self, options: dict) -> list[str]:
+        """adapter.options names that peft's config class of this method does not take (found at validate, not train)."""
+        if not options:
+            return []
+        if self.config_class is None:
+            return [f"adapter.options with adapter.method={self.name}: it builds no peft config, so nothing reads them. "
+                    "Remove adapter.options."]
+        import peft
+
+        known = {f.name for f in dataclasses.fields(getattr(peft, self.config_class))}
+        unknown = [k for k in options if k not in known]
+        return [f"adapter.options.{k}: not an argument of peft's {self.config_class}.{hint(k, known)} adapter.options are "
+                f"passed straight to it (see peft's docs)." for k in unknown]
+
+
+def hint(name: str, known) -> str:
+    close = difflib.get_close_matches(name, sorted(known), n=1)
+    return f" Did you mean '{close[0]}'?" if close else ""
 
 
 # ----------------------------------------------------------------------------------------------- registry

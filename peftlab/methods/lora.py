@@ -126,5 +126,5 @@ def tags(recipe: Recipe) -> list[str]:
 
 
 LORA = register(Method(
-    "lora", apply, options=("loraplus_lr_ratio", "init", "use_dora", "use_rslora"), rules=rules, param_groups=param_groups,
-    save=save, describe=lambda r: f"A LoRA adapter (r={r.adapter.r}, alpha={r.adapter.alpha:g})", card_lines=card_lines, tags=tags))
+    "lora", apply, config_class="LoraConfig", options=("loraplus_lr_ratio", "init", "use_dora", "use_rslora"), rules=rules,
+    param_groups=param_groups, save=save, describe=lambda r: f"A LoRA adapter (r={r.adapter.r}, alpha={r.adapter.alpha:g})", card_lines=card_lines, tags=tags))

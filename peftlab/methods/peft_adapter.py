@@ -11,6 +11,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from ..config import AdapterConfig, Recipe
+    from .base import Method
 
 
 def linear_module_names(model: nn.Module) -> list[str]:
@@ -78,3 +79,12 @@ def apply_peft(config_class: str, fields: Callable[[AdapterConfig], dict], model
                 f"Linear layers it has: {', '.join(linear_module_names(model))}. "
                 f"Set adapter.target_modules to some of these, or 'all-linear'.") from None
         raise
+
+
+def peft_method(name: str, config_class: str, fields: Callable[[AdapterConfig], dict], **kw) -> Method:
+    """A method that is peft's `config_class` built from the recipe's `fields` (plus adapter.options)."""
+    from functools import partial
+
+    from .base import Method
+
+    return Method(name, partial(apply_peft, config_class, fields), config_class=config_class, **kw)

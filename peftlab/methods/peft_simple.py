@@ -2,20 +2,18 @@
 
 from __future__ import annotations
 
-from functools import partial
-
-from .base import Method, register
-from .peft_adapter import apply_peft
+from .base import register
+from .peft_adapter import peft_method
 
 # peft's LoHa/LoKr size their update from the base layer's weight, which in a 4-bit layer is the packed storage
 PACKED_4BIT = ("peft's {name} sizes its update from the base layer's weight, which in a 4-bit layer is the packed storage (half the "
                "elements, one column), so the forward pass fails. Use quant.mode=8bit or none, or a method with 4-bit support "
                "(lora, adalora, ia3, vera, oft).")
 
-IA3 = register(Method("ia3", partial(apply_peft, "IA3Config", lambda a: {})))
-LOHA = register(Method("loha", partial(apply_peft, "LoHaConfig", lambda a: dict(r=a.r, alpha=a.alpha, rank_dropout=a.dropout)),
-                       quant_modes=("none", "8bit"), quant_refusal=PACKED_4BIT))
-LOKR = register(Method("lokr", partial(apply_peft, "LoKrConfig", lambda a: dict(r=a.r, alpha=a.alpha, rank_dropout=a.dropout)),
-                       quant_modes=("none", "8bit"), quant_refusal=PACKED_4BIT))
-VERA = register(Method("vera", partial(apply_peft, "VeraConfig", lambda a: dict(r=a.r, vera_dropout=a.dropout))))
-OFT = register(Method("oft", partial(apply_peft, "OFTConfig", lambda a: dict(r=a.r, oft_block_size=0, module_dropout=a.dropout))))
+IA3 = register(peft_method("ia3", "IA3Config", lambda a: {}))
+LOHA = register(peft_method("loha", "LoHaConfig", lambda a: dict(r=a.r, alpha=a.alpha, rank_dropout=a.dropout),
+                            quant_modes=("none", "8bit"), quant_refusal=PACKED_4BIT))
+LOKR = register(peft_method("lokr", "LoKrConfig", lambda a: dict(r=a.r, alpha=a.alpha, rank_dropout=a.dropout),
+                            quant_modes=("none", "8bit"), quant_refusal=PACKED_4BIT))
+VERA = register(peft_method("vera", "VeraConfig", lambda a: dict(r=a.r, vera_dropout=a.dropout)))
+OFT = register(peft_method("oft", "OFTConfig", lambda a: dict(r=a.r, oft_block_size=0, module_dropout=a.dropout)))

@@ -16,7 +16,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from ..errors import PublishError
-from ..export import weights_file, write_atomic_dir
+from ..export import check_destination, weights_file, write_atomic_dir
 from ..rundir import RECIPE_FILE, RECORD_FILE, holds_run
 from .card import PublicRun, card_text, check_card, check_nothing_local, local_roots, scrub
 
@@ -89,6 +89,7 @@ def write_folder(pub: PublicRun, target: Path, **card_kw) -> list[str]:
     o, t = out.resolve(), target.resolve()
     if t == o or t in o.parents:
         raise PublishError(f"{target} would replace the run itself ({out}). Choose a separate directory.")
+    check_destination(target, "--to", folder=True)
     if holds_run(target):
         raise PublishError(f"{target} holds a peftlab run: publishing there would replace it. Choose a new or empty directory "
                            "(--to DIR), or delete that run first if you mean to replace it.")
