@@ -371,10 +371,13 @@ def _coerce(value: Any, tp, where: str, problems: list[str]) -> Any:
             problems.append(f"{where}: null is not allowed; give a {_type_name(inner)}.")
         return value
     if dataclasses.is_dataclass(inner):
-        if isinstance(value, str):  # shorthand: `train: data.tsv` means {path: data.tsv}
+        first = dataclasses.fields(inner)[0].name
+        if isinstance(value, str) and first == "path":  # shorthand: `train: data.tsv` means {path: data.tsv}
             value = {"path": value}
         if not isinstance(value, dict):
-            problems.append(f"{where}: expected a mapping of {inner.__name__} fields, got {value!r}.")
+            example = f" Write it as a section: `{where}: {{{first}: {value}}}` ({where}.{first}={value} on the command line)." \
+                if isinstance(value, (str, int, float)) and not isinstance(value, bool) else ""
+            problems.append(f"{where}: expected a mapping of {inner.__name__} fields, got {value!r}.{example}")
             return value
         return _build(inner, value, where, problems)
     origin = typing.get_origin(inner)
@@ -382,7 +385,7 @@ def _coerce(value: Any, tp, where: str, problems: list[str]) -> Any:
         if isinstance(value, str):
             value = [value]  # one name is shorthand for a one-element list
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            problems.append(f"{where}: expected a list of strings, got {value!r}.")
+            problems.append(f"{where}: expected a list of strings, got {value!r}.{_bool_hint(value)}")
         return value
     if inner is dict or origin is dict:
         if not isinstance(value, dict):
@@ -401,8 +404,32 @@ def _coerce(value: Any, tp, where: str, problems: list[str]) -> Any:
         except ValueError:
             pass
     if inner in (int, float, bool, str) and not (isinstance(value, inner) and not (inner is int and isinstance(value, bool))):
-        problems.append(f"{where}: expected {_type_name(inner)}, got {type(value).__name__} {value!r}.")
+        problems.append(f"{where}: expected {_type_name(inner)}, got {type(value).__name__} {value!r}."
+                        f"{_bool_hint(value) if inner is not bool else ''}")
     return value
+
+
+def _bool_hint(value) -> str:
+    """YAML 1.1 reads yes/no/on/off (any case) as booleans: say so where a bool came in place of text."""
+    values = value if isinstance(value, list) else [value]
+    if not any(isinstance(v, bool) for v in values):
+        return ""
+    return " YAML reads yes/no/on/off/true/false as booleans: quote the words you mean as text, e.g. [\"no\", \"yes\"]."
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, refusing a key given twice in one mapping (YAML would keep the last one silently)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"the key '{key}' is given twice (lines {seen[key] + 1} and "
+                                                        f"{key_node.start_mark.line + 1}); only the last would count. Keep one",
+                                                        key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep=deep)
 
 
 def _build(cls, data: dict, prefix: str, problems: list[str]):
@@ -443,12 +470,37 @@ def _set_dotted(tree: dict, dotted: str, value: Any, problems: list[str]) -> Non
     node[keys[-1]] = value
 
 
+def field_type(dotted: str):
+    """The annotation (Optional unwrapped) of a dotted recipe key, or None where it names no field."""
+    tp: Any = Recipe
+    for key in dotted.split("."):
+        if dataclasses.is_dataclass(tp):
+            tp = _hints(tp).get(key)
+        elif typing.get_origin(tp) is dict and dataclasses.is_dataclass(typing.get_args(tp)[1]):
+            tp = typing.get_args(tp)[1]  # multitask.tasks.NAME
+        else:
+            return None
+        tp = _unwrap_optional(tp)[0] if tp is not None else None
+    return tp
+
+
+def _yaml_str(raw: str) -> str:
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    return value if isinstance(value, str) else raw
+
+
 def parse_overrides(overrides: list[str], problems: list[str]) -> list[tuple[str, Any]]:
     out = []
     for item in overrides:
         key, sep, raw = item.partition("=")
         if not sep or not key:
             problems.append(f"override '{item}': expected KEY=VALUE, e.g. train.lr=1e-4.")
+            continue
+        if field_type(key.strip()) is str and raw.strip() not in ("", "null", "~"):  # a text field: YAML's reading if
+            out.append((key.strip(), _yaml_str(raw)))  # it is a string, else the text as written ('Summary: {source}', 123)
             continue
         try:
             value = yaml.safe_load(raw) if raw != "" else None
@@ -479,7 +531,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple = (
         if not p.is_file():
             raise ConfigError([f"recipe file '{path}' does not exist. List the shipped ones with `ls recipes/*/`."])
         try:
-            tree = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+            tree = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             loc = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

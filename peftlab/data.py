@@ -188,6 +188,11 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
         return ds.map(lambda b: {"text": joined(b, text_cols)}, batched=True, remove_columns=ds.column_names,
                       desc=f"{where}: columns")
     label_map = {str(k): v for k, v in (spec.label_map or {}).items()}
+    if label_map and not target_column and spec.max_samples is None:  # (a subset may miss a rare class)
+        present = {str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in ds[label_col]}
+        if unused := [k for k in label_map if k not in present]:
+            log.warning("%s.label_map: key(s) %s not found in column %r (its values: %s): check their spelling.", where,
+                        ", ".join(map(repr, unused)), label_col, ", ".join(sorted(present)[:10]))
 
     def to_rows(batch):
         texts = joined(batch, text_cols[:1] if data.text_pair else text_cols)
@@ -205,6 +210,9 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
             from datasets import Value
 
             ds = ds.cast_column("label", Value("int64"))
+    if not target_column and (blank := sum(not t.strip() for t in ds["text"])):
+        log.warning("%s: %d row(s) have no text in %s: they are kept, and the model sees only its special tokens for them.",
+                    where, blank, ", ".join(text_cols))
     if target_column:
         n = len(ds)
         ds = ds.filter(lambda r: bool(r["text"]) and bool(r["target"]), desc=f"{where}: empty rows")

@@ -125,3 +125,39 @@ def test_a_malformed_list_override_is_refused_not_taken_as_a_string():
         load_recipe(None, ["adapter.target_modules=[query,", "data.train.path=x.tsv"], validate_files=False)
     assert load_recipe(None, ["adapter.target_modules=[query, value]", "data.train.path=x.tsv"],
                        validate_files=False).adapter.target_modules == ["query", "value"]
+
+
+@pytest.mark.parametrize("raw, value", [("Summary: {source}", "Summary: {source}"), ("{text} ->", "{text} ->"),
+                                        ("'Q: {text}'", "Q: {text}"), ("' negative'", " negative"), ("2024", "2024")])
+def test_a_text_field_takes_its_override_as_text(raw, value):
+    """A prompt template is no YAML mapping and a year is no int when the field is a string: the text as written
+    (YAML quotes still work, e.g. to keep a leading space)."""
+    from peftlab import load_recipe
+
+    recipe = load_recipe(None, [f"task.prompt={raw}", f"name={raw}", "data.train.path=x.tsv"], validate_files=False)
+    assert recipe.task.prompt == value and recipe.name == value
+
+
+def test_a_section_given_as_one_value_says_how_to_write_it(tmp_path):
+    from peftlab import load_recipe
+    from peftlab.errors import ConfigError
+
+    path = tmp_path / "r.yaml"
+    path.write_text("model: minilm\ndata:\n  train: x.tsv\n")  # (a split's path shorthand stays allowed)
+    with pytest.raises(ConfigError) as e:
+        load_recipe(path, validate_files=False)
+    assert "model: expected a mapping of ModelConfig fields, got 'minilm'. Write it as a section: `model: {name: minilm}`" \
+        in str(e.value) and "unknown key" not in str(e.value)
+
+
+def test_a_key_given_twice_and_yaml_booleans_in_place_of_words_are_explained(tmp_path):
+    from peftlab import load_recipe
+    from peftlab.errors import ConfigError
+
+    path = tmp_path / "r.yaml"
+    path.write_text("name: a\ntrain:\n  lr: 1e-4\n  lr: 1e-3\n")
+    with pytest.raises(ConfigError, match=r"line 4.*the key 'lr' is given twice \(lines 3 and 4\)"):
+        load_recipe(path, validate_files=False)
+    path.write_text("data:\n  train: x.tsv\n  label_names: [no, yes]\n")
+    with pytest.raises(ConfigError, match=r"got \[False, True\]. YAML reads yes/no/on/off/true/false as booleans: quote"):
+        load_recipe(path, validate_files=False)

@@ -196,3 +196,19 @@ def test_classification_batches_pad_to_their_longest_row_only():
     longest = max(len(r["input_ids"]) for r in rows)
     assert batch["input_ids"].shape == (3, longest) and longest % 8 != 0
     assert bool(collate(rows[:2])["attention_mask"].all())
+
+
+def test_label_map_keys_that_never_occur_and_rows_without_text_are_warned_about(tmp_path, caplog):
+    (tmp_path / "t.csv").write_text("text,y\ngood,pos\n,neg\nbad,neg\n")
+    with caplog.at_level("WARNING", logger="peftlab.data"):
+        splits, names = splits_of(tmp_path, tmp_path / "t.csv", ["data.text_columns=[text]", "data.label_column=y",
+                                                                  "data.train.label_map={pos: positive, Neg: negative}"])
+    assert "data.train.label_map: key(s) 'Neg' not found in column 'y' (its values: neg, pos)" in caplog.text
+    assert "data.train: 1 row(s) have no text in text" in caplog.text and len(splits["train"]) == 3
+
+
+def test_packing_outside_sft_is_refused_not_ignored():
+    from peftlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.packing=true with task.type=classification: only sft packs its rows"):
+        load_recipe(None, ["data.train.path=x.tsv", "data.packing=true"], validate_files=False)

@@ -41,6 +41,7 @@ class Task(Protocol):
     #   on its labelled positions only (tasks/generative.causal_lm_loss).
     # - GENERATED_METRICS: the metrics that need generation (a train.best_metric among them makes evaluations generate).
     # - best_metric_note: said after the metrics when train.best_metric is not one of them.
+    # - packs = True: the task reads data.packing (other tasks refuse it rather than ignore it).
     # - warm_start = True: the task accepts model.decoder (an encoder-decoder warm-started from two checkpoints).
     # - load_model(recipe, path, dtype) -> (model, new module names) or None: a task-specific base (None: the usual load).
     # - trim(model) -> the modules changed: skip work whose result the head never reads (train.skip_unread; e.g. the
@@ -137,8 +138,11 @@ def check_recipe(recipe) -> list[str]:
     task = get_task(name)
     warm = getattr(task, "warm_start", False)
     offering = [] if warm or recipe.model.decoder is None else [n for n in task_names() if getattr(get_task(n), "warm_start", False)]
+    packing = [] if not recipe.data.packing or getattr(task, "packs", False) else [
+        f"data.packing=true with task.type={name}: only {', '.join(n for n in task_names() if getattr(get_task(n), 'packs', False))} "
+        "packs its rows; this task would ignore it. Set data.packing=false."]
     return [*best_metric_problems(name, task, recipe.train.best_metric), *task.check(recipe),
-            *encoder_decoder.check(recipe, warm, offering)]
+            *encoder_decoder.check(recipe, warm, offering), *packing]
 
 
 def input_lengths(task: Task, config, recipe) -> list[tuple[Any, int, str]]:

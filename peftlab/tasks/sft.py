@@ -60,6 +60,7 @@ auto_model_class = AutoModelForCausalLM
 peft_task_type = "CAUSAL_LM"
 loss = causal_lm_loss  # the LM head runs on the assistant's tokens only
 target_kind = "messages"  # conversations: normalize_split reads the rows itself
+packs = True  # data.packing: training rows packed into rows of up to data.max_length tokens
 best_metric = "loss"
 metrics = ()  # the best metric is checked in `check`: eval.metric_fn adds metrics of its own
 GENERATED_METRICS = _Generated()
