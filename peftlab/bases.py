@@ -82,6 +82,10 @@ def base_path(recipe: Recipe) -> str:
     if m.from_run is None:
         return resolve_model_path(m.name, m.revision)
     run = Path(m.from_run)
+    if not run.is_dir():  # e.g. a published adapter whose first stage stayed on the training machine
+        raise ModelNotFound(f"model.from_run={m.from_run!r}: no such folder here. This model starts from that run's weights "
+                            "(its adapter merged into its base): point model.from_run at your copy of the run, or give its merged "
+                            "model with model.name=DIR model.from_run=null.")
     folder = run / "merged" if (run / "adapter_config.json").is_file() else run
     if not (folder / "config.json").is_file():
         raise ModelNotFound(f"model.from_run={m.from_run!r}: {folder} holds no model. Merge the run's adapter into its base "

@@ -167,7 +167,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
                 eval_seconds[split] = time.perf_counter() - t0
                 if rows is not None:
                     predictions[split] = rows
-                report = report or split_report
+                report = report or {"split": split, **split_report}  # the first split's (eval: the one data.eval names)
 
         record = RunRecord(
             name=recipe.name, output_dir=str(out), method=info.method, task=recipe.task.type, base_model=recipe.model.name,

@@ -94,6 +94,11 @@ def test_eval_of_a_run_that_selected_on_a_holdout_of_train(make_recipe, sentimen
     summary = run(recipe)
     assert evaluate(recipe.out)["accuracy"] == pytest.approx(summary["metrics"]["eval"]["accuracy"])
     assert json.loads((recipe.out / "eval-eval.json").read_text())["report"]["n"] == 64  # a quarter of the 256 train rows
+    from peftlab.publish.card import card_text
+
+    card = card_text(recipe.out)  # the hold-out is named as what it is, and the report says which split it covers
+    assert "| eval | train (25% held out of train) |" in card and "(None)" not in card, card
+    assert "on the 64 rows of the eval split are in `eval_report.json`" in card
     train.unlink()  # the hold-out cannot be rebuilt: the error names the file
     with pytest.raises(DataError, match="data.train"):
         evaluate(recipe.out)

@@ -165,7 +165,8 @@ def test_lora_mlm_on_minilm_learns_its_new_head_and_lowers_the_loss(tmp_path, te
 
 # ------------------------------------------------------------------------------------------------ model.from_run
 
-def test_a_task_recipe_starts_from_a_pretraining_run_reloads_and_records_its_lineage(tmp_path, eos_llama, texts, sentiment_files):
+def test_a_task_recipe_starts_from_a_pretraining_run_reloads_and_records_its_lineage(tmp_path, eos_llama, texts, sentiment_files,
+                                                                                     caplog):
     """Stage 1: clm LoRA on the unlabelled text. Stage 2: a classifier with model.from_run. Stage 2's base is stage 1's
     merged model (its weights, not the bare base's); run.json and the card name stage 1; eval and merge reload it."""
     from peftlab import evaluate, load_trained, merge
@@ -200,6 +201,11 @@ def test_a_task_recipe_starts_from_a_pretraining_run_reloads_and_records_its_lin
     assert "## Lineage" in card_text(out) and "`dapt`: task clm" in card_text(out)
     assert evaluate(out)["accuracy"] == pytest.approx(second.metrics["eval"]["accuracy"])
     assert (merge(out) / "model.safetensors").is_file()
+    from peftlab.publish import publish
+
+    with caplog.at_level("WARNING", logger="peftlab.publish"):
+        publish(out, to=tmp_path / "pub")  # its adapter needs stage 1's merged model: said at publish time
+    assert "trained on the merged model of dapt (model.from_run), not on the bare base" in caplog.text
 
     # a third stage chains the lineage, nearest first
     tree.update(name="third", output_dir=str(tmp_path / "third"), model={"from_run": str(out)})
@@ -319,3 +325,14 @@ def test_domain_adaptation_report_pairs_seeds_and_measures_the_shift_without_acc
     assert costs["fine-tuning (a), (b) or (c)"][1] == "10" and costs["in-domain, one fold"][1] == "4"
     da.plot(results, [0, 1, 2], tmp_path / "da.png")
     assert (tmp_path / "da.png").stat().st_size > 0
+
+
+def test_a_from_run_folder_missing_here_says_what_to_give(tmp_path):
+    """A published adapter's recipe names its first stage's run folder, which stays on the training machine."""
+    from peftlab.bases import base_path
+    from peftlab.errors import ModelNotFound
+
+    recipe = load_recipe(None, ["data.train.path=x.tsv"], validate_files=False)
+    recipe.model.from_run = str(tmp_path / "runs" / "dapt")
+    with pytest.raises(ModelNotFound, match="no such folder here.*model.name=DIR model.from_run=null"):
+        base_path(recipe)

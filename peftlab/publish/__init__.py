@@ -41,6 +41,11 @@ def publish(out: str | Path, repo_id: str | None = None, *, private: bool = Fals
         raise PublishError("publishing to the Hub needs --repo-id NAMESPACE/NAME (e.g. alice/minilm-sst2-lora); "
                            "or write the folder with --dry-run, --to DIR or --git-remote URL.")
     check_branch(revision)
+    if run.lineage and base_model is None and (Path(out) / "adapter_config.json").is_file():
+        log.warning("%s was trained on the merged model of %s (model.from_run), not on the bare base %s: the published "
+                    "adapter_config.json and the card's snippet name the bare base. Publish that merged model too and pass its id "
+                    "with --base-model ID, so that loading by id gives the model this adapter was trained on.", out,
+                    run.lineage[0].get("name"), recipe.model.name)
     card_kw = {"repo_id": repo_id, "license": license}
     scored = run.metrics or {}
     split = "test" if "accuracy" in scored.get("test", {}) else "eval"  # the held-out figure when there is one

@@ -163,6 +163,9 @@ def dataset_of(recipe, split: str) -> tuple[str | None, str, str | None]:
     """(hub dataset id or None, pretty name, split name) of a data split of the recipe."""
     d = recipe.data
     spec = getattr(d, split)
+    if spec is None and split == "eval" and d.eval_holdout > 0 and d.train is not None:  # a seeded part of train
+        hub_id, pretty, train_split = dataset_of(recipe, "train")
+        return hub_id, pretty, f"{d.eval_holdout:.0%} held out of {train_split}"
     if spec is None:
         return None, split, None
     if spec.split is not None and d.dataset:
@@ -334,8 +337,9 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
             lines.append(f"| {run.split_label(split)} | {ds_name} ({ds_split}) | " + " | ".join(cells) + " |")
         lines += _selection_note(run, metrics, recipe.train.best_metric)
         if report.get("n"):
-            lines += ["", f"Measured by peftlab at the end of training on {report['n']:,} rows (per-class scores and the confusion "
-                          "matrix are in `eval_report.json`)."]
+            of = f" of the {report['split']} split" if report.get("split") in metrics else ""
+            lines += ["", f"Measured by peftlab at the end of training; per-class scores and the confusion matrix on the "
+                          f"{report['n']:,} rows{of} are in `eval_report.json`."]
     else:
         lines.append("Not evaluated yet: run `peftlab eval` on this folder.")
     lines += ["", "## Training recipe", "", "The resolved recipe (`recipe.yaml`); rerun it with `peftlab train recipe.yaml`.", "",
