@@ -267,7 +267,8 @@ def merge(out: Path, *, force: bool = False) -> Path:
     if not force and stamp.is_file() and json.loads(stamp.read_text()).get("adapter_sha256") == adapter_sha:
         log.info("%s is already merged from this adapter; nothing to do.", target)
         return target
-    model, tokenizer = rebuild(out, recipe, run, dequantize=True)
+    # in float32 (model.dtype auto: a bf16 run's base would be bf16, and rounding it would lose much of the update)
+    model, tokenizer = rebuild(out, recipe, run, dequantize=True, precision="fp32")
     merged = model.merge_and_unload()
     merged.config.quantization_config = None
     if hasattr(merged, "hf_quantizer"):
@@ -283,7 +284,7 @@ def merge(out: Path, *, force: bool = False) -> Path:
         write_record(tmp, (out / RECIPE_FILE).read_text(encoding="utf-8"), merged_run)
         (tmp / "merge.json").write_text(json.dumps({"adapter_sha256": adapter_sha, "base_quantization": recipe.quant.mode,
                                                     "merged_into": "dequantized float32 copy" if recipe.quant.mode != "none"
-                                                    else "base weights"}, indent=2))
+                                                    else "float32 base weights"}, indent=2))
 
     write_atomic_dir(target, fill)
     log.debug("merged model written to %s", target)  # the callers say where (cli, the run summary)

@@ -66,6 +66,24 @@ def test_merge_equals_adapter_and_is_idempotent(trained):
     assert evaluate(target)["accuracy"] == pytest.approx(summary["metrics"]["eval"]["accuracy"])
 
 
+def test_a_bf16_run_merges_into_float32_weights(make_recipe):
+    """model.dtype auto keeps a bf16 run's frozen base in bf16; the merge folds the adapter into float32 weights, where the
+    update is not rounded away: the merged model computes what the adapter model computes in float32."""
+    from safetensors import safe_open
+
+    recipe = make_recipe({"train.precision": "bf16", "model.dtype": "auto", "train.max_steps": 8})
+    run(recipe)
+    target = merge(recipe.out)
+    with safe_open(str(target / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.float32}
+    saved, record = read_run(recipe.out)
+    from peftlab.export import rebuild
+
+    adapter_fp32, _ = rebuild(recipe.out, saved, record, precision="fp32")
+    merged, *_ = load_trained(target)
+    assert (logits(adapter_fp32) - logits(merged)).abs().max().item() <= 1e-5
+
+
 def test_full_finetuning_exports_a_standalone_model(make_recipe):
     recipe = make_recipe({"adapter.method": "full", "train.max_steps": 3})
     run(recipe)
