@@ -28,7 +28,7 @@ from .data import LengthGroupedSampler, TaskData
 from .distill import loss_for
 from .dropout import use_fast_dropout
 from .errors import ConfigError, TrainingDiverged, TrainingInterrupted
-from .export import write_atomic_dir
+from .export import atomic_write_text, write_atomic_dir
 from .methods import get_method
 from .model import MMAP_THRESHOLD, largest_weight_copy, map_large_allocations
 from .rundir import checkpoint_path, checkpoints, log_path, seal_checkpoint
@@ -44,12 +44,28 @@ class RunLog:
     hold no file and no tracker. A context manager: the trackers are closed when the loop ends, however it ends, and
     before an --overwrite's staging folder is swapped in."""
 
-    def __init__(self, out: Path, main: bool, recipe: Recipe):
+    def __init__(self, out: Path, main: bool, recipe: Recipe, resumed_at: int | None = None):
         self.path = log_path(out) if main else None
         self.trackers: list = []
         if main:
             out.mkdir(parents=True, exist_ok=True)
+            if resumed_at is not None:
+                self.drop_after(resumed_at)
             self.trackers = open_trackers(recipe, out)
+
+    def drop_after(self, step: int) -> None:
+        """A resumed run logs again the steps after its checkpoint: the stopped run's lines for them (and a line a kill
+        cut short) go, so each step is logged once."""
+        if not self.path.is_file():
+            return
+        kept = []
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                continue
+        atomic_write_text(self.path, "".join(kept))
 
     def write(self, step: int, kind: str, values: dict) -> None:
         if self.path is None:
@@ -186,6 +202,23 @@ def eval_loader(ds, batch_size: int, collate) -> DataLoader:
                       generator=torch.Generator())  # leaves the global RNG (training's dropout) alone: see train_loader
 
 
+class _TiedWeightsNote(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Removed shared tensor" not in record.getMessage()
+
+
+@contextmanager
+def tied_weights_note_hidden():
+    """accelerate warns at every checkpoint of a model with tied weights (an LLM's lm_head and embeddings) that it saved
+    one copy: expected, and --resume restores them (tested), so the warning is dropped while a checkpoint is saved."""
+    note, logger = _TiedWeightsNote(), logging.getLogger("accelerate.utils.other")
+    logger.addFilter(note)
+    try:
+        yield
+    finally:
+        logger.removeFilter(note)
+
+
 def save_checkpoint(accelerator, out: Path, state: TrainState, best: dict | None, keep: int, recipe: Recipe | None = None) -> None:
     """Write checkpoints/step-N atomically (staged, then renamed), sealed with its recipe and the sha256 of its files
     (rundir.seal_checkpoint: --resume checks both), then prune old ones."""
@@ -196,7 +229,8 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, best: dict | None
 
     def fill(tmp: Path) -> None:
         accelerator.wait_for_everyone()  # the main process made tmp; every rank writes its own RNG state into it
-        accelerator.save_state(str(tmp), safe_serialization=True)
+        with tied_weights_note_hidden():
+            accelerator.save_state(str(tmp), safe_serialization=True)
         if accelerator.is_main_process:
             if best is not None:
                 save_file(best, str(tmp / "best_trainable.safetensors"))
@@ -397,7 +431,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
             save_checkpoint(accelerator, out, state, best.weights, t.keep_checkpoints, recipe)
 
     model.train()
-    with RunLog(out, accelerator.is_main_process, recipe) as runlog, stop_on_sigint() as stop, parts.cast:
+    with RunLog(out, accelerator.is_main_process, recipe, resumed_at=state.step if resumed else None) as runlog, stop_on_sigint() as stop, parts.cast:
         while state.step < total:
             train_dl.set_epoch(state.epoch)
             batches_done = (state.step - state.epoch * steps_per_epoch) * t.grad_accum if resume else 0
@@ -425,7 +459,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                     runlog.write(state.step, "train", record)
                     if not math.isfinite(record["loss"]):
                         raise diverged(state.step, record["loss"], t)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.0f}")
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.3g}")
                 if eval_dl is not None and (state.step == total or (t.eval_every and state.step % t.eval_every == 0)):
                     with window.paused():  # eval time is not training throughput
                         evaluate()

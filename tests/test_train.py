@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -223,3 +224,20 @@ def test_auto_optimizer_falls_back_to_foreach_where_fused_is_refused(make_recipe
     loss = sum(p.sum() for p in model.parameters() if p.requires_grad)
     loss.backward()
     opt.step()  # a group left with fused=True would take the fused path here
+
+
+def test_the_tied_weights_note_of_each_checkpoint_is_hidden_and_only_there(caplog):
+    """accelerate says at every checkpoint of a tied-weights LLM that it saved one copy of lm_head: hidden while saving."""
+    from accelerate import PartialState
+    from accelerate.utils.other import clean_state_dict_for_safetensors
+
+    from peftlab.train import tied_weights_note_hidden
+
+    PartialState()
+    tied = torch.zeros(2, 2)
+    with caplog.at_level(logging.WARNING):
+        with tied_weights_note_hidden():
+            assert list(clean_state_dict_for_safetensors({"embed": tied, "lm_head": tied})) == ["embed"]
+        assert "Removed shared tensor" not in caplog.text
+        clean_state_dict_for_safetensors({"embed": tied, "lm_head": tied})
+    assert "Removed shared tensor" in caplog.text  # the filter is gone once the checkpoint is saved
