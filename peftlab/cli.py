@@ -74,11 +74,14 @@ def cmd_eval(args) -> int:
         raise PeftlabError("eval needs a run folder (peftlab eval runs/NAME) or an adapter (--adapter NAMESPACE/NAME or a folder).")
     check_local_target(target)
     folder = load_adapter(target, endpoint=args.endpoint, revision=args.revision)
+    from .run import EVAL_DIR, overrides_tag
     from .rundir import holds_run
 
-    # never into the download cache, nor into a published folder (a later publish there would refuse the extra files)
+    # a run folder: its own eval-SPLIT.json, or runs/eval/NAME-TAG/ with overrides (evaluate decides); never into the
+    # download cache, nor into a published folder (a later publish there would refuse the extra files)
     local = Path(target).expanduser()
-    results = None if holds_run(local) else Path("runs") / "eval" / (local.resolve().name if local.is_dir() else target.replace("/", "__"))
+    name = local.resolve().name if local.is_dir() else target.replace("/", "__")
+    results = None if holds_run(local) else EVAL_DIR / (f"{name}-{overrides_tag(args.overrides)}" if args.overrides else name)
     metrics = evaluate(folder, split=args.split, overrides=args.overrides, results_dir=results)
     print(json.dumps({"split": args.split, **metrics}, indent=2))
     return 0
@@ -283,7 +286,8 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="eval", choices=("eval", "test"),
                    help="eval: the split the run selected on (data.eval, or the seeded data.eval_holdout part of train, "
                         "rebuilt from the train file); test: data.test (default: eval)")
-    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.eval.path=other.tsv")
+    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.eval.path=other.tsv; results then go to "
+                   "runs/eval/NAME-TAG/, never over the run's own eval-SPLIT.json")
     e.set_defaults(fn=cmd_eval, late_overrides="overrides")
 
     m = sub.add_parser("merge", help="fold a LoRA adapter into its base -> OUT/merged (standalone transformers model)")

@@ -93,7 +93,7 @@ def launch(name: str | None, recipe: str, overrides: list[str] | tuple = (), *, 
     folder = RunDir(out)
     with folder.lock():  # held here for the ranks, which skip it (LOCK_ENV): a second writer is refused at once
         folder.recover()
-        folder.plan(resume=resume, overwrite=overwrite)  # one clear message here rather than one per rank
+        folder.plan(resume=resume, overwrite=overwrite, announce=False)  # one clear error here rather than one per rank
         env[LOCK_ENV] = str(folder.out.absolute())
         log.info("launching: %s%s", "ACCELERATE_USE_CPU=1 " if name == CPU_PRESET else "", shlex.join(cmd))
         return subprocess.run(cmd, env=env).returncode

@@ -159,11 +159,15 @@ def position_limit(config) -> int | None:
 def check_input_lengths(config, recipe: Recipe) -> None:
     """The lengths the task's inputs take (data.max_length; for summarization also the summary's, see its
     input_lengths) must fit the position tables, or the first long batch fails deep in the forward pass."""
-    for cfg, length, what in input_lengths(get_task(recipe.task.type), config, recipe):
+    virtual = get_method(recipe.adapter.method).extra_positions(recipe.adapter)
+    for i, (cfg, length, what) in enumerate(input_lengths(get_task(recipe.task.type), config, recipe)):
+        if virtual and i == 0:  # the virtual tokens go before the input (the encoder's, for an encoder-decoder)
+            length, what = length + virtual, f"{what}, + adapter.num_virtual_tokens={virtual},"
         limit = position_limit(cfg)
         if limit is not None and length > limit:
             raise ModelError(f"{what} exceeds the {limit} positions of {recipe.model.name} ({type(cfg).__name__}): longer "
-                             f"inputs cannot be encoded. Set data.max_length (and data.max_target_length) so that it is <= {limit}.")
+                             f"inputs cannot be encoded. Set data.max_length (and data.max_target_length"
+                             f"{', adapter.num_virtual_tokens' if virtual else ''}) so that it is <= {limit}.")
 
 
 EFFICIENT_SHARE = 0.5  # above this share of trainable parameters a peft method has lost its point

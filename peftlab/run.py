@@ -7,12 +7,11 @@ into `run`; nothing here calls back up. `python -m peftlab.run RECIPE ...` is ke
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
 import time
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 
 from accelerate.utils import set_seed
@@ -23,12 +22,11 @@ from .config import ModelConfig, Recipe, load_recipe
 from .data import build_data, column_problems, load_splits
 from .errors import ArtifactError, ConfigError
 from .export import atomic_write_text, export, merge, predictions_jsonl, rebuild
-from .methods import get_method
 from .model import build_model, model_problems, num_layers_problems
 from .rundir import RECIPE_FILE, RunDir, RunRecord, read_run
 from .tasks import get_task, skip_unread
 from .trackers import resolve_trackers
-from .train import eval_loader, train
+from .train import adapter_folded, eval_loader, train
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +35,9 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     """Evaluate a finished run (adapter, full model or merged folder) on a split of its recipe's data -> metrics.
 
     `overrides` change the run's recipe (other data, another base via model.name); eval-SPLIT.json (and predictions)
-    are written to `results_dir`, by default the run folder itself."""
+    are written to `results_dir`, by default the run folder itself, or, with overrides, `runs/eval/NAME-TAG/` (from the
+    working directory; `overrides_tag`): an evaluation of a changed recipe never replaces the figures the run was trained
+    and reported with, nor adds files to its folder."""
     out = Path(out)
     recipe, run = read_run(out)
     precision = run.precision  # the run's own, unless an override names another
@@ -46,7 +46,9 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
         trained, recipe = recipe, load_recipe(out / RECIPE_FILE, list(overrides), validate_files=False)
         if recipe.train.precision != trained.train.precision:
             precision = resolve_precision(recipe.train.precision)
-    results = Path(results_dir) if results_dir else out
+    if results_dir is None:
+        results_dir = EVAL_DIR / f"{out.resolve().name}-{overrides_tag(overrides, out.resolve())}" if overrides else out
+    results = Path(results_dir)
     model, tokenizer = rebuild(out, recipe, run, precision=precision)
     model.requires_grad_(False)  # only scored: a full fine-tune's weights are frozen too (train.cast_frozen casts them once)
     skip_unread(model, recipe)
@@ -59,8 +61,19 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     if accelerator.is_main_process:
         if rows is not None:
             atomic_write_text(results / f"predictions-{split}.jsonl", predictions_jsonl(rows))
-        atomic_write_text(results / f"eval-{split}.json", json.dumps({"metrics": metrics, "report": report}, indent=2))
+        record = {"metrics": metrics, "report": report, **({"run": str(out), "overrides": list(overrides)} if overrides else {})}
+        atomic_write_text(results / f"eval-{split}.json", json.dumps(record, indent=2))
+        log.info("evaluation of %s on %s written to %s", out, split, results / f"eval-{split}.json")
     return metrics
+
+
+EVAL_DIR = Path("runs") / "eval"  # evaluations that are not a run's own: of changed recipes, of published adapters
+
+
+def overrides_tag(overrides: list[str] | tuple, *also) -> str:
+    """A short name for a set of recipe overrides (and what else tells the evaluations apart: the run's folder), the
+    first 8 hex digits of their SHA-1, so different evaluations go to different folders."""
+    return hashlib.sha1("\n".join(map(str, (*also, *overrides))).encode()).hexdigest()[:8]
 
 
 def evaluate_split(model, ds, data, accelerator, recipe: Recipe, tokenizer):
@@ -74,38 +87,6 @@ def evaluate_split(model, ds, data, accelerator, recipe: Recipe, tokenizer):
         metrics, report = get_task(recipe.task.type).evaluate(model, loader, accelerator, data.label_names, tokenizer=tokenizer,
                                                               recipe=recipe)
     return metrics, report, report.pop("predictions", None)
-
-
-@contextmanager
-def adapter_folded(model, recipe: Recipe, accelerator):
-    """eval.merge_adapter: a mergeable adapter (LoRA, DoRA, IA3, ...) added into its fp32 base's weights for the final
-    evaluations, then subtracted again (peft's merge_adapter / unmerge_adapter): the same function, one matmul per layer
-    instead of the base's plus the adapter's own pass, so scoring and generation run faster. Left unfolded: bases whose
-    adapted weights are not fp32 (4/8-bit or bf16 weights round much of the update away: folded into SmolLM2's bf16
-    weights after 10 steps, the validation loss rose by 0.004), sharded weights, a model holding several adapters,
-    methods that do not merge (prompt tuning, full, frozen). Unfolding restores the base up to float rounding (what is
-    exported is the adapter, unchanged)."""
-    fold = (recipe.eval.merge_adapter and not shards_weights(accelerator) and get_method(recipe.adapter.method).mergeable
-            and len(getattr(model, "peft_config", {})) == 1 and adapted_weights_fp32(model))
-    if not fold:
-        yield
-        return
-    model.merge_adapter()
-    try:
-        yield
-    finally:
-        with warnings.catch_warnings():  # IA3's unmerge divides by its scales: exact up to rounding, which it warns about
-            warnings.filterwarnings("ignore", message="Unmerge result can be inaccurate")
-            model.unmerge_adapter()
-
-
-def adapted_weights_fp32(model) -> bool:
-    """Every layer an adapter wraps keeps its base weight in fp32 (not bf16, fp16, or 4/8-bit)."""
-    import torch
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    bases = [m.get_base_layer() for m in model.modules() if isinstance(m, BaseTunerLayer)]
-    return bool(bases) and all(getattr(b, "weight", None) is not None and b.weight.dtype == torch.float32 for b in bases)
 
 
 def load_splits_for(recipe: Recipe, split: str, label_names: list[str]):

@@ -462,14 +462,15 @@ class RunDir:
         _fsync_dir(self.out.absolute().parent)
         shutil.rmtree(self.retired, ignore_errors=True)
 
-    def plan(self, *, resume: bool, overwrite: bool, recipe_yaml: str | None = None) -> Job:
-        """Decide where this run writes, or refuse with the fix; reads only (every process runs it)."""
+    def plan(self, *, resume: bool, overwrite: bool, recipe_yaml: str | None = None, announce: bool = True) -> Job:
+        """Decide where this run writes, or refuse with the fix; reads only (every process runs it). `announce`: say
+        where a --resume continues (off for the launcher's check: its rank 0 says it)."""
         check_writable(self.out)
         if resume and overwrite:
             raise ArtifactError("--resume and --overwrite together: --resume continues the run in the output directory, "
                                 "--overwrite starts it again. Give one of them.")
         if resume:
-            return self._resume_plan(recipe_yaml)
+            return self._resume_plan(recipe_yaml, announce)
         if is_started(self.out):
             if overwrite:
                 return Job(self, self.staging)
@@ -485,7 +486,7 @@ class RunDir:
                                 "name=NEW_NAME).")
         return Job(self, self.out)
 
-    def _resume_plan(self, recipe_yaml: str | None) -> Job:
+    def _resume_plan(self, recipe_yaml: str | None, announce: bool = True) -> Job:
         work = self.staging if checkpoints(self.staging) else self.out
         if work == self.out and self.finished:
             raise ArtifactError(f"--resume: {self.out} holds a finished run; there is nothing to resume. Evaluate it "
@@ -499,7 +500,7 @@ class RunDir:
             raise ArtifactError(f"--resume: the recipe differs from the one checkpoint {ckpt} was written with:\n  - "
                                 + "\n  - ".join(changes) + "\nResume with the checkpoint's recipe (" + str(ckpt / RECIPE_FILE)
                                 + "), or start again with --overwrite. A resume may change only: " + ", ".join(RESUME_MAY_CHANGE))
-        if work == self.staging:
+        if work == self.staging and announce:
             log.info("--resume: continuing the interrupted --overwrite in %s; %s stays as it is until it finishes",
                      self.staging, self.out)
         return Job(self, work, ckpt)

@@ -15,7 +15,8 @@ from peftlab.cli import main
 from .conftest import REPO
 
 
-def test_train_eval_merge_journey(make_recipe, tmp_path, capsys):
+def test_train_eval_merge_journey(make_recipe, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     recipe = make_recipe({"train.epochs": 1})
     path = tmp_path / "recipe.yaml"
     out = tmp_path / "cli-out"
@@ -27,6 +28,15 @@ def test_train_eval_merge_journey(make_recipe, tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out)
     assert metrics["accuracy"] == pytest.approx(json.loads((out / "metrics.json").read_text())["eval"]["accuracy"])
     assert (out / "eval-eval.json").is_file()
+    # an evaluation of a changed recipe lands beside the run, never over the figures it was trained and reported with
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    assert main(["eval", str(out), "eval.batch_size=3", "data.max_length=16"]) == 0
+    changed = json.loads(capsys.readouterr().out)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    (elsewhere,) = (tmp_path / "runs" / "eval").iterdir()
+    record = json.loads((elsewhere / "eval-eval.json").read_text())
+    assert elsewhere.name.startswith("cli-out-") and record["overrides"] == ["eval.batch_size=3", "data.max_length=16"]
+    assert record["metrics"]["loss"] == changed["loss"]
     assert main(["merge", str(out)]) == 0
     assert "merged model" in capsys.readouterr().out
     assert recipe.out != out  # the override really moved the output
@@ -101,7 +111,8 @@ def test_validate_checks_target_modules_on_each_tasks_model(task, tiny_llama):
     from peftlab import load_recipe
     from peftlab.model import model_problems
 
-    target = ["data.target_column=summary"] if task == "summarization" else []
+    # a decoder summarizer reads prompt and summary in one sequence: both must fit the toy's 128 positions
+    target = ["data.target_column=summary", "data.max_length=64", "data.max_target_length=32"] if task == "summarization" else []
     recipe = load_recipe(None, [f"model.name={tiny_llama}", f"task.type={task}", "adapter.target_modules=[q_proj,bogus]", *target],
                          validate_files=False)
     assert len(problems := model_problems(recipe)) == 1 and "'bogus' matches no module of Llama" in problems[0]

@@ -89,6 +89,10 @@ def test_full_finetuning_exports_a_standalone_model(make_recipe):
     run(recipe)
     assert (recipe.out / "model.safetensors").is_file() and not (recipe.out / "adapter_config.json").exists()
     assert merge(recipe.out) == recipe.out  # nothing to merge
+    from peftlab.publish.card import card_text
+
+    card = card_text(recipe.out)
+    assert "With transformers:" in card and "peft" not in card.split("## How to use")[1].split("With peftlab")[0]
 
 
 def test_eval_on_a_run_that_is_not_there(tmp_path):

@@ -342,7 +342,8 @@ def test_the_final_evaluation_folds_a_mergeable_adapter_and_scores_the_same(tmp_
         (tmp_path / str(fold)).mkdir()
         r = recipe_for(tmp_path / str(fold), chat_llama, path, [*adapter, "train.max_steps=20", f"eval.merge_adapter={str(fold).lower()}"])
         record = run(r)
-        assert calls == (["merge_adapter", "unmerge_adapter"] if fold and folds else []), calls  # one split: data.eval
+        # folded for the evaluation at the last step and for the final one (one split: data.eval)
+        assert calls == (["merge_adapter", "unmerge_adapter"] * 2 if fold and folds else []), calls
         results[fold] = (record.metrics["eval"], (r.out / "predictions-eval.jsonl").read_text())
     (folded, folded_preds), (plain, plain_preds) = results[True], results[False]
     assert folded["loss"] == pytest.approx(plain["loss"], rel=1e-5) and folded_preds == plain_preds
@@ -353,7 +354,7 @@ def test_only_adapters_over_fp32_base_weights_are_folded(chat_llama):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from peftlab.run import adapted_weights_fp32
+    from peftlab.train import adapted_weights_fp32
 
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(chat_llama), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert adapted_weights_fp32(model)

@@ -204,6 +204,19 @@ def test_max_length_beyond_the_position_table_is_refused_before_training(make_re
     assert any("data.max_length=256 exceeds the 128 positions" in p for p in preflight(recipe, training=False))  # validate
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_virtual_tokens_count_against_the_position_table(make_recipe, method):
+    from peftlab.run import preflight
+
+    recipe = make_recipe({"data.max_length": 120, "adapter.method": method, "adapter.num_virtual_tokens": 20,
+                          "adapter.target_modules": None})
+    problems = preflight(recipe, training=False)
+    assert any("data.max_length=120, + adapter.num_virtual_tokens=20, exceeds the 128 positions" in p
+               and "adapter.num_virtual_tokens) so that it is <= 128" in p for p in problems), problems
+    recipe.adapter.num_virtual_tokens = 8
+    assert not any("positions" in p for p in preflight(recipe, training=False))
+
+
 def test_position_limits_from_configs():
     from transformers import BertConfig, GPT2Config, RobertaConfig, T5Config
 
@@ -223,7 +236,7 @@ def test_a_decoder_only_summarizer_counts_prompt_and_target():
     from peftlab.model import check_input_lengths
 
     recipe = SimpleNamespace(data=SimpleNamespace(max_length=100, max_target_length=64), task=SimpleNamespace(type="summarization"),
-                             model=SimpleNamespace(name="tiny"))
+                             model=SimpleNamespace(name="tiny"), adapter=SimpleNamespace(method="lora"))
     with pytest.raises(ModelError, match=r"data.max_length \+ data.max_target_length = 100 \+ 64 exceeds the 128 positions"):
         check_input_lengths(LlamaConfig(max_position_embeddings=128), recipe)
     recipe.data.max_target_length = 28

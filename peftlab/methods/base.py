@@ -101,6 +101,7 @@ class Method:
     quant_refusal: str = "this method does not support it."  # why not, for the other modes ({name} = the method)
     options: tuple[str, ...] = ()  # method-specific adapter options it reads (of SPECIFIC_OPTIONS)
     layers: bool = True  # adapts layers named by adapter.target_modules (prompt methods and the baselines do not)
+    extra_positions: Callable[[AdapterConfig], int] = lambda a: 0  # positions it adds before the input (virtual tokens)
     rules: Callable[[Recipe], list[str]] = no_problems  # its own cross-field checks
     schedule: Callable[..., Any] = no_schedule  # (model, recipe, total steps, register) -> object with step(n) / finish()
     param_groups: Callable[..., list[dict]] = adamw_groups  # (model, recipe) -> AdamW parameter groups

@@ -362,7 +362,8 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
         lines.append(f"- trained in {run.train_wall_s:.1f} s on {device}, {run.examples_per_s or 0:.1f} examples/s, "
                      f"precision {run.precision or '?'}")
     lines.append(f"- Python {hw.get('python', '?')}, " + ", ".join(f"{k} {v}" for k, v in (run.versions or {}).items() if v))
-    lines += ["", "## How to use", "", "With peft and transformers:", "", _usage(out, recipe, run, repo, base, local_base), "",
+    libraries = "peft and transformers" if (out / "adapter_config.json").is_file() else "transformers"
+    lines += ["", "## How to use", "", f"With {libraries}:", "", _usage(out, recipe, run, repo, base, local_base), "",
               "With peftlab (downloads the folder, rebuilds the base from `recipe.yaml`):", "", "```python",
               "from peftlab import load_trained\nfrom peftlab.publish import load_adapter\n",
               f"model, tokenizer, recipe, run = load_trained(load_adapter({repo!r}))", "```", ""]
