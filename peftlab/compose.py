@@ -54,9 +54,14 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
     runs = [read_run(o) for o in outs]
     first_recipe, first_run = runs[0]
     for o, (r, info) in zip(outs, runs):
-        if _peft_type(o) != "LORA":
-            raise PeftlabError(f"{o} holds a {info.method} {'adapter' if _peft_type(o) else 'model'}, not a LoRA adapter: only "
-                               "LoRA adapters (lora, dora, rslora, ...) compose.")
+        cfg = _adapter_config(o)
+        if cfg.get("peft_type") != "LORA":
+            raise PeftlabError(f"{o} holds a {info.method} {'adapter' if cfg else 'model'}, not a LoRA adapter: only "
+                               "LoRA adapters (lora, rslora, ...) compose.")
+        if cfg.get("use_dora"):
+            raise PeftlabError(f"{o} holds a DoRA adapter (use_dora): peft's add_weighted_adapter combines the LoRA matrices "
+                               "but not DoRA's trained magnitude vectors, so the result would not be any of the adapters' "
+                               "functions, not even with weights 1 0. Compose plain LoRA adapters (adapter.use_dora=false).")
         if (r.model.name, r.task.type, info.label_names) != (first_recipe.model.name, first_recipe.task.type, first_run.label_names):
             raise PeftlabError(f"{o} was trained on another base, task or label set than {outs[0]}: adapters compose only "
                                "on the same base model and labels.")
@@ -105,12 +110,13 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
     return out
 
 
-def _peft_type(run: Path) -> str | None:
-    """adapter_config.json's peft_type (LORA, IA3, PROMPT_TUNING, ...); None for a full model or an unreadable config."""
+def _adapter_config(run: Path) -> dict:
+    """adapter_config.json (peft_type LORA, IA3, PROMPT_TUNING, ...); {} for a full model or an unreadable config."""
     try:
-        return json.loads((run / "adapter_config.json").read_text()).get("peft_type")
-    except (OSError, ValueError, AttributeError):
-        return None
+        cfg = json.loads((run / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
 
 
 def check_compose_target(out: Path) -> None:

@@ -225,6 +225,7 @@ def rebuild(out: Path, recipe: Recipe, run: RunRecord, *, dequantize: bool = Fal
     tokenizer = load_tokenizer(str(out), recipe)
     labels = run.label_names
     if (out / "adapter_config.json").is_file():
+        check_source_unchanged(out, recipe, run)
         base, _ = load_base(recipe, base_path(recipe), num_labels=len(labels), label_names=labels, precision=precision or run.precision,
                             auto_cls=task.auto_model_class)
         if dequantize and recipe.quant.mode != "none":
@@ -244,6 +245,21 @@ def rebuild(out: Path, recipe: Recipe, run: RunRecord, *, dequantize: bool = Fal
     else:
         model = task.auto_model_class.from_pretrained(str(out), use_safetensors=True)
     return model.eval(), tokenizer
+
+
+def check_source_unchanged(out: Path, recipe: Recipe, run: RunRecord) -> None:
+    """An adapter trained from model.from_run sits on that run's weights as they were: a source retrained since (same
+    folder, other weights) would carry it silently to other results. Refused, with the fix."""
+    step = run.lineage[0] if run.lineage else {}
+    recorded, source = step.get("weights_sha256"), recipe.model.from_run
+    if not recorded or not source or not Path(source).is_dir() or Path(source).resolve() != Path(step.get("run", "")).resolve():
+        return
+    now = read_run(source)[1].weights_sha256
+    if now != recorded:
+        raise ArtifactError(f"model.from_run={source!r} holds other weights than the ones {out} was trained on (weights "
+                            f"sha256 {str(now)[:12]}..., then {recorded[:12]}...): it was trained again since. This adapter "
+                            "only fits the earlier weights: train this run again from the new ones, or point model.from_run "
+                            "at a copy of the earlier run.")
 
 
 def merge(out: Path, *, force: bool = False) -> Path:

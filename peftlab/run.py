@@ -173,9 +173,8 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
             else:
                 export(job.work, accelerator.unwrap_model(model), tokenizer, recipe, record, metrics, report,
                        state_dict=state_dict, predictions=predictions)
-                if recipe.export.merge:
-                    merge(job.work)
-                    record.merged_dir = str(out / "merged")
+                if recipe.export.merge and (merged := merge(job.work)) != job.work:  # a full model: nothing to merge
+                    record.merged_dir = str(out / merged.relative_to(job.work))
             job.commit()  # an --overwrite's new run replaces the old one only now, complete
         accelerator.wait_for_everyone()
     return record
@@ -217,7 +216,7 @@ def start_from_run(recipe: Recipe, accelerator) -> list[dict]:
     data = earlier.data.train
     step = {"run": str(source.resolve()), "name": record.name, "task": record.task, "method": record.method,
             "base_model": record.base_model, "data": data and (data.path or f"{earlier.data.dataset}:{data.split}"),
-            "steps": record.steps, "metrics": record.metrics.get("eval") or {}}
+            "steps": record.steps, "metrics": record.metrics.get("eval") or {}, "weights_sha256": record.weights_sha256}
     log.info("starting from run %s (%s, %s on %s, %s steps)", source, record.task, record.method, record.base_model, record.steps)
     return [step, *record.lineage]
 

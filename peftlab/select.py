@@ -109,11 +109,17 @@ def check_task(recipe: Recipe) -> None:
     """Only tasks that learn a class per row (task.target_kind 'label') have what the proxies score."""
     from .tasks import get_task, task_names
 
-    if get_task(recipe.task.type).target_kind != "label":
-        ok = [n for n in task_names() if _target_kind(n) == "label"]
-        raise ConfigError([f"peftlab select ranks bases for classification recipes (task.type {' or '.join(ok)}); this "
-                           f"recipe is task.type={recipe.task.type}, which has no class labels to probe. Use a classification "
-                           "recipe, e.g. recipes/minilm/sst2-lora.yaml."])
+    task = get_task(recipe.task.type)
+    if task.target_kind != "label" or hasattr(task, "refuse_loading"):  # a multi-task recipe: labels per task, no one set to probe
+        ok = [n for n in task_names() if _target_kind(n) == "label" and not hasattr(get_task(n), "refuse_loading")]
+        raise ConfigError([f"peftlab select ranks bases for single-task classification recipes (task.type {' or '.join(ok)}); "
+                           f"this recipe is task.type={recipe.task.type}, which has no one set of class labels to probe. Use a "
+                           "classification recipe, e.g. recipes/minilm/sst2-lora.yaml (for a multi-task recipe, one of its tasks'"
+                           " data)."])
+    if recipe.model.from_run:
+        raise ConfigError([f"model.from_run={recipe.model.from_run!r}: peftlab select ranks bases as published (model.name, "
+                           "--bases); it would probe the bare base, not that run's weights. Drop model.from_run to choose a "
+                           "base, then train from the run with the one chosen."])
 
 
 def _target_kind(name: str) -> str | None:

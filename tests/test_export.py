@@ -11,7 +11,7 @@ from peftlab import load_trained, merge, run
 from peftlab.run import evaluate
 from peftlab.rundir import read_run
 
-from .conftest import logits
+from .conftest import REPO, logits
 
 
 @pytest.fixture(scope="module")
@@ -85,8 +85,9 @@ def test_a_bf16_run_merges_into_float32_weights(make_recipe):
 
 
 def test_full_finetuning_exports_a_standalone_model(make_recipe):
-    recipe = make_recipe({"adapter.method": "full", "train.max_steps": 3})
-    run(recipe)
+    recipe = make_recipe({"adapter.method": "full", "train.max_steps": 3, "export.merge": True})
+    record = run(recipe)
+    assert record.merged_dir is None and not (recipe.out / "merged").exists()  # the summary names no merged folder
     assert (recipe.out / "model.safetensors").is_file() and not (recipe.out / "adapter_config.json").exists()
     assert merge(recipe.out) == recipe.out  # nothing to merge
     from peftlab.publish.card import card_text
@@ -124,3 +125,13 @@ def test_eval_of_a_run_that_selected_on_a_holdout_of_train(make_recipe, sentimen
     train.unlink()  # the hold-out cannot be rebuilt: the error names the file
     with pytest.raises(DataError, match="data.train"):
         evaluate(recipe.out)
+
+
+def test_the_card_names_a_sampled_split_as_a_sample():
+    """data.SPLIT.max_samples: the card's split says it is a seeded sample of N rows, not the whole split."""
+    from peftlab import load_recipe
+    from peftlab.publish.card import dataset_of
+
+    recipe = load_recipe(REPO / "recipes" / "minilm" / "sst2-lora.yaml", ["data.test.max_samples=200"], validate_files=False)
+    assert dataset_of(recipe, "test")[2] == "validation (a seeded sample of 200 rows)"
+    assert dataset_of(recipe, "train")[2] == "train"

@@ -468,6 +468,11 @@ def test_compose_refuses_mismatched_runs(runs, tmp_path):
     (ia3 / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
     with pytest.raises(PeftlabError, match="not a LoRA adapter: only LoRA adapters"):
         compose([runs[0], ia3], [0.5, 0.5], tmp_path / "c")
+    dora = tmp_path / "dora"  # DoRA's magnitude vectors would be dropped: refused
+    shutil.copytree(runs[1], dora)
+    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    with pytest.raises(PeftlabError, match="holds a DoRA adapter .*not even with weights 1 0"):
+        compose([runs[0], dora], [1, 0], tmp_path / "c")
     assert not (tmp_path / "c").exists()
 
 
@@ -485,6 +490,7 @@ def test_eval_a_published_adapter_by_id(runs, hub, monkeypatch, tmp_path, capsys
     metrics = json.loads(printed)
     expected = json.loads((runs[0] / "metrics.json").read_text())["eval"]
     assert metrics["accuracy"] == pytest.approx(expected["accuracy"]) and metrics["loss"] == pytest.approx(expected["loss"], abs=1e-5)
-    assert (tmp_path / "runs" / "eval" / "alice__tiny-lora" / "eval-eval.json").is_file()
+    (results,) = (tmp_path / "runs" / "eval").glob("alice__tiny-lora-*")  # NAME-TAG: one folder per set of overrides
+    assert json.loads((results / "eval-eval.json").read_text())["overrides"][0] == f"model.name={tiny_bert}"
     rc, _, err = cli(capsys, "eval", "--adapter", "alice/missing", "--endpoint", hub.url)
     assert rc == 2 and "no repo alice/missing" in err

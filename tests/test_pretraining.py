@@ -213,6 +213,14 @@ def test_a_task_recipe_starts_from_a_pretraining_run_reloads_and_records_its_lin
     third = run(load_recipe(path))
     assert [s["name"] for s in third.lineage] == ["task", "dapt"]
 
+    # stage 1 trained again: stage 2's adapter no longer fits the weights there, and says so rather than scoring on them
+    run(recipe_for(tmp_path, eos_llama, texts, "clm", ["train.max_steps=3", "adapter.target_modules=all-linear"], name="dapt"),
+        overwrite=True)
+    from peftlab.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match="holds other weights than the ones .* trained on.*trained again since"):
+        evaluate(out)
+
 
 def test_from_run_refuses_a_missing_run_and_a_different_base(tmp_path, eos_llama, tiny_bert, texts):
     with pytest.raises(ConfigError, match="model.from_run=.*no finished run there.*Train it first"):

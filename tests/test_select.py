@@ -155,6 +155,13 @@ def test_bad_input_is_a_clear_error(make_recipe, tmp_path, capsys, tiny_bert):
     recipe.task.type = "summarization"
     with pytest.raises(ConfigError, match="classification recipes.*task.type=summarization"):
         select(recipe, [str(tiny_bert)])
+    recipe.task.type = "multitask"  # labels per task: no one set to probe (was a KeyError deep inside)
+    with pytest.raises(ConfigError, match="single-task classification recipes.*task.type=multitask"):
+        select(recipe, [str(tiny_bert)])
+    recipe.task.type, recipe.model.from_run = "classification", str(tmp_path / "some-run")
+    with pytest.raises(ConfigError, match="model.from_run=.*would probe the bare base"):
+        select(recipe, [str(tiny_bert)])
+    recipe.model.from_run = None
     assert main(["select", str(tmp_path / "recipe.yaml"), "--candidates", "./no/such/base"]) == 2
     assert "candidate './no/such/base'" in capsys.readouterr().err
     assert main(["select", str(tmp_path / "recipe.yaml"), "--candidates", str(tiny_bert), "--set", "train.lr=1"]) == 2

@@ -300,8 +300,13 @@ def test_generation_metrics_and_a_user_metric_function(tmp_path, monkeypatch):
 def test_sft_end_to_end_learns_exports_and_reloads(tmp_path, chat_llama, packing):
     path = write_jsonl(tmp_path / "m.jsonl", messages_rows())
     r = recipe_for(tmp_path, chat_llama, path, [f"data.packing={str(packing).lower()}", "train.max_steps=60",
-                                                "train.eval_every=30", "train.best_metric=exact_match"])
+                                                "train.eval_every=30", "train.best_metric=exact_match",
+                                                "eval.metric_fn=peftlab.metrics:answer_accuracy"])
     record = run(r)
+    from peftlab.publish.card import card_data
+
+    claimed = {(e.metric_type, e.dataset_split) for e in card_data(r.out).eval_results}
+    assert {("exact_match", "m"), ("answer_accuracy", "m")} <= claimed, claimed  # eval.metric_fn's metrics are on the card
     first = [json.loads(line) for line in (r.out / "log.jsonl").read_text().splitlines() if '"train"' in line]
     m = record.metrics["eval"]
     # a hidden size of 32 spreads probability over MiniLM's 30k-token vocabulary, so the loss falls slowly in nats, but the

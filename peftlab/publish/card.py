@@ -168,13 +168,22 @@ def dataset_of(recipe, split: str) -> tuple[str | None, str, str | None]:
         return hub_id, pretty, f"{d.eval_holdout:.0%} held out of {train_split}"
     if spec is None:
         return None, split, None
+    sample = f" (a seeded sample of {spec.max_samples} rows)" if spec.max_samples else ""  # data.SPLIT.max_samples
     if spec.split is not None and d.dataset:
         pretty = d.dataset + (f" ({d.subset})" if d.subset else "")
-        return d.dataset, pretty, spec.split
+        return d.dataset, pretty, spec.split + sample
     path = Path(spec.path or "")
     folder = path.parent.name
     hub_id, pretty = KNOWN_DATASETS.get(folder, (None, folder or path.stem))
-    return hub_id, pretty, SPLIT_NAMES.get(path.stem, path.stem)
+    return hub_id, pretty, SPLIT_NAMES.get(path.stem, path.stem) + sample
+
+
+def user_metrics(recipe, task: Task, values: dict) -> dict[str, str]:
+    """The metrics of the recipe's eval.metric_fn (e.g. GSM8K's answer_accuracy): whatever the task does not compute
+    itself (its BUILTIN_METRICS) -> their names as they are."""
+    if not getattr(recipe.eval, "metric_fn", None):
+        return {}
+    return {k: k for k in values if k not in getattr(task, "BUILTIN_METRICS", ("loss",))}
 
 
 def _task_of(out: Path, recipe) -> tuple[Task, str | None]:
@@ -205,13 +214,14 @@ def card_data(source: str | Path | PublicRun, repo_id: str | None = None, base_m
     results = []
     for split, values in metrics.items():
         ds_id, ds_name, ds_split = dataset_of(recipe, split)
+        names = {**task.card_metrics, **user_metrics(recipe, task, values)}
         for key, value in values.items():
-            if key in task.card_metrics and isinstance(value, (int, float)):
+            if key in names and isinstance(value, (int, float)):
                 results.append(EvalResult(
                     task_type=tag, task_name=task_name(task, peft_type), dataset_type=ds_id or ds_name, dataset_name=ds_name,
                     dataset_config=recipe.data.subset if ds_id == recipe.data.dataset else None, dataset_split=ds_split,
                     metric_type=key, metric_value=round(float(value), 6),
-                    metric_name=task.card_metrics[key] + (f" (selection split: best of {evaluations} evaluations)"
+                    metric_name=names[key] + (f" (selection split: best of {evaluations} evaluations)"
                                                      if split == run.selected_on else ""),
                     metric_args={"average": "macro"} if key == "f1" else None))
     train_ds = dataset_of(recipe, "train")[0]
