@@ -459,7 +459,8 @@ def report_truncation(ds, where: str, max_length: int) -> None:
     cut = sum(ds["truncated"])
     if cut == len(ds):
         raise DataError(f"{where}: all {len(ds):,} rows are longer than data.max_length={max_length} tokens, so every input "
-                        f"was truncated. Raise it (e.g. data.max_length={max_length * 4}) or check data.text_columns.")
+                        f"was truncated. Raise it (e.g. data.max_length={max_length * 4}) or check the columns it reads "
+                        "(data.text_columns; for sft, the conversation columns).")
     level = logging.WARNING if cut > 0.1 * len(ds) else logging.INFO
     log.log(level, "%s: %s rows, %s (%.1f%%) truncated to data.max_length=%d", where, f"{len(ds):,}", f"{cut:,}",
             100 * cut / len(ds), max_length)

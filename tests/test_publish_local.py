@@ -112,7 +112,7 @@ def test_eval_of_a_published_folder_names_the_base_at_load_time(local_run, tmp_p
     got = json.loads(printed)
     assert got["accuracy"] == pytest.approx(expected["accuracy"]) and got["loss"] == pytest.approx(expected["loss"], abs=1e-5)
     before = sorted(p.name for p in folder.iterdir())
-    assert list((tmp_path / "runs" / "eval" / "shelf").glob("eval-*.json"))  # beside, never into the published folder
+    assert list((tmp_path / "runs" / "eval").glob("shelf-*/eval-*.json"))  # beside, never into the published folder
     publish(local_run, to=folder)  # so it can be published there again
     assert sorted(p.name for p in folder.iterdir()) == before
 

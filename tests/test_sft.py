@@ -96,6 +96,12 @@ def test_unknown_columns_and_bad_messages_are_refused_clearly(tmp_path, chat_lla
     broken = write_jsonl(tmp_path / "y.jsonl", [{"messages": [{"role": "robot", "content": "x"}]}])
     with pytest.raises(DataError, match="row 1: 'messages' must be a list of"):
         load_splits(recipe_for(tmp_path, chat_llama, broken))
+    rows = messages_rows() * 2
+    rows[9] = {"messages": [{"role": "robot", "content": "x"}]}
+    sampled = write_jsonl(tmp_path / "z.jsonl", rows)  # in a seeded sample, the row is still named by its line in the file
+    with pytest.raises(DataError, match="row 10: 'messages' must be a list of"):
+        load_splits(recipe_for(tmp_path, chat_llama, sampled, [f"data.train.max_samples={len(rows) - 1}",
+                                                                        f"data.eval.max_samples={len(rows) - 1}"]))
 
 
 def test_a_template_that_trains_nothing_is_refused_and_a_missing_template_names_the_fix(tmp_path, chat_llama):

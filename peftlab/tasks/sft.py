@@ -44,6 +44,7 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")  # tried 
 ROLES = ("system", "user", "assistant", "tool")
 BUILTIN_METRICS = ("loss", "exact_match", *ROUGE_KEYS)
 EXTRAS = ("row", "source", "reference", "gen_input_ids", "gen_attention_mask")
+FILE_ROW = "_file_row"  # a sampled split's row numbers in its file (data.SPLIT.max_samples)
 
 
 class _Generated:
@@ -151,15 +152,15 @@ def normalize_split(ds, spec, recipe, where: str):
     """Raw rows -> {conversation: JSON list of {role, content}}; rows without an assistant answer are dropped."""
     d, t = recipe.data, recipe.task
     fmt, prompt_cols, completion_col = detect_format(ds.column_names, d, where)
-    if spec.max_samples is not None and spec.max_samples < len(ds):
-        ds = ds.shuffle(seed=recipe.data_seed).select(range(spec.max_samples))
+    if spec.max_samples is not None and spec.max_samples < len(ds):  # the file's row numbers kept, for the errors below
+        ds = ds.add_column(FILE_ROW, range(len(ds))).shuffle(seed=recipe.data_seed).select(range(spec.max_samples))
 
     def text(v) -> str:
         return "" if v is None else str(v).strip()
 
     def to_rows(batch, rows):
         out = []
-        for j, i in enumerate(rows):
+        for j, i in enumerate(batch.get(FILE_ROW, rows)):
             if fmt == "messages":
                 msgs = _check_messages(batch[d.messages_column][j], i, where, d.messages_column)
             elif fmt == "instruction":
