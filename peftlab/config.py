@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import json
 import math
 import types
 import typing
@@ -644,9 +645,8 @@ def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = N
     need(bool(name) and "/" not in name and "\\" not in name and name not in (".", ".."),
          f"name={name!r}: use a plain name (letters, digits, - _ .), it becomes a directory.")
 
-    if check_files and recipe.model.from_run is not None and not (Path(recipe.model.from_run) / "run.json").is_file():
-        p.append(f"model.from_run={recipe.model.from_run!r}: no finished run there (no run.json). Train it first "
-                 "(peftlab train RECIPE with output_dir there), or fix the path.")
+    if check_files and recipe.model.from_run is not None:
+        p.extend(from_run_problems(recipe))
     if recipe.train.distill is not None:
         p.extend(distill_problems(recipe, check_files))
     multitask = recipe.multitask is not None
@@ -689,6 +689,28 @@ def data_problems(d: DataConfig, prefix: str, check_files: bool) -> list[str]:
             hint = " (the shared data lives in ../shared/data; run from the repository root)" if "shared" in s.path else ""
             p.append(f"{where}.path={s.path!r}: file not found{hint}. Fix the path or override it: {where}.path=FILE.")
     return p
+
+
+def from_run_problems(recipe: Recipe) -> list[str]:
+    """model.from_run names a finished single-model run on the recipe's base (what `run` would refuse after loading)."""
+    source = Path(recipe.model.from_run)
+    try:
+        record = json.loads((source / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return [f"model.from_run={recipe.model.from_run!r}: no finished run there (no readable run.json). Train it first "
+                "(peftlab train RECIPE with output_dir there), or fix the path."]
+    if not isinstance(record, dict):
+        return [f"model.from_run={recipe.model.from_run!r}: its run.json is not a run record. Point it at a finished run."]
+    multitask = record.get("multitask") or {}
+    if multitask and not multitask.get("task"):  # the run itself, not one of its tasks (OUT/tasks/NAME)
+        tasks = multitask.get("tasks") or ["NAME"]
+        return [f"model.from_run={recipe.model.from_run!r} is a multi-task run: its models are per task. Start from one of "
+                f"them, e.g. model.from_run={source / 'tasks' / tasks[0]}."]
+    base = record.get("base_model")
+    if base and recipe.model.name not in (base, ModelConfig().name):
+        return [f"model.from_run={recipe.model.from_run!r} was trained on {base!r}, but model.name={recipe.model.name!r}. Set "
+                f"model.name={base} (or leave it out: it is taken from the run)."]
+    return []
 
 
 def distill_problems(recipe: Recipe, check_files: bool) -> list[str]:

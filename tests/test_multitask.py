@@ -200,6 +200,19 @@ def test_a_multitask_run_learns_and_exports_a_run_per_task(trained, mode):
     assert ("one LoRA adapter shared by every task" in card) == (mode == "shared")
 
 
+def test_a_tasks_card_says_its_step_was_chosen_on_the_multitask_runs_metric(trained, tmp_path):
+    """With several evaluations, keep_best chose the step on the run's mean; a task's recipe.yaml names its own metric."""
+    import shutil
+
+    folder = tmp_path / "topic"
+    shutil.copytree(Path(trained["shared"].output_dir) / "tasks" / "topic", folder)
+    record = json.loads((folder / "run.json").read_text())
+    record.update(selected_on="eval", best_step=2, history=[{"step": 2}, {"step": 4}])
+    (folder / "run.json").write_text(json.dumps(record))
+    card = card_text(folder)
+    assert "`train.best_metric: mean` of the multi-task run `mt`" in card and "best_metric: accuracy`" not in card, card
+
+
 @pytest.mark.parametrize("mode", ["shared", "per_task"])
 def test_each_task_reloads_to_the_model_that_was_trained(trained, mode):
     """peftlab eval on OUT/tasks/NAME (the export rebuilt from its files) gives the figures the multi-task model measured."""
@@ -268,6 +281,8 @@ def test_a_new_task_starts_from_a_multitask_run(trained, make_recipe, tmp_path):
     assert record.lineage[0]["name"] == "mt-topic" and record.label_names == ["negative", "positive"]
     model = load_trained(tmp_path / "next")[0]
     assert logits(model).shape[-1] == 2
+    with pytest.raises(ConfigError, match="is a multi-task run: its models are per task.*model.from_run=.*tasks"):
+        make_recipe({"model.from_run": start.parent.parent, "output_dir": tmp_path / "from-parent"})  # validate says it
 
 
 def test_the_benchmark_derives_each_single_task_recipe_from_the_multitask_one(tmp_path, monkeypatch):

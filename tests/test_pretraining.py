@@ -226,7 +226,10 @@ def test_from_run_refuses_a_missing_run_and_a_different_base(tmp_path, eos_llama
     with pytest.raises(ConfigError, match="model.from_run=.*no finished run there.*Train it first"):
         recipe_for(tmp_path, eos_llama, texts, "clm", [f"model.from_run={tmp_path / 'nothing'}"])
     first = run(recipe_for(tmp_path, eos_llama, texts, "clm", ["train.max_steps=1"], name="one"))
-    other = recipe_for(tmp_path, tiny_bert, texts, "mlm", [f"model.from_run={first.output_dir}"], name="two")
+    with pytest.raises(ConfigError, match="was trained on .* but model.name=.*Set model.name="):  # validate says it too
+        recipe_for(tmp_path, tiny_bert, texts, "mlm", [f"model.from_run={first.output_dir}"], name="two")
+    other = recipe_for(tmp_path, tiny_bert, texts, "mlm", name="two")
+    other.model.from_run = first.output_dir  # past the recipe's checks: training refuses it before writing anything
     with pytest.raises(ConfigError, match="was trained on .* but model.name=.*Set model.name="):
         run(other)
     assert not Path(tmp_path / "two").exists()  # refused before anything was written

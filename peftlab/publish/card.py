@@ -337,7 +337,8 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
                   "this task's head" + (" and the shared adapter." if k.get("adapters") == "shared" else " and its own adapter."), ""]
     lines += ["## Results", ""]
     if metrics:
-        names = get_task(recipe.task.type).card_metrics
+        task = get_task(recipe.task.type)
+        names = {**task.card_metrics, **{k: v for m in metrics.values() for k, v in user_metrics(recipe, task, m).items()}}
         keys = [k for k in names if any(k in m for m in metrics.values())] + ["loss"]
         lines += ["| split | dataset | " + " | ".join(names.get(k, k) for k in keys) + " |",
                   "| --- | --- |" + " --- |" * len(keys)]
@@ -345,7 +346,9 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
             _, ds_name, ds_split = dataset_of(recipe, split)
             cells = [f"{m[k]:.4f}" if isinstance(m.get(k), (int, float)) else "-" for k in keys]
             lines.append(f"| {run.split_label(split)} | {ds_name} ({ds_split}) | " + " | ".join(cells) + " |")
-        lines += _selection_note(run, metrics, recipe.train.best_metric)
+        chosen_by = (run.multitask or {}).get("best_metric")  # a task of a multi-task run: chosen on the run's metric
+        lines += _selection_note(run, metrics, f"{chosen_by}` of the multi-task run `{run.multitask.get('run')}" if chosen_by
+                                 else recipe.train.best_metric)
         if report.get("n"):
             of = f" of the {report['split']} split" if report.get("split") in metrics else ""
             lines += ["", f"Measured by peftlab at the end of training; per-class scores and the confusion matrix on the "
