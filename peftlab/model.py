@@ -18,7 +18,7 @@ from torch import nn
 from .accel import precision_dtype
 from .bases import base_path, load_tokenizer, resolve_model_path
 from .config import Recipe
-from .errors import ModelError
+from .errors import ConfigError, ModelError, PeftlabError
 from .methods import get_method
 from .tasks import get_task, input_lengths, peft_task_type
 
@@ -364,6 +364,13 @@ def model_problems(recipe: Recipe) -> list[str]:
                  "are checked when `train` converts it (or finds its conversion)", m.name)
         return []
     problems = num_layers_problems(recipe, str(path))
+    if hasattr(task, "check_tokenizer") and not m.trust_remote_code:
+        try:
+            task.check_tokenizer(load_tokenizer(str(path), recipe), recipe)  # e.g. no chat template for sft
+        except ConfigError as e:
+            problems.extend(e.problems)
+        except PeftlabError as e:
+            problems.append(str(e))
     if m.trust_remote_code or m.decoder is not None or hasattr(task, "build_model"):
         return problems
     from transformers import AutoConfig

@@ -104,7 +104,7 @@ def test_unknown_columns_and_bad_messages_are_refused_clearly(tmp_path, chat_lla
                                                                         f"data.eval.max_samples={len(rows) - 1}"]))
 
 
-def test_a_template_that_trains_nothing_is_refused_and_a_missing_template_names_the_fix(tmp_path, chat_llama):
+def test_a_template_that_trains_nothing_is_refused_and_a_missing_template_names_the_fix(tmp_path, chat_llama, tiny_llama):
     path = write_jsonl(tmp_path / "m.jsonl", messages_rows(3))
     no_answers = ("{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}\n{% endif %}{% endfor %}"
                   )  # renders prefix by prefix, but no assistant content
@@ -117,6 +117,13 @@ def test_a_template_that_trains_nothing_is_refused_and_a_missing_template_names_
     r = recipe_for(tmp_path, chat_llama, path)
     with pytest.raises(ConfigError, match="has no chat template.*task.chat_format=chatml"):
         build_data(r, tok, splits=splits, label_names=[])
+    from peftlab.model import model_problems  # `validate` says it too, from the base's tokenizer
+
+    assert not any("chat template" in p for p in model_problems(r))
+    r.model.name = str(tiny_llama)  # its tokenizer has no template
+    assert any("has no chat template" in p and "task.chat_format=chatml" in p for p in model_problems(r))
+    r.task.chat_format = "chatml"
+    assert not any("chat template" in p for p in model_problems(r))
     with pytest.raises(ConfigError, match="task.chat_format='mistral': neither a named template"):
         recipe_for(tmp_path, chat_llama, path, ["task.chat_format=mistral"])
     with pytest.raises(ConfigError, match="train.best_metric='accuracy': sft keeps the best of loss, exact_match"):

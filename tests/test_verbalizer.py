@@ -190,6 +190,9 @@ def test_invalid_verbalizer_recipes_are_refused_with_the_fix(make_verb):
     assert len(verbalizer.label_token_ids(tok, eos)) == 2  # with EOS the shorter word is no longer a prefix
     with pytest.raises(DataError, match="has no chat template. Set task.chat_template=false"):
         verbalizer.label_token_ids(tok, make_verb({"task.chat_template": True}))
+    from peftlab.model import model_problems  # `validate` says it too
+
+    assert any("has no chat template. Set task.chat_template=false" in p for p in model_problems(make_verb({"task.chat_template": True})))
 
 
 # ------------------------------------------------------------------------------------ the head on a decoder LLM

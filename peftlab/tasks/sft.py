@@ -19,6 +19,7 @@ last assistant turn from the chat template's generation prompt, scored by exact 
 from __future__ import annotations
 
 import bisect
+import copy
 import importlib
 import json
 import logging
@@ -189,6 +190,10 @@ def normalize_split(ds, spec, recipe, where: str):
 
 
 # ------------------------------------------------------------------------------------------------ template and labels
+
+def check_tokenizer(tokenizer, recipe) -> None:
+    ensure_chat_template(copy.copy(tokenizer), recipe)  # (a copy: task.chat_format is set on the run's tokenizer only)
+
 
 def ensure_chat_template(tokenizer, recipe) -> None:
     """task.chat_format replaces the tokenizer's template (saved with the run); without either, refuse with the fix."""

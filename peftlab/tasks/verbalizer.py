@@ -87,6 +87,10 @@ def uses_chat(tokenizer, recipe) -> bool:
     return True
 
 
+def check_tokenizer(tokenizer, recipe) -> None:
+    uses_chat(tokenizer, recipe)
+
+
 def label_words(recipe, label_names: list[str], chat: bool) -> list[str]:
     words = recipe.data.label_words or [n if chat else " " + n for n in label_names]
     if len(words) != len(label_names):
