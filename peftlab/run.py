@@ -196,6 +196,9 @@ def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
         problems += num_layers_problems(recipe)
     teacher = recipe.train.distill and (training or (Path(recipe.train.distill.teacher) / "run.json").is_file())
     problems += distill.check(recipe) if teacher else []
+    if recipe.train.distill and not teacher:
+        log.warning("train.distill.teacher=%s: no finished run there yet, so the teacher is not checked; train it before "
+                    "this recipe (its task and labels are checked then).", recipe.train.distill.teacher)
     if not training:  # what `train` finds once it reads the data and loads the model, here from headers and configs
         problems += column_problems(recipe) + model_problems(recipe)
     return problems
