@@ -15,7 +15,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import HubModelUnreachable, ModelNotFound
+from .errors import ArtifactError, HubModelUnreachable, ModelNotFound
 
 if TYPE_CHECKING:  # the recipe is only read here; config imports tasks, which import this module
     from .config import Recipe
@@ -90,6 +90,14 @@ def base_path(recipe: Recipe) -> str:
     if not (folder / "config.json").is_file():
         raise ModelNotFound(f"model.from_run={m.from_run!r}: {folder} holds no model. Merge the run's adapter into its base "
                             f"first: peftlab merge {m.from_run}")
+    from .rundir import RECORD_FILE, read_run
+
+    if (folder / RECORD_FILE).is_file():
+        try:
+            read_run(folder)  # checks the weights against the sha256 recorded when they were written
+        except ArtifactError as e:
+            fix = f" Merge it again: peftlab merge {m.from_run} --force." if folder != run else ""
+            raise ArtifactError(f"model.from_run={m.from_run!r}: {e}{fix}") from None
     return str(folder)
 
 

@@ -62,9 +62,9 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
             raise PeftlabError(f"{o} holds a DoRA adapter (use_dora): peft's add_weighted_adapter combines the LoRA matrices "
                                "but not DoRA's trained magnitude vectors, so the result would not be any of the adapters' "
                                "functions, not even with weights 1 0. Compose plain LoRA adapters (adapter.use_dora=false).")
-        if (r.model.name, r.task.type, info.label_names) != (first_recipe.model.name, first_recipe.task.type, first_run.label_names):
-            raise PeftlabError(f"{o} was trained on another base, task or label set than {outs[0]}: adapters compose only "
-                               "on the same base model and labels.")
+        if _base_of(r, info) != _base_of(first_recipe, first_run):
+            raise PeftlabError(f"{o} was trained on another base, task or label set than {outs[0]} (model.name, model.from_run, "
+                               "model.num_layers, task.type, labels): adapters compose only on the same base model and labels.")
     trained, tokenizer = rebuild(outs[0], first_recipe, first_run)
     base = trained.unload()  # the plain base (its head is replaced below)
     states = [load_file(str(o / "adapter_model.safetensors")) for o in outs]
@@ -108,6 +108,14 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
     write_atomic_dir(out, fill)
     log.info("composed %s (%s, weights %s) -> %s", ", ".join(map(str, outs)), method, weights, out)
     return out
+
+
+def _base_of(recipe, run) -> tuple:
+    """What an adapter sits on and predicts: the base as loaded (a model.from_run's merged weights, by the run and its
+    weights' sha256 as recorded), the task and the labels."""
+    m, source = recipe.model, (run.lineage or [{}])[0]
+    return (m.name, m.from_run and str(Path(m.from_run).resolve()), source.get("weights_sha256"), m.num_layers,
+            recipe.task.type, run.label_names)
 
 
 def _adapter_config(run: Path) -> dict:

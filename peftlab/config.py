@@ -647,6 +647,10 @@ def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = N
 
     if check_files and recipe.model.from_run is not None:
         p.extend(from_run_problems(recipe))
+    p.extend(inputs_in_output(recipe))
+    need(not (recipe.train.eval_every and d.eval is None and not d.eval_holdout and recipe.multitask is None),
+         f"train.eval_every={recipe.train.eval_every} but there is no evaluation split, so nothing would be evaluated (nor "
+         "kept by train.keep_best). Give one (data.eval.path=FILE, or data.eval_holdout=0.1 of train), or drop train.eval_every.")
     if recipe.train.distill is not None:
         p.extend(distill_problems(recipe, check_files))
     multitask = recipe.multitask is not None
@@ -688,6 +692,17 @@ def data_problems(d: DataConfig, prefix: str, check_files: bool) -> list[str]:
         if check_files and s.path is not None and not Path(s.path).is_file():
             hint = " (the shared data lives in ../shared/data; run from the repository root)" if "shared" in s.path else ""
             p.append(f"{where}.path={s.path!r}: file not found{hint}. Fix the path or override it: {where}.path=FILE.")
+    return p
+
+
+def inputs_in_output(recipe: Recipe) -> list[str]:
+    """A run this recipe reads (model.from_run, train.distill.teacher) must not be its own output directory or inside
+    it: an --overwrite would replace what it starts from (and what other runs were trained on)."""
+    out, p = recipe.out.resolve(), []
+    for key, value in (("model.from_run", recipe.model.from_run), ("train.distill.teacher", recipe.train.distill and recipe.train.distill.teacher)):
+        if value and (out == Path(value).resolve() or out in Path(value).resolve().parents):
+            p.append(f"{key}={value!r} is inside this run's output directory {recipe.out}: the run would replace what it reads. "
+                     "Give this run another name= or output_dir=.")
     return p
 
 

@@ -468,6 +468,13 @@ def test_compose_refuses_mismatched_runs(runs, tmp_path):
     (ia3 / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
     with pytest.raises(PeftlabError, match="not a LoRA adapter: only LoRA adapters"):
         compose([runs[0], ia3], [0.5, 0.5], tmp_path / "c")
+    stacked = tmp_path / "stacked"  # trained on another run's merged weights (model.from_run): another base
+    shutil.copytree(runs[1], stacked)
+    recipe = yaml.safe_load((stacked / "recipe.yaml").read_text())
+    recipe["model"]["from_run"] = str(runs[0])
+    (stacked / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(PeftlabError, match="another base.*model.from_run"):
+        compose([runs[0], stacked], [0.5, 0.5], tmp_path / "c")
     dora = tmp_path / "dora"  # DoRA's magnitude vectors would be dropped: refused
     shutil.copytree(runs[1], dora)
     (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from peftlab import load_recipe, run
 from peftlab.errors import ConfigError
@@ -213,11 +213,21 @@ def test_a_task_recipe_starts_from_a_pretraining_run_reloads_and_records_its_lin
     third = run(load_recipe(path))
     assert [s["name"] for s in third.lineage] == ["task", "dapt"]
 
+    # stage 1's merged weights altered: refused on the model.from_run path too, with the fix
+    weights = stage1 / "merged" / "model.safetensors"
+    good = weights.read_bytes()
+    altered = load_file(str(weights))
+    altered[key] = altered[key] * 1.5
+    save_file(altered, str(weights), metadata={"format": "pt"})
+    from peftlab.errors import ArtifactError
+
+    with pytest.raises(ArtifactError, match=r"model.from_run=.*is damaged.*peftlab merge .* --force"):
+        evaluate(out)
+    weights.write_bytes(good)
+
     # stage 1 trained again: stage 2's adapter no longer fits the weights there, and says so rather than scoring on them
     run(recipe_for(tmp_path, eos_llama, texts, "clm", ["train.max_steps=3", "adapter.target_modules=all-linear"], name="dapt"),
         overwrite=True)
-    from peftlab.errors import ArtifactError
-
     with pytest.raises(ArtifactError, match="holds other weights than the ones .* trained on.*trained again since"):
         evaluate(out)
 

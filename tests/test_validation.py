@@ -69,6 +69,25 @@ def test_eval_holdout_beside_an_eval_split_is_announced(tmp_path, caplog):
     assert "data.eval_holdout=0.25 is ignored: data.eval is set" in caplog.text
 
 
+def test_eval_every_without_an_evaluation_split_is_refused(tmp_path):
+    train = write_tsv(tmp_path / "t.tsv", synthetic_rows(20, 0))
+    path = write_recipe(tmp_path, {"data": {"train": str(train)}, "train": {"eval_every": 2}})
+    with pytest.raises(ConfigError, match="train.eval_every=2 but there is no evaluation split.*data.eval_holdout=0.1"):
+        load_recipe(path)
+    assert load_recipe(path, ["data.eval_holdout=0.25"]).train.eval_every == 2
+
+
+@pytest.mark.parametrize("key", ["model.from_run", "train.distill.teacher"])
+def test_a_run_that_reads_its_own_output_directory_is_refused(tmp_path, key):
+    """--overwrite would replace the run it starts from (or its teacher), and the runs trained on it."""
+    train = write_tsv(tmp_path / "t.tsv", synthetic_rows(20, 0))
+    path = write_recipe(tmp_path, {"data": {"train": str(train), "eval_holdout": 0.25}, "output_dir": str(tmp_path / "runs" / "a")})
+    for inside in (tmp_path / "runs" / "a", tmp_path / "runs" / "a" / "tasks" / "x"):
+        with pytest.raises(ConfigError, match=f"{key}=.* is inside this run's output directory .*another name= or output_dir="):
+            load_recipe(path, [f"{key}={inside}"], validate_files=False)
+    load_recipe(path, [f"{key}={tmp_path / 'runs' / 'b'}"], validate_files=False)  # beside it: fine
+
+
 def test_every_shipped_recipe_validates_from_the_cli():
     recipes = sorted(str(p.relative_to(REPO)) for p in (REPO / "recipes").glob("*/*.yaml")) + ["peftlab/recipes/quickstart.yaml"]
     files = [] if SHARED.is_dir() else ["--no-files"]
