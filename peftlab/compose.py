@@ -98,7 +98,8 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
                   metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
-        info = replace(first_run, metrics={}, history=[], weights_sha256=sha256(tmp / "adapter_model.safetensors"),
+        info = replace(first_run, metrics={}, history=[], selected_on=None, best_step=None,
+                       weights_sha256=sha256(tmp / "adapter_model.safetensors"),
                        composition={"method": method, "weights": [float(w) for w in weights], "density": density, "seed": seed,
                                     "sources": sources, "note": "recipe.yaml and the training record are the first source's; "
                                     "task heads summed with the same weights; not evaluated yet: run `peftlab eval` on this folder"})

@@ -434,6 +434,14 @@ def test_compose_linear_1_0_is_the_first_adapter(runs, tmp_path, capsys):
     assert (tmp_path / "c10" / "recipe.yaml").read_text() == (runs[0] / "recipe.yaml").read_text()
     meta = check_card(card_text(tmp_path / "c10", "alice/composed"))
     assert "model-index" not in meta  # nothing measured yet, nothing claimed
+    assert run["selected_on"] is None and run["best_step"] is None  # no evaluation chose a composition's weights
+    from peftlab.run import evaluate
+
+    measured = evaluate(tmp_path / "c10")  # `peftlab eval` on it: its card reports what that measured
+    card = card_text(tmp_path / "c10", "alice/composed")
+    meta = check_card(card)
+    assert meta["model-index"][0]["results"] and f"{measured['accuracy']:.4f}" in card and "selection split" not in card
+    assert "Measured by `peftlab eval` on the composed adapter" in card
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_linear"])

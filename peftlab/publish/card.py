@@ -178,6 +178,16 @@ def dataset_of(recipe, split: str) -> tuple[str | None, str, str | None]:
     return hub_id, pretty, SPLIT_NAMES.get(path.stem, path.stem) + sample
 
 
+def measured_metrics(out: Path, run: RunRecord) -> dict:
+    """{split: metrics} the card reports: metrics.json, the run's final evaluations; for a composition, which no run
+    evaluated, what `peftlab eval` wrote beside it (eval-SPLIT.json)."""
+    if (out / "metrics.json").is_file():
+        return json.loads((out / "metrics.json").read_text())
+    if run.composition:
+        return {p.stem.removeprefix("eval-"): json.loads(p.read_text())["metrics"] for p in sorted(out.glob("eval-*.json"))}
+    return run.metrics or {}
+
+
 def user_metrics(recipe, task: Task, values: dict) -> dict[str, str]:
     """The metrics of the recipe's eval.metric_fn (e.g. GSM8K's answer_accuracy): whatever the task does not compute
     itself (its BUILTIN_METRICS) -> their names as they are."""
@@ -204,7 +214,7 @@ def card_data(source: str | Path | PublicRun, repo_id: str | None = None, base_m
 
     pub = _public(source, base_model)
     out, recipe, run = pub.out, pub.public_recipe, pub.public_run
-    metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else run.metrics
+    metrics = measured_metrics(out, run)
     base = pub.base_id
     evaluations = len(run.history or [])
     task, peft_type = _task_of(out, recipe)
@@ -292,7 +302,7 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
     base = data.base_model or recipe.model.name
     local_base = "model.name" in (run.published or {}).get("rewritten", {}).get(RECIPE_FILE, [])
     repo = repo_id or "PATH/TO/THIS/FOLDER"
-    metrics = json.loads((out / "metrics.json").read_text()) if (out / "metrics.json").is_file() else {}
+    metrics = measured_metrics(out, run)
     report = json.loads((out / "eval_report.json").read_text()) if (out / "eval_report.json").is_file() else {}
     a, t = recipe.adapter, recipe.train
     base_link = f"[{base}](https://huggingface.co/{base})" if data.base_model else f"`{base}`" + (
@@ -349,7 +359,10 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
         chosen_by = (run.multitask or {}).get("best_metric")  # a task of a multi-task run: chosen on the run's metric
         lines += _selection_note(run, metrics, f"{chosen_by}` of the multi-task run `{run.multitask.get('run')}" if chosen_by
                                  else recipe.train.best_metric)
-        if report.get("n"):
+        if run.composition:
+            lines += ["", "Measured by `peftlab eval` on the composed adapter (`eval-SPLIT.json` beside it); no split chose "
+                          "its weights by any evaluation of peftlab's (the composition weights were given)."]
+        elif report.get("n"):
             of = f" of the {report['split']} split" if report.get("split") in metrics else ""
             lines += ["", f"Measured by peftlab at the end of training; per-class scores and the confusion matrix on the "
                           f"{report['n']:,} rows{of} are in `eval_report.json`."]
