@@ -91,7 +91,7 @@ def add_soft_targets(recipe: Recipe, splits: dict, device) -> tuple[dict, dict]:
     _, teacher = read_run(k.teacher)
     u = k.unlabelled
     entry = {"teacher": str(Path(k.teacher).resolve()), "name": teacher.name, "task": teacher.task, "method": teacher.method,
-             "base_model": teacher.base_model, "metrics": teacher.metrics.get("eval") or {}, "temperature": k.temperature,
+             "base_model": teacher.base_model, "metrics": teacher.metrics, "selected_on": teacher.selected_on, "temperature": k.temperature,
              "alpha": k.alpha, "soft_target_rows": len(train), "labelled_rows": labelled, "unlabelled_rows": len(train) - labelled,
              "unlabelled": u and (u.path or f"{recipe.data.dataset}:{u.split}"), "teacher_seconds": round(seconds, 2),
              "soft_targets_from_cache": from_cache}

@@ -219,7 +219,8 @@ def start_from_run(recipe: Recipe, accelerator) -> list[dict]:
     data = earlier.data.train
     step = {"run": str(source.resolve()), "name": record.name, "task": record.task, "method": record.method,
             "base_model": record.base_model, "data": data and (data.path or f"{earlier.data.dataset}:{data.split}"),
-            "steps": record.steps, "metrics": record.metrics.get("eval") or {}, "weights_sha256": record.weights_sha256}
+            "steps": record.steps, "metrics": record.metrics, "selected_on": record.selected_on,
+            "weights_sha256": record.weights_sha256}
     log.info("starting from run %s (%s, %s on %s, %s steps)", source, record.task, record.method, record.base_model, record.steps)
     return [step, *record.lineage]
 

@@ -307,7 +307,7 @@ def test_run_json_and_card_name_the_teacher(tmp_path, tiny_bert, sentiment_files
     d = saved["distillation"]
     teacher_run = json.loads((teacher / "run.json").read_text())
     assert d["teacher"] == str(teacher.resolve()) and d["name"] == "teacher" and d["method"] == "full"
-    assert d["metrics"] == teacher_run["metrics"]["eval"] and (d["temperature"], d["alpha"]) == (2.0, 0.3)
+    assert d["metrics"] == teacher_run["metrics"] and d["selected_on"] == teacher_run["selected_on"] and (d["temperature"], d["alpha"]) == (2.0, 0.3)
     assert yaml.safe_load((recipe.out / "recipe.yaml").read_text())["data"]["label_names"] == ["negative", "positive"]  # the teacher's
     card = card_text(recipe.out)
     assert "## Distillation" in card and "Distilled from the peftlab run `teacher`" in card and "T = 2.0" in card

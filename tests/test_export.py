@@ -135,3 +135,14 @@ def test_the_card_names_a_sampled_split_as_a_sample():
     recipe = load_recipe(REPO / "recipes" / "minilm" / "sst2-lora.yaml", ["data.test.max_samples=200"], validate_files=False)
     assert dataset_of(recipe, "test")[2] == "validation (a seeded sample of 200 rows)"
     assert dataset_of(recipe, "train")[2] == "train"
+
+
+def test_an_earlier_runs_figures_say_which_split_chose_its_weights():
+    """Lineage steps and distillation teachers quote every split of the earlier run, each said for what it is."""
+    from peftlab.publish.card import source_scores
+
+    entry = {"metrics": {"eval": {"accuracy": 0.53125}, "test": {"accuracy": 0.4375}}, "selected_on": "eval"}
+    assert source_scores(entry) == "eval (selection split) accuracy 0.5312; test (held out) accuracy 0.4375"
+    assert source_scores({"metrics": {"eval": {"accuracy": 0.5}}, "selected_on": None}) == "eval accuracy 0.5000"
+    assert source_scores({"metrics": {"accuracy": 0.5}}) == "eval accuracy 0.5000"  # a record written before stop 56
+    assert source_scores({}) == ""

@@ -178,6 +178,20 @@ def dataset_of(recipe, split: str) -> tuple[str | None, str, str | None]:
     return hub_id, pretty, SPLIT_NAMES.get(path.stem, path.stem) + sample
 
 
+def source_scores(entry: dict) -> str:
+    """An earlier run's figures (a lineage step, a distillation teacher) with each split said for what it is: the one
+    its keep_best chose on, or held out. Records written before stop 56 hold the eval split's figures only."""
+    metrics, chosen = entry.get("metrics") or {}, entry.get("selected_on")
+    if metrics and not any(isinstance(v, dict) for v in metrics.values()):
+        metrics = {"eval": metrics}
+    parts = []
+    for split, values in metrics.items():
+        scores = ", ".join(f"{m} {v:.4f}" for m, v in values.items() if isinstance(v, (int, float)))
+        label = " (selection split)" if split == chosen else " (held out)" if chosen else ""
+        parts.append(f"{split}{label} {scores}")
+    return "; ".join(p for p in parts if p.strip())
+
+
 def measured_metrics(out: Path, run: RunRecord) -> dict:
     """{split: metrics} the card reports: metrics.json, the run's final evaluations; for a composition, which no run
     evaluated, what `peftlab eval` wrote beside it (eval-SPLIT.json)."""
@@ -323,16 +337,16 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
                   "bare base: load this adapter on the first run's merged model (`peftlab merge` writes it), or merge this run "
                   "(`peftlab merge`) for a standalone model.", ""]
         for k, step in enumerate(run.lineage, 1):
-            scores = ", ".join(f"{m} {v:.4f}" for m, v in step.get("metrics", {}).items() if isinstance(v, (int, float)))
+            scores = source_scores(step)
             lines.append(f"{k}. `{step.get('name')}`: task {step.get('task')}, {step.get('method')} on `{step.get('base_model')}`, "
-                         f"data `{step.get('data')}`, {step.get('steps')} steps" + (f"; eval {scores}" if scores else ""))
+                         f"data `{step.get('data')}`, {step.get('steps')} steps" + (f"; {scores}" if scores else ""))
         lines.append("")
     if run.distillation:
         k = run.distillation
-        scores = ", ".join(f"{m} {v:.4f}" for m, v in (k.get("metrics") or {}).items() if isinstance(v, (int, float)))
+        scores = source_scores(k)
         unlabelled = f" ({k['unlabelled_rows']:,} of them unlabelled, from `{k['unlabelled']}`)" if k.get("unlabelled_rows") else ""
         lines += ["## Distillation", "", f"Distilled from the peftlab run `{k.get('name')}` (task {k.get('task')}, {k.get('method')} on "
-                  f"`{k.get('base_model')}`" + (f"; its eval {scores}" if scores else "") + f"): loss = {k.get('alpha')} x "
+                  f"`{k.get('base_model')}`" + (f"; its {scores}" if scores else "") + f"): loss = {k.get('alpha')} x "
                   f"cross-entropy on the labels + {1 - k.get('alpha', 0):g} x T^2 x KL(teacher || student) at temperature "
                   f"T = {k.get('temperature')}, the teacher's soft targets on {k.get('soft_target_rows', 0):,} training rows"
                   f"{unlabelled}.", ""]
