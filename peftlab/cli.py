@@ -382,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except TrainingInterrupted as e:
         print(f"stopped: {e}", file=sys.stderr)
-        return 130
+        return e.code
     except PeftlabError as e:
         if args.debug:
             raise

@@ -42,7 +42,12 @@ class ArtifactError(PeftlabError, FileNotFoundError):
 
 
 class TrainingInterrupted(PeftlabError):
-    """Training was stopped by the user (Ctrl-C / SIGINT) after saving a checkpoint."""
+    """Training was stopped (Ctrl-C / SIGINT, or SIGTERM from a scheduler) after saving a checkpoint. `code`: the exit
+    status a process ends with on that signal (128 + its number)."""
+
+    def __init__(self, message: str, code: int = 130):
+        super().__init__(message)
+        self.code = code
 
 
 class TrainingDiverged(PeftlabError, ArithmeticError):

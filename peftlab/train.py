@@ -249,24 +249,31 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, best: dict | None
 
 
 @contextmanager
-def stop_on_sigint():
-    """The first Ctrl-C asks the loop to stop after the current optimizer step (it then saves a checkpoint);
-    a second one interrupts at once."""
+def stop_on_signal():
+    """The first Ctrl-C (SIGINT), or a SIGTERM (a scheduler's notice, a `kill`), asks the loop to stop after the
+    current optimizer step (it then saves a checkpoint); a second one acts as it would have (Ctrl-C: at once).
+    The flag's `signum` says which came."""
     flag = threading.Event()
+    flag.signum = signal.SIGINT
     if threading.current_thread() is not threading.main_thread():
         yield flag
         return
 
     def handler(signum, frame):
+        flag.signum = signum
         flag.set()
-        signal.signal(signal.SIGINT, previous)
-        log.warning("interrupt: saving a checkpoint after this step (press Ctrl-C again to abort without saving)")
+        restore()
+        log.warning("%s: saving a checkpoint after this step (a second one aborts without saving)", signal.Signals(signum).name)
 
-    previous = signal.signal(signal.SIGINT, handler)
+    def restore():
+        for s, before in previous.items():
+            signal.signal(s, before)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         yield flag
     finally:
-        signal.signal(signal.SIGINT, previous)
+        restore()
 
 
 def stop_requested(flag: threading.Event, accelerator) -> bool:
@@ -434,7 +441,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
             save_checkpoint(accelerator, out, state, best.weights, t.keep_checkpoints, recipe)
 
     model.train()
-    with RunLog(out, accelerator.is_main_process, recipe, resumed_at=state.step if resumed else None) as runlog, stop_on_sigint() as stop, parts.cast:
+    with RunLog(out, accelerator.is_main_process, recipe, resumed_at=state.step if resumed else None) as runlog, stop_on_signal() as stop, parts.cast:
         while state.step < total:
             train_dl.set_epoch(state.epoch)
             batches_done = (state.step - state.epoch * steps_per_epoch) * t.grad_accum if resume else 0
@@ -474,7 +481,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                     bar.close()
                     raise TrainingInterrupted(f"interrupted at step {state.step} of {total}: checkpoint saved to "
                                               f"{checkpoint_path(out, state.step)}. Continue with the same command plus "
-                                              "--resume (in place of --overwrite, if you gave it).")
+                                              "--resume (in place of --overwrite, if you gave it).", code=128 + stop.signum)
                 if state.step >= total:
                     break
             else:

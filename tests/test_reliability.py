@@ -53,14 +53,15 @@ def test_sigkill_leaves_a_loadable_checkpoint_and_resume_matches(make_recipe, tm
     assert resumed["metrics"]["eval"] == pytest.approx(reference["metrics"]["eval"], abs=1e-6)
 
 
-def test_sigint_saves_a_checkpoint_and_exits_cleanly(make_recipe, tmp_path):
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])  # Ctrl-C; a scheduler's notice before it kills
+def test_sigint_or_sigterm_saves_a_checkpoint_and_exits_cleanly(make_recipe, tmp_path, signum):
     out = tmp_path / "int"
     make_recipe()
     proc = cli(tmp_path / "recipe.yaml", {**SLOW_RUN, "train.save_every": None, "output_dir": out})
     wait_for(lambda: (out / "log.jsonl").is_file() and (out / "log.jsonl").stat().st_size > 0, proc)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(signum)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130, err
+    assert proc.returncode == 128 + signum, err
     assert "checkpoint saved" in err and "--resume" in err and "Traceback" not in err
     ckpts = list((out / "checkpoints").glob("step-*"))
     assert len(ckpts) == 1
