@@ -135,9 +135,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
         with accelerator.main_process_first():
             data = build_data(recipe, tokenizer, splits=splits, label_names=label_names)
 
-        start = time.perf_counter()
         model, state = train(recipe, model, data, accelerator, job.work, resume_from=job.checkpoint, tokenizer=tokenizer)
-        wall = time.perf_counter() - start
 
         metrics, report, predictions, eval_seconds = {}, None, {}, {}
         for split in ("eval", "test"):
@@ -157,7 +155,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
             trainable_percent=info.trainable_percent, base_weights_mib=info.base_weights_mib, steps=state.step, best_step=state.best_step,
             # keep_best over several evaluations chose the exported step on data.eval: reports must not call it held out
             selected_on="eval" if recipe.train.keep_best and len(state.history) > 1 else None,
-            train_wall_s=wall, train_seconds=state.train_seconds, train_examples=state.examples, train_tokens=state.tokens,
+            train_wall_s=state.wall_seconds, train_seconds=state.train_seconds, train_examples=state.examples, train_tokens=state.tokens,
             train_padded_tokens=state.padded_tokens, eval_seconds=eval_seconds,
             examples_per_s=state.examples / max(state.train_seconds, 1e-9),
             tokens_per_s=state.tokens / max(state.train_seconds, 1e-9),

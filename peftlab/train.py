@@ -98,6 +98,7 @@ class TrainState:
     tokens: int = 0
     padded_tokens: int = 0
     train_seconds: float = 0.0
+    wall_seconds: float = 0.0  # the loop's wall time (evaluations and checkpoints included) over every session, up to `step`
 
 
 class Window:
@@ -435,8 +436,14 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
         if accelerator.is_main_process:  # tqdm.write prints even where the bar is disabled
             bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
+    session, wall_before = time.perf_counter(), state.wall_seconds
+
+    def settle_wall() -> None:  # a resumed run's wall time adds up: the stopped sessions' up to their checkpoint, then this one's
+        state.wall_seconds = wall_before + time.perf_counter() - session
+
     def checkpoint() -> None:
         window.settle(state)  # the steps since the last log line count in the saved totals
+        settle_wall()
         with parts.cast.suspended():  # the fp32 weights go into the checkpoint, as they were loaded
             save_checkpoint(accelerator, out, state, best.weights, t.keep_checkpoints, recipe)
 
@@ -486,6 +493,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                     break
             else:
                 state.epoch += 1
+    settle_wall()
     bar.close()
 
 

@@ -65,8 +65,12 @@ def test_sigint_or_sigterm_saves_a_checkpoint_and_exits_cleanly(make_recipe, tmp
     assert "checkpoint saved" in err and "--resume" in err and "Traceback" not in err
     ckpts = list((out / "checkpoints").glob("step-*"))
     assert len(ckpts) == 1
+    stopped = json.loads((ckpts[0] / "trainer_state.json").read_text())
+    assert stopped["wall_seconds"] >= stopped["train_seconds"] > 0  # the stopped session's time is kept
     resumed = run(make_recipe({**SLOW_RUN, "train.save_every": None, "output_dir": out}), resume=True)
     assert resumed["steps"] == 192
+    # the wall time adds up over both sessions (it holds the training time, evaluations and checkpoints besides)
+    assert resumed["train_wall_s"] >= resumed["train_seconds"] and resumed["train_wall_s"] > stopped["wall_seconds"]
 
 
 def test_disk_full_while_saving_replaces_nothing(make_recipe, monkeypatch):
