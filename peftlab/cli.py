@@ -78,10 +78,16 @@ def cmd_eval(args) -> int:
     from .rundir import holds_run
 
     # a run folder: its own eval-SPLIT.json, or runs/eval/NAME-TAG/ with overrides (evaluate decides); never into the
-    # download cache, nor into a published folder (a later publish there would refuse the extra files)
+    # download cache, nor into a published folder (a later publish there would refuse the extra files): a published
+    # folder's go to runs/eval/NAME-TAG/ (TAG from its path and the overrides: two folders of one name never share one)
     local = Path(target).expanduser()
-    name = local.resolve().name if local.is_dir() else target.replace("/", "__")
-    results = None if holds_run(local) else EVAL_DIR / (f"{name}-{overrides_tag(args.overrides)}" if args.overrides else name)
+    if holds_run(local):
+        results = None
+    elif local.is_dir():
+        results = EVAL_DIR / f"{local.resolve().name}-{overrides_tag(args.overrides, local.resolve())}"
+    else:
+        name = target.replace("/", "__") + (f"@{args.revision}" if args.revision else "")
+        results = EVAL_DIR / (f"{name}-{overrides_tag(args.overrides)}" if args.overrides else name)
     metrics = evaluate(folder, split=args.split, overrides=args.overrides, results_dir=results)
     print(json.dumps({"split": args.split, **metrics}, indent=2))
     return 0

@@ -61,7 +61,7 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     if accelerator.is_main_process:
         if rows is not None:
             atomic_write_text(results / f"predictions-{split}.jsonl", predictions_jsonl(rows))
-        record = {"metrics": metrics, "report": report, **({"run": str(out), "overrides": list(overrides)} if overrides else {})}
+        record = {"metrics": metrics, "report": report, **({"run": str(out), "overrides": list(overrides)} if results != out else {})}
         atomic_write_text(results / f"eval-{split}.json", json.dumps(record, indent=2))
         log.info("evaluation of %s on %s written to %s", out, split, results / f"eval-{split}.json")
     return metrics

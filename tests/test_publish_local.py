@@ -115,6 +115,11 @@ def test_eval_of_a_published_folder_names_the_base_at_load_time(local_run, tmp_p
     assert list((tmp_path / "runs" / "eval").glob("shelf-*/eval-*.json"))  # beside, never into the published folder
     publish(local_run, to=folder)  # so it can be published there again
     assert sorted(p.name for p in folder.iterdir()) == before
+    twin = tmp_path / "elsewhere" / "shelf"  # another folder of the same name: its results do not replace the first's
+    publish(local_run, to=twin)
+    assert cli(capsys, "eval", "--adapter", twin, f"model.name={tiny_bert}", f"data.eval.path={sentiment_files['dev']}")[0] == 0
+    records = [json.loads(p.read_text()) for p in (tmp_path / "runs" / "eval").glob("shelf-*/eval-eval.json")]
+    assert sorted(r["run"] for r in records) == sorted([str(folder), str(twin)])
 
 
 def test_packaged_and_named_bases_publish_their_hub_id(local_run, tmp_path, tiny_bert):

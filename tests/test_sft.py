@@ -320,6 +320,10 @@ def test_sft_end_to_end_learns_exports_and_reloads(tmp_path, chat_llama, packing
 
     claimed = {(e.metric_type, e.dataset_split) for e in card_data(r.out).eval_results}
     assert {("exact_match", "m"), ("answer_accuracy", "m")} <= claimed, claimed  # eval.metric_fn's metrics are on the card
+    from peftlab.publish.card import card_text
+
+    card = card_text(r.out)  # what eval_report.json holds for a generation task, not a classifier's confusion matrix
+    assert "generation speed on the" in card and "confusion" not in card
     first = [json.loads(line) for line in (r.out / "log.jsonl").read_text().splitlines() if '"train"' in line]
     m = record.metrics["eval"]
     # a hidden size of 32 spreads probability over MiniLM's 30k-token vocabulary, so the loss falls slowly in nats, but the

@@ -378,8 +378,10 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
                           "its weights by any evaluation of peftlab's (the composition weights were given)."]
         elif report.get("n"):
             of = f" of the {report['split']} split" if report.get("split") in metrics else ""
-            lines += ["", f"Measured by peftlab at the end of training; per-class scores and the confusion matrix on the "
-                          f"{report['n']:,} rows{of} are in `eval_report.json`."]
+            what = ("per-class scores and the confusion matrix" if "confusion" in report else
+                    "generation speed" if "generation" in report else "the evaluation's details")
+            lines += ["", f"Measured by peftlab at the end of training; {what} on the {report['n']:,} rows{of} are in "
+                          "`eval_report.json`."]
     else:
         lines.append("Not evaluated yet: run `peftlab eval` on this folder.")
     lines += ["", "## Training recipe", "", "The resolved recipe (`recipe.yaml`); rerun it with `peftlab train recipe.yaml`.", "",
