@@ -474,8 +474,8 @@ class RunDir:
         if is_started(self.out):
             if overwrite:
                 return Job(self, self.staging)
-            hint = (f" An --overwrite of it was interrupted (its checkpoints are in {self.staging}): --resume continues it."
-                    if checkpoints(self.staging) else "")
+            hint = (f" An --overwrite of it did not finish (stopped or failed; its checkpoints are in {self.staging}): "
+                    "--resume continues it with the same recipe." if checkpoints(self.staging) else "")
             raise ArtifactError(f"output directory {self.out} already holds a run. Continue it with --resume, replace it with "
                                 f"--overwrite, or choose another one: output_dir=DIR (or name=NEW_NAME).{hint}")
         if self.out.is_dir() and any(self.out.iterdir()):  # not a run: the run's files would mix with these, and a later
