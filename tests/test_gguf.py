@@ -445,6 +445,22 @@ def test_gguf_run_merges_to_a_folder_plain_transformers_reloads(tiny_gguf, dialo
     assert (a - m).abs().max().item() < 1e-4
     assert (a - AutoModelForCausalLM.from_pretrained(resolve_model_path(str(path))).eval()(**x).logits).abs().max() > 1e-3  # it trained
 
+    # the published card's peft + transformers snippet, pointed at a copy of the GGUF's folder, gives the same model
+    import re
+
+    from peftlab.publish import publish
+
+    published = tmp_path / "published"
+    publish(recipe.out, to=published)
+    snippet = (published / "README.md").read_text().split("With peft and transformers:")[1].split("```python")[1].split("```")[0]
+    assert "gguf_file='tiny.gguf'" in snippet
+    snippet = re.sub(r"^repo = .*$", f"repo = {str(published)!r}", snippet, flags=re.M)
+    snippet = re.sub(r"^base_model = .*$", f"base_model = {str(path.parent)!r}", snippet, flags=re.M)
+    scope = {}
+    exec(snippet, scope)
+    with torch.no_grad():
+        assert (scope["model"](**x).logits - a).abs().max().item() < 1e-4
+
     # `peftlab merge RUN --gguf f32`: the merged model as one GGUF, beside the merged safetensors
     capsys.readouterr()
     assert main(["merge", str(recipe.out), "--gguf", "f32"]) == 0

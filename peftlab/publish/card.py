@@ -262,7 +262,19 @@ def card_data(source: str | Path | PublicRun, repo_id: str | None = None, base_m
                          metrics=sorted({r.metric_type for r in results}) or None, model_name=name, eval_results=results or None)
 
 
-def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: bool = False) -> str:
+def gguf_file_of(recipe) -> str | None:
+    """The GGUF file name of a base given as a GGUF (model.name a .gguf file or a folder holding one), else None."""
+    from ..bases import gguf_source
+    from ..errors import ModelNotFound
+
+    try:
+        source = gguf_source(recipe.model.name)
+    except ModelNotFound:
+        return None
+    return source.name if source is not None else None
+
+
+def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: bool = False, gguf: str | None = None) -> str:
     auto_cls = usage_class(*_task_of(out, recipe))
     labels = run.label_names or []
     if not (out / "adapter_config.json").is_file():
@@ -274,10 +286,16 @@ def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: 
         args = ", num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}"
     else:
         args = ""
+    if gguf and local_base:  # transformers reads the GGUF and dequantizes it to float32, as peftlab's conversion did
+        args += f", gguf_file={gguf!r}, dtype=torch.float32"
     quant = ""
+    if gguf and not local_base:
+        quant = f"  # trained on the dequantized weights of the GGUF file {gguf}: this model's own weights differ a little"
     if recipe.quant.mode != "none":
         quant = f"  # trained on a {recipe.quant.mode} base: add quantization_config=BitsAndBytesConfig(...) to match it exactly"
     where = "  # a local folder when it was trained: point this at your copy of it" if local_base else ""
+    if gguf and local_base:
+        where = f"  # a local folder holding {gguf} when it was trained: point this at your copy of it"
     example = ""
     if auto_cls == "AutoModelForSequenceClassification":
         example = ("with torch.no_grad():\n    logits = model(**tokenizer([\"a gripping, beautifully shot film\"], return_tensors=\"pt\")).logits\n"
@@ -405,7 +423,7 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
                      f"precision {run.precision or '?'}")
     lines.append(f"- Python {hw.get('python', '?')}, " + ", ".join(f"{k} {v}" for k, v in (run.versions or {}).items() if v))
     libraries = "peft and transformers" if (out / "adapter_config.json").is_file() else "transformers"
-    lines += ["", "## How to use", "", f"With {libraries}:", "", _usage(out, recipe, run, repo, base, local_base), "",
+    lines += ["", "## How to use", "", f"With {libraries}:", "", _usage(out, recipe, run, repo, base, local_base, gguf_file_of(pub.recipe)), "",
               "With peftlab (downloads the folder, rebuilds the base from `recipe.yaml`):", "", "```python",
               "from peftlab import load_trained\nfrom peftlab.publish import load_adapter\n",
               f"model, tokenizer, recipe, run = load_trained(load_adapter({repo!r}))", "```", ""]
