@@ -251,6 +251,10 @@ def test_the_tasks_load_side_by_side_and_the_run_folder_says_where_they_are(trai
         load_trained(out)
     with pytest.raises(ArtifactError, match="multi-task run"):
         merge(out)
+    from peftlab.publish import publish
+
+    with pytest.raises(ArtifactError, match="multi-task run .* Load one of them"):  # (was: "Is this a peftlab output directory?")
+        publish(out, to=out.parent / "published")
     from transformers import AutoModelForSequenceClassification
 
     merged = AutoModelForSequenceClassification.from_pretrained(merge(out / "tasks" / "topic"))  # a task merges on its own

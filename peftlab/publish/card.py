@@ -110,6 +110,9 @@ def read_public(out: str | Path, base_model: str | None = None) -> PublicRun:
     """Read run OUT (once) and make its public copies."""
     out = Path(out)
     recipe, run = read_run(out)
+    task = get_task(recipe.task.type)
+    if hasattr(task, "refuse_loading"):  # a multi-task run: its models, published one by one, are its tasks' runs
+        raise task.refuse_loading(out, run)
     return PublicRun(out, recipe, run, *public_record(recipe, run, base_model), base_model=base_model)
 
 
