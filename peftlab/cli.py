@@ -89,6 +89,12 @@ def cmd_eval(args) -> int:
         name = target.replace("/", "__") + (f"@{args.revision}" if args.revision else "")
         results = EVAL_DIR / (f"{name}-{overrides_tag(args.overrides)}" if args.overrides else name)
     metrics = evaluate(folder, split=args.split, overrides=args.overrides, results_dir=results)
+    from .rundir import read_run
+
+    if (record := read_run(folder)[1]).selected_on == args.split:
+        log.warning("%s is the split this run chose its weights on (train.keep_best, step %s of %s): its figure is optimistic. "
+                    "`--split test` scores the held-out split%s.", args.split, record.best_step, record.steps,
+                    "" if "test" in (record.metrics or {}) else " (the recipe's data.test)")
     print(json.dumps({"split": args.split, **metrics}, indent=2))
     return 0
 

@@ -197,3 +197,17 @@ def test_env_and_help_list_the_recipe_keys(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     assert "adapter.r" in capsys.readouterr().out
+
+
+def test_eval_of_the_selection_split_says_its_figure_is_optimistic(make_recipe, caplog, capsys):
+    recipe = make_recipe({"train.max_steps": 4, "train.eval_every": 2})
+    from peftlab import run
+
+    assert run(recipe).selected_on == "eval"
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        assert main(["eval", str(recipe.out)]) == 0
+    assert "eval is the split this run chose its weights on" in caplog.text and "--split test" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        assert main(["eval", str(recipe.out), "--split", "test", f"data.test.path={recipe.data.eval.path}"]) == 0
+    assert "chose its weights on" not in caplog.text
