@@ -287,6 +287,8 @@ def column_problems(recipe: Recipe, prefix: str = "data") -> list[str]:
     splits += [("train.distill.unlabelled", distill.unlabelled, True)] if distill else []
     problems = []
     for where, spec, unlabelled in splits:
+        if spec is not None and spec.path is None and spec.split is not None and d.dataset:
+            log.info("%s: the columns of %s split %r are not checked here (`train` reads hub splits)", where, d.dataset, spec.split)
         if spec is None or spec.path is None or not Path(spec.path).is_file():
             continue
         if hasattr(task, "check_columns"):  # a task that reads its rows itself (sft: conversations)

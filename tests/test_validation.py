@@ -366,3 +366,13 @@ def test_a_csv_read_as_tsv(tmp_path):
     path.write_text("sentence,label\nhello there,1\nok,0\n")  # no tab: one column
     with pytest.raises(DataError, match=r"Only one column was found.*the file looks CSV; set data.train.format=csv"):
         splits(tmp_path, path)
+
+
+def test_validate_says_hub_splits_are_not_checked(caplog):
+    from peftlab.data import column_problems
+
+    recipe = load_recipe(None, ["data.dataset=glue", "data.subset=sst2", "data.train={split: train}", "data.eval=null",
+                                "data.test=null"], validate_files=False)
+    with caplog.at_level(logging.INFO, logger="peftlab.data"):
+        assert column_problems(recipe) == []
+    assert "the columns of glue split 'train' are not checked here" in caplog.text
