@@ -648,9 +648,6 @@ def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = N
     if check_files and recipe.model.from_run is not None:
         p.extend(from_run_problems(recipe))
     p.extend(inputs_in_output(recipe))
-    need(not (recipe.train.eval_every and d.eval is None and not d.eval_holdout and recipe.multitask is None),
-         f"train.eval_every={recipe.train.eval_every} but there is no evaluation split, so nothing would be evaluated (nor "
-         "kept by train.keep_best). Give one (data.eval.path=FILE, or data.eval_holdout=0.1 of train), or drop train.eval_every.")
     if recipe.train.distill is not None:
         p.extend(distill_problems(recipe, check_files))
     multitask = recipe.multitask is not None

@@ -194,6 +194,11 @@ def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
         problems += num_layers_problems(recipe)
     teacher = recipe.train.distill and (training or (Path(recipe.train.distill.teacher) / "run.json").is_file())
     problems += distill.check(recipe) if teacher else []
+    d = recipe.data
+    if recipe.train.eval_every and d.eval is None and not d.eval_holdout and recipe.multitask is None:
+        log.warning("train.eval_every=%s but there is no evaluation split: nothing is evaluated during training (nor kept by "
+                    "train.keep_best). Give one (data.eval.path=FILE, or data.eval_holdout=0.1 of train), or drop "
+                    "train.eval_every.", recipe.train.eval_every)
     if recipe.train.distill and not teacher:
         log.warning("train.distill.teacher=%s: no finished run there yet, so the teacher is not checked; train it before "
                     "this recipe (its task and labels are checked then).", recipe.train.distill.teacher)

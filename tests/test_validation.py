@@ -69,12 +69,19 @@ def test_eval_holdout_beside_an_eval_split_is_announced(tmp_path, caplog):
     assert "data.eval_holdout=0.25 is ignored: data.eval is set" in caplog.text
 
 
-def test_eval_every_without_an_evaluation_split_is_refused(tmp_path):
+def test_eval_every_without_an_evaluation_split_is_said(tmp_path, caplog):
+    """A recipe's eval_every with its evaluation split overridden away (e.g. data.eval=null): warned, by train and validate."""
+    from peftlab.run import preflight
+
     train = write_tsv(tmp_path / "t.tsv", synthetic_rows(20, 0))
     path = write_recipe(tmp_path, {"data": {"train": str(train)}, "train": {"eval_every": 2}})
-    with pytest.raises(ConfigError, match="train.eval_every=2 but there is no evaluation split.*data.eval_holdout=0.1"):
-        load_recipe(path)
-    assert load_recipe(path, ["data.eval_holdout=0.25"]).train.eval_every == 2
+    with caplog.at_level(logging.WARNING, logger="peftlab.run"):
+        preflight(load_recipe(path), training=True)
+    assert "train.eval_every=2 but there is no evaluation split: nothing is evaluated during training" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="peftlab.run"):
+        preflight(load_recipe(path, ["data.eval_holdout=0.25"]), training=True)
+    assert "eval_every" not in caplog.text
 
 
 @pytest.mark.parametrize("key", ["model.from_run", "train.distill.teacher"])
