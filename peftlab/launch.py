@@ -16,6 +16,7 @@ import importlib.util
 import logging
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from importlib.resources import files
@@ -89,11 +90,30 @@ def launch(name: str | None, recipe: str, overrides: list[str] | tuple = (), *, 
     cmd, env = launch_command(name, recipe, overrides, num_processes=num_processes, resume=resume, overwrite=overwrite)
     if out is None:
         log.info("launching: %s%s", "ACCELERATE_USE_CPU=1 " if name == CPU_PRESET else "", shlex.join(cmd))
-        return subprocess.run(cmd, env=env).returncode
+        return run_forwarding_signals(cmd, env)
     folder = RunDir(out)
     with folder.lock():  # held here for the ranks, which skip it (LOCK_ENV): a second writer is refused at once
         folder.recover()
         folder.plan(resume=resume, overwrite=overwrite, announce=False)  # one clear error here rather than one per rank
         env[LOCK_ENV] = str(folder.out.absolute())
         log.info("launching: %s%s", "ACCELERATE_USE_CPU=1 " if name == CPU_PRESET else "", shlex.join(cmd))
-        return subprocess.run(cmd, env=env).returncode
+        return run_forwarding_signals(cmd, env)
+
+
+def run_forwarding_signals(cmd: list[str], env: dict) -> int:
+    """Run the launcher and wait for it, however this process is told to stop: a SIGTERM sent to it alone (a scheduler,
+    `kill PID`) is passed on to the launcher, which passes it to the ranks (they save a checkpoint and exit 143); a
+    Ctrl-C reaches the ranks from the terminal itself, so here it only keeps waiting. Returning only once the ranks have
+    ended keeps the run folder's lock held while any of them writes."""
+    proc = subprocess.Popen(cmd, env=env)
+
+    def forward(signum, frame):
+        if signum == signal.SIGTERM:
+            proc.send_signal(signum)
+
+    previous = {s: signal.signal(s, forward) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return proc.wait()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)

@@ -104,6 +104,28 @@ def test_cli_launch_cpu_ddp_runs_two_ranks(make_recipe, tmp_path):
     assert "launching: ACCELERATE_USE_CPU=1" in proc.stderr and "cpu-ddp.yaml --num_processes 2 -m peftlab train" in proc.stderr
 
 
+def test_sigterm_to_the_launching_process_stops_the_ranks_with_a_checkpoint(make_recipe, tmp_path):
+    """A scheduler's SIGTERM to `peftlab train --launch` alone (not its process group) reaches the ranks: they save a
+    checkpoint and stop, and the command returns only once they have ended (its lock held while they write)."""
+    import signal
+    import time
+
+    make_recipe()
+    out = tmp_path / "launched"
+    proc = subprocess.Popen([sys.executable, "-m", "peftlab.cli", "train", str(tmp_path / "recipe.yaml"), f"output_dir={out}",
+                             "train.max_steps=400", "train.log_every=1", "train.save_every=null", "--launch", "cpu-ddp",
+                             "--num-processes", "2"], cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 240
+    while not ((out / "log.jsonl").is_file() and (out / "log.jsonl").stat().st_size > 0):
+        assert proc.poll() is None and time.time() < deadline, proc.communicate()
+        time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode != 0 and "SIGTERM: saving a checkpoint" in err, err[-3000:]
+    assert list((out / "checkpoints").glob("step-*")) and not (out / "run.json").exists()  # stopped, with a checkpoint
+
+
 @pytest.mark.parametrize("name", PRESETS)
 def test_presets_pass_accelerates_own_config_loader(name):
     """(e) each preset goes through accelerate's loader and launch-argument checks (as `accelerate launch` would read
