@@ -99,6 +99,7 @@ class TrainState:
     padded_tokens: int = 0
     train_seconds: float = 0.0
     wall_seconds: float = 0.0  # the loop's wall time (evaluations and checkpoints included) over every session, up to `step`
+    best_schedule: Any = None  # the method's schedule at best_step (AdaLoRA's rank pattern): put back with keep_best's weights
 
 
 class Window:
@@ -381,8 +382,8 @@ class KeepBest:
     TrainState, which every checkpoint saves; with train.keep_best its trainable weights are held here (checkpoints save
     them too) and put back at the end when a later step was worse."""
 
-    def __init__(self, t, weights: dict | None = None):
-        self.metric, self.keep, self.weights = t.best_metric, t.keep_best, weights
+    def __init__(self, t, weights: dict | None = None, schedule=None):
+        self.metric, self.keep, self.weights, self.schedule = t.best_metric, t.keep_best, weights, schedule
 
     def consider(self, state: TrainState, metrics: dict, model) -> None:
         if self.metric not in metrics:
@@ -391,12 +392,15 @@ class KeepBest:
         if state.best_metric is None or (score < state.best_metric if lower_is_better(self.metric) else score > state.best_metric):
             state.best_metric, state.best_step = score, state.step
             self.weights = trainable_state(model) if self.keep else None
+            state.best_schedule = self.schedule.snapshot() if self.keep and hasattr(self.schedule, "snapshot") else None
 
     def restore(self, model, state: TrainState) -> None:
         if self.weights is not None and state.best_step != state.step:
             log.info("keeping the best evaluation (step %d, %s %.4f), not the last step", state.best_step, self.metric,
                      state.best_metric)
             model.load_state_dict(self.weights, strict=False)
+            if hasattr(self.schedule, "restore"):  # the model scored then (AdaLoRA: that step's ranks), not the last step's
+                self.schedule.restore(state.best_schedule)
 
 
 def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resume_from: Path | None = None, tokenizer=None):
@@ -405,7 +409,7 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resu
     A loss that turns inf/nan stops the run (TrainingDiverged): checked at log and save steps, not every step."""
     parts = setup(recipe, model, data, accelerator, tokenizer)
     state, weights = load_checkpoint(accelerator, resume_from) if resume_from is not None else (TrainState(), None)
-    best = KeepBest(recipe.train, weights)
+    best = KeepBest(recipe.train, weights, parts.schedule)
     loop(recipe, parts, data, accelerator, out, state, best, resumed=resume_from is not None)
     best.restore(accelerator.unwrap_model(parts.model), state)
     check_weights_finite(parts.model, accelerator, state.step, recipe.train)

@@ -98,6 +98,22 @@ def test_adalora_rank_budget_is_driven_by_the_loop(make_recipe):
     assert evaluate(recipe.out)["loss"] == pytest.approx(summary["metrics"]["eval"]["loss"], abs=1e-5)  # reload = trained
 
 
+def test_adalora_keep_best_exports_the_ranks_of_the_kept_step(make_recipe):
+    """keep_best restores an earlier step's weights, and with them that step's rank pattern: the exported model is the
+    one scored then (the final pattern re-applied to them made another model, with other figures)."""
+    from peftlab import evaluate
+
+    recipe = make_recipe({"adapter.method": "adalora", "adapter.r": 2, "adapter.adalora_init_r": 6, "train.max_steps": 8,
+                          "train.eval_every": 1, "train.lr": 5e-2, "train.best_metric": "loss",
+                          "train.precision": "bf16"})
+    summary = run(recipe)
+    evals = {r["step"]: r for r in map(json.loads, (recipe.out / "log.jsonl").read_text().splitlines()) if r["kind"] == "eval"}
+    assert summary.best_step < summary.steps, "the test needs an earlier step kept"
+    kept = evals[summary.best_step]
+    assert summary["metrics"]["eval"]["loss"] == kept["loss"]  # the same model, evaluated the same way: the same figure
+    assert evaluate(recipe.out)["loss"] == pytest.approx(kept["loss"], rel=1e-6)  # reloaded from the exported files too
+
+
 def test_adalora_schedule_survives_resume(make_recipe, tmp_path):
     """The rank allocator's state travels with the checkpoints: resumed mid-budget, a run ends with the same ranks."""
     import shutil

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 from typing import TYPE_CHECKING
 
@@ -83,6 +84,12 @@ class RankBudget:
 
     def step(self, step: int) -> None:
         self.tuner.update_and_allocate(step)
+
+    def snapshot(self):  # the ranks kept at this step: the model keep_best scored, if it keeps this step's weights
+        return copy.deepcopy(self.config.rank_pattern)
+
+    def restore(self, snapshot) -> None:
+        self.config.rank_pattern = copy.deepcopy(snapshot)
 
     def finish(self) -> None:
         if self.config.rank_pattern:

@@ -33,10 +33,13 @@ def no_problems(recipe: Recipe) -> list[str]:
 
 
 class NoSchedule:
-    """A method with nothing to do per optimizer step."""
+    """A method with nothing to do per optimizer step. `snapshot()` / `restore(s)`: what of the schedule shapes the
+    model (AdaLoRA's rank pattern), kept with train.keep_best's weights (JSON) and put back with them."""
 
     def step(self, step: int) -> None: ...
     def finish(self) -> None: ...
+    def snapshot(self) -> Any: ...
+    def restore(self, snapshot: Any) -> None: ...
 
 
 def no_schedule(model, recipe: Recipe, total: int, register) -> NoSchedule:
