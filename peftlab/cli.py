@@ -93,8 +93,9 @@ def cmd_eval(args) -> int:
 
     if (record := read_run(folder)[1]).selected_on == args.split:
         log.warning("%s is the split this run chose its weights on (train.keep_best, step %s of %s): its figure is optimistic. "
-                    "`--split test` scores the held-out split%s.", args.split, record.best_step, record.steps,
-                    "" if "test" in (record.metrics or {}) else " (the recipe's data.test)")
+                    "%s", args.split, record.best_step, record.steps,
+                    "`--split test` scores the held-out split." if "test" in (record.metrics or {}) else
+                    "For a held-out figure: --split test data.test.path=FILE (rows no selection saw).")
     print(json.dumps({"split": args.split, **metrics}, indent=2))
     return 0
 

@@ -14,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from accelerate.utils import set_seed
 
 from . import distill
@@ -44,6 +45,7 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     if overrides:
         # only the evaluated split's file must exist (load_splits checks it): a published recipe names the others by file name
         trained, recipe = recipe, load_recipe(out / RECIPE_FILE, list(overrides), validate_files=False)
+        check_eval_overrides(trained, recipe)
         if recipe.train.precision != trained.train.precision:
             precision = resolve_precision(recipe.train.precision)
     if results_dir is None:
@@ -65,6 +67,27 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
         atomic_write_text(results / f"eval-{split}.json", json.dumps(record, indent=2))
         log.info("evaluation of %s on %s written to %s", out, split, results / f"eval-{split}.json")
     return metrics
+
+
+# what an evaluation of a finished run reads from its recipe besides data, eval, task and the base: of train, the
+# precision it scores in, its speed switches and the seed of a held-out split; adapter, the rest of train and export
+# shaped what is loaded
+EVAL_READS = ("train.precision", "train.cast_frozen", "train.skip_unread", "train.seed")
+EVAL_IGNORES = ("adapter.", "train.", "export.")
+
+
+def check_eval_overrides(trained: Recipe, recipe: Recipe) -> None:
+    """Refuse overrides an evaluation cannot apply (the adapter is loaded from its files as trained): a user who asked
+    for adapter.r=4 must not read the run's own figures as those of another adapter."""
+    from .rundir import _flat
+
+    old, new = (_flat(yaml.safe_load(r.to_yaml()) or {}) for r in (trained, recipe))
+    ignored = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k) and k.startswith(EVAL_IGNORES)
+                     and k not in EVAL_READS)
+    if ignored:
+        raise ConfigError([f"{k}={new.get(k)!r}: an evaluation loads the run's weights as trained, so this changes nothing. "
+                           f"Evaluation reads data.*, eval.*, task.*, model.* and {', '.join(EVAL_READS)}; to try "
+                           f"{k}, train a run with it." for k in ignored])
 
 
 EVAL_DIR = Path("runs") / "eval"  # evaluations that are not a run's own: of changed recipes, of published adapters

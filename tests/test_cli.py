@@ -37,6 +37,9 @@ def test_train_eval_merge_journey(make_recipe, tmp_path, capsys, monkeypatch):
     record = json.loads((elsewhere / "eval-eval.json").read_text())
     assert elsewhere.name.startswith("cli-out-") and record["overrides"] == ["eval.batch_size=3", "data.max_length=16"]
     assert record["metrics"]["loss"] == changed["loss"]
+    for ignored in ("adapter.r=2", "adapter.method=ia3", "train.lr=7"):  # the weights load as trained: refused, not ignored
+        assert main(["eval", str(out), ignored]) == 2
+        assert f"{ignored.split('=')[0]}=" in (err := capsys.readouterr().err) and "changes nothing" in err
     assert main(["merge", str(out)]) == 0
     assert "merged model" in capsys.readouterr().out
     assert recipe.out != out  # the override really moved the output
@@ -206,7 +209,7 @@ def test_eval_of_the_selection_split_says_its_figure_is_optimistic(make_recipe, 
     assert run(recipe).selected_on == "eval"
     with caplog.at_level(logging.WARNING, logger="peftlab"):
         assert main(["eval", str(recipe.out)]) == 0
-    assert "eval is the split this run chose its weights on" in caplog.text and "--split test" in caplog.text
+    assert "eval is the split this run chose its weights on" in caplog.text and "--split test data.test.path=FILE" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="peftlab"):
         assert main(["eval", str(recipe.out), "--split", "test", f"data.test.path={recipe.data.eval.path}"]) == 0
