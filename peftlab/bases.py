@@ -90,15 +90,21 @@ def base_path(recipe: Recipe) -> str:
     if not (folder / "config.json").is_file():
         raise ModelNotFound(f"model.from_run={m.from_run!r}: {folder} holds no model. Merge the run's adapter into its base "
                             f"first: peftlab merge {m.from_run}")
+    return str(folder)
+
+
+def verify_from_run_weights(recipe: Recipe, path: str) -> None:
+    """model.from_run's weights (`path`, from base_path) against the sha256 their run.json recorded when they were
+    written: checked where they are loaded (model.load_base), not where only their config is read."""
     from .rundir import RECORD_FILE, read_run
 
+    folder, source = Path(path), recipe.model.from_run
     if (folder / RECORD_FILE).is_file():
         try:
-            read_run(folder)  # checks the weights against the sha256 recorded when they were written
+            read_run(folder)  # verifies the weights
         except ArtifactError as e:
-            fix = f" Merge it again: peftlab merge {m.from_run} --force." if folder != run else ""
-            raise ArtifactError(f"model.from_run={m.from_run!r}: {e}{fix}") from None
-    return str(folder)
+            fix = f" Merge it again: peftlab merge {source} --force." if folder != Path(source) else ""
+            raise ArtifactError(f"model.from_run={source!r}: {e}{fix}") from None
 
 
 def load_tokenizer(path: str, recipe: Recipe):

@@ -89,13 +89,6 @@ def cmd_eval(args) -> int:
         name = target.replace("/", "__") + (f"@{args.revision}" if args.revision else "")
         results = EVAL_DIR / (f"{name}-{overrides_tag(args.overrides)}" if args.overrides else name)
     metrics = evaluate(folder, split=args.split, overrides=args.overrides, results_dir=results)
-    from .rundir import read_run
-
-    if (record := read_run(folder)[1]).selected_on == args.split:
-        log.warning("%s is the split this run chose its weights on (train.keep_best, step %s of %s): its figure is optimistic. "
-                    "%s", args.split, record.best_step, record.steps,
-                    "`--split test` scores the held-out split." if "test" in (record.metrics or {}) else
-                    "For a held-out figure: --split test data.test.path=FILE (rows no selection saw).")
     print(json.dumps({"split": args.split, **metrics}, indent=2))
     return 0
 

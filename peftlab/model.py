@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .accel import precision_dtype
-from .bases import base_path, load_tokenizer, resolve_model_path
+from .bases import base_path, load_tokenizer, resolve_model_path, verify_from_run_weights
 from .config import Recipe
 from .errors import ConfigError, ModelError, PeftlabError
 from .methods import get_method
@@ -211,6 +211,8 @@ def load_scratch(recipe: Recipe, path: str, auto_cls, kwargs: dict):
 
 def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[str], precision: str, auto_cls):
     """Load the pretrained base with a fresh task head; return (model, names of the newly initialised head modules)."""
+    if recipe.model.from_run:
+        verify_from_run_weights(recipe, path)
     task_load = getattr(get_task(recipe.task.type), "load_model", None)  # a task's own base (summarization: BERT2BERT)
     dtype = base_dtype(recipe, precision)
     if task_load is not None and (loaded := task_load(recipe, path, dtype)) is not None:

@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 
 from . import distill
 from .accel import FrozenWeightsCast, autocast_dtype, make_accelerator, resolve_precision, shards_weights
-from .config import ModelConfig, Recipe, load_recipe
+from .config import Recipe, from_run_problems, load_recipe
 from .data import build_data, column_problems, load_splits
 from .errors import ArtifactError, ConfigError
 from .export import atomic_write_text, export, merge, predictions_jsonl, rebuild
@@ -41,6 +41,10 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     and reported with, nor adds files to its folder."""
     out = Path(out)
     recipe, run = read_run(out)
+    if run.selected_on == split:
+        log.warning("%s is the split this run chose its weights on (train.keep_best, step %s of %s): its figure is optimistic. "
+                    "%s", split, run.best_step, run.steps, "`--split test` scores the held-out split." if "test" in (run.metrics or {})
+                    else "For a held-out figure: --split test data.test.path=FILE (rows no selection saw).")
     precision = run.precision  # the run's own, unless an override names another
     if overrides:
         # only the evaluated split's file must exist (load_splits checks it): a published recipe names the others by file name
@@ -235,9 +239,8 @@ def start_from_run(recipe: Recipe, accelerator) -> list[dict]:
     model.name set to that run's base -> the lineage: that run, then the runs it started from."""
     source = Path(recipe.model.from_run)
     earlier, record = read_run(source)
-    if recipe.model.name not in (record.base_model, ModelConfig().name):
-        raise ConfigError([f"model.from_run={str(source)!r} was trained on {record.base_model!r}, but model.name="
-                           f"{recipe.model.name!r}. Set model.name={record.base_model} (or leave it out: it is taken from the run)."])
+    if problems := from_run_problems(recipe):  # validate's own check (another base, a multi-task run itself), once more here
+        raise ConfigError(problems)             # for a recipe built without its file checks
     recipe.model.name = record.base_model
     with accelerator.main_process_first():
         if accelerator.is_main_process:
