@@ -695,9 +695,13 @@ def data_problems(d: DataConfig, prefix: str, check_files: bool) -> list[str]:
 def inputs_in_output(recipe: Recipe) -> list[str]:
     """A run this recipe reads (model.from_run, train.distill.teacher) must not be its own output directory or inside
     it: an --overwrite would replace what it starts from (and what other runs were trained on)."""
-    out, p = recipe.out.resolve(), []
+    p = []
     for key, value in (("model.from_run", recipe.model.from_run), ("train.distill.teacher", recipe.train.distill and recipe.train.distill.teacher)):
-        if value and (out == Path(value).resolve() or out in Path(value).resolve().parents):
+        try:
+            inside = bool(value) and (recipe.out.resolve() == Path(value).resolve() or recipe.out.resolve() in Path(value).resolve().parents)
+        except (OSError, ValueError):  # a path the OS cannot hold (a NUL byte): the name and path checks say so
+            continue
+        if inside:
             p.append(f"{key}={value!r} is inside this run's output directory {recipe.out}: the run would replace what it reads. "
                      "Give this run another name= or output_dir=.")
     return p

@@ -93,6 +93,7 @@ def test_a_run_that_reads_its_own_output_directory_is_refused(tmp_path, key):
         with pytest.raises(ConfigError, match=f"{key}=.* is inside this run's output directory .*another name= or output_dir="):
             load_recipe(path, [f"{key}={inside}"], validate_files=False)
     load_recipe(path, [f"{key}={tmp_path / 'runs' / 'b'}"], validate_files=False)  # beside it: fine
+    load_recipe(None, ["name=\x00", f"{key}={tmp_path / 'b'}"], validate_files=False)  # a path the OS refuses: no ValueError here
 
 
 def test_every_shipped_recipe_validates_from_the_cli():
