@@ -175,13 +175,15 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
                     unlabelled: bool = False):
     """-> Dataset with exactly {text, label} where label is a raw value after label_map ({text, text_pair, label} with
     data.text_pair); with `target_column` (a text
-    target: summarization) {text, target} instead, rows with an empty source or target dropped; `unlabelled` (continued
-    pretraining) {text} only."""
+    target: summarization) {text, target, row} instead, rows with an empty source or target dropped (row: the row's number
+    in its file, which predictions-*.jsonl name); `unlabelled` (continued pretraining) {text} only."""
     text_cols, label_col = needed_columns(spec, data, target_column, unlabelled)
     _check_columns(ds.column_names, text_cols if unlabelled else [*text_cols, label_col], where, spec)
     _check_not_empty(ds, text_cols, where)
     if not target_column and not unlabelled:
         _check_label_cells(ds, label_col, spec, where)
+    if target_column:
+        ds = ds.add_column("_file_row", range(len(ds)))
     if spec.max_samples is not None and spec.max_samples < len(ds):
         ds = ds.shuffle(seed=seed).select(range(spec.max_samples))
     if unlabelled:
@@ -197,7 +199,7 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     def to_rows(batch):
         texts = joined(batch, text_cols[:1] if data.text_pair else text_cols)
         if target_column:
-            return {"text": texts, "target": [str(v or "").strip() for v in batch[label_col]]}
+            return {"text": texts, "target": [str(v or "").strip() for v in batch[label_col]], "row": batch["_file_row"]}
         # an empty cell makes pandas read the column as floats (0.0, 1.0, nan): the rest are class indices again
         raw = [int(v) if isinstance(v, float) and v.is_integer() else v for v in batch[label_col]]
         labels = [label_map.get(str(v), v) if label_map else v for v in raw]
@@ -341,29 +343,46 @@ def _check_label_cells(ds, label_col: str, spec: SplitConfig, where: str) -> Non
 
 
 def encode_labels(ds, label_names: list[str], where: str):
-    """Turn raw label values (indices or names, ints or strings) into class indices; error on values outside the set."""
+    """Turn raw label values (names, or class indices) into class indices; error on values outside the set. A value
+    is looked up as a name first (1, 1.0 and "1" all spell the name "1"). It is read as a class index only when no
+    name is spelled as an integer: with label_names [1, 2, 3, 4, 5] (star ratings) the value 1 is the class "1", and a 0
+    is refused, where reading it as an index would shift every class by one."""
     index = {name: i for i, name in enumerate(label_names)}
+    numeric_names = [n for n in label_names if _integer(n) is not None]
 
     def to_index(v):
         if isinstance(v, bool):
             return None
-        if isinstance(v, int):
-            return v if 0 <= v < len(label_names) else None
         s = str(v).strip()
         if s in index:
             return index[s]
-        if s.lstrip("-").isdigit():
-            i = int(s)
-            return i if 0 <= i < len(label_names) else None
-        return None
+        i = _integer(v)
+        if i is not None and str(i) in index:
+            return index[str(i)]
+        return i if i is not None and not numeric_names and 0 <= i < len(label_names) else None
 
     raw = ds["label"]
     encoded = [to_index(v) for v in raw]
     bad = sorted({str(v) for v, e in zip(raw, encoded) if e is None})
     if bad:
+        why = (f" Values are read as names here, not as class indices, because data.label_names spells {numeric_names[:5]} as "
+               "integers." if numeric_names else "")
         raise DataError(f"{where}: {sum(e is None for e in encoded)} row(s) have labels outside the label set "
-                        f"{label_names}: {bad[:10]}. Fix data.label_names, or map raw values with {where}.label_map.")
+                        f"{label_names}: {bad[:10]}.{why} Fix data.label_names, or map raw values with {where}.label_map.")
     return ds.remove_columns("label").add_column("label", encoded)
+
+
+def _integer(v) -> int | None:
+    """1, 1.0, "1", " 1.0 " -> 1; anything else (names, 1.5, booleans) -> None."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    try:
+        f = float(str(v).strip())
+    except ValueError:
+        return None
+    return int(f) if f.is_integer() else None
 
 
 def infer_label_names(ds, where: str = "data.train") -> list[str]:
@@ -374,7 +393,7 @@ def infer_label_names(ds, where: str = "data.train") -> list[str]:
                         "would build a 1-output head and report accuracy 1.0). Use training data with every class, or name "
                         "all the classes: data.label_names=[...].")
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        names = sorted(str(v) for v in values)
+        names = sorted({str(i) if (i := _integer(v)) is not None else str(v) for v in values})  # "1.0" spells "1"
         check_label_spellings(names, where)
         return names
     absent = sorted(set(range(max(values) + 1)) - values)
@@ -440,6 +459,11 @@ def load_splits(recipe: Recipe, *, need_train: bool = True):
     else:
         label_names = list(d.label_names) if d.label_names else infer_label_names(*next((ds, f"data.{n}") for n, ds in raw.items()))
         out = {name: encode_labels(ds, label_names, f"data.{name}") for name, ds in raw.items()}
+        trained = set(out["train"]["label"]) if "train" in out else set(range(len(label_names)))
+        if absent := [n for i, n in enumerate(label_names) if i not in trained]:
+            log.warning("data.train has no row of class(es) %s (of data.label_names %s): the model cannot learn to predict "
+                        "them. Add training rows of each class%s.", absent, label_names,
+                        ", or raise data.train.max_samples (a sample may miss a rare class)" if d.train.max_samples else "")
     for name in ("train", "eval", "test"):
         out.setdefault(name, None)
     return out, label_names

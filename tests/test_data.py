@@ -104,6 +104,30 @@ def test_one_class_spelled_two_ways_is_refused_not_a_bigger_head(tmp_path, label
     assert names == ["negative", "positive"]
 
 
+@pytest.mark.parametrize("ext, row", [("csv", "{i},{y}\n"), ("jsonl", '{{"text": "{i}", "y": {y}}}\n'),
+                                      ("jsonl", '{{"text": "{i}", "y": "{y}"}}\n')])
+def test_labels_spelled_as_integers_are_names_when_the_label_names_are_integers(tmp_path, ext, row):
+    """Star ratings 1..5 with data.label_names=[1..5]: the value 1 is the class "1", in every file format (it was read
+    as the class index 1, the class "2": every class shifted by one, silently); a 0 is refused, not read as an index."""
+    path = tmp_path / f"stars.{ext}"
+    path.write_text(("text,y\n" if ext == "csv" else "") + "".join(row.format(i=i, y=y) for i, y in enumerate([1, 2, 3, 4, 1])))
+    base = ["data.text_columns=[text]", "data.label_column=y", "data.label_names=['1','2','3','4','5']"]
+    splits, names = splits_of(tmp_path, path, base)
+    assert [names[i] for i in splits["train"]["label"]] == ["1", "2", "3", "4", "1"]
+    path.write_text(path.read_text().replace(row.format(i=4, y=1), row.format(i=4, y=0)))
+    with pytest.raises(DataError, match=r"labels outside the label set .*\['0'\].*read as names here, not as class indices"):
+        splits_of(tmp_path, path, base)
+    splits, names = splits_of(tmp_path, path, ["data.text_columns=[text]", "data.label_column=y",  # word names: indices
+                                               "data.label_names=[a,b,c,d,e]"])
+    assert [names[i] for i in splits["train"]["label"]] == ["b", "c", "d", "e", "a"]
+
+
+def test_one_and_one_point_zero_are_one_class(tmp_path):
+    (tmp_path / "f.jsonl").write_text('{"text": "a", "y": "1"}\n{"text": "b", "y": "1.0"}\n{"text": "c", "y": "0"}\n')
+    splits, names = splits_of(tmp_path, tmp_path / "f.jsonl", ["data.text_columns=[text]", "data.label_column=y"])
+    assert names == ["0", "1"] and splits["train"]["label"] == [1, 1, 0]
+
+
 def test_max_samples_is_a_seeded_subset_and_holdout_splits_train(tmp_path):
     (tmp_path / "big.tsv").write_text("sentence\tlabel\n" + "".join(f"s{i}\t{i % 2}\n" for i in range(100)))
     a, _ = splits_of(tmp_path, tmp_path / "big.tsv", ["data.train.max_samples=10"])
@@ -212,3 +236,21 @@ def test_packing_outside_sft_is_refused_not_ignored():
 
     with pytest.raises(ConfigError, match="data.packing=true with task.type=classification: only sft packs its rows"):
         load_recipe(None, ["data.train.path=x.tsv", "data.packing=true"], validate_files=False)
+
+
+def test_macro_f1_scores_the_classes_that_occur_as_sklearn_does():
+    """An evaluation split without one class is not marked down for it (it was: 8 right answers scored F1 0.5); a class
+    that is predicted but absent, or present but never predicted, still counts 0."""
+    from peftlab.metrics import classification_metrics
+
+    m, report = classification_metrics([1] * 8, [1] * 8, ["negative", "positive"])
+    assert m == {"accuracy": 1.0, "f1": 1.0} and report["per_class"]["negative"]["support"] == 0
+    m, _ = classification_metrics([1, 1, 0, 0], [1, 1, 1, 1], ["negative", "positive", "neutral"])  # neutral: absent
+    assert m["f1"] == pytest.approx((0 + 2 * 0.5 * 1 / 1.5) / 2)  # sklearn f1_score(average="macro", zero_division=0)
+
+
+def test_named_classes_without_a_training_row_are_warned_about(tmp_path, caplog):
+    (tmp_path / "one.csv").write_text("text,y\na,pos\nb,pos\n")
+    with caplog.at_level("WARNING", logger="peftlab"):
+        splits_of(tmp_path, tmp_path / "one.csv", ["data.text_columns=[text]", "data.label_column=y", "data.label_names=[neg,pos]"])
+    assert "data.train has no row of class(es) ['neg'] (of data.label_names ['neg', 'pos'])" in caplog.text

@@ -508,6 +508,44 @@ def test_rows_whose_answer_is_cut_are_dropped_from_training_but_kept_for_evaluat
     assert "training drops them; evaluation keeps them" in caplog.text
 
 
+def test_a_conversation_ends_at_its_last_answer_and_rows_keep_their_file_numbers(tmp_path, chat_llama, caplog):
+    """An opening assistant turn (it crashed the chat template: "empty conversation") is context, not trained; a blank
+    last answer and an unanswered user turn are cut (a blank reference was scored, and its end token trained); rows
+    without an answer are dropped, and `row` stays the row's number in the file (it counted the rows left)."""
+    u, a = ({"role": "user", "content": "q"}, {"role": "assistant", "content": "greetings"})
+    rows = [{"messages": [a, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]},  # 0: opens
+            {"messages": [a, u]},  # 1: no answer (an opening turn is none): dropped
+            {"messages": [u, {"role": "assistant", "content": "one"}, u, {"role": "assistant", "content": "  "}]},  # 2: cut
+            {"messages": [u, {"role": "assistant", "content": "two"}, {"role": "user", "content": "and?"}]},  # 3: cut
+            {"messages": [u, {"role": "assistant", "content": ""}, u, {"role": "assistant", "content": "three"}]}]  # 4
+    path = write_jsonl(tmp_path / "m.jsonl", rows)
+    recipe = recipe_for(tmp_path, chat_llama, path)
+    with caplog.at_level("WARNING", logger="peftlab"):
+        splits, _ = load_splits(recipe)
+    assert "data.train: 2 row(s) end with turns after their last answer" in caplog.text
+    assert "data.train: dropped 1 row(s) without an answer" in caplog.text
+    data = build_data(recipe, chat_tokenizer(), splits=splits, label_names=[])
+    tok = chat_tokenizer()
+    assert [r["row"] for r in data.eval] == [0, 2, 3, 4]
+    assert [r["reference"] for r in data.eval] == ["hello", "one", "two", "three"]
+    end = tok.convert_tokens_to_ids(IM_END)
+    trained = [[t for t, y in zip(r["input_ids"], r["labels"]) if y != -100] for r in data.eval]
+    assert trained[0] == tok("hello", add_special_tokens=False)["input_ids"] + [end]  # not the opening "greetings"
+    assert trained[3] == tok("three", add_special_tokens=False)["input_ids"] + [end]  # not the blank answer's end token
+    assert tok.decode(data.eval[2]["input_ids"]).count("and?") == 0
+
+
+def test_summarization_predictions_name_the_rows_of_the_file(tmp_path):
+    from peftlab.config import DataConfig, SplitConfig
+    from peftlab.data import normalize_split, read_split
+
+    (tmp_path / "s.csv").write_text("dialogue,summary\na,x\nb,\nc,z\n")
+    spec = SplitConfig(path=str(tmp_path / "s.csv"))
+    ds = normalize_split(read_split(spec, DataConfig(), "data.train"), spec,
+                         DataConfig(text_columns=["dialogue"]), "data.train", 0, target_column="summary")
+    assert ds["row"] == [0, 2] and ds["target"] == ["x", "z"]
+
+
 @pytest.mark.slow
 def test_smollm2_chat_template_masks_exactly_the_answer():
     """The real SmolLM2 tokenizer (its own ChatML template, default system prompt): the labels are the answer + <|im_end|>."""

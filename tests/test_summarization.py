@@ -131,7 +131,7 @@ def test_recipe_defaults_and_validation(make_sum_recipe, tiny_llama):
 def test_causal_loss_is_masked_to_the_summary_tokens(make_sum_recipe, tiny_llama):
     recipe = make_sum_recipe(tiny_llama)
     splits, _ = load_splits(recipe)
-    assert set(splits["train"].column_names) == {"text", "target"}  # no label encoding for a text target
+    assert set(splits["train"].column_names) == {"text", "target", "row"}  # no label encoding for a text target
     tok = minilm_tokenizer()
     data = build_data(recipe, tok, splits=splits, label_names=[])
     row = data.train[0]

@@ -4,7 +4,9 @@ import datasets
 import evaluate
 import numpy as np
 
-_DESCRIPTION = "F1 = 2PR/(P+R) per class; macro average = unweighted mean over classes (sklearn's zero_division=0)."
+_DESCRIPTION = ("F1 = 2PR/(P+R) per class; macro average = unweighted mean over the classes that occur in the references or "
+                "the predictions, as sklearn's f1_score(average='macro', zero_division=0): a class absent from both is "
+                "not scored (an evaluation split without one of the classes is not marked down for it).")
 _KWARGS = ("predictions, references: lists of int; num_classes: int (default: max label + 1); "
            "average: 'macro' -> {'f1'}, None -> per-class {'precision','recall','f1','support'} lists.")
 
@@ -27,6 +29,7 @@ class F1(evaluate.Metric):
         denom = precision + recall
         f1 = np.divide(2 * precision * recall, denom, out=np.zeros(k), where=denom > 0)
         if average == "macro":
-            return {"f1": float(f1.mean())}
+            seen = (support > 0) | (predicted > 0)
+            return {"f1": float(f1[seen].mean()) if seen.any() else 0.0}
         return {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
                 "support": support.tolist(), "confusion": confusion.tolist()}

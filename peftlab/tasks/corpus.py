@@ -9,6 +9,7 @@ block is [CLS] + tokens + [SEP] with the documents separated by [SEP], as BERT/R
 from __future__ import annotations
 
 import logging
+import math
 
 import torch
 
@@ -16,11 +17,13 @@ from ..errors import DataError
 
 log = logging.getLogger(__name__)
 
-PERPLEXITY_CAP = 1e6  # exp(loss) of an untrained model overflows usefulness long before float range
+MAX_LOG_PERPLEXITY = 700.0  # exp(700) ~ 1e304: the largest a float64 (and a JSON number) holds comfortably
 
 
 def perplexity(loss: float) -> float:
-    return float(min(torch.tensor(loss).exp().item(), PERPLEXITY_CAP))
+    """exp(loss), as the README defines it, in float64 (an fp32 exp overflows to inf at a loss of 89, and inf is no JSON
+    number); beyond a loss of 700 it is exp(700), a figure that already says the model predicts nothing."""
+    return math.exp(min(float(loss), MAX_LOG_PERPLEXITY))
 
 
 @torch.no_grad()

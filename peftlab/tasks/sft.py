@@ -4,6 +4,9 @@ Rows (data.py hands them over raw: `normalize_split` below) become conversations
 - messages: data.messages_column holds the list itself (JSONL files load it as a list of objects);
 - instruction: instruction (+ input) is the user turn, output the assistant's;
 - prompt_completion: data.text_columns (through task.prompt's {source}) -> data.target_column, or prompt/completion columns.
+A conversation ends at its last answer: the last assistant turn with text that follows another turn. Turns after it
+(a blank answer, a user turn left unanswered) are cut, with a count in the log, since nothing would train or score
+them; a row with no answer is dropped. Blank answers and an opening assistant turn (before any prompt) stay as context.
 The tokenizer's chat template (or task.chat_format) renders each conversation. Which tokens are the assistant's comes
 from rendering it prefix by prefix (messages[:i] with the generation prompt, then messages[:i+1]): the characters
 added by assistant turn i, up to and including its end-of-turn token (EOS / <|im_end|>), are labelled; every other
@@ -45,7 +48,7 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")  # tried 
 ROLES = ("system", "user", "assistant", "tool")
 BUILTIN_METRICS = ("loss", "exact_match", *ROUGE_KEYS)
 EXTRAS = ("row", "source", "reference", "gen_input_ids", "gen_attention_mask")
-FILE_ROW = "_file_row"  # a sampled split's row numbers in its file (data.SPLIT.max_samples)
+FILE_ROW = "_file_row"  # each row's number in its file (0-based data rows): errors and predictions-*.jsonl name it
 
 
 class _Generated:
@@ -153,15 +156,16 @@ def normalize_split(ds, spec, recipe, where: str):
     """Raw rows -> {conversation: JSON list of {role, content}}; rows without an assistant answer are dropped."""
     d, t = recipe.data, recipe.task
     fmt, prompt_cols, completion_col = detect_format(ds.column_names, d, where)
-    if spec.max_samples is not None and spec.max_samples < len(ds):  # the file's row numbers kept, for the errors below
-        ds = ds.add_column(FILE_ROW, range(len(ds))).shuffle(seed=recipe.data_seed).select(range(spec.max_samples))
+    ds = ds.add_column(FILE_ROW, range(len(ds)))  # kept through sampling and dropped rows
+    if spec.max_samples is not None and spec.max_samples < len(ds):
+        ds = ds.shuffle(seed=recipe.data_seed).select(range(spec.max_samples))
 
     def text(v) -> str:
         return "" if v is None else str(v).strip()
 
-    def to_rows(batch, rows):
-        out = []
-        for j, i in enumerate(batch.get(FILE_ROW, rows)):
+    def to_rows(batch):
+        out, cut = [], []
+        for j, i in enumerate(batch[FILE_ROW]):
             if fmt == "messages":
                 msgs = _check_messages(batch[d.messages_column][j], i, where, d.messages_column)
             elif fmt == "instruction":
@@ -175,18 +179,30 @@ def normalize_split(ds, spec, recipe, where: str):
                         {"role": "assistant", "content": text(batch[completion_col][j])}]
             if t.system_prompt and (not msgs or msgs[0]["role"] != "system"):
                 msgs = [{"role": "system", "content": t.system_prompt}, *msgs]
-            out.append(json.dumps(msgs, ensure_ascii=False))
-        return {"conversation": out}
+            answers = [k for k, m in enumerate(msgs) if is_answer(msgs, k)]
+            cut.append(bool(answers) and answers[-1] < len(msgs) - 1)
+            out.append(json.dumps(msgs[:answers[-1] + 1] if answers else [], ensure_ascii=False))
+        return {"conversation": out, "cut": cut, FILE_ROW: batch[FILE_ROW]}
 
-    ds = ds.map(to_rows, batched=True, with_indices=True, remove_columns=ds.column_names, desc=f"{where}: conversations")
+    ds = ds.map(to_rows, batched=True, remove_columns=ds.column_names, desc=f"{where}: conversations")
+    if cut := sum(ds["cut"]):
+        log.warning("%s: %d row(s) end with turns after their last answer (a blank assistant turn, or a user turn left "
+                    "unanswered): cut there, as nothing would train on them or score them", where, cut)
     n = len(ds)
-    ds = ds.filter(lambda r: any(m["role"] == "assistant" and m["content"].strip() for m in json.loads(r["conversation"])),
-                   desc=f"{where}: rows with an answer")
+    ds = ds.filter(lambda r: r["conversation"] != "[]", desc=f"{where}: rows with an answer").remove_columns("cut")
     if len(ds) < n:
-        log.warning("%s: dropped %d row(s) without a non-empty assistant turn", where, n - len(ds))
+        log.warning("%s: dropped %d row(s) without an answer (an assistant turn with text that follows a prompt)", where, n - len(ds))
     if len(ds) == 0:
-        raise DataError(f"{where}: no row has a non-empty assistant turn (format {fmt}): nothing to learn. Check the columns.")
+        raise DataError(f"{where}: no row has an answer, an assistant turn with text after another turn (format {fmt}): "
+                        "nothing to learn. Check the columns.")
     return ds
+
+
+def is_answer(messages: list[dict], i: int) -> bool:
+    """Turn i is trained (and the last one scored): an assistant turn with text that follows a prompt. An opening
+    assistant turn has no prompt (and the template could not render the empty prefix before it); a blank one would
+    teach the model to answer nothing."""
+    return i > 0 and messages[i]["role"] == "assistant" and bool(messages[i]["content"].strip())
 
 
 # ------------------------------------------------------------------------------------------------ template and labels
@@ -219,8 +235,8 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
     full = render(tokenizer, messages)
     markers = [m for m in (tokenizer.eos_token, *END_OF_TURN) if m]
     spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
+    for i in range(len(messages)):
+        if not is_answer(messages, i):
             continue
         before, after = render(tokenizer, messages[:i], True), render(tokenizer, messages[:i + 1])
         if not after.startswith(before) or not full.startswith(after):
@@ -252,7 +268,7 @@ def encode(tokenizer, messages: list[dict], max_length: int) -> dict:
     enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
     ids = enc["input_ids"]
     labels = [t if any(s <= a < e for s, e in spans) and b > a else -100 for t, (a, b) in zip(ids, enc["offset_mapping"])]
-    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    last = len(messages) - 1  # the last answer (normalize_split cut the turns after it)
     prompt = tokenizer(render(tokenizer, messages[:last], True), add_special_tokens=False)["input_ids"]
     user = next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": len(ids) > max_length,
@@ -268,14 +284,14 @@ def tokenize(ds, tokenizer, recipe):
         load_metric_fn(recipe.eval.metric_fn)  # fail before training, not after it
     max_length = recipe.data.max_length
 
-    def enc(batch, rows):
+    def enc(batch):
         out = [encode(tokenizer, json.loads(c), max_length) for c in batch["conversation"]]
         cols = {k: [o[k] for o in out] for k in out[0]}
         cols.update(attention_mask=[[1] * len(i) for i in cols["input_ids"]], length=[len(i) for i in cols["input_ids"]],
-                    n_labels=[sum(y != -100 for y in o["labels"]) for o in out], row=rows)
+                    n_labels=[sum(y != -100 for y in o["labels"]) for o in out], row=batch[FILE_ROW])
         return cols
 
-    ds = ds.map(enc, batched=True, with_indices=True, remove_columns=["conversation"], desc="tokenize")
+    ds = ds.map(enc, batched=True, remove_columns=["conversation", FILE_ROW], desc="tokenize")
     if sum(ds["n_labels"]) == 0:
         raise DataError("no assistant token is trainable: the chat template renders no assistant tokens within data.max_length="
                         f"{max_length} in any of {len(ds):,} rows, so training would learn nothing. Check that rows have "

@@ -173,7 +173,7 @@ def truncate_sources(tokenizer, texts: list[str], max_length: int) -> tuple[list
 
 def tokenize(ds, tokenizer, recipe):
     """{text, target} rows -> input_ids, attention_mask, labels (+ prompt_length for decoder-only models), keeping
-    `length`, `truncated` (source cut to data.max_length), `row` (its index) and the texts for the final evaluation."""
+    `length`, `truncated` (source cut to data.max_length), `row` (its number in the file) and the texts for the final evaluation."""
     fam = family(recipe, tokenizer)
     template = recipe.task.prompt or DEFAULT_PROMPT[fam]
     max_length, max_target = recipe.data.max_length, recipe.data.max_target_length
@@ -186,10 +186,10 @@ def tokenize(ds, tokenizer, recipe):
     # BERT2BERT: [CLS] is the decoder start token the model puts in front of the labels, so it is not a target itself
     start = tokenizer.cls_token_id if recipe.model.decoder else None
 
-    def enc(batch, rows):
+    def enc(batch):
         sources, cut = truncate_sources(tokenizer, batch["text"], max_length)
         prompts = [template.replace("{source}", s) for s in sources]
-        out = {"truncated": cut, "row": rows}
+        out = {"truncated": cut}
         if fam == "seq2seq":
             src = tokenizer(prompts)
             labels = tokenizer(text_target=batch["target"], truncation=True, max_length=max_target + (start is not None))["input_ids"]
@@ -209,7 +209,7 @@ def tokenize(ds, tokenizer, recipe):
         out["length"] = [len(i) for i in out["input_ids"]]
         return out
 
-    return ds.map(enc, batched=True, with_indices=True, desc="tokenize")
+    return ds.map(enc, batched=True, desc="tokenize")
 
 
 GENERATED_METRICS = ROUGE_KEYS  # need generation: train.best_metric one of them -> evals generate
