@@ -139,8 +139,10 @@ def cmd_validate(args) -> int:
     recipes = [a for a in args.recipes if a not in overrides] or [str(QUICKSTART)]
     failed = 0
     for path in recipes:
+        stage = "recipe"
         try:
             recipe = load_recipe(path, overrides, validate_files=not args.no_files)
+            stage = "data"
             if not args.no_files:  # what training checks before any work: columns, the base, trackers, the teacher
                 from .run import preflight
 
@@ -150,6 +152,8 @@ def cmd_validate(args) -> int:
         except PeftlabError as e:  # (a ConfigError lists every problem; another project error is one)
             failed += 1
             print(f"INVALID {path}: {e}")
+            if stage == "recipe" and not args.no_files:  # the checks against the data and the base need a valid recipe
+                print("        (its columns, labels and lengths are checked against the data and the base once these are fixed)")
     return 2 if failed else 0
 
 
@@ -304,7 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "BPE tokenizer; default f16; kept if it exists, unless --force)")
     m.set_defaults(fn=cmd_merge)
 
-    v = sub.add_parser("validate", help="check recipes without training; reports every problem")
+    v = sub.add_parser("validate", help="check recipes without training: every problem of the recipe, then (once it has none) its data and base")
     v.add_argument("recipes", nargs="*", metavar="RECIPE.yaml [KEY=VALUE ...]",
                    help="recipe files (none: the built-in quickstart) and dotted overrides applied to each")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")

@@ -47,7 +47,7 @@ class ModelConfig:
     revision: str | None = opt(None, "Hub revision (branch, tag or commit) of the base model.")
     from_run: str | None = opt(None, "Start from a finished run's weights (e.g. runs/dapt-kitchen, a task.type mlm/clm continued "
                                "pretraining): its adapter merged into its base (RUN/merged, made when missing) is this recipe's "
-                               "base; model.name must be that run's base (or left at its default, then taken from the run). A task "
+                               "base; model.name must be that run's base (or left out: then it is taken from the run). A task "
                                "head of that run for other labels (one task of a multi-task run) is replaced by a fresh "
                                "one. The run.json and model card record the chain (lineage).")
     trust_remote_code: bool = opt(False, "Run model code shipped with a hub repo. Off by default: only enable for repos you trust.")
@@ -544,6 +544,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple = (
     for key, value in parse_overrides(list(overrides), problems):
         _set_dotted(tree, key, value, problems)
     inherit_task_data(tree)
+    base_from_run(tree)
     recipe = _build(Recipe, tree, "", problems)
     try:
         validate(recipe, check_files=validate_files, source=source)
@@ -552,6 +553,25 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple = (
     if problems:
         raise ConfigError(problems, source)
     return recipe
+
+
+def base_from_run(tree: dict) -> None:
+    """model.from_run without model.name: the name is that run's base (so an explicit model.name, even the default's
+    `minilm`, is compared with it, and the run's recipe.yaml names the base it holds)."""
+    model = tree.get("model")
+    if not isinstance(model, dict) or not model.get("from_run") or "name" in model:
+        return
+    try:
+        base = json.loads((Path(str(model["from_run"])) / "run.json").read_text(encoding="utf-8")).get("base_model")
+    except (OSError, ValueError, AttributeError):
+        return  # from_run_problems names it
+    if isinstance(base, str):
+        model["name"] = base
+
+
+def same_base(a: str, b: str) -> bool:
+    """Two model.name values name one base: equal, or local paths to one folder."""
+    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
 
 
 def inherit_task_data(tree: dict) -> None:
@@ -723,7 +743,7 @@ def from_run_problems(recipe: Recipe) -> list[str]:
         return [f"model.from_run={recipe.model.from_run!r} is a multi-task run: its models are per task. Start from one of "
                 f"them, e.g. model.from_run={source / 'tasks' / tasks[0]}."]
     base = record.get("base_model")
-    if base and recipe.model.name not in (base, ModelConfig().name):
+    if base and not same_base(recipe.model.name, base):
         return [f"model.from_run={recipe.model.from_run!r} was trained on {base!r}, but model.name={recipe.model.name!r}. Set "
                 f"model.name={base} (or leave it out: it is taken from the run)."]
     return []

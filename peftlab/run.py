@@ -40,18 +40,18 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     working directory; `overrides_tag`): an evaluation of a changed recipe never replaces the figures the run was trained
     and reported with, nor adds files to its folder."""
     out = Path(out)
-    recipe, run = read_run(out)
-    if run.selected_on == split:
-        log.warning("%s is the split this run chose its weights on (train.keep_best, step %s of %s): its figure is optimistic. "
-                    "%s", split, run.best_step, run.steps, "`--split test` scores the held-out split." if "test" in (run.metrics or {})
-                    else "For a held-out figure: --split test data.test.path=FILE (rows no selection saw).")
-    precision = run.precision  # the run's own, unless an override names another
+    trained, run = read_run(out)
+    recipe, precision = trained, run.precision  # the run's own, unless an override names another
     if overrides:
         # only the evaluated split's file must exist (load_splits checks it): a published recipe names the others by file name
-        trained, recipe = recipe, load_recipe(out / RECIPE_FILE, list(overrides), validate_files=False)
+        recipe = load_recipe(out / RECIPE_FILE, list(overrides), validate_files=False)
         check_eval_overrides(trained, recipe)
         if recipe.train.precision != trained.train.precision:
             precision = resolve_precision(recipe.train.precision)
+    if run.selected_on == split and rows_of(recipe, split) == rows_of(trained, split):
+        log.warning("%s is the split this run chose its weights on (train.keep_best, step %s of %s): its figure is optimistic. "
+                    "%s", split, run.best_step, run.steps, "`--split test` scores the held-out split." if "test" in (run.metrics or {})
+                    else "For a held-out figure: --split test data.test.path=FILE (rows no selection saw).")
     if results_dir is None:
         results_dir = EVAL_DIR / f"{out.resolve().name}-{overrides_tag(overrides, out.resolve())}" if overrides else out
     results = Path(results_dir)
@@ -71,6 +71,15 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
         atomic_write_text(results / f"eval-{split}.json", json.dumps(record, indent=2))
         log.info("evaluation of %s on %s written to %s", out, split, results / f"eval-{split}.json")
     return metrics
+
+
+def rows_of(recipe, split: str) -> tuple:
+    """Where a split's rows come from (a sample of them, data.SPLIT.max_samples, is the same rows): the held-out part
+    of train for an eval split left out, else its file or hub split."""
+    d, spec = recipe.data, getattr(recipe.data, split)
+    if spec is None and split == "eval":
+        return "held out", d.train and (d.train.path, d.train.split), d.dataset, d.subset, d.eval_holdout, recipe.data_seed
+    return spec and (spec.path, spec.split), d.dataset, d.subset
 
 
 # what an evaluation of a finished run reads from its recipe besides data, eval, task and the base: of train, the

@@ -232,6 +232,9 @@ def read_run(out: str | Path) -> tuple[Recipe, RunRecord]:
         raise ArtifactError(f"'{out}' {what}. Pass the output directory of a training run (runs/NAME).")
     missing = [f for f in RUN_FILES if not (out / f).is_file()]
     if missing:
+        if (writer := RunDir(out).writer()) is not None:
+            raise ArtifactError(f"'{out}' is not finished: a peftlab process ({writer}) is writing it now. Wait for it to "
+                                "finish, then run this again.")
         raise ArtifactError(f"'{out}' is not a finished peftlab run (missing {', '.join(missing)}). "
                             "If training was interrupted, continue it with `peftlab train RECIPE --resume`.")
     recipe = load_recipe(out / RECIPE_FILE, validate_files=False)
@@ -377,11 +380,12 @@ class Job:
 
     def abandon(self) -> None:
         """(main process) The run failed: the old run stays; staging is kept only if --resume can continue it. A fresh
-        run that stopped before training began (data, model) leaves no folder behind; one that trained keeps its log."""
+        run that stopped before training began (data, model) leaves no folder behind; one that trained keeps its log, and
+        its checkpoints (an interrupt saves one, before the first log line too)."""
         if self.committed:
             return
         if not self.staged:
-            if self.created and not (self.work / LOG_FILE).exists():
+            if self.created and not (self.work / LOG_FILE).exists() and not checkpoints(self.work):
                 shutil.rmtree(self.work, ignore_errors=True)
             elif not checkpoints(self.work) and (self.work / LOG_FILE).exists():
                 log.warning("the failed run's log is kept in %s; train again with --overwrite.", self.work / LOG_FILE)
@@ -442,6 +446,22 @@ class RunDir:
             yield
         finally:
             os.close(fd)  # releases the lock
+
+    def writer(self) -> str | None:
+        """'process PID' of the peftlab process holding the lock (writing the folder now), else None."""
+        try:
+            import fcntl
+
+            fd = os.open(self.lock_file, os.O_RDONLY)
+        except (ImportError, OSError):
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            return None  # free: nobody writes it
+        except OSError:
+            return f"process {os.pread(fd, 64, 0).decode(errors='replace').strip() or '?'}"
+        finally:
+            os.close(fd)
 
     def recover(self) -> None:
         """(under the lock) Finish or undo a swap that a crash cut between its two renames."""

@@ -499,6 +499,8 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                 state.epoch += 1
     settle_wall()
     bar.close()
+    if accelerator.is_main_process:
+        log_path(out).touch()  # a run of train.max_steps=0 (its base, scored as it is) has a log too, an empty one
 
 
 # ---------------------------------------------------------------------------------------------- folded evaluation

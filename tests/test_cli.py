@@ -53,6 +53,9 @@ def test_validate_reports_each_recipe(tmp_path, capsys):
     assert main(["validate", str(good), str(bad), "--no-files"]) == 2
     out = capsys.readouterr().out
     assert "ok" in out and "INVALID" in out and "Did you mean 'train'?" in out and "adapter.r=0" in out
+    assert "checked against the data and the base once these are fixed" not in out  # --no-files: no such checks to come
+    assert main(["validate", str(bad)]) == 2  # the recipe's problems first: it says the data's and the base's come later
+    assert "checked against the data and the base once these are fixed" in capsys.readouterr().out
 
 
 def test_validate_checks_what_training_would_check_first(make_recipe, capsys, tmp_path, caplog):
@@ -213,4 +216,9 @@ def test_eval_of_the_selection_split_says_its_figure_is_optimistic(make_recipe, 
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="peftlab"):
         assert main(["eval", str(recipe.out), "--split", "test", f"data.test.path={recipe.data.eval.path}"]) == 0
-    assert "chose its weights on" not in caplog.text
+        assert main(["eval", str(recipe.out), f"data.eval.path={recipe.data.train.path}"]) == 0  # other rows: not selected on
+        assert main(["eval", str(recipe.out), "adapter.r=16"]) == 2  # refused before any note on its figure
+    assert "chose its weights on" not in caplog.text and "adapter.r" in caplog.text + capsys.readouterr().err
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        assert main(["eval", str(recipe.out), "data.eval.max_samples=2"]) == 0  # a sample of the selection rows
+    assert "eval is the split this run chose its weights on" in caplog.text

@@ -441,7 +441,24 @@ def test_compose_linear_1_0_is_the_first_adapter(runs, tmp_path, capsys):
     card = card_text(tmp_path / "c10", "alice/composed")
     meta = check_card(card)
     assert meta["model-index"][0]["results"] and f"{measured['accuracy']:.4f}" in card and "selection split" not in card
-    assert "Measured by `peftlab eval` on the composed adapter" in card
+    assert "Measured by `peftlab eval` on the composed adapter" in card and "beside it" not in card
+    source = json.loads((runs[0] / "run.json").read_text())
+    exported = source["best_step"] if source["selected_on"] else source["steps"]
+    assert f"- composed, not trained; the first source: {source['steps']} optimizer steps (exported: step {exported})" in card
+    assert "composed by peftlab from adapters trained with it" in card and "rerun it with" not in card
+
+
+def test_compose_linear_1_0_gives_back_an_rslora_adapter(runs, tmp_path, tiny_bert, sentiment_files):
+    """The composed tensors carry their sources' scaling; the saved config kept use_rslora from the first source, which
+    scaled them again by alpha/sqrt(r) (logits off by up to 0.9 on MiniLM)."""
+    from peftlab import load_recipe, run
+
+    rs = tmp_path / "rs"
+    run(load_recipe(None, [f"model.name={tiny_bert}", f"data.train.path={sentiment_files['train']}", "data.eval=null",
+                           "data.label_names=[negative,positive]", "adapter.r=4", "adapter.alpha=32", "adapter.use_rslora=true",
+                           "adapter.dropout=0.0", "train.max_steps=3", "train.lr=1e-2", f"output_dir={rs}"]))
+    composed = compose([rs, runs[1]], [1, 0], tmp_path / "c")
+    torch.testing.assert_close(logits(load_trained(composed)[0]), logits(load_trained(rs)[0]), atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("method", ["ties", "dare_linear"])

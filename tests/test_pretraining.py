@@ -246,6 +246,14 @@ def test_from_run_refuses_a_missing_run_and_a_different_base(tmp_path, eos_llama
     with pytest.raises(ConfigError, match="was trained on .* but model.name=.*Set model.name="):
         run(other)
     assert not Path(tmp_path / "two").exists()  # refused before anything was written
+    # model.name given as the default's own `minilm` is a choice too (it was taken for "left out", and swapped silently)
+    with pytest.raises(ConfigError, match="was trained on .* but model.name='minilm'"):
+        recipe_for(tmp_path, "minilm", texts, "clm", [f"model.from_run={first.output_dir}"], name="three")
+    path = tmp_path / "three.yaml"  # left out: the run's base, in the recipe as loaded (and so in the new run's recipe.yaml)
+    tree = yaml.safe_load(path.read_text())
+    del tree["model"]
+    path.write_text(yaml.safe_dump(tree))
+    assert load_recipe(path, [f"model.from_run={first.output_dir}"]).model.name == str(eos_llama)
 
 
 def test_from_run_checks_come_first_and_the_layers_of_its_merged_model_before_training(tmp_path, eos_llama, texts):

@@ -73,6 +73,20 @@ def test_sigint_or_sigterm_saves_a_checkpoint_and_exits_cleanly(make_recipe, tmp
     assert resumed["train_wall_s"] >= resumed["train_seconds"] and resumed["train_wall_s"] > stopped["wall_seconds"]
 
 
+def test_an_interrupt_before_the_first_log_line_keeps_its_checkpoint(make_recipe, monkeypatch):
+    """A new run stopped before its first log.jsonl line (log_every 20 by default: any Ctrl-C in the first 20 steps)
+    said "checkpoint saved ... --resume" and then deleted the folder, checkpoint and all."""
+    from peftlab.errors import TrainingInterrupted
+
+    recipe = make_recipe({"train.max_steps": 4, "train.log_every": 50})
+    monkeypatch.setattr(sys.modules["peftlab.train"], "stop_requested", lambda flag, accelerator: True)  # as if Ctrl-C came during step 1
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 1 of 4: checkpoint saved"):
+        run(recipe)
+    assert [p.name for p in (recipe.out / "checkpoints").iterdir()] == ["step-1"]
+    monkeypatch.undo()
+    assert run(make_recipe({"train.max_steps": 4, "train.log_every": 50}), resume=True)["steps"] == 4
+
+
 def test_disk_full_while_saving_replaces_nothing(make_recipe, monkeypatch):
     import peft
 

@@ -18,7 +18,7 @@ import pytest
 
 from peftlab import run
 from peftlab.errors import ArtifactError, PeftlabError
-from peftlab.rundir import RunDir
+from peftlab.rundir import RunDir, read_run
 
 from .conftest import REPO, wait_for
 
@@ -130,8 +130,12 @@ def test_a_second_writer_is_refused_and_kill_9_frees_the_folder(make_recipe, tmp
     for flags in ((), ("--overwrite",)):
         rc, _, err = peftlab("train", tmp_path / "recipe.yaml", "train.max_steps=2", *flags)
         assert rc == 2 and "in use by another peftlab run" in err and f"process {first.pid}" in err, err
+    with pytest.raises(ArtifactError, match=f"is not finished: a peftlab process \\(process {first.pid}\\) is writing it now"):
+        read_run(recipe.out)  # eval, merge, publish of a run still training (it said "interrupted? --resume")
     first.send_signal(signal.SIGKILL)
     first.wait()
+    with pytest.raises(ArtifactError, match="If training was interrupted, continue it with"):  # the lock went with it
+        read_run(recipe.out)
     rc, _, err = peftlab("train", tmp_path / "recipe.yaml", "train.max_steps=2", "--overwrite")
     assert rc == 0, err
     assert {json.loads(line)["step"] for line in (recipe.out / "log.jsonl").read_text().splitlines()} == {2}  # one run's log

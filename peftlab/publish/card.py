@@ -346,8 +346,9 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
     method = get_method(run.method or a.method)
     what = method.describe(recipe)
     lines = [f"# {data.model_name}", "",
-             f"{what} for **{data.pipeline_tag}** on top of {base_link}, trained with "
-             "peftlab from the recipe below."
+             f"{what} for **{data.pipeline_tag}** on top of {base_link}, "
+             + ("composed by peftlab from adapters trained with it (the recipe below is the first one's)." if run.composition
+                else "trained with peftlab from the recipe below.")
              + (f" Labels: {', '.join(run.label_names)}." if run.label_names else ""), ""]
     if run.composition:
         c = run.composition
@@ -395,8 +396,8 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
         lines += _selection_note(run, metrics, f"{chosen_by}` of the multi-task run `{run.multitask.get('run')}" if chosen_by
                                  else recipe.train.best_metric)
         if run.composition:
-            lines += ["", "Measured by `peftlab eval` on the composed adapter (`eval-SPLIT.json` beside it); no split chose "
-                          "its weights by any evaluation of peftlab's (the composition weights were given)."]
+            lines += ["", "Measured by `peftlab eval` on the composed adapter; no split chose its weights by any evaluation "
+                          "of peftlab's (the composition weights were given)."]
         elif report.get("n"):
             of = f" of the {report['split']} split" if report.get("split") in metrics else ""
             what = ("per-class scores and the confusion matrix" if "confusion" in report else
@@ -405,7 +406,10 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
                           "`eval_report.json`."]
     else:
         lines.append("Not evaluated yet: run `peftlab eval` on this folder.")
-    lines += ["", "## Training recipe", "", "The resolved recipe (`recipe.yaml`); rerun it with `peftlab train recipe.yaml`.", "",
+    rerun = ("The first source's resolved recipe (`recipe.yaml`): `peftlab train recipe.yaml` retrains that source; `peftlab "
+             "compose` of the sources with the weights above rebuilds this adapter." if run.composition else
+             "The resolved recipe (`recipe.yaml`); rerun it with `peftlab train recipe.yaml`.")
+    lines += ["", "## Training recipe", "", rerun, "",
               "```yaml", recipe.to_yaml().rstrip(), "```", "", "## Method and parameters", ""]
     lines += method.card_lines(recipe)
     if recipe.quant.mode != "none":
@@ -416,7 +420,10 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
                      f"({run.trainable_percent or 0:.3f}%)")
     steps = "?" if run.steps is None else run.steps  # an older run.json may lack it
     exported = run.best_step if run.selected_on else steps  # keep_best off: the last step
-    lines += [f"- {steps} optimizer steps (exported: step {exported}), "
+    if run.composition:  # no training of its own: the first source's
+        first = run.composition["sources"][0]
+        steps, exported = first.get("steps", "?"), first.get("exported_step", "?")
+    lines += [("- composed, not trained; the first source: " if run.composition else "- ") + f"{steps} optimizer steps (exported: step {exported}), "
               f"batch {t.batch_size} x accumulation {t.grad_accum} x {run.processes} process(es), lr {t.lr:g}, "
               f"{t.scheduler} schedule, seed {t.seed}", "", "## Hardware and wall time", ""]
     hw = run.hardware or {}
