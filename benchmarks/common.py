@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -53,11 +54,20 @@ def stored_case(name: str, recipe: str, overrides: list[str], *, runs: Path, res
                 verbose: bool = False, env: dict | None = None) -> dict:
     """One `peftlab train` process kept as results/NAME.json (run.json, process wall time, peak RSS, the environment
     variables `env` it was given), its run folder runs/NAME, the run named PREFIX-NAME; a stored result is returned as
-    it is unless `fresh`."""
+    it is unless `fresh`, and only if it was measured with this recipe, these overrides and this environment (a result
+    of other settings under the same name is refused, never reported as this one's)."""
     dest = results / f"{name}.json"
     if dest.exists() and not fresh:
+        stored = json.loads(dest.read_text())
+        asked = {"recipe": recipe, "overrides": portable(overrides), "env": env or {}}
+        held = {"recipe": stored.get("recipe"), "overrides": portable(stored.get("overrides") or []), "env": stored.get("env") or {}}
+        if differs := [k for k in asked if held[k] != asked[k]]:
+            raise SystemExit(f"[{name}] the stored result {dest} was measured with other settings ("
+                             + "; ".join(f"{k}: stored {held[k]!r}, asked {asked[k]!r}" for k in differs)
+                             + "). Measure it again with --fresh (it replaces the stored one), or give these settings a name "
+                             "of their own (--tag, where the script has one).")
         print(f"[{name}] stored: {dest} (--fresh measures it again)", flush=True)
-        return json.loads(dest.read_text())
+        return stored
     print(f"[{name}] " + "".join(f"{k}={v} " for k, v in (env or {}).items()) + f"peftlab train {recipe} {' '.join(overrides)}",
           flush=True)
     run, rss, wall = train_process(name, recipe, [*overrides, f"name={prefix}-{name}"], runs / name, verbose=verbose, env=env)
@@ -70,6 +80,17 @@ def stored_case(name: str, recipe: str, overrides: list[str], *, runs: Path, res
     print(f"[{name}] " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float) and "loss" not in k)
           + f"; {wall:.0f} s", flush=True)
     return result
+
+
+def portable(overrides: list[str]) -> list[str]:
+    """Overrides with their paths from `runs/` or `shared/` on: a result stored from another checkout (/work/other/runs/x,
+    /work/shared/data) names the same files as this one's (runs/x, ../shared/data)."""
+    out = []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        m = re.search(r"(?:^|/)((?:runs|shared)/.*)$", value)
+        out.append(f"{key}{sep}{m.group(1)}" if m else o)
+    return out
 
 
 def gemm_peak(threads: int, precision: str = "fp32") -> dict:

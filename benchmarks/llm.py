@@ -48,6 +48,8 @@ CASES: dict[str, tuple[str, list[str]]] = {
     # the same recipe for 400 steps (~7,400 dialogues, half an epoch; fixed before the run, for time)
     "samsum-lora-400": (R + "samsum-sft-lora.yaml", ["train.max_steps=400", "train.eval_every=100", "train.save_every=100"]),
     # classification: zero-shot verbalizer, LoRA verbalizer, LoRA + sequence-classification head
+    "sst2-zero-shot": (R + "sst2-verbalizer-lora.yaml", ZERO),
+    "sst2-verbalizer": (R + "sst2-verbalizer-lora.yaml", SHORT),
     "emotion-zero-shot": (R + "emotion-verbalizer-lora.yaml", ZERO),
     "emotion-verbalizer": (R + "emotion-verbalizer-lora.yaml", SHORT),
     "emotion-head": (R + "emotion-head-lora.yaml", SHORT),
@@ -84,12 +86,6 @@ def jemalloc_env(path: str | None) -> dict[str, str]:
         raise SystemExit(f"--allocator jemalloc: no libjemalloc.so.2 at {where}. Install it (Debian/Ubuntu: apt install "
                          "libjemalloc2; conda: conda install -c conda-forge jemalloc) or give its path with --jemalloc.")
     return {"LD_PRELOAD": str(lib.resolve()), "MALLOC_CONF": JEMALLOC_CONF}
-
-
-SST2_FIRST = [  # the first SmolLM2 runs (before this script; benchmarks/README.md gives their commands): SST-2 dev as test
-    "| sst2 | zero-shot (earlier run) | 74.54 | 74.27 | - | none | not measured |",
-    "| sst2 | verbalizer (earlier run) | 88.65 | 88.65 | 2% train holdout (step 150) | 150 steps x 16 rows, 15 min | 7600 |",
-]
 
 
 def load(name: str) -> dict | None:
@@ -181,8 +177,7 @@ def samsum_rows() -> list[str]:
 
 def classification_rows() -> list[str]:
     out = ["| task | setting | test accuracy | macro-F1 | selected on | train | peak RSS (MiB) |", "|---|---|---|---|---|---|---|"]
-    out += SST2_FIRST
-    for case in ("sst2-head", "emotion-zero-shot", "emotion-verbalizer", "emotion-head", "emotion-verbalizer-epoch"):
+    for case in ("sst2-zero-shot", "sst2-verbalizer", "sst2-head", "emotion-zero-shot", "emotion-verbalizer", "emotion-head", "emotion-verbalizer-epoch"):
         c = load(case)
         if c is None:
             continue

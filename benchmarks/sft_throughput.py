@@ -26,6 +26,10 @@ side) / training seconds / the matmul peak measured in the same invocation (the 
 side trained), in the sides' precision and thread count (`common.gemm_peak`: bf16 on CPUs with native bf16, fp32 on the others).
 After training, every side's adapter is scored by the same function on the same validation rows: the mean token loss
 of the answers (batch 1, so no padding enters), which is the "equal loss after equal tokens" check.
+"peftlab's speed-up" pairs a side only with the peftlab run of the same invocation (`session`), never with one measured
+another time (a seed's peftlab run measured again later is not compared with that seed's older TRL runs). Results
+stored before sessions were recorded carry the commit that stored them (`commit HASH`): files stored by one commit came
+from one invocation.
 
     pip install -e .[bench]                                  # TRL lives in the bench extra
     python benchmarks/sft_throughput.py --rows 256 --seeds 0   # ~25 min on 2 CPU cores
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,6 +51,7 @@ from benchmarks.common import RESULTS, gemm_peak, measured_process, train_proces
 
 RECIPE = REPO / "recipes/smollm2-135m/samsum-sft-lora.yaml"
 OUT = RESULTS / "sft_throughput"
+SESSION = time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) + f" pid {os.getpid()}"  # this invocation: its sides are paired
 SIDES = ("peftlab", "trl", "trl-packed")
 EXTRA_SIDES = {"peftlab-torch-dropout": ["train.dropout_impl=torch"],  # peftlab ablations, run when --sides names them
                "peftlab-masked": ["train.packed_attention=masked"],
@@ -227,7 +233,7 @@ def run_pair(args, seed: int, peak: dict) -> None:
             result["adapter"] = str(out / "adapter")
         after = gemm_peak(torch.get_num_threads(), peak["precision"])  # again right after: a dip at the start would flatter
         best = max(peak, after, key=lambda g: g["peak_gflops"])
-        result.update(side=side, seed=seed, rows=args.rows, real_tokens=tokens, peak_rss_mib=rss,
+        result.update(side=side, seed=seed, rows=args.rows, real_tokens=tokens, peak_rss_mib=rss, session=SESSION,
                       tokens_per_s=tokens / result["train_seconds"], answer_tokens=counts["answer"], training_flops=flops,
                       mfu=flops / result["train_seconds"] / (best["peak_gflops"] * 1e9), gemm_peak=best,
                       gemm_peaks_measured=[peak["peak_gflops"], after["peak_gflops"]],
@@ -248,7 +254,8 @@ def report() -> str:
     order = [*SIDES[:1], *EXTRA_SIDES, *SIDES[1:]]
     for r in sorted(rows, key=lambda r: (r["rows"], r["seed"], order.index(r["side"]))):
         mine = by.get(("peftlab", r["rows"], r["seed"]))
-        ratio = f"{mine['tokens_per_s'] / r['tokens_per_s']:.2f}x" if mine else ""
+        ratio = f"{mine['tokens_per_s'] / r['tokens_per_s']:.2f}x" if mine and mine.get("session") == r.get("session") else \
+            "not paired" if mine else ""  # measured in another invocation: no ratio
         mfu = f"{r['mfu']:.1%} ({r['gemm_peak']['peak_gflops']:.0f} {r['gemm_peak']['precision']})" if "mfu" in r else "-"
         steady = f"{r['after_first_step']['mfu']:.1%}" if (r.get("after_first_step") or {}).get("mfu") else "-"
         lines.append(f"| {r['side']} | {r['rows']} | {r['seed']} | {r['steps']} | {r['tokens_per_s']:.0f} | {ratio} | {mfu} | "

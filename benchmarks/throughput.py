@@ -432,6 +432,7 @@ def main() -> None:
     p.add_argument("--s2s-steps", type=int, default=60, help="samsum case: optimizer steps (batch 16)")
     p.add_argument("--s2s-test", type=int, default=64, help="samsum case: test rows summarised (beam search) after training")
     p.add_argument("--add", action="store_true", help="add to the stored results (same sizes) instead of starting afresh")
+    p.add_argument("--report", action="store_true", help="rewrite --name's table and plot from its stored results (no training)")
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--ablations", default=",".join(ABLATIONS), help=f"comma list of {', '.join(ABLATIONS)} (default: all); "
                    "each runs once per --repeats seed, after that seed's cases")
@@ -467,11 +468,25 @@ def main() -> None:
 
     name = args.name or ("throughput-quick" if args.quick else "throughput")
     RESULTS.mkdir(parents=True, exist_ok=True)
+    store = RESULTS / f"{name}.json"
+    if args.report or args.add:
+        if not store.is_file():
+            raise SystemExit(f"--{'report' if args.report else 'add'}: no stored results {store}.")
+        old = json.loads(store.read_text())
+        if args.report:  # the stored sizes, not the defaults
+            stored_args = argparse.Namespace(**{**vars(args), **old["config"]})
+            text = table(stored_args, old["gemm"], old["rows"], {k: old[k] for k in ("tokenize", "eval") if k in old})
+            (RESULTS / f"{name}.md").write_text(text + "\n")  # the results themselves stay as measured
+            print(text)
+            return
+        if differs := {k: (v, getattr(args, k)) for k, v in old["config"].items() if hasattr(args, k) and getattr(args, k) != v}:
+            raise SystemExit(f"--add: {store} was measured with other settings ({', '.join(f'{k}: stored {a!r}, now {b!r}' for k, (a, b) in differs.items())}"
+                             "): a table mixing them would compare unlike runs. Give the same settings, or another --name.")
     print(f"GEMM peak at {args.threads} thread(s)...", flush=True)
     peaks = [gemm_peak(args.threads, args.precision)]  # measured again after every run; MFU is against the highest
     print(json.dumps(peaks[0]), flush=True)
     length = mean_length(args)
-    rows, mine, extras, store = [], [], {}, RESULTS / f"{name}.json"
+    rows, mine, extras = [], [], {}
     gemm = dict(peaks[0], peaks_measured=[peaks[0]["peak_gflops"]])
     if args.add and store.is_file():  # each row keeps the MFU computed against its own invocation's GEMM peak
         old = json.loads(store.read_text())
@@ -561,6 +576,18 @@ def mean(xs):
     return sum(xs) / len(xs) if xs else None
 
 
+def time_to_target_ratio(rows: list[dict], case: str) -> str:
+    """peftlab / Trainer time to the target accuracy over the seeds where both sides reached it (paired: a seed only one
+    side reached has no ratio), with how many seeds that is when not all."""
+    t = {(r["side"], r.get("seed", 42)): r.get("time_to_target_s") for r in rows if r["case"] == case}
+    seeds = sorted({s for _, s in t})
+    both = [s for s in seeds if t.get(("peftlab", s)) and t.get(("Trainer+peft", s))]
+    if not both:
+        return "-"
+    ratio = mean([t[("peftlab", s)] for s in both]) / mean([t[("Trainer+peft", s)] for s in both])
+    return f"{ratio:.2f}" + (f" ({len(both)} of {len(seeds)} seeds: both reached)" if len(both) < len(seeds) else "")
+
+
 def accuracy_difference(rows: list[dict], case: str) -> str:
     """peftlab - Trainer final accuracy in points, paired by seed: the mean, and with several seeds its standard error."""
     acc = {(r["side"], r.get("seed", 42)): r["accuracy"] for r in rows if r["case"] == case}
@@ -586,7 +613,8 @@ def ablation_table(rows: list[dict]) -> list[str]:
     for label in dict.fromkeys(r["case"].removeprefix("ablation: ") for r in ablations):
         rs = [r for r in ablations if r["case"] == f"ablation: {label}"]
         ratio = mean([r["tokens_per_s"] / by_seed.get(r.get("seed", 42), fallback) for r in rs])
-        lines.append(f"| {label} ({ABLATIONS[label][1]}) | {rs[0]['steps']} | {len(rs)} | {mean([r['tokens_per_s'] for r in rs]):.0f} "
+        what = ABLATIONS[label][1] if label in ABLATIONS else "no longer run"
+        lines.append(f"| {label} ({what}) | {rs[0]['steps']} | {len(rs)} | {mean([r['tokens_per_s'] for r in rs]):.0f} "
                      f"| {ratio:.2f}x | {100 * mean([r['accuracy'] for r in rs]):.2f} |")
     return lines
 
@@ -637,7 +665,9 @@ def table(args, gemm: dict, rows: list[dict], extras: dict) -> str:
             s = {k: mean([r.get(k) for r in rs]) for k in ("examples_per_s", "tokens_per_s", "time_to_target_s", "accuracy",
                                                              "peak_rss_mib", "mfu", "hfu")}
             summary[(case, side)] = s
-            lines.append(f"| {case} | {side} | {s['examples_per_s']:.1f} | {s['tokens_per_s']:.0f} | {fmt(s['time_to_target_s'], '.0f')} "
+            reached = sum(r.get("time_to_target_s") is not None for r in rs)  # a seed that never reached it is no time
+            ttt = fmt(s["time_to_target_s"], ".0f") + (f" ({reached} of {len(rs)} seeds reached)" if reached < len(rs) else "")
+            lines.append(f"| {case} | {side} | {s['examples_per_s']:.1f} | {s['tokens_per_s']:.0f} | {ttt} "
                          f"| {100 * s['accuracy']:.2f} | {s['peak_rss_mib']:.0f} | {fmt(100 * s['mfu'], '.1f')}% "
                          f"| {fmt(s['hfu'] and 100 * s['hfu'], '.1f')}% |")
     if cases:
@@ -646,8 +676,7 @@ def table(args, gemm: dict, rows: list[dict], extras: dict) -> str:
     for case in cases:
         a, b = summary.get((case, "peftlab")), summary.get((case, "Trainer+peft"))
         if a and b:
-            ttt = a["time_to_target_s"] / b["time_to_target_s"] if a["time_to_target_s"] and b["time_to_target_s"] else None
-            lines.append(f"| {case} | {a['tokens_per_s'] / b['tokens_per_s']:.2f}x | {fmt(ttt, '.2f')} "
+            lines.append(f"| {case} | {a['tokens_per_s'] / b['tokens_per_s']:.2f}x | {time_to_target_ratio(rows, case)} "
                          f"| {accuracy_difference(rows, case)} | {a['peak_rss_mib'] / b['peak_rss_mib']:.2f} |")
     for q in ("qlora", "qlora-ckpt"):
         if (q, "peftlab") in summary and ("lora", "peftlab") in summary:

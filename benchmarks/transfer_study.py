@@ -89,8 +89,13 @@ def save_rows(store: Path, rows: list[dict]) -> None:
 
 
 def mean_std(rs: list[dict], key: str, scale: float = 1.0) -> tuple[float, float]:
+    """(mean, standard deviation over seeds); one seed has no spread to show: nan (no "± 0.00", no zero error bar)."""
     vals = [scale * r[key] for r in rs]
-    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return statistics.fmean(vals), statistics.stdev(vals) if len(vals) > 1 else float("nan")
+
+
+def pm(v: tuple[float, float]) -> str:
+    return f"{v[0]:.2f} ± {v[1]:.2f}" if v[1] == v[1] else f"{v[0]:.2f} (one seed)"
 
 
 def summarize(rows: list[dict]) -> list[dict]:
@@ -112,7 +117,7 @@ def table(summary: list[dict]) -> str:
              "| train wall (s) | peak RSS (MiB) |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summary:
         lines.append(f"| {s['task']} | {s['method']} | {100 * s['fraction']:g} | {s['train_rows']:,} | {s['steps']} | {s['runs']} "
-                     f"| {s['accuracy'][0]:.2f} ± {s['accuracy'][1]:.2f} | {s['macro_f1'][0]:.2f} ± {s['macro_f1'][1]:.2f} "
+                     f"| {pm(s['accuracy'])} | {pm(s['macro_f1'])} "
                      f"| {s['trainable_params']:,} | {s['weights_mib']:.2f} | {s['train_wall_s']:.0f} | {s['peak_rss_mib']:.0f} |")
     return "\n".join(lines)
 

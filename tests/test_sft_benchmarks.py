@@ -252,3 +252,20 @@ def test_gemm_peak_is_the_best_window_not_a_dip(monkeypatch):
     for name, f in flops.items():  # 49 matmuls in each fast window of 0.51 s
         assert peak[name] == pytest.approx(f * 49 / 0.51 / 1e9, rel=0.01)
     assert peak["peak_gflops"] == max(peak["square_2048"], peak["ffn_512x384x1536"])
+
+
+def test_a_stored_result_is_reused_only_for_the_settings_it_was_measured_with(tmp_path, capsys):
+    """stored_case returned a stored result by its name alone: a case asked with other overrides (another lr, student,
+    --set without --tag) silently reported the old numbers."""
+    common = load_benchmark("common")
+    stored = {"name": "c", "recipe": "r.yaml", "overrides": ["train.lr=1e-4", "data.train.path=/elsewhere/runs/x/train.tsv"],
+              "run": {"metrics": {}}, "process_wall_s": 1.0, "peak_rss_mib": 1.0}
+    (tmp_path / "c.json").write_text(json.dumps(stored))
+    kw = dict(runs=tmp_path / "runs", results=tmp_path, prefix="t")
+    again = common.stored_case("c", "r.yaml", ["train.lr=1e-4", f"data.train.path={tmp_path}/runs/x/train.tsv"], **kw)
+    assert again == stored  # the same settings, from another checkout
+    for recipe, overrides in (("other.yaml", stored["overrides"]), ("r.yaml", ["train.lr=5e-5", stored["overrides"][1]])):
+        with pytest.raises(SystemExit, match=r"\[c\] the stored result .* was measured with other settings .*--fresh"):
+            common.stored_case("c", recipe, overrides, **kw)
+    with pytest.raises(SystemExit, match="env: stored {}"):
+        common.stored_case("c", "r.yaml", stored["overrides"], env={"LD_PRELOAD": "x"}, **kw)
