@@ -59,8 +59,9 @@ def stored_case(name: str, recipe: str, overrides: list[str], *, runs: Path, res
     dest = results / f"{name}.json"
     if dest.exists() and not fresh:
         stored = json.loads(dest.read_text())
-        asked = {"recipe": recipe, "overrides": portable(overrides), "env": env or {}}
-        held = {"recipe": stored.get("recipe"), "overrides": portable(stored.get("overrides") or []), "env": stored.get("env") or {}}
+        asked = {"recipe": portable([f"={recipe}"]), "overrides": portable(overrides), "env": env or {}}
+        held = {"recipe": portable([f"={stored.get('recipe')}"]), "overrides": portable(stored.get("overrides") or []),
+                "env": stored.get("env") or {}}
         if differs := [k for k in asked if held[k] != asked[k]]:
             raise SystemExit(f"[{name}] the stored result {dest} was measured with other settings ("
                              + "; ".join(f"{k}: stored {held[k]!r}, asked {asked[k]!r}" for k in differs)

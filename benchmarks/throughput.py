@@ -432,7 +432,7 @@ def main() -> None:
     p.add_argument("--s2s-steps", type=int, default=60, help="samsum case: optimizer steps (batch 16)")
     p.add_argument("--s2s-test", type=int, default=64, help="samsum case: test rows summarised (beam search) after training")
     p.add_argument("--add", action="store_true", help="add to the stored results (same sizes) instead of starting afresh")
-    p.add_argument("--report", action="store_true", help="rewrite --name's table and plot from its stored results (no training)")
+    p.add_argument("--report", action="store_true", help="rewrite --name's table (.md) from its stored results (no training)")
     p.add_argument("--no-ablations", action="store_true")
     p.add_argument("--ablations", default=",".join(ABLATIONS), help=f"comma list of {', '.join(ABLATIONS)} (default: all); "
                    "each runs once per --repeats seed, after that seed's cases")

@@ -153,7 +153,7 @@ def cmd_validate(args) -> int:
             failed += 1
             print(f"INVALID {path}: {e}")
             if stage == "recipe" and not args.no_files:  # the checks against the data and the base need a valid recipe
-                print("        (its columns, labels and lengths are checked against the data and the base once these are fixed)")
+                print("        (its data columns, base model and tokenizer are checked once these are fixed)")
     return 2 if failed else 0
 
 

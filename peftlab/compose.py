@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import PeftlabError
 from .export import rebuild, write_atomic_dir
-from .rundir import LOG_FILE, RECIPE_FILE, RECORD_FILE, holds_run, read_run, sha256, write_record
+from .rundir import LOG_FILE, RECIPE_FILE, RECORD_FILE, RunDir, holds_run, read_run, sha256, write_record
 
 log = logging.getLogger(__name__)
 
@@ -109,7 +109,8 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
         write_record(tmp, (outs[0] / RECIPE_FILE).read_text(encoding="utf-8"), info)
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic_dir(out, fill)
+    with RunDir(out).lock():  # a second compose (or training) into the same folder is refused, not interleaved
+        write_atomic_dir(out, fill)
     log.info("composed %s (%s, weights %s) -> %s", ", ".join(map(str, outs)), method, weights, out)
     return out
 

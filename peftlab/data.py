@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -189,9 +190,9 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     if unlabelled:
         return ds.map(lambda b: {"text": joined(b, text_cols)}, batched=True, remove_columns=ds.column_names,
                       desc=f"{where}: columns")
-    label_map = {str(k): v for k, v in (spec.label_map or {}).items()}
+    label_map = {spelled(k): v for k, v in (spec.label_map or {}).items()}
     if label_map and not target_column and spec.max_samples is None:  # (a subset may miss a rare class)
-        present = {str(int(v)) if isinstance(v, float) and v.is_integer() else str(v) for v in ds[label_col]}
+        present = {spelled(v) for v in ds[label_col]}
         if unused := [k for k in label_map if k not in present]:
             log.warning("%s.label_map: key(s) %s not found in column %r (its values: %s): check their spelling.", where,
                         ", ".join(map(repr, unused)), label_col, ", ".join(sorted(present)[:10]))
@@ -202,7 +203,7 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
             return {"text": texts, "target": [str(v or "").strip() for v in batch[label_col]], "row": batch["_file_row"]}
         # an empty cell makes pandas read the column as floats (0.0, 1.0, nan): the rest are class indices again
         raw = [int(v) if isinstance(v, float) and v.is_integer() else v for v in batch[label_col]]
-        labels = [label_map.get(str(v), v) if label_map else v for v in raw]
+        labels = [label_map.get(spelled(v), v) if label_map else v for v in raw]
         pair = {"text_pair": joined(batch, text_cols[1:])} if data.text_pair else {}  # data.text_pair: encoded as a pair
         return {"text": texts, **pair, "label": labels}
 
@@ -347,18 +348,14 @@ def encode_labels(ds, label_names: list[str], where: str):
     is looked up as a name first (1, 1.0 and "1" all spell the name "1"). It is read as a class index only when no
     name is spelled as an integer: with label_names [1, 2, 3, 4, 5] (star ratings) the value 1 is the class "1", and a 0
     is refused, where reading it as an index would shift every class by one."""
-    index = {name: i for i, name in enumerate(label_names)}
+    index = {**{spelled(name): i for i, name in enumerate(label_names)}, **{name: i for i, name in enumerate(label_names)}}
     numeric_names = [n for n in label_names if _integer(n) is not None]
 
     def to_index(v):
-        if isinstance(v, bool):
-            return None
         s = str(v).strip()
-        if s in index:
-            return index[s]
+        if s in index or spelled(v) in index:
+            return index.get(s, index.get(spelled(v)))
         i = _integer(v)
-        if i is not None and str(i) in index:
-            return index[str(i)]
         return i if i is not None and not numeric_names and 0 <= i < len(label_names) else None
 
     raw = ds["label"]
@@ -373,27 +370,35 @@ def encode_labels(ds, label_names: list[str], where: str):
 
 
 def _integer(v) -> int | None:
-    """1, 1.0, "1", " 1.0 " -> 1; anything else (names, 1.5, booleans) -> None."""
+    """1, 1.0, "1", " 1.0 " -> 1; anything else -> None: names, 1.5, booleans, and codes with a leading zero ("01": a
+    name, not the number 1)."""
     if isinstance(v, bool):
         return None
     if isinstance(v, int):
         return v
-    try:
-        f = float(str(v).strip())
-    except ValueError:
-        return None
-    return int(f) if f.is_integer() else None
+    if isinstance(v, float):
+        return int(v) if v.is_integer() else None
+    m = re.fullmatch(r"\s*(-?(?:0|[1-9]\d*))(?:\.0+)?\s*", str(v))
+    return int(m.group(1)) if m else None
+
+
+def spelled(v) -> str:
+    """A label value as its class is spelled: 1, 1.0 and "1.0" are "1"; any other value as it is written."""
+    i = _integer(v)
+    return str(i) if i is not None else str(v)
 
 
 def infer_label_names(ds, where: str = "data.train") -> list[str]:
     """The sorted distinct labels, or 0..K-1 for class indices; refused where that would be a wrong classifier."""
     values = set(ds["label"])
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        values = {spelled(v) for v in values}  # "1" and "1.0": one class
     if len(values) < 2:
         raise DataError(f"{where}: every row has the label {next(iter(values), None)!r}. A classifier needs >= 2 classes (one "
                         "would build a 1-output head and report accuracy 1.0). Use training data with every class, or name "
                         "all the classes: data.label_names=[...].")
     if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
-        names = sorted({str(i) if (i := _integer(v)) is not None else str(v) for v in values})  # "1.0" spells "1"
+        names = sorted(values)
         check_label_spellings(names, where)
         return names
     absent = sorted(set(range(max(values) + 1)) - values)

@@ -30,7 +30,7 @@ from .config import Recipe
 from .errors import ArtifactError
 from .methods import get_method
 from .model import load_base
-from .rundir import RECIPE_FILE, RunRecord, read_run, record_weights, sha256, write_record
+from .rundir import RECIPE_FILE, RunRecord, check_same_folder, folder_identity, read_run, record_weights, sha256, write_record
 from .tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,10 @@ def merge(out: Path, *, force: bool = False) -> Path:
     """Fold a LoRA adapter into its base and write a standalone model to OUT/merged. Idempotent: a merged folder
     made from the same adapter weights is left as it is."""
     out = Path(out)
+    identity = folder_identity(out)
     recipe, run = read_run(out)
+    recipe_text = (out / RECIPE_FILE).read_text(encoding="utf-8")
+    metrics = (out / "metrics.json").read_bytes() if (out / "metrics.json").is_file() else None
     task = get_task(recipe.task.type)
     if hasattr(task, "refuse_loading"):  # a multi-task run: merge its tasks' runs (OUT/tasks/NAME)
         raise task.refuse_loading(out, run)
@@ -294,14 +297,15 @@ def merge(out: Path, *, force: bool = False) -> Path:
     def fill(tmp: Path) -> None:
         merged.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        if (out / "metrics.json").is_file():
-            shutil.copy2(out / "metrics.json", tmp / "metrics.json")
+        if metrics is not None:
+            (tmp / "metrics.json").write_bytes(metrics)
         merged_run = replace(run, **record_weights(tmp, weights_file(tmp).name))  # the merged folder checks its own weights
-        write_record(tmp, (out / RECIPE_FILE).read_text(encoding="utf-8"), merged_run)
+        write_record(tmp, recipe_text, merged_run)
         (tmp / "merge.json").write_text(json.dumps({"adapter_sha256": adapter_sha, "base_quantization": recipe.quant.mode,
                                                     "merged_into": "dequantized float32 copy" if recipe.quant.mode != "none"
                                                     else "float32 base weights"}, indent=2))
 
+    check_same_folder(out, identity, "merging it")
     write_atomic_dir(target, fill)
     log.debug("merged model written to %s", target)  # the callers say where (cli, the run summary)
     return target

@@ -24,7 +24,7 @@ from .data import build_data, column_problems, load_splits
 from .errors import ArtifactError, ConfigError
 from .export import atomic_write_text, export, merge, predictions_jsonl, rebuild
 from .model import build_model, model_problems, num_layers_problems
-from .rundir import RECIPE_FILE, RunDir, RunRecord, read_run
+from .rundir import RECIPE_FILE, RunDir, RunRecord, check_same_folder, folder_identity, read_run
 from .tasks import get_task, skip_unread
 from .trackers import resolve_trackers
 from .train import adapter_folded, eval_loader, train
@@ -40,6 +40,7 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     working directory; `overrides_tag`): an evaluation of a changed recipe never replaces the figures the run was trained
     and reported with, nor adds files to its folder."""
     out = Path(out)
+    identity = folder_identity(out)
     trained, run = read_run(out)
     recipe, precision = trained, run.precision  # the run's own, unless an override names another
     if overrides:
@@ -65,6 +66,7 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     model = accelerator.prepare_model(model, evaluation_mode=True)  # no DDP wrapper: it refuses a model with nothing to train
     metrics, report, rows = evaluate_split(model, ds, data, accelerator, recipe, tokenizer)
     if accelerator.is_main_process:
+        check_same_folder(out, identity, "evaluating it")
         if rows is not None:
             atomic_write_text(results / f"predictions-{split}.jsonl", predictions_jsonl(rows))
         record = {"metrics": metrics, "report": report, **({"run": str(out), "overrides": list(overrides)} if results != out else {})}
@@ -77,9 +79,13 @@ def rows_of(recipe, split: str) -> tuple:
     """Where a split's rows come from (a sample of them, data.SPLIT.max_samples, is the same rows): the held-out part
     of train for an eval split left out, else its file or hub split."""
     d, spec = recipe.data, getattr(recipe.data, split)
-    if spec is None and split == "eval":
-        return "held out", d.train and (d.train.path, d.train.split), d.dataset, d.subset, d.eval_holdout, recipe.data_seed
-    return spec and (spec.path, spec.split), d.dataset, d.subset
+
+    def source(s):
+        return s and (s.path and str(Path(s.path).resolve()), s.split)
+
+    if spec is None and split == "eval":  # which rows are held out depends on the train rows read too
+        return "held out", source(d.train), d.train and d.train.max_samples, d.dataset, d.subset, d.eval_holdout, recipe.data_seed
+    return source(spec), d.dataset, d.subset
 
 
 # what an evaluation of a finished run reads from its recipe besides data, eval, task and the base: of train, the

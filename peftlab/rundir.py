@@ -224,6 +224,23 @@ def selection_split(recipe: Recipe, data: dict) -> str | None:
     return "eval" if recipe.train.keep_best and len(data.get("history") or []) > 1 else None
 
 
+def folder_identity(out: str | Path) -> tuple[int, int] | None:
+    """(device, inode) of a run folder (None: none there): an --overwrite swaps another folder in under the same name."""
+    try:
+        st = os.stat(out)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
+def check_same_folder(out: str | Path, identity: tuple[int, int] | None, doing: str) -> None:
+    """Refuse to write what was computed from a run that an --overwrite replaced meanwhile (its recipe and weights
+    would be of two runs); nothing is written."""
+    if folder_identity(out) != identity:
+        raise ArtifactError(f"{out} was replaced while {doing} (an --overwrite finished meanwhile): what was computed mixes "
+                            "the two runs, so nothing was written. Run the command again.")
+
+
 def read_run(out: str | Path) -> tuple[Recipe, RunRecord]:
     """-> (recipe, run record) of a finished run, its weights checked against the record; clear error if `out` is not one."""
     out = Path(out)
@@ -405,7 +422,9 @@ class RunDir:
     """The folder of one run (`recipe.out`), and the siblings that keep it whole: lock, staging, retired copy."""
 
     def __init__(self, out: str | Path):
-        self.out = Path(out)
+        # a symlinked run folder is its target: one lock whichever name is used, and --overwrite replaces the run
+        # where it lives (not the link, by a folder beside it)
+        self.out = Path(out).resolve() if Path(out).is_symlink() else Path(out)
         full = self.out.absolute()
         self.lock_file = full.parent / f".{full.name}.lock"
         self.staging = full.parent / f".{full.name}.staging"
@@ -458,8 +477,9 @@ class RunDir:
         try:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             return None  # free: nobody writes it
-        except OSError:
-            return f"process {os.pread(fd, 64, 0).decode(errors='replace').strip() or '?'}"
+        except OSError as e:  # held, or no locks here (ENOLCK on some network file systems): then nobody is known
+            held = e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
+            return f"process {os.pread(fd, 64, 0).decode(errors='replace').strip() or '?'}" if held else None
         finally:
             os.close(fd)
 

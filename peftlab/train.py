@@ -52,6 +52,7 @@ class RunLog:
             out.mkdir(parents=True, exist_ok=True)
             if resumed_at is not None:
                 self.drop_after(resumed_at)
+            self.path.touch()  # first: a folder the trackers wrote into is known as a run's (even after a kill -9 at step 1)
             self.trackers = open_trackers(recipe, out)
 
     def drop_after(self, step: int) -> None:
@@ -409,6 +410,10 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resu
     A loss that turns inf/nan stops the run (TrainingDiverged): checked at log and save steps, not every step."""
     parts = setup(recipe, model, data, accelerator, tokenizer)
     state, weights = load_checkpoint(accelerator, resume_from) if resume_from is not None else (TrainState(), None)
+    if state.step > parts.total:  # it would export a run longer than its recipe says, silently
+        raise ConfigError([f"--resume: checkpoint {resume_from} is at step {state.step}, past the {parts.total} steps this "
+                           f"recipe trains (train.max_steps / train.epochs). Resume with at least {state.step} steps, e.g. "
+                           f"train.max_steps={state.step}."])
     best = KeepBest(recipe.train, weights, parts.schedule)
     loop(recipe, parts, data, accelerator, out, state, best, resumed=resume_from is not None)
     best.restore(accelerator.unwrap_model(parts.model), state)
@@ -499,8 +504,6 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                 state.epoch += 1
     settle_wall()
     bar.close()
-    if accelerator.is_main_process:
-        log_path(out).touch()  # a run of train.max_steps=0 (its base, scored as it is) has a log too, an empty one
 
 
 # ---------------------------------------------------------------------------------------------- folded evaluation

@@ -53,9 +53,9 @@ def test_validate_reports_each_recipe(tmp_path, capsys):
     assert main(["validate", str(good), str(bad), "--no-files"]) == 2
     out = capsys.readouterr().out
     assert "ok" in out and "INVALID" in out and "Did you mean 'train'?" in out and "adapter.r=0" in out
-    assert "checked against the data and the base once these are fixed" not in out  # --no-files: no such checks to come
+    assert "checked once these are fixed" not in out  # --no-files: no such checks to come
     assert main(["validate", str(bad)]) == 2  # the recipe's problems first: it says the data's and the base's come later
-    assert "checked against the data and the base once these are fixed" in capsys.readouterr().out
+    assert "data columns, base model and tokenizer are checked once these are fixed" in capsys.readouterr().out
 
 
 def test_validate_checks_what_training_would_check_first(make_recipe, capsys, tmp_path, caplog):

@@ -254,3 +254,22 @@ def test_named_classes_without_a_training_row_are_warned_about(tmp_path, caplog)
     with caplog.at_level("WARNING", logger="peftlab"):
         splits_of(tmp_path, tmp_path / "one.csv", ["data.text_columns=[text]", "data.label_column=y", "data.label_names=[neg,pos]"])
     assert "data.train has no row of class(es) ['neg'] (of data.label_names ['neg', 'pos'])" in caplog.text
+
+
+@pytest.mark.parametrize("labels, extra, expected", [
+    (['"1"', '"0"', '"1.0"'], ["data.label_names=[positive,negative]", "data.train.label_map={1: positive, 0: negative}"],
+     ["positive", "negative", "positive"]),  # "1.0" went past label_map and was read as the class index 1
+    (["1", "2", "2.0"], ["data.label_names=['1.0','2.0']"], ["1.0", "2.0", "2.0"]),  # names spelled as floats
+    (['"01"', '"1"', '"01"'], [], ["01", "1", "01"]),  # a leading zero is a code of its own, not the number 1
+    (["true", "false", "true"], [], ["True", "False", "True"]),  # JSON booleans: inferred names that encode
+])
+def test_label_spellings_map_to_one_class_each(tmp_path, labels, extra, expected):
+    (tmp_path / "l.jsonl").write_text("".join(f'{{"text": "r{i}", "y": {y}}}\n' for i, y in enumerate(labels)))
+    splits, names = splits_of(tmp_path, tmp_path / "l.jsonl", ["data.text_columns=[text]", "data.label_column=y", *extra])
+    assert [names[i] for i in splits["train"]["label"]] == expected
+
+
+def test_two_spellings_of_one_label_are_one_class_and_refused_as_such(tmp_path):
+    (tmp_path / "one.jsonl").write_text('{"text": "a", "y": "1"}\n{"text": "b", "y": "1.0"}\n')
+    with pytest.raises(DataError, match="every row has the label '1'. A classifier needs >= 2 classes"):
+        splits_of(tmp_path, tmp_path / "one.jsonl", ["data.text_columns=[text]", "data.label_column=y"])

@@ -446,6 +446,7 @@ def test_compose_linear_1_0_is_the_first_adapter(runs, tmp_path, capsys):
     exported = source["best_step"] if source["selected_on"] else source["steps"]
     assert f"- composed, not trained; the first source: {source['steps']} optimizer steps (exported: step {exported})" in card
     assert "composed by peftlab from adapters trained with it" in card and "rerun it with" not in card
+    assert "- the composed adapter: rank 4, lora_alpha 4 (`adapter_config.json`); the lines below" in card
 
 
 def test_compose_linear_1_0_gives_back_an_rslora_adapter(runs, tmp_path, tiny_bert, sentiment_files):
@@ -526,3 +527,17 @@ def test_eval_a_published_adapter_by_id(runs, hub, monkeypatch, tmp_path, capsys
     assert json.loads((results / "eval-eval.json").read_text())["overrides"][0] == f"model.name={tiny_bert}"
     rc, _, err = cli(capsys, "eval", "--adapter", "alice/missing", "--endpoint", hub.url)
     assert rc == 2 and "no repo alice/missing" in err
+
+
+def test_a_second_publish_or_compose_into_a_folder_being_written_is_refused(runs, tmp_path):
+    """Two `publish --to DIR` at once shared one staging folder: one deleted the other's mid-fill (a traceback); two
+    composes into one --out both reported success, the last writer winning."""
+    from peftlab.rundir import RunDir
+
+    for target, write in ((tmp_path / "pub", lambda t: publish(runs[0], "alice/x", to=str(t))),
+                          (tmp_path / "comp", lambda t: compose(runs, [0.5, 0.5], t))):
+        with RunDir(target).lock(), pytest.raises(ArtifactError, match="in use by another peftlab run"):
+            write(target)
+        assert not target.exists()
+        write(target)  # once the other is done
+        assert (target / "adapter_model.safetensors").is_file()

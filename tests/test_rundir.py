@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from peftlab import run
-from peftlab.errors import ArtifactError, PeftlabError
+from peftlab.errors import ArtifactError, ConfigError, PeftlabError
 from peftlab.rundir import RunDir, read_run
 
 from .conftest import REPO, wait_for
@@ -194,6 +194,8 @@ def test_resume_refuses_another_recipe_a_finished_run_and_overwrite(make_recipe,
     with pytest.raises(ArtifactError, match="--resume and --overwrite together"):
         run(recipe, resume=True, overwrite=True)
     # a resume may lengthen the run: train.max_steps is a training-only key
+    with pytest.raises(ConfigError, match="checkpoint .*step-4 is at step 4, past the 2 steps this recipe trains"):
+        run(make_recipe({**ov, "train.max_steps": 2, "output_dir": part}), resume=True)  # it exported 4 steps, silently
     assert run(make_recipe({**ov, "train.max_steps": 12, "output_dir": part}), resume=True)["steps"] == 12
 
 
@@ -354,3 +356,47 @@ def test_eval_on_a_base_the_adapter_does_not_fit_is_one_clear_error(make_recipe)
     rc, _, err = peftlab("eval", recipe.out, "model.name=minilm")  # another hidden size: LoRA's matrices do not fit
     assert rc == 2 and "does not fit the base minilm" in err and "drop the model.name override" in err, err
     assert "Traceback" not in err
+
+
+def test_a_symlinked_run_folder_is_its_target(make_recipe, tmp_path):
+    """Two names for one folder took two locks (two trainings wrote one folder together), and --overwrite through the
+    link replaced the link by a new folder beside it, leaving a dangling .NAME.old."""
+    real, link = tmp_path / "real", tmp_path / "link"
+    run(make_recipe({"train.max_steps": 2, "output_dir": real}))
+    link.symlink_to(real)
+    assert RunDir(link).lock_file == RunDir(real).lock_file
+    with RunDir(real).lock(), pytest.raises(ArtifactError, match="in use by another peftlab run"):
+        with RunDir(link).lock():
+            pass
+    run(make_recipe({"train.max_steps": 3, "output_dir": link}), overwrite=True)
+    assert link.is_symlink() and json.loads((real / "run.json").read_text())["steps"] == 3
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [".real.lock"]
+
+
+def test_eval_and_merge_of_a_run_replaced_meanwhile_write_nothing(make_recipe, tmp_path, monkeypatch):
+    """An --overwrite that swapped in while `peftlab eval` or `merge` ran left figures (or a merged/) of neither run:
+    the old recipe with the new weights, written into the new run."""
+    from peftlab.export import merge
+    from peftlab.run import evaluate
+
+    recipe = make_recipe({"train.max_steps": 2})
+    run(recipe)
+    other = tmp_path / "other"
+    run(make_recipe({"train.max_steps": 3, "output_dir": other}))
+
+    def swap_during(real):
+        def rebuild(out, *a, **k):
+            os.replace(recipe.out, tmp_path / "retired")  # as RunDir.swap does, mid-command
+            os.replace(other, recipe.out)
+            return real(out, *a, **k)
+        return rebuild
+
+    for module, call, doing in ((sys.modules["peftlab.run"], lambda: evaluate(recipe.out), "evaluating it"),
+                                (sys.modules["peftlab.export"], lambda: merge(recipe.out), "merging it")):
+        monkeypatch.setattr(module, "rebuild", swap_during(module.rebuild))
+        with pytest.raises(ArtifactError, match=f"was replaced while {doing} .*nothing was written"):
+            call()
+        monkeypatch.undo()
+        assert not list(recipe.out.glob("eval-*.json")) and not (recipe.out / "merged").exists()
+        os.replace(recipe.out, other)  # put both back
+        os.replace(tmp_path / "retired", recipe.out)

@@ -533,6 +533,11 @@ def test_a_conversation_ends_at_its_last_answer_and_rows_keep_their_file_numbers
     assert trained[0] == tok("hello", add_special_tokens=False)["input_ids"] + [end]  # not the opening "greetings"
     assert trained[3] == tok("three", add_special_tokens=False)["input_ids"] + [end]  # not the blank answer's end token
     assert tok.decode(data.eval[2]["input_ids"]).count("and?") == 0
+    # a system prompt first changes nothing: the opening assistant turn still answers no user turn
+    recipe = recipe_for(tmp_path, chat_llama, path, ["task.system_prompt=be brief"])
+    data = build_data(recipe, tok, splits=load_splits(recipe)[0], label_names=[])
+    assert [r["row"] for r in data.eval] == [0, 2, 3, 4]
+    assert [t for t, y in zip(data.eval[0]["input_ids"], data.eval[0]["labels"]) if y != -100] == trained[0]
 
 
 def test_summarization_predictions_name_the_rows_of_the_file(tmp_path):

@@ -258,14 +258,14 @@ def test_a_stored_result_is_reused_only_for_the_settings_it_was_measured_with(tm
     """stored_case returned a stored result by its name alone: a case asked with other overrides (another lr, student,
     --set without --tag) silently reported the old numbers."""
     common = load_benchmark("common")
-    stored = {"name": "c", "recipe": "r.yaml", "overrides": ["train.lr=1e-4", "data.train.path=/elsewhere/runs/x/train.tsv"],
+    stored = {"name": "c", "recipe": "/elsewhere/runs/mt/r.yaml", "overrides": ["train.lr=1e-4", "data.train.path=/elsewhere/runs/x/train.tsv"],
               "run": {"metrics": {}}, "process_wall_s": 1.0, "peak_rss_mib": 1.0}
     (tmp_path / "c.json").write_text(json.dumps(stored))
     kw = dict(runs=tmp_path / "runs", results=tmp_path, prefix="t")
-    again = common.stored_case("c", "r.yaml", ["train.lr=1e-4", f"data.train.path={tmp_path}/runs/x/train.tsv"], **kw)
+    again = common.stored_case("c", f"{tmp_path}/runs/mt/r.yaml", ["train.lr=1e-4", f"data.train.path={tmp_path}/runs/x/train.tsv"], **kw)
     assert again == stored  # the same settings, from another checkout
-    for recipe, overrides in (("other.yaml", stored["overrides"]), ("r.yaml", ["train.lr=5e-5", stored["overrides"][1]])):
+    for recipe, overrides in (("other.yaml", stored["overrides"]), ("runs/mt/r.yaml", ["train.lr=5e-5", stored["overrides"][1]])):
         with pytest.raises(SystemExit, match=r"\[c\] the stored result .* was measured with other settings .*--fresh"):
             common.stored_case("c", recipe, overrides, **kw)
     with pytest.raises(SystemExit, match="env: stored {}"):
-        common.stored_case("c", "r.yaml", stored["overrides"], env={"LD_PRELOAD": "x"}, **kw)
+        common.stored_case("c", "runs/mt/r.yaml", stored["overrides"], env={"LD_PRELOAD": "x"}, **kw)

@@ -411,6 +411,10 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
              "The resolved recipe (`recipe.yaml`); rerun it with `peftlab train recipe.yaml`.")
     lines += ["", "## Training recipe", "", rerun, "",
               "```yaml", recipe.to_yaml().rstrip(), "```", "", "## Method and parameters", ""]
+    if run.composition:  # its own adapter_config.json: the combined rank, alpha = r (scale 1), no rsLoRA
+        cfg = json.loads((out / "adapter_config.json").read_text()) if (out / "adapter_config.json").is_file() else {}
+        lines.append(f"- the composed adapter: rank {cfg.get('r', '?')}, lora_alpha {cfg.get('lora_alpha', '?')} "
+                     "(`adapter_config.json`); the lines below, and the training time, are the first source's")
     lines += method.card_lines(recipe)
     if recipe.quant.mode != "none":
         lines.append(f"- base quantized with bitsandbytes: {recipe.quant.mode} ({recipe.quant.quant_type}, double quant "

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..errors import PublishError
 from ..export import check_destination, weights_file, write_atomic_dir
-from ..rundir import RECIPE_FILE, RECORD_FILE, holds_run
+from ..rundir import RECIPE_FILE, RECORD_FILE, RunDir, holds_run
 from .card import PublicRun, card_text, check_card, check_nothing_local, local_roots, scrub
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json", "generation_config.json")
@@ -100,7 +100,8 @@ def write_folder(pub: PublicRun, target: Path, **card_kw) -> list[str]:
                            "or move those files away first if you mean to replace them.")
     names: list[str] = []
     target.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic_dir(target, lambda tmp: names.extend(fill_folder(pub, tmp, **card_kw)))
+    with RunDir(target).lock():  # a second publish into the same folder is refused, not interleaved
+        write_atomic_dir(target, lambda tmp: names.extend(fill_folder(pub, tmp, **card_kw)))
     return names
 
 

@@ -4,7 +4,7 @@ Rows (data.py hands them over raw: `normalize_split` below) become conversations
 - messages: data.messages_column holds the list itself (JSONL files load it as a list of objects);
 - instruction: instruction (+ input) is the user turn, output the assistant's;
 - prompt_completion: data.text_columns (through task.prompt's {source}) -> data.target_column, or prompt/completion columns.
-A conversation ends at its last answer: the last assistant turn with text that follows another turn. Turns after it
+A conversation ends at its last answer: the last assistant turn with text after a user (or tool) turn. Turns after it
 (a blank answer, a user turn left unanswered) are cut, with a count in the log, since nothing would train or score
 them; a row with no answer is dropped. Blank answers and an opening assistant turn (before any prompt) stay as context.
 The tokenizer's chat template (or task.chat_format) renders each conversation. Which tokens are the assistant's comes
@@ -191,18 +191,19 @@ def normalize_split(ds, spec, recipe, where: str):
     n = len(ds)
     ds = ds.filter(lambda r: r["conversation"] != "[]", desc=f"{where}: rows with an answer").remove_columns("cut")
     if len(ds) < n:
-        log.warning("%s: dropped %d row(s) without an answer (an assistant turn with text that follows a prompt)", where, n - len(ds))
+        log.warning("%s: dropped %d row(s) without an answer (an assistant turn with text after a user turn)", where, n - len(ds))
     if len(ds) == 0:
-        raise DataError(f"{where}: no row has an answer, an assistant turn with text after another turn (format {fmt}): "
+        raise DataError(f"{where}: no row has an answer, an assistant turn with text after a user turn (format {fmt}): "
                         "nothing to learn. Check the columns.")
     return ds
 
 
 def is_answer(messages: list[dict], i: int) -> bool:
-    """Turn i is trained (and the last one scored): an assistant turn with text that follows a prompt. An opening
-    assistant turn has no prompt (and the template could not render the empty prefix before it); a blank one would
-    teach the model to answer nothing."""
-    return i > 0 and messages[i]["role"] == "assistant" and bool(messages[i]["content"].strip())
+    """Turn i is trained (and the last one scored): an assistant turn with text that follows a user (or tool) turn.
+    An opening assistant turn answers no one, a system prompt before it or not (and a template cannot render the empty
+    prefix before it); a blank one would teach the model to answer nothing."""
+    return (messages[i]["role"] == "assistant" and bool(messages[i]["content"].strip())
+            and any(m["role"] in ("user", "tool") for m in messages[:i]))
 
 
 # ------------------------------------------------------------------------------------------------ template and labels
