@@ -224,6 +224,14 @@ def selection_split(recipe: Recipe, data: dict) -> str | None:
     return "eval" if recipe.train.keep_best and len(data.get("history") or []) > 1 else None
 
 
+LOCKED = (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)  # flock's "held by another"
+
+
+def holder(fd: int) -> str:
+    """'process PID' of the process holding a run's lock (it writes its pid into the lock file)."""
+    return f"process {os.pread(fd, 64, 0).decode(errors='replace').strip() or '?'}"
+
+
 def folder_identity(out: str | Path) -> tuple[int, int] | None:
     """(device, inode) of a run folder (None: none there): an --overwrite swaps another folder in under the same name."""
     try:
@@ -455,10 +463,9 @@ class RunDir:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
-                if e.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
+                if e.errno not in LOCKED:
                     raise
-                holder = os.pread(fd, 64, 0).decode(errors="replace").strip() or "?"
-                raise ArtifactError(f"output directory {self.out} is in use by another peftlab run (process {holder}). Wait "
+                raise ArtifactError(f"output directory {self.out} is in use by another peftlab run ({holder(fd)}). Wait "
                                     "for it to finish, or choose another folder: output_dir=DIR (or name=NEW_NAME).") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
@@ -478,8 +485,7 @@ class RunDir:
             fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
             return None  # free: nobody writes it
         except OSError as e:  # held, or no locks here (ENOLCK on some network file systems): then nobody is known
-            held = e.errno in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK)
-            return f"process {os.pread(fd, 64, 0).decode(errors='replace').strip() or '?'}" if held else None
+            return holder(fd) if e.errno in LOCKED else None
         finally:
             os.close(fd)
 
