@@ -41,16 +41,24 @@ def rouge_metrics(predictions: list[str], references: list[str], per_row: bool =
 
 def final_answer(text: str) -> str | None:
     """The final numeric answer of a worked solution: the number after the last '####' (GSM8K's convention), else the
-    last number in the text (the lenient reading for models that answer in prose); commas, '$' and a trailing '.' or
-    '.0' are dropped. None when the text holds no number."""
+    last number in the text (the lenient reading for models that answer in prose), as its value is written at its
+    shortest: commas and '$' dropped, '5.00' -> '5', '0.50' -> '0.5', '.5' -> '0.5', '3/4' -> '0.75'. None when the text
+    holds no number."""
     import re
+    from decimal import Decimal, DivisionByZero, InvalidOperation
 
     tail = text.rsplit("####", 1)[1] if "####" in text else text
-    numbers = re.findall(r"-?\$?\d[\d,]*(?:\.\d+)?", tail)
+    numbers = re.findall(r"-?\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+(?!\.\d))?", tail)
     if not numbers:
         return None
     n = numbers[0 if "####" in text else -1].replace(",", "").replace("$", "")
-    return n[:-2] if n.endswith(".0") else n.rstrip(".")
+    try:
+        top, _, bottom = n.partition("/")
+        value = Decimal(top) / Decimal(bottom) if bottom else Decimal(top)
+    except (InvalidOperation, DivisionByZero):
+        return n
+    text_value = format(value.normalize(), "f")
+    return "0" if text_value in ("-0", "0") else text_value
 
 
 def answer_accuracy(predictions: list[str], references: list[str]) -> dict:

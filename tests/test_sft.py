@@ -83,6 +83,17 @@ def test_rows_in_three_formats_become_the_same_conversation(tmp_path, chat_llama
                     {"role": "assistant", "content": QA[0][1]}]
 
 
+def test_columns_the_recipe_names_win_over_guessed_instruction_columns(tmp_path, chat_llama):
+    """GSM8K-like rows with instruction/output and a final_answer column: data.target_column=final_answer was ignored
+    for the guessed instruction format, silently (the references were the worked solutions)."""
+    path = write_jsonl(tmp_path / "g.jsonl", [{"instruction": q, "output": f"work... #### {a}", "final": a} for q, a in QA[:2]])
+    r = recipe_for(tmp_path, chat_llama, path, ["data.text_columns=[instruction]", "data.target_column=final"])
+    conv = json.loads(load_splits(r)[0]["train"]["conversation"][0])
+    assert conv == [{"role": "user", "content": QA[0][0]}, {"role": "assistant", "content": QA[0][1]}]
+    conv = json.loads(load_splits(recipe_for(tmp_path, chat_llama, path))[0]["train"]["conversation"][0])
+    assert conv[-1]["content"] == f"work... #### {QA[0][1]}"  # none named: the instruction format, as before
+
+
 def test_unknown_columns_and_bad_messages_are_refused_clearly(tmp_path, chat_llama):
     bad = write_jsonl(tmp_path / "x.jsonl", [{"question": "a", "answer": "b"}])
     with pytest.raises(DataError, match=r"cannot tell how the rows hold conversations; the data has columns \['question', 'answer'\]"):
@@ -102,6 +113,18 @@ def test_unknown_columns_and_bad_messages_are_refused_clearly(tmp_path, chat_lla
     with pytest.raises(DataError, match="row 10: 'messages' must be a list of"):
         load_splits(recipe_for(tmp_path, chat_llama, sampled, [f"data.train.max_samples={len(rows) - 1}",
                                                                         f"data.eval.max_samples={len(rows) - 1}"]))
+
+
+def test_a_chat_format_that_does_not_compile_or_a_descriptive_best_metric_is_refused_at_validation(tmp_path, chat_llama):
+    """A broken Jinja task.chat_format passed validate and failed in tokenization, after the model loaded, with a bare
+    TemplateSyntaxError; gen_words (words generated) could be kept as the best metric, higher counting as better."""
+    path = write_jsonl(tmp_path / "m.jsonl", messages_rows(2))
+    with pytest.raises(ConfigError, match=r"task.chat_format: the Jinja template does not compile \(unexpected '}', line 1\)"):
+        recipe_for(tmp_path, chat_llama, path, ["task.chat_format={% for m in messages %}{{ m.content }"])
+    with pytest.raises(ConfigError, match="eval.num_beams=4: sft generates greedily"):
+        recipe_for(tmp_path, chat_llama, path, ["eval.num_beams=4"])
+    with pytest.raises(ConfigError, match="train.best_metric='gen_words' counts the words generated"):
+        recipe_for(tmp_path, chat_llama, path, ["train.best_metric=gen_words", "eval.metric_fn=peftlab.metrics:answer_accuracy"])
 
 
 def test_a_template_that_trains_nothing_is_refused_and_a_missing_template_names_the_fix(tmp_path, chat_llama, tiny_llama):
@@ -320,6 +343,7 @@ def test_sft_end_to_end_learns_exports_and_reloads(tmp_path, chat_llama, packing
 
     claimed = {(e.metric_type, e.dataset_split) for e in card_data(r.out).eval_results}
     assert {("exact_match", "m"), ("answer_accuracy", "m")} <= claimed, claimed  # eval.metric_fn's metrics are on the card
+    assert not {t for t, _ in claimed} & set(sft.DESCRIPTIVE)  # words generated: measured, but no quality result
     from peftlab.publish.card import card_text
 
     card = card_text(r.out)  # what eval_report.json holds for a generation task, not a classifier's confusion matrix
@@ -487,11 +511,22 @@ def test_gsm8k_answers_are_read_after_the_marker_or_else_from_the_last_number():
     assert final_answer("9 * 2 = $18 a day.\n#### 18") == "18"
     assert final_answer("#### $1,000.0") == "1000" and final_answer("So she pays 3, then 1,234.") == "1234"
     assert final_answer("no number here") is None and final_answer("#### eighteen") is None
+    # one value, however written: these compared as strings ('5.00' != '5'), and '.5' read as 5, '3/4' as 3
+    assert [final_answer(f"#### {n}") for n in ("5.00", "0.50", ".5", "3/4", "$1,000.00", "-2")] == ["5", "0.5", "0.5", "0.75", "1000", "-2"]
+    assert answer_accuracy(["#### 5.00", "#### .5"], ["#### 5", "#### 0.5"])["answer_accuracy"] == 1.0
     refs = ["Janet sells 9 eggs.\n#### 18"] * 4
     m = answer_accuracy(["#### 18", "She makes 18 dollars.", "#### 17", "I do not know"], refs)
     assert m == {"answer_accuracy": 0.5, "answer_format": 0.5}
     fn = sft.load_metric_fn("peftlab.metrics:answer_accuracy")  # what the GSM8K recipes name in eval.metric_fn
     assert sft.score(["#### 18"], refs[:1], "peftlab.metrics:answer_accuracy")["answer_accuracy"] == 1.0 and fn is answer_accuracy
+
+
+def test_a_metric_fn_value_that_is_no_number_is_left_out_with_a_warning(monkeypatch, caplog):
+    """It raised TypeError in float() after training, and the trained run was lost."""
+    monkeypatch.setattr(sft, "load_metric_fn", lambda name: lambda p, r: {"ok": 0.5, "per_row": [1, 0], "flag": True})
+    with caplog.at_level("WARNING", logger="peftlab"):
+        m = sft.score(["a"], ["a"], "mine:score")
+    assert m["ok"] == 0.5 and "per_row" not in m and "flag" not in m and "'per_row', 'flag' that are not numbers" in caplog.text
 
 
 def test_rows_whose_answer_is_cut_are_dropped_from_training_but_kept_for_evaluation(tmp_path, chat_llama, caplog):

@@ -210,7 +210,8 @@ def user_metrics(recipe, task: Task, values: dict) -> dict[str, str]:
     itself (its BUILTIN_METRICS) -> their names as they are."""
     if not getattr(recipe.eval, "metric_fn", None):
         return {}
-    return {k: k for k in values if k not in getattr(task, "BUILTIN_METRICS", ("loss",))}
+    skip = (*getattr(task, "BUILTIN_METRICS", ("loss",)), *getattr(task, "DESCRIPTIVE", ()))
+    return {k: k for k in values if k not in skip}
 
 
 def _task_of(out: Path, recipe) -> tuple[Task, str | None]:

@@ -47,6 +47,7 @@ NAMED_TEMPLATES = {
 END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")  # tried after the tokenizer's EOS
 ROLES = ("system", "user", "assistant", "tool")
 BUILTIN_METRICS = ("loss", "exact_match", *ROUGE_KEYS)
+DESCRIPTIVE = ("gen_words",)  # measured with the metrics, but no quality: not a card result, not a best_metric
 EXTRAS = ("row", "source", "reference", "gen_input_ids", "gen_attention_mask")
 FILE_ROW = "_file_row"  # each row's number in its file (0-based data rows): errors and predictions-*.jsonl name it
 
@@ -78,7 +79,10 @@ card_metrics = {"exact_match": "Exact match", "rouge1": "ROUGE-1", "rougeL": "RO
 def check(recipe) -> list[str]:
     t, e, p = recipe.task, recipe.eval, []
     metric = recipe.train.best_metric
-    if metric not in BUILTIN_METRICS and not e.metric_fn:
+    if metric in DESCRIPTIVE:
+        p.append(f"train.best_metric={metric!r} counts the words generated, not their quality: choose one of "
+                 f"{', '.join(BUILTIN_METRICS)}, or a metric eval.metric_fn returns.")
+    elif metric not in BUILTIN_METRICS and not e.metric_fn:
         p.append(f"train.best_metric={metric!r}: sft keeps the best of {', '.join(BUILTIN_METRICS)}, or of a metric that "
                  "eval.metric_fn returns (set eval.metric_fn=module:function).")
     if e.metric_fn is not None and not re.fullmatch(r"[\w.]+:\w+", e.metric_fn):
@@ -87,17 +91,30 @@ def check(recipe) -> list[str]:
     if t.chat_format is not None and t.chat_format not in NAMED_TEMPLATES and "{%" not in t.chat_format and "{{" not in t.chat_format:
         p.append(f"task.chat_format={t.chat_format!r}: neither a named template ({', '.join(NAMED_TEMPLATES)}) nor a Jinja "
                  "string (with {% ... %} / {{ ... }}).")
+    elif t.chat_format is not None and t.chat_format not in NAMED_TEMPLATES:  # compiled as transformers will, before any work
+        from jinja2 import TemplateSyntaxError
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        try:
+            ImmutableSandboxedEnvironment().from_string(t.chat_format)
+        except TemplateSyntaxError as err:
+            p.append(f"task.chat_format: the Jinja template does not compile ({err.message}, line {err.lineno}). Fix it, or "
+                     f"use a named template: {', '.join(NAMED_TEMPLATES)}.")
     if t.prompt is not None and t.prompt.count("{source}") != 1:
         p.append(f"task.prompt={t.prompt!r}: must contain {{source}} exactly once (where the prompt column's text goes).")
     if recipe.model.decoder:
         p.append("model.decoder is set: sft fine-tunes a decoder-only LLM. Remove model.decoder.")
+    beams = {"num_beams": (e.num_beams, 1), "length_penalty": (e.length_penalty, 1.0), "no_repeat_ngram_size": (e.no_repeat_ngram_size, 0)}
+    if changed := [f"eval.{k}={v}" for k, (v, default) in beams.items() if v != default]:  # it was ignored, silently
+        p.append(f"{', '.join(changed)}: sft generates greedily (the summarization task's beam search settings do not "
+                 "apply). Remove them.")
     return p
 
 
 def summary_line(split: str, m: dict) -> str:
     shown = [f"exact_match {100 * m['exact_match']:.2f}"] if "exact_match" in m else []
     shown += [f"{k} {100 * m[k]:.2f}" for k in ("rouge1", "rougeL") if k in m]
-    shown += [f"{k} {v:.4f}" for k, v in m.items() if k not in (*BUILTIN_METRICS, "gen_words") and isinstance(v, (int, float))]
+    shown += [f"{k} {v:.4f}" for k, v in m.items() if k not in (*BUILTIN_METRICS, *DESCRIPTIVE) and isinstance(v, (int, float))]
     return f"   {split:<5} " + "   ".join([*shown, f"loss {m['loss']:.4f}"])
 
 
@@ -115,6 +132,8 @@ def detect_format(columns: list[str], d, where: str) -> tuple[str, list[str], st
     if fmt == "auto":
         if d.messages_column in cols:
             fmt = "messages"
+        elif d.target_column and set(pc[0]) | {pc[1]} <= cols:  # columns the recipe names win over guessed ones
+            fmt = "prompt_completion"
         elif {"instruction", "output"} <= cols:
             fmt = "instruction"
         elif set(pc[0]) | {pc[1]} <= cols:
@@ -413,7 +432,11 @@ def score(preds: list[str], refs: list[str], metric_fn: str | None) -> dict:
         extra = load_metric_fn(metric_fn)(preds, refs)
         if not isinstance(extra, dict):
             raise DataError(f"eval.metric_fn={metric_fn!r} returned {type(extra).__name__}; it must return {{metric: number}}.")
-        out.update({k: float(v) for k, v in extra.items()})
+        numbers = {k: float(v) for k, v in extra.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        if dropped := [k for k in extra if k not in numbers]:  # after training: warn, never lose the run over a report
+            log.warning("eval.metric_fn=%s returned %s that are not numbers: left out of the metrics (return {metric: "
+                        "number} only).", metric_fn, ", ".join(map(repr, dropped)))
+        out.update(numbers)
     return out
 
 
