@@ -189,6 +189,7 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
                 if rows is not None:
                     predictions[split] = rows
                 report = report or {"split": split, **split_report}  # the first split's (eval: the one data.eval names)
+                report.setdefault("splits", {})[split] = split_report  # and every split's, the held-out test's too
 
         record = RunRecord(
             name=recipe.name, output_dir=str(out), method=info.method, task=recipe.task.type, base_model=recipe.model.name,

@@ -39,6 +39,9 @@ def test_output_dir_describes_itself(trained):
     assert json.loads((out / "metrics.json").read_text()) == summary["metrics"]
     report = json.loads((out / "eval_report.json").read_text())
     assert set(report["per_class"]) == {"negative", "positive"} and report["n"] == 64
+    # every split's report, the held-out test split's too (only the first split's was kept)
+    assert report["splits"]["eval"] == {k: v for k, v in report.items() if k not in ("split", "splits")}
+    assert set(report["splits"]) == set(summary["metrics"]) and all(r["confusion"] for r in report["splits"].values())
 
 
 @pytest.mark.precision

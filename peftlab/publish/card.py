@@ -403,8 +403,9 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
             of = f" of the {report['split']} split" if report.get("split") in metrics else ""
             what = ("per-class scores and the confusion matrix" if "confusion" in report else
                     "generation speed" if "generation" in report else "the evaluation's details")
+            others = [s for s in report.get("splits", {}) if s != report.get("split")]
             lines += ["", f"Measured by peftlab at the end of training; {what} on the {report['n']:,} rows{of} are in "
-                          "`eval_report.json`."]
+                          "`eval_report.json`" + (f" (each split's under `splits`: {', '.join(others)} too)." if others else ".")]
     else:
         lines.append("Not evaluated yet: run `peftlab eval` on this folder.")
     rerun = ("The first source's resolved recipe (`recipe.yaml`): `peftlab train recipe.yaml` retrains that source; `peftlab "
