@@ -12,6 +12,7 @@ import re
 import shutil
 import subprocess
 import tempfile
+from contextlib import nullcontext
 from fnmatch import fnmatch
 from pathlib import Path
 
@@ -100,7 +101,8 @@ def write_folder(pub: PublicRun, target: Path, **card_kw) -> list[str]:
                            "or move those files away first if you mean to replace them.")
     names: list[str] = []
     target.parent.mkdir(parents=True, exist_ok=True)
-    with RunDir(target).lock():  # a second publish into the same folder is refused, not interleaved
+    # a second publish into the same folder is refused, not interleaved (a dry run's OUT/publish: no lock file in the run)
+    with RunDir(target).lock() if t.parent != o else nullcontext():
         write_atomic_dir(target, lambda tmp: names.extend(fill_folder(pub, tmp, **card_kw)))
     return names
 
