@@ -59,8 +59,8 @@ def stored_case(name: str, recipe: str, overrides: list[str], *, runs: Path, res
     dest = results / f"{name}.json"
     if dest.exists() and not fresh:
         stored = json.loads(dest.read_text())
-        asked = {"recipe": portable([f"={recipe}"]), "overrides": portable(overrides), "env": env or {}}
-        held = {"recipe": portable([f"={stored.get('recipe')}"]), "overrides": portable(stored.get("overrides") or []),
+        asked = {"recipe": portable_path(recipe), "overrides": portable(overrides), "env": env or {}}
+        held = {"recipe": portable_path(str(stored.get("recipe"))), "overrides": portable(stored.get("overrides") or []),
                 "env": stored.get("env") or {}}
         if differs := [k for k in asked if held[k] != asked[k]]:
             raise SystemExit(f"[{name}] the stored result {dest} was measured with other settings ("
@@ -83,14 +83,19 @@ def stored_case(name: str, recipe: str, overrides: list[str], *, runs: Path, res
     return result
 
 
+def portable_path(value: str) -> str:
+    """A path from `runs/` or `shared/` on: a result stored from another checkout (/work/other/runs/x, /work/shared/data)
+    names the same files as this one's (runs/x, ../shared/data); any other value as it is."""
+    m = re.search(r"(?:^|/)((?:runs|shared)/.*)$", value)
+    return m.group(1) if m else value
+
+
 def portable(overrides: list[str]) -> list[str]:
-    """Overrides with their paths from `runs/` or `shared/` on: a result stored from another checkout (/work/other/runs/x,
-    /work/shared/data) names the same files as this one's (runs/x, ../shared/data)."""
+    """KEY=VALUE overrides with their paths made portable (portable_path)."""
     out = []
     for o in overrides:
         key, sep, value = o.partition("=")
-        m = re.search(r"(?:^|/)((?:runs|shared)/.*)$", value)
-        out.append(f"{key}{sep}{m.group(1)}" if m else o)
+        out.append(f"{key}={portable_path(value)}" if sep else o)
     return out
 
 

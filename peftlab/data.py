@@ -352,9 +352,9 @@ def encode_labels(ds, label_names: list[str], where: str):
     numeric_names = [n for n in label_names if _integer(n) is not None]
 
     def to_index(v):
-        s = str(v).strip()
-        if s in index or spelled(v) in index:
-            return index.get(s, index.get(spelled(v)))
+        for key in (str(v).strip(), spelled(v)):  # as written first, then as its class is spelled
+            if key in index:
+                return index[key]
         i = _integer(v)
         return i if i is not None and not numeric_names and 0 <= i < len(label_names) else None
 
@@ -391,13 +391,14 @@ def spelled(v) -> str:
 def infer_label_names(ds, where: str = "data.train") -> list[str]:
     """The sorted distinct labels, or 0..K-1 for class indices; refused where that would be a wrong classifier."""
     values = set(ds["label"])
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+    indices = all(isinstance(v, int) and not isinstance(v, bool) for v in values)
+    if not indices:
         values = {spelled(v) for v in values}  # "1" and "1.0": one class
     if len(values) < 2:
         raise DataError(f"{where}: every row has the label {next(iter(values), None)!r}. A classifier needs >= 2 classes (one "
                         "would build a 1-output head and report accuracy 1.0). Use training data with every class, or name "
                         "all the classes: data.label_names=[...].")
-    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+    if not indices:
         names = sorted(values)
         check_label_spellings(names, where)
         return names

@@ -405,12 +405,12 @@ class Job:
 
     def abandon(self) -> None:
         """(main process) The run failed: the old run stays; staging is kept only if --resume can continue it. A fresh
-        run that stopped before training began (data, model) leaves no folder behind; one that trained keeps its log, and
-        its checkpoints (an interrupt saves one, before the first log line too)."""
+        run that stopped before training began (data, model) leaves no folder behind; one whose training began keeps its
+        log (RunLog creates it before any step or checkpoint) and its checkpoints."""
         if self.committed:
             return
         if not self.staged:
-            if self.created and not (self.work / LOG_FILE).exists() and not checkpoints(self.work):
+            if self.created and not (self.work / LOG_FILE).exists():
                 shutil.rmtree(self.work, ignore_errors=True)
             elif not checkpoints(self.work) and (self.work / LOG_FILE).exists():
                 log.warning("the failed run's log is kept in %s; train again with --overwrite.", self.work / LOG_FILE)
