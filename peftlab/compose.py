@@ -119,7 +119,8 @@ def _base_of(recipe, run) -> tuple:
     """What an adapter sits on and predicts: the base as loaded (a model.from_run's merged weights, by the run and its
     weights' sha256 as recorded), the task and the labels."""
     m, source = recipe.model, (run.lineage or [{}])[0]
-    return (m.name, m.from_run and str(Path(m.from_run).resolve()), source.get("weights_sha256"), m.num_layers,
+    name = str(Path(m.name).resolve()) if Path(m.name).exists() else m.name  # two spellings of one local folder agree
+    return (name, m.from_run and str(Path(m.from_run).resolve()), source.get("weights_sha256"), m.num_layers,
             recipe.task.type, run.label_names)
 
 

@@ -509,6 +509,19 @@ def test_compose_refuses_mismatched_runs(runs, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_compose_accepts_two_spellings_of_one_local_base(runs, tmp_path):
+    """model.name as `DIR` in one run and `DIR/../NAME` in the other names one base folder: they compose."""
+    respelled = tmp_path / "respelled"
+    shutil.copytree(runs[1], respelled)
+    recipe = yaml.safe_load((respelled / "recipe.yaml").read_text())
+    name = Path(recipe["model"]["name"])
+    assert name.is_dir()  # the tiny base is a local folder
+    recipe["model"]["name"] = str(name / ".." / name.name)
+    (respelled / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    target = compose([runs[0], respelled], [1, 0], tmp_path / "c")
+    torch.testing.assert_close(logits(load_trained(target)[0]), logits(load_trained(runs[0])[0]), atol=1e-6, rtol=0)
+
+
 def test_eval_a_published_adapter_by_id(runs, hub, monkeypatch, tmp_path, capsys, tiny_bert, sentiment_files):
     """`peftlab eval --adapter NAMESPACE/NAME`: download, rebuild on the base named by its recipe, same metrics;
     results go to runs/eval/..., never into the download cache. model.name=... overrides the base."""
