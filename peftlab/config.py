@@ -562,11 +562,24 @@ def base_from_run(tree: dict) -> None:
     if not isinstance(model, dict) or not model.get("from_run") or "name" in model:
         return
     try:
-        base = json.loads((Path(str(model["from_run"])) / "run.json").read_text(encoding="utf-8")).get("base_model")
-    except (OSError, ValueError, AttributeError):
+        record = json.loads((Path(str(model["from_run"])) / "run.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
         return  # from_run_problems names it
-    if isinstance(base, str):
+    base = run_base(Path(str(model["from_run"])), record)
+    if base:
         model["name"] = base
+
+
+def run_base(run: Path, record) -> str | None:
+    """The base a finished run was trained on: run.json's base_model, else (an older record) its recipe.yaml's model.name."""
+    base = record.get("base_model") if isinstance(record, dict) else None
+    if isinstance(base, str) and base:
+        return base
+    try:
+        name = (yaml.safe_load((run / "recipe.yaml").read_text(encoding="utf-8")) or {}).get("model", {}).get("name")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return name if isinstance(name, str) and name else None
 
 
 def same_base(a: str, b: str) -> bool:
@@ -742,7 +755,7 @@ def from_run_problems(recipe: Recipe) -> list[str]:
         tasks = multitask.get("tasks") or ["NAME"]
         return [f"model.from_run={recipe.model.from_run!r} is a multi-task run: its models are per task. Start from one of "
                 f"them, e.g. model.from_run={source / 'tasks' / tasks[0]}."]
-    base = record.get("base_model")
+    base = run_base(source, record)
     if base and not same_base(recipe.model.name, base):
         return [f"model.from_run={recipe.model.from_run!r} was trained on {base!r}, but model.name={recipe.model.name!r}. Set "
                 f"model.name={base} (or leave it out: it is taken from the run)."]

@@ -257,16 +257,16 @@ def start_from_run(recipe: Recipe, accelerator) -> list[dict]:
     earlier, record = read_run(source)
     if problems := from_run_problems(recipe):  # validate's own check (another base, a multi-task run itself), once more here
         raise ConfigError(problems)             # for a recipe built without its file checks
-    recipe.model.name = record.base_model
+    recipe.model.name = record.base_model or earlier.model.name  # an older run.json may lack base_model
     with accelerator.main_process_first():
         if accelerator.is_main_process:
             merge(source)  # idempotent: an existing merge of the same adapter is kept
     data = earlier.data.train
     step = {"run": str(source.resolve()), "name": record.name, "task": record.task, "method": record.method,
-            "base_model": record.base_model, "data": data and (data.path or f"{earlier.data.dataset}:{data.split}"),
+            "base_model": recipe.model.name, "data": data and (data.path or f"{earlier.data.dataset}:{data.split}"),
             "steps": record.steps, "metrics": record.metrics, "selected_on": record.selected_on,
             "weights_sha256": record.weights_sha256}
-    log.info("starting from run %s (%s, %s on %s, %s steps)", source, record.task, record.method, record.base_model, record.steps)
+    log.info("starting from run %s (%s, %s on %s, %s steps)", source, record.task, record.method, recipe.model.name, record.steps)
     return [step, *record.lineage]
 
 

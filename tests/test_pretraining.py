@@ -254,6 +254,13 @@ def test_from_run_refuses_a_missing_run_and_a_different_base(tmp_path, eos_llama
     del tree["model"]
     path.write_text(yaml.safe_dump(tree))
     assert load_recipe(path, [f"model.from_run={first.output_dir}"]).model.name == str(eos_llama)
+    record_path = Path(first.output_dir) / "run.json"  # an older run.json without base_model: its recipe.yaml names the base
+    record = json.loads(record_path.read_text())
+    del record["base_model"]
+    record_path.write_text(json.dumps(record))
+    assert load_recipe(path, [f"model.from_run={first.output_dir}"]).model.name == str(eos_llama)
+    with pytest.raises(ConfigError, match="was trained on .* but model.name='minilm'"):
+        recipe_for(tmp_path, "minilm", texts, "clm", [f"model.from_run={first.output_dir}"], name="three")
 
 
 def test_from_run_checks_come_first_and_the_layers_of_its_merged_model_before_training(tmp_path, eos_llama, texts):
