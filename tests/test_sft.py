@@ -4,8 +4,11 @@ generation metrics (exact match, ROUGE, a user function), an end-to-end run that
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -367,6 +370,14 @@ def test_sft_end_to_end_learns_exports_and_reloads(tmp_path, chat_llama, packing
                              pad_token_id=tok.pad_token_id, eos_token_id=sft.stop_ids(tok))
     assert tok.decode(out[0, len(row["gen_ids"]):], skip_special_tokens=True).strip() == preds[0]["prediction"]
     assert record.task == "sft"
+    if not packing:  # the card's snippet, run as written on this folder, answers as peftlab's evaluation did
+        snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+        snippet = re.sub(r"repo = .*", f"repo = {str(r.out)!r}", snippet).replace("What is the capital of France?", QA[0][0])
+        snippet = re.sub(r"base_model = .*", f"base_model = {str(chat_llama)!r}", snippet)  # a local base, named by folder
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(snippet, {})
+        assert printed.getvalue().strip() == preds[0]["prediction"], (printed.getvalue(), snippet)
 
 
 @pytest.mark.parametrize("method,folds", [("lora", True), ("ia3", True), ("prompt_tuning", False)])

@@ -304,6 +304,15 @@ def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: 
     if auto_cls == "AutoModelForSequenceClassification":
         example = ("with torch.no_grad():\n    logits = model(**tokenizer([\"a gripping, beautifully shot film\"], return_tensors=\"pt\")).logits\n"
                    "print(labels[logits.argmax(-1).item()])\n")
+    elif recipe.task.type == "sft":  # the run's tokenizer carries the chat template it was trained with (task.chat_format)
+        system = (f"{{\"role\": \"system\", \"content\": {recipe.task.system_prompt!r}}}, "
+                  if recipe.task.system_prompt else "")
+        example = (f"messages = [{system}{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]\n"
+                   "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)\n"
+                   "with torch.no_grad():  # greedy, as peftlab's evaluation generates\n"
+                   f"    out = model.generate(input_ids=inputs[\"input_ids\"], attention_mask=inputs[\"attention_mask\"], "
+                   f"max_new_tokens={recipe.eval.max_new_tokens}, do_sample=False)\n"
+                   "print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))\n")
     return ("```python\nimport torch\nfrom peft import PeftModel\n"
             f"from transformers import {auto_cls}, AutoTokenizer\n\n"
             f"repo = {repo!r}\nbase_model = {base!r}{where}\n{head}"
