@@ -11,6 +11,7 @@ import copy
 import ctypes
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -114,11 +115,25 @@ def default_skip_modules(recipe: Recipe, path: str, auto_cls, num_labels: int) -
         try:
             with torch.device("meta"):
                 skeleton = auto_cls.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-            return sorted(get_keys_to_not_convert(skeleton))
+            # model.from_run: weights its merged checkpoint lacks (an MLM run's pooler) are filled from the original base
+            # (fill_from_original_base), which needs them unquantized; otherwise they would be quantized random weights
+            absent = modules_absent_from(skeleton, path) if recipe.model.from_run else []
+            return sorted(set(get_keys_to_not_convert(skeleton)) | set(absent))
         except Exception as e:  # an architecture that cannot be built on meta: fall back on the config
             log.debug("default skip modules from the meta model failed (%s); using the config", e)
     tied = getattr(config, "tie_word_embeddings", False) or getattr(config.get_text_config(), "tie_word_embeddings", False)
     return ["lm_head"] + (["model.embed_tokens"] if tied else [])
+
+
+def modules_absent_from(skeleton: nn.Module, path: str) -> list[str]:
+    """Modules of `skeleton` with a weight the safetensors checkpoint in the local folder `path` does not hold."""
+    from safetensors import safe_open
+
+    held: set[str] = set()
+    for f in Path(path).glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            held.update(st.keys())
+    return sorted({k.rsplit(".", 1)[0] for k in skeleton.state_dict() if k not in held}) if held else []
 
 
 def under_fsdp() -> bool:
@@ -239,6 +254,11 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
             model, info = auto_cls.from_pretrained(path, output_loading_info=True, **kwargs)
     except (OSError, ValueError) as e:
         msg = str(e).splitlines()[0]
+        folder = Path(path)
+        if folder.is_dir() and not any(next(folder.glob(g), None) for g in ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")):
+            raise ModelError(f"{path}: the folder holds no model weights (no *.safetensors or *.bin file), only "
+                             f"{', '.join(sorted(p.name for p in folder.iterdir())[:6]) or 'nothing'}. Point model.name at a "
+                             "folder saved with save_pretrained, or at a Hub model id.") from None
         if "safetensors" in msg.lower() and not recipe.model.allow_pickle:
             raise ModelError(f"{path}: no safetensors weights, only pickle files (.bin/.pt), which can run arbitrary code when "
                              "loaded. Convert the checkpoint to safetensors (save_pretrained(dir) in a trusted environment), "
@@ -246,8 +266,10 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
         raise ModelError(f"cannot load {path} as {auto_cls.__name__}: {msg}") from None
     missing = set(info.get("missing_keys", [])) | {m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", [])}
     # (only weights beyond a new task head: the original base would lack the head too, and loading it costs a second base)
-    if recipe.model.from_run and quant is None and any(k.split(".")[0] not in head_guess for k in missing):
+    if recipe.model.from_run and any(k.split(".")[0] not in head_guess for k in missing):
         missing = fill_from_original_base(model, recipe, missing, auto_cls, kwargs)
+    if recipe.model.from_run and num_labels:  # the earlier run's own classifier, same size: a fresh head all the same
+        missing |= fresh_head(model, head_guess, missing)
     head = new_modules(model, missing)
     keep_layers(model, recipe.model.num_layers)  # here, so a run reloaded (export.rebuild) or merged has the same layers
     if quant is not None:
@@ -418,6 +440,22 @@ def fill_from_original_base(model: nn.Module, recipe: Recipe, missing: set[str],
         log.info("model.from_run: %s taken from the original base %s (the earlier run's model did not have them)",
                  ", ".join(sorted({k.rsplit(".", 1)[0] for k in filled})), recipe.model.name)
     return missing - set(filled)
+
+
+def fresh_head(model: nn.Module, names: list[str], missing: set[str]) -> set[str]:
+    """model.from_run on a classifier run with as many labels: its head loaded with the merged weights, trained for that
+    run's classes. Re-initialise it as transformers would a new head (head_init), so the new task starts from no class
+    meanings -> the keys of the re-initialised head."""
+    init, fresh = head_init(model), set()
+    for name, module in model.named_children():
+        keys = {f"{name}.{k}" for k, _ in module.named_parameters()}
+        if name in names and keys - missing:
+            for layer in module.modules():
+                if isinstance(layer, nn.Linear):
+                    init(layer)
+            fresh |= keys
+            log.info("model.from_run: the earlier run's task head (%s) is replaced by a fresh one", name)
+    return fresh
 
 
 def new_modules(model: nn.Module, missing_keys) -> list[str]:
@@ -594,7 +632,7 @@ def resized_head(head: nn.Module, old: int, new: int, init) -> nn.Module:
 
 def head_init(model):
     """How transformers initialises a new head's Linear: weights N(0, the base's initializer_range), biases zero."""
-    base = model.get_base_model()
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
     std = getattr(base.config, "initializer_range", 0.02)
 
     def init(module: nn.Linear) -> None:

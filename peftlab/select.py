@@ -91,14 +91,15 @@ class SelectRow:
 class _Candidate:
     base: str
     method: str
-    recipe: Recipe  # what a run of this candidate would train: the steps proxy runs it; the features load its base
+    recipe: Recipe  # what a run of this candidate would train: the steps proxy runs it
+    features: Recipe  # the same without the method's own --set overrides: the probe and LogME read the base through it
 
     def features_key(self) -> str:
         """What the features depend on: the base as loaded (quantization, dtype; pretrained or scratch's random
         initialisation), how rows are tokenized and batched. Methods that share it share the features."""
         from .methods import get_method
 
-        r = self.recipe
+        r = self.features
         return repr((asdict(r.model), asdict(r.quant), r.data.max_length, r.eval.batch_size, r.train.precision, r.train.seed,
                      get_method(r.adapter.method).pretrained))
 
@@ -137,14 +138,15 @@ def base_label(name: str) -> str:
     return path.name if (name.startswith((".", "/", "~")) or path.exists()) and path.name else name
 
 
-def candidate_overrides(recipe: Recipe, base: str, method: str, overrides: dict[str, list[str]] | None = None) -> list[str]:
+def candidate_overrides(recipe: Recipe, base: str, method: str, overrides: dict[str, list[str]] | None = None,
+                        method_extras: bool = True) -> list[str]:
     """The recipe overrides that make one candidate: its base and method, the architecture's default adapter modules
     when either differs from the recipe's (the recipe's names belong to its own base and method), then the extra
     overrides given for the base, then those given for the method. benchmarks/model_selection.py trains the same ones."""
     extra = overrides or {}
     reset = base != recipe.model.name or method != recipe.adapter.method
     return [f"model.name={base}", f"adapter.method={method}", *(["adapter.target_modules=null"] if reset else []),
-            *extra.get(base, []), *extra.get(method, [])]
+            *extra.get(base, []), *(extra.get(method, []) if method_extras else [])]
 
 
 def derive(recipe: Recipe, overrides: list[str], where: str) -> Recipe:
@@ -179,7 +181,10 @@ def build_candidates(recipe: Recipe, bases: list[str], methods: list[str] | None
     for base in bases:
         for method in methods:
             where = f"candidate {base_label(base)} with adapter.method={method}"
-            out.append(_Candidate(base, method, derive(recipe, candidate_overrides(recipe, base, method, overrides), where)))
+            full = derive(recipe, candidate_overrides(recipe, base, method, overrides), where)
+            features = derive(recipe, candidate_overrides(recipe, base, method, overrides, False), where) \
+                if overrides.get(method) else full
+            out.append(_Candidate(base, method, full, features))
     return out
 
 
@@ -275,7 +280,7 @@ def encode(recipe: Recipe, ds, label_names: list[str]) -> tuple[np.ndarray, str]
 def encode_timed(c: _Candidate, ds, label_names: list[str], folds: int, logme_runs: bool) -> tuple[np.ndarray, str, float]:
     """`encode` for one candidate's base -> (features, pooling, seconds); warns when LogME would read too few rows."""
     start = time.perf_counter()
-    feats, pooling = encode(c.recipe, ds, label_names)
+    feats, pooling = encode(c.features, ds, label_names)
     seconds = time.perf_counter() - start
     log.info("select: %s encoded (%s pooling, %d dims) in %.1f s", base_label(c.base), pooling, feats.shape[1], seconds)
     fewest = len(ds) - -(-len(ds) // folds)  # the rows LogME sees without its largest fold (the jackknife)
@@ -383,13 +388,15 @@ def logme_evidence(s: np.ndarray, z: np.ndarray, y_norm2: float, n: int, d: int,
 
 
 def logme(features: np.ndarray, labels: np.ndarray, classes: int) -> float:
-    """LogME of features for a classification: the mean over classes of the evidence of the one-hot target."""
+    """LogME of features for a classification: the mean over the classes present of the evidence of the one-hot target."""
     n, d = features.shape
     with one_thread():
         u, s, _ = (t.numpy() for t in torch.linalg.svd(torch.from_numpy(features.astype(np.float64)), full_matrices=False))
     scores = []
     for c in range(classes):
         y = (labels == c).astype(np.float64)
+        if not y.any():  # a class with no row here (in data.label_names, or left out of a jackknife part): nothing to explain
+            continue
         try:
             scores.append(logme_evidence(s, u.T @ y, float(y @ y), n, d)[0])
         except (OverflowError, ZeroDivisionError, ValueError):  # n << d: the fixed point runs off to beta -> infinity
@@ -418,13 +425,15 @@ def few_steps(c: _Candidate, ds, label_names: list[str], holdout: np.ndarray, st
     from .run import run
 
     work.mkdir(parents=True)
-    for name, rows in (("train", ds.select(np.flatnonzero(~holdout))), ("holdout", ds.select(np.flatnonzero(holdout)))):
-        rows.to_json(str(work / f"{name}.jsonl"), lines=True)
+    named = ds.remove_columns("label").add_column("label", [label_names[i] for i in ds["label"]])  # names, not indices:
+    for name, rows in (("train", named.select(np.flatnonzero(~holdout))), ("holdout", named.select(np.flatnonzero(holdout)))):
+        rows.to_json(str(work / f"{name}.jsonl"), lines=True)                          # '1' is a name with labels 1..5
     r = copy.deepcopy(c.recipe)
     r.name, r.output_dir = "select", str(work / "run")
     d = r.data
     d.train, d.eval, d.test, d.eval_holdout = SplitConfig(path=str(work / "train.jsonl")), SplitConfig(path=str(work / "holdout.jsonl")), None, 0.0
-    d.text_columns, d.label_column, d.label_names = ["text"], "label", list(label_names)
+    d.text_columns = ["text", "text_pair"] if "text_pair" in ds.column_names else ["text"]  # data.text_pair: sentence pairs
+    d.label_column, d.label_names = "label", list(label_names)
     t = r.train
     t.max_steps, t.eval_every, t.save_every, t.keep_best = steps, None, None, False
     r.export.merge = False

@@ -12,7 +12,7 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from peftlab import load_recipe, run
+from peftlab import load_recipe, merge, run
 from peftlab.errors import ConfigError
 from peftlab.tasks import corpus, get_task, lower_is_better, mlm
 
@@ -172,7 +172,7 @@ def test_a_task_recipe_starts_from_a_pretraining_run_reloads_and_records_its_lin
                                                                                      caplog):
     """Stage 1: clm LoRA on the unlabelled text. Stage 2: a classifier with model.from_run. Stage 2's base is stage 1's
     merged model (its weights, not the bare base's); run.json and the card name stage 1; eval and merge reload it."""
-    from peftlab import evaluate, load_trained, merge
+    from peftlab import evaluate, load_trained
     from peftlab.publish.card import card_text
 
     first = run(recipe_for(tmp_path, eos_llama, texts, "clm", ["train.max_steps=10", "adapter.target_modules=all-linear"],
@@ -299,6 +299,58 @@ def test_a_classifier_from_an_mlm_run_keeps_the_original_pooler_and_trains_only_
     original = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
     ours = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in model.named_parameters()}
     torch.testing.assert_close(ours["bert.pooler.dense.weight"], original.bert.pooler.dense.weight)
+
+
+def classifier_from(tmp_path, run_dir, sentiment_files, overrides=(), labels=("negative", "positive")):
+    """(model, info, recipe) of a classifier built on model.from_run=run_dir, as training builds it."""
+    from peftlab.accel import make_accelerator
+    from peftlab.model import build_model
+    from peftlab.run import start_from_run
+
+    tree = {"name": "cls2", "output_dir": str(tmp_path / "cls2"), "model": {"from_run": str(run_dir)},
+            "data": {"train": str(sentiment_files["train"]), "label_names": list(labels), "max_length": 32},
+            "train": {"max_steps": 2, "precision": "fp32"}}
+    path = tmp_path / "cls2.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    recipe = load_recipe(path, list(overrides))
+    start_from_run(recipe, make_accelerator(recipe, "fp32"))
+    model, _, info = build_model(recipe, num_labels=len(labels), label_names=list(labels))
+    return model, info, recipe
+
+
+def test_a_classifier_from_a_classifier_run_starts_with_a_fresh_head(tmp_path, tiny_bert, sentiment_files):
+    """Same number of labels (here in the other order): the earlier run's trained head used to be kept, its class
+    meanings with it. As the README says, only the new task head starts fresh: re-initialised, and trained."""
+    first = run(load_recipe(None, [f"model.name={tiny_bert}", f"data.train.path={sentiment_files['train']}", "data.eval=null",
+                                   "data.label_names=[negative,positive]", "train.max_steps=3", "train.lr=5e-2",
+                                   "train.precision=fp32", f"output_dir={tmp_path / 'cls'}"]))
+    from safetensors.torch import load_file
+
+    merge(first.output_dir)
+    earlier = load_file(str(Path(first.output_dir) / "merged" / "model.safetensors"))["classifier.weight"]
+    model, info, _ = classifier_from(tmp_path, first.output_dir, sentiment_files, labels=("positive", "negative"))
+    head = dict(model.named_parameters())
+    fresh = next(v for k, v in head.items() if k.endswith("classifier.modules_to_save.default.weight"))
+    assert info.head_modules == ["classifier"] and fresh.requires_grad
+    assert (fresh - earlier).abs().max() > 1e-3  # not the earlier run's head
+    assert 0.005 < fresh.std().item() < 0.05  # drawn as transformers draws a new head: N(0, initializer_range=0.02)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_a_qlora_classifier_from_an_mlm_run_takes_the_pooler_from_the_original_base_unquantized(tmp_path, tiny_bert, texts,
+                                                                                               sentiment_files):
+    """Under a 4-bit base the pooler an MLM run lacks was left random, quantized, and trained as a head: bitsandbytes
+    failed on the first forward. It is kept out of quantization and filled from the original base, as without quant."""
+    from transformers import AutoModelForSequenceClassification
+
+    first = run(recipe_for(tmp_path, tiny_bert, texts, "mlm", ["train.max_steps=2"], name="mlm-stage"))
+    model, info, _ = classifier_from(tmp_path, first.output_dir, sentiment_files, ["quant.mode=4bit"])
+    assert info.head_modules == ["classifier"]
+    original = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
+    ours = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in model.named_parameters()}
+    torch.testing.assert_close(ours["bert.pooler.dense.weight"], original.bert.pooler.dense.weight)
+    batch = {"input_ids": torch.tensor([[101, 2023, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    assert torch.isfinite(model(**batch).logits).all()
 
 
 def test_domain_adaptation_report_pairs_seeds_and_measures_the_shift_without_accuracies(tmp_path, monkeypatch):

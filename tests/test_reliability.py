@@ -123,6 +123,9 @@ def test_pickle_weights_are_refused_unless_allowed(make_recipe, tmp_path, tiny_b
         build_model(recipe, num_labels=2, label_names=names)
     allowed = make_recipe({"model.allow_pickle": True}, model=pickled)
     build_model(allowed, num_labels=2, label_names=names)
+    (pickled / "pytorch_model.bin").unlink()  # no weights at all: said so, not "only pickle files"
+    with pytest.raises(ModelError, match="holds no model weights.*config.json.*save_pretrained"):
+        build_model(make_recipe(model=pickled), num_labels=2, label_names=names)
 
 
 def test_trust_remote_code_warns(make_recipe, caplog):

@@ -12,7 +12,7 @@ import torch
 
 from peftlab.cli import main
 from peftlab.errors import ConfigError, ModelNotFound
-from peftlab.select import PROXIES, SelectError, logme, logme_evidence, probe, select, stratified_folds
+from peftlab.select import PROXIES, SelectError, jackknifed, logme, logme_evidence, probe, select, stratified_folds
 
 
 def direct_evidence(f: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
@@ -70,6 +70,17 @@ def test_logme_by_hand_one_feature():
     # logme averages the classes' evidences: class 1 is the target y, class 0 its complement [0, 1, 1]
     labels = np.array([1, 0, 0])
     assert logme(f, labels, 2) == pytest.approx((evidence + logme_evidence(s, u.T @ (1 - y), 2.0, 3, 1)[0]) / 2)
+
+
+def test_logme_leaves_out_a_class_with_no_row():
+    """A class of data.label_names absent from the sample (or from a jackknife part): its all-zero target drove alpha
+    to 0 and select blamed 'too few rows' on 600 rows of 384 dimensions. It has nothing to explain and is left out."""
+    rng = np.random.default_rng(0)
+    f, labels = rng.normal(size=(60, 8)), np.arange(60) % 2
+    assert logme(f, labels, 3) == pytest.approx(logme(f, labels, 2))
+    folds = stratified_folds(np.where(np.arange(60) < 3, 2, labels), 3, 0)  # class 2: three rows, one per fold
+    value, std = jackknifed(lambda x, y: logme(x, y, 3), f, np.where(np.arange(60) < 3, 2, labels), folds)
+    assert math.isfinite(value) and math.isfinite(std)
 
 
 def test_logme_and_probe_prefer_features_that_separate_the_classes():
@@ -240,3 +251,38 @@ def test_encoding_casts_the_frozen_base_once_with_the_same_features(make_recipe,
                              splits["train"], names)
     assert made[0].dtype == torch.bfloat16 and len(made[0].params) >= 24 and made[1].params == []
     assert np.array_equal(once, per_call)
+
+
+def test_the_steps_proxy_keeps_integer_label_names_and_sentence_pairs(make_recipe, tmp_path, tiny_bert):
+    """Labels named '1'..'3' (star ratings) were written to the steps proxy's files as class indices 0..2, read back as
+    names (0 refused, 1 -> '1': shifted); a text_pair recipe lost its second text. Both run, as a training would."""
+    from peftlab.select import build_candidates, few_steps, train_sample
+
+    words = ["good", "fine", "bad"]
+    lines = ["s1,s2,stars"] + [f"the first {words[i % 3]} text {i},and a second one {i},{3 - i % 3}" for i in range(36)]
+    (tmp_path / "pairs.csv").write_text("\n".join(lines) + "\n")
+    recipe = make_recipe({"data.train": str(tmp_path / "pairs.csv"), "data.eval": None, "data.text_columns": "[s1,s2]",
+                          "data.text_pair": "true", "data.label_column": "stars", "data.label_names": "['1','2','3']"})
+    ds, names = train_sample(recipe, 36)
+    assert names == ["1", "2", "3"] and "text_pair" in ds.column_names
+    holdout = np.arange(36) % 4 == 0
+    (c,) = build_candidates(recipe, [str(tiny_bert)], None, {})
+    estimate = few_steps(c, ds, names, holdout, 1, tmp_path / "w")
+    assert 0 <= estimate.value <= 1
+    written = [json.loads(line) for line in (tmp_path / "w" / "train.jsonl").read_text().splitlines()]
+    assert [r["label"] for r in written] == [names[i] for i, h in zip(ds["label"], holdout) if not h]
+    assert written[0]["text_pair"].startswith("and a second one")
+    run = json.loads((tmp_path / "w" / "run" / "run.json").read_text())
+    assert run["label_names"] == names
+    with open(tmp_path / "w" / "run" / "recipe.yaml") as f:
+        assert "text_pair: true" in f.read()
+
+
+def test_a_methods_own_overrides_leave_the_bases_features_alone(make_recipe, tiny_bert):
+    """--set frozen:train.precision=fp32 is for frozen's training (the steps proxy): the probe and LogME read the base,
+    and every method of it shares one encoding and one figure, as the README says (it was encoded twice, and differed)."""
+    recipe = make_recipe({"train.precision": "bf16"})
+    rows = select(recipe, [str(tiny_bert)], ["lora", "frozen"], proxies=["probe"], max_rows=48, folds=3,
+                  overrides={"frozen": ["train.precision=fp32"]})
+    lora, frozen = sorted(rows, key=lambda r: r.method != "lora")
+    assert lora.features_group == frozen.features_group == 1 and lora.estimates["probe"] == frozen.estimates["probe"]
