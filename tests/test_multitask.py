@@ -50,7 +50,8 @@ def tree(files, out: Path, model: Path, **multitask) -> dict:
         "multitask": {"sampling": "uniform", **multitask, "tasks": {
             "senti": {"data": {"train": str(files["senti_train"]), "eval": str(files["senti_dev"]),
                                "label_names": ["negative", "positive"]}},
-            "topic": {"data": {"train": str(files["topic_train"]), "eval": str(files["topic_dev"]), "label_names": TOPICS}},
+            "topic": {"data": {"train": str(files["topic_train"]), "eval": str(files["topic_dev"]), "test": str(files["topic_dev"]),
+                               "label_names": TOPICS}},
             "pair": {"data": {"train": str(files["pair_train"]), "eval": str(files["pair_dev"]), "text_columns": ["s1", "s2"],
                               "text_pair": True, "label_names": ["different", "same"]}, "metric": "f1"}}},
         "train": {"max_steps": 120, "batch_size": 8, "lr": 1e-2, "log_every": 10, "warmup_fraction": 0.0, "precision": "fp32",
@@ -120,6 +121,8 @@ def test_task_probabilities():
     assert task_probabilities([100, 300], "uniform", 2.0) == pytest.approx([0.5, 0.5])
     assert task_probabilities([100, 400], "temperature", 2.0) == pytest.approx([10 / 30, 20 / 30])  # sqrt: 10 : 20
     assert sum(block_counts([0.2, 0.3, 0.5], 7)) == 7 and block_counts([0.5, 0.5], 10) == [5, 5]
+    # a task whose share rounds to no block still gets one (5 rows beside 1,030 at block 16: it was never trained)
+    assert block_counts(task_probabilities([1000, 30, 5], "proportional", 1.0), 66) == [63, 2, 1]
 
 
 @pytest.mark.parametrize("sampling", ["proportional", "uniform", "temperature"])
@@ -195,6 +198,10 @@ def test_a_multitask_run_learns_and_exports_a_run_per_task(trained, mode):
 
         exported = load_file(str(folder / "adapter_model.safetensors"))  # the task's adapter and head, nothing else
         assert saved["trainable_params"] == sum(v.numel() for v in exported.values()) < record.trainable_params
+    root = json.loads((out / "eval_report.json").read_text())  # every split's report, per task as for a single-task run
+    topic = json.loads((out / "tasks" / "topic" / "eval_report.json").read_text())
+    assert topic["split"] == "eval" and topic["splits"] == {s: root["splits"][s]["topic"] for s in ("eval", "test")}
+    assert topic["splits"]["test"]["confusion"] and topic["confusion"] == root["topic"]["confusion"]
     card = card_text(out / "tasks" / "topic")
     assert "## Multi-task training" in card and "Task `topic` of the multi-task peftlab run `mt`" in card
     assert ("one LoRA adapter shared by every task" in card) == (mode == "shared")

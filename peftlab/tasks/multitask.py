@@ -176,11 +176,15 @@ def task_probabilities(sizes: list[int], sampling: str, temperature: float) -> l
 
 
 def block_counts(probs: list[float], blocks: int) -> list[int]:
-    """`blocks` split by `probs`, rounded so the counts add up (largest remainder): the exact shares of one epoch."""
+    """`blocks` split by `probs`, rounded so the counts add up (largest remainder): the exact shares of one epoch. A task
+    with rows gets at least one block (taken from the largest share): rounded to 0, it was never trained, every epoch."""
     raw = [p * blocks for p in probs]
     counts = [math.floor(r) for r in raw]
     for i in sorted(range(len(raw)), key=lambda i: counts[i] - raw[i])[: blocks - sum(counts)]:
         counts[i] += 1
+    for i, p in enumerate(probs):
+        if p > 0 and counts[i] == 0 and max(counts) > 1:
+            counts[i], counts[counts.index(max(counts))] = 1, max(counts) - 1
     return counts
 
 
@@ -423,7 +427,7 @@ def export(out: Path, model, tokenizer, recipe, record, metrics: dict, report: d
                       trainable_params=trainable, total_params=total, trainable_percent=100 * trainable / max(total, 1),
                       multitask={**info, "task": name})
         folder = out / "tasks" / name
-        export_one(folder, view, tokenizer, sub, rec, own, (report or {}).get(name))
+        export_one(folder, view, tokenizer, sub, rec, own, task_report(report, name))
         if recipe.export.merge:
             merge(folder)
     record.multitask = info
@@ -432,6 +436,15 @@ def export(out: Path, model, tokenizer, recipe, record, metrics: dict, report: d
     if report is not None:
         (out / "eval_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
     return out
+
+
+def task_report(report: dict | None, name: str) -> dict | None:
+    """One task's eval_report.json, shaped as a single-task run's: the first split's per-class report, and every split's
+    under `splits` (the held-out test's too; only the first was kept)."""
+    if not report or name not in report:
+        return None
+    splits = {split: r[name] for split, r in report.get("splits", {}).items() if name in r}
+    return {"split": report.get("split"), **report[name], "splits": splits}
 
 
 def refuse_loading(out: Path, run) -> ArtifactError:
