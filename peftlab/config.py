@@ -171,7 +171,8 @@ class DistillConfig:
     teacher: str | None = opt(None, "The teacher: a finished run folder (runs/NAME) of task.type classification or verbalizer, with the "
                               "student's label names; any base and tokenizer (its logits come from the raw text of each row).")
     temperature: float = opt(2.0, "Softmax temperature T of the soft targets (teacher and student logits divided by T; the KL term "
-                             "is scaled by T^2).", gt=0, hint="typical: 1-4")
+                             "is scaled by T^2). Below 100: beyond it float32 rounding, times T^2, swamps the term.", gt=0, lt=100,
+                             hint="typical: 1-4")
     alpha: float = opt(0.5, "Weight of the label loss: loss = alpha * CE(labels) + (1 - alpha) * T^2 * KL(teacher || student); "
                        "1 = labels only, 0 = soft targets only. In [0, 1].", ge=0, hint="in [0, 1]")
     unlabelled: SplitConfig | None = opt(None, "Optional extra rows without labels (a file, read as data.train is: "

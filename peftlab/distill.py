@@ -51,13 +51,20 @@ def check(recipe: Recipe) -> list[str]:
         return [f"{where}: no finished run there (no run.json). Train the teacher first (peftlab train TEACHER_RECIPE, its "
                 "output_dir there), or fix the path."]
     try:
-        _, teacher = read_run(k.teacher)
+        teacher_recipe, teacher = read_run(k.teacher)
     except PeftlabError as e:
         return [f"{where}: {e}"]
     problems = []
-    if teacher.task not in TEACHER_TASKS:
+    if teacher.task == "multitask":
+        tasks = (teacher.multitask or {}).get("tasks") or ["NAME"]
+        problems.append(f"{where} is a multi-task run: its models are per task. Distill from one of them, e.g. "
+                        f"train.distill.teacher={Path(k.teacher) / 'tasks' / tasks[0]}.")
+    elif teacher.task not in TEACHER_TASKS:
         problems.append(f"{where} is a task.type {teacher.task} run: a teacher must be one of {', '.join(TEACHER_TASKS)} "
                         "(its class logits are the soft targets). Distill from a classifier of the same classes.")
+    if teacher_recipe.data.text_pair:
+        problems.append(f"{where} was trained on sentence pairs (data.text_pair=true): it would score each row's columns "
+                        "joined into one text, which is not what it learnt. Distill from a teacher trained on single texts.")
     names = recipe.data.label_names
     if names is not None and list(names) != list(teacher.label_names):
         problems.append(f"{where} has the label names {teacher.label_names}, the student data.label_names={list(names)}: the "
@@ -91,7 +98,8 @@ def add_soft_targets(recipe: Recipe, splits: dict, device) -> tuple[dict, dict]:
     _, teacher = read_run(k.teacher)
     u = k.unlabelled
     entry = {"teacher": str(Path(k.teacher).resolve()), "name": teacher.name, "task": teacher.task, "method": teacher.method,
-             "base_model": teacher.base_model, "metrics": teacher.metrics, "selected_on": teacher.selected_on, "temperature": k.temperature,
+             "base_model": teacher.base_model, "weights_sha256": teacher.weights_sha256, "metrics": teacher.metrics,
+             "selected_on": teacher.selected_on, "temperature": k.temperature,
              "alpha": k.alpha, "soft_target_rows": len(train), "labelled_rows": labelled, "unlabelled_rows": len(train) - labelled,
              "unlabelled": u and (u.path or f"{recipe.data.dataset}:{u.split}"), "teacher_seconds": round(seconds, 2),
              "soft_targets_from_cache": from_cache}

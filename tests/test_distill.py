@@ -6,6 +6,7 @@ before anything is written, and run.json and the card name the teacher."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -283,8 +284,24 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, tiny_bert, sentime
         "labels": ({**distilled(teacher), "data.label_names": "[pos, neg]"}, "['negative', 'positive']"),
         "layers": ({**distilled(teacher), "model.num_layers": 3}, "has 2 layers"),
     }
+    pairs, multi = tmp_path / "pairs-teacher", tmp_path / "mt-teacher"  # copies of the teacher, described otherwise
+    shutil.copytree(teacher, pairs)
+    tree = yaml.safe_load((pairs / "recipe.yaml").read_text())
+    tree["data"].update(text_pair=True, text_columns=["sentence", "sentence"])
+    (pairs / "recipe.yaml").write_text(yaml.safe_dump(tree))
+    shutil.copytree(teacher, multi)
+    record = json.loads((multi / "run.json").read_text())
+    (multi / "run.json").write_text(json.dumps({**record, "task": "multitask", "multitask": {"tasks": ["senti"]}}))
+    cases["pairs"] = ({**distilled(pairs)}, "trained on sentence pairs (data.text_pair=true)")
+    cases["multitask"] = ({**distilled(multi)}, f"is a multi-task run: its models are per task. Distill from one of them, "
+                                                f"e.g. train.distill.teacher={multi / 'tasks' / 'senti'}")
+    cases["temperature"] = ({**distilled(teacher), "train.distill.temperature": 1e5}, "train.distill.temperature")
     for name, (over, expected) in cases.items():
-        recipe = student(tmp_path, tiny_bert, sentiment_files, name, over)
+        recipe = student(tmp_path, tiny_bert, sentiment_files, name, over) if name != "temperature" else None
+        if recipe is None:  # a recipe-level rule: refused as the recipe loads
+            with pytest.raises(ConfigError, match=expected):
+                student(tmp_path, tiny_bert, sentiment_files, name, over)
+            continue
         with pytest.raises(ConfigError) as e:
             run(recipe)
         assert expected in str(e.value), str(e.value)
@@ -307,6 +324,7 @@ def test_run_json_and_card_name_the_teacher(tmp_path, tiny_bert, sentiment_files
     d = saved["distillation"]
     teacher_run = json.loads((teacher / "run.json").read_text())
     assert d["teacher"] == str(teacher.resolve()) and d["name"] == "teacher" and d["method"] == "full"
+    assert d["weights_sha256"] == teacher_run["weights_sha256"]  # which teacher, even if it is trained again later
     assert d["metrics"] == teacher_run["metrics"] and d["selected_on"] == teacher_run["selected_on"] and (d["temperature"], d["alpha"]) == (2.0, 0.3)
     assert yaml.safe_load((recipe.out / "recipe.yaml").read_text())["data"]["label_names"] == ["negative", "positive"]  # the teacher's
     card = card_text(recipe.out)
