@@ -17,7 +17,7 @@ from pathlib import Path
 from .errors import ArtifactError
 from .export import load_trained
 from .publish import load_adapter
-from .rundir import read_run
+from .rundir import base_as_loaded, read_run
 
 
 def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None):
@@ -31,9 +31,14 @@ def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None
         raise ArtifactError(f"{first[1]} holds a standalone model (method {run.method}), not an adapter.")
     for name, folder in rest:
         other_recipe, other_run = read_run(folder)
-        if other_recipe.model.name != recipe.model.name:
-            raise ArtifactError(f"adapter {name!r} ({folder}) was trained on {other_recipe.model.name}, but {first[0]!r} on "
-                                f"{recipe.model.name}: adapters loaded side by side must share their base.")
+        mine, theirs = base_as_loaded(recipe, run), base_as_loaded(other_recipe, other_run)
+        if mine != theirs:
+            what = ", ".join(k for k, a, b in zip(("model.name", "model.num_layers", "quant.mode", "model.from_run",
+                                                    "model.from_run's weights"), mine, theirs) if a != b)
+            raise ArtifactError(f"adapter {name!r} ({folder}) was trained on another base than {first[0]!r} ({what} differ: "
+                                f"{[b for a, b in zip(mine, theirs) if a != b]} vs {[a for a, b in zip(mine, theirs) if a != b]}): "
+                                "adapters loaded side by side must share their base as loaded. Load them one by one "
+                                "(load_trained).")
         if len(other_run.label_names) == len(run.label_names):
             model.load_adapter(str(folder), adapter_name=name)
         else:

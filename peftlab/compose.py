@@ -14,7 +14,7 @@ from pathlib import Path
 
 from .errors import PeftlabError
 from .export import rebuild, write_atomic_dir
-from .rundir import LOG_FILE, RECIPE_FILE, RECORD_FILE, RunDir, holds_run, read_run, sha256, write_record
+from .rundir import LOG_FILE, RECIPE_FILE, RECORD_FILE, RunDir, base_as_loaded, holds_run, read_run, sha256, write_record
 
 log = logging.getLogger(__name__)
 
@@ -64,7 +64,7 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
                                "functions, not even with weights 1 0. Compose plain LoRA adapters (adapter.use_dora=false).")
         if _base_of(r, info) != _base_of(first_recipe, first_run):
             raise PeftlabError(f"{o} was trained on another base, task or label set than {outs[0]} (model.name, model.from_run, "
-                               "model.num_layers, task.type, labels): adapters compose only on the same base model and labels.")
+                               "model.num_layers, quant.mode, task.type, labels): adapters compose only on the same base model and labels.")
     trained, tokenizer = rebuild(outs[0], first_recipe, first_run)
     base = trained.unload()  # the plain base (its head is replaced below)
     states = [load_file(str(o / "adapter_model.safetensors")) for o in outs]
@@ -116,12 +116,8 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
 
 
 def _base_of(recipe, run) -> tuple:
-    """What an adapter sits on and predicts: the base as loaded (a model.from_run's merged weights, by the run and its
-    weights' sha256 as recorded), the task and the labels."""
-    m, source = recipe.model, (run.lineage or [{}])[0]
-    name = str(Path(m.name).resolve()) if Path(m.name).exists() else m.name  # two spellings of one local folder agree
-    return (name, m.from_run and str(Path(m.from_run).resolve()), source.get("weights_sha256"), m.num_layers,
-            recipe.task.type, run.label_names)
+    """What an adapter sits on (rundir.base_as_loaded) and predicts: the task and the labels."""
+    return (*base_as_loaded(recipe, run), recipe.task.type, run.label_names)
 
 
 def _adapter_config(run: Path) -> dict:

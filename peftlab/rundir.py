@@ -323,6 +323,15 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def base_as_loaded(recipe, run) -> tuple:
+    """What a run's adapter sits on: the base (a local folder by its resolved path), the layers kept, quantization, and
+    a model.from_run's merged weights (the run and its weights' sha256 as recorded). Adapters fit one another only on
+    equal ones (load_adapters, compose)."""
+    m, source = recipe.model, (run.lineage or [{}])[0]
+    name = str(Path(m.name).resolve()) if Path(m.name).exists() else m.name  # two spellings of one local folder agree
+    return (name, m.num_layers, recipe.quant.mode, m.from_run and str(Path(m.from_run).resolve()), source.get("weights_sha256"))
+
+
 def recipe_changes(ckpt: Path, recipe_yaml: str) -> list[str]:
     """-> 'key: old -> new' for every key that differs from the checkpoint's recipe and that a resume may not change."""
     if not (ckpt / RECIPE_FILE).is_file():

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
+import yaml
 
 from peftlab import load_trained
 from peftlab.adapters import load_adapters
@@ -48,3 +51,10 @@ def test_adapters_of_different_bases_are_refused(runs, make_recipe, tmp_path, ti
     other = run(make_recipe({"train.max_steps": 1, "output_dir": tmp_path / "llama"}, model=tiny_llama))
     with pytest.raises(ArtifactError, match="must share their base"):
         load_adapters({"bert": runs[0], "llama": other["output_dir"]})
+    kept = tmp_path / "kept"  # the same base name, 1 of its layers kept (model.num_layers): its LoRA fits other layers
+    shutil.copytree(runs[1], kept)
+    recipe = yaml.safe_load((kept / "recipe.yaml").read_text())
+    recipe["model"]["num_layers"] = 1
+    (kept / "recipe.yaml").write_text(yaml.safe_dump(recipe))
+    with pytest.raises(ArtifactError, match=r"model.num_layers differ: \[1\] vs \[None\].*load_trained"):
+        load_adapters({"full": runs[0], "kept": kept})
