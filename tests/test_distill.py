@@ -5,7 +5,10 @@ before anything is written, and run.json and the card name the teacher."""
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -268,6 +271,15 @@ def test_a_smaller_student_reloads_and_merges_with_its_layers(tmp_path, bert4, s
     merged = AutoModelForSequenceClassification.from_pretrained(merge(tmp_path / "small"))
     assert merged.config.num_hidden_layers == 2
     assert torch.allclose(logits(merged), logits(model), atol=1e-5)
+    from peftlab.publish.card import card_text  # the card's snippet keeps the same layers of the base (it loaded all 4)
+
+    snippet = re.search(r"```python\n(.*?)```", card_text(tmp_path / "small"), re.S).group(1)
+    snippet = re.sub(r"repo = .*", f"repo = {str(tmp_path / 'small')!r}", snippet)
+    namespace = {}
+    with contextlib.redirect_stdout(io.StringIO()):
+        exec(re.sub(r"base_model = .*", f"base_model = {str(bert4)!r}", snippet), namespace)
+    assert "keep_layers(base, 2)" in snippet
+    torch.testing.assert_close(logits(namespace["model"]), logits(model), atol=1e-5, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------- bad input, records

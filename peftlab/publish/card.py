@@ -313,10 +313,15 @@ def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: 
                    f"    out = model.generate(input_ids=inputs[\"input_ids\"], attention_mask=inputs[\"attention_mask\"], "
                    f"max_new_tokens={recipe.eval.max_new_tokens}, do_sample=False)\n"
                    "print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))\n")
+    layers, keep = "", ""
+    if recipe.model.num_layers:  # the adapter's layers are these of the base, renumbered: the rest are left out first
+        keep = "from peftlab.model import keep_layers\n"
+        layers = (f"keep_layers(base, {recipe.model.num_layers})  # model.num_layers={recipe.model.num_layers}: the base's "
+                  "layers this adapter was trained on (evenly spaced, first and last kept)\n")
     return ("```python\nimport torch\nfrom peft import PeftModel\n"
-            f"from transformers import {auto_cls}, AutoTokenizer\n\n"
+            f"from transformers import {auto_cls}, AutoTokenizer\n{keep}\n"
             f"repo = {repo!r}\nbase_model = {base!r}{where}\n{head}"
-            f"base = {auto_cls}.from_pretrained(base_model{args}){quant}\n"
+            f"base = {auto_cls}.from_pretrained(base_model{args}){quant}\n{layers}"
             "tokenizer = AutoTokenizer.from_pretrained(repo)\n"
             "base.config.pad_token_id = tokenizer.pad_token_id\n"
             "model = PeftModel.from_pretrained(base, repo).eval()\n"
@@ -448,6 +453,8 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
                      f"precision {run.precision or '?'}")
     lines.append(f"- Python {hw.get('python', '?')}, " + ", ".join(f"{k} {v}" for k, v in (run.versions or {}).items() if v))
     libraries = "peft and transformers" if (out / "adapter_config.json").is_file() else "transformers"
+    if pub.recipe.model.num_layers and (out / "adapter_config.json").is_file():
+        libraries += " (and peftlab, for the base's layers it keeps)"
     lines += ["", "## How to use", "", f"With {libraries}:", "", _usage(out, recipe, run, repo, base, local_base, gguf_file_of(pub.recipe)), "",
               "With peftlab (downloads the folder, rebuilds the base from `recipe.yaml`):", "", "```python",
               "from peftlab import load_trained\nfrom peftlab.publish import load_adapter\n",
