@@ -232,6 +232,7 @@ def rebuild(out: Path, recipe: Recipe, run: RunRecord, *, dequantize: bool = Fal
             # Merging LoRA into 4-bit weights re-quantizes the sum and rounds the update away (max logit error 0.17 on
             # MiniLM); merged into the dequantized weights it reproduces the adapter model's logits (1e-7).
             base = base.dequantize()
+            base.is_loaded_in_4bit = base.is_loaded_in_8bit = False  # left set by transformers: peft's IA3 refused to merge
             log.info("base was quantized (%s): merging into a dequantized copy of it", recipe.quant.mode)
         base.config.pad_token_id = tokenizer.pad_token_id
         try:

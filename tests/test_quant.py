@@ -170,6 +170,18 @@ def test_8bit_merge_matches(make_recipe):
     assert diff <= 1e-3, diff
 
 
+def test_ia3_on_a_4bit_base_merges_into_the_dequantized_copy(make_recipe):
+    """transformers leaves is_loaded_in_4bit set on the dequantized model, and peft's IA3 refused to merge into it (a
+    traceback after training, with export.merge=true). The flags are cleared: it merges, and the logits hold."""
+    recipe = make_recipe({"quant.mode": "4bit", "adapter.method": "ia3", "adapter.target_modules": None, "train.max_steps": 3,
+                          "train.lr": 5e-2})
+    run(recipe)
+    adapter_model, *_ = load_trained(recipe.out)
+    merged, *_ = load_trained(merge(recipe.out))
+    diff = (logits(adapter_model) - logits(merged)).abs().max().item()
+    assert diff <= 5e-4, diff  # IA3 scales the input of a 4-bit matmul, merged it scales the dequantized weight: 1.4e-4
+
+
 def test_fsdp_packs_4bit_weights_in_the_model_dtype(monkeypatch):
     """FSDP flattens float tensors of one dtype only: under it, 4-bit storage follows model.dtype (uint8 otherwise)."""
     from peftlab import load_recipe
