@@ -89,6 +89,17 @@ def test_every_registered_method_is_checked_by_validate(registry):
                                           "'lora_dropout'?"),
     (["adapter.method=ia3", "adapter.options.bogus=1"], "adapter.options.bogus: not an argument of peft's IA3Config."),
     (["adapter.method=full", "adapter.options.r=4"], "adapter.options with adapter.method=full: it builds no peft config"),
+    # options that would replace what the recipe sets (they skipped its checks; the card showed the recipe's values)
+    (["adapter.options.r=64"], "adapter.options.r: peftlab sets LoraConfig's r from adapter.r, where it is checked"),
+    (["adapter.options.use_dora=true", "quant.mode=8bit"], "adapter.options.use_dora: peftlab sets LoraConfig's use_dora from "
+                                                            "adapter.use_dora"),
+    (["adapter.options.target_modules=[key]"], "adapter.options.target_modules: peftlab sets LoraConfig's target_modules from "
+                                               "adapter.target_modules"),
+    (["adapter.method=adalora", "adapter.options.init_r=2"], "adapter.options.init_r: peftlab sets AdaLoraConfig's init_r from "
+                                                             "adapter.adalora_init_r"),
+    (["adapter.method=loha", "adapter.options.rank_dropout=5"], "LoHaConfig's rank_dropout from adapter.dropout"),
+    (["adapter.method=prompt_tuning", "adapter.options.num_virtual_tokens=3"], "from adapter.num_virtual_tokens"),
+    (["adapter.options.init_lora_weights=pissa"], "adapter.options.init_lora_weights='pissa': the initialisation is adapter.init"),
     (["adapter.method=prompt_tuning", "export.merge=true"], "export.merge=true with adapter.method=prompt_tuning: it adds virtual "
                                                              "tokens to the input, so there is nothing to fold into the weights."),
 ])
@@ -96,6 +107,14 @@ def test_method_rules_keep_their_messages(overrides, message):
     with pytest.raises(ConfigError) as e:
         load_recipe(None, overrides, validate_files=False)
     assert message in str(e.value)
+
+
+def test_the_options_the_recipe_does_not_set_still_pass():
+    """pissa's speed-up, and OFT sized by its block size (r is then left to it: peft takes one or the other)."""
+    assert load_recipe(None, ["adapter.init=pissa", "adapter.options.init_lora_weights=pissa_niter_4"], validate_files=False)
+    recipe = load_recipe(None, ["adapter.method=oft", "adapter.options.oft_block_size=32"], validate_files=False)
+    method = get_method("oft")
+    assert method.recipe_fields(recipe.adapter)["r"] == 0 and not method.check(recipe)
 
 
 def test_an_unknown_method_names_the_closest():

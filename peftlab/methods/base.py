@@ -103,6 +103,8 @@ class Method:
     quant_modes: tuple[str, ...] = QUANT_MODES  # quant.mode values it trains on
     quant_refusal: str = "this method does not support it."  # why not, for the other modes ({name} = the method)
     options: tuple[str, ...] = ()  # method-specific adapter options it reads (of SPECIFIC_OPTIONS)
+    recipe_fields: Callable[[AdapterConfig], dict] | None = None  # the peft config arguments it sets from the recipe
+    open_options: tuple[str, ...] = ()  # of those, the ones adapter.options may still set (OFT's oft_block_size)
     layers: bool = True  # adapts layers named by adapter.target_modules (prompt methods and the baselines do not)
     extra_positions: Callable[[AdapterConfig], int] = lambda a: 0  # positions it adds before the input (virtual tokens)
     rules: Callable[[Recipe], list[str]] = no_problems  # its own cross-field checks
@@ -121,7 +123,7 @@ class Method:
         problems = []
         if mode in QUANT_MODES and mode not in self.quant_modes:  # (an unknown mode is the field check's problem)
             problems.append(f"quant.mode={mode} with adapter.method={self.name}: {self.quant_refusal.format(name=self.name)}")
-        problems += self.option_problems(a.options)
+        problems += self.option_problems(a.options) + self.shadowed_options(a)
         if recipe.export.merge and self.is_adapter and not self.mergeable:
             problems.append(f"export.merge=true with adapter.method={self.name}: {self.merge_refusal} Set export.merge=false "
                             "(the adapter is exported as it is), or use a mergeable method such as lora.")
@@ -143,6 +145,27 @@ class Method:
         unknown = [k for k in options if k not in known]
         return [f"adapter.options.{k}: not an argument of peft's {self.config_class}.{hint(k, known)} adapter.options are "
                 f"passed straight to it (see peft's docs)." for k in unknown]
+
+
+    def shadowed_options(self, a: AdapterConfig) -> list[str]:
+        """adapter.options that would replace what the recipe sets (r, alpha, dropout, target_modules, ...): they skipped
+        its checks, the card described the recipe's values, and target_modules was silently dropped."""
+        if self.recipe_fields is None or not a.options:
+            return []
+        by_recipe = set(self.recipe_fields(a)) | {"target_modules", "task_type", "modules_to_save"}
+        return [f"adapter.options.{k}: peftlab sets {self.config_class}'s {k} from {RECIPE_KEYS.get(k, 'the recipe')}, where it is "
+                "checked and described on the card. Set it there, and remove it from adapter.options."
+                for k in sorted(set(a.options) & by_recipe - set(self.open_options))]
+
+
+# peft config arguments -> the recipe key that sets them
+RECIPE_KEYS = {"r": "adapter.r", "target_r": "adapter.r", "init_r": "adapter.adalora_init_r", "deltaT": "adapter.adalora_interval",
+               "lora_alpha": "adapter.alpha", "alpha": "adapter.alpha", "lora_dropout": "adapter.dropout",
+               "rank_dropout": "adapter.dropout", "vera_dropout": "adapter.dropout", "module_dropout": "adapter.dropout",
+               "use_dora": "adapter.use_dora", "use_rslora": "adapter.use_rslora", "init_lora_weights": "adapter.init",
+               "target_modules": "adapter.target_modules", "task_type": "task.type", "modules_to_save": "the task (its head)",
+               "num_virtual_tokens": "adapter.num_virtual_tokens", "total_step": "the run's length (train.max_steps, train.epochs)",
+               "tinit": "the run's length", "tfinal": "the run's length"}
 
 
 def hint(name: str, known) -> str:

@@ -42,6 +42,10 @@ def rules(recipe: Recipe) -> list[str]:
     if a.init == "loftq" and (q.mode != "4bit" or q.quant_type != "nf4"):
         p.append(f"adapter.init=loftq with quant.mode={q.mode}, quant.quant_type={q.quant_type}: LoftQ fits LoRA to the error of "
                  "4-bit NF4 quantization. Set quant.mode=4bit quant.quant_type=nf4, or use another adapter.init.")
+    given = a.options.get("init_lora_weights")
+    if given is not None and not (a.init == "pissa" and str(given).startswith("pissa_niter_")):
+        p.append(f"adapter.options.init_lora_weights={given!r}: the initialisation is adapter.init ({', '.join(LORA_INITS)}); "
+                 "options may only refine pissa's speed (adapter.init=pissa with options {init_lora_weights: pissa_niter_4}).")
     if a.use_dora and q.mode == "8bit":
         p.append("adapter.use_dora with quant.mode=8bit: peft's DoRA does not support 8-bit bases. Use quant.mode=4bit or none.")
     return p
@@ -127,4 +131,5 @@ def tags(recipe: Recipe) -> list[str]:
 
 LORA = register(Method(
     "lora", apply, config_class="LoraConfig", options=("loraplus_lr_ratio", "init", "use_dora", "use_rslora"), rules=rules,
+    recipe_fields=lora_fields, open_options=("init_lora_weights",),
     param_groups=param_groups, save=save, describe=lambda r: f"A LoRA adapter (r={r.adapter.r}, alpha={r.adapter.alpha:g})", card_lines=card_lines, tags=tags))

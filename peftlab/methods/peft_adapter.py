@@ -87,4 +87,4 @@ def peft_method(name: str, config_class: str, fields: Callable[[AdapterConfig], 
 
     from .base import Method
 
-    return Method(name, partial(apply_peft, config_class, fields), config_class=config_class, **kw)
+    return Method(name, partial(apply_peft, config_class, fields), config_class=config_class, recipe_fields=fields, **kw)

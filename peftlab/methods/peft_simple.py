@@ -16,4 +16,6 @@ LOHA = register(peft_method("loha", "LoHaConfig", lambda a: dict(r=a.r, alpha=a.
 LOKR = register(peft_method("lokr", "LoKrConfig", lambda a: dict(r=a.r, alpha=a.alpha, rank_dropout=a.dropout),
                             quant_modes=("none", "8bit"), quant_refusal=PACKED_4BIT))
 VERA = register(peft_method("vera", "VeraConfig", lambda a: dict(r=a.r, vera_dropout=a.dropout)))
-OFT = register(peft_method("oft", "OFTConfig", lambda a: dict(r=a.r, oft_block_size=0, module_dropout=a.dropout)))
+# OFT is sized by r (blocks per layer) or by oft_block_size, not both: a block size in adapter.options replaces r
+OFT = register(peft_method("oft", "OFTConfig", lambda a: dict(r=0 if a.options.get("oft_block_size") else a.r, oft_block_size=0,
+                                                              module_dropout=a.dropout), open_options=("oft_block_size",)))

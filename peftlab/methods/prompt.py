@@ -28,6 +28,7 @@ def tokens_hint(recipe: Recipe) -> str:
 
 def prompt_method(name: str, config_class: str, apply=None) -> Method:
     return Method(name, apply or partial(apply_peft, config_class, virtual_tokens, layers=False), config_class=config_class,
+                  recipe_fields=virtual_tokens,
                   mergeable=False, merge_refusal=NOT_MERGEABLE, size_hint=tokens_hint, layers=False,
                   extra_positions=lambda a: a.num_virtual_tokens)
 
