@@ -153,13 +153,14 @@ def _check_columns(columns: list[str], needed: list[str], where: str, spec: Spli
     if not missing:
         return
     hint = ""
-    if len(columns) == 1 and spec.path:
+    delimited = bool(spec.path) and (spec.path.lower().endswith((".csv", ".tsv")) or spec.format in ("csv", "tsv"))
+    if len(columns) == 1 and delimited:  # (a JSON file's one key is no delimiter problem)
         hint = " Only one column was found: is the delimiter right (.tsv is tab-separated, .csv comma-separated)?"
         other = {",": "csv", "\t": "tsv"}
         for sep, fmt in other.items():
             if sep in columns[0]:
                 hint += f" Its name holds {sep!r}: the file looks {fmt.upper()}; set {where}.format={fmt}."
-    elif spec.path and spec.path.endswith((".csv", ".tsv")) and not spec.column_names:
+    elif delimited and not spec.column_names:
         hint = " If the file has no header row, name its columns with column_names: [...]."
     raise DataError(f"{where}: column(s) {missing} not found; the data has {columns}.{hint} "
                     "Set data.text_columns / data.label_column / data.target_column (or per split) to the right names.")

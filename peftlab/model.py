@@ -407,6 +407,11 @@ def model_problems(recipe: Recipe) -> list[str]:
     except Exception as e:  # a config transformers cannot read here: `train` checks on the loaded model
         log.info("model.name=%r: input lengths and target_modules not checked (%s: %s)", m.name, type(e).__name__, e)
         return problems
+    mapping = getattr(task.auto_model_class, "_model_mapping", None)  # transformers' Auto class: the architectures it has
+    if mapping is not None and type(config) not in mapping:
+        other = {"mlm": " For a decoder LLM use task.type=clm.", "clm": " For an encoder use task.type=mlm."}.get(recipe.task.type, "")
+        return problems + [f"model.name={m.name!r}: transformers has no {task.auto_model_class.__name__} for a {config.model_type} "
+                           f"model, which task.type={recipe.task.type} needs.{other}"]
     targets = recipe.adapter.target_modules
     if not isinstance(targets, list) or targets == ["all-linear"] or not get_method(recipe.adapter.method).layers:
         return problems

@@ -437,7 +437,10 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
     def evaluate() -> None:
         train_s = state.train_seconds + window.elapsed()  # training time so far, evaluations excluded
         # folded as the final evaluations are (adapter_folded), into the fp32 weights (not the cast copies): autocast casts them
-        with parts.cast.suspended(), adapter_folded(accelerator.unwrap_model(model), recipe, accelerator):
+        # under fork_rng: the evaluation's draws (its loader's seed, an MLM collator's masks) leave the training's random
+        # stream as it was, so how often a run evaluates does not change what it trains
+        with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []), \
+                parts.cast.suspended(), adapter_folded(accelerator.unwrap_model(model), recipe, accelerator):
             metrics, _ = task.evaluate(model, eval_dl, accelerator, data.label_names, **parts.eval_context)
         runlog.write(state.step, "eval", {**metrics, "train_s": train_s})
         state.history.append({"step": state.step, **metrics})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import subprocess
 import sys
 
@@ -115,9 +116,18 @@ def test_validate_finds_what_train_finds_when_it_loads_the_data_and_the_model(ma
 
 
 @pytest.mark.parametrize("task", ["classification", "clm", "summarization"])
-def test_validate_checks_target_modules_on_each_tasks_model(task, tiny_llama):
+def test_validate_checks_target_modules_on_each_tasks_model(task, tiny_llama, tmp_path):
+    from transformers import AutoTokenizer
+
     from peftlab import load_recipe
     from peftlab.model import model_problems
+
+    if task == "clm":  # a causal LM needs an end-of-sequence token between documents (validate checks it too)
+        shutil.copytree(tiny_llama, tmp_path / "llama")
+        tiny_llama = tmp_path / "llama"
+        tok = AutoTokenizer.from_pretrained(tiny_llama)
+        tok.eos_token = "[SEP]"
+        tok.save_pretrained(tiny_llama)
 
     # a decoder summarizer reads prompt and summary in one sequence: both must fit the toy's 128 positions
     target = ["data.target_column=summary", "data.max_length=64", "data.max_target_length=32"] if task == "summarization" else []

@@ -174,6 +174,14 @@ def test_bad_data_gets_a_clear_error(tmp_path, content, overrides, needle):
     assert needle in str(e.value)
 
 
+def test_a_json_file_with_one_key_is_not_told_about_delimiters(tmp_path):
+    (tmp_path / "one.jsonl").write_text('{"text": "ok", "label": 1}\n'.replace(', "label": 1', ""))
+    with pytest.raises(DataError) as e:
+        splits_of(tmp_path, tmp_path / "one.jsonl")
+    assert "column(s) ['sentence', 'label'] not found; the data has ['text']" in str(e.value)
+    assert "delimiter" not in str(e.value) and "header row" not in str(e.value)
+
+
 def test_non_utf8_and_missing_file(tmp_path):
     (tmp_path / "latin.tsv").write_bytes("sentence\tlabel\ncaf\xe9\t1\n".encode("latin-1"))
     with pytest.raises(DataError, match="not UTF-8|cannot parse"):

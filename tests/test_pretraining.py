@@ -427,3 +427,27 @@ def test_a_from_run_folder_missing_here_says_what_to_give(tmp_path):
     recipe.model.from_run = str(tmp_path / "runs" / "dapt")
     with pytest.raises(ModelNotFound, match="no such folder here.*model.name=DIR model.from_run=null"):
         base_path(recipe)
+
+
+def test_validate_refuses_mlm_on_a_decoder_and_clm_on_an_encoder_before_loading(tmp_path, tiny_llama, tiny_bert, texts):
+    """Both validated, then failed after loading the model: with a transformers message (no masked-LM Llama) or a
+    missing end-of-sequence token, neither naming the other task. `validate` now says it, with the fix."""
+    from peftlab.model import model_problems
+
+    mlm_on_llama = model_problems(recipe_for(tmp_path, tiny_llama, texts, "mlm", name="a"))
+    assert any("no AutoModelForMaskedLM for a llama model" in p and "use task.type=clm" in p for p in mlm_on_llama), mlm_on_llama
+    clm_on_bert = model_problems(recipe_for(tmp_path, tiny_bert, texts, "clm", name="b"))
+    assert any("task.type=clm: the tokenizer" in p and "use task.type=mlm" in p for p in clm_on_bert), clm_on_bert
+    assert model_problems(recipe_for(tmp_path, tiny_bert, texts, "mlm", name="c")) == []
+
+
+def test_how_often_a_run_evaluates_does_not_change_what_it_trains(tmp_path, tiny_bert, texts):
+    """Each evaluation drew from the global generator (its loader's seed, the MLM collator's training masks for eval
+    batches), so the next steps' masks and dropout differed: eval_every=1 and 4 logged other losses from step 2 on."""
+    losses = {}
+    for every in (1, 4):
+        run(recipe_for(tmp_path, tiny_bert, texts, "mlm", ["train.max_steps=4", f"train.eval_every={every}", "train.log_every=1"],
+                       name=f"every{every}"))
+        lines = [json.loads(line) for line in (tmp_path / f"every{every}" / "log.jsonl").read_text().splitlines()]
+        losses[every] = [r["loss"] for r in lines if r["kind"] == "train"]
+    assert len(losses[1]) == 4 and losses[1] == losses[4], losses

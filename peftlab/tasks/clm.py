@@ -9,6 +9,8 @@ tasks/generative.py); evaluation reports the mean token loss and the perplexity 
 
 from __future__ import annotations
 
+from functools import partial
+
 from transformers import AutoModelForCausalLM
 
 from . import corpus
@@ -26,6 +28,7 @@ task_name = "Text Generation"
 usage_class = "AutoModelForCausalLM"
 card_metrics = {"perplexity": "Perplexity"}
 check = corpus.check
+check_tokenizer = partial(corpus.check_tokenizer, causal=True)
 summary_line = corpus.summary_line
 
 __all__ = ["collator"]

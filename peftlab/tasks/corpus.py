@@ -57,6 +57,18 @@ def check(recipe) -> list[str]:
     return []
 
 
+def check_tokenizer(tokenizer, recipe, *, causal: bool) -> None:
+    """The special tokens a block needs (`peftlab validate` asks it too, before any model is loaded): a causal LM's
+    end-of-sequence between documents; a masked LM's [CLS], [SEP] and [MASK]. Each names the other task for the base."""
+    if causal and tokenizer.eos_token_id is None:
+        raise DataError(f"task.type=clm: the tokenizer of {recipe.model.name} has no end-of-sequence token, which separates "
+                        "the documents of a causal-LM block. For an encoder (BERT-style) use task.type=mlm; else a base whose "
+                        "tokenizer defines eos_token.")
+    if not causal and None in (tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.mask_token_id):
+        raise DataError(f"task.type=mlm needs a tokenizer with [CLS], [SEP] and [MASK] tokens (BERT/RoBERTa style); "
+                        f"{recipe.model.name}'s has not. For a decoder LLM use task.type=clm.")
+
+
 def blocks(ds, tokenizer, recipe, *, causal: bool):
     """{text} rows -> blocks of at most data.max_length tokens: input_ids, length, truncated, n_docs; causal blocks also
     labels (-100 where a document starts, so no token is predicted across a document boundary) and position_ids (a
@@ -64,17 +76,12 @@ def blocks(ds, tokenizer, recipe, *, causal: bool):
     n, texts = recipe.data.max_length, [t for t in ds["text"] if t.strip()]
     if not texts:
         raise DataError("no text to learn from: every row of the split is empty. Check data.text_columns.")
+    check_tokenizer(tokenizer, recipe, causal=causal)
     if causal:
         eos = tokenizer.eos_token_id
-        if eos is None:
-            raise DataError(f"the tokenizer of {recipe.model.name} has no end-of-sequence token, which separates the documents "
-                            "of a causal-LM block. Use a base whose tokenizer defines eos_token.")
         docs = [ids if ids[-1:] == [eos] else ids + [eos] for ids in tokenizer(texts)["input_ids"]]
         room = n
     else:
-        if tokenizer.cls_token_id is None or tokenizer.sep_token_id is None or tokenizer.mask_token_id is None:
-            raise DataError(f"task.type=mlm needs a tokenizer with [CLS], [SEP] and [MASK] tokens (BERT/RoBERTa style); "
-                            f"{recipe.model.name}'s has not. For a decoder LLM use task.type=clm.")
         docs = [ids + [tokenizer.sep_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         room = n - 2  # [CLS] ... [SEP]
     rows: dict[str, list] = {"input_ids": [], "length": [], "truncated": [], "n_docs": []}

@@ -12,6 +12,7 @@ drop it) and trained with the adapter; the log names it. Evaluation reports the 
 from __future__ import annotations
 
 import zlib
+from functools import partial
 
 import torch
 from transformers import AutoModelForMaskedLM
@@ -30,6 +31,7 @@ task_name = "Fill-Mask"
 usage_class = "AutoModelForMaskedLM"
 card_metrics = {"perplexity": "Perplexity (masked tokens)"}
 check = corpus.check
+check_tokenizer = partial(corpus.check_tokenizer, causal=False)
 summary_line = corpus.summary_line
 
 MASK_SHARE, AS_MASK, AS_RANDOM = 0.15, 0.8, 0.1
