@@ -95,6 +95,11 @@ def test_adalora_rank_budget_is_driven_by_the_loop(make_recipe):
     weights = load_file(str(recipe.out / "adapter_model.safetensors"))
     saved = sorted(v.shape[0] for k, v in weights.items() if "lora_E" in k)
     assert saved == sorted(kept)  # only the kept ranks are written
+    from peftlab.publish.card import card_text
+
+    held = sum(v.numel() for v in weights.values())  # the card counts what is published, not AdaLoRA's initial ranks
+    assert held < summary["trainable_params"] and f"- parameters in the exported adapter (`adapter_model.safetensors`): {held:,}" \
+        in card_text(recipe.out)
     assert evaluate(recipe.out)["loss"] == pytest.approx(summary["metrics"]["eval"]["loss"], abs=1e-5)  # reload = trained
 
 
@@ -141,6 +146,10 @@ def test_lora_initialisations_train_save_reload_and_merge(make_recipe, init, mon
     config = json.loads((recipe.out / "adapter_config.json").read_text())
     assert config["init_lora_weights"] == (init if init == "gaussian" else True)
     assert config["r"] == (4 if init == "gaussian" else 8)
+    from peftlab.publish.card import card_text
+
+    card = card_text(recipe.out)  # the card describes the adapter it ships: the converted rank 2r, beside the trained r
+    assert ("- exported as rank 8, lora_alpha 16 (`adapter_config.json`): PiSSA/OLoRA" in card) == (init != "gaussian")
     reloaded = evaluate(recipe.out)
     assert reloaded["loss"] == pytest.approx(summary["metrics"]["eval"]["loss"], abs=1e-5)
     model, *_ = load_trained(recipe.out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -328,6 +329,17 @@ def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: 
             f"{example}```")
 
 
+def exported_params(out: Path) -> int | None:
+    """The number of values in OUT/adapter_model.safetensors (read from its header); None without one."""
+    path = out / "adapter_model.safetensors"
+    if not path.is_file():
+        return None
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
+
+
 def _selection_note(run: RunRecord, metrics: dict, best_metric: str) -> list[str]:
     """Say which figure chose the exported weights (keep_best), so it is not read as a held-out result."""
     selected = run.selected_on
@@ -427,17 +439,27 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
              "The resolved recipe (`recipe.yaml`); rerun it with `peftlab train recipe.yaml`.")
     lines += ["", "## Training recipe", "", rerun, "",
               "```yaml", recipe.to_yaml().rstrip(), "```", "", "## Method and parameters", ""]
+    cfg = json.loads((out / "adapter_config.json").read_text()) if (out / "adapter_config.json").is_file() else {}
     if run.composition:  # its own adapter_config.json: the combined rank, alpha = r (scale 1), no rsLoRA
-        cfg = json.loads((out / "adapter_config.json").read_text()) if (out / "adapter_config.json").is_file() else {}
         lines.append(f"- the composed adapter: rank {cfg.get('r', '?')}, lora_alpha {cfg.get('lora_alpha', '?')} "
                      "(`adapter_config.json`); the lines below, and the training time, are the first source's")
     lines += method.card_lines(recipe)
+    if not run.composition and cfg.get("peft_type") == "LORA" and (cfg.get("r"), cfg.get("lora_alpha")) != (recipe.adapter.r, recipe.adapter.alpha):
+        alpha = cfg.get("lora_alpha")
+        lines.append(f"- exported as rank {cfg.get('r')}, lora_alpha {f'{alpha:g}' if isinstance(alpha, (int, float)) else alpha} "
+                     "(`adapter_config.json`): "
+                     + ("PiSSA/OLoRA's trained adapter, converted to plain LoRA of rank 2r on the original base"
+                        if recipe.adapter.init in ("pissa", "olora") else "as peft saved it"))
     if recipe.quant.mode != "none":
         lines.append(f"- base quantized with bitsandbytes: {recipe.quant.mode} ({recipe.quant.quant_type}, double quant "
                      f"{recipe.quant.double_quant})")
     if run.trainable_params:
         lines.append(f"- trainable parameters: {run.trainable_params:,} of {run.total_params:,} "
                      f"({run.trainable_percent or 0:.3f}%)")
+        held = exported_params(out)
+        if held is not None and held != run.trainable_params and not run.composition:
+            lines.append(f"- parameters in the exported adapter (`adapter_model.safetensors`): {held:,}"
+                         + (" (AdaLoRA pruned the ranks to its budget)" if recipe.adapter.method == "adalora" else ""))
     steps = "?" if run.steps is None else run.steps  # an older run.json may lack it
     exported = run.best_step if run.selected_on else steps  # keep_best off: the last step
     if run.composition:  # no training of its own: the first source's
