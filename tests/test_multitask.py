@@ -114,6 +114,18 @@ def test_validate_reads_each_tasks_columns_and_names_the_task(task_files, tmp_pa
     assert column_problems(recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert))) == []
 
 
+def test_a_tasks_data_error_names_the_tasks_keys(task_files, tmp_path, tiny_bert):
+    """'Fix data.label_names' pointed at a key a multi-task recipe does not read for its tasks."""
+    from peftlab import load_splits
+    from peftlab.errors import DataError
+
+    r = recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert), ["multitask.tasks.topic.data.label_names=[a,b]"])
+    with pytest.raises(DataError) as e:
+        load_splits(r)
+    assert "multitask.tasks.topic.data.train:" in str(e.value) and "multitask.tasks.topic.data.label_names" in str(e.value)
+    assert " data.label_names" not in str(e.value)
+
+
 # ---------------------------------------------------------------------------------------------------- sampling
 
 def test_task_probabilities():

@@ -17,6 +17,7 @@ labels, sentence pairs, truncation reports) holds per task. Here:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import math
@@ -29,7 +30,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 from transformers.utils import ModelOutput
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, DataError
 from ..metrics import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -118,11 +119,23 @@ def load_splits(recipe, *, need_train: bool = True):
     splits: dict[str, dict] = {"train": {}, "eval": {}, "test": {}}
     labels = {}
     for name in recipe.multitask.tasks:
-        own, labels[name] = load_one(subrecipe(recipe, name), need_train=need_train)
+        with in_task(name):
+            own, labels[name] = load_one(subrecipe(recipe, name), need_train=need_train)
         for split, ds in own.items():
             if ds is not None:
                 splits[split][name] = ds
     return {split: parts or None for split, parts in splits.items()}, labels
+
+
+@contextlib.contextmanager
+def in_task(name: str):
+    """A data problem of one task names that task's keys: `multitask.tasks.NAME.data.label_names`, not the top-level
+    `data.label_names` a multi-task recipe does not read for it."""
+    try:
+        yield
+    except DataError as e:
+        e.args = (re.sub(r"(?<![\w.])data\.", f"multitask.tasks.{name}.data.", str(e)),)
+        raise
 
 
 def column_problems(recipe) -> list[str]:
@@ -142,8 +155,11 @@ def build_data(recipe, tokenizer, splits, label_names):
     from . import classification
 
     names = list(recipe.multitask.tasks)
-    per_task = {n: build_one(subrecipe(recipe, n), tokenizer, label_names=label_names[n],
-                             splits={s: (splits[s] or {}).get(n) for s in ("train", "eval", "test")}) for n in names}
+    per_task = {}
+    for n in names:
+        with in_task(n):
+            per_task[n] = build_one(subrecipe(recipe, n), tokenizer, label_names=label_names[n],
+                                    splits={s: (splits[s] or {}).get(n) for s in ("train", "eval", "test")})
     joined = {}
     for split in ("train", "eval", "test"):
         parts = [getattr(per_task[n], split) for n in names]
