@@ -222,13 +222,16 @@ def cmd_select(args) -> int:
     methods = [m for m in args.methods if m not in late_m] if args.methods else None
     if args.json:
         check_destination(Path(args.json), "--json", folder=False)  # before the work, not after it
-    rows = select(load_recipe(recipe_path, overrides), [c for c in args.candidates if c not in late], methods,
-                  proxies=args.proxies, rank_by=args.rank_by, max_rows=args.max_rows, folds=args.folds, steps=args.steps,
-                  overrides=extra)
+    recipe, candidates = load_recipe(recipe_path, overrides), [c for c in args.candidates if c not in late]
+    rows = select(recipe, candidates, methods, proxies=args.proxies, rank_by=args.rank_by, max_rows=args.max_rows,
+                  folds=args.folds, steps=args.steps, overrides=extra)
     rank_by = ranked_by(args.proxies, args.rank_by)
     print(format_table(rows, rank_by, recipe_path))
     if args.json:
-        atomic_write_text(Path(args.json), json.dumps(to_json(rows, rank_by, recipe_path), indent=2))
+        settings = {"overrides": overrides, "set": args.set, "candidates": candidates, "methods": methods, "proxies": args.proxies,
+                    "max_rows": args.max_rows, "folds": args.folds, "steps": args.steps, "seed": recipe.train.seed,
+                    "data_seed": recipe.data_seed}
+        atomic_write_text(Path(args.json), json.dumps(to_json(rows, rank_by, recipe_path, settings), indent=2))
         print(f"written: {args.json}")
     return 0
 

@@ -503,8 +503,9 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
                          row.estimates[p].std, row.estimates[p].seconds)
             rows.append(row)
     rows.sort(key=lambda r: -r.estimates[rank_by].value if math.isfinite(r.estimates[rank_by].value) else math.inf)
-    for i, r in enumerate(rows, 1):
-        r.rank = i
+    for i, r in enumerate(rows, 1):  # equal figures share a rank (1, 1, 3): input order is no preference
+        same = i > 1 and r.estimates[rank_by].value == rows[i - 2].estimates[rank_by].value
+        r.rank = rows[i - 2].rank if same else i
     return rows
 
 
@@ -546,6 +547,7 @@ def format_table(rows: list[SelectRow], rank_by: str, source: str = "the recipe"
     return "\n".join([notes[0], "", *lines, "", *[x for x in notes[1:] if x]])
 
 
-def to_json(rows: list[SelectRow], rank_by: str, source: str = "the recipe") -> dict:
-    return {"source": source, "ranked_by": rank_by, "uncertainty": {p: UNCERTAINTY[p] for p in (rows[0].estimates if rows else {})},
+def to_json(rows: list[SelectRow], rank_by: str, source: str = "the recipe", settings: dict | None = None) -> dict:
+    """The table as JSON; `settings`: how it was made (the recipe's overrides, --set, sizes, seed), so it can be rerun."""
+    return {"source": source, "settings": settings or {}, "ranked_by": rank_by, "uncertainty": {p: UNCERTAINTY[p] for p in (rows[0].estimates if rows else {})},
             "data": TRAIN_ONLY, "total_seconds": total_seconds(rows), "rows": [{**asdict(r), "label": r.label} for r in rows]}

@@ -142,6 +142,8 @@ def test_cli_prints_the_table_and_writes_json(make_recipe, tmp_path, capsys, cap
     assert "data.eval and data.test were not read" in text
     report = json.loads(out.read_text())
     assert report["ranked_by"] == "probe" and [r["rank"] for r in report["rows"]] == [1, 2]
+    assert report["settings"]["overrides"] == ["data.max_length=24"] and report["settings"]["max_rows"] == 60  # rerunnable
+    assert report["settings"]["folds"] == 3 and report["settings"]["candidates"] == [str(tiny_bert), "minilm"]
     minilm, tiny = sorted(report["rows"], key=lambda r: r["base"] != "minilm")
     assert minilm["feature_dim"] == 384 and tiny["feature_dim"] == 32 and set(minilm["estimates"]) == {"probe", "logme"}
     for bad, message in ((tmp_path, "is a folder: give a file name"), (out / "x.json", "select.json is a file")):
@@ -286,3 +288,9 @@ def test_a_methods_own_overrides_leave_the_bases_features_alone(make_recipe, tin
                   overrides={"frozen": ["train.precision=fp32"]})
     lora, frozen = sorted(rows, key=lambda r: r.method != "lora")
     assert lora.features_group == frozen.features_group == 1 and lora.estimates["probe"] == frozen.estimates["probe"]
+
+
+def test_equal_figures_share_a_rank(make_recipe, tiny_bert, tmp_path):
+    """One base named twice (its name and its folder by another spelling): the same figures, one rank, not 1 and 2."""
+    rows = select(make_recipe(), [str(tiny_bert), str(tiny_bert / ".." / tiny_bert.name)], proxies=["probe"], max_rows=48, folds=3)
+    assert rows[0].estimates["probe"].value == rows[1].estimates["probe"].value and [r.rank for r in rows] == [1, 1]
