@@ -216,6 +216,7 @@ def test_a_multitask_run_learns_and_exports_a_run_per_task(trained, mode):
     assert topic["splits"]["test"]["confusion"] and topic["confusion"] == root["topic"]["confusion"]
     card = card_text(out / "tasks" / "topic")
     assert "## Multi-task training" in card and "Task `topic` of the multi-task peftlab run `mt`" in card
+    assert "below are the whole multi-task run's, shared by its tasks" in card
     assert ("one LoRA adapter shared by every task" in card) == (mode == "shared")
 
 

@@ -407,7 +407,8 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
                   + ("one LoRA adapter shared by every task" if k.get("adapters") == "shared" else "an adapter per task")
                   + f", a head per task; batches drawn by task ({k.get('sampling')}"
                   + (f", T = {k.get('temperature')}" if k.get("sampling") == "temperature" else "") + "). This adapter holds "
-                  "this task's head" + (" and the shared adapter." if k.get("adapters") == "shared" else " and its own adapter."), ""]
+                  "this task's head" + (" and the shared adapter." if k.get("adapters") == "shared" else " and its own adapter.")
+                  + " The optimizer steps, examples and wall time below are the whole multi-task run's, shared by its tasks.", ""]
     lines += ["## Results", ""]
     if metrics:
         task = get_task(recipe.task.type)
