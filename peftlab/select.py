@@ -81,6 +81,7 @@ class SelectRow:
     features_seconds: float  # loading the base and encoding the rows (once per base, shared by its methods)
     features_group: int = 0  # rows of one group share one encoding, and their probe and LogME figures (0: no features)
     estimates: dict[str, Estimate] = field(default_factory=dict)
+    error: str | None = None  # why this candidate has no figures (it could not load or train); its rank is 0
 
     @property
     def label(self) -> str:
@@ -481,31 +482,38 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
              ", ".join(proxies))
     features: dict[str, tuple[np.ndarray, str, float, dict]] = {}  # per base as loaded: features, pooling, seconds, estimates
     rows = []
+    def estimate(i: int, c: _Candidate, work: Path) -> SelectRow:
+        key = c.features_key()
+        if key not in features and {"probe", "logme"} & set(proxies):
+            features[key] = (*encode_timed(c, ds, label_names, folds, "logme" in proxies), {})
+        feats, pooling, feat_s, shared = features.get(key, (np.zeros((0, 0)), "-", 0.0, {}))
+        group = list(features).index(key) + 1 if key in features else 0
+        row = SelectRow(0, c.base, c.method, pooling, feats.shape[1], len(labels), feat_s, group)
+        for p in proxies:
+            if p in ("probe", "logme") and p not in shared:  # a base's figure, shared by its methods
+                start = time.perf_counter()
+                value, std = (probe(feats, labels, fold, k, recipe.train.seed) if p == "probe"
+                              else jackknifed(lambda f, y: logme(f, y, k), feats, labels, fold))
+                shared[p] = Estimate(value, std, time.perf_counter() - start)
+            row.estimates[p] = few_steps(c, ds, label_names, fold == 0, steps, work / f"steps-{i}") if p == "steps" else shared[p]
+            log.info("select: %s %s %s %.4f +- %.4f (%.1f s)", base_label(c.base), c.method, p, row.estimates[p].value,
+                     row.estimates[p].std, row.estimates[p].seconds)
+        return row
+
     with tempfile.TemporaryDirectory(prefix="peftlab-select-") as work:
         for i, c in enumerate(cands):
-            key = c.features_key()
-            if key not in features and {"probe", "logme"} & set(proxies):
-                features[key] = (*encode_timed(c, ds, label_names, folds, "logme" in proxies), {})
-            feats, pooling, feat_s, shared = features.get(key, (np.zeros((0, 0)), "-", 0.0, {}))
-            group = list(features).index(key) + 1 if key in features else 0
-            row = SelectRow(0, c.base, c.method, pooling, feats.shape[1], len(labels), feat_s, group)
-            for p in proxies:
-                if p in ("probe", "logme") and p not in shared:  # a base's figure, shared by its methods
-                    start = time.perf_counter()
-                    value, std = (probe(feats, labels, fold, k, recipe.train.seed) if p == "probe"
-                                  else jackknifed(lambda f, y: logme(f, y, k), feats, labels, fold))
-                    shared[p] = Estimate(value, std, time.perf_counter() - start)
-                if p == "steps":
-                    row.estimates[p] = few_steps(c, ds, label_names, fold == 0, steps, Path(work) / f"steps-{i}")
-                else:
-                    row.estimates[p] = shared[p]
-                log.info("select: %s %s %s %.4f +- %.4f (%.1f s)", base_label(c.base), c.method, p, row.estimates[p].value,
-                         row.estimates[p].std, row.estimates[p].seconds)
-            rows.append(row)
+            try:
+                rows.append(estimate(i, c, Path(work)))
+            except PeftlabError as e:  # one candidate that cannot load or train: the others' figures are kept
+                log.error("select: %s %s failed: %s", base_label(c.base), c.method, e)
+                failed = {p: Estimate(math.nan, math.nan, 0.0) for p in proxies}
+                rows.append(SelectRow(0, c.base, c.method, "-", 0, len(labels), 0.0, 0, failed, error=str(e).splitlines()[0]))
+    if all(r.error for r in rows):
+        raise SelectError([f"candidate {base_label(r.base)} ({r.method}): {r.error}" for r in rows])
     rows.sort(key=lambda r: -r.estimates[rank_by].value if math.isfinite(r.estimates[rank_by].value) else math.inf)
-    for i, r in enumerate(rows, 1):  # equal figures share a rank (1, 1, 3): input order is no preference
+    for i, r in enumerate(rows, 1):  # equal figures share a rank (1, 1, 3): input order is no preference; a failed row has none
         same = i > 1 and r.estimates[rank_by].value == rows[i - 2].estimates[rank_by].value
-        r.rank = rows[i - 2].rank if same else i
+        r.rank = 0 if r.error else rows[i - 2].rank if same else i
     return rows
 
 
@@ -531,13 +539,16 @@ def format_table(rows: list[SelectRow], rank_by: str, source: str = "the recipe"
     head = ["rank", "base", "method", "features", "feat s"] + [f"{PROXY_TITLES[p]} (± {UNCERTAINTY[p]})  s" for p in proxies]
     body = []
     for r in rows:
-        cells = [str(r.rank), r.label, r.method, f"{r.pooling} {r.feature_dim}" if r.feature_dim else "-", f"{r.features_seconds:.1f}"]
+        cells = [str(r.rank or "-"), r.label, r.method, f"{r.pooling} {r.feature_dim}" if r.feature_dim else "-", f"{r.features_seconds:.1f}"]
+        if r.error:
+            body.append(cells + [f"failed: {r.error[:100]}"])
+            continue
         for p in proxies:
             e = r.estimates[p]
             digits = 2 if p == "logme" else 3
             cells.append(f"{e.value:.{digits}f} ± {e.std:.{digits}f}  {e.seconds:.1f}")
         body.append(cells)
-    widths = [max(len(x[i]) for x in [head, *body]) for i in range(len(head))]
+    widths = [max(len(x[i]) for x in [head, *body] if i < len(x)) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in [head, *body]]
     n = rows[0].rows if rows else 0
     notes = [f"{source}: {len(rows)} candidate(s) ranked by {rank_by}, {n:,} training rows; {TRAIN_ONLY}.",

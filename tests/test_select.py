@@ -294,3 +294,20 @@ def test_equal_figures_share_a_rank(make_recipe, tiny_bert, tmp_path):
     """One base named twice (its name and its folder by another spelling): the same figures, one rank, not 1 and 2."""
     rows = select(make_recipe(), [str(tiny_bert), str(tiny_bert / ".." / tiny_bert.name)], proxies=["probe"], max_rows=48, folds=3)
     assert rows[0].estimates["probe"].value == rows[1].estimates["probe"].value and [r.rank for r in rows] == [1, 1]
+
+
+def test_a_candidate_that_fails_is_a_row_and_the_others_figures_are_kept(make_recipe, tiny_bert, tmp_path):
+    """A base with no weights stopped select after the first candidate's work, with no table and no JSON."""
+    import shutil
+
+    from peftlab.select import format_table
+
+    empty = tmp_path / "no-weights"
+    shutil.copytree(tiny_bert, empty, ignore=shutil.ignore_patterns("*.safetensors"))
+    rows = select(make_recipe(), [str(tiny_bert), str(empty)], proxies=["probe"], max_rows=48, folds=3)
+    good, bad = rows
+    assert good.rank == 1 and math.isfinite(good.estimates["probe"].value)
+    assert bad.rank == 0 and "holds no model weights" in bad.error and math.isnan(bad.estimates["probe"].value)
+    assert "failed: " in format_table(rows, "probe")
+    with pytest.raises(SelectError, match="no-weights.*holds no model weights"):
+        select(make_recipe(), [str(empty)], proxies=["probe"], max_rows=48, folds=3)
