@@ -116,7 +116,7 @@ def untouched_splits(make_recipe, tmp_path):
 def test_select_ranks_tiny_candidates_from_train_only(untouched_splits, tiny_bert, tiny_llama):
     rows = select(untouched_splits, [str(tiny_bert), str(tiny_llama)], ["lora", "frozen"], proxies=PROXIES, max_rows=96,
                   folds=3, steps=2)
-    assert len(rows) == 4 and [r.rank for r in rows] == [1, 2, 3, 4]
+    assert len(rows) == 4 and [r.rank for r in rows] == [1, 1, 3, 3]  # the probe reads the base: its two methods tie
     values = [r.estimates["probe"].value for r in rows]
     assert values == sorted(values, reverse=True)
     by = {(r.label, r.method): r for r in rows}
