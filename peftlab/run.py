@@ -24,7 +24,7 @@ from .data import build_data, column_problems, load_splits
 from .errors import ArtifactError, ConfigError
 from .export import atomic_write_text, export, merge, predictions_jsonl, rebuild
 from .model import build_model, model_problems, num_layers_problems
-from .rundir import RECIPE_FILE, RunDir, RunRecord, check_same_folder, folder_identity, read_run
+from .rundir import RECIPE_FILE, RunDir, RunRecord, check_same_folder, folder_identity, read_run, same_inputs
 from .tasks import get_task, skip_unread
 from .trackers import resolve_trackers
 from .train import adapter_folded, eval_loader, train
@@ -173,6 +173,9 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
         distillation = None
         if recipe.train.distill:  # the teacher's logits on every training row, once; the teacher is freed before the student loads
             splits, distillation = distill.add_soft_targets(recipe, splits, accelerator.device)
+        same_inputs(job.work, job.checkpoint is not None, {"train.distill.teacher": (distillation or {}).get("weights_sha256"),
+                                                            "model.from_run": lineage[0]["weights_sha256"] if lineage else None},
+                    accelerator.is_main_process)
         model, tokenizer, info = build_model(recipe, num_labels=len(label_names), label_names=label_names, precision=precision)
         with accelerator.main_process_first():
             data = build_data(recipe, tokenizer, splits=splits, label_names=label_names)

@@ -108,6 +108,31 @@ def seal_checkpoint(folder: Path, recipe_yaml: str | None) -> None:
     (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1), encoding="utf-8")
 
 
+INPUTS_FILE = "inputs.json"  # in checkpoints/: the sha256 of the weights a run reads beside its base (teacher, from_run)
+
+
+def same_inputs(work: Path, resuming: bool, inputs: dict[str, str | None], main: bool = True) -> None:
+    """A fresh run records the weights it reads beside its base (a distillation teacher's, a model.from_run's) in
+    checkpoints/inputs.json; --resume refuses to go on from weights trained again since: steps on one teacher, then on
+    another, would be one run (the recipe, naming the same folders, cannot tell)."""
+    path = Path(work) / CHECKPOINTS / INPUTS_FILE
+    inputs = {k: v for k, v in inputs.items() if v}
+    if not resuming:
+        if main and inputs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(inputs, indent=1), encoding="utf-8")
+        return
+    try:
+        before = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return  # a run started by an older peftlab: nothing recorded to compare
+    changed = [k for k in inputs if k in before and before[k] != inputs[k]]
+    if changed:
+        raise ArtifactError(f"{', '.join(changed)}: the weights this run started from were trained again since (sha256 "
+                            f"{', '.join(before[k][:12] for k in changed)} then, {', '.join(inputs[k][:12] for k in changed)} "
+                            "now): resuming would train on both. Start over (--overwrite), or restore those weights.")
+
+
 def checkpoint_problem(ckpt: Path) -> str | None:
     """-> why this checkpoint cannot be loaded (a damaged or missing file), or None. Checkpoints without checksums
     (written by an older peftlab) are trusted."""

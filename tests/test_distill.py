@@ -390,3 +390,28 @@ def test_distillation_benchmark_reuses_only_label_only_runs_that_are_stored(tmp_
     assert bench.case("labels-10-steps", "r.yaml", [], args) == {"trained": "labels-10-steps"}  # not stored there: trained
     monkeypatch.setattr(bench, "REUSE_LABEL_ONLY", False)
     assert bench.store("labels-100") == own
+
+
+def test_resume_refuses_a_teacher_trained_again_since_the_run_started(tmp_path, tiny_bert, sentiment_files):
+    """The recipe names the same teacher folder, so --resume went on with the new teacher's soft targets: steps on one
+    teacher, then on another, reported as one run. checkpoints/inputs.json holds the teacher's weights sha256."""
+    from peftlab.errors import ArtifactError
+
+    def teach(seed):
+        return run(recipe_for(tmp_path, tiny_bert, sentiment_files, "t2", {"adapter.method": "full", "train.max_steps": 2,
+                                                                           "train.seed": seed}), overwrite=True)
+
+    teach(1)
+    over = {**distilled(tmp_path / "t2"), "train.max_steps": 4, "train.save_every": 2}
+    whole = student(tmp_path, tiny_bert, sentiment_files, "whole", over)
+    run(whole)
+    inputs = json.loads((whole.out / "checkpoints" / "inputs.json").read_text())
+    assert inputs == {"train.distill.teacher": json.loads((tmp_path / "t2" / "run.json").read_text())["weights_sha256"]}
+    for name in ("same", "retrained"):
+        part = student(tmp_path, tiny_bert, sentiment_files, name, over)
+        shutil.copytree(whole.out / "checkpoints", part.out / "checkpoints", ignore=shutil.ignore_patterns("step-4"))
+    assert run(student(tmp_path, tiny_bert, sentiment_files, "same", over), resume=True).steps == 4  # the same teacher: goes on
+    teach(2)
+    with pytest.raises(ArtifactError, match="train.distill.teacher: the weights this run started from were trained again"):
+        run(student(tmp_path, tiny_bert, sentiment_files, "retrained", over), resume=True)
+    assert (tmp_path / "retrained" / "checkpoints" / "step-2").is_dir()  # its checkpoint is kept
