@@ -23,7 +23,7 @@ import logging
 import os
 import shutil
 from collections.abc import Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -443,6 +443,10 @@ class Job:
         log (RunLog creates it before any step or checkpoint) and its checkpoints."""
         if self.committed:
             return
+        if not checkpoints(self.work):  # nothing to resume: the inputs recorded for --resume (same_inputs) go too
+            (self.work / CHECKPOINTS / INPUTS_FILE).unlink(missing_ok=True)
+            with suppress(OSError):
+                (self.work / CHECKPOINTS).rmdir()
         if not self.staged:
             if self.created and not (self.work / LOG_FILE).exists():
                 shutil.rmtree(self.work, ignore_errors=True)

@@ -415,3 +415,24 @@ def test_resume_refuses_a_teacher_trained_again_since_the_run_started(tmp_path, 
     with pytest.raises(ArtifactError, match="train.distill.teacher: the weights this run started from were trained again"):
         run(student(tmp_path, tiny_bert, sentiment_files, "retrained", over), resume=True)
     assert (tmp_path / "retrained" / "checkpoints" / "step-2").is_dir()  # its checkpoint is kept
+
+
+def test_a_run_that_fails_before_training_leaves_no_inputs_record(tmp_path, tiny_bert, sentiment_files, teacher, monkeypatch):
+    """checkpoints/inputs.json is written before the model loads; a failure there must not leave a folder that then
+    reads as a started run (an existing empty folder is not removed, so its contents must go)."""
+    import sys
+
+    from peftlab.errors import ModelError
+
+    recipe = student(tmp_path, tiny_bert, sentiment_files, "empty", {**distilled(teacher), "train.max_steps": 1})
+    recipe.out.mkdir()
+
+    def broken(*a, **k):
+        raise ModelError("no model today")
+
+    with monkeypatch.context() as m:
+        m.setattr(sys.modules["peftlab.run"], "build_model", broken)
+        with pytest.raises(ModelError):
+            run(recipe)
+    assert list(recipe.out.iterdir()) == []
+    assert run(recipe).steps == 1  # and the next run is a fresh one
