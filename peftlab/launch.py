@@ -48,7 +48,8 @@ def preset_path(name: str) -> Path:
 
 
 def resolve_num_processes(name: str, num_processes: int | None) -> int:
-    """Check that the preset can run here and return the number of processes (default: 2 on CPU, every GPU else)."""
+    """Check that the preset exists and can run here; return the number of processes (default: 2 on CPU, every GPU else)."""
+    preset_path(name)
     if num_processes is not None and num_processes < 1:
         raise LaunchError(f"--num-processes {num_processes}: must be >= 1.")
     if name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
@@ -87,14 +88,15 @@ def launch(name: str | None, recipe: str, overrides: list[str] | tuple = (), *, 
     """Run the recipe on the preset's processes and wait; return the launcher's exit status."""
     if name is None:
         raise LaunchError(f"--num-processes needs --launch PRESET (one of {', '.join(presets())}).")
-    cmd, env = launch_command(name, recipe, overrides, num_processes=num_processes, resume=resume, overwrite=overwrite)
+    n = resolve_num_processes(name, num_processes)
+    cmd, env = launch_command(name, recipe, overrides, num_processes=n, resume=resume, overwrite=overwrite)
     if out is None:
         log.info("launching: %s%s", "ACCELERATE_USE_CPU=1 " if name == CPU_PRESET else "", shlex.join(cmd))
         return run_forwarding_signals(cmd, env)
     folder = RunDir(out)
     with folder.lock():  # held here for the ranks, which skip it (LOCK_ENV): a second writer is refused at once
         folder.recover()
-        folder.plan(resume=resume, overwrite=overwrite, announce=False)  # one clear error here rather than one per rank
+        folder.plan(resume=resume, overwrite=overwrite, announce=False, processes=n)  # one clear error here rather than one per rank
         env[LOCK_ENV] = str(folder.out.absolute())
         log.info("launching: %s%s", "ACCELERATE_USE_CPU=1 " if name == CPU_PRESET else "", shlex.join(cmd))
         return run_forwarding_signals(cmd, env)

@@ -165,8 +165,8 @@ def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> Run
     if lineage and (problems := num_layers_problems(recipe)):  # that run's model, merged if it was not yet
         raise ConfigError(problems)
     out = recipe.out
-    with folder.writing(resume=resume, overwrite=overwrite, recipe_yaml=recipe.to_yaml(),
-                        main=accelerator.is_main_process) as job:  # locked; job.work: the run folder or an --overwrite's staging
+    with folder.writing(resume=resume, overwrite=overwrite, recipe_yaml=recipe.to_yaml(), main=accelerator.is_main_process,
+                        processes=accelerator.num_processes) as job:  # locked; job.work: the run folder or an --overwrite's staging
         set_seed(recipe.train.seed)  # before the model: LoRA and head initialisation are seeded too
         with accelerator.main_process_first():  # rank 0 fills the datasets cache, the other ranks then read it
             splits, label_names = load_splits(recipe)

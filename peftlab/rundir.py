@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 
 LOCK_ENV = "PEFTLAB_OUTPUT_LOCK"  # set by `peftlab train --launch` for its ranks: the launcher process holds the lock
 RECIPE_FILE, RECORD_FILE, LOG_FILE, CHECKPOINTS, CHECKSUMS = "recipe.yaml", "run.json", "log.jsonl", "checkpoints", "checksums.json"
+TRAINER_STATE = "trainer_state.json"  # a checkpoint's TrainState (train.py): step, epoch, totals, the processes that wrote it
 RUN_FILES = (RECIPE_FILE, RECORD_FILE)  # what makes a folder a finished run (written last: write_record)
 STARTED = (RECORD_FILE, CHECKPOINTS, LOG_FILE)
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
@@ -367,6 +368,23 @@ def recipe_changes(ckpt: Path, recipe_yaml: str) -> list[str]:
             if not any(k == m or (m.endswith(".") and k.startswith(m)) for m in RESUME_MAY_CHANGE)]
 
 
+def processes_change(ckpt: Path, processes: int | None) -> str | None:
+    """-> why `processes` cannot resume this checkpoint (written by another number of processes), or None. The global
+    batch is train.batch_size x train.grad_accum x processes and the data position is counted in those batches, so
+    another count would continue a different run, silently. A checkpoint without the count (an older peftlab) is trusted."""
+    try:
+        before = json.loads((ckpt / TRAINER_STATE).read_text()).get("num_processes")
+    except (OSError, ValueError, AttributeError):
+        return None  # (a damaged state is load_checkpoint's to report)
+    if processes is None or before is None or before == processes:
+        return None
+    return (f"--resume: checkpoint {ckpt} was written by {before} process(es), this run has {processes}: the global batch "
+            f"(train.batch_size x train.grad_accum x processes) and the position in the data would differ from the run it "
+            f"continues. Resume with {before} process(es), as the run was started (e.g. `peftlab train RECIPE --resume "
+            f"--launch PRESET --num-processes {before}`, or `accelerate launch --num_processes {before} -m peftlab train "
+            "RECIPE --resume`), or start again with --overwrite.")
+
+
 # --------------------------------------------------------------------------------------------- the folder
 
 def is_started(folder: Path) -> bool:
@@ -546,15 +564,17 @@ class RunDir:
         _fsync_dir(self.out.absolute().parent)
         shutil.rmtree(self.retired, ignore_errors=True)
 
-    def plan(self, *, resume: bool, overwrite: bool, recipe_yaml: str | None = None, announce: bool = True) -> Job:
+    def plan(self, *, resume: bool, overwrite: bool, recipe_yaml: str | None = None, announce: bool = True,
+             processes: int | None = None) -> Job:
         """Decide where this run writes, or refuse with the fix; reads only (every process runs it). `announce`: say
-        where a --resume continues (off for the launcher's check: its rank 0 says it)."""
+        where a --resume continues (off for the launcher's check: its rank 0 says it). `processes`: the run's number of
+        processes, which a --resume must share with its checkpoint (None: not checked)."""
         check_writable(self.out)
         if resume and overwrite:
             raise ArtifactError("--resume and --overwrite together: --resume continues the run in the output directory, "
                                 "--overwrite starts it again. Give one of them.")
         if resume:
-            return self._resume_plan(recipe_yaml, announce)
+            return self._resume_plan(recipe_yaml, announce, processes)
         if is_started(self.out):
             if overwrite:
                 return Job(self, self.staging)
@@ -570,7 +590,7 @@ class RunDir:
                                 "name=NEW_NAME).")
         return Job(self, self.out)
 
-    def _resume_plan(self, recipe_yaml: str | None, announce: bool = True) -> Job:
+    def _resume_plan(self, recipe_yaml: str | None, announce: bool = True, processes: int | None = None) -> Job:
         work = self.staging if checkpoints(self.staging) else self.out
         if work == self.out and self.finished:
             raise ArtifactError(f"--resume: {self.out} holds a finished run; there is nothing to resume. Evaluate it "
@@ -584,18 +604,21 @@ class RunDir:
             raise ArtifactError(f"--resume: the recipe differs from the one checkpoint {ckpt} was written with:\n  - "
                                 + "\n  - ".join(changes) + "\nResume with the checkpoint's recipe (" + str(ckpt / RECIPE_FILE)
                                 + "), or start again with --overwrite. A resume may change only: " + ", ".join(RESUME_MAY_CHANGE))
+        if problem := processes_change(ckpt, processes):
+            raise ArtifactError(problem)
         if work == self.staging and announce:
             log.info("--resume: continuing the interrupted --overwrite in %s; %s stays as it is until it finishes",
                      self.staging, self.out)
         return Job(self, work, ckpt)
 
     @contextmanager
-    def writing(self, *, resume: bool, overwrite: bool, recipe_yaml: str | None, main: bool) -> Iterator[Job]:
+    def writing(self, *, resume: bool, overwrite: bool, recipe_yaml: str | None, main: bool,
+                processes: int | None = None) -> Iterator[Job]:
         """Lock (main process), plan, prepare; on failure the old run stays as it was. Call job.commit() when done."""
         with self.lock() if main else nullcontext():
             if main:
                 self.recover()
-            job = self.plan(resume=resume, overwrite=overwrite, recipe_yaml=recipe_yaml)
+            job = self.plan(resume=resume, overwrite=overwrite, recipe_yaml=recipe_yaml, processes=processes)
             if main:
                 job.prepare()
             try:

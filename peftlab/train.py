@@ -32,7 +32,7 @@ from .errors import ConfigError, TrainingDiverged, TrainingInterrupted
 from .export import atomic_write_text, write_atomic_dir
 from .methods import get_method
 from .model import MMAP_THRESHOLD, largest_weight_copy, map_large_allocations
-from .rundir import checkpoint_path, checkpoints, log_path, seal_checkpoint
+from .rundir import TRAINER_STATE, checkpoint_path, checkpoints, log_path, seal_checkpoint
 from .tasks import get_task, lower_is_better, skip_unread
 from .trackers import close_trackers, open_trackers
 
@@ -101,6 +101,7 @@ class TrainState:
     train_seconds: float = 0.0
     wall_seconds: float = 0.0  # the loop's wall time (evaluations and checkpoints included) over every session, up to `step`
     best_schedule: Any = None  # the method's schedule at best_step (AdaLoRA's rank pattern): put back with keep_best's weights
+    num_processes: int | None = None  # the processes that wrote the checkpoint: --resume needs as many (rundir.processes_change)
 
 
 class Window:
@@ -238,7 +239,8 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, best: dict | None
         if accelerator.is_main_process:
             if best is not None:
                 save_file(best, str(tmp / "best_trainable.safetensors"))
-            (tmp / "trainer_state.json").write_text(json.dumps({k: v for k, v in state.__dict__.items()}))
+            state.num_processes = accelerator.num_processes
+            (tmp / TRAINER_STATE).write_text(json.dumps(state.__dict__))
             seal_checkpoint(tmp, recipe.to_yaml() if recipe is not None else None)
         accelerator.wait_for_everyone()  # all ranks' files are in tmp before the main process renames it
 
@@ -289,7 +291,7 @@ def stop_requested(flag: threading.Event, accelerator) -> bool:
 def load_checkpoint(accelerator, ckpt: Path) -> tuple[TrainState, dict | None]:
     """Restore model, optimizer, schedules and RNGs from a checkpoint (already verified: rundir.good_checkpoint)."""
     accelerator.load_state(str(ckpt))
-    state = TrainState(**json.loads((ckpt / "trainer_state.json").read_text()))
+    state = TrainState(**json.loads((ckpt / TRAINER_STATE).read_text()))
     best = None
     if (ckpt / "best_trainable.safetensors").is_file():
         from safetensors.torch import load_file

@@ -199,6 +199,35 @@ def test_resume_refuses_another_recipe_a_finished_run_and_overwrite(make_recipe,
     assert run(make_recipe({**ov, "train.max_steps": 12, "output_dir": part}), resume=True)["steps"] == 12
 
 
+def test_resume_refuses_another_number_of_processes(make_recipe, tmp_path, monkeypatch):
+    """The checkpoint records its processes; another count (the global batch and the data position would differ) is
+    refused by the run and, before launching anything, by `--launch`. An older checkpoint without the count resumes."""
+    from peftlab import launch
+    from peftlab.rundir import seal_checkpoint
+
+    recipe = make_recipe({"train.max_steps": 8, "train.save_every": 4})
+    run(recipe)
+    ckpt = tmp_path / "part" / "checkpoints" / "step-4"
+    shutil.copytree(recipe.out / "checkpoints" / "step-4", ckpt)
+    state = json.loads((ckpt / "trainer_state.json").read_text())
+    assert state["num_processes"] == 1
+
+    def written_by(n):  # None: no count at all
+        older = {k: v for k, v in state.items() if k != "num_processes"}
+        (ckpt / "trainer_state.json").write_text(json.dumps(older if n is None else {**older, "num_processes": n}))
+        seal_checkpoint(ckpt, None)
+
+    written_by(2)
+    part = make_recipe({"train.max_steps": 8, "train.save_every": 4, "output_dir": ckpt.parents[1]})
+    with pytest.raises(ArtifactError, match=r"written by 2 process\(es\), this run has 1(.|\n)*--num-processes 2(.|\n)*--overwrite"):
+        run(part, resume=True)
+    monkeypatch.setattr(launch, "run_forwarding_signals", lambda *a: pytest.fail("launched"))
+    with pytest.raises(ArtifactError, match=r"written by 2 process\(es\), this run has 3"):
+        launch.launch("cpu-ddp", "recipe.yaml", num_processes=3, resume=True, out=part.out)
+    written_by(None)  # an older checkpoint: no count, trusted as before
+    assert run(part, resume=True)["steps"] == 8
+
+
 # ------------------------------------------------------------------------------------------------- divergence
 
 def test_a_diverged_run_stops_and_exports_nothing(old_run, tmp_path):
