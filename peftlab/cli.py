@@ -52,6 +52,9 @@ def cmd_train(args) -> int:
     recipe = load_recipe(recipe_path, overrides)
     if args.launch or args.num_processes is not None:  # validated once here; now the same run on N processes (peftlab/launch.py)
         from .launch import launch
+        from .run import check_data_and_base
+
+        check_data_and_base(recipe, recipe_path)  # a data or base mistake: one message here, not one per rank and a traceback
 
         return launch(args.launch, recipe_path, overrides, num_processes=args.num_processes, resume=args.resume,
                       overwrite=args.overwrite, out=recipe.out)
@@ -132,7 +135,6 @@ def cmd_merge(args) -> int:
 
 def cmd_validate(args) -> int:
     from .config import load_recipe
-    from .errors import ConfigError
 
     # KEY=VALUE overrides may come positionally, as with `train` (a file whose name holds '=' stays a recipe)
     overrides = [a for a in args.recipes if "=" in a and not Path(a).is_file()] + args.overrides
@@ -144,10 +146,9 @@ def cmd_validate(args) -> int:
             recipe = load_recipe(path, overrides, validate_files=not args.no_files)
             stage = "data"
             if not args.no_files:  # what training checks before any work: columns, the base, trackers, the teacher
-                from .run import preflight
+                from .run import check_data_and_base
 
-                if problems := preflight(recipe, training=False):
-                    raise ConfigError(problems, path)
+                check_data_and_base(recipe, path)
             print(f"ok      {path}")
         except PeftlabError as e:  # (a ConfigError lists every problem; another project error is one)
             failed += 1

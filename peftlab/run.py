@@ -253,6 +253,13 @@ def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
     return problems
 
 
+def check_data_and_base(recipe: Recipe, source: str | None = None) -> None:
+    """Raise ConfigError with every problem `preflight(training=False)` finds (data columns, the base, trackers, the
+    teacher): what `peftlab validate` checks, and `train --launch` before it starts any process."""
+    if problems := preflight(recipe, training=False):
+        raise ConfigError(problems, source)
+
+
 def start_from_run(recipe: Recipe, accelerator) -> list[dict]:
     """model.from_run: the earlier run's adapter merged into its base (RUN/merged, made once; bases.base_path loads it),
     model.name set to that run's base -> the lineage: that run, then the runs it started from."""

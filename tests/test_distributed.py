@@ -193,6 +193,18 @@ def test_launch_errors_are_clear(make_recipe, tmp_path, capsys):
     assert "--num-processes needs --launch" in capsys.readouterr().err
 
 
+def test_launch_checks_data_and_base_before_launching(make_recipe, tmp_path, capsys, monkeypatch):
+    """`train --launch` makes validate's checks first: a wrong column is one message and exit 2, nothing launched."""
+    from peftlab import launch
+
+    make_recipe()
+    monkeypatch.setattr(launch, "run_forwarding_signals", lambda *a: pytest.fail("launched"))
+    assert main(["train", str(tmp_path / "recipe.yaml"), "data.label_column=nope", "--launch", "cpu-ddp"]) == 2
+    err = capsys.readouterr().err
+    assert "label_column" in err and "'nope'" in err and "Traceback" not in err
+    assert not (tmp_path / "out").exists()
+
+
 def test_sharded_runs_export_the_gathered_state_dict(make_recipe, tmp_path):
     """Under FSDP / ZeRO-3 the export writes the state dict gathered by accelerator.get_state_dict (FSDP and DeepSpeed
     need GPUs, so this checks the seam on CPU: the given full state dict is what lands in the adapter file)."""
