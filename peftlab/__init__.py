@@ -2,7 +2,7 @@
 
     from peftlab import load_recipe, run, evaluate, merge
     recipe = load_recipe("recipes/minilm/sst2-lora.yaml", ["train.epochs=1"])
-    summary = run(recipe)              # train -> evaluate -> export to recipe.out
+    summary = run(recipe)              # train -> evaluate -> export to recipe.out (run("x.yaml") loads it first)
     evaluate(recipe.out, split="eval")
     merge(recipe.out)                  # -> recipe.out / "merged", a standalone transformers model
 

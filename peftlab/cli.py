@@ -275,6 +275,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .config import EVAL_SPLITS
+
     p = Parser(prog="peftlab", description="Parameter-efficient fine-tuning from YAML recipes.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
     p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
@@ -297,7 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "from its recipe unless you override model.name=...")
     e.add_argument("--endpoint", help="hub endpoint (default: huggingface.co or HF_ENDPOINT)")
     e.add_argument("--revision", help="hub revision of --adapter")
-    e.add_argument("--split", default="eval", choices=("eval", "test"),
+    e.add_argument("--split", default="eval", choices=EVAL_SPLITS,
                    help="eval: the split the run selected on (data.eval, or the seeded data.eval_holdout part of train, "
                         "rebuilt from the train file); test: data.test (default: eval)")
     e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.eval.path=other.tsv; results then go to "

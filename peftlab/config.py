@@ -16,7 +16,7 @@ import math
 import types
 import typing
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 from typing import Any, Union
 
 import yaml
@@ -113,6 +113,9 @@ class SplitConfig:
     label_column: str | None = opt(None, "Override data.label_column for this split.")
     label_map: dict | None = opt(None, "Map raw label values to label names or indices, e.g. {1: World, 2: Sports}.")
     max_samples: int | None = opt(None, "Use a seeded random subset of this many rows.", ge=1)
+
+
+EVAL_SPLITS = ("eval", "test")  # what an evaluation of a finished run scores (`peftlab eval --split`, run.evaluate)
 
 
 @dataclass
@@ -341,7 +344,8 @@ class Recipe:
         return self.train.seed if self.data.seed is None else self.data.seed
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        """Plain values, as YAML holds them: a path set from Python (`recipe.output_dir = Path(...)`) is its text."""
+        return dataclasses.asdict(self, dict_factory=lambda items: {k: str(v) if isinstance(v, PurePath) else v for k, v in items})
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -516,13 +520,16 @@ def parse_overrides(overrides: list[str], problems: list[str]) -> list[tuple[str
     return out
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple = (), *, validate_files: bool = True) -> Recipe:
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple | str = (), *, validate_files: bool = True) -> Recipe:
     """Read a YAML recipe (None = the built-in default), apply dotted overrides, type-check and validate.
 
-    Raises ConfigError listing every problem found.
+    `overrides`: a list of KEY=VALUE strings; a single string is one override (as `text_columns: sentence` is a
+    one-item list). Raises ConfigError listing every problem found.
     """
     problems: list[str] = []
     source = str(path) if path else "the default recipe"
+    if isinstance(overrides, str):  # list("train.epochs=1") would be 14 one-character overrides
+        overrides = [overrides]
     tree: dict = {}
     if path is not None:
         p = Path(path)
@@ -546,6 +553,12 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple = (
         _set_dotted(tree, key, value, problems)
     inherit_task_data(tree)
     base_from_run(tree)
+    return _checked_build(tree, problems, source, validate_files)
+
+
+def _checked_build(tree: dict, problems: list[str], source: str, validate_files: bool) -> Recipe:
+    """The Recipe of a tree of plain values, its types checked (`_build`) and every rule (`validate`); raises
+    ConfigError with these problems and those found before (`problems`)."""
     recipe = _build(Recipe, tree, "", problems)
     try:
         validate(recipe, check_files=validate_files, source=source)
@@ -554,6 +567,13 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple = (
     if problems:
         raise ConfigError(problems, source)
     return recipe
+
+
+def checked(recipe: Recipe, *, validate_files: bool = True) -> Recipe:
+    """A Recipe built or changed in Python, checked as `load_recipe` checks a file: read back from its plain values
+    (`to_dict`: types checked, 1 -> 1.0 for a float, a Path -> its text), then every rule -> that new Recipe. `run`
+    calls it, so `recipe.train.lr = -1; run(recipe)` is one ConfigError rather than a traceback mid-training."""
+    return _checked_build(recipe.to_dict(), [], "the recipe", validate_files)
 
 
 def base_from_run(tree: dict) -> None:

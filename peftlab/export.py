@@ -170,13 +170,14 @@ def predictions_jsonl(rows: list[dict]) -> str:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
 
 
-def export(out: Path, model, tokenizer, recipe: Recipe, record: RunRecord | dict, metrics: dict, report: dict | None = None,
+def export(out: str | Path, model, tokenizer, recipe: Recipe, record: RunRecord | dict, metrics: dict, report: dict | None = None,
            state_dict: dict | None = None, predictions: dict[str, list[dict]] | None = None) -> Path:
     """Write the trained weights and their description into `out` (main process only); run.json is `record` plus the
     library versions, the hardware and the weights' checksum (a dict of run.json entries is read as a RunRecord, for
     callers of the building blocks). `state_dict`: the full
     weights gathered from a sharded (FSDP / ZeRO-3) model; None = the model's own. `predictions`: {split: rows} of a
     generative task, written as predictions-SPLIT.jsonl (prediction next to reference)."""
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     staging = out / ".staging"
     shutil.rmtree(staging, ignore_errors=True)
@@ -200,7 +201,7 @@ def export(out: Path, model, tokenizer, recipe: Recipe, record: RunRecord | dict
     return out
 
 
-def load_trained(out: Path, *, dequantize: bool = False, recipe: Recipe | None = None, adapter_name: str = "default"):
+def load_trained(out: str | Path, *, dequantize: bool = False, recipe: Recipe | None = None, adapter_name: str = "default"):
     """Rebuild the trained model from an output directory -> (model in eval mode, tokenizer, recipe, RunRecord).
 
     `recipe` overrides the run's own (e.g. another model.name for the base); `dequantize=True` swaps a quantized base's
@@ -212,7 +213,7 @@ def load_trained(out: Path, *, dequantize: bool = False, recipe: Recipe | None =
     return model, tokenizer, recipe, run
 
 
-def rebuild(out: Path, recipe: Recipe, run: RunRecord, *, dequantize: bool = False, adapter_name: str = "default",
+def rebuild(out: str | Path, recipe: Recipe, run: RunRecord, *, dequantize: bool = False, adapter_name: str = "default",
             precision: str | None = None):
     """The model (eval mode) and tokenizer of run `out`, whose record `read_run` already gave -> (model, tokenizer).
     `precision`: the base's (its dtype, a quantized base's compute dtype); None = the run's own."""
@@ -263,7 +264,7 @@ def check_source_unchanged(out: Path, recipe: Recipe, run: RunRecord) -> None:
                             "at a copy of the earlier run.")
 
 
-def merge(out: Path, *, force: bool = False) -> Path:
+def merge(out: str | Path, *, force: bool = False) -> Path:
     """Fold a LoRA adapter into its base and write a standalone model to OUT/merged. Idempotent: a merged folder
     made from the same adapter weights is left as it is."""
     out = Path(out)

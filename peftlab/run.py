@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 
 from . import distill
 from .accel import FrozenWeightsCast, autocast_dtype, make_accelerator, resolve_precision, shards_weights
-from .config import Recipe, from_run_problems, load_recipe
+from .config import EVAL_SPLITS, Recipe, checked, from_run_problems, load_recipe
 from .data import build_data, column_problems, load_splits
 from .errors import ArtifactError, ConfigError
 from .export import atomic_write_text, export, merge, predictions_jsonl, rebuild
@@ -38,7 +38,12 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     `overrides` change the run's recipe (other data, another base via model.name); eval-SPLIT.json (and predictions)
     are written to `results_dir`, by default the run folder itself, or, with overrides, `runs/eval/NAME-TAG/` (from the
     working directory; `overrides_tag`): an evaluation of a changed recipe never replaces the figures the run was trained
-    and reported with, nor adds files to its folder."""
+    and reported with, nor adds files to its folder. `split`: eval (the split the run selected on: data.eval, or the
+    seeded data.eval_holdout part of train) or test (data.test)."""
+    if split not in EVAL_SPLITS:
+        raise ConfigError([f"split={split!r}: an evaluation scores one of {', '.join(EVAL_SPLITS)} (eval: the split the run "
+                           "selected on; test: data.test). For other rows, give them as the test split: "
+                           "split='test', overrides=['data.test.path=FILE']."])
     out = Path(out)
     identity = folder_identity(out)
     trained, run = read_run(out)
@@ -53,6 +58,7 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
         log.warning("%s is the split this run chose its weights on (train.keep_best, step %s of %s): its figure is optimistic. "
                     "%s", split, run.best_step, run.steps, "`--split test` scores the held-out split." if "test" in (run.metrics or {})
                     else "For a held-out figure: --split test data.test.path=FILE (rows no selection saw).")
+    check_split_given(recipe, split)  # before the model is loaded
     if results_dir is None:
         results_dir = EVAL_DIR / f"{out.resolve().name}-{overrides_tag(overrides, out.resolve())}" if overrides else out
     results = Path(results_dir)
@@ -131,13 +137,22 @@ def evaluate_split(model, ds, data, accelerator, recipe: Recipe, tokenizer):
     return metrics, report, report.pop("predictions", None)
 
 
+def held_out(recipe: Recipe, split: str) -> bool:
+    """The eval split is the seeded data.eval_holdout part of train (no data.eval)."""
+    d = recipe.data
+    return split == "eval" and d.eval is None and d.eval_holdout > 0 and d.train is not None
+
+
+def check_split_given(recipe: Recipe, split: str) -> None:
+    if getattr(recipe.data, split) is None and not held_out(recipe, split):
+        raise ArtifactError(f"the run's recipe has no data.{split} split. Give one: data.{split}.path=FILE.")
+
+
 def load_splits_for(recipe: Recipe, split: str, label_names: list[str]):
     """The one split an evaluation scores. A run that selected on a seeded part of train (`data.eval: null`,
     `data.eval_holdout`) gets that part again for `eval`: train is read and split as training did, then dropped."""
-    d = recipe.data
-    holdout = split == "eval" and d.eval is None and d.eval_holdout > 0 and d.train is not None
-    if getattr(d, split) is None and not holdout:
-        raise ArtifactError(f"the run's recipe has no data.{split} split. Give one: data.{split}.path=FILE.")
+    d, holdout = recipe.data, held_out(recipe, split)
+    check_split_given(recipe, split)
     for other in ("train", "eval", "test"):
         if other != split and not (holdout and other == "train"):
             setattr(d, other, None)
@@ -146,11 +161,14 @@ def load_splits_for(recipe: Recipe, split: str, label_names: list[str]):
     return {**splits, "train": None}, names
 
 
-def run(recipe: Recipe, *, resume: bool = False, overwrite: bool = False) -> RunRecord:
+def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = False) -> RunRecord:
     """Train, evaluate and export one recipe; return its record (also in OUT/run.json, metrics in OUT/metrics.json).
 
+    `recipe`: a Recipe (from `load_recipe`, maybe changed since: it is checked again as `load_recipe` checks a file, so a
+    bad value is a ConfigError before any work; the run uses that checked copy) or the path of a YAML recipe.
     The output folder is locked while the run writes it; an --overwrite is built beside it and replaces the old run
     only once it finished (peftlab/rundir.py), so a failed run never costs the previous one."""
+    recipe = load_recipe(recipe) if isinstance(recipe, (str, Path)) else checked(recipe)
     folder = RunDir(recipe.out)
     precision = resolve_precision(recipe.train.precision)
     accelerator = make_accelerator(recipe, precision)

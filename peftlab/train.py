@@ -406,10 +406,12 @@ class KeepBest:
                 self.schedule.restore(state.best_schedule)
 
 
-def train(recipe: Recipe, model, data: TaskData, accelerator, out: Path, *, resume_from: Path | None = None, tokenizer=None):
+def train(recipe: Recipe, model, data: TaskData, accelerator, out: str | Path, *, resume_from: str | Path | None = None,
+          tokenizer=None):
     """Run the optimisation; return (model with the kept weights loaded, TrainState). `resume_from`: a checkpoint to
     continue. `tokenizer` lets evaluations generate when the kept metric needs it (summarization with rougeL, ...).
     A loss that turns inf/nan stops the run (TrainingDiverged): checked at log and save steps, not every step."""
+    out, resume_from = Path(out), resume_from and Path(resume_from)
     parts = setup(recipe, model, data, accelerator, tokenizer)
     state, weights = load_checkpoint(accelerator, resume_from) if resume_from is not None else (TrainState(), None)
     if state.step > parts.total:  # it would export a run longer than its recipe says, silently

@@ -6,13 +6,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import re
 import subprocess
 import sys
 
 import pytest
 import yaml
 
-from peftlab import load_recipe, load_splits
+from peftlab import load_recipe, load_splits, run
 from peftlab.cli import main
 from peftlab.config import Recipe, _walk, validate
 from peftlab.errors import ConfigError, DataError, ModelError
@@ -384,3 +385,44 @@ def test_validate_says_hub_splits_are_not_checked(caplog):
     with caplog.at_level(logging.INFO, logger="peftlab.data"):
         assert column_problems(recipe) == []
     assert "the columns of glue split 'train' are not checked here" in caplog.text
+
+
+# ------------------------------------------------------------------------------------ the Python API (README Journey 3)
+
+@pytest.mark.parametrize("key, value, said", [("lr", -1, "train.lr=-1"), ("batch_size", 0, "train.batch_size=0"),
+                                              ("precision", "fp64", "train.precision='fp64'")])
+def test_run_validates_a_recipe_changed_in_python(make_recipe, key, value, said):
+    recipe = make_recipe()
+    setattr(recipe.train, key, value)
+    with pytest.raises(ConfigError, match=re.escape(said)):
+        run(recipe)
+    assert not recipe.out.exists()  # refused before any work
+
+
+def test_the_python_api_takes_paths_and_says_what_it_refuses(make_recipe, tmp_path, monkeypatch):
+    """run() takes a recipe path; a Path output_dir is written as text; one override string is one override; evaluate()
+    refuses a split it does not score before loading the model; the building blocks take str output folders."""
+    from peftlab import build_data, build_model, evaluate, export, load_trained, train
+    from peftlab.accel import make_accelerator
+
+    recipe = make_recipe({"train.max_steps": 2})
+    recipe.output_dir = tmp_path / "api"
+    path = tmp_path / "api.yaml"
+    path.write_text(recipe.to_yaml(), encoding="utf-8")
+    assert load_recipe(path, "train.max_steps=3").train.max_steps == 3
+    assert run(str(path)).steps == 2
+    assert yaml.safe_load((tmp_path / "api" / "recipe.yaml").read_text())["output_dir"] == str(tmp_path / "api")
+
+    monkeypatch.setattr(sys.modules["peftlab.run"], "rebuild", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ConfigError, match="split='train': an evaluation scores one of eval, test"):
+        evaluate(tmp_path / "api", split="train")
+    with pytest.raises(FileNotFoundError, match="no data.test split"):
+        evaluate(tmp_path / "api", split="test")
+    monkeypatch.undo()
+
+    splits, names = load_splits(recipe)
+    model, tok, _ = build_model(recipe, num_labels=2, label_names=names, precision="fp32")
+    model, _ = train(recipe, model, build_data(recipe, tok, splits=splits, label_names=names), make_accelerator(recipe, "fp32"),
+                     str(tmp_path / "blocks"))
+    export(str(tmp_path / "blocks"), model, tok, recipe, {"label_names": names, "precision": "fp32"}, {})
+    assert load_trained(str(tmp_path / "blocks"))[3].label_names == names
