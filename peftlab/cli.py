@@ -92,7 +92,10 @@ def cmd_eval(args) -> int:
         name = target.replace("/", "__") + (f"@{args.revision}" if args.revision else "")
         results = EVAL_DIR / (f"{name}-{overrides_tag(args.overrides)}" if args.overrides else name)
     metrics = evaluate(folder, split=args.split, overrides=args.overrides, results_dir=results)
-    print(json.dumps({"split": args.split, **metrics}, indent=2))
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:  # under `accelerate launch` every rank gets here
+        print(json.dumps({"split": args.split, **metrics}, indent=2))
     return 0
 
 

@@ -85,7 +85,8 @@ def test_two_process_eval_equals_one_process_eval(odd_eval, tmp_path):
     _, _, make = odd_eval
     out = tmp_path / "one"
     one = run(make(**{"train.max_steps": 4, "output_dir": out}))
-    sh([*LAUNCH_2_CPU, "-m", "peftlab.cli", "eval", str(out)], cwd=tmp_path)
+    proc = sh([*LAUNCH_2_CPU, "-m", "peftlab.cli", "eval", str(out)], cwd=tmp_path)
+    assert proc.stdout.count('"split": "eval"') == 1, "the metrics are printed by the main process only"
     two = json.loads((out / "eval-eval.json").read_text())
     assert two["report"]["n"] == 63 == json.loads((out / "eval_report.json").read_text())["n"]
     assert two["report"]["confusion"] == json.loads((out / "eval_report.json").read_text())["confusion"]
