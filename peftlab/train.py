@@ -107,10 +107,14 @@ class TrainState:
 class Window:
     """Loss, tokens and examples since the last log line. The loss stays on the device until `flush`: no host sync per
     step. Real tokens are the rows' own before padding (host ints from the loader: `with_real_tokens`), so the tail
-    padding of a packed row, which has no attention mask to tell it apart, is not counted as real."""
+    padding of a packed row, which has no attention mask to tell it apart, is not counted as real.
 
-    def __init__(self, accelerator):
-        self.acc = accelerator
+    Examples are counted over all ranks, each row once: on N processes Accelerate tops the epoch's last batches up with
+    rows from its start (even_batches), so `tail` (the real rows of that last round: rows per epoch mod batch x N; 0 when
+    it divides) is what its last micro-batch adds. The repeated rows' tokens still count in the token totals."""
+
+    def __init__(self, accelerator, tail: int = 0):
+        self.acc, self.tail = accelerator, tail
         self.loss = torch.zeros((), device=accelerator.device)
         self.reset()
 
@@ -123,7 +127,8 @@ class Window:
         self.loss += loss.detach()
         self.tokens += real_tokens
         self.micro += 1
-        self.examples += len(batch["labels"])
+        last = self.tail and self.acc.gradient_state.end_of_dataloader  # the epoch's last round of batches
+        self.examples += self.tail if last else len(batch["labels"]) * self.acc.num_processes
         self.padded += batch["input_ids"].numel()
 
     def elapsed(self) -> float:
@@ -142,7 +147,7 @@ class Window:
         elapsed = self.elapsed()
         counts = torch.tensor([self.tokens, self.padded], dtype=torch.long, device=self.acc.device)
         tokens, padded = self.acc.reduce(counts, "sum").tolist()  # real and padded tokens of all ranks: one collective
-        examples = self.examples * self.acc.num_processes
+        examples = self.examples
         state.examples += examples
         state.tokens += tokens
         state.padded_tokens += padded
@@ -334,6 +339,7 @@ class Parts:
     schedule: Any  # the method's own (AdaLoRA's rank budget; for the others it does nothing)
     total: int
     steps_per_epoch: int
+    epoch_tail: int  # real rows in the epoch's last round of batches (Window): rows per epoch mod batch x processes
     eval_context: dict  # tokenizer and recipe when the kept metric is generated (summarization with rougeL, ...)
     cast: FrozenWeightsCast  # train.cast_frozen: the frozen weights in the autocast dtype while the loop runs
 
@@ -347,6 +353,7 @@ def setup(recipe: Recipe, model, data: TaskData, accelerator, tokenizer=None) ->
     t, task = recipe.train, get_task(recipe.task.type)
     set_seed(t.seed)
     train_dl = train_loader(data, t, accelerator.num_processes)
+    epoch_tail = len(train_dl.sampler) % (t.batch_size * accelerator.num_processes)
     generating = t.best_metric in getattr(task, "GENERATED_METRICS", ()) and tokenizer is not None
     context = {"tokenizer": tokenizer, "recipe": recipe} if generating else {}
     eval_collate = data.eval_collate if generating else data.collate
@@ -377,7 +384,7 @@ def setup(recipe: Recipe, model, data: TaskData, accelerator, tokenizer=None) ->
     schedule = get_method(recipe.adapter.method).schedule(accelerator.unwrap_model(model), recipe, total,  # AdaLoRA's rank budget
                                                           accelerator.register_for_checkpointing)
     cast = FrozenWeightsCast(model, autocast_dtype(accelerator) if t.cast_frozen else None)
-    return Parts(model, optimizer, train_dl, eval_dl, scheduler, schedule, total, steps_per_epoch, context, cast)
+    return Parts(model, optimizer, train_dl, eval_dl, scheduler, schedule, total, steps_per_epoch, epoch_tail, context, cast)
 
 
 class KeepBest:
@@ -434,7 +441,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
     total, steps_per_epoch, resume = parts.total, parts.steps_per_epoch, resumed
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
-    window = Window(accelerator)
+    window = Window(accelerator, parts.epoch_tail)
     # the task's own loss (e.g. LM losses on the labelled positions only: tasks/generative.py), or train.distill's (distill.py)
     task_loss = loss_for(t.distill) if t.distill else getattr(task, "loss", None)
 
