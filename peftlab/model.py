@@ -133,7 +133,10 @@ def modules_absent_from(skeleton: nn.Module, path: str) -> list[str]:
     for f in Path(path).glob("*.safetensors"):
         with safe_open(str(f), "pt") as st:
             held.update(st.keys())
-    return sorted({k.rsplit(".", 1)[0] for k in skeleton.state_dict() if k not in held}) if held else []
+    absent = [k for k in skeleton.state_dict() if k not in held]
+    if not held or len(absent) > 0.1 * len(skeleton.state_dict()):  # names renamed on load (transformers' key mapping): not
+        return []                                                  # comparable, so nothing is kept out (as before)
+    return sorted({k.rsplit(".", 1)[0] for k in absent})
 
 
 def under_fsdp() -> bool:
@@ -233,7 +236,7 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
     if task_load is not None and (loaded := task_load(recipe, path, dtype)) is not None:
         return loaded
     # Names of heads transformers creates for sequence classification across architectures; kept out of quantization.
-    head_guess = ["classifier", "score", "qa_outputs"]
+    head_guess = ["classifier", "score", "qa_outputs", "pre_classifier"]  # (DistilBERT's head is pre_classifier + classifier)
     quant = None
     if recipe.quant.mode != "none":  # a skip list REPLACES transformers' own (tied/output embeddings): pass both
         quant = quantization_config(recipe, precision, head_guess + default_skip_modules(recipe, path, auto_cls, num_labels))

@@ -27,6 +27,7 @@ verbalizer itself.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import gc
 import logging
@@ -183,8 +184,10 @@ def build_candidates(recipe: Recipe, bases: list[str], methods: list[str] | None
         for method in methods:
             where = f"candidate {base_label(base)} with adapter.method={method}"
             full = derive(recipe, candidate_overrides(recipe, base, method, overrides), where)
-            features = derive(recipe, candidate_overrides(recipe, base, method, overrides, False), where) \
-                if overrides.get(method) else full
+            features = full
+            if overrides.get(method):  # the base's features without the method's own overrides (where it is valid without them)
+                with contextlib.suppress(ConfigError):
+                    features = derive(recipe, candidate_overrides(recipe, base, method, overrides, False), where)
             out.append(_Candidate(base, method, full, features))
     return out
 
@@ -540,8 +543,8 @@ def format_table(rows: list[SelectRow], rank_by: str, source: str = "the recipe"
     body = []
     for r in rows:
         cells = [str(r.rank or "-"), r.label, r.method, f"{r.pooling} {r.feature_dim}" if r.feature_dim else "-", f"{r.features_seconds:.1f}"]
-        if r.error:
-            body.append(cells + [f"failed: {r.error[:100]}"])
+        if r.error:  # said under the table, so the columns keep their widths
+            body.append(cells + ["failed (below)"])
             continue
         for p in proxies:
             e = r.estimates[p]
@@ -555,10 +558,15 @@ def format_table(rows: list[SelectRow], rank_by: str, source: str = "the recipe"
              "probe/LogME read the frozen base (features once per base, 'feat s'), so they rank bases, not methods; "
              "LogME: log evidence per row, higher is better." if {"probe", "logme"} & set(proxies) else "",
              f"total {total_seconds(rows):.1f} s"]
-    return "\n".join([notes[0], "", *lines, "", *[x for x in notes[1:] if x]])
+    failures = [f"failed: {r.label} {r.method}: {r.error}" for r in rows if r.error]
+    return "\n".join([notes[0], "", *lines, "", *failures, *[x for x in notes[1:] if x]])
 
 
 def to_json(rows: list[SelectRow], rank_by: str, source: str = "the recipe", settings: dict | None = None) -> dict:
     """The table as JSON; `settings`: how it was made (the recipe's overrides, --set, sizes, seed), so it can be rerun."""
+    rows_json = [{**asdict(r), "label": r.label} for r in rows]
+    for r in rows_json:  # a failed row's figures: null, not NaN (which is not JSON)
+        r["estimates"] = {p: {k: (v if not isinstance(v, float) or math.isfinite(v) else None) for k, v in e.items()}
+                          for p, e in r["estimates"].items()}
     return {"source": source, "settings": settings or {}, "ranked_by": rank_by, "uncertainty": {p: UNCERTAINTY[p] for p in (rows[0].estimates if rows else {})},
-            "data": TRAIN_ONLY, "total_seconds": total_seconds(rows), "rows": [{**asdict(r), "label": r.label} for r in rows]}
+            "data": TRAIN_ONLY, "total_seconds": total_seconds(rows), "rows": rows_json}

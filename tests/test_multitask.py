@@ -124,6 +124,12 @@ def test_a_tasks_data_error_names_the_tasks_keys(task_files, tmp_path, tiny_bert
         load_splits(r)
     assert "multitask.tasks.topic.data.train:" in str(e.value) and "multitask.tasks.topic.data.label_names" in str(e.value)
     assert " data.label_names" not in str(e.value)
+    from peftlab.tasks.multitask import in_task  # keys only: a path's data.tsv and a sentence's last "data." stay
+
+    with pytest.raises(DataError) as e:
+        with in_task("a"):
+            raise DataError("data.train.path: '/x/data.tsv' has no rows. Point it at a file with data.")
+    assert str(e.value) == "multitask.tasks.a.data.train.path: '/x/data.tsv' has no rows. Point it at a file with data."
 
 
 # ---------------------------------------------------------------------------------------------------- sampling

@@ -12,7 +12,7 @@ import torch
 
 from peftlab.cli import main
 from peftlab.errors import ConfigError, ModelNotFound
-from peftlab.select import PROXIES, SelectError, jackknifed, logme, logme_evidence, probe, select, stratified_folds
+from peftlab.select import PROXIES, SelectError, jackknifed, logme, logme_evidence, probe, select, stratified_folds, to_json
 
 
 def direct_evidence(f: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
@@ -308,6 +308,16 @@ def test_a_candidate_that_fails_is_a_row_and_the_others_figures_are_kept(make_re
     good, bad = rows
     assert good.rank == 1 and math.isfinite(good.estimates["probe"].value)
     assert bad.rank == 0 and "holds no model weights" in bad.error and math.isnan(bad.estimates["probe"].value)
-    assert "failed: " in format_table(rows, "probe")
+    table = format_table(rows, "probe")
+    assert "failed (below)" in table and f"failed: {bad.label} lora: " in table
+    assert json.loads(json.dumps(to_json(rows, "probe")), parse_constant=lambda c: 1 / 0)["rows"][1]["estimates"]["probe"]["value"] is None
     with pytest.raises(SelectError, match="no-weights.*holds no model weights"):
         select(make_recipe(), [str(empty)], proxies=["probe"], max_rows=48, folds=3)
+
+
+def test_a_method_valid_only_with_its_own_overrides_still_gets_the_bases_features(make_recipe, tiny_bert):
+    """--set full:quant.mode=none on a 4-bit recipe: full is valid only with it, and the features recipe (without the
+    method's overrides) refused the whole command. The base's features then come from the candidate's recipe."""
+    rows = select(make_recipe({"quant.mode": "4bit"}), [str(tiny_bert)], ["full"], proxies=["probe"], max_rows=48, folds=3,
+                  overrides={"full": ["quant.mode=none"]})
+    assert rows[0].rank == 1 and math.isfinite(rows[0].estimates["probe"].value)

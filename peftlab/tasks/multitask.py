@@ -134,7 +134,12 @@ def in_task(name: str):
     try:
         yield
     except DataError as e:
-        e.args = (re.sub(r"(?<![\w.])data\.", f"multitask.tasks.{name}.data.", str(e)),)
+        import dataclasses
+
+        from ..config import DataConfig
+
+        keys = "|".join(f.name for f in dataclasses.fields(DataConfig))  # recipe keys only: not a path's data.tsv
+        e.args = (re.sub(rf"(?<![\w./'\"-])data\.(?=({keys})\b)", f"multitask.tasks.{name}.data.", str(e)),)
         raise
 
 
