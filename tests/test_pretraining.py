@@ -336,6 +336,29 @@ def test_a_classifier_from_a_classifier_run_starts_with_a_fresh_head(tmp_path, t
     assert 0.005 < fresh.std().item() < 0.05  # drawn as transformers draws a new head: N(0, initializer_range=0.02)
 
 
+def test_distilberts_pre_classifier_is_part_of_the_fresh_head(tmp_path, sentiment_files):
+    """DistilBERT's head is pre_classifier + classifier: from a classifier run, both start fresh and both train (the
+    pre_classifier was the earlier run's, frozen)."""
+    from safetensors.torch import load_file
+    from transformers import DistilBertConfig, DistilBertForSequenceClassification
+
+    torch.manual_seed(0)
+    tok = minilm_tokenizer()
+    base = tmp_path / "tiny-distilbert"
+    DistilBertForSequenceClassification(DistilBertConfig(vocab_size=tok.vocab_size, dim=32, hidden_dim=64, n_layers=2, n_heads=2,
+                                                         max_position_embeddings=512)).save_pretrained(base)
+    tok.save_pretrained(base)
+    first = run(load_recipe(None, [f"model.name={base}", f"data.train.path={sentiment_files['train']}", "data.eval=null",
+                                   "data.label_names=[negative,positive]", "train.max_steps=3", "train.lr=5e-2",
+                                   "train.precision=fp32", f"output_dir={tmp_path / 'cls'}", "adapter.target_modules=[q_lin,v_lin]"]))
+    merge(first.output_dir)
+    earlier = load_file(str(Path(first.output_dir) / "merged" / "model.safetensors"))["pre_classifier.weight"]
+    model, info, _ = classifier_from(tmp_path, first.output_dir, sentiment_files, ["adapter.target_modules=[q_lin,v_lin]"])
+    assert info.head_modules == ["classifier", "pre_classifier"]
+    fresh = next(v for k, v in model.named_parameters() if k.endswith("pre_classifier.modules_to_save.default.weight"))
+    assert fresh.requires_grad and (fresh - earlier).abs().max() > 1e-3
+
+
 @pytest.mark.filterwarnings("ignore::UserWarning")
 def test_a_qlora_classifier_from_an_mlm_run_takes_the_pooler_from_the_original_base_unquantized(tmp_path, tiny_bert, texts,
                                                                                                sentiment_files):
