@@ -603,9 +603,14 @@ def run_base(run: Path, record) -> str | None:
     return name if isinstance(name, str) and name else None
 
 
+def base_key(name: str) -> str:
+    """A model.name as compared: a local path by the folder it resolves to (two spellings of one folder agree), else as given."""
+    return str(Path(name).resolve()) if Path(name).exists() else name
+
+
 def same_base(a: str, b: str) -> bool:
     """Two model.name values name one base: equal, or local paths to one folder."""
-    return a == b or (Path(a).exists() and Path(b).exists() and Path(a).resolve() == Path(b).resolve())
+    return base_key(a) == base_key(b)
 
 
 def inherit_task_data(tree: dict) -> None:

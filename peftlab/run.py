@@ -152,7 +152,7 @@ def load_splits_for(recipe: Recipe, split: str, label_names: list[str]):
     """The one split an evaluation scores. A run that selected on a seeded part of train (`data.eval: null`,
     `data.eval_holdout`) gets that part again for `eval`: train is read and split as training did, then dropped."""
     d, holdout = recipe.data, held_out(recipe, split)
-    check_split_given(recipe, split)
+    check_split_given(recipe, split)  # (evaluate asks it before loading the model; benchmarks/generation.py calls this directly)
     for other in ("train", "eval", "test"):
         if other != split and not (holdout and other == "train"):
             setattr(d, other, None)

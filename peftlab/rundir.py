@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from .config import Recipe, load_recipe
+from .config import Recipe, base_key, load_recipe
 from .errors import ArtifactError
 
 log = logging.getLogger(__name__)
@@ -354,8 +354,7 @@ def base_as_loaded(recipe, run) -> tuple:
     a model.from_run's merged weights (the run and its weights' sha256 as recorded). Adapters fit one another only on
     equal ones (load_adapters, compose)."""
     m, source = recipe.model, (run.lineage or [{}])[0]
-    name = str(Path(m.name).resolve()) if Path(m.name).exists() else m.name  # two spellings of one local folder agree
-    return (name, m.num_layers, recipe.quant.mode, m.from_run and str(Path(m.from_run).resolve()), source.get("weights_sha256"))
+    return (base_key(m.name), m.num_layers, recipe.quant.mode, m.from_run and str(Path(m.from_run).resolve()), source.get("weights_sha256"))
 
 
 def recipe_changes(ckpt: Path, recipe_yaml: str) -> list[str]:

@@ -440,7 +440,8 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
              "The resolved recipe (`recipe.yaml`); rerun it with `peftlab train recipe.yaml`.")
     lines += ["", "## Training recipe", "", rerun, "",
               "```yaml", recipe.to_yaml().rstrip(), "```", "", "## Method and parameters", ""]
-    cfg = json.loads((out / "adapter_config.json").read_text()) if (out / "adapter_config.json").is_file() else {}
+    adapter = (out / "adapter_config.json").is_file()  # (a full model has none)
+    cfg = json.loads((out / "adapter_config.json").read_text()) if adapter else {}
     if run.composition:  # its own adapter_config.json: the combined rank, alpha = r (scale 1), no rsLoRA
         lines.append(f"- the composed adapter: rank {cfg.get('r', '?')}, lora_alpha {cfg.get('lora_alpha', '?')} "
                      "(`adapter_config.json`); the lines below, and the training time, are the first source's")
@@ -475,9 +476,9 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
         lines.append(f"- trained in {run.train_wall_s:.1f} s on {device}, {run.examples_per_s or 0:.1f} examples/s, "
                      f"precision {run.precision or '?'}")
     lines.append(f"- Python {hw.get('python', '?')}, " + ", ".join(f"{k} {v}" for k, v in (run.versions or {}).items() if v))
-    libraries = "peft and transformers" if (out / "adapter_config.json").is_file() else "transformers"
-    if pub.recipe.model.num_layers and (out / "adapter_config.json").is_file():
-        libraries += " (and peftlab, for the base's layers it keeps)"
+    libraries = "transformers"
+    if adapter:
+        libraries = "peft and transformers" + (" (and peftlab, for the base's layers it keeps)" if recipe.model.num_layers else "")
     lines += ["", "## How to use", "", f"With {libraries}:", "", _usage(out, recipe, run, repo, base, local_base, gguf_file_of(pub.recipe)), "",
               "With peftlab (downloads the folder, rebuilds the base from `recipe.yaml`):", "", "```python",
               "from peftlab import load_trained\nfrom peftlab.publish import load_adapter\n",
