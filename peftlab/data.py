@@ -148,6 +148,13 @@ def _shifted_columns_message(ds, spec: SplitConfig, fmt: str, where: str) -> str
                   f"{where}.format=tsv.")
 
 
+def section(where: str) -> str:
+    """The recipe section whose keys (text_columns, label_names, ...) read the split `where`: data.train -> data;
+    multitask.tasks.NAME.data.eval -> multitask.tasks.NAME.data; any other split (train.distill.unlabelled) -> data."""
+    head, _, split = where.rpartition(".")
+    return head if split in ("train", "eval", "test") else "data"
+
+
 def _check_columns(columns: list[str], needed: list[str], where: str, spec: SplitConfig) -> None:
     missing = [c for c in needed if c not in columns]
     if not missing:
@@ -162,8 +169,9 @@ def _check_columns(columns: list[str], needed: list[str], where: str, spec: Spli
                 hint += f" Its name holds {sep!r}: the file looks {fmt.upper()}; set {where}.format={fmt}."
     elif delimited and not spec.column_names:
         hint = " If the file has no header row, name its columns with column_names: [...]."
+    d = section(where)
     raise DataError(f"{where}: column(s) {missing} not found; the data has {columns}.{hint} "
-                    "Set data.text_columns / data.label_column / data.target_column (or per split) to the right names.")
+                    f"Set {d}.text_columns / {d}.label_column / {d}.target_column (or per split) to the right names.")
 
 
 def needed_columns(spec: SplitConfig, data: DataConfig, target_column: str | None = None, unlabelled: bool = False
@@ -326,7 +334,7 @@ def _check_not_empty(ds, text_cols: list[str], where: str) -> None:
     """A text column with nothing in it trains a model on empty inputs: refuse, naming the column."""
     for c in text_cols:
         if all(_blank(v) for v in ds[c]):
-            raise DataError(f"{where}: text column {c!r} is empty in all {len(ds):,} rows. Point data.text_columns (or "
+            raise DataError(f"{where}: text column {c!r} is empty in all {len(ds):,} rows. Point {section(where)}.text_columns (or "
                             f"{where}.text_columns) at the column holding the text; the data has {ds.column_names}.")
 
 
@@ -363,10 +371,10 @@ def encode_labels(ds, label_names: list[str], where: str):
     encoded = [to_index(v) for v in raw]
     bad = sorted({str(v) for v, e in zip(raw, encoded) if e is None})
     if bad:
-        why = (f" Values are read as names here, not as class indices, because data.label_names spells {numeric_names[:5]} as "
+        why = (f" Values are read as names here, not as class indices, because {section(where)}.label_names spells {numeric_names[:5]} as "
                "integers." if numeric_names else "")
         raise DataError(f"{where}: {sum(e is None for e in encoded)} row(s) have labels outside the label set "
-                        f"{label_names}: {bad[:10]}.{why} Fix data.label_names, or map raw values with {where}.label_map.")
+                        f"{label_names}: {bad[:10]}.{why} Fix {section(where)}.label_names, or map raw values with {where}.label_map.")
     return ds.remove_columns("label").add_column("label", encoded)
 
 
@@ -398,20 +406,20 @@ def infer_label_names(ds, where: str = "data.train") -> list[str]:
     if len(values) < 2:
         raise DataError(f"{where}: every row has the label {next(iter(values), None)!r}. A classifier needs >= 2 classes (one "
                         "would build a 1-output head and report accuracy 1.0). Use training data with every class, or name "
-                        "all the classes: data.label_names=[...].")
+                        f"all the classes: {section(where)}.label_names=[...].")
     if not indices:
         names = sorted(values)
         check_label_spellings(names, where)
         return names
     absent = sorted(set(range(max(values) + 1)) - values)
     if absent or min(values) < 0:
-        shown = sorted(values)
+        shown, d = sorted(values), section(where)
         example = ", ".join(f"{v}: name{i}" for i, v in enumerate(shown[:3]))
         raise DataError(f"{where}: the integer labels {shown[:10]} are not the class indices 0..{len(values) - 1}: read as "
                         f"indices they make {max(max(values) + 1, len(values))} classes, {len(absent)} of which ({absent[:10]}) "
                         "never occur. If those classes exist but are absent from train, name all of them in order: "
-                        f"data.label_names=[...] ({max(values) + 1} names). Otherwise map the values to names, e.g. "
-                        f"{where}.label_map={{{example}}} (the same on data.eval/data.test), or set data.label_names.")
+                        f"{d}.label_names=[...] ({max(values) + 1} names). Otherwise map the values to names, e.g. "
+                        f"{where}.label_map={{{example}}} (the same on {d}.eval/{d}.test), or set {d}.label_names.")
     return [str(i) for i in range(max(values) + 1)]
 
 
@@ -423,7 +431,7 @@ def check_label_spellings(names: list[str], where: str) -> None:
         words = [n for n in names if n not in numeric]
         raise DataError(f"{where}: the labels mix class indices {numeric[:5]} with names {words[:5]}: each spelling would "
                         f"become a class of its own ({len(names)} classes). Map them onto one spelling, e.g. "
-                        f"{where}.label_map={{{numeric[0]}: {words[0]}}}, or name the classes: data.label_names=[...].")
+                        f"{where}.label_map={{{numeric[0]}: {words[0]}}}, or name the classes: {section(where)}.label_names=[...].")
     spellings: dict[str, list[str]] = {}
     for n in names:
         spellings.setdefault(n.strip().casefold(), []).append(n)
@@ -434,19 +442,20 @@ def check_label_spellings(names: list[str], where: str) -> None:
                         f"{{{twice[0][1].strip()}: {twice[0][0].strip()}}}.")
 
 
-def load_splits(recipe: Recipe, *, need_train: bool = True):
+def load_splits(recipe: Recipe, *, need_train: bool = True, prefix: str = "data"):
     """-> ({split: Dataset of {text, label:int}}, label_names). Splits absent from the recipe are None.
     Tasks with a text target (summarization) get {text, target} rows and no label names. `need_train=False`: an
-    evaluation, which reads only the split it scores."""
+    evaluation, which reads only the split it scores. `prefix`: the recipe section messages name (a task of a
+    multi-task recipe: multitask.tasks.NAME.data)."""
     d, seed = recipe.data, recipe.data_seed
     task = get_task(recipe.task.type)
     if hasattr(task, "load_splits"):  # several tasks, each with its own data (tasks/multitask.py)
         return task.load_splits(recipe, need_train=need_train)
     if need_train and d.train is None:
-        raise DataError("data.train is not set: name the training file, e.g. data.train.path=train.csv. No split has a default.")
+        raise DataError(f"{prefix}.train is not set: name the training file, e.g. {prefix}.train.path=train.csv. No split has a default.")
     if need_train and d.eval is not None and d.eval_holdout > 0:
-        log.warning("data.eval_holdout=%s is ignored: data.eval is set, and evaluation uses it. Set data.eval=null to evaluate "
-                    "on the held-out part of train.", d.eval_holdout)
+        log.warning("%s.eval_holdout=%s is ignored: %s.eval is set, and evaluation uses it. Set %s.eval=null to evaluate "
+                    "on the held-out part of train.", prefix, d.eval_holdout, prefix, prefix)
     target = d.target_column if task.target_kind == "text" else None
     unlabelled = task.target_kind == "none"  # continued pretraining: text only
     own = getattr(task, "normalize_split", None)  # a task that reads its rows itself (sft: conversations)
@@ -454,53 +463,54 @@ def load_splits(recipe: Recipe, *, need_train: bool = True):
     for name in ("train", "eval", "test"):
         spec = getattr(d, name)
         if spec is not None:
-            ds = read_split(spec, d, f"data.{name}")
-            raw[name] = own(ds, spec, recipe, f"data.{name}") if own else \
-                normalize_split(ds, spec, d, f"data.{name}", seed, target, unlabelled)
+            ds = read_split(spec, d, f"{prefix}.{name}")
+            raw[name] = own(ds, spec, recipe, f"{prefix}.{name}") if own else \
+                normalize_split(ds, spec, d, f"{prefix}.{name}", seed, target, unlabelled)
     if "train" in raw and "eval" not in raw and d.eval_holdout > 0:
-        check_holdout(len(raw["train"]), d.eval_holdout)
+        check_holdout(len(raw["train"]), d.eval_holdout, prefix)
         parts = raw["train"].train_test_split(test_size=d.eval_holdout, seed=seed)
         raw["train"], raw["eval"] = parts["train"], parts["test"]
     if target or own or unlabelled:
         label_names, out = [], dict(raw)
     else:
-        label_names = list(d.label_names) if d.label_names else infer_label_names(*next((ds, f"data.{n}") for n, ds in raw.items()))
-        out = {name: encode_labels(ds, label_names, f"data.{name}") for name, ds in raw.items()}
+        label_names = list(d.label_names) if d.label_names else infer_label_names(*next((ds, f"{prefix}.{n}") for n, ds in raw.items()))
+        out = {name: encode_labels(ds, label_names, f"{prefix}.{name}") for name, ds in raw.items()}
         trained = set(out["train"]["label"]) if "train" in out else set(range(len(label_names)))
         if absent := [n for i, n in enumerate(label_names) if i not in trained]:
-            log.warning("data.train has no row of class(es) %s (of data.label_names %s): the model cannot learn to predict "
-                        "them. Add training rows of each class%s.", absent, label_names,
-                        ", or raise data.train.max_samples (a sample may miss a rare class)" if d.train.max_samples else "")
+            log.warning("%s.train has no row of class(es) %s (of %s.label_names %s): the model cannot learn to predict "
+                        "them. Add training rows of each class%s.", prefix, absent, prefix, label_names,
+                        f", or raise {prefix}.train.max_samples (a sample may miss a rare class)" if d.train.max_samples else "")
     for name in ("train", "eval", "test"):
         out.setdefault(name, None)
     return out, label_names
 
 
-def check_holdout(rows: int, fraction: float) -> None:
+def check_holdout(rows: int, fraction: float, prefix: str = "data") -> None:
     """Refuse a held-out split that leaves no training rows; warn about one too small to measure anything."""
     held = math.ceil(rows * fraction)  # as datasets' train_test_split rounds
     if rows - held < 1:
-        raise DataError(f"data.eval_holdout={fraction} holds out {held} of the {rows} training row(s), leaving none to train on. "
-                        "Lower it (e.g. data.eval_holdout=0.1), or give an evaluation split: data.eval.path=FILE.")
+        raise DataError(f"{prefix}.eval_holdout={fraction} holds out {held} of the {rows} training row(s), leaving none to train "
+                        f"on. Lower it (e.g. {prefix}.eval_holdout=0.1), or give an evaluation split: {prefix}.eval.path=FILE.")
     if held < MIN_EVAL_ROWS:
-        log.warning("data.eval_holdout=%s holds out only %d of %d rows: figures on so few rows are mostly noise. Raise it, "
-                    "or give an evaluation split: data.eval.path=FILE.", fraction, held, rows)
+        log.warning("%s.eval_holdout=%s holds out only %d of %d rows: figures on so few rows are mostly noise. Raise it, "
+                    "or give an evaluation split: %s.eval.path=FILE.", prefix, fraction, held, rows, prefix)
 
 
 def report_truncation(ds, where: str, max_length: int) -> None:
     """Say how many rows were cut to max_length; refuse a split where every row was (the setting is surely wrong)."""
     cut = sum(ds["truncated"])
     if cut == len(ds):
-        raise DataError(f"{where}: all {len(ds):,} rows are longer than data.max_length={max_length} tokens, so every input "
-                        f"was truncated. Raise it (e.g. data.max_length={max_length * 4}) or check the columns it reads "
-                        "(data.text_columns; for sft, the conversation columns).")
+        d = section(where)
+        raise DataError(f"{where}: all {len(ds):,} rows are longer than {d}.max_length={max_length} tokens, so every input "
+                        f"was truncated. Raise it (e.g. {d}.max_length={max_length * 4}) or check the columns it reads "
+                        f"({d}.text_columns; for sft, the conversation columns).")
     level = logging.WARNING if cut > 0.1 * len(ds) else logging.INFO
-    log.log(level, "%s: %s rows, %s (%.1f%%) truncated to data.max_length=%d", where, f"{len(ds):,}", f"{cut:,}",
-            100 * cut / len(ds), max_length)
+    log.log(level, "%s: %s rows, %s (%.1f%%) truncated to %s.max_length=%d", where, f"{len(ds):,}", f"{cut:,}",
+            100 * cut / len(ds), section(where), max_length)
 
 
-def build_data(recipe: Recipe, tokenizer, *, splits=None, label_names=None) -> TaskData:
-    """Recipe + tokenizer -> TaskData (tokenized, with a dynamic-padding collator)."""
+def build_data(recipe: Recipe, tokenizer, *, splits=None, label_names=None, prefix: str = "data") -> TaskData:
+    """Recipe + tokenizer -> TaskData (tokenized, with a dynamic-padding collator); `prefix` as in load_splits."""
     if splits is None:
         splits, label_names = load_splits(recipe)
     task = get_task(recipe.task.type)
@@ -509,7 +519,7 @@ def build_data(recipe: Recipe, tokenizer, *, splits=None, label_names=None) -> T
     tokenized = {name: task.tokenize(ds, tokenizer, recipe) if ds is not None else None for name, ds in splits.items()}
     for name, ds in tokenized.items():
         if ds is not None:
-            report_truncation(ds, f"data.{name}", recipe.data.max_length)
+            report_truncation(ds, f"{prefix}.{name}", recipe.data.max_length)
     if tokenized["train"] is not None and hasattr(task, "prepare_train"):  # sft: packing; eval and test rows stay whole
         tokenized["train"] = task.prepare_train(tokenized["train"], recipe)
     eval_collator = getattr(task, "eval_collator", None)  # optional part of the Task protocol

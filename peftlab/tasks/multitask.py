@@ -17,7 +17,6 @@ labels, sentence pairs, truncation reports) holds per task. Here:
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -30,7 +29,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 from transformers.utils import ModelOutput
 
-from ..errors import ArtifactError, DataError
+from ..errors import ArtifactError
 from ..metrics import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -119,35 +118,24 @@ def load_splits(recipe, *, need_train: bool = True):
     splits: dict[str, dict] = {"train": {}, "eval": {}, "test": {}}
     labels = {}
     for name in recipe.multitask.tasks:
-        with in_task(name):
-            own, labels[name] = load_one(subrecipe(recipe, name), need_train=need_train)
+        own, labels[name] = load_one(subrecipe(recipe, name), need_train=need_train, prefix=task_keys(name))
         for split, ds in own.items():
             if ds is not None:
                 splits[split][name] = ds
     return {split: parts or None for split, parts in splits.items()}, labels
 
 
-@contextlib.contextmanager
-def in_task(name: str):
-    """A data problem of one task names that task's keys: `multitask.tasks.NAME.data.label_names`, not the top-level
-    `data.label_names` a multi-task recipe does not read for it."""
-    try:
-        yield
-    except DataError as e:
-        import dataclasses
-
-        from ..config import DataConfig
-
-        keys = "|".join(f.name for f in dataclasses.fields(DataConfig))  # recipe keys only: not a path's data.tsv
-        e.args = (re.sub(rf"(?<![\w./'\"-])data\.(?=({keys})\b)", f"multitask.tasks.{name}.data.", str(e)),)
-        raise
+def task_keys(name: str) -> str:
+    """The recipe section of task `name`'s data, which its data messages name (`multitask.tasks.NAME.data.label_names`,
+    not the top-level `data.label_names` a multi-task recipe does not read for it)."""
+    return f"multitask.tasks.{name}.data"
 
 
 def column_problems(recipe) -> list[str]:
     """`peftlab validate`: each task's columns, read through its own recipe (data.column_problems)."""
     from ..data import column_problems as one
 
-    return [p for name in recipe.multitask.tasks for p in one(subrecipe(recipe, name), f"multitask.tasks.{name}.data")]
+    return [p for name in recipe.multitask.tasks for p in one(subrecipe(recipe, name), task_keys(name))]
 
 
 def build_data(recipe, tokenizer, splits, label_names):
@@ -162,9 +150,8 @@ def build_data(recipe, tokenizer, splits, label_names):
     names = list(recipe.multitask.tasks)
     per_task = {}
     for n in names:
-        with in_task(n):
-            per_task[n] = build_one(subrecipe(recipe, n), tokenizer, label_names=label_names[n],
-                                    splits={s: (splits[s] or {}).get(n) for s in ("train", "eval", "test")})
+        per_task[n] = build_one(subrecipe(recipe, n), tokenizer, label_names=label_names[n], prefix=task_keys(n),
+                                splits={s: (splits[s] or {}).get(n) for s in ("train", "eval", "test")})
     joined = {}
     for split in ("train", "eval", "test"):
         parts = [getattr(per_task[n], split) for n in names]
