@@ -323,12 +323,23 @@ def test_existing_repo_needs_exist_ok(runs, hub, capsys):
     commits = len(hub.repos["alice/tiny-lora"].commits)
     rc, out, err = cli(capsys, "publish", runs[0], "--repo-id", "alice/tiny-lora", "--endpoint", hub.url)
     assert rc == 2 and "already exists" in err and "--exist-ok" in err and "published" not in out
+    # an earlier upload's files the new run lacks (a full model: config.json + model.safetensors beside the new adapter
+    # would load as neither run) go; a file of the user's own stays
+    repo = hub.repos["alice/tiny-lora"]
+    stale = {"model.safetensors": b"old", "config.json": b"{}", "chat_template.jinja": b"x", "figures/loss.png": b"png"}
+    repo.branches["main"] = repo.commit(repo.branches["main"], {**hub.files("alice/tiny-lora"), **stale}, "an earlier upload")
+    commits = len(repo.commits)
     rc, out, err = cli(capsys, "publish", runs[1], "--repo-id", "alice/tiny-lora", "--endpoint", hub.url, "--exist-ok")
     assert rc == 0, err
     assert len(hub.repos["alice/tiny-lora"].commits) == commits + 1
+    assert set(hub.files("alice/tiny-lora")) == PUBLISHED | {".gitattributes", "figures/loss.png"}
     assert hub.files("alice/tiny-lora")["adapter_model.safetensors"] == (runs[1] / "adapter_model.safetensors").read_bytes()
     assert cli(capsys, "publish", runs[1], "--repo-id", "alice/tiny-lora", "--endpoint", hub.url, "--exist-ok")[0] == 0
     assert len(hub.repos["alice/tiny-lora"].commits) == commits + 1  # unchanged files: no new commit
+    # --private on an existing public repo: refused, not published in the open
+    rc, out, err = cli(capsys, "publish", runs[0], "--repo-id", "alice/tiny-lora", "--endpoint", hub.url, "--exist-ok", "--private")
+    assert rc == 2 and "is public" in err and "Nothing was published" in err
+    assert len(hub.repos["alice/tiny-lora"].commits) == commits + 1
 
 
 def test_refused_token_says_how_to_log_in(runs, hub, monkeypatch, capsys, caplog):
@@ -405,6 +416,15 @@ def test_publish_to_a_git_remote(runs, tmp_path, capsys):
 
     again = publish(runs[0], "alice/tiny-lora", git_remote=str(remote))
     assert again["unchanged"]
+    # an earlier upload's files the new run lacks go; a file of the user's own stays
+    for name, text in {"model.safetensors": "old", "config.json": "{}", "NOTES.md": "mine"}.items():
+        (clone / name).write_text(text)
+    subprocess.run(["git", "add", "-A"], cwd=clone, check=True)
+    subprocess.run(["git", "-c", "user.name=u", "-c", "user.email=u@x", "commit", "-qm", "x"], cwd=clone, check=True)
+    subprocess.run(["git", "push", "-q", "origin", "main"], cwd=clone, check=True)
+    publish(runs[1], "alice/tiny-lora", git_remote=str(remote))
+    subprocess.run(["git", "pull", "-q"], cwd=clone, check=True)
+    assert {p.name for p in clone.iterdir() if p.name != ".git"} == PUBLISHED | {"NOTES.md"}
     branch = publish(runs[1], "alice/tiny-lora", git_remote=str(remote), revision="exp")
     assert not branch["unchanged"] and branch["branch"] == "exp"
     heads = subprocess.run(["git", "ls-remote", "--heads", str(remote)], capture_output=True, text=True, check=True).stdout

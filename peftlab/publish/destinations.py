@@ -26,6 +26,11 @@ RECORD_FILES = (RECIPE_FILE, RECORD_FILE, "metrics.json", "eval_report.json")
 CONFIG_FILES = ("adapter_config.json", "config.json", "generation_config.json")  # rewritten without local paths
 TOKENIZER_GLOBS = ("tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
                    "merges.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.j*")
+# What a published run is made of: on re-publishing, these files of the repo (branch) go and the new run's come, so no
+# weight, config or tokenizer file of an earlier upload is left to be loaded with the new one (a full model's
+# config.json + model.safetensors beside a new adapter loads as neither run). Other files (images, notes) stay.
+RUN_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.index.json", *CONFIG_FILES, *RECORD_FILES, *TOKENIZER_GLOBS,
+             "README.md")
 BRANCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,99}")
 LOGIN_HINT = "Log in with `hf auth login` (a token with write access, https://huggingface.co/settings/tokens) or set HF_TOKEN."
 
@@ -179,9 +184,14 @@ def push_to_hub(folder: Path, repo_id: str, *, private: bool = False, revision: 
     try:
         api.create_repo(repo_id, private=private, exist_ok=exist_ok)
         created = not exist_ok
+        if private and not api.repo_info(repo_id).private:  # create_repo(exist_ok) leaves an existing repo as it is
+            raise PublishError(f"--private: the existing repo {repo_id} is public, and publishing to it would make this run "
+                               f"public. Make it private first (its settings on {endpoint}/{repo_id}, or HfApi()"
+                               ".update_repo_settings(repo_id, private=True)), or publish to a new repo. Nothing was published.")
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
-        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, commit_message=message)
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, commit_message=message,
+                                 delete_patterns=list(RUN_GLOBS))  # an earlier run's files go (the uploaded ones stay)
     except (HfHubHTTPError, *_transport_errors()) as e:
         raise _hub_error(e, repo_id, endpoint, created) from None
     except RuntimeError as e:  # an LFS transfer failed: huggingface_hub wraps the HTTP or network error
@@ -202,7 +212,8 @@ def _git(*args: str, cwd: Path | None = None) -> str:
 
 
 def push_to_git(folder: Path, remote: str, *, branch: str | None = None, message: str = "Upload adapter with peftlab") -> dict:
-    """Commit the folder into a clone of `remote` (files of the branch not in the folder are kept) and push it."""
+    """Commit the folder into a clone of `remote` and push it: an earlier run's files (RUN_GLOBS) go, other files of
+    the branch stay."""
     if shutil.which("git") is None:
         raise PublishError("--git-remote needs git, which is not installed. Install git or use --to DIR.")
     branch = branch or "main"
@@ -215,6 +226,9 @@ def push_to_git(folder: Path, remote: str, *, branch: str | None = None, message
             _git("checkout", "--quiet", "-b", branch, cwd=clone)  # a new branch forks from the remote's default
         else:
             _git("symbolic-ref", "HEAD", f"refs/heads/{branch}", cwd=clone)  # empty remote
+        for old in clone.iterdir():
+            if old.is_file() and any(fnmatch(old.name, g) for g in RUN_GLOBS):
+                old.unlink()
         for src in folder.iterdir():
             shutil.copy2(src, clone / src.name)
         _git("add", "-A", cwd=clone)
