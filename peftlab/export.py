@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import platform
+import re
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -30,7 +31,7 @@ from .config import Recipe
 from .errors import ArtifactError
 from .methods import get_method
 from .model import load_base
-from .rundir import RECIPE_FILE, RunRecord, check_same_folder, folder_identity, read_run, record_weights, sha256, write_record
+from .rundir import RECIPE_FILE, RECORD_FILE, RUN_FILES, RunRecord, check_same_folder, folder_identity, read_run, record_weights, sha256, write_record
 from .tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -55,12 +56,13 @@ def disk_errors(what: str, target: Path):
     """Turn 'disk full' / 'permission denied' while writing into an error that says nothing was replaced."""
     try:
         yield
-    except OSError as e:
-        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+    except Exception as e:  # (tokenizers and safetensors raise their own types: "... (os error 28)")
+        code = e.errno if isinstance(e, OSError) else int(m[1]) if (m := re.search(r"\(os error (\d+)\)", str(e))) else None
+        if code in (errno.ENOSPC, errno.EDQUOT):
             raise ArtifactError(f"disk full while writing the {what} to {target}. Nothing was replaced: what was there "
                                 f"before is intact. Free space (`df -h {target.parent}`) and run the command again.") from None
-        if e.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise ArtifactError(f"cannot write the {what} to {target}: {e.strerror}. Choose a writable output_dir.") from None
+        if code in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise ArtifactError(f"cannot write the {what} to {target}: {os.strerror(code)}. Choose a writable output_dir.") from None
         raise
 
 
@@ -130,9 +132,20 @@ def write_atomic_dir(final: Path, fill: Callable[[Path], None], *, main: bool = 
 
 
 def move_into(staging: Path, out: Path) -> None:
-    """Move every file of `staging` into `out`, one atomic rename each."""
+    """Move every file of `staging` into `out`, one atomic rename each; recipe.yaml and run.json, which make the folder
+    a finished run, last, once the others are there for good: a run stopped between two renames is not taken for a
+    finished one that lacks its tokenizer."""
     _fsync_tree(staging)
-    for p in sorted(staging.iterdir()):
+    files = sorted(staging.iterdir(), key=lambda p: (p.name in RUN_FILES, p.name == RECORD_FILE, p.name))
+    synced = False
+    for p in files:
+        if p.name in RUN_FILES and not synced:  # the others' renames on disk first
+            fd = os.open(out, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            synced = True
         os.replace(p, out / p.name)
 
 

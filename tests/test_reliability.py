@@ -106,6 +106,41 @@ def test_disk_full_while_saving_replaces_nothing(make_recipe, monkeypatch):
     assert not list(recipe.out.glob(".staging*"))
 
 
+@pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), Exception("No space left on device (os error 28)")])
+def test_disk_full_in_a_rust_library_says_so(make_recipe, monkeypatch, error):
+    """tokenizers and safetensors raise their own types, with the OS error in the text: the same message, not a traceback."""
+    from transformers import PreTrainedTokenizerBase
+
+    def full_disk(self, *a, **k):
+        raise error
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full_disk)
+    with pytest.raises(ArtifactError, match="disk full while writing the trained weights.*intact"):
+        run(make_recipe({"train.max_steps": 1}))
+
+
+def test_a_run_stopped_between_two_renames_is_not_a_finished_one(make_recipe, monkeypatch):
+    """run.json and recipe.yaml, which make a folder a finished run, are moved in last: a run killed while its tokenizer
+    files were being moved in looked finished, without a tokenizer (publish took it, --resume refused it)."""
+    from peftlab.rundir import read_run
+
+    recipe = make_recipe({"train.max_steps": 1})
+    real = os.replace
+
+    def killed(src, dst):
+        if Path(src).parent.name == ".staging" and Path(src).name.startswith("tokenizer"):
+            raise KeyboardInterrupt
+        real(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed)
+    with pytest.raises(KeyboardInterrupt):
+        run(recipe)
+    monkeypatch.undo()
+    assert not (recipe.out / "run.json").exists() and not (recipe.out / "recipe.yaml").exists()
+    with pytest.raises(ArtifactError):
+        read_run(recipe.out)
+
+
 def test_pickle_weights_are_refused_unless_allowed(make_recipe, tmp_path, tiny_bert):
     import torch
     from transformers import AutoConfig, AutoTokenizer, BertModel
