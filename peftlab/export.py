@@ -111,11 +111,11 @@ def write_atomic_dir(final: Path, fill: Callable[[Path], None], *, main: bool = 
     """Fill a staging directory beside `final`, fsync it, then swap it in. Non-main ranks only take part in `fill`
     (collective saves need every rank)."""
     tmp = final.parent / f".tmp-{final.name}"
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
     try:
         with disk_errors(final.name, final):
+            if main:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
             fill(tmp)
     except BaseException:
         if main:

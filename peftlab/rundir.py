@@ -404,20 +404,21 @@ def unwritable(out: Path, e: OSError) -> ArtifactError:
                          "(or name=NEW_NAME).")
 
 
-def check_writable(out: Path) -> None:
-    """One clear error when output_dir is a file, lies under a file, or cannot be written (before any work)."""
+def check_writable(out: Path, what: str = "the run", flag: str = "output_dir=DIR (or name=NEW_NAME)") -> None:
+    """One clear error when output_dir (a folder `what` is written to, chosen by `flag`) is a file, lies under a file,
+    or cannot be written (before any work)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
-        raise ArtifactError(f"output_dir {out} is a file, not a folder. Choose a folder: output_dir=DIR (or name=NEW_NAME).")
+        raise ArtifactError(f"{out} is a file, not a folder. Choose a folder for {what}: {flag}.")
     probe = out.absolute().parent  # the lock and the staging folder live beside the run
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
-        raise ArtifactError(f"output_dir {out} cannot be created: {probe} is a file. Choose a folder: output_dir=DIR.")
+        raise ArtifactError(f"{out} cannot be created: {probe} is a file. Choose a folder for {what}: {flag}.")
     for p in (probe, out) if out.is_dir() else (probe,):
         if not os.access(p, os.W_OK | os.X_OK):
-            raise ArtifactError(f"cannot write the run to {out}: {p} is not writable (permission denied). Choose a writable "
-                                "folder: output_dir=DIR (or name=NEW_NAME).")
+            raise ArtifactError(f"cannot write {what} to {out}: {p} is not writable (permission denied). Choose a writable "
+                                f"folder: {flag}.")
 
 
 @dataclass

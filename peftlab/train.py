@@ -53,7 +53,12 @@ class RunLog:
             if resumed_at is not None:
                 self.drop_after(resumed_at)
             self.path.touch()  # first: a folder the trackers wrote into is known as a run's (even after a kill -9 at step 1)
-            self.trackers = open_trackers(recipe, out)
+            try:
+                self.trackers = open_trackers(recipe, out)
+            except BaseException:  # (wandb without a login): no step was run, so a fresh run leaves no folder (Job.abandon)
+                if resumed_at is None and not self.path.stat().st_size:
+                    self.path.unlink()
+                raise
 
     def drop_after(self, step: int) -> None:
         """A resumed run logs again the steps after its checkpoint: the stopped run's lines for them (and a line a kill

@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 import shutil
 import subprocess
@@ -213,6 +214,14 @@ def test_dry_run_writes_exactly_what_is_uploaded(run_copy, hub, capsys):
     assert all(stored[name] == (folder / name).read_bytes() for name in PUBLISHED)  # byte for byte what the dry run showed
     assert not hub.unhandled
     assert_no_secret(out, err, folder=folder, stored=stored)
+
+
+def test_a_dry_run_into_a_folder_it_cannot_write_says_so(run_copy, monkeypatch, capsys):
+    """(a traceback from mkdir: a dry run takes no lock, whose check would have said it)"""
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **k: Path(p) != run_copy and real(p, mode, **k))
+    rc, out, err = cli(capsys, "publish", run_copy, "--repo-id", "alice/tiny-lora", "--dry-run")
+    assert rc == 2 and f"cannot write the publish folder to {run_copy / 'publish'}" in err and "Traceback" not in err, err
 
 
 def test_publish_to_a_directory(runs, tmp_path):

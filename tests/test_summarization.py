@@ -3,7 +3,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import io
 import json
 import random
 import re
@@ -15,6 +17,7 @@ import yaml
 
 from peftlab import build_data, build_model, export, load_recipe, load_splits, load_trained, merge, run
 from peftlab.errors import ConfigError
+from peftlab.publish.card import card_text
 
 from .conftest import REPO, losses, minilm_tokenizer, shared_or_skip
 
@@ -220,7 +223,7 @@ def test_generate_rouge_predictions_and_merge(family, make_sum_recipe, request):
     from peftlab.run import evaluate
 
     base = request.getfixturevalue({"t5": "tiny_t5", "bart": "tiny_bart", "llama": "tiny_llama"}[family])
-    recipe = make_sum_recipe(base, {"eval.num_beams": 2, "eval.no_repeat_ngram_size": 2}, name=family)
+    recipe = make_sum_recipe(base, {"eval.num_beams": 2, "eval.no_repeat_ngram_size": 2, "train.precision": "fp32"}, name=family)
     summary = run(recipe)
     m = summary["metrics"]["eval"]
     assert {"loss", "rouge1", "rouge2", "rougeL", "rougeLsum", "gen_words"} <= set(m)
@@ -231,6 +234,24 @@ def test_generate_rouge_predictions_and_merge(family, make_sum_recipe, request):
     assert [r["row"] for r in rows] == list(range(7)) and [r["reference"] for r in rows] == expected  # data order
     assert all(isinstance(r["prediction"], str) and r["source"] for r in rows)
     assert rouge_metrics([r["prediction"] for r in rows], expected)["rougeL"] == pytest.approx(m["rougeL"])
+    # the card's snippet, run as written on this folder and a longer source than data.max_length, summarizes as
+    # peftlab's evaluation did (it had no generate example)
+    from transformers import AutoTokenizer
+
+    with open(recipe.data.eval.path, encoding="utf-8") as f:
+        sources = [r["dialogue"] for r in csv.DictReader(f)]
+    sizes = [len(ids) for ids in AutoTokenizer.from_pretrained(out)(sources, add_special_tokens=False)["input_ids"]]
+    i = sizes.index(max(sizes))
+    source = sources[i]
+    assert sizes[i] > recipe.data.max_length
+    snippet = re.search(r"```python\n(.*?)```", card_text(out), re.S).group(1)
+    snippet = re.sub(r"repo = .*", f"repo = {str(out)!r}", snippet)
+    snippet = re.sub(r"base_model = .*", f"base_model = {str(base)!r}", snippet)
+    snippet = re.sub(r"source = .*", f"source = {source!r}", snippet, count=1)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(snippet, {})
+    assert printed.getvalue().strip() == rows[i]["prediction"], (printed.getvalue(), rows[i], snippet)
     history = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
     assert [h for h in history if h["kind"] == "eval"] and "rougeL" not in history[-1]  # training evals: loss only
 

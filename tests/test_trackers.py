@@ -220,6 +220,11 @@ def test_a_tracker_that_cannot_start_names_itself_and_closes_the_others(make_rec
     with pytest.raises(PeftlabError, match=r"wandb could not start \(RuntimeError: no server\).*report_to"):
         trackers.open_trackers(recipe, tmp_path)
     assert ok.calls[0] == "start" and ok.calls[-1] == "finish"
+    # through `train`: a fresh run stops before its first step, so it leaves no folder (one with an empty log.jsonl was
+    # kept, and the next try was refused as an existing run)
+    with pytest.raises(PeftlabError, match="wandb could not start"):
+        run(recipe)
+    assert not recipe.out.exists()
 
 
 def test_the_tracker_names_are_accelerates():

@@ -314,6 +314,8 @@ def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: 
                    f"    out = model.generate(input_ids=inputs[\"input_ids\"], attention_mask=inputs[\"attention_mask\"], "
                    f"max_new_tokens={recipe.eval.max_new_tokens}, do_sample=False)\n"
                    "print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))\n")
+    elif recipe.task.type == "summarization" and not recipe.model.decoder:
+        example = _summarization_example(out, recipe, causal=auto_cls == "AutoModelForCausalLM")
     layers, keep = "", ""
     if recipe.model.num_layers:  # the adapter's layers are these of the base, renumbered: the rest are left out first
         keep = "from peftlab.model import keep_layers\n"
@@ -327,6 +329,47 @@ def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: 
             "base.config.pad_token_id = tokenizer.pad_token_id\n"
             "model = PeftModel.from_pretrained(base, repo).eval()\n"
             f"{example}```")
+
+
+def _summarization_example(out: Path, recipe, causal: bool) -> str:
+    """Generate a summary as peftlab's evaluation does (tasks/summarization.py): the source cut to data.max_length
+    tokens, put into the prompt (in the chat template: task.chat_template and a tokenizer that has one), decoded with
+    the recipe's eval settings; a decoder's continuation only."""
+    from ..tasks.summarization import DEFAULT_PROMPT
+
+    e, n = recipe.eval, recipe.data.max_length
+    template = recipe.task.prompt or DEFAULT_PROMPT["causal" if causal else "seq2seq"]
+    config = json.loads((out / "tokenizer_config.json").read_text()) if (out / "tokenizer_config.json").is_file() else {}
+    chat = causal and recipe.task.chat_template and bool(config.get("chat_template") or next(out.glob("chat_template.j*"), None))
+    if chat:
+        encode = ("text = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": prompt}], tokenize=False, "
+                  "add_generation_prompt=True)\ninputs = tokenizer(text, add_special_tokens=False, return_tensors=\"pt\")\n")
+    elif causal:  # the prompt's own tokens, after BOS where the tokenizer puts one (never a BERT-style [CLS] ... [SEP])
+        from transformers import AutoTokenizer
+
+        from ..tasks.summarization import _adds_bos
+
+        bos = "[tokenizer.bos_token_id] + " if _adds_bos(AutoTokenizer.from_pretrained(str(out))) else ""
+        encode = (f"ids = torch.tensor([{bos}tokenizer(prompt, add_special_tokens=False)[\"input_ids\"]])\n"
+                  "inputs = {\"input_ids\": ids, \"attention_mask\": torch.ones_like(ids)}\n")
+    else:
+        encode = "inputs = tokenizer(prompt, return_tensors=\"pt\")\n"
+    settings = f"max_new_tokens={e.max_new_tokens}, num_beams={e.num_beams}, do_sample=False"
+    if e.num_beams > 1:
+        settings += f", length_penalty={e.length_penalty}, early_stopping=True"
+    if e.no_repeat_ngram_size:
+        settings += f", no_repeat_ngram_size={e.no_repeat_ngram_size}"
+    return ("source = \"Amanda: I baked cookies. Do you want some?\\nJerry: Sure!\\nAmanda: I'll bring you some tomorrow :-)\"\n"
+            "ids = tokenizer(source, add_special_tokens=False)[\"input_ids\"]\n"
+            f"if len(ids) > {n}:  # data.max_length: the source is cut as it was in training\n"
+            f"    source = tokenizer.decode(ids[:{n}])\n"
+            f"prompt = {template!r}.replace(\"{{source}}\", source)  # task.prompt\n{encode}"
+            "eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id\n"
+            "with torch.no_grad():  # the recipe's eval settings\n"
+            "    out = model.generate(input_ids=inputs[\"input_ids\"], attention_mask=inputs[\"attention_mask\"], "
+            f"{settings}, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)\n"
+            + ("print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True).strip())\n" if causal else
+               "print(tokenizer.decode(out[0], skip_special_tokens=True).strip())\n"))
 
 
 def exported_params(out: Path) -> int | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from ..errors import PublishError
 from ..export import check_destination, weights_file, write_atomic_dir
-from ..rundir import RECIPE_FILE, RECORD_FILE, RunDir, holds_run
+from ..rundir import RECIPE_FILE, RECORD_FILE, RunDir, check_writable, holds_run
 from .card import PublicRun, card_text, check_card, check_nothing_local, local_roots, scrub
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json", "generation_config.json")
@@ -104,6 +104,7 @@ def write_folder(pub: PublicRun, target: Path, **card_kw) -> list[str]:
     if problem := _not_replaceable(target, pub.public_run.name):
         raise PublishError(f"{target} {problem}: publishing there would delete it. Choose a new or empty directory (--to DIR), "
                            "or move those files away first if you mean to replace them.")
+    check_writable(target, "the publish folder", "--to DIR")  # (a dry run's OUT/publish too, which takes no lock)
     names: list[str] = []
     target.parent.mkdir(parents=True, exist_ok=True)
     # a second publish into the same folder is refused, not interleaved (a dry run's OUT/publish: no lock file in the run)
