@@ -176,6 +176,13 @@ def cache_key(source: Path, sidecar: Path | None) -> str:
     return f"{key}-tok{_sha256_of(*_identity(sidecar))[:8]}" if sidecar else key
 
 
+def gguf_key(recipe: Recipe) -> str | None:
+    """The cache key (sha256) of the GGUF file model.name designates; None for any other base."""
+    if recipe.model.from_run or (source := gguf_source(recipe.model.name)) is None:
+        return None
+    return cache_key(source, sidecar_tokenizer(source))
+
+
 def _identity(path: Path) -> tuple[str, int, int]:
     st = path.stat()
     return str(path.resolve()), st.st_size, st.st_mtime_ns

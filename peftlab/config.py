@@ -298,7 +298,8 @@ class EvalConfig:
     num_beams: int = opt(1, "Summarization: beams of the beam search that generates (1 = greedy).", ge=1, hint="1 = greedy decoding")
     max_new_tokens: int = opt(64, "Summarization: most tokens generated per summary.", ge=1)
     length_penalty: float = opt(1.0, "Summarization, beam search: exponent on the length a beam's score is divided by (>1 favours longer).")
-    no_repeat_ngram_size: int = opt(0, "Summarization: never generate an n-gram of this size twice (0 = off).", ge=0, hint="0 = off")
+    no_repeat_ngram_size: int = opt(0, "Summarization: never generate an n-gram of this size twice within a summary (0 = off; a decoder's prompt "
+                                   "does not count: the summary may copy the dialogue's phrases).", ge=0, hint="0 = off")
     log_examples: int = opt(3, "Summarization: log this many (source, prediction, reference) examples after generating.", ge=0)
     metric_fn: str | None = opt(None, "SFT: a function 'module:function' taking (predictions, references) -> {metric: value}, "
                                 "scored on the generated answers besides exact_match and ROUGE (its metrics may be train.best_metric).")

@@ -192,6 +192,12 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     _check_not_empty(ds, text_cols, where)
     if not target_column and not unlabelled:
         _check_label_cells(ds, label_col, spec, where)
+    from datasets import Value
+
+    if target_column and not isinstance(shown := ds.features[label_col], Value):  # a list or a record per row
+        raise DataError(f"{where}: the target column {label_col!r} holds {shown} values, not one text "
+                        f"per row (several reference summaries?): each would be scored as its printed form. Point "
+                        f"{section(where)}.target_column at a column with one summary per row (DialogSum: summary).")
     if target_column:
         ds = ds.add_column("_file_row", range(len(ds)))
     if spec.max_samples is not None and spec.max_samples < len(ds):
@@ -219,8 +225,6 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     ds = ds.map(to_rows, batched=True, remove_columns=ds.column_names, desc=f"{where}: columns")
     if not target_column and getattr(ds.features["label"], "dtype", "").startswith("float"):  # map kept the input's type
         if all(v.is_integer() for v in ds["label"]):
-            from datasets import Value
-
             ds = ds.cast_column("label", Value("int64"))
     if not target_column and (blank := sum(not t.strip() for t in ds["text"])):
         log.warning("%s: %d row(s) have no text in %s: they are kept, and the model sees only its special tokens for them.",

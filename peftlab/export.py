@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from .bases import base_path, load_tokenizer
+from .bases import base_path, gguf_key, load_tokenizer
 from .config import Recipe
 from .errors import ArtifactError
 from .methods import get_method
@@ -264,7 +264,15 @@ def rebuild(out: str | Path, recipe: Recipe, run: RunRecord, *, dequantize: bool
 
 def check_source_unchanged(out: Path, recipe: Recipe, run: RunRecord) -> None:
     """An adapter trained from model.from_run sits on that run's weights as they were: a source retrained since (same
-    folder, other weights) would carry it silently to other results. Refused, with the fix."""
+    folder, other weights) would carry it silently to other results; so does a GGUF base replaced by another file of
+    the same name. Refused, with the fix."""
+    converted = Path(run.base_path or "")  # a GGUF base: the folder it was converted to, named by the file's sha256
+    if converted.parent.name == "gguf" and (now := gguf_key(recipe)) is not None and now != converted.name:
+        kept = (f" Its conversion is still at {converted}: model.name={converted} loads that base." if converted.is_dir()
+                else "")
+        raise ArtifactError(f"model.name={recipe.model.name!r} is another GGUF file than the one {out} was trained on (sha256 "
+                            f"{now[:12]}..., then {converted.name[:12]}...): the adapter would be scored or merged on another "
+                            f"base. Put the earlier file back, or point model.name at a copy of it.{kept}")
     step = run.lineage[0] if run.lineage else {}
     recorded, source = step.get("weights_sha256"), recipe.model.from_run
     if not recorded or not source or not Path(source).is_dir() or Path(source).resolve() != Path(step.get("run", "")).resolve():

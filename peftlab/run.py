@@ -19,6 +19,7 @@ from accelerate.utils import set_seed
 
 from . import distill
 from .accel import FrozenWeightsCast, autocast_dtype, make_accelerator, resolve_precision, shards_weights
+from .bases import gguf_key
 from .config import EVAL_SPLITS, Recipe, checked, from_run_problems, load_recipe
 from .data import build_data, column_problems, load_splits
 from .errors import ArtifactError, ConfigError
@@ -192,7 +193,8 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = 
         if recipe.train.distill:  # the teacher's logits on every training row, once; the teacher is freed before the student loads
             splits, distillation = distill.add_soft_targets(recipe, splits, accelerator.device)
         same_inputs(job.work, job.checkpoint is not None, {"train.distill.teacher": (distillation or {}).get("weights_sha256"),
-                                                            "model.from_run": lineage[0]["weights_sha256"] if lineage else None},
+                                                            "model.from_run": lineage[0]["weights_sha256"] if lineage else None,
+                                                            "model.name": gguf_key(recipe)},  # a GGUF base's file
                     accelerator.is_main_process)
         model, tokenizer, info = build_model(recipe, num_labels=len(label_names), label_names=label_names, precision=precision)
         with accelerator.main_process_first():

@@ -129,7 +129,8 @@ def same_inputs(work: Path, resuming: bool, inputs: dict[str, str | None], main:
         return  # a run started by an older peftlab: nothing recorded to compare
     changed = [k for k in inputs if k in before and before[k] != inputs[k]]
     if changed:
-        raise ArtifactError(f"{', '.join(changed)}: the weights this run started from were trained again since (sha256 "
+        raise ArtifactError(f"{', '.join(changed)}: the weights this run started from changed since (trained again, or another "
+                            "file in their place; sha256 "
                             f"{', '.join(before[k][:12] for k in changed)} then, {', '.join(inputs[k][:12] for k in changed)} "
                             "now): resuming would train on both. Start over (--overwrite), or restore those weights.")
 

@@ -121,15 +121,20 @@ class Window:
     def __init__(self, accelerator, tail: int = 0):
         self.acc, self.tail = accelerator, tail
         self.loss = torch.zeros((), device=accelerator.device)
+        self.weight = torch.zeros((), device=accelerator.device)
         self.reset()
 
     def reset(self) -> None:
         self.loss.zero_()
+        self.weight.zero_()
         self.micro = self.examples = self.tokens = self.padded = 0
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, batch: dict, real_tokens: int) -> None:
-        self.loss += loss.detach()
+    def add(self, loss: torch.Tensor, batch: dict, real_tokens: int, items: torch.Tensor) -> None:
+        """`items`: the count (rows or labelled tokens) `loss` is the mean over: the logged loss is the mean over all
+        of the window's, whatever the batch size, accumulation and processes (as pool_gradients trains a step)."""
+        self.loss += loss.detach() * items
+        self.weight += items
         self.tokens += real_tokens
         self.micro += 1
         last = self.tail and self.acc.gradient_state.end_of_dataloader  # the epoch's last round of batches
@@ -165,10 +170,39 @@ class Window:
         """-> this window's loss and throughput (all ranks); adds its totals to `state` and starts a new window."""
         examples, tokens, elapsed = self.settle(state)
         elapsed = max(elapsed, 1e-9)
-        record = {"loss": self.acc.reduce(self.loss, "mean").item() / max(self.micro, 1), "examples_per_s": examples / elapsed,
+        loss, weight = self.acc.reduce(torch.stack([self.loss, self.weight]), "sum").tolist()
+        record = {"loss": loss / max(weight, 1e-12), "examples_per_s": examples / elapsed,
                   "tokens_per_s": tokens / elapsed, "epoch": state.epoch, "train_s": state.train_seconds}
         self.reset()
         return record
+
+
+def loss_items(batch: dict) -> torch.Tensor:
+    """How many terms the batch's mean loss averages: its rows (a label per row: classification, distillation), or its
+    labelled tokens (token labels; a task whose loss predicts the next token and labels a row's first token says so:
+    clm's `loss_items`)."""
+    labels = batch["labels"]
+    return torch.tensor(labels.shape[0], device=labels.device) if labels.dim() == 1 else (labels != -100).sum()
+
+
+def engine_owns_gradients(accelerator) -> bool:
+    """FSDP and DeepSpeed keep the gradients themselves (sharded, or in the engine): they are not rescaled, so their
+    micro-batches stay each its own mean (README, gradient accumulation)."""
+    from accelerate.utils import DistributedType
+
+    return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+
+def pool_gradients(optimizer, items: torch.Tensor, accelerator, batch_size: int) -> None:
+    """Each micro-batch went backward as its mean loss x its count / batch_size, which DDP averaged over the ranks and
+    Accelerate divided by grad_accum: rescaled here to the gradient of one mean over the step's count on every rank
+    (transformers' num_items_in_batch). Without it a micro-batch with few labelled tokens (a short answer) or few rows
+    (an epoch's last) weighed as much as a full one. No host sync: the factor stays a tensor."""
+    total = accelerator.reduce(items.float(), "sum") if accelerator.num_processes > 1 else items.float()
+    factor = accelerator.gradient_accumulation_steps * accelerator.num_processes * batch_size / total.clamp(min=1)
+    grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if grads:
+        torch._foreach_mul_(grads, factor.to(grads[0].device))
 
 
 def trainable_state(model) -> dict[str, torch.Tensor]:
@@ -449,6 +483,10 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
     window = Window(accelerator, parts.epoch_tail)
     # the task's own loss (e.g. LM losses on the labelled positions only: tasks/generative.py), or train.distill's (distill.py)
     task_loss = loss_for(t.distill) if t.distill else getattr(task, "loss", None)
+    # a step of several micro-batches (grad_accum, processes) is one mean over all its rows or labelled tokens, as one
+    # batch of them all would be: each micro-batch's mean, weighted by its count, over the step's count (pool_gradients)
+    pooled = accelerator.gradient_accumulation_steps * accelerator.num_processes > 1 and not engine_owns_gradients(accelerator)
+    items_of, step_items = getattr(task, "loss_items", loss_items), 0
 
     def evaluate() -> None:
         train_s = state.train_seconds + window.elapsed()  # training time so far, evaluations excluded
@@ -486,14 +524,20 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                 real_tokens = batch.pop("real_tokens")
                 with accelerator.accumulate(model):
                     loss = task_loss(model, batch, accelerator) if task_loss else model(**batch).loss
-                    accelerator.backward(loss)
+                    items = items_of(batch)
+                    accelerator.backward(loss * (items / t.batch_size) if pooled else loss)
+                    if pooled:
+                        step_items += items
+                    if accelerator.sync_gradients and pooled:
+                        pool_gradients(optimizer, step_items, accelerator, t.batch_size)
+                        step_items = 0
                     if accelerator.sync_gradients and t.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                     optimizer.step()
                     if accelerator.sync_gradients:
                         parts.schedule.step(state.step + 1)  # reads this step's gradients: before zero_grad
                     optimizer.zero_grad(set_to_none=True)
-                window.add(loss, batch, real_tokens)
+                window.add(loss, batch, real_tokens, items)
                 if not accelerator.sync_gradients:
                     continue
                 scheduler.step()

@@ -482,6 +482,27 @@ def test_gguf_run_merges_to_a_folder_plain_transformers_reloads(tiny_gguf, dialo
     assert not [p.name for p in target.iterdir() if p.name.startswith(".")]  # no temporary file left
 
 
+def test_a_run_refuses_its_gguf_replaced_by_another_file(tiny_gguf, dialogues, tmp_path, cache):  # noqa: F811
+    """The same model.name, another file: the adapter was scored and merged on the new base, with exit 0."""
+    import shutil
+
+    path, _ = tiny_gguf
+    base = tmp_path / "base"
+    base.mkdir()
+    shutil.copy(path, base / "model.gguf")
+    recipe = sum_recipe(tmp_path, dialogues, str(base), {"train.max_steps": 1, "data.max_length": 224, "data.max_target_length": 48})
+    run(recipe)
+    trained_on = converted_folder(base / "model.gguf")
+    data = bytearray((base / "model.gguf").read_bytes())
+    data[-2] ^= 1  # a weight of the last tensor: another file, as a re-download of another version would be
+    (base / "model.gguf").write_bytes(bytes(data))
+    for action in (lambda: load_trained(recipe.out), lambda: merge(recipe.out)):
+        with pytest.raises(ArtifactError, match=rf"another GGUF file.*Its conversion is still at {trained_on}"):
+            action()
+    assert not (recipe.out / "merged").exists() and [p for p in cache.iterdir() if p.is_dir()] == [trained_on]  # nothing converted, merged
+    load_trained(recipe.out, recipe=load_recipe(recipe.out / "recipe.yaml", [f"model.name={trained_on}"]))  # the fix it names
+
+
 # ----------------------------------------------------------------------------------------------- the real model
 
 @pytest.mark.slow

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from safetensors.torch import load_file
 
 from peftlab import build_data, build_model, export, load_recipe, load_splits, load_trained, merge, run
 from peftlab.errors import ConfigError
@@ -266,6 +267,20 @@ def test_generate_rouge_predictions_and_merge(family, make_sum_recipe, request):
     assert (target / "predictions-eval.jsonl").is_file()
 
 
+def test_accumulation_weighs_micro_batches_by_their_summary_tokens(make_sum_recipe, tiny_llama):
+    """4 x 2 accumulated = a batch of 8: the step is one mean over all its summary tokens. Each micro-batch's own mean
+    (a short summary's tokens weighing more) trained another model (2.5e-3 off on the adapter after 2 steps)."""
+    ov = {"train.precision": "fp32", "train.max_steps": 2, "train.lr": 3e-2, "train.group_by_length": False,
+          "data.max_target_length": 64}
+    run(make_sum_recipe(tiny_llama, {**ov, "train.batch_size": 8}, name="big"))
+    run(make_sum_recipe(tiny_llama, {**ov, "train.batch_size": 4, "train.grad_accum": 2}, name="acc"))
+    out = make_sum_recipe(tiny_llama, name="big").out.parent
+    big, acc = (load_file(out / name / "adapter_model.safetensors") for name in ("big", "acc"))
+    diff = max((big[k] - acc[k]).abs().max().item() for k in big)
+    assert diff < 1e-5, diff
+    assert losses(out / "acc") == pytest.approx(losses(out / "big"), abs=1e-5)
+
+
 def test_rouge_keep_best_generates_at_each_evaluation_and_keeps_the_best(make_sum_recipe, tiny_t5):
     # the evaluations during training fold the adapter as the final one does: the exact loss tells the kept step's
     # weights from the last step's
@@ -393,3 +408,48 @@ def test_a_summarizer_trained_from_scratch_builds_its_decoder_from_the_config(ti
                                 "adapter.method=scratch", "data.max_length=64", "data.max_target_length=32"], validate_files=False)
     model, _, info = build_model(recipe, num_labels=0, label_names=[])
     assert type(model).__name__ == "LlamaForCausalLM" and info.trainable_params == info.total_params
+
+
+def test_no_repeat_ngram_leaves_a_decoders_prompt_free_to_copy():
+    """eval.no_repeat_ngram_size on a decoder-only model: transformers' blocker counted the prompt's n-grams too, so the
+    summary could copy no name or phrase of the dialogue (SmolLM2: 0 trigrams shared with it, 53 without the setting)."""
+    from types import SimpleNamespace
+
+    from transformers import NoRepeatNGramLogitsProcessor
+
+    from peftlab.tasks.summarization import SummaryNoRepeatNGram, generate
+
+    prompt = [5, 6, 7]
+    scores = torch.zeros(1, 10)
+    assert NoRepeatNGramLogitsProcessor(2)(torch.tensor([prompt + [5]]), scores.clone())[0, 6] == -float("inf")
+    assert SummaryNoRepeatNGram(2, len(prompt))(torch.tensor([prompt + [5]]), scores.clone())[0, 6] == 0  # may copy "5 6"
+    assert SummaryNoRepeatNGram(2, len(prompt))(torch.tensor([prompt + [5, 6, 5]]), scores.clone())[0, 6] == -float("inf")
+
+    seen = {}
+
+    class Model(torch.nn.Module):
+        def generate(self, input_ids, attention_mask, **kwargs):
+            seen.update(kwargs)
+            return input_ids
+
+    tok = SimpleNamespace(pad_token_id=0, eos_token_id=1, batch_decode=lambda ids, **k: [""] * len(ids))
+    cfg = SimpleNamespace(max_new_tokens=4, num_beams=1, no_repeat_ngram_size=3)
+    acc = SimpleNamespace(autocast=contextlib.nullcontext)
+    ids = torch.tensor([prompt])
+    generate(Model(), tok, {}, {"gen_input_ids": ids, "gen_attention_mask": torch.ones_like(ids)}, cfg, acc)  # decoder-only
+    assert "no_repeat_ngram_size" not in seen and seen["logits_processor"][0].prompt_length == 3
+    seen.clear()
+    generate(Model(), tok, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, {}, cfg, acc)  # encoder-decoder
+    assert seen["no_repeat_ngram_size"] == 3 and "logits_processor" not in seen
+
+
+def test_a_target_column_of_lists_is_refused_not_scored_as_its_repr(make_sum_recipe, tiny_t5, tmp_path):
+    """DialogSum's `summaries` (3 references a row) became "['...', '...']", and ROUGE was scored against that."""
+    from peftlab.errors import DataError
+
+    rows = [{"dialogue": f"A: hi {i}\nB: hello", "summaries": ["A greets B.", "B is greeted."]} for i in range(4)]
+    path = tmp_path / "multi.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = make_sum_recipe(tiny_t5, {"data.train.path": path, "data.eval.path": path, "data.target_column": "summaries"})
+    with pytest.raises(DataError, match=r"data.train: the target column 'summaries' holds List.*data.target_column"):
+        load_splits(recipe)

@@ -39,6 +39,8 @@ class Task(Protocol):
     #   tokenizer= and recipe= to evaluate there), for tasks that need more than the model inputs, e.g. to generate.
     # - loss(model, batch, accelerator) -> the training loss (default: model(**batch).loss), e.g. a decoder LM's loss
     #   on its labelled positions only (tasks/generative.causal_lm_loss).
+    # - loss_items(batch) -> how many terms that mean averages (default: the rows, or the labelled tokens of token
+    #   labels; next-token losses: generative.next_token_items). A step of several micro-batches weighs each by it.
     # - GENERATED_METRICS: the metrics that need generation (a train.best_metric among them makes evaluations generate).
     # - best_metric_note: said after the metrics when train.best_metric is not one of them.
     # - packs = True: the task reads data.packing (other tasks refuse it rather than ignore it).

@@ -14,12 +14,13 @@ from functools import partial
 from transformers import AutoModelForCausalLM
 
 from . import corpus
-from .generative import causal_lm_loss
+from .generative import causal_lm_loss, next_token_items
 from .sft import collator  # right-padded rows; packed rows keep their position ids (block-diagonal attention)
 
 auto_model_class = AutoModelForCausalLM
 peft_task_type = "CAUSAL_LM"
 loss = causal_lm_loss
+loss_items = next_token_items  # what it averages over (a step of several micro-batches pools them: train.py)
 target_kind = "none"  # unlabelled text: data.text_columns only
 best_metric = "loss"
 metrics = ("loss", "perplexity")

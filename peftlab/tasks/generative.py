@@ -129,6 +129,11 @@ def causal_lm_loss(model, batch: dict, accelerator) -> torch.Tensor:
     return losses.sum() / max(len(losses), 1)
 
 
+def next_token_items(batch: dict) -> torch.Tensor:
+    """The count causal_lm_loss averages over: the labelled tokens after each row's first (train.loss_items)."""
+    return (batch["labels"][:, 1:] != -100).sum()
+
+
 def row_losses(model, batch: dict, accelerator, *, shift: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """-> per-row sums of token cross-entropy, per-row counts of scored tokens."""
     losses, rows = labelled_token_losses(model, batch, accelerator, shift=shift)

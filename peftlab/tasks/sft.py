@@ -36,7 +36,7 @@ from transformers import AutoModelForCausalLM
 
 from ..errors import ConfigError, DataError
 from ..metrics import ROUGE_KEYS, rouge_metrics
-from .generative import causal_lm_loss, contiguous_head_input, log_examples, loss_and_predictions
+from .generative import causal_lm_loss, contiguous_head_input, log_examples, loss_and_predictions, next_token_items
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +65,7 @@ class _Generated:
 auto_model_class = AutoModelForCausalLM
 peft_task_type = "CAUSAL_LM"
 loss = causal_lm_loss  # the LM head runs on the assistant's tokens only
+loss_items = next_token_items  # what it averages over (a step of several micro-batches pools them: train.py)
 target_kind = "messages"  # conversations: normalize_split reads the rows itself
 packs = True  # data.packing: training rows packed into rows of up to data.max_length tokens
 best_metric = "loss"

@@ -19,7 +19,7 @@ from functools import cache
 from pathlib import Path
 
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSeq2SeqLM, LogitsProcessorList, NoRepeatNGramLogitsProcessor
 
 from ..bases import base_path
 from ..errors import DataError, ModelNotFound
@@ -249,6 +249,19 @@ def eval_collator(tokenizer):
     return collate
 
 
+class SummaryNoRepeatNGram(NoRepeatNGramLogitsProcessor):
+    """eval.no_repeat_ngram_size for a decoder-only model: transformers' blocker counts every n-gram of input_ids, which
+    holds the prompt too, so no name or phrase of the dialogue could be copied into the summary. This one sees the
+    tokens generated after the (left-padded) prompt of `prompt_length` tokens only."""
+
+    def __init__(self, ngram_size: int, prompt_length: int):
+        super().__init__(ngram_size)
+        self.prompt_length = prompt_length
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        return super().__call__(input_ids[:, self.prompt_length:], scores)
+
+
 def generate(model, tokenizer, batch: dict, extras: dict, cfg, accelerator) -> list[str]:
     """Decode summaries for one batch with the recipe's eval settings (beam search, lengths, n-gram blocking)."""
     causal = "gen_input_ids" in extras
@@ -258,7 +271,9 @@ def generate(model, tokenizer, batch: dict, extras: dict, cfg, accelerator) -> l
                   pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_id(tokenizer))
     if cfg.num_beams > 1:
         kwargs.update(length_penalty=cfg.length_penalty, early_stopping=True)
-    if cfg.no_repeat_ngram_size:
+    if cfg.no_repeat_ngram_size and causal:  # the summary's own n-grams: not the prompt's, which it must be free to copy
+        kwargs["logits_processor"] = LogitsProcessorList([SummaryNoRepeatNGram(cfg.no_repeat_ngram_size, ids.shape[1])])
+    elif cfg.no_repeat_ngram_size:  # (an encoder-decoder's decoder holds the summary only)
         kwargs["no_repeat_ngram_size"] = cfg.no_repeat_ngram_size
     with accelerator.autocast(), contiguous_head_input(model):
         out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)

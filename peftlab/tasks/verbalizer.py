@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from ..errors import DataError
 from ..metrics import CLASSIFICATION_KEYS, classification_metrics
-from .generative import causal_lm_loss, contiguous_head_input, row_losses
+from .generative import causal_lm_loss, contiguous_head_input, next_token_items, row_losses
 from .summarization import _adds_bos, _pad, eos_id, truncate_sources
 
 log = logging.getLogger(__name__)
@@ -32,6 +32,7 @@ log = logging.getLogger(__name__)
 auto_model_class = AutoModelForCausalLM
 peft_task_type = "CAUSAL_LM"
 loss = causal_lm_loss  # the LM head runs on the label word's tokens only
+loss_items = next_token_items  # what it averages over (a step of several micro-batches pools them: train.py)
 target_kind = "label"
 best_metric = "accuracy"
 metrics = (*CLASSIFICATION_KEYS, "loss")
