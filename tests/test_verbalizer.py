@@ -177,8 +177,11 @@ def test_invalid_verbalizer_recipes_are_refused_with_the_fix(make_verb):
     assert "[' yes'] given more than once" in msg
     with pytest.raises(ConfigError, match="3 words for the 2 data.label_names"):
         make_verb({"data.label_words": "[a, b, c]"})
-    with pytest.raises(ConfigError, match="set data.label_names .* or data.label_words"):
+    with pytest.raises(ConfigError, match="set data.label_names .* and optionally data.label_words"):
         make_verb({"data.label_names": None})
+    # words without names: validate said ok, train stopped with "2 words for 0 classes []"
+    with pytest.raises(ConfigError, match=r"data.label_words=\['good', 'bad'\] needs data.label_names"):
+        make_verb({"data.label_names": None, "data.label_words": "[good, bad]"})
 
     tok = minilm_tokenizer()
     same = make_verb({"data.label_words": "[' Good', ' good']"})  # MiniLM's tokenizer is uncased
@@ -194,6 +197,7 @@ def test_invalid_verbalizer_recipes_are_refused_with_the_fix(make_verb):
     from peftlab.model import model_problems  # `validate` says it too
 
     assert any("has no chat template. Set task.chat_template=false" in p for p in model_problems(make_verb({"task.chat_template": True})))
+    assert any("is a prefix of ' very good'" in p for p in model_problems(prefix))  # (validate said ok; train refused it)
 
 
 # ------------------------------------------------------------------------------------ the head on a decoder LLM

@@ -61,14 +61,17 @@ def check(recipe) -> list[str]:
                      "'Review: {text}\\nSentiment:'.")
     if not d.label_words and not d.label_names:
         p.append("task.type=verbalizer needs the word written for each class: set data.label_names (the words are derived "
-                 "from them, e.g. [negative, positive]) or data.label_words (written verbatim, in class order).")
+                 "from them, e.g. [negative, positive]), and optionally data.label_words (written verbatim, in their order).")
     if d.label_words:
         dup = sorted({w for w in d.label_words if d.label_words.count(w) > 1})
         if dup:
             p.append(f"data.label_words={d.label_words}: {dup} given more than once; each class needs its own word.")
         if any(not w.strip() for w in d.label_words):
             p.append(f"data.label_words={d.label_words}: an empty word cannot be scored; give every class a word.")
-        if d.label_names and len(d.label_names) != len(d.label_words):
+        if not d.label_names:  # classes read from the data come sorted: which word would be whose is not the recipe's
+            p.append(f"data.label_words={d.label_words} needs data.label_names: the words go with the classes in order, so name "
+                     "the classes in that order (data.label_names=[...], the values of the label column).")
+        elif len(d.label_names) != len(d.label_words):
             p.append(f"data.label_words has {len(d.label_words)} words for the {len(d.label_names)} data.label_names "
                      f"{d.label_names}: give one word per class, in the same order.")
     return p
@@ -89,7 +92,10 @@ def uses_chat(tokenizer, recipe) -> bool:
 
 
 def check_tokenizer(tokenizer, recipe) -> None:
+    """`validate`: the chat template, and the label words as training tokenizes them (refused there: two alike, a prefix)."""
     uses_chat(tokenizer, recipe)
+    if recipe.data.label_names:
+        label_token_ids(tokenizer, recipe)
 
 
 def label_words(recipe, label_names: list[str], chat: bool) -> list[str]:
