@@ -335,6 +335,34 @@ def test_generation_metrics_and_a_user_metric_function(tmp_path, monkeypatch):
     assert "anything" in sft.GENERATED_METRICS and "loss" not in sft.GENERATED_METRICS
 
 
+def test_chatml_on_a_tokenizer_without_its_tokens_stops_at_the_text_marker(tmp_path, tiny_llama):
+    """task.chat_format=chatml on a base whose vocabulary lacks <|im_end|> (stories260k): the model learned to write
+    the marker as text, but generation stopped on token ids only: 'a cat<|im_end|>>|im_end|>|im_' scored exact_match 0."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.chat_template = sft.NAMED_TEMPLATES["chatml"]
+    assert sft.text_stops(tok) == ["<|im_end|>"] and sft.text_stops(chat_tokenizer()) == []  # (a token there: stops by id)
+    assert sft.cut_at("a cat<|im_end|>>|im_end|>|im_", ["<|im_end|>"]) == "a cat" and sft.cut_at("a cat", ["<|im_end|>"]) == "a cat"
+    seen = {}
+    from transformers import GenerationMixin
+
+    real = GenerationMixin.generate
+
+    def spy(self, *a, **k):
+        seen.update(k)
+        return real(self, *a, **k)
+
+    path = write_jsonl(tmp_path / "m.jsonl", messages_rows())
+    r = recipe_for(tmp_path, tiny_llama, path, ["task.chat_format=chatml", "train.max_steps=1"])
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(GenerationMixin, "generate", spy)
+        run(r)
+    assert seen["stop_strings"] == ["<|im_end|>"] and seen["tokenizer"] is not None
+    preds = [json.loads(line)["prediction"] for line in (r.out / "predictions-eval.jsonl").read_text().splitlines()]
+    assert preds and not any("<|im_end|>" in p for p in preds)
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_sft_end_to_end_learns_exports_and_reloads(tmp_path, chat_llama, packing):
     path = write_jsonl(tmp_path / "m.jsonl", messages_rows())

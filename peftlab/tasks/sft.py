@@ -241,10 +241,9 @@ def ensure_chat_template(tokenizer, recipe) -> None:
         raise ConfigError([f"task.type=sft: the tokenizer of {recipe.model.name} has no chat template, so conversations cannot "
                            "be rendered. Set task.chat_format=chatml (or a Jinja chat template string), or use an "
                            "instruction-tuned model whose tokenizer has one."])
-    for marker in END_OF_TURN[:1]:  # ChatML through a tokenizer that lacks its tokens: the model cannot learn to stop
-        if marker in tokenizer.chat_template and tokenizer.convert_tokens_to_ids(marker) in (None, tokenizer.unk_token_id):
-            log.warning("the chat template uses %s, which is not a token of this tokenizer: generation stops at EOS (%s) only",
-                        marker, tokenizer.eos_token)
+    for marker in text_stops(tokenizer):  # ChatML through a tokenizer that lacks its tokens
+        log.warning("the chat template uses %s, which is not a token of this tokenizer: it is trained as the text it is, and "
+                    "generation stops where that text is written (and at EOS, %s)", marker, tokenizer.eos_token)
 
 
 def render(tokenizer, messages: list[dict], generation_prompt: bool = False) -> str:
@@ -272,6 +271,18 @@ def assistant_spans(tokenizer, messages: list[dict]) -> tuple[str, list[tuple[in
                 break
         spans.append((start, stop))
     return full, spans
+
+
+def text_stops(tokenizer) -> list[str]:
+    """The end-of-turn markers the chat template writes that are no token of this tokenizer (task.chat_format=chatml
+    on a base without <|im_end|>): generation stops at them as text (stop_strings), and predictions end before them."""
+    template = getattr(tokenizer, "chat_template", None) or ""
+    return [m for m in END_OF_TURN if m in template and tokenizer.convert_tokens_to_ids(m) in (None, tokenizer.unk_token_id)]
+
+
+def cut_at(text: str, markers: list[str]) -> str:
+    """`text` up to the first of `markers` (all of it without one)."""
+    return text[:min((i for m in markers if (i := text.find(m)) >= 0), default=len(text))]
 
 
 def stop_ids(tokenizer) -> list[int]:
@@ -453,7 +464,8 @@ def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=
     eval_collator) also the last answer of every row generated greedily and scored, the report holding the predictions."""
     write, timing = None, {"seconds": 0.0, "new_tokens": 0}
     if tokenizer is not None and recipe is not None:
-        stops = stop_ids(tokenizer)
+        stops, texts = stop_ids(tokenizer), text_stops(tokenizer)
+        by_text = {"stop_strings": texts, "tokenizer": tokenizer} if texts else {}
 
         def write(unwrapped, batch, extras):
             ids = extras["gen_input_ids"].to(batch["input_ids"].device)
@@ -461,11 +473,12 @@ def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=
             start = time.perf_counter()
             with accelerator.autocast(), contiguous_head_input(unwrapped):
                 gen = unwrapped.generate(input_ids=ids, attention_mask=mask, max_new_tokens=recipe.eval.max_new_tokens,
-                                         do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
+                                         do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
+                                         **by_text)
             timing["seconds"] += time.perf_counter() - start
             new = gen[:, ids.shape[1]:]
             timing["new_tokens"] += int(new_token_counts(new, stops).sum())
-            return [p.strip() for p in tokenizer.batch_decode(new, skip_special_tokens=True)]
+            return [cut_at(p, texts).strip() for p in tokenizer.batch_decode(new, skip_special_tokens=True)]
     loss, n_tokens, rows = loss_and_predictions(model, loader, accelerator, shift=True, extras=EXTRAS, source="source",
                                                 reference="reference", generate=write, task="sft")
     metrics = {"loss": loss}
