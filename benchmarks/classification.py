@@ -21,7 +21,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab
 from benchmarks.common import METHODS as ALL_METHODS  # noqa: E402
-from benchmarks.common import RESULTS, train_process  # noqa: E402
+from benchmarks.common import RESULTS, save_figure, train_process, write_result  # noqa: E402
 
 METHODS = {m: ALL_METHODS[m] for m in ("lora", "qlora", "full", "frozen")}  # same data and budget for each
 TASKS = {
@@ -90,7 +90,7 @@ def plot(rows: list[dict], path: Path) -> None:
         ax.legend(fontsize=8)
     fig.suptitle("MiniLM (all-MiniLM-L6-v2): LoRA vs QLoRA vs full fine-tuning vs frozen backbone, same budget")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
 
 
 def main() -> None:
@@ -118,20 +118,21 @@ def main() -> None:
     name = args.name or ("classification-quick" if args.quick else "classification")
     RESULTS.mkdir(parents=True, exist_ok=True)
     store = RESULTS / f"{name}.json"
-    rows = [] if args.fresh or not store.is_file() else json.loads(store.read_text())["rows"]
+    # --fresh measures every run again, each replacing its stored row when it finishes: an interrupted --fresh keeps the rest
+    rows = json.loads(store.read_text())["rows"] if store.is_file() else []
     config = {"sst2_train": args.sst2_train, "agnews_max_length": args.agnews_max_length, "epochs": args.epochs,
               "quick": args.quick}
     for task in args.tasks.split(","):
         for method in args.methods.split(","):
             cfg = {**config, **({"set": args.set[method]} if method in args.set else {})}
-            if any(r["task"] == task and r["method"] == method and r.get("config") == cfg for r in rows):
+            if not args.fresh and any(r["task"] == task and r["method"] == method and r.get("config") == cfg for r in rows):
                 continue  # resumable: a finished run is not repeated
             rows = [r for r in rows if not (r["task"] == task and r["method"] == method)]
             rows.append({**run_one(task, method, args), "config": cfg})
-            store.write_text(json.dumps({"rows": rows}, indent=2))
+            write_result(store, json.dumps({"rows": rows}, indent=2))
     md = table(rows) + "".join(f"\n\n{r['task']}/{r['method']} with {' '.join(r['config']['set'])}"
                                for r in rows if r["config"].get("set"))
-    (RESULTS / f"{name}.md").write_text(md + "\n")
+    write_result(RESULTS / f"{name}.md", md + "\n")
     plot(rows, RESULTS / f"{name}.png")
     print(md)
 

@@ -25,6 +25,21 @@ METHODS = {  # recipe overrides that turn a shipped LoRA recipe into each method
 }
 
 
+def write_result(path: Path, text: str) -> None:
+    """A results file (json, md) written whole or not at all: a benchmark killed while writing never leaves half of one."""
+    from peftlab.export import atomic_write_text
+
+    atomic_write_text(Path(path), text)
+
+
+def save_figure(fig, path: Path, **kwargs) -> None:
+    """fig.savefig, atomically (a temporary file beside `path`, then renamed over it)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
+    fig.savefig(tmp, **kwargs)
+    os.replace(tmp, path)
+
+
 def measured_process(name: str, cmd: list[str], *, verbose: bool = False, env: dict | None = None) -> tuple[float, float]:
     """`cmd` in its own process (from the repository root; `env`: variables added to this one's) -> (its peak RSS in
     MiB from wait4, wall seconds). A failure raises with the last lines of its stderr."""

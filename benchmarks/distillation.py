@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import REPO, RESULTS, stored_case  # noqa: E402
+from benchmarks.common import REPO, RESULTS, stored_case, write_result  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 RUNS, OUT = REPO / "runs" / "distill-bench", RESULTS / "distillation"
@@ -229,6 +229,12 @@ def stored(name: str) -> dict | None:
     return json.loads(f.read_text()) if f.exists() else None
 
 
+def latency_ratio(teacher_ms: float, student_ms: float) -> str:
+    """'2.10x faster', or '3.60x slower' (a ratio below 1 read as 'faster' said the opposite of what was measured)."""
+    ratio = teacher_ms / student_ms
+    return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
+
+
 def report(args) -> str:
     t = stored("teacher")
     teacher_acc = accuracy(t) if t else float("nan")
@@ -292,7 +298,7 @@ def report(args) -> str:
         lines += [f"| {s['name']} | {s['layers']} | {s['params'] / 1e6:.1f}M | {s['examples_per_s']:.0f} | {s['p50_ms']:.1f} ms |"
                   for s in rows]
         lines += ["", *(f"{s['name']} / teacher: {s['examples_per_s'] / rows[0]['examples_per_s']:.2f}x the examples/s, "
-                        f"{rows[0]['p50_ms'] / s['p50_ms']:.2f}x faster single requests." for s in rows[1:])]
+                        f"single requests {latency_ratio(rows[0]['p50_ms'], s['p50_ms'])}." for s in rows[1:])]
         lines += ["", f"Speed on {rows[0]['rows']} texts of {TASK.test_name}, {rows[0]['threads']} torch threads, tokenization included; "
                   "each model merged into a plain transformers model (student-lora, the 6-layer LoRA student, merges into "
                   "a plain 6-layer MiniLM: the MiniLM teacher's speed)."]
@@ -371,7 +377,7 @@ def main() -> None:
         if (RUNS / "lora-distill-100" / "run.json").is_file():
             speed("student-lora", RUNS / "lora-distill-100", args)  # the whole MiniLM: the teacher's speed if MiniLM teaches
     text = report(args)
-    OUT.with_suffix(".md").write_text(text + "\n")
+    write_result(OUT.with_suffix(".md"), text + "\n")
     print(text)
 
 

@@ -34,7 +34,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import REPO, RESULTS, stored_case  # noqa: E402
+from benchmarks.common import REPO, RESULTS, save_figure, stored_case, write_result  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "amazon_mdsd"
 DOMAINS = ("books", "dvd", "electronics", "kitchen")
@@ -268,7 +268,7 @@ def plot(results: list[dict], seeds: list[int], path: Path) -> None:
     right.legend(fontsize=8)
     fig.suptitle(f"Amazon domain shift, MiniLM + LoRA: seeds {','.join(map(str, seeds))} (means)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -298,7 +298,7 @@ def main() -> None:
         measure(pairs, seeds, args.conditions.split(","), args)
     results = pair_results(seeds, args.folds)  # every stored run read once, for the tables and the plot
     text = report(results)
-    OUT.with_suffix(".md").write_text(text + "\n")
+    write_result(OUT.with_suffix(".md"), text + "\n")
     plot(results, seeds, OUT.with_suffix(".png"))
     print(text)
 

@@ -42,7 +42,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab
-from benchmarks.common import METHODS, RESULTS, train_process  # noqa: E402
+from benchmarks.common import METHODS, RESULTS, train_process, write_result  # noqa: E402
 
 D = "../shared/data"
 SMOLLM2 = "../shared/models/smollm2-135m-instruct"
@@ -379,7 +379,7 @@ def main() -> int:
     if args.report or cases:
         root.mkdir(parents=True, exist_ok=True)
         text = report(root, name)
-        (RESULTS / f"{name}.md").write_text(text)
+        write_result(RESULTS / f"{name}.md", text)
         print(text)
     if failed:
         print(f"failed: {failed}; rerun the same command to retry them (finished runs are kept)")

@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import REPO, RESULTS, stored_case  # noqa: E402
+from benchmarks.common import REPO, RESULTS, stored_case, write_result  # noqa: E402
 
 RECIPE = "recipes/minilm/multitask-lora.yaml"
 TASKS = ("sst2", "agnews", "emotion", "mrpc")
@@ -224,7 +224,7 @@ def main() -> None:
     if not args.report:
         measure(args)
     text = report(args)
-    OUT.with_suffix(".md").write_text(text + "\n")
+    write_result(OUT.with_suffix(".md"), text + "\n")
     print(text)
 
 

@@ -47,7 +47,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import RESULTS, gemm_peak, measured_process, train_process  # noqa: E402
+from benchmarks.common import RESULTS, gemm_peak, measured_process, train_process, write_result  # noqa: E402
 
 RECIPE = REPO / "recipes/smollm2-135m/samsum-sft-lora.yaml"
 OUT = RESULTS / "sft_throughput"
@@ -261,7 +261,7 @@ def report() -> str:
         lines.append(f"| {r['side']} | {r['rows']} | {r['seed']} | {r['steps']} | {r['tokens_per_s']:.0f} | {ratio} | {mfu} | "
                      f"{steady} | {r['answer_loss']:.4f} | {r['peak_rss_mib']:.0f} |")
     text = "\n".join(lines)
-    (RESULTS / "sft_throughput.md").write_text(text + "\n")
+    write_result(RESULTS / "sft_throughput.md", text + "\n")
     return text
 
 

@@ -47,7 +47,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import RESULTS  # noqa: E402
+from benchmarks.common import RESULTS, write_result  # noqa: E402
 
 
 def bool_keep_mask(shape, p):
@@ -178,12 +178,12 @@ def main() -> None:
            "batches": len(tokens), "mean_real_tokens_per_batch": sum(tokens) / len(tokens),
            "max_length_per_batch": max(b["input_ids"].shape[1] for b in batches), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"step_levers-{a.name}.json").write_text(json.dumps(out, indent=1) + "\n")
+    write_result(RESULTS / f"step_levers-{a.name}.json", json.dumps(out, indent=1) + "\n")
     lines = [f"`{a.recipe}` {' '.join(a.overrides)}: {len(tokens)} batches (after {a.warmup} warm-up), "
              f"{out['mean_real_tokens_per_batch']:.0f} real tokens a batch on average, {precision}, {out['threads']} thread(s).",
              "", "| lever (vs the alternative) | alternative ms/step | peftlab ms/step | speed-up |", "|---|---|---|---|"]
     lines += [f"| {r['lever']} | {r['alternative_ms']:.1f} | {r['default_ms']:.1f} | {r['speedup']:.3f}x |" for r in rows]
-    (RESULTS / f"step_levers-{a.name}.md").write_text("\n".join(lines) + "\n")
+    write_result(RESULTS / f"step_levers-{a.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

@@ -20,7 +20,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab
-from benchmarks.common import RESULTS, train_process  # noqa: E402
+from benchmarks.common import RESULTS, train_process, write_result  # noqa: E402
 from peftlab.metrics import ROUGE_KEYS  # noqa: E402
 
 RECIPE = "recipes/minilm/samsum-lora.yaml"
@@ -115,12 +115,12 @@ def main() -> None:
             "eval_loss": run["metrics"]["test"]["loss"], "hardware": run["hardware"],
             "versions": {k: run["versions"][k] for k in ("torch", "transformers", "peft")}, "published_reference": PUBLISHED}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / f"{name}.json").write_text(json.dumps({"rows": results, "model_minus_lead3": diff, "meta": meta}, indent=2))
+    write_result(RESULTS / f"{name}.json", json.dumps({"rows": results, "model_minus_lead3": diff, "meta": meta}, indent=2))
     md = (table(results) + f"\n\n{difference_line(diff)}\n\nModel: {RECIPE}, {meta['train_examples']:,} train examples ({meta['steps']} steps, "
           f"{meta['train_wall_s']:.0f} s, {meta['examples_per_s']:.2f} examples/s, {meta['precision']}), "
           f"{meta['trainable_percent']:.2f}% trainable{' (' + ' '.join(args.set) + ')' if args.set else ''}. "
           f"Same rows, same scorer for both systems. For orientation: {PUBLISHED}.")
-    (RESULTS / f"{name}.md").write_text(md + "\n")
+    write_result(RESULTS / f"{name}.md", md + "\n")
     print(md)
 
 

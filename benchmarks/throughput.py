@@ -47,7 +47,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab, installed or not
-from benchmarks.common import METHODS, RESULTS, gemm_peak  # noqa: E402
+from benchmarks.common import METHODS, RESULTS, gemm_peak, save_figure, write_result  # noqa: E402
 
 RECIPE = REPO / "recipes" / "minilm" / "sst2-lora.yaml"
 QLORA = METHODS["qlora"]
@@ -467,6 +467,8 @@ def main() -> None:
         return
 
     name = args.name or ("throughput-quick" if args.quick else "throughput")
+    if unknown := [c for c in args.cases.split(",") if c not in (*CASES, S2S_CASE, MEMORY_CASE)]:  # (a typo ran as plain LoRA)
+        raise SystemExit(f"unknown case(s) {unknown}: choose from {', '.join([*CASES, S2S_CASE, MEMORY_CASE])}")
     RESULTS.mkdir(parents=True, exist_ok=True)
     store = RESULTS / f"{name}.json"
     if args.report or args.add:
@@ -476,7 +478,7 @@ def main() -> None:
         if args.report:  # the stored sizes, not the defaults
             stored_args = argparse.Namespace(**{**vars(args), **old["config"]})
             text = table(stored_args, old["gemm"], old["rows"], {k: old[k] for k in ("tokenize", "eval") if k in old})
-            (RESULTS / f"{name}.md").write_text(text + "\n")  # the results themselves stay as measured
+            write_result(RESULTS / f"{name}.md", text + "\n")  # the results themselves stay as measured
             print(text)
             return
         if differs := {k: (v, getattr(args, k)) for k, v in old["config"].items() if hasattr(args, k) and getattr(args, k) != v}:
@@ -517,7 +519,7 @@ def main() -> None:
                   f"RSS {r['peak_rss_mib']:.0f} MiB, MFU {100 * r['mfu']:.1f}%", flush=True)
         rows.append(r)
         mine.append(r)
-        save(name, args, gemm, length, rows, extras)
+        save(name, args, gemm, length, rows, extras, final=False)
         return r
 
     ablations = [] if args.no_ablations else [a.strip() for a in args.ablations.split(",") if a.strip()]
@@ -526,7 +528,7 @@ def main() -> None:
         raise SystemExit(f"unknown ablation(s) {unknown}: choose from {', '.join(ABLATIONS)}")
     for i in range(args.repeats):  # seed + i: each case's peftlab/Trainer pair, then the ablations, so drift hits all alike
         for case in (c for c in args.cases.split(",") if c != MEMORY_CASE):
-            peftlab_side, trainer_side = CASES.get(case, ([], []))
+            peftlab_side, trainer_side = CASES.get(case, ([], []))  # (the samsum case: its own workers)
             record(case, "peftlab", peftlab_side, seed=args.seed + i)
             record(case, "Trainer+peft", trainer_side, seed=args.seed + i)
         for label in ablations:
@@ -561,14 +563,21 @@ def mean_length(args) -> float:
     return sum(lengths) / len(lengths)
 
 
-def save(name: str, args, gemm: dict, length: float, rows: list[dict], extras: dict) -> None:
+def save(name: str, args, gemm: dict, length: float, rows: list[dict], extras: dict, final: bool = True) -> None:
+    """The results so far into NAME.partial.json after each run; the stored NAME.json, .md and .png are replaced only
+    when the invocation finishes (final): an interrupted or failed one leaves them as they were."""
     config = {k: getattr(args, k) for k in ("rows", "eval_rows", "steps", "eval_every", "target", "threads", "quick", "s2s_rows",
                                             "s2s_steps", "s2s_test", "precision")}
-    (RESULTS / f"{name}.json").write_text(json.dumps({"config": config, "gemm": gemm, "mean_tokens_per_row": length,
-                                                      "rows": rows, **extras}, indent=2))
-    (RESULTS / f"{name}.md").write_text(table(args, gemm, rows, extras) + "\n")
+    text = json.dumps({"config": config, "gemm": gemm, "mean_tokens_per_row": length, "rows": rows, **extras}, indent=2)
+    partial = RESULTS / f"{name}.partial.json"
+    if not final:
+        write_result(partial, text)
+        return
+    write_result(RESULTS / f"{name}.json", text)
+    write_result(RESULTS / f"{name}.md", table(args, gemm, rows, extras) + "\n")
     if rows:
         plot(rows, RESULTS / f"{name}.png", args)
+    partial.unlink(missing_ok=True)
 
 
 def mean(xs):
@@ -752,7 +761,7 @@ def plot(rows: list[dict], path: Path, args) -> None:
         ax.set_ylabel("peak RSS (MiB)")
         ax.set_title(f"{MEMORY_CASE}: a 0.73B BERT, LoRA vs QLoRA", fontsize=9)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 

@@ -29,7 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab
-from benchmarks.common import METHODS, RESULTS, train_process  # noqa: E402
+from benchmarks.common import METHODS, RESULTS, save_figure, train_process  # noqa: E402
 
 DEFAULT_METHODS = "scratch,frozen,lora,qlora,dora,ia3,full"
 TASKS = {  # recipe, split scored, train rows, overrides (AG News: no held-out eval, the test split scores each run)
@@ -184,7 +184,7 @@ def plot(summary: list[dict], stem: Path) -> list[Path]:
     fig.suptitle("MiniLM transfer study: accuracy vs amount of labelled data")
     fig.tight_layout()
     curves = stem.with_name(stem.name + "-curves.png")
-    fig.savefig(curves, dpi=110)
+    save_figure(fig, curves, dpi=110)
     plt.close(fig)
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.5), squeeze=False)

@@ -180,3 +180,32 @@ def test_mfu_is_restated_against_the_highest_peak_measured(tp):
     assert rows[1] == {"gemm_peak_gflops": 500.0}
     assert tp.against_highest_peak(rows, [{"peak_gflops": 450.0}, {"peak_gflops": 500.0}]) == 500.0  # a lower reading changes nothing
     assert rows[0]["mfu"] == pytest.approx(0.4)
+
+
+def test_an_unknown_case_is_refused_and_a_stopped_run_leaves_the_stored_results(tp, tmp_path, monkeypatch):
+    """A typo (--cases lorra) ran and was reported as plain LoRA; a run stopped half-way replaced the stored results
+    with the rows it had finished."""
+    import json
+    import sys
+
+    monkeypatch.setattr(sys, "argv", ["throughput.py", "--cases", "lora,lorra", "--name", "x"])
+    with pytest.raises(SystemExit, match=r"unknown case\(s\) \['lorra'\]"):
+        tp.main()
+    monkeypatch.setattr(tp, "RESULTS", tmp_path)
+    (tmp_path / "t.json").write_text('{"rows": "as measured before"}')
+    args = argparse.Namespace(rows=8, eval_rows=0, steps=2, eval_every=1, target=0.8, threads=1, quick=True, s2s_rows=1,
+                              s2s_steps=1, s2s_test=1, precision="fp32")
+    tp.save("t", args, {}, 10.0, [], {}, final=False)
+    assert json.loads((tmp_path / "t.json").read_text()) == {"rows": "as measured before"}
+    assert json.loads((tmp_path / "t.partial.json").read_text())["rows"] == []
+    monkeypatch.setattr(tp, "table", lambda *a: "table")
+    tp.save("t", args, {}, 10.0, [], {})
+    assert json.loads((tmp_path / "t.json").read_text())["rows"] == [] and not (tmp_path / "t.partial.json").exists()
+
+
+def test_the_distillation_report_says_slower_when_the_student_is():
+    from .conftest import load_benchmark
+
+    distillation = load_benchmark("distillation")
+    assert distillation.latency_ratio(142.0, 71.0) == "2.00x faster"
+    assert distillation.latency_ratio(142.0, 1040.0) == "7.32x slower"  # it read "0.14x faster"
