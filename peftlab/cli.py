@@ -320,7 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     v = sub.add_parser("validate", help="check recipes without training: every problem of the recipe, then (once it has none) its data and base")
     v.add_argument("recipes", nargs="*", metavar="RECIPE.yaml [KEY=VALUE ...]",
                    help="recipe files (none: the built-in quickstart) and dotted overrides applied to each")
-    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="an override applied to every recipe given (repeatable; a positional KEY=VALUE does the same)")
     v.add_argument("--no-files", action="store_true", help="check the recipe alone: not the data (data.train given, files present, their "
                    "columns), the base (found, its layers, target_modules), the trackers or the teacher run")
     v.set_defaults(fn=cmd_validate, late_overrides="recipes")
