@@ -55,7 +55,7 @@ def resolve_trackers(report_to: list[str] | str) -> list[str]:
     return names
 
 
-def _tracker(name: str, out: Path, run: str):
+def _tracker(name: str, out: Path, run: str, resumed_at: int | None = None):
     """Accelerate's tracker `name`, writing inside the run folder `out` unless the tracker's own environment says where."""
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
@@ -65,7 +65,8 @@ def _tracker(name: str, out: Path, run: str):
         return {} if env.get(var) else where
 
     if name == "tensorboard":
-        return cls("tb", str(out))  # its logging_dir/run_name: OUT/tb
+        purge = {} if resumed_at is None else {"purge_step": resumed_at + 1}  # (SummaryWriter: events from that step on)
+        return cls("tb", str(out), **purge)  # its logging_dir/run_name: OUT/tb
     if name == "wandb":  # OUT/wandb/(offline-)run-*
         return cls(env.get("WANDB_PROJECT") or PROJECT, name=run, **unless("WANDB_DIR", dir=str(out)))
     if name == "mlflow":  # OUT/mlruns (a file store); MLFLOW_EXPERIMENT_NAME (read by Accelerate) renames the experiment
@@ -99,16 +100,18 @@ def tracker_config(recipe: Recipe) -> dict:
     return flat
 
 
-def open_trackers(recipe: Recipe, out: Path) -> list:
+def open_trackers(recipe: Recipe, out: Path, resumed_at: int | None = None) -> list:
     """Start the trackers of train.report_to in the run folder `out` and give them the recipe (main process only).
 
     The loop owns them, not the Accelerator (`Accelerator(log_with=...)`): the Accelerator is built before the run
     folder is chosen (an --overwrite writes a staging folder), and `end_training()` also destroys the process group
-    that evaluation and export still need after the loop. Their start/log/finish are Accelerate's all the same."""
+    that evaluation and export still need after the loop. Their start/log/finish are Accelerate's all the same.
+    `resumed_at`: the checkpoint's step a resumed run goes on from (TensorBoard hides what the stopped run logged after
+    it, as log.jsonl drops those lines: each step shows once)."""
     started = []
     try:
         for name in resolve_trackers(recipe.train.report_to):
-            tracker = _tracker(name, out, recipe.name)
+            tracker = _tracker(name, out, recipe.name, resumed_at)
             try:
                 tracker.start()
             except Exception as e:  # not logged in, no server, ...: say which tracker, and how to go on without it

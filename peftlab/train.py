@@ -54,7 +54,7 @@ class RunLog:
                 self.drop_after(resumed_at)
             self.path.touch()  # first: a folder the trackers wrote into is known as a run's (even after a kill -9 at step 1)
             try:
-                self.trackers = open_trackers(recipe, out)
+                self.trackers = open_trackers(recipe, out, resumed_at)
             except BaseException:  # (wandb without a login): no step was run, so a fresh run leaves no folder (Job.abandon)
                 if resumed_at is None and not self.path.stat().st_size:
                     self.path.unlink()

@@ -194,7 +194,7 @@ def test_a_failure_mid_training_still_closes_the_trackers(make_recipe, monkeypat
 
     spy = Spy()
     monkeypatch.setattr(trackers, "tracker_installed", lambda name: True)
-    monkeypatch.setattr(trackers, "_tracker", lambda name, out, run_name: spy)
+    monkeypatch.setattr(trackers, "_tracker", lambda name, out, run_name, resumed_at=None: spy)
     steps = iter(range(100))
 
     def crash_at_step_3(flag, accelerator):
@@ -215,7 +215,7 @@ def test_a_failure_mid_training_still_closes_the_trackers(make_recipe, monkeypat
 def test_a_tracker_that_cannot_start_names_itself_and_closes_the_others(make_recipe, monkeypatch, tmp_path):
     ok, broken = Spy(), Spy(fail_start=True)
     monkeypatch.setattr(trackers, "tracker_installed", lambda name: True)
-    monkeypatch.setattr(trackers, "_tracker", lambda name, out, run_name: ok if name == "tensorboard" else broken)
+    monkeypatch.setattr(trackers, "_tracker", lambda name, out, run_name, resumed_at=None: ok if name == "tensorboard" else broken)
     recipe = make_recipe({"train.report_to": "[tensorboard, wandb]"})
     with pytest.raises(PeftlabError, match=r"wandb could not start \(RuntimeError: no server\).*report_to"):
         trackers.open_trackers(recipe, tmp_path)
@@ -234,3 +234,24 @@ def test_the_tracker_names_are_accelerates():
 
     assert set(TRACKERS) <= set(LOGGER_TYPE_TO_CLASS)
     assert all(callable(getattr(__import__("accelerate.utils").utils, f"is_{n}_available")) for n in TRACKERS)
+
+
+def test_a_resumed_run_shows_each_step_once_in_tensorboard(make_recipe, tmp_path):
+    """A run killed after logging step 4, resumed from its step-2 checkpoint, logged steps 3-4 again: TensorBoard held
+    them twice (log.jsonl drops the stopped run's lines after the checkpoint)."""
+    import shutil
+
+    pytest.importorskip("tensorboard", reason="tensorboard is in the dev extra: pip install -e '.[dev]'")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    ov = {**SHORT, "train.save_every": 2, "train.keep_checkpoints": 3, "train.report_to": "[tensorboard]"}
+    full = make_recipe({**ov, "output_dir": tmp_path / "full"})
+    run(full)
+    part = tmp_path / "part"  # what a kill after step 4 left: its log, its events, the step-2 checkpoint
+    shutil.copytree(full.out / "tb", part / "tb")
+    shutil.copy(full.out / "log.jsonl", part / "log.jsonl")
+    shutil.copytree(full.out / "checkpoints" / "step-2", part / "checkpoints" / "step-2")
+    run(make_recipe({**ov, "output_dir": part}), resume=True)
+    events = EventAccumulator(str(part / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
