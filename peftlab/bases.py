@@ -276,12 +276,20 @@ def _record_identity(target: Path, source: Path, sidecar: Path | None) -> None:
 
 
 def _complete(target: Path) -> bool:
-    """A finished conversion of the current layout (gguf.json is written last, inside the staging folder)."""
+    """A finished conversion of the current layout (gguf.json is written last, inside the staging folder), whose files
+    have the sizes it recorded: a damaged one (a truncated model.safetensors) is converted again, not loaded."""
     import json
 
     try:
-        return json.loads((target / "gguf.json").read_text(encoding="utf-8")).get("format") == GGUF_FORMAT
-    except (OSError, ValueError):
+        meta = json.loads((target / "gguf.json").read_text(encoding="utf-8"))
+        if meta.get("format") != GGUF_FORMAT:
+            return False
+        sizes = meta.get("sizes") or {}
+        if damaged := [f for f, n in sizes.items() if not (target / f).is_file() or (target / f).stat().st_size != n]:
+            log.warning("the converted GGUF base %s is damaged (%s not as written): converting it again", target, ", ".join(damaged))
+            return False
+        return True
+    except (OSError, ValueError, AttributeError):
         return False
 
 
@@ -320,8 +328,9 @@ def _convert(source: Path, sidecar: Path | None, staging: Path) -> None:
     model.config.name_or_path = str(source)
     model.save_pretrained(str(staging), safe_serialization=True)
     tokenizer.save_pretrained(str(staging))
+    sizes = {f.name: f.stat().st_size for f in staging.iterdir() if f.is_file()}
     (staging / "gguf.json").write_text(json.dumps({
-        "source": str(source.resolve()), "sha256": _sha256_of(*_identity(source)), "format": GGUF_FORMAT,
+        "source": str(source.resolve()), "sha256": _sha256_of(*_identity(source)), "format": GGUF_FORMAT, "sizes": sizes,
         "identities": [identity(source, sidecar)],
         "tokenizer": str(sidecar) if sidecar else "from the GGUF metadata", "transformers": transformers.__version__,
     }, indent=2), encoding="utf-8")

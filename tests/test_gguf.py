@@ -155,6 +155,19 @@ def test_gguf_converts_once_into_an_exact_cached_folder(tiny_gguf, cache, caplog
     assert "converted in" not in caplog.text and (folder / "model.safetensors").stat().st_mtime_ns == stamp
 
 
+def test_a_damaged_conversion_is_converted_again(tiny_gguf, cache, caplog):
+    """A truncated model.safetensors in the cache was loaded (validate: ok; train: SafetensorError, a traceback)."""
+    path, reference = tiny_gguf
+    folder = Path(resolve_model_path(str(path)))
+    weights = folder / "model.safetensors"
+    whole = weights.read_bytes()
+    weights.write_bytes(whole[: len(whole) // 2])
+    with caplog.at_level(logging.INFO, logger="peftlab.bases"):
+        assert resolve_model_path(str(path)) == str(folder)
+    assert "is damaged (model.safetensors not as written): converting it again" in caplog.text and "converted in" in caplog.text
+    assert weights.read_bytes() == whole
+
+
 def test_killed_conversion_leaves_no_half_cache(tiny_gguf, cache, monkeypatch):
     import peftlab.bases as bases
 
