@@ -40,24 +40,27 @@ def rouge_metrics(predictions: list[str], references: list[str], per_row: bool =
 
 
 def final_answer(text: str) -> str | None:
-    """The final numeric answer of a worked solution: the number after the last '####' (GSM8K's convention), else the
-    last number in the text (the lenient reading for models that answer in prose), as its value is written at its
-    shortest: commas and '$' dropped, '5.00' -> '5', '0.50' -> '0.5', '.5' -> '0.5', '3/4' -> '0.75'. None when the text
-    holds no number."""
+    """The final numeric answer of a worked solution: the number after the first '####' (GSM8K's convention; a model
+    that writes on past its answer, into another question, is read at its own answer, as lm-eval's strict match does),
+    else the last number in the text (the lenient reading for models that answer in prose), as its value is written at
+    its shortest: commas and '$' dropped, '5.00' -> '5', '0.50' -> '0.5', '.5' -> '0.5', '3/4' -> '0.75'; a '-' after a
+    letter or digit is a hyphen or a range ('20-25 minutes' -> 25), not a sign. None when the text holds no number."""
     import re
-    from decimal import Decimal, DivisionByZero, InvalidOperation
+    from decimal import Decimal, DivisionByZero, InvalidOperation, localcontext
 
-    tail = text.rsplit("####", 1)[1] if "####" in text else text
-    numbers = re.findall(r"-?\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+(?!\.\d))?", tail)
+    tail = text.split("####", 1)[1] if "####" in text else text
+    numbers = re.findall(r"(?:(?<![\w.])-)?\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+(?!\.\d))?", tail)
     if not numbers:
         return None
     n = numbers[0 if "####" in text else -1].replace(",", "").replace("$", "")
-    try:
-        top, _, bottom = n.partition("/")
-        value = Decimal(top) / Decimal(bottom) if bottom else Decimal(top)
-    except (InvalidOperation, DivisionByZero):
-        return n
-    text_value = format(value.normalize(), "f")
+    with localcontext() as ctx:
+        ctx.prec = 200  # (the default 28 digits rounded 0.999...9 of 29 digits to 1)
+        try:
+            top, _, bottom = n.partition("/")
+            value = Decimal(top) / Decimal(bottom) if bottom else Decimal(top)
+        except (InvalidOperation, DivisionByZero):
+            return n
+        text_value = format(value.normalize(), "f")
     return "0" if text_value in ("-0", "0") else text_value
 
 

@@ -553,6 +553,10 @@ def test_gsm8k_answers_are_read_after_the_marker_or_else_from_the_last_number():
     # one value, however written: these compared as strings ('5.00' != '5'), and '.5' read as 5, '3/4' as 3
     assert [final_answer(f"#### {n}") for n in ("5.00", "0.50", ".5", "3/4", "$1,000.00", "-2")] == ["5", "0.5", "0.5", "0.75", "1000", "-2"]
     assert answer_accuracy(["#### 5.00", "#### .5"], ["#### 5", "#### 0.5"])["answer_accuracy"] == 1.0
+    # a range or hyphen is no minus sign; 29 digits stay 29 digits; a model writing on past its answer is read at it
+    assert final_answer("It takes 20-25 minutes") == "25" and final_answer("x-3") == "3" and final_answer("(-3)") == "-3"
+    assert final_answer("#### 0." + "9" * 29) == "0." + "9" * 29 and final_answer("#### 1" + "0" * 28) != final_answer("#### 1" + "0" * 27 + "1")
+    assert final_answer("#### 5\n\nQuestion: how many more?\n#### 7") == "5"
     refs = ["Janet sells 9 eggs.\n#### 18"] * 4
     m = answer_accuracy(["#### 18", "She makes 18 dollars.", "#### 17", "I do not know"], refs)
     assert m == {"answer_accuracy": 0.5, "answer_format": 0.5}
