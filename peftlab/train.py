@@ -130,7 +130,7 @@ class Window:
         self.micro = self.examples = self.tokens = self.padded = 0
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, batch: dict, real_tokens: int, items: torch.Tensor) -> None:
+    def add(self, loss: torch.Tensor, batch: dict, real_tokens: int, items: torch.Tensor, real_examples: int | None = None) -> None:
         """`items`: the count (rows or labelled tokens) `loss` is the mean over: the logged loss is the mean over all
         of the window's, whatever the batch size, accumulation and processes (as pool_gradients trains a step)."""
         self.loss += loss.detach() * items
@@ -138,7 +138,9 @@ class Window:
         self.tokens += real_tokens
         self.micro += 1
         last = self.tail and self.acc.gradient_state.end_of_dataloader  # the epoch's last round of batches
-        self.examples += self.tail if last else len(batch["labels"]) * self.acc.num_processes
+        rows = self.tail if last else len(batch["labels"]) * self.acc.num_processes
+        # packed rows (data.packing): their examples; on N processes, the rows scaled by this rank's examples per row
+        self.examples += rows if real_examples is None else round(rows * real_examples / len(batch["labels"]))
         self.padded += batch["input_ids"].numel()
 
     def elapsed(self) -> float:
@@ -238,9 +240,11 @@ def train_loader(data: TaskData, t, processes: int) -> DataLoader:
 
 
 def with_real_tokens(collate):
-    """The task's collate + `real_tokens`: the batch's tokens before padding, a host int (popped before the forward)."""
+    """The task's collate + `real_tokens`: the batch's tokens before padding, and `real_examples`: its examples (a packed
+    row holds several: sft's n_examples); host ints, popped before the forward."""
     def collate_counted(rows):
-        return {**collate(rows), "real_tokens": sum(len(r["input_ids"]) for r in rows)}
+        return {**collate(rows), "real_tokens": sum(len(r["input_ids"]) for r in rows),
+                "real_examples": sum(r.get("n_examples", 1) for r in rows)}
 
     return collate_counted
 
@@ -521,7 +525,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
             loader = accelerator.skip_first_batches(train_dl, batches_done) if batches_done else train_dl
             resume = False
             for batch in loader:
-                real_tokens = batch.pop("real_tokens")
+                real_tokens, real_examples = batch.pop("real_tokens"), batch.pop("real_examples")
                 with accelerator.accumulate(model):
                     loss = task_loss(model, batch, accelerator) if task_loss else model(**batch).loss
                     items = items_of(batch)
@@ -537,7 +541,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                     if accelerator.sync_gradients:
                         parts.schedule.step(state.step + 1)  # reads this step's gradients: before zero_grad
                     optimizer.zero_grad(set_to_none=True)
-                window.add(loss, batch, real_tokens, items)
+                window.add(loss, batch, real_tokens, items, real_examples)
                 if not accelerator.sync_gradients:
                     continue
                 scheduler.step()

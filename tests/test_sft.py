@@ -210,6 +210,8 @@ def test_real_tokens_per_second_count_no_padding_of_packed_or_padded_rows(tmp_pa
     record = run(r)
     real = sum(rows["length"])  # one epoch: every (packed) row once
     assert record.train_tokens == real, (record.train_tokens, real)
+    assert record.train_examples == len(splits["train"])  # examples, not packed rows (it recorded the rows)
+    assert len(rows) < len(splits["train"]) if packing else len(rows) == len(splits["train"])
     assert record.train_padded_tokens > real  # the rows were padded (to the longest in the batch, a multiple of 8)
     logged = [json.loads(line) for line in (r.out / "log.jsonl").read_text().splitlines() if '"train"' in line]
     assert sum(x["tokens_per_s"] * (x["train_s"] - y) for x, y in zip(logged, [0] + [x["train_s"] for x in logged])) \
