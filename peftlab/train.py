@@ -544,11 +544,12 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                 window.add(loss, batch, real_tokens, items, real_examples)
                 if not accelerator.sync_gradients:
                     continue
+                lr = scheduler.get_last_lr()[0]  # the step's own (after scheduler.step(): the next one's; 0 at the last)
                 scheduler.step()
                 state.step += 1
                 bar.update(1)
                 if state.step % t.log_every == 0 or state.step == total:  # the only host sync of the step
-                    record = {**window.flush(state), "lr": scheduler.get_last_lr()[0]}
+                    record = {**window.flush(state), "lr": lr}
                     runlog.write(state.step, "train", record)
                     if not math.isfinite(record["loss"]):
                         raise diverged(state.step, record["loss"], t)

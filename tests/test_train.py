@@ -244,3 +244,11 @@ def test_the_tied_weights_note_of_each_checkpoint_is_hidden_and_only_there(caplo
         assert "Removed shared tensor" not in caplog.text
         clean_state_dict_for_safetensors({"embed": tied, "lm_head": tied})
     assert "Removed shared tensor" in caplog.text  # the filter is gone once the checkpoint is saved
+
+
+def test_the_logged_lr_is_the_steps_own(make_recipe, tmp_path):
+    """It was the next step's (read after scheduler.step()): 0.0 at the last step of a linear decay."""
+    run(make_recipe({"train.max_steps": 4, "train.log_every": 1, "train.lr": 1e-2, "train.scheduler": "linear",
+                     "output_dir": tmp_path / "o"}))
+    lrs = [json.loads(line)["lr"] for line in (tmp_path / "o" / "log.jsonl").read_text().splitlines() if '"train"' in line]
+    assert lrs == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3])
