@@ -32,7 +32,7 @@ TASKS = {
 
 def run_one(task: str, method: str, args) -> dict:
     recipe, split = TASKS[task]
-    out = RESULTS / "runs" / (args.name or "") / f"{task}-{method}"
+    out = RESULTS / "runs" / (args.name or ("quick" if args.quick else "")) / f"{task}-{method}"  # (--quick: not the full runs)
     overrides = [*METHODS[method], f"name={task}-{method}", f"train.epochs={args.epochs}",
                  "train.save_every=null", "train.eval_every=null", "export.merge=false", "train.log_every=50"]
     if task == "sst2":  # no selection here (eval_every=null): score SST-2 dev once as the eval split, as measured so far

@@ -92,8 +92,9 @@ def stored_case(name: str, recipe: str, overrides: list[str], *, runs: Path, res
     from peftlab.export import atomic_write_text
 
     atomic_write_text(dest, json.dumps(result, indent=2))
-    scores = run["metrics"].get("test", run["metrics"].get("eval", {}))
-    print(f"[{name}] " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float) and "loss" not in k)
+    split = "test" if "test" in run["metrics"] else "eval"
+    scores = run["metrics"].get(split, {})
+    print(f"[{name}] {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float) and "loss" not in k)
           + f"; {wall:.0f} s", flush=True)
     return result
 

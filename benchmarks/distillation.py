@@ -122,8 +122,12 @@ def case(name: str, recipe: str, overrides: list[str], args) -> dict:
 
 
 def accuracy(result: dict, metric: str = "accuracy") -> float:
+    """The run's held-out test figure (the report's tables are test figures: never the eval split a run may select on)."""
     m = result["run"]["metrics"]
-    return (m.get("test") or m.get("eval") or {}).get(metric, float("nan"))
+    if "test" not in m:
+        raise SystemExit(f"[{result['name']}] scored no test split, and the report gives test figures only: give its recipe "
+                         "data.test.")
+    return m["test"].get(metric, float("nan"))
 
 
 def read_lines(path: Path) -> tuple[list[str], list[str]]:
