@@ -25,6 +25,16 @@ METHODS = {  # recipe overrides that turn a shipped LoRA recipe into each method
 }
 
 
+def provenance() -> dict:
+    """What a results file was measured with: when, the command line, the commit, library versions, the host (CPU model,
+    native bf16, cores, threads)."""
+    from peftlab.export import hardware, versions
+
+    git = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    return {"date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "argv": sys.argv[1:],
+            "commit": git.stdout.strip() if git.returncode == 0 else None, "versions": versions(), "hardware": hardware()}
+
+
 def write_result(path: Path, text: str) -> None:
     """A results file (json, md) written whole or not at all: a benchmark killed while writing never leaves half of one."""
     from peftlab.export import atomic_write_text

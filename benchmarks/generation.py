@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import RESULTS, write_result  # noqa: E402
+from benchmarks.common import RESULTS, provenance, write_result  # noqa: E402
 
 
 def prepare(run: Path, overrides: list[str]) -> dict:
@@ -117,7 +117,8 @@ def main() -> None:
               f"{r['rows_per_s']:.2f} | {mine['rows_per_s'] / r['rows_per_s']:.2f}x | {100 * r['rougeL']:.2f} |" for r in results]
     text = "\n".join(lines)
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_result(RESULTS / f"{args.name}.json", json.dumps({"run": str(args.run), "overrides": overrides, "results": results}, indent=2))
+    write_result(RESULTS / f"{args.name}.json", json.dumps({"run": str(args.run), "overrides": overrides, "provenance": provenance(),
+                                                          "results": results}, indent=2))
     write_result(RESULTS / f"{args.name}.md", text + "\n")
     print(text)
 

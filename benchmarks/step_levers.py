@@ -47,7 +47,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import RESULTS, write_result  # noqa: E402
+from benchmarks.common import RESULTS, provenance, write_result  # noqa: E402
 
 
 def bool_keep_mask(shape, p):
@@ -178,7 +178,7 @@ def main() -> None:
            "batches": len(tokens), "mean_real_tokens_per_batch": sum(tokens) / len(tokens),
            "max_length_per_batch": max(b["input_ids"].shape[1] for b in batches), "rows": rows}
     RESULTS.mkdir(parents=True, exist_ok=True)
-    write_result(RESULTS / f"step_levers-{a.name}.json", json.dumps(out, indent=1) + "\n")
+    write_result(RESULTS / f"step_levers-{a.name}.json", json.dumps({**out, "provenance": provenance()}, indent=1) + "\n")
     lines = [f"`{a.recipe}` {' '.join(a.overrides)}: {len(tokens)} batches (after {a.warmup} warm-up), "
              f"{out['mean_real_tokens_per_batch']:.0f} real tokens a batch on average, {precision}, {out['threads']} thread(s).",
              "", "| lever (vs the alternative) | alternative ms/step | peftlab ms/step | speed-up |", "|---|---|---|---|"]

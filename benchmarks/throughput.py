@@ -47,7 +47,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab, installed or not
-from benchmarks.common import METHODS, RESULTS, gemm_peak, save_figure, write_result  # noqa: E402
+from benchmarks.common import METHODS, RESULTS, gemm_peak, provenance, save_figure, write_result  # noqa: E402
 
 RECIPE = REPO / "recipes" / "minilm" / "sst2-lora.yaml"
 QLORA = METHODS["qlora"]
@@ -568,7 +568,8 @@ def save(name: str, args, gemm: dict, length: float, rows: list[dict], extras: d
     when the invocation finishes (final): an interrupted or failed one leaves them as they were."""
     config = {k: getattr(args, k) for k in ("rows", "eval_rows", "steps", "eval_every", "target", "threads", "quick", "s2s_rows",
                                             "s2s_steps", "s2s_test", "precision")}
-    text = json.dumps({"config": config, "gemm": gemm, "mean_tokens_per_row": length, "rows": rows, **extras}, indent=2)
+    text = json.dumps({"config": config, "provenance": provenance(), "gemm": gemm, "mean_tokens_per_row": length, "rows": rows,
+                       **extras}, indent=2)
     partial = RESULTS / f"{name}.partial.json"
     if not final:
         write_result(partial, text)

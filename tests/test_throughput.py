@@ -200,7 +200,10 @@ def test_an_unknown_case_is_refused_and_a_stopped_run_leaves_the_stored_results(
     assert json.loads((tmp_path / "t.partial.json").read_text())["rows"] == []
     monkeypatch.setattr(tp, "table", lambda *a: "table")
     tp.save("t", args, {}, 10.0, [], {})
-    assert json.loads((tmp_path / "t.json").read_text())["rows"] == [] and not (tmp_path / "t.partial.json").exists()
+    stored = json.loads((tmp_path / "t.json").read_text())
+    assert stored["rows"] == [] and not (tmp_path / "t.partial.json").exists()
+    assert {"date", "argv", "commit", "versions", "hardware"} <= set(stored["provenance"])  # the results describe themselves
+    assert {"cpu", "cpu_native_bf16", "torch_threads"} <= set(stored["provenance"]["hardware"])
 
 
 def test_the_distillation_report_says_slower_when_the_student_is():
