@@ -175,6 +175,8 @@ def test_invalid_verbalizer_recipes_are_refused_with_the_fix(make_verb):
     msg = str(e.value)
     assert "unknown placeholder(s) {sentence}" in msg and "must contain {text} exactly once" in msg
     assert "[' yes'] given more than once" in msg
+    json_prompt = 'Reply in JSON like {"label": "positive"}. Text: {text}'  # braces that are no placeholder: text
+    assert make_verb({"task.prompt": json.dumps(json_prompt)}).task.prompt == json_prompt
     with pytest.raises(ConfigError, match="3 words for the 2 data.label_names"):
         make_verb({"data.label_words": "[a, b, c]"})
     with pytest.raises(ConfigError, match="set data.label_names .* and optionally data.label_words"):

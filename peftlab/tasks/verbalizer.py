@@ -44,7 +44,7 @@ usage_class = "AutoModelForCausalLM"
 card_metrics = {"accuracy": "Accuracy", "f1": "Macro F1"}
 
 DEFAULT_PROMPT = "Text: {text}\nLabel:"
-PLACEHOLDER = re.compile(r"\{([^{}]*)\}")
+PLACEHOLDER = re.compile(r"\{([A-Za-z_]\w*)\}")  # a {name}: braces around anything else (JSON) are text, kept as written
 EXTRAS = ("prompt_length", "class_label")  # eval-collator keys that are not model inputs
 
 
