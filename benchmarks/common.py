@@ -46,8 +46,11 @@ def save_figure(fig, path: Path, **kwargs) -> None:
     """fig.savefig, atomically (a temporary file beside `path`, then renamed over it)."""
     path = Path(path)
     tmp = path.with_name(f".{path.stem}.tmp{path.suffix}")
-    fig.savefig(tmp, **kwargs)
-    os.replace(tmp, path)
+    try:
+        fig.savefig(tmp, **kwargs)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def measured_process(name: str, cmd: list[str], *, verbose: bool = False, env: dict | None = None) -> tuple[float, float]:

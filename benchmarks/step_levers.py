@@ -139,7 +139,7 @@ def main() -> None:
     task_loss = getattr(get_task(recipe.task.type), "loss", None)  # as the training loop computes it (e.g. LM losses on labelled tokens)
 
     def step(batch) -> float:
-        batch = {k: v for k, v in batch.items() if k != "real_tokens"}
+        batch = {k: v for k, v in batch.items() if k not in ("real_tokens", "real_examples")}
         start = time.perf_counter()
         with accelerator.accumulate(model):
             accelerator.backward(task_loss(model, batch, accelerator) if task_loss else model(**batch).loss)

@@ -285,7 +285,8 @@ def check_source_unchanged(out: Path, recipe: Recipe, run: RunRecord) -> None:
     if converted.parent.name == "gguf" and (now := gguf_key(recipe)) is not None and now != converted.name:
         kept = (f" Its conversion is still at {converted}: model.name={converted} loads that base." if converted.is_dir()
                 else "")
-        raise ArtifactError(f"model.name={recipe.model.name!r} is another GGUF file than the one {out} was trained on (sha256 "
+        raise ArtifactError(f"model.name={recipe.model.name!r} is another GGUF file (or tokenizer.json beside it) than the one "
+                            f"{out} was trained on (sha256 "
                             f"{now[:12]}..., then {converted.name[:12]}...): the adapter would be scored or merged on another "
                             f"base. Put the earlier file back, or point model.name at a copy of it.{kept}")
     step = run.lineage[0] if run.lineage else {}

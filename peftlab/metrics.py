@@ -40,19 +40,23 @@ def rouge_metrics(predictions: list[str], references: list[str], per_row: bool =
 
 
 def final_answer(text: str) -> str | None:
-    """The final numeric answer of a worked solution: the number after the first '####' (GSM8K's convention; a model
-    that writes on past its answer, into another question, is read at its own answer, as lm-eval's strict match does),
-    else the last number in the text (the lenient reading for models that answer in prose), as its value is written at
-    its shortest: commas and '$' dropped, '5.00' -> '5', '0.50' -> '0.5', '.5' -> '0.5', '3/4' -> '0.75'; a '-' after a
-    letter or digit is a hyphen or a range ('20-25 minutes' -> 25), not a sign. None when the text holds no number."""
+    """The final numeric answer of a worked solution: the number right after the first '#### ' that has one (GSM8K's
+    convention, lm-eval's strict match: a model writing on past its answer, into another question, is read at its own
+    answer; a '#### Step 1' heading is no answer), else the last number in the text (the lenient reading for models
+    that answer in prose), as its value is written at its shortest: commas and '$' dropped, '5.00' -> '5', '0.50' ->
+    '0.5', '.5' -> '0.5', '3/4' -> '0.75'; a '-' after a letter or digit is a hyphen or a range ('20-25 minutes' ->
+    25), not a sign. None when the text holds no number."""
     import re
     from decimal import Decimal, DivisionByZero, InvalidOperation, localcontext
 
-    tail = text.split("####", 1)[1] if "####" in text else text
-    numbers = re.findall(r"(?:(?<![\w.])-)?\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+(?!\.\d))?", tail)
-    if not numbers:
+    number = r"\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+(?!\.\d))?"
+    if marked := re.search(rf"####\s*(-?{number})", text):
+        n = marked[1]
+    elif numbers := re.findall(rf"(?:(?<![\w.])-)?{number}", text):
+        n = numbers[-1]
+    else:
         return None
-    n = numbers[0 if "####" in text else -1].replace(",", "").replace("$", "")
+    n = n.replace(",", "").replace("$", "")
     with localcontext() as ctx:
         ctx.prec = 200  # (the default 28 digits rounded 0.999...9 of 29 digits to 1)
         try:

@@ -195,13 +195,23 @@ def engine_owns_gradients(accelerator) -> bool:
     return accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
 
 
-def pool_gradients(optimizer, items: torch.Tensor, accelerator, batch_size: int) -> None:
-    """Each micro-batch went backward as its mean loss x its count / batch_size, which DDP averaged over the ranks and
+def labelled_per_row(ds, rows: int = 256) -> float:
+    """The mean labelled tokens of a training row (of the first `rows`; 1 for a label per row, or labels drawn by the
+    collator): with the batch size, the scale pooled micro-batches go backward at, so their sums stay the size of a
+    mean (fp16's loss scaler keeps its headroom). The same on every rank; no random draw."""
+    if "labels" not in ds.column_names or len(ds) == 0:
+        return 1.0
+    counts = [sum(y != -100 for y in row) if isinstance(row, list) else 1 for row in ds.select(range(min(rows, len(ds))))["labels"]]
+    return max(sum(counts) / len(counts), 1.0)
+
+
+def pool_gradients(optimizer, items: torch.Tensor, accelerator, scale: float) -> None:
+    """Each micro-batch went backward as its mean loss x its count / scale, which DDP averaged over the ranks and
     Accelerate divided by grad_accum: rescaled here to the gradient of one mean over the step's count on every rank
     (transformers' num_items_in_batch). Without it a micro-batch with few labelled tokens (a short answer) or few rows
     (an epoch's last) weighed as much as a full one. No host sync: the factor stays a tensor."""
     total = accelerator.reduce(items.float(), "sum") if accelerator.num_processes > 1 else items.float()
-    factor = accelerator.gradient_accumulation_steps * accelerator.num_processes * batch_size / total.clamp(min=1)
+    factor = accelerator.gradient_accumulation_steps * accelerator.num_processes * scale / total.clamp(min=1)
     grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
     if grads:
         torch._foreach_mul_(grads, factor.to(grads[0].device))
@@ -491,6 +501,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
     # batch of them all would be: each micro-batch's mean, weighted by its count, over the step's count (pool_gradients)
     pooled = accelerator.gradient_accumulation_steps * accelerator.num_processes > 1 and not engine_owns_gradients(accelerator)
     items_of, step_items = getattr(task, "loss_items", loss_items), 0
+    scale = t.batch_size * labelled_per_row(data.train) if pooled else 1.0  # a micro-batch's sum / scale: a mean's size
 
     def evaluate() -> None:
         train_s = state.train_seconds + window.elapsed()  # training time so far, evaluations excluded
@@ -529,11 +540,11 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                 with accelerator.accumulate(model):
                     loss = task_loss(model, batch, accelerator) if task_loss else model(**batch).loss
                     items = items_of(batch)
-                    accelerator.backward(loss * (items / t.batch_size) if pooled else loss)
+                    accelerator.backward(loss * (items / scale) if pooled else loss)
                     if pooled:
                         step_items += items
                     if accelerator.sync_gradients and pooled:
-                        pool_gradients(optimizer, step_items, accelerator, t.batch_size)
+                        pool_gradients(optimizer, step_items, accelerator, scale)
                         step_items = 0
                     if accelerator.sync_gradients and t.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)

@@ -363,6 +363,16 @@ def test_chatml_on_a_tokenizer_without_its_tokens_stops_at_the_text_marker(tmp_p
     assert seen["stop_strings"] == ["<|im_end|>"] and seen["tokenizer"] is not None
     preds = [json.loads(line)["prediction"] for line in (r.out / "predictions-eval.jsonl").read_text().splitlines()]
     assert preds and not any("<|im_end|>" in p for p in preds)
+    from peftlab.publish.card import card_text  # the card's snippet stops there too, and answers as the evaluation did
+
+    snippet = re.search(r"```python\n(.*?)```", card_text(r.out), re.S).group(1)
+    assert "stop_strings=['<|im_end|>'], tokenizer=tokenizer" in snippet
+    snippet = re.sub(r"repo = .*", f"repo = {str(r.out)!r}", snippet).replace("What is the capital of France?", QA[0][0])
+    snippet = re.sub(r"base_model = .*", f"base_model = {str(tiny_llama)!r}", snippet)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(snippet, {})
+    assert printed.getvalue().strip() == preds[0], (printed.getvalue(), snippet)
 
 
 @pytest.mark.parametrize("packing", [False, True])
@@ -559,6 +569,7 @@ def test_gsm8k_answers_are_read_after_the_marker_or_else_from_the_last_number():
     assert final_answer("It takes 20-25 minutes") == "25" and final_answer("x-3") == "3" and final_answer("(-3)") == "-3"
     assert final_answer("#### 0." + "9" * 29) == "0." + "9" * 29 and final_answer("#### 1" + "0" * 28) != final_answer("#### 1" + "0" * 27 + "1")
     assert final_answer("#### 5\n\nQuestion: how many more?\n#### 7") == "5"
+    assert final_answer("#### Step 1: 16 eggs, 3 eaten.\n#### Step 2: 16 - 3 = 13\n#### 26") == "26"  # headings are no answer
     refs = ["Janet sells 9 eggs.\n#### 18"] * 4
     m = answer_accuracy(["#### 18", "She makes 18 dollars.", "#### 17", "I do not know"], refs)
     assert m == {"answer_accuracy": 0.5, "answer_format": 0.5}

@@ -54,7 +54,7 @@ def publish(out: str | Path, repo_id: str | None = None, *, private: bool = Fals
     message = f"peftlab: {recipe.name} ({run.method or recipe.adapter.method}" + (f", {label} accuracy {acc:.4f})" if acc is not None else ")")
     if dry_run or to:
         target = (pub.out / "publish" if dry_run is True else Path(dry_run)) if dry_run else Path(to)
-        files = write_folder(pub, target, **card_kw)
+        files = write_folder(pub, target, "--dry-run DIR" if dry_run else "--to DIR", **card_kw)
         log.debug("publish folder written to %s (%d files)%s", target, len(files), ": nothing uploaded (dry run)" if dry_run else "")
         return {"destination": str(target), "files": files, "uploaded": False}
     with tempfile.TemporaryDirectory(prefix="peftlab-publish-") as tmp:

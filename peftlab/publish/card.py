@@ -308,12 +308,20 @@ def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: 
     elif recipe.task.type == "sft":  # the run's tokenizer carries the chat template it was trained with (task.chat_format)
         system = (f"{{\"role\": \"system\", \"content\": {recipe.task.system_prompt!r}}}, "
                   if recipe.task.system_prompt else "")
+        from transformers import AutoTokenizer
+
+        from ..tasks.sft import text_stops
+
+        # an end-of-turn marker that is no token (chatml on a base without it): written as text, generation stops there
+        stops = text_stops(AutoTokenizer.from_pretrained(str(out)))
+        by_text = f", stop_strings={stops!r}, tokenizer=tokenizer" if stops else ""
+        cut = "".join(f".split({m!r})[0]" for m in stops)
         example = (f"messages = [{system}{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]\n"
                    "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)\n"
                    "with torch.no_grad():  # greedy, as peftlab's evaluation generates\n"
                    f"    out = model.generate(input_ids=inputs[\"input_ids\"], attention_mask=inputs[\"attention_mask\"], "
-                   f"max_new_tokens={recipe.eval.max_new_tokens}, do_sample=False)\n"
-                   "print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True))\n")
+                   f"max_new_tokens={recipe.eval.max_new_tokens}, do_sample=False{by_text})\n"
+                   f"print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True){cut}.strip())\n")
     elif recipe.task.type == "summarization" and not recipe.model.decoder:
         example = _summarization_example(out, recipe, causal=auto_cls == "AutoModelForCausalLM")
     layers, keep = "", ""
@@ -350,21 +358,29 @@ def _summarization_example(out: Path, recipe, causal: bool) -> str:
         from ..tasks.summarization import _adds_bos
 
         bos = "[tokenizer.bos_token_id] + " if _adds_bos(AutoTokenizer.from_pretrained(str(out))) else ""
-        encode = (f"ids = torch.tensor([{bos}tokenizer(prompt, add_special_tokens=False)[\"input_ids\"]])\n"
+        encode = (f"ids = torch.tensor([{bos}tokenizer(prompt.rstrip(\" \"), add_special_tokens=False)[\"input_ids\"]])  "
+                  "# (a trailing space goes with the summary: ' Jane' is one token)\n"
                   "inputs = {\"input_ids\": ids, \"attention_mask\": torch.ones_like(ids)}\n")
     else:
         encode = "inputs = tokenizer(prompt, return_tensors=\"pt\")\n"
     settings = f"max_new_tokens={e.max_new_tokens}, num_beams={e.num_beams}, do_sample=False"
     if e.num_beams > 1:
         settings += f", length_penalty={e.length_penalty}, early_stopping=True"
-    if e.no_repeat_ngram_size:
+    blocker = ""
+    if e.no_repeat_ngram_size and causal:  # the summary's own n-grams: the prompt's may be copied (SummaryNoRepeatNGram)
+        blocker = (f"blocker = NoRepeatNGramLogitsProcessor({e.no_repeat_ngram_size})  # eval.no_repeat_ngram_size, on the "
+                   "summary's tokens only (the dialogue's may be copied)\n"
+                   "n = inputs[\"input_ids\"].shape[1]\n")
+        settings += ", logits_processor=LogitsProcessorList([lambda ids, scores: blocker(ids[:, n:], scores)])"
+    elif e.no_repeat_ngram_size:
         settings += f", no_repeat_ngram_size={e.no_repeat_ngram_size}"
-    return ("source = \"Amanda: I baked cookies. Do you want some?\\nJerry: Sure!\\nAmanda: I'll bring you some tomorrow :-)\"\n"
+    imports = "from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor\n" if blocker else ""
+    return (imports + "source = \"Amanda: I baked cookies. Do you want some?\\nJerry: Sure!\\nAmanda: I'll bring you some tomorrow :-)\"\n"
             "ids = tokenizer(source, add_special_tokens=False)[\"input_ids\"]\n"
             f"if len(ids) > {n}:  # data.max_length: the source is cut as it was in training\n"
             f"    source = tokenizer.decode(ids[:{n}])\n"
             f"prompt = {template!r}.replace(\"{{source}}\", source)  # task.prompt\n{encode}"
-            "eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id\n"
+            f"{blocker}eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id\n"
             "with torch.no_grad():  # the recipe's eval settings\n"
             "    out = model.generate(input_ids=inputs[\"input_ids\"], attention_mask=inputs[\"attention_mask\"], "
             f"{settings}, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)\n"

@@ -31,6 +31,13 @@ TOKENIZER_GLOBS = ("tokenizer*.json", "tokenizer.model", "special_tokens_map.jso
 # config.json + model.safetensors beside a new adapter loads as neither run). Other files (images, notes) stay.
 RUN_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.index.json", *CONFIG_FILES, *RECORD_FILES, *TOKENIZER_GLOBS,
              "README.md")
+
+
+def is_run_file(name: str) -> bool:
+    """A top-level file a published run is made of (RUN_GLOBS)."""
+    return any(fnmatch(name, g) for g in RUN_GLOBS)
+
+
 BRANCH = re.compile(r"[A-Za-z0-9][A-Za-z0-9._/-]{0,99}")
 LOGIN_HINT = "Log in with `hf auth login` (a token with write access, https://huggingface.co/settings/tokens) or set HF_TOKEN."
 
@@ -89,7 +96,7 @@ def fill_folder(pub: PublicRun, dest: Path, repo_id: str | None = None, license:
     return sorted(p.name for p in dest.iterdir())
 
 
-def write_folder(pub: PublicRun, target: Path, **card_kw) -> list[str]:
+def write_folder(pub: PublicRun, target: Path, flag: str = "--to DIR", **card_kw) -> list[str]:
     """Write the publish folder to `target` atomically (a previous publish folder there is replaced)."""
     out, target = pub.out, Path(target)
     o, t = out.resolve(), target.resolve()
@@ -104,7 +111,7 @@ def write_folder(pub: PublicRun, target: Path, **card_kw) -> list[str]:
     if problem := _not_replaceable(target, pub.public_run.name):
         raise PublishError(f"{target} {problem}: publishing there would delete it. Choose a new or empty directory (--to DIR), "
                            "or move those files away first if you mean to replace them.")
-    check_writable(target, "the publish folder", "--to DIR")  # (a dry run's OUT/publish too, which takes no lock)
+    check_writable(target, "the publish folder", flag)  # (a dry run's OUT/publish too, which takes no lock)
     names: list[str] = []
     target.parent.mkdir(parents=True, exist_ok=True)
     # a second publish into the same folder is refused, not interleaved (a dry run's OUT/publish: no lock file in the run)
@@ -191,8 +198,11 @@ def push_to_hub(folder: Path, repo_id: str, *, private: bool = False, revision: 
                                ".update_repo_settings(repo_id, private=True)), or publish to a new repo. Nothing was published.")
         if revision and revision != "main":
             api.create_branch(repo_id, branch=revision, exist_ok=True)
+        # an earlier run's files go (the uploaded ones stay): exact top-level names, as a pattern would also match in
+        # subfolders (a user's gguf/model.gguf)
+        stale = [f for f in api.list_repo_files(repo_id, revision=revision) if "/" not in f and is_run_file(f)]
         info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), revision=revision, commit_message=message,
-                                 delete_patterns=list(RUN_GLOBS))  # an earlier run's files go (the uploaded ones stay)
+                                 delete_patterns=stale or None)
     except (HfHubHTTPError, *_transport_errors()) as e:
         raise _hub_error(e, repo_id, endpoint, created) from None
     except RuntimeError as e:  # an LFS transfer failed: huggingface_hub wraps the HTTP or network error
@@ -228,7 +238,7 @@ def push_to_git(folder: Path, remote: str, *, branch: str | None = None, message
         else:
             _git("symbolic-ref", "HEAD", f"refs/heads/{branch}", cwd=clone)  # empty remote
         for old in clone.iterdir():
-            if old.is_file() and any(fnmatch(old.name, g) for g in RUN_GLOBS):
+            if old.is_file() and is_run_file(old.name):
                 old.unlink()
         for src in folder.iterdir():
             shutil.copy2(src, clone / src.name)

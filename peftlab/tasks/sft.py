@@ -477,7 +477,8 @@ def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=
                                          **by_text)
             timing["seconds"] += time.perf_counter() - start
             new = gen[:, ids.shape[1]:]
-            timing["new_tokens"] += int(new_token_counts(new, stops).sum())
+            timing["new_tokens"] += int(new_token_counts(new, stops + ([tokenizer.pad_token_id] if texts else [])).sum())  # (a row
+            # stopped at a text marker is padded)
             return [cut_at(p, texts).strip() for p in tokenizer.batch_decode(new, skip_special_tokens=True)]
     loss, n_tokens, rows = loss_and_predictions(model, loader, accelerator, shift=True, extras=EXTRAS, source="source",
                                                 reference="reference", generate=write, task="sft")
