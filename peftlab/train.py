@@ -127,7 +127,7 @@ class Window:
     def reset(self) -> None:
         self.loss.zero_()
         self.weight.zero_()
-        self.micro = self.examples = self.tokens = self.padded = 0
+        self.examples = self.tokens = self.padded = 0
         self.start = time.perf_counter()
 
     def add(self, loss: torch.Tensor, batch: dict, real_tokens: int, items: torch.Tensor, real_examples: int | None = None) -> None:
@@ -136,7 +136,6 @@ class Window:
         self.loss += loss.detach() * items
         self.weight += items
         self.tokens += real_tokens
-        self.micro += 1
         last = self.tail and self.acc.gradient_state.end_of_dataloader  # the epoch's last round of batches
         rows = self.tail if last else len(batch["labels"]) * self.acc.num_processes
         # packed rows (data.packing): their examples; on N processes, the rows scaled by this rank's examples per row
@@ -543,9 +542,9 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                     accelerator.backward(loss * (items / scale) if pooled else loss)
                     if pooled:
                         step_items += items
-                    if accelerator.sync_gradients and pooled:
-                        pool_gradients(optimizer, step_items, accelerator, scale)
-                        step_items = 0
+                        if accelerator.sync_gradients:
+                            pool_gradients(optimizer, step_items, accelerator, scale)
+                            step_items = 0
                     if accelerator.sync_gradients and t.max_grad_norm:
                         accelerator.clip_grad_norm_(model.parameters(), t.max_grad_norm)
                     optimizer.step()
