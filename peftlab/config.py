@@ -276,6 +276,9 @@ class TrainConfig:
                               "step time); always; never.", ("auto", "always", "never"))
     eval_every: int | None = opt(None, "Evaluate every N optimizer steps (and at the end); null = only at the end.", ge=1)
     keep_best: bool = opt(True, "Export the weights of the best evaluation, not the last step.")
+    early_stopping: int | None = opt(None, "Stop training once train.best_metric has not improved for this many evaluations in a "
+                                     "row (train.eval_every); with keep_best the best evaluation's weights are exported. null = "
+                                     "train every step.", ge=1)
     best_metric: str | None = opt(None, "Metric that decides `keep_best` (higher is better, except names ending in 'loss'); null = "
                                   "the task's default (classification: accuracy, summarization: loss).")
     log_every: int = opt(20, "Log loss, learning rate and throughput every N optimizer steps.", ge=1)
@@ -716,6 +719,9 @@ def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = N
     need(not d.text_pair or recipe.task.type == "classification",
          f"data.text_pair=true with task.type={recipe.task.type}: sentence pairs are encoded for classification only. Join "
          "the columns instead (data.text_pair=false) or set task.type=classification.")
+    need(not recipe.train.early_stopping or bool(recipe.train.eval_every),
+         f"train.early_stopping={recipe.train.early_stopping} needs evaluations during training: set train.eval_every (e.g. "
+         "train.eval_every=100), or train.early_stopping=null.")
     need(not d.text_pair or recipe.train.distill is None,
          "data.text_pair=true with train.distill: the teacher scores one text per row. Distil a single-text task, or drop "
          "train.distill.")

@@ -219,8 +219,10 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = 
             base_path=info.path, quantization=info.quantized, precision=precision, label_names=label_names,
             trainable_params=info.trainable_params, total_params=info.total_params,
             trainable_percent=info.trainable_percent, base_weights_mib=info.base_weights_mib, steps=state.step, best_step=state.best_step,
-            # keep_best over several evaluations chose the exported step on data.eval: reports must not call it held out
-            selected_on="eval" if recipe.train.keep_best and len(state.history) > 1 else None,
+            stopped_early=state.stopped_early or None,
+            # keep_best (or early_stopping) over several evaluations chose the exported step on data.eval: reports must not
+            # call it held out
+            selected_on="eval" if (recipe.train.keep_best or recipe.train.early_stopping) and len(state.history) > 1 else None,
             train_wall_s=state.wall_seconds, train_seconds=state.train_seconds, train_examples=state.examples, train_tokens=state.tokens,
             train_padded_tokens=state.padded_tokens, eval_seconds=eval_seconds,
             examples_per_s=state.examples / max(state.train_seconds, 1e-9),

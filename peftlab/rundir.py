@@ -179,6 +179,7 @@ class RunRecord:
     trainable_percent: float | None = None
     base_weights_mib: float | None = None
     steps: int | None = None
+    stopped_early: bool | None = None  # train.early_stopping ended it before the steps its recipe gives
     best_step: int | None = None
     selected_on: str | None = None  # the split keep_best chose the exported step on (its figure is not held out)
     train_wall_s: float | None = None

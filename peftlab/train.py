@@ -106,6 +106,7 @@ class TrainState:
     train_seconds: float = 0.0
     wall_seconds: float = 0.0  # the loop's wall time (evaluations and checkpoints included) over every session, up to `step`
     best_schedule: Any = None  # the method's schedule at best_step (AdaLoRA's rank pattern): put back with keep_best's weights
+    stopped_early: bool = False  # train.early_stopping ended the run before its last step
     num_processes: int | None = None  # the processes that wrote the checkpoint: --resume needs as many (rundir.processes_change)
 
 
@@ -456,6 +457,11 @@ class KeepBest:
             self.weights = trainable_state(model) if self.keep else None
             state.best_schedule = self.schedule.snapshot() if self.keep and hasattr(self.schedule, "snapshot") else None
 
+    @staticmethod
+    def stale(state: TrainState) -> int:
+        """Evaluations since the best one (train.early_stopping)."""
+        return sum(h["step"] > state.best_step for h in state.history) if state.best_step is not None else 0
+
     def restore(self, model, state: TrainState) -> None:
         if self.weights is not None and state.best_step != state.step:
             log.info("keeping the best evaluation (step %d, %s %.4f), not the last step", state.best_step, self.metric,
@@ -567,6 +573,11 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                 if eval_dl is not None and (state.step == total or (t.eval_every and state.step % t.eval_every == 0)):
                     with window.paused():  # eval time is not training throughput
                         evaluate()
+                    if t.early_stopping and best.stale(state) >= t.early_stopping and state.step < total:
+                        bar.write(f"step {state.step}: {t.best_metric} has not improved for {t.early_stopping} evaluations "
+                                  f"(best {state.best_metric:.4f} at step {state.best_step}): stopping early (train.early_stopping)")
+                        state.stopped_early = True
+                        total = state.step
                 if t.save_every and state.step % t.save_every == 0:
                     check_window_finite(window, accelerator, state.step, t)  # never checkpoint a diverged run
                     checkpoint()
