@@ -20,13 +20,18 @@ log = logging.getLogger(__name__)
 AUTO_PRECISION_ENV = "PEFTLAB_AUTO_PRECISION"
 
 
+def cpu_native_bf16() -> bool:
+    """Whether this CPU runs bf16 matmuls natively (AMX / avx512_bf16, as oneDNN reports it)."""
+    return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def resolve_precision(precision: str) -> str:
     """auto -> bf16 on GPUs that support it and on CPUs with native bf16 matmuls (AMX/avx512_bf16), else fp32.
 
     The environment variable PEFTLAB_AUTO_PRECISION=bf16|fp32 makes `auto` resolve to that value on any machine: it
     simulates the other machine kind, so CI on one kind of CPU also runs the precision-sensitive tests the way the other
     kind resolves them. Explicit precisions are not affected."""
-    cpu_bf16 = torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    cpu_bf16 = cpu_native_bf16()
     if precision == "auto":
         forced = os.environ.get(AUTO_PRECISION_ENV, "").strip().lower()
         if forced:

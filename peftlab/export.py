@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .accel import cpu_native_bf16
 from .bases import base_path, gguf_key, load_tokenizer
 from .config import Recipe
 from .errors import ArtifactError
@@ -179,7 +180,7 @@ def hardware() -> dict:
     """The machine a figure was measured on: CPU model and whether its matmuls run bf16 natively (4-20x apart between
     hosts, README), cores, threads, the GPU."""
     info = {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_model(),
-            "cpu_native_bf16": bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+            "cpu_native_bf16": cpu_native_bf16(),
             "cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads()}
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
