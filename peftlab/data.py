@@ -501,8 +501,14 @@ def check_holdout(rows: int, fraction: float, prefix: str = "data") -> None:
 
 
 def report_truncation(ds, where: str, max_length: int) -> None:
-    """Say how many rows were cut to max_length; refuse a split where every row was (the setting is surely wrong)."""
+    """Say how many rows were cut to max_length; refuse a training split where every row was (the setting is surely
+    wrong). An evaluation split of long documents scored on their first max_length tokens is a setup of its own (a
+    `peftlab eval` on long sources): said loudly, not refused."""
     cut = sum(ds["truncated"])
+    if cut == len(ds) and not where.endswith(".train"):
+        log.warning("%s: all %s rows are longer than %s.max_length=%d tokens: each is scored on its first %d tokens only.",
+                    where, f"{len(ds):,}", section(where), max_length, max_length)
+        return
     if cut == len(ds):
         d = section(where)
         raise DataError(f"{where}: all {len(ds):,} rows are longer than {d}.max_length={max_length} tokens, so every input "

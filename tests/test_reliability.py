@@ -172,10 +172,19 @@ def test_trust_remote_code_warns(make_recipe, caplog):
     assert "trust_remote_code=true" in caplog.text
 
 
-def test_every_row_truncated_is_an_error(make_recipe, tmp_path):
+def test_every_row_truncated_is_an_error_in_training_and_a_warning_in_evaluation(make_recipe, tmp_path, caplog):
     long = write_tsv(tmp_path / "long.tsv", [("the movie was very good and the plot was fine too", i % 2) for i in range(20)])
     with pytest.raises(DataError, match="all 20 rows are longer than data.max_length=8"):
         run(make_recipe({"data.max_length": 8, "data.train.path": long}))
+    # long documents scored on their first tokens (`peftlab eval` on long sources): said, not refused (it had no opt-out)
+    from peftlab import build_data, load_splits
+    from peftlab.bases import load_tokenizer
+
+    recipe = make_recipe({"data.max_length": 8, "data.train.path": long, "data.eval.path": long})
+    splits, names = load_splits(recipe, need_train=False)
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        build_data(recipe, load_tokenizer(recipe.model.name, recipe), splits={**splits, "train": None}, label_names=names)
+    assert "data.eval: all 20 rows are longer than data.max_length=8 tokens: each is scored on its first 8 tokens" in caplog.text
 
 
 def test_fp16_on_cpu_is_refused():
