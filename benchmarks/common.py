@@ -102,9 +102,7 @@ def stored_case(name: str, recipe: str, overrides: list[str], *, runs: Path, res
     run, rss, wall = train_process(name, recipe, [*overrides, f"name={prefix}-{name}"], runs / name, verbose=verbose, env=env)
     result = {"name": name, "recipe": recipe, "overrides": overrides, "run": run, "process_wall_s": wall, "peak_rss_mib": rss,
               **({"env": env} if env else {})}
-    from peftlab.export import atomic_write_text
-
-    atomic_write_text(dest, json.dumps(result, indent=2))
+    write_result(dest, json.dumps(result, indent=2))
     split = "test" if "test" in run["metrics"] else "eval"
     scores = run["metrics"].get(split, {})
     print(f"[{name}] {split}: " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items() if isinstance(v, float) and "loss" not in k)

@@ -504,19 +504,18 @@ def report_truncation(ds, where: str, max_length: int) -> None:
     """Say how many rows were cut to max_length; refuse a training split where every row was (the setting is surely
     wrong). An evaluation split of long documents scored on their first max_length tokens is a setup of its own (a
     `peftlab eval` on long sources): said loudly, not refused."""
-    cut = sum(ds["truncated"])
+    cut, d = sum(ds["truncated"]), section(where)
     if cut == len(ds) and not where.endswith(".train"):
         log.warning("%s: all %s rows are longer than %s.max_length=%d tokens: each is scored on its first %d tokens only.",
-                    where, f"{len(ds):,}", section(where), max_length, max_length)
+                    where, f"{len(ds):,}", d, max_length, max_length)
         return
     if cut == len(ds):
-        d = section(where)
         raise DataError(f"{where}: all {len(ds):,} rows are longer than {d}.max_length={max_length} tokens, so every input "
                         f"was truncated. Raise it (e.g. {d}.max_length={max_length * 4}) or check the columns it reads "
                         f"({d}.text_columns; for sft, the conversation columns).")
     level = logging.WARNING if cut > 0.1 * len(ds) else logging.INFO
     log.log(level, "%s: %s rows, %s (%.1f%%) truncated to %s.max_length=%d", where, f"{len(ds):,}", f"{cut:,}",
-            100 * cut / len(ds), section(where), max_length)
+            100 * cut / len(ds), d, max_length)
 
 
 def build_data(recipe: Recipe, tokenizer, *, splits=None, label_names=None, prefix: str = "data") -> TaskData:

@@ -32,7 +32,19 @@ from .config import Recipe
 from .errors import ArtifactError
 from .methods import get_method
 from .model import load_base
-from .rundir import RECIPE_FILE, RECORD_FILE, RUN_FILES, RunRecord, check_same_folder, folder_identity, read_run, record_weights, sha256, write_record
+from .rundir import (
+    RECIPE_FILE,
+    RECORD_FILE,
+    RUN_FILES,
+    RunRecord,
+    check_same_folder,
+    folder_identity,
+    fsync_dir,
+    read_run,
+    record_weights,
+    sha256,
+    write_record,
+)
 from .tasks import get_task
 
 log = logging.getLogger(__name__)
@@ -141,11 +153,7 @@ def move_into(staging: Path, out: Path) -> None:
     synced = False
     for p in files:
         if p.name in RUN_FILES and not synced:  # the others' renames on disk first
-            fd = os.open(out, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_dir(out)
             synced = True
         os.replace(p, out / p.name)
 

@@ -563,7 +563,7 @@ class RunDir:
         if self.out.exists():
             os.replace(self.out, self.retired)
         os.replace(self.staging, self.out)
-        _fsync_dir(self.out.absolute().parent)
+        fsync_dir(self.out.absolute().parent)
         shutil.rmtree(self.retired, ignore_errors=True)
 
     def plan(self, *, resume: bool, overwrite: bool, recipe_yaml: str | None = None, announce: bool = True,
@@ -631,7 +631,8 @@ class RunDir:
                 raise
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make the renames into folder `path` durable (best effort: a file system that cannot fsync a folder is left be)."""
     try:
         fd = os.open(path, os.O_RDONLY)
     except OSError:

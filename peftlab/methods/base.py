@@ -146,7 +146,6 @@ class Method:
         return [f"adapter.options.{k}: not an argument of peft's {self.config_class}.{hint(k, known)} adapter.options are "
                 f"passed straight to it (see peft's docs)." for k in unknown]
 
-
     def shadowed_options(self, a: AdapterConfig) -> list[str]:
         """adapter.options that would replace what the recipe sets (r, alpha, dropout, target_modules, ...): they skipped
         its checks, the card described the recipe's values, and target_modules was silently dropped."""

@@ -343,21 +343,18 @@ def _summarization_example(out: Path, recipe, causal: bool) -> str:
     """Generate a summary as peftlab's evaluation does (tasks/summarization.py): the source cut to data.max_length
     tokens, put into the prompt (in the chat template: task.chat_template and a tokenizer that has one), decoded with
     the recipe's eval settings; a decoder's continuation only."""
-    from ..tasks.summarization import DEFAULT_PROMPT
+    from transformers import AutoTokenizer
+
+    from ..tasks.summarization import DEFAULT_PROMPT, _adds_bos
 
     e, n = recipe.eval, recipe.data.max_length
     template = recipe.task.prompt or DEFAULT_PROMPT["causal" if causal else "seq2seq"]
-    config = json.loads((out / "tokenizer_config.json").read_text()) if (out / "tokenizer_config.json").is_file() else {}
-    chat = causal and recipe.task.chat_template and bool(config.get("chat_template") or next(out.glob("chat_template.j*"), None))
-    if chat:
+    tokenizer = AutoTokenizer.from_pretrained(str(out)) if causal else None  # the run's own, as summarization.tokenize read it
+    if causal and recipe.task.chat_template and getattr(tokenizer, "chat_template", None):
         encode = ("text = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": prompt}], tokenize=False, "
                   "add_generation_prompt=True)\ninputs = tokenizer(text, add_special_tokens=False, return_tensors=\"pt\")\n")
     elif causal:  # the prompt's own tokens, after BOS where the tokenizer puts one (never a BERT-style [CLS] ... [SEP])
-        from transformers import AutoTokenizer
-
-        from ..tasks.summarization import _adds_bos
-
-        bos = "[tokenizer.bos_token_id] + " if _adds_bos(AutoTokenizer.from_pretrained(str(out))) else ""
+        bos = "[tokenizer.bos_token_id] + " if _adds_bos(tokenizer) else ""
         encode = (f"ids = torch.tensor([{bos}tokenizer(prompt.rstrip(\" \"), add_special_tokens=False)[\"input_ids\"]])  "
                   "# (a trailing space goes with the summary: ' Jane' is one token)\n"
                   "inputs = {\"input_ids\": ids, \"attention_mask\": torch.ones_like(ids)}\n")

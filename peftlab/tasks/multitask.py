@@ -148,10 +148,8 @@ def build_data(recipe, tokenizer, splits, label_names):
     from . import classification
 
     names = list(recipe.multitask.tasks)
-    per_task = {}
-    for n in names:
-        per_task[n] = build_one(subrecipe(recipe, n), tokenizer, label_names=label_names[n], prefix=task_keys(n),
-                                splits={s: (splits[s] or {}).get(n) for s in ("train", "eval", "test")})
+    per_task = {n: build_one(subrecipe(recipe, n), tokenizer, label_names=label_names[n], prefix=task_keys(n),
+                             splits={s: (splits[s] or {}).get(n) for s in ("train", "eval", "test")}) for n in names}
     joined = {}
     for split in ("train", "eval", "test"):
         parts = [getattr(per_task[n], split) for n in names]
