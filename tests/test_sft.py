@@ -67,6 +67,41 @@ def test_two_turn_mask_is_exactly_the_assistant_turns_with_their_end_token():
     assert tok.decode(row["gen_ids"]).replace(" ", "").endswith("<|im_start|>assistant")
 
 
+def byte_level_chat_tokenizer():
+    """A byte-level BPE as SmolLM2's and GPT-2's, trained here on ChatML text: the template's newline and an answer's
+    leading newline merge into one token 'ĊĊ' across the answer's start."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    bpe.train_from_iterator(["<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n\n\nSure, here it is\n"] * 50,
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=[IM_START, IM_END],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token=IM_END, pad_token=IM_END)
+    tok.chat_template = sft.NAMED_TEMPLATES["chatml"]
+    return tok
+
+
+@pytest.mark.parametrize("answer", ["\n\nSure, here it is", " here it is", "Sure"])
+def test_an_answer_starting_with_whitespace_is_trained_whole_after_the_prompt_generation_sees(answer):
+    tok = byte_level_chat_tokenizer()
+    msgs = [{"role": "user", "content": "hi there"}, {"role": "assistant", "content": answer},
+            {"role": "user", "content": "hi there"}, {"role": "assistant", "content": answer}]
+    if answer.startswith("\n"):  # the case: one token across the edge when the text is tokenized as one
+        assert "ĊĊ" in tok.convert_ids_to_tokens(tok(sft.render(tok, msgs), add_special_tokens=False)["input_ids"])
+    row = sft.encode(tok, msgs, 256)
+    ids, labels = row["input_ids"], row["labels"]
+    trained = [t for t, y in zip(ids, labels) if y != -100]
+    assert tok.decode(trained) == (answer + IM_END) * 2  # every character of both answers, and their end tokens
+    assert tok.decode(ids) == sft.render(tok, msgs)
+    k = len(row["gen_ids"])  # the last answer starts right after the prompt generation gets
+    assert ids[:k] == row["gen_ids"] and labels[k - 1] == -100 and labels[k] != -100
+    one = sft.encode(tok, msgs[:2], 256)  # and that prompt is the one apply_chat_template gives
+    assert one["gen_ids"] == tok(sft.render(tok, msgs[:1], True), add_special_tokens=False)["input_ids"]
+    assert tok.decode([t for t in one["labels"] if t != -100]) == answer + IM_END
+
+
 def test_rows_in_three_formats_become_the_same_conversation(tmp_path, chat_llama):
     files = {"messages": write_jsonl(tmp_path / "m.jsonl", messages_rows(2)),
              "instruction": write_jsonl(tmp_path / "i.jsonl", [{"instruction": q, "input": "", "output": a} for q, a in QA[:2]]),
@@ -655,4 +690,8 @@ def test_smollm2_chat_template_masks_exactly_the_answer():
     row = sft.encode(tok, msgs, 512)
     trained = [t for t, y in zip(row["input_ids"], row["labels"]) if y != -100]
     assert tok.decode(trained) == "2+2 = 4.<|im_end|>"
+    msgs[1]["content"] = " 4 apples"  # '\n' + ' ' were one token 'ĊĠ' across the answer's start: the space was not trained
+    row = sft.encode(tok, msgs, 512)
+    assert tok.decode([t for t, y in zip(row["input_ids"], row["labels"]) if y != -100]) == " 4 apples<|im_end|>"
+    assert row["gen_ids"] == tok(sft.render(tok, msgs[:1], True), add_special_tokens=False)["input_ids"]
     assert tok.pad_token is None or tok.pad_token == tok.eos_token

@@ -294,14 +294,34 @@ def stop_ids(tokenizer) -> list[int]:
     return ids
 
 
+def edge_tokens(tokenizer, text: str, edges: list[int]) -> list[tuple[int, int, int]]:
+    """`text` tokenized as one -> (id, start, end) each, except a token across one of `edges`, which is tokenized as its
+    two sides. An answer starting with whitespace after the template's newline gave SmolLM2 one token 'ĊĠ' ('\\n' + ' ')
+    across the answer's start: the answer lost its first character from the loss, and the model learned to continue a
+    prompt that generation never ends with (its prompt ends with 'Ċ'). Tokenizing each turn apart instead would give
+    SentencePiece a spurious '▁' in front of every answer."""
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    out = []
+    for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
+        cuts = [c for c in edges if a < c < b]
+        if not cuts:
+            out.append((t, a, b))
+            continue
+        for x, y in zip([a, *cuts], [*cuts, b]):
+            side = tokenizer(text[x:y], add_special_tokens=False, return_offsets_mapping=True)
+            out += [(i, x + p, x + q) for i, (p, q) in zip(side["input_ids"], side["offset_mapping"])]
+    return out
+
+
 def encode(tokenizer, messages: list[dict], max_length: int) -> dict:
     """One conversation -> input_ids, labels (assistant tokens only), the generation prompt of its last answer."""
     full, spans = assistant_spans(tokenizer, messages)
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    ids = enc["input_ids"]
-    labels = [t if any(s <= a < e for s, e in spans) and b > a else -100 for t, (a, b) in zip(ids, enc["offset_mapping"])]
-    last = len(messages) - 1  # the last answer (normalize_split cut the turns after it)
-    prompt = tokenizer(render(tokenizer, messages[:last], True), add_special_tokens=False)["input_ids"]
+    tokens = edge_tokens(tokenizer, full, sorted({b for span in spans for b in span}))
+    ids = [t for t, _, _ in tokens]
+    labels = [t if any(s <= a < e for s, e in spans) and b > a else -100 for t, a, b in tokens]
+    last = len(messages) - 1  # the last answer (normalize_split cut the turns after it), and its prompt: the tokens before it
+    start = spans[-1][0] if spans else len(full)
+    prompt = ids[:next((i for i, (_, a, _) in enumerate(tokens) if a >= start), len(ids))]
     user = next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": len(ids) > max_length,
             "gen_ids": prompt[-max_length:], "source": user, "reference": messages[last]["content"]}
