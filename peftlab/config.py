@@ -113,6 +113,11 @@ class SplitConfig:
     label_column: str | None = opt(None, "Override data.label_column for this split.")
     label_map: dict | None = opt(None, "Map raw label values to label names or indices, e.g. {1: World, 2: Sports}.")
     max_samples: int | None = opt(None, "Use a seeded random subset of this many rows.", ge=1)
+    references_column: str | None = opt(None, "Summarization and SFT, an eval or test split: a column holding several reference "
+                                        "texts per row, a list (DialogSum's test: summaries). The generated text is scored "
+                                        "against all of them: each row's best ROUGE over its references (as rouge_score's "
+                                        "score_multi and `evaluate`'s rouge), exact match with any; the loss and "
+                                        "eval.metric_fn stay on the one target (data.target_column).")
 
 
 EVAL_SPLITS = ("eval", "test")  # what an evaluation of a finished run scores (`peftlab eval --split`, run.evaluate)
@@ -722,6 +727,16 @@ def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = N
     need(not recipe.train.early_stopping or bool(recipe.train.eval_every),
          f"train.early_stopping={recipe.train.early_stopping} needs evaluations during training: set train.eval_every (e.g. "
          "train.eval_every=100), or train.early_stopping=null.")
+    sections = [("data", d), *((f"multitask.tasks.{k}.data", t.data) for k, t in (recipe.multitask.tasks.items() if multitask else ()))]
+    for where, spec in ((f"{sec}.{name}", getattr(sd, name)) for sec, sd in sections for name in ("train", "eval", "test")):
+        if spec is None or spec.references_column is None:
+            continue
+        if recipe.task.type not in ("summarization", "sft"):
+            p.append(f"{where}.references_column is set with task.type={recipe.task.type}: several references score "
+                     "generated text (task.type=summarization or sft). Remove it.")
+        elif where.endswith(".train"):
+            p.append(f"{where}.references_column={spec.references_column!r}: several references score generated text on an "
+                     "eval or test split; training learns one target (data.target_column). Move it to data.eval or data.test.")
     need(not d.text_pair or recipe.train.distill is None,
          "data.text_pair=true with train.distill: the teacher scores one text per row. Distil a single-text task, or drop "
          "train.distill.")

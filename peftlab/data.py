@@ -19,6 +19,7 @@ from typing import Any
 from .config import DataConfig, Recipe, SplitConfig
 from .errors import DataError, DataFileNotFound
 from .tasks import get_task
+from .tasks.generative import reference_lists
 
 log = logging.getLogger(__name__)
 MIN_EVAL_ROWS = 20  # fewer held-out rows than this: warned about
@@ -188,7 +189,8 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     target: summarization) {text, target, row} instead, rows with an empty source or target dropped (row: the row's number
     in its file, which predictions-*.jsonl name); `unlabelled` (continued pretraining) {text} only."""
     text_cols, label_col = needed_columns(spec, data, target_column, unlabelled)
-    _check_columns(ds.column_names, text_cols if unlabelled else [*text_cols, label_col], where, spec)
+    refs = [spec.references_column] if target_column and spec.references_column else []
+    _check_columns(ds.column_names, text_cols if unlabelled else [*text_cols, label_col, *refs], where, spec)
     _check_not_empty(ds, text_cols, where)
     if not target_column and not unlabelled:
         _check_label_cells(ds, label_col, spec, where)
@@ -197,7 +199,8 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     if target_column and not isinstance(shown := ds.features[label_col], Value):  # a list or a record per row
         raise DataError(f"{where}: the target column {label_col!r} holds {shown} values, not one text "
                         f"per row (several reference summaries?): each would be scored as its printed form. Point "
-                        f"{section(where)}.target_column at a column with one summary per row (DialogSum: summary).")
+                        f"{section(where)}.target_column at a column with one summary per row (DialogSum: summary), and "
+                        f"an eval or test split's references_column at this one to score against each of them.")
     if target_column:
         ds = ds.add_column("_file_row", range(len(ds)))
     if spec.max_samples is not None and spec.max_samples < len(ds):
@@ -215,7 +218,10 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     def to_rows(batch):
         texts = joined(batch, text_cols[:1] if data.text_pair else text_cols)
         if target_column:
-            return {"text": texts, "target": [str(v or "").strip() for v in batch[label_col]], "row": batch["_file_row"]}
+            rows = {"text": texts, "target": [str(v or "").strip() for v in batch[label_col]], "row": batch["_file_row"]}
+            if refs:  # several references to score generated text against
+                rows["references"] = reference_lists(batch[refs[0]], refs[0], where, batch["_file_row"])
+            return rows
         # an empty cell makes pandas read the column as floats (0.0, 1.0, nan): the rest are class indices again
         raw = [int(v) if isinstance(v, float) and v.is_integer() else v for v in batch[label_col]]
         labels = [label_map.get(spelled(v), v) if label_map else v for v in raw]
@@ -307,11 +313,14 @@ def column_problems(recipe: Recipe, prefix: str = "data") -> list[str]:
             log.info("%s: the columns of %s split %r are not checked here (`train` reads hub splits)", where, d.dataset, spec.split)
         if spec is None or spec.path is None or not Path(spec.path).is_file():
             continue
+        refs = [spec.references_column] if spec.references_column else []
         if hasattr(task, "check_columns"):  # a task that reads its rows itself (sft: conversations)
-            check = partial(task.check_columns, recipe=recipe, where=where)
+            def check(columns, where=where, spec=spec, refs=refs):
+                task.check_columns(columns, recipe=recipe, where=where)
+                _check_columns(columns, refs, where, spec)
         else:
             text_cols, label_col = needed_columns(spec, d, target, unlabelled)
-            check = partial(_check_columns, needed=[*text_cols, *([label_col] if label_col else [])], where=where, spec=spec)
+            check = partial(_check_columns, needed=[*text_cols, *([label_col] if label_col else []), *refs], where=where, spec=spec)
         try:
             columns, complete = header(spec, d, where)
             try:

@@ -33,9 +33,9 @@ def classification_metrics(preds: list[int], refs: list[int], label_names: list[
     return {"accuracy": accuracy, "f1": macro}, report
 
 
-def rouge_metrics(predictions: list[str], references: list[str], per_row: bool = False) -> dict:
+def rouge_metrics(predictions: list[str], references: list[str] | list[list[str]], per_row: bool = False) -> dict:
     """-> mean ROUGE-1/2/L/Lsum F-measures (0-1), Porter-stemmed, Lsum over one sentence per line (per_row: a list of
-    each row's F-measure per key instead of the mean)."""
+    each row's F-measure per key instead of the mean). A list of references for a prediction: its best per key."""
     return load_metric("rouge").compute(predictions=predictions, references=references, use_aggregator=not per_row)
 
 

@@ -537,6 +537,29 @@ def test_generation_hands_the_lm_head_a_contiguous_input_and_the_same_tokens(cha
     assert not head._forward_pre_hooks
 
 
+def test_an_eval_split_with_several_answers_scores_exact_match_and_rouge_against_each(tmp_path, chat_llama):
+    """data.eval.references_column: a prediction counts as exact when it equals any of the row's answers, ROUGE takes
+    the best; `validate` names a missing column; the loss and the predictions' `reference` stay the target column."""
+    from peftlab.data import column_problems
+    from peftlab.metrics import rouge_metrics
+
+    rows = [{"question": q, "answer": a, "answers": [a, f"it is {a}"]} for q, a in QA]
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    cols = ["data.text_columns=[question]", "data.target_column=answer", "train.max_steps=2"]
+    recipe = recipe_for(tmp_path, chat_llama, path, [*cols, "data.eval.references_column=answers"])
+    m = run(recipe)["metrics"]["eval"]
+    got = [json.loads(line) for line in (recipe.out / "predictions-eval.jsonl").read_text().splitlines()]
+    assert [(g["reference"], g["references"]) for g in got] == [(r["answer"], r["answers"]) for r in rows]
+    preds = [g["prediction"] for g in got]
+    assert m["rougeL"] == pytest.approx(rouge_metrics(preds, [g["references"] for g in got])["rougeL"])
+    assert sft.score(["it is paris", "blue"], ["paris", "red"], None, [["paris", "it is  paris"], ["red"]])["exact_match"] == 0.5
+    assert sft.score(["it is paris"], ["paris"], None)["exact_match"] == 0.0
+    bad = recipe_for(tmp_path, chat_llama, path, [*cols, "data.eval.references_column=choices"])
+    assert any("data.eval: column(s) ['choices'] not found" in p for p in column_problems(bad))
+    with pytest.raises(DataError, match=r"data.eval.references_column='choices': no such column"):
+        load_splits(bad)
+
+
 def test_generated_tokens_are_counted_up_to_the_first_stop_token():
     new = torch.tensor([[5, 6, 2, 2], [5, 6, 7, 8], [2, 2, 2, 2], [5, 3, 9, 2]])  # stop ids 2 and 3; 2 also pads
     assert sft.new_token_counts(new, [2, 3]).tolist() == [3, 4, 1, 2]

@@ -451,8 +451,62 @@ def test_a_target_column_of_lists_is_refused_not_scored_as_its_repr(make_sum_rec
     path = tmp_path / "multi.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     recipe = make_sum_recipe(tiny_t5, {"data.train.path": path, "data.eval.path": path, "data.target_column": "summaries"})
-    with pytest.raises(DataError, match=r"data.train: the target column 'summaries' holds List.*data.target_column"):
+    with pytest.raises(DataError, match=r"data.train: the target column 'summaries' holds List.*data.target_column.*references_column"):
         load_splits(recipe)
+
+
+def test_rouge_against_several_references_takes_each_rows_best():
+    from rouge_score import rouge_scorer
+
+    from peftlab.metrics import rouge_metrics
+
+    preds = ["Anna will bring the cake tomorrow.", "the keys are lost", "Running dogs ran home."]
+    several = [["Tom will bring the cake.", "Anna brings a cake tomorrow."], ["Leo lost his keys."], ["A cat sleeps.", "The dog runs home."]]
+    got = rouge_metrics(preds, several)
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    for k in ("rouge1", "rouge2", "rougeL"):
+        best = [max(scorer.score(r, p)[k].fmeasure for r in refs) for p, refs in zip(preds, several)]  # per key, per row
+        assert got[k] == pytest.approx(sum(best) / len(best), abs=1e-12), k
+        assert got[k] >= rouge_metrics(preds, [refs[0] for refs in several])[k]
+    assert got["rouge1"] > rouge_metrics(preds, [refs[0] for refs in several])["rouge1"]  # more than against the first alone
+    assert rouge_metrics(preds, [[p] for p in preds]) == rouge_metrics(preds, preds)
+
+
+def test_an_eval_split_with_several_references_is_scored_against_each(make_sum_recipe, tiny_t5, tmp_path):
+    """DialogSum's test split has 3 summaries a row: ROUGE is each prediction's best match over them, the loss stays on
+    data.target_column, the predictions file and the report say so; train refuses the field, and a bad column is named."""
+    from peftlab.errors import ConfigError, DataError
+    from peftlab.run import evaluate
+
+    rows = dialogue_rows(6, 2)
+    multi = tmp_path / "multi.jsonl"
+    multi.write_text("".join(json.dumps({**r, "summaries": [r["summary"], "Nobody says anything."]}) + "\n" for r in rows))
+    recipe = make_sum_recipe(tiny_t5, {"data.eval.path": multi, "data.eval.references_column": "summaries", "train.precision": "fp32"})
+    m = run(recipe)["metrics"]["eval"]
+    out = recipe.out
+    got = [json.loads(line) for line in (out / "predictions-eval.jsonl").read_text().splitlines()]
+    assert [g["references"] for g in got] == [[r["summary"], "Nobody says anything."] for r in rows]
+    from peftlab.metrics import rouge_metrics
+
+    assert m["rouge1"] == pytest.approx(rouge_metrics([g["prediction"] for g in got], [g["references"] for g in got])["rouge1"])
+    assert json.loads((out / "eval_report.json").read_text())["references_per_row"] == 2
+    # a prediction among its references scores 1: rows scored against the file's list, not data.target_column alone
+    exact = tmp_path / "exact.jsonl"
+    exact.write_text("".join(json.dumps({**r, "summaries": [r["summary"], g["prediction"]]}) + "\n" for r, g in zip(rows, got)))
+    test = evaluate(out, "test", [f"data.test.path={exact}", "data.test.references_column=summaries"], results_dir=tmp_path / "e")
+    preds = [g["prediction"] for g in got]
+    assert test["rouge1"] == pytest.approx(rouge_metrics(preds, preds)["rouge1"])  # (a prediction of no ASCII word scores 0)
+    assert test["rouge1"] > rouge_metrics(preds, [r["summary"] for r in rows])["rouge1"]
+    assert test["loss"] == pytest.approx(m["loss"], rel=1e-4)  # (the same rows and targets)
+
+    with pytest.raises(ConfigError, match=r"data.train.references_column='summaries'.*Move it to data.eval or data.test"):
+        make_sum_recipe(tiny_t5, {"data.train.path": multi, "data.train.references_column": "summaries"}, name="t")
+    with pytest.raises(ConfigError, match=r"data.eval.references_column is set with task.type=classification"):
+        make_sum_recipe(tiny_t5, {"data.eval.references_column": "summaries", "task.type": "classification"}, name="c")
+    with pytest.raises(DataError, match=r"column\(s\) \['summary_list'\] not found"):
+        load_splits(make_sum_recipe(tiny_t5, {"data.eval.path": multi, "data.eval.references_column": "summary_list"}, name="m"))
+    with pytest.raises(DataError, match=r"data.eval.references_column='summary': row 1 holds .*, not a list of texts"):
+        load_splits(make_sum_recipe(tiny_t5, {"data.eval.path": multi, "data.eval.references_column": "summary"}, name="s"))
 
 
 @pytest.mark.parametrize("model", ["smollm2-135m-instruct", "stories260k"])

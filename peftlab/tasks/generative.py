@@ -11,6 +11,8 @@ from contextlib import contextmanager
 import torch
 from torch.utils.checkpoint import checkpoint
 
+from ..errors import DataError
+
 log = logging.getLogger(__name__)
 
 
@@ -194,11 +196,38 @@ def loss_and_predictions(model, loader, accelerator, *, shift: bool, extras: tup
             preds = generate(unwrapped, batch, found)
             mine = [{"row": r, "source": s, "prediction": p, "reference": t}
                     for r, s, p, t in zip(found["row"], found[source], preds, found[reference])]
+            for row, refs in zip(mine, found.get("references", ())):  # (an eval split's references_column)
+                row["references"] = refs
             rows += accelerator.gather_for_metrics(mine, use_gather_object=True)
     model.train()
     if generate is None:
         return loss_sum / max(n_tokens, 1), n_tokens, None
     return loss_sum / max(n_tokens, 1), n_tokens, sorted(rows, key=lambda r: r["row"])
+
+
+def reference_lists(values: list, column: str, where: str, rows: list[int]) -> list[list[str]]:
+    """An evaluation split's `references_column` cells -> each row's reference texts, blank ones dropped; a cell that is
+    no list of texts is refused (`rows`: the rows' numbers in their file, for the message)."""
+    out = []
+    for value, row in zip(values, rows):
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
+            raise DataError(f"{where}.references_column={column!r}: row {row + 1} holds {str(value)[:120]}, not a list of "
+                            f"texts. Point it at a column with a list of reference texts per row (DialogSum's test: "
+                            f"summaries), or remove it (one reference: data.target_column).")
+        out.append([v.strip() for v in value if v.strip()])
+    return out
+
+
+def references(row: dict) -> list[str]:
+    """A scored row's references: those of `references_column` where the split has it (its target among them when
+    none is given), else its one reference."""
+    return row.get("references") or [row["reference"]]
+
+
+def several_references(rows: list[dict]) -> dict:
+    """The report's note that generated text was scored against several references per row (references_column)."""
+    counts = [len(r["references"]) for r in rows if r.get("references")]
+    return {"references_per_row": sum(counts) / len(counts)} if counts else {}
 
 
 def log_examples(rows: list[dict], n: int, source_label: str = "source") -> None:

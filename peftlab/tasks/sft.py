@@ -36,7 +36,16 @@ from transformers import AutoModelForCausalLM
 
 from ..errors import ConfigError, DataError
 from ..metrics import ROUGE_KEYS, rouge_metrics
-from .generative import causal_lm_loss, contiguous_head_input, log_examples, loss_and_predictions, next_token_items
+from .generative import (
+    causal_lm_loss,
+    contiguous_head_input,
+    log_examples,
+    loss_and_predictions,
+    next_token_items,
+    reference_lists,
+    references,
+    several_references,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +57,7 @@ END_OF_TURN = ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>")  # tried 
 ROLES = ("system", "user", "assistant", "tool")
 BUILTIN_METRICS = ("loss", "exact_match", *ROUGE_KEYS)
 DESCRIPTIVE = ("gen_words",)  # measured with the metrics, but no quality: not a card result, not a best_metric
-EXTRAS = ("row", "source", "reference", "gen_input_ids", "gen_attention_mask")
+EXTRAS = ("row", "source", "reference", "references", "gen_input_ids", "gen_attention_mask")
 FILE_ROW = "_file_row"  # each row's number in its file (0-based data rows): errors and predictions-*.jsonl name it
 
 
@@ -176,6 +185,9 @@ def normalize_split(ds, spec, recipe, where: str):
     """Raw rows -> {conversation: JSON list of {role, content}}; rows without an assistant answer are dropped."""
     d, t = recipe.data, recipe.task
     fmt, prompt_cols, completion_col = detect_format(ds.column_names, d, where)
+    refs = spec.references_column
+    if refs and refs not in ds.column_names:
+        raise DataError(f"{where}.references_column={refs!r}: no such column; the data has {ds.column_names}.")
     ds = ds.add_column(FILE_ROW, range(len(ds)))  # kept through sampling and dropped rows
     if spec.max_samples is not None and spec.max_samples < len(ds):
         ds = ds.shuffle(seed=recipe.data_seed).select(range(spec.max_samples))
@@ -202,7 +214,8 @@ def normalize_split(ds, spec, recipe, where: str):
             answers = [k for k, m in enumerate(msgs) if is_answer(msgs, k)]
             cut.append(bool(answers) and answers[-1] < len(msgs) - 1)
             out.append(json.dumps(msgs[:answers[-1] + 1] if answers else [], ensure_ascii=False))
-        return {"conversation": out, "cut": cut, FILE_ROW: batch[FILE_ROW]}
+        more = {"references": reference_lists(batch[refs], refs, where, batch[FILE_ROW])} if refs else {}
+        return {"conversation": out, "cut": cut, FILE_ROW: batch[FILE_ROW], **more}
 
     ds = ds.map(to_rows, batched=True, remove_columns=ds.column_names, desc=f"{where}: conversations")
     if cut := sum(ds["cut"]):
@@ -428,6 +441,8 @@ def eval_collator(tokenizer):
         batch.update(row=[r["row"] for r in rows], source=[r["source"] for r in rows], reference=[r["reference"] for r in rows],
                      gen_input_ids=_pad([r["gen_ids"] for r in rows], pad, left=True),
                      gen_attention_mask=_pad([[1] * len(r["gen_ids"]) for r in rows], 0, left=True))
+        if "references" in rows[0]:
+            batch["references"] = [r["references"] for r in rows]
         return batch
 
     return collate
@@ -457,9 +472,12 @@ def _norm(s: str) -> str:
     return " ".join(s.split())
 
 
-def score(preds: list[str], refs: list[str], metric_fn: str | None) -> dict:
-    out = {"exact_match": sum(_norm(p) == _norm(r) for p, r in zip(preds, refs)) / max(len(refs), 1)}
-    out.update(rouge_metrics(preds, refs))
+def score(preds: list[str], refs: list[str], metric_fn: str | None, several: list[list[str]] | None = None) -> dict:
+    """exact match, ROUGE and eval.metric_fn of `preds` against `refs`; with `several` (each row's references) exact
+    match and ROUGE against those instead (any match; the best ROUGE), eval.metric_fn still against `refs`."""
+    several = several or [[r] for r in refs]
+    out = {"exact_match": sum(any(_norm(p) == _norm(r) for r in rs) for p, rs in zip(preds, several)) / max(len(refs), 1)}
+    out.update(rouge_metrics(preds, several))
     if metric_fn:
         extra = load_metric_fn(metric_fn)(preds, refs)
         if not isinstance(extra, dict):
@@ -506,10 +524,10 @@ def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=
     if rows is None:
         return metrics, {"n_tokens": n_tokens}
     preds, refs = [r["prediction"] for r in rows], [r["reference"] for r in rows]
-    metrics.update(score(preds, refs, recipe.eval.metric_fn))
+    metrics.update(score(preds, refs, recipe.eval.metric_fn, [references(r) for r in rows]))
     metrics["gen_words"] = sum(len(p.split()) for p in preds) / max(len(preds), 1)
     log_examples(rows, recipe.eval.log_examples, "prompt")
-    report = {"n": len(rows), "n_tokens": n_tokens, "predictions": rows,
+    report = {"n": len(rows), "n_tokens": n_tokens, **several_references(rows), "predictions": rows,
               "generation": {"greedy": True, "max_new_tokens": recipe.eval.max_new_tokens, "batch_size": recipe.eval.batch_size,
                              **timing, "tokens_per_s": timing["new_tokens"] / max(timing["seconds"], 1e-9)}}
     return metrics, report

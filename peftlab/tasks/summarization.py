@@ -25,14 +25,14 @@ from ..bases import base_path
 from ..errors import DataError, ModelNotFound
 from ..metrics import ROUGE_KEYS, rouge_metrics
 from . import encoder_decoder
-from .generative import causal_lm_loss, contiguous_head_input, log_examples, loss_and_predictions
+from .generative import causal_lm_loss, contiguous_head_input, log_examples, loss_and_predictions, references, several_references
 
 log = logging.getLogger(__name__)
 # EncoderDecoderModel (BERT2BERT) warns on every forward with labels about a loss change made in transformers 4.12
 warnings.filterwarnings("ignore", message="Version v4.12.0 introduces a better way", category=FutureWarning)
 
 DEFAULT_PROMPT = {"seq2seq": "{source}", "causal": "Summarize this dialogue:\n{source}\nSummary: "}
-EXTRAS = ("text", "target", "row", "gen_input_ids", "gen_attention_mask")  # eval-collator keys that are not model inputs
+EXTRAS = ("text", "target", "references", "row", "gen_input_ids", "gen_attention_mask")  # eval-collator keys that are not model inputs
 
 
 def is_encoder_decoder(config) -> bool:
@@ -262,6 +262,8 @@ def eval_collator(tokenizer):
     def collate(rows):
         batch = base(rows)
         batch.update(text=[r["text"] for r in rows], target=[r["target"] for r in rows], row=[r["row"] for r in rows])
+        if "references" in rows[0]:  # (an eval split's references_column)
+            batch["references"] = [r["references"] for r in rows]
         if "prompt_length" in rows[0]:
             prompts = [r["input_ids"][: r["prompt_length"]] for r in rows]
             batch["gen_input_ids"] = _pad(prompts, pad, left=True)
@@ -317,11 +319,12 @@ def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=
     metrics = {"loss": loss}
     if rows is None:
         return metrics, {"n_tokens": n_tokens}
-    preds, refs = [r["prediction"] for r in rows], [r["reference"] for r in rows]
-    metrics.update(rouge_metrics(preds, refs))
+    preds = [r["prediction"] for r in rows]
+    metrics.update(rouge_metrics(preds, [references(r) for r in rows]))
     metrics["gen_words"] = sum(len(p.split()) for p in preds) / max(len(preds), 1)
     log_examples(rows, recipe.eval.log_examples)
     e = recipe.eval
     report = {"n": len(rows), "n_tokens": n_tokens, "generation": {"num_beams": e.num_beams, "max_new_tokens": e.max_new_tokens,
-              "length_penalty": e.length_penalty, "no_repeat_ngram_size": e.no_repeat_ngram_size}, "predictions": rows}
+              "length_penalty": e.length_penalty, "no_repeat_ngram_size": e.no_repeat_ngram_size}, **several_references(rows),
+              "predictions": rows}
     return metrics, report
