@@ -184,10 +184,10 @@ def needed_columns(spec: SplitConfig, data: DataConfig, target_column: str | Non
 
 def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: int, target_column: str | None = None,
                     unlabelled: bool = False):
-    """-> Dataset with exactly {text, label} where label is a raw value after label_map ({text, text_pair, label} with
-    data.text_pair); with `target_column` (a text
-    target: summarization) {text, target, row} instead, rows with an empty source or target dropped (row: the row's number
-    in its file, which predictions-*.jsonl name); `unlabelled` (continued pretraining) {text} only."""
+    """-> Dataset with exactly {text, label, row} where label is a raw value after label_map ({text, text_pair, label,
+    row} with data.text_pair); with `target_column` (a text target: summarization) {text, target, row} instead (+
+    references with the split's references_column), rows with an empty source or target dropped; `unlabelled`
+    (continued pretraining) {text} only. row: the row's number in its file, which predictions-*.jsonl name."""
     text_cols, label_col = needed_columns(spec, data, target_column, unlabelled)
     refs = [spec.references_column] if target_column and spec.references_column else []
     _check_columns(ds.column_names, text_cols if unlabelled else [*text_cols, label_col, *refs], where, spec)
@@ -201,7 +201,7 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
                         f"per row (several reference summaries?): each would be scored as its printed form. Point "
                         f"{section(where)}.target_column at a column with one summary per row (DialogSum: summary), and "
                         f"an eval or test split's references_column at this one to score against each of them.")
-    if target_column:
+    if not unlabelled:
         ds = ds.add_column("_file_row", range(len(ds)))
     if spec.max_samples is not None and spec.max_samples < len(ds):
         ds = ds.shuffle(seed=seed).select(range(spec.max_samples))
@@ -226,7 +226,7 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
         raw = [int(v) if isinstance(v, float) and v.is_integer() else v for v in batch[label_col]]
         labels = [label_map.get(spelled(v), v) if label_map else v for v in raw]
         pair = {"text_pair": joined(batch, text_cols[1:])} if data.text_pair else {}  # data.text_pair: encoded as a pair
-        return {"text": texts, **pair, "label": labels}
+        return {"text": texts, **pair, "label": labels, "row": batch["_file_row"]}
 
     ds = ds.map(to_rows, batched=True, remove_columns=ds.column_names, desc=f"{where}: columns")
     if not target_column and getattr(ds.features["label"], "dtype", "").startswith("float"):  # map kept the input's type

@@ -178,7 +178,7 @@ def with_unlabelled(train, recipe: Recipe):
 
     spec, where = recipe.train.distill.unlabelled, "train.distill.unlabelled"
     extra = normalize_split(read_split(spec, recipe.data, where), spec, recipe.data, where, recipe.data_seed, unlabelled=True)
-    extra = extra.add_column("label", [-100] * len(extra))
+    extra = extra.add_column("label", [-100] * len(extra)).add_column("row", [-1] * len(extra))  # (no predictions: never evaluated)
     return concatenate_datasets([train, extra.cast(train.features)])  # csv reads large_string, json string: one type
 
 
@@ -218,8 +218,9 @@ def teacher_logits(teacher: Path, texts: list[str], *, device=None, batch_size: 
             task = get_task(run.task)
             ds = Dataset.from_dict({"text": list(texts), "label": [0] * len(texts), "row": list(range(len(texts)))})
             ds = task.tokenize(ds, tokenizer, recipe).sort("length", reverse=True)
-            for batch in DataLoader(ds, batch_size=batch_size, collate_fn=task.collator(tokenizer)):
-                rows = batch.pop("row")
+            order = ds["row"]
+            for start, batch in zip(range(0, len(ds), batch_size), DataLoader(ds, batch_size=batch_size, collate_fn=task.collator(tokenizer))):
+                rows = order[start:start + batch_size]
                 inputs = {k: v.to(device) for k, v in batch.items() if k != "labels"}
                 out[rows] = model(**inputs).logits.float().cpu()
                 bar.update(len(rows))

@@ -3,7 +3,7 @@
 Layout of an output directory OUT:
     adapter_config.json, adapter_model.safetensors   (lora)   | config.json, model.safetensors (full, frozen)
     tokenizer files, recipe.yaml (resolved), run.json (versions, hardware, params, timings), metrics.json,
-    eval_report.json (per-class), predictions-SPLIT.jsonl (generative tasks), log.jsonl, checkpoints/step-N/, merged/
+    eval_report.json (per-class), predictions-SPLIT.jsonl (every row scored), log.jsonl, checkpoints/step-N/, merged/
 Every file is written to a staging folder and moved into place with os.replace, so a crash never leaves a
 half-written artifact where a complete one is expected. The folder itself (lock, --overwrite staging, checkpoints,
 checksums) belongs to peftlab/rundir.py.
@@ -212,8 +212,8 @@ def export(out: str | Path, model, tokenizer, recipe: Recipe, record: RunRecord 
     """Write the trained weights and their description into `out` (main process only); run.json is `record` plus the
     library versions, the hardware and the weights' checksum (a dict of run.json entries is read as a RunRecord, for
     callers of the building blocks). `state_dict`: the full
-    weights gathered from a sharded (FSDP / ZeRO-3) model; None = the model's own. `predictions`: {split: rows} of a
-    generative task, written as predictions-SPLIT.jsonl (prediction next to reference)."""
+    weights gathered from a sharded (FSDP / ZeRO-3) model; None = the model's own. `predictions`: {split: rows}, every
+    scored row of the split, written as predictions-SPLIT.jsonl (prediction next to reference)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     staging = out / ".staging"

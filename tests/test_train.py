@@ -271,3 +271,29 @@ def test_early_stopping_stops_once_the_metric_stops_improving_and_exports_the_be
     assert record.metrics["eval"]["loss"] == pytest.approx(history[best]["loss"], rel=1e-5)  # the best step's weights
     with pytest.raises(ConfigError, match="train.early_stopping=2 needs evaluations during training"):
         make_recipe({"train.early_stopping": 2})
+
+
+def test_a_classifier_writes_every_scored_row_with_its_prediction(make_recipe, sentiment_files):
+    """predictions-SPLIT.jsonl for classification: each row of the file (a max_samples subset names its file rows), its
+    text and label, the predicted label and its probability; the metrics are those of these lines, and `peftlab eval`
+    writes the same."""
+    import csv
+
+    from peftlab import evaluate
+
+    recipe = make_recipe({"train.max_steps": 4, "data.test.path": str(sentiment_files["dev"]), "data.test.max_samples": 20})
+    record = run(recipe)
+    with open(sentiment_files["dev"], encoding="utf-8") as f:
+        file_rows = list(csv.DictReader(f, delimiter="\t"))
+    for split, n in (("eval", 64), ("test", 20)):
+        got = [json.loads(line) for line in (recipe.out / f"predictions-{split}.jsonl").read_text().splitlines()]
+        assert len(got) == n and [g["row"] for g in got] == sorted({g["row"] for g in got})  # each once, in file order
+        for g in got:
+            assert g["text"] == file_rows[g["row"]]["sentence"]
+            assert g["label"] == ["negative", "positive"][int(file_rows[g["row"]]["label"])]
+            assert g["prediction"] in ("negative", "positive") and 0.5 <= g["probability"] <= 1.0
+        accuracy = sum(g["label"] == g["prediction"] for g in got) / n
+        assert record.metrics[split]["accuracy"] == pytest.approx(accuracy)
+    before = (recipe.out / "predictions-test.jsonl").read_text()
+    evaluate(recipe.out, "test", results_dir=recipe.out.parent / "again")
+    assert (recipe.out.parent / "again" / "predictions-test.jsonl").read_text() == before

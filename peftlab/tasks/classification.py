@@ -29,13 +29,13 @@ def summary_line(split: str, m: dict) -> str:
 
 
 def tokenize(ds, tokenizer, recipe):
-    """Tokenize without padding (the collator pads each batch to its longest row); keep `length` and `truncated`.
-    Sentence pairs (a `text_pair` column: data.text_pair) are encoded as pairs, the longer text cut first."""
+    """Tokenize without padding (the collator pads each batch to its longest row); keep `length` and `truncated`, and
+    the text(s) and `row` for the predictions file. Sentence pairs (a `text_pair` column: data.text_pair) are encoded as
+    pairs, the longer text cut first."""
     max_length = recipe.data.max_length
     special = set(tokenizer.all_special_ids)
     if "text_pair" in ds.column_names:
-        return ds.map(lambda b: encode_pairs(b, tokenizer, max_length), batched=True, remove_columns=["text", "text_pair"],
-                      desc="tokenize pairs").rename_column("label", "labels")
+        return ds.map(lambda b: encode_pairs(b, tokenizer, max_length), batched=True, desc="tokenize pairs").rename_column("label", "labels")
 
     def enc(batch):
         # one token more than allowed tells which rows were cut, without tokenizing twice
@@ -49,7 +49,7 @@ def tokenize(ds, tokenizer, recipe):
         out["truncated"] = cut
         return out
 
-    return ds.map(enc, batched=True, remove_columns=["text"], desc="tokenize").rename_column("label", "labels")
+    return ds.map(enc, batched=True, desc="tokenize").rename_column("label", "labels")
 
 
 def encode_pairs(batch, tokenizer, max_length: int) -> dict:
@@ -68,18 +68,35 @@ def collator(tokenizer):
     pad = DataCollatorWithPadding(tokenizer)
 
     def collate(rows):
-        return pad([{k: v for k, v in r.items() if k not in ("length", "truncated")} for r in rows])
+        return pad([{k: v for k, v in r.items() if k not in NOT_INPUTS} for r in rows])
+
+    return collate
+
+
+NOT_INPUTS = ("length", "truncated", "row", "text", "text_pair")  # what a tokenized row keeps beside the model's inputs
+EXTRAS = ("row", "text", "text_pair")  # what eval_collator adds to a batch: the predictions file's
+
+
+def eval_collator(tokenizer):
+    """The model inputs + each row's number in its file and its text(s): the final evaluation's predictions file."""
+    base = collator(tokenizer)
+
+    def collate(rows):
+        return {**base(rows), **{k: [r[k] for r in rows] for k in EXTRAS if k in rows[0]}}
 
     return collate
 
 
 @torch.no_grad()
 def evaluate(model, loader, accelerator, label_names, **context):
-    """-> (headline metrics, detailed report). Gathers across processes without duplicating the padded tail.
-    `context` (tokenizer, recipe) is for tasks that generate; a classifier needs none."""
+    """-> (headline metrics, detailed report). Gathers across processes without duplicating the padded tail. On a loader
+    from eval_collator (the final evaluation) the report also holds every row's prediction, in data order: its row in
+    the file, text, label, predicted label and that label's probability. `context` (tokenizer, recipe) is for tasks that
+    generate; a classifier needs none."""
     model.eval()
-    preds, refs, loss_sum, n = [], [], 0.0, 0
+    preds, refs, loss_sum, n, written = [], [], 0.0, 0, []
     for batch in loader:
+        found = {k: batch.pop(k) for k in EXTRAS if k in batch}
         out = model(**batch)
         # per-row losses: a rank's last batch may be topped up with repeated rows, which its batch mean would count
         rows = torch.nn.functional.cross_entropy(out.logits.float(), batch["labels"], reduction="none")
@@ -88,11 +105,25 @@ def evaluate(model, loader, accelerator, label_names, **context):
         refs.append(r.cpu())
         loss_sum += loss.float().sum().item()
         n += len(loss)
+        if "row" in found:
+            written += accelerator.gather_for_metrics(prediction_rows(out.logits, batch["labels"], found, label_names),
+                                                      use_gather_object=True)
     model.train()
     preds, refs = torch.cat(preds).tolist(), torch.cat(refs).tolist()
     metrics, report = classification_metrics(preds, refs, label_names)
     metrics["loss"] = loss_sum / max(n, 1)
+    if written:
+        report["predictions"] = sorted(written, key=lambda w: w["row"])
     return metrics, report
+
+
+def prediction_rows(logits: torch.Tensor, labels: torch.Tensor, found: dict, label_names: list[str]) -> list[dict]:
+    """One batch's lines of predictions-SPLIT.jsonl: {row, text(, text_pair), label, prediction, probability}."""
+    probability, predicted = logits.float().softmax(-1).max(-1)
+    texts = {k: found[k] for k in ("text", "text_pair") if k in found}
+    return [{"row": row, **{k: v[i] for k, v in texts.items()}, "label": label_names[y], "prediction": label_names[p],
+             "probability": round(q, 6)}
+            for i, (row, y, p, q) in enumerate(zip(found["row"], labels.tolist(), predicted.tolist(), probability.tolist()))]
 
 
 # ------------------------------------------------- the last layer at the one position the head reads (train.skip_unread)

@@ -153,7 +153,8 @@ def build_data(recipe, tokenizer, splits, label_names):
     joined = {}
     for split in ("train", "eval", "test"):
         parts = [getattr(per_task[n], split) for n in names]
-        parts = [ds.add_column("task", [i] * len(ds)) for i, ds in enumerate(parts) if ds is not None]
+        parts = [ds.remove_columns([c for c in classification.EXTRAS if c in ds.column_names]).add_column("task", [i] * len(ds))
+                 for i, ds in enumerate(parts) if ds is not None]  # (a pair task's text_pair would not concatenate)
         joined[split] = concatenate_datasets([ds.cast(parts[0].features) for ds in parts]) if parts else None
     m = recipe.multitask
     sizes = [len(per_task[n].train) for n in names] if joined["train"] is not None else [0] * len(names)
