@@ -28,7 +28,7 @@ from .config import Recipe
 from .data import LengthGroupedSampler, TaskData
 from .distill import loss_for
 from .dropout import use_fast_dropout
-from .errors import ConfigError, TrainingDiverged, TrainingInterrupted
+from .errors import ArtifactError, ConfigError, TrainingDiverged, TrainingInterrupted
 from .export import atomic_write_text, write_atomic_dir
 from .methods import get_method
 from .model import MMAP_THRESHOLD, largest_weight_copy, map_large_allocations
@@ -348,7 +348,21 @@ def stop_requested(flag: threading.Event, accelerator) -> bool:
 
 def load_checkpoint(accelerator, ckpt: Path) -> tuple[TrainState, dict | None]:
     """Restore model, optimizer, schedules and RNGs from a checkpoint (already verified: rundir.good_checkpoint)."""
-    accelerator.load_state(str(ckpt))
+    model = accelerator.unwrap_model(accelerator._models[0]) if accelerator._models else None
+    if model is not None and any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+        # a 4-bit layer's state dict holds its quantization state (absmax, quant_map, ...), which its load does not
+        # take back: strict loading refused every QLoRA checkpoint. Loaded leniently, then checked: every weight of
+        # the model is in the checkpoint (the frozen base's quantization state is loaded from the base, as it was)
+        from safetensors import safe_open
+
+        with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+            missing = set(model.state_dict()) - set(f.keys())
+        if missing:
+            raise ArtifactError(f"checkpoint {ckpt} lacks {len(missing)} weight(s) of the model (e.g. {sorted(missing)[0]}): "
+                                "it was written by another model. Start again without --resume (or with --overwrite).")
+        accelerator.load_state(str(ckpt), strict=False)
+    else:
+        accelerator.load_state(str(ckpt))
     state = TrainState(**json.loads((ckpt / TRAINER_STATE).read_text()))
     best = None
     if (ckpt / "best_trainable.safetensors").is_file():
