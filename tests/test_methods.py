@@ -242,3 +242,19 @@ def test_scratch_is_the_same_architecture_randomly_initialised(make_recipe, tiny
     assert evaluate(recipe.out)["loss"] == pytest.approx(summary["metrics"]["eval"]["loss"], abs=1e-6)
     assert not torch.equal(dict(reloaded.named_parameters())["bert.encoder.layer.0.attention.self.query.weight"],
                            ours["bert.encoder.layer.0.attention.self.query.weight"])  # it trained
+
+
+@pytest.mark.parametrize("targets", [["query", "value"], ["query", "value", "output.dense"], "all-linear"])
+def test_ia3_with_target_modules_saves_an_adapter_that_loads_again(make_recipe, tiny_bert, targets):
+    """peft recorded its own feed-forward layers (BERT: output.dense) beside targets that did not hold them, or named
+    them in full (all-linear): the adapter trained and exported, then never loaded again, in peftlab or plain peft."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    recipe = make_recipe({"adapter.method": "ia3", "adapter.target_modules": targets, "train.max_steps": 3, "train.lr": 5e-2,
+                          "train.precision": "fp32"})
+    record = run(recipe)
+    model, *_ = load_trained(recipe.out)
+    assert evaluate(recipe.out, results_dir=recipe.out.parent / "again")["loss"] == pytest.approx(record.metrics["eval"]["loss"], abs=1e-6)
+    plain = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2), recipe.out)
+    assert torch.equal(logits(plain.eval()), logits(model))

@@ -71,7 +71,7 @@ def apply_peft(config_class: str, fields: Callable[[AdapterConfig], dict], model
     except (TypeError, ValueError) as e:
         raise ModelError(f"adapter (method {a.method}): {e}. adapter.options must be {config_class} arguments (see peft's docs).") from None
     try:
-        return peft.get_peft_model(model, cfg)
+        return feedforward_within_targets(peft.get_peft_model(model, cfg))
     except ValueError as e:
         if "not found in the base model" in str(e) or "No modules were targeted" in str(e) or "Target modules" in str(e):
             raise ModelError(
@@ -79,6 +79,19 @@ def apply_peft(config_class: str, fields: Callable[[AdapterConfig], dict], model
                 f"Linear layers it has: {', '.join(linear_module_names(model))}. "
                 f"Set adapter.target_modules to some of these, or 'all-linear'.") from None
         raise
+
+
+def feedforward_within_targets(model):
+    """IA3 scales a feed-forward layer's input and any other layer's output. peft takes the feed-forward layers from its
+    per-architecture table (BERT: output.dense; Llama: down_proj) whatever the targets, and records them beside
+    targets that may not hold them (target_modules=[query, value]) or name them in full (all-linear, expanded): the
+    saved adapter then failed to load, in peftlab and in plain peft (IA3Config: feedforward_modules must be a subset of
+    target_modules). The record is made what was trained: the targets that are feed-forward layers."""
+    for c in model.peft_config.values():
+        ff, targets = getattr(c, "feedforward_modules", None), c.target_modules
+        if isinstance(ff, set) and isinstance(targets, set) and not ff <= targets:
+            c.feedforward_modules = {t for t in targets if any(t == f or t.endswith("." + f) for f in ff)}
+    return model
 
 
 def peft_method(name: str, config_class: str, fields: Callable[[AdapterConfig], dict], **kw) -> Method:
