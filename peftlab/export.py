@@ -277,9 +277,12 @@ def rebuild(out: str | Path, recipe: Recipe, run: RunRecord, *, dequantize: bool
             model = PeftModel.from_pretrained(base, str(out), adapter_name=adapter_name)
         except (ValueError, RuntimeError, KeyError) as e:  # another base (model.name=...): no such layers, other shapes
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-            raise ArtifactError(f"the adapter in {out} does not fit the base {recipe.model.name} ({first}). It was trained on "
-                                f"{run.base_model or 'another base'}: load it on that base (drop the model.name override, or "
-                                "point model.name at a copy of it).") from None
+            import peft
+
+            raise ArtifactError(f"the adapter in {out} does not load onto {recipe.model.name} ({first}). It was trained on "
+                                f"{run.base_model or 'another base'}: with another model.name, load it on that base (drop the "
+                                "override, or point model.name at a copy of it); on that base, its adapter_config.json does "
+                                f"not load with this peft ({peft.__version__}; run.json names the versions that wrote it).") from None
         get_method(run.method or recipe.adapter.method).loaded(model, adapter_name)  # e.g. AdaLoRA's eval-time attribute
     else:
         model = task.auto_model_class.from_pretrained(str(out), use_safetensors=True)
