@@ -50,10 +50,12 @@ def resolve_precision(precision: str) -> str:
     return precision
 
 
-def make_accelerator(recipe: Recipe, precision: str):
+def make_accelerator(recipe: Recipe, precision: str, *, unused_parameters: bool = False):
+    """The run's Accelerator. `unused_parameters`: a step may leave trainable parameters without a gradient (the task's
+    `unused_parameters`), which DDP must be told, or it fails at the next step's reduction."""
     from accelerate import Accelerator
     from accelerate.state import AcceleratorState
-    from accelerate.utils import DataLoaderConfiguration, DistributedType
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType
 
     mixed_precision = {"fp32": "no"}.get(precision, precision)
     # Accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another mixed_precision,
@@ -69,6 +71,7 @@ def make_accelerator(recipe: Recipe, precision: str):
         mixed_precision=mixed_precision,
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),  # same order per (seed, epoch) on every rank
         cpu=not torch.cuda.is_available(),
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if unused_parameters else None,
     )
 
 

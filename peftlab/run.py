@@ -172,7 +172,7 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = 
     recipe = load_recipe(recipe) if isinstance(recipe, (str, Path)) else checked(recipe)
     folder = RunDir(recipe.out)
     precision = resolve_precision(recipe.train.precision)
-    accelerator = make_accelerator(recipe, precision)
+    accelerator = make_accelerator(recipe, precision, unused_parameters=getattr(get_task(recipe.task.type), "unused_parameters", False))
     if shards_weights(accelerator) and recipe.train.keep_best and recipe.train.eval_every:
         raise ConfigError([f"train.keep_best=true with train.eval_every={recipe.train.eval_every}: keeping the best evaluation's "
                            "weights is not supported yet when FSDP or ZeRO-3 shard the weights. Set train.keep_best=false (the "

@@ -379,3 +379,19 @@ def test_the_multitask_report_averages_seeds_and_pairs_shared_against_single(tmp
     assert "seeds 0, 1" in text.splitlines()[0]
     row = next(line for line in text.splitlines() if line.startswith("| sst2"))
     assert row.split(" | ")[1:] == ["83.00 (83.00, 83.00) [300 steps]", "-", "82.00 (80.00, 84.00)", "-", "-1.00 (-3.00, +1.00) |"]
+
+
+def test_a_multitask_run_trains_on_two_processes(task_files, tmp_path, tiny_bert):
+    """A batch is one task's, so the other tasks' heads (and per-task adapters) get no gradient that step: DDP failed
+    at the second step ("parameters that were not used in producing loss") until told to look for them."""
+    from .test_distributed import LAUNCH_2_CPU, sh
+
+    t = tree(task_files, tmp_path / "two", tiny_bert, adapters="per_task")
+    t["train"].update(max_steps=4, batch_size=4)
+    (tmp_path / "mt.yaml").write_text(yaml.safe_dump(t))
+    sh([*LAUNCH_2_CPU, "-m", "peftlab", "train", str(tmp_path / "mt.yaml")], cwd=tmp_path)
+    record = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert record["processes"] == 2 and record["steps"] == 4
+    for name, n in (("senti", 40), ("topic", 30), ("pair", 30)):
+        assert (tmp_path / "two" / "tasks" / name / "adapter_model.safetensors").is_file()
+        assert json.loads((tmp_path / "two" / "tasks" / name / "eval_report.json").read_text())["n"] == n  # each row once

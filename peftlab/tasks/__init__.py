@@ -52,6 +52,8 @@ class Task(Protocol):
     #   (default: data.max_length against the model's table).
     # - normalize_split(ds, spec, recipe, where) -> its rows, read from the raw columns by the task itself (sft:
     #   conversations), with check_columns(columns, recipe, where), which refuses a header it cannot read (`validate`).
+    # - unused_parameters = True: a step may leave some trainable parameters without a gradient (multitask: the heads
+    #   and adapters of the tasks not in the batch); DDP is then told to look for them (find_unused_parameters).
     # - check_tokenizer(tokenizer, recipe): raises the error tokenizing would (e.g. no chat template), so `validate` says it.
     # A task made of several tasks (multitask) also replaces the steps that assume one: load_splits(recipe, need_train),
     # column_problems(recipe), build_data(recipe, tokenizer, splits, label_names), build_model(recipe, label_names=, precision=),

@@ -37,6 +37,7 @@ log = logging.getLogger(__name__)
 auto_model_class = AutoModelForSequenceClassification
 peft_task_type = "SEQ_CLS"
 target_kind = "label"
+unused_parameters = True  # a batch is one task's: the other heads (and per-task adapters) get no gradient that step
 best_metric = "mean"
 metrics = ()  # per-task names (sst2/accuracy, ...): check() validates train.best_metric against the recipe's tasks
 pipeline_tag = "text-classification"
