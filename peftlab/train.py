@@ -551,6 +551,8 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
     with RunLog(out, accelerator.is_main_process, recipe, resumed_at=state.step if resumed else None) as runlog, stop_on_signal() as stop, parts.cast:
         while state.step < total:
             train_dl.set_epoch(state.epoch)
+            if hasattr(data.collate, "set_epoch"):  # a collator that draws at random (mlm's masks): this epoch's draws
+                data.collate.set_epoch(t.seed, state.epoch)
             batches_done = (state.step - state.epoch * steps_per_epoch) * t.grad_accum if resume else 0
             loader = accelerator.skip_first_batches(train_dl, batches_done) if batches_done else train_dl
             resume = False

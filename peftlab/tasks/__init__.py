@@ -52,6 +52,9 @@ class Task(Protocol):
     #   (default: data.max_length against the model's table).
     # - normalize_split(ds, spec, recipe, where) -> its rows, read from the raw columns by the task itself (sft:
     #   conversations), with check_columns(columns, recipe, where), which refuses a header it cannot read (`validate`).
+    # - collator(tokenizer).set_epoch(seed, epoch): a collator that draws at random (mlm's masks) draws from (seed, the
+    #   epoch, the row), which the loop sets each epoch: the loader collates ahead of the step, so draws from the global
+    #   generator are not where a checkpoint's random state says, and a resumed run would draw others.
     # - unused_parameters = True: a step may leave some trainable parameters without a gradient (multitask: the heads
     #   and adapters of the tasks not in the batch); DDP is then told to look for them (find_unused_parameters).
     # - check_tokenizer(tokenizer, recipe): raises the error tokenizing would (e.g. no chat template), so `validate` says it.

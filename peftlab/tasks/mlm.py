@@ -3,7 +3,8 @@ fill in masked tokens on unlabelled text of the target domain (DAPT) or task (TA
 
 Rows are the joined data.text_columns, packed into blocks of data.max_length tokens (tasks/corpus.py). Masking is
 BERT's: 15% of the non-special tokens are predicted, of which 80% are replaced by [MASK], 10% by a random token and 10%
-kept. Training draws new masks every time a block is seen (dynamic masking, seeded by train.seed); evaluation uses one
+kept. Training draws new masks every time a block is seen (dynamic masking: each epoch's seeded by train.seed, the
+epoch and the block, so a resumed run masks as the run never stopped would); evaluation uses one
 fixed mask per block (drawn from its tokens), so every evaluation scores the same positions and keep-best compares like
 with like. The MLM head is initialised when the checkpoint has none (sentence-embedding checkpoints such as MiniLM
 drop it) and trained with the adapter; the log names it. Evaluation reports the masked-token loss and its perplexity.
@@ -59,23 +60,30 @@ def mask(ids: torch.Tensor, special: torch.Tensor, tokenizer, generator: torch.G
 
 
 def collator(tokenizer):
-    """Right-padded blocks with two sets of masks: fresh ones from the global generator (training) and fixed ones
-    seeded by each block's own tokens (evaluation)."""
+    """Right-padded blocks with two sets of masks: the training ones, new each epoch, seeded by (train.seed, the epoch,
+    the block's tokens) through `collate.set_epoch(seed, epoch)`, and fixed ones seeded by the block's tokens alone
+    (evaluation). Not from the global generator: the loader collates a batch ahead of the step, so a checkpoint's
+    random state was already past the next batch's masks, and a resumed run drew others (and shifted every later draw)."""
     special_ids = torch.tensor(sorted(set(tokenizer.all_special_ids)))
+    epoch = {"seed": zlib.crc32(b"0:0")}
 
     def collate(rows):
         train, fixed = [], []
         for r in rows:
             ids = torch.tensor(r["input_ids"])
             special = torch.isin(ids, special_ids)
-            train.append(mask(ids, special, tokenizer))
-            seed = zlib.crc32(ids.numpy().astype("int64").tobytes())
-            fixed.append(mask(ids, special, tokenizer, torch.Generator().manual_seed(seed)))
+            block = ids.numpy().astype("int64").tobytes()
+            train.append(mask(ids, special, tokenizer, torch.Generator().manual_seed(zlib.crc32(block, epoch["seed"]))))
+            fixed.append(mask(ids, special, tokenizer, torch.Generator().manual_seed(zlib.crc32(block))))
         pad = tokenizer.pad_token_id
         return {"input_ids": _pad([x.tolist() for x, _ in train], pad), "labels": _pad([y.tolist() for _, y in train], -100),
                 "attention_mask": _pad([[1] * len(r["input_ids"]) for r in rows], 0),
                 "eval_input_ids": _pad([x.tolist() for x, _ in fixed], pad), "eval_labels": _pad([y.tolist() for _, y in fixed], -100)}
 
+    def set_epoch(seed: int, number: int) -> None:
+        epoch["seed"] = zlib.crc32(f"{seed}:{number}".encode())
+
+    collate.set_epoch = set_epoch
     return collate
 
 
