@@ -604,6 +604,9 @@ def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], prec
     if recipe.model.dtype == "auto":
         keep_trained_weights_fp32(model)
     trainable, total = count_params(model)
+    if trainable == 0 and recipe.train.max_steps != 0:  # (frozen on a base whose MLM head came with it: no new head)
+        raise ModelError(f"adapter.method={recipe.adapter.method} leaves no weight of {path} to train (no new task head was "
+                         "added): nothing would train. Use adapter.method=lora, or train.max_steps=0 to score the base as it is.")
     warn_if_not_efficient(recipe, trainable, total)
     info = ModelInfo(path=path, method=recipe.adapter.method, trainable_params=trainable, total_params=total,
                      head_modules=head, quantized=recipe.quant.mode, base_weights_mib=base_weights_mib)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -483,8 +484,6 @@ def test_how_often_a_run_evaluates_does_not_change_what_it_trains(tmp_path, tiny
 def test_a_resumed_mlm_run_masks_as_the_run_never_stopped(tmp_path, tiny_bert, texts):
     """The loader collates a batch ahead of the step: masks drawn from the global generator were past the checkpoint's
     random state, so a resumed run masked its next batch (and every later draw) otherwise: adapters 6e-4 apart."""
-    import shutil
-
     ov = ["train.max_steps=8", "train.save_every=4", "train.log_every=1", "train.eval_every=null"]
     full = run(recipe_for(tmp_path, tiny_bert, texts, "mlm", ov, name="full"))
     shutil.copytree(tmp_path / "full" / "checkpoints" / "step-4", tmp_path / "part" / "checkpoints" / "step-4")
@@ -495,3 +494,24 @@ def test_a_resumed_mlm_run_masks_as_the_run_never_stopped(tmp_path, tiny_bert, t
 
     assert logged("part") == pytest.approx(logged("full")[4:], abs=1e-6)
     assert part.metrics["eval"]["loss"] == pytest.approx(full.metrics["eval"]["loss"], abs=1e-6)
+
+
+def test_frozen_without_a_new_head_is_refused_before_training(tmp_path, tiny_bert, eos_llama, texts):
+    """adapter.method=frozen trains a new task head only: on an LM task (none) validation refuses it; on an MLM base that
+    brings its own head, the model build does (it failed inside the optimizer: 'empty parameter list')."""
+    from transformers import BertForMaskedLM
+
+    from peftlab import build_model
+    from peftlab.errors import ModelError
+
+    with pytest.raises(ConfigError, match=r"adapter.method=frozen trains only a new task head, and task.type=clm adds none"):
+        recipe_for(tmp_path, eos_llama, texts, "clm", ["adapter.method=frozen"])
+    with_head = tmp_path / "bert-mlm"
+    BertForMaskedLM.from_pretrained(tiny_bert).save_pretrained(with_head)
+    shutil.copy(tiny_bert / "tokenizer.json", with_head)
+    shutil.copy(tiny_bert / "tokenizer_config.json", with_head)
+    recipe = recipe_for(tmp_path, with_head, texts, "mlm", ["adapter.method=frozen"], name="fz")
+    with pytest.raises(ModelError, match="leaves no weight of .* to train"):
+        build_model(recipe, num_labels=0, label_names=[])
+    fresh = recipe_for(tmp_path, tiny_bert, texts, "mlm", ["adapter.method=frozen"], name="ok")  # MiniLM-like: a new MLM head
+    assert build_model(fresh, num_labels=0, label_names=[])[2].trainable_params > 0
