@@ -439,7 +439,7 @@ def few_steps(c: _Candidate, ds, label_names: list[str], holdout: np.ndarray, st
     d.text_columns = ["text", "text_pair"] if "text_pair" in ds.column_names else ["text"]  # data.text_pair: sentence pairs
     d.label_column, d.label_names = "label", list(label_names)
     t = r.train
-    t.max_steps, t.eval_every, t.save_every, t.keep_best = steps, None, None, False
+    t.max_steps, t.eval_every, t.save_every, t.keep_best, t.early_stopping = steps, None, None, False, None
     r.export.merge = False
     validate(r)
     start = time.perf_counter()
@@ -510,7 +510,7 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
             except PeftlabError as e:  # one candidate that cannot load or train: the others' figures are kept
                 log.error("select: %s %s failed: %s", base_label(c.base), c.method, e)
                 failed = {p: Estimate(math.nan, math.nan, 0.0) for p in proxies}
-                rows.append(SelectRow(0, c.base, c.method, "-", 0, len(labels), 0.0, 0, failed, error=str(e).splitlines()[0]))
+                rows.append(SelectRow(0, c.base, c.method, "-", 0, len(labels), 0.0, 0, failed, error=" ".join(line.strip() for line in str(e).splitlines())))
     if all(r.error for r in rows):
         raise SelectError([f"candidate {base_label(r.base)} ({r.method}): {r.error}" for r in rows])
     rows.sort(key=lambda r: -r.estimates[rank_by].value if math.isfinite(r.estimates[rank_by].value) else math.inf)

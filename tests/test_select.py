@@ -321,3 +321,11 @@ def test_a_method_valid_only_with_its_own_overrides_still_gets_the_bases_feature
     rows = select(make_recipe({"quant.mode": "4bit"}), [str(tiny_bert)], ["full"], proxies=["probe"], max_rows=48, folds=3,
                   overrides={"full": ["quant.mode=none"]})
     assert rows[0].rank == 1 and math.isfinite(rows[0].estimates["probe"].value)
+
+
+def test_the_steps_proxy_runs_a_recipe_that_stops_early(make_recipe, tiny_bert):
+    """The proxy's few steps evaluate nothing, so train.early_stopping (which needs eval_every) made its recipe invalid:
+    the candidate failed with 'invalid recipe:' and nothing after it."""
+    rows = select(make_recipe({"train.eval_every": 4, "train.early_stopping": 2}), [str(tiny_bert)], proxies=["steps"],
+                  steps=1, max_rows=48, folds=3)
+    assert not rows[0].error and 0 <= rows[0].estimates["steps"].value <= 1
