@@ -48,6 +48,8 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     out = Path(out)
     identity = folder_identity(out)
     trained, run = read_run(out)
+    if hasattr(task := get_task(trained.task.type), "refuse_loading"):  # a multi-task run: evaluate its tasks' runs
+        raise task.refuse_loading(out, run)
     recipe, precision = trained, run.precision  # the run's own, unless an override names another
     if overrides:
         # only the evaluated split's file must exist (load_splits checks it): a published recipe names the others by file name

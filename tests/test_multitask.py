@@ -249,6 +249,8 @@ def test_each_task_reloads_to_the_model_that_was_trained(trained, mode):
         m = trained[mode].metrics["eval"]
         assert again["accuracy"] == m[f"{name}/accuracy"]
         assert again["loss"] == pytest.approx(m[f"{name}/loss"], abs=1e-5)
+    with pytest.raises(ArtifactError, match=r"is a multi-task run \(.*\): its models are per task. Load one of them"):
+        evaluate(out, "eval")  # the folder itself: it said "the run's recipe has no data.eval split", a fix that cannot work
 
 
 def test_shared_tasks_share_one_adapter_and_per_task_ones_do_not(trained):
