@@ -100,6 +100,16 @@ def quantization_config(recipe: Recipe, precision: str, skip_modules: list[str])
     )
 
 
+# Names of heads transformers creates for sequence classification across architectures; kept out of quantization.
+HEAD_GUESS = ["classifier", "score", "qa_outputs", "pre_classifier"]  # (DistilBERT's head is pre_classifier + classifier)
+
+
+def skip_modules(recipe: Recipe, path: str, auto_cls, num_labels: int) -> list[str]:
+    """The modules a quantized base keeps in full precision: new heads, and transformers' own (a skip list REPLACES
+    its default, the tied/output embeddings: both are named)."""
+    return HEAD_GUESS + default_skip_modules(recipe, path, auto_cls, num_labels)
+
+
 def default_skip_modules(recipe: Recipe, path: str, auto_cls, num_labels: int) -> list[str]:
     """The modules transformers keeps out of quantization by default (the LM head and the embeddings tied to it, the
     last module), asked of the model class itself, built on the meta device (no weights read, no memory)."""
@@ -235,11 +245,9 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
     dtype = base_dtype(recipe, precision)
     if task_load is not None and (loaded := task_load(recipe, path, dtype)) is not None:
         return loaded
-    # Names of heads transformers creates for sequence classification across architectures; kept out of quantization.
-    head_guess = ["classifier", "score", "qa_outputs", "pre_classifier"]  # (DistilBERT's head is pre_classifier + classifier)
     quant = None
-    if recipe.quant.mode != "none":  # a skip list REPLACES transformers' own (tied/output embeddings): pass both
-        quant = quantization_config(recipe, precision, head_guess + default_skip_modules(recipe, path, auto_cls, num_labels))
+    if recipe.quant.mode != "none":
+        quant = quantization_config(recipe, precision, skip_modules(recipe, path, auto_cls, num_labels))
     kwargs = dict(revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code,
                   use_safetensors=None if recipe.model.allow_pickle else True, dtype=dtype,
                   quantization_config=quant)
@@ -269,10 +277,10 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
         raise ModelError(f"cannot load {path} as {auto_cls.__name__}: {msg}") from None
     missing = set(info.get("missing_keys", [])) | {m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", [])}
     # (only weights beyond a new task head: the original base would lack the head too, and loading it costs a second base)
-    if recipe.model.from_run and any(k.split(".")[0] not in head_guess for k in missing):
+    if recipe.model.from_run and any(k.split(".")[0] not in HEAD_GUESS for k in missing):
         missing = fill_from_original_base(model, recipe, missing, auto_cls, kwargs)
     if recipe.model.from_run and num_labels:  # the earlier run's own classifier, same size: a fresh head all the same
-        missing |= fresh_head(model, head_guess, missing)
+        missing |= fresh_head(model, HEAD_GUESS, missing)
     head = new_modules(model, missing)
     keep_layers(model, recipe.model.num_layers)  # here, so a run reloaded (export.rebuild) or merged has the same layers
     if quant is not None:

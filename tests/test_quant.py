@@ -412,3 +412,29 @@ def test_a_qlora_run_resumes_from_its_checkpoint_as_if_never_stopped(make_recipe
     assert resumed["steps"] == full["steps"] == 8
     assert losses(part) == pytest.approx(losses(tmp_path / "full")[1:], abs=1e-6)
     assert resumed["metrics"]["eval"] == pytest.approx(full["metrics"]["eval"], abs=1e-6)
+
+
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_the_cards_snippet_loads_the_base_as_it_was_quantized(make_recipe, tiny_bert, tmp_path, capsys, mode):
+    """The card said 'add quantization_config=BitsAndBytesConfig(...)': that alone is fp4 without double quant and
+    quantizes the new head, whose first forward then fails. It now writes the run's settings out, and the snippet, run
+    as written, gives the run's logits."""
+    import re
+
+    from peftlab.publish import publish
+
+    recipe = make_recipe({"quant.mode": mode, "train.max_steps": 2, "train.precision": "fp32"})
+    run(recipe)
+    folder = tmp_path / "published"
+    publish(recipe.out, "alice/q", to=folder)
+    card = (folder / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    assert "BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type='nf4', bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32" \
+        in code if mode == "4bit" else "BitsAndBytesConfig(load_in_8bit=True" in code and "(LLM.int8)" in card
+    assert "'classifier'" in code
+    code = code.replace(f"base_model = {tiny_bert.name!r}", f"base_model = {str(tiny_bert)!r}").replace("repo = 'alice/q'", f"repo = {str(folder)!r}")
+    namespace: dict = {}
+    capsys.readouterr()
+    exec(code, namespace)
+    assert capsys.readouterr().out.strip() in ("negative", "positive")
+    torch.testing.assert_close(logits(namespace["model"]), logits(load_trained(recipe.out)[0]), atol=1e-6, rtol=0)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -23,6 +24,8 @@ from ..errors import PublishError
 from ..methods import get_method
 from ..rundir import RECIPE_FILE, RECORD_FILE, RunRecord, read_run
 from ..tasks import Task, get_task, pipeline_tag, task_name, usage_class
+
+log = logging.getLogger(__name__)
 
 # packaged model -> (hub id, licence): the card names what a reader can download, not a site-packages path
 KNOWN_BASES = {"minilm": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0")}
@@ -296,8 +299,10 @@ def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: 
     quant = ""
     if gguf and not local_base:
         quant = f"  # trained on the dequantized weights of the GGUF file {gguf}: this model's own weights differ a little"
-    if recipe.quant.mode != "none":
-        quant = f"  # trained on a {recipe.quant.mode} base: add quantization_config=BitsAndBytesConfig(...) to match it exactly"
+    setup = ""
+    if recipe.quant.mode != "none":  # the base as the run loaded it: its bitsandbytes settings, written out
+        setup, quant = _quantization(recipe, run, auto_cls, len(labels)), ""
+        args += ", quantization_config=quantization"
     where = "  # a local folder when it was trained: point this at your copy of it" if local_base else ""
     if gguf and local_base:
         where = f"  # a local folder holding {gguf} when it was trained: point this at your copy of it"
@@ -330,13 +335,41 @@ def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: 
         layers = (f"keep_layers(base, {recipe.model.num_layers})  # model.num_layers={recipe.model.num_layers}: the base's "
                   "layers this adapter was trained on (evenly spaced, first and last kept)\n")
     return ("```python\nimport torch\nfrom peft import PeftModel\n"
-            f"from transformers import {auto_cls}, AutoTokenizer\n{keep}\n"
-            f"repo = {repo!r}\nbase_model = {base!r}{where}\n{head}"
-            f"base = {auto_cls}.from_pretrained(base_model{args}){quant}\n{layers}"
+            f"from transformers import {auto_cls}, AutoTokenizer{', BitsAndBytesConfig' if setup else ''}\n{keep}\n"
+            f"repo = {repo!r}\nbase_model = {base!r}{where}\n{head}{setup}"
+            f"base = {auto_cls}.from_pretrained(base_model{args}){quant}\n{_no_cpu_repack(recipe)}{layers}"
             "tokenizer = AutoTokenizer.from_pretrained(repo)\n"
             "base.config.pad_token_id = tokenizer.pad_token_id\n"
             "model = PeftModel.from_pretrained(base, repo).eval()\n"
             f"{example}```")
+
+
+def _quantization(recipe, run: RunRecord, auto_cls: str, num_labels: int) -> str:
+    """`quantization = BitsAndBytesConfig(...)`: the run's quant.* with its resolved compute dtype and the modules kept in
+    full precision (the new head: BitsAndBytesConfig(load_in_4bit=True) alone is fp4, and quantizes the head, which
+    then fails in peft's forward)."""
+    from ..model import HEAD_GUESS, base_path, compute_dtype, skip_modules
+
+    q = recipe.quant
+    try:
+        skip = skip_modules(recipe, base_path(recipe), get_task(recipe.task.type).auto_model_class, num_labels)
+    except Exception as e:  # the base is not here (published from another machine): the heads and an LM's output layer
+        log.debug("the card's skip list without the base (%s)", e)
+        skip = HEAD_GUESS + (["lm_head"] if auto_cls == "AutoModelForCausalLM" else [])
+    if q.mode == "8bit":
+        config = f"BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules={skip!r})"
+    else:
+        config = (f"BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type={q.quant_type!r}, bnb_4bit_use_double_quant="
+                  f"{q.double_quant}, bnb_4bit_compute_dtype={compute_dtype(recipe, run.precision or 'fp32')}, "
+                  f"llm_int8_skip_modules={skip!r})")
+    return f"quantization = {config}  # the {q.mode} base it was trained on\n"
+
+
+def _no_cpu_repack(recipe) -> str:
+    if recipe.quant.mode != "4bit":
+        return ""
+    return ("for m in base.modules():  # on a CPU with avx512_bf16, as peftlab ran it: no repacked bf16 path (other numerics)\n"
+            "    if hasattr(m, \"support_avx512bf16_for_cpu\"):\n        m.support_avx512bf16_for_cpu = False\n")
 
 
 def _summarization_example(out: Path, recipe, causal: bool) -> str:
@@ -509,8 +542,9 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
                      + ("PiSSA/OLoRA's trained adapter, converted to plain LoRA of rank 2r on the original base"
                         if recipe.adapter.init in ("pissa", "olora") else "as peft saved it"))
     if recipe.quant.mode != "none":
-        lines.append(f"- base quantized with bitsandbytes: {recipe.quant.mode} ({recipe.quant.quant_type}, double quant "
-                     f"{recipe.quant.double_quant})")
+        q = recipe.quant
+        lines.append(f"- base quantized with bitsandbytes: {q.mode}" + (f" ({q.quant_type}, double quant {q.double_quant})"
+                                                                       if q.mode == "4bit" else " (LLM.int8)"))
     if run.trainable_params:
         lines.append(f"- trainable parameters: {run.trainable_params:,} of {run.total_params:,} "
                      f"({run.trainable_percent or 0:.3f}%)")
