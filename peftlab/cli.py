@@ -392,16 +392,18 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    # under `accelerate launch` every rank runs this: ranks other than 0 only log warnings (one copy of the progress log)
-    quiet = args.quiet or int(os.environ.get("RANK", "0")) != 0
-    logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s")
+    # under `accelerate launch` every rank runs this: rank 0 logs (one copy of the progress log and its warnings), the
+    # others only their errors
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(level=logging.ERROR if rank else logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "accelerate"):  # accelerate: a line per checkpoint file
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _quiet_libraries()
     try:
         return args.fn(args)
     except TrainingInterrupted as e:
-        print(f"stopped: {e}", file=sys.stderr)
+        if not rank:  # (every rank stopped with the same checkpoint; one says so)
+            print(f"stopped: {e}", file=sys.stderr)
         return e.code
     except PeftlabError as e:
         if args.debug:

@@ -590,8 +590,10 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                     with window.paused():  # eval time is not training throughput
                         evaluate()
                     if t.early_stopping and best.stale(state) >= t.early_stopping and state.step < total:
-                        bar.write(f"step {state.step}: {t.best_metric} has not improved for {t.early_stopping} evaluations "
-                                  f"(best {state.best_metric:.4f} at step {state.best_step}): stopping early (train.early_stopping)")
+                        if accelerator.is_main_process:  # (every rank stops; one says so)
+                            bar.write(f"step {state.step}: {t.best_metric} has not improved for {t.early_stopping} evaluations "
+                                      f"(best {state.best_metric:.4f} at step {state.best_step}): stopping early "
+                                      "(train.early_stopping)")
                         state.stopped_early = True
                         total = state.step
                 if t.save_every and state.step % t.save_every == 0:

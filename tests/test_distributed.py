@@ -129,6 +129,7 @@ def test_sigterm_to_the_launching_process_stops_the_ranks_with_a_checkpoint(make
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=240)
     assert proc.returncode != 0 and "SIGTERM: saving a checkpoint" in err, err[-3000:]
+    assert err.count("SIGTERM: saving a checkpoint") == err.count("stopped: ") == 1, err[-3000:]  # rank 0 says it, once
     assert list((out / "checkpoints").glob("step-*")) and not (out / "run.json").exists()  # stopped, with a checkpoint
 
 
