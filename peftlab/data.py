@@ -483,6 +483,11 @@ def load_splits(recipe: Recipe, *, need_train: bool = True, prefix: str = "data"
         check_holdout(len(raw["train"]), d.eval_holdout, prefix)
         parts = raw["train"].train_test_split(test_size=d.eval_holdout, seed=seed)
         raw["train"], raw["eval"] = parts["train"], parts["test"]
+        for part, name in ((raw["eval"], "held-out"), (raw["train"], "kept")):  # (the file's check saw them together)
+            if unlabelled and all(_blank(t) for t in part["text"]):
+                raise DataError(f"{prefix}.eval_holdout={d.eval_holdout}: the {len(part):,} {name} rows of {prefix}.train have "
+                                f"no text (the file's few rows with text all fell on the other side). Drop the empty rows "
+                                f"from the file, or give {prefix}.eval.")
     if target or own or unlabelled:
         label_names, out = [], dict(raw)
     else:

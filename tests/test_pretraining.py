@@ -515,3 +515,17 @@ def test_frozen_without_a_new_head_is_refused_before_training(tmp_path, tiny_ber
         build_model(recipe, num_labels=0, label_names=[])
     fresh = recipe_for(tmp_path, tiny_bert, texts, "mlm", ["adapter.method=frozen"], name="ok")  # MiniLM-like: a new MLM head
     assert build_model(fresh, num_labels=0, label_names=[])[2].trainable_params > 0
+
+
+def test_a_held_out_part_with_no_text_is_named_before_the_model_loads(tmp_path, tiny_bert):
+    """100 rows, 5 with text: the held-out 10% had none, and the error came after the model loaded, naming no split and
+    pointing at data.text_columns, which was right."""
+    from peftlab import load_splits
+    from peftlab.errors import DataError
+
+    rows = [{"text": SENTENCES[i % 4] if i < 5 else ""} for i in range(100)]
+    (tmp_path / "sparse.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = recipe_for(tmp_path, tiny_bert, {"train": tmp_path / "sparse.jsonl", "eval": tmp_path / "sparse.jsonl"}, "mlm",
+                        ["data.eval=null", "data.eval_holdout=0.1"])
+    with pytest.raises(DataError, match=r"data.eval_holdout=0.1: the 10 held-out rows of data.train have no text"):
+        load_splits(recipe)
