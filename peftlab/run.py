@@ -295,9 +295,14 @@ def start_from_run(recipe: Recipe, accelerator) -> list[dict]:
     with accelerator.main_process_first():
         if accelerator.is_main_process:
             merge(source)  # idempotent: an existing merge of the same adapter is kept
-    data = earlier.data.train
+    data, d = earlier.data.train, earlier.data
+    rows = data and (data.path or f"{d.dataset}:{data.split}")
+    if data and data.max_samples:
+        rows += f" (a seeded sample of {data.max_samples} rows, seed {earlier.data_seed})"
+    if data and d.eval is None and d.eval_holdout > 0:
+        rows += f", less {d.eval_holdout:.0%} held out for evaluation"
     step = {"run": str(source.resolve()), "name": record.name, "task": record.task, "method": record.method,
-            "base_model": recipe.model.name, "data": data and (data.path or f"{earlier.data.dataset}:{data.split}"),
+            "base_model": recipe.model.name, "data": rows,
             "steps": record.steps, "metrics": record.metrics, "selected_on": record.selected_on,
             "weights_sha256": record.weights_sha256}
     log.info("starting from run %s (%s, %s on %s, %s steps)", source, record.task, record.method, recipe.model.name, record.steps)

@@ -180,8 +180,8 @@ def test_a_task_recipe_starts_from_a_pretraining_run_reloads_and_records_its_lin
     from peftlab import evaluate, load_trained
     from peftlab.publish.card import card_text
 
-    first = run(recipe_for(tmp_path, eos_llama, texts, "clm", ["train.max_steps=10", "adapter.target_modules=all-linear"],
-                           name="dapt"))
+    first = run(recipe_for(tmp_path, eos_llama, texts, "clm", ["train.max_steps=10", "adapter.target_modules=all-linear",
+                                                               "data.train.max_samples=90"], name="dapt"))
     stage1 = Path(first.output_dir)
     tree = {"name": "task", "output_dir": str(tmp_path / "task"), "model": {"from_run": str(stage1)},
             "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0},
@@ -205,7 +205,8 @@ def test_a_task_recipe_starts_from_a_pretraining_run_reloads_and_records_its_lin
 
     record = json.loads((out / "run.json").read_text())
     assert [s["name"] for s in record["lineage"]] == ["dapt"] and record["lineage"][0]["task"] == "clm"
-    assert record["lineage"][0]["data"] == str(texts["train"]) and record["lineage"][0]["steps"] == 10
+    assert record["lineage"][0]["data"] == f"{texts['train']} (a seeded sample of 90 rows, seed 42)"  # what it read
+    assert record["lineage"][0]["steps"] == 10
     assert "## Lineage" in card_text(out) and "`dapt`: task clm" in card_text(out)
     assert evaluate(out)["accuracy"] == pytest.approx(second.metrics["eval"]["accuracy"])
     assert (merge(out) / "model.safetensors").is_file()
