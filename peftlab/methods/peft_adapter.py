@@ -88,7 +88,7 @@ def feedforward_within_targets(model):
     saved adapter then failed to load, in peftlab and in plain peft (IA3Config: feedforward_modules must be a subset of
     target_modules). The record is made what was trained: the targets that are feed-forward layers."""
     for c in model.peft_config.values():
-        ff, targets = getattr(c, "feedforward_modules", None), c.target_modules
+        ff, targets = getattr(c, "feedforward_modules", None), getattr(c, "target_modules", None)
         if isinstance(ff, set) and isinstance(targets, set) and not ff <= targets:
             c.feedforward_modules = {t for t in targets if any(t == f or t.endswith("." + f) for f in ff)}
     return model
