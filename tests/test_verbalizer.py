@@ -167,6 +167,16 @@ def test_lora_verbalizer_exports_and_reloads_to_the_same_metrics(make_verb):
     again = evaluate(recipe.out)
     assert again["accuracy"] == record.metrics["eval"]["accuracy"]
     assert again["loss"] == pytest.approx(record.metrics["eval"]["loss"], abs=1e-5)
+    # every row's prediction, as a classifier writes them: its row in the file, text, label, predicted word's class
+    import csv
+
+    with open(recipe.data.eval.path, encoding="utf-8") as f:
+        file_rows = list(csv.DictReader(f, delimiter="\t"))
+    got = [json.loads(line) for line in (recipe.out / "predictions-eval.jsonl").read_text().splitlines()]
+    assert [g["row"] for g in got] == list(range(64))
+    assert all(g["text"] == file_rows[g["row"]]["sentence"] and g["label"] == ["negative", "positive"][int(file_rows[g["row"]]["label"])]
+               and 0.5 <= g["probability"] <= 1 for g in got)
+    assert sum(g["label"] == g["prediction"] for g in got) / 64 == pytest.approx(record.metrics["eval"]["accuracy"])
 
 
 def test_invalid_verbalizer_recipes_are_refused_with_the_fix(make_verb):

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM
 
 from ..errors import DataError
 from ..metrics import CLASSIFICATION_KEYS, classification_metrics
+from .classification import prediction_rows
 from .generative import causal_lm_loss, contiguous_head_input, next_token_items, row_losses
 from .summarization import _adds_bos, _pad, eos_id, truncate_sources
 
@@ -45,7 +46,7 @@ card_metrics = {"accuracy": "Accuracy", "f1": "Macro F1"}
 
 DEFAULT_PROMPT = "Text: {text}\nLabel:"
 PLACEHOLDER = re.compile(r"\{([A-Za-z_]\w*)\}")  # a {name}: braces around anything else (JSON) are text, kept as written
-EXTRAS = ("prompt_length", "class_label")  # eval-collator keys that are not model inputs
+EXTRAS = ("prompt_length", "class_label", "row", "text")  # eval-collator keys that are not model inputs
 
 
 def check(recipe) -> list[str]:
@@ -146,7 +147,7 @@ def prompt_ids(tokenizer, recipe, texts: list[str]) -> tuple[list[list[int]], li
 
 def tokenize(ds, tokenizer, recipe):
     """{text, label} rows -> input_ids = prompt + label word, labels = -100 over the prompt then the word's tokens;
-    keeps prompt_length, class_label (the class index), length and truncated."""
+    keeps prompt_length, class_label (the class index), length and truncated, and the text and row for predictions."""
     words = label_token_ids(tokenizer, recipe)
 
     def enc(batch):
@@ -158,7 +159,7 @@ def tokenize(ds, tokenizer, recipe):
                 "prompt_length": [len(p) for p in prompts], "class_label": batch["label"],
                 "length": [len(i) for i in ids], "truncated": cut}
 
-    return ds.map(enc, batched=True, remove_columns=["text", "label"], desc="tokenize")
+    return ds.map(enc, batched=True, remove_columns=["label"], desc="tokenize")
 
 
 def collator(tokenizer):
@@ -173,13 +174,15 @@ def collator(tokenizer):
 
 
 def eval_collator(tokenizer):
-    """The model inputs + each row's prompt length and class index: what scoring the label words needs."""
+    """The model inputs + each row's prompt length and class index: what scoring the label words needs; and its row in
+    the file and text, for the predictions file."""
     base = collator(tokenizer)
 
     def collate(rows):
         batch = base(rows)
         batch["prompt_length"] = torch.tensor([r["prompt_length"] for r in rows])
         batch["class_label"] = torch.tensor([r["class_label"] for r in rows])
+        batch.update({k: [r[k] for r in rows] for k in ("row", "text") if k in rows[0]})
         return batch
 
     return collate
@@ -243,11 +246,12 @@ def _score_words_in_full(model, prompts, words, device) -> torch.Tensor:
 def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=None):
     """-> (metrics, report). Without tokenizer/recipe (evaluations during training that keep the loss): the loss over
     the label-word tokens only. With them (the final evaluation, or a kept accuracy; loader from eval_collator): each
-    class's word scored, the argmax predicted; accuracy, macro-F1, per-class report and confusion matrix, and the loss."""
+    class's word scored, the argmax predicted; accuracy, macro-F1, per-class report and confusion matrix, and the loss,
+    and every row's prediction (classification.prediction_rows: the probability is over the label words)."""
     scoring = tokenizer is not None and recipe is not None
     words = label_token_ids(tokenizer, recipe, label_names) if scoring else None
     model.eval()
-    preds, refs, nll_sum, n_tokens = [], [], 0.0, 0
+    preds, refs, nll_sum, n_tokens, written = [], [], 0.0, 0, []
     for batch in loader:
         extras = {k: batch.pop(k) for k in EXTRAS if k in batch}
         if not scoring:
@@ -263,6 +267,8 @@ def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=
         gold = extras["class_label"].to(scores.device)
         nll = -scores.gather(1, gold[:, None])[:, 0]
         count = torch.tensor([len(words[y]) for y in gold.tolist()], device=scores.device)
+        if "row" in extras:
+            written += accelerator.gather_for_metrics(prediction_rows(scores, gold, extras, label_names), use_gather_object=True)
         p, r, nll, count = accelerator.gather_for_metrics((scores.argmax(-1), gold, nll, count))
         preds.append(p.cpu())
         refs.append(r.cpu())
@@ -275,4 +281,6 @@ def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=
     metrics, report = classification_metrics(torch.cat(preds).tolist(), torch.cat(refs).tolist(), label_names)
     metrics["loss"] = loss
     report["label_words"] = [tokenizer.decode(w) for w in words]
+    if written:
+        report["predictions"] = sorted(written, key=lambda w: w["row"])
     return metrics, report
