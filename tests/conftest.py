@@ -123,6 +123,24 @@ def make_recipe(tmp_path, tiny_bert, sentiment_files):
     return make
 
 
+def assert_resume_is_uninterrupted(make_recipe, tmp_path, overrides: dict, step: int, steps: int) -> None:
+    """Run the recipe, then again in a fresh folder from a copy of the first run's step-`step` checkpoint: the resumed
+    run's steps, logged losses after the checkpoint (log_every divides `step`) and final metrics are the first run's."""
+    import shutil
+
+    from peftlab import run
+
+    full = run(make_recipe({**overrides, "output_dir": tmp_path / "full"}))
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / f"step-{step}", part / "checkpoints" / f"step-{step}")
+    resumed = run(make_recipe({**overrides, "output_dir": part}), resume=True)
+    assert resumed["steps"] == full["steps"] == steps
+    done = sum(1 for line in (tmp_path / "full" / "log.jsonl").read_text().splitlines()
+               if '"kind": "train"' in line and json.loads(line)["step"] <= step)
+    assert losses(part) == pytest.approx(losses(tmp_path / "full")[done:], abs=1e-6)
+    assert resumed["metrics"]["eval"] == pytest.approx(full["metrics"]["eval"], abs=1e-6)
+
+
 def losses(out: Path) -> list[float]:
     """The training losses a run logged in OUT/log.jsonl, in step order."""
     return [json.loads(line)["loss"] for line in (out / "log.jsonl").read_text().splitlines() if '"kind": "train"' in line]

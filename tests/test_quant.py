@@ -15,7 +15,7 @@ import torch
 import peftlab.model
 from peftlab import build_data, build_model, load_splits, load_trained, merge, run
 
-from .conftest import REPO, logits, losses
+from .conftest import REPO, assert_resume_is_uninterrupted, logits
 
 bnb = pytest.importorskip("bitsandbytes")
 
@@ -405,13 +405,7 @@ def test_a_qlora_run_resumes_from_its_checkpoint_as_if_never_stopped(make_recipe
     """A 4-bit layer's checkpointed state holds its quantization state, which strict loading refused: no QLoRA run could
     be resumed. The rest of a resumed run is the run without a stop."""
     ov = {"quant.mode": "4bit", "train.max_steps": 8, "train.save_every": 4, "train.precision": "fp32"}
-    full = run(make_recipe({**ov, "output_dir": tmp_path / "full"}))
-    part = tmp_path / "part"
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-4", part / "checkpoints" / "step-4")
-    resumed = run(make_recipe({**ov, "output_dir": part}), resume=True)
-    assert resumed["steps"] == full["steps"] == 8
-    assert losses(part) == pytest.approx(losses(tmp_path / "full")[1:], abs=1e-6)
-    assert resumed["metrics"]["eval"] == pytest.approx(full["metrics"]["eval"], abs=1e-6)
+    assert_resume_is_uninterrupted(make_recipe, tmp_path, ov, step=4, steps=8)
 
 
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])

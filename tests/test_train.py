@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from peftlab import build_data, build_model, load_splits, run
 from peftlab.errors import ArtifactError, ModelError
 
-from .conftest import losses
+from .conftest import assert_resume_is_uninterrupted, losses
 
 
 def test_lora_trains_adapter_and_head_only_base_frozen(make_recipe):
@@ -106,13 +106,7 @@ def test_gradient_accumulation_matches_a_larger_batch(make_recipe, tmp_path, row
 def test_checkpoint_resume_matches_uninterrupted(make_recipe, tmp_path):
     """Resume from the step-8 checkpoint of a run (mid-epoch): the rest of the run is the same as without a stop."""
     ov = {"train.epochs": 2, "train.save_every": 8, "train.keep_checkpoints": 4}
-    full = run(make_recipe({**ov, "output_dir": tmp_path / "full"}))
-    part = tmp_path / "part"
-    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-8", part / "checkpoints" / "step-8")
-    resumed = run(make_recipe({**ov, "output_dir": part}), resume=True)
-    assert resumed["steps"] == full["steps"] == 32
-    assert losses(part) == pytest.approx(losses(tmp_path / "full")[2:], abs=1e-6)
-    assert resumed["metrics"]["eval"] == pytest.approx(full["metrics"]["eval"], abs=1e-6)
+    assert_resume_is_uninterrupted(make_recipe, tmp_path, ov, step=8, steps=32)
 
 
 def test_resumed_totals_count_the_steps_since_the_last_log_line(make_recipe, tmp_path):
