@@ -349,13 +349,14 @@ def stop_requested(flag: threading.Event, accelerator) -> bool:
 def load_checkpoint(accelerator, ckpt: Path) -> tuple[TrainState, dict | None]:
     """Restore model, optimizer, schedules and RNGs from a checkpoint (already verified: rundir.good_checkpoint)."""
     model = accelerator.unwrap_model(accelerator._models[0]) if accelerator._models else None
-    if model is not None and any(type(m).__name__ == "Linear4bit" for m in model.modules()):
+    weights = ckpt / "model.safetensors"  # (one process's or DDP's; FSDP and DeepSpeed write their own)
+    if model is not None and weights.is_file() and any(type(m).__name__ == "Linear4bit" for m in model.modules()):
         # a 4-bit layer's state dict holds its quantization state (absmax, quant_map, ...), which its load does not
         # take back: strict loading refused every QLoRA checkpoint. Loaded leniently, then checked: every weight of
         # the model is in the checkpoint (the frozen base's quantization state is loaded from the base, as it was)
         from safetensors import safe_open
 
-        with safe_open(str(ckpt / "model.safetensors"), "pt") as f:
+        with safe_open(str(weights), "pt") as f:
             missing = set(model.state_dict()) - set(f.keys())
         if missing:
             raise ArtifactError(f"checkpoint {ckpt} lacks {len(missing)} weight(s) of the model (e.g. {sorted(missing)[0]}): "

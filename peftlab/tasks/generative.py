@@ -219,8 +219,8 @@ def reference_lists(values: list, column: str, where: str, rows: list[int]) -> l
 
 
 def references(row: dict) -> list[str]:
-    """A scored row's references: those of `references_column` where the split has it (its target among them when
-    none is given), else its one reference."""
+    """A scored row's references: those of the split's `references_column` (its target when a row's list is empty),
+    else its one reference."""
     return row.get("references") or [row["reference"]]
 
 
