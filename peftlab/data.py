@@ -171,8 +171,9 @@ def _check_columns(columns: list[str], needed: list[str], where: str, spec: Spli
     elif delimited and not spec.column_names:
         hint = " If the file has no header row, name its columns with column_names: [...]."
     d = section(where)
-    raise DataError(f"{where}: column(s) {missing} not found; the data has {columns}.{hint} "
-                    f"Set {d}.text_columns / {d}.label_column / {d}.target_column (or per split) to the right names.")
+    fields = f"{where}.references_column" if missing == [spec.references_column] else \
+        f"{d}.text_columns / {d}.label_column / {d}.target_column (or per split)"
+    raise DataError(f"{where}: column(s) {missing} not found; the data has {columns}.{hint} Set {fields} to the right names.")
 
 
 def needed_columns(spec: SplitConfig, data: DataConfig, target_column: str | None = None, unlabelled: bool = False

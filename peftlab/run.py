@@ -298,7 +298,7 @@ def start_from_run(recipe: Recipe, accelerator) -> list[dict]:
     data, d = earlier.data.train, earlier.data
     rows = data and (data.path or f"{d.dataset}:{data.split}")
     if data and data.max_samples:
-        rows += f" (a seeded sample of {data.max_samples} rows, seed {earlier.data_seed})"
+        rows += f" (at most {data.max_samples} rows, a seeded sample: seed {earlier.data_seed})"
     if data and d.eval is None and d.eval_holdout > 0:
         rows += f", less {d.eval_holdout:.0%} held out for evaluation"
     step = {"run": str(source.resolve()), "name": record.name, "task": record.task, "method": record.method,

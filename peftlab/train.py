@@ -354,10 +354,15 @@ def load_checkpoint(accelerator, ckpt: Path) -> tuple[TrainState, dict | None]:
         # a 4-bit layer's state dict holds its quantization state (absmax, quant_map, ...), which its load does not
         # take back: strict loading refused every QLoRA checkpoint. Loaded leniently, then checked: every weight of
         # the model is in the checkpoint (the frozen base's quantization state is loaded from the base, as it was)
+        from accelerate.utils import id_tensor_storage
         from safetensors import safe_open
 
         with safe_open(str(weights), "pt") as f:
-            missing = set(model.state_dict()) - set(f.keys())
+            saved = set(f.keys())
+        names: dict = {}  # tied weights (an LLM's lm_head and embeddings) are saved once, under one of their names
+        for name, tensor in model.state_dict().items():
+            names.setdefault(id_tensor_storage(tensor) if isinstance(tensor, torch.Tensor) else name, []).append(name)
+        missing = [group[0] for group in names.values() if not saved & set(group)]
         if missing:
             raise ArtifactError(f"checkpoint {ckpt} lacks {len(missing)} weight(s) of the model (e.g. {sorted(missing)[0]}): "
                                 "it was written by another model. Start again without --resume (or with --overwrite).")
@@ -526,7 +531,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
     def evaluate() -> None:
         train_s = state.train_seconds + window.elapsed()  # training time so far, evaluations excluded
         # folded as the final evaluations are (adapter_folded), into the fp32 weights (not the cast copies): autocast casts them
-        # under fork_rng: the evaluation's draws (its loader's seed, an MLM collator's masks) leave the training's random
+        # under fork_rng: the evaluation's draws (its loader's seed, a task's own draws) leave the training's random
         # stream as it was, so how often a run evaluates does not change what it trains
         with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []), \
                 parts.cast.suspended(), adapter_folded(accelerator.unwrap_model(model), recipe, accelerator):

@@ -244,7 +244,7 @@ def test_scratch_is_the_same_architecture_randomly_initialised(make_recipe, tiny
                            ours["bert.encoder.layer.0.attention.self.query.weight"])  # it trained
 
 
-@pytest.mark.parametrize("targets", [["query", "value"], ["query", "value", "output.dense"], "all-linear"])
+@pytest.mark.parametrize("targets", [["query", "value"], ["query", "value", "output.dense"], ["dense"], "all-linear"])
 def test_ia3_with_target_modules_saves_an_adapter_that_loads_again(make_recipe, tiny_bert, targets):
     """peft recorded its own feed-forward layers (BERT: output.dense) beside targets that did not hold them, or named
     them in full (all-linear): the adapter trained and exported, then never loaded again, in peftlab or plain peft."""

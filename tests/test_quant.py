@@ -408,6 +408,37 @@ def test_a_qlora_run_resumes_from_its_checkpoint_as_if_never_stopped(make_recipe
     assert_resume_is_uninterrupted(make_recipe, tmp_path, ov, step=4, steps=8)
 
 
+def test_a_qlora_llm_with_tied_embeddings_resumes(tmp_path):
+    """An LLM whose lm_head is its embedding matrix (SmolLM2) has it saved once in a checkpoint, under one name: the
+    check that every weight is in the checkpoint refused it as 'written by another model'."""
+    import json
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftlab import load_recipe
+
+    from .conftest import minilm_tokenizer
+
+    torch.manual_seed(0)
+    tok = minilm_tokenizer()
+    tok.eos_token = "[SEP]"
+    cfg = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                      num_key_value_heads=2, max_position_embeddings=128, pad_token_id=0, tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps({"text": f"the cat sat on mat number {i} and slept"}) + "\n" for i in range(64)))
+
+    def make(overrides):
+        tree = {"name": "q", "model": {"name": str(tmp_path / "m")}, "task": {"type": "clm"},
+                "adapter": {"method": "lora", "r": 4, "alpha": 8, "dropout": 0.0}, "quant": {"mode": "4bit"},
+                "data": {"train": str(tmp_path / "t.jsonl"), "eval": str(tmp_path / "t.jsonl"), "text_columns": ["text"], "max_length": 32},
+                "train": {"batch_size": 4, "precision": "fp32", "log_every": 1}}
+        (tmp_path / "r.yaml").write_text(json.dumps(tree))
+        return load_recipe(tmp_path / "r.yaml", [f"{k}={v}" for k, v in overrides.items()])
+
+    assert_resume_is_uninterrupted(make, tmp_path, {"train.max_steps": 4, "train.save_every": 2}, step=2, steps=4)
+
+
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])
 def test_the_cards_snippet_loads_the_base_as_it_was_quantized(make_recipe, tiny_bert, tmp_path, capsys, mode):
     """The card said 'add quantization_config=BitsAndBytesConfig(...)': that alone is fp4 without double quant and

@@ -102,6 +102,22 @@ def test_an_answer_starting_with_whitespace_is_trained_whole_after_the_prompt_ge
     assert tok.decode([t for t in one["labels"] if t != -100]) == answer + IM_END
 
 
+def test_sentencepiece_gets_no_spurious_prefix_where_a_token_crosses_the_answers_start():
+    """stories260k (SentencePiece, legacy) under a template whose generation prompt ends in 'Bot: ': '▁He' crosses the
+    answer's start. Its answer side tokenized alone got SentencePiece's own '▁' in front (a doubled space)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(shared_or_skip("models", "stories260k"))
+    tok.chat_template = ("{% for m in messages %}{% if m['role'] == 'user' %}{{ 'User: ' + m['content'] + '\\n' }}{% else %}"
+                         "{{ 'Bot: ' + m['content'] + '<|im_end|>' + '\\n' }}{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}{{ 'Bot: ' }}{% endif %}")
+    msgs = [{"role": "user", "content": "Say hi"}, {"role": "assistant", "content": "Hello world."}]
+    row = sft.encode(tok, msgs, 256)
+    assert tok.decode(row["input_ids"]) == sft.render(tok, msgs)  # no character added
+    assert tok.decode([t for t, y in zip(row["input_ids"], row["labels"]) if y != -100]) == "Hello world.<|im_end|>"
+    assert row["gen_ids"] == tok(sft.render(tok, msgs[:1], True), add_special_tokens=False)["input_ids"]
+
+
 def test_rows_in_three_formats_become_the_same_conversation(tmp_path, chat_llama):
     files = {"messages": write_jsonl(tmp_path / "m.jsonl", messages_rows(2)),
              "instruction": write_jsonl(tmp_path / "i.jsonl", [{"instruction": q, "input": "", "output": a} for q, a in QA[:2]]),

@@ -503,7 +503,7 @@ def test_an_eval_split_with_several_references_is_scored_against_each(make_sum_r
         make_sum_recipe(tiny_t5, {"data.train.path": multi, "data.train.references_column": "summaries"}, name="t")
     with pytest.raises(ConfigError, match=r"data.eval.references_column is set with task.type=classification"):
         make_sum_recipe(tiny_t5, {"data.eval.references_column": "summaries", "task.type": "classification"}, name="c")
-    with pytest.raises(DataError, match=r"column\(s\) \['summary_list'\] not found"):
+    with pytest.raises(DataError, match=r"column\(s\) \['summary_list'\] not found.*Set data.eval.references_column to"):
         load_splits(make_sum_recipe(tiny_t5, {"data.eval.path": multi, "data.eval.references_column": "summary_list"}, name="m"))
     with pytest.raises(DataError, match=r"data.eval.references_column='summary': row 1 holds .*, not a list of texts"):
         load_splits(make_sum_recipe(tiny_t5, {"data.eval.path": multi, "data.eval.references_column": "summary"}, name="s"))

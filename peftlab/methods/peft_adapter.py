@@ -84,13 +84,17 @@ def apply_peft(config_class: str, fields: Callable[[AdapterConfig], dict], model
 def feedforward_within_targets(model):
     """IA3 scales a feed-forward layer's input and any other layer's output. peft takes the feed-forward layers from its
     per-architecture table (BERT: output.dense; Llama: down_proj) whatever the targets, and records them beside
-    targets that may not hold them (target_modules=[query, value]) or name them in full (all-linear, expanded): the
-    saved adapter then failed to load, in peftlab and in plain peft (IA3Config: feedforward_modules must be a subset of
-    target_modules). The record is made what was trained: the targets that are feed-forward layers."""
-    for c in model.peft_config.values():
+    targets that may not hold them (target_modules=[query, value]), hold them under a shorter name ([dense]) or name
+    them in full (all-linear, expanded): the saved adapter then failed to load, in peftlab and in plain peft
+    (IA3Config: feedforward_modules must be a subset of target_modules). The record is then made what was trained:
+    every adapted layer by its full name, and those that scale their input as the feed-forward ones."""
+    for name, c in model.peft_config.items():
         ff, targets = getattr(c, "feedforward_modules", None), getattr(c, "target_modules", None)
         if isinstance(ff, set) and isinstance(targets, set) and not ff <= targets:
-            c.feedforward_modules = {t for t in targets if any(t == f or t.endswith("." + f) for f in ff)}
+            layers = {n: m for n, m in model.base_model.model.named_modules() if hasattr(m, "is_feedforward") and name in
+                      getattr(m, "ia3_l", {})}
+            c.target_modules = set(layers)
+            c.feedforward_modules = {n for n, m in layers.items() if m.is_feedforward}
     return model
 
 

@@ -149,7 +149,7 @@ def check_recipe(recipe) -> list[str]:
     packing = [] if not recipe.data.packing or getattr(task, "packs", False) else [
         f"data.packing=true with task.type={name}: only {', '.join(n for n in task_names() if getattr(get_task(n), 'packs', False))} "
         "packs its rows; this task would ignore it. Set data.packing=false."]
-    headless = [] if recipe.adapter.method != "frozen" or task.peft_task_type in ("SEQ_CLS", "FEATURE_EXTRACTION") else [
+    headless = [] if recipe.adapter.method != "frozen" or task.peft_task_type != "CAUSAL_LM" else [  # (a warm start adds some)
         f"adapter.method=frozen trains only a new task head, and task.type={name} adds none (it reads the base's own LM "
         "head): nothing would train. Use adapter.method=lora, or train.max_steps=0 to score the base as it is."]
     return [*best_metric_problems(name, task, recipe.train.best_metric), *task.check(recipe),

@@ -309,21 +309,35 @@ def stop_ids(tokenizer) -> list[int]:
 
 def edge_tokens(tokenizer, text: str, edges: list[int]) -> list[tuple[int, int, int]]:
     """`text` tokenized as one -> (id, start, end) each, except a token across one of `edges`, which is tokenized as its
-    two sides. An answer starting with whitespace after the template's newline gave SmolLM2 one token 'ĊĠ' ('\\n' + ' ')
+    sides. An answer starting with whitespace after the template's newline gave SmolLM2 one token 'ĊĠ' ('\\n' + ' ')
     across the answer's start: the answer lost its first character from the loss, and the model learned to continue a
     prompt that generation never ends with (its prompt ends with 'Ċ'). Tokenizing each turn apart instead would give
-    SentencePiece a spurious '▁' in front of every answer."""
+    SentencePiece a spurious '▁' in front of every answer: here the sides are taken alone, or else (SentencePiece) a
+    side after the first behind a newline (`_side`), whichever decodes to the token; a token neither does stays whole
+    (as before: its answer side untrained)."""
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     out = []
     for t, (a, b) in zip(enc["input_ids"], enc["offset_mapping"]):
         cuts = [c for c in edges if a < c < b]
-        if not cuts:
-            out.append((t, a, b))
-            continue
-        for x, y in zip([a, *cuts], [*cuts, b]):
-            side = tokenizer(text[x:y], add_special_tokens=False, return_offsets_mapping=True)
-            out += [(i, x + p, x + q) for i, (p, q) in zip(side["input_ids"], side["offset_mapping"])]
+        whole = [(t, a, b)]
+        for anchored in (False, True) if cuts else ():
+            pieces = [p for k, (x, y) in enumerate(zip([a, *cuts], [*cuts, b]))
+                      for p in _side(tokenizer, text, x, y, anchored=anchored and k > 0)]
+            if tokenizer.decode([i for i, _, _ in pieces]) == tokenizer.decode([t]):
+                whole = pieces
+                break
+        out += whole
     return out
+
+
+def _side(tokenizer, text: str, x: int, y: int, anchored: bool) -> list[tuple[int, int, int]]:
+    """text[x:y] tokenized alone -> (id, start, end) in `text`; `anchored`: behind a newline whose tokens are dropped,
+    so a SentencePiece tokenizer adds no '▁' of its own in front (its dummy prefix goes to the newline)."""
+    if not anchored:
+        side = tokenizer(text[x:y], add_special_tokens=False, return_offsets_mapping=True)
+        return [(i, x + p, x + q) for i, (p, q) in zip(side["input_ids"], side["offset_mapping"])]
+    side = tokenizer("\n" + text[x:y], add_special_tokens=False, return_offsets_mapping=True)
+    return [(i, x + p - 1, x + q - 1) for i, (p, q) in zip(side["input_ids"], side["offset_mapping"]) if p >= 1]
 
 
 def encode(tokenizer, messages: list[dict], max_length: int) -> dict:
