@@ -19,7 +19,7 @@ from typing import Any
 from .config import DataConfig, Recipe, SplitConfig
 from .errors import DataError, DataFileNotFound
 from .tasks import get_task
-from .tasks.generative import reference_lists
+from .tasks.generative import check_references, reference_lists
 
 log = logging.getLogger(__name__)
 MIN_EVAL_ROWS = 20  # fewer held-out rows than this: warned about
@@ -239,6 +239,7 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     if target_column:
         n = len(ds)
         ds = ds.filter(lambda r: bool(r["text"]) and bool(r["target"]), desc=f"{where}: empty rows")
+        check_references(ds, where)
         if len(ds) < n:
             log.warning("%s: dropped %d row(s) with an empty source or %s", where, n - len(ds), target_column)
         if len(ds) == 0:

@@ -472,7 +472,7 @@ def test_rouge_against_several_references_takes_each_rows_best():
     assert rouge_metrics(preds, [[p] for p in preds]) == rouge_metrics(preds, preds)
 
 
-def test_an_eval_split_with_several_references_is_scored_against_each(make_sum_recipe, tiny_t5, tmp_path):
+def test_an_eval_split_with_several_references_is_scored_against_each(make_sum_recipe, tiny_t5, tmp_path, caplog):
     """DialogSum's test split has 3 summaries a row: ROUGE is each prediction's best match over them, the loss stays on
     data.target_column, the predictions file and the report say so; train refuses the field, and a bad column is named."""
     from peftlab.errors import ConfigError, DataError
@@ -507,6 +507,22 @@ def test_an_eval_split_with_several_references_is_scored_against_each(make_sum_r
         load_splits(make_sum_recipe(tiny_t5, {"data.eval.path": multi, "data.eval.references_column": "summary_list"}, name="m"))
     with pytest.raises(DataError, match=r"data.eval.references_column='summary': row 1 holds .*, not a list of texts"):
         load_splits(make_sum_recipe(tiny_t5, {"data.eval.path": multi, "data.eval.references_column": "summary"}, name="s"))
+    # rows whose list is empty (or blank) are scored against their target, said; a column of no reference is refused
+    for name, lists in (("some", [[], ["  "], ["A summary."]]), ("none", [[], [" "], []])):
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text("".join(json.dumps({**r, "summaries": refs}) + "\n" for r, refs in zip(rows, lists)))
+        recipe = make_sum_recipe(tiny_t5, {"data.eval.path": path, "data.eval.references_column": "summaries"}, name=name)
+        if name == "none":
+            with pytest.raises(DataError, match=r"data.eval.references_column: no row has a reference"):
+                load_splits(recipe)
+            continue
+        with caplog.at_level("WARNING"):
+            ev = load_splits(recipe)[0]["eval"]
+        assert "2 of 3 row(s) have no reference in their list" in caplog.text and ev["references"] == [[], [], ["A summary."]]
+    from peftlab.tasks.generative import several_references
+
+    assert several_references([{"reference": "a", "references": ["a"]}, {"reference": "b", "references": ["b", "c", "d"]}]) == \
+        {"references_per_row": 2}
 
 
 @pytest.mark.parametrize("model", ["smollm2-135m-instruct", "stories260k"])

@@ -176,6 +176,8 @@ def dataset_of(recipe, split: str) -> tuple[str | None, str, str | None]:
     if spec is None:
         return None, split, None
     sample = f" (a seeded sample of {spec.max_samples} rows)" if spec.max_samples else ""  # data.SPLIT.max_samples
+    if spec.references_column:  # ROUGE is each row's best over them: higher than against one reference
+        sample += f" (scored against several references a row: {spec.references_column}, the best of them)"
     if spec.split is not None and d.dataset:
         pretty = d.dataset + (f" ({d.subset})" if d.subset else "")
         return d.dataset, pretty, spec.split + sample

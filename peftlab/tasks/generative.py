@@ -197,7 +197,7 @@ def loss_and_predictions(model, loader, accelerator, *, shift: bool, extras: tup
             mine = [{"row": r, "source": s, "prediction": p, "reference": t}
                     for r, s, p, t in zip(found["row"], found[source], preds, found[reference])]
             for row, refs in zip(mine, found.get("references", ())):  # (an eval split's references_column)
-                row["references"] = refs
+                row["references"] = refs or [row["reference"]]  # what it is scored against
             rows += accelerator.gather_for_metrics(mine, use_gather_object=True)
     model.train()
     if generate is None:
@@ -218,6 +218,20 @@ def reference_lists(values: list, column: str, where: str, rows: list[int]) -> l
     return out
 
 
+def check_references(ds, where: str) -> None:
+    """A split's rows whose references_column list holds no text are scored against their target alone: say how many;
+    refuse a column with no reference at all."""
+    if "references" not in ds.column_names:
+        return
+    empty = sum(not refs for refs in ds["references"])
+    if empty == len(ds) and empty:
+        raise DataError(f"{where}.references_column: no row has a reference (every list is empty or blank). Point it at the "
+                        "column of reference texts, or remove it.")
+    if empty:
+        log.warning("%s.references_column: %d of %d row(s) have no reference in their list: each is scored against its "
+                    "target alone", where, empty, len(ds))
+
+
 def references(row: dict) -> list[str]:
     """A scored row's references: those of the split's `references_column` (its target when a row's list is empty),
     else its one reference."""
@@ -226,7 +240,7 @@ def references(row: dict) -> list[str]:
 
 def several_references(rows: list[dict]) -> dict:
     """The report's note that generated text was scored against several references per row (references_column)."""
-    counts = [len(r["references"]) for r in rows if r.get("references")]
+    counts = [len(r["references"]) for r in rows if "references" in r]
     return {"references_per_row": sum(counts) / len(counts)} if counts else {}
 
 

@@ -38,6 +38,7 @@ from ..errors import ConfigError, DataError
 from ..metrics import ROUGE_KEYS, rouge_metrics
 from .generative import (
     causal_lm_loss,
+    check_references,
     contiguous_head_input,
     log_examples,
     loss_and_predictions,
@@ -228,6 +229,7 @@ def normalize_split(ds, spec, recipe, where: str):
     if len(ds) == 0:
         raise DataError(f"{where}: no row has an answer, an assistant turn with text after a user turn (format {fmt}): "
                         "nothing to learn. Check the columns.")
+    check_references(ds, where)
     return ds
 
 
