@@ -347,7 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compose", help="combine LoRA adapters of one base (peft add_weighted_adapter) into a new adapter")
     comp.add_argument("runs", nargs="+", metavar="OUT", help="output directories of two or more LoRA runs on the same base")
     comp.add_argument("--weights", nargs="+", type=float, required=True, help="one weight per run, e.g. --weights 0.7 0.3")
-    comp.add_argument("--method", default="linear", choices=("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat"))
+    comp.add_argument("--method", default="linear", choices=("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat"),
+                      help="peft's combination; cat is the exact weighted sum of the adapters' updates (linear mixes A and B "
+                           "apart, with cross terms)")
     comp.add_argument("--density", type=float, help="fraction of weights kept by ties/dare/magnitude_prune (default 0.5)")
     comp.add_argument("--seed", type=int, default=0, help="seed of dare's random pruning")
     comp.add_argument("--out", required=True, metavar="DIR", help="where the composed adapter is written")

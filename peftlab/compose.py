@@ -93,8 +93,8 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
     config.rank_pattern, config.alpha_pattern = {}, {}
     config.use_rslora = False  # the combined tensors hold their sources' scalings: alpha = r scales them by 1, as peft
     # meant (rsLoRA would scale them again, by alpha / sqrt(r), and weights 1 0 would no longer give the first adapter)
-    sources = [{"name": r.name, "path": str(o), "weights_sha256": sha256(o / "adapter_model.safetensors"), "steps": info.steps,
-                "exported_step": info.best_step if info.selected_on else info.steps} for o, (_, info) in zip(outs, runs)]
+    sources = [{"name": recipe.name, "path": str(o), "weights_sha256": sha256(o / "adapter_model.safetensors"), "steps": info.steps,
+                "exported_step": info.best_step if info.selected_on else info.steps} for o, (recipe, info) in zip(outs, runs)]
 
     def fill(tmp: Path) -> None:
         save_file({k: v.contiguous() for k, v in {**lora, **head}.items()}, str(tmp / "adapter_model.safetensors"),

@@ -7,6 +7,8 @@ second run skips tokenization) and batches are padded dynamically by the collato
 from __future__ import annotations
 
 import csv
+import glob
+import hashlib
 import logging
 import math
 import re
@@ -84,6 +86,25 @@ def _format(spec: SplitConfig) -> str:
     return fmt
 
 
+def check_header_line(spec: SplitConfig, fmt: str, where: str) -> None:
+    """A csv/tsv file's first line: with column_names, it must not be a header (it became a training row, its label a
+    class); without, its names must be distinct (pandas renamed the second 'sentence' to 'sentence.1', and the first
+    was read with no word)."""
+    if fmt not in ("csv", "tsv"):
+        return
+    with open(spec.path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        first = next(csv.reader(f, delimiter="\t" if fmt == "tsv" else ",",
+                                quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL), [])
+    names = [c.strip() for c in first]
+    if spec.column_names and names == [str(c) for c in spec.column_names]:
+        raise DataError(f"{where}: the file's first line is a header ({', '.join(names)}), and {where}.column_names "
+                        "names the columns too, so it would be read as a data row. Remove column_names (the header "
+                        "names them).")
+    if not spec.column_names and (twice := sorted({n for n in names if names.count(n) > 1})):
+        raise DataError(f"{where}: the header names {twice} more than once: which column is meant is ambiguous. Rename "
+                        f"them in the file, or name every column with {where}.column_names (the header line removed).")
+
+
 def read_split(spec: SplitConfig, data: DataConfig, where: str):
     """Load one split as a `datasets.Dataset`, raw columns untouched."""
     import datasets
@@ -102,6 +123,7 @@ def read_split(spec: SplitConfig, data: DataConfig, where: str):
     if path.stat().st_size == 0:
         raise DataError(f"{where}.path: '{spec.path}' is empty. Point it at a file with rows.")
     fmt = _format(spec)
+    check_header_line(spec, fmt, where)
     kwargs: dict[str, Any] = {}
     if fmt in ("csv", "tsv"):
         kwargs["delimiter"] = "\t" if fmt == "tsv" else ","
@@ -111,8 +133,16 @@ def read_split(spec: SplitConfig, data: DataConfig, where: str):
             kwargs["column_names"] = spec.column_names
             kwargs["header"] = None
     builder = {"tsv": "csv"}.get(fmt, fmt)
+    # the file as named: datasets reads data_files as a glob ('reviews[a].csv' read 'reviewsa.csv'); and its cache by
+    # content: datasets keys a local file by path, size and mtime, so a file rewritten with the same size and mtime
+    # (cp -p, rsync -a, a relabelling that flips 0 and 1) was served from the cache as it was
+    digest = hashlib.sha256()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    cache = Path(datasets.config.HF_DATASETS_CACHE) / "peftlab-files" / digest.hexdigest()[:16]
     try:
-        ds = datasets.load_dataset(builder, data_files={"data": str(path)}, split="data", **kwargs)
+        ds = datasets.load_dataset(builder, data_files={"data": glob.escape(str(path))}, split="data", cache_dir=str(cache), **kwargs)
     except UnicodeDecodeError as e:
         raise DataError(f"{where}.path: '{spec.path}' is not UTF-8 ({e.reason} at byte {e.start}). "
                         "Re-encode it, e.g. `iconv -f latin1 -t utf-8 IN > OUT`.") from None
@@ -210,9 +240,19 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
         return ds.map(lambda b: {"text": joined(b, text_cols)}, batched=True, remove_columns=ds.column_names,
                       desc=f"{where}: columns")
     label_map = {spelled(k): v for k, v in (spec.label_map or {}).items()}
-    if label_map and not target_column and spec.max_samples is None:  # (a subset may miss a rare class)
-        present = {spelled(v) for v in ds[label_col]}
-        if unused := [k for k in label_map if k not in present]:
+    if label_map and not target_column:
+        present = {spelled(v) for v in ds[label_col] if not _blank(v)}
+        def kind(v) -> str:
+            return "index" if _integer(v) is not None else "name"
+
+        # values the map leaves as they are must be what it maps to (names, say): a raw 0 beside names was a pyarrow
+        # traceback, or read as class index 0 where a whole batch was unmapped
+        if unmapped := sorted(v for v in present - set(label_map) if kind(v) not in {kind(m) for m in label_map.values()}):
+            raise DataError(f"{where}: label value(s) {unmapped[:10]} of column {label_col!r} are not keys of {where}.label_map "
+                            f"({', '.join(map(str, label_map))}), which maps to {'names' if kind(unmapped[0]) == 'index' else 'class indices'}"
+                            ": add them to the map.")
+        unused = [k for k in label_map if k not in present]
+        if unused and spec.max_samples is None:  # (a subset may miss a rare class)
             log.warning("%s.label_map: key(s) %s not found in column %r (its values: %s): check their spelling.", where,
                         ", ".join(map(repr, unused)), label_col, ", ".join(sorted(present)[:10]))
 
@@ -253,6 +293,7 @@ def header(spec: SplitConfig, data: DataConfig, where: str) -> tuple[list[str], 
     lines or an array), not complete (a later record may add one). Where the quick read fails, the whole file goes
     through read_split, so a broken file gets training's own message."""
     fmt = _format(spec)
+    check_header_line(spec, fmt, where)
     if spec.column_names and fmt in ("csv", "tsv"):
         return list(spec.column_names), True
     try:

@@ -281,3 +281,41 @@ def test_two_spellings_of_one_label_are_one_class_and_refused_as_such(tmp_path):
     (tmp_path / "one.jsonl").write_text('{"text": "a", "y": "1"}\n{"text": "b", "y": "1.0"}\n')
     with pytest.raises(DataError, match="every row has the label '1'. A classifier needs >= 2 classes"):
         splits_of(tmp_path, tmp_path / "one.jsonl", ["data.text_columns=[text]", "data.label_column=y"])
+
+
+def test_a_file_is_read_as_named_and_as_it_is_now(tmp_path):
+    """datasets read data_files as a glob: 'reviews[a].csv' read the file 'reviewsa.csv' beside it. And it keyed its
+    cache by path, size and mtime: a file rewritten with the same size and mtime (cp -p, a 0/1 flip) was served as it was."""
+    import os
+
+    (tmp_path / "reviews[a].csv").write_text("sentence,label\nthe real one,1\nthe real two,0\n")
+    (tmp_path / "reviewsa.csv").write_text("sentence,label\nANOTHER FILE,1\n")
+    assert splits_of(tmp_path, tmp_path / "reviews[a].csv")[0]["train"]["text"] == ["the real one", "the real two"]
+    edited = tmp_path / "edit.csv"
+    for rows in ("cccc,1\ndddd,0\n", "eeee,1\nffff,0\n"):
+        edited.write_text("sentence,label\n" + rows)
+        os.utime(edited, (1577836800, 1577836800))  # the same size and mtime both times
+        assert splits_of(tmp_path, edited)[0]["train"]["text"] == [line.split(",")[0] for line in rows.splitlines()]
+
+
+def test_a_header_row_named_again_by_column_names_and_a_column_named_twice_are_refused(tmp_path):
+    """column_names on a file with a header made the header a data row (a class 'label' in a 3-class head); a header
+    naming 'sentence' twice was read by its first column without a word. validate and train refuse both alike."""
+    from peftlab.data import column_problems
+
+    (tmp_path / "h.csv").write_text("sentence,label\ngood film,pos\nbad film,neg\n")
+    (tmp_path / "d.csv").write_text("sentence,label,sentence\ngood film,pos,x\nbad film,neg,y\n")
+    for path, extra, message in ((tmp_path / "h.csv", ["data.train.column_names=[sentence,label]"], "first line is a header"),
+                                 (tmp_path / "d.csv", [], r"the header names \['sentence'\] more than once")):
+        with pytest.raises(DataError, match=message):
+            splits_of(tmp_path, path, extra)
+        recipe = load_recipe(None, [f"data.train.path={path}", "data.eval=null", *extra], validate_files=False)
+        assert any(message.replace("\\", "")[:20] in p for p in column_problems(recipe)), column_problems(recipe)
+
+
+def test_a_label_value_the_label_map_does_not_name_is_refused(tmp_path):
+    """Values missing from the map passed through as they were: names and integers mixed (a pyarrow traceback), or a
+    raw 0 read as class index 0 beside a 1 mapped to the same class."""
+    (tmp_path / "t.csv").write_text("sentence,label\na,0\nb,1\nc,2\n")
+    with pytest.raises(DataError, match=r"label value\(s\) \['0'\] of column 'label' are not keys of data.train.label_map"):
+        splits_of(tmp_path, tmp_path / "t.csv", ["data.train.label_map={1: World, 2: Sports}"])

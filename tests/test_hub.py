@@ -48,7 +48,7 @@ def runs(tmp_path_factory, tiny_bert, sentiment_files):
         recipe = load_recipe(None, [f"model.name={tiny_bert}", f"data.train.path={sentiment_files['train']}",
                                     f"data.eval.path={sentiment_files['dev']}", "data.label_names=[negative,positive]",
                                     "adapter.r=4", "adapter.dropout=0.0", "train.epochs=2", "train.lr=1e-2", f"train.seed={seed}",
-                                    f"output_dir={out}"])
+                                    f"output_dir={out}", f"name=seed{seed}"])
         run(recipe)
         outs.append(out)
     return outs
@@ -461,6 +461,7 @@ def test_compose_linear_1_0_is_the_first_adapter(runs, tmp_path, capsys):
     run = json.loads((tmp_path / "c10" / "run.json").read_text())
     assert run["composition"]["method"] == "linear" and run["composition"]["weights"] == [1.0, 0.0]
     assert [s["path"] for s in run["composition"]["sources"]] == [str(o) for o in runs] and run["metrics"] == {}
+    assert [s["name"] for s in run["composition"]["sources"]] == ["seed42", "seed7"]  # each its own (both were the last's)
     assert (tmp_path / "c10" / "recipe.yaml").read_text() == (runs[0] / "recipe.yaml").read_text()
     meta = check_card(card_text(tmp_path / "c10", "alice/composed"))
     assert "model-index" not in meta  # nothing measured yet, nothing claimed
