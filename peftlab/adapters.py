@@ -12,12 +12,13 @@ one batch with one adapter per row needs heads of one size. Sources are run fold
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from .errors import ArtifactError
 from .export import load_trained
 from .publish import load_adapter
-from .rundir import base_as_loaded, read_run
+from .rundir import BASE_KEYS, base_as_loaded, differences, read_run
 
 
 def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None):
@@ -33,18 +34,23 @@ def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None
         other_recipe, other_run = read_run(folder)
         mine, theirs = base_as_loaded(recipe, run), base_as_loaded(other_recipe, other_run)
         if mine != theirs:
-            what = ", ".join(k for k, a, b in zip(("model.name", "model.num_layers", "quant.mode", "model.from_run",
-                                                    "model.from_run's weights"), mine, theirs) if a != b)
-            raise ArtifactError(f"adapter {name!r} ({folder}) was trained on another base than {first[0]!r} ({what} differ: "
-                                f"{[b for a, b in zip(mine, theirs) if a != b]} vs {[a for a, b in zip(mine, theirs) if a != b]}): "
-                                "adapters loaded side by side must share their base as loaded. Load them one by one "
-                                "(load_trained).")
+            raise ArtifactError(f"adapter {name!r} ({folder}) was trained on another base than {first[0]!r} "
+                                f"({differences(BASE_KEYS, mine, theirs)}): adapters loaded side by side must share their "
+                                "base as loaded. Load them one by one (load_trained).")
+        if (kind := peft_type(folder)) != peft_type(first[1]):  # (peft refused it with its own ValueError)
+            raise ArtifactError(f"adapter {name!r} is of peft type {kind} and {first[0]!r} of {peft_type(first[1])}: peft "
+                                "serves adapters side by side only of one type. Load them one by one (load_trained).")
         if len(other_run.label_names) == len(run.label_names):
             model.load_adapter(str(folder), adapter_name=name)
         else:
             load_with_own_head(model, Path(folder), name, len(run.label_names), len(other_run.label_names))
     model.set_adapter(first[0])
     return model.eval(), tokenizer
+
+
+def peft_type(folder) -> str | None:
+    """The peft type an adapter folder holds (LORA, IA3, ...), from its adapter_config.json."""
+    return json.loads((Path(folder) / "adapter_config.json").read_text()).get("peft_type")
 
 
 def load_with_own_head(model, folder: Path, name: str, old: int, new: int) -> None:

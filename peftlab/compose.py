@@ -14,7 +14,19 @@ from pathlib import Path
 
 from .errors import PeftlabError
 from .export import rebuild, write_atomic_dir
-from .rundir import LOG_FILE, RECIPE_FILE, RECORD_FILE, RunDir, base_as_loaded, holds_run, read_run, sha256, write_record
+from .rundir import (
+    BASE_KEYS,
+    LOG_FILE,
+    RECIPE_FILE,
+    RECORD_FILE,
+    RunDir,
+    base_as_loaded,
+    differences,
+    holds_run,
+    read_run,
+    sha256,
+    write_record,
+)
 
 log = logging.getLogger(__name__)
 
@@ -62,9 +74,10 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
             raise PeftlabError(f"{o} holds a DoRA adapter (use_dora): peft's add_weighted_adapter combines the LoRA matrices "
                                "but not DoRA's trained magnitude vectors, so the result would not be any of the adapters' "
                                "functions, not even with weights 1 0. Compose plain LoRA adapters (adapter.use_dora=false).")
-        if _base_of(r, info) != _base_of(first_recipe, first_run):
-            raise PeftlabError(f"{o} was trained on another base, task or label set than {outs[0]} (model.name, model.from_run, "
-                               "model.num_layers, quant.mode, task.type, labels): adapters compose only on the same base model and labels.")
+        if (theirs := _base_of(r, info)) != (mine := _base_of(first_recipe, first_run)):
+            raise PeftlabError(f"{o} was trained on another base, task or label set than {outs[0]} "
+                               f"({differences((*BASE_KEYS, 'task.type', 'labels'), mine, theirs)}): adapters compose only on "
+                               "the same base model and labels.")
     trained, tokenizer = rebuild(outs[0], first_recipe, first_run)
     base = trained.unload()  # the plain base (its head is replaced below)
     states = [load_file(str(o / "adapter_model.safetensors")) for o in outs]

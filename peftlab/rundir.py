@@ -351,6 +351,14 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+BASE_KEYS = ("model.name", "model.num_layers", "quant.mode", "model.from_run", "model.from_run's weights")  # base_as_loaded's
+
+
+def differences(keys: tuple, mine: tuple, theirs: tuple) -> str:
+    """'key: theirs vs mine' for each key whose values differ (a refusal that says what to align)."""
+    return "; ".join(f"{k}: {b!r} vs {a!r}" for k, a, b in zip(keys, mine, theirs) if a != b)
+
+
 def base_as_loaded(recipe, run) -> tuple:
     """What a run's adapter sits on: the base (a local folder by its resolved path), the layers kept, quantization, and
     a model.from_run's merged weights (the run and its weights' sha256 as recorded). Adapters fit one another only on

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 
 import pytest
@@ -56,5 +57,11 @@ def test_adapters_of_different_bases_are_refused(runs, make_recipe, tmp_path, ti
     recipe = yaml.safe_load((kept / "recipe.yaml").read_text())
     recipe["model"]["num_layers"] = 1
     (kept / "recipe.yaml").write_text(yaml.safe_dump(recipe))
-    with pytest.raises(ArtifactError, match=r"model.num_layers differ: \[1\] vs \[None\].*load_trained"):
+    with pytest.raises(ArtifactError, match=r"\(model.num_layers: 1 vs None\).*load_trained"):
         load_adapters({"full": runs[0], "kept": kept})
+    ia3 = tmp_path / "ia3"  # another peft type: peft's own ValueError before
+    shutil.copytree(runs[1], ia3)
+    cfg = json.loads((ia3 / "adapter_config.json").read_text())
+    (ia3 / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
+    with pytest.raises(ArtifactError, match=r"adapter 'ia3' is of peft type IA3 and 'full' of LORA.*load_trained"):
+        load_adapters({"full": runs[0], "ia3": ia3})

@@ -506,7 +506,7 @@ def test_compose_refuses_mismatched_runs(runs, tmp_path):
     run = json.loads((other / "run.json").read_text())
     run["label_names"] = ["a", "b"]
     (other / "run.json").write_text(json.dumps(run))
-    with pytest.raises(PeftlabError, match="same base model and labels"):
+    with pytest.raises(PeftlabError, match=r"\(labels: \['a', 'b'\] vs \['negative', 'positive'\]\).*same base model and labels"):
         compose([runs[0], other], [0.5, 0.5], tmp_path / "c")
     with pytest.raises(PeftlabError, match="one weight per run"):
         compose(runs, [1.0], tmp_path / "c")
