@@ -535,7 +535,13 @@ def load_splits(recipe: Recipe, *, need_train: bool = True, prefix: str = "data"
         label_names, out = [], dict(raw)
     else:
         label_names = list(d.label_names) if d.label_names else infer_label_names(*next((ds, f"{prefix}.{n}") for n, ds in raw.items()))
-        out = {name: encode_labels(ds, label_names, f"{prefix}.{name}") for name, ds in raw.items()}
+        try:
+            out = {name: encode_labels(ds, label_names, f"{prefix}.{name}") for name, ds in raw.items()}
+        except DataError as e:  # a student's label set is its teacher's (distill.check took it, or checked it equal)
+            if recipe.train.distill is None:
+                raise
+            raise DataError(f"{e} These label names are the teacher's (train.distill.teacher={recipe.train.distill.teacher}): "
+                            "a student learns its teacher's classes. Distill from a teacher trained on this data's classes.") from None
         trained = set(out["train"]["label"]) if "train" in out else set(range(len(label_names)))
         if absent := [n for i, n in enumerate(label_names) if i not in trained]:
             log.warning("%s.train has no row of class(es) %s (of %s.label_names %s): the model cannot learn to predict "

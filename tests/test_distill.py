@@ -436,3 +436,17 @@ def test_a_run_that_fails_before_training_leaves_no_inputs_record(tmp_path, tiny
             run(recipe)
     assert list(recipe.out.iterdir()) == []
     assert run(recipe).steps == 1  # and the next run is a fresh one
+
+
+def test_a_student_whose_labels_the_teacher_does_not_know_is_told_where_its_label_set_came_from(tmp_path, tiny_bert, teacher):
+    """The student set no data.label_names: it took the teacher's, and 'Fix data.label_names' pointed at a field it never set."""
+    from peftlab.errors import DataError
+
+    from .conftest import synthetic_rows, write_tsv
+
+    three = write_tsv(tmp_path / "three.tsv", [(t, i % 3) for i, (t, _) in enumerate(synthetic_rows(48, 5))])
+    recipe = student(tmp_path, tiny_bert, {"train": three, "dev": three}, "three", {**distilled(teacher), "data.label_names": None})
+    with pytest.raises(DataError, match=r"outside the label set \['negative', 'positive'\].*These label names are the teacher's "
+                                        r"\(train.distill.teacher=.*teacher\)"):
+        run(recipe)
+    assert not recipe.out.exists()
