@@ -12,13 +12,12 @@ one batch with one adapter per row needs heads of one size. Sources are run fold
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .errors import ArtifactError
 from .export import load_trained
 from .publish import load_adapter
-from .rundir import BASE_KEYS, base_as_loaded, differences, read_run
+from .rundir import BASE_KEYS, adapter_config, base_as_loaded, differences, read_run
 
 
 def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None):
@@ -30,6 +29,7 @@ def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None
     model, tokenizer, recipe, run = load_trained(first[1], adapter_name=first[0])
     if not hasattr(model, "load_adapter"):
         raise ArtifactError(f"{first[1]} holds a standalone model (method {run.method}), not an adapter.")
+    kind = adapter_config(first[1]).get("peft_type")
     for name, folder in rest:
         other_recipe, other_run = read_run(folder)
         mine, theirs = base_as_loaded(recipe, run), base_as_loaded(other_recipe, other_run)
@@ -37,8 +37,8 @@ def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None
             raise ArtifactError(f"adapter {name!r} ({folder}) was trained on another base than {first[0]!r} "
                                 f"({differences(BASE_KEYS, mine, theirs)}): adapters loaded side by side must share their "
                                 "base as loaded. Load them one by one (load_trained).")
-        if (kind := peft_type(folder)) != peft_type(first[1]):  # (peft refused it with its own ValueError)
-            raise ArtifactError(f"adapter {name!r} is of peft type {kind} and {first[0]!r} of {peft_type(first[1])}: peft "
+        if (other := adapter_config(folder).get("peft_type")) != kind:  # (peft refused it with its own ValueError)
+            raise ArtifactError(f"adapter {name!r} is of peft type {other} and {first[0]!r} of {kind}: peft "
                                 "serves adapters side by side only of one type. Load them one by one (load_trained).")
         if len(other_run.label_names) == len(run.label_names):
             model.load_adapter(str(folder), adapter_name=name)
@@ -46,11 +46,6 @@ def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None
             load_with_own_head(model, Path(folder), name, len(run.label_names), len(other_run.label_names))
     model.set_adapter(first[0])
     return model.eval(), tokenizer
-
-
-def peft_type(folder) -> str | None:
-    """The peft type an adapter folder holds (LORA, IA3, ...), from its adapter_config.json."""
-    return json.loads((Path(folder) / "adapter_config.json").read_text()).get("peft_type")
 
 
 def load_with_own_head(model, folder: Path, name: str, old: int, new: int) -> None:

@@ -20,6 +20,7 @@ from .rundir import (
     RECIPE_FILE,
     RECORD_FILE,
     RunDir,
+    adapter_config,
     base_as_loaded,
     differences,
     holds_run,
@@ -66,7 +67,7 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
     runs = [read_run(o) for o in outs]
     first_recipe, first_run = runs[0]
     for o, (r, info) in zip(outs, runs):
-        cfg = _adapter_config(o)
+        cfg = adapter_config(o)
         if cfg.get("peft_type") != "LORA":
             raise PeftlabError(f"{o} holds a {info.method} {'adapter' if cfg else 'model'}, not a LoRA adapter: only "
                                "LoRA adapters (lora, rslora, ...) compose.")
@@ -131,15 +132,6 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
 def _base_of(recipe, run) -> tuple:
     """What an adapter sits on (rundir.base_as_loaded) and predicts: the task and the labels."""
     return (*base_as_loaded(recipe, run), recipe.task.type, run.label_names)
-
-
-def _adapter_config(run: Path) -> dict:
-    """adapter_config.json (peft_type LORA, IA3, PROMPT_TUNING, ...); {} for a full model or an unreadable config."""
-    try:
-        cfg = json.loads((run / "adapter_config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    return cfg if isinstance(cfg, dict) else {}
 
 
 def check_compose_target(out: Path) -> None:

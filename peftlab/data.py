@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import hashlib
 import logging
 import math
 import re
@@ -18,6 +17,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+from .bases import file_sha256
 from .config import DataConfig, Recipe, SplitConfig
 from .errors import DataError, DataFileNotFound
 from .tasks import get_task
@@ -136,11 +136,7 @@ def read_split(spec: SplitConfig, data: DataConfig, where: str):
     # the file as named: datasets reads data_files as a glob ('reviews[a].csv' read 'reviewsa.csv'); and its cache by
     # content: datasets keys a local file by path, size and mtime, so a file rewritten with the same size and mtime
     # (cp -p, rsync -a, a relabelling that flips 0 and 1) was served from the cache as it was
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    cache = Path(datasets.config.HF_DATASETS_CACHE) / "peftlab-files" / digest.hexdigest()[:16]
+    cache = Path(datasets.config.HF_DATASETS_CACHE) / "peftlab-files" / file_sha256(path)[:16]
     try:
         ds = datasets.load_dataset(builder, data_files={"data": glob.escape(str(path))}, split="data", cache_dir=str(cache), **kwargs)
     except UnicodeDecodeError as e:
@@ -242,15 +238,13 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     label_map = {spelled(k): v for k, v in (spec.label_map or {}).items()}
     if label_map and not target_column:
         present = {spelled(v) for v in ds[label_col] if not _blank(v)}
-        def kind(v) -> str:
-            return "index" if _integer(v) is not None else "name"
-
-        # values the map leaves as they are must be what it maps to (names, say): a raw 0 beside names was a pyarrow
-        # traceback, or read as class index 0 where a whole batch was unmapped
-        if unmapped := sorted(v for v in present - set(label_map) if kind(v) not in {kind(m) for m in label_map.values()}):
+        # values the map leaves as they are must be of the kind it maps to (names, say): a raw 0 beside names was a
+        # pyarrow traceback, or read as class index 0 where a whole batch was unmapped
+        maps_to = {_integer(v) is not None for v in label_map.values()}  # {True}: class indices, {False}: names
+        if unmapped := sorted(v for v in present - set(label_map) if (_integer(v) is not None) not in maps_to):
             raise DataError(f"{where}: label value(s) {unmapped[:10]} of column {label_col!r} are not keys of {where}.label_map "
-                            f"({', '.join(map(str, label_map))}), which maps to {'names' if kind(unmapped[0]) == 'index' else 'class indices'}"
-                            ": add them to the map.")
+                            f"({', '.join(map(str, label_map))}), which maps to "
+                            f"{'class indices' if _integer(unmapped[0]) is None else 'names'}: add them to the map.")
         unused = [k for k in label_map if k not in present]
         if unused and spec.max_samples is None:  # (a subset may miss a rare class)
             log.warning("%s.label_map: key(s) %s not found in column %r (its values: %s): check their spelling.", where,

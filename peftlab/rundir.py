@@ -351,6 +351,16 @@ def _flat(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def adapter_config(run: Path) -> dict:
+    """A run folder's adapter_config.json (peft_type LORA, IA3, PROMPT_TUNING, ...); {} for a full model or an unreadable
+    config."""
+    try:
+        cfg = json.loads((Path(run) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return cfg if isinstance(cfg, dict) else {}
+
+
 BASE_KEYS = ("model.name", "model.num_layers", "quant.mode", "model.from_run", "model.from_run's weights")  # base_as_loaded's
 
 
