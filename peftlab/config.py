@@ -21,7 +21,7 @@ from typing import Any, Union
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, ModelNotFound
 from .methods import get_method, method_names
 from .methods.lora import LORA_INITS
 from .tasks import check_recipe as task_problems
@@ -613,7 +613,15 @@ def run_base(run: Path, record) -> str | None:
 
 
 def base_key(name: str) -> str:
-    """A model.name as compared: a local path by the folder it resolves to (two spellings of one folder agree), else as given."""
+    """A model.name as compared: a local path by the folder it resolves to (two spellings of one folder agree, and a
+    packaged name agrees with its installed folder), else as given."""
+    from .bases import PACKAGED_MODELS, resolve_model_path
+
+    if name in PACKAGED_MODELS:
+        try:
+            name = resolve_model_path(name)
+        except ModelNotFound:  # not installed: compared by its name
+            return name
     return str(Path(name).resolve()) if Path(name).exists() else name
 
 

@@ -533,3 +533,15 @@ def test_a_held_out_part_with_no_text_is_named_before_the_model_loads(tmp_path, 
                         ["data.eval=null", "data.eval_holdout=0.5"])
     with pytest.raises(DataError, match=r"data.eval_holdout=0.5: the 50 (held-out|kept) rows of data.train have no text"):
         load_splits(recipe)
+
+
+def test_from_run_on_the_packaged_minilm_accepts_its_folder_path(tmp_path, texts):
+    """A run trained on `minilm` continues with model.name given as the packaged model's folder (one base, two spellings)."""
+    from peftlab.bases import resolve_model_path
+
+    folder = resolve_model_path("minilm")
+    first = tmp_path / "dapt"
+    first.mkdir()
+    (first / "run.json").write_text(json.dumps({"base_model": "minilm"}))
+    recipe = recipe_for(tmp_path, folder, texts, "mlm", [f"model.from_run={first}"], name="two")
+    assert recipe.model.name == folder
