@@ -478,6 +478,8 @@ def test_compose_linear_1_0_is_the_first_adapter(runs, tmp_path, capsys):
     assert f"- composed, not trained; the first source: {source['steps']} optimizer steps (exported: step {exported})" in card
     assert "composed by peftlab from adapters trained with it" in card and "rerun it with" not in card
     assert "- the composed adapter: rank 4, lora_alpha 4 (`adapter_config.json`); the lines below" in card
+    intro = card.split("\n# ", 1)[1].split("\n\n")[1]  # what it is: the composed adapter's rank, not the first source's r/alpha
+    assert intro.startswith("A LoRA adapter (rank 4, lora_alpha 4: the composed one)") and "alpha=" not in intro, intro
 
 
 def test_compose_linear_1_0_gives_back_an_rslora_adapter(runs, tmp_path, tiny_bert, sentiment_files):

@@ -462,7 +462,10 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
         " (a local model folder on the training machine, named here by its folder name: give your copy of it with "
         "`model.name=FOLDER`, or publish with `--base-model HUB_ID`)" if local_base else "")
     method = get_method(run.method or a.method)
-    what = method.describe(recipe)
+    adapter = (out / "adapter_config.json").is_file()  # (a full model has none)
+    cfg = json.loads((out / "adapter_config.json").read_text()) if adapter else {}
+    what = (f"A LoRA adapter (rank {cfg.get('r', '?')}, lora_alpha {cfg.get('lora_alpha', '?')}: the composed one)" if run.composition
+            else method.describe(recipe))  # a composition's own rank, not its first source's
     lines = [f"# {data.model_name}", "",
              f"{what} for **{data.pipeline_tag}** on top of {base_link}, "
              + ("composed by peftlab from adapters trained with it (the recipe below is the first one's)." if run.composition
@@ -531,8 +534,6 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
              "The resolved recipe (`recipe.yaml`); rerun it with `peftlab train recipe.yaml`.")
     lines += ["", "## Training recipe", "", rerun, "",
               "```yaml", recipe.to_yaml().rstrip(), "```", "", "## Method and parameters", ""]
-    adapter = (out / "adapter_config.json").is_file()  # (a full model has none)
-    cfg = json.loads((out / "adapter_config.json").read_text()) if adapter else {}
     if run.composition:  # its own adapter_config.json: the combined rank, alpha = r (scale 1), no rsLoRA
         lines.append(f"- the composed adapter: rank {cfg.get('r', '?')}, lora_alpha {cfg.get('lora_alpha', '?')} "
                      "(`adapter_config.json`); the lines below, and the training time, are the first source's")
