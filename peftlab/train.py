@@ -108,6 +108,7 @@ class TrainState:
     best_schedule: Any = None  # the method's schedule at best_step (AdaLoRA's rank pattern): put back with keep_best's weights
     stopped_early: bool = False  # train.early_stopping ended the run before its last step
     num_processes: int | None = None  # the processes that wrote the checkpoint: --resume needs as many (rundir.processes_change)
+    frozen_sha256: str | None = None  # the frozen base that checkpoints leave out (checkpoint_keys), as trained on: --resume checks it
 
 
 class Window:
@@ -290,11 +291,26 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, best: dict | None
     final = checkpoint_path(out, state.step)
     root = final.parent
 
+    slimmed = []
+
+    def leave_out_frozen_base(models, weights, output_dir) -> None:  # Accelerate's hook: the weights it is about to write
+        for model, weights_of_model in zip(models, weights):  # (none under FSDP and DeepSpeed, which write their own)
+            keep, _ = checkpoint_keys(model, accelerator)
+            for key in [k for k in weights_of_model if k not in keep]:
+                del weights_of_model[key]
+            slimmed.append(model)
+
     def fill(tmp: Path) -> None:
         accelerator.wait_for_everyone()  # the main process made tmp; every rank writes its own RNG state into it
-        with tied_weights_note_hidden():
-            accelerator.save_state(str(tmp), safe_serialization=True)
+        hook = accelerator.register_save_state_pre_hook(leave_out_frozen_base)
+        try:
+            with tied_weights_note_hidden():
+                accelerator.save_state(str(tmp), safe_serialization=True)
+        finally:
+            hook.remove()
         if accelerator.is_main_process:
+            if slimmed and state.frozen_sha256 is None:  # once a run: the frozen base does not change while training
+                state.frozen_sha256 = frozen_sha256(checkpoint_keys(slimmed[0], accelerator)[1])
             if best is not None:
                 save_file(best, str(tmp / "best_trainable.safetensors"))
             state.num_processes = accelerator.num_processes
@@ -346,30 +362,60 @@ def stop_requested(flag: threading.Event, accelerator) -> bool:
     return bool(accelerator.reduce(torch.tensor(float(flag.is_set()), device=accelerator.device), "sum").item())
 
 
+def checkpoint_keys(model, accelerator) -> tuple[set[str], list]:
+    """What a checkpoint holds of `model` (as prepared: a DDP wrapper's keys): what training changes (the trainable
+    parameters, the buffers, an adapter's own frozen tensors: VeRA's projections, AdaLoRA's ranks), not the frozen
+    base, which --resume builds again as the first session did (a LoRA checkpoint of SmolLM2-135M: 7 MB, not 545 MB;
+    nor a 4-bit base's quantization state, which its load does not take back). -> (kept state-dict keys, the frozen
+    base's (name, tensor) pairs left out)."""
+    adapters = set(getattr(accelerator.unwrap_model(model), "peft_config", None) or ())
+    own = {n for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad or adapters & set(n.split("."))}
+    keep = own | {n for n, _ in model.named_buffers(remove_duplicate=False)}
+    return keep, [(n, p) for n, p in model.named_parameters() if n not in keep]
+
+
+def frozen_sha256(named: list) -> str | None:
+    """The sha256 of the frozen base's tensors (names and bytes); None when nothing is frozen (a full fine-tune)."""
+    import hashlib
+
+    if not named:
+        return None
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def load_checkpoint(accelerator, ckpt: Path) -> tuple[TrainState, dict | None]:
-    """Restore model, optimizer, schedules and RNGs from a checkpoint (already verified: rundir.good_checkpoint)."""
-    model = accelerator.unwrap_model(accelerator._models[0]) if accelerator._models else None
+    """Restore model, optimizer, schedules and RNGs from a checkpoint (already verified: rundir.good_checkpoint).
+    The model's weights are loaded leniently, after checking that the checkpoint holds all it keeps (checkpoint_keys),
+    and the frozen base built again is checked against the one the checkpoint was trained on."""
+    model = accelerator._models[0] if accelerator._models else None
     weights = ckpt / "model.safetensors"  # (one process's or DDP's; FSDP and DeepSpeed write their own)
-    if model is not None and weights.is_file() and any(type(m).__name__ == "Linear4bit" for m in model.modules()):
-        # a 4-bit layer's state dict holds its quantization state (absmax, quant_map, ...), which its load does not
-        # take back: strict loading refused every QLoRA checkpoint. Loaded leniently, then checked: every weight of
-        # the model is in the checkpoint (the frozen base's quantization state is loaded from the base, as it was)
+    state = TrainState(**json.loads((ckpt / TRAINER_STATE).read_text()))
+    if model is None or not weights.is_file():
+        accelerator.load_state(str(ckpt))
+    else:
         from accelerate.utils import id_tensor_storage
         from safetensors import safe_open
 
         with safe_open(str(weights), "pt") as f:
             saved = set(f.keys())
+        keep, frozen = checkpoint_keys(model, accelerator)
         names: dict = {}  # tied weights (an LLM's lm_head and embeddings) are saved once, under one of their names
         for name, tensor in model.state_dict().items():
-            names.setdefault(id_tensor_storage(tensor) if isinstance(tensor, torch.Tensor) else name, []).append(name)
+            if name in keep:
+                names.setdefault(id_tensor_storage(tensor) if isinstance(tensor, torch.Tensor) else name, []).append(name)
         missing = [group[0] for group in names.values() if not saved & set(group)]
         if missing:
             raise ArtifactError(f"checkpoint {ckpt} lacks {len(missing)} weight(s) of the model (e.g. {sorted(missing)[0]}): "
                                 "it was written by another model. Start again without --resume (or with --overwrite).")
+        if state.frozen_sha256 is not None and frozen_sha256(frozen) != state.frozen_sha256:
+            raise ArtifactError(f"--resume: the frozen base built now differs from the one checkpoint {ckpt} was trained on "
+                                "(checkpoints leave it out, to be built again): were the weights under model.name changed "
+                                "since? Train again with --overwrite, or put the earlier base back.")
         accelerator.load_state(str(ckpt), strict=False)
-    else:
-        accelerator.load_state(str(ckpt))
-    state = TrainState(**json.loads((ckpt / TRAINER_STATE).read_text()))
     best = None
     if (ckpt / "best_trainable.safetensors").is_file():
         from safetensors.torch import load_file

@@ -220,8 +220,10 @@ def test_cast_frozen_trains_evaluates_and_checkpoints_as_autocast_does(make_reci
     a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("once", "each"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     saved, base = (load_file(str(tmp_path / d / "checkpoints" / "step-6" / "model.safetensors")) for d in ("once", "each"))
-    frozen = [k for k in saved if k.endswith("base_layer.weight") or "intermediate.dense.weight" in k]
-    assert frozen and all(saved[k].dtype == torch.float32 and torch.equal(saved[k], base[k]) for k in frozen)
+    assert saved.keys() == base.keys() and all(saved[k].dtype == torch.float32 and torch.equal(saved[k], base[k]) for k in saved)
+    assert not [k for k in saved if k.endswith("base_layer.weight") or "intermediate.dense.weight" in k]  # the frozen base is left out
+    frozen = [json.loads((tmp_path / d / "checkpoints" / "step-6" / "trainer_state.json").read_text())["frozen_sha256"] for d in ("once", "each")]
+    assert frozen[0] and frozen[0] == frozen[1]  # what --resume checks is the fp32 base's, not the cast copies'
 
 
 def test_evaluating_a_stored_bf16_full_fine_tune_casts_its_weights_once_with_the_same_metrics(make_recipe, tmp_path, monkeypatch):

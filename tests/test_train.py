@@ -109,6 +109,48 @@ def test_checkpoint_resume_matches_uninterrupted(make_recipe, tmp_path):
     assert_resume_is_uninterrupted(make_recipe, tmp_path, ov, step=8, steps=32)
 
 
+@pytest.mark.parametrize("method", ["frozen", "vera", "full"])
+def test_checkpoints_leave_out_the_frozen_base_and_resume_exactly(make_recipe, tmp_path, method):
+    """A checkpoint holds what training changes (adapter, head; VeRA's own frozen projections too), not the frozen base
+    built again on --resume; the resumed run is the uninterrupted one."""
+    from safetensors import safe_open
+
+    ov = {"adapter.method": method, "train.max_steps": 8, "train.save_every": 4, "train.lr": 1e-3 if method == "full" else 5e-3}
+    assert_resume_is_uninterrupted(make_recipe, tmp_path, ov, step=4, steps=8)
+    with safe_open(str(tmp_path / "full" / "checkpoints" / "step-4" / "model.safetensors"), "pt") as f:
+        saved = set(f.keys())
+    state = json.loads((tmp_path / "full" / "checkpoints" / "step-4" / "trainer_state.json").read_text())
+    frozen_base = [k for k in saved if "attention.self.query" in k and "lora" not in k and "vera" not in k]
+    if method == "full":  # nothing is frozen: all of it is saved
+        assert frozen_base and state["frozen_sha256"] is None
+    else:
+        assert not frozen_base and state["frozen_sha256"] and any("classifier" in k for k in saved)
+    if method == "vera":
+        assert any("vera_A" in k for k in saved) and any("vera_lambda" in k for k in saved)
+
+
+def test_resume_refuses_a_base_changed_since_the_checkpoint(make_recipe, tmp_path, tiny_bert):
+    """Checkpoints leave the frozen base out: --resume builds it again, so a base folder rewritten since (other weights
+    under the same model.name) is refused before training, and the run folder keeps its checkpoint."""
+    from safetensors.torch import save_file
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_bert, base)
+    recipe = make_recipe({"train.max_steps": 4, "train.save_every": 2}, model=base)
+    run(recipe)
+    part = tmp_path / "part"
+    shutil.copytree(recipe.out / "checkpoints" / "step-2", part / "checkpoints" / "step-2")
+    weights = load_file(str(base / "model.safetensors"))
+    key = next(k for k in weights if "attention.self.query.weight" in k)
+    weights[key] = weights[key] + 0.01
+    save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
+    before = sorted(p.relative_to(part) for p in part.rglob("*"))
+    resumed = make_recipe({"train.max_steps": 4, "train.save_every": 2, "output_dir": part}, model=base)
+    with pytest.raises(ArtifactError, match="frozen base built now differs from the one checkpoint .* model.name changed"):
+        run(resumed, resume=True)
+    assert sorted(p.relative_to(part) for p in part.rglob("*")) == before
+
+
 def test_resumed_totals_count_the_steps_since_the_last_log_line(make_recipe, tmp_path):
     """A checkpoint between two log lines (step 8; logs at 16 and 32) carries the examples and tokens of steps 1-8: a
     resumed run's run.json totals are those of a run never stopped."""
