@@ -394,12 +394,29 @@ def _check_label_cells(ds, label_col: str, spec: SplitConfig, where: str) -> Non
     if not empty:
         return
     rows = ", ".join(str(i + 1) for i in empty[:10]) + (" ..." if len(empty) > 10 else "")
-    first_line = None  # the file line of data row 1, where lines are rows
-    if spec.path and Path(spec.path).suffix.lower() in (".csv", ".tsv", ".jsonl"):
-        first_line = 2 if Path(spec.path).suffix.lower() != ".jsonl" and not spec.column_names else 1
-    lines = f" (line {', '.join(str(i + first_line) for i in empty[:10])} of '{spec.path}')" if first_line else ""
+    starts = row_lines(spec)
+    lines = f" (line {', '.join(str(starts[i]) for i in empty[:10])} of '{spec.path}')" if len(starts) == len(ds) else ""
     raise DataError(f"{where}: {len(empty)} row(s) have an empty {label_col!r} cell: data row {rows}{lines}. "
                     "Fill in their labels or delete those rows.")
+
+
+def row_lines(spec: SplitConfig) -> list[int]:
+    """The file line where each data row of a local csv/tsv/jsonl split starts (a quoted csv cell may span lines; blank
+    lines hold no row); [] for other sources. Read only to name rows in an error."""
+    suffix = Path(spec.path).suffix.lower().lstrip(".") if spec.path else ""
+    fmt = suffix if spec.format in (None, "auto") or spec.format == "json" and suffix == "jsonl" else spec.format
+    if fmt not in ("csv", "tsv", "jsonl"):
+        return []
+    starts = []
+    with open(spec.path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        if fmt == "jsonl":
+            return [n for n, line in enumerate(f, 1) if line.strip()]
+        reader, line = csv.reader(f, delimiter="\t" if fmt == "tsv" else ","), 1
+        for cells in reader:
+            if cells:  # (an empty line is none; a line of empty cells is a row)
+                starts.append(line)
+            line = reader.line_num + 1
+    return starts if spec.column_names else starts[1:]
 
 
 def encode_labels(ds, label_names: list[str], where: str):

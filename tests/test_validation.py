@@ -213,6 +213,20 @@ def test_an_empty_label_cell_names_the_row(tmp_path, ext, sep):
     assert "Fill in their labels or delete those rows" in str(e.value)
 
 
+@pytest.mark.parametrize("name, text, line", [
+    ("q.csv", 'sentence,label\n"a review\nover three\nlines",1\nfine,\n', 5),  # a quoted cell spans lines 2-4
+    ("b.csv", "sentence,label\nok,1\n\nfine,\n", 4),  # a blank line holds no row
+    ("h.csv", "ok,1\n\"two\nlines\",0\nfine,\n", 4),  # no header: column_names
+    ("j.jsonl", '{"sentence": "ok", "label": 1}\n\n{"sentence": "fine", "label": null}\n', 3),
+])
+def test_an_empty_label_cell_names_its_file_line(tmp_path, name, text, line):
+    """The file line of the row, not data row + 1: a quoted csv cell may span lines, and blank lines hold no row."""
+    path = tmp_path / name
+    path.write_text(text)
+    with pytest.raises(DataError, match=rf"data row \d \(line {line} of"):
+        splits(tmp_path, path, *(["data.train.column_names=[sentence,label]"] if name == "h.csv" else []))
+
+
 def test_float_read_labels_are_class_indices_again(tmp_path):
     (tmp_path / "f.csv").write_text("sentence,label\nok,1.0\nbad,0.0\n")
     out, names = splits(tmp_path, tmp_path / "f.csv")
