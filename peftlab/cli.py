@@ -200,7 +200,7 @@ def cmd_publish(args) -> int:
 def cmd_compose(args) -> int:
     from .compose import compose
 
-    target = compose(args.runs, args.weights, args.out, method=args.method, density=args.density, seed=args.seed)
+    target = compose(args.runs, args.weights, args.out, method=args.method, density=args.density, seed=args.seed, rank=args.rank)
     print(f"composed adapter: {target}  (evaluate it: peftlab eval {target})")
     return 0
 
@@ -347,9 +347,11 @@ def build_parser() -> argparse.ArgumentParser:
     comp = sub.add_parser("compose", help="combine LoRA adapters of one base (peft add_weighted_adapter) into a new adapter")
     comp.add_argument("runs", nargs="+", metavar="OUT", help="output directories of two or more LoRA runs on the same base")
     comp.add_argument("--weights", nargs="+", type=float, required=True, help="one weight per run, e.g. --weights 0.7 0.3")
-    comp.add_argument("--method", default="linear", choices=("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat"),
+    comp.add_argument("--method", default="linear", choices=("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat", "svd"),
                       help="peft's combination; cat is the exact weighted sum of the adapters' updates (linear mixes A and B "
-                           "apart, with cross terms)")
+                           "apart, with cross terms); svd is that sum cut to its best approximation of rank --rank")
+    comp.add_argument("--rank", type=int, help="--method svd: the composed adapter's rank (default: the largest of the "
+                                               "adapters'; their sum keeps the weighted sum exact)")
     comp.add_argument("--density", type=float, help="fraction of weights kept by ties/dare/magnitude_prune (default 0.5)")
     comp.add_argument("--seed", type=int, default=0, help="seed of dare's random pruning")
     comp.add_argument("--out", required=True, metavar="DIR", help="where the composed adapter is written")

@@ -31,16 +31,19 @@ from .rundir import (
 
 log = logging.getLogger(__name__)
 
-COMBINATIONS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat")
+COMBINATIONS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat", "svd")
+PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")  # --density: the share of each task vector they keep
 
 
 def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, method: str = "linear", density: float | None = None,
-            seed: int = 0) -> Path:
+            seed: int = 0, rank: int | None = None) -> Path:
     """Combine LoRA adapters trained on one base into one adapter (peft's add_weighted_adapter), exported like a run.
 
     peft combines the LoRA matrices but refuses adapters that each save a task head (modules_to_save), so the
     adapters are loaded without their heads and the heads are summed with the same weights: for weights (1, 0, ...)
-    and method linear the result computes the first adapter's function exactly (its tensors are rescaled)."""
+    and method linear the result computes the first adapter's function exactly (its tensors are rescaled). `svd`: the
+    exact weighted sum of the adapters' updates, cut to its best rank-`rank` approximation (default: the largest source
+    rank; the sum of the ranks keeps it exact)."""
     import torch
     from peft import PeftConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -53,10 +56,16 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
         raise PeftlabError(f"--weights {' '.join(map(str, weights))}: every weight must be a finite number, e.g. --weights 0.5 0.5.")
     if method not in COMBINATIONS:
         raise PeftlabError(f"--method {method!r}: use one of {', '.join(COMBINATIONS)}.")
-    prunes = method not in ("linear", "cat")  # ties / dare: --density is the share of each task vector kept
+    prunes = method in PRUNING
     if not prunes and density is not None:
         raise PeftlabError(f"--density prunes the task vectors of ties/dare methods; --method {method} does not prune. "
                            "Drop --density, or use e.g. --method ties.")
+    if rank is not None and method != "svd":
+        raise PeftlabError(f"--rank sets the rank of --method svd's result; --method {method} sets its own. Drop --rank, or use "
+                           "--method svd.")
+    if rank is not None and rank < 1:
+        raise PeftlabError(f"--rank {rank}: the composed adapter's rank, at least 1 (the sum of the adapters' ranks keeps "
+                           "their weighted sum exact).")
     if density is not None and not 0 < density <= 1:
         raise PeftlabError(f"--density {density}: the share of each adapter's values kept, in (0, 1]; e.g. --density 0.5.")
     if prunes and density is None:
@@ -96,7 +105,8 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
         set_peft_model_state_dict(model, {k: v for k, v in sd.items() if k not in head}, adapter_name=name)
     torch.manual_seed(seed)  # dare_* prune at random
     try:
-        model.add_weighted_adapter(names, [float(w) for w in weights], "composed", combination_type=method, density=density)
+        model.add_weighted_adapter(names, [float(w) for w in weights], "composed", combination_type=method, density=density,
+                                   svd_rank=rank)
     except ValueError as e:
         raise PeftlabError(f"peft cannot combine these adapters with {method}: {e}") from None
     lora = get_peft_model_state_dict(model, adapter_name="composed")
@@ -118,6 +128,7 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
         info = replace(first_run, metrics={}, history=[], selected_on=None, best_step=None,
                        weights_sha256=sha256(tmp / "adapter_model.safetensors"),
                        composition={"method": method, "weights": [float(w) for w in weights], "density": density, "seed": seed,
+                                    **({"rank": composed_cfg.r} if method == "svd" else {}),
                                     "sources": sources, "note": "recipe.yaml and the training record are the first source's; "
                                     "task heads summed with the same weights; not evaluated yet: run `peftlab eval` on this folder"})
         write_record(tmp, (outs[0] / RECIPE_FILE).read_text(encoding="utf-8"), info)

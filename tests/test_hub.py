@@ -502,6 +502,42 @@ def test_compose_other_methods_export_a_loadable_adapter(runs, tmp_path, method)
     assert json.loads((target / "run.json").read_text())["composition"]["density"] == 0.5
 
 
+def lora_updates(model) -> dict:
+    """Each LoRA layer's update dW (scaling included) of a loaded adapter, by module name."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: m.get_delta_weight(m.active_adapters[0]).detach() for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+
+
+def test_compose_cat_and_svd_are_the_weighted_sum_of_the_updates(runs, tmp_path, capsys):
+    """cat stacks the adapters (rank 8 from two of rank 4): its update is w1 dW1 + w2 dW2, a negative weight too. svd
+    is that sum cut to rank --rank: exact at the sum of the ranks, the best rank-r approximation below it (default: the
+    largest source rank). Both hold the sources' scalings at lora_alpha = r."""
+    sources = [lora_updates(load_trained(o)[0]) for o in runs]
+    weights = [0.7, -0.4]
+    expected = {k: weights[0] * sources[0][k] + weights[1] * sources[1][k] for k in sources[0]}
+    assert expected and max(v.abs().max() for v in expected.values()) > 1e-3
+    rc, _, err = cli(capsys, "compose", runs[0], runs[1], "--weights", *weights, "--method", "svd", "--rank", 8, "--out", tmp_path / "svd8")
+    assert rc == 0, err
+    for method, target in (("cat", compose(runs, weights, tmp_path / "cat", method="cat")), ("svd", tmp_path / "svd8")):
+        got = lora_updates(load_trained(target)[0])
+        for k in expected:
+            torch.testing.assert_close(got[k], expected[k], atol=1e-5, rtol=1e-4, msg=f"{method} {k}")
+        cfg = json.loads((target / "adapter_config.json").read_text())
+        assert cfg["r"] == cfg["lora_alpha"] == 8 and not cfg["use_rslora"]
+    assert json.loads((tmp_path / "svd8" / "run.json").read_text())["composition"]["rank"] == 8
+    low = lora_updates(load_trained(compose(runs, weights, tmp_path / "svd4", method="svd"))[0])
+    assert json.loads((tmp_path / "svd4" / "adapter_config.json").read_text())["r"] == 4
+    for k in expected:  # the best rank-4 approximation: its error is the sum's 5th to 8th singular values, no more
+        s = torch.linalg.svdvals(expected[k])
+        assert torch.linalg.matrix_norm(low[k] - expected[k]) <= s[4:].norm() * (1 + 1e-4) + 1e-6
+    with pytest.raises(PeftlabError, match="--rank sets the rank of --method svd's result"):
+        compose(runs, weights, tmp_path / "c", method="linear", rank=4)
+    with pytest.raises(PeftlabError, match="--rank 0: the composed adapter's rank, at least 1"):
+        compose(runs, weights, tmp_path / "c", method="svd", rank=0)
+    assert not (tmp_path / "c").exists()
+
+
 def test_compose_refuses_mismatched_runs(runs, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(runs[1], other)
