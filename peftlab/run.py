@@ -28,7 +28,7 @@ from .model import build_model, model_problems, num_layers_problems
 from .rundir import RECIPE_FILE, RunDir, RunRecord, check_same_folder, folder_identity, read_run, same_inputs
 from .tasks import get_task, skip_unread
 from .trackers import resolve_trackers
-from .train import adapter_folded, eval_loader, train
+from .train import adapter_folded, eval_loader, stop_at_once_on_signal, train
 
 log = logging.getLogger(__name__)
 
@@ -204,45 +204,46 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = 
 
         model, state = train(recipe, model, data, accelerator, job.work, resume_from=job.checkpoint, tokenizer=tokenizer)
 
-        metrics, report, predictions, eval_seconds = {}, None, {}, {}
-        for split in ("eval", "test"):
-            ds = getattr(data, split)
-            if ds is not None:
-                t0 = time.perf_counter()
-                metrics[split], split_report, rows = evaluate_split(model, ds, data, accelerator, recipe, tokenizer)
-                eval_seconds[split] = time.perf_counter() - t0
-                if rows is not None:
-                    predictions[split] = rows
-                report = report or {"split": split, **split_report}  # the first split's (eval: the one data.eval names)
-                report.setdefault("splits", {})[split] = split_report  # and every split's, the held-out test's too
+        with stop_at_once_on_signal(job.work, state.step):  # a stop from here on: say whether --resume can go on
+            metrics, report, predictions, eval_seconds = {}, None, {}, {}
+            for split in ("eval", "test"):
+                ds = getattr(data, split)
+                if ds is not None:
+                    t0 = time.perf_counter()
+                    metrics[split], split_report, rows = evaluate_split(model, ds, data, accelerator, recipe, tokenizer)
+                    eval_seconds[split] = time.perf_counter() - t0
+                    if rows is not None:
+                        predictions[split] = rows
+                    report = report or {"split": split, **split_report}  # the first split's (eval: the one data.eval names)
+                    report.setdefault("splits", {})[split] = split_report  # and every split's, the held-out test's too
 
-        record = RunRecord(
-            name=recipe.name, output_dir=str(out), method=info.method, task=recipe.task.type, base_model=recipe.model.name,
-            base_path=info.path, quantization=info.quantized, precision=precision, label_names=label_names,
-            trainable_params=info.trainable_params, total_params=info.total_params,
-            trainable_percent=info.trainable_percent, base_weights_mib=info.base_weights_mib, steps=state.step, best_step=state.best_step,
-            stopped_early=state.stopped_early or None,
-            # keep_best (or early_stopping) over several evaluations chose the exported step on data.eval: reports must not
-            # call it held out
-            selected_on="eval" if (recipe.train.keep_best or recipe.train.early_stopping) and len(state.history) > 1 else None,
-            train_wall_s=state.wall_seconds, train_seconds=state.train_seconds, train_examples=state.examples, train_tokens=state.tokens,
-            train_padded_tokens=state.padded_tokens, eval_seconds=eval_seconds,
-            examples_per_s=state.examples / max(state.train_seconds, 1e-9),
-            tokens_per_s=state.tokens / max(state.train_seconds, 1e-9),
-            processes=accelerator.num_processes, history=state.history, metrics=metrics, lineage=lineage,
-            distillation=distillation,
-        )
-        # gather the full weights of a sharded model to save them (a collective: every rank takes part)
-        state_dict = accelerator.get_state_dict(model) if shards_weights(accelerator) else None
-        if accelerator.is_main_process:
-            own_export = getattr(get_task(recipe.task.type), "export", None)  # multitask: a complete run per task, OUT/tasks/NAME
-            if own_export is not None:
-                own_export(job.work, accelerator.unwrap_model(model), tokenizer, recipe, record, metrics, report)
-            else:
-                export(job.work, accelerator.unwrap_model(model), tokenizer, recipe, record, metrics, report,
-                       state_dict=state_dict, predictions=predictions)
-                if recipe.export.merge and (merged := merge(job.work)) != job.work:  # a full model: nothing to merge
-                    record.merged_dir = str(out / merged.relative_to(job.work))
+            record = RunRecord(
+                name=recipe.name, output_dir=str(out), method=info.method, task=recipe.task.type, base_model=recipe.model.name,
+                base_path=info.path, quantization=info.quantized, precision=precision, label_names=label_names,
+                trainable_params=info.trainable_params, total_params=info.total_params,
+                trainable_percent=info.trainable_percent, base_weights_mib=info.base_weights_mib, steps=state.step, best_step=state.best_step,
+                stopped_early=state.stopped_early or None,
+                # keep_best (or early_stopping) over several evaluations chose the exported step on data.eval: reports must not
+                # call it held out
+                selected_on="eval" if (recipe.train.keep_best or recipe.train.early_stopping) and len(state.history) > 1 else None,
+                train_wall_s=state.wall_seconds, train_seconds=state.train_seconds, train_examples=state.examples, train_tokens=state.tokens,
+                train_padded_tokens=state.padded_tokens, eval_seconds=eval_seconds,
+                examples_per_s=state.examples / max(state.train_seconds, 1e-9),
+                tokens_per_s=state.tokens / max(state.train_seconds, 1e-9),
+                processes=accelerator.num_processes, history=state.history, metrics=metrics, lineage=lineage,
+                distillation=distillation,
+            )
+            # gather the full weights of a sharded model to save them (a collective: every rank takes part)
+            state_dict = accelerator.get_state_dict(model) if shards_weights(accelerator) else None
+            if accelerator.is_main_process:
+                own_export = getattr(get_task(recipe.task.type), "export", None)  # multitask: a complete run per task, OUT/tasks/NAME
+                if own_export is not None:
+                    own_export(job.work, accelerator.unwrap_model(model), tokenizer, recipe, record, metrics, report)
+                else:
+                    export(job.work, accelerator.unwrap_model(model), tokenizer, recipe, record, metrics, report,
+                           state_dict=state_dict, predictions=predictions)
+                    if recipe.export.merge and (merged := merge(job.work)) != job.work:  # a full model: nothing to merge
+                        record.merged_dir = str(out / merged.relative_to(job.work))
             job.commit()  # an --overwrite's new run replaces the old one only now, complete
         accelerator.wait_for_everyone()
     return record

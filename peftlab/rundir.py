@@ -288,8 +288,10 @@ def read_run(out: str | Path) -> tuple[Recipe, RunRecord]:
         if (writer := RunDir(out).writer()) is not None:
             raise ArtifactError(f"'{out}' is not finished: a peftlab process ({writer}) is writing it now. Wait for it to "
                                 "finish, then run this again.")
-        raise ArtifactError(f"'{out}' is not a finished peftlab run (missing {', '.join(missing)}). "
-                            "If training was interrupted, continue it with `peftlab train RECIPE --resume`.")
+        again = ("continue it with `peftlab train RECIPE --resume`" if checkpoints(out) else
+                 "it has no checkpoint to continue from: train it again with `peftlab train RECIPE --overwrite`")
+        raise ArtifactError(f"'{out}' is not a finished peftlab run (missing {', '.join(missing)}). If training was "
+                            f"interrupted, {again}.")
     recipe = load_recipe(out / RECIPE_FILE, validate_files=False)
     try:
         data = json.loads((out / RECORD_FILE).read_text())
@@ -598,6 +600,10 @@ class RunDir:
         if is_started(self.out):
             if overwrite:
                 return Job(self, self.staging)
+            if not checkpoints(self.staging) and not checkpoints(self.out) and not self.finished:
+                raise ArtifactError(f"output directory {self.out} holds a run that stopped before it finished and has no "
+                                    "checkpoint to continue from (its log.jsonl says how far it got): start it again with "
+                                    "--overwrite, or choose another folder: output_dir=DIR (or name=NEW_NAME).")
             hint = (f" An --overwrite of it did not finish (stopped or failed; its checkpoints are in {self.staging}): "
                     "--resume continues it with the same recipe." if checkpoints(self.staging) else "")
             raise ArtifactError(f"output directory {self.out} already holds a run. Continue it with --resume, replace it with "
@@ -616,8 +622,8 @@ class RunDir:
             raise ArtifactError(f"--resume: {self.out} holds a finished run; there is nothing to resume. Evaluate it "
                                 f"(peftlab eval {self.out}), or train it again with --overwrite.")
         if not checkpoints(work):
-            raise ArtifactError(f"--resume: no checkpoint in {self.out}/checkpoints. Set train.save_every=N to write "
-                                "checkpoints, or start a fresh run without --resume.")
+            raise ArtifactError(f"--resume: no checkpoint in {self.out}/checkpoints, so there is nothing to continue: start the "
+                                "run again with --overwrite (in place of --resume). Set train.save_every=N to write checkpoints.")
         ckpt = good_checkpoint(work)
         changes = recipe_changes(ckpt, recipe_yaml) if recipe_yaml is not None else []
         if changes:

@@ -355,6 +355,35 @@ def stop_on_signal():
         restore()
 
 
+@contextmanager
+def stop_at_once_on_signal(out: Path, step: int):
+    """After the loop (the final evaluations and export): a Ctrl-C or SIGTERM stops at once with TrainingInterrupted,
+    saying whether a checkpoint holds the trained steps (train.save_every saves the last one) for --resume to go on."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        restore()
+        ckpt = checkpoint_path(out, step)
+        raise TrainingInterrupted(
+            f"interrupted after training (step {step}), in the final evaluation or export: " +
+            (f"checkpoint {ckpt} holds the trained model. Continue with the same command plus --resume (in place of "
+             "--overwrite, if you gave it): it evaluates and exports only." if ckpt.is_dir() else
+             "no checkpoint holds the trained steps (train.save_every is off), so train again with --overwrite."),
+            code=128 + signum)
+
+    def restore():
+        for s, before in previous.items():
+            signal.signal(s, before)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        restore()
+
+
 def stop_requested(flag: threading.Event, accelerator) -> bool:
     """Did any rank get a Ctrl-C? (All ranks must agree, since saving a checkpoint is collective.)"""
     if accelerator.num_processes == 1:
@@ -563,6 +592,8 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
     t, task = recipe.train, get_task(recipe.task.type)
     model, optimizer, train_dl, eval_dl, scheduler = parts.model, parts.optimizer, parts.train_dl, parts.eval_dl, parts.scheduler
     total, steps_per_epoch, resume = parts.total, parts.steps_per_epoch, resumed
+    if state.stopped_early:  # resumed from the checkpoint where train.early_stopping ended it: no more steps
+        total = state.step
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
     window = Window(accelerator, parts.epoch_tail)
@@ -648,7 +679,8 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                                       "(train.early_stopping)")
                         state.stopped_early = True
                         total = state.step
-                if t.save_every and state.step % t.save_every == 0:
+                if t.save_every and (state.step % t.save_every == 0 or state.step >= total):  # the last step's too: a
+                    # stop in the final evaluation or export then loses no training (--resume goes on from there)
                     check_window_finite(window, accelerator, state.step, t)  # never checkpoint a diverged run
                     checkpoint()
                 if stop_requested(stop, accelerator):

@@ -87,6 +87,44 @@ def test_an_interrupt_before_the_first_log_line_keeps_its_checkpoint(make_recipe
     assert run(make_recipe({"train.max_steps": 4, "train.log_every": 50}), resume=True)["steps"] == 4
 
 
+@pytest.mark.parametrize("signum, save_every", [(signal.SIGINT, 3), (signal.SIGTERM, 3), (signal.SIGINT, None)])
+def test_a_stop_in_the_final_evaluation_keeps_the_training_for_resume(make_recipe, tmp_path, monkeypatch, signum, save_every):
+    """A Ctrl-C or SIGTERM after the last step (the final evaluation, export) lost every trained step with a bare
+    "interrupted" (SIGTERM: no message at all). The last step now has a checkpoint (train.save_every), --resume only
+    evaluates and exports it, and the result is the uninterrupted run's; without checkpoints the error says so."""
+    from safetensors.torch import load_file
+
+    from peftlab.errors import TrainingInterrupted
+
+    run_module = sys.modules["peftlab.run"]
+    ov = {"train.max_steps": 4, "train.save_every": save_every}
+    full = run(make_recipe({**ov, "output_dir": tmp_path / "full"}))
+    assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").glob("step-*")) == (["step-3", "step-4"] if save_every else [])
+    evaluate_split = run_module.evaluate_split
+
+    def stopped(*args, **kwargs):
+        os.kill(os.getpid(), signum)
+        return evaluate_split(*args, **kwargs)
+
+    monkeypatch.setattr(run_module, "evaluate_split", stopped)
+    with pytest.raises(TrainingInterrupted, match=r"interrupted after training \(step 4\), in the final evaluation or export: "
+                       + ("checkpoint .*step-4 holds the trained model.*--resume" if save_every else "no checkpoint .*--overwrite")) as e:
+        run(make_recipe({**ov, "output_dir": tmp_path / "part"}))
+    assert e.value.code == 128 + signum
+    monkeypatch.undo()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+    if not save_every:
+        with pytest.raises(ArtifactError, match="stopped before it finished and has no checkpoint.*--overwrite"):
+            run(make_recipe({**ov, "output_dir": tmp_path / "part"}))
+        with pytest.raises(ArtifactError, match="nothing to continue: start the run again with --overwrite"):
+            run(make_recipe({**ov, "output_dir": tmp_path / "part"}), resume=True)
+        return
+    resumed = run(make_recipe({**ov, "output_dir": tmp_path / "part"}), resume=True)
+    assert resumed["steps"] == 4 and resumed["metrics"] == full["metrics"]
+    a, b = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("full", "part"))
+    assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
+
+
 def test_disk_full_while_saving_replaces_nothing(make_recipe, monkeypatch):
     import peft
 

@@ -151,6 +151,22 @@ def test_resume_refuses_a_base_changed_since_the_checkpoint(make_recipe, tmp_pat
     assert sorted(p.relative_to(part) for p in part.rglob("*")) == before
 
 
+def test_a_run_stopped_early_resumes_to_its_stop_and_not_beyond(make_recipe, tmp_path):
+    """train.early_stopping ended the run at step S and the last checkpoint is S's (a stop before the export): --resume
+    trained on to the next stop (steps S+1..), exporting another adapter. It now trains no further."""
+    ov = {"train.max_steps": 40, "train.eval_every": 2, "train.early_stopping": 1, "train.save_every": 40, "train.keep_best": False,
+          "train.lr": 5e-2}
+    full = run(make_recipe({**ov, "output_dir": tmp_path / "full"}))
+    stop = full["steps"]
+    assert full["stopped_early"] and stop < 40
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / f"step-{stop}", part / "checkpoints" / f"step-{stop}")  # the stop's own
+    resumed = run(make_recipe({**ov, "output_dir": part}), resume=True)
+    assert resumed["steps"] == stop and resumed["stopped_early"] and resumed["metrics"] == full["metrics"]
+    a, b = (load_file(str(d / "adapter_model.safetensors")) for d in (tmp_path / "full", part))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_resumed_totals_count_the_steps_since_the_last_log_line(make_recipe, tmp_path):
     """A checkpoint between two log lines (step 8; logs at 16 and 32) carries the examples and tokens of steps 1-8: a
     resumed run's run.json totals are those of a run never stopped."""
