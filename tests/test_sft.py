@@ -471,6 +471,28 @@ def test_sft_end_to_end_learns_exports_and_reloads(tmp_path, chat_llama, packing
         assert printed.getvalue().strip() == preds[0]["prediction"], (printed.getvalue(), snippet)
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "lora"])
+def test_each_generated_answer_is_the_one_its_prompt_alone_gives(tmp_path, chat_llama, method):
+    """peft drops position_ids under prompt tuning, so a left-padded prompt had every position shifted: a prompt-tuned
+    model's answers (and scores) depended on its batch's longest prompt, not what model.generate on that prompt gives."""
+    rows = [{"messages": [{"role": "user", "content": q + " please" * k}, {"role": "assistant", "content": a}]}
+            for k, (q, a) in enumerate(QA)]  # prompts of six lengths in one evaluation batch
+    path = write_jsonl(tmp_path / "m.jsonl", rows)
+    adapter = ["adapter.method=prompt_tuning", "adapter.target_modules=null", "adapter.num_virtual_tokens=4"] if method != "lora" else []
+    r = recipe_for(tmp_path, chat_llama, path, [*adapter, "train.max_steps=6", "eval.max_new_tokens=6", "export.merge=false"])
+    run(r)
+    preds = [json.loads(line) for line in (r.out / "predictions-eval.jsonl").read_text().splitlines()]
+    model, tok, _, _ = load_trained(r.out)
+    alone = []
+    for row in rows:
+        ids = sft.encode(tok, row["messages"], 64)["gen_ids"]
+        with torch.no_grad():
+            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                                 max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=sft.stop_ids(tok))
+        alone.append(tok.decode(out[0, len(ids):], skip_special_tokens=True).strip())
+    assert [p["prediction"] for p in preds] == alone
+
+
 @pytest.mark.parametrize("method,folds", [("lora", True), ("ia3", True), ("prompt_tuning", False)])
 def test_the_final_evaluation_folds_a_mergeable_adapter_and_scores_the_same(tmp_path, chat_llama, monkeypatch, method, folds):
     """eval.merge_adapter (default): the final evaluations run with the adapter merged into an fp32 base, then unmerged;

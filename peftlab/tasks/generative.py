@@ -205,6 +205,21 @@ def loss_and_predictions(model, loader, accelerator, *, shift: bool, extras: tup
     return loss_sum / max(n_tokens, 1), n_tokens, sorted(rows, key=lambda r: r["row"])
 
 
+def per_prompt_length(model, ids: torch.Tensor, mask: torch.Tensor, write) -> list[str]:
+    """write(ids, mask) -> a text per row, for left-padded prompts. Under prompt learning (prompt/prefix/p-tuning) peft
+    drops position_ids, so left padding shifts every token's position: a row's text would depend on its batch's longest
+    prompt, and differ from what model.generate on that prompt alone gives. There, rows of one prompt length are
+    generated together, unpadded (as the verbalizer scores them); other models take the batch as it is."""
+    config = getattr(model, "active_peft_config", None)
+    if not getattr(config, "is_prompt_learning", False) or bool(mask.all()):
+        return write(ids, mask)
+    lengths, texts = mask.sum(1).tolist(), {}
+    for n in sorted(set(lengths)):
+        rows = [i for i, k in enumerate(lengths) if k == n]
+        texts.update(zip(rows, write(ids[rows, ids.shape[1] - n:], mask[rows, ids.shape[1] - n:])))
+    return [texts[i] for i in range(len(lengths))]
+
+
 def reference_lists(values: list, column: str, where: str, rows: list[int]) -> list[list[str]]:
     """An evaluation split's `references_column` cells -> each row's reference texts, blank ones dropped; a cell that is
     no list of texts is refused (`rows`: the rows' numbers in their file, for the message)."""

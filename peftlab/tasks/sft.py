@@ -43,6 +43,7 @@ from .generative import (
     log_examples,
     loss_and_predictions,
     next_token_items,
+    per_prompt_length,
     reference_lists,
     references,
     several_references,
@@ -523,7 +524,10 @@ def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=
 
         def write(unwrapped, batch, extras):
             ids = extras["gen_input_ids"].to(batch["input_ids"].device)
-            mask = extras["gen_attention_mask"].to(ids.device)
+            return per_prompt_length(unwrapped, ids, extras["gen_attention_mask"].to(ids.device),
+                                     lambda ids, mask: answers(unwrapped, ids, mask))
+
+        def answers(unwrapped, ids, mask) -> list[str]:
             start = time.perf_counter()
             with accelerator.autocast(), contiguous_head_input(unwrapped):
                 gen = unwrapped.generate(input_ids=ids, attention_mask=mask, max_new_tokens=recipe.eval.max_new_tokens,
