@@ -193,6 +193,23 @@ def test_card_snippet_loads_the_adapter(runs, tmp_path, capsys, tiny_bert):
     torch.testing.assert_close(logits(namespace["model"]), logits(load_trained(runs[0])[0]), atol=1e-6, rtol=0)
 
 
+def test_card_snippet_of_a_merged_folder_runs_its_example(runs, tmp_path, capsys):
+    """A full model's snippet (a merged folder's too) loads it and runs the task's example, as an adapter's does."""
+    from peftlab import merge
+
+    folder = tmp_path / "run"
+    shutil.copytree(runs[0], folder)
+    merged = merge(folder)
+    card = card_text(merged, "alice/tiny-merged")
+    assert "A standalone model: a LoRA adapter (r=4, alpha=16) merged into the float32 weights of its base" in card, card
+    assert "on the adapter before the merge" in card and "An adapter only works" not in card  # (it described an adapter)
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1)
+    namespace: dict = {}
+    exec(code.replace("repo = 'alice/tiny-merged'", f"repo = {str(merged)!r}"), namespace)
+    assert capsys.readouterr().out.strip() in ("negative", "positive") and "PeftModel" not in code
+    torch.testing.assert_close(logits(namespace["model"]), logits(load_trained(runs[0])[0]), atol=1e-5, rtol=0)
+
+
 # ------------------------------------------------------------------------------------ folders, dry run, --to
 
 def test_dry_run_writes_exactly_what_is_uploaded(run_copy, hub, capsys):

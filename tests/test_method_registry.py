@@ -120,3 +120,14 @@ def test_the_options_the_recipe_does_not_set_still_pass():
 def test_an_unknown_method_names_the_closest():
     with pytest.raises(ConfigError, match="Did you mean 'lora'"):
         get_method("lorra")
+
+
+def test_every_method_describes_itself_on_the_card(make_recipe):
+    """The card's first words name the method (IA3, LoHa, ..., prompt tuning read "A model")."""
+    from peftlab.methods import get_method, method_names
+
+    recipe = make_recipe()
+    shown = {n: get_method(n).describe(recipe) for n in method_names()}
+    assert shown["ia3"] == "An IA3 adapter" and shown["vera"] == "A VeRA adapter" and shown["oft"] == "An OFT adapter"
+    assert shown["prompt_tuning"] == f"A prompt-tuning adapter ({recipe.adapter.num_virtual_tokens} virtual tokens)"
+    assert not [n for n, what in shown.items() if what == "A model"], shown

@@ -265,6 +265,13 @@ def test_generate_rouge_predictions_and_merge(family, make_sum_recipe, request):
     assert diff <= 1e-4, diff
     assert evaluate(target)["loss"] == pytest.approx(m["loss"], rel=1e-4)  # `peftlab eval` on the merged folder
     assert (target / "predictions-eval.jsonl").is_file()
+    # the merged folder's card snippet too (a full model: its class from config.json; a decoder's was AutoModelForSeq2SeqLM)
+    snippet = re.search(r"```python\n(.*?)```", card_text(target), re.S).group(1)
+    snippet = re.sub(r"source = .*", f"source = {source!r}", re.sub(r"repo = .*", f"repo = {str(target)!r}", snippet), count=1)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(snippet, {})
+    assert printed.getvalue().strip() == rows[i]["prediction"], (printed.getvalue(), rows[i], snippet)
 
 
 def test_accumulation_weighs_micro_batches_by_their_summary_tokens(make_sum_recipe, tiny_llama):

@@ -104,4 +104,6 @@ def peft_method(name: str, config_class: str, fields: Callable[[AdapterConfig], 
 
     from .base import Method
 
+    shown = {"VeraConfig": "VeRA"}.get(config_class, config_class.removesuffix("Config"))  # IA3, LoHa, LoKr, OFT
+    kw.setdefault("describe", lambda r: f"{'An' if shown[0] in 'AEIOU' else 'A'} {shown} adapter")  # the card's "what"
     return Method(name, partial(apply_peft, config_class, fields), config_class=config_class, recipe_fields=fields, **kw)

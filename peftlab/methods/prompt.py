@@ -30,7 +30,8 @@ def prompt_method(name: str, config_class: str, apply=None) -> Method:
     return Method(name, apply or partial(apply_peft, config_class, virtual_tokens, layers=False), config_class=config_class,
                   recipe_fields=virtual_tokens,
                   mergeable=False, merge_refusal=NOT_MERGEABLE, size_hint=tokens_hint, layers=False,
-                  extra_positions=lambda a: a.num_virtual_tokens)
+                  extra_positions=lambda a: a.num_virtual_tokens,
+                  describe=lambda r: f"A {name.replace('_', '-')} adapter ({r.adapter.num_virtual_tokens} virtual tokens)")
 
 
 # peft's sequence-classification wrapper passes past_key_values to the backbone, whose forward (transformers 5) no

@@ -221,9 +221,17 @@ def user_metrics(recipe, task: Task, values: dict) -> dict[str, str]:
 
 
 def _task_of(out: Path, recipe) -> tuple[Task, str | None]:
-    """(the run's task, its adapter's peft task type or None for a full model): the task presents itself on the card."""
+    """(the run's task, its model's peft task type): the adapter's, or for a full model (a merged one too) what its
+    config.json says it is, an encoder-decoder (SEQ_2_SEQ_LM) or not (CAUSAL_LM). The task presents itself on the card
+    with it (a summarizer: a seq2seq or a causal LM snippet)."""
     cfg = out / "adapter_config.json"
-    return get_task(recipe.task.type), json.loads(cfg.read_text()).get("task_type") if cfg.is_file() else None
+    if cfg.is_file():
+        return get_task(recipe.task.type), json.loads(cfg.read_text()).get("task_type")
+    try:
+        encoder_decoder = json.loads((out / "config.json").read_text()).get("is_encoder_decoder", False)
+    except (OSError, ValueError):
+        return get_task(recipe.task.type), None
+    return get_task(recipe.task.type), "SEQ_2_SEQ_LM" if encoder_decoder else "CAUSAL_LM"
 
 
 def _public(source: str | Path | PublicRun, base_model: str | None) -> PublicRun:
@@ -261,7 +269,7 @@ def card_data(source: str | Path | PublicRun, repo_id: str | None = None, base_m
     train_ds = dataset_of(recipe, "train")[0]
     method = get_method(run.method or recipe.adapter.method)
     tags = method.tags(recipe) if is_adapter else [method.name]  # a merged folder holds a plain transformers model
-    if recipe.quant.mode != "none":
+    if recipe.quant.mode != "none" and is_adapter:  # (merged: a float32 model)
         tags += ["qlora" if recipe.quant.mode == "4bit" else "8-bit", "bitsandbytes"]
     tags += [tag, recipe.task.type, "peftlab"]
     if base and is_adapter:
@@ -287,9 +295,6 @@ def gguf_file_of(recipe) -> str | None:
 def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: bool = False, gguf: str | None = None) -> str:
     auto_cls = usage_class(*_task_of(out, recipe))
     labels = run.label_names or []
-    if not (out / "adapter_config.json").is_file():
-        return (f"```python\nfrom transformers import {auto_cls}, AutoTokenizer\n\nrepo = {repo!r}\n"
-                f"model = {auto_cls}.from_pretrained(repo).eval()\ntokenizer = AutoTokenizer.from_pretrained(repo)\n```")
     head = ""
     if auto_cls == "AutoModelForSequenceClassification":
         head = f"labels = {labels!r}\n"
@@ -331,6 +336,9 @@ def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: 
                    f"print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True){cut}.strip())\n")
     elif recipe.task.type == "summarization" and not recipe.model.decoder:
         example = _summarization_example(out, recipe, causal=auto_cls == "AutoModelForCausalLM")
+    if not (out / "adapter_config.json").is_file():  # a full model (a merged one too): its own folder, the same example
+        return (f"```python\nimport torch\nfrom transformers import {auto_cls}, AutoTokenizer\n\nrepo = {repo!r}\n{head}"
+                f"model = {auto_cls}.from_pretrained(repo).eval()\ntokenizer = AutoTokenizer.from_pretrained(repo)\n{example}```")
     layers, keep = "", ""
     if recipe.model.num_layers:  # the adapter's layers are these of the base, renumbered: the rest are left out first
         keep = "from peftlab.model import keep_layers\n"
@@ -464,8 +472,12 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
     method = get_method(run.method or a.method)
     adapter = (out / "adapter_config.json").is_file()  # (a full model has none)
     cfg = json.loads((out / "adapter_config.json").read_text()) if adapter else {}
+    merged = json.loads((out / "merge.json").read_text()) if (out / "merge.json").is_file() else None  # a `peftlab merge` folder
     what = (f"A LoRA adapter (rank {cfg.get('r', '?')}, lora_alpha {cfg.get('lora_alpha', '?')}: the composed one)" if run.composition
             else method.describe(recipe))  # a composition's own rank, not its first source's
+    if merged:
+        what = (f"A standalone model: {what[0].lower()}{what[1:]} merged into the "
+                + ("dequantized float32 copy of its quantized base," if recipe.quant.mode != "none" else "float32 weights of its base,"))
     lines = [f"# {data.model_name}", "",
              f"{what} for **{data.pipeline_tag}** on top of {base_link}, "
              + ("composed by peftlab from adapters trained with it (the recipe below is the first one's)." if run.composition
@@ -520,6 +532,10 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
         if run.composition:
             lines += ["", "Measured by `peftlab eval` on the composed adapter; no split chose its weights by any evaluation "
                           "of peftlab's (the composition weights were given)."]
+        elif merged:
+            lines += ["", "Measured by peftlab at the end of training, on the adapter before the merge (`peftlab eval` on this "
+                          "folder measures the merged model itself" + ("; on a quantized base the two differ slightly)."
+                                                                       if recipe.quant.mode != "none" else ").")]
         elif report.get("n"):
             of = f" of the {report['split']} split" if report.get("split") in metrics else ""
             what = ("per-class scores and the confusion matrix" if "confusion" in report else
@@ -547,7 +563,10 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
     if recipe.quant.mode != "none":
         q = recipe.quant
         lines.append(f"- base quantized with bitsandbytes: {q.mode}" + (f" ({q.quant_type}, double quant {q.double_quant})"
-                                                                       if q.mode == "4bit" else " (LLM.int8)"))
+                                                                       if q.mode == "4bit" else " (LLM.int8)")
+                     + (" while training; merged into its dequantized float32 copy (`merge.json`)" if merged else ""))
+    elif merged:
+        lines.append("- merged into the base's float32 weights (`peftlab merge`, `merge.json`): no adapter to load")
     if run.trainable_params:
         lines.append(f"- trainable parameters: {run.trainable_params:,} of {run.total_params:,} "
                      f"({run.trainable_percent or 0:.3f}%)")
@@ -584,8 +603,12 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
               "- Evaluated only on the split(s) listed above; quality on other data, domains or languages is unknown.",
               f"- Inherits the limitations and biases of the base model ({base}) and of the training data "
               f"({dataset_of(recipe, 'train')[1]}); it was not audited for fairness or harmful outputs.",
-              "- An adapter only works on the exact base it was trained on (same weights and tokenizer)."]
-    if recipe.quant.mode != "none":
+              "- An adapter only works on the exact base it was trained on (same weights and tokenizer)." if adapter else
+              "- A full model: fine-tuning it further needs the memory of all its weights, not an adapter's."]
+    if recipe.quant.mode != "none" and merged:
+        lines.append("- Trained as an adapter on a quantized base and merged into a float32 copy of it: outputs differ slightly "
+                     "from the adapter's on the quantized base.")
+    elif recipe.quant.mode != "none":
         lines.append("- Trained on a quantized base: outputs on a float base differ slightly; `peftlab merge` merges into a "
                      "dequantized copy.")
     lines.append("- Not for high-stakes decisions without an evaluation on your own data.")

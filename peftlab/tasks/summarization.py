@@ -79,8 +79,8 @@ def loss(model, batch, accelerator):
     return causal_lm_loss(model, batch, accelerator)
 
 
-# adapter's peft task type -> (pipeline tag, card task name, Auto class of the usage snippet); a full model (no adapter
-# config) is presented as an encoder-decoder
+# the model's peft task type (a full model's: from its config.json, card._task_of) -> (pipeline tag, card task name, Auto
+# class of the usage snippet); unknown: an encoder-decoder
 HUB = {"SEQ_2_SEQ_LM": ("summarization", "Summarization", "AutoModelForSeq2SeqLM"),
        "CAUSAL_LM": ("text-generation", "Text Generation", "AutoModelForCausalLM")}
 
