@@ -40,16 +40,15 @@ def run_one(task: str, method: str, args) -> dict:
     if task == "agnews":
         overrides.append(f"data.max_length={args.agnews_max_length}")
     overrides += args.set.get(method, [])
-    if args.quick:
-        overrides += ["data.train.max_samples=300", f"data.{split}.max_samples=200", "train.epochs=1"]
+    if args.quick:  # (args.sst2_train and args.epochs are already 300 and 1)
+        overrides += ["data.train.max_samples=300", f"data.{split}.max_samples=200"]
     print(f"[{task}/{method}] {' '.join(overrides)}", flush=True)
     run, peak_rss, wall = train_process(f"{task}/{method}", recipe, overrides, out, verbose=args.verbose)
     m = run["metrics"][split]
-    epochs = args.epochs if not args.quick else 1
     return {"task": task, "method": method, "split": split, "accuracy": m["accuracy"], "macro_f1": m["f1"],
             "trainable_params": run["trainable_params"], "total_params": run["total_params"],
             "trainable_percent": run["trainable_percent"], "train_examples": run["train_examples"],
-            "train_wall_s": run["train_wall_s"], "wall_per_epoch_s": run["train_wall_s"] / epochs,
+            "train_wall_s": run["train_wall_s"], "wall_per_epoch_s": run["train_wall_s"] / args.epochs,
             "examples_per_s": run["examples_per_s"], "tokens_per_s": run["tokens_per_s"],
             "peak_rss_mib": peak_rss, "base_weights_mib": run.get("base_weights_mib"), "process_wall_s": wall, "precision": run["precision"],
             "hardware": run["hardware"], "versions": {k: run["versions"][k] for k in ("torch", "transformers", "peft")}}
@@ -97,9 +96,9 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--tasks", default="sst2,agnews")
     p.add_argument("--methods", default=",".join(METHODS))
-    p.add_argument("--sst2-train", type=int, default=10000, help="SST-2 train rows (seeded subset; 67349 = all)")
+    p.add_argument("--sst2-train", type=int, default=10000, help="SST-2 train rows (seeded subset; 67349 = all; --quick: 300)")
     p.add_argument("--agnews-max-length", type=int, default=64, help="AG News truncation (the recipe uses 128)")
-    p.add_argument("--epochs", type=float, default=1.0)
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the train rows (--quick: 1)")
     p.add_argument("--set", action="append", default=[], metavar="METHOD:KEY=VALUE",
                    help="an extra recipe override for one method, e.g. lora:adapter.r=16 (repeatable)")
     p.add_argument("--quick", action="store_true", help="tiny subsets: checks the pipeline in minutes")
@@ -107,6 +106,16 @@ def main() -> None:
     p.add_argument("--name", default=None, help="results file stem (default: classification, or classification-quick)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
+    if unknown := [t for t in args.tasks.split(",") if t not in TASKS]:
+        p.error(f"--tasks: unknown {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    if unknown := [m for m in args.methods.split(",") if m not in METHODS]:
+        p.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    if args.sst2_train < 1:
+        p.error(f"--sst2-train {args.sst2_train}: give at least 1 row (67349 = all of SST-2 train)")
+    if not args.epochs > 0:
+        p.error(f"--epochs {args.epochs:g}: give a positive number of passes (e.g. 1 or 0.5)")
+    if args.quick:  # what --quick trains, and what the results record
+        args.sst2_train, args.epochs = 300, 1.0
     sets: dict[str, list[str]] = {}
     for item in args.set:
         method, sep, override = item.partition(":")

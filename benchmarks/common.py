@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -53,19 +55,45 @@ def save_figure(fig, path: Path, **kwargs) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def measured_process(name: str, cmd: list[str], *, verbose: bool = False, env: dict | None = None) -> tuple[float, float]:
+class RunFailed(SystemExit):
+    """A child process that failed. Uncaught, it ends the benchmark with its message and exit status 1, no traceback;
+    a script that goes on past a failed run (transfer_study.py, model_selection.py) catches it."""
+
+
+def _raise_on_sigterm(signum, frame) -> None:
+    raise SystemExit(f"stopped by signal {signum}")
+
+
+def measured_process(name: str, cmd: list[str], *, verbose: bool = False, env: dict | None = None,
+                     grace_s: float = 10.0) -> tuple[float, float]:
     """`cmd` in its own process (from the repository root; `env`: variables added to this one's) -> (its peak RSS in
-    MiB from wait4, wall seconds). A failure raises with the last lines of its stderr."""
+    MiB from wait4, wall seconds). A failure raises RunFailed with the last lines of its stderr. A benchmark that
+    raises or is stopped (SIGTERM, Ctrl-C) while the child runs terminates it (SIGTERM, then SIGKILL after `grace_s`)."""
     start = time.perf_counter()
-    with tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(cmd, cwd=REPO, stdout=None if verbose else subprocess.DEVNULL, stderr=None if verbose else err,
-                                env={**os.environ, **env} if env else None)
-        _, status, usage = os.wait4(proc.pid, 0)  # this process's own peak RSS
-        err.seek(0)
-        tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
+    restore = signal.signal(signal.SIGTERM, _raise_on_sigterm) if threading.current_thread() is threading.main_thread() else None
+    try:
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(cmd, cwd=REPO, stdout=None if verbose else subprocess.DEVNULL, stderr=None if verbose else err,
+                                    env={**os.environ, **env} if env else None)
+            try:
+                _, status, usage = os.wait4(proc.pid, 0)  # this process's own peak RSS
+                proc.returncode = os.waitstatus_to_exitcode(status)  # reaped: Popen must not wait for it again
+            finally:
+                if proc.returncode is None:  # interrupted before the child ended: it does not outlive the benchmark
+                    proc.terminate()
+                    try:
+                        proc.wait(grace_s)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+            err.seek(0)
+            tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
+    finally:
+        if restore is not None:
+            signal.signal(signal.SIGTERM, restore)
     wall = time.perf_counter() - start
     if status != 0:
-        raise RuntimeError(f"[{name}] failed (exit {os.waitstatus_to_exitcode(status)}): " + " | ".join(tail))
+        raise RunFailed(f"[{name}] failed (exit {os.waitstatus_to_exitcode(status)}): " + " | ".join(tail))
     return usage.ru_maxrss / 1024, wall
 
 

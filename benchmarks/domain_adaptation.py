@@ -18,6 +18,7 @@ unlabelled pool are never read.
   python benchmarks/domain_adaptation.py --pairs books:kitchen,kitchen:books --seeds 0   # a subset
   python benchmarks/domain_adaptation.py --seeds 0,1,2                                     # everything (hours on 2 cores)
   python benchmarks/domain_adaptation.py --report                                          # the tables, from what is done
+The report (also written after measuring) is built from every stored seed, whatever --seeds says.
 Results: benchmarks/results/domain_adaptation.md (+ one JSON per run in benchmarks/results/domain_adaptation/).
 """
 
@@ -171,6 +172,11 @@ def vocabulary_overlap(a: str, b: str) -> float:
     return len(x & y) / max(len(x), len(y))
 
 
+def stored_seeds() -> list[int]:
+    """Every seed with a stored run (NAME-sSEED.json): the report covers them all, not only the --seeds just measured."""
+    return sorted({int(tail) for f in OUT.glob("*-s*.json") if (tail := f.stem.rsplit("-s", 1)[1]).isdigit()})
+
+
 def pair_results(seeds: list[int], k: int) -> list[dict]:
     """One dict per pair with a source-only result: accuracies by condition and seed, and the paired gains of (b), (c)."""
     out = []
@@ -276,7 +282,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", default="all", help="source:target,... (default: all 12)")
     p.add_argument("--conditions", default=",".join(CONDITIONS), help=f"a subset of {','.join(CONDITIONS)}")
-    p.add_argument("--seeds", default="0", help="comma-separated training seeds")
+    p.add_argument("--seeds", default="0", help="comma-separated training seeds to measure (the report: every stored seed)")
     p.add_argument("--folds", type=int, default=5, help="K of the in-domain cross-validation")
     p.add_argument("--pretrain", nargs="*", default=[], help="extra overrides of every pretraining run (e.g. train.max_steps=50)")
     p.add_argument("--finetune", nargs="*", default=[], help="extra overrides of every fine-tuning run")
@@ -291,11 +297,14 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
     pairs = [(s, t) for s in DOMAINS for t in DOMAINS if s != t] if args.pairs == "all" else \
         [tuple(x.split(":")) for x in args.pairs.split(",")]
+    if odd := [":".join(pair) for pair in pairs if len(pair) != 2 or pair[0] == pair[1]]:
+        p.error(f"--pairs {','.join(odd)}: each pair is SOURCE:TARGET, two different domains of {', '.join(DOMAINS)}")
     bad = [x for pair in pairs for x in pair if x not in DOMAINS] + [c for c in args.conditions.split(",") if c not in CONDITIONS]
     if bad:
         p.error(f"unknown domain(s)/condition(s) {bad}: domains {DOMAINS}, conditions {CONDITIONS}")
     if not args.report:
         measure(pairs, seeds, args.conditions.split(","), args)
+    seeds = stored_seeds()  # the report: every stored seed (a slice measured with --seeds 1 does not drop seeds 0 and 2)
     results = pair_results(seeds, args.folds)  # every stored run read once, for the tables and the plot
     text = report(results)
     write_result(OUT.with_suffix(".md"), text + "\n")

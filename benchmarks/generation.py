@@ -87,6 +87,9 @@ def main() -> None:
     p.add_argument("--overrides", nargs="*", default=[], help="recipe overrides for every side (e.g. model.dtype=float32)")
     p.add_argument("--name", default="generation")
     args = p.parse_args()
+    if not (args.run / "run.json").is_file():
+        p.error(f"--run {args.run}: not a finished peftlab run (no run.json). Train the default one with "
+                "`python benchmarks/llm.py --cases samsum-lora` first, or pass --run RUN_FOLDER")
     from peftlab import evaluate
     from peftlab.tasks.sft import score
 

@@ -8,13 +8,15 @@ Runs `peftlab train` in this process while a thread samples, every 50 ms, the re
 is the allocator, what it holds (mallinfo2: `held`, its heap + its mmapped blocks) and what of that is allocated
 (`in_use`: heap blocks in use + mmapped blocks). Peaks are kept per phase: `load` (model, data, until the
 training loop starts), `train` (the loop, its evaluations included), `after` (final evaluation, export). At the end of
-each optimizer step it also records RSS and in-use memory. One JSON line on stdout (`--out FILE` writes it too).
+each optimizer step it also records RSS and in-use memory. One JSON line on stdout (`--out FILE` writes it too, only
+for a run that succeeded: a failed one never replaces a measurement).
 A peak RSS far above the peak in use is memory the allocator keeps but nothing uses: fragmentation, not activations.
 The samples can miss a peak shorter than 50 ms; `hwm` is the kernel's high-water mark (VmHWM) at the end.
 """
 
 from __future__ import annotations
 
+import argparse
 import ctypes
 import importlib
 import json
@@ -75,17 +77,31 @@ class Probe:
         self.steps.append({"rss": status_mib("VmRSS"), **({"in_use": self.heap()[1]} if self.heap else {})})
 
 
+def parser() -> argparse.ArgumentParser:
+    """Only for -h and errors: every argument but --out FILE goes to `peftlab train` as it is."""
+    p = argparse.ArgumentParser(prog="heap_probe.py", usage="%(prog)s [--out FILE] RECIPE [KEY=VALUE ...] [peftlab train options]",
+                                description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                epilog="The other arguments are `peftlab train`'s (`peftlab train -h` lists them).")
+    p.add_argument("--out", metavar="FILE", help="write the JSON line to FILE too (only when the run succeeds)")
+    return p
+
+
 def main(argv: list[str]) -> dict:
+    if "-h" in argv or "--help" in argv:
+        parser().print_help()
+        raise SystemExit(0)
+    out = None
+    if "--out" in argv:
+        i = argv.index("--out")
+        if i + 1 == len(argv) or argv[i + 1].startswith("-"):
+            parser().error("--out: expected a FILE after it (where the JSON line is written)")
+        out, argv = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
+
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from peftlab import cli
     from peftlab.export import atomic_write_text
 
-    if "--out" in argv:
-        i = argv.index("--out")
-        out, argv = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
-    else:
-        out = None
     probe = Probe()
     train_module = importlib.import_module("peftlab.train")  # (peftlab.train the attribute is the function)
     loop = train_module.loop
@@ -117,8 +133,10 @@ def main(argv: list[str]) -> dict:
               "wall_s": round(time.perf_counter() - start, 1), "args": argv}
     line = json.dumps(result)
     print(line, flush=True)
-    if out is not None:
+    if out is not None and code == 0:
         atomic_write_text(out, line + "\n")
+    elif out is not None:
+        print(f"{out} not written: the run failed (exit {code})", file=sys.stderr)
     return result
 
 

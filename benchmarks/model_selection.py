@@ -42,7 +42,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab
-from benchmarks.common import METHODS, RESULTS, train_process, write_result  # noqa: E402
+from benchmarks.common import METHODS, RESULTS, RunFailed, train_process, write_result  # noqa: E402
 
 D = "../shared/data"
 SMOLLM2 = "../shared/models/smollm2-135m-instruct"
@@ -373,7 +373,7 @@ def main() -> int:
                 truth(setting, folder, recipe_path, bases, args)
             if args.stage in ("select", "all"):
                 proxies(setting, folder, recipe_path, bases, b, args)
-        except RuntimeError as e:
+        except (RuntimeError, RunFailed) as e:  # a failed truth run or select: the other settings still run
             print(e, flush=True)
             failed.append(setting)
     if args.report or cases:

@@ -18,7 +18,7 @@ benchmarks/results/multitask/; rerunning skips what is finished (--fresh to redo
 
   python benchmarks/multitask.py --steps 600                        # multi vs single, one seed
   python benchmarks/multitask.py --steps 600 --transfer --seeds 0,1,2
-  python benchmarks/multitask.py --report
+  python benchmarks/multitask.py --report                           # the tables from every stored seed
 Results: benchmarks/results/multitask.md (+ one JSON per run in benchmarks/results/multitask/).
 """
 
@@ -120,11 +120,6 @@ def single_train_path(task: str) -> str:
 
 # ------------------------------------------------------------------------------------------------ report
 
-def stored(name: str) -> dict | None:
-    f = OUT / f"{name}.json"
-    return json.loads(f.read_text()) if f.exists() else None
-
-
 def task_score(result: dict, task: str, key: str = "accuracy") -> float | None:
     m = result["run"]["metrics"].get("test", {})
     return m.get(f"{task}/{key}", m.get(key) if result["run"]["task"] != "multitask" else None)
@@ -169,24 +164,23 @@ def report(args) -> str:
                 for name, r in [*((f"single {t} ({k})", single[t, k]) for t, k in single), *multi.items()] if r}
         lines += ["", "Cost (median train wall time over the seeds; some runs shared the 2 cores): "
                   + "; ".join(f"{k}: {v}" for k, v in cost.items()) + ".", ""]
-    transfer = transfer_rows(args.target, args.seeds.split(","))
+    transfer = transfer_rows(args.target)
     if transfer:
         lines += [f"### Intermediate-task transfer to {args.target} (test split; mean ± sd over seeds, gains paired by seed)",
                   "", *transfer]
     return "\n".join(lines)
 
 
-def transfer_rows(target: str, seeds: list[str]) -> list[str]:
+def transfer_rows(target: str) -> list[str]:
     """One row per fraction of the target's labels: accuracy and macro-F1 from the base and from the multi-task run,
-    and the gain paired by seed (mean ± its standard error over seeds, each seed's gain)."""
+    and the gain paired by seed (mean ± its standard error over seeds, each seed's gain), over every stored seed."""
     def mean_sd(v: list[float]) -> str:
         return f"{100 * statistics.mean(v):.2f}" + (f" ± {100 * statistics.stdev(v):.2f}" if len(v) > 1 else "")
 
     rows = []
     for fraction in FRACTIONS:
-        runs = {origin: {s: r for s in seeds if (r := stored(f"transfer-{target}-{int(fraction * 100)}pct-{origin}-s{s}"))}
-                for origin in ("base", "multi")}
-        paired = [s for s in seeds if s in runs["base"] and s in runs["multi"]]
+        runs = {origin: by_seed(f"transfer-{target}-{int(fraction * 100)}pct-{origin}") for origin in ("base", "multi")}
+        paired = sorted(set(runs["base"]) & set(runs["multi"]))
         if not paired:
             continue
         cells = []
@@ -215,7 +209,7 @@ def main() -> None:
                    help="single-task runs: the task's share of --steps (default) or all of them")
     p.add_argument("--transfer", action="store_true", help="also the intermediate-task transfer runs")
     p.add_argument("--target", default="emotion", choices=TASKS, help="the low-data task of the transfer runs")
-    p.add_argument("--seeds", default="0", help="seeds of the transfer runs (the main comparison uses the first)")
+    p.add_argument("--seeds", default="0", help="seeds of the transfer runs to measure (the main comparison uses the first); the report: every stored seed")
     p.add_argument("--all-seeds", action="store_true", help="run the main comparison with every seed too")
     p.add_argument("--report", action="store_true", help="only write benchmarks/results/multitask.md from what is done")
     p.add_argument("--fresh", action="store_true")

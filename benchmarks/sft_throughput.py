@@ -279,6 +279,8 @@ def main() -> None:
     p.add_argument("--rows-file", type=Path, help=argparse.SUPPRESS)
     p.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args()
+    if args.rows < 1 or args.eval_rows < 1:
+        p.error(f"--rows {args.rows} --eval-rows {args.eval_rows}: each needs at least 1 dialogue (default 256 and 64)")
     if args.worker:
         args.out.mkdir(parents=True, exist_ok=True)
         result = worker_trl(args, args.rows_file, args.out, args.worker == "trl-packed", args.seed_of_run)

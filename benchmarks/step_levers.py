@@ -111,6 +111,9 @@ def main() -> None:
     ap.add_argument("--levers", default=None, help="comma list (default: all)")
     ap.add_argument("--name", default="sst2")
     a = ap.parse_args()
+    if a.warmup < 0 or a.batches <= a.warmup:
+        ap.error(f"--batches {a.batches} --warmup {a.warmup}: the batches after the warm-up are the ones timed; "
+                 "give --batches greater than --warmup (and --warmup >= 0)")
 
     import torch
 
@@ -135,6 +138,9 @@ def main() -> None:
                                 foreach=True)
     optimizers = {"in use": parts.optimizer, "foreach": accelerator.prepare(foreach)}
     batches = [b for _, b in zip(range(a.batches), parts.train_dl)]
+    if len(batches) <= a.warmup:
+        ap.error(f"the data gave {len(batches)} training batch(es), none left to time after --warmup {a.warmup}: "
+                 "give more training rows (--overrides data.train.max_samples=...) or a smaller --warmup")
     model.train()
     task_loss = getattr(get_task(recipe.task.type), "loss", None)  # as the training loop computes it (e.g. LM losses on labelled tokens)
 

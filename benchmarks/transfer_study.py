@@ -29,7 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab
-from benchmarks.common import METHODS, RESULTS, save_figure, train_process  # noqa: E402
+from benchmarks.common import METHODS, RESULTS, RunFailed, save_figure, train_process  # noqa: E402
 
 DEFAULT_METHODS = "scratch,frozen,lora,qlora,dora,ia3,full"
 TASKS = {  # recipe, split scored, train rows, overrides (AG News: no held-out eval, the test split scores each run)
@@ -224,7 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--name", default=None, help="results file stem (default transfer_study, or transfer_study-quick)")
     p.add_argument("--results", type=Path, default=RESULTS, help="results folder (default benchmarks/results)")
     p.add_argument("--keep-runs", action="store_true", help="keep each run's output folder (weights) under RESULTS/runs/NAME")
-    p.add_argument("--fresh", action="store_true", help="forget finished runs and measure again")
+    p.add_argument("--fresh", action="store_true",
+                   help="measure this call's runs again (each replaces its stored row; the store's other rows are kept)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
     defaults = {"methods": DEFAULT_METHODS, "fractions": "0.01,0.03,0.1,0.3,1", "seeds": 3, "seeds_large": 1, "min_steps": 100,
@@ -235,28 +236,40 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in defaults.items():  # --quick with some knobs given: the rest from the full defaults
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if unknown := [t for t in args.tasks.split(",") if t not in TASKS]:
+        p.error(f"--tasks: unknown {', '.join(unknown)}; choose from {', '.join(TASKS)}")
+    if unknown := [m for m in args.methods.split(",") if m not in METHODS]:
+        p.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    try:
+        fractions = [float(f) for f in args.fractions.split(",")]
+    except ValueError:
+        p.error(f"--fractions {args.fractions}: expected comma-separated numbers, e.g. 0.01,0.1,1")
+    if bad := [f for f in fractions if not 0 < f <= 1]:
+        p.error(f"--fractions: {', '.join(f'{f:g}' for f in bad)} out of range; a fraction of the train split is > 0 and <= 1")
     if args.quick and not args.set:
         args.set = ["data.max_length=64"]
     args.name = args.name or ("transfer_study-quick" if args.quick else "transfer_study")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.results.mkdir(parents=True, exist_ok=True)
     store = args.results / f"{args.name}.json"
-    rows = [] if args.fresh or not store.is_file() else json.loads(store.read_text())["rows"]
+    # the store holds every slice measured so far: --fresh replaces only the rows of the runs this call measures again
+    rows = json.loads(store.read_text())["rows"] if store.is_file() else []
     key = config_key(args)
     failed = []
     for task in args.tasks.split(","):
         for method in args.methods.split(","):
-            for fraction in (float(f) for f in args.fractions.split(",")):
+            for fraction in fractions:
                 for seed in range(args.seeds if fraction <= 0.1 else args.seeds_large):
-                    done = {(r["task"], r["method"], r["fraction"], r["seed"]) for r in rows if r["config"] == key}
-                    if (task, method, fraction, seed) in done:
+                    this = (task, method, fraction, seed, key)
+                    if not args.fresh and this in {(r["task"], r["method"], r["fraction"], r["seed"], r["config"]) for r in rows}:
                         continue  # resumable: finished runs are not repeated
                     try:
                         row = run_one(task, method, fraction, seed, args)
-                    except RuntimeError as e:
+                    except RunFailed as e:  # the others still run; the summary lists it
                         print(e, flush=True)
                         failed.append(str(e))
                         continue
+                    rows = [r for r in rows if (r["task"], r["method"], r["fraction"], r["seed"], r["config"]) != this]
                     rows.append({**row, "config": key})
                     save_rows(store, rows)  # at once: a crash loses at most the run in progress
     current = [r for r in rows if r["config"] == key]

@@ -154,7 +154,7 @@ def test_a_memory_case_runs_under_jemalloc_as_its_own_case_with_the_library_prel
     # the variables reach the measured process, on top of this one's environment
     check = "import os, sys; sys.exit(0 if os.environ.get('MALLOC_CONF') == 'x' and 'PATH' in os.environ else 3)"
     common.measured_process("env", [sys.executable, "-c", check], env={"MALLOC_CONF": "x"})
-    with pytest.raises(RuntimeError, match="exit 3"):
+    with pytest.raises(common.RunFailed, match="exit 3"):  # (a SystemExit: uncaught, the message alone, exit status 1)
         common.measured_process("env", [sys.executable, "-c", check])
     run = {"quantization": "none", "train_seconds": 20.0, "steps": 10, "tokens_per_s": 300.0, "metrics": {"eval": {"loss": 2.0}}}
     over = ["model.dtype=auto", "train.gradient_checkpointing=true", "eval.batch_size=8"]

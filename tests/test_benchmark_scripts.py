@@ -1,0 +1,322 @@
+"""The benchmark scripts' argument checks, stores and child processes: bad arguments fail at once with exit status 2 and
+a message that says what to give; a failed run is one message, not a traceback; nothing here trains."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from .conftest import REPO, load_benchmark, shared_or_skip
+
+RESULTS = REPO / "benchmarks" / "results"
+
+
+def script(name: str, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """benchmarks/NAME.py ARGS in its own process, from the repository root."""
+    return subprocess.run([sys.executable, str(REPO / "benchmarks" / f"{name}.py"), *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+
+
+def refused(name: str, *args: str, says: str) -> None:
+    """The script stops before any work: argparse's exit status 2, a message naming the problem, no traceback."""
+    proc = script(name, *args)
+    assert proc.returncode == 2, proc.stderr
+    assert says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+
+
+def transfer_row(task: str, method: str, fraction: float, seed: int, accuracy: float) -> dict:
+    return {"task": task, "method": method, "fraction": fraction, "seed": seed, "train_rows": 10, "steps": 5, "split": "eval",
+            "accuracy": accuracy, "macro_f1": accuracy, "trainable_params": 10, "total_params": 100, "weights_mib": 1.0,
+            "train_wall_s": 1.0, "process_wall_s": 2.0, "peak_rss_mib": 100.0, "precision": "fp32", "torch_threads": 1}
+
+
+# ------------------------------------------------------------------------------------------------ transfer_study.py
+
+def test_transfer_study_fresh_replaces_only_the_runs_it_measures(tmp_path, monkeypatch):
+    study = load_benchmark("transfer_study")
+    accuracy = {"value": 0.5}
+    monkeypatch.setattr(study, "run_one", lambda task, method, fraction, seed, args: transfer_row(task, method, fraction, seed,
+                                                                                                  accuracy["value"]))
+    monkeypatch.setattr(study, "plot", lambda summary, stem: [])
+    argv = ["--tasks", "sst2", "--methods", "lora", "--fractions", "0.01", "--seeds", "1", "--results", str(tmp_path), "--name", "t"]
+    assert study.main(argv) == 0
+    store = tmp_path / "t.json"
+    (key,) = {r["config"] for r in json.loads(store.read_text())["rows"]}
+    others = [{**transfer_row("agnews", "full", 0.1, 0, 0.8), "config": key},  # another slice of the same study
+              {**transfer_row("sst2", "lora", 0.01, 0, 0.7), "config": "another-budget"}]
+    store.write_text(json.dumps({"rows": [*others, *json.loads(store.read_text())["rows"]]}))
+    accuracy["value"] = 0.9
+    assert study.main([*argv, "--fresh"]) == 0
+    rows = json.loads(store.read_text())["rows"]
+    assert rows[:2] == others  # kept
+    assert [(r["task"], r["accuracy"]) for r in rows[2:]] == [("sst2", 0.9)]  # measured again, the old row replaced
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--tasks", "imdb"], "--tasks: unknown imdb; choose from sst2, agnews"),
+    (["--methods", "lora,foo"], "--methods: unknown foo; choose from scratch, frozen, lora"),
+    (["--fractions", "-0.5"], "--fractions: -0.5 out of range"),
+    (["--fractions", "0.1,0"], "--fractions: 0 out of range"),
+    (["--fractions", "1.5"], "> 0 and <= 1"),
+    (["--fractions", "ten"], "expected comma-separated numbers"),
+])
+def test_transfer_study_refuses_unknown_tasks_methods_and_fractions_out_of_range(tmp_path, monkeypatch, capsys, args, says):
+    study = load_benchmark("transfer_study")
+    monkeypatch.setattr(study, "run_one", lambda *a: pytest.fail("a run started"))
+    with pytest.raises(SystemExit) as stop:
+        study.main([*args, "--results", str(tmp_path)])
+    assert stop.value.code == 2 and says in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_transfer_study_goes_on_past_a_failed_run(tmp_path, monkeypatch, capsys):
+    common, study = load_benchmark("common"), load_benchmark("transfer_study")
+
+    def run_one(task, method, fraction, seed, args):
+        if method == "frozen":
+            raise common.RunFailed(f"[{method}] failed (exit 2): error: boom")
+        return transfer_row(task, method, fraction, seed, 0.5)
+
+    monkeypatch.setattr(study, "run_one", run_one)
+    monkeypatch.setattr(study, "plot", lambda summary, stem: [])
+    assert study.main(["--tasks", "sst2", "--methods", "frozen,lora", "--fractions", "0.01", "--seeds", "1",
+                       "--results", str(tmp_path), "--name", "t"]) == 1
+    assert [r["method"] for r in json.loads((tmp_path / "t.json").read_text())["rows"]] == ["lora"]
+    assert "1 run(s) failed" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ classification.py
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--tasks", "imdb"], "--tasks: unknown imdb; choose from sst2, agnews"),
+    (["--methods", "dora"], "--methods: unknown dora; choose from lora, qlora, full, frozen"),
+    (["--quick", "--sst2-train", "-5"], "--sst2-train -5: give at least 1 row"),
+    (["--quick", "--epochs", "-1"], "--epochs -1: give a positive number"),
+])
+def test_classification_refuses_bad_arguments_before_any_run(args, says):
+    # (lora:bogus.key: were the check missing, the child would fail at once, not train)
+    refused("classification", "--tasks", "sst2", "--methods", "lora", *args, "--set", "lora:bogus.key=1", "--name", "never-written",
+            says=says)
+    assert not (RESULTS / "never-written.json").exists()
+
+
+def test_classification_quick_records_the_rows_and_epochs_it_trains(tmp_path, monkeypatch):
+    bench = load_benchmark("classification")
+    seen = []
+
+    def train_process(name, recipe, overrides, out, *, verbose=False):
+        seen.append(overrides)
+        run = {"metrics": {"eval": {"accuracy": 0.5, "f1": 0.5}}, "trainable_params": 1, "total_params": 2, "trainable_percent": 50.0,
+               "train_examples": 300, "train_wall_s": 10.0, "examples_per_s": 30.0, "tokens_per_s": 300.0, "precision": "fp32",
+               "hardware": {}, "versions": {"torch": "x", "transformers": "x", "peft": "x"}}
+        return run, 100.0, 12.0
+
+    monkeypatch.setattr(bench, "train_process", train_process)
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "plot", lambda rows, path: None)
+    monkeypatch.setattr(sys, "argv", ["classification.py", "--quick", "--tasks", "sst2", "--methods", "lora", "--sst2-train", "5000",
+                                      "--epochs", "3"])
+    bench.main()
+    (row,) = json.loads((tmp_path / "classification-quick.json").read_text())["rows"]
+    assert (row["config"]["sst2_train"], row["config"]["epochs"]) == (300, 1.0) and row["wall_per_epoch_s"] == 10.0
+    assert "data.train.max_samples=300" in seen[0] and "train.epochs=1.0" in seen[0]
+    assert not any(o in seen[0] for o in ("data.train.max_samples=5000", "train.epochs=3.0"))
+
+
+# ------------------------------------------------------------------------------------------------ reports over every seed
+
+def test_multitask_report_covers_every_stored_seed(monkeypatch):
+    """`multitask.py --report` (its --seeds left at 0) writes the committed multitask.md again, 5-seed table included."""
+    bench = load_benchmark("multitask")
+    written = {}
+    monkeypatch.setattr(bench, "write_result", lambda path, text: written.update({path: text}))
+    monkeypatch.setattr(sys, "argv", ["multitask.py", "--report"])
+    bench.main()
+    assert written == {RESULTS / "multitask.md": (RESULTS / "multitask.md").read_text()}
+    assert "| 5 |" in written[RESULTS / "multitask.md"]
+
+
+def test_domain_adaptation_report_covers_every_stored_seed(monkeypatch):
+    """`domain_adaptation.py --report` (or a slice measured with --seeds 1) writes the committed 3-seed report again."""
+    shared_or_skip("data", "amazon_mdsd", "unlabelled")
+    bench = load_benchmark("domain_adaptation")
+    written, plotted = {}, []
+    monkeypatch.setattr(bench, "write_result", lambda path, text: written.update({path: text}))
+    monkeypatch.setattr(bench, "plot", lambda results, seeds, path: plotted.append(seeds))
+    monkeypatch.setattr(sys, "argv", ["domain_adaptation.py", "--report", "--seeds", "1"])
+    bench.main()
+    assert written == {RESULTS / "domain_adaptation.md": (RESULTS / "domain_adaptation.md").read_text()}
+    assert plotted == [[0, 1, 2]]
+
+
+def test_the_stored_seeds_of_a_domain_adaptation_store(tmp_path, monkeypatch):
+    bench = load_benchmark("domain_adaptation")
+    for name in ("source-books-dvd-s0", "source-books-dvd-s2", "mlm-books+dvd-s10", "indomain-dvd-fold0of5-s1", "notes"):
+        (tmp_path / f"{name}.json").write_text("{}")
+    monkeypatch.setattr(bench, "OUT", tmp_path)
+    assert bench.stored_seeds() == [0, 1, 2, 10]
+
+
+@pytest.mark.parametrize(("pairs", "says"), [
+    ("books", "--pairs books: each pair is SOURCE:TARGET, two different domains"),
+    ("books:dvd,books:dvd:kitchen", "--pairs books:dvd:kitchen: each pair is SOURCE:TARGET"),
+    ("books:books", "--pairs books:books: each pair is SOURCE:TARGET, two different domains"),
+])
+def test_domain_adaptation_refuses_pairs_that_are_not_two_different_domains(pairs, says):
+    # (bogus.key: were the check missing, the child would fail at once, not train)
+    refused("domain_adaptation", "--pairs", pairs, "--conditions", "source", "--finetune", "bogus.key=1", "--tag", "never-written",
+            says=says)
+    assert not (RESULTS / "domain_adaptation-never-written.md").exists()
+
+
+# ------------------------------------------------------------------------------------------------ the other scripts
+
+def test_sft_throughput_refuses_no_rows_before_measuring():
+    refused("sft_throughput", "--rows", "-3", says="--rows -3 --eval-rows 64: each needs at least 1 dialogue")
+
+
+@pytest.mark.parametrize(("args", "says"), [(["--batches", "6", "--warmup", "6"], "give --batches greater than --warmup"),
+                                            (["--batches", "4", "--warmup", "-1"], "--warmup >= 0")])
+def test_step_levers_refuses_no_timed_batches_up_front(args, says):
+    refused("step_levers", *args, "--recipe", "missing.yaml", "--name", "never-written", says=says)  # checked before the recipe
+
+
+def test_step_levers_says_how_many_batches_the_data_gave(tmp_path, monkeypatch, capsys, tiny_bert, sentiment_files):
+    """Data with fewer batches than the warm-up: an error before any step, not a division by zero after them all."""
+    bench = load_benchmark("step_levers")
+    monkeypatch.setattr(bench, "levers", lambda *a, **k: pytest.fail("stepped"))
+    monkeypatch.setattr(sys, "argv", ["step_levers.py", "--batches", "20", "--warmup", "6", "--name", "never-written", "--overrides",
+                                      f"model.name={tiny_bert}", f"data.train.path={sentiment_files['train']}",
+                                      "data.train.max_samples=64", "data.max_length=32"])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    assert stop.value.code == 2 and "the data gave 2 training batch(es), none left to time after --warmup 6" in capsys.readouterr().err
+
+
+def test_heap_probe_writes_out_only_for_a_run_that_succeeded(tmp_path, capsys):
+    probe = load_benchmark("heap_probe")
+    out = tmp_path / "probe.json"
+    out.write_text("a good measurement\n")
+    result = probe.main(["--out", str(out), str(tmp_path / "missing.yaml")])
+    assert result["exit"] != 0 and out.read_text() == "a good measurement\n"
+    assert f"{out} not written: the run failed" in capsys.readouterr().err
+
+
+def test_heap_probe_arguments():
+    refused("heap_probe", "missing.yaml", "--out", says="--out: expected a FILE after it")
+    usage = script("heap_probe", "-h")
+    assert usage.returncode == 0 and "usage: heap_probe.py [--out FILE] RECIPE" in usage.stdout and "--out FILE" in usage.stdout
+
+
+def test_generation_without_its_run_says_how_to_make_it(tmp_path):
+    refused("generation", "--run", str(tmp_path / "samsum-lora"), says="python benchmarks/llm.py --cases samsum-lora` first, or pass --run")
+
+
+def test_model_selection_goes_on_past_a_failed_run(monkeypatch, tmp_path, capsys):
+    common, bench = load_benchmark("common"), load_benchmark("model_selection")
+    ran = []
+
+    def truth(setting, *a):
+        ran.append(setting)
+        raise common.RunFailed(f"[{setting}/x] failed (exit 2): error: boom")
+
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "write_recipe", lambda folder, setting, b: folder / "recipe.yaml")
+    monkeypatch.setattr(bench, "truth", truth)
+    monkeypatch.setattr(bench, "report", lambda root, name: "report")
+    monkeypatch.setattr(sys, "argv", ["model_selection.py", "--cases", "sst2,agnews", "--stage", "truth"])
+    assert bench.main() == 1 and ran == ["sst2", "agnews"]
+    assert "failed: ['sst2', 'agnews']" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------------------------ common.measured_process
+
+def test_a_failed_child_is_one_message_and_exit_status_1():
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from benchmarks.common import measured_process; "
+            "measured_process('case', [sys.executable, '-c', 'import sys; sys.exit(\"error: boom\")'])")
+    proc = subprocess.run([sys.executable, "-c", code, str(REPO)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and proc.stderr == "[case] failed (exit 1): error: boom\n"
+
+
+def child_script(tmp_path, ignore_term: bool = False) -> tuple[list[str], object]:
+    """A child that writes its pid, then sleeps for a minute (ignoring SIGTERM if asked)."""
+    pid_file = tmp_path / "child.pid"
+    code = ("import os, signal, sys, time\n" + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignore_term else "")
+            + f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
+    return [sys.executable, "-c", code], pid_file
+
+
+def wait_for_pid(pid_file) -> int:
+    deadline = time.monotonic() + 30
+    while not (pid_file.exists() and pid_file.read_text()):
+        assert time.monotonic() < deadline, "the child never started"
+        time.sleep(0.05)
+    return int(pid_file.read_text())
+
+
+def gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    os.kill(pid, signal.SIGKILL)  # (the test fails; the child does not outlive it)
+    return False
+
+
+@pytest.mark.parametrize("ignore_term", [False, True])
+def test_a_benchmark_that_raises_ends_its_child(tmp_path, monkeypatch, ignore_term):
+    """An exception while the child runs (here Ctrl-C) terminates it; one that ignores SIGTERM is killed after the grace."""
+    common = load_benchmark("common")
+    cmd, pid_file = child_script(tmp_path, ignore_term)
+
+    def interrupted(pid, options):
+        wait_for_pid(pid_file)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(common.os, "wait4", interrupted)
+    handler = signal.getsignal(signal.SIGTERM)
+    start = time.monotonic()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            common.measured_process("case", cmd, grace_s=0.5)
+    finally:
+        ended = gone(int(pid_file.read_text()))
+    assert ended and time.monotonic() - start < 30
+    assert signal.getsignal(signal.SIGTERM) == handler  # put back
+
+
+def test_a_benchmark_stopped_by_sigterm_ends_its_child(tmp_path):
+    cmd, pid_file = child_script(tmp_path)
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from benchmarks.common import measured_process; "
+            f"measured_process('case', {cmd!r})")
+    bench = subprocess.Popen([sys.executable, "-c", code, str(REPO)], stderr=subprocess.PIPE, text=True)
+    try:
+        wait_for_pid(pid_file)
+        bench.send_signal(signal.SIGTERM)
+        status, err = bench.wait(30), bench.stderr.read()
+    finally:
+        bench.kill()
+        bench.wait()
+        ended = not pid_file.exists() or gone(int(pid_file.read_text()))
+    assert status == 1 and "stopped by signal 15" in err and ended
+
+
+def test_multitask_transfer_rows_read_every_stored_seed(monkeypatch, tmp_path):
+    """transfer_rows reads the seeds from the store: seeds 0-2 stored, a report asked with --seeds 0 shows all three."""
+    bench = load_benchmark("multitask")
+    monkeypatch.setattr(bench, "OUT", tmp_path)
+    for origin, acc in (("base", 0.5), ("multi", 0.6)):
+        for seed in range(3):
+            run = {"task": "classification", "steps": 150, "train_wall_s": 60.0,
+                   "metrics": {"test": {"accuracy": acc + seed / 100, "f1": acc}}}
+            (tmp_path / f"transfer-emotion-1pct-{origin}-s{seed}.json").write_text(
+                json.dumps({"name": "x", "overrides": ["data.train.max_samples=160"], "run": run}))
+    text = bench.report(argparse.Namespace(target="emotion", seeds="0"))
+    assert "| 1% (160 rows, 150 steps) |" in text and "| 3 | 1.0 min |" in text
