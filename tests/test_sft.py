@@ -471,26 +471,43 @@ def test_sft_end_to_end_learns_exports_and_reloads(tmp_path, chat_llama, packing
         assert printed.getvalue().strip() == preds[0]["prediction"], (printed.getvalue(), snippet)
 
 
-@pytest.mark.parametrize("method", ["prompt_tuning", "lora"])
-def test_each_generated_answer_is_the_one_its_prompt_alone_gives(tmp_path, chat_llama, method):
-    """peft drops position_ids under prompt tuning, so a left-padded prompt had every position shifted: a prompt-tuned
-    model's answers (and scores) depended on its batch's longest prompt, not what model.generate on that prompt gives."""
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "lora"])
+def test_each_generated_answer_is_greedy_decoding_of_the_model_as_trained(tmp_path, chat_llama, method):
+    """Each answer is what greedy decoding of the trained model's own forward (no cache, one prompt alone) writes. Under
+    prompt learning it was not: peft drops position_ids, so left padding shifted a row's positions by its batch's
+    longest prompt, and peft's cached generate writes other tokens from the third one on (with this transformers)."""
     rows = [{"messages": [{"role": "user", "content": q + " please" * k}, {"role": "assistant", "content": a}]}
             for k, (q, a) in enumerate(QA)]  # prompts of six lengths in one evaluation batch
     path = write_jsonl(tmp_path / "m.jsonl", rows)
-    adapter = ["adapter.method=prompt_tuning", "adapter.target_modules=null", "adapter.num_virtual_tokens=4"] if method != "lora" else []
-    r = recipe_for(tmp_path, chat_llama, path, [*adapter, "train.max_steps=6", "eval.max_new_tokens=6", "export.merge=false"])
+    adapter = [] if method == "lora" else [f"adapter.method={method}", "adapter.target_modules=null", "adapter.num_virtual_tokens=4"]
+    r = recipe_for(tmp_path, chat_llama, path, [*adapter, "train.max_steps=6", "train.lr=0.1", "eval.max_new_tokens=8", "export.merge=false"])
     run(r)
     preds = [json.loads(line) for line in (r.out / "predictions-eval.jsonl").read_text().splitlines()]
     model, tok, _, _ = load_trained(r.out)
-    alone = []
+    stops, greedy = sft.stop_ids(tok), []
     for row in rows:
-        ids = sft.encode(tok, row["messages"], 64)["gen_ids"]
+        ids = torch.tensor([sft.encode(tok, row["messages"], 64)["gen_ids"]])
+        start = ids.shape[1]
         with torch.no_grad():
-            out = model.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
-                                 max_new_tokens=6, do_sample=False, pad_token_id=tok.pad_token_id, eos_token_id=sft.stop_ids(tok))
-        alone.append(tok.decode(out[0, len(ids):], skip_special_tokens=True).strip())
-    assert [p["prediction"] for p in preds] == alone
+            for _ in range(8):
+                nxt = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax().item()
+                ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+                if nxt in stops:
+                    break
+        greedy.append(tok.decode(ids[0, start:], skip_special_tokens=True).strip())
+    assert [p["prediction"] for p in preds] == greedy
+    assert len(set(greedy)) > 1  # (not one text for every row: the prompts matter)
+
+
+def test_prefix_tuning_and_packed_prompt_methods_are_refused_at_validation(tmp_path, chat_llama):
+    """prefix tuning generates another model's text (peft + this transformers); a packed row under a prompt method lets
+    each example attend to the ones before it (peft drops the position ids that keep them apart)."""
+    path = write_jsonl(tmp_path / "m.jsonl", messages_rows())
+    with pytest.raises(ConfigError, match="prefix_tuning cannot generate faithfully.*Use prompt_tuning or p_tuning"):
+        recipe_for(tmp_path, chat_llama, path, ["adapter.method=prefix_tuning", "adapter.target_modules=null"])
+    with pytest.raises(ConfigError, match="data.packing=true with adapter.method=p_tuning: .*Set data.packing=false"):
+        recipe_for(tmp_path, chat_llama, path, ["adapter.method=p_tuning", "adapter.target_modules=null", "data.packing=true"])
+    recipe_for(tmp_path, chat_llama, path, ["adapter.method=p_tuning", "adapter.target_modules=null"])  # unpacked: fine
 
 
 @pytest.mark.parametrize("method,folds", [("lora", True), ("ia3", True), ("prompt_tuning", False)])

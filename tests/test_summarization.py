@@ -549,3 +549,32 @@ def test_a_plain_prompt_and_its_summary_are_tokenized_as_the_text_the_model_read
     assert heads[0] == tok(prompt.rstrip(" "), add_special_tokens=False)["input_ids"]  # the prompt, its space to the summary
     assert tok.decode(tails[0]).strip() == summary
     assert prompt_and_summary(tok, [prompt], [summary], 2)[1][0] == tails[0][:2]  # data.max_target_length cuts the summary
+
+
+def test_a_prompt_tuned_decoder_summarizes_as_greedy_decoding_of_its_model_and_prefix_tuning_is_refused(make_sum_recipe, tiny_llama):
+    """Prompt tuning on a decoder: each summary is greedy decoding of the trained model's own forward (peft's cached
+    generate wrote other tokens, and left padding shifted positions); prefix tuning, whose generation differs from its
+    model, is refused before training."""
+    from peftlab.errors import ModelError
+
+    recipe = make_sum_recipe(tiny_llama, {"adapter.method": "prompt_tuning", "adapter.target_modules": None,
+                                          "adapter.num_virtual_tokens": 4, "train.lr": 0.1, "export.merge": False,
+                                          "train.precision": "fp32"}, name="pt")
+    run(recipe)
+    rows = [json.loads(line) for line in (recipe.out / "predictions-eval.jsonl").read_text().splitlines()]
+    model, tok, *_ = load_trained(recipe.out)
+    data = build_data(load_recipe(recipe.out / "recipe.yaml", validate_files=False), tok)
+    for k, example in enumerate(data.eval):
+        ids = torch.tensor([example["input_ids"][: example["prompt_length"]]])
+        start = ids.shape[1]
+        with torch.no_grad():
+            for _ in range(recipe.eval.max_new_tokens):
+                nxt = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax().item()
+                ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+                if nxt == tok.eos_token_id:
+                    break
+        assert tok.decode(ids[0, start:], skip_special_tokens=True).strip() == rows[k]["prediction"], k
+    prefix = make_sum_recipe(tiny_llama, {"adapter.method": "prefix_tuning", "adapter.target_modules": None}, name="px")
+    with pytest.raises(ModelError, match="prefix_tuning cannot generate faithfully"):
+        run(prefix)
+    assert not prefix.out.exists()

@@ -41,9 +41,19 @@ PREFIX_ON_CLASSIFICATION = ("adapter.method=prefix_tuning does not work for clas
                             "(the backbone's forward no longer takes past_key_values). Use prompt_tuning or p_tuning.")
 
 
+# peft's generate with a prefix (past key values in front) writes other tokens than greedy decoding of the model as
+# trained computes, with the cache or without it (a 2-layer Llama: from the third new token on); the tasks that
+# generate refuse it (tasks/sft.py: check), and the model build for a decoder that would generate
+PREFIX_GENERATING = ("adapter.method=prefix_tuning cannot generate faithfully with this transformers/peft: its generated "
+                     "text differs from greedy decoding of the model it trains, so the scores would be of another model. "
+                     "Use prompt_tuning or p_tuning (or lora).")
+
+
 def apply_prefix(model: nn.Module, recipe: Recipe, head_modules: list[str], task_type: str) -> nn.Module:
     if task_type == "SEQ_CLS":
         raise ModelError(PREFIX_ON_CLASSIFICATION)
+    if task_type == "CAUSAL_LM" and recipe.task.type in ("sft", "summarization"):
+        raise ModelError(PREFIX_GENERATING)
     return apply_peft("PrefixTuningConfig", virtual_tokens, model, recipe, head_modules, task_type, layers=False)
 
 

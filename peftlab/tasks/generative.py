@@ -7,6 +7,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch.utils.checkpoint import checkpoint
@@ -205,19 +206,21 @@ def loss_and_predictions(model, loader, accelerator, *, shift: bool, extras: tup
     return loss_sum / max(n_tokens, 1), n_tokens, sorted(rows, key=lambda r: r["row"])
 
 
-def per_prompt_length(model, ids: torch.Tensor, mask: torch.Tensor, write) -> list[str]:
-    """write(ids, mask) -> a text per row, for left-padded prompts. Under prompt learning (prompt/prefix/p-tuning) peft
-    drops position_ids, so left padding shifts every token's position: a row's text would depend on its batch's longest
-    prompt, and differ from what model.generate on that prompt alone gives. There, rows of one prompt length are
-    generated together, unpadded (as the verbalizer scores them); other models take the batch as it is."""
+def generation_inputs(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[Any, dict, int]:
+    """-> (the model to call generate on, its inputs, the prompt tokens that come back in front of its output), for
+    left-padded prompts. Prompt/p-tuning: peft's own generate is wrong with this transformers (its KV cache: from the
+    third new token on it writes what the model does not compute; use_cache=False is right but recomputes the whole
+    sequence per token), and it drops position_ids, so left padding would shift every position. Here the base generates
+    from the virtual tokens' embeddings put in front of the prompt's, with their attention mask: positions from the
+    mask, the cache kept, and the text greedy decoding of the model as trained gives (tested)."""
     config = getattr(model, "active_peft_config", None)
-    if not getattr(config, "is_prompt_learning", False) or bool(mask.all()):
-        return write(ids, mask)
-    lengths, texts = mask.sum(1).tolist(), {}
-    for n in sorted(set(lengths)):
-        rows = [i for i, k in enumerate(lengths) if k == n]
-        texts.update(zip(rows, write(ids[rows, ids.shape[1] - n:], mask[rows, ids.shape[1] - n:])))
-    return [texts[i] for i in range(len(lengths))]
+    if not getattr(config, "is_prompt_learning", False):
+        return model, {"input_ids": ids, "attention_mask": mask}, ids.shape[1]
+    base = model.get_base_model()
+    embed = base.get_input_embeddings()
+    virtual = model.get_prompt(batch_size=ids.shape[0]).to(embed.weight.dtype)
+    return base, {"inputs_embeds": torch.cat([virtual, embed(ids)], 1),
+                  "attention_mask": torch.cat([mask.new_ones(ids.shape[0], virtual.shape[1]), mask], 1)}, 0
 
 
 def reference_lists(values: list, column: str, where: str, rows: list[int]) -> list[list[str]]:

@@ -40,10 +40,10 @@ from .generative import (
     causal_lm_loss,
     check_references,
     contiguous_head_input,
+    generation_inputs,
     log_examples,
     loss_and_predictions,
     next_token_items,
-    per_prompt_length,
     reference_lists,
     references,
     several_references,
@@ -116,6 +116,14 @@ def check(recipe) -> list[str]:
         p.append(f"task.prompt={t.prompt!r}: must contain {{source}} exactly once (where the prompt column's text goes).")
     if recipe.model.decoder:
         p.append("model.decoder is set: sft fine-tunes a decoder-only LLM. Remove model.decoder.")
+    if recipe.adapter.method == "prefix_tuning":
+        from ..methods.prompt import PREFIX_GENERATING
+
+        p.append(PREFIX_GENERATING)
+    if recipe.data.packing and recipe.adapter.method in ("prompt_tuning", "p_tuning", "prefix_tuning"):
+        p.append(f"data.packing=true with adapter.method={recipe.adapter.method}: a packed row keeps its examples apart by "
+                 "their position ids, which peft drops for prompt methods (each example would attend to the ones before it, "
+                 "and the virtual tokens come before the first only). Set data.packing=false, or use lora.")
     beams = {"num_beams": (e.num_beams, 1), "length_penalty": (e.length_penalty, 1.0), "no_repeat_ngram_size": (e.no_repeat_ngram_size, 0)}
     if changed := [f"eval.{k}={v}" for k, (v, default) in beams.items() if v != default]:  # it was ignored, silently
         p.append(f"{', '.join(changed)}: sft generates greedily (the summarization task's beam search settings do not "
@@ -524,17 +532,13 @@ def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=
 
         def write(unwrapped, batch, extras):
             ids = extras["gen_input_ids"].to(batch["input_ids"].device)
-            return per_prompt_length(unwrapped, ids, extras["gen_attention_mask"].to(ids.device),
-                                     lambda ids, mask: answers(unwrapped, ids, mask))
-
-        def answers(unwrapped, ids, mask) -> list[str]:
+            generator, inputs, echoed = generation_inputs(unwrapped, ids, extras["gen_attention_mask"].to(ids.device))
             start = time.perf_counter()
             with accelerator.autocast(), contiguous_head_input(unwrapped):
-                gen = unwrapped.generate(input_ids=ids, attention_mask=mask, max_new_tokens=recipe.eval.max_new_tokens,
-                                         do_sample=False, num_beams=1, pad_token_id=tokenizer.pad_token_id, eos_token_id=stops,
-                                         **by_text)
+                gen = generator.generate(**inputs, max_new_tokens=recipe.eval.max_new_tokens, do_sample=False, num_beams=1,
+                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, **by_text)
             timing["seconds"] += time.perf_counter() - start
-            new = gen[:, ids.shape[1]:]
+            new = gen[:, echoed:]
             timing["new_tokens"] += int(new_token_counts(new, stops + ([tokenizer.pad_token_id] if texts else [])).sum())  # (a row
             # stopped at a text marker is padded)
             return [cut_at(p, texts).strip() for p in tokenizer.batch_decode(new, skip_special_tokens=True)]

@@ -28,9 +28,9 @@ from . import encoder_decoder
 from .generative import (
     causal_lm_loss,
     contiguous_head_input,
+    generation_inputs,
     log_examples,
     loss_and_predictions,
-    per_prompt_length,
     references,
     several_references,
 )
@@ -297,26 +297,23 @@ class SummaryNoRepeatNGram(NoRepeatNGramLogitsProcessor):
 def generate(model, tokenizer, batch: dict, extras: dict, cfg, accelerator) -> list[str]:
     """Decode summaries for one batch with the recipe's eval settings (beam search, lengths, n-gram blocking)."""
     causal = "gen_input_ids" in extras
-
-    def write(ids, mask) -> list[str]:
-        kwargs = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, do_sample=False,
-                      pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_id(tokenizer))
-        if cfg.num_beams > 1:
-            kwargs.update(length_penalty=cfg.length_penalty, early_stopping=True)
-        if cfg.no_repeat_ngram_size and causal:  # the summary's own n-grams: not the prompt's, which it must be free to copy
-            kwargs["logits_processor"] = LogitsProcessorList([SummaryNoRepeatNGram(cfg.no_repeat_ngram_size, ids.shape[1])])
-            kwargs["no_repeat_ngram_size"] = 0  # (not a generation_config's own, which would count the prompt again)
-        elif cfg.no_repeat_ngram_size:  # (an encoder-decoder's decoder holds the summary only)
-            kwargs["no_repeat_ngram_size"] = cfg.no_repeat_ngram_size
-        with accelerator.autocast(), contiguous_head_input(model):
-            out = model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        if causal:  # the prompt comes back in front of the continuation
-            out = out[:, ids.shape[1]:]
-        return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
-
-    if causal:  # left-padded prompts
-        return per_prompt_length(model, extras["gen_input_ids"], extras["gen_attention_mask"], write)
-    return write(batch["input_ids"], batch["attention_mask"])
+    if causal:  # left-padded prompts; a prompt-learning adapter's virtual tokens in front (generation_inputs)
+        generator, inputs, echoed = generation_inputs(model, extras["gen_input_ids"], extras["gen_attention_mask"])
+    else:
+        generator, inputs, echoed = model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, 0
+    kwargs = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, do_sample=False,
+                  pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_id(tokenizer))
+    if cfg.num_beams > 1:
+        kwargs.update(length_penalty=cfg.length_penalty, early_stopping=True)
+    if cfg.no_repeat_ngram_size and causal:  # the summary's own n-grams: not the prompt's, which it must be free to copy
+        kwargs["logits_processor"] = LogitsProcessorList([SummaryNoRepeatNGram(cfg.no_repeat_ngram_size, echoed)])
+        kwargs["no_repeat_ngram_size"] = 0  # (not a generation_config's own, which would count the prompt again)
+    elif cfg.no_repeat_ngram_size:  # (an encoder-decoder's decoder holds the summary only)
+        kwargs["no_repeat_ngram_size"] = cfg.no_repeat_ngram_size
+    with accelerator.autocast(), contiguous_head_input(model):
+        out = generator.generate(**inputs, **kwargs)
+    out = out[:, echoed:]  # a decoder's prompt comes back in front of the continuation
+    return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
 
 def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=None):
