@@ -108,6 +108,8 @@ class TrainState:
     best_schedule: Any = None  # the method's schedule at best_step (AdaLoRA's rank pattern): put back with keep_best's weights
     stopped_early: bool = False  # train.early_stopping ended the run before its last step
     num_processes: int | None = None  # the processes that wrote the checkpoint: --resume needs as many (rundir.processes_change)
+    window_loss: float = 0.0  # the loss sum and count of the log window a checkpoint fell in (all ranks): a resumed run's
+    window_items: float = 0.0  # next log line is the mean over the whole window, as it is without the stop
     frozen_sha256: str | None = None  # the frozen base that checkpoints leave out (checkpoint_keys), as trained on: --resume checks it
 
 
@@ -168,6 +170,16 @@ class Window:
         self.examples = self.tokens = self.padded = 0
         self.start = time.perf_counter()
         return examples, tokens, elapsed
+
+    def carry(self, state: TrainState) -> None:
+        """Before a checkpoint: the window's loss so far (all ranks) into `state`, for a resumed run's `resume`."""
+        state.window_loss, state.window_items = self.acc.reduce(torch.stack([self.loss, self.weight]), "sum").tolist()
+
+    def resume(self, state: TrainState) -> None:
+        """A resumed run's window starts with the stopped one's loss so far (on the main process: the sum over ranks)."""
+        if self.acc.is_main_process:
+            self.loss += state.window_loss
+            self.weight += state.window_items
 
     def flush(self, state: TrainState) -> dict:
         """-> this window's loss and throughput (all ranks); adds its totals to `state` and starts a new window."""
@@ -597,6 +609,8 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
     bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process,
                dynamic_ncols=True)
     window = Window(accelerator, parts.epoch_tail)
+    if resumed:
+        window.resume(state)
     # the task's own loss (e.g. LM losses on the labelled positions only: tasks/generative.py), or train.distill's (distill.py)
     task_loss = loss_for(t.distill) if t.distill else getattr(task, "loss", None)
     # a step of several micro-batches (grad_accum, processes) is one mean over all its rows or labelled tokens, as one
@@ -626,6 +640,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
 
     def checkpoint() -> None:
         window.settle(state)  # the steps since the last log line count in the saved totals
+        window.carry(state)  # and in the next log line's loss
         settle_wall()
         with parts.cast.suspended():  # the fp32 weights go into the checkpoint, as they were loaded
             save_checkpoint(accelerator, out, state, best.weights, t.keep_checkpoints, recipe)

@@ -125,7 +125,7 @@ def make_recipe(tmp_path, tiny_bert, sentiment_files):
 
 def assert_resume_is_uninterrupted(make_recipe, tmp_path, overrides: dict, step: int, steps: int) -> None:
     """Run the recipe, then again in a fresh folder from a copy of the first run's step-`step` checkpoint: the resumed
-    run's steps, logged losses after the checkpoint (log_every divides `step`) and final metrics are the first run's."""
+    run's steps, logged losses after the checkpoint and final metrics are the first run's."""
     import shutil
 
     from peftlab import run

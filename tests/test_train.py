@@ -167,6 +167,13 @@ def test_a_run_stopped_early_resumes_to_its_stop_and_not_beyond(make_recipe, tmp
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_checkpoint_between_two_log_lines_keeps_the_windows_loss(make_recipe, tmp_path):
+    """Checkpoint at step 6, log lines at 4 and 8: the resumed run's step-8 line is the mean loss of steps 5-8 (it was
+    steps 7-8 alone), in log.jsonl and so in the trackers."""
+    ov = {"train.max_steps": 12, "train.save_every": 6, "train.log_every": 4}
+    assert_resume_is_uninterrupted(make_recipe, tmp_path, ov, step=6, steps=12)
+
+
 def test_resumed_totals_count_the_steps_since_the_last_log_line(make_recipe, tmp_path):
     """A checkpoint between two log lines (step 8; logs at 16 and 32) carries the examples and tokens of steps 1-8: a
     resumed run's run.json totals are those of a run never stopped."""
