@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -65,6 +66,11 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     if results_dir is None:
         results_dir = EVAL_DIR / f"{out.resolve().name}-{overrides_tag(overrides, out.resolve())}" if overrides else out
     results = Path(results_dir)
+    writable = results if results.is_dir() else next(p for p in results.absolute().parents if p.exists())
+    if not os.access(writable, os.W_OK | os.X_OK):  # before the model loads: not after the whole evaluation
+        raise ArtifactError(f"cannot write the evaluation (eval-{split}.json) to {results}: {writable} is not writable. "
+                            + ("Copy the run folder to a writable place and evaluate the copy." if results == out else
+                               "Run it from a writable working directory (its results go to runs/eval/)."))
     model, tokenizer = rebuild(out, recipe, run, precision=precision)
     model.requires_grad_(False)  # only scored: a full fine-tune's weights are frozen too (train.cast_frozen casts them once)
     skip_unread(model, recipe)

@@ -429,3 +429,20 @@ def test_eval_and_merge_of_a_run_replaced_meanwhile_write_nothing(make_recipe, t
         assert not list(recipe.out.glob("eval-*.json")) and not (recipe.out / "merged").exists()
         os.replace(recipe.out, other)  # put both back
         os.replace(tmp_path / "retired", recipe.out)
+
+
+def test_evaluating_a_run_folder_that_cannot_be_written_is_refused_before_the_model_loads(make_recipe, monkeypatch):
+    """`peftlab eval` of a read-only run folder evaluated it all, then failed with a PermissionError traceback."""
+    import sys
+
+    from peftlab import run
+    from peftlab.run import evaluate
+
+    recipe = make_recipe({"train.max_steps": 1})
+    run(recipe)
+    run_module = sys.modules["peftlab.run"]
+    out = recipe.out.resolve()
+    monkeypatch.setattr(run_module.os, "access", lambda p, mode: Path(p).resolve() != out)  # (root writes a mode-500 folder)
+    monkeypatch.setattr(run_module, "rebuild", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(ArtifactError, match=r"cannot write the evaluation \(eval-eval.json\) to .* not writable. Copy the run folder"):
+        evaluate(recipe.out)
