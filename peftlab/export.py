@@ -331,6 +331,30 @@ def merge(out: str | Path, *, force: bool = False) -> Path:
     if not method.mergeable:
         raise ArtifactError(f"{out} holds a {method.name} adapter: {method.merge_refusal} Load it as it is: "
                             "PeftModel.from_pretrained(base, OUT), or `peftlab eval OUT`.")
+    with merging(out):
+        return _merge(out, recipe, run, recipe_text, metrics, identity, force)
+
+
+@contextmanager
+def merging(out: Path):
+    """One merge of a run at a time (two `peftlab merge`, or trainings starting from one model.from_run, crashed on each
+    other's staging folder): the next waits, then finds the run merged."""
+    try:
+        lock = open(out / ".merged.lock", "a")
+    except OSError as e:
+        raise ArtifactError(f"cannot write the merged model into {out}: {e.strerror or e}. Copy the run folder somewhere "
+                            "writable and merge the copy.") from None
+    with lock:  # closing releases it
+        try:
+            import fcntl
+
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        except ImportError:  # Windows: no advisory locks
+            pass
+        yield
+
+
+def _merge(out: Path, recipe, run, recipe_text: str, metrics: bytes | None, identity, force: bool) -> Path:
     target = out / "merged"
     adapter_sha = sha256(out / "adapter_model.safetensors")
     stamp = target / "merge.json"

@@ -149,3 +149,43 @@ def test_an_earlier_runs_figures_say_which_split_chose_its_weights():
     assert source_scores({"metrics": {"eval": {"accuracy": 0.5}}, "selected_on": None}) == "eval accuracy 0.5000"
     assert source_scores({"metrics": {"accuracy": 0.5}}) == "eval accuracy 0.5000"  # a record written before stop 56
     assert source_scores({}) == ""
+
+
+def test_two_merges_of_one_run_at_once_take_turns(trained, tmp_path, monkeypatch):
+    """Two `peftlab merge --force` of one run (or trainings from one model.from_run) at once: each removed the other's
+    staging folder and both crashed. They take turns now; the second, without --force, finds the run merged."""
+    import shutil
+    import sys
+    import threading
+
+    export_module = sys.modules["peftlab.export"]
+    _, _, source = trained
+    out = tmp_path / "run"
+    shutil.copytree(source, out, ignore=shutil.ignore_patterns("merged"))
+    inside, fill = [], export_module.write_atomic_dir
+
+    def slow(final, fn, **kw):  # two merges inside at once would both be in here before either leaves
+        inside.append(1)
+        threading.Event().wait(0.5)
+        assert len(inside) == 1, "two merges wrote at once"
+        try:
+            return fill(final, fn, **kw)
+        finally:
+            inside.pop()
+
+    monkeypatch.setattr(export_module, "write_atomic_dir", slow)
+    results, errors = [], []
+
+    def one(force):
+        try:
+            results.append(merge(out, force=force))
+        except BaseException as e:  # noqa: BLE001 (reported below)
+            errors.append(e)
+
+    threads = [threading.Thread(target=one, args=(f,)) for f in (True, True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and results == [out / "merged"] * 2, errors
+    assert load_trained(out / "merged")[0] is not None and not list(out.glob(".tmp-*"))
