@@ -603,6 +603,8 @@ def build_data(recipe: Recipe, tokenizer, *, splits=None, label_names=None, pref
     for name, ds in tokenized.items():
         if ds is not None:
             report_truncation(ds, f"{prefix}.{name}", recipe.data.max_length)
+            if hasattr(task, "report_cuts"):  # sft: answers past the cut, prompts fitted
+                task.report_cuts(ds, f"{prefix}.{name}", recipe.data.max_length)
     if tokenized["train"] is not None and hasattr(task, "prepare_train"):  # sft: packing; eval and test rows stay whole
         tokenized["train"] = task.prepare_train(tokenized["train"], recipe)
     eval_collator = getattr(task, "eval_collator", None)  # optional part of the Task protocol

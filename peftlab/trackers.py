@@ -67,8 +67,9 @@ def _tracker(name: str, out: Path, run: str, resumed_at: int | None = None):
     if name == "tensorboard":
         purge = {} if resumed_at is None else {"purge_step": resumed_at + 1}  # (SummaryWriter: events from that step on)
         return cls("tb", str(out), **purge)  # its logging_dir/run_name: OUT/tb
-    if name == "wandb":  # OUT/wandb/(offline-)run-*
-        return cls(env.get("WANDB_PROJECT") or PROJECT, name=run, **unless("WANDB_DIR", dir=str(out)))
+    if name == "wandb":  # OUT/wandb/(offline-)run-*; a resumed run goes on in the stopped one's wandb run (its id)
+        return cls(env.get("WANDB_PROJECT") or PROJECT, name=run, **unless("WANDB_DIR", dir=str(out)),
+                   **({} if env.get("WANDB_RUN_ID") else {"id": wandb_run_id(out, resumed_at is not None), "resume": "allow"}))
     if name == "mlflow":  # OUT/mlruns (a file store); MLFLOW_EXPERIMENT_NAME (read by Accelerate) renames the experiment
         if not env.get("MLFLOW_TRACKING_URI"):  # mlflow's URI is process-wide: each run points it at its own folder
             import mlflow
@@ -82,6 +83,22 @@ def _tracker(name: str, out: Path, run: str, resumed_at: int | None = None):
     if name == "swanlab":
         return cls(PROJECT, experiment_name=run, **unless("SWANLAB_LOG_DIR", logdir=str(out / "swanlog")))
     return cls(PROJECT)  # comet_ml, clearml, trackio: their own configuration says where a run goes
+
+
+WANDB_ID_FILE = ".wandb-run-id"  # in the run folder: the wandb run a --resume goes on in
+
+
+def wandb_run_id(out: Path, resumed: bool) -> str:
+    """A fresh run's new wandb run id, kept in the run folder; a resumed run's: the one kept (its history goes on in the
+    same wandb run, as TensorBoard's does; offline, `wandb sync` files both sessions under it)."""
+    import uuid
+
+    path = out / WANDB_ID_FILE
+    if resumed and path.is_file() and (kept := path.read_text(encoding="utf-8").strip()):
+        return kept
+    new = uuid.uuid4().hex[:12]
+    path.write_text(new, encoding="utf-8")
+    return new
 
 
 def tracker_config(recipe: Recipe) -> dict:

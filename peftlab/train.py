@@ -606,8 +606,6 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
     total, steps_per_epoch, resume = parts.total, parts.steps_per_epoch, resumed
     if state.stopped_early:  # resumed from the checkpoint where train.early_stopping ended it: no more steps
         total = state.step
-    bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process,
-               dynamic_ncols=True)
     window = Window(accelerator, parts.epoch_tail)
     if resumed:
         window.resume(state)
@@ -647,6 +645,9 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
 
     model.train()
     with RunLog(out, accelerator.is_main_process, recipe, resumed_at=state.step if resumed else None) as runlog, stop_on_signal() as stop, parts.cast:
+        # (the bar after the trackers: one that cannot start says so on a line of its own)
+        bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process,
+                   dynamic_ncols=True)
         while state.step < total:
             train_dl.set_epoch(state.epoch)
             if hasattr(data.collate, "set_epoch"):  # a collator that draws at random (mlm's masks): this epoch's draws

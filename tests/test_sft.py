@@ -510,6 +510,26 @@ def test_prefix_tuning_and_packed_prompt_methods_are_refused_at_validation(tmp_p
     recipe_for(tmp_path, chat_llama, path, ["adapter.method=p_tuning", "adapter.target_modules=null"])  # unpacked: fine
 
 
+def test_an_over_long_prompt_keeps_its_system_turn_instruction_and_generation_prompt(caplog):
+    """A prompt longer than data.max_length was cut to its last tokens: the system turn, the instruction and the user
+    header went, and the model went on with the dialogue. Its last user turn's text is cut at the end now."""
+    tok = chat_tokenizer()
+    messages = [{"role": "system", "content": "you are terse"},
+                {"role": "user", "content": "Summarize this dialogue. " + " ".join(f"anna: word{i} and more" for i in range(60))},
+                {"role": "assistant", "content": "anna talks"}]
+    whole = sft.encode(tok, messages, 1024)
+    row = sft.encode(tok, messages, 64)
+    assert len(whole["gen_ids"]) > 64 and not whole["prompt_cut"] and row["prompt_cut"]
+    assert 56 <= len(row["gen_ids"]) <= 64
+    text = tok.decode(row["gen_ids"])
+    assert text.startswith(tok.decode(whole["gen_ids"][:12])) and "you are terse" in text and "summarize this dialogue" in text
+    tail = tok.decode(whole["gen_ids"][-3:])  # the generation prompt: the user turn's end, then the assistant header
+    assert text.endswith(tail) and tail.startswith(IM_END) and tail.strip().endswith("assistant"), (text, tail)
+    assert row["source"] == messages[1]["content"]  # the predictions file names the row's own text
+    short = [{"role": "user", "content": "hi " * 300}, {"role": "assistant", "content": "ok"}]  # no system turn: cut the same way
+    assert len(sft.encode(tok, short, 32)["gen_ids"]) <= 32
+
+
 @pytest.mark.parametrize("method,folds", [("lora", True), ("ia3", True), ("prompt_tuning", False)])
 def test_the_final_evaluation_folds_a_mergeable_adapter_and_scores_the_same(tmp_path, chat_llama, monkeypatch, method, folds):
     """eval.merge_adapter (default): the final evaluations run with the adapter merged into an fp32 base, then unmerged;

@@ -156,14 +156,43 @@ def test_wandb_offline_run_in_the_run_folder_survives_an_overwrite(make_recipe, 
     assert history == expected  # JSON keeps a float exactly
 
 
+def test_a_resumed_run_goes_on_in_the_stopped_runs_wandb_run(make_recipe, monkeypatch, tmp_path):
+    """Each session of a run stopped and resumed was a wandb run of its own (two runs of one name, the history split)."""
+    pytest.importorskip("wandb", reason="pip install wandb (or pip install -e '.[dev]')")
+    import sys
+
+    from peftlab.errors import TrainingInterrupted
+
+    for var in ("WANDB_DIR", "WANDB_PROJECT", "WANDB_RUN_ID"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    for var, sub in (("WANDB_CONFIG_DIR", "config"), ("WANDB_CACHE_DIR", "cache"), ("WANDB_DATA_DIR", "data")):
+        monkeypatch.setenv(var, str(tmp_path / "wandb-home" / sub))
+    ov = {**SHORT, "train.report_to": "wandb", "train.max_steps": 4}
+    with monkeypatch.context() as m:
+        m.setattr(sys.modules["peftlab.train"], "stop_requested", lambda flag, accelerator: True)  # Ctrl-C at step 1
+        with pytest.raises(TrainingInterrupted):
+            run(make_recipe(ov))
+    recipe = make_recipe(ov)
+    run(recipe, resume=True)
+    ids = {p.name.rsplit("-", 1)[1] for p in (recipe.out / "wandb").glob("offline-run-*")}
+    assert len(list((recipe.out / "wandb").glob("offline-run-*"))) == 2 and ids == {(recipe.out / ".wandb-run-id").read_text()}
+
+
 def test_trackers_write_in_the_run_folder_unless_their_env_says_where(monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.delenv("WANDB_PROJECT", raising=False)
-    assert trackers._tracker("wandb", tmp_path, "t").init_kwargs == {"dir": str(tmp_path), "name": "t"}
+    monkeypatch.delenv("WANDB_RUN_ID", raising=False)
+    first = trackers._tracker("wandb", tmp_path, "t").init_kwargs
+    assert first == {"dir": str(tmp_path), "name": "t", "id": first["id"], "resume": "allow"} and len(first["id"]) == 12
     monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))
     monkeypatch.setenv("WANDB_PROJECT", "mine")
-    wandb = trackers._tracker("wandb", tmp_path, "t")
-    assert wandb.init_kwargs == {"name": "t"} and wandb.run_name == "mine"  # wandb reads WANDB_DIR itself
+    wandb = trackers._tracker("wandb", tmp_path, "t", resumed_at=4)  # a --resume: the stopped run's wandb run
+    assert wandb.init_kwargs == {"name": "t", "id": first["id"], "resume": "allow"} and wandb.run_name == "mine"  # (WANDB_DIR: wandb's)
+    assert trackers._tracker("wandb", tmp_path, "t").init_kwargs["id"] != first["id"]  # a fresh run: a new one
+    monkeypatch.setenv("WANDB_RUN_ID", "theirs")  # the user's own id wins
+    assert "id" not in trackers._tracker("wandb", tmp_path, "t", resumed_at=4).init_kwargs
     tensorboard = trackers._tracker("tensorboard", tmp_path, "t")
     assert Path(tensorboard.logging_dir_param, tensorboard.run_name) == tmp_path / "tb"
 

@@ -351,18 +351,49 @@ def _side(tokenizer, text: str, x: int, y: int, anchored: bool) -> list[tuple[in
     return [(i, x + p - 1, x + q - 1) for i, (p, q) in zip(side["input_ids"], side["offset_mapping"]) if p >= 1]
 
 
-def encode(tokenizer, messages: list[dict], max_length: int) -> dict:
-    """One conversation -> input_ids, labels (assistant tokens only), the generation prompt of its last answer."""
+def rendered(tokenizer, messages: list[dict]) -> tuple[list[tuple[int, int, int]], list[tuple[int, int]], list[int]]:
+    """One conversation -> its tokens (id, start, end char), the assistant spans, and the generation prompt of its last
+    answer (the tokens before it; normalize_split cut the turns after it)."""
     full, spans = assistant_spans(tokenizer, messages)
     tokens = edge_tokens(tokenizer, full, sorted({b for span in spans for b in span}))
+    start = spans[-1][0] if spans else len(full)
+    return tokens, spans, [t for t, a, _ in tokens[:next((i for i, (_, a, _) in enumerate(tokens) if a >= start), len(tokens))]]
+
+
+def fitted_prompt(tokenizer, messages: list[dict], max_length: int) -> list[int]:
+    """The generation prompt of a conversation longer than max_length, within it: the last user turn's text cut at its
+    end and the conversation rendered again, so the system prompt, the template's headers, the instruction before the
+    text (task.prompt) and the generation prompt stay (the prompt's last max_length tokens kept none of them, and the
+    model went on with the dialogue). Where that turn alone cannot make room: the prompt's last max_length tokens."""
+    u = next((i for i in range(len(messages) - 2, -1, -1) if messages[i]["role"] == "user"), None)
+    prompt = rendered(tokenizer, messages)[2]
+    if u is None:
+        return prompt[-max_length:]
+    content = tokenizer(messages[u]["content"], add_special_tokens=False)["input_ids"]
+    for _ in range(4):  # a cut can merge tokens at the edge: a pass or two more
+        excess = len(prompt) - max_length
+        if excess <= 0:
+            return prompt
+        if excess >= len(content):
+            break
+        content = content[: len(content) - excess]
+        messages = [*messages[:u], {**messages[u], "content": tokenizer.decode(content)}, *messages[u + 1:]]
+        prompt = rendered(tokenizer, messages)[2]
+    return prompt[-max_length:]
+
+
+def encode(tokenizer, messages: list[dict], max_length: int) -> dict:
+    """One conversation -> input_ids, labels (assistant tokens only), the generation prompt of its last answer (an
+    over-long one fitted: fitted_prompt; `prompt_cut` says so)."""
+    tokens, spans, prompt = rendered(tokenizer, messages)
     ids = [t for t, _, _ in tokens]
     labels = [t if any(s <= a < e for s, e in spans) and b > a else -100 for t, a, b in tokens]
-    last = len(messages) - 1  # the last answer (normalize_split cut the turns after it), and its prompt: the tokens before it
-    start = spans[-1][0] if spans else len(full)
-    prompt = ids[:next((i for i, (_, a, _) in enumerate(tokens) if a >= start), len(ids))]
+    last = len(messages) - 1
     user = next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")
+    cut = len(prompt) > max_length
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": len(ids) > max_length,
-            "gen_ids": prompt[-max_length:], "source": user, "reference": messages[last]["content"]}
+            "gen_ids": fitted_prompt(tokenizer, messages, max_length) if cut else prompt, "prompt_cut": cut,
+            "source": user, "reference": messages[last]["content"]}
 
 
 def tokenize(ds, tokenizer, recipe):
@@ -386,12 +417,19 @@ def tokenize(ds, tokenizer, recipe):
         raise DataError("no assistant token is trainable: the chat template renders no assistant tokens within data.max_length="
                         f"{max_length} in any of {len(ds):,} rows, so training would learn nothing. Check that rows have "
                         "assistant turns, that the chat template renders their content (task.chat_format), and data.max_length.")
-    unscored = sum(n == 0 for n in ds["n_labels"])
-    if unscored:
-        log.warning("%d row(s) have no assistant token within data.max_length=%d (the answer starts after the cut): training "
-                    "drops them; evaluation keeps them (generated from the end of their prompt, no loss). Raise "
-                    "data.max_length to keep them whole.", unscored, max_length)
     return ds
+
+
+def report_cuts(ds, where: str, max_length: int) -> None:
+    """What data.max_length did to a split's conversations, beyond the rows cut (data.report_truncation)."""
+    if unscored := sum(n == 0 for n in ds["n_labels"]):
+        log.warning("%s: %d row(s) have no assistant token within data.max_length=%d (the answer starts after the cut): "
+                    "training drops them; evaluation keeps them (generated, no loss). Raise data.max_length to keep them "
+                    "whole.", where, unscored, max_length)
+    if cut := sum(ds["prompt_cut"]):
+        log.warning("%s: %d prompt(s) longer than data.max_length=%d: generated from the prompt with its last user turn's "
+                    "text cut at the end (the system prompt, headers and instruction kept). Raise data.max_length to "
+                    "generate from them whole.", where, cut, max_length)
 
 
 # ------------------------------------------------------------------------------------------------ packing and batches
