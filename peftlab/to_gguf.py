@@ -11,6 +11,7 @@ The file is written beside DEST under a temporary name and renamed at the end: a
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
@@ -67,6 +68,13 @@ def write_gguf(model_dir: Path, dest: Path, dtype: str = "f16", *, name: str | N
     name = name or (model_dir.parent.name if model_dir.name == "merged" else model_dir.resolve().name)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
+    for stale in dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp"):  # of an export killed mid-write (kill, SIGTERM)
+        try:
+            os.kill(int(stale.name[len(dest.name) + 2:-4]), 0)
+        except ProcessLookupError:  # its process is gone (else: an export writing now)
+            stale.unlink(missing_ok=True)
+        except (ValueError, OSError):
+            pass
     tmp = dest.parent / f".{dest.name}.{os.getpid()}.tmp"
     w = gguf.GGUFWriter(str(tmp), "llama")
     try:

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import logging
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -351,8 +353,14 @@ def test_a_failed_gguf_write_leaves_the_old_file_and_no_partial_one(tmp_path, mo
         write_gguf(folder, dest, overwrite=True)
     assert dest.read_bytes() == b"the previous export" and [p.name for p in dest.parent.iterdir()] == [dest.name]
     monkeypatch.setattr(gguf.GGUFWriter, "write_tensor_data", real)
+    # a SIGTERM or kill -9 leaves its temporary file (hundreds of MB, named by its pid): the next export removes it, and
+    # keeps one a live process is writing
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    (dest.parent / f".{dest.name}.{dead}.tmp").write_bytes(b"killed half way")
+    (dest.parent / f".{dest.name}.1.tmp").write_bytes(b"pid 1 is alive")
     write_gguf(folder, dest, overwrite=True)
     assert gguf.GGUFReader(dest).fields["general.architecture"].contents() == "llama"
+    assert sorted(p.name for p in dest.parent.iterdir()) == sorted([dest.name, f".{dest.name}.1.tmp"])
 
 
 def test_merge_gguf_of_a_full_model_run_lands_in_the_run_folder(tiny_bert, tmp_path, monkeypatch, capsys):
