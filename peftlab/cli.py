@@ -120,7 +120,7 @@ def check_local_target(target: str) -> None:
 def cmd_merge(args) -> int:
     from .export import merge
 
-    target = merge(Path(args.out), force=args.force)
+    target = merge(Path(args.out), force=args.force, overrides=args.overrides)
     print(f"merged model: {target}")
     if args.gguf:
         from .to_gguf import write_gguf
@@ -311,6 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("merge", help="fold a LoRA adapter into its base -> OUT/merged (standalone transformers model)")
     m.add_argument("out")
+    m.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="model.name=FOLDER: the base, where the recipe's is "
+                                                                   "not here (a published adapter of a local base)")
     m.add_argument("--force", action="store_true", help="merge again even if OUT/merged matches the adapter")
     m.add_argument("--gguf", nargs="?", const="f16", choices=("f16", "f32"), metavar="{f16,f32}",
                    help="also write OUT/merged/model-DTYPE.gguf for llama.cpp (Llama-architecture LLMs with a byte-level "

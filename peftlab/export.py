@@ -28,7 +28,7 @@ import torch
 
 from .accel import cpu_native_bf16
 from .bases import base_path, gguf_key, load_tokenizer
-from .config import Recipe
+from .config import Recipe, load_recipe
 from .errors import ArtifactError
 from .methods import get_method
 from .model import load_base
@@ -313,12 +313,21 @@ def check_source_unchanged(out: Path, recipe: Recipe, run: RunRecord) -> None:
                             "at a copy of the earlier run.")
 
 
-def merge(out: str | Path, *, force: bool = False) -> Path:
+MERGE_OVERRIDES = ("model.name", "model.revision")  # where the base is found: a published adapter of a local base
+
+
+def merge(out: str | Path, *, force: bool = False, overrides: list[str] | tuple = ()) -> Path:
     """Fold a LoRA adapter into its base and write a standalone model to OUT/merged. Idempotent: a merged folder
-    made from the same adapter weights is left as it is."""
+    made from the same adapter weights is left as it is. `overrides`: model.name=FOLDER (and model.revision), where
+    the recipe's base is not here (a published adapter names a local base by its folder name)."""
     out = Path(out)
     identity = folder_identity(out)
     recipe, run = read_run(out)
+    if other := [o for o in overrides if o.split("=", 1)[0].strip() not in MERGE_OVERRIDES]:
+        raise ArtifactError(f"merge takes {' and '.join(MERGE_OVERRIDES)} only (where its base is), not {', '.join(other)}: "
+                            "the adapter is merged as it was trained.")
+    if overrides:
+        recipe = load_recipe(out / RECIPE_FILE, list(overrides), validate_files=False)
     recipe_text = (out / RECIPE_FILE).read_text(encoding="utf-8")
     metrics = (out / "metrics.json").read_bytes() if (out / "metrics.json").is_file() else None
     task = get_task(recipe.task.type)

@@ -193,6 +193,20 @@ def test_card_snippet_loads_the_adapter(runs, tmp_path, capsys, tiny_bert):
     torch.testing.assert_close(logits(namespace["model"]), logits(load_trained(runs[0])[0]), atol=1e-6, rtol=0)
 
 
+def test_a_published_adapter_of_a_local_base_merges_with_model_name_given(runs, tmp_path, capsys, tiny_bert):
+    """A published adapter names a local base by its folder name: `peftlab merge` refused it, saying to set
+    model.name=DIR, which merge did not take."""
+    folder = tmp_path / "published"
+    publish(runs[0], "alice/tiny-lora", to=folder)
+    rc, _, err = cli(capsys, "merge", folder)
+    assert rc == 2 and "model.name=" in err
+    rc, _, err = cli(capsys, "merge", folder, "train.lr=1")
+    assert rc == 2 and "merge takes model.name and model.revision only" in err
+    rc, out, err = cli(capsys, "merge", folder, f"model.name={tiny_bert}")
+    assert rc == 0, err
+    torch.testing.assert_close(logits(load_trained(folder / "merged")[0]), logits(load_trained(runs[0])[0]), atol=1e-5, rtol=0)
+
+
 def test_card_snippet_of_a_merged_folder_runs_its_example(runs, tmp_path, capsys):
     """A full model's snippet (a merged folder's too) loads it and runs the task's example, as an adapter's does."""
     from peftlab import merge
