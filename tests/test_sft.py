@@ -181,6 +181,20 @@ def test_a_chat_format_that_does_not_compile_or_a_descriptive_best_metric_is_ref
         recipe_for(tmp_path, chat_llama, path, ["train.best_metric=gen_words", "eval.metric_fn=peftlab.metrics:answer_accuracy"])
 
 
+def test_validate_renders_the_chat_template_as_training_will(tmp_path, chat_llama):
+    """A template that compiles but does not render conversations prefix by prefix (the last message only) passed
+    `validate`, then failed at the first tokenized row."""
+    from peftlab.run import preflight
+
+    path = write_jsonl(tmp_path / "m.jsonl", messages_rows(2))
+    last_only = recipe_for(tmp_path, chat_llama, path, ["task.chat_format={{ messages[-1].content }}"])
+    assert any("does not render conversations prefix by prefix" in p for p in preflight(last_only, training=False))
+    raising = recipe_for(tmp_path, chat_llama, path, ["task.chat_format={{ raise_exception('no system role') }}"])
+    assert any("the chat template cannot render a conversation" in p and "no system role" in p
+               for p in preflight(raising, training=False))
+    assert not preflight(recipe_for(tmp_path, chat_llama, path, ["task.system_prompt=be brief"]), training=False)
+
+
 def test_a_template_that_trains_nothing_is_refused_and_a_missing_template_names_the_fix(tmp_path, chat_llama, tiny_llama):
     path = write_jsonl(tmp_path / "m.jsonl", messages_rows(3))
     no_answers = ("{% for m in messages %}{% if m['role'] != 'assistant' %}{{ m['content'] }}\n{% endif %}{% endfor %}"

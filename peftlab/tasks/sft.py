@@ -252,8 +252,23 @@ def is_answer(messages: list[dict], i: int) -> bool:
 
 # ------------------------------------------------------------------------------------------------ template and labels
 
+PROBE = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "and?"},
+         {"role": "assistant", "content": "bye"}]  # a two-turn conversation `validate` renders as training will
+
+
 def check_tokenizer(tokenizer, recipe) -> None:
-    ensure_chat_template(copy.copy(tokenizer), recipe)  # (a copy: task.chat_format is set on the run's tokenizer only)
+    """`validate`: the chat template exists and renders a two-turn conversation prefix by prefix (what tokenizing
+    needs), with the recipe's system prompt."""
+    tokenizer = copy.copy(tokenizer)  # (a copy: task.chat_format is set on the run's tokenizer only)
+    ensure_chat_template(tokenizer, recipe)
+    system = [{"role": "system", "content": recipe.task.system_prompt}] if recipe.task.system_prompt else []
+    try:
+        assistant_spans(tokenizer, system + PROBE)
+    except DataError as e:
+        raise ConfigError([str(e)]) from None
+    except Exception as e:  # the template's own error (raise_exception, an unknown variable, ...)
+        raise ConfigError([f"the chat template cannot render a conversation ({type(e).__name__}: {e}). Fix "
+                           "task.chat_format, or use a named template (task.chat_format=chatml)."]) from None
 
 
 def ensure_chat_template(tokenizer, recipe) -> None:
