@@ -619,8 +619,12 @@ class RunDir:
     def _resume_plan(self, recipe_yaml: str | None, announce: bool = True, processes: int | None = None) -> Job:
         work = self.staging if checkpoints(self.staging) else self.out
         if work == self.out and self.finished:
-            raise ArtifactError(f"--resume: {self.out} holds a finished run; there is nothing to resume. Evaluate it "
-                                f"(peftlab eval {self.out}), or train it again with --overwrite.")
+            merge = ((yaml.safe_load(recipe_yaml or "") or {}).get("export") or {}).get("merge")
+            unmerged = merge and (self.out / "adapter_config.json").is_file() and not (self.out / "merged" / "merge.json").is_file()
+            raise ArtifactError(f"--resume: {self.out} holds a finished run; there is nothing to resume. "
+                                + (f"Its merged model is missing (stopped while merging?): `peftlab merge {self.out}` writes it. "
+                                   if unmerged else "")
+                                + f"Evaluate it (peftlab eval {self.out}), or train it again with --overwrite.")
         if not checkpoints(work):
             raise ArtifactError(f"--resume: no checkpoint in {self.out}/checkpoints, so there is nothing to continue: start the "
                                 "run again with --overwrite (in place of --resume). Set train.save_every=N to write checkpoints.")

@@ -189,8 +189,14 @@ def test_resume_refuses_another_recipe_a_finished_run_and_overwrite(make_recipe,
         run(make_recipe({**ov, "adapter.r": 8, "train.lr": 1e-3, "output_dir": part}), resume=True)
     listed = [line for line in str(e.value).splitlines() if line.startswith("  - ")]
     assert len(listed) == 2  # adapter.r and train.lr; output_dir differs too, but a resume may change it
-    with pytest.raises(ArtifactError, match="finished run; there is nothing to resume"):
+    with pytest.raises(ArtifactError, match="finished run; there is nothing to resume") as e:
         run(recipe, resume=True)
+    assert "merged model is missing" not in str(e.value)
+    merged = make_recipe({**ov, "export.merge": True, "output_dir": tmp_path / "merged"})
+    run(merged)
+    shutil.rmtree(merged.out / "merged")  # a kill -9 while merging: the run is finished, its merged model is not there
+    with pytest.raises(ArtifactError, match=r"nothing to resume. Its merged model is missing .*`peftlab merge .*` writes it"):
+        run(merged, resume=True)
     with pytest.raises(ArtifactError, match="--resume and --overwrite together"):
         run(recipe, resume=True, overwrite=True)
     # a resume may lengthen the run: train.max_steps is a training-only key
