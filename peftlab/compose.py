@@ -103,6 +103,14 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
         else:
             model.add_adapter(name, cfg)
         set_peft_model_state_dict(model, {k: v for k, v in sd.items() if k not in head}, adapter_name=name)
+    if rank is not None:  # peft cuts each layer's factors at its own size, but records `rank` for all: unloadable
+        from peft.tuners.lora import LoraLayer
+
+        sizes = {name: min(m.get_base_layer().weight.shape) for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+        if rank > (smallest := min(sizes.values())):
+            layer = min(sizes, key=sizes.get)
+            raise PeftlabError(f"--rank {rank}: above the size of the smallest adapted layer ({layer}: {smallest}), which no "
+                               f"rank can exceed. Use --rank {smallest} or less (that layer's update is exact at its size).")
     torch.manual_seed(seed)  # dare_* prune at random
     try:
         model.add_weighted_adapter(names, [float(w) for w in weights], "composed", combination_type=method, density=density,

@@ -403,15 +403,17 @@ def _check_label_cells(ds, label_col: str, spec: SplitConfig, where: str) -> Non
 def row_lines(spec: SplitConfig) -> list[int]:
     """The file line where each data row of a local csv/tsv/jsonl split starts (a quoted csv cell may span lines; blank
     lines hold no row); [] for other sources. Read only to name rows in an error."""
-    suffix = Path(spec.path).suffix.lower().lstrip(".") if spec.path else ""
-    fmt = suffix if spec.format in (None, "auto") or spec.format == "json" and suffix == "jsonl" else spec.format
-    if fmt not in ("csv", "tsv", "jsonl"):
+    if not spec.path:
+        return []
+    fmt = _format(spec)
+    if fmt not in ("csv", "tsv") and not (fmt == "json" and Path(spec.path).suffix.lower() == ".jsonl"):
         return []
     starts = []
     with open(spec.path, encoding="utf-8-sig", errors="replace", newline="") as f:
-        if fmt == "jsonl":
+        if fmt == "json":
             return [n for n, line in enumerate(f, 1) if line.strip()]
-        reader, line = csv.reader(f, delimiter="\t" if fmt == "tsv" else ","), 1
+        # read as the loader reads it (read_split): a tsv's quote characters are text
+        reader, line = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else csv.reader(f), 1
         for cells in reader:
             if cells:  # (an empty line is none; a line of empty cells is a row)
                 starts.append(line)

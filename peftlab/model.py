@@ -21,6 +21,7 @@ from .bases import base_path, load_tokenizer, resolve_model_path, verify_from_ru
 from .config import Recipe
 from .errors import ConfigError, ModelError, PeftlabError
 from .methods import get_method
+from .methods.prompt import PREFIX_GENERATING, prefix_cannot_generate
 from .tasks import get_task, input_lengths, peft_task_type
 
 log = logging.getLogger(__name__)
@@ -418,6 +419,8 @@ def model_problems(recipe: Recipe) -> list[str]:
     except Exception as e:  # a config transformers cannot read here: `train` checks on the loaded model
         log.info("model.name=%r: input lengths and target_modules not checked (%s: %s)", m.name, type(e).__name__, e)
         return problems
+    if not getattr(config, "is_encoder_decoder", False) and prefix_cannot_generate(recipe):
+        problems.append(PREFIX_GENERATING)
     mapping = getattr(task.auto_model_class, "_model_mapping", None)  # transformers' Auto class: the architectures it has
     if mapping is not None and type(config) not in mapping:
         other = {"mlm": " For a decoder LLM use task.type=clm.", "clm": " For an encoder use task.type=mlm."}.get(recipe.task.type, "")

@@ -250,7 +250,7 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = 
                            state_dict=state_dict, predictions=predictions)
                     if recipe.export.merge and (merged := merge(job.work)) != job.work:  # a full model: nothing to merge
                         record.merged_dir = str(out / merged.relative_to(job.work))
-            job.commit()  # an --overwrite's new run replaces the old one only now, complete
+        job.commit()  # an --overwrite's new run replaces the old one only now, complete (no signal handler of ours around it)
         accelerator.wait_for_everyone()
     return record
 

@@ -32,7 +32,7 @@ from .errors import ArtifactError, ConfigError, TrainingDiverged, TrainingInterr
 from .export import atomic_write_text, write_atomic_dir
 from .methods import get_method
 from .model import MMAP_THRESHOLD, largest_weight_copy, map_large_allocations
-from .rundir import TRAINER_STATE, checkpoint_path, checkpoints, log_path, seal_checkpoint
+from .rundir import RECORD_FILE, TRAINER_STATE, checkpoint_path, checkpoints, log_path, seal_checkpoint
 from .tasks import get_task, lower_is_better, skip_unread
 from .trackers import close_trackers, open_trackers
 
@@ -378,12 +378,15 @@ def stop_at_once_on_signal(out: Path, step: int):
     def handler(signum, frame):
         restore()
         ckpt = checkpoint_path(out, step)
-        raise TrainingInterrupted(
-            f"interrupted after training (step {step}), in the final evaluation or export: " +
-            (f"checkpoint {ckpt} holds the trained model. Continue with the same command plus --resume (in place of "
-             "--overwrite, if you gave it): it evaluates and exports only." if ckpt.is_dir() else
-             "no checkpoint holds the trained steps (train.save_every is off), so train again with --overwrite."),
-            code=128 + signum)
+        if (out / RECORD_FILE).is_file():  # exported: the merge (export.merge) was cut short
+            what = f"the run was exported; its merge was cut short: `peftlab merge {out}` writes merged/."
+        elif ckpt.is_dir():
+            what = (f"checkpoint {ckpt} holds the trained model. Continue with the same command plus --resume (in place of "
+                    "--overwrite, if you gave it): it evaluates and exports only.")
+        else:
+            what = "no checkpoint holds the trained steps (train.save_every is off), so train again with --overwrite."
+        raise TrainingInterrupted(f"interrupted after training (step {step}), in the final evaluation or export: {what}",
+                                  code=128 + signum)
 
     def restore():
         for s, before in previous.items():
@@ -406,7 +409,7 @@ def stop_requested(flag: threading.Event, accelerator) -> bool:
 def checkpoint_keys(model, accelerator) -> tuple[set[str], list]:
     """What a checkpoint holds of `model` (as prepared: a DDP wrapper's keys): what training changes (the trainable
     parameters, the buffers, an adapter's own frozen tensors: VeRA's projections, AdaLoRA's ranks), not the frozen
-    base, which --resume builds again as the first session did (a LoRA checkpoint of SmolLM2-135M: 7 MB, not 545 MB;
+    base, which --resume builds again as the first session did (a LoRA r16 all-linear checkpoint of SmolLM2-135M: 19 MB of weights, not 532 MB;
     nor a 4-bit base's quantization state, which its load does not take back). -> (kept state-dict keys, the frozen
     base's (name, tensor) pairs left out)."""
     adapters = set(getattr(accelerator.unwrap_model(model), "peft_config", None) or ())

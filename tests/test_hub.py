@@ -566,6 +566,8 @@ def test_compose_cat_and_svd_are_the_weighted_sum_of_the_updates(runs, tmp_path,
         compose(runs, weights, tmp_path / "c", method="linear", rank=4)
     with pytest.raises(PeftlabError, match="--rank 0: the composed adapter's rank, at least 1"):
         compose(runs, weights, tmp_path / "c", method="svd", rank=0)
+    with pytest.raises(PeftlabError, match=r"--rank 40: above the size of the smallest adapted layer \(.*: 32\).*--rank 32"):
+        compose(runs, weights, tmp_path / "c", method="svd", rank=40)  # (it wrote r=40 over 32x32 factors: unloadable)
     assert not (tmp_path / "c").exists()
 
 

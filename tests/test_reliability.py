@@ -125,6 +125,19 @@ def test_a_stop_in_the_final_evaluation_keeps_the_training_for_resume(make_recip
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
+def test_a_stop_while_merging_says_the_run_was_exported_and_how_to_merge(make_recipe, monkeypatch):
+    """export.merge runs after the run is exported: a stop there said --resume, which answers "a finished run"."""
+    from peftlab.errors import TrainingInterrupted
+
+    run_module = sys.modules["peftlab.run"]
+    merge = run_module.merge
+    monkeypatch.setattr(run_module, "merge", lambda out: (os.kill(os.getpid(), signal.SIGINT), merge(out))[1])
+    recipe = make_recipe({"train.max_steps": 2, "train.save_every": 2, "export.merge": True})
+    with pytest.raises(TrainingInterrupted, match=r"the run was exported; its merge was cut short: `peftlab merge .*` writes merged/"):
+        run(recipe)
+    assert (recipe.out / "run.json").is_file()
+
+
 def test_disk_full_while_saving_replaces_nothing(make_recipe, monkeypatch):
     import peft
 

@@ -218,6 +218,7 @@ def test_an_empty_label_cell_names_the_row(tmp_path, ext, sep):
     ("b.csv", "sentence,label\nok,1\n\nfine,\n", 4),  # a blank line holds no row
     ("h.csv", "ok,1\n\"two\nlines\",0\nfine,\n", 4),  # no header: column_names
     ("j.jsonl", '{"sentence": "ok", "label": 1}\n\n{"sentence": "fine", "label": null}\n', 3),
+    ("t.tsv", 'sentence\tlabel\n"a bare quote\t1\nfine\t\n', 3),  # a tsv's quotes are text (GLUE), as the loader reads it
 ])
 def test_an_empty_label_cell_names_its_file_line(tmp_path, name, text, line):
     """The file line of the row, not data row + 1: a quoted csv cell may span lines, and blank lines hold no row."""

@@ -49,10 +49,17 @@ PREFIX_GENERATING = ("adapter.method=prefix_tuning cannot generate faithfully wi
                      "Use prompt_tuning or p_tuning (or lora).")
 
 
+def prefix_cannot_generate(recipe: Recipe) -> bool:
+    """Prefix tuning for a task that generates (on a decoder: the caller knows the model)."""
+    from ..tasks import get_task
+
+    return recipe.adapter.method == "prefix_tuning" and getattr(get_task(recipe.task.type), "generates", False)
+
+
 def apply_prefix(model: nn.Module, recipe: Recipe, head_modules: list[str], task_type: str) -> nn.Module:
     if task_type == "SEQ_CLS":
         raise ModelError(PREFIX_ON_CLASSIFICATION)
-    if task_type == "CAUSAL_LM" and recipe.task.type in ("sft", "summarization"):
+    if task_type == "CAUSAL_LM" and prefix_cannot_generate(recipe):
         raise ModelError(PREFIX_GENERATING)
     return apply_peft("PrefixTuningConfig", virtual_tokens, model, recipe, head_modules, task_type, layers=False)
 

@@ -58,6 +58,8 @@ class Task(Protocol):
     # - unused_parameters = True: a step may leave some trainable parameters without a gradient (multitask: the heads
     #   and adapters of the tasks not in the batch); DDP is then told to look for them (find_unused_parameters).
     # - check_tokenizer(tokenizer, recipe): raises the error tokenizing would (e.g. no chat template), so `validate` says it.
+    # - generates = True: its evaluation generates text (sft, summarization): a method that cannot generate faithfully on
+    #   a decoder (prefix tuning with this peft) is refused (methods/prompt.py).
     # A task made of several tasks (multitask) also replaces the steps that assume one: load_splits(recipe, need_train),
     # column_problems(recipe), build_data(recipe, tokenizer, splits, label_names), build_model(recipe, label_names=, precision=),
     # export(out, model, tokenizer, recipe, record, metrics, report), refuse_loading(out, run) -> the error a load of OUT raises.

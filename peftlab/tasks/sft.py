@@ -85,6 +85,7 @@ GENERATED_METRICS = _Generated()
 pipeline_tag = "text-generation"
 task_name = "Text Generation"
 usage_class = "AutoModelForCausalLM"
+generates = True  # its evaluation generates text (tasks/__init__.py)
 card_metrics = {"exact_match": "Exact match", "rouge1": "ROUGE-1", "rougeL": "ROUGE-L"}
 
 
@@ -116,11 +117,12 @@ def check(recipe) -> list[str]:
         p.append(f"task.prompt={t.prompt!r}: must contain {{source}} exactly once (where the prompt column's text goes).")
     if recipe.model.decoder:
         p.append("model.decoder is set: sft fine-tunes a decoder-only LLM. Remove model.decoder.")
-    if recipe.adapter.method == "prefix_tuning":
-        from ..methods.prompt import PREFIX_GENERATING
+    from ..methods import get_method
+    from ..methods.prompt import PREFIX_GENERATING, prefix_cannot_generate
 
+    if prefix_cannot_generate(recipe):
         p.append(PREFIX_GENERATING)
-    if recipe.data.packing and recipe.adapter.method in ("prompt_tuning", "p_tuning", "prefix_tuning"):
+    if recipe.data.packing and get_method(recipe.adapter.method).extra_positions(recipe.adapter):  # virtual tokens
         p.append(f"data.packing=true with adapter.method={recipe.adapter.method}: a packed row keeps its examples apart by "
                  "their position ids, which peft drops for prompt methods (each example would attend to the ones before it, "
                  "and the virtual tokens come before the first only). Set data.packing=false, or use lora.")

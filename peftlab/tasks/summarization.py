@@ -68,6 +68,7 @@ best_metric = "loss"  # evaluations during training need no generation; the fina
 metrics = ("loss", *ROUGE_KEYS)
 best_metric_note = (" (a ROUGE metric makes every evaluation during training generate summaries: slower, but it "
                     "selects on what is reported)")
+generates = True  # its evaluation generates text (tasks/__init__.py)
 warm_start = True  # model.decoder builds an encoder-decoder from two checkpoints (load_model)
 card_metrics = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 
