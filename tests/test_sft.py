@@ -167,6 +167,14 @@ def test_unknown_columns_and_bad_messages_are_refused_clearly(tmp_path, chat_lla
     with pytest.raises(DataError, match="row 10: 'messages' must be a list of"):
         load_splits(recipe_for(tmp_path, chat_llama, sampled, [f"data.train.max_samples={len(rows) - 1}",
                                                                         f"data.eval.max_samples={len(rows) - 1}"]))
+    # OpenAI-style parts in row 2 made `datasets` read the column as JSON, and row 1's "4" as the number 4: the error
+    # blamed row 1 with a value the file does not hold
+    parts = rows[:1] + [{"messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]},
+                                      {"role": "assistant", "content": "4"}]}] + rows[1:4]
+    parts[0] = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
+    mixed = write_jsonl(tmp_path / "p.jsonl", parts)
+    with pytest.raises(DataError, match=r"row 2: 'messages' holds a message whose content is a list of parts"):
+        load_splits(recipe_for(tmp_path, chat_llama, mixed))
 
 
 def test_a_chat_format_that_does_not_compile_or_a_descriptive_best_metric_is_refused_at_validation(tmp_path, chat_llama):

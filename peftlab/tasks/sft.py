@@ -185,6 +185,12 @@ def _check_messages(value, row: int, where: str, column: str) -> list[dict]:
             value = json.loads(value)
         except json.JSONDecodeError:
             value = None
+    if isinstance(value, list) and any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in value):
+        raise DataError(f"{where}: row {row + 1}: {column!r} holds a message whose content is a list of parts (as in "
+                        "OpenAI's [{type, text}]); sft reads text content: give each message's text as one string.")
+    if isinstance(value, list):  # a number read from a JSON file where other rows made the column mixed: its text
+        value = [{**m, "content": str(m["content"])} if isinstance(m, dict) and isinstance(m.get("content"), (int, float))
+                 and not isinstance(m.get("content"), bool) else m for m in value]
     ok = isinstance(value, list) and all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
                                          for m in value)
     if not ok:
