@@ -14,6 +14,7 @@ import signal
 import threading
 import time
 import warnings
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,43 +341,50 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, best: dict | None
 
 
 @contextmanager
+def signals_to(handler: Callable[[int], None]):
+    """Inside: a SIGINT or SIGTERM calls handler(signum), the handlers from before back at once (so a second signal
+    acts as it would have: Ctrl-C at once); restored on leaving. In the main thread only; elsewhere nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def restore():
+        for s, before in previous.items():
+            signal.signal(s, before)
+
+    def on_signal(signum, frame):
+        restore()
+        handler(signum)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        restore()
+
+
+@contextmanager
 def stop_on_signal():
     """The first Ctrl-C (SIGINT), or a SIGTERM (a scheduler's notice, a `kill`), asks the loop to stop after the
     current optimizer step (it then saves a checkpoint); a second one acts as it would have (Ctrl-C: at once).
     The flag's `signum` says which came."""
     flag = threading.Event()
     flag.signum = signal.SIGINT
-    if threading.current_thread() is not threading.main_thread():
-        yield flag
-        return
 
-    def handler(signum, frame):
+    def ask(signum: int) -> None:
         flag.signum = signum
         flag.set()
-        restore()
         log.warning("%s: saving a checkpoint after this step (a second one aborts without saving)", signal.Signals(signum).name)
 
-    def restore():
-        for s, before in previous.items():
-            signal.signal(s, before)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with signals_to(ask):
         yield flag
-    finally:
-        restore()
 
 
-@contextmanager
 def stop_at_once_on_signal(out: Path, step: int):
     """After the loop (the final evaluations and export): a Ctrl-C or SIGTERM stops at once with TrainingInterrupted,
     saying whether a checkpoint holds the trained steps (train.save_every saves the last one) for --resume to go on."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
 
-    def handler(signum, frame):
-        restore()
+    def stop(signum: int) -> None:
         ckpt = checkpoint_path(out, step)
         if (out / RECORD_FILE).is_file():  # exported: the merge (export.merge) was cut short
             what = f"the run was exported; its merge was cut short: `peftlab merge {out}` writes merged/."
@@ -388,15 +396,7 @@ def stop_at_once_on_signal(out: Path, step: int):
         raise TrainingInterrupted(f"interrupted after training (step {step}), in the final evaluation or export: {what}",
                                   code=128 + signum)
 
-    def restore():
-        for s, before in previous.items():
-            signal.signal(s, before)
-
-    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield
-    finally:
-        restore()
+    return signals_to(stop)
 
 
 def stop_requested(flag: threading.Event, accelerator) -> bool:
