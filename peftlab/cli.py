@@ -165,8 +165,9 @@ def cmd_env(args) -> int:
     import torch
 
     from .accel import resolve_precision
-    from .bases import PACKAGED_MODELS, resolve_model_path
+    from .bases import resolve_model_path
     from .export import hardware, versions
+    from .packaged import PACKAGED_MODELS
 
     env = {"versions": versions(), "hardware": hardware(), "cuda": torch.cuda.is_available(),
            "precision_auto": resolve_precision("auto"), "hf_hub_offline": os.environ.get("HF_HUB_OFFLINE", "0"),

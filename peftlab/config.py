@@ -21,9 +21,10 @@ from typing import Any, Union
 
 import yaml
 
-from .errors import ConfigError, ModelNotFound
+from .errors import ConfigError
 from .methods import get_method, method_names
 from .methods.lora import LORA_INITS
+from .packaged import PACKAGED_MODELS, packaged_folder
 from .tasks import check_recipe as task_problems
 from .tasks import default_best_metric, task_names
 
@@ -615,13 +616,8 @@ def run_base(run: Path, record) -> str | None:
 def base_key(name: str) -> str:
     """A model.name as compared: a local path by the folder it resolves to (two spellings of one folder agree, and a
     packaged name agrees with its installed folder), else as given."""
-    from .bases import PACKAGED_MODELS, resolve_model_path
-
     if name in PACKAGED_MODELS:
-        try:
-            name = resolve_model_path(name)
-        except ModelNotFound:  # not installed: compared by its name
-            return name
+        name = packaged_folder(name) or name  # (not installed: compared by its name)
     return str(Path(name).resolve()) if Path(name).exists() else name
 
 
