@@ -371,7 +371,7 @@ def test_merge_gguf_of_a_full_model_run_lands_in_the_run_folder(tiny_bert, tmp_p
     run_dir = tmp_path / "full-run"  # a run that trained the whole model: `merge` has nothing to fold and returns RUN
     run_dir.mkdir()
     tiny_llama_folder(run_dir)
-    monkeypatch.setattr(sys.modules["peftlab.export"], "merge", lambda out, force=False: Path(out))  # (peftlab.export: the function)
+    monkeypatch.setattr(sys.modules["peftlab.export"], "merge", lambda out, force=False, overrides=(): Path(out))  # (peftlab.export: the function)
     assert main(["merge", str(run_dir), "--gguf"]) == 0
     assert gguf.GGUFReader(run_dir / "model-f16.gguf").fields["general.file_type"].contents() == 1  # f16 by default
     assert f"GGUF: {run_dir / 'model-f16.gguf'}" in capsys.readouterr().out
