@@ -646,6 +646,13 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
         with parts.cast.suspended():  # the fp32 weights go into the checkpoint, as they were loaded
             save_checkpoint(accelerator, out, state, best.weights, t.keep_checkpoints, recipe)
 
+    def log_line(lr: float) -> None:
+        record = {**window.flush(state), "lr": lr}
+        runlog.write(state.step, "train", record)
+        if not math.isfinite(record["loss"]):
+            raise diverged(state.step, record["loss"], t)
+        bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.3g}")
+
     model.train()
     with RunLog(out, accelerator.is_main_process, recipe, resumed_at=state.step if resumed else None) as runlog, stop_on_signal() as stop, parts.cast:
         # (the bar after the trackers: one that cannot start says so on a line of its own)
@@ -683,11 +690,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                 state.step += 1
                 bar.update(1)
                 if state.step % t.log_every == 0 or state.step == total:  # the only host sync of the step
-                    record = {**window.flush(state), "lr": lr}
-                    runlog.write(state.step, "train", record)
-                    if not math.isfinite(record["loss"]):
-                        raise diverged(state.step, record["loss"], t)
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.3g}")
+                    log_line(lr)
                 if eval_dl is not None and (state.step == total or (t.eval_every and state.step % t.eval_every == 0)):
                     with window.paused():  # eval time is not training throughput
                         evaluate()
@@ -698,6 +701,8 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                                       "(train.early_stopping)")
                         state.stopped_early = True
                         total = state.step
+                        if state.step % t.log_every:  # the steps since the last log line: logged and counted, as at the end
+                            log_line(lr)
                 if t.save_every and (state.step % t.save_every == 0 or state.step >= total):  # the last step's too: a
                     # stop in the final evaluation or export then loses no training (--resume goes on from there)
                     check_window_finite(window, accelerator, state.step, t)  # never checkpoint a diverged run

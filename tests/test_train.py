@@ -313,17 +313,23 @@ def test_the_logged_lr_is_the_steps_own(make_recipe, tmp_path):
     assert lrs == pytest.approx([1e-2, 7.5e-3, 5e-3, 2.5e-3])
 
 
+def losses_steps(out: Path) -> list[int]:
+    return [json.loads(line)["step"] for line in (out / "log.jsonl").read_text().splitlines() if '"kind": "train"' in line]
+
+
 def test_early_stopping_stops_once_the_metric_stops_improving_and_exports_the_best(make_recipe, tmp_path):
     """train.early_stopping=N: N evaluations in a row without a better train.best_metric end the run; the best evaluation's
     weights are exported, run.json says so, and a recipe without evaluations during training is refused."""
     from peftlab.errors import ConfigError
 
     ov = {"train.max_steps": 40, "train.eval_every": 2, "train.lr": 0.5, "train.best_metric": "loss", "train.early_stopping": 2,
-          "output_dir": tmp_path / "o"}  # lr 0.5: the eval loss soon gets worse, and stays so
+          "train.log_every": 5, "output_dir": tmp_path / "o"}  # lr 0.5: the eval loss soon gets worse, and stays so
     record = run(make_recipe(ov))
     history = record.history
     best = min(range(len(history)), key=lambda i: history[i]["loss"])
-    assert record.stopped_early and record.steps < 40 and record.steps == history[-1]["step"]
+    assert record.stopped_early and record.steps < 40 and record.steps == history[-1]["step"] and record.steps % 5
+    # the steps after the last log line are logged and counted (they were dropped: run.json said fewer examples)
+    assert losses_steps(tmp_path / "o")[-1] == record.steps and record.train_examples == record.steps * 16
     assert len(history) - 1 - best == 2  # stopped at the second evaluation in a row without a better loss
     assert record.best_step == history[best]["step"] and record.selected_on == "eval"
     assert all(h["loss"] >= history[best]["loss"] for h in history[best + 1:])
