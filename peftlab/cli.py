@@ -413,8 +413,10 @@ def main(argv: list[str] | None = None) -> int:
             print(f"stopped: {e}", file=sys.stderr)
         return e.code
     except PeftlabError as e:
-        if args.debug:
-            raise
+        if args.debug:  # the traceback too; the status stays what scripts test for
+            import traceback
+
+            traceback.print_exc()
         print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -157,6 +157,9 @@ def test_user_mistakes_print_one_message_without_traceback(tmp_path):
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     assert "train.lr=-1" in proc.stderr and "data.train.path='nope.tsv': file not found" in proc.stderr
+    debug = subprocess.run([sys.executable, "-m", "peftlab.cli", "--debug", "train", str(bad), "data.train.path=nope.tsv"],
+                           capture_output=True, text=True, cwd=tmp_path)
+    assert debug.returncode == 2 and "Traceback" in debug.stderr and "train.lr=-1" in debug.stderr  # (it exited 1)
 
 
 def test_unknown_model_is_a_clear_error(make_recipe, capsys, tmp_path, monkeypatch):
