@@ -311,7 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.set_defaults(fn=cmd_eval, late_overrides="overrides")
 
     m = sub.add_parser("merge", help="fold a LoRA adapter into its base -> OUT/merged (standalone transformers model)")
-    m.add_argument("out")
+    m.add_argument("out", help="output directory of a finished run (its adapter is merged into OUT/merged)")
     m.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="model.name=FOLDER: the base, where the recipe's is "
                                                                    "not here (a published adapter of a local base)")
     m.add_argument("--force", action="store_true", help="merge again even if OUT/merged matches the adapter")
@@ -371,9 +371,9 @@ def build_parser() -> argparse.ArgumentParser:
                      help="probe (k-fold linear probe on frozen features), logme (LogME evidence), steps (a short real run "
                           "of the candidate's recipe scored on a held-out fold of train); default: probe logme")
     sel.add_argument("--rank-by", metavar="PROXY", help="the proxy that orders the table (default: probe, else the first)")
-    sel.add_argument("--max-rows", type=int, default=1000, metavar="N", help="training rows sampled (seeded) for the estimates")
-    sel.add_argument("--folds", type=int, default=5, metavar="K", help="cross-validation folds (the steps proxy holds out one)")
-    sel.add_argument("--steps", type=int, default=30, metavar="N", help="optimizer steps of the steps proxy's run")
+    sel.add_argument("--max-rows", type=int, default=1000, metavar="N", help="training rows sampled (seeded) for the estimates (default %(default)s)")
+    sel.add_argument("--folds", type=int, default=5, metavar="K", help="cross-validation folds; the steps proxy holds out one (default %(default)s)")
+    sel.add_argument("--steps", type=int, default=30, metavar="N", help="optimizer steps of the steps proxy's run (default %(default)s)")
     sel.add_argument("--set", action="append", default=[], metavar="NAME:KEY=VALUE",
                      help="an override for one candidate or method, e.g. --set full:train.lr=5e-5 (repeatable)")
     sel.add_argument("--json", metavar="OUT", help="also write the rows as JSON")

@@ -566,7 +566,7 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple | s
     return _checked_build(tree, problems, source, validate_files)
 
 
-def _checked_build(tree: dict, problems: list[str], source: str, validate_files: bool) -> Recipe:
+def _checked_build(tree: dict, problems: list[str], source: str | None, validate_files: bool) -> Recipe:
     """The Recipe of a tree of plain values, its types checked (`_build`) and every rule (`validate`); raises
     ConfigError with these problems and those found before (`problems`)."""
     recipe = _build(Recipe, tree, "", problems)
@@ -583,7 +583,7 @@ def checked(recipe: Recipe, *, validate_files: bool = True) -> Recipe:
     """A Recipe built or changed in Python, checked as `load_recipe` checks a file: read back from its plain values
     (`to_dict`: types checked, 1 -> 1.0 for a float, a Path -> its text), then every rule -> that new Recipe. `run`
     calls it, so `recipe.train.lr = -1; run(recipe)` is one ConfigError rather than a traceback mid-training."""
-    return _checked_build(recipe.to_dict(), [], "the recipe", validate_files)
+    return _checked_build(recipe.to_dict(), [], None, validate_files)  # ("invalid recipe:", not "... in the recipe:")
 
 
 def base_from_run(tree: dict) -> None:
@@ -850,5 +850,8 @@ def describe_fields(cls=Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
             rows.extend(describe_fields(hint, name + "."))
         else:
             default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
-            rows.append((name, repr(default), f.metadata.get("help", "")))
+            text, choices = f.metadata.get("help", ""), f.metadata.get("choices")
+            if choices:  # the allowed values (a registry's: its names now)
+                text += f" One of: {', '.join(map(str, choices() if callable(choices) else choices))}."
+            rows.append((name, repr(default), text))
     return rows

@@ -88,6 +88,8 @@ def test_describe_fields_documents_every_key():
     keys = {k for k, _, _ in rows}
     assert {"adapter.r", "train.lr", "data.train.path", "quant.mode", "export.merge"} <= keys
     assert all(h for _, _, h in rows), [k for k, _, h in rows if not h]
+    helps = {k: h for k, _, h in rows}  # a field's allowed values are in its help (`peftlab train --help`)
+    assert "One of: linear, cosine" in helps["train.scheduler"] and "nf4, fp4" in helps["quant.quant_type"], helps["train.scheduler"]
 
 
 RECIPES = sorted((REPO / "recipes").glob("*/*.yaml")) + [REPO / "peftlab/recipes/quickstart.yaml"]
