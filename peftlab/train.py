@@ -323,7 +323,7 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, best: dict | None
             hook.remove()
         if accelerator.is_main_process:
             if slimmed and state.frozen_sha256 is None:  # once a run: the frozen base does not change while training
-                state.frozen_sha256 = frozen_sha256(checkpoint_keys(slimmed[0], accelerator)[1])
+                state.frozen_sha256 = frozen_sha256(checkpoint_keys(slimmed[0], accelerator)[1], accelerator.unwrap_model(slimmed[0]))
             if best is not None:
                 save_file(best, str(tmp / "best_trainable.safetensors"))
             state.num_processes = accelerator.num_processes
@@ -418,13 +418,23 @@ def checkpoint_keys(model, accelerator) -> tuple[set[str], list]:
     return keep, [(n, p) for n, p in model.named_parameters() if n not in keep]
 
 
-def frozen_sha256(named: list) -> str | None:
-    """The sha256 of the frozen base's tensors (names and bytes); None when nothing is frozen (a full fine-tune)."""
+def frozen_sha256(named: list, model=None) -> str | None:
+    """The sha256 of the frozen base: its tensors (names and bytes), and with `model` what is built again from its
+    config alone, unsaved: the config's values and the buffers no state dict holds (a rotary table from rope_theta).
+    None when nothing is frozen (a full fine-tune)."""
     import hashlib
 
     if not named:
         return None
     digest = hashlib.sha256()
+    if model is not None:
+        config = getattr(model, "config", None)
+        if hasattr(config, "to_dict"):  # (not where it is: the folder's name, the library version, a switch of the run's)
+            values = {k: v for k, v in config.to_dict().items()  # (problem_type: set by the first forward with labels)
+                      if k not in ("_name_or_path", "transformers_version", "use_cache", "problem_type")}
+            digest.update(json.dumps(values, sort_keys=True, default=str).encode())
+        kept = set(model.state_dict())
+        named = [*named, *((n, b) for n, b in model.named_buffers() if n not in kept)]
     for name, tensor in named:
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
@@ -455,10 +465,10 @@ def load_checkpoint(accelerator, ckpt: Path) -> tuple[TrainState, dict | None]:
         if missing:
             raise ArtifactError(f"checkpoint {ckpt} lacks {len(missing)} weight(s) of the model (e.g. {sorted(missing)[0]}): "
                                 "it was written by another model. Start again without --resume (or with --overwrite).")
-        if state.frozen_sha256 is not None and frozen_sha256(frozen) != state.frozen_sha256:
+        if state.frozen_sha256 is not None and frozen_sha256(frozen, accelerator.unwrap_model(model)) != state.frozen_sha256:
             raise ArtifactError(f"--resume: the frozen base built now differs from the one checkpoint {ckpt} was trained on "
-                                "(checkpoints leave it out, to be built again): were the weights under model.name changed "
-                                "since? Train again with --overwrite, or put the earlier base back.")
+                                "(checkpoints leave it out, to be built again): were the weights or the config under model.name "
+                                "changed since? Train again with --overwrite, or put the earlier base back.")
         accelerator.load_state(str(ckpt), strict=False)
     best = None
     if (ckpt / "best_trainable.safetensors").is_file():

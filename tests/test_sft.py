@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import logging
 import math
 import re
 from pathlib import Path
@@ -201,6 +202,21 @@ def test_validate_renders_the_chat_template_as_training_will(tmp_path, chat_llam
     assert any("the chat template cannot render a conversation" in p and "no system role" in p
                for p in preflight(raising, training=False))
     assert not preflight(recipe_for(tmp_path, chat_llama, path, ["task.system_prompt=be brief"]), training=False)
+
+
+def test_an_eval_split_whose_answers_all_start_past_max_length_is_generated_not_refused(tmp_path, chat_llama, caplog):
+    """Such a split stopped the run with "training would learn nothing": it is generated from its fitted prompts (its
+    loss counts no token); only a training split with no answer is refused."""
+    long = [{"messages": [{"role": "user", "content": q + " please" * 90}, {"role": "assistant", "content": a}]} for q, a in QA]
+    r = recipe_for(tmp_path, chat_llama, write_jsonl(tmp_path / "m.jsonl", messages_rows()), [], write_jsonl(tmp_path / "e.jsonl", long))
+    splits, _ = load_splits(r)
+    with caplog.at_level(logging.WARNING):
+        data = build_data(r, chat_tokenizer(), splits=splits, label_names=[])
+    assert sum(data.eval["n_labels"]) == 0 and all(len(g) <= 64 for g in data.eval["gen_ids"])
+    assert f"data.eval: {len(QA)} prompt(s) longer than data.max_length=64" in caplog.text and "data.train: " not in caplog.text
+    swapped = recipe_for(tmp_path, chat_llama, write_jsonl(tmp_path / "e.jsonl", long), [], tmp_path / "m.jsonl")
+    with pytest.raises(DataError, match="data.train: all 6 rows are longer than data.max_length=64"):  # a training split: refused
+        build_data(swapped, chat_tokenizer(), splits=load_splits(swapped)[0], label_names=[])
 
 
 def test_a_template_that_trains_nothing_is_refused_and_a_missing_template_names_the_fix(tmp_path, chat_llama, tiny_llama):

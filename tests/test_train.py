@@ -140,12 +140,17 @@ def test_resume_refuses_a_base_changed_since_the_checkpoint(make_recipe, tmp_pat
     run(recipe)
     part = tmp_path / "part"
     shutil.copytree(recipe.out / "checkpoints" / "step-2", part / "checkpoints" / "step-2")
+    before = sorted(p.relative_to(part) for p in part.rglob("*"))
+    resumed = make_recipe({"train.max_steps": 4, "train.save_every": 2, "output_dir": part}, model=base)
+    config = json.loads((base / "config.json").read_text())  # its config only (layer_norm_eps: no weight changes)
+    (base / "config.json").write_text(json.dumps({**config, "layer_norm_eps": 1e-3}))
+    with pytest.raises(ArtifactError, match="frozen base built now differs from the one checkpoint .* model.name changed"):
+        run(resumed, resume=True)
+    (base / "config.json").write_text(json.dumps(config))
     weights = load_file(str(base / "model.safetensors"))
     key = next(k for k in weights if "attention.self.query.weight" in k)
     weights[key] = weights[key] + 0.01
     save_file(weights, str(base / "model.safetensors"), metadata={"format": "pt"})
-    before = sorted(p.relative_to(part) for p in part.rglob("*"))
-    resumed = make_recipe({"train.max_steps": 4, "train.save_every": 2, "output_dir": part}, model=base)
     with pytest.raises(ArtifactError, match="frozen base built now differs from the one checkpoint .* model.name changed"):
         run(resumed, resume=True)
     assert sorted(p.relative_to(part) for p in part.rglob("*")) == before

@@ -435,12 +435,7 @@ def tokenize(ds, tokenizer, recipe):
                     n_labels=[sum(y != -100 for y in o["labels"]) for o in out], row=batch[FILE_ROW])
         return cols
 
-    ds = ds.map(enc, batched=True, remove_columns=["conversation", FILE_ROW], desc="tokenize")
-    if sum(ds["n_labels"]) == 0:
-        raise DataError("no assistant token is trainable: the chat template renders no assistant tokens within data.max_length="
-                        f"{max_length} in any of {len(ds):,} rows, so training would learn nothing. Check that rows have "
-                        "assistant turns, that the chat template renders their content (task.chat_format), and data.max_length.")
-    return ds
+    return ds.map(enc, batched=True, remove_columns=["conversation", FILE_ROW], desc="tokenize")
 
 
 def report_cuts(ds, where: str, max_length: int) -> None:
@@ -449,7 +444,7 @@ def report_cuts(ds, where: str, max_length: int) -> None:
         log.warning("%s: %d row(s) have no assistant token within data.max_length=%d (the answer starts after the cut): "
                     "training drops them; evaluation keeps them (generated, no loss). Raise data.max_length to keep them "
                     "whole.", where, unscored, max_length)
-    if cut := sum(ds["prompt_cut"]):
+    if not where.endswith(".train") and (cut := sum(ds["prompt_cut"])):  # (training rows are not generated from)
         log.warning("%s: %d prompt(s) longer than data.max_length=%d: generated from the prompt with its last user turn's "
                     "text cut at the end (the system prompt, headers and instruction kept). Raise data.max_length to "
                     "generate from them whole.", where, cut, max_length)
@@ -461,7 +456,13 @@ def prepare_train(ds, recipe):
     """The training rows: those with a trainable token; with data.packing, examples (whole, never split) best-fit into
     rows of at most data.max_length tokens, each keeping the position ids of its examples, restarting at 0, which is
     what keeps attention within an example."""
+    rows = len(ds)
     ds = ds.filter(lambda r: r["n_labels"] > 0, desc="rows with an answer within max_length")
+    if not len(ds):  # (an eval or test split is generated from its prompts: it needs none)
+        raise DataError("no assistant token is trainable: the chat template renders no assistant tokens within data.max_length="
+                        f"{recipe.data.max_length} in any of {rows:,} training rows, so training would learn nothing. Check that "
+                        "rows have assistant turns, that the chat template renders their content (task.chat_format), and "
+                        "data.max_length.")
     if not recipe.data.packing:
         return ds
     import datasets
