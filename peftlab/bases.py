@@ -210,7 +210,7 @@ def converted_folder(source: Path) -> Path:
         root.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ModelNotFound(f"cannot create the GGUF cache {root} ({e.strerror}): set PEFTLAB_CACHE to a writable folder.") from None
-    with _lock(root / f"{target.name}.lock"):
+    with file_lock(root / f"{target.name}.lock"):
         if _complete(target):  # another process converted it while we waited
             return target
         _remove_stale_staging(root, target.name)
@@ -348,7 +348,7 @@ def _gguf_tokenizer(tokenizer, sidecar: Path | None):
     return side
 
 
-class _lock:
+class file_lock:
     """An exclusive file lock (fcntl; a no-op where it does not exist)."""
 
     def __init__(self, path: Path):

@@ -86,6 +86,11 @@ def _format(spec: SplitConfig) -> str:
     return fmt
 
 
+def delimited_rows(f, fmt: str):
+    """A csv/tsv file's rows as read_split's loader reads them: a tsv's quote characters are text (GLUE-style TSVs)."""
+    return csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else csv.reader(f)
+
+
 def check_header_line(spec: SplitConfig, fmt: str, where: str) -> None:
     """A csv/tsv file's first line: with column_names, it must not be a header (it became a training row, its label a
     class); without, its names must be distinct (pandas renamed the second 'sentence' to 'sentence.1', and the first
@@ -93,8 +98,7 @@ def check_header_line(spec: SplitConfig, fmt: str, where: str) -> None:
     if fmt not in ("csv", "tsv"):
         return
     with open(spec.path, encoding="utf-8-sig", errors="replace", newline="") as f:
-        first = next(csv.reader(f, delimiter="\t" if fmt == "tsv" else ",",
-                                quoting=csv.QUOTE_NONE if fmt == "tsv" else csv.QUOTE_MINIMAL), [])
+        first = next(delimited_rows(f, fmt), [])
     names = [c.strip() for c in first]
     if spec.column_names and names == [str(c) for c in spec.column_names]:
         raise DataError(f"{where}: the file's first line is a header ({', '.join(names)}), and {where}.column_names "
@@ -412,8 +416,7 @@ def row_lines(spec: SplitConfig) -> list[int]:
     with open(spec.path, encoding="utf-8-sig", errors="replace", newline="") as f:
         if fmt == "json":
             return [n for n, line in enumerate(f, 1) if line.strip()]
-        # read as the loader reads it (read_split): a tsv's quote characters are text
-        reader, line = csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else csv.reader(f), 1
+        reader, line = delimited_rows(f, fmt), 1
         for cells in reader:
             if cells:  # (an empty line is none; a line of empty cells is a row)
                 starts.append(line)

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .accel import cpu_native_bf16
-from .bases import base_path, gguf_key, load_tokenizer
+from .bases import base_path, file_lock, gguf_key, load_tokenizer
 from .config import Recipe, load_recipe
 from .errors import ArtifactError
 from .methods import get_method
@@ -348,19 +348,16 @@ def merge(out: str | Path, *, force: bool = False, overrides: list[str] | tuple 
 def merging(out: Path):
     """One merge of a run at a time (two `peftlab merge`, or trainings starting from one model.from_run, crashed on each
     other's staging folder): the next waits, then finds the run merged."""
+    lock = file_lock(out / ".merged.lock")
     try:
-        lock = open(out / ".merged.lock", "a")
+        lock.__enter__()
     except OSError as e:
         raise ArtifactError(f"cannot write the merged model into {out}: {e.strerror or e}. Copy the run folder somewhere "
                             "writable and merge the copy.") from None
-    with lock:  # closing releases it
-        try:
-            import fcntl
-
-            fcntl.flock(lock, fcntl.LOCK_EX)
-        except ImportError:  # Windows: no advisory locks
-            pass
+    try:
         yield
+    finally:
+        lock.__exit__(None, None, None)
 
 
 def _merge(out: Path, recipe, run, recipe_text: str, metrics: bytes | None, identity, force: bool) -> Path:

@@ -383,13 +383,13 @@ def rendered(tokenizer, messages: list[dict]) -> tuple[list[tuple[int, int, int]
     return tokens, spans, [t for t, a, _ in tokens[:next((i for i, (_, a, _) in enumerate(tokens) if a >= start), len(tokens))]]
 
 
-def fitted_prompt(tokenizer, messages: list[dict], max_length: int) -> list[int]:
-    """The generation prompt of a conversation longer than max_length, within it: the last user turn's text cut at its
-    end and the conversation rendered again, so the system prompt, the template's headers, the instruction before the
-    text (task.prompt) and the generation prompt stay (the prompt's last max_length tokens kept none of them, and the
-    model went on with the dialogue). Where that turn alone cannot make room: the prompt's last max_length tokens."""
+def fitted_prompt(tokenizer, messages: list[dict], max_length: int, prompt: list[int]) -> list[int]:
+    """The generation prompt of a conversation longer than max_length (`prompt`: as rendered whole), within it: the
+    last user turn's text cut at its end and the conversation rendered again, so the system prompt, the template's
+    headers, the instruction before the text (task.prompt) and the generation prompt stay (the prompt's last max_length
+    tokens kept none of them, and the model went on with the dialogue). Where that turn alone cannot make room: the
+    prompt's last max_length tokens."""
     u = next((i for i in range(len(messages) - 2, -1, -1) if messages[i]["role"] == "user"), None)
-    prompt = rendered(tokenizer, messages)[2]
     if u is None:
         return prompt[-max_length:]
     content = tokenizer(messages[u]["content"], add_special_tokens=False)["input_ids"]
@@ -415,7 +415,7 @@ def encode(tokenizer, messages: list[dict], max_length: int) -> dict:
     user = next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")
     cut = len(prompt) > max_length
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": len(ids) > max_length,
-            "gen_ids": fitted_prompt(tokenizer, messages, max_length) if cut else prompt, "prompt_cut": cut,
+            "gen_ids": fitted_prompt(tokenizer, messages, max_length, prompt) if cut else prompt, "prompt_cut": cut,
             "source": user, "reference": messages[last]["content"]}
 
 
