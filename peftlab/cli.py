@@ -417,11 +417,48 @@ def main(argv: list[str] | None = None) -> int:
             import traceback
 
             traceback.print_exc()
-        print(f"error: {e}", file=sys.stderr)
+        if not handed_to_launcher(f"error: {e}", 2):  # (under --launch it prints the first rank's, once, last)
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except Exception as e:
+        if args.debug or not lost_peer(e):
+            raise
+        # another rank failed (its error is printed once) and this one's collective broke: one line, not a traceback
+        print(f"rank {rank} stopped: its connection to the run's other processes broke ({type(e).__name__}: "
+              f"{str(e).strip().splitlines()[0][:200]}), most likely because another process failed: see that error.",
+              file=sys.stderr)
+        return 1
+
+
+def lost_peer(error: Exception) -> bool:
+    """A process of a multi-process run whose collective failed because a peer went away (gloo: 'Connection closed by
+    peer'; torch's DistError family)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) < 2:
+        return False
+    import torch.distributed
+
+    text = str(error)
+    return isinstance(error, getattr(torch.distributed, "DistError", ())) or (
+        isinstance(error, RuntimeError) and any(s in text for s in ("closed by peer", "reset by peer", "Broken pipe", "gloo")))
+
+
+def handed_to_launcher(message: str, code: int) -> bool:
+    """Under `train --launch`: the first rank to fail leaves its message and status for the launcher, which prints it
+    once after the ranks ended and exits with that status (peftlab/launch.py); the others' are dropped. False elsewhere."""
+    from .launch import ERROR_FILE_ENV
+
+    if not (path := os.environ.get(ERROR_FILE_ENV)):
+        return False
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return True  # another rank's came first
+    with os.fdopen(fd, "w", encoding="utf-8") as f:
+        json.dump({"message": message, "code": code}, f)
+    return True
 
 
 if __name__ == "__main__":

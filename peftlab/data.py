@@ -39,7 +39,7 @@ class TaskData:
     label_names: list[str]
     collate: Callable
     eval_collate: Callable | None = None  # for the final evaluation, when the task needs more than model inputs (e.g. reference texts)
-    train_sampler: Callable | None = None  # train config -> the training rows' order, when the task has its own (multitask)
+    train_sampler: Callable | None = None  # (train config, processes) -> the training rows' order, when the task has its own (multitask)
 
 
 class LengthGroupedSampler:
@@ -609,7 +609,7 @@ def build_data(recipe: Recipe, tokenizer, *, splits=None, label_names=None, pref
         if ds is not None:
             report_truncation(ds, f"{prefix}.{name}", recipe.data.max_length)
             if hasattr(task, "report_cuts"):  # sft: answers past the cut, prompts fitted
-                task.report_cuts(ds, f"{prefix}.{name}", recipe.data.max_length)
+                task.report_cuts(ds, f"{prefix}.{name}", recipe, training=tokenized["train"] is not None)
     if tokenized["train"] is not None and hasattr(task, "prepare_train"):  # sft: packing; eval and test rows stay whole
         tokenized["train"] = task.prepare_train(tokenized["train"], recipe)
     eval_collator = getattr(task, "eval_collator", None)  # optional part of the Task protocol

@@ -13,19 +13,22 @@ from __future__ import annotations
 
 import difflib
 import importlib.util
+import json
 import logging
 import os
 import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 from importlib.resources import files
 from pathlib import Path
 
 from .errors import PeftlabError
-from .rundir import LOCK_ENV, RunDir
+from .rundir import LOCK_ENV, RunDir, checkpoints
 
 log = logging.getLogger(__name__)
+ERROR_FILE_ENV = "PEFTLAB_ERROR_FILE"  # set for the ranks: where the first one to fail leaves its message (cli.main)
 PRESETS_DIR = Path(str(files("peftlab") / "launch_presets"))
 CPU_PRESET = "cpu-ddp"
 
@@ -94,12 +97,30 @@ def launch(name: str | None, recipe: str, overrides: list[str] | tuple = (), *, 
         log.info("launching: %s%s", "ACCELERATE_USE_CPU=1 " if name == CPU_PRESET else "", shlex.join(cmd))
         return run_forwarding_signals(cmd, env)
     folder = RunDir(out)
-    with folder.lock():  # held here for the ranks, which skip it (LOCK_ENV): a second writer is refused at once
+    with folder.lock(), tempfile.TemporaryDirectory(prefix="peftlab-launch-") as tmp:  # the lock: held here for the ranks,
+        # which skip it (LOCK_ENV): a second writer is refused at once
         folder.recover()
         folder.plan(resume=resume, overwrite=overwrite, announce=False, processes=n)  # one clear error here rather than one per rank
-        env[LOCK_ENV] = str(folder.out.absolute())
+        env[LOCK_ENV], env[ERROR_FILE_ENV] = str(folder.out.absolute()), str(Path(tmp) / "error.json")
         log.info("launching: %s%s", "ACCELERATE_USE_CPU=1 " if name == CPU_PRESET else "", shlex.join(cmd))
-        return run_forwarding_signals(cmd, env)
+        code = run_forwarding_signals(cmd, env)
+        return outcome(code, Path(env[ERROR_FILE_ENV]), folder)
+
+
+def outcome(code: int, error_file: Path, folder: RunDir) -> int:
+    """The launched run's exit status, said once after the launcher's own report of a failed rank: the first rank's
+    error with its status (2 for a mistake of ours to name; the launcher says 1 for any failure), or, after a crash, the
+    checkpoint --resume continues from. A stop by signal (130, 143) was said by the ranks themselves."""
+    if error_file.is_file():
+        error = json.loads(error_file.read_text(encoding="utf-8"))
+        print(error["message"], file=sys.stderr)
+        return error["code"]
+    if code not in (0, 130, 143):
+        work = folder.staging if folder.staging.is_dir() else folder.out
+        if kept := checkpoints(work):
+            print(f"error: a process of the run failed (its error is above); the checkpoints are kept (latest {kept[-1]}): "
+                  "once the cause is fixed, the same command with --resume continues it.", file=sys.stderr)
+    return code
 
 
 def run_forwarding_signals(cmd: list[str], env: dict) -> int:

@@ -29,7 +29,7 @@ from .model import build_model, model_problems, num_layers_problems
 from .rundir import RECIPE_FILE, RunDir, RunRecord, check_same_folder, folder_identity, read_run, same_inputs
 from .tasks import get_task, skip_unread
 from .trackers import resolve_trackers
-from .train import adapter_folded, eval_loader, stop_at_once_on_signal, train
+from .train import RunLog, adapter_folded, eval_loader, stop_at_once_on_signal, train
 
 log = logging.getLogger(__name__)
 
@@ -194,62 +194,68 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = 
     out = recipe.out
     with folder.writing(resume=resume, overwrite=overwrite, recipe_yaml=recipe.to_yaml(), main=accelerator.is_main_process,
                         processes=accelerator.num_processes) as job:  # locked; job.work: the run folder or an --overwrite's staging
-        set_seed(recipe.train.seed)  # before the model: LoRA and head initialisation are seeded too
-        with accelerator.main_process_first():  # rank 0 fills the datasets cache, the other ranks then read it
-            splits, label_names = load_splits(recipe)
-        distillation = None
-        if recipe.train.distill:  # the teacher's logits on every training row, once; the teacher is freed before the student loads
-            splits, distillation = distill.add_soft_targets(recipe, splits, accelerator.device)
-        same_inputs(job.work, job.checkpoint is not None, {"train.distill.teacher": (distillation or {}).get("weights_sha256"),
-                                                            "model.from_run": lineage[0]["weights_sha256"] if lineage else None,
-                                                            "model.name": gguf_key(recipe)},  # a GGUF base's file
-                    accelerator.is_main_process)
-        model, tokenizer, info = build_model(recipe, num_labels=len(label_names), label_names=label_names, precision=precision)
-        with accelerator.main_process_first():
-            data = build_data(recipe, tokenizer, splits=splits, label_names=label_names)
+        accelerator.wait_for_everyone()  # every rank has read the folder (plan) before rank 0 writes in it
+        with RunLog(job.work, accelerator.is_main_process, recipe) as runlog:
+            if job.checkpoint is None:  # a fresh run's trackers first: one that cannot start (wandb without a login) stops
+                runlog.open()           # it before any work (a resumed run's, once its checkpoint was checked)
+            set_seed(recipe.train.seed)  # before the model: LoRA and head initialisation are seeded too
+            with accelerator.main_process_first():  # rank 0 fills the datasets cache, the other ranks then read it
+                splits, label_names = load_splits(recipe)
+            distillation = None
+            if recipe.train.distill:  # the teacher's logits on every training row, once; the teacher is freed before the student loads
+                splits, distillation = distill.add_soft_targets(recipe, splits, accelerator.device)
+            same_inputs(job.work, job.checkpoint is not None, {"train.distill.teacher": (distillation or {}).get("weights_sha256"),
+                                                                "model.from_run": lineage[0]["weights_sha256"] if lineage else None,
+                                                                "model.name": gguf_key(recipe)},  # a GGUF base's file
+                        accelerator.is_main_process)
+            model, tokenizer, info = build_model(recipe, num_labels=len(label_names), label_names=label_names, precision=precision)
+            with accelerator.main_process_first():
+                data = build_data(recipe, tokenizer, splits=splits, label_names=label_names)
 
-        model, state = train(recipe, model, data, accelerator, job.work, resume_from=job.checkpoint, tokenizer=tokenizer)
+            model, state = train(recipe, model, data, accelerator, job.work, resume_from=job.checkpoint, tokenizer=tokenizer,
+                                 runlog=runlog)
 
-        with stop_at_once_on_signal(job.work, state.step):  # a stop from here on: say whether --resume can go on
-            metrics, report, predictions, eval_seconds = {}, None, {}, {}
-            for split in ("eval", "test"):
-                ds = getattr(data, split)
-                if ds is not None:
-                    t0 = time.perf_counter()
-                    metrics[split], split_report, rows = evaluate_split(model, ds, data, accelerator, recipe, tokenizer)
-                    eval_seconds[split] = time.perf_counter() - t0
-                    if rows is not None:
-                        predictions[split] = rows
-                    report = report or {"split": split, **split_report}  # the first split's (eval: the one data.eval names)
-                    report.setdefault("splits", {})[split] = split_report  # and every split's, the held-out test's too
+            with stop_at_once_on_signal(job.work, state.step):  # a stop from here on: say whether --resume can go on
+                metrics, report, predictions, eval_seconds = {}, None, {}, {}
+                for split in ("eval", "test"):
+                    ds = getattr(data, split)
+                    if ds is not None:
+                        t0 = time.perf_counter()
+                        metrics[split], split_report, rows = evaluate_split(model, ds, data, accelerator, recipe, tokenizer)
+                        eval_seconds[split] = time.perf_counter() - t0
+                        if rows is not None:
+                            predictions[split] = rows
+                        report = report or {"split": split, **split_report}  # the first split's (eval: the one data.eval names)
+                        report.setdefault("splits", {})[split] = split_report  # and every split's, the held-out test's too
+                        runlog.write(state.step, f"final_{split}", metrics[split])  # the exported weights' scores, to trackers
 
-            record = RunRecord(
-                name=recipe.name, output_dir=str(out), method=info.method, task=recipe.task.type, base_model=recipe.model.name,
-                base_path=info.path, quantization=info.quantized, precision=precision, label_names=label_names,
-                trainable_params=info.trainable_params, total_params=info.total_params,
-                trainable_percent=info.trainable_percent, base_weights_mib=info.base_weights_mib, steps=state.step, best_step=state.best_step,
-                stopped_early=state.stopped_early or None,
-                # keep_best (or early_stopping) over several evaluations chose the exported step on data.eval: reports must not
-                # call it held out
-                selected_on="eval" if (recipe.train.keep_best or recipe.train.early_stopping) and len(state.history) > 1 else None,
-                train_wall_s=state.wall_seconds, train_seconds=state.train_seconds, train_examples=state.examples, train_tokens=state.tokens,
-                train_padded_tokens=state.padded_tokens, eval_seconds=eval_seconds,
-                examples_per_s=state.examples / max(state.train_seconds, 1e-9),
-                tokens_per_s=state.tokens / max(state.train_seconds, 1e-9),
-                processes=accelerator.num_processes, history=state.history, metrics=metrics, lineage=lineage,
-                distillation=distillation,
-            )
-            # gather the full weights of a sharded model to save them (a collective: every rank takes part)
-            state_dict = accelerator.get_state_dict(model) if shards_weights(accelerator) else None
-            if accelerator.is_main_process:
-                own_export = getattr(get_task(recipe.task.type), "export", None)  # multitask: a complete run per task, OUT/tasks/NAME
-                if own_export is not None:
-                    own_export(job.work, accelerator.unwrap_model(model), tokenizer, recipe, record, metrics, report)
-                else:
-                    export(job.work, accelerator.unwrap_model(model), tokenizer, recipe, record, metrics, report,
-                           state_dict=state_dict, predictions=predictions)
-                    if recipe.export.merge and (merged := merge(job.work)) != job.work:  # a full model: nothing to merge
-                        record.merged_dir = str(out / merged.relative_to(job.work))
+                record = RunRecord(
+                    name=recipe.name, output_dir=str(out), method=info.method, task=recipe.task.type, base_model=recipe.model.name,
+                    base_path=info.path, quantization=info.quantized, precision=precision, label_names=label_names,
+                    trainable_params=info.trainable_params, total_params=info.total_params,
+                    trainable_percent=info.trainable_percent, base_weights_mib=info.base_weights_mib, steps=state.step, best_step=state.best_step,
+                    stopped_early=state.stopped_early or None,
+                    # keep_best (or early_stopping) over several evaluations chose the exported step on data.eval: reports must not
+                    # call it held out
+                    selected_on="eval" if (recipe.train.keep_best or recipe.train.early_stopping) and len(state.history) > 1 else None,
+                    train_wall_s=state.wall_seconds, train_seconds=state.train_seconds, train_examples=state.examples, train_tokens=state.tokens,
+                    train_padded_tokens=state.padded_tokens, eval_seconds=eval_seconds,
+                    examples_per_s=state.examples / max(state.train_seconds, 1e-9),
+                    tokens_per_s=state.tokens / max(state.train_seconds, 1e-9),
+                    processes=accelerator.num_processes, history=state.history, metrics=metrics, lineage=lineage,
+                    distillation=distillation,
+                )
+                # gather the full weights of a sharded model to save them (a collective: every rank takes part)
+                state_dict = accelerator.get_state_dict(model) if shards_weights(accelerator) else None
+                if accelerator.is_main_process:
+                    own_export = getattr(get_task(recipe.task.type), "export", None)  # multitask: a complete run per task, OUT/tasks/NAME
+                    if own_export is not None:
+                        own_export(job.work, accelerator.unwrap_model(model), tokenizer, recipe, record, metrics, report)
+                    else:
+                        export(job.work, accelerator.unwrap_model(model), tokenizer, recipe, record, metrics, report,
+                               state_dict=state_dict, predictions=predictions)
+                        if recipe.export.merge and (merged := merge(job.work)) != job.work:  # a full model: nothing to merge
+                            record.merged_dir = str(out / merged.relative_to(job.work))
         job.commit()  # an --overwrite's new run replaces the old one only now, complete (no signal handler of ours around it)
         accelerator.wait_for_everyone()
     return record

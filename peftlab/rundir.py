@@ -31,7 +31,7 @@ from typing import Any
 import yaml
 
 from .config import Recipe, base_key, load_recipe
-from .errors import ArtifactError
+from .errors import ArtifactError, PeftlabError
 
 log = logging.getLogger(__name__)
 
@@ -323,6 +323,14 @@ def checkpoint_path(folder: Path, step: int) -> Path:
     return Path(folder) / CHECKPOINTS / f"step-{step}"
 
 
+def _size(path: Path) -> int:
+    """A file's size; 0 where there is none."""
+    try:
+        return path.stat().st_size
+    except OSError:
+        return 0
+
+
 def checkpoints(folder: Path) -> list[Path]:
     """folder/checkpoints/step-N, oldest first."""
     found = [p for p in (Path(folder) / CHECKPOINTS).glob("step-*") if p.name.split("-")[1].isdigit()]
@@ -477,10 +485,10 @@ class Job:
             self.folder.swap()
         self.committed = True
 
-    def abandon(self) -> None:
-        """(main process) The run failed: the old run stays; staging is kept only if --resume can continue it. A fresh
-        run that stopped before training began (data, model) leaves no folder behind; one whose training began keeps its
-        log (RunLog creates it before any step or checkpoint) and its checkpoints."""
+    def abandon(self, error: BaseException | None = None) -> None:
+        """(main process) The run failed (`error`): the old run stays; staging is kept only if --resume can continue it.
+        A fresh run that failed before it logged a step (a tracker, the data, the model) leaves no folder behind; one that
+        logged keeps its log and its checkpoints (a crash, not a refusal of ours, says that --resume continues them)."""
         if self.committed:
             return
         if not checkpoints(self.work):  # nothing to resume: the inputs recorded for --resume (same_inputs) go too
@@ -488,10 +496,13 @@ class Job:
             with suppress(OSError):
                 (self.work / CHECKPOINTS).rmdir()
         if not self.staged:
-            if self.created and not (self.work / LOG_FILE).exists():
+            if self.created and not checkpoints(self.work) and not _size(self.work / LOG_FILE):
                 shutil.rmtree(self.work, ignore_errors=True)
             elif not checkpoints(self.work) and (self.work / LOG_FILE).exists():
                 log.warning("the failed run's log is kept in %s; train again with --overwrite.", self.work / LOG_FILE)
+            elif checkpoints(self.work) and not isinstance(error, PeftlabError):  # (ours say what to do themselves)
+                log.warning("the run stopped; its checkpoints are kept (latest %s): once the cause is fixed, the same "
+                            "command with --resume continues it.", checkpoints(self.work)[-1])
             return
         if (self.work / RECORD_FILE).is_file():  # it finished, but the swap failed (a full disk, permissions)
             log.warning("%s is unchanged: the new run finished but could not replace it. It is in %s: move it there yourself "
@@ -653,9 +664,9 @@ class RunDir:
                 job.prepare()
             try:
                 yield job
-            except BaseException:
+            except BaseException as e:
                 if main:
-                    job.abandon()
+                    job.abandon(e)
                 raise
 
 

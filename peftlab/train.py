@@ -15,7 +15,7 @@ import threading
 import time
 import warnings
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,34 +42,43 @@ log = logging.getLogger(__name__)
 
 class RunLog:
     """Metrics as JSONL (always) and to the experiment trackers of train.report_to (trackers.open_trackers: the same numeric
-    values at the same steps, as `train/loss`, `eval/accuracy`, ...), written by the main process only; the other ranks
-    hold no file and no tracker. A context manager: the trackers are closed when the loop ends, however it ends, and
-    before an --overwrite's staging folder is swapped in."""
+    values at the same steps, as `train/loss`, `eval/accuracy`, ..., and `run` adds the final evaluation's as
+    `final_eval/...`, `final_test/...`), written by the main process only; the other ranks hold no file and no tracker.
+    A context manager: the trackers are closed however the run ends, and before an --overwrite's staging folder is
+    swapped in. Nothing is written before `open`: `run` opens a fresh run's at once, so a tracker that cannot start stops
+    it before the data and the model load; a resumed run's opens once its checkpoint was checked (the loop), so a
+    refused --resume leaves the folder as it was."""
 
-    def __init__(self, out: Path, main: bool, recipe: Recipe, resumed_at: int | None = None):
+    def __init__(self, out: Path, main: bool, recipe: Recipe):
+        self.out, self.main, self.recipe = out, main, recipe
         self.path = log_path(out) if main else None
         self.trackers: list = []
-        if main:
-            out.mkdir(parents=True, exist_ok=True)
+        self.opened = False
+
+    def open(self, resumed_at: int | None = None) -> None:
+        """Create the log and start the trackers, once. `resumed_at`: the checkpoint's step a resumed run goes on from
+        (the stopped run's lines after it go; TensorBoard hides its events after it)."""
+        if self.opened:
+            return
+        self.opened = True
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
             if resumed_at is not None:
                 self.drop_after(resumed_at)
             self.path.touch()  # first: a folder the trackers wrote into is known as a run's (even after a kill -9 at step 1)
-            try:
-                self.trackers = open_trackers(recipe, out, resumed_at)
-            except BaseException:  # (wandb without a login): no step was run, so a fresh run leaves no folder (Job.abandon)
-                if resumed_at is None and not self.path.stat().st_size:
-                    self.path.unlink()
-                raise
+            self.trackers = open_trackers(self.recipe, self.out, resumed_at)  # one that cannot start: a fresh run leaves no
+            # folder (Job.abandon: its log is empty)
 
     def drop_after(self, step: int) -> None:
-        """A resumed run logs again the steps after its checkpoint: the stopped run's lines for them (and a line a kill
-        cut short) go, so each step is logged once."""
-        if not self.path.is_file():
+        """A resumed run logs again the steps after its checkpoint and its final evaluation: the stopped run's lines for
+        them (and a line a kill cut short) go, so each shows once."""
+        if self.path is None or not self.path.is_file():
             return
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
-                if json.loads(line)["step"] <= step:
+                record = json.loads(line)
+                if record["step"] <= step and not record["kind"].startswith("final_"):
                     kept.append(line + "\n")
             except (ValueError, KeyError, TypeError):
                 continue
@@ -255,8 +264,9 @@ def train_loader(data: TaskData, t, processes: int) -> DataLoader:
     # Every loader gets its own generator: without one, each iter() draws a seed from the global RNG, so a resumed run
     # (a fresh iterator mid-epoch) or an extra evaluation would shift every later dropout mask.
     g = torch.Generator().manual_seed(t.seed)
-    if data.train_sampler is not None:  # the task's own order (multitask: blocks of one task's rows per batch)
-        return DataLoader(data.train, batch_size=t.batch_size, sampler=data.train_sampler(t), collate_fn=collate, generator=g)
+    if data.train_sampler is not None:  # the task's own order (multitask: blocks of one task's rows per step)
+        return DataLoader(data.train, batch_size=t.batch_size, sampler=data.train_sampler(t, processes), collate_fn=collate,
+                          generator=g)
     if t.group_by_length:
         sampler = LengthGroupedSampler(data.train["length"], t.batch_size * processes * t.grad_accum, t.seed)
         return DataLoader(data.train, batch_size=t.batch_size, sampler=sampler, collate_fn=collate, generator=g)
@@ -592,9 +602,10 @@ class KeepBest:
 
 
 def train(recipe: Recipe, model, data: TaskData, accelerator, out: str | Path, *, resume_from: str | Path | None = None,
-          tokenizer=None):
+          tokenizer=None, runlog: RunLog | None = None):
     """Run the optimisation; return (model with the kept weights loaded, TrainState). `resume_from`: a checkpoint to
     continue. `tokenizer` lets evaluations generate when the kept metric needs it (summarization with rougeL, ...).
+    `runlog`: the log and trackers `run` opened (else the loop opens its own in `out`, and closes it).
     A loss that turns inf/nan stops the run (TrainingDiverged): checked at log and save steps, not every step."""
     out, resume_from = Path(out), resume_from and Path(resume_from)
     parts = setup(recipe, model, data, accelerator, tokenizer)
@@ -604,7 +615,7 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: str | Path, *
                            f"recipe trains (train.max_steps / train.epochs). Resume with at least {state.step} steps, e.g. "
                            f"train.max_steps={state.step}."])
     best = KeepBest(recipe.train, weights, parts.schedule)
-    loop(recipe, parts, data, accelerator, out, state, best, resumed=resume_from is not None)
+    loop(recipe, parts, data, accelerator, out, state, best, resumed=resume_from is not None, runlog=runlog)
     best.restore(accelerator.unwrap_model(parts.model), state)
     check_weights_finite(parts.model, accelerator, state.step, recipe.train)
     parts.schedule.finish()
@@ -612,7 +623,7 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: str | Path, *
 
 
 def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, state: TrainState, best: KeepBest, *,
-         resumed: bool = False) -> None:
+         resumed: bool = False, runlog: RunLog | None = None) -> None:
     """The steps from state.step to the end: forward, backward, clip, step; log, evaluate, checkpoint on schedule."""
     t, task = recipe.train, get_task(recipe.task.type)
     model, optimizer, train_dl, eval_dl, scheduler = parts.model, parts.optimizer, parts.train_dl, parts.eval_dl, parts.scheduler
@@ -664,7 +675,9 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
         bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.3g}")
 
     model.train()
-    with RunLog(out, accelerator.is_main_process, recipe, resumed_at=state.step if resumed else None) as runlog, stop_on_signal() as stop, parts.cast:
+    with nullcontext(runlog) if runlog is not None else RunLog(out, accelerator.is_main_process, recipe) as runlog, \
+            stop_on_signal() as stop, parts.cast:
+        runlog.open(state.step if resumed else None)
         # (the bar after the trackers: one that cannot start says so on a line of its own)
         bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process,
                    dynamic_ncols=True)

@@ -110,6 +110,46 @@ def test_cli_launch_cpu_ddp_runs_two_ranks(make_recipe, tmp_path):
     assert "launching: ACCELERATE_USE_CPU=1" in proc.stderr and "cpu-ddp.yaml --num_processes 2 -m peftlab train" in proc.stderr
 
 
+def test_a_rank_that_fails_is_one_clear_error_with_its_status(make_recipe, tmp_path):
+    """A data mistake that rank 0 finds under --launch: rank 1's broken collective was a 30-line gloo traceback, the
+    status was the launcher's 1, and rank 1 could refuse the folder rank 0 had begun to write. Now rank 1 says one line,
+    the command ends with rank 0's message and status 2 (the launcher's own report above it), and no folder is left."""
+    make_recipe()
+    out = tmp_path / "launched"
+    rows = synthetic_rows(16, 1)
+    bad = write_tsv(tmp_path / "bad.tsv", rows)
+    bad.write_text(bad.read_text() + "an unknown label\t7\n")
+    proc = subprocess.run([sys.executable, "-m", "peftlab.cli", "train", str(tmp_path / "recipe.yaml"), f"output_dir={out}",
+                           f"data.train.path={bad}", "--launch", "cpu-ddp", "--num-processes", "2"], cwd=tmp_path, env=env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: data.train: 1 row(s) have labels outside the label set")
+    assert proc.stderr.count("labels outside the label set") == 1 and "[rank1]: Traceback" not in proc.stderr
+    assert "rank 1 stopped: its connection to the run's other processes broke" in proc.stderr
+    assert not out.exists()
+
+
+def test_the_launcher_says_the_first_ranks_error_or_the_checkpoint_to_resume(tmp_path, capsys, monkeypatch):
+    from peftlab.cli import handed_to_launcher, lost_peer
+    from peftlab.launch import ERROR_FILE_ENV, outcome
+    from peftlab.rundir import RunDir
+
+    folder, error = RunDir(tmp_path / "run"), tmp_path / "error.json"
+    assert outcome(1, error, folder) == 1 and capsys.readouterr().err == ""  # nothing kept: the launcher's report says it
+    (tmp_path / "run" / "checkpoints" / "step-4").mkdir(parents=True)
+    assert outcome(1, error, folder) == 1
+    assert "latest" in (err := capsys.readouterr().err) and "step-4" in err and "--resume continues it" in err
+    assert outcome(143, error, folder) == 143 and capsys.readouterr().err == ""  # a stop: the ranks said it
+    monkeypatch.setenv(ERROR_FILE_ENV, str(error))
+    assert handed_to_launcher("error: first", 2) and handed_to_launcher("error: second", 2)  # the first rank's is kept
+    assert outcome(1, error, folder) == 2 and capsys.readouterr().err == "error: first\n"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert lost_peer(RuntimeError("[gloo/transport/tcp/pair.cc:553] Connection closed by peer [127.0.0.1]:6548"))
+    assert not lost_peer(RuntimeError("shape mismatch")) and not lost_peer(ValueError("closed by peer"))
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    assert not lost_peer(RuntimeError("Connection closed by peer"))
+
+
 def test_sigterm_to_the_launching_process_stops_the_ranks_with_a_checkpoint(make_recipe, tmp_path):
     """A scheduler's SIGTERM to `peftlab train --launch` alone (not its process group) reaches the ranks: they save a
     checkpoint and stop, and the command returns only once they have ended (its lock held while they write)."""

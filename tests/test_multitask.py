@@ -383,9 +383,13 @@ def test_the_multitask_report_averages_seeds_and_pairs_shared_against_single(tmp
     assert row.split(" | ")[1:] == ["83.00 (83.00, 83.00) [300 steps]", "-", "82.00 (80.00, 84.00)", "-", "-1.00 (-3.00, +1.00) |"]
 
 
-def test_a_multitask_run_trains_on_two_processes(task_files, tmp_path, tiny_bert):
-    """A batch is one task's, so the other tasks' heads (and per-task adapters) get no gradient that step: DDP failed
-    at the second step ("parameters that were not used in producing loss") until told to look for them."""
+def test_a_multitask_run_on_two_processes_trains_as_one_with_twice_the_batch(task_files, tmp_path, tiny_bert):
+    """A step is one task's rows, so the other tasks' heads (and per-task adapters) get no gradient that step: DDP failed
+    at the second step ("parameters that were not used in producing loss") until told to look for them. 2 ranks x 4
+    train as 1 x 8 (and as 1 x 4 x 2 accumulated): the blocks of one task were one rank's batch, so a step of 2 ranks
+    mixed two tasks' rows where 1 x 8 took 8 rows of one (tokens 661 vs 550, adapters 3.5e-3 apart)."""
+    from safetensors.torch import load_file
+
     from .test_distributed import LAUNCH_2_CPU, sh
 
     t = tree(task_files, tmp_path / "two", tiny_bert, adapters="per_task")
@@ -397,3 +401,11 @@ def test_a_multitask_run_trains_on_two_processes(task_files, tmp_path, tiny_bert
     for name, n in (("senti", 40), ("topic", 30), ("pair", 30)):
         assert (tmp_path / "two" / "tasks" / name / "adapter_model.safetensors").is_file()
         assert json.loads((tmp_path / "two" / "tasks" / name / "eval_report.json").read_text())["n"] == n  # each row once
+    for folder, overrides in (("one", ["train.batch_size=8"]), ("accumulated", ["train.grad_accum=2"])):
+        run(recipe_of(tmp_path, {**t, "output_dir": str(tmp_path / folder)}, overrides))
+        other = json.loads((tmp_path / folder / "run.json").read_text())
+        assert (other["train_examples"], other["train_tokens"]) == (record["train_examples"], record["train_tokens"])
+        for name in ("senti", "topic", "pair"):
+            w1, w2 = (load_file(tmp_path / f / "tasks" / name / "adapter_model.safetensors") for f in (folder, "two"))
+            for k in w1:
+                torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)

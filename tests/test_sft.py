@@ -205,15 +205,24 @@ def test_validate_renders_the_chat_template_as_training_will(tmp_path, chat_llam
 
 
 def test_an_eval_split_whose_answers_all_start_past_max_length_is_generated_not_refused(tmp_path, chat_llama, caplog):
-    """Such a split stopped the run with "training would learn nothing": it is generated from its fitted prompts (its
-    loss counts no token); only a training split with no answer is refused."""
+    """Such a split stopped the run with "training would learn nothing": it is generated from its fitted prompts and
+    reports no loss (it counted no token: it said 0.0); only a training split with no answer is refused, and an eval
+    split of this kind where training would choose by its loss."""
     long = [{"messages": [{"role": "user", "content": q + " please" * 90}, {"role": "assistant", "content": a}]} for q, a in QA]
-    r = recipe_for(tmp_path, chat_llama, write_jsonl(tmp_path / "m.jsonl", messages_rows()), [], write_jsonl(tmp_path / "e.jsonl", long))
+    train, evals = write_jsonl(tmp_path / "m.jsonl", messages_rows()), write_jsonl(tmp_path / "e.jsonl", long)
+    by_loss = recipe_for(tmp_path, chat_llama, train, [], evals)
+    with pytest.raises(DataError, match=r"data.eval: no row has an assistant token within data.max_length=64.*no loss to "
+                                        r"compare \(train.best_metric=loss\).*train.best_metric=exact_match"):
+        build_data(by_loss, chat_tokenizer(), splits=load_splits(by_loss)[0], label_names=[])
+    r = recipe_for(tmp_path, chat_llama, train, ["train.best_metric=exact_match", "train.max_steps=2"], evals)
     splits, _ = load_splits(r)
     with caplog.at_level(logging.WARNING):
         data = build_data(r, chat_tokenizer(), splits=splits, label_names=[])
     assert sum(data.eval["n_labels"]) == 0 and all(len(g) <= 64 for g in data.eval["gen_ids"])
     assert f"data.eval: {len(QA)} prompt(s) longer than data.max_length=64" in caplog.text and "data.train: " not in caplog.text
+    result = run(r)  # trained, chosen by exact match; the final evaluation generates from every row, with no loss
+    assert result.metrics["eval"]["exact_match"] >= 0 and "loss" not in result.metrics["eval"]
+    assert "loss" not in json.loads((Path(r.output_dir) / "metrics.json").read_text())["eval"]
     swapped = recipe_for(tmp_path, chat_llama, write_jsonl(tmp_path / "e.jsonl", long), [], tmp_path / "m.jsonl")
     with pytest.raises(DataError, match="data.train: all 6 rows are longer than data.max_length=64"):  # a training split: refused
         build_data(swapped, chat_tokenizer(), splits=load_splits(swapped)[0], label_names=[])

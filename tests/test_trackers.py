@@ -73,6 +73,13 @@ def test_auto_writes_tensorboard_with_the_same_scalars_as_log_jsonl(make_recipe)
     assert [e.value for e in events.Scalars("train/lr")] == pytest.approx([r["lr"] for r in train], rel=1e-6, abs=1e-12)
     (final,) = records(out, "eval")
     assert [(e.step, e.value) for e in events.Scalars("eval/accuracy")] == [(6, pytest.approx(final["accuracy"]))]
+    # the final evaluation (the exported weights, each split's; metrics.json's numbers) goes to the trackers too
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert list(metrics) == ["eval"]
+    for split in metrics:
+        (line,) = records(out, f"final_{split}")
+        assert {k: line[k] for k in metrics[split]} == metrics[split]
+        assert [(e.step, e.value) for e in events.Scalars(f"final_{split}/f1")] == [(6, pytest.approx(metrics[split]["f1"]))]
     hparams = [p for p in (out / "tb").rglob("hparams.yml")]  # the resolved recipe, as Accelerate stores it
     assert len(hparams) == 1 and "train.lr: 0.005" in hparams[0].read_text()
 
@@ -151,9 +158,9 @@ def test_wandb_offline_run_in_the_run_folder_survives_an_overwrite(make_recipe, 
     assert config["train.lr"] == 5e-3 and config["name"] == "t" and config["train.report_to"] == '["wandb"]'
     assert config["model.name"] == recipe.model.name and config["train.best_metric"] == "accuracy"  # the resolved recipe
     expected = {}
-    for r in records(out, "train") + records(out, "eval"):
+    for r in records(out, "train") + records(out, "eval") + records(out, "final_eval"):
         expected.setdefault(r["step"], {}).update(scalars(r))
-    assert history == expected  # JSON keeps a float exactly
+    assert history == expected and "final_eval/accuracy" in history[6]  # JSON keeps a float exactly
 
 
 def test_a_resumed_run_goes_on_in_the_stopped_runs_wandb_run(make_recipe, monkeypatch, tmp_path):
@@ -249,8 +256,10 @@ def test_a_tracker_that_cannot_start_names_itself_and_closes_the_others(make_rec
     with pytest.raises(PeftlabError, match=r"wandb could not start \(RuntimeError: no server\).*report_to"):
         trackers.open_trackers(recipe, tmp_path)
     assert ok.calls[0] == "start" and ok.calls[-1] == "finish"
-    # through `train`: a fresh run stops before its first step, so it leaves no folder (one with an empty log.jsonl was
-    # kept, and the next try was refused as an existing run)
+    # through `train`: before the data and the model load (it was found after them, minutes in on an LLM), and a fresh
+    # run leaves no folder (one with an empty log.jsonl was kept, and the next try was refused as an existing run)
+    run_module = importlib.import_module("peftlab.run")
+    monkeypatch.setattr(run_module, "load_splits", lambda *a, **k: pytest.fail("the data loaded before the trackers started"))
     with pytest.raises(PeftlabError, match="wandb could not start"):
         run(recipe)
     assert not recipe.out.exists()
@@ -284,3 +293,8 @@ def test_a_resumed_run_shows_each_step_once_in_tensorboard(make_recipe, tmp_path
     events = EventAccumulator(str(part / "tb"))
     events.Reload()
     assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6]
+    # a run stopped in its export resumes at its last step and evaluates again: its final scores are logged once
+    assert [r["step"] for r in records(part, "final_eval")] == [6]
+    (part / "run.json").unlink()  # (the last step was checkpointed: train.save_every saves it too)
+    run(make_recipe({**ov, "output_dir": part}), resume=True)
+    assert [r["step"] for r in records(part, "final_eval")] == [6] and len(records(part, "train")) == 3

@@ -178,8 +178,8 @@ def contiguous_head_input(model):
 
 @torch.no_grad()
 def loss_and_predictions(model, loader, accelerator, *, shift: bool, extras: tuple[str, ...], source: str, reference: str,
-                         generate: Callable | None = None, task: str = "this task") -> tuple[float, int, list[dict] | None]:
-    """-> (mean token loss, scored tokens, rows). `extras`: the collator's keys that are not model inputs. With
+                         generate: Callable | None = None, task: str = "this task") -> tuple[float | None, int, list[dict] | None]:
+    """-> (mean token loss, None where no token is scored, scored tokens, rows). `extras`: the collator's keys that are not model inputs. With
     `generate(unwrapped_model, batch, extras) -> [text]` (the final evaluation) every row's (row, source, prediction,
     reference) is gathered across processes, in data order; without it `rows` is None."""
     unwrapped = accelerator.unwrap_model(model)
@@ -201,9 +201,8 @@ def loss_and_predictions(model, loader, accelerator, *, shift: bool, extras: tup
                 row["references"] = refs or [row["reference"]]  # what it is scored against
             rows += accelerator.gather_for_metrics(mine, use_gather_object=True)
     model.train()
-    if generate is None:
-        return loss_sum / max(n_tokens, 1), n_tokens, None
-    return loss_sum / max(n_tokens, 1), n_tokens, sorted(rows, key=lambda r: r["row"])
+    loss = loss_sum / n_tokens if n_tokens else None  # (an sft split whose answers all start past max_length: no loss)
+    return loss, n_tokens, sorted(rows, key=lambda r: r["row"]) if generate is not None else None
 
 
 def generation_inputs(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[Any, dict, int]:

@@ -163,8 +163,9 @@ def build_data(recipe, tokenizer, splits, label_names):
     if joined["train"] is not None:
         log.info("multitask: %s", ", ".join(f"{n} {s:,} rows, p={p:.3f}" for n, s, p in zip(names, sizes, probs)))
 
-    def sampler(t):
-        return TaskBlockSampler(joined["train"]["task"], joined["train"]["length"], probs, t.batch_size, t.seed)
+    def sampler(t, processes: int):  # a block: one optimizer step's rows (N ranks x batch x accumulation), of one task
+        block = t.batch_size * processes * t.grad_accum
+        return TaskBlockSampler(joined["train"]["task"], joined["train"]["length"], probs, block, t.seed)
 
     pad = classification.collator(tokenizer)
 
@@ -197,8 +198,10 @@ def block_counts(probs: list[float], blocks: int) -> list[int]:
 
 
 class TaskBlockSampler:
-    """Row order for multi-task training: blocks of `block` rows of one task, so the DataLoader (batch_size = block) and
-    Accelerate (which deals consecutive batches to the processes) give every batch one task's rows.
+    """Row order for multi-task training: blocks of `block` rows of one task, the rows of one optimizer step (batch x
+    processes x accumulation), so the DataLoader's batches (cut from it in consecutive slices, which Accelerate deals to
+    the processes in turn) each hold one task's rows, and a step of N ranks x batch B x accumulation A sees the rows
+    1 rank x batch N*B*A sees.
 
     An epoch has as many blocks as the tasks' rows fill (sum of ceil(rows / block)); each task gets its share of them
     (`block_counts` of the sampling probabilities), in a seeded random order. Within a task the rows are length-grouped

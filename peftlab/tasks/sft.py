@@ -137,7 +137,7 @@ def summary_line(split: str, m: dict) -> str:
     shown = [f"exact_match {100 * m['exact_match']:.2f}"] if "exact_match" in m else []
     shown += [f"{k} {100 * m[k]:.2f}" for k in ("rouge1", "rougeL") if k in m]
     shown += [f"{k} {v:.4f}" for k, v in m.items() if k not in (*BUILTIN_METRICS, *DESCRIPTIVE) and isinstance(v, (int, float))]
-    return f"   {split:<5} " + "   ".join([*shown, f"loss {m['loss']:.4f}"])
+    return f"   {split:<5} " + "   ".join([*shown, *([f"loss {m['loss']:.4f}"] if "loss" in m else [])])
 
 
 def input_lengths(config, recipe) -> list[tuple]:
@@ -438,11 +438,19 @@ def tokenize(ds, tokenizer, recipe):
     return ds.map(enc, batched=True, remove_columns=["conversation", FILE_ROW], desc="tokenize")
 
 
-def report_cuts(ds, where: str, max_length: int) -> None:
-    """What data.max_length did to a split's conversations, beyond the rows cut (data.report_truncation)."""
-    if unscored := sum(n == 0 for n in ds["n_labels"]):
+def report_cuts(ds, where: str, recipe, training: bool = False) -> None:
+    """What data.max_length did to a split's conversations, beyond the rows cut (data.report_truncation); an eval split
+    with no answer token within it is refused where training would choose by its loss (it has none)."""
+    max_length, metric = recipe.data.max_length, recipe.train.best_metric
+    unscored = sum(n == 0 for n in ds["n_labels"])
+    if training and where.endswith(".eval") and unscored == len(ds) and metric not in GENERATED_METRICS:
+        raise DataError(f"{where}: no row has an assistant token within data.max_length={max_length} (every answer starts "
+                        f"after the cut), so the evaluations during training have no loss to compare (train.best_metric="
+                        f"{metric}). Raise data.max_length, or choose by a generated metric (train.best_metric=exact_match "
+                        "or rougeL).")
+    if unscored:
         log.warning("%s: %d row(s) have no assistant token within data.max_length=%d (the answer starts after the cut): "
-                    "training drops them; evaluation keeps them (generated, no loss). Raise data.max_length to keep them "
+                    "training drops them; evaluation keeps them (generated; no loss where no row has one). Raise data.max_length to keep them "
                     "whole.", where, unscored, max_length)
     if not where.endswith(".train") and (cut := sum(ds["prompt_cut"])):  # (training rows are not generated from)
         log.warning("%s: %d prompt(s) longer than data.max_length=%d: generated from the prompt with its last user turn's "
@@ -606,7 +614,7 @@ def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=
             return [cut_at(p, texts).strip() for p in tokenizer.batch_decode(new, skip_special_tokens=True)]
     loss, n_tokens, rows = loss_and_predictions(model, loader, accelerator, shift=True, extras=EXTRAS, source="source",
                                                 reference="reference", generate=write, task="sft")
-    metrics = {"loss": loss}
+    metrics = {"loss": loss} if loss is not None else {}
     if rows is None:
         return metrics, {"n_tokens": n_tokens}
     preds, refs = [r["prediction"] for r in rows], [r["reference"] for r in rows]

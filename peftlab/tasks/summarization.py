@@ -115,7 +115,8 @@ def check(recipe) -> list[str]:
 
 def summary_line(split: str, m: dict) -> str:
     """ROUGE F-measures (x100, as papers report them) and the loss."""
-    return f"   {split:<5} " + "   ".join(f"{k} {100 * m[k]:.2f}" for k in ROUGE_KEYS if k in m) + f"   loss {m['loss']:.4f}"
+    shown = [f"{k} {100 * m[k]:.2f}" for k in ROUGE_KEYS if k in m] + ([f"loss {m['loss']:.4f}"] if "loss" in m else [])
+    return f"   {split:<5} " + "   ".join(shown)
 
 
 def load_model(recipe, path: str, dtype: torch.dtype):
@@ -326,7 +327,7 @@ def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=
     write = (lambda m, batch, extras: generate(m, tokenizer, batch, extras, recipe.eval, accelerator)) if generating else None
     loss, n_tokens, rows = loss_and_predictions(model, loader, accelerator, shift=shift, extras=EXTRAS, source="text",
                                                 reference="target", generate=write, task="summarization")
-    metrics = {"loss": loss}
+    metrics = {"loss": loss} if loss is not None else {}
     if rows is None:
         return metrics, {"n_tokens": n_tokens}
     preds = [r["prediction"] for r in rows]
