@@ -353,6 +353,18 @@ class Recipe:
         """The seed that picks the rows (subsets, held-out splits): data.seed, else train.seed."""
         return self.train.seed if self.data.seed is None else self.data.seed
 
+    def train_rows(self) -> str | None:
+        """What the run trained on, in words: the train split's file (or hub split), its sample, its held-out part."""
+        d, spec = self.data, self.data.train
+        if spec is None:
+            return None
+        rows = spec.path or f"{d.dataset}:{spec.split}"
+        if spec.max_samples:
+            rows += f" (at most {spec.max_samples} rows, a seeded sample: seed {self.data_seed})"
+        if d.eval is None and d.eval_holdout > 0:
+            rows += f", less {d.eval_holdout:.0%} held out for evaluation"
+        return rows
+
     def to_dict(self) -> dict:
         """Plain values, as YAML holds them: a path set from Python (`recipe.output_dir = Path(...)`) is its text."""
         return dataclasses.asdict(self, dict_factory=lambda items: {k: str(v) if isinstance(v, PurePath) else v for k, v in items})

@@ -54,12 +54,12 @@ def check(recipe: Recipe) -> list[str]:
         teacher_recipe, teacher = read_run(k.teacher)
     except PeftlabError as e:
         return [f"{where}: {e}"]
-    problems = []
-    if teacher.task == "multitask":
+    if teacher.task == "multitask":  # (its labels and data are per task: nothing else to compare)
         tasks = (teacher.multitask or {}).get("tasks") or ["NAME"]
-        problems.append(f"{where} is a multi-task run: its models are per task. Distill from one of them, e.g. "
-                        f"train.distill.teacher={Path(k.teacher) / 'tasks' / tasks[0]}.")
-    elif teacher.task not in TEACHER_TASKS:
+        return [f"{where} is a multi-task run: its models are per task. Distill from one of them, e.g. "
+                f"train.distill.teacher={Path(k.teacher) / 'tasks' / tasks[0]}."]
+    problems = []
+    if teacher.task not in TEACHER_TASKS:
         problems.append(f"{where} is a task.type {teacher.task} run: a teacher must be one of {', '.join(TEACHER_TASKS)} "
                         "(its class logits are the soft targets). Distill from a classifier of the same classes.")
     if teacher_recipe.data.text_pair:
@@ -99,7 +99,8 @@ def add_soft_targets(recipe: Recipe, splits: dict, device) -> tuple[dict, dict]:
     u = k.unlabelled
     entry = {"teacher": str(Path(k.teacher).resolve()), "name": teacher.name, "task": teacher.task, "method": teacher.method,
              "base_model": teacher.base_model, "weights_sha256": teacher.weights_sha256, "metrics": teacher.metrics,
-             "selected_on": teacher.selected_on, "temperature": k.temperature,
+             "selected_on": teacher.selected_on, **({"multitask": teacher.multitask} if teacher.multitask else {}),
+             "temperature": k.temperature,
              "alpha": k.alpha, "soft_target_rows": len(train), "labelled_rows": labelled, "unlabelled_rows": len(train) - labelled,
              "unlabelled": u and (u.path or f"{recipe.data.dataset}:{u.split}"), "teacher_seconds": round(seconds, 2),
              "soft_targets_from_cache": from_cache}

@@ -26,7 +26,7 @@ from .data import build_data, column_problems, load_splits
 from .errors import ArtifactError, ConfigError
 from .export import atomic_write_text, export, merge, predictions_jsonl, rebuild
 from .model import build_model, model_problems, num_layers_problems
-from .rundir import RECIPE_FILE, RunDir, RunRecord, check_same_folder, folder_identity, read_run, same_inputs
+from .rundir import RECIPE_FILE, RECORD_FILE, RunDir, RunRecord, check_same_folder, folder_identity, read_run, same_inputs
 from .tasks import get_task, skip_unread
 from .trackers import resolve_trackers
 from .train import RunLog, adapter_folded, eval_loader, stop_at_once_on_signal, train
@@ -308,18 +308,30 @@ def start_from_run(recipe: Recipe, accelerator) -> list[dict]:
     with accelerator.main_process_first():
         if accelerator.is_main_process:
             merge(source)  # idempotent: an existing merge of the same adapter is kept
-    data, d = earlier.data.train, earlier.data
-    rows = data and (data.path or f"{d.dataset}:{data.split}")
-    if data and data.max_samples:
-        rows += f" (at most {data.max_samples} rows, a seeded sample: seed {earlier.data_seed})"
-    if data and d.eval is None and d.eval_holdout > 0:
-        rows += f", less {d.eval_holdout:.0%} held out for evaluation"
     step = {"run": str(source.resolve()), "name": record.name, "task": record.task, "method": record.method,
-            "base_model": recipe.model.name, "data": rows,
+            "base_model": recipe.model.name, "data": earlier.train_rows(),
             "steps": record.steps, "metrics": record.metrics, "selected_on": record.selected_on,
-            "weights_sha256": record.weights_sha256}
+            "weights_sha256": record.weights_sha256,
+            **({"multitask": record.multitask} if record.multitask else {})}  # one task of a multi-task run: all its tasks' data
     log.info("starting from run %s (%s, %s on %s, %s steps)", source, record.task, record.method, recipe.model.name, record.steps)
+    warn_if_trained_on(recipe, source, earlier, record)
     return [step, *record.lineage]
+
+
+def warn_if_trained_on(recipe: Recipe, source: Path, earlier: Recipe, record: RunRecord) -> None:
+    """A split this run scores that the run it starts from trained on (the same file; a multi-task run's task trained
+    the shared adapter on every task's data, in the task folders beside it): its figures would not be held out. Said,
+    not refused: a user may mean it."""
+    recipes = [earlier]
+    if record.multitask and record.multitask.get("adapters") == "shared":
+        recipes += [read_run(source.parent / t)[0] for t in record.multitask.get("tasks", [])
+                    if (source.parent / t) != source and (source.parent / t / RECORD_FILE).is_file()]
+    trained = {str(Path(r.data.train.path).resolve()): r.name for r in recipes if r.data.train is not None and r.data.train.path}
+    for split in ("eval", "test"):
+        spec = getattr(recipe.data, split)
+        if spec is not None and spec.path and (run := trained.get(str(Path(spec.path).resolve()))):
+            log.warning("data.%s (%s) is data that the run this one starts from was trained on (%s, model.from_run): its "
+                        "figures are not held out. Score on a file it did not train on.", split, spec.path, run)
 
 
 if __name__ == "__main__":  # `python -m peftlab.run RECIPE ...`: an alias of `python -m peftlab train RECIPE ...`

@@ -273,7 +273,10 @@ def test_a_smaller_student_reloads_and_merges_with_its_layers(tmp_path, bert4, s
     assert torch.allclose(logits(merged), logits(model), atol=1e-5)
     from peftlab.publish.card import card_text  # the card's snippet keeps the same layers of the base (it loaded all 4)
 
-    snippet = re.search(r"```python\n(.*?)```", card_text(tmp_path / "small"), re.S).group(1)
+    card = card_text(tmp_path / "small")
+    summary = next(x for x in card.splitlines() if " on top of " in x)  # (it said on top of the whole base)
+    assert "(keeping 2 of its transformer layers, evenly spaced" in summary
+    snippet = re.search(r"```python\n(.*?)```", card, re.S).group(1)
     snippet = re.sub(r"repo = .*", f"repo = {str(tmp_path / 'small')!r}", snippet)
     namespace = {}
     with contextlib.redirect_stdout(io.StringIO()):
@@ -303,7 +306,8 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, tiny_bert, sentime
     (pairs / "recipe.yaml").write_text(yaml.safe_dump(tree))
     shutil.copytree(teacher, multi)
     record = json.loads((multi / "run.json").read_text())
-    (multi / "run.json").write_text(json.dumps({**record, "task": "multitask", "multitask": {"tasks": ["senti"]}}))
+    (multi / "run.json").write_text(json.dumps({**record, "task": "multitask", "multitask": {"tasks": ["senti", "topic"]},
+                                                "label_names": {"senti": record["label_names"], "topic": ["a", "b", "c"]}}))
     cases["pairs"] = ({**distilled(pairs)}, "trained on sentence pairs (data.text_pair=true)")
     cases["multitask"] = ({**distilled(multi)}, f"is a multi-task run: its models are per task. Distill from one of them, "
                                                 f"e.g. train.distill.teacher={multi / 'tasks' / 'senti'}")
@@ -317,6 +321,8 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, tiny_bert, sentime
         with pytest.raises(ConfigError) as e:
             run(recipe)
         assert expected in str(e.value), str(e.value)
+        # a multi-task teacher is that one problem (its per-task label names were also offered as data.label_names)
+        assert name != "multitask" or len(e.value.problems) == 1, str(e.value)
         assert not recipe.out.exists() and not list(tmp_path.glob(f".{name}*"))  # no folder, no lock, no staging
 
 

@@ -4,6 +4,7 @@ exports reload (load_trained, peftlab eval, load_adapters) to the model that was
 from __future__ import annotations
 
 import json
+import logging
 import random
 from collections import Counter
 from pathlib import Path
@@ -223,6 +224,7 @@ def test_a_multitask_run_learns_and_exports_a_run_per_task(trained, mode):
     assert "## Multi-task training" in card and "Task `topic` of the multi-task peftlab run `mt`" in card
     assert "below are the whole multi-task run's, shared by its tasks" in card
     assert ("one LoRA adapter shared by every task" in card) == (mode == "shared")
+    assert "would train it alone, not with the other tasks as here" in card and "rerun it with" not in card  # (it said rerun)
 
 
 def test_a_tasks_card_says_its_step_was_chosen_on_the_multitask_runs_metric(trained, tmp_path):
@@ -304,16 +306,35 @@ def test_resume_continues_a_multitask_run_to_the_same_result(task_files, tmp_pat
         assert resumed.metrics["eval"][key] == pytest.approx(value, abs=1e-5), key
 
 
-def test_a_new_task_starts_from_a_multitask_run(trained, make_recipe, tmp_path):
+def test_a_new_task_starts_from_a_multitask_run(trained, make_recipe, tmp_path, task_files, caplog):
     """Intermediate-task transfer: model.from_run on one task of a multi-task run gives a new task (other labels) the
-    shared adapter merged into the base, and a fresh head of its own size."""
+    shared adapter merged into the base, and a fresh head of its own size. The lineage and the card said only that task's
+    data, though the shared adapter was trained on every task's: they name them all, and a split this run scores that
+    one of them trained on is said not to be held out."""
     start = Path(trained["shared"].output_dir) / "tasks" / "topic"  # 3 labels; the new task has 2
-    record = run(make_recipe({"model.from_run": start, "train.max_steps": 2, "output_dir": tmp_path / "next"}))
+    with caplog.at_level(logging.WARNING):
+        record = run(make_recipe({"model.from_run": start, "train.max_steps": 2, "output_dir": tmp_path / "next",
+                                  "data.eval.path": task_files["senti_train"]}))
     assert record.lineage[0]["name"] == "mt-topic" and record.label_names == ["negative", "positive"]
+    assert record.lineage[0]["multitask"]["data"] == {n: str(task_files[f"{n}_train"]) for n in ("senti", "topic", "pair")}
+    assert f"data.eval ({task_files['senti_train']}) is data that the run this one starts from was trained on (mt-senti" in caplog.text
+    card = card_text(tmp_path / "next")
+    line = next(x for x in card.splitlines() if x.startswith("1. `mt-topic`"))  # (a card names local files by their name)
+    assert line.endswith("task `topic` of the multi-task run `mt`, whose shared adapter was also trained on `pair` "
+                          "(pair_train.tsv), `senti` (senti_train.tsv)"), line
     model = load_trained(tmp_path / "next")[0]
     assert logits(model).shape[-1] == 2
     with pytest.raises(ConfigError, match="is a multi-task run: its models are per task.*model.from_run=.*tasks"):
         make_recipe({"model.from_run": start.parent.parent, "output_dir": tmp_path / "from-parent"})  # validate says it
+
+
+def test_a_student_of_a_multitask_task_says_what_its_teacher_was_trained_on(trained, make_recipe, tmp_path):
+    """A teacher that is one task of a multi-task run: the distillation record and card named only that task's run."""
+    teacher = Path(trained["shared"].output_dir) / "tasks" / "senti"
+    record = run(make_recipe({"train.distill.teacher": teacher, "train.max_steps": 2, "output_dir": tmp_path / "student"}))
+    assert record.distillation["multitask"]["task"] == "senti" and set(record.distillation["multitask"]["data"]) == {"senti", "topic", "pair"}
+    card = card_text(tmp_path / "student")
+    assert "task `senti` of the multi-task run `mt`, whose shared adapter was also trained on" in card
 
 
 def test_the_benchmark_derives_each_single_task_recipe_from_the_multitask_one(tmp_path, monkeypatch):

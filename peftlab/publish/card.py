@@ -187,6 +187,18 @@ def dataset_of(recipe, split: str) -> tuple[str | None, str, str | None]:
     return hub_id, pretty, SPLIT_NAMES.get(path.stem, path.stem) + sample
 
 
+def multitask_clause(m: dict | None) -> str:
+    """A source run that is one task of a multi-task run (model.from_run, a distillation teacher): the data its adapter
+    saw besides its own task's."""
+    if not m:
+        return ""
+    others = [f"`{t}` ({(m.get('data') or {}).get(t) or 'data not recorded'})" for t in m.get("tasks", []) if t != m.get("task")]
+    if m.get("adapters") != "shared":
+        return f"; task `{m.get('task')}` of the multi-task run `{m.get('run')}` (its own adapter and head)"
+    return (f"; task `{m.get('task')}` of the multi-task run `{m.get('run')}`, whose shared adapter was also trained on "
+            + ", ".join(others))
+
+
 def source_scores(entry: dict) -> str:
     """An earlier run's figures (a lineage step, a distillation teacher) with each split said for what it is: the one
     its keep_best chose on, or held out. Records written before stop 56 hold the eval split's figures only."""
@@ -478,6 +490,9 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
     if merged:
         what = (f"A standalone model: {what[0].lower()}{what[1:]} merged into the "
                 + ("dequantized float32 copy of its quantized base," if recipe.quant.mode != "none" else "float32 weights of its base,"))
+    if recipe.model.num_layers:  # a student cut from its base: not the whole of it
+        base_link += (f" (keeping {recipe.model.num_layers} of its transformer layers, evenly spaced, the first and last "
+                      "kept: `model.num_layers`)")
     lines = [f"# {data.model_name}", "",
              f"{what} for **{data.pipeline_tag}** on top of {base_link}, "
              + ("composed by peftlab from adapters trained with it (the recipe below is the first one's)." if run.composition
@@ -494,14 +509,16 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
         for k, step in enumerate(run.lineage, 1):
             scores = source_scores(step)
             lines.append(f"{k}. `{step.get('name')}`: task {step.get('task')}, {step.get('method')} on `{step.get('base_model')}`, "
-                         f"data `{step.get('data')}`, {step.get('steps')} steps" + (f"; {scores}" if scores else ""))
+                         f"data `{step.get('data')}`, {step.get('steps')} steps" + (f"; {scores}" if scores else "")
+                         + multitask_clause(step.get("multitask")))
         lines.append("")
     if run.distillation:
         k = run.distillation
         scores = source_scores(k)
         unlabelled = f" ({k['unlabelled_rows']:,} of them unlabelled, from `{k['unlabelled']}`)" if k.get("unlabelled_rows") else ""
         lines += ["## Distillation", "", f"Distilled from the peftlab run `{k.get('name')}` (task {k.get('task')}, {k.get('method')} on "
-                  f"`{k.get('base_model')}`" + (f"; its {scores}" if scores else "") + f"): loss = {k.get('alpha')} x "
+                  f"`{k.get('base_model')}`" + (f"; its {scores}" if scores else "") + multitask_clause(k.get("multitask"))
+                  + f"): loss = {k.get('alpha')} x "
                   f"cross-entropy on the labels + {1 - k.get('alpha', 0):g} x T^2 x KL(teacher || student) at temperature "
                   f"T = {k.get('temperature')}, the teacher's soft targets on {k.get('soft_target_rows', 0):,} training rows"
                   f"{unlabelled}.", ""]
@@ -547,6 +564,9 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
         lines.append("Not evaluated yet: run `peftlab eval` on this folder.")
     rerun = ("The first source's resolved recipe (`recipe.yaml`): `peftlab train recipe.yaml` retrains that source; `peftlab "
              "compose` of the sources with the weights above rebuilds this adapter." if run.composition else
+             f"This task's recipe as the multi-task run `{run.multitask.get('run')}` derived it (`recipe.yaml`): it describes "
+             "the task; `peftlab train recipe.yaml` would train it alone, not with the other tasks as here. The multi-task "
+             "run's own `recipe.yaml` retrains this adapter." if run.multitask else
              "The resolved recipe (`recipe.yaml`); rerun it with `peftlab train recipe.yaml`.")
     lines += ["", "## Training recipe", "", rerun, "",
               "```yaml", recipe.to_yaml().rstrip(), "```", "", "## Method and parameters", ""]

@@ -425,7 +425,8 @@ def export(out: Path, model, tokenizer, recipe, record, metrics: dict, report: d
     multi = model
     info = {"run": record.name, "tasks": multi.tasks, "adapters": recipe.multitask.adapters,
             "sampling": recipe.multitask.sampling, "temperature": recipe.multitask.temperature,
-            "best_metric": recipe.train.best_metric}  # what chose the kept step for every task (a task's recipe names its own)
+            "best_metric": recipe.train.best_metric,  # what chose the kept step for every task (a task's recipe names its own)
+            "data": {n: subrecipe(recipe, n).train_rows() for n in multi.tasks}}  # each task's training rows (cards, lineage)
     frozen = record.total_params - sum(p.numel() for p in multi.trainable)  # the base (and peft's copy of the first head)
     for name in multi.tasks:
         sub = subrecipe(recipe, name)
