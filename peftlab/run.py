@@ -26,7 +26,7 @@ from .data import build_data, column_problems, load_splits
 from .errors import ArtifactError, ConfigError
 from .export import atomic_write_text, export, merge, predictions_jsonl, rebuild
 from .model import build_model, model_problems, num_layers_problems
-from .rundir import RECIPE_FILE, RECORD_FILE, RunDir, RunRecord, check_same_folder, folder_identity, read_run, same_inputs
+from .rundir import RECIPE_FILE, RECORD_FILE, RunDir, RunRecord, check_same_folder, folder_identity, read_run, same_inputs, sha256
 from .tasks import get_task, skip_unread
 from .trackers import resolve_trackers
 from .train import RunLog, adapter_folded, eval_loader, stop_at_once_on_signal, train
@@ -206,8 +206,8 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = 
                 splits, distillation = distill.add_soft_targets(recipe, splits, accelerator.device)
             same_inputs(job.work, job.checkpoint is not None, {"train.distill.teacher": (distillation or {}).get("weights_sha256"),
                                                                 "model.from_run": lineage[0]["weights_sha256"] if lineage else None,
-                                                                "model.name": gguf_key(recipe)},  # a GGUF base's file
-                        accelerator.is_main_process)
+                                                                "model.name": gguf_key(recipe),  # a GGUF base's file
+                                                                **data_files(recipe)}, accelerator.is_main_process)
             model, tokenizer, info = build_model(recipe, num_labels=len(label_names), label_names=label_names, precision=precision)
             with accelerator.main_process_first():
                 data = build_data(recipe, tokenizer, splits=splits, label_names=label_names)
@@ -295,6 +295,17 @@ def check_data_and_base(recipe: Recipe, source: str | None = None) -> None:
     teacher): what `peftlab validate` checks, and `train --launch` before it starts any process."""
     if problems := preflight(recipe, training=False):
         raise ConfigError(problems, source)
+
+
+def data_files(recipe: Recipe) -> dict[str, str]:
+    """The local files training reads (each train and eval split, a multi-task run's per task, distillation's
+    unlabelled rows) -> {their recipe key: sha256}, for --resume to refuse one rewritten since (same_inputs)."""
+    tasks = recipe.multitask.tasks.items() if recipe.multitask else ()
+    sections = {"data": recipe.data, **{f"multitask.tasks.{n}.data": t.data for n, t in tasks}}
+    specs = {f"{key}.{split}": getattr(d, split) for key, d in sections.items() for split in ("train", "eval")}
+    if recipe.train.distill:
+        specs["train.distill.unlabelled"] = recipe.train.distill.unlabelled
+    return {k: sha256(Path(spec.path)) for k, spec in specs.items() if spec is not None and spec.path and Path(spec.path).is_file()}
 
 
 def start_from_run(recipe: Recipe, accelerator) -> list[dict]:

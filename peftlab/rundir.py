@@ -113,9 +113,9 @@ INPUTS_FILE = "inputs.json"  # in checkpoints/: the sha256 of the weights a run 
 
 
 def same_inputs(work: Path, resuming: bool, inputs: dict[str, str | None], main: bool = True) -> None:
-    """A fresh run records the weights it reads beside its base (a distillation teacher's, a model.from_run's) in
-    checkpoints/inputs.json; --resume refuses to go on from weights trained again since: steps on one teacher, then on
-    another, would be one run (the recipe, naming the same folders, cannot tell)."""
+    """A fresh run records what it reads beside its base (a distillation teacher's weights, a model.from_run's, its
+    data files) in checkpoints/inputs.json; --resume refuses to go on from inputs changed since: steps on one teacher
+    (or one labelling of the data), then on another, would be one run (the recipe, naming the same paths, cannot tell)."""
     path = Path(work) / CHECKPOINTS / INPUTS_FILE
     inputs = {k: v for k, v in inputs.items() if v}
     if not resuming:
@@ -129,10 +129,10 @@ def same_inputs(work: Path, resuming: bool, inputs: dict[str, str | None], main:
         return  # a run started by an older peftlab: nothing recorded to compare
     changed = [k for k in inputs if k in before and before[k] != inputs[k]]
     if changed:
-        raise ArtifactError(f"{', '.join(changed)}: the weights this run started from changed since (trained again, or another "
-                            "file in their place; sha256 "
+        raise ArtifactError(f"{', '.join(changed)}: changed since the run started (weights trained again, a data file "
+                            "rewritten, or another file in their place; sha256 "
                             f"{', '.join(before[k][:12] for k in changed)} then, {', '.join(inputs[k][:12] for k in changed)} "
-                            "now): resuming would train on both. Start over (--overwrite), or restore those weights.")
+                            "now): resuming would train on both. Start over (--overwrite), or restore them.")
 
 
 def checkpoint_problem(ckpt: Path) -> str | None:

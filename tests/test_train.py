@@ -156,6 +156,25 @@ def test_resume_refuses_a_base_changed_since_the_checkpoint(make_recipe, tmp_pat
     assert sorted(p.relative_to(part) for p in part.rglob("*")) == before
 
 
+def test_resume_refuses_a_data_file_rewritten_since_the_run_started(make_recipe, tmp_path, sentiment_files):
+    """A train file relabelled between a stop and --resume: the resumed run trained its first steps on one labelling and
+    the rest on the other, silently (the recipe names the same path). The files' sha256 are in checkpoints/inputs.json."""
+    train = tmp_path / "train.tsv"
+    shutil.copy(sentiment_files["train"], train)
+    recipe = make_recipe({"train.max_steps": 4, "train.save_every": 2, "data.train.path": train})
+    run(recipe)
+    inputs = json.loads((recipe.out / "checkpoints" / "inputs.json").read_text())
+    assert set(inputs) == {"data.train", "data.eval"}
+    part = tmp_path / "part"
+    shutil.copytree(recipe.out / "checkpoints", part / "checkpoints", ignore=shutil.ignore_patterns("step-4"))
+    lines = train.read_text().splitlines(keepends=True)
+    train.write_text(lines[0] + "".join(line.replace("\t0", "\t2").replace("\t1", "\t0").replace("\t2", "\t1") for line in lines[1:]))
+    before = sorted(p.relative_to(part) for p in part.rglob("*"))
+    with pytest.raises(ArtifactError, match=r"data.train: changed since the run started \(.*a data file rewritten"):
+        run(make_recipe({"train.max_steps": 4, "train.save_every": 2, "data.train.path": train, "output_dir": part}), resume=True)
+    assert sorted(p.relative_to(part) for p in part.rglob("*")) == before  # its checkpoint is kept, nothing written
+
+
 def test_a_run_stopped_early_resumes_to_its_stop_and_not_beyond(make_recipe, tmp_path):
     """train.early_stopping ended the run at step S and the last checkpoint is S's (a stop before the export): --resume
     trained on to the next stop (steps S+1..), exporting another adapter. It now trains no further."""
