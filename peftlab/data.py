@@ -610,8 +610,8 @@ def build_data(recipe: Recipe, tokenizer, *, splits=None, label_names=None, pref
             report_truncation(ds, f"{prefix}.{name}", recipe.data.max_length)
             if hasattr(task, "report_cuts"):  # sft: answers past the cut, prompts fitted
                 task.report_cuts(ds, f"{prefix}.{name}", recipe, training=tokenized["train"] is not None)
-    if tokenized["train"] is not None and hasattr(task, "prepare_train"):  # sft: packing; eval and test rows stay whole
-        tokenized["train"] = task.prepare_train(tokenized["train"], recipe)
+            if name == "train" and hasattr(task, "prepare_train"):  # sft: packing (eval and test rows stay whole), and
+                tokenized["train"] = task.prepare_train(ds, recipe)  # its refusals before the other splits' are said
     eval_collator = getattr(task, "eval_collator", None)  # optional part of the Task protocol
     return TaskData(train=tokenized["train"], eval=tokenized["eval"], test=tokenized["test"], label_names=label_names,
                     collate=task.collator(tokenizer), eval_collate=eval_collator(tokenizer) if eval_collator else None)
