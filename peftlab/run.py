@@ -216,19 +216,9 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = 
                                  runlog=runlog)
 
             with stop_at_once_on_signal(job.work, state.step):  # a stop from here on: say whether --resume can go on
-                metrics, report, predictions, eval_seconds = {}, None, {}, {}
-                for split in ("eval", "test"):
-                    ds = getattr(data, split)
-                    if ds is not None:
-                        t0 = time.perf_counter()
-                        metrics[split], split_report, rows = evaluate_split(model, ds, data, accelerator, recipe, tokenizer)
-                        eval_seconds[split] = time.perf_counter() - t0
-                        if rows is not None:
-                            predictions[split] = rows
-                        report = report or {"split": split, **split_report}  # the first split's (eval: the one data.eval names)
-                        report.setdefault("splits", {})[split] = split_report  # and every split's, the held-out test's too
-                        runlog.write(state.step, f"final_{split}", metrics[split])  # the exported weights' scores, to trackers
-
+                metrics, report, predictions, eval_seconds = final_evaluation(model, data, accelerator, recipe, tokenizer)
+                for split, values in metrics.items():  # the exported weights' scores, to the trackers too
+                    runlog.write(state.step, f"final_{split}", values)
                 record = RunRecord(
                     name=recipe.name, output_dir=str(out), method=info.method, task=recipe.task.type, base_model=recipe.model.name,
                     base_path=info.path, quantization=info.quantized, precision=precision, label_names=label_names,
@@ -259,6 +249,23 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = 
         job.commit()  # an --overwrite's new run replaces the old one only now, complete (no signal handler of ours around it)
         accelerator.wait_for_everyone()
     return record
+
+
+def final_evaluation(model, data, accelerator, recipe: Recipe, tokenizer) -> tuple[dict, dict | None, dict, dict]:
+    """The trained model on every evaluation split -> (metrics, report, predictions, seconds), each by split; the report
+    is the first split's (eval: the one data.eval names) and holds every split's under `splits`."""
+    metrics, report, predictions, seconds = {}, None, {}, {}
+    for split in ("eval", "test"):
+        ds = getattr(data, split)
+        if ds is not None:
+            t0 = time.perf_counter()
+            metrics[split], split_report, rows = evaluate_split(model, ds, data, accelerator, recipe, tokenizer)
+            seconds[split] = time.perf_counter() - t0
+            if rows is not None:
+                predictions[split] = rows
+            report = report or {"split": split, **split_report}
+            report.setdefault("splits", {})[split] = split_report  # the held-out test's too
+    return metrics, report, predictions, seconds
 
 
 def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
