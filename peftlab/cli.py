@@ -28,8 +28,9 @@ FULL_SIZE = "recipes/minilm/sst2-lora.yaml"
 
 
 def _split_recipe_args(items: list[str]) -> tuple[str | None, list[str]]:
-    """`RECIPE.yaml key=value ...` -> (recipe or None, overrides)."""
-    if items and "=" not in items[0]:
+    """`RECIPE.yaml key=value ...` -> (recipe or None, overrides). A first item that is a file is the recipe even when
+    its path holds '=' (runs/lr=1e-3/recipe.yaml), as `validate` reads it."""
+    if items and ("=" not in items[0] or Path(items[0]).is_file()):
         return items[0], items[1:]
     return None, items
 

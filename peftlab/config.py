@@ -26,7 +26,7 @@ from .methods import get_method, method_names
 from .methods.lora import LORA_INITS
 from .packaged import PACKAGED_MODELS, packaged_folder
 from .tasks import check_recipe as task_problems
-from .tasks import default_best_metric, task_names
+from .tasks import default_best_metric, get_task, task_names
 
 
 def opt(default: Any, help: str, choices: tuple | None = None, *, ge: float | None = None, gt: float | None = None,
@@ -109,7 +109,8 @@ class SplitConfig:
     path: str | None = opt(None, "Local data file (.csv, .tsv, .jsonl/.json, .parquet), relative to the working directory.")
     split: str | None = opt(None, "Hub split name (with data.dataset), e.g. validation.")
     format: str = opt("auto", "File format; auto = from the extension.", ("auto", "csv", "tsv", "json", "parquet"))
-    column_names: list[str] | None = opt(None, "Names for the columns of a headerless csv/tsv file, in order.")
+    column_names: list[str] | None = opt(None, "Names for every column of a headerless csv/tsv file, in order (a file whose first line is a "
+                                            "header anyway is refused).")
     text_columns: list[str] | None = opt(None, "Override data.text_columns for this split.")
     label_column: str | None = opt(None, "Override data.label_column for this split.")
     label_map: dict | None = opt(None, "Map raw label values to label names or indices, e.g. {1: World, 2: Sports}.")
@@ -141,7 +142,8 @@ class DataConfig:
     text_pair: bool = opt(False, "Classification: the two data.text_columns are a sentence pair (MRPC: [sentence1, sentence2]), "
                           "encoded as one ([CLS] a [SEP] b [SEP], with segment ids), not joined into one string.")
     label_column: str = opt("label", "Column holding the label (an index or a name).")
-    label_names: list[str] | None = opt(None, "Ordered label names; null = the sorted distinct labels of the train split.")
+    label_names: list[str] | None = opt(None, "Ordered label names (integers are their text: [1, 2, 3, 4, 5]); null = the sorted "
+                                       "distinct labels of the train split (the whole file, before any eval_holdout).")
     label_words: list[str] | None = opt(None, "Verbalizer: the word the model writes for each class, in data.label_names order, "
                                         "verbatim (mind the leading space after a plain prompt); null = derived from "
                                         "data.label_names: ' negative' after a plain prompt, 'negative' after a chat template.")
@@ -412,8 +414,12 @@ def _coerce(value: Any, tp, where: str, problems: list[str]) -> Any:
     if origin is list:
         if isinstance(value, str):
             value = [value]  # one name is shorthand for a one-element list
+        if isinstance(value, list):  # an integer is its text: label_names [1, 2, 3, 4, 5] (star ratings) are "1" ... "5"
+            value = [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            problems.append(f"{where}: expected a list of strings, got {value!r}.{_bool_hint(value)}")
+            quote = " Quote the values meant as text, e.g. ['0.5', '1.0']." if isinstance(value, list) and any(
+                isinstance(v, float) for v in value) else ""
+            problems.append(f"{where}: expected a list of strings, got {value!r}.{_bool_hint(value)}{quote}")
         return value
     if inner is dict or origin is dict:
         if not isinstance(value, dict):
@@ -451,6 +457,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be set again here (that is its
+                continue  # point); flatten_mapping (in SafeConstructor's construct_mapping) merges them
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
                 raise yaml.constructor.ConstructorError(None, None, f"the key '{key}' is given twice (lines {seen[key] + 1} and "
@@ -523,6 +531,9 @@ def _yaml_str(raw: str) -> str:
 def parse_overrides(overrides: list[str], problems: list[str]) -> list[tuple[str, Any]]:
     out = []
     for item in overrides:
+        if not isinstance(item, str):  # (from Python: an int or None had no .partition)
+            problems.append(f"override {item!r}: expected a KEY=VALUE string, e.g. train.lr=1e-4.")
+            continue
         key, sep, raw = item.partition("=")
         if not sep or not key:
             problems.append(f"override '{item}': expected KEY=VALUE, e.g. train.lr=1e-4.")
@@ -546,12 +557,16 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple | s
     """Read a YAML recipe (None = the built-in default), apply dotted overrides, type-check and validate.
 
     `overrides`: a list of KEY=VALUE strings; a single string is one override (as `text_columns: sentence` is a
-    one-item list). Raises ConfigError listing every problem found.
+    one-item list), None none. Raises ConfigError listing every problem found.
     """
     problems: list[str] = []
     source = str(path) if path else "the default recipe"
     if isinstance(overrides, str):  # list("train.epochs=1") would be 14 one-character overrides
         overrides = [overrides]
+    if overrides is None:
+        overrides = []
+    if not isinstance(overrides, (list, tuple)):  # (a dict's keys, or an int, was a TypeError from deep inside)
+        raise ConfigError([f"overrides={overrides!r}: expected a list of KEY=VALUE strings, e.g. ['train.lr=1e-4', 'train.epochs=1']."], source)
     tree: dict = {}
     if path is not None:
         p = Path(path)
@@ -594,8 +609,28 @@ def _checked_build(tree: dict, problems: list[str], source: str | None, validate
 def checked(recipe: Recipe, *, validate_files: bool = True) -> Recipe:
     """A Recipe built or changed in Python, checked as `load_recipe` checks a file: read back from its plain values
     (`to_dict`: types checked, 1 -> 1.0 for a float, a Path -> its text), then every rule -> that new Recipe. `run`
-    calls it, so `recipe.train.lr = -1; run(recipe)` is one ConfigError rather than a traceback mid-training."""
-    return _checked_build(recipe.to_dict(), [], None, validate_files)  # ("invalid recipe:", not "... in the recipe:")
+    calls it, so `recipe.train.lr = -1; run(recipe)` is one ConfigError rather than a traceback mid-training. An
+    attribute no field declares (`recipe.train.lrr = 1e-5`: to_dict leaves it out, so it was dropped silently) is an
+    unknown key, as in a file."""
+    return _checked_build(recipe.to_dict(), unknown_attributes(recipe), None, validate_files)  # ("invalid recipe:", not "... in the recipe:")
+
+
+def unknown_attributes(obj, prefix: str = "") -> list[str]:
+    """The attributes set on a recipe's sections (from Python) that name no field, each with a did-you-mean."""
+    names = [f.name for f in dataclasses.fields(obj)]
+    problems = []
+    for key, value in vars(obj).items():
+        where = f"{prefix}{key}"
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=1)
+            hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(names)}."
+            problems.append(f"{where}: unknown key (an attribute set from Python; the recipe has no such field, so it would "
+                            f"change nothing).{hint}")
+        elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+            problems.extend(unknown_attributes(value, where + "."))
+        elif isinstance(value, dict):  # multitask.tasks: a section per task
+            problems.extend(p for k, v in value.items() if dataclasses.is_dataclass(v) for p in unknown_attributes(v, f"{where}.{k}."))
+    return problems
 
 
 def base_from_run(tree: dict) -> None:
@@ -756,18 +791,31 @@ def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = N
     need(not d.text_pair or recipe.train.distill is None,
          "data.text_pair=true with train.distill: the teacher scores one text per row. Distil a single-text task, or drop "
          "train.distill.")
+    labelled = recipe.task.type in task_names() and get_task(recipe.task.type).target_kind == "label"
     if not multitask:
-        p.extend(data_problems(d, "data", check_files))
+        p.extend(data_problems(d, "data", check_files, labelled))
     for key, sub in (recipe.multitask.tasks.items() if multitask else ()):
-        p.extend(data_problems(sub.data, f"multitask.tasks.{key}.data", check_files))
+        p.extend(data_problems(sub.data, f"multitask.tasks.{key}.data", check_files, labelled))
     if p:
         raise ConfigError(p, source)
 
 
-def data_problems(d: DataConfig, prefix: str, check_files: bool) -> list[str]:
+def data_problems(d: DataConfig, prefix: str, check_files: bool, labelled: bool = False) -> list[str]:
     """The rules of one data section (the recipe's, or one multitask task's): each split a file or a hub split, files
-    present; a sentence pair names two columns."""
+    present; a sentence pair names two columns; a task that learns labels (`labelled`) does not read its label as text."""
     p = []
+    for split_name in ("", "train", "eval", "test") if labelled else ():
+        spec = getattr(d, split_name) if split_name else None
+        if split_name and (spec is None or not (spec.text_columns or spec.label_column)):
+            continue  # (a split that sets neither reads the section's columns: checked once)
+        text_key, text = (f"{prefix}.{split_name}.text_columns", spec.text_columns) if spec and spec.text_columns else \
+            (f"{prefix}.text_columns", d.text_columns)
+        label_key, label = (f"{prefix}.{split_name}.label_column", spec.label_column) if spec and spec.label_column else \
+            (f"{prefix}.label_column", d.label_column)
+        if isinstance(text, list) and label in text:
+            p.append(f"{label_key}={label!r} is also one of {text_key}={text}: the label would be part of the input text, and "
+                     "the model would learn to copy it (near-perfect scores that mean nothing). Take it out of "
+                     f"{text_key}, or point {label_key} at the column that holds the label.")
     if d.text_pair and len(d.text_columns) != 2:
         p.append(f"{prefix}.text_pair=true with {prefix}.text_columns={d.text_columns}: a pair is two columns, e.g. "
                  f"{prefix}.text_columns=[sentence1, sentence2].")

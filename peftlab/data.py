@@ -92,18 +92,32 @@ def delimited_rows(f, fmt: str):
 
 
 def check_header_line(spec: SplitConfig, fmt: str, where: str) -> None:
-    """A csv/tsv file's first line: with column_names, it must not be a header (it became a training row, its label a
-    class); without, its names must be distinct (pandas renamed the second 'sentence' to 'sentence.1', and the first
-    was read with no word)."""
+    """A csv/tsv file's first line. With column_names (a file without a header) it must not be a header: it became a
+    training row, its label a class. It is one when, case and spaces aside, its cells are the names column_names gives
+    (in any order), or one of its cells is the word column_names names its own column (`text,label` read with
+    [sentence, label]: a label 'label', or a text 'Sentence', is a header's word, not a row's value; names that are
+    numbers are left out, a row may well hold them). And it must not have more cells than column_names has names (pandas
+    made the extra leading fields an index). Without column_names, its names must be distinct (pandas renamed the second
+    'sentence' to 'sentence.1', and the first was read with no word)."""
     if fmt not in ("csv", "tsv"):
         return
     with open(spec.path, encoding="utf-8-sig", errors="replace", newline="") as f:
         first = next(delimited_rows(f, fmt), [])
     names = [c.strip() for c in first]
-    if spec.column_names and names == [str(c) for c in spec.column_names]:
-        raise DataError(f"{where}: the file's first line is a header ({', '.join(names)}), and {where}.column_names "
-                        "names the columns too, so it would be read as a data row. Remove column_names (the header "
-                        "names them).")
+    if spec.column_names:
+        given = [str(c).strip().casefold() for c in spec.column_names]
+        folded = [n.casefold() for n in names]
+        own = [n for n, g in zip(names, given) if n.casefold() == g and any(ch.isalpha() for ch in g)]
+        if own or (folded and set(folded) <= set(given)):
+            why = "it names the columns" if sorted(folded) == sorted(given) else f"its cell(s) {own or names} are column names"
+            then = "" if folded == given else f", and set {section(where)}.text_columns / label_column to the header's names"
+            raise DataError(f"{where}: the file's first line is a header ({', '.join(names)}; {why}), and {where}.column_names "
+                            f"names the columns too, so it would be read as a data row (its label a class). Remove "
+                            f"{where}.column_names{then}, or delete the header line.")
+        if len(names) > len(given):
+            raise DataError(f"{where}.column_names is too short: it names {len(given)} column(s) {list(spec.column_names)}, "
+                            f"and the file has {len(names)} (its first line: {', '.join(names)[:200]}). Name every column, "
+                            "in order (a column no key reads may have any name).")
     if not spec.column_names and (twice := sorted({n for n in names if names.count(n) > 1})):
         raise DataError(f"{where}: the header names {twice} more than once: which column is meant is ambiguous. Rename "
                         f"them in the file, or name every column with {where}.column_names (the header line removed).")
@@ -133,6 +147,8 @@ def read_split(spec: SplitConfig, data: DataConfig, where: str):
         kwargs["delimiter"] = "\t" if fmt == "tsv" else ","
         if fmt == "tsv":
             kwargs["quoting"] = csv.QUOTE_NONE  # GLUE-style TSVs contain bare quote characters
+        # only an empty cell is missing: pandas' default also read NA, N/A, None, null, NaN, nan (a text, a class "None") as one
+        kwargs["keep_default_na"], kwargs["na_values"] = False, [""]
         if spec.column_names:
             kwargs["column_names"] = spec.column_names
             kwargs["header"] = None
@@ -141,23 +157,54 @@ def read_split(spec: SplitConfig, data: DataConfig, where: str):
     # content: datasets keys a local file by path, size and mtime, so a file rewritten with the same size and mtime
     # (cp -p, rsync -a, a relabelling that flips 0 and 1) was served from the cache as it was
     cache = Path(datasets.config.HF_DATASETS_CACHE) / "peftlab-files" / file_sha256(path)[:16]
+    quiet = logging.getLogger(f"datasets.packaged_modules.{builder}.{builder}")  # its 'Failed to read file' line repeats ours
+    level = quiet.level
+    quiet.setLevel(logging.CRITICAL)
     try:
         ds = datasets.load_dataset(builder, data_files={"data": glob.escape(str(path))}, split="data", cache_dir=str(cache), **kwargs)
-    except UnicodeDecodeError as e:
-        raise DataError(f"{where}.path: '{spec.path}' is not UTF-8 ({e.reason} at byte {e.start}). "
-                        "Re-encode it, e.g. `iconv -f latin1 -t utf-8 IN > OUT`.") from None
     except Exception as e:  # datasets wraps parser errors in its own types
+        if (bad := _decode_error(e)) is not None or _utf16(spec.path):  # (a UTF-16 JSON file fails as a JSON error)
+            raise DataError(_encoding_message(spec.path, bad, where)) from None
         if "corresponds to no data" in str(e):
             raise DataError(f"{where}.path: '{spec.path}' has no rows (a header only?). Point it at a file with data.") from None
         cause = e.__cause__ or e
         hint = f" {TSV_UNQUOTED.format(where=where)}" if fmt == "tsv" and "Expected" in str(cause) else ""
         raise DataError(f"{where}.path: cannot parse '{spec.path}' as {fmt}: {type(cause).__name__}: "
                         f"{str(cause).splitlines()[0] if str(cause) else ''}. Check format/delimiter/column_names.{hint}") from None
+    finally:
+        quiet.setLevel(level)
     if len(ds) == 0:
         raise DataError(f"{where}.path: '{spec.path}' has no rows. Point it at a file with data.")
     if fmt in ("csv", "tsv") and PHANTOM_INDEX in ds.column_names:
         raise DataError(_shifted_columns_message(ds, spec, fmt, where))
     return ds
+
+
+def _decode_error(e: BaseException) -> UnicodeDecodeError | None:
+    """The UnicodeDecodeError behind a load error: datasets raises its DatasetGenerationError from it."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, UnicodeDecodeError):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def _utf16(path: str) -> bool:
+    """The file starts with a UTF-16 byte-order mark (Excel's 'Unicode Text' export)."""
+    with open(path, "rb") as f:
+        return f.read(2) in (b"\xff\xfe", b"\xfe\xff")
+
+
+def _encoding_message(path: str, e: UnicodeDecodeError | None, where: str) -> str:
+    """A file that is not UTF-8: the encoding it most likely is, and how to convert it."""
+    if _utf16(path):
+        what, source = "UTF-16 (it starts with a UTF-16 byte-order mark, as Excel's 'Unicode Text' writes)", "utf-16"
+    else:
+        what, source = f"not UTF-8 ({e.reason if e else 'undecodable bytes'}: Windows-1252 or Latin-1, as Excel's plain CSV, most likely)", "cp1252"
+    return (f"{where}.path: '{path}' is {what}; it must be UTF-8. Re-encode it, e.g. `iconv -f {source} -t utf-8 '{path}' > OUT` "
+            f"(or save it from Excel as 'CSV UTF-8'), and point {where}.path at OUT.")
 
 
 PHANTOM_INDEX = "__index_level_0__"  # pandas makes the extra leading fields of a too-long first row an index; arrow keeps it
@@ -223,9 +270,17 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     refs = [spec.references_column] if target_column and spec.references_column else []
     _check_columns(ds.column_names, text_cols if unlabelled else [*text_cols, label_col, *refs], where, spec)
     _check_not_empty(ds, text_cols, where)
+    from datasets import ClassLabel, Value
+
+    if not target_column and not unlabelled and not isinstance(shown := ds.features[label_col], (Value, ClassLabel)):
+        # a list or a record per row: set() of them was a TypeError in the middle of training's data load
+        oriented = (" The file holds one row whose cells are lists: a JSON object of columns (column-oriented)? Write one "
+                    "record per row, e.g. JSON lines: {\"sentence\": \"...\", \"label\": \"...\"}.") if len(ds) == 1 else ""
+        raise DataError(f"{where}: the label column {label_col!r} holds {shown} values, not one label per row. Give each row a "
+                        f"single label value (a name or a class index), or point {section(where)}.label_column (or "
+                        f"{where}.label_column) at a column that holds one.{oriented}")
     if not target_column and not unlabelled:
         _check_label_cells(ds, label_col, spec, where)
-    from datasets import Value
 
     if target_column and not isinstance(shown := ds.features[label_col], Value):  # a list or a record per row
         raise DataError(f"{where}: the target column {label_col!r} holds {shown} values, not one text "
@@ -237,8 +292,8 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     if spec.max_samples is not None and spec.max_samples < len(ds):
         ds = ds.shuffle(seed=seed).select(range(spec.max_samples))
     if unlabelled:
-        return ds.map(lambda b: {"text": joined(b, text_cols)}, batched=True, remove_columns=ds.column_names,
-                      desc=f"{where}: columns")
+        return _as_text(ds.map(lambda b: {"text": joined(b, text_cols)}, batched=True, remove_columns=ds.column_names,
+                               desc=f"{where}: columns"))
     label_map = {spelled(k): v for k, v in (spec.label_map or {}).items()}
     if label_map and not target_column:
         present = {spelled(v) for v in ds[label_col] if not _blank(v)}
@@ -257,7 +312,7 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     def to_rows(batch):
         texts = joined(batch, text_cols[:1] if data.text_pair else text_cols)
         if target_column:
-            rows = {"text": texts, "target": [str(v or "").strip() for v in batch[label_col]], "row": batch["_file_row"]}
+            rows = {"text": texts, "target": [_cell(v).strip() for v in batch[label_col]], "row": batch["_file_row"]}
             if refs:  # several references to score generated text against
                 rows["references"] = reference_lists(batch[refs[0]], refs[0], where, batch["_file_row"])
             return rows
@@ -267,7 +322,7 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
         pair = {"text_pair": joined(batch, text_cols[1:])} if data.text_pair else {}  # data.text_pair: encoded as a pair
         return {"text": texts, **pair, "label": labels, "row": batch["_file_row"]}
 
-    ds = ds.map(to_rows, batched=True, remove_columns=ds.column_names, desc=f"{where}: columns")
+    ds = _as_text(ds.map(to_rows, batched=True, remove_columns=ds.column_names, desc=f"{where}: columns"))
     if not target_column and getattr(ds.features["label"], "dtype", "").startswith("float"):  # map kept the input's type
         if all(v.is_integer() for v in ds["label"]):
             ds = ds.cast_column("label", Value("int64"))
@@ -377,7 +432,24 @@ def column_problems(recipe: Recipe, prefix: str = "data") -> list[str]:
 
 def joined(batch: dict, columns: list[str]) -> list[str]:
     """The text of each row of a batch: its columns joined with a space."""
-    return [" ".join(str(v or "") for v in cells).strip() for cells in zip(*(batch[c] for c in columns))]
+    return [" ".join(_cell(v) for v in cells).strip() for cells in zip(*(batch[c] for c in columns))]
+
+
+def _as_text(ds):
+    """The text columns of normalized rows as strings: map gives a returned column its input's type where the values
+    fit it, so a text column of numbers ("0", "1": pandas read them as integers) came back as integers."""
+    from datasets import Value
+
+    for c in ("text", "text_pair", "target"):
+        if c in ds.column_names and ds.features[c] != Value("string"):
+            ds = ds.cast_column(c, Value("string"))
+    return ds
+
+
+def _cell(v) -> str:
+    """A cell as text: an empty one (None; NaN in a column pandas read as numbers) is "", a 0 is "0" (`str(v or "")`
+    made every 0 and 0.0 an empty text, and such rows were dropped or trained on nothing)."""
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else str(v)
 
 
 def _blank(v) -> bool:
@@ -538,15 +610,8 @@ def load_splits(recipe: Recipe, *, need_train: bool = True, prefix: str = "data"
             ds = read_split(spec, d, f"{prefix}.{name}")
             raw[name] = own(ds, spec, recipe, f"{prefix}.{name}") if own else \
                 normalize_split(ds, spec, d, f"{prefix}.{name}", seed, target, unlabelled)
-    if "train" in raw and "eval" not in raw and d.eval_holdout > 0:
-        check_holdout(len(raw["train"]), d.eval_holdout, prefix)
-        parts = raw["train"].train_test_split(test_size=d.eval_holdout, seed=seed)
-        raw["train"], raw["eval"] = parts["train"], parts["test"]
-        for part, name in ((raw["eval"], "held-out"), (raw["train"], "kept")):  # (the file's check saw them together)
-            if unlabelled and all(_blank(t) for t in part["text"]):
-                raise DataError(f"{prefix}.eval_holdout={d.eval_holdout}: the {len(part):,} {name} rows of {prefix}.train have "
-                                f"no text (the file's few rows with text all fell on the other side). Drop the empty rows "
-                                f"from the file, or give {prefix}.eval.")
+    # labels are named and encoded before any eval_holdout split, on the whole train file: inferred from the part kept,
+    # the classes depended on the seed (a rare one held out was refused as data.eval's, a split the recipe never set)
     if target or own or unlabelled:
         label_names, out = [], dict(raw)
     else:
@@ -558,10 +623,22 @@ def load_splits(recipe: Recipe, *, need_train: bool = True, prefix: str = "data"
                 raise
             raise DataError(f"{e} These label names are the teacher's (train.distill.teacher={recipe.train.distill.teacher}): "
                             "a student learns its teacher's classes. Distill from a teacher trained on this data's classes.") from None
+    held = "train" in out and "eval" not in out and d.eval_holdout > 0
+    if held:
+        check_holdout(len(out["train"]), d.eval_holdout, prefix)
+        parts = out["train"].train_test_split(test_size=d.eval_holdout, seed=seed)
+        out["train"], out["eval"] = parts["train"], parts["test"]
+        for part, name in ((out["eval"], "held-out"), (out["train"], "kept")):  # (the file's check saw them together)
+            if unlabelled and all(_blank(t) for t in part["text"]):
+                raise DataError(f"{prefix}.eval_holdout={d.eval_holdout}: the {len(part):,} {name} rows of {prefix}.train have "
+                                f"no text (the file's few rows with text all fell on the other side). Drop the empty rows "
+                                f"from the file, or give {prefix}.eval.")
+    if label_names:
         trained = set(out["train"]["label"]) if "train" in out else set(range(len(label_names)))
+        kept = f" (the part {prefix}.eval_holdout={d.eval_holdout} left to train on)" if held else ""
         if absent := [n for i, n in enumerate(label_names) if i not in trained]:
-            log.warning("%s.train has no row of class(es) %s (of %s.label_names %s): the model cannot learn to predict "
-                        "them. Add training rows of each class%s.", prefix, absent, prefix, label_names,
+            log.warning("%s.train%s has no row of class(es) %s (of %s.label_names %s): the model cannot learn to predict "
+                        "them. Add training rows of each class%s.", prefix, kept, absent, prefix, label_names,
                         f", or raise {prefix}.train.max_samples (a sample may miss a rare class)" if d.train.max_samples else "")
     for name in ("train", "eval", "test"):
         out.setdefault(name, None)

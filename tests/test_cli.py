@@ -235,3 +235,14 @@ def test_eval_of_the_selection_split_says_its_figure_is_optimistic(make_recipe, 
     with caplog.at_level(logging.WARNING, logger="peftlab"):
         assert main(["eval", str(recipe.out), "data.eval.max_samples=2"]) == 0  # a sample of the selection rows
     assert "eval is the split this run chose its weights on" in caplog.text
+
+
+def test_a_recipe_path_holding_an_equals_sign_is_the_recipe(tmp_path, capsys):
+    """`peftlab train /dir/lr=1e-3/rec.yaml` took the path for an override and ran the quickstart with it."""
+    folder = tmp_path / "lr=1e-3"
+    folder.mkdir()
+    recipe = folder / "rec.yaml"
+    recipe.write_text("train: {lr: -1}\n")
+    assert main(["train", str(recipe), "data.train.path=nope.tsv"]) == 2
+    err = capsys.readouterr().err
+    assert "train.lr=-1" in err and str(recipe) in err and "unknown key" not in err, err

@@ -163,3 +163,52 @@ def test_a_key_given_twice_and_yaml_booleans_in_place_of_words_are_explained(tmp
     path.write_text("data:\n  train: x.tsv\n  label_names: [no, yes]\n")
     with pytest.raises(ConfigError, match=r"got \[False, True\]. YAML reads yes/no/on/off/true/false as booleans: quote"):
         load_recipe(path, validate_files=False)
+
+
+def test_yaml_merge_keys_work_and_a_key_given_twice_is_still_refused(tmp_path):
+    """`<<: *anchor` was reported as malformed YAML (each key was built before YAML merged them); a key the merge
+    brings in may be set again beside it, and a key given twice in the mapping itself is still refused."""
+    path = write(tmp_path, "data:\n  train: &split\n    path: t.csv\n    column_names: [sentence, label]\n"
+                           "  eval:\n    <<: *split\n    path: e.csv\n")
+    r = load_recipe(path, validate_files=False)
+    assert (r.data.eval.path, r.data.eval.column_names, r.data.train.path) == ("e.csv", ["sentence", "label"], "t.csv")
+    path.write_text("data:\n  train: &split {path: t.csv}\n  eval:\n    <<: *split\n    path: e.csv\n    path: f.csv\n")
+    with pytest.raises(ConfigError, match=r"the key 'path' is given twice \(lines 5 and 6\)"):
+        load_recipe(path, validate_files=False)
+
+
+def test_an_attribute_set_from_python_that_names_no_field_is_refused():
+    """`recipe.train.lrr = 1e-5` passed `checked` (and `run`) silently: the recipe was rebuilt from its fields only."""
+    from peftlab.config import checked
+
+    r = load_recipe(None, ["data.train.path=x.tsv"], validate_files=False)
+    r.train.lrr = 1e-5
+    r.data.train.colum_names = ["a", "b"]
+    with pytest.raises(ConfigError) as e:
+        checked(r, validate_files=False)
+    assert len(e.value.problems) == 2, e.value.problems
+    assert "train.lrr: unknown key" in str(e.value) and "Did you mean 'lr'?" in str(e.value)
+    assert "data.train.colum_names: unknown key" in str(e.value) and "Did you mean 'column_names'?" in str(e.value)
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["data.text_columns=[sentence,label]"], "data.label_column='label' is also one of data.text_columns=['sentence', 'label']"),
+    (["data.eval.path=e.tsv", "data.eval.text_columns=[y]", "data.eval.label_column=y"],
+     "data.eval.label_column='y' is also one of data.eval.text_columns=['y']")])
+def test_a_label_column_that_is_also_a_text_column_is_refused(overrides, needle):
+    """The label column among the text columns (the answer in the input) trained a model to copy it, silently."""
+    with pytest.raises(ConfigError) as e:
+        load_recipe(None, ["data.train.path=x.tsv", *overrides], validate_files=False)
+    assert needle in str(e.value) and len(e.value.problems) == 1
+    load_recipe(None, ["data.train.path=x.tsv", "task.type=summarization", "data.target_column=summary",  # no label read
+                       "data.text_columns=[label]"], validate_files=False)
+
+
+@pytest.mark.parametrize("overrides, needle", [([1], "override 1: expected a KEY=VALUE string"),
+                                               (["train.lr=1e-4", None], "override None: expected a KEY=VALUE string"),
+                                               ({"train.lr": 1e-4}, "expected a list of KEY=VALUE strings")])
+def test_overrides_that_are_not_strings_are_refused(overrides, needle):
+    """An override that was no string (from Python) was an AttributeError ('int' object has no attribute 'partition')."""
+    with pytest.raises(ConfigError, match=needle):
+        load_recipe(None, overrides, validate_files=False)
+    assert load_recipe(None, None, validate_files=False).train.lr == 5e-4  # None: no overrides

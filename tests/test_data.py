@@ -319,3 +319,123 @@ def test_a_label_value_the_label_map_does_not_name_is_refused(tmp_path):
     (tmp_path / "t.csv").write_text("sentence,label\na,0\nb,1\nc,2\n")
     with pytest.raises(DataError, match=r"label value\(s\) \['0'\] of column 'label' are not keys of data.train.label_map"):
         splits_of(tmp_path, tmp_path / "t.csv", ["data.train.label_map={1: World, 2: Sports}"])
+
+
+def test_a_label_cell_holding_a_list_or_a_mapping_is_refused_naming_the_column(tmp_path):
+    """A label cell that is a JSON list or mapping (or a column-oriented JSON file, read as one row of lists) crashed
+    the data load with `TypeError: unhashable type: 'list'` (set() of the labels), while validate said ok."""
+    (tmp_path / "l.jsonl").write_text('{"sentence": "good", "label": ["pos"]}\n{"sentence": "bad", "label": ["neg"]}\n')
+    (tmp_path / "m.jsonl").write_text('{"sentence": "good", "label": {"name": "pos"}}\n{"sentence": "bad", "label": {"name": "neg"}}\n')
+    (tmp_path / "columns.json").write_text('{"sentence": ["good", "bad"], "label": ["pos", "neg"]}')
+    for name in ("l.jsonl", "m.jsonl", "columns.json"):
+        with pytest.raises(DataError, match=r"data.train: the label column 'label' holds .* values, not one label per row") as e:
+            splits_of(tmp_path, tmp_path / name)
+        assert ("column-oriented" in str(e.value)) == (name == "columns.json"), str(e.value)
+
+
+def test_holdout_labels_are_named_from_the_whole_train_file_whatever_the_seed(tmp_path):
+    """With data.eval_holdout, the labels were inferred from the part of train kept after the split: a rare class held
+    out was an error blaming data.eval (a split the recipe never set), and the classes depended on the seed. A label
+    outside data.label_names is data.train's, wherever the split puts its row."""
+    rows = [f"s{i},{'ab'[i % 2]}\n" for i in range(20)] + ["rare one,c\n"]
+    (tmp_path / "t.csv").write_text("sentence,label\n" + "".join(rows))
+    held_out = 0
+    for seed in range(8):
+        s, names = splits_of(tmp_path, tmp_path / "t.csv", ["data.eval_holdout=0.5", f"data.seed={seed}"])
+        assert names == ["a", "b", "c"], seed
+        held_out += "rare one" in s["eval"]["text"]
+        assert sorted([*s["train"]["text"], *s["eval"]["text"]]) == sorted(r.split(",")[0] for r in rows)
+    assert 0 < held_out < 8  # (the seeds put the rare row on either side)
+    for seed in range(8):
+        with pytest.raises(DataError, match=r"^data.train: 1 row\(s\) have labels outside the label set \['a', 'b'\]: \['c'\]"):
+            splits_of(tmp_path, tmp_path / "t.csv", ["data.eval_holdout=0.5", f"data.seed={seed}", "data.label_names=[a,b]"])
+
+
+@pytest.mark.parametrize("first", ["text,label", "Sentence,Label", " sentence , label ", "label,sentence", "review,label", "Text,LABEL"])
+def test_a_header_that_differs_from_column_names_is_still_a_header(tmp_path, first):
+    """column_names with a header that was not spelled exactly like them (`text,label` read with [sentence, label],
+    other case or spaces, another order) read the header as a training row: a class 'label', silently."""
+    from peftlab.data import column_problems
+
+    (tmp_path / "h.csv").write_text(f"{first}\ngood film,pos\nbad film,neg\n")
+    extra = ["data.train.column_names=[sentence,label]"]
+    with pytest.raises(DataError, match="first line is a header"):
+        splits_of(tmp_path, tmp_path / "h.csv", extra)
+    recipe = load_recipe(None, [f"data.train.path={tmp_path / 'h.csv'}", "data.eval=null", *extra], validate_files=False)
+    assert any("first line is a header" in p for p in column_problems(recipe))
+
+
+@pytest.mark.parametrize("first", ["good film,pos", "label me a classic,neg", "1,0", "sentence-level fun,pos"])
+def test_a_headerless_files_first_row_stays_a_row(tmp_path, first):
+    """The header check reads a real first row as a row: a cell is a header's only when it is a column's own name."""
+    (tmp_path / "n.csv").write_text(f"{first}\nbad film,neg\nok film,pos\n")
+    s, _ = splits_of(tmp_path, tmp_path / "n.csv", ["data.train.column_names=[sentence,label]", "data.label_names=['0',neg,pos]"])
+    assert s["train"]["text"][0] == first.split(",")[0]
+
+
+def test_column_names_shorter_than_the_file_says_so_in_validate_and_train(tmp_path):
+    """column_names naming fewer columns than the file has: train said the columns were shifted (a phantom pandas
+    index) and validate something else or nothing; both now say column_names is too short."""
+    from peftlab.data import column_problems
+
+    (tmp_path / "s.csv").write_text("good film,pos,x\nbad film,neg,y\n")
+    extra = ["data.train.column_names=[sentence,label]"]
+    needle = "data.train.column_names is too short: it names 2 column(s) ['sentence', 'label'], and the file has 3"
+    with pytest.raises(DataError) as e:
+        splits_of(tmp_path, tmp_path / "s.csv", extra)
+    assert needle in str(e.value)
+    recipe = load_recipe(None, [f"data.train.path={tmp_path / 's.csv'}", "data.eval=null", *extra], validate_files=False)
+    assert [needle in p for p in column_problems(recipe)] == [True]
+
+
+def test_a_text_or_target_that_is_the_number_0_stays_0(tmp_path):
+    """`str(v or "")` made the cell 0 (or 0.0) an empty text: the input of a classification row, and the target of a
+    summarization row (dropped as empty)."""
+    (tmp_path / "z.csv").write_text("sentence,label\n0,pos\n1,neg\n0,neg\n")
+    s, _ = splits_of(tmp_path, tmp_path / "z.csv")
+    assert s["train"]["text"] == ["0", "1", "0"]
+    (tmp_path / "f.csv").write_text("sentence,label\n0.0,pos\n1.5,neg\n")
+    assert splits_of(tmp_path, tmp_path / "f.csv")[0]["train"]["text"] == ["0.0", "1.5"]
+    (tmp_path / "sum.jsonl").write_text('{"document": "count the apples", "summary": 0}\n{"document": "two", "summary": 2}\n')
+    s, _ = splits_of(tmp_path, tmp_path / "sum.jsonl", ["task.type=summarization", "data.text_columns=[document]",
+                                                         "data.target_column=summary"])
+    assert s["train"]["target"] == ["0", "2"]
+
+
+def test_cells_spelled_like_missing_values_are_text(tmp_path):
+    """pandas' default missing-value words (NA, N/A, None, null, NaN, nan) made such cells empty: a text 'NA' was no
+    text, a class 'None' an empty label. Only an empty cell is missing."""
+    (tmp_path / "na.csv").write_text("sentence,label\nNA,None\nnull,pos\nN/A,neg\nnan,None\nNaN,pos\n")
+    s, names = splits_of(tmp_path, tmp_path / "na.csv")
+    assert s["train"]["text"] == ["NA", "null", "N/A", "nan", "NaN"] and names == ["None", "neg", "pos"]
+    (tmp_path / "e.tsv").write_text("sentence\tlabel\nNA\t1\nfine\t\n")
+    with pytest.raises(DataError, match=r"1 row\(s\) have an empty 'label' cell: data row 2 \(line 3 of"):
+        splits_of(tmp_path, tmp_path / "e.tsv")
+
+
+def test_integer_label_names_in_a_recipe_are_their_text(tmp_path):
+    """data.label_names: [1, 2, 3, 4, 5] (star ratings, as the README shows) was refused: 'expected a list of strings'."""
+    (tmp_path / "stars.csv").write_text("sentence,label\n" + "".join(f"r{i},{y}\n" for i, y in enumerate([5, 1, 3, 2, 4, 1])))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"data:\n  train: {tmp_path / 'stars.csv'}\n  label_names: [1, 2, 3, 4, 5]\n")
+    r = load_recipe(recipe, validate_files=False)
+    assert r.data.label_names == ["1", "2", "3", "4", "5"]
+    s, names = load_splits(r)
+    assert [names[i] for i in s["train"]["label"]] == ["5", "1", "3", "2", "4", "1"]
+    from peftlab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"label_names: expected a list of strings, got \[0.5, 1.0\]. Quote the values"):
+        load_recipe(None, ["data.label_names=[0.5, 1.0]"], validate_files=False)
+
+
+def test_a_file_that_is_not_utf8_names_its_encoding_once(tmp_path, capfd):
+    """A cp1252 CSV or a UTF-16 TSV (Excel) got a generic parse error (datasets wraps the UnicodeDecodeError), and
+    datasets' own 'Failed to read file' line beside it."""
+    (tmp_path / "win.csv").write_bytes("sentence,label\ncafé,1\nbad,0\n".encode("cp1252"))
+    (tmp_path / "excel.tsv").write_bytes("sentence\tlabel\ncafé\t1\nbad\t0\n".encode("utf-16"))
+    capfd.readouterr()
+    for name, needle in (("win.csv", "is not UTF-8"), ("excel.tsv", "is UTF-16")):
+        with pytest.raises(DataError, match=needle) as e:
+            splits_of(tmp_path, tmp_path / name)
+        assert f"iconv -f {'cp1252' if name == 'win.csv' else 'utf-16'} -t utf-8" in str(e.value)
+    assert "Failed to read file" not in capfd.readouterr().err

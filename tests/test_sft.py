@@ -162,6 +162,9 @@ def test_unknown_columns_and_bad_messages_are_refused_clearly(tmp_path, chat_lla
     broken = write_jsonl(tmp_path / "y.jsonl", [{"messages": [{"role": "robot", "content": "x"}]}])
     with pytest.raises(DataError, match="row 1: 'messages' must be a list of"):
         load_splits(recipe_for(tmp_path, chat_llama, broken))
+    plain = write_jsonl(tmp_path / "s.jsonl", [{"messages": "hello there"}])  # a plain string: the message said `got None`
+    with pytest.raises(DataError, match=r"row 1: 'messages' must be a list of .* got 'hello there' \(text, not JSON\)\."):
+        load_splits(recipe_for(tmp_path, chat_llama, plain))
     rows = messages_rows() * 2
     rows[9] = {"messages": [{"role": "robot", "content": "x"}]}
     sampled = write_jsonl(tmp_path / "z.jsonl", rows)  # in a seeded sample, the row is still named by its line in the file

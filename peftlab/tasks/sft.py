@@ -180,6 +180,7 @@ def check_columns(columns: list[str], recipe, where: str) -> None:
 
 
 def _check_messages(value, row: int, where: str, column: str) -> list[dict]:
+    cell = value  # as the file holds it: the message shows it (a string that is not JSON was shown as None)
     if isinstance(value, str):
         try:
             value = json.loads(value)
@@ -194,8 +195,9 @@ def _check_messages(value, row: int, where: str, column: str) -> list[dict]:
     ok = isinstance(value, list) and all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str)
                                          for m in value)
     if not ok:
+        shown = f"{cell[:200]!r} (text, not JSON)" if isinstance(cell, str) and value is None else str(cell)[:200]
         raise DataError(f"{where}: row {row + 1}: {column!r} must be a list of {{role, content}} with role one of "
-                        f"{', '.join(ROLES)} and text content; got {str(value)[:200]}.")
+                        f"{', '.join(ROLES)} and text content; got {shown}.")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
