@@ -10,10 +10,12 @@ import contextlib
 import copy
 import ctypes
 import logging
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .accel import precision_dtype
@@ -238,6 +240,10 @@ def load_scratch(recipe: Recipe, path: str, auto_cls, kwargs: dict):
     return model, [name for name, _ in model.named_children()]
 
 
+# what reading a weight file that is cut short or garbled raises (besides OSError): safetensors' header check, pickle's
+DAMAGED_WEIGHTS = (SafetensorError, pickle.UnpicklingError, EOFError)
+
+
 def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[str], precision: str, auto_cls):
     """Load the pretrained base with a fresh task head; return (model, names of the newly initialised head modules)."""
     if recipe.model.from_run:
@@ -264,13 +270,19 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
     try:
         with checkpoint_read_by_pread(quant is not None):
             model, info = auto_cls.from_pretrained(path, output_loading_info=True, **kwargs)
-    except (OSError, ValueError) as e:
-        msg = str(e).splitlines()[0]
+    except (OSError, ValueError, *DAMAGED_WEIGHTS) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         folder = Path(path)
         if folder.is_dir() and not any(next(folder.glob(g), None) for g in ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")):
             raise ModelError(f"{path}: the folder holds no model weights (no *.safetensors or *.bin file), only "
                              f"{', '.join(sorted(p.name for p in folder.iterdir())[:6]) or 'nothing'}. Point model.name at a "
                              "folder saved with save_pretrained, or at a Hub model id.") from None
+        # a file cut short or overwritten: safetensors' header check, or torch.load's read of a .bin failing with an errno
+        # (transformers' own OSErrors, a file it cannot find, carry none)
+        if isinstance(e, DAMAGED_WEIGHTS) or (isinstance(e, OSError) and e.errno is not None and folder.is_dir()):
+            raise ModelError(f"{path}: its weights cannot be read ({type(e).__name__}: {msg}): a weight file looks damaged or "
+                             "truncated (an interrupted download or copy). Copy or download the model again, or save it anew "
+                             "with save_pretrained.") from None
         if "safetensors" in msg.lower() and not recipe.model.allow_pickle:
             raise ModelError(f"{path}: no safetensors weights, only pickle files (.bin/.pt), which can run arbitrary code when "
                              "loaded. Convert the checkpoint to safetensors (save_pretrained(dir) in a trusted environment), "

@@ -507,10 +507,9 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
         for i, c in enumerate(cands):
             try:
                 rows.append(estimate(i, c, Path(work)))
-            except PeftlabError as e:  # one candidate that cannot load or train: the others' figures are kept
-                log.error("select: %s %s failed: %s", base_label(c.base), c.method, e)
-                failed = {p: Estimate(math.nan, math.nan, 0.0) for p in proxies}
-                rows.append(SelectRow(0, c.base, c.method, "-", 0, len(labels), 0.0, 0, failed, error=" ".join(line.strip() for line in str(e).splitlines())))
+            except Exception as e:  # one candidate that cannot load or train: the others' figures are kept. Any error, not
+                # only peftlab's (a damaged file raises the library's own); a Ctrl-C (not an Exception) still stops select
+                rows.append(failed_row(c, proxies, len(labels), e))
     if all(r.error for r in rows):
         raise SelectError([f"candidate {base_label(r.base)} ({r.method}): {r.error}" for r in rows])
     rows.sort(key=lambda r: -r.estimates[rank_by].value if math.isfinite(r.estimates[rank_by].value) else math.inf)
@@ -518,6 +517,20 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
         same = i > 1 and r.estimates[rank_by].value == rows[i - 2].estimates[rank_by].value
         r.rank = 0 if r.error else rows[i - 2].rank if same else i
     return rows
+
+
+def reason(e: BaseException) -> str:
+    """One line saying why a candidate failed: peftlab's message as it is, another error's type before its message."""
+    text = " ".join(line.strip() for line in str(e).splitlines())
+    return text if isinstance(e, PeftlabError) else f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
+def failed_row(c: _Candidate, proxies, rows: int, e: BaseException) -> SelectRow:
+    """The row of a candidate with no figures: no rank, every proxy NaN, and why."""
+    log.error("select: %s %s failed: %s", base_label(c.base), c.method, reason(e),
+              exc_info=None if isinstance(e, PeftlabError) else e if log.isEnabledFor(logging.DEBUG) else None)
+    return SelectRow(0, c.base, c.method, "-", 0, rows, 0.0, 0, {p: Estimate(math.nan, math.nan, 0.0) for p in proxies},
+                     error=reason(e))
 
 
 # ------------------------------------------------------------------------------------------------------ output

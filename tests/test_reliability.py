@@ -214,6 +214,26 @@ def test_pickle_weights_are_refused_unless_allowed(make_recipe, tmp_path, tiny_b
         build_model(make_recipe(model=pickled), num_labels=2, label_names=names)
 
 
+def test_damaged_weights_are_one_clear_error(make_recipe, tmp_path, tiny_bert, capsys):
+    """A model.safetensors cut short (an interrupted copy) or overwritten by garbage: `peftlab train` printed
+    safetensors' own SafetensorError traceback ("incomplete metadata, file not fully covered"), exit status 1."""
+    import shutil
+
+    from peftlab import build_model
+    from peftlab.cli import main
+
+    _, names = load_splits(make_recipe())
+    for name, damage in (("cut", lambda b: b[:5000]), ("garbled", lambda b: b"\xff" * 3000)):
+        broken = tmp_path / name
+        shutil.copytree(tiny_bert, broken)
+        (broken / "model.safetensors").write_bytes(damage((tiny_bert / "model.safetensors").read_bytes()))
+        with pytest.raises(ModelError, match=f"{name}: its weights cannot be read.*damaged or truncated.*download the model again"):
+            build_model(make_recipe(model=broken), num_labels=2, label_names=names)
+    assert main(["train", str(tmp_path / "recipe.yaml"), f"model.name={broken}"]) == 2
+    err = capsys.readouterr().err
+    assert "damaged or truncated" in err and "Traceback" not in err
+
+
 def test_trust_remote_code_warns(make_recipe, caplog):
     from peftlab.bases import load_tokenizer
 

@@ -315,6 +315,32 @@ def test_a_candidate_that_fails_is_a_row_and_the_others_figures_are_kept(make_re
         select(make_recipe(), [str(empty)], proxies=["probe"], max_rows=48, folds=3)
 
 
+def test_a_candidate_failing_with_any_error_is_a_row(make_recipe, tiny_bert, tmp_path, monkeypatch):
+    """A candidate whose load raised an error not peftlab's own (safetensors' SafetensorError for a model.safetensors
+    cut short) stopped select with a traceback: no table, no JSON, the later candidates never tried."""
+    import shutil
+
+    from peftlab import select as sel
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bert, broken)
+    encode = sel.encode
+
+    def failing(recipe, ds, names):  # (load_base says a damaged file in its own words; any library's error is a row too)
+        if recipe.model.name == str(broken):
+            raise RuntimeError("something the library raised")
+        return encode(recipe, ds, names)
+
+    monkeypatch.setattr(sel, "encode", failing)
+    bad, good = select(make_recipe(), [str(broken), str(tiny_bert)], proxies=["probe"], max_rows=48, folds=3)[::-1]
+    assert good.rank == 1 and math.isfinite(good.estimates["probe"].value)
+    assert bad.rank == 0 and bad.error == "RuntimeError: something the library raised"
+    monkeypatch.undo()
+    (broken / "model.safetensors").write_bytes((tiny_bert / "model.safetensors").read_bytes()[:5000])
+    rows = select(make_recipe(), [str(broken), str(tiny_bert)], proxies=["probe"], max_rows=48, folds=3)
+    assert rows[0].rank == 1 and "damaged or truncated" in rows[1].error
+
+
 def test_a_method_valid_only_with_its_own_overrides_still_gets_the_bases_features(make_recipe, tiny_bert):
     """--set full:quant.mode=none on a 4-bit recipe: full is valid only with it, and the features recipe (without the
     method's overrides) refused the whole command. The base's features then come from the candidate's recipe."""
