@@ -83,6 +83,7 @@ class SelectRow:
     features_group: int = 0  # rows of one group share one encoding, and their probe and LogME figures (0: no features)
     estimates: dict[str, Estimate] = field(default_factory=dict)
     error: str | None = None  # why this candidate has no figures (it could not load or train); its rank is 0
+    failures: dict[str, str] = field(default_factory=dict)  # proxy -> why it has no figure (NaN) while the others have theirs
 
     @property
     def label(self) -> str:
@@ -95,6 +96,7 @@ class _Candidate:
     method: str
     recipe: Recipe  # what a run of this candidate would train: the steps proxy runs it
     features: Recipe  # the same without the method's own --set overrides: the probe and LogME read the base through it
+    refused: str | None = None  # what `peftlab validate` finds against this candidate's recipe: it gets a failed row, no compute
 
     def features_key(self) -> str:
         """What the features depend on: the base as loaded (quantization, dtype; pretrained or scratch's random
@@ -163,8 +165,13 @@ def derive(recipe: Recipe, overrides: list[str], where: str) -> Recipe:
 
 
 def build_candidates(recipe: Recipe, bases: list[str], methods: list[str] | None, overrides: dict[str, list[str]]) -> list[_Candidate]:
-    """Every base resolved and every candidate's recipe validated before any compute: a typo fails in a second."""
+    """Every base resolved and every candidate's recipe validated before any compute: a typo fails in a second. What
+    `peftlab validate` finds against one candidate's base (model.model_problems: the task's tokenizer check, e.g. no chat
+    template for a chat verbalizer; the task's model class for its architecture; data.max_length against its positions)
+    refuses that candidate only (its `refused`): the recipe could not train it, so its figures would rank what cannot
+    be chosen; the others go on."""
     from .bases import resolve_model_path
+    from .model import model_problems
 
     if not bases:
         raise SelectError(["no candidates: name at least one base, e.g. --candidates minilm ../shared/models/smollm2-135m-instruct"])
@@ -188,7 +195,10 @@ def build_candidates(recipe: Recipe, bases: list[str], methods: list[str] | None
             if overrides.get(method):  # the base's features without the method's own overrides (where it is valid without them)
                 with contextlib.suppress(ConfigError):
                     features = derive(recipe, candidate_overrides(recipe, base, method, overrides, False), where)
-            out.append(_Candidate(base, method, full, features))
+            refused = " ".join(" ".join(line.strip() for line in problem.splitlines()) for problem in model_problems(full))
+            if refused:
+                log.error("select: %s %s refused: %s", base_label(base), method, refused)
+            out.append(_Candidate(base, method, full, features, refused or None))
     return out
 
 
@@ -475,6 +485,8 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
         raise SelectError(problems)
     check_task(recipe)
     cands = build_candidates(recipe, candidates, methods, overrides or {})
+    if all(c.refused for c in cands):  # before reading any data
+        raise SelectError([f"candidate {base_label(c.base)} ({c.method}): {c.refused}" for c in cands])
     ds, label_names = train_sample(recipe, max_rows)
     labels = np.asarray(ds["label"], dtype=np.int64)
     if len(labels) < 2 * folds:
@@ -483,28 +495,52 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
     k = len(label_names)
     log.info("select: %d candidate(s), %d training rows, %d classes, %d folds; proxies %s", len(cands), len(labels), k, folds,
              ", ".join(proxies))
-    features: dict[str, tuple[np.ndarray, str, float, dict]] = {}  # per base as loaded: features, pooling, seconds, estimates
+    # per base as loaded: features, pooling, seconds, and its probe/LogME estimates (or why one failed); or why encoding failed
+    features: dict[str, tuple[np.ndarray, str, float, dict] | BaseException] = {}
     rows = []
     def estimate(i: int, c: _Candidate, work: Path) -> SelectRow:
+        """The candidate's row: a proxy that fails (its error, any error) leaves the other proxies' figures in place."""
         key = c.features_key()
         if key not in features and {"probe", "logme"} & set(proxies):
-            features[key] = (*encode_timed(c, ds, label_names, folds, "logme" in proxies), {})
-        feats, pooling, feat_s, shared = features.get(key, (np.zeros((0, 0)), "-", 0.0, {}))
-        group = list(features).index(key) + 1 if key in features else 0
+            try:
+                features[key] = (*encode_timed(c, ds, label_names, folds, "logme" in proxies), {})
+            except Exception as e:  # the base does not encode: probe and LogME fail, the steps proxy may still train it
+                features[key] = e
+        found = features.get(key, (np.zeros((0, 0)), "-", 0.0, {}))
+        feats, pooling, feat_s, shared = found if isinstance(found, tuple) else (np.zeros((0, 0)), "-", 0.0, {"probe": found, "logme": found})
+        group = list(features).index(key) + 1 if isinstance(found, tuple) and key in features else 0
         row = SelectRow(0, c.base, c.method, pooling, feats.shape[1], len(labels), feat_s, group)
         for p in proxies:
-            if p in ("probe", "logme") and p not in shared:  # a base's figure, shared by its methods
-                start = time.perf_counter()
-                value, std = (probe(feats, labels, fold, k, recipe.train.seed) if p == "probe"
-                              else jackknifed(lambda f, y: logme(f, y, k), feats, labels, fold))
-                shared[p] = Estimate(value, std, time.perf_counter() - start)
-            row.estimates[p] = few_steps(c, ds, label_names, fold == 0, steps, work / f"steps-{i}") if p == "steps" else shared[p]
+            try:
+                if p in ("probe", "logme") and p not in shared:  # a base's figure (or its failure), shared by its methods
+                    start = time.perf_counter()
+                    try:
+                        value, std = (probe(feats, labels, fold, k, recipe.train.seed) if p == "probe"
+                                      else jackknifed(lambda f, y: logme(f, y, k), feats, labels, fold))
+                        shared[p] = Estimate(value, std, time.perf_counter() - start)
+                    except Exception as e:
+                        shared[p] = e
+                if isinstance(shared.get(p), BaseException):
+                    raise shared[p]
+                row.estimates[p] = few_steps(c, ds, label_names, fold == 0, steps, work / f"steps-{i}") if p == "steps" else shared[p]
+            except Exception as e:
+                row.estimates[p], row.failures[p] = Estimate(math.nan, math.nan, 0.0), reason(e)
+                log.error("select: %s %s %s failed: %s", base_label(c.base), c.method, p, reason(e))
+                continue
             log.info("select: %s %s %s %.4f +- %.4f (%.1f s)", base_label(c.base), c.method, p, row.estimates[p].value,
                      row.estimates[p].std, row.estimates[p].seconds)
+        if len(row.failures) == len(proxies):  # nothing measured: one failed row, as a candidate that cannot load
+            reasons = list(dict.fromkeys(row.failures.values()))
+            row.error = reasons[0] if len(reasons) == 1 else "; ".join(f"{p}: {r}" for p, r in row.failures.items())
+            row.failures = {}
         return row
 
     with tempfile.TemporaryDirectory(prefix="peftlab-select-") as work:
         for i, c in enumerate(cands):
+            if c.refused:
+                rows.append(SelectRow(0, c.base, c.method, "-", 0, len(labels), 0.0, 0,
+                                      {p: Estimate(math.nan, math.nan, 0.0) for p in proxies}, error=c.refused))
+                continue
             try:
                 rows.append(estimate(i, c, Path(work)))
             except Exception as e:  # one candidate that cannot load or train: the others' figures are kept. Any error, not
@@ -513,9 +549,9 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
     if all(r.error for r in rows):
         raise SelectError([f"candidate {base_label(r.base)} ({r.method}): {r.error}" for r in rows])
     rows.sort(key=lambda r: -r.estimates[rank_by].value if math.isfinite(r.estimates[rank_by].value) else math.inf)
-    for i, r in enumerate(rows, 1):  # equal figures share a rank (1, 1, 3): input order is no preference; a failed row has none
-        same = i > 1 and r.estimates[rank_by].value == rows[i - 2].estimates[rank_by].value
-        r.rank = 0 if r.error else rows[i - 2].rank if same else i
+    for i, r in enumerate(rows, 1):  # equal figures share a rank (1, 1, 3): input order is no preference; a failed row has
+        same = i > 1 and r.estimates[rank_by].value == rows[i - 2].estimates[rank_by].value  # none, nor one whose rank_by failed
+        r.rank = 0 if r.error or rank_by in r.failures else rows[i - 2].rank if same else i
     return rows
 
 
@@ -562,7 +598,7 @@ def format_table(rows: list[SelectRow], rank_by: str, source: str = "the recipe"
         for p in proxies:
             e = r.estimates[p]
             digits = 2 if p == "logme" else 3
-            cells.append(f"{e.value:.{digits}f} ± {e.std:.{digits}f}  {e.seconds:.1f}")
+            cells.append("failed (below)" if p in r.failures else f"{e.value:.{digits}f} ± {e.std:.{digits}f}  {e.seconds:.1f}")
         body.append(cells)
     widths = [max(len(x[i]) for x in [head, *body] if i < len(x)) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in [head, *body]]
@@ -572,6 +608,7 @@ def format_table(rows: list[SelectRow], rank_by: str, source: str = "the recipe"
              "LogME: log evidence per row, higher is better." if {"probe", "logme"} & set(proxies) else "",
              f"total {total_seconds(rows):.1f} s"]
     failures = [f"failed: {r.label} {r.method}: {r.error}" for r in rows if r.error]
+    failures += [f"failed: {r.label} {r.method} {PROXY_TITLES[p]}: {why}" for r in rows for p, why in r.failures.items()]
     return "\n".join([notes[0], "", *lines, "", *failures, *[x for x in notes[1:] if x]])
 
 

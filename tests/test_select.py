@@ -341,6 +341,60 @@ def test_a_candidate_failing_with_any_error_is_a_row(make_recipe, tiny_bert, tmp
     assert rows[0].rank == 1 and "damaged or truncated" in rows[1].error
 
 
+def test_a_proxy_that_fails_leaves_the_others_figures(make_recipe, tiny_bert, tiny_llama, tmp_path, monkeypatch):
+    """--proxies probe logme steps where the steps proxy failed for one candidate: its whole row became `failed`, its
+    probe and LogME figures (computed) were dropped, and it fell out of a ranking by the probe."""
+    from peftlab import select as sel
+    from peftlab.errors import DataError
+    from peftlab.select import format_table
+
+    few_steps = sel.few_steps
+
+    def failing(c, *args):
+        if c.base == str(tiny_llama):
+            raise DataError("this candidate cannot train")
+        return few_steps(c, *args)
+
+    monkeypatch.setattr(sel, "few_steps", failing)
+    rows = select(make_recipe(), [str(tiny_llama), str(tiny_bert)], proxies=PROXIES, max_rows=48, folds=3, steps=1)
+    llama = next(r for r in rows if r.base == str(tiny_llama))
+    assert not llama.error and llama.failures == {"steps": "this candidate cannot train"} and llama.rank in (1, 2)
+    assert math.isfinite(llama.estimates["probe"].value) and math.isfinite(llama.estimates["logme"].value)
+    assert math.isnan(llama.estimates["steps"].value) and sorted(r.rank for r in rows) == [1, 2]
+    table = format_table(rows, "probe")
+    assert f"failed: {tiny_llama.name} lora steps acc: this candidate cannot train" in table and "failed (below)" in table
+    by_steps = select(make_recipe(), [str(tiny_llama), str(tiny_bert)], proxies=["probe", "steps"], rank_by="steps",
+                      max_rows=48, folds=3, steps=1)
+    assert [(r.base, r.rank) for r in by_steps] == [(str(tiny_bert), 1), (str(tiny_llama), 0)]  # no steps figure: no rank
+
+
+def test_a_candidate_the_recipe_cannot_train_is_refused_before_any_compute(make_recipe, tiny_llama, tmp_path, monkeypatch):
+    """A chat verbalizer recipe and a base whose tokenizer has no chat template: select encoded it and ranked its probe
+    figure (a base the recipe cannot train), or failed after its features in the steps proxy. `peftlab validate`'s
+    check of the base refuses that candidate before any encoding; the others go on."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    from peftlab import select as sel
+
+    chat = tmp_path / "chat-llama"
+    shutil.copytree(tiny_llama, chat)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    tok.chat_template = "{% for m in messages %}{{ m['content'] }} {% endfor %}"
+    tok.save_pretrained(chat)
+    encoded, encode = [], sel.encode
+    monkeypatch.setattr(sel, "encode", lambda recipe, *a: encoded.append(recipe.model.name) or encode(recipe, *a))
+    recipe = make_recipe({"task.type": "verbalizer", "task.chat_template": True}, model=chat)
+    rows = select(recipe, [str(tiny_llama), str(chat)], proxies=["probe"], max_rows=48, folds=3)
+    good, bad = rows
+    assert good.base == str(chat) and good.rank == 1 and encoded == [str(chat)]
+    assert bad.rank == 0 and "has no chat template" in bad.error
+    with pytest.raises(SelectError, match="tiny-llama.*has no chat template"):
+        select(recipe, [str(tiny_llama)], proxies=["probe"], max_rows=48, folds=3)
+    assert encoded == [str(chat)]
+
+
 def test_a_method_valid_only_with_its_own_overrides_still_gets_the_bases_features(make_recipe, tiny_bert):
     """--set full:quant.mode=none on a 4-bit recipe: full is valid only with it, and the features recipe (without the
     method's overrides) refused the whole command. The base's features then come from the candidate's recipe."""
