@@ -137,6 +137,33 @@ def test_scoring_hands_the_lm_head_a_contiguous_input(make_verb):
     assert not head._forward_pre_hooks
 
 
+@pytest.mark.parametrize("words", [None, ["very bad", "quite good"]], ids=["one-token", "multi-token"])
+def test_scores_under_bf16_autocast_are_the_float32_scores(make_verb, words):
+    """Under bf16 autocast (precision auto on a bf16 CPU) the LM head rounded its logits to bf16: at an LLM's logit
+    sizes (here ~45) every word's log-likelihood came in steps of 0.25 or more, and close classes tied at p = 0.5 (argmax:
+    class 0). The head now runs in float32 for scoring. The layers here add nothing (o_proj, down_proj zero), so the
+    hidden states are the same either way and the scores must agree to float32 rounding; the teacher of train.distill
+    scores with the same function."""
+    recipe = make_verb({"data.label_words": words} if words else {})
+    tok = minilm_tokenizer()
+    model, *_ = build_model(recipe, num_labels=2, label_names=["negative", "positive"], precision="fp32")
+    model.eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight")):
+                p.zero_()
+        model.get_output_embeddings().weight.mul_(400)  # logits ~45, an LLM's size, instead of ~0.1
+    ids = verbalizer.label_token_ids(tok, recipe, ["negative", "positive"])
+    prompts, _ = verbalizer.prompt_ids(tok, recipe, ["the film was good", "a very long and boring and bad plot", "sad"])
+    with torch.no_grad():
+        full = verbalizer.score_words(model, prompts, ids, tok.pad_token_id)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            half = verbalizer.score_words(model, prompts, ids, tok.pad_token_id)
+    assert full.abs().max() > 10  # (large enough for bf16's rounding to show)
+    assert half.dtype == torch.float32 and (half - full).abs().max().item() < 1e-3, (half - full).abs().max()
+    assert "forward" not in vars(model.get_output_embeddings())  # put back
+
+
 def test_verbalizer_learns_the_synthetic_sentiment_and_zero_shot_is_max_steps_0(make_verb):
     """Zero-shot (train.max_steps=0: the untouched base evaluated and exported) is at chance on the random model;
     trained, the label word is right on the dev rows. Full fine-tuning here: a random 32-wide LM keeps its frozen

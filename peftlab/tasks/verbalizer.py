@@ -18,6 +18,7 @@ from __future__ import annotations
 import copy
 import logging
 import re
+from contextlib import contextmanager
 
 import torch
 from transformers import AutoModelForCausalLM
@@ -193,7 +194,12 @@ def score_words(model, prompts: list[list[int]], words: list[list[int]], pad: in
     ids follow the padding) and run once, keeping their KV cache and only the last position's logits; each word's
     remaining tokens then run on a copy of that cache, so a batch costs one prompt pass however many classes and
     word tokens there are. Prompt/prefix tuning (whose virtual tokens peft adds on every call) runs each prompt + word
-    in full instead."""
+    in full instead. The LM head runs in float32 for these scores (float32_head), under autocast too."""
+    with float32_head(model):
+        return _score_words(model, prompts, words, pad)
+
+
+def _score_words(model, prompts: list[list[int]], words: list[list[int]], pad: int) -> torch.Tensor:
     device = next(model.parameters()).device
     if _prompt_learning(model):
         return _score_words_in_full(model, prompts, words, device)
@@ -218,6 +224,41 @@ def score_words(model, prompts: list[list[int]], words: list[list[int]], pad: in
             score = score + lp.gather(-1, torch.tensor(w[1:], device=device).expand(rows, -1)[..., None])[..., 0].sum(-1)
         scores.append(score)
     return torch.stack(scores, 1)
+
+
+@contextmanager
+def float32_head(model):
+    """While label words are scored: the LM head's logits computed in float32, outside autocast.
+
+    Under bf16 autocast the head's matmul rounds its output to bf16, 8 significant bits: an LLM's logits (|z| ~32-64)
+    came in steps of 0.25, and so did every word's log-likelihood after log_softmax; two close classes tied at p = 0.5
+    exactly, and argmax gave class 0. The head reads float32 hidden states (the residual stream stays float32 under
+    autocast) at the positions scored only (the prompt's last, the word's tokens), so the float32 logits are few. A head
+    stored in bf16 (a bf16 base, train.cast_frozen's copy) is upcast for the call: its weights' own rounding stays, the
+    output's goes. The layer under an adapter (LoRA on lm_head) runs so, its update added after as before; a head of
+    another kind (peft's modules_to_save copy, a quantized one) is left as it is. Training keeps its bf16 head (speed)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    get = getattr(getattr(model, "module", model), "get_output_embeddings", None)  # (DDP: .module)
+    head = get() if get is not None else None
+    head = head.get_base_layer() if isinstance(head, BaseTunerLayer) else head
+    if type(head) is not torch.nn.Linear or hasattr(head, "_hf_hook"):  # (accelerate's hook brings offloaded weights in)
+        yield
+        return
+
+    def forward(hidden: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(hidden.device.type, enabled=False):
+            return torch.nn.functional.linear(hidden.float(), head.weight.float(), None if head.bias is None else head.bias.float())
+
+    previous = vars(head).get("forward")  # (one set on the instance by another library: put back after)
+    head.forward = forward  # an instance attribute: the module's hooks still run, then this
+    try:
+        yield
+    finally:
+        if previous is None:
+            del head.forward
+        else:
+            head.forward = previous
 
 
 def _prompt_learning(model) -> bool:
