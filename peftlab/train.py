@@ -667,6 +667,13 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
         with parts.cast.suspended():  # the fp32 weights go into the checkpoint, as they were loaded
             save_checkpoint(accelerator, out, state, best.weights, t.keep_checkpoints, recipe)
 
+    def interrupt() -> None:  # a Ctrl-C or SIGTERM: checkpoint this step, then stop
+        checkpoint()
+        bar.close()
+        raise TrainingInterrupted(f"interrupted at step {state.step} of {total}: checkpoint saved to "
+                                  f"{checkpoint_path(out, state.step)}. Continue with the same command plus "
+                                  "--resume (in place of --overwrite, if you gave it).", code=128 + stop.signum)
+
     def log_line(lr: float) -> None:
         record = {**window.flush(state), "lr": lr}
         runlog.write(state.step, "train", record)
@@ -681,6 +688,9 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
         # (the bar after the trackers: one that cannot start says so on a line of its own)
         bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process,
                    dynamic_ncols=True)
+        if resumed and eval_dl is not None and 0 < state.step == total and all(h["step"] != state.step for h in state.history):
+            with window.paused():  # the last step's evaluation, which a stop during that step left out (below)
+                evaluate()
         while state.step < total:
             train_dl.set_epoch(state.epoch)
             if hasattr(data.collate, "set_epoch"):  # a collator that draws at random (mlm's masks): this epoch's draws
@@ -714,6 +724,9 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                 bar.update(1)
                 if state.step % t.log_every == 0 or state.step == total:  # the only host sync of the step
                     log_line(lr)
+                if state.step == total and stop_requested(stop, accelerator):  # stopped during the last step: at once, not
+                    interrupt()  # after a whole evaluation (--resume makes it). Earlier evaluations run: the checkpoint keeps
+                    # them for early stopping and keep_best, as a run never stopped has them at that point
                 if eval_dl is not None and (state.step == total or (t.eval_every and state.step % t.eval_every == 0)):
                     with window.paused():  # eval time is not training throughput
                         evaluate()
@@ -731,11 +744,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                     check_window_finite(window, accelerator, state.step, t)  # never checkpoint a diverged run
                     checkpoint()
                 if stop_requested(stop, accelerator):
-                    checkpoint()
-                    bar.close()
-                    raise TrainingInterrupted(f"interrupted at step {state.step} of {total}: checkpoint saved to "
-                                              f"{checkpoint_path(out, state.step)}. Continue with the same command plus "
-                                              "--resume (in place of --overwrite, if you gave it).", code=128 + stop.signum)
+                    interrupt()
                 if state.step >= total:
                     break
             else:

@@ -125,6 +125,38 @@ def test_a_stop_in_the_final_evaluation_keeps_the_training_for_resume(make_recip
     assert a.keys() == b.keys() and all((a[k] == b[k]).all() for k in a)
 
 
+def test_a_stop_in_the_last_step_skips_its_evaluation_and_resume_makes_it(make_recipe, tmp_path, monkeypatch):
+    """Ctrl-C during the last step ("saving a checkpoint after this step") still ran that step's whole in-loop
+    evaluation, then stopped. It now stops at once; --resume makes that evaluation (its history entry, keep_best's
+    choice), so the resumed run's history, kept step and metrics are an uninterrupted run's."""
+    from peftlab.errors import TrainingInterrupted
+    from peftlab.tasks import classification
+
+    train_module = sys.modules["peftlab.train"]
+    ov = {"train.max_steps": 4, "train.eval_every": 2, "train.log_every": 1, "train.keep_best": True}
+    full = run(make_recipe({**ov, "output_dir": tmp_path / "full"}))
+    assert [h["step"] for h in full["history"]] == [2, 4]
+    write, evaluate, evaluated = train_module.RunLog.write, classification.evaluate, []
+
+    def stop_in_the_last_step(self, step, kind, record):
+        if (step, kind) == (4, "train"):  # the last step's log line: the signal arrives during that step
+            os.kill(os.getpid(), signal.SIGINT)
+        return write(self, step, kind, record)
+
+    monkeypatch.setattr(train_module.RunLog, "write", stop_in_the_last_step)
+    monkeypatch.setattr(classification, "evaluate", lambda *a, **k: evaluated.append(1) or evaluate(*a, **k))
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 4 of 4: checkpoint saved"):
+        run(make_recipe({**ov, "output_dir": tmp_path / "part"}))
+    assert len(evaluated) == 1  # step 2's; not step 4's
+    monkeypatch.undo()
+    resumed = run(make_recipe({**ov, "output_dir": tmp_path / "part"}), resume=True)
+    assert resumed["history"] == full["history"] and resumed["best_step"] == full["best_step"]
+    assert resumed["metrics"] == full["metrics"]
+    def lines(out):
+        return [(r["step"], r["kind"]) for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
+    assert lines(tmp_path / "part") == lines(tmp_path / "full")
+
+
 def test_a_stop_while_merging_says_the_run_was_exported_and_how_to_merge(make_recipe, monkeypatch):
     """export.merge runs after the run is exported: a stop there said --resume, which answers "a finished run"."""
     from peftlab.errors import TrainingInterrupted
