@@ -496,8 +496,15 @@ class Job:
             with suppress(OSError):
                 (self.work / CHECKPOINTS).rmdir()
         if not self.staged:
-            if self.created and not checkpoints(self.work) and not _size(self.work / LOG_FILE):
-                shutil.rmtree(self.work, ignore_errors=True)
+            if not checkpoints(self.work) and not _size(self.work / LOG_FILE):  # nothing logged: what it holds is this start's
+                if self.created:
+                    shutil.rmtree(self.work, ignore_errors=True)
+                else:  # a folder that was there, empty (plan refuses one holding anything): emptied again
+                    for child in self.work.iterdir():
+                        if child.is_dir():
+                            shutil.rmtree(child, ignore_errors=True)
+                        else:
+                            child.unlink(missing_ok=True)
             elif not checkpoints(self.work) and (self.work / LOG_FILE).exists():
                 log.warning("the failed run's log is kept in %s; train again with --overwrite.", self.work / LOG_FILE)
             elif checkpoints(self.work) and not isinstance(error, PeftlabError):  # (ours say what to do themselves)

@@ -171,7 +171,8 @@ def test_verbalizer_learns_the_synthetic_sentiment_and_zero_shot_is_max_steps_0(
     flat at ~9.8 over 64 steps); LoRA learns on a real LLM (the slow test, recipes/smollm2-135m/)."""
     zero = run(make_verb({"train.max_steps": 0}, "zero"))
     assert zero.steps == 0 and zero.history == []
-    assert (Path(zero.output_dir) / "log.jsonl").read_text() == ""  # always written (it was missing), empty here
+    logged = [json.loads(line) for line in (Path(zero.output_dir) / "log.jsonl").read_text().splitlines()]  # always written
+    assert [(r["step"], r["kind"]) for r in logged] == [(0, "final_eval")]  # (it was missing): no step, the final evaluation
     saved = load_file(str(Path(zero.output_dir) / "adapter_model.safetensors"))
     assert all(not v.any() for k, v in saved.items() if "lora_B" in k)  # the exported adapter is the identity
     assert zero.metrics["eval"]["accuracy"] < 0.7
