@@ -79,17 +79,11 @@ def cmd_eval(args) -> int:
     check_local_target(target)
     folder = load_adapter(target, endpoint=args.endpoint, revision=args.revision)
     from .run import EVAL_DIR, overrides_tag
-    from .rundir import holds_run
 
-    # a run folder: its own eval-SPLIT.json, or runs/eval/NAME-TAG/ with overrides (evaluate decides); never into the
-    # download cache, nor into a published folder (a later publish there would refuse the extra files): a published
-    # folder's go to runs/eval/NAME-TAG/ (TAG from its path and the overrides: two folders of one name never share one)
-    local = Path(target).expanduser()
-    if holds_run(local):
-        results = None
-    elif local.is_dir():
-        results = EVAL_DIR / f"{local.resolve().name}-{overrides_tag(args.overrides, local.resolve())}"
-    else:
+    # a local folder: evaluate decides (a run's own eval-SPLIT.json; with overrides, or for a published folder,
+    # runs/eval/NAME-TAG/); a hub adapter's go to runs/eval/ under its id, never into the download cache
+    results = None
+    if not Path(target).expanduser().is_dir():
         name = target.replace("/", "__") + (f"@{args.revision}" if args.revision else "")
         results = EVAL_DIR / (f"{name}-{overrides_tag(args.overrides)}" if args.overrides else name)
     metrics = evaluate(folder, split=args.split, overrides=args.overrides, results_dir=results)

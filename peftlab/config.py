@@ -414,6 +414,8 @@ def _coerce(value: Any, tp, where: str, problems: list[str]) -> Any:
     if origin is list:
         if isinstance(value, str):
             value = [value]  # one name is shorthand for a one-element list
+        if isinstance(value, tuple):  # (set from Python)
+            value = list(value)
         if isinstance(value, list):  # an integer is its text: label_names [1, 2, 3, 4, 5] (star ratings) are "1" ... "5"
             value = [str(v) if isinstance(v, int) and not isinstance(v, bool) else v for v in value]
         if not isinstance(value, list) or not all(isinstance(v, str) for v in value):

@@ -323,6 +323,7 @@ def merge(out: str | Path, *, force: bool = False, overrides: list[str] | tuple 
     out = Path(out)
     identity = folder_identity(out)
     recipe, run = read_run(out)
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides)  # one KEY=VALUE string, or a list
     if other := [o for o in overrides if o.split("=", 1)[0].strip() not in MERGE_OVERRIDES]:
         raise ArtifactError(f"merge takes {' and '.join(MERGE_OVERRIDES)} only (where its base is), not {', '.join(other)}: "
                             "the adapter is merged as it was trained.")

@@ -26,7 +26,18 @@ from .data import build_data, column_problems, load_splits
 from .errors import ArtifactError, ConfigError
 from .export import atomic_write_text, export, merge, predictions_jsonl, rebuild
 from .model import build_model, model_problems, num_layers_problems
-from .rundir import RECIPE_FILE, RECORD_FILE, RunDir, RunRecord, check_same_folder, folder_identity, read_run, same_inputs, sha256
+from .rundir import (
+    RECIPE_FILE,
+    RECORD_FILE,
+    RunDir,
+    RunRecord,
+    check_same_folder,
+    folder_identity,
+    holds_run,
+    read_run,
+    same_inputs,
+    sha256,
+)
 from .tasks import get_task, skip_unread
 from .trackers import resolve_trackers
 from .train import RunLog, adapter_folded, eval_loader, stop_at_once_on_signal, train
@@ -37,16 +48,17 @@ log = logging.getLogger(__name__)
 def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple = (), results_dir: str | Path | None = None) -> dict:
     """Evaluate a finished run (adapter, full model or merged folder) on a split of its recipe's data -> metrics.
 
-    `overrides` change the run's recipe (other data, another base via model.name); eval-SPLIT.json (and predictions)
-    are written to `results_dir`, by default the run folder itself, or, with overrides, `runs/eval/NAME-TAG/` (from the
-    working directory; `overrides_tag`): an evaluation of a changed recipe never replaces the figures the run was trained
-    and reported with, nor adds files to its folder. `split`: eval (the split the run selected on: data.eval, or the
-    seeded data.eval_holdout part of train) or test (data.test)."""
+    `overrides` change the run's recipe (other data, another base via model.name; one KEY=VALUE string or a list);
+    eval-SPLIT.json (and predictions) are written to `results_dir`, by default the run folder itself, or, with overrides
+    or for a folder that is no training run (a published folder, a hub download: a later publish there would refuse the
+    extra files), `runs/eval/NAME-TAG/` (from the working directory; `overrides_tag`): an evaluation of a changed recipe
+    never replaces the figures the run was trained and reported with, nor adds files to its folder. `split`: eval (the
+    split the run selected on: data.eval, or the seeded data.eval_holdout part of train) or test (data.test)."""
     if split not in EVAL_SPLITS:
         raise ConfigError([f"split={split!r}: an evaluation scores one of {', '.join(EVAL_SPLITS)} (eval: the split the run "
                            "selected on; test: data.test). For other rows, give them as the test split: "
                            "split='test', overrides=['data.test.path=FILE']."])
-    out = Path(out)
+    out, overrides = Path(out), [overrides] if isinstance(overrides, str) else list(overrides)
     identity = folder_identity(out)
     trained, run = read_run(out)
     if hasattr(task := get_task(trained.task.type), "refuse_loading"):  # a multi-task run: evaluate its tasks' runs
@@ -64,7 +76,7 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
                     else "For a held-out figure: --split test data.test.path=FILE (rows no selection saw).")
     check_split_given(recipe, split)  # before the model is loaded
     if results_dir is None:
-        results_dir = EVAL_DIR / f"{out.resolve().name}-{overrides_tag(overrides, out.resolve())}" if overrides else out
+        results_dir = EVAL_DIR / f"{out.resolve().name}-{overrides_tag(overrides, out.resolve())}" if overrides or not holds_run(out) else out
     results = Path(results_dir)
     writable = results if results.is_dir() else next(p for p in results.absolute().parents if p.exists())
     if not os.access(writable, os.W_OK | os.X_OK):  # before the model loads: not after the whole evaluation

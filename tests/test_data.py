@@ -422,7 +422,11 @@ def test_integer_label_names_in_a_recipe_are_their_text(tmp_path):
     assert r.data.label_names == ["1", "2", "3", "4", "5"]
     s, names = load_splits(r)
     assert [names[i] for i in s["train"]["label"]] == ["5", "1", "3", "2", "4", "1"]
+    from peftlab.config import checked
     from peftlab.errors import ConfigError
+
+    r.data.label_names = ("1", "2", "3", "4", "5")  # a tuple set from Python: a list (it was refused)
+    assert checked(r).data.label_names == ["1", "2", "3", "4", "5"]
 
     with pytest.raises(ConfigError, match=r"label_names: expected a list of strings, got \[0.5, 1.0\]. Quote the values"):
         load_recipe(None, ["data.label_names=[0.5, 1.0]"], validate_files=False)

@@ -122,6 +122,32 @@ def test_eval_of_a_published_folder_names_the_base_at_load_time(local_run, tmp_p
     assert sorted(r["run"] for r in records) == sorted([str(folder), str(twin)])
 
 
+def test_python_evaluate_of_a_published_folder_writes_beside_it_and_one_override_is_one(local_run, tmp_path, tiny_bert,
+                                                                                         sentiment_files, monkeypatch):
+    """`evaluate(FOLDER)` from Python wrote eval-eval.json and predictions into a published folder (only the CLI sent
+    them to runs/eval/), after which publishing there again was refused; and one override string was read letter by
+    letter ('d', 'a', ...: 39 problems), in merge too."""
+    import shutil
+
+    from peftlab import evaluate, merge
+
+    folder = tmp_path / "shelf"
+    publish(local_run, to=folder)
+    published = yaml.safe_load((folder / "recipe.yaml").read_text())  # local paths as bare names: put them here
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / published["model"]["name"]).symlink_to(tiny_bert)
+    (tmp_path / published["data"]["eval"]["path"]).symlink_to(sentiment_files["dev"])
+    before = sorted(p.name for p in folder.iterdir())
+    metrics = evaluate(folder)
+    assert metrics["accuracy"] == pytest.approx(json.loads((local_run / "metrics.json").read_text())["eval"]["accuracy"])
+    assert sorted(p.name for p in folder.iterdir()) == before and list((tmp_path / "runs" / "eval").glob("shelf-*/eval-eval.json"))
+    publish(local_run, to=folder)  # so it can be published there again
+    assert evaluate(local_run, "eval", f"data.eval.path={sentiment_files['dev']}") == pytest.approx(metrics)
+    copy = tmp_path / "copy"
+    shutil.copytree(local_run, copy)
+    assert merge(copy, overrides=f"model.name={tiny_bert}") == copy / "merged"
+
+
 def test_packaged_and_named_bases_publish_their_hub_id(local_run, tmp_path, tiny_bert):
     """A run on the packaged MiniLM (its base_path is a site-packages folder under the home directory) publishes the
     public id everywhere; --base-model names a local base in the recipe and adapter_config alike."""
