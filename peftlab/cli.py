@@ -196,7 +196,8 @@ def cmd_publish(args) -> int:
 def cmd_compose(args) -> int:
     from .compose import compose
 
-    target = compose(args.runs, args.weights, args.out, method=args.method, density=args.density, seed=args.seed, rank=args.rank)
+    target = compose(args.runs, args.weights, args.out, method=args.method, density=args.density, seed=args.seed, rank=args.rank,
+                     overwrite=args.overwrite)
     print(f"composed adapter: {target}  (evaluate it: peftlab eval {target})")
     return 0
 
@@ -353,6 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     comp.add_argument("--density", type=float, help="fraction of weights kept by ties/dare/magnitude_prune (default 0.5)")
     comp.add_argument("--seed", type=int, default=0, help="seed of dare's random pruning")
     comp.add_argument("--out", required=True, metavar="DIR", help="where the composed adapter is written")
+    comp.add_argument("--overwrite", action="store_true", help="replace an earlier composition in --out (refused when it holds "
+                                                                "files compose does not write: eval results, a card, notes)")
     comp.set_defaults(fn=cmd_compose)
 
     sel = sub.add_parser("select", help="rank candidate bases (and methods) for a classification recipe from its train split, "

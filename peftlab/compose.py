@@ -10,10 +10,11 @@ import logging
 import math
 import re
 from dataclasses import replace
+from fnmatch import fnmatch
 from pathlib import Path
 
-from .errors import PeftlabError
-from .export import rebuild, write_atomic_dir
+from .errors import ArtifactError, PeftlabError
+from .export import check_destination, rebuild, write_atomic_dir
 from .rundir import (
     BASE_KEYS,
     LOG_FILE,
@@ -32,18 +33,20 @@ from .rundir import (
 log = logging.getLogger(__name__)
 
 COMBINATIONS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat", "svd")
+COMPOSED_FILES = ("adapter_config.json", "adapter_model.safetensors", RECIPE_FILE, RECORD_FILE)  # and the tokenizer's files
 PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")  # --density: the share of each task vector they keep
 
 
 def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, method: str = "linear", density: float | None = None,
-            seed: int = 0, rank: int | None = None) -> Path:
+            seed: int = 0, rank: int | None = None, overwrite: bool = False) -> Path:
     """Combine LoRA adapters trained on one base into one adapter (peft's add_weighted_adapter), exported like a run.
 
     peft combines the LoRA matrices but refuses adapters that each save a task head (modules_to_save), so the
     adapters are loaded without their heads and the heads are summed with the same weights: for weights (1, 0, ...)
     and method linear the result computes the first adapter's function exactly (its tensors are rescaled). `svd`: the
     exact weighted sum of the adapters' updates, cut to its best rank-`rank` approximation (default: the largest source
-    rank; the sum of the ranks keeps it exact)."""
+    rank; the sum of the ranks keeps it exact). `overwrite`: replace an earlier composition in `out` (one that holds
+    only what compose writes)."""
     import torch
     from peft import PeftConfig, get_peft_model
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
@@ -72,7 +75,7 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
         density = 0.5
     if out.resolve() in [o.resolve() for o in outs]:
         raise PeftlabError(f"--out {out} is one of the inputs; choose a new directory.")
-    check_compose_target(out)
+    check_compose_target(out, overwrite)
     runs = [read_run(o) for o in outs]
     first_recipe, first_run = runs[0]
     for o, (r, info) in zip(outs, runs):
@@ -153,10 +156,12 @@ def _base_of(recipe, run) -> tuple:
     return (*base_as_loaded(recipe, run), recipe.task.type, run.label_names)
 
 
-def check_compose_target(out: Path) -> None:
-    """--out may be new, empty, or an earlier composition (replaced); never a trained run or someone's folder."""
+def check_compose_target(out: Path, overwrite: bool = False) -> None:
+    """--out may be new, empty, or (with --overwrite) an earlier composition that holds only what compose writes (it is
+    replaced whole); never a trained run or someone's folder. Checked before any model is loaded."""
     if out.exists() and not out.is_dir():
-        raise PeftlabError(f"--out {out} is a file. Choose a new directory: --out DIR.")
+        raise ArtifactError(f"--out {out} is a file. Choose a new directory: --out DIR.")
+    check_destination(out, "--out", folder=True)
     if not out.is_dir() or not any(out.iterdir()):
         return
     try:
@@ -167,6 +172,19 @@ def check_compose_target(out: Path) -> None:
         what = "a peftlab run" if holds_run(out) else "files that are not a composed adapter"
         raise PeftlabError(f"--out {out} holds {what}: compose would replace it. Choose a new directory (--out DIR), or "
                            "delete it first if you mean to replace it.")
+    if not overwrite:
+        raise ArtifactError(f"--out {out} holds an earlier composition: compose would replace it. Pass --overwrite "
+                            "(overwrite=True) to replace it, or choose a new directory: --out DIR.")
+    if other := sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if not _composed_file(p)):
+        raise ArtifactError(f"--out {out} holds files compose does not write ({', '.join(other)}): replacing the earlier "
+                            "composition would delete them. Move them out of the folder, or choose a new directory: --out DIR.")
+
+
+def _composed_file(path: Path) -> bool:
+    """A file compose writes: the adapter, its record and the tokenizer's files (not an eval's results, a card, notes)."""
+    from .publish.destinations import TOKENIZER_GLOBS
+
+    return path.is_file() and (path.name in COMPOSED_FILES or any(fnmatch(path.name, g) for g in TOKENIZER_GLOBS))
 
 
 def _head_state(state: dict) -> dict:

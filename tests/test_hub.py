@@ -611,6 +611,31 @@ def test_compose_refuses_mismatched_runs(runs, tmp_path):
     assert not (tmp_path / "c").exists()
 
 
+def test_compose_replaces_an_earlier_composition_only_when_asked_and_never_other_files(runs, tmp_path, capsys):
+    """An earlier composition in --out was replaced without a word, and with it whatever else the folder held: a published
+    card (README.md), the user's notes, `peftlab eval` results. An --out under a file raised a raw FileExistsError, once
+    the models were loaded."""
+    target = compose(runs, [0.5, 0.5], tmp_path / "c")
+    before = digest(target)
+    with pytest.raises(ArtifactError, match=r"holds an earlier composition: .*--overwrite \(overwrite=True\)"):
+        compose(runs, [0.7, 0.3], target)
+    assert digest(target) == before
+    rc, _, err = cli(capsys, "compose", runs[0], runs[1], "--weights", 0.7, 0.3, "--out", target)
+    assert rc == 2 and "--overwrite" in err and digest(target) == before
+    rc, _, err = cli(capsys, "compose", runs[0], runs[1], "--weights", 0.7, 0.3, "--out", target, "--overwrite")
+    assert rc == 0, err
+    assert json.loads((target / "run.json").read_text())["composition"]["weights"] == [0.7, 0.3]
+    for name in ("NOTES.md", "README.md", "eval-eval.json"):
+        (target / name).write_text("kept")
+    before = digest(target)
+    with pytest.raises(ArtifactError, match=r"holds files compose does not write \(NOTES.md, README.md, eval-eval.json\)"):
+        compose(runs, [0.5, 0.5], target, overwrite=True)
+    assert digest(target) == before
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ArtifactError, match=r"--out .*file/c cannot be created: .*file is a file"):
+        compose(runs, [0.5, 0.5], tmp_path / "file" / "c")
+
+
 def test_compose_accepts_two_spellings_of_one_local_base(runs, tmp_path):
     """model.name as `DIR` in one run and `DIR/../NAME` in the other names one base folder: they compose."""
     respelled = tmp_path / "respelled"

@@ -115,7 +115,7 @@ def test_publish_to_and_compose_out_refuse_to_replace_a_run(make_recipe, tmp_pat
         compose([a.out, b.out], [0.5, 0.5], other_run)
     assert tree(b.out) == before and tree(other_run) == before
     composed = compose([a.out, b.out], [0.5, 0.5], tmp_path / "composed")
-    compose([a.out, b.out], [0.7, 0.3], composed)  # an earlier composition may be replaced
+    compose([a.out, b.out], [0.7, 0.3], composed, overwrite=True)  # an earlier composition may be replaced, when asked
     rc, _, err = peftlab("publish", a.out, "--to", b.out)
     assert rc == 2 and "holds a peftlab run" in err and tree(b.out) == before
 
