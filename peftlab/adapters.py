@@ -19,11 +19,15 @@ from .export import load_trained
 from .publish import load_adapter
 from .rundir import BASE_KEYS, adapter_config, base_as_loaded, differences, read_run
 
+BASE_ROWS = "__base__"  # peft's name, in a mixed batch's adapter_names, for rows that skip every adapter
+
 
 def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None):
     """-> (PeftModel in eval mode holding every adapter under its name, tokenizer); the first one is active."""
     if not sources:
         raise ArtifactError("load_adapters needs at least one {name: run folder or hub id}.")
+    for name in sources:
+        check_name(name)
     folders = {name: load_adapter(src, endpoint=endpoint) for name, src in sources.items()}
     first, *rest = folders.items()
     model, tokenizer, recipe, run = load_trained(first[1], adapter_name=first[0])
@@ -46,6 +50,20 @@ def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None
             load_with_own_head(model, Path(folder), name, len(run.label_names), len(other_run.label_names))
     model.set_adapter(first[0])
     return model.eval(), tokenizer
+
+
+def check_name(name) -> None:
+    """An adapter's name is a key of peft's per-layer module dicts and of adapter_names: refuse the ones peft misreads."""
+    if not isinstance(name, str) or not name.strip():
+        why = "an adapter needs a non-empty name"
+    elif "." in name:
+        why = "peft names an adapter's layers by it, and a dot splits a module's path"
+    elif name == BASE_ROWS:
+        why = "peft reads it, in a mixed batch's adapter_names, as no adapter at all: its rows would get the plain base"
+    else:
+        return
+    raise ArtifactError(f"adapter name {name!r}: {why}. Name each adapter with a word without dots, e.g. "
+                        f"{{{(str(name).replace('.', '_').strip('_ ') or 'movies')!r}: ...}}.")
 
 
 def load_with_own_head(model, folder: Path, name: str, old: int, new: int) -> None:

@@ -65,3 +65,11 @@ def test_adapters_of_different_bases_are_refused(runs, make_recipe, tmp_path, ti
     (ia3 / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
     with pytest.raises(ArtifactError, match=r"adapter 'ia3' is of peft type IA3 and 'full' of LORA.*load_trained"):
         load_adapters({"full": runs[0], "ia3": ia3})
+
+
+def test_reserved_and_invalid_adapter_names_are_refused(runs):  # noqa: F811
+    """"__base__" loaded, and mixed batches gave its rows the plain base (peft's name for no adapter); "a.v1" was blamed
+    on the base or the peft version, "" raised torch's KeyError."""
+    for name, why in (("__base__", "as no adapter at all"), ("a.v1", "a dot splits"), ("", "non-empty name")):
+        with pytest.raises(ArtifactError, match=rf"adapter name {name!r}: .*{why}.*Name each adapter"):
+            load_adapters({"a": runs[0], name: runs[1]})
