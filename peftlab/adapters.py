@@ -5,16 +5,18 @@
     model.set_adapter("products")                                  # switch
     model(**batch, adapter_names=["movies", "products", ...])      # one adapter per row (peft's mixed-batch inference)
 
-Every adapter must have been trained on the same base model. Classification adapters may have different numbers of labels
-(each keeps its own head, sized to its labels: the tasks of a multi-task run, OUT/tasks/NAME, load side by side), but
-one batch with one adapter per row needs heads of one size. Sources are run folders or Hub ids (see `publish.load_adapter`).
+Every adapter must have been trained on the same base model, with one peft method. Classification adapters may have
+different numbers of labels (each keeps its own head, sized to its labels: the tasks of a multi-task run, OUT/tasks/NAME,
+load side by side) and set_adapter switches between them; only a batch with one adapter per row needs the heads of its
+rows' adapters to be of one size (and no DoRA adapter: peft does not mix those). Each call's adapter_names is checked
+before peft runs. Sources are run folders or Hub ids (see `publish.load_adapter`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import ArtifactError
+from .errors import ArtifactError, ModelError
 from .export import load_trained
 from .publish import load_adapter
 from .rundir import BASE_KEYS, adapter_config, base_as_loaded, differences, read_run
@@ -49,7 +51,41 @@ def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None
         else:
             load_with_own_head(model, Path(folder), name, len(run.label_names), len(other_run.label_names))
     model.set_adapter(first[0])
+    heads = {name: len(read_run(folder)[1].label_names or ()) for name, folder in folders.items()}
+    model.register_forward_pre_hook(mixed_batch_check(model, {BASE_ROWS: heads[first[0]], **heads}), with_kwargs=True)
     return model.eval(), tokenizer
+
+
+def mixed_batch_check(model, heads: dict[str, int]):
+    """A forward pre-hook that checks a call's adapter_names (one adapter per row) before peft does: peft raised its own
+    ValueErrors, and torch's "stack expects each tensor to be equal size" for heads of different sizes. `heads`: each
+    adapter's number of labels (the base's head: the first adapter's)."""
+
+    def check(module, args, kwargs):
+        names = kwargs.get("adapter_names")
+        if names is None:
+            return None
+        loaded = ", ".join(map(repr, model.peft_config))
+        if isinstance(names, str) or not all(isinstance(n, str) for n in names):
+            raise ModelError(f"adapter_names={names!r}: give a list with one adapter name per row, e.g. "
+                             f"adapter_names=[{', '.join(map(repr, list(model.peft_config)[:2]))}] (loaded: {loaded}).")
+        if unknown := sorted(set(names) - set(heads)):
+            raise ModelError(f"adapter_names names {', '.join(map(repr, unknown))}, which is not loaded: the adapters are "
+                             f"{loaded} ({BASE_ROWS!r}: the base without any).")
+        rows = next((x for x in (kwargs.get("input_ids"), kwargs.get("inputs_embeds"), *args) if hasattr(x, "shape")), None)
+        if rows is not None and len(names) != rows.shape[0]:
+            raise ModelError(f"adapter_names has {len(names)} name(s) for a batch of {rows.shape[0]} row(s): give one "
+                             "adapter name per row.")
+        if dora := [n for n in dict.fromkeys(names) if getattr(model.peft_config.get(n), "use_dora", False)]:
+            raise ModelError(f"adapter(s) {', '.join(map(repr, dora))} are DoRA adapters (use_dora): peft does not mix them "
+                             "per row. Run their rows as a batch of their own after model.set_adapter(NAME).")
+        if len(set((sizes := {n: heads[n] for n in dict.fromkeys(names)}).values())) > 1:
+            raise ModelError(f"a mixed batch needs the heads of its rows' adapters to be of one size, and these differ ("
+                             f"{', '.join(f'{n!r}: {k} labels' for n, k in sizes.items())}): peft stacks the rows' outputs. "
+                             "Switch between them instead: model.set_adapter(NAME), then a batch per adapter.")
+        return None
+
+    return check
 
 
 def check_name(name) -> None:

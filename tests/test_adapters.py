@@ -11,7 +11,7 @@ import yaml
 
 from peftlab import load_trained
 from peftlab.adapters import load_adapters
-from peftlab.errors import ArtifactError
+from peftlab.errors import ArtifactError, ModelError
 
 from .conftest import logits
 from .test_hub import runs  # noqa: F401  (two LoRA runs of the tiny BERT that differ by seed)
@@ -73,3 +73,27 @@ def test_reserved_and_invalid_adapter_names_are_refused(runs):  # noqa: F811
     for name, why in (("__base__", "as no adapter at all"), ("a.v1", "a dot splits"), ("", "non-empty name")):
         with pytest.raises(ArtifactError, match=rf"adapter name {name!r}: .*{why}.*Name each adapter"):
             load_adapters({"a": runs[0], name: runs[1]})
+
+
+def test_mixed_batches_peft_cannot_run_are_refused_before_it_runs(runs, make_recipe, tmp_path):  # noqa: F811
+    """A mixed batch of a 2-label and a 6-label adapter failed with torch's "stack expects each tensor to be equal size"
+    from inside peft; an unknown name, a wrong number of names and DoRA adapters with peft's own ValueErrors."""
+    from peftlab import run
+
+    six = run(make_recipe({"data.label_names": "[a,b,c,d,e,f]", "train.max_steps": 1, "output_dir": tmp_path / "six"}))
+    dora = tmp_path / "dora"
+    shutil.copytree(runs[1], dora)
+    cfg = json.loads((dora / "adapter_config.json").read_text())
+    (dora / "adapter_config.json").write_text(json.dumps({**cfg, "use_dora": True}))
+    model, tokenizer = load_adapters({"two": runs[0], "six": six["output_dir"], "dora": dora})
+    batch = tokenizer(list(TEXTS), return_tensors="pt", padding=True)
+    for names, match in ((["two", "six", "two"], r"heads .* differ \('two': 2 labels, 'six': 6 labels\).*model.set_adapter"),
+                         (["two", "nope", "two"], r"names 'nope', which is not loaded: the adapters are 'two', 'six', 'dora'"),
+                         (["two", "two"], r"2 name\(s\) for a batch of 3 row\(s\)"),
+                         (["two", "dora", "two"], r"'dora' are DoRA adapters .*set_adapter")):
+        with pytest.raises(ModelError, match=match), torch.no_grad():
+            model(**batch, adapter_names=names)
+    with torch.no_grad():
+        assert model(**batch, adapter_names=["two", "__base__", "two"]).logits.shape == (3, 2)
+    model.set_adapter("six")  # switching between heads of different sizes works
+    assert logits(model, TEXTS).shape[-1] == 6
