@@ -20,21 +20,27 @@ from .errors import ArtifactError, ModelError
 from .export import load_trained
 from .publish import load_adapter
 from .rundir import BASE_KEYS, adapter_config, base_as_loaded, differences, read_run
+from .tasks import get_task
 
 BASE_ROWS = "__base__"  # peft's name, in a mixed batch's adapter_names, for rows that skip every adapter
 
 
 def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None):
     """-> (PeftModel in eval mode holding every adapter under its name, tokenizer); the first one is active."""
+    from peft import PeftModel
+
     if not sources:
         raise ArtifactError("load_adapters needs at least one {name: run folder or hub id}.")
     for name in sources:
         check_name(name)
     folders = {name: load_adapter(src, endpoint=endpoint) for name, src in sources.items()}
+    for name, folder in folders.items():
+        if error := not_an_adapter(Path(folder), f"adapter {name!r} ({folder})", "load it on its own (load_trained)"):
+            raise error
     first, *rest = folders.items()
     model, tokenizer, recipe, run = load_trained(first[1], adapter_name=first[0])
-    if not hasattr(model, "load_adapter"):
-        raise ArtifactError(f"{first[1]} holds a standalone model (method {run.method}), not an adapter.")
+    if not isinstance(model, PeftModel):
+        raise ArtifactError(f"adapter {first[0]!r} ({first[1]}) holds a standalone model (method {run.method}), not an adapter.")
     kind = adapter_config(first[1]).get("peft_type")
     for name, folder in rest:
         other_recipe, other_run = read_run(folder)
@@ -86,6 +92,21 @@ def mixed_batch_check(model, heads: dict[str, int]):
         return None
 
     return check
+
+
+def not_an_adapter(folder: Path, what: str, instead: str) -> ArtifactError | None:
+    """The error for a folder that holds no adapter, else None: a multi-task run (its adapters are its tasks' runs), or a
+    standalone model (a merged one, OUT/merged, or a fully trained one). `instead`: what to do with a standalone one."""
+    recipe, run = read_run(folder)
+    task = get_task(recipe.task.type)
+    if hasattr(task, "refuse_loading"):
+        return task.refuse_loading(folder, run)
+    if (folder / "adapter_config.json").is_file():
+        return None
+    merged = (folder / "merge.json").is_file()
+    return ArtifactError(f"{what} holds a standalone model ({'merged from a ' if merged else 'method '}{run.method}"
+                         f"{' adapter' if merged else ''}), not an adapter: {instead}"
+                         + (f", or give the run folder that holds its adapter ({folder.parent})." if merged else "."))
 
 
 def check_name(name) -> None:

@@ -13,6 +13,7 @@ from dataclasses import replace
 from fnmatch import fnmatch
 from pathlib import Path
 
+from .adapters import not_an_adapter
 from .errors import ArtifactError, PeftlabError
 from .export import check_destination, rebuild, write_atomic_dir
 from .rundir import (
@@ -79,6 +80,8 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
     runs = [read_run(o) for o in outs]
     first_recipe, first_run = runs[0]
     for o, (r, info) in zip(outs, runs):
+        if error := not_an_adapter(o, str(o), "only LoRA adapters compose"):
+            raise error
         cfg = adapter_config(o)
         if cfg.get("peft_type") != "LORA":
             raise PeftlabError(f"{o} holds a {info.method} {'adapter' if cfg else 'model'}, not a LoRA adapter: only "

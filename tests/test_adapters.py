@@ -97,3 +97,23 @@ def test_mixed_batches_peft_cannot_run_are_refused_before_it_runs(runs, make_rec
         assert model(**batch, adapter_names=["two", "__base__", "two"]).logits.shape == (3, 2)
     model.set_adapter("six")  # switching between heads of different sizes works
     assert logits(model, TEXTS).shape[-1] == 6
+
+
+def test_a_standalone_model_is_refused_at_any_position(runs, tmp_path):  # noqa: F811
+    """A merged folder was meant to be refused as a standalone model, but the check never fired (transformers models have
+    load_adapter too): first, it failed later on; second, "peft type None and 'a' of LORA" named them backwards. compose
+    called it "a lora model, not a LoRA adapter"."""
+    from peftlab import merge
+    from peftlab.compose import compose
+
+    copy = tmp_path / "run"
+    shutil.copytree(runs[1], copy)
+    merged = merge(copy)
+    for sources in ({"a": runs[0], "m": merged}, {"m": merged, "a": runs[0]}):
+        with pytest.raises(ArtifactError, match=rf"adapter 'm' \({merged}\) holds a standalone model \(merged from a lora adapter\), "
+                                                rf"not an adapter: load it on its own \(load_trained\), or give the run folder "
+                                                rf"that holds its adapter \({copy}\)"):
+            load_adapters(sources)
+    with pytest.raises(ArtifactError, match=rf"{merged} holds a standalone model .*only LoRA adapters compose, or give the run folder"):
+        compose([runs[0], merged], [0.5, 0.5], tmp_path / "c")
+    assert not (tmp_path / "c").exists()

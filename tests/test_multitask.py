@@ -15,6 +15,7 @@ import yaml
 
 from peftlab import load_recipe, load_trained, run
 from peftlab.adapters import load_adapters
+from peftlab.compose import compose
 from peftlab.errors import ArtifactError, ConfigError
 from peftlab.export import merge
 from peftlab.publish.card import card_text
@@ -280,6 +281,10 @@ def test_the_tasks_load_side_by_side_and_the_run_folder_says_where_they_are(trai
         load_trained(out)
     with pytest.raises(ArtifactError, match="multi-task run"):
         merge(out)
+    with pytest.raises(ArtifactError, match="multi-task run .* Load one of them"):  # (was: "holds a lora model, not a LoRA adapter")
+        compose([out / "tasks" / "senti", out], [0.5, 0.5], out.parent / "composed")
+    with pytest.raises(ArtifactError, match="multi-task run .* Load one of them"):
+        load_adapters({"senti": out / "tasks" / "senti", "all": out})
     from peftlab.publish import publish
 
     with pytest.raises(ArtifactError, match="multi-task run .* Load one of them"):  # (was: "Is this a peftlab output directory?")
