@@ -636,6 +636,16 @@ def test_compose_replaces_an_earlier_composition_only_when_asked_and_never_other
         compose(runs, [0.5, 0.5], tmp_path / "file" / "c")
 
 
+def test_a_composed_card_without_a_repo_id_is_titled_by_the_composition(runs, tmp_path):
+    """Without --repo-id the composed card's title and model_name were the first source's run name ("# seed42")."""
+    target = compose(runs, [0.5, 0.5], tmp_path / "a+b")
+    card = card_text(target)
+    assert "\n# a+b\n" in card and "# seed42" not in card
+    from peftlab.publish import card_data
+
+    assert card_data(target).model_name == "a+b"
+
+
 def test_compose_accepts_two_spellings_of_one_local_base(runs, tmp_path):
     """model.name as `DIR` in one run and `DIR/../NAME` in the other names one base folder: they compose."""
     respelled = tmp_path / "respelled"

@@ -264,7 +264,8 @@ def card_data(source: str | Path | PublicRun, repo_id: str | None = None, base_m
     task, peft_type = _task_of(out, recipe)
     tag = pipeline_tag(task, peft_type)
     is_adapter = (out / "adapter_config.json").is_file()
-    name = repo_id.split("/")[-1] if repo_id else recipe.name
+    # a composition's recipe is its first source's: its own name is its folder's
+    name = repo_id.split("/")[-1] if repo_id else Path(out).name if getattr(run, "composition", None) else recipe.name
     results = []
     for split, values in metrics.items():
         ds_id, ds_name, ds_split = dataset_of(recipe, split)
