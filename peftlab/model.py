@@ -11,6 +11,7 @@ import copy
 import ctypes
 import logging
 import pickle
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -196,9 +197,10 @@ def check_input_lengths(config, recipe: Recipe) -> None:
             length, what = length + virtual, f"{what}, + adapter.num_virtual_tokens={virtual},"
         limit = position_limit(cfg)
         if limit is not None and length > limit:
+            keys = list(dict.fromkeys(re.findall(r"\b(?:data|eval|adapter)\.\w+", what))) or ["data.max_length"]  # those `what` names
+            others = f" (and {', '.join(keys[1:])})" if keys[1:] else ""
             raise ModelError(f"{what} exceeds the {limit} positions of {recipe.model.name} ({type(cfg).__name__}): longer "
-                             f"inputs cannot be encoded. Set data.max_length (and data.max_target_length"
-                             f"{', adapter.num_virtual_tokens' if virtual else ''}) so that it is <= {limit}.")
+                             f"inputs cannot be encoded. Set {keys[0]}{others} so that it is <= {limit}.")
 
 
 EFFICIENT_SHARE = 0.5  # above this share of trainable parameters a peft method has lost its point
@@ -419,9 +421,20 @@ def model_problems(recipe: Recipe) -> list[str]:
             problems.extend(e.problems)
         except PeftlabError as e:
             problems.append(str(e))
+    from transformers import AutoConfig
+
+    if m.decoder is not None and not m.trust_remote_code:  # a warm start: each half's table, from the two configs
+        from transformers import EncoderDecoderConfig
+
+        try:
+            check_input_lengths(EncoderDecoderConfig.from_encoder_decoder_configs(
+                AutoConfig.from_pretrained(path, revision=m.revision), AutoConfig.from_pretrained(resolve_model_path(m.decoder))), recipe)
+        except ModelError as e:
+            problems.append(str(e))
+        except Exception as e:  # (a decoder not found: `train` says it when it builds the model)
+            log.info("model.decoder=%r: input lengths not checked (%s: %s)", m.decoder, type(e).__name__, e)
     if m.trust_remote_code or m.decoder is not None or hasattr(task, "build_model"):
         return problems
-    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(path, revision=m.revision)

@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from peftlab import build_data, build_model, export, load_recipe, load_splits, load_trained, merge, run
-from peftlab.errors import ConfigError
+from peftlab.errors import ConfigError, ModelError
 from peftlab.publish.card import card_text
 
 from .conftest import REPO, losses, minilm_tokenizer, shared_or_skip
@@ -194,6 +194,25 @@ def test_seq2seq_labels_and_truncation(make_sum_recipe, tiny_t5, tiny_bert):
     # BERT2BERT: [CLS] is the decoder start token, so the labels begin with the first summary token
     b2b = build_data(make_sum_recipe(tiny_bert, {"model.decoder": str(tiny_bert)}, name="b2b"), tok)
     assert b2b.train[0]["labels"] == tok(b2b.train[0]["target"])["input_ids"][1:]
+
+
+def test_max_new_tokens_beyond_the_decoders_positions_is_refused_before_training(make_sum_recipe, tiny_bert, tiny_llama):
+    """eval.max_new_tokens was checked against nothing: a BERT2BERT with eval.max_new_tokens=600 on 512 positions trained,
+    then its final generation failed with a raw RuntimeError at decoder position 512, and the trained weights were lost.
+    Its decoder must hold the start token + max_new_tokens; a decoder-only model the prompt + max_new_tokens."""
+    from peftlab.run import preflight
+
+    b2b = make_sum_recipe(tiny_bert, {"model.decoder": str(tiny_bert), "eval.max_new_tokens": 200}, name="b2b")  # 128 positions
+    problems = preflight(b2b, training=False)  # `validate`
+    assert any("eval.max_new_tokens + 1 (the decoder start token) = 200 + 1 exceeds the 128 positions" in p
+               and "Set eval.max_new_tokens so that it is <= 128" in p for p in problems), problems
+    with pytest.raises(ModelError, match=r"eval.max_new_tokens \+ 1 .* exceeds the 128 positions"):
+        build_model(b2b, num_labels=0, label_names=[])
+    b2b.eval.max_new_tokens = 127
+    assert not any("positions" in p for p in preflight(b2b, training=False))
+    causal = make_sum_recipe(tiny_llama, {"eval.max_new_tokens": 100}, name="causal")  # 48 + 100 > 128
+    assert any("data.max_length" in p and "eval.max_new_tokens" in p and "exceeds the 128 positions" in p
+               for p in preflight(causal, training=False))
 
 
 # ------------------------------------------------------------------------------------------------------- ROUGE

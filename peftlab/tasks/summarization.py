@@ -125,18 +125,21 @@ def load_model(recipe, path: str, dtype: torch.dtype):
 
 
 def input_lengths(config, recipe) -> list[tuple]:
-    """(config, tokens, what): an encoder-decoder reads the source and writes the summary, a decoder-only model holds
-    prompt + source + summary in one sequence."""
-    d = recipe.data
+    """(config, tokens, what): an encoder-decoder reads the source and writes the summary (while training, its labels; at
+    the final evaluation, the start token + eval.max_new_tokens generated), a decoder-only model holds prompt + source +
+    summary in one sequence (while training) or prompt + source + eval.max_new_tokens (generating), as sft does."""
+    d, e = recipe.data, recipe.eval
+    new = (e.max_new_tokens + 1, f"eval.max_new_tokens + 1 (the decoder start token) = {e.max_new_tokens} + 1")
     encoder, decoder = getattr(config, "encoder", None), getattr(config, "decoder", None)
     if encoder is not None and decoder is not None:  # a warm-started encoder-decoder: each half has its own table
         return [(encoder, d.max_length, f"data.max_length={d.max_length}"),
-                (decoder, d.max_target_length, f"data.max_target_length={d.max_target_length}")]
+                (decoder, d.max_target_length, f"data.max_target_length={d.max_target_length}"), (decoder, *new)]
     if getattr(config, "is_encoder_decoder", False):
-        return [(config, max(d.max_length, d.max_target_length), f"data.max_length={d.max_length} / data.max_target_length="
-                                                                   f"{d.max_target_length}")]
+        return [(config, d.max_length, f"data.max_length={d.max_length}"),
+                (config, d.max_target_length, f"data.max_target_length={d.max_target_length}"), (config, *new)]
     return [(config, d.max_length + d.max_target_length, f"data.max_length + data.max_target_length = "
-                                                         f"{d.max_length} + {d.max_target_length}")]
+                                                         f"{d.max_length} + {d.max_target_length}"),
+            (config, d.max_length + e.max_new_tokens, f"data.max_length + eval.max_new_tokens = {d.max_length} + {e.max_new_tokens}")]
 
 
 @cache
