@@ -203,6 +203,33 @@ def check_input_lengths(config, recipe: Recipe) -> None:
                              f"inputs cannot be encoded. Set {keys[0]}{others} so that it is <= {limit}.")
 
 
+def encoder_only(config) -> bool:
+    """An encoder whose causal-LM class is its masked-LM model's layers with `is_decoder` switched on (BERT, RoBERTa,
+    ELECTRA, ...: their masked-LM and causal-LM classes differ): built from a config with is_decoder=False, that
+    "causal" LM attends both ways, so each position sees the tokens it is trained to predict."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES, MODEL_FOR_MASKED_LM_MAPPING_NAMES
+
+    kind = getattr(config, "model_type", None)
+    causal, masked = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(kind), MODEL_FOR_MASKED_LM_MAPPING_NAMES.get(kind)
+    return (causal is not None and masked is not None and causal != masked and not getattr(config, "is_encoder_decoder", False)
+            and not getattr(config, "is_decoder", False))
+
+
+def causal_lm_problem(recipe: Recipe, config) -> str | None:
+    """A task that builds a causal LM (sft, clm, the verbalizer, a decoder-only summarizer) from an encoder-only base:
+    it would train and score a model that sees its targets. -> the problem, or None."""
+    from transformers import AutoModelForCausalLM
+
+    auto = get_task(recipe.task.type).auto_model_class
+    if getattr(auto, "auto_for", lambda c: auto)(config) is not AutoModelForCausalLM or not encoder_only(config):
+        return None
+    fix = ("set model.decoder (a BERT2BERT warm start, e.g. model.decoder=minilm) or use a decoder-only/seq2seq base"
+           if getattr(get_task(recipe.task.type), "warm_start", False) else "use a decoder-only base (or task.type=mlm to pretrain an encoder)")
+    return (f"model.name={recipe.model.name!r} is an encoder-only model ({config.model_type}): task.type={recipe.task.type} needs a "
+            f"causal LM, and its {config.model_type} causal-LM head attends both ways, so it would see the tokens it predicts. "
+            f"For {recipe.task.type}, {fix}.")
+
+
 EFFICIENT_SHARE = 0.5  # above this share of trainable parameters a peft method has lost its point
 
 
@@ -444,6 +471,8 @@ def model_problems(recipe: Recipe) -> list[str]:
     except Exception as e:  # a config transformers cannot read here: `train` checks on the loaded model
         log.info("model.name=%r: input lengths and target_modules not checked (%s: %s)", m.name, type(e).__name__, e)
         return problems
+    if problem := causal_lm_problem(recipe, config):
+        problems.append(problem)
     if not getattr(config, "is_encoder_decoder", False) and prefix_cannot_generate(recipe):
         problems.append(PREFIX_GENERATING)
     mapping = getattr(task.auto_model_class, "_model_mapping", None)  # transformers' Auto class: the architectures it has
@@ -627,6 +656,8 @@ def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], prec
     tokenizer = load_tokenizer(path, recipe)
     model, head = load_base(recipe, path, num_labels=num_labels, label_names=label_names, precision=precision,
                             auto_cls=task.auto_model_class)
+    if problem := causal_lm_problem(recipe, model.config):
+        raise ModelError(problem)
     check_input_lengths(model.config, recipe)
     base_weights_mib = model.get_memory_footprint() / 2**20
     if recipe.train.gradient_checkpointing and recipe.quant.mode == "none":  # (kbit prep already enabled it)

@@ -215,6 +215,46 @@ def test_max_new_tokens_beyond_the_decoders_positions_is_refused_before_training
                for p in preflight(causal, training=False))
 
 
+def test_the_prompts_template_and_special_tokens_count_against_the_positions(make_sum_recipe, tiny_bert, tiny_llama):
+    """The length check counted data.max_length alone for the encoder (and max_length + max_target_length for a decoder),
+    but the prompt holds [CLS]/[SEP], BOS and the template's text on top, and batches were padded up to a multiple of 8:
+    the minilm recipe with data.max_length=511 said ok, then failed in its first step ('expanded size of the tensor (520)
+    must match (512)')."""
+    from peftlab.run import preflight
+    from peftlab.tasks.summarization import _pad
+
+    b2b = make_sum_recipe(tiny_bert, {"model.decoder": str(tiny_bert), "data.max_length": 127}, name="b2b")  # 128 positions
+    assert any("data.max_length + the prompt template and special tokens = 127 + 2 exceeds the 128 positions" in p
+               and "Set data.max_length so that it is <= 128" in p for p in preflight(b2b, training=False))
+    b2b.data.max_length = 126
+    assert not any("positions" in p for p in preflight(b2b, training=False))
+    causal = make_sum_recipe(tiny_llama, {"data.max_length": 100}, name="causal")  # 100 + 24 fit, not with the default template
+    assert any("data.max_length + the prompt template and special tokens + data.max_target_length = 100 + " in p
+               and "exceeds the 128 positions" in p for p in preflight(causal, training=False))
+    assert _pad([[1] * 513], 0, limit=514).shape[1] == 514 and _pad([[1] * 9], 0, limit=514).shape[1] == 16  # never past the table
+
+
+def test_an_encoder_only_base_without_a_decoder_is_refused(make_sum_recipe, tiny_bert, tiny_llama):
+    """A BERT without model.decoder loaded as AutoModelForCausalLM: BertLMHeadModel with is_decoder=False, whose
+    attention goes both ways, trained and scored as a 'causal' summarizer that sees the summary it predicts."""
+    from transformers import BartConfig, BertConfig, ElectraConfig, GPT2Config, LlamaConfig, RobertaConfig
+
+    from peftlab.run import preflight
+
+    recipe = make_sum_recipe(tiny_bert, name="bert")
+    problems = preflight(recipe, training=False)  # `validate`
+    assert any("is an encoder-only model (bert)" in p and "set model.decoder" in p for p in problems), problems
+    with pytest.raises(ModelError, match="is an encoder-only model"):
+        build_model(recipe, num_labels=0, label_names=[])
+    assert not any("encoder-only" in p for p in preflight(make_sum_recipe(tiny_llama, name="llama"), training=False))
+    assert not any("encoder-only" in p for p in preflight(make_sum_recipe(tiny_bert, {"model.decoder": str(tiny_bert)}, name="b2b"),
+                                                          training=False))
+    from peftlab.model import encoder_only  # BERT-family causal LMs need is_decoder=True; decoders and BART do not
+
+    assert [encoder_only(c) for c in (BertConfig(), RobertaConfig(), ElectraConfig())] == [True] * 3
+    assert [encoder_only(c) for c in (BertConfig(is_decoder=True), LlamaConfig(), GPT2Config(), BartConfig())] == [False] * 4
+
+
 # ------------------------------------------------------------------------------------------------------- ROUGE
 
 def test_rouge_module_matches_rouge_score():
@@ -433,7 +473,8 @@ def test_two_process_generation_equals_one_process(make_sum_recipe, tiny_t5):
 def test_a_summarizer_trained_from_scratch_builds_its_decoder_from_the_config(tiny_llama):
     """adapter.method=scratch asks the task's model class for `from_config` (it had only `from_pretrained`)."""
     recipe = load_recipe(None, [f"model.name={tiny_llama}", "task.type=summarization", "data.target_column=summary",
-                                "adapter.method=scratch", "data.max_length=64", "data.max_target_length=32"], validate_files=False)
+                                "adapter.method=scratch", "data.max_length=64", "data.max_target_length=32", "eval.max_new_tokens=32"],
+                         validate_files=False)
     model, _, info = build_model(recipe, num_labels=0, label_names=[])
     assert type(model).__name__ == "LlamaForCausalLM" and info.trainable_params == info.total_params
 

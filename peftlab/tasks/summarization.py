@@ -50,16 +50,20 @@ def is_encoder_decoder(config) -> bool:
 class AutoModelForSummarization:
     """AutoModelForSeq2SeqLM for encoder-decoder bases (T5, BART, a saved BERT2BERT), AutoModelForCausalLM otherwise."""
 
+    @staticmethod
+    def auto_for(config):
+        """The transformers Auto class this config loads with."""
+        return AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM
+
     @classmethod
     def from_pretrained(cls, path, *args, **kwargs):
         config = kwargs.get("config") or AutoConfig.from_pretrained(path, revision=kwargs.get("revision"),
                                                                     trust_remote_code=kwargs.get("trust_remote_code", False))
-        auto = AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM
-        return auto.from_pretrained(path, *args, **kwargs)
+        return cls.auto_for(config).from_pretrained(path, *args, **kwargs)
 
     @classmethod
     def from_config(cls, config, **kwargs):  # (a scratch model; a skeleton on the meta device for `validate`)
-        return (AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM).from_config(config, **kwargs)
+        return cls.auto_for(config).from_config(config, **kwargs)
 
 
 auto_model_class = AutoModelForSummarization
@@ -124,22 +128,56 @@ def load_model(recipe, path: str, dtype: torch.dtype):
     return encoder_decoder.load_encoder_decoder(recipe, path, dtype) if recipe.model.decoder else None
 
 
+def prompt_tokens(tokenizer, recipe, fam: str) -> int:
+    """The tokens a prompt holds beyond its source (data.max_length counts the source alone): the template's text on
+    either side of {source}, the tokenizer's special tokens ([CLS] and [SEP], </s>) or the BOS, or the rendered chat
+    template, as tokenize writes them."""
+    head, tail = (recipe.task.prompt or DEFAULT_PROMPT[fam]).split("{source}", 1)
+    if fam == "seq2seq":  # tokenize's tokenizer(prompts): special tokens included
+        return len(tokenizer(head)["input_ids"]) + len(tokenizer(tail, add_special_tokens=False)["input_ids"])
+    if recipe.task.chat_template and getattr(tokenizer, "chat_template", None):
+        rendered = tokenizer.apply_chat_template([{"role": "user", "content": head + tail}], tokenize=False, add_generation_prompt=True)
+        return len(tokenizer(rendered, add_special_tokens=False)["input_ids"])
+    return (_adds_bos(tokenizer) + len(tokenizer(head, add_special_tokens=False)["input_ids"])
+            + len(tokenizer(tail, add_special_tokens=False)["input_ids"]))
+
+
+@cache
+def _base_tokenizer(path: str, revision: str | None, trust_remote_code: bool):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
+
+
+def _prompt_tokens(recipe, fam: str) -> int:
+    """prompt_tokens with the base's tokenizer; 0 (said in the log) where it cannot be read here."""
+    m = recipe.model
+    try:
+        return prompt_tokens(_base_tokenizer(base_path(recipe), m.revision, m.trust_remote_code), recipe, fam)
+    except Exception as e:  # (e.g. a GGUF base not converted yet: `train` checks on the converted one)
+        log.info("the prompt template's tokens are not counted in the input lengths (%s: %s)", type(e).__name__, e)
+        return 0
+
+
 def input_lengths(config, recipe) -> list[tuple]:
-    """(config, tokens, what): an encoder-decoder reads the source and writes the summary (while training, its labels; at
-    the final evaluation, the start token + eval.max_new_tokens generated), a decoder-only model holds prompt + source +
-    summary in one sequence (while training) or prompt + source + eval.max_new_tokens (generating), as sft does."""
+    """(config, tokens, what): an encoder-decoder reads the prompt (data.max_length source tokens + the template and
+    special tokens) and writes the summary (while training, its labels; at the final evaluation, the start token +
+    eval.max_new_tokens generated), a decoder-only model holds the prompt + summary in one sequence (while training) or
+    the prompt + eval.max_new_tokens (generating), as sft counts them."""
     d, e = recipe.data, recipe.eval
     new = (e.max_new_tokens + 1, f"eval.max_new_tokens + 1 (the decoder start token) = {e.max_new_tokens} + 1")
     encoder, decoder = getattr(config, "encoder", None), getattr(config, "decoder", None)
+    seq2seq = (encoder is not None and decoder is not None) or getattr(config, "is_encoder_decoder", False)
+    extra = _prompt_tokens(recipe, "seq2seq" if seq2seq else "causal")
+    prompt = (d.max_length + extra, f"data.max_length + the prompt template and special tokens = {d.max_length} + {extra}")
     if encoder is not None and decoder is not None:  # a warm-started encoder-decoder: each half has its own table
-        return [(encoder, d.max_length, f"data.max_length={d.max_length}"),
-                (decoder, d.max_target_length, f"data.max_target_length={d.max_target_length}"), (decoder, *new)]
-    if getattr(config, "is_encoder_decoder", False):
-        return [(config, d.max_length, f"data.max_length={d.max_length}"),
-                (config, d.max_target_length, f"data.max_target_length={d.max_target_length}"), (config, *new)]
-    return [(config, d.max_length + d.max_target_length, f"data.max_length + data.max_target_length = "
-                                                         f"{d.max_length} + {d.max_target_length}"),
-            (config, d.max_length + e.max_new_tokens, f"data.max_length + eval.max_new_tokens = {d.max_length} + {e.max_new_tokens}")]
+        return [(encoder, *prompt), (decoder, d.max_target_length, f"data.max_target_length={d.max_target_length}"), (decoder, *new)]
+    if seq2seq:
+        return [(config, *prompt), (config, d.max_target_length, f"data.max_target_length={d.max_target_length}"), (config, *new)]
+    return [(config, prompt[0] + d.max_target_length, f"{prompt[1].split(' = ')[0]} + data.max_target_length = "
+                                                      f"{d.max_length} + {extra} + {d.max_target_length}"),
+            (config, prompt[0] + e.max_new_tokens, f"{prompt[1].split(' = ')[0]} + eval.max_new_tokens = "
+                                                   f"{d.max_length} + {extra} + {e.max_new_tokens}")]
 
 
 @cache
@@ -250,19 +288,29 @@ def tokenize(ds, tokenizer, recipe):
 GENERATED_METRICS = ROUGE_KEYS  # need generation: train.best_metric one of them -> evals generate
 
 
-def _pad(seqs: list[list[int]], value: int, left: bool = False, multiple: int = 8) -> torch.Tensor:
-    n = -(-max(len(s) for s in seqs) // multiple) * multiple
+def _pad(seqs: list[list[int]], value: int, left: bool = False, multiple: int = 8, limit: int | None = None) -> torch.Tensor:
+    """Padded to a multiple of 8 (tensor cores), but never past `limit` (the tokenizer's model_max_length: the
+    position table), which a batch of rows that fit it would not fit once padded (513 -> 520 > 512)."""
+    longest = max(len(s) for s in seqs)
+    n = -(-longest // multiple) * multiple
+    if limit is not None and n > limit:
+        n = max(longest, limit)
     return torch.tensor([[value] * (n - len(s)) + s if left else s + [value] * (n - len(s)) for s in seqs])
+
+
+def _limit(tokenizer) -> int | None:
+    n = getattr(tokenizer, "model_max_length", None)
+    return n if isinstance(n, int) and n < 10**6 else None  # (transformers' "no limit" is a huge number)
 
 
 def collator(tokenizer):
     """Model inputs only, right-padded (labels with -100): what the training loop and the loss evaluation feed."""
-    pad = tokenizer.pad_token_id
+    pad, limit = tokenizer.pad_token_id, _limit(tokenizer)
 
     def collate(rows):
-        return {"input_ids": _pad([r["input_ids"] for r in rows], pad),
-                "attention_mask": _pad([r["attention_mask"] for r in rows], 0),
-                "labels": _pad([r["labels"] for r in rows], -100)}
+        return {"input_ids": _pad([r["input_ids"] for r in rows], pad, limit=limit),
+                "attention_mask": _pad([r["attention_mask"] for r in rows], 0, limit=limit),
+                "labels": _pad([r["labels"] for r in rows], -100, limit=limit)}
 
     return collate
 
@@ -279,8 +327,8 @@ def eval_collator(tokenizer):
             batch["references"] = [r["references"] for r in rows]
         if "prompt_length" in rows[0]:
             prompts = [r["input_ids"][: r["prompt_length"]] for r in rows]
-            batch["gen_input_ids"] = _pad(prompts, pad, left=True)
-            batch["gen_attention_mask"] = _pad([[1] * len(p) for p in prompts], 0, left=True)
+            batch["gen_input_ids"] = _pad(prompts, pad, left=True, limit=_limit(tokenizer))
+            batch["gen_attention_mask"] = _pad([[1] * len(p) for p in prompts], 0, left=True, limit=_limit(tokenizer))
         return batch
 
     return collate
