@@ -17,7 +17,7 @@ import yaml
 from safetensors.torch import load_file
 
 from peftlab import build_data, build_model, export, load_recipe, load_splits, load_trained, merge, run
-from peftlab.errors import ConfigError, ModelError
+from peftlab.errors import ConfigError, DataError, ModelError
 from peftlab.publish.card import card_text
 
 from .conftest import REPO, losses, minilm_tokenizer, shared_or_skip
@@ -253,6 +253,20 @@ def test_an_encoder_only_base_without_a_decoder_is_refused(make_sum_recipe, tiny
 
     assert [encoder_only(c) for c in (BertConfig(), RobertaConfig(), ElectraConfig())] == [True] * 3
     assert [encoder_only(c) for c in (BertConfig(is_decoder=True), LlamaConfig(), GPT2Config(), BartConfig())] == [False] * 4
+
+
+@pytest.mark.parametrize("family,max_target", [("t5", 11), ("llama", 10)])  # (T5 with a BERT tokenizer: [CLS] and [SEP] in its labels)
+def test_summaries_cut_to_max_target_length_are_reported_and_all_cut_is_refused(family, max_target, make_sum_recipe, request, caplog):
+    """Summaries cut to data.max_target_length were neither counted nor reported (sources are), and a training split
+    whose every summary was cut trained a model that never learns to end one, silently."""
+    model = request.getfixturevalue(f"tiny_{family}")
+    with caplog.at_level("WARNING"):
+        data = build_data(make_sum_recipe(model, {"data.max_target_length": max_target}, name="some"), minilm_tokenizer())
+    cut = sum(len(minilm_tokenizer()(r["target"], add_special_tokens=False)["input_ids"]) > 9 for r in data.train)  # 20 of 48
+    assert 0 < cut < len(data.train) and sum(data.train["target_truncated"]) == cut
+    assert f"data.train: {cut} of 48 summaries" in caplog.text and "Raise data.max_target_length" in caplog.text, caplog.text
+    with pytest.raises(DataError, match=r"data.train: all 48 summaries are longer than data.max_target_length=3 tokens"):
+        build_data(make_sum_recipe(model, {"data.max_target_length": 3}, name="all"), minilm_tokenizer())
 
 
 # ------------------------------------------------------------------------------------------------------- ROUGE

@@ -243,7 +243,8 @@ def prompt_and_summary(tokenizer, prompts: list[str], targets: list[str], max_ta
 
 def tokenize(ds, tokenizer, recipe):
     """{text, target} rows -> input_ids, attention_mask, labels (+ prompt_length for decoder-only models), keeping
-    `length`, `truncated` (source cut to data.max_length), `row` (its number in the file) and the texts for the final evaluation."""
+    `length`, `truncated` (source cut to data.max_length), `target_truncated` (summary cut to data.max_target_length),
+    `row` (its number in the file) and the texts for the final evaluation."""
     fam = family(recipe, tokenizer)
     template = recipe.task.prompt or DEFAULT_PROMPT[fam]
     max_length, max_target = recipe.data.max_length, recipe.data.max_target_length
@@ -262,18 +263,21 @@ def tokenize(ds, tokenizer, recipe):
         out = {"truncated": cut}
         if fam == "seq2seq":
             src = tokenizer(prompts)
-            labels = tokenizer(text_target=batch["target"], truncation=True, max_length=max_target + (start is not None))["input_ids"]
+            labels = tokenizer(text_target=batch["target"], truncation=True, max_length=max_target + 1 + (start is not None))["input_ids"]
             labels = [y[1:] if start is not None and y[:1] == [start] else y for y in labels]
-            out.update(input_ids=src["input_ids"], attention_mask=src["attention_mask"],
-                       labels=[y if y[-1:] == [eos] else y[: max_target - 1] + [eos] for y in labels])
+            fitted = [y if len(y) <= max_target and y[-1:] == [eos] else y[: max_target - 1] + [eos] for y in labels]
+            out.update(input_ids=src["input_ids"], attention_mask=src["attention_mask"], labels=fitted,
+                       target_truncated=[len(f) - 1 < len(y) - (y[-1:] == [eos]) for y, f in zip(labels, fitted)])
         else:
             if chat:
                 prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                            for p in prompts]
                 prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"]
-                targets = tokenizer(batch["target"], add_special_tokens=False, truncation=True, max_length=max_target - 1)["input_ids"]
+                targets = tokenizer(batch["target"], add_special_tokens=False, truncation=True, max_length=max_target)["input_ids"]
             else:
-                prompt_ids, targets = prompt_and_summary(tokenizer, prompts, batch["target"], max_target - 1)
+                prompt_ids, targets = prompt_and_summary(tokenizer, prompts, batch["target"], max_target)
+            out["target_truncated"] = [len(y) > max_target - 1 for y in targets]  # (one token more read: the summary was longer)
+            targets = [y[: max_target - 1] for y in targets]
             prompt_ids = [bos + p for p in prompt_ids]
             out.update(input_ids=[p + y + [eos] for p, y in zip(prompt_ids, targets)],
                        labels=[[-100] * len(p) + y + [eos] for p, y in zip(prompt_ids, targets)],
@@ -283,6 +287,20 @@ def tokenize(ds, tokenizer, recipe):
         return out
 
     return ds.map(enc, batched=True, desc="tokenize")
+
+
+def report_cuts(ds, where: str, recipe, training: bool = False) -> None:
+    """Summaries cut to data.max_target_length, beside the sources data.report_truncation counts: a warning with the
+    count; a training split whose every summary was cut is refused (the model would never learn where one ends)."""
+    cut, n, m = sum(ds["target_truncated"]), len(ds), recipe.data.max_target_length
+    if cut == n and where.endswith(".train"):
+        raise DataError(f"{where}: all {n:,} summaries are longer than data.max_target_length={m} tokens (EOS included), so every "
+                        f"target was cut and the model would never learn to end one. Raise it (e.g. data.max_target_length={m * 4}) "
+                        "or check data.target_column.")
+    if cut:
+        log.warning("%s: %s of %s summaries (%.1f%%) cut to data.max_target_length=%d tokens (EOS included)%s. Raise "
+                    "data.max_target_length to keep them whole.", where, f"{cut:,}", f"{n:,}", 100 * cut / n, m,
+                    ": the model learns to end them early" if where.endswith(".train") else ": their loss covers the first tokens only")
 
 
 GENERATED_METRICS = ROUGE_KEYS  # need generation: train.best_metric one of them -> evals generate
