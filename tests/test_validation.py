@@ -279,8 +279,10 @@ def test_a_decoder_only_summarizer_counts_prompt_and_target():
     from peftlab.model import check_input_lengths
 
     recipe = SimpleNamespace(data=SimpleNamespace(max_length=100, max_target_length=64), task=SimpleNamespace(type="summarization"),
-                             model=SimpleNamespace(name="tiny"), adapter=SimpleNamespace(method="lora"))
-    with pytest.raises(ModelError, match=r"data.max_length \+ data.max_target_length = 100 \+ 64 exceeds the 128 positions"):
+                             model=SimpleNamespace(name="tiny"), adapter=SimpleNamespace(method="lora"), eval=SimpleNamespace(max_new_tokens=28))
+    # (no base to read the template's tokens from here: 0 of them; tests/test_summarization.py counts them on a real one)
+    with pytest.raises(ModelError, match=r"data.max_length \+ the prompt template and special tokens \+ data.max_target_length = "
+                                         r"100 \+ 0 \+ 64 exceeds the 128 positions"):
         check_input_lengths(LlamaConfig(max_position_embeddings=128), recipe)
     recipe.data.max_target_length = 28
     check_input_lengths(LlamaConfig(max_position_embeddings=128), recipe)
