@@ -481,9 +481,17 @@ class Job:
 
     def commit(self) -> None:
         """(main process) The run finished: an --overwrite's staging folder replaces the old run."""
+        self.drop_inputs_without_checkpoints()
         if self.staged:
             self.folder.swap()
         self.committed = True
+
+    def drop_inputs_without_checkpoints(self) -> None:
+        """No checkpoint to resume: the inputs recorded for --resume (same_inputs) go, and the empty folder."""
+        if not checkpoints(self.work):
+            (self.work / CHECKPOINTS / INPUTS_FILE).unlink(missing_ok=True)
+            with suppress(OSError):
+                (self.work / CHECKPOINTS).rmdir()
 
     def abandon(self, error: BaseException | None = None) -> None:
         """(main process) The run failed (`error`): the old run stays; staging is kept only if --resume can continue it.
@@ -491,10 +499,7 @@ class Job:
         logged keeps its log and its checkpoints (a crash, not a refusal of ours, says that --resume continues them)."""
         if self.committed:
             return
-        if not checkpoints(self.work):  # nothing to resume: the inputs recorded for --resume (same_inputs) go too
-            (self.work / CHECKPOINTS / INPUTS_FILE).unlink(missing_ok=True)
-            with suppress(OSError):
-                (self.work / CHECKPOINTS).rmdir()
+        self.drop_inputs_without_checkpoints()
         if not self.staged:
             if not checkpoints(self.work) and not _size(self.work / LOG_FILE):  # nothing logged: what it holds is this start's
                 if self.created:

@@ -77,7 +77,7 @@ def test_two_processes_match_one_process_with_twice_the_batch(odd_eval, tmp_path
     assert json.loads((tmp_path / "two" / "eval_report.json").read_text())["n"] == 63
     assert json.loads((tmp_path / "two" / "metrics.json").read_text())["eval"] == pytest.approx(one["metrics"]["eval"], abs=1e-5)
     ckpt = tmp_path / "two" / "checkpoints"
-    assert sorted(p.name for p in ckpt.iterdir()) == ["step-16", "step-8"], "no staging folder left behind"
+    assert sorted(p.name for p in ckpt.iterdir()) == ["inputs.json", "step-16", "step-8"], "no staging folder left behind"
     assert {"random_states_0.pkl", "random_states_1.pkl", "trainer_state.json"} <= {p.name for p in (ckpt / "step-8").iterdir()}
 
 

@@ -119,8 +119,8 @@ def check(recipe) -> list[str]:
 
 def summary_line(split: str, m: dict) -> str:
     """ROUGE F-measures (x100, as papers report them) and the loss."""
-    shown = [f"{k} {100 * m[k]:.2f}" for k in ROUGE_KEYS if k in m] + ([f"loss {m['loss']:.4f}"] if "loss" in m else [])
-    return f"   {split:<5} " + "   ".join(shown)
+    loss = f"   loss {m['loss']:.4f}" if "loss" in m else ""
+    return f"   {split:<5} " + "   ".join(f"{k} {100 * m[k]:.2f}" for k in ROUGE_KEYS if k in m) + loss
 
 
 def load_model(recipe, path: str, dtype: torch.dtype):
