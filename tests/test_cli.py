@@ -129,8 +129,9 @@ def test_validate_checks_target_modules_on_each_tasks_model(task, tiny_llama, tm
         tok.eos_token = "[SEP]"
         tok.save_pretrained(tiny_llama)
 
-    # a decoder summarizer reads prompt and summary in one sequence: both must fit the toy's 128 positions
-    target = ["data.target_column=summary", "data.max_length=64", "data.max_target_length=32"] if task == "summarization" else []
+    # a decoder summarizer reads prompt and summary (or its generation) in one sequence: they must fit the toy's 128 positions
+    target = ["data.target_column=summary", "data.max_length=64", "data.max_target_length=32", "eval.max_new_tokens=32"] \
+        if task == "summarization" else []
     recipe = load_recipe(None, [f"model.name={tiny_llama}", f"task.type={task}", "adapter.target_modules=[q_proj,bogus]", *target],
                          validate_files=False)
     assert len(problems := model_problems(recipe)) == 1 and "'bogus' matches no module of Llama" in problems[0]
