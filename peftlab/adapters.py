@@ -27,8 +27,6 @@ BASE_ROWS = "__base__"  # peft's name, in a mixed batch's adapter_names, for row
 
 def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None):
     """-> (PeftModel in eval mode holding every adapter under its name, tokenizer); the first one is active."""
-    from peft import PeftModel
-
     if not sources:
         raise ArtifactError("load_adapters needs at least one {name: run folder or hub id}.")
     for name in sources:
@@ -38,12 +36,12 @@ def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None
         if error := not_an_adapter(Path(folder), f"adapter {name!r} ({folder})", "load it on its own (load_trained)"):
             raise error
     first, *rest = folders.items()
-    model, tokenizer, recipe, run = load_trained(first[1], adapter_name=first[0])
-    if not isinstance(model, PeftModel):
-        raise ArtifactError(f"adapter {first[0]!r} ({first[1]}) holds a standalone model (method {run.method}), not an adapter.")
+    model, tokenizer, recipe, run = load_trained(first[1], adapter_name=first[0])  # (an adapter: not_an_adapter said so)
     kind = adapter_config(first[1]).get("peft_type")
+    heads = {first[0]: len(run.label_names or ())}  # each adapter's number of labels, for mixed_batch_check
     for name, folder in rest:
         other_recipe, other_run = read_run(folder)
+        heads[name] = len(other_run.label_names or ())
         mine, theirs = base_as_loaded(recipe, run), base_as_loaded(other_recipe, other_run)
         if mine != theirs:
             raise ArtifactError(f"adapter {name!r} ({folder}) was trained on another base than {first[0]!r} "
@@ -57,7 +55,6 @@ def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None
         else:
             load_with_own_head(model, Path(folder), name, len(run.label_names), len(other_run.label_names))
     model.set_adapter(first[0])
-    heads = {name: len(read_run(folder)[1].label_names or ()) for name, folder in folders.items()}
     model.register_forward_pre_hook(mixed_batch_check(model, {BASE_ROWS: heads[first[0]], **heads}), with_kwargs=True)
     return model.eval(), tokenizer
 

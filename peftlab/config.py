@@ -470,6 +470,12 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def key_hint(key, names: list[str]) -> str:
+    """An unknown key's did-you-mean (a file's, an override's, an attribute set from Python), else the valid keys."""
+    close = difflib.get_close_matches(str(key), names, n=1)
+    return f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(names)}."
+
+
 def _build(cls, data: dict, prefix: str, problems: list[str]):
     hints = _hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -477,9 +483,7 @@ def _build(cls, data: dict, prefix: str, problems: list[str]):
     for key, value in data.items():
         where = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(names)}."
-            problems.append(f"{where}: unknown key.{hint}")
+            problems.append(f"{where}: unknown key.{key_hint(key, names)}")
             continue
         before = len(problems)
         coerced = _coerce(value, hints[key], where, problems)
@@ -624,10 +628,8 @@ def unknown_attributes(obj, prefix: str = "") -> list[str]:
     for key, value in vars(obj).items():
         where = f"{prefix}{key}"
         if key not in names:
-            close = difflib.get_close_matches(key, names, n=1)
-            hint = f" Did you mean '{close[0]}'?" if close else f" Valid keys: {', '.join(names)}."
             problems.append(f"{where}: unknown key (an attribute set from Python; the recipe has no such field, so it would "
-                            f"change nothing).{hint}")
+                            f"change nothing).{key_hint(key, names)}")
         elif dataclasses.is_dataclass(value) and not isinstance(value, type):
             problems.extend(unknown_attributes(value, where + "."))
         elif isinstance(value, dict):  # multitask.tasks: a section per task

@@ -195,7 +195,7 @@ def build_candidates(recipe: Recipe, bases: list[str], methods: list[str] | None
             if overrides.get(method):  # the base's features without the method's own overrides (where it is valid without them)
                 with contextlib.suppress(ConfigError):
                     features = derive(recipe, candidate_overrides(recipe, base, method, overrides, False), where)
-            refused = " ".join(" ".join(line.strip() for line in problem.splitlines()) for problem in model_problems(full))
+            refused = " ".join(one_line(problem) for problem in model_problems(full))
             if refused:
                 log.error("select: %s %s refused: %s", base_label(base), method, refused)
             out.append(_Candidate(base, method, full, features, refused or None))
@@ -538,14 +538,15 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
     with tempfile.TemporaryDirectory(prefix="peftlab-select-") as work:
         for i, c in enumerate(cands):
             if c.refused:
-                rows.append(SelectRow(0, c.base, c.method, "-", 0, len(labels), 0.0, 0,
-                                      {p: Estimate(math.nan, math.nan, 0.0) for p in proxies}, error=c.refused))
+                rows.append(failed_row(c, proxies, len(labels), c.refused))
                 continue
             try:
                 rows.append(estimate(i, c, Path(work)))
             except Exception as e:  # one candidate that cannot load or train: the others' figures are kept. Any error, not
                 # only peftlab's (a damaged file raises the library's own); a Ctrl-C (not an Exception) still stops select
-                rows.append(failed_row(c, proxies, len(labels), e))
+                log.error("select: %s %s failed: %s", base_label(c.base), c.method, reason(e),
+                          exc_info=None if isinstance(e, PeftlabError) else e if log.isEnabledFor(logging.DEBUG) else None)
+                rows.append(failed_row(c, proxies, len(labels), reason(e)))
     if all(r.error for r in rows):
         raise SelectError([f"candidate {base_label(r.base)} ({r.method}): {r.error}" for r in rows])
     rows.sort(key=lambda r: -r.estimates[rank_by].value if math.isfinite(r.estimates[rank_by].value) else math.inf)
@@ -555,18 +556,20 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
     return rows
 
 
+def one_line(text: str) -> str:
+    return " ".join(line.strip() for line in str(text).splitlines())
+
+
 def reason(e: BaseException) -> str:
     """One line saying why a candidate failed: peftlab's message as it is, another error's type before its message."""
-    text = " ".join(line.strip() for line in str(e).splitlines())
+    text = one_line(str(e))
     return text if isinstance(e, PeftlabError) else f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
-def failed_row(c: _Candidate, proxies, rows: int, e: BaseException) -> SelectRow:
-    """The row of a candidate with no figures: no rank, every proxy NaN, and why."""
-    log.error("select: %s %s failed: %s", base_label(c.base), c.method, reason(e),
-              exc_info=None if isinstance(e, PeftlabError) else e if log.isEnabledFor(logging.DEBUG) else None)
+def failed_row(c: _Candidate, proxies, rows: int, why: str) -> SelectRow:
+    """The row of a candidate with no figures (refused before any compute, or failed): no rank, every proxy NaN, and why."""
     return SelectRow(0, c.base, c.method, "-", 0, rows, 0.0, 0, {p: Estimate(math.nan, math.nan, 0.0) for p in proxies},
-                     error=reason(e))
+                     error=why)
 
 
 # ------------------------------------------------------------------------------------------------------ output

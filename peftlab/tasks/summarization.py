@@ -169,15 +169,14 @@ def input_lengths(config, recipe) -> list[tuple]:
     encoder, decoder = getattr(config, "encoder", None), getattr(config, "decoder", None)
     seq2seq = (encoder is not None and decoder is not None) or getattr(config, "is_encoder_decoder", False)
     extra = _prompt_tokens(recipe, "seq2seq" if seq2seq else "causal")
-    prompt = (d.max_length + extra, f"data.max_length + the prompt template and special tokens = {d.max_length} + {extra}")
+    what = "data.max_length + the prompt template and special tokens"
+    prompt = (d.max_length + extra, f"{what} = {d.max_length} + {extra}")
     if encoder is not None and decoder is not None:  # a warm-started encoder-decoder: each half has its own table
         return [(encoder, *prompt), (decoder, d.max_target_length, f"data.max_target_length={d.max_target_length}"), (decoder, *new)]
     if seq2seq:
         return [(config, *prompt), (config, d.max_target_length, f"data.max_target_length={d.max_target_length}"), (config, *new)]
-    return [(config, prompt[0] + d.max_target_length, f"{prompt[1].split(' = ')[0]} + data.max_target_length = "
-                                                      f"{d.max_length} + {extra} + {d.max_target_length}"),
-            (config, prompt[0] + e.max_new_tokens, f"{prompt[1].split(' = ')[0]} + eval.max_new_tokens = "
-                                                   f"{d.max_length} + {extra} + {e.max_new_tokens}")]
+    return [(config, prompt[0] + d.max_target_length, f"{what} + data.max_target_length = {d.max_length} + {extra} + {d.max_target_length}"),
+            (config, prompt[0] + e.max_new_tokens, f"{what} + eval.max_new_tokens = {d.max_length} + {extra} + {e.max_new_tokens}")]
 
 
 @cache
@@ -336,7 +335,7 @@ def collator(tokenizer):
 def eval_collator(tokenizer):
     """Model inputs + source/reference texts and row indices; for decoder-only models also the prompts alone,
     left-padded, which is what generation continues from."""
-    base, pad = collator(tokenizer), tokenizer.pad_token_id
+    base, pad, limit = collator(tokenizer), tokenizer.pad_token_id, _limit(tokenizer)
 
     def collate(rows):
         batch = base(rows)
@@ -345,8 +344,8 @@ def eval_collator(tokenizer):
             batch["references"] = [r["references"] for r in rows]
         if "prompt_length" in rows[0]:
             prompts = [r["input_ids"][: r["prompt_length"]] for r in rows]
-            batch["gen_input_ids"] = _pad(prompts, pad, left=True, limit=_limit(tokenizer))
-            batch["gen_attention_mask"] = _pad([[1] * len(p) for p in prompts], 0, left=True, limit=_limit(tokenizer))
+            batch["gen_input_ids"] = _pad(prompts, pad, left=True, limit=limit)
+            batch["gen_attention_mask"] = _pad([[1] * len(p) for p in prompts], 0, left=True, limit=limit)
         return batch
 
     return collate
