@@ -91,16 +91,17 @@ def delimited_rows(f, fmt: str):
     return csv.reader(f, delimiter="\t", quoting=csv.QUOTE_NONE) if fmt == "tsv" else csv.reader(f)
 
 
-def check_header_line(spec: SplitConfig, fmt: str, where: str) -> None:
-    """A csv/tsv file's first line. With column_names (a file without a header) it must not be a header: it became a
-    training row, its label a class. It is one when, case and spaces aside, its cells are the names column_names gives
-    (in any order), or one of its cells is the word column_names names its own column (`text,label` read with
-    [sentence, label]: a label 'label', or a text 'Sentence', is a header's word, not a row's value; names that are
-    numbers are left out, a row may well hold them). And it must not have more cells than column_names has names (pandas
-    made the extra leading fields an index). Without column_names, its names must be distinct (pandas renamed the second
-    'sentence' to 'sentence.1', and the first was read with no word)."""
+def check_header_line(spec: SplitConfig, fmt: str, where: str) -> list[str]:
+    """A csv/tsv file's first line, checked; returns the file's column names (column_names, else the header's). With
+    column_names (a file without a header) it must not be a header: it became a training row, its label a class. It
+    is one when, case and spaces aside, its cells are the names column_names gives (in any order), or one of its
+    cells is the word column_names names its own column (`text,label` read with [sentence, label]: a label 'label',
+    or a text 'Sentence', is a header's word, not a row's value; names that are numbers are left out, a row may well
+    hold them). And it must not have more cells than column_names has names (pandas made the extra leading fields an
+    index). Without column_names, its names must be distinct (pandas renamed the second 'sentence' to 'sentence.1',
+    and the first was read with no word)."""
     if fmt not in ("csv", "tsv"):
-        return
+        return []
     with open(spec.path, encoding="utf-8-sig", errors="replace", newline="") as f:
         first = next(delimited_rows(f, fmt), [])
     names = [c.strip() for c in first]
@@ -121,6 +122,7 @@ def check_header_line(spec: SplitConfig, fmt: str, where: str) -> None:
     if not spec.column_names and (twice := sorted({n for n in names if names.count(n) > 1})):
         raise DataError(f"{where}: the header names {twice} more than once: which column is meant is ambiguous. Rename "
                         f"them in the file, or name every column with {where}.column_names (the header line removed).")
+    return [str(c) for c in spec.column_names] if spec.column_names else first
 
 
 def read_split(spec: SplitConfig, data: DataConfig, where: str):
@@ -141,10 +143,13 @@ def read_split(spec: SplitConfig, data: DataConfig, where: str):
     if path.stat().st_size == 0:
         raise DataError(f"{where}.path: '{spec.path}' is empty. Point it at a file with rows.")
     fmt = _format(spec)
-    check_header_line(spec, fmt, where)
+    columns = check_header_line(spec, fmt, where)
     kwargs: dict[str, Any] = {}
     if fmt in ("csv", "tsv"):
         kwargs["delimiter"] = "\t" if fmt == "tsv" else ","
+        # every column but the label is text as written: pandas read an all-digit column as numbers ('007' became '7')
+        label = spec.label_column or data.label_column
+        kwargs["converters"] = {c: str for c in columns if c != label}
         if fmt == "tsv":
             kwargs["quoting"] = csv.QUOTE_NONE  # GLUE-style TSVs contain bare quote characters
         # only an empty cell is missing: pandas' default also read NA, N/A, None, null, NaN, nan (a text, a class "None") as one

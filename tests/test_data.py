@@ -443,3 +443,19 @@ def test_a_file_that_is_not_utf8_names_its_encoding_once(tmp_path, capfd):
             splits_of(tmp_path, tmp_path / name)
         assert f"iconv -f {'cp1252' if name == 'win.csv' else 'utf-16'} -t utf-8" in str(e.value)
     assert "Failed to read file" not in capfd.readouterr().err
+
+
+def test_numbers_in_text_columns_are_read_as_written(tmp_path):
+    """pandas read a csv text column whose cells are all digits as numbers: '007' became the text '7', '1.50' '1.5'
+    (a summary '0042' the target '42'). Every column but the label is text as written; the label column keeps its
+    numbers (0 and 0.0 are one class)."""
+    (tmp_path / "d.csv").write_text("sentence,label\n007,1\n1.50,0.0\n0012,1\n")
+    s, names = splits_of(tmp_path, tmp_path / "d.csv")
+    assert s["train"]["text"] == ["007", "1.50", "0012"] and s["train"]["label"] == [1, 0, 1]
+    (tmp_path / "h.tsv").write_text("00\t1\n010\t0\n")
+    s, _ = splits_of(tmp_path, tmp_path / "h.tsv", ["data.train.column_names=[sentence,label]"])
+    assert s["train"]["text"] == ["00", "010"]
+    (tmp_path / "sum.csv").write_text("document,summary\nthe total is forty-two,0042\nnine,009\n")
+    s, _ = splits_of(tmp_path, tmp_path / "sum.csv", ["task.type=summarization", "data.text_columns=[document]",
+                                                      "data.target_column=summary"])
+    assert s["train"]["target"] == ["0042", "009"]
