@@ -8,12 +8,13 @@
 Every adapter must have been trained on the same base model, with one peft method. Classification adapters may have
 different numbers of labels (each keeps its own head, sized to its labels: the tasks of a multi-task run, OUT/tasks/NAME,
 load side by side) and set_adapter switches between them; only a batch with one adapter per row needs the heads of its
-rows' adapters to be of one size (and no DoRA adapter: peft does not mix those). Each call's adapter_names is checked
-before peft runs. Sources are run folders or Hub ids (see `publish.load_adapter`).
+rows' adapters to be of one size (and no DoRA adapter: peft does not mix those). Each call's adapter_names (forward
+and generate) is checked before peft runs. Sources are run folders or Hub ids (see `publish.load_adapter`).
 """
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 from .errors import ArtifactError, ModelError
@@ -55,7 +56,16 @@ def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None
         else:
             load_with_own_head(model, Path(folder), name, len(run.label_names), len(other_run.label_names))
     model.set_adapter(first[0])
-    model.register_forward_pre_hook(mixed_batch_check(model, {BASE_ROWS: heads[first[0]], **heads}), with_kwargs=True)
+    check = mixed_batch_check(model, {BASE_ROWS: heads[first[0]], **heads})
+    model.register_forward_pre_hook(check, with_kwargs=True)
+    generate = model.generate  # peft's generate runs the base model's forward, not the PeftModel's: check there too
+
+    @functools.wraps(generate)
+    def checked_generate(*args, **kwargs):
+        check(model, args, kwargs)
+        return generate(*args, **kwargs)
+
+    model.generate = checked_generate
     return model.eval(), tokenizer
 
 

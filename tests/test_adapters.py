@@ -117,3 +117,27 @@ def test_a_standalone_model_is_refused_at_any_position(runs, tmp_path):  # noqa:
     with pytest.raises(ArtifactError, match=rf"{merged} holds a standalone model .*only LoRA adapters compose, or give the run folder"):
         compose([runs[0], merged], [0.5, 0.5], tmp_path / "c")
     assert not (tmp_path / "c").exists()
+
+
+def test_mixed_batch_generation_is_checked_and_gives_each_row_its_adapter(make_recipe, tmp_path, chat_llama):
+    """model.generate(..., adapter_names=...) went through peft's own path, unchecked: a wrong number of names was
+    peft's ValueError (or, for an unknown name, its KeyError). Checked as forward is; rows get their own adapters."""
+    from peftlab import run
+
+    outs = [run(make_recipe({"task.type": "clm", "data.eval": None, "data.label_names": None, "train.max_steps": 3,
+                             "train.lr": 0.05, "train.seed": seed, "output_dir": tmp_path / f"c{seed}"}, model=chat_llama))
+            ["output_dir"] for seed in (1, 2)]
+    model, tokenizer = load_adapters({"a": outs[0], "b": outs[1]})
+    batch = tokenizer(["the movie was", "a bad and"], return_tensors="pt", return_token_type_ids=False)
+    with torch.no_grad():  # the two adapters really differ
+        assert not torch.allclose(*(model(**batch, adapter_names=[n, n]).logits for n in ("a", "b")))
+    for names, match in ((["a"], r"1 name\(s\) for a batch of 2 row\(s\)"), (["a", "zz"], "names 'zz', which is not loaded")):
+        with pytest.raises(ModelError, match=match), torch.no_grad():
+            model.generate(**batch, adapter_names=names, max_new_tokens=3, do_sample=False)
+    with torch.no_grad():
+        mixed = model.generate(**batch, adapter_names=["a", "b"], max_new_tokens=4, do_sample=False)
+        alone = []
+        for name, row in (("a", 0), ("b", 1)):
+            model.set_adapter(name)
+            alone.append(model.generate(**{k: v[row:row + 1] for k, v in batch.items()}, max_new_tokens=4, do_sample=False)[0])
+    assert torch.equal(mixed, torch.stack(alone))
