@@ -91,6 +91,17 @@ class SelectRow:
 
 
 @dataclass
+class _Base:
+    """One base as loaded, shared by its methods' rows: its features (none where it did not encode) and its probe and
+    LogME figures, or the error each failed with."""
+    feats: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    pooling: str = "-"
+    seconds: float = 0.0
+    group: int = 0  # SelectRow.features_group
+    figures: dict[str, Estimate | Exception] = field(default_factory=dict)
+
+
+@dataclass
 class _Candidate:
     base: str
     method: str
@@ -495,34 +506,39 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
     k = len(label_names)
     log.info("select: %d candidate(s), %d training rows, %d classes, %d folds; proxies %s", len(cands), len(labels), k, folds,
              ", ".join(proxies))
-    # per base as loaded: features, pooling, seconds, and its probe/LogME estimates (or why one failed); or why encoding failed
-    features: dict[str, tuple[np.ndarray, str, float, dict] | BaseException] = {}
+    bases: dict[str, _Base] = {}  # per base as loaded (Candidate.features_key): one encoding for its methods
     rows = []
+
+    def base_of(c: _Candidate) -> _Base:
+        key = c.features_key()
+        if key not in bases and {"probe", "logme"} & set(proxies):
+            try:
+                bases[key] = _Base(*encode_timed(c, ds, label_names, folds, "logme" in proxies), group=len(bases) + 1)
+            except Exception as e:  # the base does not encode: probe and LogME fail, the steps proxy may still train it
+                bases[key] = _Base(figures={"probe": e, "logme": e})
+        return bases.get(key, _Base())
+
+    def figure(p: str, base: _Base) -> Estimate:
+        """The base's probe or LogME figure, measured once for all its methods; raises the error it failed with."""
+        if p not in base.figures:
+            start = time.perf_counter()
+            try:
+                value, std = (probe(base.feats, labels, fold, k, recipe.train.seed) if p == "probe"
+                              else jackknifed(lambda f, y: logme(f, y, k), base.feats, labels, fold))
+                base.figures[p] = Estimate(value, std, time.perf_counter() - start)
+            except Exception as e:
+                base.figures[p] = e
+        if isinstance(found := base.figures[p], Exception):
+            raise found
+        return found
+
     def estimate(i: int, c: _Candidate, work: Path) -> SelectRow:
         """The candidate's row: a proxy that fails (its error, any error) leaves the other proxies' figures in place."""
-        key = c.features_key()
-        if key not in features and {"probe", "logme"} & set(proxies):
-            try:
-                features[key] = (*encode_timed(c, ds, label_names, folds, "logme" in proxies), {})
-            except Exception as e:  # the base does not encode: probe and LogME fail, the steps proxy may still train it
-                features[key] = e
-        found = features.get(key, (np.zeros((0, 0)), "-", 0.0, {}))
-        feats, pooling, feat_s, shared = found if isinstance(found, tuple) else (np.zeros((0, 0)), "-", 0.0, {"probe": found, "logme": found})
-        group = list(features).index(key) + 1 if isinstance(found, tuple) and key in features else 0
-        row = SelectRow(0, c.base, c.method, pooling, feats.shape[1], len(labels), feat_s, group)
+        base = base_of(c)
+        row = SelectRow(0, c.base, c.method, base.pooling, base.feats.shape[1], len(labels), base.seconds, base.group)
         for p in proxies:
             try:
-                if p in ("probe", "logme") and p not in shared:  # a base's figure (or its failure), shared by its methods
-                    start = time.perf_counter()
-                    try:
-                        value, std = (probe(feats, labels, fold, k, recipe.train.seed) if p == "probe"
-                                      else jackknifed(lambda f, y: logme(f, y, k), feats, labels, fold))
-                        shared[p] = Estimate(value, std, time.perf_counter() - start)
-                    except Exception as e:
-                        shared[p] = e
-                if isinstance(shared.get(p), BaseException):
-                    raise shared[p]
-                row.estimates[p] = few_steps(c, ds, label_names, fold == 0, steps, work / f"steps-{i}") if p == "steps" else shared[p]
+                row.estimates[p] = few_steps(c, ds, label_names, fold == 0, steps, work / f"steps-{i}") if p == "steps" else figure(p, base)
             except Exception as e:
                 row.estimates[p], row.failures[p] = Estimate(math.nan, math.nan, 0.0), reason(e)
                 log.error("select: %s %s %s failed: %s", base_label(c.base), c.method, p, reason(e))
