@@ -807,19 +807,7 @@ def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = N
 def data_problems(d: DataConfig, prefix: str, check_files: bool, labelled: bool = False) -> list[str]:
     """The rules of one data section (the recipe's, or one multitask task's): each split a file or a hub split, files
     present; a sentence pair names two columns; a task that learns labels (`labelled`) does not read its label as text."""
-    p = []
-    for split_name in ("", "train", "eval", "test") if labelled else ():
-        spec = getattr(d, split_name) if split_name else None
-        if split_name and (spec is None or not (spec.text_columns or spec.label_column)):
-            continue  # (a split that sets neither reads the section's columns: checked once)
-        text_key, text = (f"{prefix}.{split_name}.text_columns", spec.text_columns) if spec and spec.text_columns else \
-            (f"{prefix}.text_columns", d.text_columns)
-        label_key, label = (f"{prefix}.{split_name}.label_column", spec.label_column) if spec and spec.label_column else \
-            (f"{prefix}.label_column", d.label_column)
-        if isinstance(text, list) and label in text:
-            p.append(f"{label_key}={label!r} is also one of {text_key}={text}: the label would be part of the input text, and "
-                     "the model would learn to copy it (near-perfect scores that mean nothing). Take it out of "
-                     f"{text_key}, or point {label_key} at the column that holds the label.")
+    p = label_in_text(d, prefix) if labelled else []
     if d.text_pair and len(d.text_columns) != 2:
         p.append(f"{prefix}.text_pair=true with {prefix}.text_columns={d.text_columns}: a pair is two columns, e.g. "
                  f"{prefix}.text_columns=[sentence1, sentence2].")
@@ -838,6 +826,23 @@ def data_problems(d: DataConfig, prefix: str, check_files: bool, labelled: bool 
         if check_files and s.path is not None and not Path(s.path).is_file():
             hint = " (the shared data lives in ../shared/data; run from the repository root)" if "shared" in s.path else ""
             p.append(f"{where}.path={s.path!r}: file not found{hint}. Fix the path or override it: {where}.path=FILE.")
+    return p
+
+
+def label_in_text(d: DataConfig, prefix: str) -> list[str]:
+    """The label column among the text columns, for the section's columns and for each split that names its own."""
+    p = []
+    for name in ("", "train", "eval", "test"):
+        spec = getattr(d, name) if name else None
+        if name and (spec is None or not (spec.text_columns or spec.label_column)):
+            continue  # (a split that sets neither reads the section's columns: checked once)
+        own = f"{prefix}.{name}" if name else prefix
+        text_key, text = (own, spec.text_columns) if spec and spec.text_columns else (prefix, d.text_columns)
+        label_key, label = (own, spec.label_column) if spec and spec.label_column else (prefix, d.label_column)
+        if isinstance(text, list) and label in text:
+            p.append(f"{label_key}.label_column={label!r} is also one of {text_key}.text_columns={text}: the label would be part "
+                     "of the input text, and the model would learn to copy it (near-perfect scores that mean nothing). Take it "
+                     f"out of {text_key}.text_columns, or point {label_key}.label_column at the column that holds the label.")
     return p
 
 
