@@ -180,7 +180,7 @@ def cmd_publish(args) -> int:
     from .publish import publish
 
     result = publish(args.out, args.repo_id, private=args.private, revision=args.revision, endpoint=args.endpoint,
-                     exist_ok=args.exist_ok, dry_run=args.dry_run or False, to=args.to, git_remote=args.git_remote,
+                     exist_ok=args.exist_ok, dry_run=False if args.dry_run is None else args.dry_run, to=args.to, git_remote=args.git_remote,
                      base_model=args.base_model, license=args.license)
     if not result["uploaded"]:
         print(f"{'dry run: ' if args.dry_run else ''}wrote {len(result['files'])} files to {result['destination']}"

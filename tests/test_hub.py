@@ -298,6 +298,19 @@ def test_hub_publish_needs_a_repo_id(runs, capsys):
     assert rc == 2 and "--repo-id" in err
 
 
+def test_a_home_relative_destination_is_expanded_and_an_empty_one_refused(runs, tmp_path, monkeypatch, capsys):
+    """`--to "~/shelf"` (quoted, or --to=~/shelf: the shell leaves the ~) published into a folder named '~' in the
+    working directory; `--to ""` and `--git-remote ""` were read as not given and asked for the Hub's --repo-id."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = cli(capsys, "publish", runs[0], "--to=~/shelf/tiny")
+    assert rc == 0 and (tmp_path / "home" / "shelf" / "tiny" / "README.md").is_file() and not (tmp_path / "~").exists()
+    assert publish(runs[0], dry_run="~/dry")["destination"] == str(tmp_path / "home" / "dry")
+    for flag, needs in (("--to", "a directory"), ("--git-remote", "a URL"), ("--dry-run", "a directory")):
+        rc, out, err = cli(capsys, "publish", runs[0], flag, "")
+        assert rc == 2 and f"{flag} is empty: give {needs}" in err and "--repo-id" not in err
+
+
 # --------------------------------------------------------------------------------------------------- Hub
 
 @pytest.mark.parametrize("path", ["upload-pipeline", "create-commit+lfs"])

@@ -31,7 +31,12 @@ def publish(out: str | Path, repo_id: str | None = None, *, private: bool = Fals
             git_remote: str | None = None, base_model: str | None = None, license: str | None = None) -> dict:
     """Publish a finished run: to the Hub (default), to a directory (`to`), to a git remote, or only write the folder
     that would be uploaded (`dry_run`: True = OUT/publish, or a directory). -> where it went and what it holds."""
-    pub = read_public(out, base_model)  # the only read of the run: the card and the folder use these copies
+    for flag, value in (("--to", to), ("--git-remote", git_remote), ("--dry-run", None if isinstance(dry_run, bool) else dry_run)):
+        if value is not None and not str(value).strip():  # ('' read as not given: the Hub's --repo-id was asked for)
+            raise PublishError(f"{flag} is empty: give {'a URL' if flag == '--git-remote' else 'a directory'}, or leave it out.")
+    # ('~/x' quoted, or --to=~/x, reaches here unexpanded: it made a folder named '~' in the working directory)
+    to, dry_run = (Path(to).expanduser() if to else to), (Path(dry_run).expanduser() if dry_run and dry_run is not True else dry_run)
+    pub = read_public(Path(out).expanduser(), base_model)  # the only read of the run: the card and the folder use these copies
     recipe, run = pub.recipe, pub.run
     if to and git_remote:
         raise PublishError("give one destination: --to DIR or --git-remote URL (or neither, for the Hub).")
