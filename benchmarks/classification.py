@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -78,10 +79,12 @@ def plot(rows: list[dict], path: Path) -> None:
         width = 0.8 / max(len(tasks), 1)
         methods = list(METHODS)
         for i, task in enumerate(tasks):
-            vals = [next((r[key] * (100 if key == "accuracy" else 1) for r in rows if r["task"] == task and r["method"] == m), 0)
+            # a case not measured (no row) gets no bar: it was drawn as a bar labelled 0
+            vals = [next((r[key] * (100 if key == "accuracy" else 1) for r in rows if r["task"] == task and r["method"] == m), math.nan)
                     for m in methods]
             bars = ax.bar([j + i * width for j in range(len(methods))], vals, width, label=task)
-            ax.bar_label(bars, fmt="%.1f" if key == "accuracy" else "%.0f", fontsize=7)
+            fmt = "%.1f" if key == "accuracy" else "%.0f"
+            ax.bar_label(bars, labels=["" if math.isnan(v) else fmt % v for v in vals], fontsize=7)
         ax.set_xticks([j + width * (len(tasks) - 1) / 2 for j in range(len(methods))], methods)
         ax.set_title(label)
         if key == "accuracy":
@@ -141,6 +144,12 @@ def main() -> None:
             write_result(store, json.dumps({"rows": rows}, indent=2))
     md = table(rows) + "".join(f"\n\n{r['task']}/{r['method']} with {' '.join(r['config']['set'])}"
                                for r in rows if r["config"].get("set"))
+    # rows of other tasks/methods kept from an earlier invocation with other settings: said, never passed off as these
+    other = [r for r in rows if {k: v for k, v in r.get("config", {}).items() if k != "set"} != config]
+    md += "".join(f"\n\n{r['task']}/{r['method']}: measured with other settings ("
+                  + ", ".join(f"{k} {r.get('config', {}).get(k, '?')}" for k in config if r.get("config", {}).get(k) != config[k])
+                  + f" instead of {', '.join(f'{k} {v}' for k, v in config.items() if r.get('config', {}).get(k) != v)}; "
+                  "--fresh measures it again)" for r in other)
     write_result(RESULTS / f"{name}.md", md + "\n")
     plot(rows, RESULTS / f"{name}.png")
     print(md)

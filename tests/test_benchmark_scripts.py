@@ -130,6 +130,35 @@ def test_classification_quick_records_the_rows_and_epochs_it_trains(tmp_path, mo
     assert not any(o in seen[0] for o in ("data.train.max_samples=5000", "train.epochs=3.0"))
 
 
+def test_classification_report_marks_rows_of_other_settings_and_draws_no_bar_for_a_missing_case(tmp_path, monkeypatch):
+    """A rerun of one case kept the other stored rows, measured with other settings, in the same table and plot with
+    nothing to tell them apart; a case never measured (AG News QLoRA) was drawn as a bar labelled 0."""
+    bench = load_benchmark("classification")
+    run = {"metrics": {"eval": {"accuracy": 0.5, "f1": 0.5}}, "trainable_params": 1, "total_params": 2,
+           "trainable_percent": 50.0, "train_examples": 300, "train_wall_s": 10.0, "examples_per_s": 30.0, "tokens_per_s": 300.0,
+           "precision": "fp32", "hardware": {}, "versions": {"torch": "x", "transformers": "x", "peft": "x"}}
+    monkeypatch.setattr(bench, "train_process", lambda *a, **k: (run, 100.0, 12.0))
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    drawn, plot = {}, bench.plot
+    monkeypatch.setattr(bench, "plot", lambda rows, path: drawn.update(rows=rows))
+    for args in (["--methods", "lora,full"], ["--methods", "lora", "--agnews-max-length", "32"]):
+        monkeypatch.setattr(sys, "argv", ["classification.py", "--quick", "--tasks", "sst2", *args])
+        bench.main()
+    md = (tmp_path / "classification-quick.md").read_text()
+    assert "sst2/full: measured with other settings (agnews_max_length 64 instead of agnews_max_length 32" in md
+    assert "sst2/lora: measured" not in md
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.axes import Axes
+
+    labels = []
+    monkeypatch.setattr(Axes, "bar_label", lambda self, bars, **kw: labels.append(kw.get("labels")))
+    plot(drawn["rows"], tmp_path / "p.png")
+    accuracy = labels[0]  # the first panel, its one task: a label for lora and full, none for the methods not measured
+    assert len(accuracy) == len(bench.METHODS) and sorted(accuracy) == [""] * (len(bench.METHODS) - 2) + ["50.0", "50.0"]
+
+
 # ------------------------------------------------------------------------------------------------ reports over every seed
 
 def test_multitask_report_covers_every_stored_seed(monkeypatch):
