@@ -140,6 +140,24 @@ def test_the_card_names_a_sampled_split_as_a_sample():
     assert dataset_of(recipe, "train")[2] == "train"
 
 
+@pytest.mark.parametrize("recipe, split, expected", [
+    ("minilm/amazon-sentiment-lora.yaml", "train", (None, "Amazon multi-domain sentiment (Blitzer et al. 2007)")),
+    ("minilm/emotion-lora.yaml", "test", ("dair-ai/emotion", "emotion")),
+    ("smollm2-135m/gsm8k-sft-lora.yaml", "test", ("openai/gsm8k", "GSM8K"))])
+def test_the_card_names_every_shipped_dataset_published_or_not(recipe, split, expected):
+    """Amazon reviews (amazon_mdsd/labelled/books.jsonl) were the dataset 'labelled'; emotion, GSM8K, DialogSum and MRPC
+    had no Hub id. The published recipe keeps the path from the dataset's folder on, so its card says the same."""
+    from peftlab import load_recipe
+    from peftlab.publish.card import dataset_of, public_path
+
+    r = load_recipe(REPO / "recipes" / recipe, validate_files=False)
+    assert dataset_of(r, split)[:2] == expected
+    getattr(r.data, split).path = public_path(getattr(r.data, split).path)
+    assert dataset_of(r, split)[:2] == expected
+    assert public_path("/home/me/data/amazon_mdsd/labelled/books.jsonl") == "amazon_mdsd/labelled/books.jsonl"
+    assert public_path("/home/me/mine/dev.tsv") == "dev.tsv"
+
+
 def test_an_earlier_runs_figures_say_which_split_chose_its_weights():
     """Lineage steps and distillation teachers quote every split of the earlier run, each said for what it is."""
     from peftlab.publish.card import source_scores

@@ -31,7 +31,10 @@ log = logging.getLogger(__name__)
 KNOWN_BASES = {"minilm": ("sentence-transformers/all-MiniLM-L6-v2", "apache-2.0")}
 # folder of a local data file (../shared/data/<name>/...) -> (hub dataset id, pretty name)
 KNOWN_DATASETS = {"sst2": ("stanfordnlp/sst2", "SST-2"), "ag_news": ("fancyzhx/ag_news", "AG News"),
-                  "samsum": ("Samsung/samsum", "SAMSum")}
+                  "samsum": ("Samsung/samsum", "SAMSum"), "emotion": ("dair-ai/emotion", "emotion"),
+                  "dialogsum": ("knkarthick/dialogsum", "DialogSum"), "gsm8k": ("openai/gsm8k", "GSM8K"),
+                  "mrpc": ("nyu-mll/glue", "GLUE MRPC"),
+                  "amazon_mdsd": (None, "Amazon multi-domain sentiment (Blitzer et al. 2007)")}  # (on no Hub)
 SPLIT_NAMES = {"dev": "validation", "validation": "validation", "valid": "validation", "test": "test", "train": "train"}
 REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
 
@@ -72,10 +75,16 @@ def is_local_model(name: str | None) -> bool:
     return bool(name) and name not in KNOWN_BASES and (Path(name).expanduser().exists() or name.startswith((".", "/", "~")))
 
 
+def known_dataset(p: Path) -> int:
+    """How many folders up a file's known dataset folder is: 1 for its own (sst2/dev.tsv), 2 for the one above
+    (amazon_mdsd/labelled/books.jsonl); 0 for none."""
+    return next((up for up in (1, 2) if len(p.parts) > up and p.parts[-1 - up] in KNOWN_DATASETS), 0)
+
+
 def public_path(value: str) -> str:
-    """A local file's published name: the file name, under its folder when that is a known dataset (sst2/dev.tsv)."""
+    """A local file's published name: the file name, under its folders from a known dataset's on (sst2/dev.tsv)."""
     p = Path(value.rstrip("/\\"))
-    return f"{p.parent.name}/{p.name}" if p.parent.name in KNOWN_DATASETS else p.name
+    return "/".join(p.parts[-1 - known_dataset(p):])
 
 
 def scrub(value, where: str, changed: list[str]):
@@ -182,7 +191,7 @@ def dataset_of(recipe, split: str) -> tuple[str | None, str, str | None]:
         pretty = d.dataset + (f" ({d.subset})" if d.subset else "")
         return d.dataset, pretty, spec.split + sample
     path = Path(spec.path or "")
-    folder = path.parent.name
+    folder = path.parts[-1 - known_dataset(path)] if known_dataset(path) else path.parent.name
     hub_id, pretty = KNOWN_DATASETS.get(folder, (None, folder or path.stem))
     return hub_id, pretty, SPLIT_NAMES.get(path.stem, path.stem) + sample
 
