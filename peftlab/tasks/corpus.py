@@ -70,7 +70,7 @@ def check_tokenizer(tokenizer, recipe, *, causal: bool) -> None:
 
 
 def blocks(ds, tokenizer, recipe, *, causal: bool):
-    """{text} rows -> blocks of at most data.max_length tokens: input_ids, length, truncated, n_docs; causal blocks also
+    """{text} rows -> blocks of at most data.max_length tokens: input_ids, length, truncated; causal blocks also
     labels (-100 where a document starts, so no token is predicted across a document boundary) and position_ids (a
     masked LM's labels are drawn by its collator)."""
     n, texts = recipe.data.max_length, [t for t in ds["text"] if t.strip()]
@@ -84,7 +84,7 @@ def blocks(ds, tokenizer, recipe, *, causal: bool):
     else:
         docs = [ids + [tokenizer.sep_token_id] for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         room = n - 2  # [CLS] ... [SEP]
-    rows: dict[str, list] = {"input_ids": [], "length": [], "truncated": [], "n_docs": []}
+    rows: dict[str, list] = {"input_ids": [], "length": [], "truncated": []}
     if causal:
         rows.update(labels=[], position_ids=[])
     ids, pos, starts = [], [], []
@@ -118,4 +118,3 @@ def _emit(rows, ids, pos, starts, tokenizer, causal: bool) -> None:
     rows["input_ids"].append(list(ids))
     rows["length"].append(len(ids))
     rows["truncated"].append(False)
-    rows["n_docs"].append(len(starts))
