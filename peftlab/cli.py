@@ -237,6 +237,11 @@ def cmd_select(args) -> int:
     return 0
 
 
+def rate(x: float) -> str:
+    """A per-second figure to one decimal, or two significant digits below 1 (an LLM on CPU: 0.036, not 0.0)."""
+    return f"{x:.1f}" if x >= 1 or x == 0 else f"{x:.2g}"
+
+
 def print_summary(s: RunRecord) -> None:
     """The run's closing lines: what was learned, at what cost, and where the artifacts are."""
     from .tasks import get_task
@@ -250,7 +255,7 @@ def print_summary(s: RunRecord) -> None:
     if s.selected_on in s.metrics and len(s.metrics) == 1:
         lines.append(f"   ({s.selected_on} chose the exported step, so its figure is optimistic: add data.test for a held-out one)")
     lines.append(f"   trainable params {s.trainable_params:,} of {s.total_params:,} ({s.trainable_percent:.3f}%)")
-    lines.append(f"   train wall time {s.train_wall_s:.1f}s, {s.steps} steps, {s.examples_per_s:.1f} examples/s, "
+    lines.append(f"   train wall time {s.train_wall_s:.1f}s, {s.steps} steps, {rate(s.examples_per_s)} examples/s, "
                  f"precision {s.precision}, {s.processes} process(es)")
     lines.append(f"   artifacts: {s.output_dir}" + (f"   merged: {s.merged_dir}" if s.merged_dir else ""))
     print("\n".join(lines))

@@ -215,6 +215,13 @@ def test_summary_and_card_name_the_selection_split(local_run, capsys):
     assert names == ["Accuracy", "Accuracy (selection split: best of 3 evaluations)"]  # the held-out one keeps the plain name
 
 
+def test_a_slow_run_summary_shows_its_examples_per_second(local_run, capsys):
+    """8 packed rows in 222 s (SmolLM2 QLoRA on 2 cores) printed '0.0 examples/s'."""
+    record = json.loads((local_run / "run.json").read_text())
+    print_summary(RunRecord.from_dict({**record, "train_examples": 8, "train_wall_s": 222.0, "examples_per_s": 8 / 222}))
+    assert ", 0.036 examples/s," in capsys.readouterr().out
+
+
 def test_without_keep_best_nothing_is_called_a_selection(make_recipe, capsys):
     recipe = make_recipe({"train.eval_every": 4, "train.keep_best": False, "train.max_steps": 8})
     summary = run(recipe)
