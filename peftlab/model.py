@@ -24,7 +24,7 @@ from .bases import base_path, load_tokenizer, resolve_model_path, verify_from_ru
 from .config import Recipe
 from .errors import ConfigError, ModelError, PeftlabError
 from .methods import get_method
-from .methods.prompt import PREFIX_GENERATING, prefix_cannot_generate
+from .methods.prompt import PREFIX_GENERATING, PROMPT_ON_DECODER_CLASSIFIER, prefix_cannot_generate
 from .tasks import get_task, input_lengths, peft_task_type
 
 log = logging.getLogger(__name__)
@@ -228,6 +228,24 @@ def causal_lm_problem(recipe: Recipe, config) -> str | None:
     return (f"model.name={recipe.model.name!r} is an encoder-only model ({config.model_type}): task.type={recipe.task.type} needs a "
             f"causal LM, and its {config.model_type} causal-LM head attends both ways, so it would see the tokens it predicts. "
             f"For {recipe.task.type}, {fix}.")
+
+
+def decoder_only(config) -> bool:
+    """A decoder-only LM (Llama, GPT-2, ...): its sequence classifier pools the last token that is not padding."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    return (getattr(config, "model_type", None) in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not encoder_only(config)
+            and not getattr(config, "is_encoder_decoder", False))
+
+
+def architecture_problems(recipe: Recipe, config) -> list[str]:
+    """What the recipe cannot do with a base of this architecture (`validate` from its config, `train` at build)."""
+    problems = [p for p in [causal_lm_problem(recipe, config)] if p]
+    if not getattr(config, "is_encoder_decoder", False) and prefix_cannot_generate(recipe):
+        problems.append(PREFIX_GENERATING)
+    if recipe.task.type == "classification" and recipe.adapter.method in ("prompt_tuning", "p_tuning") and decoder_only(config):
+        problems.append(PROMPT_ON_DECODER_CLASSIFIER.format(method=recipe.adapter.method, kind=config.model_type))
+    return problems
 
 
 EFFICIENT_SHARE = 0.5  # above this share of trainable parameters a peft method has lost its point
@@ -471,10 +489,7 @@ def model_problems(recipe: Recipe) -> list[str]:
     except Exception as e:  # a config transformers cannot read here: `train` checks on the loaded model
         log.info("model.name=%r: input lengths and target_modules not checked (%s: %s)", m.name, type(e).__name__, e)
         return problems
-    if problem := causal_lm_problem(recipe, config):
-        problems.append(problem)
-    if not getattr(config, "is_encoder_decoder", False) and prefix_cannot_generate(recipe):
-        problems.append(PREFIX_GENERATING)
+    problems += architecture_problems(recipe, config)
     mapping = getattr(task.auto_model_class, "_model_mapping", None)  # transformers' Auto class: the architectures it has
     if mapping is not None and type(config) not in mapping:
         other = {"mlm": " For a decoder LLM use task.type=clm.", "clm": " For an encoder use task.type=mlm."}.get(recipe.task.type, "")
@@ -656,8 +671,8 @@ def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], prec
     tokenizer = load_tokenizer(path, recipe)
     model, head = load_base(recipe, path, num_labels=num_labels, label_names=label_names, precision=precision,
                             auto_cls=task.auto_model_class)
-    if problem := causal_lm_problem(recipe, model.config):
-        raise ModelError(problem)
+    if problems := architecture_problems(recipe, model.config):
+        raise ModelError(problems[0])
     check_input_lengths(model.config, recipe)
     base_weights_mib = model.get_memory_footprint() / 2**20
     if recipe.train.gradient_checkpointing and recipe.quant.mode == "none":  # (kbit prep already enabled it)

@@ -68,10 +68,46 @@ def test_prefix_tuning_for_classification_says_what_to_use(make_recipe, request,
 
     with pytest.raises(ConfigError, match="prefix_tuning does not work for classification.*prompt_tuning or p_tuning"):
         make_recipe({"adapter.method": "prefix_tuning"}, model=request.getfixturevalue(model))  # `peftlab validate` says it
-    recipe = make_recipe({"adapter.method": "prompt_tuning"}, model=request.getfixturevalue(model))
+    recipe = make_recipe({}, model=request.getfixturevalue(model))
     recipe.adapter.method = "prefix_tuning"  # past validation (the Python API): the model build refuses it too
     with pytest.raises(ModelError, match="prefix_tuning does not work for classification.*prompt_tuning or p_tuning"):
         build_model(recipe, num_labels=2, label_names=["negative", "positive"])
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_prompt_methods_on_a_decoder_classifier_are_refused_and_why(make_recipe, tiny_llama, method):
+    """peft gives a prompt method's classifier embeddings only, and a decoder-only classifier then pools the batch's
+    last position (padding for the shorter rows): a row's prediction depended on its batch (the run's batched eval
+    0.625, at eval.batch_size=1 0.656). Refused by `validate` and at build; an encoder (position 0) is not affected."""
+    import re
+
+    from peftlab import build_model
+    from peftlab.errors import ModelError
+    from peftlab.run import preflight
+
+    refusal = rf"adapter.method={method} on a decoder-only classifier \(llama\).*pools the batch's last position.*task.type=verbalizer"
+    recipe = make_recipe({"adapter.method": method, "adapter.target_modules": None}, model=tiny_llama)
+    assert any(re.search(refusal, p) for p in preflight(recipe, training=False))  # `peftlab validate`
+    with pytest.raises(ModelError, match=refusal):  # the build (the Python API, past validation)
+        build_model(recipe, num_labels=2, label_names=["negative", "positive"])
+    encoder = make_recipe({"adapter.method": method, "adapter.target_modules": None})  # the tiny BERT reads position 0
+    assert not any("decoder-only" in p for p in preflight(encoder, training=False))
+
+
+def test_prompt_methods_for_clm_are_refused(tmp_path, chat_llama):
+    """clm keeps a block's documents apart by their position ids, which peft drops for prompt and P-tuning (a prefix
+    comes as a cache, with which transformers builds no packed mask): the second document's logits moved by ~7 when
+    the first changed. Refused; lora is fine."""
+    from peftlab import load_recipe
+    from peftlab.errors import ConfigError
+
+    train = tmp_path / "t.jsonl"
+    train.write_text('{"text": "a b c"}\n')
+    base = [f"data.train.path={train}", "data.eval=null", "task.type=clm", "data.text_columns=[text]", f"model.name={chat_llama}"]
+    for method in ("prompt_tuning", "p_tuning", "prefix_tuning"):
+        with pytest.raises(ConfigError, match=f"task.type=clm with adapter.method={method}: .*position ids.*Use lora"):
+            load_recipe(None, [*base, f"adapter.method={method}", "adapter.target_modules=null"])
+    load_recipe(None, base)
 
 
 @pytest.mark.precision

@@ -38,7 +38,18 @@ def prompt_method(name: str, config_class: str, apply=None) -> Method:
 # longer names it: the first training step would fail with "Model does not support past key values". The
 # classification task refuses the recipe (tasks/classification.py: check); this is for a model built past validation.
 PREFIX_ON_CLASSIFICATION = ("adapter.method=prefix_tuning does not work for classification with this transformers/peft "
-                            "(the backbone's forward no longer takes past_key_values). Use prompt_tuning or p_tuning.")
+                            "(the backbone's forward no longer takes past_key_values). Use prompt_tuning or p_tuning (on an encoder; on a "
+                            "decoder LLM, task.type=verbalizer), or lora.")
+
+
+# peft's sequence-classification wrapper gives a prompt method's backbone inputs_embeds only (the virtual tokens in
+# front), and a decoder-only classifier (transformers' GenericForSequenceClassification) then cannot find each row's last
+# token that is not padding: it pools the last position, padding in a right-padded batch, so a row's prediction
+# depended on the batch it was in (16 of 64 rows changed at eval.batch_size=1, P-tuning 42). Refused for those bases.
+PROMPT_ON_DECODER_CLASSIFIER = ("adapter.method={method} on a decoder-only classifier ({kind}): peft feeds its classifier "
+                                "embeddings only, so it pools the batch's last position (padding for shorter rows), not each row's "
+                                "last token, and a prediction depends on the batch. Use task.type=verbalizer (the LM scores a label "
+                                "word; {method} works there), or adapter.method=lora.")
 
 
 # peft's generate with a prefix (past key values in front) writes other tokens than greedy decoding of the model as

@@ -28,11 +28,24 @@ pipeline_tag = "text-generation"
 task_name = "Text Generation"
 usage_class = "AutoModelForCausalLM"
 card_metrics = {"perplexity": "Perplexity"}
-check = corpus.check
 check_tokenizer = partial(corpus.check_tokenizer, causal=True)
 summary_line = corpus.summary_line
 
 __all__ = ["collator"]
+
+
+def check(recipe) -> list[str]:
+    """corpus.check, and no prompt method: peft drops the position ids that keep a block's documents apart (prompt and
+    P-tuning), and a prefix arrives as a cache, with which transformers builds no packed-sequence mask, so each document
+    attended to the ones before it in its block (training and the reported perplexity alike)."""
+    from ..methods import get_method
+
+    p = corpus.check(recipe)
+    if get_method(recipe.adapter.method).extra_positions(recipe.adapter):  # virtual tokens: a prompt method
+        p.append(f"task.type=clm with adapter.method={recipe.adapter.method}: clm packs documents into blocks kept apart by "
+                 "their position ids, which peft drops for prompt methods (each document would attend to the ones before it "
+                 "in its block). Use lora (or another layer method) for continued pretraining.")
+    return p
 
 
 def tokenize(ds, tokenizer, recipe):
