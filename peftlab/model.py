@@ -679,9 +679,6 @@ def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], prec
         enable_activation_checkpointing(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     method = get_method(recipe.adapter.method)
-    if not method.layers and recipe.adapter.target_modules:
-        log.warning("adapter.target_modules=%s is not read by adapter.method=%s, which adapts no named layers: it is ignored.",
-                    recipe.adapter.target_modules, method.name)
     model = method.apply(model, recipe, head, peft_task_type(task, model))  # peft adapter or grads set
     if recipe.model.dtype == "auto":
         keep_trained_weights_fp32(model)

@@ -25,6 +25,7 @@ from .config import EVAL_SPLITS, Recipe, checked, from_run_problems, load_recipe
 from .data import build_data, column_problems, load_splits
 from .errors import ArtifactError, ConfigError
 from .export import atomic_write_text, export, merge, predictions_jsonl, rebuild
+from .methods import get_method
 from .model import build_model, model_problems, num_layers_problems
 from .rundir import (
     RECIPE_FILE,
@@ -301,6 +302,9 @@ def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
         log.warning("train.eval_every=%s but there is no evaluation split: nothing is evaluated during training (nor kept by "
                     "train.keep_best). Give one (data.eval.path=FILE, or data.eval_holdout=0.1 of train), or drop "
                     "train.eval_every.", recipe.train.eval_every)
+    if unread := get_method(recipe.adapter.method).unread_options(recipe.adapter):
+        log.warning("%s: not read by adapter.method=%s, so ignored (the recipe and the card still show them). Remove them, "
+                    "or choose a method that reads them.", ", ".join(unread), recipe.adapter.method)
     if recipe.train.distill and not teacher:
         log.warning("train.distill.teacher=%s: no finished run there yet, so the teacher is not checked; train it before "
                     "this recipe (its task and labels are checked then).", recipe.train.distill.teacher)

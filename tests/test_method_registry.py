@@ -131,3 +131,23 @@ def test_every_method_describes_itself_on_the_card(make_recipe):
     assert shown["ia3"] == "An IA3 adapter" and shown["vera"] == "A VeRA adapter" and shown["oft"] == "An OFT adapter"
     assert shown["prompt_tuning"] == f"A prompt-tuning adapter ({recipe.adapter.num_virtual_tokens} virtual tokens)"
     assert not [n for n, what in shown.items() if what == "A model"], shown
+
+
+@pytest.mark.parametrize("method, overrides, unread", [
+    ("ia3", ["adapter.r=64", "adapter.alpha=3", "adapter.dropout=0.5"], "adapter.r=64, adapter.alpha=3.0, adapter.dropout=0.5"),
+    ("vera", ["adapter.alpha=3"], "adapter.alpha=3.0"),
+    ("prompt_tuning", ["adapter.r=4", "adapter.target_modules=[query]"], "adapter.r=4, adapter.target_modules=['query']"),
+    ("full", ["adapter.num_virtual_tokens=5"], "adapter.num_virtual_tokens=5")])
+def test_adapter_keys_a_method_does_not_read_are_warned_about(make_recipe, caplog, method, overrides, unread):
+    """ia3 with adapter.r=64 trained exactly as with r=4 (IA3 has no rank), silently, and the recipe and card said 64."""
+    from peftlab.run import preflight
+
+    defaults = {"adapter.target_modules": None, "adapter.r": 8, "adapter.alpha": 16, "adapter.dropout": 0.1}  # (make_recipe's differ)
+    recipe = make_recipe({"adapter.method": method, **defaults, **dict(o.split("=") for o in overrides)})
+    with caplog.at_level("WARNING", logger="peftlab"):
+        preflight(recipe, training=False)
+    assert f"{unread}: not read by adapter.method={method}, so ignored" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="peftlab"):
+        preflight(make_recipe({"adapter.method": "lora", "adapter.r": 64, "adapter.alpha": 3}), training=False)
+    assert "not read by" not in caplog.text

@@ -132,6 +132,17 @@ class Method:
                 problems.append(message.format(a=a))
         return problems + self.rules(recipe)
 
+    def unread_options(self, a: AdapterConfig) -> list[str]:
+        """The general adapter keys set to other values than their defaults that this method does not read (ia3 with
+        adapter.r=64 trained as r=8 would, and the recipe and card still said 64): `validate` and `train` warn."""
+        from ..config import AdapterConfig
+
+        fields = self.recipe_fields(a) if self.recipe_fields is not None else {}
+        read = {RECIPE_KEYS[k] for k in fields if k in RECIPE_KEYS} | ({"adapter.target_modules"} if self.layers else set())
+        default = AdapterConfig()
+        return [f"adapter.{k}={getattr(a, k)!r}" for k in GENERAL_KEYS
+                if getattr(a, k) != getattr(default, k) and f"adapter.{k}" not in read]
+
     def option_problems(self, options: dict) -> list[str]:
         """adapter.options names that peft's config class of this method does not take (found at validate, not train)."""
         if not options:
@@ -156,6 +167,8 @@ class Method:
                 "checked and described on the card. Set it there, and remove it from adapter.options."
                 for k in sorted(set(a.options) & by_recipe - set(self.open_options))]
 
+
+GENERAL_KEYS = ("r", "alpha", "dropout", "target_modules", "num_virtual_tokens", "adalora_init_r", "adalora_interval")
 
 # peft config arguments -> the recipe key that sets them
 RECIPE_KEYS = {"r": "adapter.r", "target_r": "adapter.r", "init_r": "adapter.adalora_init_r", "deltaT": "adapter.adalora_interval",
