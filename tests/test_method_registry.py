@@ -88,6 +88,8 @@ def test_every_registered_method_is_checked_by_validate(registry):
     (["adapter.options.lora_dropou=0.1"], "adapter.options.lora_dropou: not an argument of peft's LoraConfig. Did you mean "
                                           "'lora_dropout'?"),
     (["adapter.method=ia3", "adapter.options.bogus=1"], "adapter.options.bogus: not an argument of peft's IA3Config."),
+    (["adapter.method=oft", "adapter.options={oft_block_size:8}"], "adapter.options.oft_block_size:8: YAML read `oft_block_size:8` as "
+                                                                    "one key with no value: write `oft_block_size: 8`, with a space"),
     (["adapter.method=full", "adapter.options.r=4"], "adapter.options with adapter.method=full: it builds no peft config"),
     # options that would replace what the recipe sets (they skipped its checks; the card showed the recipe's values)
     (["adapter.options.r=64"], "adapter.options.r: peftlab sets LoraConfig's r from adapter.r, where it is checked"),

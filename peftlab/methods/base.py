@@ -153,9 +153,16 @@ class Method:
         import peft
 
         known = {f.name for f in dataclasses.fields(getattr(peft, self.config_class))}
-        unknown = [k for k in options if k not in known]
-        return [f"adapter.options.{k}: not an argument of peft's {self.config_class}.{hint(k, known)} adapter.options are "
-                f"passed straight to it (see peft's docs)." for k in unknown]
+        problems = []
+        for k in (k for k in options if k not in known):
+            key, colon, value = str(k).partition(":")
+            if colon and options[k] is None:  # {oft_block_size:8}: YAML's flow mapping needs a space after the colon
+                problems.append(f"adapter.options.{k}: YAML read `{k}` as one key with no value: write `{key}: {value}`, with a "
+                                "space after the colon.")
+            else:
+                problems.append(f"adapter.options.{k}: not an argument of peft's {self.config_class}.{hint(k, known)} "
+                                "adapter.options are passed straight to it (see peft's docs).")
+        return problems
 
     def shadowed_options(self, a: AdapterConfig) -> list[str]:
         """adapter.options that would replace what the recipe sets (r, alpha, dropout, target_modules, ...): they skipped
