@@ -375,6 +375,8 @@ def _merge(out: Path, recipe, run, recipe_text: str, metrics: bytes | None, iden
     if hasattr(merged, "hf_quantizer"):
         merged.hf_quantizer = None
     merged.is_quantized = False
+    if recipe.quant.mode != "none":
+        conv1d_layout(merged)
 
     def fill(tmp: Path) -> None:
         merged.save_pretrained(str(tmp), safe_serialization=True)
@@ -391,3 +393,23 @@ def _merge(out: Path, recipe, run, recipe_text: str, metrics: bytes | None, iden
     write_atomic_dir(target, fill)
     log.debug("merged model written to %s", target)  # the callers say where (cli, the run summary)
     return target
+
+
+def conv1d_layout(model) -> None:
+    """Dequantizing a bnb base makes every quantized layer an nn.Linear, (out, in), also where the architecture has
+    transformers' Conv1D, (in, out) (GPT-2's c_attn, c_fc, c_proj): saved so, the merged folder did not load, and a
+    square c_proj loaded transposed. Those layers are put back as Conv1D, their weight transposed."""
+    import copy
+
+    from transformers.pytorch_utils import Conv1D
+
+    with torch.device("meta"):  # the architecture's own layers, without weights
+        arch = type(model)._from_config(copy.deepcopy(model.config))
+    for name, layer in arch.named_modules():
+        linear = model.get_submodule(name) if isinstance(layer, Conv1D) else None
+        if type(linear) is torch.nn.Linear:
+            conv = Conv1D(linear.out_features, linear.in_features).to(linear.weight.device, linear.weight.dtype)
+            conv.weight = torch.nn.Parameter(linear.weight.detach().T.contiguous(), requires_grad=False)
+            conv.bias = torch.nn.Parameter(linear.bias.detach() if linear.bias is not None else torch.zeros_like(conv.bias),
+                                           requires_grad=False)
+            model.set_submodule(name, conv)

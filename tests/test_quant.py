@@ -170,6 +170,31 @@ def test_8bit_merge_matches(make_recipe):
     assert diff <= 1e-3, diff
 
 
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_a_quantized_gpt2_style_base_merges_into_a_folder_that_loads(make_recipe, tmp_path, mode):
+    """GPT-2's c_attn, c_fc and c_proj are transformers Conv1D layers, (in, out): dequantized they came back as nn.Linear,
+    (out, in), and were saved so: the merged folder did not load (c_attn [192, 64] for [64, 192]), and the square
+    attn.c_proj would have loaded transposed. They are saved as Conv1D: it loads, with the adapter model's logits."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from .conftest import minilm_tokenizer
+
+    torch.manual_seed(0)
+    tok = minilm_tokenizer()
+    cfg = GPT2Config(vocab_size=tok.vocab_size, n_embd=64, n_layer=2, n_head=4, n_positions=64, pad_token_id=0, bos_token_id=101,
+                     eos_token_id=102)
+    GPT2LMHeadModel(cfg).save_pretrained(tmp_path / "gpt2")
+    tok.save_pretrained(tmp_path / "gpt2")
+    recipe = make_recipe({"quant.mode": mode, "adapter.target_modules": "[c_attn,c_fc,c_proj]", "train.max_steps": 3,
+                          "train.lr": 1e-2, "train.precision": "fp32"}, model=tmp_path / "gpt2")
+    run(recipe)
+    adapter_model, *_ = load_trained(recipe.out)
+    merged, *_ = load_trained(merge(recipe.out))
+    assert type(merged.transformer.h[0].attn.c_proj).__name__ == "Conv1D"
+    diff = (logits(adapter_model) - logits(merged)).abs().max().item()
+    assert diff <= {"4bit": 1e-4, "8bit": 5e-3}[mode], diff  # 8-bit: LLM.int8 also rounds the activations (README: ~2e-3)
+
+
 def test_ia3_on_a_4bit_base_merges_into_the_dequantized_copy(make_recipe):
     """transformers leaves is_loaded_in_4bit set on the dequantized model, and peft's IA3 refused to merge into it (a
     traceback after training, with export.merge=true). The flags are cleared: it merges, and the logits hold."""
