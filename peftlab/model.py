@@ -175,6 +175,39 @@ def disable_cpu_bf16_repack(model: nn.Module) -> int:
     return n
 
 
+class _BiasAsLoaded:
+    """Forward hooks of one quantized layer: its bias as it was before the call is put back after it."""
+
+    def __init__(self):
+        self.data = None
+
+    def before(self, module, args) -> None:
+        self.data = module.bias.data
+
+    def after(self, module, args, output) -> None:
+        if self.data is not None:
+            module.bias.data, self.data = self.data, None
+
+
+def keep_quantized_biases(model: nn.Module) -> int:
+    """bitsandbytes' 4-bit and 8-bit forward casts the layer's frozen bias to the input's dtype in place (8-bit under
+    bf16: every bias bfloat16 after the first step). That rounded the frozen base for the rest of the run, unlike the
+    base built again by --resume, eval or merge, and --resume's check of the frozen base refused every bf16 8-bit run.
+    Each call's cast is undone after it: the product is bitsandbytes' own, the bias stays as loaded."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        return 0
+    n = 0
+    for m in model.modules():
+        if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) and m.bias is not None:
+            keep = _BiasAsLoaded()
+            m.register_forward_pre_hook(keep.before)
+            m.register_forward_hook(keep.after, always_call=True)
+            n += 1
+    return n
+
+
 POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length")
 # models whose learned position table starts after the padding index (RoBERTa family): pad_token_id + 1 rows unusable
 OFFSET_POSITIONS = ("roberta", "xlm-roberta", "camembert", "longformer", "data2vec-text", "roberta-prelayernorm", "xmod")
@@ -347,6 +380,7 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
         from peft import prepare_model_for_kbit_training
 
         disable_cpu_bf16_repack(model)
+        keep_quantized_biases(model)
         release_checkpoint_mapping(model)
         loaded = {name: p.dtype for name, p in model.named_parameters()}
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing,

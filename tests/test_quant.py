@@ -488,3 +488,25 @@ def test_the_cards_snippet_loads_the_base_as_it_was_quantized(make_recipe, tiny_
     exec(code, namespace)
     assert capsys.readouterr().out.strip() in ("negative", "positive")
     torch.testing.assert_close(logits(namespace["model"]), logits(load_trained(recipe.out)[0]), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("quant", [{"quant.mode": "8bit"}, {"quant.mode": "4bit", "quant.compute_dtype": "bfloat16", "model.dtype": "float32"}])
+def test_a_quantized_run_under_bf16_resumes_as_if_never_stopped(make_recipe, tmp_path, quant):
+    """bitsandbytes' forward casts a quantized layer's frozen bias to the input's (8-bit) or compute (4-bit) dtype in
+    place: after the first bf16 step those biases were bfloat16, the frozen base hashed at the first checkpoint was no
+    longer the one built again, and no bf16 8-bit run could resume. The biases keep their dtype and values: it resumes,
+    as if never stopped."""
+    ov = {**quant, "train.max_steps": 4, "train.save_every": 2, "train.eval_every": 2, "train.precision": "bf16"}
+    assert_resume_is_uninterrupted(make_recipe, tmp_path, ov, step=2, steps=4)
+
+
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_a_bf16_forward_leaves_the_quantized_layers_biases_as_loaded(make_recipe, mode):
+    recipe = make_recipe({"quant.mode": mode, "quant.compute_dtype": "bfloat16", "model.dtype": "float32"})
+    splits, names = load_splits(recipe)
+    model, tok, _ = build_model(recipe, num_labels=2, label_names=names, precision="bf16")
+    layers = [m for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
+    before = [m.bias.detach().clone() for m in layers]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(**tok(["the movie was good", "a bad plot"], return_tensors="pt", padding=True)).logits.sum().backward()
+    assert all(m.bias.dtype == torch.float32 and torch.equal(m.bias, b) for m, b in zip(layers, before))
