@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -289,13 +290,93 @@ def _complete(target: Path) -> bool:
         return False
 
 
+GGUF_SCALARS = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}  # metadata value type -> bytes
+GGUF_STRING, GGUF_ARRAY = 8, 9
+
+
+def gguf_damage(source: Path) -> str | None:
+    """How the GGUF file `source` is damaged: not a GGUF file, or cut short (it ends inside its header, or before the
+    tensors its header describes; read without loading any). None when it is whole, or of a version or tensor type
+    this does not know (transformers then says what it makes of it)."""
+    import struct
+
+    size = source.stat().st_size
+    with open(source, "rb") as f:
+        def read(n: int) -> bytes:
+            if n > size - f.tell():  # (a length read from a damaged header can be anything)
+                raise EOFError
+            return f.read(n)
+
+        def number(fmt: str) -> int:
+            return struct.unpack(fmt, read(struct.calcsize(fmt)))[0]
+
+        def skip(kind: int) -> None:
+            if kind == GGUF_STRING:
+                read(number("<Q"))
+            elif kind == GGUF_ARRAY:
+                item, count = number("<I"), number("<Q")
+                if item in GGUF_SCALARS:
+                    read(GGUF_SCALARS[item] * count)
+                else:
+                    for _ in range(count):
+                        skip(item)
+            elif kind in GGUF_SCALARS:
+                read(GGUF_SCALARS[kind])
+            else:
+                raise ValueError(kind)
+
+        try:
+            if read(4) != b"GGUF":
+                return "it does not begin with the GGUF signature: it is not a GGUF file, or its start was overwritten"
+            version, n_tensors, n_kv = struct.unpack("<IQQ", read(20))
+            if version not in (2, 3):
+                return None
+            alignment = 32
+            for _ in range(n_kv):
+                key, kind = read(number("<Q")), number("<I")
+                if key == b"general.alignment" and kind == 4:
+                    alignment = number("<I")
+                else:
+                    skip(kind)
+            tensors = []
+            for _ in range(n_tensors):
+                read(number("<Q"))  # the name
+                dims = struct.unpack(f"<{(n := number('<I'))}Q", read(8 * n))
+                tensors.append((dims, number("<I"), number("<Q")))  # (dims, ggml type, offset in the data section)
+            start = -(-f.tell() // alignment) * alignment
+        except EOFError:
+            return f"it ends inside its header, at byte {size:,}"
+        except ValueError:  # a metadata type this reading does not know
+            return None
+    try:
+        from gguf.constants import GGML_QUANT_SIZES
+    except ImportError:  # (_convert says the package is missing)
+        return None
+    if any(kind not in GGML_QUANT_SIZES for _, kind, _ in tensors):
+        return None
+    need = start + max((offset + math.prod(dims) // GGML_QUANT_SIZES[kind][0] * GGML_QUANT_SIZES[kind][1]
+                        for dims, kind, offset in tensors), default=0)
+    return f"it is {size:,} bytes, and the {len(tensors)} tensors its header describes need {need:,}" if need > size else None
+
+
+def check_gguf_whole(source: Path) -> None:
+    """ModelNotFound naming the damage when the GGUF file `source` is damaged or cut short (before transformers reads
+    it: its errors then blame the architecture, or are a bare struct.error)."""
+    if damage := gguf_damage(source):
+        raise ModelNotFound(f"model.name={source}: cannot load this GGUF file: it is damaged or cut short ({damage}); an "
+                            "interrupted download or copy does this. Download or copy it again.")
+
+
 def _convert(source: Path, sidecar: Path | None, staging: Path) -> None:
     """Load the GGUF dequantized through transformers and save it as a plain folder into `staging`."""
     import json
     import os
+    import struct
 
     import transformers
     from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    check_gguf_whole(source)
 
     # transformers reads config.json / tokenizer.json beside a GGUF instead of the GGUF's own metadata: load it from a
     # folder that holds only (a link to) the file
@@ -310,6 +391,9 @@ def _convert(source: Path, sidecar: Path | None, staging: Path) -> None:
         model = AutoModelForCausalLM.from_pretrained(str(where), gguf_file=name, dtype="float32")
     except ImportError as e:
         raise ModelNotFound(f"model.name={source}: reading a GGUF file needs the gguf package ({e}). Run: pip install gguf") from None
+    except (struct.error, EOFError, IndexError) as e:  # (damage gguf_damage did not see: the reader ran short)
+        raise ModelNotFound(f"model.name={source}: cannot load this GGUF file ({type(e).__name__}: {e}): it looks damaged or "
+                            "cut short (an interrupted download or copy). Download or copy it again.") from None
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelNotFound(f"model.name={source}: transformers {transformers.__version__} cannot load this GGUF file "
                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). Convert it with llama.cpp's "

@@ -471,7 +471,7 @@ def model_problems(recipe: Recipe) -> list[str]:
 
     from huggingface_hub import constants
 
-    from .bases import converted_if_ready, gguf_source, packaged_near
+    from .bases import check_gguf_whole, converted_if_ready, gguf_source, packaged_near
     from .errors import HubModelUnreachable, ModelNotFound
     from .methods.peft_adapter import check_target_modules
 
@@ -489,6 +489,10 @@ def model_problems(recipe: Recipe) -> list[str]:
     except ModelNotFound as e:
         return [] if m.from_run is not None else [str(e)]  # (from_run: merged by `train` first)
     if path is None:
+        try:
+            check_gguf_whole(source)  # (cheap: its header is read, no tensor)
+        except ModelNotFound as e:
+            return [str(e)]
         log.info("model.name=%r: a GGUF base with no converted folder found; model.num_layers and adapter.target_modules "
                  "are checked when `train` converts it (or finds its conversion)", m.name)
         return []

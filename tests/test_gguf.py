@@ -20,7 +20,7 @@ from peftlab.bases import converted_folder, resolve_model_path
 from peftlab.errors import ArtifactError, ModelNotFound
 from peftlab.to_gguf import write_gguf
 
-from .conftest import shared_or_skip
+from .conftest import REPO, shared_or_skip
 from .test_summarization import dialogues  # noqa: F401  (the module's fixture: short dialogues and summaries)
 
 gguf = pytest.importorskip("gguf")
@@ -219,8 +219,45 @@ def test_bad_gguf_names_are_clear(tmp_path, tiny_gguf):
         resolve_model_path(str(d))
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"not a gguf at all")
-    with pytest.raises(ModelNotFound, match=r"cannot load this GGUF file"):
+    with pytest.raises(ModelNotFound, match=r"cannot load this GGUF file: it is damaged"):
         resolve_model_path(str(bad))
+
+
+def gguf_cut_at(source: Path, size: int, target: Path) -> Path:
+    with open(source, "rb") as f:
+        target.write_bytes(f.read(size))
+    return target
+
+
+def test_a_gguf_cut_short_is_named_as_such(tmp_path, tiny_gguf):
+    """A GGUF cut inside its header raised transformers' struct.error, one cut in its tensors 'cannot reshape array ...
+    use a GGUF of an architecture transformers supports'. Both say the file is damaged or cut short, and to fetch it
+    again; so does a file that is no GGUF at all. A whole file is not refused (the other tests convert it)."""
+    from peftlab.bases import gguf_damage
+
+    whole = tiny_gguf[0]
+    assert gguf_damage(whole) is None
+    size = whole.stat().st_size
+    for cut in (3, 100, 2000, size // 2, size - 1):
+        with pytest.raises(ModelNotFound, match=r"cannot load this GGUF file: it is damaged or cut short \((it ends inside "
+                                                 r"its header, at byte [\d,]+|it is [\d,]+ bytes, and the \d+ tensors its header describes "
+                                                 r"need [\d,]+)\).*Download or copy it again"):
+            resolve_model_path(str(gguf_cut_at(whole, cut, tmp_path / f"cut-{cut}.gguf")))
+    (tmp_path / "html.gguf").write_text("<html>404 Not Found</html>")
+    with pytest.raises(ModelNotFound, match=r"damaged or cut short \(it does not begin with the GGUF signature"):
+        resolve_model_path(str(tmp_path / "html.gguf"))
+
+
+@pytest.mark.parametrize("cut", [100, 3_000_000, 40_000_000])
+def test_the_smollm2_gguf_cut_short_is_named_as_such_by_train_and_validate(tmp_path, cut):
+    source = next(shared_or_skip("models", "smollm2-135m-instruct").glob("*.gguf"))
+    cut_file = gguf_cut_at(source, cut, tmp_path / "t.gguf")
+    with pytest.raises(ModelNotFound, match=r"damaged or cut short.*Download or copy it again"):
+        resolve_model_path(str(cut_file))
+    from peftlab.model import model_problems
+
+    recipe = load_recipe(REPO / "recipes" / "minilm" / "sst2-lora.yaml", [f"model.name={cut_file}"], validate_files=False)
+    assert any("damaged or cut short" in p for p in model_problems(recipe))
 
 
 def test_validate_converts_no_gguf_and_checks_target_modules_once_converted(tiny_gguf, cache, tmp_path, caplog):
