@@ -119,6 +119,22 @@ def test_an_unknown_quant_mode_is_one_problem_not_two(tmp_path):
     assert "quant.mode" in str(e.value) and "does not support it" not in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("mode, option, value", [("8bit", "quant_type", "fp4"), ("8bit", "compute_dtype", "bfloat16"),
+                                                 ("8bit", "double_quant", "false"), ("none", "compute_dtype", "bfloat16"),
+                                                 ("none", "quant_type", "fp4")])
+def test_a_quant_option_the_mode_does_not_read_is_refused(mode, option, value):
+    """Only 4-bit quantization reads quant_type, double_quant and compute_dtype: set otherwise they were accepted and
+    changed nothing. They are refused with the fix, as an adapter option its method does not read; their defaults pass."""
+    with pytest.raises(ConfigError) as e:
+        load_recipe(None, [f"quant.mode={mode}", f"quant.{option}={value}", "data.train.path=x.tsv"], validate_files=False)
+    assert f"quant.{option}={value} with quant.mode={mode}:" in str(e.value) and "nothing reads it" in str(e.value), str(e.value)
+    assert "or use quant.mode=4bit" in str(e.value)
+    assert len(e.value.problems) == 1
+    load_recipe(None, ["quant.mode=4bit", f"quant.{option}={value}", "data.train.path=x.tsv"], validate_files=False)
+    load_recipe(None, [f"quant.mode={mode}", "quant.quant_type=nf4", "quant.double_quant=true", "quant.compute_dtype=auto",
+                       "data.train.path=x.tsv"], validate_files=False)
+
+
 def test_a_malformed_list_override_is_refused_not_taken_as_a_string():
     from peftlab import load_recipe
     from peftlab.errors import ConfigError

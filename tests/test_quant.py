@@ -502,7 +502,7 @@ def test_a_quantized_run_under_bf16_resumes_as_if_never_stopped(make_recipe, tmp
 
 @pytest.mark.parametrize("mode", ["4bit", "8bit"])
 def test_a_bf16_forward_leaves_the_quantized_layers_biases_as_loaded(make_recipe, mode):
-    recipe = make_recipe({"quant.mode": mode, "quant.compute_dtype": "bfloat16", "model.dtype": "float32"})
+    recipe = make_recipe({"quant.mode": mode, "model.dtype": "float32", **({"quant.compute_dtype": "bfloat16"} if mode == "4bit" else {})})
     splits, names = load_splits(recipe)
     model, tok, _ = build_model(recipe, num_labels=2, label_names=names, precision="bf16")
     layers = [m for m in model.modules() if isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt))]
