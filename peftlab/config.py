@@ -742,22 +742,15 @@ def check_field(name: str, value: Any, f: dataclasses.Field, optional: bool) -> 
     return None
 
 
-# the quant options only 4-bit quantization reads -> what they choose
-QUANT_4BIT_OPTIONS = {"quant_type": "the 4-bit data type", "double_quant": "whether the 4-bit quantization constants are quantized too",
-                      "compute_dtype": "the dtype 4-bit matmuls compute in"}
-
-
-def quant_problems(q: QuantConfig) -> list[str]:
-    """quant options set to other than their default where quant.mode does not read them: they changed nothing, silently
-    (as an adapter option its method does not read, which methods/ refuses)."""
+def unread_quant_options(q: QuantConfig) -> list[str]:
+    """quant.quant_type, double_quant and compute_dtype set to other than their defaults where quant.mode does not read
+    them (only 4-bit does): they changed nothing, silently. `validate` and `train` warn (a refusal would also lock out
+    the runs whose saved recipe.yaml holds one: sst2-qlora.yaml with quant.mode=8bit keeps its compute_dtype)."""
     if q.mode not in ("none", "8bit"):  # (4bit reads them all; an unknown mode is its field's problem)
         return []
-    why = "the base is not quantized" if q.mode == "none" else "8-bit quantization (LLM.int8) has no such setting"
     default = QuantConfig()
     text = lambda v: str(v).lower() if isinstance(v, bool) else v  # noqa: E731  (as YAML and overrides write it)
-    return [f"quant.{k}={text(getattr(q, k))} with quant.mode={q.mode}: it sets {what}, and {why}, so nothing reads it. "
-            f"Remove it (or set quant.{k}={text(getattr(default, k))}), or use quant.mode=4bit."
-            for k, what in QUANT_4BIT_OPTIONS.items() if getattr(q, k) != getattr(default, k)]
+    return [f"quant.{k}={text(getattr(q, k))}" for k in ("quant_type", "double_quant", "compute_dtype") if getattr(q, k) != getattr(default, k)]
 
 
 def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = None) -> None:
@@ -782,7 +775,6 @@ def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = N
         p.extend(get_method(a.method).check(recipe))  # quantization support, options it does not read, its own rules (methods/)
     if isinstance(a.target_modules, list) and not a.target_modules:
         p.append("adapter.target_modules is an empty list: use null for the architecture's defaults.")
-    p.extend(quant_problems(recipe.quant))
     name = recipe.name
     need(bool(name) and "/" not in name and "\\" not in name and name not in (".", ".."),
          f"name={name!r}: use a plain name (letters, digits, - _ .), it becomes a directory.")

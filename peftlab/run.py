@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from . import distill
 from .accel import FrozenWeightsCast, autocast_dtype, make_accelerator, resolve_precision, shards_weights
 from .bases import gguf_key
-from .config import EVAL_SPLITS, Recipe, checked, from_run_problems, load_recipe
+from .config import EVAL_SPLITS, Recipe, checked, from_run_problems, load_recipe, unread_quant_options
 from .data import build_data, column_problems, load_splits
 from .errors import ArtifactError, ConfigError
 from .export import atomic_write_text, export, merge, predictions_jsonl, rebuild
@@ -305,6 +305,9 @@ def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
     if unread := get_method(recipe.adapter.method).unread_options(recipe.adapter):
         log.warning("%s: not read by adapter.method=%s, so ignored (the recipe and the card still show them). Remove them, "
                     "or choose a method that reads them.", ", ".join(unread), recipe.adapter.method)
+    if unread := unread_quant_options(recipe.quant):
+        log.warning("%s: only 4-bit quantization reads them (quant.mode=%s), so ignored. Remove them, or use quant.mode=4bit.",
+                    ", ".join(unread), recipe.quant.mode)
     if recipe.train.distill and not teacher:
         log.warning("train.distill.teacher=%s: no finished run there yet, so the teacher is not checked; train it before "
                     "this recipe (its task and labels are checked then).", recipe.train.distill.teacher)
