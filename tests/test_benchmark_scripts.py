@@ -207,6 +207,33 @@ def test_domain_adaptation_refuses_pairs_that_are_not_two_different_domains(pair
 
 # ------------------------------------------------------------------------------------------------ the other scripts
 
+@pytest.mark.parametrize(("args", "says"), [
+    (["--repeats", "0"], "--repeats 0: give at least 1 peftlab/Trainer pair per case"),
+    (["--steps", "0"], "--steps 0: give at least 1 optimizer step"),
+    (["--threads", "0"], "--threads 0: give at least 1 torch thread"),
+    (["--eval-every", "0"], "--eval-every 0: give at least 1 step between evaluations"),
+    (["--rows", "-1"], "--rows -1: give at least 1 SST-2 train row"),
+    (["--eval-rows", "-5"], "--eval-rows -5: give at least 1 dev row, or 0 for all 872"),
+    (["--memory-steps", "0"], "--memory-steps 0: give at least 1"),
+    (["--s2s-rows", "0"], "--s2s-rows 0: give at least 1"),
+    (["--s2s-steps", "-2"], "--s2s-steps -2: give at least 1"),
+    (["--s2s-test", "0"], "--s2s-test 0: give at least 1"),
+    (["--ablation-steps", "0"], "--ablation-steps 0: give at least 1 step"),
+    (["--target", "1.5"], "--target 1.5: give a dev accuracy > 0 and <= 1"),
+])
+def test_throughput_refuses_bad_sizes_before_any_work(tmp_path, monkeypatch, capsys, args, says):
+    """--repeats 0 measured nothing and replaced the stored results with an empty table; --steps 0 (a division by zero
+    after training), --threads 0 and --eval-every 0 were tracebacks."""
+    bench = load_benchmark("throughput")
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "gemm_peak", lambda *a: pytest.fail("measured"))
+    monkeypatch.setattr(sys, "argv", ["throughput.py", *args, "--precision", "fp32", "--name", "never-written"])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    assert stop.value.code == 2 and says in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
 def test_sft_throughput_refuses_no_rows_before_measuring():
     refused("sft_throughput", "--rows", "-3", says="--rows -3 --eval-rows 64: each needs at least 1 dialogue")
 
