@@ -10,6 +10,8 @@ at once, and a rerun skips the runs already there: a crashed or interrupted stud
 
 Step budget: a run of n training rows takes min(cap, max(floor, ceil(epochs x n / batch))) optimizer steps
 (defaults: 2 epochs, at least 100 steps, at most 1000): small fractions get several passes, large ones a fixed budget.
+Given --max-steps alone below the default floor, the floor is lowered to it (and --min-steps alone above the default cap
+raises the cap); both given, --min-steps must not exceed --max-steps.
 Writes benchmarks/results/transfer_study.{json,csv,md} and transfer_study-curves.png, transfer_study-params.png
 (with --quick: transfer_study-quick.*).
 """
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import io
 import json
 import math
 import os
@@ -29,7 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab
-from benchmarks.common import METHODS, RESULTS, RunFailed, save_figure, train_process  # noqa: E402
+from benchmarks.common import METHODS, RESULTS, RunFailed, save_figure, train_process, write_result  # noqa: E402
 
 DEFAULT_METHODS = "scratch,frozen,lora,qlora,dora,ia3,full"
 TASKS = {  # recipe, split scored, train rows, overrides (AG News: no held-out eval, the test split scores each run)
@@ -202,7 +205,7 @@ def plot(summary: list[dict], stem: Path) -> list[Path]:
         ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # colours as in the learning curves
     fig.tight_layout()
     params = stem.with_name(stem.name + "-params.png")
-    fig.savefig(params, dpi=110)
+    save_figure(fig, params, dpi=110)
     plt.close(fig)
     return [curves, params]
 
@@ -228,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="measure this call's runs again (each replaces its stored row; the store's other rows are kept)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args(argv)
+    given = {k for k in ("min_steps", "max_steps") if getattr(args, k) is not None}
     defaults = {"methods": DEFAULT_METHODS, "fractions": "0.01,0.03,0.1,0.3,1", "seeds": 3, "seeds_large": 1, "min_steps": 100,
                 "max_steps": 1000, "batch_size": 32, "eval_rows": None}
     for key, value in (QUICK if args.quick else defaults).items():
@@ -236,6 +240,10 @@ def main(argv: list[str] | None = None) -> int:
     for key, value in defaults.items():  # --quick with some knobs given: the rest from the full defaults
         if getattr(args, key) is None:
             setattr(args, key, value)
+    if given == {"max_steps"}:  # a cap below the default floor: the floor follows it
+        args.min_steps = min(args.min_steps, args.max_steps)
+    elif given == {"min_steps"}:  # a floor above the default cap: the cap follows it
+        args.max_steps = max(args.min_steps, args.max_steps)
     if unknown := [t for t in args.tasks.split(",") if t not in TASKS]:
         p.error(f"--tasks: unknown {', '.join(unknown)}; choose from {', '.join(TASKS)}")
     if unknown := [m for m in args.methods.split(",") if m not in METHODS]:
@@ -246,8 +254,23 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--fractions {args.fractions}: expected comma-separated numbers, e.g. 0.01,0.1,1")
     if bad := [f for f in fractions if not 0 < f <= 1]:
         p.error(f"--fractions: {', '.join(f'{f:g}' for f in bad)} out of range; a fraction of the train split is > 0 and <= 1")
-    if args.quick and not args.set:
-        args.set = ["data.max_length=64"]
+    # checked before any run: --batch-size 0 divided by zero, --seeds 0 ran nothing ("no finished runs"), --epochs 0 --min-steps 0
+    # trained 0 steps and stored the untrained model as a result, --min-steps above --max-steps silently trained --max-steps
+    for flag, value, give in (("--seeds", args.seeds, "at least 1 seed per fraction <= 10%"),
+                              ("--seeds-large", args.seeds_large, "at least 1 seed per fraction > 10%"),
+                              ("--batch-size", args.batch_size, "at least 1 row per batch"),
+                              ("--max-steps", args.max_steps, "at least 1 optimizer step per run"),
+                              ("--min-steps", args.min_steps, "at least 1 optimizer step per run")):
+        if value < 1:
+            p.error(f"{flag} {value}: give {give}")
+    if not args.epochs > 0:
+        p.error(f"--epochs {args.epochs:g}: give a positive number of passes over the subset (e.g. 2 or 0.5)")
+    if args.min_steps > args.max_steps:
+        p.error(f"--min-steps {args.min_steps} --max-steps {args.max_steps}: the step floor is above the cap; give --min-steps <= --max-steps")
+    if args.eval_rows is not None and args.eval_rows < 1:
+        p.error(f"--eval-rows {args.eval_rows}: give at least 1 row, or leave it out to score all of the scored split")
+    if args.quick and not any(item.split("=", 1)[0].strip() == "data.max_length" for item in args.set):
+        args.set = ["data.max_length=64", *args.set]  # what --quick promises, unless the user's --set gives its own
     args.name = args.name or ("transfer_study-quick" if args.quick else "transfer_study")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     args.results.mkdir(parents=True, exist_ok=True)
@@ -277,12 +300,13 @@ def main(argv: list[str] | None = None) -> int:
         print("no finished runs")
         return 1
     summary = summarize(current)
-    with (args.results / f"{args.name}.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(current[0]))
-        writer.writeheader()
-        writer.writerows(current)
+    buffer = io.StringIO(newline="")
+    writer = csv.DictWriter(buffer, fieldnames=list(current[0]))
+    writer.writeheader()
+    writer.writerows(current)
+    write_result(args.results / f"{args.name}.csv", buffer.getvalue())  # each results file whole or not at all
     md = "\n".join([table(summary), "", *(f"- {line}" for line in headlines(summary))]).rstrip()
-    (args.results / f"{args.name}.md").write_text(md + "\n")
+    write_result(args.results / f"{args.name}.md", md + "\n")
     plot(summary, args.results / args.name)
     print(md)
     if failed:

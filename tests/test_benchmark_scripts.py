@@ -66,6 +66,14 @@ def test_transfer_study_fresh_replaces_only_the_runs_it_measures(tmp_path, monke
     (["--fractions", "0.1,0"], "--fractions: 0 out of range"),
     (["--fractions", "1.5"], "> 0 and <= 1"),
     (["--fractions", "ten"], "expected comma-separated numbers"),
+    (["--batch-size", "0"], "--batch-size 0: give at least 1 row per batch"),
+    (["--seeds", "0"], "--seeds 0: give at least 1 seed"),
+    (["--seeds-large", "-1"], "--seeds-large -1: give at least 1 seed"),
+    (["--epochs", "0", "--min-steps", "0"], "--min-steps 0: give at least 1 optimizer step"),
+    (["--epochs", "0"], "--epochs 0: give a positive number of passes"),
+    (["--max-steps", "0"], "--max-steps 0: give at least 1 optimizer step"),
+    (["--min-steps", "50", "--max-steps", "10"], "--min-steps 50 --max-steps 10: the step floor is above the cap"),
+    (["--eval-rows", "0"], "--eval-rows 0: give at least 1 row"),
 ])
 def test_transfer_study_refuses_unknown_tasks_methods_and_fractions_out_of_range(tmp_path, monkeypatch, capsys, args, says):
     study = load_benchmark("transfer_study")
@@ -74,6 +82,60 @@ def test_transfer_study_refuses_unknown_tasks_methods_and_fractions_out_of_range
         study.main([*args, "--results", str(tmp_path)])
     assert stop.value.code == 2 and says in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(("args", "floor", "cap"), [(["--max-steps", "50"], 50, 50), (["--min-steps", "2000"], 2000, 2000),
+                                                    (["--quick", "--max-steps", "10"], 10, 10), ([], 100, 1000)])
+def test_transfer_study_one_step_bound_given_moves_the_default_other(tmp_path, monkeypatch, args, floor, cap):
+    study = load_benchmark("transfer_study")
+    seen = []
+    monkeypatch.setattr(study, "run_one", lambda task, method, fraction, seed, a: seen.append((a.min_steps, a.max_steps))
+                        or transfer_row(task, method, fraction, seed, 0.5))
+    monkeypatch.setattr(study, "plot", lambda summary, stem: [])
+    assert study.main([*args, "--tasks", "sst2", "--methods", "lora", "--fractions", "0.01", "--seeds", "1",
+                       "--results", str(tmp_path), "--name", "t"]) == 0
+    assert seen == [(floor, cap)]
+
+
+@pytest.mark.parametrize(("sets", "expected"), [([], ["data.max_length=64"]),
+                                                (["train.lr=1e-4"], ["data.max_length=64", "train.lr=1e-4"]),
+                                                (["data.max_length=32"], ["data.max_length=32"])])
+def test_transfer_study_quick_keeps_its_max_length_next_to_the_users_set(tmp_path, monkeypatch, sets, expected):
+    """--quick --set KEY=VALUE dropped the data.max_length=64 --quick promises."""
+    study = load_benchmark("transfer_study")
+    seen = []
+    monkeypatch.setattr(study, "run_one", lambda task, method, fraction, seed, a: seen.append(list(a.set))
+                        or transfer_row(task, method, fraction, seed, 0.5))
+    monkeypatch.setattr(study, "plot", lambda summary, stem: [])
+    assert study.main(["--quick", *(f"--set={item}" for item in sets), "--tasks", "sst2", "--methods", "lora", "--fractions", "0.01",
+                       "--seeds", "1", "--results", str(tmp_path), "--name", "t"]) == 0
+    assert seen == [expected]
+
+
+def test_transfer_study_writes_its_tables_and_figures_atomically(tmp_path, monkeypatch):
+    """The .csv was opened with "w" (emptied before its rows were written), the -params.png saved in place: a failure
+    while writing them lost the previous results."""
+    import csv
+
+    import matplotlib.figure
+
+    study = load_benchmark("transfer_study")
+    monkeypatch.setattr(study, "run_one", lambda task, method, fraction, seed, a: transfer_row(task, method, fraction, seed, 0.5))
+    targets, savefig = [], matplotlib.figure.Figure.savefig
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, path, **kw: targets.append(os.fspath(path)) or savefig(fig, path, **kw))
+    argv = ["--tasks", "sst2", "--methods", "lora", "--fractions", "0.01", "--seeds", "1", "--results", str(tmp_path), "--name", "t"]
+    assert study.main(argv) == 0
+    assert {os.path.basename(t) for t in targets} == {".t-curves.tmp.png", ".t-params.tmp.png"}  # then renamed into place
+    assert (tmp_path / "t-curves.png").is_file() and (tmp_path / "t-params.png").is_file()
+    before = (tmp_path / "t.csv").read_text()
+
+    def broken(self, rows):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(csv.DictWriter, "writerows", broken)
+    with pytest.raises(OSError, match="disk full"):
+        study.main([*argv, "--fresh"])
+    assert (tmp_path / "t.csv").read_text() == before
 
 
 def test_transfer_study_goes_on_past_a_failed_run(tmp_path, monkeypatch, capsys):
