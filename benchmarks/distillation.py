@@ -239,8 +239,21 @@ def latency_ratio(teacher_ms: float, student_ms: float) -> str:
     return f"{ratio:.2f}x faster" if ratio >= 1 else f"{1 / ratio:.2f}x slower"
 
 
+def teacher_result(args) -> dict | None:
+    """The teacher the students learned from: --teacher RUN's own run.json (a finished run given, trained elsewhere), else
+    this benchmark's stored teacher stage. (The report read the stored stage only: with --teacher and a new --tag there is
+    none, and every 'kept' share was nan%; without a tag it was some other teacher's accuracy.)"""
+    if not args.teacher:
+        return stored("teacher")
+    run_json = Path(args.teacher) / "run.json"
+    if not run_json.is_file():
+        return None
+    run = json.loads(run_json.read_text())
+    return {"name": "teacher", "recipe": str(args.teacher), "overrides": [], "run": run, "process_wall_s": run.get("train_wall_s")}
+
+
 def report(args) -> str:
-    t = stored("teacher")
+    t = teacher_result(args)
     teacher_acc = accuracy(t) if t else float("nan")
     metric = "accuracy / macro-F1" if TASK.f1 else "accuracy"
     lines = [f"# Knowledge distillation on {TASK.title}", "",
@@ -274,9 +287,10 @@ def report(args) -> str:
                      f"{100 * best / teacher_acc:.1f}% | {wall(runs[0])} / {wall(runs[1])} min |")
     if t:
         r = t["run"]
+        took = f"{t['process_wall_s'] / 60:.1f} min" if t["process_wall_s"] is not None else "time not recorded"
         lines += ["", f"Teacher: {cell(t)} {metric} on {TASK.test_name}, {r['trainable_params'] / 1e6:.2f}M of "
                   f"{r['total_params'] / 1e6:.1f}M parameters trained ({r['trainable_percent']:.2f}%), "
-                  f"{t['process_wall_s'] / 60:.1f} min."]
+                  f"{took}{' (training, the run given with --teacher)' if args.teacher else ''}."]
     repeats = [(n, r) for n, r in (("teacher", t), *((n, stored(n)) for n in PRECISION_CHECK)) if r]
     if len(repeats) > 1:
         from peftlab.config import Recipe
@@ -319,8 +333,9 @@ def main() -> None:
     p.add_argument("--reuse-label-only", action="store_true",
                    help="with --tag: take the label-only runs (which no teacher changes) from the untagged results "
                         "where they are stored, instead of training them again")
-    p.add_argument("--fractions", default="100,10,1", help="percent of the train rows with labels, comma-separated")
-    p.add_argument("--train-rows", type=int, help="use only this many train rows in all (a quick look)")
+    p.add_argument("--fractions", help="percent of the train rows with labels, comma-separated, each > 0 and <= 100 "
+                   "(default 100,10,1; with --smoke 10,100)")
+    p.add_argument("--train-rows", type=int, help="use only this many train rows in all (a quick look; 0 = all)")
     p.add_argument("--student", nargs="*", default=[], help="extra overrides of every student run")
     p.add_argument("--teacher-overrides", nargs="*",
                    help="overrides of the teacher run (default: SST-2: LoRA r16 on every linear layer, "
@@ -333,7 +348,8 @@ def main() -> None:
                    help="skip the 6-layer MiniLM + LoRA r8 students (label-only and distilled, 100%% of the labels)")
     p.add_argument("--speed-rows", type=int, help="test rows timed (default: all; SST-2 dev has 872, emotion test 2,000)")
     p.add_argument("--requests", type=int, default=100, help="single requests timed for the p50 latency")
-    p.add_argument("--smoke", action="store_true", help="tiny: 400 train rows, 4 steps a run, apart (--tag smoke)")
+    p.add_argument("--smoke", action="store_true", help="tiny: 400 train rows, 4 steps a run, --fractions 10,100, apart (--tag smoke); "
+                   "--train-rows, --fractions, --speed-rows and --tag given are kept")
     p.add_argument("--tag", default="", help="keep these runs and results apart")
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--verbose", action="store_true")
@@ -346,15 +362,35 @@ def main() -> None:
     if args.task != "sst2":
         RUNS, OUT = RUNS.with_name(f"distill-bench-{args.task}"), OUT.with_name(f"distillation-{args.task}")
     if args.smoke:
-        args.tag, args.train_rows, args.fractions = args.tag or "smoke", args.train_rows or 400, "10,100"
+        args.tag, args.train_rows, args.fractions = args.tag or "smoke", args.train_rows or 400, args.fractions or "10,100"
         args.speed_rows, args.requests = args.speed_rows or 64, min(args.requests, 10)
+    args.fractions = args.fractions or "100,10,1"
+    # checked before any run: --fractions 0 trained three runs, then divided by zero; 150 labelled every row and reported
+    # "150%"; a negative --train-rows silently dropped the last rows; --requests 0 failed in the speed stage
+    try:
+        fractions = [float(f) for f in args.fractions.split(",")]
+    except ValueError:
+        p.error(f"--fractions {args.fractions}: expected comma-separated percents, e.g. 100,10,1")
+    if bad := [f for f in fractions if not 0 < f <= 100]:
+        p.error(f"--fractions: {', '.join(f'{f:g}' for f in bad)} out of range; a percent of the train rows is > 0 and <= 100")
+    if args.train_rows is not None and args.train_rows < 0:
+        p.error(f"--train-rows {args.train_rows}: give at least 1 row, or 0 (or leave it out) for all of them")
+    if args.speed_rows is not None and args.speed_rows < 0:
+        p.error(f"--speed-rows {args.speed_rows}: give at least 1 test row, or 0 (or leave it out) for all of them")
+    if args.requests < 1:
+        p.error(f"--requests {args.requests}: give at least 1 single request to time (default 100)")
+    try:
+        args.extra_layers = [int(n) for n in args.extra_layers.split(",") if n]
+    except ValueError:
+        p.error(f"--extra-layers {args.extra_layers}: expected comma-separated layer counts, e.g. 2 or 2,6 ('' for none)")
+    if bad := [n for n in args.extra_layers if n < 1]:
+        p.error(f"--extra-layers: {', '.join(map(str, bad))}: a student has at least 1 layer")
     BASE_OUT, REUSE_LABEL_ONLY = OUT, args.reuse_label_only
     if args.reuse_label_only and not args.tag:
         p.error("--reuse-label-only takes the label-only runs of the untagged benchmark: give this one a --tag")
     if args.tag:
         RUNS, OUT = RUNS.with_name(f"{RUNS.name}-{args.tag}"), OUT.with_name(f"{OUT.name}-{args.tag}")
-    args.fractions = [float(f) for f in args.fractions.split(",")]
-    args.extra_layers = [int(n) for n in args.extra_layers.split(",") if n]
+    args.fractions = fractions
     stages = args.stages.split(",")
     if bad := [s for s in stages if s not in STAGES]:
         p.error(f"unknown stage(s) {bad}: {STAGES}")

@@ -267,6 +267,79 @@ def test_domain_adaptation_refuses_pairs_that_are_not_two_different_domains(pair
     assert not (RESULTS / "domain_adaptation-never-written.md").exists()
 
 
+# ------------------------------------------------------------------------------------------------ distillation.py
+
+def distillation(tmp_path, monkeypatch):
+    """benchmarks/distillation.py with its runs and results under tmp_path, and nothing that trains or times."""
+    bench = load_benchmark("distillation")
+    monkeypatch.setattr(bench, "RUNS", tmp_path / "runs" / "distill-bench")
+    monkeypatch.setattr(bench, "OUT", tmp_path / "results" / "distillation")
+    monkeypatch.setattr(bench, "stored_case", lambda *a, **k: pytest.fail("trained"))
+    monkeypatch.setattr(bench, "speed", lambda *a, **k: pytest.fail("timed"))
+    return bench
+
+
+def distill_result(accuracy: float, **more) -> dict:
+    return {"metrics": {"test": {"accuracy": accuracy}}, "trainable_params": 1e6, "total_params": 2e6, "trainable_percent": 50.0,
+            "steps": 10, **more}
+
+
+@pytest.mark.parametrize(("args", "says"), [
+    (["--fractions", "0"], "--fractions: 0 out of range; a percent of the train rows is > 0 and <= 100"),
+    (["--fractions", "100,150"], "--fractions: 150 out of range"),
+    (["--fractions", "ten"], "--fractions ten: expected comma-separated percents"),
+    (["--train-rows", "-5"], "--train-rows -5: give at least 1 row, or 0"),
+    (["--requests", "0"], "--requests 0: give at least 1 single request"),
+    (["--smoke", "--requests", "-1"], "--requests -1: give at least 1"),
+    (["--speed-rows", "-2"], "--speed-rows -2: give at least 1 test row"),
+    (["--extra-layers", "two"], "--extra-layers two: expected comma-separated layer counts"),
+])
+def test_distillation_refuses_bad_arguments_before_any_run(tmp_path, monkeypatch, capsys, args, says):
+    bench = distillation(tmp_path, monkeypatch)
+    monkeypatch.setattr(bench, "report", lambda *a: pytest.fail("reported"))
+    monkeypatch.setattr(sys, "argv", ["distillation.py", *args, "--stages", "report", "--tag", "never-written"])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    assert stop.value.code == 2 and says in capsys.readouterr().err
+    assert not tmp_path.joinpath("results").exists()
+
+
+@pytest.mark.parametrize(("args", "fractions", "rows"), [(["--smoke"], [10.0, 100.0], 400),
+                                                         (["--smoke", "--fractions", "50"], [50.0], 400),
+                                                         (["--fractions", "20,5", "--train-rows", "0"], [20.0, 5.0], 0)])
+def test_distillation_smoke_keeps_the_fractions_given(tmp_path, monkeypatch, args, fractions, rows):
+    """--smoke overwrote --fractions with 10,100 (its other sizes already kept what was given)."""
+    bench = distillation(tmp_path, monkeypatch)
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    (teacher / "run.json").write_text(json.dumps(distill_result(0.9)))
+    seen = []
+    monkeypatch.setattr(bench, "students", lambda t, a: seen.append((a.fractions, a.train_rows)))
+    monkeypatch.setattr(sys, "argv", ["distillation.py", *args, "--teacher", str(teacher), "--stages", "students"])
+    bench.main()
+    assert seen == [(fractions, rows)]
+
+
+def test_distillation_report_reads_the_teacher_given_with_teacher(tmp_path, monkeypatch):
+    """With --teacher RUN and a new --tag the report read only the stored teacher stage (there is none): every "kept
+    (best)" cell was nan%."""
+    bench = distillation(tmp_path, monkeypatch)
+    teacher = tmp_path / "my-teacher"
+    teacher.mkdir()
+    (teacher / "run.json").write_text(json.dumps(distill_result(0.8, train_wall_s=120.0)))
+    out = tmp_path / "results" / "distillation-new"
+    out.mkdir(parents=True)
+    monkeypatch.setattr(bench, "OUT", out)
+    monkeypatch.setattr(bench, "BASE_OUT", out)
+    for name, acc in (("labels-100", 0.6), ("distill-100", 0.7)):
+        (out / f"{name}.json").write_text(json.dumps({"name": name, "run": distill_result(acc), "process_wall_s": 60.0}))
+    (out / "teacher.json").write_text(json.dumps({"name": "teacher", "run": distill_result(0.5), "process_wall_s": 60.0}))  # not it
+    text = bench.report(argparse.Namespace(teacher=str(teacher), teacher_name=str(teacher), teacher_overrides=[], fractions=[100.0],
+                                           extra_layers=[]))
+    assert "| 60.00 | 70.00 | - | 87.5% |" in text and "nan" not in text
+    assert "Teacher: 80.00 accuracy" in text and "2.0 min (training, the run given with --teacher)" in text
+
+
 # ------------------------------------------------------------------------------------------------ the other scripts
 
 @pytest.mark.parametrize(("args", "says"), [
