@@ -4,6 +4,9 @@
     python benchmarks/summarization.py --train 14731 --epochs 3 --test 819   # the full train and test splits (GPU advised)
     python benchmarks/summarization.py --quick                # minutes: checks the pipeline (the scores mean nothing)
 
+--quick trains 32 rows for 1 epoch and summarises 16 test rows, unless --train, --epochs or --test say otherwise; the
+sizes that ran are recorded in the results' meta.
+
 The model is trained by its own `peftlab train` process from the shipped recipe plus overrides. Lead-3 is the first three
 turns of each dialogue, scored by the same ROUGE module (peftlab/metric_modules/rouge.py: rouge_score, Porter stemming,
 Lsum over one sentence per line) on exactly the rows the model summarised, read back from the run's
@@ -24,13 +27,13 @@ from benchmarks.common import RESULTS, train_process, write_result  # noqa: E402
 from peftlab.metrics import ROUGE_KEYS  # noqa: E402
 
 RECIPE = "recipes/minilm/samsum-lora.yaml"
+QUICK = {"train": 32, "test": 16, "epochs": 1.0}  # --quick's sizes, where the user gives none
 PUBLISHED = "SAMSum paper (Gliwa et al. 2019), full test split: Lead-3 31.4 / 10.0 / 29.9 (ROUGE-1/2/L)"
 
 
 def train_model(args, out: Path) -> dict:
     overrides = ["name=samsum-b2b-lora", "export.merge=false", "train.save_every=null", "train.eval_every=null"]
-    if args.quick:
-        args.train, args.test, args.epochs = 32, 16, 1
+    if args.quick:  # (the sizes: main, only where none was given)
         overrides += ["data.eval.max_samples=8", "train.log_every=1", "eval.max_new_tokens=24"]
     overrides.append(f"data.test.max_samples={args.test}")
     if args.train is not None:
@@ -94,12 +97,23 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--train", type=int, default=None, help="train rows (seeded subset); default: the recipe's")
     p.add_argument("--epochs", type=float, default=None, help="default: the recipe's")
-    p.add_argument("--test", type=int, default=200, help="SAMSum test rows (seeded subset; 819 = all)")
+    p.add_argument("--test", type=int, default=None, help="SAMSum test rows (seeded subset; 819 = all; default 200, --quick 16)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra recipe override (repeatable)")
     p.add_argument("--name", default=None, help="results file stem (default: summarization, or summarization-quick)")
-    p.add_argument("--quick", action="store_true", help="tiny subsets: checks the pipeline in minutes")
+    p.add_argument("--quick", action="store_true", help="tiny subsets (32 train rows, 1 epoch, 16 test rows, unless given): "
+                   "checks the pipeline in minutes")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
+    # --quick fills only the sizes not given (it overwrote --train/--test/--epochs given with 32/16/1, and recorded neither)
+    for key, value in (QUICK if args.quick else {"test": 200}).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.train is not None and args.train < 1:
+        p.error(f"--train {args.train}: give at least 1 row (14731 = all of SAMSum train), or leave it out for the recipe's")
+    if args.test < 1:
+        p.error(f"--test {args.test}: give at least 1 row (819 = all of SAMSum test)")
+    if args.epochs is not None and not args.epochs > 0:
+        p.error(f"--epochs {args.epochs:g}: give a positive number of passes (e.g. 1 or 0.5), or leave it out for the recipe's")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     name = args.name or ("summarization-quick" if args.quick else "summarization")
     out = RESULTS / "runs" / name
@@ -108,7 +122,8 @@ def main() -> None:
     method = {"lora": "LoRA", "full": "full fine-tuning"}.get(run["method"], run["method"])
     results, diff = compare(rows, f"MiniLM BERT2BERT + {method} (peftlab)")
     assert abs(results[0]["rougeL"] - run["metrics"]["test"]["rougeL"]) < 1e-9, "rescored predictions differ from the run's metrics"
-    meta = {"recipe": RECIPE, "quick": args.quick, "train_examples": run["train_examples"], "steps": run["steps"],
+    meta = {"recipe": RECIPE, "quick": args.quick, "train_rows": args.train, "test_rows": args.test, "epochs": args.epochs,
+            "train_examples": run["train_examples"], "steps": run["steps"],
             "train_wall_s": run["train_wall_s"], "process_wall_s": run["process_wall_s"], "peak_rss_mib": run["peak_rss_mib"],
             "examples_per_s": run["examples_per_s"], "overrides": args.set, "precision": run["precision"],
             "trainable_params": run["trainable_params"], "trainable_percent": run["trainable_percent"],
