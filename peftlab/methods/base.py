@@ -135,11 +135,9 @@ class Method:
     def unread_options(self, a: AdapterConfig) -> list[str]:
         """The general adapter keys set to other values than their defaults that this method does not read (ia3 with
         adapter.r=64 trained as r=8 would, and the recipe and card still said 64): `validate` and `train` warn."""
-        from ..config import AdapterConfig
-
         fields = self.recipe_fields(a) if self.recipe_fields is not None else {}
         read = {RECIPE_KEYS[k] for k in fields if k in RECIPE_KEYS} | ({"adapter.target_modules"} if self.layers else set())
-        default = AdapterConfig()
+        default = type(a)()  # (AdapterConfig's defaults)
         return [f"adapter.{k}={getattr(a, k)!r}" for k in GENERAL_KEYS
                 if getattr(a, k) != getattr(default, k) and f"adapter.{k}" not in read]
 
