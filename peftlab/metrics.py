@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from functools import cache
 from pathlib import Path
 
@@ -39,6 +40,10 @@ def rouge_metrics(predictions: list[str], references: list[str] | list[list[str]
     return load_metric("rouge").compute(predictions=predictions, references=references, use_aggregator=not per_row)
 
 
+NUMBER = r"\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+(?!\.\d))?"  # 1,000  $18  .5  3/4
+MARKED_ANSWER = re.compile(rf"####\s*(-?{NUMBER})")  # GSM8K's '#### 72'
+
+
 def final_answer(text: str) -> str | None:
     """The final numeric answer of a worked solution: the number right after the first '#### ' that has one (GSM8K's
     convention, lm-eval's strict match: a model writing on past its answer, into another question, is read at its own
@@ -46,13 +51,11 @@ def final_answer(text: str) -> str | None:
     that answer in prose), as its value is written at its shortest: commas and '$' dropped, '5.00' -> '5', '0.50' ->
     '0.5', '.5' -> '0.5', '3/4' -> '0.75'; a '-' after a letter or digit is a hyphen or a range ('20-25 minutes' ->
     25), not a sign. None when the text holds no number."""
-    import re
     from decimal import Decimal, DivisionByZero, InvalidOperation, localcontext
 
-    number = r"\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+(?!\.\d))?"
-    if marked := re.search(rf"####\s*(-?{number})", text):
+    if marked := MARKED_ANSWER.search(text):
         n = marked[1]
-    elif numbers := re.findall(rf"(?:(?<![\w.])-)?{number}", text):
+    elif numbers := re.findall(rf"(?:(?<![\w.])-)?{NUMBER}", text):
         n = numbers[-1]
     else:
         return None
@@ -70,7 +73,8 @@ def final_answer(text: str) -> str | None:
 
 def answer_accuracy(predictions: list[str], references: list[str]) -> dict:
     """eval.metric_fn for GSM8K-style data (`peftlab.metrics:answer_accuracy`): the share of predictions whose
-    final_answer equals the reference's, and the share that wrote a '####' answer at all."""
+    final_answer equals the reference's, and the share that wrote a '####' answer at all ('#### 72'; a '#### Step 1'
+    heading is no answer, as for final_answer)."""
     hits = [final_answer(p) is not None and final_answer(p) == final_answer(r) for p, r in zip(predictions, references)]
     return {"answer_accuracy": sum(hits) / max(len(hits), 1),
-            "answer_format": sum("####" in p for p in predictions) / max(len(predictions), 1)}
+            "answer_format": sum(MARKED_ANSWER.search(p) is not None for p in predictions) / max(len(predictions), 1)}

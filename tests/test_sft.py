@@ -160,15 +160,15 @@ def test_unknown_columns_and_bad_messages_are_refused_clearly(tmp_path, chat_lla
     assert column_problems(recipe_for(tmp_path, chat_llama, bad, ["data.sft_format=prompt_completion", "data.text_columns=[question]",
                                                                   "data.target_column=answer"])) == []
     broken = write_jsonl(tmp_path / "y.jsonl", [{"messages": [{"role": "robot", "content": "x"}]}])
-    with pytest.raises(DataError, match="row 1: 'messages' must be a list of"):
+    with pytest.raises(DataError, match=r"data row 0 \(0-based, as predictions files count\): 'messages' must be a list of"):
         load_splits(recipe_for(tmp_path, chat_llama, broken))
     plain = write_jsonl(tmp_path / "s.jsonl", [{"messages": "hello there"}])  # a plain string: the message said `got None`
-    with pytest.raises(DataError, match=r"row 1: 'messages' must be a list of .* got 'hello there' \(text, not JSON\)\."):
+    with pytest.raises(DataError, match=r"data row 0 \(0-based.*\): 'messages' must be a list of .* got 'hello there' \(text, not JSON\)\."):
         load_splits(recipe_for(tmp_path, chat_llama, plain))
     rows = messages_rows() * 2
     rows[9] = {"messages": [{"role": "robot", "content": "x"}]}
     sampled = write_jsonl(tmp_path / "z.jsonl", rows)  # in a seeded sample, the row is still named by its line in the file
-    with pytest.raises(DataError, match="row 10: 'messages' must be a list of"):
+    with pytest.raises(DataError, match=r"data row 9 \(0-based.*\): 'messages' must be a list of"):
         load_splits(recipe_for(tmp_path, chat_llama, sampled, [f"data.train.max_samples={len(rows) - 1}",
                                                                         f"data.eval.max_samples={len(rows) - 1}"]))
     # OpenAI-style parts in row 2 made `datasets` read the column as JSON, and row 1's "4" as the number 4: the error
@@ -177,7 +177,7 @@ def test_unknown_columns_and_bad_messages_are_refused_clearly(tmp_path, chat_lla
                                       {"role": "assistant", "content": "4"}]}] + rows[1:4]
     parts[0] = {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]}
     mixed = write_jsonl(tmp_path / "p.jsonl", parts)
-    with pytest.raises(DataError, match=r"row 2: 'messages' holds a message whose content is a list of parts"):
+    with pytest.raises(DataError, match=r"data row 1 \(0-based.*\): 'messages' holds a message whose content is a list of parts"):
         load_splits(recipe_for(tmp_path, chat_llama, mixed))
 
 
@@ -756,6 +756,8 @@ def test_gsm8k_answers_are_read_after_the_marker_or_else_from_the_last_number():
     refs = ["Janet sells 9 eggs.\n#### 18"] * 4
     m = answer_accuracy(["#### 18", "She makes 18 dollars.", "#### 17", "I do not know"], refs)
     assert m == {"answer_accuracy": 0.5, "answer_format": 0.5}
+    # a '#### Step 1' heading is no '####' answer for answer_format either (it counted any '####')
+    assert answer_accuracy(["#### Step 1 then 18", "#### 18"], refs[:2]) == {"answer_accuracy": 1.0, "answer_format": 0.5}
     fn = sft.load_metric_fn("peftlab.metrics:answer_accuracy")  # what the GSM8K recipes name in eval.metric_fn
     assert sft.score(["#### 18"], refs[:1], "peftlab.metrics:answer_accuracy")["answer_accuracy"] == 1.0 and fn is answer_accuracy
 

@@ -187,7 +187,7 @@ def _check_messages(value, row: int, where: str, column: str) -> list[dict]:
         except json.JSONDecodeError:
             value = None
     if isinstance(value, list) and any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in value):
-        raise DataError(f"{where}: row {row + 1}: {column!r} holds a message whose content is a list of parts (as in "
+        raise DataError(f"{where}: data row {row} (0-based, as predictions files count): {column!r} holds a message whose content is a list of parts (as in "
                         "OpenAI's [{type, text}]); sft reads text content: give each message's text as one string.")
     if isinstance(value, list):  # a number read from a JSON file where other rows made the column mixed: its text
         value = [{**m, "content": str(m["content"])} if isinstance(m, dict) and isinstance(m.get("content"), (int, float))
@@ -196,7 +196,7 @@ def _check_messages(value, row: int, where: str, column: str) -> list[dict]:
                                          for m in value)
     if not ok:
         shown = f"{cell[:200]!r} (text, not JSON)" if isinstance(cell, str) and value is None else str(cell)[:200]
-        raise DataError(f"{where}: row {row + 1}: {column!r} must be a list of {{role, content}} with role one of "
+        raise DataError(f"{where}: data row {row} (0-based, as predictions files count): {column!r} must be a list of {{role, content}} with role one of "
                         f"{', '.join(ROLES)} and text content; got {shown}.")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
