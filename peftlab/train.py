@@ -489,6 +489,15 @@ def load_checkpoint(accelerator, ckpt: Path) -> tuple[TrainState, dict | None]:
     return state, best
 
 
+def schedule_from_here(scheduler) -> None:
+    """After a checkpoint loads: the next step's learning rate from this run's schedule. The optimizer's restored lr was
+    the checkpointed run's next one, and a --resume may change the schedule's length (train.max_steps): the first
+    resumed step ran at the old schedule's rate (3.4x the new one's, 400 steps resumed as 130). The scheduler's own
+    step recomputes it at the restored step (for an unchanged schedule, the same value)."""
+    scheduler.last_epoch -= 1
+    scheduler.step()
+
+
 def diverged(step: int, loss: float, t) -> TrainingDiverged:
     return TrainingDiverged(f"training diverged: the loss is {loss} at step {step}, so nothing was exported. Try a lower "
                             f"learning rate (train.lr={t.lr:g} now; e.g. train.lr={t.lr / 10:g}), gradient clipping "
@@ -610,6 +619,8 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: str | Path, *
     out, resume_from = Path(out), resume_from and Path(resume_from)
     parts = setup(recipe, model, data, accelerator, tokenizer)
     state, weights = load_checkpoint(accelerator, resume_from) if resume_from is not None else (TrainState(), None)
+    if resume_from is not None:
+        schedule_from_here(parts.scheduler)
     if state.step > parts.total:  # it would export a run longer than its recipe says, silently
         raise ConfigError([f"--resume: checkpoint {resume_from} is at step {state.step}, past the {parts.total} steps this "
                            f"recipe trains (train.max_steps / train.epochs). Resume with at least {state.step} steps, e.g. "

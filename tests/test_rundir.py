@@ -452,3 +452,20 @@ def test_evaluating_a_run_folder_that_cannot_be_written_is_refused_before_the_mo
     monkeypatch.setattr(run_module, "rebuild", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(ArtifactError, match=r"cannot write the evaluation \(eval-eval.json\) to .* not writable. Copy the run folder"):
         evaluate(recipe.out)
+
+
+def test_a_resume_that_changes_the_run_length_steps_at_the_new_schedules_rate(make_recipe, tmp_path):
+    """train.max_steps may change on --resume, and the schedule is rebuilt for the new length; but the optimizer's lr,
+    restored from the checkpoint, was the old schedule's, and the first resumed step ran at it (400 steps resumed as
+    130: 3.4x the new rate). Every resumed step runs at the new linear schedule's rate; an unchanged one is unchanged."""
+    ov = {"train.max_steps": 8, "train.save_every": 4, "train.log_every": 1, "train.eval_every": None, "train.scheduler": "linear",
+          "train.warmup_fraction": 0.0, "train.lr": 5e-3}
+    full = tmp_path / "full"
+    run(make_recipe({**ov, "output_dir": full}))
+    for steps in (6, 8):
+        part = tmp_path / f"part{steps}"
+        shutil.copytree(full / "checkpoints" / "step-4", part / "checkpoints" / "step-4")
+        run(make_recipe({**ov, "train.max_steps": steps, "output_dir": part}), resume=True)
+        logged = {r["step"]: r["lr"] for r in map(json.loads, (part / "log.jsonl").read_text().splitlines())
+                  if r.get("kind") == "train"}
+        assert logged == pytest.approx({s: 5e-3 * (steps - s + 1) / steps for s in range(5, steps + 1)}, rel=1e-6), logged
