@@ -619,12 +619,12 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: str | Path, *
     out, resume_from = Path(out), resume_from and Path(resume_from)
     parts = setup(recipe, model, data, accelerator, tokenizer)
     state, weights = load_checkpoint(accelerator, resume_from) if resume_from is not None else (TrainState(), None)
-    if resume_from is not None:
-        schedule_from_here(parts.scheduler)
     if state.step > parts.total:  # it would export a run longer than its recipe says, silently
         raise ConfigError([f"--resume: checkpoint {resume_from} is at step {state.step}, past the {parts.total} steps this "
                            f"recipe trains (train.max_steps / train.epochs). Resume with at least {state.step} steps, e.g. "
                            f"train.max_steps={state.step}."])
+    if resume_from is not None:
+        schedule_from_here(parts.scheduler)
     best = KeepBest(recipe.train, weights, parts.schedule)
     loop(recipe, parts, data, accelerator, out, state, best, resumed=resume_from is not None, runlog=runlog)
     best.restore(accelerator.unwrap_model(parts.model), state)
