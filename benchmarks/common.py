@@ -55,6 +55,26 @@ def save_figure(fig, path: Path, **kwargs) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def check_counts(p, checks) -> None:
+    """Each (flag, value, what to give) with a value below 1 is a usage error before any work (a 0 that divides by zero
+    after training, or measures nothing and replaces the stored results)."""
+    for flag, value, give in checks:
+        if value < 1:
+            p.error(f"{flag} {value}: give {give}")
+
+
+def fractions_arg(p, text: str, top: float, kinds: str, one: str, example: str) -> list[float]:
+    """--fractions as numbers in (0, top], or a usage error naming the bad ones. `kinds`: what the numbers are
+    (percents); `one`: what a value is a share of (a percent of the train rows)."""
+    try:
+        values = [float(f) for f in text.split(",")]
+    except ValueError:
+        p.error(f"--fractions {text}: expected comma-separated {kinds}, e.g. {example}")
+    if bad := [f for f in values if not 0 < f <= top]:
+        p.error(f"--fractions: {', '.join(f'{f:g}' for f in bad)} out of range; {one} is > 0 and <= {top:g}")
+    return values
+
+
 class RunFailed(SystemExit):
     """A child process that failed. Uncaught, it ends the benchmark with its message and exit status 1, no traceback;
     a script that goes on past a failed run (transfer_study.py, model_selection.py) catches it."""

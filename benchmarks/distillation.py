@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import REPO, RESULTS, stored_case, write_result  # noqa: E402
+from benchmarks.common import REPO, RESULTS, fractions_arg, stored_case, write_result  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 RUNS, OUT = REPO / "runs" / "distill-bench", RESULTS / "distillation"
@@ -367,12 +367,7 @@ def main() -> None:
     args.fractions = args.fractions or "100,10,1"
     # checked before any run: --fractions 0 trained three runs, then divided by zero; 150 labelled every row and reported
     # "150%"; a negative --train-rows silently dropped the last rows; --requests 0 failed in the speed stage
-    try:
-        fractions = [float(f) for f in args.fractions.split(",")]
-    except ValueError:
-        p.error(f"--fractions {args.fractions}: expected comma-separated percents, e.g. 100,10,1")
-    if bad := [f for f in fractions if not 0 < f <= 100]:
-        p.error(f"--fractions: {', '.join(f'{f:g}' for f in bad)} out of range; a percent of the train rows is > 0 and <= 100")
+    fractions = fractions_arg(p, args.fractions, 100, "percents", "a percent of the train rows", "100,10,1")
     if args.train_rows is not None and args.train_rows < 0:
         p.error(f"--train-rows {args.train_rows}: give at least 1 row, or 0 (or leave it out) for all of them")
     if args.speed_rows is not None and args.speed_rows < 0:

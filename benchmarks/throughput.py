@@ -47,7 +47,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab, installed or not
-from benchmarks.common import METHODS, RESULTS, gemm_peak, provenance, save_figure, write_result  # noqa: E402
+from benchmarks.common import METHODS, RESULTS, check_counts, gemm_peak, provenance, save_figure, write_result  # noqa: E402
 
 RECIPE = REPO / "recipes" / "minilm" / "sst2-lora.yaml"
 QLORA = METHODS["qlora"]
@@ -451,15 +451,13 @@ def main() -> None:
         args.s2s_rows, args.s2s_steps, args.s2s_test = 64, 4, 8
     # checked before any work: --repeats 0 measured nothing and replaced the stored results with an empty table; --steps 0, --threads 0
     # and --eval-every 0 failed with a traceback after (or on) the first GEMM peak / training run
-    for flag, value, give in (("--rows", args.rows, "at least 1 SST-2 train row"), ("--steps", args.steps, "at least 1 optimizer step"),
-                              ("--eval-every", args.eval_every, "at least 1 step between evaluations"),
-                              ("--repeats", args.repeats, "at least 1 peftlab/Trainer pair per case"),
-                              ("--threads", args.threads, "at least 1 torch thread"),
-                              ("--memory-steps", args.memory_steps, "at least 1 optimizer step"),
-                              ("--s2s-rows", args.s2s_rows, "at least 1 SAMSum train row"), ("--s2s-steps", args.s2s_steps, "at least 1 step"),
-                              ("--s2s-test", args.s2s_test, "at least 1 SAMSum test row")):
-        if value < 1:
-            p.error(f"{flag} {value}: give {give}")
+    check_counts(p, (("--rows", args.rows, "at least 1 SST-2 train row"), ("--steps", args.steps, "at least 1 optimizer step"),
+                    ("--eval-every", args.eval_every, "at least 1 step between evaluations"),
+                    ("--repeats", args.repeats, "at least 1 peftlab/Trainer pair per case"),
+                    ("--threads", args.threads, "at least 1 torch thread"),
+                    ("--memory-steps", args.memory_steps, "at least 1 optimizer step"),
+                    ("--s2s-rows", args.s2s_rows, "at least 1 SAMSum train row"), ("--s2s-steps", args.s2s_steps, "at least 1 step"),
+                    ("--s2s-test", args.s2s_test, "at least 1 SAMSum test row")))
     if args.eval_rows < 0:
         p.error(f"--eval-rows {args.eval_rows}: give at least 1 dev row, or 0 for all 872")
     if args.ablation_steps is not None and args.ablation_steps < 1:

@@ -32,7 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab
-from benchmarks.common import METHODS, RESULTS, RunFailed, save_figure, train_process, write_result  # noqa: E402
+from benchmarks.common import METHODS, RESULTS, RunFailed, check_counts, fractions_arg, save_figure, train_process, write_result  # noqa: E402
 
 DEFAULT_METHODS = "scratch,frozen,lora,qlora,dora,ia3,full"
 TASKS = {  # recipe, split scored, train rows, overrides (AG News: no held-out eval, the test split scores each run)
@@ -248,21 +248,14 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"--tasks: unknown {', '.join(unknown)}; choose from {', '.join(TASKS)}")
     if unknown := [m for m in args.methods.split(",") if m not in METHODS]:
         p.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
-    try:
-        fractions = [float(f) for f in args.fractions.split(",")]
-    except ValueError:
-        p.error(f"--fractions {args.fractions}: expected comma-separated numbers, e.g. 0.01,0.1,1")
-    if bad := [f for f in fractions if not 0 < f <= 1]:
-        p.error(f"--fractions: {', '.join(f'{f:g}' for f in bad)} out of range; a fraction of the train split is > 0 and <= 1")
+    fractions = fractions_arg(p, args.fractions, 1, "numbers", "a fraction of the train split", "0.01,0.1,1")
     # checked before any run: --batch-size 0 divided by zero, --seeds 0 ran nothing ("no finished runs"), --epochs 0 --min-steps 0
     # trained 0 steps and stored the untrained model as a result, --min-steps above --max-steps silently trained --max-steps
-    for flag, value, give in (("--seeds", args.seeds, "at least 1 seed per fraction <= 10%"),
-                              ("--seeds-large", args.seeds_large, "at least 1 seed per fraction > 10%"),
-                              ("--batch-size", args.batch_size, "at least 1 row per batch"),
-                              ("--max-steps", args.max_steps, "at least 1 optimizer step per run"),
-                              ("--min-steps", args.min_steps, "at least 1 optimizer step per run")):
-        if value < 1:
-            p.error(f"{flag} {value}: give {give}")
+    check_counts(p, (("--seeds", args.seeds, "at least 1 seed per fraction <= 10%"),
+                    ("--seeds-large", args.seeds_large, "at least 1 seed per fraction > 10%"),
+                    ("--batch-size", args.batch_size, "at least 1 row per batch"),
+                    ("--max-steps", args.max_steps, "at least 1 optimizer step per run"),
+                    ("--min-steps", args.min_steps, "at least 1 optimizer step per run")))
     if not args.epochs > 0:
         p.error(f"--epochs {args.epochs:g}: give a positive number of passes over the subset (e.g. 2 or 0.5)")
     if args.min_steps > args.max_steps:
