@@ -35,7 +35,10 @@ def publish(out: str | Path, repo_id: str | None = None, *, private: bool = Fals
         if value is not None and not str(value).strip():  # ('' read as not given: the Hub's --repo-id was asked for)
             raise PublishError(f"{flag} is empty: give {'a URL' if flag == '--git-remote' else 'a directory'}, or leave it out.")
     # ('~/x' quoted, or --to=~/x, reaches here unexpanded: it made a folder named '~' in the working directory)
-    to, dry_run = (Path(to).expanduser() if to else to), (Path(dry_run).expanduser() if dry_run and dry_run is not True else dry_run)
+    if to:
+        to = Path(to).expanduser()
+    if dry_run and dry_run is not True:
+        dry_run = Path(dry_run).expanduser()
     pub = read_public(Path(out).expanduser(), base_model)  # the only read of the run: the card and the folder use these copies
     recipe, run = pub.recipe, pub.run
     if to and git_remote:
