@@ -415,12 +415,16 @@ def derive_s2s(r: dict) -> dict:
             "generated_per_s": r["generated"] / r["generate_s"]}
 
 
+SIZES = {"rows": 8000, "eval_rows": 0, "steps": 200, "eval_every": 50, "s2s_rows": 960, "s2s_steps": 60, "s2s_test": 64}
+QUICK = {"rows": 640, "eval_rows": 200, "steps": 20, "eval_every": 10, "s2s_rows": 64, "s2s_steps": 4, "s2s_test": 8}  # --quick's
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--rows", type=int, default=8000, help="SST-2 train rows (seeded subset)")
-    p.add_argument("--eval-rows", type=int, default=0, help="dev rows (0 = all 872)")
-    p.add_argument("--steps", type=int, default=200)
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--rows", type=int, default=None, help="SST-2 train rows (seeded subset; default 8000, --quick 640)")
+    p.add_argument("--eval-rows", type=int, default=None, help="dev rows (0 = all 872; default 0, --quick 200)")
+    p.add_argument("--steps", type=int, default=None, help="optimizer steps (batch 32; default 200, --quick 20)")
+    p.add_argument("--eval-every", type=int, default=None, help="steps between dev evaluations (default 50, --quick 10)")
     p.add_argument("--target", type=float, default=0.80, help="dev accuracy for the time-to-target column")
     p.add_argument("--repeats", type=int, default=1, help="alternating peftlab/Trainer pairs per case; pair i uses seed --seed + i")
     p.add_argument("--seed", type=int, default=42, help="training seed of the first pair (both sides)")
@@ -428,9 +432,10 @@ def main() -> None:
     p.add_argument("--cases", default=f"lora,qlora,qlora-ckpt,{S2S_CASE},{MEMORY_CASE}",
                    help=f"comma list of {', '.join([*CASES, S2S_CASE, MEMORY_CASE])}")
     p.add_argument("--memory-steps", type=int, default=3, help=f"{MEMORY_CASE} case: optimizer steps of each run")
-    p.add_argument("--s2s-rows", type=int, default=960, help="samsum case: SAMSum train rows")
-    p.add_argument("--s2s-steps", type=int, default=60, help="samsum case: optimizer steps (batch 16)")
-    p.add_argument("--s2s-test", type=int, default=64, help="samsum case: test rows summarised (beam search) after training")
+    p.add_argument("--s2s-rows", type=int, default=None, help="samsum case: SAMSum train rows (default 960, --quick 64)")
+    p.add_argument("--s2s-steps", type=int, default=None, help="samsum case: optimizer steps (batch 16; default 60, --quick 4)")
+    p.add_argument("--s2s-test", type=int, default=None, help="samsum case: test rows summarised (beam search) after training "
+                   "(default 64, --quick 8)")
     p.add_argument("--add", action="store_true", help="add to the stored results (same sizes) instead of starting afresh")
     p.add_argument("--report", action="store_true", help="rewrite --name's table (.md) from its stored results (no training)")
     p.add_argument("--no-ablations", action="store_true")
@@ -440,15 +445,16 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")))
     p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
                    help="both sides train in it (auto: peftlab's choice for this machine: bf16 where matmuls are native)")
-    p.add_argument("--quick", action="store_true", help="tiny sizes: checks the pipeline in a few minutes")
+    p.add_argument("--quick", action="store_true", help="tiny sizes where none is given: checks the pipeline in a few minutes")
     p.add_argument("--verbose", action="store_true")
     p.add_argument("--worker", help=argparse.SUPPRESS)
     p.add_argument("--result", help=argparse.SUPPRESS)
     p.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
-    if args.quick:
-        args.rows, args.eval_rows, args.steps, args.eval_every = 640, 200, 20, 10
-        args.s2s_rows, args.s2s_steps, args.s2s_test = 64, 4, 8
+    # --quick fills only the sizes not given (it replaced --rows/--steps/... given with its own, and recorded those)
+    for key, value in (QUICK if args.quick else SIZES).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
     # checked before any work: --repeats 0 measured nothing and replaced the stored results with an empty table; --steps 0, --threads 0
     # and --eval-every 0 failed with a traceback after (or on) the first GEMM peak / training run
     check_counts(p, (("--rows", args.rows, "at least 1 SST-2 train row"), ("--steps", args.steps, "at least 1 optimizer step"),

@@ -355,10 +355,12 @@ def test_distillation_report_reads_the_teacher_given_with_teacher(tmp_path, monk
     (["--s2s-test", "0"], "--s2s-test 0: give at least 1"),
     (["--ablation-steps", "0"], "--ablation-steps 0: give at least 1 step"),
     (["--target", "1.5"], "--target 1.5: give a dev accuracy > 0 and <= 1"),
+    (["--quick", "--steps", "0"], "--steps 0: give at least 1 optimizer step"),  # --quick replaced the sizes given with its own
+    (["--quick", "--s2s-test", "0"], "--s2s-test 0: give at least 1"),
 ])
 def test_throughput_refuses_bad_sizes_before_any_work(tmp_path, monkeypatch, capsys, args, says):
     """--repeats 0 measured nothing and replaced the stored results with an empty table; --steps 0 (a division by zero
-    after training), --threads 0 and --eval-every 0 were tracebacks."""
+    after training), --threads 0 and --eval-every 0 were tracebacks. --quick keeps the sizes given (it replaced them)."""
     bench = load_benchmark("throughput")
     monkeypatch.setattr(bench, "RESULTS", tmp_path)
     monkeypatch.setattr(bench, "gemm_peak", lambda *a: pytest.fail("measured"))
