@@ -41,7 +41,7 @@ def rouge_metrics(predictions: list[str], references: list[str] | list[list[str]
 
 
 NUMBER = r"\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+(?!\.\d))?"  # 1,000  $18  .5  3/4
-MARKED_ANSWER = re.compile(rf"####\s*(-?{NUMBER})")  # GSM8K's '#### 72'
+MARKED_ANSWER = re.compile(rf"####\s*([-\u2212]?{NUMBER})")  # GSM8K's '#### 72'
 
 
 def final_answer(text: str) -> str | None:
@@ -49,25 +49,32 @@ def final_answer(text: str) -> str | None:
     convention, lm-eval's strict match: a model writing on past its answer, into another question, is read at its own
     answer; a '#### Step 1' heading is no answer), else the last number in the text (the lenient reading for models
     that answer in prose), as its value is written at its shortest: commas and '$' dropped, '5.00' -> '5', '0.50' ->
-    '0.5', '.5' -> '0.5', '3/4' -> '0.75'; a '-' after a letter or digit is a hyphen or a range ('20-25 minutes' ->
-    25), not a sign. None when the text holds no number."""
-    from decimal import Decimal, DivisionByZero, InvalidOperation, localcontext
+    '0.5', '.5' -> '0.5', '3/4' -> '0.75', '2/6' -> '1/3' (a fraction with no finite decimal, in lowest terms); a '-'
+    or Unicode minus before it is a sign, but a '-' after a letter or digit is a hyphen or a range ('20-25 minutes' ->
+    25). None when the text holds no number."""
+    from decimal import Decimal, localcontext
+    from fractions import Fraction
 
     if marked := MARKED_ANSWER.search(text):
         n = marked[1]
-    elif numbers := re.findall(rf"(?:(?<![\w.])-)?{NUMBER}", text):
+    elif numbers := re.findall(rf"(?:(?<![\w.])[-\u2212])?{NUMBER}", text):
         n = numbers[-1]
     else:
         return None
-    n = n.replace(",", "").replace("$", "")
+    n = n.replace(",", "").replace("$", "").replace("\u2212", "-")
+    top, _, bottom = n.partition("/")
+    if bottom and int(bottom) == 0:
+        return n
+    value = Fraction(top) / Fraction(bottom or 1)
+    rest = value.denominator
+    for prime in (2, 5):
+        while rest % prime == 0:
+            rest //= prime
+    if rest != 1:  # 1/3: no finite decimal (it printed 200 digits of one)
+        return str(value)
     with localcontext() as ctx:
-        ctx.prec = 200  # (the default 28 digits rounded 0.999...9 of 29 digits to 1)
-        try:
-            top, _, bottom = n.partition("/")
-            value = Decimal(top) / Decimal(bottom) if bottom else Decimal(top)
-        except (InvalidOperation, DivisionByZero):
-            return n
-        text_value = format(value.normalize(), "f")
+        ctx.prec = 200  # exact: a finite decimal of the digits written (the default 28 digits rounded 0.999...9 of 29 digits to 1)
+        text_value = format((Decimal(value.numerator) / Decimal(value.denominator)).normalize(), "f")
     return "0" if text_value in ("-0", "0") else text_value
 
 

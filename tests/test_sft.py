@@ -752,6 +752,9 @@ def test_gsm8k_answers_are_read_after_the_marker_or_else_from_the_last_number():
     assert final_answer("It takes 20-25 minutes") == "25" and final_answer("x-3") == "3" and final_answer("(-3)") == "-3"
     assert final_answer("#### 0." + "9" * 29) == "0." + "9" * 29 and final_answer("#### 1" + "0" * 28) != final_answer("#### 1" + "0" * 27 + "1")
     assert final_answer("#### 5\n\nQuestion: how many more?\n#### 7") == "5"
+    # a fraction with no finite decimal in lowest terms (it printed 200 digits), a Unicode minus is a sign (it was dropped)
+    assert [final_answer(f"#### {n}") for n in ("1/3", "2/6", "-2/3", "5/0", "\u22125")] == ["1/3", "1/3", "-2/3", "5/0", "-5"]
+    assert final_answer("It was \u22123.5 degrees") == "-3.5" and answer_accuracy(["#### 2/6"], ["#### 1/3"])["answer_accuracy"] == 1.0
     assert final_answer("#### Step 1: 16 eggs, 3 eaten.\n#### Step 2: 16 - 3 = 13\n#### 26") == "26"  # headings are no answer
     refs = ["Janet sells 9 eggs.\n#### 18"] * 4
     m = answer_accuracy(["#### 18", "She makes 18 dollars.", "#### 17", "I do not know"], refs)
