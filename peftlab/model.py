@@ -24,7 +24,7 @@ from .bases import base_path, load_tokenizer, resolve_model_path, verify_from_ru
 from .config import Recipe
 from .errors import ConfigError, ModelError, PeftlabError
 from .methods import get_method
-from .methods.prompt import PREFIX_GENERATING, PROMPT_ON_DECODER_CLASSIFIER, prefix_cannot_generate
+from .methods.prompt import PREFIX_GENERATING, PROMPT_ON_DECODER_CLASSIFIER, PROMPT_ON_SEQ2SEQ_CLASSIFIER, prefix_cannot_generate
 from .tasks import get_task, input_lengths, peft_task_type
 
 log = logging.getLogger(__name__)
@@ -276,8 +276,11 @@ def architecture_problems(recipe: Recipe, config) -> list[str]:
     problems = [p for p in [causal_lm_problem(recipe, config)] if p]
     if not getattr(config, "is_encoder_decoder", False) and prefix_cannot_generate(recipe):
         problems.append(PREFIX_GENERATING)
-    if recipe.task.type == "classification" and recipe.adapter.method in ("prompt_tuning", "p_tuning") and decoder_only(config):
-        problems.append(PROMPT_ON_DECODER_CLASSIFIER.format(method=recipe.adapter.method, kind=config.model_type))
+    if recipe.task.type == "classification" and recipe.adapter.method in ("prompt_tuning", "p_tuning"):
+        if decoder_only(config):
+            problems.append(PROMPT_ON_DECODER_CLASSIFIER.format(method=recipe.adapter.method, kind=config.model_type))
+        elif getattr(config, "is_encoder_decoder", False):
+            problems.append(PROMPT_ON_SEQ2SEQ_CLASSIFIER.format(method=recipe.adapter.method, kind=config.model_type))
     return problems
 
 

@@ -4,6 +4,7 @@ to the same logits, and merges to the same logits where the method is mergeable 
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import torch
@@ -92,6 +93,32 @@ def test_prompt_methods_on_a_decoder_classifier_are_refused_and_why(make_recipe,
         build_model(recipe, num_labels=2, label_names=["negative", "positive"])
     encoder = make_recipe({"adapter.method": method, "adapter.target_modules": None})  # the tiny BERT reads position 0
     assert not any("decoder-only" in p for p in preflight(encoder, training=False))
+
+
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])
+def test_prompt_methods_on_an_encoder_decoder_classifier_are_refused(make_recipe, tmp_path, method):
+    """BART/T5 classifiers find the end-of-sequence token they pool from the token ids: with the embeddings peft gives
+    them, training stopped at the first batch on transformers' NotImplementedError traceback."""
+    from transformers import BartConfig, BartForConditionalGeneration
+
+    from peftlab import build_model
+    from peftlab.errors import ModelError
+    from peftlab.run import preflight
+
+    from .conftest import minilm_tokenizer
+
+    tok, bart = minilm_tokenizer(), tmp_path / "tiny-bart"
+    BartForConditionalGeneration(BartConfig(vocab_size=tok.vocab_size, d_model=16, encoder_layers=1, decoder_layers=1,
+                                            encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=32,
+                                            decoder_ffn_dim=32, max_position_embeddings=64, pad_token_id=tok.pad_token_id)).save_pretrained(bart)
+    tok.save_pretrained(bart)
+    refusal = rf"adapter.method={method} on an encoder-decoder classifier \(bart\).*token ids.*Use adapter.method=lora"
+    recipe = make_recipe({"adapter.method": method, "adapter.target_modules": None, "export.merge": False}, model=bart)
+    assert any(re.search(refusal, p) for p in preflight(recipe, training=False))  # `peftlab validate`
+    with pytest.raises(ModelError, match=refusal):
+        build_model(recipe, num_labels=2, label_names=["negative", "positive"])
+    lora = make_recipe({"adapter.target_modules": "all-linear"}, model=bart)
+    assert not any("encoder-decoder classifier" in p for p in preflight(lora, training=False))
 
 
 def test_prompt_methods_for_clm_are_refused(tmp_path, chat_llama):

@@ -50,6 +50,11 @@ PROMPT_ON_DECODER_CLASSIFIER = ("adapter.method={method} on a decoder-only class
                                 "embeddings only, so it pools the batch's last position (padding for shorter rows), not each row's "
                                 "last token, and a prediction depends on the batch. Use task.type=verbalizer (the LM scores a label "
                                 "word; {method} works there), or adapter.method=lora.")
+# An encoder-decoder classifier (BART, T5) finds the end-of-sequence token it pools from the token ids, so transformers
+# refuses the embeddings peft gives it (NotImplementedError on the first batch).
+PROMPT_ON_SEQ2SEQ_CLASSIFIER = ("adapter.method={method} on an encoder-decoder classifier ({kind}): peft feeds its classifier "
+                                "embeddings only, and it finds the end-of-sequence token it pools from the token ids, so "
+                                "transformers refuses the input. Use adapter.method=lora (or another method that adapts weights).")
 
 
 # peft's generate with a prefix (past key values in front) writes other tokens than greedy decoding of the model as
