@@ -123,7 +123,7 @@ def test_eval_of_a_run_that_selected_on_a_holdout_of_train(make_recipe, sentimen
     from peftlab.publish.card import card_text
 
     card = card_text(recipe.out)  # the hold-out is named as what it is, and the report says which split it covers
-    assert "| eval | train (25% held out of train) |" in card and "(None)" not in card, card
+    assert "| eval | local file train.tsv (25% held out of train) |" in card and "(None)" not in card, card
     assert "on the 64 rows of the eval split are in `eval_report.json`" in card
     train.unlink()  # the hold-out cannot be rebuilt: the error names the file
     with pytest.raises(DataError, match="data.train"):
@@ -156,6 +156,16 @@ def test_the_card_names_every_shipped_dataset_published_or_not(recipe, split, ex
     assert dataset_of(r, split)[:2] == expected
     assert public_path("/home/me/data/amazon_mdsd/labelled/books.jsonl") == "amazon_mdsd/labelled/books.jsonl"
     assert public_path("/home/me/mine/dev.tsv") == "dev.tsv"
+
+
+def test_the_card_names_other_local_data_by_its_file_name(make_recipe):
+    """Data outside a known dataset was named by its file's stem, as if a dataset of that name: `dev (validation)`."""
+    from peftlab.publish.card import dataset_of, public_path
+
+    recipe = make_recipe()
+    assert dataset_of(recipe, "eval")[:2] == (None, "local file dev.tsv")
+    recipe.data.eval.path = public_path(recipe.data.eval.path)
+    assert dataset_of(recipe, "eval") == (None, "local file dev.tsv", "validation")
 
 
 def test_an_earlier_runs_figures_say_which_split_chose_its_weights():

@@ -191,8 +191,9 @@ def dataset_of(recipe, split: str) -> tuple[str | None, str, str | None]:
         pretty = d.dataset + (f" ({d.subset})" if d.subset else "")
         return d.dataset, pretty, spec.split + sample
     path = Path(spec.path or "")
-    folder = path.parts[-1 - known_dataset(path)] if known_dataset(path) else path.parent.name
-    hub_id, pretty = KNOWN_DATASETS.get(folder, (None, folder or path.stem))
+    folder = path.parts[-1 - known_dataset(path)] if known_dataset(path) else None
+    # other data by its file name (the published recipe keeps no folder of it; its stem read as a dataset named `dev`)
+    hub_id, pretty = KNOWN_DATASETS.get(folder, (None, f"local file {path.name}"))
     return hub_id, pretty, SPLIT_NAMES.get(path.stem, path.stem) + sample
 
 
