@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import gc
+import itertools
 import logging
 import math
 import tempfile
@@ -230,6 +231,23 @@ def train_sample(recipe: Recipe, max_rows: int):
     return ds, label_names
 
 
+def check_classes(labels: np.ndarray, label_names: list[str], folds: int, max_rows: int) -> None:
+    """Fewer than two classes among the rows: every base scores a perfect probe (it ranked them all 1.000), refused. A
+    class absent from the sample (the seeded --max-rows drew none of it), or with fewer rows than folds (some folds test
+    without it): the figures say little about it, warned."""
+    counts = np.bincount(labels, minlength=len(label_names))
+    present = [n for n, c in zip(label_names, counts) if c]
+    if len(present) < 2:
+        raise SelectError([f"the training rows sampled ({len(labels)}) hold one class only ({', '.join(present)}): every base "
+                           "would score perfectly. Check data.train's labels, or raise --max-rows if other classes are rare."])
+    if absent := [n for n, c in zip(label_names, counts) if not c]:
+        log.warning("select: no row of class(es) %s among the %d rows sampled: the figures ignore them. Raise --max-rows "
+                    "(now %d) to include them.", absent, len(labels), max_rows)
+    if rare := [f"{n} ({c})" for n, c in zip(label_names, counts) if 0 < c < folds]:
+        log.warning("select: class(es) %s have fewer rows than the %d folds: some folds are scored without them, and "
+                    "the figures say little about them. Raise --max-rows, or use fewer folds.", ", ".join(rare), folds)
+
+
 def stratified_folds(labels: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Fold index (0..k-1) of each row: every class spread evenly over the folds, in a seeded order."""
     rng = np.random.default_rng(seed)
@@ -308,11 +326,14 @@ def encode_timed(c: _Candidate, ds, label_names: list[str], folds: int, logme_ru
     feats, pooling = encode(c.features, ds, label_names)
     seconds = time.perf_counter() - start
     log.info("select: %s encoded (%s pooling, %d dims) in %.1f s", base_label(c.base), pooling, feats.shape[1], seconds)
-    fewest = len(ds) - -(-len(ds) // folds)  # the rows LogME sees without its largest fold (the jackknife)
-    if logme_runs and fewest <= feats.shape[1]:
+    def fewest(n: int) -> int:  # the rows LogME sees without its largest fold (the jackknife)
+        return n - -(-n // folds)
+
+    if logme_runs and fewest(len(ds)) <= feats.shape[1]:
+        enough = next(n for n in itertools.count(len(ds)) if fewest(n) > feats.shape[1])
         log.warning("select: %s has %d feature dimensions for %d rows (%d without a fold): with no more rows than dimensions "
-                    "the features fit any labelling and LogME reads its limit, not evidence. Raise --max-rows above %d.",
-                    base_label(c.base), feats.shape[1], len(ds), fewest, (feats.shape[1] + 1) * folds // (folds - 1) + 1)
+                    "the features fit any labelling and LogME reads its limit, not evidence. Raise --max-rows to at least %d.",
+                    base_label(c.base), feats.shape[1], len(ds), fewest(len(ds)), enough)
     return feats, pooling, seconds
 
 
@@ -502,6 +523,7 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
     labels = np.asarray(ds["label"], dtype=np.int64)
     if len(labels) < 2 * folds:
         raise SelectError([f"the training split has {len(labels)} rows: too few for {folds} folds. Use fewer folds or more data."])
+    check_classes(labels, label_names, folds, max_rows)
     fold = stratified_folds(labels, folds, recipe.train.seed)
     k = len(label_names)
     log.info("select: %d candidate(s), %d training rows, %d classes, %d folds; proxies %s", len(cands), len(labels), k, folds,

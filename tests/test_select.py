@@ -12,7 +12,7 @@ import torch
 
 from peftlab.cli import main
 from peftlab.errors import ConfigError, ModelNotFound
-from peftlab.select import PROXIES, SelectError, jackknifed, logme, logme_evidence, probe, select, stratified_folds, to_json
+from peftlab.select import PROXIES, SelectError, check_classes, jackknifed, logme, logme_evidence, probe, select, stratified_folds, to_json, train_sample
 
 
 def direct_evidence(f: np.ndarray, y: np.ndarray, alpha: float, beta: float) -> float:
@@ -153,6 +153,7 @@ def test_cli_prints_the_table_and_writes_json(make_recipe, tmp_path, capsys, cap
     assert minilm["estimates"]["logme"]["value"] > tiny["estimates"]["logme"]["value"] + 0.3
     # 40 rows without a fold against MiniLM's 384 dimensions (the tiny BERT has 32): LogME is degenerate there, and says so
     assert "minilm has 384 feature dimensions for 60 rows" in caplog.text and caplog.text.count("LogME reads its limit") == 1
+    assert "Raise --max-rows to at least 578." in caplog.text  # 578 - 193 = 385 rows without the largest of 3 folds (it said above 578)
 
 
 def test_bad_input_is_a_clear_error(make_recipe, tmp_path, capsys, tiny_bert):
@@ -179,6 +180,30 @@ def test_bad_input_is_a_clear_error(make_recipe, tmp_path, capsys, tiny_bert):
     assert "candidate './no/such/base'" in capsys.readouterr().err
     assert main(["select", str(tmp_path / "recipe.yaml"), "--candidates", str(tiny_bert), "--set", "train.lr=1"]) == 2
     assert "expected NAME:KEY=VALUE" in capsys.readouterr().err
+
+
+def test_a_sample_of_one_class_is_refused_and_rare_classes_are_warned_about(make_recipe, tmp_path, caplog, tiny_bert):
+    """60 rows of one class: every base scored a perfect probe (1.000, LogME 2.07) and select said nothing; a class the
+    seeded sample missed, or one with fewer rows than folds, went unmentioned."""
+    from .conftest import synthetic_rows, write_tsv
+
+    rows = synthetic_rows(200, 3)
+    one = write_tsv(tmp_path / "one.tsv", [(t, 0) for t, _ in rows[:60]])
+    with pytest.raises(SelectError, match=r"hold one class only \(negative\): every base would score perfectly"):
+        select(make_recipe({"data.train": str(one)}), [str(tiny_bert)], max_rows=60, folds=3)
+    negatives = [(t, y) for t, y in rows if y == 0]
+    rare = write_tsv(tmp_path / "rare.tsv", negatives[:40] + [(t, y) for t, y in rows if y == 1][:2])
+    select(make_recipe({"data.train": str(rare)}), [str(tiny_bert)], max_rows=60, folds=3)
+    assert "class(es) positive (2) have fewer rows than the 3 folds" in caplog.text
+    caplog.clear()
+    positives = [(t, y) for t, y in rows if y == 1]
+    three = write_tsv(tmp_path / "three.tsv", negatives[:45] + positives[:45] + [(positives[50][0], 2)])
+    mostly = make_recipe({"data.train": str(three), "data.eval": None, "data.label_names": "[negative,positive,neutral]"})
+    drawn = train_sample(mostly, 30)[0]["label"].count(2)  # (this seed's sample: the one neutral row, or not)
+    select(mostly, [str(tiny_bert)], proxies=["logme"], max_rows=30, folds=3)
+    assert ("neutral (1) have fewer rows" if drawn else "no row of class(es) ['neutral'] among the 30 rows sampled") in caplog.text
+    check_classes(np.array([0, 1] * 5), ["negative", "positive", "neutral"], 3, 10)
+    assert "no row of class(es) ['neutral'] among the 10 rows sampled" in caplog.text
 
 
 def test_benchmark_scores_rankings_with_ties(tmp_path):
