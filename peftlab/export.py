@@ -208,10 +208,10 @@ def predictions_jsonl(rows: list[dict]) -> str:
 
 
 def export(out: str | Path, model, tokenizer, recipe: Recipe, record: RunRecord | dict, metrics: dict, report: dict | None = None,
-           state_dict: dict | None = None, predictions: dict[str, list[dict]] | None = None) -> Path:
+           state_dict: dict | None = None, predictions: dict[str, list[dict]] | None = None) -> RunRecord:
     """Write the trained weights and their description into `out` (main process only); run.json is `record` plus the
     library versions, the hardware and the weights' checksum (a dict of run.json entries is read as a RunRecord, for
-    callers of the building blocks). `state_dict`: the full
+    callers of the building blocks) -> that record, as written. `state_dict`: the full
     weights gathered from a sharded (FSDP / ZeRO-3) model; None = the model's own. `predictions`: {split: rows}, every
     scored row of the split, written as predictions-SPLIT.jsonl (prediction next to reference)."""
     out = Path(out)
@@ -235,7 +235,7 @@ def export(out: str | Path, model, tokenizer, recipe: Recipe, record: RunRecord 
             move_into(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return out
+    return run
 
 
 def load_trained(out: str | Path, *, dequantize: bool = False, recipe: Recipe | None = None, adapter_name: str = "default"):

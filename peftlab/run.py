@@ -252,11 +252,11 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = 
                 state_dict = accelerator.get_state_dict(model) if shards_weights(accelerator) else None
                 if accelerator.is_main_process:
                     own_export = getattr(get_task(recipe.task.type), "export", None)  # multitask: a complete run per task, OUT/tasks/NAME
-                    if own_export is not None:
-                        own_export(job.work, accelerator.unwrap_model(model), tokenizer, recipe, record, metrics, report)
+                    if own_export is not None:  # (the record as written: run.json's versions, hardware, weights checksum)
+                        record = own_export(job.work, accelerator.unwrap_model(model), tokenizer, recipe, record, metrics, report)
                     else:
-                        export(job.work, accelerator.unwrap_model(model), tokenizer, recipe, record, metrics, report,
-                               state_dict=state_dict, predictions=predictions)
+                        record = export(job.work, accelerator.unwrap_model(model), tokenizer, recipe, record, metrics, report,
+                                        state_dict=state_dict, predictions=predictions)
                         if recipe.export.merge and (merged := merge(job.work)) != job.work:  # a full model: nothing to merge
                             record.merged_dir = str(out / merged.relative_to(job.work))
         job.commit()  # an --overwrite's new run replaces the old one only now, complete (no signal handler of ours around it)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -118,6 +119,8 @@ def test_eval_of_a_run_that_selected_on_a_holdout_of_train(make_recipe, sentimen
     train.write_bytes(sentiment_files["train"].read_bytes())
     recipe = make_recipe({"data.train": str(train), "data.eval": None, "data.eval_holdout": 0.25, "train.max_steps": 4})
     summary = run(recipe)
+    # the record returned is run.json's (it lacked the versions, hardware and weights checksum the file has)
+    assert summary.weights_sha256 and summary == replace(read_run(recipe.out)[1], merged_dir=summary.merged_dir)
     assert evaluate(recipe.out)["accuracy"] == pytest.approx(summary["metrics"]["eval"]["accuracy"])
     assert json.loads((recipe.out / "eval-eval.json").read_text())["report"]["n"] == 64  # a quarter of the 256 train rows
     from peftlab.publish.card import card_text

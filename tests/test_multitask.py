@@ -205,6 +205,8 @@ def test_a_multitask_run_learns_and_exports_a_run_per_task(trained, mode):
     out = Path(record.output_dir)
     m = record.metrics["eval"]
     assert record.task == "multitask" and set(record.multitask["tasks"]) == {"senti", "topic", "pair"}
+    # the record returned is the one written (run.json had no versions or hardware, and run() returned neither)
+    assert record.versions["torch"] and record.hardware and json.loads((out / "run.json").read_text())["versions"] == record.versions
     # untrained: losses ln 2, ln 3, ln 2 (mean 0.83); each task's head learned from its own rows
     assert m["loss"] < 0.6 and m["topic/accuracy"] > 0.45 and m["pair/accuracy"] > 0.9, m
     assert m["mean"] == pytest.approx((m["senti/accuracy"] + m["topic/accuracy"] + m["pair/f1"]) / 3)

@@ -62,7 +62,8 @@ class Task(Protocol):
     #   a decoder (prefix tuning with this peft) is refused (methods/prompt.py).
     # A task made of several tasks (multitask) also replaces the steps that assume one: load_splits(recipe, need_train),
     # column_problems(recipe), build_data(recipe, tokenizer, splits, label_names), build_model(recipe, label_names=, precision=),
-    # export(out, model, tokenizer, recipe, record, metrics, report), refuse_loading(out, run) -> the error a load of OUT raises.
+    # export(out, model, tokenizer, recipe, record, metrics, report) -> the record written, refuse_loading(out, run) -> the error
+    # a load of OUT raises.
 
 
 _REGISTRY: dict[str, Task | str] = {}

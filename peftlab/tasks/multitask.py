@@ -415,11 +415,11 @@ def task_metrics(metrics: dict, task: str) -> dict:
 
 def export(out: Path, model, tokenizer, recipe, record, metrics: dict, report: dict | None = None, **_):
     """OUT/tasks/NAME: each task as a complete single-task run (export.export), merged too with export.merge; then OUT's
-    own run.json and metrics.json (written last: they make OUT a finished run)."""
+    own run.json and metrics.json (written last: they make OUT a finished run) -> OUT's record, as written."""
     import json
 
     from ..export import export as export_one
-    from ..export import merge
+    from ..export import hardware, merge, versions
     from ..rundir import write_record
 
     multi = model
@@ -442,12 +442,12 @@ def export(out: Path, model, tokenizer, recipe, record, metrics: dict, report: d
         export_one(folder, view, tokenizer, sub, rec, own, task_report(report, name))
         if recipe.export.merge:
             merge(folder)
-    record.multitask = info
+    record = replace(record, multitask=info, versions=versions(), hardware=hardware())
     write_record(out, recipe.to_yaml(), record)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     if report is not None:
         (out / "eval_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
-    return out
+    return record
 
 
 def task_report(report: dict | None, name: str) -> dict | None:
