@@ -509,6 +509,11 @@ def _set_dotted(tree: dict, dotted: str, value: Any, problems: list[str]) -> Non
             problems.append(f"override {dotted}: '{k}' is not a section.")
             return
         node = nxt
+    parent = field_type(".".join(keys[:-1])) if len(keys) > 1 else None
+    if value is None and keys[-1] not in node and typing.get_origin(parent) is dict:  # multitask.tasks.NAME=null drops NAME
+        problems.append(f"override {dotted}=null: there is no {keys[-1]!r} in {'.'.join(keys[:-1])} to drop; it has "
+                        f"{', '.join(map(str, node)) or 'none'}. Check the spelling.")
+        return
     node[keys[-1]] = value
 
 

@@ -82,6 +82,9 @@ def test_tasks_inherit_the_shared_data_keys_and_take_dotted_overrides(task_files
     assert r.train.best_metric == "mean"
     dropped = recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert), ["multitask.tasks.pair=null"])
     assert set(dropped.multitask.tasks) == {"senti", "topic"}  # null leaves a task out
+    # a misspelled task to drop was ignored: the run trained it (the no-emotion transfer source would hold emotion)
+    with pytest.raises(ConfigError, match="multitask.tasks.pairr=null: there is no 'pairr' in multitask.tasks to drop; it has pair, senti, topic"):
+        recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert), ["multitask.tasks.pairr=null"])
     (tmp_path / "resolved.yaml").write_text(r.to_yaml())  # the resolved recipe a run writes reads back the same
     assert load_recipe(tmp_path / "resolved.yaml").multitask == r.multitask
 
