@@ -22,7 +22,8 @@ MiniLM and SmolLM2-135M-Instruct x frozen / LoRA / full fine-tuning), each made 
 The report compares each proxy's ranking of the items with the truth's (Kendall tau-b; top-1: the truth's best item
 is the proxy's first, ties in the proxy counted as a random pick among them; regret: accuracy points lost by taking the
 proxy's pick), also at the level of bases (a base's truth is its best method), and states each proxy's cost as a
-fraction of the truth runs it would replace. Every finished run is written at once; a rerun skips it (--fresh redoes).
+fraction of the truth runs it would replace. Every finished run is written at once; a rerun skips it (--fresh redoes),
+and stops before any work if one was made with other candidates, --set items or budget than it asks for.
 """
 
 from __future__ import annotations
@@ -137,15 +138,57 @@ def truth(setting: str, folder: Path, recipe_path: Path, bases: list[str], args)
             print(f"[{setting}/{name}{tag}] eval accuracy {100 * m['accuracy']:.2f}, {wall:.0f} s", flush=True)
 
 
+def select_sets(bases: list[str]) -> list[str]:
+    """The `peftlab select --set NAME:KEY=VALUE` items of these bases and RANKED_METHODS."""
+    return [f"{k}:{o}" for k, v in {**BASE_SETS, **METHOD_SETS}.items() if k in [BASES[x] for x in bases] or k in RANKED_METHODS
+            for o in v]
+
+
+def stale(folder: Path, recipe_path: Path, bases: list[str], b: dict, args) -> list[str]:
+    """The stored runs of a setting that this command would keep, each with what it was made with that this command does
+    not ask for (candidates, methods, --set, budget of select.json; overrides and steps of a truth run)."""
+    if args.fresh:
+        return []
+    out = []
+
+    def compare(dest: Path, held: dict, asked: dict) -> None:
+        if differs := [k for k in asked if held.get(k) is not None and held[k] != asked[k]]:
+            out.append(f"{dest}: " + "; ".join(f"{k} stored {held[k]}, asked {asked[k]}" for k in differs))
+
+    dest = folder / "select.json"
+    if args.stage != "truth" and dest.exists():
+        sel = json.loads(dest.read_text())
+        settings = sel.get("settings") or {}  # (a select.json of an older peftlab has none: its rows say the candidates)
+        compare(dest, {"candidates": sorted(settings.get("candidates") or {r["base"] for r in sel["rows"]}),
+                       "methods": sorted(settings.get("methods") or {r["method"] for r in sel["rows"]}),
+                       "set": sorted(settings["set"]) if "set" in settings else None, "budget": sel.get("budget")},
+                {"candidates": sorted(BASES[x] for x in bases), "methods": sorted(RANKED_METHODS), "set": sorted(select_sets(bases)),
+                 "budget": b})
+    if args.stage != "select":
+        recipe = None
+        for seed in args.seeds:
+            for base, method in items(bases):
+                dest = folder / f"truth-{item_name(base, method)}{'' if seed == SEED else f'-seed{seed}'}.json"
+                if dest.exists():
+                    if recipe is None:
+                        from peftlab import load_recipe
+                        from peftlab.select import candidate_overrides
+
+                        recipe = load_recipe(recipe_path)
+                    t = json.loads(dest.read_text())
+                    compare(dest, {"overrides": [o for o in t["overrides"] if not o.startswith(("name=", "train.seed="))], "steps": t["steps"]},
+                            {"overrides": candidate_overrides(recipe, base, method, {**BASE_SETS, **METHOD_SETS}), "steps": b["truth_steps"]})
+    return out
+
+
 def proxies(setting: str, folder: Path, recipe_path: Path, bases: list[str], b: dict, args) -> None:
     dest = folder / "select.json"
-    if dest.exists() and not args.fresh:
+    if dest.exists() and not args.fresh:  # made with these settings (stale() checked it)
         return
-    sets = [f"--set={k}:{o}" for k, v in {**BASE_SETS, **METHOD_SETS}.items() if k in [BASES[x] for x in bases] or k in RANKED_METHODS
-            for o in v]
     cmd = [sys.executable, "-m", "peftlab.cli", *([] if args.verbose else ["-q"]), "select", str(recipe_path),
            "--candidates", *(BASES[x] for x in bases), "--methods", *RANKED_METHODS, "--proxies", "probe", "logme", "steps",
-           "--max-rows", str(b["select_rows"]), "--folds", str(b["folds"]), "--steps", str(b["select_steps"]), *sets,
+           "--max-rows", str(b["select_rows"]), "--folds", str(b["folds"]), "--steps", str(b["select_steps"]),
+           *(f"--set={s}" for s in select_sets(bases)),
            "--json", str(folder / "select.raw.json")]
     print(f"[{setting}] select: {' '.join(cmd[2:])}", flush=True)
     start = time.perf_counter()
@@ -364,10 +407,14 @@ def main() -> int:
     if bad:
         p.error(f"unknown setting(s) or base(s) {bad}; --list shows them")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    recipes = {setting: write_recipe(root / setting, setting, b) for setting in cases}
+    if odd := [x for setting in cases for x in stale(root / setting, recipes[setting], bases, b, args)]:
+        raise SystemExit("stored with other settings than this command asks for (a rerun keeps a stored run as it is):\n  "
+                         + "\n  ".join(odd) + "\nMeasure them again with --fresh (it replaces the stored ones; with --stage select "
+                         "only select.json), or rerun with the settings they were made with.")
     failed = []
     for setting in cases:
-        folder = root / setting
-        recipe_path = write_recipe(folder, setting, b)
+        folder, recipe_path = root / setting, recipes[setting]
         try:
             if args.stage in ("truth", "all"):
                 truth(setting, folder, recipe_path, bases, args)

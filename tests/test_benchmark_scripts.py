@@ -513,3 +513,34 @@ def test_multitask_transfer_rows_read_every_stored_seed(monkeypatch, tmp_path):
                 json.dumps({"name": "x", "overrides": ["data.train.max_samples=160"], "run": run}))
     text = bench.report(argparse.Namespace(target="emotion", seeds="0"))
     assert "| 1% (160 rows, 150 steps) |" in text and "| 3 | 1.0 min |" in text
+
+
+def test_model_selection_refuses_a_stored_run_of_other_settings(monkeypatch, tmp_path):
+    """A select.json of minilm alone was kept for `--bases minilm,smollm2` (its tau-b and top-1 then covered a subset), as
+    was a truth run of another budget."""
+    bench = load_benchmark("model_selection")
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(bench, "truth", lambda *a: pytest.fail("trained"))
+    ran = []
+    monkeypatch.setattr(bench, "proxies", lambda setting, *a: ran.append(setting))
+    monkeypatch.setattr(bench, "report", lambda root, name: "report")
+    folder = tmp_path / "model_selection-quick" / "sst2"
+    folder.mkdir(parents=True)
+    row = {"base": "minilm", "method": "lora", "estimates": {}}
+    (folder / "select.json").write_text(json.dumps({"rows": [row], "budget": bench.QUICK, "settings": {
+        "candidates": ["minilm"], "methods": list(bench.RANKED_METHODS), "set": [f"{m}:{o}" for m, v in bench.METHOD_SETS.items() for o in v]}}))
+    (folder / "truth-minilm-lora.json").write_text(json.dumps({"base": "minilm", "method": "lora", "steps": 125,
+                                                               "overrides": ["model.name=minilm", "adapter.method=lora"]}))
+
+    def run(*args):
+        monkeypatch.setattr(sys, "argv", ["model_selection.py", "--quick", "--cases", "sst2", *args])
+        return bench.main()
+
+    for args, says in ((["--stage", "select"], "select.json: candidates stored ['minilm'], asked ['../shared/models/smollm2-135m-instruct', 'minilm']"),
+                       (["--stage", "truth", "--bases", "minilm"], "truth-minilm-lora.json: steps stored 125, asked 2")):
+        with pytest.raises(SystemExit) as stop:
+            run(*args)
+        assert says in str(stop.value.code) and "--fresh" in str(stop.value.code)
+    assert ran == []
+    assert run("--stage", "select", "--bases", "minilm") == 0 and ran == ["sst2"]  # the settings it was made with
+    assert run("--stage", "select", "--fresh") == 0 and ran == ["sst2", "sst2"]
