@@ -229,25 +229,30 @@ def pick(scores: dict, truth: dict) -> tuple[float, float]:
 
 
 def evaluate_setting(sel: dict, truths: dict[tuple, dict]) -> dict:
-    """Per proxy: item-level tau-b, top-1, regret; base-level top-1 and regret; costs in seconds."""
+    """Per proxy: item-level tau-b, top-1, regret; base-level top-1 and regret; costs in seconds. An item whose figure
+    failed in `peftlab select` (null: its base did not load) is left out of that proxy's figures (`failed`: how many);
+    a proxy with no figure at all is None."""
     rows = {(r["base"], r["method"]): r for r in sel["rows"]}
     keys = [k for k in rows if k in truths]
     acc = {k: truths[k]["accuracy"] for k in keys}
-    bases = sorted({k[0] for k in keys})
-    base_truth = {b: max(acc[k] for k in keys if k[0] == b) for b in bases}
+    base_truth = {b: max(acc[k] for k in keys if k[0] == b) for b in {k[0] for k in keys}}
     out = {"items": len(keys), "truth_s": sum(truths[k]["process_wall_s"] for k in keys), "select_s": sel["process_wall_s"]}
     features = {r["features_group"]: r["features_seconds"] for r in sel["rows"]}
     for p in ("probe", "logme", "steps"):
-        score = {k: rows[k]["estimates"][p]["value"] for k in keys}
-        base_score = {b: max(score[k] for k in keys if k[0] == b) for b in bases}
-        hit, regret = pick(score, acc)
-        base_hit, base_regret = pick(base_score, base_truth)
+        score = {k: v for k in keys if (v := rows[k]["estimates"][p]["value"]) is not None}
+        if not score:
+            out[p] = None
+            continue
+        bases = sorted({k[0] for k in score})
+        base_score = {b: max(score[k] for k in score if k[0] == b) for b in bases}
+        hit, regret = pick(score, {k: acc[k] for k in score})
+        base_hit, base_regret = pick(base_score, {b: base_truth[b] for b in bases})
         if p == "steps":
-            cost = sum(rows[k]["estimates"][p]["seconds"] for k in keys)
+            cost = sum(rows[k]["estimates"][p]["seconds"] or 0 for k in keys)
         else:  # the features and the fit once per base
-            cost = sum(features.values()) + sum({r["features_group"]: r["estimates"][p]["seconds"] for r in sel["rows"]}.values())
-        out[p] = {"tau": kendall_tau_b([score[k] for k in keys], [acc[k] for k in keys]), "top1": hit, "regret": regret,
-                  "base_top1": base_hit, "base_regret": base_regret, "seconds": cost}
+            cost = sum(features.values()) + sum({r["features_group"]: r["estimates"][p]["seconds"] or 0 for r in sel["rows"]}.values())
+        out[p] = {"tau": kendall_tau_b(list(score.values()), [acc[k] for k in score]), "top1": hit, "regret": regret,
+                  "base_top1": base_hit, "base_regret": base_regret, "seconds": cost, "failed": len(keys) - len(score)}
     return out
 
 
@@ -293,6 +298,13 @@ def fmt(x: float, digits: int = 2) -> str:
     return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
+def estimate(e: dict, scale: float = 100, digits: int = 2, spread: bool = True) -> str:
+    """A proxy's figure (± its uncertainty), or "failed" where `peftlab select` stored none."""
+    if e["value"] is None:
+        return "failed"
+    return fmt(scale * e["value"], digits) + (f" ± {fmt(None if e['std'] is None else scale * e['std'], digits)}" if spread else "")
+
+
 def verdict(p: str, v: dict, chance: float, base_chance: float) -> str:
     """The rule stated in the report: a proxy predicts the ranking when its mean tau-b over the settings is above 0 by
     more than twice its standard error and its top-1 rate beats a random pick; for bases, its rate of naming the base
@@ -314,7 +326,7 @@ def report(root: Path, name: str) -> str:
                "|---|---|---|---|---|---|---|---|---|---|---|"]
     per_proxy: dict[str, dict[str, list]] = {p: {"tau": [], "top1": [], "base_top1": [], "regret": [], "cost": []}
                                              for p in ("probe", "logme", "steps")}
-    frozen_pairs, chances, done, walls, itself = [], [], [], [], []
+    frozen_pairs, chances, done, walls, itself, failed = [], [], [], [], [], 0
     for folder in sorted(p for p in root.iterdir() if p.is_dir()):
         sel, truths = load_setting(folder)
         if sel is None or not truths:
@@ -325,9 +337,9 @@ def report(root: Path, name: str) -> str:
             e = r["estimates"]
             each = f" ({' / '.join(fmt(100 * a) for _, a in sorted(t['seeds'].items()))})" if t and len(t["seeds"]) > 1 else ""
             lines.append(f"| {setting} | {r['label']} {r['method']} | {fmt(100 * t['accuracy']) + each if t else '-'} | "
-                         f"{fmt(100 * e['probe']['value'])} ± {fmt(100 * e['probe']['std'])} | {fmt(e['logme']['value'], 3)} | "
-                         f"{fmt(100 * e['steps']['value'])} ± {fmt(100 * e['steps']['std'])} | {fmt(t['process_wall_s'], 0) if t else '-'} |")
-            if t and r["method"] == "frozen":
+                         f"{estimate(e['probe'])} | {estimate(e['logme'], 1, 3, False)} | "
+                         f"{estimate(e['steps'])} | {fmt(t['process_wall_s'], 0) if t else '-'} |")
+            if t and r["method"] == "frozen" and e["probe"]["value"] is not None:
                 frozen_pairs.append((e["probe"]["value"], t["accuracy"]))
         ev = evaluate_setting(sel, truths)
         agree = seed_agreement(truths)
@@ -339,7 +351,13 @@ def report(root: Path, name: str) -> str:
         walls.append((ev["select_s"], ev["truth_s"]))
         for p in ("probe", "logme", "steps"):
             x = ev[p]
-            summary.append(f"| {setting} | {ev['items']} | {p} | {fmt(x['tau'])} | {fmt(x['top1'])} | {fmt(x['regret'], 1)} | "
+            if x is None:
+                summary.append(f"| {setting} | {ev['items']} | {p} | every figure failed in `peftlab select` |" + " |" * 7)
+                failed += ev["items"]
+                continue
+            items_cell = f"{ev['items'] - x['failed']} of {ev['items']} ({x['failed']} failed, left out)" if x["failed"] else ev["items"]
+            failed += x["failed"]
+            summary.append(f"| {setting} | {items_cell} | {p} | {fmt(x['tau'])} | {fmt(x['top1'])} | {fmt(x['regret'], 1)} | "
                            f"{fmt(x['base_top1'])} | {fmt(x['base_regret'], 1)} | {x['seconds']:.0f} | {ev['truth_s']:.0f} | "
                            f"{100 * x['seconds'] / ev['truth_s']:.1f}% |")
             for key in ("tau", "top1", "base_top1", "regret"):
@@ -349,12 +367,19 @@ def report(root: Path, name: str) -> str:
         return "no setting has both its truth runs and its select run yet"
     overall = ["| proxy | settings | mean tau-b | top-1 rate | base top-1 rate | mean regret (pts) | cost / truth runs |",
                "|---|---|---|---|---|---|---|"]
-    for p, v in per_proxy.items():
+    for p, v in list(per_proxy.items()):
+        if not v["top1"]:
+            overall.append(f"| {p} | 0 | every figure failed in `peftlab select` |" + " |" * 4)
+            del per_proxy[p]
+            continue
         taus = [t for t in v["tau"] if not math.isnan(t)]
         overall.append(f"| {p} | {len(v['tau'])} | {fmt(statistics.fmean(taus)) if taus else 'n/a'} | {statistics.fmean(v['top1']):.0%} | "
                        f"{statistics.fmean(v['base_top1']):.0%} | {statistics.fmean(v['regret']):.1f} | {100 * statistics.fmean(v['cost']):.1f}% |")
     chance, base_chance = (statistics.fmean(c) for c in zip(*chances))
     notes = [verdict(p, v, chance, base_chance) for p, v in per_proxy.items()]
+    if failed:
+        notes.append(f"{failed} proxy figure(s) failed in `peftlab select` (a candidate that did not load or train): 'failed' in the table of "
+                     "every item, and left out of that proxy's tau-b, top-1 and regret in its setting ('items' counts those kept).")
     if itself:
         taus = [tau for _, tau in itself if not math.isnan(tau)]
         notes.append(f"the truth against itself (its training seeds, same rows): mean tau-b {fmt(statistics.fmean(taus)) if taus else 'n/a'} "

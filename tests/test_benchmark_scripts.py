@@ -544,3 +544,24 @@ def test_model_selection_refuses_a_stored_run_of_other_settings(monkeypatch, tmp
     assert ran == []
     assert run("--stage", "select", "--bases", "minilm") == 0 and ran == ["sst2"]  # the settings it was made with
     assert run("--stage", "select", "--fresh") == 0 and ran == ["sst2", "sst2"]
+
+
+def test_model_selection_report_leaves_out_the_figures_select_could_not_measure(tmp_path):
+    """A base that failed to load in `peftlab select` (its figures null) made the report a TypeError on None."""
+    bench = load_benchmark("model_selection")
+    folder = tmp_path / "sst2"
+    folder.mkdir()
+    smollm2, rows = bench.BASES["smollm2"], []
+    for i, (base, method) in enumerate(bench.items(["minilm", "smollm2"])):
+        failed = base == smollm2
+        rows.append({"base": base, "method": method, "label": "smollm2" if failed else "minilm", "features_group": 0 if failed else 1,
+                     "features_seconds": 0.0 if failed else 2.0,
+                     "estimates": {p: {"value": None if failed else 0.5 + i / 10, "std": None if failed else 0.01, "seconds": 0.0 if failed else 1.0}
+                                   for p in ("probe", "logme", "steps")}})
+        (folder / f"truth-{bench.item_name(base, method)}.json").write_text(json.dumps(
+            {"base": base, "method": method, "seed": 42, "accuracy": 1.25 - i / 10 if failed else 0.6 + i / 10, "process_wall_s": 10.0}))
+    (folder / "select.json").write_text(json.dumps({"rows": rows, "process_wall_s": 5.0}))
+    text = bench.report(tmp_path, "t")
+    assert "| sst2 | smollm2 frozen | 95.00 | failed | failed | failed | 10 |" in text
+    assert "| sst2 | 3 of 6 (3 failed, left out) | steps | 1.00 | 1.00 | 0.0 |" in text  # top-1: the best of those measured
+    assert "3 proxy figure(s) failed" not in text and "9 proxy figure(s) failed in `peftlab select`" in text
