@@ -18,7 +18,8 @@ unlabelled pool are never read.
   python benchmarks/domain_adaptation.py --pairs books:kitchen,kitchen:books --seeds 0   # a subset
   python benchmarks/domain_adaptation.py --seeds 0,1,2                                     # everything (hours on 2 cores)
   python benchmarks/domain_adaptation.py --report                                          # the tables, from what is done
-The report (also written after measuring) is built from every stored seed, whatever --seeds says.
+The report (also written after measuring) is built from every stored seed, whatever --seeds says; a run made with
+other --finetune/--pretrain overrides than most stored ones is named under the table and left out of it.
 Results: benchmarks/results/domain_adaptation.md (+ one JSON per run in benchmarks/results/domain_adaptation/).
 """
 
@@ -121,16 +122,50 @@ def stored(name: str) -> dict | None:
     return json.loads(f.read_text()) if f.exists() else None
 
 
-def accuracy(source: str, target: str, condition: str, seed: int, k: int) -> float | None:
+def accuracy(source: str, target: str, condition: str, seed: int, k: int, skip=frozenset()) -> float | None:
+    """A stored test accuracy, or None: not measured, or a run in `skip` (made with other settings)."""
     if condition == "indomain":  # the folds' test rows together are every target row once
-        parts = [stored(f"indomain-{target}-fold{f}of{k}-s{seed}") for f in range(k)]
+        names = [f"indomain-{target}-fold{f}of{k}-s{seed}" for f in range(k)]
+        parts = [None if n in skip else stored(n) for n in names]
         if any(p is None for p in parts):
             return None
         n = [p["run"]["metrics"]["test"] for p in parts]
         sizes = [len(lines(folds(target, k, f)[1])) for f in range(k)]
         return sum(m["accuracy"] * s for m, s in zip(n, sizes)) / sum(sizes)
-    r = stored(f"{condition}-{source}-{target}-s{seed}")
+    name = f"{condition}-{source}-{target}-s{seed}"
+    r = None if name in skip else stored(name)
     return r["run"]["metrics"]["test"]["accuracy"] if r else None
+
+
+OWN = ("data.train.path=", "data.test.path=", "train.seed=", "model.from_run=")  # the overrides measure() sets per run
+
+
+def extra_overrides(r: dict) -> str:
+    """The --pretrain or --finetune overrides a stored run was made with: all but those measure() sets per run."""
+    return " ".join(o for o in r["overrides"] if not o.startswith(OWN)) or "none"
+
+
+def other_settings() -> dict[str, str]:
+    """Stored fine-tuning runs made with other --finetune overrides than most stored ones (a tie: the lowest seed's), or
+    started from a masked-LM run made with other --pretrain overrides than most: name -> what differs. The report
+    leaves them out, so that a mean over seeds is the mean of one setting's runs."""
+    runs = {f.stem: json.loads(f.read_text()) for f in sorted(OUT.glob("*-s*.json"), key=lambda f: (seed_of(f.stem), f.stem))
+            if seed_of(f.stem) is not None}
+    extra = {n: extra_overrides(r) for n, r in runs.items()}
+    pre = [n for n in runs if n.startswith("mlm-")]
+    ref = {kind: collections.Counter(extra[n] for n in names).most_common(1)[0][0]
+           for kind, names in (("--pretrain", pre), ("--finetune", [n for n in runs if n not in pre])) if names}
+    out = {}
+    for n, r in runs.items():
+        if n in pre:
+            continue
+        start = next((Path(o.partition("=")[2]).name for o in r["overrides"] if o.startswith("model.from_run=")), None)
+        why = [f"--finetune {extra[n]} (the others: {ref['--finetune']})"] if extra[n] != ref["--finetune"] else []
+        if start in runs and extra[start] != ref["--pretrain"]:
+            why.append(f"--pretrain {extra[start]} (the others: {ref['--pretrain']})")
+        if why:
+            out[n] = "; ".join(why)
+    return out
 
 
 STAGES = {  # stage -> which stored runs are its runs (by name), for the cost table
@@ -172,16 +207,23 @@ def vocabulary_overlap(a: str, b: str) -> float:
     return len(x & y) / max(len(x), len(y))
 
 
+def seed_of(name: str) -> int | None:
+    """The seed of a stored run NAME-sSEED, or None."""
+    tail = name.rsplit("-s", 1)[-1]
+    return int(tail) if "-s" in name and tail.isdigit() else None
+
+
 def stored_seeds() -> list[int]:
     """Every seed with a stored run (NAME-sSEED.json): the report covers them all, not only the --seeds just measured."""
-    return sorted({int(tail) for f in OUT.glob("*-s*.json") if (tail := f.stem.rsplit("-s", 1)[1]).isdigit()})
+    return sorted({seed for f in OUT.glob("*-s*.json") if (seed := seed_of(f.stem)) is not None})
 
 
-def pair_results(seeds: list[int], k: int) -> list[dict]:
-    """One dict per pair with a source-only result: accuracies by condition and seed, and the paired gains of (b), (c)."""
+def pair_results(seeds: list[int], k: int, skip=frozenset()) -> list[dict]:
+    """One dict per pair with a source-only result: accuracies by condition and seed, and the paired gains of (b), (c);
+    the runs in `skip` left out."""
     out = []
     for s, t in [(s, t) for s in DOMAINS for t in DOMAINS if s != t]:
-        acc = {c: {seed: a for seed in seeds if (a := accuracy(s, t, c, seed, k)) is not None} for c in CONDITIONS}
+        acc = {c: {seed: a for seed in seeds if (a := accuracy(s, t, c, seed, k, skip)) is not None} for c in CONDITIONS}
         if not acc["source"]:
             continue
         # a gain compares the same seeds: (b) seed 1 against (a) seed 1
@@ -201,8 +243,8 @@ def mean_se(values: list[float]) -> str:
     return f"{m:+.2f}" + (f" (s.e. {100 * statistics.stdev(values) / len(values) ** 0.5:.2f})" if len(values) > 1 else "")
 
 
-def report(results: list[dict]) -> str:
-    """The tables and summary of results/domain_adaptation.md, from pair_results."""
+def report(results: list[dict], notes: list[str] = ()) -> str:
+    """The tables and summary of results/domain_adaptation.md, from pair_results; `notes` under the table."""
     rows = ["| source -> target | " + " | ".join(LABELS[c] for c in CONDITIONS) + " | (b)-(a) | (c)-(a) | gap (d)-(a) | "
             "closed by (b) | closed by (c) | vocabulary overlap | seeds (a) / (b) / (c) |", "|---" * 12 + "|"]
 
@@ -242,6 +284,7 @@ def report(results: list[dict]) -> str:
             summary.append(f"  - against the distance between the domains: Pearson r {statistics.correlation(*zip(*near)):+.2f} "
                            f"between the gain and the vocabulary overlap over {len(near)} pairs (negative: larger gains "
                            "for more distant domains)")
+    rows += [""] + [f"- {n}" for n in notes] if notes else []
     return "\n".join(rows + [""] + summary + ["", "Cost of each stage (medians over the stored runs; some shared the cores):", ""]
                      + stage_costs())
 
@@ -305,8 +348,13 @@ def main() -> None:
     if not args.report:
         measure(pairs, seeds, args.conditions.split(","), args)
     seeds = stored_seeds()  # the report: every stored seed (a slice measured with --seeds 1 does not drop seeds 0 and 2)
-    results = pair_results(seeds, args.folds)  # every stored run read once, for the tables and the plot
-    text = report(results)
+    odd = other_settings()
+    results = pair_results(seeds, args.folds, set(odd))  # every stored run read once, for the tables and the plot
+    by_reason = collections.defaultdict(list)
+    for name, why in odd.items():
+        by_reason[why].append(name)
+    text = report(results, [f"left out (made with other settings than the other stored runs; measure them again with these, or "
+                            f"keep them apart with --tag): {', '.join(names)}: {why}" for why, names in by_reason.items()])
     write_result(OUT.with_suffix(".md"), text + "\n")
     plot(results, seeds, OUT.with_suffix(".png"))
     print(text)

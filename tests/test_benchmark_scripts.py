@@ -565,3 +565,39 @@ def test_model_selection_report_leaves_out_the_figures_select_could_not_measure(
     assert "| sst2 | smollm2 frozen | 95.00 | failed | failed | failed | 10 |" in text
     assert "| sst2 | 3 of 6 (3 failed, left out) | steps | 1.00 | 1.00 | 0.0 |" in text  # top-1: the best of those measured
     assert "3 proxy figure(s) failed" not in text and "9 proxy figure(s) failed in `peftlab select`" in text
+
+
+def da_store(out, runs: dict[str, tuple[float, list[str]]]) -> None:
+    """Stored domain_adaptation.py results under `out`: name -> (test accuracy, overrides)."""
+    out.mkdir(parents=True, exist_ok=True)
+    for name, (acc, overrides) in runs.items():
+        run = {"metrics": {"test": {"accuracy": acc}}, "train_wall_s": 60.0, "steps": 3}
+        (out / f"{name}.json").write_text(json.dumps({"name": name, "recipe": "r.yaml", "overrides": overrides, "run": run,
+                                                      "process_wall_s": 90.0}))
+
+
+def test_domain_adaptation_report_leaves_out_seeds_of_other_settings(tmp_path, monkeypatch):
+    """Seed 0 fine-tuned with 3 steps and seed 1 with 8 steps at another learning rate were averaged as two seeds of one
+    setting; so were DAPT runs started from masked-LM runs of other lengths."""
+    bench = load_benchmark("domain_adaptation")
+    out = tmp_path / "domain_adaptation"
+    monkeypatch.setattr(bench, "OUT", out)
+    monkeypatch.setattr(bench, "vocabulary_overlap", lambda a, b: 0.5)
+    monkeypatch.setattr(bench, "plot", lambda results, seeds, path: None)
+
+    def tune(seed, *extra, start=None):
+        return ["data.train.path=b.jsonl", "data.test.path=k.jsonl", f"train.seed={seed}",
+                *([f"model.from_run=runs/da/{start}"] if start else []), *extra]
+
+    da_store(out, {"source-books-kitchen-s0": (0.80, tune(0, "train.max_steps=3")),
+                   "source-books-kitchen-s1": (0.60, tune(1, "train.max_steps=8", "train.lr=5e-3")),
+                   "mlm-kitchen-s0": (0.0, ["data.train.path=u.jsonl", "train.seed=0", "train.max_steps=2"]),
+                   "mlm-kitchen-s1": (0.0, ["data.train.path=u.jsonl", "train.seed=1", "train.max_steps=5"]),
+                   "dapt-books-kitchen-s0": (0.82, tune(0, "train.max_steps=3", start="mlm-kitchen-s0")),
+                   "dapt-books-kitchen-s1": (0.70, tune(1, "train.max_steps=3", start="mlm-kitchen-s1"))})
+    monkeypatch.setattr(sys, "argv", ["domain_adaptation.py", "--report"])
+    bench.main()
+    md = (tmp_path / "domain_adaptation.md").read_text()
+    assert "| books -> kitchen | 80.00 | 82.00 | - | - | +2.00 |" in md and "| 1 / 1 / 0 |" in md  # seed 0 alone
+    assert "source-books-kitchen-s1: --finetune train.max_steps=8 train.lr=5e-3 (the others: train.max_steps=3)" in md
+    assert "dapt-books-kitchen-s1: --pretrain train.max_steps=5 (the others: train.max_steps=2)" in md
