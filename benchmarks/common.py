@@ -55,11 +55,11 @@ def save_figure(fig, path: Path, **kwargs) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def check_counts(p, checks) -> None:
-    """Each (flag, value, what to give) with a value below 1 is a usage error before any work (a 0 that divides by zero
-    after training, or measures nothing and replaces the stored results)."""
+def check_counts(p, checks, least: int = 1) -> None:
+    """Each (flag, value, what to give) with a value below `least` is a usage error before any work (a 0 that divides by
+    zero after training, or measures nothing and replaces the stored results)."""
     for flag, value, give in checks:
-        if value < 1:
+        if value < least:
             p.error(f"{flag} {value}: give {give}")
 
 

@@ -36,7 +36,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import REPO, RESULTS, save_figure, stored_case, write_result  # noqa: E402
+from benchmarks.common import REPO, RESULTS, check_counts, save_figure, stored_case, write_result  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "amazon_mdsd"
 DOMAINS = ("books", "dvd", "electronics", "kitchen")
@@ -135,6 +135,11 @@ def accuracy(source: str, target: str, condition: str, seed: int, k: int, skip=f
     name = f"{condition}-{source}-{target}-s{seed}"
     r = None if name in skip else stored(name)
     return r["run"]["metrics"]["test"]["accuracy"] if r else None
+
+
+def other_folds(target: str, k: int) -> list[int]:
+    """The K other than `k` of the stored in-domain runs of `target`."""
+    return sorted({int(m[1]) for f in OUT.glob(f"indomain-{target}-fold*of*-s*.json") if (m := re.search(r"of(\d+)-s\d+$", f.stem))} - {k})
 
 
 OWN = ("data.train.path=", "data.test.path=", "train.seed=", "model.from_run=")  # the overrides measure() sets per run
@@ -345,6 +350,7 @@ def main() -> None:
     bad = [x for pair in pairs for x in pair if x not in DOMAINS] + [c for c in args.conditions.split(",") if c not in CONDITIONS]
     if bad:
         p.error(f"unknown domain(s)/condition(s) {bad}: domains {DOMAINS}, conditions {CONDITIONS}")
+    check_counts(p, [("--folds", args.folds, "at least 2 (each fold is scored by a model trained on the others)")], least=2)
     if not args.report:
         measure(pairs, seeds, args.conditions.split(","), args)
     seeds = stored_seeds()  # the report: every stored seed (a slice measured with --seeds 1 does not drop seeds 0 and 2)
@@ -353,8 +359,12 @@ def main() -> None:
     by_reason = collections.defaultdict(list)
     for name, why in odd.items():
         by_reason[why].append(name)
-    text = report(results, [f"left out (made with other settings than the other stored runs; measure them again with these, or "
-                            f"keep them apart with --tag): {', '.join(names)}: {why}" for why, names in by_reason.items()])
+    missing = sorted({r["target"] for r in results if not r["acc"]["indomain"]})  # (d) of another K only: said, not a bare '-'
+    notes = [f"(d) in-domain: none stored with --folds {args.folds} for {t} (stored: --folds {', '.join(map(str, ks))})"
+             for t in missing if (ks := other_folds(t, args.folds))]
+    notes += [f"left out (made with other settings than the other stored runs; measure them again with these, or keep them apart "
+              f"with --tag): {', '.join(names)}: {why}" for why, names in by_reason.items()]
+    text = report(results, notes)
     write_result(OUT.with_suffix(".md"), text + "\n")
     plot(results, seeds, OUT.with_suffix(".png"))
     print(text)

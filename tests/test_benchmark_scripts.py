@@ -601,3 +601,25 @@ def test_domain_adaptation_report_leaves_out_seeds_of_other_settings(tmp_path, m
     assert "| books -> kitchen | 80.00 | 82.00 | - | - | +2.00 |" in md and "| 1 / 1 / 0 |" in md  # seed 0 alone
     assert "source-books-kitchen-s1: --finetune train.max_steps=8 train.lr=5e-3 (the others: train.max_steps=3)" in md
     assert "dapt-books-kitchen-s1: --pretrain train.max_steps=5 (the others: train.max_steps=2)" in md
+
+
+@pytest.mark.parametrize("folds", ["0", "1"])
+def test_domain_adaptation_refuses_fewer_than_two_folds(folds):
+    """--report --folds 0 was a ZeroDivisionError; --folds 1 trained on an empty file."""
+    refused("domain_adaptation", "--report", "--folds", folds, "--tag", "never-written",
+            says=f"--folds {folds}: give at least 2 (each fold is scored by a model trained on the others)")
+    assert not (RESULTS / "domain_adaptation-never-written.md").exists()
+
+
+def test_domain_adaptation_report_names_the_folds_stored(tmp_path, monkeypatch):
+    """In-domain runs stored with --folds 2 and a report with the default 5: a bare '-' with nothing to say why."""
+    bench = load_benchmark("domain_adaptation")
+    out = tmp_path / "domain_adaptation"
+    monkeypatch.setattr(bench, "OUT", out)
+    monkeypatch.setattr(bench, "vocabulary_overlap", lambda a, b: 0.5)
+    monkeypatch.setattr(bench, "plot", lambda results, seeds, path: None)
+    da_store(out, {"source-books-kitchen-s0": (0.8, ["train.seed=0"]),
+                   **{f"indomain-kitchen-fold{f}of2-s0": (0.9, ["train.seed=0"]) for f in range(2)}})
+    monkeypatch.setattr(sys, "argv", ["domain_adaptation.py", "--report"])
+    bench.main()
+    assert "- (d) in-domain: none stored with --folds 5 for kitchen (stored: --folds 2)" in (tmp_path / "domain_adaptation.md").read_text()
