@@ -29,6 +29,7 @@ import argparse
 import collections
 import functools
 import json
+import math
 import random
 import re
 import statistics
@@ -303,13 +304,15 @@ def plot(results: list[dict], seeds: list[int], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(15, 4.5), gridspec_kw={"width_ratios": [2, 1]})
-    width = 0.2
+    width, drawn = 0.2, []
     for i, c in enumerate(CONDITIONS):
-        vals = [100 * r["mean"][c] if r["mean"][c] is not None else 0 for r in results]
-        left.bar([j + i * width for j in range(len(results))], vals, width, label=LABELS[c])
+        bars = [(j + i * width, 100 * r["mean"][c]) for j, r in enumerate(results) if r["mean"][c] is not None]  # none: no bar
+        left.bar([x for x, _ in bars], [v for _, v in bars], width, label=LABELS[c])
+        drawn += [v for _, v in bars]
     left.set_xticks([j + 1.5 * width for j in range(len(results))], [f"{r['source'][:4]}>{r['target'][:4]}" for r in results],
                     fontsize=8)
-    left.set_ylim(70, 96)
+    if drawn:  # the bars' range and a margin, in steps of 5 points
+        left.set_ylim(max(0, 5 * math.floor(min(drawn) / 5 - 0.5)), min(100, 5 * math.ceil(max(drawn) / 5 + 0.5)))
     left.set_ylabel("target test accuracy (%)")
     left.legend(fontsize=8, ncol=4)
     for c, marker in (("dapt", "o"), ("tapt", "x")):

@@ -623,3 +623,18 @@ def test_domain_adaptation_report_names_the_folds_stored(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["domain_adaptation.py", "--report"])
     bench.main()
     assert "- (d) in-domain: none stored with --folds 5 for kitchen (stored: --folds 2)" in (tmp_path / "domain_adaptation.md").read_text()
+
+
+def test_domain_adaptation_plot_fits_its_axis_to_the_accuracies_and_draws_no_bar_for_a_missing_condition(tmp_path, monkeypatch):
+    """The axis was fixed at 70-96 (accuracies below 70 were hidden) and a condition not measured was a bar of 0."""
+    bench = load_benchmark("domain_adaptation")
+    figures = []
+    monkeypatch.setattr(bench, "save_figure", lambda fig, path, **kw: figures.append(fig))
+    results = [{"source": "books", "target": t, "mean": {"source": 0.55, "dapt": 0.6, "tapt": None, "indomain": 0.65},
+                "gain": {"dapt": 0.05, "tapt": None}, "overlap": 0.5} for t in ("dvd", "kitchen")]
+    bench.plot(results, [0], tmp_path / "p.png")
+    left = figures[0].axes[0]
+    heights = sorted(round(bar.get_height(), 6) for bar in left.patches)
+    assert heights == [55.0, 55.0, 60.0, 60.0, 65.0, 65.0]  # no bar for (c)
+    bottom, top = left.get_ylim()
+    assert bottom <= 55 and top >= 65 and top <= 100
