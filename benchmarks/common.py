@@ -75,6 +75,14 @@ def fractions_arg(p, text: str, top: float, kinds: str, one: str, example: str) 
     return values
 
 
+def ints_arg(p, flag: str, text: str, example: str) -> list[int]:
+    """A comma-separated list of integers (--seeds 0,1,2), or a usage error naming the flag."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        p.error(f"{flag} {text!r}: expected comma-separated integers, e.g. {example}")
+
+
 class RunFailed(SystemExit):
     """A child process that failed. Uncaught, it ends the benchmark with its message and exit status 1, no traceback;
     a script that goes on past a failed run (transfer_study.py, model_selection.py) catches it."""

@@ -37,7 +37,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import REPO, RESULTS, check_counts, save_figure, stored_case, write_result  # noqa: E402
+from benchmarks.common import REPO, RESULTS, check_counts, ints_arg, save_figure, stored_case, write_result  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data" / "amazon_mdsd"
 DOMAINS = ("books", "dvd", "electronics", "kitchen")
@@ -345,7 +345,7 @@ def main() -> None:
     global RUNS, OUT
     if args.tag:
         RUNS, OUT = RUNS.with_name(f"da-{args.tag}"), OUT.with_name(f"domain_adaptation-{args.tag}")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    seeds = ints_arg(p, "--seeds", args.seeds, "0,1,2")
     pairs = [(s, t) for s in DOMAINS for t in DOMAINS if s != t] if args.pairs == "all" else \
         [tuple(x.split(":")) for x in args.pairs.split(",")]
     if odd := [":".join(pair) for pair in pairs if len(pair) != 2 or pair[0] == pair[1]]:

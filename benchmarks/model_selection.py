@@ -43,7 +43,7 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab
-from benchmarks.common import METHODS, RESULTS, RunFailed, train_process, write_result  # noqa: E402
+from benchmarks.common import METHODS, RESULTS, RunFailed, ints_arg, train_process, write_result  # noqa: E402
 
 D = "../shared/data"
 SMOLLM2 = "../shared/models/smollm2-135m-instruct"
@@ -418,7 +418,7 @@ def main() -> int:
     p.add_argument("--fresh", action="store_true", help="measure finished runs again")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
-    args.seeds = [int(x) for x in args.seeds.split(",") if x]
+    args.seeds = ints_arg(p, "--seeds", args.seeds, f"{SEED},1")
     b, name = (QUICK, "model_selection-quick") if args.quick else (FULL, "model_selection")
     root = RESULTS / name
     bases = [x for x in args.bases.split(",") if x]
@@ -431,6 +431,8 @@ def main() -> int:
     bad = [c for c in cases if c not in SETTINGS] + [x for x in bases if x not in BASES]
     if bad:
         p.error(f"unknown setting(s) or base(s) {bad}; --list shows them")
+    if not bases:
+        p.error(f"--bases {args.bases!r}: give at least one of {', '.join(BASES)}")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     recipes = {setting: write_recipe(root / setting, setting, b) for setting in cases}
     if odd := [x for setting in cases for x in stale(root / setting, recipes[setting], bases, b, args)]:

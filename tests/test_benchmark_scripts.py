@@ -638,3 +638,27 @@ def test_domain_adaptation_plot_fits_its_axis_to_the_accuracies_and_draws_no_bar
     assert heights == [55.0, 55.0, 60.0, 60.0, 65.0, 65.0]  # no bar for (c)
     bottom, top = left.get_ylim()
     assert bottom <= 55 and top >= 65 and top <= 100
+
+
+
+@pytest.mark.parametrize(("seeds", "says"), [("x", "--seeds 'x': expected comma-separated integers, e.g. 0,1,2"),
+                                             (",", "--seeds ',': expected comma-separated integers")])
+def test_domain_adaptation_refuses_seeds_that_are_not_integers(seeds, says):
+    """--seeds x was a ValueError traceback."""
+    refused("domain_adaptation", "--report", "--seeds", seeds, "--tag", "never-written", says=says)
+    assert not (RESULTS / "domain_adaptation-never-written.md").exists()
+
+
+@pytest.mark.parametrize(("args", "says"), [(["--seeds", "x"], "--seeds 'x': expected comma-separated integers, e.g. 42,1"),
+                                            (["--seeds", ","], "--seeds ',': expected comma-separated integers"),
+                                            (["--bases", ""], "--bases '': give at least one of minilm, smollm2")])
+def test_model_selection_refuses_seeds_and_bases_that_name_nothing(monkeypatch, tmp_path, capsys, args, says):
+    """--seeds x was a ValueError traceback; --seeds , or --bases '' measured nothing and exited 0."""
+    bench = load_benchmark("model_selection")
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    for name in ("truth", "proxies", "report"):
+        monkeypatch.setattr(bench, name, lambda *a: pytest.fail("ran"))
+    monkeypatch.setattr(sys, "argv", ["model_selection.py", "--cases", "sst2", *args])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    assert stop.value.code == 2 and says in capsys.readouterr().err
