@@ -109,7 +109,7 @@ def seal_checkpoint(folder: Path, recipe_yaml: str | None) -> None:
     (folder / CHECKSUMS).write_text(json.dumps(sums, indent=1), encoding="utf-8")
 
 
-INPUTS_FILE = "inputs.json"  # in checkpoints/: the sha256 of the weights a run reads beside its base (teacher, from_run)
+INPUTS_FILE = "inputs.json"  # in checkpoints/: the sha256 of what a run reads beside its base (data files, teacher, from_run)
 
 
 def same_inputs(work: Path, resuming: bool, inputs: dict[str, str | None], main: bool = True) -> None:
