@@ -39,7 +39,7 @@ from .rundir import (
     same_inputs,
     sha256,
 )
-from .tasks import get_task, skip_unread
+from .tasks import get_task, skip_unread, unread_options
 from .trackers import resolve_trackers
 from .train import RunLog, adapter_folded, eval_loader, stop_at_once_on_signal, train
 
@@ -305,6 +305,9 @@ def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
     if unread := get_method(recipe.adapter.method).unread_options(recipe.adapter):
         log.warning("%s: not read by adapter.method=%s, so ignored (the recipe and the card still show them). Remove them, "
                     "or choose a method that reads them.", ", ".join(unread), recipe.adapter.method)
+    if unread := unread_options(recipe):
+        log.warning("%s: not read by task.type=%s, so ignored (the recipe and the card still show them). Remove them, or "
+                    "choose the task that reads them.", ", ".join(unread), recipe.task.type)
     if unread := unread_quant_options(recipe.quant):
         log.warning("%s: only 4-bit quantization reads them (quant.mode=%s), so ignored. Remove them, or use quant.mode=4bit.",
                     ", ".join(unread), recipe.quant.mode)

@@ -126,3 +126,21 @@ def test_defaults_and_metrics_are_the_tasks():
     assert get_task("classification").metrics == ("accuracy", "f1", "loss")
     assert get_task("summarization").metrics == ("loss", "rouge1", "rouge2", "rougeL", "rougeLsum")
     assert tasks.lower_is_better("loss") and not tasks.lower_is_better("rougeL")
+
+
+@pytest.mark.parametrize("task, overrides, unread", [
+    ("classification", ["task.prompt=Review: {text}", "task.chat_template=true", "task.label_eos=true"],
+     "task.prompt='Review: {text}', task.chat_template=true, task.label_eos=true"),
+    ("verbalizer", ["task.system_prompt=Be brief."], "task.system_prompt='Be brief.'")])
+def test_task_keys_the_task_does_not_read_are_warned_about(make_recipe, caplog, task, overrides, unread):
+    """task.prompt on a classification head was accepted silently: the head never saw it, and the recipe and card showed it."""
+    from peftlab.run import preflight
+
+    recipe = make_recipe({"task.type": task, **dict(o.split("=", 1) for o in overrides)})
+    with caplog.at_level("WARNING", logger="peftlab"):
+        preflight(recipe, training=False)
+    assert f"{unread}: not read by task.type={task}, so ignored" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="peftlab"):
+        preflight(make_recipe({"task.type": "verbalizer", "task.prompt": "Review: {text} Label:", "task.label_eos": True}), training=False)
+    assert "not read by task.type" not in caplog.text

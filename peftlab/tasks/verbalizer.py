@@ -40,6 +40,7 @@ best_metric = "accuracy"
 metrics = (*CLASSIFICATION_KEYS, "loss")
 # scoring the label words needs the prompts (the eval collator) and the tokenizer: a kept accuracy makes evaluations score
 GENERATED_METRICS = CLASSIFICATION_KEYS
+options = ("prompt", "chat_template", "label_eos")  # the task.* keys it reads
 pipeline_tag = "text-generation"
 task_name = "Text Classification (label word)"
 usage_class = "AutoModelForCausalLM"
