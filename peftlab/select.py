@@ -326,6 +326,7 @@ def encode_timed(c: _Candidate, ds, label_names: list[str], folds: int, logme_ru
     feats, pooling = encode(c.features, ds, label_names)
     seconds = time.perf_counter() - start
     log.info("select: %s encoded (%s pooling, %d dims) in %.1f s", base_label(c.base), pooling, feats.shape[1], seconds)
+
     def fewest(n: int) -> int:  # the rows LogME sees without its largest fold (the jackknife)
         return n - -(-n // folds)
 
