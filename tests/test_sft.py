@@ -138,6 +138,22 @@ def test_rows_in_three_formats_become_the_same_conversation(tmp_path, chat_llama
                     {"role": "assistant", "content": QA[0][1]}]
 
 
+def test_trl_conversational_prompt_completion_rows_are_their_messages(tmp_path, chat_llama):
+    """TRL's conversational prompt/completion rows (what benchmarks/sft_throughput.py builds for TRL): each list was
+    trained as its Python repr ("[{'role': 'user', ...}]"), silently."""
+    rows = [{"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]} for q, a in QA[:2]]
+    r = recipe_for(tmp_path, chat_llama, write_jsonl(tmp_path / "c.jsonl", rows), ["task.system_prompt=be brief"])
+    convs = [json.loads(c) for c in load_splits(r)[0]["train"]["conversation"]]
+    assert convs == [[{"role": "system", "content": "be brief"}, *m["messages"]] for m in messages_rows(2)]
+    mixed = rows[:1] + [{"prompt": [{"role": "user", "content": "hi"}], "completion": "hello"}]
+    with pytest.raises(DataError, match=r"data row 1 \(0-based.*\): 'prompt' holds a list of messages but 'completion' does not "
+                                        r"\(got 'hello'\)"):
+        load_splits(recipe_for(tmp_path, chat_llama, write_jsonl(tmp_path / "x.jsonl", mixed)))
+    bad = rows[:1] + [{"prompt": ["hi"], "completion": [{"role": "assistant", "content": "hello"}]}]  # a list, not messages
+    with pytest.raises(DataError, match=r"data row 1 \(0-based.*\): 'prompt' must be a list of \{role, content\}.*got \['hi'\]"):
+        load_splits(recipe_for(tmp_path, chat_llama, write_jsonl(tmp_path / "y.jsonl", bad)))
+
+
 def test_columns_the_recipe_names_win_over_guessed_instruction_columns(tmp_path, chat_llama):
     """GSM8K-like rows with instruction/output and a final_answer column: data.target_column=final_answer was ignored
     for the guessed instruction format, silently (the references were the worked solutions)."""

@@ -3,7 +3,9 @@
 Rows (data.py hands them over raw: `normalize_split` below) become conversations, a list of {role, content}:
 - messages: data.messages_column holds the list itself (JSONL files load it as a list of objects);
 - instruction: instruction (+ input) is the user turn, output the assistant's;
-- prompt_completion: data.text_columns (through task.prompt's {source}) -> data.target_column, or prompt/completion columns.
+- prompt_completion: data.text_columns (through task.prompt's {source}) -> data.target_column, or prompt/completion columns;
+  cells that are lists of {role, content} (TRL's conversational prompt/completion) are the prompt's messages + the
+  completion's, as the messages format reads them.
 A conversation ends at its last answer: the last assistant turn with text after a user (or tool) turn. Turns after it
 (a blank answer, a user turn left unanswered) are cut, with a count in the log, since nothing would train or score
 them; a row with no answer is dropped. Blank answers and an opening assistant turn (before any prompt) stay as context.
@@ -202,6 +204,17 @@ def _check_messages(value, row: int, where: str, column: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
+def _chat_cells(cells: list[tuple[str, object]], row: int, where: str) -> list[dict]:
+    """A prompt/completion row whose cells are lists of messages (TRL's conversational format) -> prompt + completion
+    messages, checked as the messages format's are; a row mixing such a list and text is refused."""
+    lists, plain = [c for c, v in cells if isinstance(v, list)], [(c, v) for c, v in cells if not isinstance(v, list)]
+    if plain:
+        raise DataError(f"{where}: data row {row} (0-based, as predictions files count): {', '.join(map(repr, lists))} holds a "
+                        f"list of messages but {plain[0][0]!r} does not (got {str(plain[0][1])[:200]!r}). In TRL's conversational "
+                        "format the prompt and the completion are both lists of {role, content}; or give both as text.")
+    return [m for c, v in cells for m in _check_messages(v, row, where, c)]
+
+
 def normalize_split(ds, spec, recipe, where: str):
     """Raw rows -> {conversation: JSON list of {role, content}}; rows without an assistant answer are dropped."""
     d, t = recipe.data, recipe.task
@@ -226,6 +239,8 @@ def normalize_split(ds, spec, recipe, where: str):
                 extra = text(batch["input"][j]) if "input" in batch else ""
                 msgs = [{"role": "user", "content": f"{user}\n\n{extra}" if extra else user},
                         {"role": "assistant", "content": text(batch["output"][j])}]
+            elif any(isinstance(batch[c][j], list) for c in (*prompt_cols, completion_col)):  # TRL's conversational rows
+                msgs = _chat_cells([(c, batch[c][j]) for c in (*prompt_cols, completion_col)], i, where)
             else:
                 source = " ".join(text(batch[c][j]) for c in prompt_cols).strip()
                 msgs = [{"role": "user", "content": t.prompt.replace("{source}", source) if t.prompt else source},
