@@ -166,7 +166,9 @@ class TaskConfig:
     type: str = opt("classification", "Task family (sentiment is a classification).", task_names)  # the registered tasks
     prompt: str | None = opt(None, "Summarization: model input with {source} where the text goes; null = '{source}' for encoder-decoder "
                              "models, 'Summarize this dialogue:\\n{source}\\nSummary: ' for decoder-only ones. Verbalizer: the "
-                             "prompt with {text} where the input goes, the label word follows it; null = 'Text: {text}\\nLabel:'.")
+                             "prompt with {text} where the input goes, the label word follows it; null = 'Text: {text}\\nLabel:'. SFT: the user turn "
+                             "of text prompt/completion rows, {source} where the prompt's text goes; null = the text alone (the "
+                             "messages and instruction formats do not read it).")
     chat_template: bool = opt(False, "Summarization, decoder-only: wrap the prompt in the tokenizer's chat template (when it has one). "
                               "Verbalizer: the prompt is the user turn and the label word the assistant's answer (a tokenizer "
                               "without a chat template is an error).")

@@ -154,6 +154,32 @@ def test_trl_conversational_prompt_completion_rows_are_their_messages(tmp_path, 
         load_splits(recipe_for(tmp_path, chat_llama, write_jsonl(tmp_path / "y.jsonl", bad)))
 
 
+def test_task_prompt_set_for_rows_that_do_not_read_it_is_warned_about_at_validate_and_train(tmp_path, chat_llama, caplog):
+    """GSM8K-like instruction/output rows with task.prompt='Solve this: {source}' trained on the bare question, silently."""
+    from peftlab.data import column_problems
+
+    said = "data.train: task.prompt is not applied to {}: only text prompt/completion columns go through its {{source}}"
+    files = {"the instruction format's rows": [{"instruction": q, "input": "", "output": a} for q, a in QA[:2]],
+             "the messages format's rows": messages_rows(2),
+             "2 conversational prompt/completion row(s) (lists of messages)": [
+                 {"prompt": [{"role": "user", "content": q}], "completion": [{"role": "assistant", "content": a}]} for q, a in QA[:2]],
+             None: [{"prompt": q, "completion": a} for q, a in QA[:2]]}  # text prompts: read through task.prompt, no warning
+    for k, (rows, data) in enumerate(files.items()):
+        r = recipe_for(tmp_path, chat_llama, write_jsonl(tmp_path / f"{k}.jsonl", data), ["task.prompt='Solve this: {source}'"])
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="peftlab"):
+            assert column_problems(r) == []
+        validate = caplog.text
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="peftlab"):
+            user = json.loads(load_splits(r)[0]["train"]["conversation"][0])[0]["content"]
+        if rows is None:
+            assert "task.prompt" not in validate + caplog.text and user == f"Solve this: {QA[0][0]}"
+        else:
+            assert said.format(rows) in caplog.text and user == QA[0][0]
+            assert rows.startswith("2 ") or said.format(rows) in validate  # (a header cannot show lists of messages)
+
+
 def test_columns_the_recipe_names_win_over_guessed_instruction_columns(tmp_path, chat_llama):
     """GSM8K-like rows with instruction/output and a final_answer column: data.target_column=final_answer was ignored
     for the guessed instruction format, silently (the references were the worked solutions)."""

@@ -179,7 +179,16 @@ def detect_format(columns: list[str], d, where: str) -> tuple[str, list[str], st
 
 def check_columns(columns: list[str], recipe, where: str) -> None:
     """`peftlab validate`: a split's columns (its header) hold conversations in data.sft_format."""
-    detect_format(columns, recipe.data, where)
+    warn_unread_prompt(detect_format(columns, recipe.data, where)[0], recipe, where)
+
+
+def warn_unread_prompt(fmt: str, recipe, where: str, chat: int = 0) -> None:
+    """task.prompt frames the prompt column's text of the prompt_completion format only: say so where it is set for rows
+    that do not read it (it was ignored, silently); `chat`: conversational prompt/completion rows (lists of messages)."""
+    if recipe.task.prompt is not None and (fmt != "prompt_completion" or chat):
+        rows = f"{chat} conversational prompt/completion row(s) (lists of messages)" if chat else f"the {fmt} format's rows"
+        log.warning("%s: task.prompt is not applied to %s: only text prompt/completion columns go through its {source}. "
+                    "Write the instruction into the data, use task.system_prompt, or remove task.prompt.", where, rows)
 
 
 def _check_messages(value, row: int, where: str, column: str) -> list[dict]:
@@ -230,8 +239,9 @@ def normalize_split(ds, spec, recipe, where: str):
         return "" if v is None else str(v).strip()
 
     def to_rows(batch):
-        out, cut = [], []
+        out, cut, chat = [], [], []
         for j, i in enumerate(batch[FILE_ROW]):
+            conversational = fmt == "prompt_completion" and any(isinstance(batch[c][j], list) for c in (*prompt_cols, completion_col))
             if fmt == "messages":
                 msgs = _check_messages(batch[d.messages_column][j], i, where, d.messages_column)
             elif fmt == "instruction":
@@ -239,7 +249,7 @@ def normalize_split(ds, spec, recipe, where: str):
                 extra = text(batch["input"][j]) if "input" in batch else ""
                 msgs = [{"role": "user", "content": f"{user}\n\n{extra}" if extra else user},
                         {"role": "assistant", "content": text(batch["output"][j])}]
-            elif any(isinstance(batch[c][j], list) for c in (*prompt_cols, completion_col)):  # TRL's conversational rows
+            elif conversational:  # TRL's conversational rows
                 msgs = _chat_cells([(c, batch[c][j]) for c in (*prompt_cols, completion_col)], i, where)
             else:
                 source = " ".join(text(batch[c][j]) for c in prompt_cols).strip()
@@ -249,16 +259,18 @@ def normalize_split(ds, spec, recipe, where: str):
                 msgs = [{"role": "system", "content": t.system_prompt}, *msgs]
             answers = [k for k, m in enumerate(msgs) if is_answer(msgs, k)]
             cut.append(bool(answers) and answers[-1] < len(msgs) - 1)
+            chat.append(conversational)
             out.append(json.dumps(msgs[:answers[-1] + 1] if answers else [], ensure_ascii=False))
         more = {"references": reference_lists(batch[refs], refs, where, batch[FILE_ROW])} if refs else {}
-        return {"conversation": out, "cut": cut, FILE_ROW: batch[FILE_ROW], **more}
+        return {"conversation": out, "cut": cut, "chat": chat, FILE_ROW: batch[FILE_ROW], **more}
 
     ds = ds.map(to_rows, batched=True, remove_columns=ds.column_names, desc=f"{where}: conversations")
+    warn_unread_prompt(fmt, recipe, where, sum(ds["chat"]))
     if cut := sum(ds["cut"]):
         log.warning("%s: %d row(s) end with turns after their last answer (a blank assistant turn, or a user turn left "
                     "unanswered): cut there, as nothing would train on them or score them", where, cut)
     n = len(ds)
-    ds = ds.filter(lambda r: r["conversation"] != "[]", desc=f"{where}: rows with an answer").remove_columns("cut")
+    ds = ds.filter(lambda r: r["conversation"] != "[]", desc=f"{where}: rows with an answer").remove_columns(["cut", "chat"])
     if len(ds) < n:
         log.warning("%s: dropped %d row(s) without an answer (an assistant turn with text after a user turn)", where, n - len(ds))
     if len(ds) == 0:
