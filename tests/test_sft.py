@@ -727,6 +727,18 @@ def test_an_eval_split_with_several_answers_scores_exact_match_and_rouge_against
         load_splits(bad)
 
 
+def test_a_references_cell_that_is_no_list_names_its_0_based_data_row(tmp_path, chat_llama):
+    """It said 'row 3' for data row 2 (1-based), where every other SFT data error and the predictions count from 0."""
+    rows = [{"question": q, "answer": a, "answers": [a]} for q, a in QA[:4]]
+    rows[2]["answers"] = "oops"
+    path = write_jsonl(tmp_path / "qa.jsonl", rows)
+    r = recipe_for(tmp_path, chat_llama, path, ["data.text_columns=[question]", "data.target_column=answer",
+                                                "data.eval.references_column=answers"])
+    with pytest.raises(DataError, match=r"data.eval.references_column='answers': data row 2 \(0-based, as predictions files "
+                                        r"count\) holds oops, not a list of texts"):
+        load_splits(r)
+
+
 def test_generated_tokens_are_counted_up_to_the_first_stop_token():
     new = torch.tensor([[5, 6, 2, 2], [5, 6, 7, 8], [2, 2, 2, 2], [5, 3, 9, 2]])  # stop ids 2 and 3; 2 also pads
     assert sft.new_token_counts(new, [2, 3]).tolist() == [3, 4, 1, 2]

@@ -588,7 +588,8 @@ def test_an_eval_split_with_several_references_is_scored_against_each(make_sum_r
         make_sum_recipe(tiny_t5, {"data.eval.references_column": "summaries", "task.type": "classification"}, name="c")
     with pytest.raises(DataError, match=r"column\(s\) \['summary_list'\] not found.*Set data.eval.references_column to"):
         load_splits(make_sum_recipe(tiny_t5, {"data.eval.path": multi, "data.eval.references_column": "summary_list"}, name="m"))
-    with pytest.raises(DataError, match=r"data.eval.references_column='summary': row 1 holds .*, not a list of texts"):
+    with pytest.raises(DataError, match=r"data.eval.references_column='summary': data row 0 \(0-based, as predictions files count\) "
+                                        r"holds .*, not a list of texts"):
         load_splits(make_sum_recipe(tiny_t5, {"data.eval.path": multi, "data.eval.references_column": "summary"}, name="s"))
     # rows whose list is empty (or blank) are scored against their target, said; a column of no reference is refused
     for name, lists in (("some", [[], ["  "], ["A summary."]]), ("none", [[], [" "], []])):

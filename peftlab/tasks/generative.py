@@ -228,7 +228,8 @@ def reference_lists(values: list, column: str, where: str, rows: list[int]) -> l
     out = []
     for value, row in zip(values, rows):
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise DataError(f"{where}.references_column={column!r}: row {row + 1} holds {str(value)[:120]}, not a list of "
+            raise DataError(f"{where}.references_column={column!r}: data row {row} (0-based, as predictions files count) holds "
+                            f"{str(value)[:120]}, not a list of "
                             f"texts. Point it at a column with a list of reference texts per row (DialogSum's test: "
                             f"summaries), or remove it (one reference: data.target_column).")
         out.append([v.strip() for v in value if v.strip()])
