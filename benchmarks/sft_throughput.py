@@ -161,15 +161,18 @@ def worker_trl(args, rows_file: Path, out: Path, packed: bool, seed: int) -> dic
 
 def answer_loss(adapter: Path, rows: list[dict]) -> float:
     """Mean cross-entropy of the answer tokens (and the end-of-turn token after them) of `rows`, one row at a time under
-    the precision every side trained in: one function for every side's adapter."""
+    the precision every side trained in: one function for every side's adapter. Each row ends at its end-of-turn token
+    (EOS / <|im_end|>, as peftlab's labels do): the newline SmolLM2's template writes after it is no answer token."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from peftlab.accel import resolve_precision
+    from peftlab.tasks.sft import stop_ids
 
     _, path = recipe_parts()
     tokenizer = AutoTokenizer.from_pretrained(path)
+    stops = set(stop_ids(tokenizer))
     model = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32), str(adapter)).eval()
     total, count = 0.0, 0
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_precision("auto") == "bf16")
@@ -177,7 +180,8 @@ def answer_loss(adapter: Path, rows: list[dict]) -> float:
         for r in rows:
             prompt = tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
             full = tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False)[:MAX_LENGTH]
-            ids = torch.tensor([full])
+            end = next((k for k in range(len(prompt), len(full)) if full[k] in stops), len(full) - 1)
+            ids = torch.tensor([full[:end + 1]])
             labels = ids.clone()
             labels[0, :len(prompt)] = -100
             logits = model(input_ids=ids).logits[0, :-1].float()

@@ -375,6 +375,41 @@ def test_sft_throughput_refuses_no_rows_before_measuring():
     refused("sft_throughput", "--rows", "-3", says="--rows -3 --eval-rows 64: each needs at least 1 dialogue")
 
 
+def test_sft_answer_loss_scores_the_answer_and_its_end_of_turn_token_only(tmp_path, monkeypatch, chat_llama):
+    """The labels ran to the end of the rendered conversation: SmolLM2's newline after <|im_end|> (which peftlab never
+    trains) was scored too. Here a template writes '|' after each turn's end (the WordPiece tokenizer has no newline):
+    the loss is over exactly the tokens peftlab labels."""
+    import shutil
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import peftlab.accel
+    from peftlab.tasks import sft
+
+    model_dir = shutil.copytree(chat_llama, tmp_path / "model")
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    tok.chat_template = sft.NAMED_TEMPLATES["chatml"].replace("<|im_end|>\n", "<|im_end|>|\n")
+    tok.save_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", r=2, target_modules=["q_proj"])).save_pretrained(tmp_path / "adapter")
+    bench = load_benchmark("sft_throughput")
+    monkeypatch.setattr(bench, "recipe_parts", lambda: (None, model_dir))
+    monkeypatch.setattr(peftlab.accel, "resolve_precision", lambda *a: "fp32")
+    rows = [bench.chat({"dialogue": d, "summary": s}, "Summarize: {source}") for d, s in [("hi there", "a greeting"), ("bye now", "leaving")]]
+    total, count = 0.0, 0
+    for r in rows:  # peftlab's labels: the answer and <|im_end|>, not the '|' after it
+        row = sft.encode(tok, r["prompt"] + r["completion"], 512)
+        labels = torch.tensor(row["labels"][1:])
+        assert tok.convert_ids_to_tokens(row["input_ids"][-1]) == "|" and labels[-1] == -100
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, :-1]
+        total += torch.nn.functional.cross_entropy(logits, labels, ignore_index=-100, reduction="sum").item()
+        count += int((labels != -100).sum())
+    assert bench.answer_loss(tmp_path / "adapter", rows) == pytest.approx(total / count, rel=1e-5)
+
+
 @pytest.mark.parametrize(("args", "says"), [(["--batches", "6", "--warmup", "6"], "give --batches greater than --warmup"),
                                             (["--batches", "4", "--warmup", "-1"], "--warmup >= 0")])
 def test_step_levers_refuses_no_timed_batches_up_front(args, says):
