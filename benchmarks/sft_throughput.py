@@ -39,6 +39,7 @@ from one invocation.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import sys
@@ -293,6 +294,10 @@ def main() -> None:
     unknown = set(args.sides.split(",")) - {*SIDES, *EXTRA_SIDES}
     if unknown:
         p.error(f"--sides: unknown {sorted(unknown)}; choose from {', '.join([*SIDES, *EXTRA_SIDES])}")
+    trl = [s for s in args.sides.split(",") if s.startswith("trl")]
+    if trl and not args.report and importlib.util.find_spec("trl") is None:  # (it failed after peftlab's whole run)
+        p.error(f"--sides {args.sides}: {', '.join(trl)} need(s) TRL, which is not installed. Install the bench extra "
+                "(pip install -e .[bench]), or leave trl out of --sides (e.g. --sides peftlab).")
     if not args.report:
         import torch
 

@@ -375,6 +375,27 @@ def test_sft_throughput_refuses_no_rows_before_measuring():
     refused("sft_throughput", "--rows", "-3", says="--rows -3 --eval-rows 64: each needs at least 1 dialogue")
 
 
+def test_sft_throughput_without_trl_stops_before_any_work_when_a_side_needs_it(tmp_path, monkeypatch, capsys):
+    """With trl among the sides (the default) and TRL not installed, the missing module surfaced after peftlab's whole run."""
+    import importlib.util
+
+    bench = load_benchmark("sft_throughput")
+    find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "trl" else find_spec(name, *a))
+    monkeypatch.setattr(bench, "gemm_peak", lambda *a: pytest.fail("measured"))
+    monkeypatch.setattr(bench, "run_pair", lambda *a: pytest.fail("trained"))
+    monkeypatch.setattr(sys, "argv", ["sft_throughput.py", "--seeds", "0"])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and "trl, trl-packed need(s) TRL, which is not installed" in err and "pip install -e .[bench]" in err
+    monkeypatch.setattr(bench, "report", lambda: "table")  # peftlab alone does not need it
+    monkeypatch.setattr(bench, "gemm_peak", lambda *a: {"peak_gflops": 1.0, "precision": "fp32"})
+    monkeypatch.setattr(bench, "run_pair", lambda *a: None)
+    monkeypatch.setattr(sys, "argv", ["sft_throughput.py", "--sides", "peftlab"])
+    bench.main()
+
+
 def test_sft_answer_loss_scores_the_answer_and_its_end_of_turn_token_only(tmp_path, monkeypatch, chat_llama):
     """The labels ran to the end of the rendered conversation: SmolLM2's newline after <|im_end|> (which peftlab never
     trains) was scored too. Here a template writes '|' after each turn's end (the WordPiece tokenizer has no newline):
