@@ -84,15 +84,26 @@ def chat(row: dict, prompt: str) -> dict:
             "completion": [{"role": "assistant", "content": row["summary"]}]}
 
 
+def answer_span(tokenizer, row: dict, stops: set[int]) -> tuple[list[int], int, int]:
+    """A chat prompt/completion row -> (its tokens cut at MAX_LENGTH, where the answer starts, where it ends): the answer
+    runs to its end-of-turn token (EOS / <|im_end|>) inclusive, as peftlab's labels do; the newline SmolLM2's template
+    writes after it is no answer token."""
+    full = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=False)[:MAX_LENGTH]
+    start = len(tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False))
+    return full, start, next((k + 1 for k in range(start, len(full)) if full[k] in stops), len(full))
+
+
 def token_counts(rows: list[dict], tokenizer) -> dict:
     """Of `rows` (chat prompt/completion, cut at MAX_LENGTH): real tokens, answer tokens (the labelled ones, whose
-    logits the loss needs) and the sum over tokens of their causal attention context (n(n+1)/2 for a row of n: each
-    example attends to itself only, in peftlab's packed rows as in TRL's padding-free ones)."""
-    real = answer = context = 0
+    logits the loss needs: answer_span) and the sum over tokens of their causal attention context (n(n+1)/2 for a row
+    of n: each example attends to itself only, in peftlab's packed rows as in TRL's padding-free ones)."""
+    from peftlab.tasks.sft import stop_ids
+
+    stops, real, answer, context = set(stop_ids(tokenizer)), 0, 0, 0
     for r in rows:
-        n = min(len(tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False)), MAX_LENGTH)
-        prompt = len(tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False))
-        real, answer, context = real + n, answer + max(n - prompt, 0), context + n * (n + 1) // 2
+        full, start, end = answer_span(tokenizer, r, stops)
+        n = len(full)
+        real, answer, context = real + n, answer + max(end - start, 0), context + n * (n + 1) // 2
     return {"real": real, "answer": answer, "context": context}
 
 
@@ -179,12 +190,10 @@ def answer_loss(adapter: Path, rows: list[dict]) -> float:
     autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolve_precision("auto") == "bf16")
     with torch.no_grad(), autocast:
         for r in rows:
-            prompt = tokenizer.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=True, return_dict=False)
-            full = tokenizer.apply_chat_template(r["prompt"] + r["completion"], tokenize=True, return_dict=False)[:MAX_LENGTH]
-            end = next((k for k in range(len(prompt), len(full)) if full[k] in stops), len(full) - 1)
-            ids = torch.tensor([full[:end + 1]])
+            full, start, end = answer_span(tokenizer, r, stops)
+            ids = torch.tensor([full[:end]])
             labels = ids.clone()
-            labels[0, :len(prompt)] = -100
+            labels[0, :start] = -100
             logits = model(input_ids=ids).logits[0, :-1].float()
             losses = torch.nn.functional.cross_entropy(logits, labels[0, 1:], reduction="none", ignore_index=-100)
             total, count = total + losses.sum().item(), count + int((labels[0, 1:] != -100).sum())
