@@ -72,7 +72,7 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
         if recipe.train.precision != trained.train.precision:
             precision = resolve_precision(recipe.train.precision)
     if run.selected_on == split and rows_of(recipe, split) == rows_of(trained, split):
-        log.warning("%s is the split this run chose its weights on (train.keep_best, step %s of %s): its figure is optimistic. "
+        log.warning("%s is the split this run chose its weights on (train.keep_best or early stopping, step %s of %s): its figure is optimistic. "
                     "%s", split, run.best_step, run.steps, "`--split test` scores the held-out split." if "test" in (run.metrics or {})
                     else "For a held-out figure: --split test data.test.path=FILE (rows no selection saw).")
     check_split_given(recipe, split)  # before the model is loaded
@@ -236,11 +236,12 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = 
                     name=recipe.name, output_dir=str(out), method=info.method, task=recipe.task.type, base_model=recipe.model.name,
                     base_path=info.path, quantization=info.quantized, precision=precision, label_names=label_names,
                     trainable_params=info.trainable_params, total_params=info.total_params,
-                    trainable_percent=info.trainable_percent, base_weights_mib=info.base_weights_mib, steps=state.step, best_step=state.best_step,
-                    stopped_early=state.stopped_early or None,
-                    # keep_best (or early_stopping) over several evaluations chose the exported step on data.eval: reports must not
-                    # call it held out
-                    selected_on="eval" if (recipe.train.keep_best or recipe.train.early_stopping) and len(state.history) > 1 else None,
+                    trainable_percent=info.trainable_percent, base_weights_mib=info.base_weights_mib, steps=state.step,
+                    # the exported step: the best evaluation's (keep_best), else the last (early stopping may have chosen it)
+                    best_step=state.best_step if recipe.train.keep_best else state.step, stopped_early=state.stopped_early or None,
+                    # keep_best over several evaluations, or early stopping, chose the exported step on data.eval: reports must
+                    # not call it held out
+                    selected_on="eval" if (recipe.train.keep_best and len(state.history) > 1) or state.stopped_early else None,
                     train_wall_s=state.wall_seconds, train_seconds=state.train_seconds, train_examples=state.examples, train_tokens=state.tokens,
                     train_padded_tokens=state.padded_tokens, eval_seconds=eval_seconds,
                     examples_per_s=state.examples / max(state.train_seconds, 1e-9),

@@ -180,8 +180,8 @@ class RunRecord:
     base_weights_mib: float | None = None
     steps: int | None = None
     stopped_early: bool | None = None  # train.early_stopping ended it before the steps its recipe gives
-    best_step: int | None = None
-    selected_on: str | None = None  # the split keep_best chose the exported step on (its figure is not held out)
+    best_step: int | None = None  # the exported step: keep_best's best evaluation, else the last
+    selected_on: str | None = None  # the split keep_best or early stopping chose the exported step on (its figure is not held out)
     train_wall_s: float | None = None
     train_seconds: float | None = None
     train_examples: int | None = None
@@ -229,11 +229,19 @@ class RunRecord:
     def __contains__(self, key: str) -> bool:
         return key in self.to_dict()
 
+    @property
+    def stopped_at_last(self) -> bool:
+        """Early stopping ended the run and its last step was exported (keep_best off): the selection split chose where
+        training stopped, not the best of its evaluations."""
+        return bool(self.stopped_early) and self.best_step == self.steps
+
     def split_label(self, split: str) -> str:
         """How a split's figure is labelled in the summary and the card: the selection split says so, the others are
         held out."""
         if not self.selected_on:
             return split
+        if split == self.selected_on and self.stopped_at_last:
+            return f"{split} (selection split: early stopping on it ended training at step {self.steps})"
         if split == self.selected_on:
             return f"{split} (selection split: step {self.best_step} of {self.steps} chosen on it)"
         return f"{split} (held out)"

@@ -362,6 +362,24 @@ def test_early_stopping_stops_once_the_metric_stops_improving_and_exports_the_be
         make_recipe({"train.early_stopping": 2})
 
 
+def test_early_stopping_without_keep_best_names_the_last_step_as_exported(make_recipe, tmp_path):
+    """keep_best=false exports the last step's weights; run.json, the summary and the card named the best evaluation's
+    step as the exported one ("step 2 of 6 chosen on it"). A run that never stopped early chose nothing on eval."""
+    from peftlab.publish.card import card_text
+
+    ov = {"train.max_steps": 40, "train.eval_every": 2, "train.lr": 0.5, "train.best_metric": "loss", "train.early_stopping": 2,
+          "train.keep_best": False, "train.log_every": 5, "output_dir": tmp_path / "o"}
+    record = run(make_recipe(ov))
+    assert record.stopped_early and record.steps == record.history[-1]["step"] and record.best_step == record.steps
+    assert record.metrics["eval"]["loss"] == pytest.approx(record.history[-1]["loss"], rel=1e-5)  # the last step's weights
+    assert record.selected_on == "eval" and record.split_label("eval") == f"eval (selection split: early stopping on it ended training at step {record.steps})"
+    card = card_text(tmp_path / "o")
+    assert f"(exported: step {record.steps})" in card and f"Training stopped early at step {record.steps}" in card
+    assert "best of" not in card
+    full = run(make_recipe({**ov, "train.max_steps": 4, "train.lr": 1e-3, "output_dir": tmp_path / "short"}))  # never stopped
+    assert not full.stopped_early and full.selected_on is None and full.best_step == 4
+
+
 def test_a_classifier_writes_every_scored_row_with_its_prediction(make_recipe, sentiment_files):
     """predictions-SPLIT.jsonl for classification: each row of the file (a max_samples subset names its file rows), its
     text and label, the predicted label and its probability; the metrics are those of these lines, and `peftlab eval`

@@ -270,7 +270,7 @@ def card_data(source: str | Path | PublicRun, repo_id: str | None = None, base_m
     out, recipe, run = pub.out, pub.public_recipe, pub.public_run
     metrics = measured_metrics(out, run)
     base = pub.base_id
-    evaluations = len(run.history or [])
+    chosen = "early stopping on it" if run.stopped_at_last else f"best of {len(run.history or [])} evaluations"
     task, peft_type = _task_of(out, recipe)
     tag = pipeline_tag(task, peft_type)
     is_adapter = (out / "adapter_config.json").is_file()
@@ -286,8 +286,7 @@ def card_data(source: str | Path | PublicRun, repo_id: str | None = None, base_m
                     task_type=tag, task_name=task_name(task, peft_type), dataset_type=ds_id or ds_name, dataset_name=ds_name,
                     dataset_config=recipe.data.subset if ds_id == recipe.data.dataset else None, dataset_split=ds_split,
                     metric_type=key, metric_value=round(float(value), 6),
-                    metric_name=names[key] + (f" (selection split: best of {evaluations} evaluations)"
-                                                     if split == run.selected_on else ""),
+                    metric_name=names[key] + (f" (selection split: {chosen})" if split == run.selected_on else ""),
                     metric_args={"average": "macro"} if key == "f1" else None))
     train_ds = dataset_of(recipe, "train")[0]
     method = get_method(run.method or recipe.adapter.method)
@@ -469,8 +468,13 @@ def _selection_note(run: RunRecord, metrics: dict, best_metric: str) -> list[str
         return []
     held_out = [s for s in metrics if s != selected]
     n = len(run.history or [])
-    note = (f"The exported weights are those of the best of {n} evaluations on the {selected} split (`train.keep_best`, "
-            f"`train.best_metric: {best_metric}`), so its figure was used for selection and is optimistic. ")
+    if run.stopped_at_last:  # early stopping, keep_best off: the last step's weights
+        note = (f"Training stopped early at step {run.steps}, when `train.best_metric: {best_metric}` had not improved on the "
+                f"{selected} split for `train.early_stopping` evaluations; the exported weights are that last step's, whose "
+                "stopping point this split chose, so its figure is not held out. ")
+    else:
+        note = (f"The exported weights are those of the best of {n} evaluations on the {selected} split (`train.keep_best`, "
+                f"`train.best_metric: {best_metric}`), so its figure was used for selection and is optimistic. ")
     note += (f"The held-out figure is {', '.join(held_out)}: it played no part in choosing the weights." if held_out else
              "No held-out split was scored: add `data.test` (or select on `data.eval_holdout` of train) for an unbiased figure.")
     return ["", note]
