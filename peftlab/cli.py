@@ -395,6 +395,14 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated")  # raised inside peft
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")  # every 8-bit forward on CPU
     warnings.filterwarnings("ignore", message="Specifying null_placement")  # pyarrow, inside datasets' sort
+    # peft's generic pattern check on loading an AdaLoRA adapter: its rank_pattern keys name the lora_E vectors, which
+    # AdaLoRA itself resizes by (the reloaded and merged model equal the trained one); it read as if the ranks were dropped
+    warnings.filterwarnings("ignore", message=r"The following rank_pattern keys did not match any targeted module.*lora_E")
+    # peft imports bitsandbytes on every run, quantized or not, and on a CPU with avx512_bf16 it then looks for an optional
+    # 4-bit kernel on the Hub ('Failed to load CPU gemm_4bit_forward ... pip install kernels', 'Skipping publisher trust
+    # check'): a newcomer's plain LoRA run began with two alarming lines; bitsandbytes falls back to its own kernel
+    for chatty in ("bitsandbytes.backends.cpu.ops", "kernels"):
+        logging.getLogger(chatty).setLevel(logging.ERROR)
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

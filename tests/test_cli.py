@@ -247,3 +247,28 @@ def test_a_recipe_path_holding_an_equals_sign_is_the_recipe(tmp_path, capsys):
     assert main(["train", str(recipe), "data.train.path=nope.tsv"]) == 2
     err = capsys.readouterr().err
     assert "train.lr=-1" in err and str(recipe) in err and "unknown key" not in err, err
+
+
+def test_the_cli_quiets_bitsandbytes_kernel_search_and_adalora_pattern_noise():
+    """Every CLI run on an avx512_bf16 CPU began with bitsandbytes' 'Failed to load CPU gemm_4bit_forward ... pip install
+    kernels' (and kernels' 'Skipping publisher trust check'), quantized or not; every AdaLoRA eval/merge printed peft's
+    'rank_pattern keys did not match' for the lora_E keys AdaLoRA resizes by itself."""
+    import logging
+    import warnings
+
+    from peftlab import cli
+
+    loggers = [logging.getLogger(n) for n in ("bitsandbytes.backends.cpu.ops", "kernels")]
+    levels = [lg.level for lg in loggers]
+    try:
+        with warnings.catch_warnings(record=True) as seen:
+            cli._quiet_libraries()
+            warnings.warn("The following rank_pattern keys did not match any targeted module and were ignored: "
+                          "['base_model.model.bert.encoder.layer.0.attention.self.query.lora_E'].", RuntimeWarning, stacklevel=1)
+            warnings.warn("The following rank_pattern keys did not match any targeted module and were ignored: ['fc9'].",
+                          RuntimeWarning, stacklevel=1)  # a LoRA rank_pattern typo still warns
+        assert [str(w.message)[-8:] for w in seen] == ["['fc9']."]
+        assert not any(lg.isEnabledFor(logging.WARNING) for lg in loggers)
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
