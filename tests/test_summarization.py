@@ -628,6 +628,24 @@ def test_a_plain_prompt_and_its_summary_are_tokenized_as_the_text_the_model_read
     assert prompt_and_summary(tok, [prompt], [summary], 2)[1][0] == tails[0][:2]  # data.max_target_length cuts the summary
 
 
+def test_a_long_source_is_cut_as_written_within_max_length_on_a_byte_fallback_tokenizer():
+    """stories260k spells an emoji as byte tokens: decoding a cut inside one turned the whole run of emoji into '\ufffd'
+    characters, each three tokens again (SAMSum train row 663 cut at 64 tokens read back as 110). The text is cut where
+    the first token left out starts."""
+    from transformers import AutoTokenizer
+
+    from peftlab.tasks.summarization import truncate_sources
+
+    tok = AutoTokenizer.from_pretrained(shared_or_skip("models", "stories260k"))
+    text = "Emma: What a day. I found today (~_~)\nEmma: So sad " + "\U0001f62d" * 6 + "\nTaylor: oh no, what happened?"
+    n = len(tok(text, add_special_tokens=False)["input_ids"])
+    for limit in range(n - 30, n):  # every cut through the emoji and after them
+        (cut,), (was_cut,) = truncate_sources(tok, [text], limit)
+        assert was_cut and "\ufffd" not in cut and text.startswith(cut)
+        assert len(tok(cut, add_special_tokens=False)["input_ids"]) <= limit
+    assert truncate_sources(tok, [text], n) == ([text], [False])  # a source that fits is left as it is
+
+
 def test_a_prompt_tuned_decoder_summarizes_as_greedy_decoding_of_its_model_and_prefix_tuning_is_refused(make_sum_recipe, tiny_llama):
     """Prompt tuning on a decoder: each summary is greedy decoding of the trained model's own forward (peft's cached
     generate wrote other tokens, and left padding shifted positions); prefix tuning, whose generation differs from its

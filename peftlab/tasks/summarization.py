@@ -216,10 +216,18 @@ def _adds_bos(tokenizer) -> bool:
 
 def truncate_sources(tokenizer, texts: list[str], max_length: int) -> tuple[list[str], list[bool]]:
     """Cut each source to `max_length` tokens (the prompt template and special tokens come on top), so a template
-    that follows the source is never cut off. Rows that fit are left as they are."""
-    ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length + 1)["input_ids"]
-    cut = [len(i) > max_length for i in ids]
-    return [tokenizer.decode(i[:max_length]) if c else t for t, i, c in zip(texts, ids, cut)], cut
+    that follows the source is never cut off. Rows that fit are left as they are. The text is cut as written, where
+    the first token left out starts (decoding the kept tokens instead turned a byte-fallback tokenizer's emoji cut
+    mid-character into a run of '\ufffd', each three tokens again: 64 tokens read back as 110); a tokenizer without
+    offsets: decoded."""
+    try:
+        enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length + 1, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):  # (a slow tokenizer)
+        enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length + 1)
+    cut = [len(i) > max_length for i in enc["input_ids"]]
+    if "offset_mapping" not in enc:
+        return [tokenizer.decode(i[:max_length]) if c else t for t, i, c in zip(texts, enc["input_ids"], cut)], cut
+    return [t[:offsets[max_length][0]].rstrip() if c else t for t, offsets, c in zip(texts, enc["offset_mapping"], cut)], cut
 
 
 def prompt_and_summary(tokenizer, prompts: list[str], targets: list[str], max_target: int) -> tuple[list[list[int]], list[list[int]]]:
