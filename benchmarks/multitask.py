@@ -31,7 +31,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import REPO, RESULTS, stored_case, write_result  # noqa: E402
+from benchmarks.common import REPO, RESULTS, check_counts, ints_arg, stored_case, write_result  # noqa: E402
 
 RECIPE = "recipes/minilm/multitask-lora.yaml"
 TASKS = ("sst2", "agnews", "emotion", "mrpc")
@@ -61,14 +61,16 @@ def case(name: str, recipe: str, overrides: list[str], fresh: bool, verbose: boo
     return stored_case(name, recipe, overrides, runs=RUNS, results=OUT, prefix="mt", fresh=fresh, verbose=verbose)
 
 
+CONDITIONS = ("multi-shared", "multi-per_task", "single")  # the main comparison's runs (--conditions)
+
+
 def steps_overrides(steps: int) -> list[str]:
     every = max(steps // 4, 1)
     return [f"train.max_steps={steps}", f"train.eval_every={every}", f"train.save_every={every}"]
 
 
 def measure(args) -> None:
-    seeds = [int(s) for s in args.seeds.split(",")]
-    conditions = args.conditions.split(",")
+    seeds, conditions = args.seeds, args.conditions
     steps = steps_overrides(args.steps)
     for seed in seeds[:1] if not args.all_seeds else seeds:
         if "multi-shared" in conditions:
@@ -204,7 +206,8 @@ def transfer_rows(target: str) -> list[str]:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, default=3000, help="optimizer steps of every multi- and single-task run")
-    p.add_argument("--conditions", default="multi-shared,multi-per_task,single", help="which of the main comparison's runs")
+    p.add_argument("--conditions", default="multi-shared,multi-per_task,single",
+                   help=f"which of the main comparison's runs: a comma list of {', '.join(CONDITIONS)}, or none (e.g. --transfer only)")
     p.add_argument("--single", default="share", choices=("share", "full"),
                    help="single-task runs: the task's share of --steps (default) or all of them")
     p.add_argument("--transfer", action="store_true", help="also the intermediate-task transfer runs")
@@ -215,6 +218,13 @@ def main() -> None:
     p.add_argument("--fresh", action="store_true")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
+    # checked before any work: --seeds a,b was a traceback; --steps 0 trained (and stored) a run of no step; a misspelled
+    # condition measured nothing and rewrote multitask.md
+    check_counts(p, [("--steps", args.steps, "at least 1 optimizer step")])
+    args.seeds = ints_arg(p, "--seeds", args.seeds, "0,1,2")
+    args.conditions = [] if args.conditions == "none" else args.conditions.split(",")
+    if unknown := [c for c in args.conditions if c not in CONDITIONS]:
+        p.error(f"--conditions: unknown {unknown}; choose from {', '.join(CONDITIONS)}, or none")
     if not args.report:
         measure(args)
     text = report(args)

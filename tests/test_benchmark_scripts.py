@@ -223,6 +223,17 @@ def test_classification_report_marks_rows_of_other_settings_and_draws_no_bar_for
 
 # ------------------------------------------------------------------------------------------------ reports over every seed
 
+@pytest.mark.parametrize(("args", "says"), [
+    (["--seeds", "a,b", "--transfer"], "--seeds 'a,b': expected comma-separated integers"),
+    (["--steps", "0"], "--steps 0: give at least 1 optimizer step"),
+    (["--conditions", "multi-shared,singel"], "--conditions: unknown ['singel']"),
+])
+def test_multitask_refuses_bad_arguments_before_any_work(args, says):
+    """--seeds a,b was a traceback; --steps 0 trained a run of no step (and stored it: the report grew a '0 optimizer
+    steps' table); a misspelled condition measured nothing and rewrote multitask.md."""
+    refused("multitask", *args, says=says)
+
+
 def test_multitask_report_covers_every_stored_seed(monkeypatch):
     """`multitask.py --report` (its --seeds left at 0) writes the committed multitask.md again, 5-seed table included."""
     bench = load_benchmark("multitask")
