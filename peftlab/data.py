@@ -430,9 +430,24 @@ def column_problems(recipe: Recipe, prefix: str = "data") -> list[str]:
                 if complete:
                     raise
                 check(read_split(spec, d, where).column_names)  # a column a later JSON record adds: read them all
+            if refs:
+                check_reference_cells(spec, refs[0], where)
         except DataError as e:
             problems.append(str(e))
     return problems
+
+
+def check_reference_cells(spec: SplitConfig, column: str, where: str) -> None:
+    """`validate`: a references_column holds a list of texts per row, so a csv/tsv file (text cells) cannot give one,
+    and a JSON file's first records show whether it does (train read 'summary' or 'topic' and refused it only then)."""
+    fmt = _format(spec)
+    if fmt in ("csv", "tsv"):
+        raise DataError(f"{where}.references_column={column!r}: a {fmt} file holds one text per cell, not a list of texts. "
+                        "Give this split as JSON lines with a list of references per row, or remove it (one reference: "
+                        "data.target_column).")
+    if fmt == "json":
+        records = [(i, r[column]) for i, r in enumerate(first_json_records(spec.path)) if isinstance(r, dict) and column in r]
+        reference_lists([v for _, v in records], column, where, [i for i, _ in records])
 
 
 def joined(batch: dict, columns: list[str]) -> list[str]:

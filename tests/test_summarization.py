@@ -555,6 +555,20 @@ def test_rouge_against_several_references_takes_each_rows_best():
     assert rouge_metrics(preds, [[p] for p in preds]) == rouge_metrics(preds, preds)
 
 
+def test_validate_refuses_a_references_column_of_plain_text(make_sum_recipe, tiny_t5, tmp_path):
+    """validate said ok for references_column=summary (one text a row) or any csv column; train refused it only then."""
+    from peftlab.data import column_problems
+
+    rows = dialogue_rows(3, 2)
+    multi = tmp_path / "multi.jsonl"
+    multi.write_text("".join(json.dumps({**r, "summaries": [r["summary"]]}) + "\n" for r in rows))
+    assert column_problems(make_sum_recipe(tiny_t5, {"data.eval.path": multi, "data.eval.references_column": "summaries"})) == []
+    text = column_problems(make_sum_recipe(tiny_t5, {"data.eval.path": multi, "data.eval.references_column": "summary"}, name="t"))
+    assert len(text) == 1 and "references_column='summary': data row 0 (0-based" in text[0] and "not a list of texts" in text[0]
+    csv = column_problems(make_sum_recipe(tiny_t5, {"data.eval.references_column": "summary"}, name="c"))
+    assert len(csv) == 1 and "a csv file holds one text per cell, not a list of texts" in csv[0]
+
+
 def test_an_eval_split_with_several_references_is_scored_against_each(make_sum_recipe, tiny_t5, tmp_path, caplog):
     """DialogSum's test split has 3 summaries a row: ROUGE is each prediction's best match over them, the loss stays on
     data.target_column, the predictions file and the report say so; train refuses the field, and a bad column is named."""
