@@ -284,7 +284,8 @@ def final_evaluation(model, data, accelerator, recipe: Recipe, tokenizer) -> tup
 
 def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
     """The checks that read more than the recipe: the trackers of train.report_to installed (else their pip command),
-    model.num_layers against the base's config, the teacher of train.distill against the student. `run` makes them
+    model.num_layers against the base's config, the teacher of train.distill against the student, what the adapter
+    method cannot run on this machine (adapter.init=loftq without CUDA). `run` makes them
     before any work (the layers of a model.from_run once it has merged that run). `peftlab validate` makes them without
     any work (`training=False`), and also what `train` finds when it reads the data and loads the model: the columns
     (data.column_problems), the base and its target modules (model.model_problems). A teacher not trained yet and a
@@ -296,6 +297,7 @@ def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
         problems += e.problems
     if training and recipe.model.from_run is None:  # (training from a run: `run` checks once it has merged that run)
         problems += num_layers_problems(recipe)
+    problems += get_method(recipe.adapter.method).machine_rules(recipe)  # (adapter.init=loftq without CUDA)
     teacher = recipe.train.distill and (training or (Path(recipe.train.distill.teacher) / "run.json").is_file())
     problems += distill.check(recipe) if teacher else []
     d = recipe.data

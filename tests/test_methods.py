@@ -282,6 +282,19 @@ def test_loftq_without_a_gpu_says_why(make_recipe):
         build_model(recipe, num_labels=2, label_names=["negative", "positive"])
 
 
+def test_loftq_without_a_gpu_is_refused_by_validate_and_train_before_any_work(make_recipe, tmp_path, capsys, monkeypatch):
+    from peftlab.cli import main
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    make_recipe()
+    recipe, override = str(tmp_path / "recipe.yaml"), ["adapter.init=loftq", "quant.mode=4bit"]
+    assert main(["validate", recipe, *override]) == 2
+    assert "adapter.init=loftq needs a CUDA GPU" in capsys.readouterr().out
+    assert main(["train", recipe, *override]) == 2
+    assert "adapter.init=loftq needs a CUDA GPU" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
+
+
 def test_scratch_is_the_same_architecture_randomly_initialised(make_recipe, tiny_bert):
     from transformers import AutoModelForSequenceClassification
 

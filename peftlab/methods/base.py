@@ -108,6 +108,7 @@ class Method:
     layers: bool = True  # adapts layers named by adapter.target_modules (prompt methods and the baselines do not)
     extra_positions: Callable[[AdapterConfig], int] = lambda a: 0  # positions it adds before the input (virtual tokens)
     rules: Callable[[Recipe], list[str]] = no_problems  # its own cross-field checks
+    machine_rules: Callable[[Recipe], list[str]] = no_problems  # what this machine cannot run (run.preflight: validate, train)
     schedule: Callable[..., Any] = no_schedule  # (model, recipe, total steps, register) -> object with step(n) / finish()
     param_groups: Callable[..., list[dict]] = adamw_groups  # (model, recipe) -> AdamW parameter groups
     save: Callable[..., None] = save_pretrained  # (model, folder, state_dict) export hook

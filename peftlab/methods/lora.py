@@ -51,15 +51,21 @@ def rules(recipe: Recipe) -> list[str]:
     return p
 
 
+def machine_rules(recipe: Recipe) -> list[str]:
+    import torch
+
+    if recipe.adapter.init == "loftq" and not torch.cuda.is_available():
+        return ["adapter.init=loftq needs a CUDA GPU: peft computes LoftQ's quantization on 'cuda' (or 'xpu') only "
+                "(peft/utils/loftq_utils.py). On this machine use adapter.init=default, or pissa/olora on an unquantized base."]
+    return []
+
+
 def apply(model: nn.Module, recipe: Recipe, head_modules: list[str], task_type: str) -> nn.Module:
     a = recipe.adapter
     if recipe.train.gradient_checkpointing:  # frozen embeddings: without it no gradient reaches the checkpointed layers
         model.enable_input_require_grads()
-    import torch
-
-    if a.init == "loftq" and not torch.cuda.is_available():
-        raise ModelError("adapter.init=loftq needs a CUDA GPU: peft computes LoftQ's quantization on 'cuda' (or 'xpu') only "
-                         "(peft/utils/loftq_utils.py). On this machine use adapter.init=default, or pissa/olora on an unquantized base.")
+    if problems := machine_rules(recipe):  # (`run` and `validate` said it before any work: run.preflight)
+        raise ModelError(problems[0])
     model = apply_peft("LoraConfig", lora_fields, model, recipe, head_modules, task_type, lora_targets=True)
     if a.init == "loftq":  # A, B fitted to W - NF4(W) of every adapted 4-bit layer (the base stays as loaded)
         import peft
@@ -131,5 +137,6 @@ def tags(recipe: Recipe) -> list[str]:
 
 LORA = register(Method(
     "lora", apply, config_class="LoraConfig", options=("loraplus_lr_ratio", "init", "use_dora", "use_rslora"), rules=rules,
+    machine_rules=machine_rules,
     recipe_fields=lora_fields, open_options=("init_lora_weights",),
     param_groups=param_groups, save=save, describe=lambda r: f"A LoRA adapter (r={r.adapter.r}, alpha={r.adapter.alpha:g})", card_lines=card_lines, tags=tags))
