@@ -323,6 +323,12 @@ def load_scratch(recipe: Recipe, path: str, auto_cls, kwargs: dict):
     return model, [name for name, _ in model.named_children()]
 
 
+def pickle_only(path) -> str:
+    return (f"{path}: no safetensors weights, only pickle files (.bin/.pt), which can run arbitrary code when loaded. "
+            "Convert the checkpoint to safetensors (save_pretrained(dir) in a trusted environment), or, if you trust its "
+            "source, set model.allow_pickle=true.")
+
+
 # what reading a weight file that is cut short or garbled raises (besides OSError): safetensors' header check, pickle's
 DAMAGED_WEIGHTS = (SafetensorError, pickle.UnpicklingError, EOFError)
 
@@ -367,9 +373,7 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
                              "truncated (an interrupted download or copy). Copy or download the model again, or save it anew "
                              "with save_pretrained.") from None
         if "safetensors" in msg.lower() and not recipe.model.allow_pickle:
-            raise ModelError(f"{path}: no safetensors weights, only pickle files (.bin/.pt), which can run arbitrary code when "
-                             "loaded. Convert the checkpoint to safetensors (save_pretrained(dir) in a trusted environment), "
-                             "or, if you trust its source, set model.allow_pickle=true.") from None
+            raise ModelError(pickle_only(path)) from None
         raise ModelError(f"cannot load {path} as {auto_cls.__name__}: {msg}") from None
     missing = set(info.get("missing_keys", [])) | {m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", [])}
     # (only weights beyond a new task head: the original base would lack the head too, and loading it costs a second base)
@@ -500,6 +504,10 @@ def model_problems(recipe: Recipe) -> list[str]:
                  "are checked when `train` converts it (or finds its conversion)", m.name)
         return []
     problems = num_layers_problems(recipe, str(path))
+    folder = Path(path)
+    if (not m.allow_pickle and get_method(recipe.adapter.method).pretrained and folder.is_dir()
+            and not next(folder.glob("*.safetensors"), None) and any(next(folder.glob(g), None) for g in ("*.bin", "*.pt", "*.pth"))):
+        problems.append(pickle_only(path))  # (what loading it says)
     if hasattr(task, "check_tokenizer") and not m.trust_remote_code:
         try:
             task.check_tokenizer(load_tokenizer(str(path), recipe), recipe)  # e.g. no chat template for sft

@@ -236,10 +236,13 @@ def test_pickle_weights_are_refused_unless_allowed(make_recipe, tmp_path, tiny_b
     recipe = make_recipe(model=pickled)
     _, names = load_splits(recipe)
     from peftlab import build_model
+    from peftlab.model import model_problems
 
-    with pytest.raises(ModelError, match="pickle files.*model.allow_pickle=true"):
+    with pytest.raises(ModelError, match="pickle files.*model.allow_pickle=true") as e:
         build_model(recipe, num_labels=2, label_names=names)
+    assert model_problems(recipe) == [str(e.value)]  # `peftlab validate` says it too, in the same words
     allowed = make_recipe({"model.allow_pickle": True}, model=pickled)
+    assert model_problems(allowed) == []
     build_model(allowed, num_labels=2, label_names=names)
     (pickled / "pytorch_model.bin").unlink()  # no weights at all: said so, not "only pickle files"
     with pytest.raises(ModelError, match="holds no model weights.*config.json.*save_pretrained"):
