@@ -637,8 +637,9 @@ class RunDir:
                                     "--overwrite, or choose another folder: output_dir=DIR (or name=NEW_NAME).")
             hint = (f" An --overwrite of it did not finish (stopped or failed; its checkpoints are in {self.staging}): "
                     "--resume continues it with the same recipe." if checkpoints(self.staging) else "")
-            raise ArtifactError(f"output directory {self.out} already holds a run. Continue it with --resume, replace it with "
-                                f"--overwrite, or choose another one: output_dir=DIR (or name=NEW_NAME).{hint}")
+            what = "a finished run: replace" if self.finished else "a run. Continue it with --resume, replace"  # (finished: nothing to resume)
+            raise ArtifactError(f"output directory {self.out} already holds {what} it with --overwrite, or choose another one: "
+                                f"output_dir=DIR (or name=NEW_NAME).{hint}")
         if self.out.is_dir() and any(self.out.iterdir()):  # not a run: the run's files would mix with these, and a later
             found = sorted(p.name for p in self.out.iterdir())  # --overwrite would delete them
             listed = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
@@ -656,6 +657,8 @@ class RunDir:
                                 + (f"Its merged model is missing (stopped while merging?): `peftlab merge {self.out}` writes it. "
                                    if unmerged else "")
                                 + f"Evaluate it (peftlab eval {self.out}), or train it again with --overwrite.")
+        if work == self.out and not is_started(self.out):
+            raise ArtifactError(f"--resume: there is no run in {self.out} to continue: start it without --resume.")
         if not checkpoints(work):
             raise ArtifactError(f"--resume: no checkpoint in {self.out}/checkpoints, so there is nothing to continue: start the "
                                 "run again with --overwrite (in place of --resume). Set train.save_every=N to write checkpoints.")

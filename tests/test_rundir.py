@@ -205,6 +205,21 @@ def test_resume_refuses_another_recipe_a_finished_run_and_overwrite(make_recipe,
     assert run(make_recipe({**ov, "train.max_steps": 12, "output_dir": part}), resume=True)["steps"] == 12
 
 
+def test_the_refusals_offer_resume_only_where_there_is_a_run_to_resume(tmp_path):
+    """A folder holding a finished run was told "Continue it with --resume", which then said there was nothing to resume;
+    a --resume into a folder that never held a run was told to start again with --overwrite, where a plain run does."""
+    out = tmp_path / "out"
+    with pytest.raises(ArtifactError, match=r"no run in .*out to continue: start it without --resume\.$"):
+        RunDir(out).plan(resume=True, overwrite=False)
+    (out / "checkpoints" / "step-4").mkdir(parents=True)  # a run stopped with a checkpoint: --resume continues it
+    with pytest.raises(ArtifactError, match="already holds a run. Continue it with --resume, replace it with --overwrite"):
+        RunDir(out).plan(resume=False, overwrite=False)
+    (out / "run.json").write_text("{}")  # finished
+    with pytest.raises(ArtifactError, match="already holds a finished run: replace it with --overwrite") as e:
+        RunDir(out).plan(resume=False, overwrite=False)
+    assert "--resume" not in str(e.value)
+
+
 def test_resume_refuses_another_number_of_processes(make_recipe, tmp_path, monkeypatch):
     """The checkpoint records its processes; another count (the global batch and the data position would differ) is
     refused by the run and, before launching anything, by `--launch`. An older checkpoint without the count resumes."""

@@ -213,11 +213,11 @@ def test_resumed_totals_count_the_steps_since_the_last_log_line(make_recipe, tmp
 
 def test_resume_without_checkpoint_and_reused_output_dir_are_refused(make_recipe):
     recipe = make_recipe({"train.max_steps": 2})
-    with pytest.raises(ArtifactError, match="no checkpoint"):
+    with pytest.raises(ArtifactError, match="no run in .* to continue: start it without --resume"):
         run(recipe, resume=True)
     run(recipe)
     weights = (recipe.out / "adapter_model.safetensors").read_bytes()
-    with pytest.raises(ArtifactError, match="already holds a run"):
+    with pytest.raises(ArtifactError, match="already holds a finished run: replace it with --overwrite"):
         run(recipe)
     assert (recipe.out / "adapter_model.safetensors").read_bytes() == weights  # nothing lost
     run(recipe, overwrite=True)
