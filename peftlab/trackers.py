@@ -125,15 +125,22 @@ def open_trackers(recipe: Recipe, out: Path, resumed_at: int | None = None) -> l
     that evaluation and export still need after the loop. Their start/log/finish are Accelerate's all the same.
     `resumed_at`: the checkpoint's step a resumed run goes on from (TensorBoard hides what the stopped run logged after
     it, as log.jsonl drops those lines: each step shows once)."""
-    started = []
+    started, given = [], recipe.train.report_to
+    names, given = resolve_trackers(given), given if isinstance(given, str) else ",".join(given)
     try:
-        for name in resolve_trackers(recipe.train.report_to):
+        for name in names:
             tracker = _tracker(name, out, recipe.name, resumed_at)
             try:
                 tracker.start()
             except Exception as e:  # not logged in, no server, ...: say which tracker, and how to go on without it
-                raise PeftlabError(f"train.report_to: {name} could not start ({type(e).__name__}: {e}). Fix its setup, or "
-                                   f"drop it from train.report_to (train.report_to=none: log.jsonl only).") from e
+                why = f"train.report_to: {name} could not start ({type(e).__name__}: {e}). "
+                if given in ("all", "auto"):  # (not named by the user: `all` opens every installed tracker)
+                    others = ", ".join(n for n in names if n != name)
+                    raise PeftlabError(why + f"train.report_to={given} opens it because it is installed: list the trackers "
+                                       f"wanted instead (train.report_to={f'[{others}]' if others else 'none'}), or fix its "
+                                       "setup.") from e
+                raise PeftlabError(why + "Fix its setup, or drop it from train.report_to (train.report_to=none: log.jsonl "
+                                   "only).") from e
             started.append(tracker)
             tracker.store_init_configuration(tracker_config(recipe))
     except BaseException:

@@ -265,6 +265,18 @@ def test_a_tracker_that_cannot_start_names_itself_and_closes_the_others(make_rec
     assert not recipe.out.exists()
 
 
+def test_a_tracker_that_cannot_start_under_all_says_to_list_the_trackers_wanted(make_recipe, monkeypatch, tmp_path):
+    """train.report_to=all opened wandb (installed, not logged in) and said "drop it from train.report_to", which never
+    named it."""
+    ok, broken = Spy(), Spy(fail_start=True)
+    monkeypatch.setattr(trackers, "tracker_installed", lambda name: name in ("tensorboard", "wandb"))
+    monkeypatch.setattr(trackers, "_tracker", lambda name, out, run_name, resumed_at=None: ok if name == "tensorboard" else broken)
+    with pytest.raises(PeftlabError, match=r"wandb could not start \(RuntimeError: no server\)\. train.report_to=all opens it "
+                       r"because it is installed: list the trackers wanted instead \(train.report_to=\[tensorboard\]\)") as e:
+        trackers.open_trackers(make_recipe({"train.report_to": "all"}), tmp_path)
+    assert "drop it" not in str(e.value)
+
+
 def test_the_tracker_names_are_accelerates():
     from accelerate.tracking import LOGGER_TYPE_TO_CLASS
 
