@@ -400,7 +400,9 @@ def _coerce(value: Any, tp, where: str, problems: list[str]) -> Any:
     inner, optional = _unwrap_optional(tp)
     if value is None:
         if not optional:
-            problems.append(f"{where}: null is not allowed; give a {_type_name(inner)}.")
+            problems.append(f"{where}: null is not allowed; give it as a section (a mapping of its keys), or leave it out "
+                            "for its defaults." if dataclasses.is_dataclass(inner) else f"{where}: null is not allowed; give a "
+                            f"{_type_name(inner)}.")
         return value
     if dataclasses.is_dataclass(inner):
         first = dataclasses.fields(inner)[0].name
@@ -409,7 +411,7 @@ def _coerce(value: Any, tp, where: str, problems: list[str]) -> Any:
         if not isinstance(value, dict):
             example = f" Write it as a section: `{where}: {{{first}: {value}}}` ({where}.{first}={value} on the command line)." \
                 if isinstance(value, (str, int, float)) and not isinstance(value, bool) else ""
-            problems.append(f"{where}: expected a mapping of {inner.__name__} fields, got {value!r}.{example}")
+            problems.append(f"{where}: expected a section (a mapping of its keys), got {value!r}.{example}")
             return value
         return _build(inner, value, where, problems)
     origin = typing.get_origin(inner)
@@ -502,13 +504,16 @@ def _build(cls, data: dict, prefix: str, problems: list[str]):
 def _set_dotted(tree: dict, dotted: str, value: Any, problems: list[str]) -> None:
     keys = dotted.split(".")
     node = tree
-    for k in keys[:-1]:
-        nxt = node.get(k)
-        if nxt is None or isinstance(nxt, str):  # absent section, or a split given as a path shorthand
-            nxt = {} if nxt is None else {"path": nxt}
-            node[k] = nxt
-        if not isinstance(nxt, dict):
-            problems.append(f"override {dotted}: '{k}' is not a section.")
+    for i, k in enumerate(keys[:-1]):
+        nxt, where = node.get(k), ".".join(keys[: i + 1])
+        tp = field_type(where)  # (None: no field; its unknown key is said once the tree is read)
+        section = tp is None or dataclasses.is_dataclass(tp) or tp is dict or typing.get_origin(tp) is dict
+        if isinstance(nxt, str) and dataclasses.is_dataclass(tp) and dataclasses.fields(tp)[0].name == "path":
+            nxt = node[k] = {"path": nxt}  # a split given as a path shorthand
+        elif nxt is None and section:  # an absent section
+            nxt = node[k] = {}
+        if not section or not isinstance(nxt, dict):
+            problems.append(f"override {dotted}: {where} is not a section.")
             return
         node = nxt
     parent = field_type(".".join(keys[:-1])) if len(keys) > 1 else None

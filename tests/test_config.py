@@ -168,8 +168,26 @@ def test_a_section_given_as_one_value_says_how_to_write_it(tmp_path):
     path.write_text("model: minilm\ndata:\n  train: x.tsv\n")  # (a split's path shorthand stays allowed)
     with pytest.raises(ConfigError) as e:
         load_recipe(path, validate_files=False)
-    assert "model: expected a mapping of ModelConfig fields, got 'minilm'. Write it as a section: `model: {name: minilm}`" \
+    assert "model: expected a section (a mapping of its keys), got 'minilm'. Write it as a section: `model: {name: minilm}`" \
         in str(e.value) and "unknown key" not in str(e.value)
+
+
+def test_a_null_section_and_a_key_under_a_plain_value_are_named_as_sections(tmp_path):
+    """`train=null` said "give a TrainConfig" (a class name); model.name.x=1 turned model.name into {path: ..., x: 1}
+    (the split's path shorthand) and said "expected str, got dict"."""
+    from peftlab import load_recipe
+    from peftlab.errors import ConfigError
+
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {name: minilm}\ndata: null\n")
+    with pytest.raises(ConfigError) as e:
+        load_recipe(path, ["train=null", "model.name.x=1"], validate_files=False)
+    for needle in ("data: null is not allowed; give it as a section (a mapping of its keys)",
+                   "train: null is not allowed; give it as a section", "override model.name.x: model.name is not a section."):
+        assert needle in str(e.value)
+    assert "Config" not in str(e.value) and "expected str" not in str(e.value)
+    path.write_text("model: {name: minilm}\ndata: {train: x.tsv}\n")  # a split's path shorthand still takes its keys
+    assert load_recipe(path, ["data.train.max_samples=4"], validate_files=False).data.train.max_samples == 4
 
 
 def test_a_key_given_twice_and_yaml_booleans_in_place_of_words_are_explained(tmp_path):
