@@ -289,7 +289,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("train", help="train a recipe, evaluate, export (and merge)", epilog=_keys_epilog(),
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    t.add_argument("items", nargs="*", metavar="RECIPE.yaml [KEY=VALUE ...]",
+    t.add_argument("items", nargs="*", default=[], metavar="RECIPE.yaml [KEY=VALUE ...]",
                    help="recipe file (omit for the built-in quickstart) and dotted overrides, e.g. train.lr=1e-4")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output directory")
     t.add_argument("--overwrite", action="store_true", help="replace a previous run in the output directory")
@@ -307,22 +307,22 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--split", default="eval", choices=EVAL_SPLITS,
                    help="eval: the split the run selected on (data.eval, or the seeded data.eval_holdout part of train, "
                         "rebuilt from the train file); test: data.test (default: eval)")
-    e.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="e.g. data.eval.path=other.tsv; results then go to "
+    e.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. data.eval.path=other.tsv; results then go to "
                    "runs/eval/NAME-TAG/, never over the run's own eval-SPLIT.json")
     e.set_defaults(fn=cmd_eval, late_overrides="overrides")
 
     m = sub.add_parser("merge", help="fold a LoRA adapter into its base -> OUT/merged (standalone transformers model)")
     m.add_argument("out", help="output directory of a finished run (its adapter is merged into OUT/merged)")
-    m.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="model.name=FOLDER: the base, where the recipe's is "
+    m.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="model.name=FOLDER: the base, where the recipe's is "
                                                                    "not here (a published adapter of a local base)")
     m.add_argument("--force", action="store_true", help="merge again even if OUT/merged matches the adapter")
     m.add_argument("--gguf", nargs="?", const="f16", choices=("f16", "f32"), metavar="{f16,f32}",
                    help="also write OUT/merged/model-DTYPE.gguf for llama.cpp (Llama-architecture LLMs with a byte-level "
                         "BPE tokenizer; default f16; kept if it exists, unless --force)")
-    m.set_defaults(fn=cmd_merge)
+    m.set_defaults(fn=cmd_merge, late_overrides="overrides")
 
     v = sub.add_parser("validate", help="check recipes without training: every problem of the recipe, then (once it has none) its data and base")
-    v.add_argument("recipes", nargs="*", metavar="RECIPE.yaml [KEY=VALUE ...]",
+    v.add_argument("recipes", nargs="*", default=[], metavar="RECIPE.yaml [KEY=VALUE ...]",
                    help="recipe files (none: the built-in quickstart) and dotted overrides applied to each")
     v.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="an override applied to every recipe given (repeatable; a positional KEY=VALUE does the same)")
@@ -365,7 +365,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sel = sub.add_parser("select", help="rank candidate bases (and methods) for a classification recipe from its train split, "
                          "before fine-tuning: linear probe, LogME, a few training steps")
-    sel.add_argument("items", nargs="*", metavar="RECIPE.yaml [KEY=VALUE ...]", help="a classification recipe and dotted overrides")
+    sel.add_argument("items", nargs="*", default=[], metavar="RECIPE.yaml [KEY=VALUE ...]", help="a classification recipe and dotted overrides")
     sel.add_argument("--candidates", nargs="+", required=True, metavar="BASE",
                      help="bases to rank: anything model.name accepts (minilm, a folder, a GGUF folder, a hub id)")
     sel.add_argument("--methods", nargs="+", metavar="METHOD", help="also rank these adapter methods on each base "

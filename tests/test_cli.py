@@ -219,6 +219,19 @@ def test_env_and_help_list_the_recipe_keys(capsys):
     assert "adapter.r" in capsys.readouterr().out
 
 
+def test_usage_errors_name_only_the_missing_arguments_and_merge_takes_overrides_after_its_flags(capsys):
+    """`peftlab merge` alone said "required: out, KEY=VALUE" (argparse makes a nargs='*' positional without a default
+    required); `merge OUT --force model.name=X` refused the override as unrecognized."""
+    from peftlab.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main(["merge"])
+    assert "the following arguments are required: out\n" in capsys.readouterr().err
+    for command in (["merge", "o"], ["train"], ["validate"], ["select", "--candidates", "minilm"], ["eval", "o"]):
+        build_parser().parse_args(command)  # no usage error: their KEY=VALUE lists may be empty
+    assert build_parser().parse_args(["merge", "o", "--force", "model.name=x"]).overrides == ["model.name=x"]
+
+
 def test_eval_of_the_selection_split_says_its_figure_is_optimistic(make_recipe, caplog, capsys):
     recipe = make_recipe({"train.max_steps": 4, "train.eval_every": 2})
     from peftlab import run
