@@ -125,8 +125,8 @@ def open_trackers(recipe: Recipe, out: Path, resumed_at: int | None = None) -> l
     that evaluation and export still need after the loop. Their start/log/finish are Accelerate's all the same.
     `resumed_at`: the checkpoint's step a resumed run goes on from (TensorBoard hides what the stopped run logged after
     it, as log.jsonl drops those lines: each step shows once)."""
-    started, given = [], recipe.train.report_to
-    names, given = resolve_trackers(given), given if isinstance(given, str) else ",".join(given)
+    report_to = recipe.train.report_to  # (a list; set from Python, maybe one name)
+    started, names, given = [], resolve_trackers(report_to), report_to if isinstance(report_to, str) else ",".join(report_to)
     try:
         for name in names:
             tracker = _tracker(name, out, recipe.name, resumed_at)
