@@ -400,9 +400,9 @@ def _coerce(value: Any, tp, where: str, problems: list[str]) -> Any:
     inner, optional = _unwrap_optional(tp)
     if value is None:
         if not optional:
-            problems.append(f"{where}: null is not allowed; give it as a section (a mapping of its keys), or leave it out "
-                            "for its defaults." if dataclasses.is_dataclass(inner) else f"{where}: null is not allowed; give a "
-                            f"{_type_name(inner)}.")
+            give = "it as a section (a mapping of its keys), or leave it out for its defaults" if dataclasses.is_dataclass(inner) \
+                else f"a {_type_name(inner)}"
+            problems.append(f"{where}: null is not allowed; give {give}.")
         return value
     if dataclasses.is_dataclass(inner):
         first = dataclasses.fields(inner)[0].name
@@ -761,8 +761,20 @@ def unread_quant_options(q: QuantConfig) -> list[str]:
     if q.mode not in ("none", "8bit"):  # (4bit reads them all; an unknown mode is its field's problem)
         return []
     default = QuantConfig()
-    text = lambda v: str(v).lower() if isinstance(v, bool) else v  # noqa: E731  (as YAML and overrides write it)
-    return [f"quant.{k}={text(getattr(q, k))}" for k in ("quant_type", "double_quant", "compute_dtype") if getattr(q, k) != getattr(default, k)]
+    return [f"quant.{k}={_as_written(getattr(q, k))}" for k in ("quant_type", "double_quant", "compute_dtype") if getattr(q, k) != getattr(default, k)]
+
+
+def unread_task_options(t: TaskConfig) -> list[str]:
+    """task.* keys set to other than their defaults that the task does not read (its `options`: task.prompt on a
+    classification head, task.label_eos on sft): they changed nothing, silently. `validate` and `train` warn."""
+    reads, default = getattr(get_task(t.type), "options", ()), TaskConfig()
+    return [f"task.{f.name}={_as_written(getattr(t, f.name), quote=True)}" for f in dataclasses.fields(t)
+            if f.name != "type" and f.name not in reads and getattr(t, f.name) != getattr(default, f.name)]
+
+
+def _as_written(value, quote: bool = False) -> str:
+    """A value as YAML and overrides write it (true, not True); text quoted when `quote`."""
+    return str(value).lower() if isinstance(value, bool) else repr(value) if quote else str(value)
 
 
 def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = None) -> None:

@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from . import distill
 from .accel import FrozenWeightsCast, autocast_dtype, make_accelerator, resolve_precision, shards_weights
 from .bases import gguf_key
-from .config import EVAL_SPLITS, Recipe, checked, from_run_problems, load_recipe, unread_quant_options
+from .config import EVAL_SPLITS, Recipe, checked, from_run_problems, load_recipe, unread_quant_options, unread_task_options
 from .data import build_data, column_problems, load_splits
 from .errors import ArtifactError, ConfigError
 from .export import atomic_write_text, export, merge, predictions_jsonl, rebuild
@@ -39,7 +39,7 @@ from .rundir import (
     same_inputs,
     sha256,
 )
-from .tasks import get_task, skip_unread, unread_options
+from .tasks import get_task, skip_unread
 from .trackers import resolve_trackers
 from .train import RunLog, adapter_folded, eval_loader, stop_at_once_on_signal, train
 
@@ -308,7 +308,7 @@ def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
     if unread := get_method(recipe.adapter.method).unread_options(recipe.adapter):
         log.warning("%s: not read by adapter.method=%s, so ignored (the recipe and the card still show them). Remove them, "
                     "or choose a method that reads them.", ", ".join(unread), recipe.adapter.method)
-    if unread := unread_options(recipe):
+    if unread := unread_task_options(recipe.task):
         log.warning("%s: not read by task.type=%s, so ignored (the recipe and the card still show them). Remove them, or "
                     "choose the task that reads them.", ", ".join(unread), recipe.task.type)
     if unread := unread_quant_options(recipe.quant):

@@ -637,9 +637,9 @@ class RunDir:
                                     "--overwrite, or choose another folder: output_dir=DIR (or name=NEW_NAME).")
             hint = (f" An --overwrite of it did not finish (stopped or failed; its checkpoints are in {self.staging}): "
                     "--resume continues it with the same recipe." if checkpoints(self.staging) else "")
-            what = "a finished run: replace" if self.finished else "a run. Continue it with --resume, replace"  # (finished: nothing to resume)
-            raise ArtifactError(f"output directory {self.out} already holds {what} it with --overwrite, or choose another one: "
-                                f"output_dir=DIR (or name=NEW_NAME).{hint}")
+            held = "a finished run:" if self.finished else "a run. Continue it with --resume,"  # (a finished one: nothing to resume)
+            raise ArtifactError(f"output directory {self.out} already holds {held} replace it with --overwrite, or choose another "
+                                f"one: output_dir=DIR (or name=NEW_NAME).{hint}")
         if self.out.is_dir() and any(self.out.iterdir()):  # not a run: the run's files would mix with these, and a later
             found = sorted(p.name for p in self.out.iterdir())  # --overwrite would delete them
             listed = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")

@@ -58,7 +58,7 @@ class Task(Protocol):
     # - unused_parameters = True: a step may leave some trainable parameters without a gradient (multitask: the heads
     #   and adapters of the tasks not in the batch); DDP is then told to look for them (find_unused_parameters).
     # - check_tokenizer(tokenizer, recipe): raises the error tokenizing would (e.g. no chat template), so `validate` says it.
-    # - options = ("prompt", ...): the task.* keys it reads besides task.type; one of the others set is warned about (unread_options).
+    # - options = ("prompt", ...): the task.* keys it reads besides task.type; one of the others set is warned about (config.unread_task_options).
     # - generates = True: its evaluation generates text (sft, summarization): a method that cannot generate faithfully on
     #   a decoder (prefix tuning with this peft) is refused (methods/prompt.py).
     # A task made of several tasks (multitask) also replaces the steps that assume one: load_splits(recipe, need_train),
@@ -80,17 +80,6 @@ def register_task(name: str, task: Task | ModuleType | str) -> Task | ModuleType
 def task_names() -> tuple[str, ...]:
     """The registered task names: the choices of `task.type`."""
     return tuple(_REGISTRY)
-
-
-def unread_options(recipe) -> list[str]:
-    """task.* keys set to other than their defaults that the recipe's task does not read (task.prompt on a classification
-    head, task.label_eos on sft): they changed nothing, silently. `validate` and `train` warn."""
-    import dataclasses
-
-    reads, default = getattr(get_task(recipe.task.type), "options", ()), type(recipe.task)()
-    text = lambda v: str(v).lower() if isinstance(v, bool) else repr(v)  # noqa: E731  (as YAML and overrides write it)
-    return [f"task.{f.name}={text(getattr(recipe.task, f.name))}" for f in dataclasses.fields(recipe.task)
-            if f.name != "type" and f.name not in reads and getattr(recipe.task, f.name) != getattr(default, f.name)]
 
 
 def skip_unread(model, recipe) -> list:
