@@ -121,9 +121,15 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def write_atomic_dir(final: Path, fill: Callable[[Path], None], *, main: bool = True) -> None:
-    """Fill a staging directory beside `final`, fsync it, then swap it in. Non-main ranks only take part in `fill`
+    """Fill a staging directory beside `final`, fsync it, then swap it in (final -> .old-NAME, staging -> final, the old
+    one removed; what a process killed mid-swap left is recovered first). Non-main ranks only take part in `fill`
     (collective saves need every rank)."""
-    tmp = final.parent / f".tmp-{final.name}"
+    tmp, old = final.parent / f".tmp-{final.name}", final.parent / f".old-{final.name}"
+    if main and old.exists():  # a process killed during an earlier swap (every later one failed on it: 'Directory not empty')
+        if final.exists():  # killed after the swap, before the clean-up
+            shutil.rmtree(old)
+        else:  # killed between the two renames: the previous result back in place first
+            os.replace(old, final)
     try:
         with disk_errors(final.name, final):
             if main:
@@ -137,7 +143,6 @@ def write_atomic_dir(final: Path, fill: Callable[[Path], None], *, main: bool = 
     if not main:
         return
     _fsync_tree(tmp)
-    old = final.parent / f".old-{final.name}"
     if final.exists():
         os.replace(final, old)
     os.replace(tmp, final)

@@ -220,3 +220,25 @@ def test_two_merges_of_one_run_at_once_take_turns(trained, tmp_path, monkeypatch
         t.join()
     assert not errors and results == [out / "merged"] * 2, errors
     assert load_trained(out / "merged")[0] is not None and not list(out.glob(".tmp-*"))
+
+
+def test_a_swap_killed_midway_is_recovered_by_the_next_write(tmp_path):
+    """A kill after `final -> .old-NAME` left that folder, and every later replace of the target failed on it ('Directory
+    not empty'); a kill between the two renames hid the previous result in it. The next write recovers both."""
+    from peftlab.export import write_atomic_dir
+
+    final, old = tmp_path / "merged", tmp_path / ".old-merged"
+
+    def fill(text):
+        return lambda d: (d / "w.txt").write_text(text)
+
+    write_atomic_dir(final, fill("one"))
+    old.mkdir()
+    (old / "w.txt").write_text("stale")  # killed after the swap, before the clean-up
+    write_atomic_dir(final, fill("two"))
+    assert (final / "w.txt").read_text() == "two" and not old.exists()
+    final.rename(old)  # killed between the renames: the previous result only in .old-merged
+    with pytest.raises(RuntimeError):
+        write_atomic_dir(final, lambda d: (_ for _ in ()).throw(RuntimeError("fill failed")))
+    assert (final / "w.txt").read_text() == "two" and not old.exists()  # put back before the (failed) write
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
