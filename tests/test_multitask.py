@@ -440,3 +440,23 @@ def test_a_multitask_run_on_two_processes_trains_as_one_with_twice_the_batch(tas
             w1, w2 = (load_file(tmp_path / f / "tasks" / name / "adapter_model.safetensors") for f in (folder, "two"))
             for k in w1:
                 torch.testing.assert_close(w2[k], w1[k], atol=1e-5, rtol=1e-4)
+
+
+def test_a_multitask_runs_own_run_json_is_written_last_and_whole(task_files, tmp_path, tiny_bert, monkeypatch):
+    """OUT/run.json (what makes OUT a finished run) was written before metrics.json, in place: a run killed between
+    them was 'a finished run' without its metrics, which neither --resume nor a plain train would take up."""
+    import importlib
+
+    export_module = importlib.import_module("peftlab.export")  # (peftlab.export is also the function)
+    written, write = [], export_module.atomic_write_text
+
+    def recording(path, text):
+        written.append(Path(path).name)
+        write(path, text)
+
+    monkeypatch.setattr(export_module, "atomic_write_text", recording)
+    out = tmp_path / "run"
+    run(recipe_of(tmp_path, tree(task_files, out, tiny_bert), ["train.max_steps=2", "train.eval_every=null", "export.merge=false"]))
+    own = [n for n in written if n in ("metrics.json", "eval_report.json", "recipe.yaml", "run.json")]
+    assert own[-1] == "run.json" and "metrics.json" in own[:-1], written
+    assert json.loads((out / "run.json").read_text())["task"] == "multitask" and (out / "metrics.json").is_file()

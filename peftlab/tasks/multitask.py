@@ -415,12 +415,12 @@ def task_metrics(metrics: dict, task: str) -> dict:
 
 def export(out: Path, model, tokenizer, recipe, record, metrics: dict, report: dict | None = None, **_):
     """OUT/tasks/NAME: each task as a complete single-task run (export.export), merged too with export.merge; then OUT's
-    own run.json and metrics.json (written last: they make OUT a finished run) -> OUT's record, as written."""
+    own metrics.json and run.json (run.json last: it makes OUT a finished run) -> OUT's record, as written."""
     import json
 
+    from ..export import atomic_write_text, hardware, merge, versions
     from ..export import export as export_one
-    from ..export import hardware, merge, versions
-    from ..rundir import write_record
+    from ..rundir import RECIPE_FILE, RECORD_FILE
 
     multi = model
     info = {"run": record.name, "tasks": multi.tasks, "adapters": recipe.multitask.adapters,
@@ -443,10 +443,12 @@ def export(out: Path, model, tokenizer, recipe, record, metrics: dict, report: d
         if recipe.export.merge:
             merge(folder)
     record = replace(record, multitask=info, versions=versions(), hardware=hardware())
-    write_record(out, recipe.to_yaml(), record)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    # run.json last, each file whole: a run killed here was taken for a finished one without its metrics.json
+    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     if report is not None:
-        (out / "eval_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+        atomic_write_text(out / "eval_report.json", json.dumps(report, indent=2))
+    atomic_write_text(out / RECIPE_FILE, recipe.to_yaml())
+    atomic_write_text(out / RECORD_FILE, record.to_json())
     return record
 
 
