@@ -825,6 +825,12 @@ def test_a_metric_fn_value_that_is_no_number_is_left_out_with_a_warning(monkeypa
     with caplog.at_level("WARNING", logger="peftlab"):
         m = sft.score(["a"], ["a"], "mine:score")
     assert m["ok"] == 0.5 and "per_row" not in m and "flag" not in m and "'per_row', 'flag' that are not numbers" in caplog.text
+    # a metric_fn returning one number, not a dict: an error after training lost the trained run; warned now
+    monkeypatch.setattr(sft, "load_metric_fn", lambda name: lambda p, r: 0.5)
+    with caplog.at_level("WARNING", logger="peftlab"):
+        m = sft.score(["a"], ["a"], "mine:score")
+    assert m["exact_match"] == 1.0 and set(m) == {"exact_match", "rouge1", "rouge2", "rougeL", "rougeLsum"}
+    assert "eval.metric_fn=mine:score returned float, not {metric: number}" in caplog.text
 
 
 def test_rows_whose_answer_is_cut_are_dropped_from_training_but_kept_for_evaluation(tmp_path, chat_llama, caplog):

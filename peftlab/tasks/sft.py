@@ -605,8 +605,10 @@ def score(preds: list[str], refs: list[str], metric_fn: str | None, several: lis
     out.update(rouge_metrics(preds, several))
     if metric_fn:
         extra = load_metric_fn(metric_fn)(preds, refs)
-        if not isinstance(extra, dict):
-            raise DataError(f"eval.metric_fn={metric_fn!r} returned {type(extra).__name__}; it must return {{metric: number}}.")
+        if not isinstance(extra, dict):  # after training too: warn, never lose the run over a report (it was an error then)
+            log.warning("eval.metric_fn=%s returned %s, not {metric: number}: its metrics are left out. Return a dict, e.g. "
+                        "{'my_metric': 0.5}.", metric_fn, type(extra).__name__)
+            extra = {}
         numbers = {k: float(v) for k, v in extra.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
         if dropped := [k for k in extra if k not in numbers]:  # after training: warn, never lose the run over a report
             log.warning("eval.metric_fn=%s returned %s that are not numbers: left out of the metrics (return {metric: "
