@@ -908,3 +908,14 @@ def test_smollm2_chat_template_masks_exactly_the_answer():
     assert tok.decode([t for t, y in zip(row["input_ids"], row["labels"]) if y != -100]) == " 4 apples<|im_end|>"
     assert row["gen_ids"] == tok(sft.render(tok, msgs[:1], True), add_special_tokens=False)["input_ids"]
     assert tok.pad_token is None or tok.pad_token == tok.eos_token
+
+
+def test_generation_timing_counts_every_process():
+    """Under 2 processes the report's new_tokens and tokens/s were the main process's share (11 of a 1-process run's 20)."""
+    from types import SimpleNamespace
+
+    ranks = [{"new_tokens": 11, "seconds": 0.5}, {"new_tokens": 12, "seconds": 0.75}]
+    two = SimpleNamespace(num_processes=2, device="cpu",
+                          gather=lambda t: torch.tensor([[r["new_tokens"], r["seconds"]] for r in ranks], dtype=torch.float64))
+    assert sft.every_process(ranks[0], two) == {"new_tokens": 23, "seconds": 0.75}
+    assert sft.every_process(ranks[0], SimpleNamespace(num_processes=1)) == ranks[0]

@@ -619,9 +619,19 @@ def score(preds: list[str], refs: list[str], metric_fn: str | None, several: lis
 
 def new_token_counts(new: torch.Tensor, stops: list[int]) -> torch.Tensor:
     """Per row of generated ids (prompt removed): the tokens it wrote, its first stop token included, the padding
-    after it (generate fills finished rows) not. The report's generation tokens/s counts these (this process's)."""
+    after it (generate fills finished rows) not. The report's generation tokens/s counts these, over every process (the
+    rows repeated to even out the last batch included)."""
     stopped = torch.isin(new, torch.tensor(stops, device=new.device))
     return torch.where(stopped.any(1), stopped.int().argmax(1) + 1, new.shape[1])
+
+
+def every_process(timing: dict, accelerator) -> dict:
+    """The generation timing of every process: their tokens summed (it reported the main one's share under N processes),
+    over the slowest one's seconds."""
+    if accelerator.num_processes == 1:
+        return timing
+    done = accelerator.gather(torch.tensor([[timing["new_tokens"], timing["seconds"]]], dtype=torch.float64, device=accelerator.device))
+    return {"seconds": done[:, 1].max().item(), "new_tokens": int(done[:, 0].sum().item())}
 
 
 def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=None):
@@ -649,6 +659,7 @@ def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=
     metrics = {"loss": loss} if loss is not None else {}
     if rows is None:
         return metrics, {"n_tokens": n_tokens}
+    timing = every_process(timing, accelerator)
     preds, refs = [r["prediction"] for r in rows], [r["reference"] for r in rows]
     metrics.update(score(preds, refs, recipe.eval.metric_fn, [references(r) for r in rows]))
     metrics["gen_words"] = sum(len(p.split()) for p in preds) / max(len(preds), 1)
