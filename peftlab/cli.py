@@ -73,6 +73,8 @@ def cmd_eval(args) -> int:
 
     if args.out and "=" in args.out:  # `eval --adapter ID KEY=VALUE`: the first override lands in `out`
         args.overrides, args.out = [args.out, *args.overrides], None
+    if args.adapter and args.out:  # (it evaluated --adapter and dropped the folder given, silently)
+        raise PeftlabError(f"eval: give a run folder ({args.out}) or --adapter ({args.adapter}), not both.")
     target = args.adapter or args.out
     if not target:
         raise PeftlabError("eval needs a run folder (peftlab eval runs/NAME) or an adapter (--adapter NAMESPACE/NAME or a folder).")

@@ -120,7 +120,7 @@ def rows_of(recipe, split: str) -> tuple:
 # precision it scores in, its speed switches and the seed of a held-out split; adapter, the rest of train and export
 # shaped what is loaded
 EVAL_READS = ("train.precision", "train.cast_frozen", "train.skip_unread", "train.seed")
-EVAL_IGNORES = ("adapter.", "train.", "export.")
+EVAL_IGNORES = ("adapter.", "train.", "export.", "data.label_names")  # (the label names: the run's head's, as trained)
 
 
 def check_eval_overrides(trained: Recipe, recipe: Recipe) -> None:
@@ -133,7 +133,8 @@ def check_eval_overrides(trained: Recipe, recipe: Recipe) -> None:
                      and k not in EVAL_READS)
     if ignored:
         raise ConfigError([f"{k}={new.get(k)!r}: an evaluation loads the run's weights as trained, so this changes nothing. "
-                           f"Evaluation reads data.*, eval.*, task.*, model.* and {', '.join(EVAL_READS)}; to try "
+                           f"Evaluation reads data.* (but the label names, the run's), eval.*, task.*, model.* and "
+                           f"{', '.join(EVAL_READS)}; to try "
                            f"{k}, train a run with it." for k in ignored])
 
 

@@ -38,9 +38,11 @@ def test_train_eval_merge_journey(make_recipe, tmp_path, capsys, monkeypatch):
     record = json.loads((elsewhere / "eval-eval.json").read_text())
     assert elsewhere.name.startswith("cli-out-") and record["overrides"] == ["eval.batch_size=3", "data.max_length=16"]
     assert record["metrics"]["loss"] == changed["loss"]
-    for ignored in ("adapter.r=2", "adapter.method=ia3", "train.lr=7"):  # the weights load as trained: refused, not ignored
-        assert main(["eval", str(out), ignored]) == 2
+    for ignored in ("adapter.r=2", "adapter.method=ia3", "train.lr=7", "data.label_names=[a,b,c]"):  # the weights load as
+        assert main(["eval", str(out), ignored]) == 2  # trained: refused, not ignored (the label names: run.label_names)
         assert f"{ignored.split('=')[0]}=" in (err := capsys.readouterr().err) and "changes nothing" in err
+    assert main(["eval", str(out), "--adapter", str(out)]) == 2  # it evaluated --adapter and dropped the folder, silently
+    assert "give a run folder" in (err := capsys.readouterr().err) and "not both" in err
     assert main(["merge", str(out)]) == 0
     assert "merged model" in capsys.readouterr().out
     assert recipe.out != out  # the override really moved the output
