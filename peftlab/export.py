@@ -12,6 +12,7 @@ checksums) belongs to peftlab/rundir.py.
 from __future__ import annotations
 
 import errno
+import fnmatch
 import json
 import logging
 import os
@@ -373,6 +374,7 @@ def _merge(out: Path, recipe, run, recipe_text: str, metrics: bytes | None, iden
     if not force and stamp.is_file() and json.loads(stamp.read_text()).get("adapter_sha256") == adapter_sha:
         log.info("%s is already merged from this adapter; nothing to do.", target)
         return target
+    check_merged_holds_only_merges(target)  # before the work: --force replaces the folder whole
     # in float32 (model.dtype auto: a bf16 run's base would be bf16, and rounding it would lose much of the update)
     model, tokenizer = rebuild(out, recipe, run, dequantize=True, precision="fp32")
     merged = model.merge_and_unload()
@@ -398,6 +400,26 @@ def _merge(out: Path, recipe, run, recipe_text: str, metrics: bytes | None, iden
     write_atomic_dir(target, fill)
     log.debug("merged model written to %s", target)  # the callers say where (cli, the run summary)
     return target
+
+
+# what a merge writes into OUT/merged (the model, its tokenizer, its description; a GGUF copy with --gguf)
+MERGE_WRITES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer*",
+                "special_tokens_map.json", "vocab*", "merges.txt", "chat_template*", "added_tokens.json", "*.model",
+                "metrics.json", "run.json", "recipe.yaml", "merge.json", "model-*.gguf")
+
+
+def check_merged_holds_only_merges(target: Path) -> None:
+    """A merge again (--force) replaces OUT/merged whole: refuse where it holds files a merge does not write, what
+    `peftlab eval OUT/merged` wrote there or the user's (they were deleted silently); a GGUF copy is said to go."""
+    if not target.is_dir():
+        return
+    files = [p for p in target.iterdir() if p.is_file()]
+    if foreign := sorted(p.name for p in files if not any(fnmatch.fnmatch(p.name, g) for g in MERGE_WRITES)):
+        raise ArtifactError(f"{target} holds files a merge does not write ({', '.join(foreign[:5])}"
+                            f"{', ...' if len(foreign) > 5 else ''}: an evaluation's results, or yours), and merging again "
+                            "replaces the folder whole. Move them out of it, then merge again.")
+    for gguf in (p for p in files if fnmatch.fnmatch(p.name, "model-*.gguf")):
+        log.info("%s is merged again: its %s goes with the old merge (merge --gguf writes one from the new).", target, gguf.name)
 
 
 def conv1d_layout(model) -> None:

@@ -242,3 +242,22 @@ def test_a_swap_killed_midway_is_recovered_by_the_next_write(tmp_path):
         write_atomic_dir(final, lambda d: (_ for _ in ()).throw(RuntimeError("fill failed")))
     assert (final / "w.txt").read_text() == "two" and not old.exists()  # put back before the (failed) write
     assert sorted(p.name for p in tmp_path.iterdir()) == ["merged"]
+
+
+def test_merging_again_refuses_to_delete_files_a_merge_does_not_write(make_recipe, tmp_path):
+    """merge --force replaced OUT/merged whole: what `peftlab eval OUT/merged` had written there (eval-test.json, its
+    predictions) and a user's notes were deleted, silently. Refused before any work now; the merge's own files go."""
+    from peftlab.errors import ArtifactError
+
+    recipe = make_recipe({"train.max_steps": 2, "train.precision": "fp32", "output_dir": tmp_path / "o"})
+    run(recipe)
+    merged = merge(recipe.out)
+    before = {p.name: p.read_bytes() for p in merged.iterdir()}
+    (merged / "eval-test.json").write_text("{}")
+    (merged / "NOTES.md").write_text("mine")
+    with pytest.raises(ArtifactError, match=r"holds files a merge does not write \(NOTES.md, eval-test.json: .*Move them out"):
+        merge(recipe.out, force=True)
+    assert (merged / "NOTES.md").read_text() == "mine" and (merged / "eval-test.json").is_file()
+    (merged / "NOTES.md").unlink()
+    (merged / "eval-test.json").unlink()
+    assert merge(recipe.out, force=True) == merged and sorted(p.name for p in merged.iterdir()) == sorted(before)
