@@ -39,7 +39,7 @@ def provenance() -> dict:
 
 def write_result(path: Path, text: str) -> None:
     """A results file (json, md) written whole or not at all: a benchmark killed while writing never leaves half of one."""
-    from peftlab.export import atomic_write_text
+    from peftlab.rundir import atomic_write_text
 
     atomic_write_text(Path(path), text)
 

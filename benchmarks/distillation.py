@@ -193,7 +193,7 @@ def speed(name: str, run_dir: Path, args) -> dict:
 
     from peftlab import load_recipe, merge
     from peftlab.data import joined, read_split
-    from peftlab.export import atomic_write_text
+    from peftlab.rundir import atomic_write_text
 
     folder = merge(run_dir)  # a LoRA run: its merged model; a fully trained one: itself
     model = AutoModelForSequenceClassification.from_pretrained(folder).eval()

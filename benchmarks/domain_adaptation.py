@@ -59,7 +59,7 @@ def derived(name: str, rows: list[str]) -> str:
     """A data file made from the shared ones (a union or a fold), under runs/da/data; written once."""
     path = RUNS / "data" / f"{name}.jsonl"
     if not path.exists():
-        from peftlab.export import atomic_write_text
+        from peftlab.rundir import atomic_write_text
 
         atomic_write_text(path, "".join(rows))
     return str(path)

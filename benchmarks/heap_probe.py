@@ -100,7 +100,7 @@ def main(argv: list[str]) -> dict:
     from torch.optim.optimizer import register_optimizer_step_post_hook
 
     from peftlab import cli
-    from peftlab.export import atomic_write_text
+    from peftlab.rundir import atomic_write_text
 
     probe = Probe()
     train_module = importlib.import_module("peftlab.train")  # (peftlab.train the attribute is the function)

@@ -98,7 +98,7 @@ def keep_predictions(name: str) -> None:
     report's per-row comparisons do not depend on the run folder, which is not kept."""
     src, dest = RUNS / name / "predictions-test.jsonl", OUT / f"{name}.predictions-test.jsonl"
     if src.exists() and (not dest.exists() or src.stat().st_mtime > dest.stat().st_mtime):
-        from peftlab.export import atomic_write_text
+        from peftlab.rundir import atomic_write_text
 
         atomic_write_text(dest, src.read_text(encoding="utf-8"))
 
@@ -267,7 +267,7 @@ def report() -> None:
         if body:
             sections.append(f"### {title}\n\n{body}")
     text = "\n\n".join(sections)
-    from peftlab.export import atomic_write_text
+    from peftlab.rundir import atomic_write_text
 
     atomic_write_text(RESULTS / "llm.md", text + "\n")
     print(text)

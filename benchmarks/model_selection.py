@@ -107,7 +107,7 @@ def write_recipe(folder: Path, setting: str, b: dict) -> Path:
 
 
 def save(path: Path, data: dict) -> None:
-    from peftlab.export import atomic_write_text
+    from peftlab.rundir import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2))  # a crash never leaves half a file
 

@@ -213,7 +213,7 @@ def run_pair(args, seed: int, peak: dict) -> None:
     import torch
     from transformers import AutoConfig, AutoTokenizer
 
-    from peftlab.export import atomic_write_text
+    from peftlab.rundir import atomic_write_text
 
     recipe, path = recipe_parts()
     tokenizer = AutoTokenizer.from_pretrained(path)

@@ -206,7 +206,8 @@ def cmd_compose(args) -> int:
 
 def cmd_select(args) -> int:
     from .config import load_recipe
-    from .export import atomic_write_text, check_destination
+    from .export import check_destination
+    from .rundir import atomic_write_text
     from .select import format_table, ranked_by, select, to_json
 
     # `--candidates A B KEY=VALUE`: nargs="+" took the overrides that followed it (a file whose name holds '=' stays a base)

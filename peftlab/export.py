@@ -19,7 +19,6 @@ import os
 import platform
 import re
 import shutil
-import tempfile
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import replace
@@ -44,6 +43,7 @@ from .rundir import (
     read_run,
     record_weights,
     sha256,
+    umask,
     write_record,
 )
 from .tasks import get_task
@@ -80,19 +80,6 @@ def disk_errors(what: str, target: Path):
         raise
 
 
-def umask() -> int:
-    """The process umask (read without changing it where Linux allows: os.umask can only set it)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("Umask:"):
-                return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
 def check_destination(path: Path, what: str, *, folder: bool) -> None:
     """One clear error before any work when `path` (a file or a `folder` to write) cannot be made: it lies under a file,
     or is a folder where a file goes. `what` names the flag, e.g. '--json'."""
@@ -104,21 +91,6 @@ def check_destination(path: Path, what: str, *, folder: bool) -> None:
         probe = probe.parent
     if not probe.is_dir():
         raise ArtifactError(f"{what} {path} cannot be created: {probe} is a file. Choose another path.")
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600 files; an output file gets the usual permissions
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_atomic_dir(final: Path, fill: Callable[[Path], None], *, main: bool = True) -> None:

@@ -24,7 +24,7 @@ from .bases import gguf_key
 from .config import EVAL_SPLITS, Recipe, checked, from_run_problems, load_recipe, unread_quant_options, unread_task_options
 from .data import build_data, column_problems, load_splits
 from .errors import ArtifactError, ConfigError
-from .export import atomic_write_text, export, merge, predictions_jsonl, rebuild
+from .export import export, merge, predictions_jsonl, rebuild
 from .methods import get_method
 from .model import build_model, model_problems, num_layers_problems
 from .rundir import (
@@ -32,6 +32,7 @@ from .rundir import (
     RECORD_FILE,
     RunDir,
     RunRecord,
+    atomic_write_text,
     check_same_folder,
     folder_identity,
     holds_run,

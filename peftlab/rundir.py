@@ -22,6 +22,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from dataclasses import dataclass, field
@@ -316,11 +317,39 @@ def read_run(out: str | Path) -> tuple[Recipe, RunRecord]:
 
 # ----------------------------------------------------------------------------------------------- checkpoints
 
+def umask() -> int:
+    """The process umask (read without changing it where Linux allows: os.umask can only set it)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        os.fchmod(fd, 0o666 & ~umask())  # mkstemp makes 0600 files; an output file gets the usual permissions
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 def write_record(folder: Path, recipe_yaml: str, record: RunRecord) -> None:
     """The resolved recipe and run.json: what makes `folder` a finished run (export, merge and compose write them last,
-    inside a staging folder that is then swapped in)."""
-    (folder / RECIPE_FILE).write_text(recipe_yaml, encoding="utf-8")
-    (folder / RECORD_FILE).write_text(record.to_json(), encoding="utf-8")
+    inside a staging folder that is then swapped in; a multi-task run's own, in place), each file whole, run.json last."""
+    atomic_write_text(folder / RECIPE_FILE, recipe_yaml)
+    atomic_write_text(folder / RECORD_FILE, record.to_json())
 
 
 def log_path(folder: Path) -> Path:

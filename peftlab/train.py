@@ -30,10 +30,10 @@ from .data import LengthGroupedSampler, TaskData
 from .distill import loss_for
 from .dropout import use_fast_dropout
 from .errors import ArtifactError, ConfigError, TrainingDiverged, TrainingInterrupted
-from .export import atomic_write_text, write_atomic_dir
+from .export import write_atomic_dir
 from .methods import get_method
 from .model import MMAP_THRESHOLD, largest_weight_copy, map_large_allocations
-from .rundir import RECORD_FILE, TRAINER_STATE, checkpoint_path, checkpoints, log_path, seal_checkpoint
+from .rundir import RECORD_FILE, TRAINER_STATE, atomic_write_text, checkpoint_path, checkpoints, log_path, seal_checkpoint
 from .tasks import get_task, lower_is_better, skip_unread
 from .trackers import close_trackers, open_trackers
 

@@ -445,16 +445,15 @@ def test_a_multitask_run_on_two_processes_trains_as_one_with_twice_the_batch(tas
 def test_a_multitask_runs_own_run_json_is_written_last_and_whole(task_files, tmp_path, tiny_bert, monkeypatch):
     """OUT/run.json (what makes OUT a finished run) was written before metrics.json, in place: a run killed between
     them was 'a finished run' without its metrics, which neither --resume nor a plain train would take up."""
-    import importlib
+    import peftlab.rundir as rundir
 
-    export_module = importlib.import_module("peftlab.export")  # (peftlab.export is also the function)
-    written, write = [], export_module.atomic_write_text
+    written, write = [], rundir.atomic_write_text
 
     def recording(path, text):
         written.append(Path(path).name)
         write(path, text)
 
-    monkeypatch.setattr(export_module, "atomic_write_text", recording)
+    monkeypatch.setattr(rundir, "atomic_write_text", recording)
     out = tmp_path / "run"
     run(recipe_of(tmp_path, tree(task_files, out, tiny_bert), ["train.max_steps=2", "train.eval_every=null", "export.merge=false"]))
     own = [n for n in written if n in ("metrics.json", "eval_report.json", "recipe.yaml", "run.json")]

@@ -418,9 +418,9 @@ def export(out: Path, model, tokenizer, recipe, record, metrics: dict, report: d
     own metrics.json and run.json (run.json last: it makes OUT a finished run) -> OUT's record, as written."""
     import json
 
-    from ..export import atomic_write_text, hardware, merge, versions
     from ..export import export as export_one
-    from ..rundir import RECIPE_FILE, RECORD_FILE
+    from ..export import hardware, merge, versions
+    from ..rundir import atomic_write_text, write_record
 
     multi = model
     info = {"run": record.name, "tasks": multi.tasks, "adapters": recipe.multitask.adapters,
@@ -443,12 +443,11 @@ def export(out: Path, model, tokenizer, recipe, record, metrics: dict, report: d
         if recipe.export.merge:
             merge(folder)
     record = replace(record, multitask=info, versions=versions(), hardware=hardware())
-    # run.json last, each file whole: a run killed here was taken for a finished one without its metrics.json
+    # the record last, each file whole: a run killed here was taken for a finished one without its metrics.json
     atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
     if report is not None:
         atomic_write_text(out / "eval_report.json", json.dumps(report, indent=2))
-    atomic_write_text(out / RECIPE_FILE, recipe.to_yaml())
-    atomic_write_text(out / RECORD_FILE, record.to_json())
+    write_record(out, recipe.to_yaml(), record)
     return record
 
 
