@@ -222,13 +222,18 @@ def generation_inputs(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[Any
                   "attention_mask": torch.cat([mask.new_ones(ids.shape[0], virtual.shape[1]), mask], 1)}, 0
 
 
+def data_row(row: int) -> str:
+    """How an error names a row of a data file: 0-based, the number predictions-SPLIT.jsonl gives it."""
+    return f"data row {row} (0-based, as predictions files count)"
+
+
 def reference_lists(values: list, column: str, where: str, rows: list[int]) -> list[list[str]]:
     """An evaluation split's `references_column` cells -> each row's reference texts, blank ones dropped; a cell that is
     no list of texts is refused (`rows`: the rows' numbers in their file, for the message)."""
     out = []
     for value, row in zip(values, rows):
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
-            raise DataError(f"{where}.references_column={column!r}: data row {row} (0-based, as predictions files count) holds "
+            raise DataError(f"{where}.references_column={column!r}: {data_row(row)} holds "
                             f"{str(value)[:120]}, not a list of "
                             f"texts. Point it at a column with a list of reference texts per row (DialogSum's test: "
                             f"summaries), or remove it (one reference: data.target_column).")

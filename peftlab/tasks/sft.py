@@ -42,6 +42,7 @@ from .generative import (
     causal_lm_loss,
     check_references,
     contiguous_head_input,
+    data_row,
     generation_inputs,
     log_examples,
     loss_and_predictions,
@@ -199,7 +200,7 @@ def _check_messages(value, row: int, where: str, column: str) -> list[dict]:
         except json.JSONDecodeError:
             value = None
     if isinstance(value, list) and any(isinstance(m, dict) and isinstance(m.get("content"), list) for m in value):
-        raise DataError(f"{where}: data row {row} (0-based, as predictions files count): {column!r} holds a message whose content is a list of parts (as in "
+        raise DataError(f"{where}: {data_row(row)}: {column!r} holds a message whose content is a list of parts (as in "
                         "OpenAI's [{type, text}]); sft reads text content: give each message's text as one string.")
     if isinstance(value, list):  # a number read from a JSON file where other rows made the column mixed: its text
         value = [{**m, "content": str(m["content"])} if isinstance(m, dict) and isinstance(m.get("content"), (int, float))
@@ -208,7 +209,7 @@ def _check_messages(value, row: int, where: str, column: str) -> list[dict]:
                                          for m in value)
     if not ok:
         shown = f"{cell[:200]!r} (text, not JSON)" if isinstance(cell, str) and value is None else str(cell)[:200]
-        raise DataError(f"{where}: data row {row} (0-based, as predictions files count): {column!r} must be a list of {{role, content}} with role one of "
+        raise DataError(f"{where}: {data_row(row)}: {column!r} must be a list of {{role, content}} with role one of "
                         f"{', '.join(ROLES)} and text content; got {shown}.")
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
@@ -218,7 +219,7 @@ def _chat_cells(cells: list[tuple[str, object]], row: int, where: str) -> list[d
     messages, checked as the messages format's are; a row mixing such a list and text is refused."""
     lists, plain = [c for c, v in cells if isinstance(v, list)], [(c, v) for c, v in cells if not isinstance(v, list)]
     if plain:
-        raise DataError(f"{where}: data row {row} (0-based, as predictions files count): {', '.join(map(repr, lists))} holds a "
+        raise DataError(f"{where}: {data_row(row)}: {', '.join(map(repr, lists))} holds a "
                         f"list of messages but {plain[0][0]!r} does not (got {str(plain[0][1])[:200]!r}). In TRL's conversational "
                         "format the prompt and the completion are both lists of {role, content}; or give both as text.")
     return [m for c, v in cells for m in _check_messages(v, row, where, c)]
