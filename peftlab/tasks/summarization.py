@@ -220,14 +220,22 @@ def truncate_sources(tokenizer, texts: list[str], max_length: int) -> tuple[list
     the first token left out starts (decoding the kept tokens instead turned a byte-fallback tokenizer's emoji cut
     mid-character into a run of '\ufffd', each three tokens again: 64 tokens read back as 110); a tokenizer without
     offsets: decoded."""
-    try:
-        enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length + 1, return_offsets_mapping=True)
-    except (NotImplementedError, TypeError, ValueError):  # (a slow tokenizer)
-        enc = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length + 1)
+    enc = with_offsets(tokenizer, texts, truncation=True, max_length=max_length + 1)
+    if enc is None:
+        ids = tokenizer(texts, add_special_tokens=False, truncation=True, max_length=max_length + 1)["input_ids"]
+        cut = [len(i) > max_length for i in ids]
+        return [tokenizer.decode(i[:max_length]) if c else t for t, i, c in zip(texts, ids, cut)], cut
     cut = [len(i) > max_length for i in enc["input_ids"]]
-    if "offset_mapping" not in enc:
-        return [tokenizer.decode(i[:max_length]) if c else t for t, i, c in zip(texts, enc["input_ids"], cut)], cut
     return [t[:offsets[max_length][0]].rstrip() if c else t for t, offsets, c in zip(texts, enc["offset_mapping"], cut)], cut
+
+
+def with_offsets(tokenizer, texts: list[str], **kwargs):
+    """`texts` tokenized (no special tokens) with each token's character offsets; None for a tokenizer without them
+    (a slow one)."""
+    try:
+        return tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True, **kwargs)
+    except (NotImplementedError, TypeError, ValueError):
+        return None
 
 
 def prompt_and_summary(tokenizer, prompts: list[str], targets: list[str], max_target: int) -> tuple[list[list[int]], list[list[int]]]:
@@ -235,9 +243,8 @@ def prompt_and_summary(tokenizer, prompts: list[str], targets: list[str], max_ta
     trailing spaces go with the summary): -> (prompt ids, summary ids, at most `max_target`). Tokenized apart, a
     prompt ending in 'Summary: ' gave SmolLM2 ':', ' ', 'Jane' for the natural ':', ' Jane' (zero-shot 2.86 nats a token
     on SAMSum instead of 2.65), and SentencePiece a doubled '▁'. A tokenizer without offsets: tokenized apart."""
-    try:
-        enc = tokenizer([p + t for p, t in zip(prompts, targets)], add_special_tokens=False, return_offsets_mapping=True)
-    except (NotImplementedError, TypeError, ValueError):  # (a slow tokenizer)
+    enc = with_offsets(tokenizer, [p + t for p, t in zip(prompts, targets)])
+    if enc is None:
         return (tokenizer(prompts, add_special_tokens=False)["input_ids"],
                 tokenizer(targets, add_special_tokens=False, truncation=True, max_length=max_target)["input_ids"])
     heads, tails = [], []
