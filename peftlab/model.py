@@ -323,6 +323,14 @@ def load_scratch(recipe: Recipe, path: str, auto_cls, kwargs: dict):
     return model, [name for name, _ in model.named_children()]
 
 
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth")  # weight files torch.load reads (model.allow_pickle)
+
+
+def holds(folder: Path, globs) -> bool:
+    """`folder` has a file matching one of `globs`."""
+    return any(next(folder.glob(g), None) for g in globs)
+
+
 def pickle_only(path) -> str:
     return (f"{path}: no safetensors weights, only pickle files (.bin/.pt), which can run arbitrary code when loaded. "
             "Convert the checkpoint to safetensors (save_pretrained(dir) in a trusted environment), or, if you trust its "
@@ -362,7 +370,7 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
     except (OSError, ValueError, *DAMAGED_WEIGHTS) as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         folder = Path(path)
-        if folder.is_dir() and not any(next(folder.glob(g), None) for g in ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf")):
+        if folder.is_dir() and not holds(folder, ("*.safetensors", *PICKLE_WEIGHTS, "*.gguf")):
             raise ModelError(f"{path}: the folder holds no model weights (no *.safetensors or *.bin file), only "
                              f"{', '.join(sorted(p.name for p in folder.iterdir())[:6]) or 'nothing'}. Point model.name at a "
                              "folder saved with save_pretrained, or at a Hub model id.") from None
@@ -506,7 +514,7 @@ def model_problems(recipe: Recipe) -> list[str]:
     problems = num_layers_problems(recipe, str(path))
     folder = Path(path)
     if (not m.allow_pickle and get_method(recipe.adapter.method).pretrained and folder.is_dir()
-            and not next(folder.glob("*.safetensors"), None) and any(next(folder.glob(g), None) for g in ("*.bin", "*.pt", "*.pth"))):
+            and not holds(folder, ("*.safetensors",)) and holds(folder, PICKLE_WEIGHTS)):
         problems.append(pickle_only(path))  # (what loading it says)
     if hasattr(task, "check_tokenizer") and not m.trust_remote_code:
         try:
