@@ -55,6 +55,15 @@ def save_figure(fig, path: Path, **kwargs) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def fill_unset(args, *sizes: dict) -> None:
+    """Each size the user did not give (None), from the first of `sizes` that has it: --quick's own, then the full
+    defaults. A size given is kept (--quick replaced them with its own, and the results recorded what was not run)."""
+    for values in sizes:
+        for key, value in values.items():
+            if getattr(args, key) is None:
+                setattr(args, key, value)
+
+
 def check_counts(p, checks, least: int = 1) -> None:
     """Each (flag, value, what to give) with a value below `least` is a usage error before any work (a 0 that divides by
     zero after training, or measures nothing and replaces the stored results)."""

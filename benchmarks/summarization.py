@@ -23,7 +23,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab
-from benchmarks.common import RESULTS, train_process, write_result  # noqa: E402
+from benchmarks.common import RESULTS, fill_unset, train_process, write_result  # noqa: E402
 from peftlab.metrics import ROUGE_KEYS  # noqa: E402
 
 RECIPE = "recipes/minilm/samsum-lora.yaml"
@@ -105,9 +105,7 @@ def main() -> None:
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
     # --quick fills only the sizes not given (it overwrote --train/--test/--epochs given with 32/16/1, and recorded neither)
-    for key, value in (QUICK if args.quick else {"test": 200}).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_unset(args, QUICK if args.quick else {"test": 200})
     if args.train is not None and args.train < 1:
         p.error(f"--train {args.train}: give at least 1 row (14731 = all of SAMSum train), or leave it out for the recipe's")
     if args.test < 1:

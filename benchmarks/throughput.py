@@ -47,7 +47,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab, installed or not
-from benchmarks.common import METHODS, RESULTS, check_counts, gemm_peak, provenance, save_figure, write_result  # noqa: E402
+from benchmarks.common import METHODS, RESULTS, check_counts, fill_unset, gemm_peak, provenance, save_figure, write_result  # noqa: E402
 
 RECIPE = REPO / "recipes" / "minilm" / "sst2-lora.yaml"
 QLORA = METHODS["qlora"]
@@ -452,9 +452,7 @@ def main() -> None:
     p.add_argument("extra", nargs="*", help=argparse.SUPPRESS)
     args = p.parse_args()
     # --quick fills only the sizes not given (it replaced --rows/--steps/... given with its own, and recorded those)
-    for key, value in (QUICK if args.quick else SIZES).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_unset(args, QUICK if args.quick else SIZES)
     # checked before any work: --repeats 0 measured nothing and replaced the stored results with an empty table; --steps 0, --threads 0
     # and --eval-every 0 failed with a traceback after (or on) the first GEMM peak / training run
     check_counts(p, (("--rows", args.rows, "at least 1 SST-2 train row"), ("--steps", args.steps, "at least 1 optimizer step"),

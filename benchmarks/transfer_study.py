@@ -32,7 +32,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab
-from benchmarks.common import METHODS, RESULTS, RunFailed, check_counts, fractions_arg, save_figure, train_process, write_result  # noqa: E402
+from benchmarks.common import METHODS, RESULTS, RunFailed, check_counts, fill_unset, fractions_arg, save_figure, train_process, write_result  # noqa: E402
 
 DEFAULT_METHODS = "scratch,frozen,lora,qlora,dora,ia3,full"
 TASKS = {  # recipe, split scored, train rows, overrides (AG News: no held-out eval, the test split scores each run)
@@ -234,12 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     given = {k for k in ("min_steps", "max_steps") if getattr(args, k) is not None}
     defaults = {"methods": DEFAULT_METHODS, "fractions": "0.01,0.03,0.1,0.3,1", "seeds": 3, "seeds_large": 1, "min_steps": 100,
                 "max_steps": 1000, "batch_size": 32, "eval_rows": None}
-    for key, value in (QUICK if args.quick else defaults).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
-    for key, value in defaults.items():  # --quick with some knobs given: the rest from the full defaults
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    fill_unset(args, QUICK if args.quick else {}, defaults)  # --quick with some knobs given: the rest from the full defaults
     if given == {"max_steps"}:  # a cap below the default floor: the floor follows it
         args.min_steps = min(args.min_steps, args.max_steps)
     elif given == {"min_steps"}:  # a floor above the default cap: the cap follows it
