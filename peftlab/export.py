@@ -305,9 +305,12 @@ def merge(out: str | Path, *, force: bool = False, overrides: list[str] | tuple 
     if other := [o for o in overrides if o.split("=", 1)[0].strip() not in MERGE_OVERRIDES]:
         raise ArtifactError(f"merge takes {' and '.join(MERGE_OVERRIDES)} only (where its base is), not {', '.join(other)}: "
                             "the adapter is merged as it was trained.")
-    if overrides:
-        recipe = load_recipe(out / RECIPE_FILE, list(overrides), validate_files=False)
     recipe_text = (out / RECIPE_FILE).read_text(encoding="utf-8")
+    if overrides:
+        saved = recipe
+        recipe = load_recipe(out / RECIPE_FILE, list(overrides), validate_files=False)
+        if (recipe.model.name, recipe.model.revision) != (saved.model.name, saved.model.revision):
+            recipe_text = recipe.to_yaml()  # the merged folder names the base it holds, not the recipe's
     metrics = (out / "metrics.json").read_bytes() if (out / "metrics.json").is_file() else None
     task = get_task(recipe.task.type)
     if hasattr(task, "refuse_loading"):  # a multi-task run: merge its tasks' runs (OUT/tasks/NAME)
@@ -342,10 +345,14 @@ def merging(out: Path):
 def _merge(out: Path, recipe, run, recipe_text: str, metrics: bytes | None, identity, force: bool) -> Path:
     target = out / "merged"
     adapter_sha = sha256(out / "adapter_model.safetensors")
+    base = {"name": recipe.model.name, "revision": recipe.model.revision}
     stamp = target / "merge.json"
-    if not force and stamp.is_file() and json.loads(stamp.read_text()).get("adapter_sha256") == adapter_sha:
+    before = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    if not force and before.get("adapter_sha256") == adapter_sha and before.get("base", base) == base:
         log.info("%s is already merged from this adapter; nothing to do.", target)
         return target
+    if before.get("base", base) != base:
+        log.info("%s holds a merge onto %s: merging onto %s replaces it.", target, before["base"]["name"], base["name"])
     check_merged_holds_only_merges(target)  # before the work: --force replaces the folder whole
     # in float32 (model.dtype auto: a bf16 run's base would be bf16, and rounding it would lose much of the update)
     model, tokenizer = rebuild(out, recipe, run, dequantize=True, precision="fp32")
@@ -363,8 +370,11 @@ def _merge(out: Path, recipe, run, recipe_text: str, metrics: bytes | None, iden
         if metrics is not None:
             (tmp / "metrics.json").write_bytes(metrics)
         merged_run = replace(run, **record_weights(tmp, weights_file(tmp).name))  # the merged folder checks its own weights
+        if base["name"] != run.base_model:  # model.name=FOLDER: the base this merge holds
+            merged_run = replace(merged_run, base_model=base["name"], base_path=base_path(recipe))
         write_record(tmp, recipe_text, merged_run)
-        (tmp / "merge.json").write_text(json.dumps({"adapter_sha256": adapter_sha, "base_quantization": recipe.quant.mode,
+        (tmp / "merge.json").write_text(json.dumps({"adapter_sha256": adapter_sha, "base": base,
+                                                    "base_quantization": recipe.quant.mode,
                                                     "merged_into": "dequantized float32 copy" if recipe.quant.mode != "none"
                                                     else "float32 base weights"}, indent=2))
 

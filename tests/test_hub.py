@@ -22,6 +22,7 @@ from peftlab.cli import main
 from peftlab.compose import compose
 from peftlab.errors import ArtifactError, PeftlabError, PublishError
 from peftlab.publish import card_text, check_card, load_adapter, publish
+from peftlab.rundir import read_run
 
 from .conftest import logits
 from .hub_server import HubStandIn
@@ -193,7 +194,7 @@ def test_card_snippet_loads_the_adapter(runs, tmp_path, capsys, tiny_bert):
     torch.testing.assert_close(logits(namespace["model"]), logits(load_trained(runs[0])[0]), atol=1e-6, rtol=0)
 
 
-def test_a_published_adapter_of_a_local_base_merges_with_model_name_given(runs, tmp_path, capsys, tiny_bert):
+def test_a_published_adapter_of_a_local_base_merges_with_model_name_given(runs, tmp_path, capsys, caplog, tiny_bert):
     """A published adapter names a local base by its folder name: `peftlab merge` refused it, saying to set
     model.name=DIR, which merge did not take."""
     folder = tmp_path / "published"
@@ -205,6 +206,18 @@ def test_a_published_adapter_of_a_local_base_merges_with_model_name_given(runs, 
     rc, out, err = cli(capsys, "merge", folder, f"model.name={tiny_bert}")
     assert rc == 0, err
     torch.testing.assert_close(logits(load_trained(folder / "merged")[0]), logits(load_trained(runs[0])[0]), atol=1e-5, rtol=0)
+    # the merged folder names the base it holds (it named the recipe's folder name, a base that is not here)
+    recipe, record = read_run(folder / "merged")
+    assert recipe.model.name == record.base_model == str(tiny_bert)
+    assert json.loads((folder / "merged" / "merge.json").read_text())["base"] == {"name": str(tiny_bert), "revision": None}
+    caplog.set_level(logging.INFO, logger="peftlab")
+    rc, _, err = cli(capsys, "merge", folder, f"model.name={tiny_bert}")
+    assert rc == 0 and "already merged" in caplog.text
+    caplog.clear()
+    other = shutil.copytree(tiny_bert, tmp_path / "other-copy")  # another base: merged again, not "already merged"
+    rc, _, err = cli(capsys, "merge", folder, f"model.name={other}")
+    assert rc == 0 and "already merged" not in caplog.text and f"merging onto {other} replaces it" in caplog.text, caplog.text
+    assert read_run(folder / "merged")[1].base_model == str(other)
 
 
 def test_card_snippet_of_a_merged_folder_runs_its_example(runs, tmp_path, capsys):
