@@ -117,6 +117,10 @@ def check_local_target(target: str) -> None:
 def cmd_merge(args) -> int:
     from .export import merge
 
+    if args.gguf:
+        from .to_gguf import check_run
+
+        check_run(Path(args.out), args.overrides)  # before the merge writes: a model GGUF export would then refuse
     target = merge(Path(args.out), force=args.force, overrides=args.overrides)
     print(f"merged model: {target}")
     if args.gguf:

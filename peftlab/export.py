@@ -300,17 +300,7 @@ def merge(out: str | Path, *, force: bool = False, overrides: list[str] | tuple 
     the recipe's base is not here (a published adapter names a local base by its folder name)."""
     out = Path(out)
     identity = folder_identity(out)
-    recipe, run = read_run(out)
-    overrides = [overrides] if isinstance(overrides, str) else list(overrides)  # one KEY=VALUE string, or a list
-    if other := [o for o in overrides if o.split("=", 1)[0].strip() not in MERGE_OVERRIDES]:
-        raise ArtifactError(f"merge takes {' and '.join(MERGE_OVERRIDES)} only (where its base is), not {', '.join(other)}: "
-                            "the adapter is merged as it was trained.")
-    recipe_text = (out / RECIPE_FILE).read_text(encoding="utf-8")
-    if overrides:
-        saved = recipe
-        recipe = load_recipe(out / RECIPE_FILE, list(overrides), validate_files=False)
-        if (recipe.model.name, recipe.model.revision) != (saved.model.name, saved.model.revision):
-            recipe_text = recipe.to_yaml()  # the merged folder names the base it holds, not the recipe's
+    recipe, run, recipe_text = merge_source(out, overrides)
     metrics = (out / "metrics.json").read_bytes() if (out / "metrics.json").is_file() else None
     task = get_task(recipe.task.type)
     if hasattr(task, "refuse_loading"):  # a multi-task run: merge its tasks' runs (OUT/tasks/NAME)
@@ -324,6 +314,23 @@ def merge(out: str | Path, *, force: bool = False, overrides: list[str] | tuple 
                             "PeftModel.from_pretrained(base, OUT), or `peftlab eval OUT`.")
     with merging(out):
         return _merge(out, recipe, run, recipe_text, metrics, identity, force)
+
+
+def merge_source(out: Path, overrides: list[str] | tuple | str = ()) -> tuple[Recipe, RunRecord, str]:
+    """-> (recipe, run record, recipe text) a merge of run `out` uses: its own, with model.name/model.revision
+    overrides (where its base is); the text names the base merged into."""
+    recipe, run = read_run(out)
+    overrides = [overrides] if isinstance(overrides, str) else list(overrides)  # one KEY=VALUE string, or a list
+    if other := [o for o in overrides if o.split("=", 1)[0].strip() not in MERGE_OVERRIDES]:
+        raise ArtifactError(f"merge takes {' and '.join(MERGE_OVERRIDES)} only (where its base is), not {', '.join(other)}: "
+                            "the adapter is merged as it was trained.")
+    recipe_text = (out / RECIPE_FILE).read_text(encoding="utf-8")
+    if overrides:
+        saved = recipe
+        recipe = load_recipe(out / RECIPE_FILE, list(overrides), validate_files=False)
+        if (recipe.model.name, recipe.model.revision) != (saved.model.name, saved.model.revision):
+            recipe_text = recipe.to_yaml()  # the merged folder names the base it holds, not the recipe's
+    return recipe, run, recipe_text
 
 
 @contextmanager

@@ -135,6 +135,33 @@ def _stored_as(shape: tuple[int, ...], dtype: str) -> np.dtype:
     return np.dtype(DTYPES[dtype] if len(shape) > 1 else np.float32)
 
 
+def check_run(out: Path, overrides: list[str] | tuple = ()) -> None:
+    """`merge --gguf RUN`: what write_gguf refuses of the merged model (its architecture, its tokenizer), refused before
+    the merge writes it (gigabytes for a real model), from the base's config as the run's task builds it."""
+    from transformers import AutoConfig
+
+    from .bases import base_path, converted_if_ready, gguf_source
+    from .export import merge_source
+    from .tasks import get_task
+
+    out = Path(out)
+    if not (out / "adapter_config.json").is_file():
+        return  # a full model: nothing to merge, write_gguf checks it before it writes
+    recipe, _, _ = merge_source(out, overrides)
+    m = recipe.model
+    try:
+        source = gguf_source(m.name) if m.from_run is None else None
+        path = converted_if_ready(source) if source else base_path(recipe)
+        config = AutoConfig.from_pretrained(str(path), revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except Exception:  # (a base not found or not converted yet: the merge says so, or converts it)
+        return
+    mapping = getattr(get_task(recipe.task.type).auto_model_class, "_model_mapping", None)
+    if mapping is not None and type(config) in mapping:
+        config.architectures = [mapping[type(config)].__name__]  # the merged model's class: a classifier is no causal LM
+    _check_config(config, out)
+    _tokenizer(out)
+
+
 def _config(model_dir: Path):
     """The model's config, checked to be one llama.cpp's `llama` architecture reads without extra parameters."""
     from transformers import AutoConfig
@@ -142,7 +169,10 @@ def _config(model_dir: Path):
     if not (model_dir / "config.json").is_file():
         raise ArtifactError(f"{model_dir} has no config.json: not a transformers model folder. Pass the merged folder "
                             "(`peftlab merge RUN` writes RUN/merged).")
-    config = AutoConfig.from_pretrained(str(model_dir))
+    return _check_config(AutoConfig.from_pretrained(str(model_dir)), model_dir)
+
+
+def _check_config(config, model_dir: Path):
     kind = config.model_type
     if kind not in ARCHITECTURES:
         raise ArtifactError(f"{model_dir}: model_type {kind!r} cannot be written as GGUF by peftlab, which writes "

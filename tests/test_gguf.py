@@ -418,6 +418,22 @@ def test_merge_gguf_of_a_full_model_run_lands_in_the_run_folder(tiny_bert, tmp_p
     assert not list(Path(tiny_bert).glob("*.gguf")) and not list(Path(tiny_bert).glob(".*"))
 
 
+@pytest.mark.parametrize("base", ["tiny_bert", "tiny_llama"])
+def test_merge_gguf_refuses_a_model_it_cannot_write_before_merging(make_recipe, base, request, capsys):
+    """A run whose merged model GGUF export refuses (a BERT; a Llama classifier) was merged first, then refused: a
+    correct but unwanted merged folder, gigabytes for a real model, written by a failed command."""
+    from peftlab.cli import main
+
+    recipe = make_recipe({"train.max_steps": 1}, model=request.getfixturevalue(base))
+    run(recipe)
+    capsys.readouterr()
+    assert main(["merge", str(recipe.out), "--gguf"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err, err
+    assert ("model_type 'bert'" if base == "tiny_bert" else "LlamaForSequenceClassification, not a causal LM") in err, err
+    assert not (recipe.out / "merged").exists()
+
+
 # -------------------------------------------------------------------------------- QLoRA on a tied LM head, merge
 
 def sum_recipe(tmp_path: Path, dialogues: dict, model: str, overrides: dict | None = None, name: str = "out"):  # noqa: F811
