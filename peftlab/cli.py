@@ -12,7 +12,10 @@ import difflib
 import json
 import logging
 import os
+import signal
 import sys
+import threading
+from contextlib import contextmanager
 from importlib.resources import files
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -425,7 +428,8 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _quiet_libraries()
     try:
-        return args.fn(args)
+        with sigterm_unwinds():
+            return args.fn(args)
     except TrainingInterrupted as e:
         if not rank:  # (every rank stopped with the same checkpoint; one says so)
             print(f"stopped: {e}", file=sys.stderr)
@@ -449,6 +453,26 @@ def main(argv: list[str] | None = None) -> int:
               f"{str(e).strip().splitlines()[0][:200]}), most likely because another process failed: see that error.",
               file=sys.stderr)
         return 1
+
+
+@contextmanager
+def sigterm_unwinds():
+    """A SIGTERM (a `kill`, a scheduler's notice) outside training ends the command as Ctrl-C does, by an exception:
+    every write in progress removes its temporary file (killed at once, a predictions file's or a cache's stayed), and
+    the exit status is 143. Training has its own handler inside (it saves a checkpoint first)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        print("terminated (SIGTERM)", file=sys.stderr)
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
 
 
 def lost_peer(error: Exception) -> bool:

@@ -158,16 +158,20 @@ def cached_teacher_logits(teacher: Path, texts: list[str], *, device=None, batch
         first = {keys[i]: i for i in missing}  # a text twice in the rows: kept once
         add_keys = torch.frombuffer(bytearray(b"".join(first)), dtype=torch.uint8).view(-1, 16)
         add = out[list(first.values())]
+        staged = path.with_name(f".{path.name}.{os.getpid()}.partial")  # two students at once: the last one's file
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            staged = path.with_name(f".{path.name}.{os.getpid()}.partial")  # two students at once: the last one's file
             save_file({"texts": torch.cat([known_keys, add_keys]),
                        "logits": add if known is None else torch.cat([known, add])},
                       staged, metadata={"teacher": str(Path(teacher).resolve())})
             staged.replace(path)
         except OSError as e:
+            staged.unlink(missing_ok=True)
             log.warning("soft-target cache not written (%s): set PEFTLAB_CACHE to a writable folder, or "
                         "train.distill.cache=false", e)
+        except BaseException:  # a Ctrl-C or SIGTERM while it was written
+            staged.unlink(missing_ok=True)
+            raise
     return out, len(rows)
 
 

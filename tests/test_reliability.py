@@ -353,3 +353,19 @@ def test_fuzzed_column_mapping_loads_or_raises_data_error(tmp_path, rows, header
         assert all(0 <= y < len(names) for y in splits["train"]["label"])
     except PeftlabError:
         pass
+
+
+def test_a_sigterm_outside_training_leaves_no_temporary_file(make_recipe, tmp_path):
+    """`peftlab eval` killed by SIGTERM while writing its predictions left `.predictions-dev.jsonl.XXXX` in the run
+    folder (the default action kills at once): the SIGTERM ends the command as Ctrl-C does, the write removes its file."""
+    recipe = make_recipe({"train.epochs": 1})
+    run(recipe)
+    before = sorted(p.name for p in recipe.out.iterdir())
+    script = ("import os, signal, sys\nreal = os.fsync\n"
+              "def fsync(fd):\n    os.kill(os.getpid(), signal.SIGTERM)\n    real(fd)\n"
+              "os.fsync = fsync  # a SIGTERM while the first file is being written\n"
+              f"from peftlab.cli import main\nsys.exit(main(['eval', {str(recipe.out)!r}]))\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 143 and "terminated (SIGTERM)" in proc.stderr, proc.stderr[-2000:]
+    assert sorted(p.name for p in recipe.out.iterdir()) == before  # nothing half-written, no hidden file
