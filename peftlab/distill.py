@@ -165,13 +165,13 @@ def cached_teacher_logits(teacher: Path, texts: list[str], *, device=None, batch
                        "logits": add if known is None else torch.cat([known, add])},
                       staged, metadata={"teacher": str(Path(teacher).resolve())})
             staged.replace(path)
-        except OSError as e:
-            staged.unlink(missing_ok=True)
+        except BaseException as e:  # (a Ctrl-C or SIGTERM while it was written, too)
+            if staged.is_file():
+                staged.unlink()
+            if not isinstance(e, OSError):
+                raise
             log.warning("soft-target cache not written (%s): set PEFTLAB_CACHE to a writable folder, or "
                         "train.distill.cache=false", e)
-        except BaseException:  # a Ctrl-C or SIGTERM while it was written
-            staged.unlink(missing_ok=True)
-            raise
     return out, len(rows)
 
 
