@@ -138,7 +138,9 @@ def same_inputs(work: Path, resuming: bool, inputs: dict[str, str | None], main:
 
 def checkpoint_problem(ckpt: Path) -> str | None:
     """-> why this checkpoint cannot be loaded (a damaged or missing file), or None. Checkpoints without checksums
-    (written by an older peftlab) are trusted."""
+    (written by an older peftlab) are trusted, once they hold their step's state (a copy cut short may not)."""
+    if not (ckpt / TRAINER_STATE).is_file():
+        return f"{ckpt} holds no {TRAINER_STATE} (a copy cut short, or not a checkpoint)"
     if not (ckpt / CHECKSUMS).is_file():
         return None
     try:

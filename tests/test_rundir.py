@@ -394,10 +394,27 @@ def test_damaged_checksums_make_a_checkpoint_unusable_not_a_traceback(tmp_path, 
     ckpt = tmp_path / "step-4"
     ckpt.mkdir()
     (ckpt / "model.safetensors").write_bytes(b"weights")
+    (ckpt / "trainer_state.json").write_text("{}")
     seal_checkpoint(ckpt, None)
     assert checkpoint_problem(ckpt) is None
     (ckpt / "checksums.json").write_text(content)
     assert checkpoint_problem(ckpt) == f"{ckpt / 'checksums.json'} is damaged"  # so --resume falls back to an older one
+
+
+@pytest.mark.parametrize("files", [(), ("model.safetensors",)])
+def test_resume_skips_a_newer_checkpoint_folder_copied_in_part(make_recipe, tmp_path, files):
+    """A checkpoint folder without checksums (an older peftlab's) was trusted whole: an empty step-9 (a copy cut short)
+    was chosen by --resume, which failed with a FileNotFoundError traceback for its trainer_state.json."""
+    recipe = make_recipe({"train.epochs": 1, "train.max_steps": 6, "train.save_every": 2, "train.keep_checkpoints": 3})
+    run(recipe)
+    (recipe.out / "run.json").unlink()  # as if stopped after its last checkpoint
+    (recipe.out / "recipe.yaml").unlink()
+    cut = recipe.out / "checkpoints" / "step-9"
+    cut.mkdir()
+    for name in files:
+        (cut / name).write_bytes(b"part of it")
+    resumed = run(recipe, resume=True)
+    assert resumed.steps == 6 and (recipe.out / "run.json").is_file()
 
 
 def test_eval_on_a_base_the_adapter_does_not_fit_is_one_clear_error(make_recipe):
