@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import json
 import math
+import sys
 import types
 import typing
 from dataclasses import dataclass, field
@@ -747,6 +748,8 @@ def check_field(name: str, value: Any, f: dataclasses.Field, optional: bool) -> 
     if isinstance(value, float) and not math.isfinite(value):  # inf passes `> 0` and nan fails every test: name it
         example = f", e.g. {f.default}" if isinstance(f.default, (int, float)) else f" ({_range_text(meta)})" if _range_text(meta) else ""
         return f"{name}={value}: must be a finite number (inf and nan are refused); give a number{example}."
+    if isinstance(value, int) and abs(value) > sys.maxsize:  # passed every range, then crashed in the loaders (islice)
+        return f"{name}={value}: beyond a 64-bit integer ({sys.maxsize}); give a smaller number."
     ge, gt, lt = meta.get("ge"), meta.get("gt"), meta.get("lt")
     if (ge is not None and value < ge) or (gt is not None and value <= gt) or (lt is not None and value >= lt):
         extra = f" ({meta['hint']})" if meta.get("hint") else ""

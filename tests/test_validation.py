@@ -132,6 +132,15 @@ def test_every_float_field_refuses_inf():
             load_recipe(None, [f"{field}=inf"], validate_files=False)
 
 
+def test_every_int_field_refuses_a_number_beyond_64_bits():
+    """eval.batch_size=1e22 (as an int) passed `>= 1`, trained, then crashed in the evaluation loader (islice)."""
+    fields = [name for name, _, f, _ in _walk(Recipe()) if f.type in ("int", "int | None")]
+    assert {"eval.batch_size", "adapter.r", "train.max_steps", "train.seed"} <= set(fields)
+    for field in fields:
+        with pytest.raises(ConfigError, match=rf"{field}=10000000000000000000000: beyond a 64-bit integer"):
+            load_recipe(None, [f"{field}=10000000000000000000000"], validate_files=False)
+
+
 def test_non_finite_numbers_from_the_cli(tmp_path, capsys):
     recipe = write_recipe(tmp_path, {"data": {"train": "t.tsv"}})
     assert main(["train", str(recipe), "--overwrite", "train.lr=inf", "train.epochs=.inf"]) == 2  # overrides after a flag
