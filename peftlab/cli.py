@@ -142,6 +142,7 @@ def cmd_merge(args) -> int:
 
 def cmd_validate(args) -> int:
     from .config import load_recipe
+    from .rundir import check_no_foreign_files, check_writable
 
     # KEY=VALUE overrides may come positionally, as with `train` (a file whose name holds '=' stays a recipe)
     overrides = [a for a in args.recipes if "=" in a and not Path(a).is_file()] + args.overrides
@@ -156,6 +157,8 @@ def cmd_validate(args) -> int:
                 from .run import check_data_and_base
 
                 check_data_and_base(recipe, path)
+            check_writable(recipe.out)  # what `train` refuses of its output folder before any work, also without --no-files
+            check_no_foreign_files(recipe.out)
             print(f"ok      {path}")
         except PeftlabError as e:  # (a ConfigError lists every problem; another project error is one)
             failed += 1

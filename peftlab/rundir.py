@@ -490,6 +490,16 @@ def check_writable(out: Path, what: str = "the run", flag: str = "output_dir=DIR
                                 f"folder: {flag}.")
 
 
+def check_no_foreign_files(out: Path) -> None:
+    """A folder that holds files but no run is refused as output_dir: the run's files would mix with them, and a
+    later --overwrite would delete them."""
+    if out.is_dir() and not is_started(out) and any(out.iterdir()):
+        found = sorted(p.name for p in out.iterdir())
+        listed = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise ArtifactError(f"output directory {out} holds files that are not a peftlab run ({listed}): a run there would "
+                            "mix its files with them. Choose a new or empty folder: output_dir=DIR (or name=NEW_NAME).")
+
+
 @dataclass
 class Job:
     """One training process's use of a run folder: where it writes (`work`) and the checkpoint it resumes from."""
@@ -671,12 +681,7 @@ class RunDir:
             held = "a finished run:" if self.finished else "a run. Continue it with --resume,"  # (a finished one: nothing to resume)
             raise ArtifactError(f"output directory {self.out} already holds {held} replace it with --overwrite, or choose another "
                                 f"one: output_dir=DIR (or name=NEW_NAME).{hint}")
-        if self.out.is_dir() and any(self.out.iterdir()):  # not a run: the run's files would mix with these, and a later
-            found = sorted(p.name for p in self.out.iterdir())  # --overwrite would delete them
-            listed = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
-            raise ArtifactError(f"output directory {self.out} holds files that are not a peftlab run ({listed}): a run "
-                                "there would mix its files with them. Choose a new or empty folder: output_dir=DIR (or "
-                                "name=NEW_NAME).")
+        check_no_foreign_files(self.out)
         return Job(self, self.out)
 
     def _resume_plan(self, recipe_yaml: str | None, announce: bool = True, processes: int | None = None) -> Job:

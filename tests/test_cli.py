@@ -83,6 +83,21 @@ def test_validate_checks_what_training_would_check_first(make_recipe, capsys, tm
     assert "has the label names ['a', 'b']" in capsys.readouterr().out
 
 
+def test_validate_refuses_an_output_folder_train_would_refuse(make_recipe, capsys, tmp_path):
+    """A file, or a folder of other files, as output_dir: `train` refuses both before any work; validate said ok."""
+    make_recipe()
+    recipe = str(tmp_path / "recipe.yaml")
+    (tmp_path / "a-file").write_text("")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine")
+    for out, message in ((tmp_path / "a-file", "is a file, not a folder"), (tmp_path / "notes", "holds files that are not a peftlab run")):
+        assert main(["validate", recipe, f"output_dir={out}"]) == 2
+        assert message in capsys.readouterr().out
+    assert main(["train", recipe, "train.max_steps=1"]) == 0  # a folder holding a run is fine: --resume or --overwrite
+    capsys.readouterr()
+    assert main(["validate", recipe]) == 0
+
+
 def test_validate_finds_what_train_finds_when_it_loads_the_data_and_the_model(make_recipe, capsys, caplog, tmp_path):
     """Columns from the files' headers, the base from its config (no weights read), target_modules against the task's
     model built on the meta device: the problems `train` stops on before its first step, with the same messages."""
