@@ -117,12 +117,17 @@ def measured_process(name: str, cmd: list[str], *, verbose: bool = False, env: d
                 proc.returncode = os.waitstatus_to_exitcode(status)  # reaped: Popen must not wait for it again
             finally:
                 if proc.returncode is None:  # interrupted before the child ended: it does not outlive the benchmark
+                    if restore is not None:  # a second SIGTERM (`timeout` signals the whole group) must not abandon the grace wait
+                        signal.signal(signal.SIGTERM, signal.SIG_IGN)
                     proc.terminate()
                     try:
                         proc.wait(grace_s)
                     except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
+                        pass
+                    finally:  # after the grace, or when the wait is interrupted (Ctrl-C): killed
+                        if proc.poll() is None:
+                            proc.kill()
+                            proc.wait()
             err.seek(0)
             tail = err.read().decode(errors="replace").strip().splitlines()[-5:]
     finally:

@@ -568,6 +568,31 @@ def test_a_benchmark_stopped_by_sigterm_ends_its_child(tmp_path):
     assert status == 1 and "stopped by signal 15" in err and ended
 
 
+def test_a_second_sigterm_does_not_abandon_the_child(tmp_path):
+    """`timeout` signals the benchmark and its whole group: a second SIGTERM during the grace wait ended the benchmark
+    there, before its SIGKILL, and a child that ignores SIGTERM outlived it."""
+    pid_file, termed = tmp_path / "child.pid", tmp_path / "termed"
+    child = ("import os, signal, time\n"
+             f"signal.signal(signal.SIGTERM, lambda *a: open({str(termed)!r}, 'w').close())\n"  # noted, and ignored
+             f"open({str(pid_file)!r}, 'w').write(str(os.getpid()))\ntime.sleep(60)\n")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); from benchmarks.common import measured_process; "
+            f"measured_process('case', {[sys.executable, '-c', child]!r}, grace_s=1)")
+    bench = subprocess.Popen([sys.executable, "-c", code, str(REPO)], stderr=subprocess.PIPE, text=True)
+    try:
+        pid = wait_for_pid(pid_file)
+        bench.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 30
+        while not termed.exists():  # the benchmark is in its grace wait
+            assert time.monotonic() < deadline, "the child was never terminated"
+            time.sleep(0.05)
+        bench.send_signal(signal.SIGTERM)
+        status, err = bench.wait(30), bench.stderr.read()
+    finally:
+        bench.kill()
+        bench.wait()
+    assert gone(pid) and status == 1 and "stopped by signal 15" in err
+
+
 def test_multitask_transfer_rows_read_every_stored_seed(monkeypatch, tmp_path):
     """transfer_rows reads the seeds from the store: seeds 0-2 stored, a report asked with --seeds 0 shows all three."""
     bench = load_benchmark("multitask")
