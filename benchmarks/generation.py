@@ -1,7 +1,7 @@
 """Generation speed: peftlab's evaluation vs `model.generate` called the plain way, on the same rows (issue 21, item 5).
 
 A finished SFT run (default: the SmolLM2 SAMSum LoRA run of `llm.py`, runs/llm/samsum-lora) generates greedy answers
-to the same N test rows, with the same model, batch size, max_new_tokens, stop tokens and precision, four ways:
+to the same N test rows, with the same model, batch size, max_new_tokens, stop tokens and precision, five ways:
 
 - `peftlab`: `peftlab.evaluate(run, "test")`: rows sorted by length, prompts left-padded, KV cache; its report gives
   the seconds spent in generate and the tokens written (eval_report's `generation`);
@@ -31,7 +31,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import RESULTS, provenance, write_result  # noqa: E402
+from benchmarks.common import RESULTS, check_counts, provenance, write_result  # noqa: E402
 
 
 def prepare(run: Path, overrides: list[str]) -> dict:
@@ -87,13 +87,26 @@ def main() -> None:
     p.add_argument("--overrides", nargs="*", default=[], help="recipe overrides for every side (e.g. model.dtype=float32)")
     p.add_argument("--name", default="generation")
     args = p.parse_args()
+    check_counts(p, (("--rows", args.rows, "at least 1 test row"), ("--batch", args.batch, "at least 1 row per batch")))
     if not (args.run / "run.json").is_file():
         p.error(f"--run {args.run}: not a finished peftlab run (no run.json). Train the default one with "
                 "`python benchmarks/llm.py --cases samsum-lora` first, or pass --run RUN_FOLDER")
     from peftlab import evaluate
+    from peftlab.config import load_recipe
+    from peftlab.errors import ConfigError
+    from peftlab.rundir import RECIPE_FILE
     from peftlab.tasks.sft import score
 
     overrides = [f"data.test.max_samples={args.rows}", f"eval.batch_size={args.batch}", *args.overrides]
+    # checked before any work: a bad override was a traceback naming recipe keys, a run that does not generate
+    # (classification) failed after a whole evaluation
+    try:
+        task = load_recipe(args.run / RECIPE_FILE, overrides, validate_files=False).task.type
+    except ConfigError as e:
+        p.error(f"{'--overrides ' + ' '.join(args.overrides) if args.overrides else f'--run {args.run}'}: {e}")
+    if task != "sft":
+        p.error(f"--run {args.run}: a {task} run; generation is timed on a generating run: give a finished SFT run "
+                "(task.type sft), e.g. runs/llm/samsum-lora")
     results = []
     for side, extra in (("peftlab", []), ("peftlab, adapter unfolded", ["eval.merge_adapter=false"]),
                         ("peftlab, weights cast per call", ["train.cast_frozen=false"])):

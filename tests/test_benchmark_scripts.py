@@ -479,6 +479,27 @@ def test_generation_without_its_run_says_how_to_make_it(tmp_path):
     refused("generation", "--run", str(tmp_path / "samsum-lora"), says="python benchmarks/llm.py --cases samsum-lora` first, or pass --run")
 
 
+@pytest.mark.parametrize(("recipe", "args", "says"), [
+    ("smollm2-135m/samsum-sft-lora.yaml", ["--rows", "0"], "--rows 0: give at least 1 test row"),
+    ("smollm2-135m/samsum-sft-lora.yaml", ["--batch", "-2"], "--batch -2: give at least 1 row per batch"),
+    ("smollm2-135m/samsum-sft-lora.yaml", ["--overrides", "nope.key=1"], "--overrides nope.key=1: invalid recipe"),
+    ("minilm/sst2-lora.yaml", [], "a classification run; generation is timed on a generating run: give a finished SFT run"),
+])
+def test_generation_refuses_bad_arguments_and_runs_that_do_not_generate(tmp_path, monkeypatch, capsys, recipe, args, says):
+    """Each was a traceback naming recipe keys; a classification run failed with KeyError 'generation' after a whole
+    evaluation."""
+    import peftlab
+
+    bench = load_benchmark("generation")
+    monkeypatch.setattr(peftlab, "evaluate", lambda *a, **k: pytest.fail("evaluated"))
+    (tmp_path / "run.json").write_text("{}")
+    (tmp_path / "recipe.yaml").write_text((REPO / "recipes" / recipe).read_text())
+    monkeypatch.setattr(sys, "argv", ["generation.py", "--run", str(tmp_path), *args, "--name", "never-written"])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    assert stop.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_model_selection_goes_on_past_a_failed_run(monkeypatch, tmp_path, capsys):
     common, bench = load_benchmark("common"), load_benchmark("model_selection")
     ran = []
