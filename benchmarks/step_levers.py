@@ -120,13 +120,17 @@ def main() -> None:
     from peftlab.accel import make_accelerator, resolve_precision
     from peftlab.config import load_recipe
     from peftlab.data import build_data, load_splits
+    from peftlab.errors import ConfigError
     from peftlab.model import build_model
     from peftlab.tasks import get_task, skip_unread
     from peftlab.train import setup
 
     with tempfile.TemporaryDirectory() as tmp:
-        recipe = load_recipe(REPO / a.recipe, [*a.overrides, "data.eval=null", "data.eval_holdout=0", "data.test=null",
-                                               f"output_dir={tmp}/out"])
+        try:  # a missing recipe or a bad override: one message, not a traceback
+            recipe = load_recipe(REPO / a.recipe, [*a.overrides, "data.eval=null", "data.eval_holdout=0", "data.test=null",
+                                                   f"output_dir={tmp}/out"])
+        except ConfigError as e:
+            ap.error(f"--recipe {a.recipe} --overrides {' '.join(a.overrides)}: {e}")
     precision = resolve_precision(recipe.train.precision)
     accelerator = make_accelerator(recipe, precision)
     splits, names = load_splits(recipe)

@@ -448,6 +448,19 @@ def test_step_levers_refuses_no_timed_batches_up_front(args, says):
     refused("step_levers", *args, "--recipe", "missing.yaml", "--name", "never-written", says=says)  # checked before the recipe
 
 
+@pytest.mark.parametrize(("args", "says"), [
+    (["--recipe", "missing.yaml"], "--recipe missing.yaml --overrides data.train.max_samples=6000: invalid recipe"),
+    (["--overrides", "data.train.max_samples=0"], "data.train.max_samples=0: must be >= 1"),
+])
+def test_step_levers_refuses_a_bad_recipe_in_one_message(monkeypatch, capsys, args, says):
+    """A missing recipe or a bad override was a ConfigError traceback."""
+    bench = load_benchmark("step_levers")
+    monkeypatch.setattr(sys, "argv", ["step_levers.py", *args, "--name", "never-written"])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    assert stop.value.code == 2 and says in capsys.readouterr().err
+
+
 def test_step_levers_says_how_many_batches_the_data_gave(tmp_path, monkeypatch, capsys, tiny_bert, sentiment_files):
     """Data with fewer batches than the warm-up: an error before any step, not a division by zero after them all."""
     bench = load_benchmark("step_levers")
