@@ -115,7 +115,7 @@ def main() -> None:
         p.error(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
     if args.sst2_train < 1:
         p.error(f"--sst2-train {args.sst2_train}: give at least 1 row (67349 = all of SST-2 train)")
-    if not args.epochs > 0:
+    if not 0 < args.epochs < math.inf:
         p.error(f"--epochs {args.epochs:g}: give a positive number of passes (e.g. 1 or 0.5)")
     if args.quick:  # what --quick trains, and what the results record
         args.sst2_train, args.epochs = 300, 1.0

@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import random
 import shutil
@@ -558,6 +559,8 @@ def main() -> int:
                     help="run the sft phase again with these recipe overrides (e.g. model.dtype=auto): a second row")
     ap.add_argument("--profile", action="store_true", help="with --bare: profile 5 bare steps (device-busy share, kernel launches)")
     a = ap.parse_args()
+    if not 0 < a.budget < math.inf:
+        ap.error(f"--budget {a.budget:g}: give the seconds for everything, e.g. 420")
     if a.prepare:
         prepare()
         return 0

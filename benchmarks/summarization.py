@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -110,7 +111,7 @@ def main() -> None:
         p.error(f"--train {args.train}: give at least 1 row (14731 = all of SAMSum train), or leave it out for the recipe's")
     if args.test < 1:
         p.error(f"--test {args.test}: give at least 1 row (819 = all of SAMSum test)")
-    if args.epochs is not None and not args.epochs > 0:
+    if args.epochs is not None and not 0 < args.epochs < math.inf:
         p.error(f"--epochs {args.epochs:g}: give a positive number of passes (e.g. 1 or 0.5), or leave it out for the recipe's")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     name = args.name or ("summarization-quick" if args.quick else "summarization")

@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
                     ("--batch-size", args.batch_size, "at least 1 row per batch"),
                     ("--max-steps", args.max_steps, "at least 1 optimizer step per run"),
                     ("--min-steps", args.min_steps, "at least 1 optimizer step per run")))
-    if not args.epochs > 0:
+    if not 0 < args.epochs < math.inf:  # (inf overflowed in steps_for)
         p.error(f"--epochs {args.epochs:g}: give a positive number of passes over the subset (e.g. 2 or 0.5)")
     if args.min_steps > args.max_steps:
         p.error(f"--min-steps {args.min_steps} --max-steps {args.max_steps}: the step floor is above the cap; give --min-steps <= --max-steps")

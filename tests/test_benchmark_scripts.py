@@ -71,6 +71,7 @@ def test_transfer_study_fresh_replaces_only_the_runs_it_measures(tmp_path, monke
     (["--seeds-large", "-1"], "--seeds-large -1: give at least 1 seed"),
     (["--epochs", "0", "--min-steps", "0"], "--min-steps 0: give at least 1 optimizer step"),
     (["--epochs", "0"], "--epochs 0: give a positive number of passes"),
+    (["--epochs", "inf"], "--epochs inf: give a positive number of passes"),  # (an OverflowError in steps_for)
     (["--max-steps", "0"], "--max-steps 0: give at least 1 optimizer step"),
     (["--min-steps", "50", "--max-steps", "10"], "--min-steps 50 --max-steps 10: the step floor is above the cap"),
     (["--eval-rows", "0"], "--eval-rows 0: give at least 1 row"),
@@ -161,6 +162,7 @@ def test_transfer_study_goes_on_past_a_failed_run(tmp_path, monkeypatch, capsys)
     (["--methods", "dora"], "--methods: unknown dora; choose from lora, qlora, full, frozen"),
     (["--quick", "--sst2-train", "-5"], "--sst2-train -5: give at least 1 row"),
     (["--quick", "--epochs", "-1"], "--epochs -1: give a positive number"),
+    (["--quick", "--epochs", "inf"], "--epochs inf: give a positive number"),
 ])
 def test_classification_refuses_bad_arguments_before_any_run(args, says):
     # (lora:bogus.key: were the check missing, the child would fail at once, not train)
@@ -380,6 +382,16 @@ def test_throughput_refuses_bad_sizes_before_any_work(tmp_path, monkeypatch, cap
         bench.main()
     assert stop.value.code == 2 and says in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("epochs", ["inf", "nan", "0"])
+def test_summarization_refuses_epochs_that_are_not_a_finite_positive_number(monkeypatch, capsys, epochs):
+    bench = load_benchmark("summarization")
+    monkeypatch.setattr(bench, "train_model", lambda *a: pytest.fail("trained"))
+    monkeypatch.setattr(sys, "argv", ["summarization.py", "--epochs", epochs, "--name", "never-written"])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    assert stop.value.code == 2 and f"--epochs {epochs}: give a positive number of passes" in capsys.readouterr().err
 
 
 def test_sft_throughput_refuses_no_rows_before_measuring():

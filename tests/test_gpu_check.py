@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
@@ -55,3 +57,13 @@ def test_report_shows_the_bare_loop_and_the_variant_beside_peftlab():
     assert [row.split(" | ")[1] for row in rows] == ["peftlab train", "bare transformers + peft loop", "bare transformers + peft loop",
                                                      "peftlab train + model.dtype=auto"]
     assert "device busy 8%, 859 device ops/step" in rows[1]
+
+
+@pytest.mark.parametrize("budget", ["inf", "nan", "0", "-5"])
+def test_gpu_check_refuses_a_budget_that_is_not_a_finite_positive_number(monkeypatch, capsys, budget):
+    bench = load_benchmark("gpu_check")
+    monkeypatch.setattr(bench, "prepare", lambda: pytest.fail("prepared"))
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--budget", budget, "--prepare"])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    assert stop.value.code == 2 and f"--budget {budget}: give the seconds for everything" in capsys.readouterr().err
