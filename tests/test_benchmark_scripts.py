@@ -301,6 +301,8 @@ def distill_result(accuracy: float, **more) -> dict:
     (["--fractions", "0"], "--fractions: 0 out of range; a percent of the train rows is > 0 and <= 100"),
     (["--fractions", "100,150"], "--fractions: 150 out of range"),
     (["--fractions", "ten"], "--fractions ten: expected comma-separated percents"),
+    (["--fractions="], "--fractions : expected comma-separated percents"),  # (it meant the default, and trained)
+    (["--smoke", "--fractions="], "--fractions : expected comma-separated percents"),
     (["--train-rows", "-5"], "--train-rows -5: give at least 1 row, or 0"),
     (["--requests", "0"], "--requests 0: give at least 1 single request"),
     (["--smoke", "--requests", "-1"], "--requests -1: give at least 1"),
@@ -351,6 +353,22 @@ def test_distillation_report_reads_the_teacher_given_with_teacher(tmp_path, monk
                                            extra_layers=[]))
     assert "| 60.00 | 70.00 | - | 87.5% |" in text and "nan" not in text
     assert "Teacher: 80.00 accuracy" in text and "2.0 min (training, the run given with --teacher)" in text
+
+
+@pytest.mark.parametrize("timed", [["teacher", "student", "student-l2"], ["teacher", "student", "student-lora"]])
+def test_distillation_speed_note_names_only_the_rows_timed(tmp_path, monkeypatch, timed):
+    """The note on student-lora was written under every speed table, also those without its row (SST-2, emotion)."""
+    bench = distillation(tmp_path, monkeypatch)
+    out = tmp_path / "results" / "distillation"
+    out.mkdir(parents=True)
+    monkeypatch.setattr(bench, "BASE_OUT", out)
+    for name in timed:
+        (out / f"speed-{name}.json").write_text(json.dumps({"name": name, "examples_per_s": 100.0, "p50_ms": 10.0, "params": 1e6,
+                                                            "layers": 3, "threads": 2, "rows": 872}))
+    text = bench.report(argparse.Namespace(teacher=None, teacher_name="t", teacher_overrides=[], fractions=[100.0],
+                                           extra_layers=[2]))
+    assert ("student-lora, the 6-layer LoRA student" in text) == ("student-lora" in timed)
+    assert "each model merged into a plain transformers model" in text
 
 
 # ------------------------------------------------------------------------------------------------ the other scripts
