@@ -8,7 +8,7 @@ Runs `peftlab train` in this process while a thread samples, every 50 ms, the re
 is the allocator, what it holds (mallinfo2: `held`, its heap + its mmapped blocks) and what of that is allocated
 (`in_use`: heap blocks in use + mmapped blocks). Peaks are kept per phase: `load` (model, data, until the
 training loop starts), `train` (the loop, its evaluations included), `after` (final evaluation, export). At the end of
-each optimizer step it also records RSS and in-use memory. One JSON line on stdout (`--out FILE` writes it too, only
+each optimizer step it also records RSS and in-use memory. One JSON line on stdout (`--out FILE` or `--out=FILE` writes it too, only
 for a run that succeeded: a failed one never replaces a measurement).
 A peak RSS far above the peak in use is memory the allocator keeps but nothing uses: fragmentation, not activations.
 The samples can miss a peak shorter than 50 ms; `hwm` is the kernel's high-water mark (VmHWM) at the end.
@@ -91,11 +91,16 @@ def main(argv: list[str]) -> dict:
         parser().print_help()
         raise SystemExit(0)
     out = None
-    if "--out" in argv:
-        i = argv.index("--out")
-        if i + 1 == len(argv) or argv[i + 1].startswith("-"):
-            parser().error("--out: expected a FILE after it (where the JSON line is written)")
-        out, argv = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
+    for i, arg in enumerate(argv):  # --out FILE or --out=FILE (which went to `peftlab train`, an unknown option there)
+        if arg == "--out" or arg.startswith("--out="):
+            joined = arg.startswith("--out=")
+            name = arg[len("--out="):] if joined else (argv[i + 1] if i + 1 < len(argv) else "")
+            if not name or name.startswith("-"):
+                parser().error("--out: expected a FILE after it (where the JSON line is written)")
+            out, argv = Path(name), argv[:i] + argv[i + (1 if joined else 2):]
+            break
+    if all(arg.startswith("-") or "=" in arg for arg in argv):  # no recipe: `peftlab train` ran its 250-step quickstart
+        parser().error("RECIPE: give the recipe to probe, e.g. recipes/smollm2-135m/samsum-sft-lora.yaml train.max_steps=3")
 
     from torch.optim.optimizer import register_optimizer_step_post_hook
 

@@ -507,13 +507,17 @@ def test_heap_probe_writes_out_only_for_a_run_that_succeeded(tmp_path, capsys):
     probe = load_benchmark("heap_probe")
     out = tmp_path / "probe.json"
     out.write_text("a good measurement\n")
-    result = probe.main(["--out", str(out), str(tmp_path / "missing.yaml")])
-    assert result["exit"] != 0 and out.read_text() == "a good measurement\n"
-    assert f"{out} not written: the run failed" in capsys.readouterr().err
+    for args in (["--out", str(out)], [f"--out={out}"]):  # (--out=FILE went to `peftlab train`)
+        result = probe.main([*args, str(tmp_path / "missing.yaml")])
+        assert result["exit"] != 0 and result["args"] == [str(tmp_path / "missing.yaml")] and out.read_text() == "a good measurement\n"
+        assert f"{out} not written: the run failed" in capsys.readouterr().err
 
 
 def test_heap_probe_arguments():
     refused("heap_probe", "missing.yaml", "--out", says="--out: expected a FILE after it")
+    refused("heap_probe", "missing.yaml", "--out=", says="--out: expected a FILE after it")
+    refused("heap_probe", says="RECIPE: give the recipe to probe")  # (it trained the 250-step quickstart into runs/)
+    refused("heap_probe", "train.max_steps=3", "--overwrite", says="RECIPE: give the recipe to probe")
     usage = script("heap_probe", "-h")
     assert usage.returncode == 0 and "usage: heap_probe.py [--out FILE] RECIPE" in usage.stdout and "--out FILE" in usage.stdout
 
