@@ -510,6 +510,10 @@ def test_frozen_without_a_new_head_is_refused_before_training(tmp_path, tiny_ber
     from .conftest import REPO  # a BERT2BERT warm start adds its cross-attention, which frozen trains: not refused
 
     assert load_recipe(REPO / "recipes" / "minilm" / "samsum-lora.yaml", ["adapter.method=frozen"], validate_files=False)
+    # summarization on one checkpoint (a decoder, T5/BART) reads the base's LM head: nothing to train (validate said ok)
+    with pytest.raises(ConfigError, match=r"adapter.method=frozen trains only a new task head, and task.type=summarization adds none"):
+        load_recipe(REPO / "recipes" / "minilm" / "samsum-lora.yaml", ["adapter.method=frozen", "model.decoder=null"],
+                    validate_files=False)
     with_head = tmp_path / "bert-mlm"
     BertForMaskedLM.from_pretrained(tiny_bert).save_pretrained(with_head)
     shutil.copy(tiny_bert / "tokenizer.json", with_head)

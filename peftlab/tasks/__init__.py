@@ -45,6 +45,7 @@ class Task(Protocol):
     # - best_metric_note: said after the metrics when train.best_metric is not one of them.
     # - packs = True: the task reads data.packing (other tasks refuse it rather than ignore it).
     # - warm_start = True: the task accepts model.decoder (an encoder-decoder warm-started from two checkpoints).
+    # - base_lm_head = True: its head is the base's own LM head (adapter.method=frozen would train nothing).
     # - load_model(recipe, path, dtype) -> (model, new module names) or None: a task-specific base (None: the usual load).
     # - trim(model) -> the modules changed: skip work whose result the head never reads (train.skip_unread; e.g. the
     #   last layer of a BERT-family classifier at every position but 0), same results; `del module.forward` undoes one.
@@ -153,7 +154,8 @@ def check_recipe(recipe) -> list[str]:
     packing = [] if not recipe.data.packing or getattr(task, "packs", False) else [
         f"data.packing=true with task.type={name}: only {', '.join(n for n in task_names() if getattr(get_task(n), 'packs', False))} "
         "packs its rows; this task would ignore it. Set data.packing=false."]
-    headless = [] if recipe.adapter.method != "frozen" or task.peft_task_type != "CAUSAL_LM" else [  # (a warm start adds some)
+    frozen_base_head = getattr(task, "base_lm_head", False) and recipe.model.decoder is None  # (a warm start adds layers)
+    headless = [] if recipe.adapter.method != "frozen" or not frozen_base_head else [
         f"adapter.method=frozen trains only a new task head, and task.type={name} adds none (it reads the base's own LM "
         "head): nothing would train. Use adapter.method=lora, or train.max_steps=0 to score the base as it is."]
     return [*best_metric_problems(name, task, recipe.train.best_metric), *task.check(recipe),

@@ -19,6 +19,7 @@ from .sft import collator  # right-padded rows; packed rows keep their position 
 
 auto_model_class = AutoModelForCausalLM
 peft_task_type = "CAUSAL_LM"
+base_lm_head = True  # the base's own LM head scores and generates: a frozen base has nothing to train
 loss = causal_lm_loss
 loss_items = next_token_items  # what it averages over (a step of several micro-batches pools them: train.py)
 target_kind = "none"  # unlabelled text: data.text_columns only

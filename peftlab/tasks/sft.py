@@ -82,6 +82,7 @@ loss = causal_lm_loss  # the LM head runs on the assistant's tokens only
 loss_items = next_token_items  # what it averages over (a step of several micro-batches pools them: train.py)
 target_kind = "messages"  # conversations: normalize_split reads the rows itself
 packs = True  # data.packing: training rows packed into rows of up to data.max_length tokens
+base_lm_head = True  # the base's own LM head scores and generates: a frozen base has nothing to train
 options = ("prompt", "chat_format", "system_prompt")  # the task.* keys it reads
 best_metric = "loss"
 metrics = ()  # the best metric is checked in `check`: eval.metric_fn adds metrics of its own

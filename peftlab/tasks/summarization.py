@@ -74,6 +74,7 @@ best_metric_note = (" (a ROUGE metric makes every evaluation during training gen
                     "selects on what is reported)")
 generates = True  # its evaluation generates text (tasks/__init__.py)
 warm_start = True  # model.decoder builds an encoder-decoder from two checkpoints (load_model)
+base_lm_head = True  # the base's own LM head scores and generates: a frozen base has nothing to train
 options = ("prompt", "chat_template")  # the task.* keys it reads
 card_metrics = {"rouge1": "ROUGE-1", "rouge2": "ROUGE-2", "rougeL": "ROUGE-L", "rougeLsum": "ROUGE-Lsum"}
 

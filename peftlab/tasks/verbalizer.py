@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 auto_model_class = AutoModelForCausalLM
 peft_task_type = "CAUSAL_LM"
+base_lm_head = True  # the base's own LM head scores and generates: a frozen base has nothing to train
 loss = causal_lm_loss  # the LM head runs on the label word's tokens only
 loss_items = next_token_items  # what it averages over (a step of several micro-batches pools them: train.py)
 target_kind = "label"
