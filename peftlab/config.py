@@ -914,6 +914,11 @@ def from_run_problems(recipe: Recipe) -> list[str]:
         tasks = multitask.get("tasks") or ["NAME"]
         return [f"model.from_run={recipe.model.from_run!r} is a multi-task run: its models are per task. Start from one of "
                 f"them, e.g. model.from_run={source / 'tasks' / tasks[0]}."]
+    method = record.get("method")
+    if method in method_names() and get_method(method).is_adapter and not get_method(method).mergeable:
+        return [f"model.from_run={recipe.model.from_run!r} holds a {method} adapter: a run starts from the weights of its "
+                f"source with the adapter merged into them, and {get_method(method).merge_refusal} Start from a run of a "
+                "mergeable method (lora, ia3, ...), or from its base: model.from_run=null."]
     base = run_base(source, record)
     if base and not same_base(recipe.model.name, base):
         return [f"model.from_run={recipe.model.from_run!r} was trained on {base!r}, but model.name={recipe.model.name!r}. Set "

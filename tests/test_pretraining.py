@@ -267,6 +267,12 @@ def test_from_run_refuses_a_missing_run_and_a_different_base(tmp_path, eos_llama
     assert load_recipe(path, [f"model.from_run={first.output_dir}"]).model.name == str(eos_llama)
     with pytest.raises(ConfigError, match="was trained on .* but model.name='minilm'"):
         recipe_for(tmp_path, "minilm", texts, "clm", [f"model.from_run={first.output_dir}"], name="three")
+    # a prompt method's run has nothing to merge into its base: validate said ok, train failed with merge's own message
+    record["method"] = "p_tuning"
+    record_path.write_text(json.dumps(record))
+    with pytest.raises(ConfigError, match=r"model.from_run=.* holds a p_tuning adapter: a run starts from .*merged into them, "
+                                          r"and it adds virtual tokens"):
+        load_recipe(path, [f"model.from_run={first.output_dir}"])
 
 
 def test_from_run_checks_come_first_and_the_layers_of_its_merged_model_before_training(tmp_path, eos_llama, texts):
