@@ -199,6 +199,7 @@ def export(out: str | Path, model, tokenizer, recipe: Recipe, record: RunRecord 
     staging.mkdir()
     try:
         with disk_errors("trained weights", out):
+            model.eval()  # saved as evaluated: p_tuning saves its prompt encoder's output, which dropout samples in train mode
             get_method(recipe.adapter.method).save(model, staging, state_dict)  # (PiSSA/OLoRA: converted to plain LoRA)
             (staging / "README.md").unlink(missing_ok=True)  # peft's placeholder card; `peftlab publish` writes the real one
             tokenizer.save_pretrained(str(staging))

@@ -62,6 +62,28 @@ def test_method_trains_saves_reloads_and_merges(make_recipe, method, monkeypatch
     assert diff <= 1e-4, diff
 
 
+def test_p_tuning_saves_its_prompt_encoder_as_evaluated_not_a_dropout_sample(make_recipe, monkeypatch):
+    """p_tuning saves its prompt encoder's output; exported in train mode (a generative task's evaluation ends with
+    model.train()), an encoder with dropout saved one random sample of it, and the reload differed from the trained model."""
+    import importlib
+
+    module = importlib.import_module("peftlab.run")
+    seen, real = {}, module.export
+
+    def in_train_mode(out, model, *args, **kwargs):
+        model.train()  # as the generative tasks hand it over
+        record = real(out, model, *args, **kwargs)
+        seen["logits"] = logits(model)  # the trained model, evaluated
+        return record
+
+    monkeypatch.setattr(module, "export", in_train_mode)
+    recipe = make_recipe({"adapter.method": "p_tuning", "train.max_steps": 3, "adapter.num_virtual_tokens": 4,
+                          "train.precision": "fp32",
+                          "adapter.options": "{encoder_reparameterization_type: LSTM, encoder_dropout: 0.5}"})
+    run(recipe)
+    torch.testing.assert_close(logits(load_trained(recipe.out)[0]), seen["logits"], atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("model", ["tiny_bert", "tiny_llama"])
 def test_prefix_tuning_for_classification_says_what_to_use(make_recipe, request, model):
     from peftlab import build_model
