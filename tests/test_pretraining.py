@@ -162,6 +162,21 @@ def test_continued_pretraining_lowers_the_held_out_loss_on_repeated_text(tmp_pat
     assert get_task(task).summary_line("eval", a).strip().startswith("eval  loss")
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning"])
+def test_a_prompt_method_on_mlm_trains_and_saves_the_new_head(tmp_path, tiny_bert, texts, method):
+    """The new MLM head was neither trained nor saved under a prompt method (modules_to_save was set for layer methods
+    only): each reload drew another random head (eval loss 10.36, then 10.30, against the run's 10.33)."""
+    from peftlab import evaluate
+
+    summary = run(recipe_for(tmp_path, tiny_bert, texts, "mlm", [f"adapter.method={method}", "adapter.num_virtual_tokens=4",
+                                                                  "train.max_steps=3"]))
+    saved = load_file(str(Path(summary.output_dir) / "adapter_model.safetensors"))
+    assert any("cls.predictions.transform" in k for k in saved), sorted(saved)
+    for _ in range(2):  # the same score each time, the run's own
+        again = evaluate(summary.output_dir, "eval", results_dir=tmp_path / f"again-{_}")
+        assert again["loss"] == pytest.approx(summary.metrics["eval"]["loss"], rel=1e-5)
+
+
 def test_lora_mlm_on_minilm_learns_its_new_head_and_lowers_the_loss(tmp_path, texts):
     """The packaged MiniLM has no MLM head: it is made (and named), trained with the LoRA adapter, and the loss falls."""
     zero = run(recipe_for(tmp_path, "minilm", texts, "mlm", ["train.max_steps=0"], name="m0"))

@@ -50,7 +50,7 @@ def default_target_modules(model: nn.Module) -> list[str] | str:
 def apply_peft(config_class: str, fields: Callable[[AdapterConfig], dict], model: nn.Module, recipe: Recipe,
                head_modules: list[str], task_type: str, *, layers: bool = True, lora_targets: bool = False) -> nn.Module:
     """Wrap `model` in peft's `config_class` built from the recipe's `fields` with adapter.options passed straight through
-    on top. `layers`: the method adapts layers (target_modules, modules_to_save; prompt methods do not); `lora_targets`:
+    on top. `layers`: the method adapts layers (target_modules; prompt methods do not); `lora_targets`:
     no target_modules means the architecture's LoRA defaults (peft's table) rather than the method's own default.
     Methods bind the first two arguments (functools.partial) and use it as their `apply`."""
     import peft
@@ -62,8 +62,10 @@ def apply_peft(config_class: str, fields: Callable[[AdapterConfig], dict], model
         if lora_targets and targets is None:
             targets = default_target_modules(model)
         kwargs["target_modules"] = "all-linear" if targets == ["all-linear"] else targets  # None: peft's per-method default
-        # peft adds its own task defaults (SEQ_CLS: classifier, score): name only the other new modules
-        kwargs.setdefault("modules_to_save", [h for h in head_modules if h not in ("classifier", "score")] or None)
+    # the new modules train and are saved with the adapter, for prompt methods too (an MLM head, a warm start's
+    # cross-attention: left out, they stayed random, and each reload drew others). peft adds its own task defaults
+    # (SEQ_CLS: classifier, score): name only the other new modules
+    kwargs.setdefault("modules_to_save", [h for h in head_modules if h not in ("classifier", "score")] or None)
     targets = kwargs.get("target_modules")
     check_target_modules(model, targets)
     try:
