@@ -746,8 +746,8 @@ def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], prec
     warn_if_not_efficient(recipe, trainable, total)
     info = ModelInfo(path=path, method=recipe.adapter.method, trainable_params=trainable, total_params=total,
                      head_modules=head, quantized=recipe.quant.mode, base_weights_mib=base_weights_mib)
-    log.info("model %s: %s, %s trainable of %s params (%.3f%%), new head %s%s", path, info.method, f"{trainable:,}",
-             f"{total:,}", info.trainable_percent, "+".join(head) or "none",
+    log.info("model %s: %s, %s trainable of %s params (%.3f%%), %s%s", path, info.method, f"{trainable:,}",
+             f"{total:,}", info.trainable_percent, f"new head {'+'.join(head)}" if head else "the base's own head",
              f", base quantized {info.quantized}" if info.quantized != "none" else "")
     return model, tokenizer, info
 
