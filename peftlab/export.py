@@ -29,7 +29,7 @@ import torch
 from .accel import cpu_native_bf16
 from .bases import base_path, file_lock, gguf_key, load_tokenizer
 from .config import Recipe, load_recipe
-from .errors import ArtifactError
+from .errors import ArtifactError, ModelNotFound
 from .methods import get_method
 from .model import load_base
 from .rundir import (
@@ -243,8 +243,11 @@ def rebuild(out: str | Path, recipe: Recipe, run: RunRecord, *, dequantize: bool
     labels = run.label_names
     if (out / "adapter_config.json").is_file():
         check_source_unchanged(out, recipe, run)
-        base, _ = load_base(recipe, base_path(recipe), num_labels=len(labels), label_names=labels, precision=precision or run.precision,
-                            auto_cls=task.auto_model_class)
+        try:
+            base, _ = load_base(recipe, base_path(recipe), num_labels=len(labels), label_names=labels,
+                                precision=precision or run.precision, auto_cls=task.auto_model_class)
+        except ModelNotFound as e:
+            raise base_not_here(e, out, recipe, run) from None
         if dequantize and recipe.quant.mode != "none":
             # Merging LoRA into 4-bit weights re-quantizes the sum and rounds the update away (max logit error 0.17 on
             # MiniLM); merged into the dequantized weights it reproduces the adapter model's logits (1e-7).
@@ -266,6 +269,22 @@ def rebuild(out: str | Path, recipe: Recipe, run: RunRecord, *, dequantize: bool
     else:
         model = task.auto_model_class.from_pretrained(str(out), use_safetensors=True)
     return model.eval(), tokenizer
+
+
+def base_not_here(e: ModelNotFound, out: Path, recipe: Recipe, run: RunRecord) -> ModelNotFound:
+    """The base of run `out` not found: said for what it is where the run's record shows it (the hub advice of
+    resolve_model_path was wrong for these)."""
+    name = recipe.model.name
+    if name == run.base_model and "model.name" in (run.published or {}).get("rewritten", {}).get(RECIPE_FILE, []):
+        return ModelNotFound(f"{out} is a published adapter whose base was a local folder, named here by its folder name "
+                             f"{name!r}: give your copy of that base with model.name=FOLDER (e.g. `peftlab eval {out} "
+                             "model.name=FOLDER`).")
+    relative = not Path(name).expanduser().is_absolute() and (name.startswith(".") or name.count("/") > 1)  # (not a hub id)
+    if recipe.model.from_run is None and relative:
+        return ModelNotFound(f"{e} The run's recipe names its base by a path relative to the folder it was trained from, "
+                             f"and it is read from here ({Path.cwd()}): run this from that folder, or give model.name=PATH "
+                             "to the base from here.")
+    return e
 
 
 def check_source_unchanged(out: Path, recipe: Recipe, run: RunRecord) -> None:

@@ -261,3 +261,20 @@ def test_merging_again_refuses_to_delete_files_a_merge_does_not_write(make_recip
     (merged / "NOTES.md").unlink()
     (merged / "eval-test.json").unlink()
     assert merge(recipe.out, force=True) == merged and sorted(p.name for p in merged.iterdir()) == sorted(before)
+
+
+def test_a_run_whose_base_is_a_relative_path_says_so_when_read_from_elsewhere(make_recipe, tiny_bert, tmp_path, monkeypatch, capsys):
+    """A recipe naming its base by a relative path (../shared/models/...) trains from its folder; `eval`/`merge` from
+    another one said only 'no such model directory'."""
+    from peftlab.cli import main
+
+    monkeypatch.chdir(tiny_bert.parent)
+    recipe = make_recipe({"train.max_steps": 1}, model=f"../{tiny_bert.parent.name}/{tiny_bert.name}")  # as ../shared/models/X
+    run(recipe)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    capsys.readouterr()
+    assert main(["eval", str(recipe.out)]) == 2
+    err = capsys.readouterr().err
+    assert "relative to the folder it was trained from" in err and str(elsewhere) in err, err

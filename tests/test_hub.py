@@ -201,6 +201,8 @@ def test_a_published_adapter_of_a_local_base_merges_with_model_name_given(runs, 
     publish(runs[0], "alice/tiny-lora", to=folder)
     rc, _, err = cli(capsys, "merge", folder)
     assert rc == 2 and "model.name=" in err
+    rc, _, err = cli(capsys, "eval", folder)  # it said to `hf download` the folder's name, as if a hub id
+    assert rc == 2 and "a published adapter whose base was a local folder" in err and "hf download" not in err, err
     rc, _, err = cli(capsys, "merge", folder, "train.lr=1")
     assert rc == 2 and "merge takes model.name and model.revision only" in err
     rc, out, err = cli(capsys, "merge", folder, f"model.name={tiny_bert}")
