@@ -16,7 +16,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import ArtifactError, HubModelUnreachable, ModelNotFound
+from .errors import ArtifactError, HubModelUnreachable, ModelError, ModelNotFound
 from .packaged import PACKAGED_MODELS, packaged_folder
 
 if TYPE_CHECKING:  # the recipe is only read here; config imports tasks, which import this module
@@ -110,10 +110,44 @@ def load_tokenizer(path: str, recipe: Recipe):
     if recipe.model.trust_remote_code:
         log.warning("model.trust_remote_code=true: code shipped with %s will run on this machine. Only do this for "
                     "repositories you trust.", path)
-    tok = AutoTokenizer.from_pretrained(path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    folder = Path(path)
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
+    except (OSError, ValueError) as e:  # (a JSONDecodeError is a ValueError)
+        if folder.is_dir() and (bad := damaged_json(folder)):
+            raise damaged_folder(folder, bad) from None
+        raise ModelError(f"cannot load the tokenizer of {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    # transformers builds a tokenizer of its special tokens alone from a folder without its vocabulary files (every word
+    # [UNK]): a model folder copied without them trained on nothing, silently
+    needs = set(type(tok).vocab_files_names.values())
+    if folder.is_dir() and needs and not any((folder / f).is_file() for f in needs | {"tokenizer.json"}):
+        raise ModelError(f"{path}: the folder holds no tokenizer files ({', '.join(sorted(needs | {'tokenizer.json'}))}), so every "
+                         "word would be read as unknown. Copy the model's tokenizer files into it (from where its weights came "
+                         "from), or save them there with tokenizer.save_pretrained(DIR).")
     if tok.pad_token is None:  # decoder-only models (Llama, GPT-2) ship without a pad token
         tok.pad_token = tok.eos_token or tok.unk_token
     return tok
+
+
+MODEL_JSON = ("config.json", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def damaged_json(folder: Path) -> str | None:
+    """The first JSON file of a local model folder that does not parse (cut short or overwritten), if any."""
+    import json
+
+    for name in MODEL_JSON:
+        try:
+            if (folder / name).is_file():
+                json.loads((folder / name).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return name
+    return None
+
+
+def damaged_folder(folder: Path, name: str) -> ModelError:
+    return ModelError(f"{name} in {folder} is damaged (not valid JSON: an interrupted copy or download, or an edit gone wrong): "
+                      "copy or download the model again.")
 
 
 # --- GGUF bases -------------------------------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from safetensors import SafetensorError
 from torch import nn
 
 from .accel import precision_dtype
-from .bases import base_path, load_tokenizer, resolve_model_path, verify_from_run_weights
+from .bases import base_path, damaged_folder, damaged_json, load_tokenizer, resolve_model_path, verify_from_run_weights
 from .config import Recipe
 from .errors import ConfigError, ModelError, PeftlabError
 from .methods import get_method
@@ -383,6 +383,13 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
         if "safetensors" in msg.lower() and not recipe.model.allow_pickle:
             raise ModelError(pickle_only(path)) from None
         raise ModelError(f"cannot load {path} as {auto_cls.__name__}: {msg}") from None
+    except RuntimeError as e:
+        if "ignore_mismatched_sizes" not in str(e):
+            raise
+        shown = "; ".join(mismatched_weights(path, auto_cls)[:3])
+        raise ModelError(f"{path}: its config.json and its weights disagree (weights of other shapes than the config "
+                         f"describes{': ' + shown if shown else ''}): a folder mixed from two models, or copied halfway. Copy "
+                         "or download the whole model again.") from None
     missing = set(info.get("missing_keys", [])) | {m[0] if isinstance(m, (tuple, list)) else m for m in info.get("mismatched_keys", [])}
     # (only weights beyond a new task head: the original base would lack the head too, and loading it costs a second base)
     if recipe.model.from_run and any(k.split(".")[0] not in HEAD_GUESS for k in missing):
@@ -405,6 +412,27 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
     if getattr(model.config, "pad_token_id", None) is None:
         model.config.pad_token_id = getattr(model.config, "eos_token_id", None) or 0
     return model, head
+
+
+def mismatched_weights(path: str, auto_cls) -> list[str]:
+    """The weights of a local safetensors folder whose shapes are not those its config gives: 'name: file SHAPE, config
+    SHAPE' (the model built on the meta device; names as saved, with or without the base model's prefix)."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    try:
+        with torch.device("meta"):
+            skeleton = auto_cls.from_config(AutoConfig.from_pretrained(path))
+    except Exception:  # (only to name them: the error is said without)
+        return []
+    shapes, prefix, found = {k: tuple(v.shape) for k, v in skeleton.state_dict().items()}, skeleton.base_model_prefix, []
+    for f in sorted(Path(path).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():
+                want = shapes.get(k, shapes.get(f"{prefix}.{k}"))
+                if want is not None and tuple(have := st.get_slice(k).get_shape()) != want:
+                    found.append(f"{k}: file {list(have)}, config {list(want)}")
+    return found
 
 
 def kept_layer_indices(total: int, n: int) -> list[int]:
@@ -464,8 +492,7 @@ def num_layers_problems(recipe: Recipe, path: str | None = None) -> list[str]:
     try:
         config = AutoConfig.from_pretrained(path, revision=recipe.model.revision, trust_remote_code=recipe.model.trust_remote_code)
     except Exception as e:  # an unknown model_type (a newer transformers wrote it), a broken config.json, its code failing
-        return [f"model.name={recipe.model.name!r}: cannot read its config ({path}): {type(e).__name__}: "
-                f"{str(e).splitlines()[0] if str(e) else ''}. Fix the folder, or upgrade transformers if the model is newer."]
+        return [unreadable_config(recipe, path, e)]
     total = getattr(config.get_text_config(), "num_hidden_layers", None)
     if getattr(config, "is_encoder_decoder", False) or recipe.model.decoder is not None or total is None:
         return [f"model.num_layers={n}: not supported for {recipe.model.name} ({type(config).__name__}: an encoder-decoder, or "
@@ -473,6 +500,14 @@ def num_layers_problems(recipe: Recipe, path: str | None = None) -> list[str]:
     if n > total:
         return [f"model.num_layers={n}: {recipe.model.name} has {total} layers. Give at most {total} (or null = all of them)."]
     return []
+
+
+def unreadable_config(recipe: Recipe, path, e: Exception) -> str:
+    """What to say of a base whose config transformers cannot read (`e`): a damaged config.json, or its words."""
+    if Path(path).is_dir() and (bad := damaged_json(Path(path))) == "config.json":
+        return str(damaged_folder(Path(path), bad))
+    return (f"model.name={recipe.model.name!r}: cannot read its config ({path}): {type(e).__name__}: "
+            f"{str(e).splitlines()[0].rstrip('.') if str(e) else ''}. Fix the folder, or upgrade transformers if the model is newer.")
 
 
 def model_problems(recipe: Recipe) -> list[str]:
@@ -516,9 +551,11 @@ def model_problems(recipe: Recipe) -> list[str]:
     if (not m.allow_pickle and get_method(recipe.adapter.method).pretrained and folder.is_dir()
             and not holds(folder, ("*.safetensors",)) and holds(folder, PICKLE_WEIGHTS)):
         problems.append(pickle_only(path))  # (what loading it says)
-    if hasattr(task, "check_tokenizer") and not m.trust_remote_code:
+    if (hasattr(task, "check_tokenizer") or folder.is_dir()) and not m.trust_remote_code:
         try:
-            task.check_tokenizer(load_tokenizer(str(path), recipe), recipe)  # e.g. no chat template for sft
+            tokenizer = load_tokenizer(str(path), recipe)  # a local folder's: its files there and readable
+            if hasattr(task, "check_tokenizer"):
+                task.check_tokenizer(tokenizer, recipe)  # e.g. no chat template for sft
         except ConfigError as e:
             problems.extend(e.problems)
         except PeftlabError as e:
@@ -543,7 +580,9 @@ def model_problems(recipe: Recipe) -> list[str]:
         check_input_lengths(config, recipe)  # data.max_length against the position table
     except ModelError as e:
         problems.append(str(e))
-    except Exception as e:  # a config transformers cannot read here: `train` checks on the loaded model
+    except Exception as e:  # a config transformers cannot read here: a local folder's is refused as `train` refuses it
+        if (folder / "config.json").is_file():
+            return problems + [p for p in [unreadable_config(recipe, path, e)] if p not in problems]
         log.info("model.name=%r: input lengths and target_modules not checked (%s: %s)", m.name, type(e).__name__, e)
         return problems
     problems += architecture_problems(recipe, config)

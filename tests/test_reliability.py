@@ -269,6 +269,72 @@ def test_damaged_weights_are_one_clear_error(make_recipe, tmp_path, tiny_bert, c
     assert "damaged or truncated" in err and "Traceback" not in err
 
 
+def test_a_model_folder_without_its_tokenizer_files_is_refused(make_recipe, tmp_path, tiny_bert):
+    """config.json + model.safetensors alone: transformers built a 5-token BertTokenizer, every word [UNK]; `validate`
+    said ok and `train` trained on nothing."""
+    import shutil
+
+    from peftlab import build_model
+    from peftlab.model import model_problems
+
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_bert / name, bare / name)
+    recipe = make_recipe(model=bare)
+    with pytest.raises(ModelError, match="bare: the folder holds no tokenizer files.*tokenizer.json.*save_pretrained") as e:
+        build_model(recipe, num_labels=2, label_names=["negative", "positive"])
+    assert model_problems(recipe) == [str(e.value)]
+    assert model_problems(make_recipe()) == []  # (the tiny BERT has its tokenizer)
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer.json"])
+def test_a_damaged_config_or_tokenizer_is_one_clear_error(make_recipe, tmp_path, tiny_bert, name):
+    """A cut-short config.json or tokenizer.json: an OSError / JSONDecodeError traceback from the tokenizer's load, and
+    `validate` said 'not checked', then ok."""
+    import shutil
+
+    from peftlab import build_model
+    from peftlab.model import model_problems
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_bert, broken)
+    (broken / name).write_text((tiny_bert / name).read_text()[:40])
+    recipe = make_recipe(model=broken)
+    with pytest.raises(ModelError, match=f"{name} in {broken} is damaged.*copy or download the model again") as e:
+        build_model(recipe, num_labels=2, label_names=["negative", "positive"])
+    assert model_problems(recipe) == [str(e.value)]
+
+
+def test_a_config_validate_cannot_read_is_a_problem(make_recipe, tmp_path, tiny_bert):
+    """An unknown model_type, or none: `train` refuses it, `validate` logged 'not checked' and said ok."""
+    import shutil
+
+    from peftlab.model import model_problems
+
+    for kind in ("nosucharch", None):
+        folder = tmp_path / str(kind)
+        shutil.copytree(tiny_bert, folder)
+        config = json.loads((folder / "config.json").read_text())
+        config.pop("model_type") if kind is None else config.update(model_type=kind)
+        (folder / "config.json").write_text(json.dumps(config))
+        assert [p for p in model_problems(make_recipe(model=folder)) if "cannot read its config" in p]
+
+
+def test_a_config_that_does_not_match_the_weights_is_one_clear_error(make_recipe, tmp_path, tiny_bert):
+    """hidden_size changed in config.json: transformers' RuntimeError (ignore_mismatched_sizes) was a traceback."""
+    import shutil
+
+    from peftlab import build_model
+
+    mixed = tmp_path / "mixed"
+    shutil.copytree(tiny_bert, mixed)
+    config = json.loads((mixed / "config.json").read_text())
+    (mixed / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
+    with pytest.raises(ModelError, match=r"config.json and its weights disagree.*embeddings.*file \[32\], config \[64\].*mixed from two"):
+        build_model(make_recipe(model=mixed), num_labels=2, label_names=["negative", "positive"])
+
+
 def test_trust_remote_code_warns(make_recipe, caplog):
     from peftlab.bases import load_tokenizer
 
