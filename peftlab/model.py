@@ -24,6 +24,7 @@ from .bases import base_path, damaged_folder, damaged_json, load_tokenizer, reso
 from .config import Recipe
 from .errors import ConfigError, ModelError, PeftlabError
 from .methods import get_method
+from .methods.peft_adapter import rank_problem
 from .methods.prompt import PREFIX_GENERATING, PROMPT_ON_DECODER_CLASSIFIER, PROMPT_ON_SEQ2SEQ_CLASSIFIER, prefix_cannot_generate
 from .tasks import get_task, input_lengths, peft_task_type
 
@@ -591,8 +592,9 @@ def model_problems(recipe: Recipe) -> list[str]:
         other = {"mlm": " For a decoder LLM use task.type=clm.", "clm": " For an encoder use task.type=mlm."}.get(recipe.task.type, "")
         return problems + [f"model.name={m.name!r}: transformers has no {task.auto_model_class.__name__} for a {config.model_type} "
                            f"model, which task.type={recipe.task.type} needs.{other}"]
-    targets = recipe.adapter.target_modules
-    if not isinstance(targets, list) or targets == ["all-linear"] or not get_method(recipe.adapter.method).layers:
+    targets, method = recipe.adapter.target_modules, get_method(recipe.adapter.method)
+    listed = isinstance(targets, list) and targets != ["all-linear"]
+    if not method.layers or not (listed or method.rank_fields):
         return problems
     try:
         with torch.device("meta"):
@@ -601,10 +603,10 @@ def model_problems(recipe: Recipe) -> list[str]:
         log.info("model.name=%r: target_modules not checked (%s: %s)", m.name, type(e).__name__, e)
         return problems
     try:
-        check_target_modules(skeleton, targets)
+        check_target_modules(skeleton, targets if listed else None)
     except ModelError as e:
         problems.append(str(e))
-    return problems
+    return problems + [p for p in [rank_problem(skeleton, method, recipe.adapter)] if p]
 
 
 def fill_from_original_base(model: nn.Module, recipe: Recipe, missing: set[str], auto_cls, kwargs: dict) -> set[str]:
@@ -775,6 +777,8 @@ def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], prec
         enable_activation_checkpointing(model)
     model.config.pad_token_id = tokenizer.pad_token_id
     method = get_method(recipe.adapter.method)
+    if problem := rank_problem(model, method, recipe.adapter):  # (before peft allocates it)
+        raise ModelError(problem)
     model = method.apply(model, recipe, head, peft_task_type(task, model))  # peft adapter or grads set
     if recipe.model.dtype == "auto":
         keep_trained_weights_fp32(model)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from peftlab import evaluate, load_trained, merge, run
-from peftlab.errors import ArtifactError
+from peftlab.errors import ArtifactError, ModelError
 from peftlab.methods import get_method, method_names
 
 from .conftest import logits
@@ -82,6 +82,22 @@ def test_p_tuning_saves_its_prompt_encoder_as_evaluated_not_a_dropout_sample(mak
                           "adapter.options": "{encoder_reparameterization_type: LSTM, encoder_dropout: 0.5}"})
     run(recipe)
     torch.testing.assert_close(logits(load_trained(recipe.out)[0]), seen["logits"], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("method, field", [("lora", "r"), ("loha", "r"), ("lokr", "r"), ("vera", "r"), ("adalora", "adalora_init_r")])
+def test_a_rank_above_the_adapted_layers_is_refused_before_peft_allocates_it(make_recipe, method, field):
+    """adapter.r=10^13 passed validate, then train failed inside peft (cannot allocate memory). The tiny BERT's widest
+    adapted layer is 32 x 32: a rank above 32 adds nothing."""
+    from peftlab import build_model
+    from peftlab.model import model_problems
+
+    others = {"adapter.r": 8} if field != "r" else {}
+    recipe = make_recipe({"adapter.method": method, f"adapter.{field}": 10**13, **others})
+    with pytest.raises(ModelError, match=rf"adapter.{field}=10000000000000: above the largest rank .* 32 \(.*query, Linear\).* <= 32") as e:
+        build_model(recipe, num_labels=2, label_names=["negative", "positive"])
+    assert model_problems(recipe) == [str(e.value)]  # `validate` says it, in the same words
+    assert model_problems(make_recipe({"adapter.method": method, f"adapter.{field}": 32, **{k: 32 for k in others}})) == []
+    assert model_problems(make_recipe({"adapter.method": "oft", "adapter.r": 4})) == []  # (OFT's r: blocks, not a rank)
 
 
 @pytest.mark.parametrize("model", ["tiny_bert", "tiny_llama"])

@@ -102,5 +102,5 @@ def loaded(model, adapter_name: str) -> None:
     model.base_model.trainable_adapter_name = adapter_name
 
 
-ADALORA = register(peft_method("adalora", "AdaLoraConfig", adalora_fields, rules=rules, schedule=RankBudget, loaded=loaded,
+ADALORA = register(peft_method("adalora", "AdaLoraConfig", adalora_fields, rules=rules, schedule=RankBudget, loaded=loaded, rank_fields=("r", "adalora_init_r"),
                                describe=lambda r: f"An AdaLoRA adapter (average rank {r.adapter.r})"))

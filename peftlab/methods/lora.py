@@ -137,6 +137,6 @@ def tags(recipe: Recipe) -> list[str]:
 
 LORA = register(Method(
     "lora", apply, config_class="LoraConfig", options=("loraplus_lr_ratio", "init", "use_dora", "use_rslora"), rules=rules,
-    machine_rules=machine_rules,
+    machine_rules=machine_rules, rank_fields=("r",),
     recipe_fields=lora_fields, open_options=("init_lora_weights",),
     param_groups=param_groups, save=save, describe=lambda r: f"A LoRA adapter (r={r.adapter.r}, alpha={r.adapter.alpha:g})", card_lines=card_lines, tags=tags))

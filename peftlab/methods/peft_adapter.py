@@ -14,15 +14,15 @@ if TYPE_CHECKING:
     from .base import Method
 
 
-def linear_module_names(model: nn.Module) -> list[str]:
-    """Distinct leaf names of linear layers: the candidates for `adapter.target_modules`."""
+def is_linear(m: nn.Module) -> bool:
     from torch import nn
 
-    names = set()
-    for full, m in model.named_modules():
-        if isinstance(m, nn.Linear) or type(m).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D"):
-            names.add(full.rsplit(".", 1)[-1])
-    return sorted(names)
+    return isinstance(m, nn.Linear) or type(m).__name__ in ("Linear4bit", "Linear8bitLt", "Conv1D")
+
+
+def linear_module_names(model: nn.Module) -> list[str]:
+    """Distinct leaf names of linear layers: the candidates for `adapter.target_modules`."""
+    return sorted({full.rsplit(".", 1)[-1] for full, m in model.named_modules() if is_linear(m)})
 
 
 def check_target_modules(model: nn.Module, targets) -> None:
@@ -36,6 +36,34 @@ def check_target_modules(model: nn.Module, targets) -> None:
         raise ModelError(f"adapter.target_modules: {', '.join(map(repr, unmatched))} match{'es' if len(unmatched) == 1 else ''} "
                          f"no module of {type(model).__name__}. Linear layers it has: {', '.join(linear_module_names(model))}. "
                          "Set adapter.target_modules to some of these, or 'all-linear'.")
+
+
+def layer_rank(module: nn.Module) -> int:
+    """The highest rank an update of this layer can have: min(in, out) (a Conv2d's input counted with its kernel)."""
+    import math
+
+    if isinstance(getattr(module, "in_features", None), int) and isinstance(getattr(module, "out_features", None), int):
+        return min(module.in_features, module.out_features)  # (a 4-bit layer's weight is packed: not its shape)
+    w = getattr(module, "weight", None)
+    return min(w.shape[0], math.prod(w.shape[1:])) if getattr(w, "ndim", 0) >= 2 else 0
+
+
+def rank_problem(model: nn.Module, method: Method, a: AdapterConfig) -> str | None:
+    """A rank field of the method (adapter.r) above the largest min(in, out) among the layers adapter.target_modules
+    names (every linear layer when it names them by rule: all-linear, a pattern, the default): it adds nothing, and an
+    absurd one (r=10^13) was a failed allocation inside peft."""
+    targets = a.target_modules
+    if isinstance(targets, list) and targets != ["all-linear"]:
+        layers = [(n, m) for n, m in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
+    else:
+        layers = [(n, m) for n, m in model.named_modules() if is_linear(m)]
+    name, widest = max(((n, layer_rank(m)) for n, m in layers), key=lambda x: x[1], default=("", 0))
+    for field in method.rank_fields:
+        if widest and getattr(a, field) > widest:
+            return (f"adapter.{field}={getattr(a, field)}: above the largest rank an update of the adapted layers can have, "
+                    f"{widest} ({name}, {type(dict(layers)[name]).__name__}): a higher rank adds nothing. Set adapter.{field} <= "
+                    f"{widest}.")
+    return None
 
 
 def default_target_modules(model: nn.Module) -> list[str] | str:
