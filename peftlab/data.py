@@ -21,7 +21,7 @@ from .bases import file_sha256
 from .config import DataConfig, Recipe, SplitConfig
 from .errors import DataError, DataFileNotFound
 from .tasks import get_task
-from .tasks.generative import check_references, reference_lists
+from .tasks.generative import check_references, data_row, reference_lists
 
 log = logging.getLogger(__name__)
 MIN_EVAL_ROWS = 20  # fewer held-out rows than this: warned about
@@ -277,6 +277,8 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     _check_not_empty(ds, text_cols, where)
     from datasets import ClassLabel, Value
 
+    if not target_column and not unlabelled and type(ds.features[label_col]).__name__ == "Json":
+        ds = _scalar_labels(ds, label_col, where)  # JSON lines mixing 1 and "1"
     if not target_column and not unlabelled and not isinstance(shown := ds.features[label_col], (Value, ClassLabel)):
         # a list or a record per row: set() of them was a TypeError in the middle of training's data load
         oriented = (" The file holds one row whose cells are lists: a JSON object of columns (column-oriented)? Write one "
@@ -286,6 +288,7 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
                         f"{where}.label_column) at a column that holds one.{oriented}")
     if not target_column and not unlabelled:
         _check_label_cells(ds, label_col, spec, where)
+    _check_text_cells(ds, text_cols, where)
 
     if target_column and not isinstance(shown := ds.features[label_col], Value):  # a list or a record per row
         raise DataError(f"{where}: the target column {label_col!r} holds {shown} values, not one text "
@@ -482,6 +485,31 @@ def _check_not_empty(ds, text_cols: list[str], where: str) -> None:
         if all(_blank(v) for v in ds[c]):
             raise DataError(f"{where}: text column {c!r} is empty in all {len(ds):,} rows. Point {section(where)}.text_columns (or "
                             f"{where}.text_columns) at the column holding the text; the data has {ds.column_names}.")
+
+
+def _check_text_cells(ds, text_cols: list[str], where: str) -> None:
+    """A list or a record in a text column (a JSON row's "sentence": ["..."]) became its Python repr as the text: refuse,
+    naming the first such row."""
+    from datasets import Value
+
+    for c in (c for c in text_cols if not isinstance(ds.features[c], Value)):
+        if (row := next((i for i, v in enumerate(ds[c]) if isinstance(v, (list, dict))), None)) is not None:
+            raise DataError(f"{where}: text column {c!r} holds {str(ds[c][row])[:80]} in {data_row(row)}, not a text. Give each "
+                            f"row one text per column (join the pieces, or put each in a column of its own and list them in "
+                            f"{section(where)}.text_columns).")
+
+
+def _scalar_labels(ds, column: str, where: str):
+    """A JSON label column whose cells mix kinds (1 beside "1") comes from `datasets` as Json values. Its cells are read
+    as a csv file's would be: integers where every one spells an integer (1 and "1": one class), else text (0 beside
+    "positive": the label checks then see both spellings). A list or a record is no label: refused, naming its row."""
+    values = list(ds[column])
+    if (row := next((i for i, v in enumerate(values) if isinstance(v, (list, dict))), None)) is not None:
+        raise DataError(f"{where}: the label column {column!r} holds {str(values[row])[:80]} in {data_row(row)}, not one label. "
+                        "Give each row a single label value (a name or a class index).")
+    numbers = all(v is None or _integer(v) is not None for v in values)
+    cells = [v if v is None else _integer(v) if numbers else str(v) for v in values]
+    return ds.remove_columns(column).add_column(column, cells)
 
 
 def _check_label_cells(ds, label_col: str, spec: SplitConfig, where: str) -> None:

@@ -333,6 +333,34 @@ def test_a_label_cell_holding_a_list_or_a_mapping_is_refused_naming_the_column(t
         assert ("column-oriented" in str(e.value)) == (name == "columns.json"), str(e.value)
 
 
+def test_json_labels_mixing_numbers_and_strings_are_read_as_a_csv_column_would_be(tmp_path):
+    """One row's label "1" among integers made `datasets` read the column as Json: refused as 'holds Json(decode=True)
+    values, not one label per row'. 1 and "1" are one class (as in a csv file); 0 beside "positive" is refused as mixed
+    spellings; a list among them is refused naming its row."""
+    def write(name, labels):
+        (tmp_path / name).write_text("".join(json.dumps({"sentence": f"s{i}", "label": y}) + "\n" for i, y in enumerate(labels)))
+        return tmp_path / name
+
+    digits = write("d.jsonl", [0, 1, 0, "1", 1])
+    s, names = splits_of(tmp_path, digits)
+    assert names == ["0", "1"] and s["train"]["label"] == [0, 1, 0, 1, 1]
+    s, names = splits_of(tmp_path, digits, ["data.label_names=[negative,positive]"])
+    assert s["train"]["label"] == [0, 1, 0, 1, 1]
+    with pytest.raises(DataError, match=r"the labels mix class indices \['0'\] with names \['positive'\]"):
+        splits_of(tmp_path, write("w.jsonl", [0, "positive", 0]))
+    with pytest.raises(DataError, match=r"label column 'label' holds \['pos'\] in data row 2 \(0-based.*not one label"):
+        splits_of(tmp_path, write("l.jsonl", ["neg", "pos", ["pos"]]))
+
+
+def test_a_text_cell_holding_a_list_or_a_record_is_refused_naming_its_row(tmp_path):
+    """A JSON row's "sentence": ["..."] became the text "['...']" (str of the list), silently."""
+    for cell in (["a", "list"], {"a": "record"}):
+        rows = [{"sentence": "good", "label": 1}, {"sentence": "bad", "label": 0}, {"sentence": cell, "label": 1}]
+        (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        with pytest.raises(DataError, match=r"text column 'sentence' holds .* in data row 2 \(0-based.*not a text"):
+            splits_of(tmp_path, tmp_path / "t.jsonl")
+
+
 def test_holdout_labels_are_named_from_the_whole_train_file_whatever_the_seed(tmp_path):
     """With data.eval_holdout, the labels were inferred from the part of train kept after the split: a rare class held
     out was an error blaming data.eval (a split the recipe never set), and the classes depended on the seed. A label
