@@ -544,11 +544,13 @@ def row_lines(spec: SplitConfig) -> list[int]:
     return starts if spec.column_names else starts[1:]
 
 
-def encode_labels(ds, label_names: list[str], where: str):
+def encode_labels(ds, label_names: list[str], where: str, origin: str = "recipe"):
     """Turn raw label values (names, or class indices) into class indices; error on values outside the set. A value
     is looked up as a name first (1, 1.0 and "1" all spell the name "1"). It is read as a class index only when no
     name is spelled as an integer: with label_names [1, 2, 3, 4, 5] (star ratings) the value 1 is the class "1", and a 0
-    is refused, where reading it as an index would shift every class by one."""
+    is refused, where reading it as an index would shift every class by one. `origin`: where the label names come
+    from (recipe: data.label_names; train: inferred from the train split; run: a trained run's, which an evaluation
+    cannot change), for what the error tells to fix."""
     index = {**{spelled(name): i for i, name in enumerate(label_names)}, **{name: i for i, name in enumerate(label_names)}}
     numeric_names = [n for n in label_names if _integer(n) is not None]
 
@@ -563,10 +565,19 @@ def encode_labels(ds, label_names: list[str], where: str):
     encoded = [to_index(v) for v in raw]
     bad = sorted({str(v) for v, e in zip(raw, encoded) if e is None})
     if bad:
-        why = (f" Values are read as names here, not as class indices, because {section(where)}.label_names spells {numeric_names[:5]} as "
+        n, d = sum(e is None for e in encoded), section(where)
+        if origin == "run":
+            raise DataError(f"{where}: {n} row(s) have labels the run was not trained on: {bad[:10]} (its labels: {label_names}). "
+                            f"An evaluation scores the run's classes: correct those rows in the file, or map their values onto "
+                            f"the run's labels with {where}.label_map.")
+        if origin == "train":
+            raise DataError(f"{where}: {n} row(s) have labels that {d}.train does not have: {bad[:10]} (its labels: "
+                            f"{label_names}). Correct those rows, map their values with {where}.label_map, or, if these "
+                            f"classes exist, name every class with {d}.label_names=[...].")
+        why = (f" Values are read as names here, not as class indices, because {d}.label_names spells {numeric_names[:5]} as "
                "integers." if numeric_names else "")
-        raise DataError(f"{where}: {sum(e is None for e in encoded)} row(s) have labels outside the label set "
-                        f"{label_names}: {bad[:10]}.{why} Fix {section(where)}.label_names, or map raw values with {where}.label_map.")
+        raise DataError(f"{where}: {n} row(s) have labels outside the label set "
+                        f"{label_names}: {bad[:10]}.{why} Fix {d}.label_names, or map raw values with {where}.label_map.")
     return ds.remove_columns("label").add_column("label", encoded)
 
 
@@ -634,11 +645,11 @@ def check_label_spellings(names: list[str], where: str) -> None:
                         f"{{{twice[0][1].strip()}: {twice[0][0].strip()}}}.")
 
 
-def load_splits(recipe: Recipe, *, need_train: bool = True, prefix: str = "data"):
+def load_splits(recipe: Recipe, *, need_train: bool = True, prefix: str = "data", run_labels: bool = False):
     """-> ({split: Dataset of {text, label:int}}, label_names). Splits absent from the recipe are None.
     Tasks with a text target (summarization) get {text, target} rows and no label names. `need_train=False`: an
     evaluation, which reads only the split it scores. `prefix`: the recipe section messages name (a task of a
-    multi-task recipe: multitask.tasks.NAME.data)."""
+    multi-task recipe: multitask.tasks.NAME.data). `run_labels`: data.label_names are a trained run's (an evaluation)."""
     d, seed = recipe.data, recipe.data_seed
     task = get_task(recipe.task.type)
     if hasattr(task, "load_splits"):  # several tasks, each with its own data (tasks/multitask.py)
@@ -664,8 +675,9 @@ def load_splits(recipe: Recipe, *, need_train: bool = True, prefix: str = "data"
         label_names, out = [], dict(raw)
     else:
         label_names = list(d.label_names) if d.label_names else infer_label_names(*next((ds, f"{prefix}.{n}") for n, ds in raw.items()))
+        origin = "run" if run_labels else "recipe" if d.label_names else "train"
         try:
-            out = {name: encode_labels(ds, label_names, f"{prefix}.{name}") for name, ds in raw.items()}
+            out = {name: encode_labels(ds, label_names, f"{prefix}.{name}", origin) for name, ds in raw.items()}
         except DataError as e:  # a student's label set is its teacher's (distill.check took it, or checked it equal)
             if recipe.train.distill is None:
                 raise

@@ -181,7 +181,7 @@ def load_splits_for(recipe: Recipe, split: str, label_names: list[str]):
         if other != split and not (holdout and other == "train"):
             setattr(d, other, None)
     d.label_names = label_names
-    splits, names = load_splits(recipe, need_train=False)
+    splits, names = load_splits(recipe, need_train=False, run_labels=True)
     return {**splits, "train": None}, names
 
 

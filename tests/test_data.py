@@ -122,6 +122,25 @@ def test_labels_spelled_as_integers_are_names_when_the_label_names_are_integers(
     assert [names[i] for i in splits["train"]["label"]] == ["b", "c", "d", "e", "a"]
 
 
+def test_an_unseen_eval_label_names_where_the_labels_come_from(tmp_path):
+    """An eval label 7 with the labels inferred from train (0, 1) was explained as 'data.label_names spells [0, 1] as
+    integers. Fix data.label_names' (unset); under `peftlab eval` the run's labels are fixed, so that fix was refused."""
+    from peftlab.run import load_splits_for
+
+    (tmp_path / "train.tsv").write_text("sentence\tlabel\na\t0\nb\t1\n")
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nc\t1\nd\t7\n")
+    recipe = load_recipe(None, [f"data.train.path={tmp_path / 'train.tsv'}", f"data.eval.path={tmp_path / 'dev.tsv'}"],
+                         validate_files=False)
+    with pytest.raises(DataError, match=r"^data.eval: 1 row\(s\) have labels that data.train does not have: \['7'\] \(its labels: "
+                                        r"\['0', '1'\]\). Correct those rows.*data.eval.label_map.*data.label_names") as e:
+        load_splits(recipe)
+    assert "spells" not in str(e.value)
+    with pytest.raises(DataError, match=r"^data.eval: 1 row\(s\) have labels the run was not trained on: \['7'\] \(its labels: "
+                                        r"\['0', '1'\]\)\. An evaluation .*correct those rows in the file.*data.eval.label_map\.$") as e:
+        load_splits_for(recipe, "eval", ["0", "1"])
+    assert "Fix data.label_names" not in str(e.value)
+
+
 def test_one_and_one_point_zero_are_one_class(tmp_path):
     (tmp_path / "f.jsonl").write_text('{"text": "a", "y": "1"}\n{"text": "b", "y": "1.0"}\n{"text": "c", "y": "0"}\n')
     splits, names = splits_of(tmp_path, tmp_path / "f.jsonl", ["data.text_columns=[text]", "data.label_column=y"])
