@@ -539,6 +539,10 @@ def test_compose_linear_1_0_is_the_first_adapter(runs, tmp_path, capsys):
     assert "- the composed adapter: rank 4, lora_alpha 4 (`adapter_config.json`); the lines below" in card
     intro = card.split("\n# ", 1)[1].split("\n\n")[1]  # what it is: the composed adapter's rank, not the first source's r/alpha
     assert intro.startswith("A LoRA adapter (rank 4, lora_alpha 4: the composed one)") and "alpha=" not in intro, intro
+    # published, its evaluation goes with it: the card's figures were in no file of the published folder
+    publish(tmp_path / "c10", "alice/composed", to=tmp_path / "pub-c10")
+    shipped = json.loads((tmp_path / "pub-c10" / "eval-eval.json").read_text())
+    assert shipped["metrics"]["accuracy"] == measured["accuracy"] and "run" not in shipped
 
 
 def test_compose_linear_1_0_gives_back_an_rslora_adapter(runs, tmp_path, tiny_bert, sentiment_files):

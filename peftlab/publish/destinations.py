@@ -23,14 +23,15 @@ from .card import PublicRun, card_text, check_card, check_nothing_local, local_r
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json", "generation_config.json")
 RECORD_FILES = (RECIPE_FILE, RECORD_FILE, "metrics.json", "eval_report.json")
+EVALUATIONS = "eval-*.json"  # what `peftlab eval OUT` wrote into OUT (metrics and report, no path): the card reports them
 CONFIG_FILES = ("adapter_config.json", "config.json", "generation_config.json")  # rewritten without local paths
 TOKENIZER_GLOBS = ("tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
                    "merges.txt", "spiece.model", "sentencepiece.bpe.model", "chat_template.j*")
 # What a published run is made of: on re-publishing, these files of the repo (branch) go and the new run's come, so no
 # weight, config or tokenizer file of an earlier upload is left to be loaded with the new one (a full model's
 # config.json + model.safetensors beside a new adapter loads as neither run). Other files (images, notes) stay.
-RUN_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.index.json", *CONFIG_FILES, *RECORD_FILES, *TOKENIZER_GLOBS,
-             "README.md")
+RUN_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.pth", "*.gguf", "*.index.json", *CONFIG_FILES, *RECORD_FILES, EVALUATIONS,
+             *TOKENIZER_GLOBS, "README.md")
 
 
 def is_run_file(name: str) -> bool:
@@ -63,6 +64,7 @@ def publish_files(out: Path) -> list[Path]:
     weights_file(out)  # a clear error when OUT holds no weights
     names = [n for n in (*WEIGHT_FILES, *RECORD_FILES) if (out / n).is_file()]
     names += sorted(p.name for p in out.iterdir() if p.is_file() and any(fnmatch(p.name, g) for g in TOKENIZER_GLOBS))
+    names += sorted(p.name for p in out.glob(EVALUATIONS))  # `peftlab eval`'s own figures (a composition's only ones)
     return [out / n for n in dict.fromkeys(names)]
 
 
