@@ -372,6 +372,10 @@ class TaskAdapter:
         config.inference_mode = True
         config.save_pretrained(folder)
 
+    def eval(self) -> TaskAdapter:  # export saves a model in eval mode
+        self.multi.eval()
+        return self
+
     def trainable_params(self) -> int:
         m, adapter = self.multi, self.multi.adapter_of[self.task]
         own = sum(p.numel() for n, p in m.model.named_parameters() if f".{adapter}." in n and "modules_to_save" not in n)
