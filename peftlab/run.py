@@ -104,6 +104,18 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     return metrics
 
 
+def test_shares(recipe: Recipe) -> str | None:
+    """"eval" or "train" where data.test is read from the file of that split (the selection split's, or the training
+    rows'): its figure is then no held-out one, whatever rows a max_samples draws. Said next to it and warned about."""
+    d = recipe.data
+    test = d.test and d.test.path and Path(d.test.path).resolve()
+    for split in ("eval", "train"):
+        spec = getattr(d, split)
+        if test and spec and spec.path and Path(spec.path).resolve() == test:
+            return split
+    return None
+
+
 def rows_of(recipe, split: str) -> tuple:
     """Where a split's rows come from (a sample of them, data.SPLIT.max_samples, is the same rows): the held-out part
     of train for an eval split left out, else its file or hub split."""
@@ -244,6 +256,7 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = 
                     # keep_best over several evaluations, or early stopping, chose the exported step on data.eval: reports must
                     # not call it held out
                     selected_on="eval" if (recipe.train.keep_best and len(state.history) > 1) or state.stopped_early else None,
+                    test_shares=test_shares(recipe),
                     train_wall_s=state.wall_seconds, train_seconds=state.train_seconds, train_examples=state.examples, train_tokens=state.tokens,
                     train_padded_tokens=state.padded_tokens, eval_seconds=eval_seconds,
                     examples_per_s=state.examples / max(state.train_seconds, 1e-9),
@@ -307,6 +320,10 @@ def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
         log.warning("train.eval_every=%s but there is no evaluation split: nothing is evaluated during training (nor kept by "
                     "train.keep_best). Give one (data.eval.path=FILE, or data.eval_holdout=0.1 of train), or drop "
                     "train.eval_every.", recipe.train.eval_every)
+    if shared := test_shares(recipe):
+        log.warning("data.test is the file of data.%s (%s): its figure is not held out (the summary and the card say so). "
+                    "Give data.test a file of rows that %s never reads.", shared, recipe.data.test.path,
+                    "selection" if shared == "eval" else "training")
     if unread := get_method(recipe.adapter.method).unread_options(recipe.adapter):
         log.warning("%s: not read by adapter.method=%s, so ignored (the recipe and the card still show them). Remove them, "
                     "or choose a method that reads them.", ", ".join(unread), recipe.adapter.method)

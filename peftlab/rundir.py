@@ -185,6 +185,7 @@ class RunRecord:
     stopped_early: bool | None = None  # train.early_stopping ended it before the steps its recipe gives
     best_step: int | None = None  # the exported step: keep_best's best evaluation, else the last
     selected_on: str | None = None  # the split keep_best or early stopping chose the exported step on (its figure is not held out)
+    test_shares: str | None = None  # "eval" or "train": data.test is that split's file, so its figure is not held out either
     train_wall_s: float | None = None
     train_seconds: float | None = None
     train_examples: int | None = None
@@ -241,6 +242,8 @@ class RunRecord:
     def split_label(self, split: str) -> str:
         """How a split's figure is labelled in the summary and the card: the selection split says so, the others are
         held out."""
+        if split == "test" and self.test_shares:
+            return f"test (not held out: the file of data.{self.test_shares})"
         if not self.selected_on:
             return split
         if split == self.selected_on and self.stopped_at_last:
@@ -250,7 +253,7 @@ class RunRecord:
         return f"{split} (held out)"
 
 
-_OMITTED_WHEN_NONE = ("merged_dir", "composition", "published", "distillation", "multitask")
+_OMITTED_WHEN_NONE = ("merged_dir", "composition", "published", "distillation", "multitask", "test_shares")
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(RunRecord))
 
 

@@ -404,3 +404,18 @@ def test_a_classifier_writes_every_scored_row_with_its_prediction(make_recipe, s
     before = (recipe.out / "predictions-test.jsonl").read_text()
     evaluate(recipe.out, "test", results_dir=recipe.out.parent / "again")
     assert (recipe.out.parent / "again" / "predictions-test.jsonl").read_text() == before
+
+
+def test_a_test_split_read_from_the_selection_file_is_not_called_held_out(make_recipe, sentiment_files, caplog):
+    """data.test naming data.eval's file (or train's) was reported 'test (held out)' beside the selection split, in the
+    summary and the card, though selection had seen those rows."""
+    from peftlab.publish import card_text
+
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        record = run(make_recipe({"train.max_steps": 4, "train.eval_every": 2, "data.test.path": str(sentiment_files["dev"])}))
+    assert "data.test is the file of data.eval" in caplog.text
+    assert record.test_shares == "eval" and record.split_label("test") == "test (not held out: the file of data.eval)"
+    card = card_text(record.output_dir, "alice/x")
+    assert "test (not held out: the file of data.eval)" in card and "The held-out figure is test" not in card
+    other = make_recipe({"train.max_steps": 1, "data.test.path": str(sentiment_files["train"]), "output_dir": Path(record.output_dir).parent / "b"})
+    assert run(other).split_label("test") == "test (not held out: the file of data.train)"

@@ -466,7 +466,7 @@ def _selection_note(run: RunRecord, metrics: dict, best_metric: str) -> list[str
     selected = run.selected_on
     if not selected or selected not in metrics:
         return []
-    held_out = [s for s in metrics if s != selected]
+    held_out = [s for s in metrics if s != selected and not (s == "test" and run.test_shares)]
     n = len(run.history or [])
     if run.stopped_at_last:  # early stopping, keep_best off: the last step's weights
         note = (f"Training stopped early at step {run.steps}, when `train.best_metric: {best_metric}` had not improved on the "
