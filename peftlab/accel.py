@@ -37,7 +37,7 @@ def resolve_precision(precision: str) -> str:
         if forced:
             if forced not in ("bf16", "fp32"):
                 raise ConfigError([f"{AUTO_PRECISION_ENV}={forced!r}: it makes train.precision=auto resolve to bf16 or fp32; "
-                                   f"set it to one of those, or unset it to let the machine decide."])
+                                   f"set it to one of those, or unset it to let the machine decide."], source="the environment", what="setting")
             return forced
         if torch.cuda.is_available():
             return "bf16" if torch.cuda.is_bf16_supported() else "fp32"

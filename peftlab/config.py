@@ -310,11 +310,12 @@ class TrainConfig:
 class EvalConfig:
     batch_size: int = opt(128, "Examples per evaluation batch (no gradients, so larger than training).", ge=1)
     num_beams: int = opt(1, "Summarization: beams of the beam search that generates (1 = greedy).", ge=1, hint="1 = greedy decoding")
-    max_new_tokens: int = opt(64, "Summarization: most tokens generated per summary.", ge=1)
+    max_new_tokens: int = opt(64, "Summarization and SFT: most tokens generated per summary or answer.", ge=1)
     length_penalty: float = opt(1.0, "Summarization, beam search: exponent on the length a beam's score is divided by (>1 favours longer).")
     no_repeat_ngram_size: int = opt(0, "Summarization: never generate an n-gram of this size twice within a summary (0 = off; a decoder's prompt "
                                    "does not count: the summary may copy the dialogue's phrases).", ge=0, hint="0 = off")
-    log_examples: int = opt(3, "Summarization: log this many (source, prediction, reference) examples after generating.", ge=0)
+    log_examples: int = opt(3, "Summarization and SFT: log this many (source or prompt, prediction, reference) examples after "
+                            "generating.", ge=0)
     metric_fn: str | None = opt(None, "SFT: a function 'module:function' taking (predictions, references) -> {metric: value}, "
                                 "scored on the generated answers besides exact_match and ROUGE (its metrics may be train.best_metric).")
     merge_adapter: bool = opt(True, "Every evaluation (during training, after it, `peftlab eval`): fold a mergeable adapter (LoRA, "
@@ -573,7 +574,8 @@ def parse_overrides(overrides: list[str], problems: list[str]) -> list[tuple[str
 
 
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple | str = (), *, validate_files: bool = True) -> Recipe:
-    """Read a YAML recipe (None = the built-in default), apply dotted overrides, type-check and validate.
+    """Read a YAML recipe (None = the defaults of every field, which name no data: give data.train among the overrides;
+    `peftlab train` without a recipe reads peftlab/recipes/quickstart.yaml), apply dotted overrides, type-check and validate.
 
     `overrides`: a list of KEY=VALUE strings; a single string is one override (as `text_columns: sentence` is a
     one-item list), None none. Raises ConfigError listing every problem found.

@@ -10,10 +10,10 @@ class PeftlabError(Exception):
 class ConfigError(PeftlabError, ValueError):
     """The recipe is malformed or has invalid values. `problems` lists every one found."""
 
-    def __init__(self, problems: list[str], source: str | None = None):
+    def __init__(self, problems: list[str], source: str | None = None, what: str = "recipe"):
         self.problems = list(problems)
         where = f" in {source}" if source else ""
-        head = f"{len(self.problems)} problem(s){where}:" if len(self.problems) > 1 else f"invalid recipe{where}:"
+        head = f"{len(self.problems)} problem(s){where}:" if len(self.problems) > 1 else f"invalid {what}{where}:"
         super().__init__(head + "".join(f"\n  - {p}" for p in self.problems))
 
 

@@ -32,7 +32,7 @@ def test_auto_precision_switch_simulates_the_other_machine_kind(monkeypatch, mak
         assert resolve_precision("auto") == value.strip().lower()
         assert resolve_precision("fp32") == "fp32"  # an explicit precision is not switched
     monkeypatch.setenv(AUTO_PRECISION_ENV, "fp16")
-    with pytest.raises(ConfigError, match="PEFTLAB_AUTO_PRECISION='fp16'.*bf16 or fp32"):
+    with pytest.raises(ConfigError, match=r"invalid setting in the environment:\n  - PEFTLAB_AUTO_PRECISION=.fp16.*bf16 or fp32"):
         resolve_precision("auto")
     monkeypatch.delenv(AUTO_PRECISION_ENV)
     cpu_bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
