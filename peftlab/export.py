@@ -203,7 +203,7 @@ def export(out: str | Path, model, tokenizer, recipe: Recipe, record: RunRecord 
             get_method(recipe.adapter.method).save(model, staging, state_dict)  # (PiSSA/OLoRA: converted to plain LoRA)
             (staging / "README.md").unlink(missing_ok=True)  # peft's placeholder card; `peftlab publish` writes the real one
             tokenizer.save_pretrained(str(staging))
-            record = record if isinstance(record, RunRecord) else RunRecord.from_dict(record)
+            record = described(record if isinstance(record, RunRecord) else RunRecord.from_dict(record), recipe, model)
             run = replace(record, versions=versions(), hardware=hardware(), **record_weights(staging, weights_file(staging).name))
             write_record(staging, recipe.to_yaml(), run)
             (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
@@ -215,6 +215,17 @@ def export(out: str | Path, model, tokenizer, recipe: Recipe, record: RunRecord 
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return run
+
+
+def described(record: RunRecord, recipe: Recipe, model) -> RunRecord:
+    """What a record from a caller of the building blocks may leave out and every reader needs (the method, the task,
+    the base, a classifier's label names: without them its evaluation failed), from the recipe and the model."""
+    labels = record.label_names
+    if not labels and get_task(recipe.task.type).target_kind == "label":
+        config = getattr(model, "config", None)
+        labels = list(recipe.data.label_names or (getattr(config, "id2label", None) or {}).values())
+    return replace(record, method=record.method or recipe.adapter.method, task=record.task or recipe.task.type,
+                   base_model=record.base_model or recipe.model.name, label_names=labels)
 
 
 def load_trained(out: str | Path, *, dequantize: bool = False, recipe: Recipe | None = None, adapter_name: str = "default"):

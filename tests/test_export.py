@@ -278,3 +278,21 @@ def test_a_run_whose_base_is_a_relative_path_says_so_when_read_from_elsewhere(ma
     assert main(["eval", str(recipe.out)]) == 2
     err = capsys.readouterr().err
     assert "relative to the folder it was trained from" in err and str(elsewhere) in err, err
+
+
+def test_export_of_a_record_with_only_a_name_writes_a_run_eval_reads(make_recipe, tmp_path):
+    """The building blocks' export(...) with a minimal record (README) wrote label_names [], method and task null:
+    `peftlab eval` of the folder then failed with an IndexError."""
+    from peftlab import build_data, build_model, export, load_splits
+    from peftlab.accel import make_accelerator
+    from peftlab.train import train
+
+    recipe = make_recipe({"train.max_steps": 1})
+    splits, names = load_splits(recipe)
+    model, tok, _ = build_model(recipe, num_labels=len(names), label_names=names)
+    data = build_data(recipe, tok, splits=splits, label_names=names)
+    model, state = train(recipe, model, data, make_accelerator(recipe, "fp32"), recipe.out)
+    export(recipe.out, model, tok, recipe, {"name": recipe.name, "steps": state.step}, {"eval": {}})
+    written = read_run(recipe.out)[1]
+    assert (written.method, written.task, written.label_names) == ("lora", "classification", ["negative", "positive"])
+    assert 0 <= evaluate(recipe.out)["accuracy"] <= 1
