@@ -369,15 +369,19 @@ def test_best_metric_is_checked_against_the_task(capsys):
 
 
 def test_adalora_with_too_few_steps_for_its_schedule(make_recipe):
+    """With train.max_steps the recipe says it (validate, before any work: it was said once the model and the data were
+    loaded); with epochs, the loop does, once it knows the steps."""
     from peftlab import run
     from peftlab.methods.adalora import rank_schedule_fits
 
-    recipe = make_recipe({"adapter.method": "adalora", "train.max_steps": 1})
-    with pytest.raises(ModelError) as e:
-        run(recipe)
+    with pytest.raises(ConfigError) as e:
+        make_recipe({"adapter.method": "adalora", "train.max_steps": 1})
     msg = str(e.value)
     assert "this run has 1 optimizer step(s), but AdaLoRA's rank schedule needs at least 2" in msg
     assert "train.max_steps" in msg and "adalora_warmup_fraction" in msg
+    recipe = make_recipe({"adapter.method": "adalora", "train.epochs": 0.01})  # 256 rows, batch 16: 1 step
+    with pytest.raises(ModelError, match=r"this run has 1 optimizer step\(s\), but AdaLoRA's rank schedule needs at least 2"):
+        run(recipe)
     assert rank_schedule_fits(recipe, 2) and not rank_schedule_fits(recipe, 1)
 
 

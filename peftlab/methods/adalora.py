@@ -31,6 +31,8 @@ def rules(recipe: Recipe) -> list[str]:
     if not (0 <= a.adalora_warmup_fraction and 0 <= a.adalora_final_fraction and a.adalora_warmup_fraction + a.adalora_final_fraction < 1):
         p.append(f"adapter.adalora_warmup_fraction={a.adalora_warmup_fraction}, adapter.adalora_final_fraction={a.adalora_final_fraction}: "
                  "both must be >= 0 and sum to < 1, or no steps are left for the budget to shrink (typical: 0.1 and 0.2).")
+    elif steps := recipe.train.max_steps:  # the run's length is known from the recipe: said before any work (else by the loop)
+        p += [problem for problem in [rank_schedule_problem(recipe, steps)] if problem]
     return p
 
 
@@ -42,15 +44,15 @@ def rank_schedule_fits(recipe: Recipe, total: int) -> bool:
     return total - tfinal > max(tinit, 1)
 
 
-def check_rank_schedule(recipe: Recipe, total: int) -> None:
+def rank_schedule_problem(recipe: Recipe, total: int) -> str | None:
     a = recipe.adapter
     if rank_schedule_fits(recipe, total):
-        return
+        return None
     needed = next((n for n in range(total + 1, total + 10**6) if rank_schedule_fits(recipe, n)), None)  # the fractions sum to < 1
-    raise ModelError(f"adapter.method=adalora: this run has {total} optimizer step(s), but AdaLoRA's rank schedule needs at least "
-                     f"{needed} (adapter.adalora_warmup_fraction={a.adalora_warmup_fraction} of them at the initial rank, "
-                     f"adapter.adalora_final_fraction={a.adalora_final_fraction} at the final budget, and steps between to "
-                     "shrink it). Train longer (train.max_steps or train.epochs, or more data), or lower the two fractions.")
+    return (f"adapter.method=adalora: this run has {total} optimizer step(s), but AdaLoRA's rank schedule needs at least "
+            f"{needed} (adapter.adalora_warmup_fraction={a.adalora_warmup_fraction} of them at the initial rank, "
+            f"adapter.adalora_final_fraction={a.adalora_final_fraction} at the final budget, and steps between to "
+            "shrink it). Train longer (train.max_steps or train.epochs, or more data), or lower the two fractions.")
 
 
 class RankBudget:
@@ -67,7 +69,8 @@ class RankBudget:
         self.config.total_step = total
         self.config.tinit = int(a.adalora_warmup_fraction * total)
         self.config.tfinal = int(a.adalora_final_fraction * total)
-        check_rank_schedule(recipe, total)
+        if problem := rank_schedule_problem(recipe, total):
+            raise ModelError(problem)
         log.info("AdaLoRA: rank %d -> average %d over %d steps (%d at the initial rank, %d at the final budget, reallocating "
                  "every %d)", a.adalora_init_r, a.r, total, self.config.tinit, self.config.tfinal, a.adalora_interval)
         register(self)  # checkpoints carry the importance estimates and the rank pattern, so --resume continues the schedule
