@@ -100,6 +100,16 @@ def test_a_rank_above_the_adapted_layers_is_refused_before_peft_allocates_it(mak
     assert model_problems(make_recipe({"adapter.method": "oft", "adapter.r": 4})) == []  # (OFT's r: blocks, not a rank)
 
 
+@pytest.mark.parametrize("options", [{"adapter.r": 5}, {"adapter.options": "{oft_block_size: 5}"}])
+def test_oft_blocks_that_do_not_divide_a_layer_are_refused_not_changed(make_recipe, options):
+    """OFT's r=5 on 32-wide layers: peft trained r=4 with a UserWarning while adapter_config.json and the card said 5."""
+    from peftlab import build_model
+
+    with pytest.raises(ModelError, match=r"Invalid `(r|oft_block_size)` \(5\)! Adjusted .* must divide the input width"):
+        build_model(make_recipe({"adapter.method": "oft", **options}), num_labels=2, label_names=["negative", "positive"])
+    build_model(make_recipe({"adapter.method": "oft", "adapter.r": 4}), num_labels=2, label_names=["negative", "positive"])
+
+
 @pytest.mark.parametrize("model", ["tiny_bert", "tiny_llama"])
 def test_prefix_tuning_for_classification_says_what_to_use(make_recipe, request, model):
     from peftlab import build_model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
@@ -101,7 +102,13 @@ def apply_peft(config_class: str, fields: Callable[[AdapterConfig], dict], model
     except (TypeError, ValueError) as e:
         raise ModelError(f"adapter (method {a.method}): {e}. adapter.options must be {config_class} arguments (see peft's docs).") from None
     try:
-        return feedforward_within_targets(peft.get_peft_model(model, cfg))
+        with warnings.catch_warnings():  # OFT's r (or block size) not dividing a layer's width: peft trains another, silently
+            warnings.filterwarnings("error", message=r"Invalid `(r|oft_block_size)` \(", category=UserWarning)
+            return feedforward_within_targets(peft.get_peft_model(model, cfg))
+    except UserWarning as e:
+        raise ModelError(f"adapter (method {a.method}): {e} peft would train that instead of what the recipe says. OFT's r (blocks "
+                         "per layer) or adapter.options.oft_block_size must divide the input width of every adapted layer: "
+                         "give such a value.") from None
     except ValueError as e:
         if "not found in the base model" in str(e) or "No modules were targeted" in str(e) or "Target modules" in str(e):
             raise ModelError(
