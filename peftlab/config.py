@@ -84,7 +84,9 @@ class AdapterConfig:
     method: str = opt("lora", "A peft method (lora, adalora, ia3, loha, lokr, vera, oft, prompt_tuning, prefix_tuning, p_tuning) or a "
                       "baseline: full (every weight trained), frozen (backbone frozen, head trained), scratch (same architecture, "
                       "random init, every weight trained).", method_names)  # the registry, read when validating
-    r: int = opt(8, "LoRA rank (adalora: the average rank the budget ends at, its target_r).", ge=1, hint="the LoRA rank; typical: 4-64")
+    r: int = opt(8, "LoRA rank (adalora: the average rank the budget ends at, its target_r; oft: blocks per layer, a divisor of "
+                 "each adapted layer's input width). At most the largest min(in, out) of the adapted layers.", ge=1,
+                 hint="the LoRA rank; typical: 4-64")
     alpha: float = opt(16, "LoRA scaling numerator (scale = alpha/r, or alpha/sqrt(r) with use_rslora).", gt=0, hint="typical: 2 x r")
     dropout: float = opt(0.1, "Dropout on the LoRA input, in [0, 1).", ge=0, lt=1)
     target_modules: list[str] | None = opt(None, "Module names to adapt; null = the architecture's default (peft's table), 'all-linear' = every linear layer.")
