@@ -20,7 +20,7 @@ from peftlab.cli import print_summary
 from peftlab.publish import card_text, check_card, publish
 from peftlab.rundir import RunRecord
 
-from .conftest import REPO, logits
+from .conftest import REPO, logits, synthetic_rows, write_tsv
 from .test_hub import SECRET, cli, digest, hub, hub_env  # noqa: F401  (fixtures: the Hub stand-in, HF_TOKEN=SECRET)
 
 RESULTS = REPO / "benchmarks" / "results"
@@ -29,10 +29,11 @@ RESULTS = REPO / "benchmarks" / "results"
 @pytest.fixture(scope="module")
 def local_run(tmp_path_factory, tiny_bert, sentiment_files):
     """A LoRA run whose base, data and output all live in tmp folders; keep_best over 3 evaluations on data.eval and a
-    held-out data.test (the same rows: only the roles matter here)."""
+    held-out data.test (a file of its own: one that is data.eval's is labelled not held out)."""
     out = tmp_path_factory.mktemp("local") / "run"
+    test = write_tsv(out.parent / "test.tsv", synthetic_rows(64, 3))
     recipe = load_recipe(None, [f"model.name={tiny_bert}", f"data.train.path={sentiment_files['train']}",
-                                f"data.eval.path={sentiment_files['dev']}", f"data.test.path={sentiment_files['dev']}",
+                                f"data.eval.path={sentiment_files['dev']}", f"data.test.path={test}",
                                 "data.label_names=[negative,positive]", "data.max_length=32", "adapter.r=4", "adapter.dropout=0.0",
                                 "train.max_steps=6", "train.batch_size=16", "train.lr=1e-2", "train.eval_every=2",
                                 "train.keep_best=true", f"output_dir={out}"])
@@ -88,7 +89,7 @@ def test_published_folder_holds_no_local_path(local_run, hub, tmp_path, tiny_ber
         record["published"]["rewritten"]["recipe.yaml"])
     recipe = yaml.safe_load((folder / "recipe.yaml").read_text())
     assert recipe["model"]["name"] == tiny_bert.name and recipe["output_dir"] is None
-    assert recipe["data"]["train"]["path"] == "train.tsv" and recipe["data"]["test"]["path"] == "dev.tsv"
+    assert recipe["data"]["train"]["path"] == "train.tsv" and recipe["data"]["test"]["path"] == "test.tsv"
     assert json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"] == tiny_bert.name
     card = (folder / "README.md").read_text()
     assert f"`{tiny_bert.name}` (a local model folder on the training machine" in card and "model.name=FOLDER" in card
