@@ -695,7 +695,8 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
     model.train()
     with nullcontext(runlog) if runlog is not None else RunLog(out, accelerator.is_main_process, recipe) as runlog, \
             stop_on_signal() as stop, parts.cast:
-        runlog.open(state.step if resumed else None)
+        with window.paused():  # a resume starts its trackers here (wandb: seconds): not training time
+            runlog.open(state.step if resumed else None)
         # (the bar after the trackers: one that cannot start says so on a line of its own)
         bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process,
                    dynamic_ncols=True)

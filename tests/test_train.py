@@ -211,6 +211,29 @@ def test_resumed_totals_count_the_steps_since_the_last_log_line(make_recipe, tmp
     assert losses(part)[-1] == pytest.approx(losses(tmp_path / "full")[-1], abs=1e-6)  # steps 17-32 in both
 
 
+def test_a_resumed_run_does_not_count_its_trackers_start_as_training(make_recipe, tmp_path, monkeypatch):
+    """A resume starts its trackers inside the loop (wandb: seconds), after the throughput clock started: the first
+    resumed log line, run.json's train_seconds and examples/s counted it as training."""
+    import importlib
+
+    ov = {"train.max_steps": 4, "train.save_every": 2, "train.log_every": 2}
+    run(make_recipe({**ov, "output_dir": tmp_path / "full"}))
+    part = tmp_path / "part"
+    shutil.copytree(tmp_path / "full" / "checkpoints" / "step-2", part / "checkpoints" / "step-2")
+    module, real = importlib.import_module("peftlab.train"), importlib.import_module("peftlab.train").open_trackers
+
+    def slow(*args, **kwargs):
+        import time
+
+        time.sleep(4.0)  # a tracker that takes its time to start
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, "open_trackers", slow)
+    resumed = run(make_recipe({**ov, "output_dir": part}), resume=True)
+    step4 = next(r for r in map(json.loads, (part / "log.jsonl").read_text().splitlines()) if r["step"] == 4 and r["kind"] == "train")
+    assert step4["train_s"] < resumed.train_seconds + 1e-6 < 4.0, (step4, resumed.train_seconds)
+
+
 def test_resume_without_checkpoint_and_reused_output_dir_are_refused(make_recipe):
     recipe = make_recipe({"train.max_steps": 2})
     with pytest.raises(ArtifactError, match="no run in .* to continue: start it without --resume"):
