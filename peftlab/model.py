@@ -222,16 +222,18 @@ def position_limit(config) -> int | None:
     return limit
 
 
-def check_input_lengths(config, recipe: Recipe) -> None:
+def check_input_lengths(config, recipe: Recipe, section: str = "data") -> None:
     """The lengths the task's inputs take (data.max_length; for summarization also the summary's, see its
-    input_lengths) must fit the position tables, or the first long batch fails deep in the forward pass."""
+    input_lengths) must fit the position tables, or the first long batch fails deep in the forward pass. `section`:
+    where the recipe keeps the data keys named (a task of a multi-task recipe: multitask.tasks.NAME.data)."""
     virtual = get_method(recipe.adapter.method).extra_positions(recipe.adapter)
     for i, (cfg, length, what) in enumerate(input_lengths(get_task(recipe.task.type), config, recipe)):
         if virtual and i == 0:  # the virtual tokens go before the input (the encoder's, for an encoder-decoder)
             length, what = length + virtual, f"{what}, + adapter.num_virtual_tokens={virtual},"
         limit = position_limit(cfg)
         if limit is not None and length > limit:
-            keys = list(dict.fromkeys(re.findall(r"\b(?:data|eval|adapter)\.\w+", what))) or ["data.max_length"]  # those `what` names
+            what = re.sub(r"\bdata\.", f"{section}.", what)
+            keys = list(dict.fromkeys(re.findall(rf"(?:{re.escape(section)}|\beval|\badapter)\.\w+", what))) or [f"{section}.max_length"]
             others = f" (and {', '.join(keys[1:])})" if keys[1:] else ""
             raise ModelError(f"{what} exceeds the {limit} positions of {recipe.model.name} ({type(cfg).__name__}): longer "
                              f"inputs cannot be encoded. Set {keys[0]}{others} so that it is <= {limit}.")
@@ -573,11 +575,14 @@ def model_problems(recipe: Recipe) -> list[str]:
             problems.append(str(e))
         except Exception as e:  # (a decoder not found: `train` says it when it builds the model)
             log.info("model.decoder=%r: input lengths not checked (%s: %s)", m.decoder, type(e).__name__, e)
-    if m.trust_remote_code or m.decoder is not None or hasattr(task, "build_model"):
+    own_model = hasattr(task, "build_model")  # (multitask: not built on meta; each task's lengths by its own keys)
+    if m.trust_remote_code or m.decoder is not None or (own_model and not hasattr(task, "input_length_problems")):
         return problems
 
     try:
         config = AutoConfig.from_pretrained(path, revision=m.revision)
+        if own_model:
+            return problems + task.input_length_problems(recipe, config)
         check_input_lengths(config, recipe)  # data.max_length against the position table
     except ModelError as e:
         problems.append(str(e))

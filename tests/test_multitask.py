@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import random
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -117,6 +118,22 @@ def test_validate_reads_each_tasks_columns_and_names_the_task(task_files, tmp_pa
                                   "multitask.tasks.pair.data.text_columns / multitask.tasks.pair.data.label_column / "
                                   "multitask.tasks.pair.data.target_column (or per split) to the right names." for split in ("train", "eval")]
     assert column_problems(recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert))) == []
+
+
+def test_a_tasks_input_length_is_checked_by_validate_and_named_by_the_tasks_keys(task_files, tmp_path, tiny_bert):
+    """validate skipped the position-table check of a multi-task recipe (and said ok); train's error named data.max_length,
+    which the recipe had at 32, not the task's own key."""
+    from peftlab.errors import ModelError
+    from peftlab.model import model_problems
+    from peftlab.tasks.multitask import build_model
+
+    r = recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert), ["multitask.tasks.topic.data.max_length=512"])
+    message = r"multitask.tasks.topic.data.max_length=512 exceeds the 128 positions .* Set multitask.tasks.topic.data.max_length so"
+    assert len(problems := model_problems(r)) == 1 and re.search(message, problems[0]), problems
+    with pytest.raises(ModelError, match=message):
+        build_model(r, label_names={"senti": ["negative", "positive"], "topic": TOPICS, "pair": ["different", "same"]},
+                    precision="fp32")
+    assert model_problems(recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert))) == []
 
 
 def test_a_tasks_data_error_names_the_tasks_keys(task_files, tmp_path, tiny_bert, caplog):

@@ -132,6 +132,20 @@ def task_keys(name: str) -> str:
     return f"multitask.tasks.{name}.data"
 
 
+def input_length_problems(recipe, config) -> list[str]:
+    """`peftlab validate`: each task's input lengths against the base's position table, named by its own keys."""
+    from ..errors import ModelError
+    from ..model import check_input_lengths
+
+    problems = []
+    for name in recipe.multitask.tasks:
+        try:
+            check_input_lengths(config, subrecipe(recipe, name), task_keys(name))
+        except ModelError as e:
+            problems.append(str(e))
+    return problems
+
+
 def column_problems(recipe) -> list[str]:
     """`peftlab validate`: each task's columns, read through its own recipe (data.column_problems)."""
     from ..data import column_problems as one
@@ -254,7 +268,7 @@ def build_model(recipe, *, label_names: dict[str, list[str]], precision: str):
     model, tokenizer, info = build_one(first, num_labels=len(label_names[names[0]]), label_names=label_names[names[0]],
                                        precision=precision)
     for name in names[1:]:  # each task's data.max_length against the position table (the first one's was checked)
-        check_input_lengths(model.config, subrecipe(recipe, name))
+        check_input_lengths(model.config, subrecipe(recipe, name), task_keys(name))
     metric_of = {n: t.metric for n, t in recipe.multitask.tasks.items()}
     wrapped = MultiTaskModel(model, label_names, metric_of, recipe.multitask.adapters)
     trainable, total = count_params(wrapped)
