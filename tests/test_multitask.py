@@ -250,6 +250,19 @@ def test_a_multitask_run_learns_and_exports_a_run_per_task(trained, mode):
     assert "would train it alone, not with the other tasks as here" in card and "rerun it with" not in card  # (it said rerun)
 
 
+def test_a_pair_tasks_card_shows_a_pair_in_its_usage_example(trained, tiny_bert, capsys):
+    """The card's example fed a sentence-pair model one sentence (single-text usage): a user following it got
+    predictions of nothing the model was trained on."""
+    folder = Path(trained["shared"].output_dir) / "tasks" / "pair"
+    code = re.search(r"```python\n(.*?)```", card_text(folder, "alice/pair"), re.S).group(1)
+    assert "tokenizer([\"The firm reported a loss.\"], [\"The company lost money.\"]" in code, code
+    code = re.sub(r"^repo = .*$", f"repo = {str(folder)!r}", code, flags=re.M)
+    exec(re.sub(r"^base_model = .*$", f"base_model = {str(tiny_bert)!r}", code, flags=re.M), {})
+    assert capsys.readouterr().out.strip() in ("different", "same")
+    single = re.search(r"```python\n(.*?)```", card_text(folder.parent / "senti", "alice/senti"), re.S).group(1)
+    assert "tokenizer([\"a gripping, beautifully shot film\"], return_tensors" in single
+
+
 def test_a_tasks_card_says_its_step_was_chosen_on_the_multitask_runs_metric(trained, tmp_path):
     """With several evaluations, keep_best chose the step on the run's mean; a task's recipe.yaml names its own metric."""
     import shutil

@@ -336,7 +336,12 @@ def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: 
     if gguf and local_base:
         where = f"  # a local folder holding {gguf} when it was trained: point this at your copy of it"
     example = ""
-    if auto_cls == "AutoModelForSequenceClassification":
+    if auto_cls == "AutoModelForSequenceClassification" and recipe.data.text_pair:  # trained on pairs: given as a pair
+        example = ("with torch.no_grad():  # a pair of texts, as trained (data.text_pair)\n"
+                   "    logits = model(**tokenizer([\"The firm reported a loss.\"], [\"The company lost money.\"], "
+                   "return_tensors=\"pt\")).logits\n"
+                   "print(labels[logits.argmax(-1).item()])\n")
+    elif auto_cls == "AutoModelForSequenceClassification":
         example = ("with torch.no_grad():\n    logits = model(**tokenizer([\"a gripping, beautifully shot film\"], return_tensors=\"pt\")).logits\n"
                    "print(labels[logits.argmax(-1).item()])\n")
     elif recipe.task.type == "sft":  # the run's tokenizer carries the chat template it was trained with (task.chat_format)
