@@ -104,7 +104,7 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     return metrics
 
 
-def test_shares(recipe: Recipe) -> str | None:
+def shared_test_file(recipe: Recipe) -> str | None:
     """"eval" or "train" where data.test is read from the file of that split (the selection split's, or the training
     rows'): its figure is then no held-out one, whatever rows a max_samples draws. Said next to it and warned about."""
     d = recipe.data
@@ -256,7 +256,7 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = 
                     # keep_best over several evaluations, or early stopping, chose the exported step on data.eval: reports must
                     # not call it held out
                     selected_on="eval" if (recipe.train.keep_best and len(state.history) > 1) or state.stopped_early else None,
-                    test_shares=test_shares(recipe),
+                    test_shares=shared_test_file(recipe),
                     train_wall_s=state.wall_seconds, train_seconds=state.train_seconds, train_examples=state.examples, train_tokens=state.tokens,
                     train_padded_tokens=state.padded_tokens, eval_seconds=eval_seconds,
                     examples_per_s=state.examples / max(state.train_seconds, 1e-9),
@@ -320,7 +320,7 @@ def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
         log.warning("train.eval_every=%s but there is no evaluation split: nothing is evaluated during training (nor kept by "
                     "train.keep_best). Give one (data.eval.path=FILE, or data.eval_holdout=0.1 of train), or drop "
                     "train.eval_every.", recipe.train.eval_every)
-    if shared := test_shares(recipe):
+    if shared := shared_test_file(recipe):
         log.warning("data.test is the file of data.%s (%s): its figure is not held out (the summary and the card say so). "
                     "Give data.test a file of rows that %s never reads.", shared, recipe.data.test.path,
                     "selection" if shared == "eval" else "training")
