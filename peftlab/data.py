@@ -493,10 +493,15 @@ def _check_text_cells(ds, text_cols: list[str], where: str) -> None:
     from datasets import Value
 
     for c in (c for c in text_cols if not isinstance(ds.features[c], Value)):
-        if (row := next((i for i, v in enumerate(ds[c]) if isinstance(v, (list, dict))), None)) is not None:
-            raise DataError(f"{where}: text column {c!r} holds {str(ds[c][row])[:80]} in {data_row(row)}, not a text. Give each "
+        if (row := _first_nested(cells := ds[c])) is not None:
+            raise DataError(f"{where}: text column {c!r} holds {str(cells[row])[:80]} in {data_row(row)}, not a text. Give each "
                             f"row one text per column (join the pieces, or put each in a column of its own and list them in "
                             f"{section(where)}.text_columns).")
+
+
+def _first_nested(cells) -> int | None:
+    """The first row whose cell is a list or a record (a JSON value where one text or label belongs), if any."""
+    return next((i for i, v in enumerate(cells) if isinstance(v, (list, dict))), None)
 
 
 def _scalar_labels(ds, column: str, where: str):
@@ -504,7 +509,7 @@ def _scalar_labels(ds, column: str, where: str):
     as a csv file's would be: integers where every one spells an integer (1 and "1": one class), else text (0 beside
     "positive": the label checks then see both spellings). A list or a record is no label: refused, naming its row."""
     values = list(ds[column])
-    if (row := next((i for i, v in enumerate(values) if isinstance(v, (list, dict))), None)) is not None:
+    if (row := _first_nested(values)) is not None:
         raise DataError(f"{where}: the label column {column!r} holds {str(values[row])[:80]} in {data_row(row)}, not one label. "
                         "Give each row a single label value (a name or a class index).")
     numbers = all(v is None or _integer(v) is not None for v in values)

@@ -26,13 +26,18 @@ def linear_module_names(model: nn.Module) -> list[str]:
     return sorted({full.rsplit(".", 1)[-1] for full, m in model.named_modules() if is_linear(m)})
 
 
+def names_target(name: str, target: str) -> bool:
+    """Module `name` is the one a target_modules entry names, as peft matches them: the full name, or its dotted suffix."""
+    return name == target or name.endswith("." + target)
+
+
 def check_target_modules(model: nn.Module, targets) -> None:
-    """Every name in a target list must match a module, as peft matches them (the full name, or its dotted suffix):
+    """Every name in a target list must match a module, as peft matches them (names_target):
     peft itself only refuses a list none of whose names match, so a typo beside a good name would be dropped silently."""
     if not isinstance(targets, (list, tuple, set)):
         return  # None (peft's default), "all-linear" or a regular expression
     names = [n for n, _ in model.named_modules()]
-    unmatched = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    unmatched = [t for t in targets if not any(names_target(n, t) for n in names)]
     if unmatched:
         raise ModelError(f"adapter.target_modules: {', '.join(map(repr, unmatched))} match{'es' if len(unmatched) == 1 else ''} "
                          f"no module of {type(model).__name__}. Linear layers it has: {', '.join(linear_module_names(model))}. "
@@ -55,14 +60,15 @@ def rank_problem(model: nn.Module, method: Method, a: AdapterConfig) -> str | No
     absurd one (r=10^13) was a failed allocation inside peft."""
     targets = a.target_modules
     if isinstance(targets, list) and targets != ["all-linear"]:
-        layers = [(n, m) for n, m in model.named_modules() if any(n == t or n.endswith("." + t) for t in targets)]
+        layers = [(n, m) for n, m in model.named_modules() if any(names_target(n, t) for t in targets)]
     else:
         layers = [(n, m) for n, m in model.named_modules() if is_linear(m)]
-    name, widest = max(((n, layer_rank(m)) for n, m in layers), key=lambda x: x[1], default=("", 0))
+    name, widest_layer = max(layers, key=lambda layer: layer_rank(layer[1]), default=("", None))
+    widest = layer_rank(widest_layer) if widest_layer is not None else 0
     for field in method.rank_fields:
         if widest and getattr(a, field) > widest:
             return (f"adapter.{field}={getattr(a, field)}: above the largest rank an update of the adapted layers can have, "
-                    f"{widest} ({name}, {type(dict(layers)[name]).__name__}): a higher rank adds nothing. Set adapter.{field} <= "
+                    f"{widest} ({name}, {type(widest_layer).__name__}): a higher rank adds nothing. Set adapter.{field} <= "
                     f"{widest}.")
     return None
 
