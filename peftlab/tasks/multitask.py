@@ -29,7 +29,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification
 from transformers.utils import ModelOutput
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, ModelError
 from ..metrics import classification_metrics
 
 log = logging.getLogger(__name__)
@@ -133,8 +133,7 @@ def task_keys(name: str) -> str:
 
 
 def input_length_problems(recipe, config) -> list[str]:
-    """`peftlab validate`: each task's input lengths against the base's position table, named by its own keys."""
-    from ..errors import ModelError
+    """Each task's input lengths against the base's position table, named by its own keys (validate, build_model)."""
     from ..model import check_input_lengths
 
     problems = []
@@ -261,14 +260,14 @@ def build_model(recipe, *, label_names: dict[str, list[str]], precision: str):
     """The first task's model as a classification recipe builds it (base, peft adapter, head), then a head per task (and an
     adapter per task with multitask.adapters: per_task) -> (MultiTaskModel, tokenizer, ModelInfo)."""
     from ..model import build_model as build_one
-    from ..model import check_input_lengths, count_params
+    from ..model import count_params
 
     names = list(label_names)
     first = subrecipe(recipe, names[0])
     model, tokenizer, info = build_one(first, num_labels=len(label_names[names[0]]), label_names=label_names[names[0]],
                                        precision=precision)
-    for name in names[1:]:  # each task's data.max_length against the position table (the first one's was checked)
-        check_input_lengths(model.config, subrecipe(recipe, name), task_keys(name))
+    if problems := input_length_problems(recipe, model.config):  # each task's data.max_length (the first's passed build_one)
+        raise ModelError(problems[0])
     metric_of = {n: t.metric for n, t in recipe.multitask.tasks.items()}
     wrapped = MultiTaskModel(model, label_names, metric_of, recipe.multitask.adapters)
     trainable, total = count_params(wrapped)
