@@ -75,6 +75,13 @@ def make_accelerator(recipe: Recipe, precision: str, *, unused_parameters: bool 
     )
 
 
+def progress_shown(accelerator=None) -> bool:
+    """Progress bars and the per-evaluation lines: on the (local) main process, unless the `peftlab` logger is set to
+    WARNING or above (`peftlab ... -q`; in Python, logging.getLogger("peftlab").setLevel(logging.WARNING))."""
+    main = accelerator is None or accelerator.is_local_main_process
+    return main and logging.getLogger("peftlab").level < logging.WARNING
+
+
 def shards_weights(accelerator) -> bool:
     """FSDP and DeepSpeed ZeRO-3 keep only a slice of each weight on every rank."""
     from accelerate.utils import DistributedType

@@ -297,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = Parser(prog="peftlab", description="Parameter-efficient fine-tuning from YAML recipes.")
     p.add_argument("--debug", action="store_true", help="show full tracebacks for errors")
-    p.add_argument("-q", "--quiet", action="store_true", help="only warnings and errors")
+    p.add_argument("-q", "--quiet", action="store_true", help="only warnings, errors and the results: no progress bars or log")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train a recipe, evaluate, export (and merge)", epilog=_keys_epilog(),
@@ -431,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _quiet_libraries()
     try:
-        with sigterm_unwinds():
+        with sigterm_unwinds(), quieted(args.quiet):
             return args.fn(args)
     except TrainingInterrupted as e:
         if not rank:  # (every rank stopped with the same checkpoint; one says so)
@@ -456,6 +456,19 @@ def main(argv: list[str] | None = None) -> int:
               f"{str(e).strip().splitlines()[0][:200]}), most likely because another process failed: see that error.",
               file=sys.stderr)
         return 1
+
+
+@contextmanager
+def quieted(quiet: bool):
+    """-q: the peftlab logger at WARNING while the command runs, which hides its progress bars and evaluation lines too
+    (accel.progress_shown); its level is put back afterwards (main runs in-process in tests and notebooks)."""
+    logger, before = logging.getLogger("peftlab"), logging.getLogger("peftlab").level
+    if quiet:
+        logger.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
 
 
 @contextmanager

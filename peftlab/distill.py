@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .accel import FrozenWeightsCast, half_dtype
+from .accel import FrozenWeightsCast, half_dtype, progress_shown
 from .config import DistillConfig, Recipe
 from .errors import PeftlabError
 from .rundir import read_run
@@ -204,7 +204,7 @@ def teacher_logits(teacher: Path, texts: list[str], *, device=None, batch_size: 
     autocast = torch.autocast(device.type, dtype=dtype) if dtype else nullcontext()
     cast = FrozenWeightsCast(model, dtype if recipe.train.cast_frozen else None)  # its weights cast once, not per batch
     out = torch.empty(len(texts), len(run.label_names))
-    bar = tqdm(total=len(texts), desc="teacher", unit="row", dynamic_ncols=True)
+    bar = tqdm(total=len(texts), desc="teacher", unit="row", dynamic_ncols=True, disable=not progress_shown())
     with autocast, cast:
         if run.task == "verbalizer":
             from .tasks.verbalizer import label_token_ids, prompt_ids, score_words

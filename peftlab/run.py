@@ -239,11 +239,20 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = 
             with accelerator.main_process_first():
                 data = build_data(recipe, tokenizer, splits=splits, label_names=label_names)
 
+            scored = {}
+
+            def last_evaluation(model) -> dict:  # the loop's at the last step: the final evaluation's pass over data.eval
+                t0 = time.perf_counter()
+                scored["eval"] = (*evaluate_split(model, data.eval, data, accelerator, recipe, tokenizer), time.perf_counter() - t0)
+                return scored["eval"][0]
+
             model, state = train(recipe, model, data, accelerator, job.work, resume_from=job.checkpoint, tokenizer=tokenizer,
-                                 runlog=runlog)
+                                 runlog=runlog, last_evaluation=last_evaluation)
+            if recipe.train.keep_best and state.best_step != state.step:  # an earlier step's weights are exported
+                scored.clear()
 
             with stop_at_once_on_signal(job.work, state.step):  # a stop from here on: say whether --resume can go on
-                metrics, report, predictions, eval_seconds = final_evaluation(model, data, accelerator, recipe, tokenizer)
+                metrics, report, predictions, eval_seconds = final_evaluation(model, data, accelerator, recipe, tokenizer, scored)
                 for split, values in metrics.items():  # the exported weights' scores, to the trackers too
                     runlog.write(state.step, f"final_{split}", values)
                 record = RunRecord(
@@ -280,16 +289,20 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = 
     return record
 
 
-def final_evaluation(model, data, accelerator, recipe: Recipe, tokenizer) -> tuple[dict, dict | None, dict, dict]:
+def final_evaluation(model, data, accelerator, recipe: Recipe, tokenizer, scored: dict | None = None) -> tuple[dict, dict | None, dict, dict]:
     """The trained model on every evaluation split -> (metrics, report, predictions, seconds), each by split; the report
-    is the first split's (eval: the one data.eval names) and holds every split's under `splits`."""
+    is the first split's (eval: the one data.eval names) and holds every split's under `splits`. `scored`: splits
+    already scored with these weights (split -> (metrics, report, rows, seconds): the last step's evaluation)."""
     metrics, report, predictions, seconds = {}, None, {}, {}
     for split in ("eval", "test"):
         ds = getattr(data, split)
         if ds is not None:
-            t0 = time.perf_counter()
-            metrics[split], split_report, rows = evaluate_split(model, ds, data, accelerator, recipe, tokenizer)
-            seconds[split] = time.perf_counter() - t0
+            if split in (scored or {}):
+                metrics[split], split_report, rows, seconds[split] = scored[split]
+            else:
+                t0 = time.perf_counter()
+                metrics[split], split_report, rows = evaluate_split(model, ds, data, accelerator, recipe, tokenizer)
+                seconds[split] = time.perf_counter() - t0
             if rows is not None:
                 predictions[split] = rows
             report = report or {"split": split, **split_report}

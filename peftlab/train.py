@@ -24,14 +24,14 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .accel import FrozenWeightsCast, autocast_dtype, shards_weights
+from .accel import FrozenWeightsCast, autocast_dtype, progress_shown, shards_weights
 from .config import Recipe
 from .data import LengthGroupedSampler, TaskData
 from .distill import loss_for
 from .dropout import use_fast_dropout
 from .errors import ArtifactError, ConfigError, TrainingDiverged, TrainingInterrupted
 from .export import write_atomic_dir
-from .methods import get_method
+from .methods import NoSchedule, get_method
 from .model import MMAP_THRESHOLD, largest_weight_copy, map_large_allocations
 from .rundir import RECORD_FILE, TRAINER_STATE, atomic_write_text, checkpoint_path, checkpoints, log_path, seal_checkpoint
 from .tasks import get_task, lower_is_better, skip_unread
@@ -611,10 +611,13 @@ class KeepBest:
 
 
 def train(recipe: Recipe, model, data: TaskData, accelerator, out: str | Path, *, resume_from: str | Path | None = None,
-          tokenizer=None, runlog: RunLog | None = None):
+          tokenizer=None, runlog: RunLog | None = None, last_evaluation: Callable | None = None):
     """Run the optimisation; return (model with the kept weights loaded, TrainState). `resume_from`: a checkpoint to
     continue. `tokenizer` lets evaluations generate when the kept metric needs it (summarization with rougeL, ...).
     `runlog`: the log and trackers `run` opened (else the loop opens its own in `out`, and closes it).
+    `last_evaluation`: model -> metrics, the final evaluation's own pass over data.eval (`run` keeps what it found): the
+    last step's evaluation calls it instead of the loop's, where that one is as complete (`final_form`), so a run whose
+    exported weights are the last step's does not score data.eval twice.
     A loss that turns inf/nan stops the run (TrainingDiverged): checked at log and save steps, not every step."""
     out, resume_from = Path(out), resume_from and Path(resume_from)
     parts = setup(recipe, model, data, accelerator, tokenizer)
@@ -626,15 +629,24 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: str | Path, *
     if resume_from is not None:
         schedule_from_here(parts.scheduler)
     best = KeepBest(recipe.train, weights, parts.schedule)
-    loop(recipe, parts, data, accelerator, out, state, best, resumed=resume_from is not None, runlog=runlog)
+    loop(recipe, parts, data, accelerator, out, state, best, resumed=resume_from is not None, runlog=runlog,
+         last_evaluation=last_evaluation if final_form(recipe, parts) else None)
     best.restore(accelerator.unwrap_model(parts.model), state)
     check_weights_finite(parts.model, accelerator, state.step, recipe.train)
     parts.schedule.finish()
     return parts.model, state
 
 
+def final_form(recipe: Recipe, parts: Parts) -> bool:
+    """The loop's evaluation scores what the final one does (the task's evaluation needs no tokenizer, or the loop
+    gives it one: a generated kept metric) and no method schedule changes the weights after the last step (AdaLoRA's
+    last masking): its last one can be the final evaluation's pass over data.eval, at no extra cost."""
+    task = get_task(recipe.task.type)
+    return (bool(parts.eval_context) or not hasattr(task, "GENERATED_METRICS")) and isinstance(parts.schedule, NoSchedule)
+
+
 def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, state: TrainState, best: KeepBest, *,
-         resumed: bool = False, runlog: RunLog | None = None) -> None:
+         resumed: bool = False, runlog: RunLog | None = None, last_evaluation: Callable | None = None) -> None:
     """The steps from state.step to the end: forward, backward, clip, step; log, evaluate, checkpoint on schedule."""
     t, task = recipe.train, get_task(recipe.task.type)
     model, optimizer, train_dl, eval_dl, scheduler = parts.model, parts.optimizer, parts.train_dl, parts.eval_dl, parts.scheduler
@@ -657,13 +669,16 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
         # folded as the final evaluations are (adapter_folded), into the fp32 weights (not the cast copies): autocast casts them
         # under fork_rng: the evaluation's draws (its loader's seed, a task's own draws) leave the training's random
         # stream as it was, so how often a run evaluates does not change what it trains
-        with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []), \
-                parts.cast.suspended(), adapter_folded(accelerator.unwrap_model(model), recipe, accelerator):
-            metrics, _ = task.evaluate(model, eval_dl, accelerator, data.label_names, **parts.eval_context)
+        with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []), parts.cast.suspended():
+            if last_evaluation is not None and state.step == parts.total:  # (folds and casts as below)
+                metrics = last_evaluation(model)
+            else:
+                with adapter_folded(accelerator.unwrap_model(model), recipe, accelerator):
+                    metrics, _ = task.evaluate(model, eval_dl, accelerator, data.label_names, **parts.eval_context)
         runlog.write(state.step, "eval", {**metrics, "train_s": train_s})
         state.history.append({"step": state.step, **metrics})
         best.consider(state, metrics, accelerator.unwrap_model(model))
-        if accelerator.is_main_process:  # tqdm.write prints even where the bar is disabled
+        if accelerator.is_main_process and progress_shown():  # tqdm.write prints even where the bar is disabled
             bar.write(f"step {state.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
     session, wall_before = time.perf_counter(), state.wall_seconds
@@ -698,7 +713,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
         with window.paused():  # a resume starts its trackers here (wandb: seconds): not training time
             runlog.open(state.step if resumed else None)
         # (the bar after the trackers: one that cannot start says so on a line of its own)
-        bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not accelerator.is_local_main_process,
+        bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not progress_shown(accelerator),
                    dynamic_ncols=True)
         if resumed and eval_dl is not None and 0 < state.step == total and all(h["step"] != state.step for h in state.history):
             with window.paused():  # the last step's evaluation, which a stop during that step left out (below)
@@ -743,7 +758,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                     with window.paused():  # eval time is not training throughput
                         evaluate()
                     if t.early_stopping and best.stale(state) >= t.early_stopping and state.step < total:
-                        if accelerator.is_main_process:  # (every rank stops; one says so)
+                        if accelerator.is_main_process and progress_shown():  # (every rank stops; one says so)
                             bar.write(f"step {state.step}: {t.best_metric} has not improved for {t.early_stopping} evaluations "
                                       f"(best {state.best_metric:.4f} at step {state.best_step}): stopping early "
                                       "(train.early_stopping)")

@@ -302,3 +302,18 @@ def test_the_cli_quiets_bitsandbytes_kernel_search_and_adalora_pattern_noise():
     finally:
         for lg, level in zip(loggers, levels):
             lg.setLevel(level)
+
+
+def test_quiet_hides_the_progress_bar_and_evaluation_lines_and_puts_the_log_level_back(make_recipe, tmp_path, capsys):
+    """`-q` set the log level only: the training bar and the "step N: accuracy ..." lines still printed. They go now;
+    the results (the summary) stay, and the peftlab logger's level is put back after the command."""
+    make_recipe()
+    path, short = tmp_path / "recipe.yaml", ["train.max_steps=2", "train.eval_every=1", "train.log_every=1"]
+    assert main(["train", str(path), *short, f"output_dir={tmp_path / 'loud'}"]) == 0
+    loud = capsys.readouterr()
+    assert "train:" in loud.err and "step 1: accuracy" in loud.out + loud.err
+    assert main(["-q", "train", str(path), *short, f"output_dir={tmp_path / 'quiet'}"]) == 0
+    quiet = capsys.readouterr()
+    assert "train:" not in quiet.err and "step 1:" not in quiet.out + quiet.err and "macro-F1" in quiet.out
+    assert logging.getLogger("peftlab").level == logging.NOTSET
+    assert (tmp_path / "quiet" / "log.jsonl").read_text().count('"kind": "eval"') == 2  # the log still holds every line

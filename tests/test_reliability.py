@@ -100,13 +100,14 @@ def test_a_stop_in_the_final_evaluation_keeps_the_training_for_resume(make_recip
     ov = {"train.max_steps": 4, "train.save_every": save_every}
     full = run(make_recipe({**ov, "output_dir": tmp_path / "full"}))
     assert sorted(p.name for p in (tmp_path / "full" / "checkpoints").glob("step-*")) == (["step-3", "step-4"] if save_every else [])
-    evaluate_split = run_module.evaluate_split
+    export = run_module.export  # (the last step's evaluation is the final one's pass over data.eval: a stop in it stops
+    # the loop, test_a_stop_in_the_last_step_skips_its_evaluation_and_resume_makes_it)
 
     def stopped(*args, **kwargs):
         os.kill(os.getpid(), signum)
-        return evaluate_split(*args, **kwargs)
+        return export(*args, **kwargs)
 
-    monkeypatch.setattr(run_module, "evaluate_split", stopped)
+    monkeypatch.setattr(run_module, "export", stopped)
     with pytest.raises(TrainingInterrupted, match=r"interrupted after training \(step 4\), in the final evaluation or export: "
                        + ("checkpoint .*step-4 holds the trained model.*--resume" if save_every else "no checkpoint .*--overwrite")) as e:
         run(make_recipe({**ov, "output_dir": tmp_path / "part"}))

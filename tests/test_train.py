@@ -83,6 +83,54 @@ def test_keep_best_exports_the_best_evaluation(make_recipe):
     assert abs(s["metrics"]["eval"]["loss"] - last["loss"]) > 0.1, "the last step's weights were exported"
 
 
+@pytest.mark.parametrize("keep_best", [False, True])
+def test_the_last_steps_evaluation_is_the_final_one_and_data_eval_is_scored_once(make_recipe, monkeypatch, keep_best):
+    """The loop's evaluation at the last step and the final evaluation scored the same weights on data.eval twice. The
+    last step's is now the final one's pass (report, predictions and all), kept where the exported weights are that
+    step's; when keep_best exports an earlier step (forced here: step 2's accuracy reads 10), data.eval is scored again
+    with those weights."""
+    from peftlab.tasks import classification
+
+    evaluate, calls = classification.evaluate, []
+
+    def counted(*args, **kwargs):
+        metrics, report = evaluate(*args, **kwargs)
+        calls.append(dict(metrics))
+        if keep_best and len(calls) == 1:
+            metrics["accuracy"] = 10.0
+        return metrics, report
+
+    monkeypatch.setattr(classification, "evaluate", counted)
+    recipe = make_recipe({"train.max_steps": 4, "train.eval_every": 2, "train.keep_best": keep_best})
+    record = run(recipe)
+    assert [h["step"] for h in record["history"]] == [2, 4]
+    final = record["metrics"]["eval"]
+    if keep_best:  # step 2's weights, scored again: the real accuracy, not the 10 that chose them
+        assert record["best_step"] == 2 and len(calls) == 3 and final == calls[2] and final["accuracy"] <= 1
+    else:
+        assert record["best_step"] == 4 and len(calls) == 2 and final == calls[1]
+        assert {k: v for k, v in record["history"][-1].items() if k != "step"} == final
+    report = json.loads((recipe.out / "eval_report.json").read_text())
+    confusion = report["confusion"]
+    assert report["split"] == "eval" and sum(confusion[i][i] for i in range(2)) / report["n"] == pytest.approx(final["accuracy"])
+    assert len((recipe.out / "predictions-eval.jsonl").read_text().splitlines()) == 64
+
+
+def test_only_a_complete_in_loop_evaluation_stands_for_the_final_one():
+    """A loop evaluation without the tokenizer (a generated metric not kept) misses the generated metrics, and AdaLoRA
+    masks its ranks after the last step: the final evaluation then scores data.eval itself."""
+    from types import SimpleNamespace
+
+    from peftlab.methods import NoSchedule
+    from peftlab.train import final_form
+
+    cls, summ = (SimpleNamespace(task=SimpleNamespace(type=t)) for t in ("classification", "summarization"))
+    assert final_form(cls, SimpleNamespace(eval_context={}, schedule=NoSchedule()))
+    assert not final_form(cls, SimpleNamespace(eval_context={}, schedule=object()))
+    assert not final_form(summ, SimpleNamespace(eval_context={}, schedule=NoSchedule()))
+    assert final_form(summ, SimpleNamespace(eval_context={"tokenizer": 1}, schedule=NoSchedule()))
+
+
 @pytest.mark.parametrize("rows", [None, 40])
 def test_gradient_accumulation_matches_a_larger_batch(make_recipe, tmp_path, rows):
     """k micro-batches of B with accumulation = one batch of kB (no dropout, same data order). fp32: exact up to the
