@@ -284,7 +284,9 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = 
                                         state_dict=state_dict, predictions=predictions)
                         if recipe.export.merge and (merged := merge(job.work)) != job.work:  # a full model: nothing to merge
                             record.merged_dir = str(out / merged.relative_to(job.work))
-        job.commit()  # an --overwrite's new run replaces the old one only now, complete (no signal handler of ours around it)
+        accelerator.wait_for_everyone()  # the main process exported: only then may the new run replace an --overwrite's old one
+        if accelerator.is_main_process:  # (a rank with nothing to export swapped the staging folder in while the main one
+            job.commit()                 # still wrote into it: the old run and the new one were both lost)
         accelerator.wait_for_everyone()
     return record
 

@@ -108,6 +108,12 @@ def test_cli_launch_cpu_ddp_runs_two_ranks(make_recipe, tmp_path):
     assert record["processes"] == 2 and record["steps"] == 2 and record["train_examples"] == 40
     assert (out / "adapter_model.safetensors").is_file()
     assert "launching: ACCELERATE_USE_CPU=1" in proc.stderr and "cpu-ddp.yaml --num_processes 2 -m peftlab train" in proc.stderr
+    # an --overwrite on 2 ranks: rank 1, with nothing to export, swapped the staging folder in while rank 0 still wrote
+    # into it, and the old run and the new one were both lost ("unchanged", said the error)
+    sh([sys.executable, "-m", "peftlab.cli", "train", str(tmp_path / "recipe.yaml"), f"output_dir={out}", "train.epochs=2",
+        f"data.train.path={train}", "--launch", "cpu-ddp", "--num-processes", "2", "--overwrite"], cwd=tmp_path)
+    assert json.loads((out / "run.json").read_text())["steps"] == 4 and (out / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / ".launched.staging").exists()
 
 
 def test_a_rank_that_fails_is_one_clear_error_with_its_status(make_recipe, tmp_path):
