@@ -40,7 +40,7 @@ from .rundir import (
     same_inputs,
     sha256,
 )
-from .tasks import get_task, skip_unread
+from .tasks import get_task, unread_skipped
 from .trackers import resolve_trackers
 from .train import RunLog, adapter_folded, eval_loader, stop_at_once_on_signal, train
 
@@ -87,7 +87,6 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
                                "Run it from a writable working directory (its results go to runs/eval/)."))
     model, tokenizer = rebuild(out, recipe, run, precision=precision)
     model.requires_grad_(False)  # only scored: a full fine-tune's weights are frozen too (train.cast_frozen casts them once)
-    skip_unread(model, recipe)
     splits, _ = load_splits_for(recipe, split, run.label_names)
     data = build_data(recipe, tokenizer, splits=splits, label_names=run.label_names)
     accelerator = make_accelerator(recipe, precision)
@@ -167,7 +166,7 @@ def evaluate_split(model, ds, data, accelerator, recipe: Recipe, tokenizer):
     loader = accelerator.prepare(eval_loader(ds, recipe.eval.batch_size, data.eval_collate or data.collate))
     inner = accelerator.unwrap_model(model)
     cast = FrozenWeightsCast(inner, autocast_dtype(accelerator) if recipe.train.cast_frozen else None)
-    with adapter_folded(inner, recipe, accelerator), cast:  # folded first: the cast copies hold the folded weights
+    with unread_skipped(inner, recipe), adapter_folded(inner, recipe, accelerator), cast:  # folded first: the cast copies hold the folded weights
         metrics, report = get_task(recipe.task.type).evaluate(model, loader, accelerator, data.label_names, tokenizer=tokenizer,
                                                               recipe=recipe)
     return metrics, report, report.pop("predictions", None)

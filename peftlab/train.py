@@ -34,7 +34,7 @@ from .export import write_atomic_dir
 from .methods import NoSchedule, get_method
 from .model import MMAP_THRESHOLD, largest_weight_copy, map_large_allocations
 from .rundir import RECORD_FILE, TRAINER_STATE, atomic_write_text, checkpoint_path, checkpoints, log_path, seal_checkpoint
-from .tasks import get_task, lower_is_better, skip_unread
+from .tasks import get_task, lower_is_better, unread_skipped
 from .trackers import close_trackers, open_trackers
 
 log = logging.getLogger(__name__)
@@ -557,8 +557,6 @@ def setup(recipe: Recipe, model, data: TaskData, accelerator, tokenizer=None) ->
         from .fused_lora import use_fused_lora  # imports peft
 
         use_fused_lora(model)  # in place, after use_fast_dropout (it fuses FastDropout only); CPU training only at run time
-    if trimmed := skip_unread(model, recipe):
-        log.info("train.skip_unread: %d layer(s) compute only the positions the head reads", len(trimmed))
     release = t.release_memory == "always" or t.release_memory == "auto" and largest_weight_copy(model) >= MMAP_THRESHOLD
     if release and accelerator.device.type == "cpu":
         map_large_allocations()  # the per-matmul weight copies (and large activations) go back, not into a fragmented heap
@@ -620,20 +618,23 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: str | Path, *
     exported weights are the last step's does not score data.eval twice.
     A loss that turns inf/nan stops the run (TrainingDiverged): checked at log and save steps, not every step."""
     out, resume_from = Path(out), resume_from and Path(resume_from)
-    parts = setup(recipe, model, data, accelerator, tokenizer)
-    state, weights = load_checkpoint(accelerator, resume_from) if resume_from is not None else (TrainState(), None)
-    if state.step > parts.total:  # it would export a run longer than its recipe says, silently
-        raise ConfigError([f"--resume: checkpoint {resume_from} is at step {state.step}, past the {parts.total} steps this "
-                           f"recipe trains (train.max_steps / train.epochs). Resume with at least {state.step} steps, e.g. "
-                           f"train.max_steps={state.step}."])
-    if resume_from is not None:
-        schedule_from_here(parts.scheduler)
-    best = KeepBest(recipe.train, weights, parts.schedule)
-    loop(recipe, parts, data, accelerator, out, state, best, resumed=resume_from is not None, runlog=runlog,
-         last_evaluation=last_evaluation if final_form(recipe, parts) else None)
-    best.restore(accelerator.unwrap_model(parts.model), state)
-    check_weights_finite(parts.model, accelerator, state.step, recipe.train)
-    parts.schedule.finish()
+    with unread_skipped(model, recipe) as trimmed:  # (for the training only: the model handed back reads as loaded)
+        if trimmed:
+            log.info("train.skip_unread: %d layer(s) compute only the positions the head reads", len(trimmed))
+        parts = setup(recipe, model, data, accelerator, tokenizer)
+        state, weights = load_checkpoint(accelerator, resume_from) if resume_from is not None else (TrainState(), None)
+        if state.step > parts.total:  # it would export a run longer than its recipe says, silently
+            raise ConfigError([f"--resume: checkpoint {resume_from} is at step {state.step}, past the {parts.total} steps this "
+                               f"recipe trains (train.max_steps / train.epochs). Resume with at least {state.step} steps, e.g. "
+                               f"train.max_steps={state.step}."])
+        if resume_from is not None:
+            schedule_from_here(parts.scheduler)
+        best = KeepBest(recipe.train, weights, parts.schedule)
+        loop(recipe, parts, data, accelerator, out, state, best, resumed=resume_from is not None, runlog=runlog,
+             last_evaluation=last_evaluation if final_form(recipe, parts) else None)
+        best.restore(accelerator.unwrap_model(parts.model), state)
+        check_weights_finite(parts.model, accelerator, state.step, recipe.train)
+        parts.schedule.finish()
     return parts.model, state
 
 

@@ -116,13 +116,14 @@ def test_runs_with_and_without_skip_unread_train_to_the_same_losses(make_recipe,
     ov = {"train.epochs": 1, "train.log_every": 1}
     on = run(make_recipe({**ov, "output_dir": tmp_path / "on"}))
     off = run(make_recipe({**ov, "train.skip_unread": False, "output_dir": tmp_path / "off"}))
+    trimmed_layers[:] = [t for t in trimmed_layers if t]  # (an evaluation inside training finds the layer trimmed already)
     assert len(trimmed_layers) == 1 and len(trimmed_layers[0]) == 1  # the run with the option on, not the one with it off
     assert len(losses(tmp_path / "on")) > 4
     assert losses(tmp_path / "on") == pytest.approx(losses(tmp_path / "off"), rel=1e-4, abs=1e-6)
     assert on["metrics"]["eval"]["loss"] == pytest.approx(off["metrics"]["eval"]["loss"], rel=1e-4)
     trimmed = evaluate(tmp_path / "on", results_dir=tmp_path / "eval-on")
     full = evaluate(tmp_path / "on", overrides=["train.skip_unread=false"], results_dir=tmp_path / "eval-off")
-    assert len(trimmed_layers) == 2  # `peftlab evaluate` trims too, unless told not to
+    assert len([t for t in trimmed_layers if t]) == 2  # `peftlab evaluate` trims too, unless told not to
     assert trimmed["loss"] == pytest.approx(full["loss"], rel=1e-4) and trimmed["accuracy"] == full["accuracy"]
     assert trimmed["loss"] == pytest.approx(on["metrics"]["eval"]["loss"], rel=1e-4)
 
@@ -144,3 +145,22 @@ def test_the_trimmed_layer_under_activation_checkpointing_gives_the_same_gradien
     torch.testing.assert_close(got, full, rtol=1e-5, atol=1e-6)
     for name in full_grads:
         torch.testing.assert_close(grads[name], full_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_the_model_train_hands_back_has_its_full_last_layer(make_recipe, tmp_path):
+    """`train` (a building block) handed back the model with its last layer still trimmed: hidden_states[-1] held
+    position 0 only ([1, 1, H] for a row of 8 tokens). Trimmed for the training only, it reads as loaded afterwards."""
+    from accelerate import Accelerator
+
+    from peftlab import build_data, build_model, load_splits, train
+
+    recipe = make_recipe({"train.max_steps": 2, "train.eval_every": None})
+    splits, names = load_splits(recipe)
+    model, tokenizer, _ = build_model(recipe, num_labels=2, label_names=names)
+    data = build_data(recipe, tokenizer, splits=splits, label_names=names)
+    batch = tokenizer(["a gripping and lovely film"], return_tensors="pt")
+    width = batch["input_ids"].shape[1]
+    trained, _ = train(recipe, model, data, Accelerator(cpu=True), tmp_path / "blocks")
+    with torch.no_grad():
+        assert trained.eval()(**batch, output_hidden_states=True).hidden_states[-1].shape[1] == width > 1
+    assert not any("forward" in vars(m) for m in trained.modules() if type(m).__name__ == "BertLayer")

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import importlib
 from collections.abc import Callable
+from contextlib import contextmanager
 from types import ModuleType
 from typing import Any, Protocol
 
@@ -83,10 +84,19 @@ def task_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
 
 
-def skip_unread(model, recipe) -> list:
-    """train.skip_unread: the task's `trim` (if it has one) on `model`, in place -> the modules it changed."""
+@contextmanager
+def unread_skipped(model, recipe):
+    """train.skip_unread: the task's `trim` (if it has one) on `model`, in place, for the span of a with-block -> the
+    layers it changed. They get their own forward back afterwards, so the model `train` hands back reads as loaded (a
+    trimmed layer's hidden states hold position 0 only). A layer trimmed already (an evaluation inside training) is the
+    outer block's to give back."""
     trim = getattr(get_task(recipe.task.type), "trim", None)
-    return trim(model) if recipe.train.skip_unread and trim is not None else []
+    layers = trim(model) if recipe.train.skip_unread and trim is not None else []
+    try:
+        yield layers
+    finally:
+        for layer in layers:
+            del layer.forward
 
 
 def get_task(name: str) -> Task:

@@ -141,14 +141,15 @@ def trim(model) -> list:
     keys and values still come from every position, the query, attention output, feed-forward block, LayerNorms and
     dropouts from position 0 alone. The logits and gradients are those of the full layer (to float rounding); the
     work skipped is 10/12 of the last layer's matmuls at every other position (all-MiniLM-L6-v2: 1/8 of a step's).
-    -> the layers changed (`del layer.forward` undoes one); [] for other models, which are left as they are."""
+    -> the layers changed (`del layer.forward` undoes one: tasks.unread_skipped); [] for other models, which are left as
+    they are, and for a layer trimmed already."""
     layers = []
     for m in model.modules():
         config = getattr(m, "config", None)
         if type(m).__name__ != FIRST_POSITION_HEADS.get(getattr(config, "model_type", None)) or config.is_decoder:
             continue
         layer = m.base_model.encoder.layer[-1]
-        if _first_position_forward(layer):
+        if "forward" not in vars(layer) and _first_position_forward(layer):  # (not one trimmed already)
             layers.append(layer)
     return layers
 
