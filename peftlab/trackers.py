@@ -65,7 +65,8 @@ def _tracker(name: str, out: Path, run: str, resumed_at: int | None = None):
         return {} if env.get(var) else where
 
     if name == "tensorboard":
-        purge = {} if resumed_at is None else {"purge_step": resumed_at + 1}  # (SummaryWriter: events from that step on)
+        # (SummaryWriter hides the events from purge_step on: the checkpoint's step too, whose lines RunLog.open logs again)
+        purge = {} if resumed_at is None else {"purge_step": resumed_at}
         return cls("tb", str(out), **purge)  # its logging_dir/run_name: OUT/tb
     if name == "wandb":  # OUT/wandb/(offline-)run-*; a resumed run goes on in the stopped one's wandb run (its id)
         return cls(env.get("WANDB_PROJECT") or PROJECT, name=run, **unless("WANDB_DIR", dir=str(out)),
@@ -123,8 +124,8 @@ def open_trackers(recipe: Recipe, out: Path, resumed_at: int | None = None) -> l
     The loop owns them, not the Accelerator (`Accelerator(log_with=...)`): the Accelerator is built before the run
     folder is chosen (an --overwrite writes a staging folder), and `end_training()` also destroys the process group
     that evaluation and export still need after the loop. Their start/log/finish are Accelerate's all the same.
-    `resumed_at`: the checkpoint's step a resumed run goes on from (TensorBoard hides what the stopped run logged after
-    it, as log.jsonl drops those lines: each step shows once)."""
+    `resumed_at`: the checkpoint's step a resumed run goes on from (TensorBoard hides what the stopped run logged from
+    it on, as log.jsonl drops the lines after it; RunLog.open logs that step's kept lines again: each step shows once)."""
     report_to = recipe.train.report_to  # (a list; set from Python, maybe one name)
     started, names, given = [], resolve_trackers(report_to), report_to if isinstance(report_to, str) else ",".join(report_to)
     try:

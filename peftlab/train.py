@@ -57,41 +57,45 @@ class RunLog:
 
     def open(self, resumed_at: int | None = None) -> None:
         """Create the log and start the trackers, once. `resumed_at`: the checkpoint's step a resumed run goes on from
-        (the stopped run's lines after it go; TensorBoard hides its events after it)."""
+        (the stopped run's lines after it go; TensorBoard hides its events from it on and gets that step's lines again)."""
         if self.opened:
             return
         self.opened = True
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            if resumed_at is not None:
-                self.drop_after(resumed_at)
+            kept = self.drop_after(resumed_at) if resumed_at is not None else []
             self.path.touch()  # first: a folder the trackers wrote into is known as a run's (even after a kill -9 at step 1)
             self.trackers = open_trackers(self.recipe, self.out, resumed_at)  # one that cannot start: a fresh run leaves no
             # folder (Job.abandon: its log is empty)
+            for record in kept:  # TensorBoard hid the checkpoint's own step (a final evaluation logged there by the stopped
+                if record["step"] == resumed_at:  # session goes with it): that step's lines, again
+                    for tracker in self.trackers:
+                        if tracker.name == "tensorboard":
+                            tracker.log(scalars_of(record["kind"], record), step=resumed_at)
 
-    def drop_after(self, step: int) -> None:
+    def drop_after(self, step: int) -> list[dict]:
         """A resumed run logs again the steps after its checkpoint and its final evaluation: the stopped run's lines for
-        them (and a line a kill cut short) go, so each shows once."""
+        them (and a line a kill cut short) go, so each shows once. -> the records kept."""
         if self.path is None or not self.path.is_file():
-            return
+            return []
         kept = []
         for line in self.path.read_text(encoding="utf-8").splitlines():
             try:
                 record = json.loads(line)
                 if record["step"] <= step and not record["kind"].startswith("final_"):
-                    kept.append(line + "\n")
+                    kept.append(record)
             except (ValueError, KeyError, TypeError):
                 continue
-        atomic_write_text(self.path, "".join(kept))
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        return kept
 
     def write(self, step: int, kind: str, values: dict) -> None:
         if self.path is None:
             return
         with self.path.open("a", encoding="utf-8") as f:
             f.write(json.dumps({"step": step, "kind": kind, **values, "time": time.time()}) + "\n")
-        scalars = {f"{kind}/{k}": v for k, v in values.items() if isinstance(v, (int, float))}
         for tracker in self.trackers:
-            tracker.log(scalars, step=step)
+            tracker.log(scalars_of(kind, values), step=step)
 
     def close(self) -> None:
         close_trackers(self.trackers)
@@ -101,6 +105,11 @@ class RunLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def scalars_of(kind: str, values: dict) -> dict:
+    """A log line's numbers as the trackers get them: KIND/KEY (its step, kind and time are not scalars of the run)."""
+    return {f"{kind}/{k}": v for k, v in values.items() if k not in ("step", "kind", "time") and isinstance(v, (int, float))}
 
 
 @dataclass

@@ -310,3 +310,9 @@ def test_a_resumed_run_shows_each_step_once_in_tensorboard(make_recipe, tmp_path
     (part / "run.json").unlink()  # (the last step was checkpointed: train.save_every saves it too)
     run(make_recipe({**ov, "output_dir": part}), resume=True)
     assert [r["step"] for r in records(part, "final_eval")] == [6] and len(records(part, "train")) == 3
+    # ... and in TensorBoard: it kept the stopped session's final scores at the checkpoint's step (purged after it only)
+    events = EventAccumulator(str(part / "tb"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("final_eval/accuracy")] == [6]
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 4, 6] and [e.step for e in events.Scalars("eval/accuracy")] == [6]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in records(part, "train")])
