@@ -191,8 +191,16 @@ def export(out: str | Path, model, tokenizer, recipe: Recipe, record: RunRecord 
     library versions, the hardware and the weights' checksum (a dict of run.json entries is read as a RunRecord, for
     callers of the building blocks) -> that record, as written. `state_dict`: the full
     weights gathered from a sharded (FSDP / ZeRO-3) model; None = the model's own. `predictions`: {split: rows}, every
-    scored row of the split, written as predictions-SPLIT.jsonl (prediction next to reference)."""
+    scored row of the split, written as predictions-SPLIT.jsonl (prediction next to reference).
+
+    A folder that already holds a run (its run.json) is refused: the new files would lie among the old run's (another
+    method's weights beside its adapter_config.json, its predictions, log and merged/), and `load_trained` would load
+    the old adapter. `run` exports into a new folder, or an --overwrite's empty staging one."""
     out = Path(out)
+    if (out / RECORD_FILE).is_file():
+        raise ArtifactError(f"{out} already holds a run (its {RECORD_FILE}): exporting into it would mix the two runs' files, "
+                            "and load_trained would load the old one's weights. Export into a new folder; to replace a "
+                            "trained run, train it again with `peftlab train --overwrite` (run(..., overwrite=True)).")
     out.mkdir(parents=True, exist_ok=True)
     staging = out / ".staging"
     shutil.rmtree(staging, ignore_errors=True)

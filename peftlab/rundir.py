@@ -696,6 +696,10 @@ class RunDir:
                                 + (f"Its merged model is missing (stopped while merging?): `peftlab merge {self.out}` writes it. "
                                    if unmerged else "")
                                 + f"Evaluate it (peftlab eval {self.out}), or train it again with --overwrite.")
+        if work == self.staging and (self.staging / RECORD_FILE).is_file():  # (export refuses a folder holding a run)
+            raise ArtifactError(f"--resume: the --overwrite of {self.out} finished, in {self.staging}, but could not replace it: "
+                                f"there is nothing to resume. Move {self.staging} to {self.out} yourself, or train it again "
+                                "with --overwrite.")
         if work == self.out and not is_started(self.out):
             raise ArtifactError(f"--resume: there is no run in {self.out} to continue: start it without --resume.")
         if not checkpoints(work):

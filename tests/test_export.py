@@ -296,3 +296,21 @@ def test_export_of_a_record_with_only_a_name_writes_a_run_eval_reads(make_recipe
     written = read_run(recipe.out)[1]
     assert (written.method, written.task, written.label_names) == ("lora", "classification", ["negative", "positive"])
     assert 0 <= evaluate(recipe.out)["accuracy"] <= 1
+
+
+def test_export_refuses_a_folder_that_holds_a_run(trained, tmp_path):
+    """export(...) into a finished run's folder wrote a full model beside the old adapter_config.json, among the old
+    run's predictions and log: load_trained then loaded the old adapter, silently. Refused, nothing written."""
+    from peftlab import build_model
+    from peftlab.errors import ArtifactError
+    from peftlab.export import export
+
+    recipe, summary, out = trained
+    before = sorted(p.name for p in out.iterdir())
+    full = replace(recipe, adapter=replace(recipe.adapter, method="full", target_modules=None))
+    model, tok, _ = build_model(full, num_labels=2, label_names=["negative", "positive"])
+    with pytest.raises(ArtifactError, match=r"already holds a run \(its run.json\).*Export into a new folder.*--overwrite"):
+        export(out, model, tok, full, {"name": "full"}, {"eval": {}})
+    assert sorted(p.name for p in out.iterdir()) == before and not (out / "model.safetensors").exists()
+    export(tmp_path / "new", model, tok, full, {"name": "full"}, {"eval": {}})  # a new folder: written
+    assert type(load_trained(tmp_path / "new")[0]).__name__ == type(model).__name__

@@ -20,6 +20,7 @@ from peftlab.compose import compose
 from peftlab.errors import ArtifactError, ConfigError
 from peftlab.export import merge
 from peftlab.publish.card import card_text
+from peftlab.rundir import read_run
 from peftlab.tasks.multitask import TaskBlockSampler, block_counts, task_probabilities
 
 from .conftest import logits, minilm_tokenizer, synthetic_rows, write_tsv
@@ -338,10 +339,12 @@ def test_resume_continues_a_multitask_run_to_the_same_result(task_files, tmp_pat
     run(recipe_of(tmp_path, t, ["train.max_steps=10"]))
     import shutil
 
-    (tmp_path / "parts" / "run.json").unlink()  # as if the run had stopped after its step-10 checkpoint
-    shutil.rmtree(tmp_path / "parts" / "tasks")
-    resumed = run(recipe_of(tmp_path, t), resume=True)
-    assert resumed.steps == 20
+    (tmp_path / "parts" / "run.json").unlink()  # as if the run had stopped after its step-10 checkpoint, in its export:
+    first, *others = sorted((tmp_path / "parts" / "tasks").iterdir())  # one task's run written, the others not yet
+    for other in others:
+        shutil.rmtree(other)
+    resumed = run(recipe_of(tmp_path, t), resume=True)  # (the first task's folder, a run of its own, is exported again)
+    assert resumed.steps == 20 and read_run(first)[1].steps == 20
     for key, value in whole.metrics["eval"].items():
         assert resumed.metrics["eval"][key] == pytest.approx(value, abs=1e-5), key
 

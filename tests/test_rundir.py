@@ -501,3 +501,17 @@ def test_a_resume_that_changes_the_run_length_steps_at_the_new_schedules_rate(ma
         logged = {r["step"]: r["lr"] for r in map(json.loads, (part / "log.jsonl").read_text().splitlines())
                   if r.get("kind") == "train"}
         assert logged == pytest.approx({s: 5e-3 * (steps - s + 1) / steps for s in range(5, steps + 1)}, rel=1e-6), logged
+
+
+def test_resume_of_an_overwrite_that_finished_but_was_not_swapped_in_is_refused_before_training(tmp_path):
+    """An --overwrite whose run finished in its staging folder but could not replace the old run (a full disk) kept its
+    checkpoints there: --resume trained again, then exported into the staging folder, which holds a run (export refuses
+    it). Said before any work, with what to do."""
+    out = tmp_path / "out"
+    (out / "checkpoints" / "step-4").mkdir(parents=True)
+    (out / "run.json").write_text("{}")
+    folder = RunDir(out)
+    (folder.staging / "checkpoints" / "step-4").mkdir(parents=True)
+    (folder.staging / "run.json").write_text("{}")
+    with pytest.raises(ArtifactError, match=r"--overwrite of .*out finished, in .*staging, but could not replace it.*Move"):
+        folder.plan(resume=True, overwrite=False)

@@ -21,6 +21,7 @@ import copy
 import logging
 import math
 import re
+import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -456,6 +457,9 @@ def export(out: Path, model, tokenizer, recipe, record, metrics: dict, report: d
                       trainable_params=trainable, total_params=total, trainable_percent=100 * trainable / max(total, 1),
                       multitask={**info, "task": name})
         folder = out / "tasks" / name
+        # a --resume of a run stopped after exporting some tasks: their folders are this unfinished run's, exported again
+        # (export refuses a folder holding a run)
+        shutil.rmtree(folder, ignore_errors=True)
         export_one(folder, view, tokenizer, sub, rec, own, task_report(report, name))
         if recipe.export.merge:
             merge(folder)
