@@ -611,9 +611,30 @@ def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple | s
             raise ConfigError([f"the top level must be a mapping of sections (model:, data:, ...), got {type(tree).__name__}."], source)
     for key, value in parse_overrides(list(overrides), problems):
         _set_dotted(tree, key, value, problems)
+    return _from_tree(tree, problems, source, validate_files)
+
+
+def _from_tree(tree: dict, problems: list[str], source: str | None, validate_files: bool) -> Recipe:
+    """What follows the tree of plain values, for a file (`load_recipe`) and a Recipe changed in Python (`checked`)
+    alike: the tasks' data inherited from the top-level section, the base of model.from_run, the build and its checks;
+    which of a task's data keys were inherited is remembered, so a Python edit of the shared key reaches the task."""
+    own = {name: set(task["data"]) if isinstance(task.get("data"), dict) else None for name, task in task_trees(tree).items()}
     inherit_task_data(tree)
     base_from_run(tree)
-    return _checked_build(tree, problems, source, validate_files)
+    recipe = _checked_build(tree, problems, source, validate_files)
+    if recipe.multitask is not None and own:
+        written = recipe.to_dict()["multitask"]["tasks"]
+        for name, task in recipe.multitask.tasks.items():
+            if own.get(name) is not None and name in written:
+                task._inherited_data = {k: v for k, v in written[name]["data"].items() if k not in own[name]}
+    return recipe
+
+
+def task_trees(tree: dict) -> dict:
+    """multitask.tasks of a tree of plain values ({} where there is none, or it is no mapping)."""
+    multi = tree.get("multitask")
+    tasks = multi.get("tasks") if isinstance(multi, dict) else None
+    return {k: v for k, v in tasks.items() if isinstance(v, dict)} if isinstance(tasks, dict) else {}
 
 
 def _checked_build(tree: dict, problems: list[str], source: str | None, validate_files: bool) -> Recipe:
@@ -634,8 +655,27 @@ def checked(recipe: Recipe, *, validate_files: bool = True) -> Recipe:
     (`to_dict`: types checked, 1 -> 1.0 for a float, a Path -> its text), then every rule -> that new Recipe. `run`
     calls it, so `recipe.train.lr = -1; run(recipe)` is one ConfigError rather than a traceback mid-training. An
     attribute no field declares (`recipe.train.lrr = 1e-5`: to_dict leaves it out, so it was dropped silently) is an
-    unknown key, as in a file."""
-    return _checked_build(recipe.to_dict(), unknown_attributes(recipe), None, validate_files)  # ("invalid recipe:", not "... in the recipe:")
+    unknown key, as in a file. A multi-task recipe's tasks inherit the top-level data keys again (`r.data.max_length =
+    12` reaches every task that did not set its own, as in a file), the keys a task set itself or that were changed
+    on the task since are its own; a task built in Python owns the keys it sets to other values than the defaults."""
+    tree = recipe.to_dict()
+    drop_inherited(recipe, tree)
+    return _from_tree(tree, unknown_attributes(recipe), None, validate_files)  # ("invalid recipe:", not "... in the recipe:")
+
+
+def drop_inherited(recipe: Recipe, tree: dict) -> None:
+    """From `tree` (the plain values of `recipe`), each task's data keys that hold what they inherited when the recipe
+    was read (a task built in Python: a DataConfig default), so `inherit_task_data` sets them from the top level again."""
+    tasks = recipe.multitask.tasks if isinstance(recipe.multitask, MultiTaskConfig) and isinstance(recipe.multitask.tasks, dict) else {}
+    defaults = dataclasses.asdict(DataConfig())
+    for name, task in task_trees(tree).items():
+        data = task.get("data")
+        if not isinstance(data, dict):
+            continue
+        inherited = getattr(tasks.get(name), "_inherited_data", defaults)
+        for key in [k for k in data if k not in ("train", "eval", "test")]:
+            if key in inherited and data[key] == inherited[key]:
+                del data[key]
 
 
 def unknown_attributes(obj, prefix: str = "") -> list[str]:
@@ -644,6 +684,8 @@ def unknown_attributes(obj, prefix: str = "") -> list[str]:
     problems = []
     for key, value in vars(obj).items():
         where = f"{prefix}{key}"
+        if key.startswith("_"):  # peftlab's own bookkeeping (a task's _inherited_data), no recipe key
+            continue
         if key not in names:
             problems.append(f"{where}: unknown key (an attribute set from Python; the recipe has no such field, so it would "
                             f"change nothing).{key_hint(key, names)}")

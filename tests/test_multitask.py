@@ -8,6 +8,7 @@ import logging
 import random
 import re
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -89,6 +90,38 @@ def test_tasks_inherit_the_shared_data_keys_and_take_dotted_overrides(task_files
         recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert), ["multitask.tasks.pairr=null"])
     (tmp_path / "resolved.yaml").write_text(r.to_yaml())  # the resolved recipe a run writes reads back the same
     assert load_recipe(tmp_path / "resolved.yaml").multitask == r.multitask
+
+
+def test_a_python_edit_of_the_shared_data_reaches_the_tasks_as_an_override_does(task_files, tmp_path, tiny_bert):
+    """`r.data.max_length = 12` on a loaded multi-task recipe, then run(r): the check run makes (config.checked) did not
+    inherit the tasks' data again, so every task kept 32 while the run's recipe.yaml said 12. The same steps as a file
+    now: a task's own key (set in the file, or changed on the task in Python) stays its own."""
+    from dataclasses import asdict
+
+    from peftlab.config import DataConfig, MultiTaskConfig, Recipe, SubTaskConfig, TaskConfig, checked
+
+    r = recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert), ["multitask.tasks.topic.data.max_length=16"])
+    r.data.max_length, r.data.seed = 12, 5
+    r.multitask.tasks["pair"].data.seed = 9  # changed on the task itself: its own
+    c = checked(r)
+    assert c.to_dict() == recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert), [
+        "multitask.tasks.topic.data.max_length=16", "data.max_length=12", "data.seed=5",
+        "multitask.tasks.pair.data.seed=9"]).to_dict()
+    assert [c.multitask.tasks[n].data.max_length for n in ("senti", "topic", "pair")] == [12, 16, 12]
+    c.data.max_length = 20  # the checked copy inherits the same way again
+    assert checked(c).multitask.tasks["senti"].data.max_length == 20 and checked(c).multitask.tasks["topic"].data.max_length == 16
+    # built in Python: a task's keys left at their defaults are inherited, as left out of a file
+    files = {n: {k: str(task_files[f"{n}_{k}"]) for k in ("train", "dev")} for n in ("senti", "topic")}
+    built = Recipe(model=replace(Recipe().model, name=str(tiny_bert)), task=TaskConfig(type="multitask"),
+                   data=DataConfig(max_length=24),
+                   multitask=MultiTaskConfig(tasks={n: SubTaskConfig(data=DataConfig(**{"train": f["train"], "eval": f["dev"]},
+                                                                                     max_length=8 if n == "topic" else 128))
+                                                    for n, f in files.items()}))
+    built.multitask.tasks["topic"].data.label_names = TOPICS
+    built.multitask.tasks["senti"].data.label_names = ["negative", "positive"]
+    got = checked(built).multitask.tasks
+    assert (got["senti"].data.max_length, got["topic"].data.max_length) == (24, 8)
+    assert asdict(got["senti"].data)["train"]["path"] == files["senti"]["train"]
 
 
 @pytest.mark.parametrize("change, message", [
