@@ -496,7 +496,7 @@ def _build(cls, data: dict, prefix: str, problems: list[str]):
         before = len(problems)
         coerced = _coerce(value, hints[key], where, problems)
         if len(problems) == before or dataclasses.is_dataclass(coerced):  # a rejected leaf keeps its default, so
-            # validate() can still check the rest (a section is kept: its own bad leaves were already dropped)
+            # check_rules() can still check the rest (a section is kept: its own bad leaves were already dropped)
             kwargs[key] = coerced
     try:
         return cls(**kwargs)
@@ -642,7 +642,7 @@ def _checked_build(tree: dict, problems: list[str], source: str | None, validate
     ConfigError with these problems and those found before (`problems`)."""
     recipe = _build(Recipe, tree, "", problems)
     try:
-        validate(recipe, check_files=validate_files, source=source)
+        check_rules(recipe, check_files=validate_files, source=source)
     except ConfigError as e:
         problems.extend(e.problems)
     if problems:
@@ -650,7 +650,7 @@ def _checked_build(tree: dict, problems: list[str], source: str | None, validate
     return recipe
 
 
-def checked(recipe: Recipe, *, validate_files: bool = True) -> Recipe:
+def checked(recipe: Recipe, *, validate_files: bool = True, source: str | None = None) -> Recipe:
     """A Recipe built or changed in Python, checked as `load_recipe` checks a file: read back from its plain values
     (`to_dict`: types checked, 1 -> 1.0 for a float, a Path -> its text), then every rule -> that new Recipe. `run`
     calls it, so `recipe.train.lr = -1; run(recipe)` is one ConfigError rather than a traceback mid-training. An
@@ -660,7 +660,7 @@ def checked(recipe: Recipe, *, validate_files: bool = True) -> Recipe:
     on the task since are its own; a task built in Python owns the keys it sets to other values than the defaults."""
     tree = recipe.to_dict()
     drop_inherited(recipe, tree)
-    return _from_tree(tree, unknown_attributes(recipe), None, validate_files)  # ("invalid recipe:", not "... in the recipe:")
+    return _from_tree(tree, unknown_attributes(recipe), source, validate_files)  # (no source: "invalid recipe:", not "... in the recipe:")
 
 
 def drop_inherited(recipe: Recipe, tree: dict) -> None:
@@ -826,10 +826,26 @@ def _as_written(value, quote: bool = False) -> str:
     return str(value).lower() if isinstance(value, bool) else repr(value) if quote else str(value)
 
 
-def validate(recipe: Recipe, *, check_files: bool = True, source: str | None = None) -> None:
+def validate(recipe: Recipe | str | Path, *, check_files: bool = True, source: str | None = None) -> None:
     """Raise ConfigError listing every problem in `recipe` (field, value, fix); return None if it is sound.
 
-    `check_files=False` checks the recipe alone: the data it names (files, and that data.train is given) is not checked."""
+    `recipe`: a Recipe, checked as `run` checks it (`checked`: its values' types, attributes no field declares, a
+    section given as a path, the tasks' inherited data), or a recipe file's path, read as `load_recipe` reads it: what
+    validate passes, run accepts, and the other way round. `check_files=False` checks the recipe alone: the data it
+    names (files, and that data.train is given) is not checked. (`peftlab validate` also reads the data's columns and
+    the base: `run.check_data_and_base`.)"""
+    if isinstance(recipe, Recipe):
+        checked(recipe, validate_files=check_files, source=source)
+    elif isinstance(recipe, (str, PurePath)):
+        load_recipe(recipe, validate_files=check_files)
+    else:
+        raise ConfigError([f"validate(recipe={type(recipe).__name__} {recipe!r:.80}): give a Recipe (load_recipe's) or the "
+                           "path of a YAML recipe."], source)
+
+
+def check_rules(recipe: Recipe, *, check_files: bool = True, source: str | None = None) -> None:
+    """Raise ConfigError listing every problem of a Recipe already built from checked values (`_checked_build`): each
+    field's range and choices, and the rules between fields. `check_files=False`: the data it names is not checked."""
     p: list[str] = [msg for name, value, f, optional in _walk(recipe) if (msg := check_field(name, value, f, optional))]
 
     def need(cond: bool, msg: str) -> None:

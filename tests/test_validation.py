@@ -431,6 +431,30 @@ def test_run_validates_a_recipe_changed_in_python(make_recipe, key, value, said)
     assert not recipe.out.exists()  # refused before any work
 
 
+def test_validate_checks_a_recipe_as_run_does_and_takes_a_path(make_recipe, tmp_path, sentiment_files, tiny_bert):
+    """peftlab.validate(recipe) passed train.lr='abc' and an attribute no field declares (run refused both), crashed with
+    an AttributeError on a split given as a path (run accepts it), and validate('recipe.yaml') was a dataclasses
+    TypeError: it now checks a Recipe through `checked`, as run does, and reads a path as load_recipe does."""
+    from peftlab import validate as public_validate
+    from peftlab.config import DataConfig, ModelConfig
+
+    recipe = make_recipe()
+    recipe.train.lr, recipe.train.lrr = "abc", 1e-5
+    with pytest.raises(ConfigError, match=r"(?s)train.lrr: unknown key.*Did you mean 'lr'.*train.lr: expected float, got str 'abc'"):
+        public_validate(recipe)
+    shorthand = Recipe(model=ModelConfig(name=str(tiny_bert)), data=DataConfig(train=str(sentiment_files["train"])))
+    public_validate(shorthand)  # `train: FILE` is {path: FILE}, as in a file
+    path = tmp_path / "r.yaml"
+    path.write_text(make_recipe().to_yaml(), encoding="utf-8")
+    public_validate(path)
+    public_validate(str(path))
+    path.write_text(make_recipe({"train.lr": 1e-3}).to_yaml().replace("lr: 0.001", "lr: abc"), encoding="utf-8")
+    with pytest.raises(ConfigError, match=r"in .*r.yaml:\n  - train.lr: expected float, got str 'abc'"):
+        public_validate(path)
+    with pytest.raises(ConfigError, match=r"validate\(recipe=int 3\): give a Recipe \(load_recipe's\) or the path of a YAML recipe"):
+        public_validate(3)
+
+
 def test_the_python_api_takes_paths_and_says_what_it_refuses(make_recipe, tmp_path, monkeypatch):
     """run() takes a recipe path; a Path output_dir is written as text; one override string is one override; evaluate()
     refuses a split it does not score before loading the model; the building blocks take str output folders."""
