@@ -15,9 +15,10 @@ and generate) is checked before peft runs. Sources are run folders or Hub ids (s
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping
 from pathlib import Path
 
-from .errors import ArtifactError, ModelError
+from .errors import ArtifactError, ConfigError, ModelError
 from .export import load_trained
 from .publish import load_adapter
 from .rundir import BASE_KEYS, adapter_config, base_as_loaded, differences, read_run
@@ -28,6 +29,10 @@ BASE_ROWS = "__base__"  # peft's name, in a mixed batch's adapter_names, for row
 
 def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None):
     """-> (PeftModel in eval mode holding every adapter under its name, tokenizer); the first one is active."""
+    if not isinstance(sources, Mapping):  # (a list of folders: an AttributeError on .items; the names are peft's adapter names)
+        raise ConfigError([f"load_adapters(sources={type(sources).__name__} {sources!r:.80}): give a mapping of adapter name to "
+                           "run folder or hub id, e.g. {'sst2': 'runs/sst2', 'mrpc': 'runs/mrpc'}: each adapter is loaded "
+                           "under its name."], what="argument")
     if not sources:
         raise ArtifactError("load_adapters needs at least one {name: run folder or hub id}.")
     for name in sources:

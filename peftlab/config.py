@@ -16,6 +16,7 @@ import math
 import sys
 import types
 import typing
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, Union
@@ -349,6 +350,11 @@ class Recipe:
                                             "a head per task, shared or per-task adapters; null = one task.")
 
     def __post_init__(self):
+        if given := [f.name for f in dataclasses.fields(self) if isinstance(getattr(self, f.name), Mapping)]:
+            # Recipe(**yaml.safe_load(f)): the sections are plain mappings (an AttributeError on train.best_metric below)
+            raise ConfigError([f"Recipe({', '.join(f'{g}={{...}}' for g in given)}): a section given as a mapping. Recipe(...) takes "
+                               "the sections as their dataclasses (TrainConfig(...), DataConfig(...)); for the tree of plain values "
+                               "a YAML file gives, use load_recipe(tree), which also checks it."], what="argument")
         if self.train.best_metric is None:  # resolved here, so the written recipe.yaml names the metric used
             self.train.best_metric = default_best_metric(self.task.type)
 
@@ -575,23 +581,44 @@ def parse_overrides(overrides: list[str], problems: list[str]) -> list[tuple[str
     return out
 
 
-def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple | str = (), *, validate_files: bool = True) -> Recipe:
+def override_list(overrides, source: str | None = None) -> list[str]:
+    """Recipe overrides as every reader takes them (load_recipe, evaluate, merge) -> a list of KEY=VALUE strings: a list
+    (or tuple) of them; one string, one override (list("train.epochs=1") would be 14 one-character ones); None, none; a
+    mapping {KEY: value}, each value as the Python value it is (written as JSON, which YAML reads back: 1e-4, [a, b],
+    None as null). Anything else is one ConfigError saying what is taken."""
+    if overrides is None:
+        return []
+    if isinstance(overrides, str):
+        return [overrides]
+    if isinstance(overrides, Mapping):
+        return [f"{k}={json.dumps(v, default=str)}" for k, v in overrides.items()]
+    if not isinstance(overrides, (list, tuple)):  # (an int, a set) was a TypeError from deep inside
+        raise ConfigError([f"overrides={overrides!r}: expected a list of KEY=VALUE strings, e.g. ['train.lr=1e-4', 'train.epochs=1'], "
+                           "or a mapping, e.g. {'train.lr': 1e-4}."], source)
+    return list(overrides)
+
+
+def load_recipe(path: str | Path | Mapping | None = None, overrides: list[str] | tuple | str | Mapping = (), *,
+                validate_files: bool = True) -> Recipe:
     """Read a YAML recipe (None = the defaults of every field, which name no data: give data.train among the overrides;
     `peftlab train` without a recipe reads peftlab/recipes/quickstart.yaml), apply dotted overrides, type-check and validate.
 
-    `overrides`: a list of KEY=VALUE strings; a single string is one override (as `text_columns: sentence` is a
-    one-item list), None none. Raises ConfigError listing every problem found.
+    `path` may also be the recipe's tree itself, a mapping of sections as a YAML file gives it ({"model": {"name":
+    ...}, "data": {...}}): read the same way (a copy; the overrides applied to it). `overrides`: a list of KEY=VALUE
+    strings; a single string is one override (as `text_columns: sentence` is a one-item list), None none; a mapping
+    {KEY: value} sets each KEY to its Python value. Raises ConfigError listing every problem found.
     """
     problems: list[str] = []
-    source = str(path) if path else "the default recipe"
-    if isinstance(overrides, str):  # list("train.epochs=1") would be 14 one-character overrides
-        overrides = [overrides]
-    if overrides is None:
-        overrides = []
-    if not isinstance(overrides, (list, tuple)):  # (a dict's keys, or an int, was a TypeError from deep inside)
-        raise ConfigError([f"overrides={overrides!r}: expected a list of KEY=VALUE strings, e.g. ['train.lr=1e-4', 'train.epochs=1']."], source)
+    if path is not None and not isinstance(path, (str, PurePath, Mapping)):  # (a bytes path, an int, a Recipe)
+        what = " (a Recipe is already loaded: give it to run(), or change it and run() checks it)" if isinstance(path, Recipe) else ""
+        raise ConfigError([f"load_recipe({type(path).__name__} {path!r:.80}): give the path of a YAML recipe (str or Path), the "
+                           f"recipe's tree as a mapping, or None for the defaults{what}."], what="argument")
+    source = None if isinstance(path, Mapping) else str(path) if path else "the default recipe"
+    overrides = override_list(overrides, source)
     tree: dict = {}
-    if path is not None:
+    if isinstance(path, Mapping):
+        tree = copy.deepcopy(dict(path))  # (the caller's mapping stays as it was: overrides and inheritance write the tree)
+    elif path is not None:
         p = Path(path)
         if p.is_dir():
             inside = sorted(str(f) for f in p.glob("*.y*ml"))
@@ -826,21 +853,22 @@ def _as_written(value, quote: bool = False) -> str:
     return str(value).lower() if isinstance(value, bool) else repr(value) if quote else str(value)
 
 
-def validate(recipe: Recipe | str | Path, *, check_files: bool = True, source: str | None = None) -> None:
+def validate(recipe: Recipe | str | Path | Mapping, *, check_files: bool = True, source: str | None = None) -> None:
     """Raise ConfigError listing every problem in `recipe` (field, value, fix); return None if it is sound.
 
     `recipe`: a Recipe, checked as `run` checks it (`checked`: its values' types, attributes no field declares, a
-    section given as a path, the tasks' inherited data), or a recipe file's path, read as `load_recipe` reads it: what
+    section given as a path, the tasks' inherited data), or a recipe file's path (or its tree, a mapping), read as
+    `load_recipe` reads it: what
     validate passes, run accepts, and the other way round. `check_files=False` checks the recipe alone: the data it
     names (files, and that data.train is given) is not checked. (`peftlab validate` also reads the data's columns and
     the base: `run.check_data_and_base`.)"""
     if isinstance(recipe, Recipe):
         checked(recipe, validate_files=check_files, source=source)
-    elif isinstance(recipe, (str, PurePath)):
+    elif isinstance(recipe, (str, PurePath, Mapping)):
         load_recipe(recipe, validate_files=check_files)
     else:
-        raise ConfigError([f"validate(recipe={type(recipe).__name__} {recipe!r:.80}): give a Recipe (load_recipe's) or the "
-                           "path of a YAML recipe."], source)
+        raise ConfigError([f"validate(recipe={type(recipe).__name__} {recipe!r:.80}): give a Recipe (load_recipe's), the "
+                           "path of a YAML recipe or its tree as a mapping."], source, what="argument")
 
 
 def check_rules(recipe: Recipe, *, check_files: bool = True, source: str | None = None) -> None:

@@ -28,8 +28,8 @@ import torch
 
 from .accel import cpu_native_bf16
 from .bases import base_path, file_lock, gguf_key, load_tokenizer
-from .config import Recipe, load_recipe
-from .errors import ArtifactError, ModelNotFound
+from .config import Recipe, load_recipe, override_list
+from .errors import ArtifactError, ConfigError, ModelNotFound
 from .methods import get_method
 from .model import load_base
 from .rundir import (
@@ -242,6 +242,9 @@ def load_trained(out: str | Path, *, dequantize: bool = False, recipe: Recipe | 
     `recipe` overrides the run's own (e.g. another model.name for the base); `dequantize=True` swaps a quantized base's
     layers for float copies of their dequantized weights before the
     adapter is attached (what merge needs: peft then builds plain LoRA layers that merge exactly)."""
+    if recipe is not None and not isinstance(recipe, Recipe):  # (a path or a name: an AttributeError deep in rebuild)
+        raise ConfigError([f"load_trained(recipe={type(recipe).__name__} {recipe!r:.80}): give a Recipe (load_recipe(...), e.g. the "
+                           "run's own from read_run(out) with model.name changed), or None for the run's own."], what="argument")
     saved, run = read_run(out)
     recipe = recipe or saved
     model, tokenizer = rebuild(out, recipe, run, dequantize=dequantize, adapter_name=adapter_name)
@@ -333,10 +336,11 @@ def check_source_unchanged(out: Path, recipe: Recipe, run: RunRecord) -> None:
 MERGE_OVERRIDES = ("model.name", "model.revision")  # where the base is found: a published adapter of a local base
 
 
-def merge(out: str | Path, *, force: bool = False, overrides: list[str] | tuple = ()) -> Path:
+def merge(out: str | Path, *, force: bool = False, overrides: list[str] | tuple | str | dict = ()) -> Path:
     """Fold a LoRA adapter into its base and write a standalone model to OUT/merged. Idempotent: a merged folder
     made from the same adapter weights is left as it is. `overrides`: model.name=FOLDER (and model.revision), where
-    the recipe's base is not here (a published adapter names a local base by its folder name)."""
+    the recipe's base is not here (a published adapter names a local base by its folder name); one KEY=VALUE string,
+    a list, or a mapping {KEY: value}, as load_recipe takes them."""
     out = Path(out)
     identity = folder_identity(out)
     recipe, run, recipe_text = merge_source(out, overrides)
@@ -355,11 +359,11 @@ def merge(out: str | Path, *, force: bool = False, overrides: list[str] | tuple 
         return _merge(out, recipe, run, recipe_text, metrics, identity, force)
 
 
-def merge_source(out: Path, overrides: list[str] | tuple | str = ()) -> tuple[Recipe, RunRecord, str]:
+def merge_source(out: Path, overrides: list[str] | tuple | str | dict = ()) -> tuple[Recipe, RunRecord, str]:
     """-> (recipe, run record, recipe text) a merge of run `out` uses: its own, with model.name/model.revision
     overrides (where its base is); the text names the base merged into."""
     recipe, run = read_run(out)
-    overrides = [overrides] if isinstance(overrides, str) else list(overrides)  # one KEY=VALUE string, or a list
+    overrides = override_list(overrides)  # one KEY=VALUE string, a list, or a mapping {KEY: value}
     if other := [o for o in overrides if o.split("=", 1)[0].strip() not in MERGE_OVERRIDES]:
         raise ArtifactError(f"merge takes {' and '.join(MERGE_OVERRIDES)} only (where its base is), not {', '.join(other)}: "
                             "the adapter is merged as it was trained.")

@@ -13,7 +13,8 @@ import logging
 import os
 import sys
 import time
-from pathlib import Path
+from collections.abc import Mapping
+from pathlib import Path, PurePath
 
 import yaml
 from accelerate.utils import set_seed
@@ -21,7 +22,16 @@ from accelerate.utils import set_seed
 from . import distill
 from .accel import FrozenWeightsCast, autocast_dtype, make_accelerator, resolve_precision, shards_weights
 from .bases import gguf_key
-from .config import EVAL_SPLITS, Recipe, checked, from_run_problems, load_recipe, unread_quant_options, unread_task_options
+from .config import (
+    EVAL_SPLITS,
+    Recipe,
+    checked,
+    from_run_problems,
+    load_recipe,
+    override_list,
+    unread_quant_options,
+    unread_task_options,
+)
 from .data import build_data, column_problems, load_splits
 from .errors import ArtifactError, ConfigError
 from .export import export, merge, predictions_jsonl, rebuild
@@ -50,7 +60,8 @@ log = logging.getLogger(__name__)
 def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple = (), results_dir: str | Path | None = None) -> dict:
     """Evaluate a finished run (adapter, full model or merged folder) on a split of its recipe's data -> metrics.
 
-    `overrides` change the run's recipe (other data, another base via model.name; one KEY=VALUE string or a list);
+    `overrides` change the run's recipe (other data, another base via model.name; one KEY=VALUE string, a list, or a
+    mapping {KEY: value}, as load_recipe takes them);
     eval-SPLIT.json (and predictions) are written to `results_dir`, by default the run folder itself, or, with overrides
     or for a folder that is no training run (a published folder, a hub download: a later publish there would refuse the
     extra files), `runs/eval/NAME-TAG/` (from the working directory; `overrides_tag`): an evaluation of a changed recipe
@@ -59,8 +70,8 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     if split not in EVAL_SPLITS:
         raise ConfigError([f"split={split!r}: an evaluation scores one of {', '.join(EVAL_SPLITS)} (eval: the split the run "
                            "selected on; test: data.test). For other rows, give them as the test split: "
-                           "split='test', overrides=['data.test.path=FILE']."])
-    out, overrides = Path(out), [overrides] if isinstance(overrides, str) else list(overrides)
+                           "split='test', overrides=['data.test.path=FILE']."], what="argument")
+    out, overrides = Path(out), override_list(overrides)
     identity = folder_identity(out)
     trained, run = read_run(out)
     if hasattr(task := get_task(trained.task.type), "refuse_loading"):  # a multi-task run: evaluate its tasks' runs
@@ -200,10 +211,17 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = 
     """Train, evaluate and export one recipe; return its record (also in OUT/run.json, metrics in OUT/metrics.json).
 
     `recipe`: a Recipe (from `load_recipe`, maybe changed since: it is checked again as `load_recipe` checks a file, so a
-    bad value is a ConfigError before any work; the run uses that checked copy) or the path of a YAML recipe.
+    bad value is a ConfigError before any work; the run uses that checked copy), the path of a YAML recipe, or the
+    recipe's tree as a mapping (what a YAML file holds), read by `load_recipe`.
     The output folder is locked while the run writes it; an --overwrite is built beside it and replaces the old run
     only once it finished (peftlab/rundir.py), so a failed run never costs the previous one."""
-    recipe = load_recipe(recipe) if isinstance(recipe, (str, Path)) else checked(recipe)
+    if isinstance(recipe, (str, PurePath, Mapping)):
+        recipe = load_recipe(recipe)
+    elif isinstance(recipe, Recipe):
+        recipe = checked(recipe)
+    else:  # (None, a number: an AttributeError on to_dict)
+        raise ConfigError([f"run(recipe={type(recipe).__name__} {recipe!r:.80}): give a Recipe (load_recipe's), the path of a "
+                           "YAML recipe, or the recipe's tree as a mapping."], what="argument")
     folder = RunDir(recipe.out)
     precision = resolve_precision(recipe.train.precision)
     accelerator = make_accelerator(recipe, precision, unused_parameters=getattr(get_task(recipe.task.type), "unused_parameters", False))

@@ -244,9 +244,10 @@ def test_a_label_column_that_is_also_a_text_column_is_refused(overrides, needle)
 
 @pytest.mark.parametrize("overrides, needle", [([1], "override 1: expected a KEY=VALUE string"),
                                                (["train.lr=1e-4", None], "override None: expected a KEY=VALUE string"),
-                                               ({"train.lr": 1e-4}, "expected a list of KEY=VALUE strings")])
+                                               ({"train.lr=1e-4"}, "expected a list of KEY=VALUE strings.*or a mapping")])
 def test_overrides_that_are_not_strings_are_refused(overrides, needle):
     """An override that was no string (from Python) was an AttributeError ('int' object has no attribute 'partition')."""
     with pytest.raises(ConfigError, match=needle):
         load_recipe(None, overrides, validate_files=False)
     assert load_recipe(None, None, validate_files=False).train.lr == 5e-4  # None: no overrides
+    assert load_recipe(None, {"train.lr": 1e-4}, validate_files=False).train.lr == 1e-4  # a mapping: each key to its value

@@ -451,8 +451,48 @@ def test_validate_checks_a_recipe_as_run_does_and_takes_a_path(make_recipe, tmp_
     path.write_text(make_recipe({"train.lr": 1e-3}).to_yaml().replace("lr: 0.001", "lr: abc"), encoding="utf-8")
     with pytest.raises(ConfigError, match=r"in .*r.yaml:\n  - train.lr: expected float, got str 'abc'"):
         public_validate(path)
-    with pytest.raises(ConfigError, match=r"validate\(recipe=int 3\): give a Recipe \(load_recipe's\) or the path of a YAML recipe"):
+    with pytest.raises(ConfigError, match=r"validate\(recipe=int 3\): give a Recipe \(load_recipe's\), the path of a YAML recipe or its tree"):
         public_validate(3)
+
+
+def test_the_python_api_takes_a_recipe_mapping_and_dict_overrides_and_names_a_wrong_argument(make_recipe, tmp_path):
+    """run(dict) / run(None) / run(123) were AttributeErrors on to_dict, load_recipe(dict) a pathlib TypeError,
+    Recipe(**yaml_tree) an AttributeError on best_metric, load_trained(out, recipe='x'), load_adapters([folder]) and
+    compose(folder, 1, out) tracebacks from deep inside; evaluate's and merge's overrides as a dict were read as 'expected
+    KEY=VALUE' about its keys, and evaluate(split='dev') was headed 'invalid recipe'. A recipe's tree (a mapping) is read
+    as a file is, a dict of overrides sets each key to its value, every other wrong argument is one ConfigError."""
+    from peftlab import compose, evaluate, load_adapters, load_trained, merge
+
+    recipe = make_recipe({"train.max_steps": 1, "train.eval_every": None})
+    tree = yaml.safe_load(recipe.to_yaml())
+    from_tree = load_recipe(tree, {"train.lr": 1e-3, "data.label_names": ["negative", "positive"], "train.eval_every": None})
+    (tmp_path / "tree.yaml").write_text(recipe.to_yaml(), encoding="utf-8")
+    assert from_tree.to_dict() == load_recipe(tmp_path / "tree.yaml", ["train.lr=1e-3", "data.label_names=[negative, positive]",
+                                                                        "train.eval_every=null"]).to_dict()
+    assert tree == yaml.safe_load(recipe.to_yaml())  # the caller's mapping is not changed
+    with pytest.raises(ConfigError, match=r"invalid recipe:\n  - train.lr: expected float, got str 'abc'"):
+        run({**tree, "train": {**tree["train"], "lr": "abc"}})  # a mapping goes through load_recipe
+    for bad in (None, 123):
+        with pytest.raises(ConfigError, match=rf"invalid argument:\n  - run\(recipe=\w+ {bad}\): give a Recipe .*mapping"):
+            run(bad)
+    with pytest.raises(ConfigError, match=r"load_recipe\(bytes b'x.yaml'\): give the path of a YAML recipe"):
+        load_recipe(b"x.yaml")
+    with pytest.raises(ConfigError, match=r"Recipe\(model=\{...\}.*a section given as a mapping.*load_recipe\(tree\)"):
+        Recipe(**tree)
+    with pytest.raises(ConfigError, match=r"load_trained\(recipe=str 'x'\): give a Recipe"):
+        load_trained(tmp_path, recipe="x")
+    with pytest.raises(ConfigError, match=r"load_adapters\(sources=list .*give a mapping of adapter name to run folder"):
+        load_adapters([str(tmp_path)])
+    with pytest.raises(ConfigError, match=r"compose\(outs='.*', weights=1\): give a list of two or more run folders"):
+        compose(str(tmp_path), 1, tmp_path / "c")
+
+    out = run(from_tree) and from_tree.out
+    with pytest.raises(ConfigError, match=r"^invalid argument:\n  - split='dev'"):
+        evaluate(out, split="dev")
+    with pytest.raises(ConfigError, match=r"adapter.r=2: an evaluation loads the run's weights as trained"):
+        evaluate(out, overrides={"adapter.r": 2})  # (was: "override 'adapter.r': expected KEY=VALUE")
+    with pytest.raises(FileNotFoundError, match=r"merge takes model.name and model.revision only .*not adapter.r=2"):
+        merge(out, overrides={"adapter.r": 2})
 
 
 def test_the_python_api_takes_paths_and_says_what_it_refuses(make_recipe, tmp_path, monkeypatch):
