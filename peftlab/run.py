@@ -34,7 +34,7 @@ from .config import (
 )
 from .data import build_data, column_problems, load_splits
 from .errors import ArtifactError, ConfigError
-from .export import export, merge, predictions_jsonl, rebuild
+from .export import check_destination, export, merge, predictions_jsonl, rebuild
 from .methods import get_method
 from .model import build_model, model_problems, num_layers_problems
 from .rundir import (
@@ -91,6 +91,10 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     if results_dir is None:
         results_dir = EVAL_DIR / f"{out.resolve().name}-{overrides_tag(overrides, out.resolve())}" if overrides or not holds_run(out) else out
     results = Path(results_dir)
+    if results.exists() and not results.is_dir():  # before the model loads: was a FileExistsError after the whole evaluation
+        raise ArtifactError(f"results_dir {results} is a file: the evaluation writes eval-{split}.json into a folder. Give a "
+                            "folder (a new one is made), or leave results_dir out.")
+    check_destination(results, "results_dir", folder=True)  # (one that lies under a file)
     writable = results if results.is_dir() else next(p for p in results.absolute().parents if p.exists())
     if not os.access(writable, os.W_OK | os.X_OK):  # before the model loads: not after the whole evaluation
         raise ArtifactError(f"cannot write the evaluation (eval-{split}.json) to {results}: {writable} is not writable. "

@@ -16,7 +16,7 @@ import yaml
 from peftlab import load_recipe, load_splits, run
 from peftlab.cli import main
 from peftlab.config import Recipe, _walk, validate
-from peftlab.errors import ConfigError, DataError, ModelError
+from peftlab.errors import ArtifactError, ConfigError, DataError, ModelError
 
 from .conftest import REPO, SHARED, synthetic_rows, write_tsv
 
@@ -514,6 +514,11 @@ def test_the_python_api_takes_paths_and_says_what_it_refuses(make_recipe, tmp_pa
         evaluate(tmp_path / "api", split="train")
     with pytest.raises(FileNotFoundError, match="no data.test split"):
         evaluate(tmp_path / "api", split="test")
+    # results_dir an existing file (or under one): was a FileExistsError once the whole evaluation had run
+    with pytest.raises(ArtifactError, match=r"results_dir .*api.yaml is a file: the evaluation writes eval-eval.json into a folder"):
+        evaluate(tmp_path / "api", results_dir=path)
+    with pytest.raises(ArtifactError, match=r"results_dir .*api.yaml/x cannot be created: .*api.yaml is a file"):
+        evaluate(tmp_path / "api", results_dir=path / "x")
     monkeypatch.undo()
 
     splits, names = load_splits(recipe)
