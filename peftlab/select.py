@@ -37,7 +37,7 @@ import tempfile
 import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
 
 import numpy as np
 import torch
@@ -505,7 +505,10 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
     -> rows ranked by `rank_by` (default: the probe when it runs, else the first proxy), best first.
 
     `overrides` maps a candidate (as given) or a method to extra recipe overrides for it, e.g. {"full": ["train.lr=5e-5"]}
-    (the base's apply to the feature proxies too; the method's only to `steps`)."""
+    (the base's apply to the feature proxies too; the method's only to `steps`). `candidates`, `methods` and `proxies`
+    are lists; a single string is one item (as load_recipe takes one override), not its characters."""
+    one = lambda v: [str(v)] if isinstance(v, (str, PurePath)) else v  # noqa: E731  ("/path/to/model" was 14 one-letter candidates)
+    candidates, methods, proxies = one(candidates), one(methods), one(proxies)
     proxies = list(dict.fromkeys(proxies))
     rank_by = ranked_by(proxies, rank_by)
     problems = [f"proxy {p!r}: no such proxy; choose from {', '.join(PROXIES)}." for p in proxies if p not in PROXIES]

@@ -434,3 +434,11 @@ def test_the_steps_proxy_runs_a_recipe_that_stops_early(make_recipe, tiny_bert):
     rows = select(make_recipe({"train.eval_every": 4, "train.early_stopping": 2}), [str(tiny_bert)], proxies=["steps"],
                   steps=1, max_rows=48, folds=3)
     assert not rows[0].error and 0 <= rows[0].estimates["steps"].value <= 1
+
+
+def test_a_single_candidate_or_proxy_string_is_one_item(make_recipe, tiny_bert):
+    """select(recipe, "/path/to/model", proxies="probe") iterated each string: a candidate per character of the path
+    (each 'not found'), a proxy per letter ('p', 'r', ...: no such proxy). One string is one item, as one override is."""
+    (row,) = select(make_recipe(), str(tiny_bert), proxies="probe", max_rows=48, folds=3)
+    assert row.base == str(tiny_bert) and set(row.estimates) == {"probe"} and row.rank == 1
+    assert [r.base for r in select(make_recipe(), tiny_bert, proxies="probe", max_rows=48, folds=3)] == [str(tiny_bert)]  # a Path
