@@ -106,7 +106,7 @@ class _Base:
 class _Candidate:
     base: str
     method: str
-    recipe: Recipe  # what a run of this candidate would train: the steps proxy runs it
+    recipe: Recipe  # what a run of this candidate would train: the steps proxy runs it (a refused one: the recipe as given)
     features: Recipe  # the same without the method's own --set overrides: the probe and LogME read the base through it
     refused: str | None = None  # what `peftlab validate` finds against this candidate's recipe: it gets a failed row, no compute
 
@@ -181,8 +181,11 @@ def build_candidates(recipe: Recipe, bases: list[str], methods: list[str] | None
     `peftlab validate` finds against one candidate's base (model.model_problems: the task's tokenizer check, e.g. no chat
     template for a chat verbalizer; the task's model class for its architecture; data.max_length against its positions)
     refuses that candidate only (its `refused`): the recipe could not train it, so its figures would rank what cannot
-    be chosen; the others go on."""
+    be chosen; the others go on. So does a combination the recipe's own checks refuse (a 4-bit recipe with
+    adapter.method=full, a --set for one base that its method cannot take): the valid candidates are still ranked. A
+    name that is no method or no model is a typo, not a candidate: it stops the selection, every such name said at once."""
     from .bases import resolve_model_path
+    from .methods import method_names
     from .model import model_problems
 
     if not bases:
@@ -193,16 +196,29 @@ def build_candidates(recipe: Recipe, bases: list[str], methods: list[str] | None
     if unknown:
         raise SelectError([f"--set {k}:...: {k!r} is neither a candidate ({', '.join(bases)}) nor a method ({', '.join(methods)}); "
                            "extra overrides are given per candidate or per method, as NAME:KEY=VALUE." for k in unknown])
-    for base in bases:
+    if unknown := [m for m in methods if m not in method_names()]:  # a typo stops the selection, as a base's does
+        raise ConfigError([f"--methods {m!r}: no such method; choose from {', '.join(method_names())} (adapter.method='{m}')."
+                           for m in unknown])
+    missing = []
+    for base in bases:  # every name that resolves to no model, at once: one rerun fixes them all
         try:
             resolve_model_path(base, recipe.model.revision)
         except ModelNotFound as e:
-            raise ModelNotFound(f"candidate {base!r}: {e}") from None
+            missing.append(f"candidate {base!r}: {one_line(e)}")
+    if missing:
+        raise ModelNotFound(missing[0] if len(missing) == 1 else
+                            f"{len(missing)} candidates resolve to no model:" + "".join(f"\n  - {m}" for m in missing))
     out = []
     for base in bases:
         for method in methods:
             where = f"candidate {base_label(base)} with adapter.method={method}"
-            full = derive(recipe, candidate_overrides(recipe, base, method, overrides), where)
+            try:
+                full = derive(recipe, candidate_overrides(recipe, base, method, overrides), where)
+            except ConfigError as e:  # what `peftlab validate` refuses for this base x method (and its --set): a failed row
+                refused = " ".join(one_line(problem) for problem in e.problems)
+                log.error("select: %s %s refused: %s", base_label(base), method, refused)
+                out.append(_Candidate(base, method, recipe, recipe, refused))
+                continue
             features = full
             if overrides.get(method):  # the base's features without the method's own overrides (where it is valid without them)
                 with contextlib.suppress(ConfigError):

@@ -442,3 +442,30 @@ def test_a_single_candidate_or_proxy_string_is_one_item(make_recipe, tiny_bert):
     (row,) = select(make_recipe(), str(tiny_bert), proxies="probe", max_rows=48, folds=3)
     assert row.base == str(tiny_bert) and set(row.estimates) == {"probe"} and row.rank == 1
     assert [r.base for r in select(make_recipe(), tiny_bert, proxies="probe", max_rows=48, folds=3)] == [str(tiny_bert)]  # a Path
+
+
+def test_a_combination_the_recipe_refuses_is_a_failed_row_and_every_bad_name_is_said(make_recipe, tiny_bert, tmp_path, monkeypatch):
+    """A 4-bit recipe with --methods lora full: full's ConfigError (quantized weights cannot train) stopped the whole
+    command before any compute, so the valid lora candidate was never ranked; a 4-bit --set on one of two bases did the
+    same. Such a candidate is now a failed row, as `peftlab validate`'s other refusals are. And `--candidates` with two
+    names that resolve to nothing named the first only: a rerun then found the second."""
+    from peftlab import select as sel
+
+    encoded, encode = [], sel.encode
+    monkeypatch.setattr(sel, "encode", lambda recipe, *a: encoded.append(recipe.adapter.method) or encode(recipe, *a))
+    recipe = make_recipe()
+    rows = select(recipe, [str(tiny_bert)], ["lora", "full"], proxies=["probe"], max_rows=48, folds=3,
+                  overrides={"full": ["quant.mode=4bit"]})
+    good, bad = rows
+    assert good.method == "lora" and good.rank == 1 and math.isfinite(good.estimates["probe"].value)
+    assert bad.method == "full" and bad.rank == 0 and "quant.mode=4bit with adapter.method=full" in bad.error
+    assert encoded == ["lora"]  # the refused candidate was never loaded
+    assert main(["select", str(tmp_path / "recipe.yaml"), "--candidates", str(tiny_bert), "--methods", "lora", "full",
+                 "--set", "full:quant.mode=4bit", "--proxies", "probe", "--max-rows", "48", "--folds", "3"]) == 0
+    with pytest.raises(SelectError, match="candidate tiny-bert\\d* \\(full\\): quant.mode=4bit with adapter.method=full"):
+        select(recipe, [str(tiny_bert)], ["full"], overrides={"full": ["quant.mode=4bit"]})  # every candidate refused: one error
+    with pytest.raises(ModelNotFound) as e:
+        select(recipe, [str(tiny_bert), "./no/such/base", "./nor/this"])
+    assert "2 candidates resolve to no model" in str(e.value) and "'./no/such/base'" in str(e.value) and "'./nor/this'" in str(e.value)
+    with pytest.raises(ConfigError, match="--methods 'lroa': no such method"):
+        select(recipe, [str(tiny_bert)], ["lora", "lroa"])
