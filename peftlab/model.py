@@ -277,7 +277,7 @@ def decoder_only(config) -> bool:
 def architecture_problems(recipe: Recipe, config) -> list[str]:
     """What the recipe cannot do with a base of this architecture (`validate` from its config, `train` at build)."""
     problems = [p for p in [causal_lm_problem(recipe, config)] if p]
-    if not getattr(config, "is_encoder_decoder", False) and prefix_cannot_generate(recipe):
+    if prefix_cannot_generate(recipe):
         problems.append(PREFIX_GENERATING)
     if recipe.task.type == "classification" and recipe.adapter.method in ("prompt_tuning", "p_tuning"):
         if decoder_only(config):

@@ -58,15 +58,18 @@ PROMPT_ON_SEQ2SEQ_CLASSIFIER = ("adapter.method={method} on an encoder-decoder c
 
 
 # peft's generate with a prefix (past key values in front) writes other tokens than greedy decoding of the model as
-# trained computes, with the cache or without it (a 2-layer Llama: from the third new token on); the tasks that
-# generate refuse it (tasks/sft.py: check), and the model build for a decoder that would generate
-PREFIX_GENERATING = ("adapter.method=prefix_tuning cannot generate faithfully with this transformers/peft: its generated "
-                     "text differs from greedy decoding of the model it trains, so the scores would be of another model. "
+# trained computes, with the cache or without it (a 2-layer Llama: from the third new token on). On an encoder-decoder
+# (T5, BART) transformers drops the prefix in generate ("Both past_key_values and cache are set ... Using cache"): the
+# text is the untrained base's, token for token, while the loss is the adapter's. The tasks that generate refuse it
+# (tasks/sft.py, tasks/summarization.py: check), and so does the model build, for either architecture.
+PREFIX_GENERATING = ("adapter.method=prefix_tuning cannot generate faithfully with this transformers/peft: on a decoder its "
+                     "generated text differs from greedy decoding of the model it trains, and on an encoder-decoder (T5, BART) "
+                     "generation drops the prefix and writes the base model's text, so the scores would be of another model. "
                      "Use prompt_tuning or p_tuning (or lora).")
 
 
 def prefix_cannot_generate(recipe: Recipe) -> bool:
-    """Prefix tuning for a task that generates (on a decoder: the caller knows the model)."""
+    """Prefix tuning for a task that generates, on any architecture (see PREFIX_GENERATING)."""
     from ..tasks import get_task
 
     return recipe.adapter.method == "prefix_tuning" and getattr(get_task(recipe.task.type), "generates", False)
@@ -75,7 +78,7 @@ def prefix_cannot_generate(recipe: Recipe) -> bool:
 def apply_prefix(model: nn.Module, recipe: Recipe, head_modules: list[str], task_type: str) -> nn.Module:
     if task_type == "SEQ_CLS":
         raise ModelError(PREFIX_ON_CLASSIFICATION)
-    if task_type == "CAUSAL_LM" and prefix_cannot_generate(recipe):
+    if prefix_cannot_generate(recipe):  # CAUSAL_LM or SEQ_2_SEQ_LM: a model built past validation (the Python API)
         raise ModelError(PREFIX_GENERATING)
     return apply_peft("PrefixTuningConfig", virtual_tokens, model, recipe, head_modules, task_type, layers=False)
 

@@ -61,8 +61,8 @@ class Task(Protocol):
     #   and adapters of the tasks not in the batch); DDP is then told to look for them (find_unused_parameters).
     # - check_tokenizer(tokenizer, recipe): raises the error tokenizing would (e.g. no chat template), so `validate` says it.
     # - options = ("prompt", ...): the task.* keys it reads besides task.type; one of the others set is warned about (config.unread_task_options).
-    # - generates = True: its evaluation generates text (sft, summarization): a method that cannot generate faithfully on
-    #   a decoder (prefix tuning with this peft) is refused (methods/prompt.py).
+    # - generates = True: its evaluation generates text (sft, summarization): a method that cannot generate faithfully
+    #   (prefix tuning with this transformers/peft, on a decoder or an encoder-decoder) is refused (methods/prompt.py).
     # A task made of several tasks (multitask) also replaces the steps that assume one: load_splits(recipe, need_train),
     # column_problems(recipe), build_data(recipe, tokenizer, splits, label_names), build_model(recipe, label_names=, precision=),
     # export(out, model, tokenizer, recipe, record, metrics, report) -> the record written, refuse_loading(out, run) -> the error

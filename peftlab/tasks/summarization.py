@@ -116,6 +116,10 @@ def check(recipe) -> list[str]:
                  "e.g. data.target_column=summary.")
     if prompt is not None and prompt.count("{source}") != 1:
         p.append(f"task.prompt={prompt!r}: must contain {{source}} exactly once (where the source text goes).")
+    from ..methods.prompt import PREFIX_GENERATING, prefix_cannot_generate
+
+    if prefix_cannot_generate(recipe):  # either family: the recipe alone says it, so validate refuses it too
+        p.append(PREFIX_GENERATING)
     return p
 
 
