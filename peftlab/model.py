@@ -569,8 +569,10 @@ def model_problems(recipe: Recipe) -> list[str]:
         from transformers import EncoderDecoderConfig
 
         try:
+            encoder = AutoConfig.from_pretrained(path, revision=m.revision)
+            problems += default_layers_problems(recipe, encoder.model_type)  # the warm start takes the encoder's defaults
             check_input_lengths(EncoderDecoderConfig.from_encoder_decoder_configs(
-                AutoConfig.from_pretrained(path, revision=m.revision), AutoConfig.from_pretrained(resolve_model_path(m.decoder))), recipe)
+                encoder, AutoConfig.from_pretrained(resolve_model_path(m.decoder))), recipe)
         except ModelError as e:
             problems.append(str(e))
         except Exception as e:  # (a decoder not found: `train` says it when it builds the model)
@@ -591,7 +593,7 @@ def model_problems(recipe: Recipe) -> list[str]:
             return problems + [p for p in [unreadable_config(recipe, path, e)] if p not in problems]
         log.info("model.name=%r: input lengths and target_modules not checked (%s: %s)", m.name, type(e).__name__, e)
         return problems
-    problems += architecture_problems(recipe, config)
+    problems += architecture_problems(recipe, config) + default_layers_problems(recipe, config.model_type)
     mapping = getattr(task.auto_model_class, "_model_mapping", None)  # transformers' Auto class: the architectures it has
     if mapping is not None and type(config) not in mapping:
         other = {"mlm": " For a decoder LLM use task.type=clm.", "clm": " For an encoder use task.type=mlm."}.get(recipe.task.type, "")
@@ -612,6 +614,17 @@ def model_problems(recipe: Recipe) -> list[str]:
     except ModelError as e:
         problems.append(str(e))
     return problems + [p for p in [rank_problem(skeleton, method, recipe.adapter)] if p]
+
+
+def default_layers_problems(recipe: Recipe, model_type: str | None) -> list[str]:
+    """No adapter.target_modules, and peft has no default layers of this method for the architecture: `train` refuses
+    it when it applies the adapter (methods/peft_adapter.py), `validate` says it from the config."""
+    from .methods.peft_adapter import has_default_layers, no_default_targets
+
+    a, method = recipe.adapter, get_method(recipe.adapter.method)
+    if not method.layers or method.config_class is None or a.target_modules is not None or has_default_layers(method.config_class, model_type):
+        return []
+    return [no_default_targets(a.method, model_type)]
 
 
 def fill_from_original_base(model: nn.Module, recipe: Recipe, missing: set[str], auto_cls, kwargs: dict) -> set[str]:

@@ -435,6 +435,51 @@ def test_bert2bert_cross_attention_init(make_sum_recipe, tiny_bert, init):
         assert same == (init == "self"), (init, [k for k in own if not torch.equal(own[k], cross[k])])
 
 
+@pytest.mark.parametrize("method", ["ia3", "loha", "lokr", "vera", "oft", "adalora"])
+def test_bert2bert_with_each_layer_method_adapts_peft_default_layers_and_reloads_exactly(make_sum_recipe, tiny_bert, method):
+    """A BERT2BERT warm start (model_type 'encoder-decoder', in no peft table) with any layer method but LoRA and no
+    adapter.target_modules stopped in peft.get_peft_model with a bare "Please specify `target_modules`" traceback, while
+    `validate` said ok. Each method now adapts peft's defaults for the encoder's architecture (BERT: IA3's key, value and
+    output.dense, the others' query and value), in both halves, trains, and reloads with the same logits."""
+    from peftlab.accel import make_accelerator
+    from peftlab.train import train
+
+    recipe = make_sum_recipe(tiny_bert, {"model.decoder": str(tiny_bert), "adapter.method": method, "adapter.target_modules": None,
+                                         "adapter.r": 2, "adapter.alpha": 4, "train.precision": "fp32"}, name=f"b2b-{method}")
+    model, tok, info, data = built(recipe)
+    adapted = [n for n, m in model.named_modules() if type(m).__module__.startswith("peft.tuners.") and hasattr(m, "base_layer")]
+    assert {n.split(".")[2] for n in adapted} == {"encoder", "decoder"}, adapted  # base_model.model.{encoder,decoder}...
+    assert {n.rsplit(".", 1)[-1] for n in adapted} >= {"value"}
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    model, _ = train(recipe, model, data, make_accelerator(recipe, "fp32"), recipe.out)
+    changed = {k for k, v in model.named_parameters() if not torch.equal(before[k], v.detach())}
+    assert any("modules_to_save" not in k for k in changed), changed  # the adapter's own weights trained, not only cross-attention
+    want = logits(model, data)
+    export(recipe.out, model, tok, recipe, {"label_names": [], "precision": "fp32"}, {})
+    again, *_ = load_trained(recipe.out)
+    torch.testing.assert_close(logits(again, data), want, atol=1e-5, rtol=0)
+
+
+def test_a_method_with_no_default_layers_for_the_architecture_is_a_clear_error(make_sum_recipe, tiny_bert, monkeypatch, tmp_path, capsys):
+    """An architecture in no peft table of the method (here: BERT taken out of IA3's), without adapter.target_modules:
+    `validate` says it from the encoder's config, and the build a ModelError naming the linear layers and the setting,
+    not peft's bare ValueError."""
+    from peft.utils import constants
+
+    from peftlab.cli import main
+
+    monkeypatch.delitem(constants.TRANSFORMERS_MODELS_TO_IA3_TARGET_MODULES_MAPPING, "bert")
+    recipe = make_sum_recipe(tiny_bert, {"model.decoder": str(tiny_bert), "adapter.method": "ia3", "adapter.target_modules": None},
+                             name="b2b-none")
+    with pytest.raises(ModelError, match="adapter.method=ia3 on a bert base: peft has no default layers.*query.*adapter.target_modules="):
+        built(recipe)
+    assert main(["validate", str(tmp_path / "b2b-none.yaml"), f"model.decoder={tiny_bert}", "adapter.method=ia3",
+                 "adapter.target_modules=null"]) == 2
+    assert "adapter.method=ia3 on a bert base: peft has no default layers" in capsys.readouterr().out
+    assert main(["validate", str(tmp_path / "b2b-none.yaml"), f"model.decoder={tiny_bert}", "adapter.method=loha",
+                 "adapter.target_modules=null"]) == 0  # LoHa's table still has BERT
+
+
 def test_cross_attention_init_self_refuses_a_decoder_it_cannot_copy(make_sum_recipe, tiny_bert, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

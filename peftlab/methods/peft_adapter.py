@@ -82,6 +82,65 @@ def default_target_modules(model: nn.Module) -> list[str] | str:
     return TABLE.get(getattr(config, "model_type", None), "all-linear")
 
 
+def fill_defaults(tuner, cfg, model_type: str | None) -> None:
+    """peft's own per-method step that fills a config's default layers (target_modules None) for a model_type (IA3: its
+    feed-forward layers too, from its second table); raises peft's ValueError where the method has no defaults for it."""
+    import inspect
+    from types import SimpleNamespace
+
+    model_config = {"model_type": model_type}
+    if isinstance(inspect.getattr_static(tuner, "_prepare_adapter_config"), staticmethod):  # IA3
+        tuner._prepare_adapter_config(cfg, model_config)
+    else:  # BaseTuner's reads only the tuner's table (a class attribute): no model needs building for it
+        tuner._prepare_adapter_config(SimpleNamespace(target_module_mapping=tuner.target_module_mapping), cfg, model_config)
+
+
+def tuner_of(config_class: str):
+    """peft's tuner (model) class for a config class name (IA3Config -> IA3Model), or None."""
+    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING, PEFT_TYPE_TO_TUNER_MAPPING
+
+    kind = next((k for k, c in PEFT_TYPE_TO_CONFIG_MAPPING.items() if c.__name__ == config_class), None)
+    return PEFT_TYPE_TO_TUNER_MAPPING.get(kind)
+
+
+def has_default_layers(config_class: str, model_type: str | None) -> bool:
+    """Whether peft knows the method's default layers for this architecture (`validate`, before any weight is read).
+    LoRA always has some here: peftlab falls back to every linear layer (default_target_modules)."""
+    from types import SimpleNamespace
+
+    tuner = tuner_of(config_class)
+    if config_class == "LoraConfig" or tuner is None:
+        return True
+    try:
+        fill_defaults(tuner, SimpleNamespace(target_modules=None, feedforward_modules=None, target_parameters=None), model_type)
+    except ValueError:
+        return False
+    return True
+
+
+def warm_start_defaults(cfg, model: nn.Module) -> None:
+    """Fill a method's default layers (no adapter.target_modules) for a warm-started encoder-decoder (BERT2BERT), as
+    peft fills them for the encoder's architecture. Its model_type 'encoder-decoder' is in no peft table, so every method
+    but LoRA (which falls back through default_target_modules) stopped in get_peft_model with a bare "Please specify
+    `target_modules` in `peft_config`". The encoder's layer names are the decoder's where both halves are one
+    architecture (BERT2BERT), so both halves are adapted."""
+    from peft.mapping import PEFT_TYPE_TO_TUNER_MAPPING
+
+    encoder = getattr(model.config, "encoder", None)
+    tuner = PEFT_TYPE_TO_TUNER_MAPPING.get(getattr(cfg, "peft_type", None))
+    if encoder is None or tuner is None or getattr(cfg, "target_modules", "") is not None:
+        return
+    fill_defaults(tuner, cfg, getattr(encoder, "model_type", None))
+
+
+def no_default_targets(method: str, model_type: str | None, model: nn.Module | None = None) -> str:
+    """The error for a base whose architecture peft has no default layers for with this method."""
+    layers = f" Linear layers it has: {', '.join(linear_module_names(model))}." if model is not None else ""
+    return (f"adapter.method={method} on a {model_type} base: peft has no default layers for this architecture, so "
+            f"adapter.target_modules must name them.{layers} Set e.g. adapter.target_modules=[query,value] (its attention "
+            "projections' names), or adapter.target_modules=all-linear.")
+
+
 def apply_peft(config_class: str, fields: Callable[[AdapterConfig], dict], model: nn.Module, recipe: Recipe,
                head_modules: list[str], task_type: str, *, layers: bool = True, lora_targets: bool = False) -> nn.Module:
     """Wrap `model` in peft's `config_class` built from the recipe's `fields` with adapter.options passed straight through
@@ -107,6 +166,11 @@ def apply_peft(config_class: str, fields: Callable[[AdapterConfig], dict], model
         cfg = getattr(peft, config_class)(task_type=task_type, **kwargs)
     except (TypeError, ValueError) as e:
         raise ModelError(f"adapter (method {a.method}): {e}. adapter.options must be {config_class} arguments (see peft's docs).") from None
+    encoder = getattr(model.config, "encoder", None)
+    try:
+        warm_start_defaults(cfg, model)
+    except ValueError:  # the encoder's architecture is in no table of this method either
+        raise ModelError(no_default_targets(a.method, getattr(encoder, "model_type", None), model)) from None
     try:
         with warnings.catch_warnings():  # OFT's r (or block size) not dividing a layer's width: peft trains another, silently
             warnings.filterwarnings("error", message=r"Invalid `(r|oft_block_size)` \(", category=UserWarning)
@@ -116,6 +180,8 @@ def apply_peft(config_class: str, fields: Callable[[AdapterConfig], dict], model
                          "per layer) or adapter.options.oft_block_size must divide the input width of every adapted layer: "
                          "give such a value.") from None
     except ValueError as e:
+        if "Please specify `target_modules`" in str(e):  # an architecture peft has no defaults for, and none named
+            raise ModelError(no_default_targets(a.method, getattr(model.config, "model_type", None), model)) from None
         if "not found in the base model" in str(e) or "No modules were targeted" in str(e) or "Target modules" in str(e):
             raise ModelError(
                 f"adapter.target_modules={targets!r} matches no module of {type(model).__name__}. "
