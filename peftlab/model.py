@@ -130,9 +130,10 @@ def default_skip_modules(recipe: Recipe, path: str, auto_cls, num_labels: int) -
         try:
             with torch.device("meta"):
                 skeleton = auto_cls.from_config(config, trust_remote_code=recipe.model.trust_remote_code)
-            # model.from_run: weights its merged checkpoint lacks (an MLM run's pooler) are filled from the original base
-            # (fill_from_original_base), which needs them unquantized; otherwise they would be quantized random weights
-            absent = modules_absent_from(skeleton, path) if recipe.model.from_run else []
+            # the layers the checkpoint lacks are new: a task's head (an MLM head a sentence-embedding checkpoint dropped),
+            # or, with model.from_run, weights its merged checkpoint lacks (an MLM run's pooler, filled from the original
+            # base by fill_from_original_base). Quantized, they would be random weights bitsandbytes cannot train or load
+            absent = modules_absent_from(skeleton, path, recipe.model.revision)
             return sorted(set(get_keys_to_not_convert(skeleton)) | set(absent))
         except Exception as e:  # an architecture that cannot be built on meta: fall back on the config
             log.debug("default skip modules from the meta model failed (%s); using the config", e)
@@ -140,18 +141,46 @@ def default_skip_modules(recipe: Recipe, path: str, auto_cls, num_labels: int) -
     return ["lm_head"] + (["model.embed_tokens"] if tied else [])
 
 
-def modules_absent_from(skeleton: nn.Module, path: str) -> list[str]:
-    """Modules of `skeleton` with a weight the safetensors checkpoint in the local folder `path` does not hold."""
+def modules_absent_from(skeleton: nn.Module, path: str, revision: str | None = None) -> list[str]:
+    """The layers quantization would convert (Linear, Conv1D) whose weight the base's safetensors checkpoint (the local
+    folder `path`, or a hub id's files) does not hold: new layers a task adds. Names are matched as transformers
+    loads them, with or without the base model's prefix (a BertModel checkpoint read as BertForMaskedLM). Where most of
+    the model's layers look absent, its names do not compare (transformers renames them on load): none is kept out."""
+    held = {k.removesuffix(".weight") for k in checkpoint_keys(path, revision) if k.endswith(".weight")}
+    prefix = getattr(skeleton, "base_model_prefix", "") or ""
+    if prefix:
+        held |= {f"{prefix}.{k}" for k in held} | {k[len(prefix) + 1:] for k in held if k.startswith(prefix + ".")}
+    layers = [name for name, m in skeleton.named_modules() if isinstance(m, nn.Linear) or type(m).__name__ == "Conv1D"]
+    absent = [name for name in layers if name not in held]
+    if not held or len(absent) > 0.5 * len(layers):
+        return []
+    return sorted(absent)
+
+
+def checkpoint_keys(path: str, revision: str | None) -> set[str]:
+    """The weight names of the base's safetensors checkpoint: a local folder's files, or a hub id's (its index, else its
+    one model.safetensors: the files from_pretrained reads next, into the same cache) -> an empty set when they cannot be
+    had (offline and not cached, a pickle-only repository)."""
+    import json
+
     from safetensors import safe_open
 
-    held: set[str] = set()
-    for f in Path(path).glob("*.safetensors"):
-        with safe_open(str(f), "pt") as st:
-            held.update(st.keys())
-    absent = [k for k in skeleton.state_dict() if k not in held]
-    if not held or len(absent) > 0.1 * len(skeleton.state_dict()):  # names renamed on load (transformers' key mapping): not
-        return []                                                  # comparable, so nothing is kept out (as before)
-    return sorted({k.rsplit(".", 1)[0] for k in absent})
+    def keys(file) -> set[str]:
+        with safe_open(str(file), "pt") as st:
+            return set(st.keys())
+
+    if Path(path).is_dir():
+        return set().union(*(keys(f) for f in Path(path).glob("*.safetensors")))
+    from huggingface_hub import hf_hub_download
+
+    try:
+        try:
+            return set(json.loads(Path(hf_hub_download(path, "model.safetensors.index.json", revision=revision)).read_text())["weight_map"])
+        except Exception:
+            return keys(hf_hub_download(path, "model.safetensors", revision=revision))
+    except Exception as e:  # (then nothing is kept out beyond transformers' own list)
+        log.debug("the checkpoint of %s cannot be listed (%s)", path, e)
+        return set()
 
 
 def under_fsdp() -> bool:

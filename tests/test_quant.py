@@ -207,6 +207,33 @@ def test_ia3_on_a_4bit_base_merges_into_the_dequantized_copy(make_recipe):
     assert diff <= 5e-4, diff  # IA3 scales the input of a 4-bit matmul, merged it scales the dequantized weight: 1.4e-4
 
 
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_qlora_mlm_keeps_the_new_mlm_head_out_of_quantization_trains_reloads_and_merges(make_recipe, tmp_path, mode):
+    """DAPT on a quantized base: the MLM head the task adds (absent from a BertModel checkpoint, as from MiniLM's) was
+    quantized with the base, only a model.from_run base kept its missing layers out, and bitsandbytes failed on the
+    first step (4-bit: an assertion on the weight's shape; 8-bit: no attribute CB). Every layer the checkpoint lacks stays
+    full precision, as a classifier's head does: it trains, `eval` gives the run's figure, and the merge into the
+    dequantized copy gives the adapter model's logits."""
+    from peftlab import evaluate
+
+    recipe = make_recipe({"quant.mode": mode, "task.type": "mlm", "data.label_names": None, "data.text_columns": "[sentence]",
+                          "train.max_steps": 2, "train.precision": "fp32"})
+    model, _, info = build_model(recipe, num_labels=0, label_names=[])
+    assert info.head_modules == ["cls.predictions.transform"]
+    dense = model.base_model.model.cls.predictions.transform.modules_to_save["default"].dense
+    assert type(dense) is torch.nn.Linear and dense.weight.requires_grad
+    assert isinstance(model.base_model.model.bert.encoder.layer[0].attention.self.query.base_layer,
+                      bnb.nn.Linear4bit if mode == "4bit" else bnb.nn.Linear8bitLt)
+    summary = run(recipe)
+    again = evaluate(recipe.out, "eval", results_dir=tmp_path / "again")
+    assert again["loss"] == pytest.approx(summary.metrics["eval"]["loss"], rel=1e-6)
+    adapter_model, *_ = load_trained(recipe.out)
+    merged, *_ = load_trained(merge(recipe.out))
+    assert not any(isinstance(m, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)) for m in merged.modules())
+    diff = (logits(adapter_model) - logits(merged)).abs().max().item()
+    assert diff <= {"4bit": 1e-4, "8bit": 5e-3}[mode], diff
+
+
 def test_fsdp_packs_4bit_weights_in_the_model_dtype(monkeypatch):
     """FSDP flattens float tensors of one dtype only: under it, 4-bit storage follows model.dtype (uint8 otherwise)."""
     from peftlab import load_recipe
