@@ -406,7 +406,7 @@ def _merge(out: Path, recipe, run, recipe_text: str, metrics: bytes | None, iden
     check_merged_holds_only_merges(target)  # before the work: --force replaces the folder whole
     # in float32 (model.dtype auto: a bf16 run's base would be bf16, and rounding it would lose much of the update)
     model, tokenizer = rebuild(out, recipe, run, dequantize=True, precision="fp32")
-    merged = model.merge_and_unload()
+    merged = merge_and_unload(model)
     merged.config.quantization_config = None
     if hasattr(merged, "hf_quantizer"):
         merged.hf_quantizer = None
@@ -432,6 +432,23 @@ def _merge(out: Path, recipe, run, recipe_text: str, metrics: bytes | None, iden
     write_atomic_dir(target, fill)
     log.debug("merged model written to %s", target)  # the callers say where (cli, the run summary)
     return target
+
+
+def merge_and_unload(model):
+    """peft's merge_and_unload, with each trained whole module (modules_to_save: a task head) put in place first.
+
+    peft's generic unload (IA3, LoHa, LoKr, VeRA, OFT...; only LoRA has its own) gives the unwrapped head the wrapper's
+    .weight, which a head that is not one Linear lacks (the MLM head's cls.predictions.transform: dense + LayerNorm):
+    every such merge failed with an AttributeError after training. Put in place as peft's LoRA unload puts it, the
+    trained copy (or the original module, where no adapter of the wrapper is active) is what the merged model holds; a
+    copy that holds adapter layers itself is merged with the rest."""
+    from peft.utils.other import ModulesToSaveWrapper
+
+    wrappers = [(name, m) for name, m in model.named_modules() if isinstance(m, ModulesToSaveWrapper)]
+    for name, wrapper in wrappers:
+        module = wrapper.modules_to_save[wrapper.active_adapter] if wrapper.active_adapters else wrapper.original_module
+        model.set_submodule(name, module)
+    return model.merge_and_unload()
 
 
 # what a merge writes into OUT/merged (the model, its tokenizer, its description; a GGUF copy with --gguf)

@@ -70,6 +70,24 @@ def test_merge_equals_adapter_and_is_idempotent(trained):
     assert evaluate(target)["accuracy"] == pytest.approx(summary["metrics"]["eval"]["accuracy"])
 
 
+@pytest.mark.parametrize("method", ["lora", "ia3", "loha", "lokr", "vera", "oft"])
+def test_an_mlm_run_with_any_layer_method_merges_its_trained_head(make_recipe, method):
+    """The MLM head an mlm task trains whole (modules_to_save: cls.predictions.transform, dense + LayerNorm, not one
+    Linear): peft's generic unload (every method but LoRA) gave it the wrapper's .weight, and the merge of a DAPT run
+    with IA3, LoHa... failed with an AttributeError after training (export.merge=true, `peftlab merge`, model.from_run).
+    The trained head is put in place first: the merged model holds it and computes the adapter model's logits."""
+    recipe = make_recipe({"adapter.method": method, "task.type": "mlm", "data.label_names": None, "data.text_columns": "[sentence]",
+                          "train.max_steps": 3, "train.lr": 2e-2, "train.precision": "fp32"})
+    run(recipe)
+    adapter_model, *_ = load_trained(recipe.out)
+    trained = adapter_model.base_model.model.cls.predictions.transform.modules_to_save["default"].dense.weight.detach().clone()
+    merged, *_ = load_trained(merge(recipe.out))
+    assert not any("modules_to_save" in k or "base_layer" in k for k, _ in merged.named_parameters())
+    torch.testing.assert_close(merged.cls.predictions.transform.dense.weight, trained, rtol=0, atol=0)
+    diff = (logits(adapter_model) - logits(merged)).abs().max().item()
+    assert diff <= 1e-5, diff
+
+
 def test_a_bf16_run_merges_into_float32_weights(make_recipe):
     """model.dtype auto keeps a bf16 run's frozen base in bf16; the merge folds the adapter into float32 weights, where the
     update is not rounded away: the merged model computes what the adapter model computes in float32."""

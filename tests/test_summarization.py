@@ -418,6 +418,23 @@ def test_bert2bert_trains_new_cross_attention_and_reloads_exactly(make_sum_recip
     assert len(texts) == 2 and all(isinstance(t, str) for t in texts)
 
 
+@pytest.mark.parametrize("method", ["loha", "vera"])
+def test_bert2bert_with_a_method_other_than_lora_merges_its_trained_cross_attention(make_sum_recipe, tiny_bert, method):
+    """The new cross-attention layers are trained whole (modules_to_save), and are no single Linear: peft's generic unload
+    (LoHa, VeRA...: all but LoRA's) failed on them as on an MLM head. The merge puts them in place first (export.merge_and_unload):
+    the merged EncoderDecoderModel computes the adapter model's logits."""
+    recipe = make_sum_recipe(tiny_bert, {"model.decoder": str(tiny_bert), "adapter.method": method, "adapter.target_modules": "[query,value]",
+                                         "train.precision": "fp32"},
+                             name=f"b2b-{method}")
+    run(recipe)
+    adapter_model, tok, *_ = load_trained(recipe.out)
+    data = build_data(recipe, tok, splits=load_splits(recipe)[0], label_names=[])
+    merged, *_ = load_trained(merge(recipe.out))
+    assert type(merged).__name__ == "EncoderDecoderModel"
+    assert not any("modules_to_save" in k for k, _ in merged.named_parameters())
+    assert (logits(merged, data) - logits(adapter_model, data)).abs().max().item() <= 1e-5
+
+
 @pytest.mark.parametrize("init", ["random", "self"])
 def test_bert2bert_cross_attention_init(make_sum_recipe, tiny_bert, init):
     recipe = make_sum_recipe(tiny_bert, {"model.decoder": str(tiny_bert), "model.cross_attention_init": init}, name=f"b2b-{init}")
