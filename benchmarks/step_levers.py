@@ -62,7 +62,7 @@ def bool_keep_mask(shape, p):
 def levers(model, optimizers: dict | None = None, trimmed: list = (), cast=None, head_loss: bool = False) -> dict:
     """name -> (switch the alternative in, switch peftlab's default back). `optimizers`: {"in use": the run's
     optimizer, "foreach": the same AdamW with the foreach kernel}; the AdamW lever swaps "in use". `trimmed`: the
-    layers `peftlab.tasks.skip_unread` changed; their lever runs them in full. `cast`: the run's FrozenWeightsCast,
+    layers `peftlab.tasks.unread_skipped` changed; their lever runs them in full. `cast`: the run's FrozenWeightsCast,
     entered; its lever shows autocast the fp32 weights again. `head_loss`: the task's loss is `causal_lm_loss`."""
     import peftlab.dropout as D
     from peftlab.fused_lora import FusedLoraLinear, LoraLinear
@@ -83,7 +83,7 @@ def levers(model, optimizers: dict | None = None, trimmed: list = (), cast=None,
         fused = optimizers["in use"]
         chosen["fused AdamW"] = (lambda: optimizers.update({"in use": optimizers["foreach"]}),
                                  lambda: optimizers.update({"in use": fused}))
-    if trimmed:  # the layers train.skip_unread changed (peftlab.tasks.skip_unread), with their trimmed forwards
+    if trimmed:  # the layers train.skip_unread changed (peftlab.tasks.unread_skipped), with their trimmed forwards
         forwards = [(m, vars(m)["forward"]) for m in trimmed]
         chosen["skip unread positions"] = (lambda: [vars(m).pop("forward", None) for m, _ in forwards],
                                            lambda: [setattr(m, "forward", f) for m, f in forwards])
@@ -122,7 +122,7 @@ def main() -> None:
     from peftlab.data import build_data, load_splits
     from peftlab.errors import ConfigError
     from peftlab.model import build_model
-    from peftlab.tasks import get_task, skip_unread
+    from peftlab.tasks import get_task, unread_skipped
     from peftlab.train import setup
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -136,6 +136,8 @@ def main() -> None:
     splits, names = load_splits(recipe)
     model, tokenizer, _ = build_model(recipe, num_labels=len(names), label_names=names, precision=precision)
     data = build_data(recipe, tokenizer, splits=splits, label_names=names)
+    trimming = unread_skipped(model, recipe)  # as train() trims it, before setup (held, and left so: the process ends;
+    trimmed = trimming.__enter__()            # a context manager no name holds would give the layers back when collected)
     parts = setup(recipe, model, data, accelerator, tokenizer)
     model = parts.model
     foreach = torch.optim.AdamW([{k: v for k, v in g.items() if k not in ("fused", "foreach")} for g in parts.optimizer.param_groups],
@@ -161,8 +163,7 @@ def main() -> None:
 
     from peftlab.tasks.generative import causal_lm_loss
 
-    chosen = levers(model, optimizers, skip_unread(model, recipe), parts.cast.__enter__(),  # trimmed again (setup did)
-                    head_loss=task_loss is causal_lm_loss)
+    chosen = levers(model, optimizers, trimmed, parts.cast.__enter__(), head_loss=task_loss is causal_lm_loss)
     if a.levers:
         if unknown := set(a.levers.split(",")) - set(chosen):
             ap.error(f"--levers: unknown {sorted(unknown)}; choose from {sorted(chosen)}")

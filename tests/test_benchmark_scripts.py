@@ -503,6 +503,19 @@ def test_step_levers_says_how_many_batches_the_data_gave(tmp_path, monkeypatch, 
     assert stop.value.code == 2 and "the data gave 2 training batch(es), none left to time after --warmup 6" in capsys.readouterr().err
 
 
+def test_step_levers_times_the_trimmed_layer_against_the_full_one(tmp_path, monkeypatch, tiny_bert, sentiment_files):
+    """The skip-unread lever needs the layers trimmed as train() trims them (setup no longer does): the lever is there,
+    and it switches the trimmed forward off and on again."""
+    bench = load_benchmark("step_levers")
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    monkeypatch.setattr(sys, "argv", ["step_levers.py", "--batches", "3", "--warmup", "1", "--name", "t", "--levers",
+                                      "skip unread positions", "--overrides", f"model.name={tiny_bert}",
+                                      f"data.train.path={sentiment_files['train']}", "data.train.max_samples=48", "data.max_length=32"])
+    bench.main()
+    rows = json.loads((tmp_path / "step_levers-t.json").read_text())["rows"]
+    assert [r["lever"] for r in rows] == ["skip unread positions"] and all(r["speedup"] > 0 for r in rows)
+
+
 def test_heap_probe_writes_out_only_for_a_run_that_succeeded(tmp_path, capsys):
     probe = load_benchmark("heap_probe")
     out = tmp_path / "probe.json"
