@@ -168,6 +168,11 @@ def test_a_tasks_input_length_is_checked_by_validate_and_named_by_the_tasks_keys
         build_model(r, label_names={"senti": ["negative", "positive"], "topic": TOPICS, "pair": ["different", "same"]},
                     precision="fp32")
     assert model_problems(recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert))) == []
+    # the first task's too (its model is built first: the error named data.max_length, a key the recipe had at 32)
+    r = recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert), ["multitask.tasks.senti.data.max_length=512"])
+    with pytest.raises(ModelError, match=r"multitask.tasks.senti.data.max_length=512 exceeds"):
+        build_model(r, label_names={"senti": ["negative", "positive"], "topic": TOPICS, "pair": ["different", "same"]},
+                    precision="fp32")
 
 
 def test_a_tasks_data_error_names_the_tasks_keys(task_files, tmp_path, tiny_bert, caplog):

@@ -260,15 +260,24 @@ class TaskBlockSampler:
 def build_model(recipe, *, label_names: dict[str, list[str]], precision: str):
     """The first task's model as a classification recipe builds it (base, peft adapter, head), then a head per task (and an
     adapter per task with multitask.adapters: per_task) -> (MultiTaskModel, tokenizer, ModelInfo)."""
+    from transformers import AutoConfig
+
+    from ..bases import base_path
     from ..model import build_model as build_one
     from ..model import count_params
 
     names = list(label_names)
     first = subrecipe(recipe, names[0])
+    # each task's data.max_length, named by its own key, before the weights load (build_one would name the first one's
+    # data.max_length, a key the recipe may not have set)
+    try:
+        config = AutoConfig.from_pretrained(base_path(first), trust_remote_code=first.model.trust_remote_code)
+    except Exception:  # a base that cannot be read: build_one says why, in its own words
+        config = None
+    if config is not None and (problems := input_length_problems(recipe, config)):
+        raise ModelError(problems[0])
     model, tokenizer, info = build_one(first, num_labels=len(label_names[names[0]]), label_names=label_names[names[0]],
                                        precision=precision)
-    if problems := input_length_problems(recipe, model.config):  # each task's data.max_length (the first's passed build_one)
-        raise ModelError(problems[0])
     metric_of = {n: t.metric for n, t in recipe.multitask.tasks.items()}
     wrapped = MultiTaskModel(model, label_names, metric_of, recipe.multitask.adapters)
     trainable, total = count_params(wrapped)
