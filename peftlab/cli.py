@@ -462,7 +462,8 @@ def main(argv: list[str] | None = None) -> int:
 def quieted(quiet: bool):
     """-q: the peftlab logger at WARNING while the command runs, which hides its progress bars and evaluation lines too
     (accel.progress_shown); its level is put back afterwards (main runs in-process in tests and notebooks)."""
-    logger, before = logging.getLogger("peftlab"), logging.getLogger("peftlab").level
+    logger = logging.getLogger("peftlab")
+    before = logger.level
     if quiet:
         logger.setLevel(logging.WARNING)
     try:

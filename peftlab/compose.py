@@ -11,7 +11,7 @@ import math
 import re
 from dataclasses import replace
 from fnmatch import fnmatch
-from pathlib import Path, PurePath
+from pathlib import Path
 
 from .adapters import not_an_adapter
 from .errors import ArtifactError, ConfigError, PeftlabError
@@ -53,7 +53,7 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
     from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
     from safetensors.torch import load_file, save_file
 
-    if isinstance(outs, (str, PurePath)) or not isinstance(outs, (list, tuple)) or not isinstance(weights, (list, tuple)):
+    if not isinstance(outs, (list, tuple)) or not isinstance(weights, (list, tuple)):
         # (one folder's name was split into its characters; a number weight had no len)
         raise ConfigError([f"compose(outs={outs!r:.80}, weights={weights!r:.80}): give a list of two or more run folders and a "
                            "list of one weight per run, e.g. compose(['runs/a', 'runs/b'], [0.5, 0.5], 'runs/ab')."], what="argument")

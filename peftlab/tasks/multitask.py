@@ -271,7 +271,8 @@ def build_model(recipe, *, label_names: dict[str, list[str]], precision: str):
     # each task's data.max_length, named by its own key, before the weights load (build_one would name the first one's
     # data.max_length, a key the recipe may not have set)
     try:
-        config = AutoConfig.from_pretrained(base_path(first), trust_remote_code=first.model.trust_remote_code)
+        config = AutoConfig.from_pretrained(base_path(first), revision=first.model.revision,
+                                            trust_remote_code=first.model.trust_remote_code)
     except Exception:  # a base that cannot be read: build_one says why, in its own words
         config = None
     if config is not None and (problems := input_length_problems(recipe, config)):
