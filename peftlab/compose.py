@@ -14,7 +14,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from .adapters import not_an_adapter
-from .errors import ArtifactError, ConfigError, PeftlabError
+from .errors import ArtifactError, ConfigError, PeftlabError, path_argument
 from .export import check_destination, rebuild, write_atomic_dir
 from .rundir import (
     BASE_KEYS,
@@ -57,7 +57,7 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
         # (one folder's name was split into its characters; a number weight had no len)
         raise ConfigError([f"compose(outs={outs!r:.80}, weights={weights!r:.80}): give a list of two or more run folders and a "
                            "list of one weight per run, e.g. compose(['runs/a', 'runs/b'], [0.5, 0.5], 'runs/ab')."], what="argument")
-    outs, out = [Path(o) for o in outs], Path(out)
+    outs, out = [path_argument(o, f"compose(outs[{i}])") for i, o in enumerate(outs)], path_argument(out, "compose(out)")
     if len(outs) < 2 or len(weights) != len(outs):
         raise PeftlabError(f"compose needs two or more runs and one weight per run (got {len(outs)} run(s), {len(weights)} weight(s)).")
     if not all(math.isfinite(float(w)) for w in weights):

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 
 class PeftlabError(Exception):
     """Base class: a user-facing problem with a message that says what to do next."""
@@ -15,6 +18,15 @@ class ConfigError(PeftlabError, ValueError):
         where = f" in {source}" if source else ""
         head = f"{len(self.problems)} problem(s){where}:" if len(self.problems) > 1 else f"invalid {what}{where}:"
         super().__init__(head + "".join(f"\n  - {p}" for p in self.problems))
+
+
+def path_argument(value, where: str) -> Path:
+    """A folder or file path given to a Python API function (a str or an os.PathLike) -> Path; anything else (a number,
+    None, an empty string: the working directory) is a ConfigError naming the argument, not a TypeError from pathlib."""
+    if isinstance(value, (str, os.PathLike)) and str(value).strip():
+        return Path(value)
+    raise ConfigError([f"{where}={type(value).__name__} {value!r:.80}: give a path (a non-empty str or a pathlib.Path), e.g. 'runs/sst2-lora'."],
+                      what="argument")
 
 
 class DataError(PeftlabError, ValueError):

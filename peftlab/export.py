@@ -29,7 +29,7 @@ import torch
 from .accel import cpu_native_bf16
 from .bases import base_path, file_lock, gguf_key, load_tokenizer
 from .config import Recipe, load_recipe, override_list
-from .errors import ArtifactError, ConfigError, ModelNotFound
+from .errors import ArtifactError, ConfigError, ModelNotFound, path_argument
 from .methods import get_method
 from .model import load_base
 from .rundir import (
@@ -196,7 +196,7 @@ def export(out: str | Path, model, tokenizer, recipe: Recipe, record: RunRecord 
     A folder that already holds a run (its run.json) is refused: the new files would lie among the old run's (another
     method's weights beside its adapter_config.json, its predictions, log and merged/), and `load_trained` would load
     the old adapter. `run` exports into a new folder, or an --overwrite's empty staging one."""
-    out = Path(out)
+    out = path_argument(out, "export(out)")
     if (out / RECORD_FILE).is_file():
         raise ArtifactError(f"{out} already holds a run (its {RECORD_FILE}): exporting into it would mix the two runs' files, "
                             "and load_trained would load the old one's weights. Export into a new folder; to replace a "
@@ -245,7 +245,7 @@ def load_trained(out: str | Path, *, dequantize: bool = False, recipe: Recipe | 
     if recipe is not None and not isinstance(recipe, Recipe):  # (a path or a name: an AttributeError deep in rebuild)
         raise ConfigError([f"load_trained(recipe={type(recipe).__name__} {recipe!r:.80}): give a Recipe (load_recipe(...), e.g. the "
                            "run's own from read_run(out) with model.name changed), or None for the run's own."], what="argument")
-    saved, run = read_run(out)
+    saved, run = read_run(path_argument(out, "load_trained(out)"))
     recipe = recipe or saved
     model, tokenizer = rebuild(out, recipe, run, dequantize=dequantize, adapter_name=adapter_name)
     return model, tokenizer, recipe, run
@@ -341,7 +341,7 @@ def merge(out: str | Path, *, force: bool = False, overrides: list[str] | tuple 
     made from the same adapter weights is left as it is. `overrides`: model.name=FOLDER (and model.revision), where
     the recipe's base is not here (a published adapter names a local base by its folder name); one KEY=VALUE string,
     a list, or a mapping {KEY: value}, as load_recipe takes them."""
-    out = Path(out)
+    out = path_argument(out, "merge(out)")
     identity = folder_identity(out)
     recipe, run, recipe_text = merge_source(out, overrides)
     metrics = (out / "metrics.json").read_bytes() if (out / "metrics.json").is_file() else None

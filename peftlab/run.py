@@ -33,7 +33,7 @@ from .config import (
     unread_task_options,
 )
 from .data import build_data, column_problems, load_splits
-from .errors import ArtifactError, ConfigError
+from .errors import ArtifactError, ConfigError, path_argument
 from .export import check_destination, export, merge, predictions_jsonl, rebuild
 from .methods import get_method
 from .model import build_model, model_problems, num_layers_problems
@@ -71,7 +71,9 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
         raise ConfigError([f"split={split!r}: an evaluation scores one of {', '.join(EVAL_SPLITS)} (eval: the split the run "
                            "selected on; test: data.test). For other rows, give them as the test split: "
                            "split='test', overrides=['data.test.path=FILE']."], what="argument")
-    out, overrides = Path(out), override_list(overrides)
+    out, overrides = path_argument(out, "evaluate(out)"), override_list(overrides)
+    if results_dir is not None:
+        results_dir = path_argument(results_dir, "evaluate(results_dir)")
     identity = folder_identity(out)
     trained, run = read_run(out)
     if hasattr(task := get_task(trained.task.type), "refuse_loading"):  # a multi-task run: evaluate its tasks' runs

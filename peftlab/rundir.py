@@ -32,7 +32,7 @@ from typing import Any
 import yaml
 
 from .config import Recipe, base_key, load_recipe
-from .errors import ArtifactError, PeftlabError
+from .errors import ArtifactError, PeftlabError, path_argument
 
 log = logging.getLogger(__name__)
 
@@ -293,7 +293,7 @@ def check_same_folder(out: str | Path, identity: tuple[int, int] | None, doing: 
 
 def read_run(out: str | Path) -> tuple[Recipe, RunRecord]:
     """-> (recipe, run record) of a finished run, its weights checked against the record; clear error if `out` is not one."""
-    out = Path(out)
+    out = path_argument(out, "read_run(out)")
     if not out.is_dir():
         what = "is a file, not a folder" if out.exists() else "does not exist"
         raise ArtifactError(f"'{out}' {what}. Pass the output directory of a training run (runs/NAME).")

@@ -458,7 +458,8 @@ def test_validate_checks_a_recipe_as_run_does_and_takes_a_path(make_recipe, tmp_
 def test_the_python_api_takes_a_recipe_mapping_and_dict_overrides_and_names_a_wrong_argument(make_recipe, tmp_path):
     """run(dict) / run(None) / run(123) were AttributeErrors on to_dict, load_recipe(dict) a pathlib TypeError,
     Recipe(**yaml_tree) an AttributeError on best_metric, load_trained(out, recipe='x'), load_adapters([folder]) and
-    compose(folder, 1, out) tracebacks from deep inside; evaluate's and merge's overrides as a dict were read as 'expected
+    compose(folder, 1, out) tracebacks from deep inside, a folder argument of another type (evaluate(123)) pathlib's
+    TypeError; evaluate's and merge's overrides as a dict were read as 'expected
     KEY=VALUE' about its keys, and evaluate(split='dev') was headed 'invalid recipe'. A recipe's tree (a mapping) is read
     as a file is, a dict of overrides sets each key to its value, every other wrong argument is one ConfigError."""
     from peftlab import compose, evaluate, load_adapters, load_trained, merge
@@ -485,6 +486,17 @@ def test_the_python_api_takes_a_recipe_mapping_and_dict_overrides_and_names_a_wr
         load_adapters([str(tmp_path)])
     with pytest.raises(ConfigError, match=r"compose\(outs='.*', weights=1\): give a list of two or more run folders"):
         compose(str(tmp_path), 1, tmp_path / "c")
+
+    # a folder argument of another type was pathlib's "expected str, bytes or os.PathLike object"; '' read the working directory
+    from peftlab import export, load_adapter, publish, read_run
+    for call, where in ((lambda: evaluate(123), r"evaluate\(out\)=int 123"), (lambda: merge(None), r"merge\(out\)=NoneType None"),
+                        (lambda: evaluate(tmp_path, results_dir=5), r"evaluate\(results_dir\)=int 5"),
+                        (lambda: load_trained(""), r"load_trained\(out\)=str ''"), (lambda: read_run(3.5), r"read_run\(out\)=float 3.5"),
+                        (lambda: publish(7, to=tmp_path / "p"), r"publish\(out\)=int 7"), (lambda: load_adapter(5), r"load_adapter\(id_or_path\)=int 5"),
+                        (lambda: compose([tmp_path, 2], [0.5, 0.5], tmp_path / "c"), r"compose\(outs\[1\]\)=int 2"),
+                        (lambda: export(1, None, None, recipe, {}, {}), r"export\(out\)=int 1")):
+        with pytest.raises(ConfigError, match=rf"^invalid argument:\n  - {where}: give a path \(a non-empty str or a pathlib.Path\)"):
+            call()
 
     out = run(from_tree) and from_tree.out
     with pytest.raises(ConfigError, match=r"^invalid argument:\n  - split='dev'"):

@@ -16,7 +16,7 @@ import logging
 import tempfile
 from pathlib import Path
 
-from ..errors import PublishError
+from ..errors import PublishError, path_argument
 from .card import card_data, card_text, check_card, check_repo_id, read_public
 from .destinations import check_branch, fill_folder, push_to_git, push_to_hub, write_folder
 from .load import load_adapter
@@ -39,7 +39,7 @@ def publish(out: str | Path, repo_id: str | None = None, *, private: bool = Fals
         to = Path(to).expanduser()
     if dry_run and dry_run is not True:
         dry_run = Path(dry_run).expanduser()
-    pub = read_public(Path(out).expanduser(), base_model)  # the only read of the run: the card and the folder use these copies
+    pub = read_public(path_argument(out, "publish(out)").expanduser(), base_model)  # the only read of the run: the card and the folder use these copies
     recipe, run = pub.recipe, pub.run
     if to and git_remote:
         raise PublishError("give one destination: --to DIR or --git-remote URL (or neither, for the Hub).")

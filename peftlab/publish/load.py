@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import ArtifactError
+from ..errors import ArtifactError, path_argument
 from ..rundir import read_run
 from .card import check_repo_id
 from .destinations import LOGIN_HINT, redact
@@ -14,7 +14,7 @@ def load_adapter(id_or_path: str | Path, endpoint: str | None = None, revision: 
                  local_dir: str | Path | None = None) -> Path:
     """A local folder for `export.load_trained`: an existing run/publish folder as it is, or a Hub repo downloaded
     with snapshot_download (into the Hugging Face cache, or `local_dir`; cached copies are used offline)."""
-    path = Path(id_or_path).expanduser()
+    path = path_argument(id_or_path, "load_adapter(id_or_path)").expanduser()
     if path.is_dir():
         read_run(path)
         return path
