@@ -606,15 +606,18 @@ def model_problems(recipe: Recipe) -> list[str]:
             problems.append(str(e))
         except Exception as e:  # (a decoder not found: `train` says it when it builds the model)
             log.info("model.decoder=%r: input lengths not checked (%s: %s)", m.decoder, type(e).__name__, e)
-    own_model = hasattr(task, "build_model")  # (multitask: not built on meta; each task's lengths by its own keys)
-    if m.trust_remote_code or m.decoder is not None or (own_model and not hasattr(task, "input_length_problems")):
+    own_model = hasattr(task, "build_model")  # (multitask: each task's lengths by its own keys, its model as its first task's)
+    if m.trust_remote_code or m.decoder is not None or (own_model and not hasattr(task, "model_recipe")):
         return problems
 
     try:
         config = AutoConfig.from_pretrained(path, revision=m.revision)
         if own_model:
-            return problems + task.input_length_problems(recipe, config)
-        check_input_lengths(config, recipe)  # data.max_length against the position table
+            problems += task.input_length_problems(recipe, config)
+            recipe = task.model_recipe(recipe)  # the single-model recipe its model is built by: the adapter's checks below
+            task = get_task(recipe.task.type)
+        else:
+            check_input_lengths(config, recipe)  # data.max_length against the position table
     except ModelError as e:
         problems.append(str(e))
     except Exception as e:  # a config transformers cannot read here: a local folder's is refused as `train` refuses it

@@ -175,6 +175,17 @@ def test_a_tasks_input_length_is_checked_by_validate_and_named_by_the_tasks_keys
                     precision="fp32")
 
 
+def test_validate_checks_the_shared_adapter_on_the_base(task_files, tmp_path, tiny_bert):
+    """validate said ok to a multi-task recipe whose adapter.target_modules matched no layer, or whose adapter.r was above
+    any layer's rank: `train` refused it after reading every task's data. Its model is checked as the first task's."""
+    from peftlab.model import model_problems
+
+    r = recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert), ["adapter.target_modules=[nope]"])
+    assert [p for p in model_problems(r) if re.search(r"adapter.target_modules: 'nope' matches no module of BertForSequence", p)], model_problems(r)
+    r = recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert), ["adapter.r=5000"])
+    assert [p for p in model_problems(r) if re.search(r"adapter.r=5000: above the largest rank .* Set adapter.r <= \d+", p)], model_problems(r)
+
+
 def test_a_tasks_data_error_names_the_tasks_keys(task_files, tmp_path, tiny_bert, caplog):
     """'Fix data.label_names' pointed at a key a multi-task recipe does not read for its tasks."""
     from peftlab import load_splits

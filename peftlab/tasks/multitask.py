@@ -127,6 +127,12 @@ def load_splits(recipe, *, need_train: bool = True):
     return {split: parts or None for split, parts in splits.items()}, labels
 
 
+def model_recipe(recipe):
+    """The recipe the shared model is built by (as `build_model` builds it: the first task's), for `validate`'s checks
+    of the adapter on the base (target_modules, rank limits)."""
+    return subrecipe(recipe, next(iter(recipe.multitask.tasks)))
+
+
 def task_keys(name: str) -> str:
     """The recipe section of task `name`'s data, which its data messages name (`multitask.tasks.NAME.data.label_names`,
     not the top-level `data.label_names` a multi-task recipe does not read for it)."""
