@@ -633,7 +633,7 @@ def model_problems(recipe: Recipe) -> list[str]:
                            f"model, which task.type={recipe.task.type} needs.{other}"]
     targets, method = recipe.adapter.target_modules, get_method(recipe.adapter.method)
     listed = isinstance(targets, list) and targets != ["all-linear"]
-    if not method.layers or not (listed or method.rank_fields):
+    if not method.layers or not (listed or method.rank_fields or method.check_on_meta):
         return problems
     try:
         with torch.device("meta"):
@@ -644,8 +644,17 @@ def model_problems(recipe: Recipe) -> list[str]:
     try:
         check_target_modules(skeleton, targets if listed else None)
     except ModelError as e:
-        problems.append(str(e))
-    return problems + [p for p in [rank_problem(skeleton, method, recipe.adapter)] if p]
+        return problems + [str(e)]
+    if problem := rank_problem(skeleton, method, recipe.adapter):
+        return problems + [problem]
+    if method.check_on_meta:  # what `train` would refuse when it applies the method (OFT: a block that divides no width)
+        try:
+            method.apply(skeleton, recipe, [], peft_task_type(task, skeleton))
+        except ModelError as e:
+            problems.append(str(e))
+        except Exception as e:  # (peft cannot build it on meta: `train` applies it to the loaded model)
+            log.info("adapter.method=%s: not applied on the meta device (%s: %s)", method.name, type(e).__name__, e)
+    return problems
 
 
 def default_layers_problems(recipe: Recipe, model_type: str | None) -> list[str]:

@@ -102,11 +102,15 @@ def test_a_rank_above_the_adapted_layers_is_refused_before_peft_allocates_it(mak
 
 @pytest.mark.parametrize("options", [{"adapter.r": 5}, {"adapter.options": "{oft_block_size: 5}"}])
 def test_oft_blocks_that_do_not_divide_a_layer_are_refused_not_changed(make_recipe, options):
-    """OFT's r=5 on 32-wide layers: peft trained r=4 with a UserWarning while adapter_config.json and the card said 5."""
+    """OFT's r=5 on 32-wide layers: peft trained r=4 with a UserWarning while adapter_config.json and the card said 5.
+    validate said ok to it (train refused it once the weights were loaded): it applies OFT to the base built on meta."""
     from peftlab import build_model
+    from peftlab.model import model_problems
 
-    with pytest.raises(ModelError, match=r"Invalid `(r|oft_block_size)` \(5\)! Adjusted .* must divide the input width"):
+    with pytest.raises(ModelError, match=r"Invalid `(r|oft_block_size)` \(5\)! Adjusted .* must divide the input width") as e:
         build_model(make_recipe({"adapter.method": "oft", **options}), num_labels=2, label_names=["negative", "positive"])
+    for targets in ({}, {"adapter.target_modules": None}, {"adapter.target_modules": "all-linear"}):
+        assert model_problems(make_recipe({"adapter.method": "oft", **options, **targets})) == [str(e.value)]
     build_model(make_recipe({"adapter.method": "oft", "adapter.r": 4}), num_labels=2, label_names=["negative", "positive"])
 
 

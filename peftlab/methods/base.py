@@ -107,6 +107,7 @@ class Method:
     open_options: tuple[str, ...] = ()  # of those, the ones adapter.options may still set (OFT's oft_block_size)
     layers: bool = True  # adapts layers named by adapter.target_modules (prompt methods and the baselines do not)
     rank_fields: tuple[str, ...] = ()  # adapter fields that are the rank of each adapted layer's update (r; AdaLoRA's init_r)
+    check_on_meta: bool = False  # `validate` applies it to the base built on the meta device: its refusals before weights load
     extra_positions: Callable[[AdapterConfig], int] = lambda a: 0  # positions it adds before the input (virtual tokens)
     rules: Callable[[Recipe], list[str]] = no_problems  # its own cross-field checks
     machine_rules: Callable[[Recipe], list[str]] = no_problems  # what this machine cannot run (run.preflight: validate, train)

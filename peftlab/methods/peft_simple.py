@@ -20,4 +20,5 @@ LOKR = register(peft_method("lokr", "LoKrConfig", lambda a: dict(r=a.r, alpha=a.
 VERA = register(peft_method("vera", "VeraConfig", lambda a: dict(r=a.r, vera_dropout=a.dropout), rank_fields=("r",)))
 # OFT is sized by r (blocks per layer) or by oft_block_size, not both: a block size in adapter.options replaces r
 OFT = register(peft_method("oft", "OFTConfig", lambda a: dict(r=0 if a.options.get("oft_block_size") else a.r, oft_block_size=0,
-                                                              module_dropout=a.dropout), open_options=("oft_block_size",)))
+                                                              module_dropout=a.dropout), open_options=("oft_block_size",),
+                             check_on_meta=True))  # (r or the block size must divide every adapted layer's input width)
