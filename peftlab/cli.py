@@ -61,7 +61,7 @@ def cmd_train(args) -> int:
         check_data_and_base(recipe, recipe_path)  # a data or base mistake: one message here, not one per rank and a traceback
 
         return launch(args.launch, recipe_path, overrides, num_processes=args.num_processes, resume=args.resume,
-                      overwrite=args.overwrite, out=recipe.out)
+                      overwrite=args.overwrite, out=recipe.out, flags=global_flags(args))
     summary = run(recipe, resume=args.resume, overwrite=args.overwrite)
     from accelerate import PartialState
 
@@ -82,7 +82,13 @@ def cmd_eval(args) -> int:
     if not target:
         raise PeftlabError("eval needs a run folder (peftlab eval runs/NAME) or an adapter (--adapter NAMESPACE/NAME or a folder).")
     check_local_target(target)
-    folder = load_adapter(target, endpoint=args.endpoint, revision=args.revision)
+    folder = load_adapter(target, endpoint=args.endpoint, revision=args.revision)  # (under --launch: downloaded once, here)
+    if args.launch or args.num_processes is not None:  # the same evaluation on N processes (peftlab/launch.py)
+        from .launch import launch_eval
+
+        given = [args.out] if args.out else ["--adapter", args.adapter]
+        given += [*(o for k in ("endpoint", "revision") if getattr(args, k) for o in (f"--{k}", getattr(args, k))), "--split", args.split]
+        return launch_eval(args.launch, [*given, *args.overrides], num_processes=args.num_processes, flags=global_flags(args))
     from .run import EVAL_DIR, overrides_tag
 
     # a local folder: evaluate decides (a run's own eval-SPLIT.json; with overrides, or for a published folder,
@@ -97,6 +103,11 @@ def cmd_eval(args) -> int:
     if PartialState().is_main_process:  # under `accelerate launch` every rank gets here
         print(json.dumps({"split": args.split, **metrics}, indent=2))
     return 0
+
+
+def global_flags(args) -> list[str]:
+    """The command's -q / --debug, for the processes a --launch starts."""
+    return [flag for flag, on in (("-q", args.quiet), ("--debug", args.debug)) if on]
 
 
 def check_local_target(target: str) -> None:
@@ -292,6 +303,12 @@ class Parser(argparse.ArgumentParser):
         return ns
 
 
+def add_launch_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    parser.add_argument("--launch", metavar="PRESET", help=f"{what} on several processes through Accelerate's launcher: "
+                        "multi_gpu, fsdp, deepspeed-zero2, deepspeed-zero3 or cpu-ddp (presets in peftlab/launch_presets/)")
+    parser.add_argument("--num-processes", type=int, metavar="N", help="processes for --launch (default: every GPU; cpu-ddp: 2)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .config import EVAL_SPLITS
 
@@ -306,9 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="recipe file (omit for the built-in quickstart) and dotted overrides, e.g. train.lr=1e-4")
     t.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in the output directory")
     t.add_argument("--overwrite", action="store_true", help="replace a previous run in the output directory")
-    t.add_argument("--launch", metavar="PRESET", help="run on several processes through Accelerate's launcher: multi_gpu, "
-                   "fsdp, deepspeed-zero2, deepspeed-zero3 or cpu-ddp (presets in peftlab/launch_presets/)")
-    t.add_argument("--num-processes", type=int, metavar="N", help="processes for --launch (default: every GPU; cpu-ddp: 2)")
+    add_launch_arguments(t, "run")
     t.set_defaults(fn=cmd_train, late_overrides="items")
 
     e = sub.add_parser("eval", help="evaluate a finished run (adapter, full model or merged folder) or a published adapter")
@@ -322,6 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "rebuilt from the train file); test: data.test (default: eval)")
     e.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="e.g. data.eval.path=other.tsv; results then go to "
                    "runs/eval/NAME-TAG/, never over the run's own eval-SPLIT.json")
+    add_launch_arguments(e, "evaluate (each process scores a share of the rows)")
     e.set_defaults(fn=cmd_eval, late_overrides="overrides")
 
     m = sub.add_parser("merge", help="fold a LoRA adapter into its base -> OUT/merged (standalone transformers model)")
@@ -505,7 +521,7 @@ def lost_peer(error: Exception) -> bool:
 
 
 def handed_to_launcher(message: str, code: int) -> bool:
-    """Under `train --launch`: the first rank to fail leaves its message and status for the launcher, which prints it
+    """Under `--launch`: the first rank to fail leaves its message and status for the launcher, which prints it
     once after the ranks ended and exits with that status (peftlab/launch.py); the others' are dropped. False elsewhere."""
     from .launch import ERROR_FILE_ENV
 

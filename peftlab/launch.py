@@ -1,4 +1,5 @@
-"""`peftlab train RECIPE --launch PRESET`: the same run on several processes, through Accelerate's launcher.
+"""`peftlab train RECIPE --launch PRESET` (and `peftlab eval OUT --launch PRESET`): the same run (evaluation) on several
+processes, through Accelerate's launcher.
 
 A preset is an Accelerate config file shipped in `peftlab/launch_presets/`. The command built here is the one you
 could type yourself (it is logged before it runs):
@@ -73,13 +74,19 @@ def resolve_num_processes(name: str, num_processes: int | None) -> int:
 
 
 def launch_command(name: str, recipe: str, overrides: list[str] | tuple = (), *, num_processes: int | None = None,
-                   resume: bool = False, overwrite: bool = False) -> tuple[list[str], dict[str, str]]:
-    """-> (argv, environment) that run `peftlab train RECIPE OVERRIDES` on the preset's processes."""
+                   resume: bool = False, overwrite: bool = False, flags: list[str] | tuple = ()) -> tuple[list[str], dict[str, str]]:
+    """-> (argv, environment) that run `peftlab FLAGS train RECIPE OVERRIDES` on the preset's processes (`flags`: the
+    command's own -q / --debug, which the ranks follow too)."""
+    train = ["train", recipe, *overrides, *(flag for flag, on in (("--resume", resume), ("--overwrite", overwrite)) if on)]
+    return peftlab_command(name, [*flags, *train], num_processes)
+
+
+def peftlab_command(name: str, args: list[str], num_processes: int | None) -> tuple[list[str], dict[str, str]]:
+    """-> (argv, environment) that run `peftlab ARGS` on the preset's processes."""
     config = preset_path(name)
     n = resolve_num_processes(name, num_processes)
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(config), "--num_processes", str(n),
-           "-m", "peftlab", "train", recipe, *overrides]
-    cmd += [flag for flag, on in (("--resume", resume), ("--overwrite", overwrite)) if on]
+           "-m", "peftlab", *args]
     env = dict(os.environ)
     if name == CPU_PRESET:
         env["ACCELERATE_USE_CPU"] = "1"  # N gloo ranks on CPU even where GPUs are visible
@@ -87,27 +94,42 @@ def launch_command(name: str, recipe: str, overrides: list[str] | tuple = (), *,
 
 
 def launch(name: str | None, recipe: str, overrides: list[str] | tuple = (), *, num_processes: int | None = None,
-           resume: bool = False, overwrite: bool = False, out: Path | None = None) -> int:
+           resume: bool = False, overwrite: bool = False, out: Path | None = None, flags: list[str] | tuple = ()) -> int:
     """Run the recipe on the preset's processes and wait; return the launcher's exit status."""
-    if name is None:
-        raise LaunchError(f"--num-processes needs --launch PRESET (one of {', '.join(presets())}).")
-    n = resolve_num_processes(name, num_processes)
-    cmd, env = launch_command(name, recipe, overrides, num_processes=n, resume=resume, overwrite=overwrite)
+    n = resolve_num_processes(needs_preset(name), num_processes)
+    cmd, env = launch_command(name, recipe, overrides, num_processes=n, resume=resume, overwrite=overwrite, flags=flags)
     if out is None:
-        log.info("launching: %s%s", "ACCELERATE_USE_CPU=1 " if name == CPU_PRESET else "", shlex.join(cmd))
-        return run_forwarding_signals(cmd, env)
+        return supervised(name, cmd, env)
     folder = RunDir(out)
-    with folder.lock(), tempfile.TemporaryDirectory(prefix="peftlab-launch-") as tmp:  # the lock: held here for the ranks,
-        # which skip it (LOCK_ENV): a second writer is refused at once
+    with folder.lock():  # held here for the ranks, which skip it (LOCK_ENV): a second writer is refused at once
         folder.recover()
         folder.plan(resume=resume, overwrite=overwrite, announce=False, processes=n)  # one clear error here rather than one per rank
-        env[LOCK_ENV], env[ERROR_FILE_ENV] = str(folder.out.absolute()), str(Path(tmp) / "error.json")
+        env[LOCK_ENV] = str(folder.out.absolute())
+        return supervised(name, cmd, env, folder)
+
+
+def launch_eval(name: str | None, args: list[str], *, num_processes: int | None = None, flags: list[str] | tuple = ()) -> int:
+    """`peftlab eval ARGS` on the preset's processes: each scores its share of the rows (a generative task's generation
+    too), the main one gathers them and writes eval-SPLIT.json; -> the launcher's exit status."""
+    cmd, env = peftlab_command(needs_preset(name), [*flags, "eval", *args], num_processes)
+    return supervised(name, cmd, env)
+
+
+def needs_preset(name: str | None) -> str:
+    if name is None:
+        raise LaunchError(f"--num-processes needs --launch PRESET (one of {', '.join(presets())}).")
+    return name
+
+
+def supervised(name: str, cmd: list[str], env: dict, folder: RunDir | None = None) -> int:
+    """Run the launcher and wait -> the exit status; the first failing rank's error is said once, at the end (`outcome`)."""
+    with tempfile.TemporaryDirectory(prefix="peftlab-launch-") as tmp:
+        env[ERROR_FILE_ENV] = str(Path(tmp) / "error.json")
         log.info("launching: %s%s", "ACCELERATE_USE_CPU=1 " if name == CPU_PRESET else "", shlex.join(cmd))
-        code = run_forwarding_signals(cmd, env)
-        return outcome(code, Path(env[ERROR_FILE_ENV]), folder)
+        return outcome(run_forwarding_signals(cmd, env), Path(env[ERROR_FILE_ENV]), folder)
 
 
-def outcome(code: int, error_file: Path, folder: RunDir) -> int:
+def outcome(code: int, error_file: Path, folder: RunDir | None = None) -> int:
     """The launched run's exit status, said once after the launcher's own report of a failed rank: the first rank's
     error with its status (2 for a mistake of ours to name; the launcher says 1 for any failure), or, after a crash, the
     checkpoint --resume continues from. A stop by signal (130, 143) was said by the ranks themselves."""
@@ -115,7 +137,7 @@ def outcome(code: int, error_file: Path, folder: RunDir) -> int:
         error = json.loads(error_file.read_text(encoding="utf-8"))
         print(error["message"], file=sys.stderr)
         return error["code"]
-    if code not in (0, 130, 143):
+    if code not in (0, 130, 143) and folder is not None:
         work = folder.staging if folder.staging.is_dir() else folder.out
         if kept := checkpoints(work):
             print(f"error: a process of the run failed (its error is above); the checkpoints are kept (latest {kept[-1]}): "

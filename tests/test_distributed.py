@@ -114,6 +114,16 @@ def test_cli_launch_cpu_ddp_runs_two_ranks(make_recipe, tmp_path):
         f"data.train.path={train}", "--launch", "cpu-ddp", "--num-processes", "2", "--overwrite"], cwd=tmp_path)
     assert json.loads((out / "run.json").read_text())["steps"] == 4 and (out / "adapter_model.safetensors").is_file()
     assert not (tmp_path / ".launched.staging").exists()
+    # `peftlab -q eval OUT --launch cpu-ddp`: each rank scores a share of the rows, one eval-eval.json with the figures of one
+    # process (`eval` had no --launch); -q reaches the ranks (the launched command had no -q: the ranks logged as usual)
+    proc = sh([sys.executable, "-m", "peftlab.cli", "-q", "eval", str(out), "--launch", "cpu-ddp"], cwd=tmp_path)
+    assert "data.eval:" not in proc.stderr and "launching:" not in proc.stderr, proc.stderr
+    launched = json.loads((out / "eval-eval.json").read_text())
+    predictions = [(r["row"], r["prediction"]) for r in map(json.loads, (out / "predictions-eval.jsonl").read_text().splitlines())]
+    assert main(["eval", str(out)]) == 0
+    alone = json.loads((out / "eval-eval.json").read_text())
+    assert launched["report"] == alone["report"] and launched["metrics"] == pytest.approx(alone["metrics"], abs=1e-5)
+    assert predictions == [(r["row"], r["prediction"]) for r in map(json.loads, (out / "predictions-eval.jsonl").read_text().splitlines())]
 
 
 def test_a_rank_that_fails_is_one_clear_error_with_its_status(make_recipe, tmp_path):
@@ -233,9 +243,9 @@ def test_launch_errors_are_clear(make_recipe, tmp_path, capsys):
     if not torch.cuda.is_available():
         with pytest.raises(LaunchError, match="needs CUDA GPUs.*--launch cpu-ddp"):
             launch_command("multi_gpu", "r.yaml")
-    cmd, launch_env = launch_command("cpu-ddp", "r.yaml", ["train.lr=1e-3"], resume=True)
+    cmd, launch_env = launch_command("cpu-ddp", "r.yaml", ["train.lr=1e-3"], resume=True, flags=["-q"])
     assert cmd[1:] == ["-m", "accelerate.commands.launch", "--config_file", str(preset_path("cpu-ddp")), "--num_processes", "2",
-                       "-m", "peftlab", "train", "r.yaml", "train.lr=1e-3", "--resume"]
+                       "-m", "peftlab", "-q", "train", "r.yaml", "train.lr=1e-3", "--resume"]
     assert launch_env["ACCELERATE_USE_CPU"] == "1"
 
     make_recipe()
@@ -244,6 +254,8 @@ def test_launch_errors_are_clear(make_recipe, tmp_path, capsys):
     assert "unknown launch preset 'nope'" in capsys.readouterr().err
     assert main(["train", recipe, "--num-processes", "2"]) == 2
     assert "--num-processes needs --launch" in capsys.readouterr().err
+    assert main(["eval", str(tmp_path), "--num-processes", "2"]) == 2  # (a folder that is no run: said before launching)
+    assert "is not a finished peftlab run" in capsys.readouterr().err
 
 
 def test_launch_checks_data_and_base_before_launching(make_recipe, tmp_path, capsys, monkeypatch):
