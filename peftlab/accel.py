@@ -82,6 +82,14 @@ def progress_shown(accelerator=None) -> bool:
     return main and logging.getLogger("peftlab").level < logging.WARNING
 
 
+def eval_batches(loader, accelerator):
+    """An evaluation's batches with a progress bar where progress_shown (it goes when the evaluation ends): a generation
+    pass over an LLM's eval split, in the loop or at the end, ran for minutes without a sign of life."""
+    from tqdm.auto import tqdm
+
+    return tqdm(loader, desc="eval", unit="batch", leave=False, dynamic_ncols=True, disable=not progress_shown(accelerator))
+
+
 def shards_weights(accelerator) -> bool:
     """FSDP and DeepSpeed ZeRO-3 keep only a slice of each weight on every rank."""
     from accelerate.utils import DistributedType

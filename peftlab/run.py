@@ -20,7 +20,7 @@ import yaml
 from accelerate.utils import set_seed
 
 from . import distill
-from .accel import FrozenWeightsCast, autocast_dtype, make_accelerator, resolve_precision, shards_weights
+from .accel import FrozenWeightsCast, autocast_dtype, eval_batches, make_accelerator, resolve_precision, shards_weights
 from .bases import gguf_key
 from .config import (
     EVAL_SPLITS,
@@ -180,7 +180,7 @@ def evaluate_split(model, ds, data, accelerator, recipe: Recipe, tokenizer):
     """One split through the task's evaluation -> (metrics, report, prediction rows or None), the adapter folded into
     the base while it runs (`adapter_folded`). Generative tasks return one row per example; they are written as JSONL
     beside the report, not inside it. (Evaluations during training call the task directly, unfolded.)"""
-    loader = accelerator.prepare(eval_loader(ds, recipe.eval.batch_size, data.eval_collate or data.collate))
+    loader = eval_batches(accelerator.prepare(eval_loader(ds, recipe.eval.batch_size, data.eval_collate or data.collate)), accelerator)
     inner = accelerator.unwrap_model(model)
     cast = FrozenWeightsCast(inner, autocast_dtype(accelerator) if recipe.train.cast_frozen else None)
     with unread_skipped(inner, recipe), adapter_folded(inner, recipe, accelerator), cast:  # folded first: the cast copies hold the folded weights

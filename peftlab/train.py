@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .accel import FrozenWeightsCast, autocast_dtype, progress_shown, shards_weights
+from .accel import FrozenWeightsCast, autocast_dtype, eval_batches, progress_shown, shards_weights
 from .config import Recipe
 from .data import LengthGroupedSampler, TaskData
 from .distill import loss_for
@@ -684,7 +684,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                 metrics = last_evaluation(model)
             else:
                 with adapter_folded(accelerator.unwrap_model(model), recipe, accelerator):
-                    metrics, _ = task.evaluate(model, eval_dl, accelerator, data.label_names, **parts.eval_context)
+                    metrics, _ = task.evaluate(model, eval_batches(eval_dl, accelerator), accelerator, data.label_names, **parts.eval_context)
         runlog.write(state.step, "eval", {**metrics, "train_s": train_s})
         state.history.append({"step": state.step, **metrics})
         best.consider(state, metrics, accelerator.unwrap_model(model))

@@ -312,8 +312,12 @@ def test_quiet_hides_the_progress_bar_and_evaluation_lines_and_puts_the_log_leve
     assert main(["train", str(path), *short, f"output_dir={tmp_path / 'loud'}"]) == 0
     loud = capsys.readouterr()
     assert "train:" in loud.err and "step 1: accuracy" in loud.out + loud.err
+    assert "eval: 100%" in loud.err  # the evaluations' bar (there was none: a generation pass was minutes of silence)
+    assert main(["eval", str(tmp_path / "loud")]) == 0 and "eval: 100%" in capsys.readouterr().err
     assert main(["-q", "train", str(path), *short, f"output_dir={tmp_path / 'quiet'}"]) == 0
     quiet = capsys.readouterr()
     assert "train:" not in quiet.err and "step 1:" not in quiet.out + quiet.err and "macro-F1" in quiet.out
+    assert "eval:" not in quiet.err
+    assert main(["-q", "eval", str(tmp_path / "quiet")]) == 0 and "eval:" not in capsys.readouterr().err
     assert logging.getLogger("peftlab").level == logging.NOTSET
     assert (tmp_path / "quiet" / "log.jsonl").read_text().count('"kind": "eval"') == 2  # the log still holds every line
