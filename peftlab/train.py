@@ -622,9 +622,9 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: str | Path, *
     """Run the optimisation; return (model with the kept weights loaded, TrainState). `resume_from`: a checkpoint to
     continue. `tokenizer` lets evaluations generate when the kept metric needs it (summarization with rougeL, ...).
     `runlog`: the log and trackers `run` opened (else the loop opens its own in `out`, and closes it).
-    `last_evaluation`: model -> metrics, the final evaluation's own pass over data.eval (`run` keeps what it found): the
-    last step's evaluation calls it instead of the loop's, where that one is as complete (`final_form`), so a run whose
-    exported weights are the last step's does not score data.eval twice.
+    `last_evaluation`: model -> metrics, the final evaluation's own pass over data.eval (`run` keeps the last one it made):
+    the last step's evaluation (and one that early stopping may make the last) calls it instead of the loop's, where that
+    one is as complete (`final_form`), so a run whose exported weights are the last step's does not score data.eval twice.
     A loss that turns inf/nan stops the run (TrainingDiverged): checked at log and save steps, not every step."""
     out, resume_from = Path(out), resume_from and Path(resume_from)
     with unread_skipped(model, recipe) as trimmed:  # (for the training only: the model handed back reads as loaded)
@@ -680,7 +680,10 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
         # under fork_rng: the evaluation's draws (its loader's seed, a task's own draws) leave the training's random
         # stream as it was, so how often a run evaluates does not change what it trains
         with torch.random.fork_rng(devices=[accelerator.device] if accelerator.device.type == "cuda" else []), parts.cast.suspended():
-            if last_evaluation is not None and state.step == parts.total:  # (folds and casts as below)
+            # the last step's evaluation, or one after which train.early_stopping ends the run unless it improves (its weights
+            # exported unless keep_best exports an earlier step's): the final evaluation's own pass (folds and casts as below)
+            may_end = t.early_stopping and not t.keep_best and best.stale(state) + 1 >= t.early_stopping
+            if last_evaluation is not None and (state.step == parts.total or may_end):
                 metrics = last_evaluation(model)
             else:
                 with adapter_folded(accelerator.unwrap_model(model), recipe, accelerator):

@@ -116,6 +116,29 @@ def test_the_last_steps_evaluation_is_the_final_one_and_data_eval_is_scored_once
     assert len((recipe.out / "predictions-eval.jsonl").read_text().splitlines()) == 64
 
 
+def test_an_evaluation_that_early_stopping_makes_the_last_is_the_final_one(make_recipe, monkeypatch):
+    """Early stopping (keep_best off) ended the run at an evaluation that was the loop's own, and the final evaluation
+    scored data.eval again with the same weights (a whole generation pass for SFT). An evaluation after which the run
+    stops unless it improves is now the final evaluation's pass; one that then improves is not kept (step 2's here)."""
+    from peftlab.tasks import classification
+
+    evaluate, calls = classification.evaluate, []
+
+    def counted(*args, **kwargs):  # accuracies 0.9, 0.95, 0.8, 0.7: best at step 2, no improvement at 3 and 4 -> stop at 4
+        metrics, report = evaluate(*args, **kwargs)
+        metrics["accuracy"] = (0.9, 0.95, 0.8, 0.7, 0.6)[len(calls)]
+        calls.append(dict(metrics))
+        return metrics, report
+
+    monkeypatch.setattr(classification, "evaluate", counted)
+    recipe = make_recipe({"train.max_steps": 8, "train.eval_every": 1, "train.early_stopping": 2, "train.keep_best": False})
+    record = run(recipe)
+    assert record["stopped_early"] and record["steps"] == 4 and [h["step"] for h in record["history"]] == [1, 2, 3, 4]
+    assert len(calls) == 4 and record["metrics"]["eval"] == calls[3]  # (was 5: step 4 scored twice)
+    report = json.loads((recipe.out / "eval_report.json").read_text())
+    assert report["n"] == 64 and len((recipe.out / "predictions-eval.jsonl").read_text().splitlines()) == 64
+
+
 def test_only_a_complete_in_loop_evaluation_stands_for_the_final_one():
     """A loop evaluation without the tokenizer (a generated metric not kept) misses the generated metrics, and AdaLoRA
     masks its ranks after the last step: the final evaluation then scores data.eval itself."""
