@@ -338,7 +338,7 @@ def final_evaluation(model, data, accelerator, recipe: Recipe, tokenizer, scored
 def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
     """The checks that read more than the recipe: the trackers of train.report_to installed (else their pip command),
     model.num_layers against the base's config, the teacher of train.distill against the student, what the adapter
-    method cannot run on this machine (adapter.init=loftq without CUDA). `run` makes them
+    method cannot run on this machine (adapter.init=loftq without CUDA; validate: train.precision too). `run` makes them
     before any work (the layers of a model.from_run once it has merged that run). `peftlab validate` makes them without
     any work (`training=False`), and also what `train` finds when it reads the data and loads the model: the columns
     (data.column_problems), the base and its target modules (model.model_problems). A teacher not trained yet and a
@@ -374,7 +374,11 @@ def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
     if recipe.train.distill and not teacher:
         log.warning("train.distill.teacher=%s: no finished run there yet, so the teacher is not checked; train it before "
                     "this recipe (its task and labels are checked then).", recipe.train.distill.teacher)
-    if not training:  # what `train` finds once it reads the data and loads the model, here from headers and configs
+    if not training:  # what `train` finds once it reads the data and loads the model, here from headers and configs; and
+        try:  # the precision this machine cannot train in (fp16 without CUDA), which `run` resolves before it calls this
+            resolve_precision(recipe.train.precision)
+        except ConfigError as e:
+            problems += e.problems
         problems += column_problems(recipe) + model_problems(recipe)
     return problems
 

@@ -360,15 +360,22 @@ def test_every_row_truncated_is_an_error_in_training_and_a_warning_in_evaluation
     assert "data.eval: all 20 rows are longer than data.max_length=8 tokens: each is scored on its first 8 tokens" in caplog.text
 
 
-def test_fp16_on_cpu_is_refused():
+def test_fp16_on_cpu_is_refused_by_train_and_validate(make_recipe, tmp_path, capsys, monkeypatch):
+    """validate said ok to train.precision=fp16 on CPU (and to a wrong PEFTLAB_AUTO_PRECISION) that train refuses."""
     import torch
 
     from peftlab.accel import resolve_precision
+    from peftlab.cli import main
 
-    if torch.cuda.is_available():
-        pytest.skip("has a GPU")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         resolve_precision("fp16")
+    make_recipe()
+    recipe = str(tmp_path / "recipe.yaml")
+    assert main(["validate", recipe, "train.precision=fp16"]) == 2
+    assert "train.precision=fp16 needs a CUDA GPU" in capsys.readouterr().out
+    monkeypatch.setenv("PEFTLAB_AUTO_PRECISION", "fp64")
+    assert main(["validate", recipe]) == 2 and "PEFTLAB_AUTO_PRECISION='fp64'" in capsys.readouterr().out
 
 
 # ------------------------------------------------------------------------------------------------------- fuzzing
