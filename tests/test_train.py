@@ -454,6 +454,9 @@ def test_early_stopping_stops_once_the_metric_stops_improving_and_exports_the_be
     assert record.metrics["eval"]["loss"] == pytest.approx(history[best]["loss"], rel=1e-5)  # the best step's weights
     with pytest.raises(ConfigError, match="train.early_stopping=2 needs evaluations during training"):
         make_recipe({"train.early_stopping": 2})
+    # no evaluation split: validate said ok and the run trained every step, the early stopping watching nothing
+    with pytest.raises(ConfigError, match="train.early_stopping=2 needs an evaluation split to watch, and there is none"):
+        make_recipe({"train.early_stopping": 2, "train.eval_every": 5, "data.eval": None, "data.eval_holdout": 0.0})
 
 
 def test_early_stopping_without_keep_best_names_the_last_step_as_exported(make_recipe, tmp_path):
