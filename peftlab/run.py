@@ -371,6 +371,10 @@ def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
     if unread := unread_quant_options(recipe.quant):
         log.warning("%s: only 4-bit quantization reads them (quant.mode=%s), so ignored. Remove them, or use quant.mode=4bit.",
                     ", ".join(unread), recipe.quant.mode)
+    if recipe.train.distill and recipe.train.distill.alpha == 1:
+        log.warning("train.distill.alpha=1 weighs the teacher's soft targets 0: this trains on the labels alone, as without "
+                    "train.distill, and the teacher's pass over every training row is wasted. Lower it to distil (e.g. "
+                    "train.distill.alpha=0.5), or drop train.distill.")
     if recipe.train.distill and not teacher:
         log.warning("train.distill.teacher=%s: no finished run there yet, so the teacher is not checked; train it before "
                     "this recipe (its task and labels are checked then).", recipe.train.distill.teacher)

@@ -185,9 +185,11 @@ def test_a_verbalizer_teacher_teaches_through_its_label_words(tmp_path, tiny_lla
     assert student_run["distillation"]["task"] == "verbalizer" and student_run["distillation"]["soft_target_rows"] == 256
 
 
-def test_alpha_one_is_exactly_label_only_training(tmp_path, tiny_bert, sentiment_files, teacher):
+def test_alpha_one_is_exactly_label_only_training(tmp_path, tiny_bert, sentiment_files, teacher, caplog):
     plain = run(student(tmp_path, tiny_bert, sentiment_files, "plain"))
-    same = run(student(tmp_path, tiny_bert, sentiment_files, "alpha1", distilled(teacher, alpha=1.0)))
+    with caplog.at_level("WARNING", logger="peftlab"):
+        same = run(student(tmp_path, tiny_bert, sentiment_files, "alpha1", distilled(teacher, alpha=1.0)))
+    assert "train.distill.alpha=1 weighs the teacher's soft targets 0" in caplog.text  # (the teacher's pass is wasted)
     assert losses(tmp_path / "alpha1") == losses(tmp_path / "plain")  # the same numbers, bit for bit
     assert same["metrics"]["eval"] == plain["metrics"]["eval"]
     assert torch.equal(logits(load_trained(tmp_path / "alpha1")[0]), logits(load_trained(tmp_path / "plain")[0]))
