@@ -22,7 +22,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab
 from benchmarks.common import METHODS as ALL_METHODS  # noqa: E402
-from benchmarks.common import RESULTS, save_figure, train_process, write_result  # noqa: E402
+from benchmarks.common import RESULTS, measured_line, save_figure, train_process, write_result  # noqa: E402
 
 METHODS = {m: ALL_METHODS[m] for m in ("lora", "qlora", "full", "frozen")}  # same data and budget for each
 TASKS = {
@@ -142,7 +142,12 @@ def main() -> None:
             rows = [r for r in rows if not (r["task"] == task and r["method"] == method)]
             rows.append({**run_one(task, method, args), "config": cfg})
             write_result(store, json.dumps({"rows": rows}, indent=2))
-    md = table(rows) + "".join(f"\n\n{r['task']}/{r['method']} with {' '.join(r['config']['set'])}"
+    # what the figures were measured with, said in the .md too: the sizes, the split scored (no selection: eval_every=null)
+    md = (f"SST-2: {args.sst2_train:,} seeded train rows, dev scored as the `eval` split; AG News: data.max_length="
+          f"{args.agnews_max_length}; {args.epochs:g} epoch(s), no evaluation during training, so nothing is selected on the "
+          "split reported" + ("; --quick: 300 train rows and 200 rows of the split scored (a check that it runs, not a "
+                               "measurement)" if args.quick else "") + ".\n" + measured_line(rows[0] if rows else None) + "\n\n")
+    md += table(rows) + "".join(f"\n\n{r['task']}/{r['method']} with {' '.join(r['config']['set'])}"
                                for r in rows if r["config"].get("set"))
     # rows of other tasks/methods kept from an earlier invocation with other settings: said, never passed off as these
     other = [r for r in rows if {k: v for k, v in r.get("config", {}).items() if k != "set"} != config]

@@ -37,6 +37,20 @@ def provenance() -> dict:
             "commit": git.stdout.strip() if git.returncode == 0 else None, "versions": versions(), "hardware": hardware()}
 
 
+def measured_line(run: dict | None = None) -> str:
+    """One line for a markdown report: when and at which commit it was written, and the host and versions its figures
+    were measured with (a stored run.json's, where given: a report rebuilt from stored runs names their machine, not
+    this one), so a .md read alone says what its .json does."""
+    from peftlab.export import hardware, versions
+
+    hw, v = (run or {}).get("hardware") or hardware(), (run or {}).get("versions") or versions()
+    commit = provenance()["commit"]
+    return (f"Report written {time.strftime('%Y-%m-%d', time.gmtime())} at commit {(commit or 'unknown')[:10]}; measured on "
+            f"{hw.get('cpu') or 'an unnamed CPU'}{' (native bf16)' if hw.get('cpu_native_bf16') else ''}"
+            f"{', ' + hw['gpu'] if hw.get('gpu') else ''}, {hw.get('torch_threads')} torch threads, "
+            + ", ".join(f"{k} {v[k]}" for k in ("torch", "transformers", "peft") if k in v) + ".")
+
+
 def write_result(path: Path, text: str) -> None:
     """A results file (json, md) written whole or not at all: a benchmark killed while writing never leaves half of one."""
     from peftlab.rundir import atomic_write_text

@@ -30,7 +30,7 @@ with native bf16 (2026-12-01; expect ~2-3x longer on an AVX2-only CPU, where tra
                                                            # step-matched, 1.5 min at 10%, 20 s at 1%: ~2 h 15 min
   python benchmarks/distillation.py --stages speed,report  # ~1 min
   python benchmarks/distillation.py --stages precision,report  # the teacher at seed 1 and in fp32 (3 runs, ~55 min)
-  python benchmarks/distillation.py --smoke                # tiny end-to-end check: ~2 min
+  python benchmarks/distillation.py --smoke                # tiny end-to-end check: 14 runs, ~10 min on 2 cores
   python benchmarks/distillation.py --task emotion          # the same on emotion (16,000 train rows, 6 classes):
                                                            # 15 runs, ~45 min
   python benchmarks/distillation.py --tag smollm2 --teacher-recipe recipes/smollm2-135m/sst2-head-lora.yaml \
@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.common import REPO, RESULTS, fractions_arg, stored_case, write_result  # noqa: E402
+from benchmarks.common import REPO, RESULTS, fractions_arg, measured_line, stored_case, write_result  # noqa: E402
 
 DATA = REPO.parent / "shared" / "data"
 RUNS, OUT = REPO / "runs" / "distill-bench", RESULTS / "distillation"
@@ -97,7 +97,8 @@ TASKS = {
 }
 TASK = TASKS["sst2"]  # main() sets it from --task
 BASE_OUT, REUSE_LABEL_ONLY = OUT, False  # main() sets them: the untagged results, --reuse-label-only
-SMOKE = ["train.max_steps=4", "train.eval_every=2", "data.test.max_samples=32", "train.batch_size=8"]
+SMOKE_TEST_ROWS = 32
+SMOKE = ["train.max_steps=4", "train.eval_every=2", f"data.test.max_samples={SMOKE_TEST_ROWS}", "train.batch_size=8"]
 
 
 def label_only(name: str) -> bool:
@@ -256,9 +257,16 @@ def report(args) -> str:
     t = teacher_result(args)
     teacher_acc = accuracy(t) if t else float("nan")
     metric = "accuracy / macro-F1" if TASK.f1 else "accuracy"
+    # the overrides the teacher was trained with (the train-row subset and --smoke's too), as stored; a --teacher RUN's own
+    trained = t["overrides"] if t and not args.teacher else []
+    test = f"{SMOKE_TEST_ROWS} rows of {TASK.test_name} (--smoke: a check that it runs, not a measurement)" if args.smoke else TASK.test_name
     lines = [f"# Knowledge distillation on {TASK.title}", "",
-             f"Teacher: `{args.teacher_name}` {' '.join(args.teacher_overrides) if not args.teacher else ''}".rstrip() + ".",
-             f"{metric[0].upper()}{metric[1:]} on {TASK.test_name} (scored once at the end; every run keeps its best step "
+             f"Teacher: `{args.teacher_name}` {' '.join(trained)}".rstrip() + ".",
+             f"Students: `{TASK.student}`" + "".join(f" {o}" for o in [*(SMOKE if args.smoke else []), *args.student]) + "; trained on "
+             + (f"the first {args.train_rows} train rows (--train-rows): the percents below are of those" if args.train_rows
+                else "the whole train split") + ".",
+             measured_line(t["run"] if t else None), "",
+             f"{metric[0].upper()}{metric[1:]} on {test} (scored once at the end; every run keeps its best step "
              f"on {TASK.selection}). Kept: the student's share of the teacher's accuracy. Time: the whole training process (the "
              "distilled runs include the teacher's pass over their rows).", "",
              "| student | labels | trains | label-only | distilled | distilled + rest unlabelled | kept (best) | time label-only / distilled |",

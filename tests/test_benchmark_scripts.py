@@ -192,6 +192,9 @@ def test_classification_quick_records_the_rows_and_epochs_it_trains(tmp_path, mo
     assert (row["config"]["sst2_train"], row["config"]["epochs"]) == (300, 1.0) and row["wall_per_epoch_s"] == 10.0
     assert "data.train.max_samples=300" in seen[0] and "train.epochs=1.0" in seen[0]
     assert not any(o in seen[0] for o in ("data.train.max_samples=5000", "train.epochs=3.0"))
+    md = (tmp_path / "classification-quick.md").read_text()  # the .md says it too (it read as the full benchmark's table)
+    assert md.startswith("SST-2: 300 seeded train rows") and "--quick: 300 train rows and 200 rows of the split scored" in md
+    assert "Report written " in md and "torch x, transformers x, peft x." in md
 
 
 def test_classification_report_marks_rows_of_other_settings_and_draws_no_bar_for_a_missing_case(tmp_path, monkeypatch):
@@ -350,9 +353,30 @@ def test_distillation_report_reads_the_teacher_given_with_teacher(tmp_path, monk
         (out / f"{name}.json").write_text(json.dumps({"name": name, "run": distill_result(acc), "process_wall_s": 60.0}))
     (out / "teacher.json").write_text(json.dumps({"name": "teacher", "run": distill_result(0.5), "process_wall_s": 60.0}))  # not it
     text = bench.report(argparse.Namespace(teacher=str(teacher), teacher_name=str(teacher), teacher_overrides=[], fractions=[100.0],
-                                           extra_layers=[]))
+                                           extra_layers=[], smoke=False, student=[], train_rows=None))
     assert "| 60.00 | 70.00 | - | 87.5% |" in text and "nan" not in text
     assert "Teacher: 80.00 accuracy" in text and "2.0 min (training, the run given with --teacher)" in text
+
+
+def test_distillation_report_says_what_its_runs_were_measured_with(tmp_path, monkeypatch):
+    """A --smoke (or --train-rows) report read as the full benchmark: its teacher line lacked the overrides the teacher
+    was trained with (the row subset, 4 steps), "SST-2 dev" was 32 rows, "100%" was of a 400-row subset, no host or date."""
+    bench = distillation(tmp_path, monkeypatch)
+    out = tmp_path / "results" / "distillation-smoke"
+    out.mkdir(parents=True)
+    monkeypatch.setattr(bench, "OUT", out)
+    monkeypatch.setattr(bench, "BASE_OUT", out)
+    trained = ["data.train.path=rows-400.tsv", *bench.SMOKE, "adapter.r=16"]
+    host = {"cpu": "Test CPU 9000", "cpu_native_bf16": True, "torch_threads": 3}
+    (out / "teacher.json").write_text(json.dumps({"name": "teacher", "overrides": trained, "process_wall_s": 60.0,
+                                                  "run": distill_result(0.8, hardware=host, versions={"torch": "9.9"})}))
+    text = bench.report(argparse.Namespace(teacher=None, teacher_name="recipes/t.yaml", teacher_overrides=["adapter.r=16"],
+                                           fractions=[100.0], extra_layers=[], smoke=True, student=["train.lr=1e-3"], train_rows=400))
+    assert f"Teacher: `recipes/t.yaml` {' '.join(trained)}." in text
+    assert "train.max_steps=4" in text.split("Students:")[1].splitlines()[0] and "train.lr=1e-3" in text
+    assert "the first 400 train rows (--train-rows): the percents below are of those" in text
+    assert f"on {bench.SMOKE_TEST_ROWS} rows of {bench.TASK.test_name} (--smoke: a check that it runs, not a measurement)" in text
+    assert "measured on Test CPU 9000 (native bf16), 3 torch threads, torch 9.9." in text
 
 
 @pytest.mark.parametrize("timed", [["teacher", "student", "student-l2"], ["teacher", "student", "student-lora"]])
@@ -366,7 +390,7 @@ def test_distillation_speed_note_names_only_the_rows_timed(tmp_path, monkeypatch
         (out / f"speed-{name}.json").write_text(json.dumps({"name": name, "examples_per_s": 100.0, "p50_ms": 10.0, "params": 1e6,
                                                             "layers": 3, "threads": 2, "rows": 872}))
     text = bench.report(argparse.Namespace(teacher=None, teacher_name="t", teacher_overrides=[], fractions=[100.0],
-                                           extra_layers=[2]))
+                                           extra_layers=[2], smoke=False, student=[], train_rows=None))
     assert ("student-lora, the 6-layer LoRA student" in text) == ("student-lora" in timed)
     assert "each model merged into a plain transformers model" in text
 
