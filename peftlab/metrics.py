@@ -40,8 +40,9 @@ def rouge_metrics(predictions: list[str], references: list[str] | list[list[str]
     return load_metric("rouge").compute(predictions=predictions, references=references, use_aggregator=not per_row)
 
 
-NUMBER = r"\$?(?:\d[\d,]*(?:\.\d+)?|\.\d+)(?:/\d+(?!\.\d))?"  # 1,000  $18  .5  3/4
-MARKED_ANSWER = re.compile(rf"####\s*([-\u2212]?{NUMBER})")  # GSM8K's '#### 72'
+# 1,000  $18  .5  3/4; commas group thousands only ('1,2,3' is three numbers: it read as 123)
+NUMBER = r"\$?(?:(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+)(?:/\d+(?!\.\d))?"
+MARKED_ANSWER = re.compile(rf"####\s*([-\u2212]?)\s*({NUMBER})")  # GSM8K's '#### 72' ('#### - 5': -5, it read 5)
 
 
 def final_answer(text: str) -> str | None:
@@ -56,7 +57,7 @@ def final_answer(text: str) -> str | None:
     from fractions import Fraction
 
     if marked := MARKED_ANSWER.search(text):
-        n = marked[1]
+        n = marked[1] + marked[2]
     elif numbers := re.findall(rf"(?:(?<![\w.])[-\u2212])?{NUMBER}", text):
         n = numbers[-1]
     else:

@@ -810,6 +810,9 @@ def test_gsm8k_answers_are_read_after_the_marker_or_else_from_the_last_number():
     assert [final_answer(f"#### {n}") for n in ("1/3", "2/6", "-2/3", "5/0", "\u22125")] == ["1/3", "1/3", "-2/3", "5/0", "-5"]
     assert final_answer("It was \u22123.5 degrees") == "-3.5" and answer_accuracy(["#### 2/6"], ["#### 1/3"])["answer_accuracy"] == 1.0
     assert final_answer("#### Step 1: 16 eggs, 3 eaten.\n#### Step 2: 16 - 3 = 13\n#### 26") == "26"  # headings are no answer
+    # a space after the sign is still a sign (it read '#### - 5' as 5); commas group thousands only ('1,2,3' read as 123)
+    assert final_answer("#### - 5") == "-5" and final_answer("#### \u2212 2.5") == "-2.5" and final_answer("He has 1,2,3 apples") == "3"
+    assert final_answer("It cost $12,345,678.50 in all") == "12345678.5" and final_answer("#### 1,000,000") == "1000000"
     refs = ["Janet sells 9 eggs.\n#### 18"] * 4
     m = answer_accuracy(["#### 18", "She makes 18 dollars.", "#### 17", "I do not know"], refs)
     assert m == {"answer_accuracy": 0.5, "answer_format": 0.5}
