@@ -451,19 +451,24 @@ def merge_and_unload(model):
     return model.merge_and_unload()
 
 
-# what a merge writes into OUT/merged (the model, its tokenizer, its description; a GGUF copy with --gguf)
+# what a merge writes into OUT/merged, files only (the model, its tokenizer, its description; a GGUF copy with --gguf,
+# and what a GGUF export killed mid-write left: .model-f16.gguf.PID.tmp)
 MERGE_WRITES = ("config.json", "generation_config.json", "model*.safetensors", "model.safetensors.index.json", "tokenizer*",
                 "special_tokens_map.json", "vocab*", "merges.txt", "chat_template*", "added_tokens.json", "*.model",
-                "metrics.json", "run.json", "recipe.yaml", "merge.json", "model-*.gguf")
+                "metrics.json", "run.json", "recipe.yaml", "merge.json", "model-*.gguf", ".model-*.gguf.*.tmp")
 
 
 def check_merged_holds_only_merges(target: Path) -> None:
-    """A merge again (--force) replaces OUT/merged whole: refuse where it holds files a merge does not write, what
-    `peftlab eval OUT/merged` wrote there or the user's (they were deleted silently); a GGUF copy is said to go."""
+    """A merge again (--force) replaces OUT/merged whole: refuse where it holds what a merge does not write, what
+    `peftlab eval OUT/merged` wrote there or the user's, files or folders (a merge writes no folder: merged/notes/ was
+    deleted silently); a GGUF copy is said to go."""
     if not target.is_dir():
         return
-    files = [p for p in target.iterdir() if p.is_file()]
-    if foreign := sorted(p.name for p in files if not any(fnmatch.fnmatch(p.name, g) for g in MERGE_WRITES)):
+    entries = list(target.iterdir())
+    files = [p for p in entries if p.is_file() and not p.is_symlink()]
+    foreign = sorted([p.name for p in files if not any(fnmatch.fnmatch(p.name, g) for g in MERGE_WRITES)]
+                     + [p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in entries if p not in files])
+    if foreign:
         raise ArtifactError(f"{target} holds files a merge does not write ({', '.join(foreign[:5])}"
                             f"{', ...' if len(foreign) > 5 else ''}: an evaluation's results, or yours), and merging again "
                             "replaces the folder whole. Move them out of it, then merge again.")

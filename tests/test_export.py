@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 
 import pytest
@@ -203,7 +204,6 @@ def test_an_earlier_runs_figures_say_which_split_chose_its_weights():
 def test_two_merges_of_one_run_at_once_take_turns(trained, tmp_path, monkeypatch):
     """Two `peftlab merge --force` of one run (or trainings from one model.from_run) at once: each removed the other's
     staging folder and both crashed. They take turns now; the second, without --force, finds the run merged."""
-    import shutil
     import sys
     import threading
 
@@ -279,6 +279,25 @@ def test_merging_again_refuses_to_delete_files_a_merge_does_not_write(make_recip
     (merged / "NOTES.md").unlink()
     (merged / "eval-test.json").unlink()
     assert merge(recipe.out, force=True) == merged and sorted(p.name for p in merged.iterdir()) == sorted(before)
+
+
+def test_merging_again_refuses_to_delete_folders_a_merge_does_not_write(make_recipe, tmp_path):
+    """Only stray files were refused: a folder in OUT/merged (merged/notes/todo.txt) went with the old merge, silently.
+    A merge writes no folder: any is refused; a GGUF copy (merge --gguf) and a killed export's temporary file are its own."""
+    from peftlab.errors import ArtifactError
+
+    recipe = make_recipe({"train.max_steps": 2, "train.precision": "fp32", "output_dir": tmp_path / "o"})
+    run(recipe)
+    merged = merge(recipe.out)
+    (merged / "notes").mkdir()
+    (merged / "notes" / "todo.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match=r"holds files a merge does not write \(notes/: .*Move them out"):
+        merge(recipe.out, force=True)
+    assert (merged / "notes" / "todo.txt").read_text() == "mine"
+    shutil.rmtree(merged / "notes")
+    (merged / "model-f16.gguf").write_bytes(b"GGUF")
+    (merged / ".model-f16.gguf.999999.tmp").write_bytes(b"GGUF")
+    assert merge(recipe.out, force=True) == merged and not list(merged.glob("*gguf*"))
 
 
 def test_a_run_whose_base_is_a_relative_path_says_so_when_read_from_elsewhere(make_recipe, tiny_bert, tmp_path, monkeypatch, capsys):
