@@ -93,11 +93,28 @@ def check_destination(path: Path, what: str, *, folder: bool) -> None:
         raise ArtifactError(f"{what} {path} cannot be created: {probe} is a file. Choose another path.")
 
 
+def check_swappable(final: Path, what: str) -> None:
+    """One clear error, before any work, where write_atomic_dir cannot replace folder `final`: a file of its name was
+    moved aside to the hidden .old-NAME (silently), where it made every later write crash ('Not a directory')."""
+    old = final.parent / f".old-{final.name}"
+    for path in (final, old):
+        if path.is_file() or path.is_symlink():
+            kind = "a link" if path.is_symlink() else "a file"
+            if path == final:
+                raise ArtifactError(f"{final} is {kind}: the {what} goes into a folder of that name. Move it out of "
+                                    f"{final.parent} (or rename it), then run again.")
+            raise ArtifactError(f"{old} is {kind}, not what an interrupted write of {final} leaves: most likely yours, once at "
+                                f"{final} and moved aside by an earlier write of the {what}. Move it out of {final.parent} "
+                                f"(e.g. mv {old} {final.parent / (final.name + '.file')}), then run again.")
+
+
 def write_atomic_dir(final: Path, fill: Callable[[Path], None], *, main: bool = True) -> None:
     """Fill a staging directory beside `final`, fsync it, then swap it in (final -> .old-NAME, staging -> final, the old
     one removed; what a process killed mid-swap left is recovered first). Non-main ranks only take part in `fill`
     (collective saves need every rank)."""
     tmp, old = final.parent / f".tmp-{final.name}", final.parent / f".old-{final.name}"
+    if main:
+        check_swappable(final, final.name)  # (the callers check it before their work: a file there is not replaced)
     if main and old.exists():  # a process killed during an earlier swap (every later one failed on it: 'Directory not empty')
         if final.exists():  # killed after the swap, before the clean-up
             shutil.rmtree(old)
@@ -394,6 +411,7 @@ def merging(out: Path):
 
 def _merge(out: Path, recipe, run, recipe_text: str, metrics: bytes | None, identity, force: bool) -> Path:
     target = out / "merged"
+    check_swappable(target, "merged model")  # (a file OUT/merged was hidden in OUT/.old-merged, then every merge crashed)
     adapter_sha = sha256(out / "adapter_model.safetensors")
     base = {"name": recipe.model.name, "revision": recipe.model.revision}
     stamp = target / "merge.json"

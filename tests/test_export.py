@@ -300,6 +300,34 @@ def test_merging_again_refuses_to_delete_folders_a_merge_does_not_write(make_rec
     assert merge(recipe.out, force=True) == merged and not list(merged.glob("*gguf*"))
 
 
+def test_a_file_named_merged_is_refused_before_any_work(make_recipe, tmp_path, monkeypatch):
+    """OUT/merged a file: the first merge moved it to the hidden OUT/.old-merged (silently), and every later write of
+    merged/ crashed there ('Not a directory' in rmtree). Both refused before the work, with what to do."""
+    import sys
+
+    from peftlab.errors import ArtifactError
+    from peftlab.export import write_atomic_dir
+
+    recipe = make_recipe({"train.max_steps": 1, "train.precision": "fp32", "output_dir": tmp_path / "o"})
+    run(recipe)
+    target, old = recipe.out / "merged", recipe.out / ".old-merged"
+    target.write_text("mine")
+    monkeypatch.setattr(sys.modules["peftlab.export"], "rebuild", lambda *a, **k: pytest.fail("merged before the check"))
+    with pytest.raises(ArtifactError, match=r"merged is a file: the merged model goes into a folder of that name\. Move it out"):
+        merge(recipe.out)
+    assert target.read_text() == "mine" and not old.exists()
+    target.rename(old)  # what the first merge of an earlier version left: the file hidden, a merged/ folder beside it
+    target.mkdir()
+    with pytest.raises(ArtifactError, match=r"\.old-merged is a file, not what an interrupted write .* mv "):
+        merge(recipe.out, force=True)
+    with pytest.raises(ArtifactError, match=r"\.old-merged is a file"):
+        write_atomic_dir(target, lambda d: None)
+    assert old.read_text() == "mine"
+    monkeypatch.undo()
+    old.rename(recipe.out / "mine.txt")  # as the message says
+    assert merge(recipe.out, force=True) == target and (target / "merge.json").is_file() and not old.exists()
+
+
 def test_a_run_whose_base_is_a_relative_path_says_so_when_read_from_elsewhere(make_recipe, tiny_bert, tmp_path, monkeypatch, capsys):
     """A recipe naming its base by a relative path (../shared/models/...) trains from its folder; `eval`/`merge` from
     another one said only 'no such model directory'."""
