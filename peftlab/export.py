@@ -415,10 +415,15 @@ def _merge(out: Path, recipe, run, recipe_text: str, metrics: bytes | None, iden
     adapter_sha = sha256(out / "adapter_model.safetensors")
     base = {"name": recipe.model.name, "revision": recipe.model.revision}
     stamp = target / "merge.json"
-    before = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    try:
+        before = json.loads(stamp.read_text()) if stamp.is_file() else {}
+    except ValueError:  # damaged: merged again
+        before = {}
     if not force and before.get("adapter_sha256") == adapter_sha and before.get("base", base) == base:
-        log.info("%s is already merged from this adapter; nothing to do.", target)
-        return target
+        if not (damage := merge_damage(target)):  # (merged/model.safetensors deleted or damaged: it said 'nothing to do')
+            log.info("%s is already merged from this adapter; nothing to do.", target)
+            return target
+        log.info("%s is merged from this adapter, but %s: merging again.", target, damage)
     if before.get("base", base) != base:
         log.info("%s holds a merge onto %s: merging onto %s replaces it.", target, before["base"]["name"], base["name"])
     check_merged_holds_only_merges(target)  # before the work: --force replaces the folder whole
@@ -450,6 +455,24 @@ def _merge(out: Path, recipe, run, recipe_text: str, metrics: bytes | None, iden
     write_atomic_dir(target, fill)
     log.debug("merged model written to %s", target)  # the callers say where (cli, the run summary)
     return target
+
+
+def merge_damage(target: Path) -> str | None:
+    """-> what is missing or damaged in a merged folder (its description, config, weights), else None. The weights are
+    hashed against its run.json's record: a merged LLM is GBs in float32, read once per merge (about 1 s a GB)."""
+    if missing := [f for f in (*RUN_FILES, "config.json") if not (target / f).is_file()]:
+        return f"its {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} missing"
+    try:
+        record = json.loads((target / RECORD_FILE).read_text())
+        name, recorded = record.get("weights_file") or "model.safetensors", record.get("weights_sha256")
+    except (OSError, ValueError, AttributeError) as e:
+        return f"its {RECORD_FILE} is damaged ({e})"
+    weights = target / name
+    if not weights.is_file():
+        return f"its {name} is missing"
+    if recorded and sha256(weights) != recorded:
+        return f"its {name} differs from the sha256 its {RECORD_FILE} records (truncated or modified)"
+    return None
 
 
 def merge_and_unload(model):

@@ -328,6 +328,29 @@ def test_a_file_named_merged_is_refused_before_any_work(make_recipe, tmp_path, m
     assert merge(recipe.out, force=True) == target and (target / "merge.json").is_file() and not old.exists()
 
 
+def test_a_merged_folder_whose_weights_are_gone_or_damaged_is_merged_again(make_recipe, tmp_path, caplog):
+    """merge said 'already merged from this adapter; nothing to do' from merge.json alone: merged/model.safetensors
+    deleted or truncated stayed so. The weights are checked against merged/run.json's sha256, and merged again."""
+    import logging
+
+    recipe = make_recipe({"train.max_steps": 2, "train.precision": "fp32", "output_dir": tmp_path / "o"})
+    run(recipe)
+    target = merge(recipe.out)
+    weights = target / "model.safetensors"
+    whole = weights.read_bytes()
+    expected = logits(load_trained(target)[0])
+    caplog.set_level(logging.INFO, logger="peftlab.export")
+    assert merge(recipe.out) == target and "nothing to do" in caplog.text  # intact: left as it is
+    for damage, said in [(lambda: weights.unlink(), "its model.safetensors is missing"),
+                         (lambda: weights.write_bytes(whole[:len(whole) // 2]), "differs from the sha256"),
+                         (lambda: (target / "merge.json").write_text("{"), "")]:
+        damage()
+        caplog.clear()
+        assert merge(recipe.out) == target and said in caplog.text and "nothing to do" not in caplog.text, caplog.text
+        assert weights.read_bytes() == whole
+        torch.testing.assert_close(logits(load_trained(target)[0]), expected, rtol=0, atol=0)
+
+
 def test_a_run_whose_base_is_a_relative_path_says_so_when_read_from_elsewhere(make_recipe, tiny_bert, tmp_path, monkeypatch, capsys):
     """A recipe naming its base by a relative path (../shared/models/...) trains from its folder; `eval`/`merge` from
     another one said only 'no such model directory'."""
