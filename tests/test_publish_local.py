@@ -102,6 +102,22 @@ def test_published_folder_holds_no_local_path(local_run, hub, tmp_path, tiny_ber
     assert (logits(load_trained(folder, recipe=published)[0]) - original).abs().max().item() == 0
 
 
+def test_the_cards_peftlab_snippet_for_a_local_base_runs_as_written(local_run, tmp_path, tiny_bert, capsys):
+    """The card's Python for a base that was a local folder (`load_recipe(folder / 'recipe.yaml', ['model.name=FOLDER'])`)
+    failed for whoever downloaded the adapter: the published recipe's data files are not there (ConfigError). The
+    snippet, as the card writes it, runs with only the folder and the base's copy filled in, and gives the run's logits."""
+    rc, _, err = cli(capsys, "publish", local_run, "--repo-id", "alice/tiny-lora", "--to", tmp_path / "shelf")
+    assert rc == 0, err
+    card = (tmp_path / "shelf" / "README.md").read_text()
+    [snippet] = [block for block in re.findall(r"```python\n(.*?)```", card, re.S) if "load_recipe" in block]
+    for placeholder, value in [("'alice/tiny-lora'", str(tmp_path / "shelf")), (repr(tiny_bert.name), str(tiny_bert))]:
+        assert snippet.count(placeholder) == 1, snippet
+        snippet = snippet.replace(placeholder, repr(value))
+    scope = {}
+    exec(snippet, scope)  # noqa: S102 (the card's own text)
+    assert (logits(scope["model"]) - logits(load_trained(local_run)[0])).abs().max().item() == 0
+
+
 def test_eval_of_a_published_folder_names_the_base_at_load_time(local_run, tmp_path, tiny_bert, sentiment_files, capsys, monkeypatch):
     """`peftlab eval --adapter FOLDER model.name=COPY data.eval.path=FILE` scores the published adapter like the run."""
     folder = tmp_path / "shelf"

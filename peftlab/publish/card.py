@@ -631,14 +631,19 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
     libraries = "transformers"
     if adapter:
         libraries = "peft and transformers" + (" (and peftlab, for the base's layers it keeps)" if recipe.model.num_layers else "")
-    lines += ["", "## How to use", "", f"With {libraries}:", "", _usage(out, recipe, run, repo, base, local_base, gguf_file_of(pub.recipe)), "",
-              "With peftlab (downloads the folder, rebuilds the base from `recipe.yaml`):", "", "```python",
-              "from peftlab import load_trained\nfrom peftlab.publish import load_adapter\n",
-              f"model, tokenizer, recipe, run = load_trained(load_adapter({repo!r}))", "```", ""]
-    if local_base:
-        lines += [f"`recipe.yaml` names the base by its folder name (`{recipe.model.name}`): point peftlab at your copy with "
-                  f"`peftlab eval --adapter {repo} model.name=FOLDER` (in Python: `load_trained(folder, recipe=load_recipe("
-                  "folder / 'recipe.yaml', ['model.name=FOLDER']))`).", ""]
+    lines += ["", "## How to use", "", f"With {libraries}:", "", _usage(out, recipe, run, repo, base, local_base, gguf_file_of(pub.recipe)), ""]
+    if local_base:  # the recipe's data files stayed on the training machine: load_recipe checks them unless told not to
+        lines += [f"With peftlab (downloads the folder; `recipe.yaml` names the base by its folder name, `{recipe.model.name}`: "
+                  f"point it at your copy, from the command line with `peftlab eval --adapter {repo} model.name=FOLDER`):", "",
+                  "```python", "from peftlab import load_recipe, load_trained\nfrom peftlab.publish import load_adapter\n",
+                  f"folder = load_adapter({repo!r})\nbase_model = {recipe.model.name!r}  # a local folder when it was trained: "
+                  "point this at your copy of it\n# the recipe's data files are not in this folder: validate_files=False skips checking them\n"
+                  "recipe = load_recipe(folder / 'recipe.yaml', {'model.name': base_model}, validate_files=False)\n"
+                  "model, tokenizer, recipe, run = load_trained(folder, recipe=recipe)", "```", ""]
+    else:
+        lines += ["With peftlab (downloads the folder, rebuilds the base from `recipe.yaml`):", "", "```python",
+                  "from peftlab import load_trained\nfrom peftlab.publish import load_adapter\n",
+                  f"model, tokenizer, recipe, run = load_trained(load_adapter({repo!r}))", "```", ""]
     lines += ["## Limitations", "",
               "- Evaluated only on the split(s) listed above; quality on other data, domains or languages is unknown.",
               f"- Inherits the limitations and biases of the base model ({base}) and of the training data "
