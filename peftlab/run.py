@@ -358,6 +358,11 @@ def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
         log.warning("train.eval_every=%s but there is no evaluation split: nothing is evaluated during training (nor kept by "
                     "train.keep_best). Give one (data.eval.path=FILE, or data.eval_holdout=0.1 of train), or drop "
                     "train.eval_every.", recipe.train.eval_every)
+    train, evaluated = (s and s.path and Path(s.path).resolve() for s in (d.train, d.eval))
+    if evaluated and evaluated == train:  # (data.test on it is said below, and in the summary)
+        log.warning("data.eval is the file of data.train (%s): its figures, and what train.keep_best or early stopping choose "
+                    "by them, score rows the model trains on. Give data.eval a file training never reads, or hold rows out of "
+                    "train: data.eval=null data.eval_holdout=0.1.", d.eval.path)
     if shared := shared_test_file(recipe):
         log.warning("data.test is the file of data.%s (%s): its figure is not held out (the summary and the card say so). "
                     "Give data.test a file of rows that %s never reads.", shared, recipe.data.test.path,

@@ -516,3 +516,18 @@ def test_a_test_split_read_from_the_selection_file_is_not_called_held_out(make_r
     assert "test (not held out: the file of data.eval)" in card and "The held-out figure is test" not in card
     other = make_recipe({"train.max_steps": 1, "data.test.path": str(sentiment_files["train"]), "output_dir": Path(record.output_dir).parent / "b"})
     assert run(other).split_label("test") == "test (not held out: the file of data.train)"
+
+
+
+def test_an_eval_split_read_from_the_train_file_is_warned_about(make_recipe, sentiment_files, caplog):
+    """data.eval naming data.train's file: selection and its figures scored training rows without a word (data.test on
+    it was warned about)."""
+    from peftlab.run import preflight
+
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        preflight(make_recipe({"data.eval.path": str(sentiment_files["train"])}))
+    assert "data.eval is the file of data.train" in caplog.text and "data.eval_holdout=0.1" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        preflight(make_recipe())
+    assert "data.eval is the file of data.train" not in caplog.text
