@@ -72,7 +72,7 @@ def cmd_train(args) -> int:
 
 def cmd_eval(args) -> int:
     from .publish import load_adapter
-    from .run import evaluate
+    from .run import EVAL_DIR, check_evaluation, evaluate, overrides_tag
 
     if args.out and "=" in args.out:  # `eval --adapter ID KEY=VALUE`: the first override lands in `out`
         args.overrides, args.out = [args.out, *args.overrides], None
@@ -83,20 +83,19 @@ def cmd_eval(args) -> int:
         raise PeftlabError("eval needs a run folder (peftlab eval runs/NAME) or an adapter (--adapter NAMESPACE/NAME or a folder).")
     check_local_target(target)
     folder = load_adapter(target, endpoint=args.endpoint, revision=args.revision)  # (under --launch: downloaded once, here)
-    if args.launch or args.num_processes is not None:  # the same evaluation on N processes (peftlab/launch.py)
-        from .launch import launch_eval
-
-        given = [args.out] if args.out else ["--adapter", args.adapter]
-        given += [*(o for k in ("endpoint", "revision") if getattr(args, k) for o in (f"--{k}", getattr(args, k))), "--split", args.split]
-        return launch_eval(args.launch, [*given, *args.overrides], num_processes=args.num_processes, flags=global_flags(args))
-    from .run import EVAL_DIR, overrides_tag
-
     # a local folder: evaluate decides (a run's own eval-SPLIT.json; with overrides, or for a published folder,
     # runs/eval/NAME-TAG/); a hub adapter's go to runs/eval/ under its id, never into the download cache
     results = None
     if not Path(target).expanduser().is_dir():
         name = target.replace("/", "__") + (f"@{args.revision}" if args.revision else "")
         results = EVAL_DIR / (f"{name}-{overrides_tag(args.overrides)}" if args.overrides else name)
+    if args.launch or args.num_processes is not None:  # the same evaluation on N processes (peftlab/launch.py)
+        from .launch import launch_eval
+
+        check_evaluation(folder, args.split, args.overrides, results)  # a mistake: one message here, not one per rank
+        given = [args.out] if args.out else ["--adapter", args.adapter]
+        given += [*(o for k in ("endpoint", "revision") if getattr(args, k) for o in (f"--{k}", getattr(args, k))), "--split", args.split]
+        return launch_eval(args.launch, [*given, *args.overrides], num_processes=args.num_processes, flags=global_flags(args))
     metrics = evaluate(folder, split=args.split, overrides=args.overrides, results_dir=results)
     from accelerate import PartialState
 
@@ -447,7 +446,7 @@ def main(argv: list[str] | None = None) -> int:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _quiet_libraries()
     try:
-        with sigterm_unwinds(), quieted(args.quiet):
+        with sigterm_unwinds(), quieted(args.quiet and not rank):  # (the other ranks of a launch say only their errors)
             return args.fn(args)
     except TrainingInterrupted as e:
         if not rank:  # (every rank stopped with the same checkpoint; one says so)

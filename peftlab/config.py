@@ -911,9 +911,11 @@ def check_rules(recipe: Recipe, *, check_files: bool = True, source: str | None 
     need(not recipe.train.early_stopping or bool(recipe.train.eval_every),
          f"train.early_stopping={recipe.train.early_stopping} needs evaluations during training: set train.eval_every (e.g. "
          "train.eval_every=100), or train.early_stopping=null.")
-    need(not recipe.train.early_stopping or multitask or d.eval is not None or bool(d.eval_holdout),  # (it never stopped)
+    tasks = recipe.multitask.tasks if multitask and isinstance(recipe.multitask.tasks, dict) else {}
+    key = "multitask.tasks.NAME.data" if tasks else "data"  # (a multi-task recipe's tasks are evaluated all or none)
+    need(not recipe.train.early_stopping or any(x.eval is not None or bool(x.eval_holdout) for x in [t.data for t in tasks.values()] or [d]),
          f"train.early_stopping={recipe.train.early_stopping} needs an evaluation split to watch, and there is none: give one "
-         "(data.eval.path=FILE, or data.eval_holdout=0.1 of train), or train.early_stopping=null.")
+         f"({key}.eval.path=FILE, or {key}.eval_holdout=0.1 of train), or train.early_stopping=null.")  # (it never stopped)
     sections = [("data", d), *((f"multitask.tasks.{k}.data", t.data) for k, t in (recipe.multitask.tasks.items() if multitask else ()))]
     for where, spec in ((f"{sec}.{name}", getattr(sd, name)) for sec, sd in sections for name in ("train", "eval", "test")):
         if spec is None or spec.references_column is None:

@@ -7,6 +7,7 @@ into `run`; nothing here calls back up. `python -m peftlab.run RECIPE ...` is ke
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -15,6 +16,7 @@ import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path, PurePath
+from typing import NamedTuple
 
 import yaml
 from accelerate.utils import set_seed
@@ -67,6 +69,44 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     extra files), `runs/eval/NAME-TAG/` (from the working directory; `overrides_tag`): an evaluation of a changed recipe
     never replaces the figures the run was trained and reported with, nor adds files to its folder. `split`: eval (the
     split the run selected on: data.eval, or the seeded data.eval_holdout part of train) or test (data.test)."""
+    plan = evaluation_plan(out, split, overrides, results_dir)
+    out, recipe, run, results = plan.out, plan.recipe, plan.run, plan.results
+    if run.selected_on == split and rows_of(recipe, split) == rows_of(plan.trained, split):
+        log.warning("%s is the split this run chose its weights on (train.keep_best or early stopping, step %s of %s): its figure is optimistic. "
+                    "%s", split, run.best_step, run.steps, "`--split test` scores the held-out split." if "test" in (run.metrics or {})
+                    else "For a held-out figure: --split test data.test.path=FILE (rows no selection saw).")
+    model, tokenizer = rebuild(out, recipe, run, precision=plan.precision)
+    model.requires_grad_(False)  # only scored: a full fine-tune's weights are frozen too (train.cast_frozen casts them once)
+    splits, _ = load_splits_for(recipe, split, run.label_names)
+    data = build_data(recipe, tokenizer, splits=splits, label_names=run.label_names)
+    accelerator = make_accelerator(recipe, plan.precision)
+    ds = getattr(data, split)
+    model = accelerator.prepare_model(model, evaluation_mode=True)  # no DDP wrapper: it refuses a model with nothing to train
+    metrics, report, rows = evaluate_split(model, ds, data, accelerator, recipe, tokenizer)
+    if accelerator.is_main_process:
+        check_same_folder(out, plan.identity, "evaluating it")
+        if rows is not None:
+            atomic_write_text(results / f"predictions-{split}.jsonl", predictions_jsonl(rows))
+        record = {"metrics": metrics, "report": report, **({"run": str(out), "overrides": list(plan.overrides)} if results != out else {})}
+        atomic_write_text(results / f"eval-{split}.json", json.dumps(record, indent=2))
+        log.info("evaluation of %s on %s written to %s", out, split, results / f"eval-{split}.json")
+    return metrics
+
+
+class EvaluationPlan(NamedTuple):
+    out: Path
+    overrides: list[str]
+    trained: Recipe  # the run's recipe
+    recipe: Recipe  # with the overrides
+    run: RunRecord
+    precision: str
+    results: Path  # where eval-SPLIT.json goes
+    identity: tuple  # the run folder's (check_same_folder)
+
+
+def evaluation_plan(out, split: str, overrides=(), results_dir=None) -> EvaluationPlan:
+    """What an evaluation of run `out` scores with and writes where, every argument and folder checked before the model
+    loads (`evaluate`; `peftlab eval --launch` before it starts any process)."""
     if split not in EVAL_SPLITS:
         raise ConfigError([f"split={split!r}: an evaluation scores one of {', '.join(EVAL_SPLITS)} (eval: the split the run "
                            "selected on; test: data.test). For other rows, give them as the test split: "
@@ -85,10 +125,6 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
         check_eval_overrides(trained, recipe)
         if recipe.train.precision != trained.train.precision:
             precision = resolve_precision(recipe.train.precision)
-    if run.selected_on == split and rows_of(recipe, split) == rows_of(trained, split):
-        log.warning("%s is the split this run chose its weights on (train.keep_best or early stopping, step %s of %s): its figure is optimistic. "
-                    "%s", split, run.best_step, run.steps, "`--split test` scores the held-out split." if "test" in (run.metrics or {})
-                    else "For a held-out figure: --split test data.test.path=FILE (rows no selection saw).")
     check_split_given(recipe, split)  # before the model is loaded
     if results_dir is None:
         results_dir = EVAL_DIR / f"{out.resolve().name}-{overrides_tag(overrides, out.resolve())}" if overrides or not holds_run(out) else out
@@ -102,22 +138,20 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
         raise ArtifactError(f"cannot write the evaluation (eval-{split}.json) to {results}: {writable} is not writable. "
                             + ("Copy the run folder to a writable place and evaluate the copy." if results == out else
                                "Run it from a writable working directory (its results go to runs/eval/)."))
-    model, tokenizer = rebuild(out, recipe, run, precision=precision)
-    model.requires_grad_(False)  # only scored: a full fine-tune's weights are frozen too (train.cast_frozen casts them once)
-    splits, _ = load_splits_for(recipe, split, run.label_names)
-    data = build_data(recipe, tokenizer, splits=splits, label_names=run.label_names)
-    accelerator = make_accelerator(recipe, precision)
-    ds = getattr(data, split)
-    model = accelerator.prepare_model(model, evaluation_mode=True)  # no DDP wrapper: it refuses a model with nothing to train
-    metrics, report, rows = evaluate_split(model, ds, data, accelerator, recipe, tokenizer)
-    if accelerator.is_main_process:
-        check_same_folder(out, identity, "evaluating it")
-        if rows is not None:
-            atomic_write_text(results / f"predictions-{split}.jsonl", predictions_jsonl(rows))
-        record = {"metrics": metrics, "report": report, **({"run": str(out), "overrides": list(overrides)} if results != out else {})}
-        atomic_write_text(results / f"eval-{split}.json", json.dumps(record, indent=2))
-        log.info("evaluation of %s on %s written to %s", out, split, results / f"eval-{split}.json")
-    return metrics
+    return EvaluationPlan(out, list(overrides), trained, recipe, run, precision, results, identity)
+
+
+def check_evaluation(out, split: str, overrides=(), results_dir=None) -> None:
+    """What `evaluate` refuses, found without the model or the rows: the plan's checks, then the scored split's file
+    (and train's, for a held-out part of it) and its columns. `peftlab eval --launch` asks it before it starts any
+    process (each would refuse it, under the launcher's traceback)."""
+    recipe = copy.deepcopy(evaluation_plan(out, split, overrides, results_dir).recipe)
+    only_split(recipe.data, split)
+    given = [(name, spec) for name in ("train", "eval", "test") if (spec := getattr(recipe.data, name)) is not None]
+    problems = [f"data.{name}.path={spec.path!r}: file not found. Fix the path or override it: data.{name}.path=FILE."
+                for name, spec in given if spec.path is not None and not Path(spec.path).is_file()]
+    if problems := problems or column_problems(recipe):
+        raise ConfigError(problems)
 
 
 def shared_test_file(recipe: Recipe) -> str | None:
@@ -191,7 +225,10 @@ def evaluate_split(model, ds, data, accelerator, recipe: Recipe, tokenizer):
 
 def held_out(recipe: Recipe, split: str) -> bool:
     """The eval split is the seeded data.eval_holdout part of train (no data.eval)."""
-    d = recipe.data
+    return held_out_data(recipe.data, split)
+
+
+def held_out_data(d, split: str) -> bool:
     return split == "eval" and d.eval is None and d.eval_holdout > 0 and d.train is not None
 
 
@@ -200,14 +237,20 @@ def check_split_given(recipe: Recipe, split: str) -> None:
         raise ArtifactError(f"the run's recipe has no data.{split} split. Give one: data.{split}.path=FILE.")
 
 
-def load_splits_for(recipe: Recipe, split: str, label_names: list[str]):
-    """The one split an evaluation scores. A run that selected on a seeded part of train (`data.eval: null`,
-    `data.eval_holdout`) gets that part again for `eval`: train is read and split as training did, then dropped."""
-    d, holdout = recipe.data, held_out(recipe, split)
-    check_split_given(recipe, split)  # (evaluate asks it before loading the model; benchmarks/generation.py calls this directly)
+def only_split(d, split: str) -> None:
+    """Data section `d` with the splits an evaluation of `split` does not read set to None (train stays for a held-out part)."""
+    holdout = held_out_data(d, split)
     for other in ("train", "eval", "test"):
         if other != split and not (holdout and other == "train"):
             setattr(d, other, None)
+
+
+def load_splits_for(recipe: Recipe, split: str, label_names: list[str]):
+    """The one split an evaluation scores. A run that selected on a seeded part of train (`data.eval: null`,
+    `data.eval_holdout`) gets that part again for `eval`: train is read and split as training did, then dropped."""
+    d = recipe.data
+    check_split_given(recipe, split)  # (evaluate asks it before loading the model; benchmarks/generation.py calls this directly)
+    only_split(d, split)
     d.label_names = label_names
     splits, names = load_splits(recipe, need_train=False, run_labels=True)
     return {**splits, "train": None}, names

@@ -304,6 +304,20 @@ def test_the_cli_quiets_bitsandbytes_kernel_search_and_adalora_pattern_noise():
             lg.setLevel(level)
 
 
+def test_quiet_leaves_the_other_ranks_of_a_launch_at_errors_only(make_recipe, tmp_path, monkeypatch):
+    """-q under --launch set every rank's peftlab logger to WARNING, above the ERROR the ranks but the first log at:
+    each warning was printed once per rank, more than without -q."""
+    import peftlab.cli as cli
+
+    make_recipe()
+    seen, quieted = [], cli.quieted
+    monkeypatch.setattr(cli, "quieted", lambda quiet: seen.append(quiet) or quieted(quiet))
+    for rank in ("0", "1"):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["-q", "validate", str(tmp_path / "recipe.yaml")]) == 0
+    assert seen == [True, False]
+
+
 def test_quiet_hides_the_progress_bar_and_evaluation_lines_and_puts_the_log_level_back(make_recipe, tmp_path, capsys):
     """`-q` set the log level only: the training bar and the "step N: accuracy ..." lines still printed. They go now;
     the results (the summary) stay, and the peftlab logger's level is put back after the command."""
@@ -312,8 +326,8 @@ def test_quiet_hides_the_progress_bar_and_evaluation_lines_and_puts_the_log_leve
     assert main(["train", str(path), *short, f"output_dir={tmp_path / 'loud'}"]) == 0
     loud = capsys.readouterr()
     assert "train:" in loud.err and "step 1: accuracy" in loud.out + loud.err
-    assert "eval: 100%" in loud.err  # the evaluations' bar (there was none: a generation pass was minutes of silence)
-    assert main(["eval", str(tmp_path / "loud")]) == 0 and "eval: 100%" in capsys.readouterr().err
+    assert "\reval: " in loud.err  # the evaluations' bar (there was none: a generation pass was minutes of silence)
+    assert main(["eval", str(tmp_path / "loud")]) == 0 and "\reval: " in capsys.readouterr().err
     assert main(["-q", "train", str(path), *short, f"output_dir={tmp_path / 'quiet'}"]) == 0
     quiet = capsys.readouterr()
     assert "train:" not in quiet.err and "step 1:" not in quiet.out + quiet.err and "macro-F1" in quiet.out

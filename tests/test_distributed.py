@@ -95,7 +95,7 @@ def test_two_process_eval_equals_one_process_eval(odd_eval, tmp_path):
     assert two["metrics"]["loss"] == pytest.approx(one["metrics"]["eval"]["loss"], abs=1e-6)
 
 
-def test_cli_launch_cpu_ddp_runs_two_ranks(make_recipe, tmp_path):
+def test_cli_launch_cpu_ddp_runs_two_ranks(make_recipe, tmp_path, monkeypatch, capsys):
     """(d) `peftlab train RECIPE --launch cpu-ddp --num-processes 2` relaunches the run on 2 gloo ranks. 40 rows in
     batches of 16 on 2 ranks: Accelerate tops the last round up with 24 rows from the epoch's start (even_batches), which
     train_examples does not count."""
@@ -122,6 +122,14 @@ def test_cli_launch_cpu_ddp_runs_two_ranks(make_recipe, tmp_path):
     predictions = [(r["row"], r["prediction"]) for r in map(json.loads, (out / "predictions-eval.jsonl").read_text().splitlines())]
     assert main(["eval", str(out)]) == 0
     alone = json.loads((out / "eval-eval.json").read_text())
+    # a mistake is said once before any process starts (each rank said it under the launcher's 40-line traceback)
+    import peftlab.launch
+
+    monkeypatch.setattr(peftlab.launch, "launch_eval", lambda *a, **k: pytest.fail("launched"))
+    for bad, says in ((["data.eval.path=/nope"], "data.eval.path='/nope': file not found"), (["--split", "test", "data.test=null"],
+                      "no data.test split"), (["adapter.r=3"], "adapter.r=3: an evaluation loads the run's weights as trained"),
+                      (["data.eval.text_columns=[nope]"], "data.eval: column(s) ['nope'] not found")):
+        assert main(["eval", str(out), *bad, "--launch", "cpu-ddp"]) == 2 and says in capsys.readouterr().err
     assert launched["report"] == alone["report"] and launched["metrics"] == pytest.approx(alone["metrics"], abs=1e-5)
     assert predictions == [(r["row"], r["prediction"]) for r in map(json.loads, (out / "predictions-eval.jsonl").read_text().splitlines())]
 

@@ -175,6 +175,20 @@ def test_a_tasks_input_length_is_checked_by_validate_and_named_by_the_tasks_keys
                     precision="fp32")
 
 
+def test_early_stopping_needs_the_tasks_evaluation_splits(task_files, tmp_path, tiny_bert):
+    """No task with an evaluation split: validate said ok to train.early_stopping, and the run trained every step with
+    nothing watched."""
+    from peftlab.errors import ConfigError
+
+    t = tree(task_files, tmp_path / "o", tiny_bert)
+    t["train"].update(eval_every=10, early_stopping=2)
+    recipe_of(tmp_path, t)  # (every task evaluated)
+    for task in t["multitask"]["tasks"].values():
+        task["data"].pop("eval")
+    with pytest.raises(ConfigError, match=r"train.early_stopping=2 needs an evaluation split to watch.*multitask.tasks.NAME.data.eval.path"):
+        recipe_of(tmp_path, t)
+
+
 def test_validate_checks_the_shared_adapter_on_the_base(task_files, tmp_path, tiny_bert):
     """validate said ok to a multi-task recipe whose adapter.target_modules matched no layer, or whose adapter.r was above
     any layer's rank: `train` refused it after reading every task's data. Its model is checked as the first task's."""
