@@ -147,9 +147,9 @@ def read_split(spec: SplitConfig, data: DataConfig, where: str):
     kwargs: dict[str, Any] = {}
     if fmt in ("csv", "tsv"):
         kwargs["delimiter"] = "\t" if fmt == "tsv" else ","
-        # every column but the label is text as written: pandas read an all-digit column as numbers ('007' became '7')
-        label = spec.label_column or data.label_column
-        kwargs["converters"] = {c: str for c in columns if c != label}
+        # every column is text as written: pandas read an all-digit column as numbers ('007' became '7', a label '01'
+        # the class index 1); a label column of integers is made one after the read (_integer_labels)
+        kwargs["converters"] = {c: str for c in columns}
         if fmt == "tsv":
             kwargs["quoting"] = csv.QUOTE_NONE  # GLUE-style TSVs contain bare quote characters
         # only an empty cell is missing: pandas' default also read NA, N/A, None, null, NaN, nan (a text, a class "None") as one
@@ -182,7 +182,19 @@ def read_split(spec: SplitConfig, data: DataConfig, where: str):
         raise DataError(f"{where}.path: '{spec.path}' has no rows. Point it at a file with data.")
     if fmt in ("csv", "tsv") and PHANTOM_INDEX in ds.column_names:
         raise DataError(_shifted_columns_message(ds, spec, fmt, where))
+    if fmt in ("csv", "tsv") and (label := spec.label_column or data.label_column) in ds.column_names:
+        ds = _integer_labels(ds, label)
     return ds
+
+
+def _integer_labels(ds, column: str):
+    """A csv/tsv label column read as text: integers where every cell spells one (0, 1, 1.0: class indices, as the
+    file's numbers were), else the text as written ("01", "02": codes, not the indices 1 and 2). An empty cell is None."""
+    values = ds[column]
+    if all(_blank(v) for v in values) or not all(_blank(v) or _integer(v) is not None for v in values):
+        return ds
+    order = ds.column_names  # (add_column puts it last: messages listing the columns showed them reordered)
+    return ds.remove_columns(column).add_column(column, [None if _blank(v) else _integer(v) for v in values]).select_columns(order)
 
 
 def _decode_error(e: BaseException) -> UnicodeDecodeError | None:

@@ -494,7 +494,7 @@ def test_a_file_that_is_not_utf8_names_its_encoding_once(tmp_path, capfd):
 
 def test_numbers_in_text_columns_are_read_as_written(tmp_path):
     """pandas read a csv text column whose cells are all digits as numbers: '007' became the text '7', '1.50' '1.5'
-    (a summary '0042' the target '42'). Every column but the label is text as written; the label column keeps its
+    (a summary '0042' the target '42'). Every column is text as written; a label column of integers keeps its
     numbers (0 and 0.0 are one class)."""
     (tmp_path / "d.csv").write_text("sentence,label\n007,1\n1.50,0.0\n0012,1\n")
     s, names = splits_of(tmp_path, tmp_path / "d.csv")
@@ -506,3 +506,22 @@ def test_numbers_in_text_columns_are_read_as_written(tmp_path):
     s, _ = splits_of(tmp_path, tmp_path / "sum.csv", ["task.type=summarization", "data.text_columns=[document]",
                                                       "data.target_column=summary"])
     assert s["train"]["target"] == ["0042", "009"]
+
+
+@pytest.mark.parametrize("ext", ["csv", "tsv"])
+def test_zero_padded_label_codes_in_a_delimited_file_are_classes_as_written(tmp_path, ext):
+    """pandas read a csv/tsv label column '01','02' as the integers 1, 2, then taken as class indices: with
+    label_names ['01', '02'] a row labelled 01 trained as the class '02' (every class shifted by one, silently); inferred,
+    '01','02' were refused as integer labels missing a class 0. A column of integers stays class indices."""
+    sep = "," if ext == "csv" else "\t"
+    path = tmp_path / f"codes.{ext}"
+    path.write_text(f"sentence{sep}label\n" + "".join(f"r{i}{sep}{y}\n" for i, y in enumerate(["01", "02", "01", "00"])))
+    splits, names = splits_of(tmp_path, path)
+    assert names == ["00", "01", "02"] and [names[i] for i in splits["train"]["label"]] == ["01", "02", "01", "00"]
+    splits, names = splits_of(tmp_path, path, ["data.label_names=['00','01','02']"])
+    assert [names[i] for i in splits["train"]["label"]] == ["01", "02", "01", "00"]
+    path.write_text(f"sentence{sep}label\n" + "".join(f"r{i}{sep}{y}\n" for i, y in enumerate(["1", "0", "1.0", "2"])))
+    splits, names = splits_of(tmp_path, path)  # integers (1 and 1.0: one class) are class indices, as before
+    assert names == ["0", "1", "2"] and splits["train"]["label"] == [1, 0, 1, 2]
+    splits, names = splits_of(tmp_path, path, ["data.label_names=[a,b,c]"])
+    assert splits["train"]["label"] == [1, 0, 1, 2]
