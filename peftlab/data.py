@@ -314,7 +314,8 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     if unlabelled:
         return _as_text(ds.map(lambda b: {"text": joined(b, text_cols)}, batched=True, remove_columns=ds.column_names,
                                desc=f"{where}: columns"))
-    label_map = {spelled(k): v for k, v in (spec.label_map or {}).items()}
+    # a value is a class index (1, "1") or a name as spelled (a YAML true is the name "True", not a boolean among texts)
+    label_map = {spelled(k): i if (i := _integer(v)) is not None else spelled(v) for k, v in (spec.label_map or {}).items()}
     if label_map and not target_column:
         present = {spelled(v) for v in ds[label_col] if not _blank(v)}
         # values the map leaves as they are must be of the kind it maps to (names, say): a raw 0 beside names was a
@@ -337,7 +338,8 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
                 rows["references"] = reference_lists(batch[refs[0]], refs[0], where, batch["_file_row"])
             return rows
         # an empty cell makes pandas read the column as floats (0.0, 1.0, nan): the rest are class indices again
-        raw = [int(v) if isinstance(v, float) and v.is_integer() else v for v in batch[label_col]]
+        # (and a name's surrounding spaces are no part of it: " neg" is "neg")
+        raw = [int(v) if isinstance(v, float) and v.is_integer() else v.strip() if isinstance(v, str) else v for v in batch[label_col]]
         labels = [label_map.get(spelled(v), v) if label_map else v for v in raw]
         pair = {"text_pair": joined(batch, text_cols[1:])} if data.text_pair else {}  # data.text_pair: encoded as a pair
         return {"text": texts, **pair, "label": labels, "row": batch["_file_row"]}
@@ -612,9 +614,10 @@ def _integer(v) -> int | None:
 
 
 def spelled(v) -> str:
-    """A label value as its class is spelled: 1, 1.0 and "1.0" are "1"; any other value as it is written."""
+    """A label value as its class is spelled: 1, 1.0 and "1.0" are "1"; any other value as it is written, but for the
+    spaces around it (" neg" is "neg": it went past label_map, and became a class of its own)."""
     i = _integer(v)
-    return str(i) if i is not None else str(v)
+    return str(i) if i is not None else str(v).strip()
 
 
 def infer_label_names(ds, where: str = "data.train") -> list[str]:
@@ -645,7 +648,7 @@ def infer_label_names(ds, where: str = "data.train") -> list[str]:
 
 def check_label_spellings(names: list[str], where: str) -> None:
     """Refuse inferred labels that spell one class twice: indices beside names (0/1 and negative/positive), or names
-    that differ only in case or spaces (positive / Positive). Each spelling would become a class of its own."""
+    that differ only in case (positive / Positive; spaces around a label are stripped). Each spelling would become a class of its own."""
     numeric = [n for n in names if n.strip().lstrip("-").isdigit()]
     if numeric and len(numeric) < len(names):
         words = [n for n in names if n not in numeric]
@@ -653,13 +656,27 @@ def check_label_spellings(names: list[str], where: str) -> None:
                         f"become a class of its own ({len(names)} classes). Map them onto one spelling, e.g. "
                         f"{where}.label_map={{{numeric[0]}: {words[0]}}}, or name the classes: {section(where)}.label_names=[...].")
     spellings: dict[str, list[str]] = {}
-    for n in names:
-        spellings.setdefault(n.strip().casefold(), []).append(n)
+    for n in names:  # (spaces around a label are no part of it: spelled() strips them)
+        spellings.setdefault(n.casefold(), []).append(n)
     twice = [v for v in spellings.values() if len(v) > 1]
-    if twice:
-        raise DataError(f"{where}: the labels {twice[0]} differ only in case or spaces: each spelling would become a class of "
-                        f"its own ({len(names)} classes). Fix the data, or map them: {where}.label_map="
-                        f"{{{twice[0][1].strip()}: {twice[0][0].strip()}}}.")
+    if twice:  # the map suggested turns every other spelling into the first (the same map on every split reading them)
+        fix = ", ".join(f"{yaml_scalar(other)}: {yaml_scalar(first)}" for first, *others in twice for other in others)
+        d = section(where)
+        raise DataError(f"{where}: the labels {', '.join(map(str, twice[:3]))} differ only in case: each spelling would become a class of its own "
+                        f"({len(names)} classes). Fix the data, or map them onto one spelling: {where}.label_map={{{fix}}} "
+                        f"(the same on {d}.eval/{d}.test).")
+
+
+def yaml_scalar(text: str) -> str:
+    """`text` as a YAML flow scalar a suggested override can hold: plain where YAML reads it back as this text, else
+    quoted (true, True, null, 1.0, a name with ': ' would each be read as something else)."""
+    import yaml
+
+    try:
+        plain = yaml.safe_load(f"[{text}]") == [text] and text == text.strip()
+    except yaml.YAMLError:
+        plain = False
+    return text if plain else "'" + text.replace("'", "''") + "'"
 
 
 def load_splits(recipe: Recipe, *, need_train: bool = True, prefix: str = "data", run_labels: bool = False):
