@@ -278,11 +278,12 @@ def needed_columns(spec: SplitConfig, data: DataConfig, target_column: str | Non
 
 
 def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: int, target_column: str | None = None,
-                    unlabelled: bool = False):
+                    unlabelled: bool = False, sample: bool = True):
     """-> Dataset with exactly {text, label, row} where label is a raw value after label_map ({text, text_pair, label,
     row} with data.text_pair); with `target_column` (a text target: summarization) {text, target, row} instead (+
     references with the split's references_column), rows with an empty source or target dropped; `unlabelled`
-    (continued pretraining) {text} only. row: the row's number in its file, which predictions-*.jsonl name."""
+    (continued pretraining) {text} only. row: the row's number in its file, which predictions-*.jsonl name.
+    `sample=False`: every row, spec.max_samples left to the caller (load_splits names the classes from the whole file)."""
     text_cols, label_col = needed_columns(spec, data, target_column, unlabelled)
     refs = [spec.references_column] if target_column and spec.references_column else []
     _check_columns(ds.column_names, text_cols if unlabelled else [*text_cols, label_col, *refs], where, spec)
@@ -309,8 +310,8 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
                         f"an eval or test split's references_column at this one to score against each of them.")
     if not unlabelled:
         ds = ds.add_column("_file_row", range(len(ds)))
-    if spec.max_samples is not None and spec.max_samples < len(ds):
-        ds = ds.shuffle(seed=seed).select(range(spec.max_samples))
+    if sample:
+        ds = sampled(ds, spec, seed)
     if unlabelled:
         return _as_text(ds.map(lambda b: {"text": joined(b, text_cols)}, batched=True, remove_columns=ds.column_names,
                                desc=f"{where}: columns"))
@@ -326,7 +327,7 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
                             f"({', '.join(map(str, label_map))}), which maps to "
                             f"{'class indices' if _integer(unmapped[0]) is None else 'names'}: add them to the map.")
         unused = [k for k in label_map if k not in present]
-        if unused and spec.max_samples is None:  # (a subset may miss a rare class)
+        if unused and (spec.max_samples is None or not sample):  # (a subset may miss a rare class)
             log.warning("%s.label_map: key(s) %s not found in column %r (its values: %s): check their spelling.", where,
                         ", ".join(map(repr, unused)), label_col, ", ".join(sorted(present)[:10]))
 
@@ -359,6 +360,13 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
             log.warning("%s: dropped %d row(s) with an empty source or %s", where, n - len(ds), target_column)
         if len(ds) == 0:
             raise DataError(f"{where}: no row has both a source ({text_cols}) and a target ({target_column}). Check the column names.")
+    return ds
+
+
+def sampled(ds, spec: SplitConfig, seed: int):
+    """The split's seeded subset of spec.max_samples rows (the same rows whichever columns it has by then)."""
+    if spec.max_samples is not None and spec.max_samples < len(ds):
+        return ds.shuffle(seed=seed).select(range(spec.max_samples))
     return ds
 
 
@@ -696,19 +704,22 @@ def load_splits(recipe: Recipe, *, need_train: bool = True, prefix: str = "data"
     target = d.target_column if task.target_kind == "text" else None
     unlabelled = task.target_kind == "none"  # continued pretraining: text only
     own = getattr(task, "normalize_split", None)  # a task that reads its rows itself (sft: conversations)
+    classes = not (target or own or unlabelled)
     raw = {}
     for name in ("train", "eval", "test"):
         spec = getattr(d, name)
         if spec is not None:
             ds = read_split(spec, d, f"{prefix}.{name}")
             raw[name] = own(ds, spec, recipe, f"{prefix}.{name}") if own else \
-                normalize_split(ds, spec, d, f"{prefix}.{name}", seed, target, unlabelled)
-    # labels are named and encoded before any eval_holdout split, on the whole train file: inferred from the part kept,
-    # the classes depended on the seed (a rare one held out was refused as data.eval's, a split the recipe never set)
-    if target or own or unlabelled:
+                normalize_split(ds, spec, d, f"{prefix}.{name}", seed, target, unlabelled, sample=not classes)
+    # labels are named before any max_samples subset or eval_holdout split, from the whole train file: inferred from the
+    # rows kept, the classes depended on the seed (a rare one left out was refused as data.eval's, or an integer class
+    # missing in the middle refused the file), and so did the size of the head
+    if not classes:
         label_names, out = [], dict(raw)
     else:
         label_names = list(d.label_names) if d.label_names else infer_label_names(*next((ds, f"{prefix}.{n}") for n, ds in raw.items()))
+        raw = {name: sampled(ds, getattr(d, name), seed) for name, ds in raw.items()}
         origin = "run" if run_labels else "recipe" if d.label_names else "train"
         try:
             out = {name: encode_labels(ds, label_names, f"{prefix}.{name}", origin) for name, ds in raw.items()}

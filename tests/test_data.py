@@ -549,3 +549,21 @@ def test_zero_padded_label_codes_in_a_delimited_file_are_classes_as_written(tmp_
     assert names == ["0", "1", "2"] and splits["train"]["label"] == [1, 0, 1, 2]
     splits, names = splits_of(tmp_path, path, ["data.label_names=[a,b,c]"])
     assert splits["train"]["label"] == [1, 0, 1, 2]
+
+
+def test_max_samples_names_the_classes_from_the_whole_train_file(tmp_path, caplog):
+    """The label set was inferred from the sample data.train.max_samples drew: the head's size followed the seed, an
+    eval label of the train file was refused as absent from it, and integer labels whose sample missed a middle class
+    were refused as 'not the class indices'. The README: labels are named from the whole train file."""
+    rows = [("common", i % 2 * 2) for i in range(60)] + [("rare", 1)]  # classes 0, 2, and one row of class 1
+    (tmp_path / "big.tsv").write_text("sentence\tlabel\n" + "".join(f"{t} {i}\t{y}\n" for i, (t, y) in enumerate(rows)))
+    (tmp_path / "dev.tsv").write_text("sentence\tlabel\nx\t1\ny\t0\nz\t2\n")
+    for seed in range(4):
+        with caplog.at_level("WARNING", logger="peftlab.data"):
+            s, names = splits_of(tmp_path, tmp_path / "big.tsv", ["data.train.max_samples=5", f"data.seed={seed}",
+                                                                  f"data.eval.path={tmp_path / 'dev.tsv'}"])
+        assert names == ["0", "1", "2"] and len(s["train"]) == 5 and s["eval"]["label"] == [1, 0, 2]
+    assert "has no row of class(es) ['1']" in caplog.text  # the sample misses it: said, the head still has it
+    a, _ = splits_of(tmp_path, tmp_path / "big.tsv", ["data.train.max_samples=5", "data.seed=3"])
+    b, _ = splits_of(tmp_path, tmp_path / "big.tsv", ["data.train.max_samples=5", "data.seed=3"])
+    assert a["train"]["text"] == b["train"]["text"] and a["train"]["row"] == b["train"]["row"]
