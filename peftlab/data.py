@@ -640,6 +640,7 @@ def infer_label_names(ds, where: str = "data.train") -> list[str]:
                         f"all the classes: {section(where)}.label_names=[...].")
     if not indices:
         names = sorted(values)
+        check_real_valued(names, where)
         check_label_spellings(names, where)
         return names
     absent = sorted(set(range(max(values) + 1)) - values)
@@ -652,6 +653,21 @@ def infer_label_names(ds, where: str = "data.train") -> list[str]:
                         f"{d}.label_names=[...] ({max(values) + 1} names). Otherwise map the values to names, e.g. "
                         f"{where}.label_map={{{example}}} (the same on {d}.eval/{d}.test), or set {d}.label_names.")
     return [str(i) for i in range(max(values) + 1)]
+
+
+REAL = re.compile(r"-?(?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?")
+
+
+def check_real_valued(names: list[str], where: str) -> None:
+    """Refuse inferred labels that are all numbers, some not integers (STS-B's similarity scores 0.5, 1.25, 3.8): a
+    classifier with a class per distinct score, sorted as text, learns no regression. Integer-valued ones (1.0) are
+    classes, spelled "1"."""
+    if all(REAL.fullmatch(n) for n in names) and not all(float(n).is_integer() for n in names):  # (codes 01, 02 are classes)
+        d = section(where)
+        raise DataError(f"{where}: the labels {names[:6]}{' ...' if len(names) > 6 else ''} ({len(names)} distinct) look like a "
+                        "regression target (real-valued scores); a classifier needs classes: map them to classes with "
+                        f"{where}.label_map (the same on {d}.eval/{d}.test), or bin them in the file (e.g. round each score), "
+                        f"or name the classes: {d}.label_names=[...].")
 
 
 def check_label_spellings(names: list[str], where: str) -> None:

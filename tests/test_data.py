@@ -567,3 +567,22 @@ def test_max_samples_names_the_classes_from_the_whole_train_file(tmp_path, caplo
     a, _ = splits_of(tmp_path, tmp_path / "big.tsv", ["data.train.max_samples=5", "data.seed=3"])
     b, _ = splits_of(tmp_path, tmp_path / "big.tsv", ["data.train.max_samples=5", "data.seed=3"])
     assert a["train"]["text"] == b["train"]["text"] and a["train"]["row"] == b["train"]["row"]
+
+
+@pytest.mark.parametrize("ext, cells", [("csv", ["0.5", "1.25", "3.8", "2.0"]), ("csv", ["0.5", "0.0", "1.0", "0.0"]),
+                                        ("jsonl", [0.5, 1.25, 3.8, 2])])
+def test_real_valued_labels_are_refused_as_a_regression_target(tmp_path, ext, cells):
+    """STS-B-like scores 0.5, 1.25, 3.8 trained a classifier with one class per distinct score (sorted as text), or were
+    refused as 'mixing class indices with names'. Integer-valued floats (1.0) are classes; a label_map makes classes."""
+    path = tmp_path / f"sts.{ext}"
+    path.write_text("sentence,label\n" + "".join(f"r{i},{y}\n" for i, y in enumerate(cells)) if ext == "csv" else
+                    "".join(json.dumps({"sentence": f"r{i}", "label": y}) + "\n" for i, y in enumerate(cells)))
+    with pytest.raises(DataError, match=r"^data.train: the labels .*0.5.* look like a regression target \(real-valued scores\); "
+                                        r"a classifier needs classes: map them to classes with data.train.label_map"):
+        splits_of(tmp_path, path)
+    scores = sorted({str(c) for c in cells})
+    mapped = "{" + ", ".join(f"'{c}': {'high' if float(c) >= 1 else 'low'}" for c in scores) + "}"
+    _, names = splits_of(tmp_path, path, [f"data.train.label_map={mapped}"])
+    assert names == ["high", "low"]
+    path.write_text("sentence,label\na,1.0\nb,0.0\nc,1.0\n")
+    assert splits_of(tmp_path, path if ext == "csv" else path.rename(tmp_path / "f.csv"))[1] == ["0", "1"]
