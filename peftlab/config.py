@@ -942,9 +942,12 @@ def data_problems(d: DataConfig, prefix: str, check_files: bool, labelled: bool 
     """The rules of one data section (the recipe's, or one multitask task's): each split a file or a hub split, files
     present; a sentence pair names two columns; a task that learns labels (`labelled`) does not read its label as text."""
     p = label_in_text(d, prefix) if labelled else []
-    if d.text_pair and len(d.text_columns) != 2:
-        p.append(f"{prefix}.text_pair=true with {prefix}.text_columns={d.text_columns}: a pair is two columns, e.g. "
-                 f"{prefix}.text_columns=[sentence1, sentence2].")
+    # the section's columns, and each split's own (which replace them: 3 columns were paired wrongly, 1 a pyarrow traceback)
+    for key, columns in [(prefix, d.text_columns), *((f"{prefix}.{n}", s.text_columns) for n in ("train", "eval", "test")
+                                                      if (s := getattr(d, n)) is not None and s.text_columns)]:
+        if d.text_pair and len(columns) != 2:
+            p.append(f"{prefix}.text_pair=true with {key}.text_columns={columns}: a pair is two columns, e.g. "
+                     f"{key}.text_columns=[sentence1, sentence2].")
     if check_files and d.train is None:
         p.append(f"{prefix}.train is not set: name the training file, e.g. {prefix}.train.path=train.csv (or "
                  f"{prefix}.train.split=train with data.dataset). No split has a default.")

@@ -586,3 +586,18 @@ def test_real_valued_labels_are_refused_as_a_regression_target(tmp_path, ext, ce
     assert names == ["high", "low"]
     path.write_text("sentence,label\na,1.0\nb,0.0\nc,1.0\n")
     assert splits_of(tmp_path, path if ext == "csv" else path.rename(tmp_path / "f.csv"))[1] == ["0", "1"]
+
+
+@pytest.mark.parametrize("columns", ["[sentence1]", "[id, sentence1, sentence2]"])
+def test_a_split_own_text_columns_with_text_pair_are_two(tmp_path, columns):
+    """data.text_pair's two-column rule was checked on data.text_columns only: a split's own text_columns of one column
+    crashed training with a pyarrow ArrowInvalid traceback (validate said ok), three were paired wrongly, silently."""
+    from peftlab.errors import ConfigError
+
+    (tmp_path / "p.tsv").write_text("id\tsentence1\tsentence2\tlabel\n0\ta\tb\t0\n1\tc\tc\t1\n")
+    base = [f"data.train.path={tmp_path / 'p.tsv'}", "data.eval=null", "data.text_pair=true",
+            "data.text_columns=[sentence1,sentence2]"]
+    assert load_recipe(None, base).data.text_pair  # (validate's check: the files are there)
+    with pytest.raises(ConfigError, match=r"data.text_pair=true with data.train.text_columns=\[.*\]: a pair is two columns, "
+                                          r"e.g. data.train.text_columns=\[sentence1, sentence2\]"):
+        load_recipe(None, [*base, f"data.train.text_columns={columns}"], validate_files=False)
