@@ -941,7 +941,7 @@ def check_rules(recipe: Recipe, *, check_files: bool = True, source: str | None 
 def data_problems(d: DataConfig, prefix: str, check_files: bool, labelled: bool = False) -> list[str]:
     """The rules of one data section (the recipe's, or one multitask task's): each split a file or a hub split, files
     present; a sentence pair names two columns; a task that learns labels (`labelled`) does not read its label as text."""
-    p = label_in_text(d, prefix) if labelled else []
+    p = [*label_in_text(d, prefix), *label_map_targets(d, prefix)] if labelled else []
     # the section's columns, and each split's own (which replace them: 3 columns were paired wrongly, 1 a pyarrow traceback)
     for key, columns in [(prefix, d.text_columns), *((f"{prefix}.{n}", s.text_columns) for n in ("train", "eval", "test")
                                                       if (s := getattr(d, n)) is not None and s.text_columns)]:
@@ -963,6 +963,30 @@ def data_problems(d: DataConfig, prefix: str, check_files: bool, labelled: bool 
         if check_files and s.path is not None and not Path(s.path).is_file():
             hint = " (the shared data lives in ../shared/data; run from the repository root)" if "shared" in s.path else ""
             p.append(f"{where}.path={s.path!r}: file not found{hint}. Fix the path or override it: {where}.path=FILE.")
+    return p
+
+
+def label_map_targets(d: DataConfig, prefix: str) -> list[str]:
+    """With data.label_names, each split's label_map values are among them: a name, or a class index (where no name is
+    spelled as an integer, as data.encode_labels reads them). Training refused any other only after reading the files."""
+    from .data import _integer, spelled
+
+    if not d.label_names:
+        return []
+    names = {spelled(n) for n in d.label_names}
+    indices = not any(_integer(n) is not None for n in d.label_names)
+    p = []
+    for name in ("train", "eval", "test"):
+        spec = getattr(d, name)
+        if spec is None or not isinstance(spec.label_map, dict):
+            continue
+        bad = [v for v in spec.label_map.values() if spelled(v) not in names and not
+               (indices and (i := _integer(v)) is not None and 0 <= i < len(d.label_names))]
+        if bad:
+            index = f" or a class index 0..{len(d.label_names) - 1}" if indices else ""
+            p.append(f"{prefix}.{name}.label_map maps to {sorted(set(map(str, bad)))[:10]}, which {prefix}.label_names="
+                     f"{list(d.label_names)} does not name: each value must be one of those names{index}. Fix the map's values, "
+                     f"or add the classes to {prefix}.label_names.")
     return p
 
 

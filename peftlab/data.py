@@ -317,6 +317,7 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
                                desc=f"{where}: columns"))
     # a value is a class index (1, "1") or a name as spelled (a YAML true is the name "True", not a boolean among texts)
     label_map = {spelled(k): i if (i := _integer(v)) is not None else spelled(v) for k, v in (spec.label_map or {}).items()}
+    mixed = len({isinstance(v, int) for v in label_map.values()}) > 1
     if label_map and not target_column:
         present = {spelled(v) for v in ds[label_col] if not _blank(v)}
         # values the map leaves as they are must be of the kind it maps to (names, say): a raw 0 beside names was a
@@ -342,6 +343,8 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
         # (and a name's surrounding spaces are no part of it: " neg" is "neg")
         raw = [int(v) if isinstance(v, float) and v.is_integer() else v.strip() if isinstance(v, str) else v for v in batch[label_col]]
         labels = [label_map.get(spelled(v), v) if label_map else v for v in raw]
+        if mixed:  # a map to names and indices ({0: 0, 1: positive}): all as text (a pyarrow traceback); encode_labels
+            labels = [spelled(v) for v in labels]  # reads "0" as it read 0: a name first, else an index
         pair = {"text_pair": joined(batch, text_cols[1:])} if data.text_pair else {}  # data.text_pair: encoded as a pair
         return {"text": texts, **pair, "label": labels, "row": batch["_file_row"]}
 

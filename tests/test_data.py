@@ -601,3 +601,20 @@ def test_a_split_own_text_columns_with_text_pair_are_two(tmp_path, columns):
     with pytest.raises(ConfigError, match=r"data.text_pair=true with data.train.text_columns=\[.*\]: a pair is two columns, "
                                           r"e.g. data.train.text_columns=\[sentence1, sentence2\]"):
         load_recipe(None, [*base, f"data.train.text_columns={columns}"], validate_files=False)
+
+
+def test_a_label_map_value_outside_the_label_names_is_a_recipe_problem(tmp_path):
+    """A label_map value that is neither one of data.label_names nor a class index passed validate; training refused
+    it only after reading the files."""
+    from peftlab.errors import ConfigError
+
+    (tmp_path / "t.csv").write_text("sentence,label\na,0\nb,1\n")
+    base = [f"data.train.path={tmp_path / 't.csv'}", "data.eval=null", "data.label_names=[negative,positive]"]
+    with pytest.raises(ConfigError, match=r"data.train.label_map maps to \['neg'\], which data.label_names=\['negative', "
+                                          r"'positive'\] does not name: each value must be one of those names or a class "
+                                          r"index 0..1"):
+        load_recipe(None, [*base, "data.train.label_map={0: neg, 1: positive}"])
+    with pytest.raises(ConfigError, match=r"maps to \['2'\]"):
+        load_recipe(None, [*base, "data.train.label_map={0: 2, 1: 1}"])
+    for ok in ("{0: negative, 1: positive}", "{0: 0, 1: ' positive'}", "{0: 0, 1: 1}"):
+        assert load_splits(load_recipe(None, [*base, f"data.train.label_map={ok}"]))[0]["train"]["label"] == [0, 1]
