@@ -960,7 +960,10 @@ def data_problems(d: DataConfig, prefix: str, check_files: bool, labelled: bool 
             p.append(f"{where}: give exactly one of `path:` (a local file) or `split:` (a hub split with data.dataset).")
         if s.split is not None and d.dataset is None:
             p.append(f"{where}.split={s.split!r} needs data.dataset (a hub dataset id), or use `path:` for a local file.")
-        if check_files and s.path is not None and not Path(s.path).is_file():
+        if check_files and s.path is not None and Path(s.path).is_dir():
+            p.append(f"{where}.path={s.path!r} is a folder; a split is one data file (.csv, .tsv, .json, .jsonl, .parquet). "
+                     f"Point it at the file: {where}.path=FOLDER/FILE.")
+        elif check_files and s.path is not None and not Path(s.path).is_file():
             hint = " (the shared data lives in ../shared/data; run from the repository root)" if "shared" in s.path else ""
             p.append(f"{where}.path={s.path!r}: file not found{hint}. Fix the path or override it: {where}.path=FILE.")
     return p

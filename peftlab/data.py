@@ -76,13 +76,13 @@ class LengthGroupedSampler:
                 yield from batch
 
 
-def _format(spec: SplitConfig) -> str:
+def _format(spec: SplitConfig, where: str = "data.SPLIT") -> str:
     if spec.format != "auto":
         return spec.format
     fmt = FORMATS.get(Path(spec.path).suffix.lower())
     if fmt is None:
-        raise DataError(f"cannot tell the format of '{spec.path}' from its extension. "
-                        f"Set format: one of csv, tsv, json, parquet for this split.")
+        raise DataError(f"{where}.path: cannot tell the format of '{spec.path}' from its extension "
+                        f"({', '.join(FORMATS)} are known). Set it: {where}.format=csv|tsv|json|parquet (json reads JSON lines too).")
     return fmt
 
 
@@ -137,12 +137,15 @@ def read_split(spec: SplitConfig, data: DataConfig, where: str):
                             f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}. Offline? Point {where}.path "
                             "at a local file instead.") from None
     path = Path(spec.path)
+    if path.is_dir():
+        raise DataFileNotFound(f"{where}.path: '{spec.path}' is a folder; a split is one data file "
+                               f"({', '.join(FORMATS)}). Point it at the file: {where}.path=FOLDER/FILE.")
     if not path.is_file():
         raise DataFileNotFound(f"{where}.path: '{spec.path}' not found. Fix the path (relative to the working directory "
                                f"{Path.cwd()}) or override it: {where}.path=FILE.")
     if path.stat().st_size == 0:
         raise DataError(f"{where}.path: '{spec.path}' is empty. Point it at a file with rows.")
-    fmt = _format(spec)
+    fmt = _format(spec, where)
     columns = check_header_line(spec, fmt, where)
     kwargs: dict[str, Any] = {}
     if fmt in ("csv", "tsv"):
@@ -254,15 +257,17 @@ def _check_columns(columns: list[str], needed: list[str], where: str, spec: Spli
     missing = [c for c in needed if c not in columns]
     if not missing:
         return
-    hint = ""
+    fold = {str(c).strip().casefold(): c for c in columns}  # 'Sentence', ' label': the header's spelling of a name
+    near = {m: fold[k] for m in missing if (k := str(m).strip().casefold()) in fold}
+    hint = "".join(f" Did you mean {near[m]!r} (for {m!r})?" for m in near)
     delimited = bool(spec.path) and (spec.path.lower().endswith((".csv", ".tsv")) or spec.format in ("csv", "tsv"))
     if len(columns) == 1 and delimited:  # (a JSON file's one key is no delimiter problem)
-        hint = " Only one column was found: is the delimiter right (.tsv is tab-separated, .csv comma-separated)?"
+        hint += " Only one column was found: is the delimiter right (.tsv is tab-separated, .csv comma-separated)?"
         other = {",": "csv", "\t": "tsv"}
         for sep, fmt in other.items():
             if sep in columns[0]:
                 hint += f" Its name holds {sep!r}: the file looks {fmt.upper()}; set {where}.format={fmt}."
-    elif delimited and not spec.column_names:
+    elif delimited and not spec.column_names and not near:  # (a header spelling the names otherwise is a header)
         hint = " If the file has no header row, name its columns with column_names: [...]."
     d = section(where)
     fields = f"{where}.references_column" if missing == [spec.references_column] else \
@@ -352,9 +357,11 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     if not target_column and getattr(ds.features["label"], "dtype", "").startswith("float"):  # map kept the input's type
         if all(v.is_integer() for v in ds["label"]):
             ds = ds.cast_column("label", Value("int64"))
-    if not target_column and (blank := sum(not t.strip() for t in ds["text"])):
-        log.warning("%s: %d row(s) have no text in %s: they are kept, and the model sees only its special tokens for them.",
-                    where, blank, ", ".join(text_cols))
+    # (with data.text_pair, a row whose second text is empty has no pair either)
+    if not target_column and (blank := sum(not t.strip() for t in ds["text"]) + sum(not t.strip() for t in ds["text_pair"])
+                              if data.text_pair else sum(not t.strip() for t in ds["text"])):
+        log.warning("%s: %d %s no text in %s: they are kept, and the model sees only its special tokens for them.", where, blank,
+                    "cell(s) have" if data.text_pair else "row(s) have", ", ".join(text_cols))
     if target_column:
         n = len(ds)
         ds = ds.filter(lambda r: bool(r["text"]) and bool(r["target"]), desc=f"{where}: empty rows")
@@ -378,7 +385,7 @@ def header(spec: SplitConfig, data: DataConfig, where: str) -> tuple[list[str], 
     column_names when given) or the schema (parquet), complete; the keys of the first records of a JSON file (JSON
     lines or an array), not complete (a later record may add one). Where the quick read fails, the whole file goes
     through read_split, so a broken file gets training's own message."""
-    fmt = _format(spec)
+    fmt = _format(spec, where)
     check_header_line(spec, fmt, where)
     if spec.column_names and fmt in ("csv", "tsv"):
         return list(spec.column_names), True
@@ -468,7 +475,7 @@ def column_problems(recipe: Recipe, prefix: str = "data") -> list[str]:
 def check_reference_cells(spec: SplitConfig, column: str, where: str) -> None:
     """`validate`: a references_column holds a list of texts per row, so a csv/tsv file (text cells) cannot give one,
     and a JSON file's first records show whether it does (train read 'summary' or 'topic' and refused it only then)."""
-    fmt = _format(spec)
+    fmt = _format(spec, where)
     if fmt in ("csv", "tsv"):
         raise DataError(f"{where}.references_column={column!r}: a {fmt} file holds one text per cell, not a list of texts. "
                         "Give this split as JSON lines with a list of references per row, or remove it (one reference: "
@@ -547,11 +554,12 @@ def _check_label_cells(ds, label_col: str, spec: SplitConfig, where: str) -> Non
     empty = [i for i, v in enumerate(ds[label_col]) if _blank(v)]
     if not empty:
         return
-    rows = ", ".join(str(i + 1) for i in empty[:10]) + (" ..." if len(empty) > 10 else "")
+    more = " ..." if len(empty) > 10 else ""
+    rows = ", ".join(map(str, empty[:10])) + more  # 0-based, as data_row and predictions files count
     starts = row_lines(spec)
-    lines = f" (line {', '.join(str(starts[i]) for i in empty[:10])} of '{spec.path}')" if len(starts) == len(ds) else ""
-    raise DataError(f"{where}: {len(empty)} row(s) have an empty {label_col!r} cell: data row {rows}{lines}. "
-                    "Fill in their labels or delete those rows.")
+    lines = f"; file line {', '.join(str(starts[i]) for i in empty[:10])}{more} of '{spec.path}'" if len(starts) == len(ds) else ""
+    raise DataError(f"{where}: {len(empty)} row(s) have an empty {label_col!r} cell: data row {rows} (0-based, as "
+                    f"predictions files count{lines}). Fill in their labels or delete those rows.")
 
 
 def row_lines(spec: SplitConfig) -> list[int]:

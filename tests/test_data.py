@@ -480,7 +480,7 @@ def test_cells_spelled_like_missing_values_are_text(tmp_path):
     s, names = splits_of(tmp_path, tmp_path / "na.csv")
     assert s["train"]["text"] == ["NA", "null", "N/A", "nan", "NaN"] and names == ["None", "neg", "pos"]
     (tmp_path / "e.tsv").write_text("sentence\tlabel\nNA\t1\nfine\t\n")
-    with pytest.raises(DataError, match=r"1 row\(s\) have an empty 'label' cell: data row 2 \(line 3 of"):
+    with pytest.raises(DataError, match=r"1 row\(s\) have an empty 'label' cell: data row 1 \(0-based, as predictions files count; file line 3 of"):
         splits_of(tmp_path, tmp_path / "e.tsv")
 
 
@@ -618,3 +618,33 @@ def test_a_label_map_value_outside_the_label_names_is_a_recipe_problem(tmp_path)
         load_recipe(None, [*base, "data.train.label_map={0: 2, 1: 1}"])
     for ok in ("{0: negative, 1: positive}", "{0: 0, 1: ' positive'}", "{0: 0, 1: 1}"):
         assert load_splits(load_recipe(None, [*base, f"data.train.label_map={ok}"]))[0]["train"]["label"] == [0, 1]
+
+
+def test_data_messages_count_rows_from_0_say_what_a_folder_or_an_extension_needs_and_suggest_a_column(tmp_path, caplog):
+    """An empty label cell was 'data row 2' counting from 1 (other data errors and predictions count from 0); with
+    text_pair an empty second text went uncounted; a header 'Sentence' got the 'no header row' hint and no suggestion;
+    a folder was 'file not found'; an unknown extension named no field."""
+    from peftlab.errors import ConfigError
+
+    (tmp_path / "e.csv").write_text("sentence,label\na,1\nb,\nc,\n")
+    with pytest.raises(DataError, match=r"2 row\(s\) have an empty 'label' cell: data row 1, 2 \(0-based, as predictions files "
+                                        r"count; file line 3, 4 of '.*e.csv'\)\."):
+        splits_of(tmp_path, tmp_path / "e.csv")
+    (tmp_path / "p.tsv").write_text("s1\ts2\tlabel\na\t\t0\nb\tc\t1\n\td\t0\n")
+    with caplog.at_level("WARNING", logger="peftlab.data"):
+        splits_of(tmp_path, tmp_path / "p.tsv", ["data.text_pair=true", "data.text_columns=[s1,s2]"])
+    assert "data.train: 2 cell(s) have no text in s1, s2" in caplog.text
+    (tmp_path / "cap.csv").write_text("Sentence, label\na,1\nb,0\n")
+    with pytest.raises(DataError) as e:
+        splits_of(tmp_path, tmp_path / "cap.csv")
+    assert "Did you mean 'Sentence' (for 'sentence')? Did you mean ' label' (for 'label')?" in str(e.value)
+    assert "no header row" not in str(e.value)
+    (tmp_path / "folder").mkdir()
+    with pytest.raises(DataError, match=r"data.train.path: '.*folder' is a folder; a split is one data file .*data.train.path=FOLDER/FILE"):
+        splits_of(tmp_path, tmp_path / "folder")
+    with pytest.raises(ConfigError, match=r"data.train.path='.*folder' is a folder; a split is one data file"):
+        load_recipe(None, [f"data.train.path={tmp_path / 'folder'}", "data.eval=null"])
+    (tmp_path / "d.txt").write_text("sentence,label\na,1\n")
+    with pytest.raises(DataError, match=r"^data.train.path: cannot tell the format of '.*d.txt' from its extension .*Set it: "
+                                        r"data.train.format=csv\|tsv\|json\|parquet"):
+        splits_of(tmp_path, tmp_path / "d.txt")

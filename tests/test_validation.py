@@ -218,7 +218,8 @@ def test_an_empty_label_cell_names_the_row(tmp_path, ext, sep):
     path.write_text(f"sentence{sep}label\nok{sep}1\nfine{sep}\nbad{sep}0\n")
     with pytest.raises(DataError) as e:
         splits(tmp_path, path)
-    assert "data.train: 1 row(s) have an empty 'label' cell: data row 2 (line 3 of" in str(e.value)
+    assert ("data.train: 1 row(s) have an empty 'label' cell: data row 1 (0-based, as predictions files count; file line 3 "
+            "of") in str(e.value)  # (it said 'data row 2', counting from 1 where every other data error counts from 0)
     assert "Fill in their labels or delete those rows" in str(e.value)
 
 
@@ -233,7 +234,7 @@ def test_an_empty_label_cell_names_its_file_line(tmp_path, name, text, line):
     """The file line of the row, not data row + 1: a quoted csv cell may span lines, and blank lines hold no row."""
     path = tmp_path / name
     path.write_text(text)
-    with pytest.raises(DataError, match=rf"data row \d \(line {line} of"):
+    with pytest.raises(DataError, match=rf"data row \d \(0-based, as predictions files count; file line {line} of"):
         splits(tmp_path, path, *(["data.train.column_names=[sentence,label]"] if name == "h.csv" else []))
 
 
