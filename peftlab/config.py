@@ -13,6 +13,7 @@ import dataclasses
 import difflib
 import json
 import math
+import re
 import sys
 import types
 import typing
@@ -969,22 +970,40 @@ def data_problems(d: DataConfig, prefix: str, check_files: bool, labelled: bool 
     return p
 
 
+def class_index(v) -> int | None:
+    """1, 1.0, "1", " 1.0 " -> 1; anything else -> None: names, 1.5, booleans, and codes with a leading zero ("01": a
+    name, not the number 1)."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, float):
+        return int(v) if v.is_integer() else None
+    m = re.fullmatch(r"\s*(-?(?:0|[1-9]\d*))(?:\.0+)?\s*", str(v))
+    return int(m.group(1)) if m else None
+
+
+def spelled(v) -> str:
+    """A label value as its class is spelled: 1, 1.0 and "1.0" are "1"; any other value as it is written, but for the
+    spaces around it (" neg" is "neg": it went past label_map, and became a class of its own)."""
+    i = class_index(v)
+    return str(i) if i is not None else str(v).strip()
+
+
 def label_map_targets(d: DataConfig, prefix: str) -> list[str]:
     """With data.label_names, each split's label_map values are among them: a name, or a class index (where no name is
     spelled as an integer, as data.encode_labels reads them). Training refused any other only after reading the files."""
-    from .data import _integer, spelled
-
     if not d.label_names:
         return []
     names = {spelled(n) for n in d.label_names}
-    indices = not any(_integer(n) is not None for n in d.label_names)
+    indices = not any(class_index(n) is not None for n in d.label_names)
     p = []
     for name in ("train", "eval", "test"):
         spec = getattr(d, name)
         if spec is None or not isinstance(spec.label_map, dict):
             continue
         bad = [v for v in spec.label_map.values() if spelled(v) not in names and not
-               (indices and (i := _integer(v)) is not None and 0 <= i < len(d.label_names))]
+               (indices and (i := class_index(v)) is not None and 0 <= i < len(d.label_names))]
         if bad:
             index = f" or a class index 0..{len(d.label_names) - 1}" if indices else ""
             p.append(f"{prefix}.{name}.label_map maps to {sorted(set(map(str, bad)))[:10]}, which {prefix}.label_names="

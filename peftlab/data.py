@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .bases import file_sha256
-from .config import DataConfig, Recipe, SplitConfig
+from .config import DataConfig, Recipe, SplitConfig, class_index, spelled
 from .errors import DataError, DataFileNotFound
 from .tasks import get_task
 from .tasks.generative import check_references, data_row, reference_lists
@@ -194,10 +194,10 @@ def _integer_labels(ds, column: str):
     """A csv/tsv label column read as text: integers where every cell spells one (0, 1, 1.0: class indices, as the
     file's numbers were), else the text as written ("01", "02": codes, not the indices 1 and 2). An empty cell is None."""
     values = ds[column]
-    if all(_blank(v) for v in values) or not all(_blank(v) or _integer(v) is not None for v in values):
+    if all(_blank(v) for v in values) or not all(_blank(v) or class_index(v) is not None for v in values):
         return ds
     order = ds.column_names  # (add_column puts it last: messages listing the columns showed them reordered)
-    return ds.remove_columns(column).add_column(column, [None if _blank(v) else _integer(v) for v in values]).select_columns(order)
+    return ds.remove_columns(column).add_column(column, [None if _blank(v) else class_index(v) for v in values]).select_columns(order)
 
 
 def _decode_error(e: BaseException) -> UnicodeDecodeError | None:
@@ -321,17 +321,17 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
         return _as_text(ds.map(lambda b: {"text": joined(b, text_cols)}, batched=True, remove_columns=ds.column_names,
                                desc=f"{where}: columns"))
     # a value is a class index (1, "1") or a name as spelled (a YAML true is the name "True", not a boolean among texts)
-    label_map = {spelled(k): i if (i := _integer(v)) is not None else spelled(v) for k, v in (spec.label_map or {}).items()}
+    label_map = {spelled(k): i if (i := class_index(v)) is not None else spelled(v) for k, v in (spec.label_map or {}).items()}
     mixed = len({isinstance(v, int) for v in label_map.values()}) > 1
     if label_map and not target_column:
         present = {spelled(v) for v in ds[label_col] if not _blank(v)}
         # values the map leaves as they are must be of the kind it maps to (names, say): a raw 0 beside names was a
         # pyarrow traceback, or read as class index 0 where a whole batch was unmapped
-        maps_to = {_integer(v) is not None for v in label_map.values()}  # {True}: class indices, {False}: names
-        if unmapped := sorted(v for v in present - set(label_map) if (_integer(v) is not None) not in maps_to):
+        maps_to = {class_index(v) is not None for v in label_map.values()}  # {True}: class indices, {False}: names
+        if unmapped := sorted(v for v in present - set(label_map) if (class_index(v) is not None) not in maps_to):
             raise DataError(f"{where}: label value(s) {unmapped[:10]} of column {label_col!r} are not keys of {where}.label_map "
                             f"({', '.join(map(str, label_map))}), which maps to "
-                            f"{'class indices' if _integer(unmapped[0]) is None else 'names'}: add them to the map.")
+                            f"{'class indices' if class_index(unmapped[0]) is None else 'names'}: add them to the map.")
         unused = [k for k in label_map if k not in present]
         if unused and (spec.max_samples is None or not sample):  # (a subset may miss a rare class)
             log.warning("%s.label_map: key(s) %s not found in column %r (its values: %s): check their spelling.", where,
@@ -544,8 +544,8 @@ def _scalar_labels(ds, column: str, where: str):
     if (row := _first_nested(values)) is not None:
         raise DataError(f"{where}: the label column {column!r} holds {str(values[row])[:80]} in {data_row(row)}, not one label. "
                         "Give each row a single label value (a name or a class index).")
-    numbers = all(v is None or _integer(v) is not None for v in values)
-    cells = [v if v is None else _integer(v) if numbers else str(v) for v in values]
+    numbers = all(v is None or class_index(v) is not None for v in values)
+    cells = [v if v is None else class_index(v) if numbers else str(v) for v in values]
     return ds.remove_columns(column).add_column(column, cells)
 
 
@@ -590,13 +590,13 @@ def encode_labels(ds, label_names: list[str], where: str, origin: str = "recipe"
     from (recipe: data.label_names; train: inferred from the train split; run: a trained run's, which an evaluation
     cannot change), for what the error tells to fix."""
     index = {**{spelled(name): i for i, name in enumerate(label_names)}, **{name: i for i, name in enumerate(label_names)}}
-    numeric_names = [n for n in label_names if _integer(n) is not None]
+    numeric_names = [n for n in label_names if class_index(n) is not None]
 
     def to_index(v):
         for key in (str(v).strip(), spelled(v)):  # as written first, then as its class is spelled
             if key in index:
                 return index[key]
-        i = _integer(v)
+        i = class_index(v)
         return i if i is not None and not numeric_names and 0 <= i < len(label_names) else None
 
     raw = ds["label"]
@@ -617,26 +617,6 @@ def encode_labels(ds, label_names: list[str], where: str, origin: str = "recipe"
         raise DataError(f"{where}: {n} row(s) have labels outside the label set "
                         f"{label_names}: {bad[:10]}.{why} Fix {d}.label_names, or map raw values with {where}.label_map.")
     return ds.remove_columns("label").add_column("label", encoded)
-
-
-def _integer(v) -> int | None:
-    """1, 1.0, "1", " 1.0 " -> 1; anything else -> None: names, 1.5, booleans, and codes with a leading zero ("01": a
-    name, not the number 1)."""
-    if isinstance(v, bool):
-        return None
-    if isinstance(v, int):
-        return v
-    if isinstance(v, float):
-        return int(v) if v.is_integer() else None
-    m = re.fullmatch(r"\s*(-?(?:0|[1-9]\d*))(?:\.0+)?\s*", str(v))
-    return int(m.group(1)) if m else None
-
-
-def spelled(v) -> str:
-    """A label value as its class is spelled: 1, 1.0 and "1.0" are "1"; any other value as it is written, but for the
-    spaces around it (" neg" is "neg": it went past label_map, and became a class of its own)."""
-    i = _integer(v)
-    return str(i) if i is not None else str(v).strip()
 
 
 def infer_label_names(ds, where: str = "data.train") -> list[str]:
