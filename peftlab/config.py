@@ -961,6 +961,10 @@ def data_problems(d: DataConfig, prefix: str, check_files: bool, labelled: bool 
             p.append(f"{where}: give exactly one of `path:` (a local file) or `split:` (a hub split with data.dataset).")
         if s.split is not None and d.dataset is None:
             p.append(f"{where}.split={s.split!r} needs data.dataset (a hub dataset id), or use `path:` for a local file.")
+        fmt = s.format if s.format != "auto" else {".csv": "csv", ".tsv": "tsv"}.get(Path(s.path or "").suffix.lower(), "other")
+        if s.column_names and fmt not in ("csv", "tsv"):  # (it was ignored without a word)
+            p.append(f"{where}.column_names names the columns of a header-less csv/tsv file; {s.path or s.split!r} names its own "
+                     f"(JSON keys, parquet or hub columns). Remove it; to read other names, set {where}.text_columns / label_column.")
         if check_files and s.path is not None and Path(s.path).is_dir():
             p.append(f"{where}.path={s.path!r} is a folder; a split is one data file (.csv, .tsv, .json, .jsonl, .parquet). "
                      f"Point it at the file: {where}.path=FOLDER/FILE.")

@@ -603,6 +603,19 @@ def test_a_split_own_text_columns_with_text_pair_are_two(tmp_path, columns):
         load_recipe(None, [*base, f"data.train.text_columns={columns}"], validate_files=False)
 
 
+def test_column_names_on_a_file_that_names_its_own_columns_is_refused(tmp_path):
+    """column_names on a JSON file was ignored without a word (its keys were read); it names a header-less csv/tsv's."""
+    from peftlab.errors import ConfigError
+
+    (tmp_path / "t.jsonl").write_text('{"sentence": "a", "label": 0}\n{"sentence": "b", "label": 1}\n')
+    with pytest.raises(ConfigError, match=r"data.train.column_names names the columns of a header-less csv/tsv file; .*t.jsonl"):
+        load_recipe(None, [f"data.train.path={tmp_path / 't.jsonl'}", "data.eval=null", "data.train.column_names=[text,label]"])
+    (tmp_path / "t.csv").write_text("a,0\nb,1\n")  # a header-less csv: what it is for, also as data.train.format=csv
+    for path in ("t.csv", "t.jsonl"):
+        extra = ["data.train.format=csv"] if path.endswith("jsonl") else []
+        load_recipe(None, [f"data.train.path={tmp_path / path}", "data.eval=null", "data.train.column_names=[sentence,label]", *extra])
+
+
 def test_a_label_map_value_outside_the_label_names_is_a_recipe_problem(tmp_path):
     """A label_map value that is neither one of data.label_names nor a class index passed validate; training refused
     it only after reading the files."""
