@@ -12,6 +12,7 @@ import ctypes
 import logging
 import pickle
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -555,7 +556,6 @@ def model_problems(recipe: Recipe) -> list[str]:
 
     from .bases import check_gguf_whole, converted_if_ready, gguf_source, packaged_near
     from .errors import HubModelUnreachable, ModelNotFound
-    from .methods.peft_adapter import check_target_modules
 
     m, task = recipe.model, get_task(recipe.task.type)
     try:
@@ -600,12 +600,17 @@ def model_problems(recipe: Recipe) -> list[str]:
         try:
             encoder = AutoConfig.from_pretrained(path, revision=m.revision)
             problems += default_layers_problems(recipe, encoder.model_type)  # the warm start takes the encoder's defaults
-            check_input_lengths(EncoderDecoderConfig.from_encoder_decoder_configs(
-                encoder, AutoConfig.from_pretrained(resolve_model_path(m.decoder))), recipe)
+            warm = EncoderDecoderConfig.from_encoder_decoder_configs(encoder, AutoConfig.from_pretrained(resolve_model_path(m.decoder)))
+            check_input_lengths(warm, recipe)
         except ModelError as e:
             problems.append(str(e))
         except Exception as e:  # (a decoder not found: `train` says it when it builds the model)
             log.info("model.decoder=%r: input lengths not checked (%s: %s)", m.decoder, type(e).__name__, e)
+        else:
+            if not problems and not m.trust_remote_code:  # the adapter on both halves, as for one checkpoint (below)
+                from transformers import EncoderDecoderModel
+
+                problems += adapter_problems(lambda: EncoderDecoderModel(config=warm), recipe, task)
     own_model = hasattr(task, "build_model")  # (multitask: each task's lengths by its own keys, its model as its first task's)
     if m.trust_remote_code or m.decoder is not None or (own_model and not hasattr(task, "model_recipe")):
         return problems
@@ -631,30 +636,39 @@ def model_problems(recipe: Recipe) -> list[str]:
         other = {"mlm": " For a decoder LLM use task.type=clm.", "clm": " For an encoder use task.type=mlm."}.get(recipe.task.type, "")
         return problems + [f"model.name={m.name!r}: transformers has no {task.auto_model_class.__name__} for a {config.model_type} "
                            f"model, which task.type={recipe.task.type} needs.{other}"]
+    return problems + adapter_problems(lambda: task.auto_model_class.from_config(config), recipe, task)
+
+
+def adapter_problems(build: Callable[[], nn.Module], recipe: Recipe, task) -> list[str]:
+    """The adapter on the task's model built on the meta device by `build` (no weight read): each adapter.target_modules
+    name matches a module, a rank field fits the layers, and what applying the method would refuse (OFT: a block that
+    divides no width). Not checked where the method adapts no layer, or the model cannot be built that way."""
+    from .methods.peft_adapter import check_target_modules
+
     targets, method = recipe.adapter.target_modules, get_method(recipe.adapter.method)
     listed = isinstance(targets, list) and targets != ["all-linear"]
     if not method.layers or not (listed or method.rank_fields or method.check_on_meta):
-        return problems
+        return []
     try:
         with torch.device("meta"):
-            skeleton = task.auto_model_class.from_config(config)
+            skeleton = build()
     except Exception as e:  # an architecture that cannot be built this way: `train` checks on the loaded model
-        log.info("model.name=%r: target_modules not checked (%s: %s)", m.name, type(e).__name__, e)
-        return problems
+        log.info("model.name=%r: target_modules not checked (%s: %s)", recipe.model.name, type(e).__name__, e)
+        return []
     try:
         check_target_modules(skeleton, targets if listed else None)
     except ModelError as e:
-        return problems + [str(e)]
+        return [str(e)]
     if problem := rank_problem(skeleton, method, recipe.adapter):
-        return problems + [problem]
-    if method.check_on_meta:  # what `train` would refuse when it applies the method (OFT: a block that divides no width)
+        return [problem]
+    if method.check_on_meta:  # what `train` would refuse when it applies the method
         try:
             method.apply(skeleton, recipe, [], peft_task_type(task, skeleton))
         except ModelError as e:
-            problems.append(str(e))
+            return [str(e)]
         except Exception as e:  # (peft cannot build it on meta: `train` applies it to the loaded model)
             log.info("adapter.method=%s: not applied on the meta device (%s: %s)", method.name, type(e).__name__, e)
-    return problems
+    return []
 
 
 def default_layers_problems(recipe: Recipe, model_type: str | None) -> list[str]:

@@ -435,6 +435,23 @@ def test_bert2bert_with_a_method_other_than_lora_merges_its_trained_cross_attent
     assert (logits(merged, data) - logits(adapter_model, data)).abs().max().item() <= 1e-5
 
 
+def test_validate_checks_the_adapter_on_a_bert2bert_warm_start(make_sum_recipe, tiny_bert):
+    """A warm start (model.decoder) was not built on the meta device: validate said ok to target_modules that match
+    nothing, a rank above any layer's and an OFT r that divides no width, which train refused. The same messages now."""
+    from peftlab.errors import ModelError
+    from peftlab.model import model_problems
+
+    warm = {"model.decoder": str(tiny_bert), "train.precision": "fp32"}
+    for extra, says in (({"adapter.target_modules": "[nope]"}, r"'nope' matches no module of EncoderDecoderModel"),
+                        ({"adapter.r": 100000}, r"adapter.r=100000: above the largest rank .* Set adapter.r <= 32"),
+                        ({"adapter.method": "oft", "adapter.r": 5}, r"Invalid `r` \(5\)! Adjusted .* must divide the input width")):
+        recipe = make_sum_recipe(tiny_bert, {**warm, **extra}, name="b2b-check")
+        assert [p for p in model_problems(recipe) if re.search(says, p)], model_problems(recipe)
+        with pytest.raises(ModelError, match=says):
+            built(recipe)
+    assert model_problems(make_sum_recipe(tiny_bert, {**warm, "adapter.method": "oft", "adapter.r": 4}, name="b2b-ok")) == []
+
+
 @pytest.mark.parametrize("init", ["random", "self"])
 def test_bert2bert_cross_attention_init(make_sum_recipe, tiny_bert, init):
     recipe = make_sum_recipe(tiny_bert, {"model.decoder": str(tiny_bert), "model.cross_attention_init": init}, name=f"b2b-{init}")
