@@ -607,7 +607,7 @@ def model_problems(recipe: Recipe) -> list[str]:
         except Exception as e:  # (a decoder not found: `train` says it when it builds the model)
             log.info("model.decoder=%r: input lengths not checked (%s: %s)", m.decoder, type(e).__name__, e)
         else:
-            if not problems and not m.trust_remote_code:  # the adapter on both halves, as for one checkpoint (below)
+            if not problems:  # the adapter on both halves, as for one checkpoint (below)
                 from transformers import EncoderDecoderModel
 
                 problems += adapter_problems(lambda: EncoderDecoderModel(config=warm), recipe, task)
