@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import glob
+import json
 import logging
 import math
 import re
@@ -176,6 +177,9 @@ def read_split(spec: SplitConfig, data: DataConfig, where: str):
         if "corresponds to no data" in str(e):
             raise DataError(f"{where}.path: '{spec.path}' has no rows (a header only?). Point it at a file with data.") from None
         cause = e.__cause__ or e
+        if fmt == "json" and (line := _json_problem(path)):  # (pyarrow's 'The document is empty..' named no line)
+            raise DataError(f"{where}.path: cannot parse '{spec.path}' as JSON: {line}. Fix that line (one JSON object per "
+                            "line, or one JSON array of objects).") from None
         hint = f" {TSV_UNQUOTED.format(where=where)}" if fmt == "tsv" and "Expected" in str(cause) else ""
         raise DataError(f"{where}.path: cannot parse '{spec.path}' as {fmt}: {type(cause).__name__}: "
                         f"{str(cause).splitlines()[0] if str(cause) else ''}. Check format/delimiter/column_names.{hint}") from None
@@ -198,6 +202,22 @@ def _integer_labels(ds, column: str):
         return ds
     order = ds.column_names  # (add_column puts it last: messages listing the columns showed them reordered)
     return ds.remove_columns(column).add_column(column, [None if _blank(v) else class_index(v) for v in values]).select_columns(order)
+
+
+def _json_problem(path: Path) -> str | None:
+    """Where a JSON file that datasets could not parse goes wrong, as Python's json reads it: 'line N: what' (JSON lines,
+    each line on its own; a JSON array as one document), or None where it reads fine (another cause)."""
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError):
+        return None
+    documents = [(1, text)] if text.lstrip().startswith("[") else [(i, t) for i, t in enumerate(text.splitlines(), 1) if t.strip()]
+    for start, doc in documents:
+        try:
+            json.loads(doc)
+        except json.JSONDecodeError as e:
+            return f"line {start + e.lineno - 1}, column {e.colno}: {e.msg}"
+    return None
 
 
 def _decode_error(e: BaseException) -> UnicodeDecodeError | None:

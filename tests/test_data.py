@@ -67,8 +67,14 @@ def test_header_reads_the_columns_of_every_format_without_its_rows(tmp_path):
                                        "'title']. Set data.text_columns / data.label_column / data.target_column (or per "
                                        "split) to the right names."]
     (tmp_path / "bad.jsonl").write_text('{"sentence": "a", "label": 1}\n{"sentence": "b",, "label": 0}\n')
-    with pytest.raises(DataError, match="cannot parse"):  # a broken record among the first: read_split's own message
-        header(SplitConfig(path=str(tmp_path / "bad.jsonl")), data, "data.train")
+    with pytest.raises(DataError, match="cannot parse .* as JSON: line 2, column 18"):  # a broken record among the first:
+        header(SplitConfig(path=str(tmp_path / "bad.jsonl")), data, "data.train")  # read_split's own message, with its line
+    # a trailing comma was pyarrow's "JSON parse error: The document is empty.." with no line; an array's error too
+    (tmp_path / "comma.jsonl").write_text('{"sentence": "a", "label": 1}\n{"sentence": "b", "label": 0},\n{"sentence": "c", "label": 1}\n')
+    (tmp_path / "array.json").write_text('[{"sentence": "a", "label": 1},\n {"sentence": "b" "label": 0}]\n')
+    for name, at in (("comma.jsonl", "line 2, column 30: Extra data"), ("array.json", "line 2, column 19: Expecting ',' delimiter")):
+        with pytest.raises(DataError, match=f"cannot parse .*{name}' as JSON: {at}. Fix that line"):
+            read_split(SplitConfig(path=str(tmp_path / name)), data, "data.train")
     (tmp_path / "empty.csv").write_text("")
     with pytest.raises(DataError, match="is empty"):  # a broken file: read_split's own message
         header(SplitConfig(path=str(tmp_path / "empty.csv")), data, "data.train")
