@@ -17,7 +17,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, Union
@@ -107,6 +107,9 @@ class AdapterConfig:
                                hint="optimizer steps between reallocations")
     num_virtual_tokens: int = opt(20, "Virtual tokens of prompt_tuning, prefix_tuning and p_tuning.", ge=1, hint="typical: 10-50")
     options: dict = opt({}, "Extra keyword arguments passed straight to the method's peft config, e.g. {init_lora_weights: pissa_niter_4} with init: pissa.")
+
+
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # extension -> format (auto)
 
 
 @dataclass
@@ -961,7 +964,7 @@ def data_problems(d: DataConfig, prefix: str, check_files: bool, labelled: bool 
             p.append(f"{where}: give exactly one of `path:` (a local file) or `split:` (a hub split with data.dataset).")
         if s.split is not None and d.dataset is None:
             p.append(f"{where}.split={s.split!r} needs data.dataset (a hub dataset id), or use `path:` for a local file.")
-        fmt = s.format if s.format != "auto" else {".csv": "csv", ".tsv": "tsv"}.get(Path(s.path or "").suffix.lower(), "other")
+        fmt = s.format if s.format != "auto" else FORMATS.get(Path(s.path or "").suffix.lower())
         if s.column_names and fmt not in ("csv", "tsv"):  # (it was ignored without a word)
             p.append(f"{where}.column_names names the columns of a header-less csv/tsv file; {s.path or s.split!r} names its own "
                      f"(JSON keys, parquet or hub columns). Remove it; to read other names, set {where}.text_columns / label_column.")
@@ -994,21 +997,36 @@ def spelled(v) -> str:
     return str(i) if i is not None else str(v).strip()
 
 
+def label_indexer(label_names: list[str]) -> Callable[[Any], int | None]:
+    """-> value -> its class index among `label_names`, or None: looked up as a name first (as written, then as its class
+    is spelled: 1, 1.0 and "1" all spell the name "1"), else read as a class index, but only where no name is spelled
+    as an integer (data.encode_labels; validate's label_map check reads values the same way)."""
+    index = {**{spelled(name): i for i, name in enumerate(label_names)}, **{name: i for i, name in enumerate(label_names)}}
+    numeric_names = [n for n in label_names if class_index(n) is not None]
+
+    def to_index(v) -> int | None:
+        for key in (str(v).strip(), spelled(v)):
+            if key in index:
+                return index[key]
+        i = class_index(v)
+        return i if i is not None and not numeric_names and 0 <= i < len(label_names) else None
+
+    return to_index
+
+
 def label_map_targets(d: DataConfig, prefix: str) -> list[str]:
     """With data.label_names, each split's label_map values are among them: a name, or a class index (where no name is
-    spelled as an integer, as data.encode_labels reads them). Training refused any other only after reading the files."""
+    spelled as an integer), as data.encode_labels reads them (`label_indexer`). Training refused any other only after
+    reading the files."""
     if not d.label_names:
         return []
-    names = {spelled(n) for n in d.label_names}
-    indices = not any(class_index(n) is not None for n in d.label_names)
+    to_index, indices = label_indexer(list(d.label_names)), not any(class_index(n) is not None for n in d.label_names)
     p = []
     for name in ("train", "eval", "test"):
         spec = getattr(d, name)
         if spec is None or not isinstance(spec.label_map, dict):
             continue
-        bad = [v for v in spec.label_map.values() if spelled(v) not in names and not
-               (indices and (i := class_index(v)) is not None and 0 <= i < len(d.label_names))]
-        if bad:
+        if bad := [v for v in spec.label_map.values() if to_index(v) is None]:
             index = f" or a class index 0..{len(d.label_names) - 1}" if indices else ""
             p.append(f"{prefix}.{name}.label_map maps to {sorted(set(map(str, bad)))[:10]}, which {prefix}.label_names="
                      f"{list(d.label_names)} does not name: each value must be one of those names{index}. Fix the map's values, "

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .bases import file_sha256
-from .config import DataConfig, Recipe, SplitConfig, class_index, spelled
+from .config import FORMATS, DataConfig, Recipe, SplitConfig, class_index, label_indexer, spelled
 from .errors import DataError, DataFileNotFound
 from .tasks import get_task
 from .tasks.generative import check_references, data_row, reference_lists
@@ -27,7 +27,6 @@ from .tasks.generative import check_references, data_row, reference_lists
 log = logging.getLogger(__name__)
 MIN_EVAL_ROWS = 20  # fewer held-out rows than this: warned about
 
-FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 
 @dataclass
@@ -197,11 +196,18 @@ def read_split(spec: SplitConfig, data: DataConfig, where: str):
 def _integer_labels(ds, column: str):
     """A csv/tsv label column read as text: integers where every cell spells one (0, 1, 1.0: class indices, as the
     file's numbers were), else the text as written ("01", "02": codes, not the indices 1 and 2). An empty cell is None."""
-    values = ds[column]
-    if all(_blank(v) for v in values) or not all(_blank(v) or class_index(v) is not None for v in values):
+    if (cells := _class_indices(ds[column])) is None:
         return ds
     order = ds.column_names  # (add_column puts it last: messages listing the columns showed them reordered)
-    return ds.remove_columns(column).add_column(column, [None if _blank(v) else class_index(v) for v in values]).select_columns(order)
+    return ds.remove_columns(column).add_column(column, cells).select_columns(order)
+
+
+def _class_indices(values) -> list | None:
+    """A label column's cells as class indices where every non-empty one spells an integer (1, "1", 1.0: one class; an
+    empty cell None), else None: names, or codes such as "01" (read as written)."""
+    if all(_blank(v) for v in values) or not all(_blank(v) or class_index(v) is not None for v in values):
+        return None
+    return [None if _blank(v) else class_index(v) for v in values]
 
 
 def _json_problem(path: Path) -> str | None:
@@ -564,9 +570,8 @@ def _scalar_labels(ds, column: str, where: str):
     if (row := _first_nested(values)) is not None:
         raise DataError(f"{where}: the label column {column!r} holds {str(values[row])[:80]} in {data_row(row)}, not one label. "
                         "Give each row a single label value (a name or a class index).")
-    numbers = all(v is None or class_index(v) is not None for v in values)
-    cells = [v if v is None else class_index(v) if numbers else str(v) for v in values]
-    return ds.remove_columns(column).add_column(column, cells)
+    cells = _class_indices(values)
+    return ds.remove_columns(column).add_column(column, cells if cells is not None else [v if v is None else str(v) for v in values])
 
 
 def _check_label_cells(ds, label_col: str, spec: SplitConfig, where: str) -> None:
@@ -609,16 +614,7 @@ def encode_labels(ds, label_names: list[str], where: str, origin: str = "recipe"
     is refused, where reading it as an index would shift every class by one. `origin`: where the label names come
     from (recipe: data.label_names; train: inferred from the train split; run: a trained run's, which an evaluation
     cannot change), for what the error tells to fix."""
-    index = {**{spelled(name): i for i, name in enumerate(label_names)}, **{name: i for i, name in enumerate(label_names)}}
-    numeric_names = [n for n in label_names if class_index(n) is not None]
-
-    def to_index(v):
-        for key in (str(v).strip(), spelled(v)):  # as written first, then as its class is spelled
-            if key in index:
-                return index[key]
-        i = class_index(v)
-        return i if i is not None and not numeric_names and 0 <= i < len(label_names) else None
-
+    to_index = label_indexer(label_names)
     raw = ds["label"]
     encoded = [to_index(v) for v in raw]
     bad = sorted({str(v) for v, e in zip(raw, encoded) if e is None})
@@ -632,6 +628,7 @@ def encode_labels(ds, label_names: list[str], where: str, origin: str = "recipe"
             raise DataError(f"{where}: {n} row(s) have labels that {d}.train does not have: {bad[:10]} (its labels: "
                             f"{label_names}). Correct those rows, map their values with {where}.label_map, or, if these "
                             f"classes exist, name every class with {d}.label_names=[...].")
+        numeric_names = [n for n in label_names if class_index(n) is not None]
         why = (f" Values are read as names here, not as class indices, because {d}.label_names spells {numeric_names[:5]} as "
                "integers." if numeric_names else "")
         raise DataError(f"{where}: {n} row(s) have labels outside the label set "
