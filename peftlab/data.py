@@ -636,6 +636,33 @@ def encode_labels(ds, label_names: list[str], where: str, origin: str = "recipe"
     return ds.remove_columns("label").add_column("label", encoded)
 
 
+def check_unmapped_codes(raw: dict, d, label_names: list[str], prefix: str) -> None:
+    """Warn where data.eval or data.test has no label_map of its own, while every label value it holds is a key of
+    data.train's label_map that the map sends to another class than the split's rows get: the same raw codes (AG News'
+    1..4) named on train and read as class indices there shift or swap every label, and nothing else would say so."""
+    train_map = d.train.label_map if d.train is not None else None
+    if not train_map:
+        return
+    to_index = label_indexer(label_names)
+    on_train = {spelled(k): to_index(v) for k, v in train_map.items()}
+    for name in ("eval", "test"):
+        spec = getattr(d, name)
+        if name not in raw or spec is None or spec.label_map:
+            continue
+        present = {spelled(v): v for v in set(raw[name]["label"])}
+        if not present or not set(present) <= set(on_train):
+            continue
+        if moved := [(k, v) for k, v in sorted(present.items()) if on_train[k] != to_index(v)]:
+            k, v = moved[0]
+            here, there = (repr(label_names[i]) if i is not None else "no class" for i in (to_index(v), on_train[k]))
+            flow = [str(x) if isinstance(x, int) else yaml_scalar(str(x)) for pair in train_map.items() for x in pair]
+            codes = "{" + ", ".join(f"{a}: {b}" for a, b in zip(flow[::2], flow[1::2])) + "}"
+            log.warning("%s.%s has no label_map, and its label values %s are all keys of %s.train.label_map, which names "
+                        "them otherwise: %s is read as %s here, as %s on train. If they are the same codes, give %s.%s the same "
+                        "map: %s.%s.label_map=%s.", prefix, name, sorted(present)[:10], prefix, k, here, there, prefix, name,
+                        prefix, name, codes)
+
+
 def infer_label_names(ds, where: str = "data.train") -> list[str]:
     """The sorted distinct labels, or 0..K-1 for class indices; refused where that would be a wrong classifier."""
     values = set(ds["label"])
@@ -743,6 +770,7 @@ def load_splits(recipe: Recipe, *, need_train: bool = True, prefix: str = "data"
         label_names, out = [], dict(raw)
     else:
         label_names = list(d.label_names) if d.label_names else infer_label_names(*next((ds, f"{prefix}.{n}") for n, ds in raw.items()))
+        check_unmapped_codes(raw, d, label_names, prefix)
         raw = {name: sampled(ds, getattr(d, name), seed) for name, ds in raw.items()}
         origin = "run" if run_labels else "recipe" if d.label_names else "train"
         try:

@@ -288,6 +288,28 @@ def test_label_map_keys_that_never_occur_and_rows_without_text_are_warned_about(
     assert "data.train: 1 row(s) have no text in text" in caplog.text and len(splits["train"]) == 3
 
 
+def test_codes_mapped_on_train_but_read_as_indices_on_test_are_warned_about(tmp_path, caplog):
+    """train maps the raw codes 0/1 to pos/neg (swapped against the names' order); test holds the same codes with no map
+    and reads them as class indices: every test label inverted, silently, until this warning. Mapped the same on both
+    splits, or named on test only (as the AG News recipe does), it says nothing."""
+    (tmp_path / "tr.csv").write_text("text,y\n" + "a,0\nb,1\n" * 4)
+    (tmp_path / "te.csv").write_text("text,y\nc,0\nd,1\n")
+    base = [f"data.train.path={tmp_path / 'tr.csv'}", f"data.test.path={tmp_path / 'te.csv'}", "data.eval=null",
+            "data.text_columns=[text]", "data.label_column=y", "data.label_names=[neg, pos]"]
+    with caplog.at_level("WARNING", logger="peftlab.data"):
+        splits, _ = load_splits(load_recipe(None, [*base, "data.train.label_map={0: pos, 1: neg}"], validate_files=False))
+    assert splits["test"]["label"] == [0, 1] and splits["train"]["label"][:2] == [1, 0]
+    assert ("data.test has no label_map, and its label values ['0', '1'] are all keys of data.train.label_map, which names "
+            "them otherwise: 0 is read as 'neg' here, as 'pos' on train. If they are the same codes, give data.test the same "
+            "map: data.test.label_map={0: pos, 1: neg}.") in caplog.text
+    for quiet in (["data.train.label_map={0: pos, 1: neg}", "data.test.label_map={0: pos, 1: neg}"],
+                  ["data.train.label_map={0: neg, 1: pos}"], ["data.test.label_map={0: pos, 1: neg}"]):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="peftlab.data"):
+            load_splits(load_recipe(None, [*base, *quiet], validate_files=False))
+        assert "has no label_map" not in caplog.text, quiet
+
+
 def test_packing_outside_sft_is_refused_not_ignored():
     from peftlab.errors import ConfigError
 
