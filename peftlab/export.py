@@ -31,7 +31,7 @@ from .bases import base_path, file_lock, gguf_key, load_tokenizer
 from .config import Recipe, load_recipe, override_list
 from .errors import ArtifactError, ConfigError, ModelNotFound, path_argument
 from .methods import get_method
-from .model import load_base
+from .model import disable_cpu_bf16_repack, load_base
 from .rundir import (
     RECIPE_FILE,
     RECORD_FILE,
@@ -307,6 +307,7 @@ def rebuild(out: str | Path, recipe: Recipe, run: RunRecord, *, dequantize: bool
         get_method(run.method or recipe.adapter.method).loaded(model, adapter_name)  # e.g. AdaLoRA's eval-time attribute
     else:
         model = task.auto_model_class.from_pretrained(str(out), use_safetensors=True)
+        disable_cpu_bf16_repack(model)  # a frozen run on a 4-bit base is saved 4-bit: its first no-grad forward would repack
     return model.eval(), tokenizer
 
 

@@ -517,6 +517,32 @@ def test_the_cards_snippet_loads_the_base_as_it_was_quantized(make_recipe, tiny_
     torch.testing.assert_close(logits(namespace["model"]), logits(load_trained(recipe.out)[0]), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("mode", ["4bit", "8bit"])
+def test_a_frozen_run_on_a_quantized_base_reloads_and_its_cards_snippet_runs(make_recipe, tmp_path, capsys, mode):
+    """A frozen run on a 4-bit base is saved 4-bit, as a standalone model. Reloaded, its first no-grad forward took
+    bitsandbytes' CPU repack path on avx512_bf16 CPUs and crashed ("shape '[32, 0]' is invalid"): `peftlab eval`,
+    load_trained and the card's snippet alike. The card also said merge makes a dequantized copy; merge leaves it."""
+    import re
+
+    from peftlab import evaluate
+    from peftlab.publish import publish
+
+    recipe = make_recipe({"quant.mode": mode, "adapter.method": "frozen", "train.max_steps": 2, "train.precision": "fp32"})
+    summary = run(recipe)
+    assert evaluate(recipe.out)["accuracy"] == pytest.approx(summary["metrics"]["eval"]["accuracy"])
+    folder = tmp_path / "published"
+    publish(recipe.out, "alice/q", to=folder)
+    card = (folder / "README.md").read_text()
+    assert f"Saved {mode} quantized, as it was trained (method frozen" in card and "dequantized copy" not in card
+    code = re.search(r"```python\n(.*?)```", card, re.S).group(1).replace("repo = 'alice/q'", f"repo = {str(folder)!r}")
+    assert ("support_avx512bf16_for_cpu" in code) == (mode == "4bit")
+    namespace: dict = {}
+    capsys.readouterr()
+    exec(code, namespace)  # noqa: S102 (the card's own text)
+    assert capsys.readouterr().out.strip() in ("negative", "positive")
+    torch.testing.assert_close(logits(namespace["model"]), logits(load_trained(recipe.out)[0]), atol=1e-6, rtol=0)
+
+
 @pytest.mark.parametrize("quant", [{"quant.mode": "8bit"}, {"quant.mode": "4bit", "quant.compute_dtype": "bfloat16", "model.dtype": "float32"}])
 def test_a_quantized_run_under_bf16_resumes_as_if_never_stopped(make_recipe, tmp_path, quant):
     """bitsandbytes' forward casts a quantized layer's frozen bias to the input's (8-bit) or compute (4-bit) dtype in

@@ -364,8 +364,10 @@ def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: 
     elif recipe.task.type == "summarization" and not recipe.model.decoder:
         example = _summarization_example(out, recipe, causal=auto_cls == "AutoModelForCausalLM")
     if not (out / "adapter_config.json").is_file():  # a full model (a merged one too): its own folder, the same example
+        quantized = "quantization_config" in json.loads((out / "config.json").read_text(encoding="utf-8"))  # (frozen on 4-bit)
         return (f"```python\nimport torch\nfrom transformers import {auto_cls}, AutoTokenizer\n\nrepo = {repo!r}\n{head}"
-                f"model = {auto_cls}.from_pretrained(repo).eval()\ntokenizer = AutoTokenizer.from_pretrained(repo)\n{example}```")
+                f"model = {auto_cls}.from_pretrained(repo).eval()\n{_no_cpu_repack(recipe, 'model') if quantized else ''}"
+                f"tokenizer = AutoTokenizer.from_pretrained(repo)\n{example}```")
     layers, keep = "", ""
     if recipe.model.num_layers:  # the adapter's layers are these of the base, renumbered: the rest are left out first
         keep = "from peftlab.model import keep_layers\n"
@@ -402,10 +404,10 @@ def _quantization(recipe, run: RunRecord, auto_cls: str, num_labels: int) -> str
     return f"quantization = {config}  # the {q.mode} base it was trained on\n"
 
 
-def _no_cpu_repack(recipe) -> str:
+def _no_cpu_repack(recipe, model: str = "base") -> str:
     if recipe.quant.mode != "4bit":
         return ""
-    return ("for m in base.modules():  # on a CPU with avx512_bf16, as peftlab ran it: no repacked bf16 path (other numerics)\n"
+    return (f"for m in {model}.modules():  # on a CPU with avx512_bf16, as peftlab ran it: no repacked bf16 path (other numerics)\n"
             "    if hasattr(m, \"support_avx512bf16_for_cpu\"):\n        m.support_avx512bf16_for_cpu = False\n")
 
 
@@ -653,9 +655,12 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
     if recipe.quant.mode != "none" and merged:
         lines.append("- Trained as an adapter on a quantized base and merged into a float32 copy of it: outputs differ slightly "
                      "from the adapter's on the quantized base.")
-    elif recipe.quant.mode != "none":
+    elif recipe.quant.mode != "none" and adapter:
         lines.append("- Trained on a quantized base: outputs on a float base differ slightly; `peftlab merge` merges into a "
                      "dequantized copy.")
+    elif recipe.quant.mode != "none":
+        lines.append(f"- Saved {recipe.quant.mode} quantized, as it was trained (method {recipe.adapter.method}: the base's "
+                     "weights stayed quantized); loading it needs bitsandbytes, and `peftlab merge` has nothing to merge.")
     lines.append("- Not for high-stakes decisions without an evaluation on your own data.")
     return f"---\n{data.to_yaml()}\n---\n\n" + "\n".join(lines) + "\n"
 
