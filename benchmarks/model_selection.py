@@ -189,7 +189,7 @@ def proxies(setting: str, folder: Path, recipe_path: Path, bases: list[str], b: 
            "--candidates", *(BASES[x] for x in bases), "--methods", *RANKED_METHODS, "--proxies", "probe", "logme", "steps",
            "--max-rows", str(b["select_rows"]), "--folds", str(b["folds"]), "--steps", str(b["select_steps"]),
            *(f"--set={s}" for s in select_sets(bases)),
-           "--json", str(folder / "select.raw.json")]
+           "--json", str(folder / "select.raw.json"), "--overwrite"]  # (its own scratch file, removed below)
     print(f"[{setting}] select: {' '.join(cmd[2:])}", flush=True)
     start = time.perf_counter()
     proc = subprocess.run(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=None if args.verbose else subprocess.PIPE, text=True)

@@ -226,7 +226,6 @@ def cmd_compose(args) -> int:
 
 def cmd_select(args) -> int:
     from .config import load_recipe
-    from .export import check_destination
     from .rundir import atomic_write_text
     from .select import format_table, ranked_by, select, to_json
 
@@ -244,9 +243,10 @@ def cmd_select(args) -> int:
             raise PeftlabError(f"--set {item!r}: expected NAME:KEY=VALUE, NAME a candidate or a method, e.g. --set full:train.lr=5e-5")
         extra.setdefault(name, []).append(f"{key}={value}")
     methods = [m for m in args.methods if m not in late_m] if args.methods else None
-    if args.json:
-        check_destination(Path(args.json), "--json", folder=False)  # before the work, not after it
     recipe, candidates = load_recipe(recipe_path, overrides), [c for c in args.candidates if c not in late]
+    if args.json:  # before the work, not after it
+        d = recipe.data
+        check_json_target(Path(args.json), [recipe_path, *(s.path for s in (d.train, d.eval, d.test) if s and s.path)], args.overwrite)
     rows = select(recipe, candidates, methods, proxies=args.proxies, rank_by=args.rank_by, max_rows=args.max_rows,
                   folds=args.folds, steps=args.steps, overrides=extra)
     rank_by = ranked_by(args.proxies, args.rank_by)
@@ -258,6 +258,28 @@ def cmd_select(args) -> int:
         atomic_write_text(Path(args.json), json.dumps(to_json(rows, rank_by, recipe_path, settings), indent=2))
         print(f"written: {args.json}")
     return 0
+
+
+def check_json_target(path: Path, inputs: list[str], overwrite: bool) -> None:
+    """select's --json: a file that can be made; an existing one replaced only with --overwrite, and never a file the
+    selection reads (the recipe, its data): `--json recipe.yaml` destroyed the recipe it ranked."""
+    from .errors import ArtifactError
+    from .export import check_destination
+
+    check_destination(path, "--json", folder=False)
+    if not path.exists():
+        return
+    for given in inputs:
+        try:
+            same = os.path.samefile(path, given)
+        except OSError:  # (an input not there: a hub split, a missing eval file)
+            same = False
+        if same:
+            raise ArtifactError(f"--json {path} is {given}, which this selection reads: writing the table there would destroy "
+                                "it. Choose another file: --json FILE, e.g. --json runs/select.json.")
+    if not overwrite:
+        raise ArtifactError(f"--json {path} exists: select would replace it. Pass --overwrite to replace it, or choose a new "
+                            "file: --json FILE.")
 
 
 def rate(x: float) -> str:
@@ -408,6 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     sel.add_argument("--set", action="append", default=[], metavar="NAME:KEY=VALUE",
                      help="an override for one candidate or method, e.g. --set full:train.lr=5e-5 (repeatable)")
     sel.add_argument("--json", metavar="OUT", help="also write the rows as JSON")
+    sel.add_argument("--overwrite", action="store_true", help="replace an existing --json file (never the recipe or a data "
+                                                              "file the selection reads)")
     sel.set_defaults(fn=cmd_select, late_overrides="items")
     return p
 

@@ -469,3 +469,27 @@ def test_a_combination_the_recipe_refuses_is_a_failed_row_and_every_bad_name_is_
     assert "2 candidates resolve to no model" in str(e.value) and "'./no/such/base'" in str(e.value) and "'./nor/this'" in str(e.value)
     with pytest.raises(ConfigError, match="--methods 'lroa': no such method"):
         select(recipe, [str(tiny_bert)], ["lora", "lroa"])
+
+
+def test_json_never_replaces_a_file_unasked_nor_the_recipe_it_ranks(make_recipe, tmp_path, capsys, monkeypatch, tiny_bert):
+    """`--json recipe.yaml` replaced the recipe being ranked with the table, and any existing file was replaced without a
+    word. An existing --json file is refused before any work unless --overwrite; the recipe and its data files always."""
+    from peftlab import select as sel
+
+    recipe = make_recipe()
+    path = tmp_path / "recipe.yaml"
+    before, ran = path.read_text(), []
+    real = sel.select
+    monkeypatch.setattr(sel, "select", lambda *a, **k: ran.append(1) or real(*a, **k))
+    args = ["select", str(path), "--candidates", str(tiny_bert), "--proxies", "probe", "--max-rows", "30", "--folds", "3"]
+    for target in (path, recipe.data.train.path, recipe.data.eval.path):
+        assert main([*args, "--json", str(target), "--overwrite"]) == 2
+        assert "which this selection reads: writing the table there would destroy it" in capsys.readouterr().err
+    assert path.read_text() == before and not ran
+    out = tmp_path / "select.json"
+    out.write_text("earlier results")
+    assert main([*args, "--json", str(out)]) == 2
+    assert f"--json {out} exists: select would replace it. Pass --overwrite" in capsys.readouterr().err
+    assert out.read_text() == "earlier results" and not ran  # refused before any compute
+    assert main([*args, "--json", str(out), "--overwrite"]) == 0
+    assert json.loads(out.read_text())["ranked_by"] == "probe" and ran
