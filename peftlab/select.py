@@ -15,7 +15,8 @@ nothing else: data.eval and data.test are never read. The proxies:
 - logme: LogME (You et al. 2021) on the same features: the log marginal likelihood per row of a Bayesian linear model
   from the features to each class's one-hot target, its prior and noise precisions set by evidence maximisation (the
   fixed-point iteration on the SVD of the features), averaged over classes. Higher is better; comparable between bases
-  on one task only. Uncertainty: the grouped jackknife standard error over the k folds.
+  on one task only. Uncertainty: the grouped jackknife standard error over the k folds. It needs more rows than feature
+  dimensions in every jackknife part (logme_rows_problem); with no more, its figure fails.
 - steps: the candidate's own recipe trained for `steps` optimizer steps (peftlab's `run`, in a temporary folder) on the
   sample less one fold, scored on that fold. Uncertainty: the binomial standard error of that accuracy.
 
@@ -336,21 +337,12 @@ def encode(recipe: Recipe, ds, label_names: list[str]) -> tuple[np.ndarray, str]
     return out, pooling
 
 
-def encode_timed(c: _Candidate, ds, label_names: list[str], folds: int, logme_runs: bool) -> tuple[np.ndarray, str, float]:
-    """`encode` for one candidate's base -> (features, pooling, seconds); warns when LogME would read too few rows."""
+def encode_timed(c: _Candidate, ds, label_names: list[str]) -> tuple[np.ndarray, str, float]:
+    """`encode` for one candidate's base -> (features, pooling, seconds)."""
     start = time.perf_counter()
     feats, pooling = encode(c.features, ds, label_names)
     seconds = time.perf_counter() - start
     log.info("select: %s encoded (%s pooling, %d dims) in %.1f s", base_label(c.base), pooling, feats.shape[1], seconds)
-
-    def fewest(n: int) -> int:  # the rows LogME sees without its largest fold (the jackknife)
-        return n - -(-n // folds)
-
-    if logme_runs and fewest(len(ds)) <= feats.shape[1]:
-        enough = next(n for n in itertools.count(len(ds)) if fewest(n) > feats.shape[1])
-        log.warning("select: %s has %d feature dimensions for %d rows (%d without a fold): with no more rows than dimensions "
-                    "the features fit any labelling and LogME reads its limit, not evidence. Raise --max-rows to at least %d.",
-                    base_label(c.base), feats.shape[1], len(ds), fewest(len(ds)), enough)
     return feats, pooling, seconds
 
 
@@ -450,9 +442,33 @@ def logme_evidence(s: np.ndarray, z: np.ndarray, y_norm2: float, n: int, d: int,
     return evidence / n, alpha, beta
 
 
+def logme_rows(n: int, folds: int = 1) -> int:
+    """The fewest rows LogME reads of n: those of a jackknife part (n less its largest fold) with k >= 2 folds, else n."""
+    return n - -(-n // folds) if folds >= 2 else n
+
+
+def logme_rows_problem(n: int, d: int, folds: int = 1) -> str | None:
+    """Why LogME cannot read n rows of d-dimensional features (jackknifed over `folds` folds), and what gives it
+    enough; None when it can. With no more rows than dimensions the features fit any labelling: the evidence rises
+    towards a limit as the noise precision grows, with no maximum, and the fixed point stops anywhere (beta 1e7..1e16)
+    or overflows, as the noise falls."""
+    if logme_rows(n, folds) > d:
+        return None
+    part = f" (its jackknife parts, each without one of the {folds} folds, {logme_rows(n, folds)})" if folds >= 2 else ""
+    enough = next(m for m in itertools.count(n) if logme_rows(m, folds) > d)
+    more_folds = next((k for k in range(folds + 1, n // 2 + 1) if logme_rows(n, k) > d), None) if n > d else None
+    return (f"LogME on {n} rows{part} of {d}-dimensional features: it needs more rows than feature dimensions (with no more, the "
+            f"features fit any labelling and the evidence has no maximum). Give it at least {enough} rows (--max-rows, and "
+            f"data.train.max_samples where it limits the training split)" + (f", or use --folds {more_folds}" if more_folds else "")
+            + ", or rank with --proxies probe.")
+
+
 def logme(features: np.ndarray, labels: np.ndarray, classes: int) -> float:
-    """LogME of features for a classification: the mean over the classes present of the evidence of the one-hot target."""
+    """LogME of features for a classification: the mean over the classes present of the evidence of the one-hot target.
+    Raises SelectError on no more rows than feature dimensions (logme_rows_problem), or where it does not converge."""
     n, d = features.shape
+    if problem := logme_rows_problem(n, d):
+        raise SelectError([problem])
     with one_thread():
         u, s, _ = (t.numpy() for t in torch.linalg.svd(torch.from_numpy(features.astype(np.float64)), full_matrices=False))
     scores = []
@@ -462,12 +478,11 @@ def logme(features: np.ndarray, labels: np.ndarray, classes: int) -> float:
             continue
         try:
             scores.append(logme_evidence(s, u.T @ y, float(y @ y), n, d)[0])
-        except (OverflowError, ZeroDivisionError, ValueError):  # n << d: the fixed point runs off to beta -> infinity
+        except (OverflowError, ZeroDivisionError, ValueError):  # the fixed point ran off to beta -> infinity
             scores.append(math.nan)
     if not all(map(math.isfinite, scores)):
-        raise SelectError([f"LogME on {n} rows of {d}-dimensional features did not converge (too few rows: with n < d the "
-                           "features fit any target exactly). Give it more rows (--max-rows, data.train.max_samples) or "
-                           "fewer folds, or rank with --proxies probe."])
+        raise SelectError([f"LogME on {n} rows of {d}-dimensional features did not converge (the features fit the labels "
+                           "exactly). Give it more rows (--max-rows, data.train.max_samples), or rank with --proxies probe."])
     return float(np.mean(scores))
 
 
@@ -555,7 +570,7 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
         key = c.features_key()
         if key not in bases and {"probe", "logme"} & set(proxies):
             try:
-                bases[key] = _Base(*encode_timed(c, ds, label_names, folds, "logme" in proxies), group=len(bases) + 1)
+                bases[key] = _Base(*encode_timed(c, ds, label_names), group=len(bases) + 1)
             except Exception as e:  # the base does not encode: probe and LogME fail, the steps proxy may still train it
                 bases[key] = _Base(figures={"probe": e, "logme": e})
         return bases.get(key, _Base())
@@ -565,6 +580,8 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
         if p not in base.figures:
             start = time.perf_counter()
             try:
+                if p == "logme" and (problem := logme_rows_problem(len(labels), base.feats.shape[1], folds)):
+                    raise SelectError([problem])  # (it ran, and ranked a degenerate figure or failed, as the noise fell)
                 value, std = (probe(base.feats, labels, fold, k, recipe.train.seed) if p == "probe"
                               else jackknifed(lambda f, y: logme(f, y, k), base.feats, labels, fold))
                 base.figures[p] = Estimate(value, std, time.perf_counter() - start)
@@ -619,8 +636,9 @@ def one_line(text: str) -> str:
 
 
 def reason(e: BaseException) -> str:
-    """One line saying why a candidate failed: peftlab's message as it is, another error's type before its message."""
-    text = one_line(str(e))
+    """One line saying why a candidate failed: peftlab's message as it is (a SelectError's without its 'peftlab select:',
+    which the table's line already says), another error's type before its message."""
+    text = one_line(" ".join(e.problems) if isinstance(e, SelectError) else str(e))
     return text if isinstance(e, PeftlabError) else f"{type(e).__name__}: {text}" if text else type(e).__name__
 
 
