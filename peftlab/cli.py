@@ -225,9 +225,8 @@ def cmd_compose(args) -> int:
 
 
 def cmd_select(args) -> int:
-    from .config import load_recipe
     from .rundir import atomic_write_text
-    from .select import format_table, ranked_by, select, to_json
+    from .select import format_table, load_selection_recipe, ranked_by, select, to_json
 
     # `--candidates A B KEY=VALUE`: nargs="+" took the overrides that followed it (a file whose name holds '=' stays a base)
     late = [c for c in args.candidates if "=" in c and not Path(c).exists()]
@@ -243,7 +242,7 @@ def cmd_select(args) -> int:
             raise PeftlabError(f"--set {item!r}: expected NAME:KEY=VALUE, NAME a candidate or a method, e.g. --set full:train.lr=5e-5")
         extra.setdefault(name, []).append(f"{key}={value}")
     methods = [m for m in args.methods if m not in late_m] if args.methods else None
-    recipe, candidates = load_recipe(recipe_path, overrides), [c for c in args.candidates if c not in late]
+    recipe, candidates = load_selection_recipe(recipe_path, overrides), [c for c in args.candidates if c not in late]
     if args.json:  # before the work, not after it
         d = recipe.data
         check_json_target(Path(args.json), [recipe_path, *(s.path for s in (d.train, d.eval, d.test) if s and s.path)], args.overwrite)

@@ -166,6 +166,17 @@ def candidate_overrides(recipe: Recipe, base: str, method: str, overrides: dict[
             *extra.get(base, []), *(extra.get(method, []) if method_extras else [])]
 
 
+def load_selection_recipe(path: str | Path, overrides: list[str] | tuple = ()) -> Recipe:
+    """The recipe as `peftlab train` loads it, its files checked too (data.train's), but for data.eval's and data.test's:
+    select never reads them (train_sample), so they need not exist, as the README says (a missing one refused it)."""
+    recipe = load_recipe(path, overrides, validate_files=False)
+    train_only = copy.deepcopy(recipe)
+    train_only.data.eval = train_only.data.test = None
+    train_only.train.early_stopping = None  # (its rule wants an evaluation split: checked with the recipe, above)
+    validate(train_only, source=str(path))
+    return recipe
+
+
 def derive(recipe: Recipe, overrides: list[str], where: str) -> Recipe:
     """The recipe with dotted overrides applied, typed and validated as `peftlab train` would (through its YAML)."""
     with tempfile.TemporaryDirectory(prefix="peftlab-select-") as d:

@@ -514,3 +514,18 @@ def test_json_never_replaces_a_file_unasked_nor_the_recipe_it_ranks(make_recipe,
     assert out.read_text() == "earlier results" and not ran  # refused before any compute
     assert main([*args, "--json", str(out), "--overwrite"]) == 0
     assert json.loads(out.read_text())["ranked_by"] == "probe" and ran
+
+
+def test_the_cli_needs_no_eval_or_test_file(make_recipe, tmp_path, capsys, tiny_bert):
+    """The README says select never reads data.eval or data.test, but the command checked their files: a recipe whose
+    test file was not written yet was refused ('data.test.path=...: file not found'). data.train's is still checked."""
+    make_recipe()
+    args = ["select", str(tmp_path / "recipe.yaml"), "--candidates", str(tiny_bert), "--proxies", "probe", "--max-rows", "30",
+            "--folds", "3", f"data.eval.path={tmp_path / 'missing-eval.tsv'}", f"data.test.path={tmp_path / 'missing-test.tsv'}"]
+    assert main(args) == 0
+    assert "data.eval and data.test were not read" in capsys.readouterr().out
+    assert main([*args, f"data.train.path={tmp_path / 'missing-train.tsv'}"]) == 2
+    err = capsys.readouterr().err
+    assert "data.train.path=" in err and "file not found" in err and "missing-eval" not in err
+    assert main([*args, "data.max_length=0"]) == 2  # the other rules still hold
+    assert "data.max_length" in capsys.readouterr().err
