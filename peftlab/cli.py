@@ -228,10 +228,10 @@ def cmd_select(args) -> int:
     from .rundir import atomic_write_text
     from .select import format_table, load_selection_recipe, ranked_by, select, to_json
 
-    # `--candidates A B KEY=VALUE`: nargs="+" took the overrides that followed it (a file whose name holds '=' stays a base)
-    late = [c for c in args.candidates if "=" in c and not Path(c).exists()]
-    late_m = [m for m in args.methods or [] if "=" in m]
-    recipe_path, overrides = _split_recipe_args([*args.items, *late, *late_m])
+    candidates, late = _list_and_overrides(args.candidates)
+    methods, late_m = _list_and_overrides(args.methods)
+    proxies, late_p = _list_and_overrides(args.proxies)
+    recipe_path, overrides = _split_recipe_args([*args.items, *late, *late_m, *late_p])
     if recipe_path is None:
         raise PeftlabError("select needs a classification recipe: peftlab select RECIPE.yaml --candidates BASE [BASE ...]")
     extra: dict[str, list[str]] = {}
@@ -241,22 +241,29 @@ def cmd_select(args) -> int:
         if not sep or not colon or not name or not key:
             raise PeftlabError(f"--set {item!r}: expected NAME:KEY=VALUE, NAME a candidate or a method, e.g. --set full:train.lr=5e-5")
         extra.setdefault(name, []).append(f"{key}={value}")
-    methods = [m for m in args.methods if m not in late_m] if args.methods else None
-    recipe, candidates = load_selection_recipe(recipe_path, overrides), [c for c in args.candidates if c not in late]
+    methods = methods or None
+    recipe = load_selection_recipe(recipe_path, overrides)
     if args.json:  # before the work, not after it
         d = recipe.data
         check_json_target(Path(args.json), [recipe_path, *(s.path for s in (d.train, d.eval, d.test) if s and s.path)], args.overwrite)
-    rows = select(recipe, candidates, methods, proxies=args.proxies, rank_by=args.rank_by, max_rows=args.max_rows,
+    rows = select(recipe, candidates, methods, proxies=proxies, rank_by=args.rank_by, max_rows=args.max_rows,
                   folds=args.folds, steps=args.steps, overrides=extra)
-    rank_by = ranked_by(args.proxies, args.rank_by)
+    rank_by = ranked_by(proxies, args.rank_by)
     print(format_table(rows, rank_by, recipe_path))
     if args.json:
-        settings = {"overrides": overrides, "set": args.set, "candidates": candidates, "methods": methods, "proxies": args.proxies,
+        settings = {"overrides": overrides, "set": args.set, "candidates": candidates, "methods": methods, "proxies": proxies,
                     "max_rows": args.max_rows, "folds": args.folds, "steps": args.steps, "seed": recipe.train.seed,
                     "data_seed": recipe.data_seed}
         atomic_write_text(Path(args.json), json.dumps(to_json(rows, rank_by, recipe_path, settings), indent=2))
         print(f"written: {args.json}")
     return 0
+
+
+def _list_and_overrides(values: list[str] | None) -> tuple[list[str] | None, list[str]]:
+    """A list option's values less the KEY=VALUE overrides that followed them (`--proxies probe data.max_length=24`:
+    nargs="+" takes them too) -> (values, overrides). A file whose name holds '=' stays a value (a base's folder)."""
+    late = [v for v in values or [] if "=" in v and not Path(v).exists()]
+    return (None if values is None else [v for v in values if v not in late]), late
 
 
 def check_json_target(path: Path, inputs: list[str], overwrite: bool) -> None:

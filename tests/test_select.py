@@ -529,3 +529,18 @@ def test_the_cli_needs_no_eval_or_test_file(make_recipe, tmp_path, capsys, tiny_
     assert "data.train.path=" in err and "file not found" in err and "missing-eval" not in err
     assert main([*args, "data.max_length=0"]) == 2  # the other rules still hold
     assert "data.max_length" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("last", ["--candidates", "--methods", "--proxies"])
+def test_an_override_after_any_list_option_is_an_override(make_recipe, tmp_path, last, tiny_bert):
+    """`--proxies probe data.max_length=24` took the override as a proxy ('no such proxy'), where after --candidates or
+    --methods it was recovered: after every list option of select it is an override."""
+    make_recipe()
+    options = {"--candidates": [str(tiny_bert)], "--methods": ["lora"], "--proxies": ["probe"]}
+    args = [a for option, values in options.items() if option != last for a in (option, *values)]
+    out = tmp_path / "select.json"
+    assert main(["select", str(tmp_path / "recipe.yaml"), "--max-rows", "30", "--folds", "3", "--json", str(out), *args,
+                 last, *options[last], "data.max_length=24"]) == 0
+    settings = json.loads(out.read_text())["settings"]
+    assert settings["overrides"] == ["data.max_length=24"]
+    assert (settings["candidates"], settings["methods"], settings["proxies"]) == ([str(tiny_bert)], ["lora"], ["probe"])
