@@ -558,7 +558,7 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
     problems += [] if rank_by in proxies else [f"rank by {rank_by!r}: it must be one of the proxies that run ({', '.join(proxies)})."]
     problems += [] if folds >= 2 else [f"folds={folds}: cross-validation needs at least 2 folds."]
     problems += [] if max_rows >= 2 * folds else [f"max_rows={max_rows}: too few rows for {folds} folds; give at least {2 * folds}."]
-    problems += [] if steps >= 1 else [f"steps={steps}: the steps proxy needs at least 1 optimizer step."]
+    problems += [] if steps >= 1 or "steps" not in proxies else [f"steps={steps}: the steps proxy needs at least 1 optimizer step."]
     if problems:
         raise SelectError(problems)
     check_task(recipe)

@@ -544,3 +544,11 @@ def test_an_override_after_any_list_option_is_an_override(make_recipe, tmp_path,
     settings = json.loads(out.read_text())["settings"]
     assert settings["overrides"] == ["data.max_length=24"]
     assert (settings["candidates"], settings["methods"], settings["proxies"]) == ([str(tiny_bert)], ["lora"], ["probe"])
+
+
+def test_steps_is_checked_only_when_the_steps_proxy_runs(make_recipe, tiny_bert):
+    """--steps 0 refused a selection by the probe alone, which takes no step."""
+    (row,) = select(make_recipe(), [str(tiny_bert)], proxies=["probe"], steps=0, max_rows=30, folds=3)
+    assert row.rank == 1
+    with pytest.raises(SelectError, match="steps=0: the steps proxy needs at least 1 optimizer step"):
+        select(make_recipe(), [str(tiny_bert)], proxies=["probe", "steps"], steps=0)
