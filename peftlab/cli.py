@@ -231,6 +231,7 @@ def cmd_select(args) -> int:
     candidates, late = _list_and_overrides(args.candidates)
     methods, late_m = _list_and_overrides(args.methods)
     proxies, late_p = _list_and_overrides(args.proxies)
+    proxies = list(dict.fromkeys(proxies))  # (as select runs them: --json recorded [probe, probe] as typed)
     recipe_path, overrides = _split_recipe_args([*args.items, *late, *late_m, *late_p])
     if recipe_path is None:
         raise PeftlabError("select needs a classification recipe: peftlab select RECIPE.yaml --candidates BASE [BASE ...]")

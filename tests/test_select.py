@@ -552,3 +552,13 @@ def test_steps_is_checked_only_when_the_steps_proxy_runs(make_recipe, tiny_bert)
     assert row.rank == 1
     with pytest.raises(SelectError, match="steps=0: the steps proxy needs at least 1 optimizer step"):
         select(make_recipe(), [str(tiny_bert)], proxies=["probe", "steps"], steps=0)
+
+
+def test_json_records_each_proxy_once(make_recipe, tmp_path, tiny_bert):
+    """--proxies probe probe ran the probe once and recorded [probe, probe] in --json's settings."""
+    make_recipe()
+    out = tmp_path / "select.json"
+    assert main(["select", str(tmp_path / "recipe.yaml"), "--candidates", str(tiny_bert), "--proxies", "probe", "probe",
+                 "--max-rows", "30", "--folds", "3", "--json", str(out)]) == 0
+    report = json.loads(out.read_text())
+    assert report["settings"]["proxies"] == ["probe"] and list(report["rows"][0]["estimates"]) == ["probe"]
