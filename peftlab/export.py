@@ -31,7 +31,7 @@ from .bases import base_path, file_lock, gguf_key, load_tokenizer
 from .config import Recipe, load_recipe, override_list
 from .errors import ArtifactError, ConfigError, ModelNotFound, path_argument
 from .methods import get_method
-from .model import disable_cpu_bf16_repack, load_base
+from .model import disable_cpu_bf16_repack, keep_original_modules, load_base
 from .rundir import (
     RECIPE_FILE,
     RECORD_FILE,
@@ -437,6 +437,7 @@ def _merge(out: Path, recipe, run, recipe_text: str, metrics: bytes | None, iden
     merged.is_quantized = False
     if recipe.quant.mode != "none":
         conv1d_layout(merged)
+    keep_original_modules(merged, recipe)  # a masked-LM model's pooler: a classifier on this folder gets the original's
 
     def fill(tmp: Path) -> None:
         merged.save_pretrained(str(tmp), safe_serialization=True)

@@ -701,6 +701,37 @@ def fill_from_original_base(model: nn.Module, recipe: Recipe, missing: set[str],
     return missing - set(filled)
 
 
+def keep_original_modules(model: nn.Module, recipe: Recipe) -> list[str]:
+    """A merged model whose class drops modules of its base model (a masked-LM BERT has no pooler): those modules put
+    back from the original base, so its merged folder holds them (its own class reports them unused on load). A model
+    built on that folder without model.from_run (model.name=RUN/merged, the card's transformers + peft route) then gets
+    the original's pooler, as fill_from_original_base gives it, not a random one. -> the names of the modules put back."""
+    from transformers import AutoModel
+
+    inner = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if not isinstance(inner, nn.Module) or inner is model or recipe.model.trust_remote_code:
+        return []
+    try:
+        with torch.device("meta"):
+            whole = AutoModel.from_config(copy.deepcopy(model.config))
+    except Exception:  # (no base model class for it: nothing to compare)
+        return []
+    dropped = [n for n, m in whole.named_children() if getattr(inner, n, None) is None and next(m.parameters(), None) is not None]
+    if not dropped:
+        return []
+    original, info = AutoModel.from_pretrained(resolve_model_path(recipe.model.name, recipe.model.revision), revision=recipe.model.revision,
+                                               dtype=torch.float32, output_loading_info=True,
+                                               use_safetensors=None if recipe.model.allow_pickle else True)
+    missing = {k.split(".")[0] for k in info.get("missing_keys", [])}  # (not in the original either: left out, as it was)
+    kept = [n for n in dropped if n not in missing]
+    for name in kept:
+        setattr(inner, name, getattr(original, name).to(next(inner.parameters()).dtype))
+    if kept:
+        log.info("merged model: %s of the original base %s kept (%s drops them)", ", ".join(kept), recipe.model.name,
+                 type(model).__name__)
+    return kept
+
+
 def fresh_head(model: nn.Module, names: list[str], missing: set[str]) -> set[str]:
     """model.from_run on a classifier run with as many labels: its head loaded with the merged weights, trained for that
     run's classes. Re-initialise it as transformers would a new head (head_init), so the new task starts from no class

@@ -328,6 +328,40 @@ def test_a_classifier_from_an_mlm_run_keeps_the_original_pooler_and_trains_only_
     torch.testing.assert_close(ours["bert.pooler.dense.weight"], original.bert.pooler.dense.weight)
 
 
+def test_an_mlm_runs_merged_model_keeps_the_pooler_so_its_classifier_reloads_without_from_run(tmp_path, tiny_bert, texts,
+                                                                                              sentiment_files):
+    """The merged MLM model had no pooler: a classifier trained from it (model.from_run, which fills the pooler from the
+    original base) reloaded on that merged folder with model.from_run=null, as the moved-run message says, or with
+    transformers + peft as the card says, got a random pooler (other logits on each load). The merged folder keeps the
+    original base's pooler now: both routes give load_trained's logits."""
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForSequenceClassification
+
+    from peftlab.export import load_trained
+    from peftlab.rundir import read_run
+
+    first = run(recipe_for(tmp_path, tiny_bert, texts, "mlm", ["train.max_steps=3"], name="mlm-stage"))
+    merged = merge(first.output_dir)
+    with safe_open(str(merged / "model.safetensors"), "pt") as f:
+        original = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
+        torch.testing.assert_close(f.get_tensor("bert.pooler.dense.weight"), original.bert.pooler.dense.weight)
+    tree = {"name": "cls", "output_dir": str(tmp_path / "cls"), "model": {"from_run": first.output_dir},
+            "data": {"train": str(sentiment_files["train"]), "label_names": ["negative", "positive"], "max_length": 32},
+            "train": {"max_steps": 2, "precision": "fp32"}}
+    (tmp_path / "cls.yaml").write_text(yaml.safe_dump(tree))
+    out = run(load_recipe(tmp_path / "cls.yaml")).output_dir
+    batch = minilm_tokenizer()(["a kettle boils water", "this blender crushes ice"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        want = load_trained(out)[0](**batch).logits
+        saved, _ = read_run(out)
+        moved = load_recipe(Path(out) / "recipe.yaml", ["model.from_run=null", f"model.name={merged}"], validate_files=False)
+        for _ in range(2):  # (a random pooler differed from load to load)
+            torch.testing.assert_close(load_trained(out, recipe=moved)[0](**batch).logits, want)
+        base = AutoModelForSequenceClassification.from_pretrained(str(merged), num_labels=2)
+        torch.testing.assert_close(PeftModel.from_pretrained(base, out).eval()(**batch).logits, want)
+
+
 def classifier_from(tmp_path, run_dir, sentiment_files, overrides=(), labels=("negative", "positive")):
     """(model, info, recipe) of a classifier built on model.from_run=run_dir, as training builds it."""
     from peftlab.accel import make_accelerator
@@ -390,15 +424,27 @@ def test_distilberts_pre_classifier_is_part_of_the_fresh_head(tmp_path, sentimen
 def test_a_qlora_classifier_from_an_mlm_run_takes_the_pooler_from_the_original_base_unquantized(tmp_path, tiny_bert, texts,
                                                                                                sentiment_files):
     """Under a 4-bit base the pooler an MLM run lacks was left random, quantized, and trained as a head: bitsandbytes
-    failed on the first forward. It is kept out of quantization and filled from the original base, as without quant."""
+    failed on the first forward. It is the original base's (an MLM run's merged model keeps it; a merge that lacks it:
+    kept out of quantization and filled from the original base), as without quant."""
+    import bitsandbytes as bnb
     from transformers import AutoModelForSequenceClassification
 
     first = run(recipe_for(tmp_path, tiny_bert, texts, "mlm", ["train.max_steps=2"], name="mlm-stage"))
-    model, info, _ = classifier_from(tmp_path, first.output_dir, sentiment_files, ["quant.mode=4bit"])
-    assert info.head_modules == ["classifier"]
-    original = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
-    ours = {k.replace("base_model.model.", "").replace(".base_layer", ""): v for k, v in model.named_parameters()}
-    torch.testing.assert_close(ours["bert.pooler.dense.weight"], original.bert.pooler.dense.weight)
+    original = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2).bert.pooler.dense.weight
+    merged = merge(first.output_dir)
+    for held in (True, False):
+        if not held:  # a merge written without the pooler
+            weights = {k: v for k, v in load_file(merged / "model.safetensors").items() if ".pooler." not in k}
+            save_file(weights, merged / "model.safetensors", metadata={"format": "pt"})
+            (merged / "run.json").write_text(json.dumps({**json.loads((merged / "run.json").read_text()), "weights_sha256": None}))
+        model, info, _ = classifier_from(tmp_path, first.output_dir, sentiment_files, ["quant.mode=4bit"])
+        assert info.head_modules == ["classifier"]
+        pooler = model.get_base_model().bert.pooler.dense.weight
+        if held:  # quantized, as on the bare base
+            pooler = bnb.functional.dequantize_4bit(pooler.data, pooler.quant_state)
+            assert torch.corrcoef(torch.stack([pooler.flatten().float(), original.flatten()]))[0, 1] > 0.95  # (random: ~0)
+        else:
+            torch.testing.assert_close(pooler, original)
     batch = {"input_ids": torch.tensor([[101, 2023, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
     assert torch.isfinite(model(**batch).logits).all()
 
