@@ -569,7 +569,14 @@ def model_problems(recipe: Recipe) -> list[str]:
             return []
         return [str(e)]
     except ModelNotFound as e:
-        return [] if m.from_run is not None else [str(e)]  # (from_run: merged by `train` first)
+        if m.from_run is None:
+            return [str(e)]
+        if not (Path(m.from_run) / "run.json").is_file():  # (config.from_run_problems says it)
+            return []
+        try:  # not merged yet (`train` merges it first): the task against its original base, whose architecture it keeps
+            return task_model_problems(recipe, resolve_model_path(m.name, m.revision))
+        except PeftlabError:
+            return []
     if path is None:
         try:
             check_gguf_whole(source)  # (cheap: its header is read, no tensor)
@@ -631,12 +638,37 @@ def model_problems(recipe: Recipe) -> list[str]:
         log.info("model.name=%r: input lengths and target_modules not checked (%s: %s)", m.name, type(e).__name__, e)
         return problems
     problems += architecture_problems(recipe, config) + default_layers_problems(recipe, config.model_type)
-    mapping = getattr(task.auto_model_class, "_model_mapping", None)  # transformers' Auto class: the architectures it has
-    if mapping is not None and type(config) not in mapping:
-        other = {"mlm": " For a decoder LLM use task.type=clm.", "clm": " For an encoder use task.type=mlm."}.get(recipe.task.type, "")
-        return problems + [f"model.name={m.name!r}: transformers has no {task.auto_model_class.__name__} for a {config.model_type} "
-                           f"model, which task.type={recipe.task.type} needs.{other}"]
+    if problem := no_task_model(recipe, config):
+        return problems + [problem]
     return problems + adapter_problems(lambda: task.auto_model_class.from_config(config), recipe, task)
+
+
+def no_task_model(recipe: Recipe, config) -> str | None:
+    """transformers' Auto class of the task has no model for this architecture (task.type=mlm on a decoder) -> the
+    problem, or None."""
+    auto = get_task(recipe.task.type).auto_model_class
+    mapping = getattr(auto, "_model_mapping", None)  # transformers' Auto class: the architectures it has
+    if mapping is None or type(config) in mapping:
+        return None
+    other = {"mlm": " For a decoder LLM use task.type=clm.", "clm": " For an encoder use task.type=mlm."}.get(recipe.task.type, "")
+    return (f"model.name={recipe.model.name!r}: transformers has no {auto.__name__} for a {config.model_type} model, which "
+            f"task.type={recipe.task.type} needs.{other}")
+
+
+def task_model_problems(recipe: Recipe, path: str) -> list[str]:
+    """The task's model against the architecture of the base config at `path`, before any weight is read (train, and
+    for a model.from_run not merged yet its original base, whose architecture the merge keeps): transformers has no
+    such model (mlm on a decoder), or a causal-LM task on an encoder. A config not read here: none (loading says it)."""
+    from transformers import AutoConfig
+
+    m, task = recipe.model, get_task(recipe.task.type)
+    if m.trust_remote_code or m.decoder is not None or hasattr(task, "build_model"):  # (their own model classes)
+        return []
+    try:
+        config = AutoConfig.from_pretrained(path, revision=m.revision)
+    except Exception:
+        return []
+    return [p for p in (causal_lm_problem(recipe, config), no_task_model(recipe, config)) if p]
 
 
 def adapter_problems(build: Callable[[], nn.Module], recipe: Recipe, task) -> list[str]:

@@ -23,7 +23,7 @@ from accelerate.utils import set_seed
 
 from . import distill
 from .accel import FrozenWeightsCast, autocast_dtype, eval_batches, make_accelerator, resolve_precision, shards_weights
-from .bases import gguf_key
+from .bases import gguf_key, resolve_model_path
 from .config import (
     EVAL_SPLITS,
     Recipe,
@@ -38,7 +38,7 @@ from .data import build_data, column_problems, load_splits
 from .errors import ArtifactError, ConfigError, path_argument
 from .export import check_destination, export, merge, predictions_jsonl, rebuild
 from .methods import get_method
-from .model import build_model, model_problems, num_layers_problems
+from .model import build_model, model_problems, num_layers_problems, task_model_problems
 from .rundir import (
     RECIPE_FILE,
     RECORD_FILE,
@@ -461,6 +461,8 @@ def start_from_run(recipe: Recipe, accelerator) -> list[dict]:
     if problems := from_run_problems(recipe):  # validate's own check (another base, a multi-task run itself), once more here
         raise ConfigError(problems)             # for a recipe built without its file checks
     recipe.model.name = record.base_model or earlier.model.name  # an older run.json may lack base_model
+    if problems := task_model_problems(recipe, resolve_model_path(recipe.model.name, recipe.model.revision)):
+        raise ConfigError(problems)  # before the merge (a big base's): its architecture is the original base's
     with accelerator.main_process_first():
         if accelerator.is_main_process:
             merge(source)  # idempotent: an existing merge of the same adapter is kept

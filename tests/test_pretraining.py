@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -535,6 +536,23 @@ def test_validate_refuses_mlm_on_a_decoder_and_clm_on_an_encoder_before_loading(
     clm_on_bert = model_problems(recipe_for(tmp_path, tiny_bert, texts, "clm", name="b"))
     assert any("task.type=clm: the tokenizer" in p and "use task.type=mlm" in p for p in clm_on_bert), clm_on_bert
     assert model_problems(recipe_for(tmp_path, tiny_bert, texts, "mlm", name="c")) == []
+
+
+def test_a_from_run_of_another_architecture_is_refused_before_its_merge(tmp_path, eos_llama, tiny_bert, texts):
+    """An mlm recipe from a clm run on a Llama (and a clm recipe from an mlm run on a BERT) not merged yet: validate said
+    nothing, and train merged the source run (a big base's merge) before it failed to load RUN/merged with the task's
+    class. Both are refused from the source run's original base now, by validate and by train before any merge."""
+    from peftlab.model import model_problems
+
+    for base, task, other, said in ((eos_llama, "clm", "mlm", "no AutoModelForMaskedLM for a llama model"),
+                                    (tiny_bert, "mlm", "clm", "is an encoder-only model (bert): task.type=clm needs a causal LM")):
+        start = Path(run(recipe_for(tmp_path, base, texts, task, ["train.max_steps=1"], name=f"{task}-stage")).output_dir)
+        assert not (start / "merged").exists()
+        recipe = recipe_for(tmp_path, base, texts, other, [f"model.from_run={start}"], name=f"{other}-two")
+        assert any(said in p for p in model_problems(recipe)), model_problems(recipe)
+        with pytest.raises(ConfigError, match=re.escape(said)):
+            run(recipe)
+        assert not (start / "merged").exists() and not (tmp_path / f"{other}-two").exists()
 
 
 def test_how_often_a_run_evaluates_does_not_change_what_it_trains(tmp_path, tiny_bert, texts):
