@@ -902,6 +902,8 @@ def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], prec
     if hasattr(task, "build_model"):  # a model of several parts (tasks/multitask.py: a head per task)
         return task.build_model(recipe, label_names=label_names, precision=precision)
     path = base_path(recipe)
+    if problems := task_model_problems(recipe, path):  # (transformers' own words were "Unrecognized configuration class")
+        raise ModelError(problems[0])
     tokenizer = load_tokenizer(path, recipe)
     model, head = load_base(recipe, path, num_labels=num_labels, label_names=label_names, precision=precision,
                             auto_cls=task.auto_model_class)

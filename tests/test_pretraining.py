@@ -555,6 +555,14 @@ def test_a_from_run_of_another_architecture_is_refused_before_its_merge(tmp_path
         assert not (start / "merged").exists() and not (tmp_path / f"{other}-two").exists()
 
 
+def test_train_says_mlm_on_a_decoder_in_validates_words(tmp_path, eos_llama, texts):
+    """transformers' own error was all `train` said ("Unrecognized configuration class ... for AutoModelForMaskedLM")."""
+    from peftlab.errors import ModelError
+
+    with pytest.raises(ModelError, match="transformers has no AutoModelForMaskedLM for a llama model.*use task.type=clm"):
+        run(recipe_for(tmp_path, eos_llama, texts, "mlm", ["train.max_steps=1"]))
+
+
 def test_how_often_a_run_evaluates_does_not_change_what_it_trains(tmp_path, tiny_bert, texts):
     """Each evaluation drew from the global generator (its loader's seed, the MLM collator's training masks for eval
     batches), so the next steps' masks and dropout differed: eval_every=1 and 4 logged other losses from step 2 on."""
