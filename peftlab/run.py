@@ -348,13 +348,27 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = 
                     else:
                         record = export(job.work, accelerator.unwrap_model(model), tokenizer, recipe, record, metrics, report,
                                         state_dict=state_dict, predictions=predictions)
-                        if recipe.export.merge and (merged := merge(job.work)) != job.work:  # a full model: nothing to merge
-                            record.merged_dir = str(out / merged.relative_to(job.work))
         accelerator.wait_for_everyone()  # the main process exported: only then may the new run replace an --overwrite's old one
         if accelerator.is_main_process:  # (a rank with nothing to export swapped the staging folder in while the main one
             job.commit()                 # still wrote into it: the old run and the new one were both lost)
+            if recipe.export.merge and not hasattr(get_task(recipe.task.type), "export"):  # (multitask: merged per task)
+                record.merged_dir = merge_committed(out, state.step)
         accelerator.wait_for_everyone()
     return record
+
+
+def merge_committed(out: Path, step: int) -> str | None:
+    """export.merge, once the run is in its folder (an --overwrite's swapped in, the old run gone): a stop or a failure
+    here costs merged/ only, which `peftlab merge OUT` writes (atomic, like the run's own swap) -> merged/, or None for a
+    full model (nothing to merge). Merged before the swap, a Ctrl-C left the finished run in the staging folder."""
+    with stop_at_once_on_signal(out, step, merging=True):
+        try:
+            merged = merge(out)
+        except Exception:
+            log.warning("%s is trained and exported, but its merge failed (below): `peftlab merge %s` writes merged/ once "
+                        "the cause is fixed.", out, out)
+            raise
+    return None if merged == out else str(merged)
 
 
 def final_evaluation(model, data, accelerator, recipe: Recipe, tokenizer, scored: dict | None = None) -> tuple[dict, dict | None, dict, dict]:

@@ -511,6 +511,7 @@ class Job:
     work: Path
     checkpoint: Path | None = None
     committed: bool = False
+    swapping: bool = False  # commit() began the swap
     created: bool = False  # prepare() made `work` (a fresh run into a folder that was not there)
 
     @property
@@ -535,6 +536,7 @@ class Job:
         """(main process) The run finished: an --overwrite's staging folder replaces the old run."""
         self.drop_inputs_without_checkpoints()
         if self.staged:
+            self.swapping = True
             self.folder.swap()
         self.committed = True
 
@@ -547,10 +549,18 @@ class Job:
 
     def abandon(self, error: BaseException | None = None) -> None:
         """(main process) The run failed (`error`): the old run stays; staging is kept only if --resume can continue it.
-        A fresh run that failed before it logged a step (a tracker, the data, the model) leaves no folder behind; one that
-        logged keeps its log and its checkpoints (a crash, not a refusal of ours, says that --resume continues them)."""
+        An --overwrite stopped once exported whole (a Ctrl-C as its trackers closed) is committed instead. A fresh run that
+        failed before it logged a step (a tracker, the data, the model) leaves no folder behind; one that logged keeps its
+        log and its checkpoints (a crash, not a refusal of ours, says that --resume continues them)."""
         if self.committed:
             return
+        if self.staged and (self.work / RECORD_FILE).is_file() and not self.swapping:  # (left in staging, it was a finished
+            try:                                                                           # run that --resume refused)
+                self.commit()
+                log.warning("%s holds the new run: it was exported whole before it stopped.", self.folder.out)
+                return
+            except OSError:  # (said below)
+                pass
         self.drop_inputs_without_checkpoints()
         if not self.staged:
             if not checkpoints(self.work) and not _size(self.work / LOG_FILE):  # nothing logged: what it holds is this start's

@@ -399,21 +399,24 @@ def stop_on_signal():
         yield flag
 
 
-def stop_at_once_on_signal(out: Path, step: int):
+def stop_at_once_on_signal(out: Path, step: int, merging: bool = False):
     """After the loop (the final evaluations and export): a Ctrl-C or SIGTERM stops at once with TrainingInterrupted,
-    saying whether a checkpoint holds the trained steps (train.save_every saves the last one) for --resume to go on."""
+    saying whether a checkpoint holds the trained steps (train.save_every saves the last one) for --resume to go on.
+    `merging`: export.merge of the run in its folder `out` (run.merge_committed)."""
 
     def stop(signum: int) -> None:
         ckpt = checkpoint_path(out, step)
-        if (out / RECORD_FILE).is_file():  # exported: the merge (export.merge) was cut short
+        if merging:
             what = f"the run was exported; its merge was cut short: `peftlab merge {out}` writes merged/."
+        elif (out / RECORD_FILE).is_file():  # exported just before (an --overwrite's replaces the old run: Job.abandon)
+            what = "the run was exported whole just before: nothing is lost."
         elif ckpt.is_dir():
             what = (f"checkpoint {ckpt} holds the trained model. Continue with the same command plus --resume (in place of "
                     "--overwrite, if you gave it): it evaluates and exports only.")
         else:
             what = "no checkpoint holds the trained steps (train.save_every is off), so train again with --overwrite."
-        raise TrainingInterrupted(f"interrupted after training (step {step}), in the final evaluation or export: {what}",
-                                  code=128 + signum)
+        where = "the merge (export.merge)" if merging else "the final evaluation or export"
+        raise TrainingInterrupted(f"interrupted after training (step {step}), in {where}: {what}", code=128 + signum)
 
     return signals_to(stop)
 

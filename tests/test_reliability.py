@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from peftlab import load_recipe, load_splits, run
 from peftlab.errors import ArtifactError, ConfigError, DataError, ModelError, PeftlabError
+from peftlab.rundir import RunDir
 
 from .conftest import REPO, wait_for, write_tsv
 from .test_train import losses
@@ -169,6 +170,59 @@ def test_a_stop_while_merging_says_the_run_was_exported_and_how_to_merge(make_re
     with pytest.raises(TrainingInterrupted, match=r"the run was exported; its merge was cut short: `peftlab merge .*` writes merged/"):
         run(recipe)
     assert (recipe.out / "run.json").is_file()
+
+
+def test_a_stop_or_a_failure_while_merging_an_overwrite_leaves_the_new_run_in_place(make_recipe, monkeypatch, caplog):
+    """export.merge of an --overwrite ran in the staging folder, before the swap: a Ctrl-C there left the finished run
+    in runs/.NAME.staging with two contradicting messages ("move it there yourself"; "`peftlab merge STAGING`", which left
+    runs/NAME old), and --resume answered "a finished run". The run is swapped in first, then merged in place."""
+    from peftlab import merge
+    from peftlab.errors import TrainingInterrupted
+
+    run_module = sys.modules["peftlab.run"]
+    recipe = make_recipe({"train.max_steps": 2, "export.merge": True})
+    run(recipe)
+    old = (recipe.out / "merged" / "model.safetensors").read_bytes()
+    recipe = make_recipe({"train.max_steps": 3, "export.merge": True})
+    with monkeypatch.context() as m:
+        m.setattr(run_module, "merge", lambda out: (os.kill(os.getpid(), signal.SIGINT), merge(out))[1])
+        with pytest.raises(TrainingInterrupted, match=rf"in the merge \(export.merge\): the run was exported; its merge was cut "
+                           rf"short: `peftlab merge {recipe.out}` writes merged/") as e:
+            run(recipe, overwrite=True)
+    assert e.value.code == 130 and not RunDir(recipe.out).staging.exists()
+    assert json.loads((recipe.out / "run.json").read_text())["steps"] == 3 and not (recipe.out / "merged").exists()
+    with pytest.raises(ArtifactError, match=rf"nothing to resume. Its merged model is missing .*`peftlab merge {recipe.out}`"):
+        run(recipe, resume=True)
+    merged = merge(recipe.out)  # what the message says: the new run's merged/
+    assert (merged / "model.safetensors").read_bytes() != old
+    # a merge that fails (no signal): the new run is in place as well, and the log says how to merge it
+    def broken(out):
+        raise ModelError("the base cannot be loaded")
+
+    monkeypatch.setattr(run_module, "merge", broken)
+    with caplog.at_level(logging.WARNING, logger="peftlab"), pytest.raises(ModelError, match="cannot be loaded"):
+        run(make_recipe({"train.max_steps": 4, "export.merge": True}), overwrite=True)
+    assert json.loads((recipe.out / "run.json").read_text())["steps"] == 4 and not RunDir(recipe.out).staging.exists()
+    assert f"its merge failed (below): `peftlab merge {recipe.out}` writes merged/" in caplog.text
+
+
+def test_a_stop_after_an_overwrite_exported_swaps_it_in(make_recipe, monkeypatch, caplog):
+    """A Ctrl-C once the --overwrite was exported, before its swap (the trackers closing): the finished run stayed in the
+    staging folder ("could not replace it ... move it there yourself"). It is swapped in."""
+    train_module = sys.modules["peftlab.train"]
+    run(make_recipe({"train.max_steps": 2}))
+    close = train_module.RunLog.close
+
+    def interrupted(self):
+        close(self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module.RunLog, "close", interrupted)
+    recipe = make_recipe({"train.max_steps": 3})
+    with caplog.at_level(logging.WARNING, logger="peftlab"), pytest.raises(KeyboardInterrupt):
+        run(recipe, overwrite=True)
+    assert json.loads((recipe.out / "run.json").read_text())["steps"] == 3 and not RunDir(recipe.out).staging.exists()
+    assert "holds the new run: it was exported whole before it stopped" in caplog.text and "yourself" not in caplog.text
 
 
 def test_disk_full_while_saving_replaces_nothing(make_recipe, monkeypatch):
