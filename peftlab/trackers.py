@@ -128,8 +128,11 @@ def open_trackers(recipe: Recipe, out: Path, resumed_at: int | None = None) -> l
     it on, as log.jsonl drops the lines after it; RunLog.open logs that step's kept lines again: each step shows once)."""
     report_to = recipe.train.report_to  # (a list; set from Python, maybe one name)
     started, names, given = [], resolve_trackers(report_to), report_to if isinstance(report_to, str) else ",".join(report_to)
+    # a resume starts TensorBoard last: its writer, opened with purge_step, hides the stopped run's events from that step
+    # on, and another tracker that cannot start (a refused --resume) must not have cost them
+    order = names if resumed_at is None else sorted(names, key=lambda n: n == "tensorboard")
     try:
-        for name in names:
+        for name in order:
             tracker = _tracker(name, out, recipe.name, resumed_at)
             try:
                 tracker.start()

@@ -63,10 +63,10 @@ class RunLog:
         self.opened = True
         if self.main:
             self.out.mkdir(parents=True, exist_ok=True)
-            kept = self.drop_after(resumed_at) if resumed_at is not None else []
             self.path.touch()  # first: a folder the trackers wrote into is known as a run's (even after a kill -9 at step 1)
             self.trackers = open_trackers(self.recipe, self.out, resumed_at)  # one that cannot start: a fresh run leaves no
-            # folder (Job.abandon: its log is empty)
+            # folder (Job.abandon: its log is empty), a refused --resume its log whole (trimmed only once they all started)
+            kept = self.drop_after(resumed_at) if resumed_at is not None else []
             for record in kept:  # TensorBoard hid the checkpoint's own step (a final evaluation logged there by the stopped
                 if record["step"] == resumed_at:  # session goes with it): that step's lines, again
                     for tracker in self.trackers:

@@ -265,6 +265,30 @@ def test_a_tracker_that_cannot_start_names_itself_and_closes_the_others(make_rec
     assert not recipe.out.exists()
 
 
+def test_a_resume_refused_by_a_tracker_leaves_the_log_and_the_tensorboard_events_as_they_were(make_recipe, monkeypatch, tmp_path):
+    """A --resume refused because a tracker cannot start (wandb without a login) had first cut the stopped run's
+    log.jsonl to its checkpoint's step, and opened TensorBoard with purge_step (hiding its events after that step): the
+    lines and events of the steps after the checkpoint were lost. The trackers start first (TensorBoard last), then the
+    log is trimmed."""
+    import shutil
+
+    pytest.importorskip("tensorboard", reason="tensorboard is in the dev extra: pip install -e '.[dev]'")
+    ov = {**SHORT, "train.save_every": 2, "train.keep_checkpoints": 3, "train.report_to": "[tensorboard]"}
+    full = make_recipe({**ov, "output_dir": tmp_path / "full"})
+    run(full)
+    part = tmp_path / "part"  # what a kill after step 4 left: its log, its events, the step-2 checkpoint
+    shutil.copytree(full.out / "tb", part / "tb")
+    shutil.copy(full.out / "log.jsonl", part / "log.jsonl")
+    shutil.copytree(full.out / "checkpoints" / "step-2", part / "checkpoints" / "step-2")
+    before = {p.relative_to(part): p.read_bytes() for p in part.rglob("*") if p.is_file()}
+    real = trackers._tracker
+    monkeypatch.setattr(trackers, "tracker_installed", lambda name: True)
+    monkeypatch.setattr(trackers, "_tracker", lambda name, out, run_name, resumed_at=None:
+                        Spy(fail_start=True) if name == "wandb" else real(name, out, run_name, resumed_at))
+    with pytest.raises(PeftlabError, match="wandb could not start"):
+        run(make_recipe({**ov, "output_dir": part, "train.report_to": "[tensorboard, wandb]"}), resume=True)
+    assert {p.relative_to(part): p.read_bytes() for p in part.rglob("*") if p.is_file()} == before
+
 def test_a_tracker_that_cannot_start_under_all_says_to_list_the_trackers_wanted(make_recipe, monkeypatch, tmp_path):
     """train.report_to=all opened wandb (installed, not logged in) and said "drop it from train.report_to", which never
     named it."""
