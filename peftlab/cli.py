@@ -74,7 +74,8 @@ def cmd_eval(args) -> int:
     from .publish import load_adapter
     from .run import EVAL_DIR, check_evaluation, evaluate, overrides_tag
 
-    if args.out and "=" in args.out:  # `eval --adapter ID KEY=VALUE`: the first override lands in `out`
+    # `eval --adapter ID KEY=VALUE`: the first override lands in `out` (a folder whose path holds '=' stays the run)
+    if args.out and "=" in args.out and not Path(args.out).expanduser().is_dir():
         args.overrides, args.out = [args.out, *args.overrides], None
     if args.adapter and args.out:  # (it evaluated --adapter and dropped the folder given, silently)
         raise PeftlabError(f"eval: give a run folder ({args.out}) or --adapter ({args.adapter}), not both.")

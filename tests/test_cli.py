@@ -279,6 +279,17 @@ def test_a_recipe_path_holding_an_equals_sign_is_the_recipe(tmp_path, capsys):
     assert "train.lr=-1" in err and str(recipe) in err and "unknown key" not in err, err
 
 
+def test_eval_of_a_run_folder_whose_path_holds_an_equals_sign(make_recipe, tmp_path, capsys):
+    """`peftlab eval runs/lr=1e-3/out` took the folder for an override and said it needs a run folder."""
+    recipe = make_recipe({"train.max_steps": 2, "output_dir": tmp_path / "lr=1e-3" / "out"})
+    from peftlab import run
+
+    run(recipe)
+    capsys.readouterr()
+    assert main(["eval", str(recipe.out), "eval.batch_size=3"]) == 0, capsys.readouterr().err
+    assert "accuracy" in json.loads(capsys.readouterr().out)
+
+
 def test_the_cli_quiets_bitsandbytes_kernel_search_and_adalora_pattern_noise():
     """Every CLI run on an avx512_bf16 CPU began with bitsandbytes' 'Failed to load CPU gemm_4bit_forward ... pip install
     kernels' (and kernels' 'Skipping publisher trust check'), quantized or not; every AdaLoRA eval/merge printed peft's
