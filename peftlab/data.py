@@ -97,9 +97,9 @@ def check_header_line(spec: SplitConfig, fmt: str, where: str) -> list[str]:
     is one when, case and spaces aside, its cells are the names column_names gives (in any order), or one of its
     cells is the word column_names names its own column (`text,label` read with [sentence, label]: a label 'label',
     or a text 'Sentence', is a header's word, not a row's value; names that are numbers are left out, a row may well
-    hold them). And it must not have more cells than column_names has names (pandas made the extra leading fields an
-    index). Without column_names, its names must be distinct (pandas renamed the second 'sentence' to 'sentence.1',
-    and the first was read with no word)."""
+    hold them). And it must have as many cells as column_names has names (more: pandas made the extra leading fields
+    an index; fewer: the columns named beyond them were read empty). Without column_names, its names must be distinct
+    (pandas renamed the second 'sentence' to 'sentence.1', and the first was read with no word)."""
     if fmt not in ("csv", "tsv"):
         return []
     with open(spec.path, encoding="utf-8-sig", errors="replace", newline="") as f:
@@ -115,10 +115,11 @@ def check_header_line(spec: SplitConfig, fmt: str, where: str) -> list[str]:
             raise DataError(f"{where}: the file's first line is a header ({', '.join(names)}; {why}), and {where}.column_names "
                             f"names the columns too, so it would be read as a data row (its label a class). Remove "
                             f"{where}.column_names{then}, or delete the header line.")
-        if len(names) > len(given):
-            raise DataError(f"{where}.column_names is too short: it names {len(given)} column(s) {list(spec.column_names)}, "
-                            f"and the file has {len(names)} (its first line: {', '.join(names)[:200]}). Name every column, "
-                            "in order (a column no key reads may have any name).")
+        if names and len(names) != len(given):  # (too long: the columns it names beyond the file's were read empty)
+            raise DataError(f"{where}.column_names is too {'short' if len(names) > len(given) else 'long'}: it names {len(given)} "
+                            f"column(s) {list(spec.column_names)}, and the file has {len(names)} (its first line: "
+                            f"{', '.join(names)[:200]}). Name every column, in order, and no more (a column no key reads may "
+                            "have any name).")
     if not spec.column_names and (twice := sorted({n for n in names if names.count(n) > 1})):
         raise DataError(f"{where}: the header names {twice} more than once: which column is meant is ambiguous. Rename "
                         f"them in the file, or name every column with {where}.column_names (the header line removed).")

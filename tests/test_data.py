@@ -487,6 +487,21 @@ def test_column_names_shorter_than_the_file_says_so_in_validate_and_train(tmp_pa
     assert [needle in p for p in column_problems(recipe)] == [True]
 
 
+def test_column_names_longer_than_the_file_says_so_in_validate_and_train(tmp_path):
+    """column_names naming more columns than the file has: validate said ok, and train that the text column (one the
+    file does not have, read empty) is empty in all rows; both now say column_names is too long."""
+    from peftlab.data import column_problems
+
+    (tmp_path / "two.csv").write_text("x,1\ny,0\nz,1\nw,0\n")
+    extra = ["data.train.column_names=[label,title,text]", "data.text_columns=[text]"]
+    needle = "data.train.column_names is too long: it names 3 column(s) ['label', 'title', 'text'], and the file has 2"
+    with pytest.raises(DataError) as e:
+        splits_of(tmp_path, tmp_path / "two.csv", extra)
+    assert needle in str(e.value) and "empty" not in str(e.value)
+    recipe = load_recipe(None, [f"data.train.path={tmp_path / 'two.csv'}", "data.eval=null", *extra], validate_files=False)
+    assert [needle in p for p in column_problems(recipe)] == [True]
+
+
 def test_a_text_or_target_that_is_the_number_0_stays_0(tmp_path):
     """`str(v or "")` made the cell 0 (or 0.0) an empty text: the input of a classification row, and the target of a
     summarization row (dropped as empty)."""
