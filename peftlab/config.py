@@ -313,6 +313,11 @@ class TrainConfig:
                                         "temperature: T, alpha: a}. Its logits are computed once before training and cached "
                                         "with the rows; null = labels only.")
 
+    def __setattr__(self, name: str, value) -> None:
+        if name == "best_metric":  # set (from Python too): a choice, no longer the default Recipe resolved for its task
+            self.__dict__.pop("_default_for", None)
+        super().__setattr__(name, value)
+
 
 @dataclass
 class EvalConfig:
@@ -362,6 +367,7 @@ class Recipe:
                                "a YAML file gives, use load_recipe(tree), which also checks it."], what="argument")
         if self.train.best_metric is None:  # resolved here, so the written recipe.yaml names the metric used
             self.train.best_metric = default_best_metric(self.task.type)
+            self.train._default_for = self.task.type  # (checked: a task.type changed since gets its own default)
 
     @property
     def out(self) -> Path:
@@ -689,9 +695,13 @@ def checked(recipe: Recipe, *, validate_files: bool = True, source: str | None =
     attribute no field declares (`recipe.train.lrr = 1e-5`: to_dict leaves it out, so it was dropped silently) is an
     unknown key, as in a file. A multi-task recipe's tasks inherit the top-level data keys again (`r.data.max_length =
     12` reaches every task that did not set its own, as in a file), the keys a task set itself or that were changed
-    on the task since are its own; a task built in Python owns the keys it sets to other values than the defaults."""
+    on the task since are its own; a task built in Python owns the keys it sets to other values than the defaults. A
+    train.best_metric never set, the default of the task the recipe was read with, follows a task.type changed since."""
     tree = recipe.to_dict()
     drop_inherited(recipe, tree)
+    default_for = getattr(recipe.train, "_default_for", None)
+    if default_for is not None and default_for != getattr(recipe.task, "type", default_for):  # `r.task.type = "mlm"`, no metric chosen
+        tree["train"]["best_metric"] = None
     return _from_tree(tree, unknown_attributes(recipe), source, validate_files)  # (no source: "invalid recipe:", not "... in the recipe:")
 
 

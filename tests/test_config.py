@@ -251,3 +251,22 @@ def test_overrides_that_are_not_strings_are_refused(overrides, needle):
         load_recipe(None, overrides, validate_files=False)
     assert load_recipe(None, None, validate_files=False).train.lr == 5e-4  # None: no overrides
     assert load_recipe(None, {"train.lr": 1e-4}, validate_files=False).train.lr == 1e-4  # a mapping: each key to its value
+
+
+def test_a_default_best_metric_follows_a_task_type_changed_from_python():
+    """`r.task.type = "mlm"` on a recipe that never set train.best_metric: validate said accuracy is not an mlm metric
+    (the classification default Recipe had written in, carried over as if chosen). A metric set is still checked."""
+    from peftlab.config import checked, validate
+
+    r = load_recipe(None, ["data.train.path=x.tsv"], validate_files=False)
+    r.task.type = "mlm"
+    validate(r, check_files=False)
+    assert checked(r, validate_files=False).train.best_metric == "loss"
+    r = load_recipe(None, ["data.train.path=x.tsv"], validate_files=False)
+    r.task.type, r.train.best_metric = "mlm", "accuracy"
+    with pytest.raises(ConfigError, match="train.best_metric='accuracy': mlm keeps the best of"):
+        validate(r, check_files=False)
+    r = load_recipe(None, ["data.train.path=x.tsv", "train.best_metric=accuracy"], validate_files=False)
+    r.task.type = "mlm"  # chosen in the file: the user's, checked
+    with pytest.raises(ConfigError, match="train.best_metric='accuracy'"):
+        validate(r, check_files=False)
