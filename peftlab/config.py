@@ -512,9 +512,12 @@ def _build(cls, data: dict, prefix: str, problems: list[str]):
             continue
         before = len(problems)
         coerced = _coerce(value, hints[key], where, problems)
+        sections = isinstance(coerced, dict) and {k: v for k, v in coerced.items() if dataclasses.is_dataclass(v)}  # multitask.tasks
         if len(problems) == before or dataclasses.is_dataclass(coerced):  # a rejected leaf keeps its default, so
             # check_rules() can still check the rest (a section is kept: its own bad leaves were already dropped)
             kwargs[key] = coerced
+        elif sections:  # (one task's bad leaf dropped them all: a false 'names 0 task(s)' followed)
+            kwargs[key] = sections
     try:
         return cls(**kwargs)
     except TypeError as e:  # only reachable with wrong shapes already reported above

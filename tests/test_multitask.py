@@ -143,6 +143,14 @@ def test_a_bad_multitask_recipe_names_the_problem(task_files, tmp_path, tiny_ber
         recipe_of(tmp_path, t)
 
 
+def test_validate_of_a_bad_key_in_one_task_says_only_that(task_files, tmp_path, tiny_bert):
+    """One task's misspelt key dropped every task (multitask.tasks was kept only without a problem), and a false
+    'multitask.tasks names 0 task(s)' followed the real problem."""
+    with pytest.raises(ConfigError) as e:
+        recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert), ["multitask.tasks.senti.data.max_lenght=64"])
+    assert e.value.problems == ["multitask.tasks.senti.data.max_lenght: unknown key. Did you mean 'max_length'?"]
+
+
 def test_validate_reads_each_tasks_columns_and_names_the_task(task_files, tmp_path, tiny_bert):
     from peftlab.data import column_problems
 
