@@ -889,6 +889,17 @@ def validate(recipe: Recipe | str | Path | Mapping, *, check_files: bool = True,
                            "path of a YAML recipe or its tree as a mapping."], source, what="argument")
 
 
+def recipe_argument(recipe, where: str) -> Recipe:
+    """The Recipe a building block (build_model, load_splits, build_data, train, export) was given; anything else (a
+    recipe file's path, which run() reads and these do not) is a ConfigError naming the argument and what it takes."""
+    if isinstance(recipe, Recipe):
+        return recipe
+    first = f" Read it first: recipe = load_recipe({str(recipe)!r})." if isinstance(recipe, (str, PurePath)) else \
+        " Read it first: recipe = load_recipe(tree)." if isinstance(recipe, Mapping) else ""
+    raise ConfigError([f"{where}(recipe={type(recipe).__name__} {recipe!r:.80}): give a Recipe (load_recipe's).{first}"],
+                      what="argument")
+
+
 def check_rules(recipe: Recipe, *, check_files: bool = True, source: str | None = None) -> None:
     """Raise ConfigError listing every problem of a Recipe already built from checked values (`_checked_build`): each
     field's range and choices, and the rules between fields. `check_files=False`: the data it names is not checked."""

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from .bases import file_sha256
-from .config import FORMATS, DataConfig, Recipe, SplitConfig, class_index, label_indexer, spelled
+from .config import FORMATS, DataConfig, Recipe, SplitConfig, class_index, label_indexer, recipe_argument, spelled
 from .errors import DataError, DataFileNotFound
 from .tasks import get_task
 from .tasks.generative import check_references, data_row, reference_lists
@@ -744,6 +744,7 @@ def load_splits(recipe: Recipe, *, need_train: bool = True, prefix: str = "data"
     Tasks with a text target (summarization) get {text, target} rows and no label names. `need_train=False`: an
     evaluation, which reads only the split it scores. `prefix`: the recipe section messages name (a task of a
     multi-task recipe: multitask.tasks.NAME.data). `run_labels`: data.label_names are a trained run's (an evaluation)."""
+    recipe = recipe_argument(recipe, "load_splits")
     d, seed = recipe.data, recipe.data_seed
     task = get_task(recipe.task.type)
     if hasattr(task, "load_splits"):  # several tasks, each with its own data (tasks/multitask.py)
@@ -834,6 +835,7 @@ def report_truncation(ds, where: str, max_length: int) -> None:
 
 def build_data(recipe: Recipe, tokenizer, *, splits=None, label_names=None, prefix: str = "data") -> TaskData:
     """Recipe + tokenizer -> TaskData (tokenized, with a dynamic-padding collator); `prefix` as in load_splits."""
+    recipe = recipe_argument(recipe, "build_data")
     if splits is None:
         splits, label_names = load_splits(recipe)
     task = get_task(recipe.task.type)

@@ -28,7 +28,7 @@ import torch
 
 from .accel import cpu_native_bf16
 from .bases import base_path, file_lock, gguf_key, load_tokenizer
-from .config import Recipe, load_recipe, override_list
+from .config import Recipe, load_recipe, override_list, recipe_argument
 from .errors import ArtifactError, ConfigError, ModelNotFound, path_argument
 from .methods import get_method
 from .model import disable_cpu_bf16_repack, keep_original_modules, load_base
@@ -213,7 +213,7 @@ def export(out: str | Path, model, tokenizer, recipe: Recipe, record: RunRecord 
     A folder that already holds a run (its run.json) is refused: the new files would lie among the old run's (another
     method's weights beside its adapter_config.json, its predictions, log and merged/), and `load_trained` would load
     the old adapter. `run` exports into a new folder, or an --overwrite's empty staging one."""
-    out = path_argument(out, "export(out)")
+    out, recipe = path_argument(out, "export(out)"), recipe_argument(recipe, "export")
     if (out / RECORD_FILE).is_file():
         raise ArtifactError(f"{out} already holds a run (its {RECORD_FILE}): exporting into it would mix the two runs' files, "
                             "and load_trained would load the old one's weights. Export into a new folder; to replace a "

@@ -22,7 +22,7 @@ from torch import nn
 
 from .accel import precision_dtype
 from .bases import base_path, damaged_folder, damaged_json, load_tokenizer, resolve_model_path, verify_from_run_weights
-from .config import Recipe
+from .config import Recipe, recipe_argument
 from .errors import ConfigError, ModelError, PeftlabError
 from .methods import get_method
 from .methods.peft_adapter import rank_problem
@@ -898,6 +898,7 @@ def enable_activation_checkpointing(model: nn.Module) -> None:
 
 def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], precision: str = "fp32"):
     """Recipe -> (model ready to train, tokenizer, ModelInfo)."""
+    recipe = recipe_argument(recipe, "build_model")
     task = get_task(recipe.task.type)
     if hasattr(task, "build_model"):  # a model of several parts (tasks/multitask.py: a head per task)
         return task.build_model(recipe, label_names=label_names, precision=precision)

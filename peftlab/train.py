@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from .accel import FrozenWeightsCast, autocast_dtype, eval_batches, progress_shown, shards_weights
-from .config import Recipe
+from .config import Recipe, recipe_argument
 from .data import LengthGroupedSampler, TaskData
 from .distill import loss_for
 from .dropout import use_fast_dropout
@@ -629,7 +629,7 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: str | Path, *
     the last step's evaluation (and one that early stopping may make the last) calls it instead of the loop's, where that
     one is as complete (`final_form`), so a run whose exported weights are the last step's does not score data.eval twice.
     A loss that turns inf/nan stops the run (TrainingDiverged): checked at log and save steps, not every step."""
-    out, resume_from = Path(out), resume_from and Path(resume_from)
+    recipe, out, resume_from = recipe_argument(recipe, "train"), Path(out), resume_from and Path(resume_from)
     with unread_skipped(model, recipe) as trimmed:  # (for the training only: the model handed back reads as loaded)
         if trimmed:
             log.info("train.skip_unread: %d layer(s) compute only the positions the head reads", len(trimmed))

@@ -270,3 +270,19 @@ def test_a_default_best_metric_follows_a_task_type_changed_from_python():
     r.task.type = "mlm"  # chosen in the file: the user's, checked
     with pytest.raises(ConfigError, match="train.best_metric='accuracy'"):
         validate(r, check_files=False)
+
+
+def test_the_building_blocks_name_a_recipe_path_given_for_a_recipe(tmp_path):
+    """build_model, load_splits, build_data, train and export given a recipe file's path (run() takes one) were raw
+    AttributeErrors ('str' object has no attribute 'task'): one ConfigError that says to read it with load_recipe."""
+    from peftlab import build_data, build_model, export, load_splits, train
+
+    for call, where in ((lambda: build_model("r.yaml", num_labels=2, label_names=["a", "b"]), "build_model"),
+                        (lambda: load_splits("r.yaml"), "load_splits"), (lambda: build_data("r.yaml", None), "build_data"),
+                        (lambda: train("r.yaml", None, None, None, tmp_path), "train"),
+                        (lambda: export(tmp_path / "o", None, None, "r.yaml", {}, {}), "export")):
+        with pytest.raises(ConfigError, match=rf"^invalid argument:\n  - {where}\(recipe=str 'r.yaml'\): give a Recipe "
+                                              r"\(load_recipe's\). Read it first: recipe = load_recipe\('r.yaml'\)."):
+            call()
+    with pytest.raises(ConfigError, match=r"load_splits\(recipe=dict \{\}\): give a Recipe .* load_recipe\(tree\)"):
+        load_splits({})
