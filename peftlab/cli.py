@@ -30,12 +30,24 @@ QUICKSTART = files("peftlab") / "recipes" / "quickstart.yaml"
 FULL_SIZE = "recipes/minilm/sst2-lora.yaml"
 
 
+def _names_a_recipe(item: str) -> bool:
+    """A recipe file's path, not a KEY=VALUE override: no '=', a file, or a .yaml/.yml path whose part before the '='
+    holds a '/' (no key does: runs/lr=1e-3/recipe.yaml mistyped is a missing recipe, not the key 'runs/lr')."""
+    key = item.partition("=")[0]
+    return "=" not in item or Path(item).is_file() or (item.endswith((".yaml", ".yml")) and ("/" in key or os.sep in key))
+
+
 def _split_recipe_args(items: list[str]) -> tuple[str | None, list[str]]:
     """`RECIPE.yaml key=value ...` -> (recipe or None, overrides). A first item that is a file is the recipe even when
-    its path holds '=' (runs/lr=1e-3/recipe.yaml), as `validate` reads it."""
-    if items and ("=" not in items[0] or Path(items[0]).is_file()):
-        return items[0], items[1:]
-    return None, items
+    its path holds '=' (runs/lr=1e-3/recipe.yaml), as `validate` reads it. A recipe after the first item is refused (it
+    ran the quickstart, or the first recipe, and called the file a malformed override)."""
+    recipe, overrides = (items[0], items[1:]) if items and _names_a_recipe(items[0]) else (None, items)
+    if late := [o for o in overrides if "=" not in o and o.endswith((".yaml", ".yml"))]:
+        rest = " ".join(o for o in overrides if o != late[0])
+        raise PeftlabError(f"'{late[0]}' comes after {recipe!r}: give one recipe, first, then the KEY=VALUE overrides: "
+                           f"{recipe} {rest}" if recipe else f"'{late[0]}' comes after the override(s): give the recipe first, "
+                           f"then the KEY=VALUE overrides: {late[0]} {rest}")
+    return recipe, overrides
 
 
 def _keys_epilog() -> str:
@@ -156,7 +168,7 @@ def cmd_validate(args) -> int:
     from .rundir import check_no_foreign_files, check_writable
 
     # KEY=VALUE overrides may come positionally, as with `train` (a file whose name holds '=' stays a recipe)
-    overrides = [a for a in args.recipes if "=" in a and not Path(a).is_file()] + args.overrides
+    overrides = [a for a in args.recipes if not _names_a_recipe(a)] + args.overrides
     recipes = [a for a in args.recipes if a not in overrides] or [str(QUICKSTART)]
     failed = 0
     for path in recipes:

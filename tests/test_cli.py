@@ -290,6 +290,21 @@ def test_eval_of_a_run_folder_whose_path_holds_an_equals_sign(make_recipe, tmp_p
     assert "accuracy" in json.loads(capsys.readouterr().out)
 
 
+def test_a_recipe_after_an_override_or_a_missing_one_holding_an_equals_sign_is_named(tmp_path, capsys):
+    """`train train.lr=1e-3 r.yaml` ran the quickstart and called r.yaml a malformed override; a mistyped
+    runs/lr=1e-3/recipe.yaml was the unknown key 'runs/lr' of the quickstart, not a missing recipe file."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train: {lr: -1}\n")
+    assert main(["train", "train.lr=1e-3", str(recipe)]) == 2
+    err = capsys.readouterr().err
+    assert f"'{recipe}' comes after the override(s): give the recipe first" in err and "quickstart" not in err, err
+    missing = str(tmp_path / "lr=1e-3" / "recipe.yaml")
+    for command in ("train", "validate"):
+        assert main([command, missing]) == 2
+        said = "".join(capsys.readouterr())
+        assert f"recipe file '{missing}' does not exist" in said and "unknown key" not in said, said
+
+
 def test_the_cli_quiets_bitsandbytes_kernel_search_and_adalora_pattern_noise():
     """Every CLI run on an avx512_bf16 CPU began with bitsandbytes' 'Failed to load CPU gemm_4bit_forward ... pip install
     kernels' (and kernels' 'Skipping publisher trust check'), quantized or not; every AdaLoRA eval/merge printed peft's
