@@ -69,11 +69,12 @@ def cmd_train(args) -> int:
     if args.launch or args.num_processes is not None:  # validated once here; now the same run on N processes (peftlab/launch.py)
         from .launch import launch
         from .run import check_data_and_base
+        from .rundir import choose_flag
 
         check_data_and_base(recipe, recipe_path)  # a data or base mistake: one message here, not one per rank and a traceback
 
         return launch(args.launch, recipe_path, overrides, num_processes=args.num_processes, resume=args.resume,
-                      overwrite=args.overwrite, out=recipe.out, flags=global_flags(args))
+                      overwrite=args.overwrite, out=recipe.out, flags=global_flags(args), choose=choose_flag(recipe))
     summary = run(recipe, resume=args.resume, overwrite=args.overwrite)
     from accelerate import PartialState
 
@@ -165,7 +166,7 @@ def cmd_merge(args) -> int:
 
 def cmd_validate(args) -> int:
     from .config import load_recipe
-    from .rundir import check_no_foreign_files, check_writable
+    from .rundir import check_no_foreign_files, check_writable, choose_flag
 
     # KEY=VALUE overrides may come positionally, as with `train` (a file whose name holds '=' stays a recipe)
     overrides = [a for a in args.recipes if not _names_a_recipe(a)] + args.overrides
@@ -180,8 +181,8 @@ def cmd_validate(args) -> int:
                 from .run import check_data_and_base
 
                 check_data_and_base(recipe, path)
-            check_writable(recipe.out)  # what `train` refuses of its output folder before any work, also without --no-files
-            check_no_foreign_files(recipe.out)
+            check_writable(recipe.out, flag=choose_flag(recipe))  # what `train` refuses of its output folder before any work,
+            check_no_foreign_files(recipe.out, choose_flag(recipe))  # also without --no-files
             print(f"ok      {path}")
         except PeftlabError as e:  # (a ConfigError lists every problem; another project error is one)
             failed += 1

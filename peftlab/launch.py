@@ -26,7 +26,7 @@ from importlib.resources import files
 from pathlib import Path
 
 from .errors import PeftlabError
-from .rundir import LOCK_ENV, RunDir, checkpoints
+from .rundir import CHOOSE, LOCK_ENV, RunDir, checkpoints
 
 log = logging.getLogger(__name__)
 ERROR_FILE_ENV = "PEFTLAB_ERROR_FILE"  # set for the ranks: where the first one to fail leaves its message (cli.main)
@@ -94,13 +94,15 @@ def peftlab_command(name: str, args: list[str], num_processes: int | None) -> tu
 
 
 def launch(name: str | None, recipe: str, overrides: list[str] | tuple = (), *, num_processes: int | None = None,
-           resume: bool = False, overwrite: bool = False, out: Path | None = None, flags: list[str] | tuple = ()) -> int:
-    """Run the recipe on the preset's processes and wait; return the launcher's exit status."""
+           resume: bool = False, overwrite: bool = False, out: Path | None = None, flags: list[str] | tuple = (),
+           choose: str = CHOOSE) -> int:
+    """Run the recipe on the preset's processes and wait; return the launcher's exit status. `choose`: how the recipe
+    names another output folder (rundir.choose_flag), for the messages that refuse `out`."""
     n = resolve_num_processes(needs_preset(name), num_processes)
     cmd, env = launch_command(name, recipe, overrides, num_processes=n, resume=resume, overwrite=overwrite, flags=flags)
     if out is None:
         return supervised(name, cmd, env)
-    folder = RunDir(out)
+    folder = RunDir(out, choose)
     with folder.lock():  # held here for the ranks, which skip it (LOCK_ENV): a second writer is refused at once
         folder.recover()
         folder.plan(resume=resume, overwrite=overwrite, announce=False, processes=n)  # one clear error here rather than one per rank

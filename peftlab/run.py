@@ -46,6 +46,7 @@ from .rundir import (
     RunRecord,
     atomic_write_text,
     check_same_folder,
+    choose_flag,
     folder_identity,
     holds_run,
     read_run,
@@ -271,7 +272,7 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = 
     else:  # (None, a number: an AttributeError on to_dict)
         raise ConfigError([f"run(recipe={type(recipe).__name__} {recipe!r:.80}): give a Recipe (load_recipe's), the path of a "
                            "YAML recipe, or the recipe's tree as a mapping."], what="argument")
-    folder = RunDir(recipe.out)
+    folder = RunDir(recipe.out, choose_flag(recipe))
     precision = resolve_precision(recipe.train.precision)
     accelerator = make_accelerator(recipe, precision, unused_parameters=getattr(get_task(recipe.task.type), "unused_parameters", False))
     if shards_weights(accelerator) and recipe.train.keep_best and recipe.train.eval_every:

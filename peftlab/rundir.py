@@ -471,12 +471,20 @@ def holds_run(folder: Path) -> bool:
     return (folder / RECORD_FILE).is_file() and not (folder / "README.md").is_file()
 
 
-def unwritable(out: Path, e: OSError) -> ArtifactError:
-    return ArtifactError(f"cannot write the run to {out}: {e.strerror or e}. Choose a writable folder: output_dir=DIR "
-                         "(or name=NEW_NAME).")
+CHOOSE = "output_dir=DIR (or name=NEW_NAME)"  # how to name another run folder where the recipe's is runs/<name>
 
 
-def check_writable(out: Path, what: str = "the run", flag: str = "output_dir=DIR (or name=NEW_NAME)") -> None:
+def choose_flag(recipe: Recipe) -> str:
+    """How this recipe names another run folder: output_dir=DIR, and name=NEW_NAME only where the folder is runs/<name>
+    (a recipe that sets output_dir keeps it whatever its name)."""
+    return "output_dir=DIR" if recipe.output_dir else CHOOSE
+
+
+def unwritable(out: Path, e: OSError, flag: str = CHOOSE) -> ArtifactError:
+    return ArtifactError(f"cannot write the run to {out}: {e.strerror or e}. Choose a writable folder: {flag}.")
+
+
+def check_writable(out: Path, what: str = "the run", flag: str = CHOOSE) -> None:
     """One clear error when output_dir (a folder `what` is written to, chosen by `flag`) is a file, lies under a file,
     or cannot be written (before any work)."""
     out = Path(out)
@@ -493,14 +501,14 @@ def check_writable(out: Path, what: str = "the run", flag: str = "output_dir=DIR
                                 f"folder: {flag}.")
 
 
-def check_no_foreign_files(out: Path) -> None:
+def check_no_foreign_files(out: Path, flag: str = CHOOSE) -> None:
     """A folder that holds files but no run is refused as output_dir: the run's files would mix with them, and a
     later --overwrite would delete them."""
     if out.is_dir() and not is_started(out) and any(out.iterdir()):
         found = sorted(p.name for p in out.iterdir())
         listed = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
         raise ArtifactError(f"output directory {out} holds files that are not a peftlab run ({listed}): a run there would "
-                            "mix its files with them. Choose a new or empty folder: output_dir=DIR (or name=NEW_NAME).")
+                            f"mix its files with them. Choose a new or empty folder: {flag}.")
 
 
 @dataclass
@@ -530,7 +538,7 @@ class Job:
             self.created = not self.work.exists()
             self.work.mkdir(parents=True, exist_ok=True)
         except OSError as e:
-            raise unwritable(f.out, e) from None
+            raise unwritable(f.out, e, f.flag) from None
 
     def commit(self) -> None:
         """(main process) The run finished: an --overwrite's staging folder replaces the old run."""
@@ -592,7 +600,8 @@ class Job:
 class RunDir:
     """The folder of one run (`recipe.out`), and the siblings that keep it whole: lock, staging, retired copy."""
 
-    def __init__(self, out: str | Path):
+    def __init__(self, out: str | Path, flag: str = CHOOSE):
+        self.flag = flag  # how the recipe names another folder (choose_flag), in the messages that refuse this one
         # a symlinked run folder is its target: one lock whichever name is used, and --overwrite replaces the run
         # where it lives (not the link, by a folder beside it)
         self.out = Path(out).resolve() if Path(out).is_symlink() else Path(out)
@@ -611,7 +620,7 @@ class RunDir:
         if os.environ.get(LOCK_ENV) == str(self.out.absolute()):
             yield  # `peftlab train --launch` holds it for the ranks it started
             return
-        check_writable(self.out)
+        check_writable(self.out, flag=self.flag)
         try:
             import fcntl
         except ImportError:  # Windows: no advisory locks here
@@ -621,7 +630,7 @@ class RunDir:
             self.lock_file.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.lock_file, os.O_RDWR | os.O_CREAT, 0o666)
         except OSError as e:
-            raise unwritable(self.out, e) from None
+            raise unwritable(self.out, e, self.flag) from None
         try:
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -629,7 +638,7 @@ class RunDir:
                 if e.errno not in LOCKED:
                     raise
                 raise ArtifactError(f"output directory {self.out} is in use by another peftlab run ({holder(fd)}). Wait "
-                                    "for it to finish, or choose another folder: output_dir=DIR (or name=NEW_NAME).") from None
+                                    f"for it to finish, or choose another folder: {self.flag}.") from None
             os.ftruncate(fd, 0)
             os.pwrite(fd, str(os.getpid()).encode(), 0)
             yield
@@ -676,7 +685,7 @@ class RunDir:
         """Decide where this run writes, or refuse with the fix; reads only (every process runs it). `announce`: say
         where a --resume continues (off for the launcher's check: its rank 0 says it). `processes`: the run's number of
         processes, which a --resume must share with its checkpoint (None: not checked)."""
-        check_writable(self.out)
+        check_writable(self.out, flag=self.flag)
         if resume and overwrite:
             raise ArtifactError("--resume and --overwrite together: --resume continues the run in the output directory, "
                                 "--overwrite starts it again. Give one of them.")
@@ -688,13 +697,13 @@ class RunDir:
             if not checkpoints(self.staging) and not checkpoints(self.out) and not self.finished:
                 raise ArtifactError(f"output directory {self.out} holds a run that stopped before it finished and has no "
                                     "checkpoint to continue from (its log.jsonl says how far it got): start it again with "
-                                    "--overwrite, or choose another folder: output_dir=DIR (or name=NEW_NAME).")
+                                    f"--overwrite, or choose another folder: {self.flag}.")
             hint = (f" An --overwrite of it did not finish (stopped or failed; its checkpoints are in {self.staging}): "
                     "--resume continues it with the same recipe." if checkpoints(self.staging) else "")
             held = "a finished run:" if self.finished else "a run. Continue it with --resume,"  # (a finished one: nothing to resume)
             raise ArtifactError(f"output directory {self.out} already holds {held} replace it with --overwrite, or choose another "
-                                f"one: output_dir=DIR (or name=NEW_NAME).{hint}")
-        check_no_foreign_files(self.out)
+                                f"one: {self.flag}.{hint}")
+        check_no_foreign_files(self.out, self.flag)
         return Job(self, self.out)
 
     def _resume_plan(self, recipe_yaml: str | None, announce: bool = True, processes: int | None = None) -> Job:

@@ -12,6 +12,7 @@ import pytest
 import yaml
 
 from peftlab.cli import main
+from peftlab.errors import PeftlabError
 
 from .conftest import REPO
 
@@ -303,6 +304,27 @@ def test_a_recipe_after_an_override_or_a_missing_one_holding_an_equals_sign_is_n
         assert main([command, missing]) == 2
         said = "".join(capsys.readouterr())
         assert f"recipe file '{missing}' does not exist" in said and "unknown key" not in said, said
+
+
+def test_a_refused_output_folder_suggests_name_only_where_it_names_the_folder(make_recipe, tmp_path, capsys, monkeypatch):
+    """'already holds a finished run ... output_dir=DIR (or name=NEW_NAME)' for a recipe that sets output_dir, where
+    another name writes to the same folder again."""
+    from peftlab import run
+
+    recipe = make_recipe()  # (sets output_dir)
+    recipe.out.mkdir(parents=True)
+    (recipe.out / "log.jsonl").write_text("")
+    (recipe.out / "run.json").write_text("{}")
+    with pytest.raises(PeftlabError, match=r"already holds a finished run: .*choose another one: output_dir=DIR\.$"):
+        run(recipe)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs" / "x").mkdir(parents=True)
+    (tmp_path / "runs" / "x" / "notes.txt").write_text("mine")
+    path = tmp_path / "recipe.yaml"  # (make_recipe's file)
+    assert main(["validate", "--no-files", str(path), f"output_dir={tmp_path / 'runs' / 'x'}"]) == 2
+    assert main(["validate", "--no-files", str(path), "output_dir=null", "name=x"]) == 2
+    set_dir, by_name = [line for line in capsys.readouterr().out.splitlines() if "not a peftlab run" in line]
+    assert set_dir.endswith("Choose a new or empty folder: output_dir=DIR.") and by_name.endswith("output_dir=DIR (or name=NEW_NAME).")
 
 
 def test_the_cli_quiets_bitsandbytes_kernel_search_and_adalora_pattern_noise():
