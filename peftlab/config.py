@@ -1144,7 +1144,7 @@ def distill_problems(recipe: Recipe, check_files: bool) -> list[str]:
 
 
 def describe_fields(cls=Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, help) for every leaf field: the CLI help and README reference come from this."""
+    """(dotted key, default as YAML writes it, help) for every leaf field: the CLI help and README reference come from this."""
     rows = []
     for f in dataclasses.fields(cls):
         hint = _unwrap_optional(_hints(cls)[f.name])[0]
@@ -1156,5 +1156,6 @@ def describe_fields(cls=Recipe, prefix: str = "") -> list[tuple[str, str, str]]:
             text, choices = f.metadata.get("help", ""), f.metadata.get("choices")
             if choices:  # the allowed values (a registry's: its names now)
                 text += f" One of: {', '.join(map(str, choices() if callable(choices) else choices))}."
-            rows.append((name, repr(default), text))
+            # as a recipe and an override spell it: null, true (train.max_steps=None is the text 'None', refused)
+            rows.append((name, "null" if default is None else _as_written(default) if isinstance(default, bool) else repr(default), text))
     return rows

@@ -90,6 +90,9 @@ def test_describe_fields_documents_every_key():
     assert all(h for _, _, h in rows), [k for k, _, h in rows if not h]
     helps = {k: h for k, _, h in rows}  # a field's allowed values are in its help (`peftlab train --help`)
     assert "One of: linear, cosine" in helps["train.scheduler"] and "nf4, fp4" in helps["quant.quant_type"], helps["train.scheduler"]
+    defaults = {k: d for k, d, _ in rows}  # as a recipe or an override writes them (train.max_steps=None was refused)
+    assert (defaults["train.max_steps"], defaults["quant.double_quant"], defaults["model.trust_remote_code"]) == ("null", "true", "false")
+    assert (defaults["adapter.r"], defaults["model.name"]) == ("8", "'minilm'")
 
 
 RECIPES = sorted((REPO / "recipes").glob("*/*.yaml")) + [REPO / "peftlab/recipes/quickstart.yaml"]
