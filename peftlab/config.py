@@ -478,6 +478,10 @@ def _bool_hint(value) -> str:
     return " YAML reads yes/no/on/off/true/false as booleans: quote the words you mean as text, e.g. [\"no\", \"yes\"]."
 
 
+class _KeyGivenTwice(yaml.constructor.ConstructorError):
+    """A mapping names a key twice (its fix is to keep one, not the indentation and quoting advice of a syntax error)."""
+
+
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load, refusing a key given twice in one mapping (YAML would keep the last one silently)."""
 
@@ -488,9 +492,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue  # point); flatten_mapping (in SafeConstructor's construct_mapping) merges them
             key = self.construct_object(key_node, deep=deep)
             if key in seen:
-                raise yaml.constructor.ConstructorError(None, None, f"the key '{key}' is given twice (lines {seen[key] + 1} and "
-                                                        f"{key_node.start_mark.line + 1}); only the last would count. Keep one",
-                                                        key_node.start_mark)
+                raise _KeyGivenTwice(None, None, f"the key '{key}' is given twice (lines {seen[key] + 1} and "
+                                                 f"{key_node.start_mark.line + 1}); only the last would count. Keep one",
+                                     key_node.start_mark)
             seen[key] = key_node.start_mark.line
         return super().construct_mapping(node, deep=deep)
 
@@ -645,7 +649,8 @@ def load_recipe(path: str | Path | Mapping | None = None, overrides: list[str] |
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             loc = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-            raise ConfigError([f"malformed YAML{loc}: {getattr(e, 'problem', e)}. Check indentation and quoting."], source) from None
+            advice = "" if isinstance(e, _KeyGivenTwice) else " Check indentation and quoting."
+            raise ConfigError([f"malformed YAML{loc}: {getattr(e, 'problem', e)}.{advice}"], source) from None
         except UnicodeDecodeError:
             raise ConfigError([f"'{path}' is not UTF-8 text. Save the recipe as UTF-8."], source) from None
         if not isinstance(tree, dict):

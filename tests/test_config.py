@@ -199,8 +199,9 @@ def test_a_key_given_twice_and_yaml_booleans_in_place_of_words_are_explained(tmp
 
     path = tmp_path / "r.yaml"
     path.write_text("name: a\ntrain:\n  lr: 1e-4\n  lr: 1e-3\n")
-    with pytest.raises(ConfigError, match=r"line 4.*the key 'lr' is given twice \(lines 3 and 4\)"):
+    with pytest.raises(ConfigError, match=r"line 4.*the key 'lr' is given twice \(lines 3 and 4\)") as e:
         load_recipe(path, validate_files=False)
+    assert str(e.value).endswith("only the last would count. Keep one.")  # (not a syntax error's 'Check indentation and quoting.')
     path.write_text("data:\n  train: x.tsv\n  label_names: [no, yes]\n")
     with pytest.raises(ConfigError, match=r"got \[False, True\]. YAML reads yes/no/on/off/true/false as booleans: quote"):
         load_recipe(path, validate_files=False)
