@@ -298,7 +298,8 @@ class TrainConfig:
     early_stopping: int | None = opt(None, "Stop training once train.best_metric has not improved for this many evaluations in a "
                                      "row (train.eval_every); with keep_best the best evaluation's weights are exported. null = "
                                      "train every step.", ge=1)
-    best_metric: str | None = opt(None, "Metric that decides `keep_best` (higher is better, except names ending in 'loss'); null = "
+    best_metric: str | None = opt(None, "Metric that decides `keep_best` (higher is better, except names ending in 'loss' or "
+                                  "'perplexity'); null = "
                                   "the task's default (classification: accuracy, summarization: loss).")
     log_every: int = opt(20, "Log loss, learning rate and throughput every N optimizer steps.", ge=1)
     report_to: list[str] = opt(["auto"], "Experiment trackers that also get the resolved recipe and the metrics of OUT/log.jsonl "

@@ -93,6 +93,9 @@ def test_describe_fields_documents_every_key():
     defaults = {k: d for k, d, _ in rows}  # as a recipe or an override writes them (train.max_steps=None was refused)
     assert (defaults["train.max_steps"], defaults["quant.double_quant"], defaults["model.trust_remote_code"]) == ("null", "true", "false")
     assert (defaults["adapter.r"], defaults["model.name"]) == ("8", "'minilm'")
+    from peftlab.tasks import lower_is_better  # the direction the help gives is the one keep-best takes
+
+    assert "ending in 'loss' or 'perplexity'" in helps["train.best_metric"] and lower_is_better("perplexity")
 
 
 RECIPES = sorted((REPO / "recipes").glob("*/*.yaml")) + [REPO / "peftlab/recipes/quickstart.yaml"]
