@@ -412,7 +412,8 @@ def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
     teacher = recipe.train.distill and (training or (Path(recipe.train.distill.teacher) / "run.json").is_file())
     problems += distill.check(recipe) if teacher else []
     d = recipe.data
-    if recipe.train.eval_every and d.eval is None and not d.eval_holdout and recipe.multitask is None:
+    # (train.max_steps=0, zero-shot: no training to evaluate during)
+    if recipe.train.eval_every and recipe.train.max_steps != 0 and d.eval is None and not d.eval_holdout and recipe.multitask is None:
         log.warning("train.eval_every=%s but there is no evaluation split: nothing is evaluated during training (nor kept by "
                     "train.keep_best). Give one (data.eval.path=FILE, or data.eval_holdout=0.1 of train), or drop "
                     "train.eval_every.", recipe.train.eval_every)

@@ -83,6 +83,9 @@ def test_eval_every_without_an_evaluation_split_is_said(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="peftlab.run"):
         preflight(load_recipe(path, ["data.eval_holdout=0.25"]), training=True)
     assert "eval_every" not in caplog.text
+    with caplog.at_level(logging.WARNING, logger="peftlab.run"):  # zero-shot (gsm8k-sft-lora.yaml's header): nothing trains
+        preflight(load_recipe(path, ["train.max_steps=0"]), training=True)
+    assert "eval_every" not in caplog.text
 
 
 @pytest.mark.parametrize("key", ["model.from_run", "train.distill.teacher"])
