@@ -376,6 +376,37 @@ def test_shared_tasks_share_one_adapter_and_per_task_ones_do_not(trained):
     assert a.keys() == b.keys() and not all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_task_named_like_a_module_of_the_base_loses_no_weights_on_export(task_files, tmp_path, tiny_bert):
+    """Each per_task adapter was named by its task, and peft drops every state-dict key holding `.{other adapter}.` from
+    an adapter's export: with a task named `query`, sst2's export had no attention.self.query LoRA (reloaded lora_B = 0,
+    peft only warned), its trainable_params over-counted, and a task named `classifier` crashed in peft."""
+    from safetensors.torch import load_file
+
+    from peftlab.run import evaluate
+
+    t = tree(task_files, tmp_path / "run", tiny_bert, adapters="per_task")
+    tasks = t["multitask"]["tasks"]
+    t["multitask"]["tasks"] = {"sst2": tasks["senti"], "query": tasks["topic"], "classifier": tasks["pair"]}
+    record = run(recipe_of(tmp_path, t, ["train.max_steps=30", "export.merge=false"]))
+    out = Path(record.output_dir)
+    exported = {n: load_file(str(out / "tasks" / n / "adapter_model.safetensors")) for n in ("sst2", "query", "classifier")}
+    lora = {n: {k for k in state if "lora_" in k} for n, state in exported.items()}
+    assert lora["sst2"] == lora["query"] == lora["classifier"]
+    assert {k for k in lora["sst2"] if ".attention.self.query." in k} and {k for k in lora["sst2"] if ".output.dense." in k}
+    for name, state in exported.items():
+        saved = json.loads((out / "tasks" / name / "run.json").read_text())
+        assert saved["trainable_params"] == sum(v.numel() for v in state.values())
+        again = evaluate(out / "tasks" / name, "eval")  # the export rebuilt from its files scores as the trained model did
+        assert again["loss"] == pytest.approx(record.metrics["eval"][f"{name}/loss"], abs=1e-5), name
+    from peftlab.errors import ModelError
+    from peftlab.tasks.multitask import check_adapter_names
+
+    base = torch.nn.ModuleDict({"task_query": torch.nn.Linear(2, 2)})  # a base with a module named as the adapter would be
+    with pytest.raises(ModelError, match=r"multitask.tasks.query: its adapter, 'task_query', is named like a module of the base "
+                                         r"\(task_query.weight\).* Rename the task"):
+        check_adapter_names(base, {"sst2": "default", "query": "task_query"})
+
+
 def test_the_tasks_load_side_by_side_and_the_run_folder_says_where_they_are(trained):
     out = Path(trained["per_task"].output_dir)
     texts = ("the cat", "news war today", "a good movie")

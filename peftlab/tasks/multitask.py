@@ -295,6 +295,24 @@ def build_model(recipe, *, label_names: dict[str, list[str]], precision: str):
     return wrapped, tokenizer, info
 
 
+def adapter_name(task: str) -> str:
+    """The peft adapter of task `task` (per_task, the first task's aside: peft's 'default'). Not the task's name itself:
+    peft's export of one adapter drops every state-dict key holding `.{another adapter's name}.`, so a task named like a
+    module of the base (query, output, classifier) cost the other tasks' exports those weights."""
+    return f"task_{task}"
+
+
+def check_adapter_names(model, adapter_of: dict[str, str]) -> None:
+    """Refuse an adapter name that is also a part of a key of the model's state dict (a module or weight of the base):
+    peft's export of the other adapters would drop the weights under it."""
+    parts = {part for key in model.state_dict() for part in key.split(".")}
+    for task, adapter in adapter_of.items():
+        if adapter != "default" and adapter in parts:
+            raise ModelError(f"multitask.tasks.{task}: its adapter, {adapter!r}, is named like a module of the base "
+                             f"({next(k for k in model.state_dict() if adapter in k.split('.'))}), so peft would drop those "
+                             "weights from the other tasks' exports. Rename the task.")
+
+
 class HeadSwitch(nn.Module):
     """Stands in peft's head wrapper for every adapter: forwards to the active task's head. It holds the heads without
     registering them (they are MultiTaskModel.heads), so the wrapper's state dict never changes with the task."""
@@ -322,7 +340,8 @@ class MultiTaskModel(nn.Module):
     def __init__(self, model, labels: dict[str, list[str]], metric_of: dict[str, str], adapters: str):
         super().__init__()
         self.model, self.tasks, self.labels, self.metric_of = model, list(labels), labels, metric_of
-        self.adapter_of = {t: "default" if i == 0 or adapters == "shared" else t for i, t in enumerate(self.tasks)}
+        self.adapter_of = {t: "default" if i == 0 or adapters == "shared" else adapter_name(t) for i, t in enumerate(self.tasks)}
+        check_adapter_names(model, self.adapter_of)
         for adapter in dict.fromkeys(self.adapter_of.values()):
             if adapter not in model.peft_config:
                 model.add_adapter(adapter, copy.deepcopy(model.peft_config["default"]))
