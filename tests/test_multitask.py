@@ -127,6 +127,9 @@ def test_a_python_edit_of_the_shared_data_reaches_the_tasks_as_an_override_does(
 @pytest.mark.parametrize("change, message", [
     (lambda t: t["multitask"]["tasks"].pop("topic") and t["multitask"]["tasks"].pop("pair"), "needs >= 2"),
     (lambda t: t["multitask"]["tasks"].update({"a b": t["multitask"]["tasks"]["senti"]}), "a task name is letters"),
+    # (YAML's `1:` is a number: it passed, then validate and train crashed with a TypeError joining it to a path)
+    (lambda t: t["multitask"]["tasks"].update({1: t["multitask"]["tasks"]["senti"]}), r"multitask.tasks.1: a task name is text, "
+                                                                                        r"but YAML reads 1 as a number: quote it \('1':"),
     (lambda t: t["adapter"].update(method="full"), "not supported. Use adapter.method=lora"),
     (lambda t: t["data"].update(train="x.tsv"), "are not read by a multi-task recipe"),
     (lambda t: t["task"].update(type="classification"), "set task.type=multitask"),

@@ -75,7 +75,10 @@ def check(recipe) -> list[str]:
         p.append(f"multitask.tasks names {len(tasks)} task(s): a multi-task run needs >= 2. For one task, use task.type=classification "
                  "with that task's data section.")
     for name in tasks:
-        if not NAME.match(str(name)) or name == "default":
+        if not isinstance(name, str):  # (YAML's `1:`: a path joined to it was a TypeError in validate and train)
+            p.append(f"multitask.tasks.{name}: a task name is text, but YAML reads {name} as a "
+                     f"{ {bool: 'boolean', int: 'number', float: 'number'}.get(type(name), type(name).__name__)}: quote it ('{name}': ...).")
+        elif not NAME.match(name) or name == "default":
             p.append(f"multitask.tasks.{name}: a task name is letters, digits, - and _ (it names OUT/tasks/NAME and an adapter), "
                      "and not 'default' (peft's own adapter name).")
     with_eval = [n for n, t in tasks.items() if t.data.eval is not None or t.data.eval_holdout > 0]
