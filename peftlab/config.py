@@ -794,7 +794,9 @@ def inherit_task_data(tree: dict) -> None:
     top = tree.get("data")
     if not isinstance(tasks, dict) or not isinstance(top, dict):
         return
-    shared = {k: v for k, v in top.items() if k not in ("train", "eval", "test")}
+    # (a key no data section has is not passed on: it is said once, as the top-level section's)
+    known = {f.name for f in dataclasses.fields(DataConfig)}
+    shared = {k: v for k, v in top.items() if k not in ("train", "eval", "test") and k in known}
     for task in tasks.values():
         if isinstance(task, dict) and isinstance(task.get("data", {}), dict):
             task["data"] = {**copy.deepcopy(shared), **task.get("data", {})}

@@ -152,6 +152,10 @@ def test_validate_of_a_bad_key_in_one_task_says_only_that(task_files, tmp_path, 
     with pytest.raises(ConfigError) as e:
         recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert), ["multitask.tasks.senti.data.max_lenght=64"])
     assert e.value.problems == ["multitask.tasks.senti.data.max_lenght: unknown key. Did you mean 'max_length'?"]
+    # a misspelt key of the top-level data section was said once for it and once more for every task inheriting it
+    with pytest.raises(ConfigError) as e:
+        recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert), ["data.max_lenght=64"])
+    assert e.value.problems == ["data.max_lenght: unknown key. Did you mean 'max_length'?"]
 
 
 def test_validate_reads_each_tasks_columns_and_names_the_task(task_files, tmp_path, tiny_bert):
