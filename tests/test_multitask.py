@@ -329,6 +329,18 @@ def test_a_multitask_run_learns_and_exports_a_run_per_task(trained, mode):
     assert "would train it alone, not with the other tasks as here" in card and "rerun it with" not in card  # (it said rerun)
 
 
+def test_a_task_without_a_test_split_has_no_test_figures(trained):
+    """Only topic has data.test: the other tasks' metrics.json held "test": {}, and their cards a row "| test (held out) |
+    test (None) | - | - | - |" and "The held-out figure is test" for a split never scored."""
+    out = Path(trained["shared"].output_dir)
+    assert set(json.loads((out / "metrics.json").read_text())) == {"eval", "test"}
+    for name, splits in (("senti", {"eval"}), ("pair", {"eval"}), ("topic", {"eval", "test"})):
+        assert set(json.loads((out / "tasks" / name / "metrics.json").read_text())) == splits, name
+        assert set(read_run(out / "tasks" / name)[1].metrics) == splits, name
+        card = card_text(out / "tasks" / name)
+        assert ("| test" in card) == (name == "topic") and "test (None)" not in card and "figure is test" not in card, card
+
+
 def test_a_pair_tasks_card_shows_a_pair_in_its_usage_example(trained, tiny_bert, capsys):
     """The card's example fed a sentence-pair model one sentence (single-text usage): a user following it got
     predictions of nothing the model was trained on."""

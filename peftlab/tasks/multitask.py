@@ -489,7 +489,8 @@ def export(out: Path, model, tokenizer, recipe, record, metrics: dict, report: d
         view = multi.task_adapter(name)
         trainable = view.trainable_params()
         total = frozen + trainable  # what this task's model holds: the base, its adapter, its head
-        own = {split: task_metrics(m, name) for split, m in metrics.items()}
+        # (a split this task lacks, e.g. another task's data.test, is none of its own: not "test": {} and a card row of it)
+        own = {split: figures for split, m in metrics.items() if (figures := task_metrics(m, name))}
         rec = replace(record, name=sub.name, output_dir=sub.output_dir, task="classification", label_names=multi.labels[name],
                       metrics=own, history=[{"step": h["step"], **task_metrics(h, name)} for h in record.history],
                       trainable_params=trainable, total_params=total, trainable_percent=100 * trainable / max(total, 1),
