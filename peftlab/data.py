@@ -458,6 +458,18 @@ def first_json_records(path: str, n: int = 100, prefix: int = 1 << 20) -> list:
     return records
 
 
+def shared_test_file(d: DataConfig) -> str | None:
+    """"eval" or "train" where data section `d`'s test split is read from the file of that split (the selection split's,
+    or the training rows'): its figure is then no held-out one, whatever rows a max_samples draws. Said next to it and
+    warned about (run.preflight; a multi-task recipe's per task)."""
+    test = d.test and d.test.path and Path(d.test.path).resolve()
+    for split in ("eval", "train"):
+        spec = getattr(d, split)
+        if test and spec and spec.path and Path(spec.path).resolve() == test:
+            return split
+    return None
+
+
 def column_problems(recipe: Recipe, prefix: str = "data") -> list[str]:
     """`peftlab validate`: each local split's columns (its header, not its rows) against the columns its task reads, with
     training's own messages, each split named `prefix`.SPLIT. Hub splits (data.dataset) are read by `train`; a missing

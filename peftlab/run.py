@@ -34,7 +34,7 @@ from .config import (
     unread_quant_options,
     unread_task_options,
 )
-from .data import build_data, column_problems, load_splits
+from .data import build_data, column_problems, load_splits, shared_test_file
 from .errors import ArtifactError, ConfigError, path_argument
 from .export import check_destination, export, merge, predictions_jsonl, rebuild
 from .methods import get_method
@@ -153,18 +153,6 @@ def check_evaluation(out, split: str, overrides=(), results_dir=None) -> None:
                 for name, spec in given if spec.path is not None and not Path(spec.path).is_file()]
     if problems := problems or column_problems(recipe):
         raise ConfigError(problems)
-
-
-def shared_test_file(recipe: Recipe) -> str | None:
-    """"eval" or "train" where data.test is read from the file of that split (the selection split's, or the training
-    rows'): its figure is then no held-out one, whatever rows a max_samples draws. Said next to it and warned about."""
-    d = recipe.data
-    test = d.test and d.test.path and Path(d.test.path).resolve()
-    for split in ("eval", "train"):
-        spec = getattr(d, split)
-        if test and spec and spec.path and Path(spec.path).resolve() == test:
-            return split
-    return None
 
 
 def rows_of(recipe, split: str) -> tuple:
@@ -332,7 +320,7 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = 
                     # keep_best over several evaluations, or early stopping, chose the exported step on data.eval: reports must
                     # not call it held out
                     selected_on="eval" if (recipe.train.keep_best and len(state.history) > 1) or state.stopped_early else None,
-                    test_shares=shared_test_file(recipe),
+                    test_shares=shared_test_file(recipe.data),
                     train_wall_s=state.wall_seconds, train_seconds=state.train_seconds, train_examples=state.examples, train_tokens=state.tokens,
                     train_padded_tokens=state.padded_tokens, eval_seconds=eval_seconds,
                     examples_per_s=state.examples / max(state.train_seconds, 1e-9),
@@ -417,15 +405,18 @@ def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
         log.warning("train.eval_every=%s but there is no evaluation split: nothing is evaluated during training (nor kept by "
                     "train.keep_best). Give one (data.eval.path=FILE, or data.eval_holdout=0.1 of train), or drop "
                     "train.eval_every.", recipe.train.eval_every)
-    train, evaluated = (s and s.path and Path(s.path).resolve() for s in (d.train, d.eval))
-    if evaluated and evaluated == train:  # (data.test on it is said below, and in the summary)
-        log.warning("data.eval is the file of data.train (%s): its figures, and what train.keep_best or early stopping choose "
-                    "by them, score rows the model trains on. Give data.eval a file training never reads, or hold rows out of "
-                    "train: data.eval=null data.eval_holdout=0.1.", d.eval.path)
-    if shared := shared_test_file(recipe):
-        log.warning("data.test is the file of data.%s (%s): its figure is not held out (the summary and the card say so). "
-                    "Give data.test a file of rows that %s never reads.", shared, recipe.data.test.path,
-                    "selection" if shared == "eval" else "training")
+    # a multi-task recipe's splits are its tasks' (its run per task, OUT/tasks/NAME, and that run's card say it)
+    sections = [(f"multitask.tasks.{n}.data", t.data) for n, t in recipe.multitask.tasks.items()] if recipe.multitask else [("data", d)]
+    for key, section in sections:
+        train, evaluated = (s and s.path and Path(s.path).resolve() for s in (section.train, section.eval))
+        if evaluated and evaluated == train:  # (data.test on it is said below, and in the summary)
+            log.warning("%s.eval is the file of %s.train (%s): its figures, and what train.keep_best or early stopping choose "
+                        "by them, score rows the model trains on. Give %s.eval a file training never reads, or hold rows out "
+                        "of train: %s.eval=null %s.eval_holdout=0.1.", key, key, section.eval.path, key, key, key)
+        if shared := shared_test_file(section):
+            log.warning("%s.test is the file of %s.%s (%s): its figure is not held out (the summary and the card say so). "
+                        "Give %s.test a file of rows that %s never reads.", key, key, shared, section.test.path, key,
+                        "selection" if shared == "eval" else "training")
     if unread := get_method(recipe.adapter.method).unread_options(recipe.adapter):
         log.warning("%s: not read by adapter.method=%s, so ignored (the recipe and the card still show them). Remove them, "
                     "or choose a method that reads them.", ", ".join(unread), recipe.adapter.method)

@@ -341,6 +341,21 @@ def test_a_task_without_a_test_split_has_no_test_figures(trained):
         assert ("| test" in card) == (name == "topic") and "test (None)" not in card and "figure is test" not in card, card
 
 
+def test_a_tasks_test_split_on_its_own_train_file_is_said_not_held_out(task_files, tmp_path, tiny_bert, caplog):
+    """Only the top-level data section was looked at: a task whose data.test is its data.train file was "test (held out)"
+    on its card, with no warning, where a single-task recipe warns and says "not held out: the file of data.train"."""
+    t = tree(task_files, tmp_path / "run", tiny_bert)
+    t["multitask"]["tasks"]["senti"]["data"]["test"] = str(task_files["senti_train"])
+    with caplog.at_level(logging.WARNING):
+        record = run(recipe_of(tmp_path, t, ["train.max_steps=2", "train.eval_every=1", "export.merge=false"]))
+    assert (f"multitask.tasks.senti.data.test is the file of multitask.tasks.senti.data.train ({task_files['senti_train']}): "
+            "its figure is not held out") in caplog.text
+    out = Path(record.output_dir)
+    assert [read_run(out / "tasks" / n)[1].test_shares for n in ("senti", "topic")] == ["train", "eval"]  # (topic: its eval file)
+    card = card_text(out / "tasks" / "senti")
+    assert "| test (not held out: the file of data.train) |" in card and "figure is test" not in card, card
+
+
 def test_a_pair_tasks_card_shows_a_pair_in_its_usage_example(trained, tiny_bert, capsys):
     """The card's example fed a sentence-pair model one sentence (single-text usage): a user following it got
     predictions of nothing the model was trained on."""

@@ -474,6 +474,7 @@ def export(out: Path, model, tokenizer, recipe, record, metrics: dict, report: d
     own metrics.json and run.json (run.json last: it makes OUT a finished run) -> OUT's record, as written."""
     import json
 
+    from ..data import shared_test_file
     from ..export import export as export_one
     from ..export import hardware, merge, versions
     from ..rundir import atomic_write_text, write_record
@@ -494,6 +495,7 @@ def export(out: Path, model, tokenizer, recipe, record, metrics: dict, report: d
         rec = replace(record, name=sub.name, output_dir=sub.output_dir, task="classification", label_names=multi.labels[name],
                       metrics=own, history=[{"step": h["step"], **task_metrics(h, name)} for h in record.history],
                       trainable_params=trainable, total_params=total, trainable_percent=100 * trainable / max(total, 1),
+                      test_shares=shared_test_file(sub.data),  # (the run's is None: its own data section has no splits)
                       multitask={**info, "task": name})
         folder = out / "tasks" / name
         # a --resume of a run stopped after exporting some tasks: their folders are this unfinished run's, exported again
