@@ -400,13 +400,14 @@ def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
     teacher = recipe.train.distill and (training or (Path(recipe.train.distill.teacher) / "run.json").is_file())
     problems += distill.check(recipe) if teacher else []
     d = recipe.data
-    # (train.max_steps=0, zero-shot: no training to evaluate during)
-    if recipe.train.eval_every and recipe.train.max_steps != 0 and d.eval is None and not d.eval_holdout and recipe.multitask is None:
-        log.warning("train.eval_every=%s but there is no evaluation split: nothing is evaluated during training (nor kept by "
-                    "train.keep_best). Give one (data.eval.path=FILE, or data.eval_holdout=0.1 of train), or drop "
-                    "train.eval_every.", recipe.train.eval_every)
     # a multi-task recipe's splits are its tasks' (its run per task, OUT/tasks/NAME, and that run's card say it)
     sections = [(f"multitask.tasks.{n}.data", t.data) for n, t in recipe.multitask.tasks.items()] if recipe.multitask else [("data", d)]
+    # (train.max_steps=0, zero-shot: no training to evaluate during)
+    if recipe.train.eval_every and recipe.train.max_steps != 0 and all(s.eval is None and not s.eval_holdout for _, s in sections):
+        key = "multitask.tasks.NAME.data" if recipe.multitask else "data"
+        log.warning("train.eval_every=%s but there is no evaluation split: nothing is evaluated during training (nor kept by "
+                    "train.keep_best). Give one (%s.eval.path=FILE, or %s.eval_holdout=0.1 of train), or drop "
+                    "train.eval_every.", recipe.train.eval_every, key, key)
     for key, section in sections:
         train, evaluated = (s and s.path and Path(s.path).resolve() for s in (section.train, section.eval))
         if evaluated and evaluated == train:  # (data.test on it is said below, and in the summary)

@@ -158,6 +158,24 @@ def test_validate_of_a_bad_key_in_one_task_says_only_that(task_files, tmp_path, 
     assert e.value.problems == ["data.max_lenght: unknown key. Did you mean 'max_length'?"]
 
 
+def test_eval_every_without_any_tasks_evaluation_split_is_warned_about(task_files, tmp_path, tiny_bert, caplog):
+    """Single-task recipes warn that train.eval_every evaluates nothing without an evaluation split; a multi-task one
+    whose tasks had none took it silently."""
+    from peftlab.run import preflight
+
+    t = tree(task_files, tmp_path / "o", tiny_bert)
+    for task in t["multitask"]["tasks"].values():
+        task["data"].pop("eval")
+    with caplog.at_level(logging.WARNING):
+        preflight(recipe_of(tmp_path, t, ["train.eval_every=3"]))
+    assert ("train.eval_every=3 but there is no evaluation split: nothing is evaluated during training (nor kept by "
+            "train.keep_best). Give one (multitask.tasks.NAME.data.eval.path=FILE, or multitask.tasks.NAME.data.eval_holdout=0.1") in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        preflight(recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert), ["train.eval_every=3"]))
+    assert "no evaluation split" not in caplog.text
+
+
 def test_validate_reads_each_tasks_columns_and_names_the_task(task_files, tmp_path, tiny_bert):
     from peftlab.data import column_problems
 
