@@ -241,7 +241,20 @@ class RunRecord:
 
     def split_label(self, split: str) -> str:
         """How a split's figure is labelled in the summary and the card: the selection split says so, the others are
-        held out."""
+        held out; a multi-task run's split that some of its tasks lack says which tasks its mean is of."""
+        label = self._split_label(split)
+        if not (partial := self.tasks_scored(split)):
+            return label
+        note = f"mean of {', '.join(partial[0])} only: {', '.join(partial[1])} {'has' if len(partial[1]) == 1 else 'have'} no {split} split"
+        return f"{split} ({note})" if label == split else f"{label[:-1]}; {note})"
+
+    def tasks_scored(self, split: str) -> tuple[list[str], list[str]] | None:
+        """A multi-task run's split that not every task has (data.test of some tasks) -> (its tasks, the others)."""
+        tasks = (self.multitask or {}).get("tasks") if not (self.multitask or {}).get("task") else None
+        scored = [t for t in tasks or () if f"{t}/loss" in ((self.metrics or {}).get(split) or {})]
+        return (scored, [t for t in tasks if t not in scored]) if scored and len(scored) < len(tasks) else None
+
+    def _split_label(self, split: str) -> str:
         if split == "test" and self.test_shares:
             return f"test (not held out: the file of data.{self.test_shares})"
         if not self.selected_on:

@@ -374,6 +374,20 @@ def test_a_tasks_test_split_on_its_own_train_file_is_said_not_held_out(task_file
     assert "| test (not held out: the file of data.train) |" in card and "figure is test" not in card, card
 
 
+def test_the_summary_says_which_tasks_a_test_mean_is_of(trained, capsys):
+    """Only topic has data.test: the closing summary's "test mean" was topic's alone and did not say so."""
+    from peftlab.cli import print_summary
+
+    record = trained["shared"]
+    assert read_run(record.output_dir)[1].split_label("test") == record.split_label("test")
+    assert record.split_label("test").endswith("mean of topic only: pair, senti have no test split)"), record.split_label("test")
+    assert "mean of" not in record.split_label("eval")  # (every task has an eval split)
+    print_summary(record)
+    out = capsys.readouterr().out
+    test = out[out.index("   test "):].split("\n   eval")[0]  # (a multi-task split's summary is two lines)
+    assert "<- mean of topic only: pair, senti have no test split" in test, out
+
+
 def test_a_pair_tasks_card_shows_a_pair_in_its_usage_example(trained, tiny_bert, capsys):
     """The card's example fed a sentence-pair model one sentence (single-text usage): a user following it got
     predictions of nothing the model was trained on."""
