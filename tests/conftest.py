@@ -27,6 +27,20 @@ NEGATIVE = ["bad", "awful", "poor", "boring", "sad", "terrible"]
 FILLER = ["the", "movie", "film", "plot", "actor", "was", "very", "a", "and", "story", "really", "quite"]
 
 
+def with_generation_config(base: Path, to: Path, **settings) -> Path:
+    """A copy of the model folder `base` whose generation_config.json also sets `settings` (as checkpoints ship
+    repetition_penalty, n-gram blocking or sampling)."""
+    import shutil
+
+    from transformers import GenerationConfig
+
+    shutil.copytree(base, to)
+    config = GenerationConfig.from_pretrained(base)
+    config.update(**settings)
+    config.save_pretrained(to)
+    return to
+
+
 def load_benchmark(name: str):
     """benchmarks/NAME.py as a module (the benchmarks are scripts, not a package the tests can import)."""
     import importlib.util

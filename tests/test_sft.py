@@ -20,7 +20,7 @@ from peftlab import build_data, load_recipe, load_splits, load_trained, run
 from peftlab.errors import ConfigError, DataError
 from peftlab.tasks import sft
 
-from .conftest import IM_END, IM_START, REPO, chat_tokenizer, shared_or_skip
+from .conftest import IM_END, IM_START, REPO, chat_tokenizer, shared_or_skip, with_generation_config
 
 QA = [("what is the capital of france", "paris"), ("what color is the sky", "blue"), ("how many legs has a cat", "four"),
       ("what do bees make", "honey"), ("what is frozen water", "ice"), ("which animal barks", "a dog")]
@@ -503,7 +503,7 @@ def test_chatml_on_a_tokenizer_without_its_tokens_stops_at_the_text_marker(tmp_p
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(GenerationMixin, "generate", spy)
         run(r)
-    assert seen["stop_strings"] == ["<|im_end|>"] and seen["tokenizer"] is not None
+    assert seen["generation_config"].stop_strings == ["<|im_end|>"] and seen["tokenizer"] is not None
     preds = [json.loads(line)["prediction"] for line in (r.out / "predictions-eval.jsonl").read_text().splitlines()]
     assert preds and not any("<|im_end|>" in p for p in preds)
     from peftlab.publish.card import card_text  # the card's snippet stops there too, and answers as the evaluation did
@@ -589,6 +589,23 @@ def test_each_generated_answer_is_greedy_decoding_of_the_model_as_trained(tmp_pa
         greedy.append(tok.decode(ids[0, start:], skip_special_tokens=True).strip())
     assert [p["prediction"] for p in preds] == greedy
     assert len(set(greedy)) > 1  # (not one text for every row: the prompts matter)
+
+
+@pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
+def test_a_bases_generation_config_does_not_change_the_generated_answers(tmp_path, chat_llama, method):
+    """Generation passed do_sample=False and num_beams=1 only, so a base's generation_config.json (Qwen2.5-Instruct ships
+    repetition_penalty=1.05) changed every answer scored. Zero-shot, a copy of the base that sets repetition_penalty,
+    n-gram blocking and a sequence_bias must answer as the base does."""
+    odd = with_generation_config(chat_llama, tmp_path / "odd-base", repetition_penalty=5.0, no_repeat_ngram_size=2,
+                                 sequence_bias={(chat_tokenizer().convert_tokens_to_ids("paris"),): 20.0})
+    path = write_jsonl(tmp_path / "m.jsonl", messages_rows())
+    adapter = [] if method == "lora" else [f"adapter.method={method}", "adapter.target_modules=null", "adapter.num_virtual_tokens=4"]
+    answers = []
+    for name, model in (("plain", chat_llama), ("odd", odd)):
+        r = recipe_for(tmp_path, model, path, [*adapter, "train.max_steps=0", "export.merge=false", f"output_dir={tmp_path / name}"])
+        run(r)
+        answers.append([json.loads(line)["prediction"] for line in (r.out / "predictions-eval.jsonl").read_text().splitlines()])
+    assert answers[0] == answers[1]
 
 
 def test_prefix_tuning_and_packed_prompt_methods_are_refused_at_validation(tmp_path, chat_llama):

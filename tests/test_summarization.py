@@ -20,7 +20,7 @@ from peftlab import build_data, build_model, export, load_recipe, load_splits, l
 from peftlab.errors import ConfigError, DataError, ModelError
 from peftlab.publish.card import card_text
 
-from .conftest import REPO, losses, minilm_tokenizer, shared_or_skip
+from .conftest import REPO, losses, minilm_tokenizer, shared_or_skip, with_generation_config
 
 NAMES = ["Anna", "Tom", "Mia", "Leo", "Eva", "Sam", "Ben", "Zoe"]
 ITEMS = ["cake", "keys", "book", "car", "tickets", "laptop", "guitar", "map"]
@@ -590,8 +590,8 @@ def test_no_repeat_ngram_leaves_a_decoders_prompt_free_to_copy():
     seen = {}
 
     class Model(torch.nn.Module):
-        def generate(self, input_ids, attention_mask, **kwargs):
-            seen.update(kwargs)
+        def generate(self, input_ids, attention_mask, generation_config, **kwargs):
+            seen.update(kwargs, no_repeat_ngram_size=generation_config.no_repeat_ngram_size)
             return input_ids
 
     tok = SimpleNamespace(pad_token_id=0, eos_token_id=1, batch_decode=lambda ids, **k: [""] * len(ids))
@@ -599,10 +599,30 @@ def test_no_repeat_ngram_leaves_a_decoders_prompt_free_to_copy():
     acc = SimpleNamespace(autocast=contextlib.nullcontext)
     ids = torch.tensor([prompt])
     generate(Model(), tok, {}, {"gen_input_ids": ids, "gen_attention_mask": torch.ones_like(ids)}, cfg, acc)  # decoder-only
-    assert seen["no_repeat_ngram_size"] == 0 and seen["logits_processor"][0].prompt_length == 3
+    assert not seen["no_repeat_ngram_size"] and seen["logits_processor"][0].prompt_length == 3
     seen.clear()
     generate(Model(), tok, {"input_ids": ids, "attention_mask": torch.ones_like(ids)}, {}, cfg, acc)  # encoder-decoder
     assert seen["no_repeat_ngram_size"] == 3 and "logits_processor" not in seen
+
+
+@pytest.mark.parametrize("family,method", [("t5", "lora"), ("llama", "lora"), ("llama", "prompt_tuning")])
+def test_a_bases_generation_config_does_not_change_what_evaluation_generates(family, method, make_sum_recipe, request, tmp_path):
+    """A base whose generation_config.json sets repetition_penalty=5 and no_repeat_ngram_size=2 changed every summary
+    (generate merges its kwargs over the model's generation_config), though eval.no_repeat_ngram_size=0 is off and the
+    report names the recipe's settings only. Zero-shot, both bases must write the same summaries (a sequence_bias too:
+    a setting a passed generation_config cannot unset, transformers fills it from the model's)."""
+    base = request.getfixturevalue({"t5": "tiny_t5", "llama": "tiny_llama"}[family])
+    odd = with_generation_config(base, tmp_path / "odd-base", repetition_penalty=5.0, no_repeat_ngram_size=2, min_new_tokens=6,
+                                 sequence_bias={(minilm_tokenizer().convert_tokens_to_ids("the"),): 20.0})
+    settings = {"train.max_steps": 0, "eval.num_beams": 2 if family == "t5" else 1, "export.merge": False}
+    if method != "lora":
+        settings.update({"adapter.method": method, "adapter.target_modules": None, "adapter.num_virtual_tokens": 4})
+    predictions = []
+    for name, model in (("plain", base), ("odd", odd)):
+        recipe = make_sum_recipe(model, settings, name=name)
+        run(recipe)
+        predictions.append([json.loads(line)["prediction"] for line in (recipe.out / "predictions-eval.jsonl").read_text().splitlines()])
+    assert predictions[0] == predictions[1]
 
 
 def test_a_target_column_of_lists_is_refused_not_scored_as_its_repr(make_sum_recipe, tiny_t5, tmp_path):

@@ -205,6 +205,37 @@ def loss_and_predictions(model, loader, accelerator, *, shift: bool, extras: tup
     return loss, n_tokens, sorted(rows, key=lambda r: r["row"]) if generate is not None else None
 
 
+# what a base's generation_config.json holds that evaluation keeps: the tokens its architecture starts, ends and pads
+# with (T5's decoder start is its pad token, BART forces BOS/EOS at the first and last step: without them it decodes
+# something else, not worse) and how its KV cache is held (the same tokens come out). Everything else there is
+# decoding behaviour (repetition_penalty, no_repeat_ngram_size, min_length, length_penalty, sampling with temperature,
+# top_k/top_p, bad_words_ids, suppress_tokens, sequence_bias, ...): left out, so that the recipe's eval.* alone decide
+# what is generated and reported (Qwen2.5-Instruct ships repetition_penalty=1.05 and sampling; T5 checkpoints ship
+# beam settings).
+ARCHITECTURE_GENERATION = ("decoder_start_token_id", "bos_token_id", "eos_token_id", "pad_token_id", "forced_bos_token_id",
+                           "forced_eos_token_id", "cache_implementation", "cache_config")
+
+
+@contextmanager
+def evaluation_generation(model, **settings):
+    """Around `generate` of `model` (a peft model or its base): -> the GenerationConfig to pass as generation_config=,
+    the base's own reduced to ARCHITECTURE_GENERATION with `settings` (the recipe's) on top. transformers fills every
+    setting a passed config leaves unset from the model's generation_config before its own defaults, so the model's is
+    this one until the block ends."""
+    from transformers import GenerationConfig
+
+    get = getattr(model, "get_base_model", None)
+    owner = get() if get is not None else model
+    own = getattr(owner, "generation_config", None)
+    kept = {k: getattr(own, k) for k in ARCHITECTURE_GENERATION if getattr(own, k, None) is not None}
+    config = GenerationConfig(**{**kept, **settings})
+    owner.generation_config = config
+    try:
+        yield config
+    finally:
+        owner.generation_config = own
+
+
 def generation_inputs(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[Any, dict, int]:
     """-> (the model to call generate on, its inputs, the prompt tokens that come back in front of its output), for
     left-padded prompts. Prompt/p-tuning: peft's own generate is wrong with this transformers (its KV cache: from the

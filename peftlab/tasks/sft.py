@@ -43,6 +43,7 @@ from .generative import (
     check_references,
     contiguous_head_input,
     data_row,
+    evaluation_generation,
     generation_inputs,
     log_examples,
     loss_and_predictions,
@@ -642,15 +643,17 @@ def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=
     write, timing = None, {"seconds": 0.0, "new_tokens": 0}
     if tokenizer is not None and recipe is not None:
         stops, texts = stop_ids(tokenizer), text_stops(tokenizer)
-        by_text = {"stop_strings": texts, "tokenizer": tokenizer} if texts else {}
+        by_text = {"tokenizer": tokenizer} if texts else {}  # (stop_strings need it)
 
         def write(unwrapped, batch, extras):
             ids = extras["gen_input_ids"].to(batch["input_ids"].device)
             generator, inputs, echoed = generation_inputs(unwrapped, ids, extras["gen_attention_mask"].to(ids.device))
             start = time.perf_counter()
-            with accelerator.autocast(), contiguous_head_input(unwrapped):
-                gen = generator.generate(**inputs, max_new_tokens=recipe.eval.max_new_tokens, do_sample=False, num_beams=1,
-                                         pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, **by_text)
+            settings = dict(max_new_tokens=recipe.eval.max_new_tokens, do_sample=False, num_beams=1,
+                            pad_token_id=tokenizer.pad_token_id, eos_token_id=stops, stop_strings=texts or None)
+            # greedy as the recipe says: none of the base's generation_config.json (its repetition_penalty, sampling)
+            with accelerator.autocast(), contiguous_head_input(unwrapped), evaluation_generation(generator, **settings) as config:
+                gen = generator.generate(**inputs, generation_config=config, **by_text)
             timing["seconds"] += time.perf_counter() - start
             new = gen[:, echoed:]
             timing["new_tokens"] += int(new_token_counts(new, stops + ([tokenizer.pad_token_id] if texts else [])).sum())  # (a row

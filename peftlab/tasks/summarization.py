@@ -28,6 +28,7 @@ from . import encoder_decoder
 from .generative import (
     causal_lm_loss,
     contiguous_head_input,
+    evaluation_generation,
     generation_inputs,
     log_examples,
     loss_and_predictions,
@@ -392,17 +393,18 @@ def generate(model, tokenizer, batch: dict, extras: dict, cfg, accelerator) -> l
         generator, inputs, echoed = generation_inputs(model, extras["gen_input_ids"], extras["gen_attention_mask"])
     else:
         generator, inputs, echoed = model, {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}, 0
-    kwargs = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, do_sample=False,
-                  pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_id(tokenizer))
+    settings = dict(max_new_tokens=cfg.max_new_tokens, num_beams=cfg.num_beams, do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id, eos_token_id=eos_id(tokenizer))
     if cfg.num_beams > 1:
-        kwargs.update(length_penalty=cfg.length_penalty, early_stopping=True)
+        settings.update(length_penalty=cfg.length_penalty, early_stopping=True)
+    processors = {}
     if cfg.no_repeat_ngram_size and causal:  # the summary's own n-grams: not the prompt's, which it must be free to copy
-        kwargs["logits_processor"] = LogitsProcessorList([SummaryNoRepeatNGram(cfg.no_repeat_ngram_size, echoed)])
-        kwargs["no_repeat_ngram_size"] = 0  # (not a generation_config's own, which would count the prompt again)
+        processors["logits_processor"] = LogitsProcessorList([SummaryNoRepeatNGram(cfg.no_repeat_ngram_size, echoed)])
     elif cfg.no_repeat_ngram_size:  # (an encoder-decoder's decoder holds the summary only)
-        kwargs["no_repeat_ngram_size"] = cfg.no_repeat_ngram_size
-    with accelerator.autocast(), contiguous_head_input(model):
-        out = generator.generate(**inputs, **kwargs)
+        settings["no_repeat_ngram_size"] = cfg.no_repeat_ngram_size
+    # the recipe's settings alone: none of the base's generation_config.json (its repetition_penalty, n-gram blocking)
+    with accelerator.autocast(), contiguous_head_input(model), evaluation_generation(generator, **settings) as config:
+        out = generator.generate(**inputs, generation_config=config, **processors)
     out = out[:, echoed:]  # a decoder's prompt comes back in front of the continuation
     return [t.strip() for t in tokenizer.batch_decode(out, skip_special_tokens=True)]
 
