@@ -269,6 +269,29 @@ def check_input_lengths(config, recipe: Recipe, section: str = "data") -> None:
                              f"inputs cannot be encoded. Set {keys[0]}{others} so that it is <= {limit}.")
 
 
+def check_run_input_lengths(recipe: Recipe, out: Path) -> None:
+    """check_input_lengths for an evaluation of run folder `out` with its recipe as overridden (eval.max_new_tokens,
+    data.max_length), from configs alone: the folder's own config.json (a full or merged model), else its base's (a
+    warm start's two halves). Without it a BERT2BERT's eval.max_new_tokens=200 failed deep in generation. A base not
+    readable here is not checked (loading it says why)."""
+    from transformers import AutoConfig, EncoderDecoderConfig
+
+    m = recipe.model
+    try:
+        if (out / "config.json").is_file() and not (out / "adapter_config.json").is_file():
+            config = AutoConfig.from_pretrained(str(out), trust_remote_code=m.trust_remote_code)
+        elif m.decoder is not None:
+            config = EncoderDecoderConfig.from_encoder_decoder_configs(
+                AutoConfig.from_pretrained(base_path(recipe), revision=m.revision, trust_remote_code=m.trust_remote_code),
+                AutoConfig.from_pretrained(resolve_model_path(m.decoder), trust_remote_code=m.trust_remote_code))
+        else:
+            config = AutoConfig.from_pretrained(base_path(recipe), revision=m.revision, trust_remote_code=m.trust_remote_code)
+    except Exception as e:  # (the base not here: rebuilding the model says so)
+        log.info("input lengths of the evaluation not checked before loading (%s: %s)", type(e).__name__, e)
+        return
+    check_input_lengths(config, recipe)
+
+
 def encoder_only(config) -> bool:
     """An encoder whose causal-LM class is its masked-LM model's layers with `is_decoder` switched on (BERT, RoBERTa,
     ELECTRA, ...: their masked-LM and causal-LM classes differ): built from a config with is_decoder=False, that

@@ -38,7 +38,7 @@ from .data import build_data, column_problems, load_splits, shared_test_file
 from .errors import ArtifactError, ConfigError, path_argument
 from .export import check_destination, export, merge, predictions_jsonl, rebuild
 from .methods import get_method
-from .model import build_model, model_problems, num_layers_problems, task_model_problems
+from .model import build_model, check_run_input_lengths, model_problems, num_layers_problems, task_model_problems
 from .rundir import (
     RECIPE_FILE,
     RECORD_FILE,
@@ -127,6 +127,7 @@ def evaluation_plan(out, split: str, overrides=(), results_dir=None) -> Evaluati
         if recipe.train.precision != trained.train.precision:
             precision = resolve_precision(recipe.train.precision)
     check_split_given(recipe, split)  # before the model is loaded
+    check_run_input_lengths(recipe, out)  # eval.max_new_tokens, data.max_length against the position tables, as validate
     if results_dir is None:
         results_dir = EVAL_DIR / f"{out.resolve().name}-{overrides_tag(overrides, out.resolve())}" if overrides or not holds_run(out) else out
     results = Path(results_dir)

@@ -215,6 +215,24 @@ def test_max_new_tokens_beyond_the_decoders_positions_is_refused_before_training
                for p in preflight(causal, training=False))
 
 
+def test_an_evaluation_whose_overrides_exceed_the_positions_is_refused_before_the_model_loads(make_sum_recipe, tiny_bert, tmp_path):
+    """`peftlab eval RUN eval.max_new_tokens=200` (or data.max_length=200) on a BERT2BERT run of 128 positions failed
+    deep in generation (RuntimeError: expanded size ... from modeling_bert): the evaluation's checks never compared the
+    overridden lengths with the position tables, as validate does. Refused, for the run's adapter and its merged model,
+    by evaluate and by the checks `eval --launch` makes before it starts any process."""
+    from peftlab.run import check_evaluation, evaluate
+
+    recipe = make_sum_recipe(tiny_bert, {"model.decoder": str(tiny_bert), "train.max_steps": 1}, name="b2b")
+    run(recipe)
+    for folder in (recipe.out, merge(recipe.out)):
+        for override, message in (("eval.max_new_tokens=200", r"eval.max_new_tokens \+ 1 \(the decoder start token\) = 200 \+ 1 exceeds the 128"),
+                                  ("data.max_length=200", r"data.max_length \+ the prompt template and special tokens = 200 \+ 2 exceeds the 128")):
+            for check in (evaluate, check_evaluation):
+                with pytest.raises(ModelError, match=message):
+                    check(folder, "eval", [override])
+    assert "rougeL" in evaluate(recipe.out, "eval", ["eval.max_new_tokens=20"], results_dir=tmp_path / "results")
+
+
 def test_the_prompts_template_and_special_tokens_count_against_the_positions(make_sum_recipe, tiny_bert, tiny_llama):
     """The length check counted data.max_length alone for the encoder (and max_length + max_target_length for a decoder),
     but the prompt holds [CLS]/[SEP], BOS and the template's text on top, and batches were padded up to a multiple of 8:
