@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import ctypes
+import functools
 import logging
 import pickle
 import re
@@ -252,21 +253,36 @@ def position_limit(config) -> int | None:
     return limit
 
 
-def check_input_lengths(config, recipe: Recipe, section: str = "data") -> None:
+def length_problems(config, recipe: Recipe, section: str = "data") -> list[str]:
     """The lengths the task's inputs take (data.max_length; for summarization also the summary's, see its
-    input_lengths) must fit the position tables, or the first long batch fails deep in the forward pass. `section`:
-    where the recipe keeps the data keys named (a task of a multi-task recipe: multitask.tasks.NAME.data)."""
+    input_lengths) that do not fit the position tables, each with the bound its first key must keep (the rest of the
+    sum subtracted), all at once. `section`: where the recipe keeps the data keys named (a task of a multi-task recipe:
+    multitask.tasks.NAME.data)."""
     virtual = get_method(recipe.adapter.method).extra_positions(recipe.adapter)
+    problems = []
     for i, (cfg, length, what) in enumerate(input_lengths(get_task(recipe.task.type), config, recipe)):
         if virtual and i == 0:  # the virtual tokens go before the input (the encoder's, for an encoder-decoder)
             length, what = length + virtual, f"{what}, + adapter.num_virtual_tokens={virtual},"
         limit = position_limit(cfg)
-        if limit is not None and length > limit:
-            what = re.sub(r"\bdata\.", f"{section}.", what)
-            keys = list(dict.fromkeys(re.findall(rf"(?:{re.escape(section)}|\beval|\badapter)\.\w+", what))) or [f"{section}.max_length"]
-            others = f" (and {', '.join(keys[1:])})" if keys[1:] else ""
-            raise ModelError(f"{what} exceeds the {limit} positions of {recipe.model.name} ({type(cfg).__name__}): longer "
-                             f"inputs cannot be encoded. Set {keys[0]}{others} so that it is <= {limit}.")
+        if limit is None or length <= limit:
+            continue
+        keys = list(dict.fromkeys(re.findall(r"\b(?:data|eval|adapter)\.\w+", what))) or ["data.max_length"]
+        bound = functools.reduce(getattr, keys[0].split("."), recipe) - (length - limit)  # the key's, the rest as they are
+        first, *others = [re.sub(r"^data\.", f"{section}.", k) for k in keys]
+        if bound >= 1:
+            fix = f"Set {first} so that it is <= {bound}" + (f" (or lower {', '.join(others)})" if others else "")
+        else:
+            fix = f"Even {first}=1 does not fit: lower {', '.join(others) or 'the prompt template (task.prompt)'}"
+        what = re.sub(r"\bdata\.", f"{section}.", what)
+        problems.append(f"{what} exceeds the {limit} positions of {recipe.model.name} "
+                        f"({type(cfg).__name__}): longer inputs cannot be encoded. {fix}.")
+    return problems
+
+
+def check_input_lengths(config, recipe: Recipe, section: str = "data") -> None:
+    """length_problems, refused together (or the first long batch fails deep in the forward pass)."""
+    if problems := length_problems(config, recipe, section):
+        raise ModelError("\n".join(problems))
 
 
 def check_run_input_lengths(recipe: Recipe, out: Path) -> None:
@@ -631,7 +647,7 @@ def model_problems(recipe: Recipe) -> list[str]:
             encoder = AutoConfig.from_pretrained(path, revision=m.revision)
             problems += default_layers_problems(recipe, encoder.model_type)  # the warm start takes the encoder's defaults
             warm = EncoderDecoderConfig.from_encoder_decoder_configs(encoder, AutoConfig.from_pretrained(resolve_model_path(m.decoder)))
-            check_input_lengths(warm, recipe)
+            problems += length_problems(warm, recipe)
         except ModelError as e:
             problems.append(str(e))
         except Exception as e:  # (a decoder not found: `train` says it when it builds the model)
@@ -652,7 +668,7 @@ def model_problems(recipe: Recipe) -> list[str]:
             recipe = task.model_recipe(recipe)  # the single-model recipe its model is built by: the adapter's checks below
             task = get_task(recipe.task.type)
         else:
-            check_input_lengths(config, recipe)  # data.max_length against the position table
+            problems += length_problems(config, recipe)  # data.max_length against the position table
     except ModelError as e:
         problems.append(str(e))
     except Exception as e:  # a config transformers cannot read here: a local folder's is refused as `train` refuses it

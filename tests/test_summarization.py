@@ -205,7 +205,7 @@ def test_max_new_tokens_beyond_the_decoders_positions_is_refused_before_training
     b2b = make_sum_recipe(tiny_bert, {"model.decoder": str(tiny_bert), "eval.max_new_tokens": 200}, name="b2b")  # 128 positions
     problems = preflight(b2b, training=False)  # `validate`
     assert any("eval.max_new_tokens + 1 (the decoder start token) = 200 + 1 exceeds the 128 positions" in p
-               and "Set eval.max_new_tokens so that it is <= 128" in p for p in problems), problems
+               and "Set eval.max_new_tokens so that it is <= 127" in p for p in problems), problems
     with pytest.raises(ModelError, match=r"eval.max_new_tokens \+ 1 .* exceeds the 128 positions"):
         build_model(b2b, num_labels=0, label_names=[])
     b2b.eval.max_new_tokens = 127
@@ -243,13 +243,34 @@ def test_the_prompts_template_and_special_tokens_count_against_the_positions(mak
 
     b2b = make_sum_recipe(tiny_bert, {"model.decoder": str(tiny_bert), "data.max_length": 127}, name="b2b")  # 128 positions
     assert any("data.max_length + the prompt template and special tokens = 127 + 2 exceeds the 128 positions" in p
-               and "Set data.max_length so that it is <= 128" in p for p in preflight(b2b, training=False))
+               and "Set data.max_length so that it is <= 126" in p for p in preflight(b2b, training=False))
     b2b.data.max_length = 126
     assert not any("positions" in p for p in preflight(b2b, training=False))
     causal = make_sum_recipe(tiny_llama, {"data.max_length": 100}, name="causal")  # 100 + 24 fit, not with the default template
     assert any("data.max_length + the prompt template and special tokens + data.max_target_length = 100 + " in p
                and "exceeds the 128 positions" in p for p in preflight(causal, training=False))
     assert _pad([[1] * 513], 0, limit=514).shape[1] == 514 and _pad([[1] * 9], 0, limit=514).shape[1] == 16  # never past the table
+
+
+def test_each_length_problem_names_the_bound_of_its_own_key_and_all_are_said_at_once(make_sum_recipe, tiny_bert, tiny_llama):
+    """'data.max_length + the prompt template and special tokens = 256 + 2 exceeds the 256 positions ... Set
+    data.max_length so that it is <= 256' gave the bound of the sum, not of the key (254; eval.max_new_tokens + 1: 255),
+    and the first problem found hid the others until it was fixed."""
+    from peftlab.run import preflight
+
+    b2b = make_sum_recipe(tiny_bert, {"model.decoder": str(tiny_bert), "data.max_length": 200, "eval.max_new_tokens": 200}, name="b2b")
+    fixes = ["Set data.max_length so that it is <= 126.", "Set eval.max_new_tokens so that it is <= 127."]  # 128 positions
+    problems = preflight(b2b, training=False)
+    assert all(any(fix in p for p in problems) for fix in fixes), problems
+    with pytest.raises(ModelError) as refused:
+        build_model(b2b, num_labels=0, label_names=[])
+    assert all(fix in str(refused.value) for fix in fixes), refused.value
+    causal = make_sum_recipe(tiny_llama, {"data.max_length": 100, "data.max_target_length": 24}, name="causal")
+    problem = next(p for p in preflight(causal, training=False) if "positions" in p)
+    extra = int(re.search(r"= 100 \+ (\d+) \+ 24 exceeds the 128", problem).group(1))  # the template's tokens
+    assert f"Set data.max_length so that it is <= {128 - extra - 24} (or lower data.max_target_length)." in problem, problem
+    causal.data.max_length = 128 - extra - 24
+    assert not any("positions" in p for p in preflight(causal, training=False))
 
 
 def test_an_encoder_only_base_without_a_decoder_is_refused(make_sum_recipe, tiny_bert, tiny_llama):

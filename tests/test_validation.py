@@ -268,7 +268,7 @@ def test_virtual_tokens_count_against_the_position_table(make_recipe, method):
                           "adapter.target_modules": None})
     problems = preflight(recipe, training=False)
     assert any("data.max_length=120, + adapter.num_virtual_tokens=20, exceeds the 128 positions" in p
-               and "adapter.num_virtual_tokens) so that it is <= 128" in p for p in problems), problems
+               and "Set data.max_length so that it is <= 108 (or lower adapter.num_virtual_tokens)." in p for p in problems), problems
     recipe.adapter.num_virtual_tokens = 8
     assert not any("positions" in p for p in preflight(recipe, training=False))
 
