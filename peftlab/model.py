@@ -29,6 +29,7 @@ from .methods import get_method
 from .methods.peft_adapter import rank_problem
 from .methods.prompt import PREFIX_GENERATING, PROMPT_ON_DECODER_CLASSIFIER, PROMPT_ON_SEQ2SEQ_CLASSIFIER, prefix_cannot_generate
 from .tasks import get_task, input_lengths, peft_task_type
+from .tasks.encoder_decoder import warm_start_problems
 
 log = logging.getLogger(__name__)
 
@@ -645,8 +646,11 @@ def model_problems(recipe: Recipe) -> list[str]:
 
         try:
             encoder = AutoConfig.from_pretrained(path, revision=m.revision)
+            decoder = AutoConfig.from_pretrained(resolve_model_path(m.decoder))
+            if warm_problems := warm_start_problems(encoder, decoder, recipe):  # (nothing else to check on such a pair)
+                return problems + warm_problems
             problems += default_layers_problems(recipe, encoder.model_type)  # the warm start takes the encoder's defaults
-            warm = EncoderDecoderConfig.from_encoder_decoder_configs(encoder, AutoConfig.from_pretrained(resolve_model_path(m.decoder)))
+            warm = EncoderDecoderConfig.from_encoder_decoder_configs(encoder, decoder)
             problems += length_problems(warm, recipe)
         except ModelError as e:
             problems.append(str(e))

@@ -553,6 +553,21 @@ def test_a_method_with_no_default_layers_for_the_architecture_is_a_clear_error(m
                  "adapter.target_modules=null"]) == 0  # LoHa's table still has BERT
 
 
+@pytest.mark.parametrize("encoder,decoder,named", [("tiny_bert", "tiny_llama", "model.decoder="), ("tiny_t5", "tiny_bert", "model.name=")])
+def test_a_warm_start_from_checkpoints_it_cannot_pair_is_refused_by_validate_and_train(make_sum_recipe, request, encoder, decoder, named):
+    """model.decoder a Llama (no cross-attention) passed validate with a note, then train raised EncoderDecoderModel's raw
+    ValueError; model.name a T5 (an encoder-decoder) passed validate and train failed at its first step ('You must
+    specify exactly one of input_ids or inputs_embeds'). Both refused from their configs, with what to use instead."""
+    from peftlab.run import preflight
+
+    recipe = make_sum_recipe(request.getfixturevalue(encoder), {"model.decoder": str(request.getfixturevalue(decoder))}, name="warm")
+    fix = "model.name must be an encoder-only model and model.decoder an encoder-style checkpoint that can take cross-attention"
+    problems = preflight(recipe, training=False)  # `validate`
+    assert any(p.startswith(named) and fix in p for p in problems), problems
+    with pytest.raises(ModelError, match=f"{named}.*{fix}"):
+        build_model(recipe, num_labels=0, label_names=[])
+
+
 def test_cross_attention_init_self_refuses_a_decoder_it_cannot_copy(make_sum_recipe, tiny_bert, tmp_path):
     from transformers import GPT2Config, GPT2LMHeadModel
 

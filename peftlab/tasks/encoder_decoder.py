@@ -4,6 +4,7 @@ Its recipe rules live here too, beside the code they protect."""
 
 from __future__ import annotations
 
+import inspect
 import logging
 from typing import TYPE_CHECKING
 
@@ -33,6 +34,25 @@ def check(recipe, offered: bool, offering: list[str]) -> list[str]:
     if m.decoder is not None and a.method in method_names() and not get_method(a.method).pretrained:
         p.append(f"model.decoder with adapter.method={a.method}: the warm start reads pretrained weights, {a.method} reads none. "
                  f"Set model.decoder=null ({a.method} builds model.name's architecture at random) or use another method.")
+    return p
+
+
+def warm_start_problems(encoder, decoder, recipe) -> list[str]:
+    """The two checkpoints' configs (no weights read): model.name an encoder (an encoder-decoder's AutoModel wants
+    decoder inputs: 'You must specify exactly one of input_ids or inputs_embeds' at the first step), model.decoder a
+    causal LM whose layers take cross-attention (a Llama's do not: EncoderDecoderModel refused it with a ValueError)."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    m = recipe.model
+    fix = ("model.name must be an encoder-only model and model.decoder an encoder-style checkpoint that can take "
+           "cross-attention (BERT, RoBERTa, ELECTRA, ...; e.g. model.decoder=minilm). An encoder-decoder or a decoder-only "
+           "base summarizes on its own: remove model.decoder.")
+    p = []
+    if getattr(encoder, "is_encoder_decoder", False):
+        p.append(f"model.name={m.name!r} is an encoder-decoder ({encoder.model_type}), not an encoder for a warm start: {fix}")
+    causal = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(decoder), None)
+    if causal is None or "encoder_hidden_states" not in inspect.signature(causal.forward).parameters:
+        p.append(f"model.decoder={m.decoder!r} ({decoder.model_type}) cannot attend to an encoder (its causal LM takes no cross-attention): {fix}")
     return p
 
 
@@ -77,14 +97,19 @@ def load_encoder_decoder(recipe, path: str, dtype: torch.dtype):
     dec_path = resolve_model_path(m.decoder)
     common = dict(trust_remote_code=m.trust_remote_code, use_safetensors=None if m.allow_pickle else True, dtype=dtype)
     try:
-        encoder = AutoModel.from_pretrained(path, revision=m.revision, **common)
         config = AutoConfig.from_pretrained(dec_path, trust_remote_code=m.trust_remote_code)
+        if problems := warm_start_problems(AutoConfig.from_pretrained(path, revision=m.revision, trust_remote_code=m.trust_remote_code),
+                                           config, recipe):
+            raise ModelError("\n".join(problems))
+        encoder = AutoModel.from_pretrained(path, revision=m.revision, **common)
         config.is_decoder, config.add_cross_attention = True, True
         decoder, info = AutoModelForCausalLM.from_pretrained(dec_path, config=config, output_loading_info=True, **common)
+        model = EncoderDecoderModel.from_encoder_decoder_pretrained(encoder_model=encoder, decoder_model=decoder)
+    except ModelError:
+        raise
     except (OSError, ValueError) as e:
         raise ModelError(f"cannot build an encoder-decoder from {path} (encoder) and {dec_path} (model.decoder): "
                          f"{str(e).splitlines()[0]}") from None
-    model = EncoderDecoderModel.from_encoder_decoder_pretrained(encoder_model=encoder, decoder_model=decoder)
     tok = load_tokenizer(path, recipe)  # the run's tokenizer: it writes the targets, so the decoder must share its vocabulary
     if decoder.config.vocab_size < len(tok):
         raise ModelError(f"model.decoder={m.decoder!r} has {decoder.config.vocab_size} tokens but the tokenizer of model.name="
