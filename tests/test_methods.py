@@ -9,7 +9,7 @@ import re
 import pytest
 import torch
 
-from peftlab import evaluate, load_trained, merge, run
+from peftlab import evaluate, load_recipe, load_trained, merge, run
 from peftlab.errors import ArtifactError, ModelError
 from peftlab.methods import get_method, method_names
 
@@ -386,3 +386,33 @@ def test_ia3_with_target_modules_saves_an_adapter_that_loads_again(make_recipe, 
     assert evaluate(recipe.out, results_dir=recipe.out.parent / "again")["loss"] == pytest.approx(record.metrics["eval"]["loss"], abs=1e-6)
     plain = PeftModel.from_pretrained(AutoModelForSequenceClassification.from_pretrained(tiny_bert, num_labels=2), recipe.out)
     assert torch.equal(logits(plain.eval()), logits(model))
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_an_adapter_on_an_embedding_tied_to_the_lm_head_is_refused(tmp_path, tied):
+    """LoRA on a tied embed_tokens trained a model whose LM head stayed as it was, but folding the update in (the final
+    evaluation's eval.merge_adapter, peftlab merge, --gguf) changed the head too: the run's figures (eval loss 14.2 for
+    a trained 5.5) and its merged model were another model's. validate and train refuse it; untied, it is kept."""
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.errors import ModelError
+    from peftlab.methods.peft_adapter import check_target_modules
+    from peftlab.model import model_problems
+
+    from .test_gguf import tiny_llama_folder
+
+    tiny_llama_folder(tmp_path / "base", tied=tied)
+    recipe = load_recipe(None, [f"model.name={tmp_path / 'base'}", "task.type=clm", f"data.train.path={tmp_path / 'x.jsonl'}",
+                                "data.text_columns=[text]", "adapter.target_modules=[q_proj, embed_tokens]"], validate_files=False)
+    said = [p for p in model_problems(recipe) if "ties to its LM head" in p]
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "base")
+    if not tied:
+        assert not said
+        check_target_modules(model, ["q_proj", "embed_tokens"])
+        return
+    assert said == ["adapter.target_modules: 'embed_tokens' is the input embedding LlamaForCausalLM ties to its LM head "
+                    "(tie_word_embeddings): folded in (eval.merge_adapter, peftlab merge, --gguf), its update changes the LM "
+                    "head too, a model other than the one trained, whose figures and merged weights would be wrong. Leave it "
+                    "out of adapter.target_modules."]
+    with pytest.raises(ModelError, match="ties to its LM head"):
+        check_target_modules(model, ["q_proj", "embed_tokens"])

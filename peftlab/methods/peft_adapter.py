@@ -42,6 +42,24 @@ def check_target_modules(model: nn.Module, targets) -> None:
         raise ModelError(f"adapter.target_modules: {', '.join(map(repr, unmatched))} match{'es' if len(unmatched) == 1 else ''} "
                          f"no module of {type(model).__name__}. Linear layers it has: {', '.join(linear_module_names(model))}. "
                          "Set adapter.target_modules to some of these, or 'all-linear'.")
+    if tied := tied_embedding_targets(model, targets):
+        raise ModelError(f"adapter.target_modules: {', '.join(map(repr, tied))} is the input embedding {type(model).__name__} ties "
+                         "to its LM head (tie_word_embeddings): folded in (eval.merge_adapter, peftlab merge, --gguf), its update "
+                         "changes the LM head too, a model other than the one trained, whose figures and merged weights would "
+                         "be wrong. Leave it out of adapter.target_modules.")
+
+
+def tied_embedding_targets(model: nn.Module, targets) -> list[str]:
+    """The names of target list entries that name a model's input embedding or LM head where the two share one weight."""
+    get_in, get_out = getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None)
+    try:
+        inp, out = (get() if get is not None else None for get in (get_in, get_out))
+    except NotImplementedError:  # (a model class without one)
+        return []
+    if inp is None or out is None or getattr(inp, "weight", None) is None or inp.weight is not getattr(out, "weight", None):
+        return []
+    names = [n for n, m in model.named_modules() if m is inp or m is out]
+    return [t for t in targets if any(names_target(n, t) for n in names)]
 
 
 def layer_rank(module: nn.Module) -> int:
