@@ -151,8 +151,11 @@ def check_run(out: Path, overrides: list[str] | tuple = ()) -> None:
     m = recipe.model
     try:
         source = gguf_source(m.name) if m.from_run is None else None
-        path = converted_if_ready(source) if source else base_path(recipe)
-        config = AutoConfig.from_pretrained(str(path), revision=m.revision, trust_remote_code=m.trust_remote_code)
+        ready = converted_if_ready(source) if source else None
+        if source and ready is None:  # not converted here (a new cache, a touched or copied file): the GGUF header's config
+            config = AutoConfig.from_pretrained(str(source.parent), gguf_file=source.name)
+        else:
+            config = AutoConfig.from_pretrained(str(ready or base_path(recipe)), revision=m.revision, trust_remote_code=m.trust_remote_code)
     except Exception:  # (a base not found or not converted yet: the merge says so, or converts it)
         return
     mapping = getattr(get_task(recipe.task.type).auto_model_class, "_model_mapping", None)
@@ -186,6 +189,8 @@ def _check_config(config, model_dir: Path):
         problems.append(f"rope scaling {rope!r} is not written by peftlab")
     if getattr(config, "hidden_act", "silu") != "silu":
         problems.append(f"hidden_act {config.hidden_act!r} (llama.cpp's llama uses silu)")
+    if biased := [k for k in ("attention_bias", "mlp_bias") if getattr(config, k, False)]:
+        problems.append(f"{' and '.join(biased)} (llama.cpp's llama has no biases there)")
     window = getattr(config, "sliding_window", None)
     if window and window < config.max_position_embeddings:
         problems.append(f"sliding_window {window} < context length {config.max_position_embeddings} (llama.cpp's llama "

@@ -434,6 +434,36 @@ def test_merge_gguf_refuses_a_model_it_cannot_write_before_merging(make_recipe, 
     assert not (recipe.out / "merged").exists()
 
 
+def test_merge_gguf_refuses_a_classifier_on_a_gguf_base_whose_conversion_is_gone_before_merging(make_recipe, tiny_gguf, cache, capsys):
+    """The check found the base's config only in a conversion found by the GGUF file's path, size and time: after a
+    touch, a copy or a cleared cache it checked nothing, and the classifier was converted and merged, then refused. It
+    now reads the GGUF header's config."""
+    import shutil
+
+    from peftlab.cli import main
+
+    recipe = make_recipe({"train.max_steps": 1}, model=tiny_gguf[0])
+    run(recipe)
+    shutil.rmtree(cache)
+    capsys.readouterr()
+    assert main(["merge", str(recipe.out), "--gguf"]) == 2
+    err = capsys.readouterr().err
+    assert "LlamaForSequenceClassification, not a causal LM" in err and "Traceback" not in err, err
+    assert not (recipe.out / "merged").exists() and not cache.exists()
+
+
+def test_merge_gguf_refuses_attention_or_mlp_biases(tmp_path):
+    """llama.cpp's llama has no biases: a Llama with attention_bias was merged, then refused by the tensor plan."""
+    from transformers import LlamaConfig
+
+    from peftlab.errors import ArtifactError
+    from peftlab.to_gguf import _check_config
+
+    config = LlamaConfig(attention_bias=True, architectures=["LlamaForCausalLM"])
+    with pytest.raises(ArtifactError, match="attention_bias .llama.cpp's llama has no biases there"):
+        _check_config(config, tmp_path)
+
+
 # -------------------------------------------------------------------------------- QLoRA on a tied LM head, merge
 
 def sum_recipe(tmp_path: Path, dialogues: dict, model: str, overrides: dict | None = None, name: str = "out"):  # noqa: F811
