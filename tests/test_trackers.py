@@ -270,16 +270,8 @@ def test_a_resume_refused_by_a_tracker_leaves_the_log_and_the_tensorboard_events
     log.jsonl to its checkpoint's step, and opened TensorBoard with purge_step (hiding its events after that step): the
     lines and events of the steps after the checkpoint were lost. The trackers start first (TensorBoard last), then the
     log is trimmed."""
-    import shutil
-
     pytest.importorskip("tensorboard", reason="tensorboard is in the dev extra: pip install -e '.[dev]'")
-    ov = {**SHORT, "train.save_every": 2, "train.keep_checkpoints": 3, "train.report_to": "[tensorboard]"}
-    full = make_recipe({**ov, "output_dir": tmp_path / "full"})
-    run(full)
-    part = tmp_path / "part"  # what a kill after step 4 left: its log, its events, the step-2 checkpoint
-    shutil.copytree(full.out / "tb", part / "tb")
-    shutil.copy(full.out / "log.jsonl", part / "log.jsonl")
-    shutil.copytree(full.out / "checkpoints" / "step-2", part / "checkpoints" / "step-2")
+    ov, part = stopped_tensorboard_run(make_recipe, tmp_path)
     before = {p.relative_to(part): p.read_bytes() for p in part.rglob("*") if p.is_file()}
     real = trackers._tracker
     monkeypatch.setattr(trackers, "tracker_installed", lambda name: True)
@@ -288,6 +280,22 @@ def test_a_resume_refused_by_a_tracker_leaves_the_log_and_the_tensorboard_events
     with pytest.raises(PeftlabError, match="wandb could not start"):
         run(make_recipe({**ov, "output_dir": part, "train.report_to": "[tensorboard, wandb]"}), resume=True)
     assert {p.relative_to(part): p.read_bytes() for p in part.rglob("*") if p.is_file()} == before
+
+
+def stopped_tensorboard_run(make_recipe, tmp_path):
+    """-> (overrides, folder) of what a kill after step 4 of a TensorBoard run left: its log, its events, the step-2
+    checkpoint (copied from a finished run)."""
+    import shutil
+
+    ov = {**SHORT, "train.save_every": 2, "train.keep_checkpoints": 3, "train.report_to": "[tensorboard]"}
+    full = make_recipe({**ov, "output_dir": tmp_path / "full"})
+    run(full)
+    part = tmp_path / "part"
+    shutil.copytree(full.out / "tb", part / "tb")
+    shutil.copy(full.out / "log.jsonl", part / "log.jsonl")
+    shutil.copytree(full.out / "checkpoints" / "step-2", part / "checkpoints" / "step-2")
+    return ov, part
+
 
 def test_a_tracker_that_cannot_start_under_all_says_to_list_the_trackers_wanted(make_recipe, monkeypatch, tmp_path):
     """train.report_to=all opened wandb (installed, not logged in) and said "drop it from train.report_to", which never
@@ -313,18 +321,10 @@ def test_the_tracker_names_are_accelerates():
 def test_a_resumed_run_shows_each_step_once_in_tensorboard(make_recipe, tmp_path):
     """A run killed after logging step 4, resumed from its step-2 checkpoint, logged steps 3-4 again: TensorBoard held
     them twice (log.jsonl drops the stopped run's lines after the checkpoint)."""
-    import shutil
-
     pytest.importorskip("tensorboard", reason="tensorboard is in the dev extra: pip install -e '.[dev]'")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    ov = {**SHORT, "train.save_every": 2, "train.keep_checkpoints": 3, "train.report_to": "[tensorboard]"}
-    full = make_recipe({**ov, "output_dir": tmp_path / "full"})
-    run(full)
-    part = tmp_path / "part"  # what a kill after step 4 left: its log, its events, the step-2 checkpoint
-    shutil.copytree(full.out / "tb", part / "tb")
-    shutil.copy(full.out / "log.jsonl", part / "log.jsonl")
-    shutil.copytree(full.out / "checkpoints" / "step-2", part / "checkpoints" / "step-2")
+    ov, part = stopped_tensorboard_run(make_recipe, tmp_path)
     run(make_recipe({**ov, "output_dir": part}), resume=True)
     events = EventAccumulator(str(part / "tb"))
     events.Reload()
