@@ -136,7 +136,7 @@ def test_cli_launch_cpu_ddp_runs_two_ranks(make_recipe, tmp_path, monkeypatch, c
 
 def test_a_rank_that_fails_is_one_clear_error_with_its_status(make_recipe, tmp_path):
     """A data mistake that rank 0 finds under --launch: rank 1's broken collective was a 30-line gloo traceback, the
-    status was the launcher's 1, and rank 1 could refuse the folder rank 0 had begun to write. Now rank 1 says one line,
+    status was the launcher's 1, and rank 1 could refuse the folder rank 0 had begun to write. Now rank 1 says one line at most,
     the command ends with rank 0's message and status 2 (the launcher's own report above it), and no folder is left."""
     make_recipe()
     out = tmp_path / "launched"
@@ -149,7 +149,10 @@ def test_a_rank_that_fails_is_one_clear_error_with_its_status(make_recipe, tmp_p
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1].startswith("error: data.train: 1 row(s) have labels outside the label set")
     assert proc.stderr.count("labels outside the label set") == 1 and "[rank1]: Traceback" not in proc.stderr
-    assert "rank 1 stopped: its connection to the run's other processes broke" in proc.stderr
+    # rank 1 says one line when its collective breaks; on a loaded machine the launcher may stop it before it notices
+    # (then it says nothing): never more than that line
+    said = [line for line in proc.stderr.splitlines() if "rank 1" in line or "[rank1]" in line]
+    assert all(line.startswith("rank 1 stopped: its connection to the run's other processes broke") for line in said), said
     assert not out.exists()
 
 
