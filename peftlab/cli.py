@@ -181,8 +181,9 @@ def cmd_validate(args) -> int:
                 from .run import check_data_and_base
 
                 check_data_and_base(recipe, path)
-            check_writable(recipe.out, flag=choose_flag(recipe))  # what `train` refuses of its output folder before any work,
-            check_no_foreign_files(recipe.out, choose_flag(recipe))  # also without --no-files
+            flag = choose_flag(recipe)  # what `train` refuses of its output folder before any work, also without --no-files
+            check_writable(recipe.out, flag=flag)
+            check_no_foreign_files(recipe.out, flag)
             print(f"ok      {path}")
         except PeftlabError as e:  # (a ConfigError lists every problem; another project error is one)
             failed += 1

@@ -76,8 +76,8 @@ def check(recipe) -> list[str]:
                  "with that task's data section.")
     for name in tasks:
         if not isinstance(name, str):  # (YAML's `1:`: a path joined to it was a TypeError in validate and train)
-            p.append(f"multitask.tasks.{name}: a task name is text, but YAML reads {name} as a "
-                     f"{ {bool: 'boolean', int: 'number', float: 'number'}.get(type(name), type(name).__name__)}: quote it ('{name}': ...).")
+            kind = "boolean" if isinstance(name, bool) else "number" if isinstance(name, (int, float)) else type(name).__name__
+            p.append(f"multitask.tasks.{name}: a task name is text, but YAML reads {name} as a {kind}: quote it ('{name}': ...).")
         elif not NAME.match(name) or name == "default":
             p.append(f"multitask.tasks.{name}: a task name is letters, digits, - and _ (it names OUT/tasks/NAME and an adapter), "
                      "and not 'default' (peft's own adapter name).")
@@ -308,12 +308,11 @@ def adapter_name(task: str) -> str:
 def check_adapter_names(model, adapter_of: dict[str, str]) -> None:
     """Refuse an adapter name that is also a part of a key of the model's state dict (a module or weight of the base):
     peft's export of the other adapters would drop the weights under it."""
-    parts = {part for key in model.state_dict() for part in key.split(".")}
+    keys = list(model.state_dict())
     for task, adapter in adapter_of.items():
-        if adapter != "default" and adapter in parts:
+        if adapter != "default" and (key := next((k for k in keys if adapter in k.split(".")), None)):
             raise ModelError(f"multitask.tasks.{task}: its adapter, {adapter!r}, is named like a module of the base "
-                             f"({next(k for k in model.state_dict() if adapter in k.split('.'))}), so peft would drop those "
-                             "weights from the other tasks' exports. Rename the task.")
+                             f"({key}), so peft would drop those weights from the other tasks' exports. Rename the task.")
 
 
 class HeadSwitch(nn.Module):
