@@ -606,6 +606,16 @@ def test_a_bases_generation_config_does_not_change_the_generated_answers(tmp_pat
         run(r)
         answers.append([json.loads(line)["prediction"] for line in (r.out / "predictions-eval.jsonl").read_text().splitlines()])
     assert answers[0] == answers[1]
+    if method == "lora":  # the card's snippet, run as written on the odd base, answers as the evaluation did
+        from peftlab.publish.card import card_text
+
+        snippet = re.search(r"```python\n(.*?)```", card_text(r.out), re.S).group(1)
+        snippet = re.sub(r"repo = .*", f"repo = {str(r.out)!r}", snippet).replace("What is the capital of France?", QA[0][0])
+        snippet = re.sub(r"base_model = .*", f"base_model = {str(odd)!r}", snippet)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(snippet, {})
+        assert printed.getvalue().strip() == answers[1][0], (printed.getvalue(), snippet)
 
 
 def test_prefix_tuning_and_packed_prompt_methods_are_refused_at_validation(tmp_path, chat_llama):

@@ -677,6 +677,16 @@ def test_a_bases_generation_config_does_not_change_what_evaluation_generates(fam
         run(recipe)
         predictions.append([json.loads(line)["prediction"] for line in (recipe.out / "predictions-eval.jsonl").read_text().splitlines()])
     assert predictions[0] == predictions[1]
+    if method == "lora":  # the card's snippet, run as written on the odd base, summarizes as the evaluation did
+        with open(recipe.data.eval.path, encoding="utf-8") as f:
+            source = next(csv.DictReader(f))["dialogue"]
+        snippet = re.search(r"```python\n(.*?)```", card_text(recipe.out), re.S).group(1)
+        snippet = re.sub(r"repo = .*", f"repo = {str(recipe.out)!r}", snippet)
+        snippet = re.sub(r"source = .*", lambda _: f"source = {source!r}", re.sub(r"base_model = .*", f"base_model = {str(odd)!r}", snippet), count=1)
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(snippet, {})
+        assert printed.getvalue().strip() == predictions[1][0], (printed.getvalue(), snippet)
 
 
 def test_a_target_column_of_lists_is_refused_not_scored_as_its_repr(make_sum_recipe, tiny_t5, tmp_path):

@@ -363,6 +363,8 @@ def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: 
                    f"print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True){cut}.strip())\n")
     elif recipe.task.type == "summarization" and not recipe.model.decoder:
         example = _summarization_example(out, recipe, causal=auto_cls == "AutoModelForCausalLM")
+    if "model.generate(" in example:  # decoded as the evaluation did: not with the base's own settings on top
+        example = _plain_generation("base" if (out / "adapter_config.json").is_file() else "model") + example
     if not (out / "adapter_config.json").is_file():  # a full model (a merged one too): its own folder, the same example
         quantized = "quantization_config" in json.loads((out / "config.json").read_text(encoding="utf-8"))  # (frozen on 4-bit)
         return (f"```python\nimport torch\nfrom transformers import {auto_cls}, AutoTokenizer\n\nrepo = {repo!r}\n{head}"
@@ -381,6 +383,19 @@ def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: 
             "base.config.pad_token_id = tokenizer.pad_token_id\n"
             "model = PeftModel.from_pretrained(base, repo).eval()\n"
             f"{example}```")
+
+
+def _plain_generation(owner: str) -> str:
+    """Snippet lines that reduce `owner`'s generation_config to the architecture's tokens, as peftlab's evaluation does
+    (tasks/generative.evaluation_generation): transformers fills every setting generate() is not given from it, so a
+    base's repetition_penalty or sampling (Qwen2.5-Instruct ships both) would change the output."""
+    from ..tasks.generative import ARCHITECTURE_GENERATION
+
+    return ("from transformers import GenerationConfig\n"
+            f"own = {owner}.generation_config  # its tokens only: not the base's own decoding settings (a repetition_penalty, "
+            "sampling), as peftlab's evaluation generates\n"
+            f"{owner}.generation_config = GenerationConfig(**{{k: getattr(own, k) for k in {ARCHITECTURE_GENERATION!r} "
+            "if getattr(own, k, None) is not None})\n")
 
 
 def _quantization(recipe, run: RunRecord, auto_cls: str, num_labels: int) -> str:
