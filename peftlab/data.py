@@ -811,9 +811,38 @@ def load_splits(recipe: Recipe, *, need_train: bool = True, prefix: str = "data"
             log.warning("%s.train%s has no row of class(es) %s (of %s.label_names %s): the model cannot learn to predict "
                         "them. Add training rows of each class%s.", prefix, kept, absent, prefix, label_names,
                         f", or raise {prefix}.train.max_samples (a sample may miss a rare class)" if d.train.max_samples else "")
+    check_overlap(out, d, prefix)
     for name in ("train", "eval", "test"):
         out.setdefault(name, None)
     return out, label_names
+
+
+def check_overlap(splits: dict, d: DataConfig, prefix: str) -> None:
+    """Warn where rows of an evaluation split have the input of a training row (the same text, and pair): their figures
+    partly measure what the model memorised (a split made from a file with duplicates, or two files cut from one set).
+    A split read from the training file itself is warned about by run.preflight instead."""
+    train = splits.get("train")
+    if train is None or "text" not in train.column_names:  # (sft reads conversations: its rows are no one text)
+        return
+    columns = [c for c in ("text", "text_pair") if c in train.column_names]
+
+    def inputs(ds):
+        return zip(*(ds[c] for c in columns)) if len(columns) > 1 else ds["text"]
+
+    def training_file(spec) -> bool:
+        return bool(spec and spec.path and d.train.path and Path(spec.path).resolve() == Path(d.train.path).resolve())
+
+    seen = set(inputs(train)) - {"", ("", "")}  # (rows without text are said elsewhere)
+    for name in ("eval", "test"):
+        ds = splits.get(name)
+        if ds is None or training_file(getattr(d, name)) or not {*columns, "row"} <= set(ds.column_names):
+            continue
+        rows = [row for x, row in zip(inputs(ds), ds["row"]) if x in seen]
+        if rows:
+            log.warning("%s.%s: %d of its %d rows (%.1f%%) %s a training row's input (first: %s): its figures partly "
+                        "measure memorisation. Drop them from the split (or the training file) for a held-out figure.",
+                        prefix, name, len(rows), len(ds), 100 * len(rows) / len(ds), "repeat" if len(rows) > 1 else "repeats",
+                        data_row(rows[0]))
 
 
 def check_holdout(rows: int, fraction: float, prefix: str = "data") -> None:

@@ -704,3 +704,28 @@ def test_data_messages_count_rows_from_0_say_what_a_folder_or_an_extension_needs
     with pytest.raises(DataError, match=r"^data.train.path: cannot tell the format of '.*d.txt' from its extension .*Set it: "
                                         r"data.train.format=csv\|tsv\|json\|parquet"):
         splits_of(tmp_path, tmp_path / "d.txt")
+
+
+def test_evaluation_rows_with_a_training_rows_input_are_warned_about(tmp_path, caplog):
+    """An eval or test split holding training inputs (files cut from one set with duplicates) scored partly what the
+    model memorised, silently. Said with the count and the first row; a pair counts only where both texts are equal;
+    a split read from the training file itself is run.preflight's warning, not this one."""
+    (tmp_path / "tr.csv").write_text("a,b,y\n" + "".join(f"text {i},other {i},{i % 2}\n" for i in range(8)))
+    (tmp_path / "ev.csv").write_text("a,b,y\nnew one,x,0\ntext 3,other 3,1\nnew two,x,1\ntext 5,other 5,1\n")
+    (tmp_path / "te.csv").write_text("a,b,y\ntext 1,different,1\nfresh,x,0\n")
+    base = [f"data.train.path={tmp_path / 'tr.csv'}", f"data.eval.path={tmp_path / 'ev.csv'}", f"data.test.path={tmp_path / 'te.csv'}",
+            "data.label_column=y", "data.label_names=[neg, pos]"]
+    with caplog.at_level("WARNING", logger="peftlab.data"):
+        load_splits(load_recipe(None, [*base, "data.text_columns=[a]"], validate_files=False))
+    assert ("data.eval: 2 of its 4 rows (50.0%) repeat a training row's input (first: data row 1 (0-based, as predictions "
+            "files count)): its figures partly measure memorisation") in caplog.text
+    assert "data.test: 1 of its 2 rows (50.0%) repeats a training row's input (first: data row 0 " in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="peftlab.data"):  # as pairs: test's "text 1" has another second text
+        load_splits(load_recipe(None, [*base, "data.text_columns=[a, b]", "data.text_pair=true"], validate_files=False))
+    assert "data.eval: 2 of its 4 rows" in caplog.text and "data.test:" not in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="peftlab.data"):  # the training file itself: not this warning
+        load_splits(load_recipe(None, [*base, "data.text_columns=[a]", f"data.eval.path={tmp_path / 'tr.csv'}",
+                                       f"data.test.path={tmp_path / 'tr.csv'}"], validate_files=False))
+    assert "a training row's input" not in caplog.text
