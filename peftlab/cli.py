@@ -491,6 +491,16 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("httpx", "urllib3", "datasets", "filelock", "accelerate"):  # accelerate: a line per checkpoint file
         logging.getLogger(noisy).setLevel(logging.WARNING)
     _quiet_libraries()
+    if (world := int(os.environ.get("WORLD_SIZE", "1"))) > 1 and args.fn not in (cmd_train, cmd_eval):
+        if not rank:  # each rank would do the whole work and write the same files (select's steps proxy: a DDP run)
+            print(f"error: `peftlab {args.command}` runs in one process, and `accelerate launch` started {world}. Run it "
+                  "without accelerate launch: only train and eval use several processes.", file=sys.stderr)
+        return 2
+    if world == 1 and "ACCELERATE_DYNAMO_BACKEND" in os.environ and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+        # accelerate's one-process launcher sets MASTER_ADDR only where it was given --num_processes > 1
+        log.warning("`accelerate launch` was given several processes but started one (without --multi_gpu, or a config "
+                    "saying so, it runs one). On CPU: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N "
+                    "..., or `peftlab train RECIPE --launch cpu-ddp --num-processes N`.")
     try:
         with sigterm_unwinds(), quieted(args.quiet and not rank):  # (the other ranks of a launch say only their errors)
             return args.fn(args)

@@ -56,17 +56,17 @@ def resolve_num_processes(name: str, num_processes: int | None) -> int:
     preset_path(name)
     if num_processes is not None and num_processes < 1:
         raise LaunchError(f"--num-processes {num_processes}: must be >= 1.")
-    if name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
-        raise LaunchError(f"--launch {name} needs DeepSpeed, which is not installed. Install it with `pip install deepspeed` "
-                          "(it builds against your CUDA toolkit), or use --launch fsdp, which needs only PyTorch.")
     if name == CPU_PRESET:
         return num_processes or 2
     import torch
 
     gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if gpus == 0:
+    if gpus == 0:  # (said before DeepSpeed's absence: its way out, fsdp, needs GPUs too)
         raise LaunchError(f"--launch {name} needs CUDA GPUs and none is visible here. On CPU use "
                           f"--launch {CPU_PRESET} --num-processes N.")
+    if name.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        raise LaunchError(f"--launch {name} needs DeepSpeed, which is not installed. Install it with `pip install deepspeed` "
+                          "(it builds against your CUDA toolkit), or use --launch fsdp, which needs only PyTorch.")
     if num_processes is not None and num_processes > gpus:
         raise LaunchError(f"--num-processes {num_processes} with --launch {name}: only {gpus} GPU(s) are visible (one "
                           f"process per GPU). For several machines use `accelerate launch` directly (see the README).")

@@ -177,6 +177,37 @@ def test_the_launcher_says_the_first_ranks_error_or_the_checkpoint_to_resume(tmp
     assert not lost_peer(RuntimeError("Connection closed by peer"))
 
 
+def test_one_process_commands_under_accelerate_launch_are_refused_once(tmp_path, capsys, monkeypatch):
+    """`accelerate launch -m peftlab select|merge|...` ran the whole command on every rank: the table printed twice, both
+    wrote the same --json file and merged folder, select's steps proxy trained as a DDP run. Refused, by rank 0 alone."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    for rank, said in (("0", True), ("1", False)):
+        monkeypatch.setenv("RANK", rank)
+        for argv in (["merge", str(tmp_path)], ["select", str(tmp_path / "r.yaml"), "--candidates", "x"], ["validate", "r.yaml"]):
+            assert main(argv) == 2, argv
+            err = capsys.readouterr().err
+            assert (f"`peftlab {argv[0]}` runs in one process, and `accelerate launch` started 2. Run it without accelerate "
+                    "launch" in err) == said, (rank, argv, err)
+    assert not any(tmp_path.iterdir())
+
+
+def test_accelerates_one_process_launcher_given_several_is_warned_about(tmp_path, capsys, caplog, monkeypatch):
+    """`accelerate launch --num_processes 2` on CPU without --multi_gpu runs one process, and the run said so only as
+    "1 process(es)" in its summary. Its launcher sets MASTER_ADDR there (and only there) without WORLD_SIZE."""
+    for k in ("WORLD_SIZE", "RANK", "MASTER_ADDR"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("ACCELERATE_DYNAMO_BACKEND", "NO")
+    for env, said in (({}, False), ({"MASTER_ADDR": "127.0.0.1"}, True), ({"MASTER_ADDR": "127.0.0.1", "WORLD_SIZE": "1"}, False)):
+        caplog.clear()
+        with monkeypatch.context() as m:
+            for k, v in env.items():
+                m.setenv(k, v)
+            with caplog.at_level("WARNING", logger="peftlab"):
+                main(["validate", str(tmp_path / "none.yaml")])
+        assert ("given several processes but started one" in caplog.text) == said, (env, caplog.text)
+    capsys.readouterr()
+
+
 def test_sigterm_to_the_launching_process_stops_the_ranks_with_a_checkpoint(make_recipe, tmp_path):
     """A scheduler's SIGTERM to `peftlab train --launch` alone (not its process group) reaches the ranks: they save a
     checkpoint and stop, and the command returns only once they have ended (its lock held while they write)."""
@@ -244,16 +275,20 @@ def test_presets_pass_accelerates_own_config_loader(name):
         del plugin
 
 
-def test_launch_errors_are_clear(make_recipe, tmp_path, capsys):
+def test_launch_errors_are_clear(make_recipe, tmp_path, capsys, monkeypatch):
     assert presets() == PRESETS
     with pytest.raises(LaunchError, match="Valid presets: cpu-ddp, deepspeed-zero2.*Did you mean 'fsdp'"):
         preset_path("fsdb")
+    if not torch.cuda.is_available():  # without GPUs that is said first, for DeepSpeed too (its way out, fsdp, needs them)
+        for name in ("multi_gpu", "deepspeed-zero3"):
+            with pytest.raises(LaunchError, match="needs CUDA GPUs.*--launch cpu-ddp"):
+                launch_command(name, "r.yaml")
     if importlib.util.find_spec("deepspeed") is None:
-        with pytest.raises(LaunchError, match="pip install deepspeed"):
-            launch_command("deepspeed-zero3", "r.yaml")
-    if not torch.cuda.is_available():
-        with pytest.raises(LaunchError, match="needs CUDA GPUs.*--launch cpu-ddp"):
-            launch_command("multi_gpu", "r.yaml")
+        with monkeypatch.context() as m:
+            m.setattr(torch.cuda, "is_available", lambda: True)
+            m.setattr(torch.cuda, "device_count", lambda: 2)
+            with pytest.raises(LaunchError, match="pip install deepspeed"):
+                launch_command("deepspeed-zero3", "r.yaml")
     cmd, launch_env = launch_command("cpu-ddp", "r.yaml", ["train.lr=1e-3"], resume=True, flags=["-q"])
     assert cmd[1:] == ["-m", "accelerate.commands.launch", "--config_file", str(preset_path("cpu-ddp")), "--num_processes", "2",
                        "-m", "peftlab", "-q", "train", "r.yaml", "train.lr=1e-3", "--resume"]
