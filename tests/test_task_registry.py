@@ -14,7 +14,7 @@ import torch
 import peftlab.tasks as tasks
 from peftlab import evaluate, load_recipe, load_trained, run
 from peftlab.errors import ConfigError
-from peftlab.tasks import classification, get_task, register_task, summarization, task_names
+from peftlab.tasks import classification, get_task, register_task, sft, summarization, task_names
 
 # ------------------------------------------------------------------------------------------------ a toy task
 
@@ -102,8 +102,9 @@ SUM = {"loss": 2.34567, "rouge1": 0.41234, "rouge2": 0.18, "rougeL": 0.33333, "r
 def test_summary_lines_are_todays():
     """The closing summary's per-split lines as cli.print_summary has always written them (keep-best marker aside)."""
     assert classification.summary_line("eval", CLS) == "   eval  accuracy 0.9123   macro-F1 0.9000   loss 0.2500"
-    assert summarization.summary_line("test", SUM) == "   test  rouge1 41.23   rouge2 18.00   rougeL 33.33   rougeLsum 35.00   loss 2.3457"
+    assert summarization.summary_line("test", SUM) == "   test  rouge1 41.23%   rouge2 18.00%   rougeL 33.33%   rougeLsum 35.00%   loss 2.3457"
     assert summarization.summary_line("eval", {"loss": 2.5}) == "   eval     loss 2.5000"  # no generation: the loss alone
+    assert sft.summary_line("test", {"exact_match": 0.0609, "rouge1": 0.5, "loss": 1.0}) == "   test  exact_match 6.09%   rouge1 50.00%   loss 1.0000"
 
 
 def test_hub_presentation_is_todays():

@@ -140,8 +140,8 @@ def check(recipe) -> list[str]:
 
 
 def summary_line(split: str, m: dict) -> str:
-    shown = [f"exact_match {100 * m['exact_match']:.2f}"] if "exact_match" in m else []
-    shown += [f"{k} {100 * m[k]:.2f}" for k in ("rouge1", "rougeL") if k in m]
+    shown = [f"exact_match {100 * m['exact_match']:.2f}%"] if "exact_match" in m else []  # (in %: run.json holds fractions)
+    shown += [f"{k} {100 * m[k]:.2f}%" for k in ("rouge1", "rougeL") if k in m]
     shown += [f"{k} {v:.4f}" for k, v in m.items() if k not in (*BUILTIN_METRICS, *DESCRIPTIVE) and isinstance(v, (int, float))]
     return f"   {split:<5} " + "   ".join([*shown, *([f"loss {m['loss']:.4f}"] if "loss" in m else [])])
 

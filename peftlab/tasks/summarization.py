@@ -125,9 +125,9 @@ def check(recipe) -> list[str]:
 
 
 def summary_line(split: str, m: dict) -> str:
-    """ROUGE F-measures (x100, as papers report them) and the loss."""
+    """ROUGE F-measures (in %, as papers report them: run.json and the card hold fractions) and the loss."""
     loss = f"   loss {m['loss']:.4f}" if "loss" in m else ""
-    return f"   {split:<5} " + "   ".join(f"{k} {100 * m[k]:.2f}" for k in ROUGE_KEYS if k in m) + loss
+    return f"   {split:<5} " + "   ".join(f"{k} {100 * m[k]:.2f}%" for k in ROUGE_KEYS if k in m) + loss
 
 
 def load_model(recipe, path: str, dtype: torch.dtype):
