@@ -77,6 +77,43 @@ def test_loss_mask_covers_only_the_label_word_tokens(make_verb):
     torch.testing.assert_close(out.loss, nll, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("chat", [True, False], ids=["chat", "plain"])
+def test_label_words_are_the_tokens_the_tokenizer_writes_after_the_prompt(make_verb, chat):
+    """stories260k (SentencePiece, as Llama-2/Mistral/TinyLlama) puts '▁' in front of a text's first word: the words
+    tokenized alone were '▁p', 'o', ... after a chat template's closing newline, where the tokenizer writes 'p', 'o', ...
+    (the README promises 'positive' there). Every row is now prompt + word exactly as the tokenizer reads the two
+    written together; after a plain prompt the scored word is ' positive', as documented. A word that merges with the
+    prompt's end (a trailing space and a verbatim word), or that would with one row's text only, is refused."""
+    from datasets import Dataset
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(shared_or_skip("models", "stories260k"))
+    tok.pad_token = tok.eos_token
+    tok.chat_template = ("{% for m in messages %}[{{ m['role'] }}]\n{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant]\n{% endif %}")
+    recipe = make_verb({"task.chat_template": chat})
+    texts = ["a fine film", "dull and far too long"]
+    rows = verbalizer.tokenize(Dataset.from_dict({"text": texts, "label": [1, 0], "row": [0, 1]}), tok, recipe)
+    for text, row, word in zip(texts, rows, ["positive", "negative"]):
+        prompt = "Review: " + text + "\nSentiment:"
+        if chat:
+            prompt = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        joint = ([] if chat else [tok.bos_token_id]) + tok(prompt + ("" if chat else " ") + word, add_special_tokens=False)["input_ids"]
+        assert row["input_ids"] == joint, (tok.convert_ids_to_tokens(row["input_ids"][-8:]), tok.convert_ids_to_tokens(joint[-8:]))
+    assert tok.convert_ids_to_tokens(verbalizer.label_token_ids(tok, recipe)[1])[0] == ("p" if chat else "▁p")
+
+    if chat:
+        return
+    spaced = make_verb({"task.prompt": json.dumps("Review: {text}\nSentiment: "), "data.label_words": "[negative, positive]"})
+    with pytest.raises(DataError, match="'negative' does not tokenize apart from the prompt.*no trailing space"):
+        verbalizer.label_token_ids(tok, spaced)
+    # a prompt that ends with its text: 'd' is a token of its own after the anchor's 'text', but 'fun' + 'd' is 'fund'
+    ending = make_verb({"task.prompt": json.dumps("Label: {text}"), "data.label_words": "[d, n]"})
+    assert verbalizer.label_token_ids(tok, ending)
+    with pytest.raises(DataError, match=r"row 7: the label word 'd' tokenizes as .*End task.prompt with fixed text after \{text\}"):
+        verbalizer.tokenize(Dataset.from_dict({"text": ["good", "fun"], "label": [0, 1], "row": [6, 7]}), tok, ending)
+
+
 @pytest.mark.parametrize("method", ["lora", "prompt_tuning"])
 @pytest.mark.parametrize("words", [None, ["very bad", "quite good"]], ids=["one-token", "multi-token"])
 def test_scoring_is_each_words_likelihood_and_picks_the_max(make_verb, words, method):

@@ -9,6 +9,9 @@ the classification task does, and the loss (mean over the gold label words' toke
 
 The words: data.label_words (in data.label_names order, written verbatim), or derived from data.label_names:
 ' negative' after a plain prompt (a word follows a space), 'negative' as the assistant's answer of a chat template.
+A word's tokens are those the tokenizer gives it written after the prompt (label_token_ids), not alone: a
+SentencePiece tokenizer (Llama, Mistral) puts '▁' in front of a text's first word, so 'negative' alone was
+'▁negative', after the chat template's closing newline 'negative'.
 Zero-shot (the base model, nothing trained): the same recipe with train.max_steps=0 evaluates and exports the
 untouched base (a LoRA adapter starts as the identity).
 """
@@ -110,13 +113,22 @@ def label_words(recipe, label_names: list[str], chat: bool) -> list[str]:
     return list(words)
 
 
+ANCHOR_TEXT = "text"  # what the prompt the words are tokenized after holds where {text} goes (label_token_ids)
+
+
 def label_token_ids(tokenizer, recipe, label_names: list[str] | None = None) -> list[list[int]]:
-    """Each class's label-word tokens (+ EOS with task.label_eos). Two words with the same tokens, or one whose tokens
-    begin another's without an EOS after them (the longer could then never score higher), are refused."""
+    """Each class's label-word tokens (+ EOS with task.label_eos): those the tokenizer gives the word written after the
+    prompt (word_ids_after a prompt rendered as prompt_ids renders it; tokenize checks every row's), which a word
+    tokenized alone is not (a SentencePiece tokenizer's '▁' in front). A word that merges with the prompt's last
+    token, two words with the same tokens, or one whose tokens begin another's without an EOS after them (the longer
+    could then never score higher) are refused."""
     names = list(label_names or recipe.data.label_names or [])
     words = label_words(recipe, names, uses_chat(tokenizer, recipe))
-    ids = [tokenizer(w, add_special_tokens=False)["input_ids"] for w in words]
+    (anchor,), _ = prompt_texts(tokenizer, recipe, [ANCHOR_TEXT])
+    ids = [word_ids_after(tokenizer, anchor, w) for w in words]
     for w, i in zip(words, ids):
+        if i is None:
+            raise DataError(_merges(tokenizer, anchor, w))
         if not i:
             raise DataError(f"data.label_words: {w!r} tokenizes to nothing; give a word the tokenizer can write.")
     if recipe.task.label_eos:
@@ -135,8 +147,27 @@ def label_token_ids(tokenizer, recipe, label_names: list[str] | None = None) -> 
     return ids
 
 
-def prompt_ids(tokenizer, recipe, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
-    """The token ids of each row's prompt (its text cut to data.max_length tokens first) and which rows were cut."""
+def word_ids_after(tokenizer, prompt: str, word: str) -> list[int] | None:
+    """The ids of `word` written after the text `prompt`: what follows the prompt's own ids in the tokenization of
+    prompt + word. None where that tokenization does not begin with the prompt's ids (the prompt's last token and the
+    word's first merge), so the word has no tokens of its own after this prompt."""
+    head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    joint = tokenizer(prompt + word, add_special_tokens=False)["input_ids"]
+    return joint[len(head):] if joint[: len(head)] == head else None
+
+
+def _merges(tokenizer, prompt: str, word: str) -> str:
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(prompt + word, add_special_tokens=False)["input_ids"])
+    return (f"label word {word!r} does not tokenize apart from the prompt it follows, {prompt[-40:]!r}: together they give "
+            f"...{tokens[-6:]}, where the prompt's last token and the word's first merge, so the word has no tokens of its own "
+            "to score. End task.prompt with other text (e.g. no trailing space: a word derived from data.label_names after a "
+            "plain prompt begins with one), or set data.label_words to words that start a token of their own (e.g. with a "
+            "leading space).")
+
+
+def prompt_texts(tokenizer, recipe, texts: list[str]) -> tuple[list[str], list[bool]]:
+    """Each row's prompt as text (its text cut to data.max_length tokens first, put in task.prompt, rendered through
+    the chat template with task.chat_template) and which rows were cut."""
     chat = uses_chat(tokenizer, recipe)
     template = recipe.task.prompt or DEFAULT_PROMPT
     texts, cut = truncate_sources(tokenizer, texts, recipe.data.max_length)
@@ -144,17 +175,53 @@ def prompt_ids(tokenizer, recipe, texts: list[str]) -> tuple[list[list[int]], li
     if chat:
         prompts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
                    for p in prompts]
-    bos = [tokenizer.bos_token_id] if not chat and _adds_bos(tokenizer) else []
+    return prompts, cut
+
+
+def _bos(tokenizer, recipe) -> list[int]:
+    """The BOS in front of a plain prompt where the tokenizer puts one (a chat template writes its own)."""
+    return [tokenizer.bos_token_id] if not uses_chat(tokenizer, recipe) and _adds_bos(tokenizer) else []
+
+
+def prompt_ids(tokenizer, recipe, texts: list[str]) -> tuple[list[list[int]], list[bool]]:
+    """The token ids of each row's prompt (prompt_texts, after the BOS) and which rows were cut."""
+    prompts, cut = prompt_texts(tokenizer, recipe, texts)
+    bos = _bos(tokenizer, recipe)
     return [bos + i for i in tokenizer(prompts, add_special_tokens=False)["input_ids"]], cut
+
+
+def check_words_follow(tokenizer, prompts: list[str], prompt_ids: list[list[int]], words: list[str], ids: list[list[int]],
+                       rows: list | None = None) -> None:
+    """Every label word, written after each row's prompt, tokenizes as label_token_ids says (what training and scoring
+    put after the prompt's ids): a prompt that ends with its text ('Label: {text}') ends differently in each row, and
+    a word could merge with one row's last token. Refused with the first such row."""
+    for w, i in zip(words, ids):
+        joint = tokenizer([p + w for p in prompts], add_special_tokens=False)["input_ids"]
+        for k, (p, j) in enumerate(zip(prompt_ids, joint)):
+            if j != p + i:
+                where = f"row {rows[k]}" if rows is not None else f"the prompt ending {prompts[k][-40:]!r}"
+                raise DataError(f"{where}: the label word {w!r} tokenizes as {tokenizer.convert_ids_to_tokens(j[len(p):])} "
+                                f"after this prompt's tokens {tokenizer.convert_ids_to_tokens(p[-3:])} (together: "
+                                f"{tokenizer.convert_ids_to_tokens(j[-len(i) - 3:])}), but as {tokenizer.convert_ids_to_tokens(i)} "
+                                "after the others, so this row would be trained and scored on tokens the model does not read "
+                                "there. End task.prompt with fixed text after {text} (e.g. '{text}\\nLabel:'), or set "
+                                "data.label_words to words that start a token of their own.")
 
 
 def tokenize(ds, tokenizer, recipe):
     """{text, label} rows -> input_ids = prompt + label word, labels = -100 over the prompt then the word's tokens;
-    keeps prompt_length, class_label (the class index), length and truncated, and the text and row for predictions."""
+    keeps prompt_length, class_label (the class index), length and truncated, and the text and row for predictions.
+    Every label word is checked to tokenize after each row's prompt as it is scored (check_words_follow)."""
     words = label_token_ids(tokenizer, recipe)
+    written = label_words(recipe, list(recipe.data.label_names or []), uses_chat(tokenizer, recipe))
+    bare = [w[:-1] if recipe.task.label_eos else w for w in words]  # (the EOS is no part of the written word)
+    bos = _bos(tokenizer, recipe)
 
     def enc(batch):
-        prompts, cut = prompt_ids(tokenizer, recipe, batch["text"])
+        texts, cut = prompt_texts(tokenizer, recipe, batch["text"])
+        own = tokenizer(texts, add_special_tokens=False)["input_ids"]
+        check_words_follow(tokenizer, texts, own, written, bare, batch.get("row"))
+        prompts = [bos + i for i in own]
         targets = [words[y] for y in batch["label"]]
         ids = [p + y for p, y in zip(prompts, targets)]
         return {"input_ids": ids, "attention_mask": [[1] * len(i) for i in ids],
