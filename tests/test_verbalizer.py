@@ -4,6 +4,7 @@ decoder LLM. Fast tests use the tiny random Llama with MiniLM's tokenizer; the s
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -242,6 +243,40 @@ def test_lora_verbalizer_exports_and_reloads_to_the_same_metrics(make_verb):
     assert all(g["text"] == file_rows[g["row"]]["sentence"] and g["label"] == ["negative", "positive"][int(file_rows[g["row"]]["label"])]
                and 0.5 <= g["probability"] <= 1 for g in got)
     assert sum(g["label"] == g["prediction"] for g in got) / 64 == pytest.approx(record.metrics["eval"]["accuracy"])
+
+
+def test_the_prompt_template_and_label_word_count_against_the_positions(make_verb, tmp_path):
+    """The verbalizer counted data.max_length alone against the position table, not the prompt template's tokens nor
+    the label word (+ EOS): a GPT-2 of 40 learned positions with data.max_length=40 passed `validate` and train's check,
+    trained, then the final evaluation failed with a bare IndexError in the embedding and no artifacts were written.
+    Refused by both, naming the parts and the data.max_length that fits; at that bound the longest rows fill the table
+    and the run ends with its artifacts."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from peftlab.errors import ModelError
+    from peftlab.run import check_evaluation, preflight
+
+    torch.manual_seed(0)
+    tok, gpt2 = minilm_tokenizer(), tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, n_positions=16, n_embd=32, n_layer=2, n_head=4, pad_token_id=0)).save_pretrained(gpt2)
+    tok.save_pretrained(gpt2)
+    # 'review : sentiment :' is 4 tokens, 'negative' 1, + [SEP] (MiniLM's end token): data.max_length <= 16 - 6 = 10
+    settings = {"model.name": gpt2, "adapter.target_modules": "[c_attn]", "task.label_eos": True, "train.max_steps": 1}
+    recipe = make_verb({**settings, "data.max_length": 16})
+    message = ("data.max_length + the prompt template and special tokens + the longest label word (+ EOS) = 16 + 4 + 2 exceeds the 16 "
+               "positions")
+    assert any(message in p and "Set data.max_length so that it is <= 10." in p for p in preflight(recipe, training=False))  # validate
+    with pytest.raises(ModelError, match=re.escape(message)):
+        run(recipe)
+    fits = make_verb({**settings, "data.max_length": 10}, "fits")
+    assert not any("positions" in p for p in preflight(fits, training=False))
+    assert max(map(len, build_data(fits, tok).eval["input_ids"])) == 16  # (the bound is tight)
+    record = run(fits)
+    assert (fits.out / "predictions-eval.jsonl").is_file() and "accuracy" in record.metrics["eval"]
+    with pytest.raises(ModelError, match=re.escape(message)):  # `peftlab eval` with the run's recipe overridden, before loading
+        check_evaluation(fits.out, "eval", ["data.max_length=16"])
+    tok.model_max_length = 12  # padded to a multiple of 8, but never past the tokenizer's limit (as summarization pads)
+    assert verbalizer.collator(tok)([{"input_ids": [1] * 12, "attention_mask": [1] * 12, "labels": [-100] * 12}])["input_ids"].shape[1] == 12
 
 
 def test_invalid_verbalizer_recipes_are_refused_with_the_fix(make_verb):

@@ -135,11 +135,11 @@ def load_model(recipe, path: str, dtype: torch.dtype):
     return encoder_decoder.load_encoder_decoder(recipe, path, dtype) if recipe.model.decoder else None
 
 
-def prompt_tokens(tokenizer, recipe, fam: str) -> int:
+def prompt_tokens(tokenizer, recipe, fam: str, template: str | None = None, slot: str = "{source}") -> int:
     """The tokens a prompt holds beyond its source (data.max_length counts the source alone): the template's text on
     either side of {source}, the tokenizer's special tokens ([CLS] and [SEP], </s>) or the BOS, or the rendered chat
-    template, as tokenize writes them."""
-    head, tail = (recipe.task.prompt or DEFAULT_PROMPT[fam]).split("{source}", 1)
+    template, as tokenize writes them. `template` and `slot`: another task's prompt (the verbalizer's, around {text})."""
+    head, tail = (template or recipe.task.prompt or DEFAULT_PROMPT[fam]).split(slot, 1)
     if fam == "seq2seq":  # tokenize's tokenizer(prompts): special tokens included
         return len(tokenizer(head)["input_ids"]) + len(tokenizer(tail, add_special_tokens=False)["input_ids"])
     if recipe.task.chat_template and getattr(tokenizer, "chat_template", None):
@@ -156,13 +156,15 @@ def _base_tokenizer(path: str, revision: str | None, trust_remote_code: bool):
     return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
 
 
-def _prompt_tokens(recipe, fam: str) -> int:
-    """prompt_tokens with the base's tokenizer; 0 (said in the log) where it cannot be read here."""
+def base_tokens(recipe, count, what: str) -> int:
+    """count(the base's tokenizer): tokens an input length holds beyond the recipe's keys (a prompt template's, a label
+    word's); 0 (said in the log: `what`) where the tokenizer cannot be read here or count refuses it (`validate`
+    reports that on its own)."""
     m = recipe.model
     try:
-        return prompt_tokens(_base_tokenizer(base_path(recipe), m.revision, m.trust_remote_code), recipe, fam)
+        return count(_base_tokenizer(base_path(recipe), m.revision, m.trust_remote_code))
     except Exception as e:  # (e.g. a GGUF base not converted yet: `train` checks on the converted one)
-        log.info("the prompt template's tokens are not counted in the input lengths (%s: %s)", type(e).__name__, e)
+        log.info("%s not counted in the input lengths (%s: %s)", what, type(e).__name__, e)
         return 0
 
 
@@ -175,7 +177,8 @@ def input_lengths(config, recipe) -> list[tuple]:
     new = (e.max_new_tokens + 1, f"eval.max_new_tokens + 1 (the decoder start token) = {e.max_new_tokens} + 1")
     encoder, decoder = getattr(config, "encoder", None), getattr(config, "decoder", None)
     seq2seq = (encoder is not None and decoder is not None) or getattr(config, "is_encoder_decoder", False)
-    extra = _prompt_tokens(recipe, "seq2seq" if seq2seq else "causal")
+    fam = "seq2seq" if seq2seq else "causal"
+    extra = base_tokens(recipe, lambda tokenizer: prompt_tokens(tokenizer, recipe, fam), "the prompt template's tokens are")
     what = "data.max_length + the prompt template and special tokens"
     prompt = (d.max_length + extra, f"{what} = {d.max_length} + {extra}")
     if encoder is not None and decoder is not None:  # a warm-started encoder-decoder: each half has its own table

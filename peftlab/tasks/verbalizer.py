@@ -30,7 +30,7 @@ from ..errors import DataError
 from ..metrics import CLASSIFICATION_KEYS, classification_metrics
 from .classification import prediction_rows
 from .generative import causal_lm_loss, contiguous_head_input, next_token_items, row_losses
-from .summarization import _adds_bos, _pad, eos_id, truncate_sources
+from .summarization import _adds_bos, _limit, _pad, base_tokens, eos_id, prompt_tokens, truncate_sources
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +86,22 @@ def check(recipe) -> list[str]:
 
 def summary_line(split: str, m: dict) -> str:
     return f"   {split:<5} accuracy {m['accuracy']:.4f}   macro-F1 {m['f1']:.4f}   loss {m['loss']:.4f}"
+
+
+def input_lengths(config, recipe) -> list[tuple]:
+    """(config, tokens, what): one sequence holds the prompt (data.max_length text tokens + the template's, the BOS or
+    the rendered chat template, counted as summarization counts its prompt) and the longest label word (+ EOS with
+    task.label_eos), in training and scoring alike. data.max_length alone left them out: a model with a learned
+    position table passed `validate` and trained, then the final evaluation failed in the embedding lookup."""
+    d = recipe.data
+    template = recipe.task.prompt or DEFAULT_PROMPT
+    extra = base_tokens(recipe, lambda tokenizer: prompt_tokens(tokenizer, recipe, "causal", template, "{text}"),
+                        "the prompt template's tokens are")
+    word = base_tokens(recipe, lambda tokenizer: max(map(len, label_token_ids(tokenizer, recipe)), default=0),
+                       "the label words' tokens are")
+    eos = " (+ EOS)" if recipe.task.label_eos else ""
+    return [(config, d.max_length + extra + word, f"data.max_length + the prompt template and special tokens + the longest "
+             f"label word{eos} = {d.max_length} + {extra} + {word}")]
 
 
 def uses_chat(tokenizer, recipe) -> bool:
@@ -233,12 +249,14 @@ def tokenize(ds, tokenizer, recipe):
 
 
 def collator(tokenizer):
-    """Model inputs only, right-padded (labels -100 on the padding): what training and the loss evaluation feed."""
-    pad = tokenizer.pad_token_id
+    """Model inputs only, right-padded (labels -100 on the padding) to a multiple of 8 but never past the tokenizer's
+    model_max_length, as summarization pads: what training and the loss evaluation feed."""
+    pad, limit = tokenizer.pad_token_id, _limit(tokenizer)
 
     def collate(rows):
-        return {"input_ids": _pad([r["input_ids"] for r in rows], pad), "attention_mask": _pad([r["attention_mask"] for r in rows], 0),
-                "labels": _pad([r["labels"] for r in rows], -100)}
+        return {"input_ids": _pad([r["input_ids"] for r in rows], pad, limit=limit),
+                "attention_mask": _pad([r["attention_mask"] for r in rows], 0, limit=limit),
+                "labels": _pad([r["labels"] for r in rows], -100, limit=limit)}
 
     return collate
 
