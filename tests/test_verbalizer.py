@@ -279,6 +279,42 @@ def test_the_prompt_template_and_label_word_count_against_the_positions(make_ver
     assert verbalizer.collator(tok)([{"input_ids": [1] * 12, "attention_mask": [1] * 12, "labels": [-100] * 12}])["input_ids"].shape[1] == 12
 
 
+@pytest.mark.parametrize("chat", [False, True], ids=["plain", "chat-eos"])
+def test_the_cards_snippet_classifies_as_the_run_did(make_verb, tiny_llama, tmp_path, chat):
+    """A verbalizer run's card showed how to load the model only (the classification, SFT and summarization cards show
+    a prediction). Its snippet, run as written on a text longer than data.max_length, prints the class the run
+    predicted for that row, with the same probability over the label words (the plain prompt after the BOS; the chat
+    template, with EOS after each word)."""
+    import contextlib
+    import io
+    import shutil
+
+    from peftlab.publish.card import card_text
+
+    base, overrides = tiny_llama, {"train.max_steps": 4, "data.max_length": 8, "adapter.target_modules": "[q_proj,v_proj,o_proj]"}
+    if chat:
+        base = tmp_path / "chat-llama"
+        shutil.copytree(tiny_llama, base)
+        tok = minilm_tokenizer()
+        tok.chat_template = CHAT
+        tok.save_pretrained(base)
+        overrides |= {"model.name": base, "task.chat_template": True, "task.label_eos": True}
+    recipe = make_verb(overrides, "card")
+    run(recipe)
+    rows = [json.loads(line) for line in (recipe.out / "predictions-eval.jsonl").read_text().splitlines()]
+    sizes = [len(minilm_tokenizer()(r["text"], add_special_tokens=False)["input_ids"]) for r in rows]
+    row = max((r for r, n in zip(rows, sizes) if n > 8), key=lambda r: r["probability"])  # a cut text, away from a tie
+    snippet = re.search(r"## How to use.*?```python\n(.*?)```", card_text(recipe.out), re.S).group(1)
+    snippet = re.sub(r"repo = .*", f"repo = {str(recipe.out)!r}", snippet)
+    snippet = re.sub(r"base_model = .*", f"base_model = {str(base)!r}", snippet)
+    snippet = re.sub(r"text = .*", lambda _: f"text = {row['text']!r}", snippet, count=1)
+    printed, scope = io.StringIO(), {}
+    with contextlib.redirect_stdout(printed):
+        exec(snippet, scope)
+    assert printed.getvalue().strip() == row["prediction"], (printed.getvalue(), row, snippet)
+    assert torch.tensor(scope["scores"]).softmax(0).max().item() == pytest.approx(row["probability"], abs=1e-4)
+
+
 def test_invalid_verbalizer_recipes_are_refused_with_the_fix(make_verb):
     with pytest.raises(ConfigError) as e:
         make_verb({"task.prompt": "'Review: {sentence} Sentiment:'", "data.label_words": "[' yes', ' yes']"})

@@ -363,6 +363,8 @@ def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: 
                    f"print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True){cut}.strip())\n")
     elif recipe.task.type == "summarization" and not recipe.model.decoder:
         example = _summarization_example(out, recipe, causal=auto_cls == "AutoModelForCausalLM")
+    elif recipe.task.type == "verbalizer":
+        example = _verbalizer_example(out, recipe, labels)
     if "model.generate(" in example:  # decoded as the evaluation did: not with the base's own settings on top
         example = _plain_generation("base" if (out / "adapter_config.json").is_file() else "model") + example
     if not (out / "adapter_config.json").is_file():  # a full model (a merged one too): its own folder, the same example
@@ -470,6 +472,42 @@ def _summarization_example(out: Path, recipe, causal: bool) -> str:
             f"{settings}, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)\n"
             + ("print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True).strip())\n" if causal else
                "print(tokenizer.decode(out[0], skip_special_tokens=True).strip())\n"))
+
+
+def _verbalizer_example(out: Path, recipe, labels: list[str]) -> str:
+    """Classify as peftlab's evaluation does (tasks/verbalizer.py): the text cut to data.max_length tokens where the
+    first token left out starts, put into task.prompt (rendered through the chat template with task.chat_template, else
+    after the BOS where the tokenizer puts one), each label word scored by its log-likelihood summed over the tokens the
+    tokenizer writes for it after the prompt (+ EOS with task.label_eos), the likeliest class printed."""
+    from transformers import AutoTokenizer
+
+    from ..tasks.summarization import _adds_bos
+    from ..tasks.verbalizer import DEFAULT_PROMPT, label_words
+
+    n, chat = recipe.data.max_length, bool(recipe.task.chat_template)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))  # the run's own, as tokenize read it
+    if chat:
+        render = ("prompt = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": prompt}], tokenize=False, "
+                  "add_generation_prompt=True)  # task.chat_template\n")
+    else:
+        render = ""
+    bos = "[tokenizer.bos_token_id] + " if not chat and _adds_bos(tokenizer) else ""
+    eos = (" + [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id]  # task.label_eos"
+           if recipe.task.label_eos else "")
+    return (f"labels = {labels!r}\nwords = {label_words(recipe, labels, chat)!r}  # each class's label word, as written after the prompt\n"
+            "text = \"a gripping, beautifully shot film\"\n"
+            "offsets = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)[\"offset_mapping\"]\n"
+            f"if len(offsets) > {n}:  # data.max_length: the text is cut as it was in training\n"
+            f"    text = text[:offsets[{n}][0]].rstrip()\n"
+            f"prompt = {(recipe.task.prompt or DEFAULT_PROMPT)!r}.replace(\"{{text}}\", text)  # task.prompt\n{render}"
+            "start = tokenizer(prompt, add_special_tokens=False)[\"input_ids\"]\n"
+            "scores = []\n"
+            "for word in words:  # its tokens as the tokenizer writes them after the prompt; their log-likelihoods summed\n"
+            f"    target = tokenizer(prompt + word, add_special_tokens=False)[\"input_ids\"][len(start):]{eos}\n"
+            "    with torch.no_grad():\n"
+            f"        logits = model(input_ids=torch.tensor([{bos}start + target])).logits[0, -len(target) - 1:-1]\n"
+            "    scores.append(logits.float().log_softmax(-1)[torch.arange(len(target)), target].sum().item())\n"
+            "print(labels[scores.index(max(scores))])\n")
 
 
 def exported_params(out: Path) -> int | None:
