@@ -589,6 +589,17 @@ def test_each_generated_answer_is_greedy_decoding_of_the_model_as_trained(tmp_pa
         greedy.append(tok.decode(ids[0, start:], skip_special_tokens=True).strip())
     assert [p["prediction"] for p in preds] == greedy
     assert len(set(greedy)) > 1  # (not one text for every row: the prompts matter)
+    # the card's snippet, run as written on each prompt, answers as the evaluation did (under prompt learning it called
+    # peft's cached generate, whose text differed from the third token on)
+    from peftlab.publish.card import card_text
+
+    snippet = re.search(r"```python\n(.*?)```", card_text(r.out), re.S).group(1)
+    snippet = re.sub(r"base_model = .*", lambda _: f"base_model = {str(chat_llama)!r}", re.sub(r"repo = .*", lambda _: f"repo = {str(r.out)!r}", snippet))
+    for row, want in zip(rows, greedy):
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(snippet.replace('"What is the capital of France?"', repr(row["messages"][0]["content"])), {})
+        assert printed.getvalue().strip() == want, (printed.getvalue(), row, snippet)
 
 
 @pytest.mark.parametrize("method", ["lora", "prompt_tuning"])

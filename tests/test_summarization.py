@@ -846,6 +846,15 @@ def test_a_prompt_tuned_decoder_summarizes_as_greedy_decoding_of_its_model_and_p
                 if nxt == tok.eos_token_id:
                     break
         assert tok.decode(ids[0, start:], skip_special_tokens=True).strip() == rows[k]["prediction"], k
+    # the card's snippet, run as written on each source, summarizes as the evaluation did (it called peft's cached generate)
+    snippet = re.search(r"```python\n(.*?)```", card_text(recipe.out), re.S).group(1)
+    snippet = re.sub(r"base_model = .*", lambda _: f"base_model = {str(tiny_llama)!r}",
+                     re.sub(r"repo = .*", lambda _: f"repo = {str(recipe.out)!r}", snippet))
+    for row in rows:
+        printed = io.StringIO()
+        with contextlib.redirect_stdout(printed):
+            exec(re.sub(r"source = .*", lambda _, row=row: f"source = {row['source']!r}", snippet, count=1), {})
+        assert printed.getvalue().strip() == row["prediction"], (printed.getvalue(), row, snippet)
     with pytest.raises(ConfigError, match="prefix_tuning cannot generate faithfully"):  # `peftlab validate` says it
         make_sum_recipe(tiny_llama, {"adapter.method": "prefix_tuning", "adapter.target_modules": None}, name="px")
     prefix = make_sum_recipe(tiny_llama, {"adapter.target_modules": None}, name="px")

@@ -355,11 +355,12 @@ def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: 
         stops = text_stops(AutoTokenizer.from_pretrained(str(out)))
         by_text = f", stop_strings={stops!r}, tokenizer=tokenizer" if stops else ""
         cut = "".join(f".split({m!r})[0]" for m in stops)
+        why, no_cache = _no_cache(out, causal=True)
         example = (f"messages = [{system}{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]\n"
                    "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)\n"
-                   "with torch.no_grad():  # greedy, as peftlab's evaluation generates\n"
+                   f"{why}with torch.no_grad():  # greedy, as peftlab's evaluation generates\n"
                    f"    out = model.generate(input_ids=inputs[\"input_ids\"], attention_mask=inputs[\"attention_mask\"], "
-                   f"max_new_tokens={recipe.eval.max_new_tokens}, do_sample=False{by_text})\n"
+                   f"max_new_tokens={recipe.eval.max_new_tokens}, do_sample=False{by_text}{no_cache})\n"
                    f"print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True){cut}.strip())\n")
     elif recipe.task.type == "summarization" and not recipe.model.decoder:
         example = _summarization_example(out, recipe, causal=auto_cls == "AutoModelForCausalLM")
@@ -460,6 +461,8 @@ def _summarization_example(out: Path, recipe, causal: bool) -> str:
         settings += ", logits_processor=LogitsProcessorList([lambda ids, scores: blocker(ids[:, n:], scores)])"
     elif e.no_repeat_ngram_size:
         settings += f", no_repeat_ngram_size={e.no_repeat_ngram_size}"
+    why, no_cache = _no_cache(out, causal)
+    settings += no_cache
     imports = "from transformers import LogitsProcessorList, NoRepeatNGramLogitsProcessor\n" if blocker else ""
     return (imports + "source = \"Amanda: I baked cookies. Do you want some?\\nJerry: Sure!\\nAmanda: I'll bring you some tomorrow :-)\"\n"
             "ids = tokenizer(source, add_special_tokens=False)[\"input_ids\"]\n"
@@ -467,7 +470,7 @@ def _summarization_example(out: Path, recipe, causal: bool) -> str:
             f"    source = tokenizer.decode(ids[:{n}])\n"
             f"prompt = {template!r}.replace(\"{{source}}\", source)  # task.prompt\n{encode}"
             f"{blocker}eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id\n"
-            "with torch.no_grad():  # the recipe's eval settings\n"
+            f"{why}with torch.no_grad():  # the recipe's eval settings\n"
             "    out = model.generate(input_ids=inputs[\"input_ids\"], attention_mask=inputs[\"attention_mask\"], "
             f"{settings}, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)\n"
             + ("print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True).strip())\n" if causal else
@@ -508,6 +511,22 @@ def _verbalizer_example(out: Path, recipe, labels: list[str]) -> str:
             f"        logits = model(input_ids=torch.tensor([{bos}start + target])).logits[0, -len(target) - 1:-1]\n"
             "    scores.append(logits.float().log_softmax(-1)[torch.arange(len(target)), target].sum().item())\n"
             "print(labels[scores.index(max(scores))])\n")
+
+
+def _no_cache(out: Path, causal: bool) -> tuple[str, str]:
+    """(a comment line, a generate() argument) that turn the KV cache off for a prompt or p-tuning adapter on a decoder:
+    with this transformers, peft's generate writes other tokens than the model computes from the third new one on (see
+    tasks/generative.generation_inputs, which the evaluation uses instead); use_cache=False writes the evaluation's text.
+    ("", "") otherwise: an encoder-decoder's virtual tokens are the encoder's, which the decoder's cache leaves alone."""
+    if not causal or not (out / "adapter_config.json").is_file():
+        return "", ""
+    from peft import PeftConfig
+
+    if not PeftConfig.from_pretrained(str(out)).is_prompt_learning:
+        return "", ""
+    return ("# use_cache=False: with its KV cache, peft's generate under virtual tokens writes other tokens than the model "
+            "computes (from the third new one on, with this transformers); without it, the text peftlab's evaluation wrote\n",
+            ", use_cache=False")
 
 
 def exported_params(out: Path) -> int | None:
