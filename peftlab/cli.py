@@ -416,7 +416,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="only write the folder that would be uploaded, to OUT/publish (or DIR)")
     pub.add_argument("--to", metavar="DIR", help="publish to a local directory instead of the Hub")
     pub.add_argument("--git-remote", metavar="URL", help="commit the folder to this git remote (branch --revision) and push")
-    pub.add_argument("--base-model", metavar="HUB_ID", help="hub id of the base for the card when model.name is a local folder")
+    pub.add_argument("--base-model", metavar="HUB_ID", help="hub id of the base (OWNER/NAME or a canonical id like bert-base-uncased) for the card when "
+                     "model.name is a local folder")
     pub.add_argument("--license", help="licence id for the card (default: the base's when known, else 'unknown')")
     pub.set_defaults(fn=cmd_publish)
 

@@ -308,6 +308,18 @@ def test_repo_ids_are_validated_before_anything_happens(runs, hub, capsys, repo_
     assert rc == 2 and "NAMESPACE/NAME" in err and not hub.requests
 
 
+@pytest.mark.parametrize("base_model", ["/some/local/path", "bert base", "./tiny-bert", "org/", "org/x/y", ""])
+def test_a_base_model_that_is_no_hub_id_is_refused_with_its_own_flag(runs, tmp_path, capsys, base_model):
+    """--base-model /some/path was refused as "repo id ... Example: --repo-id alice/..." (the --repo-id check, reused),
+    and one without '/' ("bert base") went as it was into the card, the tag and adapter_config.json."""
+    rc, out, err = cli(capsys, "publish", runs[0], "--repo-id", "alice/x", "--base-model", base_model, "--to", str(tmp_path / "p"))
+    assert rc == 2 and f"--base-model {base_model!r} is not a Hub model id" in err and "--repo-id" not in err, err
+    assert not (tmp_path / "p").exists()
+    for good in ("bert-base-uncased", "org/tiny-bert"):  # a canonical id and an owner's
+        publish(runs[0], "alice/x", to=tmp_path / good.replace("/", "_"), base_model=good)
+        assert json.loads((tmp_path / good.replace("/", "_") / "adapter_config.json").read_text())["base_model_name_or_path"] == good
+
+
 def test_hub_publish_needs_a_repo_id(runs, capsys):
     rc, out, err = cli(capsys, "publish", runs[0])
     assert rc == 2 and "--repo-id" in err

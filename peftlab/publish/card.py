@@ -36,26 +36,42 @@ KNOWN_DATASETS = {"sst2": ("stanfordnlp/sst2", "SST-2"), "ag_news": ("fancyzhx/a
                   "mrpc": ("nyu-mll/glue", "GLUE MRPC"),
                   "amazon_mdsd": (None, "Amazon multi-domain sentiment (Blitzer et al. 2007)")}  # (on no Hub)
 SPLIT_NAMES = {"dev": "validation", "validation": "validation", "valid": "validation", "test": "test", "train": "train"}
-REPO_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}/[A-Za-z0-9][A-Za-z0-9._-]{0,95}")
+REPO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}")  # one part of a Hub id
+REPO_ID = re.compile(rf"{REPO_NAME.pattern}/{REPO_NAME.pattern}")
+ID_RULES = "letters, digits, '-', '_', '.', at most 96 characters each part, no '..' or '--', not ending in '.', '-' or '.git'"
+
+
+def is_hub_id(value, pattern: re.Pattern = REPO_ID) -> bool:
+    """`value` is a Hub id of the shape `pattern` (NAMESPACE/NAME, or REPO_NAME alone) with the Hub's characters, no path tricks."""
+    return isinstance(value, str) and pattern.fullmatch(value) is not None and ".." not in value and "--" not in value \
+        and not value.endswith((".", "-", ".git"))
 
 
 def check_repo_id(repo_id: str) -> str:
     """`namespace/name` with the Hub's characters, no path tricks; clear error otherwise."""
-    ok = isinstance(repo_id, str) and REPO_ID.fullmatch(repo_id) and ".." not in repo_id and "--" not in repo_id \
-        and not repo_id.endswith((".", "-", ".git"))
-    if not ok:
+    if not is_hub_id(repo_id):
         raise PublishError(f"repo id {repo_id!r} is not a valid Hub repo id. Use NAMESPACE/NAME (your user or organisation, "
-                           "then the repo name): letters, digits, '-', '_', '.', at most 96 characters each, no '..' or '--', "
-                           "not ending in '.', '-' or '.git'. Example: --repo-id alice/minilm-sst2-lora")
+                           f"then the repo name): {ID_RULES}. Example: --repo-id alice/minilm-sst2-lora")
     return repo_id
+
+
+def check_base_model(base_model: str) -> str:
+    """--base-model goes as it is into the card's base_model and tag, recipe.yaml and adapter_config.json, where a
+    reader's peft downloads it: it must be a Hub model id (a path or a name with spaces names nothing there)."""
+    if not (is_hub_id(base_model) or is_hub_id(base_model, REPO_NAME)):
+        raise PublishError(f"--base-model {base_model!r} is not a Hub model id: it names the base in the card and in "
+                           "adapter_config.json, where it is downloaded from the Hub. Give OWNER/NAME (e.g. --base-model "
+                           "HuggingFaceTB/SmolLM2-135M) or a canonical id without an owner (e.g. --base-model bert-base-uncased): "
+                           f"{ID_RULES}. A local base with no Hub id: leave --base-model out (the card names it by its folder name).")
+    return base_model
 
 
 # ------------------------------------------------------------------------------------------- model card
 
 def base_model_id(recipe, override: str | None = None) -> str | None:
     """The hub id of the base: --base-model, a packaged model's public id, or model.name when it is a hub id."""
-    if override:
-        return check_repo_id(override) if "/" in override else override
+    if override is not None:
+        return check_base_model(override)
     name = recipe.model.name
     if name in KNOWN_BASES:
         return KNOWN_BASES[name][0]
