@@ -115,10 +115,11 @@ def not_an_adapter(folder: Path, what: str, instead: str) -> ArtifactError | Non
         return task.refuse_loading(folder, run)
     if (folder / "adapter_config.json").is_file():
         return None
-    merged = (folder / "merge.json").is_file()
+    merged = (folder / "merge.json").is_file()  # (a published merged model has one too, with no run folder above it)
+    run_folder = merged and (folder.parent / "adapter_config.json").is_file()
     return ArtifactError(f"{what} holds a standalone model ({'merged from a ' if merged else 'method '}{run.method}"
                          f"{' adapter' if merged else ''}), not an adapter: {instead}"
-                         + (f", or give the run folder that holds its adapter ({folder.parent})." if merged else "."))
+                         + (f", or give the run folder that holds its adapter ({folder.parent})." if run_folder else "."))
 
 
 def check_name(name) -> None:

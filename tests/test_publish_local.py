@@ -194,6 +194,29 @@ def test_packaged_and_named_bases_publish_their_hub_id(local_run, tmp_path, tiny
                                                                     ["data"]["train"]["path"])))
 
 
+def test_a_merged_folder_publishes_its_merge_json_with_the_base_by_its_public_name(local_run, tmp_path, tiny_bert, sentiment_files):
+    """The card of a merged folder cites `merge.json` ("merged into the base's float32 weights (`peftlab merge`,
+    `merge.json`)"), which was left out of the published folder; its base is the local folder's public name there."""
+    from peftlab import merge
+    from peftlab.adapters import load_adapters
+    from peftlab.errors import ArtifactError
+
+    run_dir = tmp_path / "work" / "run"
+    shutil.copytree(local_run, run_dir)
+    merged = merge(run_dir)
+    search = needles(run_dir, tiny_bert, sentiment_files["train"])
+    for base_model, named in ((None, tiny_bert.name), ("org/tiny-bert", "org/tiny-bert")):
+        target = tmp_path / f"shelf-{named.replace('/', '_')}"
+        publish(merged, "alice/tiny-merged", to=target, base_model=base_model)
+        files = read_folder(target)
+        assert "`merge.json`" in files["README.md"].decode() and "merge.json" in files
+        stamp, original = json.loads(files["merge.json"]), json.loads((merged / "merge.json").read_text())
+        assert stamp["base"]["name"] == named and stamp == {**original, "base": {**original["base"], "name": named}}
+        assert_nothing_local(files, search)
+    with pytest.raises(ArtifactError, match=r"merged from a lora adapter\), not an adapter: load it on its own \(load_trained\)\.$"):
+        load_adapters({"m": target})  # (no run folder above a published one to point at)
+
+
 def test_a_leftover_local_path_is_refused_not_published(local_run, tmp_path):
     """The guard behind the rewrites: a record field this code does not know, holding the run folder inside a longer
     text, makes publish refuse with the file's name, and nothing is written."""

@@ -19,10 +19,11 @@ from pathlib import Path
 from ..errors import PublishError
 from ..export import check_destination, weights_file, write_atomic_dir
 from ..rundir import RECIPE_FILE, RECORD_FILE, RunDir, check_writable, holds_run
-from .card import PublicRun, card_text, check_card, check_nothing_local, local_roots, scrub
+from .card import PublicRun, card_text, check_card, check_nothing_local, is_local_model, local_roots, scrub
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json", "generation_config.json")
-RECORD_FILES = (RECIPE_FILE, RECORD_FILE, "metrics.json", "eval_report.json")
+MERGE_FILE = "merge.json"  # a `peftlab merge` folder's: the adapter and base it was merged from (the card cites it)
+RECORD_FILES = (RECIPE_FILE, RECORD_FILE, "metrics.json", "eval_report.json", MERGE_FILE)
 EVALUATIONS = "eval-*.json"  # what `peftlab eval OUT` wrote into OUT (metrics and report, no path): the card reports them
 CONFIG_FILES = ("adapter_config.json", "config.json", "generation_config.json")  # rewritten without local paths
 TOKENIZER_GLOBS = ("tokenizer*.json", "tokenizer.model", "special_tokens_map.json", "added_tokens.json", "vocab.txt", "vocab.json",
@@ -91,6 +92,11 @@ def fill_folder(pub: PublicRun, dest: Path, repo_id: str | None = None, license:
                 (dest / src.name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             else:
                 shutil.copy2(src, dest / src.name)
+        elif src.name == MERGE_FILE:  # the base merged onto: a local folder by its public name, as in adapter_config.json
+            stamp = json.loads(src.read_text())
+            if is_local_model((stamp.get("base") or {}).get("name")):
+                stamp["base"]["name"] = base
+            (dest / src.name).write_text(json.dumps(scrub(stamp, "", []), indent=2) + "\n", encoding="utf-8")
         else:
             shutil.copy2(src, dest / src.name)
     (dest / "README.md").write_text(text, encoding="utf-8")
