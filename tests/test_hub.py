@@ -468,12 +468,24 @@ def test_offline_mode_is_explained(runs, hub_env, monkeypatch):
         publish(runs[0], "alice/tiny-lora", endpoint="http://127.0.0.1:9")
 
 
-def test_load_adapter_errors(runs, hub, tmp_path):
+def test_load_adapter_errors(runs, hub, tmp_path, monkeypatch):
     assert load_adapter(runs[0]) == runs[0]
-    with pytest.raises(ArtifactError, match="there is no repo alice/missing on the Hub"):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ArtifactError, match=f"there is no folder {tmp_path / 'alice' / 'missing'}, and there is no repo alice/missing on the Hub"):
         load_adapter("alice/missing", endpoint=hub.url, local_dir=tmp_path / "x")
-    with pytest.raises(ArtifactError, match="neither a folder nor a Hub repo id"):
+    with pytest.raises(ArtifactError, match=rf"neither a folder \(there is no folder {tmp_path / 'nope' / 'deeper' / 'run'}\) nor a Hub repo id"):
         load_adapter(str(tmp_path / "nope" / "deeper" / "run"))
+    # a typo in a relative run folder reads as a Hub id: the error said only that the Hub was unreachable
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ArtifactError, match=f"cannot load runs/loar: there is no folder {tmp_path / 'runs' / 'loar'}, and as a Hub "
+                                            r"repo it cannot be downloaded: the Hub is unreachable \(or HF_HUB_OFFLINE=1\)"):
+        load_adapter("runs/loar")
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "loar").write_text("")
+    with pytest.raises(ArtifactError, match=f"{tmp_path / 'runs' / 'loar'} is not a folder, and as a Hub repo"):
+        load_adapter("runs/loar")
     (tmp_path / "half").mkdir()
     with pytest.raises(ArtifactError, match="not a finished peftlab run"):
         load_adapter(tmp_path / "half")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..errors import ArtifactError, path_argument
 from ..rundir import read_run
-from .card import check_repo_id
+from .card import is_hub_id
 from .destinations import LOGIN_HINT, redact
 
 
@@ -19,9 +19,10 @@ def load_adapter(id_or_path: str | Path, endpoint: str | None = None, revision: 
         read_run(path)
         return path
     repo_id = str(id_or_path)
-    if path.suffix in (".yaml", ".json") or repo_id.startswith((".", "/", "~")) or repo_id.count("/") != 1:
-        raise ArtifactError(f"{repo_id!r} is neither a folder nor a Hub repo id (NAMESPACE/NAME).")
-    check_repo_id(repo_id)
+    # (a typo in a run folder's path reads as a Hub id too: every answer says that no folder is there)
+    no_folder = f"{path.resolve()} is not a folder" if path.exists() else f"there is no folder {path.resolve()}"
+    if path.suffix in (".yaml", ".json") or repo_id.startswith((".", "/", "~")) or not is_hub_id(repo_id):
+        raise ArtifactError(f"{repo_id!r} is neither a folder ({no_folder}) nor a Hub repo id (NAMESPACE/NAME).")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
@@ -30,12 +31,14 @@ def load_adapter(id_or_path: str | Path, endpoint: str | None = None, revision: 
     except RevisionNotFoundError:
         raise ArtifactError(f"{repo_id} has no revision {revision!r}.") from None
     except RepositoryNotFoundError:
-        raise ArtifactError(f"{repo_id} is not a local folder, and there is no repo {repo_id} on the Hub, or it is private and "
-                            f"you are not logged in. {LOGIN_HINT}") from None
+        raise ArtifactError(f"cannot load {repo_id}: {no_folder}, and there is no repo {repo_id} on the Hub, or it is private and "
+                            f"you are not logged in. Check the folder's path or the repo id. {LOGIN_HINT}") from None
     except LocalEntryNotFoundError:
-        raise ArtifactError(f"cannot download {repo_id}: the Hub is unreachable (or HF_HUB_OFFLINE=1) and no copy is cached. "
-                            "Connect, or download it elsewhere (`hf download REPO --local-dir DIR`) and pass DIR.") from None
+        raise ArtifactError(f"cannot load {repo_id}: {no_folder}, and as a Hub repo it cannot be downloaded: the Hub is unreachable "
+                            "(or HF_HUB_OFFLINE=1) and no copy is cached. Check the folder's path; for a Hub repo, connect, or "
+                            "download it elsewhere (`hf download REPO --local-dir DIR`) and pass DIR.") from None
     except HfHubHTTPError as e:
-        raise ArtifactError(f"cannot download {repo_id}: {redact(str(e).splitlines()[0])}") from None
+        raise ArtifactError(f"cannot load {repo_id}: {no_folder}, and downloading it from the Hub failed: "
+                            f"{redact(str(e).splitlines()[0])}") from None
     read_run(local)
     return local
