@@ -217,6 +217,27 @@ def test_a_merged_folder_publishes_its_merge_json_with_the_base_by_its_public_na
         load_adapters({"m": target})  # (no run folder above a published one to point at)
 
 
+def test_the_card_of_a_standalone_model_asks_for_no_copy_of_its_local_base(local_run, tmp_path, capsys):
+    """A merged (or fully trained) model loads without its base, but its card told the reader to "point model.name at
+    your copy" of the local base, in the peftlab snippet and the `peftlab eval --adapter ... model.name=FOLDER` hint.
+    The peftlab snippet, as written, loads the published folder (whose recipe names the base by a bare folder name)."""
+    from peftlab import merge
+
+    run_dir = tmp_path / "work" / "run"
+    shutil.copytree(local_run, run_dir)
+    merged = merge(run_dir)
+    rc, _, err = cli(capsys, "publish", merged, "--repo-id", "alice/tiny-merged", "--to", tmp_path / "shelf")
+    assert rc == 0, err
+    card = (tmp_path / "shelf" / "README.md").read_text()
+    assert "model.name=FOLDER" not in card and "your copy" not in card and "no base to rebuild" in card, card
+    [snippet] = [block for block in re.findall(r"```python\n(.*?)```", card, re.S) if "load_trained" in block]
+    scope = {}
+    exec(snippet.replace("'alice/tiny-merged'", repr(str(tmp_path / "shelf"))), scope)  # noqa: S102 (the card's own text)
+    assert (logits(scope["model"]) - logits(load_trained(merged)[0])).abs().max().item() == 0
+    adapter_card = card_text(run_dir)  # the adapter's card still asks for the base
+    assert "model.name=FOLDER" in adapter_card and "point this at your copy of it" in adapter_card
+
+
 def test_a_leftover_local_path_is_refused_not_published(local_run, tmp_path):
     """The guard behind the rewrites: a record field this code does not know, holding the run folder inside a longer
     text, makes publish refuse with the file's name, and nothing is written."""

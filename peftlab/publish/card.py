@@ -588,11 +588,12 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
     metrics = measured_metrics(out, run)
     report = json.loads((out / "eval_report.json").read_text()) if (out / "eval_report.json").is_file() else {}
     a, t = recipe.adapter, recipe.train
+    adapter = (out / "adapter_config.json").is_file()  # (a full model has none: it loads without its base)
     base_link = f"[{base}](https://huggingface.co/{base})" if data.base_model else f"`{base}`" + (
-        " (a local model folder on the training machine, named here by its folder name: give your copy of it with "
-        "`model.name=FOLDER`, or publish with `--base-model HUB_ID`)" if local_base else "")
+        " (a local model folder on the training machine, named here by its folder name: "
+        + ("give your copy of it with `model.name=FOLDER`, or publish with `--base-model HUB_ID`)" if adapter else
+           "this model loads without it; publish with `--base-model HUB_ID` to link it)") if local_base else "")
     method = get_method(run.method or a.method)
-    adapter = (out / "adapter_config.json").is_file()  # (a full model has none)
     cfg = json.loads((out / "adapter_config.json").read_text()) if adapter else {}
     merged = json.loads((out / "merge.json").read_text()) if (out / "merge.json").is_file() else None  # a `peftlab merge` folder
     what = (f"A LoRA adapter (rank {cfg.get('r', '?')}, lora_alpha {cfg.get('lora_alpha', '?')}: the composed one)" if run.composition
@@ -722,7 +723,7 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
     if adapter:
         libraries = "peft and transformers" + (" (and peftlab, for the base's layers it keeps)" if recipe.model.num_layers else "")
     lines += ["", "## How to use", "", f"With {libraries}:", "", _usage(out, recipe, run, repo, base, local_base, gguf_file_of(pub.recipe)), ""]
-    if local_base:  # the recipe's data files stayed on the training machine: load_recipe checks them unless told not to
+    if local_base and adapter:  # the recipe's data files stayed on the training machine: load_recipe checks them unless told not to
         lines += [f"With peftlab (downloads the folder; `recipe.yaml` names the base by its folder name, `{recipe.model.name}`: "
                   f"point it at your copy, from the command line with `peftlab eval --adapter {repo} model.name=FOLDER`):", "",
                   "```python", "from peftlab import load_recipe, load_trained\nfrom peftlab.publish import load_adapter\n",
@@ -731,7 +732,8 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
                   "recipe = load_recipe(folder / 'recipe.yaml', {'model.name': base_model}, validate_files=False)\n"
                   "model, tokenizer, recipe, run = load_trained(folder, recipe=recipe)", "```", ""]
     else:
-        lines += ["With peftlab (downloads the folder, rebuilds the base from `recipe.yaml`):", "", "```python",
+        lines += ["With peftlab (downloads the folder, " + ("rebuilds the base from `recipe.yaml`):" if adapter else
+                                                          "a standalone model: its own weights, no base to rebuild):"), "", "```python",
                   "from peftlab import load_trained\nfrom peftlab.publish import load_adapter\n",
                   f"model, tokenizer, recipe, run = load_trained(load_adapter({repo!r}))", "```", ""]
     lines += ["## Limitations", "",
