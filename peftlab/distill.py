@@ -59,9 +59,9 @@ def check(recipe: Recipe) -> list[str]:
         return [f"{where} is a multi-task run: its models are per task. Distill from one of them, e.g. "
                 f"train.distill.teacher={Path(k.teacher) / 'tasks' / tasks[0]}."]
     problems = []
-    if teacher.task not in TEACHER_TASKS:
-        problems.append(f"{where} is a task.type {teacher.task} run: a teacher must be one of {', '.join(TEACHER_TASKS)} "
-                        "(its class logits are the soft targets). Distill from a classifier of the same classes.")
+    if teacher.task not in TEACHER_TASKS:  # (its label names, if any, are no classes to compare: a clm run has none)
+        return [f"{where} is a task.type {teacher.task} run: a teacher must be one of {', '.join(TEACHER_TASKS)} (its class "
+                "logits are the soft targets). Distill from a classifier of the same classes."]
     if teacher_recipe.data.text_pair:
         problems.append(f"{where} was trained on sentence pairs (data.text_pair=true): it would score each row's columns "
                         "joined into one text, which is not what it learnt. Distill from a teacher trained on single texts.")

@@ -310,7 +310,11 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, tiny_bert, sentime
     record = json.loads((multi / "run.json").read_text())
     (multi / "run.json").write_text(json.dumps({**record, "task": "multitask", "multitask": {"tasks": ["senti", "topic"]},
                                                 "label_names": {"senti": record["label_names"], "topic": ["a", "b", "c"]}}))
+    clm = tmp_path / "clm-teacher"  # a language model: no classes (its empty label names were compared, "Set data.label_names=[]")
+    shutil.copytree(teacher, clm)
+    (clm / "run.json").write_text(json.dumps({**record, "task": "clm", "label_names": []}))
     cases["pairs"] = ({**distilled(pairs)}, "trained on sentence pairs (data.text_pair=true)")
+    cases["clm"] = ({**distilled(clm)}, "is a task.type clm run: a teacher must be one of classification, verbalizer")
     cases["multitask"] = ({**distilled(multi)}, f"is a multi-task run: its models are per task. Distill from one of them, "
                                                 f"e.g. train.distill.teacher={multi / 'tasks' / 'senti'}")
     cases["temperature"] = ({**distilled(teacher), "train.distill.temperature": 1e5}, "train.distill.temperature")
@@ -323,8 +327,8 @@ def test_bad_input_fails_before_anything_is_written(tmp_path, tiny_bert, sentime
         with pytest.raises(ConfigError) as e:
             run(recipe)
         assert expected in str(e.value), str(e.value)
-        # a multi-task teacher is that one problem (its per-task label names were also offered as data.label_names)
-        assert name != "multitask" or len(e.value.problems) == 1, str(e.value)
+        # a multi-task or clm teacher is that one problem (their label names were also offered as data.label_names)
+        assert name not in ("multitask", "clm") or len(e.value.problems) == 1, str(e.value)
         assert not recipe.out.exists() and not list(tmp_path.glob(f".{name}*"))  # no folder, no lock, no staging
 
 
