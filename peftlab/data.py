@@ -280,7 +280,10 @@ def section(where: str) -> str:
     return head if split in ("train", "eval", "test") else "data"
 
 
-def _check_columns(columns: list[str], needed: list[str], where: str, spec: SplitConfig) -> None:
+def _check_columns(columns: list[str], needed: list[str], where: str, spec: SplitConfig, unlabelled: bool = False) -> None:
+    """Refuse a split without the columns it is read from, naming the keys that choose them: a split of text alone
+    (`unlabelled`: train.distill.unlabelled, continued pretraining) is read from its text columns only, so neither the
+    label column nor, where one column is all it needs, the delimiter is suspected."""
     missing = [c for c in needed if c not in columns]
     if not missing:
         return
@@ -288,17 +291,26 @@ def _check_columns(columns: list[str], needed: list[str], where: str, spec: Spli
     near = {m: fold[k] for m in missing if (k := str(m).strip().casefold()) in fold}
     hint = "".join(f" Did you mean {near[m]!r} (for {m!r})?" for m in near)
     delimited = bool(spec.path) and (spec.path.lower().endswith((".csv", ".tsv")) or spec.format in ("csv", "tsv"))
-    if len(columns) == 1 and delimited:  # (a JSON file's one key is no delimiter problem)
+    other = {sep: fmt for sep, fmt in {",": "csv", "\t": "tsv"}.items() if len(columns) == 1 and sep in columns[0]}
+    if len(columns) == 1 and delimited and (len(needed) > 1 or other):  # (a JSON file's one key is no delimiter problem)
         hint += " Only one column was found: is the delimiter right (.tsv is tab-separated, .csv comma-separated)?"
-        other = {",": "csv", "\t": "tsv"}
         for sep, fmt in other.items():
-            if sep in columns[0]:
-                hint += f" Its name holds {sep!r}: the file looks {fmt.upper()}; set {where}.format={fmt}."
+            hint += f" Its name holds {sep!r}: the file looks {fmt.upper()}; set {where}.format={fmt}."
     elif delimited and not spec.column_names and not near:  # (a header spelling the names otherwise is a header)
         hint = " If the file has no header row, name its columns with column_names: [...]."
     d = section(where)
-    fields = f"{where}.references_column" if missing == [spec.references_column] else \
-        f"{d}.text_columns / {d}.label_column / {d}.target_column (or per split)"
+    if missing == [spec.references_column]:
+        fields = f"{where}.references_column"
+    elif unlabelled:  # its own key first where the split is no data.SPLIT (train.distill.unlabelled reads data.text_columns too)
+        named = [columns[0]] if len(columns) == len(needed) == 1 else [near.get(m) for m in missing]
+        # (a name with spaces is more likely a headerless file's first text than a column to suggest)
+        shown = f"=[{', '.join(yaml_scalar(str(c)) for c in named)}]" if all(c and " " not in str(c) for c in named) else ""
+        fields = (f"{where}.text_columns{shown}" if d != where.rpartition(".")[0] else
+                  f"{d}.text_columns{shown} (or {where}.text_columns)")
+        raise DataError(f"{where}: text column(s) {missing} not found; the data has {columns}.{hint} Set {fields}: the "
+                        "column(s) holding the text.")
+    else:
+        fields = f"{d}.text_columns / {d}.label_column / {d}.target_column (or per split)"
     raise DataError(f"{where}: column(s) {missing} not found; the data has {columns}.{hint} Set {fields} to the right names.")
 
 
@@ -318,7 +330,7 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     `sample=False`: every row, spec.max_samples left to the caller (load_splits names the classes from the whole file)."""
     text_cols, label_col = needed_columns(spec, data, target_column, unlabelled)
     refs = [spec.references_column] if target_column and spec.references_column else []
-    _check_columns(ds.column_names, text_cols if unlabelled else [*text_cols, label_col, *refs], where, spec)
+    _check_columns(ds.column_names, text_cols if unlabelled else [*text_cols, label_col, *refs], where, spec, unlabelled)
     _check_not_empty(ds, text_cols, where)
     from datasets import ClassLabel, Value
 
@@ -495,7 +507,8 @@ def column_problems(recipe: Recipe, prefix: str = "data") -> list[str]:
                 _check_columns(columns, refs, where, spec)
         else:
             text_cols, label_col = needed_columns(spec, d, target, unlabelled)
-            check = partial(_check_columns, needed=[*text_cols, *([label_col] if label_col else []), *refs], where=where, spec=spec)
+            check = partial(_check_columns, needed=[*text_cols, *([label_col] if label_col else []), *refs], where=where, spec=spec,
+                            unlabelled=label_col is None and not refs)
         try:
             columns, complete = header(spec, d, where)
             try:

@@ -122,7 +122,7 @@ def test_validate_finds_what_train_finds_when_it_loads_the_data_and_the_model(ma
     assert not (tmp_path / "out").exists()  # (and leaves no run folder)
     distill = [f"train.distill.teacher={tmp_path / 'not-yet'}", f"train.distill.unlabelled.path={unlabelled}"]
     assert main(["validate", recipe, *distill]) == 2
-    assert "train.distill.unlabelled: column(s) ['sentence'] not found" in capsys.readouterr().out
+    assert "train.distill.unlabelled: text column(s) ['sentence'] not found" in capsys.readouterr().out
     # a method that adapts no layers does not read target_modules; neither does training
     assert main(["validate", recipe, "adapter.method=prompt_tuning", "adapter.target_modules=[nope]"]) == 0
     # offline, a hub id that is not in the cache cannot be checked: said, not refused; a typo of a packaged name is refused

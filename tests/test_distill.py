@@ -462,3 +462,23 @@ def test_a_student_whose_labels_the_teacher_does_not_know_is_told_where_its_labe
                                         r"\(train.distill.teacher=.*teacher\)"):
         run(recipe)
     assert not recipe.out.exists()
+
+
+def test_unlabelled_rows_without_the_text_column_name_their_own_key(tmp_path, tiny_bert, sentiment_files, teacher):
+    """train.distill.unlabelled of one column `review`: the message blamed the delimiter and named data.label_column /
+    data.target_column, none of which it reads; its own key, train.distill.unlabelled.text_columns, is the fix."""
+    from peftlab.data import column_problems
+    from peftlab.errors import DataError
+
+    extra = tmp_path / "reviews.csv"
+    extra.write_text("review\ngreat film\ndull film\n")
+    recipe = student(tmp_path, tiny_bert, sentiment_files, "reviews", {**distilled(teacher), "train.distill.unlabelled.path": str(extra)})
+    fix = "Set train.distill.unlabelled.text_columns=[review]: the column(s) holding the text."
+    with pytest.raises(DataError) as e:
+        run(recipe)
+    for text in (str(e.value), *column_problems(recipe)):  # train and `peftlab validate` alike
+        assert text.startswith("train.distill.unlabelled: text column(s) ['sentence'] not found; the data has ['review'].") and fix in text
+        assert "delimiter" not in text and "label_column" not in text and "data.text_columns" not in text
+    recipe = student(tmp_path, tiny_bert, sentiment_files, "reviews", {**distilled(teacher), "train.distill.unlabelled.path": str(extra),
+                                                                        "train.distill.unlabelled.text_columns": "[review]"})
+    assert run(recipe)["distillation"]["unlabelled_rows"] == 2
