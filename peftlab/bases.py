@@ -65,6 +65,12 @@ def resolve_model_path(name: str, revision: str | None = None) -> str:
     return name
 
 
+def relative_path(name: str) -> bool:
+    """A model.name that is a relative path (./base, models/x/y), read from the working directory: a run's recipe names
+    its base so, relative to the folder it was trained from. Not a hub id (owner/name)."""
+    return not Path(name).expanduser().is_absolute() and (name.startswith(".") or name.count("/") > 1)
+
+
 def packaged_near(name: str) -> str | None:
     """The packaged model whose name `name` nearly is (a typo: minlm), if any."""
     import difflib

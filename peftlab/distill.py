@@ -72,7 +72,40 @@ def check(recipe: Recipe) -> list[str]:
                         "(map raw values with data.train.label_map), or distill from a teacher of these classes.")
     if names is None and not problems:
         recipe.data.label_names = list(teacher.label_names)
+    if missing_base := teacher_base_problem(Path(k.teacher), teacher_recipe, teacher):
+        problems.append(f"{where}: {missing_base}")
     return problems
+
+
+def teacher_base_problem(teacher: Path, teacher_recipe: Recipe, record) -> str | None:
+    """Why an adapter teacher's base cannot be loaded here (its run's model.name folder removed, a published adapter
+    naming a local base by its folder name), in the teacher's terms and with its ways out; None for a standalone
+    teacher (fully trained, or merged), which holds all its weights. Checked with the teacher, before the run folder is
+    touched: the teacher's pass met it only after the run lock, and the loader's message named model.name, the
+    student's own key. A GGUF base is found, not converted."""
+    from .bases import base_path, gguf_source, relative_path
+    from .errors import ModelNotFound
+    from .rundir import RECIPE_FILE
+
+    if not (teacher / "adapter_config.json").is_file():
+        return None
+    m = teacher_recipe.model
+    try:
+        if m.from_run is not None or gguf_source(m.name) is None:
+            base_path(teacher_recipe)
+        return None
+    except ModelNotFound as e:  # (a hub id out of reach too)
+        cause = str(e).split(". ")[0].rstrip(".")
+    if "model.name" in (record.published or {}).get("rewritten", {}).get(RECIPE_FILE, []):
+        cause += " (a published adapter: its recipe.yaml names the local folder of its base by the folder's name)"
+    elif m.from_run is None and relative_path(m.name):
+        cause += f" (a path relative to the folder the teacher was trained from, read from here: {Path.cwd()})"
+    merged = teacher / "merged"
+    standalone = (f"distill from its merged model: train.distill.teacher={merged}" if (merged / "run.json").is_file() else
+                  f"make it standalone, `peftlab merge {teacher} model.name=FOLDER` (FOLDER: a copy of its base), and distill "
+                  f"from that: train.distill.teacher={merged}")
+    return (f"this teacher is an adapter whose base cannot be loaded here: the teacher's {cause}. Put that base back where "
+            f"the teacher's recipe.yaml names it, or {standalone}.")
 
 
 # ------------------------------------------------------------------------------------------- the teacher pass

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from .accel import cpu_native_bf16
-from .bases import base_path, file_lock, gguf_key, load_tokenizer
+from .bases import base_path, file_lock, gguf_key, load_tokenizer, relative_path
 from .config import Recipe, load_recipe, override_list, recipe_argument
 from .errors import ArtifactError, ConfigError, ModelNotFound, path_argument
 from .methods import get_method
@@ -319,8 +319,7 @@ def base_not_here(e: ModelNotFound, out: Path, recipe: Recipe, run: RunRecord) -
         return ModelNotFound(f"{out} is a published adapter whose base was a local folder, named here by its folder name "
                              f"{name!r}: give your copy of that base with model.name=FOLDER (e.g. `peftlab eval {out} "
                              "model.name=FOLDER`).")
-    relative = not Path(name).expanduser().is_absolute() and (name.startswith(".") or name.count("/") > 1)  # (not a hub id)
-    if recipe.model.from_run is None and relative:
+    if recipe.model.from_run is None and relative_path(name):
         return ModelNotFound(f"{e} The run's recipe names its base by a path relative to the folder it was trained from, "
                              f"and it is read from here ({Path.cwd()}): run this from that folder, or give model.name=PATH "
                              "to the base from here.")

@@ -482,3 +482,29 @@ def test_unlabelled_rows_without_the_text_column_name_their_own_key(tmp_path, ti
     recipe = student(tmp_path, tiny_bert, sentiment_files, "reviews", {**distilled(teacher), "train.distill.unlabelled.path": str(extra),
                                                                         "train.distill.unlabelled.text_columns": "[review]"})
     assert run(recipe)["distillation"]["unlabelled_rows"] == 2
+
+
+def test_a_teacher_whose_base_is_gone_is_refused_before_the_run_in_the_teachers_terms(tmp_path, tiny_bert, sentiment_files):
+    """An adapter teacher whose base folder was removed: the teacher's pass failed after the run lock with the loader's
+    'model.name=...: Fix the path', the student's own key. Now the check names the teacher, its base and its ways out."""
+    from peftlab.run import check_data_and_base
+
+    base = tmp_path / "base-copy"
+    shutil.copytree(tiny_bert, base)
+    run(recipe_for(tmp_path, base, sentiment_files, "lora-teacher", {"train.max_steps": 2}))
+    shutil.rmtree(base)
+    recipe = student(tmp_path, tiny_bert, sentiment_files, "orphan", {**distilled(tmp_path / "lora-teacher"), "train.max_steps": 1})
+    teacher_dir = tmp_path / "lora-teacher"
+    for check in (run, check_data_and_base):  # train, and `peftlab validate`
+        with pytest.raises(ConfigError) as e:
+            check(recipe)
+        text = "\n".join(e.value.problems)
+        assert text.startswith(f"train.distill.teacher={str(teacher_dir)!r}: this teacher is an adapter whose base cannot be "
+                               f"loaded here: the teacher's model.name={str(base)!r}: no such model directory."), text
+        assert f"`peftlab merge {teacher_dir} model.name=FOLDER`" in text and f"train.distill.teacher={teacher_dir / 'merged'}" in text
+        assert not recipe.out.exists() and not list(tmp_path.glob(".orphan*"))  # no folder, no lock
+    merge(teacher_dir, overrides=f"model.name={tiny_bert}")  # merged onto a copy of its base: the message says to use it
+    with pytest.raises(ConfigError, match=f"distill from its merged model: train.distill.teacher={re.escape(str(teacher_dir / 'merged'))}"):
+        run(recipe)
+    merged = student(tmp_path, tiny_bert, sentiment_files, "from-merged", {**distilled(teacher_dir / "merged"), "train.max_steps": 1})
+    assert run(merged)["distillation"]["name"] == "lora-teacher"
