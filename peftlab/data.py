@@ -689,6 +689,27 @@ def check_unmapped_codes(raw: dict, d, label_names: list[str], prefix: str) -> N
                         prefix, name, codes)
 
 
+def check_borrowed_order(raw: dict, d, label_names: list[str], prefix: str) -> None:
+    """Warn where a distillation student took its teacher's label names (data.label_names null: distill.check) while
+    its label values are integer codes: they carry no names, so reading them as positions in the teacher's list is an
+    assumption. SST-2's 0/1 under a teacher of [positive, negative] made every label contradict its soft target."""
+    teacher = getattr(d, "_label_names_from", None)
+    if teacher is None or any(class_index(n) is not None for n in label_names):  # (names spelled as integers: values are names)
+        return
+    codes = sorted({i for ds in raw.values() for v in set(ds["label"]) if v not in label_names
+                    and (i := class_index(v)) is not None and 0 <= i < len(label_names)})
+    if codes:
+        read = ", ".join(f"{i} -> {label_names[i]!r}" for i in codes)
+        named = "{" + ", ".join(f"{i}: {yaml_scalar(label_names[i])}" for i in codes) + "}"
+        log.warning("%s.label_names is null, so this student takes its teacher's (train.distill.teacher=%s: %s), and its label "
+                    "values are integer codes, read as positions in that list: %s. Codes carry no names: that they are in the "
+                    "teacher's order is an assumption (run.json's distillation.teacher_agreement says how often the teacher "
+                    "agrees with them). Say what each code means with %s.train.label_map (the same on %s.eval/%s.test), "
+                    "e.g. %s if %d is %r, or set %s.label_names=%s to confirm the teacher's order.", prefix, teacher,
+                    label_names, read, prefix, prefix, prefix, named, codes[0], label_names[codes[0]], prefix,
+                    "[" + ", ".join(map(yaml_scalar, label_names)) + "]")
+
+
 def infer_label_names(ds, where: str = "data.train") -> list[str]:
     """The sorted distinct labels, or 0..K-1 for class indices; refused where that would be a wrong classifier."""
     values = set(ds["label"])
@@ -798,6 +819,7 @@ def load_splits(recipe: Recipe, *, need_train: bool = True, prefix: str = "data"
     else:
         label_names = list(d.label_names) if d.label_names else infer_label_names(*next((ds, f"{prefix}.{n}") for n, ds in raw.items()))
         check_unmapped_codes(raw, d, label_names, prefix)
+        check_borrowed_order(raw, d, label_names, prefix)
         raw = {name: sampled(ds, getattr(d, name), seed) for name, ds in raw.items()}
         origin = "run" if run_labels else "recipe" if d.label_names else "train"
         try:

@@ -11,7 +11,8 @@ skips the rows already scored: train.distill.cache), kept with the rows as a `te
 floats: 0.5 MB for all of SST-2, so they always fit and no on-the-fly path is needed), and the teacher is freed before
 the student is built.
 The student is a classification (any base and method; a smaller one with model.num_layers). run.json's `distillation`
-and the model card name the teacher.
+and the model card name the teacher, and how often its argmax agrees with the labels (warned about where they contradict
+each other: integer labels in another order than the teacher's classes).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ def check(recipe: Recipe) -> list[str]:
                         "(map raw values with data.train.label_map), or distill from a teacher of these classes.")
     if names is None and not problems:
         recipe.data.label_names = list(teacher.label_names)
+        recipe.data._label_names_from = k.teacher  # (data.load_splits: integer codes are read in the teacher's order)
     if missing_base := teacher_base_problem(Path(k.teacher), teacher_recipe, teacher):
         problems.append(f"{where}: {missing_base}")
     return problems
@@ -119,7 +121,7 @@ def add_soft_targets(recipe: Recipe, splits: dict, device) -> tuple[dict, dict]:
 
     k = recipe.train.distill
     train = splits["train"]
-    labelled = len(train)
+    labelled, labels = len(train), torch.tensor(train["label"], dtype=torch.long)
     if k.unlabelled is not None:
         train = with_unlabelled(train, recipe)
     start = time.perf_counter()
@@ -129,6 +131,7 @@ def add_soft_targets(recipe: Recipe, splits: dict, device) -> tuple[dict, dict]:
     set_seed(recipe.train.seed)
     splits = {**splits, "train": train.add_column("teacher_logits", logits.tolist())}
     _, teacher = read_run(k.teacher)
+    agreement = teacher_agreement(logits[:labelled], labels, list(teacher.label_names), k.teacher)
     u = k.unlabelled
     entry = {"teacher": str(Path(k.teacher).resolve()), "name": teacher.name, "task": teacher.task, "method": teacher.method,
              "base_model": teacher.base_model, "weights_sha256": teacher.weights_sha256, "metrics": teacher.metrics,
@@ -136,10 +139,47 @@ def add_soft_targets(recipe: Recipe, splits: dict, device) -> tuple[dict, dict]:
              "temperature": k.temperature,
              "alpha": k.alpha, "soft_target_rows": len(train), "labelled_rows": labelled, "unlabelled_rows": len(train) - labelled,
              "unlabelled": u and (u.path or f"{recipe.data.dataset}:{u.split}"), "teacher_seconds": round(seconds, 2),
-             "soft_targets_from_cache": from_cache}
-    log.info("teacher %s: soft targets for %s rows (%s unlabelled; %s from the cache) in %.1fs", teacher.name,
-             f"{len(train):,}", f"{len(train) - labelled:,}", f"{from_cache:,}", seconds)
+             "soft_targets_from_cache": from_cache, "teacher_agreement": agreement}
+    log.info("teacher %s: soft targets for %s rows (%s unlabelled; %s from the cache) in %.1fs; its argmax agrees with the "
+             "labels of %s of the labelled rows", teacher.name, f"{len(train):,}", f"{len(train) - labelled:,}",
+             f"{from_cache:,}", seconds, "none" if agreement is None else f"{agreement:.1%}")
     return splits, entry
+
+
+def teacher_agreement(logits: torch.Tensor, labels: torch.Tensor, names: list[str], teacher: str) -> float | None:
+    """The share of labelled rows whose label is the teacher's argmax (None without labelled rows), warned about where
+    the two contradict each other: at or below chance (1 / classes), or each class's rows mostly another single class
+    of the teacher's (a swapped label order). Nothing else catches that: integer labels are read as positions in the
+    teacher's label names, so data whose codes are in another order trains against its own soft targets, silently."""
+    if not len(labels):
+        return None
+    predicted = logits.argmax(-1)
+    agreement = (predicted == labels).float().mean().item()
+    classes = logits.shape[1]
+    counts = torch.zeros(classes, classes, dtype=torch.long).index_put_((labels, predicted), torch.ones_like(labels), accumulate=True)
+    present = [i for i in range(classes) if counts[i].sum() > 0]
+    mostly = {i: int(counts[i].argmax()) for i in present}
+    relabelled = len(present) > 1 and len(set(mostly.values())) == len(present) and any(i != j for i, j in mostly.items())
+    if agreement > 1 / classes and not relabelled:
+        return round(agreement, 4)
+    from .data import yaml_scalar
+
+    order = (f" Integer labels are read as positions in data.label_names (when it is null, the teacher's: {names}), so "
+             "codes in another order than the teacher's contradict its soft targets on every row.")
+    if relabelled:
+        moved = "; ".join(f"rows labelled {names[i]!r} are mostly its {names[j]!r} ({counts[i, j] / counts[i].sum():.0%})"
+                          for i, j in mostly.items() if i != j)
+        codes = "{" + ", ".join(f"{i}: {yaml_scalar(names[j])}" for i, j in mostly.items()) + "}"
+        why = (f": {moved}, a label order that is not the teacher's.{order} If the values are such codes, map them onto "
+               f"the teacher's classes: data.train.label_map={codes} (the same on data.eval/data.test).")
+    else:
+        why = (f": the labels and the soft targets contradict each other. The likely cause is a label order that is not "
+               f"the teacher's.{order} Map this data's values onto the teacher's classes with data.train.label_map (the "
+               "same on data.eval/data.test). Else the teacher learnt little (its metrics are in its run.json) or other "
+               "classes than these: distill from a better one.")
+    log.warning("train.distill.teacher=%s: its argmax agrees with the labels of only %.1f%% of the %s labelled training "
+                "rows (chance: %.1f%%)%s", teacher, 100 * agreement, f"{len(labels):,}", 100 / classes, why)
+    return round(agreement, 4)
 
 
 def soft_target_file(teacher: Path, device) -> Path:

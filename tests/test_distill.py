@@ -353,6 +353,7 @@ def test_run_json_and_card_name_the_teacher(tmp_path, tiny_bert, sentiment_files
     assert yaml.safe_load((recipe.out / "recipe.yaml").read_text())["data"]["label_names"] == ["negative", "positive"]  # the teacher's
     card = card_text(recipe.out)
     assert "## Distillation" in card and "Distilled from the peftlab run `teacher`" in card and "T = 2.0" in card
+    assert d["teacher_agreement"] >= 0.95 and f"agreed with the labels of {d['teacher_agreement']:.1%} of the labelled" in card
     assert str(teacher.resolve()) not in card
     plain = json.loads((teacher / "run.json").read_text())
     assert "distillation" not in plain  # a run without a teacher keeps its run.json as it was
@@ -508,3 +509,29 @@ def test_a_teacher_whose_base_is_gone_is_refused_before_the_run_in_the_teachers_
         run(recipe)
     merged = student(tmp_path, tiny_bert, sentiment_files, "from-merged", {**distilled(teacher_dir / "merged"), "train.max_steps": 1})
     assert run(merged)["distillation"]["name"] == "lora-teacher"
+
+
+def test_integer_labels_in_another_order_than_the_teachers_are_warned_about(tmp_path, tiny_bert, sentiment_files, teacher, caplog):
+    """A student of 0/1 codes with data.label_names null reads them as positions in the teacher's names: codes in
+    another order (here 0 = positive) made every label contradict its soft target, silently (accuracy 0.45). The
+    borrowed order is warned about, and the teacher's agreement with the labels is measured, recorded and warned about."""
+    from .conftest import synthetic_rows, write_tsv
+
+    flipped = {name: write_tsv(tmp_path / f"{name}.tsv", [(t, 1 - y) for t, y in synthetic_rows(n, seed)])
+               for name, n, seed in (("train", 256, 1), ("dev", 64, 2))}
+    over = {**distilled(teacher), "data.label_names": None, "train.max_steps": 2}
+    with caplog.at_level("WARNING", logger="peftlab"):
+        record = run(student(tmp_path, tiny_bert, flipped, "flipped", over))
+    d = record["distillation"]
+    assert d["teacher_agreement"] < 0.1  # (the same texts: the teacher is right on the rows, the codes are not its order)
+    assert ("data.label_names is null, so this student takes its teacher's (train.distill.teacher=" in caplog.text
+            and "read as positions in that list: 0 -> 'negative', 1 -> 'positive'" in caplog.text)
+    assert (f"its argmax agrees with the labels of only {100 * d['teacher_agreement']:.1f}% of the 256 labelled training rows "
+            "(chance: 50.0%): rows labelled 'negative' are mostly its 'positive'" in caplog.text)
+    assert "data.train.label_map={0: positive, 1: negative} (the same on data.eval/data.test)" in caplog.text
+    caplog.clear()
+    mapped = {**over, "data.train.label_map": "{0: positive, 1: negative}", "data.eval.label_map": "{0: positive, 1: negative}"}
+    with caplog.at_level("WARNING", logger="peftlab"):  # the fix it names: the codes named, nothing to warn about
+        record = run(student(tmp_path, tiny_bert, flipped, "mapped", mapped))
+    assert record["distillation"]["teacher_agreement"] > 0.9 and record["distillation"]["soft_targets_from_cache"] == 256
+    assert "agrees with the labels of only" not in caplog.text and "integer codes" not in caplog.text

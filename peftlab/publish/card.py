@@ -632,7 +632,8 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
                   + f"): loss = {k.get('alpha')} x "
                   f"cross-entropy on the labels + {1 - k.get('alpha', 0):g} x T^2 x KL(teacher || student) at temperature "
                   f"T = {k.get('temperature')}, the teacher's soft targets on {k.get('soft_target_rows', 0):,} training rows"
-                  f"{unlabelled}.", ""]
+                  f"{unlabelled}." + (f" The teacher's argmax agreed with the labels of {k['teacher_agreement']:.1%} of the "
+                                      "labelled training rows." if k.get("teacher_agreement") is not None else ""), ""]
     if run.multitask:
         k = run.multitask
         others = [t for t in k.get("tasks", []) if t != k.get("task")]
