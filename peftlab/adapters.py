@@ -8,8 +8,9 @@
 Every adapter must have been trained on the same base model, with one peft method. Classification adapters may have
 different numbers of labels (each keeps its own head, sized to its labels: the tasks of a multi-task run, OUT/tasks/NAME,
 load side by side) and set_adapter switches between them; only a batch with one adapter per row needs the heads of its
-rows' adapters to be of one size (and no DoRA adapter: peft does not mix those). Each call's adapter_names (forward
-and generate) is checked before peft runs. Sources are run folders or Hub ids (see `publish.load_adapter`).
+rows' adapters to be of one size, and LoRA adapters (not DoRA ones): peft mixes no other type per row (LoHa, LoKr and IA3
+ignored adapter_names). Each call's adapter_names (forward and generate) is checked before peft runs. Sources are run
+folders or Hub ids (see `publish.load_adapter`).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from .rundir import BASE_KEYS, adapter_config, base_as_loaded, differences, read
 from .tasks import get_task
 
 BASE_ROWS = "__base__"  # peft's name, in a mixed batch's adapter_names, for rows that skip every adapter
+MIXED_BATCH_TYPES = ("LORA",)  # the peft types whose layers run adapter_names (peft 0.21: LoRA's, not DoRA)
 
 
 def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None):
@@ -61,7 +63,7 @@ def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None
         else:
             load_with_own_head(model, Path(folder), name, len(run.label_names), len(other_run.label_names))
     model.set_adapter(first[0])
-    check = mixed_batch_check(model, {BASE_ROWS: heads[first[0]], **heads})
+    check = mixed_batch_check(model, {BASE_ROWS: heads[first[0]], **heads}, kind)
     model.register_forward_pre_hook(check, with_kwargs=True)
     generate = model.generate  # peft's generate runs the base model's forward, not the PeftModel's: check there too
 
@@ -74,10 +76,11 @@ def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None
     return model.eval(), tokenizer
 
 
-def mixed_batch_check(model, heads: dict[str, int]):
+def mixed_batch_check(model, heads: dict[str, int], kind: str):
     """A forward pre-hook that checks a call's adapter_names (one adapter per row) before peft does: peft raised its own
-    ValueErrors, and torch's "stack expects each tensor to be equal size" for heads of different sizes. `heads`: each
-    adapter's number of labels (the base's head: the first adapter's)."""
+    ValueErrors, and torch's "stack expects each tensor to be equal size" for heads of different sizes; for other types
+    than LoRA it ignored the names (every row got the active adapter) or failed inside its layers. `heads`: each
+    adapter's number of labels (the base's head: the first adapter's); `kind`: their peft type."""
 
     def check(module, args, kwargs):
         names = kwargs.get("adapter_names")
@@ -94,6 +97,10 @@ def mixed_batch_check(model, heads: dict[str, int]):
         if rows is not None and len(names) != rows.shape[0]:
             raise ModelError(f"adapter_names has {len(names)} name(s) for a batch of {rows.shape[0]} row(s): give one "
                              "adapter name per row.")
+        if kind not in MIXED_BATCH_TYPES:
+            raise ModelError(f"adapter_names: these are {kind} adapters, and peft mixes adapters per row only for LoRA ones "
+                             "(the others ignore adapter_names and run every row through the active adapter, or fail inside "
+                             "their layers). Switch between them instead: model.set_adapter(NAME), then a batch per adapter.")
         if dora := [n for n in dict.fromkeys(names) if getattr(model.peft_config.get(n), "use_dora", False)]:
             raise ModelError(f"adapter(s) {', '.join(map(repr, dora))} are DoRA adapters (use_dora): peft does not mix them "
                              "per row. Run their rows as a batch of their own after model.set_adapter(NAME).")

@@ -141,3 +141,21 @@ def test_mixed_batch_generation_is_checked_and_gives_each_row_its_adapter(make_r
             model.set_adapter(name)
             alone.append(model.generate(**{k: v[row:row + 1] for k, v in batch.items()}, max_new_tokens=4, do_sample=False)[0])
     assert torch.equal(mixed, torch.stack(alone))
+
+
+def test_mixed_batches_of_methods_peft_does_not_mix_are_refused(make_recipe, tmp_path):
+    """peft runs adapter_names through LoRA's layers only: IA3 (LoHa, LoKr) adapters ignored it and gave every row the
+    active adapter, silently; AdaLoRA's failed with a TypeError inside peft. Switching works for all of them."""
+    from peftlab import run
+
+    outs = [run(make_recipe({"adapter.method": "ia3", "train.max_steps": 2, "train.lr": 5e-2, "train.seed": seed,
+                             "output_dir": tmp_path / f"ia3-{seed}"}))["output_dir"] for seed in (0, 1)]
+    alone = [logits(load_trained(out)[0], TEXTS) for out in outs]
+    model, tokenizer = load_adapters({"a": outs[0], "b": outs[1]})
+    batch = tokenizer(list(TEXTS), return_tensors="pt", padding=True)
+    with pytest.raises(ModelError, match=r"these are IA3 adapters, and peft mixes adapters per row only for LoRA.*set_adapter"):
+        model(**batch, adapter_names=["a", "b", "a"])
+    with pytest.raises(ModelError, match="only for LoRA"):
+        model.generate(**batch, adapter_names=["a", "b", "a"], max_new_tokens=1)
+    model.set_adapter("b")
+    torch.testing.assert_close(logits(model, TEXTS), alone[1], atol=1e-6, rtol=0)
