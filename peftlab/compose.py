@@ -101,9 +101,10 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
     trained, tokenizer = rebuild(outs[0], first_recipe, first_run)
     base = trained.unload()  # the plain base (its head is replaced below)
     states = [load_file(str(o / "adapter_model.safetensors")) for o in outs]
-    heads = [_head_state(sd) for sd in states]
+    heads = [_head_state(sd, adapter_config(o).get("modules_to_save")) for o, sd in zip(outs, states)]
     if any(h.keys() != heads[0].keys() or any(h[k].shape != heads[0][k].shape for k in h) for h in heads):
         raise PeftlabError("the adapters' task heads differ in shape or names: they cannot be combined.")
+    saved_base = _base_state(outs, states, heads)
     model, names = None, [f"a{i}" for i in range(len(outs))]
     for name, o, sd, head in zip(names, outs, states, heads):
         cfg = PeftConfig.from_pretrained(str(o))
@@ -127,7 +128,7 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
                                    svd_rank=rank)
     except ValueError as e:
         raise PeftlabError(f"peft cannot combine these adapters with {method}: {e}") from None
-    lora = get_peft_model_state_dict(model, adapter_name="composed")
+    lora = get_peft_model_state_dict(model, adapter_name="composed")  # (with the base embedding again, when adapted)
     head = {k: sum(float(w) * h[k].float() for w, h in zip(weights, heads)).to(heads[0][k].dtype).contiguous() for k in heads[0]}
     composed_cfg = model.peft_config["composed"]
     config = PeftConfig.from_pretrained(str(outs[0]))  # task type and saved head of the originals
@@ -139,7 +140,7 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
                 "exported_step": info.best_step if info.selected_on else info.steps} for o, (recipe, info) in zip(outs, runs)]
 
     def fill(tmp: Path) -> None:
-        save_file({k: v.contiguous() for k, v in {**lora, **head}.items()}, str(tmp / "adapter_model.safetensors"),
+        save_file({k: v.contiguous() for k, v in {**lora, **saved_base, **head}.items()}, str(tmp / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
         config.save_pretrained(str(tmp))
         tokenizer.save_pretrained(str(tmp))
@@ -194,7 +195,27 @@ def _composed_file(path: Path) -> bool:
     return path.is_file() and (path.name in COMPOSED_FILES or any(fnmatch(path.name, g) for g in TOKENIZER_GLOBS))
 
 
-def _head_state(state: dict) -> dict:
-    """The saved tensors of the fully trained task head (peft's modules_to_save): every tensor that is not LoRA's."""
-    lora = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\b")
-    return {k: v for k, v in state.items() if not lora.search(k)}
+LORA_TENSOR = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\b")  # a saved LoRA tensor's name
+
+
+def _head_state(state: dict, modules_to_save: list[str] | None) -> dict:
+    """The saved tensors of the fully trained task head: those of peft's modules_to_save (e.g. classifier, score)."""
+    heads = [re.compile(rf"(^|\.){re.escape(m)}\.") for m in modules_to_save or ()]
+    return {k: v for k, v in state.items() if not LORA_TENSOR.search(k) and any(h.search(k) for h in heads)}
+
+
+def _base_state(outs: list[Path], states: list[dict], heads: list[dict]) -> dict:
+    """The base's own tensors that peft saves beside an adapter (the whole embedding when it adapts one:
+    embed_tokens.base_layer.weight), which are neither LoRA's nor a head's: the base W0 of W0 + sum w_i dW_i, kept once,
+    never weighted (weights 1 1 doubled the base embedding, 1 -1 zeroed it). Sources that save different ones are refused."""
+    import torch
+
+    bases = [{k: v for k, v in sd.items() if not LORA_TENSOR.search(k) and k not in head} for sd, head in zip(states, heads)]
+    for o, base in zip(outs[1:], bases[1:]):
+        if differ := sorted(set(base) ^ set(bases[0]) | {k for k in base.keys() & bases[0].keys()
+                                                          if not torch.equal(base[k], bases[0][k])}):
+            raise PeftlabError(f"{o} saves other base weights than {outs[0]} beside its adapter ({', '.join(differ[:3])}; peft "
+                               "saves an adapted embedding whole): their adapters sit on different bases (a resized or "
+                               "retrained embedding), and compose adds updates to one base. Compose adapters saved over the "
+                               "same base weights.")
+    return bases[0]

@@ -22,7 +22,7 @@ from peftlab.cli import main
 from peftlab.compose import compose
 from peftlab.errors import ArtifactError, PeftlabError, PublishError
 from peftlab.publish import card_text, check_card, load_adapter, publish
-from peftlab.rundir import read_run
+from peftlab.rundir import read_run, sha256
 
 from .conftest import logits
 from .hub_server import HubStandIn
@@ -625,6 +625,38 @@ def test_compose_cat_and_svd_are_the_weighted_sum_of_the_updates(runs, tmp_path,
     with pytest.raises(PeftlabError, match=r"--rank 40: above the size of the smallest adapted layer \(.*: 32\).*--rank 32"):
         compose(runs, weights, tmp_path / "c", method="svd", rank=40)  # (it wrote r=40 over 32x32 factors: unloadable)
     assert not (tmp_path / "c").exists()
+
+
+def with_tensors(src: Path, to: Path, change) -> Path:
+    """A copy of run folder `src` whose adapter tensors are `change(name, tensor)`, its record's checksum updated."""
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, to)
+    state = load_file(str(to / "adapter_model.safetensors"))
+    save_file({k: change(k, v).contiguous() for k, v in state.items()}, str(to / "adapter_model.safetensors"), metadata={"format": "pt"})
+    record = json.loads((to / "run.json").read_text())
+    (to / "run.json").write_text(json.dumps({**record, "weights_sha256": sha256(to / "adapter_model.safetensors")}))
+    return to
+
+
+def test_compose_keeps_the_base_embedding_peft_saves_beside_an_adapted_one_once(make_recipe, tmp_path, tiny_llama):
+    """peft saves the whole base embedding (embed_tokens.base_layer.weight) in an adapter that adapts it; compose summed it
+    with the weights as a task head: weights 1 1 doubled the base's embedding, 1 -1 zeroed it."""
+    from safetensors.torch import load_file
+
+    from peftlab import run
+
+    first = Path(run(make_recipe({"adapter.target_modules": "[embed_tokens,q_proj]", "train.max_steps": 3, "train.lr": 5e-2,
+                             "output_dir": tmp_path / "emb"}, model=tiny_llama))["output_dir"])
+    base = "base_model.model.model.embed_tokens.base_layer.weight"
+    zero = with_tensors(first, tmp_path / "zero", lambda k, v: v if k == base or "lora_A" in k or "embedding_A" in k else 0 * v)
+    for method, weights in (("cat", [1, 1]), ("svd", [1, 1]), ("linear", [1, 0])):  # the second adds nothing: the first
+        composed = compose([first, zero], weights, tmp_path / method, method=method)  # adapter, on the base's embedding
+        assert torch.equal(load_file(str(composed / "adapter_model.safetensors"))[base], load_file(str(first / "adapter_model.safetensors"))[base])
+        torch.testing.assert_close(logits(load_trained(composed)[0]), logits(load_trained(first)[0]), atol=1e-5, rtol=0, msg=method)
+    other = with_tensors(first, tmp_path / "other", lambda k, v: v + 1 if k == base else v)
+    with pytest.raises(PeftlabError, match=r"saves other base weights than .*embed_tokens.base_layer.weight.*same base weights"):
+        compose([first, other], [1, 1], tmp_path / "c")
 
 
 def test_compose_refuses_mismatched_runs(runs, tmp_path):
