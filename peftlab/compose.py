@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 COMBINATIONS = ("linear", "ties", "dare_linear", "dare_ties", "magnitude_prune", "cat", "svd")
 COMPOSED_FILES = ("adapter_config.json", "adapter_model.safetensors", RECIPE_FILE, RECORD_FILE)  # and the tokenizer's files
 PRUNING = ("ties", "dare_linear", "dare_ties", "magnitude_prune")  # --density: the share of each task vector they keep
+EACH_RANK = ("cat", "svd")  # the combinations that size each layer's factors from its sources' (rank_pattern composes)
 
 
 def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, method: str = "linear", density: float | None = None,
@@ -94,6 +95,11 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
             raise PeftlabError(f"{o} holds a DoRA adapter (use_dora): peft's add_weighted_adapter combines the LoRA matrices "
                                "but not DoRA's trained magnitude vectors, so the result would not be any of the adapters' "
                                "functions, not even with weights 1 0. Compose plain LoRA adapters (adapter.use_dora=false).")
+        if method not in EACH_RANK and (ranks := {k: v for k, v in (cfg.get("rank_pattern") or {}).items() if v != cfg.get("r")}):
+            raise PeftlabError(f"{o} holds a LoRA adapter with per-layer ranks (rank_pattern {ranks}, r {cfg.get('r')}): "
+                               f"--method {method} adds the adapters' factors of equal shapes, and peft writes one rank for "
+                               "all layers (it failed, or wrote an adapter that does not load). Use --method cat (the exact "
+                               "weighted sum) or svd, which give every layer the ranks it needs.")
         if (theirs := _base_of(r, info)) != (mine := _base_of(first_recipe, first_run)):
             raise PeftlabError(f"{o} was trained on another base, task or label set than {outs[0]} "
                                f"({differences((*BASE_KEYS, 'task.type', 'labels'), mine, theirs)}): adapters compose only on "

@@ -659,6 +659,23 @@ def test_compose_keeps_the_base_embedding_peft_saves_beside_an_adapted_one_once(
         compose([first, other], [1, 1], tmp_path / "c")
 
 
+def test_compose_of_per_layer_ranks_is_refused_by_the_methods_of_one_rank(runs, make_recipe, tmp_path):
+    """linear (ties, dare, magnitude_prune) add factors of one shape: with a rank_pattern they failed with torch's "stack
+    expects each tensor to be equal size", or wrote r=4 with no rank_pattern over rank-2 tensors, which did not load.
+    cat and svd size each layer: the rank_pattern adapter composes exactly."""
+    from peftlab import run
+
+    pattern = Path(run(make_recipe({"adapter.options": "{rank_pattern: {query: 2}}", "train.max_steps": 2, "train.lr": 5e-2,
+                                    "output_dir": tmp_path / "rp"}))["output_dir"])
+    for method in ("linear", "ties"):
+        with pytest.raises(PeftlabError, match=rf"per-layer ranks \(rank_pattern \{{'query': 2\}}, r 4\): --method {method} .*"
+                                               "--method cat .* or svd"):
+            compose([runs[0], pattern], [0.5, 0.5], tmp_path / "c", method=method)
+    assert not (tmp_path / "c").exists()
+    composed = compose([pattern, runs[0]], [1, 0], tmp_path / "cat", method="cat")
+    torch.testing.assert_close(logits(load_trained(composed)[0]), logits(load_trained(pattern)[0]), atol=1e-6, rtol=0)
+
+
 def test_compose_refuses_mismatched_runs(runs, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(runs[1], other)
