@@ -135,11 +135,13 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
     except ValueError as e:
         raise PeftlabError(f"peft cannot combine these adapters with {method}: {e}") from None
     lora = get_peft_model_state_dict(model, adapter_name="composed")  # (with the base embedding again, when adapted)
+    lora |= (biases := _lora_biases(model, names, weights))
     head = {k: sum(float(w) * h[k].float() for w, h in zip(weights, heads)).to(heads[0][k].dtype).contiguous() for k in heads[0]}
     composed_cfg = model.peft_config["composed"]
     config = PeftConfig.from_pretrained(str(outs[0]))  # task type and saved head of the originals
     config.r, config.lora_alpha, config.target_modules = composed_cfg.r, composed_cfg.lora_alpha, composed_cfg.target_modules
     config.rank_pattern, config.alpha_pattern = {}, {}
+    config.lora_bias = bool(biases)
     config.use_rslora = False  # the combined tensors hold their sources' scalings: alpha = r scales them by 1, as peft
     # meant (rsLoRA would scale them again, by alpha / sqrt(r), and weights 1 0 would no longer give the first adapter)
     sources = [{"name": recipe.name, "path": str(o), "weights_sha256": sha256(o / "adapter_model.safetensors"), "steps": info.steps,
@@ -202,6 +204,23 @@ def _composed_file(path: Path) -> bool:
 
 
 LORA_TENSOR = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\b")  # a saved LoRA tensor's name
+
+
+def _lora_biases(model, names: list[str], weights: list[float]) -> dict:
+    """The composed adapter's lora_B biases (adapter.options lora_bias), which peft's add_weighted_adapter left at zero: a
+    layer adds scaling * (B A x + b), so the weighted sum of the sources' updates carries sum w_i scaling_i b_i, which
+    the composed adapter (scaling 1: lora_alpha = r) holds as its bias. Exact for cat (weights 1 0 give back the first
+    adapter with any method); {} when no source trained one."""
+    from peft.tuners.lora import LoraLayer
+
+    biases = {}
+    for path, module in model.named_modules():
+        if isinstance(module, LoraLayer):
+            terms = [float(w) * module.scaling[n] * module.lora_B[n].bias.detach() for n, w in zip(names, weights)
+                     if n in module.lora_B and getattr(module.lora_B[n], "bias", None) is not None]
+            if terms:
+                biases[f"{path}.lora_B.bias"] = sum(terms)
+    return biases
 
 
 def _head_state(state: dict, modules_to_save: list[str] | None) -> dict:

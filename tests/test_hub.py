@@ -676,6 +676,21 @@ def test_compose_of_per_layer_ranks_is_refused_by_the_methods_of_one_rank(runs, 
     torch.testing.assert_close(logits(load_trained(composed)[0]), logits(load_trained(pattern)[0]), atol=1e-6, rtol=0)
 
 
+def test_compose_keeps_the_trained_lora_biases(runs, make_recipe, tmp_path):
+    """peft's add_weighted_adapter leaves lora_B's biases (adapter.options lora_bias) at zero: the composed file said
+    lora_bias true over zero biases, and weights 1 0 did not give back the first adapter."""
+    from peftlab import run
+
+    biased = Path(run(make_recipe({"adapter.options": "{lora_bias: true}", "train.max_steps": 3, "train.lr": 5e-2,
+                                   "output_dir": tmp_path / "lb"}))["output_dir"])
+    alone = logits(load_trained(biased)[0])
+    for method, sources, weights in (("linear", [biased, runs[0]], [1, 0]), ("cat", [biased, runs[0]], [1, 0]),
+                                     ("cat", [runs[0], biased], [0, 1]), ("svd", [runs[0], biased], [0, 1])):
+        composed = compose(sources, weights, tmp_path / f"{method}{weights}", method=method)
+        assert json.loads((composed / "adapter_config.json").read_text())["lora_bias"] is True
+        torch.testing.assert_close(logits(load_trained(composed)[0]), alone, atol=1e-5, rtol=0, msg=f"{method} {weights}")
+
+
 def test_compose_refuses_mismatched_runs(runs, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(runs[1], other)
