@@ -43,6 +43,9 @@ def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None
     for name, folder in folders.items():
         if error := not_an_adapter(Path(folder), f"adapter {name!r} ({folder})", "load it on its own (load_trained)"):
             raise error
+    if len(folders) > 1:
+        for name, folder in folders.items():
+            refuse_trained_biases(Path(folder), f"adapter {name!r} ({folder})", "Load it on its own (load_trained)")
     first, *rest = folders.items()
     model, tokenizer, recipe, run = load_trained(first[1], adapter_name=first[0])  # (an adapter: not_an_adapter said so)
     kind = adapter_config(first[1]).get("peft_type")
@@ -127,6 +130,16 @@ def not_an_adapter(folder: Path, what: str, instead: str) -> ArtifactError | Non
     return ArtifactError(f"{what} holds a standalone model ({'merged from a ' if merged else 'method '}{run.method}"
                          f"{' adapter' if merged else ''}), not an adapter: {instead}"
                          + (f", or give the run folder that holds its adapter ({folder.parent})." if run_folder else "."))
+
+
+def refuse_trained_biases(folder: Path, what: str, instead: str) -> None:
+    """Refuse an adapter that trained the base's own biases (peft's bias: lora_only or all) where it must sit beside
+    others: the biases are the base's, one set per model, and peft raised "supports only 1 adapter with bias"."""
+    if (bias := adapter_config(folder).get("bias") or "none") != "none":
+        raise ArtifactError(f"{what} trained the base's own biases too (bias: {bias}, from adapter.options): they are the "
+                            f"base's, one set per model, which peft does not share between adapters. {instead}, or train it "
+                            "again without adapter.options bias (adapter.options={lora_bias: true} trains a bias of the "
+                            "adapter's own).")
 
 
 def check_name(name) -> None:

@@ -13,7 +13,7 @@ from dataclasses import replace
 from fnmatch import fnmatch
 from pathlib import Path
 
-from .adapters import not_an_adapter
+from .adapters import not_an_adapter, refuse_trained_biases
 from .errors import ArtifactError, ConfigError, PeftlabError, path_argument
 from .export import check_destination, rebuild, write_atomic_dir
 from .rundir import (
@@ -91,6 +91,7 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
         if cfg.get("peft_type") != "LORA":
             raise PeftlabError(f"{o} holds a {info.method} {'adapter' if cfg else 'model'}, not a LoRA adapter: only "
                                "LoRA adapters (lora, rslora, ...) compose.")
+        refuse_trained_biases(o, str(o), "Compose adapters that train none")
         if cfg.get("use_dora"):
             raise PeftlabError(f"{o} holds a DoRA adapter (use_dora): peft's add_weighted_adapter combines the LoRA matrices "
                                "but not DoRA's trained magnitude vectors, so the result would not be any of the adapters' "

@@ -691,6 +691,22 @@ def test_compose_keeps_the_trained_lora_biases(runs, make_recipe, tmp_path):
         torch.testing.assert_close(logits(load_trained(composed)[0]), alone, atol=1e-5, rtol=0, msg=f"{method} {weights}")
 
 
+def test_adapters_that_train_the_base_biases_are_refused_beside_others(runs, tmp_path):
+    """bias: lora_only / all trains the base's own biases, which peft holds for one adapter per model: compose and
+    load_adapters ended in peft's raw "LoraModel supports only 1 adapter with bias"."""
+    from peftlab.adapters import load_adapters
+
+    biased = tmp_path / "bias"
+    shutil.copytree(runs[1], biased)
+    cfg = json.loads((biased / "adapter_config.json").read_text())
+    (biased / "adapter_config.json").write_text(json.dumps({**cfg, "bias": "lora_only"}))
+    with pytest.raises(PeftlabError, match=r"bias.* trained the base's own biases too \(bias: lora_only.*Compose adapters that"):
+        compose([runs[0], biased], [0.5, 0.5], tmp_path / "c")
+    with pytest.raises(ArtifactError, match=r"adapter 'b' .* trained the base's own biases too.*Load it on its own"):
+        load_adapters({"a": runs[0], "b": biased})
+    assert not (tmp_path / "c").exists()
+
+
 def test_compose_refuses_mismatched_runs(runs, tmp_path):
     other = tmp_path / "other"
     shutil.copytree(runs[1], other)
