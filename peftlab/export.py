@@ -229,6 +229,7 @@ def export(out: str | Path, model, tokenizer, recipe: Recipe, record: RunRecord 
             (staging / "README.md").unlink(missing_ok=True)  # peft's placeholder card; `peftlab publish` writes the real one
             tokenizer.save_pretrained(str(staging))
             record = described(record if isinstance(record, RunRecord) else RunRecord.from_dict(record), recipe, model)
+            record = replace(record, adapter_ranks=get_method(recipe.adapter.method).exported_ranks(staging))
             run = replace(record, versions=versions(), hardware=hardware(), **record_weights(staging, weights_file(staging).name))
             write_record(staging, recipe.to_yaml(), run)
             (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")

@@ -203,6 +203,7 @@ class RunRecord:
     weights_file: str | None = None
     weights_sha256: str | None = None
     composition: dict | None = None  # a composed adapter: how, from which runs
+    adapter_ranks: dict | None = None  # the exported adapter's ranks where training chose them (AdaLoRA): average, min, max
     lineage: list = field(default_factory=list)  # model.from_run: the runs whose weights this one started from, nearest first
     distillation: dict | None = None  # train.distill: the teacher (run, name, base, method, eval metrics), T, alpha, rows
     multitask: dict | None = None  # a multi-task run (or one task of it): the run, its tasks, adapters, sampling
@@ -266,7 +267,7 @@ class RunRecord:
         return f"{split} (held out)"
 
 
-_OMITTED_WHEN_NONE = ("merged_dir", "composition", "published", "distillation", "multitask", "test_shares")
+_OMITTED_WHEN_NONE = ("merged_dir", "composition", "adapter_ranks", "published", "distillation", "multitask", "test_shares")
 _FIELD_NAMES = frozenset(f.name for f in dataclasses.fields(RunRecord))
 
 

@@ -210,6 +210,8 @@ def test_adalora_rank_budget_is_driven_by_the_loop(make_recipe):
     weights = load_file(str(recipe.out / "adapter_model.safetensors"))
     saved = sorted(v.shape[0] for k, v in weights.items() if "lora_E" in k)
     assert saved == sorted(kept)  # only the kept ranks are written
+    ranks = json.loads((recipe.out / "run.json").read_text())["adapter_ranks"]
+    assert ranks == {"average": 2.0, "min": min(kept), "max": max(kept)}
     from peftlab.publish.card import card_text
 
     held = sum(v.numel() for v in weights.values())  # the card counts what is published, not AdaLoRA's initial ranks
@@ -416,3 +418,21 @@ def test_an_adapter_on_an_embedding_tied_to_the_lm_head_is_refused(tmp_path, tie
                     "out of adapter.target_modules."]
     with pytest.raises(ModelError, match="ties to its LM head"):
         check_target_modules(model, ["q_proj", "embed_tokens"])
+
+
+def test_adalora_exported_before_its_budget_pruned_says_its_real_ranks(make_recipe, caplog):
+    """keep_best kept a step at or before tinit: the adapter was exported unpruned (adalora_init_r everywhere) while the
+    card said "average rank 2" (the target) and nothing warned; the card's trainable parameters are the initial ranks'."""
+    from peftlab.publish.card import card_text
+
+    recipe = make_recipe({"adapter.method": "adalora", "adapter.r": 2, "adapter.adalora_init_r": 6, "train.max_steps": 8,
+                          "adapter.adalora_warmup_fraction": 0.5, "train.eval_every": 4, "train.best_metric": "accuracy",
+                          "train.lr": 1e-12})  # (no step changes the accuracy: the first evaluation, at step 4 = tinit, is kept)
+    with caplog.at_level("WARNING", logger="peftlab"):
+        summary = run(recipe)
+    assert summary.best_step == 4
+    assert json.loads((recipe.out / "run.json").read_text())["adapter_ranks"] == {"average": 6.0, "min": 6, "max": 6}
+    assert "average rank of 6.0, not adapter.r=2 (not pruned at all)" in caplog.text and "train.keep_best=false" in caplog.text
+    card = card_text(recipe.out)
+    assert "An AdaLoRA adapter (rank 6 in every layer; not pruned to its budget of 2: the exported step came before it)" in card
+    assert f"- trainable parameters: {summary['trainable_params']:,} of" in card and "AdaLoRA's initial allocation, rank 6" in card

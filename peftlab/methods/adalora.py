@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import logging
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..errors import ModelError
@@ -97,6 +98,34 @@ class RankBudget:
     def finish(self) -> None:
         if self.config.rank_pattern:
             self.tuner.rankallocator.mask_using_rank_pattern(self.tuner.model, self.config.rank_pattern)
+        kept = ([sum(map(bool, mask)) for mask in self.config.rank_pattern.values()] if self.config.rank_pattern
+                else [self.config.init_r])  # (no pattern yet: nothing pruned, every layer at init_r)
+        if (average := sum(kept) / len(kept)) > self.config.target_r:
+            log.warning("AdaLoRA: the exported weights are from a step before the rank budget reached its target (step %d): "
+                        "their layers keep an average rank of %.1f, not adapter.r=%d (%s), and the adapter is that much "
+                        "larger (run.json's adapter_ranks). train.keep_best or train.early_stopping chose an early step: "
+                        "export the last one (train.keep_best=false, no early stopping), or shorten the schedule "
+                        "(adapter.adalora_warmup_fraction, adapter.adalora_final_fraction).", self.config.total_step -
+                        self.config.tfinal, average, self.config.target_r,
+                        "not pruned at all" if not self.config.rank_pattern else "partly pruned")
+
+
+def exported_ranks(folder: Path) -> dict | None:
+    """The ranks the exported adapter holds, from its tensors (peft saves only the kept ones: lora_E is rank x 1): the
+    budget's result, or adalora_init_r everywhere when the exported step came before it pruned."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "adapter_model.safetensors"), "pt") as f:
+        ranks = [f.get_slice(k).get_shape()[0] for k in f.keys() if k.endswith(".lora_E")]
+    return {"average": round(sum(ranks) / len(ranks), 2), "min": min(ranks), "max": max(ranks)} if ranks else None
+
+
+def describe_exported(recipe: Recipe, ranks: dict) -> str:
+    """The card's "what": the ranks exported (its recipe's adapter.r is the budget's target, which an early step misses)."""
+    spread = (f"rank {ranks['min']} in every layer" if ranks["min"] == ranks["max"] else
+              f"average rank {ranks['average']:g}, {ranks['min']} to {ranks['max']} per layer")
+    return (f"An AdaLoRA adapter ({spread}" + ("" if ranks["average"] <= recipe.adapter.r else
+                                              f"; not pruned to its budget of {recipe.adapter.r}: the exported step came before it") + ")")
 
 
 def loaded(model, adapter_name: str) -> None:
@@ -106,4 +135,5 @@ def loaded(model, adapter_name: str) -> None:
 
 
 ADALORA = register(peft_method("adalora", "AdaLoraConfig", adalora_fields, rules=rules, schedule=RankBudget, loaded=loaded, rank_fields=("r", "adalora_init_r"),
-                               describe=lambda r: f"An AdaLoRA adapter (average rank {r.adapter.r})"))
+                               describe=lambda r: f"An AdaLoRA adapter (average rank {r.adapter.r})", exported_ranks=exported_ranks,
+                               describe_exported=describe_exported))

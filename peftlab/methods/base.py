@@ -118,6 +118,10 @@ class Method:
     size_hint: Callable[[Recipe], str] | None = rank_hint  # how to shrink an adapter that trains most weights; None: no warning
     describe: Callable[[Recipe], str] = lambda recipe: "A model"  # the card's "what"
     card_lines: Callable[[Recipe], list[str]] = lambda recipe: []  # the card's "Method and parameters" bullets
+    # the ranks its exported adapter holds, read from the export folder, where training decides them (AdaLoRA's budget):
+    # run.json's adapter_ranks, and the card's "what" (describe_exported) says them rather than the recipe's target
+    exported_ranks: Callable[[Path], dict | None] = lambda folder: None
+    describe_exported: Callable[[Recipe, dict], str] | None = None  # (recipe, adapter_ranks) -> the card's "what"
     tags: Callable[[Recipe], list[str]] = peft_tags  # the card's method tags
 
     def check(self, recipe: Recipe) -> list[str]:

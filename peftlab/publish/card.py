@@ -597,7 +597,8 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
     cfg = json.loads((out / "adapter_config.json").read_text()) if adapter else {}
     merged = json.loads((out / "merge.json").read_text()) if (out / "merge.json").is_file() else None  # a `peftlab merge` folder
     what = (f"A LoRA adapter (rank {cfg.get('r', '?')}, lora_alpha {cfg.get('lora_alpha', '?')}: the composed one)" if run.composition
-            else method.describe(recipe))  # a composition's own rank, not its first source's
+            else method.describe_exported(recipe, run.adapter_ranks) if run.adapter_ranks and method.describe_exported
+            else method.describe(recipe))  # a composition's own rank, not its first source's; AdaLoRA's as exported
     if merged:
         what = (f"A standalone model: {what[0].lower()}{what[1:]} merged into the "
                 + ("dequantized float32 copy of its quantized base," if recipe.quant.mode != "none" else "float32 weights of its base,"))
@@ -701,7 +702,8 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
         lines.append("- merged into the base's float32 weights (`peftlab merge`, `merge.json`): no adapter to load")
     if run.trainable_params:
         lines.append(f"- trainable parameters: {run.trainable_params:,} of {run.total_params:,} "
-                     f"({run.trainable_percent or 0:.3f}%)")
+                     f"({run.trainable_percent or 0:.3f}%)" + (f": AdaLoRA's initial allocation, rank {recipe.adapter.adalora_init_r} "
+                                                               "in every layer" if recipe.adapter.method == "adalora" else ""))
         held = exported_params(out)
         if held is not None and held != run.trainable_params and not run.composition:
             lines.append(f"- parameters in the exported adapter (`adapter_model.safetensors`): {held:,}"
