@@ -717,12 +717,14 @@ def task_model_problems(recipe: Recipe, path: str) -> list[str]:
 def adapter_problems(build: Callable[[], nn.Module], recipe: Recipe, task) -> list[str]:
     """The adapter on the task's model built on the meta device by `build` (no weight read): each adapter.target_modules
     name matches a module, a rank field fits the layers, and what applying the method would refuse (OFT: a block that
-    divides no width). Not checked where the method adapts no layer, or the model cannot be built that way."""
+    divides no width; layers_to_transform that keeps no adapted layer). Not checked where the method adapts no layer, or the model cannot be built that way."""
     from .methods.peft_adapter import check_target_modules
 
     targets, method = recipe.adapter.target_modules, get_method(recipe.adapter.method)
     listed = isinstance(targets, list) and targets != ["all-linear"]
-    if not method.layers or not (listed or method.rank_fields or method.check_on_meta):
+    # options that keep some layers only (layers_to_transform: [5] of 2 layers kept none): applied to see what remains
+    apply = method.check_on_meta or any(recipe.adapter.options.get(k) is not None for k in ("layers_to_transform", "layers_pattern"))
+    if not method.layers or not (listed or method.rank_fields or apply):
         return []
     try:
         with torch.device("meta"):
@@ -736,7 +738,7 @@ def adapter_problems(build: Callable[[], nn.Module], recipe: Recipe, task) -> li
         return [str(e)]
     if problem := rank_problem(skeleton, method, recipe.adapter):
         return [problem]
-    if method.check_on_meta:  # what `train` would refuse when it applies the method
+    if apply:  # what `train` would refuse when it applies the method
         try:
             method.apply(skeleton, recipe, [], peft_task_type(task, skeleton))
         except ModelError as e:

@@ -110,6 +110,10 @@ def test_validate_finds_what_train_finds_when_it_loads_the_data_and_the_model(ma
         "data.text_columns=[text]": "data.train: column(s) ['text'] not found; the data has ['sentence', 'label']",
         "data.eval.label_column=y": "data.eval: column(s) ['y'] not found",
         "adapter.target_modules=[query,valu]": "'valu' matches no module of BertForSequenceClassification",
+        # (it blamed target_modules at train, which matched: the layer index kept none of them)
+        "adapter.options={layers_to_transform: [5]}": "adapter.options {'layers_to_transform': [5]} keeps no layer that "
+                                                      "adapter.target_modules=['query', 'value'] matches in "
+                                                      "BertForSequenceClassification, which has 2 layers (indices 0 to 1)",
         "model.name=./no/such/model": "no such model directory",
     }
     for override, needle in cases.items():

@@ -200,6 +200,13 @@ def apply_peft(config_class: str, fields: Callable[[AdapterConfig], dict], model
     except ValueError as e:
         if "Please specify `target_modules`" in str(e):  # an architecture peft has no defaults for, and none named
             raise ModelError(no_default_targets(a.method, getattr(model.config, "model_type", None), model)) from None
+        if (str(e).startswith("No modules were targeted") or "Target modules" in str(e)) and (chosen := {
+                k: a.options[k] for k in ("layers_to_transform", "layers_pattern") if a.options.get(k) is not None}):
+            # target_modules matched (check_target_modules): the layers the options keep hold none of them
+            n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+            raise ModelError(f"adapter.options {chosen} keeps no layer that adapter.target_modules={targets!r} matches in "
+                             f"{type(model).__name__}" + (f", which has {n} layers (indices 0 to {n - 1})" if n else "")
+                             + ": give layers_to_transform indices of its layers, or drop it to adapt every layer.") from None
         if "not found in the base model" in str(e) or "No modules were targeted" in str(e) or "Target modules" in str(e):
             raise ModelError(
                 f"adapter.target_modules={targets!r} matches no module of {type(model).__name__}. "
