@@ -436,3 +436,19 @@ def test_adalora_exported_before_its_budget_pruned_says_its_real_ranks(make_reci
     card = card_text(recipe.out)
     assert "An AdaLoRA adapter (rank 6 in every layer; not pruned to its budget of 2: the exported step came before it)" in card
     assert f"- trainable parameters: {summary['trainable_params']:,} of" in card and "AdaLoRA's initial allocation, rank 6" in card
+
+
+def test_prompt_tuning_text_init_reads_the_base_tokenizer(make_recipe, tiny_bert):
+    """peft's TEXT init needs tokenizer_name_or_path: validate passed a recipe without it, and train failed with peft's
+    message. The base's own tokenizer is filled in: the virtual tokens start as the text's token embeddings."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel, AutoTokenizer
+
+    text = "classify the sentiment"
+    recipe = make_recipe({"adapter.method": "prompt_tuning", "adapter.num_virtual_tokens": 3, "train.max_steps": 1,
+                          "train.lr": 1e-12, "adapter.options": f"{{prompt_tuning_init: TEXT, prompt_tuning_init_text: '{text}'}}"})
+    run(recipe)
+    assert json.loads((recipe.out / "adapter_config.json").read_text())["tokenizer_name_or_path"] == str(tiny_bert)
+    ids = AutoTokenizer.from_pretrained(tiny_bert)(text)["input_ids"][:3]  # (peft: with the special tokens, cut to 3)
+    words = AutoModel.from_pretrained(tiny_bert).get_input_embeddings().weight[ids].detach()
+    torch.testing.assert_close(load_file(str(recipe.out / "adapter_model.safetensors"))["prompt_embeddings"], words, atol=1e-6, rtol=0)

@@ -83,6 +83,21 @@ def apply_prefix(model: nn.Module, recipe: Recipe, head_modules: list[str], task
     return apply_peft("PrefixTuningConfig", virtual_tokens, model, recipe, head_modules, task_type, layers=False)
 
 
-PROMPT_TUNING = register(prompt_method("prompt_tuning", "PromptTuningConfig"))
+def apply_prompt_tuning(model: nn.Module, recipe: Recipe, head_modules: list[str], task_type: str) -> nn.Module:
+    """peft's TEXT init (adapter.options prompt_tuning_init: TEXT) tokenizes prompt_tuning_init_text with the tokenizer
+    it names in tokenizer_name_or_path, which it requires (validate passed, train failed with peft's message): the
+    base's own, unless the options name another."""
+    fields, options = virtual_tokens, recipe.adapter.options
+    if str(options.get("prompt_tuning_init", "")).upper() == "TEXT" and not options.get("tokenizer_name_or_path"):
+        base = getattr(model, "name_or_path", None) or recipe.model.name
+        fields = partial(with_tokenizer, tokenizer=base)
+    return apply_peft("PromptTuningConfig", fields, model, recipe, head_modules, task_type, layers=False)
+
+
+def with_tokenizer(a, tokenizer: str) -> dict:
+    return {**virtual_tokens(a), "tokenizer_name_or_path": tokenizer}
+
+
+PROMPT_TUNING = register(prompt_method("prompt_tuning", "PromptTuningConfig", apply_prompt_tuning))
 PREFIX_TUNING = register(prompt_method("prefix_tuning", "PrefixTuningConfig", apply_prefix))
 P_TUNING = register(prompt_method("p_tuning", "PromptEncoderConfig"))
