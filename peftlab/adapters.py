@@ -43,6 +43,8 @@ def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None
     for name, folder in folders.items():
         if error := not_an_adapter(Path(folder), f"adapter {name!r} ({folder})", "load it on its own (load_trained)"):
             raise error
+    for name, folder in folders.items():
+        check_adalora_name(name, adapter_config(folder))
     if len(folders) > 1:
         for name, folder in folders.items():
             refuse_trained_biases(Path(folder), f"adapter {name!r} ({folder})", "Load it on its own (load_trained)")
@@ -140,6 +142,15 @@ def refuse_trained_biases(folder: Path, what: str, instead: str) -> None:
                             f"base's, one set per model, which peft does not share between adapters. {instead}, or train it "
                             "again without adapter.options bias (adapter.options={lora_bias: true} trains a bias of the "
                             "adapter's own).")
+
+
+def check_adalora_name(name: str, config: dict) -> None:
+    """peft finds an AdaLoRA adapter's pruned layers by `name in path` over its rank_pattern's module paths: a name that
+    is part of one ('y' of 'query') cut the path wrong, and loading failed with an AttributeError inside peft."""
+    if config.get("peft_type") == "ADALORA" and (path := next((k for k in config.get("rank_pattern") or {} if name in k), None)):
+        raise ArtifactError(f"adapter name {name!r}: peft finds an AdaLoRA adapter's layers by looking for its name in their "
+                            f"module paths, and {name!r} is part of one ({path}), which it would misread. Name it a word that "
+                            f"is no part of the model's module paths, e.g. {{{'adapter_' + name!r}: ...}}.")
 
 
 def check_name(name) -> None:

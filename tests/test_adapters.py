@@ -159,3 +159,16 @@ def test_mixed_batches_of_methods_peft_does_not_mix_are_refused(make_recipe, tmp
         model.generate(**batch, adapter_names=["a", "b", "a"], max_new_tokens=1)
     model.set_adapter("b")
     torch.testing.assert_close(logits(model, TEXTS), alone[1], atol=1e-6, rtol=0)
+
+
+def test_adalora_names_that_are_part_of_a_module_path_are_refused(runs, tmp_path):  # noqa: F811
+    """peft resizes an AdaLoRA adapter's layers by `name in path` over its rank_pattern: 'y' (of 'query') cut the paths
+    wrong, and load_adapters failed with an AttributeError inside peft."""
+    ada = tmp_path / "ada"
+    shutil.copytree(runs[1], ada)
+    cfg = json.loads((ada / "adapter_config.json").read_text())
+    pattern = {"bert.encoder.layer.0.attention.self.query.lora_E": [True, False]}
+    (ada / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "ADALORA", "rank_pattern": pattern}))
+    with pytest.raises(ArtifactError, match=r"adapter name 'y': .*part of one \(bert.encoder.layer.0.attention.self.query.lora_E\)"
+                                            r".*\{'adapter_y': ...\}"):
+        load_adapters({"y": ada, "other": ada})
