@@ -14,7 +14,7 @@ from fnmatch import fnmatch
 from pathlib import Path
 
 from .adapters import not_an_adapter, refuse_trained_biases
-from .errors import ArtifactError, ConfigError, PeftlabError, path_argument
+from .errors import ArtifactError, ConfigError, PeftlabError, a_or_an, path_argument
 from .export import check_destination, rebuild, write_atomic_dir
 from .rundir import (
     BASE_KEYS,
@@ -89,7 +89,7 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
             raise error
         cfg = adapter_config(o)
         if cfg.get("peft_type") != "LORA":
-            raise PeftlabError(f"{o} holds a {info.method} {'adapter' if cfg else 'model'}, not a LoRA adapter: only "
+            raise PeftlabError(f"{o} holds {a_or_an(info.method)} {'adapter' if cfg else 'model'}, not a LoRA adapter: only "
                                "LoRA adapters (lora, rslora, ...) compose.")
         refuse_trained_biases(o, str(o), "Compose adapters that train none")
         if cfg.get("use_dora"):

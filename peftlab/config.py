@@ -24,7 +24,7 @@ from typing import Any, Union
 
 import yaml
 
-from .errors import ConfigError
+from .errors import ConfigError, a_or_an
 from .methods import get_method, method_names
 from .methods.lora import LORA_INITS
 from .packaged import PACKAGED_MODELS, packaged_folder
@@ -1115,7 +1115,7 @@ def from_run_problems(recipe: Recipe) -> list[str]:
                 f"them, e.g. model.from_run={source / 'tasks' / tasks[0]}."]
     method = record.get("method")
     if method in method_names() and get_method(method).is_adapter and not get_method(method).mergeable:
-        return [f"model.from_run={recipe.model.from_run!r} holds a {method} adapter: a run starts from the weights of its "
+        return [f"model.from_run={recipe.model.from_run!r} holds {a_or_an(method)} adapter: a run starts from the weights of its "
                 f"source with the adapter merged into them, and {get_method(method).merge_refusal} Start from a run of a "
                 "mergeable method (lora, ia3, ...), or from its base: model.from_run=null."]
     base = run_base(source, record)

@@ -20,6 +20,11 @@ class ConfigError(PeftlabError, ValueError):
         super().__init__(head + "".join(f"\n  - {p}" for p in self.problems))
 
 
+def a_or_an(word: str) -> str:
+    """`word` with its indefinite article, for messages that name a method: "an adalora adapter", "a lora adapter"."""
+    return f"{'an' if str(word)[:1].lower() in 'aeiou' else 'a'} {word}"
+
+
 def path_argument(value, where: str) -> Path:
     """A folder or file path given to a Python API function (a str or an os.PathLike) -> Path; anything else (a number,
     None, an empty string: the working directory) is a ConfigError naming the argument, not a TypeError from pathlib."""

@@ -29,7 +29,7 @@ import torch
 from .accel import cpu_native_bf16
 from .bases import base_path, file_lock, gguf_key, load_tokenizer, relative_path
 from .config import Recipe, load_recipe, override_list, recipe_argument
-from .errors import ArtifactError, ConfigError, ModelNotFound, path_argument
+from .errors import ArtifactError, ConfigError, ModelNotFound, a_or_an, path_argument
 from .methods import get_method
 from .model import disable_cpu_bf16_repack, keep_original_modules, load_base
 from .rundir import (
@@ -371,7 +371,7 @@ def merge(out: str | Path, *, force: bool = False, overrides: list[str] | tuple 
         return out
     method = get_method(recipe.adapter.method)
     if not method.mergeable:
-        raise ArtifactError(f"{out} holds a {method.name} adapter: {method.merge_refusal} Load it as it is: "
+        raise ArtifactError(f"{out} holds {a_or_an(method.name)} adapter: {method.merge_refusal} Load it as it is: "
                             "PeftModel.from_pretrained(base, OUT), or `peftlab eval OUT`.")
     with merging(out):
         return _merge(out, recipe, run, recipe_text, metrics, identity, force)

@@ -732,6 +732,9 @@ def test_compose_refuses_mismatched_runs(runs, tmp_path):
     (ia3 / "adapter_config.json").write_text(json.dumps({**cfg, "peft_type": "IA3"}))
     with pytest.raises(PeftlabError, match="not a LoRA adapter: only LoRA adapters"):
         compose([runs[0], ia3], [0.5, 0.5], tmp_path / "c")
+    (ia3 / "run.json").write_text(json.dumps({**json.loads((ia3 / "run.json").read_text()), "method": "ia3"}))
+    with pytest.raises(PeftlabError, match="holds an ia3 adapter, not a LoRA adapter"):  # (it said "a ia3")
+        compose([runs[0], ia3], [0.5, 0.5], tmp_path / "c")
     stacked = tmp_path / "stacked"  # trained on another run's merged weights (model.from_run): another base
     shutil.copytree(runs[1], stacked)
     recipe = yaml.safe_load((stacked / "recipe.yaml").read_text())
