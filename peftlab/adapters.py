@@ -40,17 +40,17 @@ def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None
     for name in sources:
         check_name(name)
     folders = {name: load_adapter(src, endpoint=endpoint) for name, src in sources.items()}
+    configs = {}  # each adapter's adapter_config.json
     for name, folder in folders.items():
         if error := not_an_adapter(Path(folder), f"adapter {name!r} ({folder})", "load it on its own (load_trained)"):
             raise error
-    for name, folder in folders.items():
-        check_adalora_name(name, adapter_config(folder))
-    if len(folders) > 1:
-        for name, folder in folders.items():
-            refuse_trained_biases(Path(folder), f"adapter {name!r} ({folder})", "Load it on its own (load_trained)")
+        configs[name] = adapter_config(folder)
+        check_adalora_name(name, configs[name])
+        if len(folders) > 1:
+            refuse_trained_biases(configs[name], f"adapter {name!r} ({folder})", "Load it on its own (load_trained)")
     first, *rest = folders.items()
     model, tokenizer, recipe, run = load_trained(first[1], adapter_name=first[0])  # (an adapter: not_an_adapter said so)
-    kind = adapter_config(first[1]).get("peft_type")
+    kind = configs[first[0]].get("peft_type")
     heads = {first[0]: len(run.label_names or ())}  # each adapter's number of labels, for mixed_batch_check
     for name, folder in rest:
         other_recipe, other_run = read_run(folder)
@@ -60,7 +60,7 @@ def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None
             raise ArtifactError(f"adapter {name!r} ({folder}) was trained on another base than {first[0]!r} "
                                 f"({differences(BASE_KEYS, mine, theirs)}): adapters loaded side by side must share their "
                                 "base as loaded. Load them one by one (load_trained).")
-        if (other := adapter_config(folder).get("peft_type")) != kind:  # (peft refused it with its own ValueError)
+        if (other := configs[name].get("peft_type")) != kind:  # (peft refused it with its own ValueError)
             raise ArtifactError(f"adapter {name!r} is of peft type {other} and {first[0]!r} of {kind}: peft "
                                 "serves adapters side by side only of one type. Load them one by one (load_trained).")
         if len(other_run.label_names) == len(run.label_names):
@@ -134,10 +134,11 @@ def not_an_adapter(folder: Path, what: str, instead: str) -> ArtifactError | Non
                          + (f", or give the run folder that holds its adapter ({folder.parent})." if run_folder else "."))
 
 
-def refuse_trained_biases(folder: Path, what: str, instead: str) -> None:
-    """Refuse an adapter that trained the base's own biases (peft's bias: lora_only or all) where it must sit beside
-    others: the biases are the base's, one set per model, and peft raised "supports only 1 adapter with bias"."""
-    if (bias := adapter_config(folder).get("bias") or "none") != "none":
+def refuse_trained_biases(config: dict, what: str, instead: str) -> None:
+    """Refuse an adapter (its adapter_config.json: `config`) that trained the base's own biases (peft's bias: lora_only
+    or all) where it must sit beside others: the biases are the base's, one set per model, and peft raised "supports
+    only 1 adapter with bias"."""
+    if (bias := config.get("bias") or "none") != "none":
         raise ArtifactError(f"{what} trained the base's own biases too (bias: {bias}, from adapter.options): they are the "
                             f"base's, one set per model, which peft does not share between adapters. {instead}, or train it "
                             "again without adapter.options bias (adapter.options={lora_bias: true} trains a bias of the "

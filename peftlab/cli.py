@@ -497,7 +497,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: `peftlab {args.command}` runs in one process, and `accelerate launch` started {world}. Run it "
                   "without accelerate launch: only train and eval use several processes.", file=sys.stderr)
         return 2
-    if world == 1 and "ACCELERATE_DYNAMO_BACKEND" in os.environ and "MASTER_ADDR" in os.environ and "WORLD_SIZE" not in os.environ:
+    if "WORLD_SIZE" not in os.environ and "ACCELERATE_DYNAMO_BACKEND" in os.environ and "MASTER_ADDR" in os.environ:
         # accelerate's one-process launcher sets MASTER_ADDR only where it was given --num_processes > 1
         log.warning("`accelerate launch` was given several processes but started one (without --multi_gpu, or a config "
                     "saying so, it runs one). On CPU: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N "

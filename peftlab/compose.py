@@ -84,14 +84,15 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
     check_compose_target(out, overwrite)
     runs = [read_run(o) for o in outs]
     first_recipe, first_run = runs[0]
+    configs = []  # each source's adapter_config.json
     for o, (r, info) in zip(outs, runs):
         if error := not_an_adapter(o, str(o), "only LoRA adapters compose"):
             raise error
-        cfg = adapter_config(o)
+        configs.append(cfg := adapter_config(o))
         if cfg.get("peft_type") != "LORA":
             raise PeftlabError(f"{o} holds {a_or_an(info.method)} {'adapter' if cfg else 'model'}, not a LoRA adapter: only "
                                "LoRA adapters (lora, rslora, ...) compose.")
-        refuse_trained_biases(o, str(o), "Compose adapters that train none")
+        refuse_trained_biases(cfg, str(o), "Compose adapters that train none")
         if cfg.get("use_dora"):
             raise PeftlabError(f"{o} holds a DoRA adapter (use_dora): peft's add_weighted_adapter combines the LoRA matrices "
                                "but not DoRA's trained magnitude vectors, so the result would not be any of the adapters' "
@@ -108,7 +109,7 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
     trained, tokenizer = rebuild(outs[0], first_recipe, first_run)
     base = trained.unload()  # the plain base (its head is replaced below)
     states = [load_file(str(o / "adapter_model.safetensors")) for o in outs]
-    heads = [_head_state(sd, adapter_config(o).get("modules_to_save")) for o, sd in zip(outs, states)]
+    heads = [_head_state(sd, cfg.get("modules_to_save")) for cfg, sd in zip(configs, states)]
     if any(h.keys() != heads[0].keys() or any(h[k].shape != heads[0][k].shape for k in h) for h in heads):
         raise PeftlabError("the adapters' task heads differ in shape or names: they cannot be combined.")
     saved_base = _base_state(outs, states, heads)

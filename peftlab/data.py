@@ -470,16 +470,16 @@ def first_json_records(path: str, n: int = 100, prefix: int = 1 << 20) -> list:
     return records
 
 
+def same_file(a: SplitConfig | None, b: SplitConfig | None) -> bool:
+    """Splits `a` and `b` are read from one local file (a hub split has no path)."""
+    return bool(a and b and a.path and b.path and Path(a.path).resolve() == Path(b.path).resolve())
+
+
 def shared_test_file(d: DataConfig) -> str | None:
     """"eval" or "train" where data section `d`'s test split is read from the file of that split (the selection split's,
     or the training rows'): its figure is then no held-out one, whatever rows a max_samples draws. Said next to it and
     warned about (run.preflight; a multi-task recipe's per task)."""
-    test = d.test and d.test.path and Path(d.test.path).resolve()
-    for split in ("eval", "train"):
-        spec = getattr(d, split)
-        if test and spec and spec.path and Path(spec.path).resolve() == test:
-            return split
-    return None
+    return next((split for split in ("eval", "train") if same_file(d.test, getattr(d, split))), None)
 
 
 def column_problems(recipe: Recipe, prefix: str = "data") -> list[str]:
@@ -864,13 +864,10 @@ def check_overlap(splits: dict, d: DataConfig, prefix: str) -> None:
     def inputs(ds):
         return zip(*(ds[c] for c in columns)) if len(columns) > 1 else ds["text"]
 
-    def training_file(spec) -> bool:
-        return bool(spec and spec.path and d.train.path and Path(spec.path).resolve() == Path(d.train.path).resolve())
-
     seen = set(inputs(train)) - {"", ("", "")}  # (rows without text are said elsewhere)
     for name in ("eval", "test"):
         ds = splits.get(name)
-        if ds is None or training_file(getattr(d, name)) or not {*columns, "row"} <= set(ds.column_names):
+        if ds is None or same_file(getattr(d, name), d.train) or not {*columns, "row"} <= set(ds.column_names):
             continue
         rows = [row for x, row in zip(inputs(ds), ds["row"]) if x in seen]
         if rows:

@@ -34,7 +34,7 @@ from .config import (
     unread_quant_options,
     unread_task_options,
 )
-from .data import build_data, column_problems, load_splits, shared_test_file
+from .data import build_data, column_problems, load_splits, same_file, shared_test_file
 from .errors import ArtifactError, ConfigError, path_argument
 from .export import check_destination, export, merge, predictions_jsonl, rebuild
 from .methods import get_method
@@ -410,8 +410,7 @@ def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
                     "train.keep_best). Give one (%s.eval.path=FILE, or %s.eval_holdout=0.1 of train), or drop "
                     "train.eval_every.", recipe.train.eval_every, key, key)
     for key, section in sections:
-        train, evaluated = (s and s.path and Path(s.path).resolve() for s in (section.train, section.eval))
-        if evaluated and evaluated == train:  # (data.test on it is said below, and in the summary)
+        if same_file(section.eval, section.train):  # (data.test on it is said below, and in the summary)
             log.warning("%s.eval is the file of %s.train (%s): its figures, and what train.keep_best or early stopping choose "
                         "by them, score rows the model trains on. Give %s.eval a file training never reads, or hold rows out "
                         "of train: %s.eval=null %s.eval_holdout=0.1.", key, key, section.eval.path, key, key, key)

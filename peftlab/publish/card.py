@@ -333,6 +333,7 @@ def gguf_file_of(recipe) -> str | None:
 def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: bool = False, gguf: str | None = None) -> str:
     auto_cls = usage_class(*_task_of(out, recipe))
     labels = run.label_names or []
+    adapter = (out / "adapter_config.json").is_file()  # (a full model, a merged one too, has none)
     head = ""
     if auto_cls == "AutoModelForSequenceClassification":
         head = f"labels = {labels!r}\n"
@@ -383,8 +384,8 @@ def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: 
     elif recipe.task.type == "verbalizer":
         example = _verbalizer_example(out, recipe, labels)
     if "model.generate(" in example:  # decoded as the evaluation did: not with the base's own settings on top
-        example = _plain_generation("base" if (out / "adapter_config.json").is_file() else "model") + example
-    if not (out / "adapter_config.json").is_file():  # a full model (a merged one too): its own folder, the same example
+        example = _plain_generation("base" if adapter else "model") + example
+    if not adapter:  # a full model (a merged one too): its own folder, the same example
         quantized = "quantization_config" in json.loads((out / "config.json").read_text(encoding="utf-8"))  # (frozen on 4-bit)
         return (f"```python\nimport torch\nfrom transformers import {auto_cls}, AutoTokenizer\n\nrepo = {repo!r}\n{head}"
                 f"model = {auto_cls}.from_pretrained(repo).eval()\n{_no_cpu_repack(recipe, 'model') if quantized else ''}"
@@ -500,17 +501,13 @@ def _verbalizer_example(out: Path, recipe, labels: list[str]) -> str:
     tokenizer writes for it after the prompt (+ EOS with task.label_eos), the likeliest class printed."""
     from transformers import AutoTokenizer
 
-    from ..tasks.summarization import _adds_bos
-    from ..tasks.verbalizer import DEFAULT_PROMPT, label_words
+    from ..tasks.verbalizer import DEFAULT_PROMPT, _bos, label_words, uses_chat
 
-    n, chat = recipe.data.max_length, bool(recipe.task.chat_template)
     tokenizer = AutoTokenizer.from_pretrained(str(out))  # the run's own, as tokenize read it
-    if chat:
-        render = ("prompt = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": prompt}], tokenize=False, "
-                  "add_generation_prompt=True)  # task.chat_template\n")
-    else:
-        render = ""
-    bos = "[tokenizer.bos_token_id] + " if not chat and _adds_bos(tokenizer) else ""
+    n, chat = recipe.data.max_length, uses_chat(tokenizer, recipe)
+    render = ("prompt = tokenizer.apply_chat_template([{\"role\": \"user\", \"content\": prompt}], tokenize=False, "
+              "add_generation_prompt=True)  # task.chat_template\n") if chat else ""
+    bos = "[tokenizer.bos_token_id] + " if _bos(tokenizer, recipe) else ""
     eos = (" + [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id]  # task.label_eos"
            if recipe.task.label_eos else "")
     return (f"labels = {labels!r}\nwords = {label_words(recipe, labels, chat)!r}  # each class's label word, as written after the prompt\n"
