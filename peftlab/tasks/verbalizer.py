@@ -30,7 +30,7 @@ from ..errors import DataError
 from ..metrics import CLASSIFICATION_KEYS, classification_metrics
 from .classification import prediction_rows
 from .generative import causal_lm_loss, contiguous_head_input, next_token_items, row_losses
-from .summarization import _adds_bos, _limit, _pad, base_tokens, eos_id, prompt_tokens, truncate_sources
+from .summarization import _adds_bos, _pad, base_tokens, collator, eos_id, prompt_tokens, truncate_sources  # collator: as summarization trains
 
 log = logging.getLogger(__name__)
 
@@ -246,19 +246,6 @@ def tokenize(ds, tokenizer, recipe):
                 "length": [len(i) for i in ids], "truncated": cut}
 
     return ds.map(enc, batched=True, remove_columns=["label"], desc="tokenize")
-
-
-def collator(tokenizer):
-    """Model inputs only, right-padded (labels -100 on the padding) to a multiple of 8 but never past the tokenizer's
-    model_max_length, as summarization pads: what training and the loss evaluation feed."""
-    pad, limit = tokenizer.pad_token_id, _limit(tokenizer)
-
-    def collate(rows):
-        return {"input_ids": _pad([r["input_ids"] for r in rows], pad, limit=limit),
-                "attention_mask": _pad([r["attention_mask"] for r in rows], 0, limit=limit),
-                "labels": _pad([r["labels"] for r in rows], -100, limit=limit)}
-
-    return collate
 
 
 def eval_collator(tokenizer):
