@@ -519,6 +519,8 @@ def column_problems(recipe: Recipe, prefix: str = "data") -> list[str]:
                 check(read_split(spec, d, where).column_names)  # a column a later JSON record adds: read them all
             if refs:
                 check_reference_cells(spec, refs[0], where)
+            if not hasattr(task, "check_columns"):
+                check_json_cells(spec, text_cols, None if target else label_col, where)  # (a target: its own check in train)
         except DataError as e:
             problems.append(str(e))
     return problems
@@ -535,6 +537,30 @@ def check_reference_cells(spec: SplitConfig, column: str, where: str) -> None:
     if fmt == "json":
         records = [(i, r[column]) for i, r in enumerate(first_json_records(spec.path)) if isinstance(r, dict) and column in r]
         reference_lists([v for _, v in records], column, where, [i for i, _ in records])
+
+
+def check_json_cells(spec: SplitConfig, text_cols: list[str], label_col: str | None, where: str) -> None:
+    """`validate`: a list or a record in a text or label cell of a JSON file's first records, refused as training
+    refuses it (validate said nothing, and `train` refused it after loading the model)."""
+    if _format(spec, where) != "json":
+        return
+    try:
+        records = [r for r in first_json_records(spec.path) if isinstance(r, dict)]
+    except ValueError:  # not JSON: read_split says so (header)
+        return
+    for column in [*text_cols, *([label_col] if label_col else [])]:
+        if (row := _first_nested(cells := [r.get(column) for r in records])) is not None:
+            raise _nested_cell(where, column, cells[row], row, label=column == label_col)
+
+
+def _nested_cell(where: str, column: str, cell, row: int, label: bool = False) -> DataError:
+    """A list or a record where one text or one label belongs: the error naming its row."""
+    if label:
+        return DataError(f"{where}: the label column {column!r} holds {str(cell)[:80]} in {data_row(row)}, not one label. "
+                         "Give each row a single label value (a name or a class index).")
+    return DataError(f"{where}: text column {column!r} holds {str(cell)[:80]} in {data_row(row)}, not a text. Give each row "
+                     f"one text per column (join the pieces, or put each in a column of its own and list them in "
+                     f"{section(where)}.text_columns).")
 
 
 def joined(batch: dict, columns: list[str]) -> list[str]:
@@ -578,9 +604,7 @@ def _check_text_cells(ds, text_cols: list[str], where: str) -> None:
 
     for c in (c for c in text_cols if not isinstance(ds.features[c], Value)):
         if (row := _first_nested(cells := ds[c])) is not None:
-            raise DataError(f"{where}: text column {c!r} holds {str(cells[row])[:80]} in {data_row(row)}, not a text. Give each "
-                            f"row one text per column (join the pieces, or put each in a column of its own and list them in "
-                            f"{section(where)}.text_columns).")
+            raise _nested_cell(where, c, cells[row], row)
 
 
 def _first_nested(cells) -> int | None:
@@ -594,8 +618,7 @@ def _scalar_labels(ds, column: str, where: str):
     "positive": the label checks then see both spellings). A list or a record is no label: refused, naming its row."""
     values = list(ds[column])
     if (row := _first_nested(values)) is not None:
-        raise DataError(f"{where}: the label column {column!r} holds {str(values[row])[:80]} in {data_row(row)}, not one label. "
-                        "Give each row a single label value (a name or a class index).")
+        raise _nested_cell(where, column, values[row], row, label=True)
     cells = _class_indices(values)
     return ds.remove_columns(column).add_column(column, cells if cells is not None else [v if v is None else str(v) for v in values])
 

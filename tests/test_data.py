@@ -729,3 +729,22 @@ def test_evaluation_rows_with_a_training_rows_input_are_warned_about(tmp_path, c
         load_splits(load_recipe(None, [*base, "data.text_columns=[a]", f"data.eval.path={tmp_path / 'tr.csv'}",
                                        f"data.test.path={tmp_path / 'tr.csv'}"], validate_files=False))
     assert "a training row's input" not in caplog.text
+
+
+def test_validate_refuses_a_json_text_or_label_cell_holding_a_list_naming_its_row(tmp_path):
+    """`validate` read a JSON file's keys only and passed; `train` then refused the cell after loading the model. Both
+    now say the same, naming the 0-based row."""
+    from peftlab.data import column_problems
+
+    for column, cell, said in (("sentence", ["a", "list"], r"text column 'sentence' holds \['a', 'list'\] in data row 1"),
+                               ("label", {"a": "record"}, r"the label column 'label' holds \{'a': 'record'\} in data row 1")):
+        rows = [{"sentence": "good", "label": "pos"}, {"sentence": "bad", "label": "neg"}]
+        rows[1][column] = cell
+        (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        problems = column_problems(load_recipe(None, [f"data.train.path={tmp_path / 't.jsonl'}", "data.eval=null"], validate_files=False))
+        assert len(problems) == 1 and re.search(said, problems[0]), problems
+        with pytest.raises(DataError, match=said):
+            splits_of(tmp_path, tmp_path / "t.jsonl")
+    rows = [{"sentence": "good", "label": "pos"}, {"sentence": "bad", "label": "neg"}]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert column_problems(load_recipe(None, [f"data.train.path={tmp_path / 't.jsonl'}", "data.eval=null"], validate_files=False)) == []
