@@ -27,6 +27,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -43,14 +44,31 @@ MINILM_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "speci
 SMOL_FILES = ("config.json", "tokenizer.json", "tokenizer_config.json", "chat_template.jinja", "generation_config.json")
 
 SIZES = {  # gpu: an H200 does each phase in seconds to a minute; tiny: the same code paths on 2 CPU cores
-    "gpu": dict(gemm_n=(4096, 8192), gemm_reps=30, cls_batch=256, cls_steps=300, cls_log=20, sft_batch=16, sft_steps=150,
-                sft_log=10, sft_eval=64, sft_test=64, sft_new=64, gen_batches=(1, 64, 256), gen_new=128, check_rows=4),
-    "tiny": dict(gemm_n=(1024,), gemm_reps=5, cls_batch=16, cls_steps=8, cls_log=2, sft_batch=2, sft_steps=6, sft_log=2,
-                 sft_eval=8, sft_test=4, sft_new=8, gen_batches=(1, 4), gen_new=16, check_rows=2),
+    # cls_train / cls_test: SST-2 train rows read (the 2% hold-out is scored after training) and dev rows scored; None = all
+    "gpu": dict(gemm_n=(4096, 8192), gemm_reps=30, cls_batch=256, cls_steps=300, cls_log=20, cls_train=None, cls_test=None,
+                cls_eval_batch=256, sft_batch=16, sft_steps=150, sft_log=10, sft_eval=64, sft_test=64, sft_new=64,
+                gen_batches=(1, 64, 256), gen_new=128, check_rows=4),
+    "tiny": dict(gemm_n=(1024,), gemm_reps=5, cls_batch=16, cls_steps=8, cls_log=2, cls_train=1600, cls_test=64, cls_eval_batch=32,
+                 sft_batch=2, sft_steps=6, sft_log=2, sft_eval=8, sft_test=4, sft_new=8, gen_batches=(1, 4), gen_new=16, check_rows=2),
 }
 TINY_LLM = dict(num_hidden_layers=2, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1, head_dim=16)
 PHASE_S = {"cls": 90, "sft": 150, "merge": 60, "generate": 60}  # what each phase is allowed on the GPU before it is cut
+BUDGET_S = 420  # --budget's default on a GPU
+CPU_SCALE = 5  # on the CPU (--cpu, or no GPU) the phase limits and the default budget, this many times the GPU's: the tiny
+#                sizes take minutes on 2 shared cores, and a dry run cut at a GPU's limits checked nothing
 PROMPT = "Summarize this dialogue in one or two sentences.\n\n{source}"  # the sft recipe's task.prompt
+
+
+TIMED_OUT = "timed out after {:.0f} s (its phase limit)"
+PROGRESS = re.compile(r"\d+%\|.*\|\s*\d+/\d+|\d+it \[\d")  # tqdm's lines: "eval:  50%|#####     | 2/4 [00:41<...]", "5it [00:01, ...]"
+
+
+def error_line(err: str) -> str:
+    """The line of a failure's output the report shows: the last one that says something (a traceback's last line,
+    'timed out after N s'), not a progress bar's last update."""
+    lines = [line.strip() for line in (err or "").splitlines() if line.strip()]
+    said = [line for line in lines if not PROGRESS.search(line)]
+    return (said or lines or [""])[-1]
 
 
 def log(msg: str) -> None:
@@ -131,9 +149,13 @@ class Budget:
     def left(self) -> float:
         return self.end - time.perf_counter()
 
-    def allow(self, phase: str, reserve: float = 0.0) -> float:
-        """Seconds this phase may take: its own cap, less what the later phases need."""
-        return min(PHASE_S[phase] * self.scale, self.left() - reserve)
+    def cap(self, phase: str) -> float:
+        """What `phase` is allowed at most (its GPU limit, scaled)."""
+        return PHASE_S[phase] * self.scale
+
+    def allow(self, phase: str, *later: str, slack: float = 0.0) -> float:
+        """Seconds this phase may take: its own cap, less what the `later` phases need (and `slack` GPU seconds, scaled)."""
+        return min(self.cap(phase), self.left() - sum(self.cap(p) for p in later) - slack * self.scale)
 
 
 def sync(dev: str) -> None:
@@ -243,6 +265,7 @@ def peftlab_train(name: str, recipe: str, overrides: list[str], work: Path, env:
         rc, text = p.returncode, p.stdout + p.stderr
     except subprocess.TimeoutExpired as e:
         rc, text = "timeout", (e.stdout or b"").decode(errors="replace") + (e.stderr or b"").decode(errors="replace")
+        text += f"\n{name}: {TIMED_OUT.format(max(timeout, 5))}\n"  # the last line the report shows (not a progress bar's)
     res = {"rc": rc, "wall_s": time.perf_counter() - t0, "out": str(out)}
     (work / f"{name}.log").write_text(text, encoding="utf-8")
     windows = []
@@ -270,7 +293,8 @@ def peftlab_train(name: str, recipe: str, overrides: list[str], work: Path, env:
                                             "metrics", "eval_seconds")}
     if rc != 0 or "run" not in res:
         res["error_tail"] = text[-3000:]
-        log(f"{name}: FAILED (rc {rc}); output tail:\n{text[-1500:]}")
+        why = TIMED_OUT.format(max(timeout, 5)) if rc == "timeout" else f"rc {rc}"
+        log(f"{name}: FAILED ({why}); output tail:\n{text[-1500:]}")
     else:
         log(f"{name}: {res.get('tokens_per_s', float('nan')):.0f} tokens/s steady, wall {res['wall_s']:.0f} s")
     return res
@@ -537,7 +561,7 @@ def report(r: dict) -> str:
                          f"{v['mfu_2N']:.2%} | - | {v['new_tokens'] // int(bs)} new tokens/row, prompt {v['prompt_tokens']}; "
                          f"weights read at {v['weights_gb_per_s']:.3g} GB/s |")
     for name, err in r.get("errors", {}).items():
-        lines.append(f"\n**{name} failed**: `{err.splitlines()[-1] if err else ''}`")
+        lines.append(f"\n**{name} failed**: `{error_line(err)}`")
     lines += ["", "MFU: N = parameters of the Linear layers each token goes through (LoRA included); training 6N, inference 2N "
               "FLOPs per token, attention scores not counted; LoRA-aware: 4N frozen + 6N trainable. tokens/s: steady state "
               "(the first log window left out), real tokens (padding excluded, the tail padding of packed rows too)."]
@@ -549,17 +573,18 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--prepare", action="store_true", help="rebuild .gpu_carry/ here (needs ../shared, network for pip)")
     ap.add_argument("--cpu", action="store_true", help="run on the CPU even where a GPU is present")
-    ap.add_argument("--tiny", action="store_true", help="tiny sizes and a 2-layer SmolLM2: the code paths in a minute or two")
+    ap.add_argument("--tiny", action="store_true", help="tiny sizes and a 2-layer SmolLM2: the code paths in ~4 min on 2 CPU cores")
     ap.add_argument("--out", default=os.environ.get("OUT") or "/tmp/gpu_check_out", help="where gpu_check.{json,md} go")
     ap.add_argument("--work", default="/tmp/gpu_check_work", help="runs, models, logs (not brought back)")
-    ap.add_argument("--budget", type=float, default=420, help="seconds for everything; phases are cut or skipped to fit")
+    ap.add_argument("--budget", type=float, default=None, help=f"seconds for everything; phases are cut or skipped to fit (default "
+                    f"{BUDGET_S}; on the CPU {CPU_SCALE}x that, and {CPU_SCALE}x each phase's GPU limit)")
     ap.add_argument("--only", default="cls,sft,merge,generate")
     ap.add_argument("--bare", action="store_true", help="also run the bare transformers + peft loops where peftlab's paths worked")
     ap.add_argument("--sft-also", default="", metavar="K=V,...",
                     help="run the sft phase again with these recipe overrides (e.g. model.dtype=auto): a second row")
     ap.add_argument("--profile", action="store_true", help="with --bare: profile 5 bare steps (device-busy share, kernel launches)")
     a = ap.parse_args()
-    if not 0 < a.budget < math.inf:
+    if a.budget is not None and not 0 < a.budget < math.inf:
         ap.error(f"--budget {a.budget:g}: give the seconds for everything, e.g. 420")
     if a.prepare:
         prepare()
@@ -574,12 +599,14 @@ def main() -> int:
     t_start = time.perf_counter()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     s = SIZES["tiny" if a.tiny else "gpu"]
-    budget = Budget(a.budget, 1.0)
+    scale = 1.0 if dev == "cuda" else CPU_SCALE  # a GPU's time limits would cut the CPU's phases before they checked anything
+    budget = Budget(a.budget or BUDGET_S * scale, scale)
     out, work = Path(a.out), Path(a.work)
     out.mkdir(parents=True, exist_ok=True)
     work.mkdir(parents=True, exist_ok=True)
     only = set(a.only.split(","))
-    r: dict = {"mode": f"{dev}{' tiny' if a.tiny else ''}", "sizes": s, "env": env_info(dev), "errors": {}}
+    r: dict = {"mode": f"{dev}{' tiny' if a.tiny else ''}", "sizes": s, "budget_s": budget.left(), "phase_limits_s":
+               {k: budget.cap(k) for k in PHASE_S}, "env": env_info(dev), "errors": {}}
     log(f"env: {json.dumps(r['env'])}")
     r["gemm"] = gemm_peak(dev, s["gemm_n"], s["gemm_reps"])
     peak = r["gemm"]["peak_tflops"] * 1e12
@@ -593,15 +620,18 @@ def main() -> int:
         res = peftlab_train("cls", "recipes/minilm/sst2-lora.yaml", [
             f"model.name={CARRY / 'minilm'}", f"data.train.path={CARRY / 'data/sst2-train.tsv'}",
             f"data.test.path={CARRY / 'data/sst2-dev.tsv'}", f"train.max_steps={s['cls_steps']}", f"train.batch_size={s['cls_batch']}",
-            f"train.log_every={s['cls_log']}", "eval.batch_size=256", *common], work, env,
-            budget.allow("cls", reserve=PHASE_S["sft"] + 60))
+            f"train.log_every={s['cls_log']}", f"eval.batch_size={s['cls_eval_batch']}", *common,
+            *([f"data.train.max_samples={s['cls_train']}"] if s["cls_train"] else []),  # (the 2% hold-out is taken from these)
+            *([f"data.test.max_samples={s['cls_test']}"] if s["cls_test"] else [])], work, env,
+            budget.allow("cls", "sft", slack=60))
         n_lin = meta_linear_params(CARRY / "minilm", AutoModelForSequenceClassification, num_labels=2)
         judge("cls", res, n_lin, peak, r["errors"], lambda run: (
             f"batch {s['cls_batch']}, {res['steady_steps']} steady steps, loss {res['loss_first']:.3f} -> {res['loss_last']:.3f}, "
-            f"dev accuracy {run.get('metrics', {}).get('test', {}).get('accuracy', float('nan')):.4f}"))
+            f"dev accuracy {run.get('metrics', {}).get('test', {}).get('accuracy', float('nan')):.4f}"
+            + (f" ({s['cls_test']} rows)" if s["cls_test"] else "")))
         if "ran" not in res or a.bare or a.profile:
             try:
-                bare, n_lin, n_train = bare_cls(dev, s, budget.allow("cls", reserve=PHASE_S["sft"] + 60),
+                bare, n_lin, n_train = bare_cls(dev, s, budget.allow("cls", "sft", slack=60),
                                           out / "profile-cls.txt" if a.profile else None)
                 bare.update(**mfus(bare["tokens_per_s"] or 0, n_lin, n_train, peak),
                             note=f"batch {s['cls_batch']}, loss {bare['loss_first']:.3f} -> {bare['loss_last']:.3f}")
@@ -623,7 +653,7 @@ def main() -> int:
             f"train.log_every={s['sft_log']}", f"eval.batch_size={s['sft_test']}", f"eval.max_new_tokens={s['sft_new']}",
             "eval.log_examples=0", *common]
         res = peftlab_train("sft", "recipes/smollm2-135m/samsum-sft-lora.yaml", sft_overrides, work, env,
-                            budget.allow("sft", reserve=PHASE_S["merge"] + PHASE_S["generate"]))
+                            budget.allow("sft", "merge", "generate"))
         bare_model = None
         judge("sft", res, n_lin, peak, r["errors"], lambda run: (
             f"{s['sft_batch']} packed rows x 512, {res['steady_steps']} steady steps, loss {res['loss_first']:.3f} -> "
@@ -631,7 +661,7 @@ def main() -> int:
             f"{(run.get('eval_seconds') or {}).get('test', float('nan')):.1f} s"))
         if "ran" not in res or a.bare or a.profile:
             try:
-                bare, _, n_train, bare_model, tok = bare_sft(folder, dev, s, budget.allow("sft", reserve=PHASE_S["merge"] + PHASE_S["generate"]),
+                bare, _, n_train, bare_model, tok = bare_sft(folder, dev, s, budget.allow("sft", "merge", "generate"),
                                                            out / "profile-sft.txt" if a.profile else None)
                 bare.update(**mfus(bare["tokens_per_s"] or 0, n_lin, n_train, peak),
                             note=f"{s['sft_batch']} packed rows x 512, loss on every token, {bare['loss_first']:.3f} -> {bare['loss_last']:.3f}")

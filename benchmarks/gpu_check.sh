@@ -8,15 +8,15 @@
 # 2. On the device machine, the device tool's run (about 3-5 min of it; results come back from $OUT):
 #      run(command="bash benchmarks/gpu_check.sh", carry=[".gpu_carry"], timeout_s=600)
 #    -> $OUT/gpu_check.md (the table, also printed last), gpu_check.json, gpu_check.log, peftlab-{cls,sft}.log, nvidia-smi.txt
-# 3. Here, the same code paths on the CPU with tiny sizes (a minute or two):
-#      bash benchmarks/gpu_check.sh --cpu            # -> /tmp/gpu_check_cpu/gpu_check.{md,json}
+# 3. Here, the same code paths on the CPU with tiny sizes (~4 min on 2 shared cores):
+#      bash benchmarks/gpu_check.sh --cpu            # -> $OUT or /tmp/gpu_check_cpu: gpu_check.{md,json}; runs in $WORK or /tmp/gpu_check_cpu_work
 # Any further arguments go to gpu_check.py (e.g. --budget 300, --only cls,sft, --bare, --tiny).
 set -uo pipefail
 cd "$(dirname "$0")/.." || exit 2
 case "${1:-}" in
   --prepare) exec python3 benchmarks/gpu_check.py --prepare ;;
-  --cpu) shift; OUT=${OUT:-/tmp/gpu_check_cpu}; mkdir -p "$OUT"
-         exec python3 benchmarks/gpu_check.py --cpu --tiny --out "$OUT" --work /tmp/gpu_check_cpu_work "$@" ;;
+  --cpu) shift; OUT=${OUT:-/tmp/gpu_check_cpu}; WORK=${WORK:-/tmp/gpu_check_cpu_work}; mkdir -p "$OUT" "$WORK"
+         exec python3 benchmarks/gpu_check.py --cpu --tiny --out "$OUT" --work "$WORK" "$@" ;;
 esac
 : "${OUT:?set OUT (the device tool sets it)}"
 [ -d .gpu_carry/whl ] || { echo "no .gpu_carry: run 'bash benchmarks/gpu_check.sh --prepare' here and carry .gpu_carry"; exit 2; }

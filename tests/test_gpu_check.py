@@ -67,3 +67,47 @@ def test_gpu_check_refuses_a_budget_that_is_not_a_finite_positive_number(monkeyp
     with pytest.raises(SystemExit) as stop:
         bench.main()
     assert stop.value.code == 2 and f"--budget {budget}: give the seconds for everything" in capsys.readouterr().err
+
+
+def test_a_timed_out_phase_says_so_and_a_failure_shows_its_error_not_a_progress_bar():
+    """A cut cls phase was reported as `eval:  50%|...| 2/4`: tqdm's last update, not what happened."""
+    bench = load_benchmark("gpu_check")
+    bar = "eval:  50%|#####     | 2/4 [00:41<00:41, 20.8s/it]"
+    cut = f"loading...\n{bar}\r\ncls: {bench.TIMED_OUT.format(90)}\n"
+    failed = f"Traceback (most recent call last):\nValueError: no such column\n{bar}\n"
+    md = bench.report({"mode": "cpu tiny", "env": {"torch": "t", "transformers": "x", "peft": "p", "accelerate": "a"},
+                       "gemm": {"peak_tflops": 1.0, "sizes": {}}, "wall_s": 1.0,
+                       "errors": {"cls (peftlab)": cut, "sft (peftlab)": failed, "merge": ""}})
+    assert "**cls (peftlab) failed**: `cls: timed out after 90 s (its phase limit)`" in md
+    assert "**sft (peftlab) failed**: `ValueError: no such column`" in md
+    assert "20.8s/it" not in md
+
+
+def test_the_tiny_cpu_run_caps_the_classification_evaluation_and_lifts_the_gpu_time_limits(tmp_path, monkeypatch):
+    """--cpu --tiny scored a 320-row hold-out and all 872 dev rows at batch 256, cut at the GPU's 90 s: it timed out on
+    2 cores."""
+    bench = load_benchmark("gpu_check")
+    (tmp_path / "carry" / "whl").mkdir(parents=True)
+    monkeypatch.setattr(bench, "CARRY", tmp_path / "carry")
+    monkeypatch.setattr(bench, "env_info", lambda dev: {})
+    monkeypatch.setattr(bench, "gemm_peak", lambda dev, sizes, reps: {"peak_tflops": 1.0})
+    calls = []
+
+    class Stop(Exception):
+        pass
+
+    def train(name, recipe, overrides, work, env, timeout):
+        calls.append((name, overrides, timeout))
+        raise Stop
+
+    monkeypatch.setattr(bench, "peftlab_train", train)
+    monkeypatch.setattr(sys, "argv", ["gpu_check.py", "--cpu", "--tiny", "--only", "cls", "--out", str(tmp_path / "out"),
+                                      "--work", str(tmp_path / "work")])
+    with pytest.raises(Stop):
+        bench.main()
+    [(name, overrides, timeout)] = calls
+    tiny = bench.SIZES["tiny"]
+    assert name == "cls" and f"data.test.max_samples={tiny['cls_test']}" in overrides
+    assert f"data.train.max_samples={tiny['cls_train']}" in overrides and tiny["cls_train"] * 0.02 <= 64  # the hold-out scored
+    assert f"eval.batch_size={tiny['cls_eval_batch']}" in overrides
+    assert timeout == bench.PHASE_S["cls"] * bench.CPU_SCALE > bench.PHASE_S["cls"]
