@@ -58,6 +58,15 @@ def write_result(path: Path, text: str) -> None:
     atomic_write_text(Path(path), text)
 
 
+def refuse_replacing(p, paths: list[Path], overwrite: bool) -> None:
+    """A usage error before any work when a results file this invocation writes exists already and --overwrite was not
+    given: a partial run (one lever, a few batches) under the default --name silently replaced the committed results."""
+    if overwrite or not (held := [Path(f) for f in paths if Path(f).exists()]):
+        return
+    shown = ", ".join(str(f.relative_to(REPO)) if f.is_relative_to(REPO) else str(f) for f in held)
+    p.error(f"{shown} {'exist' if len(held) > 1 else 'exists'} already: give these results a name of their own (--name NEW), or --overwrite to replace them")
+
+
 def save_figure(fig, path: Path, **kwargs) -> None:
     """fig.savefig, atomically (a temporary file beside `path`, then renamed over it)."""
     path = Path(path)

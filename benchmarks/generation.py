@@ -16,8 +16,10 @@ to the same N test rows, with the same model, batch size, max_new_tokens, stop t
 Written tokens are counted up to each row's first stop token (`sft.new_token_counts`); rows/s is the user's view
 (time to score the split); ROUGE-L shows what the padding side costs in quality.
 
-    python benchmarks/generation.py --run runs/llm/samsum-lora --rows 128     # ~12 min on 2 CPU cores
+    python benchmarks/generation.py --run runs/llm/samsum-lora --rows 128 --overwrite     # ~12 min on 2 CPU cores
     python benchmarks/generation.py --run runs/llm/memory-lora-lean --overrides model.dtype=float32 --name generation-fp32-base
+
+Results go to results/NAME.{json,md} (default: generation); an existing one is replaced only with --overwrite.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import RESULTS, check_counts, provenance, write_result  # noqa: E402
+from benchmarks.common import RESULTS, check_counts, provenance, refuse_replacing, write_result  # noqa: E402
 
 
 def prepare(run: Path, overrides: list[str]) -> dict:
@@ -85,7 +87,8 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=128, help="seeded test rows")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--overrides", nargs="*", default=[], help="recipe overrides for every side (e.g. model.dtype=float32)")
-    p.add_argument("--name", default="generation")
+    p.add_argument("--name", default="generation", help="results/NAME.{json,md}")
+    p.add_argument("--overwrite", action="store_true", help="replace results/NAME.* if they exist (else refused)")
     args = p.parse_args()
     check_counts(p, (("--rows", args.rows, "at least 1 test row"), ("--batch", args.batch, "at least 1 row per batch")))
     if not (args.run / "run.json").is_file():
@@ -107,6 +110,7 @@ def main() -> None:
     if task != "sft":
         p.error(f"--run {args.run}: a {task} run; generation is timed on a generating run: give a finished SFT run "
                 "(task.type sft), e.g. runs/llm/samsum-lora")
+    refuse_replacing(p, [RESULTS / f"{args.name}.{ext}" for ext in ("json", "md")], args.overwrite)
     results = []
     for side, extra in (("peftlab", []), ("peftlab, adapter unfolded", ["eval.merge_adapter=false"]),
                         ("peftlab, weights cast per call", ["train.cast_frozen=false"])):

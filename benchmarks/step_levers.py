@@ -29,11 +29,14 @@ Levers (the alternative each is timed against):
   stop 52 (autocast's checkpointed cross-entropy in chunks of 1024 labelled tokens) instead of
   `generative._HeadCrossEntropy` in chunks of 128.
 
-    OMP_NUM_THREADS=1 python benchmarks/step_levers.py                                   # SST-2 LoRA, ~4 min
+    OMP_NUM_THREADS=1 python benchmarks/step_levers.py --overwrite                       # SST-2 LoRA, ~4 min
     OMP_NUM_THREADS=1 python benchmarks/step_levers.py --recipe recipes/minilm/sst2-full.yaml --levers "fused AdamW" \
-        --batches 40 --name sst2-full                                                    # full fine-tuning, ~3 min
+        --batches 40 --name sst2-full --overwrite                                        # full fine-tuning, ~3 min
     OMP_NUM_THREADS=1 python benchmarks/step_levers.py --recipe recipes/minilm/samsum-lora.yaml --batches 30 \\
-        --overrides data.train.max_samples=600 --name samsum                             # BERT2BERT, ~8 min
+        --overrides data.train.max_samples=600 --name samsum --overwrite                 # BERT2BERT, ~8 min
+
+Results go to results/step_levers-NAME.{json,md}; an existing one is replaced only with --overwrite (a partial run,
+`--levers X --batches 4`, wants a --name of its own).
 """
 
 from __future__ import annotations
@@ -47,7 +50,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from benchmarks.common import RESULTS, provenance, write_result  # noqa: E402
+from benchmarks.common import RESULTS, provenance, refuse_replacing, write_result  # noqa: E402
 
 
 def bool_keep_mask(shape, p):
@@ -109,11 +112,13 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=120, help="training batches, each stepped once per side of every lever")
     ap.add_argument("--warmup", type=int, default=6)
     ap.add_argument("--levers", default=None, help="comma list (default: all)")
-    ap.add_argument("--name", default="sst2")
+    ap.add_argument("--name", default="sst2", help="results/step_levers-NAME.{json,md}")
+    ap.add_argument("--overwrite", action="store_true", help="replace results/step_levers-NAME.* if they exist (else refused)")
     a = ap.parse_args()
     if a.warmup < 0 or a.batches <= a.warmup:
         ap.error(f"--batches {a.batches} --warmup {a.warmup}: the batches after the warm-up are the ones timed; "
                  "give --batches greater than --warmup (and --warmup >= 0)")
+    refuse_replacing(ap, [RESULTS / f"step_levers-{a.name}.{ext}" for ext in ("json", "md")], a.overwrite)
 
     import torch
 

@@ -540,6 +540,31 @@ def test_step_levers_times_the_trimmed_layer_against_the_full_one(tmp_path, monk
     assert [r["lever"] for r in rows] == ["skip unread positions"] and all(r["speedup"] > 0 for r in rows)
 
 
+@pytest.mark.parametrize(("name", "argv", "stem"), [("step_levers", ["--levers", "uint8 masks", "--batches", "4", "--warmup", "1"], "step_levers-sst2"),
+                                                   ("generation", [], "generation")])
+def test_a_benchmark_never_silently_replaces_stored_results(tmp_path, monkeypatch, capsys, name, argv, stem):
+    """A partial step_levers run under the default --name replaced the committed step_levers-sst2.{json,md}; the
+    refusal comes before any work, names --name and --overwrite, and leaves the files as they were."""
+    bench = load_benchmark(name)
+    monkeypatch.setattr(bench, "RESULTS", tmp_path)
+    (tmp_path / f"{stem}.md").write_text("committed\n")
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "run.json").write_text("{}")
+    (run / "recipe.yaml").write_text((REPO / "recipes" / "smollm2-135m" / "samsum-sft-lora.yaml").read_text())
+    import peftlab
+
+    monkeypatch.setattr(peftlab, "evaluate", lambda *a, **k: pytest.fail("evaluated"))
+    argv = [*argv, "--run", str(run)] if name == "generation" else argv
+    monkeypatch.setattr(sys, "argv", [f"{name}.py", *argv])
+    with pytest.raises(SystemExit) as stop:
+        bench.main()
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and f"{stem}.md exists already" in err and "--name NEW" in err and "--overwrite" in err, err
+    assert (tmp_path / f"{stem}.md").read_text() == "committed\n" and not (tmp_path / f"{stem}.json").exists()
+    bench.refuse_replacing(None, [tmp_path / f"{stem}.md"], overwrite=True)  # --overwrite: let through (p unused)
+
+
 def test_heap_probe_writes_out_only_for_a_run_that_succeeded(tmp_path, capsys):
     probe = load_benchmark("heap_probe")
     out = tmp_path / "probe.json"
