@@ -4,7 +4,7 @@
 #
 # 1. Here, once per checkout (the carry folder is ignored by git, so a clean clone lacks it; needs ../shared and pip):
 #      grep -qx '/.gpu_carry/' .git/info/exclude || echo '/.gpu_carry/' >> .git/info/exclude
-#      bash benchmarks/gpu_check.sh --prepare        # -> .gpu_carry/ (~50 MiB): wheels, MiniLM fp16, SmolLM2 config+tokenizer, data
+#      bash benchmarks/gpu_check.sh --prepare        # -> .gpu_carry/ (~53 MiB): wheels, MiniLM fp16, SmolLM2 config+tokenizer, data
 # 2. On the device machine, the device tool's run (about 3-5 min of it; results come back from $OUT):
 #      run(command="bash benchmarks/gpu_check.sh", carry=[".gpu_carry"], timeout_s=600)
 #    -> $OUT/gpu_check.md (the table, also printed last), gpu_check.json, gpu_check.log, peftlab-{cls,sft}.log, nvidia-smi.txt
