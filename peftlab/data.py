@@ -903,7 +903,10 @@ def check_overlap(splits: dict, d: DataConfig, prefix: str) -> None:
 def check_holdout(rows: int, fraction: float, prefix: str = "data") -> None:
     """Refuse a held-out split that leaves no training rows; warn about one too small to measure anything."""
     held = math.ceil(rows * fraction)  # as datasets' train_test_split rounds
-    if rows - held < 1:
+    if rows < 2:  # (no fraction splits one row; for mlm/clm a row is a whole document)
+        raise DataError(f"{prefix}.eval_holdout={fraction}: the training split has {rows} row(s), which no held-out fraction can "
+                        f"split. Give an evaluation split instead: {prefix}.eval.path=FILE (and {prefix}.eval_holdout=0), or more training rows.")
+    if rows - held < 1:  # (a fraction above (rows - 1) / rows >= 0.5: 0.1 leaves rows to train on)
         raise DataError(f"{prefix}.eval_holdout={fraction} holds out {held} of the {rows} training row(s), leaving none to train "
                         f"on. Lower it (e.g. {prefix}.eval_holdout=0.1), or give an evaluation split: {prefix}.eval.path=FILE.")
     if held < MIN_EVAL_ROWS:

@@ -191,6 +191,9 @@ def test_a_holdout_that_leaves_no_training_rows_is_refused_and_a_tiny_one_warned
     (tmp_path / "small.tsv").write_text("sentence\tlabel\n" + "".join(f"s{i}\t{i % 2}\n" for i in range(30)))
     with pytest.raises(DataError, match=r"data.eval_holdout=0.99 holds out 30 of the 30 training row\(s\), leaving none"):
         splits_of(tmp_path, tmp_path / "small.tsv", ["data.eval_holdout=0.99"])
+    (tmp_path / "one.tsv").write_text("sentence\tlabel\ns0\t0\n")  # no fraction splits it: 0.1 was suggested, and failed
+    with pytest.raises(DataError, match=r"data.eval_holdout=0.05: the training split has 1 row\(s\), which no held-out fraction can split"):
+        splits_of(tmp_path, tmp_path / "one.tsv", ["data.eval_holdout=0.05", "data.label_names=[a,b]"])
     with caplog.at_level("WARNING", logger="peftlab.data"):
         h, _ = splits_of(tmp_path, tmp_path / "small.tsv", ["data.eval_holdout=0.01"])
     assert len(h["eval"]) == 1 and "holds out only 1 of 30 rows" in caplog.text
