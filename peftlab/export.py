@@ -413,6 +413,9 @@ def merging(out: Path):
 def _merge(out: Path, recipe, run, recipe_text: str, metrics: bytes | None, identity, force: bool) -> Path:
     target = out / "merged"
     check_swappable(target, "merged model")  # (a file OUT/merged was hidden in OUT/.old-merged, then every merge crashed)
+    # a merge killed mid-write (kill -9) left its staging folder, gigabytes for an LLM; under the merge lock no other
+    # merge is filling it, and a run merged already returned below before any merge removed it
+    shutil.rmtree(out / f".tmp-{target.name}", ignore_errors=True)
     adapter_sha = sha256(out / "adapter_model.safetensors")
     base = {"name": recipe.model.name, "revision": recipe.model.revision}
     stamp = target / "merge.json"

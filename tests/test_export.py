@@ -340,7 +340,11 @@ def test_a_merged_folder_whose_weights_are_gone_or_damaged_is_merged_again(make_
     whole = weights.read_bytes()
     expected = logits(load_trained(target)[0])
     caplog.set_level(logging.INFO, logger="peftlab.export")
+    stale = recipe.out / ".tmp-merged"  # a merge killed mid-write (kill -9) left it: removed, though nothing is merged
+    stale.mkdir()
+    (stale / "config.json").write_text("{}")
     assert merge(recipe.out) == target and "nothing to do" in caplog.text  # intact: left as it is
+    assert not stale.exists()
     for damage, said in [(lambda: weights.unlink(), "its model.safetensors is missing"),
                          (lambda: weights.write_bytes(whole[:len(whole) // 2]), "differs from the sha256"),
                          (lambda: (target / "merge.json").write_text("{"), "")]:
