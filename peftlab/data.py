@@ -808,11 +808,12 @@ def yaml_scalar(text: str) -> str:
     return text if plain else "'" + text.replace("'", "''") + "'"
 
 
-def load_splits(recipe: Recipe, *, need_train: bool = True, prefix: str = "data", run_labels: bool = False):
+def load_splits(recipe: Recipe, *, need_train: bool = True, prefix: str = "data", run_labels: bool = False, overlap: bool = True):
     """-> ({split: Dataset of {text, label:int}}, label_names). Splits absent from the recipe are None.
     Tasks with a text target (summarization) get {text, target} rows and no label names. `need_train=False`: an
     evaluation, which reads only the split it scores. `prefix`: the recipe section messages name (a task of a
-    multi-task recipe: multitask.tasks.NAME.data). `run_labels`: data.label_names are a trained run's (an evaluation)."""
+    multi-task recipe: multitask.tasks.NAME.data). `run_labels`: data.label_names are a trained run's (an evaluation).
+    `overlap=False`: no warning about evaluation rows repeating training inputs (select reads train only)."""
     recipe = recipe_argument(recipe, "load_splits")
     d, seed = recipe.data, recipe.data_seed
     task = get_task(recipe.task.type)
@@ -869,7 +870,8 @@ def load_splits(recipe: Recipe, *, need_train: bool = True, prefix: str = "data"
             log.warning("%s.train%s has no row of class(es) %s (of %s.label_names %s): the model cannot learn to predict "
                         "them. Add training rows of each class%s.", prefix, kept, absent, prefix, label_names,
                         f", or raise {prefix}.train.max_samples (a sample may miss a rare class)" if d.train.max_samples else "")
-    check_overlap(out, d, prefix)
+    if overlap:
+        check_overlap(out, d, prefix)
     for name in ("train", "eval", "test"):
         out.setdefault(name, None)
     return out, label_names

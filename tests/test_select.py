@@ -562,3 +562,21 @@ def test_json_records_each_proxy_once(make_recipe, tmp_path, tiny_bert):
                  "--max-rows", "30", "--folds", "3", "--json", str(out)]) == 0
     report = json.loads(out.read_text())
     assert report["settings"]["proxies"] == ["probe"] and list(report["rows"][0]["estimates"]) == ["probe"]
+
+
+def test_the_sample_is_not_warned_about_as_an_evaluation_split_repeating_training_rows(make_recipe, tmp_path, caplog):
+    """select warned that data.eval (the eval_holdout part of train) repeated training inputs, above a table saying
+    data.eval was not read: the held-out part is no split select scores."""
+    from peftlab import load_splits
+
+    lines = ["sentence,label"] + [f"row {i % 20},{'ab'[i % 2]}" for i in range(40)]  # each input twice
+    (tmp_path / "dup.csv").write_text("\n".join(lines) + "\n")
+    recipe = make_recipe({"data.train": str(tmp_path / "dup.csv"), "data.eval": None, "data.eval_holdout": 0.25,
+                          "data.label_names": "[a,b]"})
+    with caplog.at_level("WARNING", logger="peftlab.data"):
+        load_splits(recipe)
+    assert "a training row's input" in caplog.text  # a training run is warned
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="peftlab.data"):
+        ds, _ = train_sample(recipe, 40)
+    assert len(ds) == 30 and "a training row's input" not in caplog.text
