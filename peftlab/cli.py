@@ -383,7 +383,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_launch_arguments(e, "evaluate (each process scores a share of the rows)")
     e.set_defaults(fn=cmd_eval, late_overrides="overrides")
 
-    m = sub.add_parser("merge", help="fold a LoRA adapter into its base -> OUT/merged (standalone transformers model)")
+    m = sub.add_parser("merge", help="fold the adapter (LoRA, DoRA, IA3, LoHa, ...: any but the prompt methods) into its base -> "
+                                     "OUT/merged (standalone transformers model)")
     m.add_argument("out", help="output directory of a finished run (its adapter is merged into OUT/merged)")
     m.add_argument("overrides", nargs="*", default=[], metavar="KEY=VALUE", help="model.name=FOLDER: the base, where the recipe's is "
                                                                    "not here (a published adapter of a local base)")
