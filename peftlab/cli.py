@@ -262,8 +262,14 @@ def cmd_select(args) -> int:
     if args.json:  # before the work, not after it
         d = recipe.data
         check_json_target(Path(args.json), [recipe_path, *(s.path for s in (d.train, d.eval, d.test) if s and s.path)], args.overwrite)
-    rows = select(recipe, candidates, methods, proxies=proxies, rank_by=args.rank_by, max_rows=args.max_rows,
-                  folds=args.folds, steps=args.steps, overrides=extra)
+    try:
+        rows = select(recipe, candidates, methods, proxies=proxies, rank_by=args.rank_by, max_rows=args.max_rows,
+                      folds=args.folds, steps=args.steps, overrides=extra)
+    except TrainingInterrupted as e:  # a Ctrl-C or SIGTERM in the steps proxy: exit 130 / 143 (main), nothing written
+        if args.json:
+            kept = " (the existing file is as it was)" if Path(args.json).exists() else ""
+            raise TrainingInterrupted(f"{e} --json {args.json} was not written{kept}.", code=e.code) from None
+        raise
     rank_by = ranked_by(proxies, args.rank_by)
     print(format_table(rows, rank_by, recipe_path))
     if args.json:

@@ -45,7 +45,7 @@ import torch
 
 from .accel import FrozenWeightsCast, half_dtype
 from .config import Recipe, SplitConfig, load_recipe, validate
-from .errors import ConfigError, ModelNotFound, PeftlabError
+from .errors import ConfigError, ModelNotFound, PeftlabError, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -528,7 +528,13 @@ def few_steps(c: _Candidate, ds, label_names: list[str], holdout: np.ndarray, st
     r.export.merge = False
     validate(r)
     start = time.perf_counter()
-    record = run(r, overwrite=True)
+    try:
+        record = run(r, overwrite=True)
+    except TrainingInterrupted as e:  # a Ctrl-C or SIGTERM: select stops (its temporary folder, the checkpoint in it, removed)
+        name = signal_name(e.code)
+        raise TrainingInterrupted(f"peftlab select was stopped ({name}) while the steps proxy trained {base_label(c.base)} "
+                                  f"{c.method}: no ranking was made, and its temporary folder is removed (there is nothing to "
+                                  "resume; run select again).", code=e.code) from None
     acc, n = record.metrics["eval"]["accuracy"], int(holdout.sum())
     return Estimate(acc, math.sqrt(acc * (1 - acc) / max(n, 1)), time.perf_counter() - start)
 
@@ -609,6 +615,8 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
         for p in proxies:
             try:
                 row.estimates[p] = few_steps(c, ds, label_names, fold == 0, steps, work / f"steps-{i}") if p == "steps" else figure(p, base)
+            except TrainingInterrupted:  # a Ctrl-C or SIGTERM stops select, as it stops train: not a failed cell
+                raise
             except Exception as e:
                 row.estimates[p], row.failures[p] = Estimate(math.nan, math.nan, 0.0), reason(e)
                 log.error("select: %s %s %s failed: %s", base_label(c.base), c.method, p, reason(e))
@@ -628,8 +636,11 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
                 continue
             try:
                 rows.append(estimate(i, c, Path(work)))
+            except TrainingInterrupted:  # a Ctrl-C or SIGTERM in the steps proxy's training (its handler turns it into this)
+                raise
             except Exception as e:  # one candidate that cannot load or train: the others' figures are kept. Any error, not
-                # only peftlab's (a damaged file raises the library's own); a Ctrl-C (not an Exception) still stops select
+                # only peftlab's (a damaged file raises the library's own); a Ctrl-C (a KeyboardInterrupt, or the training's
+                # TrainingInterrupted, above) stops select: nothing is ranked or written, the temporary folder removed
                 log.error("select: %s %s failed: %s", base_label(c.base), c.method, reason(e),
                           exc_info=None if isinstance(e, PeftlabError) else e if log.isEnabledFor(logging.DEBUG) else None)
                 rows.append(failed_row(c, proxies, len(labels), reason(e)))
@@ -640,6 +651,16 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
         same = i > 1 and r.estimates[rank_by].value == rows[i - 2].estimates[rank_by].value  # none, nor one whose rank_by failed
         r.rank = 0 if r.error or rank_by in r.failures else rows[i - 2].rank if same else i
     return rows
+
+
+def signal_name(code: int) -> str:
+    """An exit status of 128 + a signal's number -> that signal's name (130: SIGINT, 143: SIGTERM)."""
+    import signal
+
+    try:
+        return signal.Signals(code - 128).name
+    except ValueError:
+        return f"exit status {code}"
 
 
 def one_line(text: str) -> str:

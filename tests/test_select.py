@@ -580,3 +580,56 @@ def test_the_sample_is_not_warned_about_as_an_evaluation_split_repeating_trainin
     with caplog.at_level("WARNING", logger="peftlab.data"):
         ds, _ = train_sample(recipe, 40)
     assert len(ds) == 30 and "a training row's input" not in caplog.text
+
+
+@pytest.mark.parametrize("signum", [2, 15])  # SIGINT (Ctrl-C), SIGTERM
+def test_a_signal_in_the_steps_proxy_stops_select_and_writes_nothing(make_recipe, tmp_path, capsys, monkeypatch, tiny_bert, signum):
+    """A Ctrl-C or SIGTERM while the steps proxy trained became a failed cell (training raises TrainingInterrupted, an
+    Exception): select went on to the next candidate, exited 0, replaced --json with a partial ranking, and told the user
+    to --resume a temporary folder already deleted. It stops select: exit 130 / 143, --json as it was, no temporary folder."""
+    import importlib
+    import os
+    import tempfile
+
+    train_module = importlib.import_module("peftlab.train")
+    make_recipe()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp))
+    out = tmp_path / "select.json"
+    out.write_text("earlier results")
+    stop_requested, sent = train_module.stop_requested, []
+
+    def signalled(flag, accelerator):  # a real signal, during the first candidate's first optimizer step
+        if not sent:
+            sent.append(os.kill(os.getpid(), signum))
+        return stop_requested(flag, accelerator)
+
+    monkeypatch.setattr(train_module, "stop_requested", signalled)
+    second = tmp_path / "second"
+    second.symlink_to(tiny_bert)
+    code = main(["select", str(tmp_path / "recipe.yaml"), "--candidates", str(tiny_bert), str(second), "--proxies", "probe",
+                 "steps", "--steps", "3", "--max-rows", "30", "--folds", "3", "--json", str(out), "--overwrite"])
+    captured = capsys.readouterr()
+    assert code == 128 + signum and sent, captured.err
+    assert out.read_text() == "earlier results" and not list(tmp.iterdir())  # the temporary folder (checkpoint and all) removed
+    assert f"peftlab select was stopped ({'SIGINT' if signum == 2 else 'SIGTERM'}) while the steps proxy trained" in captured.err
+    assert f"--json {out} was not written (the existing file is as it was)" in captured.err and "--resume" not in captured.err
+    assert "failed" not in captured.err and "ranked by" not in captured.out  # no failed cell, no table
+
+
+def test_an_interrupted_steps_proxy_is_not_a_failed_cell(make_recipe, monkeypatch, tiny_bert):
+    """select() itself: the steps proxy's TrainingInterrupted propagates (with select's own message), not a failed row."""
+    import importlib
+
+    from peftlab.errors import TrainingInterrupted
+
+    run_module = importlib.import_module("peftlab.run")
+
+    def interrupted(recipe, **kwargs):
+        raise TrainingInterrupted("interrupted at step 1 of 2: checkpoint saved to X. Continue with ... --resume", code=130)
+
+    monkeypatch.setattr(run_module, "run", interrupted)
+    with pytest.raises(TrainingInterrupted, match=r"stopped \(SIGINT\) while the steps proxy trained .* no ranking was made") as e:
+        select(make_recipe(), [str(tiny_bert)], proxies=["probe", "steps"], steps=2, max_rows=30, folds=3)
+    assert e.value.code == 130 and "--resume" not in str(e.value)
