@@ -34,6 +34,7 @@ import gc
 import itertools
 import logging
 import math
+import os
 import tempfile
 import time
 from contextlib import contextmanager
@@ -86,10 +87,10 @@ class SelectRow:
     estimates: dict[str, Estimate] = field(default_factory=dict)
     error: str | None = None  # why this candidate has no figures (it could not load or train); its rank is 0
     failures: dict[str, str] = field(default_factory=dict)  # proxy -> why it has no figure (NaN) while the others have theirs
+    label: str = ""  # the base's name in the table, unique among the candidates (base_labels); default: base_label(base)
 
-    @property
-    def label(self) -> str:
-        return base_label(self.base)
+    def __post_init__(self):
+        self.label = self.label or base_label(self.base)
 
 
 @dataclass
@@ -110,6 +111,10 @@ class _Candidate:
     recipe: Recipe  # what a run of this candidate would train: the steps proxy runs it (a refused one: the recipe as given)
     features: Recipe  # the same without the method's own --set overrides: the probe and LogME read the base through it
     refused: str | None = None  # what `peftlab validate` finds against this candidate's recipe: it gets a failed row, no compute
+    label: str = ""  # its base's name in tables and messages (base_labels: unique among the candidates)
+
+    def __post_init__(self):
+        self.label = self.label or base_label(self.base)
 
     def features_key(self) -> str:
         """What the features depend on: the base as loaded (quantization, dtype; pretrained or scratch's random
@@ -152,7 +157,46 @@ def _target_kind(name: str) -> str | None:
 def base_label(name: str) -> str:
     """A short name for tables: a folder or file's own name, a packaged or hub name as it is."""
     path = Path(name)
-    return path.name if (name.startswith((".", "/", "~")) or path.exists()) and path.name else name
+    return path.name if _local(name) else name
+
+
+def _local(name: str) -> bool:
+    """A base named by its path (a folder or file here), not a packaged or hub name."""
+    return bool((name.startswith((".", "/", "~")) or Path(name).exists()) and Path(name).name)
+
+
+def base_labels(bases: list[str]) -> dict[str, str]:
+    """Each base's name for the table, distinct from the others': base_label, and where two bases share it (a/model and
+    b/model), as many of their folders' parent folders as tell them apart (a/model, b/model)."""
+    parts = {b: Path(os.path.normpath(os.path.abspath(os.path.expanduser(b)))).parts if _local(b) else () for b in bases}
+    depth = dict.fromkeys(bases, 1)
+
+    def label(b: str) -> str:
+        return Path(*parts[b][-depth[b]:]).as_posix() if depth[b] > 1 else base_label(b)
+
+    while True:
+        same: dict[str, list[str]] = {}
+        for b in bases:
+            same.setdefault(label(b), []).append(b)
+        grow = [b for group in same.values() if len(group) > 1 for b in group if depth[b] < len(parts[b])]
+        if not grow:
+            return {b: label(b) for b in bases}
+        for b in grow:
+            depth[b] += 1
+
+
+def same_bases(resolved: dict[str, str]) -> dict[str, str]:
+    """{base as given: the model it resolves to (resolve_model_path)} -> {a repeat: the first spelling given of its model}
+    for every base that names a model given before by another spelling (`m`, `m/`, `../here/m`, a link to it)."""
+    first: dict[str, str] = {}
+    repeats = {}
+    for b, found in resolved.items():
+        key = str(Path(found).resolve()) if Path(found).exists() else found
+        if key in first:
+            repeats[b] = first[key]
+        else:
+            first[key] = b
+    return repeats
 
 
 def candidate_overrides(recipe: Recipe, base: str, method: str, overrides: dict[str, list[str]] | None = None,
@@ -211,25 +255,32 @@ def build_candidates(recipe: Recipe, bases: list[str], methods: list[str] | None
     if unknown := [m for m in methods if m not in method_names()]:  # a typo stops the selection, as a base's does
         raise ConfigError([f"--methods {m!r}: no such method; choose from {', '.join(method_names())} (adapter.method='{m}')."
                            for m in unknown])
-    missing = []
+    missing, resolved = [], {}
     for base in bases:  # every name that resolves to no model, at once: one rerun fixes them all
         try:
-            resolve_model_path(base, recipe.model.revision)
+            resolved[base] = resolve_model_path(base, recipe.model.revision)
         except ModelNotFound as e:
             missing.append(f"candidate {base!r}: {one_line(e)}")
     if missing:
         raise ModelNotFound(missing[0] if len(missing) == 1 else
                             f"{len(missing)} candidates resolve to no model:" + "".join(f"\n  - {m}" for m in missing))
+    if repeats := same_bases(resolved):  # one model by several spellings: loaded, encoded and ranked once
+        overrides = {k: list(v) for k, v in overrides.items()}
+        for again, kept in repeats.items():
+            log.warning("select: candidate %s is %s again (the same model): dropped, ranked once as %s", again, kept, kept)
+            overrides[kept] = overrides.get(kept, []) + overrides.pop(again, [])  # its --set too
+        bases = [b for b in bases if b not in repeats]
     out = []
+    labels = base_labels(bases)
     for base in bases:
         for method in methods:
-            where = f"candidate {base_label(base)} with adapter.method={method}"
+            where = f"candidate {labels[base]} with adapter.method={method}"
             try:
                 full = derive(recipe, candidate_overrides(recipe, base, method, overrides), where)
             except ConfigError as e:  # what `peftlab validate` refuses for this base x method (and its --set): a failed row
                 refused = " ".join(one_line(problem) for problem in e.problems)
-                log.error("select: %s %s refused: %s", base_label(base), method, refused)
-                out.append(_Candidate(base, method, recipe, recipe, refused))
+                log.error("select: %s %s refused: %s", labels[base], method, refused)
+                out.append(_Candidate(base, method, recipe, recipe, refused, labels[base]))
                 continue
             features = full
             if overrides.get(method):  # the base's features without the method's own overrides (where it is valid without them)
@@ -237,8 +288,8 @@ def build_candidates(recipe: Recipe, bases: list[str], methods: list[str] | None
                     features = derive(recipe, candidate_overrides(recipe, base, method, overrides, False), where)
             refused = " ".join(one_line(problem) for problem in model_problems(full))
             if refused:
-                log.error("select: %s %s refused: %s", base_label(base), method, refused)
-            out.append(_Candidate(base, method, full, features, refused or None))
+                log.error("select: %s %s refused: %s", labels[base], method, refused)
+            out.append(_Candidate(base, method, full, features, refused or None, labels[base]))
     return out
 
 
@@ -353,7 +404,7 @@ def encode_timed(c: _Candidate, ds, label_names: list[str]) -> tuple[np.ndarray,
     start = time.perf_counter()
     feats, pooling = encode(c.features, ds, label_names)
     seconds = time.perf_counter() - start
-    log.info("select: %s encoded (%s pooling, %d dims) in %.1f s", base_label(c.base), pooling, feats.shape[1], seconds)
+    log.info("select: %s encoded (%s pooling, %d dims) in %.1f s", c.label, pooling, feats.shape[1], seconds)
     return feats, pooling, seconds
 
 
@@ -532,7 +583,7 @@ def few_steps(c: _Candidate, ds, label_names: list[str], holdout: np.ndarray, st
         record = run(r, overwrite=True)
     except TrainingInterrupted as e:  # a Ctrl-C or SIGTERM: select stops (its temporary folder, the checkpoint in it, removed)
         name = signal_name(e.code)
-        raise TrainingInterrupted(f"peftlab select was stopped ({name}) while the steps proxy trained {base_label(c.base)} "
+        raise TrainingInterrupted(f"peftlab select was stopped ({name}) while the steps proxy trained {c.label} "
                                   f"{c.method}: no ranking was made, and its temporary folder is removed (there is nothing to "
                                   "resume; run select again).", code=e.code) from None
     acc, n = record.metrics["eval"]["accuracy"], int(holdout.sum())
@@ -570,7 +621,7 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
     check_task(recipe)
     cands = build_candidates(recipe, candidates, methods, overrides or {})
     if all(c.refused for c in cands):  # before reading any data
-        raise SelectError([f"candidate {base_label(c.base)} ({c.method}): {c.refused}" for c in cands])
+        raise SelectError([f"candidate {c.label} ({c.method}): {c.refused}" for c in cands])
     ds, label_names = train_sample(recipe, max_rows)
     labels = np.asarray(ds["label"], dtype=np.int64)
     if len(labels) < 2 * folds:
@@ -611,7 +662,7 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
     def estimate(i: int, c: _Candidate, work: Path) -> SelectRow:
         """The candidate's row: a proxy that fails (its error, any error) leaves the other proxies' figures in place."""
         base = base_of(c)
-        row = SelectRow(0, c.base, c.method, base.pooling, base.feats.shape[1], len(labels), base.seconds, base.group)
+        row = SelectRow(0, c.base, c.method, base.pooling, base.feats.shape[1], len(labels), base.seconds, base.group, label=c.label)
         for p in proxies:
             try:
                 row.estimates[p] = few_steps(c, ds, label_names, fold == 0, steps, work / f"steps-{i}") if p == "steps" else figure(p, base)
@@ -619,9 +670,9 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
                 raise
             except Exception as e:
                 row.estimates[p], row.failures[p] = Estimate(math.nan, math.nan, 0.0), reason(e)
-                log.error("select: %s %s %s failed: %s", base_label(c.base), c.method, p, reason(e))
+                log.error("select: %s %s %s failed: %s", c.label, c.method, p, reason(e))
                 continue
-            log.info("select: %s %s %s %.4f +- %.4f (%.1f s)", base_label(c.base), c.method, p, row.estimates[p].value,
+            log.info("select: %s %s %s %.4f +- %.4f (%.1f s)", c.label, c.method, p, row.estimates[p].value,
                      row.estimates[p].std, row.estimates[p].seconds)
         if len(row.failures) == len(proxies):  # nothing measured: one failed row, as a candidate that cannot load
             reasons = list(dict.fromkeys(row.failures.values()))
@@ -641,11 +692,11 @@ def select(recipe: Recipe, candidates: list[str], methods: list[str] | None = No
             except Exception as e:  # one candidate that cannot load or train: the others' figures are kept. Any error, not
                 # only peftlab's (a damaged file raises the library's own); a Ctrl-C (a KeyboardInterrupt, or the training's
                 # TrainingInterrupted, above) stops select: nothing is ranked or written, the temporary folder removed
-                log.error("select: %s %s failed: %s", base_label(c.base), c.method, reason(e),
+                log.error("select: %s %s failed: %s", c.label, c.method, reason(e),
                           exc_info=None if isinstance(e, PeftlabError) else e if log.isEnabledFor(logging.DEBUG) else None)
                 rows.append(failed_row(c, proxies, len(labels), reason(e)))
     if all(r.error for r in rows):
-        raise SelectError([f"candidate {base_label(r.base)} ({r.method}): {r.error}" for r in rows])
+        raise SelectError([f"candidate {r.label} ({r.method}): {r.error}" for r in rows])
     rows.sort(key=lambda r: -r.estimates[rank_by].value if math.isfinite(r.estimates[rank_by].value) else math.inf)
     for i, r in enumerate(rows, 1):  # equal figures share a rank (1, 1, 3): input order is no preference; a failed row has
         same = i > 1 and r.estimates[rank_by].value == rows[i - 2].estimates[rank_by].value  # none, nor one whose rank_by failed
@@ -677,7 +728,7 @@ def reason(e: BaseException) -> str:
 def failed_row(c: _Candidate, proxies, rows: int, why: str) -> SelectRow:
     """The row of a candidate with no figures (refused before any compute, or failed): no rank, every proxy NaN, and why."""
     return SelectRow(0, c.base, c.method, "-", 0, rows, 0.0, 0, {p: Estimate(math.nan, math.nan, 0.0) for p in proxies},
-                     error=why)
+                     error=why, label=c.label)
 
 
 # ------------------------------------------------------------------------------------------------------ output

@@ -337,9 +337,48 @@ def test_a_methods_own_overrides_leave_the_bases_features_alone(make_recipe, tin
 
 
 def test_equal_figures_share_a_rank(make_recipe, tiny_bert, tmp_path):
-    """One base named twice (its name and its folder by another spelling): the same figures, one rank, not 1 and 2."""
-    rows = select(make_recipe(), [str(tiny_bert), str(tiny_bert / ".." / tiny_bert.name)], proxies=["probe"], max_rows=48, folds=3)
+    """One base in two folders (a copy): the same figures, one rank, not 1 and 2."""
+    import shutil
+
+    copy = shutil.copytree(tiny_bert, tmp_path / "copy")
+    rows = select(make_recipe(), [str(tiny_bert), str(copy)], proxies=["probe"], max_rows=48, folds=3)
     assert rows[0].estimates["probe"].value == rows[1].estimates["probe"].value and [r.rank for r in rows] == [1, 1]
+
+
+def test_one_base_by_several_spellings_is_one_candidate_and_labels_tell_bases_apart(make_recipe, tiny_bert, tmp_path, caplog,
+                                                                                     capsys, monkeypatch):
+    """`--candidates $S/tiny-bert $S/tiny-bert/ ../scratch/tiny-bert` gave three tied rows, each loaded and encoded again;
+    two bases $S/a/model and $S/b/model both showed as `model` in the table. A repeat is dropped (the first spelling kept,
+    its --set too, and said); a label shared by bases gets their parent folders until they differ; the JSON keeps the base."""
+    import logging
+    import os
+    import shutil
+
+    from peftlab import select as sel
+
+    encode, encoded = sel.encode, []
+    monkeypatch.setattr(sel, "encode", lambda recipe, *a: encoded.append((recipe.model.name, recipe.data.max_length)) or encode(recipe, *a))
+    link = tmp_path / "link"
+    link.symlink_to(tiny_bert)
+    spellings = [str(tiny_bert), str(tiny_bert) + "/", os.path.relpath(tiny_bert), str(link)]
+    with caplog.at_level(logging.WARNING, logger="peftlab.select"):
+        (row,) = select(make_recipe(), spellings, proxies=["probe"], max_rows=48, folds=3,
+                        overrides={spellings[1]: ["data.max_length=24"]})
+    assert row.base == str(tiny_bert) and row.label == tiny_bert.name and row.rank == 1 and encoded == [(str(tiny_bert), 24)]  # once; a repeat's --set kept
+    assert f"candidate {spellings[2]} is {tiny_bert} again (the same model): dropped" in caplog.text
+    from peftlab.select import base_labels
+
+    a, b = (shutil.copytree(tiny_bert, tmp_path / x / "deep" / "model") for x in ("a", "b"))
+    assert base_labels([str(a), str(b), "minilm", str(tiny_bert)]) == {
+        str(a): "a/deep/model", str(b): "b/deep/model", "minilm": "minilm", str(tiny_bert): tiny_bert.name}
+    make_recipe()
+    out = tmp_path / "select.json"
+    assert main(["select", str(tmp_path / "recipe.yaml"), "--candidates", str(a), str(b), "--proxies", "probe",
+                 "--max-rows", "30", "--folds", "3", "--json", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert " a/deep/model " in text and " b/deep/model " in text
+    rows = json.loads(out.read_text())["rows"]
+    assert sorted((r["base"], r["label"]) for r in rows) == [(str(a), "a/deep/model"), (str(b), "b/deep/model")]
 
 
 def test_a_candidate_that_fails_is_a_row_and_the_others_figures_are_kept(make_recipe, tiny_bert, tmp_path):
@@ -589,6 +628,7 @@ def test_a_signal_in_the_steps_proxy_stops_select_and_writes_nothing(make_recipe
     to --resume a temporary folder already deleted. It stops select: exit 130 / 143, --json as it was, no temporary folder."""
     import importlib
     import os
+    import shutil
     import tempfile
 
     train_module = importlib.import_module("peftlab.train")
@@ -606,8 +646,7 @@ def test_a_signal_in_the_steps_proxy_stops_select_and_writes_nothing(make_recipe
         return stop_requested(flag, accelerator)
 
     monkeypatch.setattr(train_module, "stop_requested", signalled)
-    second = tmp_path / "second"
-    second.symlink_to(tiny_bert)
+    second = shutil.copytree(tiny_bert, tmp_path / "second")
     code = main(["select", str(tmp_path / "recipe.yaml"), "--candidates", str(tiny_bert), str(second), "--proxies", "probe",
                  "steps", "--steps", "3", "--max-rows", "30", "--folds", "3", "--json", str(out), "--overwrite"])
     captured = capsys.readouterr()
