@@ -17,8 +17,9 @@ nothing else: data.eval and data.test are never read. The proxies:
   fixed-point iteration on the SVD of the features), averaged over classes. Higher is better; comparable between bases
   on one task only. Uncertainty: the grouped jackknife standard error over the k folds. It needs more rows than feature
   dimensions in every jackknife part (logme_rows_problem); with no more, its figure fails.
-- steps: the candidate's own recipe trained for `steps` optimizer steps (peftlab's `run`, in a temporary folder) on the
-  sample less one fold, scored on that fold. Uncertainty: the binomial standard error of that accuracy.
+- steps: the candidate's own recipe trained for `steps` optimizer steps (peftlab's `run`, in a temporary folder, with
+  train.report_to none) on the sample less one fold, scored on that fold. Uncertainty: the binomial standard error of
+  that accuracy.
 
 probe and logme read the base only, so they rank bases, not methods (every method of one base gets the same figure; a
 `scratch` candidate is read with its random initialisation). Only `steps` tells methods apart. For a verbalizer recipe
@@ -576,6 +577,7 @@ def few_steps(c: _Candidate, ds, label_names: list[str], holdout: np.ndarray, st
     d.label_column, d.label_names = "label", list(label_names)
     t = r.train
     t.max_steps, t.eval_every, t.save_every, t.keep_best, t.early_stopping = steps, None, None, False, None
+    t.report_to = ["none"]  # a throwaway run: no wandb run uploaded or left in WANDB_DIR, no login needed, no TensorBoard
     r.export.merge = False
     validate(r)
     start = time.perf_counter()

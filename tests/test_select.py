@@ -672,3 +672,19 @@ def test_an_interrupted_steps_proxy_is_not_a_failed_cell(make_recipe, monkeypatc
     with pytest.raises(TrainingInterrupted, match=r"stopped \(SIGINT\) while the steps proxy trained .* no ranking was made") as e:
         select(make_recipe(), [str(tiny_bert)], proxies=["probe", "steps"], steps=2, max_rows=30, folds=3)
     assert e.value.code == 130 and "--resume" not in str(e.value)
+
+
+def test_the_steps_proxy_opens_no_tracker(make_recipe, tiny_bert, monkeypatch):
+    """The steps proxy's runs opened the recipe's train.report_to: with wandb, throwaway runs named 'select' in the user's
+    WANDB_DIR (online: uploaded), every steps cell failed without a wandb login; with auto, TensorBoard for each run."""
+    import importlib
+
+    run_module, trackers = importlib.import_module("peftlab.run"), importlib.import_module("peftlab.trackers")
+    run, opened, ran = run_module.run, [], []
+    monkeypatch.setattr(run_module, "run", lambda recipe, **k: ran.append(list(recipe.train.report_to)) or run(recipe, **k))
+    resolve = trackers.resolve_trackers
+    monkeypatch.setattr(trackers, "resolve_trackers", lambda report_to: opened.extend(resolve(report_to)) or resolve(report_to))
+    for report_to in ("auto", "all", "tensorboard"):
+        (row,) = select(make_recipe({"train.report_to": report_to}), [str(tiny_bert)], proxies=["steps"], steps=1, max_rows=30, folds=3)
+        assert row.rank == 1 and not row.failures and not row.error
+    assert ran == [["none"]] * 3 and opened == []
