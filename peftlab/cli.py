@@ -241,7 +241,7 @@ def cmd_compose(args) -> int:
 
 def cmd_select(args) -> int:
     from .rundir import atomic_write_text
-    from .select import format_table, load_selection_recipe, ranked_by, select, to_json
+    from .select import format_table, load_selection_recipe, ranked_by, select, to_json, unranked
 
     candidates, late = _list_and_overrides(args.candidates)
     methods, late_m = _list_and_overrides(args.methods)
@@ -272,6 +272,8 @@ def cmd_select(args) -> int:
         raise
     rank_by = ranked_by(proxies, args.rank_by)
     print(format_table(rows, rank_by, recipe_path))
+    if nothing := unranked(rows, rank_by):  # no ranking, which the command is for: exit 2, as where every candidate failed
+        raise PeftlabError(f"peftlab select: {nothing}" + (f" --json {args.json} was not written." if args.json else ""))
     if args.json:
         settings = {"overrides": overrides, "set": args.set, "candidates": candidates, "methods": methods, "proxies": proxies,
                     "max_rows": args.max_rows, "folds": args.folds, "steps": args.steps, "seed": recipe.train.seed,

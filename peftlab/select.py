@@ -767,13 +767,27 @@ def format_table(rows: list[SelectRow], rank_by: str, source: str = "the recipe"
     widths = [max(len(x[i]) for x in [head, *body] if i < len(x)) for i in range(len(head))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in [head, *body]]
     n = rows[0].rows if rows else 0
-    notes = [f"{source}: {len(rows)} candidate(s) ranked by {rank_by}, {n:,} training rows; {TRAIN_ONLY}.",
-             "probe/LogME read the frozen base (features once per base, 'feat s'), so they rank bases, not methods; "
-             "LogME: log evidence per row, higher is better." if {"probe", "logme"} & set(proxies) else "",
+    feature_proxies = [PROXY_TITLES[p].split()[0] for p in proxies if p in ("probe", "logme")]  # (each said only where it ran)
+    notes = [f"{source}: {len(rows)} candidate(s) {'not ranked' if unranked(rows, rank_by) else 'ranked'} by {rank_by}, {n:,} "
+             f"training rows; {TRAIN_ONLY}.",
+             (f"{' and '.join(feature_proxies)} read the frozen base (features once per base, 'feat s'), so they rank bases, not methods."
+              if len(feature_proxies) > 1 else f"{feature_proxies[0]} reads the frozen base (features once per base, 'feat s'), so it "
+              "ranks bases, not methods.") if feature_proxies else "",
+             "LogME: log evidence per row, higher is better." if "logme" in proxies else "",
              f"total {total_seconds(rows):.1f} s"]
     failures = [f"failed: {r.label} {r.method}: {r.error}" for r in rows if r.error]
     failures += [f"failed: {r.label} {r.method} {PROXY_TITLES[p]}: {why}" for r in rows for p, why in r.failures.items()]
-    return "\n".join([notes[0], "", *lines, "", *failures, *[x for x in notes[1:] if x]])
+    nothing = [unranked(rows, rank_by)] if unranked(rows, rank_by) else []
+    return "\n".join([notes[0], "", *lines, "", *failures, *nothing, *[x for x in notes[1:] if x]])
+
+
+def unranked(rows: list[SelectRow], rank_by: str) -> str | None:
+    """Where no row has a rank (the proxy ranked by failed for every candidate), the line that says so; else None."""
+    if not rows or any(r.rank for r in rows):
+        return None
+    others = [p for p in rows[0].estimates if p != rank_by and any(math.isfinite(r.estimates[p].value) for r in rows)]
+    return (f"nothing could be ranked: {PROXY_TITLES[rank_by]} failed for every candidate (why: above)."
+            + (f" --rank-by {others[0]} ranks by the {PROXY_TITLES[others[0]]} figures in the table." if others else ""))
 
 
 def to_json(rows: list[SelectRow], rank_by: str, source: str = "the recipe", settings: dict | None = None) -> dict:

@@ -688,3 +688,23 @@ def test_the_steps_proxy_opens_no_tracker(make_recipe, tiny_bert, monkeypatch):
         (row,) = select(make_recipe({"train.report_to": report_to}), [str(tiny_bert)], proxies=["steps"], steps=1, max_rows=30, folds=3)
         assert row.rank == 1 and not row.failures and not row.error
     assert ran == [["none"]] * 3 and opened == []
+
+
+def test_nothing_ranked_is_said_and_each_proxys_note_only_where_it_ran(make_recipe, tmp_path, capsys, tiny_bert):
+    """--rank-by logme where LogME failed for every row printed 'ranked by logme', every rank '-', exit 0 and wrote --json;
+    'LogME: log evidence per row' was printed under a table without LogME (--proxies probe steps)."""
+    from peftlab.select import format_table
+
+    make_recipe()
+    out = tmp_path / "select.json"
+    args = ["select", str(tmp_path / "recipe.yaml"), "--candidates", str(tiny_bert), "minilm", "--max-rows", "48", "--folds", "3"]
+    assert main([*args, "--proxies", "probe", "logme", "--rank-by", "logme", "--json", str(out)]) == 2  # 32, 384 dims: no LogME
+    captured = capsys.readouterr()
+    assert "nothing could be ranked: LogME failed for every candidate (why: above). --rank-by probe ranks by the probe acc" in captured.out
+    assert "not ranked by logme" in captured.out and "nothing could be ranked" in captured.err and not out.exists()
+    assert f"--json {out} was not written" in captured.err
+    rows = select(make_recipe(), [str(tiny_bert)], proxies=["probe", "steps"], steps=1, max_rows=30, folds=3)
+    table = format_table(rows, "probe")
+    assert "LogME" not in table and "probe reads the frozen base" in table and "nothing could be ranked" not in table
+    rows = select(make_recipe(), [str(tiny_bert)], proxies=["steps"], steps=1, max_rows=30, folds=3)
+    assert "frozen base" not in format_table(rows, "steps") and "LogME" not in format_table(rows, "steps")
