@@ -733,6 +733,30 @@ def check_borrowed_order(raw: dict, d, label_names: list[str], prefix: str) -> N
                     "[" + ", ".join(map(yaml_scalar, label_names)) + "]")
 
 
+def check_codes_beside_names(raw: dict, d, label_names: list[str], prefix: str) -> None:
+    """Warn where data.train's labels are names while data.eval's or data.test's are all integer codes (with no
+    label_map of their own): the codes are read as positions in label_names, whose order the names never fixed (sorted
+    when inferred), so an SST-2-style 1 may become 'negative', silently."""
+    if "train" not in raw or any(class_index(n) is not None for n in label_names):  # (names spelled as integers: values are names)
+        return
+    if not (trained := {spelled(v) for v in set(raw["train"]["label"])}) or not trained <= set(label_names):
+        return
+    for name in ("eval", "test"):
+        spec = getattr(d, name)
+        if name not in raw or spec is None or spec.label_map:
+            continue
+        values = {v for v in set(raw[name]["label"]) if not _blank(v)}
+        codes = sorted(i for v in values if spelled(v) not in label_names and (i := class_index(v)) is not None and 0 <= i < len(label_names))
+        if not codes or len(codes) < len(values):
+            continue
+        read = ", ".join(f"{i} -> {label_names[i]!r}" for i in codes)
+        named = "{" + ", ".join(f"{i}: {yaml_scalar(label_names[i])}" for i in codes) + "}"
+        log.warning("%s.%s's labels are integer codes while %s.train's are names: the codes are read as positions in "
+                    "%s.label_names %s (%s), an order %s. If a code means another class, give the split a map: "
+                    "%s.%s.label_map=%s with the names it means.", prefix, name, prefix, prefix, label_names, read,
+                    "you set" if d.label_names else "sorted from train's names", prefix, name, named)
+
+
 def infer_label_names(ds, where: str = "data.train") -> list[str]:
     """The sorted distinct labels, or 0..K-1 for class indices; refused where that would be a wrong classifier."""
     values = set(ds["label"])
@@ -844,6 +868,7 @@ def load_splits(recipe: Recipe, *, need_train: bool = True, prefix: str = "data"
         label_names = list(d.label_names) if d.label_names else infer_label_names(*next((ds, f"{prefix}.{n}") for n, ds in raw.items()))
         check_unmapped_codes(raw, d, label_names, prefix)
         check_borrowed_order(raw, d, label_names, prefix)
+        check_codes_beside_names(raw, d, label_names, prefix)
         raw = {name: sampled(ds, getattr(d, name), seed) for name, ds in raw.items()}
         origin = "run" if run_labels else "recipe" if d.label_names else "train"
         try:

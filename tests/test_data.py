@@ -751,3 +751,22 @@ def test_validate_refuses_a_json_text_or_label_cell_holding_a_list_naming_its_ro
     rows = [{"sentence": "good", "label": "pos"}, {"sentence": "bad", "label": "neg"}]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     assert column_problems(load_recipe(None, [f"data.train.path={tmp_path / 't.jsonl'}", "data.eval=null"], validate_files=False)) == []
+
+
+def test_integer_codes_in_an_evaluation_split_beside_names_in_train_are_warned_about(tmp_path, caplog):
+    """train labelled with names, eval with SST-2's 1/0: the codes were read as positions in the (sorted, or given)
+    label names, silently; with label_names [positive, negative] every 1 became 'negative'."""
+    (tmp_path / "tr.tsv").write_text("sentence\tlabel\n" + "".join(f"s{i}\t{['negative', 'positive'][i % 2]}\n" for i in range(8)))
+    (tmp_path / "ev.tsv").write_text("sentence\tlabel\ngreat\t1\nawful\t0\n")
+    base = [f"data.train.path={tmp_path / 'tr.tsv'}", f"data.eval.path={tmp_path / 'ev.tsv'}"]
+    for extra, said in (([], "an order sorted from train's names"), (["data.label_names=[positive, negative]"], "an order you set")):
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="peftlab.data"):
+            s, names = load_splits(load_recipe(None, [*base, *extra], validate_files=False))
+        assert "data.eval's labels are integer codes while data.train's are names" in caplog.text and said in caplog.text
+        assert f"1 -> {names[1]!r}" in caplog.text and "data.eval.label_map={0: " in caplog.text
+        assert s["eval"]["label"] == [1, 0]  # (read as documented: positions)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="peftlab.data"):  # the split's own map: said what the codes mean
+        s, names = load_splits(load_recipe(None, [*base, "data.eval.label_map={1: positive, 0: negative}"], validate_files=False))
+    assert "integer codes" not in caplog.text and [names[i] for i in s["eval"]["label"]] == ["positive", "negative"]
