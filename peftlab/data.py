@@ -722,8 +722,7 @@ def check_borrowed_order(raw: dict, d, label_names: list[str], prefix: str) -> N
     codes = sorted({i for ds in raw.values() for v in set(ds["label"]) if v not in label_names
                     and (i := class_index(v)) is not None and 0 <= i < len(label_names)})
     if codes:
-        read = ", ".join(f"{i} -> {label_names[i]!r}" for i in codes)
-        named = "{" + ", ".join(f"{i}: {yaml_scalar(label_names[i])}" for i in codes) + "}"
+        read, named = codes_as_read(codes, label_names)
         log.warning("%s.label_names is null, so this student takes its teacher's (train.distill.teacher=%s: %s), and its label "
                     "values are integer codes, read as positions in that list: %s. Codes carry no names: that they are in the "
                     "teacher's order is an assumption (run.json's distillation.teacher_agreement says how often the teacher "
@@ -731,6 +730,12 @@ def check_borrowed_order(raw: dict, d, label_names: list[str], prefix: str) -> N
                     "e.g. %s if %d is %r, or set %s.label_names=%s to confirm the teacher's order.", prefix, teacher,
                     label_names, read, prefix, prefix, prefix, named, codes[0], label_names[codes[0]], prefix,
                     "[" + ", ".join(map(yaml_scalar, label_names)) + "]")
+
+
+def codes_as_read(codes: list[int], label_names: list[str]) -> tuple[str, str]:
+    """Integer codes read as positions in label_names: ('0 -> 'neg', 1 -> 'pos'', the label_map saying so '{0: neg, 1: pos}')."""
+    return (", ".join(f"{i} -> {label_names[i]!r}" for i in codes),
+            "{" + ", ".join(f"{i}: {yaml_scalar(label_names[i])}" for i in codes) + "}")
 
 
 def check_codes_beside_names(raw: dict, d, label_names: list[str], prefix: str) -> None:
@@ -749,8 +754,7 @@ def check_codes_beside_names(raw: dict, d, label_names: list[str], prefix: str) 
         codes = sorted(i for v in values if spelled(v) not in label_names and (i := class_index(v)) is not None and 0 <= i < len(label_names))
         if not codes or len(codes) < len(values):
             continue
-        read = ", ".join(f"{i} -> {label_names[i]!r}" for i in codes)
-        named = "{" + ", ".join(f"{i}: {yaml_scalar(label_names[i])}" for i in codes) + "}"
+        read, named = codes_as_read(codes, label_names)
         log.warning("%s.%s's labels are integer codes while %s.train's are names: the codes are read as positions in "
                     "%s.label_names %s (%s), an order %s. If a code means another class, give the split a map: "
                     "%s.%s.label_map=%s with the names it means.", prefix, name, prefix, prefix, label_names, read,
