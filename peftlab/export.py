@@ -356,9 +356,9 @@ MERGE_OVERRIDES = ("model.name", "model.revision")  # where the base is found: a
 
 def merge(out: str | Path, *, force: bool = False, overrides: list[str] | tuple | str | dict = ()) -> Path:
     """Fold the adapter (any method but the prompt ones) into its base and write a standalone model to OUT/merged.
-    Idempotent: a merged folder made from the same adapter weights is left as it is. `overrides`: model.name=FOLDER (and model.revision), where
-    the recipe's base is not here (a published adapter names a local base by its folder name); one KEY=VALUE string,
-    a list, or a mapping {KEY: value}, as load_recipe takes them."""
+    Idempotent: a merged folder made from the same adapter weights is left as it is. `overrides`: model.name=FOLDER
+    (and model.revision), where the recipe's base is not here (a published adapter names a local base by its folder
+    name); one KEY=VALUE string, a list, or a mapping {KEY: value}, as load_recipe takes them."""
     out = path_argument(out, "merge(out)")
     identity = folder_identity(out)
     recipe, run, recipe_text = merge_source(out, overrides)
