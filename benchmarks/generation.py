@@ -59,9 +59,10 @@ def plain(parts: dict, side: str) -> dict:
     import torch
 
     from peftlab.tasks import sft
+    from peftlab.tasks.generative import end_tokens
 
     model, tokenizer, recipe, ds = parts["model"], parts["tokenizer"], parts["recipe"], parts["ds"]
-    stops, b = sft.stop_ids(tokenizer), recipe.eval.batch_size
+    stops, b = end_tokens(model, sft.stop_ids(tokenizer)), recipe.eval.batch_size  # the evaluation's stop set
     left = side == "plain-left" or tokenizer.padding_side == "left"
     seconds, written, preds = 0.0, 0, {}
     for i in range(0, len(ds), b):

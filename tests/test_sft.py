@@ -629,6 +629,44 @@ def test_a_bases_generation_config_does_not_change_the_generated_answers(tmp_pat
         assert printed.getvalue().strip() == answers[1][0], (printed.getvalue(), snippet)
 
 
+def test_generation_stops_at_the_bases_own_end_tokens_too_in_evaluation_and_the_card(tmp_path, chat_llama):
+    """A base whose generation_config lists end tokens beyond the tokenizer's (Qwen2.5-Instruct [<|im_end|>,
+    <|endoftext|>], Llama-3.1 [eot, end_of_text, eom]): eos_token_id=stop_ids(tokenizer) replaced that list, so a model
+    writing one of the others generated on to max_new_tokens and the text after it was scored. Evaluation and the
+    card's snippet stop at both."""
+    from transformers import AutoModelForCausalLM
+
+    from peftlab.publish.card import card_text
+    from peftlab.tasks.generative import end_tokens, evaluation_generation
+
+    tok = chat_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(chat_llama).eval()
+    ids = torch.tensor([sft.encode(tok, messages_rows(1)[0]["messages"], 64)["gen_ids"]])
+    with evaluation_generation(model, max_new_tokens=8, do_sample=False, num_beams=1, pad_token_id=tok.pad_token_id,
+                               eos_token_id=sft.stop_ids(tok)) as config:
+        plain = model.generate(ids, generation_config=config)[0, ids.shape[1]:].tolist()
+    end = plain[1]  # the base's own second end token: written second
+    assert len(plain) == 8 and tok.eos_token_id not in plain[:2]
+    odd = with_generation_config(chat_llama, tmp_path / "two-ends", eos_token_id=[tok.eos_token_id, end])
+    model = AutoModelForCausalLM.from_pretrained(odd).eval()
+    assert end_tokens(model, sft.stop_ids(tok)) == [*sft.stop_ids(tok), end] and end_tokens(model, 7)[0] == 7
+    want = tok.decode(plain[: plain.index(end) + 1], skip_special_tokens=True).strip()
+    path = write_jsonl(tmp_path / "m.jsonl", messages_rows(2))
+    r = recipe_for(tmp_path, odd, path, ["train.max_steps=0", "export.merge=false"])
+    run(r)
+    preds = [json.loads(line)["prediction"] for line in (r.out / "predictions-eval.jsonl").read_text().splitlines()]
+    assert preds[0] == want, (preds, plain, want)
+    snippet = re.search(r"```python\n(.*?)```", card_text(r.out), re.S).group(1)
+    # (a base whose generation_config lacks the template's end-of-turn token stopped at its own list only)
+    assert f"eos = {sft.stop_ids(tok)!r}" in snippet and "eos_token_id=eos" in snippet, snippet
+    snippet = re.sub(r"repo = .*", f"repo = {str(r.out)!r}", snippet).replace("What is the capital of France?", QA[0][0])
+    snippet = re.sub(r"base_model = .*", f"base_model = {str(odd)!r}", snippet)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exec(snippet, {})
+    assert printed.getvalue().strip() == want, (printed.getvalue(), snippet)
+
+
 def test_prefix_tuning_and_packed_prompt_methods_are_refused_at_validation(tmp_path, chat_llama):
     """prefix tuning generates another model's text (peft + this transformers); a packed row under a prompt method lets
     each example attend to the ones before it (peft drops the position ids that keep them apart)."""

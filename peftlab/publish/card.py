@@ -366,18 +366,20 @@ def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: 
                   if recipe.task.system_prompt else "")
         from transformers import AutoTokenizer
 
-        from ..tasks.sft import text_stops
+        from ..tasks.sft import stop_ids, text_stops
 
         # an end-of-turn marker that is no token (chatml on a base without it): written as text, generation stops there
-        stops = text_stops(AutoTokenizer.from_pretrained(str(out)))
+        run_tokenizer = AutoTokenizer.from_pretrained(str(out))
+        stops = text_stops(run_tokenizer)
         by_text = f", stop_strings={stops!r}, tokenizer=tokenizer" if stops else ""
         cut = "".join(f".split({m!r})[0]" for m in stops)
         why, no_cache = _no_cache(out, causal=True)
         example = (f"messages = [{system}{{\"role\": \"user\", \"content\": \"What is the capital of France?\"}}]\n"
                    "inputs = tokenizer.apply_chat_template(messages, add_generation_prompt=True, return_tensors=\"pt\", return_dict=True)\n"
+                   f"eos = {stop_ids(run_tokenizer)!r}  # EOS and the chat template's end-of-turn tokens\n{BASE_ENDS}"
                    f"{why}with torch.no_grad():  # greedy, as peftlab's evaluation generates\n"
                    f"    out = model.generate(input_ids=inputs[\"input_ids\"], attention_mask=inputs[\"attention_mask\"], "
-                   f"max_new_tokens={recipe.eval.max_new_tokens}, do_sample=False{by_text}{no_cache})\n"
+                   f"max_new_tokens={recipe.eval.max_new_tokens}, do_sample=False, eos_token_id=eos{by_text}{no_cache})\n"
                    f"print(tokenizer.decode(out[0, inputs[\"input_ids\"].shape[1]:], skip_special_tokens=True){cut}.strip())\n")
     elif recipe.task.type == "summarization" and not recipe.model.decoder:
         example = _summarization_example(out, recipe, causal=auto_cls == "AutoModelForCausalLM")
@@ -403,6 +405,12 @@ def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: 
             "base.config.pad_token_id = tokenizer.pad_token_id\n"
             "model = PeftModel.from_pretrained(base, repo).eval()\n"
             f"{example}```")
+
+
+# snippet line after `eos = [...]` (the task's stop tokens) and _plain_generation's `own`: the base's own end tokens added,
+# as the evaluation stops at both (tasks/generative.end_tokens)
+BASE_ENDS = ("eos += [i for i in (own.eos_token_id if isinstance(own.eos_token_id, list) else [own.eos_token_id]) "
+             "if i is not None and i not in eos]  # and the base's own end tokens, as peftlab's evaluation stops\n")
 
 
 def _plain_generation(owner: str) -> str:
@@ -486,7 +494,7 @@ def _summarization_example(out: Path, recipe, causal: bool) -> str:
             f"if len(ids) > {n}:  # data.max_length: the source is cut as it was in training\n"
             f"    source = tokenizer.decode(ids[:{n}])\n"
             f"prompt = {template!r}.replace(\"{{source}}\", source)  # task.prompt\n{encode}"
-            f"{blocker}eos = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id\n"
+            f"{blocker}eos = [tokenizer.eos_token_id if tokenizer.eos_token_id is not None else tokenizer.sep_token_id]\n{BASE_ENDS}"
             f"{why}with torch.no_grad():  # the recipe's eval settings\n"
             "    out = model.generate(input_ids=inputs[\"input_ids\"], attention_mask=inputs[\"attention_mask\"], "
             f"{settings}, pad_token_id=tokenizer.pad_token_id, eos_token_id=eos)\n"

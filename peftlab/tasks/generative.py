@@ -216,18 +216,36 @@ ARCHITECTURE_GENERATION = ("decoder_start_token_id", "bos_token_id", "eos_token_
                            "forced_eos_token_id", "cache_implementation", "cache_config")
 
 
+def _owner(model):
+    get = getattr(model, "get_base_model", None)
+    return get() if get is not None else model
+
+
+def end_tokens(model, stops) -> list[int]:
+    """The tokens generation stops at: `stops` (the task's: EOS, the chat template's end-of-turn tokens), then every
+    end token the base's generation_config lists beyond them (Qwen2.5-Instruct [<|im_end|>, <|endoftext|>], Llama-3.1
+    [<|end_of_text|>, <|eom_id|>, <|eot_id|>]). Passing `stops` alone replaced that list: a model writing one of the
+    others went on to max_new_tokens, and the text after it was scored. Evaluation (evaluation_generation), the card's
+    snippets and benchmarks/generation.py all stop at this set."""
+    stops = [stops] if isinstance(stops, int) else list(stops)
+    own = getattr(getattr(_owner(model), "generation_config", None), "eos_token_id", None)
+    own = [own] if isinstance(own, int) else list(own or [])
+    return stops + [i for i in own if i not in stops]
+
+
 @contextmanager
 def evaluation_generation(model, **settings):
     """Around `generate` of `model` (a peft model or its base): -> the GenerationConfig to pass as generation_config=,
     the base's own reduced to ARCHITECTURE_GENERATION with `settings` (the recipe's) on top. transformers fills every
     setting a passed config leaves unset from the model's generation_config before its own defaults, so the model's is
-    this one until the block ends."""
+    this one until the block ends. A given eos_token_id is extended by the base's end tokens (end_tokens)."""
     from transformers import GenerationConfig
 
-    get = getattr(model, "get_base_model", None)
-    owner = get() if get is not None else model
+    owner = _owner(model)
     own = getattr(owner, "generation_config", None)
     kept = {k: getattr(own, k) for k in ARCHITECTURE_GENERATION if getattr(own, k, None) is not None}
+    if settings.get("eos_token_id") is not None:  # the task's stop tokens extend the base's end tokens, never replace them
+        settings = {**settings, "eos_token_id": end_tokens(model, settings["eos_token_id"])}
     config = GenerationConfig(**{**kept, **settings})
     owner.generation_config = config
     try:

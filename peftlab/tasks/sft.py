@@ -655,8 +655,8 @@ def evaluate(model, loader, accelerator, label_names, *, tokenizer=None, recipe=
             with accelerator.autocast(), contiguous_head_input(unwrapped), evaluation_generation(generator, **settings) as config:
                 gen = generator.generate(**inputs, generation_config=config, **by_text)
             timing["seconds"] += time.perf_counter() - start
-            new = gen[:, echoed:]
-            timing["new_tokens"] += int(new_token_counts(new, stops + ([tokenizer.pad_token_id] if texts else [])).sum())  # (a row
+            new, ends = gen[:, echoed:], list(config.eos_token_id)  # stops + the base's own end tokens (end_tokens)
+            timing["new_tokens"] += int(new_token_counts(new, ends + ([tokenizer.pad_token_id] if texts else [])).sum())  # (a row
             # stopped at a text marker is padded)
             return [cut_at(p, texts).strip() for p in tokenizer.batch_decode(new, skip_special_tokens=True)]
     loss, n_tokens, rows = loss_and_predictions(model, loader, accelerator, shift=True, extras=EXTRAS, source="source",
