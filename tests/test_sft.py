@@ -698,6 +698,38 @@ def test_an_over_long_prompt_keeps_its_system_turn_instruction_and_generation_pr
     assert len(sft.encode(tok, short, 32)["gen_ids"]) <= 32
 
 
+def test_an_over_long_history_drops_its_oldest_whole_turns_and_keeps_the_system_turn(tmp_path, chat_llama, caplog):
+    """Where the long part was the earlier history and the last user turn short, the prompt fell back to its last
+    max_length tokens: the system turn dropped, the prompt starting mid-turn. The oldest whole turns go now (as few as
+    fit), the system turn and the template's structure stay, and the warning says turns were dropped, not text cut."""
+    tok = chat_tokenizer()
+    history = []
+    for i in range(6):
+        history += [{"role": "user", "content": f"tell me fact {i} about rome please"},
+                    {"role": "assistant", "content": "rome had many emperors and provinces " * 2}]
+    messages = [{"role": "system", "content": "you are a historian"}, *history, {"role": "user", "content": "thanks"},
+                {"role": "assistant", "content": "welcome"}]
+    whole, row = sft.encode(tok, messages, 1024), sft.encode(tok, messages, 64)
+    assert row["prompt_cut"] and row["prompt_fit"] == "" and 0 < row["turns_dropped"] < 6 and len(row["gen_ids"]) <= 64
+    kept = [messages[0], *history[2 * row["turns_dropped"]:], messages[-2], messages[-1]]  # exactly the oldest turns gone
+    assert row["gen_ids"] == sft.encode(tok, kept, 1024)["gen_ids"]
+    assert len(sft.encode(tok, [messages[0], *history[2 * row["turns_dropped"] - 2:], *messages[-2:]], 1024)["gen_ids"]) > 64
+    text = tok.decode(row["gen_ids"])
+    assert text.startswith(tok.decode(whole["gen_ids"][:8])) and "you are a historian" in text and text.endswith(
+        tok.decode(whole["gen_ids"][-8:]))
+    long_last = [*messages[:-2], {"role": "user", "content": "word " * 100}, messages[-1]]  # then the last turn's text
+    row = sft.encode(tok, long_last, 64)
+    assert row["turns_dropped"] == 6 and row["prompt_fit"] == "text" and "you are a historian" in tok.decode(row["gen_ids"])
+    path = write_jsonl(tmp_path / "long.jsonl", [{"messages": messages[1:]}])
+    r = recipe_for(tmp_path, chat_llama, write_jsonl(tmp_path / "m.jsonl", messages_rows()),
+                   ["task.system_prompt=you are a historian"], eval_path=path)
+    with caplog.at_level(logging.WARNING):
+        data = build_data(r, tok, splits=load_splits(r)[0], label_names=[])
+    assert data.eval[0]["gen_ids"] == sft.encode(tok, messages, 64)["gen_ids"]
+    assert re.search(r"data.eval: 1 generation prompt\(s\) longer than data.max_length=64, rendered again to fit: 1 lost "
+                     r"their oldest turns \(\d user turns with their replies in all\); the system turn", caplog.text), caplog.text
+
+
 @pytest.mark.parametrize("method,folds", [("lora", True), ("ia3", True), ("prompt_tuning", False)])
 def test_the_final_evaluation_folds_a_mergeable_adapter_and_scores_the_same(tmp_path, chat_llama, monkeypatch, method, folds):
     """eval.merge_adapter (default): the final evaluations run with the adapter merged into an fp32 base, then unmerged;

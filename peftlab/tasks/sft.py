@@ -17,7 +17,9 @@ even where pad == eos. A split whose template leaves no assistant token trainabl
 With data.packing the training rows are packed into rows of up to data.max_length tokens: position ids restart at
 each example and no attention mask is passed, so transformers' masking_utils (find_packed_sequence_indices) builds a
 block-diagonal causal mask: no token attends across examples (the KV cache is off for these batches, as the mask
-needs). Evaluation: the loss during training; at the end (or when train.best_metric needs it) greedy generation of the
+needs). Over data.max_length, a training row keeps its first tokens (the system turn and the earliest turns); the generation
+prompt of an evaluation row drops its oldest whole turns instead, then cuts its last user turn's text (fitted_prompt).
+Evaluation: the loss during training; at the end (or when train.best_metric needs it) greedy generation of the
 last assistant turn from the chat template's generation prompt, scored by exact match, ROUGE and eval.metric_fn.
 """
 
@@ -416,39 +418,62 @@ def rendered(tokenizer, messages: list[dict]) -> tuple[list[tuple[int, int, int]
     return tokens, spans, [t for t, a, _ in tokens[:next((i for i, (_, a, _) in enumerate(tokens) if a >= start), len(tokens))]]
 
 
-def fitted_prompt(tokenizer, messages: list[dict], max_length: int, prompt: list[int]) -> list[int]:
-    """The generation prompt of a conversation longer than max_length (`prompt`: as rendered whole), within it: the
-    last user turn's text cut at its end and the conversation rendered again, so the system prompt, the template's
-    headers, the instruction before the text (task.prompt) and the generation prompt stay (the prompt's last max_length
-    tokens kept none of them, and the model went on with the dialogue). Where that turn alone cannot make room: the
-    prompt's last max_length tokens."""
+def fitted_prompt(tokenizer, messages: list[dict], max_length: int, prompt: list[int]) -> tuple[list[int], int, str | None]:
+    """The generation prompt of a conversation longer than max_length (`prompt`: as rendered whole), within it, rendered
+    again through the template: first the oldest whole turns of its history dropped (each a user turn with the replies
+    up to the next one; as few as make it fit), then, only where the last user turn alone is still too long, that
+    turn's text cut at its end. The system turn, the template's headers, the instruction before the text (task.prompt)
+    and the generation prompt stay (the prompt's last max_length tokens kept none of them, started mid-turn, and the
+    model went on with the dialogue). Where even that cannot make room (a system turn longer than max_length): the
+    prompt's last max_length tokens. -> (prompt, turns dropped, None | "text" (the last user turn's text cut) | "tail"
+    (the last tokens only))."""
     u = next((i for i in range(len(messages) - 2, -1, -1) if messages[i]["role"] == "user"), None)
     if u is None:
-        return prompt[-max_length:]
+        return prompt[-max_length:], 0, "tail"
+    start = next((i for i, m in enumerate(messages) if m["role"] != "system"), u)
+    turns = [i for i in range(start, u) if i == start or messages[i]["role"] == "user"]  # where each older turn starts
+
+    def without(k: int) -> list[dict]:  # the k oldest turns dropped
+        return messages if k == 0 else [*messages[:start], *messages[(turns[k] if k < len(turns) else u):]]
+
+    lo, hi, fits = 1, len(turns), {0: prompt}  # the fewest turns whose dropping fits (binary search: lengths fall with k)
+    while lo <= hi:
+        k = (lo + hi) // 2
+        fits[k] = rendered(tokenizer, without(k))[2]
+        lo, hi = (lo, k - 1) if len(fits[k]) <= max_length else (k + 1, hi)
+    dropped = min(lo, len(turns))
+    if dropped not in fits:
+        fits[dropped] = rendered(tokenizer, without(dropped))[2]
+    if len(fits[dropped]) <= max_length:
+        return fits[dropped], dropped, None
+    messages, prompt = without(dropped), fits[dropped]  # every older turn gone: the last user turn's text is cut
+    u = next(i for i in range(len(messages) - 2, -1, -1) if messages[i]["role"] == "user")
     content = tokenizer(messages[u]["content"], add_special_tokens=False)["input_ids"]
     for _ in range(4):  # a cut can merge tokens at the edge: a pass or two more
         excess = len(prompt) - max_length
         if excess <= 0:
-            return prompt
+            return prompt, dropped, "text"
         if excess >= len(content):
             break
         content = content[: len(content) - excess]
         messages = [*messages[:u], {**messages[u], "content": tokenizer.decode(content)}, *messages[u + 1:]]
         prompt = rendered(tokenizer, messages)[2]
-    return prompt[-max_length:]
+    return prompt[-max_length:], dropped, "tail"
 
 
 def encode(tokenizer, messages: list[dict], max_length: int) -> dict:
-    """One conversation -> input_ids, labels (assistant tokens only), the generation prompt of its last answer (an
-    over-long one fitted: fitted_prompt; `prompt_cut` says so)."""
+    """One conversation -> input_ids and labels (assistant tokens only) of its first max_length tokens, the generation
+    prompt of its last answer (an over-long one fitted: fitted_prompt; `prompt_cut` says so, `turns_dropped` how many
+    of its oldest turns went, `prompt_fit` how the rest was made to fit: '' (whole turns), 'text' or 'tail')."""
     tokens, spans, prompt = rendered(tokenizer, messages)
     ids = [t for t, _, _ in tokens]
     labels = [t if any(s <= a < e for s, e in spans) and b > a else -100 for t, a, b in tokens]
     last = len(messages) - 1
     user = next((m["content"] for m in reversed(messages[:last]) if m["role"] == "user"), "")
     cut = len(prompt) > max_length
+    gen, dropped, how = fitted_prompt(tokenizer, messages, max_length, prompt) if cut else (prompt, 0, None)
     return {"input_ids": ids[:max_length], "labels": labels[:max_length], "truncated": len(ids) > max_length,
-            "gen_ids": fitted_prompt(tokenizer, messages, max_length, prompt) if cut else prompt, "prompt_cut": cut,
+            "gen_ids": gen, "prompt_cut": cut, "turns_dropped": dropped, "prompt_fit": how or "",
             "source": user, "reference": messages[last]["content"]}
 
 
@@ -486,9 +511,15 @@ def report_cuts(ds, where: str, recipe, training: bool = False) -> None:
                     "training drops them; evaluation keeps them (generated; no loss where no row has one). Raise data.max_length to keep them "
                     "whole.", where, unscored, max_length)
     if not where.endswith(".train") and (cut := sum(ds["prompt_cut"])):  # (training rows are not generated from)
-        log.warning("%s: %d prompt(s) longer than data.max_length=%d: generated from the prompt with its last user turn's "
-                    "text cut at the end (the system prompt, headers and instruction kept). Raise data.max_length to "
-                    "generate from them whole.", where, cut, max_length)
+        fit, dropped = ds["prompt_fit"], ds["turns_dropped"]
+        shown = [f"{sum(d > 0 for d in dropped)} lost their oldest turns ({sum(dropped)} user turns with their replies "
+                 "in all)" if any(dropped) else "",
+                 f"{fit.count('text')} had their last user turn's text cut at the end" if "text" in fit else "",
+                 f"{fit.count('tail')} kept only their last {max_length} tokens (a system turn or template too long to "
+                 "keep)" if "tail" in fit else ""]
+        log.warning("%s: %d generation prompt(s) longer than data.max_length=%d, rendered again to fit: %s; the system "
+                    "turn, the template's headers, the instruction and the generation prompt kept. Raise data.max_length "
+                    "to generate from them whole.", where, cut, max_length, ", ".join(x for x in shown if x))
 
 
 # ------------------------------------------------------------------------------------------------ packing and batches
