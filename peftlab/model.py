@@ -347,6 +347,8 @@ def decoder_only(config) -> bool:
 def architecture_problems(recipe: Recipe, config) -> list[str]:
     """What the recipe cannot do with a base of this architecture (`validate` from its config, `train` at build)."""
     problems = [p for p in [causal_lm_problem(recipe, config)] if p]
+    if (task_problem := getattr(get_task(recipe.task.type), "architecture_problem", None)) and (p := task_problem(recipe, config)):
+        problems.append(p)  # (sft: data.packing on a base whose mask ignores the position ids)
     if prefix_cannot_generate(recipe):
         problems.append(PREFIX_GENERATING)
     if recipe.task.type == "classification" and recipe.adapter.method in ("prompt_tuning", "p_tuning"):
@@ -955,6 +957,8 @@ def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], prec
                             auto_cls=task.auto_model_class)
     if problems := architecture_problems(recipe, model.config):
         raise ModelError(problems[0])
+    if (probe := getattr(task, "loaded_model_problem", None)) and (problem := probe(model, recipe)):  # (sft: packing)
+        raise ModelError(problem)
     check_input_lengths(model.config, recipe)
     base_weights_mib = model.get_memory_footprint() / 2**20
     if recipe.train.gradient_checkpointing and recipe.quant.mode == "none":  # (kbit prep already enabled it)

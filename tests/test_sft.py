@@ -342,6 +342,37 @@ def test_a_packed_batch_gives_each_example_the_loss_of_its_unpacked_row(tmp_path
     assert found == len(rows)
 
 
+def test_packing_is_refused_where_the_model_lets_packed_examples_attend_to_each_other(tmp_path, chat_llama, monkeypatch):
+    """OPT builds its mask without the position ids, Bloom and MPT take none: packed examples attended to the ones before
+    them, silently (a packed example's loss moved by 2e-2 on a tiny OPT). `validate` says it from the config, `train`
+    probes the loaded base (one tiny packed forward) and refuses; Llama-family bases pack as before."""
+    from transformers import AutoConfig, AutoModelForCausalLM, OPTConfig, OPTForCausalLM
+
+    from peftlab.errors import ModelError
+    from peftlab.model import architecture_problems, model_problems
+
+    tok = chat_tokenizer()
+    torch.manual_seed(0)
+    opt = tmp_path / "tiny-opt"
+    OPTForCausalLM(OPTConfig(vocab_size=len(tok), hidden_size=32, ffn_dim=64, num_hidden_layers=2, num_attention_heads=4,
+                             max_position_embeddings=256, word_embed_proj_dim=32, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id, bos_token_id=None)).save_pretrained(opt)
+    tok.save_pretrained(opt)
+    path = write_jsonl(tmp_path / "m.jsonl", messages_rows())
+    packed = recipe_for(tmp_path, opt, path, ["data.packing=true", "train.max_steps=1"])
+    fix = r"data.packing=true with a opt base .*attend to the ones packed before it.*Set data.packing=false"
+    assert any(re.search(fix, p) for p in model_problems(packed)), model_problems(packed)  # validate
+    assert not architecture_problems(recipe_for(tmp_path, opt, path), AutoConfig.from_pretrained(opt))  # unpacked: fine
+    with pytest.raises(ModelError, match=fix):
+        run(packed)
+    monkeypatch.setattr(sft, "UNPACKED_MASK", ())  # an architecture the list does not name: the probe at load finds it
+    with pytest.raises(ModelError, match=fix.replace("Set", r"measured at load: .*Set")):
+        run(packed)
+    llama = AutoModelForCausalLM.from_pretrained(chat_llama)
+    assert sft.packing_leak(llama) == 0.0 and sft.packing_leak(AutoModelForCausalLM.from_pretrained(opt)) > 1e-2
+    assert sft.loaded_model_problem(llama, recipe_for(tmp_path, chat_llama, path, ["data.packing=true"])) is None
+
+
 @pytest.mark.parametrize("packing", [False, True])
 def test_real_tokens_per_second_count_no_padding_of_packed_or_padded_rows(tmp_path, chat_llama, packing):
     path = write_jsonl(tmp_path / "m.jsonl", messages_rows())

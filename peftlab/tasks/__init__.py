@@ -45,6 +45,9 @@ class Task(Protocol):
     # - GENERATED_METRICS: the metrics that need generation (a train.best_metric among them makes evaluations generate).
     # - best_metric_note: said after the metrics when train.best_metric is not one of them.
     # - packs = True: the task reads data.packing (other tasks refuse it rather than ignore it).
+    # - architecture_problem(recipe, config) -> str | None: what the recipe cannot do with a base of this architecture,
+    #   from its config (`validate` and `train`); loaded_model_problem(model, recipe) -> str | None: the same found on the
+    #   base just loaded, before its adapter (sft: data.packing on a base whose mask lets packed examples attend across).
     # - warm_start = True: the task accepts model.decoder (an encoder-decoder warm-started from two checkpoints).
     # - base_lm_head = True: its head is the base's own LM head (adapter.method=frozen would train nothing).
     # - load_model(recipe, path, dtype) -> (model, new module names) or None: a task-specific base (None: the usual load).

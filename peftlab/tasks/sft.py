@@ -17,7 +17,9 @@ even where pad == eos. A split whose template leaves no assistant token trainabl
 With data.packing the training rows are packed into rows of up to data.max_length tokens: position ids restart at
 each example and no attention mask is passed, so transformers' masking_utils (find_packed_sequence_indices) builds a
 block-diagonal causal mask: no token attends across examples (the KV cache is off for these batches, as the mask
-needs). Over data.max_length, a training row keeps its first tokens (the system turn and the earliest turns); the generation
+needs). A base whose mask ignores those position ids (OPT; Bloom and MPT take none) is refused: UNPACKED_MASK from its
+config, and a probe of the loaded base (packing_leak).
+Over data.max_length, a training row keeps its first tokens (the system turn and the earliest turns); the generation
 prompt of an evaluation row drops its oldest whole turns instead, then cuts its last user turn's text (fitted_prompt).
 Evaluation: the loss during training; at the end (or when train.best_metric needs it) greedy generation of the
 last assistant turn from the chat template's generation prompt, scored by exact match, ROUGE and eval.metric_fn.
@@ -566,6 +568,62 @@ def prepare_train(ds, recipe):
     log.info("packing: %s examples into %s rows of <= %d tokens (%.0f%% full)", f"{len(ds):,}", f"{len(bins):,}", cap,
              100 * sum(lengths) / max(len(bins) * cap, 1))
     return datasets.Dataset.from_dict(rows)
+
+
+# architectures whose attention mask transformers builds without the position ids (OPT calls create_causal_mask without
+# them; Bloom and MPT take none): a packed example attends to the ones before it. The probe at load (packing_leak) finds
+# them too; this list lets `validate` say it from the config alone.
+UNPACKED_MASK = ("opt", "bloom", "mpt")
+PACKING_LEAKS = ("data.packing=true with a {kind} base ({name}): transformers builds its attention mask without the position "
+                 "ids that mark where each packed example starts, so every example would attend to the ones packed before it "
+                 "and train on them, silently{measured}. Set data.packing=false (or use a base that keeps packed examples "
+                 "apart: Llama, Qwen2, GPT-2, GPT-NeoX, Phi, Falcon, ...).")
+PROBE_TOLERANCE = 1e-4  # of the logits' scale: with the block-diagonal mask the second example's logits are the same bits
+
+
+def architecture_problem(recipe, config) -> str | None:
+    """`validate` (from the base's config) and `train`: data.packing on an architecture of UNPACKED_MASK."""
+    kind = getattr(config, "model_type", None)
+    if recipe.data.packing and kind in UNPACKED_MASK:
+        return PACKING_LEAKS.format(kind=kind, name=recipe.model.name, measured="")
+    return None
+
+
+def packing_leak(model) -> float:
+    """How far one example's logits move with the example packed before it (two rows: the same 4 tokens behind two
+    different 5-token examples, position ids restarting at each, no attention mask, as the collator packs them),
+    relative to the logits' scale: 0 where transformers builds the block-diagonal mask. One forward of 2 x 9 tokens."""
+    embed = model.get_input_embeddings()
+    vocab, device = embed.weight.shape[0], embed.weight.device
+    g = torch.Generator().manual_seed(0)
+    first, second = torch.randint(vocab // 4, vocab, (2, 5), generator=g), torch.randint(vocab // 4, vocab, (4,), generator=g)
+    ids = torch.cat([first, second.expand(2, -1)], 1).to(device)
+    positions = torch.tensor([[*range(5), *range(4)]] * 2, device=device)
+    training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            logits = model(input_ids=ids, position_ids=positions, use_cache=False).logits[:, 5:].float()
+    finally:
+        model.train(training)
+    return ((logits[0] - logits[1]).abs().max() / logits.abs().max().clamp_min(1e-12)).item()
+
+
+def loaded_model_problem(model, recipe) -> str | None:
+    """`train`, the base just loaded (no adapter yet): with data.packing, does it keep packed examples apart (packing_leak)?
+    A base on the meta device (sharded loading) is left to architecture_problem."""
+    if not recipe.data.packing or any(p.is_meta for p in model.parameters()):
+        return None
+    kind = getattr(model.config, "model_type", "?")
+    try:
+        leak = packing_leak(model)
+    except Exception as e:  # (a forward that takes no position ids, or fails on them: it cannot pack either)
+        return PACKING_LEAKS.format(kind=kind, name=recipe.model.name, measured=f" (a packed row fails in its forward: "
+                                    f"{type(e).__name__}: {str(e)[:200]})")
+    if leak > PROBE_TOLERANCE:
+        return PACKING_LEAKS.format(kind=kind, name=recipe.model.name, measured=f" (measured at load: an example's logits "
+                                    f"moved by {leak:.1e} of their scale with the example packed before it)")
+    return None
 
 
 def _pad(seqs: list[list[int]], value, left: bool = False, multiple: int = 8) -> torch.Tensor:
