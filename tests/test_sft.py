@@ -264,7 +264,7 @@ def test_an_eval_split_whose_answers_all_start_past_max_length_is_generated_not_
     with caplog.at_level(logging.WARNING):
         data = build_data(r, chat_tokenizer(), splits=splits, label_names=[])
     assert sum(data.eval["n_labels"]) == 0 and all(len(g) <= 64 for g in data.eval["gen_ids"])
-    assert f"data.eval: {len(QA)} prompt(s) longer than data.max_length=64" in caplog.text and "data.train: " not in caplog.text
+    assert f"data.eval: {len(QA)} generation prompt(s) longer than data.max_length=64" in caplog.text and "data.train: " not in caplog.text
     result = run(r)  # trained, chosen by exact match; the final evaluation generates from every row, with no loss
     assert result.metrics["eval"]["exact_match"] >= 0 and "loss" not in result.metrics["eval"]
     assert "loss" not in json.loads((Path(r.output_dir) / "metrics.json").read_text())["eval"]
