@@ -90,6 +90,38 @@ def tiny_llama(tmp_path_factory) -> Path:
     return d
 
 
+def bytelevel_tokenizer(padding_side: str = "right"):
+    """A byte-level BPE tokenizer (GPT-2's, SmolLM2's kind) trained on the synthetic sentences: no special tokens around a
+    text and none between a pair's texts; pad == eos == <|endoftext|>."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    tk.train_from_iterator([t for t, _ in synthetic_rows(200, 0)], trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                   padding_side=padding_side)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_left(tmp_path_factory) -> Path:
+    """A 2-layer random GPT-2 (absolute position embeddings, no dropout) whose byte-level tokenizer pads on the left,
+    as GPT-2-like checkpoints often ship for generation."""
+    from transformers import GPT2Config, GPT2Model
+
+    torch.manual_seed(0)
+    d = tmp_path_factory.mktemp("tiny-gpt2-left")
+    tok = bytelevel_tokenizer("left")
+    cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=4, n_positions=128, pad_token_id=tok.pad_token_id,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id, resid_pdrop=0.0, embd_pdrop=0.0,
+                     attn_pdrop=0.0)
+    GPT2Model(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
 def synthetic_rows(n: int, seed: int) -> list[tuple[str, int]]:
     """Sentences whose label is given by one sentiment word among filler: learnable in a few dozen steps."""
     rng = random.Random(seed)

@@ -531,3 +531,19 @@ def test_an_eval_split_read_from_the_train_file_is_warned_about(make_recipe, sen
     with caplog.at_level(logging.WARNING, logger="peftlab"):
         preflight(make_recipe())
     assert "data.eval is the file of data.train" not in caplog.text
+
+
+def test_a_left_padding_tokenizer_predicts_the_same_at_any_eval_batch_size(make_recipe, tmp_path, tiny_gpt2_left):
+    """A tokenizer saved with padding_side=left padded classification batches on the left: with absolute position
+    embeddings (GPT-2) each row's positions moved with its batch's padding, and the metrics changed with eval.batch_size.
+    Classification pads on the right; the tokenizer the run exports still pads left (generation relies on it)."""
+    from transformers import AutoTokenizer
+
+    runs = {bs: run(make_recipe({"eval.batch_size": bs, "output_dir": tmp_path / f"b{bs}", "adapter.method": "full",
+                                 "train.max_steps": 4, "train.precision": "fp32"}, model=tiny_gpt2_left))
+            for bs in (1, 8)}
+    assert runs[1]["metrics"]["eval"] == pytest.approx(runs[8]["metrics"]["eval"], abs=1e-5)
+    predicted = [[json.loads(line)["probability"] for line in (tmp_path / f"b{bs}" / "predictions-eval.jsonl").read_text().splitlines()]
+                 for bs in (1, 8)]
+    assert predicted[0] == pytest.approx(predicted[1], abs=1e-5)
+    assert AutoTokenizer.from_pretrained(tmp_path / "b8").padding_side == "left"

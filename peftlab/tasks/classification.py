@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForSequenceClassification, DataCollatorWithPadding
+from transformers import AutoModelForSequenceClassification
 
 from ..methods.prompt import PREFIX_ON_CLASSIFICATION
 from ..metrics import CLASSIFICATION_KEYS, classification_metrics
@@ -64,11 +64,14 @@ def encode_pairs(batch, tokenizer, max_length: int) -> dict:
 def collator(tokenizer):
     """Pads each batch to its longest row, no further: length-grouped batches then carry 1.05x the real tokens on
     SST-2, and 47% of them none at all, so attention runs without a mask (SDPA's fast path). Padding to a multiple
-    of 8 made that 1.30x and 5% (benchmarks/README.md, Throughput)."""
-    pad = DataCollatorWithPadding(tokenizer)
+    of 8 made that 1.30x and 5% (benchmarks/README.md, Throughput). On the right, whatever the tokenizer's padding_side:
+    a left-padding tokenizer (GPT-2-like bases, padded left for generation) shifted every row's tokens by its batch's
+    padding, and with absolute position embeddings a row's prediction depended on its batch (eval.batch_size). The
+    tokenizer itself is left as it is (the generation tasks pad left on purpose)."""
 
     def collate(rows):
-        return pad([{k: v for k, v in r.items() if k not in NOT_INPUTS} for r in rows])
+        return tokenizer.pad([{k: v for k, v in r.items() if k not in NOT_INPUTS} for r in rows], padding=True,
+                             padding_side="right", return_tensors="pt")
 
     return collate
 
