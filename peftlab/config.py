@@ -148,7 +148,9 @@ class DataConfig:
                            ge=0, lt=2**32, hint="the range numpy's and torch's seeds take")
     text_columns: list[str] = opt(["sentence"], "Column(s) holding the input text; several are joined with a space.")
     text_pair: bool = opt(False, "Classification: the two data.text_columns are a sentence pair (MRPC: [sentence1, sentence2]), "
-                          "encoded as one ([CLS] a [SEP] b [SEP], with segment ids), not joined into one string.")
+                          "encoded as one by the tokenizer's pair template ([CLS] a [SEP] b [SEP], with segment ids), not "
+                          "joined into one string; where the template puts nothing between the texts (byte-level BPE "
+                          "decoders: GPT-2, SmolLM2), with a newline token between them (EOS where there is none).")
     label_column: str = opt("label", "Column holding the label (an index or a name).")
     label_names: list[str] | None = opt(None, "Ordered label names (integers are their text: [1, 2, 3, 4, 5]); null = the sorted "
                                        "distinct labels of the train split (the whole file, before any eval_holdout).")

@@ -770,3 +770,61 @@ def test_integer_codes_in_an_evaluation_split_beside_names_in_train_are_warned_a
     with caplog.at_level("WARNING", logger="peftlab.data"):  # the split's own map: said what the codes mean
         s, names = load_splits(load_recipe(None, [*base, "data.eval.label_map={1: positive, 0: negative}"], validate_files=False))
     assert "integer codes" not in caplog.text and [names[i] for i in s["eval"]["label"]] == ["positive", "negative"]
+
+
+def test_a_pair_is_separated_where_the_tokenizers_template_puts_nothing_between_its_texts():
+    """data.text_pair with a byte-level BPE tokenizer (GPT-2's, SmolLM2's: `tokenizer(a, b)` is a's tokens then b's)
+    glued the sentences, 'The cat sat.A cat was sitting.', worse than joining them with a space. A newline goes between
+    them, longest_first cuts the longer text first and never the separator; a tokenizer with a pair template ([SEP])
+    is encoded as it encodes pairs."""
+    from peftlab.tasks.classification import encode_pairs, pair_layout
+
+    from .conftest import bytelevel_tokenizer, minilm_tokenizer
+
+    tok = bytelevel_tokenizer()
+    [newline] = tok("\n", add_special_tokens=False)["input_ids"]
+    assert pair_layout(tok).separator == [newline]
+    out = encode_pairs({"text": ["the movie was good", "a bad plot"], "text_pair": ["really quite lovely", "the film"]}, tok, 64)
+    assert [tok.decode(ids) for ids in out["input_ids"]] == ["the movie was good\nreally quite lovely", "a bad plot\nthe film"]
+    assert out["truncated"] == [False, False] and out["length"] == [len(ids) for ids in out["input_ids"]]
+    assert out["attention_mask"] == [[1] * n for n in out["length"]]
+    a = "the movie was really quite good and the actor was lovely and the story was fine"
+    long, short = tok(a, add_special_tokens=False)["input_ids"], tok("a bad plot", add_special_tokens=False)["input_ids"]
+    for first, second in ((a, "a bad plot"), ("a bad plot", a)):
+        cut = encode_pairs({"text": [first], "text_pair": [second]}, tok, 12)
+        ids = cut["input_ids"][0]
+        assert cut["truncated"] == [True] and len(ids) == 12 and ids.count(newline) == 1
+        kept = ids[:ids.index(newline)], ids[ids.index(newline) + 1:]
+        assert (kept if first == a else kept[::-1]) == (long[:11 - len(short)], short)  # the longer one cut, the short kept
+
+    bert = minilm_tokenizer()
+    assert pair_layout(bert) is None
+    out = encode_pairs({"text": ["the cat sat."], "text_pair": ["a cat was sitting."]}, bert, 64)
+    assert bert.decode(out["input_ids"][0]) == "[CLS] the cat sat. [SEP] a cat was sitting. [SEP]"
+    assert out["token_type_ids"][0] == [0] * 6 + [1] * 6
+
+
+def test_a_decoder_pair_classifiers_card_snippet_gives_the_runs_predictions(make_recipe, tmp_path, tiny_gpt2_left):
+    """The card's pair example fed `tokenizer([a], [b])` (the texts glued) to a model trained with a separator between them:
+    it encodes the pair as the run did, and gives each row the probability the run's predictions file holds."""
+    from peftlab import run
+    from peftlab.publish.card import card_text
+
+    from .conftest import synthetic_rows, write_tsv
+
+    rows = [(a, b, "same" if x == y else "different") for (a, x), (b, y) in zip(synthetic_rows(96, 5), synthetic_rows(96, 6))]
+    train = write_tsv(tmp_path / "pairs.tsv", [(f"{a}\t{b}", y) for a, b, y in rows[:64]], header=("s1", "s2", "label"))
+    dev = write_tsv(tmp_path / "dev.tsv", [(f"{a}\t{b}", y) for a, b, y in rows[64:]], header=("s1", "s2", "label"))
+    out = tmp_path / "pair"
+    run(make_recipe({"output_dir": out, "data.train": train, "data.eval": dev, "data.text_columns": "[s1, s2]",
+                     "data.text_pair": True, "data.label_names": "[different, same]", "train.max_steps": 3,
+                     "train.precision": "fp32", "adapter.target_modules": "[c_attn]"}, model=tiny_gpt2_left))
+    code = re.search(r"```python\n(.*?)```", card_text(out, "alice/pair"), re.S).group(1)
+    code = re.sub(r"^repo = .*$", f"repo = {str(out)!r}", code, flags=re.M)
+    code = re.sub(r"^base_model = .*$", f"base_model = {str(tiny_gpt2_left)!r}", code, flags=re.M)
+    for line in (out / "predictions-eval.jsonl").read_text().splitlines()[:3]:
+        row = json.loads(line)
+        scope = {}
+        exec(code.replace('"The firm reported a loss."', json.dumps(row["text"])).replace('"The company lost money."',  # noqa: S102
+                                                                                            json.dumps(row["text_pair"])), scope)
+        assert scope["logits"].softmax(-1).max().item() == pytest.approx(row["probability"], abs=1e-5), code

@@ -354,10 +354,7 @@ def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: 
         where = f"  # a local folder holding {gguf} when it was trained: point this at your copy of it"
     example = ""
     if auto_cls == "AutoModelForSequenceClassification" and recipe.data.text_pair:  # trained on pairs: given as a pair
-        example = ("with torch.no_grad():  # a pair of texts, as trained (data.text_pair)\n"
-                   "    logits = model(**tokenizer([\"The firm reported a loss.\"], [\"The company lost money.\"], "
-                   "return_tensors=\"pt\")).logits\n"
-                   "print(labels[logits.argmax(-1).item()])\n")
+        example = _pair_example(out)
     elif auto_cls == "AutoModelForSequenceClassification":
         example = ("with torch.no_grad():\n    logits = model(**tokenizer([\"a gripping, beautifully shot film\"], return_tensors=\"pt\")).logits\n"
                    "print(labels[logits.argmax(-1).item()])\n")
@@ -411,6 +408,36 @@ def _usage(out: Path, recipe, run: RunRecord, repo: str, base: str, local_base: 
 # as the evaluation stops at both (tasks/generative.end_tokens)
 BASE_ENDS = ("eos += [i for i in (own.eos_token_id if isinstance(own.eos_token_id, list) else [own.eos_token_id]) "
              "if i is not None and i not in eos]  # and the base's own end tokens, as peftlab's evaluation stops\n")
+
+
+def _pair_example(out: Path) -> str:
+    """A pair of texts encoded as the run encoded its pairs (tasks/classification.encode_pairs): by the tokenizer's pair
+    template, or where that puts nothing between the texts, with the separator the run put there, written out."""
+    from transformers import AutoTokenizer
+
+    from ..tasks.classification import pair_layout
+
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    layout = pair_layout(tokenizer)
+    if layout is None:
+        return ("with torch.no_grad():  # a pair of texts, as trained (data.text_pair)\n"
+                "    logits = model(**tokenizer([\"The firm reported a loss.\"], [\"The company lost money.\"], "
+                "return_tensors=\"pt\")).logits\n"
+                "print(labels[logits.argmax(-1).item()])\n")
+    what = "its EOS token" if layout.separator == [tokenizer.eos_token_id] else "a newline"
+    ids = " + ".join([*([repr(layout.before)] if layout.before else []), "a", repr(layout.separator), "b",
+                      *([repr(layout.after)] if layout.after else [])])
+    types, inputs = "", "input_ids=torch.tensor([ids])"
+    if layout.segments is not None:
+        before, ta, tb, after = layout.segments
+        types = f"    types = {before!r} + [{ta}] * (len(a) + {len(layout.separator)}) + [{tb}] * len(b) + {after!r}\n"
+        inputs += ", token_type_ids=torch.tensor([types])"
+    return ("with torch.no_grad():  # a pair of texts, as trained (data.text_pair)\n"
+            "    a = tokenizer(\"The firm reported a loss.\", add_special_tokens=False)[\"input_ids\"]\n"
+            "    b = tokenizer(\"The company lost money.\", add_special_tokens=False)[\"input_ids\"]\n"
+            f"    ids = {ids}  # this tokenizer puts nothing between a pair's texts: peftlab put {what} there\n"
+            f"{types}    logits = model({inputs}).logits\n"
+            "print(labels[logits.argmax(-1).item()])\n")
 
 
 def _plain_generation(owner: str) -> str:

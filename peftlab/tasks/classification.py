@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from transformers import AutoModelForSequenceClassification
 
@@ -31,11 +33,13 @@ def summary_line(split: str, m: dict) -> str:
 def tokenize(ds, tokenizer, recipe):
     """Tokenize without padding (the collator pads each batch to its longest row); keep `length` and `truncated`, and
     the text(s) and `row` for the predictions file. Sentence pairs (a `text_pair` column: data.text_pair) are encoded as
-    pairs, the longer text cut first."""
+    pairs, the longer text cut first (encode_pairs: with a separator where the tokenizer's template puts none)."""
     max_length = recipe.data.max_length
     special = set(tokenizer.all_special_ids)
     if "text_pair" in ds.column_names:
-        return ds.map(lambda b: encode_pairs(b, tokenizer, max_length), batched=True, desc="tokenize pairs").rename_column("label", "labels")
+        layout = pair_layout(tokenizer)  # (once, not per batch)
+        return ds.map(lambda b: encode_pairs(b, tokenizer, max_length, layout), batched=True,
+                      desc="tokenize pairs").rename_column("label", "labels")
 
     def enc(batch):
         # one token more than allowed tells which rows were cut, without tokenizing twice
@@ -52,13 +56,79 @@ def tokenize(ds, tokenizer, recipe):
     return ds.map(enc, batched=True, desc="tokenize").rename_column("label", "labels")
 
 
-def encode_pairs(batch, tokenizer, max_length: int) -> dict:
-    """[CLS] a [SEP] b [SEP] with segment ids; cut to max_length by the tokenizer (longest_first), `truncated` said so."""
-    full = tokenizer(batch["text"], batch["text_pair"])["input_ids"]
-    out = tokenizer(batch["text"], batch["text_pair"], truncation="longest_first", max_length=max_length)
+def encode_pairs(batch, tokenizer, max_length: int, layout="detect") -> dict:
+    """[CLS] a [SEP] b [SEP] with segment ids (the tokenizer's own pair template), or where the tokenizer puts nothing
+    between the texts (`pair_layout`), a + separator + b; cut to max_length, the longer text first (longest_first) and
+    never the separator, `truncated` said so. `layout`: pair_layout(tokenizer), found here when not given."""
+    layout = pair_layout(tokenizer) if layout == "detect" else layout
+    if layout is None:
+        full = tokenizer(batch["text"], batch["text_pair"])["input_ids"]
+        out = tokenizer(batch["text"], batch["text_pair"], truncation="longest_first", max_length=max_length)
+        out["length"] = [len(ids) for ids in out["input_ids"]]
+        out["truncated"] = [len(ids) > max_length for ids in full]
+        return out
+    firsts = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+    seconds = tokenizer(batch["text_pair"], add_special_tokens=False)["input_ids"]
+    fixed = len(layout.before) + len(layout.separator) + len(layout.after)
+    room, left = max(max_length - fixed, 0), tokenizer.truncation_side == "left"
+    out = {"input_ids": [], "token_type_ids": [], "truncated": []}
+    for a, b in zip(firsts, seconds):
+        out["truncated"].append(fixed + len(a) + len(b) > max_length)
+        keep_a = min(len(a), max(room - len(b), (room + 1) // 2))  # longest_first: the longer text is cut first, down
+        keep_b = min(len(b), room - keep_a)                        # to an even split (the first text keeps an odd token)
+        a, b = (a[len(a) - keep_a:], b[len(b) - keep_b:]) if left else (a[:keep_a], b[:keep_b])
+        out["input_ids"].append([*layout.before, *a, *layout.separator, *b, *layout.after])
+        out["token_type_ids"].append(layout.types(len(a), len(b)))
+    if layout.segments is None:  # (a tokenizer that returns no token_type_ids)
+        del out["token_type_ids"]
+    if "attention_mask" in tokenizer.model_input_names:
+        out["attention_mask"] = [[1] * len(ids) for ids in out["input_ids"]]
     out["length"] = [len(ids) for ids in out["input_ids"]]
-    out["truncated"] = [len(ids) > max_length for ids in full]
     return out
+
+
+class PairLayout(NamedTuple):
+    """How a pair is encoded where the tokenizer's pair template puts nothing between the texts: the template's tokens
+    before and after them, the separator peftlab puts between, and the template's segment ids (before, first text,
+    second text, after), None where the tokenizer returns none."""
+    before: list[int]
+    separator: list[int]
+    after: list[int]
+    segments: tuple[list[int], int, int, list[int]] | None
+
+    def types(self, first: int, second: int) -> list[int] | None:
+        """The segment ids of a pair of these lengths (the separator: the first text's)."""
+        if self.segments is None:
+            return None
+        before, a, b, after = self.segments
+        return [*before, *[a] * (first + len(self.separator)), *[b] * second, *after]
+
+
+def pair_layout(tokenizer) -> PairLayout | None:
+    """None where the tokenizer's pair template separates the texts ([CLS] a [SEP] b [SEP], <s> a </s></s> b </s>, a BOS
+    between): peftlab encodes pairs as the tokenizer does. Else (byte-level BPE decoders: GPT-2, SmolLM2, Qwen, whose
+    `tokenizer(a, b)` is a's tokens then b's, 'The cat sat.A cat was sitting.') how peftlab encodes them: a newline
+    between the texts, or the EOS token where the tokenizer has no newline. A newline, not EOS: an LM read the text after
+    an EOS as a new, unrelated document in pretraining, and two related sentences a line apart as ordinary text; and the
+    pad token is often EOS (SmolLM2's; peftlab pads with EOS where a tokenizer has no pad token), so an EOS inside a row
+    would read as padding to whatever finds a row's last token by the pad id (older transformers' classification heads
+    took the token before the first pad: the end of the first text). Found from a probe pair, once per call."""
+    first, second = "Is it here?", "It is there."
+    a = tokenizer(first, add_special_tokens=False)["input_ids"]
+    b = tokenizer(second, add_special_tokens=False)["input_ids"]
+    pair = tokenizer(first, second)
+    ids, n = pair["input_ids"], len(a) + len(b)
+    at = next((i for i in range(len(ids) - n + 1) if ids[i:i + n] == a + b), None)
+    if at is None:  # something between the texts (or a template peftlab cannot read): the tokenizer's own encoding
+        return None
+    word = tokenizer("x", add_special_tokens=False)["input_ids"]
+    line = tokenizer("x\n", add_special_tokens=False)["input_ids"]  # (after a word: no SentencePiece '▁' before the newline)
+    separator = line[len(word):] if line[:len(word)] == word and len(line) > len(word) else []
+    if not separator and tokenizer.eos_token_id is not None:
+        separator = [tokenizer.eos_token_id]
+    types = pair.get("token_type_ids")
+    segments = None if types is None else (types[:at], types[at], types[at + len(a)], types[at + n:])
+    return PairLayout(ids[:at], separator, ids[at + n:], segments)
 
 
 def collator(tokenizer):
