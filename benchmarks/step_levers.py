@@ -189,7 +189,7 @@ def main() -> None:
                      "speedup": seconds["alternative"] / seconds["default"]})
         print(f"{name}: {rows[-1]['alternative_ms']:.1f} -> {rows[-1]['default_ms']:.1f} ms a step ({rows[-1]['speedup']:.3f}x)", flush=True)
 
-    tokens = [int(b["real_tokens"]) for b in batches[a.warmup:]]  # non-pad tokens, counted by the training loader
+    tokens = [sum(b["real_tokens"]) for b in batches[a.warmup:]]  # non-pad tokens, counted by the training loader (per row)
     out = {"recipe": a.recipe, "overrides": a.overrides, "precision": precision, "threads": torch.get_num_threads(),
            "batches": len(tokens), "mean_real_tokens_per_batch": sum(tokens) / len(tokens),
            "max_length_per_batch": max(b["input_ids"].shape[1] for b in batches), "rows": rows}

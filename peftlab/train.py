@@ -137,9 +137,11 @@ class Window:
     step. Real tokens are the rows' own before padding (host ints from the loader: `with_real_tokens`), so the tail
     padding of a packed row, which has no attention mask to tell it apart, is not counted as real.
 
-    Examples are counted over all ranks, each row once: on N processes Accelerate tops the epoch's last batches up with
-    rows from its start (even_batches), so `tail` (the real rows of that last round: rows per epoch mod batch x N; 0 when
-    it divides) is what its last micro-batch adds. The repeated rows' tokens still count in the token totals."""
+    Examples and real tokens are counted over all ranks, each row once: on N processes Accelerate tops the epoch's last
+    batches up with rows from its start (even_batches: rank r's batch of that round holds the real rows tail - r x
+    batch, first, then repeated ones), so of the last round only the real rows count (`tail`: rows per epoch mod batch x
+    N; 0 when it divides). Each rank counts its own rows' examples (a packed row holds several) and tokens; settle sums
+    them. Padded tokens count what was computed, repeated rows included."""
 
     def __init__(self, accelerator, tail: int = 0):
         self.acc, self.tail = accelerator, tail
@@ -153,16 +155,17 @@ class Window:
         self.examples = self.tokens = self.padded = 0
         self.start = time.perf_counter()
 
-    def add(self, loss: torch.Tensor, batch: dict, real_tokens: int, items: torch.Tensor, real_examples: int | None = None) -> None:
+    def add(self, loss: torch.Tensor, batch: dict, real_tokens: list[int], items: torch.Tensor, real_examples: list[int]) -> None:
         """`items`: the count (rows or labelled tokens) `loss` is the mean over: the logged loss is the mean over all
-        of the window's, whatever the batch size, accumulation and processes (as pool_gradients trains a step)."""
+        of the window's, whatever the batch size, accumulation and processes (as pool_gradients trains a step).
+        `real_tokens`, `real_examples`: each row's (with_real_tokens)."""
         self.loss += loss.detach() * items
         self.weight += items
-        self.tokens += real_tokens
+        n = len(real_examples)
         last = self.tail and self.acc.gradient_state.end_of_dataloader  # the epoch's last round of batches
-        rows = self.tail if last else len(batch["labels"]) * self.acc.num_processes
-        # packed rows (data.packing): their examples; on N processes, the rows scaled by this rank's examples per row
-        self.examples += rows if real_examples is None else round(rows * real_examples / len(batch["labels"]))
+        real = min(max(self.tail - self.acc.process_index * n, 0), n) if last else n  # this rank's rows not repeated
+        self.tokens += sum(real_tokens[:real])
+        self.examples += sum(real_examples[:real])
         self.padded += batch["input_ids"].numel()
 
     def elapsed(self) -> float:
@@ -179,9 +182,8 @@ class Window:
         run's totals are whole) and count again from zero; the loss keeps adding up until `flush`.
         -> (examples, real tokens, seconds) added."""
         elapsed = self.elapsed()
-        counts = torch.tensor([self.tokens, self.padded], dtype=torch.long, device=self.acc.device)
-        tokens, padded = self.acc.reduce(counts, "sum").tolist()  # real and padded tokens of all ranks: one collective
-        examples = self.examples
+        counts = torch.tensor([self.examples, self.tokens, self.padded], dtype=torch.long, device=self.acc.device)
+        examples, tokens, padded = self.acc.reduce(counts, "sum").tolist()  # all ranks': one collective
         state.examples += examples
         state.tokens += tokens
         state.padded_tokens += padded
@@ -283,11 +285,11 @@ def train_loader(data: TaskData, t, processes: int) -> DataLoader:
 
 
 def with_real_tokens(collate):
-    """The task's collate + `real_tokens`: the batch's tokens before padding, and `real_examples`: its examples (a packed
-    row holds several: sft's n_examples); host ints, popped before the forward."""
+    """The task's collate + `real_tokens`: each row's tokens before padding, and `real_examples`: each row's examples (a
+    packed row holds several: sft's n_examples); host ints, popped before the forward (Window.add)."""
     def collate_counted(rows):
-        return {**collate(rows), "real_tokens": sum(len(r["input_ids"]) for r in rows),
-                "real_examples": sum(r.get("n_examples", 1) for r in rows)}
+        return {**collate(rows), "real_tokens": [len(r["input_ids"]) for r in rows],
+                "real_examples": [r.get("n_examples", 1) for r in rows]}
 
     return collate_counted
 

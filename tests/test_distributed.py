@@ -341,3 +341,26 @@ def test_sharded_runs_export_the_gathered_state_dict(make_recipe, tmp_path):
     lora_b = [k for k in saved if "lora_B" in k]
     assert lora_b and all(torch.all(saved[k] == 0.5) for k in lora_b)
     assert all(torch.all(p == 0) for k, p in model.named_parameters() if "lora_B" in k)  # the model itself was not used
+
+
+def test_packed_rows_count_each_example_and_token_once_on_two_ranks(tmp_path, chat_llama):
+    """Packed SFT rows (several examples each) on 2 ranks: train_examples was this rank's examples per packed row scaled
+    to all ranks (40 for 64 examples), and the tokens counted the rows Accelerate repeats to top the epoch's last round
+    up. Each rank now counts its own rows' examples and tokens, the repeated ones left out: the totals of one process."""
+    from peftlab import build_data, load_splits
+
+    from .conftest import chat_tokenizer
+    from .test_sft import QA, recipe_for, write_jsonl
+
+    rows = [{"messages": [{"role": "user", "content": q + " please" * (i % 5)}, {"role": "assistant", "content": a}]}
+            for i, (q, a) in enumerate((QA * 4)[:20])]
+    overrides = ["data.max_length=48", "data.packing=true", "train.max_steps=null", "train.epochs=1", "train.log_every=1", "data.eval=null"]
+    r = recipe_for(tmp_path, chat_llama, write_jsonl(tmp_path / "m.jsonl", rows), overrides)
+    splits, _ = load_splits(r)
+    packed = build_data(r, chat_tokenizer(), splits=splits, label_names=[]).train
+    assert len(packed) % 2 and max(packed["n_examples"]) > 1  # an uneven last round of 2 ranks x 1, several examples a row
+    sh([sys.executable, "-m", "peftlab.cli", "train", str(tmp_path / "recipe.yaml"), f"output_dir={tmp_path / 'two'}",
+        *overrides, "train.batch_size=1", "--launch", "cpu-ddp", "--num-processes", "2"], cwd=tmp_path)
+    two = json.loads((tmp_path / "two" / "run.json").read_text())
+    assert two["processes"] == 2
+    assert (two["train_examples"], two["train_tokens"]) == (len(rows), sum(packed["length"]))
