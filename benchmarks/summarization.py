@@ -10,7 +10,8 @@ sizes that ran are recorded in the results' meta.
 The model is trained by its own `peftlab train` process from the shipped recipe plus overrides. Lead-3 is the first three
 turns of each dialogue, scored by the same ROUGE module (peftlab/metric_modules/rouge.py: rouge_score, Porter stemming,
 Lsum over one sentence per line) on exactly the rows the model summarised, read back from the run's
-predictions-test.jsonl. Writes benchmarks/results/summarization.json and .md (--quick: summarization-quick.*).
+predictions-test.jsonl. Writes benchmarks/results/summarization.json and .md (--quick: summarization-quick.*); an
+existing NAME.* is replaced only with --overwrite (--quick's own, always).
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # benchmarks.common, and this checkout's peftlab
-from benchmarks.common import RESULTS, fill_unset, train_process, write_result  # noqa: E402
+from benchmarks.common import RESULTS, fill_unset, refuse_replacing, train_process, write_result  # noqa: E402
 from peftlab.metrics import ROUGE_KEYS  # noqa: E402
 
 RECIPE = "recipes/minilm/samsum-lora.yaml"
@@ -103,6 +104,8 @@ def main() -> None:
     p.add_argument("--name", default=None, help="results file stem (default: summarization, or summarization-quick)")
     p.add_argument("--quick", action="store_true", help="tiny subsets (32 train rows, 1 epoch, 16 test rows, unless given): "
                    "checks the pipeline in minutes")
+    p.add_argument("--overwrite", action="store_true", help="replace results/NAME.* if they exist (else refused; --quick's "
+                   "own summarization-quick.* are replaced without it)")
     p.add_argument("--verbose", action="store_true")
     args = p.parse_args()
     # --quick fills only the sizes not given (it overwrote --train/--test/--epochs given with 32/16/1, and recorded neither)
@@ -115,6 +118,7 @@ def main() -> None:
         p.error(f"--epochs {args.epochs:g}: give a positive number of passes (e.g. 1 or 0.5), or leave it out for the recipe's")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     name = args.name or ("summarization-quick" if args.quick else "summarization")
+    refuse_replacing(p, [RESULTS / f"{name}.{ext}" for ext in ("json", "md")], args.overwrite or name == "summarization-quick")
     out = RESULTS / "runs" / name
     run = train_model(args, out)
     rows = [json.loads(line) for line in (out / "predictions-test.jsonl").read_text(encoding="utf-8").splitlines()]

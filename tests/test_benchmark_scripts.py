@@ -541,7 +541,8 @@ def test_step_levers_times_the_trimmed_layer_against_the_full_one(tmp_path, monk
 
 
 @pytest.mark.parametrize(("name", "argv", "stem"), [("step_levers", ["--levers", "uint8 masks", "--batches", "4", "--warmup", "1"], "step_levers-sst2"),
-                                                   ("generation", [], "generation")])
+                                                   ("generation", [], "generation"),
+                                                   ("summarization", ["--train", "100", "--name", "summarization-full"], "summarization-full")])
 def test_a_benchmark_never_silently_replaces_stored_results(tmp_path, monkeypatch, capsys, name, argv, stem):
     """A partial step_levers run under the default --name replaced the committed step_levers-sst2.{json,md}; the
     refusal comes before any work, names --name and --overwrite, and leaves the files as they were."""
