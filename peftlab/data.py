@@ -517,40 +517,48 @@ def column_problems(recipe: Recipe, prefix: str = "data") -> list[str]:
                 if complete:
                     raise
                 check(read_split(spec, d, where).column_names)  # a column a later JSON record adds: read them all
+            cells = not hasattr(task, "check_columns")  # (a task reading its rows itself checks them itself)
+            rows = first_rows(spec, where) if refs or cells else None  # a JSON file's first records, read once
             if refs:
-                check_reference_cells(spec, refs[0], where)
-            if not hasattr(task, "check_columns"):
-                check_json_cells(spec, text_cols, None if target else label_col, where)  # (a target: its own check in train)
+                check_reference_cells(spec, refs[0], where, rows)
+            if cells:
+                check_json_cells(rows, text_cols, None if target else label_col, where)  # (a target: its own check in train)
         except DataError as e:
             problems.append(str(e))
     return problems
 
 
-def check_reference_cells(spec: SplitConfig, column: str, where: str) -> None:
+def first_rows(spec: SplitConfig, where: str) -> list[tuple[int, dict]] | None:
+    """`validate`: a JSON file's first records, each with its 0-based row number (those that are records); None for
+    another format, or a file that is not JSON (header's read_split says so)."""
+    if _format(spec, where) != "json":
+        return None
+    try:
+        return [(i, r) for i, r in enumerate(first_json_records(spec.path)) if isinstance(r, dict)]
+    except ValueError:
+        return None
+
+
+def check_reference_cells(spec: SplitConfig, column: str, where: str, rows: list[tuple[int, dict]] | None) -> None:
     """`validate`: a references_column holds a list of texts per row, so a csv/tsv file (text cells) cannot give one,
-    and a JSON file's first records show whether it does (train read 'summary' or 'topic' and refused it only then)."""
+    and a JSON file's first records (`rows`: first_rows) show whether it does (train read 'summary' or 'topic' and
+    refused it only then)."""
     fmt = _format(spec, where)
     if fmt in ("csv", "tsv"):
         raise DataError(f"{where}.references_column={column!r}: a {fmt} file holds one text per cell, not a list of texts. "
                         "Give this split as JSON lines with a list of references per row, or remove it (one reference: "
                         "data.target_column).")
-    if fmt == "json":
-        records = [(i, r[column]) for i, r in enumerate(first_json_records(spec.path)) if isinstance(r, dict) and column in r]
-        reference_lists([v for _, v in records], column, where, [i for i, _ in records])
+    held = [(i, r[column]) for i, r in rows or () if column in r]
+    reference_lists([v for _, v in held], column, where, [i for i, _ in held])
 
 
-def check_json_cells(spec: SplitConfig, text_cols: list[str], label_col: str | None, where: str) -> None:
-    """`validate`: a list or a record in a text or label cell of a JSON file's first records, refused as training
-    refuses it (validate said nothing, and `train` refused it after loading the model)."""
-    if _format(spec, where) != "json":
-        return
-    try:
-        records = [r for r in first_json_records(spec.path) if isinstance(r, dict)]
-    except ValueError:  # not JSON: read_split says so (header)
-        return
+def check_json_cells(rows: list[tuple[int, dict]] | None, text_cols: list[str], label_col: str | None, where: str) -> None:
+    """`validate`: a list or a record in a text or label cell of a JSON file's first records (`rows`: first_rows),
+    refused as training refuses it (validate said nothing, and `train` refused it after loading the model)."""
     for column in [*text_cols, *([label_col] if label_col else [])]:
-        if (row := _first_nested(cells := [r.get(column) for r in records])) is not None:
-            raise _nested_cell(where, column, cells[row], row, label=column == label_col)
+        if (at := _first_nested([r.get(column) for _, r in rows or ()])) is not None:
+            row, record = rows[at]
+            raise _nested_cell(where, column, record[column], row, label=column == label_col)
 
 
 def _nested_cell(where: str, column: str, cell, row: int, label: bool = False) -> DataError:
