@@ -719,13 +719,14 @@ def task_model_problems(recipe: Recipe, path: str) -> list[str]:
 def adapter_problems(build: Callable[[], nn.Module], recipe: Recipe, task) -> list[str]:
     """The adapter on the task's model built on the meta device by `build` (no weight read): each adapter.target_modules
     name matches a module, a rank field fits the layers, and what applying the method would refuse (OFT: a block that
-    divides no width; layers_to_transform that keeps no adapted layer). Not checked where the method adapts no layer, or the model cannot be built that way."""
-    from .methods.peft_adapter import check_target_modules
+    divides no width; layers_to_transform that keeps no adapted layer). Not checked where the method adapts no layer,
+    or the model cannot be built that way."""
+    from .methods.peft_adapter import LAYER_OPTIONS, check_target_modules
 
     targets, method = recipe.adapter.target_modules, get_method(recipe.adapter.method)
     listed = isinstance(targets, list) and targets != ["all-linear"]
     # options that keep some layers only (layers_to_transform: [5] of 2 layers kept none): applied to see what remains
-    apply = method.check_on_meta or any(recipe.adapter.options.get(k) is not None for k in ("layers_to_transform", "layers_pattern"))
+    apply = method.check_on_meta or any(recipe.adapter.options.get(k) is not None for k in LAYER_OPTIONS)
     if not method.layers or not (listed or method.rank_fields or apply):
         return []
     try:

@@ -14,6 +14,8 @@ if TYPE_CHECKING:
     from ..config import AdapterConfig, Recipe
     from .base import Method
 
+LAYER_OPTIONS = ("layers_to_transform", "layers_pattern")  # peft options that keep some layers only (adapter.options)
+
 
 def is_linear(m: nn.Module) -> bool:
     from torch import nn
@@ -201,7 +203,7 @@ def apply_peft(config_class: str, fields: Callable[[AdapterConfig], dict], model
         if "Please specify `target_modules`" in str(e):  # an architecture peft has no defaults for, and none named
             raise ModelError(no_default_targets(a.method, getattr(model.config, "model_type", None), model)) from None
         if (str(e).startswith("No modules were targeted") or "Target modules" in str(e)) and (chosen := {
-                k: a.options[k] for k in ("layers_to_transform", "layers_pattern") if a.options.get(k) is not None}):
+                k: a.options[k] for k in LAYER_OPTIONS if a.options.get(k) is not None}):
             # target_modules matched (check_target_modules): the layers the options keep hold none of them
             n = getattr(getattr(model, "config", None), "num_hidden_layers", None)
             raise ModelError(f"adapter.options {chosen} keeps no layer that adapter.target_modules={targets!r} matches in "
