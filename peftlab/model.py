@@ -10,6 +10,7 @@ import contextlib
 import copy
 import ctypes
 import functools
+import inspect
 import logging
 import pickle
 import re
@@ -480,8 +481,10 @@ def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[s
         keep_quantized_biases(model)
         release_checkpoint_mapping(model)
         loaded = {name: p.dtype for name, p in model.named_parameters()}
+        new_name = "activation_checkpointing_kwargs" in inspect.signature(prepare_model_for_kbit_training).parameters
+        checkpointing = {"activation_checkpointing_kwargs" if new_name else "gradient_checkpointing_kwargs": {"use_reentrant": False}}
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=recipe.train.gradient_checkpointing,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})  # as without quant
+                                                **checkpointing)  # as without quant (peft 0.22 renamed the keyword)
         keep_dtypes(model, loaded)  # peft upcast every 16-bit weight it did not quantize to float32
         return_freed_memory()  # the buffer each weight was read into, quantized and freed; the upcast copies
     if getattr(model.config, "pad_token_id", None) is None:
