@@ -18,6 +18,7 @@ import yaml
 
 from peftlab import build_data, load_recipe, load_splits, load_trained, run
 from peftlab.errors import ConfigError, DataError
+from peftlab.tasks import packing as packing_checks
 from peftlab.tasks import sft
 
 from .conftest import IM_END, IM_START, REPO, chat_tokenizer, shared_or_skip, with_generation_config
@@ -365,12 +366,12 @@ def test_packing_is_refused_where_the_model_lets_packed_examples_attend_to_each_
     assert not architecture_problems(recipe_for(tmp_path, opt, path), AutoConfig.from_pretrained(opt))  # unpacked: fine
     with pytest.raises(ModelError, match=fix):
         run(packed)
-    monkeypatch.setattr(sft, "UNPACKED_MASK", ())  # an architecture the list does not name: the probe at load finds it
+    monkeypatch.setattr(packing_checks, "UNPACKED_MASK", ())  # an architecture the list does not name: the probe at load finds it
     with pytest.raises(ModelError, match=fix.replace("Set", r"measured at load: .*Set")):
         run(packed)
     llama = AutoModelForCausalLM.from_pretrained(chat_llama)
-    assert sft.packing_leak(llama) == 0.0 and sft.packing_leak(AutoModelForCausalLM.from_pretrained(opt)) > 1e-2
-    assert sft.loaded_model_problem(llama, recipe_for(tmp_path, chat_llama, path, ["data.packing=true"])) is None
+    assert packing_checks.packing_leak(llama) == 0.0 and packing_checks.packing_leak(AutoModelForCausalLM.from_pretrained(opt)) > 1e-2
+    assert packing_checks.loaded_model_problem(llama, recipe_for(tmp_path, chat_llama, path, ["data.packing=true"])) is None
 
 
 @pytest.mark.parametrize("packing", [False, True])
