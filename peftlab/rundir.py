@@ -136,12 +136,30 @@ def same_inputs(work: Path, resuming: bool, inputs: dict[str, str | None], main:
                             "now): resuming would train on both. Start over (--overwrite), or restore them.")
 
 
+# What accelerator.save_state always writes into a checkpoint, as name patterns (one of each group): the model's weights
+# (one process and DDP: model.safetensors; an older save_state unsafe: pytorch_model.bin; FSDP: pytorch_model_fsdp.bin, _rank{r}.bin or a
+# pytorch_model_fsdp_0/ folder; DeepSpeed: a pytorch_model/ folder, which holds the optimizer's state too), the optimizer's
+# (FSDP's sharded: optimizer_0/ or optimizer_0_rank{r}.bin), and the LR scheduler's (train.setup registers it:
+# custom_checkpoint_0.pkl). Each rank adds its random_states_{r}.pkl.
+SAVED_STATE = (("model.safetensors", "pytorch_model.bin", "pytorch_model_fsdp*", "pytorch_model"),
+               ("optimizer.bin", "optimizer_0*", "pytorch_model"), ("custom_checkpoint_0.pkl",))
+
+
 def checkpoint_problem(ckpt: Path) -> str | None:
     """-> why this checkpoint cannot be loaded (a damaged or missing file), or None. Checkpoints without checksums
-    (written by an older peftlab) are trusted, once they hold their step's state (a copy cut short may not)."""
+    (written by an older peftlab) are trusted once they hold their step's state and the files Accelerate always writes
+    (a copy cut short may not)."""
     if not (ckpt / TRAINER_STATE).is_file():
         return f"{ckpt} holds no {TRAINER_STATE} (a copy cut short, or not a checkpoint)"
     if not (ckpt / CHECKSUMS).is_file():
+        try:
+            processes = json.loads((ckpt / TRAINER_STATE).read_text()).get("num_processes") or 1
+        except (OSError, ValueError, AttributeError):
+            return f"{ckpt / TRAINER_STATE} is damaged"
+        needed = [*SAVED_STATE, *((f"random_states_{r}.pkl",) for r in range(processes))]
+        for group in needed:
+            if not any(any(ckpt.glob(pattern)) for pattern in group):
+                return f"{ckpt / group[0]} is missing (a copy cut short? the checkpoint has no {CHECKSUMS} to check it by)"
         return None
     try:
         sums = json.loads((ckpt / CHECKSUMS).read_text())

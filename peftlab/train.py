@@ -473,7 +473,7 @@ def load_checkpoint(accelerator, ckpt: Path) -> tuple[TrainState, dict | None]:
     weights = ckpt / "model.safetensors"  # (one process's or DDP's; FSDP and DeepSpeed write their own)
     state = TrainState(**json.loads((ckpt / TRAINER_STATE).read_text()))
     if model is None or not weights.is_file():
-        accelerator.load_state(str(ckpt))
+        load_state(accelerator, ckpt)
     else:
         from accelerate.utils import id_tensor_storage
         from safetensors import safe_open
@@ -493,7 +493,7 @@ def load_checkpoint(accelerator, ckpt: Path) -> tuple[TrainState, dict | None]:
             raise ArtifactError(f"--resume: the frozen base built now differs from the one checkpoint {ckpt} was trained on "
                                 "(checkpoints leave it out, to be built again): were the weights or the config under model.name "
                                 "changed since? Train again with --overwrite, or put the earlier base back.")
-        accelerator.load_state(str(ckpt), strict=False)
+        load_state(accelerator, ckpt, strict=False)
     best = None
     if (ckpt / "best_trainable.safetensors").is_file():
         from safetensors.torch import load_file
@@ -501,6 +501,16 @@ def load_checkpoint(accelerator, ckpt: Path) -> tuple[TrainState, dict | None]:
         best = load_file(str(ckpt / "best_trainable.safetensors"))
     log.info("resumed from %s (step %d)", ckpt, state.step)
     return state, best
+
+
+def load_state(accelerator, ckpt: Path, **kwargs) -> None:
+    """accelerator.load_state, a file it needs and does not find named (rundir.checkpoint_problem checks for those it
+    always writes; a layout it does not know, e.g. fp16's scaler.pt, reaches here)."""
+    try:
+        accelerator.load_state(str(ckpt), **kwargs)
+    except FileNotFoundError as e:
+        raise ArtifactError(f"--resume: checkpoint {ckpt} lacks {e.filename or e} (a copy cut short?). Move that checkpoint "
+                            "folder away to resume from the one before it, or start again with --overwrite.") from None
 
 
 def schedule_from_here(scheduler) -> None:

@@ -417,6 +417,34 @@ def test_resume_skips_a_newer_checkpoint_folder_copied_in_part(make_recipe, tmp_
     assert resumed.steps == 6 and (recipe.out / "run.json").is_file()
 
 
+@pytest.mark.parametrize("name", ["optimizer.bin", "custom_checkpoint_0.pkl", "random_states_0.pkl"])
+def test_resume_falls_back_from_a_checkpoint_without_checksums_that_lacks_a_file(make_recipe, caplog, name):
+    """A checkpoint without checksums (an older peftlab's) was trusted once it held its trainer_state.json: one that
+    lacked its optimizer.bin failed --resume with a FileNotFoundError traceback (its scheduler's state: a RuntimeError;
+    its random states: resumed silently on other draws), not the fall-back to the checkpoint before it."""
+    recipe = make_recipe({"train.max_steps": 6, "train.save_every": 2, "train.keep_checkpoints": 3})
+    run(recipe)
+    (recipe.out / "run.json").unlink()  # as if stopped after its last checkpoint
+    (recipe.out / "recipe.yaml").unlink()
+    last = recipe.out / "checkpoints" / "step-6"
+    (last / "checksums.json").unlink()  # a copy cut short: trainer_state.json came over, the file and the sums did not
+    (last / name).unlink()
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        assert run(recipe, resume=True).steps == 6
+    assert f"step-6/{name} is missing" in caplog.text and "previous good checkpoint step-4" in caplog.text
+
+
+def test_a_file_missing_when_a_checkpoint_loads_is_one_clear_error(make_recipe, monkeypatch):
+    """What checkpoint_problem does not check (another layout's files) and accelerator.load_state needs is named."""
+    recipe = make_recipe({"train.max_steps": 2, "train.save_every": 2})
+    run(recipe)
+    (recipe.out / "run.json").unlink()
+    (recipe.out / "checkpoints" / "step-2" / "optimizer.bin").unlink()
+    monkeypatch.setattr(sys.modules["peftlab.rundir"], "checkpoint_problem", lambda ckpt: None)
+    with pytest.raises(ArtifactError, match=r"checkpoint .*step-2 lacks .*optimizer\.bin .*--overwrite"):
+        run(recipe, resume=True)
+
+
 def test_eval_on_a_base_the_adapter_does_not_fit_is_one_clear_error(make_recipe):
     recipe = make_recipe({"train.max_steps": 1})
     run(recipe)
