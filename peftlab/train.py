@@ -130,6 +130,7 @@ class TrainState:
     window_loss: float = 0.0  # the loss sum and count of the log window a checkpoint fell in (all ranks): a resumed run's
     window_items: float = 0.0  # next log line is the mean over the whole window, as it is without the stop
     frozen_sha256: str | None = None  # the frozen base that checkpoints leave out (checkpoint_keys), as trained on: --resume checks it
+    lr: float | None = None  # the learning rate `step` ran at (the restored scheduler holds the next one's): loop's first line
 
 
 class Window:
@@ -743,6 +744,8 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
         # (the bar after the trackers: one that cannot start says so on a line of its own)
         bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not progress_shown(accelerator),
                    dynamic_ncols=True)
+        if resumed and 0 < state.step == total and state.window_items and state.lr is not None:  # a resume shortened to its
+            log_line(state.lr)  # checkpoint's step (train.max_steps): that step's line, which the stopped run left to a later step
         if resumed and eval_dl is not None and 0 < state.step == total and all(h["step"] != state.step for h in state.history):
             with window.paused():  # the last step's evaluation, which a stop during that step left out (below)
                 evaluate()
@@ -773,7 +776,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
                 window.add(loss, batch, real_tokens, items, real_examples)
                 if not accelerator.sync_gradients:
                     continue
-                lr = scheduler.get_last_lr()[0]  # the step's own (after scheduler.step(): the next one's; 0 at the last)
+                lr = state.lr = scheduler.get_last_lr()[0]  # the step's own (after scheduler.step(): the next one's; 0 at the last)
                 scheduler.step()
                 state.step += 1
                 bar.update(1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -267,6 +268,34 @@ def test_a_checkpoint_between_two_log_lines_keeps_the_windows_loss(make_recipe, 
     steps 7-8 alone), in log.jsonl and so in the trackers."""
     ov = {"train.max_steps": 12, "train.save_every": 6, "train.log_every": 4}
     assert_resume_is_uninterrupted(make_recipe, tmp_path, ov, step=6, steps=12)
+
+
+@pytest.mark.parametrize("scheduler", ["constant", "linear"])
+def test_a_resume_shortened_to_its_checkpoint_logs_that_steps_loss(make_recipe, tmp_path, monkeypatch, scheduler):
+    """Stopped during step 5 of 8 (log lines at 2 and 4), resumed with train.max_steps=5: no step was left to run, so the
+    step-5 line (the loss of steps 5-5, kept in the checkpoint) was never written. It is, before the resumed evaluation,
+    at the rate step 5 ran at (the restored scheduler holds the next step's: 0.0 at the end of a linear decay)."""
+    from peftlab.errors import TrainingInterrupted
+
+    ov = {"train.max_steps": 8, "train.log_every": 2, "train.save_every": 3, "train.scheduler": scheduler, "train.precision": "fp32"}
+    calls = []
+    monkeypatch.setattr(sys.modules["peftlab.train"], "stop_requested", lambda flag, accelerator: calls.append(1) or len(calls) == 5)
+    with pytest.raises(TrainingInterrupted, match="interrupted at step 5 of 8"):  # Ctrl-C during step 5: checkpoint step-5
+        run(make_recipe({**ov, "output_dir": tmp_path / "part"}))
+    monkeypatch.undo()
+    run(make_recipe({**ov, "train.max_steps": 5, "output_dir": tmp_path / "part"}), resume=True)
+
+    def lines(out: Path) -> list[tuple]:
+        return [(r["step"], r["kind"], r.get("loss"), r.get("lr")) for r in map(json.loads, (out / "log.jsonl").read_text().splitlines())]
+
+    if scheduler == "linear":  # steps 1-5 ran on the 8-step schedule: 5e-3 x (1 - (step - 1) / 8)
+        train_lines = [r for r in lines(tmp_path / "part") if r[1] == "train"]
+        assert [r[0] for r in train_lines] == [2, 4, 5] and [r[3] for r in train_lines] == pytest.approx([4.375e-3, 3.125e-3, 2.5e-3])
+        return
+    run(make_recipe({**ov, "train.max_steps": 5, "output_dir": tmp_path / "fresh"}))  # a constant rate: as a fresh 5-step run's
+    resumed, fresh = lines(tmp_path / "part"), lines(tmp_path / "fresh")
+    assert [r[:2] for r in resumed] == [r[:2] for r in fresh] == [(2, "train"), (4, "train"), (5, "train"), (5, "eval"), (5, "final_eval")]
+    assert [v for r in resumed for v in r[2:] if v is not None] == pytest.approx([v for r in fresh for v in r[2:] if v is not None], abs=1e-6)
 
 
 def test_resumed_totals_count_the_steps_since_the_last_log_line(make_recipe, tmp_path):
