@@ -57,7 +57,7 @@ def make_accelerator(recipe: Recipe, precision: str, *, unused_parameters: bool 
     from accelerate.state import AcceleratorState
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs, DistributedType
 
-    mixed_precision = {"fp32": "no"}.get(precision, precision)
+    mixed_precision = accelerate_precision(precision)
     # Accelerate keeps one AcceleratorState per process and refuses a second Accelerator with another mixed_precision,
     # but a notebook (or a test session) runs several recipes in one process. Forget the previous run's state; keep the
     # PartialState: under `accelerate launch` it holds the process group, which must outlive the runs. Every rank runs
@@ -73,6 +73,46 @@ def make_accelerator(recipe: Recipe, precision: str, *, unused_parameters: bool 
         cpu=not torch.cuda.is_available(),
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)] if unused_parameters else None,
     )
+
+
+def accelerate_precision(precision: str) -> str:
+    """An Accelerator's mixed_precision for a resolved train.precision (fp32 -> no)."""
+    return {"fp32": "no"}.get(precision, precision)
+
+
+@contextmanager
+def accelerate_state_kept():
+    """Around a run or an evaluation (a decorator too): Accelerate keeps one state per process, which make_accelerator
+    sets, so an Accelerator the caller builds afterwards (README: `train(recipe, model, data, Accelerator(cpu=True), out)`)
+    would silently get the last run's mixed_precision (bf16 for an fp32 recipe) and device, and the caller's own
+    Accelerator, built before, would be left with the run's. The state of entry is put back on the way out (none: it is
+    forgotten), except a PartialState the run made for a process group (`accelerate launch`), kept as make_accelerator
+    keeps it."""
+    from accelerate.state import AcceleratorState, PartialState
+
+    entry = {cls: dict(cls._shared_state) for cls in (AcceleratorState, PartialState)}
+    try:
+        yield
+    finally:
+        grouped = torch.distributed.is_available() and torch.distributed.is_initialized()
+        for cls, state in entry.items():
+            if state or cls is AcceleratorState or not grouped:
+                cls._shared_state.clear()  # in place: Accelerate's objects share this dict
+                cls._shared_state.update(state)
+
+
+def check_accelerator_precision(recipe: Recipe, accelerator) -> None:
+    """`train` with an Accelerator of the building blocks: its mixed_precision must be the recipe's train.precision
+    (the precision comes from the recipe, as in `run`); DeepSpeed takes its own from its config."""
+    if accelerator.distributed_type.name == "DEEPSPEED":
+        return
+    precision = recipe.train.precision  # an explicit one as it is: resolve_precision warns about bf16 on a CPU without it, as run did
+    expected = accelerate_precision(resolve_precision(precision) if precision == "auto" else precision)
+    if accelerator.mixed_precision != expected:
+        raise ConfigError([f"the accelerator has mixed_precision={accelerator.mixed_precision!r} but train.precision={precision!r}"
+                           f"{' (here ' + expected + ')' if precision == 'auto' else ''} needs mixed_precision={expected!r}: build it with "
+                           f"Accelerator(mixed_precision={expected!r}) (peftlab.accel.make_accelerator(recipe, precision) does), "
+                           f"or set train.precision to the accelerator's."], what="argument")
 
 
 def progress_shown(accelerator=None) -> bool:

@@ -22,7 +22,7 @@ import yaml
 from accelerate.utils import set_seed
 
 from . import distill
-from .accel import FrozenWeightsCast, autocast_dtype, eval_batches, make_accelerator, resolve_precision, shards_weights
+from .accel import FrozenWeightsCast, accelerate_state_kept, autocast_dtype, eval_batches, make_accelerator, resolve_precision, shards_weights
 from .bases import gguf_key, resolve_model_path
 from .config import (
     EVAL_SPLITS,
@@ -60,6 +60,7 @@ from .train import RunLog, adapter_folded, eval_loader, stop_at_once_on_signal, 
 log = logging.getLogger(__name__)
 
 
+@accelerate_state_kept()  # a later Accelerator of the caller's gets its own precision, not this evaluation's
 def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple = (), results_dir: str | Path | None = None) -> dict:
     """Evaluate a finished run (adapter, full model or merged folder) on a split of its recipe's data -> metrics.
 
@@ -246,6 +247,7 @@ def load_splits_for(recipe: Recipe, split: str, label_names: list[str]):
     return {**splits, "train": None}, names
 
 
+@accelerate_state_kept()  # a later Accelerator of the caller's gets its own precision, not this run's
 def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = False) -> RunRecord:
     """Train, evaluate and export one recipe; return its record (also in OUT/run.json, metrics in OUT/metrics.json).
 

@@ -24,7 +24,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from .accel import FrozenWeightsCast, autocast_dtype, eval_batches, progress_shown, shards_weights
+from .accel import FrozenWeightsCast, autocast_dtype, check_accelerator_precision, eval_batches, progress_shown, shards_weights
 from .config import Recipe, recipe_argument
 from .data import LengthGroupedSampler, TaskData
 from .distill import loss_for
@@ -643,6 +643,7 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: str | Path, *
     one is as complete (`final_form`), so a run whose exported weights are the last step's does not score data.eval twice.
     A loss that turns inf/nan stops the run (TrainingDiverged): checked at log and save steps, not every step."""
     recipe, out, resume_from = recipe_argument(recipe, "train"), Path(out), resume_from and Path(resume_from)
+    check_accelerator_precision(recipe, accelerator)
     with unread_skipped(model, recipe) as trimmed:  # (for the training only: the model handed back reads as loaded)
         if trimmed:
             log.info("train.skip_unread: %d layer(s) compute only the positions the head reads", len(trimmed))

@@ -379,7 +379,7 @@ def test_export_of_a_record_with_only_a_name_writes_a_run_eval_reads(make_recipe
     from peftlab.accel import make_accelerator
     from peftlab.train import train
 
-    recipe = make_recipe({"train.max_steps": 1})
+    recipe = make_recipe({"train.max_steps": 1, "train.precision": "fp32"})
     splits, names = load_splits(recipe)
     model, tok, _ = build_model(recipe, num_labels=len(names), label_names=names)
     data = build_data(recipe, tok, splits=splits, label_names=names)

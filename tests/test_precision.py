@@ -63,28 +63,56 @@ def test_evaluations_during_training_are_folded_like_the_final_one_under_bf16(ma
 
 def test_runs_of_different_precisions_share_one_process(make_recipe, tmp_path):
     """A notebook's sequence: fp32 run, bf16 run, evaluate the fp32 run, fp32 run again. Accelerate's state is
-    process-global; each run must get its own precision, and the fp32 results must not be touched by the bf16 run."""
+    process-global; each run must get its own precision, and the fp32 results must not be touched by the bf16 run. Each
+    leaves no state behind (test_a_run_leaves_an_accelerator_built_after_it_its_own_precision)."""
     from accelerate.state import AcceleratorState
 
     ov = {"train.max_steps": 4, "train.log_every": 1}
     a = run(make_recipe({**ov, "train.precision": "fp32", "output_dir": tmp_path / "a"}))
-    assert AcceleratorState().mixed_precision == "no"
+    assert AcceleratorState._shared_state == {}
     b = run(make_recipe({**ov, "train.precision": "bf16", "output_dir": tmp_path / "b"}))
-    assert AcceleratorState().mixed_precision == "bf16"
+    assert AcceleratorState._shared_state == {}
     assert (a["precision"], b["precision"]) == ("fp32", "bf16")
     assert evaluate(tmp_path / "a") == a["metrics"]["eval"]  # re-run in fp32 after the bf16 run: bit-identical
-    assert AcceleratorState().mixed_precision == "no"
+    assert AcceleratorState._shared_state == {}
     assert evaluate(tmp_path / "b")["loss"] == pytest.approx(b["metrics"]["eval"]["loss"], abs=1e-3)
     # `peftlab eval RUN train.precision=X` scores in X, not in the run's precision
     a_bf16 = evaluate(tmp_path / "a", overrides=["train.precision=bf16"], results_dir=tmp_path / "a-bf16")
-    assert AcceleratorState().mixed_precision == "bf16"
+    assert AcceleratorState._shared_state == {}
     assert a_bf16["loss"] != a["metrics"]["eval"]["loss"] and a_bf16["loss"] == pytest.approx(a["metrics"]["eval"]["loss"], abs=1e-2)
     b_fp32 = evaluate(tmp_path / "b", overrides=["train.precision=fp32"], results_dir=tmp_path / "b-fp32")
-    assert AcceleratorState().mixed_precision == "no" and b_fp32["loss"] != evaluate(tmp_path / "b")["loss"]
+    assert AcceleratorState._shared_state == {} and b_fp32["loss"] != evaluate(tmp_path / "b")["loss"]
     c = run(make_recipe({**ov, "train.precision": "fp32", "output_dir": tmp_path / "c"}))
-    assert AcceleratorState().mixed_precision == "no"
+    assert AcceleratorState._shared_state == {}
     assert train_losses(tmp_path / "c") == train_losses(tmp_path / "a") and c["metrics"] == a["metrics"]
     assert train_losses(tmp_path / "b") != train_losses(tmp_path / "a")  # the bf16 run really ran in bf16
+
+
+def test_a_run_leaves_an_accelerator_built_after_it_its_own_precision(make_recipe, tmp_path):
+    """The building blocks after a bf16 run in one process (README): Accelerate's process-global state kept the run's
+    bf16, so the caller's Accelerator(cpu=True) got mixed_precision=bf16 and an fp32 recipe trained in bf16, silently;
+    an Accelerator built before an evaluation was left with the evaluation's precision. `train` refuses an accelerator
+    whose precision is not the recipe's."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    from peftlab import train
+
+    run(make_recipe({"train.max_steps": 1, "train.precision": "bf16", "output_dir": tmp_path / "b"}))
+    assert AcceleratorState._shared_state == {} and Accelerator(cpu=True).mixed_precision == "no"
+    evaluate(tmp_path / "b")  # a bf16 evaluation, the caller's fp32 Accelerator built before it
+    accelerator = Accelerator(cpu=True)
+    assert accelerator.mixed_precision == "no" and accelerator.state.mixed_precision == "no"
+    recipe = make_recipe({"train.max_steps": 1, "train.precision": "bf16", "output_dir": tmp_path / "blocks"})
+    names = ["negative", "positive"]
+    splits, _ = load_splits(recipe)
+    model, tok, _ = build_model(recipe, num_labels=2, label_names=names)
+    data = build_data(recipe, tok, splits=splits, label_names=names)
+    with pytest.raises(ConfigError, match=r"mixed_precision='no' but train.precision='bf16' needs mixed_precision='bf16': build it with "
+                                          r"Accelerator\(mixed_precision='bf16'\)"):
+        train(recipe, model, data, accelerator, recipe.out)
+    recipe.train.precision = "fp32"
+    train(recipe, model, data, accelerator, recipe.out)  # the recipe's precision: trains
 
 
 def test_bf16_run_trains_and_reloads_within_bf16_tolerance(make_recipe):

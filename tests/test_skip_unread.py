@@ -154,7 +154,7 @@ def test_the_model_train_hands_back_has_its_full_last_layer(make_recipe, tmp_pat
 
     from peftlab import build_data, build_model, load_splits, train
 
-    recipe = make_recipe({"train.max_steps": 2, "train.eval_every": None})
+    recipe = make_recipe({"train.max_steps": 2, "train.eval_every": None, "train.precision": "fp32"})
     splits, names = load_splits(recipe)
     model, tokenizer, _ = build_model(recipe, num_labels=2, label_names=names)
     data = build_data(recipe, tokenizer, splits=splits, label_names=names)

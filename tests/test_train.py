@@ -19,7 +19,7 @@ from .conftest import assert_resume_is_uninterrupted, losses
 
 
 def test_lora_trains_adapter_and_head_only_base_frozen(make_recipe):
-    recipe = make_recipe()
+    recipe = make_recipe({"train.precision": "fp32"})
     splits, names = load_splits(recipe)
     model, tok, info = build_model(recipe, num_labels=2, label_names=names)
     before = {k: v.detach().clone() for k, v in model.named_parameters()}

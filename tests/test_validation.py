@@ -517,7 +517,7 @@ def test_the_python_api_takes_paths_and_says_what_it_refuses(make_recipe, tmp_pa
     from peftlab import build_data, build_model, evaluate, export, load_trained, train
     from peftlab.accel import make_accelerator
 
-    recipe = make_recipe({"train.max_steps": 2})
+    recipe = make_recipe({"train.max_steps": 2, "train.precision": "fp32"})
     recipe.output_dir = tmp_path / "api"
     path = tmp_path / "api.yaml"
     path.write_text(recipe.to_yaml(), encoding="utf-8")
