@@ -39,6 +39,7 @@ from .rundir import (
     RunRecord,
     check_same_folder,
     folder_identity,
+    from_run_lineage,
     fsync_dir,
     read_run,
     record_weights,
@@ -245,13 +246,16 @@ def export(out: str | Path, model, tokenizer, recipe: Recipe, record: RunRecord 
 
 def described(record: RunRecord, recipe: Recipe, model) -> RunRecord:
     """What a record from a caller of the building blocks may leave out and every reader needs (the method, the task,
-    the base, a classifier's label names: without them its evaluation failed), from the recipe and the model."""
-    labels = record.label_names
+    the base, a classifier's label names: without them its evaluation failed; a model.from_run's lineage: without it the
+    card had no Lineage section and an evaluation did not notice that run trained again), from the recipe and the model."""
+    labels, lineage = record.label_names, record.lineage
+    if not lineage and recipe.model.from_run:
+        lineage = from_run_lineage(recipe.model.from_run, *read_run(recipe.model.from_run))
     if not labels and get_task(recipe.task.type).target_kind == "label":
         config = getattr(model, "config", None)
         labels = list(recipe.data.label_names or (getattr(config, "id2label", None) or {}).values())
     return replace(record, method=record.method or recipe.adapter.method, task=record.task or recipe.task.type,
-                   base_model=record.base_model or recipe.model.name, label_names=labels)
+                   base_model=record.base_model or recipe.model.name, label_names=labels, lineage=lineage)
 
 
 def load_trained(out: str | Path, *, dequantize: bool = False, recipe: Recipe | None = None, adapter_name: str = "default"):

@@ -48,6 +48,7 @@ from .rundir import (
     check_same_folder,
     choose_flag,
     folder_identity,
+    from_run_lineage,
     holds_run,
     read_run,
     same_inputs,
@@ -476,14 +477,9 @@ def start_from_run(recipe: Recipe, accelerator) -> list[dict]:
     with accelerator.main_process_first():
         if accelerator.is_main_process:
             merge(source)  # idempotent: an existing merge of the same adapter is kept
-    step = {"run": str(source.resolve()), "name": record.name, "task": record.task, "method": record.method,
-            "base_model": recipe.model.name, "data": earlier.train_rows(),
-            "steps": record.steps, "metrics": record.metrics, "selected_on": record.selected_on,
-            "weights_sha256": record.weights_sha256,
-            **({"multitask": record.multitask} if record.multitask else {})}  # one task of a multi-task run: all its tasks' data
     log.info("starting from run %s (%s, %s on %s, %s steps)", source, record.task, record.method, recipe.model.name, record.steps)
     warn_if_trained_on(recipe, source, earlier, record)
-    return [step, *record.lineage]
+    return from_run_lineage(source, earlier, record)
 
 
 def warn_if_trained_on(recipe: Recipe, source: Path, earlier: Recipe, record: RunRecord) -> None:

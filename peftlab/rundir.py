@@ -352,6 +352,17 @@ def read_run(out: str | Path) -> tuple[Recipe, RunRecord]:
     return recipe, run
 
 
+def from_run_lineage(source: str | Path, earlier: Recipe, record: RunRecord) -> list[dict]:
+    """model.from_run's lineage -> that run (`source`, whose recipe and record read_run gave), then the runs it started
+    from: what run.json records, the card's Lineage section shows and an evaluation checks (a source retrained since)."""
+    step = {"run": str(Path(source).resolve()), "name": record.name, "task": record.task, "method": record.method,
+            "base_model": record.base_model or earlier.model.name, "data": earlier.train_rows(),  # an older run.json may lack base_model
+            "steps": record.steps, "metrics": record.metrics, "selected_on": record.selected_on,
+            "weights_sha256": record.weights_sha256,
+            **({"multitask": record.multitask} if record.multitask else {})}  # one task of a multi-task run: all its tasks' data
+    return [step, *record.lineage]
+
+
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 def umask() -> int:

@@ -398,6 +398,35 @@ def test_a_classifier_from_a_classifier_run_starts_with_a_fresh_head(tmp_path, t
     assert 0.005 < fresh.std().item() < 0.05  # drawn as transformers draws a new head: N(0, initializer_range=0.02)
 
 
+def test_the_building_blocks_export_of_a_from_run_recipe_records_its_lineage(tmp_path, tiny_bert, sentiment_files):
+    """export(...) of a model.from_run recipe trained through the building blocks recorded no lineage (run() does): the
+    card had no Lineage section, and an evaluation scored the adapter on a source run trained again since."""
+    from peftlab import build_data, build_model, evaluate, export, load_splits, train
+    from peftlab.accel import make_accelerator
+    from peftlab.errors import ArtifactError
+    from peftlab.publish.card import card_text
+    from peftlab.run import start_from_run
+
+    first = [f"model.name={tiny_bert}", f"data.train.path={sentiment_files['train']}", "data.eval=null", "train.max_steps=2",
+             "data.label_names=[negative,positive]", "train.precision=fp32", f"output_dir={tmp_path / 'cls'}"]
+    source = run(load_recipe(None, first)).output_dir
+    merge(source)
+    _, _, recipe = classifier_from(tmp_path, source, sentiment_files, [f"data.eval.path={sentiment_files['dev']}"])
+    want = start_from_run(recipe, make_accelerator(recipe, "fp32"))  # the lineage run() records
+    splits, names = load_splits(recipe)
+    model, tok, _ = build_model(recipe, num_labels=len(names), label_names=names)
+    model, state = train(recipe, model, build_data(recipe, tok, splits=splits, label_names=names), make_accelerator(recipe, "fp32"),
+                         tmp_path / "work")
+    record = export(tmp_path / "blocks", model, tok, recipe, {"steps": state.step}, {})
+    assert record.lineage == want and len(want) == 1 and want[0]["run"] == str(Path(source).resolve()) and want[0]["weights_sha256"]
+    assert json.loads((tmp_path / "blocks" / "run.json").read_text())["lineage"] == want
+    assert "## Lineage" in card_text(tmp_path / "blocks")
+    evaluate(tmp_path / "blocks")
+    run(load_recipe(None, [*first, "train.lr=1e-2"]), overwrite=True)  # the source trained again
+    with pytest.raises(ArtifactError, match="holds other weights than the ones .* trained on.*trained again since"):
+        evaluate(tmp_path / "blocks")
+
+
 def test_distilberts_pre_classifier_is_part_of_the_fresh_head(tmp_path, sentiment_files):
     """DistilBERT's head is pre_classifier + classifier: from a classifier run, both start fresh and both train (the
     pre_classifier was the earlier run's, frozen)."""
