@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import re
@@ -403,6 +404,7 @@ class Recipe:
 
 # ----------------------------------------------------------------------------------------------- loading
 
+@functools.cache  # (read only) resolving a dataclass's string annotations was half of each check of a recipe
 def _hints(cls) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
@@ -900,9 +902,13 @@ def validate(recipe: Recipe | str | Path | Mapping, *, check_files: bool = True,
 
 
 def recipe_argument(recipe, where: str) -> Recipe:
-    """The Recipe a building block (build_model, load_splits, build_data, train, export) was given; anything else (a
-    recipe file's path, which run() reads and these do not) is a ConfigError naming the argument and what it takes."""
+    """The Recipe a building block (build_model, load_splits, build_data, train, export) was given, checked again as
+    `run` checks one (`checked`, its files left to the block that reads them: a bad value changed in Python, r.adapter.r
+    = 0, is a ConfigError before any work, not a traceback deep in peft); the caller's own object is returned, so its
+    in-place changes still apply. Anything else (a recipe file's path, which run() reads and these do not) is a
+    ConfigError naming the argument and what it takes."""
     if isinstance(recipe, Recipe):
+        checked(recipe, validate_files=False)  # (a few ms)
         return recipe
     first = f" Read it first: recipe = load_recipe({str(recipe)!r})." if isinstance(recipe, (str, PurePath)) else \
         " Read it first: recipe = load_recipe(tree)." if isinstance(recipe, Mapping) else ""

@@ -20,7 +20,7 @@ from typing import Any
 
 from .bases import file_sha256
 from .config import FORMATS, DataConfig, Recipe, SplitConfig, class_index, label_indexer, recipe_argument, spelled
-from .errors import DataError, DataFileNotFound
+from .errors import ConfigError, DataError, DataFileNotFound
 from .tasks import get_task
 from .tasks.generative import check_references, data_row, reference_lists
 
@@ -973,7 +973,12 @@ def report_truncation(ds, where: str, max_length: int) -> None:
 
 def build_data(recipe: Recipe, tokenizer, *, splits=None, label_names=None, prefix: str = "data") -> TaskData:
     """Recipe + tokenizer -> TaskData (tokenized, with a dynamic-padding collator); `prefix` as in load_splits."""
+    from transformers import PreTrainedTokenizerBase
+
     recipe = recipe_argument(recipe, "build_data")
+    if not isinstance(tokenizer, PreTrainedTokenizerBase):  # (None: an AttributeError deep in the task's tokenize)
+        raise ConfigError([f"build_data(tokenizer={type(tokenizer).__name__} {tokenizer!r:.80}): give the base's tokenizer, the "
+                           "second of what build_model returns: model, tokenizer, info = build_model(recipe, ...)."], what="argument")
     if splits is None:
         splits, label_names = load_splits(recipe)
     task = get_task(recipe.task.type)

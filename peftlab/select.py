@@ -304,6 +304,7 @@ def train_sample(recipe: Recipe, max_rows: int):
     r = copy.deepcopy(recipe)
     r.data.eval_holdout = r.data.eval_holdout if r.data.eval is None else 0.0
     r.data.eval = r.data.test = None
+    r.train.early_stopping = None  # (its rule wants an evaluation split; nothing trains here)
     splits, label_names = load_splits(r, overlap=False)  # (the held-out part is no split select scores)
     ds = splits["train"]
     if len(ds) > max_rows:

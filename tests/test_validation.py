@@ -435,6 +435,31 @@ def test_run_validates_a_recipe_changed_in_python(make_recipe, key, value, said)
     assert not recipe.out.exists()  # refused before any work
 
 
+def test_the_building_blocks_validate_a_recipe_changed_in_python(make_recipe, tmp_path):
+    """README Journey 3: a recipe changed in Python is checked again, as load_recipe checks a file, before any work: true
+    for run() only; build_model, build_data and train checked only that it was a Recipe (adapter.r=0 was a ValueError
+    from peft, train.batch_size=0 one from torch's sampler). The caller's own object goes on: its in-place changes apply.
+    build_data(recipe, None) was an AttributeError deep in tokenize."""
+    from peftlab import build_data, build_model, load_splits, train
+    from peftlab.accel import make_accelerator
+
+    recipe = make_recipe({"train.max_steps": 1, "train.precision": "fp32"})
+    recipe.adapter.r = 0
+    with pytest.raises(ConfigError, match=r"adapter.r=0"):
+        build_model(recipe, num_labels=2, label_names=["negative", "positive"])
+    recipe.adapter.r = 2
+    model, tok, info = build_model(recipe, num_labels=2, label_names=["negative", "positive"])
+    assert model.peft_config["default"].r == 2  # the change made in place applies
+    with pytest.raises(ConfigError, match=r"build_data\(tokenizer=NoneType None\): give the base's tokenizer"):
+        build_data(recipe, None)
+    splits, names = load_splits(recipe)
+    data = build_data(recipe, tok, splits=splits, label_names=names)
+    recipe.train.batch_size = 0
+    with pytest.raises(ConfigError, match=r"train.batch_size=0"):
+        train(recipe, model, data, make_accelerator(recipe, "fp32"), tmp_path / "blocks")
+    assert not (tmp_path / "blocks").exists()  # refused before any work
+
+
 def test_validate_checks_a_recipe_as_run_does_and_takes_a_path(make_recipe, tmp_path, sentiment_files, tiny_bert):
     """peftlab.validate(recipe) passed train.lr='abc' and an attribute no field declares (run refused both), crashed with
     an AttributeError on a split given as a path (run accepts it), and validate('recipe.yaml') was a dataclasses
