@@ -9,12 +9,20 @@
 The building blocks are public too: build_model, build_data, train, export. The module map: ARCHITECTURE.md.
 """
 
+import logging
 import sys
 import types
 from importlib import import_module
 from typing import TYPE_CHECKING
 
 from .errors import ArtifactError, ConfigError, DataError, ModelError, PeftlabError
+
+# peft imports bitsandbytes whenever it is imported (quantized or not), and on a CPU with avx512_bf16 bitsandbytes then
+# looks for an optional 4-bit kernel on the Hub ('Failed to load CPU gemm_4bit_forward ... pip install kernels',
+# 'Skipping publisher trust check'): a plain LoRA build_model began with alarming lines, though bitsandbytes falls back
+# to its own kernel. Set before anything of peftlab imports peft, for Python callers and the CLI alike; errors still show.
+for _chatty in ("bitsandbytes.backends.cpu.ops", "kernels"):
+    logging.getLogger(_chatty).setLevel(logging.ERROR)
 
 # name -> its module; imported on first use (PEP 562), so `peftlab --help` and `peftlab validate` do not pay for torch
 _API = {"load_adapters": "adapters", "compose": "compose", "Recipe": "config", "load_recipe": "config", "validate": "config",

@@ -482,11 +482,7 @@ def _quiet_libraries() -> None:
     # peft's generic pattern check on loading an AdaLoRA adapter: its rank_pattern keys name the lora_E vectors, which
     # AdaLoRA itself resizes by (the reloaded and merged model equal the trained one); it read as if the ranks were dropped
     warnings.filterwarnings("ignore", message=r"The following rank_pattern keys did not match any targeted module.*lora_E")
-    # peft imports bitsandbytes on every run, quantized or not, and on a CPU with avx512_bf16 it then looks for an optional
-    # 4-bit kernel on the Hub ('Failed to load CPU gemm_4bit_forward ... pip install kernels', 'Skipping publisher trust
-    # check'): a newcomer's plain LoRA run began with two alarming lines; bitsandbytes falls back to its own kernel
-    for chatty in ("bitsandbytes.backends.cpu.ops", "kernels"):
-        logging.getLogger(chatty).setLevel(logging.ERROR)
+    # (bitsandbytes' probe for an optional CPU kernel: quieted on importing peftlab, peftlab/__init__.py)
     datasets.disable_progress_bars()
     transformers.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()

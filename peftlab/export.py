@@ -31,7 +31,7 @@ from .bases import base_path, file_lock, gguf_key, load_tokenizer, relative_path
 from .config import Recipe, load_recipe, override_list, recipe_argument
 from .errors import ArtifactError, ConfigError, ModelNotFound, a_or_an, path_argument
 from .methods import get_method
-from .model import disable_cpu_bf16_repack, keep_original_modules, load_base
+from .model import disable_cpu_bf16_repack, head_from_adapter, keep_original_modules, load_base
 from .rundir import (
     RECIPE_FILE,
     RECORD_FILE,
@@ -288,8 +288,9 @@ def rebuild(out: str | Path, recipe: Recipe, run: RunRecord, *, dequantize: bool
     if (out / "adapter_config.json").is_file():
         check_source_unchanged(out, recipe, run)
         try:
-            base, _ = load_base(recipe, base_path(recipe), num_labels=len(labels), label_names=labels,
-                                precision=precision or run.precision, auto_cls=task.auto_model_class)
+            with head_from_adapter():  # the new head's load report: the adapter brings the trained one
+                base, head = load_base(recipe, base_path(recipe), num_labels=len(labels), label_names=labels,
+                                       precision=precision or run.precision, auto_cls=task.auto_model_class)
         except ModelNotFound as e:
             raise base_not_here(e, out, recipe, run) from None
         if dequantize and recipe.quant.mode != "none":
@@ -310,10 +311,22 @@ def rebuild(out: str | Path, recipe: Recipe, run: RunRecord, *, dequantize: bool
                                 "override, or point model.name at a copy of it); on that base, its adapter_config.json does "
                                 f"not load with this peft ({peft.__version__}; run.json names the versions that wrote it).") from None
         get_method(run.method or recipe.adapter.method).loaded(model, adapter_name)  # e.g. AdaLoRA's eval-time attribute
+        if unrestored := [h for h in head if not restored(model, h)]:  # (the load report quieted above would have said it)
+            log.warning("%s: %s not in the base nor in the adapter: newly initialised (random), so the model does not predict "
+                        "as trained. Train the run again with this peft.", out, ", ".join(unrestored))
     else:
         model = task.auto_model_class.from_pretrained(str(out), use_safetensors=True)
         disable_cpu_bf16_repack(model)  # a frozen run on a 4-bit base is saved 4-bit: its first no-grad forward would repack
     return model.eval(), tokenizer
+
+
+def restored(model, head: str) -> bool:
+    """Whether the adapter loaded into `model` brings head module `head` (peft's copy of it, or of a module holding it)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    parts = head.split(".")
+    held = {".".join(parts[:i]) for i in range(1, len(parts) + 1)}  # the module and those holding it
+    return any(isinstance(m, ModulesToSaveWrapper) and any(n == h or n.endswith("." + h) for h in held) for n, m in model.named_modules())
 
 
 def base_not_here(e: ModelNotFound, out: Path, recipe: Recipe, run: RunRecord) -> ModelNotFound:

@@ -417,6 +417,22 @@ def pickle_only(path) -> str:
 DAMAGED_WEIGHTS = (SafetensorError, pickle.UnpicklingError, EOFError)
 
 
+@contextlib.contextmanager
+def head_from_adapter():
+    """Around loading a base whose new task head the caller replaces at once with the adapter's trained one
+    (export.rebuild): transformers' load report ('classifier.weight | MISSING ... newly initialized ... You should
+    probably TRAIN this model') said the opposite of what happens. Its verbosity is error for that load only, then as
+    it was; a head the adapter does not bring is said by rebuild itself."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
 def load_base(recipe: Recipe, path: str, *, num_labels: int, label_names: list[str], precision: str, auto_cls):
     """Load the pretrained base with a fresh task head; return (model, names of the newly initialised head modules)."""
     if recipe.model.from_run:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 from dataclasses import replace
 
@@ -44,6 +45,40 @@ def test_output_dir_describes_itself(trained):
     # every split's report, the held-out test split's too (only the first split's was kept)
     assert report["splits"]["eval"] == {k: v for k, v in report.items() if k not in ("split", "splits")}
     assert set(report["splits"]) == set(summary["metrics"]) and all(r["confusion"] for r in report["splits"].values())
+
+
+def test_loading_a_trained_classifier_says_nothing_of_a_new_head_and_peftlab_no_bitsandbytes_probe(trained, caplog):
+    """The Python API printed what the CLI hides: transformers' load report 'classifier.weight | MISSING ... newly
+    initialized ... Consider training' on load_trained/evaluate of a trained classifier (false: the adapter brings the
+    head at once), and bitsandbytes' 'Failed to load CPU gemm_4bit_forward ... pip install kernels' when peft imports
+    it (on CPUs with avx512_bf16). Quieted there only: transformers' verbosity is the caller's again afterwards."""
+    import subprocess
+    import sys
+
+    import transformers
+
+    _, summary, out = trained
+    said: list[logging.LogRecord] = []
+    listener = logging.Handler()
+    listener.emit = said.append  # transformers' own logger does not propagate to caplog's
+    before = transformers.logging.get_verbosity()
+    transformers.logging.set_verbosity_warning()  # what a Python caller has (a CLI test in this process sets error)
+    logging.getLogger("transformers").addHandler(listener)
+    try:
+        with caplog.at_level("WARNING"):
+            load_trained(out)
+            assert evaluate(out)["accuracy"] == pytest.approx(summary["metrics"]["eval"]["accuracy"])
+        reports = [r.getMessage() for r in said if "MISSING" in r.getMessage() or "newly initialized" in r.getMessage()]
+        assert not reports, reports
+        assert "not in the base nor in the adapter" not in caplog.text
+        assert transformers.logging.get_verbosity() == transformers.logging.WARNING  # put back
+    finally:
+        logging.getLogger("transformers").removeHandler(listener)
+        transformers.logging.set_verbosity(before)
+    probe = subprocess.run([sys.executable, "-c", "import logging, peftlab, peft; "
+                            "assert logging.getLogger('bitsandbytes.backends.cpu.ops').getEffectiveLevel() == logging.ERROR"],
+                           capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert probe.returncode == 0 and "gemm_4bit_forward" not in probe.stderr and "pip install kernels" not in probe.stderr, probe.stderr
 
 
 @pytest.mark.precision
