@@ -20,8 +20,10 @@ from .errors import ArtifactError, ConfigError, DataError, ModelError, PeftlabEr
 # peft imports bitsandbytes whenever it is imported (quantized or not), and on a CPU with avx512_bf16 bitsandbytes then
 # looks for an optional 4-bit kernel on the Hub ('Failed to load CPU gemm_4bit_forward ... pip install kernels',
 # 'Skipping publisher trust check'): a plain LoRA build_model began with alarming lines, though bitsandbytes falls back
-# to its own kernel. Set before anything of peftlab imports peft, for Python callers and the CLI alike; errors still show.
-for _chatty in ("bitsandbytes.backends.cpu.ops", "kernels"):
+# to its own kernel. Also its 'MatMul8bitLt: inputs will be cast from torch.float32 to float16' on every forward of an
+# 8-bit layer (thousands of lines in an 8-bit run; that module logs nothing else). Set before anything of peftlab
+# imports peft, for Python callers and the CLI alike; errors still show.
+for _chatty in ("bitsandbytes.backends.cpu.ops", "kernels", "bitsandbytes.autograd._functions"):
     logging.getLogger(_chatty).setLevel(logging.ERROR)
 
 # name -> its module; imported on first use (PEP 562), so `peftlab --help` and `peftlab validate` do not pay for torch
