@@ -243,7 +243,8 @@ def load_splits_for(recipe: Recipe, split: str, label_names: list[str]):
     d = recipe.data
     check_split_given(recipe, split)  # (evaluate asks it before loading the model; benchmarks/generation.py calls this directly)
     only_split(d, split)
-    d.label_names = label_names
+    d.label_names = label_names or None  # (a task without labels recorded [])
+    recipe.train.early_stopping = None  # (nothing trains here: its rule wants the eval split only_split may drop)
     splits, names = load_splits(recipe, need_train=False, run_labels=True)
     return {**splits, "train": None}, names
 

@@ -118,13 +118,16 @@ def test_oft_blocks_that_do_not_divide_a_layer_are_refused_not_changed(make_reci
 def test_prefix_tuning_for_classification_says_what_to_use(make_recipe, request, model):
     from peftlab import build_model
     from peftlab.errors import ConfigError, ModelError
+    from peftlab.methods.prompt import apply_prefix
 
     with pytest.raises(ConfigError, match="prefix_tuning does not work for classification.*prompt_tuning or p_tuning"):
         make_recipe({"adapter.method": "prefix_tuning"}, model=request.getfixturevalue(model))  # `peftlab validate` says it
     recipe = make_recipe({}, model=request.getfixturevalue(model))
-    recipe.adapter.method = "prefix_tuning"  # past validation (the Python API): the model build refuses it too
-    with pytest.raises(ModelError, match="prefix_tuning does not work for classification.*prompt_tuning or p_tuning"):
+    recipe.adapter.method = "prefix_tuning"  # changed in Python: the building blocks check it again
+    with pytest.raises(ConfigError, match="prefix_tuning does not work for classification.*prompt_tuning or p_tuning"):
         build_model(recipe, num_labels=2, label_names=["negative", "positive"])
+    with pytest.raises(ModelError, match="prefix_tuning does not work for classification.*prompt_tuning or p_tuning"):
+        apply_prefix(None, recipe, [], "SEQ_CLS")  # the model build, past the checks, refuses it too
 
 
 @pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning"])

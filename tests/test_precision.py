@@ -67,6 +67,7 @@ def test_runs_of_different_precisions_share_one_process(make_recipe, tmp_path):
     leaves no state behind (test_a_run_leaves_an_accelerator_built_after_it_its_own_precision)."""
     from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # a fresh process's (an earlier test may have left one)
     ov = {"train.max_steps": 4, "train.log_every": 1}
     a = run(make_recipe({**ov, "train.precision": "fp32", "output_dir": tmp_path / "a"}))
     assert AcceleratorState._shared_state == {}
@@ -98,6 +99,7 @@ def test_a_run_leaves_an_accelerator_built_after_it_its_own_precision(make_recip
 
     from peftlab import train
 
+    AcceleratorState._reset_state(reset_partial_state=True)  # a fresh process's (an earlier test may have left one)
     run(make_recipe({"train.max_steps": 1, "train.precision": "bf16", "output_dir": tmp_path / "b"}))
     assert AcceleratorState._shared_state == {} and Accelerator(cpu=True).mixed_precision == "no"
     evaluate(tmp_path / "b")  # a bf16 evaluation, the caller's fp32 Accelerator built before it
