@@ -350,7 +350,7 @@ def architecture_problems(recipe: Recipe, config) -> list[str]:
     problems = [p for p in [causal_lm_problem(recipe, config)] if p]
     if (task_problem := getattr(get_task(recipe.task.type), "architecture_problem", None)) and (p := task_problem(recipe, config)):
         problems.append(p)  # (sft: data.packing on a base whose mask ignores the position ids)
-    if prefix_cannot_generate(recipe):
+    if prefix_cannot_generate(recipe, bool(getattr(config, "is_encoder_decoder", False))):
         problems.append(PREFIX_GENERATING)
     if recipe.task.type == "classification" and recipe.adapter.method in ("prompt_tuning", "p_tuning"):
         if decoder_only(config):

@@ -823,10 +823,11 @@ def test_a_long_source_is_cut_as_written_within_max_length_on_a_byte_fallback_to
     assert truncate_sources(tok, [text], n) == ([text], [False])  # a source that fits is left as it is
 
 
-def test_a_prompt_tuned_decoder_summarizes_as_greedy_decoding_of_its_model_and_prefix_tuning_is_refused(make_sum_recipe, tiny_llama):
+def test_a_prompt_tuned_decoder_summarizes_as_greedy_decoding_of_its_model_and_prefix_tuning_is_refused(make_sum_recipe, tiny_llama, capsys):
     """Prompt tuning on a decoder: each summary is greedy decoding of the trained model's own forward (peft's cached
     generate wrote other tokens, and left padding shifted positions); prefix tuning, whose generation differs from its
     model, is refused before training."""
+    from peftlab.cli import main
     from peftlab.errors import ModelError
 
     recipe = make_sum_recipe(tiny_llama, {"adapter.method": "prompt_tuning", "adapter.target_modules": None,
@@ -855,9 +856,9 @@ def test_a_prompt_tuned_decoder_summarizes_as_greedy_decoding_of_its_model_and_p
         with contextlib.redirect_stdout(printed):
             exec(re.sub(r"source = .*", lambda _, row=row: f"source = {row['source']!r}", snippet, count=1), {})
         assert printed.getvalue().strip() == row["prediction"], (printed.getvalue(), row, snippet)
-    with pytest.raises(ConfigError, match="prefix_tuning cannot generate faithfully"):  # `peftlab validate` says it
-        make_sum_recipe(tiny_llama, {"adapter.method": "prefix_tuning", "adapter.target_modules": None}, name="px")
     prefix = make_sum_recipe(tiny_llama, {"adapter.target_modules": None}, name="px")
+    assert main(["validate", str(prefix.out.parent / "px.yaml"), "adapter.method=prefix_tuning", "adapter.target_modules=null"]) == 2
+    assert "prefix_tuning cannot generate faithfully" in capsys.readouterr().out  # from the base's config: a decoder
     prefix.adapter.method = "prefix_tuning"  # past validation (the Python API): the model build refuses it too
     with pytest.raises(ModelError, match="prefix_tuning cannot generate faithfully"):
         build_model(prefix, num_labels=0, label_names=[])
@@ -865,18 +866,20 @@ def test_a_prompt_tuned_decoder_summarizes_as_greedy_decoding_of_its_model_and_p
 
 
 @pytest.mark.parametrize("base", ["tiny_t5", "tiny_bart"])
-def test_prefix_tuning_on_an_encoder_decoder_summarizer_is_refused_as_its_generation_drops_the_prefix(make_sum_recipe, request, tmp_path, capsys, base):
-    """A prefix-tuned T5 or BART trained with the prefix (the loss was right) but transformers' generate dropped it
-    ("Both past_key_values and cache are set ... Using cache"): predictions-eval.jsonl and ROUGE were the untrained
-    base's. Shown here on the tiny model (generate with the adapter = generate with it disabled, while greedy decoding of
-    the model's own forward differs), so the refusal is dropped when a transformers/peft generates with the prefix.
-    Refused by `validate` (the recipe alone says it) and, past validation, by the model build."""
+def test_prefix_tuning_on_an_encoder_decoder_summarizer_generates_with_its_prefix_where_peft_does(make_sum_recipe, request, tmp_path,
+                                                                                                   capsys, monkeypatch, base):
+    """A prefix-tuned T5 or BART trained with the prefix (the loss was right), but before peft 0.22 transformers'
+    generate dropped it ("Both past_key_values and cache are set ... Using cache"): predictions-eval.jsonl and ROUGE were
+    the untrained base's (generate with the adapter = generate with it disabled, while greedy decoding of the model's own
+    forward differs). peft 0.22 generates with it: a run's predictions are greedy decoding of the trained model, token
+    for token, so it trains there; with an older peft it is refused by `validate` and, past validation, by the model build."""
     import warnings
 
     from peft import PrefixTuningConfig, get_peft_model
     from transformers import AutoModelForSeq2SeqLM
 
     from peftlab.cli import main
+    from peftlab.methods import prompt
 
     path = request.getfixturevalue(base)
     torch.manual_seed(0)
@@ -885,27 +888,55 @@ def test_prefix_tuning_on_an_encoder_decoder_summarizer_is_refused_as_its_genera
         for p in model.prompt_encoder.parameters():
             p.mul_(50)  # a prefix that moves the logits, as a trained one does
     tok = minilm_tokenizer()
-    batch = dict(tok(["Anna: Can you bring the cake today?"], return_tensors="pt", return_token_type_ids=False))
     start = model.base_model.config.decoder_start_token_id
+
+    def greedy_of(m, enc: dict, steps: int, end: int | None = None) -> torch.Tensor:
+        out = torch.tensor([[start]])
+        for _ in range(steps):
+            out = torch.cat([out, m(**enc, decoder_input_ids=out).logits[:, -1].argmax(-1, keepdim=True)], 1)
+            if out[0, -1].item() == end:
+                break
+        return out
+
+    batch = dict(tok(["Anna: Can you bring the cake today?"], return_tensors="pt", return_token_type_ids=False))
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        greedy = torch.tensor([[start]])
-        for _ in range(6):
-            greedy = torch.cat([greedy, model(**batch, decoder_input_ids=greedy).logits[:, -1].argmax(-1, keepdim=True)], 1)
+        greedy = greedy_of(model, batch, 6)
         kw = dict(max_new_tokens=6, num_beams=1, do_sample=False, min_new_tokens=6)
         generated = model.generate(**batch, **kw)
         with model.disable_adapter():
             plain = model.generate(**batch, **kw)
-            base_greedy = torch.tensor([[start]])
-            for _ in range(6):
-                base_greedy = torch.cat([base_greedy, model(**batch, decoder_input_ids=base_greedy).logits[:, -1].argmax(-1, keepdim=True)], 1)
+            base_greedy = greedy_of(model, batch, 6)
     assert not torch.equal(greedy, base_greedy)  # the prefix changes the model's own greedy text ...
-    assert torch.equal(generated[0, : greedy.shape[1]], plain[0, : greedy.shape[1]])  # ... and generate ignores it
+    n = greedy.shape[1]
+    if not prompt.peft_generates_prefix():
+        assert torch.equal(generated[0, :n], plain[0, :n])  # ... and this peft's generate ignores it: refused below
+    else:
+        assert torch.equal(generated[0, :n], greedy[0]) and not torch.equal(generated[0, :n], plain[0, :n])  # ... and generate keeps it
+        recipe = make_sum_recipe(path, {"adapter.method": "prefix_tuning", "adapter.target_modules": None, "adapter.num_virtual_tokens": 4,
+                                        "train.lr": 0.1, "train.max_steps": 6, "export.merge": False, "train.precision": "fp32"}, name="pxt")
+        run(recipe)
+        rows = [json.loads(line) for line in (recipe.out / "predictions-eval.jsonl").read_text().splitlines()]
+        trained, tok2, *_ = load_trained(recipe.out)
+        data = build_data(load_recipe(recipe.out / "recipe.yaml", validate_files=False), tok2)
+        moved = 0
+        with torch.no_grad():
+            for k, example in enumerate(data.eval):
+                enc = {"input_ids": torch.tensor([example["input_ids"]]), "attention_mask": torch.tensor([example["attention_mask"]])}
+                out = greedy_of(trained, enc, recipe.eval.max_new_tokens, end=tok2.sep_token_id)
+                assert tok2.decode(out[0], skip_special_tokens=True).strip() == rows[k]["prediction"], k
+                with trained.disable_adapter():
+                    base_out = greedy_of(trained, enc, recipe.eval.max_new_tokens, end=tok2.sep_token_id)
+                moved += tok2.decode(base_out[0], skip_special_tokens=True).strip() != rows[k]["prediction"]
+        assert moved  # the prefix is in the predictions: not the base's text
+        monkeypatch.setattr(prompt, "peft_generates_prefix", lambda: False)  # as on a peft before 0.22: the refusals
     with pytest.raises(ConfigError, match="prefix_tuning cannot generate faithfully.*encoder-decoder"):
         make_sum_recipe(path, {"adapter.method": "prefix_tuning", "adapter.target_modules": None}, name="px")
     recipe = make_sum_recipe(path, {"adapter.target_modules": None}, name="px")
     assert main(["validate", str(tmp_path / "px.yaml"), "adapter.method=prefix_tuning", "adapter.target_modules=null"]) == 2
     assert "prefix_tuning cannot generate faithfully" in capsys.readouterr().out
-    recipe.adapter.method = "prefix_tuning"  # past validation (the Python API): the model build refuses it too
-    with pytest.raises(ModelError, match="prefix_tuning cannot generate faithfully"):
+    recipe.adapter.method = "prefix_tuning"  # changed in Python: the building blocks check it again
+    with pytest.raises(ConfigError, match="prefix_tuning cannot generate faithfully"):
         build_model(recipe, num_labels=0, label_names=[])
+    with pytest.raises(ModelError, match="prefix_tuning cannot generate faithfully"):  # the model build, past the checks, too
+        prompt.apply_prefix(AutoModelForSeq2SeqLM.from_pretrained(path), recipe, [], "SEQ_2_SEQ_LM")

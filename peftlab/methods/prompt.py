@@ -57,28 +57,46 @@ PROMPT_ON_SEQ2SEQ_CLASSIFIER = ("adapter.method={method} on an encoder-decoder c
                                 "transformers refuses the input. Use adapter.method=lora (or another method that adapts weights).")
 
 
-# peft's generate with a prefix (past key values in front) writes other tokens than greedy decoding of the model as
-# trained computes, with the cache or without it (a 2-layer Llama: from the third new token on). On an encoder-decoder
-# (T5, BART) transformers drops the prefix in generate ("Both past_key_values and cache are set ... Using cache"): the
-# text is the untrained base's, token for token, while the loss is the adapter's. The tasks that generate refuse it
-# (tasks/sft.py, tasks/summarization.py: check), and so does the model build, for either architecture.
-PREFIX_GENERATING = ("adapter.method=prefix_tuning cannot generate faithfully with this transformers/peft: on a decoder its "
-                     "generated text differs from greedy decoding of the model it trains, and on an encoder-decoder (T5, BART) "
-                     "generation drops the prefix and writes the base model's text, so the scores would be of another model. "
-                     "Use prompt_tuning or p_tuning (or lora).")
+# Prefix tuning where the evaluation generates. On a decoder, peft's generate with a prefix wrote other tokens than
+# greedy decoding of the model as trained computes (peft 0.21, a 2-layer Llama: from the third new token on), and
+# peftlab's own generation (tasks/generative.generation_inputs) puts prompt/p-tuning's virtual-token embeddings in front
+# of the prompt, which a prefix (key/value states) has not. On an encoder-decoder (T5, BART) generate dropped the prefix
+# before peft 0.22 ("Both past_key_values and cache are set ... Using cache"): the text was the untrained base's, token
+# for token, while the loss was the adapter's. peft 0.22 generates with it: greedy decoding of the trained model, token
+# for token (tests/test_summarization.py), so an encoder-decoder summarizer may be prefix-tuned there.
+PREFIX_GENERATING = ("adapter.method=prefix_tuning cannot generate faithfully here: on a decoder-only base peftlab generates "
+                     "from the virtual tokens' embeddings (prompt_tuning, p_tuning), which a prefix does not have, and on an "
+                     "encoder-decoder (T5, BART) generation with peft < 0.22 drops the prefix and writes the base model's text "
+                     "(BERT2BERT's model.decoder: not measured), so the scores would be of another model. Use prompt_tuning or "
+                     "p_tuning (or lora); for an encoder-decoder, peft >= 0.22 generates with the prefix.")
 
 
-def prefix_cannot_generate(recipe: Recipe) -> bool:
-    """Prefix tuning for a task that generates, on any architecture (see PREFIX_GENERATING)."""
+def peft_generates_prefix() -> bool:
+    """Whether the installed peft generates with an encoder-decoder's prefix (0.22 and later; see PREFIX_GENERATING)."""
+    from importlib.metadata import version
+
+    from packaging.version import Version
+
+    return Version(version("peft")) >= Version("0.22")
+
+
+def prefix_cannot_generate(recipe: Recipe, encoder_decoder: bool | None = False) -> bool:
+    """Prefix tuning for a task that generates (see PREFIX_GENERATING), except on an encoder-decoder base (T5, BART; not
+    model.decoder's warm start) with a peft that generates its prefix. `encoder_decoder`: the base's kind, from its
+    config; None where a recipe check does not know it yet (refused only where no base could)."""
     from ..tasks import get_task
 
-    return recipe.adapter.method == "prefix_tuning" and getattr(get_task(recipe.task.type), "generates", False)
+    if recipe.adapter.method != "prefix_tuning" or not getattr(get_task(recipe.task.type), "generates", False):
+        return False
+    if encoder_decoder is False or recipe.model.decoder:
+        return True
+    return not peft_generates_prefix()
 
 
 def apply_prefix(model: nn.Module, recipe: Recipe, head_modules: list[str], task_type: str) -> nn.Module:
     if task_type == "SEQ_CLS":
         raise ModelError(PREFIX_ON_CLASSIFICATION)
-    if prefix_cannot_generate(recipe):  # CAUSAL_LM or SEQ_2_SEQ_LM: a model built past validation (the Python API)
+    if prefix_cannot_generate(recipe, getattr(model.config, "is_encoder_decoder", False)):  # past validation (the Python API)
         raise ModelError(PREFIX_GENERATING)
     return apply_peft("PrefixTuningConfig", virtual_tokens, model, recipe, head_modules, task_type, layers=False)
 

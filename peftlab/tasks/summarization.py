@@ -119,7 +119,7 @@ def check(recipe) -> list[str]:
         p.append(f"task.prompt={prompt!r}: must contain {{source}} exactly once (where the source text goes).")
     from ..methods.prompt import PREFIX_GENERATING, prefix_cannot_generate
 
-    if prefix_cannot_generate(recipe):  # either family: the recipe alone says it, so validate refuses it too
+    if prefix_cannot_generate(recipe, None):  # the base's kind comes with its config (model.architecture_problems)
         p.append(PREFIX_GENERATING)
     return p
 
