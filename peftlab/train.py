@@ -745,11 +745,12 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
         # (the bar after the trackers: one that cannot start says so on a line of its own)
         bar = tqdm(total=total, initial=state.step, desc="train", unit="step", disable=not progress_shown(accelerator),
                    dynamic_ncols=True)
-        if resumed and 0 < state.step == total and state.window_items and state.lr is not None:  # a resume shortened to its
-            log_line(state.lr)  # checkpoint's step (train.max_steps): that step's line, which the stopped run left to a later step
-        if resumed and eval_dl is not None and 0 < state.step == total and all(h["step"] != state.step for h in state.history):
-            with window.paused():  # the last step's evaluation, which a stop during that step left out (below)
-                evaluate()
+        if resumed and 0 < state.step == total:  # resumed at its last step: what the stopped run left to later
+            if state.window_items and state.lr is not None:  # (a resume shortened to its checkpoint's step) the step's line
+                log_line(state.lr)
+            if eval_dl is not None and all(h["step"] != state.step for h in state.history):
+                with window.paused():  # the last step's evaluation, which a stop during that step left out (below)
+                    evaluate()
         while state.step < total:
             train_dl.set_epoch(state.epoch)
             if hasattr(data.collate, "set_epoch"):  # a collator that draws at random (mlm's masks): this epoch's draws
