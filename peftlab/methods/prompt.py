@@ -96,7 +96,7 @@ def prefix_cannot_generate(recipe: Recipe, encoder_decoder: bool | None = False)
 def apply_prefix(model: nn.Module, recipe: Recipe, head_modules: list[str], task_type: str) -> nn.Module:
     if task_type == "SEQ_CLS":
         raise ModelError(PREFIX_ON_CLASSIFICATION)
-    if prefix_cannot_generate(recipe, getattr(model.config, "is_encoder_decoder", False)):  # past validation (the Python API)
+    if prefix_cannot_generate(recipe, bool(getattr(model.config, "is_encoder_decoder", False))):  # past validation (the Python API)
         raise ModelError(PREFIX_GENERATING)
     return apply_peft("PrefixTuningConfig", virtual_tokens, model, recipe, head_modules, task_type, layers=False)
 
