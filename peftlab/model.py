@@ -28,7 +28,7 @@ from .config import Recipe, recipe_argument
 from .errors import ConfigError, ModelError, PeftlabError
 from .methods import get_method
 from .methods.peft_adapter import rank_problem
-from .methods.prompt import PREFIX_GENERATING, PROMPT_ON_DECODER_CLASSIFIER, PROMPT_ON_SEQ2SEQ_CLASSIFIER, prefix_cannot_generate
+from .methods.prompt import PROMPT_ON_DECODER_CLASSIFIER, PROMPT_ON_SEQ2SEQ_CLASSIFIER
 from .tasks import get_task, input_lengths, peft_task_type
 from .tasks.encoder_decoder import warm_start_problems
 
@@ -350,8 +350,6 @@ def architecture_problems(recipe: Recipe, config) -> list[str]:
     problems = [p for p in [causal_lm_problem(recipe, config)] if p]
     if (task_problem := getattr(get_task(recipe.task.type), "architecture_problem", None)) and (p := task_problem(recipe, config)):
         problems.append(p)  # (sft: data.packing on a base whose mask ignores the position ids)
-    if prefix_cannot_generate(recipe, bool(getattr(config, "is_encoder_decoder", False))):
-        problems.append(PREFIX_GENERATING)
     if recipe.task.type == "classification" and recipe.adapter.method in ("prompt_tuning", "p_tuning"):
         if decoder_only(config):
             problems.append(PROMPT_ON_DECODER_CLASSIFIER.format(method=recipe.adapter.method, kind=config.model_type))

@@ -595,16 +595,24 @@ def test_sft_end_to_end_learns_exports_and_reloads(tmp_path, chat_llama, packing
         assert printed.getvalue().strip() == preds[0]["prediction"], (printed.getvalue(), snippet)
 
 
-@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "lora"])
+@pytest.mark.parametrize("method", ["prompt_tuning", "p_tuning", "prefix_tuning", "lora"])
 def test_each_generated_answer_is_greedy_decoding_of_the_model_as_trained(tmp_path, chat_llama, method):
     """Each answer is what greedy decoding of the trained model's own forward (no cache, one prompt alone) writes. Under
     prompt learning it was not: peft drops position_ids, so left padding shifted a row's positions by its batch's
-    longest prompt, and peft's cached generate writes other tokens from the third one on (with this transformers)."""
+    longest prompt, and peft's cached generate writes other tokens from the third one on (with this transformers).
+    Prefix tuning generates through peft's own generate, which carries the prefix in the cache (peft >= 0.22)."""
+    from peftlab.methods.prompt import peft_generates_prefix
+
     rows = [{"messages": [{"role": "user", "content": q + " please" * k}, {"role": "assistant", "content": a}]}
             for k, (q, a) in enumerate(QA)]  # prompts of six lengths in one evaluation batch
     path = write_jsonl(tmp_path / "m.jsonl", rows)
     adapter = [] if method == "lora" else [f"adapter.method={method}", "adapter.target_modules=null", "adapter.num_virtual_tokens=4"]
-    r = recipe_for(tmp_path, chat_llama, path, [*adapter, "train.max_steps=6", "train.lr=0.1", "eval.max_new_tokens=8", "export.merge=false"])
+    settings = [*adapter, "train.max_steps=6", "train.lr=0.1", "eval.max_new_tokens=8", "export.merge=false"]
+    if method == "prefix_tuning" and not peft_generates_prefix():
+        with pytest.raises(ConfigError, match="prefix_tuning cannot generate faithfully.*upgrade peft to 0.22"):
+            recipe_for(tmp_path, chat_llama, path, settings)
+        return
+    r = recipe_for(tmp_path, chat_llama, path, settings)
     run(r)
     preds = [json.loads(line) for line in (r.out / "predictions-eval.jsonl").read_text().splitlines()]
     model, tok, _, _ = load_trained(r.out)
@@ -699,12 +707,22 @@ def test_generation_stops_at_the_bases_own_end_tokens_too_in_evaluation_and_the_
     assert printed.getvalue().strip() == want, (printed.getvalue(), snippet)
 
 
-def test_prefix_tuning_and_packed_prompt_methods_are_refused_at_validation(tmp_path, chat_llama):
-    """prefix tuning generates another model's text (peft + this transformers); a packed row under a prompt method lets
-    each example attend to the ones before it (peft drops the position ids that keep them apart)."""
+def test_prefix_tuning_before_peft_022_and_packed_prompt_methods_are_refused_at_validation(tmp_path, chat_llama, monkeypatch):
+    """prefix tuning generated another model's text before peft 0.22 (its generate, from the third new token on); a
+    packed row under a prompt method lets each example attend to the ones before it (peft drops the position ids that
+    keep them apart)."""
+    from peftlab.methods import prompt
+
     path = write_jsonl(tmp_path / "m.jsonl", messages_rows())
-    with pytest.raises(ConfigError, match="prefix_tuning cannot generate faithfully.*Use prompt_tuning or p_tuning"):
-        recipe_for(tmp_path, chat_llama, path, ["adapter.method=prefix_tuning", "adapter.target_modules=null"])
+    prefix = ["adapter.method=prefix_tuning", "adapter.target_modules=null"]
+    with pytest.raises(ConfigError, match="data.packing=true with adapter.method=prefix_tuning: .*Set data.packing=false"):
+        recipe_for(tmp_path, chat_llama, path, [*prefix, "data.packing=true"])
+    monkeypatch.setattr(prompt, "peft_generates_prefix", lambda: False)  # as on a peft before 0.22
+    with pytest.raises(ConfigError, match="prefix_tuning cannot generate faithfully.*Use prompt_tuning or p_tuning.*upgrade peft"):
+        recipe_for(tmp_path, chat_llama, path, prefix)
+    monkeypatch.undo()
+    if prompt.peft_generates_prefix():
+        recipe_for(tmp_path, chat_llama, path, prefix)  # unpacked: fine
     with pytest.raises(ConfigError, match="data.packing=true with adapter.method=p_tuning: .*Set data.packing=false"):
         recipe_for(tmp_path, chat_llama, path, ["adapter.method=p_tuning", "adapter.target_modules=null", "data.packing=true"])
     recipe_for(tmp_path, chat_llama, path, ["adapter.method=p_tuning", "adapter.target_modules=null"])  # unpacked: fine

@@ -823,45 +823,62 @@ def test_a_long_source_is_cut_as_written_within_max_length_on_a_byte_fallback_to
     assert truncate_sources(tok, [text], n) == ([text], [False])  # a source that fits is left as it is
 
 
-def test_a_prompt_tuned_decoder_summarizes_as_greedy_decoding_of_its_model_and_prefix_tuning_is_refused(make_sum_recipe, tiny_llama, capsys):
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_a_prompt_or_prefix_tuned_decoder_summarizes_as_greedy_decoding_of_its_model(make_sum_recipe, tiny_llama, capsys,
+                                                                                       monkeypatch, method):
     """Prompt tuning on a decoder: each summary is greedy decoding of the trained model's own forward (peft's cached
-    generate wrote other tokens, and left padding shifted positions); prefix tuning, whose generation differs from its
-    model, is refused before training."""
+    generate wrote other tokens, and left padding shifted positions). Prefix tuning: the same through peft's own generate
+    (peft >= 0.22); with an older peft, whose generation differs from its model, it is refused before training."""
     from peftlab.cli import main
     from peftlab.errors import ModelError
+    from peftlab.methods import prompt
 
-    recipe = make_sum_recipe(tiny_llama, {"adapter.method": "prompt_tuning", "adapter.target_modules": None,
-                                          "adapter.num_virtual_tokens": 4, "train.lr": 0.1, "export.merge": False,
-                                          "train.precision": "fp32"}, name="pt")
-    run(recipe)
-    rows = [json.loads(line) for line in (recipe.out / "predictions-eval.jsonl").read_text().splitlines()]
-    model, tok, *_ = load_trained(recipe.out)
-    data = build_data(load_recipe(recipe.out / "recipe.yaml", validate_files=False), tok)
-    for k, example in enumerate(data.eval):
-        ids = torch.tensor([example["input_ids"][: example["prompt_length"]]])
-        start = ids.shape[1]
-        with torch.no_grad():
-            for _ in range(recipe.eval.max_new_tokens):
-                nxt = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax().item()
-                ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
-                if nxt == tok.eos_token_id:
-                    break
-        assert tok.decode(ids[0, start:], skip_special_tokens=True).strip() == rows[k]["prediction"], k
-    # the card's snippet, run as written on each source, summarizes as the evaluation did (it called peft's cached generate)
-    snippet = re.search(r"```python\n(.*?)```", card_text(recipe.out), re.S).group(1)
-    snippet = re.sub(r"base_model = .*", lambda _: f"base_model = {str(tiny_llama)!r}",
-                     re.sub(r"repo = .*", lambda _: f"repo = {str(recipe.out)!r}", snippet))
-    for row in rows:
-        printed = io.StringIO()
-        with contextlib.redirect_stdout(printed):
-            exec(re.sub(r"source = .*", lambda _, row=row: f"source = {row['source']!r}", snippet, count=1), {})
-        assert printed.getvalue().strip() == row["prediction"], (printed.getvalue(), row, snippet)
+    settings = {"adapter.method": method, "adapter.target_modules": None, "adapter.num_virtual_tokens": 4, "train.lr": 0.1,
+                "export.merge": False, "train.precision": "fp32"}
+    if prompt.peft_generates_prefix() or method == "prompt_tuning":
+        recipe = make_sum_recipe(tiny_llama, settings, name="pt")
+        run(recipe)
+        rows = [json.loads(line) for line in (recipe.out / "predictions-eval.jsonl").read_text().splitlines()]
+        model, tok, *_ = load_trained(recipe.out)
+        data = build_data(load_recipe(recipe.out / "recipe.yaml", validate_files=False), tok)
+        moved = 0
+        for k, example in enumerate(data.eval):
+            ids = torch.tensor([example["input_ids"][: example["prompt_length"]]])
+            start = ids.shape[1]
+            with torch.no_grad():
+                for _ in range(recipe.eval.max_new_tokens):
+                    nxt = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1].argmax().item()
+                    ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+                    if nxt == tok.eos_token_id:
+                        break
+            assert tok.decode(ids[0, start:], skip_special_tokens=True).strip() == rows[k]["prediction"], k
+            with torch.no_grad(), model.disable_adapter():
+                base = model.generate(input_ids=ids[:, :start], max_new_tokens=recipe.eval.max_new_tokens, do_sample=False,
+                                      eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            moved += tok.decode(base[0, start:], skip_special_tokens=True).strip() != rows[k]["prediction"]
+        assert moved  # the adapter is in the summaries: not the base's text
+        # the card's snippet, run as written on each source, summarizes as the evaluation did (it called peft's cached generate)
+        snippet = re.search(r"```python\n(.*?)```", card_text(recipe.out), re.S).group(1)
+        snippet = re.sub(r"base_model = .*", lambda _: f"base_model = {str(tiny_llama)!r}",
+                         re.sub(r"repo = .*", lambda _: f"repo = {str(recipe.out)!r}", snippet))
+        for row in rows:
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                exec(re.sub(r"source = .*", lambda _, row=row: f"source = {row['source']!r}", snippet, count=1), {})
+            assert printed.getvalue().strip() == row["prediction"], (printed.getvalue(), row, snippet)
+    if method == "prompt_tuning":
+        return
+    with pytest.raises(ConfigError, match="prefix_tuning cannot generate faithfully here: generation with model.decoder's warm start"):
+        make_sum_recipe(tiny_llama, {**settings, "model.decoder": str(tiny_llama)}, name="b2b")  # (not measured)
+    monkeypatch.setattr(prompt, "peft_generates_prefix", lambda: False)  # as on a peft before 0.22: refused
     prefix = make_sum_recipe(tiny_llama, {"adapter.target_modules": None}, name="px")
     assert main(["validate", str(prefix.out.parent / "px.yaml"), "adapter.method=prefix_tuning", "adapter.target_modules=null"]) == 2
-    assert "prefix_tuning cannot generate faithfully" in capsys.readouterr().out  # from the base's config: a decoder
-    prefix.adapter.method = "prefix_tuning"  # past validation (the Python API): the model build refuses it too
-    with pytest.raises(ModelError, match="prefix_tuning cannot generate faithfully"):
+    assert "prefix_tuning cannot generate faithfully" in capsys.readouterr().out
+    prefix.adapter.method = "prefix_tuning"  # past validation (the Python API): the building blocks check it again
+    with pytest.raises(ConfigError, match="prefix_tuning cannot generate faithfully"):
         build_model(prefix, num_labels=0, label_names=[])
+    with pytest.raises(ModelError, match="prefix_tuning cannot generate faithfully"):  # and the method itself
+        prompt.apply_prefix(None, prefix, [], "CAUSAL_LM")
     assert not prefix.out.exists()
 
 

@@ -57,22 +57,22 @@ PROMPT_ON_SEQ2SEQ_CLASSIFIER = ("adapter.method={method} on an encoder-decoder c
                                 "transformers refuses the input. Use adapter.method=lora (or another method that adapts weights).")
 
 
-# Prefix tuning where the evaluation generates. On a decoder, peft's generate with a prefix wrote other tokens than
-# greedy decoding of the model as trained computes (peft 0.21, a 2-layer Llama: from the third new token on), and
-# peftlab's own generation (tasks/generative.generation_inputs) puts prompt/p-tuning's virtual-token embeddings in front
-# of the prompt, which a prefix (key/value states) has not. On an encoder-decoder (T5, BART) generate dropped the prefix
-# before peft 0.22 ("Both past_key_values and cache are set ... Using cache"): the text was the untrained base's, token
-# for token, while the loss was the adapter's. peft 0.22 generates with it: greedy decoding of the trained model, token
-# for token (tests/test_summarization.py), so an encoder-decoder summarizer may be prefix-tuned there.
-PREFIX_GENERATING = ("adapter.method=prefix_tuning cannot generate faithfully here: on a decoder-only base peftlab generates "
-                     "from the virtual tokens' embeddings (prompt_tuning, p_tuning), which a prefix does not have, and on an "
-                     "encoder-decoder (T5, BART) generation with peft < 0.22 drops the prefix and writes the base model's text "
-                     "(BERT2BERT's model.decoder: not measured), so the scores would be of another model. Use prompt_tuning or "
-                     "p_tuning (or lora); for an encoder-decoder, peft >= 0.22 generates with the prefix.")
+# Prefix tuning where the evaluation generates. Before peft 0.22 the text was not the trained model's: on a decoder,
+# peft's generate with a prefix wrote other tokens than greedy decoding of the model as trained computes (peft 0.21, a
+# 2-layer Llama: from the third new token on); on an encoder-decoder (T5, BART) generate dropped the prefix ("Both
+# past_key_values and cache are set ... Using cache") and wrote the untrained base's text, token for token, while the
+# loss was the adapter's. peft 0.22 generates with it: greedy decoding of the trained model, token for token, on T5,
+# BART, Llama and GPT-2 (left-padded prompts included; tests/test_summarization.py, tests/test_sft.py), so the evaluation
+# calls peft's generate for a prefix (tasks/generative.generation_inputs). BERT2BERT's model.decoder was not measured.
+PREFIX_GENERATING = ("adapter.method=prefix_tuning cannot generate faithfully here: {why}, so the scores would be of another "
+                     "model. Use prompt_tuning or p_tuning (or lora){fix}.")
+OLD_PEFT = ("with peft < 0.22, generation drops the prefix of an encoder-decoder (T5, BART: the base model's text) and writes "
+            "other tokens than a decoder's model computes")
+WARM_START = "generation with model.decoder's warm start (BERT2BERT) was not measured to keep the prefix"
 
 
 def peft_generates_prefix() -> bool:
-    """Whether the installed peft generates with an encoder-decoder's prefix (0.22 and later; see PREFIX_GENERATING)."""
+    """Whether the installed peft generates with a prefix (0.22 and later; see PREFIX_GENERATING)."""
     from importlib.metadata import version
 
     from packaging.version import Version
@@ -80,24 +80,25 @@ def peft_generates_prefix() -> bool:
     return Version(version("peft")) >= Version("0.22")
 
 
-def prefix_cannot_generate(recipe: Recipe, encoder_decoder: bool | None = False) -> bool:
-    """Prefix tuning for a task that generates (see PREFIX_GENERATING), except on an encoder-decoder base (T5, BART; not
-    model.decoder's warm start) with a peft that generates its prefix. `encoder_decoder`: the base's kind, from its
-    config; None where a recipe check does not know it yet (refused only where no base could)."""
+def prefix_generating_problem(recipe: Recipe) -> str | None:
+    """Prefix tuning for a task that generates, where the text would not be the trained model's (PREFIX_GENERATING):
+    with a peft before 0.22, or on model.decoder's warm start. -> the problem, or None."""
     from ..tasks import get_task
 
     if recipe.adapter.method != "prefix_tuning" or not getattr(get_task(recipe.task.type), "generates", False):
-        return False
-    if encoder_decoder is False or recipe.model.decoder:
-        return True
-    return not peft_generates_prefix()
+        return None
+    if recipe.model.decoder:
+        return PREFIX_GENERATING.format(why=WARM_START, fix=", or a decoder-only or T5/BART base without model.decoder")
+    if not peft_generates_prefix():
+        return PREFIX_GENERATING.format(why=OLD_PEFT, fix=", or upgrade peft to 0.22 or later")
+    return None
 
 
 def apply_prefix(model: nn.Module, recipe: Recipe, head_modules: list[str], task_type: str) -> nn.Module:
     if task_type == "SEQ_CLS":
         raise ModelError(PREFIX_ON_CLASSIFICATION)
-    if prefix_cannot_generate(recipe, bool(getattr(model.config, "is_encoder_decoder", False))):  # past validation (the Python API)
-        raise ModelError(PREFIX_GENERATING)
+    if problem := prefix_generating_problem(recipe):  # past validation (the Python API)
+        raise ModelError(problem)
     return apply_peft("PrefixTuningConfig", virtual_tokens, model, recipe, head_modules, task_type, layers=False)
 
 

@@ -565,12 +565,15 @@ def _no_cache(out: Path, causal: bool) -> tuple[str, str]:
     """(a comment line, a generate() argument) that turn the KV cache off for a prompt or p-tuning adapter on a decoder:
     with this transformers, peft's generate writes other tokens than the model computes from the third new one on (see
     tasks/generative.generation_inputs, which the evaluation uses instead); use_cache=False writes the evaluation's text.
-    ("", "") otherwise: an encoder-decoder's virtual tokens are the encoder's, which the decoder's cache leaves alone."""
+    ("", "") otherwise: an encoder-decoder's virtual tokens are the encoder's, which the decoder's cache leaves alone,
+    and a prefix (its keys and values) is what the evaluation's own peft generate carried."""
     if not causal or not (out / "adapter_config.json").is_file():
         return "", ""
     from peft import PeftConfig
 
-    if not PeftConfig.from_pretrained(str(out)).is_prompt_learning:
+    from ..tasks.generative import virtual_token_embeddings
+
+    if not virtual_token_embeddings(PeftConfig.from_pretrained(str(out))):
         return "", ""
     return ("# use_cache=False: with its KV cache, peft's generate under virtual tokens writes other tokens than the model "
             "computes (from the third new one on, with this transformers); without it, the text peftlab's evaluation wrote\n",

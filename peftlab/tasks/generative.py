@@ -260,15 +260,22 @@ def generation_inputs(model, ids: torch.Tensor, mask: torch.Tensor) -> tuple[Any
     third new token on it writes what the model does not compute; use_cache=False is right but recomputes the whole
     sequence per token), and it drops position_ids, so left padding would shift every position. Here the base generates
     from the virtual tokens' embeddings put in front of the prompt's, with their attention mask: positions from the
-    mask, the cache kept, and the text greedy decoding of the model as trained gives (tested)."""
-    config = getattr(model, "active_peft_config", None)
-    if not getattr(config, "is_prompt_learning", False):
+    mask, the cache kept, and the text greedy decoding of the model as trained gives (tested). A prefix has no
+    embeddings (its keys and values go in the cache): peft's own generate carries it, and from peft 0.22 on writes what
+    greedy decoding of the trained model does, left padding included (methods/prompt.PREFIX_GENERATING)."""
+    if not virtual_token_embeddings(getattr(model, "active_peft_config", None)):
         return model, {"input_ids": ids, "attention_mask": mask}, ids.shape[1]
     base = model.get_base_model()
     embed = base.get_input_embeddings()
     virtual = model.get_prompt(batch_size=ids.shape[0]).to(embed.weight.dtype)
     return base, {"inputs_embeds": torch.cat([virtual, embed(ids)], 1),
                   "attention_mask": torch.cat([mask.new_ones(ids.shape[0], virtual.shape[1]), mask], 1)}, 0
+
+
+def virtual_token_embeddings(peft_config) -> bool:
+    """Whether a peft adapter's config puts virtual tokens' embeddings in front of the input (prompt tuning, p-tuning;
+    not a prefix, whose keys and values go in every layer's cache)."""
+    return bool(getattr(peft_config, "is_prompt_learning", False)) and peft_config.peft_type != "PREFIX_TUNING"
 
 
 def data_row(row: int) -> str:

@@ -128,10 +128,10 @@ def check(recipe) -> list[str]:
     if recipe.model.decoder:
         p.append("model.decoder is set: sft fine-tunes a decoder-only LLM. Remove model.decoder.")
     from ..methods import get_method
-    from ..methods.prompt import PREFIX_GENERATING, prefix_cannot_generate
+    from ..methods.prompt import prefix_generating_problem
 
-    if prefix_cannot_generate(recipe):
-        p.append(PREFIX_GENERATING)
+    if problem := prefix_generating_problem(recipe):
+        p.append(problem)
     if recipe.data.packing and get_method(recipe.adapter.method).extra_positions(recipe.adapter):  # virtual tokens
         p.append(f"data.packing=true with adapter.method={recipe.adapter.method}: a packed row keeps its examples apart by "
                  "their position ids, which peft drops for prompt methods (each example would attend to the ones before it, "

@@ -117,10 +117,10 @@ def check(recipe) -> list[str]:
                  "e.g. data.target_column=summary.")
     if prompt is not None and prompt.count("{source}") != 1:
         p.append(f"task.prompt={prompt!r}: must contain {{source}} exactly once (where the source text goes).")
-    from ..methods.prompt import PREFIX_GENERATING, prefix_cannot_generate
+    from ..methods.prompt import prefix_generating_problem
 
-    if prefix_cannot_generate(recipe, None):  # the base's kind comes with its config (model.architecture_problems)
-        p.append(PREFIX_GENERATING)
+    if problem := prefix_generating_problem(recipe):
+        p.append(problem)
     return p
 
 
