@@ -125,7 +125,8 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
     if rank is not None:  # peft cuts each layer's factors at its own size, but records `rank` for all: unloadable
         from peft.tuners.lora import LoraLayer
 
-        sizes = {name: min(m.get_base_layer().weight.shape) for name, m in model.named_modules() if isinstance(m, LoraLayer)}
+        # (the layer's own sizes: a 4-bit base's weight is packed, its shape (n, 1), which refused every --rank above 1)
+        sizes = {name: min(m.in_features, m.out_features) for name, m in model.named_modules() if isinstance(m, LoraLayer)}
         if rank > (smallest := min(sizes.values())):
             layer = min(sizes, key=sizes.get)
             raise PeftlabError(f"--rank {rank}: above the size of the smallest adapted layer ({layer}: {smallest}), which no "

@@ -627,6 +627,20 @@ def test_compose_cat_and_svd_are_the_weighted_sum_of_the_updates(runs, tmp_path,
     assert not (tmp_path / "c").exists()
 
 
+def test_compose_svd_rank_on_a_4bit_base_is_checked_against_the_layers_sizes(make_recipe, tmp_path):
+    """A 4-bit base's weights are packed (shape (n, 1)): --rank was checked against that 1, and every --rank above 1 was
+    refused ("above the size of the smallest adapted layer (...: 1)") on a QLoRA adapter."""
+    from peftlab import run
+
+    q4 = Path(run(make_recipe({"quant.mode": "4bit", "train.max_steps": 2, "train.lr": 5e-2, "data.eval": None,
+                               "output_dir": tmp_path / "q4"}))["output_dir"])
+    composed = compose([q4, q4], [1, 0], tmp_path / "svd", method="svd", rank=4)
+    assert json.loads((composed / "adapter_config.json").read_text())["r"] == 4
+    torch.testing.assert_close(logits(load_trained(composed)[0]), logits(load_trained(q4)[0]), atol=1e-5, rtol=0)
+    with pytest.raises(PeftlabError, match=r"--rank 40: above the size of the smallest adapted layer \(.*: 32\)"):
+        compose([q4, q4], [1, 0], tmp_path / "c", method="svd", rank=40)
+
+
 def with_tensors(src: Path, to: Path, change) -> Path:
     """A copy of run folder `src` whose adapter tensors are `change(name, tensor)`, its record's checksum updated."""
     from safetensors.torch import load_file, save_file
