@@ -137,6 +137,8 @@ def compose(outs: list[str | Path], weights: list[float], out: str | Path, *, me
                                    svd_rank=rank)
     except ValueError as e:
         raise PeftlabError(f"peft cannot combine these adapters with {method}: {e}") from None
+    if method == "cat":
+        _stack_in_sources_dtype(model, names, weights, "composed")
     lora = get_peft_model_state_dict(model, adapter_name="composed")  # (with the base embedding again, when adapted)
     lora |= (biases := _lora_biases(model, names, weights))
     head = {k: sum(float(w) * h[k].float() for w, h in zip(weights, heads)).to(heads[0][k].dtype).contiguous() for k in heads[0]}
@@ -207,6 +209,32 @@ def _composed_file(path: Path) -> bool:
 
 
 LORA_TENSOR = re.compile(r"\.lora_(A|B|embedding_A|embedding_B|magnitude_vector)\b")  # a saved LoRA tensor's name
+
+
+def _stack_in_sources_dtype(model, names: list[str], weights: list[float], composed: str) -> None:
+    """cat's factors stacked again as peft stacks them (A_i scaled by w_i scaling_i, B_i as they are, zeros where a layer
+    has fewer), in the sources' dtype: peft writes them in place into the adapter it made in the base layer's dtype (a
+    4-bit base's compute dtype, a bf16 base's), so on such a base the exact weighted sum was rounded to bfloat16 (weights
+    1 0: the first adapter's update 0.4% off) and saved so."""
+    import torch
+    from peft.tuners.lora import LoraLayer
+
+    for module in model.modules():
+        if not isinstance(module, LoraLayer):
+            continue
+        for a, b in (("lora_A", "lora_B"), ("lora_embedding_A", "lora_embedding_B")):
+            factors_a, factors_b = getattr(module, a), getattr(module, b)
+            if composed not in factors_a:
+                continue
+            tensor = (lambda d, n: d[n].weight) if a == "lora_A" else (lambda d, n: d[n])  # noqa: E731  (embeddings: Parameters)
+            used = [(n, float(w)) for n, w in zip(names, weights) if n in factors_a]
+            stacked_a = torch.cat([tensor(factors_a, n).detach() * w * module.scaling[n] for n, w in used], 0)
+            stacked_b = torch.cat([tensor(factors_b, n).detach() for n, _ in used], 1)
+            target_a, target_b = tensor(factors_a, composed), tensor(factors_b, composed)
+            target_a.data = stacked_a.new_zeros(target_a.shape)
+            target_b.data = stacked_b.new_zeros(target_b.shape)
+            target_a.data[: stacked_a.shape[0], :] = stacked_a
+            target_b.data[:, : stacked_b.shape[1]] = stacked_b
 
 
 def _lora_biases(model, names: list[str], weights: list[float]) -> dict:

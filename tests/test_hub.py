@@ -641,6 +641,25 @@ def test_compose_svd_rank_on_a_4bit_base_is_checked_against_the_layers_sizes(mak
         compose([q4, q4], [1, 0], tmp_path / "c", method="svd", rank=40)
 
 
+@pytest.mark.parametrize("base", [{"quant.mode": "4bit"}, {"model.dtype": "bfloat16"}])
+def test_compose_cat_on_a_half_precision_base_keeps_the_sources_precision(make_recipe, tmp_path, base):
+    """peft makes the composed adapter in the base layer's dtype (a 4-bit base's compute dtype, a bf16 base's) and cat
+    writes the stacked factors into it in place: they were rounded to bfloat16 and saved so, and weights 1 0 gave the
+    first adapter's update 0.4% off."""
+    from safetensors.torch import load_file
+
+    from peftlab import run
+
+    first = Path(run(make_recipe({**base, "train.max_steps": 2, "train.lr": 5e-2, "data.eval": None,
+                                  "output_dir": tmp_path / "first"}))["output_dir"])
+    composed = compose([first, first], [1, 0], tmp_path / "cat", method="cat")
+    saved = load_file(str(composed / "adapter_model.safetensors"))
+    assert {v.dtype for k, v in saved.items() if "lora_" in k} == {torch.float32}
+    want, got = lora_updates(load_trained(first)[0]), lora_updates(load_trained(composed)[0])
+    for k in want:
+        torch.testing.assert_close(got[k].float(), want[k].float(), atol=1e-6, rtol=1e-5, msg=k)
+
+
 def with_tensors(src: Path, to: Path, change) -> Path:
     """A copy of run folder `src` whose adapter tensors are `change(name, tensor)`, its record's checksum updated."""
     from safetensors.torch import load_file, save_file
