@@ -60,6 +60,12 @@ def load_adapters(sources: dict[str, str | Path], *, endpoint: str | None = None
             raise ArtifactError(f"adapter {name!r} ({folder}) was trained on another base than {first[0]!r} "
                                 f"({differences(BASE_KEYS, mine, theirs)}): adapters loaded side by side must share their "
                                 "base as loaded. Load them one by one (load_trained).")
+        mine_cls, theirs_cls = (get_task(r.task.type).auto_model_class for r in (recipe, other_recipe))
+        if theirs_cls is not mine_cls:  # (peft loaded the LoRA matrices into the other model and dropped, or failed on, its head)
+            raise ArtifactError(f"adapter {name!r} ({folder}) is a task.type {other_recipe.task.type} adapter ({theirs_cls.__name__}) "
+                                f"and {first[0]!r} a task.type {recipe.task.type} one ({mine_cls.__name__}): adapters loaded side "
+                                "by side share one model, its head included, so they must be of tasks that build the same "
+                                "model. Load them one by one (load_trained).")
         if (other := configs[name].get("peft_type")) != kind:  # (peft refused it with its own ValueError)
             raise ArtifactError(f"adapter {name!r} is of peft type {other} and {first[0]!r} of {kind}: peft "
                                 "serves adapters side by side only of one type. Load them one by one (load_trained).")

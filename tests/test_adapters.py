@@ -67,6 +67,22 @@ def test_adapters_of_different_bases_are_refused(runs, make_recipe, tmp_path, ti
         load_adapters({"full": runs[0], "ia3": ia3})
 
 
+def test_adapters_of_tasks_that_build_another_model_are_refused(make_recipe, tmp_path, tiny_llama):
+    """A classification adapter (a sequence classifier with its head) and a verbalizer one (the causal LM) on one base: the
+    verbalizer beside the classifier failed with a bare KeyError 'base_model.model.score.weight'; the classifier beside
+    the verbalizer loaded, and its rows got the LM's vocabulary logits, its trained head dropped without a word."""
+    from peftlab import run
+
+    cls, verb = (run(make_recipe({"task.type": task, "train.max_steps": 1, "data.eval": None, "output_dir": tmp_path / task},
+                                 model=tiny_llama))["output_dir"] for task in ("classification", "verbalizer"))
+    with pytest.raises(ArtifactError, match=r"adapter 'verb' .* is a task.type verbalizer adapter \(AutoModelForCausalLM\) and "
+                                            r"'cls' a task.type classification one .*load_trained"):
+        load_adapters({"cls": cls, "verb": verb})
+    with pytest.raises(ArtifactError, match=r"adapter 'cls' .* is a task.type classification adapter .* and 'verb' a task.type "
+                                            "verbalizer one"):
+        load_adapters({"verb": verb, "cls": cls})
+
+
 def test_reserved_and_invalid_adapter_names_are_refused(runs):  # noqa: F811
     """"__base__" loaded, and mixed batches gave its rows the plain base (peft's name for no adapter); "a.v1" was blamed
     on the base or the peft version, "" raised torch's KeyError."""
