@@ -301,6 +301,18 @@ def test_publish_to_a_directory(runs, tmp_path):
     assert json.loads((target / "run.json").read_text())["name"] == "someone-else"
 
 
+def test_a_run_with_eval_results_publishes_again_into_its_folder(run_copy, tmp_path, capsys):
+    """eval-SPLIT.json (what `peftlab eval RUN` wrote) is published, but a second publish into the same folder (--to DIR,
+    or a second --dry-run) called it a file publishing did not write, and refused."""
+    rc, _, err = cli(capsys, "eval", run_copy)
+    assert rc == 0 and (run_copy / "eval-eval.json").is_file(), err
+    for target in (tmp_path / "pub", run_copy / "publish"):
+        for _ in range(2):
+            write = publish(run_copy, to=target) if target.parent == tmp_path else publish(run_copy, dry_run=True)
+            assert "eval-eval.json" in write["files"]
+        assert (target / "eval-eval.json").read_bytes() == (run_copy / "eval-eval.json").read_bytes()
+
+
 @pytest.mark.parametrize("repo_id", ["alice", "alice/", "/etc", "../alice/x", "alice/../x", "alice/x/y", "alice/my repo", "alice/x.git",
                                      "alice/-x", "alice/x--y", "alice/ünï", "alice\\x", "a" * 97 + "/x"])
 def test_repo_ids_are_validated_before_anything_happens(runs, hub, capsys, repo_id):

@@ -140,7 +140,8 @@ def _not_replaceable(target: Path, name: str | None) -> str | None:
     if earlier != name:
         return f"holds the published adapter of another run ({earlier or 'unnamed'})"
     ours = {*WEIGHT_FILES, *RECORD_FILES, "README.md"}
-    extra = sorted(p.name for p in target.iterdir() if p.name not in ours and not any(fnmatch(p.name, g) for g in TOKENIZER_GLOBS))
+    extra = sorted(p.name for p in target.iterdir()  # (eval-SPLIT.json: `peftlab eval`'s figures, published beside the run's)
+                   if p.name not in ours and not any(fnmatch(p.name, g) for g in (*TOKENIZER_GLOBS, EVALUATIONS)))
     return f"holds files that publishing did not write ({', '.join(extra[:3])})" if extra else None
 
 
