@@ -65,7 +65,8 @@ def write_gguf(model_dir: Path, dest: Path, dtype: str = "f16", *, name: str | N
     tensors = _tensor_plan(model_dir, config)
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
     rope = getattr(config, "rope_parameters", None) or {}
-    name = name or (model_dir.parent.name if model_dir.name == "merged" else model_dir.resolve().name)
+    folder = model_dir.resolve()  # (`peftlab merge . --gguf` in the run folder: Path("merged").parent.name is "")
+    name = name or (folder.parent.name if folder.name == "merged" else folder.name)
 
     dest.parent.mkdir(parents=True, exist_ok=True)
     for stale in dest.parent.glob(f".{glob.escape(dest.name)}.*.tmp"):  # of an export killed mid-write (kill, SIGTERM)

@@ -342,6 +342,17 @@ def test_write_gguf_round_trips_through_transformers(kind, tied, dtype, tmp_path
         reference.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
 
 
+def test_a_gguf_written_from_a_relative_merged_folder_is_named_after_its_run(tmp_path, monkeypatch):
+    """`peftlab merge . --gguf` in the run folder writes from Path("merged"), whose parent's name is "": the GGUF had
+    no general.name."""
+    folder = tmp_path / "my-run" / "merged"
+    folder.mkdir(parents=True)
+    tiny_llama_folder(folder)
+    monkeypatch.chdir(folder.parent)
+    path = write_gguf(Path(".") / "merged", Path("merged") / "model-f32.gguf", "f32")
+    assert gguf.GGUFReader(path).fields["general.name"].contents() == "my-run"
+
+
 def test_write_gguf_refuses_what_it_cannot_write(tiny_bert, tied_llama, tmp_path):
     dest = tmp_path / "model.gguf"
     with pytest.raises(ArtifactError, match=r"model_type 'bert' cannot be written as GGUF.*llama.*convert_hf_to_gguf.py"):
