@@ -173,6 +173,12 @@ def test_card_of_a_local_base_names_no_fake_hub_id(runs, tmp_path):
     assert meta["base_model"] == "org/tiny-bert" and meta["license"] == "mit" and "base_model:adapter:org/tiny-bert" in meta["tags"]
     publish(runs[0], "alice/tiny", to=tmp_path / "p", base_model="org/tiny-bert")
     assert json.loads((tmp_path / "p" / "adapter_config.json").read_text())["base_model_name_or_path"] == "org/tiny-bert"
+    # a published folder published again (downloaded, then pushed to another repo): its recipe names the base by its
+    # folder name, which is no folder here: that name was linked as the hub id `base_model` and tagged
+    publish(runs[0], to=tmp_path / "once")
+    meta = check_card(card_text(tmp_path / "once", "bob/tiny"))
+    assert "base_model" not in meta and not any(t.startswith("base_model:") for t in meta["tags"])
+    assert check_card(card_text(tmp_path / "once", "bob/tiny", base_model="org/tiny-bert"))["base_model"] == "org/tiny-bert"
 
 
 def test_broken_card_metadata_is_refused():

@@ -132,7 +132,14 @@ class PublicRun:
 
     @property
     def base_id(self) -> str | None:
+        if self.base_model is None and local_base_named(self.run):  # a published folder published again: no hub id either
+            return None
         return base_model_id(self.recipe, self.base_model)
+
+
+def local_base_named(run: RunRecord) -> bool:
+    """The published copy names a local base folder by its folder name (run.json's `published` entry), not a hub id."""
+    return "model.name" in (run.published or {}).get("rewritten", {}).get(RECIPE_FILE, [])
 
 
 def read_public(out: str | Path, base_model: str | None = None) -> PublicRun:
@@ -618,7 +625,7 @@ def card_text(source: str | Path | PublicRun, repo_id: str | None = None, base_m
     out, recipe, run = pub.out, pub.public_recipe, pub.public_run
     data = card_data(pub, repo_id, license=license)
     base = data.base_model or recipe.model.name
-    local_base = "model.name" in (run.published or {}).get("rewritten", {}).get(RECIPE_FILE, [])
+    local_base = local_base_named(run)
     repo = repo_id or "PATH/TO/THIS/FOLDER"
     metrics = measured_metrics(out, run)
     report = json.loads((out / "eval_report.json").read_text()) if (out / "eval_report.json").is_file() else {}
