@@ -319,6 +319,21 @@ def test_a_run_with_eval_results_publishes_again_into_its_folder(run_copy, tmp_p
         assert (target / "eval-eval.json").read_bytes() == (run_copy / "eval-eval.json").read_bytes()
 
 
+def test_a_composition_and_its_first_source_do_not_replace_each_others_publication(runs, tmp_path):
+    """A composition's run.json is its first source's, name included: publishing it into that source's publish folder
+    replaced the source's adapter silently, and a second source's refusal named the first one."""
+    composed = tmp_path / "composed"
+    compose(runs, [0.5, 0.5], composed)
+    publish(runs[0], to=tmp_path / "source")
+    with pytest.raises(PublishError, match=r"published adapter of another run \(seed42\)"):
+        publish(composed, to=tmp_path / "source")
+    assert "composition" not in json.loads((tmp_path / "source" / "run.json").read_text())
+    for _ in range(2):  # its own earlier publication is replaced
+        publish(composed, to=tmp_path / "composition")
+    with pytest.raises(PublishError, match=r"published adapter of another run \(a composition of seed42, seed7\)"):
+        publish(runs[0], to=tmp_path / "composition")
+
+
 @pytest.mark.parametrize("repo_id", ["alice", "alice/", "/etc", "../alice/x", "alice/../x", "alice/x/y", "alice/my repo", "alice/x.git",
                                      "alice/-x", "alice/x--y", "alice/ünï", "alice\\x", "a" * 97 + "/x"])
 def test_repo_ids_are_validated_before_anything_happens(runs, hub, capsys, repo_id):

@@ -116,7 +116,7 @@ def write_folder(pub: PublicRun, target: Path, flag: str = "--to DIR", **card_kw
                            "(--to DIR), or delete that run first if you mean to replace it.")
     if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / RECORD_FILE).is_file())):
         raise PublishError(f"{target} exists and is not a published adapter folder. Choose a new or empty directory.")
-    if problem := _not_replaceable(target, pub.public_run.name):
+    if problem := _not_replaceable(target, published_as(pub.public_run.to_dict())):
         raise PublishError(f"{target} {problem}: publishing there would delete it. Choose a new or empty directory (--to DIR), "
                            "or move those files away first if you mean to replace them.")
     check_writable(target, "the publish folder", flag)  # (a dry run's OUT/publish too, which takes no lock)
@@ -128,13 +128,20 @@ def write_folder(pub: PublicRun, target: Path, flag: str = "--to DIR", **card_kw
     return names
 
 
+def published_as(record: dict) -> str | None:
+    """What a publication is of: its run's name, or a composition's sources (its record, and name, are its first source's)."""
+    if composition := record.get("composition"):
+        return "a composition of " + ", ".join(str(s.get("name")) for s in composition.get("sources", []))
+    return record.get("name")
+
+
 def _not_replaceable(target: Path, name: str | None) -> str | None:
-    """Why an earlier publish folder at `target` may not be replaced: it publishes another run, or holds files that
-    publishing did not write (the user's own). None when it is this run's earlier publication, or no folder."""
+    """Why an earlier publish folder at `target` may not be replaced: it publishes another run (`published_as`), or holds
+    files that publishing did not write (the user's own). None when it is this run's earlier publication, or no folder."""
     if not (target / RECORD_FILE).is_file():
         return None
     try:
-        earlier = json.loads((target / RECORD_FILE).read_text()).get("name")
+        earlier = published_as(json.loads((target / RECORD_FILE).read_text()))
     except (OSError, ValueError, AttributeError):
         earlier = None
     if earlier != name:
