@@ -217,6 +217,25 @@ def test_a_merged_folder_publishes_its_merge_json_with_the_base_by_its_public_na
         load_adapters({"m": target})  # (no run folder above a published one to point at)
 
 
+def test_a_merged_folder_of_the_packaged_minilm_publishes_its_merge_json_with_the_hub_id(local_run, tmp_path):
+    """merge.json named the packaged base by peftlab's own name (`minilm`), where adapter_config.json and the card name
+    its hub id."""
+    from peftlab import merge
+
+    run_dir = tmp_path / "run"
+    shutil.copytree(local_run, run_dir)
+    merged = merge(run_dir)
+    for name, edit in (("recipe.yaml", lambda t: yaml.safe_dump({**t, "model": {**t["model"], "name": "minilm"}}, sort_keys=False)),
+                       ("merge.json", lambda t: json.dumps({**t, "base": {**t["base"], "name": "minilm"}})),
+                       ("run.json", lambda t: json.dumps({**t, "base_model": "minilm"}))):  # as a run on the packaged MiniLM writes them
+        path = merged / name
+        path.write_text(edit((yaml.safe_load if name.endswith(".yaml") else json.loads)(path.read_text())))
+    publish(merged, to=tmp_path / "p")
+    stamp = json.loads((tmp_path / "p" / "merge.json").read_text())
+    assert stamp["base"]["name"] == "sentence-transformers/all-MiniLM-L6-v2"
+    assert check_card((tmp_path / "p" / "README.md").read_text())["base_model"] == stamp["base"]["name"]
+
+
 def test_the_card_of_a_standalone_model_asks_for_no_copy_of_its_local_base(local_run, tmp_path, capsys):
     """A merged (or fully trained) model loads without its base, but its card told the reader to "point model.name at
     your copy" of the local base, in the peftlab snippet and the `peftlab eval --adapter ... model.name=FOLDER` hint.

@@ -19,7 +19,7 @@ from pathlib import Path
 from ..errors import PublishError
 from ..export import check_destination, weights_file, write_atomic_dir
 from ..rundir import RECIPE_FILE, RECORD_FILE, RunDir, check_writable, holds_run
-from .card import PublicRun, card_text, check_card, check_nothing_local, is_local_model, local_roots, scrub
+from .card import KNOWN_BASES, PublicRun, card_text, check_card, check_nothing_local, is_local_model, local_roots, scrub
 
 WEIGHT_FILES = ("adapter_model.safetensors", "adapter_config.json", "model.safetensors", "config.json", "generation_config.json")
 MERGE_FILE = "merge.json"  # a `peftlab merge` folder's: the adapter and base it was merged from (the card cites it)
@@ -92,9 +92,9 @@ def fill_folder(pub: PublicRun, dest: Path, repo_id: str | None = None, license:
                 (dest / src.name).write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
             else:
                 shutil.copy2(src, dest / src.name)
-        elif src.name == MERGE_FILE:  # the base merged onto: a local folder by its public name, as in adapter_config.json
-            stamp = json.loads(src.read_text())
-            if is_local_model((stamp.get("base") or {}).get("name")):
+        elif src.name == MERGE_FILE:  # the base merged onto by its public name, as in adapter_config.json (a local folder's,
+            stamp = json.loads(src.read_text())  # a packaged model's hub id)
+            if is_local_model(merged_onto := (stamp.get("base") or {}).get("name")) or merged_onto in KNOWN_BASES:
                 stamp["base"]["name"] = base
             (dest / src.name).write_text(json.dumps(scrub(stamp, "", []), indent=2) + "\n", encoding="utf-8")
         else:
