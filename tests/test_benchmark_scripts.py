@@ -885,3 +885,23 @@ def test_model_selection_refuses_seeds_and_bases_that_name_nothing(monkeypatch, 
     with pytest.raises(SystemExit) as stop:
         bench.main()
     assert stop.value.code == 2 and says in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------------------ README vs stored results
+
+def test_readme_multitask_paired_gains_are_the_stored_runs():
+    """The README's 600-step multi-task table (shared - single, paired by seed, ± its standard error) is computed from
+    results/multitask/*.json: each figure from the stored scores, not from the two-decimal values shown (SST-2's s.e. read
+    0.75, the rounded gains', where the runs give 0.74)."""
+    import statistics
+
+    readme = (REPO / "benchmarks" / "README.md").read_text()
+    test = lambda name: json.loads((RESULTS / "multitask" / f"{name}.json").read_text())["run"]["metrics"]["test"]  # noqa: E731
+    for task, key, row in (("sst2", "accuracy", "| SST-2 (dev, 872 rows; accuracy) |"), ("agnews", "accuracy", "| AG News (test, 7,600 rows; accuracy) |"),
+                           ("emotion", "accuracy", "| emotion (test, 2,000 rows; accuracy) |"), ("emotion", "f1", "| emotion (macro-F1) |"),
+                           ("mrpc", "f1", "| MRPC (test, 1,725 rows; macro-F1) |")):
+        gains = [100 * (test(f"multi-shared-600-s{s}")[f"{task}/{key}"] - test(f"single-{task}-share600-s{s}")[key]) for s in range(3)]
+        line = next(line for line in readme.splitlines() if line.startswith(row))
+        shown = f"{statistics.mean(gains):+.2f}** ± {statistics.stdev(gains) / 3 ** 0.5:.2f}" if "**" in line.split("|")[4] else \
+            f"{statistics.mean(gains):+.2f} ± {statistics.stdev(gains) / 3 ** 0.5:.2f}"
+        assert shown in line, (row, shown, line)
