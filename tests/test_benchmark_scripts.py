@@ -905,3 +905,26 @@ def test_readme_multitask_paired_gains_are_the_stored_runs():
         shown = f"{statistics.mean(gains):+.2f}** ± {statistics.stdev(gains) / 3 ** 0.5:.2f}" if "**" in line.split("|")[4] else \
             f"{statistics.mean(gains):+.2f} ± {statistics.stdev(gains) / 3 ** 0.5:.2f}"
         assert shown in line, (row, shown, line)
+
+
+def test_summarization_figures_of_the_self_init_setting_say_it_was_chosen_on_their_test_rows():
+    """`model.cross_attention_init: self` was chosen by the 2,000-row probe on 100 seeded SAMSum test rows, which are the
+    first 100 of the 200 the full-split run reports (the same seed shuffles the same way whatever max_samples takes):
+    every place quoting that run's figure says so (the rule: a split that served for selection is named next to it)."""
+    from datasets import Dataset
+
+    from peftlab.config import SplitConfig
+    from peftlab.data import sampled
+
+    probe, full = (json.loads((RESULTS / f"{n}.json").read_text())["meta"] for n in ("summarization-2k-lora-selfinit", "summarization-full-selfinit"))
+    assert probe["recipe"] == full["recipe"] and "model.cross_attention_init=self" in probe["overrides"]
+    rows = Dataset.from_dict({"i": list(range(819))})  # SAMSum test's size
+    first, more = (sampled(rows, SplitConfig(path="x", max_samples=n), 42)["i"] for n in (100, 200))
+    assert set(first) <= set(more)
+    bench = (REPO / "benchmarks" / "README.md").read_text()
+    table = bench.index("| BERT2BERT + LoRA, `cross_attention_init=self` (the shipped recipe) | **38.02**")
+    assert "was chosen on test rows" in bench[table - 600:table]
+    readme = " ".join((REPO / "README.md").read_text().split())
+    assert "30.0/8.0/23.4 for Lead-3 (200 test rows, the first 100 of which chose `self`" in readme
+    recipe = " ".join(line.lstrip("# ") for line in (REPO / "recipes" / "minilm" / "samsum-lora.yaml").read_text().splitlines())
+    assert "100 of those test rows chose cross_attention_init: self" in recipe
