@@ -18,7 +18,7 @@ import re
 import sys
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Hashable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath
 from typing import Any, Union
@@ -496,6 +496,9 @@ class _UniqueKeyLoader(yaml.SafeLoader):
             if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be set again here (that is its
                 continue  # point); flatten_mapping (in SafeConstructor's construct_mapping) merges them
             key = self.construct_object(key_node, deep=deep)
+            if not isinstance(key, Hashable):  # (`? [a]` or `{a: 1}: 2`: `key in seen` was a TypeError and a traceback)
+                raise yaml.constructor.ConstructorError(None, None, f"a key is a {type(key).__name__}, not a name. Write "
+                                                        "each key as a plain name, e.g. `lr: 1e-4`", key_node.start_mark)
             if key in seen:
                 raise _KeyGivenTwice(None, None, f"the key '{key}' is given twice (lines {seen[key] + 1} and "
                                                  f"{key_node.start_mark.line + 1}); only the last would count. Keep one",

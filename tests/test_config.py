@@ -293,3 +293,10 @@ def test_the_building_blocks_name_a_recipe_path_given_for_a_recipe(tmp_path):
             call()
     with pytest.raises(ConfigError, match=r"load_splits\(recipe=dict \{\}\): give a Recipe .* load_recipe\(tree\)"):
         load_splits({})
+
+
+@pytest.mark.parametrize("text, line", [("model:\n  ? [a]\n  : 1\n", 2), ("{a: 1}: 2\n", 1)])
+def test_a_list_or_mapping_as_a_key_is_one_error_not_a_traceback(tmp_path, text, line):
+    """A complex YAML key (`? [a]`, `{a: 1}: 2`) raised TypeError (unhashable) from the duplicate-key check."""
+    with pytest.raises(ConfigError, match=rf"malformed YAML at line {line}, column \d+: a key is a (list|dict), not a name"):
+        load_recipe(write(tmp_path, text), validate_files=False)
