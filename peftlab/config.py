@@ -490,6 +490,14 @@ class _KeyGivenTwice(yaml.constructor.ConstructorError):
 class _UniqueKeyLoader(yaml.SafeLoader):
     """yaml.safe_load, refusing a key given twice in one mapping (YAML would keep the last one silently)."""
 
+    def construct_object(self, node, deep=False):
+        try:
+            return super().construct_object(node, deep=deep)
+        except (ValueError, TypeError) as e:  # a tag's own constructor (`!!float x`, `!!timestamp 2020-13-45`): a traceback
+            tag = node.tag.replace("tag:yaml.org,2002:", "!!")
+            raise yaml.constructor.ConstructorError(None, None, f"{node.value!r} is not a valid {tag} ({e}). Fix the value, or "
+                                                    f"drop the {tag} tag", node.start_mark) from None
+
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
         for key_node, _ in node.value:
@@ -576,7 +584,7 @@ def field_type(dotted: str):
 
 def _yaml_str(raw: str) -> str:
     try:
-        value = yaml.safe_load(raw)
+        value = yaml.load(raw, Loader=_UniqueKeyLoader)
     except yaml.YAMLError:
         return raw
     return value if isinstance(value, str) else raw
@@ -596,7 +604,7 @@ def parse_overrides(overrides: list[str], problems: list[str]) -> list[tuple[str
             out.append((key.strip(), _yaml_str(raw)))  # it is a string, else the text as written ('Summary: {source}', 123)
             continue
         try:
-            value = yaml.safe_load(raw) if raw != "" else None
+            value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw != "" else None  # (as a file's values are read)
         except yaml.YAMLError:
             if raw.lstrip().startswith(("[", "{")):  # meant as a list or mapping: taken as a string it fails much later
                 problems.append(f"override '{item}': {raw!r} is not a valid YAML list or mapping. Write it whole, e.g. "

@@ -300,3 +300,16 @@ def test_a_list_or_mapping_as_a_key_is_one_error_not_a_traceback(tmp_path, text,
     """A complex YAML key (`? [a]`, `{a: 1}: 2`) raised TypeError (unhashable) from the duplicate-key check."""
     with pytest.raises(ConfigError, match=rf"malformed YAML at line {line}, column \d+: a key is a (list|dict), not a name"):
         load_recipe(write(tmp_path, text), validate_files=False)
+
+
+def test_a_yaml_tag_whose_value_it_cannot_read_is_one_error_not_a_traceback(tmp_path):
+    """`lr: !!float x` (and `!!int`, `!!timestamp`) raised PyYAML's ValueError, which is no YAMLError: a traceback, from
+    a file and from an override alike."""
+    with pytest.raises(ConfigError, match=r"malformed YAML at line 2, column 7: 'x' is not a valid !!float"):
+        load_recipe(write(tmp_path, "train:\n  lr: !!float x\n"), validate_files=False)
+    with pytest.raises(ConfigError, match=r"'2020-13-45' is not a valid !!timestamp"):
+        load_recipe(write(tmp_path, "name: !!timestamp 2020-13-45\n"), validate_files=False)
+    with pytest.raises(ConfigError, match=r"train.epochs: expected float, got str '!!int x'"):
+        load_recipe(None, ["train.epochs=!!int x", "data.train.path=x.tsv"], validate_files=False)
+    r = load_recipe(None, ["name=!!timestamp 2020-13-45", "data.train.path=x.tsv", "train.lr=!!float 1e-4"], validate_files=False)
+    assert (r.name, r.train.lr) == ("!!timestamp 2020-13-45", 1e-4)  # (a text field takes what YAML cannot read as written)
