@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import datetime
 import difflib
 import functools
 import json
@@ -470,8 +471,11 @@ def _coerce(value: Any, tp, where: str, problems: list[str]) -> Any:
         except ValueError:
             pass
     if inner in (int, float, bool, str) and not (isinstance(value, inner) and not (inner is int and isinstance(value, bool))):
-        problems.append(f"{where}: expected {_type_name(inner)}, got {type(value).__name__} {value!r}."
-                        f"{_bool_hint(value) if inner is not bool else ''}")
+        # a text field given a number or a date (`name: 2024-05-01`, YAML's date): as written, and quoted, it is text
+        quote = f" Quote it to make it text: {where.rpartition('.')[2]}: '{value}'." if inner is str and isinstance(
+            value, (int, float, datetime.date)) and not isinstance(value, bool) else ""
+        problems.append(f"{where}: expected {_type_name(inner)}, got {type(value).__name__} "
+                        f"{value if isinstance(value, datetime.date) else repr(value)}.{_bool_hint(value) if inner is not bool else ''}{quote}")
     return value
 
 

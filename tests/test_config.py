@@ -313,3 +313,13 @@ def test_a_yaml_tag_whose_value_it_cannot_read_is_one_error_not_a_traceback(tmp_
         load_recipe(None, ["train.epochs=!!int x", "data.train.path=x.tsv"], validate_files=False)
     r = load_recipe(None, ["name=!!timestamp 2020-13-45", "data.train.path=x.tsv", "train.lr=!!float 1e-4"], validate_files=False)
     assert (r.name, r.train.lr) == ("!!timestamp 2020-13-45", 1e-4)  # (a text field takes what YAML cannot read as written)
+
+
+def test_a_number_or_date_in_a_text_field_of_a_file_says_to_quote_it(tmp_path):
+    """`name: 2024-05-01` said "expected str, got date datetime.date(2024, 5, 1)." (no fix; the override name=2024-05-01
+    is taken as text): the value as written, and the quoting that makes it text."""
+    with pytest.raises(ConfigError) as e:
+        load_recipe(write(tmp_path, "name: 2024-05-01\ntask: {prompt: 12}\ndata: {train: x.tsv}\n"), validate_files=False)
+    assert "name: expected str, got date 2024-05-01. Quote it to make it text: name: '2024-05-01'." in str(e.value)
+    assert "task.prompt: expected str, got int 12. Quote it to make it text: prompt: '12'." in str(e.value)
+    assert "datetime" not in str(e.value)
