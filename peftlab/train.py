@@ -523,25 +523,31 @@ def schedule_from_here(scheduler) -> None:
     scheduler.step()
 
 
-def diverged(step: int, loss: float, t) -> TrainingDiverged:
-    return TrainingDiverged(f"training diverged: the loss is {loss} at step {step}, so nothing was exported. Try a lower "
-                            f"learning rate (train.lr={t.lr:g} now; e.g. train.lr={t.lr / 10:g}), gradient clipping "
-                            f"(train.max_grad_norm=1.0; now {t.max_grad_norm}) or train.precision=fp32, then train again "
-                            "with --overwrite.")
+def diverged(step: int, loss: float, t, accelerator) -> TrainingDiverged:
+    """The error of a run whose loss or weights turned inf/nan: it suggests only what would change (a run already clipped
+    at 1.0 or below, or already in fp32, is not told to set it)."""
+    tries = [f"a lower learning rate (train.lr={t.lr:g} now; e.g. train.lr={t.lr / 10:g})"]
+    if t.max_grad_norm is None or t.max_grad_norm > 1.0:
+        tries.append(f"gradient clipping (train.max_grad_norm=1.0; now {t.max_grad_norm})")
+    if accelerator.mixed_precision != "no":
+        tries.append(f"train.precision=fp32 (now {accelerator.mixed_precision})")
+    what = ", ".join(tries[:-1]) + f" or {tries[-1]}" if len(tries) > 1 else tries[0]
+    return TrainingDiverged(f"training diverged: the loss is {loss} at step {step}, so nothing was exported. Try {what}, "
+                            "then train again with --overwrite.")
 
 
 def check_window_finite(window: Window, accelerator, step: int, t) -> None:
     """Before a checkpoint is written: the steps since the last log line (one host sync, at save steps only)."""
     loss = accelerator.reduce(window.loss.detach().clone(), "sum").item()
     if not math.isfinite(loss):
-        raise diverged(step, loss, t)
+        raise diverged(step, loss, t, accelerator)
 
 
 def check_weights_finite(model, accelerator, step: int, t) -> None:
     """Before export: every trained weight is finite (a loss can stay finite while a weight overflows)."""
     bad = sum(int(not torch.isfinite(p).all()) for p in model.parameters() if p.requires_grad)
     if accelerator.reduce(torch.tensor(float(bad), device=accelerator.device), "sum").item():
-        raise diverged(step, "finite but some trained weights are inf or nan", t)
+        raise diverged(step, "finite but some trained weights are inf or nan", t, accelerator)
 
 
 @dataclass
@@ -734,7 +740,7 @@ def loop(recipe: Recipe, parts: Parts, data: TaskData, accelerator, out: Path, s
         record = {**window.flush(state), "lr": lr}
         runlog.write(state.step, "train", record)
         if not math.isfinite(record["loss"]):
-            raise diverged(state.step, record["loss"], t)
+            raise diverged(state.step, record["loss"], t, accelerator)
         bar.set_postfix(loss=f"{record['loss']:.4f}", ex_s=f"{record['examples_per_s']:.3g}")
 
     model.train()

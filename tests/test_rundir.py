@@ -264,6 +264,20 @@ def test_a_diverged_run_stops_and_exports_nothing(old_run, tmp_path):
     assert tree(out) == before and siblings(out) == []
 
 
+def test_a_diverged_run_suggests_only_what_would_change(make_recipe):
+    """A run already clipped at train.max_grad_norm=1.0 and in fp32 was told to try 'gradient clipping
+    (train.max_grad_norm=1.0; now 1.0) or train.precision=fp32': both what it already had."""
+    from peftlab.errors import TrainingDiverged
+
+    with pytest.raises(TrainingDiverged) as e:
+        run(make_recipe({"train.lr": 1e30, "train.max_steps": 4, "train.log_every": 1, "train.precision": "fp32"}))
+    message = str(e.value)
+    assert "train.lr=1e+29" in message and "max_grad_norm" not in message and "precision" not in message, message
+    with pytest.raises(TrainingDiverged, match=r"gradient clipping \(train.max_grad_norm=1.0; now 5.0\)"):
+        run(make_recipe({"train.lr": 1e30, "train.max_steps": 4, "train.log_every": 1, "train.precision": "fp32",
+                         "train.max_grad_norm": 5.0}), overwrite=True)
+
+
 # ------------------------------------------------------------------------------------------------- output_dir
 
 def test_output_dir_a_file_or_unwritable_is_one_clear_error(make_recipe, tmp_path):
