@@ -261,9 +261,13 @@ def length_problems(config, recipe: Recipe, section: str = "data") -> list[str]:
     sum subtracted), all at once. `section`: where the recipe keeps the data keys named (a task of a multi-task recipe:
     multitask.tasks.NAME.data)."""
     virtual = get_method(recipe.adapter.method).extra_positions(recipe.adapter)
+    seq2seq = getattr(config, "is_encoder_decoder", False) or getattr(config, "decoder", None) is not None
     problems = []
     for i, (cfg, length, what) in enumerate(input_lengths(get_task(recipe.task.type), config, recipe)):
-        if virtual and i == 0:  # the virtual tokens go before the input (the encoder's, for an encoder-decoder)
+        # the virtual tokens go before the input: the encoder's for an encoder-decoder; a decoder-only model's every
+        # sequence, the one generated too (a decoder's summarization: the prompt + eval.max_new_tokens failed in the
+        # position table's lookup after training, where the prompt + the summary were checked with them)
+        if virtual and (i == 0 or not seq2seq):
             length, what = length + virtual, f"{what}, + adapter.num_virtual_tokens={virtual},"
         limit = position_limit(cfg)
         if limit is None or length <= limit:

@@ -273,6 +273,27 @@ def test_each_length_problem_names_the_bound_of_its_own_key_and_all_are_said_at_
     assert not any("positions" in p for p in preflight(causal, training=False))
 
 
+@pytest.mark.parametrize("method", ["prompt_tuning", "prefix_tuning"])
+def test_a_decoders_virtual_tokens_count_against_the_positions_of_the_generated_sequence_too(make_sum_recipe, tiny_llama, method):
+    """A decoder's virtual tokens (prompt tuning's embeddings, a prefix's keys and values) take positions before the
+    prompt in generation as in training, but were counted in the training sequence only: a GPT-2 summarizer whose
+    prompt + eval.max_new_tokens filled its 128 positions passed `validate`, trained, then its final generation failed
+    in the position table's lookup (IndexError: index out of range in self)."""
+    from peftlab.run import preflight
+
+    causal = make_sum_recipe(tiny_llama, {"eval.max_new_tokens": 200}, name="causal")  # 48 + the template's + 200 > 128
+    problem = next(p for p in preflight(causal, training=False) if "eval.max_new_tokens" in p)
+    fits = 128 - int(re.search(r"= 48 \+ (\d+) \+ 200 exceeds the 128", problem).group(1)) - 48  # without virtual tokens
+    settings = {"adapter.method": method, "adapter.target_modules": None, "adapter.num_virtual_tokens": 4, "eval.max_new_tokens": fits}
+    assert not any("positions" in p for p in preflight(make_sum_recipe(tiny_llama, {"eval.max_new_tokens": fits}, name="lora"), training=False))
+    problems = [p for p in preflight(make_sum_recipe(tiny_llama, settings, name="pt"), training=False) if "positions" in p]
+    assert any(f"+ eval.max_new_tokens = 48 + {128 - 48 - fits} + {fits}, + adapter.num_virtual_tokens=4, exceeds the 128 positions" in p
+               and "Set data.max_length so that it is <= 44 (or lower eval.max_new_tokens, adapter.num_virtual_tokens)." in p
+               for p in problems), problems
+    settings["eval.max_new_tokens"] = fits - 4
+    assert not any("positions" in p for p in preflight(make_sum_recipe(tiny_llama, settings, name="pt4"), training=False))
+
+
 def test_an_encoder_only_base_without_a_decoder_is_refused(make_sum_recipe, tiny_bert, tiny_llama):
     """A BERT without model.decoder loaded as AutoModelForCausalLM: BertLMHeadModel with is_decoder=False, whose
     attention goes both ways, trained and scored as a 'causal' summarizer that sees the summary it predicts."""
