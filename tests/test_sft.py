@@ -707,6 +707,27 @@ def test_generation_stops_at_the_bases_own_end_tokens_too_in_evaluation_and_the_
     assert printed.getvalue().strip() == want, (printed.getvalue(), snippet)
 
 
+def test_prefix_tuning_with_gradient_checkpointing_is_refused_before_training(tmp_path, chat_llama):
+    """A checkpointed layer drops the cache a prefix's keys and values are in, and peft refuses the model: `validate`
+    said ok, and training failed at the model build with peft's bare 'PREFIX_TUNING does not work with gradient
+    checkpointing' (ValueError)."""
+    from peftlab import build_model
+    from peftlab.errors import PeftlabError
+    from peftlab.methods.prompt import peft_generates_prefix
+
+    path = write_jsonl(tmp_path / "m.jsonl", messages_rows())
+    prefix = ["adapter.method=prefix_tuning", "adapter.target_modules=null", "export.merge=false"]
+    refusal = "prefix_tuning with train.gradient_checkpointing=true: .*Set train.gradient_checkpointing=false"
+    with pytest.raises(ConfigError, match=refusal):
+        recipe_for(tmp_path, chat_llama, path, [*prefix, "train.gradient_checkpointing=true"])
+    recipe_for(tmp_path, chat_llama, path, ["adapter.method=p_tuning", "adapter.target_modules=null", "train.gradient_checkpointing=true"])
+    if peft_generates_prefix():
+        recipe = recipe_for(tmp_path, chat_llama, path, prefix)
+        recipe.train.gradient_checkpointing = True  # past validation (the Python API): the model build refuses it too
+        with pytest.raises(PeftlabError, match=refusal):
+            build_model(recipe, num_labels=0, label_names=[])
+
+
 def test_prefix_tuning_before_peft_022_and_packed_prompt_methods_are_refused_at_validation(tmp_path, chat_llama, monkeypatch):
     """prefix tuning generated another model's text before peft 0.22 (its generate, from the third new token on); a
     packed row under a prompt method lets each example attend to the ones before it (peft drops the position ids that

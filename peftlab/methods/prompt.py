@@ -7,7 +7,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from ..errors import ModelError
-from .base import Method, register
+from .base import Method, no_problems, register
 from .peft_adapter import apply_peft
 
 if TYPE_CHECKING:
@@ -26,9 +26,9 @@ def tokens_hint(recipe: Recipe) -> str:
     return f"Use fewer adapter.num_virtual_tokens (now {recipe.adapter.num_virtual_tokens})"
 
 
-def prompt_method(name: str, config_class: str, apply=None) -> Method:
+def prompt_method(name: str, config_class: str, apply=None, rules=no_problems) -> Method:
     return Method(name, apply or partial(apply_peft, config_class, virtual_tokens, layers=False), config_class=config_class,
-                  recipe_fields=virtual_tokens,
+                  recipe_fields=virtual_tokens, rules=rules,
                   mergeable=False, merge_refusal=NOT_MERGEABLE, size_hint=tokens_hint, layers=False,
                   extra_positions=lambda a: a.num_virtual_tokens,
                   describe=lambda r: f"A {name.replace('_', '-')} adapter ({r.adapter.num_virtual_tokens} virtual tokens)")
@@ -94,11 +94,25 @@ def prefix_generating_problem(recipe: Recipe) -> str | None:
     return None
 
 
+# A prefix is keys and values in every layer's cache, which a checkpointed layer drops (transformers sets cache=None
+# there): peft refuses the model ("PREFIX_TUNING does not work with gradient checkpointing"), which `validate` passed
+# and training met as a bare ValueError.
+PREFIX_CHECKPOINTING = ("adapter.method=prefix_tuning with train.gradient_checkpointing=true: a prefix is the keys and values "
+                        "in every layer's cache, which a checkpointed layer drops (peft refuses it). Set "
+                        "train.gradient_checkpointing=false, or use prompt_tuning or p_tuning (or lora).")
+
+
+def prefix_rules(recipe: Recipe) -> list[str]:
+    return [PREFIX_CHECKPOINTING] if recipe.train.gradient_checkpointing else []
+
+
 def apply_prefix(model: nn.Module, recipe: Recipe, head_modules: list[str], task_type: str) -> nn.Module:
     if task_type == "SEQ_CLS":
         raise ModelError(PREFIX_ON_CLASSIFICATION)
     if problem := prefix_generating_problem(recipe):  # past validation (the Python API)
         raise ModelError(problem)
+    if problems := prefix_rules(recipe):
+        raise ModelError(problems[0])
     return apply_peft("PrefixTuningConfig", virtual_tokens, model, recipe, head_modules, task_type, layers=False)
 
 
@@ -118,5 +132,5 @@ def with_tokenizer(a, tokenizer: str) -> dict:
 
 
 PROMPT_TUNING = register(prompt_method("prompt_tuning", "PromptTuningConfig", apply_prompt_tuning))
-PREFIX_TUNING = register(prompt_method("prefix_tuning", "PrefixTuningConfig", apply_prefix))
+PREFIX_TUNING = register(prompt_method("prefix_tuning", "PrefixTuningConfig", apply_prefix, prefix_rules))
 P_TUNING = register(prompt_method("p_tuning", "PromptEncoderConfig"))
