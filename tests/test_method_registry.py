@@ -104,6 +104,8 @@ def test_every_registered_method_is_checked_by_validate(registry):
     (["adapter.options.init_lora_weights=pissa"], "adapter.options.init_lora_weights='pissa': the initialisation is adapter.init"),
     (["adapter.method=prompt_tuning", "export.merge=true"], "export.merge=true with adapter.method=prompt_tuning: it adds virtual "
                                                              "tokens to the input, so there is nothing to fold into the weights."),
+    (["adapter.method=prefix_tuning", "task.type=sft", "export.merge=true"], "export.merge=true with adapter.method=prefix_tuning: it "
+                                                                              "adds trained keys and values to every layer's attention"),
 ])
 def test_method_rules_keep_their_messages(overrides, message):
     with pytest.raises(ConfigError) as e:

@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from ..config import Recipe
 
 NOT_MERGEABLE = "it adds virtual tokens to the input, so there is nothing to fold into the weights."
+PREFIX_NOT_MERGEABLE = "it adds trained keys and values to every layer's attention, so there is nothing to fold into the weights."
 
 
 def virtual_tokens(a) -> dict:
@@ -26,10 +27,10 @@ def tokens_hint(recipe: Recipe) -> str:
     return f"Use fewer adapter.num_virtual_tokens (now {recipe.adapter.num_virtual_tokens})"
 
 
-def prompt_method(name: str, config_class: str, apply=None, rules=no_problems) -> Method:
+def prompt_method(name: str, config_class: str, apply=None, rules=no_problems, merge_refusal: str = NOT_MERGEABLE) -> Method:
     return Method(name, apply or partial(apply_peft, config_class, virtual_tokens, layers=False), config_class=config_class,
                   recipe_fields=virtual_tokens, rules=rules,
-                  mergeable=False, merge_refusal=NOT_MERGEABLE, size_hint=tokens_hint, layers=False,
+                  mergeable=False, merge_refusal=merge_refusal, size_hint=tokens_hint, layers=False,
                   extra_positions=lambda a: a.num_virtual_tokens,
                   describe=lambda r: f"A {name.replace('_', '-')} adapter ({r.adapter.num_virtual_tokens} virtual tokens)")
 
@@ -132,5 +133,5 @@ def with_tokenizer(a, tokenizer: str) -> dict:
 
 
 PROMPT_TUNING = register(prompt_method("prompt_tuning", "PromptTuningConfig", apply_prompt_tuning))
-PREFIX_TUNING = register(prompt_method("prefix_tuning", "PrefixTuningConfig", apply_prefix, prefix_rules))
+PREFIX_TUNING = register(prompt_method("prefix_tuning", "PrefixTuningConfig", apply_prefix, prefix_rules, PREFIX_NOT_MERGEABLE))
 P_TUNING = register(prompt_method("p_tuning", "PromptEncoderConfig"))
