@@ -907,6 +907,33 @@ def test_readme_multitask_paired_gains_are_the_stored_runs():
         assert shown in line, (row, shown, line)
 
 
+def test_readme_throughput_seed_tables_are_the_stored_runs():
+    """Each per-seed table after a stored throughput run's name in the README (seed | peftlab real tokens/s | Trainer |
+    ratio | ...) gives that run's tokens/s and their ratio, and its mean row the means and their ratio: stop 40's seed
+    44 read 0.97x where 562.4 / 576.5 is 0.98x, and stop 32's Trainer mean 3368 where its three runs average 3368.6."""
+    import statistics
+
+    lines = (REPO / "benchmarks" / "README.md").read_text().splitlines()
+    for name in ("throughput-grouped", "throughput-dropout", "throughput-attention", "throughput-fp32", "throughput-skip", "throughput-skip-bf16",
+                 "throughput-cast-bf16", "throughput-epyc-bf16", "throughput-epyc-bf16-stop50", "throughput-epyc-bf16-stop51",
+                 "throughput-epyc-bf16-stop52"):
+        tokens = {(r["side"], r["seed"]): r["tokens_per_s"] for r in json.loads((RESULTS / f"{name}.json").read_text())["rows"] if r["case"] == "lora-grouped"}
+        named = next(i for i, line in enumerate(lines) if f"results/{name}." in line)
+        header = next(i for i in range(named, len(lines)) if lines[i].startswith("| seed"))
+        rows = [[c.strip() for c in line.strip("|").split("|")] for line in lines[header + 2:header + 12]]
+        rows = rows[:next((i for i, r in enumerate(rows) if r[0].startswith("mean")), len(rows)) + 1]
+        assert rows[-1][0].startswith("mean"), name
+        for cells in rows:
+            if cells[0].startswith("mean"):
+                ours, theirs = (statistics.mean(v for (side, _), v in tokens.items() if side == s) for s in ("peftlab", "Trainer+peft"))
+                shown = [f"{ours:.0f}", f"{theirs:.0f}", f"**{ours / theirs:.2f}x**"]
+            else:
+                seed = int(cells[0].split()[0])
+                ours, theirs = tokens[("peftlab", seed)], tokens[("Trainer+peft", seed)]
+                shown = [f"{ours:.0f}", f"{theirs:.0f}", f"{ours / theirs:.2f}x"]
+            assert cells[1:4] == shown, (name, cells, shown)
+
+
 def test_readme_times_to_target_are_the_stored_paired_ratios():
     """Every time-to-80%-dev ratio the README quotes for a stored throughput run is the one throughput.py stores: peftlab /
     Trainer over the seeds where both sides reached the target. Fourteen figures divided peftlab's mean over all seeds by
