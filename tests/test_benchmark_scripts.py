@@ -934,6 +934,21 @@ def test_readme_throughput_seed_tables_are_the_stored_runs():
             assert cells[1:4] == shown, (name, cells, shown)
 
 
+def test_readme_sft_speed_ups_over_trl_are_the_stored_pairs():
+    """The README's SFT tables quote peftlab's speed-up over each TRL side as sft_throughput.py stores it: the two
+    runs' real tokens/s, from one invocation. Seed 8's read 6.05x and 4.43x where its runs give 5.99x and 4.41x."""
+    readme = (REPO / "benchmarks" / "README.md").read_text()
+    run = lambda side, rows, seed: json.loads((RESULTS / "sft_throughput" / f"{side}-{rows}-seed{seed}.json").read_text())  # noqa: E731
+    for rows, seed, sides in ((256, 0, ("trl", "trl-packed")), (256, 1, ("trl", "trl-packed")), (128, 3, ("trl-packed",)),
+                              (128, 4, ("trl", "trl-packed")), (128, 7, ("trl", "trl-packed")), (128, 8, ("trl", "trl-packed"))):
+        ours = run("peftlab", rows, seed)
+        for side in sides:
+            theirs = run(side, rows, seed)
+            assert ours["session"] == theirs["session"]
+            shown = f"| {theirs['tokens_per_s']:.0f} | **{ours['tokens_per_s'] / theirs['tokens_per_s']:.2f}x** |"
+            assert shown in readme, (rows, seed, side, shown)
+
+
 def test_readme_times_to_target_are_the_stored_paired_ratios():
     """Every time-to-80%-dev ratio the README quotes for a stored throughput run is the one throughput.py stores: peftlab /
     Trainer over the seeds where both sides reached the target. Fourteen figures divided peftlab's mean over all seeds by
