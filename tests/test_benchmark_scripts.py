@@ -949,6 +949,23 @@ def test_readme_sft_speed_ups_over_trl_are_the_stored_pairs():
             assert shown in readme, (rows, seed, side, shown)
 
 
+def test_readme_gpu_check_figures_are_the_stored_calls():
+    """The H200 section's GEMM peaks and device-busy shares are those gpu_check.py stored (results/gpu_check/*.json):
+    the README had 697-727 TFLOP/s at 4096^3 where the three calls measured 687-727, and the busy shares of the profile
+    table's self-CUDA totals (~7% and ~21%) where the script's own measure, which its table prints, is 8% and 23%."""
+    readme = " ".join((REPO / "benchmarks" / "README.md").read_text().split())
+    calls = [json.loads((RESULTS / "gpu_check" / f"{name}.json").read_text()) for name in ("full", "bare-profile", "dtype-auto")]
+    at = lambda n: [call["gemm"]["sizes"][n]["tflops"] for call in calls]  # noqa: E731
+    assert (f"{calls[0]['gemm']['peak_tflops']:.0f} TFLOP/s in the first call (8192^3; {min(at('8192')):.0f}-{max(at('8192')):.0f} over the three "
+            f"calls, {min(at('4096')):.0f}-{max(at('4096')):.0f} at 4096^3)") in readme
+    for model, phase in (("MiniLM", "cls_bare"), ("SmolLM2", "sft_bare")):
+        prof = calls[1][phase]["profile"]
+        assert (f"~{prof['device_busy_share']:.0%} of the {model} step** ({prof['device_busy_ms_per_step']:.{1 if model == 'MiniLM' else 0}f} of "
+                f"{prof['wall_ms_per_step']:.0f} ms, {prof['kernel_launches_per_step']:,.0f} device ops per step") in readme, model
+    shares = sorted(round(100 * calls[1][phase]["profile"]["device_busy_share"]) for phase in ("cls_bare", "sft_bare"))
+    assert f"busy only {shares[0]}-{shares[1]}% of a training step" in " ".join((REPO / "README.md").read_text().split())
+
+
 def test_readme_times_to_target_are_the_stored_paired_ratios():
     """Every time-to-80%-dev ratio the README quotes for a stored throughput run is the one throughput.py stores: peftlab /
     Trainer over the seeds where both sides reached the target. Fourteen figures divided peftlab's mean over all seeds by
