@@ -966,6 +966,29 @@ def test_readme_gpu_check_figures_are_the_stored_calls():
     assert f"busy only {shares[0]}-{shares[1]}% of a training step" in " ".join((REPO / "README.md").read_text().split())
 
 
+def test_readme_sst2_distillation_table_is_the_stored_runs():
+    """The SST-2 distillation table (label-only | distilled | + unlabelled | wall minutes) is results/distillation/*.json:
+    dev accuracies and whole-process minutes (the 1% + unlabelled run's 12.75 min read 12.8). The runs that stop before
+    their first evaluation keep their last step, which the text says (it said every run kept its best on the hold-out)."""
+    readme = " ".join((REPO / "benchmarks" / "README.md").read_text().split())
+    run = lambda name: json.loads((RESULTS / "distillation" / f"{name}.json").read_text()) if name else None  # noqa: E731
+    acc = lambda r: f"{100 * r['run']['metrics']['test']['accuracy']:.2f}" if r else "-"  # noqa: E731
+    last = set()  # the steps of runs that kept their last step (no evaluation before it)
+    for student, labels, names in (("MiniLM 3 layers, full (17.4M)", "100% (66,002 rows)", ("labels-100", "distill-100", None)),
+                                   ("MiniLM 3 layers, full", "10% (6,600)", ("labels-10", "distill-10", "distill-10+unl")),
+                                   ("MiniLM 3 layers, full", "1% (659)", ("labels-1", "distill-1", "distill-1+unl")),
+                                   ("MiniLM 2 layers, full (15.6M)", "100%", (None, "distill-100-l2", None)),
+                                   ("MiniLM 6 layers, LoRA r8 (0.15M of 22.9M, 0.65%)", "100%", ("lora-labels-100", "lora-distill-100", None))):
+        runs = [run(name) for name in names]
+        best = max(range(3), key=lambda i: runs[i]["run"]["metrics"]["test"]["accuracy"] if runs[i] else -1)
+        cells = [f"**{acc(r)}**" if i == best and sum(map(bool, runs)) > 1 else acc(r) for i, r in enumerate(runs)]
+        minutes = " / ".join(f"{r['process_wall_s'] / 60:.1f}" if r else "-" for r in runs[:2] + runs[2:] * bool(runs[2]))
+        row = f"| {student} | {labels} | {' | '.join(cells)} | {minutes} min |"
+        assert row in readme, row
+        last.update(r["run"]["steps"] for r in runs if r and r["run"]["selected_on"] is None and r["run"]["best_step"] == r["run"]["steps"])
+    assert "those at 1% and 10% of the labels without unlabelled rows, {} and {} steps, end before their first evaluation".format(*sorted(last)) in readme
+
+
 def test_readme_times_to_target_are_the_stored_paired_ratios():
     """Every time-to-80%-dev ratio the README quotes for a stored throughput run is the one throughput.py stores: peftlab /
     Trainer over the seeds where both sides reached the target. Fourteen figures divided peftlab's mean over all seeds by
