@@ -945,8 +945,7 @@ def check_rules(recipe: Recipe, *, check_files: bool = True, source: str | None 
     report_to = recipe.train.report_to
     need(not isinstance(report_to, list) or len(report_to) <= 1 or not set(report_to) & {"auto", "all", "none"},
          f"train.report_to={report_to}: auto, all and none stand alone; give one of them, or a list of tracker names.")
-    need(d.label_names is None or len(d.label_names) >= 2, f"data.label_names={d.label_names}: a classifier needs >= 2 labels.")
-    need(d.label_names is None or len(set(d.label_names)) == len(d.label_names), f"data.label_names={d.label_names}: names must be distinct.")
+    p.extend(label_name_problems(d, "data"))
     p.extend(task_problems(recipe))  # best metric, the task's own rules, the encoder-decoder warm start (tasks/)
     if a.method in method_names():  # (an unknown one is reported by its field's choices)
         p.extend(get_method(a.method).check(recipe))  # quantization support, options it does not read, its own rules (methods/)
@@ -992,9 +991,21 @@ def check_rules(recipe: Recipe, *, check_files: bool = True, source: str | None 
     if not multitask:
         p.extend(data_problems(d, "data", check_files, labelled))
     for key, sub in (recipe.multitask.tasks.items() if multitask else ()):
+        if sub.data.label_names != d.label_names:  # (inherited ones are the top-level data's problem, said once above)
+            p.extend(label_name_problems(sub.data, f"multitask.tasks.{key}.data"))
         p.extend(data_problems(sub.data, f"multitask.tasks.{key}.data", check_files, labelled))
     if p:
         raise ConfigError(p, source)
+
+
+def label_name_problems(d: DataConfig, prefix: str) -> list[str]:
+    """A section's label_names: >= 2, distinct. A multitask task's were not checked: `validate` passed them, and `train`
+    refused them late, naming data.label_names, a key the recipe did not set."""
+    names = d.label_names
+    if names is None:
+        return []
+    return ([f"{prefix}.label_names={names}: a classifier needs >= 2 labels."] if len(names) < 2 else []) + \
+        ([f"{prefix}.label_names={names}: names must be distinct."] if len(set(names)) != len(names) else [])
 
 
 def data_problems(d: DataConfig, prefix: str, check_files: bool, labelled: bool = False) -> list[str]:

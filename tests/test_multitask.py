@@ -138,6 +138,11 @@ def test_a_python_edit_of_the_shared_data_reaches_the_tasks_as_an_override_does(
     (lambda t: t["multitask"]["tasks"]["pair"]["data"].update(text_columns=["s1"]), "a pair is two columns"),
     (lambda t: t["multitask"]["tasks"]["senti"]["data"].update(train="missing.tsv"), "multitask.tasks.senti.data.train.path"),
     (lambda t: t["multitask"].update(temperature=0.5), "multitask.temperature=0.5"),
+    # a task's label names were not checked: validate passed them, train refused them late naming data.label_names
+    (lambda t: t["multitask"]["tasks"]["senti"]["data"].update(label_names=["a", "a"]),
+     r"multitask.tasks.senti.data.label_names=\['a', 'a'\]: names must be distinct"),
+    (lambda t: t["multitask"]["tasks"]["senti"]["data"].update(label_names=["a"]),
+     r"multitask.tasks.senti.data.label_names=\['a'\]: a classifier needs >= 2 labels"),
 ])
 def test_a_bad_multitask_recipe_names_the_problem(task_files, tmp_path, tiny_bert, change, message):
     t = tree(task_files, tmp_path / "o", tiny_bert)
