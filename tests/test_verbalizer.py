@@ -330,6 +330,9 @@ def test_invalid_verbalizer_recipes_are_refused_with_the_fix(make_verb):
     # words without names: validate said ok, train stopped with "2 words for 0 classes []"
     with pytest.raises(ConfigError, match=r"data.label_words=\['good', 'bad'\] needs data.label_names"):
         make_verb({"data.label_names": None, "data.label_words": "[good, bad]"})
+    # a blank name derived the word ' ' (one token after a plain prompt), trained and scored; written verbatim it was refused
+    with pytest.raises(ConfigError, match=r"data.label_names=\['', 'positive'\]: a blank name gives its class an empty label word"):
+        make_verb({"data.label_names": "['', positive]"})
 
     tok = minilm_tokenizer()
     same = make_verb({"data.label_words": "[' Good', ' good']"})  # MiniLM's tokenizer is uncased

@@ -69,6 +69,9 @@ def check(recipe) -> list[str]:
     if not d.label_words and not d.label_names:
         p.append("task.type=verbalizer needs the word written for each class: set data.label_names (the words are derived "
                  "from them, e.g. [negative, positive]), and optionally data.label_words (written verbatim, in their order).")
+    if not d.label_words and d.label_names and any(not str(n).strip() for n in d.label_names):  # (' ' after a plain prompt: scored)
+        p.append(f"data.label_names={d.label_names}: a blank name gives its class an empty label word, which cannot be scored; "
+                 "name every class, or set data.label_words (the words written verbatim, in data.label_names order).")
     if d.label_words:
         dup = sorted({w for w in d.label_words if d.label_words.count(w) > 1})
         if dup:
