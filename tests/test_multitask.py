@@ -289,6 +289,23 @@ def test_every_block_is_one_task_and_the_shares_hold(sampling):
     assert list(sampler) != order
 
 
+def test_group_by_length_false_shuffles_each_tasks_rows_without_grouping(task_files, tmp_path, tiny_bert):
+    """train.group_by_length=false (plain shuffling) was ignored by the multi-task sampler: the order was length-grouped."""
+    from peftlab.tasks import multitask
+
+    recipe = recipe_of(tmp_path, tree(task_files, tmp_path / "o", tiny_bert), ["train.group_by_length=false"])
+    splits, labels = multitask.load_splits(recipe)
+    data = multitask.build_data(recipe, minilm_tokenizer(), splits, labels)
+    plain = list(data.train_sampler(recipe.train, 1))
+    grouped = list(data.train_sampler(replace(recipe.train, group_by_length=True), 1))
+    tasks, lengths = data.train["task"], data.train["length"]
+    assert plain != grouped and Counter(tasks[i] for i in plain) == Counter(tasks[i] for i in grouped)  # the same shares
+    blocks = lambda order: [order[i:i + 8] for i in range(0, len(order), 8)]  # noqa: E731
+    assert all(len({tasks[i] for i in b}) == 1 for b in blocks(plain))  # still one task per batch
+    spread = lambda order: sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in blocks(order))  # noqa: E731
+    assert 3 * spread(grouped) < spread(plain)  # grouped: each batch of near-equal lengths
+
+
 # -------------------------------------------------------------------------------------------- sentence pairs
 
 def test_a_sentence_pair_is_encoded_as_a_pair_not_joined(task_files, tmp_path, tiny_bert):

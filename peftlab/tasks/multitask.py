@@ -188,7 +188,7 @@ def build_data(recipe, tokenizer, splits, label_names):
 
     def sampler(t, processes: int):  # a block: one optimizer step's rows (N ranks x batch x accumulation), of one task
         block = t.batch_size * processes * t.grad_accum
-        return TaskBlockSampler(joined["train"]["task"], joined["train"]["length"], probs, block, t.seed)
+        return TaskBlockSampler(joined["train"]["task"], joined["train"]["length"], probs, block, t.seed, group=t.group_by_length)
 
     pad = classification.collator(tokenizer)
 
@@ -229,11 +229,13 @@ class TaskBlockSampler:
     An epoch has as many blocks as the tasks' rows fill (sum of ceil(rows / block)); each task gets its share of them
     (`block_counts` of the sampling probabilities), in a seeded random order. Within a task the rows are length-grouped
     and shuffled (data.LengthGroupedSampler) and cycle when its share is more than one pass (small tasks under uniform
-    sampling); a block is topped up from the task's next pass, never from another task."""
+    sampling); a block is topped up from the task's next pass, never from another task. `group=False`
+    (train.group_by_length=false): plain shuffling within a task, as a single-task run shuffles (it was length-grouped
+    whatever the recipe said)."""
 
-    def __init__(self, tasks: list[int], lengths: list[int], probs: list[float], block: int, seed: int):
+    def __init__(self, tasks: list[int], lengths: list[int], probs: list[float], block: int, seed: int, group: bool = True):
         self.rows = [[i for i, t in enumerate(tasks) if t == k] for k in range(len(probs))]
-        self.lengths, self.probs, self.block, self.seed, self.epoch = lengths, probs, block, seed, 0
+        self.lengths, self.probs, self.block, self.seed, self.epoch, self.group = lengths, probs, block, seed, 0, group
         self.blocks = sum(math.ceil(len(r) / block) for r in self.rows)
 
     def set_epoch(self, epoch: int) -> None:
@@ -246,12 +248,14 @@ class TaskBlockSampler:
         return block_counts(self.probs, self.blocks)
 
     def _stream(self, k: int):
-        """Task k's rows, length-grouped, pass after pass (each pass its own seed)."""
+        """Task k's rows, length-grouped (or shuffled: group=False), pass after pass (each pass its own seed)."""
         from ..data import LengthGroupedSampler
 
         rows, n = self.rows[k], 0
         while rows:
-            order = LengthGroupedSampler([self.lengths[i] for i in rows], self.block, self.seed + 1000 * self.epoch + 97 * k + n)
+            seed = self.seed + 1000 * self.epoch + 97 * k + n
+            order = LengthGroupedSampler([self.lengths[i] for i in rows], self.block, seed) if self.group else \
+                torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed)).tolist()
             yield from (rows[i] for i in order)
             n += 1
 
