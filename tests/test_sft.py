@@ -1016,6 +1016,17 @@ def test_a_metric_fn_value_that_is_no_number_is_left_out_with_a_warning(monkeypa
     assert "eval.metric_fn=mine:score returned float, not {metric: number}" in caplog.text
 
 
+def test_a_metric_fn_module_that_fails_on_import_is_one_config_error(tmp_path, monkeypatch):
+    """Its module's own error (a SyntaxError, a line failing at import) came out as a raw traceback from tokenize."""
+    (tmp_path / "typo_metrics.py").write_text("def score(preds, refs:\n    return {}\n")
+    (tmp_path / "failing_metrics.py").write_text("TABLE = 1 / 0\ndef score(preds, refs):\n    return {}\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"eval.metric_fn='typo_metrics:score': cannot load it \(SyntaxError"):
+        sft.load_metric_fn("typo_metrics:score")
+    with pytest.raises(ConfigError, match=r"eval.metric_fn='failing_metrics:score': cannot load it \(ZeroDivisionError"):
+        sft.load_metric_fn("failing_metrics:score")
+
+
 def test_rows_whose_answer_is_cut_are_dropped_from_training_but_kept_for_evaluation(tmp_path, chat_llama, caplog):
     rows = messages_rows() + [{"messages": [{"role": "user", "content": "tell me more " * 40}, {"role": "assistant", "content": "no"}]}]
     path = write_jsonl(tmp_path / "m.jsonl", rows)

@@ -590,7 +590,7 @@ def load_metric_fn(spec: str):
         sys.path.insert(0, cwd)
     try:
         fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
+    except Exception as e:  # its module's own error too (a SyntaxError, a failing import-time line): one clear error, before training
         raise ConfigError([f"eval.metric_fn={spec!r}: cannot load it ({type(e).__name__}: {e}). Give 'module:function' of a "
                            "module importable from the working directory."]) from None
     finally:
