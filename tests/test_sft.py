@@ -1027,6 +1027,18 @@ def test_a_metric_fn_module_that_fails_on_import_is_one_config_error(tmp_path, m
         sft.load_metric_fn("failing_metrics:score")
 
 
+def test_a_metric_fn_that_cannot_take_predictions_and_references_is_refused_before_training(tmp_path, monkeypatch):
+    """A name that is no function, or one of the wrong arity, loaded fine and raised TypeError when first called: after
+    training, where the trained run was lost (nothing exported)."""
+    (tmp_path / "odd_metrics.py").write_text("THRESHOLD = 3\ndef one(preds):\n    return {}\ndef ok(preds, refs, *, k=1):\n    return {}\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match=r"eval.metric_fn='odd_metrics:THRESHOLD': not a function"):
+        sft.load_metric_fn("odd_metrics:THRESHOLD")
+    with pytest.raises(ConfigError, match=r"eval.metric_fn='odd_metrics:one': cannot take \(predictions, references\)"):
+        sft.load_metric_fn("odd_metrics:one")
+    assert sft.load_metric_fn("odd_metrics:ok").__name__ == "ok"
+
+
 def test_rows_whose_answer_is_cut_are_dropped_from_training_but_kept_for_evaluation(tmp_path, chat_llama, caplog):
     rows = messages_rows() + [{"messages": [{"role": "user", "content": "tell me more " * 40}, {"role": "assistant", "content": "no"}]}]
     path = write_jsonl(tmp_path / "m.jsonl", rows)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import copy
 import importlib
+import inspect
 import json
 import logging
 import re
@@ -596,6 +597,13 @@ def load_metric_fn(spec: str):
     finally:
         if added:
             sys.path.remove(cwd)
+    try:  # called after training with (predictions, references): a name that cannot take them failed only then
+        inspect.signature(fn).bind([], [])
+    except TypeError as e:
+        raise ConfigError([f"eval.metric_fn={spec!r}: {'not a function' if not callable(fn) else f'cannot take (predictions, references) ({e})'}. "
+                           "Give a function taking (predictions, references) and returning {metric: value}."]) from None
+    except ValueError:  # (a builtin without a signature: it is called as it is)
+        pass
     return fn
 
 
