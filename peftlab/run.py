@@ -404,6 +404,11 @@ def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
     problems += get_method(recipe.adapter.method).machine_rules(recipe)  # (adapter.init=loftq without CUDA)
     teacher = recipe.train.distill and (training or (Path(recipe.train.distill.teacher) / "run.json").is_file())
     problems += distill.check(recipe) if teacher else []
+    if recipe.eval.metric_fn and hasattr(task := get_task(recipe.task.type), "load_metric_fn"):  # (`validate` imported none of it)
+        try:
+            task.load_metric_fn(recipe.eval.metric_fn)
+        except ConfigError as e:
+            problems += e.problems
     d = recipe.data
     # a multi-task recipe's splits are its tasks' (its run per task, OUT/tasks/NAME, and that run's card say it)
     sections = [(f"multitask.tasks.{n}.data", t.data) for n, t in recipe.multitask.tasks.items()] if recipe.multitask else [("data", d)]

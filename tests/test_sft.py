@@ -1039,6 +1039,17 @@ def test_a_metric_fn_that_cannot_take_predictions_and_references_is_refused_befo
     assert sft.load_metric_fn("odd_metrics:ok").__name__ == "ok"
 
 
+def test_validate_loads_the_metric_fn(tmp_path, chat_llama, monkeypatch):
+    """`peftlab validate` said ok to an eval.metric_fn whose module does not exist: only `train` loaded it."""
+    from peftlab.run import preflight
+
+    monkeypatch.chdir(tmp_path)
+    path = write_jsonl(tmp_path / "qa.jsonl", messages_rows())
+    problems = preflight(recipe_for(tmp_path, chat_llama, path, ["eval.metric_fn=no_such_metrics:score"]), training=False)
+    assert any(p.startswith("eval.metric_fn='no_such_metrics:score': cannot load it (ModuleNotFoundError") for p in problems), problems
+    assert not preflight(recipe_for(tmp_path, chat_llama, path, ["eval.metric_fn=peftlab.metrics:answer_accuracy"]), training=False)
+
+
 def test_rows_whose_answer_is_cut_are_dropped_from_training_but_kept_for_evaluation(tmp_path, chat_llama, caplog):
     rows = messages_rows() + [{"messages": [{"role": "user", "content": "tell me more " * 40}, {"role": "assistant", "content": "no"}]}]
     path = write_jsonl(tmp_path / "m.jsonl", rows)
