@@ -1050,6 +1050,18 @@ def test_validate_loads_the_metric_fn(tmp_path, chat_llama, monkeypatch):
     assert not preflight(recipe_for(tmp_path, chat_llama, path, ["eval.metric_fn=peftlab.metrics:answer_accuracy"]), training=False)
 
 
+def test_a_metric_fn_that_raises_is_left_out_with_a_warning_and_the_run_is_exported(tmp_path, chat_llama, monkeypatch, caplog):
+    """Its error at the final evaluation propagated: the trained run was never exported (lost after hours of training)."""
+    (tmp_path / "raising_metrics.py").write_text("def score(preds, refs):\n    raise KeyError('label')\n")
+    monkeypatch.chdir(tmp_path)
+    path = write_jsonl(tmp_path / "qa.jsonl", messages_rows())
+    with caplog.at_level("WARNING", logger="peftlab"):
+        record = run(recipe_for(tmp_path, chat_llama, path, ["eval.metric_fn=raising_metrics:score", "train.max_steps=2"]))
+    assert (Path(record.output_dir) / "adapter_model.safetensors").is_file()
+    assert "exact_match" in record.metrics["eval"] and "eval.metric_fn=raising_metrics:score raised (below)" in caplog.text
+    assert "KeyError: 'label'" in caplog.text
+
+
 def test_rows_whose_answer_is_cut_are_dropped_from_training_but_kept_for_evaluation(tmp_path, chat_llama, caplog):
     rows = messages_rows() + [{"messages": [{"role": "user", "content": "tell me more " * 40}, {"role": "assistant", "content": "no"}]}]
     path = write_jsonl(tmp_path / "m.jsonl", rows)

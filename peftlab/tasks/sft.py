@@ -618,7 +618,12 @@ def score(preds: list[str], refs: list[str], metric_fn: str | None, several: lis
     out = {"exact_match": sum(any(_norm(p) == _norm(r) for r in rs) for p, rs in zip(preds, several)) / max(len(refs), 1)}
     out.update(rouge_metrics(preds, several))
     if metric_fn:
-        extra = load_metric_fn(metric_fn)(preds, refs)
+        try:
+            extra = load_metric_fn(metric_fn)(preds, refs)
+        except Exception:  # after training too: its error is the user's report, never the lost trained run
+            log.warning("eval.metric_fn=%s raised (below): its metrics are left out. Fix it, then score the run again with "
+                        "`peftlab eval OUT`.", metric_fn, exc_info=True)
+            extra = {}
         if not isinstance(extra, dict):  # after training too: warn, never lose the run over a report (it was an error then)
             log.warning("eval.metric_fn=%s returned %s, not {metric: number}: its metrics are left out. Return a dict, e.g. "
                         "{'my_metric': 0.5}.", metric_fn, type(extra).__name__)
