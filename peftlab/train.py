@@ -620,6 +620,9 @@ class KeepBest:
         if self.metric not in metrics:
             raise ConfigError([f"train.best_metric={self.metric!r} is not a metric of this task: {sorted(metrics)}."])
         score = metrics[self.metric]
+        if math.isnan(score):  # never the best (every comparison with NaN is False: a first NaN stayed the best for good)
+            log.warning("step %d: %s is NaN: this evaluation cannot be the best one.", state.step, self.metric)
+            return
         if state.best_metric is None or (score < state.best_metric if lower_is_better(self.metric) else score > state.best_metric):
             state.best_metric, state.best_step = score, state.step
             self.weights = trainable_state(model) if self.keep else None

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import sys
 from pathlib import Path
@@ -576,3 +577,21 @@ def test_a_left_padding_tokenizer_predicts_the_same_at_any_eval_batch_size(make_
                  for bs in (1, 8)]
     assert predicted[0] == pytest.approx(predicted[1], abs=1e-5)
     assert AutoTokenizer.from_pretrained(tmp_path / "b8").padding_side == "left"
+
+
+def test_keep_best_never_keeps_a_nan_evaluation(caplog):
+    """A first evaluation whose best metric is NaN (eval.metric_fn's, or a NaN loss) stayed the best: every later score
+    compared False with it, and keep_best exported that step."""
+    from types import SimpleNamespace
+
+    from peftlab.train import KeepBest, TrainState
+
+    model = torch.nn.Linear(2, 2)
+    for metric, scores, best in (("mine", [math.nan, 2.0, 3.0], (3, 3.0)), ("loss", [math.nan, 2.0, 3.0], (2, 2.0))):
+        keep, state = KeepBest(SimpleNamespace(best_metric=metric, keep_best=True)), TrainState()
+        for step, score in enumerate(scores, 1):
+            state.step = step
+            with caplog.at_level("WARNING", logger="peftlab"):
+                keep.consider(state, {metric: score}, model)
+        assert (state.best_step, state.best_metric) == best
+        assert f"step 1: {metric} is NaN" in caplog.text
