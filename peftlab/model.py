@@ -982,6 +982,8 @@ def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], prec
     if (probe := getattr(task, "loaded_model_problem", None)) and (problem := probe(model, recipe)):  # (sft: packing)
         raise ModelError(problem)
     check_input_lengths(model.config, recipe)
+    if problem := vocabulary_problem(tokenizer, model, path):
+        raise ModelError(problem)
     base_weights_mib = model.get_memory_footprint() / 2**20
     if recipe.train.gradient_checkpointing and recipe.quant.mode == "none":  # (kbit prep already enabled it)
         enable_activation_checkpointing(model)
@@ -1003,6 +1005,23 @@ def build_model(recipe: Recipe, *, num_labels: int, label_names: list[str], prec
              f"{total:,}", info.trainable_percent, f"new head {'+'.join(head)}" if head else "the base's own head",
              f", base quantized {info.quantized}" if info.quantized != "none" else "")
     return model, tokenizer, info
+
+
+def vocabulary_problem(tokenizer, model: nn.Module, path: str) -> str | None:
+    """A tokenizer whose ids reach past the base's embedding rows (tokens added to it, the embedding not resized): the
+    first batch holding one failed deep in the forward (IndexError; on a GPU a device-side assert)."""
+    try:
+        rows = model.get_input_embeddings().num_embeddings
+    except (AttributeError, NotImplementedError):
+        return None
+    past = sorted((i, t) for t, i in tokenizer.get_vocab().items() if i >= rows)
+    if not past:
+        return None
+    shown = ", ".join(repr(t) for _, t in past[:5]) + (f" and {len(past) - 5} more" if len(past) > 5 else "")
+    return (f"the tokenizer of {path} has {len(past)} token(s) past the base's {rows:,} embedding rows ({shown}, ids up to "
+            f"{past[-1][0]:,}): an input holding one cannot be embedded. Resize the base's embedding to the tokenizer and "
+            "save it (model.resize_token_embeddings(len(tokenizer)); model.save_pretrained(DIR); tokenizer.save_pretrained(DIR)), "
+            "then train on DIR; or use the tokenizer the base was trained with.")
 
 
 # ------------------------------------------------------------ classification heads of several sizes (multitask, load_adapters)

@@ -1062,6 +1062,24 @@ def test_a_metric_fn_that_raises_is_left_out_with_a_warning_and_the_run_is_expor
     assert "KeyError: 'label'" in caplog.text
 
 
+def test_a_tokenizer_with_tokens_past_the_embedding_is_refused_when_the_model_loads(tmp_path):
+    """ChatML tokens added to the tokenizer, the base's embedding not resized: training failed in the first forward with
+    'IndexError: index out of range in self' (a device-side assert on a GPU)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from peftlab import build_model
+    from peftlab.errors import ModelError
+
+    tok = chat_tokenizer()
+    base = tmp_path / "short-vocab"
+    LlamaForCausalLM(LlamaConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128)).save_pretrained(base)
+    tok.save_pretrained(base)
+    recipe = recipe_for(tmp_path, base, write_jsonl(tmp_path / "qa.jsonl", messages_rows()))
+    with pytest.raises(ModelError, match=r"has 2 token\(s\) past the base's 30,522 embedding rows \('<\|im_start\|>', '<\|im_end\|>'"):
+        build_model(recipe, num_labels=0, label_names=[])
+
+
 def test_rows_whose_answer_is_cut_are_dropped_from_training_but_kept_for_evaluation(tmp_path, chat_llama, caplog):
     rows = messages_rows() + [{"messages": [{"role": "user", "content": "tell me more " * 40}, {"role": "assistant", "content": "no"}]}]
     path = write_jsonl(tmp_path / "m.jsonl", rows)
