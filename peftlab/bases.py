@@ -132,6 +132,10 @@ def load_tokenizer(path: str, recipe: Recipe):
                          "from), or save them there with tokenizer.save_pretrained(DIR).")
     if tok.pad_token is None:  # decoder-only models (Llama, GPT-2) ship without a pad token
         tok.pad_token = tok.eos_token or tok.unk_token
+    if tok.pad_token is None:  # (it failed in the first batch, in transformers' tokenizer.pad or a tensor of None)
+        raise ModelError(f"the tokenizer of {path} has no pad token, and no eos or unk token to pad with: batches cannot be "
+                         "padded. Give it one of its own tokens and save it (tokenizer.pad_token = TOKEN; "
+                         "tokenizer.save_pretrained(DIR)), or use a tokenizer that defines eos_token.")
     return tok
 
 

@@ -399,6 +399,22 @@ def test_trust_remote_code_warns(make_recipe, caplog):
     assert "trust_remote_code=true" in caplog.text
 
 
+def test_a_tokenizer_with_nothing_to_pad_with_is_refused_when_it_loads(make_recipe, tmp_path):
+    """No pad, eos or unk token: training failed in its first batch with transformers' 'Asking to pad but the tokenizer
+    does not have a padding token' traceback, and validate said ok."""
+    from peftlab.bases import load_tokenizer
+
+    from .conftest import bytelevel_tokenizer
+
+    tok = bytelevel_tokenizer()
+    tok.eos_token = tok.pad_token = None
+    tok.save_pretrained(tmp_path / "bare")
+    recipe = make_recipe()
+    with pytest.raises(ModelError, match=r"the tokenizer of .*bare has no pad token, and no eos or unk token to pad with"):
+        load_tokenizer(str(tmp_path / "bare"), recipe)
+    assert load_tokenizer(recipe.model.name, recipe).pad_token  # (one with a pad token loads as it did)
+
+
 def test_every_row_truncated_is_an_error_in_training_and_a_warning_in_evaluation(make_recipe, tmp_path, caplog):
     long = write_tsv(tmp_path / "long.tsv", [("the movie was very good and the plot was fine too", i % 2) for i in range(20)])
     with pytest.raises(DataError, match="all 20 rows are longer than data.max_length=8"):
