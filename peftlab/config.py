@@ -893,6 +893,16 @@ def unread_task_options(t: TaskConfig) -> list[str]:
             if f.name != "type" and f.name not in reads and getattr(t, f.name) != getattr(default, f.name)]
 
 
+def unread_label_options(recipe: Recipe) -> list[str]:
+    """data.label_names and each split's label_map on a task that learns no labels (sft, summarization, clm, mlm): they
+    changed nothing, silently (validate said ok). `validate` and `train` warn."""
+    if recipe.multitask or recipe.task.type not in task_names() or get_task(recipe.task.type).target_kind == "label":
+        return []
+    d = recipe.data
+    return ([f"data.label_names={d.label_names}"] if d.label_names else []) + [
+        f"data.{n}.label_map={s.label_map}" for n in ("train", "eval", "test") if (s := getattr(d, n)) is not None and s.label_map]
+
+
 def _as_written(value, quote: bool = False) -> str:
     """A value as YAML and overrides write it (true, not True); text quoted when `quote`."""
     return str(value).lower() if isinstance(value, bool) else repr(value) if quote else str(value)

@@ -31,6 +31,7 @@ from .config import (
     from_run_problems,
     load_recipe,
     override_list,
+    unread_label_options,
     unread_quant_options,
     unread_task_options,
 )
@@ -433,6 +434,9 @@ def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
     if unread := unread_task_options(recipe.task):
         log.warning("%s: not read by task.type=%s, so ignored (the recipe and the card still show them). Remove them, or "
                     "choose the task that reads them.", ", ".join(unread), recipe.task.type)
+    if unread := unread_label_options(recipe):
+        log.warning("%s: task.type=%s learns no labels, so ignored (the recipe and the card still show them). Remove them, or "
+                    "choose a task that learns labels (classification, verbalizer).", ", ".join(unread), recipe.task.type)
     if unread := unread_quant_options(recipe.quant):
         log.warning("%s: only 4-bit quantization reads them (quant.mode=%s), so ignored. Remove them, or use quant.mode=4bit.",
                     ", ".join(unread), recipe.quant.mode)

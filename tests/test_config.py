@@ -145,6 +145,21 @@ def test_a_quant_option_the_mode_does_not_read_is_warned_about(mode, option, val
         assert "only 4-bit" not in caplog.text
 
 
+def test_label_options_on_a_task_that_learns_no_labels_are_warned_about(caplog):
+    """data.label_names and a split's label_map on sft (or summarization; a label_map on clm, mlm) were accepted and changed nothing,
+    silently: validate said ok. validate and train warn; a classification recipe's are read, so no warning."""
+    from peftlab.run import preflight
+
+    for task, warned in (("sft", True), ("classification", False)):
+        caplog.clear()
+        recipe = load_recipe(None, [f"task.type={task}", "data.train.path=x.tsv", "data.label_names=[a, b]", "data.train.label_map={x: a}"],
+                             validate_files=False)
+        with caplog.at_level("WARNING", logger="peftlab"):
+            preflight(recipe)
+        said = f"data.label_names=['a', 'b'], data.train.label_map={{'x': 'a'}}: task.type={task} learns no labels, so ignored"
+        assert (said in caplog.text) == warned, caplog.text
+
+
 def test_a_malformed_list_override_is_refused_not_taken_as_a_string():
     from peftlab import load_recipe
     from peftlab.errors import ConfigError
