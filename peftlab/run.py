@@ -410,6 +410,9 @@ def preflight(recipe: Recipe, *, training: bool = True) -> list[str]:
             task.load_metric_fn(recipe.eval.metric_fn)
         except ConfigError as e:
             problems += e.problems
+    elif recipe.eval.metric_fn:
+        log.warning("eval.metric_fn=%s: task.type=%s does not read it (only sft scores its generations with it), so ignored: "
+                    "no metric of it is computed. Remove it, or use task.type=sft.", recipe.eval.metric_fn, recipe.task.type)
     d = recipe.data
     # a multi-task recipe's splits are its tasks' (its run per task, OUT/tasks/NAME, and that run's card say it)
     sections = [(f"multitask.tasks.{n}.data", t.data) for n, t in recipe.multitask.tasks.items()] if recipe.multitask else [("data", d)]

@@ -160,6 +160,16 @@ def test_label_options_on_a_task_that_learns_no_labels_are_warned_about(caplog):
         assert (said in caplog.text) == warned, caplog.text
 
 
+def test_a_metric_fn_on_a_task_that_does_not_read_it_is_warned_about(caplog):
+    """eval.metric_fn on classification or summarization computed nothing, silently (a module that does not exist too)."""
+    from peftlab.run import preflight
+
+    recipe = load_recipe(None, ["data.train.path=x.tsv", "eval.metric_fn=no_such_module:score"], validate_files=False)
+    with caplog.at_level("WARNING", logger="peftlab"):
+        preflight(recipe)
+    assert "eval.metric_fn=no_such_module:score: task.type=classification does not read it" in caplog.text
+
+
 def test_a_malformed_list_override_is_refused_not_taken_as_a_string():
     from peftlab import load_recipe
     from peftlab.errors import ConfigError
