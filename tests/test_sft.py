@@ -1080,6 +1080,16 @@ def test_a_tokenizer_with_tokens_past_the_embedding_is_refused_when_the_model_lo
         build_model(recipe, num_labels=0, label_names=[])
 
 
+def test_a_metric_fn_cannot_replace_the_tasks_own_metrics(monkeypatch, caplog):
+    """A user metric named exact_match or loss replaced the task's figure in metrics.json (and the loss keep_best and the
+    card read), silently."""
+    monkeypatch.setattr(sft, "load_metric_fn", lambda name: lambda p, r: {"exact_match": 0.99, "loss": 0.0, "mine": 0.5})
+    with caplog.at_level("WARNING", logger="peftlab"):
+        m = sft.score(["a"], ["b"], "mine:score")
+    assert m["exact_match"] == 0.0 and "loss" not in m and m["mine"] == 0.5
+    assert "eval.metric_fn=mine:score returned 'exact_match', 'loss', which the task computes itself: left out" in caplog.text
+
+
 def test_rows_whose_answer_is_cut_are_dropped_from_training_but_kept_for_evaluation(tmp_path, chat_llama, caplog):
     rows = messages_rows() + [{"messages": [{"role": "user", "content": "tell me more " * 40}, {"role": "assistant", "content": "no"}]}]
     path = write_jsonl(tmp_path / "m.jsonl", rows)

@@ -632,7 +632,10 @@ def score(preds: list[str], refs: list[str], metric_fn: str | None, several: lis
         if dropped := [k for k in extra if k not in numbers]:  # after training: warn, never lose the run over a report
             log.warning("eval.metric_fn=%s returned %s that are not numbers: left out of the metrics (return {metric: "
                         "number} only).", metric_fn, ", ".join(map(repr, dropped)))
-        out.update(numbers)
+        if taken := [k for k in numbers if k in BUILTIN_METRICS or k in DESCRIPTIVE]:  # (they replaced the task's own, silently)
+            log.warning("eval.metric_fn=%s returned %s, which the task computes itself: left out (the task's figures kept). "
+                        "Name your metrics otherwise, e.g. 'my_%s'.", metric_fn, ", ".join(map(repr, taken)), taken[0])
+        out.update({k: v for k, v in numbers.items() if k not in taken})
     return out
 
 
