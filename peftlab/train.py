@@ -617,6 +617,10 @@ class KeepBest:
         self.metric, self.keep, self.weights, self.schedule = t.best_metric, t.keep_best, weights, schedule
 
     def consider(self, state: TrainState, metrics: dict, model) -> None:
+        if self.metric not in metrics and state.best_metric is not None:  # an earlier evaluation had it: eval.metric_fn
+            log.warning("step %d: %s is missing from this evaluation (eval.metric_fn left it out): it cannot be the best "  # failed
+                        "one.", state.step, self.metric)  # (raising here lost the run trained so far)
+            return
         if self.metric not in metrics:
             raise ConfigError([f"train.best_metric={self.metric!r} is not a metric of this task: {sorted(metrics)}."])
         score = metrics[self.metric]

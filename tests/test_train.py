@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from peftlab import build_data, build_model, load_splits, run
-from peftlab.errors import ArtifactError, ModelError
+from peftlab.errors import ArtifactError, ConfigError, ModelError
 
 from .conftest import assert_resume_is_uninterrupted, losses
 
@@ -595,3 +595,13 @@ def test_keep_best_never_keeps_a_nan_evaluation(caplog):
                 keep.consider(state, {metric: score}, model)
         assert (state.best_step, state.best_metric) == best
         assert f"step 1: {metric} is NaN" in caplog.text
+    # a user's metric missing from a later evaluation (its function raised there: left out with a warning) stopped the
+    # run with "not a metric of this task", losing what it had trained; at the first evaluation it is a wrong name
+    keep, state = KeepBest(SimpleNamespace(best_metric="mine", keep_best=True)), TrainState()
+    with pytest.raises(ConfigError, match="train.best_metric='mine' is not a metric of this task"):
+        keep.consider(state, {"loss": 1.0}, model)
+    for step, metrics in enumerate(({"mine": 2.0}, {"loss": 1.0}, {"mine": 1.0}), 1):
+        state.step = step
+        with caplog.at_level("WARNING", logger="peftlab"):
+            keep.consider(state, metrics, model)
+    assert (state.best_step, state.best_metric) == (1, 2.0) and "step 2: mine is missing from this evaluation" in caplog.text
