@@ -989,6 +989,25 @@ def test_readme_sst2_distillation_table_is_the_stored_runs():
     assert "those at 1% and 10% of the labels without unlabelled rows, {} and {} steps, end before their first evaluation".format(*sorted(last)) in readme
 
 
+def test_distillation_reports_say_which_runs_kept_their_last_step():
+    """distillation.py wrote 'every run keeps its best step on the hold-out' into every report, also for the runs that end
+    before their first evaluation (SST-2 at 1% and 10%: 42 and 414 steps), which select nothing and keep their last step.
+    The sentence now comes from the runs (run.json's selected_on), and the stored reports were rewritten by the script."""
+    distillation = load_benchmark("distillation")
+    runs = [json.loads(f.read_text()) for f in sorted((RESULTS / "distillation").glob("*.json"))]
+    runs = [r for r in runs if "run" in r]
+    said = distillation.selection_sentence(runs)
+    unselected = sorted(r["name"] for r in runs if r["run"]["selected_on"] is None)
+    assert unselected == ["distill-1", "distill-10", "labels-1", "labels-10"]
+    for name in unselected:
+        assert f"{name} ({next(r for r in runs if r['name'] == name)['run']['steps']} steps)" in said
+    assert "distill-100 " not in said and distillation.selection_sentence([r for r in runs if r["name"] not in unselected]).endswith(
+        "keeps its best step on a seeded 2% of its train rows")
+    for report in ("distillation.md", "distillation-emotion.md", "distillation-smollm2.md"):
+        text = (RESULTS / report).read_text()
+        assert "every run keeps its best step" not in text and "end before their first evaluation and keep their last step" in text, report
+
+
 def test_readme_times_to_target_are_the_stored_paired_ratios():
     """Every time-to-80%-dev ratio the README quotes for a stored throughput run is the one throughput.py stores: peftlab /
     Trainer over the seeds where both sides reached the target. Fourteen figures divided peftlab's mean over all seeds by
