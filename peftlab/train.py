@@ -613,8 +613,9 @@ class KeepBest:
     TrainState, which every checkpoint saves; with train.keep_best its trainable weights are held here (checkpoints save
     them too) and put back at the end when a later step was worse."""
 
-    def __init__(self, t, weights: dict | None = None, schedule=None):
+    def __init__(self, t, weights: dict | None = None, schedule=None, metric_fn: str | None = None):
         self.metric, self.keep, self.weights, self.schedule = t.best_metric, t.keep_best, weights, schedule
+        self.metric_fn = metric_fn  # eval.metric_fn: named when the metric is missing from the first evaluation
 
     def consider(self, state: TrainState, metrics: dict, model) -> None:
         if self.metric not in metrics and state.best_metric is not None:  # an earlier evaluation had it: eval.metric_fn
@@ -622,7 +623,9 @@ class KeepBest:
                         "one.", state.step, self.metric)  # (raising here lost the run trained so far)
             return
         if self.metric not in metrics:
-            raise ConfigError([f"train.best_metric={self.metric!r} is not a metric of this task: {sorted(metrics)}."])
+            raise ConfigError([f"train.best_metric={self.metric!r} is not a metric of this task: {sorted(metrics)}."
+                               + (f" If eval.metric_fn={self.metric_fn} returns it, that function failed at this first "
+                                  "evaluation (see its warning above): fix it and train again." if self.metric_fn else "")])
         score = metrics[self.metric]
         if math.isnan(score):  # never the best (every comparison with NaN is False: a first NaN stayed the best for good)
             log.warning("step %d: %s is NaN: this evaluation cannot be the best one.", state.step, self.metric)
@@ -668,7 +671,7 @@ def train(recipe: Recipe, model, data: TaskData, accelerator, out: str | Path, *
                                f"train.max_steps={state.step}."])
         if resume_from is not None:
             schedule_from_here(parts.scheduler)
-        best = KeepBest(recipe.train, weights, parts.schedule)
+        best = KeepBest(recipe.train, weights, parts.schedule, recipe.eval.metric_fn)
         loop(recipe, parts, data, accelerator, out, state, best, resumed=resume_from is not None, runlog=runlog,
              last_evaluation=last_evaluation if final_form(recipe, parts) else None)
         best.restore(accelerator.unwrap_model(parts.model), state)

@@ -598,8 +598,12 @@ def test_keep_best_never_keeps_a_nan_evaluation(caplog):
     # a user's metric missing from a later evaluation (its function raised there: left out with a warning) stopped the
     # run with "not a metric of this task", losing what it had trained; at the first evaluation it is a wrong name
     keep, state = KeepBest(SimpleNamespace(best_metric="mine", keep_best=True)), TrainState()
-    with pytest.raises(ConfigError, match="train.best_metric='mine' is not a metric of this task"):
+    with pytest.raises(ConfigError, match="train.best_metric='mine' is not a metric of this task") as wrong:
         keep.consider(state, {"loss": 1.0}, model)
+    assert "metric_fn" not in str(wrong.value)
+    # with eval.metric_fn set, the error says its function may have failed there (it only said "not a metric")
+    with pytest.raises(ConfigError, match=r"If eval.metric_fn=mymetrics:score returns it, that function failed at this first evaluation"):
+        KeepBest(SimpleNamespace(best_metric="mine", keep_best=True), metric_fn="mymetrics:score").consider(TrainState(), {"loss": 1.0}, model)
     for step, metrics in enumerate(({"mine": 2.0}, {"loss": 1.0}, {"mine": 1.0}), 1):
         state.step = step
         with caplog.at_level("WARNING", logger="peftlab"):
