@@ -114,7 +114,9 @@ def cmd_eval(args) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:  # under `accelerate launch` every rank gets here
-        print(json.dumps({"split": args.split, **metrics}, indent=2))
+        from .rundir import json_text
+
+        print(json_text({"split": args.split, **metrics}, indent=2))
     return 0
 
 

@@ -41,6 +41,7 @@ from .rundir import (
     folder_identity,
     from_run_lineage,
     fsync_dir,
+    json_text,
     read_run,
     record_weights,
     sha256,
@@ -233,9 +234,9 @@ def export(out: str | Path, model, tokenizer, recipe: Recipe, record: RunRecord 
             record = replace(record, adapter_ranks=get_method(recipe.adapter.method).exported_ranks(staging))
             run = replace(record, versions=versions(), hardware=hardware(), **record_weights(staging, weights_file(staging).name))
             write_record(staging, recipe.to_yaml(), run)
-            (staging / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+            (staging / "metrics.json").write_text(json_text(metrics, indent=2), encoding="utf-8")
             if report is not None:
-                (staging / "eval_report.json").write_text(json.dumps(report, indent=2), encoding="utf-8")
+                (staging / "eval_report.json").write_text(json_text(report, indent=2), encoding="utf-8")
             for split, rows in (predictions or {}).items():
                 (staging / f"predictions-{split}.jsonl").write_text(predictions_jsonl(rows), encoding="utf-8")
             move_into(staging, out)

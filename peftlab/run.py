@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import json
 import logging
 import os
 import sys
@@ -51,6 +50,7 @@ from .rundir import (
     folder_identity,
     from_run_lineage,
     holds_run,
+    json_text,
     read_run,
     same_inputs,
     sha256,
@@ -92,7 +92,7 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
         if rows is not None:
             atomic_write_text(results / f"predictions-{split}.jsonl", predictions_jsonl(rows))
         record = {"metrics": metrics, "report": report, **({"run": str(out), "overrides": list(plan.overrides)} if results != out else {})}
-        atomic_write_text(results / f"eval-{split}.json", json.dumps(record, indent=2))
+        atomic_write_text(results / f"eval-{split}.json", json_text(record, indent=2))
         log.info("evaluation of %s on %s written to %s", out, split, results / f"eval-{split}.json")
     return metrics
 

@@ -20,6 +20,7 @@ import errno
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -240,7 +241,7 @@ class RunRecord:
         return {**out, **self.extra}
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, default=str)
+        return json_text(self.to_dict(), indent=2, default=str)
 
     def __getitem__(self, key: str) -> Any:
         if key in self.extra:
@@ -376,6 +377,23 @@ def umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
     return mask
+
+
+def finite(value):
+    """`value` with every NaN or infinity (a user's metric, a loss that overflowed in evaluation) as None: JSON has no
+    NaN, and json.dumps wrote the bare token NaN, which strict readers (JavaScript, jq, the Hub) refuse."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def json_text(value, **kwargs) -> str:
+    """JSON of `value` as every peftlab file writes it: a NaN or infinity as null (`finite`)."""
+    return json.dumps(finite(value), allow_nan=False, **kwargs)
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -33,7 +33,7 @@ from .errors import ArtifactError, ConfigError, TrainingDiverged, TrainingInterr
 from .export import write_atomic_dir
 from .methods import NoSchedule, get_method
 from .model import MMAP_THRESHOLD, largest_weight_copy, map_large_allocations
-from .rundir import RECORD_FILE, TRAINER_STATE, atomic_write_text, checkpoint_path, checkpoints, log_path, seal_checkpoint
+from .rundir import RECORD_FILE, TRAINER_STATE, atomic_write_text, checkpoint_path, checkpoints, json_text, log_path, seal_checkpoint
 from .tasks import get_task, lower_is_better, unread_skipped
 from .trackers import close_trackers, open_trackers
 
@@ -86,14 +86,14 @@ class RunLog:
                     kept.append(record)
             except (ValueError, KeyError, TypeError):
                 continue
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in kept))
+        atomic_write_text(self.path, "".join(json_text(r) + "\n" for r in kept))
         return kept
 
     def write(self, step: int, kind: str, values: dict) -> None:
         if self.path is None:
             return
         with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps({"step": step, "kind": kind, **values, "time": time.time()}) + "\n")
+            f.write(json_text({"step": step, "kind": kind, **values, "time": time.time()}) + "\n")
         for tracker in self.trackers:
             tracker.log(scalars_of(kind, values), step=step)
 

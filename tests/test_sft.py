@@ -1062,6 +1062,33 @@ def test_a_metric_fn_that_raises_is_left_out_with_a_warning_and_the_run_is_expor
     assert "KeyError: 'label'" in caplog.text
 
 
+def test_a_nan_metric_is_written_as_null_and_left_out_of_the_card(tmp_path, chat_llama, monkeypatch):
+    """A user's metric that came out NaN (a mean over no rows) was written as the bare token NaN into metrics.json,
+    run.json, metrics.jsonl and eval-*.json: not JSON (JavaScript, jq and the Hub refuse it); and the card's model-index
+    carried value nan. Now null in every file, and left out of the card's results."""
+    from peftlab.publish.card import card_data
+
+    (tmp_path / "nan_metrics.py").write_text("def score(preds, refs):\n    return {'mine': float('nan'), 'fine': 0.25}\n")
+    monkeypatch.chdir(tmp_path)
+    path = write_jsonl(tmp_path / "qa.jsonl", messages_rows())
+    record = run(recipe_for(tmp_path, chat_llama, path, ["eval.metric_fn=nan_metrics:score", "train.max_steps=2", "train.eval_every=1"]))
+    out = Path(record.output_dir)
+
+    def strict(text):
+        return json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+
+    assert strict((out / "metrics.json").read_text())["eval"]["mine"] is None
+    assert strict((out / "run.json").read_text())["metrics"]["eval"]["fine"] == 0.25
+    from peftlab.rundir import log_path
+
+    assert [strict(line) for line in log_path(out).read_text().splitlines()]
+    sys_cli = __import__("peftlab.cli", fromlist=["main"])
+    assert sys_cli.main(["eval", str(out), "--split", "eval"]) == 0
+    assert strict((out / "eval-eval.json").read_text())["metrics"]["mine"] is None
+    scored = {r.metric_type for r in card_data(out).eval_results}
+    assert "fine" in scored and "mine" not in scored
+
+
 def test_a_tokenizer_with_tokens_past_the_embedding_is_refused_when_the_model_loads(tmp_path):
     """ChatML tokens added to the tokenizer, the base's embedding not resized: training failed in the first forward with
     'IndexError: index out of range in self' (a device-side assert on a GPU)."""

@@ -304,7 +304,7 @@ def card_data(source: str | Path | PublicRun, repo_id: str | None = None, base_m
         ds_id, ds_name, ds_split = dataset_of(recipe, split)
         names = {**task.card_metrics, **user_metrics(recipe, task, values)}
         for key, value in values.items():
-            if key in names and isinstance(value, (int, float)):
+            if key in names and isinstance(value, (int, float)) and math.isfinite(value):  # (the Hub refuses a NaN)
                 results.append(EvalResult(
                     task_type=tag, task_name=task_name(task, peft_type), dataset_type=ds_id or ds_name, dataset_name=ds_name,
                     dataset_config=recipe.data.subset if ds_id == recipe.data.dataset else None, dataset_split=ds_split,

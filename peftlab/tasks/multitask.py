@@ -475,12 +475,11 @@ def task_metrics(metrics: dict, task: str) -> dict:
 def export(out: Path, model, tokenizer, recipe, record, metrics: dict, report: dict | None = None, **_):
     """OUT/tasks/NAME: each task as a complete single-task run (export.export), merged too with export.merge; then OUT's
     own metrics.json and run.json (run.json last: it makes OUT a finished run) -> OUT's record, as written."""
-    import json
 
     from ..data import shared_test_file
     from ..export import export as export_one
     from ..export import hardware, merge, versions
-    from ..rundir import atomic_write_text, write_record
+    from ..rundir import atomic_write_text, json_text, write_record
 
     multi = model
     info = {"run": record.name, "tasks": multi.tasks, "adapters": recipe.multitask.adapters,
@@ -509,9 +508,9 @@ def export(out: Path, model, tokenizer, recipe, record, metrics: dict, report: d
             merge(folder)
     record = replace(record, multitask=info, versions=versions(), hardware=hardware())
     # the record last, each file whole: a run killed here was taken for a finished one without its metrics.json
-    atomic_write_text(out / "metrics.json", json.dumps(metrics, indent=2))
+    atomic_write_text(out / "metrics.json", json_text(metrics, indent=2))
     if report is not None:
-        atomic_write_text(out / "eval_report.json", json.dumps(report, indent=2))
+        atomic_write_text(out / "eval_report.json", json_text(report, indent=2))
     write_record(out, recipe.to_yaml(), record)
     return record
 
