@@ -68,15 +68,16 @@ def _fsync_tree(path: Path) -> None:
 
 
 @contextmanager
-def disk_errors(what: str, target: Path):
-    """Turn 'disk full' / 'permission denied' while writing into an error that says nothing was replaced."""
+def disk_errors(what: str, target: Path, again: str = "run the command again"):
+    """Turn 'disk full' / 'permission denied' while writing into an error that says nothing was replaced; `again`: what
+    to do once there is space."""
     try:
         yield
     except Exception as e:  # (tokenizers and safetensors raise their own types: "... (os error 28)")
         code = e.errno if isinstance(e, OSError) else int(m[1]) if (m := re.search(r"\(os error (\d+)\)", str(e))) else None
         if code in (errno.ENOSPC, errno.EDQUOT):
             raise ArtifactError(f"disk full while writing the {what} to {target}. Nothing was replaced: what was there "
-                                f"before is intact. Free space (`df -h {target.parent}`) and run the command again.") from None
+                                f"before is intact. Free space (`df -h {target.parent}`) and {again}.") from None
         if code in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise ArtifactError(f"cannot write the {what} to {target}: {os.strerror(code)}. Choose a writable output_dir.") from None
         raise
@@ -110,10 +111,10 @@ def check_swappable(final: Path, what: str) -> None:
                                 f"(e.g. mv {old} {final.parent / (final.name + '.file')}), then run again.")
 
 
-def write_atomic_dir(final: Path, fill: Callable[[Path], None], *, main: bool = True) -> None:
+def write_atomic_dir(final: Path, fill: Callable[[Path], None], *, main: bool = True, again: str = "run the command again") -> None:
     """Fill a staging directory beside `final`, fsync it, then swap it in (final -> .old-NAME, staging -> final, the old
     one removed; what a process killed mid-swap left is recovered first). Non-main ranks only take part in `fill`
-    (collective saves need every rank)."""
+    (collective saves need every rank). `again`: what a disk-full error says to do once there is space."""
     tmp, old = final.parent / f".tmp-{final.name}", final.parent / f".old-{final.name}"
     if main:
         check_swappable(final, final.name)  # (the callers check it before their work: a file there is not replaced)
@@ -123,7 +124,7 @@ def write_atomic_dir(final: Path, fill: Callable[[Path], None], *, main: bool = 
         else:  # killed between the two renames: the previous result back in place first
             os.replace(old, final)
     try:
-        with disk_errors(final.name, final):
+        with disk_errors(final.name, final, again):
             if main:
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir(parents=True)

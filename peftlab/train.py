@@ -356,7 +356,11 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, best: dict | None
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    write_atomic_dir(final, fill, main=accelerator.is_main_process)
+    # (a disk full mid-run: the same command again is refused, the folder holding a run; --resume goes on from the last one)
+    earlier = checkpoints(out)
+    again = (f"continue from {earlier[-1]}: the same command plus --resume (in place of --overwrite, if you gave it)" if earlier
+             else "train again with --overwrite: no earlier checkpoint holds the steps")
+    write_atomic_dir(final, fill, main=accelerator.is_main_process, again=again)
     if accelerator.is_main_process:
         for p in checkpoints(out)[:-keep]:
             shutil.rmtree(p, ignore_errors=True)

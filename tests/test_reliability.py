@@ -244,6 +244,28 @@ def test_disk_full_while_saving_replaces_nothing(make_recipe, monkeypatch):
     assert not list(recipe.out.glob(".staging*"))
 
 
+def test_disk_full_while_saving_a_checkpoint_says_to_resume_from_the_last_one(make_recipe, monkeypatch):
+    """A disk full mid-run, at a checkpoint: the error said to run the same command again, which is refused (the folder
+    holds a run); it names --resume, which continues from the checkpoint before."""
+    import peftlab.rundir as rundir
+
+    train_module = sys.modules["peftlab.train"]
+    seal = rundir.seal_checkpoint
+
+    def full_disk(folder, recipe_yaml):
+        if folder.name == ".tmp-step-4":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        seal(folder, recipe_yaml)
+
+    recipe = make_recipe({"train.max_steps": 6, "train.save_every": 2, "train.precision": "fp32"})
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "seal_checkpoint", full_disk)
+        with pytest.raises(ArtifactError, match=r"disk full while writing the step-4.* continue from .*step-2: the same command plus --resume"):
+            run(recipe)
+    assert [p.name for p in (recipe.out / "checkpoints").glob("step-*")] == ["step-2"]
+    assert run(recipe, resume=True)["steps"] == 6
+
+
 @pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), Exception("No space left on device (os error 28)")])
 def test_disk_full_in_a_rust_library_says_so(make_recipe, monkeypatch, error):
     """tokenizers and safetensors raise their own types, with the OS error in the text: the same message, not a traceback."""
