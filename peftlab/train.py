@@ -30,7 +30,7 @@ from .data import LengthGroupedSampler, TaskData
 from .distill import loss_for
 from .dropout import use_fast_dropout
 from .errors import ArtifactError, ConfigError, TrainingDiverged, TrainingInterrupted
-from .export import write_atomic_dir
+from .export import disk_errors, write_atomic_dir
 from .methods import NoSchedule, get_method
 from .model import MMAP_THRESHOLD, largest_weight_copy, map_large_allocations
 from .rundir import RECORD_FILE, TRAINER_STATE, atomic_write_text, checkpoint_path, checkpoints, json_text, log_path, seal_checkpoint
@@ -92,7 +92,7 @@ class RunLog:
     def write(self, step: int, kind: str, values: dict) -> None:
         if self.path is None:
             return
-        with self.path.open("a", encoding="utf-8") as f:
+        with disk_errors("log", self.path, going_on(self.out)), self.path.open("a", encoding="utf-8") as f:  # (a traceback)
             f.write(json_text({"step": step, "kind": kind, **values, "time": time.time()}) + "\n")
         for tracker in self.trackers:
             tracker.log(scalars_of(kind, values), step=step)
@@ -105,6 +105,14 @@ class RunLog:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def going_on(out: Path) -> str:
+    """What a disk full in the middle of training says to do once there is space: the same command again is refused (the
+    folder holds a run, and an --overwrite again would start over); --resume goes on from the last checkpoint."""
+    earlier = checkpoints(out)
+    return (f"continue from {earlier[-1]}: the same command plus --resume (in place of --overwrite, if you gave it)" if earlier
+            else "train again with --overwrite: no earlier checkpoint holds the steps")
 
 
 def scalars_of(kind: str, values: dict) -> dict:
@@ -356,11 +364,7 @@ def save_checkpoint(accelerator, out: Path, state: TrainState, best: dict | None
     if accelerator.is_main_process:
         root.mkdir(parents=True, exist_ok=True)
     accelerator.wait_for_everyone()
-    # (a disk full mid-run: the same command again is refused, the folder holding a run; --resume goes on from the last one)
-    earlier = checkpoints(out)
-    again = (f"continue from {earlier[-1]}: the same command plus --resume (in place of --overwrite, if you gave it)" if earlier
-             else "train again with --overwrite: no earlier checkpoint holds the steps")
-    write_atomic_dir(final, fill, main=accelerator.is_main_process, again=again)
+    write_atomic_dir(final, fill, main=accelerator.is_main_process, again=going_on(out))
     if accelerator.is_main_process:
         for p in checkpoints(out)[:-keep]:
             shutil.rmtree(p, ignore_errors=True)

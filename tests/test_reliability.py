@@ -266,6 +266,24 @@ def test_disk_full_while_saving_a_checkpoint_says_to_resume_from_the_last_one(ma
     assert run(recipe, resume=True)["steps"] == 6
 
 
+def test_disk_full_while_writing_the_log_says_to_resume_from_the_last_checkpoint(make_recipe, monkeypatch):
+    """A disk full while appending a line to the run's log (log.jsonl) ended in a raw OSError traceback."""
+    train_module = sys.modules["peftlab.train"]
+    line = train_module.json_text
+
+    def full_disk(value, **kwargs):
+        if value.get("step") == 5 and value.get("kind") == "train":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return line(value, **kwargs)
+
+    recipe = make_recipe({"train.max_steps": 6, "train.save_every": 2, "train.log_every": 1, "train.precision": "fp32"})
+    with monkeypatch.context() as m:
+        m.setattr(train_module, "json_text", full_disk)
+        with pytest.raises(ArtifactError, match=r"disk full while writing the log to .*log.jsonl.* continue from .*step-4: the same command plus --resume"):
+            run(recipe)
+    assert run(recipe, resume=True)["steps"] == 6
+
+
 @pytest.mark.parametrize("error", [OSError(errno.ENOSPC, "No space left on device"), Exception("No space left on device (os error 28)")])
 def test_disk_full_in_a_rust_library_says_so(make_recipe, monkeypatch, error):
     """tokenizers and safetensors raise their own types, with the OS error in the text: the same message, not a traceback."""
