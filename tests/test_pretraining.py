@@ -363,6 +363,35 @@ def test_an_mlm_runs_merged_model_keeps_the_pooler_so_its_classifier_reloads_wit
         torch.testing.assert_close(PeftModel.from_pretrained(base, out).eval()(**batch).logits, want)
 
 
+@pytest.mark.parametrize("method", ["full", "frozen"])
+def test_a_full_mlm_run_keeps_the_pooler_so_its_classifier_reloads_on_it_with_plain_peft(tmp_path, tiny_bert, texts,
+                                                                                       sentiment_files, method):
+    """A full (or frozen) MLM run exports a standalone masked-LM model, which has no pooler: a classifier trained from it
+    (model.from_run, which fills the pooler from the original base) loaded on that folder with transformers + peft, as
+    the card's Lineage section says, got a random pooler (other logits on each load). The folder keeps the original
+    base's pooler, as a merged one does: both give load_trained's logits."""
+    from peft import PeftModel
+    from safetensors import safe_open
+    from transformers import AutoModelForSequenceClassification
+
+    from peftlab.export import load_trained
+
+    first = run(recipe_for(tmp_path, tiny_bert, texts, "mlm", ["train.max_steps=2", f"adapter.method={method}"], name="mlm-full"))
+    original = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
+    with safe_open(str(Path(first.output_dir) / "model.safetensors"), "pt") as f:
+        torch.testing.assert_close(f.get_tensor("bert.pooler.dense.weight"), original.bert.pooler.dense.weight)
+    tree = {"name": "cls", "output_dir": str(tmp_path / "cls"), "model": {"from_run": first.output_dir},
+            "data": {"train": str(sentiment_files["train"]), "label_names": ["negative", "positive"], "max_length": 32},
+            "train": {"max_steps": 2, "precision": "fp32"}}
+    (tmp_path / "cls.yaml").write_text(yaml.safe_dump(tree))
+    out = run(load_recipe(tmp_path / "cls.yaml")).output_dir
+    batch = minilm_tokenizer()(["a kettle boils water", "this blender crushes ice"], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        want = load_trained(out)[0](**batch).logits
+        base = AutoModelForSequenceClassification.from_pretrained(first.output_dir, num_labels=2)
+        torch.testing.assert_close(PeftModel.from_pretrained(base, out).eval()(**batch).logits, want)
+
+
 def classifier_from(tmp_path, run_dir, sentiment_files, overrides=(), labels=("negative", "positive")):
     """(model, info, recipe) of a classifier built on model.from_run=run_dir, as training builds it."""
     from peftlab.accel import make_accelerator
