@@ -20,7 +20,7 @@ from peftlab import build_data, build_model, export, load_recipe, load_splits, l
 from peftlab.errors import ConfigError, DataError, ModelError
 from peftlab.publish.card import card_text
 
-from .conftest import REPO, losses, minilm_tokenizer, shared_or_skip, with_generation_config
+from .conftest import REPO, bytelevel_tokenizer, losses, minilm_tokenizer, shared_or_skip, with_generation_config
 
 NAMES = ["Anna", "Tom", "Mia", "Leo", "Eva", "Sam", "Ben", "Zoe"]
 ITEMS = ["cake", "keys", "book", "car", "tickets", "laptop", "guitar", "map"]
@@ -313,6 +313,24 @@ def test_an_encoder_only_base_without_a_decoder_is_refused(make_sum_recipe, tiny
 
     assert [encoder_only(c) for c in (BertConfig(), RobertaConfig(), ElectraConfig())] == [True] * 3
     assert [encoder_only(c) for c in (BertConfig(is_decoder=True), LlamaConfig(), GPT2Config(), BartConfig())] == [False] * 4
+
+
+def test_a_base_folder_rewritten_in_one_process_is_read_again(make_sum_recipe, tiny_bart, tiny_gpt2_left, tmp_path):
+    """A notebook that retrains the run a model.from_run starts from (RUN/merged rewritten with another base), or
+    rewrites a base folder, then runs again: the family and the tokenizer counted are the folder's new model's. Cached
+    by path, the BART read first was still served for the decoder after it: its summaries were generated as a seq2seq
+    model's (they echoed the prompt: ROUGE 0.47 where a fresh process scored 0)."""
+    import shutil
+
+    from peftlab.tasks.summarization import base_tokens, family
+
+    base = shutil.copytree(tiny_bart, tmp_path / "base")
+    recipe = make_sum_recipe(base)
+    assert family(recipe, None) == "seq2seq" and base_tokens(recipe, len, "vocabulary") == len(minilm_tokenizer())
+    shutil.rmtree(base)
+    shutil.copytree(tiny_gpt2_left, base)
+    assert family(recipe, None) == "causal"
+    assert base_tokens(recipe, len, "vocabulary") == len(bytelevel_tokenizer()) < len(minilm_tokenizer())
 
 
 @pytest.mark.parametrize("family,max_target", [("t5", 11), ("llama", 10)])  # (T5 with a BERT tokenizer: [CLS] and [SEP] in its labels)

@@ -149,8 +149,20 @@ def prompt_tokens(tokenizer, recipe, fam: str, template: str | None = None, slot
             + len(tokenizer(tail, add_special_tokens=False)["input_ids"]))
 
 
+def _folder_version(path: str) -> tuple:
+    """What tells apart the versions of a local model folder (its files' names, inodes, sizes and mtimes; () for a hub
+    id): part of the caches' keys below, as a folder may be rewritten between two runs of one process (a notebook that
+    retrains the run a model.from_run starts from rewrites RUN/merged): read by path alone, a BART's config was still
+    served for the decoder that replaced it, whose summaries were then generated as a seq2seq model's."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return ()
+    files = [(f.name, f.stat()) for f in folder.iterdir() if f.is_file()]
+    return tuple(sorted((name, st.st_ino, st.st_size, st.st_mtime_ns) for name, st in files))
+
+
 @cache
-def _base_tokenizer(path: str, revision: str | None, trust_remote_code: bool):
+def _base_tokenizer(path: str, revision: str | None, trust_remote_code: bool, version: tuple):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code)
@@ -162,7 +174,8 @@ def base_tokens(recipe, count, what: str) -> int:
     reports that on its own)."""
     m = recipe.model
     try:
-        return count(_base_tokenizer(base_path(recipe), m.revision, m.trust_remote_code))
+        path = base_path(recipe)
+        return count(_base_tokenizer(path, m.revision, m.trust_remote_code, _folder_version(path)))
     except Exception as e:  # (e.g. a GGUF base not converted yet: `train` checks on the converted one)
         log.info("%s not counted in the input lengths (%s: %s)", what, type(e).__name__, e)
         return 0
@@ -190,7 +203,7 @@ def input_lengths(config, recipe) -> list[tuple]:
 
 
 @cache
-def _is_encoder_decoder_dir(path: str, revision: str | None, trust_remote_code: bool) -> bool:
+def _is_encoder_decoder_dir(path: str, revision: str | None, trust_remote_code: bool, version: tuple) -> bool:
     return is_encoder_decoder(AutoConfig.from_pretrained(path, revision=revision, trust_remote_code=trust_remote_code))
 
 
@@ -206,7 +219,7 @@ def family(recipe, tokenizer) -> str:
         if not (own / "config.json").is_file():
             raise
         path, revision = str(own), None
-    return "seq2seq" if _is_encoder_decoder_dir(path, revision, recipe.model.trust_remote_code) else "causal"
+    return "seq2seq" if _is_encoder_decoder_dir(path, revision, recipe.model.trust_remote_code, _folder_version(path)) else "causal"
 
 
 def eos_id(tokenizer) -> int:
