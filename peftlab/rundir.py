@@ -56,9 +56,12 @@ _sha_cache: dict[tuple, str] = {}
 
 
 def sha256(path: Path) -> str:
-    """Hex sha256 of a file; memoised on (path, inode, size, mtime) since eval, merge and publish re-read one run."""
+    """Hex sha256 of a file; memoised on (path, inode, size, mtime, ctime) since eval, merge and publish re-read one run.
+    The ctime too: a file rewritten in place at its size with its mtime put back (`cp -p`, `rsync -a`, a relabelling
+    that flips 0 and 1) kept its old sum in this process, so a notebook's --resume trained on the changed data that a
+    fresh process refuses; no one sets a ctime back."""
     st = os.stat(path)
-    key = (str(Path(path).absolute()), st.st_ino, st.st_size, st.st_mtime_ns)
+    key = (str(Path(path).absolute()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
     if key not in _sha_cache:
         h = hashlib.sha256()
         with open(path, "rb") as f:

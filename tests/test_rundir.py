@@ -557,3 +557,19 @@ def test_resume_of_an_overwrite_that_finished_but_was_not_swapped_in_is_refused_
     (folder.staging / "run.json").write_text("{}")
     with pytest.raises(ArtifactError, match=r"--overwrite of .*out finished, in .*staging, but could not replace it.*Move"):
         folder.plan(resume=True, overwrite=False)
+
+
+def test_a_file_rewritten_at_its_size_with_its_mtime_put_back_gets_its_new_sum(tmp_path):
+    """`cp -p` or `rsync -a` over a data file (a relabelling that flips 0 and 1: the same size) puts its mtime back: the
+    sum memoised in this process was the old one, so a notebook's resume=True trained on the changed data that a fresh
+    process refuses (same_inputs)."""
+    from peftlab.rundir import sha256
+
+    f = tmp_path / "train.tsv"
+    f.write_text("sentence\tlabel\ngood\t1\n")
+    assert sha256(f) == hashlib.sha256(f.read_bytes()).hexdigest()
+    st = os.stat(f)
+    f.write_text("sentence\tlabel\ngood\t0\n")
+    os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert (os.stat(f).st_ino, os.stat(f).st_size, os.stat(f).st_mtime_ns) == (st.st_ino, st.st_size, st.st_mtime_ns)
+    assert sha256(f) == hashlib.sha256(f.read_bytes()).hexdigest()
