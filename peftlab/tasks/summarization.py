@@ -150,7 +150,7 @@ def prompt_tokens(tokenizer, recipe, fam: str, template: str | None = None, slot
 
 
 def _folder_version(path: str) -> tuple:
-    """What tells apart the versions of a local model folder (its files' names, inodes, sizes and mtimes; () for a hub
+    """What tells apart the versions of a local model folder (its files' names, inodes, sizes, mtimes and ctimes; () for a hub
     id): part of the caches' keys below, as a folder may be rewritten between two runs of one process (a notebook that
     retrains the run a model.from_run starts from rewrites RUN/merged): read by path alone, a BART's config was still
     served for the decoder that replaced it, whose summaries were then generated as a seq2seq model's."""
@@ -158,7 +158,7 @@ def _folder_version(path: str) -> tuple:
     if not folder.is_dir():
         return ()
     files = [(f.name, f.stat()) for f in folder.iterdir() if f.is_file()]
-    return tuple(sorted((name, st.st_ino, st.st_size, st.st_mtime_ns) for name, st in files))
+    return tuple(sorted((name, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns) for name, st in files))
 
 
 @cache
