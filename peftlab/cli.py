@@ -480,7 +480,6 @@ def _quiet_libraries() -> None:
 
     warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*is deprecated")  # raised inside peft
     warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast")  # every 8-bit forward (older bitsandbytes: a warning)
-    warnings.filterwarnings("ignore", message="Specifying null_placement")  # pyarrow, inside datasets' sort
     # peft's generic pattern check on loading an AdaLoRA adapter: its rank_pattern keys name the lora_E vectors, which
     # AdaLoRA itself resizes by (the reloaded and merged model equal the trained one); it read as if the ranks were dropped
     warnings.filterwarnings("ignore", message=r"The following rank_pattern keys did not match any targeted module.*lora_E")

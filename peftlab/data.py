@@ -12,6 +12,7 @@ import json
 import logging
 import math
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -410,6 +411,15 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
         if len(ds) == 0:
             raise DataError(f"{where}: no row has both a source ({text_cols}) and a target ({target_column}). Check the column names.")
     return ds
+
+
+def longest_first(ds):
+    """`ds` sorted by its rows' "length", longest first (evaluation batches of similar lengths). Quiet: pyarrow >= 25
+    warns a FutureWarning on every such sort inside datasets (Python API users saw it at each evaluation; the CLI
+    filtered it)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Specifying null_placement", category=FutureWarning)
+        return ds.sort("length", reverse=True)
 
 
 def sampled(ds, spec: SplitConfig, seed: int):

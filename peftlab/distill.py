@@ -293,9 +293,11 @@ def teacher_logits(teacher: Path, texts: list[str], *, device=None, batch_size: 
             from datasets import Dataset
             from torch.utils.data import DataLoader
 
+            from .data import longest_first
+
             task = get_task(run.task)
             ds = Dataset.from_dict({"text": list(texts), "label": [0] * len(texts), "row": list(range(len(texts)))})
-            ds = task.tokenize(ds, tokenizer, recipe).sort("length", reverse=True)
+            ds = longest_first(task.tokenize(ds, tokenizer, recipe))
             order = ds["row"]
             for start, batch in zip(range(0, len(ds), batch_size), DataLoader(ds, batch_size=batch_size, collate_fn=task.collator(tokenizer))):
                 rows = order[start:start + batch_size]

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from .accel import FrozenWeightsCast, autocast_dtype, check_accelerator_precision, eval_batches, progress_shown, shards_weights
 from .config import Recipe, recipe_argument
-from .data import LengthGroupedSampler, TaskData
+from .data import LengthGroupedSampler, TaskData, longest_first
 from .distill import loss_for
 from .dropout import use_fast_dropout
 from .errors import ArtifactError, ConfigError, TrainingDiverged, TrainingInterrupted
@@ -305,7 +305,7 @@ def with_real_tokens(collate):
 
 def eval_loader(ds, batch_size: int, collate) -> DataLoader:
     """Evaluation sorted by length: batches of similar lengths waste little padding. Metrics do not depend on order."""
-    return DataLoader(ds.sort("length", reverse=True), batch_size=batch_size, collate_fn=collate,
+    return DataLoader(longest_first(ds), batch_size=batch_size, collate_fn=collate,
                       generator=torch.Generator())  # leaves the global RNG (training's dropout) alone: see train_loader
 
 

@@ -828,3 +828,18 @@ def test_a_decoder_pair_classifiers_card_snippet_gives_the_runs_predictions(make
         exec(code.replace('"The firm reported a loss."', json.dumps(row["text"])).replace('"The company lost money."',  # noqa: S102
                                                                                             json.dumps(row["text_pair"])), scope)
         assert scope["logits"].softmax(-1).max().item() == pytest.approx(row["probability"], abs=1e-5), code
+
+
+def test_evaluation_order_sorts_without_pyarrows_future_warning():
+    """Python API users saw pyarrow's 'Specifying null_placement ... is deprecated' FutureWarning at every evaluation
+    (datasets' sort); the CLI filtered it for the whole process. Quieted where peftlab sorts, and the order is kept."""
+    import warnings
+
+    from datasets import Dataset
+
+    from peftlab.data import longest_first
+
+    ds = Dataset.from_dict({"length": [1, 3, 2], "row": [0, 1, 2]})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert longest_first(ds)["row"] == [1, 2, 0]
