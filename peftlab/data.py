@@ -148,6 +148,8 @@ def read_split(spec: SplitConfig, data: DataConfig, where: str):
     if path.stat().st_size == 0:
         raise DataError(f"{where}.path: '{spec.path}' is empty. Point it at a file with rows.")
     fmt = _format(spec, where)
+    if fmt == "json" and (bad := _undecodable(path)) is not None:  # pyarrow reads such bytes; the rows' first read failed
+        raise DataError(_encoding_message(spec.path, bad, where))
     columns = check_header_line(spec, fmt, where)
     kwargs: dict[str, Any] = {}
     if fmt in ("csv", "tsv"):
@@ -236,6 +238,22 @@ def _decode_error(e: BaseException) -> UnicodeDecodeError | None:
             return e
         seen.add(id(e))
         e = e.__cause__ or e.__context__
+    return None
+
+
+def _undecodable(path: Path, chunk: int = 1 << 20) -> UnicodeDecodeError | None:
+    """The first bytes of a file that are not UTF-8, if any: pyarrow's JSON reader takes them into its strings, and
+    the first read of those rows raised the UnicodeDecodeError from deep in datasets (a cp1252 JSON-lines file)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with open(path, "rb") as f:
+        try:
+            while block := f.read(chunk):
+                decoder.decode(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError as e:
+            return e
     return None
 
 

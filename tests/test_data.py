@@ -562,6 +562,18 @@ def test_a_file_that_is_not_utf8_names_its_encoding_once(tmp_path, capfd):
     assert "Failed to read file" not in capfd.readouterr().err
 
 
+def test_a_json_lines_file_that_is_not_utf8_is_refused_by_validate_and_train(tmp_path, capsys):
+    """pyarrow reads a cp1252 JSON-lines file without a word; the first read of its rows raised a UnicodeDecodeError
+    traceback from deep in datasets (exit 1), and `validate` passed it."""
+    from peftlab.cli import main
+
+    (tmp_path / "win.jsonl").write_bytes('{"sentence": "café", "label": 1}\n{"sentence": "bad", "label": 0}\n'.encode("cp1252"))
+    with pytest.raises(DataError, match=r"data.train.path: '.*win.jsonl' is not UTF-8 .*iconv -f cp1252 -t utf-8"):
+        splits_of(tmp_path, tmp_path / "win.jsonl")
+    assert main(["validate", "--set", f"data.train.path={tmp_path / 'win.jsonl'}", "data.eval=null"]) == 2
+    assert "win.jsonl' is not UTF-8" in capsys.readouterr().out
+
+
 def test_numbers_in_text_columns_are_read_as_written(tmp_path):
     """pandas read a csv text column whose cells are all digits as numbers: '007' became the text '7', '1.50' '1.5'
     (a summary '0042' the target '42'). Every column is text as written; a label column of integers keeps its
