@@ -454,6 +454,8 @@ def header(spec: SplitConfig, data: DataConfig, where: str) -> tuple[list[str], 
     through read_split, so a broken file gets training's own message."""
     fmt = _format(spec, where)
     check_header_line(spec, fmt, where)
+    if fmt in ("csv", "tsv") and not spec.column_names and not _has_data_row(spec.path, fmt):  # (train refused it, validate passed it)
+        raise DataError(f"{where}.path: '{spec.path}' has no rows (a header only?). Point it at a file with data.")
     if spec.column_names and fmt in ("csv", "tsv"):
         return list(spec.column_names), True
     try:
@@ -471,6 +473,14 @@ def header(spec: SplitConfig, data: DataConfig, where: str) -> tuple[list[str], 
     except Exception:  # (an encoding or parse error): read_split says what is wrong, as training would
         pass
     return read_split(spec, data, where).column_names, True
+
+
+def _has_data_row(path: str, fmt: str) -> bool:
+    """A csv/tsv file holds a row after its header line (blank lines hold none, as pandas skips them); a file without a
+    header line either is read_split's to name (empty)."""
+    with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
+        rows = (cells for cells in delimited_rows(f, fmt) if cells)
+        return next(rows, None) is None or next(rows, None) is not None
 
 
 def first_json_records(path: str, n: int = 100, prefix: int = 1 << 20) -> list:

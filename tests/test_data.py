@@ -574,6 +574,18 @@ def test_a_json_lines_file_that_is_not_utf8_is_refused_by_validate_and_train(tmp
     assert "win.jsonl' is not UTF-8" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("text", ["sentence,label\n", "sentence,label\n\n\n"])
+def test_a_header_only_csv_is_refused_by_validate_as_by_train(tmp_path, capsys, text):
+    """`validate` read the header line alone and passed a file without rows, which `train` refused."""
+    from peftlab.cli import main
+
+    (tmp_path / "h.csv").write_text(text)
+    with pytest.raises(DataError, match=r"data.train.path: '.*h.csv' has no rows \(a header only\?\)"):
+        splits_of(tmp_path, tmp_path / "h.csv")
+    assert main(["validate", "--set", f"data.train.path={tmp_path / 'h.csv'}", "data.eval=null"]) == 2
+    assert "h.csv' has no rows (a header only?)" in capsys.readouterr().out
+
+
 def test_numbers_in_text_columns_are_read_as_written(tmp_path):
     """pandas read a csv text column whose cells are all digits as numbers: '007' became the text '7', '1.50' '1.5'
     (a summary '0042' the target '42'). Every column is text as written; a label column of integers keeps its
