@@ -555,8 +555,10 @@ def column_problems(recipe: Recipe, prefix: str = "data") -> list[str]:
                 if complete:
                     raise
                 check(read_split(spec, d, where).column_names)  # a column a later JSON record adds: read them all
-            cells = not hasattr(task, "check_columns")  # (a task reading its rows itself checks them itself)
-            rows = first_rows(spec, where) if refs or cells else None  # a JSON file's first records, read once
+            cells = not hasattr(task, "check_columns")  # (a task reading its rows itself checks them itself: check_rows)
+            rows = first_rows(spec, where) if refs or cells or hasattr(task, "check_rows") else None  # a JSON file's first records, read once
+            if hasattr(task, "check_rows"):
+                task.check_rows(rows, columns, recipe=recipe, where=where)
             if refs:
                 check_reference_cells(spec, refs[0], where, rows)
             if cells:

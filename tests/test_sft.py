@@ -192,6 +192,27 @@ def test_columns_the_recipe_names_win_over_guessed_instruction_columns(tmp_path,
     assert conv[-1]["content"] == f"work... #### {QA[0][1]}"  # none named: the instruction format, as before
 
 
+def test_validate_refuses_the_bad_messages_train_refuses(tmp_path, chat_llama):
+    """`validate` read the header (the keys) of a messages file alone and said ok; `train` refused its row 3 (an unknown
+    role, a message without content, no list)."""
+    from peftlab.data import column_problems
+
+    good = messages_rows()[:3]
+    for bad in ([{"role": "human", "content": "x"}, {"role": "assistant", "content": "y"}],
+                [{"role": "user", "content": "x"}, {"role": "assistant"}], None, "hello there"):
+        path = write_jsonl(tmp_path / "m.jsonl", [*good, {"messages": bad}])
+        with pytest.raises(DataError) as trained:
+            load_splits(recipe_for(tmp_path, chat_llama, path))
+        assert "data row 3 (0-based" in str(trained.value)
+        msg = str(trained.value)  # train's words, for data.train and data.eval (the same file)
+        assert column_problems(recipe_for(tmp_path, chat_llama, path)) == [msg, msg.replace("data.train", "data.eval", 1)]
+    chat = write_jsonl(tmp_path / "c.jsonl", [{"prompt": "hi", "completion": "hello"},
+                                              {"prompt": [{"role": "user", "content": "a"}], "completion": "b"}])
+    problems = column_problems(recipe_for(tmp_path, chat_llama, chat))
+    assert len(problems) == 2 and "data row 1 (0-based" in problems[0] and "holds a list of messages but 'completion' does not" in problems[0]
+    assert column_problems(recipe_for(tmp_path, chat_llama, write_jsonl(tmp_path / "ok.jsonl", good))) == []
+
+
 def test_unknown_columns_and_bad_messages_are_refused_clearly(tmp_path, chat_llama):
     bad = write_jsonl(tmp_path / "x.jsonl", [{"question": "a", "answer": "b"}])
     with pytest.raises(DataError, match=r"cannot tell how the rows hold conversations; the data has columns \['question', 'answer'\]"):

@@ -56,7 +56,9 @@ class Task(Protocol):
     # - input_lengths(config, recipe) -> [(config, tokens, what)]: the lengths the position tables must hold
     #   (default: data.max_length against the model's table).
     # - normalize_split(ds, spec, recipe, where) -> its rows, read from the raw columns by the task itself (sft:
-    #   conversations), with check_columns(columns, recipe, where), which refuses a header it cannot read (`validate`).
+    #   conversations), with check_columns(columns, recipe, where), which refuses a header it cannot read (`validate`),
+    #   and optionally check_rows(rows, columns, recipe, where): a JSON file's first records ((row, record) pairs) as
+    #   normalize_split would read them (`validate`).
     # - collator(tokenizer).set_epoch(seed, epoch): a collator that draws at random (mlm's masks) draws from (seed, the
     #   epoch, the row), which the loop sets each epoch: the loader collates ahead of the step, so draws from the global
     #   generator are not where a checkpoint's random state says, and a resumed run would draw others.

@@ -190,6 +190,18 @@ def check_columns(columns: list[str], recipe, where: str) -> None:
     warn_unread_prompt(detect_format(columns, recipe.data, where)[0], recipe, where)
 
 
+def check_rows(rows: list[tuple[int, dict]] | None, columns: list[str], recipe, where: str) -> None:
+    """`peftlab validate`: a JSON file's first records (`rows`: (row, record)) hold conversations as normalize_split reads
+    them (a message with an unknown role or no text content was refused by `train` only, after validate said ok)."""
+    d = recipe.data
+    fmt, prompt_cols, completion_col = detect_format(columns, d, where)
+    for i, r in rows or ():
+        if fmt == "messages":
+            _check_messages(r.get(d.messages_column), i, where, d.messages_column)
+        elif fmt == "prompt_completion" and any(isinstance(r.get(c), list) for c in (*prompt_cols, completion_col)):
+            _chat_cells([(c, r.get(c)) for c in (*prompt_cols, completion_col)], i, where)
+
+
 def warn_unread_prompt(fmt: str, recipe, where: str, chat: int = 0) -> None:
     """task.prompt frames the prompt column's text of the prompt_completion format only: say so where it is set for rows
     that do not read it (it was ignored, silently); `chat`: conversational prompt/completion rows (lists of messages)."""
