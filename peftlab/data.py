@@ -376,8 +376,12 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     if sample:
         ds = sampled(ds, spec, seed)
     if unlabelled:
-        return _as_text(ds.map(lambda b: {"text": joined(b, text_cols)}, batched=True, remove_columns=ds.column_names,
-                               desc=f"{where}: columns"))
+        ds = _as_text(ds.map(lambda b: {"text": joined(b, text_cols)}, batched=True, remove_columns=ds.column_names,
+                             desc=f"{where}: columns"))
+        if blank := sum(not t.strip() for t in ds["text"]):  # (packing skipped them without a word)
+            log.warning("%s: %d of its %d row(s) have no text in %s: they are skipped (an empty document adds no tokens).",
+                        where, blank, len(ds), ", ".join(text_cols))
+        return ds
     # a value is a class index (1, "1") or a name as spelled (a YAML true is the name "True", not a boolean among texts)
     label_map = {spelled(k): i if (i := class_index(v)) is not None else spelled(v) for k, v in (spec.label_map or {}).items()}
     mixed = len({isinstance(v, int) for v in label_map.values()}) > 1

@@ -700,3 +700,18 @@ def test_from_run_on_the_packaged_minilm_accepts_its_folder_path(tmp_path, texts
     (first / "run.json").write_text(json.dumps({"base_model": "minilm"}))
     recipe = recipe_for(tmp_path, folder, texts, "mlm", [f"model.from_run={first}"], name="two")
     assert recipe.model.name == folder
+
+
+def test_rows_without_text_in_a_corpus_are_counted_in_a_warning(tmp_path, tiny_bert, caplog):
+    """Empty documents (an empty or null text, spaces) were skipped by packing without a word."""
+    import logging
+
+    from peftlab import load_splits
+
+    rows = [{"text": SENTENCES[0]}, {"text": ""}, {"text": None}, {"text": "   "}, {"text": SENTENCES[1]}]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = recipe_for(tmp_path, tiny_bert, {"train": tmp_path / "c.jsonl", "eval": tmp_path / "c.jsonl"}, "mlm", ["data.eval=null"])
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        out, _ = load_splits(recipe)
+    assert len(out["train"]) == 5
+    assert "data.train: 3 of its 5 row(s) have no text in text: they are skipped" in caplog.text
