@@ -1152,6 +1152,24 @@ def test_rows_whose_answer_is_cut_are_dropped_from_training_but_kept_for_evaluat
     assert "training drops them; evaluation keeps them" in caplog.text
 
 
+def test_rows_with_an_empty_prompt_are_counted_in_a_warning(tmp_path, chat_llama, caplog):
+    """A prompt/completion (or instruction) row with an empty prompt was trained as the answer to an empty user turn
+    without a word, where an empty completion is dropped and counted."""
+    rows = [{"prompt": "q", "completion": "a"}, {"prompt": None, "completion": "b"}, {"prompt": "  ", "completion": "c"},
+            {"prompt": "", "completion": ""}]  # (the last: no answer, dropped and counted as such)
+    recipe = recipe_for(tmp_path, chat_llama, write_jsonl(tmp_path / "pc.jsonl", rows))
+    with caplog.at_level("WARNING", logger="peftlab"):
+        load_splits(recipe)
+    assert "data.train: 2 row(s) have an empty prompt (prompt): each is trained as the answer to an empty user turn" in caplog.text
+    assert "data.train: dropped 1 row(s) without an answer" in caplog.text
+    caplog.clear()
+    rows = [{"instruction": "do", "input": "", "output": "x"}, {"instruction": "", "input": "", "output": "y"},
+            {"instruction": "", "input": "ctx", "output": "z"}]
+    with caplog.at_level("WARNING", logger="peftlab"):
+        load_splits(recipe_for(tmp_path, chat_llama, write_jsonl(tmp_path / "ins.jsonl", rows)))
+    assert "data.train: 1 row(s) have an empty prompt (instruction, input)" in caplog.text
+
+
 def test_a_conversation_ends_at_its_last_answer_and_rows_keep_their_file_numbers(tmp_path, chat_llama, caplog):
     """An opening assistant turn (it crashed the chat template: "empty conversation") is context, not trained; a blank
     last answer and an unanswered user turn are cut (a blank reference was scored, and its end token trained); rows

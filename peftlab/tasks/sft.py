@@ -259,20 +259,23 @@ def normalize_split(ds, spec, recipe, where: str):
         return "" if v is None else str(v).strip()
 
     def to_rows(batch):
-        out, cut, chat = [], [], []
+        out, cut, chat, blank = [], [], [], []
         for j, i in enumerate(batch[FILE_ROW]):
+            asked = True  # the row's prompt has text (instruction and prompt_completion rows: its cells may be empty)
             conversational = fmt == "prompt_completion" and any(isinstance(batch[c][j], list) for c in (*prompt_cols, completion_col))
             if fmt == "messages":
                 msgs = _check_messages(batch[d.messages_column][j], i, where, d.messages_column)
             elif fmt == "instruction":
                 user = text(batch["instruction"][j])
                 extra = text(batch["input"][j]) if "input" in batch else ""
+                asked = bool(user or extra)
                 msgs = [{"role": "user", "content": f"{user}\n\n{extra}" if extra else user},
                         {"role": "assistant", "content": text(batch["output"][j])}]
             elif conversational:  # TRL's conversational rows
                 msgs = _chat_cells([(c, batch[c][j]) for c in (*prompt_cols, completion_col)], i, where)
             else:
                 source = " ".join(text(batch[c][j]) for c in prompt_cols).strip()
+                asked = bool(source)
                 msgs = [{"role": "user", "content": t.prompt.replace("{source}", source) if t.prompt else source},
                         {"role": "assistant", "content": text(batch[completion_col][j])}]
             if t.system_prompt and (not msgs or msgs[0]["role"] != "system"):
@@ -280,17 +283,21 @@ def normalize_split(ds, spec, recipe, where: str):
             answers = [k for k, m in enumerate(msgs) if is_answer(msgs, k)]
             cut.append(bool(answers) and answers[-1] < len(msgs) - 1)
             chat.append(conversational)
+            blank.append(bool(answers) and not asked)
             out.append(json.dumps(msgs[:answers[-1] + 1] if answers else [], ensure_ascii=False))
         more = {"references": reference_lists(batch[refs], refs, where, batch[FILE_ROW])} if refs else {}
-        return {"conversation": out, "cut": cut, "chat": chat, FILE_ROW: batch[FILE_ROW], **more}
+        return {"conversation": out, "cut": cut, "chat": chat, "blank": blank, FILE_ROW: batch[FILE_ROW], **more}
 
     ds = ds.map(to_rows, batched=True, remove_columns=ds.column_names, desc=f"{where}: conversations")
     warn_unread_prompt(fmt, recipe, where, sum(ds["chat"]))
     if cut := sum(ds["cut"]):
         log.warning("%s: %d row(s) end with turns after their last answer (a blank assistant turn, or a user turn left "
                     "unanswered): cut there, as nothing would train on them or score them", where, cut)
+    if blank := sum(ds["blank"]):  # (trained as an answer to an empty user turn, without a word)
+        log.warning("%s: %d row(s) have an empty prompt (%s): each is trained as the answer to an empty user turn. Fill "
+                    "them in or drop those rows.", where, blank, ", ".join(prompt_cols) if fmt == "prompt_completion" else "instruction, input")
     n = len(ds)
-    ds = ds.filter(lambda r: r["conversation"] != "[]", desc=f"{where}: rows with an answer").remove_columns(["cut", "chat"])
+    ds = ds.filter(lambda r: r["conversation"] != "[]", desc=f"{where}: rows with an answer").remove_columns(["cut", "chat", "blank"])
     if len(ds) < n:
         log.warning("%s: dropped %d row(s) without an answer (an assistant turn with text after a user turn)", where, n - len(ds))
     if len(ds) == 0:
