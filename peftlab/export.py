@@ -228,8 +228,9 @@ def export(out: str | Path, model, tokenizer, recipe: Recipe, record: RunRecord 
     try:
         with disk_errors("trained weights", out):
             model.eval()  # saved as evaluated: p_tuning saves its prompt encoder's output, which dropout samples in train mode
-            if not get_method(recipe.adapter.method).is_adapter and state_dict is None and recipe.quant.mode == "none":
-                keep_original_modules(model, recipe)  # a full masked-LM run's pooler, as a merged run's (a model.from_run base)
+            method = get_method(recipe.adapter.method)
+            if not method.is_adapter and method.pretrained and state_dict is None and recipe.quant.mode == "none":
+                keep_original_modules(model, recipe)  # a full masked-LM run's pooler, as a merged run's (scratch: no pretrained weight)
             get_method(recipe.adapter.method).save(model, staging, state_dict)  # (PiSSA/OLoRA: converted to plain LoRA)
             (staging / "README.md").unlink(missing_ok=True)  # peft's placeholder card; `peftlab publish` writes the real one
             tokenizer.save_pretrained(str(staging))

@@ -715,3 +715,21 @@ def test_rows_without_text_in_a_corpus_are_counted_in_a_warning(tmp_path, tiny_b
         out, _ = load_splits(recipe)
     assert len(out["train"]) == 5
     assert "data.train: 3 of its 5 row(s) have no text in text: they are skipped" in caplog.text
+
+
+def test_a_scratch_mlm_run_exports_without_the_original_bases_weights(tmp_path, tiny_bert, texts):
+    """The scratch baseline reads no pretrained weight: its export took the original base's pooler into its
+    model.safetensors, and on a base folder holding only a config it failed after training (no model.safetensors)."""
+    import shutil
+
+    from safetensors import safe_open
+
+    config_only = tmp_path / "config-only"
+    config_only.mkdir()
+    for f in tiny_bert.iterdir():
+        if f.suffix != ".safetensors":
+            shutil.copy(f, config_only / f.name)
+    for base, name in ((config_only, "cfg"), (tiny_bert, "weights")):
+        out = run(recipe_for(tmp_path, base, texts, "mlm", ["train.max_steps=2", "adapter.method=scratch"], name=name)).output_dir
+        with safe_open(str(Path(out) / "model.safetensors"), "pt") as f:
+            assert not [k for k in f.keys() if "pooler" in k]
