@@ -458,6 +458,8 @@ def header(spec: SplitConfig, data: DataConfig, where: str) -> tuple[list[str], 
     through read_split, so a broken file gets training's own message."""
     fmt = _format(spec, where)
     check_header_line(spec, fmt, where)
+    if fmt == "json" and (bad := _undecodable(Path(spec.path))) is not None:  # (past the first records' prefix too, as train reads it)
+        raise DataError(_encoding_message(spec.path, bad, where))
     if fmt in ("csv", "tsv") and not spec.column_names and not _has_data_row(spec.path, fmt):  # (train refused it, validate passed it)
         raise DataError(f"{where}.path: '{spec.path}' has no rows (a header only?). Point it at a file with data.")
     if spec.column_names and fmt in ("csv", "tsv"):

@@ -574,6 +574,17 @@ def test_a_json_lines_file_that_is_not_utf8_is_refused_by_validate_and_train(tmp
     assert "win.jsonl' is not UTF-8" in capsys.readouterr().out
 
 
+def test_a_large_json_lines_file_not_utf8_after_its_first_records_is_refused_by_validate(tmp_path, capsys):
+    """validate read the keys of a JSON file's first records (its first MiB) and passed a file whose cp1252 bytes came
+    later, which train refuses."""
+    from peftlab.cli import main
+
+    rows = "".join(json.dumps({"sentence": "word " * 40 + str(i), "label": i % 2}) + "\n" for i in range(6000))
+    (tmp_path / "big.jsonl").write_bytes(rows.encode() + '{"sentence": "café", "label": 1}\n'.encode("cp1252"))
+    assert main(["validate", "--set", f"data.train.path={tmp_path / 'big.jsonl'}", "data.eval=null"]) == 2
+    assert "big.jsonl' is not UTF-8" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("text", ["sentence,label\n", "sentence,label\n\n\n"])
 def test_a_header_only_csv_is_refused_by_validate_as_by_train(tmp_path, capsys, text):
     """`validate` read the header line alone and passed a file without rows, which `train` refused."""
