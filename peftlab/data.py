@@ -560,7 +560,8 @@ def column_problems(recipe: Recipe, prefix: str = "data") -> list[str]:
             except DataError:
                 if complete:
                     raise
-                check(read_split(spec, d, where).column_names)  # a column a later JSON record adds: read them all
+                columns = read_split(spec, d, where).column_names  # a column a later JSON record adds: read them all
+                check(columns)
             cells = not hasattr(task, "check_columns")  # (a task reading its rows itself checks them itself: check_rows)
             rows = first_rows(spec, where) if refs or cells or hasattr(task, "check_rows") else None  # a JSON file's first records, read once
             if hasattr(task, "check_rows"):

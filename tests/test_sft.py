@@ -213,6 +213,19 @@ def test_validate_refuses_the_bad_messages_train_refuses(tmp_path, chat_llama):
     assert column_problems(recipe_for(tmp_path, chat_llama, write_jsonl(tmp_path / "ok.jsonl", good))) == []
 
 
+def test_validate_reads_the_rows_with_the_columns_of_the_whole_file(tmp_path, chat_llama):
+    """A JSON file whose first records lack a prompt column (a writer leaving out empty keys) passed `validate`'s column
+    check on the whole file's columns; its rows were then checked against the first records' keys alone and refused
+    ('cannot tell how the rows hold conversations'), a file `train` reads."""
+    from peftlab.data import column_problems
+
+    rows = [{"question": f"q{i}", "answer": f"a{i}"} for i in range(120)] + [{"question": "q", "context": "c", "answer": "a"}]
+    recipe = recipe_for(tmp_path, chat_llama, write_jsonl(tmp_path / "pc.jsonl", rows),
+                        ["data.text_columns=[question,context]", "data.target_column=answer"])
+    assert len(load_splits(recipe)[0]["train"]) == 121
+    assert column_problems(recipe) == []
+
+
 def test_unknown_columns_and_bad_messages_are_refused_clearly(tmp_path, chat_llama):
     bad = write_jsonl(tmp_path / "x.jsonl", [{"question": "a", "answer": "b"}])
     with pytest.raises(DataError, match=r"cannot tell how the rows hold conversations; the data has columns \['question', 'answer'\]"):
