@@ -376,12 +376,8 @@ def normalize_split(ds, spec: SplitConfig, data: DataConfig, where: str, seed: i
     if sample:
         ds = sampled(ds, spec, seed)
     if unlabelled:
-        ds = _as_text(ds.map(lambda b: {"text": joined(b, text_cols)}, batched=True, remove_columns=ds.column_names,
-                             desc=f"{where}: columns"))
-        if blank := sum(not t.strip() for t in ds["text"]):  # (packing skipped them without a word)
-            log.warning("%s: %d of its %d row(s) have no text in %s: they are skipped (an empty document adds no tokens).",
-                        where, blank, len(ds), ", ".join(text_cols))
-        return ds
+        return _as_text(ds.map(lambda b: {"text": joined(b, text_cols)}, batched=True, remove_columns=ds.column_names,
+                               desc=f"{where}: columns"))
     # a value is a class index (1, "1") or a name as spelled (a YAML true is the name "True", not a boolean among texts)
     label_map = {spelled(k): i if (i := class_index(v)) is not None else spelled(v) for k, v in (spec.label_map or {}).items()}
     mixed = len({isinstance(v, int) for v in label_map.values()}) > 1
@@ -918,6 +914,9 @@ def load_splits(recipe: Recipe, *, need_train: bool = True, prefix: str = "data"
             ds = read_split(spec, d, f"{prefix}.{name}")
             raw[name] = own(ds, spec, recipe, f"{prefix}.{name}") if own else \
                 normalize_split(ds, spec, d, f"{prefix}.{name}", seed, target, unlabelled, sample=not classes)
+            if unlabelled and (blank := sum(not t.strip() for t in raw[name]["text"])):  # (packing skipped them without a word)
+                log.warning("%s.%s: %d of its %d row(s) have no text in %s: they are skipped (an empty document adds no tokens).",
+                            prefix, name, blank, len(raw[name]), ", ".join(needed_columns(spec, d)[0]))
     # labels are named before any max_samples subset or eval_holdout split, from the whole train file: inferred from the
     # rows kept, the classes depended on the seed (a rare one left out was refused as data.eval's, or an integer class
     # missing in the middle refused the file), and so did the size of the head

@@ -485,6 +485,19 @@ def test_unlabelled_rows_without_the_text_column_name_their_own_key(tmp_path, ti
     assert run(recipe)["distillation"]["unlabelled_rows"] == 2
 
 
+def test_unlabelled_rows_without_text_are_not_said_to_be_skipped(tmp_path, tiny_bert, sentiment_files, teacher, caplog):
+    """The corpus warning of mlm/clm ('have no text ...: they are skipped (an empty document adds no tokens)') was also
+    given for train.distill.unlabelled, whose empty rows are distilled as they are, never skipped."""
+    import logging
+
+    extra = tmp_path / "unlabelled.jsonl"
+    extra.write_text("".join(json.dumps({"sentence": t}) + "\n" for t in ("great film", "", "dull film")))
+    recipe = student(tmp_path, tiny_bert, sentiment_files, "blank", {**distilled(teacher), "train.distill.unlabelled.path": str(extra)})
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        assert run(recipe)["distillation"]["unlabelled_rows"] == 3
+    assert "skipped" not in caplog.text
+
+
 def test_a_teacher_whose_base_is_gone_is_refused_before_the_run_in_the_teachers_terms(tmp_path, tiny_bert, sentiment_files):
     """An adapter teacher whose base folder was removed: the teacher's pass failed after the run lock with the loader's
     'model.name=...: Fix the path', the student's own key. Now the check names the teacher, its base and its ways out."""
