@@ -243,11 +243,21 @@ def _decode_error(e: BaseException) -> UnicodeDecodeError | None:
 
 def _undecodable(path: Path, chunk: int = 1 << 20) -> UnicodeDecodeError | None:
     """The first bytes of a file that are not UTF-8, if any: pyarrow's JSON reader takes them into its strings, and
-    the first read of those rows raised the UnicodeDecodeError from deep in datasets (a cp1252 JSON-lines file)."""
+    the first read of those rows raised the UnicodeDecodeError from deep in datasets (a cp1252 JSON-lines file). A
+    compressed file (data.SPLIT.format=json on x.jsonl.gz, which datasets reads) is checked as decompressed; one of a
+    kind Python cannot open is left to datasets."""
+    import bz2
     import codecs
+    import gzip
+    import lzma
 
-    decoder = codecs.getincrementaldecoder("utf-8")()
     with open(path, "rb") as f:
+        magic = f.read(6)
+    opener = next((o for m, o in ((b"\x1f\x8b", gzip.open), (b"BZh", bz2.open), (b"\xfd7zXZ\x00", lzma.open)) if magic.startswith(m)), open)
+    if opener is open and magic[:4] in (b"\x28\xb5\x2f\xfd", b"PK\x03\x04", b"\x04\x22\x4d\x18"):  # zstd, zip, lz4
+        return None
+    decoder = codecs.getincrementaldecoder("utf-8")()
+    with opener(path, "rb") as f:
         try:
             while block := f.read(chunk):
                 decoder.decode(block)

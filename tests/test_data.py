@@ -574,6 +574,22 @@ def test_a_json_lines_file_that_is_not_utf8_is_refused_by_validate_and_train(tmp
     assert "win.jsonl' is not UTF-8" in capsys.readouterr().out
 
 
+def test_a_gzipped_json_lines_file_is_read_and_checked_decompressed(tmp_path):
+    """data.SPLIT.format=json on x.jsonl.gz (datasets decompresses it) was refused as 'not UTF-8' by the encoding check,
+    which read its compressed bytes; a gzipped cp1252 file is still refused."""
+    import gzip
+
+    from peftlab.config import DataConfig, SplitConfig
+    from peftlab.data import read_split
+
+    good = "".join(json.dumps({"sentence": f"good film {i}", "label": i % 2}) + "\n" for i in range(8))
+    (tmp_path / "ok.jsonl.gz").write_bytes(gzip.compress(good.encode()))
+    assert len(read_split(SplitConfig(path=str(tmp_path / "ok.jsonl.gz"), format="json"), DataConfig(), "data.train")) == 8
+    (tmp_path / "win.jsonl.gz").write_bytes(gzip.compress('{"sentence": "café", "label": 1}\n'.encode("cp1252")))
+    with pytest.raises(DataError, match="win.jsonl.gz' is not UTF-8"):
+        read_split(SplitConfig(path=str(tmp_path / "win.jsonl.gz"), format="json"), DataConfig(), "data.train")
+
+
 def test_a_large_json_lines_file_not_utf8_after_its_first_records_is_refused_by_validate(tmp_path, capsys):
     """validate read the keys of a JSON file's first records (its first MiB) and passed a file whose cp1252 bytes came
     later, which train refuses."""
