@@ -1174,6 +1174,11 @@ def test_rows_with_an_empty_prompt_are_counted_in_a_warning(tmp_path, chat_llama
     with caplog.at_level("WARNING", logger="peftlab"):
         load_splits(recipe)
     assert "data.train: 2 row(s) have an empty prompt (prompt): each is trained as the answer to an empty user turn" in caplog.text
+    assert "data.eval: 2 row(s) have an empty prompt (prompt): each is scored as the answer to an empty user turn" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="peftlab"):  # a template frames the prompt: its words are the user turn
+        load_splits(recipe_for(tmp_path, chat_llama, tmp_path / "pc.jsonl", ["task.prompt='Summarize: {source}'"]))
+    assert "data.train: 2 row(s) have an empty prompt (prompt): each is trained as the answer to task.prompt's text alone" in caplog.text
     assert "data.train: dropped 1 row(s) without an answer" in caplog.text
     caplog.clear()
     rows = [{"instruction": "do", "input": "", "output": "x"}, {"instruction": "", "input": "", "output": "y"},

@@ -294,8 +294,10 @@ def normalize_split(ds, spec, recipe, where: str):
         log.warning("%s: %d row(s) end with turns after their last answer (a blank assistant turn, or a user turn left "
                     "unanswered): cut there, as nothing would train on them or score them", where, cut)
     if blank := sum(ds["blank"]):  # (trained as an answer to an empty user turn, without a word)
-        log.warning("%s: %d row(s) have an empty prompt (%s): each is trained as the answer to an empty user turn. Fill "
-                    "them in or drop those rows.", where, blank, ", ".join(prompt_cols) if fmt == "prompt_completion" else "instruction, input")
+        turn = "task.prompt's text alone" if t.prompt and fmt == "prompt_completion" else "an empty user turn"  # (the template's words)
+        log.warning("%s: %d row(s) have an empty prompt (%s): each is %s as the answer to %s. Fill them in or drop those rows.",
+                    where, blank, ", ".join(prompt_cols) if fmt == "prompt_completion" else "instruction, input",
+                    "trained" if where.endswith(".train") else "scored", turn)
     n = len(ds)
     ds = ds.filter(lambda r: r["conversation"] != "[]", desc=f"{where}: rows with an answer").remove_columns(["cut", "chat", "blank"])
     if len(ds) < n:
