@@ -492,7 +492,10 @@ def _has_data_row(path: str, fmt: str) -> bool:
     header line either is read_split's to name (empty)."""
     with open(path, encoding="utf-8-sig", errors="replace", newline="") as f:
         rows = (cells for cells in delimited_rows(f, fmt) if cells)
-        return next(rows, None) is None or next(rows, None) is not None
+        try:
+            return next(rows, None) is None or next(rows, None) is not None
+        except csv.Error:  # (a cell over the csv module's 128 KiB limit, a long document pandas reads): rows are there
+            return True
 
 
 def first_json_records(path: str, n: int = 100, prefix: int = 1 << 20) -> list:

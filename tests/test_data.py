@@ -613,6 +613,16 @@ def test_a_header_only_csv_is_refused_by_validate_as_by_train(tmp_path, capsys, 
     assert "h.csv' has no rows (a header only?)" in capsys.readouterr().out
 
 
+def test_a_csv_whose_first_row_holds_a_long_document_passes_validate(tmp_path, capsys):
+    """The header-only check read the first row with the csv module, whose cells stop at 128 KiB: a quoted document
+    longer than that (which train reads) was a '_csv.Error: field larger than field limit' traceback in validate."""
+    from peftlab.cli import main
+
+    (tmp_path / "long.csv").write_text('sentence,label\n"' + "word " * 30000 + '",1\nshort,0\n')
+    assert len(splits_of(tmp_path, tmp_path / "long.csv")[0]["train"]) == 2
+    assert main(["validate", "--set", f"data.train.path={tmp_path / 'long.csv'}", "data.eval=null"]) == 0
+
+
 def test_numbers_in_text_columns_are_read_as_written(tmp_path):
     """pandas read a csv text column whose cells are all digits as numbers: '007' became the text '7', '1.50' '1.5'
     (a summary '0042' the target '42'). Every column is text as written; a label column of integers keeps its
