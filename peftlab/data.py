@@ -104,7 +104,10 @@ def check_header_line(spec: SplitConfig, fmt: str, where: str) -> list[str]:
     if fmt not in ("csv", "tsv"):
         return []
     with open(spec.path, encoding="utf-8-sig", errors="replace", newline="") as f:
-        first = next(delimited_rows(f, fmt), [])
+        try:
+            first = next(delimited_rows(f, fmt), [])
+        except csv.Error:  # a cell over the csv module's 128 KiB limit (a long document, which pandas reads): no header's
+            first = []
     names = [c.strip() for c in first]
     if spec.column_names:
         given = [str(c).strip().casefold() for c in spec.column_names]

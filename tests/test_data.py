@@ -623,6 +623,17 @@ def test_a_csv_whose_first_row_holds_a_long_document_passes_validate(tmp_path, c
     assert main(["validate", "--set", f"data.train.path={tmp_path / 'long.csv'}", "data.eval=null"]) == 0
 
 
+def test_a_headerless_csv_whose_first_row_holds_a_long_document_is_read(tmp_path, capsys):
+    """With column_names, the first line is checked not to be a header by the csv module, whose cells stop at 128 KiB:
+    a longer document there was a '_csv.Error: field larger than field limit' traceback in train and validate."""
+    from peftlab.cli import main
+
+    (tmp_path / "long.csv").write_text('"' + "word " * 30000 + '",1\nshort,0\n')
+    names = "data.train.column_names=[sentence,label]"
+    assert len(splits_of(tmp_path, tmp_path / "long.csv", [names])[0]["train"]) == 2
+    assert main(["validate", "--set", f"data.train.path={tmp_path / 'long.csv'}", names, "data.eval=null"]) == 0
+
+
 def test_numbers_in_text_columns_are_read_as_written(tmp_path):
     """pandas read a csv text column whose cells are all digits as numbers: '007' became the text '7', '1.50' '1.5'
     (a summary '0042' the target '42'). Every column is text as written; a label column of integers keeps its
