@@ -76,6 +76,11 @@ JEMALLOC_CONF = "dirty_decay_ms:-1,muzzy_decay_ms:-1"
 LIB_DIRS = ("/usr/lib/x86_64-linux-gnu", "/usr/lib/aarch64-linux-gnu", "/usr/lib64", "/usr/lib", "/usr/local/lib")
 
 
+def figure(value) -> str:
+    """A stored metric to 4 decimals; '-' where it is null (peftlab writes a NaN or infinite metric as null)."""
+    return "-" if value is None else f"{value:.4f}"
+
+
 def jemalloc_env(path: str | None) -> dict[str, str]:
     """The environment that preloads jemalloc: `path`, else the first libjemalloc.so.2 in this Python's prefix (conda,
     venv) or the system's library folders."""
@@ -219,7 +224,7 @@ def speed_rows() -> list[str]:
         padded = run["train_padded_tokens"] / max(run["train_seconds"], 1e-9)
         ratio = base["run"]["train_seconds"] / run["train_seconds"] if base else float("nan")  # same dialogues: same real tokens
         out.append(f"| {case[6:]} | {run['steps']} | {run['tokens_per_s']:.0f} | {padded:.0f} | {256 / run['train_seconds']:.2f} | "
-                   f"{run['train_seconds']:.0f} | {run['metrics']['eval']['loss']:.4f} | {c['peak_rss_mib']:.0f} | {ratio:.2f}x |")
+                   f"{run['train_seconds']:.0f} | {figure(run['metrics']['eval']['loss'])} | {c['peak_rss_mib']:.0f} | {ratio:.2f}x |")
     return out
 
 
@@ -239,7 +244,7 @@ def memory_rows() -> list[str]:
         batch = 8 if "eval.batch_size=8" in over else 32
         allocator = "jemalloc" if "LD_PRELOAD" in c.get("env", {}) else "glibc"
         out.append(f"| {case[7:]} | {weights} | {ckpt} | {batch} | {allocator} | {run['train_seconds'] / run['steps']:.1f} | {run['tokens_per_s']:.0f} | "
-                   f"{run['metrics']['eval']['loss']:.4f} | {c['peak_rss_mib']:.0f} | {ratio:.2f}x |")
+                   f"{figure(run['metrics']['eval']['loss'])} | {c['peak_rss_mib']:.0f} | {ratio:.2f}x |")
     return out
 
 

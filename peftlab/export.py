@@ -202,7 +202,7 @@ def weights_file(out: Path) -> Path:
 
 
 def predictions_jsonl(rows: list[dict]) -> str:
-    return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    return "".join(json_text(r, ensure_ascii=False) + "\n" for r in rows)
 
 
 def export(out: str | Path, model, tokenizer, recipe: Recipe, record: RunRecord | dict, metrics: dict, report: dict | None = None,

@@ -1119,6 +1119,9 @@ def test_a_nan_metric_is_written_as_null_and_left_out_of_the_card(tmp_path, chat
     sys_cli = __import__("peftlab.cli", fromlist=["main"])
     assert sys_cli.main(["eval", str(out), "--split", "eval"]) == 0
     assert strict((out / "eval-eval.json").read_text())["metrics"]["mine"] is None
+    from peftlab.export import predictions_jsonl
+
+    assert strict(predictions_jsonl([{"row": 0, "score": float("nan")}])) == {"row": 0, "score": None}
     scored = {r.metric_type for r in card_data(out).eval_results}
     assert "fine" in scored and "mine" not in scored
 
