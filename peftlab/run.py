@@ -77,7 +77,7 @@ def evaluate(out: str | Path, split: str = "eval", overrides: list[str] | tuple 
     out, recipe, run, results = plan.out, plan.recipe, plan.run, plan.results
     if run.selected_on == split and rows_of(recipe, split) == rows_of(plan.trained, split):
         log.warning("%s is the split this run chose its weights on (train.keep_best or early stopping, step %s of %s): its figure is optimistic. "
-                    "%s", split, run.best_step, run.steps, "`--split test` scores the held-out split." if "test" in (run.metrics or {})
+                    "%s", split, run.best_step, run.steps, "`--split test` scores the held-out split." if "test" in (run.metrics or {}) and not run.test_shares
                     else "For a held-out figure: --split test data.test.path=FILE (rows no selection saw).")
     model, tokenizer = rebuild(out, recipe, run, precision=plan.precision)
     model.requires_grad_(False)  # only scored: a full fine-tune's weights are frozen too (train.cast_frozen casts them once)

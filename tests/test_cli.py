@@ -274,6 +274,19 @@ def test_eval_of_the_selection_split_says_its_figure_is_optimistic(make_recipe, 
     assert "eval is the split this run chose its weights on" in caplog.text
 
 
+def test_eval_of_the_selection_split_does_not_call_a_test_split_on_its_file_held_out(make_recipe, caplog):
+    """data.test read from data.eval's file: `peftlab eval` of the selection split said "`--split test` scores the
+    held-out split", the same rows."""
+    recipe = make_recipe({"train.max_steps": 4, "train.eval_every": 2, "data.test": str(make_recipe().data.eval.path)})
+    from peftlab import run
+
+    assert run(recipe).test_shares == "eval"
+    with caplog.at_level(logging.WARNING, logger="peftlab"):
+        assert main(["eval", str(recipe.out)]) == 0
+    assert "chose its weights on" in caplog.text and "scores the held-out split" not in caplog.text, caplog.text
+    assert "--split test data.test.path=FILE" in caplog.text
+
+
 def test_a_recipe_path_holding_an_equals_sign_is_the_recipe(tmp_path, capsys):
     """`peftlab train /dir/lr=1e-3/rec.yaml` took the path for an override and ran the quickstart with it."""
     folder = tmp_path / "lr=1e-3"
