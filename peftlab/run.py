@@ -326,7 +326,9 @@ def run(recipe: Recipe | str | Path, *, resume: bool = False, overwrite: bool = 
                     # keep_best over several evaluations, or early stopping, chose the exported step on data.eval: reports must
                     # not call it held out
                     selected_on="eval" if (recipe.train.keep_best and len(state.history) > 1) or state.stopped_early else None,
-                    test_shares=shared_test_file(recipe.data),
+                    # (a multi-task run's splits are its tasks': the first task whose data.test is its eval or train file)
+                    test_shares=next(filter(None, map(shared_test_file, [t.data for t in recipe.multitask.tasks.values()] if recipe.multitask
+                                                      else [recipe.data])), None),
                     train_wall_s=state.wall_seconds, train_seconds=state.train_seconds, train_examples=state.examples, train_tokens=state.tokens,
                     train_padded_tokens=state.padded_tokens, eval_seconds=eval_seconds,
                     examples_per_s=state.examples / max(state.train_seconds, 1e-9),

@@ -407,7 +407,15 @@ def test_the_summary_says_which_tasks_a_test_mean_is_of(trained, capsys):
     print_summary(record)
     out = capsys.readouterr().out
     test = out[out.index("   test "):].split("\n   eval")[0]  # (a multi-task split's summary is two lines)
-    assert "<- mean of topic only: pair, senti have no test split" in test, out
+    assert "<- not held out: the file of data.eval; mean of topic only: pair, senti have no test split" in test, out
+
+
+def test_the_runs_own_test_label_says_a_tasks_test_split_on_its_eval_file_is_not_held_out(trained):
+    """topic's data.test is its data.eval file: the warning said the summary says so, but the multi-task run's own record
+    (its summary, run.json) read only the top-level data section, which has no splits, and called the figure held out."""
+    record = trained["shared"]
+    assert record.test_shares == "eval" and read_run(record.output_dir)[1].test_shares == "eval"
+    assert record.split_label("test").startswith("test (not held out: the file of data.eval; mean of topic only"), record.split_label("test")
 
 
 def test_a_pair_tasks_card_shows_a_pair_in_its_usage_example(trained, tiny_bert, capsys):
