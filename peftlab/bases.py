@@ -41,7 +41,10 @@ def resolve_model_path(name: str, revision: str | None = None) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelNotFound(f"model.name={name!r} is a directory without config.json: not a transformers model folder.")
+            run = (path / "run.json").is_file() and (path / "adapter_config.json").is_file()  # a peftlab run's adapter, no base
+            raise ModelNotFound(f"model.name={name!r} is a directory without config.json: not a transformers model folder." + (
+                f" It is a peftlab run's adapter: merge it (peftlab merge {name}) and name {name}/merged, or start a training "
+                f"run from it with model.from_run={name}." if run else ""))
         return str(path)
     # a path, not a hub id ("owner/name", where the name may hold dots: Qwen/Qwen2.5-0.5B-Instruct)
     missing_folder = ModelNotFound(f"model.name={name!r}: no such model directory. Fix the path, or use a packaged name: "

@@ -708,3 +708,13 @@ def test_nothing_ranked_is_said_and_each_proxys_note_only_where_it_ran(make_reci
     assert "LogME" not in table and "probe reads the frozen base" in table and "nothing could be ranked" not in table
     rows = select(make_recipe(), [str(tiny_bert)], proxies=["steps"], steps=1, max_rows=30, folds=3)
     assert "frozen base" not in format_table(rows, "steps") and "LogME" not in format_table(rows, "steps")
+
+
+def test_a_candidate_that_is_a_finished_run_names_the_merged_folder(make_recipe, tmp_path):
+    """A run folder (an adapter, no base) as a candidate said only "not a transformers model folder"."""
+    run_dir = tmp_path / "a-run"
+    run_dir.mkdir()
+    for name in ("run.json", "adapter_config.json"):
+        (run_dir / name).write_text("{}")
+    with pytest.raises(ModelNotFound, match=f"It is a peftlab run's adapter: merge it \\(peftlab merge {run_dir}\\) and name {run_dir}/merged"):
+        select(make_recipe(), [str(run_dir)])
