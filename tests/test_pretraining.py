@@ -347,12 +347,7 @@ def test_an_mlm_runs_merged_model_keeps_the_pooler_so_its_classifier_reloads_wit
     with safe_open(str(merged / "model.safetensors"), "pt") as f:
         original = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
         torch.testing.assert_close(f.get_tensor("bert.pooler.dense.weight"), original.bert.pooler.dense.weight)
-    tree = {"name": "cls", "output_dir": str(tmp_path / "cls"), "model": {"from_run": first.output_dir},
-            "data": {"train": str(sentiment_files["train"]), "label_names": ["negative", "positive"], "max_length": 32},
-            "train": {"max_steps": 2, "precision": "fp32"}}
-    (tmp_path / "cls.yaml").write_text(yaml.safe_dump(tree))
-    out = run(load_recipe(tmp_path / "cls.yaml")).output_dir
-    batch = minilm_tokenizer()(["a kettle boils water", "this blender crushes ice"], return_tensors="pt", padding=True)
+    out, batch = classifier_trained_from(tmp_path, first.output_dir, sentiment_files)
     with torch.no_grad():
         want = load_trained(out)[0](**batch).logits
         saved, _ = read_run(out)
@@ -361,6 +356,16 @@ def test_an_mlm_runs_merged_model_keeps_the_pooler_so_its_classifier_reloads_wit
             torch.testing.assert_close(load_trained(out, recipe=moved)[0](**batch).logits, want)
         base = AutoModelForSequenceClassification.from_pretrained(str(merged), num_labels=2)
         torch.testing.assert_close(PeftModel.from_pretrained(base, out).eval()(**batch).logits, want)
+
+
+def classifier_trained_from(tmp_path, run_dir, sentiment_files):
+    """(output folder, a tokenized batch) of a 2-step fp32 classifier trained with model.from_run=run_dir."""
+    tree = {"name": "cls", "output_dir": str(tmp_path / "cls"), "model": {"from_run": str(run_dir)},
+            "data": {"train": str(sentiment_files["train"]), "label_names": ["negative", "positive"], "max_length": 32},
+            "train": {"max_steps": 2, "precision": "fp32"}}
+    (tmp_path / "cls.yaml").write_text(yaml.safe_dump(tree))
+    out = run(load_recipe(tmp_path / "cls.yaml")).output_dir
+    return out, minilm_tokenizer()(["a kettle boils water", "this blender crushes ice"], return_tensors="pt", padding=True)
 
 
 @pytest.mark.parametrize("method", ["full", "frozen"])
@@ -380,12 +385,7 @@ def test_a_full_mlm_run_keeps_the_pooler_so_its_classifier_reloads_on_it_with_pl
     original = AutoModelForSequenceClassification.from_pretrained(str(tiny_bert), num_labels=2)
     with safe_open(str(Path(first.output_dir) / "model.safetensors"), "pt") as f:
         torch.testing.assert_close(f.get_tensor("bert.pooler.dense.weight"), original.bert.pooler.dense.weight)
-    tree = {"name": "cls", "output_dir": str(tmp_path / "cls"), "model": {"from_run": first.output_dir},
-            "data": {"train": str(sentiment_files["train"]), "label_names": ["negative", "positive"], "max_length": 32},
-            "train": {"max_steps": 2, "precision": "fp32"}}
-    (tmp_path / "cls.yaml").write_text(yaml.safe_dump(tree))
-    out = run(load_recipe(tmp_path / "cls.yaml")).output_dir
-    batch = minilm_tokenizer()(["a kettle boils water", "this blender crushes ice"], return_tensors="pt", padding=True)
+    out, batch = classifier_trained_from(tmp_path, first.output_dir, sentiment_files)
     with torch.no_grad():
         want = load_trained(out)[0](**batch).logits
         base = AutoModelForSequenceClassification.from_pretrained(first.output_dir, num_labels=2)
