@@ -15,13 +15,14 @@ import re
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any
 
 from .bases import file_sha256
 from .config import FORMATS, DataConfig, Recipe, SplitConfig, class_index, label_indexer, recipe_argument, spelled
 from .errors import ConfigError, DataError, DataFileNotFound
+from .rundir import file_version
 from .tasks import get_task
 from .tasks.generative import check_references, data_row, reference_lists
 
@@ -244,11 +245,17 @@ def _decode_error(e: BaseException) -> UnicodeDecodeError | None:
     return None
 
 
-def _undecodable(path: Path, chunk: int = 1 << 20) -> UnicodeDecodeError | None:
+def _undecodable(path: str | Path) -> UnicodeDecodeError | None:
     """The first bytes of a file that are not UTF-8, if any: pyarrow's JSON reader takes them into its strings, and
     the first read of those rows raised the UnicodeDecodeError from deep in datasets (a cp1252 JSON-lines file). A
     compressed file (data.SPLIT.format=json on x.jsonl.gz, which datasets reads) is checked as decompressed; one of a
-    kind Python cannot open is left to datasets."""
+    kind Python cannot open is left to datasets. Memoised on the file's version: `header` (validate, and train's own
+    checks) and read_split both ask, and each answer reads the whole file."""
+    return _undecodable_at(Path(path), file_version(path))
+
+
+@cache
+def _undecodable_at(path: Path, version: tuple, chunk: int = 1 << 20) -> UnicodeDecodeError | None:
     import bz2
     import codecs
     import gzip
@@ -467,7 +474,7 @@ def header(spec: SplitConfig, data: DataConfig, where: str) -> tuple[list[str], 
     through read_split, so a broken file gets training's own message."""
     fmt = _format(spec, where)
     check_header_line(spec, fmt, where)
-    if fmt == "json" and (bad := _undecodable(Path(spec.path))) is not None:  # (past the first records' prefix too, as train reads it)
+    if fmt == "json" and (bad := _undecodable(spec.path)) is not None:  # (past the first records' prefix too, as train reads it)
         raise DataError(_encoding_message(spec.path, bad, where))
     if fmt in ("csv", "tsv") and not spec.column_names and not _has_data_row(spec.path, fmt):  # (train refused it, validate passed it)
         raise DataError(f"{where}.path: '{spec.path}' has no rows (a header only?). Point it at a file with data.")

@@ -68,16 +68,16 @@ def _fsync_tree(path: Path) -> None:
 
 
 @contextmanager
-def disk_errors(what: str, target: Path, again: str = "run the command again"):
+def disk_errors(what: str, target: Path, again: str | Callable[[], str] = "run the command again"):
     """Turn 'disk full' / 'permission denied' while writing into an error that says nothing was replaced; `again`: what
-    to do once there is space."""
+    to do once there is space (a callable: worked out only when the disk is full)."""
     try:
         yield
     except Exception as e:  # (tokenizers and safetensors raise their own types: "... (os error 28)")
         code = e.errno if isinstance(e, OSError) else int(m[1]) if (m := re.search(r"\(os error (\d+)\)", str(e))) else None
         if code in (errno.ENOSPC, errno.EDQUOT):
             raise ArtifactError(f"disk full while writing the {what} to {target}. Nothing was replaced: what was there "
-                                f"before is intact. Free space (`df -h {target.parent}`) and {again}.") from None
+                                f"before is intact. Free space (`df -h {target.parent}`) and {again() if callable(again) else again}.") from None
         if code in (errno.EACCES, errno.EROFS, errno.EPERM):
             raise ArtifactError(f"cannot write the {what} to {target}: {os.strerror(code)}. Choose a writable output_dir.") from None
         raise
@@ -111,7 +111,7 @@ def check_swappable(final: Path, what: str) -> None:
                                 f"(e.g. mv {old} {final.parent / (final.name + '.file')}), then run again.")
 
 
-def write_atomic_dir(final: Path, fill: Callable[[Path], None], *, main: bool = True, again: str = "run the command again") -> None:
+def write_atomic_dir(final: Path, fill: Callable[[Path], None], *, main: bool = True, again: str | Callable[[], str] = "run the command again") -> None:
     """Fill a staging directory beside `final`, fsync it, then swap it in (final -> .old-NAME, staging -> final, the old
     one removed; what a process killed mid-swap left is recovered first). Non-main ranks only take part in `fill`
     (collective saves need every rank). `again`: what a disk-full error says to do once there is space."""
@@ -231,11 +231,11 @@ def export(out: str | Path, model, tokenizer, recipe: Recipe, record: RunRecord 
             method = get_method(recipe.adapter.method)
             if not method.is_adapter and method.pretrained and state_dict is None and recipe.quant.mode == "none":
                 keep_original_modules(model, recipe)  # a full masked-LM run's pooler, as a merged run's (scratch: no pretrained weight)
-            get_method(recipe.adapter.method).save(model, staging, state_dict)  # (PiSSA/OLoRA: converted to plain LoRA)
+            method.save(model, staging, state_dict)  # (PiSSA/OLoRA: converted to plain LoRA)
             (staging / "README.md").unlink(missing_ok=True)  # peft's placeholder card; `peftlab publish` writes the real one
             tokenizer.save_pretrained(str(staging))
             record = described(record if isinstance(record, RunRecord) else RunRecord.from_dict(record), recipe, model)
-            record = replace(record, adapter_ranks=get_method(recipe.adapter.method).exported_ranks(staging))
+            record = replace(record, adapter_ranks=method.exported_ranks(staging))
             run = replace(record, versions=versions(), hardware=hardware(), **record_weights(staging, weights_file(staging).name))
             write_record(staging, recipe.to_yaml(), run)
             (staging / "metrics.json").write_text(json_text(metrics, indent=2), encoding="utf-8")

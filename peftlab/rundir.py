@@ -55,13 +55,18 @@ RESUME_MAY_CHANGE = ("name", "output_dir", "train.epochs", "train.max_steps", "t
 _sha_cache: dict[tuple, str] = {}
 
 
-def sha256(path: Path) -> str:
-    """Hex sha256 of a file; memoised on (path, inode, size, mtime, ctime) since eval, merge and publish re-read one run.
-    The ctime too: a file rewritten in place at its size with its mtime put back (`cp -p`, `rsync -a`, a relabelling
-    that flips 0 and 1) kept its old sum in this process, so a notebook's --resume trained on the changed data that a
+def file_version(path: Path) -> tuple:
+    """(path, inode, size, mtime, ctime): what tells a file's contents apart within one process, for memoising what is
+    read from it. The ctime too: a file rewritten in place at its size with its mtime put back (`cp -p`, `rsync -a`, a
+    relabelling that flips 0 and 1) kept its old answers, so a notebook's --resume trained on the changed data that a
     fresh process refuses; no one sets a ctime back."""
     st = os.stat(path)
-    key = (str(Path(path).absolute()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
+    return str(Path(path).absolute()), st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def sha256(path: Path) -> str:
+    """Hex sha256 of a file; memoised on its file_version since eval, merge and publish re-read one run."""
+    key = file_version(path)
     if key not in _sha_cache:
         h = hashlib.sha256()
         with open(path, "rb") as f:

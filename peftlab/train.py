@@ -92,7 +92,7 @@ class RunLog:
     def write(self, step: int, kind: str, values: dict) -> None:
         if self.path is None:
             return
-        with disk_errors("log", self.path, going_on(self.out)), self.path.open("a", encoding="utf-8") as f:  # (a traceback)
+        with disk_errors("log", self.path, lambda: going_on(self.out)), self.path.open("a", encoding="utf-8") as f:  # (a traceback)
             f.write(json_text({"step": step, "kind": kind, **values, "time": time.time()}) + "\n")
         for tracker in self.trackers:
             tracker.log(scalars_of(kind, values), step=step)
